@@ -1,0 +1,205 @@
+// The typed face of the C addon (native/src/*.c, built by node-gyp into build/Release/mmb_native.node).
+//
+// The boundary is deliberately thin (the serialport / sharp model): C performs one syscall per call on
+// flat, already-validated arguments and reports failures as errors carrying `code` ('EINVAL'), `errno`
+// (negative, as in Node's own fs errors) and `syscall` ('mmap'). Every policy decision (what to map,
+// when to pin, what is a valid backing) is made in TypeScript.
+//
+// File descriptors are plain numbers. Every fd the addon creates or receives is O_CLOEXEC; sockets are
+// O_NONBLOCK. Ownership is explicit: whoever receives an fd from a call must close() it.
+import { createRequire } from 'node:module';
+import { fileURLToPath } from 'node:url';
+import path from 'node:path';
+
+/** An error raised by a failed syscall in the addon. */
+export interface NativeError extends Error {
+  /** errno name, e.g. 'EINVAL'. */
+  code: string;
+  /** Negative errno value, Node style (-22 for EINVAL). */
+  errno: number;
+  /** The failing syscall, e.g. 'memfd_create'. */
+  syscall: string;
+}
+
+/**
+ * A live mmap of (part of) a file. `buffer` is an external ArrayBuffer over the mapping; munmap()
+ * detaches it, so views created from it read as empty afterwards instead of touching unmapped memory.
+ * If a Mapping is garbage-collected while still mapped, its finalizer unmaps it.
+ */
+export interface Mapping {
+  readonly buffer: ArrayBuffer;
+  /** Host virtual address of the first byte, as shown in /proc/PID/maps. */
+  readonly address: number;
+  readonly length: number;
+}
+
+export interface FileStat {
+  size: number;
+  /** st_mode, including the file-type bits. */
+  mode: number;
+  dev: number;
+  ino: number;
+}
+
+export interface Credentials {
+  pid: number;
+  uid: number;
+  gid: number;
+}
+
+export interface Accepted extends Credentials {
+  fd: number;
+}
+
+export interface Received {
+  /** Bytes written into the caller's buffer; 0 means the peer closed the stream (EOF). */
+  bytes: number;
+  /** Descriptors that arrived with these bytes (SCM_RIGHTS), in order, each O_CLOEXEC. */
+  fds: number[];
+  /** MSG_CTRUNC was set: the kernel dropped descriptors. Those that did arrive were closed. */
+  ctrunc: boolean;
+}
+
+/** An opaque uv_poll handle. */
+export interface PollHandle {
+  readonly fd: number;
+}
+
+export interface NativeConstants {
+  MFD_CLOEXEC: number;
+  MFD_ALLOW_SEALING: number;
+  MFD_HUGETLB: number;
+  F_SEAL_SEAL: number;
+  F_SEAL_SHRINK: number;
+  F_SEAL_GROW: number;
+  F_SEAL_WRITE: number;
+  F_SEAL_FUTURE_WRITE: number;
+  PROT_NONE: number;
+  PROT_READ: number;
+  PROT_WRITE: number;
+  MAP_SHARED: number;
+  MAP_PRIVATE: number;
+  MAP_NORESERVE: number;
+  MAP_POPULATE: number;
+  EFD_CLOEXEC: number;
+  EFD_NONBLOCK: number;
+  EFD_SEMAPHORE: number;
+  /** uv_poll event bits. */
+  POLL_READABLE: number;
+  POLL_WRITABLE: number;
+  POLL_DISCONNECT: number;
+  SHUT_RD: number;
+  SHUT_WR: number;
+  SHUT_RDWR: number;
+  /** sysconf(_SC_PAGESIZE). */
+  pageSize: number;
+  /** The kernel's cap on descriptors in one SCM_RIGHTS message (SCM_MAX_FD). */
+  SCM_MAX_FD: number;
+}
+
+export interface Native {
+  constants: NativeConstants;
+
+  // --- memory objects ---------------------------------------------------------------------------
+  /** memfd_create(2). Returns the new fd. */
+  memfdCreate(name: string, flags: number): number;
+  ftruncate(fd: number, size: number): void;
+  fstat(fd: number): FileStat;
+  /** fcntl(F_ADD_SEALS). */
+  addSeals(fd: number, seals: number): void;
+  /** fcntl(F_GET_SEALS). Fails with EINVAL on files that do not support sealing. */
+  getSeals(fd: number): number;
+  /** fcntl(F_DUPFD_CLOEXEC). */
+  dup(fd: number): number;
+  close(fd: number): void;
+
+  // --- mappings ---------------------------------------------------------------------------------
+  /** mmap(2) of `length` bytes of `fd` at `offset` (page aligned). */
+  mmap(fd: number, offset: number, length: number, prot: number, flags: number): Mapping;
+  /** munmap(2) and detach the buffer. EBUSY while an mlock/munlock on it is still running. */
+  munmap(mapping: Mapping): void;
+  /** mlock(2) of [offset, offset+length) of the mapping, run on a libuv worker thread. */
+  mlock(mapping: Mapping, offset: number, length: number): Promise<void>;
+  /** munlock(2), run on a libuv worker thread. */
+  munlock(mapping: Mapping, offset: number, length: number): Promise<void>;
+
+  // --- eventfd ----------------------------------------------------------------------------------
+  eventfd(initval: number, flags: number): number;
+  /** read(2) of the 8-byte counter; null when it would block (EAGAIN). */
+  eventfdRead(fd: number): number | null;
+  eventfdWrite(fd: number, value: number): void;
+
+  // --- Unix stream sockets ----------------------------------------------------------------------
+  /** socket+bind+listen on `path`; the socket file gets permission bits `mode`. */
+  socketListen(path: string, backlog: number, mode: number): number;
+  /** Non-blocking connect; throws ECONNREFUSED / ENOENT / EAGAIN (listener backlog full). */
+  socketConnect(path: string): number;
+  /** accept4 with the peer's SO_PEERCRED; null when no connection is pending. */
+  socketAccept(fd: number): Accepted | null;
+  /** socketpair(AF_UNIX, SOCK_STREAM); both ends non-blocking and close-on-exec. */
+  socketPair(): [number, number];
+  /** getsockopt(SO_PEERCRED). */
+  peerCred(fd: number): Credentials;
+  /**
+   * sendmsg(2) with MSG_NOSIGNAL; `fds` (possibly empty) travel as one SCM_RIGHTS control message with
+   * the first byte. Returns bytes sent, or null when the socket buffer is full (nothing was sent).
+   * The caller keeps ownership of `fds`.
+   */
+  sendmsg(fd: number, data: Uint8Array, fds: readonly number[]): number | null;
+  /**
+   * recvmsg(2) with MSG_CMSG_CLOEXEC into `buf`, accepting up to `maxFds` descriptors. Returns null
+   * when it would block. On any failure every descriptor received by this call is closed first.
+   */
+  recvmsg(fd: number, buf: Uint8Array, maxFds: number): Received | null;
+  shutdown(fd: number, how: number): void;
+
+  // --- event loop integration -------------------------------------------------------------------
+  /**
+   * Watch `fd` with uv_poll. `callback(status, events)` runs on the main thread; status is 0 or a
+   * negative errno. The handle keeps the event loop alive unless pollRef(handle, false).
+   */
+  pollStart(fd: number, events: number, callback: (status: number, events: number) => void): PollHandle;
+  /** Change the watched events (0 pauses the watch without closing it). */
+  pollUpdate(handle: PollHandle, events: number): void;
+  pollRef(handle: PollHandle, ref: boolean): void;
+  /** Stop watching and release the handle (uv_close). Idempotent. Does not close the fd. */
+  pollClose(handle: PollHandle): void;
+}
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+// Works both from the sources (native/) and from the compiled tree (dist/native/).
+const candidates = [
+  path.resolve(here, '../build/Release/mmb_native.node'),
+  path.resolve(here, '../../build/Release/mmb_native.node'),
+];
+
+function load(): Native {
+  const require = createRequire(import.meta.url);
+  let lastError: unknown;
+  for (const file of candidates) {
+    try {
+      return require(file) as Native;
+    } catch (err) {
+      lastError = err;
+      if ((err as NodeJS.ErrnoException).code !== 'MODULE_NOT_FOUND') break;
+    }
+  }
+  throw new Error(
+    'memmap-broker: the native addon is not built (expected build/Release/mmb_native.node); run `npm ci` or `npx node-gyp rebuild`',
+    { cause: lastError },
+  );
+}
+
+export const native: Native = load();
+export const constants: NativeConstants = native.constants;
+export const PAGE_SIZE: number = native.constants.pageSize;
+
+/** True if `err` is an error raised by the addon with the given errno name. */
+export function isNativeError(err: unknown, code?: string): err is NativeError {
+  return (
+    err instanceof Error &&
+    typeof (err as NativeError).syscall === 'string' &&
+    typeof (err as NativeError).code === 'string' &&
+    (code === undefined || (err as NativeError).code === code)
+  );
+}
