@@ -1,0 +1,123 @@
+// Backings of one address space: shareable memory objects registered once by the owner, referenced by
+// id from any number of regions, sent to each subscriber once. The broker holds one fd per backing and
+// closes it only when no committed or in-flight region slices it and the owner no longer holds it.
+import fs from 'node:fs';
+import { constants, native } from '../native/index.js';
+import {
+  BackingInvalidError,
+  BackingUnsealedError,
+  NoBackingError,
+  SpaceLimitError,
+  type BackingInfo,
+} from '../protocol/index.js';
+
+export interface Backing {
+  id: number;
+  name: string;
+  size: number;
+  /** The broker's own descriptor. */
+  fd: number;
+  dev: number;
+  ino: number;
+  /** Committed regions slicing this backing. */
+  refs: number;
+  /** Regions of the in-flight transaction slicing it (they may still commit). */
+  inflight: number;
+  /** The owner still holds it (registered it and has not dropped it, and is still connected). */
+  held: boolean;
+}
+
+const S_IFMT = 0o170000;
+const S_IFREG = 0o100000;
+const O_ACCMODE = 3;
+const O_RDWR = 2;
+
+/**
+ * Checks that `fd` may back guest memory: a regular shmem/hugetlbfs file (memfd) opened read-write and
+ * sealed against shrinking, so no client can truncate it under the others (SIGBUS). Returns its stat.
+ */
+export function inspectBackingFd(fd: number): { size: number; dev: number; ino: number } {
+  let st;
+  try {
+    st = native.fstat(fd);
+  } catch (err) {
+    throw new BackingInvalidError(`descriptor cannot be inspected: ${(err as Error).message}`, { cause: err });
+  }
+  if ((st.mode & S_IFMT) !== S_IFREG) throw new BackingInvalidError('descriptor is not a regular memory file (memfd or hugetlbfs)');
+  let seals: number;
+  try {
+    seals = native.getSeals(fd);
+  } catch (err) {
+    throw new BackingInvalidError('descriptor does not support sealing: it is not a memfd or hugetlbfs file', { cause: err });
+  }
+  if ((seals & constants.F_SEAL_SHRINK) === 0) {
+    throw new BackingUnsealedError('memfd is not sealed against shrinking: add F_SEAL_SHRINK before registering it');
+  }
+  // The kernel's view of the open mode; subscribers need to map writable regions shared and writable.
+  const flags = /^flags:\s*([0-7]+)$/m.exec(fs.readFileSync(`/proc/self/fdinfo/${fd}`, 'utf8'));
+  if (!flags || (parseInt(flags[1] as string, 8) & O_ACCMODE) !== O_RDWR) {
+    throw new BackingInvalidError('memfd must be open read-write');
+  }
+  return { size: st.size, dev: st.dev, ino: st.ino };
+}
+
+export class BackingTable {
+  private readonly byId = new Map<number, Backing>();
+  private nextId = 1;
+
+  constructor(private readonly maxBackings: number) {}
+
+  get size(): number {
+    return this.byId.size;
+  }
+
+  all(): IterableIterator<Backing> {
+    return this.byId.values();
+  }
+
+  get(id: number): Backing | undefined {
+    return this.byId.get(id);
+  }
+
+  require(id: number): Backing {
+    const b = this.byId.get(id);
+    if (!b) throw new NoBackingError(`no backing with id ${id}`);
+    return b;
+  }
+
+  backingSize(id: number): number | undefined {
+    return this.byId.get(id)?.size;
+  }
+
+  /** Registers a descriptor after inspecting it. Takes ownership of `fd` only on success. */
+  add(fd: number, name: string | undefined): Backing {
+    if (this.byId.size >= this.maxBackings) throw new SpaceLimitError(`the address space already has ${this.maxBackings} backings`);
+    const st = inspectBackingFd(fd);
+    const id = this.nextId++;
+    const b: Backing = { id, name: name ?? `backing${id}`, size: st.size, fd, dev: st.dev, ino: st.ino, refs: 0, inflight: 0, held: true };
+    this.byId.set(id, b);
+    return b;
+  }
+
+  /** True when nothing can use the backing any more. */
+  isUnused(b: Backing): boolean {
+    return !b.held && b.refs === 0 && b.inflight === 0;
+  }
+
+  /** Forgets and closes a backing; returns it. */
+  release(b: Backing): Backing {
+    this.byId.delete(b.id);
+    native.close(b.fd);
+    return b;
+  }
+
+  info(b: Backing): BackingInfo {
+    return { backing: b.id, size: b.size, name: b.name };
+  }
+
+  /** Closes every fd (broker shutdown). */
+  closeAll(): void {
+    for (const b of this.byId.values()) native.close(b.fd);
+    this.byId.clear();
+  }
+}

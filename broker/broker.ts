@@ -1,0 +1,277 @@
+// The broker: named address spaces, the connections to them (sockets and in-process), and the dispatch of
+// every message to the space it concerns. Nothing a peer sends can throw out of here: every failure
+// becomes a typed error in a REPLY (requests), an EV_ERROR (acks), or an EV_GOODBYE and a disconnect
+// (a broken stream), and the broker keeps serving everyone else.
+import pino, { type Logger } from 'pino';
+import {
+  ALL_FEATURES,
+  DEFAULT_CONNECTION_LIMITS,
+  DEFAULT_PROTOCOL_LIMITS,
+  DEFAULT_SPACE_LIMITS,
+  Feature,
+  FeatureError,
+  InvalidArgError,
+  Msg,
+  NoSpaceError,
+  NotOwnerError,
+  PROTOCOL_VERSION,
+  PermissionError,
+  ShutdownError,
+  StaleGenerationError,
+  StateError,
+  VersionError,
+  MmbError,
+  parseToBroker,
+  requestIdOf,
+  toMmbError,
+  type Attach,
+  type ConnectionLimits,
+  type Frame,
+  type ProtocolLimits,
+  type SpaceLimits,
+  type StatusResult,
+  type ToBroker,
+} from '../protocol/index.js';
+import { InProcessTransport, SocketListener, closeAll, type ListenOptions, type Transport } from '../transport/index.js';
+import { Session } from './session.js';
+import { AddressSpace } from './space.js';
+
+export interface BrokerOptions {
+  /** Shown to clients in the HELLO reply and in logs. */
+  name?: string;
+  /** Address spaces to create at once. */
+  spaces?: readonly string[];
+  limits?: Partial<SpaceLimits>;
+  protocol?: Partial<ProtocolLimits>;
+  connection?: Partial<ConnectionLimits>;
+  /** Uids whose processes may attach as owner. Default: the broker's own uid. */
+  ownerUids?: readonly number[];
+  /** A pino logger; default: silent. */
+  logger?: Logger;
+}
+
+/** Anything that can hand out in-process connections: a Broker, to the client library. */
+export interface InProcessConnector {
+  connectInProcess(): Transport;
+}
+
+export class Broker implements InProcessConnector {
+  readonly name: string;
+  readonly log: Logger;
+  private readonly spaceLimits: SpaceLimits;
+  private readonly protocolLimits: ProtocolLimits;
+  private readonly connectionLimits: ConnectionLimits;
+  private readonly ownerUids: ReadonlySet<number>;
+  private readonly spacesByName = new Map<string, AddressSpace>();
+  private readonly sessions = new Set<Session>();
+  private readonly listeners: SocketListener[] = [];
+  private nextSessionId = 1;
+  private closing = false;
+
+  constructor(opts: BrokerOptions = {}) {
+    this.name = opts.name ?? 'memmap-broker';
+    this.log = opts.logger ?? pino({ level: 'silent' });
+    this.spaceLimits = { ...DEFAULT_SPACE_LIMITS, ...opts.limits };
+    this.protocolLimits = { ...DEFAULT_PROTOCOL_LIMITS, ...opts.protocol };
+    this.connectionLimits = { ...DEFAULT_CONNECTION_LIMITS, ...opts.connection };
+    this.ownerUids = new Set(opts.ownerUids ?? [process.getuid?.() ?? 0]);
+    for (const name of opts.spaces ?? []) this.createSpace(name);
+  }
+
+  createSpace(name: string): AddressSpace {
+    if (this.spacesByName.has(name)) throw new InvalidArgError(`address space ${JSON.stringify(name)} already exists`);
+    const space = new AddressSpace(name, {
+      limits: this.spaceLimits,
+      maxFrameBytes: this.protocolLimits.maxFrameBytes,
+      maxFdsPerFrame: this.protocolLimits.maxFdsPerFrame,
+      log: this.log,
+    });
+    this.spacesByName.set(name, space);
+    return space;
+  }
+
+  space(name: string): AddressSpace | undefined {
+    return this.spacesByName.get(name);
+  }
+
+  /** Serves clients on a Unix socket as well (any number of sockets, alongside in-process clients). */
+  listen(socketPath: string, opts: ListenOptions = {}): SocketListener {
+    const listener = new SocketListener(socketPath, {
+      maxFrameBytes: this.protocolLimits.maxFrameBytes,
+      maxFdsPerFrame: this.protocolLimits.maxFdsPerFrame,
+      maxPendingFds: this.connectionLimits.maxPendingFds,
+      maxOutboundBytes: this.connectionLimits.maxOutboundBytes,
+      farewell: (reason) => ({ t: Msg.EV_GOODBYE, error: reason.toWire() }),
+      ...opts,
+    });
+    for (const w of listener.setupWarnings) this.log.warn({ socket: listener.path }, w);
+    listener.on('connection', (t) => this.accept(t));
+    listener.on('warning', (message, err) => this.log.warn({ socket: listener.path, err }, message));
+    this.listeners.push(listener);
+    this.log.info({ socket: listener.path, spaces: [...this.spacesByName.keys()] }, 'listening');
+    return listener;
+  }
+
+  /** A connection to this broker without a socket: the client end of an in-process transport pair. */
+  connectInProcess(): Transport {
+    if (this.closing) throw new ShutdownError('the broker is shutting down');
+    const [brokerEnd, clientEnd] = InProcessTransport.pair(this.protocolLimits.maxFrameBytes);
+    this.accept(brokerEnd);
+    return clientEnd;
+  }
+
+  status(spaceName?: string): StatusResult {
+    if (spaceName !== undefined && !this.spacesByName.has(spaceName)) {
+      throw new NoSpaceError(`no address space named ${JSON.stringify(spaceName)}`);
+    }
+    const spaces = spaceName !== undefined ? [this.spacesByName.get(spaceName) as AddressSpace] : [...this.spacesByName.values()];
+    return { spaces: spaces.map((s) => s.status()) };
+  }
+
+  /** Says goodbye to every client, stops listening and closes every backing. */
+  async close(): Promise<void> {
+    if (this.closing) return;
+    this.closing = true;
+    for (const l of this.listeners) l.close();
+    const err = new ShutdownError('the broker is shutting down');
+    for (const space of this.spacesByName.values()) space.close(err);
+    const open = [...this.sessions].filter((s) => !s.transport.closed);
+    for (const s of open) s.goodbye(err);
+    await Promise.race([
+      Promise.all(open.map((s) => new Promise<void>((r) => (s.transport.closed ? r() : s.transport.once('close', () => r()))))),
+      new Promise((r) => setTimeout(r, 2000).unref()),
+    ]);
+    for (const s of open) s.transport.destroy();
+    this.log.info('broker closed');
+  }
+
+  // --- connections ----------------------------------------------------------------------------------
+
+  private accept(transport: Transport): void {
+    const session = new Session(this.nextSessionId++, transport);
+    this.sessions.add(session);
+    this.log.debug({ client: session.id, pid: transport.peer.pid, uid: transport.peer.uid, transport: transport.kind }, 'connected');
+    transport.on('frame', (frame) => this.onFrame(session, frame));
+    transport.on('close', (reason) => {
+      this.sessions.delete(session);
+      if (session.spaceName !== undefined) this.spacesByName.get(session.spaceName)?.detach(session);
+      session.close();
+      if (reason) this.log.warn({ client: session.ref(), code: reason.code, err: reason.message }, 'connection dropped');
+      else this.log.debug({ client: session.id }, 'disconnected');
+    });
+  }
+
+  private onFrame(session: Session, frame: Frame): void {
+    let msg: ToBroker;
+    try {
+      msg = parseToBroker(frame, session.features);
+    } catch (err) {
+      closeAll(frame.fds);
+      const e = toMmbError(err);
+      this.log.debug({ client: session.id, code: e.code, err: e.message }, 'refused message');
+      const id = requestIdOf(frame);
+      if (id !== undefined) session.replyError(id, e);
+      else session.send({ t: Msg.EV_ERROR, error: e.toWire() });
+      return;
+    }
+    if (msg.t === Msg.ACK || msg.t === Msg.NACK) {
+      this.onAck(session, msg);
+      return;
+    }
+    let result: Promise<object | undefined>;
+    try {
+      result = Promise.resolve(this.request(session, msg, frame.fds));
+    } catch (err) {
+      result = Promise.reject(err);
+    }
+    result.then(
+      (r) => {
+        if (r !== undefined) session.reply(msg.id, r);
+      },
+      (err) => {
+        const e = toMmbError(err);
+        if (!(err instanceof MmbError)) this.log.error({ client: session.id, err }, 'internal error while handling a request');
+        session.replyError(msg.id, e);
+      },
+    );
+  }
+
+  /** Handles one request. Returns the REPLY result, or undefined when the handler replied itself. */
+  private request(session: Session, msg: Exclude<ToBroker, { t: 16 | 17 }>, fds: number[]): object | Promise<object | undefined> | undefined {
+    if (msg.t !== Msg.BACKING_ADD) closeAll(fds); // (validation guarantees there are none)
+    if (msg.t === Msg.HELLO) {
+      if (session.state !== 'new') throw new StateError('HELLO was already exchanged on this connection');
+      if (msg.version !== PROTOCOL_VERSION) {
+        const err = new VersionError(`protocol version ${msg.version} is not supported; this broker speaks version ${PROTOCOL_VERSION}`);
+        session.replyError(msg.id, err);
+        session.goodbye(err);
+        return undefined;
+      }
+      session.features = msg.features & ALL_FEATURES;
+      session.name = msg.name ?? `pid${session.pid}`;
+      session.state = 'ready';
+      return { version: PROTOCOL_VERSION, features: session.features, broker: this.name, limits: { ...this.protocolLimits } };
+    }
+    if (session.state === 'new') throw new StateError('the first message on a connection must be HELLO');
+    switch (msg.t) {
+      case Msg.STATUS:
+        return this.status(msg.space);
+      case Msg.ATTACH:
+        return this.attach(session, msg);
+      case Msg.BACKING_ADD: {
+        try {
+          const result = this.ownedSpace(session).addBacking(session, fds[0] as number, msg.name);
+          return result;
+        } catch (err) {
+          closeAll(fds);
+          throw err;
+        }
+      }
+      case Msg.BACKING_DROP:
+        return this.ownedSpace(session).dropBacking(session, msg.backing);
+      case Msg.COMMIT:
+        return this.ownedSpace(session).commit(session, msg.ops, msg.expect);
+    }
+  }
+
+  private attach(session: Session, msg: Attach): object | Promise<undefined> {
+    if (session.state !== 'ready') throw new StateError('this connection is already attached to an address space');
+    const space = this.spacesByName.get(msg.space);
+    if (!space) throw new NoSpaceError(`no address space named ${JSON.stringify(msg.space)}`);
+    if (msg.resume && (session.features & Feature.RESUME) === 0) throw new FeatureError('ATTACH.resume needs the RESUME feature');
+    session.kind = msg.kind;
+    if (msg.role === 'owner') {
+      if (!this.ownerUids.has(session.uid)) {
+        throw new PermissionError(`uid ${session.uid} may not own address spaces on this broker`);
+      }
+      if (msg.resume || msg.limits) throw new StateError('an owner attaches without resume or limits');
+      return space.attachOwner(session);
+    }
+    return space.attachSubscriber(session, msg.id, msg).then(() => undefined);
+  }
+
+  private ownedSpace(session: Session): AddressSpace {
+    const space = session.state === 'owner' && session.spaceName !== undefined ? this.spacesByName.get(session.spaceName) : undefined;
+    if (!space) {
+      throw session.state === 'subscriber'
+        ? new NotOwnerError('a subscriber may not change the map')
+        : new StateError('attach as owner before changing the map');
+    }
+    return space;
+  }
+
+  private onAck(session: Session, msg: Extract<ToBroker, { t: 16 | 17 }>): void {
+    const space = session.state === 'subscriber' && session.spaceName !== undefined ? this.spacesByName.get(session.spaceName) : undefined;
+    if (!space) {
+      session.send({ t: Msg.EV_ERROR, error: new StateError('only an attached subscriber acks').toWire() });
+      return;
+    }
+    const settled =
+      msg.t === Msg.ACK
+        ? space.settle(session, msg.seq, { kind: 'ack' })
+        : space.settle(session, msg.seq, { kind: 'nack', error: MmbError.fromWire(msg.error) });
+    if (!settled) {
+      session.send({ t: Msg.EV_ERROR, error: new StaleGenerationError(`no event with seq ${msg.seq} is waiting for an ack`).toWire() });
+    }
+  }
+}

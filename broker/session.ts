@@ -1,0 +1,107 @@
+// One connected client as the broker sees it: its transport, what it negotiated, what it holds, and the
+// acks it owes. The protocol state machine of a connection:
+//
+//   NEW --HELLO--> READY --ATTACH(owner)--> OWNER
+//                        \-ATTACH(subscriber)--> SUBSCRIBER
+//   any --close / eviction / protocol error--> CLOSED
+//
+// STATUS is allowed from READY on; BACKING_ADD / BACKING_DROP / COMMIT only as OWNER; ACK / NACK only as
+// SUBSCRIBER, and only for an event the broker is waiting on.
+import type { Transport } from '../transport/index.js';
+import { Msg, type ClientRef, type MmbError } from '../protocol/index.js';
+
+export type AckResult =
+  | { kind: 'ack' }
+  | { kind: 'nack'; error: MmbError }
+  | { kind: 'timeout' }
+  | { kind: 'gone' };
+
+export type SessionState = 'new' | 'ready' | 'owner' | 'subscriber' | 'closed';
+
+export class Session {
+  state: SessionState = 'new';
+  features = 0;
+  name = 'anonymous';
+  kind = 'unknown';
+  spaceName: string | undefined;
+  /** Generation this subscriber is known to have applied (its sync, or the last commit it acked). */
+  ackedGeneration = 0;
+  /** A subscriber that has not acked its initial sync yet. */
+  syncing = false;
+  /** A subscriber that is applying a transaction right now. */
+  applying = false;
+  /** Backings this connection was sent an fd for (and has not been told are gone). */
+  readonly sentBackings = new Set<number>();
+  /** The most regions this subscriber can follow (declared at ATTACH). */
+  maxRegions = Number.POSITIVE_INFINITY;
+  private seq = 0;
+  private readonly waiters = new Map<number, (r: AckResult) => void>();
+
+  constructor(
+    readonly id: number,
+    readonly transport: Transport,
+  ) {}
+
+  get pid(): number {
+    return this.transport.peer.pid;
+  }
+
+  get uid(): number {
+    return this.transport.peer.uid;
+  }
+
+  get closed(): boolean {
+    return this.state === 'closed' || this.transport.closed;
+  }
+
+  ref(): ClientRef {
+    return { id: this.id, kind: this.kind, name: this.name, pid: this.pid };
+  }
+
+  /** "vhost client 'backend0' (#4, pid 1234)" for messages. */
+  describe(): string {
+    return `${this.kind} client ${JSON.stringify(this.name)} (#${this.id}, pid ${this.pid})`;
+  }
+
+  send(message: object, fds?: readonly number[]): void {
+    this.transport.send(message, fds);
+  }
+
+  reply(id: number, result: object): void {
+    this.transport.send({ t: Msg.REPLY, id, result });
+  }
+
+  replyError(id: number, err: MmbError): void {
+    this.transport.send({ t: Msg.REPLY, id, error: err.toWire() });
+  }
+
+  /** Allocates the sequence number of an event this session must ack, and returns the ack's promise. */
+  expectAck(): { seq: number; done: Promise<AckResult> } {
+    const seq = ++this.seq;
+    if (this.closed) return { seq, done: Promise.resolve({ kind: 'gone' }) };
+    const done = new Promise<AckResult>((resolve) => this.waiters.set(seq, resolve));
+    return { seq, done };
+  }
+
+  /** Resolves the wait for `seq`; false if nothing waited for it (a stale or duplicate ack). */
+  settle(seq: number, result: AckResult): boolean {
+    const resolve = this.waiters.get(seq);
+    if (!resolve) return false;
+    this.waiters.delete(seq);
+    resolve(result);
+    return true;
+  }
+
+  /** The connection is gone: everything it owed resolves as 'gone'. */
+  close(): void {
+    if (this.state === 'closed') return;
+    this.state = 'closed';
+    for (const resolve of this.waiters.values()) resolve({ kind: 'gone' });
+    this.waiters.clear();
+  }
+
+  /** Tells the client why (EV_GOODBYE) and closes the connection once that is flushed. */
+  goodbye(err: MmbError): void {
+    this.transport.end({ t: Msg.EV_GOODBYE, error: err.toWire() });
+  }
+}

@@ -1,0 +1,433 @@
+// One address space: the versioned map, its backings, its owner and subscribers, and the machinery that
+// makes every change all-or-nothing.
+//
+// Work on a space is serial: commits and subscriber attaches run one at a time from a queue, so a
+// subscriber's initial sync never interleaves with a transaction in flight.
+//
+// A commit, in order:
+//   1. validate the ops against the committed map and every subscriber's declared limits; any problem
+//      is a typed error and nothing was sent to anyone;
+//   2. send each subscriber the backings it lacks (EV_BACKINGS, fds attached), then EV_TXN, to all
+//      subscribers at once;
+//   3. wait for every ack, up to the ack deadline; a subscriber that misses it is evicted and does not
+//      hold up the others; one that disconnects is simply gone (it will resume);
+//   4a. all acked: the map changes, the generation advances, EV_COMMITTED goes out, the owner gets the
+//      new generation; backings no region needs any more are closed and subscribers told so;
+//   4b. any nack: EV_ROLLBACK to everyone who applied it, wait for their acks (evicting who fails), and
+//      the owner gets one typed error naming the refusing client and its cause.
+import { randomBytes } from 'node:crypto';
+import type { Logger } from 'pino';
+import {
+  ClientLimitError,
+  ClientTimeoutError,
+  DEFAULT_PROTOCOL_LIMITS,
+  DisconnectedError,
+  Msg,
+  NotOwnerError,
+  OwnerExistsError,
+  StaleGenerationError,
+  TooBusyError,
+  createError,
+  isErrorCode,
+  type Attach,
+  type AttachResult,
+  type BackingAddResult,
+  type BackingDropResult,
+  type CommitOp,
+  type CommitResult,
+  type ErrorCode,
+  type MmbError,
+  type Region,
+  type SpaceLimits,
+  type StatusSpace,
+} from '../protocol/index.js';
+import { BackingTable, type Backing } from './backings.js';
+import { History } from './history.js';
+import { MemoryMap, type Plan } from './map.js';
+import type { AckResult, Session } from './session.js';
+import { splitSync } from './sync.js';
+
+/** Codes a subscriber's nack may carry through to the owner unchanged; anything else becomes CLIENT_REFUSED. */
+const LOCAL_ONLY: ReadonlySet<ErrorCode> = new Set<ErrorCode>([
+  'MMB_ERR_CONNECT',
+  'MMB_ERR_DISCONNECTED',
+  'MMB_ERR_TIMEOUT',
+  'MMB_ERR_INVALID_ARG',
+  'MMB_ERR_SHUTDOWN',
+]);
+
+export interface SpaceOptions {
+  limits: SpaceLimits;
+  maxFrameBytes?: number;
+  maxFdsPerFrame?: number;
+  log: Logger;
+}
+
+export class AddressSpace {
+  /** Changes whenever the space is (re)created: generations are only comparable within one epoch. */
+  readonly epoch: string = `${Date.now().toString(36)}-${randomBytes(6).toString('hex')}`;
+  private _generation = 0;
+  private readonly map = new MemoryMap();
+  readonly backings: BackingTable;
+  private readonly history: History;
+  private owner: Session | undefined;
+  private readonly subscribers = new Set<Session>();
+  private tail: Promise<unknown> = Promise.resolve();
+  private queued = 0;
+  private readonly log: Logger;
+  private readonly limits: SpaceLimits;
+  private readonly maxFrameBytes: number;
+  private readonly maxFdsPerFrame: number;
+  private closed = false;
+
+  constructor(
+    readonly name: string,
+    opts: SpaceOptions,
+  ) {
+    this.limits = opts.limits;
+    this.maxFrameBytes = opts.maxFrameBytes ?? DEFAULT_PROTOCOL_LIMITS.maxFrameBytes;
+    this.maxFdsPerFrame = opts.maxFdsPerFrame ?? DEFAULT_PROTOCOL_LIMITS.maxFdsPerFrame;
+    this.backings = new BackingTable(opts.limits.maxBackings);
+    this.history = new History(opts.limits.historyLength);
+    this.log = opts.log.child({ space: name });
+  }
+
+  get generation(): number {
+    return this._generation;
+  }
+
+  regions(): readonly Region[] {
+    return this.map.regions();
+  }
+
+  // --- attach / detach ------------------------------------------------------------------------------
+
+  attachOwner(session: Session): AttachResult {
+    if (this.owner && !this.owner.closed) {
+      throw new OwnerExistsError(`address space ${JSON.stringify(this.name)} already has an owner: ${this.owner.describe()}`);
+    }
+    this.owner = session;
+    session.state = 'owner';
+    session.spaceName = this.name;
+    this.log.info({ client: session.ref() }, 'owner attached');
+    return { client: session.id, epoch: this.epoch, generation: this._generation, sync: 'none' };
+  }
+
+  /**
+   * Queues a subscriber's attach: between transactions it gets the ATTACH reply, then the backings and
+   * the map (a snapshot, or a delta when it resumes), and from then on every transaction.
+   */
+  attachSubscriber(session: Session, requestId: number, msg: Attach): Promise<void> {
+    session.state = 'subscriber';
+    session.spaceName = this.name;
+    session.maxRegions = msg.limits?.maxRegions ?? Number.POSITIVE_INFINITY;
+    return this.enqueue(() => this.runAttach(session, requestId, msg), false);
+  }
+
+  detach(session: Session): void {
+    if (this.owner === session) {
+      this.owner = undefined;
+      for (const b of this.backings.all()) b.held = false;
+      this.releaseUnused([...this.backings.all()].map((b) => b.id));
+      this.log.info({ client: session.ref() }, 'owner detached');
+    }
+    if (this.subscribers.delete(session)) this.log.info({ client: session.ref() }, 'subscriber detached');
+    session.close();
+  }
+
+  /** Removes a subscriber that broke its contract, telling it why. */
+  evict(session: Session, err: MmbError): void {
+    this.log.warn({ client: session.ref(), code: err.code, err: err.message }, 'evicting client');
+    this.detach(session);
+    session.goodbye(err);
+  }
+
+  // --- owner requests -------------------------------------------------------------------------------
+
+  addBacking(session: Session, fd: number, name: string | undefined): BackingAddResult {
+    this.requireOwner(session);
+    const b = this.backings.add(fd, name);
+    this.log.debug({ backing: b.id, size: b.size, name: b.name }, 'backing registered');
+    return { backing: b.id, size: b.size };
+  }
+
+  dropBacking(session: Session, id: number): BackingDropResult {
+    this.requireOwner(session);
+    const b = this.backings.require(id);
+    b.held = false;
+    return { released: this.releaseUnused([id]).length > 0 };
+  }
+
+  commit(session: Session, ops: readonly CommitOp[], expect: number | undefined): Promise<CommitResult> {
+    this.requireOwner(session);
+    if (this.queued >= this.limits.maxQueuedCommits) {
+      throw new TooBusyError(`${this.queued} transactions are already queued on ${JSON.stringify(this.name)}`);
+    }
+    return this.enqueue(() => this.runCommit(session, ops, expect), true);
+  }
+
+  // --- acks -----------------------------------------------------------------------------------------
+
+  /** Returns false when the session was not waited on for `seq`. */
+  settle(session: Session, seq: number, result: AckResult): boolean {
+    return session.settle(seq, result);
+  }
+
+  // --- status / shutdown ----------------------------------------------------------------------------
+
+  status(): StatusSpace {
+    const clients = [...(this.owner && !this.owner.closed ? [this.owner] : []), ...this.subscribers].map((s) => ({
+      id: s.id,
+      role: s === this.owner ? ('owner' as const) : ('subscriber' as const),
+      kind: s.kind,
+      name: s.name,
+      pid: s.pid,
+      uid: s.uid,
+      transport: s.transport.kind,
+      ackedGeneration: s === this.owner ? this._generation : s.ackedGeneration,
+      state: s.syncing ? ('syncing' as const) : s.applying ? ('applying' as const) : ('ready' as const),
+    }));
+    return {
+      name: this.name,
+      epoch: this.epoch,
+      generation: this._generation,
+      regions: this.map.regions().map((r) => ({ ...r })),
+      backings: [...this.backings.all()].map((b) => ({ backing: b.id, name: b.name, size: b.size, regions: b.refs, held: b.held })),
+      clients,
+    };
+  }
+
+  close(err: MmbError): void {
+    if (this.closed) return;
+    this.closed = true;
+    for (const s of [...this.subscribers, ...(this.owner ? [this.owner] : [])]) {
+      this.detach(s);
+      s.goodbye(err);
+    }
+    this.backings.closeAll();
+  }
+
+  // --- internals ------------------------------------------------------------------------------------
+
+  private requireOwner(session: Session): void {
+    if (this.owner !== session) throw new NotOwnerError(`only the owner of ${JSON.stringify(this.name)} may change it`);
+  }
+
+  private enqueue<T>(work: () => Promise<T>, counted: boolean): Promise<T> {
+    if (counted) this.queued++;
+    const run = this.tail.then(work);
+    this.tail = run.catch(() => undefined).finally(() => {
+      if (counted) this.queued--;
+    });
+    return run;
+  }
+
+  private async runAttach(session: Session, requestId: number, msg: Attach): Promise<void> {
+    if (session.closed || this.closed) return;
+    if (this.map.size > session.maxRegions) {
+      session.state = 'ready';
+      session.spaceName = undefined;
+      session.replyError(
+        requestId,
+        new ClientLimitError(`the map has ${this.map.size} regions; this client declared a limit of ${session.maxRegions}`, {
+          client: session.ref(),
+        }),
+      );
+      return;
+    }
+    const resume = msg.resume;
+    const delta =
+      resume && resume.epoch === this.epoch
+        ? this.history.delta(resume.generation, this._generation, (id) => this.map.get(id))
+        : undefined;
+    const mode = delta ? 'delta' : 'snapshot';
+    const regions = delta ? delta.upserts : this.map.regions();
+    const removed = delta ? delta.removed : [];
+
+    // Backings the client still holds from its earlier connection stay valid within one epoch.
+    const gone: number[] = [];
+    if (delta && resume) {
+      for (const id of resume.backings) {
+        if (this.backings.get(id)) session.sentBackings.add(id);
+        else gone.push(id);
+      }
+    }
+    session.reply(requestId, { client: session.id, epoch: this.epoch, generation: this._generation, sync: mode });
+    if (gone.length > 0) session.send({ t: Msg.EV_BACKINGS_GONE, backings: gone });
+    this.sendBackings(session, new Set(regions.map((r) => r.backing)));
+
+    const { seq, done } = session.expectAck();
+    const generation = this._generation;
+    for (const part of splitSync(regions, removed, this.maxFrameBytes)) {
+      session.send({ t: Msg.EV_SYNC, seq, epoch: this.epoch, generation, mode, ...part });
+    }
+    session.syncing = true;
+    this.subscribers.add(session);
+    this.log.info({ client: session.ref(), mode, generation, regions: regions.length, removed: removed.length }, 'subscriber attached');
+
+    const timer = setTimeout(() => session.settle(seq, { kind: 'timeout' }), this.limits.ackTimeoutMs);
+    void done.then((r) => {
+      clearTimeout(timer);
+      session.syncing = false;
+      if (r.kind === 'ack') {
+        session.ackedGeneration = Math.max(session.ackedGeneration, generation);
+      } else if (r.kind === 'nack') {
+        this.evict(session, this.refusal(session, r.error, generation));
+      } else if (r.kind === 'timeout') {
+        this.evict(session, new ClientTimeoutError(`${session.describe()} did not ack its sync within ${this.limits.ackTimeoutMs} ms`, { client: session.ref(), generation }));
+      }
+    });
+  }
+
+  private async runCommit(owner: Session, ops: readonly CommitOp[], expect: number | undefined): Promise<CommitResult> {
+    if (owner.closed || this.owner !== owner) throw new DisconnectedError('the owner disconnected before its commit ran');
+    if (expect !== undefined && expect !== this._generation) {
+      throw new StaleGenerationError(`expected generation ${expect}, the space is at ${this._generation}`, { generation: this._generation });
+    }
+    const plan = this.map.plan(ops, this.backings, this.limits.maxRegions);
+    if (plan.ops.length === 0) return { generation: this._generation, added: [], unreferenced: [] };
+    const after = this.map.size - plan.removes.length + plan.adds.length;
+    for (const s of this.subscribers) {
+      if (after > s.maxRegions) {
+        throw new ClientLimitError(`${s.describe()} can follow at most ${s.maxRegions} regions; the transaction would leave ${after}`, {
+          client: s.ref(),
+        });
+      }
+    }
+    const generation = this._generation + 1;
+    const started = performance.now();
+    for (const r of plan.adds) (this.backings.get(r.backing) as Backing).inflight++;
+    try {
+      const results = await this.fanOut([...this.subscribers], (s, seq) => {
+        this.sendBackings(s, plan.backings);
+        s.send({ t: Msg.EV_TXN, seq, generation, ops: plan.ops });
+      }, generation);
+      const failed = [...results].filter(([, r]) => r.kind === 'nack') as [Session, { kind: 'nack'; error: MmbError }][];
+      if (failed.length > 0) {
+        const applied = [...results].filter(([s, r]) => r.kind === 'ack' && !s.closed).map(([s]) => s);
+        await this.rollback(applied, generation);
+        const [who, { error }] = failed[0] as [Session, { kind: 'nack'; error: MmbError }];
+        const err = this.refusal(who, error, generation, failed.length);
+        this.log.warn({ generation, client: who.ref(), code: err.code, cause: error.message, rolledBack: applied.length }, 'transaction refused');
+        throw err;
+      }
+      this.apply(plan, generation);
+      for (const [s, r] of results) if (r.kind === 'ack') s.ackedGeneration = generation;
+      for (const s of this.subscribers) s.send({ t: Msg.EV_COMMITTED, generation });
+      this.log.info(
+        { generation, removes: plan.removes.length, sets: plan.sets.length, adds: plan.adds.length, clients: results.size, ms: +(performance.now() - started).toFixed(3) },
+        'transaction committed',
+      );
+      const touched = new Set(plan.removes.map((r) => r.backing));
+      return {
+        generation,
+        added: plan.adds.map((r) => ({ id: r.id, name: r.name })),
+        unreferenced: [...touched].filter((id) => this.backings.get(id)?.refs === 0),
+      };
+    } finally {
+      for (const r of plan.adds) {
+        const b = this.backings.get(r.backing);
+        if (b) b.inflight--;
+      }
+      this.releaseUnused([...plan.backings, ...plan.removes.map((r) => r.backing)]);
+    }
+  }
+
+  /**
+   * Sends an ackable event to every subscriber at once and waits for all of them, at most ackTimeoutMs.
+   * Subscribers that miss the deadline are evicted here; the result says how each one answered.
+   */
+  private async fanOut(
+    targets: readonly Session[],
+    send: (s: Session, seq: number) => void,
+    generation: number,
+  ): Promise<Map<Session, AckResult>> {
+    const results = new Map<Session, AckResult>();
+    const pending = new Map<Session, number>();
+    const waits = targets.map((s) => {
+      const { seq, done } = s.expectAck();
+      pending.set(s, seq);
+      s.applying = true;
+      try {
+        send(s, seq);
+      } catch (err) {
+        s.settle(seq, { kind: 'nack', error: err as MmbError });
+      }
+      return done.then((r) => {
+        s.applying = false;
+        pending.delete(s);
+        results.set(s, r);
+      });
+    });
+    const timer = setTimeout(() => {
+      for (const [s, seq] of pending) s.settle(seq, { kind: 'timeout' });
+    }, this.limits.ackTimeoutMs);
+    await Promise.all(waits);
+    clearTimeout(timer);
+    for (const [s, r] of results) {
+      if (r.kind === 'timeout') {
+        this.evict(s, new ClientTimeoutError(`${s.describe()} did not ack generation ${generation} within ${this.limits.ackTimeoutMs} ms`, { client: s.ref(), generation }));
+      }
+    }
+    return results;
+  }
+
+  private async rollback(applied: Session[], generation: number): Promise<void> {
+    if (applied.length === 0) return;
+    const results = await this.fanOut(applied, (s, seq) => s.send({ t: Msg.EV_ROLLBACK, seq, generation }), generation);
+    for (const [s, r] of results) {
+      if (r.kind === 'nack') this.evict(s, this.refusal(s, r.error, generation));
+    }
+  }
+
+  private apply(plan: Plan, generation: number): void {
+    this.map.commit(plan);
+    for (const r of plan.removes) (this.backings.get(r.backing) as Backing).refs--;
+    for (const r of plan.adds) (this.backings.get(r.backing) as Backing).refs++;
+    this._generation = generation;
+    this.history.record(generation, [...plan.removes.map((r) => r.id), ...plan.sets.map((s) => s.after.id), ...plan.adds.map((r) => r.id)]);
+  }
+
+  /** Sends `s` the backings among `ids` it has not received yet, at most maxFdsPerFrame per frame. */
+  private sendBackings(s: Session, ids: Iterable<number>): void {
+    const missing: Backing[] = [];
+    for (const id of ids) {
+      if (s.sentBackings.has(id)) continue;
+      const b = this.backings.get(id);
+      if (b) missing.push(b);
+    }
+    for (let i = 0; i < missing.length; i += this.maxFdsPerFrame) {
+      const chunk = missing.slice(i, i + this.maxFdsPerFrame);
+      s.send({ t: Msg.EV_BACKINGS, backings: chunk.map((b) => this.backings.info(b)) }, chunk.map((b) => b.fd));
+      for (const b of chunk) s.sentBackings.add(b.id);
+    }
+  }
+
+  /** Closes the backings among `ids` that nothing can use any more and tells subscribers that had them. */
+  private releaseUnused(ids: Iterable<number>): Backing[] {
+    const released: Backing[] = [];
+    for (const id of new Set(ids)) {
+      const b = this.backings.get(id);
+      if (b && this.backings.isUnused(b)) released.push(this.backings.release(b));
+    }
+    if (released.length === 0) return released;
+    for (const s of this.subscribers) {
+      const gone = released.filter((b) => s.sentBackings.delete(b.id)).map((b) => b.id);
+      if (gone.length > 0) s.send({ t: Msg.EV_BACKINGS_GONE, backings: gone });
+    }
+    this.log.debug({ backings: released.map((b) => b.id) }, 'backings released');
+    return released;
+  }
+
+  /** The owner's error for a subscriber's nack: the subscriber's own code when it is one of ours. */
+  private refusal(s: Session, cause: MmbError, generation: number, count = 1): MmbError {
+    const code: ErrorCode = isErrorCode(cause.code) && !LOCAL_ONLY.has(cause.code) ? cause.code : 'MMB_ERR_CLIENT_REFUSED';
+    const others = count > 1 ? ` (and ${count - 1} other client${count > 2 ? 's' : ''})` : '';
+    return createError(code, `${s.describe()}${others} refused generation ${generation}: ${cause.message}`, {
+      client: s.ref(),
+      generation,
+      cause,
+      errno: cause.errno,
+    });
+  }
+}

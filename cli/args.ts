@@ -1,0 +1,61 @@
+// Argument helpers shared by the commands: sizes ("4096", "128M", "4G"), addresses (decimal or 0x hex),
+// and a parseArgs wrapper that turns usage mistakes into MMB_ERR_INVALID_ARG with the command's help.
+import { GPA_LIMIT, InvalidArgError } from '../protocol/index.js';
+
+const UNITS: Record<string, number> = { '': 1, K: 2 ** 10, M: 2 ** 20, G: 2 ** 30, T: 2 ** 40 };
+
+/** "4096", "128M", "4G", "2MiB", "1T" -> bytes. */
+export function parseSize(text: string, what = 'size'): number {
+  const m = /^(\d+)\s*([KMGT]?)(i?B)?$/i.exec(text.trim());
+  if (!m) throw new InvalidArgError(`${what} ${JSON.stringify(text)} is not a size (examples: 4096, 128M, 4G)`);
+  const n = Number(m[1]) * (UNITS[(m[2] ?? '').toUpperCase()] as number);
+  if (!Number.isSafeInteger(n) || n > GPA_LIMIT) throw new InvalidArgError(`${what} ${text} is too large`);
+  return n;
+}
+
+/** Decimal or 0x-prefixed hex -> number. */
+export function parseAddress(text: string, what = 'address'): number {
+  const t = text.trim().replace(/_/g, '');
+  const n = /^0x[0-9a-f]+$/i.test(t) ? Number.parseInt(t.slice(2), 16) : /^\d+$/.test(t) ? Number(t) : NaN;
+  if (!Number.isSafeInteger(n) || n >= GPA_LIMIT) throw new InvalidArgError(`${what} ${JSON.stringify(text)} is not an address below 2^52 (decimal or 0x hex)`);
+  return n;
+}
+
+export function parseCount(text: string, what: string): number {
+  if (!/^\d+$/.test(text.trim())) throw new InvalidArgError(`${what} ${JSON.stringify(text)} is not a whole number`);
+  return Number(text);
+}
+
+export function formatSize(bytes: number): string {
+  for (const [unit, scale] of [['T', 2 ** 40], ['G', 2 ** 30], ['M', 2 ** 20], ['K', 2 ** 10]] as const) {
+    if (bytes >= scale && bytes % scale === 0) return `${bytes / scale}${unit}`;
+  }
+  return String(bytes);
+}
+
+export const hex = (n: number): string => `0x${n.toString(16)}`;
+
+export interface Command {
+  name: string;
+  summary: string;
+  usage: string;
+  run(argv: string[]): Promise<number>;
+}
+
+/** The --help option every command takes. */
+export const HELP = { help: { type: 'boolean', short: 'h' } } as const;
+
+/** Runs a parseArgs call, turning its usage errors into MMB_ERR_INVALID_ARG. */
+export function parsed<T>(fn: () => T): T {
+  try {
+    return fn();
+  } catch (err) {
+    throw new InvalidArgError((err as Error).message);
+  }
+}
+
+export function required(values: Record<string, unknown>, name: string): string {
+  const v = values[name];
+  if (typeof v !== 'string' || v === '') throw new InvalidArgError(`--${name} is required`);
+  return v;
+}

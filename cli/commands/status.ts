@@ -1,0 +1,51 @@
+import { parseArgs } from 'node:util';
+import { fetchStatus } from '../../clients/index.js';
+import type { StatusResult } from '../../protocol/index.js';
+import { formatSize, hex, HELP, parsed, required, type Command } from '../args.js';
+
+const usage = `Usage: mmbroker status --socket PATH [--space NAME] [--json]
+
+Shows every address space (or one): its generation, its regions and its clients.
+
+Options:
+  --socket PATH   the broker's socket
+  --space NAME    only this address space
+  --json          print one JSON object { "spaces": [ { "name", "generation", "regions", "clients", ... } ] }
+  -h, --help      show this help`;
+
+export const status: Command = {
+  name: 'status',
+  summary: 'show address spaces, regions and clients',
+  usage,
+  async run(argv) {
+    const { values } = parsed(() => parseArgs({ args: argv, strict: true, options: { ...HELP,  socket: { type: 'string' }, space: { type: 'string' }, json: { type: 'boolean' } } }));
+    if (values.help) {
+      console.log(usage);
+      return 0;
+    }
+    const result = await fetchStatus(required(values, 'socket'), values.space);
+    console.log(values.json ? JSON.stringify(result, null, 2) : render(result));
+    return 0;
+  },
+};
+
+function table(rows: string[][]): string {
+  const widths = rows[0]?.map((_, i) => Math.max(...rows.map((r) => (r[i] ?? '').length))) ?? [];
+  return rows.map((r) => '  ' + r.map((c, i) => c.padEnd(widths[i] ?? 0)).join('  ').trimEnd()).join('\n');
+}
+
+export function render(result: StatusResult): string {
+  const out: string[] = [];
+  for (const s of result.spaces) {
+    out.push(`space ${s.name}  generation ${s.generation}  epoch ${s.epoch}`);
+    out.push(s.regions.length === 0 ? '  (no regions)' : table([
+      ['REGION', 'ID', 'GPA', 'SIZE', 'BACKING', 'OFFSET', 'FLAGS'],
+      ...s.regions.map((r) => [r.name, String(r.id), hex(r.gpa), formatSize(r.size), String(r.backing), hex(r.offset), [r.readonly ? 'ro' : 'rw', r.logDirty ? 'log' : ''].filter(Boolean).join(',')]),
+    ]));
+    out.push(s.clients.length === 0 ? '  (no clients)' : table([
+      ['CLIENT', 'ROLE', 'KIND', 'NAME', 'PID', 'ACKED', 'STATE', 'VIA'],
+      ...s.clients.map((c) => [String(c.id), c.role, c.kind, c.name, String(c.pid), String(c.ackedGeneration), c.state, c.transport]),
+    ]));
+  }
+  return out.join('\n');
+}

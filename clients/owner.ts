@@ -1,0 +1,121 @@
+// The owner of an address space (the VMM): registers backings and changes the map by transactions. Every
+// commit resolves only when all subscribers applied it, and rejects with one typed error naming the
+// client that refused (err.client) when anything failed: nothing is half-applied either way.
+import {
+  Msg,
+  type BackingAddResult,
+  type BackingDropResult,
+  type CommitOp,
+  type CommitResult,
+  type StatusResult,
+} from '../protocol/index.js';
+import { native } from '../native/index.js';
+import { Connection, type BrokerTarget, type ConnectionOptions } from './connection.js';
+import { createSealedMemfd, type SealedMemfdOptions } from './memfd.js';
+
+export interface OwnerOptions extends ConnectionOptions {
+  space: string;
+}
+
+export interface RegionSpec {
+  name: string;
+  /** Guest-physical address, page aligned. */
+  gpa: number;
+  size: number;
+  backing: number;
+  /** Byte offset of the region inside its backing, page aligned. Default 0. */
+  offset?: number;
+  readonly?: boolean;
+  logDirty?: boolean;
+}
+
+export interface CreatedBacking extends BackingAddResult {
+  /** The owner's own fd of the new memfd: map it to read and write guest memory; close it when done. */
+  fd: number;
+}
+
+export class OwnerClient {
+  private constructor(
+    private readonly conn: Connection,
+    readonly space: string,
+    readonly clientId: number,
+    private _generation: number,
+  ) {}
+
+  static async attach(target: BrokerTarget, opts: OwnerOptions): Promise<OwnerClient> {
+    const conn = await Connection.open(target, { name: 'owner', ...opts });
+    try {
+      const r = (await conn.request({ t: Msg.ATTACH, space: opts.space, role: 'owner', kind: 'owner' })) as {
+        client: number;
+        generation: number;
+      };
+      return new OwnerClient(conn, opts.space, r.client, r.generation);
+    } catch (err) {
+      conn.close();
+      throw err;
+    }
+  }
+
+  /** The generation of the last commit this owner saw complete (or the space's at attach). */
+  get generation(): number {
+    return this._generation;
+  }
+
+  get connection(): Connection {
+    return this.conn;
+  }
+
+  /** Registers a memfd (sealed against shrinking). The broker dup()s it; the caller keeps its own fd. */
+  addBacking(fd: number, name?: string): Promise<BackingAddResult> {
+    return this.conn.request({ t: Msg.BACKING_ADD, ...(name ? { name } : {}) }, [fd]) as Promise<BackingAddResult>;
+  }
+
+  /** Creates a sealed memfd of `size` bytes and registers it. */
+  async createBacking(size: number, name = 'ram', opts: SealedMemfdOptions = {}): Promise<CreatedBacking> {
+    const fd = createSealedMemfd(name, size, opts);
+    try {
+      return { ...(await this.addBacking(fd, name)), fd };
+    } catch (err) {
+      native.close(fd);
+      throw err;
+    }
+  }
+
+  /** Tells the broker this owner no longer needs the backing; it is closed once no region uses it. */
+  dropBacking(backing: number): Promise<BackingDropResult> {
+    return this.conn.request({ t: Msg.BACKING_DROP, backing }) as Promise<BackingDropResult>;
+  }
+
+  /** Applies `ops` atomically: removes, then flag changes, then adds. */
+  async commit(ops: readonly CommitOp[], opts: { expect?: number } = {}): Promise<CommitResult> {
+    const r = (await this.conn.request({ t: Msg.COMMIT, ops: [...ops], ...(opts.expect !== undefined ? { expect: opts.expect } : {}) })) as CommitResult;
+    this._generation = Math.max(this._generation, r.generation);
+    return r;
+  }
+
+  addRegion(spec: RegionSpec): Promise<CommitResult> {
+    return this.commit([{ op: 'add', offset: 0, ...spec }]);
+  }
+
+  removeRegion(region: number | string): Promise<CommitResult> {
+    return this.commit([{ op: 'remove', region }]);
+  }
+
+  status(space?: string): Promise<StatusResult> {
+    return this.conn.request({ t: Msg.STATUS, ...(space !== undefined ? { space } : {}) }) as Promise<StatusResult>;
+  }
+
+  close(): void {
+    this.conn.close();
+  }
+}
+
+/** Asks a broker for its status over a short-lived connection. */
+export async function fetchStatus(target: BrokerTarget, space?: string, opts: ConnectionOptions = {}): Promise<StatusResult> {
+  const conn = await Connection.open(target, { name: 'status', ...opts });
+  try {
+    return (await conn.request({ t: Msg.STATUS, ...(space !== undefined ? { space } : {}) })) as StatusResult;
+  } finally {
+    conn.close();
+  }
+}

@@ -1,0 +1,397 @@
+// The base subscriber: attaches to an address space, receives backings and map changes, has its kind's
+// applier establish them, and acks or nacks every transaction. It reconnects by itself and resumes from
+// its last committed generation.
+//
+// Events, in the order a transaction produces them:
+//   'backings'  new backing fds arrived (before the change that needs them);
+//   'change'    a change was established; listeners may call event.waitUntil(promise): the ack waits for
+//               every such promise, and a rejection turns the ack into a nack (the change is undone);
+//   'committed' / 'rolledBack'  the broker's verdict on the transaction;
+//   'synced'    an initial sync or a resume was applied;
+//   'disconnected' / 'reconnected', 'goodbye' (the broker said why it closed us), 'error'.
+import { EventEmitter } from 'eventemitter3';
+import { native } from '../native/index.js';
+import {
+  DisconnectedError,
+  Feature,
+  MmbError,
+  Msg,
+  isMmbError,
+  toMmbError,
+  type AttachResult,
+  type EvSync,
+  type Region,
+  type ToClient,
+} from '../protocol/index.js';
+import { closeAll } from '../transport/index.js';
+import { Connection, type BrokerTarget, type ConnectionOptions } from './connection.js';
+import {
+  applyOps,
+  diff,
+  inverse,
+  isEmpty,
+  toView,
+  type Applier,
+  type Change,
+  type LocalBacking,
+  type ViewRegion,
+} from './view.js';
+
+export interface SubscriberOptions extends ConnectionOptions {
+  space: string;
+  /** What this client is, for status and logs ("plain", "kvm", "vhost", "vfio"). */
+  kind?: string;
+  /** The most regions this client can follow; the broker refuses changes beyond it. */
+  maxRegions?: number;
+  /** Reconnect and resume after the connection drops. Default true. */
+  reconnect?: boolean;
+  /** Delay before the first reconnect attempt; doubles up to 1 s. Default 20 ms. */
+  reconnectDelayMs?: number;
+}
+
+export interface ChangeEvent {
+  readonly change: Change;
+  /** Delays the ack until `p` settles; a rejection nacks the transaction with that error. */
+  waitUntil(p: Promise<unknown>): void;
+}
+
+export interface SubscriberEvents {
+  backings: [backings: LocalBacking[]];
+  change: [event: ChangeEvent];
+  committed: [generation: number];
+  rolledBack: [generation: number];
+  synced: [info: { generation: number; mode: 'snapshot' | 'delta'; epoch: string; change: Change }];
+  disconnected: [reason: MmbError | undefined];
+  reconnected: [result: AttachResult];
+  goodbye: [reason: MmbError];
+  error: [err: MmbError];
+}
+
+type Event = Exclude<ToClient, { t: typeof Msg.REPLY }>;
+
+export class Subscriber extends EventEmitter<SubscriberEvents> {
+  readonly space: string;
+  readonly kind: string;
+  private conn: Connection | undefined;
+  private epoch: string | undefined;
+  private _generation = 0;
+  /** The broker's committed map at `_generation`, by region id. */
+  private committed = new Map<number, Region>();
+  /** What the applier has established, by region key. */
+  private actual = new Map<string, ViewRegion>();
+  /** A transaction applied and acked but not yet committed or rolled back. */
+  private pending: { generation: number; target: Map<number, Region> } | undefined;
+  private readonly backings = new Map<number, LocalBacking>();
+  private syncParts: EvSync[] = [];
+  private chain: Promise<void> = Promise.resolve();
+  private closing = false;
+  private syncWaiters: { resolve: () => void; reject: (e: MmbError) => void }[] = [];
+  private clientId = 0;
+  /** Backing ids received on the current connection (to drop stale ones when the epoch changes). */
+  private readonly receivedSinceAttach = new Set<number>();
+
+  protected constructor(
+    private readonly target: BrokerTarget,
+    readonly applier: Applier,
+    private readonly opts: SubscriberOptions,
+  ) {
+    super();
+    this.space = opts.space;
+    this.kind = opts.kind ?? 'plain';
+  }
+
+  /**
+   * Connects with `applier` establishing the map, attaches, and resolves once the initial map has been
+   * established and acked.
+   */
+  static async create(target: BrokerTarget, applier: Applier, opts: SubscriberOptions): Promise<Subscriber> {
+    const sub = new Subscriber(target, applier, opts);
+    await sub.start();
+    return sub;
+  }
+
+  protected async start(): Promise<void> {
+    await this.connect(false);
+  }
+
+  /** The last generation the broker committed and this client applied. */
+  get generation(): number {
+    return this._generation;
+  }
+
+  /** The broker's id for this connection (changes on reconnect). */
+  get id(): number {
+    return this.clientId;
+  }
+
+  get connected(): boolean {
+    return this.conn !== undefined && !this.conn.closed;
+  }
+
+  /** Regions as established now, sorted by gpa. */
+  regions(): ViewRegion[] {
+    return [...this.actual.values()].sort((a, b) => a.gpa - b.gpa);
+  }
+
+  backing(id: number): LocalBacking | undefined {
+    return this.backings.get(id);
+  }
+
+  /** Drops the connection without unmapping anything (as a crash of the link would); it reconnects if enabled. */
+  dropConnection(): void {
+    this.conn?.transport.destroy();
+  }
+
+  /** Detaches: closes the connection, has the applier release everything, closes backing fds. */
+  async close(): Promise<void> {
+    if (this.closing) return;
+    this.closing = true;
+    this.conn?.close();
+    await this.chain;
+    await this.applier.close?.();
+    this.actual.clear();
+    closeAll([...this.backings.values()].map((b) => b.fd));
+    this.backings.clear();
+    for (const w of this.syncWaiters) w.reject(new DisconnectedError('the subscriber was closed'));
+    this.syncWaiters = [];
+  }
+
+  // --- connection management ------------------------------------------------------------------------
+
+  private async connect(resume: boolean): Promise<void> {
+    const conn = await Connection.open(this.target, this.opts);
+    this.receivedSinceAttach.clear();
+    if (this.closing) {
+      conn.close();
+      throw new DisconnectedError('the subscriber was closed while connecting');
+    }
+    this.conn = conn;
+    conn.on('event', (msg, fds) => this.onEvent(conn, msg, fds));
+    conn.on('close', (reason) => this.onClose(conn, reason));
+    const synced = new Promise<void>((resolve, reject) => this.syncWaiters.push({ resolve, reject }));
+    synced.catch(() => undefined);
+    let result: AttachResult;
+    try {
+      const useResume = resume && this.epoch !== undefined && (conn.features & Feature.RESUME) !== 0;
+      result = (await conn.request({
+        t: Msg.ATTACH,
+        space: this.space,
+        role: 'subscriber',
+        kind: this.kind,
+        ...(this.opts.maxRegions !== undefined ? { limits: { maxRegions: this.opts.maxRegions } } : {}),
+        ...(useResume
+          ? { resume: { epoch: this.epoch as string, generation: this._generation, backings: [...this.backings.keys()] } }
+          : {}),
+      })) as AttachResult;
+    } catch (err) {
+      this.syncWaiters = [];
+      conn.close();
+      throw err;
+    }
+    this.clientId = result.client;
+    await synced;
+    if (resume) this.emit('reconnected', result);
+  }
+
+  private onClose(conn: Connection, reason: MmbError | undefined): void {
+    if (conn !== this.conn) return;
+    this.syncParts = [];
+    for (const w of this.syncWaiters) w.reject(new DisconnectedError('the connection closed before the sync completed', reason ? { cause: reason } : {}));
+    this.syncWaiters = [];
+    if (this.closing) return;
+    this.emit('disconnected', reason);
+    if (this.opts.reconnect === false) return;
+    void this.reconnectLoop();
+  }
+
+  private async reconnectLoop(): Promise<void> {
+    let delay = this.opts.reconnectDelayMs ?? 20;
+    while (!this.closing) {
+      await new Promise((r) => setTimeout(r, delay));
+      if (this.closing) return;
+      try {
+        await this.connect(true);
+        return;
+      } catch (err) {
+        delay = Math.min(delay * 2, 1000);
+        if (!isMmbError(err, 'MMB_ERR_CONNECT') && !isMmbError(err, 'MMB_ERR_DISCONNECTED')) this.emit('error', toMmbError(err));
+      }
+    }
+  }
+
+  // --- events ---------------------------------------------------------------------------------------
+
+  private enqueue(work: () => void | Promise<void>): void {
+    this.chain = this.chain.then(work).catch((err) => {
+      this.emit('error', toMmbError(err));
+    });
+  }
+
+  private onEvent(conn: Connection, msg: Event, fds: number[]): void {
+    switch (msg.t) {
+      case Msg.EV_BACKINGS:
+        this.enqueue(() => this.addBackings(msg.backings, fds));
+        return;
+      case Msg.EV_BACKINGS_GONE:
+        this.enqueue(() => {
+          for (const id of msg.backings) {
+            const b = this.backings.get(id);
+            if (!b) continue;
+            this.backings.delete(id);
+            closeAll([b.fd]);
+          }
+        });
+        return;
+      case Msg.EV_SYNC:
+        this.syncParts.push(msg);
+        if (!msg.last) return;
+        {
+          const parts = this.syncParts;
+          this.syncParts = [];
+          this.enqueue(() => this.onSync(conn, parts));
+        }
+        return;
+      case Msg.EV_TXN:
+        this.enqueue(() => this.onTxn(conn, msg.seq, msg.generation, msg.ops));
+        return;
+      case Msg.EV_ROLLBACK:
+        this.enqueue(() => this.onRollback(conn, msg.seq, msg.generation));
+        return;
+      case Msg.EV_COMMITTED:
+        this.enqueue(() => {
+          if (this.pending?.generation !== msg.generation) return;
+          this.committed = this.pending.target;
+          this._generation = msg.generation;
+          this.pending = undefined;
+          this.emit('committed', msg.generation);
+        });
+        return;
+      case Msg.EV_GOODBYE:
+        this.emit('goodbye', MmbError.fromWire(msg.error));
+        return;
+      case Msg.EV_ERROR:
+        this.emit('error', MmbError.fromWire(msg.error));
+        return;
+    }
+  }
+
+  private addBackings(infos: { backing: number; size: number; name: string }[], fds: number[]): void {
+    const added: LocalBacking[] = [];
+    infos.forEach((info, i) => {
+      const fd = fds[i] as number;
+      const st = native.fstat(fd);
+      const old = this.backings.get(info.backing);
+      if (old) closeAll([old.fd]);
+      const b: LocalBacking = { id: info.backing, name: info.name, size: info.size, fd, dev: st.dev, ino: st.ino };
+      this.backings.set(b.id, b);
+      this.receivedSinceAttach.add(b.id);
+      added.push(b);
+    });
+    this.emit('backings', added);
+  }
+
+  private async onSync(conn: Connection, parts: EvSync[]): Promise<void> {
+    const first = parts[0] as EvSync;
+    const { seq, generation, mode, epoch } = first;
+    if (epoch !== this.epoch) {
+      // A new epoch (first attach, or the broker restarted): ids from before mean nothing. Established
+      // regions are matched by backing inode instead, so the old fds are not needed.
+      for (const [id, b] of this.backings) {
+        if (this.receivedSinceAttach.has(id)) continue;
+        this.backings.delete(id);
+        closeAll([b.fd]);
+      }
+    }
+    let target: Map<number, Region>;
+    if (mode === 'snapshot') {
+      target = new Map();
+    } else {
+      target = new Map(this.committed);
+      for (const p of parts) for (const id of p.removed) target.delete(id);
+    }
+    for (const p of parts) for (const r of p.regions) target.set(r.id, r);
+    const change = await this.establish(conn, seq, generation, 'sync', target);
+    if (!change) return;
+    this.committed = target;
+    this._generation = generation;
+    this.pending = undefined;
+    this.epoch = epoch;
+    this.emit('synced', { generation, mode, epoch, change });
+    const w = this.syncWaiters.shift();
+    w?.resolve();
+  }
+
+  private async onTxn(conn: Connection, seq: number, generation: number, ops: Parameters<typeof applyOps>[1]): Promise<void> {
+    let target: Map<number, Region>;
+    try {
+      target = applyOps(this.committed, ops);
+    } catch (err) {
+      this.nack(conn, seq, err);
+      return;
+    }
+    const change = await this.establish(conn, seq, generation, 'txn', target);
+    if (change) this.pending = { generation, target };
+  }
+
+  private async onRollback(conn: Connection, seq: number, generation: number): Promise<void> {
+    if (this.pending?.generation !== generation) {
+      // Nothing of that transaction is established here: acking is truthful.
+      this.ack(conn, seq);
+      return;
+    }
+    const change = await this.establish(conn, seq, generation, 'rollback', this.committed);
+    if (change) {
+      this.pending = undefined;
+      this.emit('rolledBack', generation);
+    }
+  }
+
+  /**
+   * Brings the established state to `target` and acks `seq`; on failure leaves it as it was and nacks.
+   * Returns the change on success.
+   */
+  private async establish(
+    conn: Connection,
+    seq: number,
+    generation: number,
+    cause: Change['cause'],
+    target: ReadonlyMap<number, Region>,
+  ): Promise<Change | undefined> {
+    let change: Change;
+    try {
+      const views = [...target.values()].map((r) => toView(r, this.backings));
+      change = diff(this.actual, views, generation, cause);
+      if (!isEmpty(change)) await this.applier.apply(change, this.backings);
+    } catch (err) {
+      this.nack(conn, seq, err);
+      return undefined;
+    }
+    const waits: Promise<unknown>[] = [];
+    this.emit('change', { change, waitUntil: (p) => void waits.push(p) });
+    try {
+      await Promise.all(waits);
+    } catch (err) {
+      try {
+        if (!isEmpty(change)) await this.applier.apply(inverse(change), this.backings);
+      } catch (undoErr) {
+        this.emit('error', toMmbError(undoErr));
+      }
+      this.nack(conn, seq, err);
+      return undefined;
+    }
+    for (const r of change.removed) this.actual.delete(r.key);
+    for (const { after } of change.updated) this.actual.set(after.key, after);
+    for (const r of change.added) this.actual.set(r.key, r);
+    this.ack(conn, seq);
+    return change;
+  }
+
+  private ack(conn: Connection, seq: number): void {
+    if (!conn.closed) conn.send({ t: Msg.ACK, seq });
+  }
+
+  private nack(conn: Connection, seq: number, err: unknown): void {
+    const e = toMmbError(err);
+    if (!conn.closed) conn.send({ t: Msg.NACK, seq, error: e.toWire() });
+  }
+}

@@ -1,0 +1,103 @@
+// A subscriber's view of the map, and the one mechanism that changes it: compute the target map, diff it
+// against what is actually established (mapped, pinned, slotted), and hand the difference to the client
+// kind's applier. Transactions, rollbacks, syncs and resumes all go through this, so a resume after a
+// broken connection touches exactly the regions that differ and nothing else.
+//
+// A region's key is what its establishment depends on: where it sits (gpa, size), what it maps (the
+// backing's inode and the offset) and how (read-only or not). Two regions with the same key can share one
+// mapping, even across broker restarts (new epoch, new ids, same memfd). logDirty, id and name are
+// metadata: changing only those is an `updated` entry, not a remap.
+import { NoBackingError, NoRegionError, type Region, type TxnOp } from '../protocol/index.js';
+
+/** A backing as a client holds it: the broker's id, our own fd, and the file's identity. */
+export interface LocalBacking {
+  id: number;
+  name: string;
+  size: number;
+  fd: number;
+  dev: number;
+  ino: number;
+}
+
+export interface ViewRegion extends Region {
+  /** Identity of the establishment: gpa, size, backing inode, offset, access. */
+  readonly key: string;
+  /** "dev:ino" of the backing file. */
+  readonly file: string;
+}
+
+/** What an applier must do, in this order: drop `removed`, update `updated`, establish `added`. */
+export interface Change {
+  generation: number;
+  cause: 'sync' | 'txn' | 'rollback' | 'undo';
+  removed: ViewRegion[];
+  updated: { before: ViewRegion; after: ViewRegion }[];
+  added: ViewRegion[];
+}
+
+/** Makes changes real for one client kind (mappings, memslots, IOMMU mappings). */
+export interface Applier {
+  /**
+   * Establishes `change`. On failure it must throw (ideally an MmbError with a meaningful code) and leave
+   * everything exactly as it was before the call: the subscriber then nacks and the broker rolls back.
+   */
+  apply(change: Change, backings: ReadonlyMap<number, LocalBacking>): void | Promise<void>;
+  /** Releases everything it established (the subscriber is closing). */
+  close?(): void | Promise<void>;
+}
+
+export function toView(r: Region, backings: ReadonlyMap<number, LocalBacking>): ViewRegion {
+  const b = backings.get(r.backing);
+  if (!b) throw new NoBackingError(`region ${JSON.stringify(r.name)} references backing ${r.backing}, which this client was never sent`);
+  const file = `${b.dev}:${b.ino}`;
+  return { ...r, file, key: `${r.gpa}+${r.size}@${file}+${r.offset}:${r.readonly ? 'ro' : 'rw'}` };
+}
+
+/** The difference between what is established and a target map. */
+export function diff(
+  actual: ReadonlyMap<string, ViewRegion>,
+  target: readonly ViewRegion[],
+  generation: number,
+  cause: Change['cause'],
+): Change {
+  const change: Change = { generation, cause, removed: [], updated: [], added: [] };
+  const keep = new Set<string>();
+  for (const t of target) {
+    const a = actual.get(t.key);
+    keep.add(t.key);
+    if (!a) change.added.push(t);
+    else if (a.logDirty !== t.logDirty || a.id !== t.id || a.name !== t.name || a.backing !== t.backing) {
+      change.updated.push({ before: a, after: t });
+    }
+  }
+  for (const [key, a] of actual) if (!keep.has(key)) change.removed.push(a);
+  return change;
+}
+
+export function inverse(c: Change): Change {
+  return {
+    generation: c.generation,
+    cause: 'undo',
+    removed: c.added,
+    updated: c.updated.map(({ before, after }) => ({ before: after, after: before })),
+    added: c.removed,
+  };
+}
+
+export function isEmpty(c: Change): boolean {
+  return c.removed.length === 0 && c.updated.length === 0 && c.added.length === 0;
+}
+
+/** The map after a transaction's ops (removes, sets, adds), as a new map keyed by region id. */
+export function applyOps(base: ReadonlyMap<number, Region>, ops: readonly TxnOp[]): Map<number, Region> {
+  const next = new Map(base);
+  for (const op of ops) {
+    if (op.op === 'remove') next.delete(op.region);
+    else if (op.op === 'set') {
+      const r = next.get(op.region);
+      if (!r) throw new NoRegionError(`the transaction changes region ${op.region}, which this client does not have`);
+      next.set(r.id, { ...r, readonly: op.readonly, logDirty: op.logDirty });
+    } else next.set(op.region.id, op.region);
+  }
+  return next;
+}

@@ -1,0 +1,53 @@
+// Wire constants of the memmap-broker protocol. docs/protocol.md is the prose form of this file.
+// Message ids are never reused: a retired message keeps its number, marked retired, forever.
+
+export const PROTOCOL_VERSION = 1;
+
+/** Frame header: u32 body length, u16 number of fds, u16 flags (all reserved, must be 0); little-endian. */
+export const HEADER_SIZE = 8;
+
+/** Message ids. 1-15: requests (client -> broker, answered by REPLY). 16-31: client -> broker, no reply.
+ *  32-63: broker -> client. */
+export const Msg = {
+  HELLO: 1,
+  STATUS: 2,
+  ATTACH: 3,
+  BACKING_ADD: 4,
+  BACKING_DROP: 5,
+  COMMIT: 6,
+
+  ACK: 16,
+  NACK: 17,
+
+  REPLY: 32,
+  EV_BACKINGS: 33,
+  EV_BACKINGS_GONE: 34,
+  EV_SYNC: 35,
+  EV_TXN: 36,
+  EV_ROLLBACK: 37,
+  EV_COMMITTED: 38,
+  EV_GOODBYE: 39,
+  EV_ERROR: 40,
+} as const;
+export type MsgId = (typeof Msg)[keyof typeof Msg];
+
+export const MSG_NAMES: Readonly<Record<number, string>> = Object.fromEntries(
+  Object.entries(Msg).map(([name, id]) => [id, name]),
+);
+
+/** Feature bits, negotiated in HELLO: the broker answers with the intersection of both sides' bits. */
+export const Feature = {
+  /** ATTACH may carry `resume` ({epoch, generation, backings}) and get deltas instead of a snapshot. */
+  RESUME: 1 << 0,
+} as const;
+export const ALL_FEATURES = Feature.RESUME;
+
+export const Role = { OWNER: 'owner', SUBSCRIBER: 'subscriber' } as const;
+export type Role = (typeof Role)[keyof typeof Role];
+
+/** Largest guest-physical address + 1 we accept: x86-64 and arm64 physical addresses are at most 52 bits,
+ *  which keeps every GPA, size and offset an exact JS number. */
+export const GPA_LIMIT = 2 ** 52;
+
+/** Largest u32. */
+export const U32_MAX = 0xffff_ffff;

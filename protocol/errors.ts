@@ -1,0 +1,258 @@
+// Every failure memmap-broker reports, in one table. Each entry has a stable code (match on it), the
+// errno-style class it belongs to, and a one-line meaning. docs/errors.md documents exactly these codes;
+// test/errors-docs.test.ts fails when the two drift apart.
+//
+// One class per code (undici style): `err instanceof OverlapError` or `err.code === 'MMB_ERR_OVERLAP'`.
+// Errors cross the wire as {code, errno, message, client?, generation?, cause?} and are rebuilt into the
+// same class on the other side.
+
+export type Errno =
+  | 'EINVAL'
+  | 'ENOENT'
+  | 'EEXIST'
+  | 'ENOSPC'
+  | 'EPERM'
+  | 'EOPNOTSUPP'
+  | 'E2BIG'
+  | 'ETIMEDOUT'
+  | 'EBUSY'
+  | 'ESTALE'
+  | 'EPROTO'
+  | 'EMSGSIZE'
+  | 'ENOBUFS'
+  | 'ECONNRESET'
+  | 'ESHUTDOWN'
+  | 'ENOMEM'
+  | 'EIO';
+
+interface ErrorSpec {
+  readonly errno: Errno;
+  readonly summary: string;
+}
+
+export const ERROR_TABLE = {
+  // --- framing and message shape ---
+  MMB_ERR_FRAME_TOO_LARGE: { errno: 'E2BIG', summary: 'A frame body is longer than the negotiated maximum frame size.' },
+  MMB_ERR_BAD_FRAME: { errno: 'EINVAL', summary: 'A frame is malformed: reserved header bits set, or a body that is not exactly one msgpack map.' },
+  MMB_ERR_BAD_MESSAGE: { errno: 'EINVAL', summary: 'A message has a missing, unknown or ill-typed field, or a value out of its range.' },
+  MMB_ERR_UNKNOWN_MESSAGE: { errno: 'EOPNOTSUPP', summary: 'The message id is not defined by the negotiated protocol, or is not valid in this direction.' },
+  MMB_ERR_TOO_MANY_FDS: { errno: 'E2BIG', summary: 'A frame carries more descriptors than allowed, or too many are pending unclaimed.' },
+  MMB_ERR_FD_MISMATCH: { errno: 'EINVAL', summary: 'The descriptors that arrived do not match what the frame header or the message says.' },
+  MMB_ERR_FDS_TRUNCATED: { errno: 'EMSGSIZE', summary: 'The kernel dropped descriptors from a message (MSG_CTRUNC); the stream cannot be trusted.' },
+  MMB_ERR_VERSION: { errno: 'EOPNOTSUPP', summary: 'The peer speaks a protocol version this side does not support.' },
+  MMB_ERR_FEATURE: { errno: 'EOPNOTSUPP', summary: 'A field or message was used without negotiating the feature that gates it.' },
+  MMB_ERR_STATE: { errno: 'EPROTO', summary: 'The message is not allowed in the connection\'s current state (before HELLO, a second ATTACH, an ack nobody asked for).' },
+
+  // --- access ---
+  MMB_ERR_NO_SPACE: { errno: 'ENOENT', summary: 'No address space has that name.' },
+  MMB_ERR_OWNER_EXISTS: { errno: 'EBUSY', summary: 'The address space already has an owner attached.' },
+  MMB_ERR_NOT_OWNER: { errno: 'EPERM', summary: 'Only the owner of an address space may change it.' },
+  MMB_ERR_PERMISSION: { errno: 'EPERM', summary: 'The peer\'s credentials (SO_PEERCRED) do not allow this role.' },
+
+  // --- the map ---
+  MMB_ERR_BACKING_INVALID: { errno: 'EINVAL', summary: 'A backing descriptor is not a memfd or hugetlbfs file.' },
+  MMB_ERR_BACKING_UNSEALED: { errno: 'EINVAL', summary: 'A backing memfd is not sealed against shrinking (F_SEAL_SHRINK).' },
+  MMB_ERR_BACKING_TOO_SMALL: { errno: 'EINVAL', summary: 'A region reaches past the end of its backing.' },
+  MMB_ERR_NO_BACKING: { errno: 'ENOENT', summary: 'No backing has that id in this address space.' },
+  MMB_ERR_UNALIGNED: { errno: 'EINVAL', summary: 'A GPA, size or backing offset is not page aligned.' },
+  MMB_ERR_OUT_OF_RANGE: { errno: 'EINVAL', summary: 'A region is empty, or reaches beyond the 52-bit guest-physical limit.' },
+  MMB_ERR_OVERLAP: { errno: 'EEXIST', summary: 'A region would overlap another region of the same address space.' },
+  MMB_ERR_NO_REGION: { errno: 'ENOENT', summary: 'No region has that id or name in this address space.' },
+  MMB_ERR_REGION_EXISTS: { errno: 'EEXIST', summary: 'A region with that name already exists in this address space.' },
+  MMB_ERR_SPACE_LIMIT: { errno: 'ENOSPC', summary: 'The address space would exceed its region or backing limit.' },
+  MMB_ERR_CLIENT_LIMIT: { errno: 'ENOSPC', summary: 'A subscriber\'s declared limit (max regions) would be exceeded; nothing was changed.' },
+  MMB_ERR_STALE_GENERATION: { errno: 'ESTALE', summary: 'The generation named is not the current one (COMMIT.expect), or an ack names an event that is not pending.' },
+  MMB_ERR_TOO_BUSY: { errno: 'EBUSY', summary: 'Too many transactions are queued on the address space.' },
+
+  // --- fan-out and acks ---
+  MMB_ERR_CLIENT_REFUSED: { errno: 'EIO', summary: 'A subscriber refused a transaction for a reason outside this table; the transaction was rolled back.' },
+  MMB_ERR_MAP_FAILED: { errno: 'EIO', summary: 'A subscriber could not map or unmap memory (the errno of the failing syscall is carried).' },
+  MMB_ERR_CLIENT_TIMEOUT: { errno: 'ETIMEDOUT', summary: 'A subscriber did not ack within the deadline and was evicted.' },
+  MMB_ERR_SLOW_READER: { errno: 'ENOBUFS', summary: 'A peer let too many bytes queue up unread and was disconnected.' },
+
+  // --- lifecycle (mostly raised on the client side) ---
+  MMB_ERR_CONNECT: { errno: 'ECONNRESET', summary: 'The broker socket could not be reached (the errno of connect(2) is carried).' },
+  MMB_ERR_DISCONNECTED: { errno: 'ECONNRESET', summary: 'The connection closed while a request or transaction was outstanding.' },
+  MMB_ERR_TIMEOUT: { errno: 'ETIMEDOUT', summary: 'A request got no reply within its deadline.' },
+  MMB_ERR_SHUTDOWN: { errno: 'ESHUTDOWN', summary: 'The broker is shutting down.' },
+  MMB_ERR_PROTOCOL: { errno: 'EPROTO', summary: 'The broker sent a message this client cannot accept; the connection was closed.' },
+  MMB_ERR_INVALID_ARG: { errno: 'EINVAL', summary: 'A library or command-line argument is invalid.' },
+  MMB_ERR_INTERNAL: { errno: 'EIO', summary: 'An unexpected internal failure; the message names it. Please report it.' },
+} as const satisfies Record<string, ErrorSpec>;
+
+export type ErrorCode = keyof typeof ERROR_TABLE;
+
+/** Which client a fan-out error is about. */
+export interface ClientRef {
+  id: number;
+  kind: string;
+  name: string;
+  pid: number;
+}
+
+/** The wire form of an error. `cause` is one level deep. */
+export interface ErrorBody {
+  code: string;
+  errno: string;
+  message: string;
+  client?: ClientRef;
+  generation?: number;
+  cause?: ErrorBody;
+}
+
+export interface MmbErrorOptions {
+  cause?: unknown;
+  client?: ClientRef;
+  generation?: number;
+  /** Overrides the table's errno, for codes that carry a syscall's errno (MAP_FAILED, CONNECT). */
+  errno?: string;
+}
+
+const BRAND = Symbol.for('memmap-broker.error');
+
+export function isErrorCode(code: unknown): code is ErrorCode {
+  return typeof code === 'string' && Object.hasOwn(ERROR_TABLE, code);
+}
+
+/** Base class of every memmap-broker error. */
+export class MmbError extends Error {
+  readonly code: ErrorCode;
+  readonly errno: string;
+  /** The client a fan-out error is about (which subscriber refused, timed out, ...). */
+  readonly client: ClientRef | undefined;
+  /** The generation the error is about, when there is one. */
+  readonly generation: number | undefined;
+
+  constructor(code: ErrorCode, message: string, options: MmbErrorOptions = {}) {
+    super(message, options.cause === undefined ? undefined : { cause: options.cause });
+    this.code = code;
+    this.errno = options.errno ?? ERROR_TABLE[code].errno;
+    this.client = options.client;
+    this.generation = options.generation;
+  }
+
+  get [BRAND](): true {
+    return true;
+  }
+
+  /** Encodes the error for the wire (one level of cause). */
+  toWire(): ErrorBody {
+    const body: ErrorBody = { code: this.code, errno: this.errno, message: this.message };
+    if (this.client) body.client = { ...this.client };
+    if (this.generation !== undefined) body.generation = this.generation;
+    const cause = this.cause;
+    if (cause instanceof MmbError) {
+      const { cause: _drop, ...inner } = cause.toWire();
+      body.cause = inner;
+    } else if (cause instanceof Error) {
+      const c = cause as Error & { code?: unknown };
+      body.cause = {
+        code: typeof c.code === 'string' ? c.code : 'Error',
+        errno: typeof c.code === 'string' && /^E[A-Z0-9]+$/.test(c.code) ? c.code : 'EIO',
+        message: c.message,
+      };
+    }
+    return body;
+  }
+
+  /** Rebuilds an error received from the wire. Unknown codes become MMB_ERR_INTERNAL, keeping the text. */
+  static fromWire(body: ErrorBody): MmbError {
+    const code: ErrorCode = isErrorCode(body.code) ? body.code : 'MMB_ERR_INTERNAL';
+    const message = code === body.code ? body.message : `${body.code}: ${body.message}`;
+    const options: MmbErrorOptions = { errno: body.errno };
+    if (body.client) options.client = body.client;
+    if (body.generation !== undefined) options.generation = body.generation;
+    if (body.cause) options.cause = MmbError.fromWire(body.cause);
+    return createError(code, message, options);
+  }
+}
+
+export function isMmbError(err: unknown, code?: ErrorCode): err is MmbError {
+  return (
+    typeof err === 'object' &&
+    err !== null &&
+    (err as Record<symbol, unknown>)[BRAND] === true &&
+    (code === undefined || (err as MmbError).code === code)
+  );
+}
+
+type MmbErrorClass = new (message: string, options?: MmbErrorOptions) => MmbError;
+const classes = new Map<ErrorCode, MmbErrorClass>();
+
+/** 'MMB_ERR_BACKING_TOO_SMALL' -> 'BackingTooSmallError' */
+export function className(code: ErrorCode): string {
+  return (
+    code
+      .slice('MMB_ERR_'.length)
+      .toLowerCase()
+      .split('_')
+      .map((w) => w.charAt(0).toUpperCase() + w.slice(1))
+      .join('') + 'Error'
+  );
+}
+
+function define<C extends ErrorCode>(code: C) {
+  const cls = class extends MmbError {
+    static readonly code: C = code;
+    constructor(message: string, options?: MmbErrorOptions) {
+      super(code, message, options);
+    }
+  };
+  const name = className(code);
+  Object.defineProperty(cls, 'name', { value: name });
+  Object.defineProperty(cls.prototype, 'name', { value: name, enumerable: false, configurable: true, writable: true });
+  classes.set(code, cls);
+  return cls;
+}
+
+/** Creates an instance of the class registered for `code`. */
+export function createError(code: ErrorCode, message: string, options?: MmbErrorOptions): MmbError {
+  const cls = classes.get(code);
+  return cls ? new cls(message, options) : new MmbError(code, message, options);
+}
+
+export const FrameTooLargeError = define('MMB_ERR_FRAME_TOO_LARGE');
+export const BadFrameError = define('MMB_ERR_BAD_FRAME');
+export const BadMessageError = define('MMB_ERR_BAD_MESSAGE');
+export const UnknownMessageError = define('MMB_ERR_UNKNOWN_MESSAGE');
+export const TooManyFdsError = define('MMB_ERR_TOO_MANY_FDS');
+export const FdMismatchError = define('MMB_ERR_FD_MISMATCH');
+export const FdsTruncatedError = define('MMB_ERR_FDS_TRUNCATED');
+export const VersionError = define('MMB_ERR_VERSION');
+export const FeatureError = define('MMB_ERR_FEATURE');
+export const StateError = define('MMB_ERR_STATE');
+export const NoSpaceError = define('MMB_ERR_NO_SPACE');
+export const OwnerExistsError = define('MMB_ERR_OWNER_EXISTS');
+export const NotOwnerError = define('MMB_ERR_NOT_OWNER');
+export const PermissionError = define('MMB_ERR_PERMISSION');
+export const BackingInvalidError = define('MMB_ERR_BACKING_INVALID');
+export const BackingUnsealedError = define('MMB_ERR_BACKING_UNSEALED');
+export const BackingTooSmallError = define('MMB_ERR_BACKING_TOO_SMALL');
+export const NoBackingError = define('MMB_ERR_NO_BACKING');
+export const UnalignedError = define('MMB_ERR_UNALIGNED');
+export const OutOfRangeError = define('MMB_ERR_OUT_OF_RANGE');
+export const OverlapError = define('MMB_ERR_OVERLAP');
+export const NoRegionError = define('MMB_ERR_NO_REGION');
+export const RegionExistsError = define('MMB_ERR_REGION_EXISTS');
+export const SpaceLimitError = define('MMB_ERR_SPACE_LIMIT');
+export const ClientLimitError = define('MMB_ERR_CLIENT_LIMIT');
+export const StaleGenerationError = define('MMB_ERR_STALE_GENERATION');
+export const TooBusyError = define('MMB_ERR_TOO_BUSY');
+export const ClientRefusedError = define('MMB_ERR_CLIENT_REFUSED');
+export const MapFailedError = define('MMB_ERR_MAP_FAILED');
+export const ClientTimeoutError = define('MMB_ERR_CLIENT_TIMEOUT');
+export const SlowReaderError = define('MMB_ERR_SLOW_READER');
+export const ConnectError = define('MMB_ERR_CONNECT');
+export const DisconnectedError = define('MMB_ERR_DISCONNECTED');
+export const TimeoutError = define('MMB_ERR_TIMEOUT');
+export const ShutdownError = define('MMB_ERR_SHUTDOWN');
+export const ProtocolError = define('MMB_ERR_PROTOCOL');
+export const InvalidArgError = define('MMB_ERR_INVALID_ARG');
+export const InternalError = define('MMB_ERR_INTERNAL');
+
+/** Wraps anything thrown into an MmbError, keeping MmbErrors as they are. */
+export function toMmbError(err: unknown, fallback: ErrorCode = 'MMB_ERR_INTERNAL'): MmbError {
+  if (isMmbError(err)) return err;
+  const message = err instanceof Error ? err.message : String(err);
+  return createError(fallback, message, { cause: err });
+}

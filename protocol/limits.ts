@@ -1,0 +1,51 @@
+// Protocol and broker limits. Each one is enforced with a typed error (see protocol/errors.ts) before
+// any state changes; the broker announces the protocol ones in its HELLO reply.
+
+export interface ProtocolLimits {
+  /** Largest frame body in bytes, both directions. */
+  maxFrameBytes: number;
+  /** Most descriptors carried by one frame. The kernel's own cap is SCM_MAX_FD (253). */
+  maxFdsPerFrame: number;
+  /** Most operations in one COMMIT. */
+  maxOpsPerCommit: number;
+  /** Longest name (space, region, backing, client) in UTF-8 bytes. */
+  maxNameBytes: number;
+}
+
+export const DEFAULT_PROTOCOL_LIMITS: Readonly<ProtocolLimits> = Object.freeze({
+  maxFrameBytes: 1 << 20,
+  maxFdsPerFrame: 64,
+  maxOpsPerCommit: 4096,
+  maxNameBytes: 64,
+});
+
+export interface SpaceLimits {
+  maxRegions: number;
+  maxBackings: number;
+  /** Committed transactions kept for resume by delta; older resumes get a snapshot. */
+  historyLength: number;
+  /** Commits queued behind the running one before COMMIT is refused with MMB_ERR_TOO_BUSY. */
+  maxQueuedCommits: number;
+  /** How long a subscriber may take to ack a transaction (or a rollback) before it is evicted. */
+  ackTimeoutMs: number;
+}
+
+export const DEFAULT_SPACE_LIMITS: Readonly<SpaceLimits> = Object.freeze({
+  maxRegions: 65_536,
+  maxBackings: 65_536,
+  historyLength: 1024,
+  maxQueuedCommits: 1024,
+  ackTimeoutMs: 10_000,
+});
+
+export interface ConnectionLimits {
+  /** Bytes queued towards a peer that does not read; beyond it the peer is disconnected. */
+  maxOutboundBytes: number;
+  /** Descriptors received but not yet claimed by a complete frame. */
+  maxPendingFds: number;
+}
+
+export const DEFAULT_CONNECTION_LIMITS: Readonly<ConnectionLimits> = Object.freeze({
+  maxOutboundBytes: 64 << 20,
+  maxPendingFds: 256,
+});

@@ -1,0 +1,289 @@
+// Every message of protocol version 1: its schema (which is also its TypeScript type), its direction
+// and how many descriptors ride with it. docs/protocol.md describes the same table in prose;
+// test/protocol-docs.test.ts checks that every message here is documented there.
+import { Msg } from './constants.js';
+import { DEFAULT_PROTOCOL_LIMITS as L } from './limits.js';
+import {
+  array,
+  bool,
+  either,
+  literal,
+  object,
+  optional,
+  str,
+  tagged,
+  u32,
+  uint,
+  unknownValue,
+  type Infer,
+  type Schema,
+} from './schema.js';
+
+const name = () => str(L.maxNameBytes, { minBytes: 1, printable: true });
+/** GPAs, sizes and backing offsets: exact integers; the broker checks the 52-bit limit with its own code. */
+const addr = () => uint();
+const t = <N extends number>(id: N) => literal(id);
+
+// --- shared pieces ------------------------------------------------------------------------------
+
+const clientRef = object({ id: u32(), kind: name(), name: name(), pid: u32() });
+
+const errorFields = {
+  code: str(64, { minBytes: 1, printable: true }),
+  errno: str(32, { minBytes: 1, printable: true }),
+  message: str(4096),
+  client: optional(clientRef),
+  generation: optional(uint()),
+};
+export const errorBody = object({ ...errorFields, cause: optional(object(errorFields)) });
+export type ErrorBodyWire = Infer<typeof errorBody>;
+
+/** A region as the broker publishes it. `size` and `offset` are in bytes; `gpa` is guest-physical. */
+export const region = object({
+  id: u32(),
+  name: name(),
+  gpa: addr(),
+  size: addr(),
+  backing: u32(),
+  offset: addr(),
+  readonly: bool(),
+  logDirty: bool(),
+});
+export type Region = Infer<typeof region>;
+
+export const backingInfo = object({ backing: u32(), size: addr(), name: name() });
+export type BackingInfo = Infer<typeof backingInfo>;
+
+/** Region reference in owner requests: the broker-assigned id or the region's name. */
+const regionRef = either(u32(), name());
+
+// --- client -> broker requests -------------------------------------------------------------------
+
+export const hello = object({
+  t: t(Msg.HELLO),
+  id: u32(),
+  version: u32(),
+  features: u32(),
+  name: optional(name()),
+});
+
+export const status = object({ t: t(Msg.STATUS), id: u32(), space: optional(name()) });
+
+export const attach = object({
+  t: t(Msg.ATTACH),
+  id: u32(),
+  space: name(),
+  role: literal('owner', 'subscriber'),
+  /** What the client is ("plain", "kvm", "vhost", "vfio", "owner", ...): for status and logs. */
+  kind: name(),
+  limits: optional(object({ maxRegions: optional(u32()) })),
+  /** Feature RESUME: what the client already holds from an earlier connection. */
+  resume: optional(object({ epoch: str(64, { minBytes: 1, printable: true }), generation: uint(), backings: array(u32(), 65_536) })),
+});
+
+export const backingAdd = object({ t: t(Msg.BACKING_ADD), id: u32(), name: optional(name()) });
+export const backingDrop = object({ t: t(Msg.BACKING_DROP), id: u32(), backing: u32() });
+
+export const commitOp = tagged('op', {
+  add: object({
+    op: literal('add'),
+    name: name(),
+    gpa: addr(),
+    size: addr(),
+    backing: u32(),
+    offset: addr(),
+    readonly: optional(bool()),
+    logDirty: optional(bool()),
+  }),
+  remove: object({ op: literal('remove'), region: regionRef }),
+  set: object({ op: literal('set'), region: regionRef, readonly: optional(bool()), logDirty: optional(bool()) }),
+});
+export type CommitOp = Infer<typeof commitOp>;
+
+export const commit = object({
+  t: t(Msg.COMMIT),
+  id: u32(),
+  ops: array(commitOp, L.maxOpsPerCommit),
+  /** If given, the commit is refused with MMB_ERR_STALE_GENERATION unless this is the current generation. */
+  expect: optional(uint()),
+});
+
+// --- client -> broker, no reply ------------------------------------------------------------------
+
+export const ack = object({ t: t(Msg.ACK), seq: uint() });
+export const nack = object({ t: t(Msg.NACK), seq: uint(), error: errorBody });
+
+// --- broker -> client ----------------------------------------------------------------------------
+
+export const reply = object({ t: t(Msg.REPLY), id: u32(), result: optional(unknownValue()), error: optional(errorBody) });
+
+export const evBackings = object({ t: t(Msg.EV_BACKINGS), backings: array(backingInfo, L.maxFdsPerFrame) });
+export const evBackingsGone = object({ t: t(Msg.EV_BACKINGS_GONE), backings: array(u32(), 65_536) });
+
+export const evSync = object({
+  t: t(Msg.EV_SYNC),
+  seq: uint(),
+  epoch: str(64, { minBytes: 1, printable: true }),
+  generation: uint(),
+  mode: literal('snapshot', 'delta'),
+  part: u32(),
+  last: bool(),
+  regions: array(region, 1 << 20),
+  /** Delta mode: ids of regions the client holds that no longer exist (or changed and are re-listed). */
+  removed: array(u32(), 1 << 20),
+});
+
+export const txnOp = tagged('op', {
+  add: object({ op: literal('add'), region }),
+  remove: object({ op: literal('remove'), region: u32() }),
+  set: object({ op: literal('set'), region: u32(), readonly: bool(), logDirty: bool() }),
+});
+export type TxnOp = Infer<typeof txnOp>;
+
+export const evTxn = object({ t: t(Msg.EV_TXN), seq: uint(), generation: uint(), ops: array(txnOp, L.maxOpsPerCommit) });
+export const evRollback = object({ t: t(Msg.EV_ROLLBACK), seq: uint(), generation: uint() });
+export const evCommitted = object({ t: t(Msg.EV_COMMITTED), generation: uint() });
+export const evGoodbye = object({ t: t(Msg.EV_GOODBYE), error: errorBody });
+export const evError = object({ t: t(Msg.EV_ERROR), error: errorBody });
+
+// --- reply results (validated by the client that made the request) -------------------------------
+
+export const helloResult = object({
+  version: u32(),
+  features: u32(),
+  broker: name(),
+  limits: object({ maxFrameBytes: u32(), maxFdsPerFrame: u32(), maxOpsPerCommit: u32(), maxNameBytes: u32() }),
+});
+
+export const attachResult = object({
+  client: u32(),
+  epoch: str(64, { minBytes: 1, printable: true }),
+  generation: uint(),
+  sync: literal('snapshot', 'delta', 'none'),
+});
+
+export const backingAddResult = object({ backing: u32(), size: addr() });
+export const backingDropResult = object({ released: bool() });
+export const commitResult = object({
+  generation: uint(),
+  added: array(object({ id: u32(), name: name() }), L.maxOpsPerCommit),
+  /** Backings no region references any more once this commit completed; the owner may drop them. */
+  unreferenced: array(u32(), 65_536),
+});
+
+const statusClient = object(
+  {
+    id: u32(),
+    role: literal('owner', 'subscriber'),
+    kind: name(),
+    name: name(),
+    pid: u32(),
+    uid: u32(),
+    transport: literal('socket', 'inproc'),
+    ackedGeneration: uint(),
+    state: literal('syncing', 'ready', 'applying'),
+  },
+  { open: true },
+);
+const statusBacking = object({ backing: u32(), name: name(), size: addr(), regions: u32(), held: bool() }, { open: true });
+export const statusSpace = object(
+  {
+    name: name(),
+    epoch: str(64, { minBytes: 1 }),
+    generation: uint(),
+    regions: array(region, 1 << 20),
+    backings: array(statusBacking, 1 << 20),
+    clients: array(statusClient, 1 << 20),
+  },
+  { open: true },
+);
+export const statusResult = object({ spaces: array(statusSpace, 1 << 16) }, { open: true });
+
+// --- the table --------------------------------------------------------------------------------------
+
+export type Direction = 'request' | 'to-broker' | 'to-client';
+/** How many fds ride with a message: none, exactly one, or one per entry of a list field. */
+export type FdRule = { kind: 'none' } | { kind: 'one' } | { kind: 'per-item'; field: string };
+
+export interface MessageSpec {
+  id: number;
+  name: string;
+  direction: Direction;
+  schema: Schema<unknown>;
+  fds: FdRule;
+  /** Feature bit that must be negotiated to use the message (0: base protocol). */
+  feature: number;
+  /** For requests: the schema of the REPLY's result. */
+  result?: Schema<unknown>;
+}
+
+const none: FdRule = { kind: 'none' };
+const spec = (
+  id: number,
+  name: string,
+  direction: Direction,
+  schema: Schema<unknown>,
+  extra: Partial<MessageSpec> = {},
+): MessageSpec => ({ id, name, direction, schema, fds: none, feature: 0, ...extra });
+
+export const MESSAGES: ReadonlyMap<number, MessageSpec> = new Map(
+  [
+    spec(Msg.HELLO, 'HELLO', 'request', hello, { result: helloResult }),
+    spec(Msg.STATUS, 'STATUS', 'request', status, { result: statusResult }),
+    spec(Msg.ATTACH, 'ATTACH', 'request', attach, { result: attachResult }),
+    spec(Msg.BACKING_ADD, 'BACKING_ADD', 'request', backingAdd, { fds: { kind: 'one' }, result: backingAddResult }),
+    spec(Msg.BACKING_DROP, 'BACKING_DROP', 'request', backingDrop, { result: backingDropResult }),
+    spec(Msg.COMMIT, 'COMMIT', 'request', commit, { result: commitResult }),
+    spec(Msg.ACK, 'ACK', 'to-broker', ack),
+    spec(Msg.NACK, 'NACK', 'to-broker', nack),
+    spec(Msg.REPLY, 'REPLY', 'to-client', reply),
+    spec(Msg.EV_BACKINGS, 'EV_BACKINGS', 'to-client', evBackings, { fds: { kind: 'per-item', field: 'backings' } }),
+    spec(Msg.EV_BACKINGS_GONE, 'EV_BACKINGS_GONE', 'to-client', evBackingsGone),
+    spec(Msg.EV_SYNC, 'EV_SYNC', 'to-client', evSync),
+    spec(Msg.EV_TXN, 'EV_TXN', 'to-client', evTxn),
+    spec(Msg.EV_ROLLBACK, 'EV_ROLLBACK', 'to-client', evRollback),
+    spec(Msg.EV_COMMITTED, 'EV_COMMITTED', 'to-client', evCommitted),
+    spec(Msg.EV_GOODBYE, 'EV_GOODBYE', 'to-client', evGoodbye),
+    spec(Msg.EV_ERROR, 'EV_ERROR', 'to-client', evError),
+  ].map((s) => [s.id, s]),
+);
+
+export type Hello = Infer<typeof hello>;
+export type Status = Infer<typeof status>;
+export type Attach = Infer<typeof attach>;
+export type BackingAdd = Infer<typeof backingAdd>;
+export type BackingDrop = Infer<typeof backingDrop>;
+export type Commit = Infer<typeof commit>;
+export type Ack = Infer<typeof ack>;
+export type Nack = Infer<typeof nack>;
+export type Reply = Infer<typeof reply>;
+export type EvBackings = Infer<typeof evBackings>;
+export type EvBackingsGone = Infer<typeof evBackingsGone>;
+export type EvSync = Infer<typeof evSync>;
+export type EvTxn = Infer<typeof evTxn>;
+export type EvRollback = Infer<typeof evRollback>;
+export type EvCommitted = Infer<typeof evCommitted>;
+export type EvGoodbye = Infer<typeof evGoodbye>;
+export type EvError = Infer<typeof evError>;
+
+export type HelloResult = Infer<typeof helloResult>;
+export type AttachResult = Infer<typeof attachResult>;
+export type BackingAddResult = Infer<typeof backingAddResult>;
+export type BackingDropResult = Infer<typeof backingDropResult>;
+export type CommitResult = Infer<typeof commitResult>;
+export type StatusResult = Infer<typeof statusResult>;
+export type StatusSpace = Infer<typeof statusSpace>;
+
+/** Messages a broker accepts. */
+export type ToBroker = Hello | Status | Attach | BackingAdd | BackingDrop | Commit | Ack | Nack;
+/** Messages a client accepts. */
+export type ToClient =
+  | Reply
+  | EvBackings
+  | EvBackingsGone
+  | EvSync
+  | EvTxn
+  | EvRollback
+  | EvCommitted
+  | EvGoodbye
+  | EvError;

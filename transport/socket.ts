@@ -1,0 +1,251 @@
+// A framed message stream over a non-blocking Unix stream socket, driven by uv_poll on the event loop.
+// Reads: recvmsg into one reusable buffer, fds with MSG_CMSG_CLOEXEC, MSG_CTRUNC is fatal. Writes: one
+// sendmsg per frame so a frame's fds always travel with its first byte (see protocol/frame.ts); what does
+// not fit is queued (with dup()ed fds) and flushed when the socket turns writable; a peer that lets more
+// than maxOutboundBytes pile up is disconnected (MMB_ERR_SLOW_READER) instead of growing our memory.
+import { EventEmitter } from 'eventemitter3';
+import { constants, native, type Credentials, type PollHandle } from '../native/index.js';
+import {
+  DEFAULT_CONNECTION_LIMITS,
+  DEFAULT_PROTOCOL_LIMITS,
+  DisconnectedError,
+  FdsTruncatedError,
+  FrameDecoder,
+  SlowReaderError,
+  encodeFrame,
+  toMmbError,
+  type MmbError,
+} from '../protocol/index.js';
+import type { Transport, TransportEvents } from './transport.js';
+import { closeAll } from './fds.js';
+
+export interface SocketTransportOptions {
+  maxFrameBytes?: number;
+  maxFdsPerFrame?: number;
+  maxPendingFds?: number;
+  maxOutboundBytes?: number;
+  /** Builds a last message (e.g. EV_GOODBYE) to send when the inbound stream breaks. */
+  farewell?: (reason: MmbError) => object | undefined;
+}
+
+interface Pending {
+  data: Buffer;
+  offset: number;
+  /** Our own duplicates of the frame's fds, closed once the first byte went out. */
+  fds: number[];
+}
+
+const READ_BUFFER_BYTES = 256 * 1024;
+/** recvmsg calls per readable event before yielding to other connections. */
+const READS_PER_EVENT = 32;
+const END_GRACE_MS = 2000;
+
+export class SocketTransport extends EventEmitter<TransportEvents> implements Transport {
+  readonly kind = 'socket' as const;
+  readonly peer: Credentials;
+  private readonly fd: number;
+  private poll: PollHandle | undefined;
+  private readonly decoder: FrameDecoder;
+  private readonly readBuf = Buffer.allocUnsafe(READ_BUFFER_BYTES);
+  private readonly queue: Pending[] = [];
+  private queuedBytes = 0;
+  private ending = false;
+  private endTimer: NodeJS.Timeout | undefined;
+  private events = 0;
+  private _closed = false;
+  private readonly maxFrameBytes: number;
+  private readonly maxFdsPerFrame: number;
+  private readonly maxOutboundBytes: number;
+  private readonly farewell: ((reason: MmbError) => object | undefined) | undefined;
+
+  /** Takes ownership of `fd`, a connected, non-blocking, close-on-exec Unix stream socket. */
+  constructor(fd: number, peer: Credentials, opts: SocketTransportOptions = {}) {
+    super();
+    this.fd = fd;
+    this.peer = peer;
+    this.maxFrameBytes = opts.maxFrameBytes ?? DEFAULT_PROTOCOL_LIMITS.maxFrameBytes;
+    this.maxFdsPerFrame = opts.maxFdsPerFrame ?? DEFAULT_PROTOCOL_LIMITS.maxFdsPerFrame;
+    this.maxOutboundBytes = opts.maxOutboundBytes ?? DEFAULT_CONNECTION_LIMITS.maxOutboundBytes;
+    this.farewell = opts.farewell;
+    this.decoder = new FrameDecoder({
+      maxFrameBytes: this.maxFrameBytes,
+      maxFdsPerFrame: this.maxFdsPerFrame,
+      maxPendingFds: opts.maxPendingFds ?? DEFAULT_CONNECTION_LIMITS.maxPendingFds,
+    });
+    this.events = constants.POLL_READABLE;
+    this.poll = native.pollStart(fd, this.events, (status, events) => this.onPoll(status, events));
+  }
+
+  get closed(): boolean {
+    return this._closed;
+  }
+
+  send(message: object, fds: readonly number[] = []): void {
+    if (this._closed) return;
+    const frame = encodeFrame(message, fds.length, this.maxFrameBytes);
+    if (this.queue.length === 0) {
+      let sent: number | null;
+      try {
+        sent = native.sendmsg(this.fd, frame, fds);
+      } catch (err) {
+        this.destroy(new DisconnectedError(`send failed: ${(err as Error).message}`, { cause: err }));
+        return;
+      }
+      if (sent === frame.length) return;
+      if (sent !== null && sent > 0) {
+        this.enqueue({ data: frame, offset: sent, fds: [] });
+        return;
+      }
+    }
+    this.enqueue({ data: frame, offset: 0, fds: fds.map((fd) => native.dup(fd)) });
+  }
+
+  end(last?: object): void {
+    if (this._closed || this.ending) return;
+    if (last) {
+      try {
+        this.send(last);
+      } catch {
+        // A farewell that cannot be encoded is not worth keeping the connection for.
+      }
+    }
+    this.ending = true;
+    this.stopReading();
+    if (this.queue.length === 0) {
+      this.destroy();
+      return;
+    }
+    this.endTimer = setTimeout(() => this.destroy(), END_GRACE_MS);
+    this.endTimer.unref();
+  }
+
+  destroy(reason?: MmbError): void {
+    if (this._closed) return;
+    this._closed = true;
+    if (this.endTimer) clearTimeout(this.endTimer);
+    if (this.poll) native.pollClose(this.poll);
+    this.poll = undefined;
+    for (const p of this.queue) closeAll(p.fds);
+    this.queue.length = 0;
+    this.queuedBytes = 0;
+    closeAll(this.decoder.dispose());
+    try {
+      native.close(this.fd);
+    } catch {
+      // Already gone: nothing left to release.
+    }
+    this.emit('close', reason);
+  }
+
+  setRef(ref: boolean): void {
+    if (this.poll) native.pollRef(this.poll, ref);
+  }
+
+  private enqueue(p: Pending): void {
+    this.queue.push(p);
+    this.queuedBytes += p.data.length - p.offset;
+    if (this.queuedBytes > this.maxOutboundBytes) {
+      this.destroy(new SlowReaderError(`peer left ${this.queuedBytes} bytes unread (limit ${this.maxOutboundBytes})`));
+      return;
+    }
+    this.want(constants.POLL_WRITABLE, true);
+  }
+
+  private want(bit: number, on: boolean): void {
+    const next = on ? this.events | bit : this.events & ~bit;
+    if (next === this.events || !this.poll) return;
+    this.events = next;
+    native.pollUpdate(this.poll, next);
+  }
+
+  private stopReading(): void {
+    this.want(constants.POLL_READABLE, false);
+  }
+
+  private onPoll(status: number, events: number): void {
+    try {
+      if (this._closed) return;
+      if (status < 0) {
+        this.destroy(new DisconnectedError(`poll failed with status ${status}`));
+        return;
+      }
+      if (events & constants.POLL_WRITABLE) this.flush();
+      if (!this._closed && events & (constants.POLL_READABLE | constants.POLL_DISCONNECT) && !this.ending) this.read();
+    } catch (err) {
+      this.destroy(toMmbError(err));
+    }
+  }
+
+  private flush(): void {
+    while (this.queue.length > 0 && !this._closed) {
+      const p = this.queue[0] as Pending;
+      const chunk = p.offset === 0 ? p.data : p.data.subarray(p.offset);
+      let sent: number | null;
+      try {
+        sent = native.sendmsg(this.fd, chunk, p.fds);
+      } catch (err) {
+        this.destroy(new DisconnectedError(`send failed: ${(err as Error).message}`, { cause: err }));
+        return;
+      }
+      if (sent === null) return;
+      if (p.fds.length > 0) {
+        closeAll(p.fds);
+        p.fds = [];
+      }
+      p.offset += sent;
+      this.queuedBytes -= sent;
+      if (p.offset < p.data.length) return;
+      this.queue.shift();
+    }
+    if (this.queue.length === 0) {
+      this.want(constants.POLL_WRITABLE, false);
+      if (this.ending) this.destroy();
+    }
+  }
+
+  private read(): void {
+    for (let i = 0; i < READS_PER_EVENT && !this._closed && !this.ending; i++) {
+      const r = native.recvmsg(this.fd, this.readBuf, this.maxFdsPerFrame);
+      if (r === null) return;
+      if (r.ctrunc) {
+        this.broken(new FdsTruncatedError('the kernel truncated the descriptors of a message (MSG_CTRUNC)'));
+        return;
+      }
+      if (r.bytes === 0) {
+        closeAll(r.fds);
+        this.destroy(this.decoder.idle ? undefined : new DisconnectedError('peer closed the connection in the middle of a frame'));
+        return;
+      }
+      this.decoder.push(this.readBuf.subarray(0, r.bytes), r.fds);
+      this.drain();
+    }
+  }
+
+  private drain(): void {
+    for (;;) {
+      let frame;
+      try {
+        frame = this.decoder.next();
+      } catch (err) {
+        this.broken(toMmbError(err));
+        return;
+      }
+      if (!frame) return;
+      this.emit('frame', frame);
+      if (this._closed || this.ending) return;
+    }
+  }
+
+  /** The inbound stream cannot be trusted any more: say why (best effort) and close. */
+  private broken(reason: MmbError): void {
+    const last = this.farewell?.(reason);
+    if (last) {
+      try {
+        this.send(last);
+      } catch {
+        // ignore: we are closing anyway
+      }
+    }
+    this.destroy(reason);
+  }
+}

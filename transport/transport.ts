@@ -1,0 +1,32 @@
+// What the broker and the clients talk through. Two implementations with the same semantics:
+// SocketTransport (a Unix stream socket, fds by SCM_RIGHTS) and InProcessTransport (an embedded broker:
+// same codec and limits, fds dup()ed instead of passed, delivery asynchronous and ordered).
+import type { EventEmitter } from 'eventemitter3';
+import type { Credentials } from '../native/index.js';
+import type { Frame, MmbError } from '../protocol/index.js';
+
+export interface TransportEvents {
+  /** A complete, framed message. The listener owns frame.fds from here on. */
+  frame: [frame: Frame];
+  /** The transport is closed; `reason` is set when it closed because of an error. Emitted once. */
+  close: [reason: MmbError | undefined];
+}
+
+export interface Transport extends EventEmitter<TransportEvents> {
+  readonly kind: 'socket' | 'inproc';
+  /** The peer's credentials: SO_PEERCRED for sockets, this process for in-process peers. */
+  readonly peer: Credentials;
+  readonly closed: boolean;
+  /**
+   * Encodes and sends (or queues) a message with descriptors. The caller keeps ownership of `fds`: the
+   * transport duplicates whatever it has to hold on to. Throws FrameTooLargeError before anything is
+   * queued; does nothing once the transport is closed.
+   */
+  send(message: object, fds?: readonly number[]): void;
+  /** Sends `last` if given, then closes once everything queued is flushed (or after a grace period). */
+  end(last?: object): void;
+  /** Closes now, closing every descriptor the transport still holds. */
+  destroy(reason?: MmbError): void;
+  /** Stops or resumes keeping the process alive for this transport (sockets only). */
+  setRef(ref: boolean): void;
+}
