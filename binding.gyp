@@ -2,8 +2,20 @@
   "targets": [
     {
       "target_name": "mmb_native",
-      "sources": [ "native/src/addon.c" ],
-      "cflags": [ "-std=gnu11", "-Wall", "-Wextra", "-Wno-unused-parameter", "-O2" ],
+      "sources": [
+        "native/src/addon.c",
+        "native/src/constants.c",
+        "native/src/convert.c",
+        "native/src/errors.c",
+        "native/src/eventfd.c",
+        "native/src/mapping.c",
+        "native/src/memfd.c",
+        "native/src/poll.c",
+        "native/src/scm.c",
+        "native/src/socket.c"
+      ],
+      "cflags": [ "-std=gnu11", "-Wall", "-Wextra", "-O2" ],
+      "cflags!": [ "-O3" ],
       "defines": [ "NAPI_VERSION=8", "_GNU_SOURCE" ]
     }
   ]

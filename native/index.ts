@@ -114,18 +114,28 @@ export interface Native {
   close(fd: number): void;
 
   // --- mappings ---------------------------------------------------------------------------------
-  /** mmap(2) of `length` bytes of `fd` at `offset` (page aligned). */
+  /**
+   * mmap(2) of `length` bytes of `fd` at `offset` (page aligned). `length` is capped by the runtime's
+   * largest ArrayBuffer (`buffer.constants.MAX_LENGTH`: 4 GiB on Node 20); a longer mapping throws
+   * Node's ERR_BUFFER_TOO_LARGE and leaves nothing mapped, so map large backings in pieces.
+   */
   mmap(fd: number, offset: number, length: number, prot: number, flags: number): Mapping;
-  /** munmap(2) and detach the buffer. EBUSY while an mlock/munlock on it is still running. */
+  /**
+   * munmap(2) and detach the buffer. EBUSY while an mlock/munlock on it is still running (or if its
+   * buffer was detached by someone else, e.g. transferred: the memory may still be in use there).
+   */
   munmap(mapping: Mapping): void;
-  /** mlock(2) of [offset, offset+length) of the mapping, run on a libuv worker thread. */
+  /**
+   * mlock(2) of [offset, offset+length) of the mapping, run on a libuv worker thread. Every failure
+   * rejects the promise: ERANGE if the range is not inside the mapping, EINVAL if it was unmapped.
+   */
   mlock(mapping: Mapping, offset: number, length: number): Promise<void>;
-  /** munlock(2), run on a libuv worker thread. */
+  /** munlock(2), run on a libuv worker thread; fails like mlock(). */
   munlock(mapping: Mapping, offset: number, length: number): Promise<void>;
 
   // --- eventfd ----------------------------------------------------------------------------------
   eventfd(initval: number, flags: number): number;
-  /** read(2) of the 8-byte counter; null when it would block (EAGAIN). */
+  /** read(2) of the 8-byte counter; null when it would block (EAGAIN: create the fd with EFD_NONBLOCK). */
   eventfdRead(fd: number): number | null;
   eventfdWrite(fd: number, value: number): void;
 
@@ -143,20 +153,24 @@ export interface Native {
   /**
    * sendmsg(2) with MSG_NOSIGNAL; `fds` (possibly empty) travel as one SCM_RIGHTS control message with
    * the first byte. Returns bytes sent, or null when the socket buffer is full (nothing was sent).
-   * The caller keeps ownership of `fds`.
+   * The caller keeps ownership of `fds`. More than SCM_MAX_FD fds throw E2BIG, and fds with empty
+   * `data` throw EINVAL (a stream socket would silently drop them); nothing is sent in either case.
    */
   sendmsg(fd: number, data: Uint8Array, fds: readonly number[]): number | null;
   /**
-   * recvmsg(2) with MSG_CMSG_CLOEXEC into `buf`, accepting up to `maxFds` descriptors. Returns null
-   * when it would block. On any failure every descriptor received by this call is closed first.
+   * recvmsg(2) with MSG_CMSG_CLOEXEC into `buf` (non-empty), accepting up to `maxFds` descriptors
+   * (0..SCM_MAX_FD). Returns null when it would block. On any failure every descriptor received by
+   * this call is closed first.
    */
   recvmsg(fd: number, buf: Uint8Array, maxFds: number): Received | null;
   shutdown(fd: number, how: number): void;
 
   // --- event loop integration -------------------------------------------------------------------
   /**
-   * Watch `fd` with uv_poll. `callback(status, events)` runs on the main thread; status is 0 or a
-   * negative errno. The handle keeps the event loop alive unless pollRef(handle, false).
+   * Watch `fd` with uv_poll. `callback(status, events)` runs on the main thread with `this` = the
+   * handle; status is 0 or a negative errno; a throw becomes an uncaught exception. The handle keeps
+   * the event loop alive unless pollRef(handle, false), and stays open (it is not garbage-collected)
+   * until pollClose(). One handle per fd: a second pollStart on a watched fd throws EEXIST.
    */
   pollStart(fd: number, events: number, callback: (status: number, events: number) => void): PollHandle;
   /** Change the watched events (0 pauses the watch without closing it). */

@@ -1,0 +1,310 @@
+/*
+ * Mappings: mmap(2) exposed as an external ArrayBuffer, munmap(2) that detaches it, and
+ * mlock(2)/munlock(2) on a libuv worker thread.
+ *
+ * Lifetime of a `struct mapping` record. It is shared, and counted in `refs`, by
+ *   - the Mapping object's napi_wrap (released by wrap_finalize),
+ *   - the external ArrayBuffer (released by buffer_finalize, which Node calls on the main thread once
+ *     the ArrayBuffer has been collected or detached),
+ *   - each queued mlock/munlock (released in its complete callback),
+ *   - mmap_js itself while it builds the objects.
+ * `refs` and `busy` are only touched on the main thread, so they need no atomics. The memory is
+ * unmapped by munmap() (which detaches the buffer first and refuses while `busy`), or otherwise when
+ * the last reference goes: by then no JS object can reach the memory and no worker is using it.
+ * `addr` and `length` never change; a worker reads them only while `busy` keeps munmap() away.
+ */
+#include <errno.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <sys/mman.h>
+
+#include "addon.h"
+#include "convert.h"
+#include "errors.h"
+
+struct mapping {
+  uint8_t *addr;
+  size_t length;
+  unsigned refs;
+  unsigned busy; /* mlock/munlock works queued or running */
+  bool mapped;
+};
+
+/* Distinguishes our Mapping objects from anything else that carries a napi_wrap. */
+static const napi_type_tag mapping_tag = {0x6d6d622d6d617070ULL, 0x696e672d7461672dULL};
+
+/* runs on the main thread */
+static void mapping_release(struct mapping *m) {
+  if (--m->refs > 0) return;
+  if (m->mapped) munmap(m->addr, m->length);
+  free(m);
+}
+
+/* runs on the main thread, when Node releases the ArrayBuffer's backing store */
+static void buffer_finalize(napi_env env, void *data, void *hint) {
+  (void)env;
+  (void)data;
+  mapping_release(hint);
+}
+
+/* runs on the main thread, after the Mapping object has been collected */
+static void wrap_finalize(napi_env env, void *data, void *hint) {
+  (void)env;
+  (void)hint;
+  mapping_release(data);
+}
+
+/*
+ * Unmaps now: detach first, so that JS can never reach the memory after it is gone.
+ * Returns false with an exception pending if the buffer cannot be detached (nothing is unmapped then).
+ * runs on the main thread
+ */
+static bool unmap_now(napi_env env, struct mapping *m, napi_value buffer) {
+  CHECK_BOOL(napi_detach_arraybuffer(env, buffer));
+  if (munmap(m->addr, m->length) < 0) {
+    /* Only possible for arguments the kernel rejects; leave `mapped` set so the last release
+     * retries. The buffer is already detached, so JS cannot reach the memory either way. */
+    mmb_throw_errno(env, errno, "munmap");
+    return false;
+  }
+  m->mapped = false;
+  return true;
+}
+
+/* Builds the Mapping object around an existing ArrayBuffer. runs on the main thread */
+static napi_value make_mapping_object(napi_env env, struct mapping *m, napi_value buffer) {
+  napi_value obj, address, length;
+  CHECK(napi_create_object(env, &obj));
+  CHECK(napi_create_double(env, (double)(uintptr_t)m->addr, &address));
+  CHECK(napi_create_double(env, (double)m->length, &length));
+  const napi_property_descriptor props[] = {
+      {"buffer", NULL, NULL, NULL, NULL, buffer, napi_enumerable, NULL},
+      {"address", NULL, NULL, NULL, NULL, address, napi_enumerable, NULL},
+      {"length", NULL, NULL, NULL, NULL, length, napi_enumerable, NULL},
+  };
+  CHECK(napi_define_properties(env, obj, MMB_COUNT(props), props));
+  CHECK(napi_type_tag_object(env, obj, &mapping_tag));
+  CHECK(napi_wrap(env, obj, m, wrap_finalize, NULL, NULL));
+  m->refs++;
+  return obj;
+}
+
+/*
+ * mmap(fd, offset, length, prot, flags) -> Mapping. runs on the main thread.
+ *
+ * A mapping longer than the runtime's largest ArrayBuffer (4 GiB on Node 20) fails with Node's own
+ * ERR_BUFFER_TOO_LARGE error and leaves nothing mapped.
+ */
+static napi_value mmap_js(napi_env env, napi_callback_info info) {
+  napi_value argv[5];
+  int fd, prot, flags;
+  uint64_t offset, length;
+  if (!mmb_args(env, info, 5, argv) || !mmb_arg_fd(env, argv[0], &fd) ||
+      !mmb_arg_size(env, argv[1], "offset", &offset) ||
+      !mmb_arg_size(env, argv[2], "length", &length) || !mmb_arg_flags(env, argv[3], "prot", &prot) ||
+      !mmb_arg_flags(env, argv[4], "flags", &flags))
+    return NULL;
+  if (length == 0) return mmb_throw_errno(env, EINVAL, "mmap");
+
+  void *addr = mmap(NULL, length, prot, flags, fd, (off_t)offset);
+  if (addr == MAP_FAILED) return mmb_throw_errno(env, errno, "mmap");
+
+  struct mapping *m = calloc(1, sizeof *m);
+  if (m == NULL) {
+    munmap(addr, length);
+    return mmb_throw_errno(env, ENOMEM, "mmap");
+  }
+  m->addr = addr;
+  m->length = length;
+  m->mapped = true;
+  /* One reference for this function and one pre-granted to the buffer's finalizer. Whether or not
+   * Node calls that finalizer when creation fails (Node 20 does, for an oversized buffer), the record
+   * is never freed twice; if Node never calls it, these few bytes leak and nothing else does. */
+  m->refs = 2;
+
+  napi_value buffer;
+  napi_status status = napi_create_external_arraybuffer(env, addr, length, buffer_finalize, m, &buffer);
+  if (status != napi_ok) {
+    /* No ArrayBuffer exists, so nothing in JS can reach the memory. */
+    munmap(addr, length);
+    m->mapped = false;
+    mapping_release(m);
+    mmb_throw_napi(env, status, "napi_create_external_arraybuffer");
+    return NULL;
+  }
+
+  napi_value obj = make_mapping_object(env, m, buffer);
+  if (obj == NULL) {
+    /* Unmap now if the buffer can be detached; otherwise the buffer's finalizer will. Either way
+     * the caller sees the original exception. */
+    napi_value pending = NULL;
+    bool has_pending = false;
+    napi_is_exception_pending(env, &has_pending);
+    if (has_pending) napi_get_and_clear_last_exception(env, &pending);
+    if (napi_detach_arraybuffer(env, buffer) == napi_ok && munmap(addr, length) == 0) m->mapped = false;
+    if (pending != NULL) napi_throw(env, pending);
+  }
+  mapping_release(m); /* this function's reference */
+  return obj;
+}
+
+/*
+ * Finds the record behind a Mapping object; TypeError for anything else.
+ * runs on the main thread
+ */
+static struct mapping *unwrap_mapping(napi_env env, napi_value v) {
+  napi_valuetype type;
+  bool tagged = false;
+  if (napi_typeof(env, v, &type) != napi_ok) return NULL;
+  if (type == napi_object && napi_check_object_type_tag(env, v, &mapping_tag, &tagged) != napi_ok)
+    return NULL;
+  if (!tagged) {
+    mmb_throw_type(env, "mapping must be a Mapping returned by mmap()");
+    return NULL;
+  }
+  void *data;
+  NAPI_CALL_RET(env, napi_unwrap(env, v, &data), NULL);
+  return data;
+}
+
+/* munmap(mapping): detach the buffer, then unmap. runs on the main thread */
+static napi_value munmap_js(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  if (!mmb_args(env, info, 1, argv)) return NULL;
+  struct mapping *m = unwrap_mapping(env, argv[0]);
+  if (m == NULL) return NULL;
+  if (!m->mapped) return mmb_throw_errno(env, EINVAL, "munmap");
+  if (m->busy > 0) return mmb_throw_errno(env, EBUSY, "munmap");
+
+  /* `buffer` is a non-writable, non-configurable own property: it is the buffer mmap_js made. */
+  napi_value buffer;
+  bool detached;
+  CHECK(napi_get_named_property(env, argv[0], "buffer", &buffer));
+  CHECK(napi_is_detached_arraybuffer(env, buffer, &detached));
+  /* Detached by someone else (ArrayBuffer.prototype.transfer, from Node 22): the memory may live
+   * on in another ArrayBuffer, so only the last release (when that one is gone) may unmap it. */
+  if (detached) return mmb_throw_errno(env, EBUSY, "munmap");
+  unmap_now(env, m, buffer);
+  return NULL;
+}
+
+/* ---- mlock / munlock ------------------------------------------------------------------------ */
+
+struct lock_work {
+  struct mapping *m;
+  size_t offset;
+  size_t length;
+  bool lock; /* mlock, else munlock */
+  int err;   /* errno from the worker, 0 on success */
+  napi_deferred deferred;
+  napi_async_work work;
+};
+
+/* runs on a worker thread, no JS access */
+static void lock_execute(napi_env env, void *data) {
+  (void)env;
+  struct lock_work *w = data;
+  uint8_t *start = w->m->addr + w->offset;
+  int rc = w->lock ? mlock(start, w->length) : munlock(start, w->length);
+  w->err = rc < 0 ? errno : 0;
+}
+
+/* runs on the main thread, after lock_execute */
+static void lock_complete(napi_env env, napi_status status, void *data) {
+  struct lock_work *w = data;
+  const char *syscall = w->lock ? "mlock" : "munlock";
+  w->m->busy--;
+
+  int err = status == napi_cancelled ? ECANCELED : w->err;
+  napi_value value = NULL;
+  if (err == 0) {
+    if (napi_get_undefined(env, &value) == napi_ok) napi_resolve_deferred(env, w->deferred, value);
+  } else {
+    value = mmb_errno_error(env, err, syscall);
+    if (value != NULL) napi_reject_deferred(env, w->deferred, value);
+  }
+  /* If N-API failed above the promise stays pending; there is no JS caller to throw to here. */
+
+  napi_delete_async_work(env, w->work);
+  mapping_release(w->m);
+  free(w);
+}
+
+/* Rejects `deferred` with the pending exception. runs on the main thread */
+static void reject_with_pending(napi_env env, napi_deferred deferred) {
+  napi_value error;
+  if (napi_get_and_clear_last_exception(env, &error) == napi_ok) napi_reject_deferred(env, deferred, error);
+}
+
+/*
+ * mlock/munlock(mapping, offset, length) -> Promise<void>. Validation failures reject the promise
+ * (TypeError / RangeError for bad arguments, EINVAL if already unmapped, ERANGE if the range is not
+ * inside the mapping). runs on the main thread; the syscall runs in lock_execute.
+ */
+static napi_value lock_js(napi_env env, napi_callback_info info, bool lock) {
+  const char *syscall = lock ? "mlock" : "munlock";
+  napi_value promise, argv[3];
+  napi_deferred deferred;
+  CHECK(napi_create_promise(env, &deferred, &promise));
+
+  uint64_t offset, length;
+  struct mapping *m = NULL;
+  if (!mmb_args(env, info, 3, argv) || (m = unwrap_mapping(env, argv[0])) == NULL ||
+      !mmb_arg_size(env, argv[1], "offset", &offset) || !mmb_arg_size(env, argv[2], "length", &length)) {
+    reject_with_pending(env, deferred);
+    return promise;
+  }
+  /* The one check C needs for memory safety: the range must lie inside this live mapping. */
+  int err = 0;
+  if (!m->mapped)
+    err = EINVAL;
+  else if (offset > m->length || length > m->length - offset)
+    err = ERANGE;
+  if (err != 0) {
+    mmb_throw_errno(env, err, syscall);
+    reject_with_pending(env, deferred);
+    return promise;
+  }
+
+  struct lock_work *w = calloc(1, sizeof *w);
+  if (w == NULL) {
+    mmb_throw_errno(env, ENOMEM, syscall);
+    reject_with_pending(env, deferred);
+    return promise;
+  }
+  w->m = m;
+  w->offset = offset;
+  w->length = length;
+  w->lock = lock;
+  w->deferred = deferred;
+
+  napi_value name;
+  napi_status status = napi_create_string_utf8(env, syscall, NAPI_AUTO_LENGTH, &name);
+  if (status == napi_ok)
+    status = napi_create_async_work(env, NULL, name, lock_execute, lock_complete, w, &w->work);
+  if (status == napi_ok) {
+    status = napi_queue_async_work(env, w->work);
+    if (status != napi_ok) napi_delete_async_work(env, w->work);
+  }
+  if (status != napi_ok) {
+    free(w);
+    mmb_throw_napi(env, status, "queueing mlock/munlock");
+    reject_with_pending(env, deferred);
+    return promise;
+  }
+  m->busy++;
+  m->refs++;
+  return promise;
+}
+
+/* runs on the main thread */
+static napi_value mlock_js(napi_env env, napi_callback_info info) { return lock_js(env, info, true); }
+/* runs on the main thread */
+static napi_value munlock_js(napi_env env, napi_callback_info info) { return lock_js(env, info, false); }
+
+/* runs on the main thread, at module load */
+bool mmb_init_mapping(napi_env env, napi_value exports) {
+  static const mmb_method methods[] = {
+      {"mmap", mmap_js}, {"munmap", munmap_js}, {"mlock", mlock_js}, {"munlock", munlock_js}};
+  return mmb_export_methods(env, exports, methods, MMB_COUNT(methods));
+}

@@ -1,0 +1,205 @@
+/*
+ * Unix stream sockets: listen, connect, accept (with the peer's credentials), socketpair, shutdown.
+ * Every socket the addon creates is SOCK_CLOEXEC | SOCK_NONBLOCK. Every function runs on the main
+ * thread and never blocks. Data and descriptors move through scm.c.
+ */
+#include <errno.h>
+#include <stddef.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include "addon.h"
+#include "convert.h"
+#include "errors.h"
+
+#define SOCK_FLAGS (SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK)
+
+/* Reads a filesystem socket path into addr; returns the address length, 0 on error. main thread */
+static socklen_t socket_path(napi_env env, napi_value v, struct sockaddr_un *addr, const char *syscall) {
+  memset(addr, 0, sizeof *addr);
+  addr->sun_family = AF_UNIX;
+  if (!mmb_arg_cstring(env, v, "path", addr->sun_path, sizeof addr->sun_path, ENAMETOOLONG, syscall))
+    return 0;
+  return (socklen_t)(offsetof(struct sockaddr_un, sun_path) + strlen(addr->sun_path) + 1);
+}
+
+/* Closes fd without disturbing the errno we are about to report. runs on the main thread */
+static void close_keep_errno(int fd) {
+  int saved = errno;
+  close(fd);
+  errno = saved;
+}
+
+/* getsockopt(SO_PEERCRED); -1 with errno set on failure. runs on the main thread */
+static int peer_cred(int fd, struct ucred *cred) {
+  socklen_t len = sizeof *cred;
+  return getsockopt(fd, SOL_SOCKET, SO_PEERCRED, cred, &len);
+}
+
+/* Sets obj.pid/uid/gid. runs on the main thread */
+static bool set_cred(napi_env env, napi_value obj, const struct ucred *cred) {
+  return mmb_set_number(env, obj, "pid", cred->pid) && mmb_set_number(env, obj, "uid", cred->uid) &&
+         mmb_set_number(env, obj, "gid", cred->gid);
+}
+
+/*
+ * socketListen(path, backlog, mode) -> listening fd. runs on the main thread.
+ *
+ * The socket file must never exist with looser permissions than `mode`. bind() creates it with the
+ * socket inode's mode minus the umask, so the inode is first set to 0 with fchmod() (Linux honours
+ * this; unlike umask() it is not process-wide, so no other thread's files are affected), and the
+ * requested mode is applied with chmod() before listen() lets anyone in. If a step after bind()
+ * fails, the file is removed again. An existing file at `path` fails with EADDRINUSE; removing a
+ * stale socket is the caller's decision.
+ */
+static napi_value socket_listen_js(napi_env env, napi_callback_info info) {
+  napi_value argv[3];
+  struct sockaddr_un addr;
+  socklen_t addrlen;
+  int64_t backlog, mode;
+  if (!mmb_args(env, info, 3, argv) || (addrlen = socket_path(env, argv[0], &addr, "bind")) == 0 ||
+      !mmb_arg_int64(env, argv[1], 0, INT32_MAX, "backlog", &backlog) ||
+      !mmb_arg_int64(env, argv[2], 0, 07777, "mode", &mode))
+    return NULL;
+
+  int fd = socket(AF_UNIX, SOCK_FLAGS, 0);
+  if (fd < 0) return mmb_throw_errno(env, errno, "socket");
+
+  const char *failed;
+  if (fchmod(fd, 0) < 0) {
+    failed = "fchmod";
+    goto fail;
+  }
+  if (bind(fd, (struct sockaddr *)&addr, addrlen) < 0) {
+    failed = "bind";
+    goto fail;
+  }
+  if (chmod(addr.sun_path, (mode_t)mode) < 0) {
+    failed = "chmod";
+    goto fail_unlink;
+  }
+  if (listen(fd, (int)backlog) < 0) {
+    failed = "listen";
+    goto fail_unlink;
+  }
+  return mmb_new_fd(env, fd);
+
+fail_unlink: {
+  int saved = errno;
+  unlink(addr.sun_path);
+  errno = saved;
+}
+fail:
+  close_keep_errno(fd);
+  return mmb_throw_errno(env, errno, failed);
+}
+
+/*
+ * socketConnect(path) -> connected fd. A Unix stream connect never goes "in progress": it either
+ * completes or fails at once (EAGAIN when the listener's backlog is full). runs on the main thread
+ */
+static napi_value socket_connect_js(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  struct sockaddr_un addr;
+  socklen_t addrlen;
+  if (!mmb_args(env, info, 1, argv) || (addrlen = socket_path(env, argv[0], &addr, "connect")) == 0)
+    return NULL;
+
+  int fd = socket(AF_UNIX, SOCK_FLAGS, 0);
+  if (fd < 0) return mmb_throw_errno(env, errno, "socket");
+  if (connect(fd, (struct sockaddr *)&addr, addrlen) < 0) {
+    close_keep_errno(fd);
+    return mmb_throw_errno(env, errno, "connect");
+  }
+  return mmb_new_fd(env, fd);
+}
+
+/*
+ * socketAccept(fd) -> {fd, pid, uid, gid} or null when nothing is pending. A connection the peer
+ * aborted before we got to it is skipped, as libuv does. runs on the main thread
+ */
+static napi_value socket_accept_js(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  int listen_fd;
+  if (!mmb_args(env, info, 1, argv) || !mmb_arg_fd(env, argv[0], &listen_fd)) return NULL;
+
+  int fd;
+  do fd = accept4(listen_fd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
+  while (fd < 0 && (errno == EINTR || errno == ECONNABORTED));
+
+  napi_value result;
+  if (fd < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+    CHECK(napi_get_null(env, &result));
+    return result;
+  }
+  if (fd < 0) return mmb_throw_errno(env, errno, "accept4");
+
+  struct ucred cred;
+  if (peer_cred(fd, &cred) < 0) {
+    close_keep_errno(fd);
+    return mmb_throw_errno(env, errno, "getsockopt");
+  }
+  if (napi_create_object(env, &result) != napi_ok || !mmb_set_number(env, result, "fd", fd) ||
+      !set_cred(env, result, &cred)) {
+    close(fd);
+    mmb_throw_napi(env, napi_generic_failure, "building the accept result");
+    return NULL;
+  }
+  return result;
+}
+
+/* socketPair() -> [fd, fd]. runs on the main thread */
+static napi_value socket_pair_js(napi_env env, napi_callback_info info) {
+  (void)info;
+  int sv[2];
+  if (socketpair(AF_UNIX, SOCK_FLAGS, 0, sv) < 0) return mmb_throw_errno(env, errno, "socketpair");
+
+  napi_value result, a, b;
+  if (napi_create_array_with_length(env, 2, &result) != napi_ok ||
+      napi_create_int32(env, sv[0], &a) != napi_ok || napi_create_int32(env, sv[1], &b) != napi_ok ||
+      napi_set_element(env, result, 0, a) != napi_ok || napi_set_element(env, result, 1, b) != napi_ok) {
+    close(sv[0]);
+    close(sv[1]);
+    mmb_throw_napi(env, napi_generic_failure, "building the socketpair result");
+    return NULL;
+  }
+  return result;
+}
+
+/* peerCred(fd) -> {pid, uid, gid} as of connect/socketpair time. runs on the main thread */
+static napi_value peer_cred_js(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  int fd;
+  if (!mmb_args(env, info, 1, argv) || !mmb_arg_fd(env, argv[0], &fd)) return NULL;
+
+  struct ucred cred;
+  if (peer_cred(fd, &cred) < 0) return mmb_throw_errno(env, errno, "getsockopt");
+  napi_value result;
+  CHECK(napi_create_object(env, &result));
+  if (!set_cred(env, result, &cred)) return NULL;
+  return result;
+}
+
+/* shutdown(fd, how). runs on the main thread */
+static napi_value shutdown_js(napi_env env, napi_callback_info info) {
+  napi_value argv[2];
+  int fd, how;
+  if (!mmb_args(env, info, 2, argv) || !mmb_arg_fd(env, argv[0], &fd) ||
+      !mmb_arg_flags(env, argv[1], "how", &how))
+    return NULL;
+  if (shutdown(fd, how) < 0) return mmb_throw_errno(env, errno, "shutdown");
+  return NULL;
+}
+
+/* runs on the main thread, at module load */
+bool mmb_init_socket(napi_env env, napi_value exports) {
+  static const mmb_method methods[] = {
+      {"socketListen", socket_listen_js}, {"socketConnect", socket_connect_js},
+      {"socketAccept", socket_accept_js}, {"socketPair", socket_pair_js},
+      {"peerCred", peer_cred_js},         {"shutdown", shutdown_js},
+  };
+  return mmb_export_methods(env, exports, methods, MMB_COUNT(methods));
+}
