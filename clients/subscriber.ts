@@ -87,6 +87,9 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
   private closing = false;
   private syncWaiters: { resolve: () => void; reject: (e: MmbError) => void }[] = [];
   private clientId = 0;
+  private markClosed!: (reason: MmbError) => void;
+  /** Rejects when close() is called; aborts waits on listeners' promises. */
+  private readonly closed = new Promise<never>((_, reject) => (this.markClosed = reject));
   /** Backing ids received on the current connection (to drop stale ones when the epoch changes). */
   private readonly receivedSinceAttach = new Set<number>();
 
@@ -96,6 +99,7 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
     private readonly opts: SubscriberOptions,
   ) {
     super();
+    this.closed.catch(() => undefined);
     this.space = opts.space;
     this.kind = opts.kind ?? 'plain';
   }
@@ -146,6 +150,7 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
   async close(): Promise<void> {
     if (this.closing) return;
     this.closing = true;
+    this.markClosed(new DisconnectedError('the subscriber is closing'));
     this.conn?.close();
     await this.chain;
     await this.applier.close?.();
@@ -369,7 +374,8 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
     const waits: Promise<unknown>[] = [];
     this.emit('change', { change, waitUntil: (p) => void waits.push(p) });
     try {
-      await Promise.all(waits);
+      // A listener's promise that never settles must not keep close() waiting forever.
+      if (waits.length > 0) await Promise.race([Promise.all(waits), this.closed]);
     } catch (err) {
       try {
         if (!isEmpty(change)) await this.applier.apply(inverse(change), this.backings);

@@ -1,0 +1,77 @@
+// A scripted subscriber process for tests: a MappingSubscriber in its own OS process, driven by JSON
+// commands on stdin and reporting JSON events on stdout. It imports the compiled library (dist/), which
+// `npm test` builds first.
+//
+// argv: --socket PATH --space NAME [--name NAME] [--nack PREFIX] [--ack-delay MS] [--max-regions N]
+//       [--no-reconnect] [--reconnect-delay MS]
+// stdin commands: {"cmd":"read","gpa":N,"len":N} {"cmd":"write","gpa":N,"hex":"..."} {"cmd":"regions"}
+//                 {"cmd":"drop"} {"cmd":"exit"}
+import { parseArgs } from 'node:util';
+import readline from 'node:readline';
+import { MappingSubscriber, ClientRefusedError } from '../../dist/index.js';
+
+const { values } = parseArgs({
+  options: {
+    socket: { type: 'string' },
+    space: { type: 'string' },
+    name: { type: 'string' },
+    nack: { type: 'string' },
+    'ack-delay': { type: 'string' },
+    'max-regions': { type: 'string' },
+    'no-reconnect': { type: 'boolean' },
+    'reconnect-delay': { type: 'string' },
+  },
+});
+const out = (ev) => process.stdout.write(JSON.stringify(ev) + '\n');
+
+const sub = await MappingSubscriber.attach(values.socket, {
+  space: values.space,
+  name: values.name ?? `sub-${process.pid}`,
+  reconnect: !values['no-reconnect'],
+  ...(values['reconnect-delay'] ? { reconnectDelayMs: Number(values['reconnect-delay']) } : {}),
+  ...(values['max-regions'] ? { maxRegions: Number(values['max-regions']) } : {}),
+});
+const regions = () =>
+  sub.memory.regions().map((m) => ({ id: m.region.id, name: m.region.name, gpa: m.region.gpa, size: m.region.size, address: m.mapping.address, readonly: m.region.readonly }));
+
+sub.on('change', (ev) => {
+  const bad = values.nack && ev.change.added.find((r) => r.name.startsWith(values.nack));
+  if (bad) ev.waitUntil(Promise.reject(new ClientRefusedError(`refusing region ${bad.name}`)));
+  else if (values['ack-delay']) ev.waitUntil(new Promise((r) => setTimeout(r, Number(values['ack-delay']))));
+  out({ event: 'change', cause: ev.change.cause, generation: ev.change.generation, added: ev.change.added.map((r) => r.name), removed: ev.change.removed.map((r) => r.name), updated: ev.change.updated.map((u) => u.after.name) });
+});
+sub.on('committed', (generation) => out({ event: 'committed', generation }));
+sub.on('rolledBack', (generation) => out({ event: 'rolledBack', generation }));
+sub.on('synced', (s) => out({ event: 'synced', generation: s.generation, mode: s.mode, added: s.change.added.map((r) => r.name), removed: s.change.removed.map((r) => r.name) }));
+sub.on('disconnected', (reason) => out({ event: 'disconnected', code: reason?.code }));
+sub.on('reconnected', (r) => out({ event: 'reconnected', ...r }));
+sub.on('goodbye', (e) => out({ event: 'goodbye', code: e.code }));
+sub.on('error', (e) => out({ event: 'error', code: e.code, message: e.message }));
+out({ event: 'ready', pid: process.pid, id: sub.id, generation: sub.generation, regions: regions() });
+
+const rl = readline.createInterface({ input: process.stdin });
+rl.on('line', async (line) => {
+  let c;
+  try {
+    c = JSON.parse(line);
+    if (c.cmd === 'read') out({ event: 'read', hex: Buffer.from(sub.memory.read(c.gpa, c.len)).toString('hex') });
+    else if (c.cmd === 'write') {
+      sub.memory.write(c.gpa, Buffer.from(c.hex, 'hex'));
+      out({ event: 'wrote', gpa: c.gpa });
+    } else if (c.cmd === 'regions') out({ event: 'regions', generation: sub.generation, regions: regions() });
+    else if (c.cmd === 'drop') {
+      sub.dropConnection();
+      out({ event: 'dropped' });
+    } else if (c.cmd === 'exit') {
+      await sub.close();
+      out({ event: 'closed' });
+      process.exit(0);
+    }
+  } catch (err) {
+    out({ event: 'failed', cmd: c?.cmd, code: err.code, message: err.message });
+  }
+});
+rl.on('close', async () => {
+  await sub.close();
+  process.exit(0);
+});
