@@ -1,7 +1,7 @@
 export { Connection, type BrokerTarget, type ConnectionOptions } from './connection.js';
 export { Subscriber, type SubscriberOptions, type SubscriberEvents, type ChangeEvent } from './subscriber.js';
 export { MappingSubscriber } from './plain.js';
-export { GuestMemory, type MappedRegion } from './memory.js';
+export { GuestMemory, CHUNK_BYTES, type MappedRegion, type Chunk } from './memory.js';
 export { OwnerClient, fetchStatus, type OwnerOptions, type RegionSpec, type CreatedBacking } from './owner.js';
 export { createSealedMemfd, type SealedMemfdOptions } from './memfd.js';
 export { diff, inverse, applyOps, toView, type Applier, type Change, type LocalBacking, type ViewRegion } from './view.js';

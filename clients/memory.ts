@@ -5,14 +5,27 @@
 // Applying a change maps what is added *before* unmapping what is removed: mappings of different regions
 // never conflict in our address space, so a failed mmap can be undone by unmapping the new mappings alone
 // and the change stays all-or-nothing without ever remapping old memory.
+//
+// A region is mapped in chunks of at most 1 GiB: Node 20 caps an ArrayBuffer at 4 GiB, and guest RAM
+// regions are often larger. slice() returns a view inside one chunk; read() and write() cross chunks.
 import { constants, isNativeError, native, type Mapping } from '../native/index.js';
 import { InvalidArgError, MapFailedError, NoRegionError } from '../protocol/index.js';
 import type { Applier, Change, LocalBacking, ViewRegion } from './view.js';
 
-export interface MappedRegion {
-  region: ViewRegion;
+/** Largest single mapping: a power of two, so chunk boundaries stay page (and huge page) aligned. */
+export const CHUNK_BYTES = 2 ** 30;
+
+export interface Chunk {
   mapping: Mapping;
   bytes: Uint8Array;
+}
+
+export interface MappedRegion {
+  region: ViewRegion;
+  /** chunks[i] maps [gpa + i * CHUNK_BYTES, ...) of the region. */
+  chunks: Chunk[];
+  /** Host address of the first chunk (as in /proc/PID/maps). */
+  address: number;
 }
 
 const hex = (n: number) => `0x${n.toString(16)}`;
@@ -27,14 +40,14 @@ export class GuestMemory implements Applier {
     try {
       for (const r of change.added) made.push(this.map(r, backings));
     } catch (err) {
-      for (const m of made) native.munmap(m.mapping);
+      for (const m of made) unmapAll(m);
       throw err;
     }
     for (const r of change.removed) {
       const m = this.byKey.get(r.key);
       if (!m) continue;
       this.byKey.delete(r.key);
-      native.munmap(m.mapping);
+      unmapAll(m);
     }
     for (const { after } of change.updated) {
       const m = this.byKey.get(after.key);
@@ -45,7 +58,7 @@ export class GuestMemory implements Applier {
   }
 
   close(): void {
-    for (const m of this.byKey.values()) native.munmap(m.mapping);
+    for (const m of this.byKey.values()) unmapAll(m);
     this.byKey.clear();
     this.sorted = [];
   }
@@ -57,9 +70,49 @@ export class GuestMemory implements Applier {
 
   /**
    * The bytes of guest memory at [gpa, gpa + length), as a view into the mapping (no copy). The range must
-   * lie inside one region; anything else (a hole, a range crossing into a hole) is MMB_ERR_NO_REGION.
+   * lie inside one region (MMB_ERR_NO_REGION otherwise: a hole, or a range running into one) and inside
+   * one 1 GiB chunk of it (MMB_ERR_INVALID_ARG otherwise: use read() / write(), which cross chunks).
    */
   slice(gpa: number, length: number): Uint8Array {
+    const { m, off } = this.locate(gpa, length);
+    const chunk = Math.floor(off / CHUNK_BYTES);
+    const at = off - chunk * CHUNK_BYTES;
+    if (at + length > CHUNK_BYTES) {
+      throw new InvalidArgError(`[${hex(gpa)}, ${hex(gpa + length)}) crosses a ${CHUNK_BYTES >>> 20} MiB mapping boundary; use read() or write()`);
+    }
+    return (m.chunks[chunk] as Chunk).bytes.subarray(at, at + length);
+  }
+
+  /** A copy of guest memory at [gpa, gpa + length); the range must lie inside one region. */
+  read(gpa: number, length: number): Uint8Array {
+    const out = new Uint8Array(length);
+    this.each(gpa, length, (bytes, done) => out.set(bytes, done));
+    return out;
+  }
+
+  /** Writes guest memory at gpa; the range must lie inside one writable region. */
+  write(gpa: number, data: Uint8Array): void {
+    const { m } = this.locate(gpa, data.length);
+    if (m.region.readonly) throw new InvalidArgError(`region ${JSON.stringify(m.region.name)} is read-only`);
+    this.each(gpa, data.length, (bytes, done) => bytes.set(data.subarray(done, done + bytes.length)));
+  }
+
+  /** Calls fn with consecutive views covering [gpa, gpa + length), one per chunk touched. */
+  private each(gpa: number, length: number, fn: (bytes: Uint8Array, done: number) => void): void {
+    const { m, off } = this.locate(gpa, length);
+    let done = 0;
+    while (done < length) {
+      const pos = off + done;
+      const chunk = Math.floor(pos / CHUNK_BYTES);
+      const at = pos - chunk * CHUNK_BYTES;
+      const n = Math.min(length - done, CHUNK_BYTES - at);
+      fn((m.chunks[chunk] as Chunk).bytes.subarray(at, at + n), done);
+      done += n;
+    }
+  }
+
+  /** The region holding all of [gpa, gpa + length) and the offset of gpa inside it. */
+  private locate(gpa: number, length: number): { m: MappedRegion; off: number } {
     if (!Number.isSafeInteger(gpa) || !Number.isSafeInteger(length) || gpa < 0 || length < 0) {
       throw new InvalidArgError(`invalid guest range ${gpa}+${length}`);
     }
@@ -69,17 +122,7 @@ export class GuestMemory implements Applier {
     if (off + length > m.region.size) {
       throw new NoRegionError(`[${hex(gpa)}, ${hex(gpa + length)}) runs past the end of region ${JSON.stringify(m.region.name)}`);
     }
-    return m.bytes.subarray(off, off + length);
-  }
-
-  read(gpa: number, length: number): Uint8Array {
-    return this.slice(gpa, length).slice();
-  }
-
-  write(gpa: number, data: Uint8Array): void {
-    const m = this.find(gpa);
-    if (m?.region.readonly) throw new InvalidArgError(`region ${JSON.stringify(m.region.name)} is read-only`);
-    this.slice(gpa, data.length).set(data);
+    return { m, off };
   }
 
   private find(gpa: number): MappedRegion | undefined {
@@ -99,15 +142,25 @@ export class GuestMemory implements Applier {
     const b = backings.get(r.backing);
     if (!b) throw new NoRegionError(`region ${JSON.stringify(r.name)} has no backing here`);
     const prot = constants.PROT_READ | (r.readonly ? 0 : constants.PROT_WRITE);
-    let mapping: Mapping;
+    const m: MappedRegion = { region: r, chunks: [], address: 0 };
     try {
-      mapping = native.mmap(b.fd, r.offset, r.size, prot, constants.MAP_SHARED);
+      for (let off = 0; off < r.size; off += CHUNK_BYTES) {
+        const mapping = native.mmap(b.fd, r.offset + off, Math.min(CHUNK_BYTES, r.size - off), prot, constants.MAP_SHARED);
+        m.chunks.push({ mapping, bytes: new Uint8Array(mapping.buffer) });
+      }
+      m.address = (m.chunks[0] as Chunk).mapping.address;
     } catch (err) {
+      unmapAll(m);
       throw new MapFailedError(`cannot map region ${JSON.stringify(r.name)} (${hex(r.size)} bytes of ${b.name} at ${hex(r.offset)})`, {
         cause: err,
         ...(isNativeError(err) ? { errno: err.code } : {}),
       });
     }
-    return { region: r, mapping, bytes: new Uint8Array(mapping.buffer) };
+    return m;
   }
+}
+
+function unmapAll(m: MappedRegion): void {
+  for (const c of m.chunks) native.munmap(c.mapping);
+  m.chunks = [];
 }

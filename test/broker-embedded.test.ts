@@ -90,12 +90,12 @@ describe('transactions', () => {
     const { broker, owner, ram } = await setup();
     const s = await sub(broker);
     await owner.addRegion({ name: 'lo', gpa: 0, size: 4 * MiB, backing: ram.backing });
-    const before = s.memory.regions()[0]!.mapping.address;
+    const before = s.memory.regions()[0]!.address;
     const changes: { added: number; removed: number; updated: number }[] = [];
     s.on('change', ({ change }) => changes.push({ added: change.added.length, removed: change.removed.length, updated: change.updated.length }));
     await owner.commit([{ op: 'set', region: 'lo', logDirty: true }]);
     expect(changes).toEqual([{ added: 0, removed: 0, updated: 1 }]);
-    expect(s.memory.regions()[0]!.mapping.address).toBe(before);
+    expect(s.memory.regions()[0]!.address).toBe(before);
     expect(s.regions()[0]!.logDirty).toBe(true);
   });
 

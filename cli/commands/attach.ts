@@ -41,13 +41,13 @@ export const attach: Command = {
       ...(values['max-regions'] ? { maxRegions: parseCount(values['max-regions'], '--max-regions') } : {}),
     });
     const describeMapped = () =>
-      sub.memory.regions().map((m) => ({ name: m.region.name, gpa: m.region.gpa, size: m.region.size, address: m.mapping.address, readonly: m.region.readonly }));
+      sub.memory.regions().map((m) => ({ name: m.region.name, gpa: m.region.gpa, size: m.region.size, address: m.address, readonly: m.region.readonly }));
     sub.on('change', ({ change }) => {
       for (const r of change.removed) log('unmapped', `unmapped ${JSON.stringify(r.name)} gpa ${hex(r.gpa)} size ${formatSize(r.size)}`, { region: r.name, gpa: r.gpa, size: r.size });
       for (const r of change.added) {
         const m = sub.memory.regions().find((x) => x.region.key === r.key);
-        log('mapped', `mapped ${JSON.stringify(r.name)} gpa ${hex(r.gpa)} size ${formatSize(r.size)} at ${hex(m?.mapping.address ?? 0)}${r.readonly ? ' read-only' : ''}`, {
-          region: r.name, gpa: r.gpa, size: r.size, address: m?.mapping.address, readonly: r.readonly,
+        log('mapped', `mapped ${JSON.stringify(r.name)} gpa ${hex(r.gpa)} size ${formatSize(r.size)} at ${hex(m?.address ?? 0)}${r.readonly ? ' read-only' : ''}`, {
+          region: r.name, gpa: r.gpa, size: r.size, address: m?.address, readonly: r.readonly,
         });
       }
       for (const { after } of change.updated) log('updated', `updated ${JSON.stringify(after.name)} (logDirty ${after.logDirty})`, { region: after.name });

@@ -32,7 +32,7 @@ const sub = await MappingSubscriber.attach(values.socket, {
   ...(values['max-regions'] ? { maxRegions: Number(values['max-regions']) } : {}),
 });
 const regions = () =>
-  sub.memory.regions().map((m) => ({ id: m.region.id, name: m.region.name, gpa: m.region.gpa, size: m.region.size, address: m.mapping.address, readonly: m.region.readonly }));
+  sub.memory.regions().map((m) => ({ id: m.region.id, name: m.region.name, gpa: m.region.gpa, size: m.region.size, address: m.address, readonly: m.region.readonly }));
 
 sub.on('change', (ev) => {
   const bad = values.nack && ev.change.added.find((r) => r.name.startsWith(values.nack));
