@@ -24,7 +24,7 @@ export interface MappedRegion {
   region: ViewRegion;
   /** chunks[i] maps [gpa + i * CHUNK_BYTES, ...) of the region. */
   chunks: Chunk[];
-  /** Host address of the first chunk (as in /proc/PID/maps). */
+  /** Host address of the region's first byte; the chunks follow contiguously (as in /proc/PID/maps). */
   address: number;
 }
 
@@ -142,21 +142,16 @@ export class GuestMemory implements Applier {
     const b = backings.get(r.backing);
     if (!b) throw new NoRegionError(`region ${JSON.stringify(r.name)} has no backing here`);
     const prot = constants.PROT_READ | (r.readonly ? 0 : constants.PROT_WRITE);
-    const m: MappedRegion = { region: r, chunks: [], address: 0 };
     try {
-      for (let off = 0; off < r.size; off += CHUNK_BYTES) {
-        const mapping = native.mmap(b.fd, r.offset + off, Math.min(CHUNK_BYTES, r.size - off), prot, constants.MAP_SHARED);
-        m.chunks.push({ mapping, bytes: new Uint8Array(mapping.buffer) });
-      }
-      m.address = (m.chunks[0] as Chunk).mapping.address;
+      // One contiguous range of addresses, so the region can be handed to KVM or an IOMMU as a whole.
+      const chunks = native.mmapChunked(b.fd, r.offset, r.size, prot, constants.MAP_SHARED, CHUNK_BYTES).map((mapping) => ({ mapping, bytes: new Uint8Array(mapping.buffer) }));
+      return { region: r, chunks, address: (chunks[0] as Chunk).mapping.address };
     } catch (err) {
-      unmapAll(m);
       throw new MapFailedError(`cannot map region ${JSON.stringify(r.name)} (${hex(r.size)} bytes of ${b.name} at ${hex(r.offset)})`, {
         cause: err,
         ...(isNativeError(err) ? { errno: err.code } : {}),
       });
     }
-    return m;
   }
 }
 

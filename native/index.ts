@@ -121,6 +121,12 @@ export interface Native {
    */
   mmap(fd: number, offset: number, length: number, prot: number, flags: number): Mapping;
   /**
+   * `length` bytes of `fd` mapped at one contiguous range of host addresses, as consecutive Mappings of
+   * at most `chunk` bytes (a page multiple): for memory a KVM memslot or a DMA mapping must see as one
+   * range while no ArrayBuffer may exceed 4 GiB. Unmapping every chunk releases the whole range.
+   */
+  mmapChunked(fd: number, offset: number, length: number, prot: number, flags: number, chunk: number): Mapping[];
+  /**
    * munmap(2) and detach the buffer. EBUSY while an mlock/munlock on it is still running (or if its
    * buffer was detached by someone else, e.g. transferred: the memory may still be in use there).
    */

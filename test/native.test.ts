@@ -793,3 +793,41 @@ describe('poll', () => {
     expect(await busy.terminate()).toBe(1);
   });
 });
+
+describe('mmapChunked', () => {
+  const mapsOf = (name: string) =>
+    fs.readFileSync('/proc/self/maps', 'utf8').split('\n').filter((l) => l.includes(`/memfd:${name}`));
+
+  it('maps one contiguous range as consecutive Mappings, each unmapped on its own', () => {
+    const fd = memfd('chunked', 10 * PAGE_SIZE);
+    const p = new Uint8Array(map(fd, 0, 10 * PAGE_SIZE, C.PROT_READ | C.PROT_WRITE).buffer);
+    p[PAGE_SIZE * 7 + 5] = 0x5a;
+    const chunks = native.mmapChunked(fd, PAGE_SIZE, 9 * PAGE_SIZE, C.PROT_READ | C.PROT_WRITE, C.MAP_SHARED, 4 * PAGE_SIZE);
+    for (const m of chunks) liveMappings.add(m);
+    expect(chunks.map((m) => m.length)).toEqual([4, 4, 1].map((n) => n * PAGE_SIZE));
+    const base = chunks[0]!.address;
+    expect(chunks.map((m) => m.address)).toEqual([base, base + 4 * PAGE_SIZE, base + 8 * PAGE_SIZE]);
+    // Offsets follow the chunks: byte 7*PAGE+5 of the file is chunk 1, byte 2*PAGE+5.
+    expect(new Uint8Array(chunks[1]!.buffer)[2 * PAGE_SIZE + 5]).toBe(0x5a);
+    // The kernel sees the whole range mapped from the memfd, with no reservation left in between.
+    const ours = mapsOf('chunked').map((l) => l.split(' ')[0]!.split('-').map((h) => parseInt(h, 16)) as [number, number]);
+    const inRange = ours.filter(([lo]) => lo >= base && lo < base + 9 * PAGE_SIZE);
+    expect(inRange.reduce((n, [lo, hi]) => n + hi - lo, 0)).toBe(9 * PAGE_SIZE);
+    for (const m of chunks) unmap(m);
+    expect(mapsOf('chunked').some((l) => parseInt(l.split('-')[0]!, 16) === base)).toBe(false);
+    expect(mapsLine(base)).toBeUndefined();
+  });
+
+  it('leaves nothing mapped when a chunk cannot be mapped', () => {
+    const before = fs.readFileSync('/proc/self/maps', 'utf8').split('\n').length;
+    const [r, w] = pair();
+    expectNative(catchError(() => native.mmapChunked(r, 0, 8 * PAGE_SIZE, C.PROT_READ, C.MAP_SHARED, 4 * PAGE_SIZE)), 'ENODEV', 'mmap');
+    void w;
+    expect(fs.readFileSync('/proc/self/maps', 'utf8').split('\n').length).toBe(before);
+  });
+
+  it('refuses a chunk size that is not a page multiple and MAP_FIXED', () => {
+    const fd = memfd('chunked-bad', 4 * PAGE_SIZE);
+    expectNative(catchError(() => native.mmapChunked(fd, 0, 4 * PAGE_SIZE, C.PROT_READ, C.MAP_SHARED, 100)), 'EINVAL', 'mmap');
+  });
+});

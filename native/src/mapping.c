@@ -17,6 +17,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <sys/mman.h>
+#include <unistd.h>
 
 #include "addon.h"
 #include "convert.h"
@@ -90,25 +91,14 @@ static napi_value make_mapping_object(napi_env env, struct mapping *m, napi_valu
 }
 
 /*
- * mmap(fd, offset, length, prot, flags) -> Mapping. runs on the main thread.
+ * Wraps memory that is already mapped at [addr, addr + length) into a Mapping object, which from then
+ * on owns it. On failure returns NULL with an exception pending, and the memory is unmapped (now, or by
+ * the buffer's finalizer if a buffer was created). runs on the main thread.
  *
  * A mapping longer than the runtime's largest ArrayBuffer (4 GiB on Node 20) fails with Node's own
- * ERR_BUFFER_TOO_LARGE error and leaves nothing mapped.
+ * ERR_BUFFER_TOO_LARGE error.
  */
-static napi_value mmap_js(napi_env env, napi_callback_info info) {
-  napi_value argv[5];
-  int fd, prot, flags;
-  uint64_t offset, length;
-  if (!mmb_args(env, info, 5, argv) || !mmb_arg_fd(env, argv[0], &fd) ||
-      !mmb_arg_size(env, argv[1], "offset", &offset) ||
-      !mmb_arg_size(env, argv[2], "length", &length) || !mmb_arg_flags(env, argv[3], "prot", &prot) ||
-      !mmb_arg_flags(env, argv[4], "flags", &flags))
-    return NULL;
-  if (length == 0) return mmb_throw_errno(env, EINVAL, "mmap");
-
-  void *addr = mmap(NULL, length, prot, flags, fd, (off_t)offset);
-  if (addr == MAP_FAILED) return mmb_throw_errno(env, errno, "mmap");
-
+static napi_value wrap_new_mapping(napi_env env, void *addr, size_t length) {
   struct mapping *m = calloc(1, sizeof *m);
   if (m == NULL) {
     munmap(addr, length);
@@ -146,6 +136,81 @@ static napi_value mmap_js(napi_env env, napi_callback_info info) {
   }
   mapping_release(m); /* this function's reference */
   return obj;
+}
+
+/* mmap(fd, offset, length, prot, flags) -> Mapping. runs on the main thread. */
+static napi_value mmap_js(napi_env env, napi_callback_info info) {
+  napi_value argv[5];
+  int fd, prot, flags;
+  uint64_t offset, length;
+  if (!mmb_args(env, info, 5, argv) || !mmb_arg_fd(env, argv[0], &fd) ||
+      !mmb_arg_size(env, argv[1], "offset", &offset) ||
+      !mmb_arg_size(env, argv[2], "length", &length) || !mmb_arg_flags(env, argv[3], "prot", &prot) ||
+      !mmb_arg_flags(env, argv[4], "flags", &flags))
+    return NULL;
+  if (length == 0) return mmb_throw_errno(env, EINVAL, "mmap");
+
+  void *addr = mmap(NULL, length, prot, flags, fd, (off_t)offset);
+  if (addr == MAP_FAILED) return mmb_throw_errno(env, errno, "mmap");
+  return wrap_new_mapping(env, addr, length);
+}
+
+/*
+ * mmapChunked(fd, offset, length, prot, flags, chunk) -> Mapping[]: `length` bytes of `fd` mapped at
+ * one contiguous range of addresses, as consecutive Mappings of at most `chunk` bytes each (a multiple
+ * of the page size). A KVM memslot or a VFIO DMA mapping needs one contiguous host range for a whole
+ * region, and a JS ArrayBuffer cannot be longer than 4 GiB on Node 20.
+ *
+ * The range is first reserved with an inaccessible anonymous mapping, then each chunk is mapped over
+ * its part with MAP_FIXED: the addresses replaced are our own reservation, never anyone else's. Each
+ * chunk is an ordinary Mapping (munmap it, or let it be collected); unmapping every chunk releases the
+ * whole range. runs on the main thread.
+ */
+static napi_value mmap_chunked_js(napi_env env, napi_callback_info info) {
+  napi_value argv[6];
+  int fd, prot, flags;
+  uint64_t offset, length, chunk;
+  if (!mmb_args(env, info, 6, argv) || !mmb_arg_fd(env, argv[0], &fd) ||
+      !mmb_arg_size(env, argv[1], "offset", &offset) ||
+      !mmb_arg_size(env, argv[2], "length", &length) || !mmb_arg_flags(env, argv[3], "prot", &prot) ||
+      !mmb_arg_flags(env, argv[4], "flags", &flags) || !mmb_arg_size(env, argv[5], "chunk", &chunk))
+    return NULL;
+  long page = sysconf(_SC_PAGESIZE);
+  if (length == 0 || chunk == 0 || chunk % (uint64_t)page != 0 || (flags & MAP_FIXED) != 0)
+    return mmb_throw_errno(env, EINVAL, "mmap");
+
+  uint8_t *base = mmap(NULL, length, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (base == MAP_FAILED) return mmb_throw_errno(env, errno, "mmap");
+  size_t count = (size_t)((length + chunk - 1) / chunk);
+  for (size_t i = 0; i < count; i++) {
+    uint64_t off = (uint64_t)i * chunk;
+    size_t n = (size_t)(length - off < chunk ? length - off : chunk);
+    if (mmap(base + off, n, prot, flags | MAP_FIXED, fd, (off_t)(offset + off)) == MAP_FAILED) {
+      int err = errno;
+      munmap(base, length);
+      return mmb_throw_errno(env, err, "mmap");
+    }
+  }
+
+  napi_value array;
+  if (napi_create_array_with_length(env, count, &array) != napi_ok) {
+    munmap(base, length);
+    return mmb_throw_errno(env, ENOMEM, "mmap");
+  }
+  for (size_t i = 0; i < count; i++) {
+    uint64_t off = (uint64_t)i * chunk;
+    size_t n = (size_t)(length - off < chunk ? length - off : chunk);
+    napi_value obj = wrap_new_mapping(env, base + off, n);
+    napi_status status = obj == NULL ? napi_pending_exception : napi_set_element(env, array, (uint32_t)i, obj);
+    if (status != napi_ok) {
+      /* Chunk i is unmapped (wrap_new_mapping failed) or owned by its object; earlier chunks belong to
+       * their Mapping objects and are unmapped when collected. Only the chunks after i are ours. */
+      if (length > off + n) munmap(base + off + n, length - off - n);
+      if (obj != NULL) mmb_throw_napi(env, status, "napi_set_element");
+      return NULL;
+    }
+  }
+  return array;
 }
 
 /*
@@ -305,6 +370,7 @@ static napi_value munlock_js(napi_env env, napi_callback_info info) { return loc
 /* runs on the main thread, at module load */
 bool mmb_init_mapping(napi_env env, napi_value exports) {
   static const mmb_method methods[] = {
-      {"mmap", mmap_js}, {"munmap", munmap_js}, {"mlock", mlock_js}, {"munlock", munlock_js}};
+      {"mmap", mmap_js},       {"mmapChunked", mmap_chunked_js}, {"munmap", munmap_js},
+      {"mlock", mlock_js},     {"munlock", munlock_js}};
   return mmb_export_methods(env, exports, methods, MMB_COUNT(methods));
 }
