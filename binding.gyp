@@ -8,11 +8,13 @@
         "native/src/convert.c",
         "native/src/errors.c",
         "native/src/eventfd.c",
+        "native/src/kvm.c",
         "native/src/mapping.c",
         "native/src/memfd.c",
         "native/src/poll.c",
         "native/src/scm.c",
-        "native/src/socket.c"
+        "native/src/socket.c",
+        "native/src/vfio.c"
       ],
       "cflags": [ "-std=gnu11", "-Wall", "-Wextra", "-O2" ],
       "cflags!": [ "-O3" ],

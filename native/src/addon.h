@@ -23,6 +23,8 @@ bool mmb_init_eventfd(napi_env env, napi_value exports);   /* eventfd.c */
 bool mmb_init_socket(napi_env env, napi_value exports);    /* socket.c: listen, connect, accept */
 bool mmb_init_scm(napi_env env, napi_value exports);       /* scm.c: sendmsg/recvmsg with fds */
 bool mmb_init_poll(napi_env env, napi_value exports);      /* poll.c: uv_poll handles */
+bool mmb_init_kvm(napi_env env, napi_value exports);       /* kvm.c: /dev/kvm, memslots, vCPUs */
+bool mmb_init_vfio(napi_env env, napi_value exports);      /* vfio.c: VFIO type1 and iommufd ioctls */
 
 #define MMB_COUNT(a) (sizeof(a) / sizeof((a)[0]))
 
