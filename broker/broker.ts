@@ -231,6 +231,12 @@ export class Broker implements InProcessConnector {
         return this.ownedSpace(session).dropBacking(session, msg.backing);
       case Msg.COMMIT:
         return this.ownedSpace(session).commit(session, msg.ops, msg.expect);
+      case Msg.REPORT:
+        return this.attachedSpace(session).report(session, msg);
+      case Msg.FIND_FREE: {
+        const { t: _t, id: _id, ...req } = msg;
+        return this.attachedSpace(session).findFree(req);
+      }
     }
   }
 
@@ -239,12 +245,14 @@ export class Broker implements InProcessConnector {
     const space = this.spacesByName.get(msg.space);
     if (!space) throw new NoSpaceError(`no address space named ${JSON.stringify(msg.space)}`);
     if (msg.resume && (session.features & Feature.RESUME) === 0) throw new FeatureError('ATTACH.resume needs the RESUME feature');
+    if (msg.limits?.coalesce && (session.features & Feature.COALESCE) === 0) throw new FeatureError('ATTACH.limits.coalesce needs the COALESCE feature');
+    if (msg.pin && (session.features & Feature.PIN) === 0) throw new FeatureError('ATTACH.pin needs the PIN feature');
     session.kind = msg.kind;
     if (msg.role === 'owner') {
       if (!this.ownerUids.has(session.uid)) {
         throw new PermissionError(`uid ${session.uid} may not own address spaces on this broker`);
       }
-      if (msg.resume || msg.limits) throw new StateError('an owner attaches without resume or limits');
+      if (msg.resume || msg.limits || msg.pin) throw new StateError('an owner attaches without resume, limits or pin');
       return space.attachOwner(session);
     }
     return space.attachSubscriber(session, msg.id, msg).then(() => undefined);
@@ -257,6 +265,12 @@ export class Broker implements InProcessConnector {
         ? new NotOwnerError('a subscriber may not change the map')
         : new StateError('attach as owner before changing the map');
     }
+    return space;
+  }
+
+  private attachedSpace(session: Session): AddressSpace {
+    const space = session.spaceName !== undefined ? this.spacesByName.get(session.spaceName) : undefined;
+    if (!space) throw new StateError('attach to an address space first');
     return space;
   }
 

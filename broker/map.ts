@@ -48,9 +48,23 @@ export class MemoryMap {
   /** Regions sorted by gpa; regions never overlap, so this is also sorted by end. */
   private sorted: Region[] = [];
   private nextRegionId = 1;
+  private _bytes = 0;
 
   get size(): number {
     return this.byId.size;
+  }
+
+  /** Total bytes of guest memory in the map. */
+  get bytes(): number {
+    return this._bytes;
+  }
+
+  /** The regions the map will have once `plan` is committed, sorted by gpa (the map is unchanged). */
+  regionsAfter(plan: Plan): Region[] {
+    const gone = new Set([...plan.removes, ...plan.sets.map((x) => x.before)]);
+    const out = this.sorted.filter((r) => !gone.has(r));
+    for (const r of [...plan.sets.map((x) => x.after), ...plan.adds]) insertSorted(out, r);
+    return out;
   }
 
   regions(): readonly Region[] {
@@ -162,12 +176,14 @@ export class MemoryMap {
   }
 
   private insert(r: Region): void {
+    this._bytes += r.size;
     this.byId.set(r.id, r);
     this.byName.set(r.name, r);
     insertSorted(this.sorted, r);
   }
 
   private delete(r: Region): void {
+    this._bytes -= r.size;
     this.byId.delete(r.id);
     if (this.byName.get(r.name) === r) this.byName.delete(r.name);
     const i = lowerBound(this.sorted, r.gpa);

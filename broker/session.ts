@@ -8,7 +8,7 @@
 // STATUS is allowed from READY on; BACKING_ADD / BACKING_DROP / COMMIT only as OWNER; ACK / NACK only as
 // SUBSCRIBER, and only for an event the broker is waiting on.
 import type { Transport } from '../transport/index.js';
-import { Msg, type ClientRef, type MmbError } from '../protocol/index.js';
+import { Msg, type ClientRef, type IovaRange, type MmbError, type Region } from '../protocol/index.js';
 
 export type AckResult =
   | { kind: 'ack' }
@@ -34,6 +34,19 @@ export class Session {
   readonly sentBackings = new Set<number>();
   /** The most regions this subscriber can follow (declared at ATTACH). */
   maxRegions = Number.POSITIVE_INFINITY;
+  /** Follows a coalesced view (feature COALESCE); `view` is that view as last committed to it. */
+  coalesce = false;
+  view: Region[] = [];
+  /** Pins every region it maps (feature PIN), at most `pinLimit` bytes. */
+  pins = false;
+  pinLimit = Number.POSITIVE_INFINITY;
+  // What the client reported (feature REPORT).
+  reserved: IovaRange[] = [];
+  dmaAvailable: number | undefined;
+  pinnedActual: number | undefined;
+  coherent: boolean | undefined;
+  backend: string | undefined;
+  devices: string[] = [];
   private seq = 0;
   private readonly waiters = new Map<number, (r: AckResult) => void>();
 

@@ -25,6 +25,8 @@ import {
   Msg,
   NotOwnerError,
   OwnerExistsError,
+  PinBudgetError,
+  StateError,
   StaleGenerationError,
   TooBusyError,
   createError,
@@ -36,6 +38,10 @@ import {
   type CommitOp,
   type CommitResult,
   type ErrorCode,
+  type FindFree,
+  type FindFreeResult,
+  type Report,
+  type ReportResult,
   type MmbError,
   type Region,
   type SpaceLimits,
@@ -46,6 +52,12 @@ import { History } from './history.js';
 import { MemoryMap, type Plan } from './map.js';
 import type { AckResult, Session } from './session.js';
 import { splitSync } from './sync.js';
+import { coalesce, viewOps } from './coalesce.js';
+import { findFree } from './placement.js';
+import { checkSubscribers } from './policy.js';
+import { PAGE_SIZE } from '../native/index.js';
+
+const sum = (rs: readonly Region[]) => rs.reduce((n, r) => n + r.size, 0);
 
 /** Codes a subscriber's nack may carry through to the owner unchanged; anything else becomes CLIENT_REFUSED. */
 const LOCAL_ONLY: ReadonlySet<ErrorCode> = new Set<ErrorCode>([
@@ -121,6 +133,9 @@ export class AddressSpace {
     session.state = 'subscriber';
     session.spaceName = this.name;
     session.maxRegions = msg.limits?.maxRegions ?? Number.POSITIVE_INFINITY;
+    session.coalesce = msg.limits?.coalesce ?? false;
+    session.pins = msg.pin !== undefined;
+    session.pinLimit = msg.pin?.limit ?? Number.POSITIVE_INFINITY;
     return this.enqueue(() => this.runAttach(session, requestId, msg), false);
   }
 
@@ -166,6 +181,44 @@ export class AddressSpace {
     return this.enqueue(() => this.runCommit(session, ops, expect), true);
   }
 
+  /** A subscriber's REPORT: what its IOMMU or pinning looks like now. */
+  report(session: Session, msg: Report): ReportResult {
+    if (!this.subscribers.has(session)) throw new StateError('only an attached subscriber reports');
+    if (msg.reserved) session.reserved = msg.reserved.map(({ start, last }) => ({ start, last }));
+    if (msg.dmaAvailable !== undefined) session.dmaAvailable = msg.dmaAvailable;
+    if (msg.pinned !== undefined) session.pinnedActual = msg.pinned;
+    if (msg.coherent !== undefined) session.coherent = msg.coherent;
+    if (msg.backend !== undefined) session.backend = msg.backend;
+    if (msg.devices) session.devices = [...msg.devices];
+    if (msg.reserved) {
+      const clash = this.map.regions().filter((r) => session.reserved.some((x) => r.gpa <= x.last && x.start < r.gpa + r.size));
+      if (clash.length > 0) this.log.warn({ client: session.ref(), regions: clash.map((r) => r.name) }, 'existing regions cover ranges this client reports as reserved');
+    }
+    return {};
+  }
+
+  /** The lowest free GPA range of that size and alignment, avoiding every region and reserved range. */
+  findFree(msg: Omit<FindFree, 't' | 'id'>): FindFreeResult {
+    const reserved = [...this.subscribers].flatMap((s) => s.reserved);
+    return { gpa: findFree(msg, this.map.regions(), reserved, PAGE_SIZE) };
+  }
+
+  /** Why a subscriber cannot attach to the map as it is (its region limit, its pin limit, the budget). */
+  private attachRefusal(s: Session, count: number): MmbError | undefined {
+    if (count > s.maxRegions) {
+      return new ClientLimitError(`the map has ${count} regions; ${s.describe()} declared a limit of ${s.maxRegions}`, { client: s.ref() });
+    }
+    if (!s.pins) return undefined;
+    if (this.map.bytes > s.pinLimit) {
+      return new PinBudgetError(`${s.describe()} would have to pin ${this.map.bytes} bytes; its limit is ${s.pinLimit}`, { client: s.ref() });
+    }
+    const pinners = [...this.subscribers].filter((x) => x.pins).length + 1;
+    if (pinners * this.map.bytes > this.limits.pinBudgetBytes) {
+      return new PinBudgetError(`one more pinning client would pin ${pinners * this.map.bytes} bytes in all; the pin budget is ${this.limits.pinBudgetBytes}`, { client: s.ref() });
+    }
+    return undefined;
+  }
+
   // --- acks -----------------------------------------------------------------------------------------
 
   /** Returns false when the session was not waited on for `seq`. */
@@ -186,14 +239,38 @@ export class AddressSpace {
       transport: s.transport.kind,
       ackedGeneration: s === this.owner ? this._generation : s.ackedGeneration,
       state: s.syncing ? ('syncing' as const) : s.applying ? ('applying' as const) : ('ready' as const),
+      ...(s === this.owner ? {} : this.subscriberStatus(s)),
     }));
+    const pinners = [...this.subscribers].filter((s) => s.pins);
     return {
       name: this.name,
       epoch: this.epoch,
       generation: this._generation,
+      bytes: this.map.bytes,
+      pinBudget: {
+        ...(Number.isFinite(this.limits.pinBudgetBytes) ? { limit: this.limits.pinBudgetBytes } : {}),
+        predicted: pinners.length * this.map.bytes,
+        actual: pinners.reduce((n, s) => n + (s.pinnedActual ?? 0), 0),
+      },
       regions: this.map.regions().map((r) => ({ ...r })),
       backings: [...this.backings.all()].map((b) => ({ backing: b.id, name: b.name, size: b.size, regions: b.refs, held: b.held })),
       clients,
+    };
+  }
+
+  private subscriberStatus(s: Session): Record<string, unknown> {
+    return {
+      regions: s.coalesce ? s.view.length : this.map.size,
+      ...(Number.isFinite(s.maxRegions) ? { maxRegions: s.maxRegions } : {}),
+      coalesce: s.coalesce,
+      ...(s.pins
+        ? { pin: { ...(Number.isFinite(s.pinLimit) ? { limit: s.pinLimit } : {}), predicted: this.map.bytes, ...(s.pinnedActual !== undefined ? { actual: s.pinnedActual } : {}) } }
+        : {}),
+      ...(s.reserved.length > 0 ? { reserved: s.reserved } : {}),
+      ...(s.dmaAvailable !== undefined ? { dmaAvailable: s.dmaAvailable } : {}),
+      ...(s.coherent !== undefined ? { coherent: s.coherent } : {}),
+      ...(s.backend !== undefined ? { backend: s.backend } : {}),
+      ...(s.devices.length > 0 ? { devices: s.devices } : {}),
     };
   }
 
@@ -224,25 +301,24 @@ export class AddressSpace {
 
   private async runAttach(session: Session, requestId: number, msg: Attach): Promise<void> {
     if (session.closed || this.closed) return;
-    if (this.map.size > session.maxRegions) {
+    const view = session.coalesce ? coalesce(this.map.regions()) : undefined;
+    const refusal = this.attachRefusal(session, view?.length ?? this.map.size);
+    if (refusal) {
       session.state = 'ready';
       session.spaceName = undefined;
-      session.replyError(
-        requestId,
-        new ClientLimitError(`the map has ${this.map.size} regions; this client declared a limit of ${session.maxRegions}`, {
-          client: session.ref(),
-        }),
-      );
+      session.replyError(requestId, refusal);
       return;
     }
     const resume = msg.resume;
+    // A coalescing client always gets a snapshot of its view; its reconciliation keeps what is unchanged.
     const delta =
-      resume && resume.epoch === this.epoch
+      resume && resume.epoch === this.epoch && !view
         ? this.history.delta(resume.generation, this._generation, (id) => this.map.get(id))
         : undefined;
     const mode = delta ? 'delta' : 'snapshot';
-    const regions = delta ? delta.upserts : this.map.regions();
+    const regions = view ?? (delta ? delta.upserts : this.map.regions());
     const removed = delta ? delta.removed : [];
+    if (view) session.view = view;
 
     // Backings the client still holds from its earlier connection stay valid within one epoch.
     const gone: number[] = [];
@@ -286,21 +362,25 @@ export class AddressSpace {
     }
     const plan = this.map.plan(ops, this.backings, this.limits.maxRegions);
     if (plan.ops.length === 0) return { generation: this._generation, added: [], unreferenced: [] };
-    const after = this.map.size - plan.removes.length + plan.adds.length;
-    for (const s of this.subscribers) {
-      if (after > s.maxRegions) {
-        throw new ClientLimitError(`${s.describe()} can follow at most ${s.maxRegions} regions; the transaction would leave ${after}`, {
-          client: s.ref(),
-        });
-      }
-    }
+    let regionsAfter: Region[] | undefined;
+    const views = checkSubscribers(
+      plan,
+      {
+        count: this.map.size - plan.removes.length + plan.adds.length,
+        bytes: this.map.bytes - sum(plan.removes) + sum(plan.adds),
+        regions: () => (regionsAfter ??= this.map.regionsAfter(plan)),
+      },
+      this.subscribers,
+      this.limits.pinBudgetBytes,
+    );
     const generation = this._generation + 1;
     const started = performance.now();
     for (const r of plan.adds) (this.backings.get(r.backing) as Backing).inflight++;
     try {
       const results = await this.fanOut([...this.subscribers], (s, seq) => {
         this.sendBackings(s, plan.backings);
-        s.send({ t: Msg.EV_TXN, seq, generation, ops: plan.ops });
+        const view = views.get(s);
+        s.send({ t: Msg.EV_TXN, seq, generation, ops: view ? viewOps(s.view, view) : plan.ops });
       }, generation);
       const failed = [...results].filter(([, r]) => r.kind === 'nack') as [Session, { kind: 'nack'; error: MmbError }][];
       if (failed.length > 0) {
@@ -313,6 +393,7 @@ export class AddressSpace {
       }
       this.apply(plan, generation);
       for (const [s, r] of results) if (r.kind === 'ack') s.ackedGeneration = generation;
+      for (const [s, view] of views) s.view = view;
       for (const s of this.subscribers) s.send({ t: Msg.EV_COMMITTED, generation });
       this.log.info(
         { generation, removes: plan.removes.length, sets: plan.sets.length, adds: plan.adds.length, clients: results.size, ms: +(performance.now() - started).toFixed(3) },

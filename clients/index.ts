@@ -1,5 +1,5 @@
 export { Connection, type BrokerTarget, type ConnectionOptions } from './connection.js';
-export { Subscriber, type SubscriberOptions, type SubscriberEvents, type ChangeEvent } from './subscriber.js';
+export { Subscriber, type SubscriberOptions, type SubscriberEvents, type ChangeEvent, type ClientReport } from './subscriber.js';
 export { MappingSubscriber } from './plain.js';
 export { GuestMemory, CHUNK_BYTES, type MappedRegion, type Chunk } from './memory.js';
 export { OwnerClient, fetchStatus, type OwnerOptions, type RegionSpec, type CreatedBacking } from './owner.js';

@@ -7,6 +7,7 @@ import {
   type BackingDropResult,
   type CommitOp,
   type CommitResult,
+  type FindFreeResult,
   type StatusResult,
 } from '../protocol/index.js';
 import { native } from '../native/index.js';
@@ -99,6 +100,12 @@ export class OwnerClient {
 
   removeRegion(region: number | string): Promise<CommitResult> {
     return this.commit([{ op: 'remove', region }]);
+  }
+
+  /** The lowest free GPA range of `size` bytes (feature PLACE), avoiding regions and every reserved range. */
+  async findFree(size: number, opts: { align?: number; min?: number; max?: number } = {}): Promise<number> {
+    const r = (await this.conn.request({ t: Msg.FIND_FREE, size, ...opts })) as FindFreeResult;
+    return r.gpa;
   }
 
   status(space?: string): Promise<StatusResult> {

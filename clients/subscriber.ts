@@ -20,6 +20,7 @@ import {
   toMmbError,
   type AttachResult,
   type EvSync,
+  type Report,
   type Region,
   type ToClient,
 } from '../protocol/index.js';
@@ -43,6 +44,10 @@ export interface SubscriberOptions extends ConnectionOptions {
   kind?: string;
   /** The most regions this client can follow; the broker refuses changes beyond it. */
   maxRegions?: number;
+  /** Follow a coalesced view: adjacent regions contiguous in one backing arrive merged (few slots). */
+  coalesce?: boolean;
+  /** This client pins every region it maps; `limit` bytes at most (the broker refuses changes beyond). */
+  pin?: { limit?: number };
   /** Reconnect and resume after the connection drops. Default true. */
   reconnect?: boolean;
   /** Delay before the first reconnect attempt; doubles up to 1 s. Default 20 ms. */
@@ -69,6 +74,8 @@ export interface SubscriberEvents {
 
 type Event = Exclude<ToClient, { t: typeof Msg.REPLY }>;
 
+export type ClientReport = Omit<Report, 't' | 'id'>;
+
 export class Subscriber extends EventEmitter<SubscriberEvents> {
   readonly space: string;
   readonly kind: string;
@@ -87,6 +94,7 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
   private closing = false;
   private syncWaiters: { resolve: () => void; reject: (e: MmbError) => void }[] = [];
   private clientId = 0;
+  private lastReport: ClientReport | undefined;
   private markClosed!: (reason: MmbError) => void;
   /** Rejects when close() is called; aborts waits on listeners' promises. */
   private readonly closed = new Promise<never>((_, reject) => (this.markClosed = reject));
@@ -141,6 +149,16 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
     return this.backings.get(id);
   }
 
+  /**
+   * Tells the broker what this client's IOMMU or pinning looks like (feature REPORT): reserved IOVA
+   * ranges, remaining DMA mappings, bytes actually pinned, coherency, backend, devices. Remembered and
+   * re-sent after a reconnect.
+   */
+  async report(r: ClientReport): Promise<void> {
+    this.lastReport = { ...this.lastReport, ...r };
+    if (this.conn && !this.conn.closed) await this.conn.request({ t: Msg.REPORT, ...r });
+  }
+
   /** Drops the connection without unmapping anything (as a crash of the link would); it reconnects if enabled. */
   dropConnection(): void {
     this.conn?.transport.destroy();
@@ -183,7 +201,10 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
         space: this.space,
         role: 'subscriber',
         kind: this.kind,
-        ...(this.opts.maxRegions !== undefined ? { limits: { maxRegions: this.opts.maxRegions } } : {}),
+        ...(this.opts.maxRegions !== undefined || this.opts.coalesce
+          ? { limits: { ...(this.opts.maxRegions !== undefined ? { maxRegions: this.opts.maxRegions } : {}), ...(this.opts.coalesce ? { coalesce: true } : {}) } }
+          : {}),
+        ...(this.opts.pin ? { pin: this.opts.pin.limit !== undefined ? { limit: this.opts.pin.limit } : {} } : {}),
         ...(useResume
           ? { resume: { epoch: this.epoch as string, generation: this._generation, backings: [...this.backings.keys()] } }
           : {}),
@@ -194,6 +215,8 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
       throw err;
     }
     this.clientId = result.client;
+    // Before the sync is acked, so the broker knows this client's constraints from the first transaction on.
+    if (this.lastReport) await conn.request({ t: Msg.REPORT, ...this.lastReport });
     await synced;
     if (resume) this.emit('reconnected', result);
   }

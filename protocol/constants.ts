@@ -15,6 +15,8 @@ export const Msg = {
   BACKING_ADD: 4,
   BACKING_DROP: 5,
   COMMIT: 6,
+  REPORT: 7,
+  FIND_FREE: 8,
 
   ACK: 16,
   NACK: 17,
@@ -39,8 +41,19 @@ export const MSG_NAMES: Readonly<Record<number, string>> = Object.fromEntries(
 export const Feature = {
   /** ATTACH may carry `resume` ({epoch, generation, backings}) and get deltas instead of a snapshot. */
   RESUME: 1 << 0,
+  /** REPORT: a subscriber tells the broker its reserved IOVA ranges, DMA-mapping budget, pinned bytes,
+   *  cache coherency; the broker refuses changes that collide with them before anything changes. */
+  REPORT: 1 << 1,
+  /** FIND_FREE: the owner asks for a free GPA range that avoids regions and every reserved range. */
+  PLACE: 1 << 2,
+  /** ATTACH.limits.coalesce: the subscriber follows a coalesced view (adjacent, contiguous regions of one
+   *  backing merged), so a client with few slots can follow a map of many regions. */
+  COALESCE: 1 << 3,
+  /** ATTACH.pin: the subscriber pins every region it maps; its pinned bytes count against its own limit
+   *  and the space's pin budget, checked before anything changes. */
+  PIN: 1 << 4,
 } as const;
-export const ALL_FEATURES = Feature.RESUME;
+export const ALL_FEATURES = Feature.RESUME | Feature.REPORT | Feature.PLACE | Feature.COALESCE | Feature.PIN;
 
 export const Role = { OWNER: 'owner', SUBSCRIBER: 'subscriber' } as const;
 export type Role = (typeof Role)[keyof typeof Role];

@@ -23,6 +23,7 @@ export type Errno =
   | 'ECONNRESET'
   | 'ESHUTDOWN'
   | 'ENOMEM'
+  | 'ECANCELED'
   | 'EIO';
 
 interface ErrorSpec {
@@ -61,12 +62,21 @@ export const ERROR_TABLE = {
   MMB_ERR_REGION_EXISTS: { errno: 'EEXIST', summary: 'A region with that name already exists in this address space.' },
   MMB_ERR_SPACE_LIMIT: { errno: 'ENOSPC', summary: 'The address space would exceed its region or backing limit.' },
   MMB_ERR_CLIENT_LIMIT: { errno: 'ENOSPC', summary: 'A subscriber\'s declared limit (max regions) would be exceeded; nothing was changed.' },
+  MMB_ERR_RESERVED_RANGE: { errno: 'EINVAL', summary: 'A region would cover an IOVA range a subscriber reported as reserved (MSI window, PCI hole); nothing was changed.' },
+  MMB_ERR_PIN_BUDGET: { errno: 'ENOSPC', summary: 'Pinning the memory would exceed a subscriber\'s pin limit or the address space\'s pin budget; nothing was changed.' },
+  MMB_ERR_NO_FREE_RANGE: { errno: 'ENOSPC', summary: 'No free GPA range of that size and alignment avoids every region and reserved range.' },
   MMB_ERR_STALE_GENERATION: { errno: 'ESTALE', summary: 'The generation named is not the current one (COMMIT.expect), or an ack names an event that is not pending.' },
   MMB_ERR_TOO_BUSY: { errno: 'EBUSY', summary: 'Too many transactions are queued on the address space.' },
 
   // --- fan-out and acks ---
   MMB_ERR_CLIENT_REFUSED: { errno: 'EIO', summary: 'A subscriber refused a transaction for a reason outside this table; the transaction was rolled back.' },
   MMB_ERR_MAP_FAILED: { errno: 'EIO', summary: 'A subscriber could not map or unmap memory (the errno of the failing syscall is carried).' },
+  MMB_ERR_PIN_FAILED: { errno: 'ENOMEM', summary: 'A subscriber could not pin memory (mlock or the IOMMU map failed; the syscall\'s errno is carried).' },
+  MMB_ERR_IOMMU: { errno: 'EIO', summary: 'A VFIO or iommufd operation failed (the ioctl\'s errno is carried).' },
+  MMB_ERR_KVM: { errno: 'EIO', summary: 'A KVM operation failed (the ioctl\'s errno is carried).' },
+  MMB_ERR_CANCELLED: { errno: 'ECANCELED', summary: 'Work in progress (pinning a large region) was cancelled, e.g. because the region was removed.' },
+  MMB_ERR_NO_DEVICE: { errno: 'ENOENT', summary: 'No such device, or it is not bound to vfio-pci, or its IOMMU group is not viable.' },
+  MMB_ERR_UNSUPPORTED: { errno: 'EOPNOTSUPP', summary: 'This machine lacks what the operation needs (no /dev/kvm, no /dev/vfio, no iommufd); the message says which.' },
   MMB_ERR_CLIENT_TIMEOUT: { errno: 'ETIMEDOUT', summary: 'A subscriber did not ack within the deadline and was evicted.' },
   MMB_ERR_SLOW_READER: { errno: 'ENOBUFS', summary: 'A peer let too many bytes queue up unread and was disconnected.' },
 
@@ -236,10 +246,19 @@ export const NoRegionError = define('MMB_ERR_NO_REGION');
 export const RegionExistsError = define('MMB_ERR_REGION_EXISTS');
 export const SpaceLimitError = define('MMB_ERR_SPACE_LIMIT');
 export const ClientLimitError = define('MMB_ERR_CLIENT_LIMIT');
+export const ReservedRangeError = define('MMB_ERR_RESERVED_RANGE');
+export const PinBudgetError = define('MMB_ERR_PIN_BUDGET');
+export const NoFreeRangeError = define('MMB_ERR_NO_FREE_RANGE');
 export const StaleGenerationError = define('MMB_ERR_STALE_GENERATION');
 export const TooBusyError = define('MMB_ERR_TOO_BUSY');
 export const ClientRefusedError = define('MMB_ERR_CLIENT_REFUSED');
 export const MapFailedError = define('MMB_ERR_MAP_FAILED');
+export const PinFailedError = define('MMB_ERR_PIN_FAILED');
+export const IommuError = define('MMB_ERR_IOMMU');
+export const KvmError = define('MMB_ERR_KVM');
+export const CancelledError = define('MMB_ERR_CANCELLED');
+export const NoDeviceError = define('MMB_ERR_NO_DEVICE');
+export const UnsupportedError = define('MMB_ERR_UNSUPPORTED');
 export const ClientTimeoutError = define('MMB_ERR_CLIENT_TIMEOUT');
 export const SlowReaderError = define('MMB_ERR_SLOW_READER');
 export const ConnectError = define('MMB_ERR_CONNECT');

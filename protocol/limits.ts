@@ -28,6 +28,8 @@ export interface SpaceLimits {
   maxQueuedCommits: number;
   /** How long a subscriber may take to ack a transaction (or a rollback) before it is evicted. */
   ackTimeoutMs: number;
+  /** Most bytes all pinning subscribers of the space may pin together (Infinity: no budget). */
+  pinBudgetBytes: number;
 }
 
 export const DEFAULT_SPACE_LIMITS: Readonly<SpaceLimits> = Object.freeze({
@@ -36,6 +38,7 @@ export const DEFAULT_SPACE_LIMITS: Readonly<SpaceLimits> = Object.freeze({
   historyLength: 1024,
   maxQueuedCommits: 1024,
   ackTimeoutMs: 10_000,
+  pinBudgetBytes: Number.POSITIVE_INFINITY,
 });
 
 export interface ConnectionLimits {

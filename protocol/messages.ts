@@ -1,7 +1,7 @@
 // Every message of protocol version 1: its schema (which is also its TypeScript type), its direction
 // and how many descriptors ride with it. docs/protocol.md describes the same table in prose;
 // test/protocol-docs.test.ts checks that every message here is documented there.
-import { Msg } from './constants.js';
+import { Feature, Msg } from './constants.js';
 import { DEFAULT_PROTOCOL_LIMITS as L } from './limits.js';
 import {
   array,
@@ -76,7 +76,11 @@ export const attach = object({
   role: literal('owner', 'subscriber'),
   /** What the client is ("plain", "kvm", "vhost", "vfio", "owner", ...): for status and logs. */
   kind: name(),
-  limits: optional(object({ maxRegions: optional(u32()) })),
+  /** maxRegions: the most regions (slots) the client can follow. coalesce (feature COALESCE): send this
+   *  client a view in which adjacent regions contiguous in one backing are merged. */
+  limits: optional(object({ maxRegions: optional(u32()), coalesce: optional(bool()) })),
+  /** Feature PIN: the client pins every region it maps; `limit` is the most bytes it may pin. */
+  pin: optional(object({ limit: optional(addr()) })),
   /** Feature RESUME: what the client already holds from an earlier connection. */
   resume: optional(object({ epoch: str(64, { minBytes: 1, printable: true }), generation: uint(), backings: array(u32(), 65_536) })),
 });
@@ -106,6 +110,38 @@ export const commit = object({
   ops: array(commitOp, L.maxOpsPerCommit),
   /** If given, the commit is refused with MMB_ERR_STALE_GENERATION unless this is the current generation. */
   expect: optional(uint()),
+});
+
+/** An inclusive range of I/O virtual addresses, as the kernel's VFIO and iommufd uAPIs report them. */
+export const iovaRange = object({ start: addr(), last: addr() });
+export type IovaRange = Infer<typeof iovaRange>;
+
+export const report = object({
+  t: t(Msg.REPORT),
+  id: u32(),
+  /** IOVA ranges the client cannot map (the complement of its usable ranges): RAM must not go there. */
+  reserved: optional(array(iovaRange, 1024)),
+  /** How many more DMA mappings the client's IOMMU accepts. */
+  dmaAvailable: optional(u32()),
+  /** Bytes the client has actually pinned now. */
+  pinned: optional(addr()),
+  /** Whether DMA of the client's domain is cache-coherent (false: the guest needs wbinvd emulation). */
+  coherent: optional(bool()),
+  /** What does the work ("soft", "type1", "iommufd", "kvm", "software"): shown in status and logs. */
+  backend: optional(name()),
+  /** Devices behind the client (PCI addresses). */
+  devices: optional(array(name(), 256)),
+});
+
+export const findFree = object({
+  t: t(Msg.FIND_FREE),
+  id: u32(),
+  size: addr(),
+  /** Alignment of the returned GPA, a power of two >= the page size. Default: the page size. */
+  align: optional(addr()),
+  /** Search [min, max): defaults 0 and 2^52. */
+  min: optional(addr()),
+  max: optional(addr()),
 });
 
 // --- client -> broker, no reply ------------------------------------------------------------------
@@ -163,6 +199,8 @@ export const attachResult = object({
 });
 
 export const backingAddResult = object({ backing: u32(), size: addr() });
+export const reportResult = object({});
+export const findFreeResult = object({ gpa: addr() });
 export const backingDropResult = object({ released: bool() });
 export const commitResult = object({
   generation: uint(),
@@ -182,6 +220,18 @@ const statusClient = object(
     transport: literal('socket', 'inproc'),
     ackedGeneration: uint(),
     state: literal('syncing', 'ready', 'applying'),
+    // Subscribers only:
+    /** Regions in this client's view (coalesced, if it coalesces). */
+    regions: optional(u32()),
+    maxRegions: optional(u32()),
+    coalesce: optional(bool()),
+    /** Pinning clients: their limit (nil: none), the bytes the broker predicts they pin, and what they reported. */
+    pin: optional(object({ limit: optional(addr()), predicted: addr(), actual: optional(addr()) }, { open: true })),
+    reserved: optional(array(iovaRange, 1024)),
+    dmaAvailable: optional(u32()),
+    coherent: optional(bool()),
+    backend: optional(name()),
+    devices: optional(array(name(), 256)),
   },
   { open: true },
 );
@@ -191,6 +241,10 @@ export const statusSpace = object(
     name: name(),
     epoch: str(64, { minBytes: 1 }),
     generation: uint(),
+    /** Bytes of guest memory in the map. */
+    bytes: optional(addr()),
+    /** The space's pin budget (limit nil: none), the predicted and the reported pinned bytes of all clients. */
+    pinBudget: optional(object({ limit: optional(addr()), predicted: addr(), actual: addr() }, { open: true })),
     regions: array(region, 1 << 20),
     backings: array(statusBacking, 1 << 20),
     clients: array(statusClient, 1 << 20),
@@ -234,6 +288,8 @@ export const MESSAGES: ReadonlyMap<number, MessageSpec> = new Map(
     spec(Msg.BACKING_ADD, 'BACKING_ADD', 'request', backingAdd, { fds: { kind: 'one' }, result: backingAddResult }),
     spec(Msg.BACKING_DROP, 'BACKING_DROP', 'request', backingDrop, { result: backingDropResult }),
     spec(Msg.COMMIT, 'COMMIT', 'request', commit, { result: commitResult }),
+    spec(Msg.REPORT, 'REPORT', 'request', report, { result: reportResult, feature: Feature.REPORT }),
+    spec(Msg.FIND_FREE, 'FIND_FREE', 'request', findFree, { result: findFreeResult, feature: Feature.PLACE }),
     spec(Msg.ACK, 'ACK', 'to-broker', ack),
     spec(Msg.NACK, 'NACK', 'to-broker', nack),
     spec(Msg.REPLY, 'REPLY', 'to-client', reply),
@@ -254,6 +310,8 @@ export type Attach = Infer<typeof attach>;
 export type BackingAdd = Infer<typeof backingAdd>;
 export type BackingDrop = Infer<typeof backingDrop>;
 export type Commit = Infer<typeof commit>;
+export type Report = Infer<typeof report>;
+export type FindFree = Infer<typeof findFree>;
 export type Ack = Infer<typeof ack>;
 export type Nack = Infer<typeof nack>;
 export type Reply = Infer<typeof reply>;
@@ -271,11 +329,13 @@ export type AttachResult = Infer<typeof attachResult>;
 export type BackingAddResult = Infer<typeof backingAddResult>;
 export type BackingDropResult = Infer<typeof backingDropResult>;
 export type CommitResult = Infer<typeof commitResult>;
+export type FindFreeResult = Infer<typeof findFreeResult>;
+export type ReportResult = Infer<typeof reportResult>;
 export type StatusResult = Infer<typeof statusResult>;
 export type StatusSpace = Infer<typeof statusSpace>;
 
 /** Messages a broker accepts. */
-export type ToBroker = Hello | Status | Attach | BackingAdd | BackingDrop | Commit | Ack | Nack;
+export type ToBroker = Hello | Status | Attach | BackingAdd | BackingDrop | Commit | Report | FindFree | Ack | Nack;
 /** Messages a client accepts. */
 export type ToClient =
   | Reply
