@@ -377,18 +377,34 @@ export class AddressSpace {
     const started = performance.now();
     for (const r of plan.adds) (this.backings.get(r.backing) as Backing).inflight++;
     try {
-      const results = await this.fanOut([...this.subscribers], (s, seq) => {
-        this.sendBackings(s, plan.backings);
-        const view = views.get(s);
-        s.send({ t: Msg.EV_TXN, seq, generation, ops: view ? viewOps(s.view, view) : plan.ops });
-      }, generation);
-      const failed = [...results].filter(([, r]) => r.kind === 'nack') as [Session, { kind: 'nack'; error: MmbError }][];
-      if (failed.length > 0) {
-        const applied = [...results].filter(([s, r]) => r.kind === 'ack' && !s.closed).map(([s]) => s);
-        await this.rollback(applied, generation);
-        const [who, { error }] = failed[0] as [Session, { kind: 'nack'; error: MmbError }];
-        const err = this.refusal(who, error, generation, failed.length);
-        this.log.warn({ generation, client: who.ref(), code: err.code, cause: error.message, rolledBack: applied.length }, 'transaction refused');
+      // At the first nack the transaction is void: everyone else gets EV_ROLLBACK at once, so a client
+      // still busy applying it (pinning gigabytes) can stop instead of finishing work that is undone.
+      let rollback: Promise<Map<Session, AckResult>> | undefined;
+      const refused: [Session, MmbError][] = [];
+      const targets = [...this.subscribers];
+      const results = await this.fanOut(
+        targets,
+        (s, seq) => {
+          this.sendBackings(s, plan.backings);
+          const view = views.get(s);
+          s.send({ t: Msg.EV_TXN, seq, generation, ops: view ? viewOps(s.view, view) : plan.ops });
+        },
+        generation,
+        (s, r) => {
+          if (r.kind !== 'nack') return;
+          refused.push([s, r.error]);
+          if (!rollback) {
+            const others = targets.filter((t) => t !== s && !t.closed);
+            rollback = this.fanOut(others, (t, seq) => t.send({ t: Msg.EV_ROLLBACK, seq, generation }), generation);
+          }
+        },
+      );
+      if (rollback) {
+        for (const [s, r] of await rollback) if (r.kind === 'nack') this.evict(s, this.refusal(s, r.error, generation));
+        // A client that stopped because of the rollback is not the cause: report the first real refusal.
+        const [who, error] = refused.find(([, e]) => e.code !== 'MMB_ERR_CANCELLED') ?? (refused[0] as [Session, MmbError]);
+        const err = this.refusal(who, error, generation, refused.filter(([, e]) => e.code !== 'MMB_ERR_CANCELLED').length || 1);
+        this.log.warn({ generation, client: who.ref(), code: err.code, cause: error.message }, 'transaction refused and rolled back');
         throw err;
       }
       this.apply(plan, generation);
@@ -422,6 +438,7 @@ export class AddressSpace {
     targets: readonly Session[],
     send: (s: Session, seq: number) => void,
     generation: number,
+    onResult?: (s: Session, r: AckResult) => void,
   ): Promise<Map<Session, AckResult>> {
     const results = new Map<Session, AckResult>();
     const pending = new Map<Session, number>();
@@ -438,6 +455,7 @@ export class AddressSpace {
         s.applying = false;
         pending.delete(s);
         results.set(s, r);
+        onResult?.(s, r);
       });
     });
     const timer = setTimeout(() => {
@@ -451,14 +469,6 @@ export class AddressSpace {
       }
     }
     return results;
-  }
-
-  private async rollback(applied: Session[], generation: number): Promise<void> {
-    if (applied.length === 0) return;
-    const results = await this.fanOut(applied, (s, seq) => s.send({ t: Msg.EV_ROLLBACK, seq, generation }), generation);
-    for (const [s, r] of results) {
-      if (r.kind === 'nack') this.evict(s, this.refusal(s, r.error, generation));
-    }
   }
 
   private apply(plan: Plan, generation: number): void {

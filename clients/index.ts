@@ -4,4 +4,4 @@ export { MappingSubscriber } from './plain.js';
 export { GuestMemory, CHUNK_BYTES, type MappedRegion, type Chunk } from './memory.js';
 export { OwnerClient, fetchStatus, type OwnerOptions, type RegionSpec, type CreatedBacking } from './owner.js';
 export { createSealedMemfd, type SealedMemfdOptions } from './memfd.js';
-export { diff, inverse, applyOps, toView, type Applier, type Change, type LocalBacking, type ViewRegion } from './view.js';
+export { diff, inverse, applyOps, toView, type Applier, type ApplyContext, type Change, type LocalBacking, type ViewRegion } from './view.js';

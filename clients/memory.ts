@@ -10,7 +10,7 @@
 // regions are often larger. slice() returns a view inside one chunk; read() and write() cross chunks.
 import { constants, isNativeError, native, type Mapping } from '../native/index.js';
 import { InvalidArgError, MapFailedError, NoRegionError } from '../protocol/index.js';
-import type { Applier, Change, LocalBacking, ViewRegion } from './view.js';
+import type { Applier, ApplyContext, Change, LocalBacking, ViewRegion } from './view.js';
 
 /** Largest single mapping: a power of two, so chunk boundaries stay page (and huge page) aligned. */
 export const CHUNK_BYTES = 2 ** 30;
@@ -35,7 +35,7 @@ export class GuestMemory implements Applier {
   /** Sorted by gpa, for translation. */
   private sorted: MappedRegion[] = [];
 
-  apply(change: Change, backings: ReadonlyMap<number, LocalBacking>): void {
+  apply(change: Change, backings: ReadonlyMap<number, LocalBacking>, _ctx?: ApplyContext): void {
     const made: MappedRegion[] = [];
     try {
       for (const r of change.added) made.push(this.map(r, backings));

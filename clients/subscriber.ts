@@ -12,6 +12,7 @@
 import { EventEmitter } from 'eventemitter3';
 import { native } from '../native/index.js';
 import {
+  CancelledError,
   DisconnectedError,
   Feature,
   MmbError,
@@ -23,6 +24,7 @@ import {
   type Report,
   type Region,
   type ToClient,
+  type TxnOp,
 } from '../protocol/index.js';
 import { closeAll } from '../transport/index.js';
 import { Connection, type BrokerTarget, type ConnectionOptions } from './connection.js';
@@ -33,6 +35,7 @@ import {
   isEmpty,
   toView,
   type Applier,
+  type ApplyContext,
   type Change,
   type LocalBacking,
   type ViewRegion,
@@ -56,6 +59,8 @@ export interface SubscriberOptions extends ConnectionOptions {
 
 export interface ChangeEvent {
   readonly change: Change;
+  /** Aborted if the change becomes void before it is acked (rolled back, or the subscriber closes). */
+  readonly signal: AbortSignal;
   /** Delays the ack until `p` settles; a rejection nacks the transaction with that error. */
   waitUntil(p: Promise<unknown>): void;
 }
@@ -76,6 +81,17 @@ type Event = Exclude<ToClient, { t: typeof Msg.REPLY }>;
 
 export type ClientReport = Omit<Report, 't' | 'id'>;
 
+/** A promise that rejects with the signal's reason once it is aborted. */
+function aborted(signal: AbortSignal): Promise<never> {
+  return new Promise((_, reject) => {
+    if (signal.aborted) reject(signal.reason);
+    else signal.addEventListener('abort', () => reject(signal.reason), { once: true });
+  });
+}
+
+/** For undoing a change: that must run to the end. */
+const NO_CANCEL: ApplyContext = { signal: new AbortController().signal, cancelled: () => false };
+
 export class Subscriber extends EventEmitter<SubscriberEvents> {
   readonly space: string;
   readonly kind: string;
@@ -95,6 +111,8 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
   private syncWaiters: { resolve: () => void; reject: (e: MmbError) => void }[] = [];
   private clientId = 0;
   private lastReport: ClientReport | undefined;
+  /** The change the applier is working on right now, and how to stop it. */
+  private inflight: { change: Change; abort: AbortController; cancelledKeys: Set<string> } | undefined;
   private markClosed!: (reason: MmbError) => void;
   /** Rejects when close() is called; aborts waits on listeners' promises. */
   private readonly closed = new Promise<never>((_, reject) => (this.markClosed = reject));
@@ -169,6 +187,7 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
     if (this.closing) return;
     this.closing = true;
     this.markClosed(new DisconnectedError('the subscriber is closing'));
+    this.inflight?.abort.abort(new CancelledError('the subscriber is closing'));
     this.conn?.close();
     await this.chain;
     await this.applier.close?.();
@@ -280,9 +299,14 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
         }
         return;
       case Msg.EV_TXN:
+        this.cancelRemoved(msg.ops);
         this.enqueue(() => this.onTxn(conn, msg.seq, msg.generation, msg.ops));
         return;
       case Msg.EV_ROLLBACK:
+        // The transaction being applied right now is void: stop it early (its nack is then truthful).
+        if (this.inflight?.change.cause === 'txn' && this.inflight.change.generation === msg.generation) {
+          this.inflight.abort.abort(new CancelledError(`generation ${msg.generation} was rolled back`));
+        }
         this.enqueue(() => this.onRollback(conn, msg.seq, msg.generation));
         return;
       case Msg.EV_COMMITTED:
@@ -300,6 +324,16 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
       case Msg.EV_ERROR:
         this.emit('error', MmbError.fromWire(msg.error));
         return;
+    }
+  }
+
+  /** A queued transaction removes regions the in-flight change is still establishing: tell the applier. */
+  private cancelRemoved(ops: readonly TxnOp[]): void {
+    const inflight = this.inflight;
+    if (!inflight) return;
+    for (const op of ops) {
+      if (op.op !== 'remove') continue;
+      for (const r of inflight.change.added) if (r.id === op.region) inflight.cancelledKeys.add(r.key);
     }
   }
 
@@ -386,27 +420,35 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
     target: ReadonlyMap<number, Region>,
   ): Promise<Change | undefined> {
     let change: Change;
+    const abort = new AbortController();
+    const cancelledKeys = new Set<string>();
     try {
       const views = [...target.values()].map((r) => toView(r, this.backings));
       change = diff(this.actual, views, generation, cause);
-      if (!isEmpty(change)) await this.applier.apply(change, this.backings);
+      this.inflight = { change, abort, cancelledKeys };
+      if (!isEmpty(change)) {
+        await this.applier.apply(change, this.backings, { signal: abort.signal, cancelled: (key) => cancelledKeys.has(key) });
+      }
     } catch (err) {
+      this.inflight = undefined;
       this.nack(conn, seq, err);
       return undefined;
     }
     const waits: Promise<unknown>[] = [];
-    this.emit('change', { change, waitUntil: (p) => void waits.push(p) });
+    this.emit('change', { change, signal: abort.signal, waitUntil: (p) => void waits.push(p) });
     try {
-      // A listener's promise that never settles must not keep close() waiting forever.
-      if (waits.length > 0) await Promise.race([Promise.all(waits), this.closed]);
+      // A listener's promise that never settles must not keep close() or a rollback waiting forever.
+      if (waits.length > 0) await Promise.race([Promise.all(waits), this.closed, aborted(abort.signal)]);
     } catch (err) {
       try {
-        if (!isEmpty(change)) await this.applier.apply(inverse(change), this.backings);
+        if (!isEmpty(change)) await this.applier.apply(inverse(change), this.backings, NO_CANCEL);
       } catch (undoErr) {
         this.emit('error', toMmbError(undoErr));
       }
       this.nack(conn, seq, err);
       return undefined;
+    } finally {
+      this.inflight = undefined;
     }
     for (const r of change.removed) this.actual.delete(r.key);
     for (const { after } of change.updated) this.actual.set(after.key, after);

@@ -35,13 +35,29 @@ export interface Change {
   added: ViewRegion[];
 }
 
+/** What an applier can consult while it works on a change that takes long (pinning gigabytes). */
+export interface ApplyContext {
+  /**
+   * Aborted when the whole change is void: the broker rolled the transaction back, or the subscriber is
+   * closing. The applier should stop, undo what it did, and throw (MMB_ERR_CANCELLED).
+   */
+  signal: AbortSignal;
+  /**
+   * True once a transaction queued behind this change removes the region with this key. The applier may
+   * then stop establishing that region (undoing its part) and carry on with the rest; the region still
+   * counts as established, and the queued removal will hand it back in `removed`, where removing a region
+   * that was never fully established must be a no-op.
+   */
+  cancelled(key: string): boolean;
+}
+
 /** Makes changes real for one client kind (mappings, memslots, IOMMU mappings). */
 export interface Applier {
   /**
    * Establishes `change`. On failure it must throw (ideally an MmbError with a meaningful code) and leave
    * everything exactly as it was before the call: the subscriber then nacks and the broker rolls back.
    */
-  apply(change: Change, backings: ReadonlyMap<number, LocalBacking>): void | Promise<void>;
+  apply(change: Change, backings: ReadonlyMap<number, LocalBacking>, ctx: ApplyContext): void | Promise<void>;
   /** Releases everything it established (the subscriber is closing). */
   close?(): void | Promise<void>;
 }

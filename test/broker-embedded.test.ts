@@ -271,6 +271,28 @@ describe('rollback and eviction (in-process: same semantics as over the socket)'
     expect(memfdMaps(process.pid, 'ram')).toHaveLength(0);
   });
 
+  it('fails fast: a refusal stops a subscriber that is still applying, and the owner hears at once', async () => {
+    const { broker, owner, ram } = await setup({ limits: { ackTimeoutMs: 10_000 } });
+    const slow = await sub(broker, { name: 'slow' });
+    let aborted: unknown;
+    slow.on('change', (e) => {
+      e.signal.addEventListener('abort', () => (aborted = e.signal.reason));
+      e.waitUntil(new Promise((r) => setTimeout(r, 5000)));
+    });
+    const picky = await sub(broker, { name: 'picky' });
+    picky.on('change', (e) => e.waitUntil(Promise.reject(new ClientRefusedError('no'))));
+    const t0 = Date.now();
+    const err = await owner.addRegion({ name: 'x', gpa: 0, size: 4 * MiB, backing: ram.backing }).catch((e) => e);
+    expect(Date.now() - t0).toBeLessThan(2000); // not the slow client's 5 s
+    expect(err.code).toBe('MMB_ERR_CLIENT_REFUSED');
+    expect(err.client.name).toBe('picky');
+    expect(isMmbError(aborted, 'MMB_ERR_CANCELLED')).toBe(true);
+    expect(slow.regions()).toHaveLength(0);
+    expect(memfdMaps(process.pid, 'ram')).toHaveLength(0);
+    // Nobody was evicted: stopping early is not a failure.
+    expect(broker.status('vm0').spaces[0]!.clients.map((c) => c.name).sort()).toEqual(['owner', 'picky', 'slow']);
+  });
+
   it('the next transaction after a rollback reuses the generation number', async () => {
     const { broker, owner, ram } = await setup();
     const picky = await sub(broker);
