@@ -5,6 +5,7 @@
 import pino, { type Logger } from 'pino';
 import {
   ALL_FEATURES,
+  BadMessageError,
   DEFAULT_CONNECTION_LIMITS,
   DEFAULT_PROTOCOL_LIMITS,
   DEFAULT_SPACE_LIMITS,
@@ -14,6 +15,7 @@ import {
   Msg,
   NoSpaceError,
   NotOwnerError,
+  PROTOCOL_MAXIMA,
   PROTOCOL_VERSION,
   PermissionError,
   ShutdownError,
@@ -73,6 +75,13 @@ export class Broker implements InProcessConnector {
     this.log = opts.logger ?? pino({ level: 'silent' });
     this.spaceLimits = { ...DEFAULT_SPACE_LIMITS, ...opts.limits };
     this.protocolLimits = { ...DEFAULT_PROTOCOL_LIMITS, ...opts.protocol };
+    for (const [key, max] of Object.entries(PROTOCOL_MAXIMA) as [keyof ProtocolLimits, number][]) {
+      const v = this.protocolLimits[key];
+      if (!Number.isSafeInteger(v) || v < 1 || v > max) throw new InvalidArgError(`protocol limit ${key} must be 1..${max}, not ${v}`);
+    }
+    if (this.protocolLimits.maxNameBytes !== PROTOCOL_MAXIMA.maxNameBytes) {
+      throw new InvalidArgError(`names are ${PROTOCOL_MAXIMA.maxNameBytes} bytes in protocol version ${PROTOCOL_VERSION}`);
+    }
     this.connectionLimits = { ...DEFAULT_CONNECTION_LIMITS, ...opts.connection };
     this.ownerUids = new Set(opts.ownerUids ?? [process.getuid?.() ?? 0]);
     for (const name of opts.spaces ?? []) this.createSpace(name);
@@ -230,6 +239,9 @@ export class Broker implements InProcessConnector {
       case Msg.BACKING_DROP:
         return this.ownedSpace(session).dropBacking(session, msg.backing);
       case Msg.COMMIT:
+        if (msg.ops.length > this.protocolLimits.maxOpsPerCommit) {
+          throw new BadMessageError(`COMMIT.ops: ${msg.ops.length} ops exceed this broker's limit of ${this.protocolLimits.maxOpsPerCommit}`);
+        }
         return this.ownedSpace(session).commit(session, msg.ops, msg.expect);
       case Msg.REPORT:
         return this.attachedSpace(session).report(session, msg);

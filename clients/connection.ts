@@ -102,6 +102,7 @@ export class Connection extends EventEmitter<ConnectionEvents> {
       })) as HelloResult;
       conn.hello = hello;
       conn.features = hello.features;
+      transport.setLimits({ maxFrameBytes: hello.limits.maxFrameBytes, maxFdsPerFrame: hello.limits.maxFdsPerFrame });
     } catch (err) {
       transport.destroy();
       throw err;
@@ -153,6 +154,10 @@ export class Connection extends EventEmitter<ConnectionEvents> {
     if (!p) return; // a reply after its deadline: the caller has already been told
     this.pending.delete(msg.id);
     clearTimeout(p.timer);
+    if ((msg.error === undefined) === (msg.result === undefined)) {
+      this.transport.destroy(new ProtocolError(`the broker's reply to ${p.name} must carry exactly one of result and error`));
+      return;
+    }
     if (msg.error) {
       p.reject(MmbError.fromWire(msg.error));
       return;

@@ -2,10 +2,15 @@
 // strings, bools and nil. msgpackr's JS-only extensions (records, undefined as fixext, structured
 // clones) are switched off so a C or Rust peer with a stock library reads every byte.
 //
+// Received bodies are checked to be plain msgpack before they are decoded: no floats, no bin, no
+// extensions, strings valid UTF-8 (msgpackr would turn a timestamp extension into a Date and invalid
+// UTF-8 into U+FFFD; a strict C peer refuses both, and so do we).
+//
 // One fix-up: msgpackr writes a JS number that is an integer beyond 32 bits as float64 (0xcb). GPAs,
 // sizes and offsets are such integers, and a C peer must read them as integers, so after packing we walk
 // the encoded value and rewrite every integer-valued float64 as uint64 (0xcf) or int64 (0xd3). All three
 // tokens are 9 bytes long, so the rewrite happens in place.
+import { isUtf8 } from 'node:buffer';
 import { Packr, Unpackr } from 'msgpackr';
 import { BadFrameError } from './errors.js';
 
@@ -29,17 +34,18 @@ const TWO_63 = 2 ** 63;
 const TWO_64 = 2 ** 64;
 
 /**
- * Rewrites integer-valued float64 tokens of one msgpack value in `b` as uint64 / int64.
- * Walks the structure with a count of values still to read, so string and bin payloads are skipped,
- * never misread as tokens.
+ * Walks one msgpack value in `b` token by token, calling `visit(code, offset)` for every token before
+ * moving past it. Keeps a count of values still to read, so string and bin payloads are skipped, never
+ * misread as tokens. Throws on truncation or the reserved byte 0xc1.
  */
-export function integerizeFloats(b: Uint8Array): void {
+function walk(b: Uint8Array, visit: (code: number, at: number, dv: DataView) => void): void {
   const dv = new DataView(b.buffer, b.byteOffset, b.byteLength);
   let i = 0;
   let remaining = 1;
   while (remaining > 0) {
-    if (i >= b.length) throw new Error('integerizeFloats: truncated msgpack value');
+    if (i >= b.length) throw new Error('truncated msgpack value');
     const c = b[i] as number;
+    visit(c, i, dv);
     remaining--;
     if (c <= 0x7f || c >= 0xe0 || c === 0xc0 || c === 0xc2 || c === 0xc3) i += 1;
     else if (c <= 0x8f) (remaining += 2 * (c & 0x0f)), (i += 1);
@@ -54,20 +60,7 @@ export function integerizeFloats(b: Uint8Array): void {
         case 0xc8: i += 4 + dv.getUint16(i + 1); break;
         case 0xc9: i += 6 + dv.getUint32(i + 1); break;
         case 0xca: i += 5; break;
-        case 0xcb: {
-          const v = dv.getFloat64(i + 1);
-          if (Number.isInteger(v)) {
-            if (v >= TWO_32 && v < TWO_64) {
-              b[i] = 0xcf;
-              dv.setBigUint64(i + 1, BigInt(v));
-            } else if (v < -(TWO_32 / 2) && v >= -TWO_63) {
-              b[i] = 0xd3;
-              dv.setBigInt64(i + 1, BigInt(v));
-            }
-          }
-          i += 9;
-          break;
-        }
+        case 0xcb: i += 9; break;
         case 0xcc: case 0xd0: i += 2; break;
         case 0xcd: case 0xd1: i += 3; break;
         case 0xce: case 0xd2: i += 5; break;
@@ -84,8 +77,53 @@ export function integerizeFloats(b: Uint8Array): void {
         case 0xdd: (remaining += dv.getUint32(i + 1)), (i += 5); break;
         case 0xde: (remaining += 2 * dv.getUint16(i + 1)), (i += 3); break;
         case 0xdf: (remaining += 2 * dv.getUint32(i + 1)), (i += 5); break;
-        default: throw new Error(`integerizeFloats: reserved msgpack byte 0x${c.toString(16)}`);
+        default: throw new Error(`reserved msgpack byte 0x${c.toString(16)}`);
       }
+  }
+}
+
+/** Rewrites integer-valued float64 tokens of one msgpack value in `b` as uint64 / int64, in place. */
+export function integerizeFloats(b: Uint8Array): void {
+  walk(b, (c, i, dv) => {
+    if (c !== 0xcb) return;
+    const v = dv.getFloat64(i + 1);
+    if (!Number.isInteger(v)) return;
+    if (v >= TWO_32 && v < TWO_64) {
+      b[i] = 0xcf;
+      dv.setBigUint64(i + 1, BigInt(v));
+    } else if (v < -(TWO_32 / 2) && v >= -TWO_63) {
+      b[i] = 0xd3;
+      dv.setBigInt64(i + 1, BigInt(v));
+    }
+  });
+}
+
+/** Where a string token's payload starts and how long it is. */
+function strPayload(c: number, i: number, dv: DataView): [number, number] | undefined {
+  if (c >= 0xa0 && c <= 0xbf) return [i + 1, c & 0x1f];
+  if (c === 0xd9) return [i + 2, dv.getUint8(i + 1)];
+  if (c === 0xda) return [i + 3, dv.getUint16(i + 1)];
+  if (c === 0xdb) return [i + 5, dv.getUint32(i + 1)];
+  return undefined;
+}
+
+/**
+ * What makes a body not plain msgpack, or undefined: floats (0xca, 0xcb), bin (0xc4-0xc6) and extension
+ * types (0xc7-0xc9, 0xd4-0xd8) are not part of the protocol, and strings must be valid UTF-8.
+ */
+export function plainProblem(b: Uint8Array): string | undefined {
+  try {
+    walk(b, (c, i, dv) => {
+      if (c === 0xca || c === 0xcb) throw new Error('floats are not used by the protocol');
+      if ((c >= 0xc4 && c <= 0xc9) || (c >= 0xd4 && c <= 0xd8)) {
+        throw new Error(`msgpack type 0x${c.toString(16)} (bin or extension) is not used by the protocol`);
+      }
+      const s = strPayload(c, i, dv);
+      if (s && s[1] > 0 && !isUtf8(b.subarray(s[0], s[0] + s[1]))) throw new Error('a string is not valid UTF-8');
+    });
+    return undefined;
+  } catch (err) {
+    return (err as Error).message;
   }
 }
 

@@ -8,9 +8,10 @@
 // the frame's first byte. A batch nobody can claim any more, a frame whose batch is missing or has the
 // wrong count, is a protocol error (MMB_ERR_FD_MISMATCH): the fds are closed and the connection dropped.
 import { HEADER_SIZE, MSG_NAMES } from './constants.js';
-import { decodeBody, encodeBody } from './codec.js';
+import { decodeBody, encodeBody, plainProblem } from './codec.js';
 import {
   BadFrameError,
+  BadMessageError,
   FdMismatchError,
   FrameTooLargeError,
   TooManyFdsError,
@@ -47,6 +48,9 @@ export interface Frame {
   fds: number[];
   /** Total bytes on the wire, header included. */
   size: number;
+  /** Set when the body decoded but is not plain msgpack (a float, an extension, bad UTF-8): the frame
+   *  boundary is intact, so the message is refused (MMB_ERR_BAD_MESSAGE) without dropping the stream. */
+  invalid?: MmbError;
 }
 
 interface FdBatch {
@@ -85,7 +89,12 @@ export class FrameDecoder {
   /** Fds of a frame that failed after claiming them. */
   private orphans: number[] = [];
 
-  constructor(private readonly limits: FrameLimits) {}
+  constructor(private limits: FrameLimits) {}
+
+  /** Changes the limits for frames not started yet. */
+  setLimits(limits: Partial<FrameLimits>): void {
+    this.limits = { ...this.limits, ...limits };
+  }
 
   /** Appends bytes (copied) and the fds that arrived with them. Takes ownership of `fds`. */
   push(bytes: Uint8Array, fds: readonly number[] = []): void {
@@ -151,7 +160,10 @@ export class FrameDecoder {
             this.fail(err as MmbError);
           }
           const map = body as Record<string, unknown>;
-          return { type: map.t as number, body: map, fds, size: total };
+          const problem = plainProblem(bodyBytes);
+          const frame: Frame = { type: map.t as number, body: map, fds, size: total };
+          if (problem) frame.invalid = new BadMessageError(problem);
+          return frame;
         }
       }
     }

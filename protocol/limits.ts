@@ -12,6 +12,17 @@ export interface ProtocolLimits {
   maxNameBytes: number;
 }
 
+/**
+ * The most any broker may announce: schemas accept lists up to these, while a broker enforces its own
+ * (possibly lower) configured limits. Names are 64 bytes in version 1, not configurable.
+ */
+export const PROTOCOL_MAXIMA: Readonly<ProtocolLimits> = Object.freeze({
+  maxFrameBytes: 64 << 20,
+  maxFdsPerFrame: 253,
+  maxOpsPerCommit: 65_536,
+  maxNameBytes: 64,
+});
+
 export const DEFAULT_PROTOCOL_LIMITS: Readonly<ProtocolLimits> = Object.freeze({
   maxFrameBytes: 1 << 20,
   maxFdsPerFrame: 64,

@@ -2,7 +2,7 @@
 // and how many descriptors ride with it. docs/protocol.md describes the same table in prose;
 // test/protocol-docs.test.ts checks that every message here is documented there.
 import { Feature, Msg } from './constants.js';
-import { DEFAULT_PROTOCOL_LIMITS as L } from './limits.js';
+import { PROTOCOL_MAXIMA as L } from './limits.js';
 import {
   array,
   bool,

@@ -11,6 +11,7 @@ export type Side = 'broker' | 'client';
 function check(frame: Frame, side: Side, features: number): { spec: MessageSpec; message: Record<string, unknown> } {
   const spec = MESSAGES.get(frame.type);
   if (!spec) throw new UnknownMessageError(`message id ${frame.type} is not defined`);
+  if (frame.invalid) throw frame.invalid;
   const inbound = side === 'broker' ? spec.direction !== 'to-client' : spec.direction === 'to-client';
   if (!inbound) throw new UnknownMessageError(`${spec.name} (${spec.id}) is not accepted by a ${side}`);
   if (spec.feature !== 0 && (features & spec.feature) === 0) {

@@ -192,6 +192,34 @@ describe('message validation', () => {
   });
 });
 
+describe('only plain msgpack is accepted', () => {
+  const viaDecoder = (hexBody: string) => {
+    const body = Buffer.from(hexBody, 'hex');
+    const h = Buffer.alloc(8);
+    h.writeUInt32LE(body.length, 0);
+    const d = new FrameDecoder(limits);
+    d.push(Buffer.concat([h, body, h, Buffer.from(encodeBody({ t: 16, seq: 2 }))].slice(0, 2)));
+    const frame = d.next() as Frame;
+    return { frame, code: codeOf(() => parseToBroker(frame, 1)), next: d };
+  };
+  it('an integer-valued float64 is refused (MMB_ERR_BAD_MESSAGE), the stream stays usable', () => {
+    const { frame, code, next } = viaDecoder('82a17410a3736571cb4059000000000000'); // {t:16, seq: 100.0}
+    expect(frame.body.seq).toBe(100);
+    expect(code).toBe('MMB_ERR_BAD_MESSAGE');
+    expect(frame.invalid?.message).toMatch(/floats/);
+    const ok = Buffer.from(encodeBody({ t: 16, seq: 2 }));
+    const h = Buffer.alloc(8);
+    h.writeUInt32LE(ok.length, 0);
+    next.push(Buffer.concat([h, ok]));
+    expect(codeOf(() => parseToBroker(next.next() as Frame, 1))).toBeUndefined();
+  });
+  it('bin and invalid UTF-8 are refused', () => {
+    expect(viaDecoder('83a17402a2696401a5737061636ec40176').code).toBe('MMB_ERR_BAD_MESSAGE'); // space: bin
+    expect(viaDecoder('83a17402a2696401a57370616365a2c328').code).toBe('MMB_ERR_BAD_MESSAGE'); // space: "\xc3\x28"
+    expect(viaDecoder('83a17402a2696401a57370616365a3766d30').code).toBeUndefined(); // space: "vm0"
+  });
+});
+
 describe('integers on the wire are msgpack integers', () => {
   it('writes integers beyond 32 bits as uint64 / int64, not float64', () => {
     expect(Buffer.from(encodeBody(2 ** 40)).toString('hex')).toBe('cf0000010000000000');

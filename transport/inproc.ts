@@ -34,7 +34,7 @@ export class InProcessTransport extends EventEmitter<TransportEvents> implements
   private _closed = false;
   private closing = false;
 
-  private constructor(private readonly maxFrameBytes: number) {
+  private constructor(private maxFrameBytes: number) {
     super();
   }
 
@@ -92,6 +92,10 @@ export class InProcessTransport extends EventEmitter<TransportEvents> implements
 
   setRef(_ref: boolean): void {
     // Nothing keeps the event loop alive here: there is no handle.
+  }
+
+  setLimits(limits: { maxFrameBytes?: number; maxFdsPerFrame?: number }): void {
+    if (limits.maxFrameBytes !== undefined) this.maxFrameBytes = limits.maxFrameBytes;
   }
 
   private afterDrain: (() => void) | undefined;

@@ -53,8 +53,8 @@ export class SocketTransport extends EventEmitter<TransportEvents> implements Tr
   private endTimer: NodeJS.Timeout | undefined;
   private events = 0;
   private _closed = false;
-  private readonly maxFrameBytes: number;
-  private readonly maxFdsPerFrame: number;
+  private maxFrameBytes: number;
+  private maxFdsPerFrame: number;
   private readonly maxOutboundBytes: number;
   private readonly farewell: ((reason: MmbError) => object | undefined) | undefined;
 
@@ -139,6 +139,12 @@ export class SocketTransport extends EventEmitter<TransportEvents> implements Tr
 
   setRef(ref: boolean): void {
     if (this.poll) native.pollRef(this.poll, ref);
+  }
+
+  setLimits(limits: { maxFrameBytes?: number; maxFdsPerFrame?: number }): void {
+    if (limits.maxFrameBytes !== undefined) this.maxFrameBytes = limits.maxFrameBytes;
+    if (limits.maxFdsPerFrame !== undefined) this.maxFdsPerFrame = limits.maxFdsPerFrame;
+    this.decoder.setLimits({ maxFrameBytes: this.maxFrameBytes, maxFdsPerFrame: this.maxFdsPerFrame });
   }
 
   private enqueue(p: Pending): void {

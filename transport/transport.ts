@@ -29,4 +29,6 @@ export interface Transport extends EventEmitter<TransportEvents> {
   destroy(reason?: MmbError): void;
   /** Stops or resumes keeping the process alive for this transport (sockets only). */
   setRef(ref: boolean): void;
+  /** Adopts the limits the peer announced (a client does this after HELLO). */
+  setLimits(limits: { maxFrameBytes?: number; maxFdsPerFrame?: number }): void;
 }
