@@ -3,7 +3,7 @@
 // `npm test` builds first.
 //
 // argv: --socket PATH --space NAME [--name NAME] [--nack PREFIX] [--ack-delay MS] [--max-regions N]
-//       [--no-reconnect] [--reconnect-delay MS]
+//       [--no-reconnect] [--reconnect-delay MS] [--coalesce]
 // stdin commands: {"cmd":"read","gpa":N,"len":N} {"cmd":"write","gpa":N,"hex":"..."} {"cmd":"regions"}
 //                 {"cmd":"drop"} {"cmd":"exit"}
 import { parseArgs } from 'node:util';
@@ -20,6 +20,7 @@ const { values } = parseArgs({
     'max-regions': { type: 'string' },
     'no-reconnect': { type: 'boolean' },
     'reconnect-delay': { type: 'string' },
+    coalesce: { type: 'boolean' },
   },
 });
 const out = (ev) => process.stdout.write(JSON.stringify(ev) + '\n');
@@ -30,6 +31,7 @@ const sub = await MappingSubscriber.attach(values.socket, {
   reconnect: !values['no-reconnect'],
   ...(values['reconnect-delay'] ? { reconnectDelayMs: Number(values['reconnect-delay']) } : {}),
   ...(values['max-regions'] ? { maxRegions: Number(values['max-regions']) } : {}),
+  ...(values.coalesce ? { coalesce: true } : {}),
 });
 const regions = () =>
   sub.memory.regions().map((m) => ({ id: m.region.id, name: m.region.name, gpa: m.region.gpa, size: m.region.size, address: m.address, readonly: m.region.readonly }));
