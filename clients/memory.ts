@@ -6,8 +6,12 @@
 // never conflict in our address space, so a failed mmap can be undone by unmapping the new mappings alone
 // and the change stays all-or-nothing without ever remapping old memory.
 //
-// A region is mapped in chunks of at most 1 GiB: Node 20 caps an ArrayBuffer at 4 GiB, and guest RAM
-// regions are often larger. slice() returns a view inside one chunk; read() and write() cross chunks.
+// A region is mapped at one contiguous host range, as chunks of at most 1 GiB: Node 20 caps an
+// ArrayBuffer at 4 GiB, and guest RAM regions are often larger. slice() returns one view inside one
+// chunk; segments(), read() and write() cross chunks and adjacent regions, and refuse holes.
+//
+// Translation (GPA -> memory) is the hot path of every device back-end: a binary search over two flat
+// Float64Arrays of region starts and ends, tried after the region of the last hit.
 import { constants, isNativeError, native, type Mapping } from '../native/index.js';
 import { InvalidArgError, MapFailedError, NoRegionError } from '../protocol/index.js';
 import type { Applier, ApplyContext, Change, LocalBacking, ViewRegion } from './view.js';
@@ -34,6 +38,12 @@ export class GuestMemory implements Applier {
   private readonly byKey = new Map<string, MappedRegion>();
   /** Sorted by gpa, for translation. */
   private sorted: MappedRegion[] = [];
+  /** The translation table: starts[i] / ends[i] (exclusive) of sorted[i], in flat typed arrays so the
+   *  binary search of the hot path touches two cache-friendly arrays and no objects. */
+  private starts = new Float64Array(0);
+  private ends = new Float64Array(0);
+  /** Index of the last region a lookup hit: device queues mostly hit the same region again. */
+  private lastHit = 0;
 
   apply(change: Change, backings: ReadonlyMap<number, LocalBacking>, _ctx?: ApplyContext): void {
     const made: MappedRegion[] = [];
@@ -54,13 +64,20 @@ export class GuestMemory implements Applier {
       if (m) m.region = after;
     }
     for (const m of made) this.byKey.set(m.region.key, m);
-    this.sorted = [...this.byKey.values()].sort((a, b) => a.region.gpa - b.region.gpa);
+    this.rebuild();
   }
 
   close(): void {
     for (const m of this.byKey.values()) unmapAll(m);
     this.byKey.clear();
-    this.sorted = [];
+    this.rebuild();
+  }
+
+  private rebuild(): void {
+    this.sorted = [...this.byKey.values()].sort((a, b) => a.region.gpa - b.region.gpa);
+    this.starts = Float64Array.from(this.sorted, (m) => m.region.gpa);
+    this.ends = Float64Array.from(this.sorted, (m) => m.region.gpa + m.region.size);
+    this.lastHit = 0;
   }
 
   /** Mapped regions, sorted by gpa. */
@@ -83,31 +100,66 @@ export class GuestMemory implements Applier {
     return (m.chunks[chunk] as Chunk).bytes.subarray(at, at + length);
   }
 
-  /** A copy of guest memory at [gpa, gpa + length); the range must lie inside one region. */
+  /**
+   * Views covering guest memory [gpa, gpa + length) in order, one per region chunk touched (an iovec):
+   * the range may span adjacent regions, but a hole anywhere in it is MMB_ERR_NO_REGION.
+   */
+  segments(gpa: number, length: number): Uint8Array[] {
+    const out: Uint8Array[] = [];
+    this.each(gpa, length, (bytes) => out.push(bytes));
+    return out;
+  }
+
+  /** A copy of guest memory at [gpa, gpa + length). */
   read(gpa: number, length: number): Uint8Array {
     const out = new Uint8Array(length);
     this.each(gpa, length, (bytes, done) => out.set(bytes, done));
     return out;
   }
 
-  /** Writes guest memory at gpa; the range must lie inside one writable region. */
+  /** Writes guest memory at gpa; every region the range touches must be writable. */
   write(gpa: number, data: Uint8Array): void {
-    const { m } = this.locate(gpa, data.length);
-    if (m.region.readonly) throw new InvalidArgError(`region ${JSON.stringify(m.region.name)} is read-only`);
+    this.each(gpa, data.length, () => undefined, true);
     this.each(gpa, data.length, (bytes, done) => bytes.set(data.subarray(done, done + bytes.length)));
   }
 
-  /** Calls fn with consecutive views covering [gpa, gpa + length), one per chunk touched. */
-  private each(gpa: number, length: number, fn: (bytes: Uint8Array, done: number) => void): void {
-    const { m, off } = this.locate(gpa, length);
+  /**
+   * Calls fn with consecutive views covering [gpa, gpa + length), one per chunk touched, walking across
+   * adjacent regions. Checks the whole range (holes, and writability when `forWrite`) before the first
+   * call, so a refused range touches nothing.
+   */
+  private each(gpa: number, length: number, fn: (bytes: Uint8Array, done: number) => void, forWrite = false): void {
+    if (!Number.isSafeInteger(gpa) || !Number.isSafeInteger(length) || gpa < 0 || length < 0) {
+      throw new InvalidArgError(`invalid guest range ${gpa}+${length}`);
+    }
+    const first = this.indexOf(gpa);
+    if (first < 0) throw new NoRegionError(`no region maps gpa ${hex(gpa)}`);
+    // Check: the regions from `first` on must cover the range without a gap.
+    let i = first;
+    let end = this.ends[i] as number;
+    for (;;) {
+      const m = this.sorted[i] as MappedRegion;
+      if (forWrite && m.region.readonly) throw new InvalidArgError(`region ${JSON.stringify(m.region.name)} is read-only`);
+      if (end >= gpa + length) break;
+      i++;
+      if (i >= this.sorted.length || this.starts[i] !== end) {
+        throw new NoRegionError(`[${hex(gpa)}, ${hex(gpa + length)}) runs into a hole at ${hex(end)}`);
+      }
+      end = this.ends[i] as number;
+    }
+    if (forWrite) return;
     let done = 0;
-    while (done < length) {
-      const pos = off + done;
-      const chunk = Math.floor(pos / CHUNK_BYTES);
-      const at = pos - chunk * CHUNK_BYTES;
-      const n = Math.min(length - done, CHUNK_BYTES - at);
-      fn((m.chunks[chunk] as Chunk).bytes.subarray(at, at + n), done);
-      done += n;
+    for (let r = first; done < length; r++) {
+      const m = this.sorted[r] as MappedRegion;
+      let off = gpa + done - m.region.gpa;
+      while (done < length && off < m.region.size) {
+        const chunk = Math.floor(off / CHUNK_BYTES);
+        const at = off - chunk * CHUNK_BYTES;
+        const n = Math.min(length - done, CHUNK_BYTES - at, m.region.size - off);
+        fn((m.chunks[chunk] as Chunk).bytes.subarray(at, at + n), done);
+        done += n;
+        off += n;
+      }
     }
   }
 
@@ -126,16 +178,28 @@ export class GuestMemory implements Applier {
   }
 
   private find(gpa: number): MappedRegion | undefined {
+    const i = this.indexOf(gpa);
+    return i < 0 ? undefined : this.sorted[i];
+  }
+
+  /** Index in `sorted` of the region containing gpa, or -1: last hit first, then binary search. */
+  private indexOf(gpa: number): number {
+    const starts = this.starts;
+    const ends = this.ends;
+    const hit = this.lastHit;
+    if (hit < starts.length && gpa >= (starts[hit] as number) && gpa < (ends[hit] as number)) return hit;
     let lo = 0;
-    let hi = this.sorted.length - 1;
+    let hi = starts.length - 1;
     while (lo <= hi) {
       const mid = (lo + hi) >>> 1;
-      const m = this.sorted[mid] as MappedRegion;
-      if (gpa < m.region.gpa) hi = mid - 1;
-      else if (gpa >= m.region.gpa + m.region.size) lo = mid + 1;
-      else return m;
+      if (gpa < (starts[mid] as number)) hi = mid - 1;
+      else if (gpa >= (ends[mid] as number)) lo = mid + 1;
+      else {
+        this.lastHit = mid;
+        return mid;
+      }
     }
-    return undefined;
+    return -1;
   }
 
   private map(r: ViewRegion, backings: ReadonlyMap<number, LocalBacking>): MappedRegion {

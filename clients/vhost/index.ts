@@ -1,0 +1,1 @@
+export { VhostSubscriber, type VhostOptions } from './subscriber.js';
