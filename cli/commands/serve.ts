@@ -2,7 +2,7 @@ import pino from 'pino';
 import { parseArgs } from 'node:util';
 import { Broker } from '../../broker/index.js';
 import { DEFAULT_SPACE_LIMITS } from '../../protocol/index.js';
-import { HELP, parsed, parseCount, required, type Command } from '../args.js';
+import { HELP, parsed, parseCount, parseSize, required, type Command } from '../args.js';
 
 const usage = `Usage: mmbroker serve --socket PATH [--space NAME]... [options]
 
@@ -15,6 +15,8 @@ Options:
   --ack-timeout MS     how long a subscriber may take to ack a change before it is evicted
                        (default ${DEFAULT_SPACE_LIMITS.ackTimeoutMs})
   --owner-uid UID      a uid allowed to own address spaces (repeatable; default: the broker's uid)
+  --pin-budget SIZE    most bytes all pinning (vfio-like) subscribers of a space may pin together;
+                       hotplug beyond it is refused before anything changes (default: no budget)
   --socket-mode MODE   permission bits of the socket, octal (default 600)
   --log-level LEVEL    fatal, error, warn, info, debug, trace or silent (default info)
   -h, --help           show this help`;
@@ -29,6 +31,7 @@ export const serve: Command = {
       space: { type: 'string', multiple: true },
       'ack-timeout': { type: 'string' },
       'owner-uid': { type: 'string', multiple: true },
+      'pin-budget': { type: 'string' },
       'socket-mode': { type: 'string' },
       'log-level': { type: 'string' },
     } }));
@@ -41,7 +44,10 @@ export const serve: Command = {
     const broker = new Broker({
       spaces: values.space?.length ? values.space : ['default'],
       logger,
-      ...(values['ack-timeout'] ? { limits: { ackTimeoutMs: parseCount(values['ack-timeout'], '--ack-timeout') } } : {}),
+      limits: {
+        ...(values['ack-timeout'] ? { ackTimeoutMs: parseCount(values['ack-timeout'], '--ack-timeout') } : {}),
+        ...(values['pin-budget'] ? { pinBudgetBytes: parseSize(values['pin-budget'], '--pin-budget') } : {}),
+      },
       ...(values['owner-uid'] ? { ownerUids: values['owner-uid'].map((u) => parseCount(u, '--owner-uid')) } : {}),
     });
     broker.listen(socket, values['socket-mode'] ? { mode: Number.parseInt(values['socket-mode'], 8) } : {});

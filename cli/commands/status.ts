@@ -43,9 +43,25 @@ export function render(result: StatusResult): string {
       ...s.regions.map((r) => [r.name, String(r.id), hex(r.gpa), formatSize(r.size), String(r.backing), hex(r.offset), [r.readonly ? 'ro' : 'rw', r.logDirty ? 'log' : ''].filter(Boolean).join(',')]),
     ]));
     out.push(s.clients.length === 0 ? '  (no clients)' : table([
-      ['CLIENT', 'ROLE', 'KIND', 'NAME', 'PID', 'ACKED', 'STATE', 'VIA'],
-      ...s.clients.map((c) => [String(c.id), c.role, c.kind, c.name, String(c.pid), String(c.ackedGeneration), c.state, c.transport]),
+      ['CLIENT', 'ROLE', 'KIND', 'NAME', 'PID', 'ACKED', 'STATE', 'VIA', 'BACKEND', 'REGIONS', 'PINNED (PREDICTED/ACTUAL)', 'RESERVED'],
+      ...s.clients.map((c) => [
+        String(c.id),
+        c.role,
+        c.kind,
+        c.name,
+        String(c.pid),
+        String(c.ackedGeneration),
+        c.state,
+        c.transport,
+        c.backend ?? '',
+        c.regions === undefined ? '' : `${c.regions}${c.maxRegions !== undefined ? `/${c.maxRegions}` : ''}${c.coalesce ? ' coalesced' : ''}`,
+        c.pin ? `${formatSize(c.pin.predicted)}/${c.pin.actual === undefined ? '?' : formatSize(c.pin.actual)}${c.pin.limit !== undefined ? ` (limit ${formatSize(c.pin.limit)})` : ''}` : '',
+        (c.reserved ?? []).map((r) => `${hex(r.start)}-${hex(r.last)}`).join(' '),
+      ]),
     ]));
+    if (s.pinBudget && (s.pinBudget.limit !== undefined || s.pinBudget.predicted > 0)) {
+      out.push(`  pinned in all: predicted ${formatSize(s.pinBudget.predicted)}, actual ${formatSize(s.pinBudget.actual)}${s.pinBudget.limit !== undefined ? `, budget ${formatSize(s.pinBudget.limit)}` : ''}`);
+    }
   }
   return out.join('\n');
 }
