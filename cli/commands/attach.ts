@@ -2,6 +2,7 @@ import { MappingSubscriber, type Subscriber } from '../../clients/index.js';
 import { VhostSubscriber } from '../../clients/vhost/index.js';
 import { InvalidArgError, type MmbError } from '../../protocol/index.js';
 import { formatSize, hex, HELP, parsed, parseCount, required, type Command } from '../args.js';
+import readline from 'node:readline';
 import { parseArgs } from 'node:util';
 
 const KINDS = ['plain', 'vhost'] as const;
@@ -24,6 +25,8 @@ Options:
   --max-regions N     the most regions (slots) this client accepts; the broker refuses changes beyond it
   --coalesce          follow a coalesced view (adjacent regions of one backing merged into one)
   --json              log one JSON object per event instead of text
+  --control           also read JSON commands on stdin, one per line, answered on stdout:
+                      {"cmd":"read","gpa":N,"len":N} {"cmd":"write","gpa":N,"hex":"..."} {"cmd":"regions"}
   -h, --help          show this help`;
 
 export const attach: Command = {
@@ -45,6 +48,7 @@ export const attach: Command = {
           'max-regions': { type: 'string' },
           coalesce: { type: 'boolean' },
           json: { type: 'boolean' },
+          control: { type: 'boolean' },
         },
       }),
     );
@@ -63,15 +67,46 @@ export const attach: Command = {
     };
     const socket = required(values, 'socket');
     const sub = kind === 'vhost' ? await VhostSubscriber.attach(socket, opts) : await MappingSubscriber.attach(socket, opts);
-    await follow(sub, sub.memory.regions.bind(sub.memory), log);
+    await follow(sub, sub.memory.regions.bind(sub.memory), log, values.control ? sub.memory : undefined);
     return 0;
   },
 };
 
 type Log = (event: string, text: string, data?: Record<string, unknown>) => void;
 
-/** Logs a subscriber's events until SIGTERM / SIGINT, then closes it. */
-export async function follow(sub: Subscriber, mapped: () => readonly { region: { key: string }; address: number }[], log: Log): Promise<void> {
+export interface GuestAccess {
+  read(gpa: number, length: number): Uint8Array;
+  write(gpa: number, data: Uint8Array): void;
+}
+
+/** Answers JSON commands on stdin (read, write, regions) with JSON lines on stdout. */
+function control(sub: Subscriber, memory: GuestAccess): void {
+  const rl = readline.createInterface({ input: process.stdin });
+  rl.on('line', (line) => {
+    let reply: Record<string, unknown>;
+    try {
+      const c = JSON.parse(line) as { cmd?: string; gpa?: number; len?: number; hex?: string };
+      if (c.cmd === 'read') reply = { event: 'read', gpa: c.gpa, hex: Buffer.from(memory.read(Number(c.gpa), Number(c.len))).toString('hex') };
+      else if (c.cmd === 'write') {
+        memory.write(Number(c.gpa), Buffer.from(String(c.hex), 'hex'));
+        reply = { event: 'wrote', gpa: c.gpa };
+      } else if (c.cmd === 'regions') reply = { event: 'regions', generation: sub.generation, regions: sub.regions().map(({ name, gpa, size, readonly }) => ({ name, gpa, size, readonly })) };
+      else reply = { event: 'failed', message: `unknown command ${JSON.stringify(c.cmd)}` };
+    } catch (err) {
+      reply = { event: 'failed', code: (err as MmbError).code, message: (err as Error).message };
+    }
+    console.log(JSON.stringify(reply));
+  });
+}
+
+/** Logs a subscriber's events until SIGTERM / SIGINT (or stdin's end under --control), then closes it. */
+export async function follow(
+  sub: Subscriber,
+  mapped: () => readonly { region: { key: string }; address: number }[],
+  log: Log,
+  access?: GuestAccess,
+): Promise<void> {
+  if (access) control(sub, access);
   const addressOf = (key: string) => mapped().find((m) => m.region.key === key)?.address;
   sub.on('change', ({ change }) => {
     for (const r of change.removed) log('unmapped', `unmapped ${JSON.stringify(r.name)} gpa ${hex(r.gpa)} size ${formatSize(r.size)}`, { region: r.name, gpa: r.gpa, size: r.size });
