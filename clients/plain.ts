@@ -5,7 +5,7 @@ import { Subscriber, type SubscriberOptions } from './subscriber.js';
 import type { BrokerTarget } from './connection.js';
 
 export class MappingSubscriber extends Subscriber {
-  private constructor(
+  protected constructor(
     target: BrokerTarget,
     readonly memory: GuestMemory,
     opts: SubscriberOptions,

@@ -5,52 +5,27 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
-import { Broker } from '../broker/index.js';
+import type { BrokerOptions } from '../broker/index.js';
 import { MappingSubscriber, OwnerClient, createSealedMemfd } from '../clients/index.js';
 import { constants, native } from '../native/index.js';
 import { ClientRefusedError, Msg, isMmbError, type ErrorCode } from '../protocol/index.js';
 import { Connection } from '../clients/connection.js';
 import { fdCount, memfdMaps } from './helpers/procs.js';
+import { codeOf, defer, embeddedBroker, ownerOf, runCleanups, subscriberOf } from './helpers/embedded.js';
 
 const MiB = 1 << 20;
-const brokers: Broker[] = [];
-const closers: (() => unknown)[] = [];
+const makeBroker = (opts: BrokerOptions = {}) => embeddedBroker({ limits: { ackTimeoutMs: 2000 }, ...opts });
+const sub = subscriberOf;
 
-function makeBroker(opts: ConstructorParameters<typeof Broker>[0] = {}): Broker {
-  const b = new Broker({ spaces: ['vm0'], limits: { ackTimeoutMs: 2000 }, ...opts });
-  brokers.push(b);
-  return b;
-}
-
-async function setup(opts: ConstructorParameters<typeof Broker>[0] = {}) {
+async function setup(opts: BrokerOptions = {}) {
   const broker = makeBroker(opts);
-  const owner = await OwnerClient.attach(broker, { space: 'vm0' });
-  closers.push(() => owner.close());
+  const owner = await ownerOf(broker);
   const ram = await owner.createBacking(64 * MiB, 'ram');
-  closers.push(() => native.close(ram.fd));
+  defer(() => native.close(ram.fd));
   return { broker, owner, ram };
 }
 
-async function sub(broker: Broker, opts: Partial<Parameters<typeof MappingSubscriber.attach>[1]> = {}) {
-  const s = await MappingSubscriber.attach(broker, { space: 'vm0', ...opts });
-  closers.push(() => s.close());
-  return s;
-}
-
-async function codeOf(p: Promise<unknown>): Promise<ErrorCode | undefined> {
-  try {
-    await p;
-    return undefined;
-  } catch (err) {
-    if (isMmbError(err)) return err.code;
-    throw err;
-  }
-}
-
-afterEach(async () => {
-  for (const c of closers.splice(0).reverse()) await c();
-  for (const b of brokers.splice(0)) await b.close();
-});
+afterEach(runCleanups);
 
 describe('transactions', () => {
   it('every committed transaction advances the generation by one and every subscriber follows', async () => {
@@ -238,7 +213,7 @@ describe('roles', () => {
   it('a subscriber may not change the map; requests out of state are refused', async () => {
     const { broker } = await setup();
     const conn = await Connection.open(broker);
-    closers.push(() => conn.close());
+    defer(() => conn.close());
     expect(await codeOf(conn.request({ t: Msg.COMMIT, ops: [] }))).toBe('MMB_ERR_STATE');
     await conn.request({ t: Msg.ATTACH, space: 'vm0', role: 'subscriber', kind: 'test' });
     expect(await codeOf(conn.request({ t: Msg.COMMIT, ops: [] }))).toBe('MMB_ERR_NOT_OWNER');

@@ -3,41 +3,21 @@
 // pin budget; and placement of hotplugged memory around all of it.
 import path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
-import { Broker } from '../broker/index.js';
-import { MappingSubscriber, OwnerClient } from '../clients/index.js';
+import type { Broker, BrokerOptions } from '../broker/index.js';
+import type { SubscriberOptions } from '../clients/index.js';
 import { constants, native } from '../native/index.js';
-import { isMmbError, type ErrorCode } from '../protocol/index.js';
 import { memfdMaps, spawnSubscriber, tempDir, type JsonProc } from './helpers/procs.js';
+import { codeOf, defer, embeddedBroker, ownerOf, runCleanups, subscriberOf } from './helpers/embedded.js';
 
 const MiB = 1 << 20;
-const cleanups: (() => unknown)[] = [];
-afterEach(async () => {
-  for (const c of cleanups.splice(0).reverse()) await c();
-});
+afterEach(runCleanups);
 
-async function setup(opts: ConstructorParameters<typeof Broker>[0] = {}) {
-  const broker = new Broker({ spaces: ['vm0'], limits: { ackTimeoutMs: 5000 }, ...opts });
-  cleanups.push(() => broker.close());
-  const owner = await OwnerClient.attach(broker, { space: 'vm0' });
-  cleanups.push(() => owner.close());
-  return { broker, owner };
+async function setup(opts: BrokerOptions = {}) {
+  const broker = embeddedBroker(opts);
+  return { broker, owner: await ownerOf(broker) };
 }
 
-async function sub(target: Broker | string, opts: Partial<Parameters<typeof MappingSubscriber.attach>[1]> = {}) {
-  const s = await MappingSubscriber.attach(target, { space: 'vm0', reconnect: false, ...opts });
-  cleanups.push(() => s.close());
-  return s;
-}
-
-async function codeOf(p: Promise<unknown>): Promise<ErrorCode | undefined> {
-  try {
-    await p;
-    return undefined;
-  } catch (err) {
-    if (isMmbError(err)) return err.code;
-    throw err;
-  }
-}
+const sub = (target: Broker | string, opts: Partial<SubscriberOptions> = {}) => subscriberOf(target, { reconnect: false, ...opts });
 
 describe('coalesced views', () => {
   it('a client declaring 8 slots follows a map of 200 contiguous 2 MiB blocks', async () => {
@@ -45,11 +25,11 @@ describe('coalesced views', () => {
     const socket = path.join(tempDir(), 'b.sock');
     broker.listen(socket);
     const blocks = await owner.createBacking(400 * MiB, 'blocks');
-    cleanups.push(() => native.close(blocks.fd));
+    defer(() => native.close(blocks.fd));
     const ownerView = native.mmap(blocks.fd, 0, 400 * MiB, constants.PROT_READ | constants.PROT_WRITE, constants.MAP_SHARED);
-    cleanups.push(() => native.munmap(ownerView));
+    defer(() => native.munmap(ownerView));
     const small: JsonProc = await spawnSubscriber(socket, 'vm0', ['--max-regions', '8', '--coalesce', '--name', 'eight-slots']);
-    cleanups.push(() => small.stop());
+    defer(() => small.stop());
     const base = 0x1_0000_0000;
     // Hotplugged one block at a time, as virtio-mem or DIMM hotplug would.
     for (let i = 0; i < 200; i++) {

@@ -7,22 +7,20 @@ import { MappingSubscriber, OwnerClient } from '../clients/index.js';
 import { native } from '../native/index.js';
 import { isMmbError } from '../protocol/index.js';
 import { memfdMaps, tempDir } from './helpers/procs.js';
+import { defer, runCleanups } from './helpers/embedded.js';
 
-const cleanups: (() => unknown)[] = [];
-afterEach(async () => {
-  for (const c of cleanups.splice(0).reverse()) await c();
-});
+afterEach(runCleanups);
 
 describe('announced limits', () => {
   it('a socket subscriber follows a commit that brings 70 backings to a broker allowing 100 fds per frame', async () => {
     const broker = new Broker({ spaces: ['vm0'], protocol: { maxFdsPerFrame: 100, maxFrameBytes: 2 << 20 } });
-    cleanups.push(() => broker.close());
+    defer(() => broker.close());
     const socket = path.join(tempDir(), 'b.sock');
     broker.listen(socket);
     const owner = await OwnerClient.attach(broker, { space: 'vm0' });
-    cleanups.push(() => owner.close());
+    defer(() => owner.close());
     const sub = await MappingSubscriber.attach(socket, { space: 'vm0', reconnect: false });
-    cleanups.push(() => sub.close());
+    defer(() => sub.close());
     let dropped = false;
     sub.on('disconnected', () => (dropped = true));
     const ops = [];
@@ -52,9 +50,9 @@ describe('announced limits', () => {
 
   it('enforces its configured ops-per-commit limit', async () => {
     const broker = new Broker({ spaces: ['vm0'], protocol: { maxOpsPerCommit: 2 } });
-    cleanups.push(() => broker.close());
+    defer(() => broker.close());
     const owner = await OwnerClient.attach(broker, { space: 'vm0' });
-    cleanups.push(() => owner.close());
+    defer(() => owner.close());
     const err = await owner.commit([0, 1, 2].map((i) => ({ op: 'remove' as const, region: i + 1 }))).catch((e) => e);
     expect(err.code).toBe('MMB_ERR_BAD_MESSAGE');
   });

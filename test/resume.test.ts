@@ -8,16 +8,14 @@ import { CHUNK_BYTES, MappingSubscriber, OwnerClient, createSealedMemfd } from '
 import { native } from '../native/index.js';
 import { Msg } from '../protocol/index.js';
 import { memfdMaps, tempDir, waitFor } from './helpers/procs.js';
+import { defer, runCleanups } from './helpers/embedded.js';
 
 const MiB = 1 << 20;
-const cleanups: (() => unknown)[] = [];
-afterEach(async () => {
-  for (const c of cleanups.splice(0).reverse()) await c();
-});
+afterEach(runCleanups);
 
 function broker(opts: ConstructorParameters<typeof Broker>[0] = {}): Broker {
   const b = new Broker({ spaces: ['vm0'], limits: { ackTimeoutMs: 3000 }, ...opts });
-  cleanups.push(() => b.close());
+  defer(() => b.close());
   return b;
 }
 
@@ -27,11 +25,11 @@ describe('Invariant 3: converge', () => {
   it('after every commit of a random sequence, every subscriber view equals the broker map', async () => {
     const b = broker();
     const owner = await OwnerClient.attach(b, { space: 'vm0' });
-    cleanups.push(() => owner.close());
+    defer(() => owner.close());
     const ram = await owner.createBacking(64 * MiB, 'ram');
-    cleanups.push(() => native.close(ram.fd));
+    defer(() => native.close(ram.fd));
     const subs = await Promise.all([1, 2, 3].map((i) => MappingSubscriber.attach(b, { space: 'vm0', name: `s${i}` })));
-    cleanups.push(() => Promise.all(subs.map((s) => s.close())));
+    defer(() => Promise.all(subs.map((s) => s.close())));
     let seed = 7;
     const rnd = (n: number) => ((seed = (seed * 1103515245 + 12345) % 2 ** 31), seed % n);
     const present = new Set<number>();
@@ -58,14 +56,14 @@ describe('Invariant 3: converge', () => {
   it('a snapshot larger than one frame is split into parts and arrives whole', async () => {
     const b = broker({ protocol: { maxFrameBytes: 4096 } });
     const owner = await OwnerClient.attach(b, { space: 'vm0' });
-    cleanups.push(() => owner.close());
+    defer(() => owner.close());
     const ram = await owner.createBacking(64 * MiB, 'ram');
-    cleanups.push(() => native.close(ram.fd));
+    defer(() => native.close(ram.fd));
     for (let i = 0; i < 10; i++) {
       await owner.commit(Array.from({ length: 10 }, (_, j) => ({ op: 'add' as const, name: `r${i * 10 + j}`, gpa: (i * 10 + j) * 64 * 1024, size: 64 * 1024, backing: ram.backing, offset: 0 })));
     }
     const conn = await Connection.open(b);
-    cleanups.push(() => conn.close());
+    defer(() => conn.close());
     const parts: { part: number; last: boolean; n: number }[] = [];
     conn.on('event', (m, fds) => {
       for (const fd of fds) native.close(fd);
@@ -78,7 +76,7 @@ describe('Invariant 3: converge', () => {
     expect(parts.reduce((n, p) => n + p.n, 0)).toBe(100);
     // And a real subscriber reassembles them.
     const s = await MappingSubscriber.attach(b, { space: 'vm0' });
-    cleanups.push(() => s.close());
+    defer(() => s.close());
     expect(s.regions()).toHaveLength(100);
   });
 
@@ -88,13 +86,13 @@ describe('Invariant 3: converge', () => {
     const socket = path.join(dir, 'b.sock');
     b.listen(socket);
     const owner = await OwnerClient.attach(b, { space: 'vm0' });
-    cleanups.push(() => owner.close());
+    defer(() => owner.close());
     const ram = await owner.createBacking(64 * MiB, 'ram');
-    cleanups.push(() => native.close(ram.fd));
+    defer(() => native.close(ram.fd));
     await owner.addRegion({ name: 'keep', gpa: 0, size: 8 * MiB, backing: ram.backing });
     await owner.addRegion({ name: 'gone', gpa: 16 * MiB, size: 8 * MiB, backing: ram.backing, offset: 8 * MiB });
     const s = await MappingSubscriber.attach(socket, { space: 'vm0', reconnectDelayMs: 400 });
-    cleanups.push(() => s.close());
+    defer(() => s.close());
     const before = addresses(s);
     s.dropConnection();
     for (let i = 0; i < 4; i++) await owner.addRegion({ name: `n${i}`, gpa: (32 + i * 8) * MiB, size: 8 * MiB, backing: ram.backing, offset: 16 * MiB });
@@ -111,7 +109,7 @@ describe('Invariant 3: converge', () => {
     const dir = tempDir();
     const socket = path.join(dir, 'b.sock');
     const memfd = createSealedMemfd('guest-ram', 16 * MiB);
-    cleanups.push(() => native.close(memfd));
+    defer(() => native.close(memfd));
     const publish = async (b: Broker, extraBacking: boolean) => {
       const o = await OwnerClient.attach(b, { space: 'vm0' });
       // The restarted broker numbers backings differently: only the inode says it is the same memory.
@@ -124,7 +122,7 @@ describe('Invariant 3: converge', () => {
     first.listen(socket);
     await publish(first, false);
     const s = await MappingSubscriber.attach(socket, { space: 'vm0', reconnectDelayMs: 50 });
-    cleanups.push(() => s.close());
+    defer(() => s.close());
     const before = addresses(s).ram;
     const epochBefore = first.status('vm0').spaces[0]!.epoch;
     await first.close();
@@ -147,13 +145,13 @@ describe('large regions', () => {
   it('a region larger than the 4 GiB ArrayBuffer limit is mapped in 1 GiB chunks and read and written across them', async () => {
     const b = broker();
     const owner = await OwnerClient.attach(b, { space: 'vm0' });
-    cleanups.push(() => owner.close());
+    defer(() => owner.close());
     const size = 6 * 2 ** 30;
     const big = await owner.createBacking(size, 'big');
-    cleanups.push(() => native.close(big.fd));
+    defer(() => native.close(big.fd));
     await owner.addRegion({ name: 'big', gpa: 2 ** 32, size, backing: big.backing });
     const s = await MappingSubscriber.attach(b, { space: 'vm0' });
-    cleanups.push(() => s.close());
+    defer(() => s.close());
     const total = memfdMaps(process.pid, 'big')
       .map((l) => l.split(' ')[0]!.split('-').map((h) => parseInt(h, 16)))
       .reduce((n, [lo, hi]) => n + ((hi as number) - (lo as number)), 0);

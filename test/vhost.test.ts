@@ -6,24 +6,22 @@ import { VhostSubscriber } from '../clients/vhost/index.js';
 import { constants, native } from '../native/index.js';
 import { isMmbError } from '../protocol/index.js';
 import { memfdMaps, vmLckKiB } from './helpers/procs.js';
+import { defer, runCleanups } from './helpers/embedded.js';
 
 const MiB = 1 << 20;
-const cleanups: (() => unknown)[] = [];
-afterEach(async () => {
-  for (const c of cleanups.splice(0).reverse()) await c();
-});
+afterEach(runCleanups);
 
 async function setup() {
   const broker = new Broker({ spaces: ['vm0'] });
-  cleanups.push(() => broker.close());
+  defer(() => broker.close());
   const owner = await OwnerClient.attach(broker, { space: 'vm0' });
-  cleanups.push(() => owner.close());
+  defer(() => owner.close());
   const ram = await owner.createBacking(256 * MiB, 'ram');
-  cleanups.push(() => native.close(ram.fd));
+  defer(() => native.close(ram.fd));
   const view = native.mmap(ram.fd, 0, 256 * MiB, constants.PROT_READ | constants.PROT_WRITE, constants.MAP_SHARED);
-  cleanups.push(() => native.munmap(view));
+  defer(() => native.munmap(view));
   const vhost = await VhostSubscriber.attach(broker, { space: 'vm0', name: 'blk0' });
-  cleanups.push(() => vhost.close());
+  defer(() => vhost.close());
   return { broker, owner, ram, bytes: new Uint8Array(view.buffer), vhost };
 }
 

@@ -6,7 +6,8 @@
 // Descriptor buffers of a virtqueue are (gpa, len) pairs: translate() turns one into an iovec of views,
 // which may span adjacent regions but never a hole.
 import { GuestMemory } from '../memory.js';
-import { Subscriber, type SubscriberOptions } from '../subscriber.js';
+import { MappingSubscriber } from '../plain.js';
+import type { SubscriberOptions } from '../subscriber.js';
 import type { BrokerTarget } from '../connection.js';
 
 export interface VhostOptions extends SubscriberOptions {
@@ -14,16 +15,8 @@ export interface VhostOptions extends SubscriberOptions {
   maxRegions?: number;
 }
 
-export class VhostSubscriber extends Subscriber {
-  private constructor(
-    target: BrokerTarget,
-    readonly memory: GuestMemory,
-    opts: SubscriberOptions,
-  ) {
-    super(target, memory, opts);
-  }
-
-  static async attach(target: BrokerTarget, opts: VhostOptions): Promise<VhostSubscriber> {
+export class VhostSubscriber extends MappingSubscriber {
+  static override async attach(target: BrokerTarget, opts: VhostOptions): Promise<VhostSubscriber> {
     const sub = new VhostSubscriber(target, new GuestMemory(), { kind: 'vhost', ...opts });
     await sub.start();
     await sub.report({ backend: 'mmap', pinned: 0 }).catch(() => undefined);
