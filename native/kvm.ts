@@ -1,6 +1,84 @@
-// The typed face of native/src/kvm.c: the KVM ioctls of the kvm-like client.
-import { native } from './index.js';
+// The typed face of native/src/kvm.c: the KVM ioctls of the kvm-like client (clients/kvm/).
+//
+// Thin on purpose: TypeScript packs and unpacks the structs (clients/kvm/abi.ts) and decides everything;
+// C checks that a request is one of the few the client uses (anything else throws EPERM before any
+// syscall) and that a struct buffer is exactly the size the request number encodes (RangeError
+// otherwise), then performs the ioctl. Failures are NativeErrors with `syscall: 'ioctl'` and `request`
+// naming the request ('KVM_SET_USER_MEMORY_REGION'); EINTR is retried inside the call.
+import { native, type NativeError } from './index.js';
 
-export interface KvmNative {}
+/** Values from linux/kvm.h as this build saw them (the client checks its own table against them). */
+export interface KvmConstants {
+  KVM_API_VERSION: number;
+  KVM_GET_API_VERSION: number;
+  KVM_CREATE_VM: number;
+  KVM_CHECK_EXTENSION: number;
+  KVM_GET_VCPU_MMAP_SIZE: number;
+  KVM_CREATE_VCPU: number;
+  KVM_SET_USER_MEMORY_REGION: number;
+  KVM_GET_DIRTY_LOG: number;
+  KVM_RUN: number;
+  KVM_GET_REGS: number;
+  KVM_SET_REGS: number;
+  KVM_GET_SREGS: number;
+  KVM_SET_SREGS: number;
+  KVM_CAP_USER_MEMORY: number;
+  KVM_CAP_NR_MEMSLOTS: number;
+  KVM_CAP_READONLY_MEM: number;
+  KVM_MEM_LOG_DIRTY_PAGES: number;
+  KVM_MEM_READONLY: number;
+  KVM_EXIT_UNKNOWN: number;
+  KVM_EXIT_IO: number;
+  KVM_EXIT_HLT: number;
+  KVM_EXIT_MMIO: number;
+  KVM_EXIT_SHUTDOWN: number;
+  KVM_EXIT_FAIL_ENTRY: number;
+  KVM_EXIT_INTR: number;
+  KVM_EXIT_INTERNAL_ERROR: number;
+  sizeof_kvm_userspace_memory_region: number;
+  sizeof_kvm_regs: number;
+  sizeof_kvm_sregs: number;
+  sizeof_kvm_segment: number;
+  sizeof_kvm_dtable: number;
+  sizeof_kvm_dirty_log: number;
+  offsetof_kvm_run_exit_reason: number;
+}
+
+/** A failed KVM ioctl: a NativeError (`syscall: 'ioctl'`) that also names the request. */
+export interface KvmIoctlError extends NativeError {
+  request: string;
+}
+
+export interface KvmNative {
+  kvmConstants: KvmConstants;
+  /** open("/dev/kvm", O_RDWR | O_CLOEXEC). Throws ENOENT (no KVM here), EACCES, ... with syscall 'open'. */
+  kvmOpen(): number;
+  /**
+   * An ioctl whose argument is an integer: KVM_GET_API_VERSION, KVM_CHECK_EXTENSION,
+   * KVM_GET_VCPU_MMAP_SIZE (arg 0), KVM_CREATE_VM (machine type), KVM_CREATE_VCPU (vcpu id). Returns the
+   * result; for KVM_CREATE_VM and KVM_CREATE_VCPU a new close-on-exec fd the caller owns.
+   */
+  kvmIoctlInt(fd: number, request: number, arg: number): number;
+  /**
+   * An ioctl whose argument is a struct: KVM_SET_USER_MEMORY_REGION, KVM_GET_REGS / KVM_SET_REGS,
+   * KVM_GET_SREGS / KVM_SET_SREGS. `buf` must be exactly the struct's size; _IOR requests fill it.
+   */
+  kvmIoctl(fd: number, request: number, buf: Uint8Array): number;
+  /**
+   * KVM_GET_DIRTY_LOG of memslot `slot` (which must have KVM_MEM_LOG_DIRTY_PAGES, ENOENT otherwise)
+   * into `bitmap`: one bit per page, little-endian u64 words, cleared in the kernel as it is read.
+   * `pages` must be the slot's size in pages; `bitmap` at least ceil(pages / 64) * 8 bytes.
+   */
+  kvmGetDirtyLog(vmFd: number, slot: number, pages: number, bitmap: Uint8Array): void;
+  /**
+   * KVM_RUN on a libuv worker thread; resolves when the vCPU exits to user space (read the exit from
+   * its kvm_run mapping). The call holds its own dup of the fd until it returns.
+   */
+  kvmRun(vcpuFd: number): Promise<void>;
+}
 
 export const kvm = native as unknown as KvmNative;
+
+export function isKvmIoctlError(err: unknown): err is KvmIoctlError {
+  return err instanceof Error && typeof (err as KvmIoctlError).request === 'string' && typeof (err as KvmIoctlError).code === 'string';
+}

@@ -1,9 +1,348 @@
-/* KVM ioctls. Filled in by the kvm-like client work; registered from addon.c. */
+/*
+ * KVM ioctls for the kvm-like client (clients/kvm/).
+ *
+ * Deliberately thin. TypeScript packs and unpacks the structs (clients/kvm/abi.ts; test/kvm.test.ts
+ * compares its offsets with these headers through gcc) and makes every decision. C only
+ *   - opens /dev/kvm,
+ *   - performs an ioctl from a short whitelist (`requests` below: the ones the client uses), checking
+ *     that the argument is of the kind the request takes and that a struct buffer is exactly
+ *     _IOC_SIZE(request) bytes, so the kernel never reads or writes past it,
+ *   - runs KVM_RUN on a libuv worker thread (it blocks until the guest exits),
+ *   - fills the one struct that holds a pointer (kvm_dirty_log) itself.
+ * Anything else is refused with EPERM before any syscall: the addon is not a generic ioctl gate.
+ *
+ * Errors have the addon's usual shape (code, errno, syscall = "ioctl") plus `request` = the request's
+ * name ("KVM_SET_USER_MEMORY_REGION"), and the message names it.
+ *
+ * File descriptors: /dev/kvm is opened O_CLOEXEC; the kernel creates VM and vCPU fds O_CLOEXEC.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/kvm.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <unistd.h>
+
 #include "addon.h"
+#include "convert.h"
+#include "errors.h"
+
+enum arg_kind {
+  ARG_INT, /* the argument is an integer (or 0) */
+  ARG_FD,  /* the argument is an integer; the result is a new fd */
+  ARG_BUF, /* the argument points to a struct of `size` bytes */
+};
+
+struct request {
+  unsigned long nr;
+  const char *name;
+  enum arg_kind kind;
+  size_t size;
+};
+
+#define REQ(nr, kind, size) {nr, #nr, kind, size}
+
+/* The whitelist. KVM_RUN and KVM_GET_DIRTY_LOG have their own functions below. */
+static const struct request requests[] = {
+    REQ(KVM_GET_API_VERSION, ARG_INT, 0),
+    REQ(KVM_CHECK_EXTENSION, ARG_INT, 0),
+    REQ(KVM_GET_VCPU_MMAP_SIZE, ARG_INT, 0),
+    REQ(KVM_CREATE_VM, ARG_FD, 0),
+    REQ(KVM_CREATE_VCPU, ARG_FD, 0),
+    REQ(KVM_SET_USER_MEMORY_REGION, ARG_BUF, sizeof(struct kvm_userspace_memory_region)),
+    REQ(KVM_GET_REGS, ARG_BUF, sizeof(struct kvm_regs)),
+    REQ(KVM_SET_REGS, ARG_BUF, sizeof(struct kvm_regs)),
+    REQ(KVM_GET_SREGS, ARG_BUF, sizeof(struct kvm_sregs)),
+    REQ(KVM_SET_SREGS, ARG_BUF, sizeof(struct kvm_sregs)),
+};
+
+/* runs on the main thread */
+static const struct request *find_request(int64_t nr) {
+  for (size_t i = 0; i < MMB_COUNT(requests); i++)
+    if ((int64_t)requests[i].nr == nr) return &requests[i];
+  return NULL;
+}
+
+/* Builds the errno error for a failed ioctl `name`. Returns NULL if N-API fails. runs on the main thread */
+static napi_value ioctl_error(napi_env env, int err, const char *name) {
+  napi_value error = mmb_errno_error(env, err, "ioctl");
+  if (error == NULL) return NULL;
+  const char *code = strerrorname_np(err);
+  const char *desc = strerrordesc_np(err);
+  char msg[256];
+  snprintf(msg, sizeof msg, "ioctl %s failed: %s (%s)", name, desc ? desc : "Unknown error", code ? code : "UNKNOWN");
+  napi_value js_msg, js_name;
+  if (napi_create_string_utf8(env, msg, NAPI_AUTO_LENGTH, &js_msg) != napi_ok ||
+      napi_create_string_utf8(env, name, NAPI_AUTO_LENGTH, &js_name) != napi_ok ||
+      napi_set_named_property(env, error, "message", js_msg) != napi_ok ||
+      napi_set_named_property(env, error, "request", js_name) != napi_ok)
+    return NULL;
+  return error;
+}
+
+/* Throws the error built by ioctl_error. Always returns NULL. runs on the main thread */
+static napi_value throw_ioctl(napi_env env, int err, const char *name) {
+  napi_value error = ioctl_error(env, err, name);
+  if (error == NULL)
+    mmb_throw_napi(env, napi_generic_failure, "creating an ioctl error");
+  else
+    napi_throw(env, error);
+  return NULL;
+}
+
+/* Refuses a request that is not whitelisted (or used with the wrong argument kind). runs on the main thread */
+static napi_value refuse(napi_env env, int64_t nr) {
+  char name[64];
+  snprintf(name, sizeof name, "0x%llx (not allowed)", (unsigned long long)nr);
+  return throw_ioctl(env, EPERM, name);
+}
+
+/* kvmOpen() -> fd of /dev/kvm, O_RDWR | O_CLOEXEC. runs on the main thread */
+static napi_value kvm_open_js(napi_env env, napi_callback_info info) {
+  (void)info;
+  int fd;
+  do fd = open("/dev/kvm", O_RDWR | O_CLOEXEC);
+  while (fd < 0 && errno == EINTR);
+  if (fd < 0) return mmb_throw_errno(env, errno, "open");
+  return mmb_new_fd(env, fd);
+}
+
+/*
+ * kvmIoctlInt(fd, request, arg) -> the ioctl's non-negative result (a new fd for KVM_CREATE_VM and
+ * KVM_CREATE_VCPU). `arg` is an integer in [0, 2^32 - 1]. runs on the main thread
+ */
+static napi_value kvm_ioctl_int_js(napi_env env, napi_callback_info info) {
+  napi_value argv[3];
+  int fd;
+  int64_t nr, arg;
+  if (!mmb_args(env, info, 3, argv) || !mmb_arg_fd(env, argv[0], &fd) ||
+      !mmb_arg_int64(env, argv[1], 0, UINT32_MAX, "request", &nr) ||
+      !mmb_arg_int64(env, argv[2], 0, UINT32_MAX, "arg", &arg))
+    return NULL;
+  const struct request *req = find_request(nr);
+  if (req == NULL || req->kind == ARG_BUF) return refuse(env, nr);
+  int rc;
+  do rc = ioctl(fd, req->nr, (unsigned long)arg);
+  while (rc < 0 && errno == EINTR);
+  if (rc < 0) return throw_ioctl(env, errno, req->name);
+  if (req->kind == ARG_FD) return mmb_new_fd(env, rc);
+  napi_value result;
+  CHECK(napi_create_int32(env, rc, &result));
+  return result;
+}
+
+/*
+ * kvmIoctl(fd, request, buf) -> the ioctl's result. `buf` (a Uint8Array) must be exactly the size of
+ * the request's struct; the kernel reads it (_IOW), fills it (_IOR) or both. runs on the main thread
+ */
+static napi_value kvm_ioctl_js(napi_env env, napi_callback_info info) {
+  napi_value argv[3];
+  int fd;
+  int64_t nr;
+  uint8_t *data;
+  size_t len;
+  if (!mmb_args(env, info, 3, argv) || !mmb_arg_fd(env, argv[0], &fd) ||
+      !mmb_arg_int64(env, argv[1], 0, UINT32_MAX, "request", &nr) ||
+      !mmb_arg_bytes(env, argv[2], "buf", &data, &len))
+    return NULL;
+  const struct request *req = find_request(nr);
+  if (req == NULL || req->kind != ARG_BUF) return refuse(env, nr);
+  if (len != req->size || data == NULL) {
+    char msg[128];
+    snprintf(msg, sizeof msg, "%s takes a buffer of exactly %zu bytes, got %zu", req->name, req->size, len);
+    return mmb_throw_range(env, msg);
+  }
+  int rc;
+  do rc = ioctl(fd, req->nr, data);
+  while (rc < 0 && errno == EINTR);
+  if (rc < 0) return throw_ioctl(env, errno, req->name);
+  napi_value result;
+  CHECK(napi_create_int32(env, rc, &result));
+  return result;
+}
+
+/*
+ * kvmGetDirtyLog(vmFd, slot, pages, bitmap): KVM_GET_DIRTY_LOG of memslot `slot` into `bitmap`, one
+ * bit per page, little-endian 64-bit words. The kernel writes ALIGN(npages, 64) / 8 bytes, where
+ * npages is the slot's size in pages: `pages` must be that (TypeScript knows its slots), and `bitmap`
+ * at least that long. runs on the main thread
+ */
+static napi_value kvm_get_dirty_log_js(napi_env env, napi_callback_info info) {
+  napi_value argv[4];
+  int fd;
+  int64_t slot, pages;
+  uint8_t *data;
+  size_t len;
+  if (!mmb_args(env, info, 4, argv) || !mmb_arg_fd(env, argv[0], &fd) ||
+      !mmb_arg_int64(env, argv[1], 0, UINT32_MAX, "slot", &slot) ||
+      !mmb_arg_int64(env, argv[2], 1, MMB_MAX_SAFE_INTEGER, "pages", &pages) ||
+      !mmb_arg_bytes(env, argv[3], "bitmap", &data, &len))
+    return NULL;
+  uint64_t need = (((uint64_t)pages + 63) / 64) * 8;
+  if (data == NULL || len < need) {
+    char msg[128];
+    snprintf(msg, sizeof msg, "the dirty bitmap of %lld pages needs %llu bytes, got %zu", (long long)pages,
+             (unsigned long long)need, len);
+    return mmb_throw_range(env, msg);
+  }
+  struct kvm_dirty_log log;
+  memset(&log, 0, sizeof log);
+  log.slot = (uint32_t)slot;
+  log.dirty_bitmap = data;
+  int rc;
+  do rc = ioctl(fd, KVM_GET_DIRTY_LOG, &log);
+  while (rc < 0 && errno == EINTR);
+  if (rc < 0) return throw_ioctl(env, errno, "KVM_GET_DIRTY_LOG");
+  return NULL;
+}
+
+/* ---- KVM_RUN off the event loop ------------------------------------------------------------- */
+
+/* KVM_RUN returns EINTR for a signal (or immediate_exit): retried, but not forever. */
+#define RUN_EINTR_RETRIES 1000
+
+struct run_work {
+  int fd; /* our own dup of the vCPU fd: the vCPU stays alive and addressed even if JS closes its fd */
+  int err;
+  napi_deferred deferred;
+  napi_async_work work;
+};
+
+/* runs on a worker thread, no JS access */
+static void run_execute(napi_env env, void *data) {
+  (void)env;
+  struct run_work *w = data;
+  w->err = 0;
+  for (int tries = 0;; tries++) {
+    if (ioctl(w->fd, KVM_RUN, 0) == 0) return;
+    if (errno != EINTR || tries >= RUN_EINTR_RETRIES) {
+      w->err = errno;
+      return;
+    }
+  }
+}
+
+/* runs on the main thread, after run_execute */
+static void run_complete(napi_env env, napi_status status, void *data) {
+  struct run_work *w = data;
+  int err = status == napi_cancelled ? ECANCELED : w->err;
+  napi_value value = NULL;
+  if (err == 0) {
+    if (napi_get_undefined(env, &value) == napi_ok) napi_resolve_deferred(env, w->deferred, value);
+  } else {
+    value = ioctl_error(env, err, "KVM_RUN");
+    if (value != NULL) napi_reject_deferred(env, w->deferred, value);
+  }
+  napi_delete_async_work(env, w->work);
+  close(w->fd);
+  free(w);
+}
+
+/*
+ * kvmRun(vcpuFd) -> Promise<void>: KVM_RUN on a libuv worker thread until the guest exits to user
+ * space; read the exit from the vCPU's kvm_run mapping afterwards. Failures reject with the ioctl
+ * error. runs on the main thread; the ioctl runs in run_execute.
+ */
+static napi_value kvm_run_js(napi_env env, napi_callback_info info) {
+  napi_value promise, argv[1];
+  napi_deferred deferred;
+  CHECK(napi_create_promise(env, &deferred, &promise));
+  int fd;
+  if (!mmb_args(env, info, 1, argv) || !mmb_arg_fd(env, argv[0], &fd)) {
+    napi_value error;
+    if (napi_get_and_clear_last_exception(env, &error) == napi_ok) napi_reject_deferred(env, deferred, error);
+    return promise;
+  }
+  int own = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+  struct run_work *w = own < 0 ? NULL : calloc(1, sizeof *w);
+  if (w == NULL) {
+    int err = own < 0 ? errno : ENOMEM;
+    if (own >= 0) close(own);
+    napi_value error = ioctl_error(env, err, "KVM_RUN");
+    if (error != NULL) napi_reject_deferred(env, deferred, error);
+    return promise;
+  }
+  w->fd = own;
+  w->deferred = deferred;
+  napi_value name;
+  napi_status status = napi_create_string_utf8(env, "KVM_RUN", NAPI_AUTO_LENGTH, &name);
+  if (status == napi_ok) status = napi_create_async_work(env, NULL, name, run_execute, run_complete, w, &w->work);
+  if (status == napi_ok) {
+    status = napi_queue_async_work(env, w->work);
+    if (status != napi_ok) napi_delete_async_work(env, w->work);
+  }
+  if (status != napi_ok) {
+    close(w->fd);
+    free(w);
+    mmb_throw_napi(env, status, "queueing KVM_RUN");
+    napi_value error;
+    if (napi_get_and_clear_last_exception(env, &error) == napi_ok) napi_reject_deferred(env, deferred, error);
+  }
+  return promise;
+}
+
+/* ---- constants -------------------------------------------------------------------------------- */
+
+#define KCONST(name) {#name, (double)(name)}
+
+/* The kvmConstants object: values straight from linux/kvm.h. runs on the main thread, at module load */
+static bool init_constants(napi_env env, napi_value exports) {
+  const struct {
+    const char *name;
+    double value;
+  } table[] = {
+      KCONST(KVM_API_VERSION),
+      KCONST(KVM_GET_API_VERSION),
+      KCONST(KVM_CREATE_VM),
+      KCONST(KVM_CHECK_EXTENSION),
+      KCONST(KVM_GET_VCPU_MMAP_SIZE),
+      KCONST(KVM_CREATE_VCPU),
+      KCONST(KVM_SET_USER_MEMORY_REGION),
+      KCONST(KVM_GET_DIRTY_LOG),
+      KCONST(KVM_RUN),
+      KCONST(KVM_GET_REGS),
+      KCONST(KVM_SET_REGS),
+      KCONST(KVM_GET_SREGS),
+      KCONST(KVM_SET_SREGS),
+      KCONST(KVM_CAP_USER_MEMORY),
+      KCONST(KVM_CAP_NR_MEMSLOTS),
+      KCONST(KVM_CAP_READONLY_MEM),
+      KCONST(KVM_MEM_LOG_DIRTY_PAGES),
+      KCONST(KVM_MEM_READONLY),
+      KCONST(KVM_EXIT_UNKNOWN),
+      KCONST(KVM_EXIT_IO),
+      KCONST(KVM_EXIT_HLT),
+      KCONST(KVM_EXIT_MMIO),
+      KCONST(KVM_EXIT_SHUTDOWN),
+      KCONST(KVM_EXIT_FAIL_ENTRY),
+      KCONST(KVM_EXIT_INTR),
+      KCONST(KVM_EXIT_INTERNAL_ERROR),
+      {"sizeof_kvm_userspace_memory_region", sizeof(struct kvm_userspace_memory_region)},
+      {"sizeof_kvm_regs", sizeof(struct kvm_regs)},
+      {"sizeof_kvm_sregs", sizeof(struct kvm_sregs)},
+      {"sizeof_kvm_segment", sizeof(struct kvm_segment)},
+      {"sizeof_kvm_dtable", sizeof(struct kvm_dtable)},
+      {"sizeof_kvm_dirty_log", sizeof(struct kvm_dirty_log)},
+      {"offsetof_kvm_run_exit_reason", offsetof(struct kvm_run, exit_reason)},
+  };
+  napi_value constants;
+  CHECK_BOOL(napi_create_object(env, &constants));
+  for (size_t i = 0; i < MMB_COUNT(table); i++)
+    if (!mmb_set_number(env, constants, table[i].name, table[i].value)) return false;
+  CHECK_BOOL(napi_object_freeze(env, constants));
+  CHECK_BOOL(napi_set_named_property(env, exports, "kvmConstants", constants));
+  return true;
+}
 
 /* runs on the main thread, at module load */
 bool mmb_init_kvm(napi_env env, napi_value exports) {
-  (void)env;
-  (void)exports;
-  return true;
+  static const mmb_method methods[] = {
+      {"kvmOpen", kvm_open_js},         {"kvmIoctl", kvm_ioctl_js},
+      {"kvmIoctlInt", kvm_ioctl_int_js}, {"kvmGetDirtyLog", kvm_get_dirty_log_js},
+      {"kvmRun", kvm_run_js},
+  };
+  return init_constants(env, exports) && mmb_export_methods(env, exports, methods, MMB_COUNT(methods));
 }

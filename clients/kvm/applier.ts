@@ -1,0 +1,298 @@
+// The kvm-like client's Applier: guest memory mapped in this process (GuestMemory) plus the VM's memslot
+// table on top of it. One change is applied in this order:
+//   1. map the added regions (each at one contiguous host range: a memslot needs one userspace_addr);
+//   2. plan the slot operations (slots.ts) and run them: deletes, flag changes, creates;
+//   3. unmap the removed regions (their slots are gone by now).
+// A failure anywhere undoes everything this call did, in reverse (re-create deleted slots at their old
+// host address, which is still mapped; restore flags; delete created slots; unmap new mappings), and
+// throws one typed error: MMB_ERR_KVM with the ioctl's errno, MMB_ERR_CLIENT_LIMIT, MMB_ERR_MAP_FAILED
+// or MMB_ERR_CANCELLED. The subscriber then nacks and the broker rolls the transaction back everywhere.
+import type { Logger } from 'pino';
+import { CancelledError, InternalError, KvmError, UnsupportedError, toMmbError, type MmbError } from '../../protocol/index.js';
+import { GuestMemory, type MappedRegion } from '../memory.js';
+import type { Applier, ApplyContext, Change, LocalBacking, ViewRegion } from '../view.js';
+import { KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY } from './abi.js';
+import type { BackendName, MemslotBackend } from './backend.js';
+import { applyPlan, describeSlot, opArgs, planSlots, undoArgs, type Slot, type SlotOp, type SlotPlan } from './slots.js';
+import { assembleProgram, KvmVcpu, type GuestWrite, type RunResult } from './vcpu.js';
+import { KvmVm } from './vm.js';
+
+/** Slot operations between two looks at the abort signal (and a turn of the event loop). */
+const OPS_PER_TURN = 512;
+
+const hex = (n: number) => `0x${n.toString(16)}`;
+
+export interface SlotInfo {
+  slot: number;
+  gpa: number;
+  size: number;
+  hva: number;
+  /** KVM_MEM_LOG_DIRTY_PAGES (1) | KVM_MEM_READONLY (2). */
+  flags: number;
+  readonly: boolean;
+  logDirty: boolean;
+  region: number;
+  name: string;
+}
+
+export interface ProgramOptions {
+  /** Where the program goes: a writable region with a slot; code and payloads must fit inside it. */
+  codeGpa: number;
+  writes: readonly GuestWrite[];
+  /** Exits tolerated before giving up. Default 16. */
+  maxExits?: number;
+}
+
+export interface ApplyStats {
+  /** Transactions (or syncs, rollbacks) applied. */
+  applied: number;
+  /** KVM_SET_USER_MEMORY_REGION calls made, undo included. */
+  calls: number;
+  /** Changes undone after a failure. */
+  undone: number;
+}
+
+export class KvmApplier implements Applier {
+  readonly memory = new GuestMemory();
+  /** Slot id -> slot, and the same slots by region key. Changed only by applyPlan(). */
+  private readonly table = new Map<number, Slot>();
+  private readonly byKey = new Map<string, Slot>();
+  private vcpu: KvmVcpu | undefined;
+  /** Changes and guest programs run one at a time (a program never sees a half-applied change). */
+  private lock: Promise<unknown> = Promise.resolve();
+  private closed = false;
+  readonly stats: ApplyStats = { applied: 0, calls: 0, undone: 0 };
+
+  constructor(
+    readonly vm: MemslotBackend,
+    /** The most slots this client uses (the VM's limit, or fewer by choice). */
+    readonly maxSlots: number,
+    private readonly log?: Logger,
+  ) {}
+
+  get backend(): BackendName {
+    return this.vm.backend;
+  }
+
+  /** The memslot table, by slot id. */
+  slots(): SlotInfo[] {
+    return [...this.table.values()]
+      .sort((a, b) => a.slot - b.slot)
+      .map((s) => ({
+        slot: s.slot,
+        gpa: s.gpa,
+        size: s.size,
+        hva: s.hva,
+        flags: s.flags,
+        readonly: (s.flags & KVM_MEM_READONLY) !== 0,
+        logDirty: (s.flags & KVM_MEM_LOG_DIRTY_PAGES) !== 0,
+        region: s.region,
+        name: s.name,
+      }));
+  }
+
+  apply(change: Change, backings: ReadonlyMap<number, LocalBacking>, ctx: ApplyContext): Promise<void> {
+    return this.exclusive(() => this.applyNow(change, backings, ctx));
+  }
+
+  private exclusive<T>(fn: () => Promise<T>): Promise<T> {
+    const run = this.lock.then(fn);
+    this.lock = run.catch(() => undefined);
+    return run;
+  }
+
+  private async applyNow(change: Change, backings: ReadonlyMap<number, LocalBacking>, ctx: ApplyContext): Promise<void> {
+    if (this.closed) throw new CancelledError(`[${this.backend}] the kvm client is closed`);
+    if (ctx.signal.aborted) throw cancelled(ctx.signal);
+    const started = process.hrtime.bigint();
+
+    // 1. Map what is added. GuestMemory undoes its own partial work if one mmap fails.
+    if (change.added.length > 0) this.memory.apply({ ...change, removed: [], updated: [] }, backings);
+    const unmapAdded = () => this.memory.apply({ ...change, cause: 'undo', removed: change.added, updated: [], added: [] }, backings);
+
+    // 2. Plan and run the slot operations.
+    const done: SlotOp[] = [];
+    let plan: SlotPlan;
+    const skipped = new Set<number>();
+    try {
+      plan = planSlots(this.table, change, {
+        maxSlots: this.maxSlots,
+        backend: this.backend,
+        byKey: this.byKey,
+        hva: (r: ViewRegion) => this.addressOf(r),
+      });
+      for (let i = 0; i < plan.ops.length; i++) {
+        if (i > 0 && i % OPS_PER_TURN === 0) await new Promise((r) => setImmediate(r));
+        if (ctx.signal.aborted) throw cancelled(ctx.signal);
+        const op = plan.ops[i] as SlotOp;
+        // A queued transaction removes this region: leave it without a slot; the removal is then a no-op.
+        if (op.op === 'create' && ctx.cancelled(op.slot.key)) {
+          skipped.add(op.slot.slot);
+          continue;
+        }
+        this.exec(op);
+        done.push(op);
+      }
+    } catch (err) {
+      const e = this.typed(err);
+      this.undo(done, e);
+      try {
+        if (change.added.length > 0) unmapAdded();
+      } catch (unmapErr) {
+        this.log?.error({ backend: this.backend, err: unmapErr }, 'kvm client: unmapping after a failed change failed');
+      }
+      this.stats.undone++;
+      this.log?.warn({ backend: this.backend, generation: change.generation, cause: change.cause, code: e.code, errno: e.errno, err: e.message }, 'kvm client: change refused and undone');
+      throw e;
+    }
+    applyPlan(this.table, plan, this.byKey, skipped);
+
+    // 3. Unmap what is removed, record metadata of what is updated.
+    if (change.removed.length > 0 || change.updated.length > 0) this.memory.apply({ ...change, added: [] }, backings);
+    this.stats.applied++;
+    this.log?.debug(
+      {
+        backend: this.backend,
+        generation: change.generation,
+        cause: change.cause,
+        ops: plan.ops.length,
+        slots: this.table.size,
+        us: Number((process.hrtime.bigint() - started) / 1000n),
+      },
+      'kvm client: memslots applied',
+    );
+  }
+
+  /** Host address of the mapping of `r` (binary search over the mappings, sorted by gpa). */
+  private addressOf(r: ViewRegion): number {
+    const mapped = this.memory.regions();
+    let lo = 0;
+    let hi = mapped.length - 1;
+    while (lo <= hi) {
+      const mid = (lo + hi) >>> 1;
+      const m = mapped[mid] as MappedRegion;
+      if (m.region.gpa < r.gpa) lo = mid + 1;
+      else if (m.region.gpa > r.gpa) hi = mid - 1;
+      else {
+        // Mid-change a removed region and its replacement may both be mapped at this gpa: look at all.
+        let i = mid;
+        while (i > 0 && (mapped[i - 1] as MappedRegion).region.gpa === r.gpa) i--;
+        for (; i < mapped.length && (mapped[i] as MappedRegion).region.gpa === r.gpa; i++) {
+          if ((mapped[i] as MappedRegion).region.key === r.key) return (mapped[i] as MappedRegion).address;
+        }
+        break;
+      }
+    }
+    throw new InternalError(`[${this.backend}] region ${JSON.stringify(r.name)} was not mapped`);
+  }
+
+  private exec(op: SlotOp): void {
+    this.vm.setUserMemoryRegion(opArgs(op));
+    this.stats.calls++;
+  }
+
+  /**
+   * Reverts `done` in reverse. An undo step that fails (it should not: it restores a state the VM just
+   * accepted) leaves that operation in effect, so the table records it: the table always says what the
+   * VM holds.
+   */
+  private undo(done: SlotOp[], cause: MmbError): void {
+    const stuck: SlotOp[] = [];
+    for (let i = done.length - 1; i >= 0; i--) {
+      const op = done[i] as SlotOp;
+      try {
+        this.vm.setUserMemoryRegion(undoArgs(op));
+        this.stats.calls++;
+      } catch (err) {
+        this.log?.error({ backend: this.backend, op: op.op, slot: op.slot.slot, err }, 'kvm client: undoing a slot operation failed');
+        cause.message += `; undoing ${op.op} of ${describeSlot(op.slot)} failed too: ${err instanceof Error ? err.message : String(err)}`;
+        stuck.unshift(op);
+      }
+    }
+    if (stuck.length > 0) {
+      applyPlan(this.table, { ops: stuck, changes: new Map(stuck.map((op) => [op.slot.slot, op.op === 'delete' ? undefined : op.slot])) }, this.byKey);
+    }
+  }
+
+  private typed(err: unknown): MmbError {
+    return toMmbError(err, 'MMB_ERR_KVM');
+  }
+
+  // --- the vCPU -------------------------------------------------------------------------------------
+
+  /**
+   * Writes a straight-line program (vcpu.ts) into guest memory at `codeGpa` through this client's own
+   * mapping and runs it on the VM's vCPU until it halts. Real KVM only (MMB_ERR_UNSUPPORTED otherwise).
+   * Programs run one at a time, never while a change is being applied.
+   */
+  runProgram(opts: ProgramOptions): Promise<RunResult> {
+    return this.exclusive(() => this.runProgramNow(opts));
+  }
+
+  private async runProgramNow(opts: ProgramOptions): Promise<RunResult> {
+    if (!(this.vm instanceof KvmVm)) {
+      throw new UnsupportedError(`[${this.backend}] running a guest program needs a real KVM vCPU; this client keeps its memslots in software (no /dev/kvm, or software: true)`);
+    }
+    if (this.closed) throw new CancelledError('[kvm] the kvm client is closed');
+    const program = assembleProgram(opts.codeGpa, opts.writes);
+    const end = opts.codeGpa + program.image.length;
+    const slot = [...this.table.values()].find((s) => s.gpa <= opts.codeGpa && end <= s.gpa + s.size);
+    if (!slot) throw new KvmError(`[kvm] no memslot covers the program at [${hex(opts.codeGpa)}, ${hex(end)})`, { errno: 'EFAULT' });
+    if (slot.flags & KVM_MEM_READONLY) throw new KvmError(`[kvm] the program at ${hex(opts.codeGpa)} would go into read-only ${describeSlot(slot)}`, { errno: 'EFAULT' });
+    this.memory.write(opts.codeGpa, program.image);
+    if (!this.vcpu) {
+      const vcpu = KvmVcpu.create(this.vm, 0);
+      try {
+        vcpu.enterFlat32();
+      } catch (err) {
+        await vcpu.close();
+        throw err;
+      }
+      this.vcpu = vcpu;
+    }
+    // Registers are set afresh for every program, so a vCPU stopped by an error (an MMIO exit leaves an
+    // instruction half done) runs the next one cleanly: KVM completes a pending MMIO write by simply
+    // resuming at the RIP we set (checked in test/kvm.test.ts). A vCPU id cannot be created twice.
+    const result = await this.vcpu.runUntilHalt(opts.codeGpa, opts.maxExits ?? 16);
+    const expected = opts.codeGpa + program.hltOffset + 1;
+    if (result.rip !== expected) {
+      throw new KvmError(`[kvm] the program halted at RIP ${hex(result.rip)}, not after its hlt (${hex(expected)})`, { errno: 'EIO' });
+    }
+    return result;
+  }
+
+  /**
+   * KVM_GET_DIRTY_LOG of the slot holding `gpa` (its region must log dirty pages): the GPAs of the pages
+   * written since the last call, which the kernel clears as it reports them. Real KVM only.
+   */
+  dirtyPages(gpa: number, pageSize = 4096): number[] {
+    if (!(this.vm instanceof KvmVm)) throw new UnsupportedError(`[${this.backend}] the dirty log needs a real KVM VM`);
+    const slot = [...this.table.values()].find((s) => s.gpa <= gpa && gpa < s.gpa + s.size);
+    if (!slot) throw new KvmError(`[kvm] no memslot covers gpa ${hex(gpa)}`, { errno: 'ENOENT' });
+    const pages = slot.size / pageSize;
+    const bitmap = this.vm.getDirtyLog(slot.slot, pages);
+    const out: number[] = [];
+    for (let i = 0; i < pages; i++) if ((bitmap[i >>> 3] as number) & (1 << (i & 7))) out.push(slot.gpa + i * pageSize);
+    return out;
+  }
+
+  // --- lifetime -------------------------------------------------------------------------------------
+
+  /** Waits for a running program, then releases the vCPU, the VM (every slot) and the mappings. */
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    await this.lock;
+    if (this.vcpu) await this.vcpu.close();
+    this.vcpu = undefined;
+    this.vm.close();
+    this.table.clear();
+    this.byKey.clear();
+    this.memory.close();
+  }
+}
+
+function cancelled(signal: AbortSignal): MmbError {
+  const reason: unknown = signal.reason;
+  return reason instanceof Error ? toMmbError(reason, 'MMB_ERR_CANCELLED') : new CancelledError('the change was cancelled');
+}

@@ -1,0 +1,118 @@
+// The kvm-like subscriber: follows an address space as KVM memslots of a real VM (or of the software
+// stand-in where /dev/kvm is missing or when asked), declaring the VM's slot limit to the broker at attach
+// so that a transaction needing more slots is refused before anything changes.
+import type { Logger } from 'pino';
+import { InvalidArgError, isMmbError } from '../../protocol/index.js';
+import type { BrokerTarget } from '../connection.js';
+import type { GuestMemory } from '../memory.js';
+import { Subscriber, type SubscriberOptions } from '../subscriber.js';
+import { KvmApplier, type ProgramOptions, type SlotInfo } from './applier.js';
+import type { BackendName, MemslotBackend } from './backend.js';
+import { SoftwareMemslots } from './software.js';
+import type { RunResult } from './vcpu.js';
+import { KvmVm } from './vm.js';
+
+export interface KvmSubscriberOptions extends SubscriberOptions {
+  /**
+   * true: keep the slot table in software even if /dev/kvm exists. false: require a real VM
+   * (MMB_ERR_UNSUPPORTED without one). Default: a real VM if /dev/kvm can be used, else software.
+   */
+  software?: boolean;
+  /** Use at most this many slots (default: all the VM offers, KVM_CAP_NR_MEMSLOTS). */
+  maxSlots?: number;
+  /** A pino logger for slot changes and refusals (each line carries `backend`). Default: none. */
+  logger?: Logger;
+}
+
+/** Opens the backend the options ask for; `reason` says why it is software when it is. */
+export function openBackend(software: boolean | undefined, log?: Logger): { vm: MemslotBackend; reason?: string } {
+  if (software === true) return { vm: new SoftwareMemslots(), reason: 'asked for (software: true)' };
+  try {
+    return { vm: KvmVm.open() };
+  } catch (err) {
+    if (software === false || !isMmbError(err, 'MMB_ERR_UNSUPPORTED')) throw err;
+    log?.warn({ backend: 'software', reason: err.message }, 'kvm client: no usable /dev/kvm, keeping memslots in software');
+    return { vm: new SoftwareMemslots(), reason: err.message };
+  }
+}
+
+export class KvmSubscriber extends Subscriber {
+  private constructor(
+    target: BrokerTarget,
+    private readonly kvm: KvmApplier,
+    opts: SubscriberOptions,
+    /** Why the backend is software, when it is. */
+    readonly backendReason: string | undefined,
+  ) {
+    super(target, kvm, opts);
+  }
+
+  /**
+   * Creates the VM (or the software table), attaches with kind 'kvm' and `maxRegions` = the slot limit,
+   * reports `backend` ('kvm' or 'software') to the broker, and resolves once the initial map is
+   * established as memslots and acked.
+   */
+  static async attach(target: BrokerTarget, opts: KvmSubscriberOptions): Promise<KvmSubscriber> {
+    const { software, maxSlots, logger, ...subOpts } = opts;
+    for (const [what, v] of [['maxSlots', maxSlots], ['maxRegions', subOpts.maxRegions]] as const) {
+      if (v !== undefined && (!Number.isSafeInteger(v) || v < 1)) throw new InvalidArgError(`${what} must be a positive integer, got ${v}`);
+    }
+    const { vm, reason } = openBackend(software, logger);
+    const limit = Math.min(vm.maxSlots, maxSlots ?? Infinity, subOpts.maxRegions ?? Infinity);
+    const applier = new KvmApplier(vm, limit, logger);
+    const sub = new KvmSubscriber(target, applier, { kind: 'kvm', ...subOpts, maxRegions: limit }, reason);
+    try {
+      // Not connected yet: remembered, and sent right after ATTACH, before the initial sync is acked.
+      await sub.report({ backend: vm.backend });
+      await sub.start();
+    } catch (err) {
+      await sub.close().catch(() => undefined);
+      throw err;
+    }
+    logger?.info({ backend: vm.backend, maxSlots: limit, space: sub.space, client: sub.id, ...(reason ? { reason } : {}) }, 'kvm client attached');
+    return sub;
+  }
+
+  /** 'kvm' (a real VM judged by the kernel) or 'software' (the stand-in table). */
+  get backend(): BackendName {
+    return this.kvm.backend;
+  }
+
+  /** The most slots this client uses: what it declared to the broker as maxRegions. */
+  get maxSlots(): number {
+    return this.kvm.maxSlots;
+  }
+
+  /** This client's own mappings of guest memory (what the slots point at). */
+  get memory(): GuestMemory {
+    return this.kvm.memory;
+  }
+
+  /** The VM (real or software) behind the slots, for inspection and tests. */
+  get vm(): MemslotBackend {
+    return this.kvm.vm;
+  }
+
+  get stats(): KvmApplier['stats'] {
+    return this.kvm.stats;
+  }
+
+  /** The memslot table, by slot id. */
+  slots(): SlotInfo[] {
+    return this.kvm.slots();
+  }
+
+  /**
+   * Runs a tiny guest program on the VM's vCPU: writes each `writes[i].bytes` at its gpa and halts. The
+   * program is written at `codeGpa` (a writable region this client has a slot for). Real KVM only:
+   * MMB_ERR_UNSUPPORTED in software mode.
+   */
+  runProgram(opts: ProgramOptions): Promise<RunResult> {
+    return this.kvm.runProgram(opts);
+  }
+
+  /** GPAs of the pages of the slot holding `gpa` written since the last call (KVM_GET_DIRTY_LOG). Real KVM only. */
+  dirtyPages(gpa: number): number[] {
+    return this.kvm.dirtyPages(gpa);
+  }
+}
