@@ -5,3 +5,20 @@ export { GuestMemory, CHUNK_BYTES, type MappedRegion, type Chunk } from './memor
 export { OwnerClient, fetchStatus, type OwnerOptions, type RegionSpec, type CreatedBacking } from './owner.js';
 export { createSealedMemfd, type SealedMemfdOptions } from './memfd.js';
 export { diff, inverse, applyOps, toView, type Applier, type ApplyContext, type Change, type LocalBacking, type ViewRegion } from './view.js';
+export { VhostSubscriber, type VhostOptions } from './vhost/index.js';
+export {
+  KvmSubscriber,
+  KvmApplier,
+  KvmVm,
+  SoftwareMemslots,
+  KvmVcpu,
+  planSlots,
+  assembleProgram,
+  type KvmSubscriberOptions,
+  type SlotInfo,
+  type ProgramOptions,
+  type Slot,
+  type SlotOp,
+  type MemslotBackend,
+  type BackendName,
+} from './kvm/index.js';

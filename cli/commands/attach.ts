@@ -1,14 +1,16 @@
 import { MappingSubscriber, type Subscriber } from '../../clients/index.js';
 import { VhostSubscriber } from '../../clients/vhost/index.js';
+import { KvmSubscriber } from '../../clients/kvm/index.js';
+import pino from 'pino';
 import { InvalidArgError, type MmbError } from '../../protocol/index.js';
 import { formatSize, hex, HELP, parsed, parseCount, required, type Command } from '../args.js';
 import readline from 'node:readline';
 import { parseArgs } from 'node:util';
 
-const KINDS = ['plain', 'vhost'] as const;
+const KINDS = ['plain', 'vhost', 'kvm'] as const;
 type Kind = (typeof KINDS)[number];
 
-const usage = `Usage: mmbroker attach [plain|vhost] --socket PATH --space NAME [options]
+const usage = `Usage: mmbroker attach [plain|vhost|kvm] --socket PATH --space NAME [options]
 
 Runs a subscriber of the given kind until SIGTERM or SIGINT, logging each event on stdout. Every kind
 acks every change, reconnects and resumes by itself.
@@ -17,6 +19,8 @@ Kinds:
   plain   (default) maps every region MAP_SHARED, never pins
   vhost   a device back-end's view: maps every region (read-only ones PROT_READ), never pins, translates
           guest addresses; declares --max-regions slots and can follow a coalesced view (--coalesce)
+  kvm     keeps the map as KVM memslots of a real VM (/dev/kvm), the kernel judging every slot; without
+          /dev/kvm (or with --software) the same table in software, reported as backend "software"
 
 Options:
   --socket PATH       the broker's socket
@@ -24,14 +28,18 @@ Options:
   --name NAME         client name shown by status (default: <kind>-<pid>)
   --max-regions N     the most regions (slots) this client accepts; the broker refuses changes beyond it
   --coalesce          follow a coalesced view (adjacent regions of one backing merged into one)
+  --software          (kvm) keep the memslot table in software even where /dev/kvm works
+  --max-slots N       (kvm) use at most N memslots (default: what KVM offers, KVM_CAP_NR_MEMSLOTS)
   --json              log one JSON object per event instead of text
   --control           also read JSON commands on stdin, one per line, answered on stdout:
                       {"cmd":"read","gpa":N,"len":N} {"cmd":"write","gpa":N,"hex":"..."} {"cmd":"regions"}
+                      kvm also: {"cmd":"slots"} and {"cmd":"run","codeGpa":N,"writes":[{"gpa":N,"hex":"..."}]}
+                      (a vCPU writes the bytes and halts)
   -h, --help          show this help`;
 
 export const attach: Command = {
   name: 'attach',
-  summary: 'run a subscriber of a kind (plain, vhost) that follows a space',
+  summary: 'run a subscriber of a kind (plain, vhost, kvm) that follows a space',
   usage,
   async run(argv) {
     const kind: Kind = argv[0] !== undefined && !argv[0].startsWith('-') ? (argv.shift() as Kind) : 'plain';
@@ -47,6 +55,8 @@ export const attach: Command = {
           name: { type: 'string' },
           'max-regions': { type: 'string' },
           coalesce: { type: 'boolean' },
+          software: { type: 'boolean' },
+          'max-slots': { type: 'string' },
           json: { type: 'boolean' },
           control: { type: 'boolean' },
         },
@@ -66,8 +76,30 @@ export const attach: Command = {
       ...(values.coalesce ? { coalesce: true } : {}),
     };
     const socket = required(values, 'socket');
+    if (kind === 'kvm') {
+      const kvm = await KvmSubscriber.attach(socket, {
+        ...opts,
+        ...(values.software ? { software: true } : {}),
+        ...(values['max-slots'] ? { maxSlots: parseCount(values['max-slots'], '--max-slots') } : {}),
+        logger: pino({ level: 'warn' }, pino.destination(2)),
+      });
+      log('backend', `memslots kept by ${kvm.backend === 'kvm' ? 'a real KVM VM' : `software (${kvm.backendReason ?? 'no /dev/kvm'})`}, ${kvm.maxSlots} slots`, {
+        backend: kvm.backend, maxSlots: kvm.maxSlots, ...(kvm.backendReason ? { reason: kvm.backendReason } : {}),
+      });
+      kvm.on('change', () => log('slots', `${kvm.slots().length} slot(s): ${kvm.slots().map((x) => `${x.slot}@${hex(x.gpa)}`).join(' ')}`, { slots: kvm.slots() }));
+      const extra: ControlCommands = {
+        slots: () => ({ event: 'slots', backend: kvm.backend, slots: kvm.slots() }),
+        run: async (c) => {
+          const writes = ((c.writes ?? []) as { gpa: number; hex: string }[]).map((w) => ({ gpa: Number(w.gpa), bytes: Buffer.from(String(w.hex), 'hex') }));
+          const r = await kvm.runProgram({ codeGpa: Number(c.codeGpa), writes });
+          return { event: 'ran', ...r };
+        },
+      };
+      await follow(kvm, kvm.memory.regions.bind(kvm.memory), log, values.control ? { memory: kvm.memory, extra } : undefined);
+      return 0;
+    }
     const sub = kind === 'vhost' ? await VhostSubscriber.attach(socket, opts) : await MappingSubscriber.attach(socket, opts);
-    await follow(sub, sub.memory.regions.bind(sub.memory), log, values.control ? sub.memory : undefined);
+    await follow(sub, sub.memory.regions.bind(sub.memory), log, values.control ? { memory: sub.memory } : undefined);
     return 0;
   },
 };
@@ -79,14 +111,19 @@ export interface GuestAccess {
   write(gpa: number, data: Uint8Array): void;
 }
 
-/** Answers JSON commands on stdin (read, write, regions) with JSON lines on stdout. */
-function control(sub: Subscriber, memory: GuestAccess): void {
+/** Extra control commands a kind offers: each returns the reply to print. */
+export type ControlCommands = Record<string, (c: Record<string, unknown>) => Record<string, unknown> | Promise<Record<string, unknown>>>;
+
+/** Answers JSON commands on stdin (read, write, regions, and the kind's own) with JSON lines on stdout. */
+function control(sub: Subscriber, memory: GuestAccess, extra: ControlCommands = {}): void {
   const rl = readline.createInterface({ input: process.stdin });
-  rl.on('line', (line) => {
+  rl.on('line', async (line) => {
     let reply: Record<string, unknown>;
     try {
-      const c = JSON.parse(line) as { cmd?: string; gpa?: number; len?: number; hex?: string };
-      if (c.cmd === 'read') reply = { event: 'read', gpa: c.gpa, hex: Buffer.from(memory.read(Number(c.gpa), Number(c.len))).toString('hex') };
+      const c = JSON.parse(line) as Record<string, unknown> & { cmd?: string };
+      const handler = c.cmd !== undefined && Object.hasOwn(extra, c.cmd) ? extra[c.cmd] : undefined;
+      if (handler) reply = await handler(c);
+      else if (c.cmd === 'read') reply = { event: 'read', gpa: c.gpa, hex: Buffer.from(memory.read(Number(c.gpa), Number(c.len))).toString('hex') };
       else if (c.cmd === 'write') {
         memory.write(Number(c.gpa), Buffer.from(String(c.hex), 'hex'));
         reply = { event: 'wrote', gpa: c.gpa };
@@ -104,9 +141,9 @@ export async function follow(
   sub: Subscriber,
   mapped: () => readonly { region: { key: string }; address: number }[],
   log: Log,
-  access?: GuestAccess,
+  access?: { memory: GuestAccess; extra?: ControlCommands },
 ): Promise<void> {
-  if (access) control(sub, access);
+  if (access) control(sub, access.memory, access.extra);
   const addressOf = (key: string) => mapped().find((m) => m.region.key === key)?.address;
   sub.on('change', ({ change }) => {
     for (const r of change.removed) log('unmapped', `unmapped ${JSON.stringify(r.name)} gpa ${hex(r.gpa)} size ${formatSize(r.size)}`, { region: r.name, gpa: r.gpa, size: r.size });
