@@ -39,7 +39,8 @@ export class GuestMemory implements Applier {
   /** Sorted by gpa, for translation. */
   private sorted: MappedRegion[] = [];
   /** The translation table: starts[i] / ends[i] (exclusive) of sorted[i], in flat typed arrays so the
-   *  binary search of the hot path touches two cache-friendly arrays and no objects. */
+   *  binary search of the hot path touches two cache-friendly arrays and no objects. Only the first
+   *  sorted.length entries are meaningful; the rest is spare capacity. */
   private starts = new Float64Array(0);
   private ends = new Float64Array(0);
   /** Index of the last region a lookup hit: device queues mostly hit the same region again. */
@@ -57,26 +58,65 @@ export class GuestMemory implements Applier {
       const m = this.byKey.get(r.key);
       if (!m) continue;
       this.byKey.delete(r.key);
+      // Two establishments may share a gpa for a moment (an applier that maps the new access before
+      // unmapping the old in two calls): remove this exact one.
+      let i = this.position(m.region.gpa);
+      while (this.sorted[i] !== m) i++;
+      this.removeAt(i);
       unmapAll(m);
     }
     for (const { after } of change.updated) {
       const m = this.byKey.get(after.key);
       if (m) m.region = after;
     }
-    for (const m of made) this.byKey.set(m.region.key, m);
-    this.rebuild();
+    for (const m of made) {
+      this.byKey.set(m.region.key, m);
+      this.insertAt(this.position(m.region.gpa), m);
+    }
+    this.lastHit = 0;
+  }
+
+  // The translation table follows `sorted` entry for entry; both move with one memmove each.
+  private insertAt(i: number, m: MappedRegion): void {
+    const n = this.sorted.length;
+    if (n + 1 > this.starts.length) {
+      const starts = new Float64Array(Math.max(64, 2 * (n + 1)));
+      const ends = new Float64Array(starts.length);
+      starts.set(this.starts.subarray(0, n));
+      ends.set(this.ends.subarray(0, n));
+      this.starts = starts;
+      this.ends = ends;
+    }
+    this.sorted.splice(i, 0, m);
+    this.starts.copyWithin(i + 1, i, n);
+    this.ends.copyWithin(i + 1, i, n);
+    this.starts[i] = m.region.gpa;
+    this.ends[i] = m.region.gpa + m.region.size;
+  }
+
+  private removeAt(i: number): void {
+    const n = this.sorted.length;
+    this.sorted.splice(i, 1);
+    this.starts.copyWithin(i, i + 1, n);
+    this.ends.copyWithin(i, i + 1, n);
+  }
+
+  /** Index of the first mapped region whose gpa >= `gpa` in `sorted`. */
+  private position(gpa: number): number {
+    let lo = 0;
+    let hi = this.sorted.length;
+    while (lo < hi) {
+      const mid = (lo + hi) >>> 1;
+      if ((this.sorted[mid] as MappedRegion).region.gpa < gpa) lo = mid + 1;
+      else hi = mid;
+    }
+    return lo;
   }
 
   close(): void {
     for (const m of this.byKey.values()) unmapAll(m);
     this.byKey.clear();
-    this.rebuild();
-  }
-
-  private rebuild(): void {
-    this.sorted = [...this.byKey.values()].sort((a, b) => a.region.gpa - b.region.gpa);
-    this.starts = Float64Array.from(this.sorted, (m) => m.region.gpa);
-    this.ends = Float64Array.from(this.sorted, (m) => m.region.gpa + m.region.size);
+    this.sorted = [];
     this.lastHit = 0;
   }
 
@@ -187,9 +227,10 @@ export class GuestMemory implements Applier {
     const starts = this.starts;
     const ends = this.ends;
     const hit = this.lastHit;
-    if (hit < starts.length && gpa >= (starts[hit] as number) && gpa < (ends[hit] as number)) return hit;
+    const count = this.sorted.length;
+    if (hit < count && gpa >= (starts[hit] as number) && gpa < (ends[hit] as number)) return hit;
     let lo = 0;
-    let hi = starts.length - 1;
+    let hi = count - 1;
     while (lo <= hi) {
       const mid = (lo + hi) >>> 1;
       if (gpa < (starts[mid] as number)) hi = mid - 1;

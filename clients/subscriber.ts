@@ -30,6 +30,8 @@ import { closeAll } from '../transport/index.js';
 import { Connection, type BrokerTarget, type ConnectionOptions } from './connection.js';
 import {
   applyOps,
+  applyOpsTo,
+  changeFromOps,
   diff,
   inverse,
   isEmpty,
@@ -102,8 +104,10 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
   private committed = new Map<number, Region>();
   /** What the applier has established, by region key. */
   private actual = new Map<string, ViewRegion>();
+  /** Region id -> key of what is established (what a transaction's ops name). */
+  private readonly keyById = new Map<number, string>();
   /** A transaction applied and acked but not yet committed or rolled back. */
-  private pending: { generation: number; target: Map<number, Region> } | undefined;
+  private pending: { generation: number; ops: readonly TxnOp[] } | undefined;
   private readonly backings = new Map<number, LocalBacking>();
   private syncParts: EvSync[] = [];
   private chain: Promise<void> = Promise.resolve();
@@ -192,6 +196,7 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
     await this.chain;
     await this.applier.close?.();
     this.actual.clear();
+    this.keyById.clear();
     closeAll([...this.backings.values()].map((b) => b.fd));
     this.backings.clear();
     for (const w of this.syncWaiters) w.reject(new DisconnectedError('the subscriber was closed'));
@@ -312,7 +317,7 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
       case Msg.EV_COMMITTED:
         this.enqueue(() => {
           if (this.pending?.generation !== msg.generation) return;
-          this.committed = this.pending.target;
+          applyOpsTo(this.committed, this.pending.ops);
           this._generation = msg.generation;
           this.pending = undefined;
           this.emit('committed', msg.generation);
@@ -372,7 +377,7 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
       for (const p of parts) for (const id of p.removed) target.delete(id);
     }
     for (const p of parts) for (const r of p.regions) target.set(r.id, r);
-    const change = await this.establish(conn, seq, generation, 'sync', target);
+    const change = await this.establish(conn, seq, () => this.fullChange(target, generation, 'sync'));
     if (!change) return;
     this.committed = target;
     this._generation = generation;
@@ -383,16 +388,15 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
     w?.resolve();
   }
 
-  private async onTxn(conn: Connection, seq: number, generation: number, ops: Parameters<typeof applyOps>[1]): Promise<void> {
-    let target: Map<number, Region>;
-    try {
-      target = applyOps(this.committed, ops);
-    } catch (err) {
-      this.nack(conn, seq, err);
-      return;
-    }
-    const change = await this.establish(conn, seq, generation, 'txn', target);
-    if (change) this.pending = { generation, target };
+  private async onTxn(conn: Connection, seq: number, generation: number, ops: readonly TxnOp[]): Promise<void> {
+    // The common case costs O(ops): what is established is the committed map, so the change follows from
+    // the ops alone. Anything unusual (a transaction still pending) falls back to a full diff.
+    const change = await this.establish(conn, seq, () =>
+      this.pending === undefined
+        ? changeFromOps(ops, this.committed, this.actual, this.keyById, this.backings, generation)
+        : this.fullChange(applyOps(this.committed, ops), generation, 'txn'),
+    );
+    if (change) this.pending = { generation, ops };
   }
 
   private async onRollback(conn: Connection, seq: number, generation: number): Promise<void> {
@@ -401,30 +405,29 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
       this.ack(conn, seq);
       return;
     }
-    const change = await this.establish(conn, seq, generation, 'rollback', this.committed);
+    const change = await this.establish(conn, seq, () => this.fullChange(this.committed, generation, 'rollback'));
     if (change) {
       this.pending = undefined;
       this.emit('rolledBack', generation);
     }
   }
 
+  /** The change that makes what is established equal `target` (O(map)). */
+  private fullChange(target: ReadonlyMap<number, Region>, generation: number, cause: Change['cause']): Change {
+    const views = [...target.values()].map((r) => toView(r, this.backings));
+    return diff(this.actual, views, generation, cause);
+  }
+
   /**
-   * Brings the established state to `target` and acks `seq`; on failure leaves it as it was and nacks.
-   * Returns the change on success.
+   * Establishes the change `compute` returns and acks `seq`; on failure (computing or applying) leaves
+   * everything as it was and nacks. Returns the change on success.
    */
-  private async establish(
-    conn: Connection,
-    seq: number,
-    generation: number,
-    cause: Change['cause'],
-    target: ReadonlyMap<number, Region>,
-  ): Promise<Change | undefined> {
+  private async establish(conn: Connection, seq: number, compute: () => Change): Promise<Change | undefined> {
     let change: Change;
     const abort = new AbortController();
     const cancelledKeys = new Set<string>();
     try {
-      const views = [...target.values()].map((r) => toView(r, this.backings));
-      change = diff(this.actual, views, generation, cause);
+      change = compute();
       this.inflight = { change, abort, cancelledKeys };
       if (!isEmpty(change)) {
         await this.applier.apply(change, this.backings, { signal: abort.signal, cancelled: (key) => cancelledKeys.has(key) });
@@ -450,9 +453,19 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
     } finally {
       this.inflight = undefined;
     }
-    for (const r of change.removed) this.actual.delete(r.key);
-    for (const { after } of change.updated) this.actual.set(after.key, after);
-    for (const r of change.added) this.actual.set(r.key, r);
+    for (const r of change.removed) {
+      this.actual.delete(r.key);
+      if (this.keyById.get(r.id) === r.key) this.keyById.delete(r.id);
+    }
+    for (const { before, after } of change.updated) {
+      this.actual.set(after.key, after);
+      if (this.keyById.get(before.id) === before.key) this.keyById.delete(before.id);
+      this.keyById.set(after.id, after.key);
+    }
+    for (const r of change.added) {
+      this.actual.set(r.key, r);
+      this.keyById.set(r.id, r.key);
+    }
     this.ack(conn, seq);
     return change;
   }

@@ -82,9 +82,7 @@ export function diff(
     const a = actual.get(t.key);
     keep.add(t.key);
     if (!a) change.added.push(t);
-    else if (a.logDirty !== t.logDirty || a.id !== t.id || a.name !== t.name || a.backing !== t.backing) {
-      change.updated.push({ before: a, after: t });
-    }
+    else if (metadataDiffers(a, t)) change.updated.push({ before: a, after: t });
   }
   for (const [key, a] of actual) if (!keep.has(key)) change.removed.push(a);
   return change;
@@ -104,16 +102,75 @@ export function isEmpty(c: Change): boolean {
   return c.removed.length === 0 && c.updated.length === 0 && c.added.length === 0;
 }
 
-/** The map after a transaction's ops (removes, sets, adds), as a new map keyed by region id. */
-export function applyOps(base: ReadonlyMap<number, Region>, ops: readonly TxnOp[]): Map<number, Region> {
-  const next = new Map(base);
+/** Applies a transaction's ops (removes, sets, adds) to `map`, in place. */
+export function applyOpsTo(map: Map<number, Region>, ops: readonly TxnOp[]): Map<number, Region> {
   for (const op of ops) {
-    if (op.op === 'remove') next.delete(op.region);
+    if (op.op === 'remove') map.delete(op.region);
     else if (op.op === 'set') {
-      const r = next.get(op.region);
+      const r = map.get(op.region);
       if (!r) throw new NoRegionError(`the transaction changes region ${op.region}, which this client does not have`);
-      next.set(r.id, { ...r, readonly: op.readonly, logDirty: op.logDirty });
-    } else next.set(op.region.id, op.region);
+      map.set(r.id, { ...r, readonly: op.readonly, logDirty: op.logDirty });
+    } else map.set(op.region.id, op.region);
   }
-  return next;
+  return map;
+}
+
+/** The map after a transaction's ops, as a new map keyed by region id. */
+export function applyOps(base: ReadonlyMap<number, Region>, ops: readonly TxnOp[]): Map<number, Region> {
+  return applyOpsTo(new Map(base), ops);
+}
+
+/** True when two views of the same establishment differ in metadata (an `updated` entry is needed). */
+export function metadataDiffers(a: ViewRegion, b: ViewRegion): boolean {
+  return a.logDirty !== b.logDirty || a.id !== b.id || a.name !== b.name || a.backing !== b.backing;
+}
+
+/**
+ * The change a transaction's ops make to what is established, computed from the ops alone (O(ops), not
+ * O(map)): `actual` must be the established view of `committed`, and `keyById` map each established
+ * region's id to its key. A remove and an add of the same establishment collapse into an update, as
+ * diff() would have it.
+ */
+export function changeFromOps(
+  ops: readonly TxnOp[],
+  committed: ReadonlyMap<number, Region>,
+  actual: ReadonlyMap<string, ViewRegion>,
+  keyById: ReadonlyMap<number, string>,
+  backings: ReadonlyMap<number, LocalBacking>,
+  generation: number,
+): Change {
+  const established = (id: number): ViewRegion => {
+    const key = keyById.get(id);
+    const r = key === undefined ? undefined : actual.get(key);
+    if (!r) throw new NoRegionError(`the transaction names region ${id}, which this client does not have`);
+    return r;
+  };
+  const removed = new Map<string, ViewRegion>();
+  const change: Change = { generation, cause: 'txn', removed: [], updated: [], added: [] };
+  const added: ViewRegion[] = [];
+  for (const op of ops) {
+    if (op.op === 'remove') {
+      const r = established(op.region);
+      removed.set(r.key, r);
+    } else if (op.op === 'set') {
+      const before = established(op.region);
+      const base = committed.get(op.region) as Region;
+      const after = toView({ ...base, readonly: op.readonly, logDirty: op.logDirty }, backings);
+      if (after.key === before.key) change.updated.push({ before, after });
+      else {
+        removed.set(before.key, before);
+        added.push(after);
+      }
+    } else added.push(toView(op.region, backings));
+  }
+  for (const a of added) {
+    const r = removed.get(a.key);
+    if (!r) change.added.push(a);
+    else {
+      removed.delete(a.key);
+      if (metadataDiffers(r, a)) change.updated.push({ before: r, after: a });
+    }
+  }
+  change.removed = [...removed.values()];
+  return change;
 }
