@@ -1,6 +1,73 @@
 // The typed face of native/src/vfio.c: the VFIO type1 and iommufd ioctls of the vfio-like client.
+//
+// C issues ioctls and nothing else; clients/vfio/structs.ts packs every structure, per the kernel uAPI
+// headers. C refuses (see vfio.c):
+//   - a request number that is not in its whitelist (EPERM, syscall 'ioctl'), or one used through the
+//     wrong entry point (EINVAL);
+//   - a descriptor that is not of the kind the request is for: container /dev/vfio/vfio, group
+//     /dev/vfio/N, device (VFIO_GROUP_GET_DEVICE_FD's anon inode, or /dev/vfio/devices/vfioN), iommufd
+//     /dev/iommu (ENOTTY);
+//   - a struct whose leading size word (argsz / size) is below the kernel's minimum for the request or
+//     above the buffer's length, or whose flags would make the kernel follow an unchecked pointer (EINVAL);
+//   - for IOMMU_IOAS_IOVA_RANGES, a `data` buffer too small for num_iovas entries (ERANGE). C points the
+//     struct's allowed_iovas at `data` for the call and zeroes it again afterwards.
+// Failures carry `code` (errno name), `errno` (negative) and `syscall` = the request's name
+// ('VFIO_IOMMU_MAP_DMA'), so a message says which ioctl failed.
 import { native } from './index.js';
 
-export interface VfioNative {}
+/** Request numbers C accepts, by their kernel names (as compiled against the system's headers). */
+export interface VfioRequests {
+  readonly VFIO_GET_API_VERSION: number;
+  readonly VFIO_CHECK_EXTENSION: number;
+  readonly VFIO_SET_IOMMU: number;
+  readonly VFIO_IOMMU_GET_INFO: number;
+  readonly VFIO_IOMMU_MAP_DMA: number;
+  readonly VFIO_IOMMU_UNMAP_DMA: number;
+  readonly VFIO_GROUP_GET_STATUS: number;
+  readonly VFIO_GROUP_SET_CONTAINER: number;
+  readonly VFIO_GROUP_UNSET_CONTAINER: number;
+  /** Only through vfioGroupGetDeviceFd(). */
+  readonly VFIO_GROUP_GET_DEVICE_FD: number;
+  readonly VFIO_DEVICE_GET_INFO: number;
+  readonly VFIO_DEVICE_GET_REGION_INFO: number;
+  readonly VFIO_DEVICE_RESET: number;
+  readonly VFIO_DEVICE_BIND_IOMMUFD: number;
+  readonly VFIO_DEVICE_ATTACH_IOMMUFD_PT: number;
+  readonly VFIO_DEVICE_DETACH_IOMMUFD_PT: number;
+  readonly IOMMU_DESTROY: number;
+  readonly IOMMU_IOAS_ALLOC: number;
+  readonly IOMMU_IOAS_IOVA_RANGES: number;
+  readonly IOMMU_IOAS_MAP: number;
+  readonly IOMMU_IOAS_UNMAP: number;
+}
+
+export interface VfioNative {
+  readonly vfioRequests: VfioRequests;
+  /**
+   * open(2) O_RDWR | O_CLOEXEC of a VFIO or iommufd node: /dev/vfio/vfio, /dev/vfio/<group>,
+   * /dev/vfio/devices/vfioN, /dev/iommu. Any other path throws EPERM. ENOENT when the node is missing.
+   */
+  vfioOpen(path: string): number;
+  /**
+   * An ioctl whose argument is an int (VFIO_GET_API_VERSION, VFIO_CHECK_EXTENSION, VFIO_SET_IOMMU,
+   * VFIO_GROUP_UNSET_CONTAINER, VFIO_DEVICE_RESET; pass 0 when the kernel ignores it) or a pointer to an
+   * __s32 (VFIO_GROUP_SET_CONTAINER: the container fd). Returns the ioctl's return value.
+   */
+  vfioIoctlInt(fd: number, request: number, value: number): number;
+  /**
+   * An ioctl on a packed struct (argsz / size first); the kernel's results are written back into `arg`.
+   * `data` only for IOMMU_IOAS_IOVA_RANGES (the allowed_iovas array; may be left out when num_iovas is 0).
+   * Returns the ioctl's return value. Runs on the main thread: for quick ioctls only.
+   */
+  vfioIoctl(fd: number, request: number, arg: Uint8Array, data?: Uint8Array): number;
+  /**
+   * vfioIoctl on a libuv worker thread, for the calls that pin and can take seconds: VFIO_IOMMU_MAP_DMA,
+   * VFIO_IOMMU_UNMAP_DMA, IOMMU_IOAS_MAP, IOMMU_IOAS_UNMAP (EINVAL for any other). C works on a copy of
+   * `arg` and writes the results back into it before the promise resolves. Every failure rejects.
+   */
+  vfioIoctlAsync(fd: number, request: number, arg: Uint8Array): Promise<number>;
+  /** VFIO_GROUP_GET_DEVICE_FD with the device's name ("0000:00:01.0"); returns the device fd (O_CLOEXEC). */
+  vfioGroupGetDeviceFd(groupFd: number, name: string): number;
+}
 
 export const vfio = native as unknown as VfioNative;

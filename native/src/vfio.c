@@ -1,9 +1,489 @@
-/* VFIO ioctls. Filled in by the vfio-like client work; registered from addon.c. */
+/*
+ * VFIO and iommufd ioctls for the vfio-like client (clients/vfio/).
+ *
+ * Deliberately thin: TypeScript packs every structure (clients/vfio/structs.ts, laid out per the kernel
+ * uAPI headers and checked against them by test/vfio-structs.test.ts); C only issues the ioctl. What C
+ * does check is what memory safety and "no arbitrary ioctls" need:
+ *
+ *   - the request number must be one of the whitelist below (EPERM otherwise), and each is only reachable
+ *     through the entry point matching its argument kind (an int, a pointer to an s32, a sized struct);
+ *   - the descriptor must be of the kind the request is meant for: a container (/dev/vfio/vfio), a group
+ *     (/dev/vfio/N), a device (anon_inode:[vfio-device] from VFIO_GROUP_GET_DEVICE_FD, or a cdev
+ *     /dev/vfio/devices/vfioN) or an iommufd (/dev/iommu); anything else is ENOTTY. VFIO reuses numbers
+ *     across fd kinds (VFIO_IOMMU_MAP_DMA on a device fd is VFIO_DEVICE_PCI_HOT_RESET), and other drivers
+ *     may give them other meanings, so a number alone does not say what the kernel will do;
+ *   - a struct argument's leading size word (argsz for VFIO, size for iommufd) must be at least the
+ *     kernel's minimum for that request and at most the buffer's length, because the kernel writes up to
+ *     that many bytes back (INFO ioctls fill capability chains up to argsz);
+ *   - flag bits that would make the kernel follow a user pointer C has not validated are refused
+ *     (VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP, VFIO_DEVICE_BIND_FLAG_TOKEN): EINVAL;
+ *   - the one pointer the kernel writes through, IOMMU_IOAS_IOVA_RANGES.allowed_iovas, is filled in here
+ *     with the address of a second buffer that C checked holds num_iovas entries.
+ *
+ * The host virtual addresses inside VFIO_IOMMU_MAP_DMA.vaddr and IOMMU_IOAS_MAP.user_va are the caller's
+ * to choose (they come from GuestMemory's mappings): the kernel pins and maps those pages of this process
+ * for a device, which is the purpose of the call, and it never writes through them on our behalf.
+ *
+ * Errors follow the addon's convention (code, errno, syscall) with `syscall` set to the request's name
+ * ("VFIO_IOMMU_MAP_DMA"), so a failure says which ioctl failed.
+ *
+ * The iommufd header (<linux/iommufd.h>) and the VFIO cdev ioctls (VFIO_DEVICE_BIND_IOMMUFD, ...) are
+ * missing from Debian bookworm's linux-libc-dev 6.1. Their numbers are defined here from Linux's
+ * include/uapi/linux/iommufd.h and include/uapi/linux/vfio.h (IOMMUFD_TYPE ';', IOMMUFD_CMD_BASE 0x80;
+ * VFIO_BASE + 18, 19, 20), and checked against the system headers at compile time when those have them.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <linux/vfio.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <unistd.h>
+
 #include "addon.h"
+#include "convert.h"
+#include "errors.h"
+
+#if defined(__has_include)
+#if __has_include(<linux/iommufd.h>)
+#include <linux/iommufd.h>
+#define MMB_HAVE_IOMMUFD_H 1
+#endif
+#endif
+
+/* ---- request numbers not in every system header ---------------------------------------------- */
+
+/* include/uapi/linux/iommufd.h: IOMMUFD_TYPE is ';', commands start at IOMMUFD_CMD_BASE = 0x80. */
+#define MMB_IOMMUFD_TYPE ';'
+#define MMB_IOMMU_DESTROY _IO(MMB_IOMMUFD_TYPE, 0x80)
+#define MMB_IOMMU_IOAS_ALLOC _IO(MMB_IOMMUFD_TYPE, 0x81)
+#define MMB_IOMMU_IOAS_IOVA_RANGES _IO(MMB_IOMMUFD_TYPE, 0x84)
+#define MMB_IOMMU_IOAS_MAP _IO(MMB_IOMMUFD_TYPE, 0x85)
+#define MMB_IOMMU_IOAS_UNMAP _IO(MMB_IOMMUFD_TYPE, 0x86)
+/* include/uapi/linux/vfio.h (Linux 6.6+): the VFIO device cdev ioctls. */
+#define MMB_VFIO_DEVICE_BIND_IOMMUFD _IO(VFIO_TYPE, VFIO_BASE + 18)
+#define MMB_VFIO_DEVICE_ATTACH_IOMMUFD_PT _IO(VFIO_TYPE, VFIO_BASE + 19)
+#define MMB_VFIO_DEVICE_DETACH_IOMMUFD_PT _IO(VFIO_TYPE, VFIO_BASE + 20)
+#define MMB_VFIO_DEVICE_BIND_FLAG_TOKEN (1u << 0)
+
+#ifdef MMB_HAVE_IOMMUFD_H
+_Static_assert(MMB_IOMMU_DESTROY == IOMMU_DESTROY, "IOMMU_DESTROY");
+_Static_assert(MMB_IOMMU_IOAS_ALLOC == IOMMU_IOAS_ALLOC, "IOMMU_IOAS_ALLOC");
+_Static_assert(MMB_IOMMU_IOAS_IOVA_RANGES == IOMMU_IOAS_IOVA_RANGES, "IOMMU_IOAS_IOVA_RANGES");
+_Static_assert(MMB_IOMMU_IOAS_MAP == IOMMU_IOAS_MAP, "IOMMU_IOAS_MAP");
+_Static_assert(MMB_IOMMU_IOAS_UNMAP == IOMMU_IOAS_UNMAP, "IOMMU_IOAS_UNMAP");
+_Static_assert(offsetof(struct iommu_ioas_iova_ranges, allowed_iovas) == 16, "allowed_iovas");
+_Static_assert(offsetof(struct iommu_ioas_iova_ranges, num_iovas) == 8, "num_iovas");
+_Static_assert(sizeof(struct iommu_iova_range) == 16, "iommu_iova_range");
+#endif
+#ifdef VFIO_DEVICE_BIND_IOMMUFD
+_Static_assert(MMB_VFIO_DEVICE_BIND_IOMMUFD == VFIO_DEVICE_BIND_IOMMUFD, "VFIO_DEVICE_BIND_IOMMUFD");
+_Static_assert(MMB_VFIO_DEVICE_ATTACH_IOMMUFD_PT == VFIO_DEVICE_ATTACH_IOMMUFD_PT, "ATTACH_IOMMUFD_PT");
+_Static_assert(MMB_VFIO_DEVICE_DETACH_IOMMUFD_PT == VFIO_DEVICE_DETACH_IOMMUFD_PT, "DETACH_IOMMUFD_PT");
+#endif
+
+/* ---- the whitelist ------------------------------------------------------------------------------ */
+
+enum arg_kind {
+  ARG_VALUE,   /* vfioIoctlInt: the int is the argument itself */
+  ARG_S32_PTR, /* vfioIoctlInt: the argument is a pointer to the int (an __s32 fd) */
+  ARG_STRUCT,  /* vfioIoctl / vfioIoctlAsync: a struct whose first __u32 is its size (argsz / size) */
+};
+
+/* What kind of descriptor a request is meant for (bits). */
+enum fd_kind {
+  FD_CONTAINER = 1 << 0, /* /dev/vfio/vfio */
+  FD_GROUP = 1 << 1,     /* /dev/vfio/N */
+  FD_DEVICE = 1 << 2,    /* anon_inode:[vfio-device], /dev/vfio/devices/vfioN */
+  FD_IOMMUFD = 1 << 3,   /* /dev/iommu */
+};
+
+struct request {
+  const char *name;
+  unsigned long nr;
+  unsigned fds; /* enum fd_kind bits */
+  enum arg_kind kind;
+  uint32_t minsz;     /* ARG_STRUCT: the kernel's minimum size for the request */
+  int flags_off;      /* ARG_STRUCT: offset of a __u32 flags word to check, or -1 */
+  uint32_t forbidden; /* flag bits that make the kernel follow a pointer C did not validate */
+  bool async;         /* may run on a worker thread (vfioIoctlAsync) */
+  int ptr_off;        /* a __u64 pointer field C fills with the data buffer's address, or -1 */
+  int count_off;      /* its __u32 element count */
+  uint32_t elem_size; /* bytes per element */
+};
+
+/* Minimum sizes are the kernel's `minsz` (offsetofend of the last field it always reads). */
+static const struct request requests[] = {
+    /* container (/dev/vfio/vfio) */
+    {"VFIO_GET_API_VERSION", VFIO_GET_API_VERSION, FD_CONTAINER, ARG_VALUE, 0, -1, 0, false, -1, 0, 0},
+    {"VFIO_CHECK_EXTENSION", VFIO_CHECK_EXTENSION, FD_CONTAINER, ARG_VALUE, 0, -1, 0, false, -1, 0, 0},
+    {"VFIO_SET_IOMMU", VFIO_SET_IOMMU, FD_CONTAINER, ARG_VALUE, 0, -1, 0, false, -1, 0, 0},
+    {"VFIO_IOMMU_GET_INFO", VFIO_IOMMU_GET_INFO, FD_CONTAINER, ARG_STRUCT, 16, -1, 0, false, -1, 0, 0},
+    {"VFIO_IOMMU_MAP_DMA", VFIO_IOMMU_MAP_DMA, FD_CONTAINER, ARG_STRUCT, 32, -1, 0, true, -1, 0, 0},
+    {"VFIO_IOMMU_UNMAP_DMA", VFIO_IOMMU_UNMAP_DMA, FD_CONTAINER, ARG_STRUCT, 24, 4, VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP, true, -1, 0, 0},
+    /* group (/dev/vfio/N) */
+    {"VFIO_GROUP_GET_STATUS", VFIO_GROUP_GET_STATUS, FD_GROUP, ARG_STRUCT, 8, -1, 0, false, -1, 0, 0},
+    {"VFIO_GROUP_SET_CONTAINER", VFIO_GROUP_SET_CONTAINER, FD_GROUP, ARG_S32_PTR, 0, -1, 0, false, -1, 0, 0},
+    {"VFIO_GROUP_UNSET_CONTAINER", VFIO_GROUP_UNSET_CONTAINER, FD_GROUP, ARG_VALUE, 0, -1, 0, false, -1, 0, 0},
+    /* device (from VFIO_GROUP_GET_DEVICE_FD, or /dev/vfio/devices/vfioN) */
+    {"VFIO_DEVICE_GET_INFO", VFIO_DEVICE_GET_INFO, FD_DEVICE, ARG_STRUCT, 16, -1, 0, false, -1, 0, 0},
+    {"VFIO_DEVICE_GET_REGION_INFO", VFIO_DEVICE_GET_REGION_INFO, FD_DEVICE, ARG_STRUCT, 32, -1, 0, false, -1, 0, 0},
+    {"VFIO_DEVICE_RESET", VFIO_DEVICE_RESET, FD_DEVICE, ARG_VALUE, 0, -1, 0, false, -1, 0, 0},
+    {"VFIO_DEVICE_BIND_IOMMUFD", MMB_VFIO_DEVICE_BIND_IOMMUFD, FD_DEVICE, ARG_STRUCT, 16, 4, MMB_VFIO_DEVICE_BIND_FLAG_TOKEN, false, -1, 0, 0},
+    {"VFIO_DEVICE_ATTACH_IOMMUFD_PT", MMB_VFIO_DEVICE_ATTACH_IOMMUFD_PT, FD_DEVICE, ARG_STRUCT, 12, -1, 0, false, -1, 0, 0},
+    {"VFIO_DEVICE_DETACH_IOMMUFD_PT", MMB_VFIO_DEVICE_DETACH_IOMMUFD_PT, FD_DEVICE, ARG_STRUCT, 8, -1, 0, false, -1, 0, 0},
+    /* iommufd (/dev/iommu) */
+    {"IOMMU_DESTROY", MMB_IOMMU_DESTROY, FD_IOMMUFD, ARG_STRUCT, 8, -1, 0, false, -1, 0, 0},
+    {"IOMMU_IOAS_ALLOC", MMB_IOMMU_IOAS_ALLOC, FD_IOMMUFD, ARG_STRUCT, 12, -1, 0, false, -1, 0, 0},
+    {"IOMMU_IOAS_IOVA_RANGES", MMB_IOMMU_IOAS_IOVA_RANGES, FD_IOMMUFD, ARG_STRUCT, 32, -1, 0, false, 16, 8, 16},
+    {"IOMMU_IOAS_MAP", MMB_IOMMU_IOAS_MAP, FD_IOMMUFD, ARG_STRUCT, 40, -1, 0, true, -1, 0, 0},
+    {"IOMMU_IOAS_UNMAP", MMB_IOMMU_IOAS_UNMAP, FD_IOMMUFD, ARG_STRUCT, 24, -1, 0, true, -1, 0, 0},
+};
+
+/* runs on any thread */
+static const struct request *find_request(unsigned long nr) {
+  for (size_t i = 0; i < MMB_COUNT(requests); i++)
+    if (requests[i].nr == nr) return &requests[i];
+  return NULL;
+}
+
+/* A non-empty string of decimal digits. runs on any thread */
+static bool is_number(const char *p) {
+  if (*p == '\0') return false;
+  for (; *p; p++)
+    if (*p < '0' || *p > '9') return false;
+  return true;
+}
+
+/*
+ * The kind of VFIO or iommufd descriptor `fd` is, from what the kernel shows in /proc/self/fd (0 for
+ * anything else). runs on any thread (no JS access)
+ */
+static unsigned fd_kind(int fd) {
+  char link[64], target[128];
+  snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
+  ssize_t n = readlink(link, target, sizeof target - 1);
+  if (n < 0) return 0;
+  target[n] = '\0';
+  if (strcmp(target, "/dev/vfio/vfio") == 0) return FD_CONTAINER;
+  if (strcmp(target, "/dev/iommu") == 0) return FD_IOMMUFD;
+  if (strcmp(target, "anon_inode:[vfio-device]") == 0) return FD_DEVICE;
+  if (strncmp(target, "/dev/vfio/devices/vfio", 22) == 0 && is_number(target + 22)) return FD_DEVICE;
+  if (strncmp(target, "/dev/vfio/", 10) == 0) {
+    const char *group = target + 10;
+    if (strncmp(group, "noiommu-", 8) == 0) group += 8;
+    if (is_number(group)) return FD_GROUP;
+  }
+  return 0;
+}
+
+/* Reads the request argument and finds its whitelist entry; EPERM if it is not there. runs on the main thread */
+static const struct request *arg_request(napi_env env, napi_value v, enum arg_kind kind) {
+  int64_t nr;
+  if (!mmb_arg_int64(env, v, 0, UINT32_MAX, "request", &nr)) return NULL;
+  const struct request *r = find_request((unsigned long)nr);
+  if (r == NULL) {
+    mmb_throw_errno(env, EPERM, "ioctl");
+    return NULL;
+  }
+  bool kind_ok = kind == ARG_STRUCT ? r->kind == ARG_STRUCT : r->kind != ARG_STRUCT;
+  if (!kind_ok) {
+    mmb_throw_errno(env, EINVAL, r->name);
+    return NULL;
+  }
+  return r;
+}
+
+/* Reads a native-endian __u32 at `off` (unaligned-safe). runs on any thread */
+static uint32_t get_u32(const uint8_t *p, int off) {
+  uint32_t v;
+  memcpy(&v, p + off, sizeof v);
+  return v;
+}
+
+/*
+ * Checks a struct argument against its entry: length, leading size word, forbidden flags.
+ * runs on the main thread
+ */
+static bool check_struct(napi_env env, const struct request *r, const uint8_t *arg, size_t len) {
+  if (len < r->minsz || len > UINT32_MAX) {
+    mmb_throw_errno(env, EINVAL, r->name);
+    return false;
+  }
+  uint32_t size = get_u32(arg, 0);
+  if (size < r->minsz || size > len) {
+    mmb_throw_errno(env, EINVAL, r->name);
+    return false;
+  }
+  if (r->flags_off >= 0 && (get_u32(arg, r->flags_off) & r->forbidden) != 0) {
+    mmb_throw_errno(env, EINVAL, r->name);
+    return false;
+  }
+  return true;
+}
+
+/* runs on the main thread */
+static napi_value make_int(napi_env env, int value) {
+  napi_value v;
+  CHECK(napi_create_int32(env, value, &v));
+  return v;
+}
+
+/*
+ * vfioOpen(path) -> fd: open(2) O_RDWR | O_CLOEXEC of a VFIO or iommufd node (/dev/vfio/vfio,
+ * /dev/vfio/<group>, /dev/vfio/devices/vfioN, /dev/iommu); any other path is EPERM.
+ * runs on the main thread
+ */
+static napi_value open_js(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  char path[256];
+  if (!mmb_args(env, info, 1, argv) ||
+      !mmb_arg_cstring(env, argv[0], "path", path, sizeof path, ENAMETOOLONG, "open"))
+    return NULL;
+  if (strncmp(path, "/dev/vfio/", 10) != 0 && strcmp(path, "/dev/iommu") != 0) return mmb_throw_errno(env, EPERM, "open");
+  if (strstr(path, "/../") != NULL || strstr(path, "/./") != NULL) return mmb_throw_errno(env, EPERM, "open");
+  int fd;
+  do fd = open(path, O_RDWR | O_CLOEXEC);
+  while (fd < 0 && errno == EINTR);
+  if (fd < 0) return mmb_throw_errno(env, errno, "open");
+  return mmb_new_fd(env, fd);
+}
+
+/*
+ * vfioIoctlInt(fd, request, value) -> the ioctl's return value. For the requests whose argument is an
+ * int (VFIO_GET_API_VERSION, VFIO_CHECK_EXTENSION, VFIO_SET_IOMMU, VFIO_GROUP_UNSET_CONTAINER,
+ * VFIO_DEVICE_RESET) or a pointer to an __s32 (VFIO_GROUP_SET_CONTAINER: the container fd).
+ * runs on the main thread
+ */
+static napi_value ioctl_int_js(napi_env env, napi_callback_info info) {
+  napi_value argv[3];
+  int fd;
+  int64_t value;
+  if (!mmb_args(env, info, 3, argv) || !mmb_arg_fd(env, argv[0], &fd)) return NULL;
+  const struct request *r = arg_request(env, argv[1], ARG_VALUE);
+  if (r == NULL || !mmb_arg_int64(env, argv[2], INT32_MIN, INT32_MAX, "value", &value)) return NULL;
+  if ((fd_kind(fd) & r->fds) == 0) return mmb_throw_errno(env, ENOTTY, r->name);
+  int32_t s32 = (int32_t)value;
+  int rc;
+  do rc = r->kind == ARG_S32_PTR ? ioctl(fd, r->nr, &s32) : ioctl(fd, r->nr, (unsigned long)(uint32_t)s32);
+  while (rc < 0 && errno == EINTR);
+  if (rc < 0) return mmb_throw_errno(env, errno, r->name);
+  return make_int(env, rc);
+}
+
+/*
+ * vfioIoctl(fd, request, arg, data?) -> the ioctl's return value. `arg` (a Uint8Array) is the packed
+ * struct; the kernel reads it and writes its results back into it. `data` is only for requests with a
+ * pointer field (IOMMU_IOAS_IOVA_RANGES): C points the field at `data` after checking it holds the
+ * struct's element count, and zeroes it again afterwards. runs on the main thread
+ */
+static napi_value ioctl_js(napi_env env, napi_callback_info info) {
+  napi_value argv[4];
+  int fd;
+  uint8_t *arg, *data = NULL;
+  size_t len, data_len = 0;
+  if (!mmb_args(env, info, 4, argv) || !mmb_arg_fd(env, argv[0], &fd)) return NULL;
+  const struct request *r = arg_request(env, argv[1], ARG_STRUCT);
+  if (r == NULL || !mmb_arg_bytes(env, argv[2], "arg", &arg, &len)) return NULL;
+  if (!check_struct(env, r, arg, len)) return NULL;
+
+  napi_valuetype data_type;
+  CHECK(napi_typeof(env, argv[3], &data_type));
+  bool has_data = data_type != napi_undefined;
+  if (has_data && !mmb_arg_bytes(env, argv[3], "data", &data, &data_len)) return NULL;
+  if (has_data && r->ptr_off < 0) return mmb_throw_errno(env, EINVAL, r->name);
+  /* data may be left out only when the count is 0 (the "how many?" call). */
+  uint64_t count = r->ptr_off >= 0 ? get_u32(arg, r->count_off) : 0;
+  if (count * r->elem_size > data_len) return mmb_throw_errno(env, ERANGE, r->name);
+  if ((fd_kind(fd) & r->fds) == 0) return mmb_throw_errno(env, ENOTTY, r->name);
+  if (r->ptr_off >= 0) {
+    uint64_t ptr = count > 0 ? (uint64_t)(uintptr_t)data : 0;
+    memcpy(arg + r->ptr_off, &ptr, sizeof ptr);
+  }
+  int rc;
+  do rc = ioctl(fd, r->nr, arg);
+  while (rc < 0 && errno == EINTR);
+  int err = errno;
+  if (r->ptr_off >= 0) memset(arg + r->ptr_off, 0, sizeof(uint64_t));
+  if (rc < 0) return mmb_throw_errno(env, err, r->name);
+  return make_int(env, rc);
+}
+
+/*
+ * vfioGroupGetDeviceFd(groupFd, name) -> device fd (VFIO_GROUP_GET_DEVICE_FD with the device's name,
+ * "0000:00:01.0" for PCI). The new fd is made close-on-exec. runs on the main thread
+ */
+static napi_value group_get_device_fd_js(napi_env env, napi_callback_info info) {
+  napi_value argv[2];
+  int fd;
+  char name[256];
+  const char *syscall = "VFIO_GROUP_GET_DEVICE_FD";
+  if (!mmb_args(env, info, 2, argv) || !mmb_arg_fd(env, argv[0], &fd) ||
+      !mmb_arg_cstring(env, argv[1], "name", name, sizeof name, ENAMETOOLONG, syscall))
+    return NULL;
+  if (fd_kind(fd) != FD_GROUP) return mmb_throw_errno(env, ENOTTY, syscall);
+  int dev;
+  do dev = ioctl(fd, VFIO_GROUP_GET_DEVICE_FD, name);
+  while (dev < 0 && errno == EINTR);
+  if (dev < 0) return mmb_throw_errno(env, errno, syscall);
+  /* The kernel creates it O_CLOEXEC (get_unused_fd_flags(O_CLOEXEC)); make sure of it whatever the version. */
+  int fl = fcntl(dev, F_GETFD);
+  if (fl < 0 || fcntl(dev, F_SETFD, fl | FD_CLOEXEC) < 0) {
+    int err = errno;
+    close(dev);
+    return mmb_throw_errno(env, err, "fcntl");
+  }
+  return mmb_new_fd(env, dev);
+}
+
+/* ---- the async variant ------------------------------------------------------------------------ */
+
+struct ioctl_work {
+  const struct request *r;
+  int fd;
+  uint8_t *copy; /* our own copy of the struct: the JS buffer may be detached meanwhile */
+  size_t len;
+  int rc;
+  int err;
+  napi_ref arg_ref; /* the caller's Uint8Array, to copy the results back into */
+  napi_deferred deferred;
+  napi_async_work work;
+};
+
+/* runs on a worker thread, no JS access */
+static void ioctl_execute(napi_env env, void *data) {
+  (void)env;
+  struct ioctl_work *w = data;
+  if ((fd_kind(w->fd) & w->r->fds) == 0) {
+    w->rc = -1;
+    w->err = ENOTTY;
+    return;
+  }
+  int rc;
+  do rc = ioctl(w->fd, w->r->nr, w->copy);
+  while (rc < 0 && errno == EINTR);
+  w->rc = rc;
+  w->err = rc < 0 ? errno : 0;
+}
+
+/* Copies the kernel's results back into the caller's buffer if it is still there. runs on the main thread */
+static void copy_back(napi_env env, struct ioctl_work *w) {
+  napi_value arg;
+  if (napi_get_reference_value(env, w->arg_ref, &arg) != napi_ok || arg == NULL) return;
+  napi_typedarray_type type;
+  size_t length;
+  void *ptr;
+  if (napi_get_typedarray_info(env, arg, &type, &length, &ptr, NULL, NULL) != napi_ok) return;
+  if (type == napi_uint8_array && length == w->len && ptr != NULL) memcpy(ptr, w->copy, w->len);
+}
+
+/* runs on the main thread, after ioctl_execute */
+static void ioctl_complete(napi_env env, napi_status status, void *data) {
+  struct ioctl_work *w = data;
+  int err = status == napi_cancelled ? ECANCELED : w->err;
+  if (err == 0) copy_back(env, w);
+  napi_value value = NULL;
+  if (err == 0) {
+    if (napi_create_int32(env, w->rc, &value) == napi_ok) napi_resolve_deferred(env, w->deferred, value);
+  } else {
+    value = mmb_errno_error(env, err, w->r->name);
+    if (value != NULL) napi_reject_deferred(env, w->deferred, value);
+  }
+  napi_delete_reference(env, w->arg_ref);
+  napi_delete_async_work(env, w->work);
+  free(w->copy);
+  free(w);
+}
+
+/* Rejects `deferred` with the pending exception. runs on the main thread */
+static void reject_pending(napi_env env, napi_deferred deferred) {
+  napi_value error;
+  if (napi_get_and_clear_last_exception(env, &error) == napi_ok) napi_reject_deferred(env, deferred, error);
+}
+
+/*
+ * vfioIoctlAsync(fd, request, arg) -> Promise<number>: vfioIoctl on a libuv worker thread, for the
+ * requests that pin memory and can take seconds (VFIO_IOMMU_MAP_DMA / UNMAP_DMA, IOMMU_IOAS_MAP /
+ * UNMAP). C works on a copy of `arg` and copies the kernel's results back into it on completion. Every
+ * failure, argument checks included, rejects the promise. runs on the main thread; the ioctl runs in
+ * ioctl_execute.
+ */
+static napi_value ioctl_async_js(napi_env env, napi_callback_info info) {
+  napi_value promise, argv[3];
+  napi_deferred deferred;
+  CHECK(napi_create_promise(env, &deferred, &promise));
+
+  int fd;
+  uint8_t *arg;
+  size_t len;
+  const struct request *r = NULL;
+  if (!mmb_args(env, info, 3, argv) || !mmb_arg_fd(env, argv[0], &fd) ||
+      (r = arg_request(env, argv[1], ARG_STRUCT)) == NULL || !mmb_arg_bytes(env, argv[2], "arg", &arg, &len) ||
+      !check_struct(env, r, arg, len)) {
+    reject_pending(env, deferred);
+    return promise;
+  }
+  if (!r->async) {
+    mmb_throw_errno(env, EINVAL, r->name);
+    reject_pending(env, deferred);
+    return promise;
+  }
+  struct ioctl_work *w = calloc(1, sizeof *w);
+  uint8_t *copy = malloc(len);
+  if (w == NULL || copy == NULL) {
+    free(w);
+    free(copy);
+    mmb_throw_errno(env, ENOMEM, r->name);
+    reject_pending(env, deferred);
+    return promise;
+  }
+  memcpy(copy, arg, len);
+  w->r = r;
+  w->fd = fd;
+  w->copy = copy;
+  w->len = len;
+  w->deferred = deferred;
+
+  napi_value name;
+  napi_status status = napi_create_reference(env, argv[2], 1, &w->arg_ref);
+  if (status == napi_ok) status = napi_create_string_utf8(env, r->name, NAPI_AUTO_LENGTH, &name);
+  if (status == napi_ok) status = napi_create_async_work(env, NULL, name, ioctl_execute, ioctl_complete, w, &w->work);
+  if (status == napi_ok) {
+    status = napi_queue_async_work(env, w->work);
+    if (status != napi_ok) napi_delete_async_work(env, w->work);
+  }
+  if (status != napi_ok) {
+    if (w->arg_ref != NULL) napi_delete_reference(env, w->arg_ref);
+    free(copy);
+    free(w);
+    mmb_throw_napi(env, status, "queueing an ioctl");
+    reject_pending(env, deferred);
+  }
+  return promise;
+}
+
+/* runs on the main thread, at module load */
+static bool export_requests(napi_env env, napi_value exports) {
+  napi_value obj;
+  CHECK_BOOL(napi_create_object(env, &obj));
+  for (size_t i = 0; i < MMB_COUNT(requests); i++)
+    if (!mmb_set_number(env, obj, requests[i].name, (double)requests[i].nr)) return false;
+  if (!mmb_set_number(env, obj, "VFIO_GROUP_GET_DEVICE_FD", (double)VFIO_GROUP_GET_DEVICE_FD)) return false;
+  CHECK_BOOL(napi_object_freeze(env, obj));
+  CHECK_BOOL(napi_set_named_property(env, exports, "vfioRequests", obj));
+  return true;
+}
 
 /* runs on the main thread, at module load */
 bool mmb_init_vfio(napi_env env, napi_value exports) {
-  (void)env;
-  (void)exports;
-  return true;
+  static const mmb_method methods[] = {
+      {"vfioOpen", open_js},
+      {"vfioIoctlInt", ioctl_int_js},
+      {"vfioIoctl", ioctl_js},
+      {"vfioIoctlAsync", ioctl_async_js},
+      {"vfioGroupGetDeviceFd", group_get_device_fd_js},
+  };
+  return mmb_export_methods(env, exports, methods, MMB_COUNT(methods)) && export_requests(env, exports);
 }

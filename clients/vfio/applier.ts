@@ -1,0 +1,197 @@
+// The vfio-like client's applier: maps every region into this process (GuestMemory: MAP_SHARED, one
+// contiguous host range per region) and pins and maps it into the client's IOMMU domain at IOVA = GPA.
+//
+// A change, in this order (one at a time; device hot-add / hot-remove wait their turn):
+//   1. refusals that need no work: the client's pin limit (bytes of the whole map after the change,
+//      counted once however many devices), reserved IOVA ranges, the domain's remaining DMA mappings;
+//   2. removed regions are unpinned and IOMMU-unmapped (still mapped in the process): their IOVAs may be
+//      reused by the added ones at once (a region replaced at the same GPA);
+//   3. added regions are mapped in the process, then pinned and IOMMU-mapped piece by piece, off the event
+//      loop, with progress. A region a queued transaction removes (ctx.cancelled) is undone and skipped
+//      (and established later after all, should that removal not happen);
+//      an aborted change (ctx.signal: rolled back, or closing) or a failure undoes everything of 2 and 3
+//      and throws, leaving the state as it was;
+//   4. removed regions are unmapped from the process; metadata updates are recorded.
+// Then the owner of the applier is told (onChanged), to report the pinned bytes and DMA budget.
+import { CancelledError, ClientLimitError, PinBudgetError, toMmbError } from '../../protocol/index.js';
+import { CHUNK_BYTES, GuestMemory, type MappedRegion } from '../memory.js';
+import type { Applier, ApplyContext, Change, LocalBacking, ViewRegion } from '../view.js';
+import type { Domain } from './domain.js';
+
+const fmt = (bytes: number) => (bytes >= 2 ** 20 ? `${+(bytes / 2 ** 20).toFixed(1)} MiB` : `${bytes} bytes`);
+
+/** Pieces a region of `size` bytes is pinned in (GuestMemory chunks of 1 GiB, then `chunkBytes`). */
+export function pieceCount(size: number, chunkBytes: number): number {
+  const full = Math.floor(size / CHUNK_BYTES);
+  const rest = size - full * CHUNK_BYTES;
+  return full * Math.ceil(CHUNK_BYTES / chunkBytes) + Math.ceil(rest / chunkBytes);
+}
+
+export interface VfioApplierOptions {
+  /** Most bytes this client may pin (the whole map, counted once). */
+  pinLimit?: number;
+  /** Called after every change and device change, when the state to report may have changed. */
+  onChanged?: () => void;
+  /** Called when an undo failed after a failure (the state may be inconsistent). */
+  onError?: (err: unknown) => void;
+}
+
+export class VfioApplier implements Applier {
+  readonly memory = new GuestMemory();
+  private queue: Promise<unknown> = Promise.resolve();
+  private closed = false;
+  /**
+   * Regions whose establishment a queued removal cancelled: the subscriber counts them as established,
+   * and the removal normally hands them back at once. Should that removal never be applied (the broker
+   * rolled it back, or a resume says the region is still there), the next change establishes them.
+   */
+  private readonly unestablished = new Map<string, ViewRegion>();
+
+  constructor(
+    readonly domain: Domain,
+    private readonly opts: VfioApplierOptions = {},
+  ) {}
+
+  /** Bytes of memory mapped now (what the domain pins while it has a device). */
+  get mappedBytes(): number {
+    return this.memory.regions().reduce((n, m) => n + m.region.size, 0);
+  }
+
+  apply(change: Change, backings: ReadonlyMap<number, LocalBacking>, ctx: ApplyContext): Promise<void> {
+    return this.exclusive(() => this.applyNow(change, backings, ctx));
+  }
+
+  /** Attaches a device; the first one creates the domain and pins everything mapped into it. */
+  attachDevice(name: string, signal?: AbortSignal): Promise<void> {
+    return this.exclusive(async () => {
+      this.assertOpen();
+      try {
+        await this.domain.attachDevice(name, this.memory.regions(), signal ? { signal } : {});
+      } finally {
+        this.opts.onChanged?.();
+      }
+    });
+  }
+
+  /** Detaches a device; the last one unpins everything and destroys the domain. */
+  detachDevice(name: string): Promise<void> {
+    return this.exclusive(async () => {
+      this.assertOpen();
+      try {
+        await this.domain.detachDevice(name);
+      } finally {
+        this.opts.onChanged?.();
+      }
+    });
+  }
+
+  close(): Promise<void> {
+    return this.exclusive(async () => {
+      if (this.closed) return;
+      this.closed = true;
+      try {
+        await this.domain.close();
+      } finally {
+        this.memory.close();
+      }
+    });
+  }
+
+  private assertOpen(): void {
+    if (this.closed) throw new CancelledError('the vfio client is closed');
+  }
+
+  private exclusive<T>(fn: () => Promise<T>): Promise<T> {
+    const run = this.queue.then(fn, fn);
+    this.queue = run.catch(() => undefined);
+    return run;
+  }
+
+  private async applyNow(change: Change, backings: ReadonlyMap<number, LocalBacking>, ctx: ApplyContext): Promise<void> {
+    this.assertOpen();
+    const mapped = new Map(this.memory.regions().map((m) => [m.region.key, m]));
+    const removed = change.removed.filter((r) => mapped.has(r.key));
+    const gone = new Set(change.removed.map((r) => r.key));
+    const revived = [...this.unestablished.values()].filter((r) => !gone.has(r.key));
+    const added = [...revived, ...change.added];
+
+    // 1. Refusals before any work.
+    if (added.length > 0) {
+      const after = this.mappedBytes - removed.reduce((n, r) => n + r.size, 0) + added.reduce((n, r) => n + r.size, 0);
+      if (this.opts.pinLimit !== undefined && after > this.opts.pinLimit) {
+        throw new PinBudgetError(`this vfio client (${this.domain.backend.name}) would pin ${fmt(after)}; its pin limit is ${fmt(this.opts.pinLimit)}`);
+      }
+      const limits = this.domain.limits();
+      for (const r of added) this.domain.checkReserved(r, limits.reserved);
+      if (this.domain.active && limits.dmaAvailable !== undefined) {
+        const entries = (rs: readonly ViewRegion[]) => rs.reduce((n, r) => n + this.domain.backend.entriesFor(pieceCount(r.size, this.domain.chunkBytes)), 0);
+        const needed = entries(added) - entries(removed.filter((r) => this.domain.isPinned(r.key)));
+        if (needed > limits.dmaAvailable) {
+          throw new ClientLimitError(`the ${this.domain.backend.name} domain accepts ${limits.dmaAvailable} more DMA mappings; this change needs ${needed}`);
+        }
+      }
+    }
+    if (ctx.signal.aborted) throw toMmbError(ctx.signal.reason, 'MMB_ERR_CANCELLED');
+
+    // 2. Unpin what goes (keeping it mapped, to restore it if the rest fails).
+    const unpinned: MappedRegion[] = [];
+    try {
+      for (const r of removed) {
+        if (!this.domain.isPinned(r.key)) continue;
+        await this.domain.unpin(r.key);
+        unpinned.push(mapped.get(r.key) as MappedRegion);
+      }
+    } catch (err) {
+      await this.restore(unpinned);
+      throw err;
+    }
+
+    // 3. Map and pin what comes.
+    const pinned: string[] = [];
+    const cancelled: ViewRegion[] = [];
+    let memoryMapped = false;
+    try {
+      if (added.length > 0) {
+        this.memory.apply({ ...change, added, removed: [], updated: [] }, backings);
+        memoryMapped = true;
+        const now = new Map(this.memory.regions().map((m) => [m.region.key, m]));
+        for (const r of added) {
+          if (ctx.signal.aborted) throw toMmbError(ctx.signal.reason, 'MMB_ERR_CANCELLED');
+          if (ctx.cancelled(r.key)) {
+            cancelled.push(r);
+            continue;
+          }
+          const outcome = await this.domain.pin(now.get(r.key) as MappedRegion, { signal: ctx.signal, cancelled: () => ctx.cancelled(r.key) });
+          if (outcome === 'pinned') pinned.push(r.key);
+          else if (outcome === 'cancelled') cancelled.push(r);
+        }
+      }
+    } catch (err) {
+      for (const key of pinned.reverse()) await this.domain.unpin(key).catch((e: unknown) => this.opts.onError?.(e));
+      if (memoryMapped) this.memory.apply({ ...change, removed: added, added: [], updated: [] }, backings);
+      await this.restore(unpinned);
+      this.opts.onChanged?.();
+      throw err;
+    }
+
+    // 4. Let go of what went; record metadata. A region cancelled by a queued removal is unmapped too:
+    // that removal will find nothing left to do.
+    this.memory.apply({ ...change, removed: [...change.removed, ...cancelled], added: [] }, backings);
+    for (const { after } of change.updated) this.domain.update(after);
+    for (const key of gone) this.unestablished.delete(key);
+    for (const r of revived) this.unestablished.delete(r.key);
+    for (const r of cancelled) this.unestablished.set(r.key, r);
+    this.opts.onChanged?.();
+  }
+
+  /** Pins again regions unpinned by a change that failed. */
+  private async restore(regions: readonly MappedRegion[]): Promise<void> {
+    for (const m of regions) {
+      try {
+        await this.domain.pin(m);
+      } catch (err) {
+        this.opts.onError?.(err);
+      }
+    }
+  }
+}

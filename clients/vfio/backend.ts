@@ -1,0 +1,172 @@
+// The one interface the three IOMMU backends implement (soft.ts, type1.ts, iommufd.ts), and what they
+// share: IOVA range arithmetic and the mapping of syscall failures to the broker's error codes.
+//
+// A backend knows nothing of regions or transactions. It attaches and detaches devices (the first one
+// creates the IOMMU domain, the last one destroys it: with type1 the kernel drops the container's IOMMU
+// and every DMA mapping with its last group), maps and unmaps pieces of pinned memory at an IOVA, and
+// says what the domain allows (usable IOVA ranges, remaining DMA mappings, cache coherency).
+import { GPA_LIMIT, IommuError, InvalidArgError, PinFailedError, type IovaRange, type MmbError } from '../../protocol/index.js';
+import { isNativeError, type Mapping } from '../../native/index.js';
+import type { RawIovaRange, RegionInfo } from './structs.js';
+
+export type BackendName = 'soft' | 'type1' | 'iommufd';
+
+/** A piece of a region, pinned and mapped with one call (one mlock, one MAP_DMA, one IOAS_MAP). */
+export interface Piece {
+  /** IOVA of the first byte (IOVA = GPA for a passthrough VM). */
+  iova: number;
+  size: number;
+  /** Host virtual address of the first byte (inside GuestMemory's contiguous mapping of the region). */
+  vaddr: number;
+  /** The GuestMemory chunk that holds the piece, and the piece's offset in it. */
+  mapping: Mapping;
+  offset: number;
+  /** Map for device reads only. */
+  readonly: boolean;
+}
+
+/** What the domain allows now. */
+export interface DomainLimits {
+  /**
+   * IOVA ranges that cannot be mapped, within [0, 2^52 - 1] (the complement of the IOMMU's usable ranges,
+   * or soft's configured list); undefined while unknown (a hardware backend before its first device).
+   */
+  reserved: IovaRange[] | undefined;
+  /** The usable ranges as the kernel reported them (64-bit), if it did. */
+  usable?: RawIovaRange[];
+  /** More DMA mappings the IOMMU accepts (type1's DMA_AVAIL, soft's table); undefined if unlimited. */
+  dmaAvailable: number | undefined;
+  /** Whether DMA is cache-coherent for the domain; undefined if the backend cannot tell. */
+  coherent: boolean | undefined;
+}
+
+/** A device behind the client. For hardware backends, what a driver needs to program the device. */
+export interface VfioDevice {
+  /** The PCI address ("0000:00:01.0"), or the name of a soft device. */
+  readonly name: string;
+  /** The VFIO device fd (pread / pwrite / mmap at region offsets); undefined for soft devices. */
+  readonly fd: number | undefined;
+  /** VFIO_DEVICE_GET_INFO; MMB_ERR_UNSUPPORTED for soft devices. */
+  info(): DeviceInfo;
+  /** VFIO_DEVICE_GET_REGION_INFO of region `index` (BAR0 = 0, config space = 7); MMB_ERR_UNSUPPORTED for soft. */
+  regionInfo(index: number): RegionInfo;
+}
+
+export interface DeviceInfo {
+  flags: number;
+  numRegions: number;
+  numIrqs: number;
+  pci: boolean;
+  resettable: boolean;
+}
+
+export interface IommuBackend {
+  readonly name: BackendName;
+  /** True for the software stand-in (no IOMMU, mlock pinning). */
+  readonly software: boolean;
+  /** One line for logs and status ("soft: software stand-in, no IOMMU; pins with mlock"). */
+  readonly description: string;
+  /** The domain exists: at least one device is attached. */
+  readonly active: boolean;
+  readonly devices: readonly string[];
+  /**
+   * Attaches a device; the first one creates the domain (`created`: the caller must then map everything
+   * again). Leaves nothing behind on failure.
+   */
+  attach(device: string): { created: boolean };
+  /** Detaches a device; the last one destroys the domain (`destroyed`), with every mapping in it. */
+  detach(device: string): { destroyed: boolean };
+  device(name: string): VfioDevice | undefined;
+  /** How many DMA mappings (entries of the IOMMU's table) a region made of `pieces` pieces takes. */
+  entriesFor(pieces: number): number;
+  /** Pins and maps one piece at its IOVA (on a worker thread). */
+  map(piece: Piece): Promise<void>;
+  /** Unmaps and unpins one piece. */
+  unmap(piece: Piece): Promise<void>;
+  /**
+   * Before a region's pieces are mapped: checks that the domain can take it and claims what it needs (soft:
+   * its IOVA-table entry, refused on overlap or when the table is full; type1: enough DMA mappings left).
+   */
+  claim(iova: number, size: number, pieces: number): void;
+  /** After a region's pieces were unmapped (or its mapping failed): gives back what claim() took. */
+  release(iova: number, size: number): void;
+  /** What the domain allows now (re-read from the kernel). */
+  limits(): DomainLimits;
+  /** Detaches every device and closes every fd. */
+  close(): void;
+}
+
+// --- IOVA ranges ---------------------------------------------------------------------------------
+
+/** The last usable GPA: ranges are clipped to the protocol's 52-bit guest-physical space. */
+export const GPA_LAST = GPA_LIMIT - 1;
+
+/** Sorted, merged copy of inclusive ranges. */
+export function mergeRanges(ranges: readonly IovaRange[]): IovaRange[] {
+  const sorted = [...ranges].sort((a, b) => a.start - b.start);
+  const out: IovaRange[] = [];
+  for (const r of sorted) {
+    const last = out[out.length - 1];
+    if (last && r.start <= last.last + 1) last.last = Math.max(last.last, r.last);
+    else out.push({ start: r.start, last: r.last });
+  }
+  return out;
+}
+
+/**
+ * The reserved ranges (the complement of the usable ones) within [0, 2^52 - 1], as numbers. The kernel's
+ * ranges are 64-bit; everything at or above 2^52 lies outside any guest-physical address anyway.
+ */
+export function reservedFromUsable(usable: readonly RawIovaRange[]): IovaRange[] {
+  const limit = BigInt(GPA_LAST);
+  const sorted = [...usable].filter((r) => r.start <= r.last).sort((a, b) => (a.start < b.start ? -1 : a.start > b.start ? 1 : 0));
+  const out: IovaRange[] = [];
+  let next = 0n; // first address not yet known to be usable
+  for (const r of sorted) {
+    if (next > limit) break;
+    if (r.start > next) out.push({ start: Number(next), last: Number(r.start - 1n > limit ? limit : r.start - 1n) });
+    if (r.last + 1n > next) next = r.last + 1n;
+  }
+  if (next <= limit) out.push({ start: Number(next), last: GPA_LAST });
+  return mergeRanges(out);
+}
+
+/** The first reserved range [gpa, gpa + size) touches, if any. */
+export function clash(reserved: readonly IovaRange[], gpa: number, size: number): IovaRange | undefined {
+  return reserved.find((x) => gpa <= x.last && x.start < gpa + size);
+}
+
+/** A valid device or region name for the protocol: 1 to 64 bytes of UTF-8, no control characters. */
+export function checkName(name: string, what: string): void {
+  if (typeof name !== 'string' || name.length === 0 || Buffer.byteLength(name) > 64 || /[\u0000-\u001f\u007f]/.test(name)) {
+    throw new InvalidArgError(`${what} ${JSON.stringify(name)} must be 1 to 64 bytes without control characters`);
+  }
+}
+
+/** PCI addresses as sysfs spells them: domain:bus:device.function, lower-case hex. */
+export function checkBdf(bdf: string): void {
+  if (!/^[0-9a-f]{4}:[0-9a-f]{2}:[0-1][0-9a-f]\.[0-7]$/.test(bdf)) {
+    throw new InvalidArgError(`${JSON.stringify(bdf)} is not a PCI address like 0000:00:01.0`);
+  }
+}
+
+const hex = (n: number) => `0x${n.toString(16)}`;
+
+/**
+ * The broker error for a failed map: ENOMEM (pinning beyond RLIMIT_MEMLOCK, or out of memory) and
+ * EAGAIN are pinning failures, anything else an IOMMU failure; the errno rides along.
+ */
+export function mapError(err: unknown, backend: BackendName, piece: Piece): MmbError {
+  const what = `${backend}: cannot pin and map ${hex(piece.size)} bytes at IOVA ${hex(piece.iova)}`;
+  if (isNativeError(err)) {
+    const opts = { cause: err, errno: err.code };
+    if (err.code === 'ENOMEM' || err.code === 'EAGAIN' || err.syscall === 'mlock') return new PinFailedError(`${what}: ${err.message}`, opts);
+    return new IommuError(`${what}: ${err.message}`, opts);
+  }
+  return new IommuError(`${what}: ${err instanceof Error ? err.message : String(err)}`, { cause: err });
+}
+
+export function unmapError(err: unknown, backend: BackendName, piece: Piece): MmbError {
+  const what = `${backend}: cannot unmap ${hex(piece.size)} bytes at IOVA ${hex(piece.iova)}`;
+  return new IommuError(`${what}: ${err instanceof Error ? err.message : String(err)}`, { cause: err, ...(isNativeError(err) ? { errno: err.code } : {}) });
+}

@@ -1,0 +1,224 @@
+// One IOMMU domain per client, shared by all of its devices: one container (type1), one IOAS (iommufd)
+// or one pin table (soft). Memory is pinned and mapped into it once, whatever the number of devices, and
+// counted once. The domain is refcounted by its devices: the first device creates it (and everything
+// already mapped in the process is pinned into it), the last one destroys it (everything is unpinned).
+//
+// The pin table is keyed by a region's key (clients/view.ts): what its establishment depends on.
+import { NoDeviceError, ReservedRangeError, type IovaRange } from '../../protocol/index.js';
+import type { MappedRegion } from '../memory.js';
+import type { ViewRegion } from '../view.js';
+import { clash, mergeRanges, type BackendName, type DomainLimits, type IommuBackend, type Piece } from './backend.js';
+import { pieces, pinPieces, unpinPieces, type PinControl } from './pinning.js';
+
+/** A `pinProgress` event: `done` of `total` bytes of region `region` are pinned and mapped. */
+export interface PinProgress {
+  region: string;
+  id: number;
+  gpa: number;
+  done: number;
+  total: number;
+  backend: BackendName;
+}
+
+export interface DomainMapping {
+  region: string;
+  id: number;
+  gpa: number;
+  size: number;
+  /** IOVA = GPA. */
+  iova: number;
+  readonly: boolean;
+  /** Pieces it was pinned and mapped in. */
+  pieces: number;
+}
+
+export interface DomainOptions {
+  /** Bytes per pinning call. */
+  chunkBytes: number;
+  /** Reserved ranges to add to what the backend reports (hardware backends). */
+  extraReserved?: readonly IovaRange[];
+  onProgress?: (p: PinProgress) => void;
+}
+
+interface Entry {
+  region: ViewRegion;
+  pieces: Piece[];
+}
+
+const hex = (n: number) => `0x${n.toString(16)}`;
+
+export class Domain {
+  private readonly entries = new Map<string, Entry>();
+  private bytes = 0;
+
+  constructor(
+    readonly backend: IommuBackend,
+    private readonly opts: DomainOptions,
+  ) {}
+
+  /** The domain exists (at least one device). */
+  get active(): boolean {
+    return this.backend.active;
+  }
+
+  get devices(): readonly string[] {
+    return this.backend.devices;
+  }
+
+  /** Bytes pinned and mapped now, each region counted once. */
+  get pinnedBytes(): number {
+    return this.bytes;
+  }
+
+  get chunkBytes(): number {
+    return this.opts.chunkBytes;
+  }
+
+  isPinned(key: string): boolean {
+    return this.entries.has(key);
+  }
+
+  mappings(): DomainMapping[] {
+    return [...this.entries.values()]
+      .map(({ region: r, pieces: p }) => ({ region: r.name, id: r.id, gpa: r.gpa, size: r.size, iova: r.gpa, readonly: r.readonly, pieces: p.length }))
+      .sort((a, b) => a.gpa - b.gpa);
+  }
+
+  /** The backend's limits, with the configured extra reserved ranges merged into `reserved`. */
+  limits(): DomainLimits & { reserved: IovaRange[] } {
+    const l = this.backend.limits();
+    return { ...l, reserved: mergeRanges([...(l.reserved ?? []), ...(this.opts.extraReserved ?? [])]) };
+  }
+
+  /** Refuses a region that covers a reserved range (MMB_ERR_RESERVED_RANGE). */
+  checkReserved(region: ViewRegion, reserved: readonly IovaRange[]): void {
+    const x = clash(reserved, region.gpa, region.size);
+    if (x) {
+      throw new ReservedRangeError(
+        `region ${JSON.stringify(region.name)} [${hex(region.gpa)}, ${hex(region.gpa + region.size)}) covers [${hex(x.start)}, ${hex(x.last)}], reserved in the ${this.backend.name} IOMMU domain`,
+      );
+    }
+  }
+
+  /**
+   * Pins and maps a mapped region into the domain, in pieces. 'inactive' (nothing done) while there is no
+   * device; 'cancelled' if ctl.cancelled() turned true meanwhile (nothing left pinned).
+   */
+  async pin(m: MappedRegion, ctl: PinControl = {}): Promise<'pinned' | 'cancelled' | 'inactive'> {
+    const r = m.region;
+    if (!this.backend.active) return 'inactive';
+    if (this.entries.has(r.key)) return 'pinned';
+    this.checkReserved(r, this.limits().reserved);
+    const list = pieces(m, this.opts.chunkBytes);
+    this.backend.claim(r.gpa, r.size, list.length);
+    let outcome: 'done' | 'cancelled';
+    try {
+      outcome = await pinPieces(this.backend, list, {
+        ...ctl,
+        onProgress: (done, total) => {
+          ctl.onProgress?.(done, total);
+          this.opts.onProgress?.({ region: r.name, id: r.id, gpa: r.gpa, done, total, backend: this.backend.name });
+        },
+      });
+    } catch (err) {
+      this.backend.release(r.gpa, r.size);
+      throw err;
+    }
+    if (outcome === 'cancelled') {
+      this.backend.release(r.gpa, r.size);
+      return 'cancelled';
+    }
+    this.entries.set(r.key, { region: r, pieces: list });
+    this.bytes += r.size;
+    return 'pinned';
+  }
+
+  /** Unmaps and unpins a region; a no-op for one that is not pinned. */
+  async unpin(key: string): Promise<void> {
+    const e = this.entries.get(key);
+    if (!e) return;
+    // Whatever happens, the entry goes: a failed unmap leaves nothing we could retry meaningfully.
+    this.entries.delete(key);
+    this.bytes -= e.region.size;
+    try {
+      await unpinPieces(this.backend, e.pieces);
+    } finally {
+      this.backend.release(e.region.gpa, e.region.size);
+    }
+  }
+
+  /** A region's metadata changed (name, id, logDirty), not what is pinned. */
+  update(after: ViewRegion): void {
+    const e = this.entries.get(after.key);
+    if (e) e.region = after;
+  }
+
+  /**
+   * Attaches a device. The first one creates the domain, and everything in `regions` is pinned into it;
+   * if that fails, the device is detached again and nothing stays pinned.
+   */
+  async attachDevice(name: string, regions: readonly MappedRegion[], ctl: PinControl = {}): Promise<{ created: boolean }> {
+    const { created } = this.backend.attach(name);
+    if (!created) return { created };
+    const done: string[] = [];
+    try {
+      const reserved = this.limits().reserved;
+      for (const m of regions) this.checkReserved(m.region, reserved);
+      for (const m of regions) {
+        const outcome = await this.pin(m, ctl);
+        if (outcome === 'pinned') done.push(m.region.key);
+      }
+    } catch (err) {
+      for (const key of done.reverse()) await this.unpin(key).catch(() => undefined);
+      this.backend.detach(name);
+      throw err;
+    }
+    return { created };
+  }
+
+  /** Detaches a device; with the last one everything is unpinned first and the domain destroyed. */
+  async detachDevice(name: string): Promise<{ destroyed: boolean }> {
+    if (!this.backend.devices.includes(name)) throw new NoDeviceError(`${JSON.stringify(name)} is not attached to this ${this.backend.name} domain`);
+    let unpinError: unknown;
+    if (this.backend.devices.length === 1) {
+      try {
+        await this.unpinAll();
+      } catch (err) {
+        unpinError = err;
+      }
+    }
+    const { destroyed } = this.backend.detach(name);
+    if (destroyed) {
+      // Anything still in the table went with the domain.
+      this.entries.clear();
+      this.bytes = 0;
+    }
+    if (unpinError !== undefined) throw unpinError;
+    return { destroyed };
+  }
+
+  /** Unpins everything, highest GPA first; tries every region and throws the first failure. */
+  async unpinAll(): Promise<void> {
+    let first: unknown;
+    const keys = [...this.entries.values()].sort((a, b) => b.region.gpa - a.region.gpa).map((e) => e.region.key);
+    for (const key of keys) {
+      try {
+        await this.unpin(key);
+      } catch (err) {
+        first ??= err;
+      }
+    }
+    if (first !== undefined) throw first;
+  }
+
+  /** Unpins everything and closes the backend (devices, container / iommufd). */
+  async close(): Promise<void> {
+    try {
+      await this.unpinAll();
+    } finally {
+      this.entries.clear();
+      this.bytes = 0;
+      this.backend.close();
+    }
+  }
+}

@@ -1,0 +1,257 @@
+// The vfio-like client: a subscriber (kind "vfio") that maps every region, pins it and maps it into an
+// IOMMU domain at IOVA = GPA through one of three backends, shared by all of its devices:
+//   type1    VFIO container + groups (/dev/vfio/vfio), VFIO_IOMMU_MAP_DMA;
+//   iommufd  one IOAS in /dev/iommu, devices through VFIO cdevs, IOMMU_IOAS_MAP;
+//   soft     a software stand-in for machines without an IOMMU: an IOVA table and mlock pinning. It is
+//            reported as `soft` in every status and log line, never as an IOMMU.
+//
+// It declares pinning to the broker (ATTACH pin, with `pinLimit`), so the broker refuses beyond the limit
+// before anything changes; it enforces the limit locally too. It reports (REPORT) its reserved IOVA
+// ranges, remaining DMA mappings, bytes actually pinned, coherency, backend and devices: first before it
+// acks its initial sync, then after every change and device change.
+import { isMmbError, InvalidArgError, toMmbError, type IovaRange } from '../../protocol/index.js';
+import { PAGE_SIZE } from '../../native/index.js';
+import type { BrokerTarget } from '../connection.js';
+import type { GuestMemory } from '../memory.js';
+import { Subscriber, type ClientReport, type SubscriberEvents, type SubscriberOptions } from '../subscriber.js';
+import { VfioApplier } from './applier.js';
+import { checkName, mergeRanges, type BackendName, type IommuBackend, type VfioDevice } from './backend.js';
+import { Domain, type DomainMapping, type PinProgress } from './domain.js';
+import { IommufdBackend } from './iommufd.js';
+import { DEFAULT_PIN_CHUNK_BYTES } from './pinning.js';
+import { SoftBackend } from './soft.js';
+import { Type1Backend } from './type1.js';
+
+/** A pino-compatible logger (only what this client uses). */
+export interface VfioLogger {
+  info(obj: object, msg: string): void;
+  warn(obj: object, msg: string): void;
+}
+
+export interface VfioSubscriberOptions extends SubscriberOptions {
+  /** How memory reaches the devices: 'type1', 'iommufd', or the software stand-in 'soft'. */
+  backend: BackendName;
+  /** Devices to attach at once: PCI addresses for type1 / iommufd ("0000:00:01.0"), names for soft. */
+  devices?: readonly string[];
+  /** Most bytes this client may pin (the whole map, counted once). Declared to the broker and enforced here. */
+  pinLimit?: number;
+  /** Bytes per pinning call (mlock / MAP_DMA / IOAS_MAP), a page multiple. Default 128 MiB. */
+  pinChunkBytes?: number;
+  /**
+   * Reserved IOVA ranges. soft: replaces its list (default: the x86 MSI window 0xfee00000-0xfeefffff);
+   * type1 / iommufd: added to what the kernel reports.
+   */
+  reserved?: readonly IovaRange[];
+  /** soft: entries of its IOVA table (one per region). Default 65535, type1's dma_entry_limit. */
+  dmaEntryLimit?: number;
+  /** Progress of pinning, also during the initial sync (before attach() resolves). */
+  onPinProgress?: (p: PinProgress) => void;
+  logger?: VfioLogger;
+}
+
+export interface VfioDomainInfo {
+  backend: BackendName;
+  /** True for the software stand-in. */
+  software: boolean;
+  description: string;
+  /** The domain exists (at least one device is attached). */
+  active: boolean;
+  devices: string[];
+  /** Bytes pinned now, once per domain. */
+  pinnedBytes: number;
+  /** Bytes mapped in this process (pinned as long as the domain exists). */
+  mappedBytes: number;
+  pinLimit: number | undefined;
+  mappings: DomainMapping[];
+  /** Whether DMA is cache-coherent in the domain (undefined: unknown, or no domain yet). */
+  coherent: boolean | undefined;
+  reserved: IovaRange[];
+  dmaAvailable: number | undefined;
+}
+
+export interface VfioSubscriberEvents extends SubscriberEvents {
+  pinProgress: [progress: PinProgress];
+}
+
+/** Opens the backend; for type1 / iommufd MMB_ERR_UNSUPPORTED names what this machine lacks. */
+export function openBackend(opts: Pick<VfioSubscriberOptions, 'backend' | 'reserved' | 'dmaEntryLimit'>): IommuBackend {
+  switch (opts.backend) {
+    case 'soft':
+      return new SoftBackend({ ...(opts.reserved ? { reserved: opts.reserved } : {}), ...(opts.dmaEntryLimit !== undefined ? { dmaEntryLimit: opts.dmaEntryLimit } : {}) });
+    case 'type1':
+      return Type1Backend.open();
+    case 'iommufd':
+      return IommufdBackend.open();
+    default:
+      throw new InvalidArgError(`unknown vfio backend ${JSON.stringify(opts.backend)}: use 'soft', 'type1' or 'iommufd'`);
+  }
+}
+
+function validate(opts: VfioSubscriberOptions): void {
+  if (opts.pinLimit !== undefined && (!Number.isSafeInteger(opts.pinLimit) || opts.pinLimit < 0)) {
+    throw new InvalidArgError(`pinLimit must be a non-negative integer, got ${opts.pinLimit}`);
+  }
+  const chunk = opts.pinChunkBytes;
+  if (chunk !== undefined && (!Number.isSafeInteger(chunk) || chunk < PAGE_SIZE || chunk % PAGE_SIZE !== 0)) {
+    throw new InvalidArgError(`pinChunkBytes must be a positive multiple of the page size (${PAGE_SIZE}), got ${chunk}`);
+  }
+  const devices = opts.devices ?? [];
+  for (const d of devices) checkName(d, 'device');
+  if (new Set(devices).size !== devices.length) throw new InvalidArgError(`devices ${JSON.stringify(devices)} lists a device twice`);
+  if (devices.length > 256) throw new InvalidArgError('at most 256 devices');
+  for (const r of opts.reserved ?? []) {
+    if (!Number.isSafeInteger(r.start) || !Number.isSafeInteger(r.last) || r.start < 0 || r.last < r.start) {
+      throw new InvalidArgError(`reserved range ${JSON.stringify(r)} must be {start, last} with 0 <= start <= last`);
+    }
+  }
+}
+
+export class VfioSubscriber extends Subscriber {
+  private readonly vfio: VfioApplier;
+  private readonly log: VfioLogger | undefined;
+  private readonly pinLimit: number | undefined;
+
+  private constructor(target: BrokerTarget, applier: VfioApplier, opts: VfioSubscriberOptions) {
+    super(target, applier, opts);
+    this.vfio = applier;
+    this.log = opts.logger;
+    this.pinLimit = opts.pinLimit;
+  }
+
+  /**
+   * Opens the backend, attaches `devices` (creating the domain), attaches to the broker as kind "vfio",
+   * reports, and resolves once the initial map is mapped, pinned and acked. Fails before connecting if the
+   * backend is unavailable (MMB_ERR_UNSUPPORTED) or a device cannot be attached (MMB_ERR_NO_DEVICE).
+   */
+  static async attach(target: BrokerTarget, opts: VfioSubscriberOptions): Promise<VfioSubscriber> {
+    validate(opts);
+    const backend = openBackend(opts);
+    let sub: VfioSubscriber | undefined;
+    const domain = new Domain(backend, {
+      chunkBytes: opts.pinChunkBytes ?? DEFAULT_PIN_CHUNK_BYTES,
+      ...(backend.software ? {} : opts.reserved ? { extraReserved: opts.reserved } : {}),
+      onProgress: (p) => {
+        opts.onPinProgress?.(p);
+        sub?.emit('pinProgress' as keyof SubscriberEvents, p as never);
+      },
+    });
+    const applier = new VfioApplier(domain, {
+      ...(opts.pinLimit !== undefined ? { pinLimit: opts.pinLimit } : {}),
+      onChanged: () => sub?.sendReport(),
+      onError: (err) => sub?.emit('error', toMmbError(err)),
+    });
+    try {
+      for (const d of opts.devices ?? []) await applier.attachDevice(d);
+      sub = new VfioSubscriber(target, applier, { ...opts, kind: 'vfio', pin: opts.pinLimit !== undefined ? { limit: opts.pinLimit } : {} });
+      // Remembered now and sent right after ATTACH, before the initial sync is acked.
+      await sub.report(sub.currentReport());
+      sub.log?.info({ ...sub.logFields(), reserved: sub.domain.reserved }, backend.software ? 'vfio client attaching with the soft backend (software stand-in, no IOMMU)' : `vfio client attaching with the ${backend.name} backend`);
+      const log = sub.log;
+      if (log) {
+        const s = sub;
+        s.on('change', ({ change: c }) =>
+          log.info({ ...s.logFields(), cause: c.cause, generation: c.generation, added: c.added.map((r) => r.name), removed: c.removed.map((r) => r.name) }, 'vfio change pinned and mapped'),
+        );
+      }
+      await sub.start();
+      return sub;
+    } catch (err) {
+      await applier.close().catch(() => undefined);
+      throw err;
+    }
+  }
+
+  /** Guest memory as mapped in this process. */
+  get memory(): GuestMemory {
+    return this.vfio.memory;
+  }
+
+  get backend(): IommuBackend {
+    return this.vfio.domain.backend;
+  }
+
+  /** The IOMMU domain: backend, devices, pinned bytes, mappings, coherency, reserved ranges. */
+  get domain(): VfioDomainInfo {
+    const d = this.vfio.domain;
+    const limits = d.limits();
+    return {
+      backend: d.backend.name,
+      software: d.backend.software,
+      description: d.backend.description,
+      active: d.active,
+      devices: [...d.devices],
+      pinnedBytes: d.pinnedBytes,
+      mappedBytes: this.vfio.mappedBytes,
+      pinLimit: this.pinLimit,
+      mappings: d.mappings(),
+      coherent: d.active ? limits.coherent : undefined,
+      reserved: limits.reserved,
+      dmaAvailable: d.active ? limits.dmaAvailable : undefined,
+    };
+  }
+
+  /** A device behind this client (its VFIO fd and region info, for type1 / iommufd). */
+  device(name: string): VfioDevice | undefined {
+    return this.vfio.domain.backend.device(name);
+  }
+
+  /**
+   * Hot-adds a device. The first one creates the domain and pins everything mapped into it (with
+   * progress); later ones join the same domain and pin nothing more. Waits for a change in progress.
+   */
+  async attachDevice(name: string, opts: { signal?: AbortSignal } = {}): Promise<void> {
+    checkName(name, 'device');
+    const created = !this.vfio.domain.active;
+    await this.vfio.attachDevice(name, opts.signal);
+    this.log?.info({ ...this.logFields(), device: name, domainCreated: created }, 'vfio device attached');
+  }
+
+  /** Hot-removes a device; the last one unpins everything and destroys the domain. */
+  async detachDevice(name: string): Promise<void> {
+    await this.vfio.detachDevice(name);
+    this.log?.info({ ...this.logFields(), device: name, domainDestroyed: !this.vfio.domain.active }, 'vfio device detached');
+  }
+
+  override on<T extends keyof VfioSubscriberEvents>(event: T, fn: (...args: VfioSubscriberEvents[T]) => void, context?: unknown): this {
+    return super.on(event as keyof SubscriberEvents, fn as never, context);
+  }
+
+  override once<T extends keyof VfioSubscriberEvents>(event: T, fn: (...args: VfioSubscriberEvents[T]) => void, context?: unknown): this {
+    return super.once(event as keyof SubscriberEvents, fn as never, context);
+  }
+
+  override off<T extends keyof VfioSubscriberEvents>(event: T, fn?: (...args: VfioSubscriberEvents[T]) => void, context?: unknown, once?: boolean): this {
+    return super.off(event as keyof SubscriberEvents, fn as never, context, once);
+  }
+
+  /** What REPORT says now. */
+  currentReport(): ClientReport {
+    const d = this.domain;
+    return {
+      reserved: mergeRanges(d.reserved).slice(0, 1024),
+      ...(d.dmaAvailable !== undefined ? { dmaAvailable: Math.min(d.dmaAvailable, 0xffff_ffff) } : {}),
+      pinned: d.pinnedBytes,
+      ...(d.coherent !== undefined ? { coherent: d.coherent } : {}),
+      backend: d.backend,
+      devices: d.devices,
+    };
+  }
+
+  private sendReport(): void {
+    let r: ClientReport;
+    try {
+      r = this.currentReport();
+    } catch (err) {
+      this.emit('error', toMmbError(err));
+      return;
+    }
+    this.report(r).catch((err: unknown) => {
+      if (!isMmbError(err, 'MMB_ERR_DISCONNECTED') && !isMmbError(err, 'MMB_ERR_TIMEOUT')) this.emit('error', toMmbError(err));
+    });
+  }
+
+  private logFields(): Record<string, unknown> {
+    const b = this.vfio.domain.backend;
+    return { kind: 'vfio', backend: b.name, software: b.software, devices: [...b.devices], pinned: this.vfio.domain.pinnedBytes };
+  }
+}
