@@ -22,3 +22,4 @@ export {
   type MemslotBackend,
   type BackendName,
 } from './kvm/index.js';
+export { VfioSubscriber, X86_MSI_WINDOW, type VfioSubscriberOptions, type VfioDomainInfo, type PinProgress } from './vfio/index.js';

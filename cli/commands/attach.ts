@@ -1,16 +1,17 @@
 import { MappingSubscriber, type Subscriber } from '../../clients/index.js';
 import { VhostSubscriber } from '../../clients/vhost/index.js';
 import { KvmSubscriber } from '../../clients/kvm/index.js';
+import { VfioSubscriber } from '../../clients/vfio/index.js';
 import pino from 'pino';
 import { InvalidArgError, type MmbError } from '../../protocol/index.js';
-import { formatSize, hex, HELP, parsed, parseCount, required, type Command } from '../args.js';
+import { formatSize, hex, HELP, parsed, parseCount, parseSize, required, type Command } from '../args.js';
 import readline from 'node:readline';
 import { parseArgs } from 'node:util';
 
-const KINDS = ['plain', 'vhost', 'kvm'] as const;
+const KINDS = ['plain', 'vhost', 'kvm', 'vfio'] as const;
 type Kind = (typeof KINDS)[number];
 
-const usage = `Usage: mmbroker attach [plain|vhost|kvm] --socket PATH --space NAME [options]
+const usage = `Usage: mmbroker attach [plain|vhost|kvm|vfio] --socket PATH --space NAME [options]
 
 Runs a subscriber of the given kind until SIGTERM or SIGINT, logging each event on stdout. Every kind
 acks every change, reconnects and resumes by itself.
@@ -21,6 +22,9 @@ Kinds:
           guest addresses; declares --max-regions slots and can follow a coalesced view (--coalesce)
   kvm     keeps the map as KVM memslots of a real VM (/dev/kvm), the kernel judging every slot; without
           /dev/kvm (or with --software) the same table in software, reported as backend "software"
+  vfio    pins every region and maps it into an IOMMU domain shared by its devices: --backend type1 (VFIO
+          container), iommufd, or soft (a software stand-in for machines without an IOMMU: an IOVA table
+          plus real mlock pinning); reports reserved IOVA ranges, DMA budget, coherency, pinned bytes
 
 Options:
   --socket PATH       the broker's socket
@@ -30,16 +34,23 @@ Options:
   --coalesce          follow a coalesced view (adjacent regions of one backing merged into one)
   --software          (kvm) keep the memslot table in software even where /dev/kvm works
   --max-slots N       (kvm) use at most N memslots (default: what KVM offers, KVM_CAP_NR_MEMSLOTS)
+  --backend B         (vfio) soft, type1 or iommufd (default soft)
+  --device BDF        (vfio) a device to attach to the shared domain (repeatable; a PCI address for
+                      type1 / iommufd, any name for soft; default for soft: one device "dev0")
+  --pin-limit SIZE    (vfio) most bytes this client may pin; declared to the broker, which refuses
+                      hotplug beyond it before anything changes
+  --pin-chunk SIZE    (vfio) bytes per pinning call (default 128M)
   --json              log one JSON object per event instead of text
   --control           also read JSON commands on stdin, one per line, answered on stdout:
                       {"cmd":"read","gpa":N,"len":N} {"cmd":"write","gpa":N,"hex":"..."} {"cmd":"regions"}
                       kvm also: {"cmd":"slots"} and {"cmd":"run","codeGpa":N,"writes":[{"gpa":N,"hex":"..."}]}
-                      (a vCPU writes the bytes and halts)
+                      (a vCPU writes the bytes and halts); vfio also: {"cmd":"domain"},
+                      {"cmd":"attach-device","device":"..."}, {"cmd":"detach-device","device":"..."}
   -h, --help          show this help`;
 
 export const attach: Command = {
   name: 'attach',
-  summary: 'run a subscriber of a kind (plain, vhost, kvm) that follows a space',
+  summary: 'run a subscriber of a kind (plain, vhost, kvm, vfio) that follows a space',
   usage,
   async run(argv) {
     const kind: Kind = argv[0] !== undefined && !argv[0].startsWith('-') ? (argv.shift() as Kind) : 'plain';
@@ -57,6 +68,10 @@ export const attach: Command = {
           coalesce: { type: 'boolean' },
           software: { type: 'boolean' },
           'max-slots': { type: 'string' },
+          backend: { type: 'string' },
+          device: { type: 'string', multiple: true },
+          'pin-limit': { type: 'string' },
+          'pin-chunk': { type: 'string' },
           json: { type: 'boolean' },
           control: { type: 'boolean' },
         },
@@ -96,6 +111,43 @@ export const attach: Command = {
         },
       };
       await follow(kvm, kvm.memory.regions.bind(kvm.memory), log, values.control ? { memory: kvm.memory, extra } : undefined);
+      return 0;
+    }
+    if (kind === 'vfio') {
+      const backend = values.backend ?? 'soft';
+      if (backend !== 'soft' && backend !== 'type1' && backend !== 'iommufd') throw new InvalidArgError(`--backend ${backend}: soft, type1 or iommufd`);
+      let lastProgress = 0;
+      const vfio = await VfioSubscriber.attach(socket, {
+        ...opts,
+        backend,
+        devices: values.device ?? (backend === 'soft' ? ['dev0'] : []),
+        ...(values['pin-limit'] ? { pinLimit: parseSize(values['pin-limit'], '--pin-limit') } : {}),
+        ...(values['pin-chunk'] ? { pinChunkBytes: parseSize(values['pin-chunk'], '--pin-chunk') } : {}),
+        onPinProgress: (p) => {
+          const now = Date.now();
+          if (p.done < p.total && now - lastProgress < 200) return;
+          lastProgress = now;
+          log('pinning', `pinning ${p.region}: ${formatSize(p.done)} of ${formatSize(p.total)}`, { ...p });
+        },
+      });
+      const d = vfio.domain;
+      log('backend', `${d.description}; devices ${d.devices.join(', ') || '(none)'}; pinned ${formatSize(d.pinnedBytes)}`, { ...d });
+      vfio.on('change', () => {
+        const dd = vfio.domain;
+        log('pinned', `${dd.backend}: pinned ${formatSize(dd.pinnedBytes)} once for ${dd.devices.length} device(s)`, { backend: dd.backend, pinned: dd.pinnedBytes, devices: dd.devices });
+      });
+      const extra: ControlCommands = {
+        domain: () => ({ event: 'domain', ...vfio.domain }),
+        'attach-device': async (c) => {
+          await vfio.attachDevice(String(c.device));
+          return { event: 'domain', ...vfio.domain };
+        },
+        'detach-device': async (c) => {
+          await vfio.detachDevice(String(c.device));
+          return { event: 'domain', ...vfio.domain };
+        },
+      };
+      await follow(vfio, vfio.memory.regions.bind(vfio.memory), log, values.control ? { memory: vfio.memory, extra } : undefined);
       return 0;
     }
     const sub = kind === 'vhost' ? await VhostSubscriber.attach(socket, opts) : await MappingSubscriber.attach(socket, opts);
