@@ -4,8 +4,8 @@ import { KvmSubscriber } from '../../clients/kvm/index.js';
 import { VfioSubscriber } from '../../clients/vfio/index.js';
 import pino from 'pino';
 import { InvalidArgError, type MmbError } from '../../protocol/index.js';
+import { serveCommands, type CommandHandler } from '../control.js';
 import { formatSize, hex, HELP, parsed, parseCount, parseSize, required, type Command } from '../args.js';
-import readline from 'node:readline';
 import { parseArgs } from 'node:util';
 
 const KINDS = ['plain', 'vhost', 'kvm', 'vfio'] as const;
@@ -164,27 +164,18 @@ export interface GuestAccess {
 }
 
 /** Extra control commands a kind offers: each returns the reply to print. */
-export type ControlCommands = Record<string, (c: Record<string, unknown>) => Record<string, unknown> | Promise<Record<string, unknown>>>;
+export type ControlCommands = Record<string, CommandHandler>;
 
-/** Answers JSON commands on stdin (read, write, regions, and the kind's own) with JSON lines on stdout. */
+/** The commands every kind answers under --control: read, write, regions; plus the kind's own. */
 function control(sub: Subscriber, memory: GuestAccess, extra: ControlCommands = {}): void {
-  const rl = readline.createInterface({ input: process.stdin });
-  rl.on('line', async (line) => {
-    let reply: Record<string, unknown>;
-    try {
-      const c = JSON.parse(line) as Record<string, unknown> & { cmd?: string };
-      const handler = c.cmd !== undefined && Object.hasOwn(extra, c.cmd) ? extra[c.cmd] : undefined;
-      if (handler) reply = await handler(c);
-      else if (c.cmd === 'read') reply = { event: 'read', gpa: c.gpa, hex: Buffer.from(memory.read(Number(c.gpa), Number(c.len))).toString('hex') };
-      else if (c.cmd === 'write') {
-        memory.write(Number(c.gpa), Buffer.from(String(c.hex), 'hex'));
-        reply = { event: 'wrote', gpa: c.gpa };
-      } else if (c.cmd === 'regions') reply = { event: 'regions', generation: sub.generation, regions: sub.regions().map(({ name, gpa, size, readonly }) => ({ name, gpa, size, readonly })) };
-      else reply = { event: 'failed', message: `unknown command ${JSON.stringify(c.cmd)}` };
-    } catch (err) {
-      reply = { event: 'failed', code: (err as MmbError).code, message: (err as Error).message };
-    }
-    console.log(JSON.stringify(reply));
+  serveCommands({
+    read: (c) => ({ event: 'read', gpa: c.gpa, hex: Buffer.from(memory.read(Number(c.gpa), Number(c.len))).toString('hex') }),
+    write: (c) => {
+      memory.write(Number(c.gpa), Buffer.from(String(c.hex), 'hex'));
+      return { event: 'wrote', gpa: c.gpa };
+    },
+    regions: () => ({ event: 'regions', generation: sub.generation, regions: sub.regions().map(({ name, gpa, size, readonly }) => ({ name, gpa, size, readonly })) }),
+    ...extra,
   });
 }
 

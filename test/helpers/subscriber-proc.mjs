@@ -7,8 +7,8 @@
 // stdin commands: {"cmd":"read","gpa":N,"len":N} {"cmd":"write","gpa":N,"hex":"..."} {"cmd":"regions"}
 //                 {"cmd":"drop"} {"cmd":"exit"}
 import { parseArgs } from 'node:util';
-import readline from 'node:readline';
 import { MappingSubscriber, ClientRefusedError } from '../../dist/index.js';
+import { serveCommands } from '../../dist/cli/control.js';
 
 const { values } = parseArgs({
   options: {
@@ -51,29 +51,22 @@ sub.on('goodbye', (e) => out({ event: 'goodbye', code: e.code }));
 sub.on('error', (e) => out({ event: 'error', code: e.code, message: e.message }));
 out({ event: 'ready', pid: process.pid, id: sub.id, generation: sub.generation, regions: regions() });
 
-const rl = readline.createInterface({ input: process.stdin });
-rl.on('line', async (line) => {
-  let c;
-  try {
-    c = JSON.parse(line);
-    if (c.cmd === 'read') out({ event: 'read', hex: Buffer.from(sub.memory.read(c.gpa, c.len)).toString('hex') });
-    else if (c.cmd === 'write') {
+serveCommands(
+  {
+    read: (c) => ({ event: 'read', hex: Buffer.from(sub.memory.read(c.gpa, c.len)).toString('hex') }),
+    write: (c) => {
       sub.memory.write(c.gpa, Buffer.from(c.hex, 'hex'));
-      out({ event: 'wrote', gpa: c.gpa });
-    } else if (c.cmd === 'regions') out({ event: 'regions', generation: sub.generation, regions: regions() });
-    else if (c.cmd === 'drop') {
+      return { event: 'wrote', gpa: c.gpa };
+    },
+    regions: () => ({ event: 'regions', generation: sub.generation, regions: regions() }),
+    drop: () => {
       sub.dropConnection();
-      out({ event: 'dropped' });
-    } else if (c.cmd === 'exit') {
+      return { event: 'dropped' };
+    },
+    exit: async () => {
       await sub.close();
-      out({ event: 'closed' });
       process.exit(0);
-    }
-  } catch (err) {
-    out({ event: 'failed', cmd: c?.cmd, code: err.code, message: err.message });
-  }
-});
-rl.on('close', async () => {
-  await sub.close();
-  process.exit(0);
-});
+    },
+  },
+  { onEnd: () => sub.close().then(() => process.exit(0)) },
+);

@@ -1,0 +1,24 @@
+// A process driven by JSON commands on stdin, one per line, each answered by one JSON line on stdout
+// (`mmbroker attach --control`, and the test drivers). A command is {"cmd": NAME, ...}; a handler
+// returns the reply; a failure is answered {"event":"failed","cmd":NAME,"code":...,"message":...}.
+import readline from 'node:readline';
+
+export type CommandHandler = (c: Record<string, unknown>) => Record<string, unknown> | Promise<Record<string, unknown>>;
+
+export function serveCommands(handlers: Record<string, CommandHandler>, opts: { onEnd?: () => void } = {}): void {
+  const rl = readline.createInterface({ input: process.stdin });
+  rl.on('line', async (line) => {
+    let reply: Record<string, unknown>;
+    let cmd: unknown;
+    try {
+      const c = JSON.parse(line) as Record<string, unknown>;
+      cmd = c.cmd;
+      const handler = typeof cmd === 'string' && Object.hasOwn(handlers, cmd) ? handlers[cmd] : undefined;
+      reply = handler ? await handler(c) : { event: 'failed', cmd, message: `unknown command ${JSON.stringify(cmd)}` };
+    } catch (err) {
+      reply = { event: 'failed', cmd, code: (err as { code?: string }).code, message: (err as Error).message };
+    }
+    process.stdout.write(JSON.stringify(reply) + '\n');
+  });
+  if (opts.onEnd) rl.on('close', opts.onEnd);
+}
