@@ -4,6 +4,7 @@
       "target_name": "mmb_native",
       "sources": [
         "native/src/addon.c",
+        "native/src/bitmap.c",
         "native/src/constants.c",
         "native/src/convert.c",
         "native/src/errors.c",

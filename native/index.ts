@@ -139,6 +139,18 @@ export interface Native {
   /** munlock(2), run on a libuv worker thread; fails like mlock(). */
   munlock(mapping: Mapping, offset: number, length: number): Promise<void>;
 
+  // --- dirty bitmaps (bit i = page i, little-endian 64-bit words), atomic in shared memory ----------
+  /** Atomically sets bits [firstBit, firstBit + count) of a bitmap mapping. */
+  bitmapSet(mapping: Mapping, firstBit: number, count: number): void;
+  /** Atomically ORs `src` (whole 64-bit words) into the bitmap at `byteOffset` (8-aligned). */
+  bitmapOr(mapping: Mapping, byteOffset: number, src: Uint8Array): void;
+  /**
+   * Clears [byteOffset, byteOffset + length) of the bitmap and ORs what was set into `dst`, losing no
+   * bit set concurrently by another process (plain load, atomic swap of non-zero words). Returns the
+   * number of bits that were set.
+   */
+  bitmapFetchClear(mapping: Mapping, byteOffset: number, length: number, dst: Uint8Array): number;
+
   // --- eventfd ----------------------------------------------------------------------------------
   eventfd(initval: number, flags: number): number;
   /** read(2) of the 8-byte counter; null when it would block (EAGAIN: create the fd with EFD_NONBLOCK). */

@@ -25,6 +25,7 @@ bool mmb_init_scm(napi_env env, napi_value exports);       /* scm.c: sendmsg/rec
 bool mmb_init_poll(napi_env env, napi_value exports);      /* poll.c: uv_poll handles */
 bool mmb_init_kvm(napi_env env, napi_value exports);       /* kvm.c: /dev/kvm, memslots, vCPUs */
 bool mmb_init_vfio(napi_env env, napi_value exports);      /* vfio.c: VFIO type1 and iommufd ioctls */
+bool mmb_init_bitmap(napi_env env, napi_value exports);    /* bitmap.c: atomic dirty bitmaps in shared memory */
 
 #define MMB_COUNT(a) (sizeof(a) / sizeof((a)[0]))
 

@@ -22,6 +22,7 @@
 #include "addon.h"
 #include "convert.h"
 #include "errors.h"
+#include "mapping.h"
 
 struct mapping {
   uint8_t *addr;
@@ -230,6 +231,22 @@ static struct mapping *unwrap_mapping(napi_env env, napi_value v) {
   void *data;
   NAPI_CALL_RET(env, napi_unwrap(env, v, &data), NULL);
   return data;
+}
+
+/* runs on the main thread */
+bool mmb_mapping_range(napi_env env, napi_value v, uint64_t offset, uint64_t length, const char *syscall, uint8_t **addr) {
+  struct mapping *m = unwrap_mapping(env, v);
+  if (m == NULL) return false;
+  if (!m->mapped) {
+    mmb_throw_errno(env, EINVAL, syscall);
+    return false;
+  }
+  if (offset > m->length || length > m->length - offset) {
+    mmb_throw_errno(env, ERANGE, syscall);
+    return false;
+  }
+  *addr = m->addr + offset;
+  return true;
 }
 
 /* munmap(mapping): detach the buffer, then unmap. runs on the main thread */

@@ -1,0 +1,98 @@
+/*
+ * Dirty bitmaps in shared memory: bit i of a bitmap is page i of a region (1 bit per 4 KiB page), in
+ * little-endian 64-bit words, as KVM's dirty log lays them out. Several processes set bits in the same
+ * memfd at once, so every update is an atomic read-modify-write on a 64-bit word, and get-and-clear
+ * never loses a bit set concurrently: a word is read with a plain load and, only when non-zero, swapped
+ * with zero atomically (a bit set after the load is either in the swapped value or stays for next time).
+ * All functions run on the main thread, on a live Mapping of the bitmap; ranges are checked against it.
+ */
+#include <errno.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "addon.h"
+#include "convert.h"
+#include "errors.h"
+#include "mapping.h"
+
+/* bitmapSet(mapping, firstBit, count): atomically sets bits [firstBit, firstBit + count). runs on the main thread */
+static napi_value bitmap_set_js(napi_env env, napi_callback_info info) {
+  napi_value argv[3];
+  uint64_t first, count;
+  if (!mmb_args(env, info, 3, argv) || !mmb_arg_size(env, argv[1], "firstBit", &first) ||
+      !mmb_arg_size(env, argv[2], "count", &count))
+    return NULL;
+  if (count == 0) return NULL;
+  uint64_t firstWord = first / 64, lastWord = (first + count - 1) / 64;
+  uint8_t *base;
+  if (!mmb_mapping_range(env, argv[0], firstWord * 8, (lastWord - firstWord + 1) * 8, "bitmapSet", &base)) return NULL;
+  uint64_t *w = (uint64_t *)(void *)base;
+  for (uint64_t i = firstWord; i <= lastWord; i++) {
+    uint64_t lo = i == firstWord ? first % 64 : 0;
+    uint64_t hi = i == lastWord ? (first + count - 1) % 64 : 63; /* inclusive */
+    uint64_t mask = (hi == 63 ? ~0ULL : ((1ULL << (hi + 1)) - 1)) & ~((1ULL << lo) - 1);
+    __atomic_fetch_or(&w[i - firstWord], mask, __ATOMIC_RELEASE);
+  }
+  return NULL;
+}
+
+/* bitmapOr(mapping, byteOffset, src): atomically ORs src (whole 64-bit words) into the bitmap. runs on the main thread */
+static napi_value bitmap_or_js(napi_env env, napi_callback_info info) {
+  napi_value argv[3];
+  uint64_t offset;
+  uint8_t *src;
+  size_t len;
+  if (!mmb_args(env, info, 3, argv) || !mmb_arg_size(env, argv[1], "byteOffset", &offset) ||
+      !mmb_arg_bytes(env, argv[2], "src", &src, &len))
+    return NULL;
+  if (offset % 8 != 0 || len % 8 != 0) return mmb_throw_errno(env, EINVAL, "bitmapOr");
+  uint8_t *base;
+  if (!mmb_mapping_range(env, argv[0], offset, len, "bitmapOr", &base)) return NULL;
+  uint64_t *dst = (uint64_t *)(void *)base;
+  for (size_t i = 0; i < len / 8; i++) {
+    uint64_t v;
+    memcpy(&v, src + i * 8, 8);
+    if (v != 0) __atomic_fetch_or(&dst[i], v, __ATOMIC_RELEASE);
+  }
+  return NULL;
+}
+
+/*
+ * bitmapFetchClear(mapping, byteOffset, length, dst) -> bits: clears [byteOffset, byteOffset + length)
+ * of the bitmap and ORs what was set into dst (a Uint8Array of at least `length` bytes, not shared with
+ * the bitmap). Returns the number of bits that were set. runs on the main thread
+ */
+static napi_value bitmap_fetch_clear_js(napi_env env, napi_callback_info info) {
+  napi_value argv[4];
+  uint64_t offset, length;
+  uint8_t *out;
+  size_t outLen;
+  if (!mmb_args(env, info, 4, argv) || !mmb_arg_size(env, argv[1], "byteOffset", &offset) ||
+      !mmb_arg_size(env, argv[2], "length", &length) || !mmb_arg_bytes(env, argv[3], "dst", &out, &outLen))
+    return NULL;
+  if (offset % 8 != 0 || length % 8 != 0 || outLen < length) return mmb_throw_errno(env, EINVAL, "bitmapFetchClear");
+  uint8_t *base;
+  if (!mmb_mapping_range(env, argv[0], offset, length, "bitmapFetchClear", &base)) return NULL;
+  uint64_t *w = (uint64_t *)(void *)base;
+  uint64_t bits = 0;
+  for (uint64_t i = 0; i < length / 8; i++) {
+    uint64_t v = __atomic_load_n(&w[i], __ATOMIC_RELAXED);
+    if (v == 0) continue;
+    v = __atomic_exchange_n(&w[i], 0, __ATOMIC_ACQ_REL);
+    uint64_t o;
+    memcpy(&o, out + i * 8, 8);
+    o |= v;
+    memcpy(out + i * 8, &o, 8);
+    bits += (uint64_t)__builtin_popcountll(v);
+  }
+  napi_value result;
+  CHECK(napi_create_double(env, (double)bits, &result));
+  return result;
+}
+
+/* runs on the main thread, at module load */
+bool mmb_init_bitmap(napi_env env, napi_value exports) {
+  static const mmb_method methods[] = {
+      {"bitmapSet", bitmap_set_js}, {"bitmapOr", bitmap_or_js}, {"bitmapFetchClear", bitmap_fetch_clear_js}};
+  return mmb_export_methods(env, exports, methods, MMB_COUNT(methods));
+}
