@@ -207,7 +207,7 @@ export class Broker implements InProcessConnector {
 
   /** Handles one request. Returns the REPLY result, or undefined when the handler replied itself. */
   private request(session: Session, msg: Exclude<ToBroker, { t: 16 | 17 }>, fds: number[]): object | Promise<object | undefined> | undefined {
-    if (msg.t !== Msg.BACKING_ADD) closeAll(fds); // (validation guarantees there are none)
+    if (msg.t !== Msg.BACKING_ADD && msg.t !== Msg.DIRTY_SYNC) closeAll(fds); // (validation guarantees there are none)
     if (msg.t === Msg.HELLO) {
       if (session.state !== 'new') throw new StateError('HELLO was already exchanged on this connection');
       if (msg.version !== PROTOCOL_VERSION) {
@@ -249,6 +249,18 @@ export class Broker implements InProcessConnector {
         const { t: _t, id: _id, ...req } = msg;
         return this.attachedSpace(session).findFree(req);
       }
+      case Msg.DIRTY_SYNC: {
+        let space: AddressSpace;
+        try {
+          space = this.attachedSpace(session);
+        } catch (err) {
+          closeAll(fds);
+          throw err;
+        }
+        return space.dirtySync(msg.regions, fds[0] as number);
+      }
+      case Msg.PAUSE:
+        return this.attachedSpace(session).pause(session, msg.paused);
     }
   }
 
@@ -259,6 +271,9 @@ export class Broker implements InProcessConnector {
     if (msg.resume && (session.features & Feature.RESUME) === 0) throw new FeatureError('ATTACH.resume needs the RESUME feature');
     if (msg.limits?.coalesce && (session.features & Feature.COALESCE) === 0) throw new FeatureError('ATTACH.limits.coalesce needs the COALESCE feature');
     if (msg.pin && (session.features & Feature.PIN) === 0) throw new FeatureError('ATTACH.pin needs the PIN feature');
+    if ((msg.role === 'observer' || msg.writes !== undefined) && (session.features & Feature.DIRTY) === 0) {
+      throw new FeatureError('the observer role and ATTACH.writes need the DIRTY feature');
+    }
     session.kind = msg.kind;
     if (msg.role === 'owner') {
       if (!this.ownerUids.has(session.uid)) {
@@ -266,6 +281,10 @@ export class Broker implements InProcessConnector {
       }
       if (msg.resume || msg.limits || msg.pin) throw new StateError('an owner attaches without resume, limits or pin');
       return space.attachOwner(session);
+    }
+    if (msg.role === 'observer') {
+      if (msg.resume || msg.limits || msg.pin) throw new StateError('an observer attaches without resume, limits or pin');
+      return space.attachObserver(session);
     }
     return space.attachSubscriber(session, msg.id, msg).then(() => undefined);
   }

@@ -2,7 +2,8 @@
 // acks it owes. The protocol state machine of a connection:
 //
 //   NEW --HELLO--> READY --ATTACH(owner)--> OWNER
-//                        \-ATTACH(subscriber)--> SUBSCRIBER
+//                        |-ATTACH(subscriber)--> SUBSCRIBER
+//                        \-ATTACH(observer)--> OBSERVER
 //   any --close / eviction / protocol error--> CLOSED
 //
 // STATUS is allowed from READY on; BACKING_ADD / BACKING_DROP / COMMIT only as OWNER; ACK / NACK only as
@@ -16,7 +17,7 @@ export type AckResult =
   | { kind: 'timeout' }
   | { kind: 'gone' };
 
-export type SessionState = 'new' | 'ready' | 'owner' | 'subscriber' | 'closed';
+export type SessionState = 'new' | 'ready' | 'owner' | 'subscriber' | 'observer' | 'closed';
 
 export class Session {
   state: SessionState = 'new';
@@ -32,6 +33,10 @@ export class Session {
   applying = false;
   /** Backings this connection was sent an fd for (and has not been told are gone). */
   readonly sentBackings = new Set<number>();
+  /** Dirty bitmaps this connection was sent (feature DIRTY). */
+  readonly sentBitmaps = new Set<number>();
+  /** Whether this subscriber writes guest memory (ATTACH.writes, default true). */
+  writes = true;
   /** The most regions this subscriber can follow (declared at ATTACH). */
   maxRegions = Number.POSITIVE_INFINITY;
   /** Follows a coalesced view (feature COALESCE); `view` is that view as last committed to it. */

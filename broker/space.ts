@@ -37,6 +37,8 @@ import {
   type BackingDropResult,
   type CommitOp,
   type CommitResult,
+  type DirtySyncResult,
+  type PauseResult,
   type ErrorCode,
   type FindFree,
   type FindFreeResult,
@@ -55,6 +57,7 @@ import { splitSync } from './sync.js';
 import { coalesce, viewOps } from './coalesce.js';
 import { findFree } from './placement.js';
 import { checkSubscribers } from './policy.js';
+import { Logging } from './logging.js';
 import { PAGE_SIZE } from '../native/index.js';
 
 const sum = (rs: readonly Region[]) => rs.reduce((n, r) => n + r.size, 0);
@@ -91,6 +94,7 @@ export class AddressSpace {
   private readonly maxFrameBytes: number;
   private readonly maxFdsPerFrame: number;
   private closed = false;
+  private readonly logging: Logging;
 
   constructor(
     readonly name: string,
@@ -102,6 +106,20 @@ export class AddressSpace {
     this.backings = new BackingTable(opts.limits.maxBackings);
     this.history = new History(opts.limits.historyLength);
     this.log = opts.log.child({ space: name });
+    // eslint-disable-next-line @typescript-eslint/no-this-alias
+    const space = this;
+    this.logging = new Logging({
+      log: this.log,
+      maxFrameBytes: this.maxFrameBytes,
+      maxFdsPerFrame: this.maxFdsPerFrame,
+      subscribers: () => this.subscribers,
+      lookup: (ref) => this.map.lookup(ref),
+      fanOut: (targets, send, generation) => this.fanOut(targets, send, generation),
+      evict: (s, err) => this.evict(s, err),
+      get generation() {
+        return space._generation;
+      },
+    });
   }
 
   get generation(): number {
@@ -136,10 +154,20 @@ export class AddressSpace {
     session.coalesce = msg.limits?.coalesce ?? false;
     session.pins = msg.pin !== undefined;
     session.pinLimit = msg.pin?.limit ?? Number.POSITIVE_INFINITY;
+    session.writes = msg.writes ?? true;
     return this.enqueue(() => this.runAttach(session, requestId, msg), false);
   }
 
+  /** An observer (feature DIRTY): receives EV_DIRTY after each sync; maps nothing, acks nothing. */
+  attachObserver(session: Session): AttachResult {
+    session.state = 'observer';
+    session.spaceName = this.name;
+    this.logging.observers.add(session);
+    return { client: session.id, epoch: this.epoch, generation: this._generation, sync: 'none' };
+  }
+
   detach(session: Session): void {
+    this.logging.observers.delete(session);
     if (this.owner === session) {
       this.owner = undefined;
       for (const b of this.backings.all()) b.held = false;
@@ -219,6 +247,17 @@ export class AddressSpace {
     return undefined;
   }
 
+  /** DIRTY_SYNC: takes ownership of `fd`, the buffer the cleared bits are ORed into. */
+  dirtySync(refs: readonly (number | string)[] | undefined, fd: number): Promise<DirtySyncResult> {
+    return this.enqueue(() => this.logging.sync(refs, fd), false);
+  }
+
+  /** PAUSE (owner only): every writer stops, or resumes, writing guest memory. */
+  pause(session: Session, paused: boolean): Promise<PauseResult> {
+    this.requireOwner(session);
+    return this.enqueue(() => this.logging.pause(paused).then(() => ({})), false);
+  }
+
   // --- acks -----------------------------------------------------------------------------------------
 
   /** Returns false when the session was not waited on for `seq`. */
@@ -229,9 +268,9 @@ export class AddressSpace {
   // --- status / shutdown ----------------------------------------------------------------------------
 
   status(): StatusSpace {
-    const clients = [...(this.owner && !this.owner.closed ? [this.owner] : []), ...this.subscribers].map((s) => ({
+    const clients = [...(this.owner && !this.owner.closed ? [this.owner] : []), ...this.subscribers, ...this.logging.observers].map((s) => ({
       id: s.id,
-      role: s === this.owner ? ('owner' as const) : ('subscriber' as const),
+      role: s === this.owner ? ('owner' as const) : s.state === 'observer' ? ('observer' as const) : ('subscriber' as const),
       kind: s.kind,
       name: s.name,
       pid: s.pid,
@@ -239,7 +278,7 @@ export class AddressSpace {
       transport: s.transport.kind,
       ackedGeneration: s === this.owner ? this._generation : s.ackedGeneration,
       state: s.syncing ? ('syncing' as const) : s.applying ? ('applying' as const) : ('ready' as const),
-      ...(s === this.owner ? {} : this.subscriberStatus(s)),
+      ...(s === this.owner || s.state === 'observer' ? {} : this.subscriberStatus(s)),
     }));
     const pinners = [...this.subscribers].filter((s) => s.pins);
     return {
@@ -247,6 +286,8 @@ export class AddressSpace {
       epoch: this.epoch,
       generation: this._generation,
       bytes: this.map.bytes,
+      paused: this.logging.paused,
+      logging: this.logging.bitmaps.size,
       pinBudget: {
         ...(Number.isFinite(this.limits.pinBudgetBytes) ? { limit: this.limits.pinBudgetBytes } : {}),
         predicted: pinners.length * this.map.bytes,
@@ -263,6 +304,7 @@ export class AddressSpace {
       regions: s.coalesce ? s.view.length : this.map.size,
       ...(Number.isFinite(s.maxRegions) ? { maxRegions: s.maxRegions } : {}),
       coalesce: s.coalesce,
+      writes: s.writes,
       ...(s.pins
         ? { pin: { ...(Number.isFinite(s.pinLimit) ? { limit: s.pinLimit } : {}), predicted: this.map.bytes, ...(s.pinnedActual !== undefined ? { actual: s.pinnedActual } : {}) } }
         : {}),
@@ -282,6 +324,7 @@ export class AddressSpace {
       s.goodbye(err);
     }
     this.backings.closeAll();
+    this.logging.close();
   }
 
   // --- internals ------------------------------------------------------------------------------------
@@ -331,6 +374,7 @@ export class AddressSpace {
     session.reply(requestId, { client: session.id, epoch: this.epoch, generation: this._generation, sync: mode });
     if (gone.length > 0) session.send({ t: Msg.EV_BACKINGS_GONE, backings: gone });
     this.sendBackings(session, new Set(regions.map((r) => r.backing)));
+    this.logging.send(session, this.logging.bitmaps.all());
 
     const { seq, done } = session.expectAck();
     const generation = this._generation;
@@ -375,6 +419,8 @@ export class AddressSpace {
     );
     const generation = this._generation + 1;
     const started = performance.now();
+    const bitmaps = this.logging.create(plan);
+    let committed = false;
     for (const r of plan.adds) (this.backings.get(r.backing) as Backing).inflight++;
     try {
       // At the first nack the transaction is void: everyone else gets EV_ROLLBACK at once, so a client
@@ -386,6 +432,7 @@ export class AddressSpace {
         targets,
         (s, seq) => {
           this.sendBackings(s, plan.backings);
+          this.logging.send(s, bitmaps);
           const view = views.get(s);
           s.send({ t: Msg.EV_TXN, seq, generation, ops: view ? viewOps(s.view, view) : plan.ops });
         },
@@ -408,6 +455,8 @@ export class AddressSpace {
         throw err;
       }
       this.apply(plan, generation);
+      this.logging.commit(plan, bitmaps);
+      committed = true;
       for (const [s, r] of results) if (r.kind === 'ack') s.ackedGeneration = generation;
       for (const [s, view] of views) s.view = view;
       for (const s of this.subscribers) s.send({ t: Msg.EV_COMMITTED, generation });
@@ -422,6 +471,7 @@ export class AddressSpace {
         unreferenced: [...touched].filter((id) => this.backings.get(id)?.refs === 0),
       };
     } finally {
+      if (!committed) this.logging.discard(bitmaps);
       for (const r of plan.adds) {
         const b = this.backings.get(r.backing);
         if (b) b.inflight--;

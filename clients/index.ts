@@ -1,8 +1,10 @@
 export { Connection, type BrokerTarget, type ConnectionOptions } from './connection.js';
-export { Subscriber, type SubscriberOptions, type SubscriberEvents, type ChangeEvent, type ClientReport } from './subscriber.js';
+export { Subscriber, type SubscriberOptions, type SubscriberEvents, type ChangeEvent, type ClientReport, type PauseEvent } from './subscriber.js';
 export { MappingSubscriber } from './plain.js';
 export { GuestMemory, CHUNK_BYTES, type MappedRegion, type Chunk } from './memory.js';
-export { OwnerClient, fetchStatus, type OwnerOptions, type RegionSpec, type CreatedBacking } from './owner.js';
+export { OwnerClient, fetchStatus, bitmapBytes, type OwnerOptions, type RegionSpec, type CreatedBacking, type DirtySnapshot } from './owner.js';
+export { DirtyLog } from './dirty.js';
+export { DirtyObserver, type DirtyEvent } from './observer.js';
 export { createSealedMemfd, type SealedMemfdOptions } from './memfd.js';
 export { diff, inverse, applyOps, toView, type Applier, type ApplyContext, type Change, type LocalBacking, type ViewRegion } from './view.js';
 export { VhostSubscriber, type VhostOptions } from './vhost/index.js';
@@ -23,3 +25,4 @@ export {
   type BackendName,
 } from './kvm/index.js';
 export { VfioSubscriber, X86_MSI_WINDOW, type VfioSubscriberOptions, type VfioDomainInfo, type PinProgress } from './vfio/index.js';
+export { Migration, FileDestination, SpaceDestination, type MigrationOptions, type MigrationProgress, type MigrationResult, type Destination } from './migration/index.js';

@@ -14,6 +14,7 @@
 // Float64Arrays of region starts and ends, tried after the region of the last hit.
 import { constants, isNativeError, native, type Mapping } from '../native/index.js';
 import { InvalidArgError, MapFailedError, NoRegionError } from '../protocol/index.js';
+import type { DirtyLog } from './dirty.js';
 import type { Applier, ApplyContext, Change, LocalBacking, ViewRegion } from './view.js';
 
 /** Largest single mapping: a power of two, so chunk boundaries stay page (and huge page) aligned. */
@@ -157,11 +158,31 @@ export class GuestMemory implements Applier {
     return out;
   }
 
-  /** Writes guest memory at gpa; every region the range touches must be writable. */
+  /**
+   * Writes guest memory at gpa; every region the range touches must be writable. While dirty logging is
+   * on the pages are marked dirty; while paused for migration the write is refused (MMB_ERR_PAUSED).
+   */
   write(gpa: number, data: Uint8Array): void {
+    this.dirty?.assertWritable();
     this.each(gpa, data.length, () => undefined, true);
     this.each(gpa, data.length, (bytes, done) => bytes.set(data.subarray(done, done + bytes.length)));
+    this.dirty?.mark(gpa, data.length);
   }
+
+  /**
+   * Views to write guest memory [gpa, gpa + length) in place (a device completing a read into a guest
+   * buffer): checked like write(), and the pages marked dirty now, since the caller writes them next.
+   */
+  segmentsForWrite(gpa: number, length: number): Uint8Array[] {
+    this.dirty?.assertWritable();
+    this.each(gpa, length, () => undefined, true);
+    const out = this.segments(gpa, length);
+    this.dirty?.mark(gpa, length);
+    return out;
+  }
+
+  /** The subscriber's dirty log, once it negotiated DIRTY: writes through this object mark it. */
+  dirty: DirtyLog | undefined;
 
   /**
    * Calls fn with consecutive views covering [gpa, gpa + length), one per chunk touched, walking across

@@ -2,7 +2,9 @@
 // commit resolves only when all subscribers applied it, and rejects with one typed error naming the
 // client that refused (err.client) when anything failed: nothing is half-applied either way.
 import {
+  DIRTY_PAGE_SIZE,
   Msg,
+  type DirtySyncResult,
   type BackingAddResult,
   type BackingDropResult,
   type CommitOp,
@@ -10,7 +12,7 @@ import {
   type FindFreeResult,
   type StatusResult,
 } from '../protocol/index.js';
-import { native } from '../native/index.js';
+import { constants, native } from '../native/index.js';
 import { Connection, type BrokerTarget, type ConnectionOptions } from './connection.js';
 import { createSealedMemfd, type SealedMemfdOptions } from './memfd.js';
 
@@ -29,6 +31,17 @@ export interface RegionSpec {
   readonly?: boolean;
   logDirty?: boolean;
 }
+
+export interface DirtySnapshot {
+  /** Per region: where it is, how many of its pages were dirty, and its bits (bit i = page i). */
+  regions: (DirtySyncResult['regions'][number] & { bits: Uint8Array })[];
+  dirtyPages: number;
+  /** Unmaps the bits. */
+  release(): void;
+}
+
+/** Bytes of bitmap for `pages` pages, whole 64-bit words, as the broker lays them out. */
+export const bitmapBytes = (pages: number): number => Math.ceil(pages / 64) * 8;
 
 export interface CreatedBacking extends BackingAddResult {
   /** The owner's own fd of the new memfd: map it to read and write guest memory; close it when done. */
@@ -106,6 +119,39 @@ export class OwnerClient {
   async findFree(size: number, opts: { align?: number; min?: number; max?: number } = {}): Promise<number> {
     const r = (await this.conn.request({ t: Msg.FIND_FREE, size, ...opts })) as FindFreeResult;
     return r.gpa;
+  }
+
+  /**
+   * Dirty sync (feature DIRTY): every writer flushes, then the bitmaps of `regions` (default: every
+   * region that logs) are cleared into a buffer this call creates. Returns each region's bits as a view
+   * of that buffer (bit i = page i of the region); call release() when done with them.
+   */
+  async dirtySync(regions?: readonly (number | string)[]): Promise<DirtySnapshot> {
+    const st = (await this.status(this.space)).spaces[0];
+    const logging = (st?.regions ?? []).filter((r) => r.logDirty && (regions === undefined || regions.includes(r.id) || regions.includes(r.name)));
+    const bytes = Math.max(4096, Math.ceil(logging.reduce((n, r) => n + bitmapBytes(r.size / DIRTY_PAGE_SIZE), 0) / 4096) * 4096);
+    const fd = createSealedMemfd('dirty-sync', bytes);
+    try {
+      const r = (await this.conn.request({ t: Msg.DIRTY_SYNC, ...(regions ? { regions: [...regions] } : {}) }, [fd])) as DirtySyncResult;
+      const view = native.mmap(fd, 0, bytes, constants.PROT_READ, constants.MAP_SHARED);
+      const all = new Uint8Array(view.buffer);
+      return {
+        regions: r.regions.map((x) => ({ ...x, bits: all.subarray(x.offset, x.offset + bitmapBytes(x.pages)) })),
+        dirtyPages: r.regions.reduce((n, x) => n + x.dirty, 0),
+        release: () => native.munmap(view),
+      };
+    } finally {
+      native.close(fd);
+    }
+  }
+
+  /** Asks every writer to stop writing guest memory (feature DIRTY); resolves once all of them did. */
+  async pause(): Promise<void> {
+    await this.conn.request({ t: Msg.PAUSE, paused: true });
+  }
+
+  async resume(): Promise<void> {
+    await this.conn.request({ t: Msg.PAUSE, paused: false });
   }
 
   status(space?: string): Promise<StatusResult> {

@@ -11,6 +11,8 @@ export class MappingSubscriber extends Subscriber {
     opts: SubscriberOptions,
   ) {
     super(target, memory, opts);
+    // Writes through this client's GuestMemory mark pages dirty while logging is on.
+    memory.dirty = this.dirty;
   }
 
   static async attach(target: BrokerTarget, opts: SubscriberOptions): Promise<MappingSubscriber> {

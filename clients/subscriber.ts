@@ -28,6 +28,7 @@ import {
 } from '../protocol/index.js';
 import { closeAll } from '../transport/index.js';
 import { Connection, type BrokerTarget, type ConnectionOptions } from './connection.js';
+import { DirtyLog } from './dirty.js';
 import {
   applyOps,
   applyOpsTo,
@@ -53,6 +54,8 @@ export interface SubscriberOptions extends ConnectionOptions {
   coalesce?: boolean;
   /** This client pins every region it maps; `limit` bytes at most (the broker refuses changes beyond). */
   pin?: { limit?: number };
+  /** false: this client never writes guest memory (dirty logging then needs nothing from it). Default true. */
+  writes?: boolean;
   /** Reconnect and resume after the connection drops. Default true. */
   reconnect?: boolean;
   /** Delay before the first reconnect attempt; doubles up to 1 s. Default 20 ms. */
@@ -67,12 +70,20 @@ export interface ChangeEvent {
   waitUntil(p: Promise<unknown>): void;
 }
 
+export interface PauseEvent {
+  readonly paused: boolean;
+  /** Delays the ack until `p` settles (stop the writers first); a rejection refuses the pause. */
+  waitUntil(p: Promise<unknown>): void;
+}
+
 export interface SubscriberEvents {
   backings: [backings: LocalBacking[]];
   change: [event: ChangeEvent];
   committed: [generation: number];
   rolledBack: [generation: number];
   synced: [info: { generation: number; mode: 'snapshot' | 'delta'; epoch: string; change: Change }];
+  /** Migration asks this client to stop (or resume) writing guest memory; the ack waits for waitUntil(). */
+  pause: [event: PauseEvent];
   disconnected: [reason: MmbError | undefined];
   reconnected: [result: AttachResult];
   goodbye: [reason: MmbError];
@@ -109,6 +120,8 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
   /** A transaction applied and acked but not yet committed or rolled back. */
   private pending: { generation: number; ops: readonly TxnOp[] } | undefined;
   private readonly backings = new Map<number, LocalBacking>();
+  /** Dirty bitmaps and the paused state (feature DIRTY). */
+  readonly dirty = new DirtyLog();
   private syncParts: EvSync[] = [];
   private chain: Promise<void> = Promise.resolve();
   private closing = false;
@@ -199,6 +212,7 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
     this.keyById.clear();
     closeAll([...this.backings.values()].map((b) => b.fd));
     this.backings.clear();
+    this.dirty.close();
     for (const w of this.syncWaiters) w.reject(new DisconnectedError('the subscriber was closed'));
     this.syncWaiters = [];
   }
@@ -229,6 +243,7 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
           ? { limits: { ...(this.opts.maxRegions !== undefined ? { maxRegions: this.opts.maxRegions } : {}), ...(this.opts.coalesce ? { coalesce: true } : {}) } }
           : {}),
         ...(this.opts.pin ? { pin: this.opts.pin.limit !== undefined ? { limit: this.opts.pin.limit } : {} } : {}),
+        ...(this.opts.writes === false && (conn.features & Feature.DIRTY) !== 0 ? { writes: false } : {}),
         ...(useResume
           ? { resume: { epoch: this.epoch as string, generation: this._generation, backings: [...this.backings.keys()] } }
           : {}),
@@ -323,12 +338,47 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
           this.emit('committed', msg.generation);
         });
         return;
+      case Msg.EV_BITMAPS:
+        this.enqueue(() => this.dirty.add(msg.bitmaps, fds));
+        return;
+      case Msg.EV_BITMAPS_GONE:
+        this.enqueue(() => this.dirty.remove(msg.bitmaps));
+        return;
+      case Msg.EV_DIRTY_FLUSH:
+        this.enqueue(async () => {
+          try {
+            await this.applier.flushDirty?.(this.dirty);
+            this.ack(conn, msg.seq);
+          } catch (err) {
+            this.nack(conn, msg.seq, err);
+          }
+        });
+        return;
+      case Msg.EV_PAUSE:
+        this.enqueue(() => this.onPause(conn, msg.seq, msg.paused));
+        return;
+      case Msg.EV_DIRTY:
+        return;
       case Msg.EV_GOODBYE:
         this.emit('goodbye', MmbError.fromWire(msg.error));
         return;
       case Msg.EV_ERROR:
         this.emit('error', MmbError.fromWire(msg.error));
         return;
+    }
+  }
+
+  private async onPause(conn: Connection, seq: number, paused: boolean): Promise<void> {
+    const was = this.dirty.paused;
+    this.dirty.setPaused(paused);
+    const waits: Promise<unknown>[] = [];
+    this.emit('pause', { paused, waitUntil: (p) => void waits.push(p) });
+    try {
+      if (waits.length > 0) await Promise.race([Promise.all(waits), this.closed]);
+      this.ack(conn, seq);
+    } catch (err) {
+      this.dirty.setPaused(was);
+      this.nack(conn, seq, err);
     }
   }
 

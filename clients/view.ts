@@ -8,6 +8,7 @@
 // mapping, even across broker restarts (new epoch, new ids, same memfd). logDirty, id and name are
 // metadata: changing only those is an `updated` entry, not a remap.
 import { NoBackingError, NoRegionError, type Region, type TxnOp } from '../protocol/index.js';
+import type { DirtyLog } from './dirty.js';
 
 /** A backing as a client holds it: the broker's id, our own fd, and the file's identity. */
 export interface LocalBacking {
@@ -58,6 +59,13 @@ export interface Applier {
    * everything exactly as it was before the call: the subscriber then nacks and the broker rolls back.
    */
   apply(change: Change, backings: ReadonlyMap<number, LocalBacking>, ctx: ApplyContext): void | Promise<void>;
+  /**
+   * Dirty logging (feature DIRTY): before a sync, put into `log` the dirty pages this client knows of but
+   * has not marked yet (a KVM client copies KVM's dirty log; a VFIO client without hardware dirty
+   * tracking marks everything it has mapped writable). Writes made through GuestMemory are marked as
+   * they happen and need nothing here.
+   */
+  flushDirty?(log: DirtyLog): void | Promise<void>;
   /** Releases everything it established (the subscriber is closing). */
   close?(): void | Promise<void>;
 }

@@ -109,6 +109,11 @@ export interface Native {
   addSeals(fd: number, seals: number): void;
   /** fcntl(F_GET_SEALS). Fails with EINVAL on files that do not support sealing. */
   getSeals(fd: number): number;
+  /**
+   * lseek(SEEK_DATA), or SEEK_HOLE when `hole`: the next offset >= `offset` where data (or a hole) starts;
+   * -1 when no data follows. For reading sparse memory without faulting its holes in.
+   */
+  seekData(fd: number, offset: number, hole: boolean): number;
   /** fcntl(F_DUPFD_CLOEXEC). */
   dup(fd: number): number;
   close(fd: number): void;

@@ -17,6 +17,8 @@ export const Msg = {
   COMMIT: 6,
   REPORT: 7,
   FIND_FREE: 8,
+  DIRTY_SYNC: 9,
+  PAUSE: 10,
 
   ACK: 16,
   NACK: 17,
@@ -30,6 +32,11 @@ export const Msg = {
   EV_COMMITTED: 38,
   EV_GOODBYE: 39,
   EV_ERROR: 40,
+  EV_BITMAPS: 41,
+  EV_BITMAPS_GONE: 42,
+  EV_DIRTY_FLUSH: 43,
+  EV_PAUSE: 44,
+  EV_DIRTY: 45,
 } as const;
 export type MsgId = (typeof Msg)[keyof typeof Msg];
 
@@ -52,10 +59,16 @@ export const Feature = {
   /** ATTACH.pin: the subscriber pins every region it maps; its pinned bytes count against its own limit
    *  and the space's pin budget, checked before anything changes. */
   PIN: 1 << 4,
+  /** Dirty logging: per-region bitmaps in shared memfds (EV_BITMAPS), flushes (EV_DIRTY_FLUSH), DIRTY_SYNC,
+   *  PAUSE / EV_PAUSE for migration, the observer role and its EV_DIRTY events, ATTACH.writes. */
+  DIRTY: 1 << 5,
 } as const;
-export const ALL_FEATURES = Feature.RESUME | Feature.REPORT | Feature.PLACE | Feature.COALESCE | Feature.PIN;
+export const ALL_FEATURES = Feature.RESUME | Feature.REPORT | Feature.PLACE | Feature.COALESCE | Feature.PIN | Feature.DIRTY;
 
-export const Role = { OWNER: 'owner', SUBSCRIBER: 'subscriber' } as const;
+/** Bytes of guest memory one dirty-bitmap bit stands for. */
+export const DIRTY_PAGE_SIZE = 4096;
+
+export const Role = { OWNER: 'owner', SUBSCRIBER: 'subscriber', OBSERVER: 'observer' } as const;
 export type Role = (typeof Role)[keyof typeof Role];
 
 /** Largest guest-physical address + 1 we accept: x86-64 and arm64 physical addresses are at most 52 bits,

@@ -65,6 +65,8 @@ export const ERROR_TABLE = {
   MMB_ERR_RESERVED_RANGE: { errno: 'EINVAL', summary: 'A region would cover an IOVA range a subscriber reported as reserved (MSI window, PCI hole); nothing was changed.' },
   MMB_ERR_PIN_BUDGET: { errno: 'ENOSPC', summary: 'Pinning the memory would exceed a subscriber\'s pin limit or the address space\'s pin budget; nothing was changed.' },
   MMB_ERR_NO_FREE_RANGE: { errno: 'ENOSPC', summary: 'No free GPA range of that size and alignment avoids every region and reserved range.' },
+  MMB_ERR_NOT_LOGGING: { errno: 'ENOENT', summary: 'A dirty sync names a region whose dirty logging is off.' },
+  MMB_ERR_BUFFER_TOO_SMALL: { errno: 'E2BIG', summary: 'The buffer given for a dirty sync is too small; the message says how many bytes it needs.' },
   MMB_ERR_STALE_GENERATION: { errno: 'ESTALE', summary: 'The generation named is not the current one (COMMIT.expect), or an ack names an event that is not pending.' },
   MMB_ERR_TOO_BUSY: { errno: 'EBUSY', summary: 'Too many transactions are queued on the address space.' },
 
@@ -76,6 +78,7 @@ export const ERROR_TABLE = {
   MMB_ERR_KVM: { errno: 'EIO', summary: 'A KVM operation failed (the ioctl\'s errno is carried).' },
   MMB_ERR_CANCELLED: { errno: 'ECANCELED', summary: 'Work in progress (pinning a large region) was cancelled, e.g. because the region was removed.' },
   MMB_ERR_NO_DEVICE: { errno: 'ENOENT', summary: 'No such device, or it is not bound to vfio-pci, or its IOMMU group is not viable.' },
+  MMB_ERR_PAUSED: { errno: 'EBUSY', summary: 'Guest memory may not be written while the address space is paused for migration.' },
   MMB_ERR_UNSUPPORTED: { errno: 'EOPNOTSUPP', summary: 'This machine lacks what the operation needs (no /dev/kvm, no /dev/vfio, no iommufd); the message says which.' },
   MMB_ERR_CLIENT_TIMEOUT: { errno: 'ETIMEDOUT', summary: 'A subscriber did not ack within the deadline and was evicted.' },
   MMB_ERR_SLOW_READER: { errno: 'ENOBUFS', summary: 'A peer let too many bytes queue up unread and was disconnected.' },
@@ -249,6 +252,8 @@ export const ClientLimitError = define('MMB_ERR_CLIENT_LIMIT');
 export const ReservedRangeError = define('MMB_ERR_RESERVED_RANGE');
 export const PinBudgetError = define('MMB_ERR_PIN_BUDGET');
 export const NoFreeRangeError = define('MMB_ERR_NO_FREE_RANGE');
+export const NotLoggingError = define('MMB_ERR_NOT_LOGGING');
+export const BufferTooSmallError = define('MMB_ERR_BUFFER_TOO_SMALL');
 export const StaleGenerationError = define('MMB_ERR_STALE_GENERATION');
 export const TooBusyError = define('MMB_ERR_TOO_BUSY');
 export const ClientRefusedError = define('MMB_ERR_CLIENT_REFUSED');
@@ -258,6 +263,7 @@ export const IommuError = define('MMB_ERR_IOMMU');
 export const KvmError = define('MMB_ERR_KVM');
 export const CancelledError = define('MMB_ERR_CANCELLED');
 export const NoDeviceError = define('MMB_ERR_NO_DEVICE');
+export const PausedError = define('MMB_ERR_PAUSED');
 export const UnsupportedError = define('MMB_ERR_UNSUPPORTED');
 export const ClientTimeoutError = define('MMB_ERR_CLIENT_TIMEOUT');
 export const SlowReaderError = define('MMB_ERR_SLOW_READER');

@@ -73,7 +73,8 @@ export const attach = object({
   t: t(Msg.ATTACH),
   id: u32(),
   space: name(),
-  role: literal('owner', 'subscriber'),
+  /** observer (feature DIRTY): receives EV_DIRTY, maps nothing, acks nothing. */
+  role: literal('owner', 'subscriber', 'observer'),
   /** What the client is ("plain", "kvm", "vhost", "vfio", "owner", ...): for status and logs. */
   kind: name(),
   /** maxRegions: the most regions (slots) the client can follow. coalesce (feature COALESCE): send this
@@ -81,6 +82,8 @@ export const attach = object({
   limits: optional(object({ maxRegions: optional(u32()), coalesce: optional(bool()) })),
   /** Feature PIN: the client pins every region it maps; `limit` is the most bytes it may pin. */
   pin: optional(object({ limit: optional(addr()) })),
+  /** Feature DIRTY: false declares that this subscriber never writes guest memory (default true). */
+  writes: optional(bool()),
   /** Feature RESUME: what the client already holds from an earlier connection. */
   resume: optional(object({ epoch: str(64, { minBytes: 1, printable: true }), generation: uint(), backings: array(u32(), 65_536) })),
 });
@@ -144,6 +147,15 @@ export const findFree = object({
   max: optional(addr()),
 });
 
+export const dirtySync = object({
+  t: t(Msg.DIRTY_SYNC),
+  id: u32(),
+  /** Regions to sync (ids or names); default: every region whose logging is on. */
+  regions: optional(array(regionRef, 65_536)),
+});
+
+export const pause = object({ t: t(Msg.PAUSE), id: u32(), paused: bool() });
+
 // --- client -> broker, no reply ------------------------------------------------------------------
 
 export const ack = object({ t: t(Msg.ACK), seq: uint() });
@@ -179,6 +191,21 @@ export type TxnOp = Infer<typeof txnOp>;
 export const evTxn = object({ t: t(Msg.EV_TXN), seq: uint(), generation: uint(), ops: array(txnOp, L.maxOpsPerCommit) });
 export const evRollback = object({ t: t(Msg.EV_ROLLBACK), seq: uint(), generation: uint() });
 export const evCommitted = object({ t: t(Msg.EV_COMMITTED), generation: uint() });
+export const bitmapInfo = object({ bitmap: u32(), region: u32(), gpa: addr(), pages: addr() });
+export type BitmapInfo = Infer<typeof bitmapInfo>;
+export const evBitmaps = object({ t: t(Msg.EV_BITMAPS), bitmaps: array(bitmapInfo, L.maxFdsPerFrame) });
+export const evBitmapsGone = object({ t: t(Msg.EV_BITMAPS_GONE), bitmaps: array(u32(), 65_536) });
+export const evDirtyFlush = object({ t: t(Msg.EV_DIRTY_FLUSH), seq: uint() });
+export const evPause = object({ t: t(Msg.EV_PAUSE), seq: uint(), paused: bool() });
+export const dirtyRange = object({ gpa: addr(), size: addr() });
+export const evDirty = object({
+  t: t(Msg.EV_DIRTY),
+  /** Which sync this is (a counter per address space), shared by its parts. */
+  sync: uint(),
+  part: u32(),
+  last: bool(),
+  ranges: array(dirtyRange, 1 << 20),
+});
 export const evGoodbye = object({ t: t(Msg.EV_GOODBYE), error: errorBody });
 export const evError = object({ t: t(Msg.EV_ERROR), error: errorBody });
 
@@ -200,6 +227,13 @@ export const attachResult = object({
 
 export const backingAddResult = object({ backing: u32(), size: addr() });
 export const reportResult = object({});
+export const dirtySyncResult = object({
+  /** Where each region's cleared bits were ORed into the buffer sent with the request. */
+  regions: array(object({ region: u32(), name: name(), gpa: addr(), pages: addr(), offset: addr(), dirty: addr() }), 65_536),
+  /** Bytes of the buffer used. */
+  bytes: addr(),
+});
+export const pauseResult = object({});
 export const findFreeResult = object({ gpa: addr() });
 export const backingDropResult = object({ released: bool() });
 export const commitResult = object({
@@ -212,7 +246,7 @@ export const commitResult = object({
 const statusClient = object(
   {
     id: u32(),
-    role: literal('owner', 'subscriber'),
+    role: literal('owner', 'subscriber', 'observer'),
     kind: name(),
     name: name(),
     pid: u32(),
@@ -225,6 +259,7 @@ const statusClient = object(
     regions: optional(u32()),
     maxRegions: optional(u32()),
     coalesce: optional(bool()),
+    writes: optional(bool()),
     /** Pinning clients: their limit (nil: none), the bytes the broker predicts they pin, and what they reported. */
     pin: optional(object({ limit: optional(addr()), predicted: addr(), actual: optional(addr()) }, { open: true })),
     reserved: optional(array(iovaRange, 1024)),
@@ -243,6 +278,9 @@ export const statusSpace = object(
     generation: uint(),
     /** Bytes of guest memory in the map. */
     bytes: optional(addr()),
+    /** Whether the writers are paused (PAUSE), and how many regions log dirty pages. */
+    paused: optional(bool()),
+    logging: optional(u32()),
     /** The space's pin budget (limit nil: none), the predicted and the reported pinned bytes of all clients. */
     pinBudget: optional(object({ limit: optional(addr()), predicted: addr(), actual: addr() }, { open: true })),
     regions: array(region, 1 << 20),
@@ -290,6 +328,8 @@ export const MESSAGES: ReadonlyMap<number, MessageSpec> = new Map(
     spec(Msg.COMMIT, 'COMMIT', 'request', commit, { result: commitResult }),
     spec(Msg.REPORT, 'REPORT', 'request', report, { result: reportResult, feature: Feature.REPORT }),
     spec(Msg.FIND_FREE, 'FIND_FREE', 'request', findFree, { result: findFreeResult, feature: Feature.PLACE }),
+    spec(Msg.DIRTY_SYNC, 'DIRTY_SYNC', 'request', dirtySync, { fds: { kind: 'one' }, result: dirtySyncResult, feature: Feature.DIRTY }),
+    spec(Msg.PAUSE, 'PAUSE', 'request', pause, { result: pauseResult, feature: Feature.DIRTY }),
     spec(Msg.ACK, 'ACK', 'to-broker', ack),
     spec(Msg.NACK, 'NACK', 'to-broker', nack),
     spec(Msg.REPLY, 'REPLY', 'to-client', reply),
@@ -301,6 +341,11 @@ export const MESSAGES: ReadonlyMap<number, MessageSpec> = new Map(
     spec(Msg.EV_COMMITTED, 'EV_COMMITTED', 'to-client', evCommitted),
     spec(Msg.EV_GOODBYE, 'EV_GOODBYE', 'to-client', evGoodbye),
     spec(Msg.EV_ERROR, 'EV_ERROR', 'to-client', evError),
+    spec(Msg.EV_BITMAPS, 'EV_BITMAPS', 'to-client', evBitmaps, { fds: { kind: 'per-item', field: 'bitmaps' }, feature: Feature.DIRTY }),
+    spec(Msg.EV_BITMAPS_GONE, 'EV_BITMAPS_GONE', 'to-client', evBitmapsGone, { feature: Feature.DIRTY }),
+    spec(Msg.EV_DIRTY_FLUSH, 'EV_DIRTY_FLUSH', 'to-client', evDirtyFlush, { feature: Feature.DIRTY }),
+    spec(Msg.EV_PAUSE, 'EV_PAUSE', 'to-client', evPause, { feature: Feature.DIRTY }),
+    spec(Msg.EV_DIRTY, 'EV_DIRTY', 'to-client', evDirty, { feature: Feature.DIRTY }),
   ].map((s) => [s.id, s]),
 );
 
@@ -311,6 +356,8 @@ export type BackingAdd = Infer<typeof backingAdd>;
 export type BackingDrop = Infer<typeof backingDrop>;
 export type Commit = Infer<typeof commit>;
 export type Report = Infer<typeof report>;
+export type DirtySync = Infer<typeof dirtySync>;
+export type Pause = Infer<typeof pause>;
 export type FindFree = Infer<typeof findFree>;
 export type Ack = Infer<typeof ack>;
 export type Nack = Infer<typeof nack>;
@@ -323,6 +370,11 @@ export type EvRollback = Infer<typeof evRollback>;
 export type EvCommitted = Infer<typeof evCommitted>;
 export type EvGoodbye = Infer<typeof evGoodbye>;
 export type EvError = Infer<typeof evError>;
+export type EvBitmaps = Infer<typeof evBitmaps>;
+export type EvBitmapsGone = Infer<typeof evBitmapsGone>;
+export type EvDirtyFlush = Infer<typeof evDirtyFlush>;
+export type EvPause = Infer<typeof evPause>;
+export type EvDirty = Infer<typeof evDirty>;
 
 export type HelloResult = Infer<typeof helloResult>;
 export type AttachResult = Infer<typeof attachResult>;
@@ -331,11 +383,13 @@ export type BackingDropResult = Infer<typeof backingDropResult>;
 export type CommitResult = Infer<typeof commitResult>;
 export type FindFreeResult = Infer<typeof findFreeResult>;
 export type ReportResult = Infer<typeof reportResult>;
+export type DirtySyncResult = Infer<typeof dirtySyncResult>;
+export type PauseResult = Infer<typeof pauseResult>;
 export type StatusResult = Infer<typeof statusResult>;
 export type StatusSpace = Infer<typeof statusSpace>;
 
 /** Messages a broker accepts. */
-export type ToBroker = Hello | Status | Attach | BackingAdd | BackingDrop | Commit | Report | FindFree | Ack | Nack;
+export type ToBroker = Hello | Status | Attach | BackingAdd | BackingDrop | Commit | Report | FindFree | DirtySync | Pause | Ack | Nack;
 /** Messages a client accepts. */
 export type ToClient =
   | Reply
@@ -346,4 +400,9 @@ export type ToClient =
   | EvRollback
   | EvCommitted
   | EvGoodbye
-  | EvError;
+  | EvError
+  | EvBitmaps
+  | EvBitmapsGone
+  | EvDirtyFlush
+  | EvPause
+  | EvDirty;

@@ -10,6 +10,7 @@
 import type { Logger } from 'pino';
 import { CancelledError, InternalError, KvmError, UnsupportedError, toMmbError, type MmbError } from '../../protocol/index.js';
 import { GuestMemory, type MappedRegion } from '../memory.js';
+import type { DirtyLog } from '../dirty.js';
 import type { Applier, ApplyContext, Change, LocalBacking, ViewRegion } from '../view.js';
 import { KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY } from './abi.js';
 import type { BackendName, MemslotBackend } from './backend.js';
@@ -274,6 +275,20 @@ export class KvmApplier implements Applier {
     const out: number[] = [];
     for (let i = 0; i < pages; i++) if ((bitmap[i >>> 3] as number) & (1 << (i & 7))) out.push(slot.gpa + i * pageSize);
     return out;
+  }
+
+  /**
+   * Dirty logging: copies KVM's dirty log of every slot that logs (what the vCPUs wrote since the last
+   * call; the kernel clears it as it reports) into the broker's shared bitmaps. The software stand-in
+   * runs no vCPU, so it has nothing to add.
+   */
+  flushDirty(log: DirtyLog): void {
+    if (!(this.vm instanceof KvmVm)) return;
+    for (const slot of this.table.values()) {
+      if ((slot.flags & KVM_MEM_LOG_DIRTY_PAGES) === 0) continue;
+      const pages = slot.size / 4096;
+      log.markBits(slot.gpa, this.vm.getDirtyLog(slot.slot, pages), pages);
+    }
   }
 
   // --- lifetime -------------------------------------------------------------------------------------

@@ -45,6 +45,8 @@ export class KvmSubscriber extends Subscriber {
     readonly backendReason: string | undefined,
   ) {
     super(target, kvm, opts);
+    // The client's own writes (loading a vCPU program) mark pages dirty too; the vCPU's go to KVM's log.
+    kvm.memory.dirty = this.dirty;
   }
 
   /**

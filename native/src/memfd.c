@@ -120,12 +120,32 @@ static napi_value close_js(napi_env env, napi_callback_info info) {
   return NULL;
 }
 
+/*
+ * seekData(fd, offset, hole) -> offset | -1: lseek(SEEK_DATA), or SEEK_HOLE when `hole`, from `offset`.
+ * -1 when there is no data at or after offset (ENXIO). Lets a reader skip the holes of a sparse memfd
+ * instead of faulting them in (reading a hole through a shared mapping allocates it). Runs on the main
+ * thread.
+ */
+static napi_value seek_data_js(napi_env env, napi_callback_info info) {
+  napi_value argv[3], result;
+  int fd;
+  uint64_t offset;
+  bool hole;
+  if (!mmb_args(env, info, 3, argv) || !mmb_arg_fd(env, argv[0], &fd) ||
+      !mmb_arg_size(env, argv[1], "offset", &offset) || !mmb_arg_bool(env, argv[2], "hole", &hole))
+    return NULL;
+  off_t at = lseek(fd, (off_t)offset, hole ? SEEK_HOLE : SEEK_DATA);
+  if (at < 0 && errno != ENXIO) return mmb_throw_errno(env, errno, "lseek");
+  CHECK(napi_create_double(env, at < 0 ? -1 : (double)at, &result));
+  return result;
+}
+
 /* runs on the main thread, at module load */
 bool mmb_init_memfd(napi_env env, napi_value exports) {
   static const mmb_method methods[] = {
       {"memfdCreate", memfd_create_js}, {"ftruncate", ftruncate_js}, {"fstat", fstat_js},
       {"addSeals", add_seals_js},       {"getSeals", get_seals_js},   {"dup", dup_js},
-      {"close", close_js},
+      {"close", close_js},              {"seekData", seek_data_js},
   };
   return mmb_export_methods(env, exports, methods, MMB_COUNT(methods));
 }

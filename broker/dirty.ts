@@ -1,0 +1,98 @@
+// Dirty bitmaps of an address space: one per region whose logging is on, 1 bit per 4 KiB page, in a
+// sealed memfd the broker creates, maps, and sends (EV_BITMAPS) to every subscriber that negotiated
+// DIRTY. Writers set bits with atomic ORs in shared memory, without a message per page; the broker
+// get-and-clears them at each sync (native.bitmapFetchClear: no bit set concurrently is ever lost).
+import { constants, native, type Mapping } from '../native/index.js';
+import { DIRTY_PAGE_SIZE, type BitmapInfo, type Region } from '../protocol/index.js';
+
+export interface Bitmap {
+  id: number;
+  region: number;
+  gpa: number;
+  pages: number;
+  /** Bytes of bitmap: whole 64-bit words. */
+  bytes: number;
+  fd: number;
+  mapping: Mapping;
+}
+
+/** Bytes of bitmap for `pages` pages: whole 64-bit words. */
+export const bitmapBytes = (pages: number): number => Math.ceil(pages / 64) * 8;
+
+export class DirtyBitmaps {
+  private readonly byRegion = new Map<number, Bitmap>();
+  private nextId = 1;
+
+  get size(): number {
+    return this.byRegion.size;
+  }
+
+  forRegion(id: number): Bitmap | undefined {
+    return this.byRegion.get(id);
+  }
+
+  all(): IterableIterator<Bitmap> {
+    return this.byRegion.values();
+  }
+
+  /** A new, empty bitmap for `r` (not yet in the table: see adopt()). */
+  create(r: Region): Bitmap {
+    const pages = r.size / DIRTY_PAGE_SIZE;
+    const bytes = bitmapBytes(pages);
+    const size = Math.ceil(bytes / 4096) * 4096;
+    const fd = native.memfdCreate(`dirty:${r.name}`, constants.MFD_CLOEXEC | constants.MFD_ALLOW_SEALING);
+    try {
+      native.ftruncate(fd, size);
+      native.addSeals(fd, constants.F_SEAL_SHRINK | constants.F_SEAL_GROW | constants.F_SEAL_SEAL);
+      const mapping = native.mmap(fd, 0, size, constants.PROT_READ | constants.PROT_WRITE, constants.MAP_SHARED);
+      return { id: this.nextId++, region: r.id, gpa: r.gpa, pages, bytes, fd, mapping };
+    } catch (err) {
+      native.close(fd);
+      throw err;
+    }
+  }
+
+  adopt(b: Bitmap): void {
+    this.byRegion.set(b.region, b);
+  }
+
+  /** Forgets a bitmap and releases its mapping and fd. */
+  destroy(b: Bitmap): void {
+    if (this.byRegion.get(b.region) === b) this.byRegion.delete(b.region);
+    native.munmap(b.mapping);
+    native.close(b.fd);
+  }
+
+  info(b: Bitmap): BitmapInfo {
+    return { bitmap: b.id, region: b.region, gpa: b.gpa, pages: b.pages };
+  }
+
+  /** Marks every page of `b` dirty (a writer that cannot say which pages it wrote). */
+  markAll(b: Bitmap): void {
+    native.bitmapSet(b.mapping, 0, b.pages);
+  }
+
+  /** Clears `b`, ORing what was set into `dst` at `offset`; returns how many pages were dirty. */
+  fetchClear(b: Bitmap, dst: Mapping, offset: number): number {
+    return native.bitmapFetchClear(b.mapping, 0, b.bytes, new Uint8Array(dst.buffer, offset, b.bytes));
+  }
+
+  closeAll(): void {
+    for (const b of [...this.byRegion.values()]) this.destroy(b);
+  }
+}
+
+/** Runs of set bits of a bitmap, as guest-physical ranges (for observers). */
+export function dirtyRanges(bits: Uint8Array, gpa: number, pages: number): { gpa: number; size: number }[] {
+  const out: { gpa: number; size: number }[] = [];
+  let start = -1;
+  for (let p = 0; p <= pages; p++) {
+    const set = p < pages && (bits[p >>> 3] as number) & (1 << (p & 7));
+    if (set && start < 0) start = p;
+    else if (!set && start >= 0) {
+      out.push({ gpa: gpa + start * DIRTY_PAGE_SIZE, size: (p - start) * DIRTY_PAGE_SIZE });
+      start = -1;
+    }
+  }
+  return out;
+}

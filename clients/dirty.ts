@@ -1,0 +1,114 @@
+// A subscriber's side of dirty logging (feature DIRTY): the bitmaps the broker sent (one per logging
+// region, mapped here), marking pages dirty by guest-physical address, and the paused state during the
+// last round of a migration. Bits are set with atomic ORs in the shared memfd; the broker reads and
+// clears them at each sync. Nothing here sends a message per page.
+import { constants, native, type Mapping } from '../native/index.js';
+import { DIRTY_PAGE_SIZE, PausedError, type BitmapInfo } from '../protocol/index.js';
+import { closeAll } from '../transport/index.js';
+
+interface MappedBitmap extends BitmapInfo {
+  fd: number;
+  mapping: Mapping;
+}
+
+export class DirtyLog {
+  private byId = new Map<number, MappedBitmap>();
+  /** Sorted by gpa. */
+  private sorted: MappedBitmap[] = [];
+  private _paused = false;
+
+  /** Whether the broker paused this client's writes (migration's last round). */
+  get paused(): boolean {
+    return this._paused;
+  }
+
+  setPaused(paused: boolean): void {
+    this._paused = paused;
+  }
+
+  /** Throws MMB_ERR_PAUSED while paused: call before writing guest memory. */
+  assertWritable(): void {
+    if (this._paused) throw new PausedError('guest memory is paused for migration');
+  }
+
+  /** Regions that log, by gpa. */
+  bitmaps(): readonly BitmapInfo[] {
+    return this.sorted;
+  }
+
+  /** Takes ownership of `fds` (one per info, in order). */
+  add(infos: readonly BitmapInfo[], fds: readonly number[]): void {
+    infos.forEach((info, i) => {
+      const fd = fds[i] as number;
+      const bytes = Math.ceil(Math.ceil(info.pages / 64) * 8 / 4096) * 4096;
+      const old = this.byId.get(info.bitmap);
+      if (old) this.drop(old);
+      try {
+        const mapping = native.mmap(fd, 0, bytes, constants.PROT_READ | constants.PROT_WRITE, constants.MAP_SHARED);
+        this.byId.set(info.bitmap, { ...info, fd, mapping });
+      } catch (err) {
+        closeAll([fd]);
+        throw err;
+      }
+    });
+    this.sort();
+  }
+
+  remove(ids: readonly number[]): void {
+    for (const id of ids) {
+      const b = this.byId.get(id);
+      if (b) this.drop(b);
+    }
+    this.sort();
+  }
+
+  /** Marks the pages of [gpa, gpa + length) dirty in every logging region they touch. */
+  mark(gpa: number, length: number): void {
+    if (length <= 0 || this.sorted.length === 0) return;
+    const end = gpa + length;
+    for (const b of this.sorted) {
+      const bEnd = b.gpa + b.pages * DIRTY_PAGE_SIZE;
+      if (b.gpa >= end) break;
+      if (bEnd <= gpa) continue;
+      const first = Math.floor((Math.max(gpa, b.gpa) - b.gpa) / DIRTY_PAGE_SIZE);
+      const last = Math.ceil((Math.min(end, bEnd) - b.gpa) / DIRTY_PAGE_SIZE);
+      native.bitmapSet(b.mapping, first, last - first);
+    }
+  }
+
+  /**
+   * ORs a page bitmap describing [gpa, gpa + pages * 4 KiB) (bit i = page i, as KVM's dirty log) into the
+   * logging regions it overlaps.
+   */
+  markBits(gpa: number, bits: Uint8Array, pages: number): void {
+    const exact = this.sorted.find((b) => b.gpa === gpa && b.pages === pages);
+    if (exact && bits.length % 8 === 0) {
+      native.bitmapOr(exact.mapping, 0, bits);
+      return;
+    }
+    let start = -1;
+    for (let p = 0; p <= pages; p++) {
+      const set = p < pages && (bits[p >>> 3] as number) & (1 << (p & 7));
+      if (set && start < 0) start = p;
+      else if (!set && start >= 0) {
+        this.mark(gpa + start * DIRTY_PAGE_SIZE, (p - start) * DIRTY_PAGE_SIZE);
+        start = -1;
+      }
+    }
+  }
+
+  close(): void {
+    for (const b of [...this.byId.values()]) this.drop(b);
+    this.sorted = [];
+  }
+
+  private drop(b: MappedBitmap): void {
+    this.byId.delete(b.bitmap);
+    native.munmap(b.mapping);
+    closeAll([b.fd]);
+  }
+
+  private sort(): void {
+    this.sorted = [...this.byId.values()].sort((a, b) => a.gpa - b.gpa);
+  }
+}
