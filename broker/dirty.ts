@@ -1,23 +1,31 @@
 // Dirty bitmaps of an address space: one per region whose logging is on, 1 bit per 4 KiB page, in a
 // sealed memfd the broker creates, maps, and sends (EV_BITMAPS) to every subscriber that negotiated
-// DIRTY. Writers set bits with atomic ORs in shared memory, without a message per page; the broker
-// get-and-clears them at each sync (native.bitmapFetchClear: no bit set concurrently is ever lost).
+// DIRTY. Writers set bits with atomic ORs in shared memory, without a message per page.
+//
+// Each bitmap is double-buffered (protocol/constants.ts bitmapLayout): writers set bits in the active
+// half. A sync flips `active` first, then has every writer flush and ack; after that no writer touches
+// the retired half, so the broker collects it with plain loads and stores at memory speed (an atomic
+// swap per word would be ten times slower). Bits set after a writer saw the flip land in the new half:
+// the next sync reports them. None is lost.
 import { constants, native, type Mapping } from '../native/index.js';
-import { DIRTY_PAGE_SIZE, type BitmapInfo, type Region } from '../protocol/index.js';
+import { DIRTY_PAGE_SIZE, bitmapLayout, type BitmapInfo, type Region } from '../protocol/index.js';
 
 export interface Bitmap {
   id: number;
   region: number;
   gpa: number;
   pages: number;
-  /** Bytes of bitmap: whole 64-bit words. */
+  /** Bytes of bitmap: whole 64-bit words (one half). */
   bytes: number;
+  layout: ReturnType<typeof bitmapLayout>;
   fd: number;
   mapping: Mapping;
+  /** The header's view: its first u64 is the active half. */
+  header: DataView;
 }
 
 /** Bytes of bitmap for `pages` pages: whole 64-bit words. */
-export const bitmapBytes = (pages: number): number => Math.ceil(pages / 64) * 8;
+export const bitmapBytes = (pages: number): number => bitmapLayout(pages).bytes;
 
 export class DirtyBitmaps {
   private readonly byRegion = new Map<number, Bitmap>();
@@ -38,14 +46,13 @@ export class DirtyBitmaps {
   /** A new, empty bitmap for `r` (not yet in the table: see adopt()). */
   create(r: Region): Bitmap {
     const pages = r.size / DIRTY_PAGE_SIZE;
-    const bytes = bitmapBytes(pages);
-    const size = Math.ceil(bytes / 4096) * 4096;
+    const layout = bitmapLayout(pages);
     const fd = native.memfdCreate(`dirty:${r.name}`, constants.MFD_CLOEXEC | constants.MFD_ALLOW_SEALING);
     try {
-      native.ftruncate(fd, size);
+      native.ftruncate(fd, layout.size);
       native.addSeals(fd, constants.F_SEAL_SHRINK | constants.F_SEAL_GROW | constants.F_SEAL_SEAL);
-      const mapping = native.mmap(fd, 0, size, constants.PROT_READ | constants.PROT_WRITE, constants.MAP_SHARED);
-      return { id: this.nextId++, region: r.id, gpa: r.gpa, pages, bytes, fd, mapping };
+      const mapping = native.mmap(fd, 0, layout.size, constants.PROT_READ | constants.PROT_WRITE, constants.MAP_SHARED);
+      return { id: this.nextId++, region: r.id, gpa: r.gpa, pages, bytes: layout.bytes, layout, fd, mapping, header: new DataView(mapping.buffer, 0, 8) };
     } catch (err) {
       native.close(fd);
       throw err;
@@ -67,14 +74,25 @@ export class DirtyBitmaps {
     return { bitmap: b.id, region: b.region, gpa: b.gpa, pages: b.pages };
   }
 
-  /** Marks every page of `b` dirty (a writer that cannot say which pages it wrote). */
-  markAll(b: Bitmap): void {
-    native.bitmapSet(b.mapping, 0, b.pages);
+  active(b: Bitmap): number {
+    return Number(b.header.getBigUint64(0, true));
   }
 
-  /** Clears `b`, ORing what was set into `dst` at `offset`; returns how many pages were dirty. */
-  fetchClear(b: Bitmap, dst: Mapping, offset: number): number {
-    return native.bitmapFetchClear(b.mapping, 0, b.bytes, new Uint8Array(dst.buffer, offset, b.bytes));
+  /** Makes the other half active; returns the half retired (to collect once every writer flushed). */
+  flip(b: Bitmap): number {
+    const old = this.active(b);
+    b.header.setBigUint64(0, BigInt(1 - old), true);
+    return old;
+  }
+
+  /** Marks every page dirty in half `h` (a writer that cannot say which pages it wrote). */
+  markAll(b: Bitmap, h: number): void {
+    native.bitmapSet(b.mapping, b.layout.offset(h) * 8, b.pages);
+  }
+
+  /** Moves the bits of retired half `h` into `dst` at `offset` and zeroes the half; returns the dirty pages. */
+  take(b: Bitmap, h: number, dst: Mapping, offset: number): number {
+    return native.bitmapTake(b.mapping, b.layout.offset(h), b.bytes, new Uint8Array(dst.buffer, offset, b.bytes));
   }
 
   closeAll(): void {

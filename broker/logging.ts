@@ -111,8 +111,9 @@ export class Logging {
   // --- sync ---------------------------------------------------------------------------------------
 
   /**
-   * Flushes every writer, then clears the bitmaps of `refs` (default: every logging region) into the
-   * buffer `fd` (ownership taken: closed here), one region after another at 8-byte aligned offsets.
+   * Retires the active halves of the bitmaps of `refs` (default: every logging region), flushes every
+   * writer, then moves the retired bits into the buffer `fd` (ownership taken: closed here), one region
+   * after another at 8-byte aligned offsets.
    */
   async sync(refs: readonly (number | string)[] | undefined, fd: number): Promise<DirtySyncResult> {
     let list: Bitmap[];
@@ -136,7 +137,10 @@ export class Logging {
       throw new BufferTooSmallError(`the dirty bitmaps of ${list.length} region(s) need ${needed} bytes; the buffer has ${size}`);
     }
     const subscribers = [...this.host.subscribers()];
-    // 1. Writers flush what they hold (KVM's dirty log, all-writable for VFIO without dirty tracking).
+    // 1. Retire the active halves: from now on writers set bits in the other halves.
+    const retired = list.map((b) => this.bitmaps.flip(b));
+    // 2. Writers flush what they hold (KVM's dirty log, all-writable for VFIO without dirty tracking)
+    //    into the retired halves, and ack once nothing of theirs writes there any more.
     const flushers = subscribers.filter(tracksDirt);
     if (flushers.length > 0 && list.length > 0) {
       const results = await this.host.fanOut(flushers, (s, seq) => s.send({ t: Msg.EV_DIRTY_FLUSH, seq }), this.host.generation);
@@ -144,17 +148,19 @@ export class Logging {
         if (r.kind === 'nack') this.host.evict(s, r.error);
       }
     }
-    // 2. Writers that cannot say what they wrote make everything they could write dirty.
+    // 3. Writers that cannot say what they wrote make everything they could write dirty.
     if (subscribers.some(blindWriter)) {
-      for (const b of list) if (!this.host.lookup(b.region)?.readonly) this.bitmaps.markAll(b);
+      list.forEach((b, i) => {
+        if (!this.host.lookup(b.region)?.readonly) this.bitmaps.markAll(b, retired[i] as number);
+      });
     }
-    // 3. Get and clear, into the requester's buffer.
+    // 4. Collect the retired halves (nobody writes there now) into the requester's buffer.
     const out = needed === 0 ? undefined : native.mmap(fd, 0, needed, constants.PROT_READ | constants.PROT_WRITE, constants.MAP_SHARED);
     try {
       const regions: DirtySyncResult['regions'] = [];
       let offset = 0;
-      for (const b of list) {
-        const dirty = this.bitmaps.fetchClear(b, out!, offset);
+      for (const [i, b] of list.entries()) {
+        const dirty = this.bitmaps.take(b, retired[i] as number, out!, offset);
         regions.push({ region: b.region, name: this.host.lookup(b.region)?.name ?? `region${b.region}`, gpa: b.gpa, pages: b.pages, offset, dirty });
         offset += b.bytes;
       }

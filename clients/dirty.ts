@@ -1,14 +1,17 @@
 // A subscriber's side of dirty logging (feature DIRTY): the bitmaps the broker sent (one per logging
 // region, mapped here), marking pages dirty by guest-physical address, and the paused state during the
-// last round of a migration. Bits are set with atomic ORs in the shared memfd; the broker reads and
-// clears them at each sync. Nothing here sends a message per page.
+// last round of a migration. Bits are set with atomic ORs in the shared memfd, in the half the header
+// names active; while the subscriber handles a flush (EV_DIRTY_FLUSH), what it puts in goes to the other
+// half, the one the broker retired and is about to collect. Nothing here sends a message per page.
 import { constants, native, type Mapping } from '../native/index.js';
-import { DIRTY_PAGE_SIZE, PausedError, type BitmapInfo } from '../protocol/index.js';
+import { DIRTY_PAGE_SIZE, PausedError, bitmapLayout, type BitmapInfo } from '../protocol/index.js';
 import { closeAll } from '../transport/index.js';
 
 interface MappedBitmap extends BitmapInfo {
   fd: number;
   mapping: Mapping;
+  layout: ReturnType<typeof bitmapLayout>;
+  header: DataView;
 }
 
 export class DirtyLog {
@@ -16,6 +19,8 @@ export class DirtyLog {
   /** Sorted by gpa. */
   private sorted: MappedBitmap[] = [];
   private _paused = false;
+  /** Handling a flush: marks go to the retired half. */
+  private flushing = false;
 
   /** Whether the broker paused this client's writes (migration's last round). */
   get paused(): boolean {
@@ -31,6 +36,26 @@ export class DirtyLog {
     if (this._paused) throw new PausedError('guest memory is paused for migration');
   }
 
+  /**
+   * Runs `fn` (the applier's flushDirty) with marks going to the half the broker retired, the one this
+   * sync collects. The subscriber acks the flush once it returns: nothing of this process writes the
+   * retired half after that (writes start over in the new half).
+   */
+  async flush(fn: () => void | Promise<void>): Promise<void> {
+    this.flushing = true;
+    try {
+      await fn();
+    } finally {
+      this.flushing = false;
+    }
+  }
+
+  /** Byte offset in `b`'s mapping of the half marks go to now. */
+  private half(b: MappedBitmap): number {
+    const active = Number(b.header.getBigUint64(0, true));
+    return b.layout.offset(this.flushing ? 1 - active : active);
+  }
+
   /** Regions that log, by gpa. */
   bitmaps(): readonly BitmapInfo[] {
     return this.sorted;
@@ -40,12 +65,12 @@ export class DirtyLog {
   add(infos: readonly BitmapInfo[], fds: readonly number[]): void {
     infos.forEach((info, i) => {
       const fd = fds[i] as number;
-      const bytes = Math.ceil(Math.ceil(info.pages / 64) * 8 / 4096) * 4096;
+      const layout = bitmapLayout(info.pages);
       const old = this.byId.get(info.bitmap);
       if (old) this.drop(old);
       try {
-        const mapping = native.mmap(fd, 0, bytes, constants.PROT_READ | constants.PROT_WRITE, constants.MAP_SHARED);
-        this.byId.set(info.bitmap, { ...info, fd, mapping });
+        const mapping = native.mmap(fd, 0, layout.size, constants.PROT_READ | constants.PROT_WRITE, constants.MAP_SHARED);
+        this.byId.set(info.bitmap, { ...info, fd, mapping, layout, header: new DataView(mapping.buffer, 0, 8) });
       } catch (err) {
         closeAll([fd]);
         throw err;
@@ -72,7 +97,7 @@ export class DirtyLog {
       if (bEnd <= gpa) continue;
       const first = Math.floor((Math.max(gpa, b.gpa) - b.gpa) / DIRTY_PAGE_SIZE);
       const last = Math.ceil((Math.min(end, bEnd) - b.gpa) / DIRTY_PAGE_SIZE);
-      native.bitmapSet(b.mapping, first, last - first);
+      native.bitmapSet(b.mapping, this.half(b) * 8 + first, last - first);
     }
   }
 
@@ -82,8 +107,8 @@ export class DirtyLog {
    */
   markBits(gpa: number, bits: Uint8Array, pages: number): void {
     const exact = this.sorted.find((b) => b.gpa === gpa && b.pages === pages);
-    if (exact && bits.length % 8 === 0) {
-      native.bitmapOr(exact.mapping, 0, bits);
+    if (exact && bits.length % 8 === 0 && bits.length <= exact.layout.half) {
+      native.bitmapOr(exact.mapping, this.half(exact), bits);
       return;
     }
     let start = -1;

@@ -3,6 +3,7 @@
 // client that refused (err.client) when anything failed: nothing is half-applied either way.
 import {
   DIRTY_PAGE_SIZE,
+  bitmapLayout,
   Msg,
   type DirtySyncResult,
   type BackingAddResult,
@@ -41,7 +42,7 @@ export interface DirtySnapshot {
 }
 
 /** Bytes of bitmap for `pages` pages, whole 64-bit words, as the broker lays them out. */
-export const bitmapBytes = (pages: number): number => Math.ceil(pages / 64) * 8;
+export const bitmapBytes = (pages: number): number => bitmapLayout(pages).bytes;
 
 export interface CreatedBacking extends BackingAddResult {
   /** The owner's own fd of the new memfd: map it to read and write guest memory; close it when done. */
@@ -123,7 +124,7 @@ export class OwnerClient {
 
   /**
    * Dirty sync (feature DIRTY): every writer flushes, then the bitmaps of `regions` (default: every
-   * region that logs) are cleared into a buffer this call creates. Returns each region's bits as a view
+   * region that logs) are collected (and cleared) into a buffer this call creates. Returns each region's bits as a view
    * of that buffer (bit i = page i of the region); call release() when done with them.
    */
   async dirtySync(regions?: readonly (number | string)[]): Promise<DirtySnapshot> {

@@ -347,7 +347,7 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
       case Msg.EV_DIRTY_FLUSH:
         this.enqueue(async () => {
           try {
-            await this.applier.flushDirty?.(this.dirty);
+            await this.dirty.flush(() => this.applier.flushDirty?.(this.dirty));
             this.ack(conn, msg.seq);
           } catch (err) {
             this.nack(conn, msg.seq, err);

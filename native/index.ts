@@ -155,6 +155,12 @@ export interface Native {
    * number of bits that were set.
    */
   bitmapFetchClear(mapping: Mapping, byteOffset: number, length: number, dst: Uint8Array): number;
+  /**
+   * ORs [byteOffset, byteOffset + length) into `dst` and zeroes it with plain loads and stores, skipping
+   * zero cache lines; returns the bits that were set. Only for memory no other writer touches any more
+   * (the retired half of a double-buffered bitmap).
+   */
+  bitmapTake(mapping: Mapping, byteOffset: number, length: number, dst: Uint8Array): number;
 
   // --- eventfd ----------------------------------------------------------------------------------
   eventfd(initval: number, flags: number): number;

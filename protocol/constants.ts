@@ -68,6 +68,18 @@ export const ALL_FEATURES = Feature.RESUME | Feature.REPORT | Feature.PLACE | Fe
 /** Bytes of guest memory one dirty-bitmap bit stands for. */
 export const DIRTY_PAGE_SIZE = 4096;
 
+/**
+ * The layout of a dirty-bitmap memfd: a 4 KiB header whose first 8 bytes (a little-endian u64, written
+ * only by the broker) say which of the two halves is active, then half 0 and half 1, each `half` bytes
+ * (the bitmap's whole 64-bit words, rounded up to a page). Writers set bits in the active half; a sync
+ * makes the other half active and collects the retired one once every writer acked the flush.
+ */
+export function bitmapLayout(pages: number): { bytes: number; half: number; size: number; offset: (h: number) => number } {
+  const bytes = Math.ceil(pages / 64) * 8;
+  const half = Math.ceil(bytes / 4096) * 4096;
+  return { bytes, half, size: 4096 + 2 * half, offset: (h) => 4096 + h * half };
+}
+
 export const Role = { OWNER: 'owner', SUBSCRIBER: 'subscriber', OBSERVER: 'observer' } as const;
 export type Role = (typeof Role)[keyof typeof Role];
 

@@ -47,6 +47,20 @@ describe('dirty bitmaps', () => {
     native.close(fd);
   });
 
+  it('bitmapTake ORs a retired half into the destination, zeroes it, and counts the bits', () => {
+    const fd = createSealedMemfd('take', 8192);
+    const m = map(fd, 8192);
+    native.bitmapSet(m, 4096 * 8 + 3, 2); // half at 4096: bits 3, 4
+    native.bitmapSet(m, 4096 * 8 + 64 * 9 + 1, 1); // word 9 (second cache line): bit 1
+    const out = new Uint8Array(128);
+    out[0] = 0x80;
+    expect(native.bitmapTake(m, 4096, 128, out)).toBe(3);
+    expect(bitsOf(out)).toEqual([3, 4, 7, 64 * 9 + 1]);
+    expect(native.bitmapTake(m, 4096, 128, new Uint8Array(128))).toBe(0); // zeroed
+    native.munmap(m);
+    native.close(fd);
+  });
+
   it('get-and-clear racing with four writer processes loses no bit', async () => {
     // Each bit is set exactly once, so a bit a racing clear lost would never come back.
     const bits = 1 << 21;

@@ -70,7 +70,7 @@ export const migrate: Command = {
       else {
         console.log(
           `done: ${formatSize(result.memoryBytes)} of guest memory in ${result.rounds.length} rounds, ${formatSize(result.totalBytes)} sent, ` +
-            `writers paused ${result.pausedMs} ms, ${result.converged ? 'converged' : 'did not converge (round limit)'}, ` +
+            `downtime ${result.downtimeMs} ms (paused ${result.pausedMs} ms with verification), ${result.converged ? 'converged' : 'did not converge (round limit)'}, ` +
             `${result.verified === undefined ? 'not verified' : result.verified ? 'verified identical' : 'VERIFICATION FAILED'}`,
         );
       }

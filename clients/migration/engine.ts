@@ -43,8 +43,10 @@ export interface MigrationResult {
   totalBytes: number;
   /** Bytes of guest memory migrated. */
   memoryBytes: number;
-  /** How long the writers were paused. */
+  /** How long the writers were paused (verification included). */
   pausedMs: number;
+  /** Downtime: from the pause until the last dirty page was copied (before verification). */
+  downtimeMs: number;
   verified: boolean | undefined;
   converged: boolean;
   ms: number;
@@ -72,7 +74,7 @@ export class Migration {
     const regions: Region[] = st.regions.map((r) => ({ ...r }));
     const generation0 = st.generation;
     const wasLogging = new Set(regions.filter((r) => r.logDirty).map((r) => r.id));
-    const result: MigrationResult = { rounds: [], totalBytes: 0, memoryBytes: regions.reduce((n, r) => n + r.size, 0), pausedMs: 0, verified: undefined, converged: false, ms: 0 };
+    const result: MigrationResult = { rounds: [], totalBytes: 0, memoryBytes: regions.reduce((n, r) => n + r.size, 0), pausedMs: 0, downtimeMs: 0, verified: undefined, converged: false, ms: 0 };
     const toLog = regions.filter((r) => !wasLogging.has(r.id));
     let generation = generation0;
     if (toLog.length > 0) generation = (await this.owner.commit(toLog.map((r) => ({ op: 'set' as const, region: r.id, logDirty: true })))).generation;
@@ -123,6 +125,7 @@ export class Migration {
       paused = true;
       const copied = await this.copyDirty(generation);
       record(result.rounds.length, 'final', copied, copied * PAGE);
+      result.downtimeMs = +(performance.now() - pauseStart).toFixed(1);
       if (opts.verify !== false) result.verified = this.verify(regions);
       if (!opts.keepPaused) {
         await this.owner.resume();

@@ -1,0 +1,288 @@
+// Benchmark: memory-map updates through the vhost-user bridge against real qemu-storage-daemon back-ends,
+// each figure side by side with a peer measured in the same run.
+//
+//   1. One back-end, a round trip per update (ADD_MEM_REG, REM_MEM_REG), every process pinned to one CPU
+//      (taskset) so that cross-CPU wake-ups do not decide the result:
+//        - peer: a minimal C front-end (bench/c/vhu-front.c, built here with gcc), blocking sockets;
+//        - frontend: this project's VhostUserFrontend alone (the bridge's vhost-user leg);
+//        - bridge: the whole path, owner.addRegion() / removeRegion() on an embedded broker with one
+//          VhostUserSubscriber: transaction, fan-out, our own mmap, ADD_MEM_REG and its reply-ack, ack,
+//          commit.
+//   2. Fan-out to N back-ends (N = 1, 4, 16), not pinned (parallelism needs both CPUs):
+//        - peer: the C front-end sending the update to the N back-ends one after the other, each waiting
+//          for its reply-ack, as QEMU's memory listener does;
+//        - serial-ts: the same loop with this project's front-end;
+//        - broker: owner.addRegion() / removeRegion() with N VhostUserSubscribers (mapMemory: false, a pure
+//          bridge) on an embedded broker: one transaction, sent to all N at once, acked when all confirmed.
+//
+// Timings on small VMs are noisy and bimodal: every figure is a median (and p99) over several rounds that
+// alternate between the contenders. Prints a table and one JSON object.
+//
+//   npm run bench:vhost-user -- [--iterations N] [--rounds R] [--fanout 1,4,16] [--json]
+import { execFileSync, spawnSync } from 'node:child_process';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { parseArgs } from 'node:util';
+import { Broker } from '../broker/index.js';
+import { OwnerClient, createSealedMemfd } from '../clients/index.js';
+import { VhostUserFrontend, VhostUserSubscriber, BLK_FEATURES, uaddrOf } from '../clients/vhost-user/index.js';
+import { native } from '../native/index.js';
+import { have, makeImage, startQsd, QSD, type Backend } from './vhost-user-backends.js';
+
+const MiB = 1 << 20;
+const GPA = 0x1_0000_0000;
+
+const { values } = parseArgs({
+  options: {
+    iterations: { type: 'string', default: '500' },
+    rounds: { type: 'string', default: '4' },
+    fanout: { type: 'string', default: '1,4,16' },
+    json: { type: 'boolean', default: false },
+  },
+});
+const ITER = Number(values.iterations);
+const ROUNDS = Number(values.rounds);
+const FANOUT = String(values.fanout).split(',').map(Number);
+const WARMUP = Math.min(100, Math.ceil(ITER / 5));
+const quiet = values.json;
+const log = (s: string) => {
+  if (!quiet) console.error(s);
+};
+
+// --- helpers --------------------------------------------------------------------------------------
+
+function rootDir(): string {
+  let d = path.dirname(fileURLToPath(import.meta.url));
+  while (!fs.existsSync(path.join(d, 'package.json'))) d = path.dirname(d);
+  return d;
+}
+
+const median = (xs: number[]) => {
+  const s = [...xs].sort((a, b) => a - b);
+  return s[Math.floor(s.length / 2)] as number;
+};
+const p99 = (xs: number[]) => {
+  const s = [...xs].sort((a, b) => a - b);
+  return s[Math.min(s.length - 1, Math.floor(s.length * 0.99))] as number;
+};
+const us = (ns: number) => ns / 1000;
+const now = () => process.hrtime.bigint();
+
+function pinSelf(cpus: string): void {
+  execFileSync('taskset', ['-a', '-cp', cpus, String(process.pid)], { stdio: 'ignore' });
+}
+
+interface Samples {
+  add: number[];
+  rem: number[];
+}
+const empty = (): Samples => ({ add: [], rem: [] });
+const merge = (into: Samples, s: Samples) => {
+  into.add.push(...s.add);
+  into.rem.push(...s.rem);
+};
+
+function runC(bin: string, mode: 'rt' | 'serial', sockets: string[], cpus?: string): Samples {
+  const args = [mode, ...sockets.flatMap((s) => ['--socket', s]), '--iterations', String(ITER), '--warmup', String(WARMUP)];
+  const r = cpus !== undefined ? spawnSync('taskset', ['-c', cpus, bin, ...args], { encoding: 'utf8', maxBuffer: 64 * MiB }) : spawnSync(bin, args, { encoding: 'utf8', maxBuffer: 64 * MiB });
+  if (r.status !== 0) throw new Error(`vhu-front ${mode} failed: ${r.stderr}`);
+  const j = JSON.parse(r.stdout) as { add_ns: number[]; rem_ns: number[] };
+  return { add: j.add_ns, rem: j.rem_ns };
+}
+
+/** ADD_MEM_REG + REM_MEM_REG with our front-end, to each back-end in turn. */
+async function runFrontend(sockets: string[]): Promise<Samples> {
+  const fes = [];
+  for (const s of sockets) {
+    const fe = await VhostUserFrontend.connect(s, { connectTimeoutMs: 5000 });
+    await fe.negotiate(BLK_FEATURES);
+    fes.push(fe);
+  }
+  const fd = createSealedMemfd('bench-fe', 2 * MiB);
+  const r = { gpa: GPA, size: 2 * MiB, uaddr: uaddrOf(GPA), mmapOffset: 0 };
+  const out = empty();
+  try {
+    for (let i = -WARMUP; i < ITER; i++) {
+      const t0 = now();
+      for (const fe of fes) await fe.addMemReg(r, fd);
+      const t1 = now();
+      for (const fe of fes) await fe.remMemReg(r);
+      const t2 = now();
+      if (i >= 0) {
+        out.add.push(Number(t1 - t0));
+        out.rem.push(Number(t2 - t1));
+      }
+    }
+  } finally {
+    for (const fe of fes) fe.close();
+    native.close(fd);
+  }
+  return out;
+}
+
+/** owner.addRegion / removeRegion through an embedded broker with one VhostUserSubscriber per socket. */
+async function runBroker(sockets: string[], mapMemory: boolean): Promise<Samples> {
+  const broker = new Broker({ spaces: ['vm0'], limits: { ackTimeoutMs: 10_000 } });
+  const owner = await OwnerClient.attach(broker, { space: 'vm0' });
+  const subs: VhostUserSubscriber[] = [];
+  const out = empty();
+  try {
+    const b = await owner.createBacking(2 * MiB, 'bench-bridge');
+    native.close(b.fd);
+    for (const [i, s] of sockets.entries()) {
+      subs.push(await VhostUserSubscriber.attach(broker, { space: 'vm0', name: `vu${i}`, backendSocket: s, virtioFeatures: BLK_FEATURES, mapMemory, reconnect: false }));
+    }
+    for (let i = -WARMUP; i < ITER; i++) {
+      const t0 = now();
+      await owner.addRegion({ name: 'r', gpa: GPA, size: 2 * MiB, backing: b.backing });
+      const t1 = now();
+      await owner.removeRegion('r');
+      const t2 = now();
+      if (i >= 0) {
+        out.add.push(Number(t1 - t0));
+        out.rem.push(Number(t2 - t1));
+      }
+    }
+    for (const s of subs) if (s.stats.addMemReg < ITER) throw new Error(`subscriber ${s.id} sent ${s.stats.addMemReg} ADD_MEM_REG`);
+  } finally {
+    for (const s of subs) await s.close();
+    await owner.close();
+    await broker.close();
+  }
+  return out;
+}
+
+interface Row {
+  part: string;
+  n: number;
+  name: string;
+  op: 'ADD_MEM_REG' | 'REM_MEM_REG';
+  median_us: number;
+  p99_us: number;
+  iterations: number;
+  round_medians_us: number[];
+  peer: string;
+  peer_median_us: number;
+  ratio: number;
+}
+
+function rows(part: string, n: number, name: string, s: Samples, perRound: Samples[], peerName: string, peer: Samples): Row[] {
+  return (['add', 'rem'] as const).map((k) => ({
+    part,
+    n,
+    name,
+    op: k === 'add' ? 'ADD_MEM_REG' : 'REM_MEM_REG',
+    median_us: +us(median(s[k])).toFixed(1),
+    p99_us: +us(p99(s[k])).toFixed(1),
+    iterations: s[k].length,
+    round_medians_us: perRound.map((r) => +us(median(r[k])).toFixed(1)),
+    peer: peerName,
+    peer_median_us: +us(median(peer[k])).toFixed(1),
+    ratio: +(median(s[k]) / median(peer[k])).toFixed(2),
+  }));
+}
+
+// --- main -----------------------------------------------------------------------------------------
+
+async function main(): Promise<void> {
+  if (!have(QSD)) throw new Error(`${QSD} is not installed (apt-get install qemu-system-common)`);
+  if (!have('gcc') || !have('taskset')) throw new Error('gcc and taskset are needed');
+  const root = rootDir();
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'mmb-bench-vhu-'));
+  const bin = path.join(dir, 'vhu-front');
+  execFileSync('gcc', ['-O2', '-Wall', '-o', bin, path.join(root, 'bench/c/vhu-front.c')]);
+  const image = path.join(dir, 'disk.img');
+  makeImage(image, 2048);
+  const backends: Backend[] = [];
+  const out: Row[] = [];
+  const cpus = os.cpus().length;
+  try {
+    // Part 1: one back-end, everything on CPU 0.
+    pinSelf('0');
+    log(`part 1: one qemu-storage-daemon, all processes pinned to CPU 0; ${ROUNDS} rounds x ${ITER} iterations`);
+    const all = { c: empty(), fe: empty(), bridge: empty(), bridgeNoMap: empty() };
+    const per = { c: [] as Samples[], fe: [] as Samples[], bridge: [] as Samples[], bridgeNoMap: [] as Samples[] };
+    for (let r = 0; r < ROUNDS; r++) {
+      for (const who of ['c', 'fe', 'bridge', 'bridgeNoMap'] as const) {
+        const qsd = await startQsd(dir, image, { cpus: '0', name: `one-${who}-${r}` });
+        backends.push(qsd);
+        const s = who === 'c' ? runC(bin, 'rt', [qsd.socket], '0') : who === 'fe' ? await runFrontend([qsd.socket]) : await runBroker([qsd.socket], who === 'bridge');
+        await qsd.stop();
+        if (qsd.errors().length > 0) throw new Error(`qemu-storage-daemon: ${qsd.errors().join('\n')}`);
+        merge(all[who], s);
+        per[who].push(s);
+        log(`  round ${r + 1} ${who.padEnd(11)} ADD ${us(median(s.add)).toFixed(1)} us  REM ${us(median(s.rem)).toFixed(1)} us`);
+      }
+    }
+    out.push(...rows('one back-end (pinned)', 1, 'C front-end (peer)', all.c, per.c, 'C front-end', all.c));
+    out.push(...rows('one back-end (pinned)', 1, 'VhostUserFrontend', all.fe, per.fe, 'C front-end', all.c));
+    out.push(...rows('one back-end (pinned)', 1, 'bridge: broker txn + subscriber', all.bridge, per.bridge, 'C front-end', all.c));
+    out.push(...rows('one back-end (pinned)', 1, 'bridge, mapMemory: false', all.bridgeNoMap, per.bridgeNoMap, 'C front-end', all.c));
+
+    // Part 2: fan-out.
+    pinSelf(`0-${cpus - 1}`);
+    for (const n of FANOUT) {
+      log(`part 2: fan-out to ${n} qemu-storage-daemon(s), not pinned (${cpus} CPUs); ${ROUNDS} rounds x ${ITER} iterations`);
+      const qsds: Backend[] = [];
+      for (let i = 0; i < n; i++) {
+        const q = await startQsd(dir, image, { name: `fan${n}-${i}` });
+        qsds.push(q);
+        backends.push(q);
+      }
+      const sockets = qsds.map((q) => q.socket);
+      const fall = { c: empty(), ts: empty(), broker: empty() };
+      const fper = { c: [] as Samples[], ts: [] as Samples[], broker: [] as Samples[] };
+      for (let r = 0; r < ROUNDS; r++) {
+        for (const who of ['c', 'ts', 'broker'] as const) {
+          // qemu-storage-daemon serves one front-end at a time and starts fresh for the next one.
+          const s = who === 'c' ? runC(bin, 'serial', sockets) : who === 'ts' ? await runFrontend(sockets) : await runBroker(sockets, false);
+          merge(fall[who], s);
+          fper[who].push(s);
+          log(`  round ${r + 1} ${who.padEnd(6)} ADD ${us(median(s.add)).toFixed(1)} us  REM ${us(median(s.rem)).toFixed(1)} us`);
+        }
+      }
+      for (const q of qsds) {
+        await q.stop();
+        if (q.errors().length > 0) throw new Error(`qemu-storage-daemon: ${q.errors().join('\n')}`);
+      }
+      out.push(...rows(`fan-out, ${n} back-end(s)`, n, 'C serial loop (peer)', fall.c, fper.c, 'C serial loop', fall.c));
+      out.push(...rows(`fan-out, ${n} back-end(s)`, n, 'TS serial loop', fall.ts, fper.ts, 'C serial loop', fall.c));
+      out.push(...rows(`fan-out, ${n} back-end(s)`, n, 'broker fan-out', fall.broker, fper.broker, 'C serial loop', fall.c));
+    }
+  } finally {
+    for (const b of backends) await b.stop();
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+
+  const goalOne = out.find((r) => r.part.startsWith('one') && r.name.startsWith('bridge:') && r.op === 'ADD_MEM_REG');
+  const goalFe = out.find((r) => r.part.startsWith('one') && r.name === 'VhostUserFrontend' && r.op === 'ADD_MEM_REG');
+  const goals = {
+    frontend_within_3x_of_c: goalFe ? goalFe.ratio <= 3 : null,
+    bridge_within_3x_of_c: goalOne ? goalOne.ratio <= 3 : null,
+    fanout_faster_than_serial_from_4: FANOUT.filter((n) => n >= 4).every((n) =>
+      (['ADD_MEM_REG', 'REM_MEM_REG'] as const).every((op) => (out.find((r) => r.n === n && r.name === 'broker fan-out' && r.op === op)?.ratio ?? Infinity) < 1),
+    ),
+  };
+  if (!quiet) {
+    const head = ['part', 'contender', 'op', 'median us', 'p99 us', 'iter', 'round medians', 'peer median', 'ratio'];
+    const lines = out.map((r) => [r.part, r.name, r.op, r.median_us.toFixed(1), r.p99_us.toFixed(1), String(r.iterations), r.round_medians_us.join('/'), r.peer_median_us.toFixed(1), `${r.ratio.toFixed(2)}x`]);
+    const w = head.map((h, i) => Math.max(h.length, ...lines.map((l) => (l[i] as string).length)));
+    const fmt = (l: string[]) => l.map((c, i) => c.padEnd(w[i] as number)).join('  ');
+    console.log(fmt(head));
+    console.log(w.map((n) => '-'.repeat(n)).join('  '));
+    for (const l of lines) console.log(fmt(l));
+    console.log('');
+    console.log(`goals: ${JSON.stringify(goals)}`);
+  }
+  console.log(JSON.stringify({ bench: 'vhost-user', node: process.version, cpus, qsd: execFileSync(QSD, ['--version'], { encoding: 'utf8' }).split('\n')[0], iterations: ITER, rounds: ROUNDS, rows: out, goals }));
+}
+
+main().then(
+  () => process.exit(0),
+  (err: unknown) => {
+    console.error(err);
+    process.exit(1);
+  },
+);
