@@ -33,6 +33,18 @@ export function formatSize(bytes: number): string {
   return String(bytes);
 }
 
+/** Any byte count, rounded for people: 812 B, 213.7 KiB, 12.5 MiB. */
+export function formatBytes(bytes: number): string {
+  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
+  let v = bytes;
+  let u = 0;
+  while (v >= 1024 && u < units.length - 1) {
+    v /= 1024;
+    u++;
+  }
+  return u === 0 ? `${Math.round(v)} B` : `${v.toFixed(v >= 100 ? 0 : 1)} ${units[u]}`;
+}
+
 export const hex = (n: number): string => `0x${n.toString(16)}`;
 
 export interface Command {

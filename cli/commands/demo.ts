@@ -10,10 +10,10 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { Broker } from '../../broker/index.js';
-import { KvmSubscriber, OwnerClient } from '../../clients/index.js';
+import { FileDestination, KvmSubscriber, MappingSubscriber, Migration, OwnerClient } from '../../clients/index.js';
 import { constants, native } from '../../native/index.js';
 import { isMmbError, type MmbError } from '../../protocol/index.js';
-import { formatSize, hex, HELP, parsed, type Command } from '../args.js';
+import { formatBytes, formatSize, hex, HELP, parsed, type Command } from '../args.js';
 import { JsonProc } from '../child.js';
 import { memfdMappedBytes, vmLckKiB } from '../procfs.js';
 
@@ -21,8 +21,8 @@ const usage = `Usage: mmbroker demo [--json]
 
 Runs a broker with an embedded owner and three kinds of clients: kvm-like (in this process, a real KVM VM
 where /dev/kvm works), vhost-like and vfio-like (soft backend) as separate processes. Hotplugs and unplugs
-memory, shows refused hotplugs rolled back, and prints what each client did, checked against /proc.
-Finishes on its own in well under a minute.
+memory, shows refused hotplugs rolled back, migrates the space live to a sparse image, and prints what
+each client did, checked against /proc. Finishes on its own in well under a minute.
 
 Options:
   --json      print only the final summary, as JSON
@@ -207,6 +207,42 @@ export const demo: Command = {
         say('kernel', `vhost maps dimm0 ${formatSize(left.vhost)}, vfio VmLck ${formatSize(left.vfio)}, kvm slot ${left.kvm ? 'still there' : 'deleted'}`);
         if (left.vhost !== 0 || left.kvm || left.vfio >= 6 * MiB) throw new Error('something still holds dimm0');
         return `vfio VmLck ${formatSize(left.vfio)}`;
+      });
+
+      // Live migration of the space to a sparse image, while the vhost back-end keeps writing.
+      await step('live migration to a sparse image', async () => {
+        const reader = await MappingSubscriber.attach(broker, { space: 'vm0', name: 'migration', kind: 'migration', writes: false });
+        const image = path.join(dir, 'vm0.img');
+        let writing = true;
+        let writes = 0;
+        const guest = (async () => {
+          while (writing) {
+            const reply = await vhost.request({ cmd: 'write', gpa: 0x2000 + (writes % 512) * 4096, hex: Buffer.from(`write ${writes}`).toString('hex') }, 'wrote').catch(() => undefined);
+            if (reply) writes++;
+            await new Promise((r) => setTimeout(r, 2));
+          }
+        })();
+        try {
+          const r = await new Migration(o, reader, new FileDestination(image)).run({
+            stopBytes: 64 * 1024,
+            maxRounds: 10,
+            onProgress: (p) => say('migrate', `round ${p.round} ${p.phase}: ${formatBytes(p.bytes)} copied${p.phase === 'full' ? '' : `, dirty rate ${formatBytes(p.dirtyRate)}/s`}`),
+          });
+          writing = false;
+          await guest;
+          const probe = Buffer.alloc(16);
+          const fd = fs.openSync(image, 'r');
+          fs.readSync(fd, probe, 0, 16, 0x1000);
+          fs.closeSync(fd);
+          say('migrate', `${r.rounds.length} rounds, ${formatBytes(r.totalBytes)} sent for ${formatSize(r.memoryBytes)}, downtime ${r.downtimeMs} ms, ${r.stopReason}, image ${r.verified ? 'verified identical to the paused source' : 'NOT identical'}`);
+          say('migrate', `the guest kept writing meanwhile (${writes} writes by the vhost process)`);
+          if (!r.verified) throw new Error('the image differs from the source');
+          return `${r.rounds.length} rounds, ${formatBytes(r.totalBytes)} sent, downtime ${r.downtimeMs} ms, verified`;
+        } finally {
+          writing = false;
+          await guest;
+          await reader.close();
+        }
       });
 
       const st = broker.status('vm0').spaces[0];

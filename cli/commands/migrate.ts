@@ -2,7 +2,7 @@ import { parseArgs } from 'node:util';
 import { MappingSubscriber, OwnerClient } from '../../clients/index.js';
 import { FileDestination, Migration, SpaceDestination, type Destination } from '../../clients/migration/index.js';
 import { InvalidArgError } from '../../protocol/index.js';
-import { formatSize, HELP, parsed, parseCount, parseSize, required, type Command } from '../args.js';
+import { formatBytes, formatSize, HELP, parsed, parseCount, parseSize, required, type Command } from '../args.js';
 
 const usage = `Usage: mmbroker migrate --socket PATH --space NAME (--to FILE | --to-space NAME) [options]
 
@@ -63,14 +63,14 @@ export const migrate: Command = {
         ...(values['stop-bytes'] ? { stopBytes: parseSize(values['stop-bytes'], '--stop-bytes') } : {}),
         keepPaused: values['keep-paused'] ?? false,
         onProgress: (p) => {
-          if (!json) console.log(`  round ${String(p.round).padStart(2)} ${p.phase.padEnd(5)} ${formatSize(p.bytes).padStart(6)} sent, ${p.ms} ms${p.phase === 'full' ? '' : `, dirty rate ${formatSize(p.dirtyRate)}/s`}`);
+          if (!json) console.log(`  round ${String(p.round).padStart(2)} ${p.phase.padEnd(5)} ${formatBytes(p.bytes).padStart(9)} sent, ${p.ms} ms${p.phase === 'full' ? '' : `, dirty rate ${formatBytes(p.dirtyRate)}/s`}`);
         },
       });
       if (json) console.log(JSON.stringify(result, null, 2));
       else {
         console.log(
-          `done: ${formatSize(result.memoryBytes)} of guest memory in ${result.rounds.length} rounds, ${formatSize(result.totalBytes)} sent, ` +
-            `downtime ${result.downtimeMs} ms (paused ${result.pausedMs} ms with verification), ${result.converged ? 'converged' : 'did not converge (round limit)'}, ` +
+          `done: ${formatSize(result.memoryBytes)} of guest memory in ${result.rounds.length} rounds, ${formatBytes(result.totalBytes)} sent, ` +
+            `downtime ${result.downtimeMs} ms (paused ${result.pausedMs} ms with verification), ${result.converged ? 'converged' : result.stopReason === 'not-shrinking' ? 'stopped iterating: the dirty set no longer shrank' : 'did not converge (round limit)'}, ` +
             `${result.verified === undefined ? 'not verified' : result.verified ? 'verified identical' : 'VERIFICATION FAILED'}`,
         );
       }

@@ -2,7 +2,9 @@
 //   1. turn dirty logging on for every region, and clear what the bitmaps hold;
 //   2. round 0 copies everything;
 //   3. each further round syncs (get-and-clear of every writer's dirty bits) and copies what got dirty,
-//      until what is left is small (stopBytes) or the round limit is hit;
+//      until what is left is small (stopBytes), the dirty set stops shrinking (a writer dirtying as fast
+//      as we copy, or one that reports everything, like VFIO without dirty tracking), or the round limit
+//      is hit;
 //   4. the writers are paused (PAUSE: every writing subscriber stops and acks), a last sync is copied,
 //      and the destination is verified byte for byte against the source;
 //   5. the writers resume (unless asked to stay paused), logging goes back to how it was.
@@ -49,6 +51,8 @@ export interface MigrationResult {
   downtimeMs: number;
   verified: boolean | undefined;
   converged: boolean;
+  /** Why iteration stopped: little left, no more progress, or the round limit. */
+  stopReason: 'converged' | 'not-shrinking' | 'round-limit';
   ms: number;
 }
 
@@ -74,7 +78,7 @@ export class Migration {
     const regions: Region[] = st.regions.map((r) => ({ ...r }));
     const generation0 = st.generation;
     const wasLogging = new Set(regions.filter((r) => r.logDirty).map((r) => r.id));
-    const result: MigrationResult = { rounds: [], totalBytes: 0, memoryBytes: regions.reduce((n, r) => n + r.size, 0), pausedMs: 0, downtimeMs: 0, verified: undefined, converged: false, ms: 0 };
+    const result: MigrationResult = { rounds: [], totalBytes: 0, memoryBytes: regions.reduce((n, r) => n + r.size, 0), pausedMs: 0, downtimeMs: 0, verified: undefined, converged: false, stopReason: 'round-limit', ms: 0 };
     const toLog = regions.filter((r) => !wasLogging.has(r.id));
     let generation = generation0;
     if (toLog.length > 0) generation = (await this.owner.commit(toLog.map((r) => ({ op: 'set' as const, region: r.id, logDirty: true })))).generation;
@@ -110,13 +114,20 @@ export class Migration {
       record(0, 'full', pages, 0);
 
       // Dirty rounds.
+      let previous = Number.POSITIVE_INFINITY;
       for (let round = 1; round <= maxRounds; round++) {
         const copied = await this.copyDirty(generation);
         record(round, 'dirty', copied, copied * PAGE);
         if (copied * PAGE <= stopBytes) {
           result.converged = true;
+          result.stopReason = 'converged';
           break;
         }
+        if (round >= 3 && copied >= 0.9 * previous) {
+          result.stopReason = 'not-shrinking';
+          break;
+        }
+        previous = copied;
       }
 
       // Stop the writers, copy the rest, verify.
