@@ -7,7 +7,7 @@ import path from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { DirtyObserver, FileDestination, KvmSubscriber, MappingSubscriber, Migration, OwnerClient, SpaceDestination } from '../clients/index.js';
 import { constants, native } from '../native/index.js';
-import { fdCount, JsonProc, spawnBroker, stopProcess, tempDir } from './helpers/procs.js';
+import { fdCount, JsonProc, runCli, spawnBroker, stopProcess, tempDir } from './helpers/procs.js';
 import { dataExtents, unionExtents } from '../clients/migration/extents.js';
 
 const MiB = 1 << 20;
@@ -21,7 +21,7 @@ const cleanups: (() => unknown)[] = [];
 beforeAll(async () => {
   dir = tempDir();
   socket = path.join(dir, 'broker.sock');
-  const spaces = Array.from({ length: 8 }, (_, i) => ['--space', `d${i + 1}`]).flat();
+  const spaces = Array.from({ length: 10 }, (_, i) => ['--space', `d${i + 1}`]).flat();
   broker = await spawnBroker(socket, [...spaces, '--ack-timeout', '20000']);
 });
 afterEach(async () => {
@@ -259,6 +259,34 @@ describe('pre-copy migration', () => {
       await o.resume();
     }
   }, 120_000);
+
+  it('mmbroker migrate --to FILE on a served space with a writer', async () => {
+    const space = `d${++spaceNo}`;
+    const add = await runCli(['map', 'add', '--socket', socket, '--space', space, '--gpa', '0x100000', '--size', '64M', '--name', 'ram']);
+    expect(add.code, add.stderr).toBe(0);
+    const w = await writer(space);
+    w.send({ cmd: 'start', seed: 3, regions: [{ gpa: 0x10_0000, size: 64 * MiB }], burst: 8, intervalMs: 2 });
+    const image = path.join(dir, `${space}-cli.img`);
+    const r = await runCli(['migrate', '--socket', socket, '--space', space, '--to', image, '--keep-paused', '--json'], 60_000);
+    expect(r.code, r.stderr).toBe(0);
+    const result = JSON.parse(r.stdout) as { verified: boolean; rounds: unknown[]; memoryBytes: number };
+    expect(result.verified).toBe(true);
+    expect(result.memoryBytes).toBe(64 * MiB);
+    // The writer is still paused: compare what it wrote, read back from the image, with its own view.
+    const pages = ((await w.request({ cmd: 'written' }, 'written')).pages as number[]).slice(0, 50);
+    expect(pages.length).toBeGreaterThan(0);
+    const reader = await MappingSubscriber.attach(socket, { space, writes: false, reconnect: false });
+    cleanups.push(() => reader.close());
+    const fd = fs.openSync(image, 'r');
+    for (const p of pages) {
+      const buf = Buffer.alloc(PAGE);
+      fs.readSync(fd, buf, 0, PAGE, p * PAGE);
+      expect(buf.compare(reader.memory.read(p * PAGE, PAGE))).toBe(0);
+    }
+    fs.closeSync(fd);
+    const o = await owner(space);
+    await o.resume();
+  });
 
   it('into another address space of the same broker', async () => {
     const src = `d${++spaceNo}`;
