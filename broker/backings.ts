@@ -25,6 +25,8 @@ export interface Backing {
   inflight: number;
   /** The owner still holds it (registered it and has not dropped it, and is still connected). */
   held: boolean;
+  /** A read-only reopen of the same memfd, made on first need (see fdFor). */
+  roFd?: number;
 }
 
 const S_IFMT = 0o170000;
@@ -104,10 +106,23 @@ export class BackingTable {
     return !b.held && b.refs === 0 && b.inflight === 0;
   }
 
+  /**
+   * The descriptor to give a subscriber: the read-write one when it maps a writable region of the
+   * backing, else a read-only reopen of the same file (O_RDONLY through /proc/self/fd), so that a
+   * subscriber shown only read-only regions cannot map the memory writable (mmap PROT_WRITE|MAP_SHARED
+   * of it fails with EACCES).
+   */
+  fdFor(b: Backing, writable: boolean): number {
+    if (writable) return b.fd;
+    b.roFd ??= fs.openSync(`/proc/self/fd/${b.fd}`, 'r');
+    return b.roFd;
+  }
+
   /** Forgets and closes a backing; returns it. */
   release(b: Backing): Backing {
     this.byId.delete(b.id);
     native.close(b.fd);
+    if (b.roFd !== undefined) native.close(b.roFd);
     return b;
   }
 
@@ -117,7 +132,10 @@ export class BackingTable {
 
   /** Closes every fd (broker shutdown). */
   closeAll(): void {
-    for (const b of this.byId.values()) native.close(b.fd);
+    for (const b of this.byId.values()) {
+      native.close(b.fd);
+      if (b.roFd !== undefined) native.close(b.roFd);
+    }
     this.byId.clear();
   }
 }

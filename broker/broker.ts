@@ -6,7 +6,9 @@ import pino, { type Logger } from 'pino';
 import {
   ALL_FEATURES,
   BadMessageError,
+  ConnectionLimitError,
   DEFAULT_CONNECTION_LIMITS,
+  RateLimitError,
   DEFAULT_PROTOCOL_LIMITS,
   DEFAULT_SPACE_LIMITS,
   Feature,
@@ -17,7 +19,6 @@ import {
   NotOwnerError,
   PROTOCOL_MAXIMA,
   PROTOCOL_VERSION,
-  PermissionError,
   ShutdownError,
   StaleGenerationError,
   StateError,
@@ -35,6 +36,7 @@ import {
   type ToBroker,
 } from '../protocol/index.js';
 import { InProcessTransport, SocketListener, closeAll, type ListenOptions, type Transport } from '../transport/index.js';
+import { Access, type AccessPolicy } from './access.js';
 import { Session } from './session.js';
 import { AddressSpace } from './space.js';
 
@@ -46,8 +48,10 @@ export interface BrokerOptions {
   limits?: Partial<SpaceLimits>;
   protocol?: Partial<ProtocolLimits>;
   connection?: Partial<ConnectionLimits>;
-  /** Uids whose processes may attach as owner. Default: the broker's own uid. */
+  /** Uids whose processes may attach as owner. Default: the broker's own uid. (Shorthand for access.owners.) */
   ownerUids?: readonly number[];
+  /** Who may attach to the spaces, as what (per space in createSpace). Default: only the broker's uid. */
+  access?: AccessPolicy;
   /** A pino logger; default: silent. */
   logger?: Logger;
 }
@@ -63,7 +67,8 @@ export class Broker implements InProcessConnector {
   private readonly spaceLimits: SpaceLimits;
   private readonly protocolLimits: ProtocolLimits;
   private readonly connectionLimits: ConnectionLimits;
-  private readonly ownerUids: ReadonlySet<number>;
+  private readonly access: AccessPolicy;
+  private readonly accessBySpace = new Map<string, Access>();
   private readonly spacesByName = new Map<string, AddressSpace>();
   private readonly sessions = new Set<Session>();
   private readonly listeners: SocketListener[] = [];
@@ -83,12 +88,14 @@ export class Broker implements InProcessConnector {
       throw new InvalidArgError(`names are ${PROTOCOL_MAXIMA.maxNameBytes} bytes in protocol version ${PROTOCOL_VERSION}`);
     }
     this.connectionLimits = { ...DEFAULT_CONNECTION_LIMITS, ...opts.connection };
-    this.ownerUids = new Set(opts.ownerUids ?? [process.getuid?.() ?? 0]);
+    this.access = { ...opts.access, ...(opts.ownerUids ? { owners: { uids: [...opts.ownerUids], gids: [...(opts.access?.owners?.gids ?? [])] } } : {}) };
     for (const name of opts.spaces ?? []) this.createSpace(name);
   }
 
-  createSpace(name: string): AddressSpace {
+  /** Creates an address space; `access` overrides the broker's policy for it. */
+  createSpace(name: string, opts: { access?: AccessPolicy } = {}): AddressSpace {
     if (this.spacesByName.has(name)) throw new InvalidArgError(`address space ${JSON.stringify(name)} already exists`);
+    this.accessBySpace.set(name, new Access({ ...this.access, ...opts.access }));
     const space = new AddressSpace(name, {
       limits: this.spaceLimits,
       maxFrameBytes: this.protocolLimits.maxFrameBytes,
@@ -157,7 +164,13 @@ export class Broker implements InProcessConnector {
   // --- connections ----------------------------------------------------------------------------------
 
   private accept(transport: Transport): void {
-    const session = new Session(this.nextSessionId++, transport);
+    if (this.sessions.size >= this.connectionLimits.maxConnections) {
+      const err = new ConnectionLimitError(`the broker serves ${this.sessions.size} connections, its limit`);
+      this.log.warn({ pid: transport.peer.pid, limit: this.connectionLimits.maxConnections }, 'connection refused: limit');
+      transport.end({ t: Msg.EV_GOODBYE, error: err.toWire() });
+      return;
+    }
+    const session = new Session(this.nextSessionId++, transport, this.connectionLimits);
     this.sessions.add(session);
     this.log.debug({ client: session.id, pid: transport.peer.pid, uid: transport.peer.uid, transport: transport.kind }, 'connected');
     transport.on('frame', (frame) => this.onFrame(session, frame));
@@ -185,6 +198,11 @@ export class Broker implements InProcessConnector {
     }
     if (msg.t === Msg.ACK || msg.t === Msg.NACK) {
       this.onAck(session, msg);
+      return;
+    }
+    if (!session.admitRequest()) {
+      closeAll(frame.fds);
+      session.replyError(msg.id, new RateLimitError(`more than ${this.connectionLimits.requestsPerSecond} requests per second`));
       return;
     }
     let result: Promise<object | undefined>;
@@ -274,11 +292,10 @@ export class Broker implements InProcessConnector {
     if ((msg.role === 'observer' || msg.writes !== undefined) && (session.features & Feature.DIRTY) === 0) {
       throw new FeatureError('the observer role and ATTACH.writes need the DIRTY feature');
     }
+    if (msg.token !== undefined && (session.features & Feature.AUTH) === 0) throw new FeatureError('ATTACH.token needs the AUTH feature');
+    (this.accessBySpace.get(msg.space) as Access).check(msg.space, msg.role, session.transport.peer, msg.token);
     session.kind = msg.kind;
     if (msg.role === 'owner') {
-      if (!this.ownerUids.has(session.uid)) {
-        throw new PermissionError(`uid ${session.uid} may not own address spaces on this broker`);
-      }
       if (msg.resume || msg.limits || msg.pin) throw new StateError('an owner attaches without resume, limits or pin');
       return space.attachOwner(session);
     }

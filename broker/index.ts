@@ -2,3 +2,4 @@ export { Broker, type BrokerOptions, type InProcessConnector } from './broker.js
 export { AddressSpace } from './space.js';
 export { MemoryMap, type Plan } from './map.js';
 export { inspectBackingFd } from './backings.js';
+export { Access, type AccessPolicy, type Allow } from './access.js';

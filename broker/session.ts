@@ -31,8 +31,8 @@ export class Session {
   syncing = false;
   /** A subscriber that is applying a transaction right now. */
   applying = false;
-  /** Backings this connection was sent an fd for (and has not been told are gone). */
-  readonly sentBackings = new Set<number>();
+  /** Backings this connection was sent an fd for (and has not been told are gone): true if read-write. */
+  readonly sentBackings = new Map<number, boolean>();
   /** Dirty bitmaps this connection was sent (feature DIRTY). */
   readonly sentBitmaps = new Set<number>();
   /** Whether this subscriber writes guest memory (ATTACH.writes, default true). */
@@ -54,11 +54,27 @@ export class Session {
   devices: string[] = [];
   private seq = 0;
   private readonly waiters = new Map<number, (r: AckResult) => void>();
+  // The request rate limit: a token bucket (acks and nacks do not draw from it).
+  private tokens: number;
+  private refilled = performance.now();
 
   constructor(
     readonly id: number,
     readonly transport: Transport,
-  ) {}
+    private readonly rate: { requestsPerSecond: number; requestBurst: number } = { requestsPerSecond: Infinity, requestBurst: Infinity },
+  ) {
+    this.tokens = rate.requestBurst;
+  }
+
+  /** Takes one request from the bucket; false when the connection is over its rate. */
+  admitRequest(): boolean {
+    const now = performance.now();
+    this.tokens = Math.min(this.rate.requestBurst, this.tokens + ((now - this.refilled) / 1000) * this.rate.requestsPerSecond);
+    this.refilled = now;
+    if (this.tokens < 1) return false;
+    this.tokens -= 1;
+    return true;
+  }
 
   get pid(): number {
     return this.transport.peer.pid;

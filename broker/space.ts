@@ -62,6 +62,13 @@ import { PAGE_SIZE } from '../native/index.js';
 
 const sum = (rs: readonly Region[]) => rs.reduce((n, r) => n + r.size, 0);
 
+/** The backings `regions` use, each with whether a writable region among them needs it. */
+function accessOf(regions: readonly Region[]): Map<number, boolean> {
+  const out = new Map<number, boolean>();
+  for (const r of regions) out.set(r.backing, (out.get(r.backing) ?? false) || !r.readonly);
+  return out;
+}
+
 /** Codes a subscriber's nack may carry through to the owner unchanged; anything else becomes CLIENT_REFUSED. */
 const LOCAL_ONLY: ReadonlySet<ErrorCode> = new Set<ErrorCode>([
   'MMB_ERR_CONNECT',
@@ -367,13 +374,14 @@ export class AddressSpace {
     const gone: number[] = [];
     if (delta && resume) {
       for (const id of resume.backings) {
-        if (this.backings.get(id)) session.sentBackings.add(id);
+        // What it holds may be read-only: a writable region will bring the read-write fd.
+        if (this.backings.get(id)) session.sentBackings.set(id, false);
         else gone.push(id);
       }
     }
     session.reply(requestId, { client: session.id, epoch: this.epoch, generation: this._generation, sync: mode });
     if (gone.length > 0) session.send({ t: Msg.EV_BACKINGS_GONE, backings: gone });
-    this.sendBackings(session, new Set(regions.map((r) => r.backing)));
+    this.sendBackings(session, accessOf(regions));
     this.logging.send(session, this.logging.bitmaps.all());
 
     const { seq, done } = session.expectAck();
@@ -419,6 +427,8 @@ export class AddressSpace {
     );
     const generation = this._generation + 1;
     const started = performance.now();
+    // Backings the transaction needs, and whether a writable region needs them.
+    const access = accessOf([...plan.adds, ...plan.sets.filter((x) => !x.after.readonly).map((x) => x.after)]);
     const bitmaps = this.logging.create(plan);
     let committed = false;
     for (const r of plan.adds) (this.backings.get(r.backing) as Backing).inflight++;
@@ -431,7 +441,7 @@ export class AddressSpace {
       const results = await this.fanOut(
         targets,
         (s, seq) => {
-          this.sendBackings(s, plan.backings);
+          this.sendBackings(s, access);
           this.logging.send(s, bitmaps);
           const view = views.get(s);
           s.send({ t: Msg.EV_TXN, seq, generation, ops: view ? viewOps(s.view, view) : plan.ops });
@@ -529,18 +539,23 @@ export class AddressSpace {
     this.history.record(generation, [...plan.removes.map((r) => r.id), ...plan.sets.map((s) => s.after.id), ...plan.adds.map((r) => r.id)]);
   }
 
-  /** Sends `s` the backings among `ids` it has not received yet, at most maxFdsPerFrame per frame. */
-  private sendBackings(s: Session, ids: Iterable<number>): void {
-    const missing: Backing[] = [];
-    for (const id of ids) {
-      if (s.sentBackings.has(id)) continue;
+  /**
+   * Sends `s` the backings among `need` it lacks (or holds only read-only while a writable region now
+   * needs them), at most maxFdsPerFrame per frame. A backing only read-only regions use is sent as a
+   * read-only descriptor.
+   */
+  private sendBackings(s: Session, need: ReadonlyMap<number, boolean>): void {
+    const missing: [Backing, boolean][] = [];
+    for (const [id, writable] of need) {
+      const held = s.sentBackings.get(id);
+      if (held === true || (held === false && !writable)) continue;
       const b = this.backings.get(id);
-      if (b) missing.push(b);
+      if (b) missing.push([b, writable]);
     }
     for (let i = 0; i < missing.length; i += this.maxFdsPerFrame) {
       const chunk = missing.slice(i, i + this.maxFdsPerFrame);
-      s.send({ t: Msg.EV_BACKINGS, backings: chunk.map((b) => this.backings.info(b)) }, chunk.map((b) => b.fd));
-      for (const b of chunk) s.sentBackings.add(b.id);
+      s.send({ t: Msg.EV_BACKINGS, backings: chunk.map(([b]) => this.backings.info(b)) }, chunk.map(([b, w]) => this.backings.fdFor(b, w)));
+      for (const [b, w] of chunk) s.sentBackings.set(b.id, w);
     }
   }
 

@@ -62,8 +62,10 @@ export const Feature = {
   /** Dirty logging: per-region bitmaps in shared memfds (EV_BITMAPS), flushes (EV_DIRTY_FLUSH), DIRTY_SYNC,
    *  PAUSE / EV_PAUSE for migration, the observer role and its EV_DIRTY events, ATTACH.writes. */
   DIRTY: 1 << 5,
+  /** ATTACH.token: a per-space secret a subscriber or observer must present, besides its credentials. */
+  AUTH: 1 << 6,
 } as const;
-export const ALL_FEATURES = Feature.RESUME | Feature.REPORT | Feature.PLACE | Feature.COALESCE | Feature.PIN | Feature.DIRTY;
+export const ALL_FEATURES = Feature.RESUME | Feature.REPORT | Feature.PLACE | Feature.COALESCE | Feature.PIN | Feature.DIRTY | Feature.AUTH;
 
 /** Bytes of guest memory one dirty-bitmap bit stands for. */
 export const DIRTY_PAGE_SIZE = 4096;

@@ -24,6 +24,7 @@ export type Errno =
   | 'ESHUTDOWN'
   | 'ENOMEM'
   | 'ECANCELED'
+  | 'EAGAIN'
   | 'EIO';
 
 interface ErrorSpec {
@@ -48,7 +49,9 @@ export const ERROR_TABLE = {
   MMB_ERR_NO_SPACE: { errno: 'ENOENT', summary: 'No address space has that name.' },
   MMB_ERR_OWNER_EXISTS: { errno: 'EBUSY', summary: 'The address space already has an owner attached.' },
   MMB_ERR_NOT_OWNER: { errno: 'EPERM', summary: 'Only the owner of an address space may change it.' },
-  MMB_ERR_PERMISSION: { errno: 'EPERM', summary: 'The peer\'s credentials (SO_PEERCRED) do not allow this role.' },
+  MMB_ERR_PERMISSION: { errno: 'EPERM', summary: 'The peer\'s credentials (SO_PEERCRED) or token do not allow this role on this address space.' },
+  MMB_ERR_CONNECTION_LIMIT: { errno: 'EAGAIN', summary: 'The broker already serves as many connections as it allows; try again later.' },
+  MMB_ERR_RATE_LIMIT: { errno: 'EAGAIN', summary: 'The connection sent requests faster than the broker allows; the request was not run.' },
 
   // --- the map ---
   MMB_ERR_BACKING_INVALID: { errno: 'EINVAL', summary: 'A backing descriptor is not a memfd or hugetlbfs file.' },
@@ -238,6 +241,8 @@ export const NoSpaceError = define('MMB_ERR_NO_SPACE');
 export const OwnerExistsError = define('MMB_ERR_OWNER_EXISTS');
 export const NotOwnerError = define('MMB_ERR_NOT_OWNER');
 export const PermissionError = define('MMB_ERR_PERMISSION');
+export const ConnectionLimitError = define('MMB_ERR_CONNECTION_LIMIT');
+export const RateLimitError = define('MMB_ERR_RATE_LIMIT');
 export const BackingInvalidError = define('MMB_ERR_BACKING_INVALID');
 export const BackingUnsealedError = define('MMB_ERR_BACKING_UNSEALED');
 export const BackingTooSmallError = define('MMB_ERR_BACKING_TOO_SMALL');

@@ -57,9 +57,18 @@ export interface ConnectionLimits {
   maxOutboundBytes: number;
   /** Descriptors received but not yet claimed by a complete frame. */
   maxPendingFds: number;
+  /** Connections served at once; more are greeted with EV_GOODBYE (MMB_ERR_CONNECTION_LIMIT) and closed. */
+  maxConnections: number;
+  /** Requests per second one connection may send (a token bucket); acks do not count. */
+  requestsPerSecond: number;
+  /** How many requests may come at once before the rate applies (the bucket's size). */
+  requestBurst: number;
 }
 
 export const DEFAULT_CONNECTION_LIMITS: Readonly<ConnectionLimits> = Object.freeze({
   maxOutboundBytes: 64 << 20,
   maxPendingFds: 256,
+  maxConnections: 1024,
+  requestsPerSecond: 5000,
+  requestBurst: 10_000,
 });

@@ -82,6 +82,8 @@ export const attach = object({
   limits: optional(object({ maxRegions: optional(u32()), coalesce: optional(bool()) })),
   /** Feature PIN: the client pins every region it maps; `limit` is the most bytes it may pin. */
   pin: optional(object({ limit: optional(addr()) })),
+  /** Feature AUTH: the address space's subscriber token, when it has one. */
+  token: optional(str(256)),
   /** Feature DIRTY: false declares that this subscriber never writes guest memory (default true). */
   writes: optional(bool()),
   /** Feature RESUME: what the client already holds from an earlier connection. */

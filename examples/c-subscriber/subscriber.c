@@ -949,7 +949,16 @@ static int add_region(const struct region *r) { // check_add first; returns 0 or
 }
 
 static int set_flags(struct region *r, bool readonly, bool log_dirty) {
-  if (r->readonly != readonly && mprotect(r->addr, r->size, PROT_READ | (readonly ? 0 : PROT_WRITE))) return errno;
+  if (r->readonly != readonly) {
+    // Remap rather than mprotect: a region shown read-only may have come with a read-only descriptor (the
+    // broker re-sends the backing read-write before the transaction that makes a region writable). The
+    // new mapping is made first, so a failure leaves the old one as it was.
+    struct backing *b = find_backing(r->backing);
+    void *a = mmap(NULL, r->size, PROT_READ | (readonly ? 0 : PROT_WRITE), MAP_SHARED, b->fd, (off_t)r->offset);
+    if (a == MAP_FAILED) return errno;
+    munmap(r->addr, r->size);
+    r->addr = a;
+  }
   r->readonly = readonly, r->log_dirty = log_dirty;
   say("set name=%s id=%u readonly=%s logDirty=%s", r->name, r->id, readonly ? "true" : "false", log_dirty ? "true" : "false");
   return 0;
@@ -1043,12 +1052,20 @@ static bool on_backings(struct message *m) {
     struct backing_info *bi = &m->backings[i];
     struct stat st;
     int fd = g_frame.fds[i];
-    if (find_backing(bi->backing)) return fail("MMB_ERR_PROTOCOL", "backing %u was sent twice", bi->backing);
+    struct backing *held = find_backing(bi->backing);
     if (fstat(fd, &st) || !S_ISREG(st.st_mode) || (uint64_t)st.st_size < bi->size)
       return fail("MMB_ERR_PROTOCOL", "backing %u is not a regular file of at least %" PRIu64 " bytes", bi->backing, bi->size);
     int seals = fcntl(fd, F_GET_SEALS);
     if (seals < 0 || !(seals & F_SEAL_SHRINK))
       return fail("MMB_ERR_PROTOCOL", "backing %u is not sealed against shrinking (F_SEAL_SHRINK)", bi->backing);
+    if (held) {
+      // Sent again: read-write now that a writable region needs it (it came read-only before).
+      close(held->fd);
+      held->fd = fd;
+      g_frame.fds[i] = -1; // kept
+      say("backing-replaced id=%u name=%s fd=%d", bi->backing, bi->name, fd);
+      continue;
+    }
     if (!grow((void **)&g_backings, g_nbackings, sizeof *g_backings)) return false;
     g_backings[g_nbackings++] = (struct backing){bi->backing, fd, bi->size, ""};
     strcpy(g_backings[g_nbackings - 1].name, bi->name);
@@ -1129,7 +1146,7 @@ static bool on_txn(struct message *m) {
       drop_region(r->id);
     } else if (op->kind == OP_SET) {
       struct undo u = {UNDO_SET, *r};
-      if ((err = set_flags(r, op->readonly, op->log_dirty))) snprintf(msg, sizeof msg, "mprotect of region \"%s\": %s", r->name, strerror(err));
+      if ((err = set_flags(r, op->readonly, op->log_dirty))) snprintf(msg, sizeof msg, "cannot remap region \"%s\": %s", r->name, strerror(err));
       else log[n++] = u;
     } else if (!check_add(&op->region)) {
       free(log);
