@@ -10,11 +10,12 @@ import {
   DEFAULT_PROTOCOL_LIMITS,
   DisconnectedError,
   FdsTruncatedError,
+  MmbError,
+  Msg,
   FrameDecoder,
   SlowReaderError,
   encodeFrame,
   toMmbError,
-  type MmbError,
 } from '../protocol/index.js';
 import type { Transport, TransportEvents } from './transport.js';
 import { closeAll } from './fds.js';
@@ -39,6 +40,7 @@ const READ_BUFFER_BYTES = 256 * 1024;
 /** recvmsg calls per readable event before yielding to other connections. */
 const READS_PER_EVENT = 32;
 const END_GRACE_MS = 2000;
+const EV_GOODBYE: number = Msg.EV_GOODBYE;
 
 export class SocketTransport extends EventEmitter<TransportEvents> implements Transport {
   readonly kind = 'socket' as const;
@@ -112,6 +114,7 @@ export class SocketTransport extends EventEmitter<TransportEvents> implements Tr
     this.ending = true;
     this.stopReading();
     if (this.queue.length === 0) {
+      this.discardInput();
       this.destroy();
       return;
     }
@@ -172,7 +175,11 @@ export class SocketTransport extends EventEmitter<TransportEvents> implements Tr
     try {
       if (this._closed) return;
       if (status < 0) {
-        this.destroy(new DisconnectedError(`poll failed with status ${status}`));
+        // POLLERR: typically ECONNRESET, which a Unix socket gets when its peer closed with data of ours
+        // unread. Frames the peer sent before closing (an EV_GOODBYE saying why) are still queued, and
+        // recvmsg returns them before the error: read them first.
+        if (!this.ending) this.readAfterError();
+        this.destroy(this.lastGoodbye ?? new DisconnectedError(`the connection failed (poll status ${status})`));
         return;
       }
       if (events & constants.POLL_WRITABLE) this.flush();
@@ -205,7 +212,10 @@ export class SocketTransport extends EventEmitter<TransportEvents> implements Tr
     }
     if (this.queue.length === 0) {
       this.want(constants.POLL_WRITABLE, false);
-      if (this.ending) this.destroy();
+      if (this.ending) {
+        this.discardInput();
+        this.destroy();
+      }
     }
   }
 
@@ -239,6 +249,46 @@ export class SocketTransport extends EventEmitter<TransportEvents> implements Tr
       if (!frame) return;
       this.emit('frame', frame);
       if (this._closed || this.ending) return;
+    }
+  }
+
+  /** Reads whatever is still queued after the socket reported an error, until the error itself. */
+  private readAfterError(): void {
+    this.on('frame', this.noteGoodbye);
+    try {
+      for (let i = 0; i < READS_PER_EVENT && !this._closed; i++) {
+        const r = native.recvmsg(this.fd, this.readBuf, this.maxFdsPerFrame);
+        if (r === null || r.bytes === 0 || r.ctrunc) {
+          if (r) closeAll(r.fds);
+          return;
+        }
+        this.decoder.push(this.readBuf.subarray(0, r.bytes), r.fds);
+        this.drain();
+      }
+    } catch {
+      // The error itself (ECONNRESET): everything before it has been read.
+    } finally {
+      this.off('frame', this.noteGoodbye);
+    }
+  }
+
+  private lastGoodbye: MmbError | undefined;
+  private readonly noteGoodbye = (frame: { type: number; body: Record<string, unknown> }): void => {
+    if (frame.type !== EV_GOODBYE) return;
+    const e = frame.body.error as { code?: unknown; message?: unknown } | undefined;
+    if (e && typeof e.code === 'string' && typeof e.message === 'string') this.lastGoodbye = MmbError.fromWire(e as never);
+  };
+
+  /** Discards what the peer sent that nobody will read, so closing does not reset the peer (ECONNRESET). */
+  private discardInput(): void {
+    try {
+      for (let i = 0; i < READS_PER_EVENT; i++) {
+        const r = native.recvmsg(this.fd, this.readBuf, this.maxFdsPerFrame);
+        if (r === null || r.bytes === 0) return;
+        closeAll(r.fds);
+      }
+    } catch {
+      // Nothing more to discard.
     }
   }
 

@@ -1,0 +1,175 @@
+// Issue: hostile input, access control and resource limits. One test per refusal, against a real broker
+// over its real socket; the kernel's credentials (SO_PEERCRED) decide who is who.
+import { spawn, spawnSync } from 'node:child_process';
+import fs from 'node:fs';
+import path from 'node:path';
+import { afterEach, describe, expect, it } from 'vitest';
+import { Broker } from '../broker/index.js';
+import { Connection } from '../clients/connection.js';
+import { MappingSubscriber, OwnerClient } from '../clients/index.js';
+import { constants, native } from '../native/index.js';
+import { Msg, encodeFrame, isMmbError } from '../protocol/index.js';
+import { codeOf, defer, runCleanups } from './helpers/embedded.js';
+import { tempDir, waitFor } from './helpers/procs.js';
+
+const MiB = 1 << 20;
+const NOBODY = 65534;
+const CONNECT_AS = new URL('./fixtures/connect-as.mjs', import.meta.url).pathname;
+afterEach(runCleanups);
+
+/** Runs the probe as uid/gid 65534 (nobody), through setpriv (asynchronously: the broker under test runs
+ *  in this process and must keep answering). */
+async function asNobody(socket: string, space: string, role: string, token?: string): Promise<{ ok: boolean; code?: string; errno?: string; uid: number }> {
+  const child = spawn('setpriv', ['--reuid', String(NOBODY), '--regid', String(NOBODY), '--clear-groups', '--', process.execPath, CONNECT_AS, socket, space, role, ...(token ? [token] : [])], { stdio: ['ignore', 'pipe', 'pipe'] });
+  let out = '';
+  let err = '';
+  child.stdout.setEncoding('utf8').on('data', (d: string) => (out += d));
+  child.stderr.setEncoding('utf8').on('data', (d: string) => (err += d));
+  const code = await new Promise((r) => child.on('exit', r));
+  if (code !== 0) throw new Error(`probe failed: ${err}`);
+  return JSON.parse(out.trim().split('\n').pop() as string);
+}
+
+function broker(opts: ConstructorParameters<typeof Broker>[0], listen?: { mode?: number; dirMode?: number }): { b: Broker; socket: string } {
+  const b = new Broker({ spaces: ['vm0'], ...opts });
+  defer(() => b.close());
+  const dir = tempDir('mmb-sec-');
+  fs.chmodSync(dir, 0o755); // the probe (nobody) must reach the socket's directory when the test wants it to
+  const socket = path.join(dir, listen?.dirMode !== undefined ? 'private/b.sock' : 'b.sock');
+  b.listen(socket, listen ?? {});
+  return { b, socket };
+}
+
+const canSetpriv = process.getuid?.() === 0 && spawnSync('setpriv', ['--version']).status === 0;
+
+describe('who may connect, who may own, who may subscribe', () => {
+  it.skipIf(!canSetpriv && !process.env.CI)('by default only the broker\'s uid can even connect: the socket is 0600 in a 0700 directory', async () => {
+    const { socket } = broker({}, { dirMode: 0o700 });
+    expect(fs.statSync(socket).mode & 0o777).toBe(0o600);
+    expect(fs.statSync(path.dirname(socket)).mode & 0o777).toBe(0o700);
+    expect(await asNobody(socket, 'vm0', 'subscriber')).toMatchObject({ ok: false, code: 'MMB_ERR_CONNECT', errno: 'EACCES', uid: NOBODY });
+  });
+
+  it.skipIf(!canSetpriv && !process.env.CI)('with the socket opened to everyone, roles still follow the allow-lists', async () => {
+    const { socket } = broker({ access: { owners: { uids: [0] }, subscribers: { uids: [0, NOBODY] } } }, { mode: 0o666 });
+    expect(await asNobody(socket, 'vm0', 'owner')).toMatchObject({ ok: false, code: 'MMB_ERR_PERMISSION' });
+    expect(await asNobody(socket, 'vm0', 'subscriber')).toMatchObject({ ok: true, uid: NOBODY });
+    const strict = broker({}, { mode: 0o666 });
+    expect(await asNobody(strict.socket, 'vm0', 'subscriber')).toMatchObject({ ok: false, code: 'MMB_ERR_PERMISSION' });
+    const byGroup = broker({ access: { subscribers: { gids: [NOBODY] } } }, { mode: 0o666 });
+    expect(await asNobody(byGroup.socket, 'vm0', 'subscriber')).toMatchObject({ ok: true });
+  });
+
+  it('a space with a token: subscribers without it, or with a wrong one, are refused', async () => {
+    const b = new Broker({ spaces: [] });
+    defer(() => b.close());
+    b.createSpace('vm0', { access: { token: 's3cret-token' } });
+    const conn = await Connection.open(b);
+    defer(() => conn.close());
+    expect(await codeOf(conn.request({ t: Msg.ATTACH, space: 'vm0', role: 'subscriber', kind: 'x' }))).toBe('MMB_ERR_PERMISSION');
+    expect(await codeOf(conn.request({ t: Msg.ATTACH, space: 'vm0', role: 'subscriber', kind: 'x', token: 's3cret-tokem' }))).toBe('MMB_ERR_PERMISSION');
+    expect(await codeOf(conn.request({ t: Msg.ATTACH, space: 'vm0', role: 'observer', kind: 'x', token: 'short' }))).toBe('MMB_ERR_PERMISSION');
+    await conn.request({ t: Msg.ATTACH, space: 'vm0', role: 'subscriber', kind: 'x', token: 's3cret-token' });
+    // The owner needs no token (its credentials decide).
+    const owner = await OwnerClient.attach(b, { space: 'vm0' });
+    owner.close();
+  });
+
+  it('a subscriber may not change the map (EPERM class), whatever it sends', async () => {
+    const { b } = broker({});
+    const s = await MappingSubscriber.attach(b, { space: 'vm0', reconnect: false });
+    defer(() => s.close());
+    const conn = await Connection.open(b);
+    defer(() => conn.close());
+    await conn.request({ t: Msg.ATTACH, space: 'vm0', role: 'subscriber', kind: 'x' });
+    for (const req of [{ t: Msg.COMMIT, ops: [] }, { t: Msg.BACKING_DROP, backing: 1 }, { t: Msg.PAUSE, paused: true }]) {
+      const err = await conn.request(req).catch((e) => e);
+      expect(err.errno, JSON.stringify(req)).toBe('EPERM');
+    }
+  });
+});
+
+describe('what the broker gives a subscriber', () => {
+  it('a backing shown only read-only comes read-only: it cannot be mapped writable', async () => {
+    const { b } = broker({});
+    const owner = await OwnerClient.attach(b, { space: 'vm0' });
+    defer(() => owner.close());
+    const rom = await owner.createBacking(4 * MiB, 'rom');
+    defer(() => native.close(rom.fd));
+    await owner.addRegion({ name: 'rom', gpa: 0, size: 2 * MiB, backing: rom.backing, readonly: true });
+    const s = await MappingSubscriber.attach(b, { space: 'vm0', reconnect: false });
+    defer(() => s.close());
+    const fd = s.backing(rom.backing)!.fd;
+    const accmode = () => parseInt(/^flags:\s*([0-7]+)$/m.exec(fs.readFileSync(`/proc/self/fdinfo/${fd}`, 'utf8'))![1]!, 8) & 3;
+    expect(accmode()).toBe(0); // O_RDONLY
+    let err: unknown;
+    try {
+      native.mmap(fd, 0, 4096, constants.PROT_READ | constants.PROT_WRITE, constants.MAP_SHARED);
+    } catch (e) {
+      err = e;
+    }
+    expect((err as { code?: string }).code).toBe('EACCES');
+    // A writable region on the same backing brings the read-write descriptor.
+    await owner.addRegion({ name: 'rw', gpa: 4 * MiB, size: 2 * MiB, backing: rom.backing, offset: 2 * MiB });
+    const fd2 = s.backing(rom.backing)!.fd;
+    expect(parseInt(/^flags:\s*([0-7]+)$/m.exec(fs.readFileSync(`/proc/self/fdinfo/${fd2}`, 'utf8'))![1]!, 8) & 3).toBe(2);
+    s.memory.write(4 * MiB, Buffer.from('ok'));
+    expect(() => s.memory.write(0, Buffer.from('no'))).toThrow(/read-only/);
+  });
+});
+
+describe('limits', () => {
+  it('requests beyond the rate are refused (MMB_ERR_RATE_LIMIT) without closing the connection', async () => {
+    const { b } = broker({ connection: { requestsPerSecond: 20, requestBurst: 10 } });
+    const conn = await Connection.open(b);
+    defer(() => conn.close());
+    const results = await Promise.allSettled(Array.from({ length: 60 }, () => conn.request({ t: Msg.STATUS })));
+    const limited = results.filter((r) => r.status === 'rejected' && isMmbError(r.reason, 'MMB_ERR_RATE_LIMIT')).length;
+    expect(limited).toBeGreaterThan(40);
+    expect(results.filter((r) => r.status === 'fulfilled').length).toBeGreaterThan(5);
+    await new Promise((r) => setTimeout(r, 300));
+    await conn.request({ t: Msg.STATUS }); // the bucket refilled
+  });
+
+  it('connections beyond the limit are greeted with MMB_ERR_CONNECTION_LIMIT and closed', async () => {
+    const { b, socket } = broker({ connection: { maxConnections: 3 } });
+    const conns = await Promise.all([0, 1, 2].map(() => Connection.open(socket)));
+    defer(() => conns.forEach((c) => c.close()));
+    const err = await Connection.open(socket).catch((e) => e);
+    expect(err.code).toBe('MMB_ERR_DISCONNECTED');
+    expect(isMmbError(err.cause, 'MMB_ERR_CONNECTION_LIMIT')).toBe(true);
+    conns[0]!.close();
+    await waitFor('room for one more', async () => Connection.open(socket).then((c) => (c.close(), true), () => false));
+    void b;
+  });
+
+  it('a client that never reads is cut off when its queue passes the limit, and nobody else waits for it', async () => {
+    const { b, socket } = broker({ connection: { maxOutboundBytes: 256 * 1024 } });
+    const owner = await OwnerClient.attach(b, { space: 'vm0' });
+    defer(() => owner.close());
+    const ram = await owner.createBacking(4 * MiB, 'ram');
+    defer(() => native.close(ram.fd));
+    // A raw client: asks for status over and over, never reads a reply.
+    const fd = native.socketConnect(socket);
+    native.sendmsg(fd, encodeFrame({ t: Msg.HELLO, id: 1, version: 1, features: 0 }, 0, 1 << 20), []);
+    let sent = 0;
+    try {
+      for (let i = 0; i < 4000; i++) {
+        const r = native.sendmsg(fd, encodeFrame({ t: Msg.STATUS, id: i + 2 }, 0, 1 << 20), []);
+        if (r === null) break;
+        sent++;
+        if (i % 100 === 0) await new Promise((r2) => setImmediate(r2));
+      }
+    } catch (err) {
+      expect((err as { code?: string }).code).toBe('EPIPE'); // the broker hung up on it: expected
+    }
+    expect(sent).toBeGreaterThan(100);
+    // The broker dropped it (its status replies went nowhere), and kept serving the others meanwhile.
+    await waitFor('the slow reader to be dropped', () => b.status('vm0').spaces[0]!.clients.length === 1);
+    const s = await MappingSubscriber.attach(b, { space: 'vm0', reconnect: false });
+    defer(() => s.close());
+    await owner.addRegion({ name: 'ram', gpa: 0, size: 4 * MiB, backing: ram.backing });
+    expect(s.regions()).toHaveLength(1);
+    native.close(fd);
+  });
+});
