@@ -134,6 +134,7 @@ class SimKernel implements VfioSys {
     if (req === REQUEST.VFIO_GROUP_UNSET_CONTAINER) {
       const g = this.file(fd, 'group', req) as File & { kind: 'group' };
       if (!g.inContainer) fail('EINVAL', name);
+      if (this.stillOpen.has(g.id)) fail('EBUSY', name); // a device of the group is still open (an mmap)
       this.leave(g);
       return 0;
     }
@@ -348,6 +349,14 @@ class SimKernel implements VfioSys {
     return `../../../kernel/iommu_groups/${group}`;
   }
 
+  /** Groups whose devices stay open in the kernel after their fd is closed (mapped BARs), and mapped files. */
+  readonly stillOpen = new Set<string>();
+  readonly mapped = new Set<string>();
+
+  mapsFile(path: string): boolean {
+    return this.mapped.has(path);
+  }
+
   readdir(path: string): string[] {
     const m = /^\/sys\/bus\/pci\/devices\/([^/]+)\/vfio-dev$/.exec(path);
     const entry = [...this.cdevs].find(([, bdf]) => bdf === m?.[1]);
@@ -513,6 +522,20 @@ describe('type1 against a simulated kernel', () => {
     expect(t.domain.pinnedBytes).toBe(8 * MiB);
   });
 
+  it('a device still open in the kernel at detach (its BAR still mmapped): detached here, and the caller is told (EBUSY)', async () => {
+    const k = new SimKernel();
+    const t = harness(Type1Backend.open(k));
+    await t.applier.attachDevice('0000:00:03.0');
+    await t.add(t.region('ram', 0x1_0000_0000, 8 * MiB));
+    k.stillOpen.add('6'); // the group of 0000:00:03.0: the real kernel answers UNSET_CONTAINER with EBUSY then
+    const e = await error(t.applier.detachDevice('0000:00:03.0'));
+    expect(e).toMatchObject({ code: 'MMB_ERR_IOMMU', errno: 'EBUSY' });
+    expect(e.message).toMatch(/still holds it open .*IOMMU group 6.*unmap/);
+    // Everything was unmapped before the device went, and it is gone on our side.
+    expect(k.dma.size).toBe(0);
+    expect(t.domain).toMatchObject({ active: false, pinnedBytes: 0, devices: [] });
+  });
+
   it('devices: not viable, no group node, unknown: MMB_ERR_NO_DEVICE and nothing left in the container', async () => {
     const k = new SimKernel();
     const t = harness(Type1Backend.open(k));
@@ -566,13 +589,21 @@ describe('iommufd against a simulated kernel', () => {
     ]);
     expect(k.ioas.size).toBe(1);
     const b = t.domain.backend as IommufdBackend;
+    // The first query (at attach) asked how many ranges there are (EMSGSIZE), then read them.
+    expect(k.calls.filter((c) => c.startsWith('IOMMU_IOAS_IOVA_RANGES')).slice(0, 2)).toEqual([`IOMMU_IOAS_IOVA_RANGES[32]`, `IOMMU_IOAS_IOVA_RANGES[32]`]);
     expect(b.ranges()).toEqual({ ranges: k.usable.map(([start, last]) => ({ start, last })), alignment: 4096 });
     k.calls.length = 0;
     expect(t.domain.limits().reserved).toEqual([
       { start: 0xfee0_0000, last: 0xfeef_ffff },
       { start: 0x80_0000_0000, last: 2 ** 52 - 1 },
     ]);
-    expect(k.calls).toEqual([`IOMMU_IOAS_IOVA_RANGES[32]`, `IOMMU_IOAS_IOVA_RANGES[32]`]); // EMSGSIZE, then with room
+    expect(k.calls).toEqual([`IOMMU_IOAS_IOVA_RANGES[32]`]); // the count is remembered: no EMSGSIZE round any more
+    // Should the count grow, EMSGSIZE says so and the call is made again with room for all of them.
+    k.usable.push([0x100_0000_0000n, 0x1ff_ffff_ffffn]);
+    k.calls.length = 0;
+    expect(b.ranges().ranges).toHaveLength(3);
+    expect(k.calls).toEqual([`IOMMU_IOAS_IOVA_RANGES[32]`, `IOMMU_IOAS_IOVA_RANGES[32]`]);
+    k.usable.pop();
 
     await t.add(t.region('ram', 0x1_0000_0000, 8 * MiB));
     const table = [...k.ioas.values()][0]!;
@@ -598,6 +629,22 @@ describe('iommufd against a simulated kernel', () => {
     expect([...[...k.ioas.values()][0]!.values()].map((m) => m.vaddr)).toEqual([BigInt(t.address('ram')), BigInt(t.address('ram') + 4 * MiB)]);
     await t.remove(ram);
     expect([...[...k.ioas.values()][0]!.values()]).toEqual([]);
+  });
+
+  it('a device whose cdev this process still maps at detach: detached here, and the caller is told (EBUSY)', async () => {
+    const k = new SimKernel();
+    const t = harness(IommufdBackend.open(k));
+    await t.applier.attachDevice('0000:00:01.0');
+    await t.applier.attachDevice('0000:00:02.0');
+    await t.add(t.region('ram', 0x1_0000_0000, 8 * MiB));
+    k.mapped.add('/dev/vfio/devices/vfio0');
+    const e = await error(t.applier.detachDevice('0000:00:01.0'));
+    expect(e).toMatchObject({ code: 'MMB_ERR_IOMMU', errno: 'EBUSY' });
+    expect(e.message).toContain('/dev/vfio/devices/vfio0');
+    expect(t.domain).toMatchObject({ active: true, devices: ['0000:00:02.0'], pinnedBytes: 8 * MiB });
+    k.mapped.clear();
+    await t.applier.detachDevice('0000:00:02.0');
+    expect(t.domain).toMatchObject({ active: false, pinnedBytes: 0 });
   });
 
   it('without /dev/iommu: MMB_ERR_UNSUPPORTED naming it', async () => {

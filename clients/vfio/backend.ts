@@ -60,6 +60,12 @@ export interface DeviceInfo {
   resettable: boolean;
 }
 
+export interface Detached {
+  destroyed: boolean;
+  /** MMB_ERR_IOMMU (errno EBUSY): the kernel still holds the device open; see IommuBackend.detach. */
+  stillOpen?: MmbError;
+}
+
 export interface IommuBackend {
   readonly name: BackendName;
   /** True for the software stand-in (no IOMMU, mlock pinning). */
@@ -74,8 +80,13 @@ export interface IommuBackend {
    * again). Leaves nothing behind on failure.
    */
   attach(device: string): { created: boolean };
-  /** Detaches a device; the last one destroys the domain (`destroyed`), with every mapping in it. */
-  detach(device: string): { destroyed: boolean };
+  /**
+   * Detaches a device; the last one destroys the domain (`destroyed`), with every mapping in it. On our side
+   * the device is always gone afterwards; `stillOpen` says the kernel could not release it because this
+   * process still holds it open elsewhere (an mmap of one of its regions, a dup of its fd): it stays bound
+   * (type1: its group stays in the container) until that goes away. Found against the real kernel.
+   */
+  detach(device: string): Detached;
   device(name: string): VfioDevice | undefined;
   /** How many DMA mappings (entries of the IOMMU's table) a region made of `pieces` pieces takes. */
   entriesFor(pieces: number): number;

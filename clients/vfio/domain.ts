@@ -187,13 +187,15 @@ export class Domain {
         unpinError = err;
       }
     }
-    const { destroyed } = this.backend.detach(name);
+    const { destroyed, stillOpen } = this.backend.detach(name);
     if (destroyed) {
       // Anything still in the table went with the domain.
       this.entries.clear();
       this.bytes = 0;
     }
     if (unpinError !== undefined) throw unpinError;
+    // Detached on our side; the kernel finishes when the caller lets go of the device (see detach()).
+    if (stillOpen !== undefined) throw stillOpen;
     return { destroyed };
   }
 

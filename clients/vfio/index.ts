@@ -8,6 +8,7 @@ export {
   mergeRanges,
   reservedFromUsable,
   type BackendName,
+  type Detached,
   type DeviceInfo,
   type DomainLimits,
   type IommuBackend,

@@ -17,6 +17,8 @@ export interface VfioSys {
   exists(path: string): boolean;
   readlink(path: string): string;
   readdir(path: string): string[];
+  /** Whether this process maps (a region of) the file at `path` now: /proc/self/maps names it. */
+  mapsFile(path: string): boolean;
 }
 
 export const realSys: VfioSys = {
@@ -29,4 +31,5 @@ export const realSys: VfioSys = {
   exists: (path) => fs.existsSync(path),
   readlink: (path) => fs.readlinkSync(path),
   readdir: (path) => fs.readdirSync(path),
+  mapsFile: (path) => fs.readFileSync('/proc/self/maps', 'utf8').split('\n').some((l) => l.endsWith(` ${path}`) || l.endsWith(` ${path} (deleted)`)),
 };

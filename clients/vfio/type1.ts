@@ -17,8 +17,8 @@
 // VFIO_SET_IOMMU again, and the caller (Domain) maps everything again.
 import path from 'node:path';
 import { isNativeError } from '../../native/index.js';
-import { ClientLimitError, IommuError, InvalidArgError, NoDeviceError, UnsupportedError, type IovaRange } from '../../protocol/index.js';
-import { checkBdf, mapError, reservedFromUsable, unmapError, type DomainLimits, type IommuBackend, type Piece, type VfioDevice } from './backend.js';
+import { ClientLimitError, IommuError, InvalidArgError, NoDeviceError, UnsupportedError, type IovaRange, type MmbError } from '../../protocol/index.js';
+import { checkBdf, mapError, reservedFromUsable, unmapError, type Detached, type DomainLimits, type IommuBackend, type Piece, type VfioDevice } from './backend.js';
 import { HwDevice, MAX_INFO_BYTES, ioctlError } from './device.js';
 import { LAYOUTS, REQUEST, VFIO, get, pack, parseType1Info, type Type1Info } from './structs.js';
 import { realSys, type VfioSys } from './sys.js';
@@ -135,26 +135,44 @@ export class Type1Backend implements IommuBackend {
     }
   }
 
-  detach(bdf: string): { destroyed: boolean } {
+  detach(bdf: string): Detached {
     const d = this.devs.get(bdf);
     if (!d) throw new NoDeviceError(`${bdf} is not attached`);
     this.devs.delete(bdf);
     d.dev.close();
     d.group.devices.delete(bdf);
-    if (d.group.devices.size === 0) this.dropGroup(d.group);
-    return { destroyed: !this.iommuSet };
+    let stillOpen: MmbError | undefined;
+    if (d.group.devices.size === 0) {
+      const err = this.dropGroup(d.group);
+      // EBUSY: a device of the group is still open in the kernel although we closed its fd: this process
+      // still maps one of its regions (or holds a dup of the fd). The kernel keeps the group in the container
+      // until that goes away (seen in the VM test: re-opening the group then fails with EBUSY).
+      if (isNativeError(err, 'EBUSY')) {
+        stillOpen = new IommuError(
+          `${bdf} is detached here, but the kernel still holds it open (IOMMU group ${d.group.id} stays in the container): this process still maps one of its regions (a BAR mmap) or holds a copy of its fd; unmap them (before detaching, next time)`,
+          { cause: err, errno: 'EBUSY' },
+        );
+      }
+    }
+    return { destroyed: !this.iommuSet, ...(stillOpen ? { stillOpen } : {}) };
   }
 
-  /** Takes a group out of the container; the container loses its IOMMU with its last group. */
-  private dropGroup(g: Group): void {
+  /**
+   * Takes a group out of the container; the container loses its IOMMU with its last group. Returns why
+   * VFIO_GROUP_UNSET_CONTAINER failed, if it did (not in the container because SET_CONTAINER failed; or
+   * EBUSY, a device of the group still open): closing the group fd unsets it too, once no device is open.
+   */
+  private dropGroup(g: Group): unknown {
+    let failure: unknown;
     try {
       this.sys.ioctlInt(g.fd, REQUEST.VFIO_GROUP_UNSET_CONTAINER, 0);
-    } catch {
-      // Not in the container (SET_CONTAINER failed), or already out: closing the group fd unsets it too.
+    } catch (err) {
+      failure = err;
     }
     this.sys.close(g.fd);
     this.groups.delete(g.id);
     if (this.groups.size === 0) this.iommuSet = false;
+    return failure;
   }
 
   device(name: string): VfioDevice | undefined {

@@ -1,0 +1,618 @@
+// The VM test's scenario, run by the guest's /init (vm/guest/init) inside QEMU (q35, intel-iommu, two edu
+// devices bound to vfio-pci). It runs the project's own stack from dist/: a broker (embedded, also
+// listening on a socket), an owner (in-process), and a vfio-like client (VfioSubscriber, over the
+// socket) with a real IOMMU backend (type1 or iommufd) and an edu device attached. It then makes edu's
+// DMA engine read and write guest memory through the IOMMU mappings the client made, and judges every
+// claim by what the device and the kernel do: the bytes the DMA moved (read through the owner's own
+// mapping of the memfd), DMAR faults in the kernel log, VmLck / VmPin in /proc/self/status, the
+// descriptors in /proc/self/fd.
+//
+// Output on the serial console, one line each: "MMB-VM-STEP {json}" per step (ok or not, with what was
+// measured), then "MMB-VM-RESULT {json}". Exit code 0 when every step passed.
+// argv: --backend type1|iommufd --devices BDF,BDF --timeout SECONDS
+import { spawn } from 'node:child_process';
+import { execFileSync } from 'node:child_process';
+import fs from 'node:fs';
+import readline from 'node:readline';
+import { parseArgs } from 'node:util';
+import { Broker, MappingSubscriber, OwnerClient, VfioSubscriber, native, constants, isMmbError } from '/mmb/dist/index.js';
+import { realSys, structs } from '/mmb/dist/clients/vfio/index.js';
+import { Edu, EDU_MAX_DMA } from './edu.mjs';
+
+const { values } = parseArgs({ options: { backend: { type: 'string' }, devices: { type: 'string' }, timeout: { type: 'string' } } });
+const backend = values.backend ?? 'type1';
+const devices = (values.devices ?? '').split(',').filter(Boolean);
+const timeoutS = Number(values.timeout ?? 90);
+const started = Date.now();
+
+const KiB = 1024;
+const MiB = 2 ** 20;
+const hex = (n) => `0x${n.toString(16)}`;
+const SOCKET = '/run/mmb/broker.sock';
+const UNPRIV_UID = 1000;
+const MEMLOCK_KIB = 1024; // RLIMIT_MEMLOCK of the unprivileged client
+// GPAs (= IOVAs) stay below 256 MiB: edu masks DMA addresses to 28 bits.
+const GPA_RAM = 0x0400_0000; // 64 MiB
+const GPA_BASE = 0x0800_0000; // 128 MiB
+const GPA_BIG = 0x0900_0000; // 144 MiB
+const GPA_SMALL = 0x0a00_0000; // 160 MiB
+const MSI_WINDOW = { start: 0xfee0_0000, last: 0xfeef_ffff };
+const PIECE = 1 * MiB; // the vfio client's pinChunkBytes
+
+// --- reporting --------------------------------------------------------------------------------------
+const print = (tag, obj) => process.stdout.write(`${tag} ${JSON.stringify(obj)}\n`);
+const results = [];
+let current = 'setup';
+
+class StepFailure extends Error {}
+function check(cond, message, detail) {
+  if (!cond) throw new StepFailure(detail === undefined ? message : `${message} (${JSON.stringify(detail)})`);
+}
+
+async function step(name, fn) {
+  current = name;
+  const t0 = Date.now();
+  try {
+    const detail = (await fn()) ?? {};
+    const r = { step: name, ok: true, ms: Date.now() - t0, ...detail };
+    results.push(r);
+    print('MMB-VM-STEP', r);
+    return detail;
+  } catch (err) {
+    const r = { step: name, ok: false, ms: Date.now() - t0, message: describe(err) };
+    if (!(err instanceof StepFailure) && err?.stack) r.stack = String(err.stack).split('\n').slice(0, 8).join('\n');
+    results.push(r);
+    print('MMB-VM-STEP', r);
+    throw err;
+  }
+}
+
+function describe(err) {
+  if (isMmbError(err)) return `${err.code}${err.client ? ` (client ${err.client.name})` : ''}: ${err.message}`;
+  return err instanceof Error ? err.message : String(err);
+}
+
+function finish(ok, extra = {}) {
+  print('MMB-VM-RESULT', { ok, backend, devices, ms: Date.now() - started, steps: results.map((r) => `${r.step}:${r.ok ? 'ok' : 'FAILED'}`), ...extra });
+  process.exit(ok ? 0 : 1);
+}
+
+const deadline = setTimeout(() => {
+  print('MMB-VM-STEP', { step: current, ok: false, message: `the scenario's ${timeoutS} s deadline passed during this step` });
+  results.push({ step: current, ok: false });
+  finish(false, { step: current, message: `timed out after ${timeoutS} s in step ${current}` });
+}, timeoutS * 1000);
+deadline.unref();
+
+// --- the kernel's view -----------------------------------------------------------------------------------
+/** VmLck and VmPin of this process (KiB): type1 charges its pins to locked_vm, iommufd to pinned_vm. */
+function pins(pid = 'self') {
+  const s = fs.readFileSync(`/proc/${pid}/status`, 'utf8');
+  const kb = (f) => Number(new RegExp(`^${f}:\\s+(\\d+) kB$`, 'm').exec(s)?.[1] ?? NaN);
+  return { vmLck: kb('VmLck'), vmPin: kb('VmPin') };
+}
+/** The kernel's counter for what `backend` pins, in bytes. */
+function pinnedByKernel(pid = 'self') {
+  const p = pins(pid);
+  return (backend === 'type1' ? p.vmLck : p.vmPin) * KiB;
+}
+/** VFIO / iommufd descriptors this process holds, by what they point at. */
+function vfioFds() {
+  return fs
+    .readdirSync('/proc/self/fd')
+    .map((fd) => {
+      try {
+        return fs.readlinkSync(`/proc/self/fd/${fd}`);
+      } catch {
+        return '';
+      }
+    })
+    .filter((t) => t.startsWith('/dev/vfio') || t === '/dev/iommu' || t.includes('vfio'))
+    .sort();
+}
+function dmesg() {
+  return execFileSync('dmesg', { encoding: 'utf8' }).split('\n');
+}
+/** Kernel log lines added since `before` (a dmesg() result) that match `re`, waiting up to `ms`. */
+async function newKernelLines(before, re, ms = 3000) {
+  const end = Date.now() + ms;
+  for (;;) {
+    const seen = new Set(before);
+    const lines = dmesg().filter((l) => !seen.has(l) && re.test(l));
+    if (lines.length > 0 || Date.now() > end) return lines;
+    await sleep(100);
+  }
+}
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+// --- memory helpers --------------------------------------------------------------------------------------
+function pattern(length, seed) {
+  const b = new Uint8Array(length);
+  let x = seed >>> 0 || 1;
+  for (let i = 0; i < length; i++) {
+    x ^= x << 13;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    b[i] = x & 0xff;
+  }
+  return b;
+}
+const equal = (a, b) => a.length === b.length && a.every((v, i) => v === b[i]);
+const firstDiff = (a, b) => a.findIndex((v, i) => v !== b[i]);
+
+/** A backing the owner creates, registers and maps itself: the owner's view of guest memory. */
+async function ownerBacking(owner, size, name) {
+  const b = await owner.createBacking(size, name);
+  const map = native.mmap(b.fd, 0, size, constants.PROT_READ | constants.PROT_WRITE, constants.MAP_SHARED);
+  return { id: b.backing, fd: b.fd, map, bytes: new Uint8Array(map.buffer), size };
+}
+
+async function rejection(p) {
+  try {
+    await p;
+  } catch (err) {
+    return err;
+  }
+  return undefined;
+}
+
+function region(sub, name) {
+  return sub.domain.mappings.find((m) => m.region === name);
+}
+
+// --- the unprivileged client process ---------------------------------------------------------------------
+class Child {
+  constructor(args) {
+    // uid 1000 has no capabilities (no CAP_IPC_LOCK); `ulimit -l` sets its RLIMIT_MEMLOCK (KiB).
+    this.proc = spawn('/bin/sh', ['-c', `ulimit -l ${MEMLOCK_KIB} && exec node /mmb/vm/guest/unprivileged-client.mjs "$@"`, 'sh', ...args], {
+      uid: UNPRIV_UID,
+      gid: UNPRIV_UID,
+      stdio: ['pipe', 'pipe', 'pipe'],
+      cwd: '/mmb',
+    });
+    this.events = [];
+    this.waiters = [];
+    this.stderr = '';
+    this.proc.stderr.setEncoding('utf8').on('data', (d) => (this.stderr += d));
+    readline.createInterface({ input: this.proc.stdout }).on('line', (line) => {
+      let ev;
+      try {
+        ev = JSON.parse(line);
+      } catch {
+        ev = { event: 'text', line };
+      }
+      this.events.push(ev);
+      for (const w of [...this.waiters]) w();
+    });
+    this.exit = new Promise((r) => this.proc.on('exit', (code, signal) => r({ code, signal })));
+  }
+
+  next(event, ms = 20000, from = 0) {
+    return new Promise((resolve, reject) => {
+      const look = () => {
+        const ev = this.events.slice(from).find((e) => e.event === event || e.event === 'attachFailed');
+        if (!ev) return false;
+        this.waiters = this.waiters.filter((w) => w !== look);
+        clearTimeout(timer);
+        if (ev.event === 'attachFailed' && event !== 'attachFailed') reject(new StepFailure(`unprivileged client failed to attach: ${ev.code}: ${ev.message}`));
+        else resolve(ev);
+        return true;
+      };
+      const timer = setTimeout(() => {
+        this.waiters = this.waiters.filter((w) => w !== look);
+        reject(new StepFailure(`no "${event}" from the unprivileged client in ${ms} ms; stderr: ${this.stderr.slice(-2000)}`));
+      }, ms);
+      if (!look()) this.waiters.push(look);
+    });
+  }
+
+  async request(cmd, event) {
+    const from = this.events.length;
+    this.proc.stdin.write(JSON.stringify(cmd) + '\n');
+    return this.next(event, 20000, from);
+  }
+}
+
+// --- every VFIO / iommufd call this process makes, with the kernel's answer ----------------------------------
+// The backends call the kernel through realSys; wrapping it records each request and its errno, so that a
+// failure the client swallows (a detach, an unset-container) cannot go unnoticed.
+const calls = [];
+const REQUEST_NAMES = new Map(Object.entries(structs.REQUEST).map(([name, nr]) => [nr, name]));
+for (const fn of ['open', 'ioctlInt', 'ioctl', 'ioctlAsync', 'groupGetDeviceFd']) {
+  const orig = realSys[fn];
+  realSys[fn] = (...args) => {
+    const what = fn === 'open' ? `open ${args[0]}` : fn === 'groupGetDeviceFd' ? 'VFIO_GROUP_GET_DEVICE_FD' : (REQUEST_NAMES.get(args[1]) ?? `request ${args[1]}`);
+    const record = (errno) => calls.push({ step: current, what, errno });
+    try {
+      const r = orig(...args);
+      if (r instanceof Promise) return r.then((v) => (record(null), v), (e) => (record(e?.code ?? String(e)), Promise.reject(e)));
+      record(null);
+      return r;
+    } catch (e) {
+      record(e?.code ?? String(e));
+      throw e;
+    }
+  };
+}
+/** Failures the scenario provokes on purpose, by step: anything else failing is a finding. */
+const EXPECTED_FAILURES = [
+  { what: 'IOMMU_IOAS_IOVA_RANGES', errno: 'EMSGSIZE' }, // the "how many ranges?" call
+  { step: 'msi-window-refused', what: /MAP/, errno: 'EINVAL' },
+  { step: 'detach-while-bar-mapped', what: 'VFIO_GROUP_UNSET_CONTAINER', errno: 'EBUSY' }, // the device is still open
+];
+
+// --- the scenario ----------------------------------------------------------------------------------------
+let broker;
+let owner;
+let vfio;
+const edus = new Map();
+let ram;
+const changes = [];
+
+try {
+  check(devices.length >= 1, 'no edu device was bound to vfio-pci');
+  const [dev0, dev1] = devices;
+
+  await step('attach', async () => {
+    fs.mkdirSync('/run/mmb', { recursive: true, mode: 0o755 });
+    // Subscribers may be root or the unprivileged client's uid (the socket is opened to everyone: 0666).
+    broker = new Broker({ spaces: ['vm0'], limits: { ackTimeoutMs: 30000 }, access: { subscribers: { uids: [0, UNPRIV_UID] } } });
+    broker.listen(SOCKET, { mode: 0o666 });
+    owner = await OwnerClient.attach(broker, { space: 'vm0' });
+    const before = vfioFds();
+    // Pieces of 1 MiB: a 2 MiB region takes two MAP_DMA / IOAS_MAP calls, and a DMA can cross them.
+    vfio = await VfioSubscriber.attach(SOCKET, { space: 'vm0', name: 'vfio-edu', backend, devices: [dev0], reconnect: false, pinChunkBytes: PIECE });
+    vfio.on('change', (ev) => changes.push({ at: Date.now(), generation: ev.change.generation, added: ev.change.added.map((r) => r.name), removed: ev.change.removed.map((r) => r.name) }));
+    const d = vfio.domain;
+    check(d.backend === backend && d.active && !d.software, 'the client has an active hardware domain', d);
+    check(
+      d.reserved.some((r) => r.start <= MSI_WINDOW.start && r.last >= MSI_WINDOW.last),
+      `the kernel's usable IOVA ranges exclude the MSI window ${hex(MSI_WINDOW.start)}-${hex(MSI_WINDOW.last)}`,
+      d.reserved,
+    );
+    const limits = vfio.backend.limits();
+    const st = (await owner.status()).spaces[0].clients.find((c) => c.name === 'vfio-edu');
+    check(st?.backend === backend && (st.reserved ?? []).some((r) => r.start <= MSI_WINDOW.start && r.last >= MSI_WINDOW.last), 'the broker has the reported reserved ranges', st);
+    const info = vfio.device(dev0).info();
+    return {
+      device: dev0,
+      usable: (limits.usable ?? []).map((r) => `${hex(Number(r.start))}-0x${r.last.toString(16)}`),
+      reserved: d.reserved.map((r) => `${hex(r.start)}-${hex(r.last)}`),
+      coherent: d.coherent ?? null,
+      dmaAvailable: d.dmaAvailable ?? null,
+      deviceInfo: info,
+      fds: vfioFds().filter((f) => !before.includes(f)),
+    };
+  });
+
+  await step('edu', async () => {
+    const e = new Edu(vfio.device(dev0));
+    edus.set(dev0, e);
+    return { device: dev0, id: hex(e.id), bar0: { offset: hex(e.bar.offset), size: hex(e.bar.size) }, pciCommand: hex(e.command) };
+  });
+
+  await step('hotplug-dma', async () => {
+    ram = await ownerBacking(owner, 2 * MiB, 'dma-ram');
+    const k0 = pinnedByKernel();
+    const avail0 = vfio.domain.dmaAvailable;
+    await owner.addRegion({ name: 'dma-ram', gpa: GPA_RAM, size: ram.size, backing: ram.id });
+    const m = region(vfio, 'dma-ram');
+    check(m && m.iova === GPA_RAM && m.size === ram.size && m.pieces === ram.size / PIECE, `the client mapped the region at IOVA = GPA in ${ram.size / PIECE} pieces`, vfio.domain.mappings);
+    const k1 = pinnedByKernel();
+    check(k1 - k0 === ram.size, `the kernel counts ${ram.size} more bytes pinned (${backend === 'type1' ? 'VmLck' : 'VmPin'})`, { before: k0, after: k1 });
+    const avail1 = vfio.domain.dmaAvailable;
+    if (backend === 'type1') check(avail0 - avail1 === m.pieces, 'type1 DMA_AVAIL went down by one per piece', { avail0, avail1 });
+
+    const edu = edus.get(dev0);
+    const copies = [];
+    // One copy inside the first piece, one from across the boundary between the two pieces.
+    for (const [src, dst, seed] of [[0x1000, 0x10000, 0xc0ffee], [PIECE - 0x800, PIECE + 0x40000, 0x5eed]]) {
+      const data = pattern(EDU_MAX_DMA, seed);
+      ram.bytes.set(data, src);
+      ram.bytes.fill(0, dst, dst + 2 * EDU_MAX_DMA);
+      const t0 = Date.now();
+      await edu.copy(GPA_RAM + src, GPA_RAM + dst, EDU_MAX_DMA);
+      const got = ram.bytes.slice(dst, dst + EDU_MAX_DMA);
+      check(equal(got, data), `the DMA copy of ${EDU_MAX_DMA} bytes from ${hex(GPA_RAM + src)} arrived at ${hex(GPA_RAM + dst)} (first difference at byte ${firstDiff(got, data)})`);
+      check(ram.bytes[dst + EDU_MAX_DMA] === 0, 'nothing beyond the transfer was written');
+      copies.push({ from: hex(GPA_RAM + src), to: hex(GPA_RAM + dst), bytes: EDU_MAX_DMA, ms: Date.now() - t0 });
+    }
+    return { gpa: hex(GPA_RAM), size: ram.size, pieces: m.pieces, copies, kernelPinnedDelta: k1 - k0, dmaAvailable: [avail0 ?? null, avail1 ?? null] };
+  });
+
+  await step('readonly-toggle', async () => {
+    // A fresh pattern the device reads while the region is read-only; its buffer then holds it.
+    const src = 0x60000;
+    const dst = 0x70000;
+    const data = pattern(EDU_MAX_DMA, 0x0dd);
+    ram.bytes.set(data, src);
+    ram.bytes.fill(0x33, dst, dst + EDU_MAX_DMA);
+    const k0 = pinnedByKernel();
+    await owner.commit([{ op: 'set', region: 'dma-ram', readonly: true }]);
+    const m = region(vfio, 'dma-ram');
+    check(m?.readonly === true && pinnedByKernel() === k0, 'the client re-mapped the region read-only (pinned once)', { m, k0, k1: pinnedByKernel() });
+    const edu = edus.get(dev0);
+    const before = dmesg();
+    await edu.dma({ src: GPA_RAM + src, dst: 0x40000, count: EDU_MAX_DMA, toRam: false });
+    await edu.dma({ src: 0x40000, dst: GPA_RAM + dst, count: EDU_MAX_DMA, toRam: true });
+    check(ram.bytes.slice(dst, dst + EDU_MAX_DMA).every((b) => b === 0x33), 'a DMA write into the read-only region did not land');
+    const faults = await newKernelLines(before, /DMAR:.*DMA Write/);
+    check(faults.some((l) => l.includes(`fault addr ${hex(GPA_RAM + dst)}`)), 'the guest kernel logged the write fault', faults);
+    await owner.commit([{ op: 'set', region: 'dma-ram', readonly: false }]);
+    check(region(vfio, 'dma-ram')?.readonly === false && pinnedByKernel() === k0, 'writable again, pinned once', region(vfio, 'dma-ram'));
+    await edu.dma({ src: 0x40000, dst: GPA_RAM + dst, count: EDU_MAX_DMA, toRam: true });
+    check(equal(ram.bytes.slice(dst, dst + EDU_MAX_DMA), data), 'the device had read the region while it was read-only, and writes land again');
+    return { dmarWrite: faults.map((l) => l.replace(/^\[[^\]]*\]\s*/, '')) };
+  });
+
+  await step('replace-in-one-commit', async () => {
+    // One transaction removes the region and adds another backing at the same GPA: the old IOVA mapping
+    // must be gone before the new one is made (the kernel refuses overlaps), and DMA reaches the new memory.
+    const other = await ownerBacking(owner, ram.size, 'dma-ram-b');
+    const data = pattern(EDU_MAX_DMA, 0xb0b);
+    other.bytes.set(data, 0x1000);
+    ram.bytes.fill(0x44, 0x80000, 0x80000 + EDU_MAX_DMA);
+    const g0 = (await owner.status()).spaces[0].generation;
+    const k0 = pinnedByKernel();
+    await owner.commit([{ op: 'remove', region: 'dma-ram' }, { op: 'add', name: 'dma-ram-b', gpa: GPA_RAM, size: other.size, backing: other.id, offset: 0 }]);
+    const g1 = (await owner.status()).spaces[0].generation;
+    check(g1 === g0 + 1 && region(vfio, 'dma-ram-b')?.gpa === GPA_RAM && !region(vfio, 'dma-ram'), 'one generation; the client maps the new backing at the same GPA', vfio.domain.mappings);
+    check(pinnedByKernel() === k0, 'the kernel pins the same amount (old unpinned, new pinned)', { k0, k1: pinnedByKernel() });
+    await edus.get(dev0).copy(GPA_RAM + 0x1000, GPA_RAM + 0x80000, EDU_MAX_DMA);
+    check(equal(other.bytes.slice(0x80000, 0x80000 + EDU_MAX_DMA), data), 'the DMA went to the new memory');
+    check(ram.bytes.slice(0x80000, 0x80000 + EDU_MAX_DMA).every((b) => b === 0x44), 'and not to the old one');
+    await owner.commit([{ op: 'remove', region: 'dma-ram-b' }, { op: 'add', name: 'dma-ram', gpa: GPA_RAM, size: ram.size, backing: ram.id, offset: 0 }]);
+    check(region(vfio, 'dma-ram') && pinnedByKernel() === k0, 'and back');
+    native.munmap(other.map);
+    native.close(other.fd);
+    await owner.dropBacking(other.id);
+    return { generations: [g0, g1] };
+  });
+
+  await step('rollback-while-pinning', async () => {
+    // Another subscriber refuses a 64 MiB hotplug once the vfio client has mapped a few of its 64 pieces:
+    // the broker rolls back at once, and the client must unmap (UNMAP_DMA / IOAS_UNMAP) what it mapped.
+    const bulk = await owner.createBacking(64 * MiB, 'bulk');
+    native.close(bulk.fd);
+    const k0 = pinnedByKernel();
+    const avail0 = vfio.domain.dmaAvailable;
+    const progress = [];
+    const onProgress = (p) => p.region === 'bulk' && progress.push(p.done);
+    vfio.on('pinProgress', onProgress);
+    const nacker = await MappingSubscriber.attach(broker, { space: 'vm0', name: 'nacker', reconnect: false });
+    nacker.on('change', (ev) => {
+      if (!ev.change.added.some((r) => r.name === 'bulk')) return;
+      ev.waitUntil(
+        (async () => {
+          const end = Date.now() + 20000;
+          while (progress.length < 3 && Date.now() < end) await sleep(5);
+          throw new Error('nacker refuses bulk');
+        })(),
+      );
+    });
+    const g0 = (await owner.status()).spaces[0].generation;
+    const err = await rejection(owner.addRegion({ name: 'bulk', gpa: 0x1_0000_0000, size: 64 * MiB, backing: bulk.backing }));
+    vfio.off('pinProgress', onProgress);
+    await nacker.close();
+    check(isMmbError(err) && err.client?.name === 'nacker', 'the hotplug was refused by the other subscriber', { code: err?.code, client: err?.client });
+    check((await owner.status()).spaces[0].generation === g0 && !region(vfio, 'bulk'), 'rolled back');
+    check(progress.length >= 3 && progress.at(-1) < 64 * MiB, 'the vfio client had pinned part of it, not all', progress);
+    check(pinnedByKernel() === k0, 'the kernel holds none of it pinned', { k0, k1: pinnedByKernel() });
+    if (backend === 'type1') check(vfio.domain.dmaAvailable === avail0, 'every DMA mapping was given back', { avail0, avail1: vfio.domain.dmaAvailable });
+    await owner.dropBacking(bulk.backing);
+    return { code: err.code, client: err.client?.name, piecesPinnedBeforeRollback: progress.length, bytesPinnedBeforeRollback: progress.at(-1) };
+  });
+
+  await step('remove-then-dma-faults', async () => {
+    const k0 = pinnedByKernel();
+    const order = [];
+    const onChange = (ev) => {
+      if (ev.change.removed.some((r) => r.name === 'dma-ram')) order.push({ what: 'client-unmapped', mapped: Boolean(region(vfio, 'dma-ram')), kernelPinned: pinnedByKernel() });
+    };
+    vfio.on('change', onChange);
+    await owner.removeRegion('dma-ram');
+    order.push({ what: 'removal-complete', mapped: Boolean(region(vfio, 'dma-ram')), kernelPinned: pinnedByKernel() });
+    vfio.off('change', onChange);
+    check(order.length === 2 && order[0].what === 'client-unmapped', 'the removal completed only after the client had unmapped', order);
+    check(!order[0].mapped && order[0].kernelPinned === k0 - ram.size, 'when the client acked, the kernel had already unpinned the region', { k0, order });
+
+    // The owner still maps the memfd; the device must no longer reach it.
+    const dst = 0x20000;
+    ram.bytes.fill(0x5a, dst, dst + EDU_MAX_DMA + 1);
+    const before = dmesg();
+    const edu = edus.get(dev0);
+    await edu.dma({ src: 0x40000, dst: GPA_RAM + dst, count: EDU_MAX_DMA, toRam: true }); // the buffer still holds the pattern
+    const untouched = ram.bytes.slice(dst, dst + EDU_MAX_DMA).every((b) => b === 0x5a);
+    check(untouched, 'a DMA write to the removed GPA did not reach the old memory');
+    const faults = await newKernelLines(before, /DMAR:.*DMA Write/);
+    const want = `fault addr ${hex(GPA_RAM + dst)}`;
+    check(faults.some((l) => l.includes(want)), `the guest kernel logged a DMAR write fault at ${hex(GPA_RAM + dst)}`, faults);
+    // A read from the removed GPA faults too (the device gets no data from the old memory).
+    const before2 = dmesg();
+    await edu.dma({ src: GPA_RAM + 0x1000, dst: 0x40000, count: 64, toRam: false });
+    const readFaults = await newKernelLines(before2, /DMAR:.*DMA Read/);
+    check(readFaults.some((l) => l.includes(`fault addr ${hex(GPA_RAM + 0x1000)}`)), 'a DMA read from the removed GPA faulted too', readFaults);
+    return { order, dmarWrite: faults.map((l) => l.replace(/^\[[^\]]*\]\s*/, '')), dmarRead: readFaults.map((l) => l.replace(/^\[[^\]]*\]\s*/, '')) };
+  });
+
+  await step('msi-window-refused', async () => {
+    const over = await ownerBacking(owner, 1 * MiB, 'over-msi');
+    const g0 = (await owner.status()).spaces[0].generation;
+    const seen = changes.length;
+    const err = await rejection(owner.addRegion({ name: 'over-msi', gpa: MSI_WINDOW.start, size: over.size, backing: over.id }));
+    check(isMmbError(err), 'hotplugging RAM over the MSI window is refused', String(err));
+    check(err.code === 'MMB_ERR_RESERVED_RANGE' && err.client?.name === 'vfio-edu', 'refused with MMB_ERR_RESERVED_RANGE naming the vfio client', { code: err.code, client: err.client, message: err.message });
+    const s = (await owner.status()).spaces[0];
+    check(s.generation === g0 && !s.regions.some((r) => r.name === 'over-msi'), 'nothing changed: same generation, no such region', { g0, g1: s.generation });
+    check(changes.length === seen && !region(vfio, 'over-msi'), 'the vfio client never saw the change');
+
+    // The kernel itself refuses that IOVA: a raw map of the window through the backend fails.
+    const piece = { iova: MSI_WINDOW.start, size: over.size, vaddr: over.map.address, mapping: over.map, offset: 0, readonly: false };
+    const raw = await rejection(vfio.backend.map(piece));
+    if (!raw) await vfio.backend.unmap(piece);
+    check(raw, `the kernel refuses a ${backend} mapping at ${hex(MSI_WINDOW.start)} too`);
+    native.munmap(over.map);
+    native.close(over.fd);
+    await owner.dropBacking(over.id);
+    return { code: err.code, client: err.client?.name, message: err.message, kernelRefusal: `${raw.code} ${raw.errno}: ${raw.message}` };
+  });
+
+  if (dev1) {
+    await step('rlimit-memlock-refused', async () => {
+      // The device nodes the unprivileged client opens.
+      const nodes = ['/dev/vfio/vfio', '/dev/iommu', `/dev/vfio/${fs.readlinkSync(`/sys/bus/pci/devices/${dev1}/iommu_group`).split('/').pop()}`];
+      const cdevDir = `/sys/bus/pci/devices/${dev1}/vfio-dev`;
+      if (fs.existsSync(cdevDir)) for (const c of fs.readdirSync(cdevDir)) nodes.push(`/dev/vfio/devices/${c}`);
+      for (const n of nodes) if (fs.existsSync(n)) fs.chownSync(n, UNPRIV_UID, UNPRIV_UID);
+
+      const base = await ownerBacking(owner, 256 * KiB, 'base');
+      await owner.addRegion({ name: 'base', gpa: GPA_BASE, size: base.size, backing: base.id });
+      const child = new Child(['--socket', SOCKET, '--space', 'vm0', '--name', 'vfio-unpriv', '--backend', backend, '--device', dev1]);
+      const ready = await child.next('ready', 30000);
+      check(ready.uid === UNPRIV_UID && !ready.capIpcLock, 'the client runs as uid 1000 without CAP_IPC_LOCK', ready);
+      check(ready.memlockLimit === MEMLOCK_KIB * KiB, `its RLIMIT_MEMLOCK is ${MEMLOCK_KIB} KiB`, ready);
+      check(ready.domain.pinnedBytes === base.size, 'under the limit, it pinned the existing 256 KiB region', ready.domain);
+
+      const big = await ownerBacking(owner, 4 * MiB, 'big');
+      const g0 = (await owner.status()).spaces[0].generation;
+      const k0 = pinnedByKernel();
+      const before = dmesg();
+      const err = await rejection(owner.addRegion({ name: 'big', gpa: GPA_BIG, size: big.size, backing: big.id }));
+      check(isMmbError(err), 'a 4 MiB hotplug beyond the client\'s RLIMIT_MEMLOCK is refused', String(err));
+      check(err.code === 'MMB_ERR_PIN_FAILED' && err.client?.name === 'vfio-unpriv', 'refused with MMB_ERR_PIN_FAILED naming the unprivileged client', { code: err.code, client: err.client, message: err.message });
+      const errno = isMmbError(err.cause) ? err.cause.errno : err.errno;
+      const s = (await owner.status()).spaces[0];
+      check(s.generation === g0 && !s.regions.some((r) => r.name === 'big'), 'rolled back: same generation, no such region', { g0, g1: s.generation });
+      check(!region(vfio, 'big') && pinnedByKernel() === k0, 'the other vfio client holds nothing of it (unmapped, unpinned in the kernel)', { k0, k1: pinnedByKernel() });
+      const d = await child.request({ cmd: 'domain' }, 'domain');
+      check(d.domain.pinnedBytes === base.size && d.domain.mappings.length === 1, 'the refusing client is alive, still with only the old region pinned', d.domain);
+      const rlimitLog = await newKernelLines(before, /RLIMIT_MEMLOCK/, backend === 'type1' ? 3000 : 300);
+      if (backend === 'type1') check(rlimitLog.length > 0, 'type1 logged the RLIMIT_MEMLOCK refusal', rlimitLog);
+
+      // Under the limit it still works: a 512 KiB hotplug is pinned by both clients.
+      const small = await ownerBacking(owner, 512 * KiB, 'small');
+      await owner.addRegion({ name: 'small', gpa: GPA_SMALL, size: small.size, backing: small.id });
+      const d2 = await child.request({ cmd: 'domain' }, 'domain');
+      check(d2.domain.pinnedBytes === base.size + small.size, 'a hotplug under the limit is pinned by the unprivileged client', d2.domain);
+      check(Boolean(region(vfio, 'small')), 'and by the other client');
+      const childPins = { vmLckKiB: d2.vmLckKiB, vmPinKiB: d2.vmPinKiB };
+
+      await owner.commit([{ op: 'remove', region: 'small' }, { op: 'remove', region: 'base' }]);
+      await child.request({ cmd: 'exit' }, 'closed');
+      const exit = await child.exit;
+      check(exit.code === 0, 'the unprivileged client exited cleanly', { exit, stderr: child.stderr.slice(-1000) });
+      for (const b of [base, big, small]) {
+        native.munmap(b.map);
+        native.close(b.fd);
+        await owner.dropBacking(b.id).catch(() => undefined);
+      }
+      return {
+        child: { uid: ready.uid, capEff: ready.capEff, memlockLimit: ready.memlockLimit, underLimit: childPins },
+        code: err.code,
+        errno,
+        client: err.client?.name,
+        message: err.message,
+        kernelLog: rlimitLog.map((l) => l.replace(/^\[[^\]]*\]\s*/, '')),
+      };
+    });
+
+    await step('two-devices-one-domain', async () => {
+      await owner.addRegion({ name: 'shared', gpa: GPA_RAM, size: ram.size, backing: ram.id });
+      const k1 = pinnedByKernel();
+      const fdsOne = vfioFds();
+      await vfio.attachDevice(dev1);
+      const d = vfio.domain;
+      check(d.devices.length === 2 && d.devices.includes(dev1), 'both devices are in the domain', d.devices);
+      check(d.pinnedBytes === ram.size && pinnedByKernel() === k1, 'the second device pinned nothing more (client and kernel counters)', { pinnedBytes: d.pinnedBytes, k1, now: pinnedByKernel() });
+      edus.set(dev1, new Edu(vfio.device(dev1)));
+
+      const data = pattern(EDU_MAX_DMA, 0xbeef);
+      ram.bytes.set(data, 0x1000);
+      const copies = [];
+      for (const [i, dev] of [dev0, dev1].entries()) {
+        const dst = 0x30000 + i * 0x2000;
+        ram.bytes.fill(0, dst, dst + EDU_MAX_DMA);
+        await edus.get(dev).copy(GPA_RAM + 0x1000, GPA_RAM + dst, EDU_MAX_DMA);
+        check(equal(ram.bytes.slice(dst, dst + EDU_MAX_DMA), data), `${dev} copied through the shared mapping`);
+        copies.push({ device: dev, to: hex(GPA_RAM + dst) });
+      }
+
+      // Hot-remove the first device: the other keeps working, nothing is unpinned.
+      edus.get(dev0).close();
+      edus.delete(dev0);
+      await vfio.detachDevice(dev0);
+      check(vfio.domain.active && vfio.domain.pinnedBytes === ram.size && pinnedByKernel() === k1, 'after removing one device the domain and its pins stay', vfio.domain);
+      const dst = 0x38000;
+      ram.bytes.fill(0, dst, dst + EDU_MAX_DMA);
+      await edus.get(dev1).copy(GPA_RAM + 0x1000, GPA_RAM + dst, EDU_MAX_DMA);
+      check(equal(ram.bytes.slice(dst, dst + EDU_MAX_DMA), data), `${dev1} still DMAs after ${dev0} left`);
+
+      // Remove the last: the domain is released, everything unpinned, the device fds closed.
+      edus.get(dev1).close();
+      edus.delete(dev1);
+      await vfio.detachDevice(dev1);
+      const released = vfio.domain;
+      const k2 = pinnedByKernel();
+      const fdsNone = vfioFds();
+      check(!released.active && released.pinnedBytes === 0 && released.devices.length === 0, 'the last device released the domain', released);
+      check(k2 === k1 - ram.size, 'the kernel unpinned the region with the domain', { k1, k2 });
+      check(fdsNone.length < fdsOne.length && !fdsNone.some((f) => f === 'anon_inode:[vfio-device]' || /^\/dev\/vfio\/(\d+|devices\/)/.test(f)), 'no group or device descriptor is left open', fdsNone);
+
+      // A new first device creates the domain again and pins what is mapped.
+      await vfio.attachDevice(dev0);
+      const e = new Edu(vfio.device(dev0));
+      edus.set(dev0, e);
+      const dst2 = 0x40000;
+      ram.bytes.fill(0, dst2, dst2 + EDU_MAX_DMA);
+      await e.copy(GPA_RAM + 0x1000, GPA_RAM + dst2, EDU_MAX_DMA);
+      check(equal(ram.bytes.slice(dst2, dst2 + EDU_MAX_DMA), data), 'a re-created domain maps the memory again');
+      check(pinnedByKernel() === k1 && vfio.domain.pinnedBytes === ram.size, 'and pins it once', { k1, now: pinnedByKernel() });
+      return { copies, afterHotRemove: hex(GPA_RAM + dst), fdsWithOneDevice: fdsOne, fdsWithNone: fdsNone, kernelPinned: { withDomain: k1, released: k2 } };
+    });
+  }
+
+  if (dev1) {
+    await step('detach-while-bar-mapped', async () => {
+      // The BAR mapping outlives the detach: the kernel keeps the device open (type1: its group in the
+      // container; iommufd: bound), so the client detaches it on its side and says so (EBUSY).
+      const err = await rejection(vfio.detachDevice(dev0));
+      check(isMmbError(err) && err.code === 'MMB_ERR_IOMMU' && err.errno === 'EBUSY', 'detaching a device whose BAR is still mapped is reported', { code: err?.code, errno: err?.errno, message: err?.message });
+      const d = vfio.domain;
+      check(!d.active && d.devices.length === 0 && d.pinnedBytes === 0 && pinnedByKernel() === 0, 'the device is detached and everything unpinned', d);
+      // Once the BAR is unmapped the kernel lets go: the device attaches again and DMA works.
+      edus.get(dev0).close();
+      edus.delete(dev0);
+      await vfio.attachDevice(dev0);
+      const e = new Edu(vfio.device(dev0));
+      edus.set(dev0, e);
+      const data = pattern(EDU_MAX_DMA, 0xfeed);
+      ram.bytes.set(data, 0x1000);
+      ram.bytes.fill(0, 0x48000, 0x48000 + EDU_MAX_DMA);
+      await e.copy(GPA_RAM + 0x1000, GPA_RAM + 0x48000, EDU_MAX_DMA);
+      check(equal(ram.bytes.slice(0x48000, 0x48000 + EDU_MAX_DMA), data), 'after unmapping the BAR the device attaches again and DMAs');
+      return { message: err.message };
+    });
+  }
+
+  await step('close', async () => {
+    for (const e of edus.values()) e.close();
+    edus.clear();
+    if (region(vfio, 'shared')) await owner.removeRegion('shared');
+    await vfio.close();
+    const left = vfioFds();
+    check(left.length === 0, 'closing the client closed every VFIO / iommufd descriptor', left);
+    native.munmap(ram.map);
+    native.close(ram.fd);
+    owner.close();
+    await broker.close();
+    const failures = calls.filter((c) => c.errno !== null);
+    const unexpected = failures.filter((c) => !EXPECTED_FAILURES.some((x) => (x.step === undefined || x.step === c.step) && (typeof x.what === 'string' ? x.what === c.what : x.what.test(c.what)) && x.errno === c.errno));
+    check(unexpected.length === 0, 'no VFIO / iommufd call failed unexpectedly', unexpected);
+    const counts = {};
+    for (const c of calls) counts[c.what] = (counts[c.what] ?? 0) + 1;
+    return { kernelPinnedAfter: pinnedByKernel(), calls: counts, expectedFailures: failures.map((c) => `${c.step}: ${c.what} ${c.errno}`) };
+  });
+  finish(true);
+} catch (err) {
+  finish(false, { step: current, message: describe(err) });
+}
