@@ -1,0 +1,19 @@
+export { VhostUserSubscriber, type VhostUserOptions } from './subscriber.js';
+export { VhostUserApplier, type MemTableStats } from './applier.js';
+export { VhostUserFrontend, type FrontendOptions, type FrontendEvents, type FrontendStats, type Negotiated } from './frontend.js';
+export { planMemTable, undoSteps, entryOf, uaddrOf, UADDR_BASE, type TableEntry, type Step, type Plan, type MemMode } from './memtable.js';
+export { Virtqueue, ringLayout, type QueueMemory, type QueueBuffer, type VirtqueueOptions } from './virtqueue.js';
+export { VirtioBlk, BLK_FEATURES, SECTOR_BYTES, type BlkOptions, type DeviceAccess } from './blk.js';
+export { VirtioNet, NET_FEATURES, NET_HDR_BYTES, type NetOptions } from './net.js';
+export {
+  Req,
+  Flag,
+  Feature,
+  ProtocolFeature,
+  MEM_TABLE_MAX_REGIONS,
+  MAX_RAM_SLOTS,
+  WANTED_PROTOCOL_FEATURES,
+  bit,
+  reqName,
+  type MemRegion,
+} from './messages.js';

@@ -1,0 +1,231 @@
+// The vhost-user wire format, front-end side (QEMU docs/interop/vhost-user.rst). Every message is a fixed
+// 12-byte header { u32 request, u32 flags, u32 size } and `size` bytes of payload, in the machine's byte
+// order (little-endian on every host we run on); descriptors ride with the message as SCM_RIGHTS.
+//
+// Only what a front-end following a memory map and driving a few virtqueues needs is here: feature
+// negotiation, the memory table (SET_MEM_TABLE, ADD_MEM_REG, REM_MEM_REG, GET_MAX_MEM_SLOTS), vring setup,
+// GET_CONFIG. u64 fields that hold feature bits are bigints (bits 32 and up are used); addresses and sizes
+// are numbers (GPAs fit 52 bits), written as u64.
+import { InvalidArgError } from '../../protocol/index.js';
+
+/** Front-end request ids (the `request` field). */
+export const Req = {
+  GET_FEATURES: 1,
+  SET_FEATURES: 2,
+  SET_OWNER: 3,
+  RESET_OWNER: 4,
+  SET_MEM_TABLE: 5,
+  SET_LOG_BASE: 6,
+  SET_LOG_FD: 7,
+  SET_VRING_NUM: 8,
+  SET_VRING_ADDR: 9,
+  SET_VRING_BASE: 10,
+  GET_VRING_BASE: 11,
+  SET_VRING_KICK: 12,
+  SET_VRING_CALL: 13,
+  SET_VRING_ERR: 14,
+  GET_PROTOCOL_FEATURES: 15,
+  SET_PROTOCOL_FEATURES: 16,
+  GET_QUEUE_NUM: 17,
+  SET_VRING_ENABLE: 18,
+  GET_CONFIG: 24,
+  SET_CONFIG: 25,
+  RESET_DEVICE: 34,
+  GET_MAX_MEM_SLOTS: 36,
+  ADD_MEM_REG: 37,
+  REM_MEM_REG: 38,
+  SET_STATUS: 39,
+  GET_STATUS: 40,
+} as const;
+
+export type ReqId = (typeof Req)[keyof typeof Req];
+
+const REQ_NAMES = new Map<number, string>(Object.entries(Req).map(([k, v]) => [v, k]));
+
+/** 'ADD_MEM_REG' for 37; the number itself for ids this module does not know. */
+export function reqName(id: number): string {
+  return REQ_NAMES.get(id) ?? String(id);
+}
+
+/** Header flags. */
+export const Flag = {
+  /** The protocol version, in the low two bits. */
+  VERSION: 0x1,
+  /** Set on every reply from the back-end. */
+  REPLY: 0x4,
+  /** The front-end wants a reply-ack (VHOST_USER_PROTOCOL_F_REPLY_ACK). */
+  NEED_REPLY: 0x8,
+} as const;
+
+export const HEADER_BYTES = 12;
+/** The most payload we accept in a reply (the largest reply we ask for is GET_CONFIG's 256 + 12 bytes). */
+export const MAX_PAYLOAD_BYTES = 4096;
+/** SET_MEM_TABLE carries at most this many regions (VHOST_MEMORY_BASELINE_NREGIONS): one fd each. */
+export const MEM_TABLE_MAX_REGIONS = 8;
+/** The spec's upper bound on memory slots with CONFIGURE_MEM_SLOTS (VHOST_USER_MAX_RAM_SLOTS in QEMU). */
+export const MAX_RAM_SLOTS = 509;
+
+/** Protocol feature bits (GET/SET_PROTOCOL_FEATURES). */
+export const ProtocolFeature = {
+  MQ: 0,
+  LOG_SHMFD: 1,
+  RARP: 2,
+  REPLY_ACK: 3,
+  MTU: 4,
+  BACKEND_REQ: 5,
+  CROSS_ENDIAN: 6,
+  CRYPTO_SESSION: 7,
+  PAGEFAULT: 8,
+  CONFIG: 9,
+  BACKEND_SEND_FD: 10,
+  HOST_NOTIFIER: 11,
+  INFLIGHT_SHMFD: 12,
+  RESET_DEVICE: 13,
+  INBAND_NOTIFICATIONS: 14,
+  CONFIGURE_MEM_SLOTS: 15,
+  STATUS: 16,
+} as const;
+
+/** Virtio and vhost feature bits (GET/SET_FEATURES) this front-end knows by name. */
+export const Feature = {
+  /** VHOST_USER_F_PROTOCOL_FEATURES: the back-end speaks GET/SET_PROTOCOL_FEATURES. */
+  PROTOCOL_FEATURES: 30,
+  VERSION_1: 32,
+  RING_INDIRECT_DESC: 28,
+  RING_EVENT_IDX: 29,
+  /** virtio-blk */
+  BLK_SIZE_MAX: 1,
+  BLK_SEG_MAX: 2,
+  BLK_BLK_SIZE: 6,
+  BLK_FLUSH: 9,
+  /** virtio-net */
+  NET_MAC: 5,
+  NET_MRG_RXBUF: 15,
+} as const;
+
+export const bit = (n: number): bigint => 1n << BigInt(n);
+
+/** Protocol features this front-end asks for when offered. STATUS is never asked for: DPDK would then
+ *  wait for SET_STATUS before starting the device. */
+export const WANTED_PROTOCOL_FEATURES =
+  bit(ProtocolFeature.MQ) | bit(ProtocolFeature.REPLY_ACK) | bit(ProtocolFeature.CONFIG) | bit(ProtocolFeature.CONFIGURE_MEM_SLOTS);
+
+export interface Header {
+  request: number;
+  flags: number;
+  size: number;
+}
+
+/** One memory region as the back-end is told about it. */
+export interface MemRegion {
+  /** Guest-physical address of the first byte. */
+  gpa: number;
+  size: number;
+  /** The "user address" the back-end translates ring addresses with (any unique, consistent value). */
+  uaddr: bigint;
+  /** Offset of the region inside its fd; the back-end maps the fd from 0 over size + mmapOffset. */
+  mmapOffset: number;
+}
+
+export const MEM_REGION_BYTES = 32;
+
+function u64(n: number | bigint, what: string): bigint {
+  const v = typeof n === 'bigint' ? n : BigInt(n);
+  if (v < 0n || v >= 1n << 64n || (typeof n === 'number' && !Number.isSafeInteger(n))) throw new InvalidArgError(`${what} ${n} is not a u64`);
+  return v;
+}
+
+/** A whole message: header and payload, ready for sendmsg. */
+export function encode(request: number, flags: number, payload: Uint8Array = new Uint8Array(0)): Buffer {
+  const b = Buffer.allocUnsafe(HEADER_BYTES + payload.length);
+  b.writeUInt32LE(request, 0);
+  b.writeUInt32LE(flags, 4);
+  b.writeUInt32LE(payload.length, 8);
+  b.set(payload, HEADER_BYTES);
+  return b;
+}
+
+export function decodeHeader(b: Uint8Array, at = 0): Header {
+  const v = Buffer.from(b.buffer, b.byteOffset + at, HEADER_BYTES);
+  return { request: v.readUInt32LE(0), flags: v.readUInt32LE(4), size: v.readUInt32LE(8) };
+}
+
+export function u64Payload(n: number | bigint): Buffer {
+  const b = Buffer.alloc(8);
+  b.writeBigUInt64LE(u64(n, 'u64 payload'));
+  return b;
+}
+
+export function readU64(payload: Uint8Array, what: string): bigint {
+  if (payload.length < 8) throw new InvalidArgError(`${what}: reply payload of ${payload.length} bytes, expected a u64`);
+  return Buffer.from(payload.buffer, payload.byteOffset, 8).readBigUInt64LE(0);
+}
+
+/** struct vhost_vring_state { u32 index; u32 num; } */
+export function vringState(index: number, num: number): Buffer {
+  const b = Buffer.alloc(8);
+  b.writeUInt32LE(index, 0);
+  b.writeUInt32LE(num, 4);
+  return b;
+}
+
+/** struct vhost_vring_addr { u32 index, flags; u64 desc, used, avail, log } (used comes before avail). */
+export function vringAddr(index: number, desc: bigint, used: bigint, avail: bigint, flags = 0, log = 0n): Buffer {
+  const b = Buffer.alloc(40);
+  b.writeUInt32LE(index, 0);
+  b.writeUInt32LE(flags, 4);
+  b.writeBigUInt64LE(desc, 8);
+  b.writeBigUInt64LE(used, 16);
+  b.writeBigUInt64LE(avail, 24);
+  b.writeBigUInt64LE(log, 32);
+  return b;
+}
+
+/** The u64 of SET_VRING_KICK / SET_VRING_CALL: the ring index (bits 0-7), bit 8 set when no fd is sent. */
+export function vringFdPayload(index: number, noFd = false): Buffer {
+  if (!Number.isInteger(index) || index < 0 || index > 0xff) throw new InvalidArgError(`vring index ${index} out of range`);
+  return u64Payload(BigInt(index) | (noFd ? 0x100n : 0n));
+}
+
+function writeRegion(b: Buffer, at: number, r: MemRegion): void {
+  b.writeBigUInt64LE(u64(r.gpa, 'gpa'), at);
+  b.writeBigUInt64LE(u64(r.size, 'size'), at + 8);
+  b.writeBigUInt64LE(u64(r.uaddr, 'userspace_addr'), at + 16);
+  b.writeBigUInt64LE(u64(r.mmapOffset, 'mmap_offset'), at + 24);
+}
+
+/** SET_MEM_TABLE's payload: { u32 nregions, u32 padding, regions[nregions] }; one fd per region, same order. */
+export function memTable(regions: readonly MemRegion[]): Buffer {
+  if (regions.length > MEM_TABLE_MAX_REGIONS) {
+    throw new InvalidArgError(`SET_MEM_TABLE carries at most ${MEM_TABLE_MAX_REGIONS} regions, got ${regions.length}`);
+  }
+  // As QEMU does: nregions entries, not the whole 8-entry array.
+  const b = Buffer.alloc(8 + regions.length * MEM_REGION_BYTES);
+  b.writeUInt32LE(regions.length, 0);
+  regions.forEach((r, i) => writeRegion(b, 8 + i * MEM_REGION_BYTES, r));
+  return b;
+}
+
+/** ADD_MEM_REG / REM_MEM_REG payload: { u64 padding, region }. */
+export function memReg(r: MemRegion): Buffer {
+  const b = Buffer.alloc(8 + MEM_REGION_BYTES);
+  writeRegion(b, 8, r);
+  return b;
+}
+
+/** GET_CONFIG / SET_CONFIG payload: { u32 offset, u32 size, u32 flags, u8 payload[size] }. */
+export function configPayload(offset: number, size: number, flags = 0, data?: Uint8Array): Buffer {
+  const b = Buffer.alloc(12 + size);
+  b.writeUInt32LE(offset, 0);
+  b.writeUInt32LE(size, 4);
+  b.writeUInt32LE(flags, 8);
+  if (data) b.set(data.subarray(0, size), 12);
+  return b;
+}
+
+/** Names of the bits set in `mask`, for logs and errors. */
+export function bitNames(mask: bigint, names: Record<string, number>): string[] {
+  const out: string[] = [];
+  for (const [name, n] of Object.entries(names)) if (mask & bit(n)) out.push(name);
+  return out;
+}

@@ -1,0 +1,98 @@
+// A minimal virtio-net driver (virtio 1.x, section 5.1): queue 0 receives, queue 1 transmits, one queue
+// pair, no offloads, no mergeable buffers. With VERSION_1 every packet is preceded by the 12-byte
+// struct virtio_net_hdr (num_buffers included); this driver sends an all-zero header.
+import { InvalidArgError } from '../../protocol/index.js';
+import type { DeviceAccess } from './blk.js';
+import { Feature, bit } from './messages.js';
+import { Virtqueue } from './virtqueue.js';
+
+export const NET_FEATURES = bit(Feature.VERSION_1);
+export const NET_HDR_BYTES = 12;
+const HDR_SLOT_BYTES = 16;
+
+export interface NetOptions {
+  /** Guest-physical address of the driver's area (VirtioNet.areaBytes(queueSize) bytes, writable). */
+  gpa: number;
+  /** Descriptors per queue. Default 16. */
+  queueSize?: number;
+  /** Deadline of each transmit, in ms (receives wait as long as asked). Default 5000. */
+  timeoutMs?: number;
+}
+
+export class VirtioNet {
+  private readonly hdrBase: number;
+  private readonly hdrSlots: number[];
+
+  private constructor(
+    private readonly access: DeviceAccess,
+    readonly rx: Virtqueue,
+    readonly tx: Virtqueue,
+  ) {
+    this.hdrBase = tx.gpa + Virtqueue.ringBytes(tx.size);
+    this.hdrSlots = Array.from({ length: Math.floor(tx.size / 2) }, (_, i) => i);
+  }
+
+  static areaBytes(queueSize = 16): number {
+    return 2 * Virtqueue.ringBytes(queueSize) + Math.floor(queueSize / 2) * HDR_SLOT_BYTES;
+  }
+
+  /** Starts the RX (0) and TX (1) queues. NET_FEATURES must have been negotiated. */
+  static async start(access: DeviceAccess, opts: NetOptions): Promise<VirtioNet> {
+    const size = opts.queueSize ?? 16;
+    const t = opts.timeoutMs ? { timeoutMs: opts.timeoutMs } : {};
+    const rx = new Virtqueue(access.frontend, access.memory, { index: 0, size, gpa: opts.gpa, ...t });
+    const tx = new Virtqueue(access.frontend, access.memory, { index: 1, size, gpa: opts.gpa + Virtqueue.ringBytes(size), ...t });
+    try {
+      await rx.start();
+      await tx.start();
+    } catch (err) {
+      rx.close();
+      tx.close();
+      throw err;
+    }
+    return new VirtioNet(access, rx, tx);
+  }
+
+  /**
+   * Posts a receive buffer of `len` bytes at `gpa` (device-writable). Resolves with the frame's length once
+   * the device filled it: the frame is at gpa + NET_HDR_BYTES.
+   */
+  async receive(gpa: number, len: number): Promise<number> {
+    if (len < NET_HDR_BYTES + 14) throw new InvalidArgError(`a receive buffer needs at least ${NET_HDR_BYTES + 14} bytes`);
+    const used = await this.rx.submit([{ gpa, len, write: true }]);
+    return used - NET_HDR_BYTES;
+  }
+
+  /** Transmits the Ethernet frame of `len` bytes at `gpa` (a zero virtio_net_hdr goes in front). */
+  async transmit(gpa: number, len: number): Promise<void> {
+    const slot = this.hdrSlots.pop();
+    if (slot === undefined) throw new InvalidArgError('too many transmits in flight');
+    const hdrGpa = this.hdrBase + slot * HDR_SLOT_BYTES;
+    let keep = false;
+    try {
+      this.access.memory.slice(hdrGpa, NET_HDR_BYTES).fill(0);
+      try {
+        await this.tx.submit([{ gpa: hdrGpa, len: NET_HDR_BYTES }, { gpa, len }]);
+      } catch (err) {
+        keep = true;
+        throw err;
+      }
+    } finally {
+      if (!keep) this.hdrSlots.push(slot);
+    }
+  }
+
+  /** Stops both queues at the back-end (GET_VRING_BASE) and closes them. */
+  async stop(): Promise<void> {
+    try {
+      await this.rx.stop();
+    } finally {
+      await this.tx.stop().catch(() => undefined);
+    }
+  }
+
+  close(): void {
+    this.rx.close();
+    this.tx.close();
+  }
+}

@@ -1,0 +1,121 @@
+// VhostUserSubscriber: a subscriber that is a vhost-user front-end. It follows an address space and feeds
+// the map to an unmodified vhost-user back-end (qemu-storage-daemon's vhost-user-blk, DPDK's net_vhost,
+// virtiofsd) as SET_MEM_TABLE / ADD_MEM_REG / REM_MEM_REG, acking the broker only after the back-end
+// confirmed each change.
+//
+// Before attaching to the broker it connects to the back-end and negotiates, so that it can declare the
+// back-end's slot limit (GET_MAX_MEM_SLOTS, or 8 for SET_MEM_TABLE-only back-ends) as `maxRegions`: the
+// broker then refuses, before anything changes, a transaction that would need more. It follows a
+// coalesced view by default (`coalesce: true`): contiguous blocks of one backing arrive merged, so a map
+// of 200 hotplugged 2 MiB blocks is one region to the back-end.
+//
+// If the back-end goes away, the subscriber detaches from the broker (emitting 'error' with the reason)
+// rather than nacking every later transaction: a dead device must not block hotplug for everyone.
+import type { Logger } from 'pino';
+import { InvalidArgError, toMmbError } from '../../protocol/index.js';
+import type { BrokerTarget } from '../connection.js';
+import type { GuestMemory } from '../memory.js';
+import { Subscriber, type SubscriberOptions } from '../subscriber.js';
+import { VhostUserApplier, type MemTableStats } from './applier.js';
+import { VhostUserFrontend, type Negotiated } from './frontend.js';
+import type { TableEntry } from './memtable.js';
+import { Feature, bit } from './messages.js';
+
+export interface VhostUserOptions extends SubscriberOptions {
+  /** The back-end's vhost-user socket (it listens; we connect). */
+  backendSocket: string;
+  /**
+   * Virtio features to ask for (masked by what the back-end offers; VHOST_USER_F_PROTOCOL_FEATURES is
+   * added when offered). Default VERSION_1. The device drivers export what they need (BLK_FEATURES,
+   * NET_FEATURES).
+   */
+  virtioFeatures?: bigint;
+  /** Give the back-end at most this many regions (default: all its slots). */
+  maxSlots?: number;
+  /** Map guest memory in this process too (needed by the virtqueue drivers). Default true. */
+  mapMemory?: boolean;
+  /** Deadline of every back-end request, in ms. Default 5000. */
+  backendTimeoutMs?: number;
+  /** Wait up to this long for the back-end's socket to accept. Default 5000. */
+  connectTimeoutMs?: number;
+  /** A pino logger for memory-table messages and failures. Default: none. */
+  logger?: Logger;
+}
+
+export class VhostUserSubscriber extends Subscriber {
+  private constructor(
+    target: BrokerTarget,
+    private readonly vu: VhostUserApplier,
+    opts: SubscriberOptions,
+    /** What was negotiated with the back-end. */
+    readonly negotiated: Negotiated,
+  ) {
+    super(target, vu, opts);
+  }
+
+  /**
+   * Connects to the back-end and negotiates, then attaches to the broker with kind 'vhost-user',
+   * `maxRegions` = the back-end's slots and a coalesced view (unless `coalesce: false`), and resolves once
+   * the initial map is in the back-end's memory table, confirmed.
+   */
+  static async attach(target: BrokerTarget, opts: VhostUserOptions): Promise<VhostUserSubscriber> {
+    const { backendSocket, virtioFeatures, maxSlots, mapMemory, backendTimeoutMs, connectTimeoutMs, logger, ...subOpts } = opts;
+    for (const [what, v] of [['maxSlots', maxSlots], ['maxRegions', subOpts.maxRegions]] as const) {
+      if (v !== undefined && (!Number.isSafeInteger(v) || v < 1)) throw new InvalidArgError(`${what} must be a positive integer, got ${v}`);
+    }
+    const fe = await VhostUserFrontend.connect(backendSocket, { timeoutMs: backendTimeoutMs ?? 5000, connectTimeoutMs: connectTimeoutMs ?? 5000 });
+    let negotiated: Negotiated;
+    try {
+      negotiated = await fe.negotiate(virtioFeatures ?? bit(Feature.VERSION_1));
+    } catch (err) {
+      fe.close();
+      throw err;
+    }
+    const limit = Math.min(negotiated.maxMemSlots, maxSlots ?? Infinity, subOpts.maxRegions ?? Infinity);
+    const applier = new VhostUserApplier(fe, negotiated.memMode, limit, { mapMemory: mapMemory ?? true, ...(logger ? { logger } : {}) });
+    const sub = new VhostUserSubscriber(target, applier, { kind: 'vhost-user', coalesce: true, ...subOpts, maxRegions: limit }, negotiated);
+    fe.on('close', (reason) => {
+      if (reason) sub.emit('error', toMmbError(reason));
+      logger?.warn({ backend: backendSocket, reason: reason?.message }, 'vhost-user back-end gone: detaching from the broker');
+      void sub.close().catch(() => undefined);
+    });
+    try {
+      await sub.report({ backend: `vhost-user-${negotiated.memMode}`, pinned: 0 });
+      await sub.start();
+    } catch (err) {
+      await sub.close().catch(() => undefined);
+      throw err;
+    }
+    logger?.info({ backend: backendSocket, memMode: negotiated.memMode, maxSlots: limit, space: sub.space, client: sub.id }, 'vhost-user front-end attached');
+    return sub;
+  }
+
+  get frontend(): VhostUserFrontend {
+    return this.vu.frontend;
+  }
+
+  /** 'slots' (ADD_MEM_REG / REM_MEM_REG) or 'table' (SET_MEM_TABLE only). */
+  get memMode(): 'slots' | 'table' {
+    return this.vu.mode;
+  }
+
+  /** The most regions the back-end is given: what this client declared as maxRegions. */
+  get maxSlots(): number {
+    return this.vu.maxSlots;
+  }
+
+  /** This process's mappings of guest memory (what the virtqueue drivers read and write). */
+  get memory(): GuestMemory {
+    if (!this.vu.memory) throw new InvalidArgError('this vhost-user subscriber was attached with mapMemory: false');
+    return this.vu.memory;
+  }
+
+  /** The back-end's memory table as it confirmed it, sorted by gpa. */
+  backendTable(): TableEntry[] {
+    return this.vu.entries();
+  }
+
+  get stats(): MemTableStats {
+    return this.vu.stats;
+  }
+}

@@ -1,0 +1,124 @@
+// The vhost-user front-end against a real, unmodified DPDK back-end: dpdk-testpmd with a net_vhost vdev in
+// io forwarding mode. DPDK 22.11 offers no CONFIGURE_MEM_SLOTS, so every map change is one SET_MEM_TABLE
+// (at most 8 regions). A frame sent on the TX queue from one region comes back on the RX queue into a
+// second region that was hotplugged through the broker while the device was running; unplugging that
+// region takes it out of testpmd's /proc/PID/maps before the removal completes.
+//
+// A fresh testpmd per test (its own --file-prefix), stopped by PID; every wait has a deadline; error lines
+// on its stderr fail the test. Without dpdk-testpmd the tests are skipped, except under CI=true.
+import fs from 'node:fs';
+import { afterEach, describe, expect, it } from 'vitest';
+import { VhostUserSubscriber, VirtioNet, NET_FEATURES, NET_HDR_BYTES } from '../clients/vhost-user/index.js';
+import { constants, native } from '../native/index.js';
+import { isMmbError } from '../protocol/index.js';
+import { have, startTestpmd, TESTPMD, type Backend } from '../bench/vhost-user-backends.js';
+import { defer, embeddedBroker, ownerOf, runCleanups } from './helpers/embedded.js';
+import { memfdMaps, tempDir } from './helpers/procs.js';
+
+const MiB = 1 << 20;
+const IN_CI = process.env.CI !== undefined && process.env.CI !== '' && process.env.CI !== 'false' && process.env.CI !== '0';
+const HAVE_TESTPMD = have(TESTPMD);
+const WHY = `${TESTPMD} is not installed (package dpdk-dev; CI=true makes this a failure)`;
+if (!HAVE_TESTPMD && !IN_CI) console.warn(`vhost-user DPDK tests skipped: ${WHY}`);
+const describeDpdk = describe.skipIf(!HAVE_TESTPMD && !IN_CI);
+
+let backends: Backend[] = [];
+afterEach(async () => {
+  const errors = backends.flatMap((b) => b.errors().map((l) => `${b.name} ${b.pid}: ${l}`));
+  await runCleanups();
+  await Promise.all(backends.map((b) => b.stop()));
+  backends = [];
+  expect(errors, 'the back-end printed errors on stderr').toEqual([]);
+});
+
+if (IN_CI) {
+  it('CI machines have dpdk-testpmd', () => expect(HAVE_TESTPMD, WHY).toBe(true));
+}
+
+/** A 60-byte broadcast Ethernet frame carrying `marker`. */
+function frame(marker: string): Buffer {
+  const f = Buffer.alloc(60);
+  f.fill(0xff, 0, 6); // destination: broadcast
+  Buffer.from([0x02, 0x00, 0x00, 0x00, 0x00, 0x01]).copy(f, 6);
+  f.writeUInt16BE(0x88b5, 12); // IEEE local experimental EtherType
+  Buffer.from(marker).copy(f, 14);
+  return f;
+}
+
+describeDpdk('vhost-user front-end: dpdk-testpmd (net_vhost)', () => {
+  it('a frame sent on TX from one region comes back on RX into a second region hotplugged through the broker', async () => {
+    const dir = tempDir('mmb-vhu-dpdk-');
+    defer(() => fs.rmSync(dir, { recursive: true, force: true }));
+    const pmd = await startTestpmd(dir);
+    backends.push(pmd);
+    const broker = embeddedBroker();
+    const owner = await ownerOf(broker);
+    const ram = await owner.createBacking(4 * MiB, 'ram');
+    defer(() => native.close(ram.fd));
+    const ramView = native.mmap(ram.fd, 0, 4 * MiB, constants.PROT_READ | constants.PROT_WRITE, constants.MAP_SHARED);
+    defer(() => native.munmap(ramView));
+    await owner.addRegion({ name: 'ram0', gpa: 0, size: 4 * MiB, backing: ram.backing });
+
+    const sub = await VhostUserSubscriber.attach(broker, {
+      space: 'vm0',
+      name: 'vhost-user-net0',
+      backendSocket: pmd.socket,
+      virtioFeatures: NET_FEATURES,
+      reconnect: false,
+      backendTimeoutMs: 5000,
+      connectTimeoutMs: 10_000,
+    });
+    defer(() => sub.close());
+    // DPDK 22.11: no CONFIGURE_MEM_SLOTS, so SET_MEM_TABLE only, 8 regions, declared to the broker.
+    expect(sub.memMode).toBe('table');
+    expect(sub.maxSlots).toBe(8);
+    expect(memfdMaps(pmd.pid, 'ram')).toHaveLength(1);
+    const net = await VirtioNet.start(sub, { gpa: 0x1000, timeoutMs: 5000 });
+    defer(() => net.close());
+
+    // Hotplug the RX memory while the device runs: a 1 MiB region at offset 1 MiB of its memfd.
+    const rx = await owner.createBacking(4 * MiB, 'rxmem');
+    defer(() => native.close(rx.fd));
+    const rxView = native.mmap(rx.fd, 0, 4 * MiB, constants.PROT_READ, constants.MAP_SHARED);
+    defer(() => native.munmap(rxView));
+    const tables = sub.stats.setMemTable;
+    const rxGpa = 0x4000_0000;
+    await owner.addRegion({ name: 'rx0', gpa: rxGpa, size: 1 * MiB, backing: rx.backing, offset: 1 * MiB });
+    expect(sub.stats.setMemTable).toBe(tables + 1);
+    expect(sub.backendTable().map((e) => [e.name, e.mmapOffset])).toEqual([['ram0', 0], ['rx0', 1 * MiB]]);
+    expect(memfdMaps(pmd.pid, 'rxmem')).toHaveLength(1);
+
+    for (const [i, marker] of ['mmb-frame-one', 'mmb-frame-two'].entries()) {
+      const buf = rxGpa + 0x1000 + i * 0x1000;
+      const received = net.receive(buf, 2048);
+      const f = frame(marker);
+      new Uint8Array(ramView.buffer).set(f, 0x10000);
+      await net.transmit(0x10000, f.length);
+      const len = await received;
+      expect(len).toBe(f.length);
+      // Read back through the owner's own mapping of the second memfd: the back-end wrote it there.
+      const off = 1 * MiB + 0x1000 + i * 0x1000 + NET_HDR_BYTES;
+      expect(Buffer.from(new Uint8Array(rxView.buffer, off, f.length)).equals(f)).toBe(true);
+    }
+
+    // Unplug: one SET_MEM_TABLE without the region, confirmed before the removal completes.
+    await owner.removeRegion('rx0');
+    expect(sub.backendTable().map((e) => e.name)).toEqual(['ram0']);
+    expect(memfdMaps(pmd.pid, 'rxmem')).toEqual([]);
+    // Still working on what is left: a frame back into the first region.
+    const received = net.receive(0x20000, 2048);
+    const f = frame('mmb-frame-three');
+    new Uint8Array(ramView.buffer).set(f, 0x10000);
+    await net.transmit(0x10000, f.length);
+    expect(await received).toBe(f.length);
+    expect(Buffer.from(new Uint8Array(ramView.buffer, 0x20000 + NET_HDR_BYTES, f.length)).equals(f)).toBe(true);
+
+    // A 9th region would not fit SET_MEM_TABLE: refused by the broker before anything changes.
+    const more = await owner.createBacking(16 * MiB, 'more');
+    native.close(more.fd);
+    for (let i = 0; i < 7; i++) await owner.addRegion({ name: `m${i}`, gpa: 0x8000_0000 + i * 4 * MiB, size: 2 * MiB, backing: more.backing, offset: i * 2 * MiB });
+    const err = await owner.addRegion({ name: 'm7', gpa: 0x8000_0000 + 7 * 4 * MiB, size: 2 * MiB, backing: more.backing, offset: 7 * 2 * MiB }).catch((e: unknown) => e);
+    expect(isMmbError(err) && err.code).toBe('MMB_ERR_CLIENT_LIMIT');
+    expect(sub.backendTable()).toHaveLength(8);
+  });
+});
