@@ -83,7 +83,7 @@ describe('who may connect, who may own, who may subscribe', () => {
     defer(() => conn.close());
     await conn.request({ t: Msg.ATTACH, space: 'vm0', role: 'subscriber', kind: 'x' });
     for (const req of [{ t: Msg.COMMIT, ops: [] }, { t: Msg.BACKING_DROP, backing: 1 }, { t: Msg.PAUSE, paused: true }]) {
-      const err = await conn.request(req).catch((e) => e);
+      const err = (await conn.request(req).catch((e: unknown) => e)) as { errno?: string };
       expect(err.errno, JSON.stringify(req)).toBe('EPERM');
     }
   });
