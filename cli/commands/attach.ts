@@ -2,16 +2,17 @@ import { MappingSubscriber, type Subscriber } from '../../clients/index.js';
 import { VhostSubscriber } from '../../clients/vhost/index.js';
 import { KvmSubscriber } from '../../clients/kvm/index.js';
 import { VfioSubscriber } from '../../clients/vfio/index.js';
+import { VhostUserSubscriber } from '../../clients/vhost-user/index.js';
 import pino from 'pino';
 import { InvalidArgError, type MmbError } from '../../protocol/index.js';
 import { serveCommands, type CommandHandler } from '../control.js';
 import { formatSize, hex, HELP, parsed, parseCount, parseSize, required, type Command } from '../args.js';
 import { parseArgs } from 'node:util';
 
-const KINDS = ['plain', 'vhost', 'kvm', 'vfio'] as const;
+const KINDS = ['plain', 'vhost', 'vhost-user', 'kvm', 'vfio'] as const;
 type Kind = (typeof KINDS)[number];
 
-const usage = `Usage: mmbroker attach [plain|vhost|kvm|vfio] --socket PATH --space NAME [options]
+const usage = `Usage: mmbroker attach [plain|vhost|vhost-user|kvm|vfio] --socket PATH --space NAME [options]
 
 Runs a subscriber of the given kind until SIGTERM or SIGINT, logging each event on stdout. Every kind
 acks every change, reconnects and resumes by itself.
@@ -20,6 +21,12 @@ Kinds:
   plain   (default) maps every region MAP_SHARED, never pins
   vhost   a device back-end's view: maps every region (read-only ones PROT_READ), never pins, translates
           guest addresses; declares --max-regions slots and can follow a coalesced view (--coalesce)
+  vhost-user
+          a vhost-user front-end: feeds the map to an unmodified vhost-user back-end listening on
+          --backend-socket (qemu-storage-daemon, DPDK net_vhost, virtiofsd) as SET_MEM_TABLE /
+          ADD_MEM_REG / REM_MEM_REG, acking each change once the back-end confirmed it; declares the
+          back-end's slots (GET_MAX_MEM_SLOTS, or 8) and follows a coalesced view; exits 1 when the
+          back-end goes away
   kvm     keeps the map as KVM memslots of a real VM (/dev/kvm), the kernel judging every slot; without
           /dev/kvm (or with --software) the same table in software, reported as backend "software"
   vfio    pins every region and maps it into an IOMMU domain shared by its devices: --backend type1 (VFIO
@@ -33,13 +40,19 @@ Options:
   --max-regions N     the most regions (slots) this client accepts; the broker refuses changes beyond it
   --coalesce          follow a coalesced view (adjacent regions of one backing merged into one)
   --software          (kvm) keep the memslot table in software even where /dev/kvm works
-  --max-slots N       (kvm) use at most N memslots (default: what KVM offers, KVM_CAP_NR_MEMSLOTS)
+  --max-slots N       (kvm) use at most N memslots (default: what KVM offers, KVM_CAP_NR_MEMSLOTS);
+                      (vhost-user) give the back-end at most N regions (default: all its slots)
   --backend B         (vfio) soft, type1 or iommufd (default soft)
   --device BDF        (vfio) a device to attach to the shared domain (repeatable; a PCI address for
                       type1 / iommufd, any name for soft; default for soft: one device "dev0")
   --pin-limit SIZE    (vfio) most bytes this client may pin; declared to the broker, which refuses
                       hotplug beyond it before anything changes
   --pin-chunk SIZE    (vfio) bytes per pinning call (default 128M)
+  --backend-socket PATH
+                      (vhost-user) the back-end's vhost-user socket (it listens, we connect)
+  --no-coalesce       (vhost-user) follow the map region by region instead of a coalesced view
+  --backend-timeout MS
+                      (vhost-user) deadline of each back-end request (default 5000)
   --json              log one JSON object per event instead of text
   --control           also read JSON commands on stdin, one per line, answered on stdout:
                       {"cmd":"read","gpa":N,"len":N} {"cmd":"write","gpa":N,"hex":"..."} {"cmd":"regions"}
@@ -72,6 +85,9 @@ export const attach: Command = {
           device: { type: 'string', multiple: true },
           'pin-limit': { type: 'string' },
           'pin-chunk': { type: 'string' },
+          'backend-socket': { type: 'string' },
+          'no-coalesce': { type: 'boolean' },
+          'backend-timeout': { type: 'string' },
           json: { type: 'boolean' },
           control: { type: 'boolean' },
         },
@@ -112,6 +128,34 @@ export const attach: Command = {
       };
       await follow(kvm, kvm.memory.regions.bind(kvm.memory), log, values.control ? { memory: kvm.memory, extra } : undefined);
       return 0;
+    }
+    if (kind === 'vhost-user') {
+      const vu = await VhostUserSubscriber.attach(socket, {
+        ...opts,
+        backendSocket: required(values, 'backend-socket'),
+        ...(values['max-slots'] ? { maxSlots: parseCount(values['max-slots'], '--max-slots') } : {}),
+        ...(values['no-coalesce'] ? { coalesce: false } : {}),
+        ...(values['backend-timeout'] ? { backendTimeoutMs: parseCount(values['backend-timeout'], '--backend-timeout') } : {}),
+        // A pure bridge needs no mapping of its own; --control (read/write) does.
+        mapMemory: values.control ?? false,
+        logger: pino({ level: 'warn' }, pino.destination(2)),
+      });
+      const n = vu.negotiated;
+      log('backend', `vhost-user back-end ${vu.frontend.path}: ${n.memMode === 'slots' ? `${vu.maxSlots} slots (ADD_MEM_REG / REM_MEM_REG)` : `SET_MEM_TABLE only, ${vu.maxSlots} regions`}`, {
+        backend: vu.frontend.path, memMode: n.memMode, maxSlots: vu.maxSlots, features: `0x${n.features.toString(16)}`, protocolFeatures: `0x${n.protocolFeatures.toString(16)}`,
+      });
+      vu.on('change', () => log('table', `back-end table: ${vu.backendTable().map((e) => `${e.name}@${hex(e.gpa)}+${formatSize(e.size)}`).join(' ') || '(empty)'}`, {
+        table: vu.backendTable().map(({ name, gpa, size, mmapOffset }) => ({ name, gpa, size, mmapOffset })),
+      }));
+      let backendGone = false;
+      const gone = new Promise<void>((resolve) => vu.frontend.once('close', () => { backendGone = true; resolve(); }));
+      const mapped = () => (values.control ? vu.memory.regions() : []);
+      const extra: ControlCommands = { table: () => ({ event: 'table', memMode: vu.memMode, maxSlots: vu.maxSlots, table: vu.backendTable().map(({ name, gpa, size, mmapOffset }) => ({ name, gpa, size, mmapOffset })) }) };
+      await follow(vu, mapped, log, values.control ? { memory: vu.memory, extra } : undefined, gone);
+      if (!backendGone) return 0;
+      // The device is gone: stop reading control commands too, so that the process ends.
+      process.stdin.destroy();
+      return 1;
     }
     if (kind === 'vfio') {
       const backend = values.backend ?? 'soft';
@@ -185,6 +229,8 @@ export async function follow(
   mapped: () => readonly { region: { key: string }; address: number }[],
   log: Log,
   access?: { memory: GuestAccess; extra?: ControlCommands },
+  /** Also stop when this settles (the device behind the subscriber went away). */
+  until?: Promise<void>,
 ): Promise<void> {
   if (access) control(sub, access.memory, access.extra);
   const addressOf = (key: string) => mapped().find((m) => m.region.key === key)?.address;
@@ -211,6 +257,7 @@ export async function follow(
   await new Promise<void>((resolve) => {
     process.once('SIGTERM', resolve);
     process.once('SIGINT', resolve);
+    void until?.then(resolve);
   });
   await sub.close();
   log('detached', 'detached');
