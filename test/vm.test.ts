@@ -39,7 +39,7 @@ interface Summary {
   ok: boolean;
   backend: string;
   kernel: string;
-  steps: Step[];
+  steps?: Step[];
   message?: string;
   tail?: string;
   log?: string;
@@ -76,15 +76,16 @@ function runVm(args: string[], ms: number): Promise<Summary> {
 
 /** Fails with the guest's own message (and the tail of its console) unless every step passed. */
 function passed(s: Summary): Map<string, Step> {
+  const steps = s.steps ?? []; // none when the VM could not even start (no qemu, no kernel)
   if (!s.ok) {
-    const failed = s.steps.find((x) => !x.ok);
+    const failed = steps.find((x) => !x.ok);
     throw new Error(
       `${s.message ?? 'the VM test failed'}\n` +
         (failed ? `failed guest step: ${JSON.stringify(failed, null, 2)}\n` : '') +
-        `serial log: ${s.log}\n--- last lines of the console ---\n${s.tail ?? ''}`,
+        (s.log ? `serial log: ${s.log}\n--- last lines of the console ---\n${s.tail ?? ''}` : ''),
     );
   }
-  return new Map(s.steps.map((x) => [x.step, x]));
+  return new Map(steps.map((x) => [x.step, x]));
 }
 
 const STEPS = [

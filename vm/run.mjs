@@ -162,14 +162,16 @@ const json = (tag) =>
 const steps = json('MMB-VM-STEP');
 const result = json('MMB-VM-RESULT').pop();
 const guestExit = /^MMB-VM-EXIT (\d+)/m.exec(serial)?.[1];
-const tail = lines.filter((l) => !l.startsWith('MMB-VM-STEP')).slice(-40).join('\n');
+// The console's last lines before the guest's kernel-log dump (which stays in the log file).
+const dumpAt = lines.indexOf('MMB-VM-DMESG-BEGIN');
+const tail = (dumpAt >= 0 ? lines.slice(0, dumpAt) : lines).filter((l) => !l.startsWith('MMB-VM-STEP')).slice(-40).join('\n');
 const summary = { steps, result, qemuExit: exit, guestExit: guestExit === undefined ? null : Number(guestExit), log: logFile };
 if (timedOut) done(1, { ok: false, ...summary, message: `the VM did not finish within ${timeoutS} s (killed); last step: ${steps.at(-1)?.step ?? 'none'}`, tail });
 if (stuck) done(1, { ok: false, ...summary, message: stuck, tail });
-if (!result) done(1, { ok: false, ...summary, message: `the guest printed no result (QEMU exit ${exit.code ?? exit.signal})`, tail });
 const failed = steps.find((s) => !s.ok);
+if (!result && !failed) done(1, { ok: false, ...summary, message: `the guest printed no result (QEMU exit ${exit.code ?? exit.signal})`, tail });
 if (failed || !result.ok) {
-  done(1, { ok: false, ...summary, message: `guest step ${failed?.step ?? result.step ?? '?'} failed: ${failed?.message ?? result.message ?? 'see the log'}`, tail });
+  done(1, { ok: false, ...summary, message: `guest step ${failed?.step ?? result?.step ?? '?'} failed: ${failed?.message ?? result?.message ?? 'see the log'}`, tail });
 }
 if (guestExit !== '0') done(1, { ok: false, ...summary, message: `the guest's scenario reported success but ${guestExit === undefined ? 'printed no exit status' : `exited with ${guestExit}`}`, tail });
 done(0, { ok: true, ...summary });
