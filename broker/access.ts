@@ -22,6 +22,8 @@ export interface AccessPolicy {
   token?: string;
 }
 
+const listed = (allow: Allow, peer: Credentials) => (allow.uids ?? []).includes(peer.uid) || (allow.gids ?? []).includes(peer.gid);
+
 const self = (): Allow => ({ uids: [process.getuid?.() ?? 0], gids: [] });
 
 export class Access {
@@ -37,14 +39,22 @@ export class Access {
 
   /** Throws MMB_ERR_PERMISSION unless `peer` may take `role` (with `token`, for subscribers and observers). */
   check(space: string, role: 'owner' | 'subscriber' | 'observer', peer: Credentials, token: string | undefined): void {
-    const allow = role === 'owner' ? this.owners : this.subscribers;
-    const ok = (allow.uids ?? []).includes(peer.uid) || (allow.gids ?? []).includes(peer.gid);
+    const ok = listed(role === 'owner' ? this.owners : this.subscribers, peer);
     if (!ok) throw new PermissionError(`uid ${peer.uid} / gid ${peer.gid} may not attach to ${JSON.stringify(space)} as ${role}`);
     if (role === 'owner' || this.token === undefined) return;
     const given = Buffer.from(token ?? '', 'utf8');
     // Compare in constant time; lengths differ only for wrong tokens, and compare a dummy then.
     const same = given.length === this.token.length ? timingSafeEqual(given, this.token) : (timingSafeEqual(this.token, this.token), false);
     if (!same) throw new PermissionError(`a ${role} of ${JSON.stringify(space)} must present the space's token`);
+  }
+
+  /**
+   * May `peer` read the space's STATUS (its map and its clients)? Whoever may own it; whoever may
+   * subscribe, when the space has no token or the peer is attached to it (and so presented the token).
+   */
+  maySee(peer: Credentials, attached: boolean): boolean {
+    if (listed(this.owners, peer)) return true;
+    return listed(this.subscribers, peer) && (this.token === undefined || attached);
   }
 
   describe(): Record<string, unknown> {

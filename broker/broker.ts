@@ -8,6 +8,7 @@ import {
   BadMessageError,
   ConnectionLimitError,
   DEFAULT_CONNECTION_LIMITS,
+  PermissionError,
   RateLimitError,
   DEFAULT_PROTOCOL_LIMITS,
   DEFAULT_SPACE_LIMITS,
@@ -144,6 +145,16 @@ export class Broker implements InProcessConnector {
     return { spaces: spaces.map((s) => s.status()) };
   }
 
+  /** STATUS over a connection: only the spaces the peer may see (see Access.maySee). */
+  private statusFor(session: Session, spaceName: string | undefined): StatusResult {
+    const visible = (name: string) => (this.accessBySpace.get(name) as Access).maySee(session.transport.peer, session.spaceName === name && ['owner', 'subscriber', 'observer'].includes(session.state));
+    if (spaceName !== undefined && this.spacesByName.has(spaceName) && !visible(spaceName)) {
+      throw new PermissionError(`uid ${session.transport.peer.uid} may not see the status of ${JSON.stringify(spaceName)}`);
+    }
+    const all = this.status(spaceName);
+    return { spaces: all.spaces.filter((s) => visible(s.name)) };
+  }
+
   /** Says goodbye to every client, stops listening and closes every backing. */
   async close(): Promise<void> {
     if (this.closing) return;
@@ -225,7 +236,17 @@ export class Broker implements InProcessConnector {
 
   /** Handles one request. Returns the REPLY result, or undefined when the handler replied itself. */
   private request(session: Session, msg: Exclude<ToBroker, { t: 16 | 17 }>, fds: number[]): object | Promise<object | undefined> | undefined {
-    if (msg.t !== Msg.BACKING_ADD && msg.t !== Msg.DIRTY_SYNC) closeAll(fds); // (validation guarantees there are none)
+    // The descriptors a request carries are ours until a handler takes them (BACKING_ADD on success,
+    // DIRTY_SYNC once queued): any refusal before that closes them, exactly once.
+    try {
+      return this.handle(session, msg, fds);
+    } catch (err) {
+      closeAll(fds);
+      throw err;
+    }
+  }
+
+  private handle(session: Session, msg: Exclude<ToBroker, { t: 16 | 17 }>, fds: number[]): object | Promise<object | undefined> | undefined {
     if (msg.t === Msg.HELLO) {
       if (session.state !== 'new') throw new StateError('HELLO was already exchanged on this connection');
       if (msg.version !== PROTOCOL_VERSION) {
@@ -242,18 +263,11 @@ export class Broker implements InProcessConnector {
     if (session.state === 'new') throw new StateError('the first message on a connection must be HELLO');
     switch (msg.t) {
       case Msg.STATUS:
-        return this.status(msg.space);
+        return this.statusFor(session, msg.space);
       case Msg.ATTACH:
         return this.attach(session, msg);
-      case Msg.BACKING_ADD: {
-        try {
-          const result = this.ownedSpace(session).addBacking(session, fds[0] as number, msg.name);
-          return result;
-        } catch (err) {
-          closeAll(fds);
-          throw err;
-        }
-      }
+      case Msg.BACKING_ADD:
+        return this.ownedSpace(session).addBacking(session, fds[0] as number, msg.name);
       case Msg.BACKING_DROP:
         return this.ownedSpace(session).dropBacking(session, msg.backing);
       case Msg.COMMIT:
@@ -267,16 +281,8 @@ export class Broker implements InProcessConnector {
         const { t: _t, id: _id, ...req } = msg;
         return this.attachedSpace(session).findFree(req);
       }
-      case Msg.DIRTY_SYNC: {
-        let space: AddressSpace;
-        try {
-          space = this.attachedSpace(session);
-        } catch (err) {
-          closeAll(fds);
-          throw err;
-        }
-        return space.dirtySync(msg.regions, fds[0] as number);
-      }
+      case Msg.DIRTY_SYNC:
+        return this.attachedSpace(session).dirtySync(msg.regions, fds[0] as number);
       case Msg.PAUSE:
         return this.attachedSpace(session).pause(session, msg.paused);
     }

@@ -1,6 +1,7 @@
 // Argument helpers shared by the commands: sizes ("4096", "128M", "4G"), addresses (decimal or 0x hex),
 // and a parseArgs wrapper that turns usage mistakes into MMB_ERR_INVALID_ARG with the command's help.
 import { GPA_LIMIT, InvalidArgError } from '../protocol/index.js';
+import fs from 'node:fs';
 
 const UNITS: Record<string, number> = { '': 1, K: 2 ** 10, M: 2 ** 20, G: 2 ** 30, T: 2 ** 40 };
 
@@ -70,4 +71,17 @@ export function required(values: Record<string, unknown>, name: string): string 
   const v = values[name];
   if (typeof v !== 'string' || v === '') throw new InvalidArgError(`--${name} is required`);
   return v;
+}
+
+/** The first line of a token file (a space's secret: read from a file so it never shows in /proc/PID/cmdline). */
+export function readToken(file: string): string {
+  let text: string;
+  try {
+    text = fs.readFileSync(file, 'utf8');
+  } catch (err) {
+    throw new InvalidArgError(`--token-file ${file}: ${(err as Error).message}`);
+  }
+  const token = text.split('\n')[0]?.trim() ?? '';
+  if (token.length < 16) throw new InvalidArgError(`--token-file ${file}: the token must be at least 16 characters`);
+  return token;
 }

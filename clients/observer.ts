@@ -27,14 +27,14 @@ export class DirtyObserver extends EventEmitter<{ dirty: [event: DirtyEvent] }> 
     });
   }
 
-  static async attach(target: BrokerTarget, opts: ConnectionOptions & { space: string }): Promise<DirtyObserver> {
+  static async attach(target: BrokerTarget, opts: ConnectionOptions & { space: string; token?: string }): Promise<DirtyObserver> {
     const conn = await Connection.open(target, { name: 'observer', ...opts });
     if ((conn.features & Feature.DIRTY) === 0) {
       conn.close();
       throw new UnsupportedError('the broker does not offer dirty logging (feature DIRTY)');
     }
     try {
-      await conn.request({ t: Msg.ATTACH, space: opts.space, role: 'observer', kind: 'observer' });
+      await conn.request({ t: Msg.ATTACH, space: opts.space, role: 'observer', kind: 'observer', ...(opts.token !== undefined ? { token: opts.token } : {}) });
     } catch (err) {
       conn.close();
       throw err;

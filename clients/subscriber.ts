@@ -56,6 +56,8 @@ export interface SubscriberOptions extends ConnectionOptions {
   pin?: { limit?: number };
   /** false: this client never writes guest memory (dirty logging then needs nothing from it). Default true. */
   writes?: boolean;
+  /** The space's token, when it has one (feature AUTH; see docs/security.md). */
+  token?: string;
   /** Reconnect and resume after the connection drops. Default true. */
   reconnect?: boolean;
   /** Delay before the first reconnect attempt; doubles up to 1 s. Default 20 ms. */
@@ -239,6 +241,7 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
         space: this.space,
         role: 'subscriber',
         kind: this.kind,
+        ...(this.opts.token !== undefined ? { token: this.opts.token } : {}),
         ...(this.opts.maxRegions !== undefined || this.opts.coalesce
           ? { limits: { ...(this.opts.maxRegions !== undefined ? { maxRegions: this.opts.maxRegions } : {}), ...(this.opts.coalesce ? { coalesce: true } : {}) } }
           : {}),

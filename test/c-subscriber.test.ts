@@ -309,6 +309,25 @@ describe.skipIf(skip)(`C subscriber${skip ? ` (skipped: ${missing}; apt-get inst
       await expectFdsBack(baseline);
     });
 
+    it('presents a space\'s token from --token-file (feature AUTH); a wrong token is refused with MMB_ERR_PERMISSION', async () => {
+      broker.createSpace('sealed', { access: { token: 'c-token-0123456789abcdef' } });
+      const good = path.join(dir, 'good-token');
+      const bad = path.join(dir, 'bad-token');
+      fs.writeFileSync(good, 'c-token-0123456789abcdef\n');
+      fs.writeFileSync(bad, 'c-token-0123456789abcdeX\n');
+      const ok = start(['--space', 'sealed', '--token-file', good]);
+      await ok.waitFor(/^hello broker=\S+ version=1 features=0x40 /);
+      await ok.waitFor(/^synced gen=0 regions=0$/);
+      const refused = start(['--space', 'sealed', '--token-file', bad]);
+      await refused.waitFor(/^attach-refused code=MMB_ERR_PERMISSION errno=EPERM /);
+      expect((await refused.stop()).code).toBe(1);
+      const none = start(['--space', 'sealed']);
+      await none.waitFor(/^attach-refused code=MMB_ERR_PERMISSION /);
+      expect((await none.stop()).code).toBe(1);
+      expect(await ok.stop()).toEqual({ code: 0, signal: null });
+      await expectFdsBack(baseline);
+    });
+
     it('maps a hotplugged backing before acking, unmaps it on removal and closes it when it is gone', async () => {
       const GPA = 1 << 30;
       const c = start(['--name', 'c-hotplug', '--expect-gpa', `${GPA + 0x1000}`, '--expect-len', '16', '--expect-hex', '00'.repeat(8) + 'ff'.repeat(8),

@@ -141,6 +141,24 @@ describe('Invariant 6: hostile input is survivable', () => {
     await stillServes('truncated');
   });
 
+  it('a peer that half-closes (shutdown SHUT_WR) still gets the answer to every request it sent, then EOF', async () => {
+    const raw = new Raw();
+    raw.frame({ t: Msg.HELLO, id: 1, version: 1, features: 0x7f });
+    raw.frame({ t: Msg.ATTACH, id: 2, space: 'vm0', role: 'owner', kind: 'raw' });
+    const [pipeR, pipeW] = native.socketPair();
+    raw.frame({ t: Msg.BACKING_ADD, id: 3, name: 'not-memory' }, [pipeR]);
+    native.close(pipeR);
+    native.close(pipeW);
+    native.shutdown(raw.fd, 1);
+    const answers: Frame[] = [];
+    for (let f = await raw.next(); f; f = await raw.next()) answers.push(f);
+    expect(answers.map((f) => f.body.id)).toEqual([1, 2, 3]);
+    expect(answers[1]?.body.result).toBeDefined();
+    expect((answers[2]?.body.error as { code: string }).code).toBe('MMB_ERR_BACKING_INVALID');
+    raw.close();
+    await stillServes('half-close');
+  });
+
   it('valid msgpack of the wrong shape, unknown ids, huge and negative numbers: typed replies, the connection stays', async () => {
     const raw = new Raw();
     const expectError = async (code: string) => {

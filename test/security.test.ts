@@ -6,11 +6,11 @@ import path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { Broker } from '../broker/index.js';
 import { Connection } from '../clients/connection.js';
-import { MappingSubscriber, OwnerClient } from '../clients/index.js';
+import { DirtyObserver, MappingSubscriber, OwnerClient } from '../clients/index.js';
 import { constants, native } from '../native/index.js';
 import { Msg, encodeFrame, isMmbError } from '../protocol/index.js';
 import { codeOf, defer, runCleanups } from './helpers/embedded.js';
-import { tempDir, waitFor } from './helpers/procs.js';
+import { runCli, spawnBroker, stopProcess, tempDir, waitFor } from './helpers/procs.js';
 
 const MiB = 1 << 20;
 const NOBODY = 65534;
@@ -60,6 +60,37 @@ describe('who may connect, who may own, who may subscribe', () => {
     expect(await asNobody(byGroup.socket, 'vm0', 'subscriber')).toMatchObject({ ok: true });
   });
 
+  it.skipIf(!canSetpriv && !process.env.CI)('STATUS shows a peer only the spaces it may own, or subscribe to without a token', async () => {
+    const open = broker({ access: { subscribers: { uids: [NOBODY] } } }, { mode: 0o666 });
+    expect(await asNobody(open.socket, 'vm0', 'status')).toMatchObject({ ok: true, named: ['vm0'], all: ['vm0'] });
+    const strict = broker({}, { mode: 0o666 });
+    expect(await asNobody(strict.socket, 'vm0', 'status')).toMatchObject({ ok: true, named: 'MMB_ERR_PERMISSION', all: [] });
+    const tokened = broker({ access: { subscribers: { uids: [NOBODY] }, token: 't0ken' } }, { mode: 0o666 });
+    expect(await asNobody(tokened.socket, 'vm0', 'status')).toMatchObject({ ok: true, named: 'MMB_ERR_PERMISSION', all: [] });
+  });
+
+  it.skipIf(!canSetpriv && !process.env.CI)('mmbroker serve: --subscriber-uid, --socket-mode and --token-file set the same rules', async () => {
+    const dir = tempDir('mmb-sec-cli-');
+    fs.chmodSync(dir, 0o755);
+    const socket = path.join(dir, 'b.sock');
+    const tokenFile = path.join(dir, 'token');
+    fs.writeFileSync(tokenFile, 'a-token-of-24-characters\n', { mode: 0o600 });
+    const child = await spawnBroker(socket, ['--space', 'vm0', '--subscriber-uid', String(NOBODY), '--socket-mode', '666', '--token-file', tokenFile]);
+    defer(async () => void (await stopProcess(child)));
+    expect(fs.statSync(socket).mode & 0o777).toBe(0o666);
+    expect(await asNobody(socket, 'vm0', 'subscriber', 'a-token-of-24-characters')).toMatchObject({ ok: true, uid: NOBODY });
+    expect(await asNobody(socket, 'vm0', 'subscriber')).toMatchObject({ ok: false, code: 'MMB_ERR_PERMISSION' });
+    expect(await asNobody(socket, 'vm0', 'owner')).toMatchObject({ ok: false, code: 'MMB_ERR_PERMISSION' });
+    expect(fs.readFileSync(`/proc/${child.pid}/cmdline`, 'utf8')).not.toContain('a-token-of-24');
+    // A short token or a loose mode is refused at start, with a typed error.
+    fs.writeFileSync(tokenFile, 'short\n');
+    const bad = await runCli(['serve', '--socket', path.join(dir, 'c.sock'), '--token-file', tokenFile]);
+    expect(bad.code).not.toBe(0);
+    expect(bad.stderr).toContain('MMB_ERR_INVALID_ARG');
+    const badMode = await runCli(['serve', '--socket', path.join(dir, 'c.sock'), '--socket-mode', 'rw']);
+    expect(badMode.stderr).toContain('MMB_ERR_INVALID_ARG');
+  });
+
   it('a space with a token: subscribers without it, or with a wrong one, are refused', async () => {
     const b = new Broker({ spaces: [] });
     defer(() => b.close());
@@ -70,6 +101,12 @@ describe('who may connect, who may own, who may subscribe', () => {
     expect(await codeOf(conn.request({ t: Msg.ATTACH, space: 'vm0', role: 'subscriber', kind: 'x', token: 's3cret-tokem' }))).toBe('MMB_ERR_PERMISSION');
     expect(await codeOf(conn.request({ t: Msg.ATTACH, space: 'vm0', role: 'observer', kind: 'x', token: 'short' }))).toBe('MMB_ERR_PERMISSION');
     await conn.request({ t: Msg.ATTACH, space: 'vm0', role: 'subscriber', kind: 'x', token: 's3cret-token' });
+    // The clients pass it through their options, and keep it for their reconnects.
+    const sub = await MappingSubscriber.attach(b, { space: 'vm0', token: 's3cret-token', reconnect: false });
+    defer(() => sub.close());
+    expect(await codeOf(MappingSubscriber.attach(b, { space: 'vm0', token: 'wrong-token!', reconnect: false }))).toBe('MMB_ERR_PERMISSION');
+    const obs = await DirtyObserver.attach(b, { space: 'vm0', token: 's3cret-token' });
+    obs.close();
     // The owner needs no token (its credentials decide).
     const owner = await OwnerClient.attach(b, { space: 'vm0' });
     owner.close();

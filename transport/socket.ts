@@ -52,6 +52,10 @@ export class SocketTransport extends EventEmitter<TransportEvents> implements Tr
   private readonly queue: Pending[] = [];
   private queuedBytes = 0;
   private ending = false;
+  /** Why the connection closes once what is queued is out (set when the peer ended its stream). */
+  private endReason: MmbError | undefined;
+  /** The peer ended its stream and replies to what it sent may still be on their way (one turn). */
+  private answering = false;
   private endTimer: NodeJS.Timeout | undefined;
   private events = 0;
   private _closed = false;
@@ -90,7 +94,7 @@ export class SocketTransport extends EventEmitter<TransportEvents> implements Tr
       try {
         sent = native.sendmsg(this.fd, frame, fds);
       } catch (err) {
-        this.destroy(new DisconnectedError(`send failed: ${(err as Error).message}`, { cause: err }));
+        this.sendFailed(err);
         return;
       }
       if (sent === frame.length) return;
@@ -197,7 +201,7 @@ export class SocketTransport extends EventEmitter<TransportEvents> implements Tr
       try {
         sent = native.sendmsg(this.fd, chunk, p.fds);
       } catch (err) {
-        this.destroy(new DisconnectedError(`send failed: ${(err as Error).message}`, { cause: err }));
+        this.sendFailed(err);
         return;
       }
       if (sent === null) return;
@@ -212,9 +216,9 @@ export class SocketTransport extends EventEmitter<TransportEvents> implements Tr
     }
     if (this.queue.length === 0) {
       this.want(constants.POLL_WRITABLE, false);
-      if (this.ending) {
+      if (this.ending && !this.answering) {
         this.discardInput();
-        this.destroy();
+        this.destroy(this.endReason);
       }
     }
   }
@@ -229,7 +233,7 @@ export class SocketTransport extends EventEmitter<TransportEvents> implements Tr
       }
       if (r.bytes === 0) {
         closeAll(r.fds);
-        this.destroy(this.decoder.idle ? undefined : new DisconnectedError('peer closed the connection in the middle of a frame'));
+        this.peerEnded(this.decoder.idle ? undefined : new DisconnectedError('peer closed the connection in the middle of a frame'));
         return;
       }
       this.decoder.push(this.readBuf.subarray(0, r.bytes), r.fds);
@@ -250,6 +254,34 @@ export class SocketTransport extends EventEmitter<TransportEvents> implements Tr
       this.emit('frame', frame);
       if (this._closed || this.ending) return;
     }
+  }
+
+  /**
+   * EOF: the peer sends no more, but may still be reading (it half-closed with shutdown(SHUT_WR)). The
+   * requests it sent are answered (handlers reply within the turn, or from a promise settled in it), what
+   * is queued goes out within END_GRACE_MS, then the connection closes. A peer that closed both ways
+   * makes the first send fail, which closes at once.
+   */
+  private peerEnded(reason: MmbError | undefined): void {
+    this.ending = true;
+    this.endReason = reason;
+    this.answering = true;
+    this.stopReading();
+    setImmediate(() => {
+      this.answering = false;
+      if (this._closed) return;
+      if (this.queue.length === 0) {
+        this.destroy(reason);
+        return;
+      }
+      this.endTimer = setTimeout(() => this.destroy(reason), END_GRACE_MS);
+      this.endTimer.unref();
+    });
+  }
+
+  /** A send failed (EPIPE, ECONNRESET): after the peer's EOF that is how it ends, else a disconnection. */
+  private sendFailed(err: unknown): void {
+    this.destroy(this.answering || this.endReason !== undefined || this.ending ? this.endReason : new DisconnectedError(`send failed: ${(err as Error).message}`, { cause: err }));
   }
 
   /** Reads whatever is still queued after the socket reported an error, until the error itself. */

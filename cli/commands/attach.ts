@@ -6,7 +6,7 @@ import { VhostUserSubscriber } from '../../clients/vhost-user/index.js';
 import pino from 'pino';
 import { InvalidArgError, type MmbError } from '../../protocol/index.js';
 import { serveCommands, type CommandHandler } from '../control.js';
-import { formatSize, hex, HELP, parsed, parseCount, parseSize, required, type Command } from '../args.js';
+import { formatSize, hex, HELP, parsed, parseCount, parseSize, readToken, required, type Command } from '../args.js';
 import { parseArgs } from 'node:util';
 
 const KINDS = ['plain', 'vhost', 'vhost-user', 'kvm', 'vfio'] as const;
@@ -37,6 +37,7 @@ Options:
   --socket PATH       the broker's socket
   --space NAME        the address space to follow
   --name NAME         client name shown by status (default: <kind>-<pid>)
+  --token-file PATH   present the space's token from this file (first line), when it has one
   --max-regions N     the most regions (slots) this client accepts; the broker refuses changes beyond it
   --coalesce          follow a coalesced view (adjacent regions of one backing merged into one)
   --software          (kvm) keep the memslot table in software even where /dev/kvm works
@@ -77,6 +78,7 @@ export const attach: Command = {
           socket: { type: 'string' },
           space: { type: 'string' },
           name: { type: 'string' },
+          'token-file': { type: 'string' },
           'max-regions': { type: 'string' },
           coalesce: { type: 'boolean' },
           software: { type: 'boolean' },
@@ -103,6 +105,7 @@ export const attach: Command = {
     const opts = {
       space: required(values, 'space'),
       name: values.name ?? `${kind}-${process.pid}`,
+      ...(values['token-file'] !== undefined ? { token: readToken(values['token-file']) } : {}),
       ...(values['max-regions'] ? { maxRegions: parseCount(values['max-regions'], '--max-regions') } : {}),
       ...(values.coalesce ? { coalesce: true } : {}),
     };

@@ -1,6 +1,7 @@
 // c-subscriber: a memmap-broker subscriber in plain C11 with Debian's stock msgpack-c (libmsgpack-dev).
 //
-// It implements docs/protocol.md (version 1, no optional features) from the subscriber side: HELLO,
+// It implements docs/protocol.md (version 1; of the optional features only AUTH, when --token-file is
+// given) from the subscriber side: HELLO,
 // ATTACH, then EV_BACKINGS / EV_BACKINGS_GONE / EV_SYNC / EV_TXN / EV_ROLLBACK / EV_COMMITTED /
 // EV_GOODBYE / EV_ERROR, mapping every region MAP_SHARED from its backing's descriptor and acking (or
 // nacking) every event that carries a seq. It is a strict reference client: a frame or message that does
@@ -42,6 +43,7 @@
 // --- protocol constants (protocol/constants.ts, protocol/limits.ts) ------------------------------------
 #define HEADER_SIZE 8
 #define PROTOCOL_VERSION 1
+#define FEATURE_AUTH (1u << 6) // ATTACH.token (docs/protocol.md, feature bits)
 #define ADDR_MAX (1ULL << 52)           // GPAs, sizes and offsets: below 2^52 (x86-64 / arm64)
 #define UINT_SAFE_MAX ((1ULL << 53) - 1) // generations, seqs: exact in a JS number
 #define NAME_MAX_BYTES 64
@@ -665,13 +667,14 @@ static struct frame_out encode_hello(uint32_t id, uint32_t version, uint32_t fea
   return finish_frame(&sb);
 }
 
-static struct frame_out encode_attach(uint32_t id, const char *space, const char *role, const char *kind) {
-  BEGIN(5);
+static struct frame_out encode_attach(uint32_t id, const char *space, const char *role, const char *kind, const char *token) {
+  BEGIN(token ? 6 : 5);
   pk_key_uint(&pk, "t", M_ATTACH);
   pk_key_uint(&pk, "id", id);
   pk_key_str(&pk, "space", space);
   pk_key_str(&pk, "role", role);
   pk_key_str(&pk, "kind", kind);
+  if (token) pk_key_str(&pk, "token", token);
   return finish_frame(&sb);
 }
 
@@ -847,12 +850,15 @@ static bool send_frame(struct frame_out f) {
 
 // --- local state: backings, regions, the tentative transaction ------------------------------------------
 static struct {
-  const char *socket, *space, *name, *nack_region;
+  const char *socket, *space, *name, *nack_region, *token;
   bool have_expect, have_write, expect_done, write_done, have_exit_gen;
   uint64_t expect_gpa, write_gpa, exit_gen;
   uint8_t *expect, *write;
   size_t expect_len, write_len;
 } opt_;
+
+/** The features we ask for in HELLO, and expect the broker to grant exactly. */
+static uint32_t wanted_features(void) { return opt_.token ? FEATURE_AUTH : 0; }
 
 struct backing {
   uint32_t id;
@@ -1226,13 +1232,15 @@ static int on_reply(struct message *m) {
     char pl[300];
     for (int i = 0; i < 4; i++)
       if (!get_u32(l[i], sub(pl, sizeof pl, "REPLY.result.limits", lk[i]), &lim[i])) return EXIT_PROTO;
-    if (version != PROTOCOL_VERSION || features != 0)
+    if (version == PROTOCOL_VERSION && (features & ~wanted_features()) == 0 && features != wanted_features())
+      return fail("MMB_ERR_FEATURE", "the broker does not offer feature AUTH, which --token-file needs"), EXIT_FAIL;
+    if (version != PROTOCOL_VERSION || features != wanted_features())
       return fail("MMB_ERR_PROTOCOL", "HELLO reply with version %u, features 0x%x", version, features), EXIT_PROTO;
     if (lim[0] < 1 || lim[1] > SCM_MAX_FD) return fail("MMB_ERR_PROTOCOL", "unusable limits in the HELLO reply"), EXIT_PROTO;
     g_conn.max_frame = lim[0], g_conn.max_fds = g_max_fds = lim[1];
     say("hello broker=%s version=%u features=0x%x maxFrameBytes=%u maxFdsPerFrame=%u", broker, version, features, lim[0], lim[1]);
     g_state = ST_ATTACH;
-    return send_frame(encode_attach(REQ_ATTACH, opt_.space, "subscriber", "c-subscriber")) ? GO_ON : EXIT_FAIL;
+    return send_frame(encode_attach(REQ_ATTACH, opt_.space, "subscriber", "c-subscriber", opt_.token)) ? GO_ON : EXIT_FAIL;
   }
   static const char *const keys[] = {"client", "epoch", "generation", "sync"};
   static const char *const syncs[] = {"snapshot", "delta", "none", NULL};
@@ -1371,6 +1379,7 @@ static int usage(const char *why) {
           "c-subscriber: %s\n"
           "usage: c-subscriber --socket PATH --space NAME [--name NAME] [--expect-gpa ADDR --expect-len N --expect-hex HEX]\n"
           "                    [--write-gpa ADDR --write-hex HEX] [--exit-after-gen N] [--nack-region NAME]\n"
+          "                    [--token-file PATH]   (present the space's token: feature AUTH)\n"
           "       c-subscriber --decode-hex HEX     (validate one frame, print it as JSON)\n"
           "       c-subscriber --encode hello|attach|ack|nack   (print a sample frame as hex)\n",
           why);
@@ -1413,7 +1422,7 @@ static int decode_hex(const char *hex) {
 static int encode_sample(const char *name) {
   struct frame_out f;
   if (!strcmp(name, "hello")) f = encode_hello(1, 1, 1, "vhost-blk0");
-  else if (!strcmp(name, "attach")) f = encode_attach(3, "vm0", "subscriber", "c-subscriber");
+  else if (!strcmp(name, "attach")) f = encode_attach(3, "vm0", "subscriber", "c-subscriber", NULL);
   else if (!strcmp(name, "ack")) f = encode_ack(12);
   else if (!strcmp(name, "nack")) f = encode_nack(13, "MMB_ERR_MAP_FAILED", "ENOMEM", "cannot map region \"dimm0\"");
   else return usage("--encode takes hello, attach, ack or nack");
@@ -1421,6 +1430,19 @@ static int encode_sample(const char *name) {
   putchar('\n');
   free(f.data);
   return 0;
+}
+
+/** The first line of a token file (trailing whitespace removed), or NULL. Kept until exit. */
+static const char *read_token(const char *path) {
+  static char buf[258];
+  FILE *f = fopen(path, "re");
+  if (!f) return NULL;
+  bool ok = fgets(buf, sizeof buf, f) != NULL;
+  fclose(f);
+  if (!ok) return NULL;
+  size_t n = strlen(buf);
+  while (n && isspace((unsigned char)buf[n - 1])) buf[--n] = 0;
+  return n >= 16 && n <= 255 ? buf : NULL;
 }
 
 static bool parse_u64(const char *s, uint64_t *out) {
@@ -1446,6 +1468,9 @@ int main(int argc, char **argv) {
     else if (!strcmp(a, "--space")) opt_.space = v;
     else if (!strcmp(a, "--name")) opt_.name = v;
     else if (!strcmp(a, "--nack-region")) opt_.nack_region = v;
+    else if (!strcmp(a, "--token-file")) {
+      if (!(opt_.token = read_token(v))) return usage("--token-file: cannot read a token of 16..255 characters from it");
+    }
     else if (!strcmp(a, "--expect-hex")) expect_hex = v;
     else if (!strcmp(a, "--write-hex")) write_hex = v;
     else if (!strcmp(a, "--expect-gpa") && parse_u64(v, &opt_.expect_gpa)) have_expect_gpa = true;
@@ -1484,7 +1509,7 @@ int main(int argc, char **argv) {
   }
   g_conn.max_frame = DEFAULT_MAX_FRAME, g_conn.max_fds = DEFAULT_MAX_FDS; // until the HELLO reply says
   say("connected socket=%s pid=%d", opt_.socket, (int)getpid());
-  int status = send_frame(encode_hello(REQ_HELLO, PROTOCOL_VERSION, 0, opt_.name)) ? run(sigfd) : (cleanup(), 1);
+  int status = send_frame(encode_hello(REQ_HELLO, PROTOCOL_VERSION, wanted_features(), opt_.name)) ? run(sigfd) : (cleanup(), 1);
   close(sigfd);
   free(opt_.expect), free(opt_.write);
   return status;

@@ -1,0 +1,294 @@
+// The socket fuzzer: hostile sessions (fuzz/generate.ts) against a real broker in its own process, over
+// its real socket. After each batch a legitimate owner and subscriber must still complete a hotplug, and
+// the broker's /proc/PID/fd count and memfd mappings must return to the baseline. The broker logs at
+// level error, so any line it logs is an unexpected exception; its exit would be a crash.
+//
+//   npm run fuzz -- --frames 100000 [--seed N] [--json]
+import { spawn, type ChildProcess } from 'node:child_process';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath, pathToFileURL } from 'node:url';
+import { parseArgs } from 'node:util';
+import { MappingSubscriber, OwnerClient } from '../clients/index.js';
+import { constants, isNativeError, native } from '../native/index.js';
+import { closeAll } from '../transport/fds.js';
+import { FrameDecoder, isMmbError } from '../protocol/index.js';
+import { Rng, makeFd, session } from './generate.js';
+
+export interface FuzzOptions {
+  /** Hostile frames to send in all. */
+  frames: number;
+  seed?: number;
+  /** Sessions between two legitimate checks. Default 100. */
+  batch?: number;
+  /** Hostile frames per session (after its prologue). Default 6. */
+  framesPerSession?: number;
+  onBatch?: (done: number, result: FuzzResult) => void;
+}
+
+export interface FuzzResult {
+  frames: number;
+  sessions: number;
+  batches: number;
+  descriptorsSent: number;
+  /** Frames the broker sent back to hostile sessions. */
+  answers: number;
+  /** Typed errors among them, by code: what the hostile frames were refused with. */
+  errorCodes: Record<string, number>;
+  seconds: number;
+  framesPerSecond: number;
+  brokerAlive: boolean;
+  /** Lines the broker logged at level error or above (an exception it did not expect). */
+  unexpectedExceptions: number;
+  exceptionSamples: string[];
+  /** Largest difference between the broker's fd count after a batch and the baseline. */
+  fdLeak: number;
+  /** memfd mappings the broker held after a batch, beyond the baseline. */
+  mappingLeak: number;
+  legitChecks: number;
+  legitFailures: string[];
+}
+
+// The compiled CLI, whether this file runs compiled (dist/fuzz/run.js) or from source under vitest.
+const here = path.dirname(fileURLToPath(import.meta.url));
+const cli = path.join(here, path.basename(path.dirname(here)) === 'dist' ? '..' : '../dist', 'cli/mmbroker.js');
+
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+const fdCount = (pid: number) => fs.readdirSync(`/proc/${pid}/fd`).length;
+const memfdMaps = (pid: number) => fs.readFileSync(`/proc/${pid}/maps`, 'utf8').split('\n').filter((l) => l.includes('/memfd:')).length;
+
+async function waitFor(check: () => boolean | Promise<boolean>, ms: number): Promise<boolean> {
+  const end = Date.now() + ms;
+  while (Date.now() < end) {
+    if (await check()) return true;
+    await new Promise((r) => setTimeout(r, 10));
+  }
+  return check();
+}
+
+async function startBroker(socket: string): Promise<{ child: ChildProcess; errors: string[] }> {
+  const child = spawn(process.execPath, [cli, 'serve', '--socket', socket, '--space', 'vm0', '--ack-timeout', '1000', '--log-level', process.env.FUZZ_BROKER_LOG ?? 'error'], { stdio: ['ignore', 'pipe', 'pipe'] });
+  const errors: string[] = [];
+  // FUZZ_BROKER_LOG=debug FUZZ_BROKER_LOG_FILE=path keeps every line, e.g. to count the refusals by code.
+  const tee = process.env.FUZZ_BROKER_LOG_FILE ? fs.createWriteStream(process.env.FUZZ_BROKER_LOG_FILE) : undefined;
+  const take = (d: string) => {
+    tee?.write(d);
+    errors.push(...d.split('\n').filter(Boolean));
+  };
+  child.stdout?.setEncoding('utf8').on('data', take);
+  child.stderr?.setEncoding('utf8').on('data', take);
+  if (!(await waitFor(() => fs.existsSync(socket), 10_000))) throw new Error(`the broker did not start: ${errors.join('\n')}`);
+  return { child, errors };
+}
+
+function connect(socket: string): number | undefined {
+  try {
+    return native.socketConnect(socket);
+  } catch (err) {
+    if (isNativeError(err, 'EAGAIN')) return undefined;
+    throw err;
+  }
+}
+
+interface SessionOutcome {
+  descriptors: number;
+  /** Frames the broker sent back, and the error codes among them (replies, EV_ERROR, EV_GOODBYE). */
+  frames: number;
+  codes: string[];
+}
+
+/**
+ * Sends one session's chunks (creating and closing the descriptors it attaches), half-closes, and reads
+ * what the broker answers until it hangs up: a fuzzer that hung up at once would make the broker drop the
+ * connection at its first reply (EPIPE) and most hostile frames would never be looked at.
+ */
+async function runSession(socket: string, chunks: ReturnType<typeof session>, tmpFile: string): Promise<SessionOutcome> {
+  const out: SessionOutcome = { descriptors: 0, frames: 0, codes: [] };
+  let fd: number | undefined;
+  for (let tries = 0; fd === undefined && tries < 200; tries++) {
+    fd = connect(socket);
+    if (fd === undefined) await sleep(5);
+  }
+  if (fd === undefined) return out;
+  const decoder = new FrameDecoder({ maxFrameBytes: 1 << 24, maxFdsPerFrame: 253, maxPendingFds: 1024 });
+  const buf = new Uint8Array(1 << 16);
+  const read = (): boolean => {
+    // Returns false at EOF. Every descriptor the broker sends (backings, bitmaps) is closed at once.
+    for (;;) {
+      const r = native.recvmsg(fd as number, buf, 253);
+      if (r === null) return true;
+      if (r.bytes === 0) return false;
+      decoder.push(buf.subarray(0, r.bytes), r.fds);
+      for (let f = decoder.next(); f; f = decoder.next()) {
+        out.frames++;
+        closeAll(f.fds);
+        const err = f.body.error as { code?: unknown } | undefined;
+        if (err && typeof err.code === 'string') out.codes.push(err.code);
+      }
+    }
+  };
+  try {
+    for (const c of chunks) {
+      const made = c.fds.map((k) => makeFd(k, tmpFile));
+      try {
+        let r: number | null = null;
+        for (let tries = 0; tries < 50; tries++) {
+          r = native.sendmsg(fd, c.bytes, made.map((m) => m.fd));
+          if (r !== null) break;
+          read();
+          await sleep(2);
+        }
+        if (r === null) break;
+        out.descriptors += made.length;
+      } finally {
+        for (const m of made) for (const x of [m.fd, ...m.extra]) native.close(x);
+      }
+    }
+    native.shutdown(fd, constants.SHUT_WR);
+    for (const end = Date.now() + 2000; read() && Date.now() < end; ) await sleep(1);
+  } catch (err) {
+    // The broker hung up on us (EPIPE, ECONNRESET) or sent what we cannot decode after a fatal error:
+    // both are allowed answers to hostile input.
+    if (!isNativeError(err) && !isMmbError(err)) throw err;
+  } finally {
+    closeAll(decoder.dispose());
+    native.close(fd);
+  }
+  return out;
+}
+
+/** A legitimate owner and subscriber complete a hotplug; then the space is emptied again. */
+async function legitimateHotplug(socket: string, n: number): Promise<string | undefined> {
+  let owner: OwnerClient | undefined;
+  let sub: MappingSubscriber | undefined;
+  try {
+    // A hostile session may still hold ownership for a moment after it hung up.
+    for (let tries = 0; !owner; tries++) {
+      try {
+        owner = await OwnerClient.attach(socket, { space: 'vm0', name: 'legit-owner' });
+      } catch (err) {
+        if (!isMmbError(err, 'MMB_ERR_OWNER_EXISTS') || tries > 200) throw err;
+        await new Promise((r) => setTimeout(r, 10));
+      }
+    }
+    // What hostile owners managed to add goes first.
+    const leftovers = (await owner.status('vm0')).spaces[0]?.regions ?? [];
+    if (leftovers.length > 0) await owner.commit(leftovers.map((r) => ({ op: 'remove' as const, region: r.id })));
+    sub = await MappingSubscriber.attach(socket, { space: 'vm0', name: 'legit-subscriber', reconnect: false });
+    const b = await owner.createBacking(1 << 20, `legit${n}`);
+    native.close(b.fd);
+    await owner.addRegion({ name: `legit${n}`, gpa: await owner.findFree(1 << 20), size: 1 << 20, backing: b.backing });
+    if (!sub.regions().some((r) => r.name === `legit${n}`)) return `check ${n}: the subscriber did not get the hotplug`;
+    await owner.removeRegion(`legit${n}`);
+    await owner.dropBacking(b.backing).catch(() => undefined);
+    return undefined;
+  } catch (err) {
+    return `check ${n}: ${(err as Error).message}`;
+  } finally {
+    await sub?.close();
+    owner?.close();
+  }
+}
+
+export async function runFuzz(opts: FuzzOptions): Promise<FuzzResult> {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'mmb-fuzz-'));
+  const socket = path.join(dir, 'broker.sock');
+  const tmpFile = path.join(dir, 'plain-file');
+  fs.writeFileSync(tmpFile, Buffer.alloc(1 << 20));
+  const { child, errors } = await startBroker(socket);
+  const pid = child.pid as number;
+  const rng = new Rng(opts.seed ?? 1);
+  const per = opts.framesPerSession ?? 6;
+  const batch = opts.batch ?? 100;
+  const result: FuzzResult = {
+    frames: 0,
+    sessions: 0,
+    batches: 0,
+    descriptorsSent: 0,
+    answers: 0,
+    errorCodes: {},
+    seconds: 0,
+    framesPerSecond: 0,
+    brokerAlive: true,
+    unexpectedExceptions: 0,
+    exceptionSamples: [],
+    fdLeak: 0,
+    mappingLeak: 0,
+    legitChecks: 0,
+    legitFailures: [],
+  };
+  const started = performance.now();
+  try {
+    // The baseline, after one legitimate round trip with nothing else connected.
+    const first = await legitimateHotplug(socket, 0);
+    if (first) result.legitFailures.push(first);
+    await new Promise((r) => setTimeout(r, 100));
+    const baseFds = fdCount(pid);
+    const baseMaps = memfdMaps(pid);
+    while (result.frames < opts.frames && child.exitCode === null) {
+      for (let i = 0; i < batch && result.frames < opts.frames; i++) {
+        const chunks = session(rng, per);
+        const o = await runSession(socket, chunks, tmpFile);
+        result.descriptorsSent += o.descriptors;
+        result.answers += o.frames;
+        for (const c of o.codes) result.errorCodes[c] = (result.errorCodes[c] ?? 0) + 1;
+        result.frames += chunks.length;
+        result.sessions++;
+      }
+      result.batches++;
+      if (child.exitCode !== null) break;
+      const failure = await legitimateHotplug(socket, result.batches);
+      result.legitChecks++;
+      if (failure) result.legitFailures.push(failure);
+      await waitFor(() => fdCount(pid) <= baseFds && memfdMaps(pid) <= baseMaps, 5000);
+      result.fdLeak = Math.max(result.fdLeak, fdCount(pid) - baseFds);
+      result.mappingLeak = Math.max(result.mappingLeak, memfdMaps(pid) - baseMaps);
+      result.seconds = +((performance.now() - started) / 1000).toFixed(2);
+      opts.onBatch?.(result.frames, result);
+    }
+  } finally {
+    result.brokerAlive = child.exitCode === null && child.signalCode === null;
+    result.unexpectedExceptions = errors.length;
+    result.exceptionSamples = errors.slice(0, 5);
+    result.seconds = +((performance.now() - started) / 1000).toFixed(2);
+    result.framesPerSecond = Math.round(result.frames / Math.max(result.seconds, 1e-3));
+    if (child.exitCode === null) {
+      const exited = new Promise((r) => child.once('exit', r));
+      child.kill('SIGTERM');
+      await exited;
+    }
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+  return result;
+}
+
+async function main(): Promise<void> {
+  const { values } = parseArgs({ options: { frames: { type: 'string' }, seed: { type: 'string' }, batch: { type: 'string' }, json: { type: 'boolean' } } });
+  const frames = Number(values.frames ?? 100_000);
+  const json = values.json ?? false;
+  const result = await runFuzz({
+    frames,
+    seed: Number(values.seed ?? 1),
+    ...(values.batch ? { batch: Number(values.batch) } : {}),
+    onBatch: (done, r) => {
+      if (!json && r.batches % 20 === 0) console.log(`  ${done} frames, ${r.legitChecks} legitimate hotplugs, fd leak ${r.fdLeak}, ${r.seconds} s`);
+    },
+  });
+  if (json) console.log(JSON.stringify(result, null, 2));
+  else {
+    console.log(
+      `${result.frames} hostile frames in ${result.sessions} sessions (${result.descriptorsSent} descriptors attached), ${result.seconds} s, ${result.framesPerSecond} frames/s\n` +
+        `broker alive: ${result.brokerAlive}; unexpected exceptions: ${result.unexpectedExceptions}; leaked fds: ${result.fdLeak}; leaked memfd mappings: ${result.mappingLeak}; ` +
+        `legitimate hotplugs: ${result.legitChecks - result.legitFailures.length} of ${result.legitChecks}`,
+    );
+    const codes = Object.entries(result.errorCodes).sort((a, b) => b[1] - a[1]);
+    console.log(`${result.answers} frames answered; typed refusals by code: ${codes.map(([c, n]) => `${c.replace('MMB_ERR_', '')} ${n}`).join(', ')}`);
+    for (const f of result.legitFailures.slice(0, 5)) console.log(`  failed: ${f}`);
+    for (const e of result.exceptionSamples) console.log(`  broker: ${e}`);
+  }
+  const clean = result.brokerAlive && result.unexpectedExceptions === 0 && result.fdLeak === 0 && result.mappingLeak === 0 && result.legitFailures.length === 0;
+  process.exitCode = clean ? 0 : 1;
+}
+
+if (process.argv[1] && import.meta.url === pathToFileURL(process.argv[1]).href) await main();
