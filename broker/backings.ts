@@ -34,34 +34,40 @@ const S_IFREG = 0o100000;
 const O_ACCMODE = 3;
 const O_RDWR = 2;
 
+type ErrorClass = new (message: string, options?: { cause?: unknown }) => Error;
+
 /**
- * Checks that `fd` may back guest memory: a regular shmem/hugetlbfs file (memfd) opened read-write and
- * sealed against shrinking, so no client can truncate it under the others (SIGBUS). Returns its stat.
+ * Checks that `fd` is memory the broker and its clients may map without fear: a regular shmem/hugetlbfs
+ * file (memfd) opened read-write and sealed against shrinking, so nobody can truncate it under a mapping
+ * (SIGBUS). `invalid` and `unsealed` are the errors to throw. Returns its stat.
  */
-export function inspectBackingFd(fd: number): { size: number; dev: number; ino: number } {
+export function inspectMemoryFd(fd: number, invalid: ErrorClass, unsealed: ErrorClass): { size: number; dev: number; ino: number } {
   let st;
   try {
     st = native.fstat(fd);
   } catch (err) {
-    throw new BackingInvalidError(`descriptor cannot be inspected: ${(err as Error).message}`, { cause: err });
+    throw new invalid(`descriptor cannot be inspected: ${(err as Error).message}`, { cause: err });
   }
-  if ((st.mode & S_IFMT) !== S_IFREG) throw new BackingInvalidError('descriptor is not a regular memory file (memfd or hugetlbfs)');
+  if ((st.mode & S_IFMT) !== S_IFREG) throw new invalid('descriptor is not a regular memory file (memfd or hugetlbfs)');
   let seals: number;
   try {
     seals = native.getSeals(fd);
   } catch (err) {
-    throw new BackingInvalidError('descriptor does not support sealing: it is not a memfd or hugetlbfs file', { cause: err });
+    throw new invalid('descriptor does not support sealing: it is not a memfd or hugetlbfs file', { cause: err });
   }
   if ((seals & constants.F_SEAL_SHRINK) === 0) {
-    throw new BackingUnsealedError('memfd is not sealed against shrinking: add F_SEAL_SHRINK before registering it');
+    throw new unsealed('memfd is not sealed against shrinking: add F_SEAL_SHRINK before passing it');
   }
-  // The kernel's view of the open mode; subscribers need to map writable regions shared and writable.
+  // The kernel's view of the open mode: writable regions (and dirty-sync buffers) are mapped shared and writable.
   const flags = /^flags:\s*([0-7]+)$/m.exec(fs.readFileSync(`/proc/self/fdinfo/${fd}`, 'utf8'));
   if (!flags || (parseInt(flags[1] as string, 8) & O_ACCMODE) !== O_RDWR) {
-    throw new BackingInvalidError('memfd must be open read-write');
+    throw new invalid('memfd must be open read-write');
   }
   return { size: st.size, dev: st.dev, ino: st.ino };
 }
+
+/** A backing must be memory anyone may map (see inspectMemoryFd). */
+export const inspectBackingFd = (fd: number) => inspectMemoryFd(fd, BackingInvalidError, BackingUnsealedError);
 
 export class BackingTable {
   private readonly byId = new Map<number, Backing>();

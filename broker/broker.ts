@@ -282,7 +282,7 @@ export class Broker implements InProcessConnector {
         return this.attachedSpace(session).findFree(req);
       }
       case Msg.DIRTY_SYNC:
-        return this.attachedSpace(session).dirtySync(msg.regions, fds[0] as number);
+        return this.attachedSpace(session).dirtySync(session, msg.regions, fds[0] as number);
       case Msg.PAUSE:
         return this.attachedSpace(session).pause(session, msg.paused);
     }

@@ -11,8 +11,9 @@
 //     logged region is reported entirely dirty at each sync while it is attached (never a lost bit);
 //   - a subscriber with writes: false, and an observer, write nothing.
 import type { Logger } from 'pino';
-import { constants, native } from '../native/index.js';
+import { constants, native, type Mapping } from '../native/index.js';
 import {
+  BufferInvalidError,
   BufferTooSmallError,
   ClientRefusedError,
   Feature,
@@ -25,6 +26,7 @@ import {
   type MmbError,
   type Region,
 } from '../protocol/index.js';
+import { inspectMemoryFd } from './backings.js';
 import { DirtyBitmaps, dirtyRanges, type Bitmap } from './dirty.js';
 import type { Plan } from './map.js';
 import type { AckResult, Session } from './session.js';
@@ -125,38 +127,37 @@ export class Logging {
     }
     list.sort((a, b) => a.gpa - b.gpa);
     const needed = list.reduce((n, b) => n + b.bytes, 0);
-    let size: number;
+    // The buffer is checked and mapped before any bit moves, so a bad buffer loses nothing; sealed against
+    // shrinking, the requester cannot truncate it under our mapping (SIGBUS) while the writers flush.
+    let out: Mapping | undefined;
     try {
-      size = native.fstat(fd).size;
+      const { size } = inspectMemoryFd(fd, BufferInvalidError, BufferInvalidError);
+      if (size < needed) throw new BufferTooSmallError(`the dirty bitmaps of ${list.length} region(s) need ${needed} bytes; the buffer has ${size}`);
+      out = needed === 0 ? undefined : native.mmap(fd, 0, needed, constants.PROT_READ | constants.PROT_WRITE, constants.MAP_SHARED);
     } catch (err) {
       native.close(fd);
       throw err;
     }
-    if (size < needed) {
-      native.close(fd);
-      throw new BufferTooSmallError(`the dirty bitmaps of ${list.length} region(s) need ${needed} bytes; the buffer has ${size}`);
-    }
-    const subscribers = [...this.host.subscribers()];
-    // 1. Retire the active halves: from now on writers set bits in the other halves.
-    const retired = list.map((b) => this.bitmaps.flip(b));
-    // 2. Writers flush what they hold (KVM's dirty log, all-writable for VFIO without dirty tracking)
-    //    into the retired halves, and ack once nothing of theirs writes there any more.
-    const flushers = subscribers.filter(tracksDirt);
-    if (flushers.length > 0 && list.length > 0) {
-      const results = await this.host.fanOut(flushers, (s, seq) => s.send({ t: Msg.EV_DIRTY_FLUSH, seq }), this.host.generation);
-      for (const [s, r] of results) {
-        if (r.kind === 'nack') this.host.evict(s, r.error);
-      }
-    }
-    // 3. Writers that cannot say what they wrote make everything they could write dirty.
-    if (subscribers.some(blindWriter)) {
-      list.forEach((b, i) => {
-        if (!this.host.lookup(b.region)?.readonly) this.bitmaps.markAll(b, retired[i] as number);
-      });
-    }
-    // 4. Collect the retired halves (nobody writes there now) into the requester's buffer.
-    const out = needed === 0 ? undefined : native.mmap(fd, 0, needed, constants.PROT_READ | constants.PROT_WRITE, constants.MAP_SHARED);
     try {
+      const subscribers = [...this.host.subscribers()];
+      // 1. Retire the active halves: from now on writers set bits in the other halves.
+      const retired = list.map((b) => this.bitmaps.flip(b));
+      // 2. Writers flush what they hold (KVM's dirty log, all-writable for VFIO without dirty tracking)
+      //    into the retired halves, and ack once nothing of theirs writes there any more.
+      const flushers = subscribers.filter(tracksDirt);
+      if (flushers.length > 0 && list.length > 0) {
+        const results = await this.host.fanOut(flushers, (s, seq) => s.send({ t: Msg.EV_DIRTY_FLUSH, seq }), this.host.generation);
+        for (const [s, r] of results) {
+          if (r.kind === 'nack') this.host.evict(s, r.error);
+        }
+      }
+      // 3. Writers that cannot say what they wrote make everything they could write dirty.
+      if (subscribers.some(blindWriter)) {
+        list.forEach((b, i) => {
+          if (!this.host.lookup(b.region)?.readonly) this.bitmaps.markAll(b, retired[i] as number);
+        });
+      }
+      // 4. Collect the retired halves (nobody writes there now) into the requester's buffer.
       const regions: DirtySyncResult['regions'] = [];
       let offset = 0;
       for (const [i, b] of list.entries()) {

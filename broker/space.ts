@@ -254,8 +254,12 @@ export class AddressSpace {
     return undefined;
   }
 
-  /** DIRTY_SYNC: takes ownership of `fd`, the buffer the cleared bits are ORed into. */
-  dirtySync(refs: readonly (number | string)[] | undefined, fd: number): Promise<DirtySyncResult> {
+  /**
+   * DIRTY_SYNC (owner only: collecting clears the bits, so anyone else would steal them from the
+   * migration): takes ownership of `fd`, the buffer the cleared bits are ORed into.
+   */
+  dirtySync(session: Session, refs: readonly (number | string)[] | undefined, fd: number): Promise<DirtySyncResult> {
+    this.requireOwner(session);
     return this.enqueue(() => this.logging.sync(refs, fd), false);
   }
 

@@ -70,6 +70,7 @@ export const ERROR_TABLE = {
   MMB_ERR_NO_FREE_RANGE: { errno: 'ENOSPC', summary: 'No free GPA range of that size and alignment avoids every region and reserved range.' },
   MMB_ERR_NOT_LOGGING: { errno: 'ENOENT', summary: 'A dirty sync names a region whose dirty logging is off.' },
   MMB_ERR_BUFFER_TOO_SMALL: { errno: 'E2BIG', summary: 'The buffer given for a dirty sync is too small; the message says how many bytes it needs.' },
+  MMB_ERR_BUFFER_INVALID: { errno: 'EINVAL', summary: 'The buffer given for a dirty sync is not a read-write memfd sealed against shrinking.' },
   MMB_ERR_STALE_GENERATION: { errno: 'ESTALE', summary: 'The generation named is not the current one (COMMIT.expect), or an ack names an event that is not pending.' },
   MMB_ERR_TOO_BUSY: { errno: 'EBUSY', summary: 'Too many transactions are queued on the address space.' },
 
@@ -259,6 +260,7 @@ export const PinBudgetError = define('MMB_ERR_PIN_BUDGET');
 export const NoFreeRangeError = define('MMB_ERR_NO_FREE_RANGE');
 export const NotLoggingError = define('MMB_ERR_NOT_LOGGING');
 export const BufferTooSmallError = define('MMB_ERR_BUFFER_TOO_SMALL');
+export const BufferInvalidError = define('MMB_ERR_BUFFER_INVALID');
 export const StaleGenerationError = define('MMB_ERR_STALE_GENERATION');
 export const TooBusyError = define('MMB_ERR_TOO_BUSY');
 export const ClientRefusedError = define('MMB_ERR_CLIENT_REFUSED');

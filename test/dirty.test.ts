@@ -5,9 +5,10 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { DirtyObserver, FileDestination, KvmSubscriber, MappingSubscriber, Migration, OwnerClient, SpaceDestination } from '../clients/index.js';
+import { createSealedMemfd, DirtyObserver, FileDestination, KvmSubscriber, MappingSubscriber, Migration, OwnerClient, SpaceDestination } from '../clients/index.js';
 import { constants, native } from '../native/index.js';
-import { fdCount, JsonProc, runCli, spawnBroker, stopProcess, tempDir } from './helpers/procs.js';
+import { Msg } from '../protocol/index.js';
+import { fdCount, JsonProc, runCli, spawnBroker, stopProcess, tempDir, waitFor } from './helpers/procs.js';
 import { dataExtents, unionExtents } from '../clients/migration/extents.js';
 
 const MiB = 1 << 20;
@@ -90,6 +91,39 @@ describe('Invariant 5: no lost dirty bit', () => {
     expect(total).toBeGreaterThan(100);
     expect(syncs).toBeGreaterThan(3);
     await o.resume();
+  });
+
+  it('only the owner collects, into a sealed read-write memfd; a refused sync loses no bit and leaks nothing', async () => {
+    const space = `d${++spaceNo}`;
+    const o = await owner(space);
+    const ram = await o.createBacking(4 * MiB, 'ram');
+    native.close(ram.fd);
+    await o.addRegion({ name: 'ram', gpa: 0, size: 4 * MiB, backing: ram.backing, logDirty: true });
+    const w = await writer(space);
+    (await o.dirtySync()).release();
+    await w.request({ cmd: 'write', pages: [3, 700] }, 'wrote');
+    const fdsBefore = fdCount(broker.pid!);
+    // A subscriber may not take the bits (collecting clears them).
+    const sub = await MappingSubscriber.attach(socket, { space, reconnect: false });
+    cleanups.push(() => sub.close());
+    const subConn = (sub as unknown as { conn: { request(m: object, fds: number[]): Promise<unknown> } }).conn;
+    const good = createSealedMemfd('stolen', 4096);
+    const code = (p: Promise<unknown>) => p.then(() => 'ok', (e: { code: string }) => e.code);
+    expect(await code(subConn.request({ t: Msg.DIRTY_SYNC }, [good]))).toBe('MMB_ERR_NOT_OWNER');
+    // Buffers the broker refuses before moving a bit: a pipe, an unsealed memfd, a read-only reopen.
+    const ownerConn = (o as unknown as { conn: { request(m: object, fds: number[]): Promise<unknown> } }).conn;
+    const [pa, pb] = native.socketPair();
+    const unsealed = native.memfdCreate('unsealed', constants.MFD_CLOEXEC);
+    native.ftruncate(unsealed, 4096);
+    const ro = fs.openSync(`/proc/self/fd/${good}`, 'r');
+    for (const fd of [pa, unsealed, ro]) expect(await code(ownerConn.request({ t: Msg.DIRTY_SYNC }, [fd]))).toBe('MMB_ERR_BUFFER_INVALID');
+    for (const fd of [good, pa, pb, unsealed, ro]) native.close(fd);
+    // The bits are all still there for the owner's next sync, and the broker holds no extra descriptor.
+    const snap = await o.dirtySync();
+    expect(pagesOf(snap)).toEqual([3, 700]);
+    snap.release();
+    await sub.close();
+    await waitFor(`the broker's fd count to return to ${fdsBefore}`, () => fdCount(broker.pid!) === fdsBefore);
   });
 
   it('a writer that cannot track (no DIRTY feature) makes every writable logged page dirty at each sync', async () => {
