@@ -3,12 +3,13 @@
 import { spawn, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
+import pino from 'pino';
 import { afterEach, describe, expect, it } from 'vitest';
 import { Broker } from '../broker/index.js';
 import { Connection } from '../clients/connection.js';
-import { DirtyObserver, MappingSubscriber, OwnerClient } from '../clients/index.js';
+import { DirtyObserver, MappingSubscriber, OwnerClient, createSealedMemfd } from '../clients/index.js';
 import { constants, native } from '../native/index.js';
-import { Msg, encodeFrame, isMmbError } from '../protocol/index.js';
+import { FrameDecoder, Msg, encodeFrame, isMmbError } from '../protocol/index.js';
 import { codeOf, defer, runCleanups } from './helpers/embedded.js';
 import { runCli, spawnBroker, stopProcess, tempDir, waitFor } from './helpers/procs.js';
 
@@ -39,6 +40,15 @@ function broker(opts: ConstructorParameters<typeof Broker>[0], listen?: { mode?:
   b.listen(socket, listen ?? {});
   return { b, socket };
 }
+
+/** Eventfds this process holds (the broker under test is embedded: its descriptors are ours too). */
+const eventfdsOpen = () => fs.readdirSync('/proc/self/fd').filter((f) => {
+  try {
+    return fs.readlinkSync(`/proc/self/fd/${f}`) === 'anon_inode:[eventfd]';
+  } catch {
+    return false;
+  }
+}).length;
 
 const canSetpriv = process.getuid?.() === 0 && spawnSync('setpriv', ['--version']).status === 0;
 
@@ -156,6 +166,68 @@ describe('what the broker gives a subscriber', () => {
 });
 
 describe('limits', () => {
+  it('backings per space: one more is refused (MMB_ERR_SPACE_LIMIT) and its descriptor closed', async () => {
+    const { b } = broker({ limits: { maxBackings: 2 } });
+    const owner = await OwnerClient.attach(b, { space: 'vm0' });
+    defer(() => owner.close());
+    for (const n of ['a', 'b']) native.close((await owner.createBacking(MiB, n)).fd);
+    const fd = createSealedMemfd('third', MiB);
+    const before = fs.readdirSync('/proc/self/fd').length;
+    expect(await codeOf(owner.addBacking(fd))).toBe('MMB_ERR_SPACE_LIMIT');
+    native.close(fd);
+    // The broker's copy of the refused descriptor is gone too (it lives in this process: embedded).
+    expect(fs.readdirSync('/proc/self/fd').length).toBe(before - 1);
+  });
+
+  it('transactions queued behind a running one: beyond the limit, MMB_ERR_TOO_BUSY; the queued ones complete', async () => {
+    const { b } = broker({ limits: { maxQueuedCommits: 2 } });
+    const owner = await OwnerClient.attach(b, { space: 'vm0' });
+    defer(() => owner.close());
+    const ram = await owner.createBacking(8 * MiB, 'ram');
+    defer(() => native.close(ram.fd));
+    let release!: () => void;
+    const gate = new Promise<void>((r) => (release = r));
+    const slow = await MappingSubscriber.attach(b, { space: 'vm0', reconnect: false });
+    defer(() => slow.close());
+    slow.on('change', (e) => e.waitUntil(gate));
+    const first = owner.addRegion({ name: 'r0', gpa: 0, size: MiB, backing: ram.backing });
+    const second = owner.addRegion({ name: 'r1', gpa: MiB, size: MiB, backing: ram.backing, offset: MiB });
+    expect(await codeOf(owner.addRegion({ name: 'r2', gpa: 2 * MiB, size: MiB, backing: ram.backing, offset: 2 * MiB }))).toBe('MMB_ERR_TOO_BUSY');
+    release();
+    await Promise.all([first, second]);
+    expect(slow.regions().map((r) => r.name).sort()).toEqual(['r0', 'r1']);
+  });
+
+  it('more descriptors than the broker allows: a header declaring 65 is MMB_ERR_TOO_MANY_FDS, 65 in one message MMB_ERR_FDS_TRUNCATED; all closed', async () => {
+    const { b, socket } = broker({});
+    const baseline = eventfdsOpen();
+    const goodbye = async (declared: number, attached: number): Promise<string[]> => {
+      const fd = native.socketConnect(socket);
+      const fds = Array.from({ length: attached }, () => native.eventfd(0, constants.EFD_CLOEXEC));
+      native.sendmsg(fd, encodeFrame({ t: Msg.HELLO, id: 1, version: 1, features: 0 }, declared, 1 << 20), fds);
+      for (const x of fds) native.close(x);
+      const buf = new Uint8Array(65536);
+      const decoder = new FrameDecoder({ maxFrameBytes: 1 << 20, maxFdsPerFrame: 64, maxPendingFds: 64 });
+      const codes: string[] = [];
+      await waitFor('the broker to hang up', () => {
+        const r = native.recvmsg(fd, buf, 8);
+        if (r === null) return false;
+        if (r.bytes === 0) return true;
+        decoder.push(buf.subarray(0, r.bytes), r.fds);
+        for (let f = decoder.next(); f; f = decoder.next()) codes.push(((f.body.error ?? {}) as { code?: string }).code ?? '');
+        return false;
+      });
+      native.close(fd);
+      return codes;
+    };
+    expect(await goodbye(65, 3)).toEqual(['MMB_ERR_TOO_MANY_FDS']);
+    // The broker receives at most maxFdsPerFrame descriptors per message: the kernel drops (and closes)
+    // the rest and says so (MSG_CTRUNC); the stream cannot be trusted after that.
+    expect(await goodbye(65, 65)).toEqual(['MMB_ERR_FDS_TRUNCATED']);
+    await waitFor('the sessions to be gone', () => b.status().spaces[0]!.clients.length === 0);
+    await waitFor('every eventfd to be closed', () => eventfdsOpen() === baseline);
+  });
+
   it('requests beyond the rate are refused (MMB_ERR_RATE_LIMIT) without closing the connection', async () => {
     const { b } = broker({ connection: { requestsPerSecond: 20, requestBurst: 10 } });
     const conn = await Connection.open(b);
@@ -181,7 +253,9 @@ describe('limits', () => {
   });
 
   it('a client that never reads is cut off when its queue passes the limit, and nobody else waits for it', async () => {
-    const { b, socket } = broker({ connection: { maxOutboundBytes: 256 * 1024 } });
+    const logged: string[] = [];
+    const logger = pino({ level: 'warn' }, { write: (line: string) => void logged.push(line) });
+    const { b, socket } = broker({ connection: { maxOutboundBytes: 256 * 1024 }, logger });
     const owner = await OwnerClient.attach(b, { space: 'vm0' });
     defer(() => owner.close());
     const ram = await owner.createBacking(4 * MiB, 'ram');
@@ -203,6 +277,7 @@ describe('limits', () => {
     expect(sent).toBeGreaterThan(100);
     // The broker dropped it (its status replies went nowhere), and kept serving the others meanwhile.
     await waitFor('the slow reader to be dropped', () => b.status('vm0').spaces[0]!.clients.length === 1);
+    expect(logged.some((l) => l.includes('"code":"MMB_ERR_SLOW_READER"'))).toBe(true);
     const s = await MappingSubscriber.attach(b, { space: 'vm0', reconnect: false });
     defer(() => s.close());
     await owner.addRegion({ name: 'ram', gpa: 0, size: 4 * MiB, backing: ram.backing });
