@@ -5,7 +5,7 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { createSealedMemfd, DirtyObserver, FileDestination, KvmSubscriber, MappingSubscriber, Migration, OwnerClient, SpaceDestination } from '../clients/index.js';
+import { createSealedMemfd, DirtyObserver, FileDestination, KvmSubscriber, MappingSubscriber, Migration, OwnerClient, SpaceDestination, VfioSubscriber } from '../clients/index.js';
 import { constants, native } from '../native/index.js';
 import { Msg } from '../protocol/index.js';
 import { fdCount, JsonProc, runCli, spawnBroker, stopProcess, tempDir, waitFor } from './helpers/procs.js';
@@ -144,6 +144,38 @@ describe('Invariant 5: no lost dirty bit', () => {
     snap.release();
     // Such a writer cannot be paused either: a migration would refuse rather than copy a moving target.
     expect((await o.pause().catch((e) => e)).code).toBe('MMB_ERR_UNSUPPORTED');
+  });
+
+  it('a vfio-like client (no IOMMU dirty tracking) reports what its devices can write: at each sync, and when DMA stops', async () => {
+    const space = `d${++spaceNo}`;
+    const o = await owner(space);
+    const ram = await o.createBacking(4 * MiB, 'ram');
+    native.close(ram.fd);
+    await o.commit([
+      { op: 'add', name: 'rw', gpa: 0, size: 2 * MiB, backing: ram.backing, offset: 0, logDirty: true },
+      { op: 'add', name: 'ro', gpa: 2 * MiB, size: 2 * MiB, backing: ram.backing, offset: 2 * MiB, logDirty: true, readonly: true },
+    ]);
+    const v = await VfioSubscriber.attach(socket, { space, backend: 'soft', devices: ['dev0'], reconnect: false });
+    cleanups.push(() => v.close());
+    const dirty = async () => {
+      const snap = await o.dirtySync();
+      const out = Object.fromEntries(snap.regions.map((r) => [r.name, r.dirty]));
+      snap.release();
+      return out;
+    };
+    // While a device can reach them by DMA, every page of every writable region, at every sync.
+    expect(await dirty()).toEqual({ rw: 512, ro: 0 });
+    expect(await dirty()).toEqual({ rw: 512, ro: 0 });
+    // The last device goes: what it may have written is in the next sync, and then nothing more.
+    await v.detachDevice('dev0');
+    expect(await dirty()).toEqual({ rw: 512, ro: 0 });
+    expect(await dirty()).toEqual({ rw: 0, ro: 0 });
+    // A device again, then the region turned read-only: its pages written before the toggle are kept.
+    await v.attachDevice('dev0');
+    (await o.dirtySync()).release();
+    await o.commit([{ op: 'set', region: 'rw', readonly: true }]);
+    expect(await dirty()).toEqual({ rw: 512, ro: 0 });
+    expect(await dirty()).toEqual({ rw: 0, ro: 0 });
   });
 
   it.skipIf(!fs.existsSync('/dev/kvm') && !process.env.CI)('what a real vCPU writes is reported, through KVM_GET_DIRTY_LOG', async () => {

@@ -236,6 +236,9 @@ export const demo: Command = {
           fs.closeSync(fd);
           say('migrate', `${r.rounds.length} rounds, ${formatBytes(r.totalBytes)} sent for ${formatSize(r.memoryBytes)}, downtime ${r.downtimeMs} ms, ${r.stopReason}, image ${r.verified ? 'verified identical to the paused source' : 'NOT identical'}`);
           say('migrate', `the guest kept writing meanwhile (${writes} writes by the vhost process)`);
+          if (r.stopReason === 'not-shrinking') {
+            say('migrate', 'rounds did not shrink: the vfio client has no IOMMU dirty tracking, so every writable page its device can reach counts as dirty at each sync (as QEMU counts it for such devices)');
+          }
           if (!r.verified) throw new Error('the image differs from the source');
           return `${r.rounds.length} rounds, ${formatBytes(r.totalBytes)} sent, downtime ${r.downtimeMs} ms, verified`;
         } finally {

@@ -13,8 +13,15 @@
 //      and throws, leaving the state as it was;
 //   4. removed regions are unmapped from the process; metadata updates are recorded.
 // Then the owner of the applier is told (onChanged), to report the pinned bytes and DMA budget.
+//
+// Dirty logging: none of the backends reads IOMMU dirty tracking, so a device is assumed to have written
+// every page it could reach by DMA, as QEMU assumes for VFIO devices without dirty tracking: each sync
+// (flushDirty) marks every writable region mapped into an active domain dirty, and so does the moment
+// DMA to a region stops (unpinned by a change, the last device detached, the client closing), so that
+// what a device wrote just before is in the next sync.
 import { CancelledError, ClientLimitError, PinBudgetError, toMmbError } from '../../protocol/index.js';
 import { CHUNK_BYTES, GuestMemory, type MappedRegion } from '../memory.js';
+import type { DirtyLog } from '../dirty.js';
 import type { Applier, ApplyContext, Change, LocalBacking, ViewRegion } from '../view.js';
 import type { Domain } from './domain.js';
 
@@ -34,6 +41,8 @@ export interface VfioApplierOptions {
   onChanged?: () => void;
   /** Called when an undo failed after a failure (the state may be inconsistent). */
   onError?: (err: unknown) => void;
+  /** The subscriber's dirty log (feature DIRTY), where pages devices may have written are marked. */
+  dirtyLog?: () => DirtyLog | undefined;
 }
 
 export class VfioApplier implements Applier {
@@ -73,10 +82,30 @@ export class VfioApplier implements Applier {
     });
   }
 
+  /**
+   * Dirty logging (EV_DIRTY_FLUSH): every writable region a device can reach now counts as dirty. Waits
+   * for a change in progress, so a region being pinned is either reachable and marked, or not yet.
+   */
+  flushDirty(log: DirtyLog): Promise<void> {
+    return this.exclusive(async () => this.markReachable(log));
+  }
+
+  /** Marks what devices can write by DMA (all of each writable region, or only `keys`) dirty in `log`. */
+  private markReachable(log: DirtyLog | undefined, keys?: ReadonlySet<string>): void {
+    if (!log || !this.domain.active) return;
+    for (const m of this.memory.regions()) {
+      const r = m.region;
+      if (r.readonly || !this.domain.isPinned(r.key) || (keys && !keys.has(r.key))) continue;
+      log.mark(r.gpa, r.size);
+    }
+  }
+
   /** Detaches a device; the last one unpins everything and destroys the domain. */
   detachDevice(name: string): Promise<void> {
     return this.exclusive(async () => {
       this.assertOpen();
+      // The last device: DMA stops, so what it may have written goes into the next sync now.
+      if (this.domain.devices.length === 1 && this.domain.devices[0] === name) this.markReachable(this.opts.dirtyLog?.());
       try {
         await this.domain.detachDevice(name);
       } finally {
@@ -89,6 +118,7 @@ export class VfioApplier implements Applier {
     return this.exclusive(async () => {
       if (this.closed) return;
       this.closed = true;
+      this.markReachable(this.opts.dirtyLog?.());
       try {
         await this.domain.close();
       } finally {
@@ -133,7 +163,9 @@ export class VfioApplier implements Applier {
     }
     if (ctx.signal.aborted) throw toMmbError(ctx.signal.reason, 'MMB_ERR_CANCELLED');
 
-    // 2. Unpin what goes (keeping it mapped, to restore it if the rest fails).
+    // 2. Unpin what goes (keeping it mapped, to restore it if the rest fails). What a device wrote there is
+    // marked first: a region replaced at the same GPA (a read-only toggle, a move) keeps its dirty pages.
+    this.markReachable(this.opts.dirtyLog?.(), new Set(removed.map((r) => r.key)));
     const unpinned: MappedRegion[] = [];
     try {
       for (const r of removed) {

@@ -139,6 +139,7 @@ export class VfioSubscriber extends Subscriber {
       ...(opts.pinLimit !== undefined ? { pinLimit: opts.pinLimit } : {}),
       onChanged: () => sub?.sendReport(),
       onError: (err) => sub?.emit('error', toMmbError(err)),
+      dirtyLog: () => sub?.dirty,
     });
     try {
       for (const d of opts.devices ?? []) await applier.attachDevice(d);
