@@ -22,7 +22,7 @@ const cleanups: (() => unknown)[] = [];
 beforeAll(async () => {
   dir = tempDir();
   socket = path.join(dir, 'broker.sock');
-  const spaces = Array.from({ length: 10 }, (_, i) => ['--space', `d${i + 1}`]).flat();
+  const spaces = Array.from({ length: 16 }, (_, i) => ['--space', `d${i + 1}`]).flat();
   broker = await spawnBroker(socket, [...spaces, '--ack-timeout', '20000']);
 });
 afterEach(async () => {
