@@ -46,6 +46,19 @@ async function writer(space: string, extra: string[] = []): Promise<JsonProc> {
   return p;
 }
 
+/** A new space with two logging regions of one backing: "rw" at 0 and "ro" (read-only) at 2 MiB. */
+async function rwAndRo(): Promise<{ space: string; o: OwnerClient }> {
+  const space = `d${++spaceNo}`;
+  const o = await owner(space);
+  const ram = await o.createBacking(4 * MiB, 'ram');
+  native.close(ram.fd);
+  await o.commit([
+    { op: 'add', name: 'rw', gpa: 0, size: 2 * MiB, backing: ram.backing, offset: 0, logDirty: true },
+    { op: 'add', name: 'ro', gpa: 2 * MiB, size: 2 * MiB, backing: ram.backing, offset: 2 * MiB, logDirty: true, readonly: true },
+  ]);
+  return { space, o };
+}
+
 /** Pages (gpa / 4096) set in a dirty snapshot. */
 function pagesOf(snap: Awaited<ReturnType<OwnerClient['dirtySync']>>): number[] {
   const out: number[] = [];
@@ -127,14 +140,7 @@ describe('Invariant 5: no lost dirty bit', () => {
   });
 
   it('a writer that cannot track (no DIRTY feature) makes every writable logged page dirty at each sync', async () => {
-    const space = `d${++spaceNo}`;
-    const o = await owner(space);
-    const ram = await o.createBacking(4 * MiB, 'ram');
-    native.close(ram.fd);
-    await o.commit([
-      { op: 'add', name: 'rw', gpa: 0, size: 2 * MiB, backing: ram.backing, offset: 0, logDirty: true },
-      { op: 'add', name: 'ro', gpa: 2 * MiB, size: 2 * MiB, backing: ram.backing, offset: 2 * MiB, logDirty: true, readonly: true },
-    ]);
+    const { space, o } = await rwAndRo();
     await writer(space, ['--no-dirty']);
     const snap = await o.dirtySync();
     expect(snap.regions.map((r) => [r.name, r.dirty])).toEqual([
@@ -147,14 +153,7 @@ describe('Invariant 5: no lost dirty bit', () => {
   });
 
   it('a vfio-like client (no IOMMU dirty tracking) reports what its devices can write: at each sync, and when DMA stops', async () => {
-    const space = `d${++spaceNo}`;
-    const o = await owner(space);
-    const ram = await o.createBacking(4 * MiB, 'ram');
-    native.close(ram.fd);
-    await o.commit([
-      { op: 'add', name: 'rw', gpa: 0, size: 2 * MiB, backing: ram.backing, offset: 0, logDirty: true },
-      { op: 'add', name: 'ro', gpa: 2 * MiB, size: 2 * MiB, backing: ram.backing, offset: 2 * MiB, logDirty: true, readonly: true },
-    ]);
+    const { space, o } = await rwAndRo();
     const v = await VfioSubscriber.attach(socket, { space, backend: 'soft', devices: ['dev0'], reconnect: false });
     cleanups.push(() => v.close());
     const dirty = async () => {
