@@ -4,12 +4,13 @@ import { isMmbError } from '../protocol/index.js';
 import type { Command } from './args.js';
 import { attach } from './commands/attach.js';
 import { demo } from './commands/demo.js';
+import { harness } from './commands/harness.js';
 import { map } from './commands/map.js';
 import { migrate } from './commands/migrate.js';
 import { serve } from './commands/serve.js';
 import { status } from './commands/status.js';
 
-const commands: Command[] = [serve, map, status, attach, migrate, demo];
+const commands: Command[] = [serve, map, status, attach, migrate, harness, demo];
 
 function help(): string {
   const width = Math.max(...commands.map((c) => c.name.length));

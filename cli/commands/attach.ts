@@ -4,7 +4,7 @@ import { KvmSubscriber } from '../../clients/kvm/index.js';
 import { VfioSubscriber } from '../../clients/vfio/index.js';
 import { VhostUserSubscriber } from '../../clients/vhost-user/index.js';
 import pino from 'pino';
-import { InvalidArgError, type MmbError } from '../../protocol/index.js';
+import { ClientRefusedError, InvalidArgError, type MmbError } from '../../protocol/index.js';
 import { serveCommands, type CommandHandler } from '../control.js';
 import { formatSize, hex, HELP, parsed, parseCount, parseSize, readToken, required, type Command } from '../args.js';
 import { parseArgs } from 'node:util';
@@ -59,7 +59,11 @@ Options:
                       {"cmd":"read","gpa":N,"len":N} {"cmd":"write","gpa":N,"hex":"..."} {"cmd":"regions"}
                       kvm also: {"cmd":"slots"} and {"cmd":"run","codeGpa":N,"writes":[{"gpa":N,"hex":"..."}]}
                       (a vCPU writes the bytes and halts); vfio also: {"cmd":"domain"},
-                      {"cmd":"attach-device","device":"..."}, {"cmd":"detach-device","device":"..."}
+                      {"cmd":"attach-device","device":"..."}, {"cmd":"detach-device","device":"..."};
+                      fault injection (mmbroker harness): {"cmd":"nack-next"} refuses the next
+                      transaction that adds memory (MMB_ERR_CLIENT_REFUSED, after applying it: the
+                      change is undone), {"cmd":"hold-next"} applies the next one and never acks it
+                      (logs a "holding" event), until the broker gives up on this client
   -h, --help          show this help`;
 
 export const attach: Command = {
@@ -214,8 +218,28 @@ export interface GuestAccess {
 export type ControlCommands = Record<string, CommandHandler>;
 
 /** The commands every kind answers under --control: read, write, regions; plus the kind's own. */
-function control(sub: Subscriber, memory: GuestAccess, extra: ControlCommands = {}): void {
+function control(sub: Subscriber, memory: GuestAccess, log: Log, extra: ControlCommands = {}): void {
+  let armed: 'nack' | 'hold' | undefined;
+  sub.on('change', (ev) => {
+    if (armed === undefined || ev.change.cause !== 'txn' || ev.change.added.length === 0) return;
+    const what = armed;
+    armed = undefined;
+    if (what === 'nack') {
+      ev.waitUntil(Promise.reject(new ClientRefusedError(`refusing generation ${ev.change.generation} on request (fault injection)`)));
+      return;
+    }
+    log('holding', `holding generation ${ev.change.generation} without acking (fault injection)`, { generation: ev.change.generation });
+    // Settles only when the change becomes void (rolled back, connection closed): the subscriber races it
+    // against its own closing, so close() still works.
+    ev.waitUntil(new Promise((resolve) => ev.signal.addEventListener('abort', resolve, { once: true })));
+  });
+  const arm = (what: 'nack' | 'hold') => () => {
+    armed = what;
+    return { event: 'armed', fault: what };
+  };
   serveCommands({
+    'nack-next': arm('nack'),
+    'hold-next': arm('hold'),
     read: (c) => ({ event: 'read', gpa: c.gpa, hex: Buffer.from(memory.read(Number(c.gpa), Number(c.len))).toString('hex') }),
     write: (c) => {
       memory.write(Number(c.gpa), Buffer.from(String(c.hex), 'hex'));
@@ -235,7 +259,7 @@ export async function follow(
   /** Also stop when this settles (the device behind the subscriber went away). */
   until?: Promise<void>,
 ): Promise<void> {
-  if (access) control(sub, access.memory, access.extra);
+  if (access) control(sub, access.memory, log, access.extra);
   const addressOf = (key: string) => mapped().find((m) => m.region.key === key)?.address;
   sub.on('change', ({ change }) => {
     for (const r of change.removed) log('unmapped', `unmapped ${JSON.stringify(r.name)} gpa ${hex(r.gpa)} size ${formatSize(r.size)}`, { region: r.name, gpa: r.gpa, size: r.size });
@@ -264,5 +288,7 @@ export async function follow(
   });
   await sub.close();
   log('detached', 'detached');
+  // Under --control, stdin would keep the process alive after it detached.
+  if (access) process.stdin.destroy();
 }
 

@@ -22,6 +22,8 @@ Options:
                        read from a file so it never shows in /proc/PID/cmdline
   --max-connections N  connections served at once (default ${DEFAULT_CONNECTION_LIMITS.maxConnections})
   --rate N             requests per second one connection may send (default ${DEFAULT_CONNECTION_LIMITS.requestsPerSecond})
+  --max-outbound SIZE  bytes queued towards a peer that does not read before it is disconnected
+                       (MMB_ERR_SLOW_READER; default ${DEFAULT_CONNECTION_LIMITS.maxOutboundBytes / 2 ** 20}M)
   --pin-budget SIZE    most bytes all pinning (vfio-like) subscribers of a space may pin together;
                        hotplug beyond it is refused before anything changes (default: no budget)
   --socket-mode MODE   permission bits of the socket, octal (default 600): the allow-lists above only
@@ -46,6 +48,7 @@ export const serve: Command = {
       'token-file': { type: 'string' },
       'max-connections': { type: 'string' },
       rate: { type: 'string' },
+      'max-outbound': { type: 'string' },
       'pin-budget': { type: 'string' },
       'socket-mode': { type: 'string' },
       'log-level': { type: 'string' },
@@ -73,6 +76,7 @@ export const serve: Command = {
       connection: {
         ...(values['max-connections'] ? { maxConnections: parseCount(values['max-connections'], '--max-connections') } : {}),
         ...(values.rate ? { requestsPerSecond: parseCount(values.rate, '--rate') } : {}),
+        ...(values['max-outbound'] ? { maxOutboundBytes: parseSize(values['max-outbound'], '--max-outbound') } : {}),
       },
     });
     broker.listen(socket, mode !== undefined ? { mode } : {});

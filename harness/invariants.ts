@@ -1,0 +1,215 @@
+// The invariants checked after every step, each by name. Each check compares the kernel's view of a
+// process (/proc/PID/maps, /proc/PID/fd, VmLck) or a process's own answer with the owner's model; the
+// broker's counters are never the judge.
+import fs from 'node:fs';
+import { MEMFD_PREFIX, type FileMapping } from './kernel.js';
+import { covers, within, type Model, type ModelRegion, type Range } from './model.js';
+import type { ClientSnapshot, Snapshot } from './observe.js';
+import type { StepResult } from './operations.js';
+import type { ClientProc } from './procs.js';
+import { Rng } from './rng.js';
+import type { World } from './world.js';
+
+export const INVARIANTS = ['convergence', 'no-stale-mapping', 'pins', 'data', 'leaks', 'all-or-nothing', 'outcome'] as const;
+export type InvariantName = (typeof INVARIANTS)[number];
+
+export interface Violation {
+  step: number;
+  invariant: InvariantName;
+  detail: string;
+}
+
+export class Tally {
+  readonly checks = Object.fromEntries(INVARIANTS.map((n) => [n, 0])) as Record<InvariantName, number>;
+  readonly violations: Violation[] = [];
+  step = 0;
+
+  /** Counts one check; `problems` empty means it held. */
+  check(name: InvariantName, problems: string[]): void {
+    this.checks[name]++;
+    if (problems.length > 0) this.violations.push({ step: this.step, invariant: name, detail: problems.join('; ') });
+  }
+}
+
+const hex = (n: number) => `0x${n.toString(16)}`;
+
+function viewOf(m: Model): string {
+  return JSON.stringify(m.list().map((r) => ({ name: r.name, gpa: r.gpa, size: r.size, readonly: r.readonly })));
+}
+
+/** The client's view (its `regions` answer) against the model. */
+function viewProblems(w: World, s: ClientSnapshot, generation: number | undefined): string[] {
+  if (typeof s.view === 'string') return [`${s.client.describe()}: ${s.view}`];
+  const out: string[] = [];
+  if (generation !== undefined && s.view.generation !== generation) out.push(`${s.client.describe()} is at generation ${s.view.generation}, the space at ${generation}`);
+  const mine = JSON.stringify([...s.view.regions].sort((a, b) => a.gpa - b.gpa).map(({ name, gpa, size, readonly }) => ({ name, gpa, size, readonly })));
+  if (mine !== viewOf(w.model)) out.push(`${s.client.describe()}'s view differs from the map: ${mine.slice(0, 300)} vs ${viewOf(w.model).slice(0, 300)}`);
+  return out;
+}
+
+/** Every region's memory is mapped in the process (per /proc/PID/maps), writable where the region is. */
+function coverageProblems(w: World, s: ClientSnapshot): string[] {
+  const out: string[] = [];
+  for (const r of w.model.regions.values()) {
+    const memfd = w.model.memfdOf(r).name;
+    const ranges: Range[] = s.maps.filter((m) => m.memfd === memfd && (r.readonly || m.writable)).map((m) => [m.offset, m.offset + m.end - m.start]);
+    if (!covers(ranges, r.offset, r.offset + r.size)) out.push(`${s.client.describe()} does not map ${r.name} (${memfd} [${hex(r.offset)}, ${hex(r.offset + r.size)})${r.readonly ? '' : ' writable'})`);
+  }
+  return out;
+}
+
+/** No mapping of a harness memfd outside what current regions slice (writable only where a region is). */
+function staleProblems(w: World, who: string, maps: readonly FileMapping[]): string[] {
+  const out: string[] = [];
+  const ranges = new Map<string, [Range[], Range[]]>();
+  for (const m of maps) {
+    if (!m.memfd.startsWith(MEMFD_PREFIX)) continue;
+    let r = ranges.get(m.memfd);
+    if (!r) ranges.set(m.memfd, (r = [w.model.fileRanges(m.memfd), w.model.fileRanges(m.memfd, true)]));
+    const end = m.offset + m.end - m.start;
+    if (!within(m.writable ? r[1] : r[0], m.offset, end)) {
+      out.push(`${who} maps ${m.memfd} [${hex(m.offset)}, ${hex(end)})${m.writable ? ' writable' : ''} at ${hex(m.start)}, which no current ${m.writable ? 'writable ' : ''}region slices`);
+    }
+  }
+  return out;
+}
+
+/** kvm: its memslots are the map, and each slot's host address maps the region's memory (per /proc). */
+function slotProblems(w: World, s: ClientSnapshot): string[] {
+  if (!s.slots) return [];
+  const out: string[] = [];
+  const want = JSON.stringify(w.model.list().map((r) => [r.gpa, r.size, r.readonly, r.logDirty]));
+  const got = JSON.stringify([...s.slots].sort((a, b) => a.gpa - b.gpa).map((x) => [x.gpa, x.size, x.readonly, x.logDirty]));
+  if (want !== got) out.push(`${s.client.describe()}'s memslots ${got.slice(0, 200)} differ from the map ${want.slice(0, 200)}`);
+  for (const slot of s.slots) {
+    const r = [...w.model.regions.values()].find((x) => x.gpa === slot.gpa);
+    if (!r) continue;
+    const m = s.maps.find((x) => x.start <= slot.hva && slot.hva < x.end);
+    if (!m || m.memfd !== w.model.memfdOf(r).name || m.offset + (slot.hva - m.start) !== r.offset) {
+      out.push(`${s.client.describe()}'s slot at ${hex(slot.gpa)} points at ${hex(slot.hva)}, which maps ${m ? `${m.memfd}+${hex(m.offset + slot.hva - m.start)}` : 'nothing'}, not ${r.name}'s memory`);
+    }
+  }
+  return out;
+}
+
+/** What a vfio-like process must have locked: the whole map once while its domain has a device. */
+function pinProblems(w: World, s: ClientSnapshot): string[] {
+  const want = s.client.devices.length > 0 ? w.model.bytes() : 0;
+  return s.locked === want ? [] : [`${s.client.describe()} has VmLck ${s.locked} bytes, its domain (${s.client.devices.length} device(s)) should pin ${want} once`];
+}
+
+function statusProblems(w: World, snap: Snapshot): string[] {
+  const regions = snap.status?.regions ?? [];
+  const got = JSON.stringify([...regions].sort((a, b) => a.gpa - b.gpa).map((r) => [r.name, r.gpa, r.size, r.backing, r.offset, r.readonly, r.logDirty]));
+  const want = JSON.stringify(w.model.list().map((r) => [r.name, r.gpa, r.size, r.backing, r.offset, r.readonly, r.logDirty]));
+  return got === want ? [] : [`the broker's map ${got.slice(0, 300)} differs from the owner's ${want.slice(0, 300)}`];
+}
+
+export function convergence(w: World, snap: Snapshot, t: Tally): void {
+  t.check('convergence', [...(snap.unsettled ? [`not settled: ${snap.unsettled}`] : []), ...statusProblems(w, snap)]);
+  for (const s of snap.clients) {
+    const devices = s.devices !== undefined && JSON.stringify(s.devices) !== JSON.stringify(s.client.devices) ? [`${s.client.describe()} reports devices ${JSON.stringify(s.devices)}, the harness attached ${JSON.stringify(s.client.devices)}`] : [];
+    t.check('convergence', [...viewProblems(w, s, snap.status?.generation), ...coverageProblems(w, s), ...slotProblems(w, s), ...devices]);
+  }
+}
+
+export function noStaleMapping(w: World, snap: Snapshot, t: Tally): void {
+  t.check('no-stale-mapping', staleProblems(w, `the broker (pid ${w.broker.pid})`, snap.broker.maps));
+  for (const s of snap.clients) t.check('no-stale-mapping', staleProblems(w, s.client.describe(), s.maps));
+}
+
+export function pins(w: World, snap: Snapshot, t: Tally): void {
+  for (const s of snap.clients) if (s.client.kind === 'vfio') t.check('pins', pinProblems(w, s));
+}
+
+/** A refused or faulted transaction: every client holds exactly the map (old or new), nothing partial. */
+export function allOrNothing(w: World, snap: Snapshot, t: Tally): void {
+  t.check('all-or-nothing', statusProblems(w, snap));
+  for (const s of snap.clients) {
+    t.check('all-or-nothing', [...viewProblems(w, s, undefined), ...coverageProblems(w, s), ...staleProblems(w, s.client.describe(), s.maps), ...(s.client.kind === 'vfio' ? pinProblems(w, s) : [])]);
+  }
+}
+
+export function outcome(result: StepResult, t: Tally): void {
+  t.check('outcome', result.surprises);
+}
+
+/** Live backings per memfd name, as the model counts them. */
+function backingsPerMemfd(m: Model): Map<string, number> {
+  const n = new Map<string, number>();
+  for (const b of m.backings.values()) n.set(b.memfd.name, (n.get(b.memfd.name) ?? 0) + 1);
+  return n;
+}
+
+export function leaks(w: World, snap: Snapshot, t: Tally): void {
+  const live = backingsPerMemfd(w.model);
+  const logging = [...w.model.regions.values()].filter((r) => r.logDirty).length;
+  const b = snap.broker.census;
+  const base = w.broker.baseline;
+  const problems: string[] = [];
+  for (const name of new Set([...live.keys(), ...b.memfds.keys()])) {
+    // One fd per live backing, plus its read-only reopen once a subscriber needed one (broker/backings.ts).
+    const held = b.memfds.get(name) ?? 0;
+    const n = live.get(name) ?? 0;
+    if (held < n || held > 2 * n) problems.push(`the broker holds ${held} fd(s) of ${name}, ${n} live backing(s) use it`);
+  }
+  const conns = 1 + w.clients.length;
+  if (b.sockets !== base.sockets + conns) problems.push(`the broker holds ${b.sockets} sockets, expected ${base.sockets} + ${conns} connections`);
+  if (b.bitmaps !== logging) problems.push(`the broker holds ${b.bitmaps} dirty bitmaps for ${logging} logging region(s)`);
+  if (b.other !== base.other) problems.push(`the broker holds ${b.other} other fds, ${base.other} at start`);
+  t.check('leaks', problems);
+  for (const s of snap.clients) {
+    const c = s.census;
+    const p: string[] = [];
+    for (const [name, n] of c.memfds) if (n > (live.get(name) ?? 0)) p.push(`holds ${n} fd(s) of ${name}, ${live.get(name) ?? 0} live backing(s) use it`);
+    for (const r of w.model.regions.values()) if (!c.memfds.has(w.model.memfdOf(r).name)) p.push(`holds no fd of ${w.model.memfdOf(r).name}, which ${r.name} uses`);
+    if (c.bitmaps > logging) p.push(`holds ${c.bitmaps} dirty bitmaps for ${logging} logging region(s)`);
+    // Its stdio pipes are sockets too (libuv socketpairs): compared with what it held once attached.
+    const cb = s.client.baseline;
+    if (cb && c.sockets !== cb.sockets) p.push(`holds ${c.sockets} sockets, ${cb.sockets} after it attached (stdio and its one connection)`);
+    if (cb && c.other !== cb.other) p.push(`holds ${c.other} other fds, ${cb.other} after it attached`);
+    t.check('leaks', p.map((x) => `${s.client.describe()} ${x}`));
+  }
+}
+
+/** A process that left is gone, and the processes still running hold nothing of it (the broker socket check covers the connection). */
+export function leftClean(c: ClientProc, code: number | null, t: Tally): void {
+  t.check('leaks', fs.existsSync(`/proc/${c.pid}`) ? [`${c.describe()} is still running after it left`] : code === 0 || code === null ? [] : [`${c.describe()} exited ${code}`]);
+}
+
+/** Bytes written by one client at a GPA are read back by every other client and by the owner. */
+export async function data(w: World, snap: Snapshot, t: Tally): Promise<void> {
+  const regions = w.model.list();
+  const healthy = snap.clients.filter((s) => typeof s.view !== 'string');
+  if (regions.length === 0 || healthy.length < 2) return;
+  const rng = new Rng((w.opts.seed ^ Math.imul(t.step + 1, 0x9e3779b1)) >>> 0);
+  const r: ModelRegion = rng.pick(regions);
+  const at = rng.int(0, r.size - 16);
+  const gpa = r.gpa + at;
+  const bytes = rng.bytes(16);
+  const memfd = w.model.memfdOf(r);
+  const writer = r.readonly || rng.chance(0.15) ? undefined : rng.pick(healthy).client;
+  const problems: string[] = [];
+  if (writer) {
+    const reply = await writer.request({ cmd: 'write', gpa, hex: bytes.toString('hex') }, 'wrote');
+    if (reply.event !== 'wrote') problems.push(`${writer.describe()} could not write ${hex(gpa)} in ${r.name}: ${String(reply.message)}`);
+  } else {
+    fs.writeSync(memfd.fd, bytes, 0, 16, r.offset + at);
+    if (r.readonly) {
+      // A client may not write a read-only region: refused, and nothing changes.
+      const c = rng.pick(healthy).client;
+      const reply = await c.request({ cmd: 'write', gpa, hex: Buffer.alloc(16, 0xee).toString('hex') }, 'wrote');
+      if (reply.event !== 'failed') problems.push(`${c.describe()} wrote read-only ${r.name} at ${hex(gpa)}`);
+    }
+  }
+  for (const s of healthy) {
+    if (s.client === writer) continue;
+    const reply = await s.client.request({ cmd: 'read', gpa, len: 16 }, 'read');
+    if (reply.hex !== bytes.toString('hex')) problems.push(`${s.client.describe()} reads ${String(reply.hex ?? reply.message)} at ${hex(gpa)} (${r.name}), ${writer ? writer.describe() : 'the owner'} wrote ${bytes.toString('hex')}`);
+  }
+  const mine = Buffer.alloc(16);
+  fs.readSync(memfd.fd, mine, 0, 16, r.offset + at);
+  if (!mine.equals(bytes)) problems.push(`the owner reads ${mine.toString('hex')} in ${memfd.name} at ${hex(r.offset + at)} (${r.name}), ${writer?.describe()} wrote ${bytes.toString('hex')}`);
+  t.check('data', problems);
+}
+

@@ -1,0 +1,86 @@
+// The kernel's view of a process, the harness's judge: what it maps (/proc/PID/maps), what it holds open
+// (/proc/PID/fd) and what it has locked (VmLck). Nothing here asks the broker or a client.
+import fs from 'node:fs';
+import { vmLckKiB } from '../cli/procfs.js';
+
+/** Every memfd the harness creates is named with this prefix, so its mappings and fds can be told apart. */
+export const MEMFD_PREFIX = 'mmh-';
+/** The broker's dirty bitmaps are memfds named `dirty:<region>` (broker/dirty.ts). */
+export const BITMAP_PREFIX = 'dirty:';
+
+export interface FileMapping {
+  /** The memfd's name (without "/memfd:" and " (deleted)"). */
+  memfd: string;
+  start: number;
+  end: number;
+  /** Offset in the file of `start`. */
+  offset: number;
+  writable: boolean;
+}
+
+const MAPS_LINE = /^([0-9a-f]+)-([0-9a-f]+) (\S{4}) ([0-9a-f]+) \S+ \d+\s+\/memfd:(.*?)(?: \(deleted\))?$/;
+
+/** The process's mappings of memfds (all of them; filter by name). */
+export function memfdMappings(pid: number): FileMapping[] {
+  const out: FileMapping[] = [];
+  for (const line of fs.readFileSync(`/proc/${pid}/maps`, 'utf8').split('\n')) {
+    const m = MAPS_LINE.exec(line);
+    if (!m) continue;
+    out.push({
+      memfd: m[5] as string,
+      start: parseInt(m[1] as string, 16),
+      end: parseInt(m[2] as string, 16),
+      offset: parseInt(m[4] as string, 16),
+      writable: (m[3] as string)[1] === 'w',
+    });
+  }
+  return out;
+}
+
+export interface FdCensus {
+  /** Harness memfds held open, by name (a name counts once per fd). */
+  memfds: Map<string, number>;
+  /** Dirty bitmaps (broker-made memfds) held open. */
+  bitmaps: number;
+  sockets: number;
+  /** Everything else: files, pipes, eventfds, epoll, /dev/kvm, ... */
+  other: number;
+  total: number;
+}
+
+/** Classifies the process's open descriptors by what /proc/PID/fd links to. */
+export function fdCensus(pid: number): FdCensus {
+  const census: FdCensus = { memfds: new Map(), bitmaps: 0, sockets: 0, other: 0, total: 0 };
+  for (const fd of fs.readdirSync(`/proc/${pid}/fd`)) {
+    let target: string;
+    try {
+      target = fs.readlinkSync(`/proc/${pid}/fd/${fd}`);
+    } catch {
+      continue; // closed while we looked (readdir's own fd, for one)
+    }
+    census.total++;
+    const memfd = /^\/memfd:(.*?)(?: \(deleted\))?$/.exec(target)?.[1];
+    if (memfd?.startsWith(MEMFD_PREFIX)) census.memfds.set(memfd, (census.memfds.get(memfd) ?? 0) + 1);
+    else if (memfd?.startsWith(BITMAP_PREFIX)) census.bitmaps++;
+    else if (target.startsWith('socket:')) census.sockets++;
+    else census.other++;
+  }
+  return census;
+}
+
+/** Bytes the process has locked (mlock), per /proc/PID/status. */
+export function lockedBytes(pid: number): number {
+  return vmLckKiB(pid) * 1024;
+}
+
+export function alive(pid: number): boolean {
+  return fs.existsSync(`/proc/${pid}/status`) && !/^State:\s+Z/m.test(safeRead(`/proc/${pid}/status`));
+}
+
+function safeRead(file: string): string {
+  try {
+    return fs.readFileSync(file, 'utf8');
+  } catch {
+    return '';
+  }
+}

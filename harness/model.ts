@@ -1,0 +1,161 @@
+// What the map should be, as the harness (the owner) knows it from its own commits: the regions, the
+// broker's backings and the memfds behind them. Invariants compare every process's kernel view with it.
+import { X86_MSI_WINDOW } from '../clients/vfio/soft.js';
+import type { Rng } from './rng.js';
+
+export const PAGE = 4096;
+export const HUGE = 2 * 2 ** 20;
+export const GIB = 2 ** 30;
+/** GPAs are drawn below this (64 GiB): room for hundreds of regions, all below the 52-bit limit. */
+export const GPA_SPACE = 64 * GIB;
+
+/** A memfd the harness created and holds open (its fd is the owner's). */
+export interface Memfd {
+  name: string;
+  fd: number;
+  size: number;
+}
+
+/** A backing as the broker numbers it: one registration of a memfd. */
+export interface BrokerBacking {
+  id: number;
+  memfd: Memfd;
+  /** The owner registered it and has not dropped it (nor disconnected since). */
+  held: boolean;
+}
+
+export interface ModelRegion {
+  name: string;
+  gpa: number;
+  size: number;
+  backing: number;
+  offset: number;
+  readonly: boolean;
+  logDirty: boolean;
+}
+
+export type Range = [start: number, end: number];
+
+export class Model {
+  generation = 0;
+  readonly memfds = new Map<string, Memfd>();
+  readonly backings = new Map<number, BrokerBacking>();
+  regions = new Map<string, ModelRegion>();
+  private nextRegion = 0;
+  private nextMemfd = 0;
+
+  regionName(): string {
+    return `r${this.nextRegion++}`;
+  }
+
+  memfdName(): string {
+    return `mmh-${this.nextMemfd++}`;
+  }
+
+  list(): ModelRegion[] {
+    return [...this.regions.values()].sort((a, b) => a.gpa - b.gpa);
+  }
+
+  bytes(): number {
+    let n = 0;
+    for (const r of this.regions.values()) n += r.size;
+    return n;
+  }
+
+  memfdOf(r: ModelRegion): Memfd {
+    const b = this.backings.get(r.backing);
+    if (!b) throw new Error(`model: region ${r.name} references backing ${r.backing}, which is not live`);
+    return b.memfd;
+  }
+
+  referenced(backing: number): boolean {
+    for (const r of this.regions.values()) if (r.backing === backing) return true;
+    return false;
+  }
+
+  /** Forgets backings the broker closes: neither held nor referenced. Returns their ids. */
+  prune(): number[] {
+    const gone: number[] = [];
+    for (const [id, b] of this.backings) {
+      if (!b.held && !this.referenced(id)) {
+        this.backings.delete(id);
+        gone.push(id);
+      }
+    }
+    return gone;
+  }
+
+  /** Memfds no live backing uses: the harness may close them. */
+  orphanMemfds(): Memfd[] {
+    const used = new Set([...this.backings.values()].map((b) => b.memfd.name));
+    return [...this.memfds.values()].filter((m) => !used.has(m.name));
+  }
+
+  /** The file ranges of `memfd` that current regions slice, merged; `writable` only those of writable regions. */
+  fileRanges(memfd: string, writable = false): Range[] {
+    const ranges: Range[] = [];
+    for (const r of this.regions.values()) {
+      if (writable && r.readonly) continue;
+      if (this.memfdOf(r).name === memfd) ranges.push([r.offset, r.offset + r.size]);
+    }
+    return merge(ranges);
+  }
+
+  overlaps(gpa: number, size: number, except?: string): ModelRegion | undefined {
+    for (const r of this.regions.values()) {
+      if (r.name !== except && gpa < r.gpa + r.size && r.gpa < gpa + size) return r;
+    }
+    return undefined;
+  }
+
+  /** A free, `align`ed GPA range of `size` bytes away from every region and the MSI window, or undefined. */
+  freeGpa(rng: Rng, size: number, align: number, except?: string): number | undefined {
+    const slots = Math.floor((GPA_SPACE - size) / align);
+    for (let i = 0; i < 24; i++) {
+      const gpa = rng.int(0, slots) * align;
+      const msi = gpa <= X86_MSI_WINDOW.last && X86_MSI_WINDOW.start < gpa + size;
+      if (!msi && !this.overlaps(gpa, size, except)) return gpa;
+    }
+    return undefined;
+  }
+
+  /** A free `align`ed offset range of `size` bytes inside `memfd` no region slices, or undefined. */
+  freeOffset(rng: Rng, memfd: Memfd, size: number, align: number): number | undefined {
+    const used = this.fileRanges(memfd.name);
+    const slots = Math.floor((memfd.size - size) / align);
+    if (slots < 0) return undefined;
+    for (let i = 0; i < 8; i++) {
+      const offset = rng.int(0, slots) * align;
+      if (!used.some(([s, e]) => offset < e && s < offset + size)) return offset;
+    }
+    return undefined;
+  }
+
+  /** A held backing of `memfd`, if the owner holds one. */
+  heldBacking(memfd: Memfd): BrokerBacking | undefined {
+    for (const b of this.backings.values()) if (b.held && b.memfd === memfd) return b;
+    return undefined;
+  }
+}
+
+/** Sorted, merged, adjacent ranges joined. */
+export function merge(ranges: Range[]): Range[] {
+  const sorted = [...ranges].sort((a, b) => a[0] - b[0]);
+  const out: Range[] = [];
+  for (const [s, e] of sorted) {
+    const last = out[out.length - 1];
+    if (last && s <= last[1]) last[1] = Math.max(last[1], e);
+    else out.push([s, e]);
+  }
+  return out;
+}
+
+/** Whether [s, e) lies inside the union of `ranges` (merged). */
+export function within(ranges: readonly Range[], s: number, e: number): boolean {
+  return ranges.some(([a, b]) => a <= s && e <= b);
+}
+
+/** Whether the union of `ranges` covers [s, e) (ranges merged first). */
+export function covers(ranges: Range[], s: number, e: number): boolean {
+  return within(merge(ranges), s, e);
+}

@@ -1,0 +1,87 @@
+// Gathers, after a step, what every process says and what the kernel shows of it. The broker's status is
+// used only to know when the change has settled (every client acked) and to compare its map with the
+// owner's model; every other judgement reads /proc.
+import type { StatusSpace } from '../protocol/index.js';
+import { waitFor } from '../cli/child.js';
+import { fdCensus, lockedBytes, memfdMappings, type FdCensus, type FileMapping } from './kernel.js';
+import type { ClientProc, Line } from './procs.js';
+import { SPACE, type World } from './world.js';
+
+export interface ViewRegion {
+  name: string;
+  gpa: number;
+  size: number;
+  readonly: boolean;
+}
+
+export interface ClientSnapshot {
+  client: ClientProc;
+  /** The client's own view (`regions`), or why it could not be had. */
+  view: { generation: number; regions: ViewRegion[] } | string;
+  /** kvm: its memslots; vfio: its domain's devices. */
+  slots?: { gpa: number; size: number; hva: number; readonly: boolean; logDirty: boolean; name: string }[];
+  devices?: string[];
+  maps: FileMapping[];
+  census: FdCensus;
+  locked: number;
+}
+
+export interface Snapshot {
+  status: StatusSpace | undefined;
+  /** Empty when every client acked the space's generation in time; else why not. */
+  unsettled: string;
+  broker: { maps: FileMapping[]; census: FdCensus };
+  clients: ClientSnapshot[];
+}
+
+/** Why the space has not settled: the owner's generation not reached, a client missing or behind. */
+function unsettled(w: World, st: StatusSpace | undefined): string {
+  if (!st) return 'no status for the space';
+  if (st.generation !== w.model.generation) return `broker at generation ${st.generation}, the owner's last commit was ${w.model.generation}`;
+  const subs = st.clients.filter((c) => c.role === 'subscriber');
+  for (const c of w.clients) {
+    const s = subs.find((x) => x.pid === c.pid);
+    if (!s) return `${c.describe()} is not attached`;
+    if (s.ackedGeneration !== st.generation || s.state !== 'ready') return `${c.describe()} acked ${s.ackedGeneration} (${s.state}), space at ${st.generation}`;
+  }
+  const extra = subs.filter((s) => !w.clients.some((c) => c.pid === s.pid));
+  if (extra.length > 0) return `subscribers the harness does not run: ${extra.map((s) => `${s.name} pid ${s.pid}`).join(', ')}`;
+  return '';
+}
+
+export async function settle(w: World, timeoutMs: number): Promise<{ status: StatusSpace | undefined; unsettled: string }> {
+  let last: { status: StatusSpace | undefined; unsettled: string } = { status: undefined, unsettled: 'not asked' };
+  try {
+    await waitFor('the space to settle', async () => {
+      const status = (await w.owner.status(SPACE)).spaces[0];
+      last = { status, unsettled: unsettled(w, status) };
+      return last.unsettled === '';
+    }, timeoutMs);
+  } catch {
+    // `last` says what did not settle.
+  }
+  return last;
+}
+
+async function snapshotClient(c: ClientProc): Promise<ClientSnapshot> {
+  let view: ClientSnapshot['view'];
+  const r = await c.request({ cmd: 'regions' }, 'regions').catch((err: Error) => ({ event: 'failed', message: err.message }) as Line);
+  view = r.event === 'regions' ? { generation: Number(r.generation), regions: r.regions as ViewRegion[] } : `regions failed: ${String(r.message)}`;
+  const snap: ClientSnapshot = { client: c, view, maps: memfdMappings(c.pid), census: fdCensus(c.pid), locked: lockedBytes(c.pid) };
+  if (c.kind === 'kvm') {
+    const s = await c.request({ cmd: 'slots' }, 'slots');
+    snap.slots = s.slots as ClientSnapshot['slots'];
+  }
+  if (c.kind === 'vfio') {
+    const d = await c.request({ cmd: 'domain' }, 'domain');
+    snap.devices = d.devices as string[];
+  }
+  return snap;
+}
+
+export async function observe(w: World, settleMs: number): Promise<Snapshot> {
+  const s = await settle(w, settleMs);
+  const clients: ClientSnapshot[] = [];
+  for (const c of w.clients) clients.push(await snapshotClient(c));
+  return { ...s, broker: { maps: memfdMappings(w.broker.pid), census: fdCensus(w.broker.pid) }, clients };
+}

@@ -1,0 +1,45 @@
+// A run's figures, for people and as JSON: steps, faults by kind, checks per invariant, violations with
+// the seed that replays them.
+import type { InvariantName, Violation } from './invariants.js';
+
+export interface Report {
+  seed: number;
+  steps: number;
+  faults: number;
+  faultsByKind: Record<string, number>;
+  operations: Record<string, number>;
+  checks: Record<InvariantName, number>;
+  violations: (Violation & { replay: string })[];
+  durationMs: number;
+  selfTest: boolean;
+}
+
+export function replayCommand(seed: number, steps: number, args: string): string {
+  return `mmbroker harness --seed ${seed} --steps ${steps}${args ? ` ${args}` : ''}`;
+}
+
+export function formatReport(r: Report): string {
+  const lines = [
+    `mmbroker harness${r.selfTest ? ' --self-test' : ''}: seed ${r.seed}, ${r.steps} steps, ${r.faults} faults, ${(r.durationMs / 1000).toFixed(1)} s`,
+    '',
+    'faults:',
+    ...Object.entries(r.faultsByKind).sort().map(([k, n]) => `  ${k.padEnd(18)} ${n}`),
+    'operations:',
+    ...Object.entries(r.operations).sort().map(([k, n]) => `  ${k.padEnd(18)} ${n}`),
+    'checks (per invariant):',
+    ...Object.entries(r.checks).map(([k, n]) => `  ${k.padEnd(18)} ${String(n).padStart(7)}  ${r.violations.filter((v) => v.invariant === k).length} violated`),
+    '',
+  ];
+  if (r.violations.length === 0) lines.push('no violations');
+  else {
+    lines.push(`${r.violations.length} violation(s):`);
+    for (const v of r.violations.slice(0, 50)) lines.push(`  step ${v.step} ${v.invariant}: ${v.detail}`, `    replay: ${v.replay}`);
+    if (r.violations.length > 50) lines.push(`  ... and ${r.violations.length - 50} more (--json lists all)`);
+  }
+  return lines.join('\n');
+}
+
+/** The --json form: the issue's fields first, then the detail. */
+export function jsonReport(r: Report): object {
+  return { steps: r.steps, faults: r.faults, checks: r.checks, violations: r.violations, seed: r.seed, faultsByKind: r.faultsByKind, operations: r.operations, durationMs: r.durationMs, selfTest: r.selfTest };
+}
