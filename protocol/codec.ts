@@ -38,14 +38,14 @@ const TWO_64 = 2 ** 64;
  * moving past it. Keeps a count of values still to read, so string and bin payloads are skipped, never
  * misread as tokens. Throws on truncation or the reserved byte 0xc1.
  */
-function walk(b: Uint8Array, visit: (code: number, at: number, dv: DataView) => void): void {
+function walk(b: Uint8Array, visit: (code: number, at: number, dv: DataView, b: Uint8Array) => void): void {
   const dv = new DataView(b.buffer, b.byteOffset, b.byteLength);
   let i = 0;
   let remaining = 1;
   while (remaining > 0) {
     if (i >= b.length) throw new Error('truncated msgpack value');
     const c = b[i] as number;
-    visit(c, i, dv);
+    visit(c, i, dv, b);
     remaining--;
     if (c <= 0x7f || c >= 0xe0 || c === 0xc0 || c === 0xc2 || c === 0xc3) i += 1;
     else if (c <= 0x8f) (remaining += 2 * (c & 0x0f)), (i += 1);
@@ -107,20 +107,30 @@ function strPayload(c: number, i: number, dv: DataView): [number, number] | unde
   return undefined;
 }
 
+/** Whether b[start, start + length) is valid UTF-8; plain ASCII (every key, most names) needs no native call. */
+function utf8At(b: Uint8Array, start: number, length: number): boolean {
+  const end = start + length;
+  for (let i = start; i < end; i++) if ((b[i] as number) >= 0x80) return isUtf8(b.subarray(start, end));
+  return true;
+}
+
+/** The visitor of plainProblem(): throws at the first token the protocol does not use. */
+function refuseNonPlain(c: number, i: number, dv: DataView, b: Uint8Array): void {
+  if (c === 0xca || c === 0xcb) throw new Error('floats are not used by the protocol');
+  if ((c >= 0xc4 && c <= 0xc9) || (c >= 0xd4 && c <= 0xd8)) {
+    throw new Error(`msgpack type 0x${c.toString(16)} (bin or extension) is not used by the protocol`);
+  }
+  const s = strPayload(c, i, dv);
+  if (s && s[1] > 0 && !utf8At(b, s[0], s[1])) throw new Error('a string is not valid UTF-8');
+}
+
 /**
  * What makes a body not plain msgpack, or undefined: floats (0xca, 0xcb), bin (0xc4-0xc6) and extension
  * types (0xc7-0xc9, 0xd4-0xd8) are not part of the protocol, and strings must be valid UTF-8.
  */
 export function plainProblem(b: Uint8Array): string | undefined {
   try {
-    walk(b, (c, i, dv) => {
-      if (c === 0xca || c === 0xcb) throw new Error('floats are not used by the protocol');
-      if ((c >= 0xc4 && c <= 0xc9) || (c >= 0xd4 && c <= 0xd8)) {
-        throw new Error(`msgpack type 0x${c.toString(16)} (bin or extension) is not used by the protocol`);
-      }
-      const s = strPayload(c, i, dv);
-      if (s && s[1] > 0 && !isUtf8(b.subarray(s[0], s[0] + s[1]))) throw new Error('a string is not valid UTF-8');
-    });
+    walk(b, refuseNonPlain);
     return undefined;
   } catch (err) {
     return (err as Error).message;
