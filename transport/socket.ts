@@ -238,6 +238,10 @@ export class SocketTransport extends EventEmitter<TransportEvents> implements Tr
       }
       this.decoder.push(this.readBuf.subarray(0, r.bytes), r.fds);
       this.drain();
+      // A short read emptied the socket (or stopped at a message carrying descriptors): asking again
+      // would mostly cost a syscall that says EAGAIN, on every message of every round trip. Whatever is
+      // left, or arrives, makes the level-triggered poll report readable again on the next turn.
+      if (r.bytes < this.readBuf.length) return;
     }
   }
 
