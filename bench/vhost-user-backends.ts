@@ -1,17 +1,14 @@
 // Real vhost-user back-ends as child processes, for the interop tests and the benchmark: a fresh
 // qemu-storage-daemon (vhost-user-blk export of a raw image) or dpdk-testpmd (net_vhost vdev, io
 // forwarding) per use, started with its own socket, watched for error lines on stderr, stopped by PID.
-import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 
 export const QSD = 'qemu-storage-daemon';
 export const TESTPMD = 'dpdk-testpmd';
 
-/** True if `cmd` is on PATH. */
-export function have(cmd: string): boolean {
-  return spawnSync('sh', ['-c', `command -v ${cmd}`], { stdio: 'ignore' }).status === 0;
-}
+export { have } from './lib.js';
 
 export interface Backend {
   readonly name: string;

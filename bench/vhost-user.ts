@@ -3,7 +3,7 @@
 //
 //   1. One back-end, a round trip per update (ADD_MEM_REG, REM_MEM_REG), every process pinned to one CPU
 //      (taskset) so that cross-CPU wake-ups do not decide the result:
-//        - peer: a minimal C front-end (bench/c/vhu-front.c, built here with gcc), blocking sockets;
+//        - peer: a minimal C front-end (bench/c/vhu-front.c, built here with cc), blocking sockets;
 //        - frontend: this project's VhostUserFrontend alone (the bridge's vhost-user leg);
 //        - bridge: the whole path, owner.addRegion() / removeRegion() on an embedded broker with one
 //          VhostUserSubscriber: transaction, fan-out, our own mmap, ADD_MEM_REG and its reply-ack, ack,
@@ -21,18 +21,17 @@
 //
 //   npm run bench:vhost-user -- [--iterations N] [--rounds R] [--warmup N] [--fanout 1,4,16] [--json]
 //   (BENCH_ITERATIONS sets the default of --iterations)
-import { execFileSync, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { Broker } from '../broker/index.js';
 import { OwnerClient, createSealedMemfd } from '../clients/index.js';
 import { VhostUserFrontend, VhostUserSubscriber, BLK_FEATURES, uaddrOf } from '../clients/vhost-user/index.js';
 import { native } from '../native/index.js';
-import { report, type Measurement } from './lib.js';
-import { have, makeImage, startQsd, QSD, type Backend } from './vhost-user-backends.js';
+import { allCpus, ccVersion, median, pinSelf, report, summarize, type Measurement } from './lib.js';
+import { startQsd, type Backend } from './vhost-user-backends.js';
+import { CFrontEnd, addTrips, backendImage, noTrips, qsdVersion, startBackends, stopBackends, type RoundTrips } from './vhu-peer.js';
 
 const MiB = 1 << 20;
 const GPA = 0x1_0000_0000;
@@ -59,44 +58,13 @@ const log = (s: string) => {
 
 // --- helpers --------------------------------------------------------------------------------------
 
-function rootDir(): string {
-  let d = path.dirname(fileURLToPath(import.meta.url));
-  while (!fs.existsSync(path.join(d, 'package.json'))) d = path.dirname(d);
-  return d;
-}
-
-const median = (xs: number[]) => {
-  const s = [...xs].sort((a, b) => a - b);
-  return s[Math.floor(s.length / 2)] as number;
-};
-const p99 = (xs: number[]) => {
-  const s = [...xs].sort((a, b) => a - b);
-  return s[Math.min(s.length - 1, Math.floor(s.length * 0.99))] as number;
-};
+const p99 = (xs: number[]) => summarize(xs).p99;
 const us = (ns: number) => ns / 1000;
 const now = () => process.hrtime.bigint();
 
-function pinSelf(cpus: string): void {
-  execFileSync('taskset', ['-a', '-cp', cpus, String(process.pid)], { stdio: 'ignore' });
-}
-
-interface Samples {
-  add: number[];
-  rem: number[];
-}
-const empty = (): Samples => ({ add: [], rem: [] });
-const merge = (into: Samples, s: Samples) => {
-  into.add.push(...s.add);
-  into.rem.push(...s.rem);
-};
-
-function runC(bin: string, mode: 'rt' | 'serial', sockets: string[], cpus?: string): Samples {
-  const args = [mode, ...sockets.flatMap((s) => ['--socket', s]), '--iterations', String(ITER), '--warmup', String(WARMUP)];
-  const r = cpus !== undefined ? spawnSync('taskset', ['-c', cpus, bin, ...args], { encoding: 'utf8', maxBuffer: 64 * MiB }) : spawnSync(bin, args, { encoding: 'utf8', maxBuffer: 64 * MiB });
-  if (r.status !== 0) throw new Error(`vhu-front ${mode} failed: ${r.stderr}`);
-  const j = JSON.parse(r.stdout) as { add_ns: number[]; rem_ns: number[] };
-  return { add: j.add_ns, rem: j.rem_ns };
-}
+type Samples = RoundTrips;
+const empty = noTrips;
+const merge = addTrips;
 
 /** ADD_MEM_REG + REM_MEM_REG with our front-end, to each back-end in turn. */
 async function runFrontend(sockets: string[]): Promise<Samples> {
@@ -193,14 +161,9 @@ function rows(part: string, n: number, name: string, s: Samples, perRound: Sampl
 // --- main -----------------------------------------------------------------------------------------
 
 async function main(): Promise<void> {
-  if (!have(QSD)) throw new Error(`${QSD} is not installed (apt-get install qemu-system-common)`);
-  if (!have('gcc') || !have('taskset')) throw new Error('gcc and taskset are needed');
-  const root = rootDir();
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'mmb-bench-vhu-'));
-  const bin = path.join(dir, 'vhu-front');
-  execFileSync('gcc', ['-O2', '-Wall', '-o', bin, path.join(root, 'bench/c/vhu-front.c')]);
-  const image = path.join(dir, 'disk.img');
-  makeImage(image, 2048);
+  const peer = CFrontEnd.build(dir);
+  const image = backendImage(dir);
   const backends: Backend[] = [];
   const out: Row[] = [];
   const cpus = os.cpus().length;
@@ -214,9 +177,8 @@ async function main(): Promise<void> {
       for (const who of ['c', 'fe', 'bridge', 'bridgeNoMap'] as const) {
         const qsd = await startQsd(dir, image, { cpus: '0', name: `one-${who}-${r}` });
         backends.push(qsd);
-        const s = who === 'c' ? runC(bin, 'rt', [qsd.socket], '0') : who === 'fe' ? await runFrontend([qsd.socket]) : await runBroker([qsd.socket], who === 'bridge');
-        await qsd.stop();
-        if (qsd.errors().length > 0) throw new Error(`qemu-storage-daemon: ${qsd.errors().join('\n')}`);
+        const s = who === 'c' ? peer.run('rt', [qsd.socket], { iterations: ITER, warmup: WARMUP, cpus: '0' }) : who === 'fe' ? await runFrontend([qsd.socket]) : await runBroker([qsd.socket], who === 'bridge');
+        await stopBackends([qsd]);
         merge(all[who], s);
         per[who].push(s);
         log(`  round ${r + 1} ${who.padEnd(11)} ADD ${us(median(s.add)).toFixed(1)} us  REM ${us(median(s.rem)).toFixed(1)} us`);
@@ -228,31 +190,24 @@ async function main(): Promise<void> {
     out.push(...rows('one back-end (pinned)', 1, 'bridge, mapMemory: false', all.bridgeNoMap, per.bridgeNoMap, 'C front-end', all.c));
 
     // Part 2: fan-out.
-    pinSelf(`0-${cpus - 1}`);
+    pinSelf(allCpus());
     for (const n of FANOUT) {
       log(`part 2: fan-out to ${n} qemu-storage-daemon(s), not pinned (${cpus} CPUs); ${ROUNDS} rounds x ${ITER} iterations`);
-      const qsds: Backend[] = [];
-      for (let i = 0; i < n; i++) {
-        const q = await startQsd(dir, image, { name: `fan${n}-${i}` });
-        qsds.push(q);
-        backends.push(q);
-      }
+      const qsds = await startBackends(dir, image, n, `fan${n}`);
+      backends.push(...qsds);
       const sockets = qsds.map((q) => q.socket);
       const fall = { c: empty(), ts: empty(), broker: empty() };
       const fper = { c: [] as Samples[], ts: [] as Samples[], broker: [] as Samples[] };
       for (let r = 0; r < ROUNDS; r++) {
         for (const who of ['c', 'ts', 'broker'] as const) {
           // qemu-storage-daemon serves one front-end at a time and starts fresh for the next one.
-          const s = who === 'c' ? runC(bin, 'serial', sockets) : who === 'ts' ? await runFrontend(sockets) : await runBroker(sockets, false);
+          const s = who === 'c' ? peer.run('serial', sockets, { iterations: ITER, warmup: WARMUP }) : who === 'ts' ? await runFrontend(sockets) : await runBroker(sockets, false);
           merge(fall[who], s);
           fper[who].push(s);
           log(`  round ${r + 1} ${who.padEnd(6)} ADD ${us(median(s.add)).toFixed(1)} us  REM ${us(median(s.rem)).toFixed(1)} us`);
         }
       }
-      for (const q of qsds) {
-        await q.stop();
-        if (q.errors().length > 0) throw new Error(`qemu-storage-daemon: ${q.errors().join('\n')}`);
-      }
+      await stopBackends(qsds);
       out.push(...rows(`fan-out, ${n} back-end(s)`, n, 'C serial loop (peer)', fall.c, fper.c, 'C serial loop', fall.c));
       out.push(...rows(`fan-out, ${n} back-end(s)`, n, 'TS serial loop', fall.ts, fper.ts, 'C serial loop', fall.c));
       out.push(...rows(`fan-out, ${n} back-end(s)`, n, 'broker fan-out', fall.broker, fper.broker, 'C serial loop', fall.c));
@@ -289,7 +244,8 @@ async function main(): Promise<void> {
   });
   report('vhost-user', results, {
     cpus,
-    qsd: execFileSync(QSD, ['--version'], { encoding: 'utf8' }).split('\n')[0],
+    qsd: qsdVersion(),
+    cc: ccVersion(),
     iterations: ITER,
     rounds: ROUNDS,
     pinning: 'part 1 (one back-end): Node, qsd and the C peer on CPU 0 (taskset); part 2 (fan-out): not pinned',
