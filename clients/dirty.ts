@@ -87,6 +87,12 @@ export class DirtyLog {
     this.sort();
   }
 
+  /** Drops every bitmap whose id is not in `ids`. */
+  retain(ids: ReadonlySet<number>): void {
+    for (const b of [...this.byId.values()]) if (!ids.has(b.bitmap)) this.drop(b);
+    this.sort();
+  }
+
   /** Marks the pages of [gpa, gpa + length) dirty in every logging region they touch. */
   mark(gpa: number, length: number): void {
     if (length <= 0 || this.sorted.length === 0) return;

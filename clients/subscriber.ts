@@ -163,6 +163,8 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
   private readonly closed = new Promise<never>((_, reject) => (this.markClosed = reject));
   /** Backing ids received on the current connection (to drop stale ones when the epoch changes). */
   private readonly receivedSinceAttach = new Set<number>();
+  /** Dirty bitmaps received on the current connection: every attach brings all the current ones. */
+  private readonly bitmapsSinceAttach = new Set<number>();
 
   protected constructor(
     private readonly target: BrokerTarget,
@@ -250,6 +252,7 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
   private async connect(resume: boolean): Promise<void> {
     const conn = await Connection.open(this.target, this.opts);
     this.receivedSinceAttach.clear();
+    this.bitmapsSinceAttach.clear();
     if (this.closing) {
       conn.close();
       throw new DisconnectedError('the subscriber was closed while connecting');
@@ -368,7 +371,10 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
         });
         return;
       case Msg.EV_BITMAPS:
-        this.enqueue(() => this.dirty.add(msg.bitmaps, fds));
+        this.enqueue(() => {
+          this.dirty.add(msg.bitmaps, fds);
+          for (const b of msg.bitmaps) this.bitmapsSinceAttach.add(b.bitmap);
+        });
         return;
       case Msg.EV_BITMAPS_GONE:
         this.enqueue(() => this.dirty.remove(msg.bitmaps));
@@ -458,6 +464,9 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
     for (const p of parts) for (const r of p.regions) target.set(r.id, r);
     const change = await this.establish(conn, seq, () => this.fullChange(target, generation, 'sync'));
     if (!change) return;
+    // The broker sent every current bitmap before this sync; any other is from an earlier connection
+    // (a region that stopped logging meanwhile, or a broker that restarted) and nobody collects it.
+    this.dirty.retain(this.bitmapsSinceAttach);
     this.committed = target;
     this._generation = generation;
     this.pending = undefined;

@@ -116,8 +116,9 @@ async function slowReader(w: World): Promise<StepResult> {
   } finally {
     native.close(fd);
   }
-  const logged = w.broker.warnings.slice(mark).some((l) => l.includes('MMB_ERR_SLOW_READER'));
-  const surprises = cut && logged ? [] : [`a peer that never read ${sent} status replies was ${cut ? `cut (${cut})` : 'not cut off'}, ${logged ? '' : 'and no '}MMB_ERR_SLOW_READER logged`];
+  const warned = w.broker.warnings.slice(mark);
+  const logged = warned.some((l) => l.includes('MMB_ERR_SLOW_READER'));
+  const surprises = cut && logged ? [] : [`a peer that never read ${sent} status replies was ${cut ? `cut (${cut})` : 'not cut off'}, ${logged ? '' : 'and no '}MMB_ERR_SLOW_READER logged (the broker warned: ${warned.join(' ').slice(0, 600)})`];
   const after = await runOperation(w);
   return { op: 'fault:slow-reader', detail: `cut off after ${sent} unread requests (${cut}); then ${after.op}: ${after.detail}`, risky: after.risky, surprises: [...surprises, ...after.surprises] };
 }
