@@ -139,7 +139,13 @@ export class AddressSpace {
 
   // --- attach / detach ------------------------------------------------------------------------------
 
-  attachOwner(session: Session): AttachResult {
+  /**
+   * The owner's ATTACH. The seat is taken at once (a second owner is refused, and commits a previous
+   * owner left queued will not run), but the reply waits for the work already queued: a transaction a
+   * disconnected owner left in flight completes or rolls back first, so the generation in the reply (and
+   * any STATUS after it) tells the new owner whether that transaction happened.
+   */
+  attachOwner(session: Session): Promise<AttachResult> {
     if (this.owner && !this.owner.closed) {
       throw new OwnerExistsError(`address space ${JSON.stringify(this.name)} already has an owner: ${this.owner.describe()}`);
     }
@@ -147,7 +153,7 @@ export class AddressSpace {
     session.state = 'owner';
     session.spaceName = this.name;
     this.log.info({ client: session.ref() }, 'owner attached');
-    return { client: session.id, epoch: this.epoch, generation: this._generation, sync: 'none' };
+    return this.enqueue(async () => ({ client: session.id, epoch: this.epoch, generation: this._generation, sync: 'none' as const }), false);
   }
 
   /**
