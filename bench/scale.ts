@@ -1,0 +1,258 @@
+// Scale: an address space of 65,536 regions, twice KVM's 32,764 slots (and type1's 65,535 DMA mappings).
+//   - snapshot: a new subscriber process attaches to the 65,536-region space: from its connect() to its
+//     initial sync received, applied and acked (its own clock; each sample a fresh process). Goal: under
+//     250 ms.
+//   - one more add: owner.commit([add]) + removeRegion() round trips that take a map from 65,535 to 65,536
+//     regions and back, against the same from 15 to 16 regions in a second address space of the same
+//     broker, in the same run; rounds alternate between the two. Goal: the add at 65,536 under 2x the add
+//     at 16.
+//   - broker memory per region: the V8 heap of this process (after a full gc(); node --expose-gc) and its
+//     RSS, at 16 regions and at 65,536, divided by the 65,520 regions added. This process is the broker
+//     (embedded) and an owner that keeps nothing per region; the subscriber is another process. Goal: the
+//     heap under 256 bytes per region.
+//
+// The subscriber processes (bench/fixtures/subscriber.ts, 'record' mode) follow the map and ack every
+// change without mapping anything: 65,536 mappings would exceed the kernel's vm.max_map_count (65,530 by
+// default) for one process. When the machine allows more, a mapping subscriber's snapshot is measured too.
+// Regions are 4 KiB each, one every 8 KiB from 4 GiB, slices of one memfd; added 4,096 per commit.
+// Checked: the broker's status counts 65,536 regions, every subscriber process reports it holds them all
+// and acked the last generation.
+//
+//   npm run bench:scale -- [--iterations N] [--snapshots N] [--json]
+//   (BENCH_ITERATIONS sets the default of --iterations)
+import { spawnSync } from 'node:child_process';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { parseArgs } from 'node:util';
+import v8 from 'node:v8';
+import { Broker } from '../broker/index.js';
+import { OwnerClient } from '../clients/index.js';
+import type { CommitOp } from '../protocol/index.js';
+import { native } from '../native/index.js';
+import { iterations, report, summarize, type Measurement } from './lib.js';
+import { Child, spawnSubscribers, statsOf, stopAll } from './procs.js';
+
+// The heap figure needs gc(): re-run this script under node --expose-gc when it was started without.
+const gc = (globalThis as { gc?: () => void }).gc;
+if (!gc) {
+  const r = spawnSync(process.execPath, ['--expose-gc', ...process.execArgv, ...process.argv.slice(1)], { stdio: 'inherit' });
+  process.exit(r.status ?? 1);
+}
+
+const { values } = parseArgs({
+  options: {
+    iterations: { type: 'string', default: String(iterations(300)) },
+    snapshots: { type: 'string', default: '7' },
+    json: { type: 'boolean', default: false },
+  },
+});
+const ITER = Number(values.iterations);
+const SNAPSHOTS = Number(values.snapshots);
+const WARMUP = 1000;
+const REGIONS = 65_536;
+const SMALL = 16;
+const PAGE = 4096;
+const STRIDE = 8192;
+const BASE = 0x1_0000_0000;
+const BIG = 'vm0';
+const SMALL_SPACE = 'small';
+const ROUNDS = 3;
+const log = (s: string) => {
+  if (!values.json) console.error(s);
+};
+
+const regionAt = (i: number, backing: number): CommitOp => ({ op: 'add', name: `r${i}`, gpa: BASE + i * STRIDE, size: PAGE, backing, offset: i * PAGE });
+
+/** Adds regions [from, to) in commits of 4,096. */
+async function fill(owner: OwnerClient, backing: number, from: number, to: number): Promise<void> {
+  for (let i = from; i < to; i += 4096) {
+    const ops: CommitOp[] = [];
+    for (let j = i; j < Math.min(to, i + 4096); j++) ops.push(regionAt(j, backing));
+    await owner.commit(ops);
+  }
+}
+
+/** Round trips of adding region `index` and removing it again: microseconds of each. */
+async function oneMore(owner: OwnerClient, backing: number, index: number, n: number, warmup: number): Promise<{ add: number[]; rem: number[] }> {
+  const out = { add: [] as number[], rem: [] as number[] };
+  const op = regionAt(index, backing);
+  for (let i = -warmup; i < n; i++) {
+    const t0 = process.hrtime.bigint();
+    await owner.commit([op]);
+    const t1 = process.hrtime.bigint();
+    await owner.removeRegion(`r${index}`);
+    const t2 = process.hrtime.bigint();
+    if (i >= 0) {
+      out.add.push(Number(t1 - t0) / 1000);
+      out.rem.push(Number(t2 - t1) / 1000);
+    }
+  }
+  return out;
+}
+
+function memory(): { heap: number; rss: number } {
+  for (let i = 0; i < 3; i++) gc!();
+  return { heap: v8.getHeapStatistics().used_heap_size, rss: process.memoryUsage().rss };
+}
+
+/** Fresh subscriber processes attaching one after the other: each one's connect-to-synced time. */
+async function snapshots(socket: string, mode: 'map' | 'record', n: number): Promise<number[]> {
+  const out: number[] = [];
+  for (let i = 0; i < n; i++) {
+    const child = Child.spawn('subscriber', [socket, BIG, `snapshot-${mode}-${i}`, mode], { name: `${mode} subscriber` });
+    try {
+      const ready = await child.next<{ attachMs: number }>();
+      child.send('stats');
+      const st = await child.next<{ regions: number }>();
+      if (st.regions !== REGIONS) throw new Error(`the new subscriber holds ${st.regions} regions, not ${REGIONS}`);
+      out.push(ready.attachMs);
+    } finally {
+      await child.stop();
+    }
+  }
+  return out;
+}
+
+async function main(): Promise<void> {
+  const maxMapCount = Number(fs.readFileSync('/proc/sys/vm/max_map_count', 'utf8'));
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'mmb-bench-scale-'));
+  const socket = path.join(dir, 'broker.sock');
+  // One EV_SYNC frame holds about 5,000 regions at the default 1 MiB frame limit: a 65,536-region sync
+  // is 14 frames. The request rate limit is raised (the round trips are faster than its default).
+  const broker = new Broker({ spaces: [BIG, SMALL_SPACE], limits: { ackTimeoutMs: 60_000 }, connection: { requestsPerSecond: 1e9, requestBurst: 1e9 } });
+  broker.listen(socket);
+  const big = await OwnerClient.attach(broker, { space: BIG, requestTimeoutMs: 120_000 });
+  const small = await OwnerClient.attach(broker, { space: SMALL_SPACE, requestTimeoutMs: 120_000 });
+  const bb = await big.createBacking(REGIONS * PAGE, 'bench-scale');
+  const sb = await small.createBacking(SMALL * PAGE, 'bench-scale-small');
+  native.close(bb.fd);
+  native.close(sb.fd);
+  const subs = [...(await spawnSubscribers(1, socket, BIG, 'record')), ...(await spawnSubscribers(1, socket, SMALL_SPACE, 'record'))];
+  const results: Measurement[] = [];
+  try {
+    await fill(small, sb.backing, 0, SMALL - 1);
+    const before = memory();
+    log(`filling ${BIG} to ${REGIONS - 1} regions`);
+    const t0 = performance.now();
+    await fill(big, bb.backing, 0, REGIONS - 1);
+    const fillMs = performance.now() - t0;
+    const after = memory();
+    log(`one more add at ${SMALL} and at ${REGIONS} regions: ${ROUNDS} rounds of ${Math.ceil(ITER / ROUNDS)} round trips each (+${WARMUP} warm-up each)`);
+    await oneMore(small, sb.backing, SMALL - 1, 0, WARMUP);
+    await oneMore(big, bb.backing, REGIONS - 1, 0, WARMUP);
+    const at16 = { add: [] as number[], rem: [] as number[] };
+    const at64k = { add: [] as number[], rem: [] as number[] };
+    for (let r = 0; r < ROUNDS; r++) {
+      for (const [owner, backing, index, into] of [[small, sb.backing, SMALL - 1, at16], [big, bb.backing, REGIONS - 1, at64k]] as const) {
+        const o = await oneMore(owner, backing, index, Math.ceil(ITER / ROUNDS), 20);
+        into.add.push(...o.add);
+        into.rem.push(...o.rem);
+      }
+    }
+    await fill(big, bb.backing, REGIONS - 1, REGIONS);
+
+    const st = broker.status(BIG).spaces[0]!;
+    if (st.regions.length !== REGIONS) throw new Error(`the broker holds ${st.regions.length} regions, not ${REGIONS}`);
+    const [sub] = await statsOf(subs);
+    if (sub!.regions !== REGIONS || sub!.generation !== st.generation) throw new Error(`the subscriber holds ${sub!.regions} regions at generation ${sub!.generation}`);
+
+    log(`snapshot of ${REGIONS} regions to ${SNAPSHOTS} new subscriber processes`);
+    const snap = await snapshots(socket, 'record', SNAPSHOTS);
+    const snapMap = maxMapCount > REGIONS + 1000 ? await snapshots(socket, 'map', Math.min(3, SNAPSHOTS)) : undefined;
+
+    const added = REGIONS - 1;
+    const heapPer = (after.heap - before.heap) / added;
+    const rssPer = (after.rss - before.rss) / added;
+    const s = summarize(at16.add);
+    const l = summarize(at64k.add);
+    const sr = summarize(at16.rem);
+    const lr = summarize(at64k.rem);
+    const snapS = summarize(snap);
+    results.push(
+      {
+        name: `snapshot of ${REGIONS} regions to a new subscriber process`,
+        unit: 'ms',
+        ...snapS,
+        iterations: snap.length,
+        goal: '< 250 ms',
+        met: snapS.median < 250,
+        note: 'connect, HELLO, ATTACH, 14 EV_SYNC frames, the target map built and diffed, ack; a fresh process each time (the subscriber records the regions, maps none)',
+      },
+      ...(snapMap
+        ? [{ name: `snapshot of ${REGIONS} regions to a new mapping subscriber process`, unit: 'ms', ...summarize(snapMap), iterations: snapMap.length, note: 'the same, and every region mmap()ed' }]
+        : []),
+      {
+        name: `one more add at ${REGIONS} regions`,
+        unit: 'us',
+        ...l,
+        iterations: at64k.add.length,
+        peer: { name: `one more add at ${SMALL} regions, same run`, median: s.median },
+        ratio: l.median / s.median,
+        goal: `< 2x the add at ${SMALL}`,
+        met: l.median / s.median < 2,
+        note: 'owner.commit([add]) through the embedded broker to one subscriber process, until its ack',
+      },
+      { name: `one more add at ${SMALL} regions`, unit: 'us', ...s, iterations: at16.add.length },
+      {
+        name: `its removal at ${REGIONS} regions`,
+        unit: 'us',
+        ...lr,
+        iterations: at64k.rem.length,
+        peer: { name: `its removal at ${SMALL} regions, same run`, median: sr.median },
+        ratio: lr.median / sr.median,
+      },
+      {
+        name: 'broker heap per region',
+        unit: 'bytes',
+        median: heapPer,
+        p99: heapPer,
+        iterations: 1,
+        goal: '< 256 bytes',
+        met: heapPer < 256,
+        note: `V8 heap used after gc(): ${(before.heap / 2 ** 20).toFixed(1)} MiB before, ${(after.heap / 2 ** 20).toFixed(1)} MiB after adding ${added} regions; one measurement`,
+      },
+      {
+        name: 'broker RSS per region',
+        unit: 'bytes',
+        median: rssPer,
+        p99: rssPer,
+        iterations: 1,
+        note: `process RSS ${(before.rss / 2 ** 20).toFixed(1)} MiB before, ${(after.rss / 2 ** 20).toFixed(1)} MiB after (includes the heap's free space and malloc's); one measurement`,
+      },
+      {
+        name: `adding ${added} regions, 4,096 per commit`,
+        unit: 'ms',
+        median: fillMs,
+        p99: fillMs,
+        iterations: 1,
+        note: `${((fillMs * 1000) / added).toFixed(1)} us per region, one subscriber process following`,
+      },
+    );
+  } finally {
+    await stopAll(subs);
+    big.close();
+    small.close();
+    await broker.close();
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+  report('scale', results, {
+    regions: REGIONS,
+    regionLayout: `${PAGE} bytes each, one every ${STRIDE} bytes from 0x${BASE.toString(16)}, slices of one memfd`,
+    subscribers: "bench/fixtures/subscriber.ts in 'record' mode: follows the map and acks, maps nothing; one per space",
+    vmMaxMapCount: maxMapCount,
+    mappingSnapshot: maxMapCount > REGIONS + 1000 ? 'measured' : `not measured: vm.max_map_count is ${maxMapCount}, below ${REGIONS} mappings`,
+    memoryMethod: 'V8 used_heap_size after three gc() calls (node --expose-gc), and process RSS, before and after adding the regions; this process holds the embedded broker and two owners that keep nothing per region',
+    iterations: ITER,
+    rounds: ROUNDS,
+    warmup: WARMUP,
+  });
+}
+
+main().then(
+  () => process.exit(0),
+  (err: unknown) => {
+    console.error(err);
+    process.exit(1);
+  },
+);
