@@ -165,6 +165,7 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
   private readonly receivedSinceAttach = new Set<number>();
   /** Dirty bitmaps received on the current connection: every attach brings all the current ones. */
   private readonly bitmapsSinceAttach = new Set<number>();
+  private reconnecting = false;
 
   protected constructor(
     private readonly target: BrokerTarget,
@@ -303,18 +304,29 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
     void this.reconnectLoop();
   }
 
+  /**
+   * One loop at a time: a connection that closes while the loop is still connecting (evicted during its
+   * resync) makes onClose call here again, and a second loop would attach a second connection.
+   */
   private async reconnectLoop(): Promise<void> {
-    let delay = this.opts.reconnectDelayMs ?? 20;
-    while (!this.closing) {
-      await new Promise((r) => setTimeout(r, delay));
-      if (this.closing) return;
-      try {
-        await this.connect(true);
-        return;
-      } catch (err) {
+    if (this.reconnecting) return;
+    this.reconnecting = true;
+    try {
+      let delay = this.opts.reconnectDelayMs ?? 20;
+      while (!this.closing) {
+        await new Promise((r) => setTimeout(r, delay));
+        if (this.closing) return;
+        try {
+          await this.connect(true);
+          // It may have closed again right after its sync was acked: then go on trying.
+          if (this.connected) return;
+        } catch (err) {
+          if (!isMmbError(err, 'MMB_ERR_CONNECT') && !isMmbError(err, 'MMB_ERR_DISCONNECTED')) this.emit('error', toMmbError(err));
+        }
         delay = Math.min(delay * 2, 1000);
-        if (!isMmbError(err, 'MMB_ERR_CONNECT') && !isMmbError(err, 'MMB_ERR_DISCONNECTED')) this.emit('error', toMmbError(err));
       }
+    } finally {
+      this.reconnecting = false;
     }
   }
 
