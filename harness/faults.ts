@@ -45,7 +45,8 @@ async function stall(w: World): Promise<StepResult | undefined> {
   victim.signal('SIGSTOP');
   const r = await w.commit([a]);
   victim.signal('SIGCONT');
-  const evicted = w.broker.warnings.slice(mark).some((l) => l.includes('MMB_ERR_CLIENT_TIMEOUT') && l.includes(`"pid":${victim.pid}`));
+  // The broker's log line may trail the commit's reply by a few milliseconds.
+  const evicted = await waitFor('the eviction to be logged', () => w.broker.warnings.slice(mark).some((l) => l.includes('MMB_ERR_CLIENT_TIMEOUT') && l.includes(`"pid":${victim.pid}`)), 5000).catch(() => false);
   const surprises = [
     ...(r.ok ? [] : [`the commit of ${a.name} failed while ${victim.describe()} was stopped: ${r.err.code} ${r.err.message}`]),
     ...(evicted ? [] : [`the broker did not evict ${victim.describe()} (MMB_ERR_CLIENT_TIMEOUT) although it never acked`]),
@@ -70,7 +71,7 @@ async function brokerRestart(w: World): Promise<StepResult> {
   const m = w.model;
   await w.broker.stop('SIGKILL');
   w.owner.close();
-  w.broker = await BrokerProc.start(w.socket, SPACE, w.opts.ackTimeoutMs);
+  w.broker = await BrokerProc.start(w.socket, SPACE, w.opts.ackTimeoutMs, w.broker.baseline);
   await w.reattachOwner();
   const old = [...m.backings.values()];
   m.backings.clear();

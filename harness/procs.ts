@@ -171,7 +171,12 @@ export class BrokerProc {
     return this.child.pid as number;
   }
 
-  static async start(socket: string, space: string, ackTimeoutMs: number): Promise<BrokerProc> {
+  /**
+   * `baseline`: the descriptors of an earlier broker process of the same run, measured before any client
+   * existed. A restarted broker is measured against it: clients reconnect the moment it listens, so its
+   * own census at that moment may already count their connections.
+   */
+  static async start(socket: string, space: string, ackTimeoutMs: number, baseline?: FdCensus): Promise<BrokerProc> {
     const child = spawn(process.execPath, [
       CLI, 'serve', '--socket', socket, '--space', space, '--ack-timeout', String(ackTimeoutMs),
       // Small enough that a slow reader is cut off after a short flood, large for every real message.
@@ -190,7 +195,7 @@ export class BrokerProc {
       if (child.exitCode !== null) throw new Error(`the broker exited: ${b.stderr.join('')}`);
       return listening;
     }, 30_000);
-    b.baseline = fdCensus(b.pid);
+    b.baseline = baseline ?? fdCensus(b.pid);
     return b;
   }
 
