@@ -34,7 +34,7 @@ import { OwnerClient } from '../clients/index.js';
 import { native } from '../native/index.js';
 import { allCpus, ccVersion, iterations, pinSelf, report, summarize, type Measurement } from './lib.js';
 import { REGION, latencyLoop } from './owner-loop.js';
-import { Child, spawnSubscribers, statsOf, stopAll } from './procs.js';
+import { Child, cpuNsOf, spawnSubscribers, statsOf, stopAll } from './procs.js';
 import { memfdMapsOf } from './vhost-user-backends.js';
 import { CFrontEnd, addTrips, backendImage, noTrips, qsdVersion, startBackends, stopBackends, type RoundTrips } from './vhu-peer.js';
 
@@ -144,6 +144,7 @@ async function main(): Promise<void> {
   const broker = new Broker({ spaces: [SPACE], limits: { ackTimeoutMs: 30_000 }, connection: { requestsPerSecond: 1e9, requestBurst: 1e9 } });
   broker.listen(socket);
   const rows: Row[] = [];
+  const cpuRows: Measurement[] = [];
   const checks: string[] = [];
   try {
     for (const n of CLIENTS) {
@@ -156,6 +157,9 @@ async function main(): Promise<void> {
       const all = { c: noTrips(), embedded: noTrips(), process: noTrips() };
       const per = { c: [] as RoundTrips[], embedded: [] as RoundTrips[], process: [] as RoundTrips[] };
       const sockets = qsds.map((q) => q.socket);
+      // CPU time per transaction, from the kernel's schedstat: this process (broker and embedded owner) and
+      // the subscriber processes during the embedded owner's rounds, the back-ends during the peer's.
+      const cpu = { broker: [] as number[], subscribers: [] as number[], backends: [] as number[] };
       const run = async (who: 'c' | 'embedded' | 'process', o: { iterations: number; warmup: number }): Promise<RoundTrips> =>
         who === 'c'
           ? peer.run(n === 1 ? 'rt' : 'serial', sockets, { ...o, ...(cpus !== undefined ? { cpus } : {}) })
@@ -178,7 +182,15 @@ async function main(): Promise<void> {
         seen = await verify(broker, subs, seen, 2 * 2 * 3 * part);
         for (let r = 0; r < ROUNDS; r++) {
           for (const who of ['c', 'embedded', 'process'] as const) {
+            const c0 = { self: cpuNsOf(['self']), subs: cpuNsOf(subs.map((x) => x.pid)), qsds: cpuNsOf(qsds.map((q) => q.pid)) };
             const s = await run(who, { iterations: ITER, warmup: ROUND_WARMUP });
+            const commitsRun = 2 * (ITER + ROUND_WARMUP);
+            if (who === 'embedded') {
+              cpu.broker.push((cpuNsOf(['self']) - c0.self) / commitsRun / 1000);
+              cpu.subscribers.push((cpuNsOf(subs.map((x) => x.pid)) - c0.subs) / commitsRun / 1000);
+            } else if (who === 'c') {
+              cpu.backends.push((cpuNsOf(qsds.map((q) => q.pid)) - c0.qsds) / commitsRun / 1000);
+            }
             if (who !== 'c') {
               seen = await verify(broker, subs, seen, 2 * (ITER + ROUND_WARMUP));
               commits += 2 * (ITER + ROUND_WARMUP);
@@ -197,6 +209,20 @@ async function main(): Promise<void> {
       for (const who of ['c', 'embedded', 'process'] as const) {
         for (const op of ['add', 'rem'] as const) rows.push({ n, who, op, samples: all[who][op], rounds: per[who].map((p) => us(summarize(p[op]).median)) });
       }
+      const cpuRow = (series: string, what: string, samples: number[]): Measurement => ({
+        name: `${n} sub: CPU per ${series === 'qemu-storage-daemons' ? 'update' : 'transaction'}, ${what}`,
+        series: `CPU per transaction: ${series}`,
+        x: n,
+        unit: 'us',
+        ...summarize(samples),
+        iterations: samples.length,
+        note: 'schedstat of every thread, per round (median of the rounds); add and remove averaged',
+      });
+      cpuRows.push(
+        cpuRow('broker process', 'the broker process (embedded owner)', cpu.broker),
+        cpuRow('subscriber processes', `the ${n} subscriber process${n > 1 ? 'es' : ''} together`, cpu.subscribers),
+        cpuRow('qemu-storage-daemons', `the peer's ${n} qemu-storage-daemon${n > 1 ? 's' : ''} together`, cpu.backends),
+      );
     }
   } finally {
     pinSelf(allCpus());
@@ -234,7 +260,7 @@ async function main(): Promise<void> {
       ...goal,
     };
   });
-  report('fanout', results, {
+  report('fanout', [...results, ...cpuRows], {
     clients: CLIENTS,
     iterations: ITER,
     warmup: WARMUP,

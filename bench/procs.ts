@@ -1,6 +1,7 @@
 // Helper processes of the benchmarks (bench/fixtures/*.ts, run from dist/): spawned with node, optionally
 // under `taskset -c CPUS`, talking JSON lines on stdout, stopped by closing their stdin (or by PID).
 import { spawn, type ChildProcess } from 'node:child_process';
+import fs from 'node:fs';
 import readline from 'node:readline';
 
 export class Child {
@@ -105,3 +106,28 @@ export async function statsOf(subs: readonly Child[]): Promise<SubscriberStats[]
     }),
   );
 }
+
+/**
+ * Nanoseconds of CPU that process `pid` (all its threads) has used so far, from the kernel's
+ * /proc/PID/task/TID/schedstat (its first field: time spent on a CPU). 0 for a process that is gone.
+ */
+export function cpuNs(pid: number | 'self'): number {
+  let total = 0;
+  let tasks: string[];
+  try {
+    tasks = fs.readdirSync(`/proc/${pid}/task`);
+  } catch {
+    return 0;
+  }
+  for (const t of tasks) {
+    try {
+      total += Number(fs.readFileSync(`/proc/${pid}/task/${t}/schedstat`, 'utf8').split(' ')[0]);
+    } catch {
+      // The thread ended meanwhile.
+    }
+  }
+  return total;
+}
+
+/** CPU time of several processes together. */
+export const cpuNsOf = (pids: readonly (number | 'self')[]): number => pids.reduce<number>((n, p) => n + cpuNs(p), 0);

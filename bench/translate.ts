@@ -181,8 +181,8 @@ async function main(): Promise<void> {
               iterations: samples[name].length,
               peer: { name: 'C lookup, same table and addresses', median: c.median },
               ratio,
-              goal: `within ${GOAL}x of C`,
-              met: ratio <= GOAL,
+              // The goal is the vhost-like client's: its API is translate(); slice() is shown beside it.
+              ...(name === 'translate' ? { goal: `within ${GOAL}x of C`, met: ratio <= GOAL } : {}),
               note: `C is ${ratio.toFixed(2)}x as fast`,
             });
           }
