@@ -32,9 +32,12 @@ export function formatReport(r: Report): string {
   ];
   if (r.violations.length === 0) lines.push('no violations');
   else {
-    lines.push(`${r.violations.length} violation(s):`);
-    for (const v of r.violations.slice(0, 50)) lines.push(`  step ${v.step} ${v.invariant}: ${v.detail}`, `    replay: ${v.replay}`);
-    if (r.violations.length > 50) lines.push(`  ... and ${r.violations.length - 50} more (--json lists all)`);
+    lines.push(`${r.violations.length} violation(s); the first of each invariant (--json lists all):`);
+    for (const name of new Set(r.violations.map((v) => v.invariant))) {
+      const mine = r.violations.filter((v) => v.invariant === name);
+      const first = mine[0] as Report['violations'][number];
+      lines.push(`  ${name}: ${mine.length} violation(s), first at step ${first.step}`, `    ${first.detail.slice(0, 600)}`, `    replay: ${first.replay}`);
+    }
   }
   return lines.join('\n');
 }
