@@ -112,9 +112,15 @@ export function array<T>(of: Schema<T>, maxItems: number): Schema<T[]> {
     parse(v, path) {
       if (!Array.isArray(v)) fail(path, `expected array, got ${typeName(v)}`);
       if (v.length > maxItems) fail(path, `${v.length} items exceed the limit of ${maxItems}`);
-      const out = new Array<T>(v.length);
-      for (let i = 0; i < v.length; i++) out[i] = of.parse(v[i], `${path}[${i}]`);
-      return out;
+      // As object(): returned as it came unless an item parses to something else.
+      let out: T[] | undefined;
+      for (let i = 0; i < v.length; i++) {
+        const raw: unknown = v[i];
+        const parsed = parseAt(of, raw, path, i);
+        if (out === undefined && parsed !== raw) out = v.slice(0, i) as T[];
+        if (out !== undefined) out.push(parsed);
+      }
+      return out ?? (v as T[]);
     },
   };
 }
@@ -165,19 +171,45 @@ export function object<F extends Fields>(fields: F, opts: { open?: boolean } = {
     parse(v, path) {
       if (!isPlainMap(v)) fail(path, `expected map, got ${typeName(v)}`);
       if (!opts.open) {
-        for (const k of Object.keys(v)) if (!Object.hasOwn(fields, k)) fail(path, `unknown field "${k}"`);
+        for (const k in v) if (!Object.hasOwn(fields, k)) fail(path, `unknown field "${k}"`);
       }
-      const out: Record<string, unknown> = {};
-      for (const k of keys) {
+      // A strict map whose every field parses to itself (primitives, and maps and arrays that needed no
+      // change) is returned as it came: the decoder made it for us alone, and copying every map of every
+      // message (65,536 regions in a large sync) costs more than checking it. The first field that parses
+      // to something else (a nil optional, a nested copy) starts the copy; an open map always copies,
+      // which drops its unknown fields.
+      let out: Record<string, unknown> | undefined = opts.open ? {} : undefined;
+      for (let i = 0; i < keys.length; i++) {
+        const k = keys[i] as string;
         const s = fields[k] as Schema<unknown>;
         const raw = Object.hasOwn(v, k) ? v[k] : undefined;
         if (raw === undefined && !s.optional) fail(`${path}.${k}`, `missing ${s.describe}`);
-        const parsed = s.parse(raw, `${path}.${k}`);
-        if (parsed !== undefined) out[k] = parsed;
+        const parsed = parseAt(s, raw, path, k);
+        if (out === undefined && parsed !== raw) {
+          out = {};
+          for (let j = 0; j < i; j++) {
+            const kj = keys[j] as string;
+            if (Object.hasOwn(v, kj)) out[kj] = v[kj];
+          }
+        }
+        if (out !== undefined && parsed !== undefined) out[k] = parsed;
       }
-      return out as ObjectOf<F>;
+      return (out ?? v) as ObjectOf<F>;
     },
   };
+}
+
+/**
+ * Parses the member `key` of a map or array at `path`. Its path is built only when it fails: tried first
+ * without one, then again with it, to throw the error that names it. (Building `path.key` for every field
+ * of every message was the largest cost of validation; schemas are pure, so the retry fails the same way.)
+ */
+function parseAt<T>(s: Schema<T>, raw: unknown, path: string, key: string | number): T {
+  try {
+    return s.parse(raw, '');
+  } catch {
+    return s.parse(raw, typeof key === 'number' ? `${path}[${key}]` : `${path}.${key}`);
+  }
 }
 
 /** A union of maps told apart by the string field `tag` (e.g. op: "add" | "remove" | "set"). */
