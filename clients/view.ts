@@ -98,6 +98,11 @@ export function diff(
   cause: Change['cause'],
 ): Change {
   const change: Change = { generation, cause, removed: [], updated: [], added: [] };
+  // Nothing established yet (a first sync): everything is added, and no set of keys to keep is needed.
+  if (actual.size === 0) {
+    change.added = [...target];
+    return change;
+  }
   const keep = new Set<string>();
   for (const t of target) {
     const a = actual.get(t.key);
