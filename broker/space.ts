@@ -96,6 +96,8 @@ export class AddressSpace {
   private readonly subscribers = new Set<Session>();
   private tail: Promise<unknown> = Promise.resolve();
   private queued = 0;
+  /** Work items (commits, attaches) queued or running. */
+  private pendingWork = 0;
   private readonly log: Logger;
   private readonly limits: SpaceLimits;
   private readonly maxFrameBytes: number;
@@ -143,9 +145,10 @@ export class AddressSpace {
    * The owner's ATTACH. The seat is taken at once (a second owner is refused, and commits a previous
    * owner left queued will not run), but the reply waits for the work already queued: a transaction a
    * disconnected owner left in flight completes or rolls back first, so the generation in the reply (and
-   * any STATUS after it) tells the new owner whether that transaction happened.
+   * any STATUS after it) tells the new owner whether that transaction happened. With nothing queued it
+   * is answered at once (in order with what the owner sends right after it).
    */
-  attachOwner(session: Session): Promise<AttachResult> {
+  attachOwner(session: Session): AttachResult | Promise<AttachResult> {
     if (this.owner && !this.owner.closed) {
       throw new OwnerExistsError(`address space ${JSON.stringify(this.name)} already has an owner: ${this.owner.describe()}`);
     }
@@ -153,7 +156,8 @@ export class AddressSpace {
     session.state = 'owner';
     session.spaceName = this.name;
     this.log.info({ client: session.ref() }, 'owner attached');
-    return this.enqueue(async () => ({ client: session.id, epoch: this.epoch, generation: this._generation, sync: 'none' as const }), false);
+    const reply = (): AttachResult => ({ client: session.id, epoch: this.epoch, generation: this._generation, sync: 'none' });
+    return this.pendingWork === 0 ? reply() : this.enqueue(async () => reply(), false);
   }
 
   /**
@@ -352,9 +356,11 @@ export class AddressSpace {
 
   private enqueue<T>(work: () => Promise<T>, counted: boolean): Promise<T> {
     if (counted) this.queued++;
+    this.pendingWork++;
     const run = this.tail.then(work);
     this.tail = run.catch(() => undefined).finally(() => {
       if (counted) this.queued--;
+      this.pendingWork--;
     });
     return run;
   }
