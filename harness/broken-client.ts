@@ -13,7 +13,7 @@ import { MappingSubscriber, GuestMemory, type SubscriberOptions } from '../clien
 import type { Change, LocalBacking } from '../clients/view.js';
 import { VfioSubscriber } from '../clients/vfio/index.js';
 import { constants, native, type Mapping } from '../native/index.js';
-import { serveCommands } from '../cli/control.js';
+import { control } from '../cli/commands/attach.js';
 
 /** Acks removals but leaves a mapping of each removed region behind: the planted bug. */
 class LeakyMemory extends GuestMemory {
@@ -80,13 +80,7 @@ if (values.mode === 'skip-unmap') {
   throw new Error(`--mode ${values.mode}: skip-unmap or pin-twice`);
 }
 const s = sub;
-serveCommands({
-  read: (c) => ({ event: 'read', gpa: c.gpa, hex: Buffer.from(s.memory.read(Number(c.gpa), Number(c.len))).toString('hex') }),
-  write: (c) => {
-    s.memory.write(Number(c.gpa), Buffer.from(String(c.hex), 'hex'));
-    return { event: 'wrote', gpa: c.gpa };
-  },
-  regions: () => ({ event: 'regions', generation: s.generation, regions: s.regions().map(({ name, gpa, size, readonly }) => ({ name, gpa, size, readonly })) }),
+control(s, s.memory, (event, _text, data = {}) => out({ event, ...data }), {
   domain: () => ({ event: 'domain', ...(s instanceof VfioSubscriber ? s.domain : {}) }),
 });
 out({ event: 'attached', pid: process.pid, broken: values.mode, client: s.id, generation: s.generation });

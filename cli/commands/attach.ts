@@ -207,7 +207,7 @@ export const attach: Command = {
   },
 };
 
-type Log = (event: string, text: string, data?: Record<string, unknown>) => void;
+export type Log = (event: string, text: string, data?: Record<string, unknown>) => void;
 
 export interface GuestAccess {
   read(gpa: number, length: number): Uint8Array;
@@ -218,7 +218,7 @@ export interface GuestAccess {
 export type ControlCommands = Record<string, CommandHandler>;
 
 /** The commands every kind answers under --control: read, write, regions; plus the kind's own. */
-function control(sub: Subscriber, memory: GuestAccess, log: Log, extra: ControlCommands = {}): void {
+export function control(sub: Subscriber, memory: GuestAccess, log: Log, extra: ControlCommands = {}): void {
   let armed: 'nack' | 'hold' | undefined;
   sub.on('change', (ev) => {
     if (armed === undefined || ev.change.cause !== 'txn' || ev.change.added.length === 0) return;
