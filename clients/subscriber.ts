@@ -44,6 +44,9 @@ import {
   type ViewRegion,
 } from './view.js';
 
+/** Attempts of the first attach when the broker evicts the client while it applies the initial map. */
+const START_ATTEMPTS = 5;
+
 export interface SubscriberOptions extends ConnectionOptions {
   space: string;
   /** What this client is, for status and logs ("plain", "kvm", "vhost", "vfio"). */
@@ -166,6 +169,7 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
   /** Dirty bitmaps received on the current connection: every attach brings all the current ones. */
   private readonly bitmapsSinceAttach = new Set<number>();
   private reconnecting = false;
+  private starting = false;
 
   protected constructor(
     private readonly target: BrokerTarget,
@@ -188,8 +192,30 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
     return sub;
   }
 
+  /**
+   * The first attach. Evicted while establishing the initial map (pinning gigabytes can outlast the ack
+   * deadline), it tries again: what it established stays, so the next sync finds nothing left to do and is
+   * acked at once. Any other failure closes everything: no connection, mapping or reconnect outlives a
+   * failed attach.
+   */
   protected async start(): Promise<void> {
-    await this.connect(false);
+    this.starting = true;
+    try {
+      for (let attempt = 1; ; attempt++) {
+        try {
+          await this.connect(attempt > 1);
+          return;
+        } catch (err) {
+          if (!isMmbError(err, 'MMB_ERR_DISCONNECTED') || this.opts.reconnect === false || this.closing || attempt >= START_ATTEMPTS) throw err;
+          await new Promise((r) => setTimeout(r, this.opts.reconnectDelayMs ?? 20));
+        }
+      }
+    } catch (err) {
+      await this.close();
+      throw err;
+    } finally {
+      this.starting = false;
+    }
   }
 
   /** The last generation the broker committed and this client applied. */
@@ -300,7 +326,8 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
     this.syncWaiters = [];
     if (this.closing) return;
     this.emit('disconnected', reason);
-    if (this.opts.reconnect === false) return;
+    // During the first attach, start() decides whether to try again.
+    if (this.opts.reconnect === false || this.starting) return;
     void this.reconnectLoop();
   }
 

@@ -1,10 +1,10 @@
-// A subscriber evicted again while it resyncs (its applier slower than the ack deadline, as a vfio-like
+// A subscriber evicted while it applies its initial map, or again while it resyncs (its applier slower than the ack deadline, as a vfio-like
 // client pinning a large region is) must end up with one connection, not two. Found by the hotplug
 // harness (leaks: a vfio process held two broker connections after pinning 1 GiB took longer than the
 // deadline; both were attached and acked every change).
 import path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
-import { MappingSubscriber } from '../clients/index.js';
+import { GuestMemory, MappingSubscriber, Subscriber, type Change, type LocalBacking } from '../clients/index.js';
 import { native } from '../native/index.js';
 import { tempDir, waitFor } from './helpers/procs.js';
 import { defer, embeddedBroker, ownerOf, runCleanups } from './helpers/embedded.js';
@@ -41,5 +41,32 @@ describe('reconnect', () => {
     }, 15_000);
     expect(subscribers().map((c) => c.name)).toEqual(['slow']);
     expect(sub.connected).toBe(true);
+  });
+
+  it('evicted while applying its initial map: the attach tries again and succeeds, with no second connection', async () => {
+    const b = embeddedBroker({ limits: { ackTimeoutMs: 150 } });
+    const socket = path.join(tempDir(), 'b.sock');
+    b.listen(socket);
+    const owner = await ownerOf(b);
+    const ram = await owner.createBacking(2 * MiB, 'ram');
+    defer(() => native.close(ram.fd));
+    await owner.addRegion({ name: 'ram', gpa: 0, size: 2 * MiB, backing: ram.backing });
+    // An applier whose first change takes longer than the deadline, as pinning gigabytes does.
+    const memory = new GuestMemory();
+    let calls = 0;
+    const slow = {
+      async apply(change: Change, backings: ReadonlyMap<number, LocalBacking>) {
+        if (calls++ === 0) await new Promise((r) => setTimeout(r, 400));
+        memory.apply(change, backings);
+      },
+      close: () => memory.close(),
+    };
+    const sub = await Subscriber.create(socket, slow, { space: 'vm0', name: 'slow-start', reconnectDelayMs: 5 });
+    defer(() => sub.close());
+    expect(sub.connected).toBe(true);
+    expect(memory.regions().map((m) => m.region.name)).toEqual(['ram']);
+    const subscribers = () => b.status('vm0').spaces[0]!.clients.filter((c) => c.role === 'subscriber');
+    await waitFor('its ack to reach the broker', () => subscribers().some((c) => c.state === 'ready'));
+    expect(subscribers().map((c) => [c.name, c.ackedGeneration, c.state])).toEqual([['slow-start', 1, 'ready']]);
   });
 });
