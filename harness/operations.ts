@@ -187,7 +187,8 @@ async function leave(w: World): Promise<StepResult> {
   if (healthy.length <= 2) return join(w);
   const c = w.rng.pick(healthy);
   const code = await w.leave(c);
-  return { op: 'leave', detail: `${c.describe()} exited ${code}`, risky: false, surprises: code === 0 ? [] : [`${c.describe()} exited ${code} after SIGTERM (expected a clean detach, 0)`] };
+  const how = code ?? c.child.signalCode;
+  return { op: 'leave', detail: `${c.describe()} exited ${how}`, risky: false, surprises: code === 0 ? [] : [`${c.describe()} exited ${how} after SIGTERM (expected a clean detach, 0): ${c.stderr.join('').slice(-600)}`] };
 }
 
 export const OPERATIONS = {
