@@ -161,3 +161,14 @@ export function report(bench: string, results: Measurement[], context: Record<st
   fs.mkdirSync(dir, { recursive: true });
   fs.writeFileSync(path.join(dir, `${bench}.json`), JSON.stringify(doc, null, 2) + '\n');
 }
+
+/** Runs a benchmark's main(): exit 0 when it resolves (helper processes must not keep it alive), 1 when it throws. */
+export function runMain(main: () => Promise<void>): void {
+  main().then(
+    () => process.exit(0),
+    (err: unknown) => {
+      console.error(err);
+      process.exit(1);
+    },
+  );
+}

@@ -4,7 +4,9 @@
 //   - latency: add one region, wait for the commit (every subscriber acked), remove it, wait again;
 //   - pipelined: keep up to `window` commits in flight (add, remove, add, remove... of one region:
 //     the broker applies a space's transactions in order), and count how many complete per second.
-import type { OwnerClient } from '../clients/index.js';
+import type { Broker } from '../broker/index.js';
+import { OwnerClient, type BrokerTarget } from '../clients/index.js';
+import { native } from '../native/index.js';
 import type { RoundTrips } from './vhu-peer.js';
 
 /** Where the benchmark region sits: 2 MiB at 4 GiB (a DIMM's worth of hotplug granularity). */
@@ -57,4 +59,30 @@ export async function pipelinedLoop(owner: OwnerClient, backing: number, o: Pipe
     if (r >= 0) rates.push((o.transactions / ms) * 1000);
   }
   return rates;
+}
+
+/**
+ * Attaches an owner to `space`, registers a backing for REGION, runs `fn`, drops the backing and detaches.
+ * An owner embedded in a broker's process then waits for ownerGone(): a space has one owner at a time.
+ */
+export async function withOwner<T>(target: BrokerTarget, space: string, name: string, fn: (owner: OwnerClient, backing: number) => Promise<T>): Promise<T> {
+  const owner = await OwnerClient.attach(target, { space, name, requestTimeoutMs: 120_000 });
+  try {
+    const b = await owner.createBacking(REGION.size, name);
+    native.close(b.fd);
+    const out = await fn(owner, b.backing);
+    await owner.dropBacking(b.backing);
+    return out;
+  } finally {
+    owner.close();
+  }
+}
+
+/** Resolves once the broker has seen the owner of `space` go (the next one may then attach). */
+export async function ownerGone(broker: Broker, space: string): Promise<void> {
+  for (let i = 0; i < 500; i++) {
+    if (!broker.status(space).spaces[0]?.clients.some((c) => c.role === 'owner')) return;
+    await new Promise((r) => setTimeout(r, 2));
+  }
+  throw new Error(`the previous owner of ${space} did not detach`);
 }

@@ -24,7 +24,7 @@ import { parseArgs } from 'node:util';
 import { Broker } from '../broker/index.js';
 import { OwnerClient, VfioSubscriber } from '../clients/index.js';
 import { native } from '../native/index.js';
-import { C_FLAGS, buildC, ccVersion, iterations, report, summarize, type Measurement } from './lib.js';
+import { buildC, C_FLAGS, ccVersion, iterations, report, runMain, summarize, type Measurement } from './lib.js';
 
 const { values } = parseArgs({
   options: {
@@ -153,10 +153,4 @@ async function main(): Promise<void> {
   });
 }
 
-main().then(
-  () => process.exit(0),
-  (err: unknown) => {
-    console.error(err);
-    process.exit(1);
-  },
-);
+runMain(main);

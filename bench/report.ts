@@ -183,9 +183,10 @@ function whyMissed(all: Map<string, Result>): string[] {
         `The C peer's round trip is two system calls on each side and a 2 MiB mmap in qemu-storage-daemon. Ours is three ` +
         `messages (EV_TXN, ACK, EV_COMMITTED), each encoded as msgpack, framed, checked as plain msgpack, decoded and validated ` +
         `field by field at the receiving edge, on top of the transaction itself (plan, fan-out, commit, history) and the owner's ` +
-        `request and reply. ${b && s ? `Measured from the kernel's schedstat in the same run: ${fmt(b.median, 'us')} of CPU in the broker's process and ${fmt(s.median, 'us')} in the subscriber's per transaction, against the C round trip's ${fmt(one?.peer?.median ?? NaN, 'us')} in all. ` : ''}` +
-        `Profiles (node --cpu-prof, perf) show no single cost left to remove: the largest were fixed in this issue (see the commits ` +
-        `of bench/README.md); what remains is spread over the codec, validation, promises and syscalls of a Node process.`,
+        `request and reply. ${b && s ? `Measured from the kernel's schedstat in the same run, a transaction took on average ${fmt(b.median, 'us')} of CPU in the broker's process and ${fmt(s.median, 'us')} in the subscriber's, on the one CPU they share, against the C round trip's ${fmt(one?.peer?.median ?? NaN, 'us')} in all. ` : ''}` +
+        `Profiles (node --cpu-prof, perf) show no single cost left to remove: the largest were fixed in this issue (bench/README.md ` +
+        `lists them); what remains is spread over the codec, validation, promises, timers and syscalls of two Node processes ` +
+        `sharing one CPU, and a removal also pays for Node releasing the unmapped buffer on a later turn of the subscriber's loop.`,
     );
   }
   const sixteen = find(fan, (m) => m.series === 'broker, embedded owner, add' && m.x === 16);
@@ -233,8 +234,8 @@ function whyMissed(all: Map<string, Result>): string[] {
     out.push(
       `**Snapshot of 65,536 regions** (${fmt(snap.median, 'ms')}, goal 250 ms). The broker's part is small (it encodes 14 frames of ` +
         `EV_SYNC); the time is the new subscriber's: a fresh Node process decodes about 13 MiB of msgpack, checks it, validates 65,536 ` +
-        `region maps field by field, builds its view of each region (a key string per region) and diffs the whole map, while V8 ` +
-        `compiles that code and collects the young generation that all of it fills${snapGc ? ` (garbage collection: ${fmt(snapGc.median, 'ms')} of it, from perf_hooks in that process)` : ''}. ` +
+        `region maps field by field, builds its view of each region (a key string per region) and records them, while V8 is still ` +
+        `compiling that code: the first thousands of regions run in its interpreter${snapGc ? ` (garbage collection took ${fmt(snapGc.median, 'ms')} of it, from perf_hooks in that process)` : ''}. ` +
         `A compact sync encoding (regions as arrays, or runs of equal-sized regions) would cut most of it.`,
     );
   }

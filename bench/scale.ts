@@ -30,7 +30,7 @@ import { Broker } from '../broker/index.js';
 import { OwnerClient } from '../clients/index.js';
 import type { CommitOp } from '../protocol/index.js';
 import { native } from '../native/index.js';
-import { iterations, report, summarize, type Measurement } from './lib.js';
+import { iterations, report, runMain, summarize, type Measurement } from './lib.js';
 import { Child, spawnSubscribers, statsOf, stopAll } from './procs.js';
 
 // The heap figure needs gc(): re-run this script under node --expose-gc when it was started without.
@@ -258,10 +258,4 @@ async function main(): Promise<void> {
   });
 }
 
-main().then(
-  () => process.exit(0),
-  (err: unknown) => {
-    console.error(err);
-    process.exit(1);
-  },
-);
+runMain(main);

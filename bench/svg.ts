@@ -91,6 +91,31 @@ ${body}
 `;
 }
 
+/** Horizontal grid lines with their labels, and the goal lines, of a y axis between left and right. */
+function yGrid(ay: Axis, Y: (v: number) => number, left: number, right: number, goals: readonly GoalLine[] = []): string[] {
+  const out: string[] = [];
+  for (const t of ay.ticks) {
+    const y = Y(t).toFixed(1);
+    out.push(`<line x1="${left}" y1="${y}" x2="${right}" y2="${y}" stroke="#e3e3e3"/>`);
+    out.push(`<text x="${left - 8}" y="${(+y + 4).toFixed(1)}" font-size="12" text-anchor="end">${short(t)}</text>`);
+  }
+  for (const g of goals) {
+    const y = Y(g.y).toFixed(1);
+    out.push(`<line x1="${left}" y1="${y}" x2="${right}" y2="${y}" stroke="#c0392b" stroke-dasharray="2 3"/>`);
+    out.push(`<text x="${right - 4}" y="${(+y - 5).toFixed(1)}" font-size="11" fill="#c0392b" text-anchor="end">${esc(g.label)}</text>`);
+  }
+  return out;
+}
+
+/** The two axis lines and the y label. */
+function axes(left: number, right: number, top: number, bottom: number, yLabel: string): string {
+  const mid = (top + bottom) / 2;
+  return (
+    `<line x1="${left}" y1="${bottom}" x2="${right}" y2="${bottom}" stroke="#333"/><line x1="${left}" y1="${top}" x2="${left}" y2="${bottom}" stroke="#333"/>` +
+    `<text x="18" y="${mid}" font-size="13" text-anchor="middle" transform="rotate(-90 18 ${mid})">${esc(yLabel)}</text>`
+  );
+}
+
 export interface LineChart {
   title: string;
   xLabel: string;
@@ -116,25 +141,14 @@ export function lineChart(c: LineChart): string {
   const ay = axis(ys, c.yLog ?? false);
   const X = scale(ax, left, right);
   const Y = scale(ay, bottom, top);
-  const out: string[] = [];
-  for (const t of ay.ticks) {
-    const y = Y(t).toFixed(1);
-    out.push(`<line x1="${left}" y1="${y}" x2="${right}" y2="${y}" stroke="#e3e3e3"/>`);
-    out.push(`<text x="${left - 8}" y="${(+y + 4).toFixed(1)}" font-size="12" text-anchor="end">${short(t)}</text>`);
-  }
+  const out = yGrid(ay, Y, left, right, c.goals);
   for (const t of ax.ticks) {
     const x = X(t).toFixed(1);
     out.push(`<line x1="${x}" y1="${top}" x2="${x}" y2="${bottom}" stroke="#f0f0f0"/>`);
     out.push(`<text x="${x}" y="${bottom + 18}" font-size="12" text-anchor="middle">${short(t)}</text>`);
   }
-  out.push(`<line x1="${left}" y1="${bottom}" x2="${right}" y2="${bottom}" stroke="#333"/><line x1="${left}" y1="${top}" x2="${left}" y2="${bottom}" stroke="#333"/>`);
+  out.push(axes(left, right, top, bottom, c.yLabel));
   out.push(`<text x="${(left + right) / 2}" y="${bottom + 40}" font-size="13" text-anchor="middle">${esc(c.xLabel)}</text>`);
-  out.push(`<text x="18" y="${(top + bottom) / 2}" font-size="13" text-anchor="middle" transform="rotate(-90 18 ${(top + bottom) / 2})">${esc(c.yLabel)}</text>`);
-  for (const g of c.goals ?? []) {
-    const y = Y(g.y).toFixed(1);
-    out.push(`<line x1="${left}" y1="${y}" x2="${right}" y2="${y}" stroke="#c0392b" stroke-dasharray="2 3"/>`);
-    out.push(`<text x="${right - 4}" y="${(+y - 5).toFixed(1)}" font-size="11" fill="#c0392b" text-anchor="end">${esc(g.label)}</text>`);
-  }
   for (const s of c.series) {
     const pts = [...s.points].sort((a, b) => a[0] - b[0]);
     const d = pts.map((p, i) => `${i === 0 ? 'M' : 'L'}${X(p[0]).toFixed(1)},${Y(p[1]).toFixed(1)}`).join(' ');
@@ -169,12 +183,7 @@ export function barChart(c: BarChart): string {
   const bottom = 290;
   const ay = axis([...c.bars.map((b) => b.value), ...(c.goals ?? []).map((g) => g.y)], false);
   const Y = scale(ay, bottom, top);
-  const out: string[] = [];
-  for (const t of ay.ticks) {
-    const y = Y(t).toFixed(1);
-    out.push(`<line x1="${left}" y1="${y}" x2="${right}" y2="${y}" stroke="#e3e3e3"/>`);
-    out.push(`<text x="${left - 8}" y="${(+y + 4).toFixed(1)}" font-size="12" text-anchor="end">${short(t)}</text>`);
-  }
+  const out = yGrid(ay, Y, left, right, c.goals);
   const slot = (right - left) / c.bars.length;
   const bw = Math.min(90, slot * 0.6);
   c.bars.forEach((b, i) => {
@@ -191,13 +200,7 @@ export function barChart(c: BarChart): string {
     }
     lines.forEach((l, k) => out.push(`<text x="${(x + bw / 2).toFixed(1)}" y="${bottom + 16 + k * 14}" font-size="11.5" text-anchor="middle">${esc(l)}</text>`));
   });
-  out.push(`<line x1="${left}" y1="${bottom}" x2="${right}" y2="${bottom}" stroke="#333"/><line x1="${left}" y1="${top}" x2="${left}" y2="${bottom}" stroke="#333"/>`);
-  out.push(`<text x="18" y="${(top + bottom) / 2}" font-size="13" text-anchor="middle" transform="rotate(-90 18 ${(top + bottom) / 2})">${esc(c.yLabel)}</text>`);
-  for (const g of c.goals ?? []) {
-    const y = Y(g.y).toFixed(1);
-    out.push(`<line x1="${left}" y1="${y}" x2="${right}" y2="${y}" stroke="#c0392b" stroke-dasharray="2 3"/>`);
-    out.push(`<text x="${right - 4}" y="${(+y - 5).toFixed(1)}" font-size="11" fill="#c0392b" text-anchor="end">${esc(g.label)}</text>`);
-  }
+  out.push(axes(left, right, top, bottom, c.yLabel));
   if (c.legend) out.push(legend(c.legend.map((l) => ({ ...l, bar: true })), left + 10, bottom + 70));
   return frame(H, c.title, out.join('\n'));
 }

@@ -22,10 +22,8 @@ import os from 'node:os';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
 import { Broker } from '../broker/index.js';
-import { OwnerClient } from '../clients/index.js';
-import { native } from '../native/index.js';
-import { ccVersion, iterations, report, summarize, type Measurement } from './lib.js';
-import { REGION, pipelinedLoop, type PipelineOptions } from './owner-loop.js';
+import { ccVersion, iterations, report, runMain, summarize, type Measurement } from './lib.js';
+import { REGION, ownerGone, pipelinedLoop, withOwner, type PipelineOptions } from './owner-loop.js';
 import { Child, spawnSubscribers, statsOf, stopAll } from './procs.js';
 import { CFrontEnd, backendImage, qsdVersion, startBackends, stopBackends } from './vhu-peer.js';
 
@@ -47,25 +45,11 @@ const log = (s: string) => {
   if (!values.json) console.error(s);
 };
 
-async function ownerGone(b: Broker): Promise<void> {
-  for (let i = 0; i < 500; i++) {
-    if (!b.status(SPACE).spaces[0]?.clients.some((c) => c.role === 'owner')) return;
-    await new Promise((r) => setTimeout(r, 2));
-  }
-  throw new Error('the previous owner did not detach');
-}
-
 async function embedded(b: Broker, o: PipelineOptions): Promise<number[]> {
-  const owner = await OwnerClient.attach(b, { space: SPACE, name: 'embedded-owner' });
   try {
-    const backing = await owner.createBacking(REGION.size, 'bench-throughput');
-    native.close(backing.fd);
-    const rates = await pipelinedLoop(owner, backing.backing, o);
-    await owner.dropBacking(backing.backing);
-    return rates;
+    return await withOwner(b, SPACE, 'bench-throughput', (owner, backing) => pipelinedLoop(owner, backing, o));
   } finally {
-    owner.close();
-    await ownerGone(b);
+    await ownerGone(b, SPACE);
   }
 }
 
@@ -102,7 +86,7 @@ async function main(): Promise<void> {
       if (who === 'process') {
         ownerChild.send(JSON.stringify({ mode: 'pipelined', ...one(WINDOW, rounds, warmupRounds) }));
         const out = (await ownerChild.next<{ rates: number[] }>()).rates;
-        await ownerGone(broker);
+        await ownerGone(broker, SPACE);
         return out;
       }
       return embedded(broker, one(who === 'serial' ? 1 : WINDOW, rounds, warmupRounds));
@@ -172,10 +156,4 @@ async function main(): Promise<void> {
   );
 }
 
-main().then(
-  () => process.exit(0),
-  (err: unknown) => {
-    console.error(err);
-    process.exit(1);
-  },
-);
+runMain(main);

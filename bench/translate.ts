@@ -30,7 +30,7 @@ import { parseArgs } from 'node:util';
 import { Broker } from '../broker/index.js';
 import { OwnerClient, VhostSubscriber } from '../clients/index.js';
 import { native } from '../native/index.js';
-import { C_FLAGS, allCpus, buildC, ccVersion, iterations, pinSelf, report, summarize, type Measurement } from './lib.js';
+import { allCpus, buildC, C_FLAGS, ccVersion, iterations, pinSelf, report, runMain, summarize, type Measurement } from './lib.js';
 
 const { values } = parseArgs({
   options: {
@@ -208,10 +208,4 @@ async function main(): Promise<void> {
   });
 }
 
-main().then(
-  () => process.exit(0),
-  (err: unknown) => {
-    console.error(err);
-    process.exit(1);
-  },
-);
+runMain(main);

@@ -29,7 +29,7 @@ import { Broker } from '../broker/index.js';
 import { OwnerClient, createSealedMemfd } from '../clients/index.js';
 import { VhostUserFrontend, VhostUserSubscriber, BLK_FEATURES, uaddrOf } from '../clients/vhost-user/index.js';
 import { native } from '../native/index.js';
-import { allCpus, ccVersion, median, pinSelf, report, summarize, type Measurement } from './lib.js';
+import { allCpus, ccVersion, median, pinSelf, report, runMain, summarize, type Measurement } from './lib.js';
 import { startQsd, type Backend } from './vhost-user-backends.js';
 import { CFrontEnd, addTrips, backendImage, noTrips, qsdVersion, startBackends, stopBackends, type RoundTrips } from './vhu-peer.js';
 
@@ -254,10 +254,4 @@ async function main(): Promise<void> {
   if (!quiet) console.log(`\ngoals: ${JSON.stringify(goals)}`);
 }
 
-main().then(
-  () => process.exit(0),
-  (err: unknown) => {
-    console.error(err);
-    process.exit(1);
-  },
-);
+runMain(main);
