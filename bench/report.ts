@@ -248,6 +248,37 @@ function whyMissed(all: Map<string, Result>): string[] {
   return out;
 }
 
+// --- the headline -------------------------------------------------------------------------------------
+
+/** One line per benchmark with its main figure beside its peer's: the top of the page, and the README's. */
+function headline(all: Map<string, Result>): string[] {
+  const out: string[] = [];
+  const m = (bench: string, pred: (x: Measurement) => boolean) => find(all.get(bench), pred);
+  const vs = (x: Measurement | undefined) => (x?.peer ? ` (${x.peer.name.replace(/, (ADD|REM)_MEM_REG$/, '')}: ${fmt(x.peer.median, x.unit)}, ${ratio(x.ratio ?? NaN)}x)` : '');
+  const mark = (x: Measurement | undefined) => (x?.goal === undefined ? '' : x.met ? '' : ' **goal missed**');
+  const f1 = m('fanout', (x) => x.series === 'broker, embedded owner, add' && x.x === 1);
+  const f16 = m('fanout', (x) => x.series === 'broker, embedded owner, add' && x.x === 16);
+  const r1 = m('fanout', (x) => x.series === 'broker, embedded owner, remove' && x.x === 1);
+  if (f1) out.push(`Fan-out, one subscriber process, until acked: add ${fmt(f1.median, f1.unit)}${vs(f1)}${mark(f1)}${r1 ? `, remove ${fmt(r1.median, r1.unit)} (REM_MEM_REG: ${fmt(r1.peer?.median ?? NaN, r1.unit)}, ${ratio(r1.ratio ?? NaN)}x)${mark(r1)}` : ''}`);
+  if (f16) out.push(`Fan-out, 16 subscriber processes: ${fmt(f16.median, f16.unit)}${vs(f16)}${mark(f16)}`);
+  const tp = m('throughput', (x) => x.series === 'broker, embedded owner, pipelined');
+  if (tp) out.push(`Throughput, 4 subscriber processes: ${fmt(tp.median, tp.unit)} (goal 20,000)${mark(tp)}`);
+  const tr = m('translate', (x) => x.goal !== undefined && x.x === 512 && x.name.includes('random'));
+  if (tr) out.push(`Translation, 512 regions, random: ${(tr.median / 1e6).toFixed(1)} M lookups/s (the same search in C: ${((tr.peer?.median ?? NaN) / 1e6).toFixed(1)} M, ${ratio(tr.ratio ?? NaN)}x)${mark(tr)}`);
+  const snap = m('scale', (x) => x.goal === '< 250 ms');
+  const more = m('scale', (x) => x.goal?.startsWith('< 2x') === true);
+  const heap = m('scale', (x) => x.name === 'broker heap per region');
+  if (snap && more && heap) {
+    out.push(`65,536 regions: snapshot to a new subscriber ${fmt(snap.median, snap.unit)}${mark(snap)}; one more add ${fmt(more.median, more.unit)} (at 16 regions ${fmt(more.peer?.median ?? NaN, more.unit)})${mark(more)}; ${fmt(heap.median, heap.unit)} of broker heap per region${mark(heap)}`);
+  }
+  const pin = m('pinning', (x) => x.unit === 'GiB/s' && x.goal !== undefined);
+  const delay = m('pinning', (x) => x.unit === 'ms' && x.goal !== undefined);
+  if (pin) out.push(`Pinning 4 GiB (soft backend): ${fmt(pin.median, pin.unit)} (C mlock of the same memfd: ${fmt(pin.peer?.median ?? NaN, pin.unit)})${mark(pin)}${delay ? `, broker event loop delayed at most ${fmt(Math.max(delay.p99, delay.median), 'ms')}${mark(delay)}` : ''}`);
+  const dirty = m('dirty-sync', (x) => x.name.startsWith('flip + take') && x.name.includes('100%'));
+  if (dirty) out.push(`Dirty sync of a 32 MiB bitmap (1 TiB of guest memory): ${fmt(dirty.median, dirty.unit)} (memcpy of it: ${fmt(dirty.peer?.median ?? NaN, dirty.unit)})${mark(dirty)}`);
+  return out;
+}
+
 // --- the page -----------------------------------------------------------------------------------------
 
 function main(): void {
@@ -282,6 +313,13 @@ function main(): void {
   out.push(`- Command: \`npm run bench\` (all, then this report), or one benchmark: \`npm run bench:<name>\`; \`BENCH_ITERATIONS\` changes the repetitions.`);
   out.push(`- Round trips are measured with every process on one CPU (taskset) where the benchmark says so: on a 2-CPU VM, cross-CPU wake-ups otherwise decide the result.`);
   out.push('');
+  const head = headline(all);
+  if (head.length > 0) {
+    out.push('## Headline');
+    out.push('');
+    for (const h of head) out.push(`- ${h}`);
+    out.push('');
+  }
   out.push('## Goals');
   out.push('');
   out.push('| benchmark | measurement | median | peer (same run) | ratio | goal | status |');
@@ -319,6 +357,7 @@ function main(): void {
   out.push('');
   fs.writeFileSync(path.join(docs, 'performance.md'), out.join('\n'));
   console.log(`wrote docs/performance.md (${goals.length} goals, ${met} met) and ${[...charts.values()].filter(Boolean).join(', ')}`);
+  for (const h of head) console.log(`  ${h.replace(/\*\*/g, '')}`);
 }
 
 main();
