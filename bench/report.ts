@@ -232,10 +232,12 @@ function whyMissed(all: Map<string, Result>): string[] {
   const snapGc = find(all.get('scale'), (m) => m.series === 'snapshot gc');
   if (snap && snap.met === false) {
     out.push(
-      `**Snapshot of 65,536 regions** (${fmt(snap.median, 'ms')}, goal 250 ms). The broker's part is small (it encodes 14 frames of ` +
-        `EV_SYNC); the time is the new subscriber's: a fresh Node process decodes about 13 MiB of msgpack, checks it, validates 65,536 ` +
-        `region maps field by field, builds its view of each region (a key string per region) and records them, while V8 is still ` +
-        `compiling that code: the first thousands of regions run in its interpreter${snapGc ? ` (garbage collection took ${fmt(snapGc.median, 'ms')} of it, from perf_hooks in that process)` : ''}. ` +
+      `**Snapshot of 65,536 regions** (${fmt(snap.median, 'ms')}, goal 250 ms). The broker's part is small: it encodes 14 EV_SYNC frames ` +
+        `while the subscriber decodes the first ones. The time is the new subscriber's, a fresh Node process: in a profile of one, ` +
+        `about a third went to receiving (decoding 13 MiB of msgpack, checking it, validating 65,536 region maps), about a third to ` +
+        `building its view of the map (a key string per region, three maps of 65,536 entries: in V8 each insert into a map that size ` +
+        `costs a few hundred nanoseconds), the rest to waiting for the first frame and to garbage collection` +
+        `${snapGc ? ` (${fmt(snapGc.median, 'ms')}, from perf_hooks in the same run)` : ''}. ` +
         `A compact sync encoding (regions as arrays, or runs of equal-sized regions) would cut most of it.`,
     );
   }
