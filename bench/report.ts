@@ -77,7 +77,10 @@ function context(r: Result): string {
   const skip = new Set(['bench', 'date', 'seconds', 'command', 'machine', 'node', 'results', 'iterationsFromEnv']);
   const lines = Object.entries(r)
     .filter(([k]) => !skip.has(k))
-    .map(([k, v]) => `- ${k}: ${Array.isArray(v) ? (v.every((x) => typeof x !== 'object') ? v.join(', ') : v.map((x) => JSON.stringify(x)).join('; ')) : typeof v === 'object' ? JSON.stringify(v) : String(v)}`);
+    .map(([k, v]) => {
+      if (Array.isArray(v) && v.some((x) => typeof x === 'string' && x.length > 40)) return `- ${k}:\n${v.map((x) => `  - ${String(x)}`).join('\n')}`;
+      return `- ${k}: ${Array.isArray(v) ? (v.every((x) => typeof x !== 'object') ? v.join(', ') : v.map((x) => JSON.stringify(x)).join('; ')) : typeof v === 'object' ? JSON.stringify(v) : String(v)}`;
+    });
   return lines.join('\n');
 }
 
