@@ -64,9 +64,8 @@ export async function settle(w: World, timeoutMs: number): Promise<{ status: Sta
 }
 
 async function snapshotClient(c: ClientProc): Promise<ClientSnapshot> {
-  let view: ClientSnapshot['view'];
   const r = await c.request({ cmd: 'regions' }, 'regions').catch((err: Error) => ({ event: 'failed', message: err.message }) as Line);
-  view = r.event === 'regions' ? { generation: Number(r.generation), regions: r.regions as ViewRegion[] } : `regions failed: ${String(r.message)}`;
+  const view: ClientSnapshot['view'] = r.event === 'regions' ? { generation: Number(r.generation), regions: r.regions as ViewRegion[] } : `regions failed: ${String(r.message)}`;
   const snap: ClientSnapshot = { client: c, view, maps: memfdMappings(c.pid), census: fdCensus(c.pid), locked: lockedBytes(c.pid) };
   if (c.kind === 'kvm') {
     const s = await c.request({ cmd: 'slots' }, 'slots');
