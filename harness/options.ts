@@ -20,7 +20,7 @@ export interface HarnessOptions {
   ackTimeoutMs: number;
   /** Plant deliberately broken clients (one skips its unmap, one pins twice): the checks must fail. */
   selfTest: boolean;
-  /** Called after every step with its one-line description (replay logs, --trace). */
+  /** Called after every step with its one-line description, and with a line for each violation it found (replay logs, --trace). */
   onStep?: (line: string) => void;
 }
 

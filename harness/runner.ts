@@ -96,12 +96,15 @@ export async function runHarness(input: Partial<HarnessOptions> = {}, replayArgs
         faultsByKind[res.op.slice('fault:'.length)] = (faultsByKind[res.op.slice('fault:'.length)] ?? 0) + 1;
       } else operations[res.op] = (operations[res.op] ?? 0) + 1;
       opts.onStep?.(`step ${i}: ${res.op}: ${res.detail}`);
+      const seen = t.violations.length;
       try {
         await checkStep(w, t, res);
       } catch (err) {
         // A process that stopped answering while it was being checked: reported, and the run goes on.
         t.check('outcome', [`checking step ${i} failed: ${(err as Error).message}`, ...reapDead(w)]);
       }
+      // A long soak shows a violation when it happens, not only in the summary at the end.
+      for (const v of t.violations.slice(seen)) opts.onStep?.(`step ${i}: VIOLATION ${v.invariant}: ${v.detail}`);
       failedInARow = res.op === 'error' ? failedInARow + 1 : 0;
       if (failedInARow >= 5) {
         t.check('outcome', [`stopped after five failed steps in a row`]);
