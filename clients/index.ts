@@ -1,7 +1,7 @@
 export { Connection, type BrokerTarget, type ConnectionOptions } from './connection.js';
 export { Subscriber, type SubscriberOptions, type SubscriberEvents, type ChangeEvent, type ClientReport, type PauseEvent } from './subscriber.js';
 export { MappingSubscriber } from './plain.js';
-export { GuestMemory, CHUNK_BYTES, type MappedRegion, type Chunk } from './memory.js';
+export { GuestMemory, CHUNK_BYTES, type MappedRegion, type Chunk, type GuestPointer } from './memory.js';
 export { OwnerClient, fetchStatus, bitmapBytes, type OwnerOptions, type RegionSpec, type CreatedBacking, type DirtySnapshot } from './owner.js';
 export { DirtyLog } from './dirty.js';
 export { DirtyObserver, type DirtyEvent } from './observer.js';

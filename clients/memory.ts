@@ -8,7 +8,8 @@
 //
 // A region is mapped at one contiguous host range, as chunks of at most 1 GiB: Node 20 caps an
 // ArrayBuffer at 4 GiB, and guest RAM regions are often larger. slice() returns one view inside one
-// chunk; segments(), read() and write() cross chunks and adjacent regions, and refuse holes.
+// chunk; resolve() points a reused object at it without allocating; segments(), read() and write() cross
+// chunks and adjacent regions, and refuse holes.
 //
 // Translation (GPA -> memory) is the hot path of every device back-end: a binary search over two flat
 // Float64Arrays of region starts and ends, tried after the region of the last hit, then the view of the
@@ -26,6 +27,16 @@ export const CHUNK_BYTES = 2 ** 30;
 export interface Chunk {
   mapping: Mapping;
   bytes: Uint8Array;
+}
+
+/**
+ * Where a guest range lives in this process, filled in by GuestMemory.resolve(): `bytes[offset]` is the
+ * byte at the GPA looked up, and the range continues for its length inside `bytes` (the mapping of the
+ * region's first chunk, up to 1 GiB). The JavaScript form of the host pointer a C back-end computes.
+ */
+export interface GuestPointer {
+  bytes: Uint8Array;
+  offset: number;
 }
 
 export interface MappedRegion {
@@ -152,6 +163,25 @@ export class GuestMemory implements Applier {
   }
 
   /**
+   * The allocation-free lookup of a device back-end's hot path: points `out` at the memory holding
+   * [gpa, gpa + length) and returns true, or returns false (leaving `out` as it was) when the range is not
+   * inside the first 1 GiB chunk of one region: a hole, a range crossing into another region or chunk,
+   * or invalid numbers; segments() then walks the range or says what is wrong. Reuse one `out` across
+   * lookups: nothing is allocated, so a lookup costs what the search costs. The view in `out.bytes` is
+   * detached when its region is unmapped (a later removal): look up again after every map change.
+   */
+  resolve(gpa: number, length: number, out: GuestPointer): boolean {
+    if (!Number.isSafeInteger(gpa) || !Number.isSafeInteger(length) || gpa < 0 || length < 0) return false;
+    const i = this.indexOf(gpa);
+    if (i < 0 || gpa + length > (this.ends[i] as number)) return false;
+    const off = gpa - (this.starts[i] as number);
+    if (off + length > CHUNK_BYTES) return false;
+    out.bytes = this.firstBytes[i] as Uint8Array;
+    out.offset = off;
+    return true;
+  }
+
+  /**
    * Views covering guest memory [gpa, gpa + length) in order, one per region chunk touched (an iovec):
    * the range may span adjacent regions, but a hole anywhere in it is MMB_ERR_NO_REGION.
    */
@@ -242,13 +272,11 @@ export class GuestMemory implements Applier {
    * general paths then say what is wrong, or walk the range).
    */
   private firstChunkView(gpa: number, length: number): Uint8Array | undefined {
-    if (!Number.isSafeInteger(gpa) || !Number.isSafeInteger(length) || gpa < 0 || length < 0) return undefined;
-    const i = this.indexOf(gpa);
-    if (i < 0 || gpa + length > (this.ends[i] as number)) return undefined;
-    const off = gpa - (this.starts[i] as number);
-    if (off + length > CHUNK_BYTES) return undefined;
-    return (this.firstBytes[i] as Uint8Array).subarray(off, off + length);
+    const p = this.scratch;
+    return this.resolve(gpa, length, p) ? p.bytes.subarray(p.offset, p.offset + length) : undefined;
   }
+
+  private readonly scratch: GuestPointer = { bytes: new Uint8Array(0), offset: 0 };
 
   /** The region holding all of [gpa, gpa + length) and the offset of gpa inside it. */
   private locate(gpa: number, length: number): { m: MappedRegion; off: number } {

@@ -1,7 +1,7 @@
 // The vhost-like client: translation, bounds checks against holes, read-only regions, never pinning.
 import { afterEach, describe, expect, it } from 'vitest';
 import { Broker } from '../broker/index.js';
-import { OwnerClient } from '../clients/index.js';
+import { OwnerClient, type GuestPointer } from '../clients/index.js';
 import { VhostSubscriber } from '../clients/vhost/index.js';
 import { constants, native } from '../native/index.js';
 import { isMmbError } from '../protocol/index.js';
@@ -48,13 +48,32 @@ describe('vhost-like client', () => {
     }
     await owner.commit(ops);
     let seed = 1;
+    const out: GuestPointer = { bytes: new Uint8Array(0), offset: -1 };
     for (let n = 0; n < 20_000; n++) {
       seed = (seed * 48271) % 0x7fff_ffff;
       const gpa = seed % (512 * 0x2_0000);
+      const len = 1 + (seed % 64);
       const hit = regions.findIndex((r) => gpa >= r.gpa && gpa < r.gpa + 0x1_0000);
+      const inside = hit >= 0 && gpa + len <= regions[hit]!.gpa + 0x1_0000;
       if (hit < 0) expect(codeOf(() => vhost.read(gpa, 1))).toBe('MMB_ERR_NO_REGION');
       else expect(vhost.read(gpa, 1)[0]).toBe(hit & 0xff);
+      // The allocation-free lookup: the same memory (this region's bytes from its backing offset) when the
+      // range lies in one region, false otherwise, with `out` untouched.
+      const before = { ...out };
+      expect(vhost.resolve(gpa, len, out)).toBe(inside);
+      if (!inside) expect(out.bytes === before.bytes && out.offset === before.offset).toBe(true);
+      else {
+        expect(out.offset).toBe(gpa - regions[hit]!.gpa);
+        expect(out.bytes.length).toBe(0x1_0000);
+        expect(out.bytes[out.offset]).toBe(hit & 0xff);
+        out.bytes[out.offset] = 0xee; // a write through it lands in the backing at the region's offset
+        expect(bytes[regions[hit]!.off + out.offset]).toBe(0xee);
+        out.bytes[out.offset] = hit & 0xff;
+      }
     }
+    expect(vhost.resolve(-1, 1, out)).toBe(false);
+    expect(vhost.resolve(0.5, 1, out)).toBe(false);
+    expect(vhost.resolve(regions[1]!.gpa, -1, out)).toBe(false);
   });
 
   it('a buffer may span adjacent regions (an iovec of two views) but never a hole', async () => {
@@ -67,12 +86,22 @@ describe('vhost-like client', () => {
     ]);
     const iov = vhost.translate(0x110_0000 - 4, 8);
     expect(iov.map((v) => v.length)).toEqual([4, 4]);
+    // resolve() serves only a range inside one region; this one needs the iovec.
+    const p: GuestPointer = { bytes: new Uint8Array(0), offset: 0 };
+    expect(vhost.resolve(0x110_0000 - 4, 8, p)).toBe(false);
+    expect(vhost.resolve(0x110_0000 - 4, 4, p)).toBe(true);
+    expect(Buffer.from(p.bytes.subarray(p.offset, p.offset + 4)).toString()).toBe('abcd');
+    const held = p.bytes;
     expect(Buffer.concat(iov).toString()).toBe('abcdefgh');
     // Across the hole between "hi" and "far": refused, typed.
     expect(codeOf(() => vhost.translate(0x120_0000 - 4, 8))).toBe('MMB_ERR_NO_REGION');
     expect(codeOf(() => vhost.read(0x120_0000, 1))).toBe('MMB_ERR_NO_REGION');
     vhost.write(0x110_0000 - 2, Buffer.from('XY'));
     expect(Buffer.from(bytes.subarray(1 * MiB - 4, 1 * MiB + 4)).toString()).toBe('abXYefgh');
+    // A view resolve() handed out dies with its region's mapping: no use-after-unmap from JavaScript.
+    await owner.removeRegion('lo');
+    expect(held.length).toBe(0);
+    expect(vhost.resolve(0x110_0000 - 4, 4, p)).toBe(false);
   });
 
   it('a read-only region is mapped PROT_READ, and a write touching it changes nothing at all', async () => {

@@ -4,8 +4,9 @@
 // refuse a range crossing a hole, and unmaps before it acks a removal.
 //
 // Descriptor buffers of a virtqueue are (gpa, len) pairs: translate() turns one into an iovec of views,
-// which may span adjacent regions but never a hole.
-import { GuestMemory } from '../memory.js';
+// which may span adjacent regions but never a hole; resolve() is the allocation-free form for the common
+// case of a buffer inside one region.
+import { GuestMemory, type GuestPointer } from '../memory.js';
 import { MappingSubscriber } from '../plain.js';
 import type { SubscriberOptions } from '../subscriber.js';
 import type { BrokerTarget } from '../connection.js';
@@ -26,6 +27,15 @@ export class VhostSubscriber extends MappingSubscriber {
   /** An iovec for the guest buffer [gpa, gpa + length): views into this process's mappings. */
   translate(gpa: number, length: number): Uint8Array[] {
     return this.memory.segments(gpa, length);
+  }
+
+  /**
+   * The hot-path lookup: points `out` at the memory of [gpa, gpa + length) without allocating (the bytes
+   * are `out.bytes[out.offset ...]`), or returns false when the range needs translate() (it crosses a
+   * region or 1 GiB boundary, or a hole: translate() then says which). See GuestMemory.resolve().
+   */
+  resolve(gpa: number, length: number, out: GuestPointer): boolean {
+    return this.memory.resolve(gpa, length, out);
   }
 
   /** Copies guest memory out. */
