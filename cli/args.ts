@@ -2,6 +2,7 @@
 // and a parseArgs wrapper that turns usage mistakes into MMB_ERR_INVALID_ARG with the command's help.
 import { GPA_LIMIT, InvalidArgError } from '../protocol/index.js';
 import fs from 'node:fs';
+import { parseArgs, type ParseArgsConfig } from 'node:util';
 
 const UNITS: Record<string, number> = { '': 1, K: 2 ** 10, M: 2 ** 20, G: 2 ** 30, T: 2 ** 40 };
 
@@ -66,6 +67,25 @@ export function parsed<T>(fn: () => T): T {
     throw new InvalidArgError((err as Error).message);
   }
 }
+
+/** The options a command declares (parseArgs' own type). */
+export type OptionSpec = NonNullable<ParseArgsConfig['options']>;
+
+/**
+ * Parses a command's arguments (strict: no positionals, no unknown options, usage errors as
+ * MMB_ERR_INVALID_ARG) with --help added; prints `usage` and gives undefined when --help was asked for.
+ */
+export function parseCommand<const O extends OptionSpec>(argv: string[], options: O, usage: string): CommandValues<O> | undefined {
+  const { values } = parsed(() => parseArgs({ args: argv, strict: true, options: { ...HELP, ...options } }));
+  if ((values as { help?: boolean }).help) {
+    console.log(usage);
+    return undefined;
+  }
+  return values as CommandValues<O>;
+}
+
+/** What parseArgs gives for a command's options (plus --help). */
+export type CommandValues<O extends OptionSpec> = ReturnType<typeof parseArgs<{ args: string[]; strict: true; options: typeof HELP & O }>>['values'];
 
 export function required(values: Record<string, unknown>, name: string): string {
   const v = values[name];

@@ -6,8 +6,7 @@ import { VhostUserSubscriber } from '../../clients/vhost-user/index.js';
 import pino from 'pino';
 import { ClientRefusedError, InvalidArgError, type MmbError } from '../../protocol/index.js';
 import { serveCommands, type CommandHandler } from '../control.js';
-import { formatSize, hex, HELP, parsed, parseCount, parseSize, readToken, required, type Command } from '../args.js';
-import { parseArgs } from 'node:util';
+import { formatSize, hex, parseCommand, parseCount, parseSize, readToken, required, type Command } from '../args.js';
 
 const KINDS = ['plain', 'vhost', 'vhost-user', 'kvm', 'vfio'] as const;
 type Kind = (typeof KINDS)[number];
@@ -73,36 +72,30 @@ export const attach: Command = {
   async run(argv) {
     const kind: Kind = argv[0] !== undefined && !argv[0].startsWith('-') ? (argv.shift() as Kind) : 'plain';
     if (!KINDS.includes(kind)) throw new InvalidArgError(`unknown kind ${JSON.stringify(kind)} (${KINDS.join(', ')})`);
-    const { values } = parsed(() =>
-      parseArgs({
-        args: argv,
-        strict: true,
-        options: {
-          ...HELP,
-          socket: { type: 'string' },
-          space: { type: 'string' },
-          name: { type: 'string' },
-          'token-file': { type: 'string' },
-          'max-regions': { type: 'string' },
-          coalesce: { type: 'boolean' },
-          software: { type: 'boolean' },
-          'max-slots': { type: 'string' },
-          backend: { type: 'string' },
-          device: { type: 'string', multiple: true },
-          'pin-limit': { type: 'string' },
-          'pin-chunk': { type: 'string' },
-          'backend-socket': { type: 'string' },
-          'no-coalesce': { type: 'boolean' },
-          'backend-timeout': { type: 'string' },
-          json: { type: 'boolean' },
-          control: { type: 'boolean' },
-        },
-      }),
+    const values = parseCommand(
+      argv,
+      {
+        socket: { type: 'string' },
+        space: { type: 'string' },
+        name: { type: 'string' },
+        'token-file': { type: 'string' },
+        'max-regions': { type: 'string' },
+        coalesce: { type: 'boolean' },
+        software: { type: 'boolean' },
+        'max-slots': { type: 'string' },
+        backend: { type: 'string' },
+        device: { type: 'string', multiple: true },
+        'pin-limit': { type: 'string' },
+        'pin-chunk': { type: 'string' },
+        'backend-socket': { type: 'string' },
+        'no-coalesce': { type: 'boolean' },
+        'backend-timeout': { type: 'string' },
+        json: { type: 'boolean' },
+        control: { type: 'boolean' }
+      },
+      usage,
     );
-    if (values.help) {
-      console.log(usage);
-      return 0;
-    }
+    if (!values) return 0;
     const json = values.json ?? false;
     const log = (event: string, text: string, data: Record<string, unknown> = {}) =>
       console.log(json ? JSON.stringify({ time: Date.now(), pid: process.pid, kind, event, ...data }) : `[${kind} ${process.pid}] ${text}`);

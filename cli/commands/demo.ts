@@ -8,12 +8,11 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { parseArgs } from 'node:util';
 import { Broker } from '../../broker/index.js';
 import { FileDestination, KvmSubscriber, MappingSubscriber, Migration, OwnerClient } from '../../clients/index.js';
 import { constants, native } from '../../native/index.js';
 import { isMmbError, type MmbError } from '../../protocol/index.js';
-import { formatBytes, formatSize, hex, HELP, parsed, type Command } from '../args.js';
+import { formatBytes, formatSize, hex, parseCommand, type Command } from '../args.js';
 import { JsonProc } from '../child.js';
 import { memfdMappedBytes, vmLckKiB } from '../procfs.js';
 
@@ -55,11 +54,8 @@ export const demo: Command = {
   summary: 'live demo on an embedded default (what `npm start` runs)',
   usage,
   async run(argv) {
-    const { values } = parsed(() => parseArgs({ args: argv, strict: true, options: { ...HELP, json: { type: 'boolean' } } }));
-    if (values.help) {
-      console.log(usage);
-      return 0;
-    }
+    const values = parseCommand(argv, { json: { type: 'boolean' } }, usage);
+    if (!values) return 0;
     const quiet = values.json ?? false;
     const say = (who: string, text: string) => {
       if (!quiet) console.log(`${`[${who}]`.padEnd(9)} ${text}`);

@@ -1,7 +1,6 @@
-import { parseArgs } from 'node:util';
 import { InvalidArgError } from '../../protocol/index.js';
 import { DEFAULT_OPTIONS, formatReport, jsonReport, parseClients, runHarness, type HarnessOptions } from '../../harness/index.js';
-import { HELP, parseCount, parseSize, parsed, type Command } from '../args.js';
+import { parseCommand, parseCount, parseSize, type Command } from '../args.js';
 
 const d = DEFAULT_OPTIONS;
 const usage = `Usage: mmbroker harness [--seed N] [--steps N] [--clients kvm:1,vhost:2,vfio:2] [--faults RATE] [--json]
@@ -45,29 +44,23 @@ export const harness: Command = {
   summary: 'random hotplug, device and fault steps across real processes, checked against /proc',
   usage,
   async run(argv) {
-    const { values } = parsed(() =>
-      parseArgs({
-        args: argv,
-        strict: true,
-        options: {
-          ...HELP,
-          seed: { type: 'string' },
-          steps: { type: 'string' },
-          clients: { type: 'string' },
-          faults: { type: 'string' },
-          'gig-rate': { type: 'string' },
-          'max-map': { type: 'string' },
-          'ack-timeout': { type: 'string' },
-          'self-test': { type: 'boolean' },
-          trace: { type: 'boolean' },
-          json: { type: 'boolean' },
-        },
-      }),
+    const values = parseCommand(
+      argv,
+      {
+        seed: { type: 'string' },
+        steps: { type: 'string' },
+        clients: { type: 'string' },
+        faults: { type: 'string' },
+        'gig-rate': { type: 'string' },
+        'max-map': { type: 'string' },
+        'ack-timeout': { type: 'string' },
+        'self-test': { type: 'boolean' },
+        trace: { type: 'boolean' },
+        json: { type: 'boolean' }
+      },
+      usage,
     );
-    if (values.help) {
-      console.log(usage);
-      return 0;
-    }
+    if (!values) return 0;
     const opts: Partial<HarnessOptions> = {
       ...(values.seed !== undefined ? { seed: parseCount(values.seed, '--seed') } : {}),
       ...(values.steps !== undefined ? { steps: parseCount(values.steps, '--steps') } : {}),

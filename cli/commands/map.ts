@@ -1,8 +1,7 @@
-import { parseArgs } from 'node:util';
 import { OwnerClient } from '../../clients/index.js';
 import { native } from '../../native/index.js';
 import { InvalidArgError } from '../../protocol/index.js';
-import { formatSize, hex, HELP, parsed, parseAddress, parseSize, required, type Command } from '../args.js';
+import { formatSize, hex, parseCommand, parseAddress, parseSize, required, type Command } from '../args.js';
 
 const usage = `Usage:
   mmbroker map add --socket PATH --space NAME --gpa ADDR --size SIZE [--name NAME] [--readonly]
@@ -43,18 +42,13 @@ export const map: Command = {
 };
 
 async function add(argv: string[]): Promise<number> {
-  const { values } = parsed(() => parseArgs({ args: argv, strict: true, options: { ...HELP, 
-    socket: { type: 'string' },
+  const values = parseCommand(argv, { socket: { type: 'string' },
     space: { type: 'string' },
     gpa: { type: 'string' },
     size: { type: 'string' },
     name: { type: 'string' },
-    readonly: { type: 'boolean' },
-  } }));
-  if (values.help) {
-    console.log(usage);
-    return 0;
-  }
+    readonly: { type: 'boolean' } }, usage);
+  if (!values) return 0;
   const gpa = parseAddress(required(values, 'gpa'), '--gpa');
   const size = parseSize(required(values, 'size'), '--size');
   const name = values.name ?? `ram@${hex(gpa)}`;
@@ -71,11 +65,8 @@ async function add(argv: string[]): Promise<number> {
 }
 
 async function remove(argv: string[]): Promise<number> {
-  const { values } = parsed(() => parseArgs({ args: argv, strict: true, options: { ...HELP,  socket: { type: 'string' }, space: { type: 'string' }, name: { type: 'string' } } }));
-  if (values.help) {
-    console.log(usage);
-    return 0;
-  }
+  const values = parseCommand(argv, { socket: { type: 'string' }, space: { type: 'string' }, name: { type: 'string' } }, usage);
+  if (!values) return 0;
   const name = required(values, 'name');
   const owner = await OwnerClient.attach(required(values, 'socket'), { space: required(values, 'space'), name: 'mmbroker map remove' });
   try {

@@ -1,8 +1,7 @@
-import { parseArgs } from 'node:util';
 import { MappingSubscriber, OwnerClient } from '../../clients/index.js';
 import { FileDestination, Migration, SpaceDestination, type Destination } from '../../clients/migration/index.js';
 import { InvalidArgError } from '../../protocol/index.js';
-import { formatBytes, formatSize, HELP, parsed, parseCount, parseSize, required, type Command } from '../args.js';
+import { formatBytes, formatSize, parseCommand, parseCount, parseSize, required, type Command } from '../args.js';
 
 const usage = `Usage: mmbroker migrate --socket PATH --space NAME (--to FILE | --to-space NAME) [options]
 
@@ -27,27 +26,21 @@ export const migrate: Command = {
   summary: 'pre-copy migration of a space to a file or another space',
   usage,
   async run(argv) {
-    const { values } = parsed(() =>
-      parseArgs({
-        args: argv,
-        strict: true,
-        options: {
-          ...HELP,
-          socket: { type: 'string' },
-          space: { type: 'string' },
-          to: { type: 'string' },
-          'to-space': { type: 'string' },
-          'max-rounds': { type: 'string' },
-          'stop-bytes': { type: 'string' },
-          'keep-paused': { type: 'boolean' },
-          json: { type: 'boolean' },
-        },
-      }),
+    const values = parseCommand(
+      argv,
+      {
+        socket: { type: 'string' },
+        space: { type: 'string' },
+        to: { type: 'string' },
+        'to-space': { type: 'string' },
+        'max-rounds': { type: 'string' },
+        'stop-bytes': { type: 'string' },
+        'keep-paused': { type: 'boolean' },
+        json: { type: 'boolean' }
+      },
+      usage,
     );
-    if (values.help) {
-      console.log(usage);
-      return 0;
-    }
+    if (!values) return 0;
     const socket = required(values, 'socket');
     const space = required(values, 'space');
     if ((values.to === undefined) === (values['to-space'] === undefined)) throw new InvalidArgError('give exactly one of --to FILE and --to-space NAME');

@@ -1,8 +1,7 @@
 import pino from 'pino';
-import { parseArgs } from 'node:util';
 import { Broker } from '../../broker/index.js';
 import { DEFAULT_CONNECTION_LIMITS, DEFAULT_SPACE_LIMITS, InvalidArgError } from '../../protocol/index.js';
-import { HELP, parsed, parseCount, parseSize, readToken, required, type Command } from '../args.js';
+import { parseCommand, parseCount, parseSize, readToken, required, type Command } from '../args.js';
 
 const usage = `Usage: mmbroker serve --socket PATH [--space NAME]... [options]
 
@@ -37,8 +36,7 @@ export const serve: Command = {
   summary: 'serve address spaces on a Unix socket',
   usage,
   async run(argv) {
-    const { values } = parsed(() => parseArgs({ args: argv, strict: true, options: { ...HELP, 
-      socket: { type: 'string' },
+    const values = parseCommand(argv, { socket: { type: 'string' },
       space: { type: 'string', multiple: true },
       'ack-timeout': { type: 'string' },
       'owner-uid': { type: 'string', multiple: true },
@@ -51,12 +49,8 @@ export const serve: Command = {
       'max-outbound': { type: 'string' },
       'pin-budget': { type: 'string' },
       'socket-mode': { type: 'string' },
-      'log-level': { type: 'string' },
-    } }));
-    if (values.help) {
-      console.log(usage);
-      return 0;
-    }
+      'log-level': { type: 'string' } }, usage);
+    if (!values) return 0;
     const socket = required(values, 'socket');
     const ids = (list: string[] | undefined, what: string) => list?.map((u) => parseCount(u, what));
     const allow = (uids: number[] | undefined, gids: number[] | undefined) => (uids || gids ? { uids: uids ?? [process.getuid?.() ?? 0], gids: gids ?? [] } : undefined);

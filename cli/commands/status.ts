@@ -1,7 +1,6 @@
-import { parseArgs } from 'node:util';
 import { fetchStatus } from '../../clients/index.js';
 import type { StatusResult } from '../../protocol/index.js';
-import { formatSize, hex, HELP, parsed, required, type Command } from '../args.js';
+import { formatSize, hex, parseCommand, required, type Command } from '../args.js';
 
 const usage = `Usage: mmbroker status --socket PATH [--space NAME] [--json]
 
@@ -18,11 +17,8 @@ export const status: Command = {
   summary: 'show address spaces, regions and clients',
   usage,
   async run(argv) {
-    const { values } = parsed(() => parseArgs({ args: argv, strict: true, options: { ...HELP,  socket: { type: 'string' }, space: { type: 'string' }, json: { type: 'boolean' } } }));
-    if (values.help) {
-      console.log(usage);
-      return 0;
-    }
+    const values = parseCommand(argv, { socket: { type: 'string' }, space: { type: 'string' }, json: { type: 'boolean' } }, usage);
+    if (!values) return 0;
     const result = await fetchStatus(required(values, 'socket'), values.space);
     console.log(values.json ? JSON.stringify(result, null, 2) : render(result));
     return 0;
