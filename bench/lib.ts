@@ -157,6 +157,7 @@ export function report(bench: string, results: Measurement[], context: Record<st
     for (const r of results) if (r.note) console.log(`  ${r.name}: ${r.note}`);
     if (results.some((r) => r.higherIsBetter)) console.log('  (for rates, "p99" is the slow tail: 99% of the samples were at least this fast)');
   }
+  if (json) return; // to stdout instead: a run with --json leaves bench/results (and the report) as they are
   const dir = path.join(rootDir(), 'bench', 'results');
   fs.mkdirSync(dir, { recursive: true });
   fs.writeFileSync(path.join(dir, `${bench}.json`), JSON.stringify(doc, null, 2) + '\n');

@@ -20,8 +20,11 @@ interface Result {
 }
 
 const root = rootDir();
-const resultsDir = path.join(root, 'bench', 'results');
-const docs = path.join(root, 'docs');
+const resultsDir = process.env.MMB_BENCH_RESULTS ?? path.join(root, 'bench', 'results');
+// MMB_BENCH_RESULTS reads results from elsewhere, MMB_BENCH_OUT renders elsewhere, leaving docs/ and the
+// README alone (test/bench.test.ts).
+const docs = process.env.MMB_BENCH_OUT ?? path.join(root, 'docs');
+const readme = process.env.MMB_BENCH_OUT ? undefined : path.join(root, 'README.md');
 
 const ORDER = ['fanout', 'throughput', 'translate', 'scale', 'pinning', 'dirty-sync', 'migration', 'vhost-user'];
 const SCRIPT: Record<string, { file: string; npm: string; title: string }> = {
@@ -292,7 +295,8 @@ const README_END = '<!-- bench:headline:end -->';
 
 /** Replaces the README's headline figures (between its two markers) with this run's; no markers, no change. */
 function updateReadme(head: string[], goals: string, date: string, machine: string): void {
-  const file = path.join(docs, '..', 'README.md');
+  const file = readme;
+  if (!file) return;
   const text = fs.existsSync(file) ? fs.readFileSync(file, 'utf8') : '';
   const a = text.indexOf(README_START);
   const b = text.indexOf(README_END);
@@ -385,7 +389,7 @@ function main(): void {
   out.push('');
   fs.writeFileSync(path.join(docs, 'performance.md'), out.join('\n'));
   updateReadme(head, `${met} of ${goals.length} goals met`, dates[dates.length - 1]?.slice(0, 10) ?? '?', m ? `${m.cpus} CPUs, ${m.cpu}` : 'unknown machine');
-  console.log(`wrote docs/performance.md (${goals.length} goals, ${met} met) and ${[...charts.values()].filter(Boolean).join(', ')}`);
+  console.log(`wrote ${path.relative(root, path.join(docs, 'performance.md'))} (${goals.length} goals, ${met} met) and ${[...charts.values()].filter(Boolean).join(', ')}`);
   for (const h of head) console.log(`  ${h.replace(/\*\*/g, '')}`);
 }
 
