@@ -57,6 +57,17 @@ describe('dirty bitmaps', () => {
     expect(native.bitmapTake(m, 4096, 128, out)).toBe(3);
     expect(bitsOf(out)).toEqual([3, 4, 7, 64 * 9 + 1]);
     expect(native.bitmapTake(m, 4096, 128, new Uint8Array(128))).toBe(0); // zeroed
+    // Refused before any word moves: an unaligned range, a destination shorter than it, a range past the end.
+    native.bitmapSet(m, 0, 1);
+    for (const collect of [native.bitmapTake, native.bitmapFetchClear]) {
+      expect(() => collect(m, 4, 8, new Uint8Array(8))).toThrow(/EINVAL/);
+      expect(() => collect(m, 0, 12, new Uint8Array(16))).toThrow(/EINVAL/);
+      expect(() => collect(m, 0, 16, new Uint8Array(8))).toThrow(/EINVAL/);
+      expect(() => collect(m, 8192, 8, new Uint8Array(8))).toThrow(/ERANGE/);
+    }
+    const first = new Uint8Array(8);
+    expect(native.bitmapTake(m, 0, 8, first)).toBe(1); // still there after every refusal
+    expect(first[0]).toBe(1);
     native.munmap(m);
     native.close(fd);
   });

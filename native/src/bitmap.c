@@ -62,20 +62,36 @@ static napi_value bitmap_or_js(napi_env env, napi_callback_info info) {
  * of the bitmap and ORs what was set into dst (a Uint8Array of at least `length` bytes, not shared with
  * the bitmap). Returns the number of bits that were set. runs on the main thread
  */
-static napi_value bitmap_fetch_clear_js(napi_env env, napi_callback_info info) {
+/*
+ * The arguments of bitmapFetchClear and bitmapTake, (mapping, byteOffset, length, dst): a word-aligned
+ * range of the bitmap and a destination at least as long. Sets *words to the range, *out to dst and *n to
+ * the number of 64-bit words; false with a JS exception pending when anything is wrong.
+ */
+static bool collect_args(napi_env env, napi_callback_info info, const char *name, uint64_t **words, uint8_t **out, uint64_t *n) {
   napi_value argv[4];
   uint64_t offset, length;
-  uint8_t *out;
   size_t outLen;
   if (!mmb_args(env, info, 4, argv) || !mmb_arg_size(env, argv[1], "byteOffset", &offset) ||
-      !mmb_arg_size(env, argv[2], "length", &length) || !mmb_arg_bytes(env, argv[3], "dst", &out, &outLen))
-    return NULL;
-  if (offset % 8 != 0 || length % 8 != 0 || outLen < length) return mmb_throw_errno(env, EINVAL, "bitmapFetchClear");
+      !mmb_arg_size(env, argv[2], "length", &length) || !mmb_arg_bytes(env, argv[3], "dst", out, &outLen))
+    return false;
+  if (offset % 8 != 0 || length % 8 != 0 || outLen < length) {
+    mmb_throw_errno(env, EINVAL, name);
+    return false;
+  }
   uint8_t *base;
-  if (!mmb_mapping_range(env, argv[0], offset, length, "bitmapFetchClear", &base)) return NULL;
-  uint64_t *w = (uint64_t *)(void *)base;
+  if (!mmb_mapping_range(env, argv[0], offset, length, name, &base)) return false;
+  *words = (uint64_t *)(void *)base;
+  *n = length / 8;
+  return true;
+}
+
+static napi_value bitmap_fetch_clear_js(napi_env env, napi_callback_info info) {
+  uint64_t *w;
+  uint8_t *out;
+  uint64_t n;
+  if (!collect_args(env, info, "bitmapFetchClear", &w, &out, &n)) return NULL;
   uint64_t bits = 0;
-  for (uint64_t i = 0; i < length / 8; i++) {
+  for (uint64_t i = 0; i < n; i++) {
     uint64_t v = __atomic_load_n(&w[i], __ATOMIC_RELAXED);
     if (v == 0) continue;
     v = __atomic_exchange_n(&w[i], 0, __ATOMIC_ACQ_REL);
@@ -143,17 +159,11 @@ static uint64_t take_words(uint64_t *w, uint8_t *out, uint64_t n) {
  * bits that were set. runs on the main thread
  */
 static napi_value bitmap_take_js(napi_env env, napi_callback_info info) {
-  napi_value argv[4];
-  uint64_t offset, length;
+  uint64_t *w;
   uint8_t *out;
-  size_t outLen;
-  if (!mmb_args(env, info, 4, argv) || !mmb_arg_size(env, argv[1], "byteOffset", &offset) ||
-      !mmb_arg_size(env, argv[2], "length", &length) || !mmb_arg_bytes(env, argv[3], "dst", &out, &outLen))
-    return NULL;
-  if (offset % 8 != 0 || length % 8 != 0 || outLen < length) return mmb_throw_errno(env, EINVAL, "bitmapTake");
-  uint8_t *base;
-  if (!mmb_mapping_range(env, argv[0], offset, length, "bitmapTake", &base)) return NULL;
-  uint64_t bits = take_words((uint64_t *)(void *)base, out, length / 8);
+  uint64_t n;
+  if (!collect_args(env, info, "bitmapTake", &w, &out, &n)) return NULL;
+  uint64_t bits = take_words(w, out, n);
   napi_value result;
   CHECK(napi_create_double(env, (double)bits, &result));
   return result;
