@@ -30,10 +30,10 @@ import { kvm, type KvmConstants } from '../native/kvm.js';
 import { isMmbError, type MmbError } from '../protocol/index.js';
 import { codeOf, defer, embeddedBroker, ownerOf, runCleanups } from './helpers/embedded.js';
 import { memfdMaps, spawnBroker, spawnSubscriber, stopProcess, tempDir, type JsonProc } from './helpers/procs.js';
+import { IN_CI } from './helpers/ci.js';
 
 const MiB = 1 << 20;
 const HAVE_KVM = fs.existsSync('/dev/kvm');
-const IN_CI = process.env.CI !== undefined && process.env.CI !== '' && process.env.CI !== 'false' && process.env.CI !== '0';
 const HEADERS = fs.existsSync('/usr/include/linux/kvm.h');
 const NO_KVM = 'no /dev/kvm on this machine (CI=true makes this a failure)';
 // Under CI the real-KVM tests run (and fail) even without /dev/kvm; elsewhere they are skipped.

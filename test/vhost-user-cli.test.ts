@@ -5,12 +5,12 @@
 import { spawn, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
-import { afterEach, describe, expect, it } from 'vitest';
-import { have, makeImage, startQsd, QSD, type Backend } from '../bench/vhost-user-backends.js';
+import { describe, expect, it } from 'vitest';
+import { have, makeImage, startQsd, QSD } from '../bench/vhost-user-backends.js';
 import { CLI, JsonProc, memfdMaps, runCli, spawnBroker, stopProcess, tempDir, waitFor } from './helpers/procs.js';
-import { defer, runCleanups } from './helpers/embedded.js';
+import { defer } from './helpers/embedded.js';
+import { IN_CI, trackBackends } from './helpers/ci.js';
 
-const IN_CI = process.env.CI !== undefined && process.env.CI !== '' && process.env.CI !== 'false' && process.env.CI !== '0';
 const HAVE_QSD = have(QSD);
 // The kind is wired into cli/commands/attach.ts separately from clients/vhost-user/: until then this file
 // is skipped (and says so), except under CI=true, where that is a failure.
@@ -19,14 +19,7 @@ if (!CLI_HAS_KIND && !IN_CI) console.warn('mmbroker attach vhost-user tests skip
 if (!HAVE_QSD && !IN_CI) console.warn(`mmbroker attach vhost-user tests skipped: ${QSD} is not installed`);
 const describeQsd = describe.skipIf((!HAVE_QSD || !CLI_HAS_KIND) && !IN_CI);
 
-let backends: Backend[] = [];
-afterEach(async () => {
-  const errors = backends.flatMap((b) => b.errors().map((l) => `${b.name} ${b.pid}: ${l}`));
-  await runCleanups();
-  await Promise.all(backends.map((b) => b.stop()));
-  backends = [];
-  expect(errors, 'the back-end printed errors on stderr').toEqual([]);
-});
+const backends = trackBackends();
 
 describeQsd('mmbroker attach vhost-user', () => {
   it('bridges a broker process to qemu-storage-daemon: map add / remove reach the back-end before they return; exits 1 when the back-end goes', async () => {

@@ -7,29 +7,22 @@
 // A fresh testpmd per test (its own --file-prefix), stopped by PID; every wait has a deadline; error lines
 // on its stderr fail the test. Without dpdk-testpmd the tests are skipped, except under CI=true.
 import fs from 'node:fs';
-import { afterEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { VhostUserSubscriber, VirtioNet, NET_FEATURES, NET_HDR_BYTES } from '../clients/vhost-user/index.js';
 import { constants, native } from '../native/index.js';
 import { isMmbError } from '../protocol/index.js';
-import { have, startTestpmd, TESTPMD, type Backend } from '../bench/vhost-user-backends.js';
-import { defer, embeddedBroker, ownerOf, runCleanups } from './helpers/embedded.js';
+import { have, startTestpmd, TESTPMD } from '../bench/vhost-user-backends.js';
+import { defer, embeddedBroker, ownerOf } from './helpers/embedded.js';
 import { memfdMaps, tempDir } from './helpers/procs.js';
+import { IN_CI, trackBackends } from './helpers/ci.js';
 
 const MiB = 1 << 20;
-const IN_CI = process.env.CI !== undefined && process.env.CI !== '' && process.env.CI !== 'false' && process.env.CI !== '0';
 const HAVE_TESTPMD = have(TESTPMD);
 const WHY = `${TESTPMD} is not installed (package dpdk-dev; CI=true makes this a failure)`;
 if (!HAVE_TESTPMD && !IN_CI) console.warn(`vhost-user DPDK tests skipped: ${WHY}`);
 const describeDpdk = describe.skipIf(!HAVE_TESTPMD && !IN_CI);
 
-let backends: Backend[] = [];
-afterEach(async () => {
-  const errors = backends.flatMap((b) => b.errors().map((l) => `${b.name} ${b.pid}: ${l}`));
-  await runCleanups();
-  await Promise.all(backends.map((b) => b.stop()));
-  backends = [];
-  expect(errors, 'the back-end printed errors on stderr').toEqual([]);
-});
+const backends = trackBackends();
 
 if (IN_CI) {
   it('CI machines have dpdk-testpmd', () => expect(HAVE_TESTPMD, WHY).toBe(true));

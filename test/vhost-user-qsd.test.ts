@@ -7,16 +7,16 @@
 // fails the test. Without qemu-storage-daemon the tests are skipped, except under CI=true.
 import fs from 'node:fs';
 import path from 'node:path';
-import { afterEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { VhostUserSubscriber, VirtioBlk, BLK_FEATURES, type VhostUserOptions } from '../clients/vhost-user/index.js';
 import { constants, native } from '../native/index.js';
 import { isMmbError } from '../protocol/index.js';
 import { have, makeImage, patternSector, startQsd, QSD, type Backend } from '../bench/vhost-user-backends.js';
-import { defer, embeddedBroker, ownerOf, runCleanups } from './helpers/embedded.js';
+import { defer, embeddedBroker, ownerOf } from './helpers/embedded.js';
 import { memfdMaps, tempDir, waitFor } from './helpers/procs.js';
+import { IN_CI, trackBackends } from './helpers/ci.js';
 
 const MiB = 1 << 20;
-const IN_CI = process.env.CI !== undefined && process.env.CI !== '' && process.env.CI !== 'false' && process.env.CI !== '0';
 const HAVE_QSD = have(QSD);
 const WHY = `${QSD} is not installed (package qemu-system-common; CI=true makes this a failure)`;
 if (!HAVE_QSD && !IN_CI) console.warn(`vhost-user qemu-storage-daemon tests skipped: ${WHY}`);
@@ -24,14 +24,7 @@ const describeQsd = describe.skipIf(!HAVE_QSD && !IN_CI);
 
 const SECTORS = 8192; // a 4 MiB image
 
-let backends: Backend[] = [];
-afterEach(async () => {
-  const errors = backends.flatMap((b) => b.errors().map((l) => `${b.name} ${b.pid}: ${l}`));
-  await runCleanups();
-  await Promise.all(backends.map((b) => b.stop()));
-  backends = [];
-  expect(errors, 'the back-end printed errors on stderr').toEqual([]);
-});
+const backends = trackBackends();
 
 if (IN_CI) {
   it('CI machines have qemu-storage-daemon', () => expect(HAVE_QSD, WHY).toBe(true));

@@ -13,8 +13,8 @@ import { spawn, spawnSync } from 'node:child_process';
 import path from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { ROOT } from './helpers/procs.js';
+import { IN_CI } from './helpers/ci.js';
 
-const IN_CI = process.env.CI !== undefined && process.env.CI !== '' && process.env.CI !== 'false' && process.env.CI !== '0';
 const BUILD_KERNEL = IN_CI || process.env.MMB_VM_BUILD_KERNEL === '1';
 const RUN = path.join(ROOT, 'vm/run.mjs');
 const INSTALL = 'apt-get install --no-install-recommends qemu-system-x86 busybox-static';
