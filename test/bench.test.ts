@@ -105,5 +105,10 @@ describe('benchmarks', () => {
       .flatMap((f) => (JSON.parse(fs.readFileSync(path.join(root, 'bench', 'results', f), 'utf8')) as Result).results)
       .filter((m) => m.goal && !(m as { note?: string }).note?.includes('not what a sync does'));
     expect(goalRows(md).length).toBe(all.length);
+    // The README quotes the same headline, written there by the same run of bench:report.
+    const headline = md.split('## Headline\n\n')[1]!.split('\n\n')[0]!.split('\n');
+    expect(headline.length).toBeGreaterThan(3);
+    const readme = fs.readFileSync(path.join(root, 'README.md'), 'utf8');
+    for (const line of headline) expect(readme).toContain(line);
   });
 });
