@@ -12,14 +12,20 @@ import { defer, embeddedBroker, ownerOf, runCleanups } from './helpers/embedded.
 const MiB = 1 << 20;
 afterEach(runCleanups);
 
+/** A broker with a 150 ms ack deadline on a socket, its owner, and a 2 MiB backing. */
+async function listening() {
+  const b = embeddedBroker({ limits: { ackTimeoutMs: 150 } });
+  const socket = path.join(tempDir(), 'b.sock');
+  b.listen(socket);
+  const owner = await ownerOf(b);
+  const ram = await owner.createBacking(2 * MiB, 'ram');
+  defer(() => native.close(ram.fd));
+  return { b, socket, owner, ram };
+}
+
 describe('reconnect', () => {
   it('evicted during its resync, again and again: one connection at the end', async () => {
-    const b = embeddedBroker({ limits: { ackTimeoutMs: 150 } });
-    const socket = path.join(tempDir(), 'b.sock');
-    b.listen(socket);
-    const owner = await ownerOf(b);
-    const ram = await owner.createBacking(2 * MiB, 'ram');
-    defer(() => native.close(ram.fd));
+    const { b, socket, owner, ram } = await listening();
     const sub = await MappingSubscriber.attach(socket, { space: 'vm0', name: 'slow', reconnectDelayMs: 5 });
     defer(() => sub.close());
     // The transaction and the next two resyncs each take longer than the deadline.
@@ -44,12 +50,7 @@ describe('reconnect', () => {
   });
 
   it('evicted while applying its initial map: the attach tries again and succeeds, with no second connection', async () => {
-    const b = embeddedBroker({ limits: { ackTimeoutMs: 150 } });
-    const socket = path.join(tempDir(), 'b.sock');
-    b.listen(socket);
-    const owner = await ownerOf(b);
-    const ram = await owner.createBacking(2 * MiB, 'ram');
-    defer(() => native.close(ram.fd));
+    const { b, socket, owner, ram } = await listening();
     await owner.addRegion({ name: 'ram', gpa: 0, size: 2 * MiB, backing: ram.backing });
     // An applier whose first change takes longer than the deadline, as pinning gigabytes does.
     const memory = new GuestMemory();
