@@ -56,8 +56,4 @@ export class Access {
     if (listed(this.owners, peer)) return true;
     return listed(this.subscribers, peer) && (this.token === undefined || attached);
   }
-
-  describe(): Record<string, unknown> {
-    return { owners: this.owners, subscribers: this.subscribers, token: this.token !== undefined };
-  }
 }

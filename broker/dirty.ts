@@ -8,24 +8,19 @@
 // swap per word would be ten times slower). Bits set after a writer saw the flip land in the new half:
 // the next sync reports them. None is lost.
 import { constants, native, type Mapping } from '../native/index.js';
-import { DIRTY_PAGE_SIZE, bitmapLayout, type BitmapInfo, type Region } from '../protocol/index.js';
+import { DIRTY_PAGE_SIZE, bitmapLayout, forEachBitRun, type BitmapInfo, type Region } from '../protocol/index.js';
 
 export interface Bitmap {
   id: number;
   region: number;
   gpa: number;
   pages: number;
-  /** Bytes of bitmap: whole 64-bit words (one half). */
-  bytes: number;
   layout: ReturnType<typeof bitmapLayout>;
   fd: number;
   mapping: Mapping;
   /** The header's view: its first u64 is the active half. */
   header: DataView;
 }
-
-/** Bytes of bitmap for `pages` pages: whole 64-bit words. */
-export const bitmapBytes = (pages: number): number => bitmapLayout(pages).bytes;
 
 export class DirtyBitmaps {
   private readonly byRegion = new Map<number, Bitmap>();
@@ -52,7 +47,7 @@ export class DirtyBitmaps {
       native.ftruncate(fd, layout.size);
       native.addSeals(fd, constants.F_SEAL_SHRINK | constants.F_SEAL_GROW | constants.F_SEAL_SEAL);
       const mapping = native.mmap(fd, 0, layout.size, constants.PROT_READ | constants.PROT_WRITE, constants.MAP_SHARED);
-      return { id: this.nextId++, region: r.id, gpa: r.gpa, pages, bytes: layout.bytes, layout, fd, mapping, header: new DataView(mapping.buffer, 0, 8) };
+      return { id: this.nextId++, region: r.id, gpa: r.gpa, pages, layout, fd, mapping, header: new DataView(mapping.buffer, 0, 8) };
     } catch (err) {
       native.close(fd);
       throw err;
@@ -92,7 +87,7 @@ export class DirtyBitmaps {
 
   /** Moves the bits of retired half `h` into `dst` at `offset` and zeroes the half; returns the dirty pages. */
   take(b: Bitmap, h: number, dst: Mapping, offset: number): number {
-    return native.bitmapTake(b.mapping, b.layout.offset(h), b.bytes, new Uint8Array(dst.buffer, offset, b.bytes));
+    return native.bitmapTake(b.mapping, b.layout.offset(h), b.layout.bytes, new Uint8Array(dst.buffer, offset, b.layout.bytes));
   }
 
   closeAll(): void {
@@ -103,14 +98,6 @@ export class DirtyBitmaps {
 /** Runs of set bits of a bitmap, as guest-physical ranges (for observers). */
 export function dirtyRanges(bits: Uint8Array, gpa: number, pages: number): { gpa: number; size: number }[] {
   const out: { gpa: number; size: number }[] = [];
-  let start = -1;
-  for (let p = 0; p <= pages; p++) {
-    const set = p < pages && (bits[p >>> 3] as number) & (1 << (p & 7));
-    if (set && start < 0) start = p;
-    else if (!set && start >= 0) {
-      out.push({ gpa: gpa + start * DIRTY_PAGE_SIZE, size: (p - start) * DIRTY_PAGE_SIZE });
-      start = -1;
-    }
-  }
+  forEachBitRun(bits, pages, (first, count) => out.push({ gpa: gpa + first * DIRTY_PAGE_SIZE, size: count * DIRTY_PAGE_SIZE }));
   return out;
 }

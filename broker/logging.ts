@@ -45,7 +45,7 @@ export interface LoggingHost {
 }
 
 /** A subscriber that negotiated DIRTY and writes: it holds bitmaps and flushes. */
-export const tracksDirt = (s: Session): boolean => s.writes && (s.features & Feature.DIRTY) !== 0;
+const tracksDirt = (s: Session): boolean => s.writes && (s.features & Feature.DIRTY) !== 0;
 /** A subscriber that writes but cannot say where. */
 const blindWriter = (s: Session): boolean => s.writes && (s.features & Feature.DIRTY) === 0;
 
@@ -126,7 +126,7 @@ export class Logging {
       throw err;
     }
     list.sort((a, b) => a.gpa - b.gpa);
-    const needed = list.reduce((n, b) => n + b.bytes, 0);
+    const needed = list.reduce((n, b) => n + b.layout.bytes, 0);
     // The buffer is checked and mapped before any bit moves, so a bad buffer loses nothing; sealed against
     // shrinking, the requester cannot truncate it under our mapping (SIGBUS) while the writers flush.
     let out: Mapping | undefined;
@@ -163,7 +163,7 @@ export class Logging {
       for (const [i, b] of list.entries()) {
         const dirty = this.bitmaps.take(b, retired[i] as number, out!, offset);
         regions.push({ region: b.region, name: this.host.lookup(b.region)?.name ?? `region${b.region}`, gpa: b.gpa, pages: b.pages, offset, dirty });
-        offset += b.bytes;
+        offset += b.layout.bytes;
       }
       if (this.observers.size > 0 && out) this.notifyObservers(list, regions, new Uint8Array(out.buffer));
       this.host.log.debug({ regions: regions.length, dirty: regions.reduce((n, r) => n + r.dirty, 0) }, 'dirty sync');

@@ -4,7 +4,7 @@
 // names active; while the subscriber handles a flush (EV_DIRTY_FLUSH), what it puts in goes to the other
 // half, the one the broker retired and is about to collect. Nothing here sends a message per page.
 import { constants, native, type Mapping } from '../native/index.js';
-import { DIRTY_PAGE_SIZE, PausedError, bitmapLayout, type BitmapInfo } from '../protocol/index.js';
+import { DIRTY_PAGE_SIZE, PausedError, bitmapLayout, forEachBitRun, type BitmapInfo } from '../protocol/index.js';
 import { closeAll } from '../transport/index.js';
 
 interface MappedBitmap extends BitmapInfo {
@@ -18,6 +18,8 @@ export class DirtyLog {
   private byId = new Map<number, MappedBitmap>();
   /** Sorted by gpa. */
   private sorted: MappedBitmap[] = [];
+  /** reachEnds[i]: the largest end (gpa + size) among sorted[0..i], for mark()'s binary search. */
+  private reachEnds = new Float64Array(0);
   private _paused = false;
   /** Handling a flush: marks go to the retired half. */
   private flushing = false;
@@ -52,31 +54,33 @@ export class DirtyLog {
 
   /** Byte offset in `b`'s mapping of the half marks go to now. */
   private half(b: MappedBitmap): number {
-    const active = Number(b.header.getBigUint64(0, true));
+    // The active half is the header's first u64, 0 or 1, little-endian: its low 32-bit word says it all.
+    const active = b.header.getUint32(0, true);
     return b.layout.offset(this.flushing ? 1 - active : active);
   }
 
-  /** Regions that log, by gpa. */
-  bitmaps(): readonly BitmapInfo[] {
-    return this.sorted;
-  }
-
-  /** Takes ownership of `fds` (one per info, in order). */
+  /**
+   * Takes ownership of `fds` (one per info, in order). If mapping one fails, the bitmaps before it stay
+   * added, its fd and every later one are closed, and the error is thrown.
+   */
   add(infos: readonly BitmapInfo[], fds: readonly number[]): void {
-    infos.forEach((info, i) => {
-      const fd = fds[i] as number;
-      const layout = bitmapLayout(info.pages);
-      const old = this.byId.get(info.bitmap);
-      if (old) this.drop(old);
-      try {
+    let i = 0;
+    try {
+      for (; i < infos.length; i++) {
+        const info = infos[i] as BitmapInfo;
+        const fd = fds[i] as number;
+        const layout = bitmapLayout(info.pages);
+        const old = this.byId.get(info.bitmap);
+        if (old) this.drop(old);
         const mapping = native.mmap(fd, 0, layout.size, constants.PROT_READ | constants.PROT_WRITE, constants.MAP_SHARED);
         this.byId.set(info.bitmap, { ...info, fd, mapping, layout, header: new DataView(mapping.buffer, 0, 8) });
-      } catch (err) {
-        closeAll([fd]);
-        throw err;
       }
-    });
-    this.sort();
+    } catch (err) {
+      closeAll(fds.slice(i));
+      throw err;
+    } finally {
+      this.sort();
+    }
   }
 
   remove(ids: readonly number[]): void {
@@ -95,11 +99,22 @@ export class DirtyLog {
 
   /** Marks the pages of [gpa, gpa + length) dirty in every logging region they touch. */
   mark(gpa: number, length: number): void {
-    if (length <= 0 || this.sorted.length === 0) return;
+    const sorted = this.sorted;
+    if (length <= 0 || sorted.length === 0) return;
     const end = gpa + length;
-    for (const b of this.sorted) {
-      const bEnd = b.gpa + b.pages * DIRTY_PAGE_SIZE;
+    // The first bitmap that can overlap: reachEnds is non-decreasing, so binary search it.
+    const reach = this.reachEnds;
+    let lo = 0;
+    let hi = sorted.length;
+    while (lo < hi) {
+      const mid = (lo + hi) >>> 1;
+      if ((reach[mid] as number) <= gpa) lo = mid + 1;
+      else hi = mid;
+    }
+    for (let i = lo; i < sorted.length; i++) {
+      const b = sorted[i] as MappedBitmap;
       if (b.gpa >= end) break;
+      const bEnd = b.gpa + b.pages * DIRTY_PAGE_SIZE;
       if (bEnd <= gpa) continue;
       const first = Math.floor((Math.max(gpa, b.gpa) - b.gpa) / DIRTY_PAGE_SIZE);
       const last = Math.ceil((Math.min(end, bEnd) - b.gpa) / DIRTY_PAGE_SIZE);
@@ -117,20 +132,12 @@ export class DirtyLog {
       native.bitmapOr(exact.mapping, this.half(exact), bits);
       return;
     }
-    let start = -1;
-    for (let p = 0; p <= pages; p++) {
-      const set = p < pages && (bits[p >>> 3] as number) & (1 << (p & 7));
-      if (set && start < 0) start = p;
-      else if (!set && start >= 0) {
-        this.mark(gpa + start * DIRTY_PAGE_SIZE, (p - start) * DIRTY_PAGE_SIZE);
-        start = -1;
-      }
-    }
+    forEachBitRun(bits, pages, (first, count) => this.mark(gpa + first * DIRTY_PAGE_SIZE, count * DIRTY_PAGE_SIZE));
   }
 
   close(): void {
     for (const b of [...this.byId.values()]) this.drop(b);
-    this.sorted = [];
+    this.sort();
   }
 
   private drop(b: MappedBitmap): void {
@@ -141,5 +148,11 @@ export class DirtyLog {
 
   private sort(): void {
     this.sorted = [...this.byId.values()].sort((a, b) => a.gpa - b.gpa);
+    this.reachEnds = new Float64Array(this.sorted.length);
+    let reach = 0;
+    this.sorted.forEach((b, i) => {
+      reach = Math.max(reach, b.gpa + b.pages * DIRTY_PAGE_SIZE);
+      this.reachEnds[i] = reach;
+    });
   }
 }

@@ -211,18 +211,6 @@ export class GuestMemory implements Applier {
     this.dirty?.mark(gpa, data.length);
   }
 
-  /**
-   * Views to write guest memory [gpa, gpa + length) in place (a device completing a read into a guest
-   * buffer): checked like write(), and the pages marked dirty now, since the caller writes them next.
-   */
-  segmentsForWrite(gpa: number, length: number): Uint8Array[] {
-    this.dirty?.assertWritable();
-    this.each(gpa, length, () => undefined, true);
-    const out = this.segments(gpa, length);
-    this.dirty?.mark(gpa, length);
-    return out;
-  }
-
   /** The subscriber's dirty log, once it negotiated DIRTY: writes through this object mark it. */
   dirty: DirtyLog | undefined;
 

@@ -82,6 +82,22 @@ export function bitmapLayout(pages: number): { bytes: number; half: number; size
   return { bytes, half, size: 4096 + 2 * half, offset: (h) => 4096 + h * half };
 }
 
+/**
+ * Calls `fn(first, count)` for every run of set bits among the first `pages` bits of `bits` (bit i =
+ * page i, least significant bit of each byte first, as a dirty bitmap), in order.
+ */
+export function forEachBitRun(bits: Uint8Array, pages: number, fn: (first: number, count: number) => void): void {
+  let start = -1;
+  for (let p = 0; p <= pages; p++) {
+    const set = p < pages && (bits[p >>> 3] as number) & (1 << (p & 7));
+    if (set && start < 0) start = p;
+    else if (!set && start >= 0) {
+      fn(start, p - start);
+      start = -1;
+    }
+  }
+}
+
 export const Role = { OWNER: 'owner', SUBSCRIBER: 'subscriber', OBSERVER: 'observer' } as const;
 export type Role = (typeof Role)[keyof typeof Role];
 

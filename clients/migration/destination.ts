@@ -3,6 +3,7 @@ import fs from 'node:fs';
 import { constants, native, type Mapping } from '../../native/index.js';
 import { InvalidArgError, type Region } from '../../protocol/index.js';
 import type { BrokerTarget } from '../connection.js';
+import { CHUNK_BYTES } from '../memory.js';
 import { OwnerClient } from '../owner.js';
 import { dataExtents } from './extents.js';
 
@@ -74,7 +75,8 @@ export class FileDestination implements Destination {
  */
 export class SpaceDestination implements Destination {
   private owner: OwnerClient | undefined;
-  private readonly maps: { gpa: number; size: number; mapping: Mapping; bytes: Uint8Array; fd: number }[] = [];
+  /** One per region: its backing mapped as chunks of at most CHUNK_BYTES (no ArrayBuffer may exceed 4 GiB). */
+  private readonly maps: { gpa: number; size: number; chunks: Mapping[]; fd: number }[] = [];
 
   constructor(
     private readonly target: BrokerTarget,
@@ -91,8 +93,14 @@ export class SpaceDestination implements Destination {
     if (st && st.regions.length > 0) throw new InvalidArgError(`the destination ${JSON.stringify(this.space)} already has regions`);
     for (const r of regions) {
       const b = await this.owner.createBacking(r.size, r.name);
-      const mapping = native.mmap(b.fd, 0, r.size, constants.PROT_READ | constants.PROT_WRITE, constants.MAP_SHARED);
-      this.maps.push({ gpa: r.gpa, size: r.size, mapping, bytes: new Uint8Array(mapping.buffer), fd: b.fd });
+      let chunks: Mapping[];
+      try {
+        chunks = native.mmapChunked(b.fd, 0, r.size, constants.PROT_READ | constants.PROT_WRITE, constants.MAP_SHARED, CHUNK_BYTES);
+      } catch (err) {
+        native.close(b.fd);
+        throw err;
+      }
+      this.maps.push({ gpa: r.gpa, size: r.size, chunks, fd: b.fd });
       await this.owner.addRegion({ name: r.name, gpa: r.gpa, size: r.size, backing: b.backing, readonly: r.readonly });
     }
   }
@@ -103,14 +111,35 @@ export class SpaceDestination implements Destination {
     return m;
   }
 
+  /** Calls fn with the views covering [gpa, gpa + length) of one region, one per chunk touched. */
+  private each(gpa: number, length: number, fn: (view: Uint8Array, done: number) => void): void {
+    const m = this.find(gpa, length);
+    let off = gpa - m.gpa;
+    for (let done = 0; done < length; ) {
+      const chunk = Math.floor(off / CHUNK_BYTES);
+      const at = off - chunk * CHUNK_BYTES;
+      const n = Math.min(length - done, CHUNK_BYTES - at);
+      fn(new Uint8Array((m.chunks[chunk] as Mapping).buffer, at, n), done);
+      done += n;
+      off += n;
+    }
+  }
+
   write(gpa: number, bytes: Uint8Array): void {
-    const m = this.find(gpa, bytes.length);
-    m.bytes.set(bytes, gpa - m.gpa);
+    this.each(gpa, bytes.length, (view, done) => view.set(bytes.subarray(done, done + view.length)));
   }
 
   read(gpa: number, length: number): Uint8Array {
-    const m = this.find(gpa, length);
-    return m.bytes.subarray(gpa - m.gpa, gpa - m.gpa + length);
+    const views: Uint8Array[] = [];
+    this.each(gpa, length, (view) => views.push(view));
+    if (views.length === 1) return views[0] as Uint8Array;
+    const out = new Uint8Array(length);
+    let done = 0;
+    for (const v of views) {
+      out.set(v, done);
+      done += v.length;
+    }
+    return out;
   }
 
   dataExtents(gpa: number, size: number): [number, number][] {
@@ -120,7 +149,7 @@ export class SpaceDestination implements Destination {
 
   async finish(): Promise<void> {
     for (const m of this.maps.splice(0)) {
-      native.munmap(m.mapping);
+      for (const c of m.chunks) native.munmap(c);
       native.close(m.fd);
     }
     this.owner?.close();

@@ -9,7 +9,7 @@
 //      and the destination is verified byte for byte against the source;
 //   5. the writers resume (unless asked to stay paused), logging goes back to how it was.
 // The map must not change meanwhile: a transaction during the migration aborts it (MMB_ERR_STALE_GENERATION).
-import { DIRTY_PAGE_SIZE, InternalError, StaleGenerationError, type Region } from '../../protocol/index.js';
+import { DIRTY_PAGE_SIZE, InternalError, StaleGenerationError, forEachBitRun, type Region } from '../../protocol/index.js';
 import type { MappingSubscriber } from '../plain.js';
 import type { OwnerClient } from '../owner.js';
 import type { Destination } from './destination.js';
@@ -165,15 +165,9 @@ export class Migration {
       if (now !== generation) throw new StaleGenerationError(`the map changed during the migration (generation ${generation} -> ${now})`);
       let pages = 0;
       for (const r of snap.regions) {
-        let start = -1;
-        for (let p = 0; p <= r.pages; p++) {
-          const set = p < r.pages && (r.bits[p >>> 3] as number) & (1 << (p & 7));
-          if (set && start < 0) start = p;
-          else if (!set && start >= 0) {
-            pages += this.copy(r.gpa + start * PAGE, (p - start) * PAGE, false);
-            start = -1;
-          }
-        }
+        forEachBitRun(r.bits, r.pages, (first, count) => {
+          pages += this.copy(r.gpa + first * PAGE, count * PAGE, false);
+        });
       }
       return pages;
     } finally {

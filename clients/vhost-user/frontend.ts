@@ -36,6 +36,7 @@ import {
   WANTED_PROTOCOL_FEATURES,
   bit,
   configPayload,
+  decodeHeader,
   encode,
   memReg,
   memTable,
@@ -373,9 +374,7 @@ export class VhostUserFrontend extends EventEmitter<FrontendEvents> {
   private parse(): void {
     let at = 0;
     while (this.inbuf.length - at >= HEADER_BYTES) {
-      const request = this.inbuf.readUInt32LE(at);
-      const flags = this.inbuf.readUInt32LE(at + 4);
-      const size = this.inbuf.readUInt32LE(at + 8);
+      const { request, flags, size } = decodeHeader(this.inbuf, at);
       if (size > MAX_PAYLOAD_BYTES) throw new ProtocolError(`the vhost-user back-end sent a ${size}-byte payload for ${reqName(request)}`);
       if (this.inbuf.length - at < HEADER_BYTES + size) break;
       const payload = Buffer.from(this.inbuf.subarray(at + HEADER_BYTES, at + HEADER_BYTES + size));

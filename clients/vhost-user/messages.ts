@@ -222,10 +222,3 @@ export function configPayload(offset: number, size: number, flags = 0, data?: Ui
   if (data) b.set(data.subarray(0, size), 12);
   return b;
 }
-
-/** Names of the bits set in `mask`, for logs and errors. */
-export function bitNames(mask: bigint, names: Record<string, number>): string[] {
-  const out: string[] = [];
-  for (const [name, n] of Object.entries(names)) if (mask & bit(n)) out.push(name);
-  return out;
-}
