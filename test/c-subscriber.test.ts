@@ -23,6 +23,7 @@ import {
   type Frame,
 } from '../protocol/index.js';
 import { SAMPLES } from './fixtures/samples.js';
+import { IN_CI } from './helpers/ci.js';
 
 const ROOT = fileURLToPath(new URL('..', import.meta.url));
 const DIR = path.join(ROOT, 'examples/c-subscriber');
@@ -42,8 +43,7 @@ function missingToolchain(): string | undefined {
   return undefined;
 }
 const missing = missingToolchain();
-const CI = process.env.CI !== undefined && process.env.CI !== '' && process.env.CI !== 'false';
-const skip = missing !== undefined && !CI;
+const skip = missing !== undefined && !IN_CI;
 if (skip) console.warn(`c-subscriber tests skipped: ${missing}; run apt-get install libmsgpack-dev`);
 
 // --- helpers -----------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { IN_CI } from './helpers/ci.js';
 import { CLI, JsonProc, memfdMaps, runCli, spawnBroker, stopProcess, tempDir, vmLckKiB, waitFor } from './helpers/procs.js';
 
 const MiB = 1 << 20;
@@ -80,7 +81,7 @@ describe('mmbroker attach vfio --backend soft', () => {
 
 // Without /dev/kvm the kvm client keeps its slots in software and has no vCPU. This machine kind has
 // /dev/kvm; under CI a missing one is a failure, not a skip.
-const noKvm = !fs.existsSync('/dev/kvm') && !process.env.CI;
+const noKvm = !fs.existsSync('/dev/kvm') && !IN_CI;
 
 describe('mmbroker attach kvm', () => {
   it.skipIf(noKvm)('a real vCPU writes hotplugged memory, and an `attach vhost` process reads the bytes (needs /dev/kvm)', async () => {

@@ -8,6 +8,7 @@ import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { createSealedMemfd, DirtyObserver, FileDestination, KvmSubscriber, MappingSubscriber, Migration, OwnerClient, SpaceDestination, VfioSubscriber } from '../clients/index.js';
 import { constants, native } from '../native/index.js';
 import { Msg } from '../protocol/index.js';
+import { IN_CI } from './helpers/ci.js';
 import { fdCount, JsonProc, runCli, spawnBroker, stopProcess, tempDir, waitFor } from './helpers/procs.js';
 import { dataExtents, unionExtents } from '../clients/migration/extents.js';
 
@@ -82,9 +83,12 @@ describe('Invariant 5: no lost dirty bit', () => {
     const writers = await Promise.all([1, 2, 3].map(() => writer(space)));
     writers.forEach((w, i) => w.send({ cmd: 'start', seed: 17 + i, regions, burst: 8 }));
     const union = new Set<number>();
+    // Sync while the writers run, until at least 4 syncs collected at least 100 pages between them (the
+    // deadline only bounds a broken run; the assertions are about the work, not how fast it went).
     let syncs = 0;
-    const deadline = Date.now() + 1500;
-    while (Date.now() < deadline) {
+    const deadline = Date.now() + 30_000;
+    while (syncs < 4 || union.size < 100) {
+      if (Date.now() > deadline) throw new Error(`after 30 s only ${syncs} dirty syncs collected ${union.size} pages (want >= 4 syncs, >= 100 pages)`);
       const snap = await o.dirtySync();
       for (const p of pagesOf(snap)) union.add(p);
       snap.release();
@@ -101,8 +105,8 @@ describe('Invariant 5: no lost dirty bit', () => {
       const missing = pages.filter((p) => !union.has(p));
       expect(missing, `pages written by pid ${w.pid} but never reported dirty`).toEqual([]);
     }
-    expect(total).toBeGreaterThan(100);
-    expect(syncs).toBeGreaterThan(3);
+    // The writers did the work the syncs saw.
+    expect(total).toBeGreaterThanOrEqual(100);
     await o.resume();
   });
 
@@ -177,7 +181,7 @@ describe('Invariant 5: no lost dirty bit', () => {
     expect(await dirty()).toEqual({ rw: 0, ro: 0 });
   });
 
-  it.skipIf(!fs.existsSync('/dev/kvm') && !process.env.CI)('what a real vCPU writes is reported, through KVM_GET_DIRTY_LOG', async () => {
+  it.skipIf(!fs.existsSync('/dev/kvm') && !IN_CI)('what a real vCPU writes is reported, through KVM_GET_DIRTY_LOG', async () => {
     const space = `d${++spaceNo}`;
     const o = await owner(space);
     const ram = await o.createBacking(8 * MiB, 'ram');

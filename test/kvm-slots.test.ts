@@ -238,13 +238,11 @@ describe('overlap, checked on what is created', () => {
     expect(() => at(0x0f00_0000, 16 * MiB)()).not.toThrow(); // right before a
   });
 
-  it('a large table: one hotplug is planned in linear time with ids reused', () => {
+  it('a large table: one hotplug plans only its own slots, with ids reused (speed is measured in bench/)', () => {
     const regions = Array.from({ length: 30_000 }, (_, i) => region(i + 1, `r${i}`, i * 4 * MiB, 2 * MiB));
     const full = plan(new Map(), { added: regions });
     expect(full.table.size).toBe(30_000);
-    const t0 = performance.now();
     const p = plan(full.table, { removed: [regions[12_345]!], added: [region(99_999, 'hp', 0x100_0000_0000, 2 * MiB)] });
-    expect(performance.now() - t0).toBeLessThan(200);
     expect(brief(p.ops)).toEqual(['delete 12345', 'create 12345']);
   });
 });

@@ -481,6 +481,7 @@ describeKvm('a real VM follows the map as memslots (embedded broker)', () => {
     await owner.addRegion({ name: 'ram', gpa: 0x10_0000, size: 8 * MiB, backing: ram.backing });
     const before = kvmFds();
     const sub = await KvmSubscriber.attach(broker, { space: 'vm0' });
+    defer(() => sub.close()); // close() is idempotent: this only matters if the test fails before its own close()
     await sub.runProgram({ codeGpa: 0x10_0000, writes: [{ gpa: 0x20_0000, bytes: Buffer.from('x') }] });
     expect(kvmFds().length).toBe(before.length + 3); // /dev/kvm, kvm-vm, kvm-vcpu:0
     expect(kvmFds()).toContain('anon_inode:kvm-vcpu:0');

@@ -3,25 +3,22 @@
 // whether the commit happened. Found by the hotplug harness (owner-disconnect fault): the new owner read
 // the old generation, decided the commit was lost, and the commit landed afterwards.
 import { afterEach, describe, expect, it } from 'vitest';
-import { Broker } from '../broker/index.js';
-import { MappingSubscriber, OwnerClient } from '../clients/index.js';
+import { OwnerClient } from '../clients/index.js';
 import { native } from '../native/index.js';
 import { isMmbError } from '../protocol/index.js';
 import { waitFor } from './helpers/procs.js';
-import { defer, runCleanups } from './helpers/embedded.js';
+import { defer, embeddedBroker, runCleanups, subscriberOf } from './helpers/embedded.js';
 
 const MiB = 1 << 20;
 afterEach(runCleanups);
 
 describe('owner reattach', () => {
   it('a new owner attaching while the old owner\'s commit is in flight learns its outcome', async () => {
-    const b = new Broker({ spaces: ['vm0'], limits: { ackTimeoutMs: 10_000 } });
-    defer(() => b.close());
+    const b = embeddedBroker({ limits: { ackTimeoutMs: 10_000 } });
     const first = await OwnerClient.attach(b, { space: 'vm0' });
     const ram = await first.createBacking(2 * MiB, 'ram');
     defer(() => native.close(ram.fd));
-    const sub = await MappingSubscriber.attach(b, { space: 'vm0' });
-    defer(() => sub.close());
+    const sub = await subscriberOf(b);
     let release!: () => void;
     const gate = new Promise<void>((r) => (release = r));
     let applied = false;
@@ -31,6 +28,9 @@ describe('owner reattach', () => {
     });
     const heard = first.addRegion({ name: 'ram', gpa: 0, size: 2 * MiB, backing: ram.backing }).then(() => 'committed', (err: unknown) => (isMmbError(err) ? err.code : String(err)));
     await waitFor('the subscriber to apply the change', () => applied);
+    const ownerId = () => b.status('vm0').spaces[0]?.clients.find((c) => c.role === 'owner')?.id;
+    const firstId = ownerId();
+    expect(firstId).toBeDefined();
     first.close();
     expect(await heard).toBe('MMB_ERR_DISCONNECTED');
     let attached: OwnerClient | undefined;
@@ -42,12 +42,13 @@ describe('owner reattach', () => {
         throw err;
       }
     }).then((o) => (attached = o));
-    // Let the ATTACH reach the broker before the transaction may complete.
-    await new Promise((r) => setTimeout(r, 50));
+    // The ATTACH reaches the broker (which gives it the owner seat at once) before the transaction may
+    // complete, and is not answered while that transaction is in flight.
+    await waitFor('the new owner to take the seat', () => ownerId() !== undefined && ownerId() !== firstId);
+    expect(attached, 'ATTACH answered while the old commit was in flight').toBeUndefined();
     release();
     const second = await attaching;
     defer(() => second.close());
-    expect(attached).toBe(second);
     // The subscriber acked, so the commit landed: the new owner's generation says so.
     expect(second.generation).toBe(1);
     expect((await second.status('vm0')).spaces[0]?.regions.map((r) => r.name)).toEqual(['ram']);

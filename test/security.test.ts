@@ -5,12 +5,13 @@ import fs from 'node:fs';
 import path from 'node:path';
 import pino from 'pino';
 import { afterEach, describe, expect, it } from 'vitest';
-import { Broker } from '../broker/index.js';
+import type { Broker, BrokerOptions } from '../broker/index.js';
 import { Connection } from '../clients/connection.js';
 import { DirtyObserver, MappingSubscriber, OwnerClient, createSealedMemfd } from '../clients/index.js';
 import { constants, native } from '../native/index.js';
 import { FrameDecoder, Msg, encodeFrame, isMmbError } from '../protocol/index.js';
-import { codeOf, defer, runCleanups } from './helpers/embedded.js';
+import { IN_CI } from './helpers/ci.js';
+import { codeOf, defer, embeddedBroker, ownerOf, runCleanups, subscriberOf } from './helpers/embedded.js';
 import { runCli, spawnBroker, stopProcess, tempDir, waitFor } from './helpers/procs.js';
 
 const MiB = 1 << 20;
@@ -31,10 +32,10 @@ async function asNobody(socket: string, space: string, role: string, token?: str
   return JSON.parse(out.trim().split('\n').pop() as string);
 }
 
-function broker(opts: ConstructorParameters<typeof Broker>[0], listen?: { mode?: number; dirMode?: number }): { b: Broker; socket: string } {
-  const b = new Broker({ spaces: ['vm0'], ...opts });
-  defer(() => b.close());
+function broker(opts: BrokerOptions, listen?: { mode?: number; dirMode?: number }): { b: Broker; socket: string } {
   const dir = tempDir('mmb-sec-');
+  defer(() => fs.rmSync(dir, { recursive: true, force: true })); // after the broker closed (cleanups run last first)
+  const b = embeddedBroker(opts);
   fs.chmodSync(dir, 0o755); // the probe (nobody) must reach the socket's directory when the test wants it to
   const socket = path.join(dir, listen?.dirMode !== undefined ? 'private/b.sock' : 'b.sock');
   b.listen(socket, listen ?? {});
@@ -53,14 +54,14 @@ const eventfdsOpen = () => fs.readdirSync('/proc/self/fd').filter((f) => {
 const canSetpriv = process.getuid?.() === 0 && spawnSync('setpriv', ['--version']).status === 0;
 
 describe('who may connect, who may own, who may subscribe', () => {
-  it.skipIf(!canSetpriv && !process.env.CI)('by default only the broker\'s uid can even connect: the socket is 0600 in a 0700 directory', async () => {
+  it.skipIf(!canSetpriv && !IN_CI)('by default only the broker\'s uid can even connect: the socket is 0600 in a 0700 directory', async () => {
     const { socket } = broker({}, { dirMode: 0o700 });
     expect(fs.statSync(socket).mode & 0o777).toBe(0o600);
     expect(fs.statSync(path.dirname(socket)).mode & 0o777).toBe(0o700);
     expect(await asNobody(socket, 'vm0', 'subscriber')).toMatchObject({ ok: false, code: 'MMB_ERR_CONNECT', errno: 'EACCES', uid: NOBODY });
   });
 
-  it.skipIf(!canSetpriv && !process.env.CI)('with the socket opened to everyone, roles still follow the allow-lists', async () => {
+  it.skipIf(!canSetpriv && !IN_CI)('with the socket opened to everyone, roles still follow the allow-lists', async () => {
     const { socket } = broker({ access: { owners: { uids: [0] }, subscribers: { uids: [0, NOBODY] } } }, { mode: 0o666 });
     expect(await asNobody(socket, 'vm0', 'owner')).toMatchObject({ ok: false, code: 'MMB_ERR_PERMISSION' });
     expect(await asNobody(socket, 'vm0', 'subscriber')).toMatchObject({ ok: true, uid: NOBODY });
@@ -70,7 +71,7 @@ describe('who may connect, who may own, who may subscribe', () => {
     expect(await asNobody(byGroup.socket, 'vm0', 'subscriber')).toMatchObject({ ok: true });
   });
 
-  it.skipIf(!canSetpriv && !process.env.CI)('STATUS shows a peer only the spaces it may own, or subscribe to without a token', async () => {
+  it.skipIf(!canSetpriv && !IN_CI)('STATUS shows a peer only the spaces it may own, or subscribe to without a token', async () => {
     const open = broker({ access: { subscribers: { uids: [NOBODY] } } }, { mode: 0o666 });
     expect(await asNobody(open.socket, 'vm0', 'status')).toMatchObject({ ok: true, named: ['vm0'], all: ['vm0'] });
     const strict = broker({}, { mode: 0o666 });
@@ -79,7 +80,7 @@ describe('who may connect, who may own, who may subscribe', () => {
     expect(await asNobody(tokened.socket, 'vm0', 'status')).toMatchObject({ ok: true, named: 'MMB_ERR_PERMISSION', all: [] });
   });
 
-  it.skipIf(!canSetpriv && !process.env.CI)('mmbroker serve: --subscriber-uid, --socket-mode and --token-file set the same rules', async () => {
+  it.skipIf(!canSetpriv && !IN_CI)('mmbroker serve: --subscriber-uid, --socket-mode and --token-file set the same rules', async () => {
     const dir = tempDir('mmb-sec-cli-');
     fs.chmodSync(dir, 0o755);
     const socket = path.join(dir, 'b.sock');
@@ -102,8 +103,7 @@ describe('who may connect, who may own, who may subscribe', () => {
   });
 
   it('a space with a token: subscribers without it, or with a wrong one, are refused', async () => {
-    const b = new Broker({ spaces: [] });
-    defer(() => b.close());
+    const b = embeddedBroker({ spaces: [] });
     b.createSpace('vm0', { access: { token: 's3cret-token' } });
     const conn = await Connection.open(b);
     defer(() => conn.close());
@@ -112,8 +112,7 @@ describe('who may connect, who may own, who may subscribe', () => {
     expect(await codeOf(conn.request({ t: Msg.ATTACH, space: 'vm0', role: 'observer', kind: 'x', token: 'short' }))).toBe('MMB_ERR_PERMISSION');
     await conn.request({ t: Msg.ATTACH, space: 'vm0', role: 'subscriber', kind: 'x', token: 's3cret-token' });
     // The clients pass it through their options, and keep it for their reconnects.
-    const sub = await MappingSubscriber.attach(b, { space: 'vm0', token: 's3cret-token', reconnect: false });
-    defer(() => sub.close());
+    const sub = await subscriberOf(b, { token: 's3cret-token', reconnect: false });
     expect(await codeOf(MappingSubscriber.attach(b, { space: 'vm0', token: 'wrong-token!', reconnect: false }))).toBe('MMB_ERR_PERMISSION');
     const obs = await DirtyObserver.attach(b, { space: 'vm0', token: 's3cret-token' });
     obs.close();
@@ -124,8 +123,7 @@ describe('who may connect, who may own, who may subscribe', () => {
 
   it('a subscriber may not change the map (EPERM class), whatever it sends', async () => {
     const { b } = broker({});
-    const s = await MappingSubscriber.attach(b, { space: 'vm0', reconnect: false });
-    defer(() => s.close());
+    const s = await subscriberOf(b, { reconnect: false });
     const conn = await Connection.open(b);
     defer(() => conn.close());
     await conn.request({ t: Msg.ATTACH, space: 'vm0', role: 'subscriber', kind: 'x' });
@@ -139,13 +137,11 @@ describe('who may connect, who may own, who may subscribe', () => {
 describe('what the broker gives a subscriber', () => {
   it('a backing shown only read-only comes read-only: it cannot be mapped writable', async () => {
     const { b } = broker({});
-    const owner = await OwnerClient.attach(b, { space: 'vm0' });
-    defer(() => owner.close());
+    const owner = await ownerOf(b);
     const rom = await owner.createBacking(4 * MiB, 'rom');
     defer(() => native.close(rom.fd));
     await owner.addRegion({ name: 'rom', gpa: 0, size: 2 * MiB, backing: rom.backing, readonly: true });
-    const s = await MappingSubscriber.attach(b, { space: 'vm0', reconnect: false });
-    defer(() => s.close());
+    const s = await subscriberOf(b, { reconnect: false });
     const fd = s.backing(rom.backing)!.fd;
     const accmode = () => parseInt(/^flags:\s*([0-7]+)$/m.exec(fs.readFileSync(`/proc/self/fdinfo/${fd}`, 'utf8'))![1]!, 8) & 3;
     expect(accmode()).toBe(0); // O_RDONLY
@@ -168,8 +164,7 @@ describe('what the broker gives a subscriber', () => {
 describe('limits', () => {
   it('backings per space: one more is refused (MMB_ERR_SPACE_LIMIT) and its descriptor closed', async () => {
     const { b } = broker({ limits: { maxBackings: 2 } });
-    const owner = await OwnerClient.attach(b, { space: 'vm0' });
-    defer(() => owner.close());
+    const owner = await ownerOf(b);
     for (const n of ['a', 'b']) native.close((await owner.createBacking(MiB, n)).fd);
     const fd = createSealedMemfd('third', MiB);
     const before = fs.readdirSync('/proc/self/fd').length;
@@ -181,14 +176,12 @@ describe('limits', () => {
 
   it('transactions queued behind a running one: beyond the limit, MMB_ERR_TOO_BUSY; the queued ones complete', async () => {
     const { b } = broker({ limits: { maxQueuedCommits: 2 } });
-    const owner = await OwnerClient.attach(b, { space: 'vm0' });
-    defer(() => owner.close());
+    const owner = await ownerOf(b);
     const ram = await owner.createBacking(8 * MiB, 'ram');
     defer(() => native.close(ram.fd));
     let release!: () => void;
     const gate = new Promise<void>((r) => (release = r));
-    const slow = await MappingSubscriber.attach(b, { space: 'vm0', reconnect: false });
-    defer(() => slow.close());
+    const slow = await subscriberOf(b, { reconnect: false });
     slow.on('change', (e) => e.waitUntil(gate));
     const first = owner.addRegion({ name: 'r0', gpa: 0, size: MiB, backing: ram.backing });
     const second = owner.addRegion({ name: 'r1', gpa: MiB, size: MiB, backing: ram.backing, offset: MiB });
@@ -203,9 +196,13 @@ describe('limits', () => {
     const baseline = eventfdsOpen();
     const goodbye = async (declared: number, attached: number): Promise<string[]> => {
       const fd = native.socketConnect(socket);
+      defer(() => native.close(fd));
       const fds = Array.from({ length: attached }, () => native.eventfd(0, constants.EFD_CLOEXEC));
-      native.sendmsg(fd, encodeFrame({ t: Msg.HELLO, id: 1, version: 1, features: 0 }, declared, 1 << 20), fds);
-      for (const x of fds) native.close(x);
+      try {
+        native.sendmsg(fd, encodeFrame({ t: Msg.HELLO, id: 1, version: 1, features: 0 }, declared, 1 << 20), fds);
+      } finally {
+        for (const x of fds) native.close(x);
+      }
       const buf = new Uint8Array(65536);
       const decoder = new FrameDecoder({ maxFrameBytes: 1 << 20, maxFdsPerFrame: 64, maxPendingFds: 64 });
       const codes: string[] = [];
@@ -217,7 +214,6 @@ describe('limits', () => {
         for (let f = decoder.next(); f; f = decoder.next()) codes.push(((f.body.error ?? {}) as { code?: string }).code ?? '');
         return false;
       });
-      native.close(fd);
       return codes;
     };
     expect(await goodbye(65, 3)).toEqual(['MMB_ERR_TOO_MANY_FDS']);
@@ -256,12 +252,12 @@ describe('limits', () => {
     const logged: string[] = [];
     const logger = pino({ level: 'warn' }, { write: (line: string) => void logged.push(line) });
     const { b, socket } = broker({ connection: { maxOutboundBytes: 256 * 1024 }, logger });
-    const owner = await OwnerClient.attach(b, { space: 'vm0' });
-    defer(() => owner.close());
+    const owner = await ownerOf(b);
     const ram = await owner.createBacking(4 * MiB, 'ram');
     defer(() => native.close(ram.fd));
     // A raw client: asks for status over and over, never reads a reply.
     const fd = native.socketConnect(socket);
+    defer(() => native.close(fd));
     native.sendmsg(fd, encodeFrame({ t: Msg.HELLO, id: 1, version: 1, features: 0 }, 0, 1 << 20), []);
     let sent = 0;
     try {
@@ -278,10 +274,8 @@ describe('limits', () => {
     // The broker dropped it (its status replies went nowhere), and kept serving the others meanwhile.
     await waitFor('the slow reader to be dropped', () => b.status('vm0').spaces[0]!.clients.length === 1);
     expect(logged.some((l) => l.includes('"code":"MMB_ERR_SLOW_READER"'))).toBe(true);
-    const s = await MappingSubscriber.attach(b, { space: 'vm0', reconnect: false });
-    defer(() => s.close());
+    const s = await subscriberOf(b, { reconnect: false });
     await owner.addRegion({ name: 'ram', gpa: 0, size: 4 * MiB, backing: ram.backing });
     expect(s.regions()).toHaveLength(1);
-    native.close(fd);
   });
 });

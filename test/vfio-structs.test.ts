@@ -187,9 +187,9 @@ describe('packed bytes', () => {
 
   it('IOMMU_IOAS_MAP: size, flags FIXED_IOVA|READABLE|WRITEABLE, ioas_id, reserved zero, user_va, length, iova', () => {
     const flags = IOMMUFD.IOMMU_IOAS_MAP_FIXED_IOVA | IOMMUFD.IOMMU_IOAS_MAP_READABLE | IOMMUFD.IOMMU_IOAS_MAP_WRITEABLE;
-    const b = pack('iommu_ioas_map', { flags, ioas_id: 7, user_va: 0x7f00_0000_0000, length: 1 << 30, iova: 0x2_0000_0000 });
+    const b = pack('iommu_ioas_map', { flags, ioas_id: 9, user_va: 0x7f00_0000_0000, length: 1 << 30, iova: 0x2_0000_0000 });
     const s = 'iommu_ioas_map';
-    expect([cread(b, s, 'size'), cread(b, s, 'flags'), cread(b, s, 'ioas_id'), cread(b, s, '__reserved')]).toEqual([40n, 7n, 7n, 0n]);
+    expect([cread(b, s, 'size'), cread(b, s, 'flags'), cread(b, s, 'ioas_id'), cread(b, s, '__reserved')]).toEqual([40n, 7n, 9n, 0n]);
     expect([cread(b, s, 'user_va'), cread(b, s, 'length'), cread(b, s, 'iova')]).toEqual([0x7f00_0000_0000n, BigInt(1 << 30), 0x2_0000_0000n]);
   });
 

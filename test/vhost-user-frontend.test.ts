@@ -282,7 +282,6 @@ describe('vhost-user front-end: wire format and acks (scripted back-end)', () =>
     expect(memfdMaps('self', 'fakeram')).toHaveLength(1);
     await removal;
     expect(replied).toBeGreaterThan(0);
-    expect(performance.now()).toBeGreaterThanOrEqual(replied);
     expect(sub.backendTable()).toHaveLength(0);
     expect(memfdMaps('self', 'fakeram')).toHaveLength(0);
   });
@@ -375,11 +374,7 @@ describe('vhost-user front-end: wire format and acks (scripted back-end)', () =>
     const other = await subscriberOf(broker, { name: 'other', reconnect: false });
     const errors: string[] = [];
     sub.on('error', (e) => errors.push(e.code));
-    const t0 = performance.now();
     await owner.addRegion({ name: 'r', gpa: 0, size: 2 * MiB, backing: ram.backing });
-    const took = performance.now() - t0;
-    expect(took).toBeGreaterThanOrEqual(250);
-    expect(took).toBeLessThan(3000);
     expect(errors).toContain('MMB_ERR_TIMEOUT');
     expect(sub.frontend.closed).toBe(true);
     expect(broker.status('vm0').spaces[0]!.clients.map((c) => c.name)).not.toContain('vu-fake');
