@@ -6,16 +6,12 @@ import { waitFor } from '../cli/child.js';
 import { native } from '../native/index.js';
 import { Msg, encodeFrame, isMmbError } from '../protocol/index.js';
 import type { CommitOp } from '../protocol/index.js';
-import { planAdd, runOperation, type AddOp, type StepResult } from './operations.js';
+import { planAdd, runOperation, type StepResult } from './operations.js';
 import { BrokerProc } from './procs.js';
 import { SPACE, type World } from './world.js';
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
-/** A valid add to carry the fault, or undefined when the map is full (the step then runs an operation). */
-async function carrier(w: World): Promise<AddOp | undefined> {
-  return planAdd(w);
-}
 
 function result(fault: string, detail: string, surprises: string[], risky = true): StepResult {
   return { op: `fault:${fault}`, detail, risky, surprises };
@@ -29,7 +25,7 @@ function evictionLogged(w: World, mark: number, pid: number): Promise<boolean> {
 
 /** kill -9 a client that has applied a change and not acked it yet; the others commit without it. */
 async function killMidTxn(w: World): Promise<StepResult | undefined> {
-  const a = await carrier(w);
+  const a = await planAdd(w);
   if (!a) return undefined;
   const victim = w.rng.pick(w.healthy());
   await victim.request({ cmd: 'hold-next' }, 'armed');
@@ -44,7 +40,7 @@ async function killMidTxn(w: World): Promise<StepResult | undefined> {
 
 /** A client that stops (SIGSTOP): it neither reads nor acks; the broker evicts it at the deadline. */
 async function stall(w: World): Promise<StepResult | undefined> {
-  const a = await carrier(w);
+  const a = await planAdd(w);
   if (!a) return undefined;
   const victim = w.rng.pick(w.healthy());
   const mark = w.broker.warnings.length;
@@ -61,7 +57,7 @@ async function stall(w: World): Promise<StepResult | undefined> {
 
 /** A client refuses a change after applying it: the owner gets its error, everyone rolls back. */
 async function nack(w: World): Promise<StepResult | undefined> {
-  const a = await carrier(w);
+  const a = await planAdd(w);
   if (!a) return undefined;
   const victim = w.rng.pick(w.healthy());
   await victim.request({ cmd: 'nack-next' }, 'armed');
@@ -138,7 +134,7 @@ async function slowReader(w: World): Promise<StepResult> {
 /** The owner disconnects, idle or right after sending a commit; it reattaches and reads the outcome back. */
 async function ownerDisconnect(w: World): Promise<StepResult> {
   const m = w.model;
-  const a = w.rng.chance(0.5) ? await carrier(w) : undefined;
+  const a = w.rng.chance(0.5) ? await planAdd(w) : undefined;
   const before = m.generation;
   const sent = a ? w.owner.commit([a]).then(() => 'committed', (err: unknown) => (isMmbError(err) ? err.code : String(err))) : Promise.resolve('idle');
   w.owner.close();

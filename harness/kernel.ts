@@ -3,39 +3,12 @@
 import fs from 'node:fs';
 import { vmLckKiB } from '../cli/procfs.js';
 
+export { memfdMappings, type FileMapping } from '../cli/procfs.js';
+
 /** Every memfd the harness creates is named with this prefix, so its mappings and fds can be told apart. */
 export const MEMFD_PREFIX = 'mmh-';
 /** The broker's dirty bitmaps are memfds named `dirty:<region>` (broker/dirty.ts). */
 export const BITMAP_PREFIX = 'dirty:';
-
-export interface FileMapping {
-  /** The memfd's name (without "/memfd:" and " (deleted)"). */
-  memfd: string;
-  start: number;
-  end: number;
-  /** Offset in the file of `start`. */
-  offset: number;
-  writable: boolean;
-}
-
-const MAPS_LINE = /^([0-9a-f]+)-([0-9a-f]+) (\S{4}) ([0-9a-f]+) \S+ \d+\s+\/memfd:(.*?)(?: \(deleted\))?$/;
-
-/** The process's mappings of memfds (all of them; filter by name). */
-export function memfdMappings(pid: number): FileMapping[] {
-  const out: FileMapping[] = [];
-  for (const line of fs.readFileSync(`/proc/${pid}/maps`, 'utf8').split('\n')) {
-    const m = MAPS_LINE.exec(line);
-    if (!m) continue;
-    out.push({
-      memfd: m[5] as string,
-      start: parseInt(m[1] as string, 16),
-      end: parseInt(m[2] as string, 16),
-      offset: parseInt(m[4] as string, 16),
-      writable: (m[3] as string)[1] === 'w',
-    });
-  }
-  return out;
-}
 
 export interface FdCensus {
   /** Harness memfds held open, by name (a name counts once per fd). */
@@ -71,16 +44,4 @@ export function fdCensus(pid: number): FdCensus {
 /** Bytes the process has locked (mlock), per /proc/PID/status. */
 export function lockedBytes(pid: number): number {
   return vmLckKiB(pid) * 1024;
-}
-
-export function alive(pid: number): boolean {
-  return fs.existsSync(`/proc/${pid}/status`) && !/^State:\s+Z/m.test(safeRead(`/proc/${pid}/status`));
-}
-
-function safeRead(file: string): string {
-  try {
-    return fs.readFileSync(file, 'utf8');
-  } catch {
-    return '';
-  }
 }

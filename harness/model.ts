@@ -73,16 +73,9 @@ export class Model {
     return false;
   }
 
-  /** Forgets backings the broker closes: neither held nor referenced. Returns their ids. */
-  prune(): number[] {
-    const gone: number[] = [];
-    for (const [id, b] of this.backings) {
-      if (!b.held && !this.referenced(id)) {
-        this.backings.delete(id);
-        gone.push(id);
-      }
-    }
-    return gone;
+  /** Forgets backings the broker closes: neither held nor referenced. */
+  prune(): void {
+    for (const [id, b] of this.backings) if (!b.held && !this.referenced(id)) this.backings.delete(id);
   }
 
   /** Memfds no live backing uses: the harness may close them. */
@@ -128,12 +121,6 @@ export class Model {
       const offset = rng.int(0, slots) * align;
       if (!used.some(([s, e]) => offset < e && s < offset + size)) return offset;
     }
-    return undefined;
-  }
-
-  /** A held backing of `memfd`, if the owner holds one. */
-  heldBacking(memfd: Memfd): BrokerBacking | undefined {
-    for (const b of this.backings.values()) if (b.held && b.memfd === memfd) return b;
     return undefined;
   }
 }

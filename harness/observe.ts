@@ -21,6 +21,8 @@ export interface ClientSnapshot {
   /** kvm: its memslots; vfio: its domain's devices. */
   slots?: { gpa: number; size: number; hva: number; readonly: boolean; logDirty: boolean; name: string }[];
   devices?: string[];
+  /** Why its slots (kvm) or domain (vfio) could not be read. */
+  failed?: string;
   maps: FileMapping[];
   census: FdCensus;
   locked: number;
@@ -67,15 +69,35 @@ async function snapshotClient(c: ClientProc): Promise<ClientSnapshot> {
   const r = await c.request({ cmd: 'regions' }, 'regions').catch((err: Error) => ({ event: 'failed', message: err.message }) as Line);
   const view: ClientSnapshot['view'] = r.event === 'regions' ? { generation: Number(r.generation), regions: r.regions as ViewRegion[] } : `regions failed: ${String(r.message)}`;
   const snap: ClientSnapshot = { client: c, view, maps: memfdMappings(c.pid), census: fdCensus(c.pid), locked: lockedBytes(c.pid) };
+  // A kvm client that cannot list its memslots, or a vfio client its domain, fails convergence (it does
+  // not skip the check).
   if (c.kind === 'kvm') {
-    const s = await c.request({ cmd: 'slots' }, 'slots');
-    snap.slots = s.slots as ClientSnapshot['slots'];
+    const s = await c.request({ cmd: 'slots' }, 'slots').catch((err: Error) => ({ event: 'failed', message: err.message }) as Line);
+    if (s.event === 'slots') snap.slots = s.slots as ClientSnapshot['slots'];
+    else snap.failed = `slots failed: ${String(s.message)}`;
   }
   if (c.kind === 'vfio') {
-    const d = await c.request({ cmd: 'domain' }, 'domain');
-    snap.devices = d.devices as string[];
+    const d = await c.request({ cmd: 'domain' }, 'domain').catch((err: Error) => ({ event: 'failed', message: err.message }) as Line);
+    if (d.event === 'domain') snap.devices = d.devices as string[];
+    else snap.failed = `domain failed: ${String(d.message)}`;
   }
   return snap;
+}
+
+/**
+ * What the processes show the moment a step returned, without waiting for anything to settle: the clients
+ * the broker lists as ready and acked at its generation, which a completed transaction (committed or
+ * rolled back) must have left exactly at the map. Clients it evicted or that are still syncing are left
+ * to the settled checks.
+ */
+export async function observeNow(w: World): Promise<Snapshot> {
+  const status = (await w.owner.status(SPACE)).spaces[0];
+  const ready = new Set(
+    (status?.clients ?? []).filter((c) => c.role === 'subscriber' && c.state === 'ready' && c.ackedGeneration === status?.generation).map((c) => c.pid),
+  );
+  const clients: ClientSnapshot[] = [];
+  for (const c of w.clients) if (ready.has(c.pid)) clients.push(await snapshotClient(c));
+  return { status, unsettled: '', broker: { maps: memfdMappings(w.broker.pid), census: fdCensus(w.broker.pid) }, clients };
 }
 
 export async function observe(w: World, settleMs: number): Promise<Snapshot> {

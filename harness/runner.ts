@@ -5,7 +5,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { allOrNothing, convergence, data, leaks, leftClean, noStaleMapping, outcome, pins, Tally } from './invariants.js';
-import { observe } from './observe.js';
+import { observe, observeNow } from './observe.js';
 import { runOperation, type StepResult } from './operations.js';
 import { runFault } from './faults.js';
 import { checkOptions, DEFAULT_OPTIONS, type ClientKind, type HarnessOptions } from './options.js';
@@ -14,13 +14,13 @@ import { Rng } from './rng.js';
 import { World } from './world.js';
 
 async function checkStep(w: World, t: Tally, res: StepResult): Promise<void> {
+  if (res.risky) allOrNothing(w, await observeNow(w), t);
   // Long enough for an evicted client to come back and for every client to find a restarted broker.
   const snap = await observe(w, 2 * w.opts.ackTimeoutMs + 15_000);
   convergence(w, snap, t);
   noStaleMapping(w, snap, t);
   pins(w, snap, t);
   leaks(w, snap, t);
-  if (res.risky) allOrNothing(w, snap, t);
   outcome(res, t);
   await data(w, snap, t);
 }

@@ -2,9 +2,9 @@
 // at least once; the self-test's deliberately broken clients must be caught, by name. Both run the CLI
 // against real processes (a broker process, client processes), judged by /proc.
 import { describe, expect, it } from 'vitest';
+import { INVARIANTS } from '../harness/index.js';
 import { runCli } from './helpers/procs.js';
 
-const INVARIANTS = ['convergence', 'no-stale-mapping', 'pins', 'data', 'leaks', 'all-or-nothing', 'outcome'];
 
 interface Summary {
   steps: number;
