@@ -15,6 +15,9 @@ import { constants, isNativeError, native } from '../native/index.js';
 import { closeAll } from '../transport/fds.js';
 import { FrameDecoder, isMmbError } from '../protocol/index.js';
 import { Rng, makeFd, session } from './generate.js';
+import { parseCount } from '../cli/args.js';
+import { waitFor } from '../cli/child.js';
+import { fdCount } from '../cli/procfs.js';
 
 export interface FuzzOptions {
   /** Hostile frames to send in all. */
@@ -55,17 +58,8 @@ const here = path.dirname(fileURLToPath(import.meta.url));
 const cli = path.join(here, path.basename(path.dirname(here)) === 'dist' ? '..' : '../dist', 'cli/mmbroker.js');
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-const fdCount = (pid: number) => fs.readdirSync(`/proc/${pid}/fd`).length;
+/** Every memfd mapping of a process, whatever its name. */
 const memfdMaps = (pid: number) => fs.readFileSync(`/proc/${pid}/maps`, 'utf8').split('\n').filter((l) => l.includes('/memfd:')).length;
-
-async function waitFor(check: () => boolean | Promise<boolean>, ms: number): Promise<boolean> {
-  const end = Date.now() + ms;
-  while (Date.now() < end) {
-    if (await check()) return true;
-    await new Promise((r) => setTimeout(r, 10));
-  }
-  return check();
-}
 
 async function startBroker(socket: string): Promise<{ child: ChildProcess; errors: string[] }> {
   const child = spawn(process.execPath, [cli, 'serve', '--socket', socket, '--space', 'vm0', '--ack-timeout', '1000', '--log-level', process.env.FUZZ_BROKER_LOG ?? 'error'], { stdio: ['ignore', 'pipe', 'pipe'] });
@@ -78,7 +72,9 @@ async function startBroker(socket: string): Promise<{ child: ChildProcess; error
   };
   child.stdout?.setEncoding('utf8').on('data', take);
   child.stderr?.setEncoding('utf8').on('data', take);
-  if (!(await waitFor(() => fs.existsSync(socket), 10_000))) throw new Error(`the broker did not start: ${errors.join('\n')}`);
+  await waitFor('the broker to listen', () => fs.existsSync(socket), 10_000).catch(() => {
+    throw new Error(`the broker did not start: ${errors.join('\n')}`);
+  });
   return { child, errors };
 }
 
@@ -241,7 +237,8 @@ export async function runFuzz(opts: FuzzOptions): Promise<FuzzResult> {
       const failure = await legitimateHotplug(socket, result.batches);
       result.legitChecks++;
       if (failure) result.legitFailures.push(failure);
-      await waitFor(() => fdCount(pid) <= baseFds && memfdMaps(pid) <= baseMaps, 5000);
+      // Released by now, or the leak figures below say how much was not.
+      await waitFor('the broker to release the session', () => fdCount(pid) <= baseFds && memfdMaps(pid) <= baseMaps, 5000).catch(() => undefined);
       result.fdLeak = Math.max(result.fdLeak, fdCount(pid) - baseFds);
       result.mappingLeak = Math.max(result.mappingLeak, memfdMaps(pid) - baseMaps);
       result.seconds = +((performance.now() - started) / 1000).toFixed(2);
@@ -265,12 +262,12 @@ export async function runFuzz(opts: FuzzOptions): Promise<FuzzResult> {
 
 async function main(): Promise<void> {
   const { values } = parseArgs({ options: { frames: { type: 'string' }, seed: { type: 'string' }, batch: { type: 'string' }, json: { type: 'boolean' } } });
-  const frames = Number(values.frames ?? 100_000);
+  const frames = values.frames === undefined ? 100_000 : parseCount(values.frames, '--frames');
   const json = values.json ?? false;
   const result = await runFuzz({
     frames,
-    seed: Number(values.seed ?? 1),
-    ...(values.batch ? { batch: Number(values.batch) } : {}),
+    seed: values.seed === undefined ? 1 : parseCount(values.seed, '--seed'),
+    ...(values.batch ? { batch: parseCount(values.batch, '--batch') } : {}),
     onBatch: (done, r) => {
       if (!json && r.batches % 20 === 0) console.log(`  ${done} frames, ${r.legitChecks} legitimate hotplugs, fd leak ${r.fdLeak}, ${r.seconds} s`);
     },
