@@ -10,11 +10,11 @@ import readline from 'node:readline';
 import { createSealedMemfd } from '../clients/memfd.js';
 import { constants, native } from '../native/index.js';
 import { bitmapLayout } from '../protocol/index.js';
-import { report, summarize, type Measurement } from './lib.js';
+import { iterations, report, runMain, summarize, type Measurement } from './lib.js';
 
 const BYTES = 32 << 20;
 const WRITERS = 4;
-const ITERATIONS = Number(process.env.BENCH_ITERATIONS ?? 40);
+const ITERATIONS = iterations(40);
 const filler = new URL('../../bench/fixtures/bitmap-filler.mjs', import.meta.url).pathname;
 
 const LAYOUT = bitmapLayout(BYTES * 8);
@@ -94,4 +94,4 @@ async function main(): Promise<void> {
   report('dirty-sync', results, { bitmapBytes: BYTES, guestBytes: BYTES * 8 * 4096, writers: WRITERS });
 }
 
-await main();
+runMain(main);

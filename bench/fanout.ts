@@ -33,7 +33,7 @@ import { Broker } from '../broker/index.js';
 import { allCpus, ccVersion, iterations, pinSelf, report, runMain, summarize, type Measurement } from './lib.js';
 import { REGION, latencyLoop, ownerGone, withOwner } from './owner-loop.js';
 import { Child, cpuNsOf, spawnSubscribers, statsOf, stopAll } from './procs.js';
-import { memfdMapsOf } from './vhost-user-backends.js';
+import { memfdMaps } from '../cli/procfs.js';
 import { CFrontEnd, addTrips, backendImage, noTrips, qsdVersion, startBackends, stopBackends, type RoundTrips } from './vhu-peer.js';
 
 const { values } = parseArgs({
@@ -109,9 +109,9 @@ async function verifyMaps(b: Broker, subs: readonly Child[]): Promise<void> {
   try {
     await withOwner(b, SPACE, BACKING_NAME, async (owner, backing) => {
       await owner.addRegion({ ...REGION, backing });
-      const missing = subs.filter((s) => memfdMapsOf(s.pid, BACKING_NAME).length === 0);
+      const missing = subs.filter((s) => memfdMaps(s.pid, BACKING_NAME).length === 0);
       await owner.removeRegion(REGION.name);
-      const left = subs.filter((s) => memfdMapsOf(s.pid, BACKING_NAME).length > 0);
+      const left = subs.filter((s) => memfdMaps(s.pid, BACKING_NAME).length > 0);
       if (missing.length > 0) throw new Error(`${missing.length} subscriber(s) did not map the region after the add`);
       if (left.length > 0) throw new Error(`${left.length} subscriber(s) still map the region after its removal`);
     });

@@ -42,17 +42,6 @@ export function summarize(samples: readonly number[], higherIsBetter = false): {
 
 export const median = (samples: readonly number[]): number => summarize(samples).median;
 
-/** Runs `fn` `iterations` times after `warmup` runs; returns per-run milliseconds. */
-export async function time(fn: () => unknown | Promise<unknown>, iterations: number, warmup = 3): Promise<number[]> {
-  for (let i = 0; i < warmup; i++) await fn();
-  const out: number[] = [];
-  for (let i = 0; i < iterations; i++) {
-    const t0 = performance.now();
-    await fn();
-    out.push(performance.now() - t0);
-  }
-  return out;
-}
 
 /** BENCH_ITERATIONS, or the script's default. */
 export function iterations(fallback: number): number {

@@ -9,11 +9,11 @@ import { Broker } from '../broker/index.js';
 import { MappingSubscriber, OwnerClient } from '../clients/index.js';
 import { FileDestination, Migration, type MigrationResult } from '../clients/migration/index.js';
 import { constants, native } from '../native/index.js';
-import { report, summarize, type Measurement } from './lib.js';
+import { iterations, report, runMain, summarize, type Measurement } from './lib.js';
 
 const GIB = 2 ** 30;
 const PAGES = GIB / 4096;
-const RUNS = Number(process.env.BENCH_ITERATIONS ?? 3);
+const RUNS = iterations(3);
 
 async function once(dir: string, run: number): Promise<MigrationResult> {
   const broker = new Broker({ spaces: ['vm0'], limits: { ackTimeoutMs: 30_000 } });
@@ -77,4 +77,4 @@ async function main(): Promise<void> {
   );
 }
 
-await main();
+runMain(main);

@@ -25,6 +25,7 @@ import { Broker } from '../broker/index.js';
 import { OwnerClient, VfioSubscriber } from '../clients/index.js';
 import { native } from '../native/index.js';
 import { buildC, C_FLAGS, ccVersion, iterations, report, runMain, summarize, type Measurement } from './lib.js';
+import { vmLckKiB } from '../cli/procfs.js';
 
 const { values } = parseArgs({
   options: {
@@ -43,10 +44,6 @@ const log = (s: string) => {
 };
 const gibps = (ns: number) => SIZE / GiB / (ns / 1e9);
 
-function vmLckKiB(pid: number | 'self' = 'self'): number {
-  const m = /^VmLck:\s+(\d+) kB/m.exec(fs.readFileSync(`/proc/${pid}/status`, 'utf8'));
-  return m ? Number(m[1]) : -1;
-}
 
 function runC(bin: string, fd: number, passes: number): { pin_ns: number[]; unpin_ns: number[]; vmlck_kb: number } {
   const r = spawnSync(bin, [String(SIZE), String(passes)], { stdio: ['ignore', 'pipe', 'pipe', fd], encoding: 'utf8' });

@@ -6,7 +6,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import type { Measurement } from './lib.js';
 import { rootDir } from './lib.js';
-import { barChart, lineChart, short, type Series } from './svg.js';
+import { barChart, lineChart, type Series } from './svg.js';
 
 interface Result {
   bench: string;
@@ -236,15 +236,16 @@ function whyMissed(all: Map<string, Result>): string[] {
   }
   const snap = find(all.get('scale'), (m) => m.goal === '< 250 ms');
   const snapGc = find(all.get('scale'), (m) => m.series === 'snapshot gc');
+  const sc = all.get('scale');
   if (snap && snap.met === false) {
     out.push(
-      `**Snapshot of 65,536 regions** (${fmt(snap.median, 'ms')}, goal 250 ms). The broker's part is small: it encodes 14 EV_SYNC frames ` +
-        `while the subscriber decodes the first ones. The time is the new subscriber's, a fresh Node process: in a profile of one, ` +
-        `about a third went to receiving (decoding 13 MiB of msgpack, checking it, validating 65,536 region maps), about a third to ` +
-        `building its view of the map (a key string per region, three maps of 65,536 entries: in V8 each insert into a map that size ` +
-        `costs a few hundred nanoseconds), the rest to waiting for the first frame and to garbage collection` +
+      `**${snap.name}** (${fmt(snap.median, 'ms')}, goal ${snap.goal}). The broker's part is small: it sends the map as ` +
+        `${typeof sc?.syncFrames === 'number' && typeof sc.syncBytes === 'number' ? `${sc.syncFrames} EV_SYNC frames (${fmt(sc.syncBytes / 2 ** 20, 'MiB')} in all)` : 'EV_SYNC frames of at most the frame limit'} ` +
+        `while the subscriber decodes the first ones. The time is the new subscriber's, a fresh Node process: decoding the msgpack, ` +
+        `checking it and validating every region map, then building its view of the map (a key string per region and maps keyed ` +
+        `by key and by id), and garbage collection` +
         `${snapGc ? ` (${fmt(snapGc.median, 'ms')}, from perf_hooks in the same run)` : ''}. ` +
-        `A compact sync encoding (regions as arrays, or runs of equal-sized regions) would cut most of it.`,
+        `A compact sync encoding (regions as arrays, or runs of equal-sized regions) would cut the decoding and validation.`,
     );
   }
   for (const [bench, r] of all) {

@@ -28,7 +28,8 @@ import { parseArgs } from 'node:util';
 import v8 from 'node:v8';
 import { Broker } from '../broker/index.js';
 import { OwnerClient } from '../clients/index.js';
-import type { CommitOp } from '../protocol/index.js';
+import { DEFAULT_PROTOCOL_LIMITS, encodeFrame, Msg, type CommitOp } from '../protocol/index.js';
+import { splitSync } from '../broker/sync.js';
 import { native } from '../native/index.js';
 import { iterations, report, runMain, summarize, type Measurement } from './lib.js';
 import { Child, spawnSubscribers, statsOf, stopAll } from './procs.js';
@@ -115,6 +116,15 @@ async function snapshots(socket: string, mode: 'map' | 'record', n: number): Pro
   return out;
 }
 
+/** The EV_SYNC frames a new subscriber of `space` is sent now, split as the broker splits them, and their bytes. */
+function syncWire(broker: Broker, space: string): { frames: number; bytes: number } {
+  const st = broker.status(space).spaces[0]!;
+  const limit = DEFAULT_PROTOCOL_LIMITS.maxFrameBytes;
+  const parts = splitSync(st.regions, [], limit);
+  const bytes = parts.reduce((n, part) => n + encodeFrame({ t: Msg.EV_SYNC, seq: 1, epoch: st.epoch, generation: st.generation, mode: 'snapshot', ...part }, 0, limit).length, 0);
+  return { frames: parts.length, bytes };
+}
+
 async function main(): Promise<void> {
   const maxMapCount = Number(fs.readFileSync('/proc/sys/vm/max_map_count', 'utf8'));
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'mmb-bench-scale-'));
@@ -131,6 +141,7 @@ async function main(): Promise<void> {
   native.close(sb.fd);
   const subs = [...(await spawnSubscribers(1, socket, BIG, 'record')), ...(await spawnSubscribers(1, socket, SMALL_SPACE, 'record'))];
   const results: Measurement[] = [];
+  let wire = { frames: 0, bytes: 0 };
   try {
     await fill(small, sb.backing, 0, SMALL - 1);
     const before = memory();
@@ -158,7 +169,9 @@ async function main(): Promise<void> {
     const [sub] = await statsOf(subs);
     if (sub!.regions !== REGIONS || sub!.generation !== st.generation) throw new Error(`the subscriber holds ${sub!.regions} regions at generation ${sub!.generation}`);
 
-    log(`snapshot of ${REGIONS} regions to ${SNAPSHOTS} new subscriber processes`);
+    // What a new subscriber receives: the broker's own split of this map into EV_SYNC frames, encoded.
+    wire = syncWire(broker, BIG);
+    log(`snapshot of ${REGIONS} regions to ${SNAPSHOTS} new subscriber processes (${wire.frames} EV_SYNC frames, ${wire.bytes} bytes)`);
     const snap = await snapshots(socket, 'record', SNAPSHOTS);
     const snapMap = maxMapCount > REGIONS + 1000 ? await snapshots(socket, 'map', Math.min(3, SNAPSHOTS)) : undefined;
 
@@ -178,7 +191,7 @@ async function main(): Promise<void> {
         iterations: snap.ms.length,
         goal: '< 250 ms',
         met: snapS.median < 250,
-        note: 'connect, HELLO, ATTACH, 14 EV_SYNC frames, the target map built and diffed, ack; a fresh process each time (the subscriber records the regions, maps none)',
+        note: `connect, HELLO, ATTACH, ${wire.frames} EV_SYNC frames (${(wire.bytes / 2 ** 20).toFixed(1)} MiB), the target map built and diffed, ack; a fresh process each time (the subscriber records the regions, maps none)`,
       },
       ...(snapMap
         ? [{ name: `snapshot of ${REGIONS} regions to a new mapping subscriber process`, unit: 'ms', ...summarize(snapMap.ms), iterations: snapMap.ms.length, note: 'the same, and every region mmap()ed' }]
@@ -247,6 +260,8 @@ async function main(): Promise<void> {
   }
   report('scale', results, {
     regions: REGIONS,
+    syncFrames: wire.frames,
+    syncBytes: wire.bytes,
     regionLayout: `${PAGE} bytes each, one every ${STRIDE} bytes from 0x${BASE.toString(16)}, slices of one memfd`,
     subscribers: "bench/fixtures/subscriber.ts in 'record' mode: follows the map and acks, maps nothing; one per space",
     vmMaxMapCount: maxMapCount,

@@ -160,11 +160,3 @@ export function startTestpmd(dir: string, opts: StartOptions & { name?: string; 
     opts,
   );
 }
-
-/** Lines of /proc/PID/maps that map the memfd called `name` (its own copy, so the bench needs no test helper). */
-export function memfdMapsOf(pid: number, name: string): string[] {
-  return fs
-    .readFileSync(`/proc/${pid}/maps`, 'utf8')
-    .split('\n')
-    .filter((l) => / \/memfd:(.*?)(?: \(deleted\))?$/.exec(l)?.[1] === name);
-}

@@ -29,7 +29,7 @@ import { Broker } from '../broker/index.js';
 import { OwnerClient, createSealedMemfd } from '../clients/index.js';
 import { VhostUserFrontend, VhostUserSubscriber, BLK_FEATURES, uaddrOf } from '../clients/vhost-user/index.js';
 import { native } from '../native/index.js';
-import { allCpus, ccVersion, median, pinSelf, report, runMain, summarize, type Measurement } from './lib.js';
+import { allCpus, ccVersion, iterations, median, pinSelf, report, runMain, summarize, type Measurement } from './lib.js';
 import { startQsd, type Backend } from './vhost-user-backends.js';
 import { CFrontEnd, addTrips, backendImage, noTrips, qsdVersion, startBackends, stopBackends, type RoundTrips } from './vhu-peer.js';
 
@@ -38,7 +38,7 @@ const GPA = 0x1_0000_0000;
 
 const { values } = parseArgs({
   options: {
-    iterations: { type: 'string', default: process.env.BENCH_ITERATIONS ?? '500' },
+    iterations: { type: 'string', default: String(iterations(500)) },
     rounds: { type: 'string', default: '4' },
     fanout: { type: 'string', default: '1,4,16' },
     warmup: { type: 'string', default: '300' },

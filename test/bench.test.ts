@@ -5,7 +5,8 @@ import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { describe, expect, it } from 'vitest';
+import { afterEach, describe, expect, it } from 'vitest';
+import { defer, runCleanups } from './helpers/embedded.js';
 
 const root = path.resolve(import.meta.dirname, '..');
 const node = (script: string, args: string[], env: Record<string, string> = {}) =>
@@ -28,7 +29,14 @@ interface Result {
   results: Measurement[];
 }
 
-const temp = () => fs.mkdtempSync(path.join(os.tmpdir(), 'mmb-bench-test-'));
+afterEach(runCleanups);
+
+/** A new temporary directory, removed after the test. */
+function temp(): string {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'mmb-bench-test-'));
+  defer(() => fs.rmSync(dir, { recursive: true, force: true }));
+  return dir;
+}
 
 /** Renders a report from `results` into a new directory; returns its performance.md. */
 function render(results: string): { dir: string; md: string } {
@@ -95,7 +103,11 @@ describe('benchmarks', () => {
   it('the committed docs/performance.md is what bench:report makes of the committed results', () => {
     const { dir, md } = render(path.join(root, 'bench', 'results'));
     expect(md).toBe(fs.readFileSync(path.join(root, 'docs', 'performance.md'), 'utf8'));
-    for (const f of fs.readdirSync(dir).filter((x) => x.endsWith('.svg'))) {
+    // The same charts (docs/performance-*.svg are the report's), then the same contents.
+    const svgs = fs.readdirSync(dir).filter((x) => x.endsWith('.svg')).sort();
+    expect(svgs.length).toBeGreaterThan(0);
+    expect(svgs).toEqual(fs.readdirSync(path.join(root, 'docs')).filter((x) => x.startsWith('performance-') && x.endsWith('.svg')).sort());
+    for (const f of svgs) {
       expect(fs.readFileSync(path.join(dir, f), 'utf8'), f).toBe(fs.readFileSync(path.join(root, 'docs', f), 'utf8'));
     }
     // Every goal of every committed result is in the table, with its status.
