@@ -35,8 +35,8 @@ if [ -z "$version" ] || [ "$version" = "(none)" ]; then
       if [ "${1:-}" = "--print-key" ]; then basename "$img" | sed 's/^bzImage-//'; else echo "$img"; fi
       exit 0
     fi
-    log "apt has no $pkg and none is cached. It is in bookworm-security and bookworm-backports; enable one, e.g.:"
-    log "  printf 'Types: deb\\nURIs: http://deb.debian.org/debian\\nSuites: bookworm-backports\\nComponents: main\\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\\n' > /etc/apt/sources.list.d/bookworm-backports.sources && apt-get update"
+    log "apt has no $pkg and none is cached. It is in bookworm-security and bookworm-backports: enable one with"
+    log "  the archive URI your existing bookworm source uses (.ci/run does this), then apt-get update."
     exit 2
   fi
 fi
