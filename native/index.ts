@@ -7,6 +7,7 @@
 //
 // File descriptors are plain numbers. Every fd the addon creates or receives is O_CLOEXEC; sockets are
 // O_NONBLOCK. Ownership is explicit: whoever receives an fd from a call must close() it.
+import { readFileSync } from 'node:fs';
 import { createRequire } from 'node:module';
 import { fileURLToPath } from 'node:url';
 import path from 'node:path';
@@ -49,6 +50,12 @@ export interface Credentials {
 
 export interface Accepted extends Credentials {
   fd: number;
+  /**
+   * The peer's pidfd (SO_PEERPIDFD, Linux 6.5+), O_CLOEXEC, owned by the caller; -1 when the kernel
+   * lacks SO_PEERPIDFD or the peer had already exited. It names the process that connected, for as long
+   * as the fd is open: never a later process that reused its pid.
+   */
+  pidfd: number;
 }
 
 export interface Received {
@@ -173,12 +180,32 @@ export interface Native {
   socketListen(path: string, backlog: number, mode: number): number;
   /** Non-blocking connect; throws ECONNREFUSED / ENOENT / EAGAIN (listener backlog full). */
   socketConnect(path: string): number;
-  /** accept4 with the peer's SO_PEERCRED; null when no connection is pending. */
+  /**
+   * accept4 with the peer's SO_PEERCRED and SO_PEERPIDFD; null when no connection is pending. Throws
+   * (and closes the connection) when even the pidfd cannot be allocated (EMFILE).
+   */
   socketAccept(fd: number): Accepted | null;
   /** socketpair(AF_UNIX, SOCK_STREAM); both ends non-blocking and close-on-exec. */
   socketPair(): [number, number];
   /** getsockopt(SO_PEERCRED). */
   peerCred(fd: number): Credentials;
+  /**
+   * getsockopt(SO_PEERPIDFD) on any connected Unix socket: a pidfd (O_CLOEXEC, owned by the caller) for
+   * the process that connected it or made the socketpair; -1 when the kernel lacks SO_PEERPIDFD
+   * (ENOPROTOOPT) or that process has exited and been reaped.
+   */
+  peerPidfd(fd: number): number;
+  /**
+   * pidfd_send_signal(2): signals exactly the process the pidfd names (signal 0 only checks). Throws
+   * ESRCH once it has exited, EPERM when this process may not signal it.
+   */
+  pidfdSendSignal(pidfd: number, signal: number): void;
+  /**
+   * pidfd_open(2) -> pidfd (O_CLOEXEC). Only for this process's own children, before they are reaped
+   * (before child_process's 'exit' event): any other pid may have been reused by the time it is opened.
+   * A peer's pidfd comes from socketAccept / peerPidfd instead.
+   */
+  pidfdOpen(pid: number): number;
   /**
    * sendmsg(2) with MSG_NOSIGNAL; `fds` (possibly empty) travel as one SCM_RIGHTS control message with
    * the first byte. Returns bytes sent, or null when the socket buffer is full (nothing was sent).
@@ -236,6 +263,16 @@ function load(): Native {
 export const native: Native = load();
 export const constants: NativeConstants = native.constants;
 export const PAGE_SIZE: number = native.constants.pageSize;
+
+/**
+ * The pid a pidfd names, from /proc/self/fdinfo ("Pid:"): 0 when the process lives in a pid namespace
+ * this one cannot see, -1 once it has exited (Linux 5.x+). For logs and checks; signal through the pidfd.
+ */
+export function pidOfPidfd(pidfd: number): number {
+  const m = /^Pid:\s*(-?\d+)$/m.exec(readFileSync(`/proc/self/fdinfo/${pidfd}`, 'utf8'));
+  if (!m) throw new Error(`fd ${pidfd} is not a pidfd`);
+  return Number(m[1]);
+}
 
 /** True if `err` is an error raised by the addon with the given errno name. */
 export function isNativeError(err: unknown, code?: string): err is NativeError {

@@ -2,7 +2,7 @@
 // kernel's own view (/proc/self/maps, /proc/self/status, /proc/self/fd, /proc/self/fdinfo).
 import { afterEach, describe, expect, it } from 'vitest';
 import { AsyncLocalStorage, executionAsyncId } from 'node:async_hooks';
-import { spawnSync } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -10,7 +10,7 @@ import v8 from 'node:v8';
 import vm from 'node:vm';
 import { fileURLToPath } from 'node:url';
 import { Worker } from 'node:worker_threads';
-import { constants as C, isNativeError, native, PAGE_SIZE, type Mapping, type NativeError } from '../native/index.js';
+import { constants as C, isNativeError, native, PAGE_SIZE, pidOfPidfd, type Mapping, type NativeError } from '../native/index.js';
 
 const ADDON = fileURLToPath(new URL('../build/Release/mmb_native.node', import.meta.url));
 const O_NONBLOCK = 0o4000;
@@ -571,7 +571,8 @@ describe('sockets', () => {
       expect(accepted).not.toBeNull();
       if (accepted === null) return;
       track(accepted.fd);
-      expect(accepted).toEqual({ fd: accepted.fd, pid: process.pid, uid: process.getuid?.(), gid: process.getgid?.() });
+      if (accepted.pidfd >= 0) track(accepted.pidfd);
+      expect(accepted).toEqual({ fd: accepted.fd, pid: process.pid, uid: process.getuid?.(), gid: process.getgid?.(), pidfd: accepted.pidfd });
       expect(fdFlags(accepted.fd) & (O_CLOEXEC | O_NONBLOCK)).toBe(O_CLOEXEC | O_NONBLOCK);
       expect(native.peerCred(client).pid).toBe(process.pid);
 
@@ -613,6 +614,97 @@ describe('sockets', () => {
     } finally {
       fs.rmSync(dir, { recursive: true });
     }
+  });
+});
+
+// ---- pidfds -------------------------------------------------------------------------------------
+
+/** SO_PEERPIDFD is Linux 6.5+; on an older kernel the calls must say "none" (-1), not fail. */
+const hasPeerPidfd = (() => {
+  const [a, b] = native.socketPair();
+  try {
+    const fd = native.peerPidfd(a);
+    if (fd >= 0) native.close(fd);
+    return fd >= 0;
+  } finally {
+    native.close(a);
+    native.close(b);
+  }
+})();
+const kernelAtLeast = (major: number, minor: number): boolean => {
+  const [ma = 0, mi = 0] = os.release().split('.').map((x) => parseInt(x, 10));
+  return ma > major || (ma === major && mi >= minor);
+};
+
+describe('pidfds', () => {
+  it('SO_PEERPIDFD is there on Linux 6.5 and later, and -1 (not an error) before', () => {
+    expect(hasPeerPidfd).toBe(kernelAtLeast(6, 5));
+  });
+
+  it.runIf(hasPeerPidfd)('a socketpair end gives a close-on-exec pidfd naming the process that made it', () => {
+    const [a] = pair();
+    const pidfd = track(native.peerPidfd(a));
+    expect(pidOfPidfd(pidfd)).toBe(process.pid);
+    expect(fdFlags(pidfd) & O_CLOEXEC).toBe(O_CLOEXEC);
+    native.pidfdSendSignal(pidfd, 0); // alive, and we may signal ourselves
+    const [r, w] = native.socketPair();
+    native.close(w);
+    // A socket whose peer closed still names the process that connected: the pid is remembered.
+    const stale = native.peerPidfd(r);
+    native.close(r);
+    expect(stale).toBeGreaterThanOrEqual(0);
+    expect(pidOfPidfd(track(stale))).toBe(process.pid);
+  });
+
+  it.runIf(hasPeerPidfd)('accept gives the connecting process\'s pidfd: it signals that process, polls readable when it exits, then ESRCH', async () => {
+    const dir = tmpDir();
+    try {
+      const file = path.join(dir, 'p.sock');
+      const listener = track(native.socketListen(file, 8, 0o600));
+      // A child that connects with Node's own net module, says so, and waits to be killed.
+      const child = spawn(process.execPath, ['-e', `require('net').connect(${JSON.stringify(file)}, () => process.stdout.write('connected\\n')); setInterval(() => {}, 1000);`], { stdio: ['ignore', 'pipe', 'inherit'] });
+      await new Promise<void>((resolve, reject) => {
+        child.stdout.once('data', () => resolve());
+        child.once('exit', (code) => reject(new Error(`child exited ${code}`)));
+      });
+      const accepted = native.socketAccept(listener);
+      expect(accepted).not.toBeNull();
+      track(accepted!.fd);
+      const pidfd = track(accepted!.pidfd);
+      expect(accepted!.pid).toBe(child.pid);
+      expect(pidOfPidfd(pidfd)).toBe(child.pid);
+      expect(fdFlags(pidfd) & O_CLOEXEC).toBe(O_CLOEXEC);
+      const exited = new Promise<number>((resolve) => {
+        const handle = native.pollStart(pidfd, C.POLL_READABLE, (status, events) => {
+          native.pollClose(handle);
+          resolve(status < 0 ? status : events);
+        });
+      });
+      const exit = new Promise<NodeJS.Signals | null>((resolve) => child.once('exit', (_code, signal) => resolve(signal)));
+      native.pidfdSendSignal(pidfd, os.constants.signals.SIGKILL);
+      expect(await exited).toBe(C.POLL_READABLE);
+      expect(await exit).toBe('SIGKILL');
+      expect(pidOfPidfd(pidfd)).toBe(-1);
+      expectNative(catchError(() => native.pidfdSendSignal(pidfd, os.constants.signals.SIGKILL)), 'ESRCH', 'pidfd_send_signal');
+    } finally {
+      fs.rmSync(dir, { recursive: true });
+    }
+  });
+
+  it('pidfdOpen opens a child that has not been reaped; errors carry errno and syscall', async () => {
+    const child = spawn(process.execPath, ['-e', 'setInterval(() => {}, 1000)'], { stdio: 'ignore' });
+    const exit = new Promise<NodeJS.Signals | null>((resolve) => child.once('exit', (_code, signal) => resolve(signal)));
+    const pidfd = track(native.pidfdOpen(child.pid!));
+    expect(pidOfPidfd(pidfd)).toBe(child.pid);
+    expect(fdFlags(pidfd) & O_CLOEXEC).toBe(O_CLOEXEC);
+    native.pidfdSendSignal(pidfd, os.constants.signals.SIGTERM);
+    expect(await exit).toBe('SIGTERM');
+    expectNative(catchError(() => native.pidfdSendSignal(pidfd, 0)), 'ESRCH', 'pidfd_send_signal');
+    expectNative(catchError(() => native.pidfdSendSignal(0, 0)), 'EBADF', 'pidfd_send_signal');
+    expect(() => native.pidfdSendSignal(pidfd, 65)).toThrow(RangeError);
+    expect(() => native.pidfdOpen(0)).toThrow(RangeError);
+    const efd = track(native.eventfd(0, C.EFD_CLOEXEC));
+    expectNative(catchError(() => native.peerPidfd(efd)), 'ENOTSOCK', 'getsockopt');
   });
 });
 

@@ -100,8 +100,8 @@ export class SocketListener extends EventEmitter<ListenerEvents> {
         return;
       }
       if (!accepted) return;
-      const { fd, pid, uid, gid } = accepted;
-      this.emit('connection', new SocketTransport(fd, { pid, uid, gid }, this.transportOptions));
+      const { fd, pid, uid, gid, pidfd } = accepted;
+      this.emit('connection', new SocketTransport(fd, { pid, uid, gid, ...(pidfd >= 0 ? { pidfd } : {}) }, this.transportOptions));
     }
   }
 

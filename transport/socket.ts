@@ -4,7 +4,7 @@
 // not fit is queued (with dup()ed fds) and flushed when the socket turns writable; a peer that lets more
 // than maxOutboundBytes pile up is disconnected (MMB_ERR_SLOW_READER) instead of growing our memory.
 import { EventEmitter } from 'eventemitter3';
-import { constants, native, type Credentials, type PollHandle } from '../native/index.js';
+import { constants, native, type PollHandle } from '../native/index.js';
 import {
   DEFAULT_CONNECTION_LIMITS,
   DEFAULT_PROTOCOL_LIMITS,
@@ -17,7 +17,7 @@ import {
   encodeFrame,
   toMmbError,
 } from '../protocol/index.js';
-import type { Transport, TransportEvents } from './transport.js';
+import type { Credentials, Transport, TransportEvents } from './transport.js';
 import { closeAll } from './fds.js';
 
 export interface SocketTransportOptions {
@@ -64,7 +64,10 @@ export class SocketTransport extends EventEmitter<TransportEvents> implements Tr
   private readonly maxOutboundBytes: number;
   private readonly farewell: ((reason: MmbError) => object | undefined) | undefined;
 
-  /** Takes ownership of `fd`, a connected, non-blocking, close-on-exec Unix stream socket. */
+  /**
+   * Takes ownership of `fd`, a connected, non-blocking, close-on-exec Unix stream socket, and of
+   * `peer.pidfd` when set (closed with the transport).
+   */
   constructor(fd: number, peer: Credentials, opts: SocketTransportOptions = {}) {
     super();
     this.fd = fd;
@@ -136,11 +139,7 @@ export class SocketTransport extends EventEmitter<TransportEvents> implements Tr
     this.queue.length = 0;
     this.queuedBytes = 0;
     closeAll(this.decoder.dispose());
-    try {
-      native.close(this.fd);
-    } catch {
-      // Already gone: nothing left to release.
-    }
+    closeAll(this.peer.pidfd !== undefined ? [this.fd, this.peer.pidfd] : [this.fd]);
     this.emit('close', reason);
   }
 

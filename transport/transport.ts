@@ -2,8 +2,19 @@
 // SocketTransport (a Unix stream socket, fds by SCM_RIGHTS) and InProcessTransport (an embedded broker:
 // same codec and limits, fds dup()ed instead of passed, delivery asynchronous and ordered).
 import type { EventEmitter } from 'eventemitter3';
-import type { Credentials } from '../native/index.js';
+import type { Credentials as KernelCredentials } from '../native/index.js';
 import type { Frame, MmbError } from '../protocol/index.js';
+
+/** Who is at the other end, in the kernel's words (SO_PEERCRED; SO_PEERPIDFD for sockets). */
+export interface Credentials extends KernelCredentials {
+  /**
+   * The peer's pidfd, taken at accept (SO_PEERPIDFD): it names the process that connected, never a later
+   * one that reused its pid. Owned by the transport and closed when the transport closes (dup() it to
+   * keep it longer). Absent for in-process peers, for the client end of a socket, and where the kernel
+   * has no SO_PEERPIDFD (Linux < 6.5) or the peer exited before it was accepted.
+   */
+  pidfd?: number;
+}
 
 export interface TransportEvents {
   /** A complete, framed message. The listener owns frame.fds from here on. */
@@ -14,7 +25,7 @@ export interface TransportEvents {
 
 export interface Transport extends EventEmitter<TransportEvents> {
   readonly kind: 'socket' | 'inproc';
-  /** The peer's credentials: SO_PEERCRED for sockets, this process for in-process peers. */
+  /** The peer's credentials: SO_PEERCRED (and a pidfd) for sockets, this process for in-process peers. */
   readonly peer: Credentials;
   readonly closed: boolean;
   /**

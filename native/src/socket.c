@@ -1,13 +1,16 @@
 /*
- * Unix stream sockets: listen, connect, accept (with the peer's credentials), socketpair, shutdown.
+ * Unix stream sockets: listen, connect, accept (with the peer's credentials and pidfd), socketpair,
+ * shutdown; and the pidfd calls that go with a peer (pidfd_send_signal, pidfd_open).
  * Every socket the addon creates is SOCK_CLOEXEC | SOCK_NONBLOCK. Every function runs on the main
  * thread and never blocks. Data and descriptors move through scm.c.
  */
 #include <errno.h>
+#include <signal.h>
 #include <stddef.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -37,6 +40,31 @@ static void close_keep_errno(int fd) {
 static int peer_cred(int fd, struct ucred *cred) {
   socklen_t len = sizeof *cred;
   return getsockopt(fd, SOL_SOCKET, SO_PEERCRED, cred, &len);
+}
+
+/* Linux 6.5; bookworm's headers (6.1) lack it. The value is the same on every architecture. */
+#ifndef SO_PEERPIDFD
+#define SO_PEERPIDFD 77
+#endif
+
+/*
+ * getsockopt(SO_PEERPIDFD): a pidfd (always O_CLOEXEC, the kernel's choice) for the process that
+ * connected (or made the socketpair). Returns 0 and sets *out to the pidfd, or to -1 when there is
+ * none to be had: the kernel lacks SO_PEERPIDFD (ENOPROTOOPT), or the peer has already exited and
+ * been reaped (EINVAL, ESRCH before Linux 6.16) or never had a pid (ENODATA). Returns -1 with errno
+ * set on a real failure (EMFILE, ENFILE, ENOMEM, EBADF, ENOTSOCK), which the caller reports.
+ * runs on the main thread
+ */
+static int peer_pidfd(int fd, int *out) {
+  int pidfd = -1;
+  socklen_t len = sizeof pidfd;
+  *out = -1;
+  if (getsockopt(fd, SOL_SOCKET, SO_PEERPIDFD, &pidfd, &len) == 0) {
+    *out = pidfd;
+    return 0;
+  }
+  if (errno == ENOPROTOOPT || errno == EINVAL || errno == ESRCH || errno == ENODATA) return 0;
+  return -1;
 }
 
 /* Sets obj.pid/uid/gid. runs on the main thread */
@@ -118,8 +146,11 @@ static napi_value socket_connect_js(napi_env env, napi_callback_info info) {
 }
 
 /*
- * socketAccept(fd) -> {fd, pid, uid, gid} or null when nothing is pending. A connection the peer
- * aborted before we got to it is skipped, as libuv does. runs on the main thread
+ * socketAccept(fd) -> {fd, pid, uid, gid, pidfd} or null when nothing is pending. pidfd is the peer's
+ * (see peer_pidfd), -1 when there is none; the caller owns it. A connection the peer aborted before we
+ * got to it is skipped, as libuv does. If the pidfd cannot be made for lack of descriptors (EMFILE),
+ * the connection is closed and the error thrown: a caller that cannot afford a pidfd cannot afford
+ * the connection. runs on the main thread
  */
 static napi_value socket_accept_js(napi_env env, napi_callback_info info) {
   napi_value argv[1];
@@ -138,13 +169,15 @@ static napi_value socket_accept_js(napi_env env, napi_callback_info info) {
   if (fd < 0) return mmb_throw_errno(env, errno, "accept4");
 
   struct ucred cred;
-  if (peer_cred(fd, &cred) < 0) {
+  int pidfd;
+  if (peer_cred(fd, &cred) < 0 || peer_pidfd(fd, &pidfd) < 0) {
     close_keep_errno(fd);
     return mmb_throw_errno(env, errno, "getsockopt");
   }
   if (napi_create_object(env, &result) != napi_ok || !mmb_set_number(env, result, "fd", fd) ||
-      !set_cred(env, result, &cred)) {
+      !set_cred(env, result, &cred) || !mmb_set_number(env, result, "pidfd", pidfd)) {
     close(fd);
+    if (pidfd >= 0) close(pidfd);
     mmb_throw_napi(env, napi_generic_failure, "building the accept result");
     return NULL;
   }
@@ -183,6 +216,54 @@ static napi_value peer_cred_js(napi_env env, napi_callback_info info) {
   return result;
 }
 
+/*
+ * peerPidfd(fd) -> the peer's pidfd (owned by the caller), or -1 when there is none (see peer_pidfd).
+ * For any connected Unix socket, e.g. a client about the server it connected to. runs on the main thread
+ */
+static napi_value peer_pidfd_js(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  int fd, pidfd;
+  if (!mmb_args(env, info, 1, argv) || !mmb_arg_fd(env, argv[0], &fd)) return NULL;
+  if (peer_pidfd(fd, &pidfd) < 0) return mmb_throw_errno(env, errno, "getsockopt");
+  if (pidfd < 0) {
+    napi_value result;
+    CHECK(napi_create_int32(env, -1, &result));
+    return result;
+  }
+  return mmb_new_fd(env, pidfd);
+}
+
+/*
+ * pidfdSendSignal(pidfd, signal): pidfd_send_signal(2) with no siginfo and no flags. The process is
+ * the one the pidfd was made for, never a later process that reused its pid: once it has exited the
+ * call fails with ESRCH. Signal 0 only checks. runs on the main thread
+ */
+static napi_value pidfd_send_signal_js(napi_env env, napi_callback_info info) {
+  napi_value argv[2];
+  int pidfd;
+  int64_t sig;
+  if (!mmb_args(env, info, 2, argv) || !mmb_arg_fd(env, argv[0], &pidfd) ||
+      !mmb_arg_int64(env, argv[1], 0, 64, "signal", &sig))
+    return NULL;
+  if (syscall(SYS_pidfd_send_signal, pidfd, (int)sig, NULL, 0) < 0)
+    return mmb_throw_errno(env, errno, "pidfd_send_signal");
+  return NULL;
+}
+
+/*
+ * pidfdOpen(pid) -> pidfd (O_CLOEXEC, owned by the caller): pidfd_open(2). Only sound for a child of
+ * this process that has not been reaped yet (a pid number of any other process may already belong to
+ * someone else by the time it is used). runs on the main thread
+ */
+static napi_value pidfd_open_js(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  int64_t pid;
+  if (!mmb_args(env, info, 1, argv) || !mmb_arg_int64(env, argv[0], 1, INT32_MAX, "pid", &pid)) return NULL;
+  long fd = syscall(SYS_pidfd_open, (pid_t)pid, 0);
+  if (fd < 0) return mmb_throw_errno(env, errno, "pidfd_open");
+  return mmb_new_fd(env, (int)fd);
+}
+
 /* shutdown(fd, how). runs on the main thread */
 static napi_value shutdown_js(napi_env env, napi_callback_info info) {
   napi_value argv[2];
@@ -200,6 +281,8 @@ bool mmb_init_socket(napi_env env, napi_value exports) {
       {"socketListen", socket_listen_js}, {"socketConnect", socket_connect_js},
       {"socketAccept", socket_accept_js}, {"socketPair", socket_pair_js},
       {"peerCred", peer_cred_js},         {"shutdown", shutdown_js},
+      {"peerPidfd", peer_pidfd_js},       {"pidfdSendSignal", pidfd_send_signal_js},
+      {"pidfdOpen", pidfd_open_js},
   };
   return mmb_export_methods(env, exports, methods, MMB_COUNT(methods));
 }
