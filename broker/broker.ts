@@ -38,6 +38,7 @@ import {
 } from '../protocol/index.js';
 import { InProcessTransport, SocketListener, closeAll, type ListenOptions, type Transport } from '../transport/index.js';
 import { Access, type AccessPolicy } from './access.js';
+import { DEFAULT_FENCE_OPTIONS, checkPidfds, type FenceOptions } from './fence.js';
 import { Session } from './session.js';
 import { AddressSpace } from './space.js';
 
@@ -55,6 +56,15 @@ export interface BrokerOptions {
   access?: AccessPolicy;
   /** A pino logger; default: silent. */
   logger?: Logger;
+  /** How clients that may still reach memory after their connection ended are fenced (broker/fence.ts). */
+  fence?: Partial<FenceOptions>;
+  /**
+   * Whether spaces start published (default true). An embedded broker lives and dies with its owner, so
+   * its map is authoritative from the start. A broker that may restart while clients keep running (the
+   * `mmbroker serve` process) passes false: its spaces wait for their owner's PUBLISH, and subscribers
+   * that reconnect meanwhile keep everything they hold (docs/protocol.md, "Guarantees").
+   */
+  published?: boolean;
 }
 
 /** Anything that can hand out in-process connections: a Broker, to the client library. */
@@ -69,6 +79,8 @@ export class Broker implements InProcessConnector {
   private readonly protocolLimits: ProtocolLimits;
   private readonly connectionLimits: ConnectionLimits;
   private readonly access: AccessPolicy;
+  private readonly fence: FenceOptions;
+  private readonly published: boolean;
   private readonly accessBySpace = new Map<string, Access>();
   private readonly spacesByName = new Map<string, AddressSpace>();
   private readonly sessions = new Set<Session>();
@@ -89,12 +101,16 @@ export class Broker implements InProcessConnector {
       throw new InvalidArgError(`names are ${PROTOCOL_MAXIMA.maxNameBytes} bytes in protocol version ${PROTOCOL_VERSION}`);
     }
     this.connectionLimits = { ...DEFAULT_CONNECTION_LIMITS, ...opts.connection };
+    this.fence = { ...DEFAULT_FENCE_OPTIONS, ...opts.fence };
+    if (this.fence.policy !== 'kill' && this.fence.policy !== 'wait') throw new InvalidArgError(`fence policy must be kill or wait, not ${String(this.fence.policy)}`);
+    if (!Number.isSafeInteger(this.fence.timeoutMs) || this.fence.timeoutMs < 0) throw new InvalidArgError(`fence timeout must be a whole number of milliseconds, not ${this.fence.timeoutMs}`);
+    this.published = opts.published ?? true;
     this.access = { ...opts.access, ...(opts.ownerUids ? { owners: { uids: [...opts.ownerUids], gids: [...(opts.access?.owners?.gids ?? [])] } } : {}) };
     for (const name of opts.spaces ?? []) this.createSpace(name);
   }
 
-  /** Creates an address space; `access` overrides the broker's policy for it. */
-  createSpace(name: string, opts: { access?: AccessPolicy } = {}): AddressSpace {
+  /** Creates an address space; `access` overrides the broker's policy for it, `published` its start state. */
+  createSpace(name: string, opts: { access?: AccessPolicy; published?: boolean } = {}): AddressSpace {
     if (this.spacesByName.has(name)) throw new InvalidArgError(`address space ${JSON.stringify(name)} already exists`);
     this.accessBySpace.set(name, new Access({ ...this.access, ...opts.access }));
     const space = new AddressSpace(name, {
@@ -102,6 +118,8 @@ export class Broker implements InProcessConnector {
       maxFrameBytes: this.protocolLimits.maxFrameBytes,
       maxFdsPerFrame: this.protocolLimits.maxFdsPerFrame,
       log: this.log,
+      fence: this.fence,
+      published: opts.published ?? this.published,
     });
     this.spacesByName.set(name, space);
     return space;
@@ -236,8 +254,8 @@ export class Broker implements InProcessConnector {
 
   /** Handles one request. Returns the REPLY result, or undefined when the handler replied itself. */
   private request(session: Session, msg: Exclude<ToBroker, { t: 16 | 17 }>, fds: number[]): object | Promise<object | undefined> | undefined {
-    // The descriptors a request carries are ours until a handler takes them (BACKING_ADD on success,
-    // DIRTY_SYNC once queued): any refusal before that closes them, exactly once.
+    // The descriptors a request carries are ours until a handler takes them (BACKING_ADD and DELEGATE on
+    // success, DIRTY_SYNC once queued): any refusal before that closes them, exactly once.
     try {
       return this.handle(session, msg, fds);
     } catch (err) {
@@ -285,6 +303,13 @@ export class Broker implements InProcessConnector {
         return this.attachedSpace(session).dirtySync(session, msg.regions, fds[0] as number);
       case Msg.PAUSE:
         return this.attachedSpace(session).pause(session, msg.paused);
+      case Msg.PUBLISH:
+        return this.ownedSpace(session).publish(session);
+      case Msg.DETACH:
+        return this.attachedSpace(session).leave(session);
+      case Msg.DELEGATE:
+        checkPidfds(fds);
+        return this.attachedSpace(session).delegate(session, msg.names, fds);
     }
   }
 
@@ -299,6 +324,7 @@ export class Broker implements InProcessConnector {
       throw new FeatureError('the observer role and ATTACH.writes need the DIRTY feature');
     }
     if (msg.token !== undefined && (session.features & Feature.AUTH) === 0) throw new FeatureError('ATTACH.token needs the AUTH feature');
+    if (msg.resume?.client !== undefined && (session.features & Feature.FENCE) === 0) throw new FeatureError('ATTACH.resume.client needs the FENCE feature');
     (this.accessBySpace.get(msg.space) as Access).check(msg.space, msg.role, session.transport.peer, msg.token);
     session.kind = msg.kind;
     if (msg.role === 'owner') {

@@ -27,10 +27,15 @@ export interface ViewRegion extends Region {
   readonly file: string;
 }
 
-/** What an applier must do, in this order: drop `removed`, update `updated`, establish `added`. */
+/**
+ * What an applier must do, in this order: drop `removed`, update `updated`, establish `added`.
+ * `cause`: 'txn' a transaction (for a two-phase subscriber: its vote, which only adds), 'commit' the rest
+ * of a two-phase transaction once every client voted yes (removals, updates, adds that replace something
+ * at the same addresses), 'sync' an initial sync or resume, 'rollback' and 'undo' taking a change back.
+ */
 export interface Change {
   generation: number;
-  cause: 'sync' | 'txn' | 'rollback' | 'undo';
+  cause: 'sync' | 'txn' | 'commit' | 'rollback' | 'undo';
   removed: ViewRegion[];
   updated: { before: ViewRegion; after: ViewRegion }[];
   added: ViewRegion[];
@@ -121,6 +126,27 @@ export function inverse(c: Change): Change {
     removed: c.added,
     updated: c.updated.map(({ before, after }) => ({ before: after, after: before })),
     added: c.removed,
+  };
+}
+
+/**
+ * Splits a transaction's change into its two phases (feature TWO_PHASE). The vote holds only what can be
+ * established without disturbing anything that runs: adds that overlap nothing being removed (new memory
+ * to map and pin). The commit holds the rest: removals, updates, and adds at addresses a removal frees
+ * (a move, a resize, a read-only toggle, a replacement), which can only be established after it.
+ * `room` is how many more regions the client can hold at once beside what it has (its slot limit minus
+ * what is established): the vote holds old and new side by side, so adds beyond it wait for the commit,
+ * after the removals made room.
+ */
+export function splitChange(c: Change, room = Number.POSITIVE_INFINITY): { vote: Change; commit: Change } {
+  const removed = c.removed;
+  const clashes = (a: ViewRegion) => removed.some((r) => a.gpa < r.gpa + r.size && r.gpa < a.gpa + a.size);
+  const now: ViewRegion[] = [];
+  const later: ViewRegion[] = [];
+  for (const a of c.added) (now.length >= room || (removed.length > 0 && clashes(a)) ? later : now).push(a);
+  return {
+    vote: { generation: c.generation, cause: c.cause, removed: [], updated: [], added: now },
+    commit: { generation: c.generation, cause: 'commit', removed: c.removed, updated: c.updated, added: later },
   };
 }
 

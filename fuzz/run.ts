@@ -162,7 +162,7 @@ async function legitimateHotplug(socket: string, n: number): Promise<string | un
     // A hostile session may still hold ownership for a moment after it hung up.
     for (let tries = 0; !owner; tries++) {
       try {
-        owner = await OwnerClient.attach(socket, { space: 'vm0', name: 'legit-owner' });
+        owner = await OwnerClient.attach(socket, { space: 'vm0', name: 'legit-owner', publish: true });
       } catch (err) {
         if (!isMmbError(err, 'MMB_ERR_OWNER_EXISTS') || tries > 200) throw err;
         await new Promise((r) => setTimeout(r, 10));

@@ -118,6 +118,14 @@ export class ClientProc {
     if (!this.gone) this.child.kill(sig);
   }
 
+  /** The signal that ended the process, once it ended (within `timeoutMs`); undefined if it lives on. */
+  async exitSignal(timeoutMs: number): Promise<NodeJS.Signals | null | undefined> {
+    let timer: NodeJS.Timeout | undefined;
+    const ended = await Promise.race([this.exit.then(() => true), new Promise<false>((r) => (timer = setTimeout(() => r(false), timeoutMs)))]);
+    clearTimeout(timer);
+    return ended ? this.child.signalCode : undefined;
+  }
+
   /** Stops the process (SIGTERM: it detaches cleanly; SIGKILL after `graceMs`). Resolves with its exit code. */
   async stop(sig: NodeJS.Signals = 'SIGTERM', graceMs = 10_000): Promise<number | null> {
     if (!this.gone) {

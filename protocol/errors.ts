@@ -86,6 +86,8 @@ export const ERROR_TABLE = {
   MMB_ERR_UNSUPPORTED: { errno: 'EOPNOTSUPP', summary: 'This machine lacks what the operation needs (no /dev/kvm, no /dev/vfio, no iommufd); the message says which.' },
   MMB_ERR_CLIENT_TIMEOUT: { errno: 'ETIMEDOUT', summary: 'A subscriber did not ack within the deadline and was evicted.' },
   MMB_ERR_SLOW_READER: { errno: 'ENOBUFS', summary: 'A peer let too many bytes queue up unread and was disconnected.' },
+  MMB_ERR_NOT_FENCED: { errno: 'EBUSY', summary: 'A client that may still reach memory this change removes or write-protects could not be fenced in time (it neither exited nor reconciled, or could not be signalled); nothing was changed.' },
+  MMB_ERR_COMMITTED_UNFENCED: { errno: 'EBUSY', summary: 'The change was committed (the generation advanced), but a client failed to finish it and could not be fenced: the memory it removed stays held until that client is fenced.' },
 
   // --- lifecycle (mostly raised on the client side) ---
   MMB_ERR_CONNECT: { errno: 'ECONNRESET', summary: 'The broker socket could not be reached (the errno of connect(2) is carried).' },
@@ -274,6 +276,8 @@ export const PausedError = define('MMB_ERR_PAUSED');
 export const UnsupportedError = define('MMB_ERR_UNSUPPORTED');
 export const ClientTimeoutError = define('MMB_ERR_CLIENT_TIMEOUT');
 export const SlowReaderError = define('MMB_ERR_SLOW_READER');
+export const NotFencedError = define('MMB_ERR_NOT_FENCED');
+export const CommittedUnfencedError = define('MMB_ERR_COMMITTED_UNFENCED');
 export const ConnectError = define('MMB_ERR_CONNECT');
 export const DisconnectedError = define('MMB_ERR_DISCONNECTED');
 export const TimeoutError = define('MMB_ERR_TIMEOUT');

@@ -497,7 +497,7 @@ describe.skipIf(skip)(`C subscriber${skip ? ` (skipped: ${missing}; apt-get inst
     // protocol (feature-gated ones can never reach it).
     const toClient = SAMPLES.filter((s) => {
       const spec = MESSAGES.get(s.message.t as number);
-      return spec?.direction === 'to-client' && spec.feature === 0;
+      return spec?.direction === 'to-client' && spec.feature === 0 && s.feature === undefined;
     });
     const toBroker = SAMPLES.filter((s) => MESSAGES.get(s.message.t as number)?.direction !== 'to-client');
 

@@ -139,8 +139,11 @@ export class SocketTransport extends EventEmitter<TransportEvents> implements Tr
     this.queue.length = 0;
     this.queuedBytes = 0;
     closeAll(this.decoder.dispose());
-    closeAll(this.peer.pidfd !== undefined ? [this.fd, this.peer.pidfd] : [this.fd]);
+    closeAll([this.fd]);
+    // The pidfd outlives the socket until 'close' listeners ran: one that must keep watching the peer
+    // (the broker fencing a client that may still reach memory) dup()s it there.
     this.emit('close', reason);
+    if (this.peer.pidfd !== undefined) closeAll([this.peer.pidfd]);
   }
 
   setRef(ref: boolean): void {

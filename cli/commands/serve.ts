@@ -1,5 +1,5 @@
 import pino from 'pino';
-import { Broker } from '../../broker/index.js';
+import { Broker, DEFAULT_FENCE_OPTIONS } from '../../broker/index.js';
 import { DEFAULT_CONNECTION_LIMITS, DEFAULT_SPACE_LIMITS, InvalidArgError } from '../../protocol/index.js';
 import { parseCommand, parseCount, parseSize, readToken, required, type Command } from '../args.js';
 
@@ -7,6 +7,10 @@ const usage = `Usage: mmbroker serve --socket PATH [--space NAME]... [options]
 
 Serves address spaces on a Unix socket until SIGTERM or SIGINT, then says goodbye to every client and
 exits 0. Logs are JSON lines (pino) on stdout.
+
+Spaces start unpublished: subscribers that attach (or reconnect after a restart of this broker) keep
+everything they hold and wait until the space's owner publishes its map (or \`mmbroker publish\`).
+A restart of the broker therefore never tears memory out of running clients.
 
 Options:
   --socket PATH        socket to listen on (created 0600; its directory 0700 if it has to be created)
@@ -23,6 +27,12 @@ Options:
   --rate N             requests per second one connection may send (default ${DEFAULT_CONNECTION_LIMITS.requestsPerSecond})
   --max-outbound SIZE  bytes queued towards a peer that does not read before it is disconnected
                        (MMB_ERR_SLOW_READER; default ${DEFAULT_CONNECTION_LIMITS.maxOutboundBytes / 2 ** 20}M)
+  --fence POLICY       how a client that may still reach memory after its connection ended is fenced
+                       before memory it holds is taken away: kill (default: SIGKILL through its pidfd
+                       once it misses a deadline, then wait for its exit) or wait (only wait for its exit)
+  --fence-timeout MS   how long a change waits for such a client to be fenced before it fails with
+                       MMB_ERR_NOT_FENCED (default ${DEFAULT_FENCE_OPTIONS.timeoutMs})
+  --published          start spaces published (only where no client can outlive a restart of this broker)
   --pin-budget SIZE    most bytes all pinning (vfio-like) subscribers of a space may pin together;
                        hotplug beyond it is refused before anything changes (default: no budget)
   --socket-mode MODE   permission bits of the socket, octal (default 600): the allow-lists above only
@@ -48,6 +58,9 @@ export const serve: Command = {
       rate: { type: 'string' },
       'max-outbound': { type: 'string' },
       'pin-budget': { type: 'string' },
+      fence: { type: 'string' },
+      'fence-timeout': { type: 'string' },
+      published: { type: 'boolean' },
       'socket-mode': { type: 'string' },
       'log-level': { type: 'string' } }, usage);
     if (!values) return 0;
@@ -58,10 +71,17 @@ export const serve: Command = {
     const subscribers = allow(ids(values['subscriber-uid'], '--subscriber-uid'), ids(values['subscriber-gid'], '--subscriber-gid'));
     const token = values['token-file'] !== undefined ? readToken(values['token-file']) : undefined;
     const mode = values['socket-mode'] !== undefined ? parseMode(values['socket-mode']) : undefined;
+    const fencePolicy = values.fence ?? DEFAULT_FENCE_OPTIONS.policy;
+    if (fencePolicy !== 'kill' && fencePolicy !== 'wait') throw new InvalidArgError(`--fence ${JSON.stringify(fencePolicy)} is not kill or wait`);
     const logger = pino({ level: values['log-level'] ?? 'info', base: { pid: process.pid } });
     const broker = new Broker({
       spaces: values.space?.length ? values.space : ['default'],
       logger,
+      published: values.published ?? false,
+      fence: {
+        policy: fencePolicy,
+        ...(values['fence-timeout'] ? { timeoutMs: parseCount(values['fence-timeout'], '--fence-timeout') } : {}),
+      },
       limits: {
         ...(values['ack-timeout'] ? { ackTimeoutMs: parseCount(values['ack-timeout'], '--ack-timeout') } : {}),
         ...(values['pin-budget'] ? { pinBudgetBytes: parseSize(values['pin-budget'], '--pin-budget') } : {}),

@@ -24,9 +24,14 @@ export async function spawnSubscriber(socket: string, space: string, extra: stri
   return p;
 }
 
-/** Runs `mmbroker serve` in its own process; resolves once its socket accepts connections. */
-export async function spawnBroker(socket: string, args: string[] = []): Promise<ChildProcess & { logs: string[] }> {
-  const child = spawn(process.execPath, [CLI, 'serve', '--socket', socket, '--log-level', 'info', ...args], { stdio: ['ignore', 'pipe', 'pipe'] }) as ChildProcess & { logs: string[] };
+/**
+ * Runs `mmbroker serve` in its own process; resolves once its socket accepts connections. Its spaces start
+ * published (`--published`), as tests of anything but restarts want; `published: false` gives the
+ * shipped default (unpublished until an owner publishes).
+ */
+export async function spawnBroker(socket: string, args: string[] = [], opts: { published?: boolean } = {}): Promise<ChildProcess & { logs: string[] }> {
+  const publish = opts.published === false ? [] : ['--published'];
+  const child = spawn(process.execPath, [CLI, 'serve', '--socket', socket, '--log-level', 'info', ...publish, ...args], { stdio: ['ignore', 'pipe', 'pipe'] }) as ChildProcess & { logs: string[] };
   child.logs = [];
   child.stdout?.setEncoding('utf8');
   child.stdout?.on('data', (d: string) => child.logs.push(d));
