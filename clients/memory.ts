@@ -51,6 +51,8 @@ const hex = (n: number) => `0x${n.toString(16)}`;
 
 export class GuestMemory implements Applier {
   private readonly byKey = new Map<string, MappedRegion>();
+  /** Mapped by stage() for a two-phase commit and not installed yet, by key: apply() takes them. */
+  private readonly staged = new Map<string, MappedRegion>();
   /** Sorted by gpa, for translation. */
   private sorted: MappedRegion[] = [];
   /** The translation table: starts[i] / ends[i] (exclusive) of sorted[i], in flat typed arrays so the
@@ -66,7 +68,7 @@ export class GuestMemory implements Applier {
   apply(change: Change, backings: ReadonlyMap<number, LocalBacking>, _ctx?: ApplyContext): void {
     const made: MappedRegion[] = [];
     try {
-      for (const r of change.added) made.push(this.map(r, backings));
+      for (const r of change.added) made.push(this.takeStaged(r) ?? this.map(r, backings));
     } catch (err) {
       for (const m of made) unmapAll(m);
       throw err;
@@ -91,6 +93,39 @@ export class GuestMemory implements Applier {
       this.insertAt(this.position(m.region.gpa), m);
     }
     this.lastHit = 0;
+  }
+
+  /**
+   * Maps `regions` now, for a commit that will add them in place of what it removes (the mmap is what can
+   * fail); nothing translates to them until apply() installs them. All or nothing.
+   */
+  stage(regions: readonly ViewRegion[], backings: ReadonlyMap<number, LocalBacking>): void {
+    const made: MappedRegion[] = [];
+    try {
+      for (const r of regions) if (!this.staged.has(r.key)) made.push(this.map(r, backings));
+    } catch (err) {
+      for (const m of made) unmapAll(m);
+      throw err;
+    }
+    for (const m of made) this.staged.set(m.region.key, m);
+  }
+
+  unstage(regions: readonly ViewRegion[]): void {
+    for (const r of regions) {
+      const m = this.staged.get(r.key);
+      if (!m) continue;
+      this.staged.delete(r.key);
+      unmapAll(m);
+    }
+  }
+
+  /** The staged mapping of `r`'s establishment, if any, now carrying `r`'s metadata. */
+  private takeStaged(r: ViewRegion): MappedRegion | undefined {
+    const m = this.staged.get(r.key);
+    if (!m) return undefined;
+    this.staged.delete(r.key);
+    m.region = r;
+    return m;
   }
 
   // The translation table follows `sorted` entry for entry; both move with one memmove each.
@@ -135,6 +170,8 @@ export class GuestMemory implements Applier {
   close(): void {
     for (const m of this.byKey.values()) unmapAll(m);
     this.byKey.clear();
+    for (const m of this.staged.values()) unmapAll(m);
+    this.staged.clear();
     this.sorted = [];
     this.firstBytes = [];
     this.lastHit = 0;

@@ -597,8 +597,10 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
       this.ack(conn, seq);
       return;
     }
+    const staged = this.pending.commit?.added ?? [];
     const change = await this.establish(conn, seq, () => this.fullChange(this.committed, generation, 'rollback'));
     if (change) {
+      if (staged.length > 0) await this.applier.unstage?.(staged);
       this.pending = undefined;
       this.emit('rolledBack', generation);
     }
@@ -622,13 +624,20 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
     try {
       change = compute();
       this.inflight = { change, abort, cancelledKeys };
-      if (!isEmpty(change)) {
-        await this.applier.apply(change, this.backings, {
-          get signal() {
-            return abort.signal;
-          },
-          cancelled: (key) => cancelledKeys.has(key),
-        });
+      const ctx: ApplyContext = {
+        get signal() {
+          return abort.signal;
+        },
+        cancelled: (key) => cancelledKeys.has(key),
+      };
+      if (!isEmpty(change)) await this.applier.apply(change, this.backings, ctx);
+      if (change.staged?.length && this.applier.stage) {
+        try {
+          await this.applier.stage(change.staged, this.backings, ctx);
+        } catch (err) {
+          if (!isEmpty(change)) await this.applier.apply(inverse(change), this.backings, NO_CANCEL);
+          throw err;
+        }
       }
     } catch (err) {
       this.inflight = undefined;
@@ -636,7 +645,7 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
       return undefined;
     }
     const waits: Promise<unknown>[] = [];
-    if (!(isEmpty(change) && quiet?.())) this.emit('change', {
+    if (!(isEmpty(change) && !change.staged?.length && quiet?.())) this.emit('change', {
       change,
       get signal() {
         return abort.signal;
@@ -649,6 +658,7 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
     } catch (err) {
       try {
         if (!isEmpty(change)) await this.applier.apply(inverse(change), this.backings, NO_CANCEL);
+        if (change.staged?.length) await this.applier.unstage?.(change.staged);
       } catch (undoErr) {
         this.emit('error', toMmbError(undoErr));
       }

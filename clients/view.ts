@@ -39,6 +39,11 @@ export interface Change {
   removed: ViewRegion[];
   updated: { before: ViewRegion; after: ViewRegion }[];
   added: ViewRegion[];
+  /**
+   * A two-phase vote only: adds that wait for the commit (they replace something at the same addresses).
+   * An applier with `stage` does their failing part now (see Applier.stage); they are not established.
+   */
+  staged?: ViewRegion[];
 }
 
 /** What an applier can consult while it works on a change that takes long (pinning gigabytes). */
@@ -71,7 +76,16 @@ export interface Applier {
    * they happen and need nothing here.
    */
   flushDirty?(log: DirtyLog): void | Promise<void>;
-  /** Releases everything it established (the subscriber is closing). */
+  /**
+   * Two-phase votes (feature TWO_PHASE): does now, for regions that the commit will add in place of
+   * something it removes, the work that can fail (mapping, pinning, accounting), without installing them
+   * where anything running would see them; the commit's apply() then only switches. Throws (leaving
+   * nothing staged) to refuse the transaction. Optional: without it, that work happens at the commit.
+   */
+  stage?(regions: readonly ViewRegion[], backings: ReadonlyMap<number, LocalBacking>, ctx: ApplyContext): void | Promise<void>;
+  /** Drops what stage() prepared for `regions` (the transaction was rolled back). */
+  unstage?(regions: readonly ViewRegion[]): void | Promise<void>;
+  /** Releases everything it established, and anything staged (the subscriber is closing). */
   close?(): void | Promise<void>;
 }
 
@@ -145,7 +159,7 @@ export function splitChange(c: Change, room = Number.POSITIVE_INFINITY): { vote:
   const later: ViewRegion[] = [];
   for (const a of c.added) (now.length >= room || (removed.length > 0 && clashes(a)) ? later : now).push(a);
   return {
-    vote: { generation: c.generation, cause: c.cause, removed: [], updated: [], added: now },
+    vote: { generation: c.generation, cause: c.cause, removed: [], updated: [], added: now, staged: later },
     commit: { generation: c.generation, cause: 'commit', removed: c.removed, updated: c.updated, added: later },
   };
 }

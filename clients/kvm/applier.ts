@@ -294,6 +294,15 @@ export class KvmApplier implements Applier {
   // --- lifetime -------------------------------------------------------------------------------------
 
   /** Waits for a running program, then releases the vCPU, the VM (every slot) and the mappings. */
+  /** Two-phase votes: maps now what the commit adds in place of what it removes (Applier.stage). */
+  stage(regions: readonly ViewRegion[], backings: ReadonlyMap<number, LocalBacking>): void {
+    this.memory.stage(regions, backings);
+  }
+
+  unstage(regions: readonly ViewRegion[]): void {
+    this.memory.unstage(regions);
+  }
+
   async close(): Promise<void> {
     if (this.closed) return;
     this.closed = true;

@@ -2,8 +2,10 @@
 // commands on stdin and reporting JSON events on stdout. It imports the compiled library (dist/), which
 // `npm test` builds first.
 //
-// argv: --socket PATH --space NAME [--name NAME] [--nack PREFIX] [--ack-delay MS] [--max-regions N]
-//       [--no-reconnect] [--reconnect-delay MS] [--coalesce]
+// argv: --socket PATH --space NAME [--name NAME] [--nack PREFIX] [--nack-delay MS] [--ack-delay MS]
+//       [--max-regions N] [--no-reconnect] [--reconnect-delay MS] [--coalesce]
+// (--nack-delay: refuse a change adding a region named PREFIX... only after that long, so that others
+//  hold it voted meanwhile; it prints {"event":"refusing"} when it starts waiting.)
 // stdin commands: {"cmd":"read","gpa":N,"len":N} {"cmd":"write","gpa":N,"hex":"..."} {"cmd":"regions"}
 //                 {"cmd":"drop"} {"cmd":"exit"}
 import { parseArgs } from 'node:util';
@@ -16,6 +18,7 @@ const { values } = parseArgs({
     space: { type: 'string' },
     name: { type: 'string' },
     nack: { type: 'string' },
+    'nack-delay': { type: 'string' },
     'ack-delay': { type: 'string' },
     'max-regions': { type: 'string' },
     'no-reconnect': { type: 'boolean' },
@@ -37,8 +40,12 @@ const regions = () =>
   sub.memory.regions().map((m) => ({ id: m.region.id, name: m.region.name, gpa: m.region.gpa, size: m.region.size, address: m.address, readonly: m.region.readonly }));
 
 sub.on('change', (ev) => {
-  const bad = values.nack && ev.change.added.find((r) => r.name.startsWith(values.nack));
-  if (bad) ev.waitUntil(Promise.reject(new ClientRefusedError(`refusing region ${bad.name}`)));
+  // A vote may prepare (stage) what its commit will add in place of something removed: that is refused too.
+  const bad = values.nack && (ev.change.cause === 'txn' || ev.change.cause === 'sync') && [...ev.change.added, ...(ev.change.staged ?? [])].find((r) => r.name.startsWith(values.nack));
+  if (bad && values['nack-delay']) {
+    out({ event: 'refusing', region: bad.name, generation: ev.change.generation });
+    ev.waitUntil(new Promise((_, reject) => setTimeout(() => reject(new ClientRefusedError(`refusing region ${bad.name}`)), Number(values['nack-delay']))));
+  } else if (bad) ev.waitUntil(Promise.reject(new ClientRefusedError(`refusing region ${bad.name}`)));
   else if (values['ack-delay']) ev.waitUntil(new Promise((r) => setTimeout(r, Number(values['ack-delay']))));
   out({ event: 'change', cause: ev.change.cause, generation: ev.change.generation, added: ev.change.added.map((r) => r.name), removed: ev.change.removed.map((r) => r.name), updated: ev.change.updated.map((u) => u.after.name) });
 });
