@@ -344,7 +344,7 @@ export class AddressSpace {
 
   /** DELEGATE (feature FENCE): processes a subscriber handed memory to; fenced with it. */
   delegate(session: Session, names: readonly string[], pidfds: number[]): object {
-    if (!this.subscribers.has(session)) throw new StateError('only an attached subscriber names delegates');
+    if (!this.subscribers.has(session) && !this.waiting.has(session)) throw new StateError('only an attached subscriber names delegates');
     session.delegates.push(...names.map((name, i) => ({ name, pidfd: pidfds[i] as number })));
     this.log.info({ client: session.ref(), delegates: names }, 'delegates named');
     return {};

@@ -183,6 +183,8 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
   private readonly bitmapsSinceAttach = new Set<number>();
   private reconnecting = false;
   private starting = false;
+  /** Processes named with delegate(): pidfds this subscriber owns, sent again on every connection. */
+  private readonly delegates: { name: string; pidfd: number }[] = [];
 
   protected constructor(
     private readonly target: BrokerTarget,
@@ -264,6 +266,23 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
     if (this.conn && !this.conn.closed) await this.conn.request({ t: Msg.REPORT, ...r });
   }
 
+  /**
+   * Names processes this client handed guest memory to (feature FENCE): a vhost-user back-end (its pidfd
+   * from native.peerPidfd on the back-end's socket), a child (native.pidfdOpen). Should this client's
+   * connection end without a clean close(), the broker counts the memory as reachable until they exited
+   * too, and under its kill policy kills them with it. Takes ownership of `pidfds`; remembered and named
+   * again after a reconnect.
+   */
+  async delegate(delegates: readonly { name: string; pidfd: number }[]): Promise<void> {
+    this.delegates.push(...delegates);
+    await this.sendDelegates(this.conn, delegates);
+  }
+
+  private async sendDelegates(conn: Connection | undefined, delegates: readonly { name: string; pidfd: number }[]): Promise<void> {
+    if (!conn || conn.closed || (conn.features & Feature.FENCE) === 0 || delegates.length === 0) return;
+    await conn.request({ t: Msg.DELEGATE, names: delegates.map((d) => d.name) }, delegates.map((d) => d.pidfd));
+  }
+
   /** Drops the connection without unmapping anything (as a crash of the link would); it reconnects if enabled. */
   dropConnection(): void {
     this.conn?.transport.destroy();
@@ -291,6 +310,7 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
     closeAll([...this.backings.values()].map((b) => b.fd));
     this.backings.clear();
     this.dirty.close();
+    closeAll(this.delegates.splice(0).map((d) => d.pidfd));
     if (detaching) conn.close();
     for (const w of this.syncWaiters) w.reject(new DisconnectedError('the subscriber was closed'));
     this.syncWaiters = [];
@@ -347,6 +367,7 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
     try {
       // Before the sync is acked, so the broker knows this client's constraints from the first transaction on.
       if (this.lastReport) await conn.request({ t: Msg.REPORT, ...this.lastReport });
+      await this.sendDelegates(conn, this.delegates);
     } catch (err) {
       // No connection outlives a failed attach (the reconnect loop opens the next one).
       this.syncWaiters = [];

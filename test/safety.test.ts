@@ -123,6 +123,29 @@ describe('Invariant 1: eviction is not fencing', () => {
     expect((await space(socket)).holders ?? []).toEqual([]);
   });
 
+  it('a client that handed memory to another process (DELEGATE) is fenced with it: both are dead before the removal is done', async () => {
+    const { socket } = await broker(['--ack-timeout', '500']);
+    const o = await owner(socket);
+    const dimm = await backing(o, 16 * MiB, 'safety-delegate');
+    await o.addRegion({ name: 'dimm', gpa: 0x1_0000_0000, size: 16 * MiB, backing: dimm.backing });
+    const bridge = await plain(socket, ['--name', 'bridge']);
+    const { pid: helper } = (await bridge.request({ cmd: 'hand-on', region: 'dimm' }, 'delegated')) as unknown as { pid: number };
+    cleanups.push(() => {
+      try {
+        process.kill(helper, 'SIGKILL');
+      } catch {
+        // Already gone, as it should be.
+      }
+    });
+    expect(reach(helper, 'safety-delegate').mappings).toBe(1);
+    bridge.child.kill('SIGSTOP');
+
+    await o.removeRegion('dimm');
+    // At that moment neither the stopped client nor the process it handed the memory to can reach it.
+    expect(reach(bridge.pid, 'safety-delegate')).toEqual({ alive: false, mappings: 0, lockedKiB: 0 });
+    expect(reach(helper, 'safety-delegate')).toEqual({ alive: false, mappings: 0, lockedKiB: 0 });
+  });
+
   it('with --fence wait, a stopped client makes the removal fail (MMB_ERR_NOT_FENCED, naming it) and the memory stays; once it exits the removal goes through', async () => {
     const { socket } = await broker(['--ack-timeout', '500', '--fence', 'wait', '--fence-timeout', '800']);
     const o = await owner(socket);

@@ -8,8 +8,15 @@
 //  hold it voted meanwhile; it prints {"event":"refusing"} when it starts waiting.)
 // stdin commands: {"cmd":"read","gpa":N,"len":N} {"cmd":"write","gpa":N,"hex":"..."} {"cmd":"regions"}
 //                 {"cmd":"drop"} {"cmd":"exit"}
+//                 {"cmd":"hand-on","region":NAME}: starts test/fixtures/holder-proc.mjs with the region's
+//                   backing fd, waits until it mapped it, and names it to the broker (DELEGATE);
+//                   answers {"event":"delegated","pid":N}
+import { spawn } from 'node:child_process';
+import readline from 'node:readline';
+import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { MappingSubscriber, ClientRefusedError } from '../../dist/index.js';
+import { native } from '../../dist/native/index.js';
 import { serveCommands } from '../../dist/cli/control.js';
 
 const { values } = parseArgs({
@@ -66,6 +73,16 @@ serveCommands(
       return { event: 'wrote', gpa: c.gpa };
     },
     regions: () => ({ event: 'regions', generation: sub.generation, regions: regions() }),
+    'hand-on': async (c) => {
+      const r = sub.regions().find((x) => x.name === c.region);
+      const b = r && sub.backing(r.backing);
+      if (!b) throw new Error(`no region ${c.region}`);
+      const holder = fileURLToPath(new URL('../fixtures/holder-proc.mjs', import.meta.url));
+      const child = spawn(process.execPath, [holder, String(b.size)], { stdio: ['ignore', 'pipe', 'inherit', b.fd] });
+      await new Promise((resolve) => readline.createInterface({ input: child.stdout }).once('line', resolve));
+      await sub.delegate([{ name: `holder (pid ${child.pid})`, pidfd: native.pidfdOpen(child.pid) }]);
+      return { event: 'delegated', pid: child.pid };
+    },
     drop: () => {
       sub.dropConnection();
       return { event: 'dropped' };
