@@ -1,4 +1,5 @@
-// The typed face of the C addon (native/src/*.c, built by node-gyp into build/Release/mmb_native.node).
+// The typed face of the C addon (native/src/*.c: built by node-gyp into build/Release/mmb_native.node, or
+// prebuilt into prebuilds/<platform>-<arch>/ for the package).
 //
 // The boundary is deliberately thin (the serialport / sharp model): C performs one syscall per call on
 // flat, already-validated arguments and reports failures as errors carrying `code` ('EINVAL'), `errno`
@@ -7,7 +8,7 @@
 //
 // File descriptors are plain numbers. Every fd the addon creates or receives is O_CLOEXEC; sockets are
 // O_NONBLOCK. Ownership is explicit: whoever receives an fd from a call must close() it.
-import { readFileSync } from 'node:fs';
+import fs from 'node:fs';
 import { createRequire } from 'node:module';
 import { fileURLToPath } from 'node:url';
 import path from 'node:path';
@@ -237,27 +238,43 @@ export interface Native {
 }
 
 const here = path.dirname(fileURLToPath(import.meta.url));
-// Works both from the sources (native/) and from the compiled tree (dist/native/).
-const candidates = [
-  path.resolve(here, '../build/Release/mmb_native.node'),
-  path.resolve(here, '../../build/Release/mmb_native.node'),
-];
+// The package root, where build/ and prebuilds/ are: above native/ (the sources, as the tests run them) or
+// above dist/native/ (the compiled tree, as the package runs).
+const root = [path.resolve(here, '..'), path.resolve(here, '../..')].find((dir) => fs.existsSync(path.join(dir, 'binding.gyp'))) ?? path.resolve(here, '../..');
 
+/**
+ * Loads the addon the way node-gyp-build finds it: a local build first (build/Release, what `npm ci` in a
+ * checkout and `npm rebuild` compile), else the prebuilt binary for this platform, architecture and libc
+ * shipped in prebuilds/ (linux-x64 and linux-arm64, glibc). A failure names the platform and says how to
+ * get an addon, instead of surfacing the loader's internals.
+ */
 function load(): Native {
   const require = createRequire(import.meta.url);
-  let lastError: unknown;
-  for (const file of candidates) {
+  const nodeGypBuild = require('node-gyp-build') as { (dir: string): unknown; resolve(dir: string): string };
+  const platform = `${process.platform}-${process.arch}`;
+  const rebuild = 'compile it with `npm rebuild memmap-broker` (in a checkout of memmap-broker: `npm ci`), which needs python3, make and a C compiler';
+  let file: string;
+  try {
+    file = nodeGypBuild.resolve(root);
+  } catch (err) {
+    let shipped: string[] = [];
     try {
-      return require(file) as Native;
-    } catch (err) {
-      lastError = err;
-      if ((err as NodeJS.ErrnoException).code !== 'MODULE_NOT_FOUND') break;
+      shipped = fs.readdirSync(path.join(root, 'prebuilds'));
+    } catch {
+      // none shipped (a checkout before `npm run prebuilds`)
     }
+    const prebuilt = shipped.length > 0 ? `the package's prebuilt ones are for ${shipped.sort().join(' and ')} (glibc 2.33 or later)` : 'the package has no prebuilt one';
+    throw new Error(`memmap-broker: no native addon for ${platform}: ${prebuilt} and none was compiled here (no ${path.join(root, 'build/Release')}); ${rebuild}`, {
+      cause: err,
+    });
   }
-  throw new Error(
-    'memmap-broker: the native addon is not built (expected build/Release/mmb_native.node); run `npm ci` or `npx node-gyp rebuild`',
-    { cause: lastError },
-  );
+  try {
+    return require(file) as Native;
+  } catch (err) {
+    throw new Error(`memmap-broker: the native addon ${file} does not load on this system (${(err as Error).message.split('\n')[0]}); ${rebuild}`, {
+      cause: err,
+    });
+  }
 }
 
 export const native: Native = load();
@@ -269,7 +286,7 @@ export const PAGE_SIZE: number = native.constants.pageSize;
  * this one cannot see, -1 once it has exited (Linux 5.x+). For logs and checks; signal through the pidfd.
  */
 export function pidOfPidfd(pidfd: number): number {
-  const m = /^Pid:\s*(-?\d+)$/m.exec(readFileSync(`/proc/self/fdinfo/${pidfd}`, 'utf8'));
+  const m = /^Pid:\s*(-?\d+)$/m.exec(fs.readFileSync(`/proc/self/fdinfo/${pidfd}`, 'utf8'));
   if (!m) throw new Error(`fd ${pidfd} is not a pidfd`);
   return Number(m[1]);
 }

@@ -323,8 +323,11 @@ static bool init_constants(napi_env env, napi_value exports) {
       {"sizeof_kvm_userspace_memory_region", sizeof(struct kvm_userspace_memory_region)},
       {"sizeof_kvm_regs", sizeof(struct kvm_regs)},
       {"sizeof_kvm_sregs", sizeof(struct kvm_sregs)},
+#if defined(__x86_64__)
+      // x86 only: the segment and descriptor-table parts of kvm_sregs (other architectures have neither).
       {"sizeof_kvm_segment", sizeof(struct kvm_segment)},
       {"sizeof_kvm_dtable", sizeof(struct kvm_dtable)},
+#endif
       {"sizeof_kvm_dirty_log", sizeof(struct kvm_dirty_log)},
       {"offsetof_kvm_run_exit_reason", offsetof(struct kvm_run, exit_reason)},
   };
