@@ -581,10 +581,13 @@ describe('iommufd against a simulated kernel', () => {
       'open /dev/iommu',
       'open /dev/vfio/devices/vfio0',
       `VFIO_DEVICE_BIND_IOMMUFD[${LAYOUTS.vfio_device_bind_iommufd.size}]`,
+      // Can this device's IOMMU track dirty pages? (Not in this simulation: the IOAS's own domain.)
+      `IOMMU_GET_HW_INFO[${LAYOUTS.iommu_hw_info.size}]`,
       `IOMMU_IOAS_ALLOC[${LAYOUTS.iommu_ioas_alloc.size}]`,
       `VFIO_DEVICE_ATTACH_IOMMUFD_PT[${LAYOUTS.vfio_device_attach_iommufd_pt.size}]`,
       'open /dev/vfio/devices/vfio2',
       `VFIO_DEVICE_BIND_IOMMUFD[${LAYOUTS.vfio_device_bind_iommufd.size}]`,
+      `IOMMU_GET_HW_INFO[${LAYOUTS.iommu_hw_info.size}]`,
       `VFIO_DEVICE_ATTACH_IOMMUFD_PT[${LAYOUTS.vfio_device_attach_iommufd_pt.size}]`,
     ]);
     expect(k.ioas.size).toBe(1);

@@ -15,7 +15,7 @@ import type { BrokerTarget } from '../connection.js';
 import type { GuestMemory } from '../memory.js';
 import { Subscriber, type ClientReport, type SubscriberEvents, type SubscriberOptions } from '../subscriber.js';
 import { VfioApplier } from './applier.js';
-import { checkName, mergeRanges, type BackendName, type IommuBackend, type VfioDevice } from './backend.js';
+import { DIRTY_TRACKER_NAMES, checkName, mergeRanges, type BackendName, type DeviceMigration, type DirtyTracking, type IommuBackend, type VfioDevice } from './backend.js';
 import { Domain, type DomainMapping, type PinProgress } from './domain.js';
 import { IommufdBackend } from './iommufd.js';
 import { DEFAULT_PIN_CHUNK_BYTES } from './pinning.js';
@@ -67,6 +67,25 @@ export interface VfioDomainInfo {
   coherent: boolean | undefined;
   reserved: IovaRange[];
   dmaAvailable: number | undefined;
+  /**
+   * While a region logs: the kernel's dirty tracker in use (`type1`, `iommufd`), or `none` (every writable
+   * page counts as dirty at every sync) with the reason. Undefined while nothing logs.
+   */
+  dirtyTracking: DirtyTracking | undefined;
+}
+
+/**
+ * What a migration needs from this client's devices: to stop their DMA when paused, and to carry their
+ * state. Neither is something this client does today (it drives no VFIO migration states), so a client
+ * with a device is a migration blocker (clients/migration/blockers.ts); `devices` says what the kernel
+ * would allow for each (VFIO_DEVICE_FEATURE_MIGRATION), for a VMM that migrates device state itself.
+ */
+export interface VfioMigrationSupport {
+  /** The client stops its devices' DMA before it acks a pause. */
+  quiesce: boolean;
+  /** The devices' state is migrated (by this client or its VMM). */
+  deviceState: boolean;
+  devices: (DeviceMigration & { name: string })[];
 }
 
 export interface VfioSubscriberEvents extends SubscriberEvents {
@@ -104,6 +123,15 @@ function validate(opts: VfioSubscriberOptions): void {
       throw new InvalidArgError(`reserved range ${JSON.stringify(r)} must be {start, last} with 0 <= start <= last`);
     }
   }
+}
+
+/**
+ * REPORT's `backend`: the backend's name, and while the client logs, the dirty tracker in use:
+ * "type1; dirty VFIO_IOMMU_DIRTY_PAGES", "iommufd; dirty IOMMU_HWPT_GET_DIRTY_BITMAP", "soft; dirty all"
+ * (every writable page counts). REPORT has no field of its own for it (see docs/dirty-logging.md).
+ */
+export function reportedBackend(backend: BackendName, tracking: DirtyTracking | undefined): string {
+  return tracking ? `${backend}; dirty ${DIRTY_TRACKER_NAMES[tracking.mode]}` : backend;
 }
 
 export class VfioSubscriber extends Subscriber {
@@ -188,7 +216,23 @@ export class VfioSubscriber extends Subscriber {
       coherent: d.active ? limits.coherent : undefined,
       reserved: limits.reserved,
       dmaAvailable: d.active ? limits.dmaAvailable : undefined,
+      dirtyTracking: this.vfio.dirtyTracking,
     };
+  }
+
+  /**
+   * The devices' migration support as the kernel reports it (soft devices are names: none). No device
+   * here is quiesced or has its state migrated by this client: VFIO migration v2 (device states STOP,
+   * STOP_COPY, RESUMING) is not driven, and QEMU's edu, the device of the VM test, has no migration driver
+   * at all (ENOTTY). See docs/migration.md, "Devices".
+   */
+  migrationSupport(): VfioMigrationSupport {
+    const devices = this.vfio.domain.devices.map((name) => {
+      const dev = this.vfio.domain.backend.device(name);
+      const m: DeviceMigration = dev?.migration ? dev.migration() : { supported: false, stopCopy: false, p2p: false, reason: `${name} is a ${this.vfio.domain.backend.name} device: a name, with no device state` };
+      return { name, ...m };
+    });
+    return { quiesce: false, deviceState: false, devices };
   }
 
   /** A device behind this client (its VFIO fd and region info, for type1 / iommufd). */
@@ -233,7 +277,7 @@ export class VfioSubscriber extends Subscriber {
       ...(d.dmaAvailable !== undefined ? { dmaAvailable: Math.min(d.dmaAvailable, 0xffff_ffff) } : {}),
       pinned: d.pinnedBytes,
       ...(d.coherent !== undefined ? { coherent: d.coherent } : {}),
-      backend: d.backend,
+      backend: reportedBackend(d.backend, d.dirtyTracking),
       devices: d.devices,
     };
   }
@@ -253,6 +297,7 @@ export class VfioSubscriber extends Subscriber {
 
   private logFields(): Record<string, unknown> {
     const b = this.vfio.domain.backend;
-    return { kind: 'vfio', backend: b.name, software: b.software, devices: [...b.devices], pinned: this.vfio.domain.pinnedBytes };
+    const tracking = this.vfio.dirtyTracking;
+    return { kind: 'vfio', backend: b.name, software: b.software, devices: [...b.devices], pinned: this.vfio.domain.pinnedBytes, ...(tracking ? { dirtyTracking: tracking } : {}) };
   }
 }
