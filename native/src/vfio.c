@@ -285,27 +285,37 @@ static uint64_t get_u64(const uint8_t *p, int off) {
 }
 
 /*
- * Checks a struct argument against its entry: length, leading size word (minimum, maximum), forbidden
- * and allowed flags. runs on the main thread
+ * What is wrong with a struct argument for its entry (an errno), or 0: length, leading size word (minimum,
+ * maximum), forbidden and allowed flags. runs on any thread
  */
-static bool check_struct(napi_env env, const struct request *r, const uint8_t *arg, size_t len) {
-  if (len < r->minsz || len > UINT32_MAX) {
-    mmb_throw_errno(env, EINVAL, r->name);
-    return false;
-  }
+static int struct_error(const struct request *r, const uint8_t *arg, size_t len) {
+  if (len < r->minsz || len > UINT32_MAX) return EINVAL;
   uint32_t size = get_u32(arg, 0);
-  if (size < r->minsz || size > len || (r->maxsz != 0 && size > r->maxsz)) {
-    mmb_throw_errno(env, EINVAL, r->name);
-    return false;
-  }
+  if (size < r->minsz || size > len || (r->maxsz != 0 && size > r->maxsz)) return EINVAL;
   if (r->flags_off >= 0) {
     uint32_t flags = get_u32(arg, r->flags_off);
-    if ((flags & r->forbidden) != 0 || (r->allowed != 0 && (flags & ~r->allowed) != 0)) {
-      mmb_throw_errno(env, EINVAL, r->name);
-      return false;
-    }
+    if ((flags & r->forbidden) != 0 || (r->allowed != 0 && (flags & ~r->allowed) != 0)) return EINVAL;
   }
-  return true;
+  return 0;
+}
+
+/* Checks a struct argument against its entry, throwing EINVAL. runs on the main thread */
+static bool check_struct(napi_env env, const struct request *r, const uint8_t *arg, size_t len) {
+  if (struct_error(r, arg, len) == 0) return true;
+  mmb_throw_errno(env, EINVAL, r->name);
+  return false;
+}
+
+/*
+ * For a descriptor of none of the kinds a shared number is meant for, the entry whose checks `arg`
+ * passes (the call then ends in ENOTTY), else `r`: the answer does not depend on which request the
+ * caller meant. runs on the main thread
+ */
+static const struct request *entry_for_arg(const struct request *r, int fd, const uint8_t *arg, size_t len) {
+  if ((fd_kind(fd) & r->fds) != 0) return r;
+  for (size_t i = 0; i < MMB_COUNT(requests); i++)
+    if (requests[i].nr == r->nr && requests[i].kind == ARG_STRUCT && struct_error(&requests[i], arg, len) == 0) return &requests[i];
+  return r;
 }
 
 /* Whether the request's pointer field is used by this call (see struct request.ptr_flag). */
@@ -408,6 +418,7 @@ static napi_value ioctl_js(napi_env env, napi_callback_info info) {
   if (!mmb_args(env, info, 4, argv) || !mmb_arg_fd(env, argv[0], &fd)) return NULL;
   const struct request *r = arg_request(env, argv[1], fd, ARG_STRUCT);
   if (r == NULL || !mmb_arg_bytes(env, argv[2], "arg", &arg, &len)) return NULL;
+  r = entry_for_arg(r, fd, arg, len);
   if (!check_struct(env, r, arg, len)) return NULL;
 
   napi_valuetype data_type;
