@@ -8,10 +8,11 @@ import { harness } from './commands/harness.js';
 import { map } from './commands/map.js';
 import { migrate } from './commands/migrate.js';
 import { publish } from './commands/publish.js';
+import { receive } from './commands/receive.js';
 import { serve } from './commands/serve.js';
 import { status } from './commands/status.js';
 
-const commands: Command[] = [serve, map, publish, status, attach, migrate, harness, demo];
+const commands: Command[] = [serve, map, publish, status, attach, migrate, receive, harness, demo];
 
 function help(): string {
   const width = Math.max(...commands.map((c) => c.name.length));

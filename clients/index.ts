@@ -25,5 +25,20 @@ export {
   type BackendName,
 } from './kvm/index.js';
 export { VfioSubscriber, X86_MSI_WINDOW, type VfioSubscriberOptions, type VfioDomainInfo, type PinProgress } from './vfio/index.js';
-export { Migration, FileDestination, SpaceDestination, type MigrationOptions, type MigrationProgress, type MigrationResult, type Destination } from './migration/index.js';
+export {
+  Migration,
+  FileDestination,
+  SpaceDestination,
+  TcpDestination,
+  MigrationBlockedError,
+  migrateTo,
+  receive,
+  Receiver,
+  type MigrationOptions,
+  type MigrationProgress,
+  type MigrationResult,
+  type Destination,
+  type ReceiveOptions,
+  type ReceiveResult,
+} from './migration/index.js';
 export { VhostUserSubscriber, VhostUserFrontend, Virtqueue, VirtioBlk, VirtioNet, BLK_FEATURES, NET_FEATURES, NET_HDR_BYTES, type VhostUserOptions, type Negotiated, type BlkOptions, type NetOptions, type TableEntry } from './vhost-user/index.js';

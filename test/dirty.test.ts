@@ -338,7 +338,12 @@ describe('pre-copy migration', () => {
     const image = path.join(dir, `${space}-cli.img`);
     const r = await runCli(['migrate', '--socket', socket, '--space', space, '--to', image, '--keep-paused', '--json'], 60_000);
     expect(r.code, r.stderr).toBe(0);
-    const result = JSON.parse(r.stdout) as { verified: boolean; rounds: unknown[]; memoryBytes: number };
+    // JSON lines: start, a line per round (and 'sending' while bytes flow), then the result.
+    const lines = r.stdout.trim().split('\n').map((l) => JSON.parse(l) as { event: string });
+    expect(lines[0]?.event).toBe('start');
+    expect(lines.filter((l) => l.event === 'round').length).toBeGreaterThanOrEqual(2);
+    const result = lines.at(-1) as unknown as { event: string; verified: boolean; rounds: unknown[]; memoryBytes: number };
+    expect(result.event).toBe('result');
     expect(result.verified).toBe(true);
     expect(result.memoryBytes).toBe(64 * MiB);
     // The writer is still paused: compare what it wrote, read back from the image, with its own view.

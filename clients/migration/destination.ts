@@ -142,7 +142,7 @@ export class FileDestination implements Destination {
 
   async commit(): Promise<void> {}
 
-  async abort(): Promise<void> {
+  async abort(_reason?: unknown): Promise<void> {
     // A half-written image is no image: remove it rather than leave something that looks like one.
     await this.close();
     fs.rmSync(this.path, { force: true });
@@ -348,7 +348,7 @@ export class SpaceDestination implements Destination {
     this.publishedGeneration = await (this.owner_ as OwnerClient).publish();
   }
 
-  async abort(): Promise<void> {
+  async abort(_reason?: unknown): Promise<void> {
     const owner = this.owner_;
     if (!owner) return;
     const all = [...this.regions.values()];

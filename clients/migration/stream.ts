@@ -161,8 +161,11 @@ export function encodeData(gpa: number, bytes: Uint8Array, withCrc: boolean): Bu
 // --- decoding ------------------------------------------------------------------------------------
 
 export interface RecordSink {
-  /** A whole control record, its JSON parsed (not yet checked against its type). */
-  control(type: number, body: unknown): void;
+  /**
+   * A whole control record, its JSON parsed (not yet checked against its type). Returning true stops
+   * push() right after this record (the caller has asynchronous work to do before the next one).
+   */
+  control(type: number, body: unknown): boolean | void;
   /** A DATA record begins: `length` guest bytes at `gpa` follow. Throw to refuse it before any byte lands. */
   dataStart(gpa: number, length: number): void;
   /** The next bytes of the current DATA record, at `gpa`; `bytes` is valid only during the call. */
@@ -195,7 +198,11 @@ export class RecordReader {
 
   constructor(private readonly sink: RecordSink) {}
 
-  push(chunk: Buffer): void {
+  /**
+   * Consumes `chunk`; returns how many bytes it took: all of them, or fewer when a control record asked to
+   * stop (the caller pushes the rest later).
+   */
+  push(chunk: Buffer): number {
     let at = 0;
     while (at < chunk.length) {
       if (this.remaining < 0) {
@@ -211,7 +218,7 @@ export class RecordReader {
           if (this.type === RecordType.DATA) continue; // read the GPA too
           this.remaining = this.length;
           this.control = [];
-          if (this.length === 0) this.finishControl();
+          if (this.length === 0 && this.finishControl()) return at;
           continue;
         }
         // A DATA header with its GPA.
@@ -240,9 +247,10 @@ export class RecordReader {
         }
       } else {
         this.control.push(Buffer.from(piece)); // a copy: the socket's buffer is not ours to keep
-        if (this.remaining === 0) this.finishControl();
+        if (this.remaining === 0 && this.finishControl()) return at;
       }
     }
+    return at;
   }
 
   private parseHeader(): void {
@@ -260,7 +268,7 @@ export class RecordReader {
     this.running = zlib.crc32(h.subarray(0, 8));
   }
 
-  private finishControl(): void {
+  private finishControl(): boolean {
     const body = Buffer.concat(this.control);
     this.running = zlib.crc32(body, this.running);
     this.checkCrc();
@@ -273,7 +281,7 @@ export class RecordReader {
       throw new BadMessageError(`a ${RECORD_NAMES.get(type)} record whose body is not JSON`);
     }
     if (typeof parsed !== 'object' || parsed === null || Array.isArray(parsed)) throw new BadMessageError(`a ${RECORD_NAMES.get(type)} record whose body is not a JSON object`);
-    this.sink.control(type, parsed);
+    return this.sink.control(type, parsed) === true;
   }
 
   private checkCrc(): void {
