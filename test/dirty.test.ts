@@ -288,7 +288,9 @@ describe('pre-copy migration', () => {
       keepPaused: true,
       stopBytes: 8 * MiB, // what may be left for the paused round
       maxRounds: 20,
-      onProgress: (p) => rounds.push(`${p.round}:${p.phase}:${p.pages}`),
+      onProgress: (p) => {
+        rounds.push(`${p.round}:${p.phase}:${p.pages}`);
+      },
     });
     try {
       expect(result.verified).toBe(true);
