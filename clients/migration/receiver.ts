@@ -151,12 +151,14 @@ export class Receiver {
     let nextProgress = PROGRESS_BYTES;
     let records = 0;
     const refuse = (err: MmbError) => {
+      clearTimeout(timer);
       this.emit({ event: 'refused', peer, code: err.code, message: err.message });
       ch.sendError(err);
     };
     const timer = setTimeout(() => {
       if (!authed) refuse(new TimeoutError(`no AUTH from ${peer} in ${this.opts.authTimeoutMs ?? 10_000} ms`));
     }, this.opts.authTimeoutMs ?? 10_000);
+    timer.unref();
     const ch: Channel = new Channel(
       socket,
       {
