@@ -92,6 +92,8 @@ const STEPS = [
   'attach',
   'edu',
   'hotplug-dma',
+  'dirty-tracking',
+  'migrate-with-dma',
   'readonly-toggle',
   'replace-in-one-commit',
   'rollback-while-pinning',
@@ -115,6 +117,28 @@ function checkScenario(steps: Map<string, Step>, backend: 'type1' | 'iommufd'): 
   expect(dma).toMatchObject({ pieces: 2, kernelPinnedDelta: 2 * MiB });
   expect(dma.copies).toHaveLength(2);
   if (backend === 'type1') expect(dma.dmaAvailable).toEqual([65535, 65533]);
+
+  // Dirty tracking: type1 asks the kernel (VFIO_IOMMU_DIRTY_PAGES), which reports every mapped page
+  // without a vendor driver; the emulated intel-iommu gives iommufd no dirty tracking (EOPNOTSUPP). edu
+  // has no VFIO migration driver (ENOTTY).
+  const dt = steps.get('dirty-tracking') as Step & { tracking: { mode: string; reason?: string }; backendWhileLogging: string; backendAfter: string; dirtyPages: number; deviceMigration: { supported: boolean; reason: string }; dirtyCalls: string[]; kernelBitmapPages?: number; hwCapabilities?: number; hwptAllocDirty?: string };
+  expect(dt.deviceMigration).toMatchObject({ supported: false, reason: expect.stringMatching(/VFIO_DEVICE_FEATURE\(GET, MIGRATION\) on 0000:00:01\.0: ENOTTY/) });
+  expect(dt.dirtyPages).toBe(512);
+  expect(dt.backendAfter).toBe(backend);
+  if (backend === 'type1') {
+    expect(dt.tracking).toEqual({ mode: 'type1' });
+    expect(dt.backendWhileLogging).toBe('type1; dirty VFIO_IOMMU_DIRTY_PAGES');
+    expect(dt.kernelBitmapPages).toBe(512);
+    // START with the logging transaction, GET_BITMAP at each of the two syncs' flushes, the direct read, STOP.
+    expect(dt.dirtyCalls).toEqual(Array(5).fill('VFIO_IOMMU_DIRTY_PAGES'));
+    // Every round of the migration resends the whole region: type1 reports all of it each time.
+    expect((steps.get('migrate-with-dma') as Step & { rounds: string[] }).rounds.filter((r) => r.startsWith('dirty:')).every((r) => r === 'dirty:512')).toBe(true);
+  } else {
+    expect(dt.tracking).toMatchObject({ mode: 'none', reason: expect.stringMatching(/IOMMU_HWPT_SET_DIRTY_TRACKING\(HWPT \d+\): EOPNOTSUPP.*no IOMMU_HW_CAP_DIRTY_TRACKING/) });
+    expect(dt.backendWhileLogging).toBe('iommufd; dirty all');
+    expect(dt).toMatchObject({ hwCapabilities: 0, hwptAllocDirty: 'EOPNOTSUPP' });
+  }
+  expect(steps.get('migrate-with-dma')).toMatchObject({ blocked: { code: 'MMB_ERR_UNSUPPORTED', client: 'vfio-edu' }, verified: true, acceptedRisks: ['vfio-edu'], dmaAfterFirstCopy: true });
 
   const ro = steps.get('readonly-toggle') as Step & { dmarWrite: string[] };
   expect(ro.dmarWrite.join('\n')).toMatch(/DMAR: \[DMA Write.*fault addr 0x4070000 \[fault reason 0x05\] PTE Write access is not set/);

@@ -18,7 +18,7 @@ export interface ChannelHandler {
 }
 
 /** Bytes queued in the socket before a sender waits for it to drain. */
-export const HIGH_WATER = 32 << 20;
+export const HIGH_WATER = 16 << 20;
 
 export class Channel {
   readonly reader: RecordReader;

@@ -7,7 +7,8 @@
 //      added since are logged and copied whole, removed ones are dropped at the destination, flag changes
 //      are carried; the destination is told the map at every round; then the dirty pages are copied. It
 //      goes on until what is left is small (stopBytes), the dirty set stops shrinking, or the round limit;
-//   4. the writers are paused (PAUSE: every writing subscriber stops and acks), the last dirty pages (and
+//   4. once the destination holds everything sent so far, the writers are paused (PAUSE: every writing
+//      subscriber stops and acks), the last dirty pages (and
 //      any region still to copy) are copied, until the map is the same before and after the copy; the
 //      destination confirms it holds every byte (the downtime ends there), is verified against the source,
 //      and commits (a space is published);
@@ -18,10 +19,10 @@
 //
 // Correctness rests on one order: a region's logging is on (its transaction acked by every writer)
 // before its whole copy starts, so every write after the copy read a page is in a later sync. Bytes are
-// read through the reader's mappings, looked up by region id for every chunk: a region being replaced at
-// the same address is never read through the old mapping in its place.
+// read with pread(2) from the reader's fd of the region's own backing, looked up for every chunk: a region
+// being replaced at the same address is never read through the other one's memory, and reading a hole
+// allocates nothing in the source.
 import { DIRTY_PAGE_SIZE, InternalError, forEachBitRun, isMmbError, type Region, type StatusResult } from '../../protocol/index.js';
-import { CHUNK_BYTES, type MappedRegion } from '../memory.js';
 import type { MappingSubscriber } from '../plain.js';
 import type { OwnerClient } from '../owner.js';
 import { migrationBlockers, MigrationBlockedError, type MigrationBlocker } from './blockers.js';
@@ -113,6 +114,7 @@ export class Migration {
   private readonly turnedOn = new Set<number>();
   private lastMap: StreamRegion[] = [];
   private chunk = 1 << 20;
+  private scratch = Buffer.alloc(0);
   private signal: AbortSignal | undefined;
 
   constructor(
@@ -198,6 +200,9 @@ export class Migration {
         previous = r.pages;
       }
 
+      // Everything sent so far in place first (a remote receiver may be behind by what the socket holds),
+      // so that the downtime covers only what the last round sends.
+      await this.dest.flush();
       // Stop the writers; copy what is left until the map holds still; the destination confirms.
       const pauseStart = performance.now();
       await this.owner.pause();
@@ -282,7 +287,7 @@ export class Migration {
         for (const [first, count] of runs) {
           dirty += count;
           const n = await this.copy(r.region, first * PAGE, count * PAGE, false);
-          if (n < 0) break; // not mapped by the reader now: the region is copied whole at the next pass
+          if (n < 0) break; // the reader does not hold it now: the region is copied whole at the next pass
           pages += n;
         }
       }
@@ -386,78 +391,64 @@ export class Migration {
     return pages;
   }
 
-  /** The reader's mapping of region `id` (at `gpa`), if it has it now. */
-  private mapped(id: number, gpa: number): MappedRegion | undefined {
-    const all = this.reader.memory.regions();
-    let lo = 0;
-    let hi = all.length;
-    while (lo < hi) {
-      const mid = (lo + hi) >>> 1;
-      if ((all[mid] as MappedRegion).region.gpa < gpa) lo = mid + 1;
-      else hi = mid;
+  /** The reader's fd of region `t`'s backing and the region's offset in it, if the reader holds it now. */
+  private source(t: Tracked): { fd: number; offset: number } | undefined {
+    if (this.tracked.get(t.region.id) !== t) return undefined;
+    const b = this.reader.backing(t.region.backing);
+    if (!b) {
+      t.sent = false;
+      return undefined;
     }
-    for (let i = lo; i < all.length && (all[i] as MappedRegion).region.gpa === gpa; i++) if ((all[i] as MappedRegion).region.id === id) return all[i];
-    return undefined;
+    return { fd: b.fd, offset: t.region.offset };
   }
 
   /**
-   * Copies region `id`'s bytes [offset, offset + size) (page aligned) to the destination, in chunks,
-   * looking the region up again for every chunk (a transaction may change the reader's mappings while a
-   * write waits). `skipZero`: pages that read all zero are not sent. Returns the pages sent, or -1 when the
-   * reader does not map the region (gone, or not installed yet): the caller copies it again later.
+   * Copies region `id`'s bytes [offset, offset + size) (page aligned) to the destination, in chunks, each
+   * read with pread(2) from the reader's fd of the region's backing, looked up again for every chunk (a
+   * transaction may change the map while a write waits; a region's backing never changes, and pread of a
+   * hole returns zeros without allocating anything in the source). `skipZero`: pages that read all zero
+   * are not sent. Returns the pages sent, or -1 when the reader does not hold the backing (the region is
+   * gone, or its transaction not applied yet): the caller copies it again later.
    */
   private async copy(id: number, offset: number, size: number, skipZero: boolean): Promise<number> {
     let pages = 0;
     const first = Math.floor(offset / PAGE) * PAGE;
     const end = Math.ceil((offset + size) / PAGE) * PAGE;
     for (let at = first, n = 0; at < end; at += n) {
-      // Within one chunk of the reader's mapping (1 GiB), at most `chunk` bytes.
-      n = Math.min(this.chunk, end - at, CHUNK_BYTES - (at % CHUNK_BYTES));
+      n = Math.min(this.chunk, end - at);
       const t = this.tracked.get(id);
       if (!t) return pages; // removed: the destination drops it
-      const view = this.view(t, at, n);
-      if (!view) return -1;
-      if (!skipZero) {
-        await this.dest.write(t.region.gpa + at, view);
+      const src = this.source(t);
+      if (!src) return -1;
+      const gpa = t.region.gpa + at;
+      if (!skipZero && this.dest.writeFrom) {
+        // Straight from the page cache into the destination's buffer.
+        await this.dest.writeFrom(gpa, n, (into) => preadFull(src.fd, into, src.offset + at));
         pages += n / PAGE;
         continue;
       }
-      // Runs of pages that are not all zero, each written at once (found before any write waits).
-      const runs: [number, number][] = [];
+      // The engine's own buffer holds the chunk until it is written (nothing else uses it meanwhile).
+      if (this.scratch.length < n) this.scratch = Buffer.allocUnsafe(n);
+      const view = this.scratch.subarray(0, n);
+      preadFull(src.fd, view, src.offset + at);
+      if (!skipZero) {
+        await this.dest.write(gpa, view);
+        pages += n / PAGE;
+        continue;
+      }
+      // Runs of pages that are not all zero, each written at once.
       let run = -1;
       for (let p = 0; p <= n; p += PAGE) {
         const zero = p === n || ZERO_PAGE.compare(view, p, p + PAGE) === 0;
         if (!zero && run < 0) run = p;
         if (zero && run >= 0) {
-          runs.push([run, p]);
+          await this.dest.write(gpa + run, view.subarray(run, p));
+          pages += (p - run) / PAGE;
           run = -1;
         }
       }
-      for (const [from, to] of runs) {
-        // Looked up again: the previous write may have waited while a transaction changed the mappings.
-        const v = this.view(t, at + from, to - from);
-        if (!v) return -1;
-        await this.dest.write(t.region.gpa + at + from, v);
-        pages += (to - from) / PAGE;
-      }
     }
     return pages;
-  }
-
-  /**
-   * A view of region `t`'s bytes [at, at + n) through the reader's mapping (inside one 1 GiB chunk), or
-   * undefined when the reader does not map it now (the region is then marked to be copied whole again).
-   * Valid until the next await.
-   */
-  private view(t: Tracked, at: number, n: number): Uint8Array | undefined {
-    if (this.tracked.get(t.region.id) !== t) return undefined;
-    const m = this.mapped(t.region.id, t.region.gpa);
-    const c = m?.chunks[Math.floor(at / CHUNK_BYTES)];
-    if (!c) {
-      t.sent = false;
-      return undefined;
-    }
-    return c.bytes.subarray(at % CHUNK_BYTES, (at % CHUNK_BYTES) + n);
   }
 
   /** The source as a verifier reads it: the reader's backing fds, with pread (holes stay holes). */

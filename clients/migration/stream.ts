@@ -144,13 +144,18 @@ export function encodeControl(type: number, body: object): Buffer {
  * is not kept, so it may be unmapped or reused once this returns.
  */
 export function encodeData(gpa: number, bytes: Uint8Array, withCrc: boolean): Buffer {
-  const out = Buffer.allocUnsafe(HEADER_BYTES + DATA_PREFIX_BYTES + bytes.length);
-  out.writeUInt32LE(DATA_PREFIX_BYTES + bytes.length, 0);
+  return encodeDataWith(gpa, bytes.length, withCrc, (body) => body.set(bytes));
+}
+
+/** A DATA record of `length` bytes at `gpa` whose bytes `fill` writes into the record's body (no copy in between). */
+export function encodeDataWith(gpa: number, length: number, withCrc: boolean, fill: (body: Buffer) => void): Buffer {
+  const out = Buffer.allocUnsafe(HEADER_BYTES + DATA_PREFIX_BYTES + length);
+  fill(out.subarray(HEADER_BYTES + DATA_PREFIX_BYTES));
+  out.writeUInt32LE(DATA_PREFIX_BYTES + length, 0);
   out.writeUInt16LE(RecordType.DATA, 4);
   out.writeUInt16LE(withCrc ? RecordFlag.DATA_CRC : 0, 6);
   out.writeUInt32LE(0, 12);
   out.writeBigUInt64LE(BigInt(gpa), HEADER_BYTES);
-  out.set(bytes, HEADER_BYTES + DATA_PREFIX_BYTES);
   let crc = zlib.crc32(out.subarray(0, 8));
   crc = zlib.crc32(out.subarray(HEADER_BYTES, HEADER_BYTES + DATA_PREFIX_BYTES), crc);
   if (withCrc) crc = zlib.crc32(out.subarray(HEADER_BYTES + DATA_PREFIX_BYTES), crc);

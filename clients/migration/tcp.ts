@@ -13,7 +13,7 @@ import { formatAddress, parseTcpUrl, type TcpAddress } from './address.js';
 import { Channel, remoteError } from './channel.js';
 import type { Destination, MigrationMap, SourceInfo } from './destination.js';
 import { Migration, type MigrationOptions, type MigrationResult } from './engine.js';
-import { RecordType, RECORD_NAMES, STREAM_VERSION, checkDigests, checkHello, checkSeq, encodeData, type Committed, type Synced } from './stream.js';
+import { RecordType, RECORD_NAMES, STREAM_VERSION, checkDigests, checkHello, checkSeq, encodeData, encodeDataWith, type Committed, type Synced } from './stream.js';
 import { authMac } from './token.js';
 import { compareDigests, mapDifference, VERIFY_BLOCK, type MemoryImage, type VerifyResult } from './verify.js';
 
@@ -166,6 +166,11 @@ export class TcpDestination implements Destination {
 
   write(gpa: number, bytes: Uint8Array): void | Promise<void> {
     return this.ch.send(encodeData(gpa, bytes, this.opts.dataCrc ?? false));
+  }
+
+  writeFrom(gpa: number, length: number, fill: (into: Uint8Array) => void): void | Promise<void> {
+    const ch = this.ch;
+    return ch.send(encodeDataWith(gpa, length, this.opts.dataCrc ?? false, fill));
   }
 
   async flush(): Promise<void> {

@@ -28,7 +28,7 @@ export interface VerifyResult {
 }
 
 /** pread of `into.length` bytes at `position` of `fd`, short reads (end of file) left zero. */
-export function preadFull(fd: number, into: Buffer, position: number): void {
+export function preadFull(fd: number, into: Uint8Array, position: number): void {
   let done = 0;
   while (done < into.length) {
     const n = fs.readSync(fd, into, done, into.length - done, position + done);

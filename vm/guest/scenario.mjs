@@ -15,7 +15,7 @@ import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import readline from 'node:readline';
 import { parseArgs } from 'node:util';
-import { Broker, MappingSubscriber, OwnerClient, VfioSubscriber, native, constants, isMmbError } from '/mmb/dist/index.js';
+import { Broker, MappingSubscriber, Migration, MigrationBlockedError, OwnerClient, SpaceDestination, VfioSubscriber, native, constants, isMmbError } from '/mmb/dist/index.js';
 import { realSys, structs } from '/mmb/dist/clients/vfio/index.js';
 import { Edu, EDU_MAX_DMA } from './edu.mjs';
 
@@ -218,10 +218,13 @@ class Child {
 // failure the client swallows (a detach, an unset-container) cannot go unnoticed.
 const calls = [];
 const REQUEST_NAMES = new Map(Object.entries(structs.REQUEST).map(([name, nr]) => [nr, name]));
+// One number, two requests: VFIO_IOMMU_DIRTY_PAGES on the container, VFIO_DEVICE_FEATURE on a device.
+const requestName = (fd, nr) =>
+  nr === structs.REQUEST.VFIO_IOMMU_DIRTY_PAGES ? (fs.readlinkSync(`/proc/self/fd/${fd}`) === '/dev/vfio/vfio' ? 'VFIO_IOMMU_DIRTY_PAGES' : 'VFIO_DEVICE_FEATURE') : (REQUEST_NAMES.get(nr) ?? `request ${nr}`);
 for (const fn of ['open', 'ioctlInt', 'ioctl', 'ioctlAsync', 'groupGetDeviceFd']) {
   const orig = realSys[fn];
   realSys[fn] = (...args) => {
-    const what = fn === 'open' ? `open ${args[0]}` : fn === 'groupGetDeviceFd' ? 'VFIO_GROUP_GET_DEVICE_FD' : (REQUEST_NAMES.get(args[1]) ?? `request ${args[1]}`);
+    const what = fn === 'open' ? `open ${args[0]}` : fn === 'groupGetDeviceFd' ? 'VFIO_GROUP_GET_DEVICE_FD' : requestName(args[0], args[1]);
     const record = (errno) => calls.push({ step: current, what, errno });
     try {
       const r = orig(...args);
@@ -237,6 +240,10 @@ for (const fn of ['open', 'ioctlInt', 'ioctl', 'ioctlAsync', 'groupGetDeviceFd']
 /** Failures the scenario provokes on purpose, by step: anything else failing is a finding. */
 const EXPECTED_FAILURES = [
   { what: 'IOMMU_IOAS_IOVA_RANGES', errno: 'EMSGSIZE' }, // the "how many ranges?" call
+  // edu has no VFIO migration driver; the emulated intel-iommu has no dirty tracking (iommufd).
+  { what: 'VFIO_DEVICE_FEATURE', errno: 'ENOTTY' },
+  { what: 'IOMMU_HWPT_SET_DIRTY_TRACKING', errno: 'EOPNOTSUPP' }, // asked each time logging starts
+  { step: 'dirty-tracking', what: 'IOMMU_HWPT_ALLOC', errno: 'EOPNOTSUPP' },
   { step: 'msi-window-refused', what: /MAP/, errno: 'EINVAL' },
   { step: 'detach-while-bar-mapped', what: 'VFIO_GROUP_UNSET_CONTAINER', errno: 'EBUSY' }, // the device is still open
 ];
@@ -318,6 +325,86 @@ try {
       copies.push({ from: hex(GPA_RAM + src), to: hex(GPA_RAM + dst), bytes: EDU_MAX_DMA, ms: Date.now() - t0 });
     }
     return { gpa: hex(GPA_RAM), size: ram.size, pieces: m.pieces, copies, kernelPinnedDelta: k1 - k0, dmaAvailable: [avail0 ?? null, avail1 ?? null] };
+  });
+
+  await step('dirty-tracking', async () => {
+    // The kernel's dirty tracking, read by the client while the region logs. type1: VFIO_IOMMU_DIRTY_PAGES
+    // (without a vendor driver, every mapped page of a GET_BITMAP range is reported); iommufd: the emulated
+    // intel-iommu has no dirty bits, so SET_DIRTY_TRACKING answers EOPNOTSUPP and every page counts.
+    const migration = vfio.migrationSupport();
+    check(migration.devices.length === 1 && !migration.devices[0].supported && /ENOTTY/.test(migration.devices[0].reason), 'edu has no VFIO migration support (VFIO_DEVICE_FEATURE: ENOTTY)', migration);
+    const callsBefore = calls.length;
+    await owner.commit([{ op: 'set', region: 'dma-ram', logDirty: true }]);
+    const tracking = vfio.domain.dirtyTracking;
+    const st = (await owner.status()).spaces[0].clients.find((c) => c.name === 'vfio-edu');
+    if (backend === 'type1') check(tracking?.mode === 'type1', 'type1 tracks dirty pages (VFIO_IOMMU_DIRTY_PAGES)', tracking);
+    else check(tracking?.mode === 'none' && /EOPNOTSUPP/.test(tracking.reason ?? ''), 'iommufd: no dirty tracking on this IOMMU (EOPNOTSUPP)', tracking);
+    const extra = {};
+    if (backend === 'iommufd') {
+      // What the kernel says directly: no dirty capability, and a DIRTY_TRACKING page table is refused.
+      const b = vfio.backend.binding(dev0);
+      const info = structs.pack('iommu_hw_info', { dev_id: b.devid, data_len: 0 });
+      realSys.ioctl(vfio.backend.iommufd, structs.REQUEST.IOMMU_GET_HW_INFO, info);
+      extra.hwCapabilities = Number(structs.unpack('iommu_hw_info', info).out_capabilities);
+      const alloc = structs.pack('iommu_hwpt_alloc', { flags: structs.IOMMUFD.IOMMU_HWPT_ALLOC_DIRTY_TRACKING, dev_id: b.devid, pt_id: vfio.backend.ioasId });
+      const e = await rejection(Promise.resolve().then(() => realSys.ioctl(vfio.backend.iommufd, structs.REQUEST.IOMMU_HWPT_ALLOC, alloc)));
+      extra.hwptAllocDirty = e ? e.code : 'accepted';
+      check(extra.hwCapabilities === 0 && extra.hwptAllocDirty === 'EOPNOTSUPP', 'the emulated IOMMU offers no dirty tracking', extra);
+    }
+    // A device write after a clean sync is in the next one (with every other page the kernel reports).
+    (await owner.dirtySync()).release();
+    const data = pattern(EDU_MAX_DMA, 0xd1d);
+    ram.bytes.set(data, 0x3000);
+    await edus.get(dev0).copy(GPA_RAM + 0x3000, GPA_RAM + 0x9000, EDU_MAX_DMA);
+    check(equal(ram.bytes.slice(0x9000, 0x9000 + EDU_MAX_DMA), data), 'the DMA landed');
+    const snap = await owner.dirtySync();
+    const r = snap.regions.find((x) => x.name === 'dma-ram');
+    const bit = (p) => (r.bits[p >> 3] >> (p & 7)) & 1;
+    const pages = ram.size / 4096;
+    check(r && bit(9) === 1 && r.dirty === pages, `the written page (and, as the kernel reports, all ${pages} pages) is dirty`, { dirty: r?.dirty });
+    snap.release();
+    if (backend === 'type1') {
+      // The kernel's own bitmap for the region: every mapped page, though the device wrote one.
+      const bits = vfio.backend.readDirty(GPA_RAM, ram.size);
+      extra.kernelBitmapPages = bits.reduce((n, b) => n + ((b.toString(2).match(/1/g) ?? []).length), 0);
+      check(extra.kernelBitmapPages === pages, 'type1 reports every mapped page (no vendor driver pins pages)', extra);
+    }
+    await owner.commit([{ op: 'set', region: 'dma-ram', logDirty: false }]);
+    check(vfio.domain.dirtyTracking === undefined, 'tracking stops with the last logging region');
+    const stAfter = (await owner.status()).spaces[0].clients.find((c) => c.name === 'vfio-edu');
+    const dirtyCalls = calls.slice(callsBefore).filter((c) => /DIRTY/.test(c.what)).map((c) => `${c.what}${c.errno ? ` ${c.errno}` : ''}`);
+    return { tracking, backendWhileLogging: st?.backend, backendAfter: stAfter?.backend, dirtyPages: r.dirty, deviceMigration: migration.devices[0], dirtyCalls, ...extra };
+  });
+
+  await step('migrate-with-dma', async () => {
+    // A migration of vm0 into another space while edu DMAs into it: blocked (edu cannot be quiesced and
+    // has no migratable state) until the risk is accepted; then the device's write after the first copy
+    // is at the destination, carried by the kernel's report (type1) or the all-dirty rule (iommufd).
+    broker.createSpace('vm1');
+    const reader = await MappingSubscriber.attach(broker, { space: 'vm0', name: 'migration-reader', writes: false, reconnect: false });
+    const blocked = await rejection(new Migration(owner, reader, new SpaceDestination(broker, 'vm1')).run());
+    check(blocked instanceof MigrationBlockedError && blocked.client?.name === 'vfio-edu', 'the migration is blocked by the vfio client', { code: blocked?.code, client: blocked?.client, message: blocked?.message });
+    const data = pattern(EDU_MAX_DMA, 0x1a7e);
+    ram.bytes.set(data, 0x5000);
+    ram.bytes.fill(0, 0xa000, 0xa000 + EDU_MAX_DMA);
+    let dmaAfterFirstCopy = false;
+    const result = await new Migration(owner, reader, new SpaceDestination(broker, 'vm1')).run({
+      acceptDeviceRisk: true,
+      keepPaused: true,
+      onProgress: async (p) => {
+        if (p.round !== 0) return;
+        await edus.get(dev0).copy(GPA_RAM + 0x5000, GPA_RAM + 0xa000, EDU_MAX_DMA);
+        dmaAfterFirstCopy = equal(ram.bytes.slice(0xa000, 0xa000 + EDU_MAX_DMA), data);
+      },
+    });
+    const copy = await MappingSubscriber.attach(broker, { space: 'vm1', name: 'copy', writes: false, reconnect: false });
+    const there = copy.memory.read(GPA_RAM + 0xa000, EDU_MAX_DMA);
+    await owner.resume();
+    await copy.close();
+    await reader.close();
+    check(dmaAfterFirstCopy && result.verified === true, 'migrated and verified after a DMA write following the first copy', { verified: result.verified, dmaAfterFirstCopy });
+    check(equal(there, data), 'the bytes the device wrote after the first copy are at the destination');
+    return { blocked: { code: blocked.code, client: blocked.client.name }, verified: result.verified, rounds: result.rounds.map((r) => `${r.phase}:${r.pages}`), acceptedRisks: result.acceptedRisks.map((b) => b.client.name), dmaAfterFirstCopy };
   });
 
   await step('readonly-toggle', async () => {
