@@ -305,7 +305,7 @@ function headline(all: Map<string, Result>): string[] {
   const migCopy = m('migration', (x) => x.name.startsWith('first copy'));
   if (migBytes && migDown && migCopy) {
     out.push(
-      `Migration of 4 GiB over TCP while the guest writes: ${fmt(migBytes.median, migBytes.unit)} of memory sent${mark(migBytes)}, downtime ${fmt(migDown.median, migDown.unit)}${mark(migDown)}, ` +
+      `Migration of 4 GiB over TCP while the guest writes: ${migBytes.median.toFixed(3)}x its memory sent${mark(migBytes)}, downtime ${fmt(migDown.median, migDown.unit)}${mark(migDown)}, ` +
         `first copy ${fmt(migCopy.median, migCopy.unit)} (raw C copy over the same loopback: ${fmt(migCopy.peer?.median ?? NaN, migCopy.unit)}, ${ratio(migCopy.ratio ?? NaN)}x)${mark(migCopy)}`,
     );
   }

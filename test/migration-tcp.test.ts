@@ -115,6 +115,7 @@ describe('migration to another host over TCP', () => {
     expect(m.code, m.stderr).toBe(0);
     const lines = m.stdout.trim().split('\n').map((l) => JSON.parse(l) as Record<string, unknown>);
     expect(lines[0]).toMatchObject({ event: 'start', destination: expect.stringMatching(/receiver at tcp:\/\/127\.0\.0\.1:\d+/) });
+    expect(lines.some((l) => l.event === 'sending' && typeof l.bytes === 'number')).toBe(true); // the first write is always reported
     const result = lines.at(-1) as { event: string; verified: boolean; destination: { space: string; generation: number }; totalBytes: number; memoryBytes: number; downtimeMs: number };
     expect(result).toMatchObject({ event: 'result', verified: true, destination: { space: d } });
     expect(await exited(rcv.proc)).toBe(0);

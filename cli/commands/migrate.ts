@@ -90,6 +90,13 @@ function counting(dest: Destination, onBytes: (n: number) => void): Destination 
           return target.write(gpa, bytes);
         };
       }
+      if (prop === 'writeFrom' && target.writeFrom) {
+        const writeFrom = target.writeFrom.bind(target);
+        return (gpa: number, length: number, fill: (into: Uint8Array) => void) => {
+          onBytes(length);
+          return writeFrom(gpa, length, fill);
+        };
+      }
       const v = Reflect.get(target, prop, receiver) as unknown;
       return typeof v === 'function' ? (v as (...a: unknown[]) => unknown).bind(target) : v;
     },
