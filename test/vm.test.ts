@@ -170,7 +170,7 @@ function checkScenario(steps: Map<string, Step>, backend: 'type1' | 'iommufd'): 
 }
 
 describe.skipIf(skipVm)('real VFIO in a QEMU guest (intel-iommu, two edu devices)', () => {
-  it('type1 on a Debian kernel: DMA through hotplugged memory, faults after removal, MSI window and RLIMIT_MEMLOCK refusals, two devices in one domain', async () => {
+  it('type1 on a Debian kernel: DMA through hotplugged memory, dirty tracking, a migration blocked then accepted, faults after removal, MSI window and RLIMIT_MEMLOCK refusals, two devices in one domain', async () => {
     const s = await runVm(['--backend', 'type1'], 360_000);
     checkScenario(passed(s), 'type1');
     expect(s.kernel).toBe('debian');

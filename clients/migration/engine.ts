@@ -22,7 +22,7 @@
 // read with pread(2) from the reader's fd of the region's own backing, looked up for every chunk: a region
 // being replaced at the same address is never read through the other one's memory, and reading a hole
 // allocates nothing in the source.
-import { DIRTY_PAGE_SIZE, InternalError, forEachBitRun, isMmbError, type Region, type StatusResult } from '../../protocol/index.js';
+import { DIRTY_PAGE_SIZE, InternalError, InvalidArgError, forEachBitRun, isMmbError, type Region, type StatusResult } from '../../protocol/index.js';
 import type { MappingSubscriber } from '../plain.js';
 import type { OwnerClient } from '../owner.js';
 import { migrationBlockers, MigrationBlockedError, type MigrationBlocker } from './blockers.js';
@@ -116,6 +116,7 @@ export class Migration {
   private chunk = 1 << 20;
   private scratch = Buffer.alloc(0);
   private signal: AbortSignal | undefined;
+  private started = false;
 
   constructor(
     private readonly owner: OwnerClient,
@@ -124,7 +125,10 @@ export class Migration {
     private readonly dest: Destination,
   ) {}
 
+  /** Runs the migration; once per Migration (it keeps the state of the rounds). */
   async run(opts: MigrationOptions = {}): Promise<MigrationResult> {
+    if (this.started) throw new InvalidArgError('a Migration runs once: make a new one (and a new destination) to migrate again');
+    this.started = true;
     const maxRounds = opts.maxRounds ?? 30;
     const stopBytes = opts.stopBytes ?? 1 << 20;
     this.chunk = opts.chunkBytes ?? 1 << 20;
