@@ -352,7 +352,10 @@ export class AddressSpace {
 
   private hold(session: Session, reason: HolderReason): Holder | undefined {
     if (session.sentBackings.size === 0) return undefined;
-    return this.fences.add(session.ref(), reason, new Set(session.sentBackings.keys()), session.local, session.takePidfds());
+    // A subscriber in the owner's own process (a VMM's own device model on the socket) is never signalled:
+    // killing it would kill the VMM, and the guest with it. Like an in-process one, only its reconcile fences it.
+    const ownersProcess = this.owner !== undefined && !this.owner.closed && this.owner.pid === session.pid;
+    return this.fences.add(session.ref(), reason, new Set(session.sentBackings.keys()), session.local || ownersProcess, session.takePidfds());
   }
 
   // --- owner requests -------------------------------------------------------------------------------
