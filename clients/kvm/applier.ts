@@ -51,6 +51,8 @@ export interface ApplyStats {
   calls: number;
   /** Changes undone after a failure. */
   undone: number;
+  /** KVM dirty logs copied into the subscriber's log (syncs, and slots about to be deleted or stop logging). */
+  collected: number;
 }
 
 export class KvmApplier implements Applier {
@@ -62,7 +64,7 @@ export class KvmApplier implements Applier {
   /** Changes and guest programs run one at a time (a program never sees a half-applied change). */
   private lock: Promise<unknown> = Promise.resolve();
   private closed = false;
-  readonly stats: ApplyStats = { applied: 0, calls: 0, undone: 0 };
+  readonly stats: ApplyStats = { applied: 0, calls: 0, undone: 0, collected: 0 };
 
   constructor(
     readonly vm: MemslotBackend,
@@ -131,6 +133,9 @@ export class KvmApplier implements Applier {
           skipped.add(op.slot.slot);
           continue;
         }
+        // KVM frees a slot's dirty bitmap with the slot (and a flags change that stops logging clears
+        // it): what the vCPUs wrote there goes into the subscriber's log first, or it is lost.
+        if (loggedBefore(op)) this.collect(op.op === 'flags' ? op.before : op.slot);
         this.exec(op);
         done.push(op);
       }
@@ -283,12 +288,21 @@ export class KvmApplier implements Applier {
    * runs no vCPU, so it has nothing to add.
    */
   flushDirty(log: DirtyLog): void {
-    if (!(this.vm instanceof KvmVm)) return;
-    for (const slot of this.table.values()) {
-      if ((slot.flags & KVM_MEM_LOG_DIRTY_PAGES) === 0) continue;
-      const pages = slot.size / 4096;
-      log.markBits(slot.gpa, this.vm.getDirtyLog(slot.slot, pages), pages);
-    }
+    for (const slot of this.table.values()) if (slot.flags & KVM_MEM_LOG_DIRTY_PAGES) this.collect(slot, log);
+  }
+
+  /**
+   * The subscriber's dirty log (set by KvmSubscriber): a logging slot's KVM dirty log is copied into it
+   * before the slot is deleted or stops logging, so no bit the vCPUs set is lost with the slot.
+   */
+  dirty: DirtyLog | undefined;
+
+  /** KVM_GET_DIRTY_LOG of `slot` (which logs) ORed into `log`. Real KVM only: the stand-in runs no vCPU. */
+  private collect(slot: Slot, log = this.dirty): void {
+    if (!log || !(this.vm instanceof KvmVm)) return;
+    const pages = slot.size / 4096;
+    log.markBits(slot.gpa, this.vm.getDirtyLog(slot.slot, pages), pages);
+    this.stats.collected++;
   }
 
   // --- lifetime -------------------------------------------------------------------------------------
@@ -305,6 +319,13 @@ export class KvmApplier implements Applier {
     this.byKey.clear();
     this.memory.close();
   }
+}
+
+/** True when `op` deletes a logging slot or stops its logging: its KVM dirty log must be collected first. */
+function loggedBefore(op: SlotOp): boolean {
+  if (op.op === 'delete') return (op.slot.flags & KVM_MEM_LOG_DIRTY_PAGES) !== 0;
+  if (op.op === 'flags') return (op.before.flags & KVM_MEM_LOG_DIRTY_PAGES) !== 0 && (op.slot.flags & KVM_MEM_LOG_DIRTY_PAGES) === 0;
+  return false;
 }
 
 function cancelled(signal: AbortSignal): MmbError {

@@ -47,6 +47,8 @@ export class KvmSubscriber extends Subscriber {
     super(target, kvm, opts);
     // The client's own writes (loading a vCPU program) mark pages dirty too; the vCPU's go to KVM's log.
     kvm.memory.dirty = this.dirty;
+    // And what KVM logged in a slot is collected here before the slot is deleted.
+    kvm.dirty = this.dirty;
   }
 
   /**

@@ -1,0 +1,116 @@
+// The kvm-like client loses no dirty bit when KVM deletes a logging slot (issue 16, point 2): a real vCPU
+// writes pages of a logging region, then the region's slot is deleted (removed, moved, resized, turned
+// read-only and back, logging turned off) and the owner's next dirty sync must still report those pages.
+// KVM frees a slot's dirty bitmap with the slot, so the client must collect it (KVM_GET_DIRTY_LOG, or the
+// dirty rings) before the delete.
+//
+// Without /dev/kvm these tests are skipped, except under CI=true, where that is a failure.
+import fs from 'node:fs';
+import { afterEach, describe, expect, it } from 'vitest';
+import { KvmSubscriber, type KvmSubscriberOptions } from '../clients/kvm/index.js';
+import type { DirtySnapshot, OwnerClient } from '../clients/index.js';
+import { native } from '../native/index.js';
+import { IN_CI } from './helpers/ci.js';
+import { defer, embeddedBroker, ownerOf, runCleanups } from './helpers/embedded.js';
+
+const MiB = 1 << 20;
+const PAGE = 4096;
+const HAVE_KVM = fs.existsSync('/dev/kvm');
+const describeKvm = describe.skipIf(!HAVE_KVM && !IN_CI);
+if (!HAVE_KVM && !IN_CI) console.warn('real-KVM dirty-log tests skipped: no /dev/kvm (CI=true makes this a failure)');
+
+afterEach(runCleanups);
+
+/** GPAs of the pages set in a dirty snapshot, released. */
+function pagesOf(snap: DirtySnapshot): number[] {
+  const out: number[] = [];
+  for (const r of snap.regions) for (let p = 0; p < r.pages; p++) if ((r.bits[p >>> 3] as number) & (1 << (p & 7))) out.push(r.gpa + p * PAGE);
+  snap.release();
+  return out;
+}
+
+/**
+ * A space with a code region at 1 MiB (not logging) and a logging region "log" of 4 MiB at 16 MiB (cut
+ * from offset 8 MiB of the backing), a KVM client on a real VM, and an empty first sync.
+ */
+async function setup(opts: Partial<KvmSubscriberOptions> = {}): Promise<{ owner: OwnerClient; kvm: KvmSubscriber; backing: number }> {
+  const broker = embeddedBroker();
+  const owner = await ownerOf(broker);
+  const ram = await owner.createBacking(32 * MiB, 'ram');
+  defer(() => native.close(ram.fd));
+  await owner.commit([
+    { op: 'add', name: 'code', gpa: 0x10_0000, size: MiB, backing: ram.backing, offset: 0 },
+    { op: 'add', name: 'log', gpa: 16 * MiB, size: 4 * MiB, backing: ram.backing, offset: 8 * MiB, logDirty: true },
+  ]);
+  const kvm = await KvmSubscriber.attach(broker, { space: 'vm0', name: 'kvm0', software: false, ...opts });
+  defer(() => kvm.close());
+  expect(pagesOf(await owner.dirtySync())).toEqual([]);
+  return { owner, kvm, backing: ram.backing };
+}
+
+/** The vCPU writes one byte into each of `gpas` (nothing goes through a host mapping). */
+async function guestWrites(kvm: KvmSubscriber, gpas: number[]): Promise<void> {
+  await kvm.runProgram({ codeGpa: 0x10_0000, writes: gpas.map((gpa) => ({ gpa, bytes: new Uint8Array([0xa5]) })) });
+}
+
+const written = [16 * MiB + 3 * PAGE, 16 * MiB + 700 * PAGE];
+
+describeKvm('KVM loses no dirty bit when a logging slot is deleted', () => {
+  it('read-only toggle and back (delete + create twice): the pages the vCPU wrote are in the next sync', async () => {
+    const { owner, kvm } = await setup();
+    await guestWrites(kvm, written);
+    const slotBefore = kvm.slots().find((s) => s.name === 'log');
+    await owner.commit([{ op: 'set', region: 'log', readonly: true }]);
+    await owner.commit([{ op: 'set', region: 'log', readonly: false }]);
+    // KVM really deleted and re-created the slot (same id, new incarnation): the kernel's bitmap went with it.
+    expect(kvm.slots().find((s) => s.name === 'log')).toMatchObject({ slot: slotBefore!.slot, readonly: false, logDirty: true });
+    expect(pagesOf(await owner.dirtySync())).toEqual(written);
+    // Collected once: the next sync is empty.
+    expect(pagesOf(await owner.dirtySync())).toEqual([]);
+  });
+
+  it('a coalesced run that grows, splits and shifts (slot resize, removal inside, move of its start): pages of the remaining regions survive', async () => {
+    const { owner, kvm, backing } = await setup({ coalesce: true });
+    const block = (i: number) => ({ op: 'add' as const, name: `b${i}`, gpa: 32 * MiB + i * 2 * MiB, size: 2 * MiB, backing, offset: 16 * MiB + i * 2 * MiB, logDirty: true });
+    await owner.commit([block(0), block(1)]);
+    const run = () => kvm.slots().filter((s) => s.gpa >= 32 * MiB).map((s) => [s.gpa, s.size]);
+    expect(run()).toEqual([[32 * MiB, 4 * MiB]]);
+    const page = (i: number, p: number) => 32 * MiB + i * 2 * MiB + p * PAGE;
+    // Resize: b2 joins the run, KVM deletes the 4 MiB slot and creates a 6 MiB one.
+    await guestWrites(kvm, [page(0, 1), page(1, 511)]);
+    await owner.commit([block(2)]);
+    expect(run()).toEqual([[32 * MiB, 6 * MiB]]);
+    expect(pagesOf(await owner.dirtySync())).toEqual([page(0, 1), page(1, 511)]);
+    // A removal inside the run: the 6 MiB slot goes, b0 and b2 get slots of their own.
+    await guestWrites(kvm, [page(0, 2), page(2, 0), page(2, 5)]);
+    await owner.commit([{ op: 'remove', region: 'b1' }]);
+    expect(run()).toEqual([[32 * MiB, 2 * MiB], [36 * MiB, 2 * MiB]]);
+    expect(pagesOf(await owner.dirtySync())).toEqual([page(0, 2), page(2, 0), page(2, 5)]);
+    // A move of the run's start: b1 back and b0 gone, the slot now starts 2 MiB higher.
+    await owner.commit([block(1)]);
+    await guestWrites(kvm, [page(1, 9), page(2, 7)]);
+    await owner.commit([{ op: 'remove', region: 'b0' }]);
+    expect(run()).toEqual([[34 * MiB, 4 * MiB]]);
+    expect(pagesOf(await owner.dirtySync())).toEqual([page(1, 9), page(2, 7)]);
+    expect(pagesOf(await owner.dirtySync())).toEqual([]);
+  });
+
+  it('a region removed, or whose logging stops: its pages reach the subscriber log before the slot is deleted or cleared', async () => {
+    const { owner, kvm, backing } = await setup();
+    await owner.commit([{ op: 'add', name: 'gone', gpa: 64 * MiB, size: 2 * MiB, backing, offset: 24 * MiB, logDirty: true }]);
+    // The broker drops a region's bitmap once the change commits, so look at what the client put into
+    // its log while the change was applied: the marks it made, by gpa.
+    const marked: number[] = [];
+    const markBits = kvm.dirty.markBits.bind(kvm.dirty);
+    kvm.dirty.markBits = (gpa, bits, pages) => {
+      for (let p = 0; p < pages; p++) if ((bits[p >>> 3] as number) & (1 << (p & 7))) marked.push(gpa + p * PAGE);
+      markBits(gpa, bits, pages);
+    };
+    await guestWrites(kvm, [64 * MiB + 4 * PAGE, ...written]);
+    await owner.commit([{ op: 'remove', region: 'gone' }]);
+    expect(marked).toEqual([64 * MiB + 4 * PAGE]);
+    await owner.commit([{ op: 'set', region: 'log', logDirty: false }]);
+    expect(marked).toEqual([64 * MiB + 4 * PAGE, ...written]);
+    expect(kvm.slots().find((s) => s.name === 'log')).toMatchObject({ logDirty: false });
+  });
+});
