@@ -56,9 +56,19 @@ async function guestWrites(kvm: KvmSubscriber, gpas: number[]): Promise<void> {
 
 const written = [16 * MiB + 3 * PAGE, 16 * MiB + 700 * PAGE];
 
+/** The largest dirty ring this kernel offers, in entries (0: none; KVM_CAP_DIRTY_LOG_RING is Linux 5.11+). */
+const RING_MAX = HAVE_KVM ? (() => {
+  const vm = KvmVm.open();
+  vm.close();
+  return vm.caps.dirtyRingMaxBytes / 16;
+})() : 0;
+// A kernel capability, not a tool CI could install: without it the ring cases are skipped, and say so.
+if (HAVE_KVM && RING_MAX < 1024) console.warn(`dirty ring cases skipped: this kernel offers a ring of ${RING_MAX} entries (1024 needed)`);
+const describeRing = describe.skipIf(!HAVE_KVM || RING_MAX < 1024);
+
 const MODES: [string, Partial<KvmSubscriberOptions>][] = [
   ['bitmaps', {}],
-  ['a dirty ring', { dirtyRing: 1024 }],
+  ...(RING_MAX >= 1024 ? [['a dirty ring', { dirtyRing: 1024 }] as [string, Partial<KvmSubscriberOptions>]] : []),
 ];
 
 describeKvm.each(MODES)('KVM loses no dirty bit when a logging slot is deleted, with %s', (_mode, modeOpts) => {
@@ -130,7 +140,7 @@ describeKvm.each(MODES)('KVM loses no dirty bit when a logging slot is deleted, 
   });
 });
 
-describeKvm('the dirty ring', () => {
+describeRing('the dirty ring', () => {
   it('a full ring stops the vCPU (KVM_EXIT_DIRTY_RING_FULL), is harvested into the log and the guest goes on: every page is in the sync', async () => {
     const { owner, kvm } = await setupSpace({ dirtyRing: 256 });
     expect((kvm.vm as KvmVm).dirtyLog).toBe('ring');

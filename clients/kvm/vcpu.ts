@@ -245,8 +245,9 @@ export class KvmVcpu {
     await this.kickOut();
   }
 
-  /** Ends one park(); the last one lets the vCPU run again. */
+  /** Ends one park(); the last one lets the vCPU run again. A no-op once the vCPU is closed. */
   unpark(): void {
+    if (this.closed) return;
     if (this.parks === 0) throw new InvalidArgError(`vCPU ${this.id} is not parked`);
     if (--this.parks > 0) return;
     // Nothing is in KVM_RUN while parked, so clearing immediate_exit races with no run.

@@ -1,9 +1,12 @@
 // Hugetlb pages for tests, reserved as root through the kernel's pools: /sys/kernel/mm/hugepages/
 // hugepages-2048kB/nr_hugepages (the same as /proc/sys/vm/nr_hugepages) and hugepages-1048576kB for 1 GiB
 // pages. A reservation raises a pool by what the test needs and gives back exactly what it added: other
-// processes (other test files, other users) may use the pools at the same time, so counts are relative,
-// never absolute. A 1 GiB page needs 1 GiB of contiguous free memory, which a fragmented machine may not
-// have: the kernel is asked to compact memory once and the shortfall is reported, never hidden.
+// processes (test files running in parallel, other users) may use the pools at the same time, so counts
+// are relative, never absolute, and each read-modify-write of a pool runs under flock(1) on one lock file,
+// so two test files never compute their share from the same old count. A 1 GiB page needs 1 GiB of
+// contiguous free memory, which a fragmented machine may not have: the kernel is asked to compact memory
+// once and the shortfall is reported, never hidden.
+import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { filePageSize, native, constants } from '../../native/index.js';
@@ -23,7 +26,15 @@ export interface HugeReservation {
 }
 
 const pool = (size: number) => `/sys/kernel/mm/hugepages/hugepages-${size / 1024}kB`;
-const read = (file: string) => Number(fs.readFileSync(file, 'utf8').trim());
+const LOCK = '/run/lock/mmb-test-hugepages.lock';
+
+/** Adds `delta` (may be negative) to the pool count in `nr` under the lock; the count before and after. */
+function adjustPool(nr: string, delta: number): { before: number; after: number } {
+  const script = 'b=$(cat "$1"); n=$((b + $2)); if [ "$n" -lt 0 ]; then n=0; fi; echo "$n" > "$1"; echo "$b $(cat "$1")"';
+  const out = execFileSync('flock', [LOCK, 'sh', '-c', script, 'sh', nr, String(delta)], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] });
+  const [before, after] = out.trim().split(' ').map(Number) as [number, number];
+  return { before, after };
+}
 
 /** Adds up to `pages` pages of `size` bytes to the kernel's pool. */
 export function reserveHugePages(size: number, pages: number): HugeReservation {
@@ -34,7 +45,7 @@ export function reserveHugePages(size: number, pages: number): HugeReservation {
   const release = () => {
     if (added === 0) return;
     try {
-      fs.writeFileSync(nr, String(Math.max(0, read(nr) - added)));
+      adjustPool(nr, -added);
     } finally {
       added = 0;
     }
@@ -43,9 +54,8 @@ export function reserveHugePages(size: number, pages: number): HugeReservation {
   try {
     for (let attempt = 0; attempt < 2 && added < pages; attempt++) {
       if (attempt > 0) fs.writeFileSync('/proc/sys/vm/compact_memory', '1');
-      const before = read(nr);
-      fs.writeFileSync(nr, String(before + pages - added));
-      added += Math.max(0, read(nr) - before);
+      const { before, after } = adjustPool(nr, pages - added);
+      added += Math.max(0, after - before);
     }
     if (added < pages) missing = `the kernel could add only ${added} of ${pages} pages of ${size / MiB} MiB to ${nr} (fragmented memory: even after compact_memory)`;
   } catch (err) {
