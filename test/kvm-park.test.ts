@@ -9,7 +9,7 @@
 // Without /dev/kvm these tests are skipped, except under CI=true, where that is a failure.
 import fs from 'node:fs';
 import { afterEach, describe, expect, it } from 'vitest';
-import { KvmSubscriber, assembleCounterLoop, replacesInPlace, planSlots, type KvmSubscriberOptions, type GuestRun, type Slot } from '../clients/kvm/index.js';
+import { KvmSubscriber, assembleCounterLoop, assembleProgram, replacesInPlace, planSlots, type KvmSubscriberOptions, type GuestRun, type Slot } from '../clients/kvm/index.js';
 import type { OwnerClient } from '../clients/index.js';
 import type { ViewRegion } from '../clients/view.js';
 import { native } from '../native/index.js';
@@ -85,6 +85,25 @@ describeKvm('the vCPU runner can be parked', () => {
     const result = await run.stop();
     expect(result).toMatchObject({ halted: false, exits: [] });
     expect(vcpu.inKvmRun).toBe(false);
+  });
+});
+
+describeKvm('guest runs and programs share the vCPU', () => {
+  it('one run at a time; a halted or stopped guest leaves the vCPU ready for the next program', async () => {
+    const { kvm } = await setup();
+    const run = await startLoop(kvm);
+    const busy = await kvm.runGuest({ codeGpa: CODE + 0x1000, image: assembleCounterLoop(READ, COUNTER) }).then(
+      () => undefined,
+      (e: { errno: string }) => e,
+    );
+    expect(busy?.errno).toBe('EBUSY');
+    await run.stop();
+    // A guest that halts on its own; stop() after that changes nothing.
+    const halting = await kvm.runGuest({ codeGpa: CODE + 0x1000, image: assembleProgram(CODE + 0x1000, [{ gpa: COUNTER + 8, bytes: Buffer.from('hlt') }]).image });
+    expect(await halting.done).toMatchObject({ halted: true, exits: [] });
+    await halting.stop();
+    await kvm.runProgram({ codeGpa: CODE + 0x2000, writes: [{ gpa: COUNTER + 16, bytes: Buffer.from('after') }] });
+    expect(Buffer.from(kvm.memory.read(COUNTER + 8, 13)).toString()).toBe('hlt\0\0\0\0\0after');
   });
 });
 

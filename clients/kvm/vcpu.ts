@@ -429,7 +429,11 @@ export class KvmVcpu {
    * MMB_ERR_KVM.
    */
   runGuest(rip: number): GuestRun {
+    // Refused here, not through `done`: the caller learns at once that nothing runs.
+    if (this.closed) throw new KvmError(`[kvm] vCPU ${this.id} is closed`, { errno: 'EBADF' });
+    if (this.running) throw new KvmError(`[kvm] vCPU ${this.id} is already running`, { errno: 'EBUSY' });
     const exits: ExitRecord[] = [];
+    let ended = false;
     const done = this.exclusive(async (): Promise<GuestRunResult> => {
       this.setRegs({ rip, rflags: 2 });
       try {
@@ -452,6 +456,7 @@ export class KvmVcpu {
           }
         }
       } finally {
+        ended = true;
         this.stopping = false;
         if (this.parks === 0) this.run.setUint8(RUN.immediate_exit, 0);
       }
@@ -460,7 +465,8 @@ export class KvmVcpu {
       exits,
       done,
       stop: async () => {
-        if (!this.closed) {
+        // Once the run ended (halted, failed) there is nothing to stop, and no flag may outlive it.
+        if (!ended && !this.closed) {
           this.stopping = true;
           this.run.setUint8(RUN.immediate_exit, 1);
           await this.kickOut();
