@@ -101,6 +101,8 @@ export class KvmApplier implements Applier {
   private guest: GuestRun | undefined;
   /** Slots created by the change being applied, by id (a dirty ring entry may name one). */
   private creating = new Map<number, Slot>();
+  /** The dirty ring overflowed once: its entries no longer say everything (see harvestRings). */
+  private ringLost = false;
 
   constructor(
     readonly vm: MemslotBackend,
@@ -366,6 +368,15 @@ export class KvmApplier implements Applier {
     });
   }
 
+  /**
+   * How the vCPUs' writes reach the dirty log: KVM's per-slot bitmaps, its dirty ring, every logging slot
+   * reported entirely dirty (the ring overflowed once), or nothing (the software stand-in runs no vCPU).
+   */
+  get dirtyLogMode(): 'bitmap' | 'ring' | 'all-dirty' | 'none' {
+    if (!(this.vm instanceof KvmVm)) return 'none';
+    return this.vm.dirtyRing === 0 ? 'bitmap' : this.ringLost ? 'all-dirty' : 'ring';
+  }
+
   /** The vCPU, for inspection (parked, inKvmRun); undefined until a program or guest ran. */
   get cpu(): KvmVcpu | undefined {
     return this.vcpu;
@@ -439,6 +450,13 @@ export class KvmApplier implements Applier {
       seen?.(slot, page);
     });
     if (n > 0) this.vm.resetDirtyRings();
+    if (vcpu.ringOverflowed) {
+      // Some entries were overwritten: which pages they named is unknown. From now on every logging slot
+      // counts as entirely dirty at every collection, as a writer that cannot track does: never a lost bit.
+      if (!this.ringLost) this.log?.error({ backend: this.backend, entries: this.vm.dirtyRing }, 'kvm client: the dirty ring overflowed; logging slots are reported entirely dirty from now on');
+      this.ringLost = true;
+    }
+    if (this.ringLost) for (const slot of [...this.table.values(), ...this.creating.values()]) if (slot.flags & KVM_MEM_LOG_DIRTY_PAGES) log?.mark(slot.gpa, slot.size);
     return n;
   }
 

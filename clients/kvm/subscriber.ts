@@ -141,6 +141,11 @@ export class KvmSubscriber extends Subscriber {
     return this.kvm.runGuest(opts);
   }
 
+  /** 'bitmap', 'ring', 'all-dirty' (the ring overflowed once) or 'none' (software). */
+  get dirtyLogMode(): KvmApplier['dirtyLogMode'] {
+    return this.kvm.dirtyLogMode;
+  }
+
   /** The vCPU (parked, inKvmRun), once a program or guest ran. */
   get vcpu(): KvmVcpu | undefined {
     return this.kvm.cpu;
