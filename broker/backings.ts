@@ -2,7 +2,7 @@
 // id from any number of regions, sent to each subscriber once. The broker holds one fd per backing and
 // closes it only when no committed or in-flight region slices it and the owner no longer holds it.
 import fs from 'node:fs';
-import { constants, native } from '../native/index.js';
+import { constants, HUGETLBFS_MAGIC, native, PAGE_SIZE, TMPFS_MAGIC } from '../native/index.js';
 import {
   BackingInvalidError,
   BackingUnsealedError,
@@ -27,6 +27,13 @@ export interface Backing {
   held: boolean;
   /** A read-only reopen of the same memfd, made on first need (see fdFor). */
   roFd?: number;
+  /**
+   * The page size of its memory: the huge page size (2 MiB, 1 GiB) of a hugetlbfs file (an MFD_HUGETLB
+   * memfd), else the system page size. Regions slicing it are aligned to it (broker/map.ts).
+   */
+  pageSize: number;
+  /** Sealed against shrinking (F_SEAL_SHRINK); false only for a file the owner registered as unsealed. */
+  sealed: boolean;
 }
 
 const S_IFMT = 0o170000;
@@ -36,38 +43,69 @@ const O_RDWR = 2;
 
 type ErrorClass = new (message: string, options?: { cause?: unknown }) => Error;
 
+export interface MemoryFdInfo {
+  size: number;
+  dev: number;
+  ino: number;
+  /** Huge page size on hugetlbfs, else the system page size (fstatfs: f_type and f_bsize). */
+  pageSize: number;
+  /** F_SEAL_SHRINK is set. */
+  sealed: boolean;
+}
+
+export interface InspectOptions {
+  /**
+   * Accept a file that is not sealed against shrinking, if it lives on tmpfs (/dev/shm) or hugetlbfs:
+   * the memory of QEMU's memory-backend-file, which cannot be sealed (only memfds can). Whoever can write
+   * the file could truncate it under everyone's mappings (SIGBUS), so only an owner that says so gets it.
+   */
+  allowUnsealed?: boolean;
+}
+
 /**
  * Checks that `fd` is memory the broker and its clients may map without fear: a regular shmem/hugetlbfs
  * file (memfd) opened read-write and sealed against shrinking, so nobody can truncate it under a mapping
- * (SIGBUS). `invalid` and `unsealed` are the errors to throw. Returns its stat.
+ * (SIGBUS); with `allowUnsealed`, also an unsealed file on tmpfs or hugetlbfs. `invalid` and `unsealed`
+ * are the errors to throw. Returns its stat, page size and whether it is sealed.
  */
-export function inspectMemoryFd(fd: number, invalid: ErrorClass, unsealed: ErrorClass): { size: number; dev: number; ino: number } {
+export function inspectMemoryFd(fd: number, invalid: ErrorClass, unsealed: ErrorClass, opts: InspectOptions = {}): MemoryFdInfo {
   let st;
+  let fsType: number;
+  let fsBlock: number;
   try {
     st = native.fstat(fd);
+    ({ type: fsType, bsize: fsBlock } = native.fstatfs(fd));
   } catch (err) {
     throw new invalid(`descriptor cannot be inspected: ${(err as Error).message}`, { cause: err });
   }
   if ((st.mode & S_IFMT) !== S_IFREG) throw new invalid('descriptor is not a regular memory file (memfd or hugetlbfs)');
-  let seals: number;
+  const sharedMemory = fsType === TMPFS_MAGIC || fsType === HUGETLBFS_MAGIC;
+  let seals: number | undefined;
   try {
     seals = native.getSeals(fd);
   } catch (err) {
-    throw new invalid('descriptor does not support sealing: it is not a memfd or hugetlbfs file', { cause: err });
+    if (!opts.allowUnsealed) throw new invalid('descriptor does not support sealing: it is not a memfd or hugetlbfs file', { cause: err });
   }
-  if ((seals & constants.F_SEAL_SHRINK) === 0) {
-    throw new unsealed('memfd is not sealed against shrinking: add F_SEAL_SHRINK before passing it');
+  const sealed = seals !== undefined && (seals & constants.F_SEAL_SHRINK) !== 0;
+  if (!sealed) {
+    if (!opts.allowUnsealed) throw new unsealed('memfd is not sealed against shrinking: add F_SEAL_SHRINK before passing it');
+    if (!sharedMemory) {
+      throw new invalid(`an unsealed backing must be a file on tmpfs (/dev/shm) or hugetlbfs; this one is on a filesystem of type 0x${fsType.toString(16)}`);
+    }
   }
   // The kernel's view of the open mode: writable regions (and dirty-sync buffers) are mapped shared and writable.
   const flags = /^flags:\s*([0-7]+)$/m.exec(fs.readFileSync(`/proc/self/fdinfo/${fd}`, 'utf8'));
   if (!flags || (parseInt(flags[1] as string, 8) & O_ACCMODE) !== O_RDWR) {
     throw new invalid('memfd must be open read-write');
   }
-  return { size: st.size, dev: st.dev, ino: st.ino };
+  return { size: st.size, dev: st.dev, ino: st.ino, pageSize: fsType === HUGETLBFS_MAGIC ? fsBlock : PAGE_SIZE, sealed };
 }
 
-/** A backing must be memory anyone may map (see inspectMemoryFd). */
-export const inspectBackingFd = (fd: number) => inspectMemoryFd(fd, BackingInvalidError, BackingUnsealedError);
+/**
+ * A backing must be memory anyone may map (see inspectMemoryFd); `allowUnsealed` (an owner that asked
+ * for it explicitly) also admits an unsealed file on tmpfs or hugetlbfs.
+ */
+export const inspectBackingFd = (fd: number, allowUnsealed = false) => inspectMemoryFd(fd, BackingInvalidError, BackingUnsealedError, { allowUnsealed });
 
 export class BackingTable {
   private readonly byId = new Map<number, Backing>();
@@ -97,12 +135,31 @@ export class BackingTable {
     return this.byId.get(id)?.size;
   }
 
-  /** Registers a descriptor after inspecting it. Takes ownership of `fd` only on success. */
-  add(fd: number, name: string | undefined): Backing {
+  backingPageSize(id: number): number | undefined {
+    return this.byId.get(id)?.pageSize;
+  }
+
+  /**
+   * Registers a descriptor after inspecting it. Takes ownership of `fd` only on success. `allowUnsealed`:
+   * the owner asked for an unsealed file on tmpfs or hugetlbfs (see inspectMemoryFd).
+   */
+  add(fd: number, name: string | undefined, allowUnsealed = false): Backing {
     if (this.byId.size >= this.maxBackings) throw new SpaceLimitError(`the address space already has ${this.maxBackings} backings`);
-    const st = inspectBackingFd(fd);
+    const st = inspectBackingFd(fd, allowUnsealed);
     const id = this.nextId++;
-    const b: Backing = { id, name: name ?? `backing${id}`, size: st.size, fd, dev: st.dev, ino: st.ino, refs: 0, inflight: 0, held: true };
+    const b: Backing = {
+      id,
+      name: name ?? `backing${id}`,
+      size: st.size,
+      fd,
+      dev: st.dev,
+      ino: st.ino,
+      refs: 0,
+      inflight: 0,
+      held: true,
+      pageSize: st.pageSize,
+      sealed: st.sealed,
+    };
     this.byId.set(id, b);
     return b;
   }

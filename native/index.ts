@@ -136,9 +136,14 @@ export interface Native {
   /**
    * `length` bytes of `fd` mapped at one contiguous range of host addresses, as consecutive Mappings of
    * at most `chunk` bytes (a page multiple): for memory a KVM memslot or a DMA mapping must see as one
-   * range while no ArrayBuffer may exceed 4 GiB. Unmapping every chunk releases the whole range.
+   * range while no ArrayBuffer may exceed 4 GiB. Unmapping every chunk releases the whole range. The range
+   * starts at a multiple of `align` (a power of two, default the page size; `chunk` a multiple of it),
+   * raised to the huge page size for a hugetlbfs file, whose `offset`, `length` and `chunk` must then be
+   * multiples of its huge page size (EINVAL otherwise).
    */
-  mmapChunked(fd: number, offset: number, length: number, prot: number, flags: number, chunk: number): Mapping[];
+  mmapChunked(fd: number, offset: number, length: number, prot: number, flags: number, chunk: number, align?: number): Mapping[];
+  /** fstatfs(2) of an open file: its filesystem's magic number (f_type) and block size (f_bsize). */
+  fstatfs(fd: number): { type: number; bsize: number };
   /**
    * munmap(2) and detach the buffer. EBUSY while an mlock/munlock on it is still running (or if its
    * buffer was detached by someone else, e.g. transferred: the memory may still be in use there).
@@ -289,6 +294,26 @@ export function pidOfPidfd(pidfd: number): number {
   const m = /^Pid:\s*(-?\d+)$/m.exec(fs.readFileSync(`/proc/self/fdinfo/${pidfd}`, 'utf8'));
   if (!m) throw new Error(`fd ${pidfd} is not a pidfd`);
   return Number(m[1]);
+}
+
+/** linux/magic.h: the filesystems of shared memory files (memfds and /dev/shm live on tmpfs). */
+export const HUGETLBFS_MAGIC = 0x958458f6;
+export const TMPFS_MAGIC = 0x01021994;
+
+/**
+ * The page size a mapping of `fd` is made of: its huge page size (2 MiB, 1 GiB: hugetlbfs's f_bsize) for
+ * a hugetlbfs file (an MFD_HUGETLB memfd included), else the system page size. Offsets, lengths and
+ * addresses of its mappings must be multiples of it.
+ */
+export function filePageSize(fd: number): number {
+  const st = native.fstatfs(fd);
+  return st.type === HUGETLBFS_MAGIC ? st.bsize : PAGE_SIZE;
+}
+
+/** A page size for messages: "4 KiB", "2 MiB", "1 GiB". */
+export function pageSizeName(bytes: number): string {
+  for (const [unit, n] of [['GiB', 2 ** 30], ['MiB', 2 ** 20], ['KiB', 2 ** 10]] as const) if (bytes >= n && bytes % n === 0) return `${bytes / n} ${unit}`;
+  return `${bytes} bytes`;
 }
 
 /** True if `err` is an error raised by the addon with the given errno name. */

@@ -133,6 +133,7 @@ describe.skipIf(!HEADERS && !IN_CI)('the KVM ABI in clients/kvm/abi.ts matches l
     DTABLE: { c: 'kvm_dtable', table: abi.DTABLE },
     SREGS: { c: 'kvm_sregs', table: abi.SREGS },
     DIRTY_LOG: { c: 'kvm_dirty_log', table: abi.DIRTY_LOG },
+    DIRTY_GFN: { c: 'kvm_dirty_gfn', table: abi.DIRTY_GFN },
     RUN: { c: 'kvm_run', table: abi.RUN },
   };
   /** RUN.mmio_phys_addr -> mmio.phys_addr */
@@ -194,6 +195,7 @@ describe.skipIf(!HEADERS && !IN_CI)('the KVM ABI in clients/kvm/abi.ts matches l
     for (const [name, value] of Object.entries(k)) {
       if (name.startsWith('sizeof_')) expect(value, name).toBe(fromGcc[`sizeof ${name.slice('sizeof_'.length)}`]);
       else if (name === 'offsetof_kvm_run_exit_reason') expect(value).toBe(abi.RUN.exit_reason);
+      else if (name === 'offsetof_kvm_run_immediate_exit') expect(value).toBe(abi.RUN.immediate_exit);
       else expect(value, name).toBe((abi as unknown as Record<string, number>)[name]);
     }
   });
