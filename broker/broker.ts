@@ -285,7 +285,8 @@ export class Broker implements InProcessConnector {
       case Msg.ATTACH:
         return this.attach(session, msg);
       case Msg.BACKING_ADD:
-        return this.ownedSpace(session).addBacking(session, fds[0] as number, msg.name);
+        if (msg.unsealed !== undefined && (session.features & Feature.TRUSTED_FILE) === 0) throw new FeatureError('BACKING_ADD.unsealed needs the TRUSTED_FILE feature');
+        return this.ownedSpace(session).addBacking(session, fds[0] as number, msg.name, msg.unsealed ?? false);
       case Msg.BACKING_DROP:
         return this.ownedSpace(session).dropBacking(session, msg.backing);
       case Msg.COMMIT:

@@ -360,11 +360,12 @@ export class AddressSpace {
 
   // --- owner requests -------------------------------------------------------------------------------
 
-  addBacking(session: Session, fd: number, name: string | undefined): BackingAddResult {
+  /** `unsealed` (feature TRUSTED_FILE): the owner vouches for a file that cannot be sealed (docs/security.md). */
+  addBacking(session: Session, fd: number, name: string | undefined, unsealed = false): BackingAddResult {
     this.requireOwner(session);
-    const b = this.backings.add(fd, name);
-    this.log.debug({ backing: b.id, size: b.size, name: b.name }, 'backing registered');
-    return { backing: b.id, size: b.size };
+    const b = this.backings.add(fd, name, unsealed);
+    this.log.debug({ backing: b.id, size: b.size, name: b.name, pageSize: b.pageSize, sealed: b.sealed }, 'backing registered');
+    return { backing: b.id, size: b.size, ...((session.features & Feature.TRUSTED_FILE) !== 0 ? { pageSize: b.pageSize, sealed: b.sealed } : {}) };
   }
 
   dropBacking(session: Session, id: number): BackingDropResult {
@@ -478,7 +479,7 @@ export class AddressSpace {
         actual: pinners.reduce((n, s) => n + (s.pinnedActual ?? 0), 0),
       },
       regions: this.map.regions().map((r) => ({ ...r })),
-      backings: [...this.backings.all()].map((b) => ({ backing: b.id, name: b.name, size: b.size, regions: b.refs, held: b.held })),
+      backings: [...this.backings.all()].map((b) => ({ backing: b.id, name: b.name, size: b.size, regions: b.refs, held: b.held, pageSize: b.pageSize, sealed: b.sealed })),
       clients,
       holders: this.fences.status(),
     };

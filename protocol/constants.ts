@@ -77,9 +77,12 @@ export const Feature = {
   /** Fencing: DETACH (a clean leave, so the client is not fenced), DELEGATE (pidfds of processes the client
    *  handed memory to), ATTACH.resume.client (the connection this one resumes). */
   FENCE: 1 << 9,
+  /** BACKING_ADD.unsealed: the owner registers a file it vouches for (QEMU's memory-backend-file on tmpfs or
+   *  hugetlbfs), which cannot be sealed against shrinking; the reply and STATUS say page size and sealing. */
+  TRUSTED_FILE: 1 << 10,
 } as const;
 export const ALL_FEATURES =
-  Feature.RESUME | Feature.REPORT | Feature.PLACE | Feature.COALESCE | Feature.PIN | Feature.DIRTY | Feature.AUTH | Feature.PUBLISH | Feature.TWO_PHASE | Feature.FENCE;
+  Feature.RESUME | Feature.REPORT | Feature.PLACE | Feature.COALESCE | Feature.PIN | Feature.DIRTY | Feature.AUTH | Feature.PUBLISH | Feature.TWO_PHASE | Feature.FENCE | Feature.TRUSTED_FILE;
 
 /** Bytes of guest memory one dirty-bitmap bit stands for. */
 export const DIRTY_PAGE_SIZE = 4096;

@@ -98,7 +98,13 @@ export const attach = object({
   ),
 });
 
-export const backingAdd = object({ t: t(Msg.BACKING_ADD), id: u32(), name: optional(name()) });
+export const backingAdd = object({
+  t: t(Msg.BACKING_ADD),
+  id: u32(),
+  name: optional(name()),
+  /** Feature TRUSTED_FILE: accept a file that is not sealed against shrinking (tmpfs or hugetlbfs only). */
+  unsealed: optional(bool()),
+});
 export const backingDrop = object({ t: t(Msg.BACKING_DROP), id: u32(), backing: u32() });
 
 export const commitOp = tagged('op', {
@@ -249,7 +255,13 @@ export const attachResult = object({
   published: optional(bool()),
 });
 
-export const backingAddResult = object({ backing: u32(), size: addr() });
+export const backingAddResult = object({
+  backing: u32(),
+  size: addr(),
+  /** Feature TRUSTED_FILE: the backing's page size (4 KiB, or a huge page size) and whether it is sealed. */
+  pageSize: optional(addr()),
+  sealed: optional(bool()),
+});
 export const reportResult = object({});
 export const dirtySyncResult = object({
   /** Where each region's cleared bits were ORed into the buffer sent with the request. */

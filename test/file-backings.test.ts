@@ -1,7 +1,7 @@
 // File-backed guest memory (issue 17, point 4): QEMU's memory-backend-file puts guest RAM in a file on
 // hugetlbfs or /dev/shm (tmpfs). Such a file cannot be sealed (only memfds can), so whoever can write it
 // could truncate it under every mapping and SIGBUS the others: the broker accepts one only when the owner
-// asks for it explicitly (inspectBackingFd's allowUnsealed, to be carried by a BACKING_ADD flag), only on
+// asks for it explicitly (BACKING_ADD.unsealed, feature TRUSTED_FILE; inspectBackingFd's allowUnsealed), only on
 // tmpfs or hugetlbfs, and still read-write only. Its page size is known the same way as a memfd's.
 //
 // The hugetlbfs cases mount a private hugetlbfs (pagesize=2M) as root and reserve 2 MiB pages; without
@@ -10,9 +10,10 @@ import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { afterAll, afterEach, describe, expect, it } from 'vitest';
+import { Broker } from '../broker/index.js';
 import { BackingTable, inspectBackingFd } from '../broker/backings.js';
 import { MemoryMap } from '../broker/map.js';
-import { createSealedMemfd } from '../clients/index.js';
+import { MappingSubscriber, OwnerClient, createSealedMemfd } from '../clients/index.js';
 import { GuestMemory } from '../clients/memory.js';
 import type { LocalBacking, ViewRegion } from '../clients/view.js';
 import { constants, native, PAGE_SIZE } from '../native/index.js';
@@ -77,6 +78,29 @@ describe('a file on /dev/shm (tmpfs)', () => {
     expect(() => native.addSeals(fd, constants.F_SEAL_SHRINK)).toThrow(/EPERM/);
     expect(errorOf(() => inspectBackingFd(fd))?.code).toBe('MMB_ERR_BACKING_UNSEALED');
     expect(inspectBackingFd(fd, true)).toMatchObject({ size: 4 * MiB, pageSize: PAGE_SIZE, sealed: false });
+  });
+
+  it('over the wire: BACKING_ADD refuses it, BACKING_ADD.unsealed (TRUSTED_FILE) accepts it, and a subscriber maps it', async () => {
+    const file = shm();
+    const fd = openFile(file, 4 * MiB);
+    fs.unlinkSync(file);
+    const broker = new Broker({ spaces: ['vm0'] });
+    const owner = await OwnerClient.attach(broker, { space: 'vm0' });
+    const sub = await MappingSubscriber.attach(broker, { space: 'vm0' });
+    try {
+      const refused = await owner.addBacking(fd, 'shm').then(() => undefined, (e: unknown) => e);
+      expect(isMmbError(refused) && refused.code).toBe('MMB_ERR_BACKING_UNSEALED');
+      const b = await owner.addBacking(fd, 'shm', { unsealed: true });
+      expect(b).toMatchObject({ size: 4 * MiB, pageSize: PAGE_SIZE, sealed: false });
+      expect(broker.status('vm0').spaces[0]?.backings[0]).toMatchObject({ name: 'shm', sealed: false, pageSize: PAGE_SIZE });
+      await owner.addRegion({ name: 'file-ram', gpa: 0, size: 4 * MiB, backing: b.backing });
+      fs.writeSync(fd, Buffer.from('written through the file'), 0, undefined, 0x1000);
+      expect(Buffer.from(sub.memory.read(0x1000, 24)).toString()).toBe('written through the file');
+    } finally {
+      await sub.close();
+      owner.close();
+      await broker.close();
+    }
   });
 
   it('even with allowUnsealed: read-write only', () => {
