@@ -17,7 +17,7 @@ import {
   encodeFrame,
   toMmbError,
 } from '../protocol/index.js';
-import type { Credentials, Transport, TransportEvents } from './transport.js';
+import type { Credentials, InboundLimits, Transport, TransportEvents } from './transport.js';
 import { closeAll } from './fds.js';
 
 export interface SocketTransportOptions {
@@ -60,7 +60,10 @@ export class SocketTransport extends EventEmitter<TransportEvents> implements Tr
   private events = 0;
   private _closed = false;
   private maxFrameBytes: number;
+  /** Descriptors one inbound frame may carry: recvmsg has room for exactly that many. */
   private maxFdsPerFrame: number;
+  /** Why more descriptors than that are refused (setInboundLimits), for the error. */
+  private fdRefusal: string | undefined;
   private readonly maxOutboundBytes: number;
   private readonly farewell: ((reason: MmbError) => object | undefined) | undefined;
 
@@ -153,6 +156,17 @@ export class SocketTransport extends EventEmitter<TransportEvents> implements Tr
     this.decoder.setLimits({ maxFrameBytes: this.maxFrameBytes, maxFdsPerFrame: this.maxFdsPerFrame });
   }
 
+  setInboundLimits(limits: InboundLimits): void {
+    if (limits.maxFdsPerFrame !== undefined) this.maxFdsPerFrame = limits.maxFdsPerFrame;
+    this.fdRefusal = limits.reason;
+    const { maxFrameBytes, maxFdsPerFrame, maxPendingFds } = limits;
+    this.decoder.setLimits({
+      ...(maxFrameBytes !== undefined ? { maxFrameBytes } : {}),
+      ...(maxFdsPerFrame !== undefined ? { maxFdsPerFrame } : {}),
+      ...(maxPendingFds !== undefined ? { maxPendingFds } : {}),
+    });
+  }
+
   private enqueue(p: Pending): void {
     this.queue.push(p);
     this.queuedBytes += p.data.length - p.offset;
@@ -227,7 +241,13 @@ export class SocketTransport extends EventEmitter<TransportEvents> implements Tr
       const r = native.recvmsg(this.fd, this.readBuf, this.maxFdsPerFrame);
       if (r === null) return;
       if (r.ctrunc) {
-        this.broken(new FdsTruncatedError('the kernel truncated the descriptors of a message (MSG_CTRUNC)'));
+        this.broken(
+          new FdsTruncatedError(
+            this.fdRefusal !== undefined
+              ? `${this.fdRefusal}; the kernel discarded the descriptors sent (MSG_CTRUNC)`
+              : 'the kernel truncated the descriptors of a message (MSG_CTRUNC)',
+          ),
+        );
         return;
       }
       if (r.bytes === 0) {

@@ -23,6 +23,17 @@ export interface TransportEvents {
   close: [reason: MmbError | undefined];
 }
 
+export interface InboundLimits {
+  /** Largest frame body the peer may send. */
+  maxFrameBytes?: number;
+  /** Most descriptors one frame may carry (0: none at all). */
+  maxFdsPerFrame?: number;
+  /** Most descriptors received and not yet claimed by a complete frame. */
+  maxPendingFds?: number;
+  /** Why descriptors beyond the limit are refused, for the error the peer gets. */
+  reason?: string;
+}
+
 export interface Transport extends EventEmitter<TransportEvents> {
   readonly kind: 'socket' | 'inproc';
   /** The peer's credentials: SO_PEERCRED (and a pidfd) for sockets, this process for in-process peers. */
@@ -42,4 +53,12 @@ export interface Transport extends EventEmitter<TransportEvents> {
   setRef(ref: boolean): void;
   /** Adopts the limits the peer announced (a client does this after HELLO). */
   setLimits(limits: { maxFrameBytes?: number; maxFdsPerFrame?: number }): void;
+  /**
+   * Narrows (or widens again) what the peer may send from now on, inbound only: the broker admits no
+   * descriptor and only small frames before ATTACH (broker/admission.ts). With `maxFdsPerFrame` 0 the
+   * socket is read without room for descriptors, so the kernel discards any the peer sends (they never
+   * reach our descriptor table) and the connection closes with MMB_ERR_FDS_TRUNCATED, quoting `reason`.
+   * In-process transports ignore it: their peer is this process.
+   */
+  setInboundLimits(limits: InboundLimits): void;
 }
