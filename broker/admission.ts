@@ -22,7 +22,7 @@
 //     owner list is admitted only while what is open (counted in /proc/self/fd) plus what is reserved
 //     stays below RLIMIT_NOFILE minus `fdHeadroom` (the listener's accept, logs, /proc reads) minus the
 //     owners' reserve: `ownerReserve` connections with an owner's allowance (socket, pidfd,
-//     `maxPendingFds`) each. An owner-listed connection may use that reserve.
+//     `maxPendingFds`) each, at most a quarter of the limit. An owner-listed connection may use it.
 //
 // Uids on an owner list are trusted (an owner can change the whole map): they are not counted per uid,
 // and they alone may use the reserve of connections and descriptors, so an owner can always connect and
@@ -87,9 +87,14 @@ export class Admission {
     this.fdLimit = openFileLimit();
   }
 
-  /** What an owner's connection may make us hold: socket, pidfd, pending descriptors. */
-  private get ownerFds(): number {
-    return 2 + this.limits.maxPendingFds;
+  /**
+   * Descriptors kept for owner-listed uids: `ownerReserve` connections with an owner's allowance each
+   * (socket, pidfd, pending descriptors), at most a quarter of what there is, so that a low
+   * RLIMIT_NOFILE does not leave nothing for everyone else.
+   */
+  private get ownerReserveFds(): number {
+    const perOwner = 2 + this.limits.maxPendingFds;
+    return Math.min(this.limits.ownerReserve * perOwner, Math.floor((this.fdLimit - this.limits.fdHeadroom) / 4));
   }
 
   /**
@@ -190,7 +195,7 @@ export class Admission {
     const waiting = this.unattachedByUid.get(uid) ?? 0;
     if (waiting >= l.maxUnattachedPerUid) return `uid ${uid} holds ${waiting} connections that have not attached yet, the limit per uid`;
     // Worst case once attached as a subscriber: admitted only if that still leaves the owners' reserve.
-    const room = this.fdRoom() - l.ownerReserve * this.ownerFds;
+    const room = this.fdRoom() - this.ownerReserveFds;
     if (cost + l.subscriberFds > room) return `no descriptors left for another connection besides those kept for owners (RLIMIT_NOFILE ${this.fdLimit})`;
     return undefined;
   }
