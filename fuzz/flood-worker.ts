@@ -29,6 +29,7 @@ let held: Conn[] = [];
 /** Reads what the broker sent; codes are found by their text (no msgpack decoder here). */
 function drain(c: Conn): void {
   for (;;) {
+    if (c.closed) break;
     let r;
     try {
       r = native.recvmsg(c.fd, buf, 8);
@@ -93,10 +94,14 @@ async function flood(): Promise<void> {
     if (c) send(c, header(1 << 20, 1), [efd]);
     if (i % 32 === 31) await new Promise((r) => setImmediate(r));
   }
-  // What the broker answered, once it had a moment to (the connections stay open meanwhile).
-  await new Promise((r) => setTimeout(r, 100));
+  // What the broker answered: read until it closed every connection or a second passed (a broker that
+  // keeps them is what the caller looks for; the connections stay open meanwhile).
+  for (const until = Date.now() + 1000; Date.now() < until; ) {
+    for (const c of held) if (!c.closed) drain(c);
+    if (held.every((c) => c.closed)) break;
+    await new Promise((r) => setTimeout(r, 10));
+  }
   for (const c of held) {
-    drain(c);
     if (c.closed) stats.closedByBroker++;
     for (const code of c.codes) stats.codes[code] = (stats.codes[code] ?? 0) + 1;
   }
