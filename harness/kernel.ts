@@ -16,6 +16,8 @@ export interface FdCensus {
   /** Dirty bitmaps (broker-made memfds) held open. */
   bitmaps: number;
   sockets: number;
+  /** Pidfds (the broker keeps one per socket connection: SO_PEERPIDFD). */
+  pidfds: number;
   /** Everything else: files, pipes, eventfds, epoll, /dev/kvm, ... */
   other: number;
   total: number;
@@ -23,7 +25,7 @@ export interface FdCensus {
 
 /** Classifies the process's open descriptors by what /proc/PID/fd links to. */
 export function fdCensus(pid: number): FdCensus {
-  const census: FdCensus = { memfds: new Map(), bitmaps: 0, sockets: 0, other: 0, total: 0 };
+  const census: FdCensus = { memfds: new Map(), bitmaps: 0, sockets: 0, pidfds: 0, other: 0, total: 0 };
   for (const fd of fs.readdirSync(`/proc/${pid}/fd`)) {
     let target: string;
     try {
@@ -36,6 +38,7 @@ export function fdCensus(pid: number): FdCensus {
     if (memfd?.startsWith(MEMFD_PREFIX)) census.memfds.set(memfd, (census.memfds.get(memfd) ?? 0) + 1);
     else if (memfd?.startsWith(BITMAP_PREFIX)) census.bitmaps++;
     else if (target.startsWith('socket:')) census.sockets++;
+    else if (target === 'anon_inode:[pidfd]') census.pidfds++;
     else census.other++;
   }
   return census;

@@ -162,6 +162,32 @@ describe('what the broker gives a subscriber', () => {
   });
 });
 
+describe('what the broker does to a backing', () => {
+  it('closes the inode to other uids (mode 0) at BACKING_ADD, for a memfd and a hugetlb memfd; a write-sealed one nobody can map writable, and subscribers get it read-only', async () => {
+    const { b } = broker({});
+    const owner = await ownerOf(b);
+    const plain = await owner.createBacking(2 * MiB, 'plain');
+    defer(() => native.close(plain.fd));
+    expect(native.fstat(plain.fd).mode & 0o7777).toBe(0);
+    // A hugetlb memfd needs no huge page until it is mapped (nothing here maps it): its mode changes too.
+    const hugeFd = createSealedMemfd('huge', 2 * MiB, { hugetlb: true });
+    defer(() => native.close(hugeFd));
+    expect(native.fstat(hugeFd).mode & 0o777).toBe(0o777);
+    await owner.addBacking(hugeFd, 'huge');
+    expect(native.fstat(hugeFd).mode & 0o7777).toBe(0);
+    // Sealed against writes: even the broker's own descriptor cannot be mapped writable, so subscribers
+    // only ever get the read-only one.
+    const rom = createSealedMemfd('rom', 2 * MiB, { sealWrites: true });
+    defer(() => native.close(rom));
+    expect(() => native.mmap(rom, 0, 2 * MiB, constants.PROT_READ | constants.PROT_WRITE, constants.MAP_SHARED)).toThrow(/EPERM/);
+    const { backing } = await owner.addBacking(rom, 'rom');
+    await owner.addRegion({ name: 'rom', gpa: 0, size: 2 * MiB, backing, readonly: true });
+    const s = await subscriberOf(b, { reconnect: false });
+    const fd = s.backing(backing)!.fd;
+    expect(parseInt(/^flags:\s*([0-7]+)$/m.exec(fs.readFileSync(`/proc/self/fdinfo/${fd}`, 'utf8'))![1]!, 8) & 3).toBe(0);
+  });
+});
+
 describe('limits', () => {
   it('backings per space: one more is refused (MMB_ERR_SPACE_LIMIT) and its descriptor closed', async () => {
     const { b } = broker({ limits: { maxBackings: 2 } });

@@ -142,8 +142,13 @@ export class SocketTransport extends EventEmitter<TransportEvents> implements Tr
     this.queue.length = 0;
     this.queuedBytes = 0;
     closeAll(this.decoder.dispose());
-    closeAll(this.peer.pidfd !== undefined ? [this.fd, this.peer.pidfd] : [this.fd]);
-    this.emit('close', reason);
+    closeAll([this.fd]);
+    // The pidfd outlives the 'close' listeners, so one that must watch the process longer can dup() it.
+    try {
+      this.emit('close', reason);
+    } finally {
+      if (this.peer.pidfd !== undefined) closeAll([this.peer.pidfd]);
+    }
   }
 
   setRef(ref: boolean): void {

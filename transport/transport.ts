@@ -9,8 +9,8 @@ import type { Frame, MmbError } from '../protocol/index.js';
 export interface Credentials extends KernelCredentials {
   /**
    * The peer's pidfd, taken at accept (SO_PEERPIDFD): it names the process that connected, never a later
-   * one that reused its pid. Owned by the transport and closed when the transport closes (dup() it to
-   * keep it longer). Absent for in-process peers, for the client end of a socket, and where the kernel
+   * one that reused its pid. Owned by the transport and closed when the transport closes, right after
+   * its 'close' listeners ran (dup() it, at the latest in such a listener, to keep it longer). Absent for in-process peers, for the client end of a socket, and where the kernel
    * has no SO_PEERPIDFD (Linux < 6.5) or the peer exited before it was accepted.
    */
   pidfd?: number;
