@@ -99,8 +99,8 @@ export class Admission {
 
   /**
    * Decides on a new connection before anything of it is read. Returns the refusal (the caller says
-   * goodbye with it) or registers the connection: the transport then takes no descriptor and only small
-   * frames, and must say HELLO within helloTimeoutMs.
+   * goodbye with it) or registers the connection: unless its uid is owner-listed, the transport then
+   * takes no descriptor and only small frames; a socket must say HELLO within helloTimeoutMs.
    */
   admit(transport: Transport): MmbError | undefined {
     const peer = transport.peer;
