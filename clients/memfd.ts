@@ -1,3 +1,4 @@
+import fs from 'node:fs';
 import { constants, native } from '../native/index.js';
 import { InvalidArgError } from '../protocol/index.js';
 
@@ -35,6 +36,9 @@ export function createSealedMemfd(name: string, size: number, opts: SealedMemfdO
       native.munmap(m);
     }
     native.addSeals(fd, constants.F_SEAL_SHRINK | (opts.sealGrow ? constants.F_SEAL_GROW : 0) | (opts.sealWrites ? constants.F_SEAL_FUTURE_WRITE : 0));
+    // No uid but ours may reopen it through /proc (a memfd is born 0777); the broker does the same at
+    // BACKING_ADD, but a broker of another uid without root could not (see broker/backings.ts).
+    fs.fchmodSync(fd, 0);
   } catch (err) {
     native.close(fd);
     throw err;

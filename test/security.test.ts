@@ -166,15 +166,17 @@ describe('what the broker does to a backing', () => {
   it('closes the inode to other uids (mode 0) at BACKING_ADD, for a memfd and a hugetlb memfd; a write-sealed one nobody can map writable, and subscribers get it read-only', async () => {
     const { b } = broker({});
     const owner = await ownerOf(b);
-    const plain = await owner.createBacking(2 * MiB, 'plain');
-    defer(() => native.close(plain.fd));
-    expect(native.fstat(plain.fd).mode & 0o7777).toBe(0);
-    // A hugetlb memfd needs no huge page until it is mapped (nothing here maps it): its mode changes too.
-    const hugeFd = createSealedMemfd('huge', 2 * MiB, { hugetlb: true });
-    defer(() => native.close(hugeFd));
-    expect(native.fstat(hugeFd).mode & 0o777).toBe(0o777);
-    await owner.addBacking(hugeFd, 'huge');
-    expect(native.fstat(hugeFd).mode & 0o7777).toBe(0);
+    // Memfds made as any VMM makes them (createSealedMemfd closes its own already); a hugetlb one needs
+    // no huge page until it is mapped, and nothing here maps it.
+    for (const huge of [false, true]) {
+      const fd = native.memfdCreate(huge ? 'huge' : 'plain', constants.MFD_CLOEXEC | constants.MFD_ALLOW_SEALING | (huge ? constants.MFD_HUGETLB : 0));
+      defer(() => native.close(fd));
+      native.ftruncate(fd, 2 * MiB);
+      native.addSeals(fd, constants.F_SEAL_SHRINK);
+      expect(native.fstat(fd).mode & 0o777).toBe(0o777);
+      await owner.addBacking(fd, huge ? 'huge' : 'plain');
+      expect(native.fstat(fd).mode & 0o7777).toBe(0);
+    }
     // Sealed against writes: even the broker's own descriptor cannot be mapped writable, so subscribers
     // only ever get the read-only one.
     const rom = createSealedMemfd('rom', 2 * MiB, { sealWrites: true });
