@@ -6,7 +6,6 @@ import pino, { type Logger } from 'pino';
 import {
   ALL_FEATURES,
   BadMessageError,
-  ConnectionLimitError,
   DEFAULT_CONNECTION_LIMITS,
   PermissionError,
   RateLimitError,
@@ -38,6 +37,7 @@ import {
 } from '../protocol/index.js';
 import { InProcessTransport, SocketListener, closeAll, type ListenOptions, type Transport } from '../transport/index.js';
 import { Access, type AccessPolicy } from './access.js';
+import { Admission } from './admission.js';
 import { DEFAULT_FENCE_OPTIONS, checkPidfds, type FenceOptions } from './fence.js';
 import { Session } from './session.js';
 import { AddressSpace } from './space.js';
@@ -85,6 +85,7 @@ export class Broker implements InProcessConnector {
   private readonly spacesByName = new Map<string, AddressSpace>();
   private readonly sessions = new Set<Session>();
   private readonly listeners: SocketListener[] = [];
+  private readonly admission: Admission;
   private nextSessionId = 1;
   private closing = false;
 
@@ -106,6 +107,10 @@ export class Broker implements InProcessConnector {
     if (!Number.isSafeInteger(this.fence.timeoutMs) || this.fence.timeoutMs < 0) throw new InvalidArgError(`fence timeout must be a whole number of milliseconds, not ${this.fence.timeoutMs}`);
     this.published = opts.published ?? true;
     this.access = { ...opts.access, ...(opts.ownerUids ? { owners: { uids: [...opts.ownerUids], gids: [...(opts.access?.owners?.gids ?? [])] } } : {}) };
+    this.admission = new Admission(this.connectionLimits, this.protocolLimits, {
+      mayOwn: (peer) => [...this.accessBySpace.values()].some((a) => a.mayOwn(peer)),
+      log: this.log,
+    });
     for (const name of opts.spaces ?? []) this.createSpace(name);
   }
 
@@ -178,6 +183,7 @@ export class Broker implements InProcessConnector {
     if (this.closing) return;
     this.closing = true;
     for (const l of this.listeners) l.close();
+    this.admission.close();
     const err = new ShutdownError('the broker is shutting down');
     for (const space of this.spacesByName.values()) space.close(err);
     const open = [...this.sessions].filter((s) => !s.transport.closed);
@@ -193,10 +199,11 @@ export class Broker implements InProcessConnector {
   // --- connections ----------------------------------------------------------------------------------
 
   private accept(transport: Transport): void {
-    if (this.sessions.size >= this.connectionLimits.maxConnections) {
-      const err = new ConnectionLimitError(`the broker serves ${this.sessions.size} connections, its limit`);
-      this.log.warn({ pid: transport.peer.pid, limit: this.connectionLimits.maxConnections }, 'connection refused: limit');
-      transport.end({ t: Msg.EV_GOODBYE, error: err.toWire() });
+    // Counts, deadlines and descriptor allowances before ATTACH: broker/admission.ts.
+    const refused = this.admission.admit(transport);
+    if (refused) {
+      this.log.warn({ pid: transport.peer.pid, uid: transport.peer.uid, err: refused.message }, 'connection refused: limit');
+      transport.end({ t: Msg.EV_GOODBYE, error: refused.toWire() });
       return;
     }
     const session = new Session(this.nextSessionId++, transport, this.connectionLimits);
@@ -204,6 +211,7 @@ export class Broker implements InProcessConnector {
     this.log.debug({ client: session.id, pid: transport.peer.pid, uid: transport.peer.uid, transport: transport.kind }, 'connected');
     transport.on('frame', (frame) => this.onFrame(session, frame));
     transport.on('close', (reason) => {
+      this.admission.release(transport);
       this.sessions.delete(session);
       if (session.spaceName !== undefined) this.spacesByName.get(session.spaceName)?.detach(session);
       session.close();
@@ -213,6 +221,7 @@ export class Broker implements InProcessConnector {
   }
 
   private onFrame(session: Session, frame: Frame): void {
+    this.admission.seen(session.transport);
     let msg: ToBroker;
     try {
       msg = parseToBroker(frame, session.features);
@@ -240,6 +249,8 @@ export class Broker implements InProcessConnector {
     } catch (err) {
       result = Promise.reject(err);
     }
+    // HELLO and ATTACH change what the connection may send: adopt that before any reply goes out.
+    this.admission.update(session);
     result.then(
       (r) => {
         if (r !== undefined) session.reply(msg.id, r);

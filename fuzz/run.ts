@@ -15,6 +15,7 @@ import { constants, isNativeError, native } from '../native/index.js';
 import { closeAll } from '../transport/fds.js';
 import { FrameDecoder, isMmbError } from '../protocol/index.js';
 import { Rng, makeFd, session } from './generate.js';
+import { FLOOD_UID, startFlood, type Flood, type FloodTotals } from './flood.js';
 import { parseCount } from '../cli/args.js';
 import { waitFor } from '../cli/child.js';
 import { fdCount } from '../cli/procfs.js';
@@ -28,6 +29,9 @@ export interface FuzzOptions {
   /** Hostile frames per session (after its prologue). Default 6. */
   framesPerSession?: number;
   onBatch?: (done: number, result: FuzzResult) => void;
+  /** Before each legitimate check, a pre-HELLO descriptor flood from uid 65534 (fuzz/flood.ts) holds its
+   *  connections while the owner hotplugs. Default true; needs root and setpriv. */
+  flood?: boolean;
 }
 
 export interface FuzzResult {
@@ -51,6 +55,8 @@ export interface FuzzResult {
   mappingLeak: number;
   legitChecks: number;
   legitFailures: string[];
+  /** The pre-HELLO flood's figures, or why it did not run. */
+  flood: FloodTotals | 'skipped: needs root and setpriv' | 'off';
 }
 
 // The compiled CLI, whether this file runs compiled (dist/fuzz/run.js) or from source under vitest.
@@ -194,6 +200,13 @@ export async function runFuzz(opts: FuzzOptions): Promise<FuzzResult> {
   fs.writeFileSync(tmpFile, Buffer.alloc(1 << 20));
   const { child, errors } = await startBroker(socket);
   const pid = child.pid as number;
+  // The flood's uid (on no owner list) must be able to connect at all: the allow-lists then decide.
+  let flood: Flood | undefined;
+  if (opts.flood !== false) {
+    fs.chmodSync(dir, 0o755);
+    fs.chmodSync(socket, 0o666);
+    flood = startFlood(socket);
+  }
   const rng = new Rng(opts.seed ?? 1);
   const per = opts.framesPerSession ?? 6;
   const batch = opts.batch ?? 100;
@@ -213,6 +226,7 @@ export async function runFuzz(opts: FuzzOptions): Promise<FuzzResult> {
     mappingLeak: 0,
     legitChecks: 0,
     legitFailures: [],
+    flood: opts.flood === false ? 'off' : flood ? flood.totals : 'skipped: needs root and setpriv',
   };
   const started = performance.now();
   try {
@@ -234,7 +248,13 @@ export async function runFuzz(opts: FuzzOptions): Promise<FuzzResult> {
       }
       result.batches++;
       if (child.exitCode !== null) break;
+      // The owner hotplugs while uid FLOOD_UID holds a round of pre-HELLO descriptor flooding open.
+      if (flood) {
+        await flood.round();
+        flood.totals.brokerFdsMax = Math.max(flood.totals.brokerFdsMax, fdCount(pid));
+      }
       const failure = await legitimateHotplug(socket, result.batches);
+      await flood?.release();
       result.legitChecks++;
       if (failure) result.legitFailures.push(failure);
       // Released by now, or the leak figures below say how much was not.
@@ -245,6 +265,7 @@ export async function runFuzz(opts: FuzzOptions): Promise<FuzzResult> {
       opts.onBatch?.(result.frames, result);
     }
   } finally {
+    await flood?.stop().catch(() => undefined);
     result.brokerAlive = child.exitCode === null && child.signalCode === null;
     result.unexpectedExceptions = errors.length;
     result.exceptionSamples = errors.slice(0, 5);
@@ -281,6 +302,15 @@ async function main(): Promise<void> {
     );
     const codes = Object.entries(result.errorCodes).sort((a, b) => b[1] - a[1]);
     console.log(`${result.answers} frames answered; typed refusals by code: ${codes.map(([c, n]) => `${c.replace('MMB_ERR_', '')} ${n}`).join(', ')}`);
+    const f = result.flood;
+    if (typeof f === 'string') console.log(`pre-HELLO flood: ${f}`);
+    else {
+      const codes = Object.entries(f.codes).sort((a, b) => b[1] - a[1]).map(([c, n]) => `${c.replace('MMB_ERR_', '')} ${n}`).join(', ');
+      console.log(
+        `pre-HELLO flood as uid ${FLOOD_UID}: ${f.rounds} rounds, ${f.attempted} connections tried, ${f.connected} connected, ${f.fdsSent} descriptors sent; ` +
+          `the broker closed ${f.closedByBroker} (${codes}); connect failures: ${JSON.stringify(f.connectFailed)}; broker fds at most ${f.brokerFdsMax} while flooded`,
+      );
+    }
     for (const f of result.legitFailures.slice(0, 5)) console.log(`  failed: ${f}`);
     for (const e of result.exceptionSamples) console.log(`  broker: ${e}`);
   }

@@ -182,8 +182,18 @@ export interface Native {
   eventfdWrite(fd: number, value: number): void;
 
   // --- Unix stream sockets ----------------------------------------------------------------------
-  /** socket+bind+listen on `path`; the socket file gets permission bits `mode`. */
+  /**
+   * socket+bind+listen on `path`; the socket file is created with permission bits `mode` (or tighter,
+   * where the umask removed bits, which are then added back by path before listen()).
+   */
   socketListen(path: string, backlog: number, mode: number): number;
+  /**
+   * The same for the socket `name` (one component) inside the directory open as `dirFd` (O_PATH will
+   * do): bound through /proc/self/fd/DIRFD/NAME, mode fixed with fchmodat(dirFd), removed with
+   * unlinkat(dirFd) on failure; no other path is resolved. ENAMETOOLONG when the /proc path exceeds
+   * sun_path (about 80 bytes of name), EINVAL for a name with "/" or a dot entry.
+   */
+  socketListenAt(dirFd: number, name: string, backlog: number, mode: number): number;
   /** Non-blocking connect; throws ECONNREFUSED / ENOENT / EAGAIN (listener backlog full). */
   socketConnect(path: string): number;
   /**

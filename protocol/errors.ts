@@ -52,6 +52,8 @@ export const ERROR_TABLE = {
   MMB_ERR_PERMISSION: { errno: 'EPERM', summary: 'The peer\'s credentials (SO_PEERCRED) or token do not allow this role on this address space.' },
   MMB_ERR_CONNECTION_LIMIT: { errno: 'EAGAIN', summary: 'The broker already serves as many connections as it allows; try again later.' },
   MMB_ERR_RATE_LIMIT: { errno: 'EAGAIN', summary: 'The connection sent requests faster than the broker allows; the request was not run.' },
+  MMB_ERR_UNSAFE_PATH: { errno: 'EPERM', summary: 'A path the broker must trust (its socket\'s directory or an ancestor, its token file) can be changed or read by other users, or is a symlink it will not follow.' },
+  MMB_ERR_HANDSHAKE_TIMEOUT: { errno: 'ETIMEDOUT', summary: 'A connection did not complete HELLO and ATTACH within the broker\'s deadline, or sat idle before attaching; it was closed.' },
 
   // --- the map ---
   MMB_ERR_BACKING_INVALID: { errno: 'EINVAL', summary: 'A backing descriptor is not a memfd or hugetlbfs file.' },
@@ -246,6 +248,8 @@ export const NotOwnerError = define('MMB_ERR_NOT_OWNER');
 export const PermissionError = define('MMB_ERR_PERMISSION');
 export const ConnectionLimitError = define('MMB_ERR_CONNECTION_LIMIT');
 export const RateLimitError = define('MMB_ERR_RATE_LIMIT');
+export const UnsafePathError = define('MMB_ERR_UNSAFE_PATH');
+export const HandshakeTimeoutError = define('MMB_ERR_HANDSHAKE_TIMEOUT');
 export const BackingInvalidError = define('MMB_ERR_BACKING_INVALID');
 export const BackingUnsealedError = define('MMB_ERR_BACKING_UNSEALED');
 export const BackingTooSmallError = define('MMB_ERR_BACKING_TOO_SMALL');

@@ -600,6 +600,32 @@ describe('sockets', () => {
     }
   });
 
+  it('socketListenAt binds inside a directory descriptor, wherever that directory has moved, with its exact mode', () => {
+    const dir = tmpDir();
+    const moved = `${dir}-moved`;
+    const old = process.umask(0o077);
+    const dirFd = fs.openSync(dir, fs.constants.O_RDONLY | fs.constants.O_DIRECTORY);
+    try {
+      // Renamed after it was opened: the socket lands in the directory we hold, not at the path we named.
+      fs.renameSync(dir, moved);
+      const before = fdCount();
+      track(native.socketListenAt(dirFd, 'at.sock', 1, 0o660));
+      expect(fdCount()).toBe(before + 1);
+      const st = fs.lstatSync(path.join(moved, 'at.sock'));
+      expect(st.isSocket()).toBe(true);
+      expect(st.mode & 0o7777).toBe(0o660); // the umask (077) took nothing away
+      expect(fs.existsSync(path.join(dir, 'at.sock'))).toBe(false);
+      expectNative(catchError(() => native.socketListenAt(dirFd, 'at.sock', 1, 0o600)), 'EADDRINUSE', 'bind');
+      for (const bad of ['a/b', '.', '..']) expectNative(catchError(() => native.socketListenAt(dirFd, bad, 1, 0o600)), 'EINVAL', 'bind');
+      expectNative(catchError(() => native.socketListenAt(dirFd, 'x'.repeat(100), 1, 0o600)), 'ENAMETOOLONG', 'bind');
+      expect(fdCount()).toBe(before + 1); // failures closed their sockets
+    } finally {
+      fs.closeSync(dirFd);
+      process.umask(old);
+      fs.rmSync(moved, { recursive: true, force: true });
+    }
+  });
+
   it('connect errors: ENOENT for a missing path, ECONNREFUSED for a dead socket file', () => {
     const dir = tmpDir();
     try {
