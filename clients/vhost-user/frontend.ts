@@ -38,6 +38,7 @@ import {
   configPayload,
   decodeHeader,
   encode,
+  logPayload,
   memReg,
   memTable,
   readU64,
@@ -71,6 +72,11 @@ export interface Negotiated {
   offeredProtocolFeatures: bigint;
   /** Protocol features set with SET_PROTOCOL_FEATURES. */
   protocolFeatures: bigint;
+  /**
+   * The back-end can log its writes the way the spec defines it: it offered VHOST_F_LOG_ALL and
+   * VHOST_USER_PROTOCOL_F_LOG_SHMFD was negotiated. Otherwise its writes cannot be seen.
+   */
+  canLog: boolean;
   /** GET_QUEUE_NUM (with MQ), else undefined. */
   queueNum: number | undefined;
   /** GET_MAX_MEM_SLOTS with CONFIGURE_MEM_SLOTS, else 8 (SET_MEM_TABLE only). */
@@ -162,9 +168,10 @@ export class VhostUserFrontend extends EventEmitter<FrontendEvents> {
   }
 
   /**
-   * The session start: GET_FEATURES, GET/SET_PROTOCOL_FEATURES (MQ, REPLY_ACK, CONFIG, CONFIGURE_MEM_SLOTS
-   * where offered; never STATUS), GET_QUEUE_NUM, GET_MAX_MEM_SLOTS, SET_OWNER, SET_FEATURES with `want`
-   * (masked by what is offered; VHOST_USER_F_PROTOCOL_FEATURES added when offered).
+   * The session start: GET_FEATURES, GET/SET_PROTOCOL_FEATURES (MQ, REPLY_ACK, CONFIG, CONFIGURE_MEM_SLOTS,
+   * LOG_SHMFD where offered; never STATUS), GET_QUEUE_NUM, GET_MAX_MEM_SLOTS, SET_OWNER, SET_FEATURES with
+   * `want` (masked by what is offered; VHOST_USER_F_PROTOCOL_FEATURES added when offered; VHOST_F_LOG_ALL
+   * never here: setLogAll() turns it on while dirty logging is wanted, as QEMU does at migration).
    */
   async negotiate(want: bigint): Promise<Negotiated> {
     const offered = readU64(await this.request(Req.GET_FEATURES, undefined, [], 'reply'), 'GET_FEATURES');
@@ -184,6 +191,7 @@ export class VhostUserFrontend extends EventEmitter<FrontendEvents> {
       queueNum: undefined,
       maxMemSlots: MEM_TABLE_MAX_REGIONS,
       memMode: 'table',
+      canLog: (offered & bit(Feature.LOG_ALL)) !== 0n && (pf & bit(ProtocolFeature.LOG_SHMFD)) !== 0n,
     };
     this._negotiated = n;
     if (pf & bit(ProtocolFeature.MQ)) {
@@ -196,7 +204,7 @@ export class VhostUserFrontend extends EventEmitter<FrontendEvents> {
       n.memMode = 'slots';
     }
     await this.request(Req.SET_OWNER, undefined, [], 'ack');
-    const features = (want & offered) | (offered & bit(Feature.PROTOCOL_FEATURES));
+    const features = (want & offered & ~bit(Feature.LOG_ALL)) | (offered & bit(Feature.PROTOCOL_FEATURES));
     await this.request(Req.SET_FEATURES, u64Payload(features), [], 'ack');
     n.features = features;
     return n;
@@ -220,6 +228,34 @@ export class VhostUserFrontend extends EventEmitter<FrontendEvents> {
     return this.request(Req.REM_MEM_REG, memReg(region), [], 'ack').then(() => undefined);
   }
 
+  // --- dirty log -----------------------------------------------------------------------------------
+
+  /**
+   * SET_LOG_BASE with LOG_SHMFD: the back-end maps `size` bytes of the log memfd `fd` (from offset 0) and
+   * sets bits there from now on. Every back-end answers it with a reply of its own (libvhost-user: a u64,
+   * DPDK: empty), so it is sent without NEED_REPLY and waits for that reply.
+   */
+  setLogBase(fd: number, size: number): Promise<void> {
+    return this.request(Req.SET_LOG_BASE, logPayload(size), [fd], 'reply').then(() => undefined);
+  }
+
+  /**
+   * SET_FEATURES with or without VHOST_F_LOG_ALL on top of the negotiated features: the one feature a
+   * back-end accepts changing while its rings run (DPDK refuses any other change then).
+   */
+  setLogAll(on: boolean): Promise<void> {
+    const n = this.negotiated;
+    return this.request(Req.SET_FEATURES, u64Payload(n.features | (on ? bit(Feature.LOG_ALL) : 0n)), [], 'ack').then(() => undefined);
+  }
+
+  /**
+   * A round trip (GET_FEATURES): resolves once the back-end processed everything sent before it. A
+   * back-end that broke on an earlier message (libvhost-user acks it, then closes on its panic) fails it.
+   */
+  barrier(): Promise<void> {
+    return this.request(Req.GET_FEATURES, undefined, [], 'reply').then(() => undefined);
+  }
+
   // --- vrings and config ----------------------------------------------------------------------------
 
   setVringNum(index: number, num: number): Promise<void> {
@@ -230,9 +266,13 @@ export class VhostUserFrontend extends EventEmitter<FrontendEvents> {
     return this.request(Req.SET_VRING_BASE, vringState(index, base), [], 'ack').then(() => undefined);
   }
 
-  /** Ring addresses are in the back-end's "user address" space (MemRegion.uaddr), not GPAs. */
-  setVringAddr(index: number, desc: bigint, used: bigint, avail: bigint): Promise<void> {
-    return this.request(Req.SET_VRING_ADDR, vringAddr(index, desc, used, avail), [], 'ack').then(() => undefined);
+  /**
+   * Ring addresses are in the back-end's "user address" space (MemRegion.uaddr), not GPAs. `logGpa` is
+   * the used ring's guest-physical address, where the back-end logs its used-ring writes; `flags`
+   * VRING_F_LOG asks it to.
+   */
+  setVringAddr(index: number, desc: bigint, used: bigint, avail: bigint, flags = 0, logGpa = 0n): Promise<void> {
+    return this.request(Req.SET_VRING_ADDR, vringAddr(index, desc, used, avail, flags, logGpa), [], 'ack').then(() => undefined);
   }
 
   setVringKick(index: number, eventfd: number): Promise<void> {
