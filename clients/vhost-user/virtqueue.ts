@@ -155,6 +155,11 @@ export class Virtqueue implements RingQueue {
     return this.pending.size;
   }
 
+  /** Requests waiting in this process for the ring to run again (nothing of them is in guest memory). */
+  get waiting(): number {
+    return this.held.length;
+  }
+
   /**
    * Zeroes the rings and hands the queue to the back-end: SET_VRING_NUM, SET_VRING_BASE 0, SET_VRING_ADDR
    * (user addresses of the rings, the used ring's GPA for logging), SET_VRING_KICK, SET_VRING_CALL, and
