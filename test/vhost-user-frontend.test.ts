@@ -424,8 +424,10 @@ describe('vhost-user memory-table planner', () => {
     expect(undo.map((s) => s.op)).toEqual(['table', ...Array(5).fill('add')]);
     // The memory of a running vring removed and not given back: refused before any step.
     expect(() => planMemTable(before, change([small], []), 'slots', 32, { rings })).toThrow(expect.objectContaining({ code: 'MMB_ERR_CLIENT_REFUSED' }));
-    // Table mode: every later table remaps what the back-end has.
+    // Table mode: every later table remaps what the back-end has; a table without a running vring's
+    // memory is refused the same way.
     expect(planMemTable(tableOf([other]), change([], [far]), 'table', 8).reshape).toBe(true);
+    expect(() => planMemTable(before, change([small], []), 'table', 8, { rings })).toThrow(expect.objectContaining({ code: 'MMB_ERR_CLIENT_REFUSED' }));
     expect(planMemTable(new Map(), change([], [far]), 'table', 8).reshape).toBe(false);
   });
 

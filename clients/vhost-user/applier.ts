@@ -9,8 +9,8 @@
 //   4. a reshape (memory the back-end keeps, remapped) runs with the rings stopped: drained, then
 //      GET_VRING_BASE (rings.ts);
 //   5. send the steps (REM_MEM_REG, ADD_MEM_REG or SET_MEM_TABLE), each waiting for its reply-ack, and a
-//      GET_FEATURES round trip behind the last one: libvhost-user acks a message it panicked on and then
-//      drops the connection, so only a later answer proves the back-end is still there;
+//      GET_FEATURES round trip behind the last one (in the same write): libvhost-user acks a message it
+//      panicked on and then drops the connection, so only a later answer proves the back-end is there;
 //   6. restart the rings, turn logging off when nothing logs any more, unmap the removed regions here.
 // A removal is therefore complete only after the back-end confirmed REM_MEM_REG (or a table without the
 // region): "nothing is freed while in use" holds for the back-end's mappings too.
@@ -29,7 +29,6 @@ import type { Applier, ApplyContext, Change, LocalBacking } from '../view.js';
 import type { VhostUserFrontend } from './frontend.js';
 import { VhostLog } from './log.js';
 import { planMemTable, undoSteps, type MemMode, type Step, type TableEntry } from './memtable.js';
-import { ProtocolFeature } from './messages.js';
 import { Rings } from './rings.js';
 
 export interface MemTableStats {
@@ -124,19 +123,9 @@ export class VhostUserApplier implements Applier {
       }
       for (const [i, step] of plan.steps.entries()) {
         if (ctx.signal.aborted) throw toMmbError(ctx.signal.reason ?? new CancelledError('the change was cancelled'));
-        if (i === plan.steps.length - 1 && this.frontend.hasProtocolFeature(ProtocolFeature.REPLY_ACK)) {
-          // The last step and a round trip right behind it, pipelined (without REPLY_ACK every step is
-          // followed by such a round trip already).
-          const last = this.exec(step, backings);
-          const barrier = this.frontend.barrier();
-          barrier.catch(() => undefined);
-          await last;
-          done.push(step);
-          await barrier;
-        } else {
-          await this.exec(step, backings);
-          done.push(step);
-        }
+        // The last step carries a round trip behind it (without REPLY_ACK every step does already).
+        await this.exec(step, backings, i === plan.steps.length - 1);
+        done.push(step);
       }
       if (plan.reshape && done.length > 0) this.stats.reshapes++;
     } catch (err) {
@@ -180,7 +169,7 @@ export class VhostUserApplier implements Applier {
     }
   }
 
-  private async exec(step: Step, backings: ReadonlyMap<number, LocalBacking>): Promise<void> {
+  private async exec(step: Step, backings: ReadonlyMap<number, LocalBacking>, confirm = false): Promise<void> {
     const fdOf = (e: TableEntry) => {
       const b = backings.get(e.backing);
       if (!b) throw new NoBackingError(`region ${JSON.stringify(e.name)} references backing ${e.backing}, which this client does not hold`);
@@ -190,17 +179,17 @@ export class VhostUserApplier implements Applier {
     switch (step.op) {
       case 'table':
         this.stats.setMemTable++;
-        await this.frontend.setMemTable(step.entries, step.entries.map(fdOf));
+        await this.frontend.setMemTable(step.entries, step.entries.map(fdOf), confirm);
         this.logger?.debug({ regions: step.entries.map((e) => `${e.name}@${hex(e.gpa)}+${hex(e.size)}`) }, 'vhost-user: SET_MEM_TABLE confirmed');
         return;
       case 'add':
         this.stats.addMemReg++;
-        await this.frontend.addMemReg(step.entry, fdOf(step.entry));
+        await this.frontend.addMemReg(step.entry, fdOf(step.entry), confirm);
         this.logger?.debug({ region: step.entry.name, gpa: step.entry.gpa, size: step.entry.size }, 'vhost-user: ADD_MEM_REG confirmed');
         return;
       case 'rem':
         this.stats.remMemReg++;
-        await this.frontend.remMemReg(step.entry);
+        await this.frontend.remMemReg(step.entry, confirm);
         this.logger?.debug({ region: step.entry.name, gpa: step.entry.gpa, size: step.entry.size }, 'vhost-user: REM_MEM_REG confirmed');
         return;
     }

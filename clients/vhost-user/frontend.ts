@@ -85,7 +85,11 @@ export interface Negotiated {
   memMode: 'slots' | 'table';
 }
 
-type Expect = 'none' | 'ack' | 'reply';
+/**
+ * What a request waits for: nothing, its confirmation (reply-ack or barrier), its own reply, or
+ * 'confirm': its confirmation and a GET_FEATURES round trip behind it, written in the same sendmsg.
+ */
+type Expect = 'none' | 'ack' | 'reply' | 'confirm';
 
 interface Waiter {
   request: number;
@@ -212,20 +216,22 @@ export class VhostUserFrontend extends EventEmitter<FrontendEvents> {
 
   // --- memory table ---------------------------------------------------------------------------------
 
+  // `confirm`: also wait for a round trip behind the message (see barrier()), sent with it.
+
   /** SET_MEM_TABLE: the whole table (at most 8 regions), one fd per region in the same order. */
-  setMemTable(regions: readonly MemRegion[], fds: readonly number[]): Promise<void> {
+  setMemTable(regions: readonly MemRegion[], fds: readonly number[], confirm = false): Promise<void> {
     if (fds.length !== regions.length) throw new InvalidArgError(`SET_MEM_TABLE: ${regions.length} regions but ${fds.length} fds`);
-    return this.request(Req.SET_MEM_TABLE, memTable(regions), fds, 'ack').then(() => undefined);
+    return this.request(Req.SET_MEM_TABLE, memTable(regions), fds, confirm ? 'confirm' : 'ack').then(() => undefined);
   }
 
   /** ADD_MEM_REG: one region and exactly one fd. */
-  addMemReg(region: MemRegion, fd: number): Promise<void> {
-    return this.request(Req.ADD_MEM_REG, memReg(region), [fd], 'ack').then(() => undefined);
+  addMemReg(region: MemRegion, fd: number, confirm = false): Promise<void> {
+    return this.request(Req.ADD_MEM_REG, memReg(region), [fd], confirm ? 'confirm' : 'ack').then(() => undefined);
   }
 
   /** REM_MEM_REG: identified by gpa, size and user address; no fd (as the spec says). */
-  remMemReg(region: MemRegion): Promise<void> {
-    return this.request(Req.REM_MEM_REG, memReg(region), [], 'ack').then(() => undefined);
+  remMemReg(region: MemRegion, confirm = false): Promise<void> {
+    return this.request(Req.REM_MEM_REG, memReg(region), [], confirm ? 'confirm' : 'ack').then(() => undefined);
   }
 
   // --- dirty log -----------------------------------------------------------------------------------
@@ -251,6 +257,7 @@ export class VhostUserFrontend extends EventEmitter<FrontendEvents> {
   /**
    * A round trip (GET_FEATURES): resolves once the back-end processed everything sent before it. A
    * back-end that broke on an earlier message (libvhost-user acks it, then closes on its panic) fails it.
+   * The memory-table methods take `confirm` to send one right behind their message in the same write.
    */
   barrier(): Promise<void> {
     return this.request(Req.GET_FEATURES, undefined, [], 'reply').then(() => undefined);
@@ -307,14 +314,23 @@ export class VhostUserFrontend extends EventEmitter<FrontendEvents> {
 
   /**
    * Sends one message. `expect`: 'reply' waits for the message's own reply and returns its payload;
-   * 'ack' waits until the back-end confirmed it (reply-ack 0, or a GET_FEATURES barrier); 'none' only
-   * sends. `fds` are sent with the message and stay ours.
+   * 'ack' waits until the back-end confirmed it (reply-ack 0, or a GET_FEATURES barrier); 'confirm'
+   * also waits for a GET_FEATURES round trip behind it, written with the message in one sendmsg (one
+   * wake-up of the back-end, not two); 'none' only sends. `fds` are sent with the message and stay ours.
    */
   request(request: number, payload: Uint8Array | undefined, fds: readonly number[], expect: Expect): Promise<Buffer> {
     if (this._closed) return Promise.reject(new DisconnectedError(`the vhost-user back-end at ${this.path} is disconnected`));
     const replyAck = this.hasProtocolFeature(ProtocolFeature.REPLY_ACK);
-    const flags = Flag.VERSION | (expect === 'ack' && replyAck ? Flag.NEED_REPLY : 0);
-    const p = expect === 'reply' || (expect === 'ack' && replyAck) ? this.wait(request) : undefined;
+    if (expect === 'confirm' && !replyAck) expect = 'ack'; // its confirmation is a round trip already
+    const acked = expect === 'ack' || expect === 'confirm';
+    const flags = Flag.VERSION | (acked && replyAck ? Flag.NEED_REPLY : 0);
+    const p = expect === 'reply' || (acked && replyAck) ? this.wait(request) : undefined;
+    if (expect === 'confirm') {
+      const behind = this.wait(Req.GET_FEATURES);
+      this.stats.barriers++;
+      this.send(Buffer.concat([encode(request, flags, payload), encode(Req.GET_FEATURES, Flag.VERSION)]), fds);
+      return Promise.all([this.checkAck(request, p as Promise<Buffer>), behind]).then(([reply]) => reply);
+    }
     this.send(encode(request, flags, payload), fds);
     if (expect === 'ack' && !replyAck) {
       // The barrier: its reply comes after the back-end processed `request`.
@@ -325,6 +341,11 @@ export class VhostUserFrontend extends EventEmitter<FrontendEvents> {
     }
     if (!p) return Promise.resolve(Buffer.alloc(0));
     if (expect === 'reply') return p;
+    return this.checkAck(request, p);
+  }
+
+  /** A reply-ack must be 0. */
+  private checkAck(request: number, p: Promise<Buffer>): Promise<Buffer> {
     return p.then((reply) => {
       const status = readU64(reply, `${reqName(request)} reply-ack`);
       if (status !== 0n) throw new ClientRefusedError(`the vhost-user back-end refused ${reqName(request)} (reply-ack ${status})`);

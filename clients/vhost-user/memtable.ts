@@ -136,16 +136,16 @@ export function planMemTable(current: ReadonlyMap<string, TableEntry>, change: C
   const keeps = (e: TableEntry) => added.some((a) => overlaps(a, e.gpa, e.size));
   let reshape = mode === 'table' ? current.size > 0 : removed.some(keeps);
   const table = (): Step => ({ op: 'table', entries: [...after.values()].sort(byGpa) });
-  // The running vrings that lose their region in this plan.
+  // The running vrings whose region this plan removes: it must give their memory back in one region.
   const orphaned = rings.filter((g) => removed.some((e) => overlaps(e, g.gpa, g.bytes)));
+  const lost = orphaned.find((g) => !added.some((a) => a.gpa <= g.gpa && g.gpa + g.bytes <= a.gpa + a.size));
+  if (lost) {
+    throw new ClientRefusedError(
+      `the vhost-user back-end runs a vring at [${hex(lost.gpa)}, ${hex(lost.gpa + lost.bytes)}), whose memory the change removes: stop the device first`,
+    );
+  }
   if (mode === 'table') steps.push(table());
   else if (orphaned.length > 0) {
-    const lost = orphaned.find((g) => !added.some((a) => a.gpa <= g.gpa && g.gpa + g.bytes <= a.gpa + a.size));
-    if (lost) {
-      throw new ClientRefusedError(
-        `the vhost-user back-end runs a vring at [${hex(lost.gpa)}, ${hex(lost.gpa + lost.bytes)}), whose memory the change removes: stop the device first`,
-      );
-    }
     steps.push(...rebuild([...after.values()], rings));
     reshape = true;
   } else if (removed.length === current.size && after.size > 0 && after.size <= MEM_TABLE_MAX_REGIONS && removed.length + added.length > 1) {

@@ -112,8 +112,8 @@ export class Virtqueue implements RingQueue {
   /** What GET_VRING_BASE returned at the last stop: where the back-end resumes. */
   private base = 0;
   private _closed = false;
-  /** Requests completed, kicks sent, call notifications seen, stops (GET_VRING_BASE) and restarts. */
-  readonly stats = { completed: 0, kicks: 0, calls: 0, stops: 0, restarts: 0 };
+  /** Requests completed, requests that waited for a stopped ring, kicks sent, call notifications seen, stops (GET_VRING_BASE) and restarts. */
+  readonly stats = { completed: 0, held: 0, kicks: 0, calls: 0, stops: 0, restarts: 0 };
 
   /** Bytes of guest memory the rings of a `size`-descriptor queue take. */
   static ringBytes(size: number): number {
@@ -228,6 +228,7 @@ export class Virtqueue implements RingQueue {
       if (bufs.length > this.free.length) return Promise.reject(new InvalidArgError(`virtqueue ${this.index}: ${bufs.length} descriptors needed, ${this.free.length} free`));
       return new Promise<number>((resolve, reject) => this.post({ bufs, prepare, resolve, reject }));
     }
+    this.stats.held++;
     return new Promise<number>((resolve, reject) => this.held.push({ bufs, prepare, resolve, reject }));
   }
 
