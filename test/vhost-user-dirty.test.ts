@@ -134,6 +134,19 @@ describeQsd('vhost-user dirty logging: qemu-storage-daemon', () => {
     await blk.read(3, 0x4000_0000 + 0x3000, 512);
     const dirty = (await sync(owner))('hot');
     expect(dirty).toEqual([0x4000_3000]);
+    // Memory that does not log, added higher still: VHOST_F_LOG_ALL logs every write of the back-end, so
+    // the log grows for it too (libvhost-user aborts on a write beyond its log), and nothing of it is
+    // reported (it has no bitmap).
+    const cold = await owner.createBacking(4 * MiB, 'cold');
+    defer(() => native.close(cold.fd));
+    await owner.addRegion({ name: 'cold', gpa: 0x8000_0000, size: 4 * MiB, backing: cold.backing });
+    expect(sub.stats.logBases).toBe(bases + 2);
+    await blk.read(4, 0x8000_0000 + 0x1000, 512);
+    const after = await sync(owner);
+    expect(after('hot')).toEqual([]);
+    expect(after('cold')).toEqual([]);
+    await blk.read(5, 0x4000_0000 + 0x5000, 512);
+    expect((await sync(owner))('hot')).toEqual([0x4000_5000]);
   });
 
   it('pause completes only after the requests in flight finished; a READ issued during the pause lands only after resume, and is not lost', async () => {

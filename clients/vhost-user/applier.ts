@@ -116,7 +116,11 @@ export class VhostUserApplier implements Applier {
     let held = false;
     const logWasOn = this.logging;
     try {
-      if (wantLog) await this.logOn(endOf([...plan.after.values(), ...plan.deferred.values()]));
+      // While VHOST_F_LOG_ALL is on the back-end logs every write, into memory logging or not: the log must
+      // reach the new table before the back-end has it (libvhost-user aborts on a write beyond its log).
+      const end = endOf([...plan.after.values(), ...plan.deferred.values()]);
+      if (wantLog) await this.logOn(end);
+      else if (this.logging) await this.growLog(end);
       if (plan.reshape && this.rings.size > 0) {
         held = true;
         await this.rings.hold('reshape');
@@ -202,19 +206,25 @@ export class VhostUserApplier implements Applier {
    * then VHOST_F_LOG_ALL and the rings' VHOST_VRING_F_LOG, as QEMU's vhost_dev_set_log does.
    */
   private async logOn(end: number): Promise<void> {
+    const log = await this.growLog(end);
+    if (this.logging) return;
+    // Bits from before logging started mean nothing to the bitmaps that start now.
+    log.clear();
+    await this.frontend.setLogAll(true);
+    this.logging = true;
+    await this.rings.setLogging(true);
+    this.logger?.info({ backend: this.frontend.path, logBytes: log.size }, 'vhost-user: dirty logging on');
+  }
+
+  /** Creates the log or grows it to cover [0, end), and tells the back-end (SET_LOG_BASE) if it changed. */
+  private async growLog(end: number): Promise<VhostLog> {
     const fresh = !this.log;
     this.log ??= new VhostLog(end);
     if (fresh || this.log.grow(end)) {
       this.stats.logBases++;
       await this.frontend.setLogBase(this.log.fd, this.log.size);
     }
-    if (this.logging) return;
-    // Bits from before logging started mean nothing to the bitmaps that start now.
-    this.log.clear();
-    await this.frontend.setLogAll(true);
-    this.logging = true;
-    await this.rings.setLogging(true);
-    this.logger?.info({ backend: this.frontend.path, logBytes: this.log.size }, 'vhost-user: dirty logging on');
+    return this.log;
   }
 
   private async logOff(): Promise<void> {
