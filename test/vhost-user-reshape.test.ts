@@ -160,6 +160,27 @@ describeQsd('vhost-user: no reshaping under I/O (qemu-storage-daemon)', () => {
     expect(qsd.errors()).toEqual([]);
   });
 
+  it('a broker reconnect that brings the fully coalesced view reshapes the ring region with the rings stopped, under I/O', async () => {
+    const { qsd, broker, bytes, addBlock } = await setup(4);
+    const { sub, blk } = await attach(broker, qsd, { reconnect: true, reconnectDelayMs: 10 });
+    await addBlock(1);
+    await addBlock(2);
+    expect(sub.backendTable().map((e) => e.size / MiB)).toEqual([2, 2, 2, 2]);
+    const io = backgroundIo(blk, bytes);
+    // A new connection's view is the fully coalesced map (the broker does not know the old one): b0..b2
+    // is one run now, which the bridge applies as a reshape of the region holding the rings.
+    const stops = sub.rings.stats.reshapeStops;
+    sub.dropConnection();
+    await new Promise<void>((r) => sub.once('reconnected', () => r()));
+    await waitFor('the resync to be applied', () => sub.backendTable().length === 2, 10_000);
+    expect(sub.backendTable().map((e) => [e.gpa, e.size / MiB])).toEqual([[0, 6], [0x4000_0000, 2]]);
+    expect(sub.rings.stats.reshapeStops).toBe(stops + 1);
+    expect(await io.stop()).toBeGreaterThan(0);
+    await blk.read(9, 2 * 2 * MiB + 0x400, 512);
+    expect(Buffer.from(bytes.subarray(2 * 2 * MiB + 0x400, 2 * 2 * MiB + 0x600)).equals(patternSector(9))).toBe(true);
+    expect(qsd.errors()).toEqual([]);
+  });
+
   it('a back-end lost while it applies a transaction fails the transaction, naming the client; the map is unchanged', async () => {
     const { qsd, broker, owner, addBlock } = await setup(4);
     const { sub } = await attach(broker, qsd);
