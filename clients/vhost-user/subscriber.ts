@@ -6,8 +6,10 @@
 // Before attaching to the broker it connects to the back-end and negotiates, so that it can declare the
 // back-end's slot limit (GET_MAX_MEM_SLOTS, or 8 for SET_MEM_TABLE-only back-ends) as `maxRegions`: the
 // broker then refuses, before anything changes, a transaction that would need more. It follows a
-// coalesced view by default (`coalesce: true`): contiguous blocks of one backing arrive merged, so a map
-// of 200 hotplugged 2 MiB blocks is one region to the back-end.
+// coalesced view by default (`coalesce: true`): contiguous blocks of one backing added together arrive
+// merged, a run it has is never grown (a block hotplugged next to it is a region of its own), and only
+// when the slots run out are runs merged, with the rings stopped around it (applier.ts), so 200
+// hotplugged 2 MiB blocks fit 32 slots.
 //
 // If the back-end goes away, the subscriber detaches from the broker (emitting 'error' with the reason)
 // rather than nacking every later transaction: a dead device must not block hotplug for everyone. A
