@@ -128,6 +128,11 @@ export class VhostUserFrontend extends EventEmitter<FrontendEvents> {
   private _negotiated: Negotiated | undefined;
   readonly stats: FrontendStats = { sent: 0, replies: 0, barriers: 0 };
 
+  /** The back-end's pidfd (SO_PEERPIDFD on our socket; -1 where the kernel has none), owned by the caller. */
+  backendPidfd(): number {
+    return native.peerPidfd(this.fd);
+  }
+
   private constructor(fd: number, readonly path: string, opts: FrontendOptions) {
     super();
     this.fd = fd;

@@ -109,6 +109,10 @@ export class VhostUserSubscriber extends Subscriber {
     });
     try {
       await sub.report({ backend: `vhost-user-${negotiated.memMode}`, pinned: 0 });
+      // The back-end maps every region we hand it: should this bridge's connection end without a clean
+      // close, the broker fences the back-end's process with it (DELEGATE, feature FENCE).
+      const pidfd = fe.backendPidfd();
+      if (pidfd >= 0) await sub.delegate([{ name: `vhost-user back-end at ${backendSocket}`.slice(0, 64), pidfd }]);
       await sub.start();
     } catch (err) {
       await sub.close().catch(() => undefined);
