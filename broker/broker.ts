@@ -41,6 +41,8 @@ import { Access, type AccessPolicy } from './access.js';
 import { DEFAULT_FENCE_OPTIONS, checkPidfds, type FenceOptions } from './fence.js';
 import { Session } from './session.js';
 import { AddressSpace } from './space.js';
+import { BROKER_VERSION } from './version.js';
+import { wantsWatch } from './watch.js';
 
 export interface BrokerOptions {
   /** Shown to clients in the HELLO reply and in logs. */
@@ -276,7 +278,13 @@ export class Broker implements InProcessConnector {
       session.features = msg.features & ALL_FEATURES;
       session.name = msg.name ?? `pid${session.pid}`;
       session.state = 'ready';
-      return { version: PROTOCOL_VERSION, features: session.features, broker: this.name, limits: { ...this.protocolLimits } };
+      return {
+        version: PROTOCOL_VERSION,
+        features: session.features,
+        broker: this.name,
+        limits: { ...this.protocolLimits },
+        ...((session.features & Feature.WATCH) !== 0 ? { brokerVersion: BROKER_VERSION } : {}),
+      };
     }
     if (session.state === 'new') throw new StateError('the first message on a connection must be HELLO');
     switch (msg.t) {
@@ -310,6 +318,10 @@ export class Broker implements InProcessConnector {
       case Msg.DELEGATE:
         checkPidfds(fds);
         return this.attachedSpace(session).delegate(session, msg.names, fds);
+      case Msg.HISTORY:
+        // Whoever may see a space's status may read its history (statusFor throws otherwise).
+        this.statusFor(session, msg.space);
+        return (this.spacesByName.get(msg.space) as AddressSpace).events.history(msg);
     }
   }
 
@@ -325,6 +337,7 @@ export class Broker implements InProcessConnector {
     }
     if (msg.token !== undefined && (session.features & Feature.AUTH) === 0) throw new FeatureError('ATTACH.token needs the AUTH feature');
     if (msg.resume?.client !== undefined && (session.features & Feature.FENCE) === 0) throw new FeatureError('ATTACH.resume.client needs the FENCE feature');
+    const watch = wantsWatch(session.features, msg);
     (this.accessBySpace.get(msg.space) as Access).check(msg.space, msg.role, session.transport.peer, msg.token);
     session.kind = msg.kind;
     if (msg.role === 'owner') {
@@ -333,7 +346,9 @@ export class Broker implements InProcessConnector {
     }
     if (msg.role === 'observer') {
       if (msg.resume || msg.limits || msg.pin) throw new StateError('an observer attaches without resume, limits or pin');
-      return space.attachObserver(session);
+      const attached = space.attachObserver(session);
+      if (watch) space.events.watch(session);
+      return attached;
     }
     return space.attachSubscriber(session, msg.id, msg).then(() => undefined);
   }
