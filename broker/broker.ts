@@ -36,7 +36,7 @@ import {
   type StatusResult,
   type ToBroker,
 } from '../protocol/index.js';
-import { InProcessTransport, SocketListener, closeAll, type ListenOptions, type Transport } from '../transport/index.js';
+import { InProcessTransport, PassedListener, SocketListener, closeAll, type ListenOptions, type Transport } from '../transport/index.js';
 import { Access, type AccessPolicy } from './access.js';
 import { DEFAULT_FENCE_OPTIONS, checkPidfds, type FenceOptions } from './fence.js';
 import { Session } from './session.js';
@@ -86,7 +86,7 @@ export class Broker implements InProcessConnector {
   private readonly accessBySpace = new Map<string, Access>();
   private readonly spacesByName = new Map<string, AddressSpace>();
   private readonly sessions = new Set<Session>();
-  private readonly listeners: SocketListener[] = [];
+  private readonly listeners: (SocketListener | PassedListener)[] = [];
   private nextSessionId = 1;
   private closing = false;
 
@@ -133,14 +133,29 @@ export class Broker implements InProcessConnector {
 
   /** Serves clients on a Unix socket as well (any number of sockets, alongside in-process clients). */
   listen(socketPath: string, opts: ListenOptions = {}): SocketListener {
-    const listener = new SocketListener(socketPath, {
+    return this.serveOn(new SocketListener(socketPath, this.listenOptions(opts)));
+  }
+
+  /**
+   * Serves clients on a listening socket bound by someone else and handed to this process (socket
+   * activation: transport/activation.ts listenFds). Takes ownership of `fd`; never removes the socket file.
+   */
+  listenOn(fd: number, opts: ListenOptions = {}): PassedListener {
+    return this.serveOn(new PassedListener(fd, this.listenOptions(opts)));
+  }
+
+  private listenOptions(opts: ListenOptions): ListenOptions {
+    return {
       maxFrameBytes: this.protocolLimits.maxFrameBytes,
       maxFdsPerFrame: this.protocolLimits.maxFdsPerFrame,
       maxPendingFds: this.connectionLimits.maxPendingFds,
       maxOutboundBytes: this.connectionLimits.maxOutboundBytes,
       farewell: (reason) => ({ t: Msg.EV_GOODBYE, error: reason.toWire() }),
       ...opts,
-    });
+    };
+  }
+
+  private serveOn<L extends SocketListener | PassedListener>(listener: L): L {
     for (const w of listener.setupWarnings) this.log.warn({ socket: listener.path }, w);
     listener.on('connection', (t) => this.accept(t));
     listener.on('warning', (message, err) => this.log.warn({ socket: listener.path, err }, message));
