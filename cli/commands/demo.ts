@@ -14,6 +14,7 @@ import { constants, native } from '../../native/index.js';
 import { isMmbError, type MmbError } from '../../protocol/index.js';
 import { formatBytes, formatSize, hex, parseCommand, type Command } from '../args.js';
 import { JsonProc } from '../child.js';
+import { draw } from '../picture.js';
 import { memfdMappedBytes, vmLckKiB } from '../procfs.js';
 
 const usage = `Usage: mmbroker demo [--json]
@@ -264,6 +265,10 @@ export const demo: Command = {
           console.log(`    ${c.kind.padEnd(6)} ${c.name.padEnd(10)} pid ${String(c.pid).padEnd(7)} acked gen ${c.ackedGeneration}  ${c.backend ?? ''}${c.pin ? `  pinned ${formatSize(c.pin.actual ?? 0)} (predicted ${formatSize(c.pin.predicted)})` : ''}`);
         }
         console.log(`\n  ${summary.ok ? 'all steps ok' : 'SOME STEPS FAILED'} in ${summary.seconds} s`);
+        // The map as it ends, as `mmbroker status` draws it (the reserved MSI window the vfio client reported,
+        // who maps and pins what).
+        console.log(`\nThe map at the end (mmbroker status --socket ${socket}):\n`);
+        console.log(draw(broker.status('vm0')));
       }
       return summary.ok ? 0 : 1;
     } finally {

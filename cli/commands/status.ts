@@ -1,8 +1,8 @@
 import fs from 'node:fs';
-import path from 'node:path';
 import { fetchStatus } from '../../clients/index.js';
 import { InvalidArgError } from '../../protocol/index.js';
 import { parseCommand, required, type Command } from '../args.js';
+import { checkOutputFile } from '../paths.js';
 import { draw } from '../picture.js';
 import { statusSvg } from '../svg.js';
 
@@ -30,7 +30,7 @@ export const status: Command = {
     if (!values) return 0;
     if (values.json && values.svg !== undefined) throw new InvalidArgError('give at most one of --json and --svg');
     const svg = values.svg;
-    if (svg !== undefined && svg !== '-') checkWritable(svg);
+    if (svg !== undefined && svg !== '-') checkOutputFile(svg, '--svg');
     const socket = required(values, 'socket');
     const result = await fetchStatus(socket, values.space);
     if (values.json) {
@@ -49,20 +49,3 @@ export const status: Command = {
     return 0;
   },
 };
-
-/** Refuses, before asking the broker anything, an SVG path that cannot be written. */
-function checkWritable(file: string): void {
-  const dir = path.dirname(path.resolve(file));
-  let st: fs.Stats;
-  try {
-    st = fs.statSync(dir);
-  } catch {
-    throw new InvalidArgError(`--svg ${file}: the directory ${dir} does not exist`);
-  }
-  if (!st.isDirectory()) throw new InvalidArgError(`--svg ${file}: ${dir} is not a directory`);
-  try {
-    if (fs.statSync(file).isDirectory()) throw new InvalidArgError(`--svg ${file} is a directory; give a file name`);
-  } catch (err) {
-    if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
-  }
-}
