@@ -133,9 +133,10 @@ export function layout(space: StatusSpace, labelWidth = 10): Layout {
 }
 
 /**
- * The map as a strip of `width` cells over [0, end): each cell shows the most important thing in it
- * (a region, else a reserved range, else a hole), so that no region vanishes however small. Returns, per
- * cell, the segment drawn there.
+ * The map as a strip of `width` cells over [0, end): each cell shows the most important thing in it (a
+ * region, the smallest if several share it; else a reserved range; else a hole), so that a region smaller
+ * than a cell still shows (unless a smaller one shares its only cell). Returns, per cell, the segment
+ * drawn there.
  */
 export function strip(l: Layout, width: number): (Segment | undefined)[] {
   const end = l.totals.end;
@@ -148,7 +149,7 @@ export function strip(l: Layout, width: number): (Segment | undefined)[] {
     const last = Math.min(width - 1, Math.max(first, Math.ceil(s.end / cell) - 1));
     for (let i = first; i <= last; i++) {
       const cur = out[i];
-      if (!cur || rank(s) > rank(cur)) out[i] = s;
+      if (!cur || rank(s) > rank(cur) || (rank(s) === rank(cur) && s.kind === 'region' && s.end - s.start < cur.end - cur.start)) out[i] = s;
     }
   }
   return out;

@@ -33,8 +33,11 @@ const esc = (s: string) => s.replace(/&/g, '&amp;').replace(/</g, '&lt;').replac
 /** Block height: grows with log2 of the size, so every block is readable and large ones stand out. */
 const heightOf = (s: Segment) => Math.round(26 + Math.min(64, 3 * Math.log2((s.end - s.start) / 4096 + 1)));
 
+/** A line of text; `extra` attributes may override the default size and colour (never repeat them: XML forbids it). */
 function text(x: number, y: number, body: string, extra = ''): string {
-  return `<text x="${x}" y="${y}" ${FONT} font-size="12" fill="${COLORS.text}" ${extra}>${esc(body)}</text>`;
+  const size = /font-size=/.test(extra) ? '' : ' font-size="12"';
+  const fill = /fill=/.test(extra) ? '' : ` fill="${COLORS.text}"`;
+  return `<text x="${x}" y="${y}" ${FONT}${size}${fill} ${extra}>${esc(body)}</text>`;
 }
 
 function block(s: Segment, x: number, y: number, h: number): string {
