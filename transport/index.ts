@@ -5,3 +5,4 @@ export * from './listener.js';
 export * from './connect.js';
 export * from './fds.js';
 export * from './trusted-dir.js';
+export * from './activation.js';
