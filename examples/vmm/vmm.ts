@@ -74,7 +74,14 @@ export class Vmm implements Machine {
 
   /** Builds the machine (or, with `incoming`, an empty one waiting for a migration) and serves its sockets. */
   static async start(opts: VmmOptions): Promise<Vmm> {
-    const broker = new Broker({ name: `vmm-${process.pid}`, spaces: [SPACE], ...(opts.logger ? { logger: opts.logger } : {}) });
+    const broker = new Broker({
+      name: `vmm-${process.pid}`,
+      spaces: [SPACE],
+      // A device process that stops answering is evicted and killed (never this process: the broker does
+      // not signal its own), so it cannot hold an unplug hostage; the default, spelled out.
+      fence: { policy: 'kill', timeoutMs: 10_000 },
+      ...(opts.logger ? { logger: opts.logger } : {}),
+    });
     let vmm: Vmm | undefined;
     try {
       // The memslots follow the map from the start; the vCPU comes later, so the hook looks it up.
