@@ -125,6 +125,8 @@ describeVmm('examples/vmm: a VMM that embeds the broker', () => {
       return s.guest.counter > booted.guest.counter && s.disk.completed > booted.disk.completed;
     });
     expect(memfdMaps(qsd.pid, 'ram').length).toBeGreaterThan(0);
+    // Registers are read only out of KVM_RUN (the ioctl would wait for the guest's next exit).
+    expect(await c.call('query-vcpu').then(() => undefined, (e: { code: string; errno: string }) => [e.code, e.errno])).toEqual(['MMB_ERR_KVM', 'EBUSY']);
 
     // A device in another process, attached over the VMM's broker socket: it pins all of RAM.
     const device = await startDevice(src.brokerSocket);
