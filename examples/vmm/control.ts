@@ -90,7 +90,13 @@ export class ControlClient {
 
   private constructor(private readonly socket: net.Socket) {
     readline.createInterface({ input: socket }).on('line', (line) => {
-      const reply = JSON.parse(line) as { id: number; return?: unknown; error?: Failure };
+      let reply: { id: number; return?: unknown; error?: Failure };
+      try {
+        reply = JSON.parse(line) as typeof reply;
+      } catch {
+        socket.destroy(new Error(`the VMM sent a line that is not JSON: ${line.slice(0, 80)}`));
+        return;
+      }
       const w = this.waiting.get(reply.id);
       if (!w) return;
       this.waiting.delete(reply.id);
