@@ -8,11 +8,11 @@
 // listenFds() takes the descriptors (close-on-exec, as every descriptor of ours) and clears the variables
 // so that nothing this process starts believes they are meant for it. PassedListener accepts on one.
 import fs from 'node:fs';
-import { EventEmitter } from 'eventemitter3';
-import { constants, native, type PollHandle } from '../native/index.js';
+import { native } from '../native/index.js';
 import { InvalidArgError } from '../protocol/index.js';
-import type { ListenerEvents } from './listener.js';
-import { SocketTransport, type SocketTransportOptions } from './socket.js';
+import { Acceptor } from './acceptor.js';
+import type { SocketTransportOptions } from './socket.js';
+import { checkPassedSocket } from './trusted-dir.js';
 
 /** SD_LISTEN_FDS_START: the first descriptor a service manager passes. */
 export const LISTEN_FDS_START = 3;
@@ -59,87 +59,23 @@ export function listenFds(env: NodeJS.ProcessEnv = process.env): PassedSocket[] 
 }
 
 /**
- * Where a passed socket listens, from /proc/net/unix (found by inode): its path, or throws unless it is a
- * listening Unix stream socket bound to a path.
- */
-export function passedSocketPath(fd: number): string {
-  const ino = String(fs.fstatSync(fd).ino);
-  // "Num RefCount Protocol Flags Type St Inode Path": Flags 00010000 is __SO_ACCEPTCON (listening),
-  // Type 0001 is SOCK_STREAM.
-  const fields = fs
-    .readFileSync('/proc/net/unix', 'utf8')
-    .split('\n')
-    .map((l) => l.trim().split(/\s+/))
-    .find((f) => f[6] === ino);
-  if (!fields) throw new InvalidArgError(`the passed descriptor ${fd} is not a Unix socket (the broker speaks only over Unix stream sockets: ListenStream=/path in the socket unit)`);
-  const [, , , flags, type, , , where] = fields;
-  if (type !== '0001' || (Number.parseInt(flags as string, 16) & 0x10000) === 0) {
-    throw new InvalidArgError(`the passed descriptor ${fd} is not a listening Unix stream socket`);
-  }
-  if (!where || where.startsWith('@')) throw new InvalidArgError(`the passed descriptor ${fd} is ${where ? 'an abstract' : 'an unbound'} socket: it has no file permissions, so anyone may connect`);
-  return where;
-}
-
-/**
  * Accepts connections on a socket this process did not bind (socket activation). Like SocketListener, but
- * it never creates, replaces or removes the socket file: the service manager owns it.
+ * it never creates, replaces or removes the socket file: the service manager owns it. The socket must be
+ * a listening Unix stream socket bound to a path in a directory nobody but root and the broker controls
+ * (trusted-dir.ts checkPassedSocket), else MMB_ERR_UNSAFE_PATH.
  */
-export class PassedListener extends EventEmitter<ListenerEvents> {
+export class PassedListener extends Acceptor {
   readonly path: string;
-  readonly setupWarnings: string[] = [];
-  private poll: PollHandle | undefined;
-  private paused: NodeJS.Timeout | undefined;
-  private closed = false;
 
-  /** Takes ownership of `fd`, a listening Unix stream socket (see listenFds, passedSocketPath). */
-  constructor(
-    private readonly fd: number,
-    private readonly transportOptions: SocketTransportOptions = {},
-  ) {
-    super();
+  /** Takes ownership of `fd`, a listening Unix stream socket (see listenFds). */
+  constructor(fd: number, transportOptions: SocketTransportOptions = {}) {
+    super(transportOptions);
     try {
-      this.path = passedSocketPath(fd);
+      this.path = checkPassedSocket(fd);
     } catch (err) {
       native.close(fd);
       throw err;
     }
-    this.poll = native.pollStart(fd, constants.POLL_READABLE, (status) => this.onReadable(status));
-  }
-
-  close(): void {
-    if (this.closed) return;
-    this.closed = true;
-    if (this.paused) clearTimeout(this.paused);
-    if (this.poll) native.pollClose(this.poll);
-    this.poll = undefined;
-    native.close(this.fd);
-  }
-
-  private onReadable(status: number): void {
-    if (this.closed || status < 0) return;
-    for (;;) {
-      let accepted;
-      try {
-        accepted = native.socketAccept(this.fd);
-      } catch (err) {
-        // EMFILE / ENFILE / ENOMEM: stop accepting for a moment instead of spinning on a readable socket.
-        this.emit('warning', `accept failed: ${(err as Error).message}`, err);
-        this.pauseAccepting();
-        return;
-      }
-      if (!accepted) return;
-      const { fd, pid, uid, gid, pidfd } = accepted;
-      this.emit('connection', new SocketTransport(fd, { pid, uid, gid, ...(pidfd >= 0 ? { pidfd } : {}) }, this.transportOptions));
-    }
-  }
-
-  private pauseAccepting(): void {
-    if (!this.poll) return;
-    native.pollUpdate(this.poll, 0);
-    this.paused = setTimeout(() => {
-      this.paused = undefined;
-      if (this.poll && !this.closed) native.pollUpdate(this.poll, constants.POLL_READABLE);
-    }, 100);
-    this.paused.unref();
+    this.accept(fd);
   }
 }

@@ -1,6 +1,7 @@
 export * from './transport.js';
 export * from './socket.js';
 export * from './inproc.js';
+export * from './acceptor.js';
 export * from './listener.js';
 export * from './connect.js';
 export * from './fds.js';

@@ -1,8 +1,8 @@
 import fs from 'node:fs';
 import pino from 'pino';
 import { Broker, BrokerMetrics, BROKER_VERSION, DEFAULT_FENCE_OPTIONS } from '../../broker/index.js';
-import { isNativeError, native } from '../../native/index.js';
-import { AddressInUseError, DEFAULT_CONNECTION_LIMITS, DEFAULT_SPACE_LIMITS, InvalidArgError, PROTOCOL_VERSION, UnsafePathError, isMmbError, type ConnectionLimits } from '../../protocol/index.js';
+import { isNativeError } from '../../native/index.js';
+import { DEFAULT_CONNECTION_LIMITS, DEFAULT_SPACE_LIMITS, InvalidArgError, PROTOCOL_VERSION, UnsafePathError, isMmbError, type ConnectionLimits } from '../../protocol/index.js';
 import { listenFds } from '../../transport/index.js';
 import { parseCommand, parseCount, parseSize, readToken, required, type Command } from '../args.js';
 import { createLog, parseLogFormat, parseLogLevel } from '../logger.js';
@@ -155,7 +155,6 @@ export const serve: Command = {
         if (argv.some((a) => a === '--socket' || a.startsWith('--socket='))) logger.warn({ socket }, 'a socket was passed by the service manager: --socket is not bound');
         for (const p of passed) broker.listenOn(p.fd, mode !== undefined ? { mode } : {});
       } else {
-        refuseIfServed(socket);
         listenAt(broker, socket, mode);
       }
       if (metricsAt) {
@@ -232,18 +231,6 @@ function readSecret(file: string): string {
   } finally {
     fs.closeSync(fd);
   }
-}
-
-/** Another broker answering on `socket` is its own error, before anything else is touched. */
-function refuseIfServed(socket: string): void {
-  let fd: number;
-  try {
-    fd = native.socketConnect(socket);
-  } catch {
-    return; // nobody answers: a stale socket file is replaced when listening
-  }
-  native.close(fd);
-  throw new AddressInUseError(`another broker is already listening on ${socket}`);
 }
 
 /** broker.listen, with a system error about the path (EACCES, ENOTDIR, ...) said as one about --socket. */
