@@ -14,6 +14,7 @@ import type { Change, LocalBacking } from '../clients/view.js';
 import { VfioSubscriber } from '../clients/vfio/index.js';
 import { constants, native, type Mapping } from '../native/index.js';
 import { control } from '../cli/commands/attach.js';
+import { stopRequested } from '../testkit/signals.js';
 
 /** Acks removals but leaves a mapping of each removed region behind: the planted bug. */
 class LeakyMemory extends GuestMemory {
@@ -69,6 +70,8 @@ const { values } = parseArgs({
 });
 const out = (ev: Record<string, unknown>) => process.stdout.write(JSON.stringify(ev) + '\n');
 const opts = { space: values.space ?? 'default', name: values.name ?? `broken-${process.pid}` };
+// Handled from before it attaches: a SIGTERM at any moment from here on detaches cleanly.
+const stop = stopRequested();
 let sub: MappingSubscriber | VfioSubscriber;
 if (values.mode === 'skip-unmap') {
   sub = await SkipUnmapSubscriber.attachBroken(values.socket ?? '', opts);
@@ -84,10 +87,7 @@ control(s, s.memory, (event, _text, data = {}) => out({ event, ...data }), {
   domain: () => ({ event: 'domain', ...(s instanceof VfioSubscriber ? s.domain : {}) }),
 });
 out({ event: 'attached', pid: process.pid, broken: values.mode, client: s.id, generation: s.generation });
-await new Promise<void>((resolve) => {
-  process.once('SIGTERM', resolve);
-  process.once('SIGINT', resolve);
-});
+await stop;
 await s.close();
 out({ event: 'detached' });
 process.exit(0);

@@ -6,6 +6,7 @@ import { VhostUserSubscriber } from '../../clients/vhost-user/index.js';
 import pino from 'pino';
 import { ClientRefusedError, InvalidArgError, type MmbError } from '../../protocol/index.js';
 import { serveCommands, type CommandHandler } from '../control.js';
+import { stopRequested } from '../../testkit/signals.js';
 import { formatSize, hex, parseCommand, parseCount, parseSize, readToken, required, type Command } from '../args.js';
 
 const KINDS = ['plain', 'vhost', 'vhost-user', 'kvm', 'vfio'] as const;
@@ -96,6 +97,8 @@ export const attach: Command = {
       usage,
     );
     if (!values) return 0;
+    // From here on SIGTERM / SIGINT end the client cleanly, also while it is still attaching.
+    const stop = stopRequested();
     const json = values.json ?? false;
     const log = (event: string, text: string, data: Record<string, unknown> = {}) =>
       console.log(json ? JSON.stringify({ time: Date.now(), pid: process.pid, kind, event, ...data }) : `[${kind} ${process.pid}] ${text}`);
@@ -126,7 +129,7 @@ export const attach: Command = {
           return { event: 'ran', ...r };
         },
       };
-      await follow(kvm, kvm.memory.regions.bind(kvm.memory), log, values.control ? { memory: kvm.memory, extra } : undefined);
+      await follow(kvm, kvm.memory.regions.bind(kvm.memory), log, stop, values.control ? { memory: kvm.memory, extra } : undefined);
       return 0;
     }
     if (kind === 'vhost-user') {
@@ -151,7 +154,7 @@ export const attach: Command = {
       const gone = new Promise<void>((resolve) => vu.frontend.once('close', () => { backendGone = true; resolve(); }));
       const mapped = () => (values.control ? vu.memory.regions() : []);
       const extra: ControlCommands = { table: () => ({ event: 'table', memMode: vu.memMode, maxSlots: vu.maxSlots, table: vu.backendTable().map(({ name, gpa, size, mmapOffset }) => ({ name, gpa, size, mmapOffset })) }) };
-      await follow(vu, mapped, log, values.control ? { memory: vu.memory, extra } : undefined, gone);
+      await follow(vu, mapped, log, Promise.race([stop, gone]), values.control ? { memory: vu.memory, extra } : undefined);
       if (!backendGone) return 0;
       // The device is gone: stop reading control commands too, so that the process ends.
       process.stdin.destroy();
@@ -191,11 +194,11 @@ export const attach: Command = {
           return { event: 'domain', ...vfio.domain };
         },
       };
-      await follow(vfio, vfio.memory.regions.bind(vfio.memory), log, values.control ? { memory: vfio.memory, extra } : undefined);
+      await follow(vfio, vfio.memory.regions.bind(vfio.memory), log, stop, values.control ? { memory: vfio.memory, extra } : undefined);
       return 0;
     }
     const sub = kind === 'vhost' ? await VhostSubscriber.attach(socket, opts) : await MappingSubscriber.attach(socket, opts);
-    await follow(sub, sub.memory.regions.bind(sub.memory), log, values.control ? { memory: sub.memory } : undefined);
+    await follow(sub, sub.memory.regions.bind(sub.memory), log, stop, values.control ? { memory: sub.memory } : undefined);
     return 0;
   },
 };
@@ -243,14 +246,17 @@ export function control(sub: Subscriber, memory: GuestAccess, log: Log, extra: C
   });
 }
 
-/** Logs a subscriber's events until SIGTERM / SIGINT (or stdin's end under --control), then closes it. */
+/**
+ * Logs a subscriber's events until `stop` settles (SIGTERM / SIGINT, the device behind it gone), then
+ * closes it. The "attached" line is printed once the initial map is applied and acked; the caller
+ * installed its signal handlers before attaching, so a signal at any moment from then on detaches cleanly.
+ */
 export async function follow(
   sub: Subscriber,
   mapped: () => readonly { region: { key: string }; address: number }[],
   log: Log,
+  stop: Promise<unknown>,
   access?: { memory: GuestAccess; extra?: ControlCommands },
-  /** Also stop when this settles (the device behind the subscriber went away). */
-  until?: Promise<void>,
 ): Promise<void> {
   if (access) control(sub, access.memory, log, access.extra);
   const addressOf = (key: string) => mapped().find((m) => m.region.key === key)?.address;
@@ -274,11 +280,7 @@ export async function follow(
     generation: sub.generation,
     regions: sub.regions().map((r) => ({ name: r.name, gpa: r.gpa, size: r.size, address: addressOf(r.key), readonly: r.readonly })),
   });
-  await new Promise<void>((resolve) => {
-    process.once('SIGTERM', resolve);
-    process.once('SIGINT', resolve);
-    void until?.then(resolve);
-  });
+  await stop;
   await sub.close();
   log('detached', 'detached');
   // Under --control, stdin would keep the process alive after it detached.

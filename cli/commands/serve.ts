@@ -2,6 +2,7 @@ import pino from 'pino';
 import { Broker } from '../../broker/index.js';
 import { DEFAULT_CONNECTION_LIMITS, DEFAULT_SPACE_LIMITS, InvalidArgError } from '../../protocol/index.js';
 import { parseCommand, parseCount, parseSize, readToken, required, type Command } from '../args.js';
+import { stopRequested } from '../../testkit/signals.js';
 
 const usage = `Usage: mmbroker serve --socket PATH [--space NAME]... [options]
 
@@ -73,15 +74,10 @@ export const serve: Command = {
         ...(values['max-outbound'] ? { maxOutboundBytes: parseSize(values['max-outbound'], '--max-outbound') } : {}),
       },
     });
+    // Handled before "listening" is logged: whoever starts the broker may stop it the moment it reads that line.
+    const stop = stopRequested();
     broker.listen(socket, mode !== undefined ? { mode } : {});
-    await new Promise<void>((resolve) => {
-      const stop = (signal: string) => {
-        logger.info({ signal }, 'shutting down');
-        resolve();
-      };
-      process.once('SIGTERM', () => stop('SIGTERM'));
-      process.once('SIGINT', () => stop('SIGINT'));
-    });
+    logger.info({ signal: await stop }, 'shutting down');
     await broker.close();
     logger.flush?.();
     return 0;
