@@ -13,9 +13,10 @@ import { MappingSubscriber, OwnerClient } from '../clients/index.js';
 import { constants, isNativeError, native } from '../native/index.js';
 import { closeAll } from '../transport/fds.js';
 import { FrameDecoder, isMmbError } from '../protocol/index.js';
-import { Rng, makeFd, session } from './generate.js';
+import { makeFd, session } from './generate.js';
+import { Rng } from '../testkit/rng.js';
 import { parseCount } from '../cli/args.js';
-import { fdCount } from '../cli/procfs.js';
+import { fdCount, memfdMappings } from '../testkit/procfs.js';
 import { BrokerProc, levelOf } from '../testkit/broker.js';
 import { waitFor } from '../testkit/wait.js';
 
@@ -55,7 +56,7 @@ export interface FuzzResult {
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 /** Every memfd mapping of a process, whatever its name. */
-const memfdMaps = (pid: number) => fs.readFileSync(`/proc/${pid}/maps`, 'utf8').split('\n').filter((l) => l.includes('/memfd:')).length;
+const memfdMappingCount = (pid: number) => memfdMappings(pid).length;
 
 /**
  * The broker, ready once it logged "listening". It logs at level info (the launcher needs that line);
@@ -226,7 +227,7 @@ export async function runFuzz(opts: FuzzOptions): Promise<FuzzResult> {
     if (first) result.legitFailures.push(first);
     await new Promise((r) => setTimeout(r, 100));
     const baseFds = fdCount(pid);
-    const baseMaps = memfdMaps(pid);
+    const baseMaps = memfdMappingCount(pid);
     while (result.frames < opts.frames && child.exitCode === null) {
       for (let i = 0; i < batch && result.frames < opts.frames; i++) {
         const chunks = session(rng, per);
@@ -243,9 +244,9 @@ export async function runFuzz(opts: FuzzOptions): Promise<FuzzResult> {
       result.legitChecks++;
       if (failure) result.legitFailures.push(failure);
       // Released by now, or the leak figures below say how much was not.
-      await waitFor('the broker to release the session', () => fdCount(pid) <= baseFds && memfdMaps(pid) <= baseMaps, 5000).catch(() => undefined);
+      await waitFor('the broker to release the session', () => fdCount(pid) <= baseFds && memfdMappingCount(pid) <= baseMaps, 5000).catch(() => undefined);
       result.fdLeak = Math.max(result.fdLeak, fdCount(pid) - baseFds);
-      result.mappingLeak = Math.max(result.mappingLeak, memfdMaps(pid) - baseMaps);
+      result.mappingLeak = Math.max(result.mappingLeak, memfdMappingCount(pid) - baseMaps);
       result.seconds = +((performance.now() - started) / 1000).toFixed(2);
       opts.onBatch?.(result.frames, result);
     }

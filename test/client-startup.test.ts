@@ -1,4 +1,4 @@
-// A client stopped while it starts up detaches cleanly. The harness once saw "vfio client vfio-4 exited
+// A client stopped while it starts up detaches cleanly: every client process the project starts. The harness once saw "vfio client vfio-4 exited
 // SIGTERM after SIGTERM (expected a clean detach, 0)": the client printed its ready line before it handled
 // SIGTERM, and a SIGTERM in between ended it by the default action. Here the client stops itself at each
 // moment of its start-up (testkit/moments.ts: its connect(), the broker's first answer, every line it
@@ -12,12 +12,13 @@ import { native } from '../native/index.js';
 import { BrokerProc } from '../testkit/broker.js';
 import { JsonProc, type SpawnOptions } from '../testkit/jsonproc.js';
 import { signalWhenStopped, stopAt, type Moment } from '../testkit/moments.js';
-import { CLI, DIST } from '../testkit/paths.js';
+import { BROKEN_CLIENT } from '../harness/procs.js';
+import { SCRIPTED_CLIENT } from '../testkit/clients.js';
+import { CLI } from '../testkit/paths.js';
 import { waitFor } from '../testkit/wait.js';
 import { tempDir } from './helpers/procs.js';
 
 const MiB = 2 ** 20;
-const BROKEN_CLIENT = path.join(DIST, 'harness/broken-client.js');
 let dir: string;
 let socket: string;
 let broker: BrokerProc;
@@ -42,25 +43,35 @@ afterAll(async () => {
 
 const listed = async (pid: number) => ((await owner.status('vm0')).spaces[0]?.clients ?? []).some((c) => c.pid === pid);
 
-/** How the harness runs a client of each kind (harness/procs.ts), the self-test's broken ones included. */
+/**
+ * Every client process the project starts: the shipped `mmbroker attach` of each kind (ready line
+ * "attached"), the testkit's scripted client of each kind as the harness runs it, and the self-test's
+ * broken clients (ready line "ready").
+ */
 const KINDS: Record<string, { script: string; args: string[]; ready: string }> = {
-  plain: { script: CLI, args: ['attach', 'plain', '--json', '--control'], ready: 'attached' },
-  vhost: { script: CLI, args: ['attach', 'vhost', '--json', '--control'], ready: 'attached' },
-  kvm: { script: CLI, args: ['attach', 'kvm', '--json', '--control'], ready: 'attached' },
-  vfio: { script: CLI, args: ['attach', 'vfio', '--backend', 'soft', '--device', 'd0', '--json', '--control'], ready: 'attached' },
-  'broken skip-unmap': { script: BROKEN_CLIENT, args: ['--mode', 'skip-unmap'], ready: 'attached' },
-  'broken pin-twice': { script: BROKEN_CLIENT, args: ['--mode', 'pin-twice', '--device', 'd0'], ready: 'attached' },
+  'mmbroker attach plain': { script: CLI, args: ['attach', 'plain', '--json', '--control'], ready: 'attached' },
+  'mmbroker attach vhost': { script: CLI, args: ['attach', 'vhost', '--json', '--control'], ready: 'attached' },
+  'mmbroker attach kvm': { script: CLI, args: ['attach', 'kvm', '--json', '--control'], ready: 'attached' },
+  'mmbroker attach vfio': { script: CLI, args: ['attach', 'vfio', '--backend', 'soft', '--device', 'd0', '--json', '--control'], ready: 'attached' },
+  'scripted plain': { script: SCRIPTED_CLIENT, args: ['plain'], ready: 'ready' },
+  'scripted vhost': { script: SCRIPTED_CLIENT, args: ['vhost'], ready: 'ready' },
+  'scripted kvm': { script: SCRIPTED_CLIENT, args: ['kvm'], ready: 'ready' },
+  'scripted vfio': { script: SCRIPTED_CLIENT, args: ['vfio', '--device', 'd0', '--device', 'd1'], ready: 'ready' },
+  'broken skip-unmap': { script: BROKEN_CLIENT, args: ['--mode', 'skip-unmap'], ready: 'ready' },
+  'broken pin-twice': { script: BROKEN_CLIENT, args: ['--mode', 'pin-twice', '--device', 'd0'], ready: 'ready' },
 };
 
 function spawnClient(kind: string, name: string, opts: SpawnOptions = {}): JsonProc {
   const k = KINDS[kind] as (typeof KINDS)[string];
-  return JsonProc.spawn(k.script, [...k.args, '--socket', socket, '--space', 'vm0', '--name', name], { ...opts, name: `${kind} client ${name}` });
+  return JsonProc.spawn(k.script, [...k.args, '--socket', socket, '--space', 'vm0', '--name', name], { ...opts, name: `${kind} (${name})` });
 }
 
-describe.each(Object.keys(KINDS))('a %s client', (kind) => {
+const tag = (kind: string) => kind.replace(/^mmbroker /, '').replace(/ /g, '-');
+
+describe.each(Object.keys(KINDS))('%s', (kind) => {
   it('SIGTERM at each moment of its start-up: it exits 0, detached, and the broker lists it no more', async () => {
     // A reference run says how many lines the client prints up to and including its ready line.
-    const ref = spawnClient(kind, `${kind.replace(' ', '-')}-ref`);
+    const ref = spawnClient(kind, `${tag(kind)}-ref`);
     const ready = await ref.next(KINDS[kind]?.ready, () => true, 30_000);
     const lines = ref.lines.indexOf(ready) + 1;
     expect(await ref.stop('SIGTERM')).toBe(0);
@@ -68,7 +79,7 @@ describe.each(Object.keys(KINDS))('a %s client', (kind) => {
 
     const outcomes: string[] = [];
     for (const m of moments) {
-      const p = spawnClient(kind, `${kind.replace(' ', '-')}-${m.replace(':', '')}`, stopAt(m));
+      const p = spawnClient(kind, `${tag(kind)}-${m.replace(':', '')}`, stopAt(m));
       const end = await signalWhenStopped(p, 'SIGTERM');
       const detached = await p.next('detached', () => true, 5_000).then(() => true, () => false);
       await waitFor(`the broker to drop ${p.describe()}`, async () => !(await listed(p.pid)), 10_000).catch(() => undefined);

@@ -59,9 +59,11 @@ interface Waiter {
 export class JsonProc {
   /** Kept lines, oldest first; `lines[0]` is line number `base` of the kept sequence. */
   readonly lines: Line[] = [];
+  /** What it wrote on stderr, in the chunks read, the oldest dropped beyond `stderrLimit` characters. */
+  readonly stderr: string[] = [];
+  private stderrChars = 0;
   private base = 0;
   private cursor = 0;
-  private stderrText = '';
   private ended = false;
   private readonly waiters = new Set<Waiter>();
   private queue: Promise<unknown> = Promise.resolve();
@@ -86,7 +88,9 @@ export class JsonProc {
     } else this.ended = true;
     child.stderr?.setEncoding('utf8').on('data', (d: string) => {
       const max = this.opts.stderrLimit ?? 64 * 1024;
-      this.stderrText = (this.stderrText + d).slice(-max);
+      this.stderr.push(d);
+      this.stderrChars += d.length;
+      while (this.stderrChars > max && this.stderr.length > 1) this.stderrChars -= (this.stderr.shift() as string).length;
     });
   }
 
@@ -105,8 +109,8 @@ export class JsonProc {
   }
 
   /** The last `chars` characters it wrote on stderr. */
-  stderr(chars = 2000): string {
-    return this.stderrText.slice(-chars);
+  stderrTail(chars = 2000): string {
+    return this.stderr.join('').slice(-chars);
   }
 
   describe(): string {
@@ -115,7 +119,7 @@ export class JsonProc {
 
   private endedError(): Error {
     const how = this.child.exitCode ?? this.child.signalCode ?? 'closed its stdout';
-    return new Error(`${this.describe()} exited (${how}): ${this.stderr(1000)}`);
+    return new Error(`${this.describe()} exited (${how}): ${this.stderrTail(1000)}`);
   }
 
   private onLine(text: string): void {
@@ -165,7 +169,7 @@ export class JsonProc {
       };
       timer = setTimeout(() => {
         this.waiters.delete(w);
-        reject(new Error(`${this.describe()}: timed out after ${timeoutMs} ms waiting for ${what} (stderr: ${this.stderr(500)})`));
+        reject(new Error(`${this.describe()}: timed out after ${timeoutMs} ms waiting for ${what} (stderr: ${this.stderrTail(500)})`));
       }, timeoutMs);
       this.waiters.add(w);
     });
@@ -176,16 +180,16 @@ export class JsonProc {
    * that `match` accepts; lines skipped on the way stay in `lines` but are not returned by next() again.
    * Throws if the process ends first.
    */
-  next(event?: string, match: (l: Line) => boolean = () => true, timeoutMs = 20_000): Promise<Line> {
+  next<T = Line>(event?: string, match: (l: Line) => boolean = () => true, timeoutMs = 20_000): Promise<T> {
     const ok = (l: Line) => (event === undefined || l.event === event) && match(l);
     for (let i = this.cursor - this.base; i < this.lines.length; i++) {
       const l = this.lines[i] as Line;
       if (ok(l)) {
         this.cursor = this.base + i + 1;
-        return Promise.resolve(l);
+        return Promise.resolve(l as T);
       }
     }
-    return this.wait(event === undefined ? 'its next line' : `event ${event}`, ok, timeoutMs);
+    return this.wait(event === undefined ? 'its next line' : `event ${event}`, ok, timeoutMs) as Promise<T>;
   }
 
   /** Writes one line on its stdin: a command object, or a raw line. */
@@ -197,7 +201,7 @@ export class JsonProc {
    * Sends a command and resolves with its reply: the next line whose event is `reply`, or the command's
    * `failed` line. One command at a time: requests queue behind each other, so replies cannot cross.
    */
-  request(cmd: Record<string, unknown> & { cmd: string }, reply: string, timeoutMs = 20_000): Promise<Line> {
+  request<T = Line>(cmd: Record<string, unknown> & { cmd: string }, reply: string, timeoutMs = 20_000): Promise<T> {
     const run = () => {
       const answer = this.wait(`the reply ${reply} to ${cmd.cmd}`, (l) => l.event === reply || (l.event === 'failed' && l.cmd === cmd.cmd), timeoutMs);
       this.send(cmd);
@@ -205,7 +209,7 @@ export class JsonProc {
     };
     const p = this.queue.then(run, run);
     this.queue = p.catch(() => undefined);
-    return p;
+    return p as Promise<T>;
   }
 
   signal(sig: NodeJS.Signals): void {

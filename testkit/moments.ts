@@ -25,7 +25,7 @@ export function stopAt(moment: Moment, base: SpawnOptions = {}): SpawnOptions {
  */
 export async function signalWhenStopped(proc: JsonProc, signal: NodeJS.Signals, timeoutMs = 30_000): Promise<{ code: number | null; signal: NodeJS.Signals | null }> {
   await waitFor(`${proc.describe()} to stop at its moment`, () => {
-    if (proc.gone) throw new Error(`${proc.describe()} exited (${proc.child.exitCode ?? proc.child.signalCode}) before its moment: ${proc.stderr(1000)}`);
+    if (proc.gone) throw new Error(`${proc.describe()} exited (${proc.child.exitCode ?? proc.child.signalCode}) before its moment: ${proc.stderrTail(1000)}`);
     return processState(proc.pid) === 'T';
   }, timeoutMs);
   proc.child.kill(signal);

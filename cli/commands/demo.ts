@@ -13,8 +13,8 @@ import { FileDestination, KvmSubscriber, MappingSubscriber, Migration, OwnerClie
 import { constants, native } from '../../native/index.js';
 import { isMmbError, type MmbError } from '../../protocol/index.js';
 import { formatBytes, formatSize, hex, parseCommand, type Command } from '../args.js';
-import { JsonProc } from '../child.js';
-import { memfdMappedBytes, vmLckKiB } from '../procfs.js';
+import { JsonProc } from '../../testkit/jsonproc.js';
+import { memfdMappedBytes, vmLckKiB } from '../../testkit/procfs.js';
 
 const usage = `Usage: mmbroker demo [--json]
 
