@@ -1,6 +1,6 @@
 // Issue: hostile input, access control and resource limits. One test per refusal, against a real broker
 // over its real socket; the kernel's credentials (SO_PEERCRED) decide who is who.
-import { spawn, spawnSync } from 'node:child_process';
+import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import pino from 'pino';
@@ -13,23 +13,19 @@ import { FrameDecoder, Msg, encodeFrame, isMmbError } from '../protocol/index.js
 import { IN_CI } from './helpers/ci.js';
 import { codeOf, defer, embeddedBroker, ownerOf, runCleanups, subscriberOf } from './helpers/embedded.js';
 import { runCli, spawnBroker, stopProcess, tempDir, waitFor } from './helpers/procs.js';
+import { spawnAsUid } from '../testkit/uid.js';
 
 const MiB = 1 << 20;
 const NOBODY = 65534;
-const CONNECT_AS = new URL('./fixtures/connect-as.mjs', import.meta.url).pathname;
 afterEach(runCleanups);
 
-/** Runs the probe as uid/gid 65534 (nobody), through setpriv (asynchronously: the broker under test runs
- *  in this process and must keep answering). */
+/** Runs the probe as uid/gid 65534 (nobody), from a copy nobody can read wherever the checkout is
+ *  (asynchronously: the broker under test runs in this process and must keep answering). */
 async function asNobody(socket: string, space: string, role: string, token?: string): Promise<{ ok: boolean; code?: string; errno?: string; uid: number }> {
-  const child = spawn('setpriv', ['--reuid', String(NOBODY), '--regid', String(NOBODY), '--clear-groups', '--', process.execPath, CONNECT_AS, socket, space, role, ...(token ? [token] : [])], { stdio: ['ignore', 'pipe', 'pipe'] });
-  let out = '';
-  let err = '';
-  child.stdout.setEncoding('utf8').on('data', (d: string) => (out += d));
-  child.stderr.setEncoding('utf8').on('data', (d: string) => (err += d));
-  const code = await new Promise((r) => child.on('exit', r));
-  if (code !== 0) throw new Error(`probe failed: ${err}`);
-  return JSON.parse(out.trim().split('\n').pop() as string);
+  const probe = spawnAsUid(NOBODY, 'test/fixtures/connect-as.mjs', [socket, space, role, ...(token ? [token] : [])], { stdin: 'ignore' });
+  const outcome = await probe.next<{ ok: boolean; code?: string; errno?: string; uid: number }>(undefined, (l) => 'ok' in l, 30_000);
+  if ((await probe.exited) !== 0) throw new Error(`probe failed: ${probe.stderrTail()}`);
+  return outcome;
 }
 
 function broker(opts: BrokerOptions, listen?: { mode?: number; dirMode?: number }): { b: Broker; socket: string } {

@@ -36,16 +36,18 @@ export interface SpawnOptions extends JsonProcOptions {
   nodeArgs?: readonly string[];
   /** Run under `taskset -c CPUS`. */
   cpus?: string;
+  /** A command that runs node (`setpriv ... --`, `prlimit ... --`), outside `taskset`. */
+  prefix?: readonly string[];
   /** Descriptors passed as fd 3, 4, ... */
   extraFds?: readonly number[];
   /** stdin: a pipe (default, for commands) or ignored. */
   stdin?: 'pipe' | 'ignore';
 }
 
-/** `node [nodeArgs] script args...` (under taskset when asked), stdout and stderr piped. */
+/** `[prefix] [taskset -c CPUS] node [nodeArgs] script args...`, stdout and stderr piped. */
 export function spawnNode(script: string, args: readonly string[], opts: SpawnOptions = {}): ChildProcess {
   const argv = [process.execPath, ...(opts.nodeArgs ?? []), script, ...args];
-  const full = opts.cpus !== undefined ? ['taskset', '-c', opts.cpus, ...argv] : argv;
+  const full = [...(opts.prefix ?? []), ...(opts.cpus !== undefined ? ['taskset', '-c', opts.cpus] : []), ...argv];
   const stdio: StdioOptions = [opts.stdin ?? 'pipe', 'pipe', 'pipe', ...(opts.extraFds ?? [])];
   return spawn(full[0] as string, full.slice(1), { stdio, ...(opts.env ? { env: opts.env } : {}), ...(opts.cwd ? { cwd: opts.cwd } : {}) });
 }
