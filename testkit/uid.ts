@@ -2,7 +2,8 @@
 // home, a `mktemp -d`) is unreadable to any other uid, so what that uid runs is copied first into a
 // directory it can read: the compiled tree (dist/), the addon, package.json, the runtime dependencies
 // (package-lock.json's non-dev packages) and the program's own files, at the same relative paths (a
-// fixture's `../../dist/index.js` still resolves). One copy per process, removed when it exits.
+// fixture's `../../dist/index.js` still resolves). One copy per process, removed when it exits (or, if
+// it was killed, by the next process that makes one).
 import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
@@ -11,6 +12,23 @@ import { JsonProc, type SpawnOptions } from './jsonproc.js';
 import { ROOT } from './paths.js';
 
 let copy: { dir: string; files: Set<string> } | undefined;
+const PREFIX = 'mmb-readable-';
+
+/**
+ * Removes the copies of processes that are gone: a process ended by a signal (a test worker stopped by
+ * its runner) never runs its 'exit' handler.
+ */
+function removeOrphans(): void {
+  for (const name of fs.readdirSync(os.tmpdir())) {
+    const pid = Number(/^mmb-readable-(\d+)-/.exec(name)?.[1]);
+    if (!pid) continue;
+    try {
+      process.kill(pid, 0);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ESRCH') fs.rmSync(path.join(os.tmpdir(), name), { recursive: true, force: true });
+    }
+  }
+}
 
 /** True where this process may run programs as another uid: root with setpriv. */
 export function canSwitchUid(): boolean {
@@ -50,7 +68,8 @@ function runtimePackages(): string[] {
  */
 export function readableCopy(files: readonly string[] = []): string {
   if (!copy) {
-    const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'mmb-readable-'));
+    removeOrphans();
+    const dir = fs.mkdtempSync(path.join(os.tmpdir(), `${PREFIX}${process.pid}-`));
     process.once('exit', () => fs.rmSync(dir, { recursive: true, force: true }));
     for (const p of ['package.json', 'dist', 'build/Release', ...runtimePackages()]) {
       const from = path.join(ROOT, p);
