@@ -1,8 +1,8 @@
 // Helper processes of the benchmarks (bench/fixtures/*.ts, run from dist/): the testkit's JSON-lines
 // processes, optionally under `taskset -c CPUS`, stopped by closing their stdin (or by PID), and their
 // CPU time from the kernel.
-import fs from 'node:fs';
 import { JsonProc, type SpawnOptions } from '../testkit/jsonproc.js';
+import { cpuNs } from '../testkit/procfs.js';
 
 /** Runs dist/bench/fixtures/FIXTURE.js with `args` (under taskset when `cpus` is given). */
 export function spawnFixture(fixture: string, args: readonly string[], opts: SpawnOptions = {}): JsonProc {
@@ -37,27 +37,5 @@ export async function statsOf(subs: readonly JsonProc[]): Promise<SubscriberStat
   return Promise.all(subs.map((s) => s.request<SubscriberStats>({ cmd: 'stats' }, 'stats', 600_000)));
 }
 
-/**
- * Nanoseconds of CPU that process `pid` (all its threads) has used so far, from the kernel's
- * /proc/PID/task/TID/schedstat (its first field: time spent on a CPU). 0 for a process that is gone.
- */
-export function cpuNs(pid: number | 'self'): number {
-  let total = 0;
-  let tasks: string[];
-  try {
-    tasks = fs.readdirSync(`/proc/${pid}/task`);
-  } catch {
-    return 0;
-  }
-  for (const t of tasks) {
-    try {
-      total += Number(fs.readFileSync(`/proc/${pid}/task/${t}/schedstat`, 'utf8').split(' ')[0]);
-    } catch {
-      // The thread ended meanwhile.
-    }
-  }
-  return total;
-}
-
-/** CPU time of several processes together. */
+/** CPU time of several processes together (testkit/procfs.ts cpuNs: the kernel's schedstat). */
 export const cpuNsOf = (pids: readonly (number | 'self')[]): number => pids.reduce<number>((n, p) => n + cpuNs(p), 0);

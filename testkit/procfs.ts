@@ -11,6 +11,8 @@ export interface FileMapping {
   /** Offset in the file of `start`. */
   offset: number;
   writable: boolean;
+  /** The permissions as the kernel prints them: `rw-s`, `r--s`, ... */
+  perms: string;
 }
 
 const MAPS_LINE = /^([0-9a-f]+)-([0-9a-f]+) (\S{4}) ([0-9a-f]+) \S+ \d+\s+\/memfd:(.*?)(?: \(deleted\))?$/;
@@ -28,17 +30,28 @@ export function memfdMappings(pid: number | 'self'): FileMapping[] {
       end: parseInt(m[2] as string, 16),
       offset: parseInt(m[4] as string, 16),
       writable: (m[3] as string)[1] === 'w',
+      perms: m[3] as string,
     });
   }
   return out;
 }
 
+/** The lines of /proc/PID/maps, as the kernel wrote them. */
+export function mapsLines(pid: number | 'self'): string[] {
+  return fs.readFileSync(`/proc/${pid}/maps`, 'utf8').split('\n').filter(Boolean);
+}
+
+/** Lines of /proc/PID/maps whose range holds `address` (the kernel may merge a mapping with a neighbour, so the line need not start there). */
+export function mapsAt(pid: number | 'self', address: number): string[] {
+  return mapsLines(pid).filter((l) => {
+    const m = /^([0-9a-f]+)-([0-9a-f]+) /.exec(l);
+    return m !== null && parseInt(m[1] as string, 16) <= address && address < parseInt(m[2] as string, 16);
+  });
+}
+
 /** Lines of /proc/PID/maps that map the memfd called `name`, as the kernel wrote them. */
 export function memfdMaps(pid: number | 'self', name: string): string[] {
-  return fs
-    .readFileSync(`/proc/${pid}/maps`, 'utf8')
-    .split('\n')
-    .filter((l) => MAPS_LINE.exec(l)?.[5] === name);
+  return mapsLines(pid).filter((l) => MAPS_LINE.exec(l)?.[5] === name);
 }
 
 /** Start addresses (hex, as in /proc/PID/maps) of the mappings of memfd `name`. */
@@ -56,6 +69,31 @@ export function memfdMappedBytes(pid: number | 'self', name: string): number {
 /** Descriptors the process holds open. */
 export function fdCount(pid: number | 'self' = 'self'): number {
   return fs.readdirSync(`/proc/${pid}/fd`).length;
+}
+
+/** The process's open descriptors, by number, with what /proc/PID/fd links them to. */
+export function fdTargets(pid: number | 'self' = 'self'): Map<string, string> {
+  const out = new Map<string, string>();
+  for (const fd of fs.readdirSync(`/proc/${pid}/fd`)) {
+    try {
+      out.set(fd, fs.readlinkSync(`/proc/${pid}/fd/${fd}`));
+    } catch {
+      // closed while we looked (readdir's own fd, for one)
+    }
+  }
+  return out;
+}
+
+/** Whether the process holds a descriptor of the memfd called `name`. */
+export function holdsMemfd(pid: number | 'self', name: string): boolean {
+  return [...fdTargets(pid).values()].some((t) => MEMFD_LINK.exec(t)?.[1] === name);
+}
+
+/** The open flags of descriptor `fd` (O_ACCMODE, O_NONBLOCK, O_CLOEXEC, ...), from /proc/PID/fdinfo. */
+export function fdFlags(pid: number | 'self', fd: number): number {
+  const m = /^flags:\s*([0-7]+)$/m.exec(fs.readFileSync(`/proc/${pid}/fdinfo/${fd}`, 'utf8'));
+  if (!m) throw new Error(`no flags line for fd ${fd} of ${pid}`);
+  return parseInt(m[1] as string, 8);
 }
 
 /** VmLck of the process, in KiB: what it has locked (mlock). */
@@ -86,13 +124,7 @@ export interface FdCensus {
 /** Classifies the process's open descriptors by what /proc/PID/fd links to; memfds named `memfdPrefix`... by name. */
 export function fdCensus(pid: number | 'self', memfdPrefix: string): FdCensus {
   const census: FdCensus = { memfds: new Map(), bitmaps: 0, sockets: 0, other: 0, total: 0 };
-  for (const fd of fs.readdirSync(`/proc/${pid}/fd`)) {
-    let target: string;
-    try {
-      target = fs.readlinkSync(`/proc/${pid}/fd/${fd}`);
-    } catch {
-      continue; // closed while we looked (readdir's own fd, for one)
-    }
+  for (const target of fdTargets(pid).values()) {
     census.total++;
     const memfd = MEMFD_LINK.exec(target)?.[1];
     if (memfd?.startsWith(BITMAP_PREFIX)) census.bitmaps++;
@@ -113,4 +145,26 @@ export function processState(pid: number): string | undefined {
   }
   // The command name (in parentheses) may itself contain spaces or parentheses: the state follows the last ')'.
   return stat.slice(stat.lastIndexOf(')') + 2).split(' ')[0];
+}
+
+/**
+ * Nanoseconds of CPU that process `pid` (all its threads) has used so far, from /proc/PID/task/TID/schedstat
+ * (its first field: time spent on a CPU). 0 for a process that is gone.
+ */
+export function cpuNs(pid: number | 'self'): number {
+  let total = 0;
+  let tasks: string[];
+  try {
+    tasks = fs.readdirSync(`/proc/${pid}/task`);
+  } catch {
+    return 0;
+  }
+  for (const t of tasks) {
+    try {
+      total += Number(fs.readFileSync(`/proc/${pid}/task/${t}/schedstat`, 'utf8').split(' ')[0]);
+    } catch {
+      // The thread ended meanwhile.
+    }
+  }
+  return total;
 }
