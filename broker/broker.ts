@@ -6,7 +6,6 @@ import pino, { type Logger } from 'pino';
 import {
   ALL_FEATURES,
   BadMessageError,
-  ConnectionLimitError,
   DEFAULT_CONNECTION_LIMITS,
   PermissionError,
   RateLimitError,
@@ -38,6 +37,8 @@ import {
 } from '../protocol/index.js';
 import { InProcessTransport, SocketListener, closeAll, type ListenOptions, type Transport } from '../transport/index.js';
 import { Access, type AccessPolicy } from './access.js';
+import { Admission } from './admission.js';
+import { DEFAULT_FENCE_OPTIONS, checkPidfds, type FenceOptions } from './fence.js';
 import { Session } from './session.js';
 import { AddressSpace } from './space.js';
 
@@ -55,6 +56,15 @@ export interface BrokerOptions {
   access?: AccessPolicy;
   /** A pino logger; default: silent. */
   logger?: Logger;
+  /** How clients that may still reach memory after their connection ended are fenced (broker/fence.ts). */
+  fence?: Partial<FenceOptions>;
+  /**
+   * Whether spaces start published (default true). An embedded broker lives and dies with its owner, so
+   * its map is authoritative from the start. A broker that may restart while clients keep running (the
+   * `mmbroker serve` process) passes false: its spaces wait for their owner's PUBLISH, and subscribers
+   * that reconnect meanwhile keep everything they hold (docs/protocol.md, "Guarantees").
+   */
+  published?: boolean;
 }
 
 /** Anything that can hand out in-process connections: a Broker, to the client library. */
@@ -69,10 +79,13 @@ export class Broker implements InProcessConnector {
   private readonly protocolLimits: ProtocolLimits;
   private readonly connectionLimits: ConnectionLimits;
   private readonly access: AccessPolicy;
+  private readonly fence: FenceOptions;
+  private readonly published: boolean;
   private readonly accessBySpace = new Map<string, Access>();
   private readonly spacesByName = new Map<string, AddressSpace>();
   private readonly sessions = new Set<Session>();
   private readonly listeners: SocketListener[] = [];
+  private readonly admission: Admission;
   private nextSessionId = 1;
   private closing = false;
 
@@ -89,12 +102,20 @@ export class Broker implements InProcessConnector {
       throw new InvalidArgError(`names are ${PROTOCOL_MAXIMA.maxNameBytes} bytes in protocol version ${PROTOCOL_VERSION}`);
     }
     this.connectionLimits = { ...DEFAULT_CONNECTION_LIMITS, ...opts.connection };
+    this.fence = { ...DEFAULT_FENCE_OPTIONS, ...opts.fence };
+    if (this.fence.policy !== 'kill' && this.fence.policy !== 'wait') throw new InvalidArgError(`fence policy must be kill or wait, not ${String(this.fence.policy)}`);
+    if (!Number.isSafeInteger(this.fence.timeoutMs) || this.fence.timeoutMs < 0) throw new InvalidArgError(`fence timeout must be a whole number of milliseconds, not ${this.fence.timeoutMs}`);
+    this.published = opts.published ?? true;
     this.access = { ...opts.access, ...(opts.ownerUids ? { owners: { uids: [...opts.ownerUids], gids: [...(opts.access?.owners?.gids ?? [])] } } : {}) };
+    this.admission = new Admission(this.connectionLimits, this.protocolLimits, {
+      mayOwn: (peer) => [...this.accessBySpace.values()].some((a) => a.mayOwn(peer)),
+      log: this.log,
+    });
     for (const name of opts.spaces ?? []) this.createSpace(name);
   }
 
-  /** Creates an address space; `access` overrides the broker's policy for it. */
-  createSpace(name: string, opts: { access?: AccessPolicy } = {}): AddressSpace {
+  /** Creates an address space; `access` overrides the broker's policy for it, `published` its start state. */
+  createSpace(name: string, opts: { access?: AccessPolicy; published?: boolean } = {}): AddressSpace {
     if (this.spacesByName.has(name)) throw new InvalidArgError(`address space ${JSON.stringify(name)} already exists`);
     this.accessBySpace.set(name, new Access({ ...this.access, ...opts.access }));
     const space = new AddressSpace(name, {
@@ -102,6 +123,8 @@ export class Broker implements InProcessConnector {
       maxFrameBytes: this.protocolLimits.maxFrameBytes,
       maxFdsPerFrame: this.protocolLimits.maxFdsPerFrame,
       log: this.log,
+      fence: this.fence,
+      published: opts.published ?? this.published,
     });
     this.spacesByName.set(name, space);
     return space;
@@ -160,6 +183,7 @@ export class Broker implements InProcessConnector {
     if (this.closing) return;
     this.closing = true;
     for (const l of this.listeners) l.close();
+    this.admission.close();
     const err = new ShutdownError('the broker is shutting down');
     for (const space of this.spacesByName.values()) space.close(err);
     const open = [...this.sessions].filter((s) => !s.transport.closed);
@@ -175,10 +199,11 @@ export class Broker implements InProcessConnector {
   // --- connections ----------------------------------------------------------------------------------
 
   private accept(transport: Transport): void {
-    if (this.sessions.size >= this.connectionLimits.maxConnections) {
-      const err = new ConnectionLimitError(`the broker serves ${this.sessions.size} connections, its limit`);
-      this.log.warn({ pid: transport.peer.pid, limit: this.connectionLimits.maxConnections }, 'connection refused: limit');
-      transport.end({ t: Msg.EV_GOODBYE, error: err.toWire() });
+    // Counts, deadlines and descriptor allowances before ATTACH: broker/admission.ts.
+    const refused = this.admission.admit(transport);
+    if (refused) {
+      this.log.warn({ pid: transport.peer.pid, uid: transport.peer.uid, err: refused.message }, 'connection refused: limit');
+      transport.end({ t: Msg.EV_GOODBYE, error: refused.toWire() });
       return;
     }
     const session = new Session(this.nextSessionId++, transport, this.connectionLimits);
@@ -186,6 +211,7 @@ export class Broker implements InProcessConnector {
     this.log.debug({ client: session.id, pid: transport.peer.pid, uid: transport.peer.uid, transport: transport.kind }, 'connected');
     transport.on('frame', (frame) => this.onFrame(session, frame));
     transport.on('close', (reason) => {
+      this.admission.release(transport);
       this.sessions.delete(session);
       if (session.spaceName !== undefined) this.spacesByName.get(session.spaceName)?.detach(session);
       session.close();
@@ -195,6 +221,7 @@ export class Broker implements InProcessConnector {
   }
 
   private onFrame(session: Session, frame: Frame): void {
+    this.admission.seen(session.transport);
     let msg: ToBroker;
     try {
       msg = parseToBroker(frame, session.features);
@@ -222,6 +249,8 @@ export class Broker implements InProcessConnector {
     } catch (err) {
       result = Promise.reject(err);
     }
+    // HELLO and ATTACH change what the connection may send: adopt that before any reply goes out.
+    this.admission.update(session);
     result.then(
       (r) => {
         if (r !== undefined) session.reply(msg.id, r);
@@ -236,8 +265,8 @@ export class Broker implements InProcessConnector {
 
   /** Handles one request. Returns the REPLY result, or undefined when the handler replied itself. */
   private request(session: Session, msg: Exclude<ToBroker, { t: 16 | 17 }>, fds: number[]): object | Promise<object | undefined> | undefined {
-    // The descriptors a request carries are ours until a handler takes them (BACKING_ADD on success,
-    // DIRTY_SYNC once queued): any refusal before that closes them, exactly once.
+    // The descriptors a request carries are ours until a handler takes them (BACKING_ADD and DELEGATE on
+    // success, DIRTY_SYNC once queued): any refusal before that closes them, exactly once.
     try {
       return this.handle(session, msg, fds);
     } catch (err) {
@@ -267,7 +296,8 @@ export class Broker implements InProcessConnector {
       case Msg.ATTACH:
         return this.attach(session, msg);
       case Msg.BACKING_ADD:
-        return this.ownedSpace(session).addBacking(session, fds[0] as number, msg.name);
+        if (msg.unsealed !== undefined && (session.features & Feature.TRUSTED_FILE) === 0) throw new FeatureError('BACKING_ADD.unsealed needs the TRUSTED_FILE feature');
+        return this.ownedSpace(session).addBacking(session, fds[0] as number, msg.name, msg.unsealed ?? false);
       case Msg.BACKING_DROP:
         return this.ownedSpace(session).dropBacking(session, msg.backing);
       case Msg.COMMIT:
@@ -285,6 +315,13 @@ export class Broker implements InProcessConnector {
         return this.attachedSpace(session).dirtySync(session, msg.regions, fds[0] as number);
       case Msg.PAUSE:
         return this.attachedSpace(session).pause(session, msg.paused);
+      case Msg.PUBLISH:
+        return this.ownedSpace(session).publish(session);
+      case Msg.DETACH:
+        return this.attachedSpace(session).leave(session);
+      case Msg.DELEGATE:
+        checkPidfds(fds);
+        return this.attachedSpace(session).delegate(session, msg.names, fds);
     }
   }
 
@@ -299,6 +336,7 @@ export class Broker implements InProcessConnector {
       throw new FeatureError('the observer role and ATTACH.writes need the DIRTY feature');
     }
     if (msg.token !== undefined && (session.features & Feature.AUTH) === 0) throw new FeatureError('ATTACH.token needs the AUTH feature');
+    if (msg.resume?.client !== undefined && (session.features & Feature.FENCE) === 0) throw new FeatureError('ATTACH.resume.client needs the FENCE feature');
     (this.accessBySpace.get(msg.space) as Access).check(msg.space, msg.role, session.transport.peer, msg.token);
     session.kind = msg.kind;
     if (msg.role === 'owner') {

@@ -3,3 +3,4 @@ export { AddressSpace } from './space.js';
 export { MemoryMap, type Plan } from './map.js';
 export { inspectBackingFd } from './backings.js';
 export { Access, type AccessPolicy, type Allow } from './access.js';
+export { DEFAULT_FENCE_OPTIONS, type FenceOptions, type FencePolicy, type HolderStatus } from './fence.js';

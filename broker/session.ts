@@ -2,12 +2,13 @@
 // acks it owes. The protocol state machine of a connection:
 //
 //   NEW --HELLO--> READY --ATTACH(owner)--> OWNER
-//                        |-ATTACH(subscriber)--> SUBSCRIBER
+//                        |-ATTACH(subscriber)--> SUBSCRIBER --DETACH--> LEAVING
 //                        \-ATTACH(observer)--> OBSERVER
 //   any --close / eviction / protocol error--> CLOSED
 //
 // STATUS is allowed from READY on; BACKING_ADD / BACKING_DROP / COMMIT only as OWNER; ACK / NACK only as
 // SUBSCRIBER, and only for an event the broker is waiting on.
+import { native } from '../native/index.js';
 import type { Transport } from '../transport/index.js';
 import { Msg, type ClientRef, type IovaRange, type MmbError, type Region } from '../protocol/index.js';
 
@@ -17,7 +18,7 @@ export type AckResult =
   | { kind: 'timeout' }
   | { kind: 'gone' };
 
-export type SessionState = 'new' | 'ready' | 'owner' | 'subscriber' | 'observer' | 'closed';
+export type SessionState = 'new' | 'ready' | 'owner' | 'subscriber' | 'observer' | 'leaving' | 'closed';
 
 export class Session {
   state: SessionState = 'new';
@@ -31,6 +32,12 @@ export class Session {
   syncing = false;
   /** A subscriber that is applying a transaction right now. */
   applying = false;
+  /** A subscriber attached to an unpublished space, waiting for its sync (feature PUBLISH). */
+  waiting = false;
+  /** The connection this one resumes (ATTACH.resume.client, feature FENCE). */
+  resumes: number | undefined;
+  /** Processes this client handed memory to (DELEGATE, feature FENCE): pidfds this session owns. */
+  readonly delegates: { name: string; pidfd: number }[] = [];
   /** Backings this connection was sent an fd for (and has not been told are gone): true if read-write. */
   readonly sentBackings = new Map<number, boolean>();
   /** Dirty bitmaps this connection was sent (feature DIRTY). */
@@ -84,6 +91,29 @@ export class Session {
     return this.transport.peer.uid;
   }
 
+  /** Whether this client lives in the broker's own process (in-process, or a socket peer that is us). */
+  get local(): boolean {
+    return this.transport.kind === 'inproc' || this.transport.peer.pid === process.pid;
+  }
+
+  /**
+   * The processes this client may reach memory through, as pidfds the caller owns: the peer's own
+   * (SO_PEERPIDFD, dup()ed) and its delegates' (handed over). Empty for in-process clients.
+   */
+  takePidfds(): { name: string; pidfd: number }[] {
+    const out: { name: string; pidfd: number }[] = [];
+    const own = this.transport.peer.pidfd;
+    if (own !== undefined && own >= 0) {
+      try {
+        out.push({ name: `${this.name} (pid ${this.pid})`, pidfd: native.dup(own) });
+      } catch {
+        // Out of descriptors: the holder is then fenced only by reconcile, never by an exit it cannot see.
+      }
+    }
+    out.push(...this.delegates.splice(0));
+    return out;
+  }
+
   get closed(): boolean {
     return this.state === 'closed' || this.transport.closed;
   }
@@ -126,10 +156,17 @@ export class Session {
     return true;
   }
 
+  /** Everything it owes resolves as 'gone', the connection staying open (a subscriber that sent DETACH). */
+  abandon(): void {
+    for (const resolve of this.waiters.values()) resolve({ kind: 'gone' });
+    this.waiters.clear();
+  }
+
   /** The connection is gone: everything it owed resolves as 'gone'. */
   close(): void {
     if (this.state === 'closed') return;
     this.state = 'closed';
+    for (const d of this.delegates.splice(0)) native.close(d.pidfd);
     for (const resolve of this.waiters.values()) resolve({ kind: 'gone' });
     this.waiters.clear();
   }

@@ -1,25 +1,36 @@
 // One address space: the versioned map, its backings, its owner and subscribers, and the machinery that
-// makes every change all-or-nothing.
+// makes every change all-or-nothing and "done" mean done.
 //
-// Work on a space is serial: commits and subscriber attaches run one at a time from a queue, so a
+// Work on a space is serial: commits, attaches and publishes run one at a time from a queue, so a
 // subscriber's initial sync never interleaves with a transaction in flight.
 //
-// A commit, in order:
-//   1. validate the ops against the committed map and every subscriber's declared limits; any problem
-//      is a typed error and nothing was sent to anyone;
-//   2. send each subscriber the backings it lacks (EV_BACKINGS, fds attached), then EV_TXN, to all
-//      subscribers at once;
-//   3. wait for every ack, up to the ack deadline; a subscriber that misses it is evicted and does not
-//      hold up the others; one that disconnects is simply gone (it will resume);
-//   4a. all acked: the map changes, the generation advances, EV_COMMITTED goes out, the owner gets the
-//      new generation; backings no region needs any more are closed and subscribers told so;
-//   4b. any nack: EV_ROLLBACK to everyone who applied it, wait for their acks (evicting who fails), and
-//      the owner gets one typed error naming the refusing client and its cause.
+// A commit, in order (docs/protocol.md, "Guarantees"):
+//   1. plan: validate the ops against the committed map and every subscriber's declared limits; any
+//      problem is a typed error and nothing was sent to anyone;
+//   2. vote: send each subscriber the backings it lacks (EV_BACKINGS, fds attached), then EV_TXN, to all
+//      at once, and wait for every answer up to the ack deadline. A two-phase subscriber (feature
+//      TWO_PHASE) only adds in this phase (maps and pins new memory); one without the feature applies
+//      everything. A subscriber that misses the deadline is evicted (and, under the kill policy, killed);
+//   3. fence: every client whose connection ended while it may still reach memory this transaction takes
+//      away (a removal, a region made read-only) must be fenced first (broker/fence.ts); if one cannot
+//      be, the transaction fails with MMB_ERR_NOT_FENCED and is rolled back;
+//   4a. commit: the map changes, the generation advances; EV_COMMITTED goes out, and two-phase subscribers
+//      now remove and reshape and ack that; one that fails is evicted and fenced; the owner gets the new
+//      generation only then, with the backings nobody can reach any more;
+//   4b. any refusal: EV_ROLLBACK to everyone who applied it, wait for their acks (evicting and fencing who
+//      fails), and the owner gets one typed error naming the refusing client and its cause.
+//
+// A space starts published (an embedded broker shares its owner's fate) or unpublished (a broker
+// process that may restart under running clients): until its owner publishes, attaching subscribers
+// keep what they hold and wait, and the owner's commits change only the map.
 import { randomBytes } from 'node:crypto';
 import type { Logger } from 'pino';
 import {
   ClientLimitError,
   ClientTimeoutError,
+  CommittedUnfencedError,
+  Feature,
+  NotFencedError,
   DEFAULT_PROTOCOL_LIMITS,
   DisconnectedError,
   Msg,
@@ -36,9 +47,11 @@ import {
   type BackingAddResult,
   type BackingDropResult,
   type CommitOp,
+  type ClientRef,
   type CommitResult,
   type DirtySyncResult,
   type PauseResult,
+  type PublishResult,
   type ErrorCode,
   type FindFree,
   type FindFreeResult,
@@ -58,6 +71,7 @@ import { coalesce, viewOps } from './coalesce.js';
 import { findFree } from './placement.js';
 import { checkSubscribers } from './policy.js';
 import { Logging } from './logging.js';
+import { DEFAULT_FENCE_OPTIONS, Fences, type FenceOptions, type Holder, type HolderReason } from './fence.js';
 import { PAGE_SIZE } from '../native/index.js';
 
 const sum = (rs: readonly Region[]) => rs.reduce((n, r) => n + r.size, 0);
@@ -83,7 +97,37 @@ export interface SpaceOptions {
   maxFrameBytes?: number;
   maxFdsPerFrame?: number;
   log: Logger;
+  /** How clients that may still reach memory are fenced (default: kill, 10 s). */
+  fence?: FenceOptions;
+  /**
+   * Whether the map is authoritative from the start (default true: an embedded broker dies with its
+   * owner). A broker process that can restart under running clients starts unpublished: see PUBLISH.
+   */
+  published?: boolean;
 }
+
+/** The backings whose memory a transaction takes away: removed regions', and regions made read-only. */
+function takenBackings(plan: Plan): Set<number> {
+  const out = new Set(plan.removes.map((r) => r.backing));
+  for (const x of plan.sets) if (x.after.readonly && !x.before.readonly) out.add(x.after.backing);
+  return out;
+}
+
+interface Vote {
+  results: Map<Session, AckResult>;
+  views: Map<Session, Region[]>;
+  /** Rolled back because a client dropped holding what the transaction takes away: vote again. */
+  retry?: true;
+}
+
+interface FanOutResult {
+  results: Map<Session, AckResult>;
+  /** Holders of the subscribers evicted for missing the deadline. */
+  timedOut: Holder[];
+}
+
+const describeHolders = (hs: readonly Holder[]) =>
+  hs.map((h) => `${h.ref.kind} client ${JSON.stringify(h.ref.name)} (#${h.ref.id}, pid ${h.ref.pid}${h.alive.length > 0 ? `; alive: ${h.alive.join(', ')}` : ''})`).join(', ');
 
 export class AddressSpace {
   /** Changes whenever the space is (re)created: generations are only comparable within one epoch. */
@@ -104,6 +148,18 @@ export class AddressSpace {
   private readonly maxFdsPerFrame: number;
   private closed = false;
   private readonly logging: Logging;
+  private _published: boolean;
+  /** Subscribers attached to the space while it is unpublished, with their ATTACH, waiting for PUBLISH. */
+  private readonly waiting = new Map<Session, { requestId: number; msg: Attach; replied: boolean }>();
+  /** Clients whose connection ended while they may still reach memory (broker/fence.ts). */
+  readonly fences: Fences;
+  /** Holders of subscribers that sent DETACH, fenced when their connection closes. */
+  private readonly leaving = new Map<Session, Holder>();
+  /**
+   * Set while a commit waits, before its vote, for holders to be fenced: a holder that reconnects then is
+   * synced at once instead of queueing behind that commit (its reconcile is what the commit waits for).
+   */
+  private fenceWindow = false;
 
   constructor(
     readonly name: string,
@@ -115,6 +171,8 @@ export class AddressSpace {
     this.backings = new BackingTable(opts.limits.maxBackings);
     this.history = new History(opts.limits.historyLength);
     this.log = opts.log.child({ space: name });
+    this._published = opts.published ?? true;
+    this.fences = new Fences(opts.fence ?? DEFAULT_FENCE_OPTIONS, this.log, (h) => this.releaseUnused(h.backings));
     // eslint-disable-next-line @typescript-eslint/no-this-alias
     const space = this;
     this.logging = new Logging({
@@ -123,7 +181,7 @@ export class AddressSpace {
       maxFdsPerFrame: this.maxFdsPerFrame,
       subscribers: () => this.subscribers,
       lookup: (ref) => this.map.lookup(ref),
-      fanOut: (targets, send, generation) => this.fanOut(targets, send, generation),
+      fanOut: async (targets, send, generation) => (await this.fanOut(targets, send, generation)).results,
       evict: (s, err) => this.evict(s, err),
       get generation() {
         return space._generation;
@@ -137,6 +195,10 @@ export class AddressSpace {
 
   regions(): readonly Region[] {
     return this.map.regions();
+  }
+
+  get published(): boolean {
+    return this._published;
   }
 
   // --- attach / detach ------------------------------------------------------------------------------
@@ -156,8 +218,40 @@ export class AddressSpace {
     session.state = 'owner';
     session.spaceName = this.name;
     this.log.info({ client: session.ref() }, 'owner attached');
-    const reply = (): AttachResult => ({ client: session.id, epoch: this.epoch, generation: this._generation, sync: 'none' });
+    // An owner that cannot publish (no PUBLISH feature) publishes by attaching, as before the feature.
+    const publishes = !this._published && (session.features & Feature.PUBLISH) === 0;
+    const reply = (): AttachResult => ({
+      client: session.id,
+      epoch: this.epoch,
+      generation: this._generation,
+      sync: 'none',
+      ...((session.features & Feature.PUBLISH) !== 0 ? { published: this._published } : {}),
+    });
+    if (publishes) return this.enqueue(async () => (this.doPublish(), reply()), false);
     return this.pendingWork === 0 ? reply() : this.enqueue(async () => reply(), false);
+  }
+
+  /**
+   * PUBLISH (owner): the map as it stands is authoritative. Runs after the work already queued; every
+   * subscriber that attached meanwhile is synced to it (and reconciles by key, keeping what is unchanged).
+   */
+  publish(session: Session): Promise<PublishResult> {
+    this.requireOwner(session);
+    return this.enqueue(async () => {
+      this.doPublish();
+      return { generation: this._generation };
+    }, false);
+  }
+
+  private doPublish(): void {
+    if (this._published) return;
+    this._published = true;
+    this.log.info({ generation: this._generation, regions: this.map.size, waiting: this.waiting.size }, 'published');
+    for (const [s, w] of this.waiting) {
+      s.waiting = false;
+      if (!s.closed) void this.enqueue(() => this.runAttach(s, w.requestId, w.msg, w.replied), false);
+    }
+    this.waiting.clear();
   }
 
   /**
@@ -172,7 +266,21 @@ export class AddressSpace {
     session.pins = msg.pin !== undefined;
     session.pinLimit = msg.pin?.limit ?? Number.POSITIVE_INFINITY;
     session.writes = msg.writes ?? true;
-    return this.enqueue(() => this.runAttach(session, requestId, msg), false);
+    session.resumes = msg.resume?.client;
+    if (!this._published) {
+      // It keeps what it holds until the owner republished: a map still being rebuilt is never applied.
+      const replied = (session.features & Feature.PUBLISH) !== 0;
+      if (replied) session.reply(requestId, { client: session.id, epoch: this.epoch, generation: this._generation, sync: 'wait' });
+      session.waiting = true;
+      this.waiting.set(session, { requestId, msg, replied });
+      this.log.info({ client: session.ref() }, 'subscriber waits for the space to be published');
+      return Promise.resolve();
+    }
+    if (this.fenceWindow && session.resumes !== undefined && this.fences.awaiting(session.resumes, session.pid)) {
+      // Nothing was sent for the commit that waits: syncing now is syncing between two transactions.
+      return this.runAttach(session, requestId, msg, false);
+    }
+    return this.enqueue(() => this.runAttach(session, requestId, msg, false), false);
   }
 
   /** An observer (feature DIRTY): receives EV_DIRTY after each sync; maps nothing, acks nothing. */
@@ -183,32 +291,81 @@ export class AddressSpace {
     return { client: session.id, epoch: this.epoch, generation: this._generation, sync: 'none' };
   }
 
-  detach(session: Session): void {
+  /**
+   * The session is gone from the space. A subscriber that may still reach memory it was given becomes a
+   * holder until it is fenced (broker/fence.ts): `reason` says why its connection ended.
+   */
+  detach(session: Session, reason: HolderReason = 'disconnected'): void {
     this.logging.observers.delete(session);
+    this.waiting.delete(session);
     if (this.owner === session) {
       this.owner = undefined;
       for (const b of this.backings.all()) b.held = false;
       this.releaseUnused([...this.backings.all()].map((b) => b.id));
       this.log.info({ client: session.ref() }, 'owner detached');
     }
-    if (this.subscribers.delete(session)) this.log.info({ client: session.ref() }, 'subscriber detached');
+    const leaver = this.leaving.get(session);
+    if (leaver) {
+      // It sent DETACH and released everything before closing: a clean leave.
+      this.leaving.delete(session);
+      leaver.fence('detached');
+    } else if (this.subscribers.delete(session)) {
+      this.log.info({ client: session.ref(), reason }, 'subscriber detached');
+      this.hold(session, reason);
+    }
     session.close();
   }
 
-  /** Removes a subscriber that broke its contract, telling it why. */
-  evict(session: Session, err: MmbError): void {
+  /** Removes a subscriber that broke its contract, telling it why; it is fenced (killed, under the kill policy). */
+  evict(session: Session, err: MmbError): Holder | undefined {
     this.log.warn({ client: session.ref(), code: err.code, err: err.message }, 'evicting client');
-    this.detach(session);
+    const before = new Set(this.fences.all());
+    this.detach(session, 'evicted');
     session.goodbye(err);
+    return this.fences.all().find((h) => !before.has(h) && h.ref.id === session.id);
+  }
+
+  /**
+   * DETACH (feature FENCE): the subscriber leaves; it gets no more transactions, and once its connection
+   * closes it holds nothing (it releases everything first). Until then it counts as holding what it had.
+   */
+  leave(session: Session): object {
+    if (!this.subscribers.has(session)) throw new StateError('only an attached subscriber detaches');
+    this.subscribers.delete(session);
+    this.logging.observers.delete(session);
+    session.state = 'leaving';
+    // Acks it owes resolve as 'gone': a transaction in flight goes on without it (and fences it if needed).
+    session.abandon();
+    const h = this.hold(session, 'leaving');
+    if (h) this.leaving.set(session, h);
+    this.log.info({ client: session.ref() }, 'subscriber leaving');
+    return {};
+  }
+
+  /** DELEGATE (feature FENCE): processes a subscriber handed memory to; fenced with it. */
+  delegate(session: Session, names: readonly string[], pidfds: number[]): object {
+    if (!this.subscribers.has(session) && !this.waiting.has(session)) throw new StateError('only an attached subscriber names delegates');
+    session.delegates.push(...names.map((name, i) => ({ name, pidfd: pidfds[i] as number })));
+    this.log.info({ client: session.ref(), delegates: names }, 'delegates named');
+    return {};
+  }
+
+  private hold(session: Session, reason: HolderReason): Holder | undefined {
+    if (session.sentBackings.size === 0) return undefined;
+    // A subscriber in the owner's own process (a VMM's own device model on the socket) is never signalled:
+    // killing it would kill the VMM, and the guest with it. Like an in-process one, only its reconcile fences it.
+    const ownersProcess = this.owner !== undefined && !this.owner.closed && this.owner.pid === session.pid;
+    return this.fences.add(session.ref(), reason, new Set(session.sentBackings.keys()), session.local || ownersProcess, session.takePidfds());
   }
 
   // --- owner requests -------------------------------------------------------------------------------
 
-  addBacking(session: Session, fd: number, name: string | undefined): BackingAddResult {
+  /** `unsealed` (feature TRUSTED_FILE): the owner vouches for a file that cannot be sealed (docs/security.md). */
+  addBacking(session: Session, fd: number, name: string | undefined, unsealed = false): BackingAddResult {
     this.requireOwner(session);
-    const b = this.backings.add(fd, name);
-    this.log.debug({ backing: b.id, size: b.size, name: b.name }, 'backing registered');
-    return { backing: b.id, size: b.size };
+    const b = this.backings.add(fd, name, unsealed);
+    this.log.debug({ backing: b.id, size: b.size, name: b.name, pageSize: b.pageSize, sealed: b.sealed }, 'backing registered');
+    return { backing: b.id, size: b.size, ...((session.features & Feature.TRUSTED_FILE) !== 0 ? { pageSize: b.pageSize, sealed: b.sealed } : {}) };
   }
 
   dropBacking(session: Session, id: number): BackingDropResult {
@@ -228,7 +385,7 @@ export class AddressSpace {
 
   /** A subscriber's REPORT: what its IOMMU or pinning looks like now. */
   report(session: Session, msg: Report): ReportResult {
-    if (!this.subscribers.has(session)) throw new StateError('only an attached subscriber reports');
+    if (!this.subscribers.has(session) && !this.waiting.has(session)) throw new StateError('only an attached subscriber reports');
     if (msg.reserved) session.reserved = msg.reserved.map(({ start, last }) => ({ start, last }));
     if (msg.dmaAvailable !== undefined) session.dmaAvailable = msg.dmaAvailable;
     if (msg.pinned !== undefined) session.pinnedActual = msg.pinned;
@@ -289,7 +446,13 @@ export class AddressSpace {
   // --- status / shutdown ----------------------------------------------------------------------------
 
   status(): StatusSpace {
-    const clients = [...(this.owner && !this.owner.closed ? [this.owner] : []), ...this.subscribers, ...this.logging.observers].map((s) => ({
+    const clients = [
+      ...(this.owner && !this.owner.closed ? [this.owner] : []),
+      ...this.subscribers,
+      ...this.waiting.keys(),
+      ...this.leaving.keys(),
+      ...this.logging.observers,
+    ].map((s) => ({
       id: s.id,
       role: s === this.owner ? ('owner' as const) : s.state === 'observer' ? ('observer' as const) : ('subscriber' as const),
       kind: s.kind,
@@ -298,7 +461,7 @@ export class AddressSpace {
       uid: s.uid,
       transport: s.transport.kind,
       ackedGeneration: s === this.owner ? this._generation : s.ackedGeneration,
-      state: s.syncing ? ('syncing' as const) : s.applying ? ('applying' as const) : ('ready' as const),
+      state: s.state === 'leaving' ? ('leaving' as const) : s.waiting ? ('waiting' as const) : s.syncing ? ('syncing' as const) : s.applying ? ('applying' as const) : ('ready' as const),
       ...(s === this.owner || s.state === 'observer' ? {} : this.subscriberStatus(s)),
     }));
     const pinners = [...this.subscribers].filter((s) => s.pins);
@@ -306,6 +469,7 @@ export class AddressSpace {
       name: this.name,
       epoch: this.epoch,
       generation: this._generation,
+      published: this._published,
       bytes: this.map.bytes,
       paused: this.logging.paused,
       logging: this.logging.bitmaps.size,
@@ -315,8 +479,9 @@ export class AddressSpace {
         actual: pinners.reduce((n, s) => n + (s.pinnedActual ?? 0), 0),
       },
       regions: this.map.regions().map((r) => ({ ...r })),
-      backings: [...this.backings.all()].map((b) => ({ backing: b.id, name: b.name, size: b.size, regions: b.refs, held: b.held })),
+      backings: [...this.backings.all()].map((b) => ({ backing: b.id, name: b.name, size: b.size, regions: b.refs, held: b.held, pageSize: b.pageSize, sealed: b.sealed })),
       clients,
+      holders: this.fences.status(),
     };
   }
 
@@ -346,6 +511,7 @@ export class AddressSpace {
     }
     this.backings.closeAll();
     this.logging.close();
+    this.fences.close();
   }
 
   // --- internals ------------------------------------------------------------------------------------
@@ -365,11 +531,17 @@ export class AddressSpace {
     return run;
   }
 
-  private async runAttach(session: Session, requestId: number, msg: Attach): Promise<void> {
+  /** `replied`: the ATTACH was already answered (`sync: "wait"`), this is the sync after PUBLISH. */
+  private async runAttach(session: Session, requestId: number, msg: Attach, replied: boolean): Promise<void> {
     if (session.closed || this.closed) return;
     const view = session.coalesce ? coalesce(this.map.regions()) : undefined;
     const refusal = this.attachRefusal(session, view?.length ?? this.map.size);
     if (refusal) {
+      if (replied) {
+        // It already holds a map from before the restart and the republished one does not fit it.
+        session.goodbye(refusal);
+        return;
+      }
       session.state = 'ready';
       session.spaceName = undefined;
       session.replyError(requestId, refusal);
@@ -395,7 +567,7 @@ export class AddressSpace {
         else gone.push(id);
       }
     }
-    session.reply(requestId, { client: session.id, epoch: this.epoch, generation: this._generation, sync: mode });
+    if (!replied) session.reply(requestId, { client: session.id, epoch: this.epoch, generation: this._generation, sync: mode });
     if (gone.length > 0) session.send({ t: Msg.EV_BACKINGS_GONE, backings: gone });
     this.sendBackings(session, accessOf(regions));
     this.logging.send(session, this.logging.bitmaps.all());
@@ -415,8 +587,10 @@ export class AddressSpace {
       session.syncing = false;
       if (r.kind === 'ack') {
         session.ackedGeneration = Math.max(session.ackedGeneration, generation);
+        // It holds exactly the current map now: what it held through its previous connection is let go.
+        if (session.resumes !== undefined) this.fences.reconciled(session.resumes, session.pid);
       } else if (r.kind === 'nack') {
-        this.evict(session, this.refusal(session, r.error, generation));
+        this.evict(session, this.refusal(session.ref(), r.error, generation));
       } else if (r.kind === 'timeout') {
         this.evict(session, new ClientTimeoutError(`${session.describe()} did not ack its sync within ${this.limits.ackTimeoutMs} ms`, { client: session.ref(), generation }));
       }
@@ -430,71 +604,60 @@ export class AddressSpace {
     }
     const plan = this.map.plan(ops, this.backings, this.limits.maxRegions);
     if (plan.ops.length === 0) return { generation: this._generation, added: [], unreferenced: [] };
-    let regionsAfter: Region[] | undefined;
-    const views = checkSubscribers(
-      plan,
-      {
-        count: this.map.size - plan.removes.length + plan.adds.length,
-        bytes: this.map.bytes - sum(plan.removes) + sum(plan.adds),
-        regions: () => (regionsAfter ??= this.map.regionsAfter(plan)),
-      },
-      this.subscribers,
-      this.limits.pinBudgetBytes,
-    );
     const generation = this._generation + 1;
     const started = performance.now();
     // Backings the transaction needs, and whether a writable region needs them.
     const access = accessOf([...plan.adds, ...plan.sets.filter((x) => !x.after.readonly).map((x) => x.after)]);
+    const taken = takenBackings(plan);
     const bitmaps = this.logging.create(plan);
     let committed = false;
     for (const r of plan.adds) (this.backings.get(r.backing) as Backing).inflight++;
     try {
-      // At the first nack the transaction is void: everyone else gets EV_ROLLBACK at once, so a client
-      // still busy applying it (pinning gigabytes) can stop instead of finishing work that is undone.
-      let rollback: Promise<Map<Session, AckResult>> | undefined;
-      const refused: [Session, MmbError][] = [];
-      const targets = [...this.subscribers];
-      const results = await this.fanOut(
-        targets,
-        (s, seq) => {
-          this.sendBackings(s, access);
-          this.logging.send(s, bitmaps);
-          const view = views.get(s);
-          s.send({ t: Msg.EV_TXN, seq, generation, ops: view ? viewOps(s.view, view) : plan.ops });
-        },
-        generation,
-        (s, r) => {
-          if (r.kind !== 'nack') return;
-          refused.push([s, r.error]);
-          if (!rollback) {
-            const others = targets.filter((t) => t !== s && !t.closed);
-            rollback = this.fanOut(others, (t, seq) => t.send({ t: Msg.EV_ROLLBACK, seq, generation }), generation);
-          }
-        },
-      );
-      if (rollback) {
-        for (const [s, r] of await rollback) if (r.kind === 'nack') this.evict(s, this.refusal(s, r.error, generation));
-        // A client that stopped because of the rollback is not the cause: report the first real refusal.
-        const [who, error] = refused.find(([, e]) => e.code !== 'MMB_ERR_CANCELLED') ?? (refused[0] as [Session, MmbError]);
-        const err = this.refusal(who, error, generation, refused.filter(([, e]) => e.code !== 'MMB_ERR_CANCELLED').length || 1);
-        this.log.warn({ generation, client: who.ref(), code: err.code, cause: error.message }, 'transaction refused and rolled back');
-        throw err;
+      // A client whose connection dropped during the vote may hold what this takes away and come back at
+      // once: the vote (which disturbed nothing, for two-phase clients) is rolled back and run again after
+      // it reconciled. Twice at most: the second time, a holder that is not fenced fails the transaction.
+      let vote: Vote;
+      for (let attempt = 1; ; attempt++) {
+        await this.fenceHolders(taken, generation);
+        vote = await this.vote(plan, generation, access, bitmaps, taken, attempt === 1);
+        if (vote.retry === undefined) break;
       }
+      const { results, views } = vote;
+
+      // --- commit ---
       this.apply(plan, generation);
       this.logging.commit(plan, bitmaps);
       committed = true;
       for (const [s, r] of results) if (r.kind === 'ack') s.ackedGeneration = generation;
       for (const [s, view] of views) s.view = view;
-      for (const s of this.subscribers) s.send({ t: Msg.EV_COMMITTED, generation });
+      // Two-phase subscribers remove and reshape now, and ack that; the others did it in the vote.
+      const twoPhase = [...this.subscribers].filter((s) => (s.features & Feature.TWO_PHASE) !== 0);
+      for (const s of this.subscribers) if ((s.features & Feature.TWO_PHASE) === 0) s.send({ t: Msg.EV_COMMITTED, generation });
+      const finished = await this.fanOut(twoPhase, (s, seq) => s.send({ t: Msg.EV_COMMITTED, generation, seq }), generation);
+      const unfinished = [...finished.timedOut];
+      for (const [s, r] of finished.results) {
+        if (r.kind !== 'nack') continue;
+        const h = this.evict(s, this.refusal(s.ref(), r.error, generation));
+        if (h) unfinished.push(h);
+      }
+      // Whoever did not finish (nack, deadline) may still reach what was removed; so may any other holder.
+      const unfenced = await this.fences.settle([...unfinished, ...(taken.size > 0 ? this.fences.holding(taken) : [])], this.limits.ackTimeoutMs);
       this.log.info(
         { generation, removes: plan.removes.length, sets: plan.sets.length, adds: plan.adds.length, clients: results.size, ms: +(performance.now() - started).toFixed(3) },
         'transaction committed',
       );
+      if (unfenced.length > 0) {
+        const h = unfenced[0] as Holder;
+        throw new CommittedUnfencedError(
+          `generation ${generation} is committed, but ${describeHolders(unfenced)} did not finish it and could not be fenced (fence policy ${this.fences.policy}): the backings it may reach stay held until it is`,
+          { client: h.ref, generation },
+        );
+      }
       const touched = new Set(plan.removes.map((r) => r.backing));
       return {
         generation,
         added: plan.adds.map((r) => ({ id: r.id, name: r.name })),
-        unreferenced: [...touched].filter((id) => this.backings.get(id)?.refs === 0),
+        unreferenced: [...touched].filter((id) => this.backings.get(id)?.refs === 0 && !this.fences.holds(id)),
       };
     } finally {
       if (!committed) this.logging.discard(bitmaps);
@@ -507,15 +670,124 @@ export class AddressSpace {
   }
 
   /**
+   * Before anything is sent: every client whose connection ended and that may still reach `taken` is
+   * fenced (broker/fence.ts). One that reconnects meanwhile is synced at once (nothing of this transaction
+   * was sent yet, so that is syncing between two transactions): its reconcile is what fences it.
+   */
+  private async fenceHolders(taken: ReadonlySet<number>, generation: number): Promise<void> {
+    if (taken.size === 0 || this.fences.holding(taken).length === 0) return;
+    this.fenceWindow = true;
+    let unfenced: Holder[];
+    try {
+      unfenced = await this.fences.settle(this.fences.holding(taken), this.limits.ackTimeoutMs);
+    } finally {
+      this.fenceWindow = false;
+    }
+    if (unfenced.length > 0) {
+      const h = unfenced[0] as Holder;
+      throw new NotFencedError(`${describeHolders(unfenced)} may still reach memory this transaction takes away and could not be fenced (fence policy ${this.fences.policy})`, { client: h.ref, generation });
+    }
+  }
+
+  /**
+   * The vote: the transaction to every subscriber at once, every answer collected. At the first nack it
+   * is void: everyone else gets EV_ROLLBACK at once, so a client still busy applying it (pinning
+   * gigabytes) can stop instead of finishing work that is undone. Throws the owner's error for a refusal;
+   * returns `retry` when it was rolled back only because a client dropped holding what it takes away.
+   */
+  private async vote(
+    plan: Plan,
+    generation: number,
+    access: ReadonlyMap<number, boolean>,
+    bitmaps: ReturnType<Logging['create']>,
+    taken: ReadonlySet<number>,
+    mayRetry: boolean,
+  ): Promise<Vote> {
+    let regionsAfter: Region[] | undefined;
+    const views = checkSubscribers(
+      plan,
+      {
+        count: this.map.size - plan.removes.length + plan.adds.length,
+        bytes: this.map.bytes - sum(plan.removes) + sum(plan.adds),
+        regions: () => (regionsAfter ??= this.map.regionsAfter(plan)),
+      },
+      this.subscribers,
+      this.limits.pinBudgetBytes,
+    );
+    let rollback: Promise<FanOutResult> | undefined;
+    const refused: [ClientRef, MmbError][] = [];
+    const targets = [...this.subscribers];
+    const rollBack = (except: Session | undefined) => {
+      const others = targets.filter((t) => t !== except && !t.closed && this.subscribers.has(t));
+      rollback = this.fanOut(others, (t, seq) => t.send({ t: Msg.EV_ROLLBACK, seq, generation }), generation);
+    };
+    const { results } = await this.fanOut(
+      targets,
+      (s, seq) => {
+        this.sendBackings(s, access);
+        this.logging.send(s, bitmaps);
+        const view = views.get(s);
+        s.send({ t: Msg.EV_TXN, seq, generation, ops: view ? viewOps(s.view, view) : plan.ops });
+      },
+      generation,
+      (s, r) => {
+        if (r.kind !== 'nack') return;
+        refused.push([s.ref(), r.error]);
+        if (!rollback) rollBack(s);
+      },
+    );
+    let retry = false;
+    if (!rollback && taken.size > 0) {
+      // Clients whose connection ended during the vote (missed its deadline, dropped) and that may still
+      // reach what this transaction takes away: nothing is taken away until they are fenced. A dropped one
+      // may be back in a moment: then vote again once it reconciled.
+      const holders = this.fences.holding(taken);
+      if (mayRetry && holders.some((h) => h.state !== 'fenced' && h.reason === 'disconnected')) {
+        retry = true;
+        rollBack(undefined);
+      } else {
+        const unfenced = await this.fences.settle(holders, this.limits.ackTimeoutMs);
+        if (unfenced.length > 0) {
+          const h = unfenced[0] as Holder;
+          refused.push([h.ref, new NotFencedError(`it may still reach memory this transaction takes away and could not be fenced (fence policy ${this.fences.policy}): ${describeHolders(unfenced)}`, { client: h.ref, generation })]);
+          rollBack(undefined);
+        }
+      }
+    }
+    if (!rollback) return { results, views };
+    const undone = await rollback;
+    // Who failed to undo it (or missed the rollback's deadline) may still map what was undone: fence it.
+    const failed = [...undone.timedOut];
+    for (const [s, r] of undone.results) {
+      if (r.kind !== 'nack') continue;
+      const h = this.evict(s, this.refusal(s.ref(), r.error, generation));
+      if (h) failed.push(h);
+    }
+    const unfenced = await this.fences.settle(failed, this.limits.ackTimeoutMs);
+    if (retry && unfenced.length === 0) {
+      this.log.info({ generation }, 'vote rolled back: a client that may still reach what it takes away dropped; voting again once it is fenced');
+      return { results, views, retry: true };
+    }
+    // A client that stopped because of the rollback is not the cause: report the first real refusal.
+    const real = refused.filter(([, e]) => e.code !== 'MMB_ERR_CANCELLED');
+    const [who, error] =
+      real[0] ?? refused[0] ?? [unfenced[0]?.ref as ClientRef, new NotFencedError('it dropped during the vote and could not be fenced', { generation })];
+    const err = this.refusal(who, error, generation, real.length || 1, unfenced);
+    this.log.warn({ generation, client: err.client, code: err.code, cause: error.message }, 'transaction refused and rolled back');
+    throw err;
+  }
+
+  /**
    * Sends an ackable event to every subscriber at once and waits for all of them, at most ackTimeoutMs.
-   * Subscribers that miss the deadline are evicted here; the result says how each one answered.
+   * Subscribers that miss the deadline are evicted here (their holders are in `timedOut`); the results
+   * say how each one answered.
    */
   private async fanOut(
     targets: readonly Session[],
     send: (s: Session, seq: number) => void,
     generation: number,
     onResult?: (s: Session, r: AckResult) => void,
-  ): Promise<Map<Session, AckResult>> {
+  ): Promise<FanOutResult> {
     const results = new Map<Session, AckResult>();
     const pending = new Map<Session, number>();
     const waits = targets.map((s) => {
@@ -539,12 +811,13 @@ export class AddressSpace {
     }, this.limits.ackTimeoutMs);
     await Promise.all(waits);
     clearTimeout(timer);
+    const timedOut: Holder[] = [];
     for (const [s, r] of results) {
-      if (r.kind === 'timeout') {
-        this.evict(s, new ClientTimeoutError(`${s.describe()} did not ack generation ${generation} within ${this.limits.ackTimeoutMs} ms`, { client: s.ref(), generation }));
-      }
+      if (r.kind !== 'timeout') continue;
+      const h = this.evict(s, new ClientTimeoutError(`${s.describe()} did not ack generation ${generation} within ${this.limits.ackTimeoutMs} ms`, { client: s.ref(), generation }));
+      if (h) timedOut.push(h);
     }
-    return results;
+    return { results, timedOut };
   }
 
   private apply(plan: Plan, generation: number): void {
@@ -580,7 +853,8 @@ export class AddressSpace {
     const released: Backing[] = [];
     for (const id of new Set(ids)) {
       const b = this.backings.get(id);
-      if (b && this.backings.isUnused(b)) released.push(this.backings.release(b));
+      // A backing a holder may still reach stays: its memory is not free to reuse until that client is fenced.
+      if (b && this.backings.isUnused(b) && !this.fences.holds(b.id)) released.push(this.backings.release(b));
     }
     if (released.length === 0) return released;
     for (const s of this.subscribers) {
@@ -592,11 +866,12 @@ export class AddressSpace {
   }
 
   /** The owner's error for a subscriber's nack: the subscriber's own code when it is one of ours. */
-  private refusal(s: Session, cause: MmbError, generation: number, count = 1): MmbError {
+  private refusal(client: ClientRef, cause: MmbError, generation: number, count = 1, unfenced: readonly Holder[] = []): MmbError {
     const code: ErrorCode = isErrorCode(cause.code) && !LOCAL_ONLY.has(cause.code) ? cause.code : 'MMB_ERR_CLIENT_REFUSED';
     const others = count > 1 ? ` (and ${count - 1} other client${count > 2 ? 's' : ''})` : '';
-    return createError(code, `${s.describe()}${others} refused generation ${generation}: ${cause.message}`, {
-      client: s.ref(),
+    const held = unfenced.length > 0 ? `; ${describeHolders(unfenced)} failed to undo it and could not be fenced: the backings it may reach stay held` : '';
+    return createError(code, `${client.kind} client ${JSON.stringify(client.name)} (#${client.id}, pid ${client.pid})${others} refused generation ${generation}: ${cause.message}${held}`, {
+      client,
       generation,
       cause,
       errno: cause.errno,

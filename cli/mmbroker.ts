@@ -7,10 +7,11 @@ import { demo } from './commands/demo.js';
 import { harness } from './commands/harness.js';
 import { map } from './commands/map.js';
 import { migrate } from './commands/migrate.js';
+import { publish } from './commands/publish.js';
 import { serve } from './commands/serve.js';
 import { status } from './commands/status.js';
 
-const commands: Command[] = [serve, map, status, attach, migrate, harness, demo];
+const commands: Command[] = [serve, map, publish, status, attach, migrate, harness, demo];
 
 function help(): string {
   const width = Math.max(...commands.map((c) => c.name.length));

@@ -4,7 +4,10 @@
 import {
   DIRTY_PAGE_SIZE,
   bitmapLayout,
+  Feature,
   Msg,
+  type AttachResult,
+  type PublishResult,
   type DirtySyncResult,
   type BackingAddResult,
   type BackingDropResult,
@@ -19,6 +22,12 @@ import { createSealedMemfd, type SealedMemfdOptions } from './memfd.js';
 
 export interface OwnerOptions extends ConnectionOptions {
   space: string;
+  /**
+   * Publish the space right after attaching, with the map as it stands (default false). A VMM that
+   * reattaches after a broker restart must not: it rebuilds its map first and then calls publish(), so
+   * subscribers never apply a half-rebuilt map. See docs/protocol.md, "Guarantees".
+   */
+  publish?: boolean;
 }
 
 export interface RegionSpec {
@@ -55,20 +64,38 @@ export class OwnerClient {
     readonly space: string,
     readonly clientId: number,
     private _generation: number,
+    private _published: boolean,
   ) {}
 
   static async attach(target: BrokerTarget, opts: OwnerOptions): Promise<OwnerClient> {
     const conn = await Connection.open(target, { name: 'owner', ...opts });
     try {
-      const r = (await conn.request({ t: Msg.ATTACH, space: opts.space, role: 'owner', kind: 'owner' })) as {
-        client: number;
-        generation: number;
-      };
-      return new OwnerClient(conn, opts.space, r.client, r.generation);
+      const r = (await conn.request({ t: Msg.ATTACH, space: opts.space, role: 'owner', kind: 'owner' })) as AttachResult;
+      // A broker without the PUBLISH feature publishes a space when its owner attaches.
+      const owner = new OwnerClient(conn, opts.space, r.client, r.generation, r.published ?? true);
+      if (opts.publish) await owner.publish();
+      return owner;
     } catch (err) {
       conn.close();
       throw err;
     }
+  }
+
+  /** Whether the space's map is authoritative (published); subscribers wait until it is. */
+  get published(): boolean {
+    return this._published;
+  }
+
+  /**
+   * Makes the map as it stands authoritative (feature PUBLISH): subscribers that attached while the space
+   * was unpublished (after a broker restart) are synced to it and reconcile by key. Idempotent.
+   */
+  async publish(): Promise<number> {
+    if ((this.conn.features & Feature.PUBLISH) === 0) return this._generation;
+    const r = (await this.conn.request({ t: Msg.PUBLISH })) as PublishResult;
+    this._published = true;
+    this._generation = Math.max(this._generation, r.generation);
+    return r.generation;
   }
 
   /** The generation of the last commit this owner saw complete (or the space's at attach). */
@@ -80,9 +107,14 @@ export class OwnerClient {
     return this.conn;
   }
 
-  /** Registers a memfd (sealed against shrinking). The broker dup()s it; the caller keeps its own fd. */
-  addBacking(fd: number, name?: string): Promise<BackingAddResult> {
-    return this.conn.request({ t: Msg.BACKING_ADD, ...(name ? { name } : {}) }, [fd]) as Promise<BackingAddResult>;
+  /**
+   * Registers a memfd (sealed against shrinking). The broker dup()s it; the caller keeps its own fd.
+   * `unsealed` (feature TRUSTED_FILE): register a file on tmpfs or hugetlbfs that cannot be sealed (QEMU's
+   * memory-backend-file); whoever can write it could truncate it under every mapping, so only an owner
+   * that controls the file may (docs/security.md, trusted-owner backings).
+   */
+  addBacking(fd: number, name?: string, opts: { unsealed?: boolean } = {}): Promise<BackingAddResult> {
+    return this.conn.request({ t: Msg.BACKING_ADD, ...(name ? { name } : {}), ...(opts.unsealed ? { unsealed: true } : {}) }, [fd]) as Promise<BackingAddResult>;
   }
 
   /** Creates a sealed memfd of `size` bytes and registers it. */

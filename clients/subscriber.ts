@@ -8,7 +8,14 @@
 //               every such promise, and a rejection turns the ack into a nack (the change is undone);
 //   'committed' / 'rolledBack'  the broker's verdict on the transaction;
 //   'synced'    an initial sync or a resume was applied;
+//   'waiting'   attached to an unpublished space (a restarted broker): everything established is kept
+//               until the owner republishes, then a sync reconciles it by key;
 //   'disconnected' / 'reconnected', 'goodbye' (the broker said why it closed us), 'error'.
+//
+// With the broker's TWO_PHASE feature a transaction is applied in two steps: the vote (EV_TXN) only
+// establishes new memory that overlaps nothing being removed, so a refusal elsewhere disturbs nothing
+// that runs; removals, updates and replacements follow once the broker says every client voted yes
+// (EV_COMMITTED with a seq, acked when done). See clients/view.ts splitChange.
 import { EventEmitter } from 'eventemitter3';
 import { native } from '../native/index.js';
 import {
@@ -36,6 +43,7 @@ import {
   diff,
   inverse,
   isEmpty,
+  splitChange,
   toView,
   type Applier,
   type ApplyContext,
@@ -87,6 +95,8 @@ export interface SubscriberEvents {
   committed: [generation: number];
   rolledBack: [generation: number];
   synced: [info: { generation: number; mode: 'snapshot' | 'delta'; epoch: string; change: Change }];
+  /** Attached to an unpublished space: what is established stays until the owner publishes. */
+  waiting: [info: { epoch: string }];
   /** Migration asks this client to stop (or resume) writing guest memory; the ack waits for waitUntil(). */
   pause: [event: PauseEvent];
   disconnected: [reason: MmbError | undefined];
@@ -148,8 +158,11 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
   private actual = new Map<string, ViewRegion>();
   /** Region id -> key of what is established (what a transaction's ops name). */
   private readonly keyById = new Map<number, string>();
-  /** A transaction applied and acked but not yet committed or rolled back. */
-  private pending: { generation: number; ops: readonly TxnOp[] } | undefined;
+  /**
+   * A transaction applied and acked but not yet committed or rolled back; for a two-phase transaction,
+   * `commit` is what is left to establish once it is committed.
+   */
+  private pending: { generation: number; ops: readonly TxnOp[]; commit?: Change } | undefined;
   private readonly backings = new Map<number, LocalBacking>();
   /** Dirty bitmaps and the paused state (feature DIRTY). */
   readonly dirty = new DirtyLog();
@@ -170,6 +183,8 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
   private readonly bitmapsSinceAttach = new Set<number>();
   private reconnecting = false;
   private starting = false;
+  /** Processes named with delegate(): pidfds this subscriber owns, sent again on every connection. */
+  private readonly delegates: { name: string; pidfd: number }[] = [];
 
   protected constructor(
     private readonly target: BrokerTarget,
@@ -251,18 +266,43 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
     if (this.conn && !this.conn.closed) await this.conn.request({ t: Msg.REPORT, ...r });
   }
 
+  /**
+   * Names processes this client handed guest memory to (feature FENCE): a vhost-user back-end (its pidfd
+   * from native.peerPidfd on the back-end's socket), a child (native.pidfdOpen). Should this client's
+   * connection end without a clean close(), the broker counts the memory as reachable until they exited
+   * too, and under its kill policy kills them with it. Takes ownership of `pidfds`; remembered and named
+   * again after a reconnect.
+   */
+  async delegate(delegates: readonly { name: string; pidfd: number }[]): Promise<void> {
+    this.delegates.push(...delegates);
+    await this.sendDelegates(this.conn, delegates);
+  }
+
+  private async sendDelegates(conn: Connection | undefined, delegates: readonly { name: string; pidfd: number }[]): Promise<void> {
+    if (!conn || conn.closed || (conn.features & Feature.FENCE) === 0 || delegates.length === 0) return;
+    await conn.request({ t: Msg.DELEGATE, names: delegates.map((d) => d.name) }, delegates.map((d) => d.pidfd));
+  }
+
   /** Drops the connection without unmapping anything (as a crash of the link would); it reconnects if enabled. */
   dropConnection(): void {
     this.conn?.transport.destroy();
   }
 
-  /** Detaches: closes the connection, has the applier release everything, closes backing fds. */
+  /**
+   * Detaches: has the applier release everything, closes backing fds, then the connection. With the
+   * broker's FENCE feature it first says DETACH, so the broker sends nothing more and knows that once the
+   * connection closes this client holds nothing (it is not fenced; without DETACH the broker counts a
+   * closed connection of a live process as holding what it had).
+   */
   async close(): Promise<void> {
     if (this.closing) return;
     this.closing = true;
     this.markClosed(new DisconnectedError('the subscriber is closing'));
     this.inflight?.abort.abort(new CancelledError('the subscriber is closing'));
-    this.conn?.close();
+    const conn = this.conn;
+    const detaching = conn !== undefined && !conn.closed && (conn.features & Feature.FENCE) !== 0;
+    if (detaching) await conn.request({ t: Msg.DETACH }).catch(() => undefined);
+    else conn?.close();
     await this.chain;
     await this.applier.close?.();
     this.actual.clear();
@@ -270,6 +310,8 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
     closeAll([...this.backings.values()].map((b) => b.fd));
     this.backings.clear();
     this.dirty.close();
+    closeAll(this.delegates.splice(0).map((d) => d.pidfd));
+    if (detaching) conn.close();
     for (const w of this.syncWaiters) w.reject(new DisconnectedError('the subscriber was closed'));
     this.syncWaiters = [];
   }
@@ -304,7 +346,15 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
         ...(this.opts.pin ? { pin: this.opts.pin.limit !== undefined ? { limit: this.opts.pin.limit } : {} } : {}),
         ...(this.opts.writes === false && (conn.features & Feature.DIRTY) !== 0 ? { writes: false } : {}),
         ...(useResume
-          ? { resume: { epoch: this.epoch as string, generation: this._generation, backings: [...this.backings.keys()] } }
+          ? {
+              resume: {
+                epoch: this.epoch as string,
+                generation: this._generation,
+                backings: [...this.backings.keys()],
+                // So the broker knows the connection this one resumes is let go once this sync is acked.
+                ...((conn.features & Feature.FENCE) !== 0 && this.clientId !== 0 ? { client: this.clientId } : {}),
+              },
+            }
           : {}),
       })) as AttachResult;
     } catch (err) {
@@ -313,8 +363,17 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
       throw err;
     }
     this.clientId = result.client;
-    // Before the sync is acked, so the broker knows this client's constraints from the first transaction on.
-    if (this.lastReport) await conn.request({ t: Msg.REPORT, ...this.lastReport });
+    if (result.sync === 'wait') this.emit('waiting', { epoch: result.epoch });
+    try {
+      // Before the sync is acked, so the broker knows this client's constraints from the first transaction on.
+      if (this.lastReport) await conn.request({ t: Msg.REPORT, ...this.lastReport });
+      await this.sendDelegates(conn, this.delegates);
+    } catch (err) {
+      // No connection outlives a failed attach (the reconnect loop opens the next one).
+      this.syncWaiters = [];
+      conn.close();
+      throw err;
+    }
     await synced;
     if (resume) this.emit('reconnected', result);
   }
@@ -366,6 +425,11 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
   }
 
   private onEvent(conn: Connection, msg: Event, fds: number[]): void {
+    if (this.closing) {
+      // Leaving: nothing more is applied (the broker stopped waiting for us when we said DETACH).
+      closeAll(fds);
+      return;
+    }
     switch (msg.t) {
       case Msg.EV_BACKINGS:
         this.enqueue(() => this.addBackings(msg.backings, fds));
@@ -401,13 +465,7 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
         this.enqueue(() => this.onRollback(conn, msg.seq, msg.generation));
         return;
       case Msg.EV_COMMITTED:
-        this.enqueue(() => {
-          if (this.pending?.generation !== msg.generation) return;
-          applyOpsTo(this.committed, this.pending.ops);
-          this._generation = msg.generation;
-          this.pending = undefined;
-          this.emit('committed', msg.generation);
-        });
+        this.enqueue(() => this.onCommitted(conn, msg.generation, msg.seq));
         return;
       case Msg.EV_BITMAPS:
         this.enqueue(() => {
@@ -516,14 +574,42 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
   }
 
   private async onTxn(conn: Connection, seq: number, generation: number, ops: readonly TxnOp[]): Promise<void> {
+    const twoPhase = (conn.features & Feature.TWO_PHASE) !== 0;
+    let commit: Change | undefined;
     // The common case costs O(ops): what is established is the committed map, so the change follows from
     // the ops alone. Anything unusual (a transaction still pending) falls back to a full diff.
-    const change = await this.establish(conn, seq, () =>
-      this.pending === undefined
-        ? changeFromOps(ops, this.committed, this.actual, this.keyById, this.backings, generation)
-        : this.fullChange(applyOps(this.committed, ops), generation, 'txn'),
-    );
-    if (change) this.pending = { generation, ops };
+    const change = await this.establish(conn, seq, () => {
+      const full =
+        this.pending === undefined
+          ? changeFromOps(ops, this.committed, this.actual, this.keyById, this.backings, generation)
+          : this.fullChange(applyOps(this.committed, ops), generation, 'txn');
+      if (!twoPhase) return full;
+      const phases = splitChange(full, (this.opts.maxRegions ?? Number.POSITIVE_INFINITY) - this.actual.size);
+      commit = phases.commit;
+      return phases.vote;
+      // One 'change' event per part that does something, and one for a transaction that does nothing.
+    }, () => commit !== undefined && !isEmpty(commit));
+    if (change) this.pending = { generation, ops, ...(commit ? { commit } : {}) };
+  }
+
+  /**
+   * The broker committed `generation`. A two-phase transaction (`seq` set) now gets the rest of its change
+   * established (removals, updates, replacements) and acked; a failure there nacks, and the broker fences
+   * this client, since it may still reach what it failed to remove.
+   */
+  private async onCommitted(conn: Connection, generation: number, seq: number | undefined): Promise<void> {
+    const pending = this.pending?.generation === generation ? this.pending : undefined;
+    if (seq !== undefined) {
+      if (pending?.commit && !isEmpty(pending.commit)) {
+        const rest = pending.commit;
+        if (!(await this.establish(conn, seq, () => rest))) return;
+      } else this.ack(conn, seq);
+    }
+    if (!pending) return;
+    applyOpsTo(this.committed, pending.ops);
+    this._generation = generation;
+    this.pending = undefined;
+    this.emit('committed', generation);
   }
 
   private async onRollback(conn: Connection, seq: number, generation: number): Promise<void> {
@@ -532,8 +618,10 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
       this.ack(conn, seq);
       return;
     }
+    const staged = this.pending.commit?.added ?? [];
     const change = await this.establish(conn, seq, () => this.fullChange(this.committed, generation, 'rollback'));
     if (change) {
+      if (staged.length > 0) await this.applier.unstage?.(staged);
       this.pending = undefined;
       this.emit('rolledBack', generation);
     }
@@ -549,20 +637,28 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
    * Establishes the change `compute` returns and acks `seq`; on failure (computing or applying) leaves
    * everything as it was and nacks. Returns the change on success.
    */
-  private async establish(conn: Connection, seq: number, compute: () => Change): Promise<Change | undefined> {
+  /** `quiet()`: true when an empty change should not be announced (another part of the transaction will be). */
+  private async establish(conn: Connection, seq: number, compute: () => Change, quiet?: () => boolean): Promise<Change | undefined> {
     let change: Change;
     const abort = new LazyAbort();
     const cancelledKeys = new Set<string>();
     try {
       change = compute();
       this.inflight = { change, abort, cancelledKeys };
-      if (!isEmpty(change)) {
-        await this.applier.apply(change, this.backings, {
-          get signal() {
-            return abort.signal;
-          },
-          cancelled: (key) => cancelledKeys.has(key),
-        });
+      const ctx: ApplyContext = {
+        get signal() {
+          return abort.signal;
+        },
+        cancelled: (key) => cancelledKeys.has(key),
+      };
+      if (!isEmpty(change)) await this.applier.apply(change, this.backings, ctx);
+      if (change.staged?.length && this.applier.stage) {
+        try {
+          await this.applier.stage(change.staged, this.backings, ctx);
+        } catch (err) {
+          if (!isEmpty(change)) await this.applier.apply(inverse(change), this.backings, NO_CANCEL);
+          throw err;
+        }
       }
     } catch (err) {
       this.inflight = undefined;
@@ -570,7 +666,7 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
       return undefined;
     }
     const waits: Promise<unknown>[] = [];
-    this.emit('change', {
+    if (!(isEmpty(change) && !change.staged?.length && quiet?.())) this.emit('change', {
       change,
       get signal() {
         return abort.signal;
@@ -583,6 +679,7 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
     } catch (err) {
       try {
         if (!isEmpty(change)) await this.applier.apply(inverse(change), this.backings, NO_CANCEL);
+        if (change.staged?.length) await this.applier.unstage?.(change.staged);
       } catch (undoErr) {
         this.emit('error', toMmbError(undoErr));
       }

@@ -27,13 +27,23 @@ export interface ViewRegion extends Region {
   readonly file: string;
 }
 
-/** What an applier must do, in this order: drop `removed`, update `updated`, establish `added`. */
+/**
+ * What an applier must do, in this order: drop `removed`, update `updated`, establish `added`.
+ * `cause`: 'txn' a transaction (for a two-phase subscriber: its vote, which only adds), 'commit' the rest
+ * of a two-phase transaction once every client voted yes (removals, updates, adds that replace something
+ * at the same addresses), 'sync' an initial sync or resume, 'rollback' and 'undo' taking a change back.
+ */
 export interface Change {
   generation: number;
-  cause: 'sync' | 'txn' | 'rollback' | 'undo';
+  cause: 'sync' | 'txn' | 'commit' | 'rollback' | 'undo';
   removed: ViewRegion[];
   updated: { before: ViewRegion; after: ViewRegion }[];
   added: ViewRegion[];
+  /**
+   * A two-phase vote only: adds that wait for the commit (they replace something at the same addresses).
+   * An applier with `stage` does their failing part now (see Applier.stage); they are not established.
+   */
+  staged?: ViewRegion[];
 }
 
 /** What an applier can consult while it works on a change that takes long (pinning gigabytes). */
@@ -66,7 +76,16 @@ export interface Applier {
    * they happen and need nothing here.
    */
   flushDirty?(log: DirtyLog): void | Promise<void>;
-  /** Releases everything it established (the subscriber is closing). */
+  /**
+   * Two-phase votes (feature TWO_PHASE): does now, for regions that the commit will add in place of
+   * something it removes, the work that can fail (mapping, pinning, accounting), without installing them
+   * where anything running would see them; the commit's apply() then only switches. Throws (leaving
+   * nothing staged) to refuse the transaction. Optional: without it, that work happens at the commit.
+   */
+  stage?(regions: readonly ViewRegion[], backings: ReadonlyMap<number, LocalBacking>, ctx: ApplyContext): void | Promise<void>;
+  /** Drops what stage() prepared for `regions` (the transaction was rolled back). */
+  unstage?(regions: readonly ViewRegion[]): void | Promise<void>;
+  /** Releases everything it established, and anything staged (the subscriber is closing). */
   close?(): void | Promise<void>;
 }
 
@@ -121,6 +140,27 @@ export function inverse(c: Change): Change {
     removed: c.added,
     updated: c.updated.map(({ before, after }) => ({ before: after, after: before })),
     added: c.removed,
+  };
+}
+
+/**
+ * Splits a transaction's change into its two phases (feature TWO_PHASE). The vote holds only what can be
+ * established without disturbing anything that runs: adds that overlap nothing being removed (new memory
+ * to map and pin). The commit holds the rest: removals, updates, and adds at addresses a removal frees
+ * (a move, a resize, a read-only toggle, a replacement), which can only be established after it.
+ * `room` is how many more regions the client can hold at once beside what it has (its slot limit minus
+ * what is established): the vote holds old and new side by side, so adds beyond it wait for the commit,
+ * after the removals made room.
+ */
+export function splitChange(c: Change, room = Number.POSITIVE_INFINITY): { vote: Change; commit: Change } {
+  const removed = c.removed;
+  const clashes = (a: ViewRegion) => removed.some((r) => a.gpa < r.gpa + r.size && r.gpa < a.gpa + a.size);
+  const now: ViewRegion[] = [];
+  const later: ViewRegion[] = [];
+  for (const a of c.added) (now.length >= room || (removed.length > 0 && clashes(a)) ? later : now).push(a);
+  return {
+    vote: { generation: c.generation, cause: c.cause, removed: [], updated: [], added: now, staged: later },
+    commit: { generation: c.generation, cause: 'commit', removed: c.removed, updated: c.updated, added: later },
   };
 }
 

@@ -14,6 +14,7 @@ import { constants, isNativeError, native } from '../native/index.js';
 import { closeAll } from '../transport/fds.js';
 import { FrameDecoder, isMmbError } from '../protocol/index.js';
 import { makeFd, session } from './generate.js';
+import { FLOOD_UID, startFlood, type Flood, type FloodTotals } from './flood.js';
 import { Rng } from '../testkit/rng.js';
 import { parseCount } from '../cli/args.js';
 import { fdCount, memfdMappings } from '../testkit/procfs.js';
@@ -29,6 +30,9 @@ export interface FuzzOptions {
   /** Hostile frames per session (after its prologue). Default 6. */
   framesPerSession?: number;
   onBatch?: (done: number, result: FuzzResult) => void;
+  /** Before each legitimate check, a pre-HELLO descriptor flood from uid 65534 (fuzz/flood.ts) holds its
+   *  connections while the owner hotplugs. Default true; needs root and setpriv. */
+  flood?: boolean;
 }
 
 export interface FuzzResult {
@@ -52,6 +56,8 @@ export interface FuzzResult {
   mappingLeak: number;
   legitChecks: number;
   legitFailures: string[];
+  /** The pre-HELLO flood's figures, or why it did not run. */
+  flood: FloodTotals | 'skipped: needs root and setpriv' | 'off';
 }
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
@@ -167,7 +173,7 @@ async function legitimateHotplug(socket: string, n: number): Promise<string | un
     // A hostile session may still hold ownership for a moment after it hung up.
     for (let tries = 0; !owner; tries++) {
       try {
-        owner = await OwnerClient.attach(socket, { space: 'vm0', name: 'legit-owner' });
+        owner = await OwnerClient.attach(socket, { space: 'vm0', name: 'legit-owner', publish: true });
       } catch (err) {
         if (!isMmbError(err, 'MMB_ERR_OWNER_EXISTS') || tries > 200) throw err;
         await new Promise((r) => setTimeout(r, 10));
@@ -200,6 +206,13 @@ export async function runFuzz(opts: FuzzOptions): Promise<FuzzResult> {
   const { broker, errors } = await startBroker(socket);
   const child = broker.child;
   const pid = broker.pid;
+  // The flood's uid (on no owner list) must be able to connect at all: the allow-lists then decide.
+  let flood: Flood | undefined;
+  if (opts.flood !== false) {
+    fs.chmodSync(dir, 0o755);
+    fs.chmodSync(socket, 0o666);
+    flood = startFlood(socket);
+  }
   const rng = new Rng(opts.seed ?? 1);
   const per = opts.framesPerSession ?? 6;
   const batch = opts.batch ?? 100;
@@ -219,6 +232,7 @@ export async function runFuzz(opts: FuzzOptions): Promise<FuzzResult> {
     mappingLeak: 0,
     legitChecks: 0,
     legitFailures: [],
+    flood: opts.flood === false ? 'off' : flood ? flood.totals : 'skipped: needs root and setpriv',
   };
   const started = performance.now();
   try {
@@ -240,7 +254,13 @@ export async function runFuzz(opts: FuzzOptions): Promise<FuzzResult> {
       }
       result.batches++;
       if (child.exitCode !== null) break;
+      // The owner hotplugs while uid FLOOD_UID holds a round of pre-HELLO descriptor flooding open.
+      if (flood) {
+        await flood.round();
+        flood.totals.brokerFdsMax = Math.max(flood.totals.brokerFdsMax, fdCount(pid));
+      }
       const failure = await legitimateHotplug(socket, result.batches);
+      await flood?.release();
       result.legitChecks++;
       if (failure) result.legitFailures.push(failure);
       // Released by now, or the leak figures below say how much was not.
@@ -251,6 +271,7 @@ export async function runFuzz(opts: FuzzOptions): Promise<FuzzResult> {
       opts.onBatch?.(result.frames, result);
     }
   } finally {
+    await flood?.stop().catch(() => undefined);
     result.brokerAlive = child.exitCode === null && child.signalCode === null;
     result.unexpectedExceptions = errors.length;
     result.exceptionSamples = errors.slice(0, 5);
@@ -283,6 +304,15 @@ async function main(): Promise<void> {
     );
     const codes = Object.entries(result.errorCodes).sort((a, b) => b[1] - a[1]);
     console.log(`${result.answers} frames answered; typed refusals by code: ${codes.map(([c, n]) => `${c.replace('MMB_ERR_', '')} ${n}`).join(', ')}`);
+    const f = result.flood;
+    if (typeof f === 'string') console.log(`pre-HELLO flood: ${f}`);
+    else {
+      const codes = Object.entries(f.codes).sort((a, b) => b[1] - a[1]).map(([c, n]) => `${c.replace('MMB_ERR_', '')} ${n}`).join(', ');
+      console.log(
+        `pre-HELLO flood as uid ${FLOOD_UID}: ${f.rounds} rounds, ${f.attempted} connections tried, ${f.connected} connected, ${f.fdsSent} descriptors sent; ` +
+          `the broker closed ${f.closedByBroker} (${codes}); connect failures: ${JSON.stringify(f.connectFailed)}; broker fds at most ${f.brokerFdsMax} while flooded`,
+      );
+    }
     for (const f of result.legitFailures.slice(0, 5)) console.log(`  failed: ${f}`);
     for (const e of result.exceptionSamples) console.log(`  broker: ${e}`);
   }

@@ -38,7 +38,10 @@ async function killMidTxn(w: World): Promise<StepResult | undefined> {
     r.ok ? [] : [`the commit of ${a.name} failed after ${victim.describe()} was killed: ${r.err.code} ${r.err.message}`]);
 }
 
-/** A client that stops (SIGSTOP): it neither reads nor acks; the broker evicts it at the deadline. */
+/**
+ * A client that stops (SIGSTOP): it neither reads nor acks; the broker evicts it at the deadline and,
+ * under its default fence policy (kill), kills it through its pidfd. A replacement joins.
+ */
 async function stall(w: World): Promise<StepResult | undefined> {
   const a = await planAdd(w);
   if (!a) return undefined;
@@ -46,13 +49,16 @@ async function stall(w: World): Promise<StepResult | undefined> {
   const mark = w.broker.warnings.length;
   victim.signal('SIGSTOP');
   const r = await w.commit([a]);
-  victim.signal('SIGCONT');
   const evicted = await evictionLogged(w, mark, victim.pid);
+  const signal = await victim.exitSignal(5000);
+  w.clients = w.clients.filter((x) => x !== victim);
+  const replacement = await w.join(victim.kind);
   const surprises = [
     ...(r.ok ? [] : [`the commit of ${a.name} failed while ${victim.describe()} was stopped: ${r.err.code} ${r.err.message}`]),
     ...(evicted ? [] : [`the broker did not evict ${victim.describe()} (MMB_ERR_CLIENT_TIMEOUT) although it never acked`]),
+    ...(signal === 'SIGKILL' ? [] : [`the broker did not fence ${victim.describe()} after evicting it: it ${signal === undefined ? 'is still alive' : `ended with ${signal}`} (expected SIGKILL through its pidfd)`]),
   ];
-  return result('stall', `${victim.describe()} stopped during ${a.name}; ${r.ok ? `committed at ${r.result.generation}` : r.err.code}; evicted ${evicted}`, surprises);
+  return result('stall', `${victim.describe()} stopped during ${a.name}; ${r.ok ? `committed at ${r.result.generation}` : r.err.code}; evicted ${evicted}, ended by ${signal ?? 'nothing'}; ${replacement.describe()} joined`, surprises);
 }
 
 /** A client refuses a change after applying it: the owner gets its error, everyone rolls back. */
@@ -87,10 +93,15 @@ async function brokerRestart(w: World): Promise<StepResult> {
   m.generation = 0;
   const ops: CommitOp[] = regions.map((r) => ({ op: 'add', name: r.name, gpa: r.gpa, size: r.size, backing: ids.get(r.backing) as number, offset: r.offset, readonly: r.readonly, logDirty: r.logDirty }));
   const surprises: string[] = [];
-  if (ops.length > 0) {
-    const r = await w.commit(ops);
-    if (!r.ok) surprises.push(`republishing ${ops.length} regions into the restarted broker failed: ${r.err.code} ${r.err.message}`);
-  }
+  if (!w.owner.published) {
+    // Unpublished until now: clients that reconnected kept everything and waited; the map is rebuilt
+    // first and published whole, so they reconcile against it and never see a half map.
+    if (ops.length > 0) {
+      const r = await w.commit(ops);
+      if (!r.ok) surprises.push(`republishing ${ops.length} regions into the restarted broker failed: ${r.err.code} ${r.err.message}`);
+    }
+    m.generation = await w.owner.publish();
+  } else surprises.push('the restarted broker\'s space was already published before its owner republished it');
   // Holds as before the crash: what the owner had dropped it drops again (regions still use them).
   for (const b of old) {
     if (b.held) continue;

@@ -161,7 +161,11 @@ export function leaks(w: World, snap: Snapshot, t: Tally): void {
   }
   const conns = 1 + w.clients.length;
   if (b.sockets !== base.sockets + conns) problems.push(`the broker holds ${b.sockets} sockets, expected ${base.sockets} + ${conns} connections`);
+  if (b.pidfds > base.pidfds + conns) problems.push(`the broker holds ${b.pidfds} pidfds, more than ${base.pidfds} + ${conns} connections`);
   if (b.bitmaps !== logging) problems.push(`the broker holds ${b.bitmaps} dirty bitmaps for ${logging} logging region(s)`);
+  // One pidfd per socket connection (SO_PEERPIDFD), and one per process a client being fenced reaches.
+  const fencing = (snap.status?.holders ?? []).reduce((n, h) => n + h.alive.length, 0);
+  if (b.pidfds !== base.pidfds + conns + fencing) problems.push(`the broker holds ${b.pidfds} pidfds, expected ${base.pidfds} + ${conns} connections + ${fencing} of clients being fenced`);
   if (b.other !== base.other) problems.push(`the broker holds ${b.other} other fds, ${base.other} at start`);
   t.check('leaks', problems);
   for (const s of snap.clients) {

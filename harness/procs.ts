@@ -44,6 +44,14 @@ export class ClientProc extends JsonProc {
     return this.next(name, () => true, timeoutMs);
   }
 
+  /** The signal that ended the process, once it ended (within `timeoutMs`); undefined if it lives on. */
+  async exitSignal(timeoutMs: number): Promise<NodeJS.Signals | null | undefined> {
+    let timer: NodeJS.Timeout | undefined;
+    const ended = await Promise.race([this.exited.then(() => true), new Promise<false>((r) => (timer = setTimeout(() => r(false), timeoutMs)))]);
+    clearTimeout(timer);
+    return ended ? this.child.signalCode : undefined;
+  }
+
   override describe(): string {
     return `${this.broken ? `broken (${this.broken}) ` : ''}${this.kind} client ${this.name} (pid ${this.pid})`;
   }

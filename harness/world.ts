@@ -34,7 +34,8 @@ export class World {
 
   async start(): Promise<void> {
     this.broker = await BrokerProc.start(this.socket, SPACE, this.opts.ackTimeoutMs);
-    this.owner = await OwnerClient.attach(this.socket, { space: SPACE, name: 'harness-owner' });
+    // `mmbroker serve` starts its spaces unpublished; the (empty) map is authoritative from here on.
+    this.owner = await OwnerClient.attach(this.socket, { space: SPACE, name: 'harness-owner', publish: true });
   }
 
   /** Live clients of a kind (the deliberately broken ones excluded unless asked for). */

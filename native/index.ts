@@ -1,4 +1,5 @@
-// The typed face of the C addon (native/src/*.c, built by node-gyp into build/Release/mmb_native.node).
+// The typed face of the C addon (native/src/*.c: built by node-gyp into build/Release/mmb_native.node, or
+// prebuilt into prebuilds/<platform>-<arch>/ for the package).
 //
 // The boundary is deliberately thin (the serialport / sharp model): C performs one syscall per call on
 // flat, already-validated arguments and reports failures as errors carrying `code` ('EINVAL'), `errno`
@@ -7,6 +8,7 @@
 //
 // File descriptors are plain numbers. Every fd the addon creates or receives is O_CLOEXEC; sockets are
 // O_NONBLOCK. Ownership is explicit: whoever receives an fd from a call must close() it.
+import fs from 'node:fs';
 import { createRequire } from 'node:module';
 import { fileURLToPath } from 'node:url';
 import path from 'node:path';
@@ -49,6 +51,12 @@ export interface Credentials {
 
 export interface Accepted extends Credentials {
   fd: number;
+  /**
+   * The peer's pidfd (SO_PEERPIDFD, Linux 6.5+), O_CLOEXEC, owned by the caller; -1 when the kernel
+   * lacks SO_PEERPIDFD or the peer had already exited. It names the process that connected, for as long
+   * as the fd is open: never a later process that reused its pid.
+   */
+  pidfd: number;
 }
 
 export interface Received {
@@ -128,9 +136,14 @@ export interface Native {
   /**
    * `length` bytes of `fd` mapped at one contiguous range of host addresses, as consecutive Mappings of
    * at most `chunk` bytes (a page multiple): for memory a KVM memslot or a DMA mapping must see as one
-   * range while no ArrayBuffer may exceed 4 GiB. Unmapping every chunk releases the whole range.
+   * range while no ArrayBuffer may exceed 4 GiB. Unmapping every chunk releases the whole range. The range
+   * starts at a multiple of `align` (a power of two, default the page size; `chunk` a multiple of it),
+   * raised to the huge page size for a hugetlbfs file, whose `offset`, `length` and `chunk` must then be
+   * multiples of its huge page size (EINVAL otherwise).
    */
-  mmapChunked(fd: number, offset: number, length: number, prot: number, flags: number, chunk: number): Mapping[];
+  mmapChunked(fd: number, offset: number, length: number, prot: number, flags: number, chunk: number, align?: number): Mapping[];
+  /** fstatfs(2) of an open file: its filesystem's magic number (f_type) and block size (f_bsize). */
+  fstatfs(fd: number): { type: number; bsize: number };
   /**
    * munmap(2) and detach the buffer. EBUSY while an mlock/munlock on it is still running (or if its
    * buffer was detached by someone else, e.g. transferred: the memory may still be in use there).
@@ -169,16 +182,46 @@ export interface Native {
   eventfdWrite(fd: number, value: number): void;
 
   // --- Unix stream sockets ----------------------------------------------------------------------
-  /** socket+bind+listen on `path`; the socket file gets permission bits `mode`. */
+  /**
+   * socket+bind+listen on `path`; the socket file is created with permission bits `mode` (or tighter,
+   * where the umask removed bits, which are then added back by path before listen()).
+   */
   socketListen(path: string, backlog: number, mode: number): number;
+  /**
+   * The same for the socket `name` (one component) inside the directory open as `dirFd` (O_PATH will
+   * do): bound through /proc/self/fd/DIRFD/NAME, mode fixed with fchmodat(dirFd), removed with
+   * unlinkat(dirFd) on failure; no other path is resolved. ENAMETOOLONG when the /proc path exceeds
+   * sun_path (about 80 bytes of name), EINVAL for a name with "/" or a dot entry.
+   */
+  socketListenAt(dirFd: number, name: string, backlog: number, mode: number): number;
   /** Non-blocking connect; throws ECONNREFUSED / ENOENT / EAGAIN (listener backlog full). */
   socketConnect(path: string): number;
-  /** accept4 with the peer's SO_PEERCRED; null when no connection is pending. */
+  /**
+   * accept4 with the peer's SO_PEERCRED and SO_PEERPIDFD; null when no connection is pending. Throws
+   * (and closes the connection) when even the pidfd cannot be allocated (EMFILE).
+   */
   socketAccept(fd: number): Accepted | null;
   /** socketpair(AF_UNIX, SOCK_STREAM); both ends non-blocking and close-on-exec. */
   socketPair(): [number, number];
   /** getsockopt(SO_PEERCRED). */
   peerCred(fd: number): Credentials;
+  /**
+   * getsockopt(SO_PEERPIDFD) on any connected Unix socket: a pidfd (O_CLOEXEC, owned by the caller) for
+   * the process that connected it or made the socketpair; -1 when the kernel lacks SO_PEERPIDFD
+   * (ENOPROTOOPT) or that process has exited and been reaped.
+   */
+  peerPidfd(fd: number): number;
+  /**
+   * pidfd_send_signal(2): signals exactly the process the pidfd names (signal 0 only checks). Throws
+   * ESRCH once it has exited, EPERM when this process may not signal it.
+   */
+  pidfdSendSignal(pidfd: number, signal: number): void;
+  /**
+   * pidfd_open(2) -> pidfd (O_CLOEXEC). Only for this process's own children, before they are reaped
+   * (before child_process's 'exit' event): any other pid may have been reused by the time it is opened.
+   * A peer's pidfd comes from socketAccept / peerPidfd instead.
+   */
+  pidfdOpen(pid: number): number;
   /**
    * sendmsg(2) with MSG_NOSIGNAL; `fds` (possibly empty) travel as one SCM_RIGHTS control message with
    * the first byte. Returns bytes sent, or null when the socket buffer is full (nothing was sent).
@@ -210,32 +253,78 @@ export interface Native {
 }
 
 const here = path.dirname(fileURLToPath(import.meta.url));
-// Works both from the sources (native/) and from the compiled tree (dist/native/).
-const candidates = [
-  path.resolve(here, '../build/Release/mmb_native.node'),
-  path.resolve(here, '../../build/Release/mmb_native.node'),
-];
+// The package root, where build/ and prebuilds/ are: above native/ (the sources, as the tests run them) or
+// above dist/native/ (the compiled tree, as the package runs).
+const root = [path.resolve(here, '..'), path.resolve(here, '../..')].find((dir) => fs.existsSync(path.join(dir, 'binding.gyp'))) ?? path.resolve(here, '../..');
 
+/**
+ * Loads the addon the way node-gyp-build finds it: a local build first (build/Release, what `npm ci` in a
+ * checkout and `npm rebuild` compile), else the prebuilt binary for this platform, architecture and libc
+ * shipped in prebuilds/ (linux-x64 and linux-arm64, glibc). A failure names the platform and says how to
+ * get an addon, instead of surfacing the loader's internals.
+ */
 function load(): Native {
   const require = createRequire(import.meta.url);
-  let lastError: unknown;
-  for (const file of candidates) {
+  const nodeGypBuild = require('node-gyp-build') as { (dir: string): unknown; resolve(dir: string): string };
+  const platform = `${process.platform}-${process.arch}`;
+  const rebuild = 'compile it with `npm rebuild memmap-broker` (in a checkout of memmap-broker: `npm ci`), which needs python3, make and a C compiler';
+  let file: string;
+  try {
+    file = nodeGypBuild.resolve(root);
+  } catch (err) {
+    let shipped: string[] = [];
     try {
-      return require(file) as Native;
-    } catch (err) {
-      lastError = err;
-      if ((err as NodeJS.ErrnoException).code !== 'MODULE_NOT_FOUND') break;
+      shipped = fs.readdirSync(path.join(root, 'prebuilds'));
+    } catch {
+      // none shipped (a checkout before `npm run prebuilds`)
     }
+    const prebuilt = shipped.length > 0 ? `the package's prebuilt ones are for ${shipped.sort().join(' and ')} (glibc 2.33 or later)` : 'the package has no prebuilt one';
+    throw new Error(`memmap-broker: no native addon for ${platform}: ${prebuilt} and none was compiled here (no ${path.join(root, 'build/Release')}); ${rebuild}`, {
+      cause: err,
+    });
   }
-  throw new Error(
-    'memmap-broker: the native addon is not built (expected build/Release/mmb_native.node); run `npm ci` or `npx node-gyp rebuild`',
-    { cause: lastError },
-  );
+  try {
+    return require(file) as Native;
+  } catch (err) {
+    throw new Error(`memmap-broker: the native addon ${file} does not load on this system (${(err as Error).message.split('\n')[0]}); ${rebuild}`, {
+      cause: err,
+    });
+  }
 }
 
 export const native: Native = load();
 export const constants: NativeConstants = native.constants;
 export const PAGE_SIZE: number = native.constants.pageSize;
+
+/**
+ * The pid a pidfd names, from /proc/self/fdinfo ("Pid:"): 0 when the process lives in a pid namespace
+ * this one cannot see, -1 once it has exited (Linux 5.x+). For logs and checks; signal through the pidfd.
+ */
+export function pidOfPidfd(pidfd: number): number {
+  const m = /^Pid:\s*(-?\d+)$/m.exec(fs.readFileSync(`/proc/self/fdinfo/${pidfd}`, 'utf8'));
+  if (!m) throw new Error(`fd ${pidfd} is not a pidfd`);
+  return Number(m[1]);
+}
+
+/** linux/magic.h: the filesystems of shared memory files (memfds and /dev/shm live on tmpfs). */
+export const HUGETLBFS_MAGIC = 0x958458f6;
+export const TMPFS_MAGIC = 0x01021994;
+
+/**
+ * The page size a mapping of `fd` is made of: its huge page size (2 MiB, 1 GiB: hugetlbfs's f_bsize) for
+ * a hugetlbfs file (an MFD_HUGETLB memfd included), else the system page size. Offsets, lengths and
+ * addresses of its mappings must be multiples of it.
+ */
+export function filePageSize(fd: number): number {
+  const st = native.fstatfs(fd);
+  return st.type === HUGETLBFS_MAGIC ? st.bsize : PAGE_SIZE;
+}
+
+/** A page size for messages: "4 KiB", "2 MiB", "1 GiB". */
+export function pageSizeName(bytes: number): string {
+  for (const [unit, n] of [['GiB', 2 ** 30], ['MiB', 2 ** 20], ['KiB', 2 ** 10]] as const) if (bytes >= n && bytes % n === 0) return `${bytes / n} ${unit}`;
+  return `${bytes} bytes`;
+}
 
 /** True if `err` is an error raised by the addon with the given errno name. */
 export function isNativeError(err: unknown, code?: string): err is NativeError {

@@ -19,6 +19,9 @@ export const Msg = {
   FIND_FREE: 8,
   DIRTY_SYNC: 9,
   PAUSE: 10,
+  PUBLISH: 11,
+  DETACH: 12,
+  DELEGATE: 13,
 
   ACK: 16,
   NACK: 17,
@@ -64,8 +67,22 @@ export const Feature = {
   DIRTY: 1 << 5,
   /** ATTACH.token: a per-space secret a subscriber or observer must present, besides its credentials. */
   AUTH: 1 << 6,
+  /** PUBLISH: a space is authoritative only once its owner published it. A restarted broker's spaces
+   *  start unpublished; subscribers attaching meanwhile keep what they hold and wait (ATTACH reply
+   *  `sync: "wait"`). Owners see `published` in their ATTACH reply. */
+  PUBLISH: 1 << 7,
+  /** Two-phase apply: EV_TXN is a vote (the subscriber only adds what can be undone unseen); removals and
+   *  reshapes happen at EV_COMMITTED, which then carries a `seq` to ack once they are done. */
+  TWO_PHASE: 1 << 8,
+  /** Fencing: DETACH (a clean leave, so the client is not fenced), DELEGATE (pidfds of processes the client
+   *  handed memory to), ATTACH.resume.client (the connection this one resumes). */
+  FENCE: 1 << 9,
+  /** BACKING_ADD.unsealed: the owner registers a file it vouches for (QEMU's memory-backend-file on tmpfs or
+   *  hugetlbfs), which cannot be sealed against shrinking; the reply and STATUS say page size and sealing. */
+  TRUSTED_FILE: 1 << 10,
 } as const;
-export const ALL_FEATURES = Feature.RESUME | Feature.REPORT | Feature.PLACE | Feature.COALESCE | Feature.PIN | Feature.DIRTY | Feature.AUTH;
+export const ALL_FEATURES =
+  Feature.RESUME | Feature.REPORT | Feature.PLACE | Feature.COALESCE | Feature.PIN | Feature.DIRTY | Feature.AUTH | Feature.PUBLISH | Feature.TWO_PHASE | Feature.FENCE | Feature.TRUSTED_FILE;
 
 /** Bytes of guest memory one dirty-bitmap bit stands for. */
 export const DIRTY_PAGE_SIZE = 4096;

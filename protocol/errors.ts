@@ -52,6 +52,8 @@ export const ERROR_TABLE = {
   MMB_ERR_PERMISSION: { errno: 'EPERM', summary: 'The peer\'s credentials (SO_PEERCRED) or token do not allow this role on this address space.' },
   MMB_ERR_CONNECTION_LIMIT: { errno: 'EAGAIN', summary: 'The broker already serves as many connections as it allows; try again later.' },
   MMB_ERR_RATE_LIMIT: { errno: 'EAGAIN', summary: 'The connection sent requests faster than the broker allows; the request was not run.' },
+  MMB_ERR_UNSAFE_PATH: { errno: 'EPERM', summary: 'A path the broker must trust (its socket\'s directory or an ancestor, its token file) can be changed or read by other users, or is a symlink it will not follow.' },
+  MMB_ERR_HANDSHAKE_TIMEOUT: { errno: 'ETIMEDOUT', summary: 'A connection did not complete HELLO and ATTACH within the broker\'s deadline, or sat idle before attaching; it was closed.' },
 
   // --- the map ---
   MMB_ERR_BACKING_INVALID: { errno: 'EINVAL', summary: 'A backing descriptor is not a memfd or hugetlbfs file.' },
@@ -86,6 +88,8 @@ export const ERROR_TABLE = {
   MMB_ERR_UNSUPPORTED: { errno: 'EOPNOTSUPP', summary: 'This machine lacks what the operation needs (no /dev/kvm, no /dev/vfio, no iommufd); the message says which.' },
   MMB_ERR_CLIENT_TIMEOUT: { errno: 'ETIMEDOUT', summary: 'A subscriber did not ack within the deadline and was evicted.' },
   MMB_ERR_SLOW_READER: { errno: 'ENOBUFS', summary: 'A peer let too many bytes queue up unread and was disconnected.' },
+  MMB_ERR_NOT_FENCED: { errno: 'EBUSY', summary: 'A client that may still reach memory this change removes or write-protects could not be fenced in time (it neither exited nor reconciled, or could not be signalled); nothing was changed.' },
+  MMB_ERR_COMMITTED_UNFENCED: { errno: 'EBUSY', summary: 'The change was committed (the generation advanced), but a client failed to finish it and could not be fenced: the memory it removed stays held until that client is fenced.' },
 
   // --- lifecycle (mostly raised on the client side) ---
   MMB_ERR_CONNECT: { errno: 'ECONNRESET', summary: 'The broker socket could not be reached (the errno of connect(2) is carried).' },
@@ -244,6 +248,8 @@ export const NotOwnerError = define('MMB_ERR_NOT_OWNER');
 export const PermissionError = define('MMB_ERR_PERMISSION');
 export const ConnectionLimitError = define('MMB_ERR_CONNECTION_LIMIT');
 export const RateLimitError = define('MMB_ERR_RATE_LIMIT');
+export const UnsafePathError = define('MMB_ERR_UNSAFE_PATH');
+export const HandshakeTimeoutError = define('MMB_ERR_HANDSHAKE_TIMEOUT');
 export const BackingInvalidError = define('MMB_ERR_BACKING_INVALID');
 export const BackingUnsealedError = define('MMB_ERR_BACKING_UNSEALED');
 export const BackingTooSmallError = define('MMB_ERR_BACKING_TOO_SMALL');
@@ -274,6 +280,8 @@ export const PausedError = define('MMB_ERR_PAUSED');
 export const UnsupportedError = define('MMB_ERR_UNSUPPORTED');
 export const ClientTimeoutError = define('MMB_ERR_CLIENT_TIMEOUT');
 export const SlowReaderError = define('MMB_ERR_SLOW_READER');
+export const NotFencedError = define('MMB_ERR_NOT_FENCED');
+export const CommittedUnfencedError = define('MMB_ERR_COMMITTED_UNFENCED');
 export const ConnectError = define('MMB_ERR_CONNECT');
 export const DisconnectedError = define('MMB_ERR_DISCONNECTED');
 export const TimeoutError = define('MMB_ERR_TIMEOUT');

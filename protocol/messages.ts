@@ -87,10 +87,24 @@ export const attach = object({
   /** Feature DIRTY: false declares that this subscriber never writes guest memory (default true). */
   writes: optional(bool()),
   /** Feature RESUME: what the client already holds from an earlier connection. */
-  resume: optional(object({ epoch: str(64, { minBytes: 1, printable: true }), generation: uint(), backings: array(u32(), 65_536) })),
+  resume: optional(
+    object({
+      epoch: str(64, { minBytes: 1, printable: true }),
+      generation: uint(),
+      backings: array(u32(), 65_536),
+      /** Feature FENCE: the broker's id of the connection this one resumes (its ATTACH reply's `client`). */
+      client: optional(u32()),
+    }),
+  ),
 });
 
-export const backingAdd = object({ t: t(Msg.BACKING_ADD), id: u32(), name: optional(name()) });
+export const backingAdd = object({
+  t: t(Msg.BACKING_ADD),
+  id: u32(),
+  name: optional(name()),
+  /** Feature TRUSTED_FILE: accept a file that is not sealed against shrinking (tmpfs or hugetlbfs only). */
+  unsealed: optional(bool()),
+});
 export const backingDrop = object({ t: t(Msg.BACKING_DROP), id: u32(), backing: u32() });
 
 export const commitOp = tagged('op', {
@@ -158,6 +172,15 @@ export const dirtySync = object({
 
 export const pause = object({ t: t(Msg.PAUSE), id: u32(), paused: bool() });
 
+/** Feature PUBLISH (owner): the map as it stands is authoritative; waiting subscribers are synced to it. */
+export const publish = object({ t: t(Msg.PUBLISH), id: u32() });
+
+/** Feature FENCE (subscriber): it leaves and will hold nothing once its connection closes. */
+export const detach = object({ t: t(Msg.DETACH), id: u32() });
+
+/** Feature FENCE (subscriber): pidfds of processes it handed memory to (one fd per entry of `names`). */
+export const delegate = object({ t: t(Msg.DELEGATE), id: u32(), names: array(name(), 16) });
+
 // --- client -> broker, no reply ------------------------------------------------------------------
 
 export const ack = object({ t: t(Msg.ACK), seq: uint() });
@@ -192,7 +215,8 @@ export type TxnOp = Infer<typeof txnOp>;
 
 export const evTxn = object({ t: t(Msg.EV_TXN), seq: uint(), generation: uint(), ops: array(txnOp, L.maxOpsPerCommit) });
 export const evRollback = object({ t: t(Msg.EV_ROLLBACK), seq: uint(), generation: uint() });
-export const evCommitted = object({ t: t(Msg.EV_COMMITTED), generation: uint() });
+/** `seq` (feature TWO_PHASE only): ack it once the transaction's removals and reshapes are applied. */
+export const evCommitted = object({ t: t(Msg.EV_COMMITTED), generation: uint(), seq: optional(uint()) });
 export const bitmapInfo = object({ bitmap: u32(), region: u32(), gpa: addr(), pages: addr() });
 export type BitmapInfo = Infer<typeof bitmapInfo>;
 export const evBitmaps = object({ t: t(Msg.EV_BITMAPS), bitmaps: array(bitmapInfo, L.maxFdsPerFrame) });
@@ -224,10 +248,20 @@ export const attachResult = object({
   client: u32(),
   epoch: str(64, { minBytes: 1, printable: true }),
   generation: uint(),
-  sync: literal('snapshot', 'delta', 'none'),
+  /** "wait" (feature PUBLISH, subscribers): the space is unpublished; keep what you hold, an EV_SYNC follows
+   *  once the owner publishes. */
+  sync: literal('snapshot', 'delta', 'none', 'wait'),
+  /** Feature PUBLISH: whether the space is published (owners). */
+  published: optional(bool()),
 });
 
-export const backingAddResult = object({ backing: u32(), size: addr() });
+export const backingAddResult = object({
+  backing: u32(),
+  size: addr(),
+  /** Feature TRUSTED_FILE: the backing's page size (4 KiB, or a huge page size) and whether it is sealed. */
+  pageSize: optional(addr()),
+  sealed: optional(bool()),
+});
 export const reportResult = object({});
 export const dirtySyncResult = object({
   /** Where each region's cleared bits were ORed into the buffer sent with the request. */
@@ -237,6 +271,9 @@ export const dirtySyncResult = object({
 });
 export const pauseResult = object({});
 export const findFreeResult = object({ gpa: addr() });
+export const publishResult = object({ generation: uint() });
+export const detachResult = object({});
+export const delegateResult = object({});
 export const backingDropResult = object({ released: bool() });
 export const commitResult = object({
   generation: uint(),
@@ -255,7 +292,8 @@ const statusClient = object(
     uid: u32(),
     transport: literal('socket', 'inproc'),
     ackedGeneration: uint(),
-    state: literal('syncing', 'ready', 'applying'),
+    /** waiting: attached to an unpublished space (feature PUBLISH); leaving: sent DETACH (feature FENCE). */
+    state: literal('syncing', 'ready', 'applying', 'waiting', 'leaving'),
     // Subscribers only:
     /** Regions in this client's view (coalesced, if it coalesces). */
     regions: optional(u32()),
@@ -288,6 +326,27 @@ export const statusSpace = object(
     regions: array(region, 1 << 20),
     backings: array(statusBacking, 1 << 20),
     clients: array(statusClient, 1 << 20),
+    /** Feature PUBLISH: whether the owner published the map (a restarted broker's spaces start unpublished). */
+    published: optional(bool()),
+    /** Clients whose connection ended while they may still reach memory, until they are fenced. */
+    holders: optional(
+      array(
+        object(
+          {
+            client: clientRef,
+            reason: literal('evicted', 'disconnected', 'leaving'),
+            state: literal('holding', 'signalled', 'fenced'),
+            /** Milliseconds since its connection ended. */
+            ms: uint(),
+            backings: array(u32(), 1 << 20),
+            /** Processes (the client, its delegates) not known to have exited. */
+            alive: array(str(256), 32),
+          },
+          { open: true },
+        ),
+        1 << 16,
+      ),
+    ),
   },
   { open: true },
 );
@@ -332,6 +391,9 @@ export const MESSAGES: ReadonlyMap<number, MessageSpec> = new Map(
     spec(Msg.FIND_FREE, 'FIND_FREE', 'request', findFree, { result: findFreeResult, feature: Feature.PLACE }),
     spec(Msg.DIRTY_SYNC, 'DIRTY_SYNC', 'request', dirtySync, { fds: { kind: 'one' }, result: dirtySyncResult, feature: Feature.DIRTY }),
     spec(Msg.PAUSE, 'PAUSE', 'request', pause, { result: pauseResult, feature: Feature.DIRTY }),
+    spec(Msg.PUBLISH, 'PUBLISH', 'request', publish, { result: publishResult, feature: Feature.PUBLISH }),
+    spec(Msg.DETACH, 'DETACH', 'request', detach, { result: detachResult, feature: Feature.FENCE }),
+    spec(Msg.DELEGATE, 'DELEGATE', 'request', delegate, { fds: { kind: 'per-item', field: 'names' }, result: delegateResult, feature: Feature.FENCE }),
     spec(Msg.ACK, 'ACK', 'to-broker', ack),
     spec(Msg.NACK, 'NACK', 'to-broker', nack),
     spec(Msg.REPLY, 'REPLY', 'to-client', reply),
@@ -361,6 +423,9 @@ export type Report = Infer<typeof report>;
 export type DirtySync = Infer<typeof dirtySync>;
 export type Pause = Infer<typeof pause>;
 export type FindFree = Infer<typeof findFree>;
+export type Publish = Infer<typeof publish>;
+export type Detach = Infer<typeof detach>;
+export type Delegate = Infer<typeof delegate>;
 export type Ack = Infer<typeof ack>;
 export type Nack = Infer<typeof nack>;
 export type Reply = Infer<typeof reply>;
@@ -387,11 +452,27 @@ export type FindFreeResult = Infer<typeof findFreeResult>;
 export type ReportResult = Infer<typeof reportResult>;
 export type DirtySyncResult = Infer<typeof dirtySyncResult>;
 export type PauseResult = Infer<typeof pauseResult>;
+export type PublishResult = Infer<typeof publishResult>;
 export type StatusResult = Infer<typeof statusResult>;
 export type StatusSpace = Infer<typeof statusSpace>;
 
 /** Messages a broker accepts. */
-export type ToBroker = Hello | Status | Attach | BackingAdd | BackingDrop | Commit | Report | FindFree | DirtySync | Pause | Ack | Nack;
+export type ToBroker =
+  | Hello
+  | Status
+  | Attach
+  | BackingAdd
+  | BackingDrop
+  | Commit
+  | Report
+  | FindFree
+  | DirtySync
+  | Pause
+  | Publish
+  | Detach
+  | Delegate
+  | Ack
+  | Nack;
 /** Messages a client accepts. */
 export type ToClient =
   | Reply

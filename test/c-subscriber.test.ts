@@ -2,7 +2,7 @@
 // guest memory from the fds it received and reads / writes it, follows hotplug and unplug (checked in its
 // /proc/PID/maps, not in its messages), refuses a region and is rolled back, and decodes / encodes the wire
 // fixtures exactly like the TypeScript side. Needs gcc and libmsgpack-dev; under CI a missing library fails.
-import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import net from 'node:net';
@@ -24,6 +24,7 @@ import {
 } from '../protocol/index.js';
 import { SAMPLES } from './fixtures/samples.js';
 import { IN_CI } from './helpers/ci.js';
+import { LineProc, buildCExample, missingCToolchain } from './helpers/examples.js';
 import { fdTargets, holdsMemfd, memfdMappings } from '../testkit/procfs.js';
 
 const ROOT = fileURLToPath(new URL('..', import.meta.url));
@@ -33,80 +34,16 @@ const FIXTURES = JSON.parse(fs.readFileSync(new URL('./fixtures/frames.json', im
 const LIMITS = { maxFrameBytes: 1 << 20, maxFdsPerFrame: 64, maxPendingFds: 256 };
 const MiB = 1 << 20;
 
-/** Why the C subscriber cannot be built here, or undefined if gcc and msgpack-c are present. */
-function missingToolchain(): string | undefined {
-  const probe = spawnSync('gcc', ['-x', 'c', '-', '-o', '/dev/null', '-lmsgpackc'], {
-    input: '#include <msgpack.h>\nint main(void) { msgpack_sbuffer s; msgpack_sbuffer_init(&s); msgpack_sbuffer_destroy(&s); return 0; }\n',
-    encoding: 'utf8',
-  });
-  if (probe.error) return `gcc is not available (${probe.error.message})`;
-  if (probe.status !== 0) return `msgpack-c is not installed (${(probe.stderr.split('\n').find((l) => l.includes('error')) ?? '').trim()})`;
-  return undefined;
-}
-const missing = missingToolchain();
+const missing = missingCToolchain();
 const skip = missing !== undefined && !IN_CI;
 if (skip) console.warn(`c-subscriber tests skipped: ${missing}; run apt-get install libmsgpack-dev`);
 
 // --- helpers -----------------------------------------------------------------------------------------------
 
-/** A running c-subscriber: its stdout lines, stderr and exit. */
-class CProc {
-  readonly child: ChildProcess;
-  readonly lines: string[] = [];
-  stderr = '';
-  exit: { code: number | null; signal: NodeJS.Signals | null } | undefined;
-  readonly closed: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
-
+/** A running c-subscriber. */
+class CProc extends LineProc {
   constructor(args: string[]) {
-    this.child = spawn(BIN, args, { stdio: ['ignore', 'pipe', 'pipe'] });
-    let buf = '';
-    this.child.stdout?.setEncoding('utf8').on('data', (d: string) => {
-      buf += d;
-      for (let i = buf.indexOf('\n'); i >= 0; i = buf.indexOf('\n')) {
-        this.lines.push(buf.slice(0, i));
-        buf = buf.slice(i + 1);
-      }
-    });
-    this.child.stderr?.setEncoding('utf8').on('data', (d: string) => (this.stderr += d));
-    this.closed = new Promise((resolve) =>
-      this.child.once('close', (code, signal) => {
-        this.exit = { code, signal };
-        resolve(this.exit);
-      }),
-    );
-  }
-
-  get pid(): number {
-    return this.child.pid as number;
-  }
-
-  /** The first output line matching `re`; fails with the whole transcript after `timeoutMs` or on exit. */
-  async waitFor(re: RegExp, timeoutMs = 10_000): Promise<RegExpMatchArray> {
-    const deadline = Date.now() + timeoutMs;
-    for (;;) {
-      for (const line of this.lines) {
-        const m = re.exec(line);
-        if (m) return m;
-      }
-      if (this.exit || Date.now() > deadline) {
-        throw new Error(`no line matching ${re} (${this.exit ? `exited ${JSON.stringify(this.exit)}` : 'timed out'})\n` +
-          `stdout:\n${this.lines.join('\n')}\nstderr:\n${this.stderr}`);
-      }
-      await sleep(5);
-    }
-  }
-
-  has(re: RegExp): boolean {
-    return this.lines.some((l) => re.test(l));
-  }
-
-  /** SIGTERM, then SIGKILL if it does not leave within 3 s. */
-  async stop(): Promise<{ code: number | null; signal: NodeJS.Signals | null }> {
-    if (!this.exit) this.child.kill('SIGTERM');
-    const t = setTimeout(() => this.child.kill('SIGKILL'), 3000);
-    const r = await this.closed;
-    clearTimeout(t);
-    return r;
+    super(BIN, args);
   }
 }
 
@@ -185,11 +122,7 @@ const str = (s: string) => Buffer.concat([Buffer.from([0xa0 | s.length]), Buffer
 // --- the tests -----------------------------------------------------------------------------------------------
 
 describe.skipIf(skip)(`C subscriber${skip ? ` (skipped: ${missing}; apt-get install libmsgpack-dev)` : ''}`, () => {
-  beforeAll(() => {
-    if (missing) throw new Error(`${missing}: CI needs the Debian package libmsgpack-dev (apt-get install libmsgpack-dev)`);
-    const r = spawnSync('make', ['-C', DIR], { encoding: 'utf8' });
-    if (r.status !== 0) throw new Error(`make -C examples/c-subscriber failed:\n${r.stdout}${r.stderr}`);
-  });
+  beforeAll(() => buildCExample(DIR));
   // libuv keeps a few descriptors open for child processes after the first spawn: make them exist before
   // any fd baseline is taken.
   beforeAll(() => new Promise<void>((resolve) => spawn('true').once('close', () => resolve())));
@@ -469,7 +402,7 @@ describe.skipIf(skip)(`C subscriber${skip ? ` (skipped: ${missing}; apt-get inst
     // protocol (feature-gated ones can never reach it).
     const toClient = SAMPLES.filter((s) => {
       const spec = MESSAGES.get(s.message.t as number);
-      return spec?.direction === 'to-client' && spec.feature === 0;
+      return spec?.direction === 'to-client' && spec.feature === 0 && s.feature === undefined;
     });
     const toBroker = SAMPLES.filter((s) => MESSAGES.get(s.message.t as number)?.direction !== 'to-client');
 

@@ -28,7 +28,8 @@ beforeAll(async () => {
   dir = tempDir('mmb-startup-');
   socket = path.join(dir, 'broker.sock');
   broker = await BrokerProc.start({ socket, spaces: ['vm0'] });
-  owner = await OwnerClient.attach(socket, { space: 'vm0', name: 'startup-owner' });
+  // `mmbroker serve` starts its spaces unpublished: clients wait for the owner's map until it publishes.
+  owner = await OwnerClient.attach(socket, { space: 'vm0', name: 'startup-owner', publish: true });
   // Something to map and pin during the initial sync.
   const b = await owner.createBacking(4 * MiB, 'ram');
   native.close(b.fd);

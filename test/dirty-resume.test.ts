@@ -18,7 +18,8 @@ afterEach(runCleanups);
 const bitmapFds = () => fdCensus(process.pid, '').bitmaps;
 
 async function serve(socket: string) {
-  const b = await spawnBroker(socket, ['--space', 'vm0']);
+  // The shipped default: spaces start unpublished, so a restart never hands a subscriber an empty map.
+  const b = await spawnBroker(socket, ['--space', 'vm0'], { published: false });
   defer(() => stopProcess(b, 'SIGKILL'));
   return b;
 }
@@ -35,6 +36,7 @@ describe('dirty bitmaps across reconnects', () => {
       const owner = await OwnerClient.attach(socket, { space: 'vm0' });
       const { backing } = await owner.addBacking(fd, 'ram');
       await owner.commit(Array.from({ length: regions }, (_, i) => ({ op: 'add' as const, name: `r${i}`, gpa: i * MiB, size: MiB, backing, offset: i * MiB, logDirty: true })));
+      await owner.publish();
       return owner;
     };
     const owner1 = await publish(2);
@@ -53,7 +55,7 @@ describe('dirty bitmaps across reconnects', () => {
   it('logging stopped while the subscriber was away: its bitmap is dropped on resume', async () => {
     const socket = path.join(tempDir(), 'b.sock');
     await serve(socket);
-    const owner = await OwnerClient.attach(socket, { space: 'vm0' });
+    const owner = await OwnerClient.attach(socket, { space: 'vm0', publish: true });
     defer(() => owner.close());
     const ram = await owner.createBacking(2 * MiB, 'ram');
     defer(() => native.close(ram.fd));

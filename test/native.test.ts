@@ -2,7 +2,7 @@
 // kernel's own view (/proc/self/maps, /proc/self/status, /proc/self/fd, /proc/self/fdinfo).
 import { afterEach, describe, expect, it } from 'vitest';
 import { AsyncLocalStorage, executionAsyncId } from 'node:async_hooks';
-import { spawnSync } from 'node:child_process';
+import { spawn, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -10,7 +10,7 @@ import v8 from 'node:v8';
 import vm from 'node:vm';
 import { fileURLToPath } from 'node:url';
 import { Worker } from 'node:worker_threads';
-import { constants as C, isNativeError, native, PAGE_SIZE, type Mapping, type NativeError } from '../native/index.js';
+import { constants as C, isNativeError, native, PAGE_SIZE, pidOfPidfd, type Mapping, type NativeError } from '../native/index.js';
 import { fdCount as procFdCount, fdFlags as procFdFlags, mapsLines, vmLckKiB as procVmLckKiB } from '../testkit/procfs.js';
 
 const ADDON = fileURLToPath(new URL('../build/Release/mmb_native.node', import.meta.url));
@@ -557,7 +557,8 @@ describe('sockets', () => {
       expect(accepted).not.toBeNull();
       if (accepted === null) return;
       track(accepted.fd);
-      expect(accepted).toEqual({ fd: accepted.fd, pid: process.pid, uid: process.getuid?.(), gid: process.getgid?.() });
+      if (accepted.pidfd >= 0) track(accepted.pidfd);
+      expect(accepted).toEqual({ fd: accepted.fd, pid: process.pid, uid: process.getuid?.(), gid: process.getgid?.(), pidfd: accepted.pidfd });
       expect(fdFlags(accepted.fd) & (O_CLOEXEC | O_NONBLOCK)).toBe(O_CLOEXEC | O_NONBLOCK);
       expect(native.peerCred(client).pid).toBe(process.pid);
 
@@ -585,6 +586,32 @@ describe('sockets', () => {
     }
   });
 
+  it('socketListenAt binds inside a directory descriptor, wherever that directory has moved, with its exact mode', () => {
+    const dir = tmpDir();
+    const moved = `${dir}-moved`;
+    const old = process.umask(0o077);
+    const dirFd = fs.openSync(dir, fs.constants.O_RDONLY | fs.constants.O_DIRECTORY);
+    try {
+      // Renamed after it was opened: the socket lands in the directory we hold, not at the path we named.
+      fs.renameSync(dir, moved);
+      const before = fdCount();
+      track(native.socketListenAt(dirFd, 'at.sock', 1, 0o660));
+      expect(fdCount()).toBe(before + 1);
+      const st = fs.lstatSync(path.join(moved, 'at.sock'));
+      expect(st.isSocket()).toBe(true);
+      expect(st.mode & 0o7777).toBe(0o660); // the umask (077) took nothing away
+      expect(fs.existsSync(path.join(dir, 'at.sock'))).toBe(false);
+      expectNative(catchError(() => native.socketListenAt(dirFd, 'at.sock', 1, 0o600)), 'EADDRINUSE', 'bind');
+      for (const bad of ['a/b', '.', '..']) expectNative(catchError(() => native.socketListenAt(dirFd, bad, 1, 0o600)), 'EINVAL', 'bind');
+      expectNative(catchError(() => native.socketListenAt(dirFd, 'x'.repeat(100), 1, 0o600)), 'ENAMETOOLONG', 'bind');
+      expect(fdCount()).toBe(before + 1); // failures closed their sockets
+    } finally {
+      fs.closeSync(dirFd);
+      process.umask(old);
+      fs.rmSync(moved, { recursive: true, force: true });
+    }
+  });
+
   it('connect errors: ENOENT for a missing path, ECONNREFUSED for a dead socket file', () => {
     const dir = tmpDir();
     try {
@@ -599,6 +626,97 @@ describe('sockets', () => {
     } finally {
       fs.rmSync(dir, { recursive: true });
     }
+  });
+});
+
+// ---- pidfds -------------------------------------------------------------------------------------
+
+/** SO_PEERPIDFD is Linux 6.5+; on an older kernel the calls must say "none" (-1), not fail. */
+const hasPeerPidfd = (() => {
+  const [a, b] = native.socketPair();
+  try {
+    const fd = native.peerPidfd(a);
+    if (fd >= 0) native.close(fd);
+    return fd >= 0;
+  } finally {
+    native.close(a);
+    native.close(b);
+  }
+})();
+const kernelAtLeast = (major: number, minor: number): boolean => {
+  const [ma = 0, mi = 0] = os.release().split('.').map((x) => parseInt(x, 10));
+  return ma > major || (ma === major && mi >= minor);
+};
+
+describe('pidfds', () => {
+  it('SO_PEERPIDFD is there on Linux 6.5 and later, and -1 (not an error) before', () => {
+    expect(hasPeerPidfd).toBe(kernelAtLeast(6, 5));
+  });
+
+  it.runIf(hasPeerPidfd)('a socketpair end gives a close-on-exec pidfd naming the process that made it', () => {
+    const [a] = pair();
+    const pidfd = track(native.peerPidfd(a));
+    expect(pidOfPidfd(pidfd)).toBe(process.pid);
+    expect(fdFlags(pidfd) & O_CLOEXEC).toBe(O_CLOEXEC);
+    native.pidfdSendSignal(pidfd, 0); // alive, and we may signal ourselves
+    const [r, w] = native.socketPair();
+    native.close(w);
+    // A socket whose peer closed still names the process that connected: the pid is remembered.
+    const stale = native.peerPidfd(r);
+    native.close(r);
+    expect(stale).toBeGreaterThanOrEqual(0);
+    expect(pidOfPidfd(track(stale))).toBe(process.pid);
+  });
+
+  it.runIf(hasPeerPidfd)('accept gives the connecting process\'s pidfd: it signals that process, polls readable when it exits, then ESRCH', async () => {
+    const dir = tmpDir();
+    try {
+      const file = path.join(dir, 'p.sock');
+      const listener = track(native.socketListen(file, 8, 0o600));
+      // A child that connects with Node's own net module, says so, and waits to be killed.
+      const child = spawn(process.execPath, ['-e', `require('net').connect(${JSON.stringify(file)}, () => process.stdout.write('connected\\n')); setInterval(() => {}, 1000);`], { stdio: ['ignore', 'pipe', 'inherit'] });
+      await new Promise<void>((resolve, reject) => {
+        child.stdout.once('data', () => resolve());
+        child.once('exit', (code) => reject(new Error(`child exited ${code}`)));
+      });
+      const accepted = native.socketAccept(listener);
+      expect(accepted).not.toBeNull();
+      track(accepted!.fd);
+      const pidfd = track(accepted!.pidfd);
+      expect(accepted!.pid).toBe(child.pid);
+      expect(pidOfPidfd(pidfd)).toBe(child.pid);
+      expect(fdFlags(pidfd) & O_CLOEXEC).toBe(O_CLOEXEC);
+      const exited = new Promise<number>((resolve) => {
+        const handle = native.pollStart(pidfd, C.POLL_READABLE, (status, events) => {
+          native.pollClose(handle);
+          resolve(status < 0 ? status : events);
+        });
+      });
+      const exit = new Promise<NodeJS.Signals | null>((resolve) => child.once('exit', (_code, signal) => resolve(signal)));
+      native.pidfdSendSignal(pidfd, os.constants.signals.SIGKILL);
+      expect(await exited).toBe(C.POLL_READABLE);
+      expect(await exit).toBe('SIGKILL');
+      expect(pidOfPidfd(pidfd)).toBe(-1);
+      expectNative(catchError(() => native.pidfdSendSignal(pidfd, os.constants.signals.SIGKILL)), 'ESRCH', 'pidfd_send_signal');
+    } finally {
+      fs.rmSync(dir, { recursive: true });
+    }
+  });
+
+  it('pidfdOpen opens a child that has not been reaped; errors carry errno and syscall', async () => {
+    const child = spawn(process.execPath, ['-e', 'setInterval(() => {}, 1000)'], { stdio: 'ignore' });
+    const exit = new Promise<NodeJS.Signals | null>((resolve) => child.once('exit', (_code, signal) => resolve(signal)));
+    const pidfd = track(native.pidfdOpen(child.pid!));
+    expect(pidOfPidfd(pidfd)).toBe(child.pid);
+    expect(fdFlags(pidfd) & O_CLOEXEC).toBe(O_CLOEXEC);
+    native.pidfdSendSignal(pidfd, os.constants.signals.SIGTERM);
+    expect(await exit).toBe('SIGTERM');
+    expectNative(catchError(() => native.pidfdSendSignal(pidfd, 0)), 'ESRCH', 'pidfd_send_signal');
+    expectNative(catchError(() => native.pidfdSendSignal(0, 0)), 'EBADF', 'pidfd_send_signal');
+    expect(() => native.pidfdSendSignal(pidfd, 65)).toThrow(RangeError);
+    expect(() => native.pidfdOpen(0)).toThrow(RangeError);
+    const efd = track(native.eventfd(0, C.EFD_CLOEXEC));
+    expectNative(catchError(() => native.peerPidfd(efd)), 'ENOTSOCK', 'getsockopt');
   });
 });
 

@@ -32,6 +32,8 @@ export interface BrokerOptions {
   env?: NodeJS.ProcessEnv;
   /** Run under `taskset -c CPUS`. */
   cpus?: string;
+  /** A command that runs it (`prlimit --nofile=1024:1024 --`). */
+  prefix?: readonly string[];
   /** Hold the socket bound but not listening this long before listening (a fault, for tests). */
   listenDelayMs?: number;
   timeoutMs?: number;
@@ -61,6 +63,7 @@ export class BrokerProc extends JsonProc {
       stdin: 'ignore',
       env: opts.listenDelayMs ? { ...env, ...slowListenEnv(opts.listenDelayMs, env) } : env,
       ...(opts.cpus !== undefined ? { cpus: opts.cpus } : {}),
+      ...(opts.prefix !== undefined ? { prefix: opts.prefix } : {}),
     });
     const b = new BrokerProc(child, opts.socket, { limit: opts.keepLines ?? 2000, ...(opts.onLine ? { onLine: opts.onLine } : {}) });
     try {

@@ -30,6 +30,7 @@ const { values } = parseArgs({
     'no-reconnect': { type: 'boolean' },
     'reconnect-delay': { type: 'string' },
     nack: { type: 'string' },
+    'nack-delay': { type: 'string' },
     'ack-delay': { type: 'string' },
     log: { type: 'boolean' },
     software: { type: 'boolean' },
@@ -84,4 +85,12 @@ async function attach(): Promise<Attached> {
   return { sub, memory: sub.memory };
 }
 
-await runScripted({ kind, ...(values.nack !== undefined ? { nack: values.nack } : {}), ...(values['ack-delay'] !== undefined ? { ackDelayMs: Number(values['ack-delay']) } : {}) }, attach);
+await runScripted(
+  {
+    kind,
+    ...(values.nack !== undefined ? { nack: values.nack } : {}),
+    ...(values['nack-delay'] !== undefined ? { nackDelayMs: Number(values['nack-delay']) } : {}),
+    ...(values['ack-delay'] !== undefined ? { ackDelayMs: Number(values['ack-delay']) } : {}),
+  },
+  attach,
+);

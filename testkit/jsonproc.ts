@@ -219,10 +219,11 @@ export class JsonProc {
   }
 
   /**
-   * Stops the process: `signal` (default SIGTERM), or 'end-stdin' to close its stdin (a fixture's cue to
-   * finish); SIGKILL after `graceMs`. Resolves with its exit code (null if a signal ended it).
+   * Stops the process: with `how` (default SIGKILL, a test's cleanup; SIGTERM for a clean exit), or
+   * 'end-stdin' to close its stdin (a fixture's cue to finish); SIGKILL after `graceMs`. Resolves with its
+   * exit code (null if a signal ended it).
    */
-  async stop(how: NodeJS.Signals | 'end-stdin' = 'SIGTERM', graceMs = 10_000): Promise<number | null> {
+  async stop(how: NodeJS.Signals | 'end-stdin' = 'SIGKILL', graceMs = 10_000): Promise<number | null> {
     if (!this.gone) {
       if (how === 'end-stdin') this.child.stdin?.end();
       else this.child.kill(how);

@@ -116,6 +116,8 @@ export interface FdCensus {
   /** Dirty bitmaps (broker-made memfds) held open. */
   bitmaps: number;
   sockets: number;
+  /** pidfds (a broker holds one per socket connection, and those of clients it is fencing). */
+  pidfds: number;
   /** Everything else: files, pipes, eventfds, epoll, /dev/kvm, other memfds, ... */
   other: number;
   total: number;
@@ -123,13 +125,14 @@ export interface FdCensus {
 
 /** Classifies the process's open descriptors by what /proc/PID/fd links to; memfds named `memfdPrefix`... by name. */
 export function fdCensus(pid: number | 'self', memfdPrefix: string): FdCensus {
-  const census: FdCensus = { memfds: new Map(), bitmaps: 0, sockets: 0, other: 0, total: 0 };
+  const census: FdCensus = { memfds: new Map(), bitmaps: 0, sockets: 0, pidfds: 0, other: 0, total: 0 };
   for (const target of fdTargets(pid).values()) {
     census.total++;
     const memfd = MEMFD_LINK.exec(target)?.[1];
     if (memfd?.startsWith(BITMAP_PREFIX)) census.bitmaps++;
     else if (memfd?.startsWith(memfdPrefix)) census.memfds.set(memfd, (census.memfds.get(memfd) ?? 0) + 1);
     else if (target.startsWith('socket:')) census.sockets++;
+    else if (target === 'anon_inode:[pidfd]' || target.startsWith('pidfd:')) census.pidfds++;
     else census.other++;
   }
   return census;

@@ -5,8 +5,11 @@
 // any moment of its start-up ends it cleanly.
 import type { GuestMemory, Subscriber } from '../clients/index.js';
 import { ClientRefusedError, type MmbError } from '../protocol/index.js';
+import { native } from '../native/index.js';
 import { faultCommands, memoryCommands, regionsOf, type Commands } from './commands.js';
 import { out, serveCommands } from './control.js';
+import { JsonProc } from './jsonproc.js';
+import { testkitFile } from './paths.js';
 import { stopRequested } from './signals.js';
 
 export interface Attached {
@@ -22,10 +25,29 @@ export interface Attached {
 
 export interface ScriptedOptions {
   kind: string;
-  /** Refuse every transaction that adds a region whose name starts with this (MMB_ERR_CLIENT_REFUSED). */
+  /**
+   * Refuse every transaction or sync that adds (or, voting, stages) a region whose name starts with this
+   * (MMB_ERR_CLIENT_REFUSED).
+   */
   nack?: string;
+  /** Refuse only after this many milliseconds (others hold the change voted meanwhile); prints `refusing` when it starts waiting. */
+  nackDelayMs?: number;
   /** Ack every change this many milliseconds late. */
   ackDelayMs?: number;
+}
+
+/**
+ * Hands the memory of region `name` to a helper process (testkit/holder.ts maps the backing it inherits as
+ * fd 3, like a vhost-user back-end or a child would) and names it to the broker (DELEGATE) by its pidfd.
+ */
+async function handOn(sub: Subscriber, name: string): Promise<Record<string, unknown>> {
+  const r = sub.regions().find((x) => x.name === name);
+  const b = r && sub.backing(r.backing);
+  if (!b) throw new Error(`no region ${name}`);
+  const holder = JsonProc.spawn(testkitFile('holder.js'), [String(b.size)], { stdin: 'ignore', extraFds: [b.fd], name: 'holder' });
+  await holder.next('mapped', () => true, 30_000);
+  await sub.delegate([{ name: `holder (pid ${holder.pid})`, pidfd: native.pidfdOpen(holder.pid) }]);
+  return { event: 'delegated', pid: holder.pid };
 }
 
 /** Runs the client to its end; never returns (the process exits 0 after detaching, 2 if attach failed). */
@@ -42,8 +64,14 @@ export async function runScripted(opts: ScriptedOptions, attach: () => Promise<A
   const { sub, memory } = a;
   const state = a.state ?? (() => ({}));
   sub.on('change', (ev) => {
-    const bad = opts.nack !== undefined ? ev.change.added.find((r) => r.name.startsWith(opts.nack as string)) : undefined;
-    if (bad) ev.waitUntil(Promise.reject(new ClientRefusedError(`refusing region ${bad.name}`)));
+    const { nack } = opts;
+    const c0 = ev.change;
+    const bad = nack !== undefined && (c0.cause === 'txn' || c0.cause === 'sync') ? [...c0.added, ...(c0.staged ?? [])].find((r) => r.name.startsWith(nack)) : undefined;
+    const refusal = () => new ClientRefusedError(`refusing region ${bad?.name}`);
+    if (bad && opts.nackDelayMs) {
+      out({ event: 'refusing', region: bad.name, generation: c0.generation });
+      ev.waitUntil(new Promise((_, reject) => setTimeout(() => reject(refusal()), opts.nackDelayMs)));
+    } else if (bad) ev.waitUntil(Promise.reject(refusal()));
     else if (opts.ackDelayMs) ev.waitUntil(new Promise((r) => setTimeout(r, opts.ackDelayMs)));
     const c = ev.change;
     out({ event: 'change', cause: c.cause, generation: c.generation, added: c.added.map((r) => r.name), removed: c.removed.map((r) => r.name), updated: c.updated.map((u) => u.after.name), ...state() });
@@ -69,6 +97,7 @@ export async function runScripted(opts: ScriptedOptions, attach: () => Promise<A
         sub.dropConnection();
         return { event: 'dropped' };
       },
+      'hand-on': (c) => handOn(sub, String(c.region)),
       exit: () => {
         finish();
         return { event: 'exiting' };

@@ -67,6 +67,8 @@ function runtimePackages(): string[] {
  * checkout's layout. Files asked for later are added to the same copy.
  */
 export function readableCopy(files: readonly string[] = []): string {
+  // A caller may have removed the copy (a test file's afterAll): then it is made again.
+  if (copy && !fs.existsSync(copy.dir)) copy = undefined;
   if (!copy) {
     removeOrphans();
     const dir = fs.mkdtempSync(path.join(os.tmpdir(), `${PREFIX}${process.pid}-`));
@@ -89,6 +91,8 @@ export function readableCopy(files: readonly string[] = []): string {
 export interface AsUidOptions extends SpawnOptions {
   /** The group (default: the same number as the uid). */
   gid?: number;
+  /** setpriv's identity options instead of `--reuid UID --regid GID --clear-groups` (capabilities, ...). */
+  setpriv?: readonly string[];
 }
 
 /**
@@ -103,6 +107,6 @@ export function spawnAsUid(uid: number, script: string, args: readonly string[],
     name: `${script} as uid ${uid}`,
     ...opts,
     cwd: opts.cwd ?? dir,
-    prefix: ['setpriv', '--reuid', String(uid), '--regid', String(gid), '--clear-groups', '--', ...(opts.prefix ?? [])],
+    prefix: ['setpriv', ...(opts.setpriv ?? ['--reuid', String(uid), '--regid', String(gid), '--clear-groups']), '--', ...(opts.prefix ?? [])],
   });
 }

@@ -1,12 +1,15 @@
 // The broker's listening socket. By default the socket file is 0600 and, when we create its directory,
-// the directory is 0700: only the broker's own user can connect. A stale socket file left by a dead
-// broker is replaced; a live one is an error (two brokers must not share a path).
+// the directory is 0700: only the broker's own user can connect. The directory and every ancestor must
+// be controlled by nobody but root and the broker (trusted-dir.ts), else MMB_ERR_UNSAFE_PATH; the socket
+// is bound, checked and removed relative to that directory's descriptor, never by path. A stale socket
+// file left by a dead broker is replaced; a live one is an error (two brokers must not share a path).
 import fs from 'node:fs';
 import path from 'node:path';
 import { EventEmitter } from 'eventemitter3';
 import { constants, isNativeError, native, type PollHandle } from '../native/index.js';
 import { InvalidArgError } from '../protocol/index.js';
 import { SocketTransport, type SocketTransportOptions } from './socket.js';
+import { openTrustedDir, under } from './trusted-dir.js';
 
 export interface ListenOptions extends SocketTransportOptions {
   /** Permission bits of the socket file. Default 0o600. */
@@ -18,7 +21,7 @@ export interface ListenOptions extends SocketTransportOptions {
 
 export interface ListenerEvents {
   connection: [transport: SocketTransport];
-  /** Non-fatal trouble (accept failing with EMFILE, a loose directory mode): for logs. */
+  /** Non-fatal trouble (accept failing with EMFILE): for logs. */
   warning: [message: string, err?: unknown];
 }
 
@@ -29,15 +32,30 @@ export class SocketListener extends EventEmitter<ListenerEvents> {
   private paused: NodeJS.Timeout | undefined;
   private closed = false;
   private readonly transportOptions: SocketTransportOptions;
-  /** Warnings found while preparing the path, emitted once a listener is attached. */
+  /** Warnings found while preparing the path, emitted once a listener is attached (none today: what
+   *  used to be warned about, a loose directory, is now refused). */
   readonly setupWarnings: string[] = [];
+  /** The checked directory (an O_PATH descriptor) the socket lives in, and the socket's name there. */
+  private readonly dirFd: number;
+  private readonly name: string;
+  /** The socket file we bound (dev, ino), so close() removes that one and nothing that replaced it. */
+  private readonly bound: { dev: number; ino: number };
 
   constructor(socketPath: string, opts: ListenOptions = {}) {
     super();
     this.path = path.resolve(socketPath);
+    this.name = path.basename(this.path);
     this.transportOptions = opts;
-    this.prepare(opts.dirMode ?? 0o700);
-    this.fd = native.socketListen(this.path, opts.backlog ?? 128, opts.mode ?? 0o600);
+    this.dirFd = openTrustedDir(path.dirname(this.path), { createMode: opts.dirMode ?? 0o700 });
+    try {
+      this.removeStale();
+      this.fd = native.socketListenAt(this.dirFd, this.name, opts.backlog ?? 128, opts.mode ?? 0o600);
+      const st = fs.lstatSync(under(this.dirFd, this.name));
+      this.bound = { dev: st.dev, ino: st.ino };
+    } catch (err) {
+      fs.closeSync(this.dirFd);
+      throw err;
+    }
     this.poll = native.pollStart(this.fd, constants.POLL_READABLE, (status) => this.onReadable(status));
   }
 
@@ -49,36 +67,30 @@ export class SocketListener extends EventEmitter<ListenerEvents> {
     this.poll = undefined;
     native.close(this.fd);
     try {
-      if (fs.lstatSync(this.path).isSocket()) fs.unlinkSync(this.path);
+      const st = fs.lstatSync(under(this.dirFd, this.name));
+      if (st.isSocket() && st.dev === this.bound.dev && st.ino === this.bound.ino) fs.unlinkSync(under(this.dirFd, this.name));
     } catch {
       // Already removed.
     }
+    fs.closeSync(this.dirFd);
   }
 
-  private prepare(dirMode: number): void {
-    const dir = path.dirname(this.path);
-    if (!fs.existsSync(dir)) {
-      fs.mkdirSync(dir, { recursive: true, mode: dirMode });
-      fs.chmodSync(dir, dirMode);
-    } else {
-      const st = fs.statSync(dir);
-      if ((st.mode & 0o022) !== 0 && (st.mode & 0o1000) === 0) {
-        this.setupWarnings.push(`socket directory ${dir} is writable by group or others (mode ${(st.mode & 0o7777).toString(8)})`);
-      }
-    }
+  /** A socket file left by a broker that died is removed; a live one, or anything else, is an error. */
+  private removeStale(): void {
+    const at = under(this.dirFd, this.name);
     let st: fs.Stats;
     try {
-      st = fs.lstatSync(this.path);
+      st = fs.lstatSync(at);
     } catch {
       return;
     }
     if (!st.isSocket()) throw new InvalidArgError(`${this.path} exists and is not a socket`);
     let fd: number | undefined;
     try {
-      fd = native.socketConnect(this.path);
+      fd = native.socketConnect(at);
     } catch (err) {
       if (isNativeError(err, 'ECONNREFUSED')) {
-        fs.unlinkSync(this.path);
+        fs.unlinkSync(at);
         return;
       }
       throw err;
@@ -100,8 +112,8 @@ export class SocketListener extends EventEmitter<ListenerEvents> {
         return;
       }
       if (!accepted) return;
-      const { fd, pid, uid, gid } = accepted;
-      this.emit('connection', new SocketTransport(fd, { pid, uid, gid }, this.transportOptions));
+      const { fd, pid, uid, gid, pidfd } = accepted;
+      this.emit('connection', new SocketTransport(fd, { pid, uid, gid, ...(pidfd >= 0 ? { pidfd } : {}) }, this.transportOptions));
     }
   }
 

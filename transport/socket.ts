@@ -4,7 +4,7 @@
 // not fit is queued (with dup()ed fds) and flushed when the socket turns writable; a peer that lets more
 // than maxOutboundBytes pile up is disconnected (MMB_ERR_SLOW_READER) instead of growing our memory.
 import { EventEmitter } from 'eventemitter3';
-import { constants, native, type Credentials, type PollHandle } from '../native/index.js';
+import { constants, native, type PollHandle } from '../native/index.js';
 import {
   DEFAULT_CONNECTION_LIMITS,
   DEFAULT_PROTOCOL_LIMITS,
@@ -17,7 +17,7 @@ import {
   encodeFrame,
   toMmbError,
 } from '../protocol/index.js';
-import type { Transport, TransportEvents } from './transport.js';
+import type { Credentials, InboundLimits, Transport, TransportEvents } from './transport.js';
 import { closeAll } from './fds.js';
 
 export interface SocketTransportOptions {
@@ -60,11 +60,17 @@ export class SocketTransport extends EventEmitter<TransportEvents> implements Tr
   private events = 0;
   private _closed = false;
   private maxFrameBytes: number;
+  /** Descriptors one inbound frame may carry: recvmsg has room for exactly that many. */
   private maxFdsPerFrame: number;
+  /** Why more descriptors than that are refused (setInboundLimits), for the error. */
+  private fdRefusal: string | undefined;
   private readonly maxOutboundBytes: number;
   private readonly farewell: ((reason: MmbError) => object | undefined) | undefined;
 
-  /** Takes ownership of `fd`, a connected, non-blocking, close-on-exec Unix stream socket. */
+  /**
+   * Takes ownership of `fd`, a connected, non-blocking, close-on-exec Unix stream socket, and of
+   * `peer.pidfd` when set (closed with the transport).
+   */
   constructor(fd: number, peer: Credentials, opts: SocketTransportOptions = {}) {
     super();
     this.fd = fd;
@@ -136,12 +142,13 @@ export class SocketTransport extends EventEmitter<TransportEvents> implements Tr
     this.queue.length = 0;
     this.queuedBytes = 0;
     closeAll(this.decoder.dispose());
+    closeAll([this.fd]);
+    // The pidfd outlives the 'close' listeners, so one that must watch the process longer can dup() it.
     try {
-      native.close(this.fd);
-    } catch {
-      // Already gone: nothing left to release.
+      this.emit('close', reason);
+    } finally {
+      if (this.peer.pidfd !== undefined) closeAll([this.peer.pidfd]);
     }
-    this.emit('close', reason);
   }
 
   setRef(ref: boolean): void {
@@ -152,6 +159,17 @@ export class SocketTransport extends EventEmitter<TransportEvents> implements Tr
     if (limits.maxFrameBytes !== undefined) this.maxFrameBytes = limits.maxFrameBytes;
     if (limits.maxFdsPerFrame !== undefined) this.maxFdsPerFrame = limits.maxFdsPerFrame;
     this.decoder.setLimits({ maxFrameBytes: this.maxFrameBytes, maxFdsPerFrame: this.maxFdsPerFrame });
+  }
+
+  setInboundLimits(limits: InboundLimits): void {
+    if (limits.maxFdsPerFrame !== undefined) this.maxFdsPerFrame = limits.maxFdsPerFrame;
+    this.fdRefusal = limits.reason;
+    const { maxFrameBytes, maxFdsPerFrame, maxPendingFds } = limits;
+    this.decoder.setLimits({
+      ...(maxFrameBytes !== undefined ? { maxFrameBytes } : {}),
+      ...(maxFdsPerFrame !== undefined ? { maxFdsPerFrame } : {}),
+      ...(maxPendingFds !== undefined ? { maxPendingFds } : {}),
+    });
   }
 
   private enqueue(p: Pending): void {
@@ -228,7 +246,13 @@ export class SocketTransport extends EventEmitter<TransportEvents> implements Tr
       const r = native.recvmsg(this.fd, this.readBuf, this.maxFdsPerFrame);
       if (r === null) return;
       if (r.ctrunc) {
-        this.broken(new FdsTruncatedError('the kernel truncated the descriptors of a message (MSG_CTRUNC)'));
+        this.broken(
+          new FdsTruncatedError(
+            this.fdRefusal !== undefined
+              ? `${this.fdRefusal}; the kernel discarded the descriptors sent (MSG_CTRUNC)`
+              : 'the kernel truncated the descriptors of a message (MSG_CTRUNC)',
+          ),
+        );
         return;
       }
       if (r.bytes === 0) {

@@ -2,8 +2,19 @@
 // SocketTransport (a Unix stream socket, fds by SCM_RIGHTS) and InProcessTransport (an embedded broker:
 // same codec and limits, fds dup()ed instead of passed, delivery asynchronous and ordered).
 import type { EventEmitter } from 'eventemitter3';
-import type { Credentials } from '../native/index.js';
+import type { Credentials as KernelCredentials } from '../native/index.js';
 import type { Frame, MmbError } from '../protocol/index.js';
+
+/** Who is at the other end, in the kernel's words (SO_PEERCRED; SO_PEERPIDFD for sockets). */
+export interface Credentials extends KernelCredentials {
+  /**
+   * The peer's pidfd, taken at accept (SO_PEERPIDFD): it names the process that connected, never a later
+   * one that reused its pid. Owned by the transport and closed when the transport closes, right after
+   * its 'close' listeners ran (dup() it, at the latest in such a listener, to keep it longer). Absent for in-process peers, for the client end of a socket, and where the kernel
+   * has no SO_PEERPIDFD (Linux < 6.5) or the peer exited before it was accepted.
+   */
+  pidfd?: number;
+}
 
 export interface TransportEvents {
   /** A complete, framed message. The listener owns frame.fds from here on. */
@@ -12,9 +23,20 @@ export interface TransportEvents {
   close: [reason: MmbError | undefined];
 }
 
+export interface InboundLimits {
+  /** Largest frame body the peer may send. */
+  maxFrameBytes?: number;
+  /** Most descriptors one frame may carry (0: none at all). */
+  maxFdsPerFrame?: number;
+  /** Most descriptors received and not yet claimed by a complete frame. */
+  maxPendingFds?: number;
+  /** Why descriptors beyond the limit are refused, for the error the peer gets. */
+  reason?: string;
+}
+
 export interface Transport extends EventEmitter<TransportEvents> {
   readonly kind: 'socket' | 'inproc';
-  /** The peer's credentials: SO_PEERCRED for sockets, this process for in-process peers. */
+  /** The peer's credentials: SO_PEERCRED (and a pidfd) for sockets, this process for in-process peers. */
   readonly peer: Credentials;
   readonly closed: boolean;
   /**
@@ -31,4 +53,12 @@ export interface Transport extends EventEmitter<TransportEvents> {
   setRef(ref: boolean): void;
   /** Adopts the limits the peer announced (a client does this after HELLO). */
   setLimits(limits: { maxFrameBytes?: number; maxFdsPerFrame?: number }): void;
+  /**
+   * Narrows (or widens again) what the peer may send from now on, inbound only: the broker admits no
+   * descriptor and only small frames before ATTACH (broker/admission.ts). With `maxFdsPerFrame` 0 the
+   * socket is read without room for descriptors, so the kernel discards any the peer sends (they never
+   * reach our descriptor table) and the connection closes with MMB_ERR_FDS_TRUNCATED, quoting `reason`.
+   * In-process transports ignore it: their peer is this process.
+   */
+  setInboundLimits(limits: InboundLimits): void;
 }

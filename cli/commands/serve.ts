@@ -1,6 +1,7 @@
+import fs from 'node:fs';
 import pino from 'pino';
-import { Broker } from '../../broker/index.js';
-import { DEFAULT_CONNECTION_LIMITS, DEFAULT_SPACE_LIMITS, InvalidArgError } from '../../protocol/index.js';
+import { Broker, DEFAULT_FENCE_OPTIONS } from '../../broker/index.js';
+import { DEFAULT_CONNECTION_LIMITS, DEFAULT_SPACE_LIMITS, InvalidArgError, UnsafePathError, type ConnectionLimits } from '../../protocol/index.js';
 import { parseCommand, parseCount, parseSize, readToken, required, type Command } from '../args.js';
 import { stopRequested } from '../../testkit/signals.js';
 
@@ -8,6 +9,10 @@ const usage = `Usage: mmbroker serve --socket PATH [--space NAME]... [options]
 
 Serves address spaces on a Unix socket until SIGTERM or SIGINT, then says goodbye to every client and
 exits 0. Logs are JSON lines (pino) on stdout.
+
+Spaces start unpublished: subscribers that attach (or reconnect after a restart of this broker) keep
+everything they hold and wait until the space's owner publishes its map (or \`mmbroker publish\`).
+A restart of the broker therefore never tears memory out of running clients.
 
 Options:
   --socket PATH        socket to listen on (created 0600; its directory 0700 if it has to be created)
@@ -19,11 +24,29 @@ Options:
   --subscriber-uid UID a uid allowed to subscribe or observe (repeatable; default: the broker's uid)
   --subscriber-gid GID a gid whose members may subscribe or observe (repeatable)
   --token-file PATH    subscribers and observers must present the token in this file (first line);
-                       read from a file so it never shows in /proc/PID/cmdline
+                       read from a file so it never shows in /proc/PID/cmdline; the file must belong to
+                       root or the broker's uid and be readable by nobody else (chmod 600)
   --max-connections N  connections served at once (default ${DEFAULT_CONNECTION_LIMITS.maxConnections})
+  --owner-reserve N    connections beyond that, and descriptors, kept for uids on the owner list
+                       (default ${DEFAULT_CONNECTION_LIMITS.ownerReserve})
+  --max-connections-per-uid N
+                       connections one uid that is on no owner list may hold (default ${DEFAULT_CONNECTION_LIMITS.maxConnectionsPerUid})
+  --max-unattached N   connections of uids on no owner list that have not attached yet, at once
+                       (default ${DEFAULT_CONNECTION_LIMITS.maxUnattached})
+  --max-unattached-per-uid N
+                       the same per uid (default ${DEFAULT_CONNECTION_LIMITS.maxUnattachedPerUid})
+  --hello-timeout MS   a new connection must say HELLO within this (default ${DEFAULT_CONNECTION_LIMITS.helloTimeoutMs})
+  --idle-timeout MS    a connection that has not attached may stay silent this long
+                       (default ${DEFAULT_CONNECTION_LIMITS.unattachedIdleMs})
   --rate N             requests per second one connection may send (default ${DEFAULT_CONNECTION_LIMITS.requestsPerSecond})
   --max-outbound SIZE  bytes queued towards a peer that does not read before it is disconnected
                        (MMB_ERR_SLOW_READER; default ${DEFAULT_CONNECTION_LIMITS.maxOutboundBytes / 2 ** 20}M)
+  --fence POLICY       how a client that may still reach memory after its connection ended is fenced
+                       before memory it holds is taken away: kill (default: SIGKILL through its pidfd
+                       once it misses a deadline, then wait for its exit) or wait (only wait for its exit)
+  --fence-timeout MS   how long a change waits for such a client to be fenced before it fails with
+                       MMB_ERR_NOT_FENCED (default ${DEFAULT_FENCE_OPTIONS.timeoutMs})
+  --published          start spaces published (only where no client can outlive a restart of this broker)
   --pin-budget SIZE    most bytes all pinning (vfio-like) subscribers of a space may pin together;
                        hotplug beyond it is refused before anything changes (default: no budget)
   --socket-mode MODE   permission bits of the socket, octal (default 600): the allow-lists above only
@@ -46,9 +69,18 @@ export const serve: Command = {
       'subscriber-gid': { type: 'string', multiple: true },
       'token-file': { type: 'string' },
       'max-connections': { type: 'string' },
+      'owner-reserve': { type: 'string' },
+      'max-connections-per-uid': { type: 'string' },
+      'max-unattached': { type: 'string' },
+      'max-unattached-per-uid': { type: 'string' },
+      'hello-timeout': { type: 'string' },
+      'idle-timeout': { type: 'string' },
       rate: { type: 'string' },
       'max-outbound': { type: 'string' },
       'pin-budget': { type: 'string' },
+      fence: { type: 'string' },
+      'fence-timeout': { type: 'string' },
+      published: { type: 'boolean' },
       'socket-mode': { type: 'string' },
       'log-level': { type: 'string' } }, usage);
     if (!values) return 0;
@@ -57,19 +89,34 @@ export const serve: Command = {
     const allow = (uids: number[] | undefined, gids: number[] | undefined) => (uids || gids ? { uids: uids ?? [process.getuid?.() ?? 0], gids: gids ?? [] } : undefined);
     const owners = allow(ids(values['owner-uid'], '--owner-uid'), ids(values['owner-gid'], '--owner-gid'));
     const subscribers = allow(ids(values['subscriber-uid'], '--subscriber-uid'), ids(values['subscriber-gid'], '--subscriber-gid'));
-    const token = values['token-file'] !== undefined ? readToken(values['token-file']) : undefined;
+    const token = values['token-file'] !== undefined ? readSecret(values['token-file']) : undefined;
     const mode = values['socket-mode'] !== undefined ? parseMode(values['socket-mode']) : undefined;
+    const fencePolicy = values.fence ?? DEFAULT_FENCE_OPTIONS.policy;
+    if (fencePolicy !== 'kill' && fencePolicy !== 'wait') throw new InvalidArgError(`--fence ${JSON.stringify(fencePolicy)} is not kill or wait`);
     const logger = pino({ level: values['log-level'] ?? 'info', base: { pid: process.pid } });
     const broker = new Broker({
       spaces: values.space?.length ? values.space : ['default'],
       logger,
+      published: values.published ?? false,
+      fence: {
+        policy: fencePolicy,
+        ...(values['fence-timeout'] ? { timeoutMs: parseCount(values['fence-timeout'], '--fence-timeout') } : {}),
+      },
       limits: {
         ...(values['ack-timeout'] ? { ackTimeoutMs: parseCount(values['ack-timeout'], '--ack-timeout') } : {}),
         ...(values['pin-budget'] ? { pinBudgetBytes: parseSize(values['pin-budget'], '--pin-budget') } : {}),
       },
       access: { ...(owners ? { owners } : {}), ...(subscribers ? { subscribers } : {}), ...(token !== undefined ? { token } : {}) },
       connection: {
-        ...(values['max-connections'] ? { maxConnections: parseCount(values['max-connections'], '--max-connections') } : {}),
+        ...counts(values, {
+          'max-connections': 'maxConnections',
+          'owner-reserve': 'ownerReserve',
+          'max-connections-per-uid': 'maxConnectionsPerUid',
+          'max-unattached': 'maxUnattached',
+          'max-unattached-per-uid': 'maxUnattachedPerUid',
+          'hello-timeout': 'helloTimeoutMs',
+          'idle-timeout': 'unattachedIdleMs',
+        }),
         ...(values.rate ? { requestsPerSecond: parseCount(values.rate, '--rate') } : {}),
         ...(values['max-outbound'] ? { maxOutboundBytes: parseSize(values['max-outbound'], '--max-outbound') } : {}),
       },
@@ -83,6 +130,47 @@ export const serve: Command = {
     return 0;
   },
 };
+
+/** The connection limits given as flags (whole numbers), by their ConnectionLimits names. */
+function counts(values: Record<string, unknown>, flags: Record<string, keyof ConnectionLimits>): Partial<ConnectionLimits> {
+  const out: Partial<ConnectionLimits> = {};
+  for (const [flag, key] of Object.entries(flags)) {
+    const v = values[flag];
+    if (typeof v === 'string') out[key] = parseCount(v, `--${flag}`);
+  }
+  return out;
+}
+
+/**
+ * Reads the token from a file that nobody else can read or change: a regular file owned by root or the
+ * broker's uid, with no permission bits for group or others (checked on the descriptor the token is then
+ * read from, so a swap between the check and the read changes nothing). Else MMB_ERR_UNSAFE_PATH.
+ */
+function readSecret(file: string): string {
+  let fd: number;
+  try {
+    fd = fs.openSync(file, 'r');
+  } catch (err) {
+    throw new InvalidArgError(`--token-file ${file}: ${(err as Error).message}`);
+  }
+  try {
+    const st = fs.fstatSync(fd);
+    const me = process.geteuid?.() ?? 0;
+    if (!st.isFile()) throw new UnsafePathError(`--token-file ${file} is not a regular file`);
+    if (st.uid !== 0 && st.uid !== me) throw new UnsafePathError(`--token-file ${file} belongs to uid ${st.uid}, who could change the token: give it to root or uid ${me} (chown)`);
+    if ((st.mode & 0o077) !== 0) {
+      throw new UnsafePathError(`--token-file ${file} is open to group or others (mode ${(st.mode & 0o777).toString(8).padStart(3, '0')}): chmod 600 ${file}, and choose a new token: the old one may have been read`);
+    }
+    const proc = `/proc/self/fd/${fd}`;
+    try {
+      return readToken(proc);
+    } catch (err) {
+      throw new InvalidArgError((err as Error).message.replace(proc, file));
+    }
+  } finally {
+    fs.closeSync(fd);
+  }
+}
 
 function parseMode(text: string): number {
   if (!/^0?[0-7]{3}$/.test(text.trim())) throw new InvalidArgError(`--socket-mode ${JSON.stringify(text)} is not an octal mode such as 660`);

@@ -33,7 +33,7 @@ function table(rows: string[][]): string {
 export function render(result: StatusResult): string {
   const out: string[] = [];
   for (const s of result.spaces) {
-    out.push(`space ${s.name}  generation ${s.generation}  epoch ${s.epoch}`);
+    out.push(`space ${s.name}  generation ${s.generation}  epoch ${s.epoch}${s.published === false ? '  UNPUBLISHED (subscribers wait for the owner to publish; mmbroker publish)' : ''}`);
     out.push(s.regions.length === 0 ? '  (no regions)' : table([
       ['REGION', 'ID', 'GPA', 'SIZE', 'BACKING', 'OFFSET', 'FLAGS'],
       ...s.regions.map((r) => [r.name, String(r.id), hex(r.gpa), formatSize(r.size), String(r.backing), hex(r.offset), [r.readonly ? 'ro' : 'rw', r.logDirty ? 'log' : ''].filter(Boolean).join(',')]),
@@ -55,6 +55,9 @@ export function render(result: StatusResult): string {
         (c.reserved ?? []).map((r) => `${hex(r.start)}-${hex(r.last)}`).join(' '),
       ]),
     ]));
+    for (const h of s.holders ?? []) {
+      out.push(`  holding until fenced: ${h.client.kind} client ${JSON.stringify(h.client.name)} (#${h.client.id}, pid ${h.client.pid}), ${h.reason} ${(h.ms / 1000).toFixed(1)} s ago, ${h.state}; backings ${h.backings.join(', ')}${h.alive.length > 0 ? `; alive: ${h.alive.join(', ')}` : ''}`);
+    }
     if (s.pinBudget && (s.pinBudget.limit !== undefined || s.pinBudget.predicted > 0)) {
       out.push(`  pinned in all: predicted ${formatSize(s.pinBudget.predicted)}, actual ${formatSize(s.pinBudget.actual)}${s.pinBudget.limit !== undefined ? `, budget ${formatSize(s.pinBudget.limit)}` : ''}`);
     }

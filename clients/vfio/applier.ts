@@ -114,6 +114,15 @@ export class VfioApplier implements Applier {
     });
   }
 
+  /** Two-phase votes: maps now what the commit adds in place of what it removes (Applier.stage). */
+  stage(regions: readonly ViewRegion[], backings: ReadonlyMap<number, LocalBacking>): void {
+    this.memory.stage(regions, backings);
+  }
+
+  unstage(regions: readonly ViewRegion[]): void {
+    this.memory.unstage(regions);
+  }
+
   close(): Promise<void> {
     return this.exclusive(async () => {
       if (this.closed) return;

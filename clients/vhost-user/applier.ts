@@ -11,7 +11,7 @@
 import type { Logger } from 'pino';
 import { CancelledError, DisconnectedError, NoBackingError, toMmbError } from '../../protocol/index.js';
 import { GuestMemory } from '../memory.js';
-import type { Applier, ApplyContext, Change, LocalBacking } from '../view.js';
+import type { Applier, ApplyContext, Change, LocalBacking, ViewRegion } from '../view.js';
 import type { VhostUserFrontend } from './frontend.js';
 import { planMemTable, undoSteps, type MemMode, type Step, type TableEntry } from './memtable.js';
 
@@ -112,6 +112,15 @@ export class VhostUserApplier implements Applier {
         this.log?.debug({ region: step.entry.name, gpa: step.entry.gpa, size: step.entry.size }, 'vhost-user: REM_MEM_REG confirmed');
         return;
     }
+  }
+
+  /** Two-phase votes: maps now what the commit adds in place of what it removes (Applier.stage). */
+  stage(regions: readonly ViewRegion[], backings: ReadonlyMap<number, LocalBacking>): void {
+    this.memory?.stage(regions, backings);
+  }
+
+  unstage(regions: readonly ViewRegion[]): void {
+    this.memory?.unstage(regions);
   }
 
   close(): void {

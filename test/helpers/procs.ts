@@ -25,9 +25,13 @@ export function spawnSubscriber(socket: string, space: string, extra: string[] =
   return startClient({ socket, space, args: extra });
 }
 
-/** `mmbroker serve --socket SOCKET ARGS...`, once it logged "listening". */
-export function spawnBroker(socket: string, args: string[] = []): Promise<BrokerProc> {
-  return BrokerProc.start({ socket, args });
+/**
+ * `mmbroker serve --socket SOCKET ARGS...`, once it logged "listening". Its spaces start published
+ * (`--published`), as tests of anything but restarts want; `published: false` gives the shipped default
+ * (unpublished until an owner publishes).
+ */
+export function spawnBroker(socket: string, args: string[] = [], opts: { published?: boolean } = {}): Promise<BrokerProc> {
+  return BrokerProc.start({ socket, args: [...(opts.published === false ? [] : ['--published']), ...args] });
 }
 
 /** Stops a process with `signal` (SIGKILL 10 s later) and resolves with its exit code. */

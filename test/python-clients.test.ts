@@ -1,0 +1,205 @@
+// The Python clients (examples/python: the standard library's send_fds/recv_fds and the msgpack package)
+// against a broker process (`mmbroker serve`). The subscriber maps the owner's bytes at their GPA and acks;
+// a removal resolves only once the Python subscriber has unmapped it. That is judged at the moment: the
+// Python owner talks to the broker through a relay in this test, which reads the subscriber's
+// /proc/PID/maps when the broker's reply to the owner's COMMIT passes, before the owner can see it.
+// Needs python3 with msgpack (Debian: python3-msgpack); under CI a missing one fails.
+import { spawnSync } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import fs from 'node:fs';
+import path from 'node:path';
+import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { fetchStatus } from '../clients/index.js';
+import { constants, native } from '../native/index.js';
+import { Msg, type Frame } from '../protocol/index.js';
+import { SocketTransport, closeAll, connectSocket } from '../transport/index.js';
+import { IN_CI } from './helpers/ci.js';
+import { LineProc } from './helpers/examples.js';
+import { ROOT, memfdMaps, spawnBroker, stopProcess, tempDir, type BrokerProc } from './helpers/procs.js';
+
+const DIR = path.join(ROOT, 'examples/python');
+const GPA = 0x4000_0000;
+const MiB = 1 << 20;
+
+/** Debian's python3 first (python3-msgpack is installed for it), then whatever python3 is on PATH. */
+function findPython(): { python?: string; missing?: string } {
+  for (const python of ['/usr/bin/python3', 'python3']) {
+    const r = spawnSync(python, ['-c', 'import msgpack, socket; socket.send_fds; print(msgpack.version)'], { encoding: 'utf8' });
+    if (r.status === 0) return { python };
+  }
+  return { missing: 'no python3 (3.9 or later) with the msgpack package' };
+}
+const { python, missing } = findPython();
+const skip = missing !== undefined && !IN_CI;
+if (skip) console.warn(`Python client tests skipped: ${missing}; run apt-get install python3-msgpack`);
+
+/** A mapping line of /proc/PID/maps as size and permissions. */
+const shape = (line: string) => {
+  const m = /^([0-9a-f]+)-([0-9a-f]+) (\S+)/.exec(line) as RegExpExecArray;
+  return { size: parseInt(m[2] as string, 16) - parseInt(m[1] as string, 16), perms: m[3] };
+};
+
+interface Moment {
+  /** The owner's COMMIT, as it went to the broker. */
+  request: Record<string, unknown>;
+  /** The broker's REPLY to it, before the owner had it. */
+  reply: Record<string, unknown>;
+  /** Each watched process's mappings of memfds, by memfd name, read at that moment. */
+  maps: Map<number, Map<string, string[]>>;
+}
+
+/**
+ * A relay between one owner and the broker: forwards every frame both ways (descriptors included). When
+ * the broker's REPLY to a COMMIT passes, it reads /proc/PID/maps of `watch()`'s processes for `names`,
+ * then forwards the reply: what the owner is told and what the kernel shows are judged at one moment.
+ */
+function ownerRelay(brokerPath: string, relayPath: string, watch: () => number[], names: string[]) {
+  const moments: Moment[] = [];
+  const commits = new Map<number, Record<string, unknown>>();
+  const transports: SocketTransport[] = [];
+  const forward = (to: SocketTransport, f: Frame) => {
+    to.send(f.body, f.fds);
+    closeAll(f.fds);
+  };
+  const lfd = native.socketListen(relayPath, 4, 0o600);
+  const poll = native.pollStart(lfd, constants.POLL_READABLE, () => {
+    for (let a = native.socketAccept(lfd); a; a = native.socketAccept(lfd)) {
+      const owner = new SocketTransport(a.fd, a);
+      transports.push(owner);
+      let broker: SocketTransport | undefined;
+      const early: Frame[] = [];
+      owner.on('frame', (f) => {
+        if (f.body.t === Msg.COMMIT) commits.set(f.body.id as number, f.body);
+        if (broker) forward(broker, f);
+        else early.push(f);
+      });
+      owner.on('close', () => broker?.end());
+      void connectSocket(brokerPath).then((up) => {
+        broker = up;
+        transports.push(up);
+        for (const f of early.splice(0)) forward(up, f);
+        up.on('frame', (f) => {
+          const request = f.body.t === Msg.REPLY ? commits.get(f.body.id as number) : undefined;
+          if (request) {
+            const maps = new Map(watch().map((pid) => [pid, new Map(names.map((n) => [n, memfdMaps(pid, n)]))]));
+            moments.push({ request, reply: f.body, maps });
+          }
+          forward(owner, f);
+        });
+        up.on('close', () => owner.end());
+        if (owner.closed) up.end();
+      });
+    }
+  });
+  return {
+    moments,
+    close(): void {
+      native.pollClose(poll);
+      native.close(lfd);
+      for (const t of transports) t.destroy();
+    },
+  };
+}
+
+describe.skipIf(skip)(`Python clients${skip ? ` (skipped: ${missing}; apt-get install python3-msgpack)` : ''}`, () => {
+  let dir: string;
+  let socket: string;
+  let broker: BrokerProc;
+  let relay: ReturnType<typeof ownerRelay>;
+  let procs: LineProc[];
+  let subscribers: LineProc[];
+
+  const py = (script: string, args: string[], opts: { stdin?: boolean } = {}) => {
+    if (!python) throw new Error(`${missing}: CI needs the Debian package python3-msgpack (apt-get install python3-msgpack)`);
+    const p = new LineProc(python, [path.join(DIR, script), ...args], opts);
+    procs.push(p);
+    return p;
+  };
+  const subscriber = (name: string, extra: string[] = []) => {
+    const p = py('subscriber.py', ['--socket', socket, '--space', 'vm0', '--name', name, ...extra]);
+    subscribers.push(p);
+    return p;
+  };
+  const owner = () => py('owner.py', ['--socket', path.join(dir, 'relay.sock'), '--space', 'vm0'], { stdin: true });
+  const client = async (p: LineProc) => (await fetchStatus(socket, 'vm0')).spaces[0]?.clients.find((c) => c.pid === p.pid);
+
+  beforeEach(async () => {
+    procs = [];
+    subscribers = [];
+    dir = tempDir('mmb-python-');
+    socket = path.join(dir, 'broker.sock');
+    broker = await spawnBroker(socket, ['--space', 'vm0']);
+    relay = ownerRelay(socket, path.join(dir, 'relay.sock'), () => subscribers.map((s) => s.pid), ['dimm0', 'bad']);
+  });
+
+  afterEach(async () => {
+    for (const p of procs) await p.stop();
+    relay.close();
+    await stopProcess(broker);
+    fs.rmSync(dir, { recursive: true, force: true });
+  });
+
+  it('the subscriber maps the owner\'s bytes at their GPA and acks; a removal resolves only after it unmapped (its /proc/PID/maps read as the reply passes)', async () => {
+    const PATTERN = randomBytes(16).toString('hex');
+    const sub = subscriber('py-sub', ['--peek', `0x${(GPA + 0x1000).toString(16)}:16`]);
+    const own = owner();
+    await own.waitFor(/^attached client=\d+ generation=0$/);
+    await sub.waitFor(/^synced generation=0 regions=0$/);
+
+    own.send(`add dimm0 0x${GPA.toString(16)} 2M 0x1000:${PATTERN}`);
+    const added = await own.waitFor(/^added name=dimm0 id=\d+ gpa=0x40000000 size=0x200000 backing=\d+ generation=(\d+)$/);
+    const generation = Number(added[1]);
+    // When the owner was told "added", the Python process had the 2 MiB memfd mapped shared, read-write...
+    const atAdd = relay.moments[0] as Moment;
+    expect(atAdd.reply).toMatchObject({ result: { generation } });
+    expect((atAdd.maps.get(sub.pid)?.get('dimm0') ?? []).map(shape)).toEqual([{ size: 2 * MiB, perms: 'rw-s' }]);
+    // ...its ack is the broker's record, and it reads the owner's bytes at their guest-physical address.
+    expect(await client(sub)).toMatchObject({ kind: 'python', name: 'py-sub', ackedGeneration: generation, transport: 'socket' });
+    await sub.waitFor(new RegExp(`^peek gpa=0x40001000 hex=${PATTERN}$`));
+
+    own.send('remove dimm0');
+    const removed = await own.waitFor(/^removed name=dimm0 generation=(\d+)$/);
+    expect(Number(removed[1])).toBe(generation + 1);
+    const atRemove = relay.moments[1] as Moment;
+    expect(atRemove.request).toMatchObject({ ops: [{ op: 'remove', region: 'dimm0' }] });
+    expect(atRemove.maps.get(sub.pid)?.get('dimm0')).toEqual([]); // unmapped before the broker could answer
+    expect(sub.lines.join('\n')).toMatch(/\nunmapped name=dimm0 id=\d+\nacked seq=\d+\n/);
+
+    // The owner drops the memfd; the subscriber closes its descriptor of it when told it is gone.
+    await own.waitFor(/^dropped backing=\d+ released=true$/);
+    await sub.waitFor(/^backing-gone id=\d+$/);
+    expect(fs.readdirSync(`/proc/${sub.pid}/fd`).some((fd) => fs.readlinkSync(`/proc/${sub.pid}/fd/${fd}`).startsWith('/memfd:dimm0 '))).toBe(false);
+
+    own.child.stdin?.end();
+    expect(await own.closed).toEqual({ code: 0, signal: null });
+    expect(await sub.stop()).toEqual({ code: 0, signal: null });
+  });
+
+  it('a refusal by one Python subscriber rolls the other back before the owner gets the typed error', async () => {
+    const applies = subscriber('py-applies');
+    const refuses = subscriber('py-refuses', ['--refuse', 'bad']);
+    const own = owner();
+    await applies.waitFor(/^synced generation=0/);
+    await refuses.waitFor(/^synced generation=0/);
+    await own.waitFor(/^attached /);
+
+    own.send(`add dimm0 0x${GPA.toString(16)} 2M`);
+    await own.waitFor(/^added name=dimm0 .* generation=1$/);
+    own.send(`add bad 0x${(GPA + 2 * MiB).toString(16)} 2M`);
+    await own.waitFor(/^error code=MMB_ERR_CLIENT_REFUSED message=/);
+    // At the moment the refusal reached the owner, neither process mapped "bad"; both still map dimm0.
+    const at = relay.moments.at(-1) as Moment;
+    expect(at.reply).toMatchObject({ error: { code: 'MMB_ERR_CLIENT_REFUSED', client: { kind: 'python', name: 'py-refuses', pid: refuses.pid } } });
+    for (const p of [applies, refuses]) {
+      expect(at.maps.get(p.pid)?.get('bad'), p.lines.join('\n')).toEqual([]);
+      expect(at.maps.get(p.pid)?.get('dimm0')).toHaveLength(1);
+    }
+    expect(applies.lines.join('\n')).toMatch(/\nmapped name=bad [^\n]*\nacked seq=\d+\nunmapped name=bad id=\d+\nacked seq=\d+\nrolledback generation=2/);
+    expect(refuses.has(/^mapped name=bad /)).toBe(false);
+    await own.waitFor(/^dropped backing=\d+ released=true$/); // the owner let go of the refused memfd
+
+    own.child.stdin?.end();
+    expect(await own.closed).toEqual({ code: 0, signal: null });
+    for (const p of [applies, refuses]) expect(await p.stop()).toEqual({ code: 0, signal: null });
+  });
+});
