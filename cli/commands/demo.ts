@@ -13,9 +13,9 @@ import { FileDestination, KvmSubscriber, MappingSubscriber, Migration, OwnerClie
 import { constants, native } from '../../native/index.js';
 import { isMmbError, type MmbError } from '../../protocol/index.js';
 import { formatBytes, formatSize, hex, parseCommand, type Command } from '../args.js';
-import { JsonProc } from '../child.js';
+import { JsonProc } from '../../testkit/jsonproc.js';
+import { memfdMappedBytes, vmLckKiB } from '../../testkit/procfs.js';
 import { draw } from '../picture.js';
-import { memfdMappedBytes, vmLckKiB } from '../procfs.js';
 
 const usage = `Usage: mmbroker demo [--json]
 
