@@ -35,7 +35,7 @@ import { Broker } from '../broker/index.js';
 import { MappingSubscriber, OwnerClient } from '../clients/index.js';
 import { migrateTo, type MigrateToResult } from '../clients/migration/index.js';
 import { constants, native } from '../native/index.js';
-import { Child } from './procs.js';
+import { spawnFixture } from './procs.js';
 import { buildC, C_FLAGS, ccVersion, iterations, report, rootDir, runMain, summarize, type Measurement } from './lib.js';
 
 const { values } = parseArgs({ options: { runs: { type: 'string', default: String(iterations(3)) }, json: { type: 'boolean', default: false } } });
@@ -133,8 +133,8 @@ async function main(): Promise<void> {
   fill(ram.fd);
   await owner.addRegion({ name: 'ram', gpa: 0, size: SIZE, backing: ram.backing });
   const reader = await MappingSubscriber.attach(broker, { space: 'vm0', name: 'migration-reader', kind: 'migration', writes: false, requestTimeoutMs: 600_000 });
-  const guest = Child.spawn('dirtier', [socket, 'vm0'], { name: 'dirtier' });
-  await guest.next();
+  const guest = spawnFixture('dirtier', [socket, 'vm0']);
+  await guest.next('ready');
   const runs: Run[] = [];
   let ratePages = 0;
   try {
@@ -149,10 +149,8 @@ async function main(): Promise<void> {
       };
       if (run % 2 === 0) await peers();
       if (run === 0) ratePages = Math.round((0.01 * PAGES) / (rawNs / 1e9));
-      guest.send(`rate ${ratePages}`);
-      await guest.next();
-      guest.send('stats');
-      const before = (await guest.next<{ pages: number }>()).pages;
+      await guest.request({ cmd: 'rate', pages: ratePages }, 'rate');
+      const before = (await guest.request<{ pages: number }>({ cmd: 'stats' }, 'stats')).pages;
 
       const dstSock = path.join(dir, `dst${run}.sock`);
       const serve = proc([process.execPath, CLI, 'serve', '--socket', dstSock, '--space', 'vm1', '--ack-timeout', '120000', '--log-level', 'info']);
@@ -170,10 +168,8 @@ async function main(): Promise<void> {
         replyTimeoutMs: 600_000,
         onProgress: (p) => log(`  round ${p.round} ${p.phase}: ${(p.bytes / 2 ** 20).toFixed(1)} MiB in ${p.ms} ms`),
       });
-      guest.send('stats');
-      const dirtied = (await guest.next<{ pages: number }>()).pages - before;
-      guest.send('rate 0');
-      await guest.next();
+      const dirtied = (await guest.request<{ pages: number }>({ cmd: 'stats' }, 'stats')).pages - before;
+      await guest.request({ cmd: 'rate', pages: 0 }, 'rate');
       if ((await recv.exited) !== 0) throw new Error('mmbroker receive failed');
       if (run === 0 && result.verified !== true) throw new Error(`verification failed: ${result.verification?.difference}`);
       await serve.stop();
@@ -183,7 +179,7 @@ async function main(): Promise<void> {
       log(`  ${result.rounds.length} rounds, ${(result.totalBytes / SIZE).toFixed(3)}x memory sent, downtime ${result.downtimeMs} ms, round 0 ${runs.at(-1)?.round0GiBps.toFixed(2)} GiB/s, raw copy ${(SIZE / GiB / (rawNs / 1e9)).toFixed(2)} GiB/s`);
     }
   } finally {
-    await guest.stop();
+    await guest.stop('end-stdin');
     await reader.close();
     owner.close();
     native.close(ram.fd);

@@ -3,7 +3,7 @@
 // optionally a token (feature AUTH). Default: only the broker's own uid, in every role. The socket's
 // permissions (0600 in a 0700 directory) keep everyone else from connecting in the first place; these
 // lists matter when an administrator opens the socket to a group.
-import { timingSafeEqual } from 'node:crypto';
+import { createHmac, randomBytes, timingSafeEqual } from 'node:crypto';
 import { PermissionError } from '../protocol/index.js';
 import type { Credentials } from '../native/index.js';
 
@@ -26,6 +26,14 @@ const listed = (allow: Allow, peer: Credentials) => (allow.uids ?? []).includes(
 
 const self = (): Allow => ({ uids: [process.getuid?.() ?? 0], gids: [] });
 
+/**
+ * Tokens are compared as keyed digests (HMAC-SHA-256 under a key made at start): both sides are 32 bytes
+ * whatever the lengths of the tokens, so a wrong token of another length takes the same path as one of
+ * the right length, and the time of the comparison says nothing about the secret's length or bytes.
+ */
+const digestKey = randomBytes(32);
+const digest = (token: string): Buffer => createHmac('sha256', digestKey).update(token, 'utf8').digest();
+
 export class Access {
   private readonly owners: Allow;
   private readonly subscribers: Allow;
@@ -34,7 +42,7 @@ export class Access {
   constructor(policy: AccessPolicy = {}) {
     this.owners = policy.owners ?? self();
     this.subscribers = policy.subscribers ?? self();
-    this.token = policy.token === undefined ? undefined : Buffer.from(policy.token, 'utf8');
+    this.token = policy.token === undefined ? undefined : digest(policy.token);
   }
 
   /** Throws MMB_ERR_PERMISSION unless `peer` may take `role` (with `token`, for subscribers and observers). */
@@ -42,10 +50,12 @@ export class Access {
     const ok = listed(role === 'owner' ? this.owners : this.subscribers, peer);
     if (!ok) throw new PermissionError(`uid ${peer.uid} / gid ${peer.gid} may not attach to ${JSON.stringify(space)} as ${role}`);
     if (role === 'owner' || this.token === undefined) return;
-    const given = Buffer.from(token ?? '', 'utf8');
-    // Compare in constant time; lengths differ only for wrong tokens, and compare a dummy then.
-    const same = given.length === this.token.length ? timingSafeEqual(given, this.token) : (timingSafeEqual(this.token, this.token), false);
-    if (!same) throw new PermissionError(`a ${role} of ${JSON.stringify(space)} must present the space's token`);
+    if (!timingSafeEqual(digest(token ?? ''), this.token)) throw new PermissionError(`a ${role} of ${JSON.stringify(space)} must present the space's token`);
+  }
+
+  /** Is `peer` on this space's owner list (trusted: it may use the reserve of connections, see admission.ts)? */
+  mayOwn(peer: Credentials): boolean {
+    return listed(this.owners, peer);
   }
 
   /**

@@ -6,7 +6,6 @@ import pino, { type Logger } from 'pino';
 import {
   ALL_FEATURES,
   BadMessageError,
-  ConnectionLimitError,
   DEFAULT_CONNECTION_LIMITS,
   PermissionError,
   RateLimitError,
@@ -36,11 +35,14 @@ import {
   type StatusResult,
   type ToBroker,
 } from '../protocol/index.js';
-import { InProcessTransport, SocketListener, closeAll, type ListenOptions, type Transport } from '../transport/index.js';
+import { InProcessTransport, PassedListener, SocketListener, closeAll, type ListenOptions, type Transport } from '../transport/index.js';
 import { Access, type AccessPolicy } from './access.js';
+import { Admission } from './admission.js';
 import { DEFAULT_FENCE_OPTIONS, checkPidfds, type FenceOptions } from './fence.js';
 import { Session } from './session.js';
 import { AddressSpace } from './space.js';
+import { BROKER_VERSION } from './version.js';
+import { wantsWatch } from './watch.js';
 
 export interface BrokerOptions {
   /** Shown to clients in the HELLO reply and in logs. */
@@ -84,7 +86,8 @@ export class Broker implements InProcessConnector {
   private readonly accessBySpace = new Map<string, Access>();
   private readonly spacesByName = new Map<string, AddressSpace>();
   private readonly sessions = new Set<Session>();
-  private readonly listeners: SocketListener[] = [];
+  private readonly listeners: (SocketListener | PassedListener)[] = [];
+  private readonly admission: Admission;
   private nextSessionId = 1;
   private closing = false;
 
@@ -106,6 +109,10 @@ export class Broker implements InProcessConnector {
     if (!Number.isSafeInteger(this.fence.timeoutMs) || this.fence.timeoutMs < 0) throw new InvalidArgError(`fence timeout must be a whole number of milliseconds, not ${this.fence.timeoutMs}`);
     this.published = opts.published ?? true;
     this.access = { ...opts.access, ...(opts.ownerUids ? { owners: { uids: [...opts.ownerUids], gids: [...(opts.access?.owners?.gids ?? [])] } } : {}) };
+    this.admission = new Admission(this.connectionLimits, this.protocolLimits, {
+      mayOwn: (peer) => [...this.accessBySpace.values()].some((a) => a.mayOwn(peer)),
+      log: this.log,
+    });
     for (const name of opts.spaces ?? []) this.createSpace(name);
   }
 
@@ -131,14 +138,29 @@ export class Broker implements InProcessConnector {
 
   /** Serves clients on a Unix socket as well (any number of sockets, alongside in-process clients). */
   listen(socketPath: string, opts: ListenOptions = {}): SocketListener {
-    const listener = new SocketListener(socketPath, {
+    return this.serveOn(new SocketListener(socketPath, this.listenOptions(opts)));
+  }
+
+  /**
+   * Serves clients on a listening socket bound by someone else and handed to this process (socket
+   * activation: transport/activation.ts listenFds). Takes ownership of `fd`; never removes the socket file.
+   */
+  listenOn(fd: number, opts: ListenOptions = {}): PassedListener {
+    return this.serveOn(new PassedListener(fd, this.listenOptions(opts)));
+  }
+
+  private listenOptions(opts: ListenOptions): ListenOptions {
+    return {
       maxFrameBytes: this.protocolLimits.maxFrameBytes,
       maxFdsPerFrame: this.protocolLimits.maxFdsPerFrame,
       maxPendingFds: this.connectionLimits.maxPendingFds,
       maxOutboundBytes: this.connectionLimits.maxOutboundBytes,
       farewell: (reason) => ({ t: Msg.EV_GOODBYE, error: reason.toWire() }),
       ...opts,
-    });
+    };
+  }
+
+  private serveOn<L extends SocketListener | PassedListener>(listener: L): L {
     for (const w of listener.setupWarnings) this.log.warn({ socket: listener.path }, w);
     listener.on('connection', (t) => this.accept(t));
     listener.on('warning', (message, err) => this.log.warn({ socket: listener.path, err }, message));
@@ -178,6 +200,7 @@ export class Broker implements InProcessConnector {
     if (this.closing) return;
     this.closing = true;
     for (const l of this.listeners) l.close();
+    this.admission.close();
     const err = new ShutdownError('the broker is shutting down');
     for (const space of this.spacesByName.values()) space.close(err);
     const open = [...this.sessions].filter((s) => !s.transport.closed);
@@ -193,10 +216,11 @@ export class Broker implements InProcessConnector {
   // --- connections ----------------------------------------------------------------------------------
 
   private accept(transport: Transport): void {
-    if (this.sessions.size >= this.connectionLimits.maxConnections) {
-      const err = new ConnectionLimitError(`the broker serves ${this.sessions.size} connections, its limit`);
-      this.log.warn({ pid: transport.peer.pid, limit: this.connectionLimits.maxConnections }, 'connection refused: limit');
-      transport.end({ t: Msg.EV_GOODBYE, error: err.toWire() });
+    // Counts, deadlines and descriptor allowances before ATTACH: broker/admission.ts.
+    const refused = this.admission.admit(transport);
+    if (refused) {
+      this.log.warn({ pid: transport.peer.pid, uid: transport.peer.uid, err: refused.message }, 'connection refused: limit');
+      transport.end({ t: Msg.EV_GOODBYE, error: refused.toWire() });
       return;
     }
     const session = new Session(this.nextSessionId++, transport, this.connectionLimits);
@@ -204,6 +228,7 @@ export class Broker implements InProcessConnector {
     this.log.debug({ client: session.id, pid: transport.peer.pid, uid: transport.peer.uid, transport: transport.kind }, 'connected');
     transport.on('frame', (frame) => this.onFrame(session, frame));
     transport.on('close', (reason) => {
+      this.admission.release(transport);
       this.sessions.delete(session);
       if (session.spaceName !== undefined) this.spacesByName.get(session.spaceName)?.detach(session);
       session.close();
@@ -213,6 +238,7 @@ export class Broker implements InProcessConnector {
   }
 
   private onFrame(session: Session, frame: Frame): void {
+    this.admission.seen(session.transport);
     let msg: ToBroker;
     try {
       msg = parseToBroker(frame, session.features);
@@ -240,6 +266,8 @@ export class Broker implements InProcessConnector {
     } catch (err) {
       result = Promise.reject(err);
     }
+    // HELLO and ATTACH change what the connection may send: adopt that before any reply goes out.
+    this.admission.update(session);
     result.then(
       (r) => {
         if (r !== undefined) session.reply(msg.id, r);
@@ -276,7 +304,13 @@ export class Broker implements InProcessConnector {
       session.features = msg.features & ALL_FEATURES;
       session.name = msg.name ?? `pid${session.pid}`;
       session.state = 'ready';
-      return { version: PROTOCOL_VERSION, features: session.features, broker: this.name, limits: { ...this.protocolLimits } };
+      return {
+        version: PROTOCOL_VERSION,
+        features: session.features,
+        broker: this.name,
+        limits: { ...this.protocolLimits },
+        ...((session.features & Feature.WATCH) !== 0 ? { brokerVersion: BROKER_VERSION } : {}),
+      };
     }
     if (session.state === 'new') throw new StateError('the first message on a connection must be HELLO');
     switch (msg.t) {
@@ -285,7 +319,8 @@ export class Broker implements InProcessConnector {
       case Msg.ATTACH:
         return this.attach(session, msg);
       case Msg.BACKING_ADD:
-        return this.ownedSpace(session).addBacking(session, fds[0] as number, msg.name);
+        if (msg.unsealed !== undefined && (session.features & Feature.TRUSTED_FILE) === 0) throw new FeatureError('BACKING_ADD.unsealed needs the TRUSTED_FILE feature');
+        return this.ownedSpace(session).addBacking(session, fds[0] as number, msg.name, msg.unsealed ?? false);
       case Msg.BACKING_DROP:
         return this.ownedSpace(session).dropBacking(session, msg.backing);
       case Msg.COMMIT:
@@ -310,6 +345,10 @@ export class Broker implements InProcessConnector {
       case Msg.DELEGATE:
         checkPidfds(fds);
         return this.attachedSpace(session).delegate(session, msg.names, fds);
+      case Msg.HISTORY:
+        // Whoever may see a space's status may read its history (statusFor throws otherwise).
+        this.statusFor(session, msg.space);
+        return (this.spacesByName.get(msg.space) as AddressSpace).events.history(msg);
     }
   }
 
@@ -325,6 +364,7 @@ export class Broker implements InProcessConnector {
     }
     if (msg.token !== undefined && (session.features & Feature.AUTH) === 0) throw new FeatureError('ATTACH.token needs the AUTH feature');
     if (msg.resume?.client !== undefined && (session.features & Feature.FENCE) === 0) throw new FeatureError('ATTACH.resume.client needs the FENCE feature');
+    const watch = wantsWatch(session.features, msg);
     (this.accessBySpace.get(msg.space) as Access).check(msg.space, msg.role, session.transport.peer, msg.token);
     session.kind = msg.kind;
     if (msg.role === 'owner') {
@@ -333,7 +373,9 @@ export class Broker implements InProcessConnector {
     }
     if (msg.role === 'observer') {
       if (msg.resume || msg.limits || msg.pin) throw new StateError('an observer attaches without resume, limits or pin');
-      return space.attachObserver(session);
+      const attached = space.attachObserver(session);
+      if (watch) space.events.watch(session);
+      return attached;
     }
     return space.attachSubscriber(session, msg.id, msg).then(() => undefined);
   }

@@ -4,7 +4,7 @@
 //
 // Address kinds stay apart in names: `gpa` is guest-physical, `offset` is a byte offset inside a backing.
 // Ranges are half-open [gpa, gpa + size).
-import { PAGE_SIZE } from '../native/index.js';
+import { PAGE_SIZE, pageSizeName } from '../native/index.js';
 import {
   BackingTooSmallError,
   GPA_LIMIT,
@@ -23,6 +23,11 @@ import {
 export interface BackingSizeLookup {
   /** Size in bytes of backing `id`, or undefined if the space has no such backing. */
   backingSize(id: number): number | undefined;
+  /**
+   * Page size of backing `id`'s memory (2 MiB or 1 GiB on hugetlbfs); regions slicing it must be aligned
+   * to it. Absent or undefined: the system page size.
+   */
+  backingPageSize?(id: number): number | undefined;
 }
 
 /** A validated transaction, ready to fan out. */
@@ -127,6 +132,15 @@ export class MemoryMap {
       }
       const backingSize = backings.backingSize(op.backing);
       if (backingSize === undefined) throw new NoBackingError(`${where}: no backing with id ${op.backing}`);
+      // Hugetlb memory is mapped, pinned and slotted in whole huge pages only: a region that cuts one would
+      // be accepted here and refused by every subscriber's mmap (EINVAL) after fan-out.
+      const page = backings.backingPageSize?.(op.backing) ?? PAGE_SIZE;
+      if (page > PAGE_SIZE && (op.gpa % page || op.size % page || op.offset % page)) {
+        const huge = pageSizeName(page);
+        throw new UnalignedError(
+          `${where}: backing ${op.backing} is hugetlb memory with ${huge} pages: gpa ${hex(op.gpa)}, size ${hex(op.size)} and offset ${hex(op.offset)} must be multiples of ${huge}`,
+        );
+      }
       if (op.offset + op.size > backingSize) {
         throw new BackingTooSmallError(
           `${where}: offset ${hex(op.offset)} + size ${hex(op.size)} reaches past the end of backing ${op.backing} (${hex(backingSize)} bytes)`,

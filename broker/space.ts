@@ -73,6 +73,7 @@ import { checkSubscribers } from './policy.js';
 import { Logging } from './logging.js';
 import { DEFAULT_FENCE_OPTIONS, Fences, type FenceOptions, type Holder, type HolderReason } from './fence.js';
 import { PAGE_SIZE } from '../native/index.js';
+import { SpaceEvents } from './watch.js';
 
 const sum = (rs: readonly Region[]) => rs.reduce((n, r) => n + r.size, 0);
 
@@ -160,6 +161,8 @@ export class AddressSpace {
    * synced at once instead of queueing behind that commit (its reconcile is what the commit waits for).
    */
   private fenceWindow = false;
+  /** What happens here, as it happens: for watchers, HISTORY and metrics (broker/watch.ts, broker/metrics.ts). */
+  readonly events: SpaceEvents;
 
   constructor(
     readonly name: string,
@@ -172,7 +175,8 @@ export class AddressSpace {
     this.history = new History(opts.limits.historyLength);
     this.log = opts.log.child({ space: name });
     this._published = opts.published ?? true;
-    this.fences = new Fences(opts.fence ?? DEFAULT_FENCE_OPTIONS, this.log, (h) => this.releaseUnused(h.backings));
+    this.events = new SpaceEvents(this, opts.limits.historyLength, this.maxFrameBytes);
+    this.fences = new Fences(opts.fence ?? DEFAULT_FENCE_OPTIONS, this.log, (h) => (this.events.emit('fenced', h), this.releaseUnused(h.backings)));
     // eslint-disable-next-line @typescript-eslint/no-this-alias
     const space = this;
     this.logging = new Logging({
@@ -201,6 +205,11 @@ export class AddressSpace {
     return this._published;
   }
 
+  /** Work waiting or running on the serial queue: commits, and all items (attaches, publishes, syncs). */
+  get queue(): { commits: number; work: number } {
+    return { commits: this.queued, work: this.pendingWork };
+  }
+
   // --- attach / detach ------------------------------------------------------------------------------
 
   /**
@@ -218,6 +227,7 @@ export class AddressSpace {
     session.state = 'owner';
     session.spaceName = this.name;
     this.log.info({ client: session.ref() }, 'owner attached');
+    this.events.emit('joined', session.ref(), 'owner');
     // An owner that cannot publish (no PUBLISH feature) publishes by attaching, as before the feature.
     const publishes = !this._published && (session.features & Feature.PUBLISH) === 0;
     const reply = (): AttachResult => ({
@@ -247,6 +257,7 @@ export class AddressSpace {
     if (this._published) return;
     this._published = true;
     this.log.info({ generation: this._generation, regions: this.map.size, waiting: this.waiting.size }, 'published');
+    this.events.emit('published', this._generation);
     for (const [s, w] of this.waiting) {
       s.waiting = false;
       if (!s.closed) void this.enqueue(() => this.runAttach(s, w.requestId, w.msg, w.replied), false);
@@ -288,6 +299,7 @@ export class AddressSpace {
     session.state = 'observer';
     session.spaceName = this.name;
     this.logging.observers.add(session);
+    this.events.emit('joined', session.ref(), 'observer');
     return { client: session.id, epoch: this.epoch, generation: this._generation, sync: 'none' };
   }
 
@@ -296,6 +308,7 @@ export class AddressSpace {
    * holder until it is fenced (broker/fence.ts): `reason` says why its connection ended.
    */
   detach(session: Session, reason: HolderReason = 'disconnected'): void {
+    this.events.left(session, reason);
     this.logging.observers.delete(session);
     this.waiting.delete(session);
     if (this.owner === session) {
@@ -319,6 +332,7 @@ export class AddressSpace {
   /** Removes a subscriber that broke its contract, telling it why; it is fenced (killed, under the kill policy). */
   evict(session: Session, err: MmbError): Holder | undefined {
     this.log.warn({ client: session.ref(), code: err.code, err: err.message }, 'evicting client');
+    this.events.emit('evicted', session.ref(), err);
     const before = new Set(this.fences.all());
     this.detach(session, 'evicted');
     session.goodbye(err);
@@ -331,6 +345,7 @@ export class AddressSpace {
    */
   leave(session: Session): object {
     if (!this.subscribers.has(session)) throw new StateError('only an attached subscriber detaches');
+    this.events.left(session, 'leaving');
     this.subscribers.delete(session);
     this.logging.observers.delete(session);
     session.state = 'leaving';
@@ -352,16 +367,20 @@ export class AddressSpace {
 
   private hold(session: Session, reason: HolderReason): Holder | undefined {
     if (session.sentBackings.size === 0) return undefined;
-    return this.fences.add(session.ref(), reason, new Set(session.sentBackings.keys()), session.local, session.takePidfds());
+    // A subscriber in the owner's own process (a VMM's own device model on the socket) is never signalled:
+    // killing it would kill the VMM, and the guest with it. Like an in-process one, only its reconcile fences it.
+    const ownersProcess = this.owner !== undefined && !this.owner.closed && this.owner.pid === session.pid;
+    return this.events.held(this.fences.add(session.ref(), reason, new Set(session.sentBackings.keys()), session.local || ownersProcess, session.takePidfds()));
   }
 
   // --- owner requests -------------------------------------------------------------------------------
 
-  addBacking(session: Session, fd: number, name: string | undefined): BackingAddResult {
+  /** `unsealed` (feature TRUSTED_FILE): the owner vouches for a file that cannot be sealed (docs/security.md). */
+  addBacking(session: Session, fd: number, name: string | undefined, unsealed = false): BackingAddResult {
     this.requireOwner(session);
-    const b = this.backings.add(fd, name);
-    this.log.debug({ backing: b.id, size: b.size, name: b.name }, 'backing registered');
-    return { backing: b.id, size: b.size };
+    const b = this.backings.add(fd, name, unsealed);
+    this.log.debug({ backing: b.id, size: b.size, name: b.name, pageSize: b.pageSize, sealed: b.sealed }, 'backing registered');
+    return { backing: b.id, size: b.size, ...((session.features & Feature.TRUSTED_FILE) !== 0 ? { pageSize: b.pageSize, sealed: b.sealed } : {}) };
   }
 
   dropBacking(session: Session, id: number): BackingDropResult {
@@ -376,7 +395,7 @@ export class AddressSpace {
     if (this.queued >= this.limits.maxQueuedCommits) {
       throw new TooBusyError(`${this.queued} transactions are already queued on ${JSON.stringify(this.name)}`);
     }
-    return this.enqueue(() => this.runCommit(session, ops, expect), true);
+    return this.enqueue(() => this.events.commit(session.ref(), ops, this._generation, () => this.runCommit(session, ops, expect)), true);
   }
 
   /** A subscriber's REPORT: what its IOMMU or pinning looks like now. */
@@ -388,6 +407,7 @@ export class AddressSpace {
     if (msg.coherent !== undefined) session.coherent = msg.coherent;
     if (msg.backend !== undefined) session.backend = msg.backend;
     if (msg.devices) session.devices = [...msg.devices];
+    this.events.reported(session, msg.pinned, this.map.bytes);
     if (msg.reserved) {
       const clash = this.map.regions().filter((r) => session.reserved.some((x) => r.gpa <= x.last && x.start < r.gpa + r.size));
       if (clash.length > 0) this.log.warn({ client: session.ref(), regions: clash.map((r) => r.name) }, 'existing regions cover ranges this client reports as reserved');
@@ -423,7 +443,7 @@ export class AddressSpace {
    */
   dirtySync(session: Session, refs: readonly (number | string)[] | undefined, fd: number): Promise<DirtySyncResult> {
     this.requireOwner(session);
-    return this.enqueue(() => this.logging.sync(refs, fd), false);
+    return this.enqueue(() => this.events.dirtySync(() => this.logging.sync(refs, fd)), false);
   }
 
   /** PAUSE (owner only): every writer stops, or resumes, writing guest memory. */
@@ -475,7 +495,7 @@ export class AddressSpace {
         actual: pinners.reduce((n, s) => n + (s.pinnedActual ?? 0), 0),
       },
       regions: this.map.regions().map((r) => ({ ...r })),
-      backings: [...this.backings.all()].map((b) => ({ backing: b.id, name: b.name, size: b.size, regions: b.refs, held: b.held })),
+      backings: [...this.backings.all()].map((b) => ({ backing: b.id, name: b.name, size: b.size, regions: b.refs, held: b.held, pageSize: b.pageSize, sealed: b.sealed })),
       clients,
       holders: this.fences.status(),
     };
@@ -575,6 +595,7 @@ export class AddressSpace {
     }
     session.syncing = true;
     this.subscribers.add(session);
+    this.events.emit('joined', session.ref(), 'subscriber');
     this.log.info({ client: session.ref(), mode, generation, regions: regions.length, removed: removed.length }, 'subscriber attached');
 
     const timer = setTimeout(() => session.settle(seq, { kind: 'timeout' }), this.limits.ackTimeoutMs);
@@ -615,6 +636,7 @@ export class AddressSpace {
       let vote: Vote;
       for (let attempt = 1; ; attempt++) {
         await this.fenceHolders(taken, generation);
+        this.events.emit('vote', generation, owner.ref(), plan, attempt);
         vote = await this.vote(plan, generation, access, bitmaps, taken, attempt === 1);
         if (vote.retry === undefined) break;
       }

@@ -52,11 +52,16 @@ export class DirtyLog {
     }
   }
 
-  /** Byte offset in `b`'s mapping of the half marks go to now. */
+  /**
+   * Byte offset in `b`'s mapping of the half marks go to now; -1 for both, when the header (the active
+   * half: a little-endian u64, 0 or 1, written by the broker) holds anything else. Another writer
+   * may have scribbled on it; marking both halves loses nothing, and the broker, which trusts only its
+   * own record, rewrites the header and collects both halves at its next sync.
+   */
   private half(b: MappedBitmap): number {
-    // The active half is the header's first u64, 0 or 1, little-endian: its low 32-bit word says it all.
-    const active = b.header.getUint32(0, true);
-    return b.layout.offset(this.flushing ? 1 - active : active);
+    const lo = b.header.getUint32(0, true);
+    if (b.header.getUint32(4, true) !== 0 || lo > 1) return -1;
+    return b.layout.offset(this.flushing ? 1 - lo : lo);
   }
 
   /**
@@ -118,7 +123,13 @@ export class DirtyLog {
       if (bEnd <= gpa) continue;
       const first = Math.floor((Math.max(gpa, b.gpa) - b.gpa) / DIRTY_PAGE_SIZE);
       const last = Math.ceil((Math.min(end, bEnd) - b.gpa) / DIRTY_PAGE_SIZE);
-      native.bitmapSet(b.mapping, this.half(b) * 8 + first, last - first);
+      const half = this.half(b);
+      if (half >= 0) {
+        native.bitmapSet(b.mapping, half * 8 + first, last - first);
+      } else {
+        native.bitmapSet(b.mapping, b.layout.offset(0) * 8 + first, last - first);
+        native.bitmapSet(b.mapping, b.layout.offset(1) * 8 + first, last - first);
+      }
     }
   }
 
@@ -129,7 +140,8 @@ export class DirtyLog {
   markBits(gpa: number, bits: Uint8Array, pages: number): void {
     const exact = this.sorted.find((b) => b.gpa === gpa && b.pages === pages);
     if (exact && bits.length % 8 === 0 && bits.length <= exact.layout.half) {
-      native.bitmapOr(exact.mapping, this.half(exact), bits);
+      const half = this.half(exact);
+      for (const h of half >= 0 ? [half] : [exact.layout.offset(0), exact.layout.offset(1)]) native.bitmapOr(exact.mapping, h, bits);
       return;
     }
     forEachBitRun(bits, pages, (first, count) => this.mark(gpa + first * DIRTY_PAGE_SIZE, count * DIRTY_PAGE_SIZE));

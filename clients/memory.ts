@@ -7,7 +7,11 @@
 // and the change stays all-or-nothing without ever remapping old memory.
 //
 // A region is mapped at one contiguous host range, as chunks of at most 1 GiB: Node 20 caps an
-// ArrayBuffer at 4 GiB, and guest RAM regions are often larger. slice() returns one view inside one
+// ArrayBuffer at 4 GiB, and guest RAM regions are often larger. The range starts on a boundary of the
+// backing's page size (2 MiB or 1 GiB for hugetlbfs: the kernel maps hugetlb memory nowhere else), and on
+// a 2 MiB boundary for a region whose gpa and offset are 2 MiB aligned: the host address is then
+// congruent to the gpa modulo the huge page size, so THP and hugetlb pages can be mapped whole in the
+// host page tables and in KVM's (a memslot's huge mappings need hva = gpa modulo the huge page size). slice() returns one view inside one
 // chunk; resolve() points a reused object at it without allocating; segments(), read() and write() cross
 // chunks and adjacent regions, and refuse holes.
 //
@@ -16,13 +20,29 @@
 // region's first chunk from a flat array beside them. With tens of thousands of regions, each object on the
 // way to the memory is a cache and TLB miss: the common case (a range inside a region's first 1 GiB)
 // touches the two arrays and that one view, not the region's record, its chunk list and its chunk.
-import { constants, isNativeError, native, type Mapping } from '../native/index.js';
-import { InvalidArgError, MapFailedError, NoRegionError } from '../protocol/index.js';
+import { constants, filePageSize, isNativeError, native, PAGE_SIZE, pageSizeName, type Mapping } from '../native/index.js';
+import { InvalidArgError, MapFailedError, NoRegionError, UnalignedError } from '../protocol/index.js';
 import type { DirtyLog } from './dirty.js';
 import type { Applier, ApplyContext, Change, LocalBacking, ViewRegion } from './view.js';
 
 /** Largest single mapping: a power of two, so chunk boundaries stay page (and huge page) aligned. */
 export const CHUNK_BYTES = 2 ** 30;
+
+/** x86's PMD size: THP and 2 MiB hugetlb pages. */
+const HUGE_2M = 2 * 2 ** 20;
+
+/** Page size of each backing a region was mapped from (fstatfs once per backing). */
+const pageSizes = new WeakMap<LocalBacking, number>();
+
+/** The page size of `b`'s memory: its huge page size on hugetlbfs, else the system page size. */
+export function backingPageSize(b: LocalBacking): number {
+  let size = pageSizes.get(b);
+  if (size === undefined) {
+    size = filePageSize(b.fd);
+    pageSizes.set(b, size);
+  }
+  return size;
+}
 
 export interface Chunk {
   mapping: Mapping;
@@ -347,9 +367,23 @@ export class GuestMemory implements Applier {
     const b = backings.get(r.backing);
     if (!b) throw new NoRegionError(`region ${JSON.stringify(r.name)} has no backing here`);
     const prot = constants.PROT_READ | (r.readonly ? 0 : constants.PROT_WRITE);
+    let page: number;
+    try {
+      page = backingPageSize(b);
+    } catch (err) {
+      throw new MapFailedError(`cannot inspect backing ${b.name} of region ${JSON.stringify(r.name)}`, { cause: err, ...(isNativeError(err) ? { errno: err.code } : {}) });
+    }
+    if (r.gpa % page || r.size % page || r.offset % page) {
+      // The broker refuses these at planning; a region from a broker that does not know page sizes is
+      // refused here, by name, instead of an EINVAL from mmap.
+      throw new UnalignedError(
+        `region ${JSON.stringify(r.name)}: backing ${b.name} has ${pageSizeName(page)} pages; gpa ${hex(r.gpa)}, size ${hex(r.size)} and offset ${hex(r.offset)} must be multiples of ${pageSizeName(page)}`,
+      );
+    }
+    const align = page > PAGE_SIZE ? page : r.size >= HUGE_2M && r.gpa % HUGE_2M === 0 && r.offset % HUGE_2M === 0 ? HUGE_2M : PAGE_SIZE;
     try {
       // One contiguous range of addresses, so the region can be handed to KVM or an IOMMU as a whole.
-      const chunks = native.mmapChunked(b.fd, r.offset, r.size, prot, constants.MAP_SHARED, CHUNK_BYTES).map((mapping) => ({ mapping, bytes: new Uint8Array(mapping.buffer) }));
+      const chunks = native.mmapChunked(b.fd, r.offset, r.size, prot, constants.MAP_SHARED, CHUNK_BYTES, align).map((mapping) => ({ mapping, bytes: new Uint8Array(mapping.buffer) }));
       return { region: r, chunks, address: (chunks[0] as Chunk).mapping.address };
     } catch (err) {
       throw new MapFailedError(`cannot map region ${JSON.stringify(r.name)} (${hex(r.size)} bytes of ${b.name} at ${hex(r.offset)})`, {

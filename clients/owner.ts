@@ -107,9 +107,14 @@ export class OwnerClient {
     return this.conn;
   }
 
-  /** Registers a memfd (sealed against shrinking). The broker dup()s it; the caller keeps its own fd. */
-  addBacking(fd: number, name?: string): Promise<BackingAddResult> {
-    return this.conn.request({ t: Msg.BACKING_ADD, ...(name ? { name } : {}) }, [fd]) as Promise<BackingAddResult>;
+  /**
+   * Registers a memfd (sealed against shrinking). The broker dup()s it; the caller keeps its own fd.
+   * `unsealed` (feature TRUSTED_FILE): register a file on tmpfs or hugetlbfs that cannot be sealed (QEMU's
+   * memory-backend-file); whoever can write it could truncate it under every mapping, so only an owner
+   * that controls the file may (docs/security.md, trusted-owner backings).
+   */
+  addBacking(fd: number, name?: string, opts: { unsealed?: boolean } = {}): Promise<BackingAddResult> {
+    return this.conn.request({ t: Msg.BACKING_ADD, ...(name ? { name } : {}), ...(opts.unsealed ? { unsealed: true } : {}) }, [fd]) as Promise<BackingAddResult>;
   }
 
   /** Creates a sealed memfd of `size` bytes and registers it. */

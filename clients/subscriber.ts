@@ -588,7 +588,7 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
       commit = phases.commit;
       return phases.vote;
       // One 'change' event per part that does something, and one for a transaction that does nothing.
-    }, () => commit !== undefined && !isEmpty(commit));
+    }, () => commit !== undefined && !isEmpty(commit), () => commit);
     if (change) this.pending = { generation, ops, ...(commit ? { commit } : {}) };
   }
 
@@ -637,8 +637,11 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
    * Establishes the change `compute` returns and acks `seq`; on failure (computing or applying) leaves
    * everything as it was and nacks. Returns the change on success.
    */
-  /** `quiet()`: true when an empty change should not be announced (another part of the transaction will be). */
-  private async establish(conn: Connection, seq: number, compute: () => Change, quiet?: () => boolean): Promise<Change | undefined> {
+  /**
+   * `quiet()`: true when an empty change should not be announced (another part of the transaction will be).
+   * `later()`: for a two-phase vote, the commit's part, which the applier checks now (Applier.check).
+   */
+  private async establish(conn: Connection, seq: number, compute: () => Change, quiet?: () => boolean, later?: () => Change | undefined): Promise<Change | undefined> {
     let change: Change;
     const abort = new LazyAbort();
     const cancelledKeys = new Set<string>();
@@ -652,10 +655,17 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
         cancelled: (key) => cancelledKeys.has(key),
       };
       if (!isEmpty(change)) await this.applier.apply(change, this.backings, ctx);
-      if (change.staged?.length && this.applier.stage) {
+      const commit = later?.();
+      if ((change.staged?.length && this.applier.stage) || (commit && !isEmpty(commit) && this.applier.check)) {
+        let staged = false;
         try {
-          await this.applier.stage(change.staged, this.backings, ctx);
+          if (change.staged?.length && this.applier.stage) {
+            await this.applier.stage(change.staged, this.backings, ctx);
+            staged = true;
+          }
+          if (commit && !isEmpty(commit)) await this.applier.check?.(commit, this.backings);
         } catch (err) {
+          if (staged) await this.applier.unstage?.(change.staged ?? []);
           if (!isEmpty(change)) await this.applier.apply(inverse(change), this.backings, NO_CANCEL);
           throw err;
         }

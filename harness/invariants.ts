@@ -7,7 +7,7 @@ import { covers, within, type Model, type ModelRegion, type Range } from './mode
 import type { ClientSnapshot, Snapshot } from './observe.js';
 import type { StepResult } from './operations.js';
 import type { ClientProc } from './procs.js';
-import { Rng } from './rng.js';
+import { Rng } from '../testkit/rng.js';
 import type { World } from './world.js';
 
 export const INVARIANTS = ['convergence', 'no-stale-mapping', 'pins', 'data', 'leaks', 'all-or-nothing', 'outcome'] as const;
@@ -161,6 +161,7 @@ export function leaks(w: World, snap: Snapshot, t: Tally): void {
   }
   const conns = 1 + w.clients.length;
   if (b.sockets !== base.sockets + conns) problems.push(`the broker holds ${b.sockets} sockets, expected ${base.sockets} + ${conns} connections`);
+  if (b.pidfds > base.pidfds + conns) problems.push(`the broker holds ${b.pidfds} pidfds, more than ${base.pidfds} + ${conns} connections`);
   if (b.bitmaps !== logging) problems.push(`the broker holds ${b.bitmaps} dirty bitmaps for ${logging} logging region(s)`);
   // One pidfd per socket connection (SO_PEERPIDFD), and one per process a client being fenced reaches.
   const fencing = (snap.status?.holders ?? []).reduce((n, h) => n + h.alive.length, 0);

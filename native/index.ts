@@ -136,9 +136,14 @@ export interface Native {
   /**
    * `length` bytes of `fd` mapped at one contiguous range of host addresses, as consecutive Mappings of
    * at most `chunk` bytes (a page multiple): for memory a KVM memslot or a DMA mapping must see as one
-   * range while no ArrayBuffer may exceed 4 GiB. Unmapping every chunk releases the whole range.
+   * range while no ArrayBuffer may exceed 4 GiB. Unmapping every chunk releases the whole range. The range
+   * starts at a multiple of `align` (a power of two, default the page size; `chunk` a multiple of it),
+   * raised to the huge page size for a hugetlbfs file, whose `offset`, `length` and `chunk` must then be
+   * multiples of its huge page size (EINVAL otherwise).
    */
-  mmapChunked(fd: number, offset: number, length: number, prot: number, flags: number, chunk: number): Mapping[];
+  mmapChunked(fd: number, offset: number, length: number, prot: number, flags: number, chunk: number, align?: number): Mapping[];
+  /** fstatfs(2) of an open file: its filesystem's magic number (f_type) and block size (f_bsize). */
+  fstatfs(fd: number): { type: number; bsize: number };
   /**
    * munmap(2) and detach the buffer. EBUSY while an mlock/munlock on it is still running (or if its
    * buffer was detached by someone else, e.g. transferred: the memory may still be in use there).
@@ -177,8 +182,18 @@ export interface Native {
   eventfdWrite(fd: number, value: number): void;
 
   // --- Unix stream sockets ----------------------------------------------------------------------
-  /** socket+bind+listen on `path`; the socket file gets permission bits `mode`. */
+  /**
+   * socket+bind+listen on `path`; the socket file is created with permission bits `mode` (or tighter,
+   * where the umask removed bits, which are then added back by path before listen()).
+   */
   socketListen(path: string, backlog: number, mode: number): number;
+  /**
+   * The same for the socket `name` (one component) inside the directory open as `dirFd` (O_PATH will
+   * do): bound through /proc/self/fd/DIRFD/NAME, mode fixed with fchmodat(dirFd), removed with
+   * unlinkat(dirFd) on failure; no other path is resolved. ENAMETOOLONG when the /proc path exceeds
+   * sun_path (about 80 bytes of name), EINVAL for a name with "/" or a dot entry.
+   */
+  socketListenAt(dirFd: number, name: string, backlog: number, mode: number): number;
   /** Non-blocking connect; throws ECONNREFUSED / ENOENT / EAGAIN (listener backlog full). */
   socketConnect(path: string): number;
   /**
@@ -235,6 +250,14 @@ export interface Native {
   pollRef(handle: PollHandle, ref: boolean): void;
   /** Stop watching and release the handle (uv_close). Idempotent. Does not close the fd. */
   pollClose(handle: PollHandle): void;
+
+  // --- service manager ----------------------------------------------------------------------------
+  /**
+   * sd_notify(3)'s datagram: sends `message` ("READY=1", ...; at most 4095 bytes) to the AF_UNIX datagram
+   * socket `socketPath` (a path, or an abstract address written "@name", as in $NOTIFY_SOCKET), without
+   * blocking. Throws errno-style (ENOENT, ECONNREFUSED: nobody listens; EAGAIN: its buffer is full).
+   */
+  notifySend(socketPath: string, message: string): void;
 }
 
 const here = path.dirname(fileURLToPath(import.meta.url));
@@ -289,6 +312,26 @@ export function pidOfPidfd(pidfd: number): number {
   const m = /^Pid:\s*(-?\d+)$/m.exec(fs.readFileSync(`/proc/self/fdinfo/${pidfd}`, 'utf8'));
   if (!m) throw new Error(`fd ${pidfd} is not a pidfd`);
   return Number(m[1]);
+}
+
+/** linux/magic.h: the filesystems of shared memory files (memfds and /dev/shm live on tmpfs). */
+export const HUGETLBFS_MAGIC = 0x958458f6;
+export const TMPFS_MAGIC = 0x01021994;
+
+/**
+ * The page size a mapping of `fd` is made of: its huge page size (2 MiB, 1 GiB: hugetlbfs's f_bsize) for
+ * a hugetlbfs file (an MFD_HUGETLB memfd included), else the system page size. Offsets, lengths and
+ * addresses of its mappings must be multiples of it.
+ */
+export function filePageSize(fd: number): number {
+  const st = native.fstatfs(fd);
+  return st.type === HUGETLBFS_MAGIC ? st.bsize : PAGE_SIZE;
+}
+
+/** A page size for messages: "4 KiB", "2 MiB", "1 GiB". */
+export function pageSizeName(bytes: number): string {
+  for (const [unit, n] of [['GiB', 2 ** 30], ['MiB', 2 ** 20], ['KiB', 2 ** 10]] as const) if (bytes >= n && bytes % n === 0) return `${bytes / n} ${unit}`;
+  return `${bytes} bytes`;
 }
 
 /** True if `err` is an error raised by the addon with the given errno name. */

@@ -4,8 +4,9 @@
 // C checks that a request is one of the few the client uses (anything else throws EPERM before any
 // syscall) and that a struct buffer is exactly the size the request number encodes (RangeError
 // otherwise), then performs the ioctl. Failures are NativeErrors with `syscall: 'ioctl'` and `request`
-// naming the request ('KVM_SET_USER_MEMORY_REGION'); EINTR is retried inside the call.
-import { native, type NativeError } from './index.js';
+// naming the request ('KVM_SET_USER_MEMORY_REGION'); EINTR is retried inside the call, except by
+// KVM_RUN, where it means "kicked" (kvmKick) and is handed back to the caller.
+import { native, type Mapping, type NativeError } from './index.js';
 
 /** Values from linux/kvm.h as this build saw them (the client checks its own table against them). */
 export interface KvmConstants {
@@ -22,9 +23,16 @@ export interface KvmConstants {
   KVM_SET_REGS: number;
   KVM_GET_SREGS: number;
   KVM_SET_SREGS: number;
+  KVM_RESET_DIRTY_RINGS: number;
   KVM_CAP_USER_MEMORY: number;
   KVM_CAP_NR_MEMSLOTS: number;
   KVM_CAP_READONLY_MEM: number;
+  KVM_CAP_IMMEDIATE_EXIT: number;
+  KVM_CAP_DIRTY_LOG_RING: number;
+  KVM_CAP_DIRTY_LOG_RING_ACQ_REL: number;
+  KVM_DIRTY_LOG_PAGE_OFFSET: number;
+  KVM_DIRTY_GFN_F_DIRTY: number;
+  KVM_DIRTY_GFN_F_RESET: number;
   KVM_MEM_LOG_DIRTY_PAGES: number;
   KVM_MEM_READONLY: number;
   KVM_EXIT_UNKNOWN: number;
@@ -35,13 +43,16 @@ export interface KvmConstants {
   KVM_EXIT_FAIL_ENTRY: number;
   KVM_EXIT_INTR: number;
   KVM_EXIT_INTERNAL_ERROR: number;
+  KVM_EXIT_DIRTY_RING_FULL: number;
   sizeof_kvm_userspace_memory_region: number;
   sizeof_kvm_regs: number;
   sizeof_kvm_sregs: number;
   sizeof_kvm_segment: number;
   sizeof_kvm_dtable: number;
   sizeof_kvm_dirty_log: number;
+  sizeof_kvm_dirty_gfn: number;
   offsetof_kvm_run_exit_reason: number;
+  offsetof_kvm_run_immediate_exit: number;
 }
 
 /** A failed KVM ioctl: a NativeError (`syscall: 'ioctl'`) that also names the request. */
@@ -55,7 +66,8 @@ export interface KvmNative {
   kvmOpen(): number;
   /**
    * An ioctl whose argument is an integer: KVM_GET_API_VERSION, KVM_CHECK_EXTENSION,
-   * KVM_GET_VCPU_MMAP_SIZE (arg 0), KVM_CREATE_VM (machine type), KVM_CREATE_VCPU (vcpu id). Returns the
+   * KVM_GET_VCPU_MMAP_SIZE (arg 0), KVM_CREATE_VM (machine type), KVM_CREATE_VCPU (vcpu id),
+   * KVM_RESET_DIRTY_RINGS (arg 0; returns the entries reset). Returns the
    * result; for KVM_CREATE_VM and KVM_CREATE_VCPU a new close-on-exec fd the caller owns.
    */
   kvmIoctlInt(fd: number, request: number, arg: number): number;
@@ -71,10 +83,30 @@ export interface KvmNative {
    */
   kvmGetDirtyLog(vmFd: number, slot: number, pages: number, bitmap: Uint8Array): void;
   /**
-   * KVM_RUN on a libuv worker thread; resolves when the vCPU exits to user space (read the exit from
-   * its kvm_run mapping). The call holds its own dup of the fd until it returns.
+   * KVM_RUN on a libuv worker thread. Resolves true when the vCPU exited to user space (read the exit from
+   * its kvm_run mapping), false when KVM_RUN returned EINTR: kicked (kvmKick), kvm_run.immediate_exit set,
+   * or another signal. The call holds its own dup of the fd until it returns.
    */
-  kvmRun(vcpuFd: number): Promise<void>;
+  kvmRun(vcpuFd: number): Promise<boolean>;
+  /**
+   * Interrupts a KVM_RUN of vCPU `vcpuFd` in progress (a signal to the worker thread inside it); returns
+   * how many threads it signalled (0: none was inside). Set kvm_run.immediate_exit first, so that a
+   * KVM_RUN about to start returns at once as well.
+   */
+  kvmKick(vcpuFd: number): number;
+  /**
+   * KVM_ENABLE_CAP of KVM_CAP_DIRTY_LOG_RING or KVM_CAP_DIRTY_LOG_RING_ACQ_REL (`cap`; any other is EPERM)
+   * with a ring of `bytes` per vCPU (a power of two, at least a page, at most what KVM_CHECK_EXTENSION of
+   * the capability answered), before any vCPU is created.
+   */
+  kvmEnableDirtyRing(vmFd: number, cap: number, bytes: number): void;
+  /**
+   * Harvests a vCPU's dirty ring (`ring`: the Mapping of its `entries` kvm_dirty_gfn, entries a power of
+   * two) from index `fetch`: copies each published entry into `out` (16 bytes each: flags u32, slot u32,
+   * offset u64, little-endian) and marks it for reset, until an unpublished entry or `out` is full.
+   * Returns the number harvested; then call KVM_RESET_DIRTY_RINGS on the VM.
+   */
+  kvmDirtyRingHarvest(ring: Mapping, entries: number, fetch: number, out: Uint8Array): number;
 }
 
 export const kvm = native as unknown as KvmNative;

@@ -22,6 +22,7 @@ export const Msg = {
   PUBLISH: 11,
   DETACH: 12,
   DELEGATE: 13,
+  HISTORY: 14,
 
   ACK: 16,
   NACK: 17,
@@ -40,6 +41,7 @@ export const Msg = {
   EV_DIRTY_FLUSH: 43,
   EV_PAUSE: 44,
   EV_DIRTY: 45,
+  EV_WATCH: 46,
 } as const;
 export type MsgId = (typeof Msg)[keyof typeof Msg];
 
@@ -77,9 +79,26 @@ export const Feature = {
   /** Fencing: DETACH (a clean leave, so the client is not fenced), DELEGATE (pidfds of processes the client
    *  handed memory to), ATTACH.resume.client (the connection this one resumes). */
   FENCE: 1 << 9,
+  /** BACKING_ADD.unsealed: the owner registers a file it vouches for (QEMU's memory-backend-file on tmpfs or
+   *  hugetlbfs), which cannot be sealed against shrinking; the reply and STATUS say page size and sealing. */
+  TRUSTED_FILE: 1 << 10,
+  /** For operators: HISTORY (the recent transactions and their outcomes), ATTACH.watch (an observer that
+   *  receives EV_WATCH, a live stream of what happens in the space), and the HELLO reply's `brokerVersion`. */
+  WATCH: 1 << 11,
 } as const;
 export const ALL_FEATURES =
-  Feature.RESUME | Feature.REPORT | Feature.PLACE | Feature.COALESCE | Feature.PIN | Feature.DIRTY | Feature.AUTH | Feature.PUBLISH | Feature.TWO_PHASE | Feature.FENCE;
+  Feature.RESUME |
+  Feature.REPORT |
+  Feature.PLACE |
+  Feature.COALESCE |
+  Feature.PIN |
+  Feature.DIRTY |
+  Feature.AUTH |
+  Feature.PUBLISH |
+  Feature.TWO_PHASE |
+  Feature.FENCE |
+  Feature.TRUSTED_FILE |
+  Feature.WATCH;
 
 /** Bytes of guest memory one dirty-bitmap bit stands for. */
 export const DIRTY_PAGE_SIZE = 4096;

@@ -25,6 +25,7 @@ export type Errno =
   | 'ENOMEM'
   | 'ECANCELED'
   | 'EAGAIN'
+  | 'EADDRINUSE'
   | 'EIO';
 
 interface ErrorSpec {
@@ -52,6 +53,8 @@ export const ERROR_TABLE = {
   MMB_ERR_PERMISSION: { errno: 'EPERM', summary: 'The peer\'s credentials (SO_PEERCRED) or token do not allow this role on this address space.' },
   MMB_ERR_CONNECTION_LIMIT: { errno: 'EAGAIN', summary: 'The broker already serves as many connections as it allows; try again later.' },
   MMB_ERR_RATE_LIMIT: { errno: 'EAGAIN', summary: 'The connection sent requests faster than the broker allows; the request was not run.' },
+  MMB_ERR_UNSAFE_PATH: { errno: 'EPERM', summary: 'A path the broker must trust (its socket\'s directory or an ancestor, its token file) can be changed or read by other users, or is a symlink it will not follow.' },
+  MMB_ERR_HANDSHAKE_TIMEOUT: { errno: 'ETIMEDOUT', summary: 'A connection did not complete HELLO and ATTACH within the broker\'s deadline, or sat idle before attaching; it was closed.' },
 
   // --- the map ---
   MMB_ERR_BACKING_INVALID: { errno: 'EINVAL', summary: 'A backing descriptor is not a memfd or hugetlbfs file.' },
@@ -96,6 +99,7 @@ export const ERROR_TABLE = {
   MMB_ERR_SHUTDOWN: { errno: 'ESHUTDOWN', summary: 'The broker is shutting down.' },
   MMB_ERR_PROTOCOL: { errno: 'EPROTO', summary: 'The broker sent a message this client cannot accept; the connection was closed.' },
   MMB_ERR_INVALID_ARG: { errno: 'EINVAL', summary: 'A library or command-line argument is invalid.' },
+  MMB_ERR_ADDRESS_IN_USE: { errno: 'EADDRINUSE', summary: 'Another broker already listens on that socket path (or another server on the metrics address); nothing was started.' },
   MMB_ERR_INTERNAL: { errno: 'EIO', summary: 'An unexpected internal failure; the message names it. Please report it.' },
 } as const satisfies Record<string, ErrorSpec>;
 
@@ -246,6 +250,8 @@ export const NotOwnerError = define('MMB_ERR_NOT_OWNER');
 export const PermissionError = define('MMB_ERR_PERMISSION');
 export const ConnectionLimitError = define('MMB_ERR_CONNECTION_LIMIT');
 export const RateLimitError = define('MMB_ERR_RATE_LIMIT');
+export const UnsafePathError = define('MMB_ERR_UNSAFE_PATH');
+export const HandshakeTimeoutError = define('MMB_ERR_HANDSHAKE_TIMEOUT');
 export const BackingInvalidError = define('MMB_ERR_BACKING_INVALID');
 export const BackingUnsealedError = define('MMB_ERR_BACKING_UNSEALED');
 export const BackingTooSmallError = define('MMB_ERR_BACKING_TOO_SMALL');
@@ -284,6 +290,7 @@ export const TimeoutError = define('MMB_ERR_TIMEOUT');
 export const ShutdownError = define('MMB_ERR_SHUTDOWN');
 export const ProtocolError = define('MMB_ERR_PROTOCOL');
 export const InvalidArgError = define('MMB_ERR_INVALID_ARG');
+export const AddressInUseError = define('MMB_ERR_ADDRESS_IN_USE');
 export const InternalError = define('MMB_ERR_INTERNAL');
 
 /** Wraps anything thrown into an MmbError, keeping MmbErrors as they are. */

@@ -55,10 +55,32 @@ export const DEFAULT_SPACE_LIMITS: Readonly<SpaceLimits> = Object.freeze({
 export interface ConnectionLimits {
   /** Bytes queued towards a peer that does not read; beyond it the peer is disconnected. */
   maxOutboundBytes: number;
-  /** Descriptors received but not yet claimed by a complete frame. */
+  /** Descriptors received but not yet claimed by a complete frame (an owner's connection). */
   maxPendingFds: number;
-  /** Connections served at once; more are greeted with EV_GOODBYE (MMB_ERR_CONNECTION_LIMIT) and closed. */
+  /**
+   * Connections served at once; more are greeted with EV_GOODBYE (MMB_ERR_CONNECTION_LIMIT) and closed.
+   * Uids on an owner list may use `ownerReserve` more.
+   */
   maxConnections: number;
+  /** Connections beyond maxConnections, and descriptors, kept for uids on an owner list: an owner can
+   *  always connect, whatever everyone else holds (see broker/admission.ts). */
+  ownerReserve: number;
+  /** Connections one uid that is on no owner list may hold at once. */
+  maxConnectionsPerUid: number;
+  /** Connections not attached yet (before HELLO and ATTACH), of uids on no owner list, at once. */
+  maxUnattached: number;
+  /** The same, per uid. */
+  maxUnattachedPerUid: number;
+  /** How long a new connection has to send HELLO before it is closed (MMB_ERR_HANDSHAKE_TIMEOUT). */
+  helloTimeoutMs: number;
+  /** How long a connection that has not attached may stay silent before it is closed (same error). */
+  unattachedIdleMs: number;
+  /** Largest frame a connection may send before it attaches (HELLO, STATUS, ATTACH are small). */
+  maxUnattachedFrameBytes: number;
+  /** Descriptors a subscriber or observer may send in one message, and have pending (none before ATTACH). */
+  subscriberFds: number;
+  /** Descriptors never promised to connections: room for the listener's accept, logs and /proc reads. */
+  fdHeadroom: number;
   /** Requests per second one connection may send (a token bucket); acks do not count. */
   requestsPerSecond: number;
   /** How many requests may come at once before the rate applies (the bucket's size). */
@@ -69,6 +91,15 @@ export const DEFAULT_CONNECTION_LIMITS: Readonly<ConnectionLimits> = Object.free
   maxOutboundBytes: 64 << 20,
   maxPendingFds: 256,
   maxConnections: 1024,
+  ownerReserve: 8,
+  maxConnectionsPerUid: 128,
+  maxUnattached: 64,
+  maxUnattachedPerUid: 8,
+  helloTimeoutMs: 10_000,
+  unattachedIdleMs: 30_000,
+  maxUnattachedFrameBytes: 64 << 10,
+  subscriberFds: 4,
+  fdHeadroom: 64,
   requestsPerSecond: 5000,
   requestBurst: 10_000,
 });

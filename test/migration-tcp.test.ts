@@ -119,7 +119,7 @@ describe('migration to another host over TCP', () => {
     const result = lines.at(-1) as { event: string; verified: boolean; destination: { space: string; generation: number }; totalBytes: number; memoryBytes: number; downtimeMs: number };
     expect(result).toMatchObject({ event: 'result', verified: true, destination: { space: d } });
     expect(await exited(rcv.proc)).toBe(0);
-    const events = rcv.proc.events.map((e) => e.event);
+    const events = rcv.proc.lines.map((e) => e.event);
     expect(events[0]).toBe('listening');
     expect(events).toContain('authenticated');
     expect(events.at(-1)).toBe('committed');
@@ -317,18 +317,19 @@ describe('migration to another host over TCP', () => {
     const loose = path.join(dir, 'loose-token');
     fs.writeFileSync(loose, 'a-migration-token-0123456789\n', { mode: 0o644 });
     fs.chmodSync(loose, 0o644);
+    // Usage mistakes exit 2 (the CLI's convention), with the typed error on stderr.
     const r1 = await runCli(['receive', '--listen', '0', '--space', 'd9', '--socket', dstSock, '--token-file', loose]);
-    expect(r1.code).toBe(1);
+    expect(r1.code).toBe(2);
     expect(r1.stderr).toMatch(/MMB_ERR_INVALID_ARG .*mode is 644.*chmod 600/);
     const r2 = await runCli(['migrate', '--socket', srcSock, '--space', 's9', '--to', 'tcp://127.0.0.1:1', '--token-file', loose]);
-    expect(r2.code).toBe(1);
+    expect(r2.code).toBe(2);
     expect(r2.stderr).toMatch(/mode is 644/);
     // A published destination (someone published p1): subscribers would apply the map as it arrives.
     const o = await OwnerClient.attach(dstSock, { space: 'p1' });
     await o.publish();
     o.close();
     const r3 = await runCli(['receive', '--listen', '0', '--space', 'p1', '--socket', dstSock, '--token-file', tokenFile]);
-    expect(r3.code).toBe(1);
+    expect(r3.code).toBe(2);
     expect(r3.stderr).toMatch(/"p1" is published/);
     // No token file at all for tcp.
     const r4 = await runCli(['migrate', '--socket', srcSock, '--space', 's9', '--to', 'tcp://127.0.0.1:1']);
@@ -345,7 +346,7 @@ describe('migration to another host over TCP', () => {
     expect(r.status, r.stderr).toBe(0);
     expect(r.stdout).toMatch(/^migrating "s\d+" to sparse image/);
     expect(r.stdout).toMatch(/round  0 full/);
-    expect(r.stdout).toMatch(/done: 64M of guest memory/);
+    expect(r.stdout).toMatch(/done: 64 MiB of guest memory/);
     expect(r.stdout).not.toMatch(/^\{/m); // no JSON on a terminal
   }, 60_000);
 

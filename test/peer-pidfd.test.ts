@@ -41,7 +41,11 @@ describe('the peer pidfd of a transport', () => {
     expect(target(pidfd!)).toBe('anon_inode:[pidfd]');
     expect(pidOfPidfd(pidfd!)).toBe(process.pid);
     expect(client.peer.pidfd).toBeUndefined(); // the client end takes none unless it asks (native.peerPidfd)
+    // Still open while the 'close' listeners run (one may dup it), closed right after.
+    let duringClose: string | undefined;
+    server.once('close', () => (duringClose = target(pidfd!)));
     server.destroy();
+    expect(duringClose).toBe('anon_inode:[pidfd]');
     expect(target(pidfd!)).not.toBe('anon_inode:[pidfd]');
   });
 

@@ -1,10 +1,9 @@
 // Issue: hostile input, access control and resource limits. One test per refusal, against a real broker
 // over its real socket; the kernel's credentials (SO_PEERCRED) decide who is who.
-import { spawn, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import pino from 'pino';
-import { afterEach, describe, expect, it } from 'vitest';
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import type { Broker, BrokerOptions } from '../broker/index.js';
 import { Connection } from '../clients/connection.js';
 import { DirtyObserver, MappingSubscriber, OwnerClient, createSealedMemfd } from '../clients/index.js';
@@ -12,24 +11,27 @@ import { constants, native } from '../native/index.js';
 import { FrameDecoder, Msg, encodeFrame, isMmbError } from '../protocol/index.js';
 import { IN_CI } from './helpers/ci.js';
 import { codeOf, defer, embeddedBroker, ownerOf, runCleanups, subscriberOf } from './helpers/embedded.js';
+import { NOBODY, canRunAsNobody as canSetpriv, runAsNobody, stageForOtherUid } from './helpers/other-uid.js';
 import { runCli, spawnBroker, stopProcess, tempDir, waitFor } from './helpers/procs.js';
 
 const MiB = 1 << 20;
-const NOBODY = 65534;
-const CONNECT_AS = new URL('./fixtures/connect-as.mjs', import.meta.url).pathname;
 afterEach(runCleanups);
 
-/** Runs the probe as uid/gid 65534 (nobody), through setpriv (asynchronously: the broker under test runs
- *  in this process and must keep answering). */
+// The probe runs as uid/gid 65534 (nobody) through setpriv, from a copy that uid can read (the checkout
+// may sit under a 0700 directory), asynchronously: the broker under test runs in this process.
+let staged = '';
+beforeAll(() => {
+  if (canSetpriv) staged = stageForOtherUid();
+});
+afterAll(() => {
+  if (staged) fs.rmSync(staged, { recursive: true, force: true });
+});
+
 async function asNobody(socket: string, space: string, role: string, token?: string): Promise<{ ok: boolean; code?: string; errno?: string; uid: number }> {
-  const child = spawn('setpriv', ['--reuid', String(NOBODY), '--regid', String(NOBODY), '--clear-groups', '--', process.execPath, CONNECT_AS, socket, space, role, ...(token ? [token] : [])], { stdio: ['ignore', 'pipe', 'pipe'] });
-  let out = '';
-  let err = '';
-  child.stdout.setEncoding('utf8').on('data', (d: string) => (out += d));
-  child.stderr.setEncoding('utf8').on('data', (d: string) => (err += d));
-  const code = await new Promise((r) => child.on('exit', r));
-  if (code !== 0) throw new Error(`probe failed: ${err}`);
-  return JSON.parse(out.trim().split('\n').pop() as string);
+  const probe = runAsNobody(staged, 'connect-as.mjs', [socket, space, role, ...(token ? [token] : [])]);
+  const line = await probe.line((l) => typeof l.ok === 'boolean');
+  await probe.finish();
+  return line as { ok: boolean; code?: string; errno?: string; uid: number };
 }
 
 function broker(opts: BrokerOptions, listen?: { mode?: number; dirMode?: number }): { b: Broker; socket: string } {
@@ -51,7 +53,6 @@ const eventfdsOpen = () => fs.readdirSync('/proc/self/fd').filter((f) => {
   }
 }).length;
 
-const canSetpriv = process.getuid?.() === 0 && spawnSync('setpriv', ['--version']).status === 0;
 
 describe('who may connect, who may own, who may subscribe', () => {
   it.skipIf(!canSetpriv && !IN_CI)('by default only the broker\'s uid can even connect: the socket is 0600 in a 0700 directory', async () => {
@@ -161,6 +162,34 @@ describe('what the broker gives a subscriber', () => {
   });
 });
 
+describe('what the broker does to a backing', () => {
+  it('closes the inode to other uids (mode 0) at BACKING_ADD, for a memfd and a hugetlb memfd; a write-sealed one nobody can map writable, and subscribers get it read-only', async () => {
+    const { b } = broker({});
+    const owner = await ownerOf(b);
+    // Memfds made as any VMM makes them (createSealedMemfd closes its own already); a hugetlb one needs
+    // no huge page until it is mapped, and nothing here maps it.
+    for (const huge of [false, true]) {
+      const fd = native.memfdCreate(huge ? 'huge' : 'plain', constants.MFD_CLOEXEC | constants.MFD_ALLOW_SEALING | (huge ? constants.MFD_HUGETLB : 0));
+      defer(() => native.close(fd));
+      native.ftruncate(fd, 2 * MiB);
+      native.addSeals(fd, constants.F_SEAL_SHRINK);
+      expect(native.fstat(fd).mode & 0o777).toBe(0o777);
+      await owner.addBacking(fd, huge ? 'huge' : 'plain');
+      expect(native.fstat(fd).mode & 0o7777).toBe(0);
+    }
+    // Sealed against writes: even the broker's own descriptor cannot be mapped writable, so subscribers
+    // only ever get the read-only one.
+    const rom = createSealedMemfd('rom', 2 * MiB, { sealWrites: true });
+    defer(() => native.close(rom));
+    expect(() => native.mmap(rom, 0, 2 * MiB, constants.PROT_READ | constants.PROT_WRITE, constants.MAP_SHARED)).toThrow(/EPERM/);
+    const { backing } = await owner.addBacking(rom, 'rom');
+    await owner.addRegion({ name: 'rom', gpa: 0, size: 2 * MiB, backing, readonly: true });
+    const s = await subscriberOf(b, { reconnect: false });
+    const fd = s.backing(backing)!.fd;
+    expect(parseInt(/^flags:\s*([0-7]+)$/m.exec(fs.readFileSync(`/proc/self/fdinfo/${fd}`, 'utf8'))![1]!, 8) & 3).toBe(0);
+  });
+});
+
 describe('limits', () => {
   it('backings per space: one more is refused (MMB_ERR_SPACE_LIMIT) and its descriptor closed', async () => {
     const { b } = broker({ limits: { maxBackings: 2 } });
@@ -237,7 +266,8 @@ describe('limits', () => {
   });
 
   it('connections beyond the limit are greeted with MMB_ERR_CONNECTION_LIMIT and closed', async () => {
-    const { b, socket } = broker({ connection: { maxConnections: 3 } });
+    // This process's uid is on the owner list, which may use ownerReserve more: none here.
+    const { b, socket } = broker({ connection: { maxConnections: 3, ownerReserve: 0 } });
     const conns = await Promise.all([0, 1, 2].map(() => Connection.open(socket)));
     defer(() => conns.forEach((c) => c.close()));
     const err = await Connection.open(socket).catch((e) => e);

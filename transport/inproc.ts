@@ -16,7 +16,7 @@ import {
   type Frame,
   type MmbError,
 } from '../protocol/index.js';
-import type { Credentials, Transport, TransportEvents } from './transport.js';
+import type { Credentials, InboundLimits, Transport, TransportEvents } from './transport.js';
 import { closeAll } from './fds.js';
 
 const self: Credentials = {
@@ -93,6 +93,9 @@ export class InProcessTransport extends EventEmitter<TransportEvents> implements
   setRef(_ref: boolean): void {
     // Nothing keeps the event loop alive here: there is no handle.
   }
+
+  /** The peer is this process: nothing to defend against (see Transport.setInboundLimits). */
+  setInboundLimits(_limits: InboundLimits): void {}
 
   setLimits(limits: { maxFrameBytes?: number; maxFdsPerFrame?: number }): void {
     if (limits.maxFrameBytes !== undefined) this.maxFrameBytes = limits.maxFrameBytes;

@@ -17,7 +17,7 @@ import {
   encodeFrame,
   toMmbError,
 } from '../protocol/index.js';
-import type { Credentials, Transport, TransportEvents } from './transport.js';
+import type { Credentials, InboundLimits, Transport, TransportEvents } from './transport.js';
 import { closeAll } from './fds.js';
 
 export interface SocketTransportOptions {
@@ -60,7 +60,10 @@ export class SocketTransport extends EventEmitter<TransportEvents> implements Tr
   private events = 0;
   private _closed = false;
   private maxFrameBytes: number;
+  /** Descriptors one inbound frame may carry: recvmsg has room for exactly that many. */
   private maxFdsPerFrame: number;
+  /** Why more descriptors than that are refused (setInboundLimits), for the error. */
+  private fdRefusal: string | undefined;
   private readonly maxOutboundBytes: number;
   private readonly farewell: ((reason: MmbError) => object | undefined) | undefined;
 
@@ -140,10 +143,12 @@ export class SocketTransport extends EventEmitter<TransportEvents> implements Tr
     this.queuedBytes = 0;
     closeAll(this.decoder.dispose());
     closeAll([this.fd]);
-    // The pidfd outlives the socket until 'close' listeners ran: one that must keep watching the peer
-    // (the broker fencing a client that may still reach memory) dup()s it there.
-    this.emit('close', reason);
-    if (this.peer.pidfd !== undefined) closeAll([this.peer.pidfd]);
+    // The pidfd outlives the 'close' listeners, so one that must watch the process longer can dup() it.
+    try {
+      this.emit('close', reason);
+    } finally {
+      if (this.peer.pidfd !== undefined) closeAll([this.peer.pidfd]);
+    }
   }
 
   setRef(ref: boolean): void {
@@ -154,6 +159,17 @@ export class SocketTransport extends EventEmitter<TransportEvents> implements Tr
     if (limits.maxFrameBytes !== undefined) this.maxFrameBytes = limits.maxFrameBytes;
     if (limits.maxFdsPerFrame !== undefined) this.maxFdsPerFrame = limits.maxFdsPerFrame;
     this.decoder.setLimits({ maxFrameBytes: this.maxFrameBytes, maxFdsPerFrame: this.maxFdsPerFrame });
+  }
+
+  setInboundLimits(limits: InboundLimits): void {
+    if (limits.maxFdsPerFrame !== undefined) this.maxFdsPerFrame = limits.maxFdsPerFrame;
+    this.fdRefusal = limits.reason;
+    const { maxFrameBytes, maxFdsPerFrame, maxPendingFds } = limits;
+    this.decoder.setLimits({
+      ...(maxFrameBytes !== undefined ? { maxFrameBytes } : {}),
+      ...(maxFdsPerFrame !== undefined ? { maxFdsPerFrame } : {}),
+      ...(maxPendingFds !== undefined ? { maxPendingFds } : {}),
+    });
   }
 
   private enqueue(p: Pending): void {
@@ -230,7 +246,13 @@ export class SocketTransport extends EventEmitter<TransportEvents> implements Tr
       const r = native.recvmsg(this.fd, this.readBuf, this.maxFdsPerFrame);
       if (r === null) return;
       if (r.ctrunc) {
-        this.broken(new FdsTruncatedError('the kernel truncated the descriptors of a message (MSG_CTRUNC)'));
+        this.broken(
+          new FdsTruncatedError(
+            this.fdRefusal !== undefined
+              ? `${this.fdRefusal}; the kernel discarded the descriptors sent (MSG_CTRUNC)`
+              : 'the kernel truncated the descriptors of a message (MSG_CTRUNC)',
+          ),
+        );
         return;
       }
       if (r.bytes === 0) {

@@ -9,8 +9,8 @@ import type { Frame, MmbError } from '../protocol/index.js';
 export interface Credentials extends KernelCredentials {
   /**
    * The peer's pidfd, taken at accept (SO_PEERPIDFD): it names the process that connected, never a later
-   * one that reused its pid. Owned by the transport and closed when the transport closes (dup() it to
-   * keep it longer). Absent for in-process peers, for the client end of a socket, and where the kernel
+   * one that reused its pid. Owned by the transport and closed when the transport closes, right after
+   * its 'close' listeners ran (dup() it, at the latest in such a listener, to keep it longer). Absent for in-process peers, for the client end of a socket, and where the kernel
    * has no SO_PEERPIDFD (Linux < 6.5) or the peer exited before it was accepted.
    */
   pidfd?: number;
@@ -21,6 +21,17 @@ export interface TransportEvents {
   frame: [frame: Frame];
   /** The transport is closed; `reason` is set when it closed because of an error. Emitted once. */
   close: [reason: MmbError | undefined];
+}
+
+export interface InboundLimits {
+  /** Largest frame body the peer may send. */
+  maxFrameBytes?: number;
+  /** Most descriptors one frame may carry (0: none at all). */
+  maxFdsPerFrame?: number;
+  /** Most descriptors received and not yet claimed by a complete frame. */
+  maxPendingFds?: number;
+  /** Why descriptors beyond the limit are refused, for the error the peer gets. */
+  reason?: string;
 }
 
 export interface Transport extends EventEmitter<TransportEvents> {
@@ -42,4 +53,12 @@ export interface Transport extends EventEmitter<TransportEvents> {
   setRef(ref: boolean): void;
   /** Adopts the limits the peer announced (a client does this after HELLO). */
   setLimits(limits: { maxFrameBytes?: number; maxFdsPerFrame?: number }): void;
+  /**
+   * Narrows (or widens again) what the peer may send from now on, inbound only: the broker admits no
+   * descriptor and only small frames before ATTACH (broker/admission.ts). With `maxFdsPerFrame` 0 the
+   * socket is read without room for descriptors, so the kernel discards any the peer sends (they never
+   * reach our descriptor table) and the connection closes with MMB_ERR_FDS_TRUNCATED, quoting `reason`.
+   * In-process transports ignore it: their peer is this process.
+   */
+  setInboundLimits(limits: InboundLimits): void;
 }

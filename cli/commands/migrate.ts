@@ -2,6 +2,7 @@ import { MappingSubscriber, OwnerClient } from '../../clients/index.js';
 import { FileDestination, Migration, SpaceDestination, TcpDestination, MigrationBlockedError, readTokenFile, type Destination, type MigrationProgress, type MigrationResult } from '../../clients/migration/index.js';
 import { InvalidArgError, isMmbError } from '../../protocol/index.js';
 import { formatBytes, formatSize, parseCommand, parseCount, parseSize, required, type Command } from '../args.js';
+import { checkOutputFile } from '../paths.js';
 
 const usage = `Usage: mmbroker migrate --socket PATH --space NAME --to DEST [options]
 
@@ -133,6 +134,7 @@ export const migrate: Command = {
     const tcp = values.to?.startsWith('tcp://') ?? false;
     if (tcp && values['token-file'] === undefined) throw new InvalidArgError('--to tcp://... needs --token-file (the receiver\'s token)');
     if (!tcp && (values['token-file'] !== undefined || values.checksum)) throw new InvalidArgError('--token-file and --checksum are for --to tcp://HOST:PORT');
+    if (values.to !== undefined && !tcp) checkOutputFile(values.to, '--to');
     const opts = {
       ...(values['max-rounds'] ? { maxRounds: parseCount(values['max-rounds'], '--max-rounds') } : {}),
       ...(values['stop-bytes'] ? { stopBytes: parseSize(values['stop-bytes'], '--stop-bytes') } : {}),

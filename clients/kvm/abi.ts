@@ -45,6 +45,9 @@ export const SREGS = {
 /** struct kvm_dirty_log */
 export const DIRTY_LOG = { size: 16, slot: 0, dirty_bitmap: 8 } as const;
 
+/** struct kvm_dirty_gfn: one entry of a vCPU's dirty ring (slot = address space id << 16 | slot id). */
+export const DIRTY_GFN = { size: 16, flags: 0, slot: 4, offset: 8 } as const;
+
 /** struct kvm_run: the header and the exit payloads the client reads (the union starts at 32). */
 export const RUN = {
   request_interrupt_window: 0,
@@ -88,10 +91,22 @@ export const KVM_GET_REGS = ioc(IOC_READ, KVMIO, 0x81, REGS.size);
 export const KVM_SET_REGS = ioc(IOC_WRITE, KVMIO, 0x82, REGS.size);
 export const KVM_GET_SREGS = ioc(IOC_READ, KVMIO, 0x83, SREGS.size);
 export const KVM_SET_SREGS = ioc(IOC_WRITE, KVMIO, 0x84, SREGS.size);
+export const KVM_RESET_DIRTY_RINGS = ioc(IOC_NONE, KVMIO, 0xc7, 0);
 
 export const KVM_CAP_USER_MEMORY = 3;
 export const KVM_CAP_NR_MEMSLOTS = 10;
 export const KVM_CAP_READONLY_MEM = 81;
+export const KVM_CAP_IMMEDIATE_EXIT = 136;
+/** The dirty ring: CHECK_EXTENSION answers the largest ring in bytes (0: none). */
+export const KVM_CAP_DIRTY_LOG_RING = 192;
+/** The same ring with acquire/release ordering on the entries' flags (what arm64 needs; x86 offers both). */
+export const KVM_CAP_DIRTY_LOG_RING_ACQ_REL = 223;
+
+/** Where a vCPU's dirty ring is mapped in its fd, in pages (asm/kvm.h, x86). */
+export const KVM_DIRTY_LOG_PAGE_OFFSET = 64;
+/** kvm_dirty_gfn.flags: the kernel published the entry; user space harvested it (to be reset). */
+export const KVM_DIRTY_GFN_F_DIRTY = 1 << 0;
+export const KVM_DIRTY_GFN_F_RESET = 1 << 1;
 
 /** Memslot flags. */
 export const KVM_MEM_LOG_DIRTY_PAGES = 1 << 0;
@@ -105,6 +120,7 @@ export const KVM_EXIT_SHUTDOWN = 8;
 export const KVM_EXIT_FAIL_ENTRY = 9;
 export const KVM_EXIT_INTR = 10;
 export const KVM_EXIT_INTERNAL_ERROR = 17;
+export const KVM_EXIT_DIRTY_RING_FULL = 31;
 
 export const EXIT_NAMES: Readonly<Record<number, string>> = {
   [KVM_EXIT_UNKNOWN]: 'KVM_EXIT_UNKNOWN',
@@ -119,6 +135,7 @@ export const EXIT_NAMES: Readonly<Record<number, string>> = {
   [KVM_EXIT_FAIL_ENTRY]: 'KVM_EXIT_FAIL_ENTRY',
   [KVM_EXIT_INTR]: 'KVM_EXIT_INTR',
   [KVM_EXIT_INTERNAL_ERROR]: 'KVM_EXIT_INTERNAL_ERROR',
+  [KVM_EXIT_DIRTY_RING_FULL]: 'KVM_EXIT_DIRTY_RING_FULL',
 };
 
 /** Largest memslot, in pages (KVM_MEM_MAX_NR_PAGES: (1 << 31) - 1 on 64-bit hosts). */

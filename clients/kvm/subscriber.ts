@@ -6,10 +6,10 @@ import { InvalidArgError, isMmbError } from '../../protocol/index.js';
 import type { BrokerTarget } from '../connection.js';
 import type { GuestMemory } from '../memory.js';
 import { Subscriber, type SubscriberOptions } from '../subscriber.js';
-import { KvmApplier, type ProgramOptions, type SlotInfo } from './applier.js';
+import { KvmApplier, type GuestOptions, type ParkVcpus, type ProgramOptions, type SlotInfo } from './applier.js';
 import type { BackendName, MemslotBackend } from './backend.js';
 import { SoftwareMemslots } from './software.js';
-import type { RunResult } from './vcpu.js';
+import type { GuestRun, KvmVcpu, RunResult } from './vcpu.js';
 import { KvmVm } from './vm.js';
 
 export interface KvmSubscriberOptions extends SubscriberOptions {
@@ -22,15 +22,32 @@ export interface KvmSubscriberOptions extends SubscriberOptions {
   maxSlots?: number;
   /** A pino logger for slot changes and refusals (each line carries `backend`). Default: none. */
   logger?: Logger;
+  /**
+   * The VMM's vCPUs are parked through this around a change that deletes and re-creates slots at
+   * overlapping addresses (read-only toggle, resize, replacement at one gpa, a coalesced run changing):
+   * called before the first delete, it resolves once none of them is in KVM_RUN (nor will enter it), with
+   * the function that resumes them, called after the last create (or after the change was undone). A
+   * rejection fails the change (nack) with nothing changed. The client's own vCPU is parked too.
+   */
+  parkVcpus?: ParkVcpus;
+  /**
+   * Log dirty pages in per-vCPU dirty rings of this many entries (KVM_CAP_DIRTY_LOG_RING) instead of
+   * per-slot bitmaps (KVM_GET_DIRTY_LOG). Real KVM only: MMB_ERR_UNSUPPORTED where the kernel has none.
+   */
+  dirtyRing?: number;
 }
 
 /** Opens the backend the options ask for; `reason` says why it is software when it is. */
-export function openBackend(software: boolean | undefined, log?: Logger): { vm: MemslotBackend; reason?: string } {
-  if (software === true) return { vm: new SoftwareMemslots(), reason: 'asked for (software: true)' };
+export function openBackend(software: boolean | undefined, log?: Logger, dirtyRing?: number): { vm: MemslotBackend; reason?: string } {
+  if (software === true) {
+    if (dirtyRing) throw new InvalidArgError('dirtyRing needs a real KVM VM; software: true keeps no dirty log');
+    return { vm: new SoftwareMemslots(), reason: 'asked for (software: true)' };
+  }
   try {
-    return { vm: KvmVm.open() };
+    return { vm: KvmVm.open({ dirtyRing }) };
   } catch (err) {
-    if (software === false || !isMmbError(err, 'MMB_ERR_UNSUPPORTED')) throw err;
+    // A dirty ring was asked for: the stand-in cannot honour it.
+    if (software === false || dirtyRing || !isMmbError(err, 'MMB_ERR_UNSUPPORTED')) throw err;
     log?.warn({ backend: 'software', reason: err.message }, 'kvm client: no usable /dev/kvm, keeping memslots in software');
     return { vm: new SoftwareMemslots(), reason: err.message };
   }
@@ -47,6 +64,8 @@ export class KvmSubscriber extends Subscriber {
     super(target, kvm, opts);
     // The client's own writes (loading a vCPU program) mark pages dirty too; the vCPU's go to KVM's log.
     kvm.memory.dirty = this.dirty;
+    // And what KVM logged in a slot is collected here before the slot is deleted.
+    kvm.dirty = this.dirty;
   }
 
   /**
@@ -55,13 +74,14 @@ export class KvmSubscriber extends Subscriber {
    * established as memslots and acked.
    */
   static async attach(target: BrokerTarget, opts: KvmSubscriberOptions): Promise<KvmSubscriber> {
-    const { software, maxSlots, logger, ...subOpts } = opts;
+    const { software, maxSlots, logger, parkVcpus, dirtyRing, ...subOpts } = opts;
     for (const [what, v] of [['maxSlots', maxSlots], ['maxRegions', subOpts.maxRegions]] as const) {
       if (v !== undefined && (!Number.isSafeInteger(v) || v < 1)) throw new InvalidArgError(`${what} must be a positive integer, got ${v}`);
     }
-    const { vm, reason } = openBackend(software, logger);
+    if (parkVcpus !== undefined && typeof parkVcpus !== 'function') throw new InvalidArgError('parkVcpus must be a function');
+    const { vm, reason } = openBackend(software, logger, dirtyRing);
     const limit = Math.min(vm.maxSlots, maxSlots ?? Infinity, subOpts.maxRegions ?? Infinity);
-    const applier = new KvmApplier(vm, limit, logger);
+    const applier = new KvmApplier(vm, limit, logger, { ...(parkVcpus ? { parkVcpus } : {}) });
     const sub = new KvmSubscriber(target, applier, { kind: 'kvm', ...subOpts, maxRegions: limit }, reason);
     try {
       // Not connected yet: remembered, and sent right after ATTACH, before the initial sync is acked.
@@ -71,7 +91,7 @@ export class KvmSubscriber extends Subscriber {
       await sub.close().catch(() => undefined);
       throw err;
     }
-    logger?.info({ backend: vm.backend, maxSlots: limit, space: sub.space, client: sub.id, ...(reason ? { reason } : {}) }, 'kvm client attached');
+    logger?.info({ backend: vm.backend, maxSlots: limit, dirtyLog: vm instanceof KvmVm ? vm.dirtyLog : 'none', space: sub.space, client: sub.id, ...(reason ? { reason } : {}) }, 'kvm client attached');
     return sub;
   }
 
@@ -113,7 +133,28 @@ export class KvmSubscriber extends Subscriber {
     return this.kvm.runProgram(opts);
   }
 
-  /** GPAs of the pages of the slot holding `gpa` written since the last call (KVM_GET_DIRTY_LOG). Real KVM only. */
+  /**
+   * Starts a guest that runs on its own while changes are applied (parked around delete + create at
+   * overlapping addresses): `image` at `codeGpa`, until it halts or `stop()`. Real KVM only.
+   */
+  runGuest(opts: GuestOptions): Promise<GuestRun> {
+    return this.kvm.runGuest(opts);
+  }
+
+  /** 'bitmap', 'ring', 'all-dirty' (the ring overflowed once) or 'none' (software). */
+  get dirtyLogMode(): KvmApplier['dirtyLogMode'] {
+    return this.kvm.dirtyLogMode;
+  }
+
+  /** The vCPU (parked, inKvmRun), once a program or guest ran. */
+  get vcpu(): KvmVcpu | undefined {
+    return this.kvm.cpu;
+  }
+
+  /**
+   * GPAs of the pages of the slot holding `gpa` written since the last collection (KVM_GET_DIRTY_LOG or
+   * the dirty ring); they go into the subscriber's dirty log as well. Real KVM only.
+   */
   dirtyPages(gpa: number): number[] {
     return this.kvm.dirtyPages(gpa);
   }

@@ -5,7 +5,11 @@ import { isNativeError, native } from '../../native/index.js';
 import { isKvmIoctlError, kvm } from '../../native/kvm.js';
 import { InvalidArgError, KvmError, UnsupportedError, type MmbError } from '../../protocol/index.js';
 import {
+  DIRTY_GFN,
   KVM_API_VERSION,
+  KVM_CAP_DIRTY_LOG_RING,
+  KVM_CAP_DIRTY_LOG_RING_ACQ_REL,
+  KVM_CAP_IMMEDIATE_EXIT,
   KVM_CAP_NR_MEMSLOTS,
   KVM_CAP_READONLY_MEM,
   KVM_CAP_USER_MEMORY,
@@ -14,6 +18,7 @@ import {
   KVM_DEFAULT_MEMSLOTS,
   KVM_GET_API_VERSION,
   KVM_GET_VCPU_MMAP_SIZE,
+  KVM_RESET_DIRTY_RINGS,
   KVM_SET_USER_MEMORY_REGION,
   packMemoryRegion,
   type MemoryRegionArgs,
@@ -38,6 +43,19 @@ export interface KvmCapabilities {
   readonlyMem: boolean;
   /** KVM_GET_VCPU_MMAP_SIZE: bytes of a vCPU's kvm_run mapping. */
   vcpuMmapSize: number;
+  /** KVM_CAP_IMMEDIATE_EXIT: a vCPU can be parked without a race (kvm_run.immediate_exit). */
+  immediateExit: boolean;
+  /** KVM_CAP_DIRTY_LOG_RING(_ACQ_REL): the largest dirty ring per vCPU, in bytes (0: no dirty ring). */
+  dirtyRingMaxBytes: number;
+}
+
+export interface KvmVmOptions {
+  /**
+   * Log dirty pages in per-vCPU rings of this many entries (KVM_CAP_DIRTY_LOG_RING_ACQ_REL, else
+   * KVM_CAP_DIRTY_LOG_RING) instead of per-slot bitmaps (KVM_GET_DIRTY_LOG): a power of two, at least
+   * 256 (a page of 16-byte entries). MMB_ERR_UNSUPPORTED where the kernel has no ring or a smaller one.
+   */
+  dirtyRing?: number;
 }
 
 export class KvmVm implements MemslotBackend {
@@ -51,15 +69,26 @@ export class KvmVm implements MemslotBackend {
     /** The VM fd (VM ioctls: memslots, vCPUs, dirty log). */
     readonly fd: number,
     readonly caps: KvmCapabilities,
+    /** Entries of each vCPU's dirty ring; 0 when dirty pages are logged in per-slot bitmaps. */
+    readonly dirtyRing: number,
   ) {
     this.maxSlots = caps.nrMemslots;
+  }
+
+  /** How KVM logs dirty pages in this VM: per-slot bitmaps (KVM_GET_DIRTY_LOG) or per-vCPU rings. */
+  get dirtyLog(): 'bitmap' | 'ring' {
+    return this.dirtyRing > 0 ? 'ring' : 'bitmap';
   }
 
   /**
    * Opens /dev/kvm and creates a VM. MMB_ERR_UNSUPPORTED when this machine cannot: no /dev/kvm (or no
    * permission), a KVM API version other than 12, no user memory or no KVM_CAP_READONLY_MEM.
    */
-  static open(): KvmVm {
+  static open(opts: KvmVmOptions = {}): KvmVm {
+    const ring = opts.dirtyRing ?? 0;
+    if (!Number.isSafeInteger(ring) || ring < 0 || (ring > 0 && (ring < 256 || (ring & (ring - 1)) !== 0))) {
+      throw new InvalidArgError(`dirtyRing must be a power of two of at least 256 entries, got ${opts.dirtyRing}`);
+    }
     let sysFd: number;
     try {
       sysFd = kvm.kvmOpen();
@@ -82,7 +111,23 @@ export class KvmVm implements MemslotBackend {
       const readonlyMem = kvm.kvmIoctlInt(vmFd, KVM_CHECK_EXTENSION, KVM_CAP_READONLY_MEM) > 0;
       if (!readonlyMem) throw new UnsupportedError('[kvm] KVM lacks KVM_CAP_READONLY_MEM: read-only regions cannot be mirrored');
       const vcpuMmapSize = kvm.kvmIoctlInt(sysFd, KVM_GET_VCPU_MMAP_SIZE, 0);
-      return new KvmVm(sysFd, vmFd, { apiVersion, nrMemslots: nr > 0 ? nr : KVM_DEFAULT_MEMSLOTS, readonlyMem, vcpuMmapSize });
+      const immediateExit = kvm.kvmIoctlInt(sysFd, KVM_CHECK_EXTENSION, KVM_CAP_IMMEDIATE_EXIT) > 0;
+      // The acquire/release flavour where offered: its ordering rules are the ones the harvest follows.
+      const acqRel = Math.max(0, kvm.kvmIoctlInt(vmFd, KVM_CHECK_EXTENSION, KVM_CAP_DIRTY_LOG_RING_ACQ_REL));
+      const dirtyRingMaxBytes = acqRel > 0 ? acqRel : Math.max(0, kvm.kvmIoctlInt(vmFd, KVM_CHECK_EXTENSION, KVM_CAP_DIRTY_LOG_RING));
+      const caps = { apiVersion, nrMemslots: nr > 0 ? nr : KVM_DEFAULT_MEMSLOTS, readonlyMem, vcpuMmapSize, immediateExit, dirtyRingMaxBytes };
+      if (ring > 0) {
+        const bytes = ring * DIRTY_GFN.size;
+        if (bytes > dirtyRingMaxBytes) {
+          throw new UnsupportedError(
+            dirtyRingMaxBytes === 0
+              ? '[kvm] this kernel has no dirty ring (KVM_CAP_DIRTY_LOG_RING): log dirty pages in bitmaps (no dirtyRing)'
+              : `[kvm] a dirty ring of ${ring} entries needs ${bytes} bytes; this kernel allows ${dirtyRingMaxBytes} (${dirtyRingMaxBytes / DIRTY_GFN.size} entries)`,
+          );
+        }
+        kvm.kvmEnableDirtyRing(vmFd, acqRel > 0 ? KVM_CAP_DIRTY_LOG_RING_ACQ_REL : KVM_CAP_DIRTY_LOG_RING, bytes);
+      }
+      return new KvmVm(sysFd, vmFd, caps, ring);
     } catch (err) {
       if (vmFd >= 0) native.close(vmFd);
       native.close(sysFd);
@@ -114,6 +159,15 @@ export class KvmVm implements MemslotBackend {
       throw kvmError(`KVM_GET_DIRTY_LOG slot ${slot}`, err);
     }
     return bitmap;
+  }
+
+  /** KVM_RESET_DIRTY_RINGS: the kernel takes back the ring entries harvested since the last reset. */
+  resetDirtyRings(): number {
+    try {
+      return kvm.kvmIoctlInt(this.fd, KVM_RESET_DIRTY_RINGS, 0);
+    } catch (err) {
+      throw kvmError('KVM_RESET_DIRTY_RINGS', err);
+    }
   }
 
   get isClosed(): boolean {

@@ -1,5 +1,10 @@
 // The software stand-in for an IOMMU, for machines without one (no /dev/vfio, no /dev/iommu): an IOVA
-// table plus real pinning with mlock(2), run on libuv worker threads. It names itself `soft` in every
+// table plus real pinning with mlock(2), run on libuv worker threads. Hugetlb memory is pinned the same
+// way, with one difference the kernel shows: mlock faults every huge page in (smaps Private_Hugetlb /
+// Shared_Hugetlb of the mapping: allocated and mapped, as a device's DMA needs it) but never marks a
+// hugetlb mapping locked (smaps Locked, VmLck: 0), since hugetlb pages are never swapped out anyway; and
+// munlock leaves them mapped until the region is unmapped. RLIMIT_MEMLOCK still applies to the length,
+// as type1 charges hugetlb pages to locked_vm. It names itself `soft` in every
 // status line and report, and never pretends to be a device's IOMMU: nothing translates DMA here.
 //
 // What it does model, the way VFIO type1 behaves:

@@ -7,8 +7,11 @@
  *   - performs an ioctl from a short whitelist (`requests` below: the ones the client uses), checking
  *     that the argument is of the kind the request takes and that a struct buffer is exactly
  *     _IOC_SIZE(request) bytes, so the kernel never reads or writes past it,
- *   - runs KVM_RUN on a libuv worker thread (it blocks until the guest exits),
- *   - fills the one struct that holds a pointer (kvm_dirty_log) itself.
+ *   - runs KVM_RUN on a libuv worker thread (it blocks until the guest exits) and kicks it out with a
+ *     signal (kvmKick),
+ *   - fills the one struct that holds a pointer (kvm_dirty_log) itself,
+ *   - enables the dirty ring (KVM_ENABLE_CAP of exactly the two ring capabilities: other capabilities'
+ *     arguments can be pointers) and harvests a ring's entries with the memory ordering the ring needs.
  * Anything else is refused with EPERM before any syscall: the addon is not a generic ioctl gate.
  *
  * Errors have the addon's usual shape (code, errno, syscall = "ioctl") plus `request` = the request's
@@ -19,6 +22,8 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/kvm.h>
+#include <pthread.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -29,6 +34,7 @@
 #include "addon.h"
 #include "convert.h"
 #include "errors.h"
+#include "mapping.h"
 
 enum arg_kind {
   ARG_INT, /* the argument is an integer (or 0) */
@@ -57,6 +63,7 @@ static const struct request requests[] = {
     REQ(KVM_SET_REGS, ARG_BUF, sizeof(struct kvm_regs)),
     REQ(KVM_GET_SREGS, ARG_BUF, sizeof(struct kvm_sregs)),
     REQ(KVM_SET_SREGS, ARG_BUF, sizeof(struct kvm_sregs)),
+    REQ(KVM_RESET_DIRTY_RINGS, ARG_INT, 0),
 };
 
 /* runs on the main thread */
@@ -199,30 +206,140 @@ static napi_value kvm_get_dirty_log_js(napi_env env, napi_callback_info info) {
   return NULL;
 }
 
-/* ---- KVM_RUN off the event loop ------------------------------------------------------------- */
+/* ---- the dirty ring ------------------------------------------------------------------------ */
 
-/* KVM_RUN returns EINTR for a signal (or immediate_exit): retried, but not forever. */
-#define RUN_EINTR_RETRIES 1000
+/*
+ * kvmEnableDirtyRing(vmFd, cap, bytes): KVM_ENABLE_CAP of KVM_CAP_DIRTY_LOG_RING or
+ * KVM_CAP_DIRTY_LOG_RING_ACQ_REL with args[0] = the ring size in bytes per vCPU (a power of two the
+ * kernel checks: at least a page, at most what KVM_CHECK_EXTENSION answered; before any vCPU exists).
+ * Any other capability is refused with EPERM. runs on the main thread
+ */
+static napi_value kvm_enable_dirty_ring_js(napi_env env, napi_callback_info info) {
+  napi_value argv[3];
+  int fd;
+  int64_t cap, bytes;
+  if (!mmb_args(env, info, 3, argv) || !mmb_arg_fd(env, argv[0], &fd) ||
+      !mmb_arg_int64(env, argv[1], 0, UINT32_MAX, "cap", &cap) ||
+      !mmb_arg_int64(env, argv[2], 0, UINT32_MAX, "bytes", &bytes))
+    return NULL;
+  if (cap != KVM_CAP_DIRTY_LOG_RING && cap != KVM_CAP_DIRTY_LOG_RING_ACQ_REL) return refuse(env, KVM_ENABLE_CAP);
+  struct kvm_enable_cap ec;
+  memset(&ec, 0, sizeof ec);
+  ec.cap = (uint32_t)cap;
+  ec.args[0] = (uint64_t)bytes;
+  int rc;
+  do rc = ioctl(fd, KVM_ENABLE_CAP, &ec);
+  while (rc < 0 && errno == EINTR);
+  if (rc < 0) return throw_ioctl(env, errno, "KVM_ENABLE_CAP");
+  return NULL;
+}
+
+/*
+ * kvmDirtyRingHarvest(ring, entries, fetch, out) -> the number of entries harvested: reads the
+ * kvm_dirty_gfn entries of a vCPU's ring (a Mapping of `entries` * 16 bytes of the vCPU fd at
+ * KVM_DIRTY_LOG_PAGE_OFFSET pages; `entries` a power of two) from index `fetch` on, while they are
+ * published (flags has KVM_DIRTY_GFN_F_DIRTY, loaded with acquire ordering), copying each into `out`
+ * (16 bytes per entry, at most out.length / 16) and handing it back to the kernel (flags =
+ * KVM_DIRTY_GFN_F_RESET, stored with release ordering). The caller advances its fetch index by the
+ * result and calls KVM_RESET_DIRTY_RINGS. runs on the main thread; the vCPU may be running meanwhile
+ */
+static napi_value kvm_dirty_ring_harvest_js(napi_env env, napi_callback_info info) {
+  napi_value argv[4];
+  int64_t entries, fetch;
+  uint8_t *out, *base;
+  size_t out_len;
+  if (!mmb_args(env, info, 4, argv) ||
+      !mmb_arg_int64(env, argv[1], 1, 1 << 24, "entries", &entries) ||
+      !mmb_arg_int64(env, argv[2], 0, UINT32_MAX, "fetch", &fetch) ||
+      !mmb_arg_bytes(env, argv[3], "out", &out, &out_len))
+    return NULL;
+  if ((entries & (entries - 1)) != 0) return mmb_throw_range(env, "entries must be a power of two");
+  if (!mmb_mapping_range(env, argv[0], 0, (uint64_t)entries * sizeof(struct kvm_dirty_gfn), "kvmDirtyRingHarvest", &base))
+    return NULL;
+  struct kvm_dirty_gfn *ring = (struct kvm_dirty_gfn *)base;
+  size_t max = out_len / sizeof(struct kvm_dirty_gfn);
+  uint32_t index = (uint32_t)fetch;
+  size_t n = 0;
+  for (; n < max && n < (size_t)entries; n++, index++) {
+    struct kvm_dirty_gfn *e = &ring[index & (uint32_t)(entries - 1)];
+    if ((__atomic_load_n(&e->flags, __ATOMIC_ACQUIRE) & KVM_DIRTY_GFN_F_DIRTY) == 0) break;
+    memcpy(out + n * sizeof *e, e, sizeof *e);
+    __atomic_store_n(&e->flags, KVM_DIRTY_GFN_F_RESET, __ATOMIC_RELEASE);
+  }
+  napi_value result;
+  CHECK(napi_create_uint32(env, (uint32_t)n, &result));
+  return result;
+}
+
+/* ---- KVM_RUN off the event loop, and kicking a vCPU out of it ------------------------------ */
+
+/*
+ * A kick is this signal sent to the worker thread inside KVM_RUN (the way QEMU's SIG_IPI kicks a vCPU
+ * thread): its handler does nothing, it is installed without SA_RESTART, so KVM_RUN returns EINTR. It is
+ * sent only while the thread is between the two `runs_lock` sections of run_execute, so a kick can never
+ * interrupt other work the libuv pool runs on that thread later. A kick that comes before the thread
+ * enters KVM_RUN is caught by kvm_run.immediate_exit, which the caller sets first (KVM_CAP_IMMEDIATE_EXIT).
+ * A real-time signal: Node, libuv and V8 use none of them (glibc keeps its own below SIGRTMIN).
+ */
+#define MMB_SIG_KICK (SIGRTMIN + 6)
 
 struct run_work {
-  int fd; /* our own dup of the vCPU fd: the vCPU stays alive and addressed even if JS closes its fd */
-  int err;
+  int key;          /* the caller's vCPU fd, which kvmKick names */
+  int fd;           /* our own dup of the vCPU fd: the vCPU stays alive and addressed even if JS closes its fd */
+  int err;          /* errno of KVM_RUN, 0 when the guest exited to user space */
+  pthread_t thread; /* valid while linked in `runs` */
+  struct run_work *next;
   napi_deferred deferred;
   napi_async_work work;
 };
+
+/* Works whose thread is inside (or about to enter) KVM_RUN. */
+static pthread_mutex_t runs_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct run_work *runs;
+
+/* runs on a worker thread, in signal context: nothing to do, the point is the EINTR */
+static void kick_handler(int sig) { (void)sig; }
+
+/* Installs the kick handler once. Returns 0 or an errno. runs on the main thread */
+static int install_kick_handler(void) {
+  static bool installed = false;
+  if (installed) return 0;
+  struct sigaction sa;
+  memset(&sa, 0, sizeof sa);
+  sa.sa_handler = kick_handler;
+  sigemptyset(&sa.sa_mask);
+  if (sigaction(MMB_SIG_KICK, &sa, NULL) < 0) return errno;
+  installed = true;
+  return 0;
+}
 
 /* runs on a worker thread, no JS access */
 static void run_execute(napi_env env, void *data) {
   (void)env;
   struct run_work *w = data;
-  w->err = 0;
-  for (int tries = 0;; tries++) {
-    if (ioctl(w->fd, KVM_RUN, 0) == 0) return;
-    if (errno != EINTR || tries >= RUN_EINTR_RETRIES) {
-      w->err = errno;
-      return;
+  sigset_t kick;
+  sigemptyset(&kick);
+  sigaddset(&kick, MMB_SIG_KICK);
+  pthread_sigmask(SIG_UNBLOCK, &kick, NULL);
+
+  pthread_mutex_lock(&runs_lock);
+  w->thread = pthread_self();
+  w->next = runs;
+  runs = w;
+  pthread_mutex_unlock(&runs_lock);
+
+  /* EINTR is not retried: a kick (or any signal) hands control back to JS, which decides. */
+  w->err = ioctl(w->fd, KVM_RUN, 0) == 0 ? 0 : errno;
+
+  /* Unlinked under the lock: once this returns no kick can target this thread (a kick sent before it
+   * has been delivered by now: a pending unblocked signal is handled before any syscall returns). */
+  pthread_mutex_lock(&runs_lock);
+  for (struct run_work **p = &runs; *p != NULL; p = &(*p)->next)
+    if (*p == w) {
+      *p = w->next;
+      break;
     }
-  }
+  pthread_mutex_unlock(&runs_lock);
 }
 
 /* runs on the main thread, after run_execute */
@@ -230,8 +347,8 @@ static void run_complete(napi_env env, napi_status status, void *data) {
   struct run_work *w = data;
   int err = status == napi_cancelled ? ECANCELED : w->err;
   napi_value value = NULL;
-  if (err == 0) {
-    if (napi_get_undefined(env, &value) == napi_ok) napi_resolve_deferred(env, w->deferred, value);
+  if (err == 0 || err == EINTR) {
+    if (napi_get_boolean(env, err == 0, &value) == napi_ok) napi_resolve_deferred(env, w->deferred, value);
   } else {
     value = ioctl_error(env, err, "KVM_RUN");
     if (value != NULL) napi_reject_deferred(env, w->deferred, value);
@@ -242,9 +359,36 @@ static void run_complete(napi_env env, napi_status status, void *data) {
 }
 
 /*
- * kvmRun(vcpuFd) -> Promise<void>: KVM_RUN on a libuv worker thread until the guest exits to user
- * space; read the exit from the vCPU's kvm_run mapping afterwards. Failures reject with the ioctl
- * error. runs on the main thread; the ioctl runs in run_execute.
+ * kvmKick(vcpuFd) -> the number of threads signalled: interrupts a KVM_RUN of that vCPU in progress
+ * (its promise then resolves false). Set kvm_run.immediate_exit before calling it, so that a KVM_RUN
+ * about to start returns at once too. runs on the main thread
+ */
+static napi_value kvm_kick_js(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  int fd;
+  if (!mmb_args(env, info, 1, argv) || !mmb_arg_fd(env, argv[0], &fd)) return NULL;
+  int count = 0, err = 0;
+  pthread_mutex_lock(&runs_lock);
+  for (struct run_work *w = runs; w != NULL; w = w->next) {
+    if (w->key != fd) continue;
+    int rc = pthread_kill(w->thread, MMB_SIG_KICK);
+    if (rc == 0)
+      count++;
+    else
+      err = rc;
+  }
+  pthread_mutex_unlock(&runs_lock);
+  if (err != 0) return mmb_throw_errno(env, err, "pthread_kill");
+  napi_value result;
+  CHECK(napi_create_int32(env, count, &result));
+  return result;
+}
+
+/*
+ * kvmRun(vcpuFd) -> Promise<boolean>: KVM_RUN on a libuv worker thread. Resolves true when the guest
+ * exited to user space (read the exit from the vCPU's kvm_run mapping), false when KVM_RUN returned
+ * EINTR (a kick, immediate_exit, or another signal); other failures reject with the ioctl error.
+ * runs on the main thread; the ioctl runs in run_execute.
  */
 static napi_value kvm_run_js(napi_env env, napi_callback_info info) {
   napi_value promise, argv[1];
@@ -256,15 +400,17 @@ static napi_value kvm_run_js(napi_env env, napi_callback_info info) {
     if (napi_get_and_clear_last_exception(env, &error) == napi_ok) napi_reject_deferred(env, deferred, error);
     return promise;
   }
-  int own = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+  int handler_err = install_kick_handler();
+  int own = handler_err != 0 ? -1 : fcntl(fd, F_DUPFD_CLOEXEC, 0);
   struct run_work *w = own < 0 ? NULL : calloc(1, sizeof *w);
   if (w == NULL) {
-    int err = own < 0 ? errno : ENOMEM;
+    int err = handler_err != 0 ? handler_err : own < 0 ? errno : ENOMEM;
     if (own >= 0) close(own);
     napi_value error = ioctl_error(env, err, "KVM_RUN");
     if (error != NULL) napi_reject_deferred(env, deferred, error);
     return promise;
   }
+  w->key = fd;
   w->fd = own;
   w->deferred = deferred;
   napi_value name;
@@ -307,9 +453,16 @@ static bool init_constants(napi_env env, napi_value exports) {
       KCONST(KVM_SET_REGS),
       KCONST(KVM_GET_SREGS),
       KCONST(KVM_SET_SREGS),
+      KCONST(KVM_RESET_DIRTY_RINGS),
       KCONST(KVM_CAP_USER_MEMORY),
       KCONST(KVM_CAP_NR_MEMSLOTS),
       KCONST(KVM_CAP_READONLY_MEM),
+      KCONST(KVM_CAP_IMMEDIATE_EXIT),
+      KCONST(KVM_CAP_DIRTY_LOG_RING),
+      KCONST(KVM_CAP_DIRTY_LOG_RING_ACQ_REL),
+      KCONST(KVM_DIRTY_LOG_PAGE_OFFSET),
+      KCONST(KVM_DIRTY_GFN_F_DIRTY),
+      KCONST(KVM_DIRTY_GFN_F_RESET),
       KCONST(KVM_MEM_LOG_DIRTY_PAGES),
       KCONST(KVM_MEM_READONLY),
       KCONST(KVM_EXIT_UNKNOWN),
@@ -320,6 +473,7 @@ static bool init_constants(napi_env env, napi_value exports) {
       KCONST(KVM_EXIT_FAIL_ENTRY),
       KCONST(KVM_EXIT_INTR),
       KCONST(KVM_EXIT_INTERNAL_ERROR),
+      KCONST(KVM_EXIT_DIRTY_RING_FULL),
       {"sizeof_kvm_userspace_memory_region", sizeof(struct kvm_userspace_memory_region)},
       {"sizeof_kvm_regs", sizeof(struct kvm_regs)},
       {"sizeof_kvm_sregs", sizeof(struct kvm_sregs)},
@@ -329,7 +483,9 @@ static bool init_constants(napi_env env, napi_value exports) {
       {"sizeof_kvm_dtable", sizeof(struct kvm_dtable)},
 #endif
       {"sizeof_kvm_dirty_log", sizeof(struct kvm_dirty_log)},
+      {"sizeof_kvm_dirty_gfn", sizeof(struct kvm_dirty_gfn)},
       {"offsetof_kvm_run_exit_reason", offsetof(struct kvm_run, exit_reason)},
+      {"offsetof_kvm_run_immediate_exit", offsetof(struct kvm_run, immediate_exit)},
   };
   napi_value constants;
   CHECK_BOOL(napi_create_object(env, &constants));
@@ -345,7 +501,8 @@ bool mmb_init_kvm(napi_env env, napi_value exports) {
   static const mmb_method methods[] = {
       {"kvmOpen", kvm_open_js},         {"kvmIoctl", kvm_ioctl_js},
       {"kvmIoctlInt", kvm_ioctl_int_js}, {"kvmGetDirtyLog", kvm_get_dirty_log_js},
-      {"kvmRun", kvm_run_js},
+      {"kvmRun", kvm_run_js},           {"kvmKick", kvm_kick_js},
+      {"kvmEnableDirtyRing", kvm_enable_dirty_ring_js}, {"kvmDirtyRingHarvest", kvm_dirty_ring_harvest_js},
   };
   return init_constants(env, exports) && mmb_export_methods(env, exports, methods, MMB_COUNT(methods));
 }

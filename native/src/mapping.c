@@ -14,9 +14,11 @@
  * `addr` and `length` never change; a worker reads them only while `busy` keeps munmap() away.
  */
 #include <errno.h>
+#include <linux/magic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <sys/mman.h>
+#include <sys/vfs.h>
 #include <unistd.h>
 
 #include "addon.h"
@@ -157,31 +159,61 @@ static napi_value mmap_js(napi_env env, napi_callback_info info) {
 }
 
 /*
- * mmapChunked(fd, offset, length, prot, flags, chunk) -> Mapping[]: `length` bytes of `fd` mapped at
- * one contiguous range of addresses, as consecutive Mappings of at most `chunk` bytes each (a multiple
- * of the page size). A KVM memslot or a VFIO DMA mapping needs one contiguous host range for a whole
- * region, and a JS ArrayBuffer cannot be longer than 4 GiB on Node 20.
+ * mmapChunked(fd, offset, length, prot, flags, chunk[, align]) -> Mapping[]: `length` bytes of `fd`
+ * mapped at one contiguous range of addresses starting at a multiple of `align`, as consecutive Mappings
+ * of at most `chunk` bytes each (a multiple of the page size and of `align`). A KVM memslot or a VFIO DMA
+ * mapping needs one contiguous host range for a whole region, and a JS ArrayBuffer cannot be longer than
+ * 4 GiB on Node 20.
  *
  * The range is first reserved with an inaccessible anonymous mapping, then each chunk is mapped over
- * its part with MAP_FIXED: the addresses replaced are our own reservation, never anyone else's. Each
- * chunk is an ordinary Mapping (munmap it, or let it be collected); unmapping every chunk releases the
- * whole range. runs on the main thread.
+ * its part with MAP_FIXED: the addresses replaced are our own reservation, never anyone else's. The
+ * reservation is `align` - page bytes longer than needed and trimmed at both ends, so the range starts
+ * on an `align` boundary: a hugetlbfs file (an MFD_HUGETLB memfd) can only be mapped at an address
+ * aligned to its huge page size (EINVAL otherwise), and anything else gets huge mappings (THP, KVM's
+ * large EPT entries) only where the address and the file offset agree modulo the huge page size.
+ * `align` is a power of two, at least the page size (the default). For a hugetlbfs file it is raised to
+ * the file's huge page size (fstatfs f_bsize), and `offset`, `length` and `chunk` must be multiples of
+ * it (EINVAL): the kernel rounds a hugetlbfs mapping's length up to a whole huge page, and MAP_FIXED
+ * would then replace addresses past our reservation. Each chunk is an ordinary Mapping
+ * (munmap it, or let it be collected); unmapping every chunk releases the whole range. runs on the main
+ * thread.
  */
 static napi_value mmap_chunked_js(napi_env env, napi_callback_info info) {
-  napi_value argv[6];
+  napi_value argv[7];
   int fd, prot, flags;
-  uint64_t offset, length, chunk;
-  if (!mmb_args(env, info, 6, argv) || !mmb_arg_fd(env, argv[0], &fd) ||
+  uint64_t offset, length, chunk, align;
+  napi_valuetype align_type;
+  if (!mmb_args(env, info, 7, argv) || !mmb_arg_fd(env, argv[0], &fd) ||
       !mmb_arg_size(env, argv[1], "offset", &offset) ||
       !mmb_arg_size(env, argv[2], "length", &length) || !mmb_arg_flags(env, argv[3], "prot", &prot) ||
       !mmb_arg_flags(env, argv[4], "flags", &flags) || !mmb_arg_size(env, argv[5], "chunk", &chunk))
     return NULL;
   long page = sysconf(_SC_PAGESIZE);
-  if (length == 0 || chunk == 0 || chunk % (uint64_t)page != 0 || (flags & MAP_FIXED) != 0)
+  CHECK(napi_typeof(env, argv[6], &align_type));
+  if (align_type == napi_undefined)
+    align = (uint64_t)page;
+  else if (!mmb_arg_size(env, argv[6], "align", &align))
+    return NULL;
+  if (length == 0 || chunk == 0 || chunk % (uint64_t)page != 0 || (flags & MAP_FIXED) != 0 ||
+      align < (uint64_t)page || (align & (align - 1)) != 0)
     return mmb_throw_errno(env, EINVAL, "mmap");
+  struct statfs sfs;
+  if (fstatfs(fd, &sfs) < 0) return mmb_throw_errno(env, errno, "fstatfs");
+  if ((unsigned long)sfs.f_type == HUGETLBFS_MAGIC) {
+    uint64_t huge = (uint64_t)sfs.f_bsize;
+    if (huge == 0 || offset % huge != 0 || length % huge != 0 || chunk % huge != 0) return mmb_throw_errno(env, EINVAL, "mmap");
+    if (align < huge) align = huge;
+  }
+  if (chunk % align != 0 || length > SIZE_MAX - align) return mmb_throw_errno(env, EINVAL, "mmap");
 
-  uint8_t *base = mmap(NULL, length, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-  if (base == MAP_FAILED) return mmb_throw_errno(env, errno, "mmap");
+  size_t slack = (size_t)(align - (uint64_t)page);
+  uint8_t *reserved = mmap(NULL, length + slack, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (reserved == MAP_FAILED) return mmb_throw_errno(env, errno, "mmap");
+  uint8_t *base = (uint8_t *)(((uintptr_t)reserved + slack) & ~(uintptr_t)(align - 1));
+  /* Give back the slack on both sides (page-sized pieces of our own reservation). */
+  if (base > reserved) munmap(reserved, (size_t)(base - reserved));
+  if (reserved + length + slack > base + length) munmap(base + length, (size_t)(reserved + length + slack - (base + length)));
+
   size_t count = (size_t)((length + chunk - 1) / chunk);
   for (size_t i = 0; i < count; i++) {
     uint64_t off = (uint64_t)i * chunk;
@@ -384,10 +416,28 @@ static napi_value mlock_js(napi_env env, napi_callback_info info) { return lock_
 /* runs on the main thread */
 static napi_value munlock_js(napi_env env, napi_callback_info info) { return lock_js(env, info, false); }
 
+/*
+ * fstatfs(fd) -> {type, bsize}: the filesystem of an open file: f_type (HUGETLBFS_MAGIC, TMPFS_MAGIC, ...)
+ * and f_bsize, which hugetlbfs sets to its huge page size. What mmapChunked checks, for TypeScript to
+ * know a backing's page size before mapping. runs on the main thread
+ */
+static napi_value fstatfs_js(napi_env env, napi_callback_info info) {
+  napi_value argv[1];
+  int fd;
+  if (!mmb_args(env, info, 1, argv) || !mmb_arg_fd(env, argv[0], &fd)) return NULL;
+  struct statfs sfs;
+  if (fstatfs(fd, &sfs) < 0) return mmb_throw_errno(env, errno, "fstatfs");
+  napi_value obj;
+  CHECK(napi_create_object(env, &obj));
+  if (!mmb_set_number(env, obj, "type", (double)(unsigned long)sfs.f_type) || !mmb_set_number(env, obj, "bsize", (double)sfs.f_bsize))
+    return NULL;
+  return obj;
+}
+
 /* runs on the main thread, at module load */
 bool mmb_init_mapping(napi_env env, napi_value exports) {
   static const mmb_method methods[] = {
       {"mmap", mmap_js},       {"mmapChunked", mmap_chunked_js}, {"munmap", munmap_js},
-      {"mlock", mlock_js},     {"munlock", munlock_js}};
+      {"mlock", mlock_js},     {"munlock", munlock_js},          {"fstatfs", fstatfs_js}};
   return mmb_export_methods(env, exports, methods, MMB_COUNT(methods));
 }

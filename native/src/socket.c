@@ -5,7 +5,9 @@
  * thread and never blocks. Data and descriptors move through scm.c.
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <signal.h>
+#include <stdio.h>
 #include <stddef.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -74,39 +76,36 @@ static bool set_cred(napi_env env, napi_value obj, const struct ucred *cred) {
 }
 
 /*
- * socketListen(path, backlog, mode) -> listening fd. runs on the main thread.
- *
- * The socket file must never exist with looser permissions than `mode`. bind() creates it with the
- * socket inode's mode minus the umask, so the inode is first set to 0 with fchmod() (Linux honours
- * this; unlike umask() it is not process-wide, so no other thread's files are affected), and the
- * requested mode is applied with chmod() before listen() lets anyone in. If a step after bind()
- * fails, the file is removed again. An existing file at `path` fails with EADDRINUSE; removing a
- * stale socket is the caller's decision.
+ * Creates, binds and starts a listening socket whose file must never exist with looser permissions
+ * than `mode`. bind() creates the file with the socket inode's mode minus the umask, so the inode gets
+ * `mode` first with fchmod() (Linux honours this; unlike umask() it is not process-wide, so no other
+ * thread's files are affected): the file is born with `mode`, or tighter where the umask removed bits.
+ * Those bits are added back before listen() lets anyone in: with fchmodat() relative to `dir_fd` (the
+ * directory the caller checked, see listenAt), or by path for plain socketListen. If a step after
+ * bind() fails, the file is removed again. An existing file fails with EADDRINUSE (bind never follows
+ * or replaces one); removing a stale socket is the caller's decision. runs on the main thread
  */
-static napi_value socket_listen_js(napi_env env, napi_callback_info info) {
-  napi_value argv[3];
-  struct sockaddr_un addr;
-  socklen_t addrlen;
-  int64_t backlog, mode;
-  if (!mmb_args(env, info, 3, argv) || (addrlen = socket_path(env, argv[0], &addr, "bind")) == 0 ||
-      !mmb_arg_int64(env, argv[1], 0, INT32_MAX, "backlog", &backlog) ||
-      !mmb_arg_int64(env, argv[2], 0, 07777, "mode", &mode))
-    return NULL;
-
+static napi_value listen_common(napi_env env, int dir_fd, const char *name, const struct sockaddr_un *addr,
+                                socklen_t addrlen, int64_t backlog, int64_t mode) {
   int fd = socket(AF_UNIX, SOCK_FLAGS, 0);
   if (fd < 0) return mmb_throw_errno(env, errno, "socket");
 
   const char *failed;
-  if (fchmod(fd, 0) < 0) {
+  struct stat st;
+  if (fchmod(fd, (mode_t)mode) < 0) {
     failed = "fchmod";
     goto fail;
   }
-  if (bind(fd, (struct sockaddr *)&addr, addrlen) < 0) {
+  if (bind(fd, (const struct sockaddr *)addr, addrlen) < 0) {
     failed = "bind";
     goto fail;
   }
-  if (chmod(addr.sun_path, (mode_t)mode) < 0) {
-    failed = "chmod";
+  if (fstatat(dir_fd, name, &st, AT_SYMLINK_NOFOLLOW) < 0) {
+    failed = "fstatat";
+    goto fail_unlink;
+  }
+  if ((st.st_mode & 07777) != (mode_t)mode && fchmodat(dir_fd, name, (mode_t)mode, 0) < 0) {
+    failed = "fchmodat";
     goto fail_unlink;
   }
   if (listen(fd, (int)backlog) < 0) {
@@ -117,12 +116,53 @@ static napi_value socket_listen_js(napi_env env, napi_callback_info info) {
 
 fail_unlink: {
   int saved = errno;
-  unlink(addr.sun_path);
+  unlinkat(dir_fd, name, 0);
   errno = saved;
 }
 fail:
   close_keep_errno(fd);
   return mmb_throw_errno(env, errno, failed);
+}
+
+/* socketListen(path, backlog, mode) -> listening fd (see listen_common). runs on the main thread */
+static napi_value socket_listen_js(napi_env env, napi_callback_info info) {
+  napi_value argv[3];
+  struct sockaddr_un addr;
+  socklen_t addrlen;
+  int64_t backlog, mode;
+  if (!mmb_args(env, info, 3, argv) || (addrlen = socket_path(env, argv[0], &addr, "bind")) == 0 ||
+      !mmb_arg_int64(env, argv[1], 0, INT32_MAX, "backlog", &backlog) ||
+      !mmb_arg_int64(env, argv[2], 0, 07777, "mode", &mode))
+    return NULL;
+  return listen_common(env, AT_FDCWD, addr.sun_path, &addr, addrlen, backlog, mode);
+}
+
+/*
+ * socketListenAt(dirFd, name, backlog, mode) -> listening fd: the socket `name` (one path component)
+ * inside the directory open as `dirFd` (an O_PATH descriptor will do), bound through
+ * /proc/self/fd/DIRFD/NAME (Linux has no bindat) and given its mode with fchmodat(dirFd), so nothing
+ * resolves a path the caller did not check. runs on the main thread
+ */
+static napi_value socket_listen_at_js(napi_env env, napi_callback_info info) {
+  napi_value argv[4];
+  int dir_fd;
+  char name[sizeof ((struct sockaddr_un *)0)->sun_path];
+  int64_t backlog, mode;
+  if (!mmb_args(env, info, 4, argv) || !mmb_arg_fd(env, argv[0], &dir_fd) ||
+      !mmb_arg_cstring(env, argv[1], "name", name, sizeof name, ENAMETOOLONG, "bind") ||
+      !mmb_arg_int64(env, argv[2], 0, INT32_MAX, "backlog", &backlog) ||
+      !mmb_arg_int64(env, argv[3], 0, 07777, "mode", &mode))
+    return NULL;
+  if (strchr(name, '/') != NULL || strcmp(name, ".") == 0 || strcmp(name, "..") == 0)
+    return mmb_throw_errno(env, EINVAL, "bind");
+
+  struct sockaddr_un addr;
+  memset(&addr, 0, sizeof addr);
+  addr.sun_family = AF_UNIX;
+  int n = snprintf(addr.sun_path, sizeof addr.sun_path, "/proc/self/fd/%d/%s", dir_fd, name);
+  if (n < 0 || (size_t)n >= sizeof addr.sun_path) return mmb_throw_errno(env, ENAMETOOLONG, "bind");
+  socklen_t addrlen = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + (size_t)n + 1);
+  return listen_common(env, dir_fd, name, &addr, addrlen, backlog, mode);
 }
 
 /*
@@ -278,7 +318,8 @@ static napi_value shutdown_js(napi_env env, napi_callback_info info) {
 /* runs on the main thread, at module load */
 bool mmb_init_socket(napi_env env, napi_value exports) {
   static const mmb_method methods[] = {
-      {"socketListen", socket_listen_js}, {"socketConnect", socket_connect_js},
+      {"socketListen", socket_listen_js}, {"socketListenAt", socket_listen_at_js},
+      {"socketConnect", socket_connect_js},
       {"socketAccept", socket_accept_js}, {"socketPair", socket_pair_js},
       {"peerCred", peer_cred_js},         {"shutdown", shutdown_js},
       {"peerPidfd", peer_pidfd_js},       {"pidfdSendSignal", pidfd_send_signal_js},
