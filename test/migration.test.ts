@@ -228,7 +228,7 @@ describe('vfio-like clients in a migration', () => {
     try {
       expect(result.acceptedRisks.map((b) => b.client.name)).toEqual(['nic-vfio']);
       expect(result.verified).toBe(true);
-      expect(backends.slice(0, -1).every((b) => b === 'soft; dirty all')).toBe(true);
+      expect(backends.slice(0, -1).every((b) => b === 'soft (dirty: all)')).toBe(true);
       // A device may have written anything it maps: every round resends every writable page.
       expect(result.rounds.filter((r) => r.phase === 'dirty').every((r) => r.pages === (16 + 8) * 256)).toBe(true);
       // Every page the device wrote after the first copy, unmarked, is at the destination as at the source.

@@ -127,7 +127,7 @@ function checkScenario(steps: Map<string, Step>, backend: 'type1' | 'iommufd'): 
   expect(dt.backendAfter).toBe(backend);
   if (backend === 'type1') {
     expect(dt.tracking).toEqual({ mode: 'type1' });
-    expect(dt.backendWhileLogging).toBe('type1; dirty VFIO_IOMMU_DIRTY_PAGES');
+    expect(dt.backendWhileLogging).toBe('type1 (dirty: VFIO_IOMMU_DIRTY_PAGES)');
     expect(dt.kernelBitmapPages).toBe(512);
     // START with the logging transaction, GET_BITMAP at each of the two syncs' flushes, the direct read, STOP.
     expect(dt.dirtyCalls).toEqual(Array(5).fill('VFIO_IOMMU_DIRTY_PAGES'));
@@ -135,7 +135,7 @@ function checkScenario(steps: Map<string, Step>, backend: 'type1' | 'iommufd'): 
     expect((steps.get('migrate-with-dma') as Step & { rounds: string[] }).rounds.filter((r) => r.startsWith('dirty:')).every((r) => r === 'dirty:512')).toBe(true);
   } else {
     expect(dt.tracking).toMatchObject({ mode: 'none', reason: expect.stringMatching(/IOMMU_HWPT_SET_DIRTY_TRACKING\(HWPT \d+\): EOPNOTSUPP.*no IOMMU_HW_CAP_DIRTY_TRACKING/) });
-    expect(dt.backendWhileLogging).toBe('iommufd; dirty all');
+    expect(dt.backendWhileLogging).toBe('iommufd (dirty: all)');
     expect(dt).toMatchObject({ hwCapabilities: 0, hwptAllocDirty: 'EOPNOTSUPP' });
   }
   expect(steps.get('migrate-with-dma')).toMatchObject({ blocked: { code: 'MMB_ERR_UNSUPPORTED', client: 'vfio-edu' }, verified: true, acceptedRisks: ['vfio-edu'], dmaAfterFirstCopy: true });

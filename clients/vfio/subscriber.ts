@@ -127,11 +127,11 @@ function validate(opts: VfioSubscriberOptions): void {
 
 /**
  * REPORT's `backend`: the backend's name, and while the client logs, the dirty tracker in use:
- * "type1; dirty VFIO_IOMMU_DIRTY_PAGES", "iommufd; dirty IOMMU_HWPT_GET_DIRTY_BITMAP", "soft; dirty all"
+ * "type1 (dirty: VFIO_IOMMU_DIRTY_PAGES)", "iommufd (dirty: IOMMU_HWPT_GET_DIRTY_BITMAP)", "soft (dirty: all)"
  * (every writable page counts). REPORT has no field of its own for it (see docs/dirty-logging.md).
  */
 export function reportedBackend(backend: BackendName, tracking: DirtyTracking | undefined): string {
-  return tracking ? `${backend}; dirty ${DIRTY_TRACKER_NAMES[tracking.mode]}` : backend;
+  return tracking ? `${backend} (dirty: ${DIRTY_TRACKER_NAMES[tracking.mode]})` : backend;
 }
 
 export class VfioSubscriber extends Subscriber {
