@@ -322,6 +322,11 @@ export class Broker implements InProcessConnector {
       case Msg.DELEGATE:
         checkPidfds(fds);
         return this.attachedSpace(session).delegate(session, msg.names, fds);
+      case Msg.IOAS:
+        if (msg.op === 'commit' && msg.ops.length > this.protocolLimits.maxOpsPerCommit) {
+          throw new BadMessageError(`IOAS.ops: ${msg.ops.length} ops exceed this broker's limit of ${this.protocolLimits.maxOpsPerCommit}`);
+        }
+        return this.attachedSpace(session).ioas.request(session, msg);
     }
   }
 
