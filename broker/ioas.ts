@@ -109,7 +109,8 @@ export interface IoasStatus {
   generation: number;
   mappings: number;
   bytes: number;
-  attached: { client: ClientRef; devices: string[] }[];
+  /** `pinned`: what the client last reported pinned (REPORT), across its IOASes. */
+  attached: { client: ClientRef; devices: string[]; pinned?: number }[];
   holders: number[];
 }
 
@@ -223,7 +224,7 @@ export class IoSpaces {
       generation: io.generation,
       mappings: io.map.size,
       bytes: io.map.bytes,
-      attached: [...io.attached].map(([s, devices]) => ({ client: s.ref(), devices: [...devices] })),
+      attached: [...io.attached].map(([s, devices]) => ({ client: s.ref(), devices: [...devices], ...(s.pinnedActual !== undefined ? { pinned: s.pinnedActual } : {}) })),
       holders: this.holdersOf(io.name).map((h) => h.ref.id),
     }));
   }

@@ -5,13 +5,14 @@ import type { Command } from './args.js';
 import { attach } from './commands/attach.js';
 import { demo } from './commands/demo.js';
 import { harness } from './commands/harness.js';
+import { ioas } from './commands/ioas.js';
 import { map } from './commands/map.js';
 import { migrate } from './commands/migrate.js';
 import { publish } from './commands/publish.js';
 import { serve } from './commands/serve.js';
 import { status } from './commands/status.js';
 
-const commands: Command[] = [serve, map, publish, status, attach, migrate, harness, demo];
+const commands: Command[] = [serve, map, ioas, publish, status, attach, migrate, harness, demo];
 
 function help(): string {
   const width = Math.max(...commands.map((c) => c.name.length));

@@ -391,7 +391,8 @@ export const statusSpace = object(
             /** How many IOVA mappings it has, and their bytes (what a shadowing vfio client pins). */
             mappings: u32(),
             bytes: addr(),
-            attached: array(object({ client: clientRef, devices: array(name(), 256) }, { open: true }), 1 << 16),
+            /** `pinned`: what the client last reported pinned (REPORT), across its IOASes. */
+            attached: array(object({ client: clientRef, devices: array(name(), 256), pinned: optional(addr()) }, { open: true }), 1 << 16),
             /** Clients whose connection ended while attached: they may still reach its mappings until fenced. */
             holders: array(u32(), 1 << 16),
           },

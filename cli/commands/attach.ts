@@ -48,6 +48,9 @@ Options:
   --pin-limit SIZE    (vfio) most bytes this client may pin; declared to the broker, which refuses
                       hotplug beyond it before anything changes
   --pin-chunk SIZE    (vfio) bytes per pinning call (default 128M)
+  --ioas ID           (vfio) shadow mode: the devices sit behind a guest IOMMU and are attached to this
+                      I/O address space of the space (mmbroker ioas create); the client pins and maps
+                      only what it maps (IOVA -> guest memory), not all RAM
   --backend-socket PATH
                       (vhost-user) the back-end's vhost-user socket (it listens, we connect)
   --no-coalesce       (vhost-user) follow the map region by region instead of a coalesced view
@@ -58,7 +61,7 @@ Options:
                       {"cmd":"read","gpa":N,"len":N} {"cmd":"write","gpa":N,"hex":"..."} {"cmd":"regions"}
                       kvm also: {"cmd":"slots"} and {"cmd":"run","codeGpa":N,"writes":[{"gpa":N,"hex":"..."}]}
                       (a vCPU writes the bytes and halts); vfio also: {"cmd":"domain"},
-                      {"cmd":"attach-device","device":"..."}, {"cmd":"detach-device","device":"..."};
+                      {"cmd":"attach-device","device":"..."[,"ioas":"..."]}, {"cmd":"detach-device","device":"..."};
                       fault injection (mmbroker harness): {"cmd":"nack-next"} refuses the next
                       transaction that adds memory (MMB_ERR_CLIENT_REFUSED, after applying it: the
                       change is undone), {"cmd":"hold-next"} applies the next one and never acks it
@@ -87,6 +90,7 @@ export const attach: Command = {
         device: { type: 'string', multiple: true },
         'pin-limit': { type: 'string' },
         'pin-chunk': { type: 'string' },
+        ioas: { type: 'string' },
         'backend-socket': { type: 'string' },
         'no-coalesce': { type: 'boolean' },
         'backend-timeout': { type: 'string' },
@@ -96,6 +100,7 @@ export const attach: Command = {
       usage,
     );
     if (!values) return 0;
+    if (values.ioas !== undefined && kind !== 'vfio') throw new InvalidArgError('--ioas is an option of the vfio kind');
     const json = values.json ?? false;
     const log = (event: string, text: string, data: Record<string, unknown> = {}) =>
       console.log(json ? JSON.stringify({ time: Date.now(), pid: process.pid, kind, event, ...data }) : `[${kind} ${process.pid}] ${text}`);
@@ -167,6 +172,7 @@ export const attach: Command = {
         devices: values.device ?? (backend === 'soft' ? ['dev0'] : []),
         ...(values['pin-limit'] ? { pinLimit: parseSize(values['pin-limit'], '--pin-limit') } : {}),
         ...(values['pin-chunk'] ? { pinChunkBytes: parseSize(values['pin-chunk'], '--pin-chunk') } : {}),
+        ...(values.ioas !== undefined ? { ioas: values.ioas } : {}),
         onPinProgress: (p) => {
           const now = Date.now();
           if (p.done < p.total && now - lastProgress < 200) return;
@@ -176,14 +182,14 @@ export const attach: Command = {
       });
       const d = vfio.domain;
       log('backend', `${d.description}; devices ${d.devices.join(', ') || '(none)'}; pinned ${formatSize(d.pinnedBytes)}`, { ...d });
-      vfio.on('change', () => {
+      vfio.on(vfio.shadowing ? 'ioas' : 'change', () => {
         const dd = vfio.domain;
-        log('pinned', `${dd.backend}: pinned ${formatSize(dd.pinnedBytes)} once for ${dd.devices.length} device(s)`, { backend: dd.backend, pinned: dd.pinnedBytes, devices: dd.devices });
+        log('pinned', `${dd.backend}: pinned ${formatSize(dd.pinnedBytes)} once for ${dd.devices.length} device(s)${vfio.shadowing ? ` (shadow mode: ${dd.mappings.length} IOVA mapping(s))` : ''}`, { backend: dd.backend, pinned: dd.pinnedBytes, devices: dd.devices, ...(vfio.shadowing ? { mappings: dd.mappings.length } : {}) });
       });
       const extra: ControlCommands = {
         domain: () => ({ event: 'domain', ...vfio.domain }),
         'attach-device': async (c) => {
-          await vfio.attachDevice(String(c.device));
+          await vfio.attachDevice(String(c.device), c.ioas !== undefined ? { ioas: String(c.ioas) } : {});
           return { event: 'domain', ...vfio.domain };
         },
         'detach-device': async (c) => {

@@ -1,6 +1,7 @@
 import { fetchStatus } from '../../clients/index.js';
 import type { StatusResult } from '../../protocol/index.js';
 import { formatSize, hex, parseCommand, required, type Command } from '../args.js';
+import { renderIoas } from './ioas.js';
 
 const usage = `Usage: mmbroker status --socket PATH [--space NAME] [--json]
 
@@ -58,6 +59,7 @@ export function render(result: StatusResult): string {
     for (const h of s.holders ?? []) {
       out.push(`  holding until fenced: ${h.client.kind} client ${JSON.stringify(h.client.name)} (#${h.client.id}, pid ${h.client.pid}), ${h.reason} ${(h.ms / 1000).toFixed(1)} s ago, ${h.state}; backings ${h.backings.join(', ')}${h.alive.length > 0 ? `; alive: ${h.alive.join(', ')}` : ''}`);
     }
+    out.push(...renderIoas(s));
     if (s.pinBudget && (s.pinBudget.limit !== undefined || s.pinBudget.predicted > 0)) {
       out.push(`  pinned in all: predicted ${formatSize(s.pinBudget.predicted)}, actual ${formatSize(s.pinBudget.actual)}${s.pinBudget.limit !== undefined ? `, budget ${formatSize(s.pinBudget.limit)}` : ''}`);
     }
