@@ -10,7 +10,9 @@
 //   - a struct whose leading size word (argsz / size) is below the kernel's minimum for the request or
 //     above the buffer's length, or whose flags would make the kernel follow an unchecked pointer (EINVAL);
 //   - for IOMMU_IOAS_IOVA_RANGES, a `data` buffer too small for num_iovas entries (ERANGE). C points the
-//     struct's allowed_iovas at `data` for the call and zeroes it again afterwards.
+//     struct's allowed_iovas at `data` for the call and zeroes it again afterwards. The same for
+//     IOMMU_GET_HW_INFO (data_uptr, data_len bytes the kernel writes) and IOMMU_HWPT_ALLOC (data_uptr,
+//     data_len bytes the kernel reads), which only ask whether the IOMMU offers nesting (docs/ioas.md).
 // Failures carry `code` (errno name), `errno` (negative) and `syscall` = the request's name
 // ('VFIO_IOMMU_MAP_DMA'), so a message says which ioctl failed.
 import { native } from './index.js';
@@ -39,6 +41,8 @@ export interface VfioRequests {
   readonly IOMMU_IOAS_IOVA_RANGES: number;
   readonly IOMMU_IOAS_MAP: number;
   readonly IOMMU_IOAS_UNMAP: number;
+  readonly IOMMU_HWPT_ALLOC: number;
+  readonly IOMMU_GET_HW_INFO: number;
 }
 
 export interface VfioNative {
@@ -56,7 +60,8 @@ export interface VfioNative {
   vfioIoctlInt(fd: number, request: number, value: number): number;
   /**
    * An ioctl on a packed struct (argsz / size first); the kernel's results are written back into `arg`.
-   * `data` only for IOMMU_IOAS_IOVA_RANGES (the allowed_iovas array; may be left out when num_iovas is 0).
+   * `data` only for IOMMU_IOAS_IOVA_RANGES (the allowed_iovas array; may be left out when num_iovas is 0),
+   * IOMMU_GET_HW_INFO and IOMMU_HWPT_ALLOC (data_len bytes; may be left out when data_len is 0).
    * Returns the ioctl's return value. Runs on the main thread: for quick ioctls only.
    */
   vfioIoctl(fd: number, request: number, arg: Uint8Array, data?: Uint8Array): number;

@@ -153,6 +153,47 @@ export const LAYOUTS = {
     size: 24,
     fields: { size: f(0, 4), ioas_id: f(4, 4), iova: f(8, 8), length: f(16, 8) },
   },
+  // Nesting (Linux 6.7+): what the IOMMU behind a device can do, and a nesting-parent page table. Used to
+  // ask whether the emulated intel-iommu offers HWPT nesting (docs/ioas.md, vm/guest/scenario.mjs).
+  iommu_hw_info: {
+    header: 'linux/iommufd.h',
+    since: '6.7',
+    size: 40,
+    fields: {
+      size: f(0, 4),
+      flags: f(4, 4),
+      dev_id: f(8, 4),
+      data_len: f(12, 4),
+      data_uptr: f(16, 8),
+      out_data_type: f(24, 4),
+      __reserved: f(28, 4),
+      out_capabilities: f(32, 8),
+    },
+  },
+  iommu_hw_info_vtd: {
+    header: 'linux/iommufd.h',
+    since: '6.7',
+    size: 24,
+    fields: { flags: f(0, 4), __reserved: f(4, 4), cap_reg: f(8, 8), ecap_reg: f(16, 8) },
+  },
+  iommu_hwpt_alloc: {
+    header: 'linux/iommufd.h',
+    since: '6.7',
+    size: 40,
+    // 6.11 appended fault_id and __reserved2 (48 bytes); zero-extended by the kernel when left out.
+    otherSizes: [24, 48],
+    fields: {
+      size: f(0, 4),
+      flags: f(4, 4),
+      dev_id: f(8, 4),
+      pt_id: f(12, 4),
+      out_hwpt_id: f(16, 4),
+      __reserved: f(20, 4),
+      data_type: f(24, 4),
+      data_len: f(28, 4),
+      data_uptr: f(32, 8),
+    },
+  },
 } as const satisfies Record<string, Layout>;
 
 export type StructName = keyof typeof LAYOUTS;
@@ -183,12 +224,19 @@ export const VFIO = {
   VFIO_PCI_CONFIG_REGION_INDEX: 7,
 } as const;
 
-/** include/uapi/linux/iommufd.h, enum iommufd_ioas_map_flags. */
+/** include/uapi/linux/iommufd.h: enum iommufd_ioas_map_flags, iommufd_hwpt_alloc_flags, iommu_hw_info_type. */
 export const IOMMUFD = {
   IOMMU_IOAS_MAP_FIXED_IOVA: 1 << 0,
   IOMMU_IOAS_MAP_WRITEABLE: 1 << 1,
   IOMMU_IOAS_MAP_READABLE: 1 << 2,
+  IOMMU_HWPT_ALLOC_NEST_PARENT: 1 << 0,
+  IOMMU_HW_INFO_TYPE_NONE: 0,
+  IOMMU_HW_INFO_TYPE_INTEL_VTD: 1,
+  IOMMU_HW_INFO_TYPE_ARM_SMMUV3: 2,
 } as const;
+
+/** VT-d's extended capability register (VT-d spec 11.4.3): nested translation support (ECAP.NEST). */
+export const VTD_ECAP_NEST = 1n << 26n;
 
 // --- request numbers ---------------------------------------------------------------------------------
 
@@ -219,6 +267,8 @@ export const REQUEST = {
   IOMMU_IOAS_IOVA_RANGES: _IO(';', 0x84),
   IOMMU_IOAS_MAP: _IO(';', 0x85),
   IOMMU_IOAS_UNMAP: _IO(';', 0x86),
+  IOMMU_HWPT_ALLOC: _IO(';', 0x89),
+  IOMMU_GET_HW_INFO: _IO(';', 0x8a),
 } as const;
 
 // --- packing --------------------------------------------------------------------------------------

@@ -17,8 +17,9 @@
  *     that many bytes back (INFO ioctls fill capability chains up to argsz);
  *   - flag bits that would make the kernel follow a user pointer C has not validated are refused
  *     (VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP, VFIO_DEVICE_BIND_FLAG_TOKEN): EINVAL;
- *   - the one pointer the kernel writes through, IOMMU_IOAS_IOVA_RANGES.allowed_iovas, is filled in here
- *     with the address of a second buffer that C checked holds num_iovas entries.
+ *   - the pointers the kernel follows, IOMMU_IOAS_IOVA_RANGES.allowed_iovas (written), and
+ *     IOMMU_GET_HW_INFO.data_uptr (written) and IOMMU_HWPT_ALLOC.data_uptr (read), are filled in here with
+ *     the address of a second buffer that C checked holds num_iovas entries / data_len bytes.
  *
  * The host virtual addresses inside VFIO_IOMMU_MAP_DMA.vaddr and IOMMU_IOAS_MAP.user_va are the caller's
  * to choose (they come from GuestMemory's mappings): the kernel pins and maps those pages of this process
@@ -62,6 +63,9 @@
 #define MMB_IOMMU_IOAS_IOVA_RANGES _IO(MMB_IOMMUFD_TYPE, 0x84)
 #define MMB_IOMMU_IOAS_MAP _IO(MMB_IOMMUFD_TYPE, 0x85)
 #define MMB_IOMMU_IOAS_UNMAP _IO(MMB_IOMMUFD_TYPE, 0x86)
+/* Linux 6.7+: nesting. Only to ask whether the IOMMU offers it (docs/ioas.md); nothing maps through them. */
+#define MMB_IOMMU_HWPT_ALLOC _IO(MMB_IOMMUFD_TYPE, 0x89)
+#define MMB_IOMMU_GET_HW_INFO _IO(MMB_IOMMUFD_TYPE, 0x8a)
 /* include/uapi/linux/vfio.h (Linux 6.6+): the VFIO device cdev ioctls. */
 #define MMB_VFIO_DEVICE_BIND_IOMMUFD _IO(VFIO_TYPE, VFIO_BASE + 18)
 #define MMB_VFIO_DEVICE_ATTACH_IOMMUFD_PT _IO(VFIO_TYPE, VFIO_BASE + 19)
@@ -77,6 +81,12 @@ _Static_assert(MMB_IOMMU_IOAS_UNMAP == IOMMU_IOAS_UNMAP, "IOMMU_IOAS_UNMAP");
 _Static_assert(offsetof(struct iommu_ioas_iova_ranges, allowed_iovas) == 16, "allowed_iovas");
 _Static_assert(offsetof(struct iommu_ioas_iova_ranges, num_iovas) == 8, "num_iovas");
 _Static_assert(sizeof(struct iommu_iova_range) == 16, "iommu_iova_range");
+#ifdef IOMMU_GET_HW_INFO
+_Static_assert(MMB_IOMMU_HWPT_ALLOC == IOMMU_HWPT_ALLOC, "IOMMU_HWPT_ALLOC");
+_Static_assert(MMB_IOMMU_GET_HW_INFO == IOMMU_GET_HW_INFO, "IOMMU_GET_HW_INFO");
+_Static_assert(offsetof(struct iommu_hw_info, data_uptr) == 16, "iommu_hw_info.data_uptr");
+_Static_assert(offsetof(struct iommu_hwpt_alloc, data_uptr) == 32, "iommu_hwpt_alloc.data_uptr");
+#endif
 #endif
 #ifdef VFIO_DEVICE_BIND_IOMMUFD
 _Static_assert(MMB_VFIO_DEVICE_BIND_IOMMUFD == VFIO_DEVICE_BIND_IOMMUFD, "VFIO_DEVICE_BIND_IOMMUFD");
@@ -140,6 +150,10 @@ static const struct request requests[] = {
     {"IOMMU_IOAS_IOVA_RANGES", MMB_IOMMU_IOAS_IOVA_RANGES, FD_IOMMUFD, ARG_STRUCT, 32, -1, 0, false, 16, 8, 16},
     {"IOMMU_IOAS_MAP", MMB_IOMMU_IOAS_MAP, FD_IOMMUFD, ARG_STRUCT, 40, -1, 0, true, -1, 0, 0},
     {"IOMMU_IOAS_UNMAP", MMB_IOMMU_IOAS_UNMAP, FD_IOMMUFD, ARG_STRUCT, 24, -1, 0, true, -1, 0, 0},
+    /* The kernel writes up to data_len bytes of hardware info through data_uptr: C points it at a checked buffer. */
+    {"IOMMU_GET_HW_INFO", MMB_IOMMU_GET_HW_INFO, FD_IOMMUFD, ARG_STRUCT, 32, -1, 0, false, 16, 12, 1},
+    /* The kernel reads data_len bytes of driver data through data_uptr: C points it at a checked buffer. */
+    {"IOMMU_HWPT_ALLOC", MMB_IOMMU_HWPT_ALLOC, FD_IOMMUFD, ARG_STRUCT, 24, -1, 0, false, 32, 28, 1},
 };
 
 /* runs on any thread */
