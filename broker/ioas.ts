@@ -101,6 +101,8 @@ class Ioas {
   readonly map = new IovaMap();
   /** Attached clients and their devices. */
   readonly attached = new Map<Session, Set<string>>();
+  /** Clients being sent the IOAS (their first device's sync, not acked yet): they may map part of it already. */
+  readonly syncing = new Set<Session>();
   constructor(readonly name: string) {}
 }
 
@@ -184,7 +186,8 @@ export class IoSpaces {
   released(session: Session, holder: Holder | undefined): void {
     const names = new Set<string>();
     for (const io of this.all.values()) {
-      if (!io.attached.delete(session)) continue;
+      const syncing = io.syncing.delete(session);
+      if (!io.attached.delete(session) && !syncing) continue;
       if (io.map.size > 0) names.add(io.name);
       this.host.log.info({ client: session.ref(), ioas: io.name }, 'client left the IOAS');
     }
@@ -242,8 +245,8 @@ export class IoSpaces {
   private destroy(name: string): IoasResult {
     const io = this.require(name);
     const holders = this.holdersOf(name);
-    if (io.attached.size > 0 || holders.length > 0) {
-      const who = [...[...io.attached.keys()].map((s) => s.describe()), ...holders.map((h) => `${h.ref.kind} client ${JSON.stringify(h.ref.name)} (#${h.ref.id}, connection ended, not fenced yet)`)];
+    if (io.attached.size > 0 || io.syncing.size > 0 || holders.length > 0) {
+      const who = [...[...io.attached.keys(), ...io.syncing].map((s) => s.describe()), ...holders.map((h) => `${h.ref.kind} client ${JSON.stringify(h.ref.name)} (#${h.ref.id}, connection ended, not fenced yet)`)];
       throw new IoasBusyError(`IOAS ${JSON.stringify(name)} cannot be destroyed while ${who.join(', ')} may reach it`);
     }
     this.all.delete(name);
@@ -354,7 +357,11 @@ export class IoSpaces {
       for (const d of devices) have.add(d);
       return { generation: io.generation };
     }
+    io.syncing.add(session);
     const r = await this.sync(session, io, io.map.mappings());
+    // A timeout evicts it (syncFailed) while it still counts as syncing: its holder then holds this IOAS.
+    const err = r.kind === 'ack' ? undefined : this.syncFailed(session, io, r, 'follow');
+    io.syncing.delete(session);
     if (r.kind === 'ack') {
       io.attached.set(session, new Set(devices));
       this.host.log.info({ client: session.ref(), ioas: name, devices, mappings: io.map.size }, 'client attached to the IOAS');
@@ -362,7 +369,7 @@ export class IoSpaces {
       this.reconciled(session, name);
       return { generation: io.generation };
     }
-    throw this.syncFailed(session, io, r, 'follow');
+    throw err;
   }
 
   /** Devices leave `name`; with the last one the client unmaps everything (an empty EV_IOAS_SYNC) and is out. */
