@@ -7,7 +7,7 @@ import {
   ReservedRangeError,
   type Region,
 } from '../protocol/index.js';
-import { coalesce, viewOps } from './coalesce.js';
+import { nextView, viewOps } from './coalesce.js';
 import type { Plan } from './map.js';
 import type { Session } from './session.js';
 
@@ -25,14 +25,15 @@ export interface MapAfter {
 
 /**
  * Checks `plan` for every subscriber and against the pin budget. Returns the coalesced view each
- * coalescing subscriber will have after it.
+ * coalescing subscriber will have after it: its current runs kept, only memory new to it coalesced, and
+ * a reshape (the fully coalesced map) only where its region limit forces one (coalesce.ts, nextView).
  */
 export function checkSubscribers(plan: Plan, after: MapAfter, subscribers: Iterable<Session>, pinBudget: number): Map<Session, Region[]> {
   const views = new Map<Session, Region[]>();
   let pinned = 0;
   let firstPinner: Session | undefined;
   for (const s of subscribers) {
-    const view = s.coalesce ? coalesce(after.regions()) : undefined;
+    const view = s.coalesce ? nextView(s.view, after.regions(), s.maxRegions).view : undefined;
     if (view) views.set(s, view);
     const count = view ? view.length : after.count;
     if (count > s.maxRegions) {

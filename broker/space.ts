@@ -74,6 +74,7 @@ import { Logging } from './logging.js';
 import { DEFAULT_FENCE_OPTIONS, Fences, type FenceOptions, type Holder, type HolderReason } from './fence.js';
 import { IoSpaces } from './ioas.js';
 import { PAGE_SIZE } from '../native/index.js';
+import { SpaceEvents } from './watch.js';
 
 const sum = (rs: readonly Region[]) => rs.reduce((n, r) => n + r.size, 0);
 
@@ -163,6 +164,8 @@ export class AddressSpace {
    * synced at once instead of queueing behind that commit (its reconcile is what the commit waits for).
    */
   private fenceWindow = false;
+  /** What happens here, as it happens: for watchers, HISTORY and metrics (broker/watch.ts, broker/metrics.ts). */
+  readonly events: SpaceEvents;
 
   constructor(
     readonly name: string,
@@ -175,7 +178,8 @@ export class AddressSpace {
     this.history = new History(opts.limits.historyLength);
     this.log = opts.log.child({ space: name });
     this._published = opts.published ?? true;
-    this.fences = new Fences(opts.fence ?? DEFAULT_FENCE_OPTIONS, this.log, (h) => this.releaseUnused(h.backings));
+    this.events = new SpaceEvents(this, opts.limits.historyLength, this.maxFrameBytes);
+    this.fences = new Fences(opts.fence ?? DEFAULT_FENCE_OPTIONS, this.log, (h) => (this.events.emit('fenced', h), this.releaseUnused(h.backings)));
     // eslint-disable-next-line @typescript-eslint/no-this-alias
     const space = this;
     this.logging = new Logging({
@@ -225,6 +229,11 @@ export class AddressSpace {
     return this._published;
   }
 
+  /** Work waiting or running on the serial queue: commits, and all items (attaches, publishes, syncs). */
+  get queue(): { commits: number; work: number } {
+    return { commits: this.queued, work: this.pendingWork };
+  }
+
   // --- attach / detach ------------------------------------------------------------------------------
 
   /**
@@ -242,6 +251,7 @@ export class AddressSpace {
     session.state = 'owner';
     session.spaceName = this.name;
     this.log.info({ client: session.ref() }, 'owner attached');
+    this.events.emit('joined', session.ref(), 'owner');
     // An owner that cannot publish (no PUBLISH feature) publishes by attaching, as before the feature.
     const publishes = !this._published && (session.features & Feature.PUBLISH) === 0;
     const reply = (): AttachResult => ({
@@ -271,6 +281,7 @@ export class AddressSpace {
     if (this._published) return;
     this._published = true;
     this.log.info({ generation: this._generation, regions: this.map.size, waiting: this.waiting.size }, 'published');
+    this.events.emit('published', this._generation);
     for (const [s, w] of this.waiting) {
       s.waiting = false;
       if (!s.closed) void this.enqueue(() => this.runAttach(s, w.requestId, w.msg, w.replied), false);
@@ -312,6 +323,7 @@ export class AddressSpace {
     session.state = 'observer';
     session.spaceName = this.name;
     this.logging.observers.add(session);
+    this.events.emit('joined', session.ref(), 'observer');
     return { client: session.id, epoch: this.epoch, generation: this._generation, sync: 'none' };
   }
 
@@ -320,6 +332,7 @@ export class AddressSpace {
    * holder until it is fenced (broker/fence.ts): `reason` says why its connection ended.
    */
   detach(session: Session, reason: HolderReason = 'disconnected'): void {
+    this.events.left(session, reason);
     this.logging.observers.delete(session);
     this.waiting.delete(session);
     if (this.owner === session) {
@@ -343,6 +356,7 @@ export class AddressSpace {
   /** Removes a subscriber that broke its contract, telling it why; it is fenced (killed, under the kill policy). */
   evict(session: Session, err: MmbError): Holder | undefined {
     this.log.warn({ client: session.ref(), code: err.code, err: err.message }, 'evicting client');
+    this.events.emit('evicted', session.ref(), err);
     const before = new Set(this.fences.all());
     this.detach(session, 'evicted');
     session.goodbye(err);
@@ -355,6 +369,7 @@ export class AddressSpace {
    */
   leave(session: Session): object {
     if (!this.subscribers.has(session)) throw new StateError('only an attached subscriber detaches');
+    this.events.left(session, 'leaving');
     this.subscribers.delete(session);
     this.logging.observers.delete(session);
     session.state = 'leaving';
@@ -382,7 +397,7 @@ export class AddressSpace {
     // A subscriber in the owner's own process (a VMM's own device model on the socket) is never signalled:
     // killing it would kill the VMM, and the guest with it. Like an in-process one, only its reconcile fences it.
     const ownersProcess = this.owner !== undefined && !this.owner.closed && this.owner.pid === session.pid;
-    const holder = this.fences.add(session.ref(), reason, new Set(session.sentBackings.keys()), session.local || ownersProcess, session.takePidfds());
+    const holder = this.events.held(this.fences.add(session.ref(), reason, new Set(session.sentBackings.keys()), session.local || ownersProcess, session.takePidfds()));
     // Through its host IOMMU it may also reach what its IOASes map.
     this.ioas.released(session, holder);
     return holder;
@@ -408,7 +423,7 @@ export class AddressSpace {
   commit(session: Session, ops: readonly CommitOp[], expect: number | undefined): Promise<CommitResult> {
     this.requireOwner(session);
     this.admitCommit();
-    return this.enqueue(() => this.runCommit(session, ops, expect), true);
+    return this.enqueue(() => this.events.commit(session.ref(), ops, this._generation, () => this.runCommit(session, ops, expect)), true);
   }
 
   /** Refuses one more transaction when the queue is full (map commits and IOAS commits alike). */
@@ -427,6 +442,7 @@ export class AddressSpace {
     if (msg.coherent !== undefined) session.coherent = msg.coherent;
     if (msg.backend !== undefined) session.backend = msg.backend;
     if (msg.devices) session.devices = [...msg.devices];
+    this.events.reported(session, msg.pinned, this.map.bytes);
     if (msg.reserved) {
       const clash = this.map.regions().filter((r) => session.reserved.some((x) => r.gpa <= x.last && x.start < r.gpa + r.size));
       if (clash.length > 0) this.log.warn({ client: session.ref(), regions: clash.map((r) => r.name) }, 'existing regions cover ranges this client reports as reserved');
@@ -462,7 +478,7 @@ export class AddressSpace {
    */
   dirtySync(session: Session, refs: readonly (number | string)[] | undefined, fd: number): Promise<DirtySyncResult> {
     this.requireOwner(session);
-    return this.enqueue(() => this.logging.sync(refs, fd), false);
+    return this.enqueue(() => this.events.dirtySync(() => this.logging.sync(refs, fd)), false);
   }
 
   /** PAUSE (owner only): every writer stops, or resumes, writing guest memory. */
@@ -615,6 +631,7 @@ export class AddressSpace {
     }
     session.syncing = true;
     this.subscribers.add(session);
+    this.events.emit('joined', session.ref(), 'subscriber');
     this.log.info({ client: session.ref(), mode, generation, regions: regions.length, removed: removed.length }, 'subscriber attached');
 
     const timer = setTimeout(() => session.settle(seq, { kind: 'timeout' }), this.limits.ackTimeoutMs);
@@ -658,6 +675,7 @@ export class AddressSpace {
       let vote: Vote;
       for (let attempt = 1; ; attempt++) {
         await this.fenceHolders(holders, generation);
+        this.events.emit('vote', generation, owner.ref(), plan, attempt);
         vote = await this.vote(plan, generation, access, bitmaps, holders, attempt === 1);
         if (vote.retry === undefined) break;
       }

@@ -1,25 +1,46 @@
-// Argument helpers shared by the commands: sizes ("4096", "128M", "4G"), addresses (decimal or 0x hex),
-// and a parseArgs wrapper that turns usage mistakes into MMB_ERR_INVALID_ARG with the command's help.
+// Argument helpers shared by the commands: sizes and addresses in QEMU's syntax (4096, 128m, 1.5G, 2MiB,
+// 0x100000000, 4G), one unit style for output (IEC: 4 KiB, 128 MiB, 1.5 GiB), the socket default, and a
+// parseArgs wrapper that turns usage mistakes into MMB_ERR_INVALID_ARG (the CLI prints them as one line and
+// a hint to --help, and exits 2).
 import { GPA_LIMIT, InvalidArgError } from '../protocol/index.js';
 import fs from 'node:fs';
 import { parseArgs, type ParseArgsConfig } from 'node:util';
 
-const UNITS: Record<string, number> = { '': 1, K: 2 ** 10, M: 2 ** 20, G: 2 ** 30, T: 2 ** 40 };
+const UNITS: Record<string, number> = { '': 1, B: 1, K: 2 ** 10, M: 2 ** 20, G: 2 ** 30, T: 2 ** 40 };
 
-/** "4096", "128M", "4G", "2MiB", "1T" -> bytes. */
+/** Where the broker listens when neither --socket nor MMBROKER_SOCKET says (contrib/systemd's socket unit). */
+export const DEFAULT_SOCKET = '/run/memmap-broker/broker.sock';
+
+/**
+ * A byte count in QEMU's size syntax, plus IEC units: a whole or fractional number with an optional
+ * suffix k, m, g or t (either case, powers of 1024; b for bytes), optionally followed by iB or B:
+ * "4096", "128m", "128M", "1.5G", "2MiB", "64KiB", "1t". A fraction must come to a whole byte count.
+ */
 export function parseSize(text: string, what = 'size'): number {
-  const m = /^(\d+)\s*([KMGT]?)(i?B)?$/i.exec(text.trim());
-  if (!m) throw new InvalidArgError(`${what} ${JSON.stringify(text)} is not a size (examples: 4096, 128M, 4G)`);
-  const n = Number(m[1]) * (UNITS[(m[2] ?? '').toUpperCase()] as number);
-  if (!Number.isSafeInteger(n) || n > GPA_LIMIT) throw new InvalidArgError(`${what} ${text} is too large`);
+  const m = /^(\d+(?:\.\d+)?)\s*(?:([kmgtb])(?:i?b)?)?$/i.exec(text.trim().replace(/_/g, ''));
+  const example = '(examples: 4096, 128m, 1.5G, 2MiB)';
+  if (!m) throw new InvalidArgError(`${what} ${JSON.stringify(text)} is not a size ${example}`);
+  const scale = UNITS[(m[2] ?? '').toUpperCase()] as number;
+  if (m[1]?.includes('.') && scale === 1) throw new InvalidArgError(`${what} ${JSON.stringify(text)}: a fraction needs a unit ${example}`);
+  const n = Number(m[1]) * scale;
+  if (!Number.isInteger(n)) throw new InvalidArgError(`${what} ${JSON.stringify(text)} is not a whole number of bytes (${n})`);
+  if (!Number.isSafeInteger(n) || n > GPA_LIMIT) throw new InvalidArgError(`${what} ${JSON.stringify(text)} is too large (at most 4096T, 2^52 bytes)`);
   return n;
 }
 
-/** Decimal or 0x-prefixed hex -> number. */
+/** A guest-physical address: 0x hex, or decimal with an optional size suffix ("4G" is 0x100000000). */
 export function parseAddress(text: string, what = 'address'): number {
   const t = text.trim().replace(/_/g, '');
-  const n = /^0x[0-9a-f]+$/i.test(t) ? Number.parseInt(t.slice(2), 16) : /^\d+$/.test(t) ? Number(t) : NaN;
-  if (!Number.isSafeInteger(n) || n >= GPA_LIMIT) throw new InvalidArgError(`${what} ${JSON.stringify(text)} is not an address below 2^52 (decimal or 0x hex)`);
+  let n = NaN;
+  if (/^0x[0-9a-f]+$/i.test(t)) n = Number.parseInt(t.slice(2), 16);
+  else if (/^\d/.test(t)) {
+    try {
+      n = parseSize(t, what);
+    } catch {
+      n = NaN;
+    }
+  }
+  if (!Number.isSafeInteger(n) || n >= GPA_LIMIT) throw new InvalidArgError(`${what} ${JSON.stringify(text)} is not an address below 2^52 (0x100000000, 4294967296 or 4G)`);
   return n;
 }
 
@@ -28,11 +49,12 @@ export function parseCount(text: string, what: string): number {
   return Number(text);
 }
 
+/** An exact size in the largest IEC unit it is a whole multiple of: "128 MiB", "2 GiB", "12 KiB", "812 B". */
 export function formatSize(bytes: number): string {
-  for (const [unit, scale] of [['T', 2 ** 40], ['G', 2 ** 30], ['M', 2 ** 20], ['K', 2 ** 10]] as const) {
-    if (bytes >= scale && bytes % scale === 0) return `${bytes / scale}${unit}`;
+  for (const [unit, scale] of [['TiB', 2 ** 40], ['GiB', 2 ** 30], ['MiB', 2 ** 20], ['KiB', 2 ** 10]] as const) {
+    if (bytes >= scale && bytes % scale === 0) return `${bytes / scale} ${unit}`;
   }
-  return String(bytes);
+  return bytes >= 2 ** 10 ? formatBytes(bytes) : `${bytes} B`;
 }
 
 /** Any byte count, rounded for people: 812 B, 213.7 KiB, 12.5 MiB. */
@@ -80,6 +102,10 @@ export function parseCommand<const O extends OptionSpec>(argv: string[], options
   if ((values as { help?: boolean }).help) {
     console.log(usage);
     return undefined;
+  }
+  // --socket defaults to $MMBROKER_SOCKET, then to where the shipped systemd units put it.
+  if ('socket' in options && (values as { socket?: string }).socket === undefined) {
+    (values as { socket?: string }).socket = process.env.MMBROKER_SOCKET || DEFAULT_SOCKET;
   }
   return values as CommandValues<O>;
 }

@@ -30,3 +30,4 @@ export {
 export { VfioSubscriber, X86_MSI_WINDOW, type VfioSubscriberOptions, type VfioDomainInfo, type PinProgress } from './vfio/index.js';
 export { Migration, FileDestination, SpaceDestination, type MigrationOptions, type MigrationProgress, type MigrationResult, type Destination } from './migration/index.js';
 export { VhostUserSubscriber, VhostUserFrontend, Virtqueue, VirtioBlk, VirtioNet, BLK_FEATURES, NET_FEATURES, NET_HDR_BYTES, type VhostUserOptions, type Negotiated, type BlkOptions, type NetOptions, type TableEntry } from './vhost-user/index.js';
+export { Watcher, fetchHistory, type WatcherEvents, type WatcherOptions } from './watcher.js';

@@ -654,7 +654,7 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
       commit = phases.commit;
       return phases.vote;
       // One 'change' event per part that does something, and one for a transaction that does nothing.
-    }, () => commit !== undefined && !isEmpty(commit));
+    }, () => commit !== undefined && !isEmpty(commit), () => commit);
     if (change) this.pending = { generation, ops, ...(commit ? { commit } : {}) };
   }
 
@@ -703,8 +703,11 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
    * Establishes the change `compute` returns and acks `seq`; on failure (computing or applying) leaves
    * everything as it was and nacks. Returns the change on success.
    */
-  /** `quiet()`: true when an empty change should not be announced (another part of the transaction will be). */
-  private async establish(conn: Connection, seq: number, compute: () => Change, quiet?: () => boolean): Promise<Change | undefined> {
+  /**
+   * `quiet()`: true when an empty change should not be announced (another part of the transaction will be).
+   * `later()`: for a two-phase vote, the commit's part, which the applier checks now (Applier.check).
+   */
+  private async establish(conn: Connection, seq: number, compute: () => Change, quiet?: () => boolean, later?: () => Change | undefined): Promise<Change | undefined> {
     let change: Change;
     const abort = new LazyAbort();
     const cancelledKeys = new Set<string>();
@@ -720,10 +723,17 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
       // IOVA mappings into memory going away go first (only after a re-sync: the broker refuses that otherwise).
       if (this.ioasFollower && change.removed.length > 0) await this.ioasFollower.letGo(change.removed);
       if (!isEmpty(change)) await this.applier.apply(change, this.backings, ctx);
-      if (change.staged?.length && this.applier.stage) {
+      const commit = later?.();
+      if ((change.staged?.length && this.applier.stage) || (commit && !isEmpty(commit) && this.applier.check)) {
+        let staged = false;
         try {
-          await this.applier.stage(change.staged, this.backings, ctx);
+          if (change.staged?.length && this.applier.stage) {
+            await this.applier.stage(change.staged, this.backings, ctx);
+            staged = true;
+          }
+          if (commit && !isEmpty(commit)) await this.applier.check?.(commit, this.backings);
         } catch (err) {
+          if (staged) await this.applier.unstage?.(change.staged ?? []);
           if (!isEmpty(change)) await this.applier.apply(inverse(change), this.backings, NO_CANCEL);
           throw err;
         }

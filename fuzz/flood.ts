@@ -59,8 +59,11 @@ export function startFlood(socket: string, pending = 76, singles = 1000): Flood 
   put(path.join(distFuzz, 'flood-worker.js'), 'dist/fuzz/flood-worker.js');
   put(path.join(distFuzz, '../native/index.js'), 'dist/native/index.js');
   put(path.join(distFuzz, '../../build/Release/mmb_native.node'), 'build/Release/mmb_native.node');
+  // The addon's loader (native/index.ts) finds the addon through node-gyp-build, a runtime dependency.
+  const ngb = path.join(distFuzz, '../../node_modules/node-gyp-build');
+  for (const f of fs.readdirSync(ngb)) if (f.endsWith('.js') || f === 'package.json') put(path.join(ngb, f), `node_modules/node-gyp-build/${f}`);
   fs.writeFileSync(path.join(dir, 'package.json'), '{"type":"module"}\n', { mode: 0o644 });
-  for (const d of [dir, `${dir}/dist`, `${dir}/dist/fuzz`, `${dir}/dist/native`, `${dir}/build`, `${dir}/build/Release`]) fs.chmodSync(d, 0o755);
+  for (const d of [dir, `${dir}/dist`, `${dir}/dist/fuzz`, `${dir}/dist/native`, `${dir}/build`, `${dir}/build/Release`, `${dir}/node_modules`, `${dir}/node_modules/node-gyp-build`]) fs.chmodSync(d, 0o755);
   const child: ChildProcess = spawn(
     'setpriv',
     ['--reuid', String(FLOOD_UID), '--regid', String(FLOOD_UID), '--clear-groups', '--', process.execPath, path.join(dir, 'dist/fuzz/flood-worker.js'), socket, String(pending), String(singles)],

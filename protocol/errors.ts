@@ -25,6 +25,7 @@ export type Errno =
   | 'ENOMEM'
   | 'ECANCELED'
   | 'EAGAIN'
+  | 'EADDRINUSE'
   | 'EIO';
 
 interface ErrorSpec {
@@ -107,6 +108,7 @@ export const ERROR_TABLE = {
   MMB_ERR_SHUTDOWN: { errno: 'ESHUTDOWN', summary: 'The broker is shutting down.' },
   MMB_ERR_PROTOCOL: { errno: 'EPROTO', summary: 'The broker sent a message this client cannot accept; the connection was closed.' },
   MMB_ERR_INVALID_ARG: { errno: 'EINVAL', summary: 'A library or command-line argument is invalid.' },
+  MMB_ERR_ADDRESS_IN_USE: { errno: 'EADDRINUSE', summary: 'Another broker already listens on that socket path (or another server on the metrics address); nothing was started.' },
   MMB_ERR_INTERNAL: { errno: 'EIO', summary: 'An unexpected internal failure; the message names it. Please report it.' },
 } as const satisfies Record<string, ErrorSpec>;
 
@@ -304,6 +306,7 @@ export const TimeoutError = define('MMB_ERR_TIMEOUT');
 export const ShutdownError = define('MMB_ERR_SHUTDOWN');
 export const ProtocolError = define('MMB_ERR_PROTOCOL');
 export const InvalidArgError = define('MMB_ERR_INVALID_ARG');
+export const AddressInUseError = define('MMB_ERR_ADDRESS_IN_USE');
 export const InternalError = define('MMB_ERR_INTERNAL');
 
 /** Wraps anything thrown into an MmbError, keeping MmbErrors as they are. */

@@ -92,7 +92,7 @@ describe('mmbroker CLI', () => {
     expect(nobroker.code).toBe(1);
     expect(nobroker.stderr).toContain('MMB_ERR_CONNECT (ENOENT)');
     const badsize = await runCli(['map', 'add', '--socket', socket, '--space', 'vm1', '--gpa', '0', '--size', '12X']);
-    expect(badsize.code).toBe(1);
+    expect(badsize.code).toBe(2); // a usage mistake
     expect(badsize.stderr).toContain('MMB_ERR_INVALID_ARG');
   });
 

@@ -129,6 +129,7 @@ describe('I/O address spaces', () => {
     expect(vmLckKiB(vf.pid) * 1024).toBe(5 * PAGE);
     expect(table.resolve(0x1000_0000 + PAGE, 1, ptr)).toBe(false);
     // What the vfio process saw, in order: the vote mapped, the unmap (one final round) unmapped.
+    await vf.next('ioas', (e) => e.generation === 3);
     const seen = vf.events.filter((e) => e.event === 'ioas').map((e) => [e.cause, e.generation, e.mapped, e.unmapped, e.vmLck]);
     expect(seen).toEqual([
       ['txn', 1, 8, 0, 8 * PAGE],
@@ -165,11 +166,10 @@ describe('I/O address spaces', () => {
     expect(err.client?.name).toBe('refuser');
     expect(vmLckKiB(vf.pid) * 1024).toBe(PAGE);
     expect(await ioasStatus('gpu0')).toMatchObject({ generation: 1, mappings: 1 });
-    const seen = vf.events.filter((e) => e.event === 'ioas').map((e) => [e.cause, e.generation, e.mapped, e.unmapped]);
-    expect(seen.slice(-2)).toEqual([
-      ['txn', 2, 16, 0],
-      ['rollback', 2, 0, 16],
-    ]);
+    // Its own account (printed before it acked; read from its stdout, which may lag the ack).
+    const voted = await vf.next('ioas', (e) => e.cause === 'txn' && e.generation === 2);
+    const undone = await vf.next('ioas', (e) => e.cause === 'rollback');
+    expect([voted.mapped, undone.generation, undone.unmapped]).toEqual([16, 2, 16]);
     // The refusal left nothing behind: the next transaction reuses the generation.
     expect(await io.map({ iova: 0x3000_0000, gpa: PAGE, size: PAGE })).toMatchObject({ generation: 2 });
   });
@@ -229,9 +229,10 @@ describe('I/O address spaces', () => {
       { op: 'map', iova: 0x10_0000, gpa: 8 * PAGE, size: PAGE },
     ]);
     expect(r).toMatchObject({ generation: 2, mapped: PAGE, unmapped: 2 * PAGE });
-    const seen = vf.events.filter((e) => e.event === 'ioas').map((e) => [e.cause, e.mapped, e.unmapped, e.vmLck]);
-    // The vote had nothing it could do without disturbing the mapping in place; the commit switched.
-    expect(seen.at(-1)).toEqual(['commit', 1, 1, PAGE]);
+    // The vote had nothing it could do without disturbing the mapping in place; the commit switched
+    // (its own account, printed before it acked; its stdout may lag the ack).
+    const last = await vf.next('ioas', (e) => e.generation === 2);
+    expect([last.cause, last.mapped, last.unmapped, last.vmLck]).toEqual(['commit', 1, 1, PAGE]);
     expect(vmLckKiB(vf.pid) * 1024).toBe(PAGE);
     expect(vh.iova('gpu0').translate(0x10_0000, 1)[0]?.[0]).toBe(2);
   });

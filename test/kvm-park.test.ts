@@ -13,6 +13,7 @@ import { KvmSubscriber, assembleCounterLoop, assembleProgram, replacesInPlace, p
 import type { OwnerClient } from '../clients/index.js';
 import type { ViewRegion } from '../clients/view.js';
 import { native } from '../native/index.js';
+import { ALL_FEATURES, Feature } from '../protocol/index.js';
 import { IN_CI } from './helpers/ci.js';
 import { defer, embeddedBroker, ownerOf, runCleanups } from './helpers/embedded.js';
 
@@ -154,9 +155,13 @@ describeKvm('changes that delete and re-create a slot run with the vCPUs parked'
     expect(parks).toHaveLength(1);
   });
 
+  // Single-phase (no TWO_PHASE), so that the slot change, and the hook with it, is part of the vote and a
+  // failure is a refusal. A two-phase client parks at the commit, which cannot be refused: there a failing
+  // hook makes the client nack the commit and be fenced (docs/clients.md).
   it('a hook that fails refuses the change: nothing changed, the vCPU runs on', async () => {
     let fail = true;
     const { owner, kvm } = await setup({
+      features: ALL_FEATURES & ~Feature.TWO_PHASE,
       parkVcpus: async () => {
         if (fail) throw new Error('the VMM could not stop its vCPUs');
         return () => undefined;

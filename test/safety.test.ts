@@ -14,6 +14,7 @@ import { afterEach, describe, expect, it } from 'vitest';
 import { OwnerClient, createSealedMemfd, fetchStatus } from '../clients/index.js';
 import { native } from '../native/index.js';
 import { isMmbError, type MmbError, type StatusSpace } from '../protocol/index.js';
+import { have, makeImage, startQsd, QSD } from '../bench/vhost-user-backends.js';
 import { IN_CI } from './helpers/ci.js';
 import { CLI, JsonProc, ROOT, memfdStarts, spawnBroker, spawnSubscriber, stopProcess, tempDir, waitFor } from './helpers/procs.js';
 
@@ -21,6 +22,7 @@ const MiB = 2 ** 20;
 const VFIO = path.join(ROOT, 'test/fixtures/vfio-proc.mjs');
 // Without /dev/kvm the memslot cases cannot run; under CI that is a failure, not a skip.
 const HAVE_KVM = fs.existsSync('/dev/kvm') || IN_CI;
+const HAVE_QSD = have(QSD) || IN_CI;
 const cleanups: (() => unknown)[] = [];
 afterEach(async () => {
   for (const c of cleanups.splice(0).reverse()) await c();
@@ -144,6 +146,29 @@ describe('Invariant 1: eviction is not fencing', () => {
     // At that moment neither the stopped client nor the process it handed the memory to can reach it.
     expect(reach(bridge.pid, 'safety-delegate')).toEqual({ alive: false, mappings: 0, lockedKiB: 0 });
     expect(reach(helper, 'safety-delegate')).toEqual({ alive: false, mappings: 0, lockedKiB: 0 });
+  });
+
+  it.runIf(HAVE_QSD)('a vhost-user bridge names its back-end (DELEGATE of its SO_PEERPIDFD): stopped, the bridge and qemu-storage-daemon are both dead before the removal is done', async () => {
+    const { socket } = await broker(['--ack-timeout', '500']);
+    const o = await owner(socket);
+    const dir = tempDir('mmb-safety-qsd-');
+    cleanups.push(() => fs.rmSync(dir, { recursive: true, force: true }));
+    const image = path.join(dir, 'disk.img');
+    makeImage(image, 2048);
+    const qsd = await startQsd(dir, image);
+    cleanups.push(() => qsd.stop());
+    const child = spawn(process.execPath, [CLI, 'attach', 'vhost-user', '--socket', socket, '--space', 'vm0', '--backend-socket', qsd.socket, '--name', 'blk0', '--json'], { stdio: ['ignore', 'pipe', 'pipe'] });
+    const bridge = new JsonProc(child);
+    cleanups.push(() => bridge.stop());
+    await bridge.next('attached', () => true, 20_000);
+    const dimm = await backing(o, 16 * MiB, 'safety-qsd');
+    await o.addRegion({ name: 'dimm', gpa: 0x1_0000_0000, size: 16 * MiB, backing: dimm.backing });
+    expect(reach(qsd.pid, 'safety-qsd').mappings).toBe(1);
+    bridge.child.kill('SIGSTOP');
+
+    await o.removeRegion('dimm');
+    expect(reach(bridge.pid, 'safety-qsd')).toEqual({ alive: false, mappings: 0, lockedKiB: 0 });
+    expect(reach(qsd.pid, 'safety-qsd')).toEqual({ alive: false, mappings: 0, lockedKiB: 0 });
   });
 
   it('with --fence wait, a stopped client makes the removal fail (MMB_ERR_NOT_FENCED, naming it) and the memory stays; once it exits the removal goes through', async () => {

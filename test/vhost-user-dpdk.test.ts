@@ -78,6 +78,9 @@ describeDpdk('vhost-user front-end: dpdk-testpmd (net_vhost)', () => {
     const rxGpa = 0x4000_0000;
     await owner.addRegion({ name: 'rx0', gpa: rxGpa, size: 1 * MiB, backing: rx.backing, offset: 1 * MiB });
     expect(sub.stats.setMemTable).toBe(tables + 1);
+    // A table after the first remaps what DPDK has: the rings were stopped around it and restarted.
+    expect(sub.rings.stats.reshapeStops).toBe(1);
+    expect([net.rx.stats.restarts, net.tx.stats.restarts]).toEqual([1, 1]);
     expect(sub.backendTable().map((e) => [e.name, e.mmapOffset])).toEqual([['ram0', 0], ['rx0', 1 * MiB]]);
     expect(memfdMaps(pmd.pid, 'rxmem')).toHaveLength(1);
 

@@ -166,6 +166,8 @@ export const attach: Command = {
       const backend = values.backend ?? 'soft';
       if (backend !== 'soft' && backend !== 'type1' && backend !== 'iommufd') throw new InvalidArgError(`--backend ${backend}: soft, type1 or iommufd`);
       let lastProgress = 0;
+      let relayed = 0;
+      const attached: { sub?: VfioSubscriber } = {};
       const vfio = await VfioSubscriber.attach(socket, {
         ...opts,
         backend,
@@ -175,11 +177,19 @@ export const attach: Command = {
         ...(values.ioas !== undefined ? { ioas: values.ioas } : {}),
         onPinProgress: (p) => {
           const now = Date.now();
+          // Relayed to the broker too (REPORT.pinned), which passes it on to watchers (`map add` on a TTY
+          // shows it), a few times a second at most.
+          const sub = attached.sub;
+          if (p.done < p.total && now - relayed >= 250 && sub) {
+            relayed = now;
+            sub.report({ pinned: sub.domain.pinnedBytes + p.done }).catch(() => undefined);
+          }
           if (p.done < p.total && now - lastProgress < 200) return;
           lastProgress = now;
           log('pinning', `pinning ${p.region}: ${formatSize(p.done)} of ${formatSize(p.total)}`, { ...p });
         },
       });
+      attached.sub = vfio;
       const d = vfio.domain;
       log('backend', `${d.description}; devices ${d.devices.join(', ') || '(none)'}; pinned ${formatSize(d.pinnedBytes)}`, { ...d });
       vfio.on(vfio.shadowing ? 'ioas' : 'change', () => {

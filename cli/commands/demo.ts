@@ -15,6 +15,7 @@ import { constants, native } from '../../native/index.js';
 import { isMmbError, type MmbError } from '../../protocol/index.js';
 import { formatBytes, formatSize, hex, parseCommand, type Command } from '../args.js';
 import { JsonProc } from '../child.js';
+import { draw } from '../picture.js';
 import { memfdMappedBytes, vmLckKiB } from '../procfs.js';
 
 const usage = `Usage: mmbroker demo [--json]
@@ -114,8 +115,8 @@ export const demo: Command = {
       const ram = await memfd('ram', 4 * MiB);
       await step('base RAM', async () => {
         const r = await o.addRegion({ name: 'ram', gpa: 0, size: 4 * MiB, backing: ram.backing });
-        say('owner', `base RAM 4M at 0x0 (memfd "ram"): generation ${r.generation}`);
-        return '4M at 0x0';
+        say('owner', `base RAM 4 MiB at 0x0 (memfd "ram"): generation ${r.generation}`);
+        return '4 MiB at 0x0';
       });
 
       // The three kinds of clients.
@@ -144,10 +145,10 @@ export const demo: Command = {
         dimmGpa = await o.findFree(2 * MiB, { align: 2 * MiB, min: 0xfee0_0000, max: 2 ** 32 });
         const r = await o.addRegion({ name: 'dimm0', gpa: dimmGpa, size: 2 * MiB, backing: dimm.backing });
         const slot = k.slots().find((x) => x.name === 'dimm0');
-        say('owner', `hotplugged dimm0 2M at ${hex(dimmGpa)} (placed by FIND_FREE past the reserved MSI window): generation ${r.generation}, acked by all three`);
+        say('owner', `hotplugged dimm0 2 MiB at ${hex(dimmGpa)} (placed by FIND_FREE past the reserved MSI window): generation ${r.generation}, acked by all three`);
         say('kernel', `kvm slot ${slot?.slot} accepted by KVM_SET_USER_MEMORY_REGION; vhost maps dimm0 (${formatSize(memfdMappedBytes(vhost.pid, 'dimm0'))}); vfio VmLck ${formatSize(pinned())}`);
         if (pinned() < 6 * MiB || memfdMappedBytes(vhost.pid, 'dimm0') !== 2 * MiB || !slot) throw new Error('the kernel does not show dimm0 where it should be');
-        return `2M at ${hex(dimmGpa)}; vfio VmLck ${formatSize(pinned())}`;
+        return `2 MiB at ${hex(dimmGpa)}; vfio VmLck ${formatSize(pinned())}`;
       });
 
       // A vCPU writes into the hotplugged memory; the vhost-like process reads it through its own mapping.
@@ -286,6 +287,10 @@ export const demo: Command = {
           console.log(`    ${c.kind.padEnd(6)} ${c.name.padEnd(12)} pid ${String(c.pid).padEnd(7)} acked gen ${c.ackedGeneration}  ${c.backend ?? ''}${c.pin ? `  pinned ${formatSize(c.pin.actual ?? 0)} (predicted ${formatSize(c.pin.predicted)})` : ''}`);
         }
         console.log(`\n  ${summary.ok ? 'all steps ok' : 'SOME STEPS FAILED'} in ${summary.seconds} s`);
+        // The map as it ends, as `mmbroker status` draws it (the reserved MSI window the vfio client reported,
+        // who maps and pins what).
+        console.log(`\nThe map at the end (mmbroker status --socket ${socket}):\n`);
+        console.log(draw(broker.status('vm0')));
       }
       return summary.ok ? 0 : 1;
     } finally {

@@ -21,7 +21,7 @@ ioas unmap     removes the mappings inside [IOVA, IOVA + SIZE) (whole mappings o
                every attached client has let go: its host IOMMU no longer maps them
 
 Options:
-  --socket PATH   the broker's socket
+  --socket PATH   the broker's socket (default: $MMBROKER_SOCKET, else /run/memmap-broker/broker.sock)
   --space NAME    the address space
   --ioas ID       the IOAS's name
   --iova ADDR     I/O virtual address, page aligned (decimal or 0x hex)

@@ -2,6 +2,7 @@ import { MappingSubscriber, OwnerClient } from '../../clients/index.js';
 import { FileDestination, Migration, SpaceDestination, type Destination } from '../../clients/migration/index.js';
 import { InvalidArgError } from '../../protocol/index.js';
 import { formatBytes, formatSize, parseCommand, parseCount, parseSize, required, type Command } from '../args.js';
+import { checkOutputFile } from '../paths.js';
 
 const usage = `Usage: mmbroker migrate --socket PATH --space NAME (--to FILE | --to-space NAME) [options]
 
@@ -44,6 +45,7 @@ export const migrate: Command = {
     const socket = required(values, 'socket');
     const space = required(values, 'space');
     if ((values.to === undefined) === (values['to-space'] === undefined)) throw new InvalidArgError('give exactly one of --to FILE and --to-space NAME');
+    if (values.to !== undefined) checkOutputFile(values.to, '--to');
     const dest: Destination = values.to !== undefined ? new FileDestination(values.to) : new SpaceDestination(socket, values['to-space'] as string);
     const owner = await OwnerClient.attach(socket, { space, name: 'mmbroker migrate' });
     let reader: MappingSubscriber | undefined;

@@ -4,6 +4,7 @@
 import { ClientRefusedError, InvalidArgError } from '../../protocol/index.js';
 import type { VhostUserFrontend } from './frontend.js';
 import { Feature, ProtocolFeature, bit } from './messages.js';
+import type { Rings } from './rings.js';
 import { Virtqueue, type QueueMemory } from './virtqueue.js';
 
 /** Features the driver needs: VERSION_1 and FLUSH (no event index, no indirect descriptors). */
@@ -27,10 +28,15 @@ export interface BlkOptions {
   timeoutMs?: number;
 }
 
-/** The device side a driver needs: the back-end connection and guest memory as this process maps it. */
+/**
+ * The device side a driver needs: the back-end connection, guest memory as this process maps it, and
+ * the back-end's rings (VhostUserSubscriber.rings), which its queues join so that reshapes and pauses
+ * stop and restart them.
+ */
 export interface DeviceAccess {
   readonly frontend: VhostUserFrontend;
   readonly memory: QueueMemory;
+  readonly rings?: Rings;
 }
 
 export class VirtioBlk {
@@ -60,7 +66,13 @@ export class VirtioBlk {
       // struct virtio_blk_config starts with u64 capacity.
       capacity = Number((await fe.getConfig(0, 8)).readBigUInt64LE(0));
     }
-    const queue = new Virtqueue(fe, access.memory, { index: 0, size: opts.queueSize ?? 16, gpa: opts.gpa, ...(opts.timeoutMs ? { timeoutMs: opts.timeoutMs } : {}) });
+    const queue = new Virtqueue(fe, access.memory, {
+      index: 0,
+      size: opts.queueSize ?? 16,
+      gpa: opts.gpa,
+      ...(opts.timeoutMs ? { timeoutMs: opts.timeoutMs } : {}),
+      ...(access.rings ? { rings: access.rings } : {}),
+    });
     try {
       await queue.start();
     } catch (err) {
@@ -93,16 +105,20 @@ export class VirtioBlk {
     const hdrGpa = this.scratch + slot * SLOT_BYTES;
     const statusGpa = hdrGpa + 16;
     let keepSlot = false;
-    try {
+    // Written when the request is posted: while the ring is stopped (a pause) nothing goes to guest memory.
+    const prepare = () => {
       const hdr = this.access.memory.slice(hdrGpa, 17);
       const dv = new DataView(hdr.buffer, hdr.byteOffset, 17);
       dv.setUint32(0, type, true);
       dv.setUint32(4, 0, true);
       dv.setBigUint64(8, BigInt(sector), true);
       dv.setUint8(16, 0xff);
+      this.access.memory.dirty?.mark(hdrGpa, 17);
+    };
+    try {
       const chain = [{ gpa: hdrGpa, len: 16 }, ...(data ? [data] : []), { gpa: statusGpa, len: 1, write: true }];
       try {
-        await this.queue.submit(chain);
+        await this.queue.submit(chain, prepare);
       } catch (err) {
         // A request the device may still complete later: its slot must not be reused.
         keepSlot = true;

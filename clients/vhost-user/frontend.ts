@@ -38,6 +38,7 @@ import {
   configPayload,
   decodeHeader,
   encode,
+  logPayload,
   memReg,
   memTable,
   readU64,
@@ -71,6 +72,11 @@ export interface Negotiated {
   offeredProtocolFeatures: bigint;
   /** Protocol features set with SET_PROTOCOL_FEATURES. */
   protocolFeatures: bigint;
+  /**
+   * The back-end can log its writes the way the spec defines it: it offered VHOST_F_LOG_ALL and
+   * VHOST_USER_PROTOCOL_F_LOG_SHMFD was negotiated. Otherwise its writes cannot be seen.
+   */
+  canLog: boolean;
   /** GET_QUEUE_NUM (with MQ), else undefined. */
   queueNum: number | undefined;
   /** GET_MAX_MEM_SLOTS with CONFIGURE_MEM_SLOTS, else 8 (SET_MEM_TABLE only). */
@@ -79,7 +85,11 @@ export interface Negotiated {
   memMode: 'slots' | 'table';
 }
 
-type Expect = 'none' | 'ack' | 'reply';
+/**
+ * What a request waits for: nothing, its confirmation (reply-ack or barrier), its own reply, or
+ * 'confirm': its confirmation and a GET_FEATURES round trip behind it, written in the same sendmsg.
+ */
+type Expect = 'none' | 'ack' | 'reply' | 'confirm';
 
 interface Waiter {
   request: number;
@@ -117,6 +127,11 @@ export class VhostUserFrontend extends EventEmitter<FrontendEvents> {
   private _closed = false;
   private _negotiated: Negotiated | undefined;
   readonly stats: FrontendStats = { sent: 0, replies: 0, barriers: 0 };
+
+  /** The back-end's pidfd (SO_PEERPIDFD on our socket; -1 where the kernel has none), owned by the caller. */
+  backendPidfd(): number {
+    return native.peerPidfd(this.fd);
+  }
 
   private constructor(fd: number, readonly path: string, opts: FrontendOptions) {
     super();
@@ -162,9 +177,10 @@ export class VhostUserFrontend extends EventEmitter<FrontendEvents> {
   }
 
   /**
-   * The session start: GET_FEATURES, GET/SET_PROTOCOL_FEATURES (MQ, REPLY_ACK, CONFIG, CONFIGURE_MEM_SLOTS
-   * where offered; never STATUS), GET_QUEUE_NUM, GET_MAX_MEM_SLOTS, SET_OWNER, SET_FEATURES with `want`
-   * (masked by what is offered; VHOST_USER_F_PROTOCOL_FEATURES added when offered).
+   * The session start: GET_FEATURES, GET/SET_PROTOCOL_FEATURES (MQ, REPLY_ACK, CONFIG, CONFIGURE_MEM_SLOTS,
+   * LOG_SHMFD where offered; never STATUS), GET_QUEUE_NUM, GET_MAX_MEM_SLOTS, SET_OWNER, SET_FEATURES with
+   * `want` (masked by what is offered; VHOST_USER_F_PROTOCOL_FEATURES added when offered; VHOST_F_LOG_ALL
+   * never here: setLogAll() turns it on while dirty logging is wanted, as QEMU does at migration).
    */
   async negotiate(want: bigint): Promise<Negotiated> {
     const offered = readU64(await this.request(Req.GET_FEATURES, undefined, [], 'reply'), 'GET_FEATURES');
@@ -184,6 +200,7 @@ export class VhostUserFrontend extends EventEmitter<FrontendEvents> {
       queueNum: undefined,
       maxMemSlots: MEM_TABLE_MAX_REGIONS,
       memMode: 'table',
+      canLog: (offered & bit(Feature.LOG_ALL)) !== 0n && (pf & bit(ProtocolFeature.LOG_SHMFD)) !== 0n,
     };
     this._negotiated = n;
     if (pf & bit(ProtocolFeature.MQ)) {
@@ -196,7 +213,7 @@ export class VhostUserFrontend extends EventEmitter<FrontendEvents> {
       n.memMode = 'slots';
     }
     await this.request(Req.SET_OWNER, undefined, [], 'ack');
-    const features = (want & offered) | (offered & bit(Feature.PROTOCOL_FEATURES));
+    const features = (want & offered & ~bit(Feature.LOG_ALL)) | (offered & bit(Feature.PROTOCOL_FEATURES));
     await this.request(Req.SET_FEATURES, u64Payload(features), [], 'ack');
     n.features = features;
     return n;
@@ -204,20 +221,51 @@ export class VhostUserFrontend extends EventEmitter<FrontendEvents> {
 
   // --- memory table ---------------------------------------------------------------------------------
 
+  // `confirm`: also wait for a round trip behind the message (see barrier()), sent with it.
+
   /** SET_MEM_TABLE: the whole table (at most 8 regions), one fd per region in the same order. */
-  setMemTable(regions: readonly MemRegion[], fds: readonly number[]): Promise<void> {
+  setMemTable(regions: readonly MemRegion[], fds: readonly number[], confirm = false): Promise<void> {
     if (fds.length !== regions.length) throw new InvalidArgError(`SET_MEM_TABLE: ${regions.length} regions but ${fds.length} fds`);
-    return this.request(Req.SET_MEM_TABLE, memTable(regions), fds, 'ack').then(() => undefined);
+    return this.request(Req.SET_MEM_TABLE, memTable(regions), fds, confirm ? 'confirm' : 'ack').then(() => undefined);
   }
 
   /** ADD_MEM_REG: one region and exactly one fd. */
-  addMemReg(region: MemRegion, fd: number): Promise<void> {
-    return this.request(Req.ADD_MEM_REG, memReg(region), [fd], 'ack').then(() => undefined);
+  addMemReg(region: MemRegion, fd: number, confirm = false): Promise<void> {
+    return this.request(Req.ADD_MEM_REG, memReg(region), [fd], confirm ? 'confirm' : 'ack').then(() => undefined);
   }
 
   /** REM_MEM_REG: identified by gpa, size and user address; no fd (as the spec says). */
-  remMemReg(region: MemRegion): Promise<void> {
-    return this.request(Req.REM_MEM_REG, memReg(region), [], 'ack').then(() => undefined);
+  remMemReg(region: MemRegion, confirm = false): Promise<void> {
+    return this.request(Req.REM_MEM_REG, memReg(region), [], confirm ? 'confirm' : 'ack').then(() => undefined);
+  }
+
+  // --- dirty log -----------------------------------------------------------------------------------
+
+  /**
+   * SET_LOG_BASE with LOG_SHMFD: the back-end maps `size` bytes of the log memfd `fd` (from offset 0) and
+   * sets bits there from now on. Every back-end answers it with a reply of its own (libvhost-user: a u64,
+   * DPDK: empty), so it is sent without NEED_REPLY and waits for that reply.
+   */
+  setLogBase(fd: number, size: number): Promise<void> {
+    return this.request(Req.SET_LOG_BASE, logPayload(size), [fd], 'reply').then(() => undefined);
+  }
+
+  /**
+   * SET_FEATURES with or without VHOST_F_LOG_ALL on top of the negotiated features: the one feature a
+   * back-end accepts changing while its rings run (DPDK refuses any other change then).
+   */
+  setLogAll(on: boolean): Promise<void> {
+    const n = this.negotiated;
+    return this.request(Req.SET_FEATURES, u64Payload(n.features | (on ? bit(Feature.LOG_ALL) : 0n)), [], 'ack').then(() => undefined);
+  }
+
+  /**
+   * A round trip (GET_FEATURES): resolves once the back-end processed everything sent before it. A
+   * back-end that broke on an earlier message (libvhost-user acks it, then closes on its panic) fails it.
+   * The memory-table methods take `confirm` to send one right behind their message in the same write.
+   */
+  barrier(): Promise<void> {
+    return this.request(Req.GET_FEATURES, undefined, [], 'reply').then(() => undefined);
   }
 
   // --- vrings and config ----------------------------------------------------------------------------
@@ -230,9 +278,13 @@ export class VhostUserFrontend extends EventEmitter<FrontendEvents> {
     return this.request(Req.SET_VRING_BASE, vringState(index, base), [], 'ack').then(() => undefined);
   }
 
-  /** Ring addresses are in the back-end's "user address" space (MemRegion.uaddr), not GPAs. */
-  setVringAddr(index: number, desc: bigint, used: bigint, avail: bigint): Promise<void> {
-    return this.request(Req.SET_VRING_ADDR, vringAddr(index, desc, used, avail), [], 'ack').then(() => undefined);
+  /**
+   * Ring addresses are in the back-end's "user address" space (MemRegion.uaddr), not GPAs. `logGpa` is
+   * the used ring's guest-physical address, where the back-end logs its used-ring writes; `flags`
+   * VRING_F_LOG asks it to.
+   */
+  setVringAddr(index: number, desc: bigint, used: bigint, avail: bigint, flags = 0, logGpa = 0n): Promise<void> {
+    return this.request(Req.SET_VRING_ADDR, vringAddr(index, desc, used, avail, flags, logGpa), [], 'ack').then(() => undefined);
   }
 
   setVringKick(index: number, eventfd: number): Promise<void> {
@@ -267,14 +319,23 @@ export class VhostUserFrontend extends EventEmitter<FrontendEvents> {
 
   /**
    * Sends one message. `expect`: 'reply' waits for the message's own reply and returns its payload;
-   * 'ack' waits until the back-end confirmed it (reply-ack 0, or a GET_FEATURES barrier); 'none' only
-   * sends. `fds` are sent with the message and stay ours.
+   * 'ack' waits until the back-end confirmed it (reply-ack 0, or a GET_FEATURES barrier); 'confirm'
+   * also waits for a GET_FEATURES round trip behind it, written with the message in one sendmsg (one
+   * wake-up of the back-end, not two); 'none' only sends. `fds` are sent with the message and stay ours.
    */
   request(request: number, payload: Uint8Array | undefined, fds: readonly number[], expect: Expect): Promise<Buffer> {
     if (this._closed) return Promise.reject(new DisconnectedError(`the vhost-user back-end at ${this.path} is disconnected`));
     const replyAck = this.hasProtocolFeature(ProtocolFeature.REPLY_ACK);
-    const flags = Flag.VERSION | (expect === 'ack' && replyAck ? Flag.NEED_REPLY : 0);
-    const p = expect === 'reply' || (expect === 'ack' && replyAck) ? this.wait(request) : undefined;
+    if (expect === 'confirm' && !replyAck) expect = 'ack'; // its confirmation is a round trip already
+    const acked = expect === 'ack' || expect === 'confirm';
+    const flags = Flag.VERSION | (acked && replyAck ? Flag.NEED_REPLY : 0);
+    const p = expect === 'reply' || (acked && replyAck) ? this.wait(request) : undefined;
+    if (expect === 'confirm') {
+      const behind = this.wait(Req.GET_FEATURES);
+      this.stats.barriers++;
+      this.send(Buffer.concat([encode(request, flags, payload), encode(Req.GET_FEATURES, Flag.VERSION)]), fds);
+      return Promise.all([this.checkAck(request, p as Promise<Buffer>), behind]).then(([reply]) => reply);
+    }
     this.send(encode(request, flags, payload), fds);
     if (expect === 'ack' && !replyAck) {
       // The barrier: its reply comes after the back-end processed `request`.
@@ -285,6 +346,11 @@ export class VhostUserFrontend extends EventEmitter<FrontendEvents> {
     }
     if (!p) return Promise.resolve(Buffer.alloc(0));
     if (expect === 'reply') return p;
+    return this.checkAck(request, p);
+  }
+
+  /** A reply-ack must be 0. */
+  private checkAck(request: number, p: Promise<Buffer>): Promise<Buffer> {
     return p.then((reply) => {
       const status = readU64(reply, `${reqName(request)} reply-ack`);
       if (status !== 0n) throw new ClientRefusedError(`the vhost-user back-end refused ${reqName(request)} (reply-ack ${status})`);

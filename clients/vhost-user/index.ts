@@ -1,7 +1,9 @@
 export { VhostUserSubscriber, type VhostUserOptions } from './subscriber.js';
 export { VhostUserApplier, type MemTableStats } from './applier.js';
 export { VhostUserFrontend, type FrontendOptions, type FrontendEvents, type FrontendStats, type Negotiated } from './frontend.js';
-export { planMemTable, undoSteps, entryOf, uaddrOf, UADDR_BASE, type TableEntry, type Step, type Plan, type MemMode } from './memtable.js';
+export { planMemTable, undoSteps, rebuild, entryOf, uaddrOf, UADDR_BASE, type TableEntry, type Step, type Plan, type PlanOptions, type MemMode, type GuestRange } from './memtable.js';
+export { Rings, type RingQueue, type HoldReason } from './rings.js';
+export { VhostLog, logBytesFor } from './log.js';
 export { Virtqueue, ringLayout, type QueueMemory, type QueueBuffer, type VirtqueueOptions } from './virtqueue.js';
 export { VirtioBlk, BLK_FEATURES, SECTOR_BYTES, type BlkOptions, type DeviceAccess } from './blk.js';
 export { VirtioNet, NET_FEATURES, NET_HDR_BYTES, type NetOptions } from './net.js';
@@ -13,6 +15,8 @@ export {
   MEM_TABLE_MAX_REGIONS,
   MAX_RAM_SLOTS,
   WANTED_PROTOCOL_FEATURES,
+  VRING_F_LOG,
+  LOG_PAGE_BYTES,
   bit,
   reqName,
   type MemRegion,

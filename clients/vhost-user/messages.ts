@@ -4,7 +4,7 @@
 //
 // Only what a front-end following a memory map and driving a few virtqueues needs is here: feature
 // negotiation, the memory table (SET_MEM_TABLE, ADD_MEM_REG, REM_MEM_REG, GET_MAX_MEM_SLOTS), vring setup,
-// GET_CONFIG. u64 fields that hold feature bits are bigints (bits 32 and up are used); addresses and sizes
+// GET_CONFIG, the shared dirty log (SET_LOG_BASE). u64 fields that hold feature bits are bigints (bits 32 and up are used); addresses and sizes
 // are numbers (GPAs fit 52 bits), written as u64.
 import { InvalidArgError } from '../../protocol/index.js';
 
@@ -90,6 +90,8 @@ export const ProtocolFeature = {
 export const Feature = {
   /** VHOST_USER_F_PROTOCOL_FEATURES: the back-end speaks GET/SET_PROTOCOL_FEATURES. */
   PROTOCOL_FEATURES: 30,
+  /** VHOST_F_LOG_ALL: the back-end logs every write to guest memory in the shared log (SET_LOG_BASE). */
+  LOG_ALL: 26,
   VERSION_1: 32,
   RING_INDIRECT_DESC: 28,
   RING_EVENT_IDX: 29,
@@ -106,9 +108,24 @@ export const Feature = {
 export const bit = (n: number): bigint => 1n << BigInt(n);
 
 /** Protocol features this front-end asks for when offered. STATUS is never asked for: DPDK would then
- *  wait for SET_STATUS before starting the device. */
+ *  wait for SET_STATUS before starting the device. LOG_SHMFD: the dirty log is a shared memfd. */
 export const WANTED_PROTOCOL_FEATURES =
-  bit(ProtocolFeature.MQ) | bit(ProtocolFeature.REPLY_ACK) | bit(ProtocolFeature.CONFIG) | bit(ProtocolFeature.CONFIGURE_MEM_SLOTS);
+  bit(ProtocolFeature.MQ) |
+  bit(ProtocolFeature.REPLY_ACK) |
+  bit(ProtocolFeature.CONFIG) |
+  bit(ProtocolFeature.CONFIGURE_MEM_SLOTS) |
+  bit(ProtocolFeature.LOG_SHMFD);
+
+/** struct vhost_vring_addr flags: VHOST_VRING_F_LOG, the back-end logs its writes to the used ring. */
+export const VRING_F_LOG = 0x1;
+
+/**
+ * The dirty log's page: one bit per 4 KiB of guest-physical address space, bit (gpa / 4096) % 8 of byte
+ * gpa / 4096 / 8 (VHOST_LOG_PAGE). The log covers guest-physical addresses from 0.
+ */
+export const LOG_PAGE_BYTES = 4096;
+/** The log grows in u64 words (VHOST_LOG_CHUNK = 64 pages per word), as QEMU sizes it. */
+export const LOG_CHUNK_BYTES = LOG_PAGE_BYTES * 64;
 
 export interface Header {
   request: number;
@@ -210,6 +227,14 @@ export function memTable(regions: readonly MemRegion[]): Buffer {
 export function memReg(r: MemRegion): Buffer {
   const b = Buffer.alloc(8 + MEM_REGION_BYTES);
   writeRegion(b, 8, r);
+  return b;
+}
+
+/** SET_LOG_BASE payload with LOG_SHMFD: { u64 mmap_size, u64 mmap_offset }; the log's fd rides along. */
+export function logPayload(size: number, offset = 0): Buffer {
+  const b = Buffer.alloc(16);
+  b.writeBigUInt64LE(u64(size, 'log mmap_size'), 0);
+  b.writeBigUInt64LE(u64(offset, 'log mmap_offset'), 8);
   return b;
 }
 

@@ -40,8 +40,10 @@ export class VirtioNet {
   static async start(access: DeviceAccess, opts: NetOptions): Promise<VirtioNet> {
     const size = opts.queueSize ?? 16;
     const t = opts.timeoutMs ? { timeoutMs: opts.timeoutMs } : {};
-    const rx = new Virtqueue(access.frontend, access.memory, { index: 0, size, gpa: opts.gpa, ...t });
-    const tx = new Virtqueue(access.frontend, access.memory, { index: 1, size, gpa: opts.gpa + Virtqueue.ringBytes(size), ...t });
+    const r = access.rings ? { rings: access.rings } : {};
+    // Receive buffers wait for frames as long as it takes: they stay posted across a ring stop.
+    const rx = new Virtqueue(access.frontend, access.memory, { index: 0, size, gpa: opts.gpa, drain: false, ...t, ...r });
+    const tx = new Virtqueue(access.frontend, access.memory, { index: 1, size, gpa: opts.gpa + Virtqueue.ringBytes(size), ...t, ...r });
     try {
       await rx.start();
       await tx.start();
@@ -69,10 +71,13 @@ export class VirtioNet {
     if (slot === undefined) throw new InvalidArgError('too many transmits in flight');
     const hdrGpa = this.hdrBase + slot * HDR_SLOT_BYTES;
     let keep = false;
-    try {
+    const prepare = () => {
       this.access.memory.slice(hdrGpa, NET_HDR_BYTES).fill(0);
+      this.access.memory.dirty?.mark(hdrGpa, NET_HDR_BYTES);
+    };
+    try {
       try {
-        await this.tx.submit([{ gpa: hdrGpa, len: NET_HDR_BYTES }, { gpa, len }]);
+        await this.tx.submit([{ gpa: hdrGpa, len: NET_HDR_BYTES }, { gpa, len }], prepare);
       } catch (err) {
         keep = true;
         throw err;

@@ -6,11 +6,20 @@
 // Before attaching to the broker it connects to the back-end and negotiates, so that it can declare the
 // back-end's slot limit (GET_MAX_MEM_SLOTS, or 8 for SET_MEM_TABLE-only back-ends) as `maxRegions`: the
 // broker then refuses, before anything changes, a transaction that would need more. It follows a
-// coalesced view by default (`coalesce: true`): contiguous blocks of one backing arrive merged, so a map
-// of 200 hotplugged 2 MiB blocks is one region to the back-end.
+// coalesced view by default (`coalesce: true`): contiguous blocks of one backing added together arrive
+// merged, a run it has is never grown (a block hotplugged next to it is a region of its own), and only
+// when the slots run out are runs merged, with the rings stopped around it (applier.ts), so 200
+// hotplugged 2 MiB blocks fit 32 slots.
 //
 // If the back-end goes away, the subscriber detaches from the broker (emitting 'error' with the reason)
-// rather than nacking every later transaction: a dead device must not block hotplug for everyone.
+// rather than nacking every later transaction: a dead device must not block hotplug for everyone. A
+// transaction it was applying when the back-end went is nacked first (the broker rolls it back and names
+// this client): the owner is never told "done" for a change the back-end did not take.
+//
+// Migration: it negotiates DIRTY and writes (through the back-end), so the broker asks it to flush at
+// every dirty sync (the back-end's shared log, or everything it maps when the back-end cannot log) and to
+// pause for the last round: the rings stop (in-flight requests complete first, then GET_VRING_BASE) and
+// requests made meanwhile wait in this process; resume restarts them (SET_VRING_BASE, kick).
 import type { Logger } from 'pino';
 import { InvalidArgError, toMmbError } from '../../protocol/index.js';
 import type { BrokerTarget } from '../connection.js';
@@ -20,6 +29,7 @@ import { VhostUserApplier, type MemTableStats } from './applier.js';
 import { VhostUserFrontend, type Negotiated } from './frontend.js';
 import type { TableEntry } from './memtable.js';
 import { Feature, bit } from './messages.js';
+import type { Rings } from './rings.js';
 
 export interface VhostUserOptions extends SubscriberOptions {
   /** The back-end's vhost-user socket (it listens; we connect). */
@@ -74,13 +84,35 @@ export class VhostUserSubscriber extends Subscriber {
     const limit = Math.min(negotiated.maxMemSlots, maxSlots ?? Infinity, subOpts.maxRegions ?? Infinity);
     const applier = new VhostUserApplier(fe, negotiated.memMode, limit, { mapMemory: mapMemory ?? true, ...(logger ? { logger } : {}) });
     const sub = new VhostUserSubscriber(target, applier, { kind: 'vhost-user', coalesce: true, ...subOpts, maxRegions: limit }, negotiated);
+    // The driver's own writes to guest memory (rings, request headers) count as dirty too.
+    if (applier.memory) applier.memory.dirty = sub.dirty;
+    sub.on('pause', (e) => {
+      if (e.paused && !applier.rings.holding('pause')) {
+        // A pause that fails half way (a back-end that does not answer) lets go of what it stopped.
+        e.waitUntil(applier.rings.hold('pause').catch(async (err: unknown) => {
+          await applier.rings.release('pause').catch(() => undefined);
+          throw err;
+        }));
+      }
+      else if (!e.paused) e.waitUntil(applier.rings.release('pause'));
+    });
     fe.on('close', (reason) => {
       if (reason) sub.emit('error', toMmbError(reason));
       logger?.warn({ backend: backendSocket, reason: reason?.message }, 'vhost-user back-end gone: detaching from the broker');
-      void sub.close().catch(() => undefined);
+      // A change in flight fails on the closed connection and is nacked; only then detach, so that the
+      // broker sees the nack (the transaction rolls back) rather than a client that vanished.
+      void applier
+        .idle()
+        .then(() => new Promise((r) => setImmediate(r)))
+        .then(() => sub.close())
+        .catch(() => undefined);
     });
     try {
       await sub.report({ backend: `vhost-user-${negotiated.memMode}`, pinned: 0 });
+      // The back-end maps every region we hand it: should this bridge's connection end without a clean
+      // close, the broker fences the back-end's process with it (DELEGATE, feature FENCE).
+      const pidfd = fe.backendPidfd();
+      if (pidfd >= 0) await sub.delegate([{ name: `vhost-user back-end at ${backendSocket}`.slice(0, 64), pidfd }]);
       await sub.start();
     } catch (err) {
       await sub.close().catch(() => undefined);
@@ -117,5 +149,15 @@ export class VhostUserSubscriber extends Subscriber {
 
   get stats(): MemTableStats {
     return this.vu.stats;
+  }
+
+  /** The vrings this process drives on the back-end: the virtio drivers join them (VirtioBlk, VirtioNet). */
+  get rings(): Rings {
+    return this.vu.rings;
+  }
+
+  /** Whether the back-end logs its writes to guest memory now (a region of its table logs dirty pages). */
+  get logging(): boolean {
+    return this.vu.loggingOn;
   }
 }
