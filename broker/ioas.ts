@@ -103,6 +103,11 @@ class Ioas {
   readonly attached = new Map<Session, Set<string>>();
   /** Clients being sent the IOAS (their first device's sync, not acked yet): they may map part of it already. */
   readonly syncing = new Set<Session>();
+  /**
+   * Set while a committed transaction's unmaps are being finished: they are gone from `map` already, but
+   * a client may still map them until it acked.
+   */
+  unmapping = false;
   constructor(readonly name: string) {}
 }
 
@@ -188,7 +193,7 @@ export class IoSpaces {
     for (const io of this.all.values()) {
       const syncing = io.syncing.delete(session);
       if (!io.attached.delete(session) && !syncing) continue;
-      if (io.map.size > 0) names.add(io.name);
+      if (io.map.size > 0 || io.unmapping) names.add(io.name);
       this.host.log.info({ client: session.ref(), ioas: io.name }, 'client left the IOAS');
     }
     if (holder && names.size > 0) this.held.set(holder, names);
@@ -274,7 +279,9 @@ export class IoSpaces {
       // acks when its host IOMMU no longer maps them.
       await this.host.fenceHolders(holders, generation);
       this.apply(io, plan, generation);
-      const unfenced = await this.host.finish(this.targets(io), (s, seq) => s.send({ t: Msg.EV_IOAS_TXN, seq, ioas: io.name, generation, ops: plan.ops, final: true }), generation, holders);
+      const unfenced = await this.finishing(io, () =>
+        this.host.finish(this.targets(io), (s, seq) => s.send({ t: Msg.EV_IOAS_TXN, seq, ioas: io.name, generation, ops: plan.ops, final: true }), generation, holders),
+      );
       this.logCommit(io, plan, started);
       if (unfenced.length > 0) throw this.host.committedUnfenced(unfenced, generation, held);
       return result;
@@ -301,10 +308,20 @@ export class IoSpaces {
       this.logCommit(io, plan, started);
       return result;
     }
-    const unfenced = await this.host.finish(this.targets(io), (s, seq) => s.send({ t: Msg.EV_IOAS_COMMITTED, ioas: io.name, generation, seq }), generation, holders);
+    const unfenced = await this.finishing(io, () => this.host.finish(this.targets(io), (s, seq) => s.send({ t: Msg.EV_IOAS_COMMITTED, ioas: io.name, generation, seq }), generation, holders));
     this.logCommit(io, plan, started);
     if (unfenced.length > 0) throw this.host.committedUnfenced(unfenced, generation, held);
     return result;
+  }
+
+  /** Runs the finish round of a transaction that unmaps: meanwhile a client whose connection ends holds the IOAS. */
+  private async finishing(io: Ioas, finish: () => Promise<Holder[]>): Promise<Holder[]> {
+    io.unmapping = true;
+    try {
+      return await finish();
+    } finally {
+      io.unmapping = false;
+    }
   }
 
   private apply(io: Ioas, plan: IovaPlan, generation: number): void {

@@ -293,6 +293,27 @@ describe('I/O address spaces', () => {
     expect([fin.generation, fin.unmapped, fin.vmLck]).toEqual([2, 1, 0]);
   });
 
+  it('a client whose connection ends during an unmap, before it unmapped, is waited for even when the IOAS is left empty: not fenced, the owner is told', async () => {
+    await setup({ limits: { ackTimeoutMs: 300 }, fence: { policy: 'wait', timeoutMs: 300 } });
+    const io = await IoasOwner.create(owner, 'gpu0');
+    await io.map({ iova: 0x10_0000, gpa: 0, size: PAGE });
+    let dropper: Follower | undefined = undefined;
+    dropper = await Follower.make(broker as Broker, { space: 'vm0', name: 'dropper' }, (c) => {
+      // It gets the guest's invalidation and drops its connection before it let go of anything.
+      if (c.cause === 'final') {
+        dropper?.dropConnection();
+        throw new Error('dropped before unmapping');
+      }
+    });
+    closers.push(() => dropper?.close());
+    await dropper.attachIoas('gpu0', ['d0']);
+    const err = await rejection(io.unmap(0x10_0000, PAGE));
+    // Committed (the IOAS is empty now), but the client that may still map the IOVA could not be fenced
+    // (it lives in this process): the owner is not told "done".
+    expect([err.code, err.client?.name]).toEqual(['MMB_ERR_COMMITTED_UNFENCED', 'dropper']);
+    expect(await ioasStatus('gpu0')).toMatchObject({ generation: 2, mappings: 0, holders: [expect.any(Number)] });
+  });
+
   it('devices: one IOAS per device, several clients and devices per IOAS, a client in two IOASes; the last device out unmaps everything; destroy waits for the devices', async () => {
     await setup();
     const a = await IoasOwner.create(owner, 'a');
