@@ -5,10 +5,11 @@
 //     vfio   a VfioSubscriber in shadow mode, soft backend (counted mlock of exactly the mapped pages)
 //     vhost  a VhostSubscriber whose device translates IOVAs through the IOAS (its table)
 //
-// stdout, one JSON object per line: {"ready":true,"pid":N} once attached to the IOAS; then for each line
-// "stats" on stdin {"changes":N,"mappings":N,"pinned":N,"vmLck":N} (vmLck: the kernel's VmLck, bytes).
+// The control protocol (testkit/README.md): {"event":"ready","pid":N} once attached to the IOAS; then for
+// each {"cmd":"stats"} on stdin {"event":"stats","changes":N,"mappings":N,"pinned":N,"vmLck":N} (vmLck: the
+// kernel's VmLck, bytes). Exits 0 when stdin closes, 1 if the broker drops it.
 import fs from 'node:fs';
-import readline from 'node:readline';
+import { out, serveCommands } from '../testkit/control.js';
 import { VfioSubscriber } from '../clients/vfio/index.js';
 import { VhostSubscriber } from '../clients/vhost/index.js';
 import type { Subscriber } from '../clients/subscriber.js';
@@ -37,13 +38,8 @@ sub.on('disconnected', (reason) => {
   process.exit(1);
 });
 const vmLck = () => Number(/^VmLck:\s+(\d+) kB$/m.exec(fs.readFileSync('/proc/self/status', 'utf8'))?.[1] ?? NaN) * 1024;
-const say = (o: object) => process.stdout.write(JSON.stringify(o) + '\n');
-say({ ready: true, pid: process.pid });
-readline
-  .createInterface({ input: process.stdin })
-  .on('line', (line) => {
-    if (line === 'stats') say({ changes, mappings: sub.ioasMappings(ioas).length, pinned: pinned(), vmLck: vmLck() });
-  })
-  .on('close', () => {
-    void sub.close().then(() => process.exit(0));
-  });
+out({ event: 'ready', pid: process.pid });
+serveCommands(
+  { stats: () => ({ event: 'stats', changes, mappings: sub.ioasMappings(ioas).length, pinned: pinned(), vmLck: vmLck() }) },
+  { onEnd: () => void sub.close().then(() => process.exit(0)) },
+);

@@ -36,7 +36,8 @@ import { IoasOwner } from '../clients/ioas-owner.js';
 import { native } from '../native/index.js';
 import type { IoasOp } from '../protocol/index.js';
 import { allCpus, buildC, C_FLAGS, ccVersion, iterations, pinSelf, report, runMain, summarize, type Measurement } from './lib.js';
-import { Child, cpuNsOf } from './procs.js';
+import { JsonProc } from '../testkit/jsonproc.js';
+import { cpuNsOf, stopAll } from './procs.js';
 
 const { values } = parseArgs({
   options: {
@@ -71,9 +72,8 @@ interface Stats {
   vmLck: number;
 }
 
-async function stats(c: Child): Promise<Stats> {
-  c.send('stats');
-  return c.next<Stats>();
+function stats(c: JsonProc): Promise<Stats> {
+  return c.request<Stats>({ cmd: 'stats' }, 'stats', 60_000);
 }
 
 function runC(bin: string, fd: number, args: string[], cpus: string | undefined): number[] {
@@ -100,8 +100,9 @@ async function main(): Promise<void> {
   const ram = await owner.createBacking(RAM, 'bench-ioas');
   await owner.addRegion({ name: 'ram', gpa: 0, size: RAM, backing: ram.backing });
   const io = await IoasOwner.create(owner, 'bench');
-  const clients = [Child.spawn('../ioas-client', [socket, 'vm0', 'vfio', 'vfio', 'bench'], { name: 'vfio-like client' }), Child.spawn('../ioas-client', [socket, 'vm0', 'vhost', 'vhost', 'bench'], { name: 'vhost-like client' })];
-  const [vfio, vhost] = clients as [Child, Child];
+  const client = (kind: 'vfio' | 'vhost') => JsonProc.spawn(new URL('./ioas-client.js', import.meta.url).pathname, [socket, 'vm0', kind, kind, 'bench'], { name: `${kind}-like client` });
+  const clients = [client('vfio'), client('vhost')];
+  const [vfio, vhost] = clients as [JsonProc, JsonProc];
   const samples = { batched: [] as number[], unbatched: [] as number[], direct: [] as number[], floor: [] as number[] };
   const cpu = { broker: [] as number[], vfio: [] as number[], vhost: [] as number[] };
   const checks: string[] = [];
@@ -138,7 +139,7 @@ async function main(): Promise<void> {
     }
   };
   try {
-    await Promise.all(clients.map((c) => c.next()));
+    await Promise.all(clients.map((c) => c.next('ready', () => true, 60_000)));
     log(`warming up (${WARMUP} unbatched pairs, ${Math.ceil(WARMUP / 20)} batched transactions of ${BATCH})`);
     for (let i = 0; i < WARMUP; i++) await pair();
     for (let i = 0; i < Math.ceil(WARMUP / 20); i++) await batchStep();
@@ -189,7 +190,7 @@ async function main(): Promise<void> {
     );
   } finally {
     pinSelf(allCpus());
-    await Promise.all(clients.map((c) => c.stop()));
+    await stopAll(clients);
     owner.close();
     native.close(ram.fd);
     await broker.close();

@@ -8,6 +8,7 @@ import path from 'node:path';
 import { Broker } from '../broker/index.js';
 import { MappingSubscriber, OwnerClient } from '../clients/index.js';
 import { FileDestination, Migration, type MigrationResult } from '../clients/migration/index.js';
+import { Rng } from '../testkit/rng.js';
 import { constants, native } from '../native/index.js';
 import { iterations, report, runMain, summarize, type Measurement } from './lib.js';
 
@@ -27,13 +28,8 @@ async function once(dir: string, run: number): Promise<MigrationResult> {
   await owner.addRegion({ name: 'ram', gpa: 0, size: GIB, backing: ram.backing });
   const writer = await MappingSubscriber.attach(broker, { space: 'vm0', name: 'guest' });
   const reader = await MappingSubscriber.attach(broker, { space: 'vm0', name: 'reader', writes: false });
-  let seed = 12345 + run;
-  const rnd = () => {
-    seed ^= seed << 13;
-    seed ^= seed >>> 17;
-    seed ^= seed << 5;
-    return (seed >>> 0) % PAGES;
-  };
+  const rng = new Rng(12345 + run);
+  const rnd = () => rng.below(PAGES);
   let round0Ms = 0;
   const image = path.join(dir, `vm0-${run}.img`);
   const result = await new Migration(owner, reader, new FileDestination(image)).run({

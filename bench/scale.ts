@@ -32,7 +32,7 @@ import { DEFAULT_PROTOCOL_LIMITS, encodeFrame, Msg, type CommitOp } from '../pro
 import { splitSync } from '../broker/sync.js';
 import { native } from '../native/index.js';
 import { iterations, report, runMain, summarize, type Measurement } from './lib.js';
-import { Child, spawnSubscribers, statsOf, stopAll } from './procs.js';
+import { spawnFixture, spawnSubscribers, statsOf, stopAll } from './procs.js';
 
 // The heap figure needs gc(): re-run this script under node --expose-gc when it was started without.
 const gc = (globalThis as { gc?: () => void }).gc;
@@ -101,16 +101,15 @@ function memory(): { heap: number; rss: number } {
 async function snapshots(socket: string, mode: 'map' | 'record', n: number): Promise<{ ms: number[]; gcMs: number[] }> {
   const out = { ms: [] as number[], gcMs: [] as number[] };
   for (let i = 0; i < n; i++) {
-    const child = Child.spawn('subscriber', [socket, BIG, `snapshot-${mode}-${i}`, mode], { name: `${mode} subscriber` });
+    const child = spawnFixture('subscriber', [socket, BIG, `snapshot-${mode}-${i}`, mode], { name: `${mode} subscriber` });
     try {
-      const ready = await child.next<{ attachMs: number; gcMs: number }>();
-      child.send('stats');
-      const st = await child.next<{ regions: number }>();
-      if (st.regions !== REGIONS) throw new Error(`the new subscriber holds ${st.regions} regions, not ${REGIONS}`);
+      const ready = await child.next<{ attachMs: number; gcMs: number }>('ready', () => true, 3_600_000);
+      const [st] = await statsOf([child]);
+      if (st?.regions !== REGIONS) throw new Error(`the new subscriber holds ${st?.regions} regions, not ${REGIONS}`);
       out.ms.push(ready.attachMs);
       out.gcMs.push(ready.gcMs);
     } finally {
-      await child.stop();
+      await stopAll([child]);
     }
   }
   return out;

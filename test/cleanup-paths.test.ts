@@ -6,8 +6,8 @@ import { CHUNK_BYTES, DirtyLog, SpaceDestination } from '../clients/index.js';
 import { constants, native, type Mapping } from '../native/index.js';
 import { DIRTY_PAGE_SIZE, bitmapLayout, forEachBitRun, type BitmapInfo, type Region } from '../protocol/index.js';
 import { embeddedBroker, runCleanups } from './helpers/embedded.js';
+import { fdCount } from '../testkit/procfs.js';
 
-const fdCount = () => fs.readdirSync('/proc/self/fd').length;
 const isOpen = (fd: number) => fs.existsSync(`/proc/self/fd/${fd}`);
 
 /** A bitmap memfd for `info`; returns the fd to hand over and our own mapping of it, to look at the bits. */

@@ -1,13 +1,13 @@
 // The CLI flow of the foundation issue, with /proc as the judge: `serve`, two `attach` processes,
 // `map add`, `status --json`, `map remove`.
-import { spawn, type ChildProcess } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { parseAddress, parseSize } from '../cli/args.js';
-import { CLI, JsonProc, fdCount, memfdMaps, runCli, spawnBroker, stopProcess, tempDir, waitFor } from './helpers/procs.js';
+import { CLI, JsonProc, fdCount, memfdMaps, runCli, spawnBroker, stopProcess, tempDir, waitFor, type BrokerProc } from './helpers/procs.js';
 
 let socket: string;
-let broker: ChildProcess & { logs: string[] };
+let broker: BrokerProc;
 const attached: JsonProc[] = [];
 
 interface StatusJson {

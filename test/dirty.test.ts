@@ -1,7 +1,7 @@
 // Dirty logging (feature DIRTY): Invariant 5, no lost dirty bit, with writers in several processes; the
 // KVM client's dirty log; a writer that cannot track; observers; logging started and stopped while
 // hotplugging; and pre-copy migration of a space while a writer keeps dirtying it.
-import { spawn, type ChildProcess } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
@@ -9,13 +9,13 @@ import { createSealedMemfd, DirtyObserver, FileDestination, KvmSubscriber, Mappi
 import { constants, native } from '../native/index.js';
 import { Msg } from '../protocol/index.js';
 import { IN_CI } from './helpers/ci.js';
-import { fdCount, JsonProc, runCli, spawnBroker, stopProcess, tempDir, waitFor } from './helpers/procs.js';
+import { fdCount, JsonProc, runCli, spawnBroker, stopProcess, tempDir, waitFor, type BrokerProc } from './helpers/procs.js';
 import { dataExtents, unionExtents } from '../clients/migration/extents.js';
 
 const MiB = 1 << 20;
 const PAGE = 4096;
 let socket: string;
-let broker: ChildProcess & { logs: string[] };
+let broker: BrokerProc;
 let dir: string;
 let spaceNo = 0;
 const cleanups: (() => unknown)[] = [];

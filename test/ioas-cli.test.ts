@@ -2,13 +2,13 @@
 // `mmbroker serve`, `map add`, `ioas create`, `attach vfio --ioas` (a shadow-mode client, soft backend),
 // `ioas map` / `ioas unmap` (which returns only once the client let go: its VmLck, read right then),
 // `status` (the IOAS section and --json), `ioas destroy` refused while a device is attached.
-import { spawn, type ChildProcess } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { CLI, JsonProc, runCli, spawnBroker, stopProcess, tempDir, vmLckKiB } from './helpers/procs.js';
+import { BrokerProc, CLI, JsonProc, runCli, spawnBroker, stopProcess, tempDir, vmLckKiB } from './helpers/procs.js';
 
 let socket: string;
-let broker: ChildProcess & { logs: string[] };
+let broker: BrokerProc;
 let vfio: JsonProc | undefined;
 const args = () => ['--socket', socket, '--space', 'vm0'];
 

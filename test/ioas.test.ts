@@ -130,7 +130,7 @@ describe('I/O address spaces', () => {
     expect(table.resolve(0x1000_0000 + PAGE, 1, ptr)).toBe(false);
     // What the vfio process saw, in order: the vote mapped, the unmap (one final round) unmapped.
     await vf.next('ioas', (e) => e.generation === 3);
-    const seen = vf.events.filter((e) => e.event === 'ioas').map((e) => [e.cause, e.generation, e.mapped, e.unmapped, e.vmLck]);
+    const seen = vf.lines.filter((e) => e.event === 'ioas').map((e) => [e.cause, e.generation, e.mapped, e.unmapped, e.vmLck]);
     expect(seen).toEqual([
       ['txn', 1, 8, 0, 8 * PAGE],
       ['txn', 2, 1, 0, 8 * PAGE],

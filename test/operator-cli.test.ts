@@ -10,12 +10,13 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { parseAddress, parseSize, formatSize } from '../cli/args.js';
 import { Watcher } from '../clients/index.js';
 import { CLI, JsonProc, ROOT, runCli, spawnBroker, stopProcess, tempDir, waitFor } from './helpers/procs.js';
+import type { BrokerProc } from '../testkit/broker.js';
 
 const VERSION = (JSON.parse(fs.readFileSync(path.join(ROOT, 'package.json'), 'utf8')) as { version: string }).version;
 const haveScript = spawnSync('script', ['--version'], { stdio: 'ignore' }).status === 0;
 
 let socket: string;
-let broker: ChildProcess & { logs: string[] };
+let broker: BrokerProc;
 const children: ChildProcess[] = [];
 const noStack = (s: string) => expect(s).not.toMatch(/\n\s+at .*:\d+:\d+/);
 
@@ -44,7 +45,7 @@ describe('mmbroker conventions', () => {
     const v = await runCli(['--version']);
     expect(v.code).toBe(0);
     expect(v.stdout.trim()).toBe(`mmbroker (memmap-broker) ${VERSION}, protocol 1`);
-    const first = JSON.parse(broker.logs.join('').split('\n')[0] as string) as { msg: string; version: string };
+    const first = JSON.parse(broker.text().split('\n')[0] as string) as { msg: string; version: string };
     expect(first).toMatchObject({ msg: `memmap-broker ${VERSION} starting`, version: VERSION });
     const w = await Watcher.attach(socket, { space: 'c' });
     expect(w.brokerVersion).toBe(VERSION);
@@ -156,7 +157,7 @@ describe('mmbroker conventions', () => {
     expect(tty.out.join('')).toMatch(new RegExp(`INFO[^\\n]*? memmap-broker ${VERSION.replaceAll('.', '\\.')} starting version=`));
     expect(tty.out.join('')).not.toContain('{"level"');
     process.kill(-(tty.pid as number), 'SIGTERM');
-    expect(broker.logs.join('')).toMatch(/^\{"level":30,/); // the piped broker: JSON
+    expect(broker.text()).toMatch(/^\{"level":30,/); // the piped broker: JSON
   });
 
   it('Ctrl-C on a sent map add says it will still commit, waits for the outcome, and reports it', async () => {

@@ -8,9 +8,10 @@ import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { OwnerClient } from '../clients/index.js';
 import { CLI, JsonProc, runCli, spawnBroker, stopProcess, tempDir, waitFor } from './helpers/procs.js';
+import type { BrokerProc } from '../testkit/broker.js';
 
 let socket: string;
-let broker: ChildProcess & { logs: string[] };
+let broker: BrokerProc;
 let url: string;
 const procs: JsonProc[] = [];
 
@@ -40,8 +41,8 @@ async function attach(kind: string, name: string, extra: string[] = []): Promise
 beforeAll(async () => {
   socket = path.join(tempDir('mmb-metrics-'), 'run', 'b.sock');
   broker = await spawnBroker(socket, ['--space', 'm', '--ack-timeout', '2000', '--metrics', '127.0.0.1:0']);
-  await waitFor('the metrics endpoint', () => /"msg":"metrics served"/.test(broker.logs.join('')));
-  url = /"url":"([^"]+)"/.exec(broker.logs.join(''))?.[1] as string;
+  await waitFor('the metrics endpoint', () => /"msg":"metrics served"/.test(broker.text()));
+  url = /"url":"([^"]+)"/.exec(broker.text())?.[1] as string;
 });
 
 afterAll(async () => {

@@ -10,13 +10,14 @@ import type { StatusResult } from '../protocol/index.js';
 import { CHROMIUM, dumpDom, inkOf, readPng, screenshot } from './helpers/browser.js';
 import { IN_CI } from './helpers/ci.js';
 import { CLI, JsonProc, runCli, spawnBroker, stopProcess, tempDir } from './helpers/procs.js';
+import type { BrokerProc } from '../testkit/broker.js';
 
 if (!CHROMIUM && IN_CI) throw new Error('the SVG test needs Debian\'s chromium (.ci/run installs it)');
 
 const MiB = 2 ** 20;
 let dir: string;
 let socket: string;
-let broker: ChildProcess & { logs: string[] };
+let broker: BrokerProc;
 const procs: JsonProc[] = [];
 
 async function attach(kind: string, name: string, extra: string[] = []): Promise<JsonProc> {

@@ -9,10 +9,11 @@ import { MappingSubscriber, OwnerClient } from '../clients/index.js';
 import { native } from '../native/index.js';
 import type { StatusResult } from '../protocol/index.js';
 import { CLI, JsonProc, runCli, spawnBroker, stopProcess, tempDir, waitFor } from './helpers/procs.js';
+import type { BrokerProc } from '../testkit/broker.js';
 
 const MiB = 2 ** 20;
 let socket: string;
-let broker: ChildProcess & { logs: string[] };
+let broker: BrokerProc;
 const children: ChildProcess[] = [];
 
 /** `mmbroker watch` in its own process, resolved once it says it is watching. */
@@ -118,7 +119,7 @@ describe('mmbroker watch and history', () => {
 
   it('a SIGSTOPped watcher holds up no hotplug and is cut off once too much is queued for it', async () => {
     const w = await startWatch(['--space', 'slow']);
-    const logsBefore = broker.logs.join('').length;
+    const logsBefore = broker.text().length;
     const sub = await MappingSubscriber.attach(socket, { space: 'slow', name: 'follower' });
     const owner = await OwnerClient.attach(socket, { space: 'slow', name: 'hotplug' });
     const backing = await owner.createBacking(2 * MiB, 'blk');
@@ -138,7 +139,7 @@ describe('mmbroker watch and history', () => {
     expect(cutAt, 'the stopped watcher was disconnected (MMB_ERR_SLOW_READER) after a bounded backlog').toBeDefined();
     // The subscriber that does read followed every one of them; nobody was evicted.
     await waitFor('the follower to ack the last generation', () => sub.generation === generation);
-    const logs = broker.logs.join('').slice(logsBefore);
+    const logs = broker.text().slice(logsBefore);
     expect(logs).not.toContain('evicting client');
     expect(logs).toContain('MMB_ERR_SLOW_READER');
     // Once it runs again it reads what was queued and says the broker ended the watch.

@@ -4,7 +4,7 @@
 // Python owner talks to the broker through a relay in this test, which reads the subscriber's
 // /proc/PID/maps when the broker's reply to the owner's COMMIT passes, before the owner can see it.
 // Needs python3 with msgpack (Debian: python3-msgpack); under CI a missing one fails.
-import { spawnSync, type ChildProcess } from 'node:child_process';
+import { spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
@@ -15,7 +15,7 @@ import { Msg, type Frame } from '../protocol/index.js';
 import { SocketTransport, closeAll, connectSocket } from '../transport/index.js';
 import { IN_CI } from './helpers/ci.js';
 import { LineProc } from './helpers/examples.js';
-import { ROOT, memfdMaps, spawnBroker, stopProcess, tempDir, waitFor } from './helpers/procs.js';
+import { ROOT, memfdMaps, spawnBroker, stopProcess, tempDir, waitFor, type BrokerProc } from './helpers/procs.js';
 
 const DIR = path.join(ROOT, 'examples/python');
 const GPA = 0x4000_0000;
@@ -104,7 +104,7 @@ function ownerRelay(brokerPath: string, relayPath: string, watch: () => number[]
 describe.skipIf(skip)(`Python clients${skip ? ` (skipped: ${missing}; apt-get install python3-msgpack)` : ''}`, () => {
   let dir: string;
   let socket: string;
-  let broker: ChildProcess;
+  let broker: BrokerProc;
   let relay: ReturnType<typeof ownerRelay>;
   let procs: LineProc[];
   let subscribers: LineProc[];

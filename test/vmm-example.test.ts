@@ -11,7 +11,7 @@ import path from 'node:path';
 import { spawn } from 'node:child_process';
 import { afterEach, describe, expect, it } from 'vitest';
 import { have, QSD } from '../bench/vhost-user-backends.js';
-import { memfdMappings } from '../cli/procfs.js';
+import { memfdMappings } from '../testkit/procfs.js';
 import { ControlClient } from '../examples/vmm/control.js';
 import { startDevice, startStorageDaemon, startVmm, type Daemon, type VmmProcess } from '../examples/vmm/processes.js';
 import { IN_CI } from './helpers/ci.js';

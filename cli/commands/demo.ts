@@ -14,9 +14,9 @@ import { IoasOwner } from '../../clients/ioas-owner.js';
 import { constants, native } from '../../native/index.js';
 import { isMmbError, type MmbError } from '../../protocol/index.js';
 import { formatBytes, formatSize, hex, parseCommand, type Command } from '../args.js';
-import { JsonProc } from '../child.js';
+import { JsonProc } from '../../testkit/jsonproc.js';
+import { memfdMappedBytes, vmLckKiB } from '../../testkit/procfs.js';
 import { draw } from '../picture.js';
-import { memfdMappedBytes, vmLckKiB } from '../procfs.js';
 
 const usage = `Usage: mmbroker demo [--json]
 

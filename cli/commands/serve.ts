@@ -8,6 +8,7 @@ import { parseCommand, parseCount, parseSize, readToken, required, type Command 
 import { createLog, parseLogFormat, parseLogLevel } from '../logger.js';
 import { parseMetricsAddress, serveMetrics } from '../metrics-http.js';
 import { notifier } from '../sd-notify.js';
+import { stopRequested } from '../../testkit/signals.js';
 
 const usage = `Usage: mmbroker serve [--socket PATH] [--space NAME]... [options]
 
@@ -148,6 +149,8 @@ export const serve: Command = {
       },
     });
     const sd = notifier((message, err) => logger.warn({ err: (err as Error).message }, message));
+    // Handled before "listening" is logged: whoever starts the broker may stop it the moment it reads that line.
+    const stop = stopRequested();
     let metricsServer: import('node:http').Server | undefined;
     try {
       if (passed.length > 0) {
@@ -174,14 +177,7 @@ export const serve: Command = {
       logger.info({ signal: 'SIGHUP' }, reopened ? `log file ${log.target} reopened` : 'SIGHUP: logs go to stdout, nothing to reopen');
     };
     process.on('SIGHUP', reopen);
-    await new Promise<void>((resolve) => {
-      const stop = (signal: string) => {
-        logger.info({ signal }, 'shutting down');
-        resolve();
-      };
-      process.once('SIGTERM', () => stop('SIGTERM'));
-      process.once('SIGINT', () => stop('SIGINT'));
-    });
+    logger.info({ signal: await stop }, 'shutting down');
     sd?.stopping();
     process.off('SIGHUP', reopen);
     metricsServer?.close();

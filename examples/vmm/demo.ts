@@ -7,7 +7,7 @@ import assert from 'node:assert/strict';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { memfdMaps, vmLckKiB } from '../../cli/procfs.js';
+import { memfdMaps, vmLckKiB } from '../../testkit/procfs.js';
 import type { ControlClient } from './control.js';
 import { MiB } from './layout.js';
 import { startDevice, startStorageDaemon, startVmm, type Daemon, type VmmProcess } from './processes.js';
@@ -45,7 +45,7 @@ async function main(): Promise<void> {
 
     step('a device in another process attaches over the VMM broker socket: mmbroker attach vfio --backend soft');
     const device = await startDevice(src.brokerSocket);
-    stops.push(() => device.stop('SIGTERM'));
+    stops.push(async () => void (await device.stop('SIGTERM')));
     const locked0 = vmLckKiB(device.pid);
     say(`    pid ${device.pid}; kernel: VmLck ${locked0} KiB (all of RAM pinned; the soft stand-in mlocks what a VFIO device would pin)`);
 

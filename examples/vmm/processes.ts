@@ -4,7 +4,7 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { JsonProc } from '../../cli/child.js';
+import { JsonProc } from '../../testkit/jsonproc.js';
 import { ControlClient } from './control.js';
 
 // Child processes run the compiled files, also when this module is loaded from its sources (the tests).

@@ -18,6 +18,7 @@ import { parseArgs } from 'node:util';
 import { Broker, MappingSubscriber, OwnerClient, VfioSubscriber, native, constants, isMmbError } from '/mmb/dist/index.js';
 import { realSys, structs } from '/mmb/dist/clients/vfio/index.js';
 import { IoasOwner } from '/mmb/dist/clients/ioas-owner.js';
+import { Rng } from '/mmb/dist/testkit/rng.js';
 import { Edu, EDU_MAX_DMA } from './edu.mjs';
 
 const { values } = parseArgs({ options: { backend: { type: 'string' }, devices: { type: 'string' }, timeout: { type: 'string' } } });
@@ -131,17 +132,7 @@ async function newKernelLines(before, re, ms = 3000) {
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
 // --- memory helpers --------------------------------------------------------------------------------------
-function pattern(length, seed) {
-  const b = new Uint8Array(length);
-  let x = seed >>> 0 || 1;
-  for (let i = 0; i < length; i++) {
-    x ^= x << 13;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    b[i] = x & 0xff;
-  }
-  return b;
-}
+const pattern = (length, seed) => new Uint8Array(new Rng(seed).bytes(length));
 const equal = (a, b) => a.length === b.length && a.every((v, i) => v === b[i]);
 const firstDiff = (a, b) => a.findIndex((v, i) => v !== b[i]);
 
