@@ -66,7 +66,9 @@ export function createLog(opts: { level: LogLevel; format: LogFormat; file?: str
     return { logger: pino(base, dest), target: file, reopen: () => (dest.reopen(), true) };
   }
   const pretty = opts.format === 'pretty' || (opts.format === 'auto' && process.stdout.isTTY === true);
-  if (!pretty) return { logger: pino(base, pino.destination({ dest: 1, sync: true })), target: 'stdout (JSON lines)', reopen: () => false };
+  // Through process.stdout (synchronous for files and pipes on Linux), so the process's stdout stays one
+  // stream: tests that watch its lines (testkit/moments.ts) see these too.
+  if (!pretty) return { logger: pino(base, { write: (line: string) => void process.stdout.write(line) }), target: 'stdout (JSON lines)', reopen: () => false };
   const color = process.stdout.isTTY === true;
   const stream = { write: (line: string) => void process.stdout.write(prettyLine(line, color)) };
   return { logger: pino(base, stream), target: 'stdout (readable lines)', reopen: () => false };

@@ -6,3 +6,4 @@ export * from './messages.js';
 export * from './codec.js';
 export * from './frame.js';
 export * from './validate.js';
+export * from './units.js';

@@ -1,7 +1,7 @@
 // Nothing imports upward: every relative import in the repository (TypeScript and the .mjs fixtures,
 // whose `dist/...` imports count as imports of the folder compiled there) stays within what the folder's
 // README allows. The layers, bottom up: the library (native, protocol, transport, broker, clients),
-// testkit, harness, cli; the tools (test, bench, fuzz) on top; examples and vm import nothing.
+// testkit, harness, cli; the tools (test, bench, fuzz) on top; vm imports nothing, the examples the package.
 import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
@@ -26,8 +26,10 @@ const ALLOWED: Record<string, readonly string[]> = {
   cli: [...PACKAGE, 'testkit', 'harness'],
   bench: [...PACKAGE, 'testkit'],
   fuzz: [...PACKAGE, 'testkit', 'cli'],
-  test: [...PACKAGE, 'testkit', 'harness', 'cli', 'bench', 'fuzz'],
-  examples: [],
+  test: [...PACKAGE, 'testkit', 'harness', 'cli', 'bench', 'fuzz', 'examples'],
+  // The VMM example embeds the package (its public face, index.ts) and runs its demo's management-layer
+  // processes with the testkit; the other examples (C, Python) speak the wire and import nothing.
+  examples: ['.', 'testkit'],
   vm: [],
 };
 

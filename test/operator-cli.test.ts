@@ -11,6 +11,7 @@ import { parseAddress, parseSize, formatSize } from '../cli/args.js';
 import { Watcher } from '../clients/index.js';
 import { CLI, JsonProc, ROOT, runCli, spawnBroker, stopProcess, tempDir, waitFor } from './helpers/procs.js';
 import type { BrokerProc } from '../testkit/broker.js';
+import { startClient } from '../testkit/clients.js';
 
 const VERSION = (JSON.parse(fs.readFileSync(path.join(ROOT, 'package.json'), 'utf8')) as { version: string }).version;
 const haveScript = spawnSync('script', ['--version'], { stdio: 'ignore' }).status === 0;
@@ -161,9 +162,8 @@ describe('mmbroker conventions', () => {
   });
 
   it('Ctrl-C on a sent map add says it will still commit, waits for the outcome, and reports it', async () => {
-    const held = new JsonProc(spawn(process.execPath, [CLI, 'attach', '--socket', socket, '--space', 'c', '--name', 'slowpoke', '--json', '--control'], { stdio: ['pipe', 'pipe', 'pipe'] }));
+    const held = await startClient({ socket, space: 'c', args: ['--name', 'slowpoke'] });
     children.push(held.child);
-    await held.next('attached');
     await held.request({ cmd: 'hold-next' }, 'armed');
     const add = spawn(process.execPath, [CLI, 'map', 'add', '--socket', socket, '--space', 'c', '--gpa', '8G', '--size', '2m', '--name', 'ctrlc'], { stdio: ['ignore', 'pipe', 'pipe'] });
     children.push(add);

@@ -9,6 +9,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { OwnerClient } from '../clients/index.js';
 import { CLI, JsonProc, runCli, spawnBroker, stopProcess, tempDir, waitFor } from './helpers/procs.js';
 import type { BrokerProc } from '../testkit/broker.js';
+import { startClient } from '../testkit/clients.js';
 
 let socket: string;
 let broker: BrokerProc;
@@ -61,7 +62,9 @@ describe('mmbroker serve --metrics', () => {
 
     expect((await runCli(['map', 'add', '--socket', socket, '--space', 'm', '--gpa', '0', '--size', '4m', '--name', 'ram'])).code).toBe(0);
     const vfio = await attach('vfio', 'nic0', ['--backend', 'soft']);
-    const held = await attach('plain', 'holder');
+    // The testkit's scripted client: fault commands are test tooling, not `mmbroker attach`'s.
+    const held = await startClient({ socket, space: 'm', args: ['--name', 'holder'] });
+    procs.push(held);
     await held.request({ cmd: 'hold-next' }, 'armed');
     // A hotplug the held subscriber will not ack: in flight until the 2 s deadline evicts it.
     const add = runCli(['map', 'add', '--socket', socket, '--space', 'm', '--gpa', '1G', '--size', '2m', '--name', 'dimm0']);

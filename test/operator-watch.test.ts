@@ -10,6 +10,7 @@ import { native } from '../native/index.js';
 import type { StatusResult } from '../protocol/index.js';
 import { CLI, JsonProc, runCli, spawnBroker, stopProcess, tempDir, waitFor } from './helpers/procs.js';
 import type { BrokerProc } from '../testkit/broker.js';
+import { startClient } from '../testkit/clients.js';
 
 const MiB = 2 ** 20;
 let socket: string;
@@ -58,9 +59,9 @@ describe('mmbroker watch and history', () => {
 
     // A subscriber that will not ack the next hotplug: it is evicted at the deadline (and killed, the
     // default fence policy), and the transaction commits without it.
-    const held = new JsonProc(spawn(process.execPath, [CLI, 'attach', '--socket', socket, '--space', 'w', '--name', 'stuck', '--json', '--control'], { stdio: ['pipe', 'pipe', 'pipe'] }));
+    // The testkit's scripted client: fault commands are test tooling, not `mmbroker attach`'s.
+    const held = await startClient({ socket, space: 'w', args: ['--name', 'stuck'] });
     children.push(held.child);
-    await held.next('attached');
     await held.request({ cmd: 'hold-next' }, 'armed');
     const r = await add(['--gpa', '1G', '--size', '2m', '--name', 'dimm0', '--json']);
     expect(r.code, r.stderr).toBe(0);

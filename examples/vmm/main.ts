@@ -6,7 +6,7 @@
 import fs from 'node:fs';
 import { pino } from 'pino';
 import { parseArgs } from 'node:util';
-import { parseSize } from '../../cli/args.js';
+import { parseSize } from '../../index.js';
 import { Vmm } from './vmm.js';
 
 const usage = `Usage: node dist/examples/vmm/main.js --dir DIR [options]
