@@ -349,6 +349,11 @@ export class Broker implements InProcessConnector {
         // Whoever may see a space's status may read its history (statusFor throws otherwise).
         this.statusFor(session, msg.space);
         return (this.spacesByName.get(msg.space) as AddressSpace).events.history(msg);
+      case Msg.IOAS:
+        if (msg.op === 'commit' && msg.ops.length > this.protocolLimits.maxOpsPerCommit) {
+          throw new BadMessageError(`IOAS.ops: ${msg.ops.length} ops exceed this broker's limit of ${this.protocolLimits.maxOpsPerCommit}`);
+        }
+        return this.attachedSpace(session).ioas.request(session, msg);
     }
   }
 

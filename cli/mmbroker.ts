@@ -12,6 +12,7 @@ import { attach } from './commands/attach.js';
 import { demo } from './commands/demo.js';
 import { harness } from './commands/harness.js';
 import { history } from './commands/history.js';
+import { ioas } from './commands/ioas.js';
 import { map } from './commands/map.js';
 import { migrate } from './commands/migrate.js';
 import { publish } from './commands/publish.js';
@@ -21,7 +22,7 @@ import { status } from './commands/status.js';
 import { watch } from './commands/watch.js';
 import { hintFor } from './hints.js';
 
-const commands: Command[] = [serve, map, publish, status, watch, history, attach, migrate, receive, harness, demo];
+const commands: Command[] = [serve, map, ioas, publish, status, watch, history, attach, migrate, receive, harness, demo];
 
 function help(): string {
   const width = Math.max(...commands.map((c) => c.name.length));

@@ -3,6 +3,9 @@ export { Subscriber, type SubscriberOptions, type SubscriberEvents, type ChangeE
 export { MappingSubscriber } from './plain.js';
 export { GuestMemory, CHUNK_BYTES, type MappedRegion, type Chunk, type GuestPointer } from './memory.js';
 export { OwnerClient, fetchStatus, bitmapBytes, type OwnerOptions, type RegionSpec, type CreatedBacking, type DirtySnapshot } from './owner.js';
+export { IoasOwner, type IovaMapSpec } from './ioas-owner.js';
+export { IovaTables, IovaTranslation } from './ioas-table.js';
+export type { IoasApplier, IoasChange } from './ioas-view.js';
 export { DirtyLog } from './dirty.js';
 export { DirtyObserver, type DirtyEvent } from './observer.js';
 export { createSealedMemfd, type SealedMemfdOptions } from './memfd.js';

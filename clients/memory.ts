@@ -202,6 +202,11 @@ export class GuestMemory implements Applier {
     return this.sorted;
   }
 
+  /** The mapped region containing `gpa` (its host mapping: what an IOVA mapping into it is made from). */
+  regionAt(gpa: number): MappedRegion | undefined {
+    return this.find(gpa);
+  }
+
   /**
    * The bytes of guest memory at [gpa, gpa + length), as a view into the mapping (no copy). The range must
    * lie inside one region (MMB_ERR_NO_REGION otherwise: a hole, or a range running into one) and inside
@@ -344,23 +349,9 @@ export class GuestMemory implements Applier {
 
   /** Index in `sorted` of the region containing gpa, or -1: last hit first, then binary search. */
   private indexOf(gpa: number): number {
-    const starts = this.starts;
-    const ends = this.ends;
-    const hit = this.lastHit;
-    const count = this.sorted.length;
-    if (hit < count && gpa >= (starts[hit] as number) && gpa < (ends[hit] as number)) return hit;
-    let lo = 0;
-    let hi = count - 1;
-    while (lo <= hi) {
-      const mid = (lo + hi) >>> 1;
-      if (gpa < (starts[mid] as number)) hi = mid - 1;
-      else if (gpa >= (ends[mid] as number)) lo = mid + 1;
-      else {
-        this.lastHit = mid;
-        return mid;
-      }
-    }
-    return -1;
+    const i = findRange(this.starts, this.ends, this.sorted.length, this.lastHit, gpa);
+    if (i >= 0) this.lastHit = i;
+    return i;
   }
 
   private map(r: ViewRegion, backings: ReadonlyMap<number, LocalBacking>): MappedRegion {
@@ -392,6 +383,25 @@ export class GuestMemory implements Applier {
       });
     }
   }
+}
+
+/**
+ * The lookup of every translation hot path (GPA -> region here, IOVA -> mapping in clients/ioas-table.ts):
+ * the index of the range containing `x` among the first `count` of `starts` / `ends` (sorted, disjoint,
+ * `ends` exclusive), or -1. Tries `hint` (the last hit) first, then a binary search over the two flat
+ * arrays; touches no object and allocates nothing.
+ */
+export function findRange(starts: Float64Array, ends: Float64Array, count: number, hint: number, x: number): number {
+  if (hint < count && x >= (starts[hint] as number) && x < (ends[hint] as number)) return hint;
+  let lo = 0;
+  let hi = count - 1;
+  while (lo <= hi) {
+    const mid = (lo + hi) >>> 1;
+    if (x < (starts[mid] as number)) hi = mid - 1;
+    else if (x >= (ends[mid] as number)) lo = mid + 1;
+    else return mid;
+  }
+  return -1;
 }
 
 function unmapAll(m: MappedRegion): void {

@@ -11,8 +11,10 @@
 //     the buffer's length, or above the largest size C knows where later kernels append pointers; or
 //     whose flags would make the kernel follow an unchecked pointer, or are outside the request's allowed
 //     set (VFIO_DEVICE_FEATURE: GET / PROBE of MIGRATION only) (EINVAL);
-//   - for the requests with a pointer the kernel writes through, a `data` buffer too small for it (ERANGE):
-//     IOMMU_IOAS_IOVA_RANGES (num_iovas entries), IOMMU_GET_HW_INFO (data_len bytes),
+//   - for the requests with a pointer the kernel follows, a `data` buffer too small for it (ERANGE):
+//     IOMMU_IOAS_IOVA_RANGES (num_iovas entries), IOMMU_GET_HW_INFO (data_len bytes, written),
+//     IOMMU_HWPT_ALLOC (data_len bytes the kernel reads, in a struct of 40 bytes or more; used to ask
+//     whether the IOMMU offers nesting, docs/ioas.md),
 //     VFIO_IOMMU_DIRTY_PAGES with GET_BITMAP (bitmap.size bytes), IOMMU_HWPT_GET_DIRTY_BITMAP (a bit per
 //     page_size of length, in 64-bit words; page_size a power of two, else EINVAL). C points the field at
 //     `data` for the call and zeroes it again afterwards.
@@ -69,9 +71,10 @@ export interface VfioNative {
   vfioIoctlInt(fd: number, request: number, value: number): number;
   /**
    * An ioctl on a packed struct (argsz / size first); the kernel's results are written back into `arg`.
-   * `data` only for the requests with a pointer (IOMMU_IOAS_IOVA_RANGES' allowed_iovas, IOMMU_GET_HW_INFO's
-   * data_uptr, the dirty bitmaps of VFIO_IOMMU_DIRTY_PAGES / GET_BITMAP and IOMMU_HWPT_GET_DIRTY_BITMAP); it
-   * may be left out when the kernel would write nothing through it (num_iovas or data_len 0).
+   * `data` only for the requests with a pointer (IOMMU_IOAS_IOVA_RANGES' allowed_iovas, the data_uptr of
+   * IOMMU_GET_HW_INFO and IOMMU_HWPT_ALLOC, the dirty bitmaps of VFIO_IOMMU_DIRTY_PAGES / GET_BITMAP and
+   * IOMMU_HWPT_GET_DIRTY_BITMAP); it may be left out when the kernel would follow nothing (num_iovas or
+   * data_len 0).
    * Returns the ioctl's return value. Runs on the main thread: for quick ioctls only.
    */
   vfioIoctl(fd: number, request: number, arg: Uint8Array, data?: Uint8Array): number;

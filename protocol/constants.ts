@@ -23,6 +23,7 @@ export const Msg = {
   DETACH: 12,
   DELEGATE: 13,
   HISTORY: 14,
+  IOAS: 15,
 
   ACK: 16,
   NACK: 17,
@@ -42,6 +43,10 @@ export const Msg = {
   EV_PAUSE: 44,
   EV_DIRTY: 45,
   EV_WATCH: 46,
+  EV_IOAS_SYNC: 47,
+  EV_IOAS_TXN: 48,
+  EV_IOAS_COMMITTED: 49,
+  EV_IOAS_ROLLBACK: 50,
 } as const;
 export type MsgId = (typeof Msg)[keyof typeof Msg];
 
@@ -85,6 +90,10 @@ export const Feature = {
   /** For operators: HISTORY (the recent transactions and their outcomes), ATTACH.watch (an observer that
    *  receives EV_WATCH, a live stream of what happens in the space), and the HELLO reply's `brokerVersion`. */
   WATCH: 1 << 11,
+  /** I/O address spaces (docs/ioas.md): IOAS (create, destroy, commit IOVA maps and unmaps, attach and
+   *  detach devices) and EV_IOAS_SYNC / EV_IOAS_TXN / EV_IOAS_COMMITTED / EV_IOAS_ROLLBACK; needs TWO_PHASE
+   *  for attaching. A guest IOMMU's mappings beside the guest-physical map, with the same guarantees. */
+  IOAS: 1 << 12,
 } as const;
 export const ALL_FEATURES =
   Feature.RESUME |
@@ -98,7 +107,8 @@ export const ALL_FEATURES =
   Feature.TWO_PHASE |
   Feature.FENCE |
   Feature.TRUSTED_FILE |
-  Feature.WATCH;
+  Feature.WATCH |
+  Feature.IOAS;
 
 /** Bytes of guest memory one dirty-bitmap bit stands for. */
 export const DIRTY_PAGE_SIZE = 4096;

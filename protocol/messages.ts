@@ -185,6 +185,26 @@ export const delegate = object({ t: t(Msg.DELEGATE), id: u32(), names: array(nam
 
 /** Feature WATCH: the recent transactions of a space, newest last; `before` pages back (an entry's seq). */
 export const history = object({ t: t(Msg.HISTORY), id: u32(), space: name(), before: optional(uint()), limit: optional(u32()) });
+/** Feature IOAS: one request for everything about an I/O address space, told apart by `op` (docs/ioas.md). */
+export const ioasOp = tagged('op', {
+  map: object({ op: literal('map'), iova: addr(), gpa: addr(), size: addr(), readonly: optional(bool()) }),
+  unmap: object({ op: literal('unmap'), iova: addr(), size: addr() }),
+});
+export type IoasOp = Infer<typeof ioasOp>;
+
+const ioasDevices = () => array(name(), 256);
+export const ioas = tagged('op', {
+  /** Owner: a new, empty IOAS. */
+  create: object({ t: t(Msg.IOAS), id: u32(), op: literal('create'), ioas: name() }),
+  /** Owner: an IOAS no device is attached to (and no holder may reach) goes away with its mappings. */
+  destroy: object({ t: t(Msg.IOAS), id: u32(), op: literal('destroy'), ioas: name() }),
+  /** Owner: one transaction of IOVA maps and unmaps (every unmap, then every map). */
+  commit: object({ t: t(Msg.IOAS), id: u32(), op: literal('commit'), ioas: name(), ops: array(ioasOp, L.maxOpsPerCommit), expect: optional(uint()) }),
+  /** Subscriber (feature TWO_PHASE too): devices join the IOAS; the first one brings an EV_IOAS_SYNC. */
+  attach: object({ t: t(Msg.IOAS), id: u32(), op: literal('attach'), ioas: name(), devices: ioasDevices() }),
+  /** Subscriber: devices leave the IOAS; with the last one the client unmaps everything (EV_IOAS_SYNC, empty). */
+  detach: object({ t: t(Msg.IOAS), id: u32(), op: literal('detach'), ioas: name(), devices: ioasDevices() }),
+});
 
 // --- client -> broker, no reply ------------------------------------------------------------------
 
@@ -237,6 +257,36 @@ export const evDirty = object({
   last: bool(),
   ranges: array(dirtyRange, 1 << 20),
 });
+/** An IOVA range mapped to guest-physical memory (feature IOAS): [iova, iova + size) -> [gpa, gpa + size). */
+export const iovaMapping = object({ iova: addr(), gpa: addr(), size: addr(), readonly: bool() });
+export type IovaMapping = Infer<typeof iovaMapping>;
+export const ioasTxnOp = tagged('op', {
+  map: object({ op: literal('map'), iova: addr(), gpa: addr(), size: addr(), readonly: bool() }),
+  unmap: object({ op: literal('unmap'), iova: addr(), size: addr() }),
+});
+export type IoasTxnOp = Infer<typeof ioasTxnOp>;
+/** The IOAS as it is, in parts that fit frames (parts share `seq`); an empty one (a detach) unmaps everything. */
+export const evIoasSync = object({
+  t: t(Msg.EV_IOAS_SYNC),
+  seq: uint(),
+  ioas: name(),
+  generation: uint(),
+  part: u32(),
+  last: bool(),
+  mappings: array(iovaMapping, 1 << 20),
+});
+/** A vote (maps only), or with `final` a committed transaction that only unmaps: apply it all, then ack. */
+export const evIoasTxn = object({
+  t: t(Msg.EV_IOAS_TXN),
+  seq: uint(),
+  ioas: name(),
+  generation: uint(),
+  ops: array(ioasTxnOp, L.maxOpsPerCommit),
+  final: optional(bool()),
+});
+/** `seq` when the transaction unmaps something: ack it once the host IOMMU no longer maps it. */
+export const evIoasCommitted = object({ t: t(Msg.EV_IOAS_COMMITTED), ioas: name(), generation: uint(), seq: optional(uint()) });
+export const evIoasRollback = object({ t: t(Msg.EV_IOAS_ROLLBACK), seq: uint(), ioas: name(), generation: uint() });
 export const evGoodbye = object({ t: t(Msg.EV_GOODBYE), error: errorBody });
 
 // --- feature WATCH: what operators see -------------------------------------------------------------
@@ -353,6 +403,8 @@ export const delegateResult = object({});
 export const backingDropResult = object({ released: bool() });
 /** `entries`: oldest first; `more`: older entries exist (ask again with `before` = the first entry's seq). */
 export const historyResult = object({ space: name(), epoch: str(64, { minBytes: 1, printable: true }), generation: uint(), entries: array(historyEntry, 1 << 16), more: bool() });
+/** Feature IOAS: the IOAS's generation after the request; a commit also says how many bytes it mapped and unmapped. */
+export const ioasResult = object({ generation: uint(), mapped: optional(addr()), unmapped: optional(addr()) });
 export const commitResult = object({
   generation: uint(),
   added: array(object({ id: u32(), name: name() }), L.maxOpsPerCommit),
@@ -406,6 +458,26 @@ export const statusSpace = object(
     clients: array(statusClient, 1 << 20),
     /** Feature PUBLISH: whether the owner published the map (a restarted broker's spaces start unpublished). */
     published: optional(bool()),
+    /** Feature IOAS: the space's I/O address spaces, who is attached to each, and who may still reach them. */
+    ioas: optional(
+      array(
+        object(
+          {
+            name: name(),
+            generation: uint(),
+            /** How many IOVA mappings it has, and their bytes (what a shadowing vfio client pins). */
+            mappings: u32(),
+            bytes: addr(),
+            /** `pinned`: what the client last reported pinned (REPORT), across its IOASes. */
+            attached: array(object({ client: clientRef, devices: array(name(), 256), pinned: optional(addr()) }, { open: true }), 1 << 16),
+            /** Clients whose connection ended while attached: they may still reach its mappings until fenced. */
+            holders: array(u32(), 1 << 16),
+          },
+          { open: true },
+        ),
+        1 << 16,
+      ),
+    ),
     /** Clients whose connection ended while they may still reach memory, until they are fenced. */
     holders: optional(
       array(
@@ -473,6 +545,7 @@ export const MESSAGES: ReadonlyMap<number, MessageSpec> = new Map(
     spec(Msg.DETACH, 'DETACH', 'request', detach, { result: detachResult, feature: Feature.FENCE }),
     spec(Msg.DELEGATE, 'DELEGATE', 'request', delegate, { fds: { kind: 'per-item', field: 'names' }, result: delegateResult, feature: Feature.FENCE }),
     spec(Msg.HISTORY, 'HISTORY', 'request', history, { result: historyResult, feature: Feature.WATCH }),
+    spec(Msg.IOAS, 'IOAS', 'request', ioas, { result: ioasResult, feature: Feature.IOAS }),
     spec(Msg.ACK, 'ACK', 'to-broker', ack),
     spec(Msg.NACK, 'NACK', 'to-broker', nack),
     spec(Msg.REPLY, 'REPLY', 'to-client', reply),
@@ -490,6 +563,10 @@ export const MESSAGES: ReadonlyMap<number, MessageSpec> = new Map(
     spec(Msg.EV_PAUSE, 'EV_PAUSE', 'to-client', evPause, { feature: Feature.DIRTY }),
     spec(Msg.EV_DIRTY, 'EV_DIRTY', 'to-client', evDirty, { feature: Feature.DIRTY }),
     spec(Msg.EV_WATCH, 'EV_WATCH', 'to-client', evWatch, { feature: Feature.WATCH }),
+    spec(Msg.EV_IOAS_SYNC, 'EV_IOAS_SYNC', 'to-client', evIoasSync, { feature: Feature.IOAS }),
+    spec(Msg.EV_IOAS_TXN, 'EV_IOAS_TXN', 'to-client', evIoasTxn, { feature: Feature.IOAS }),
+    spec(Msg.EV_IOAS_COMMITTED, 'EV_IOAS_COMMITTED', 'to-client', evIoasCommitted, { feature: Feature.IOAS }),
+    spec(Msg.EV_IOAS_ROLLBACK, 'EV_IOAS_ROLLBACK', 'to-client', evIoasRollback, { feature: Feature.IOAS }),
   ].map((s) => [s.id, s]),
 );
 
@@ -507,6 +584,7 @@ export type Publish = Infer<typeof publish>;
 export type Detach = Infer<typeof detach>;
 export type Delegate = Infer<typeof delegate>;
 export type HistoryRequest = Infer<typeof history>;
+export type Ioas = Infer<typeof ioas>;
 export type Ack = Infer<typeof ack>;
 export type Nack = Infer<typeof nack>;
 export type Reply = Infer<typeof reply>;
@@ -524,6 +602,10 @@ export type EvDirtyFlush = Infer<typeof evDirtyFlush>;
 export type EvPause = Infer<typeof evPause>;
 export type EvDirty = Infer<typeof evDirty>;
 export type EvWatch = Infer<typeof evWatch>;
+export type EvIoasSync = Infer<typeof evIoasSync>;
+export type EvIoasTxn = Infer<typeof evIoasTxn>;
+export type EvIoasCommitted = Infer<typeof evIoasCommitted>;
+export type EvIoasRollback = Infer<typeof evIoasRollback>;
 
 export type HelloResult = Infer<typeof helloResult>;
 export type AttachResult = Infer<typeof attachResult>;
@@ -535,6 +617,7 @@ export type ReportResult = Infer<typeof reportResult>;
 export type DirtySyncResult = Infer<typeof dirtySyncResult>;
 export type PauseResult = Infer<typeof pauseResult>;
 export type PublishResult = Infer<typeof publishResult>;
+export type IoasResult = Infer<typeof ioasResult>;
 export type StatusResult = Infer<typeof statusResult>;
 export type HistoryResult = Infer<typeof historyResult>;
 export type StatusSpace = Infer<typeof statusSpace>;
@@ -555,6 +638,7 @@ export type ToBroker =
   | Detach
   | Delegate
   | HistoryRequest
+  | Ioas
   | Ack
   | Nack;
 /** Messages a client accepts. */
@@ -573,4 +657,8 @@ export type ToClient =
   | EvDirtyFlush
   | EvPause
   | EvDirty
-  | EvWatch;
+  | EvWatch
+  | EvIoasSync
+  | EvIoasTxn
+  | EvIoasCommitted
+  | EvIoasRollback;

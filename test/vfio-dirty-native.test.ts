@@ -74,11 +74,17 @@ describe('VFIO_IOMMU_DIRTY_PAGES (container) and VFIO_DEVICE_FEATURE (device) sh
 });
 
 describe('iommufd dirty tracking', () => {
-  it('IOMMU_HWPT_ALLOC: the 24-byte struct with DIRTY_TRACKING only (a larger one would carry a data pointer)', () => {
+  it('IOMMU_HWPT_ALLOC: DIRTY_TRACKING or NEST_PARENT, data_len bytes behind data_uptr, nothing beyond 40 bytes (fault_id)', () => {
     const ok = pack('iommu_hwpt_alloc', { flags: IOMMUFD.IOMMU_HWPT_ALLOC_DIRTY_TRACKING, dev_id: 1, pt_id: 2 });
     expect(thrown(() => vfio.vfioIoctl(memfd, REQUEST.IOMMU_HWPT_ALLOC, ok))).toMatchObject({ code: 'ENOTTY', syscall: 'IOMMU_HWPT_ALLOC' });
-    expect(thrown(() => vfio.vfioIoctl(memfd, REQUEST.IOMMU_HWPT_ALLOC, pack('iommu_hwpt_alloc', { flags: 1 /* NEST_PARENT */ })))).toMatchObject({ code: 'EINVAL' });
-    expect(thrown(() => vfio.vfioIoctl(memfd, REQUEST.IOMMU_HWPT_ALLOC, pack('iommu_hwpt_alloc', {}, 40)))).toMatchObject({ code: 'EINVAL' });
+    expect(thrown(() => vfio.vfioIoctl(memfd, REQUEST.IOMMU_HWPT_ALLOC, pack('iommu_hwpt_alloc', { flags: 1 << 2 /* FAULT_ID_VALID */ })))).toMatchObject({ code: 'EINVAL' });
+    expect(thrown(() => vfio.vfioIoctl(memfd, REQUEST.IOMMU_HWPT_ALLOC, pack('iommu_hwpt_alloc', {}, 48)))).toMatchObject({ code: 'EINVAL' });
+    // The kernel reads data_len bytes through data_uptr: a smaller buffer is ERANGE; the 6.6 size has no pointer.
+    expect(thrown(() => vfio.vfioIoctl(memfd, REQUEST.IOMMU_HWPT_ALLOC, pack('iommu_hwpt_alloc', { data_len: 16 }), new Uint8Array(8)))).toMatchObject({ code: 'ERANGE' });
+    const short = pack('iommu_hwpt_alloc', { data_len: 16 }).slice(0, 24); // the 6.6 struct, up to __reserved
+    new DataView(short.buffer).setUint32(0, 24, true);
+    expect(thrown(() => vfio.vfioIoctl(memfd, REQUEST.IOMMU_HWPT_ALLOC, short, new Uint8Array(8)))).toMatchObject({ code: 'EINVAL' });
+    expect(thrown(() => vfio.vfioIoctl(memfd, REQUEST.IOMMU_HWPT_ALLOC, short))).toMatchObject({ code: 'ENOTTY' });
   });
 
   it('IOMMU_GET_HW_INFO: flags zero, data_len bytes of buffer behind data_uptr', () => {

@@ -40,12 +40,13 @@ export function kvmCommands(kvm: KvmSubscriber): Commands {
   };
 }
 
-/** domain, attach-device, detach-device. */
+/** domain, attach-device (with `ioas` in shadow mode), detach-device. */
 export function vfioCommands(vfio: VfioSubscriber): Commands {
   return {
     domain: () => ({ event: 'domain', ...vfio.domain }),
     'attach-device': async (c) => {
-      await vfio.attachDevice(String(c.device));
+      // `ioas` (shadow mode): the I/O address space the device joins.
+      await vfio.attachDevice(String(c.device), c.ioas !== undefined ? { ioas: String(c.ioas) } : {});
       return { event: 'domain', ...vfio.domain };
     },
     'detach-device': async (c) => {

@@ -50,6 +50,9 @@ Options:
   --pin-limit SIZE    (vfio) most bytes this client may pin; declared to the broker, which refuses
                       hotplug beyond it before anything changes
   --pin-chunk SIZE    (vfio) bytes per pinning call (default 128M)
+  --ioas ID           (vfio) shadow mode: the devices sit behind a guest IOMMU and are attached to this
+                      I/O address space of the space (mmbroker ioas create); the client pins and maps
+                      only what it maps (IOVA -> guest memory), not all RAM
   --backend-socket PATH
                       (vhost-user) the back-end's vhost-user socket (it listens, we connect)
   --no-coalesce       (vhost-user) follow the map region by region instead of a coalesced view
@@ -86,6 +89,7 @@ export const attach: Command = {
         device: { type: 'string', multiple: true },
         'pin-limit': { type: 'string' },
         'pin-chunk': { type: 'string' },
+        ioas: { type: 'string' },
         'backend-socket': { type: 'string' },
         'no-coalesce': { type: 'boolean' },
         'backend-timeout': { type: 'string' },
@@ -95,6 +99,7 @@ export const attach: Command = {
       usage,
     );
     if (!values) return 0;
+    if (values.ioas !== undefined && kind !== 'vfio') throw new InvalidArgError('--ioas is an option of the vfio kind');
     // From here on SIGTERM / SIGINT end the client cleanly, also while it is still attaching.
     const stop = stopRequested();
     const json = values.json ?? false;
@@ -162,6 +167,7 @@ export const attach: Command = {
         devices: values.device ?? (backend === 'soft' ? ['dev0'] : []),
         ...(values['pin-limit'] ? { pinLimit: parseSize(values['pin-limit'], '--pin-limit') } : {}),
         ...(values['pin-chunk'] ? { pinChunkBytes: parseSize(values['pin-chunk'], '--pin-chunk') } : {}),
+        ...(values.ioas !== undefined ? { ioas: values.ioas } : {}),
         onPinProgress: (p) => {
           const now = Date.now();
           // Relayed to the broker too (REPORT.pinned), which passes it on to watchers (`map add` on a TTY
@@ -179,9 +185,9 @@ export const attach: Command = {
       attached.sub = vfio;
       const d = vfio.domain;
       log('backend', `${d.description}; devices ${d.devices.join(', ') || '(none)'}; pinned ${formatSize(d.pinnedBytes)}`, { ...d });
-      vfio.on('change', () => {
+      vfio.on(vfio.shadowing ? 'ioas' : 'change', () => {
         const dd = vfio.domain;
-        log('pinned', `${dd.backend}: pinned ${formatSize(dd.pinnedBytes)} once for ${dd.devices.length} device(s)`, { backend: dd.backend, pinned: dd.pinnedBytes, devices: dd.devices });
+        log('pinned', `${dd.backend}: pinned ${formatSize(dd.pinnedBytes)} once for ${dd.devices.length} device(s)${vfio.shadowing ? ` (shadow mode: ${dd.mappings.length} IOVA mapping(s))` : ''}`, { backend: dd.backend, pinned: dd.pinnedBytes, devices: dd.devices, ...(vfio.shadowing ? { mappings: dd.mappings.length } : {}) });
       });
       await follow(vfio, vfio.memory.regions.bind(vfio.memory), log, stop, values.control ? { ...memoryCommands(vfio, vfio.memory), ...vfioCommands(vfio) } : undefined);
       return 0;

@@ -5,6 +5,7 @@ import { parseCommand, required, type Command } from '../args.js';
 import { checkOutputFile } from '../paths.js';
 import { draw } from '../picture.js';
 import { statusSvg } from '../svg.js';
+import { renderIoas } from './ioas.js';
 
 const usage = `Usage: mmbroker status [--socket PATH] [--space NAME] [--json | --svg FILE]
 
@@ -42,6 +43,11 @@ export const status: Command = {
       return 0;
     }
     console.log(draw(result));
+    // The I/O address spaces of each space (feature IOAS), after its picture: cli/commands/ioas.ts.
+    for (const sp of result.spaces) {
+      const io = renderIoas(sp);
+      if (io.length > 0) console.log(`\nI/O address spaces of ${sp.name}:\n${io.join('\n')}`);
+    }
     if (svg !== undefined) {
       fs.writeFileSync(svg, statusSvg(result, { title: `mmbroker status, ${socket}, ${new Date().toISOString()}` }));
       console.log(`\nwrote the picture to ${svg}`);

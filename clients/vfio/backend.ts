@@ -133,6 +133,12 @@ export interface IommuBackend {
   /** Unmaps and unpins one piece. */
   unmap(piece: Piece): Promise<void>;
   /**
+   * Optional batch forms, for a guest IOMMU's many small mappings (shadow mode, clients/vfio/ioas-domain.ts):
+   * mapMany is all or nothing; unmapMany tries every piece and throws the first failure.
+   */
+  mapMany?(pieces: readonly Piece[]): Promise<void>;
+  unmapMany?(pieces: readonly Piece[]): Promise<void>;
+  /**
    * Before a region's pieces are mapped: checks that the domain can take it and claims what it needs (soft:
    * its IOVA-table entry, refused on overlap or when the table is full; type1: enough DMA mappings left).
    */

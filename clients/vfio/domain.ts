@@ -30,6 +30,8 @@ export interface DomainMapping {
   readonly: boolean;
   /** Pieces it was pinned and mapped in. */
   pieces: number;
+  /** Shadow mode: the IOAS of this IOVA mapping (its `iova` then differs from `gpa`). */
+  ioas?: string;
 }
 
 export interface DomainOptions {

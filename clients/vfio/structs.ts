@@ -168,23 +168,49 @@ export const LAYOUTS = {
     size: 24,
     fields: { size: f(0, 4), ioas_id: f(4, 4), iova: f(8, 8), length: f(16, 8) },
   },
-  // Linux 6.6+. 6.7 appended data_type, data_len and data_uptr (a pointer), 6.11 fault_id: we pack the 6.6
-  // size (a kernel-managed HWPT on an IOAS needs nothing after __reserved), and C refuses a larger one.
-  iommu_hwpt_alloc: {
-    header: 'linux/iommufd.h',
-    since: '6.6',
-    size: 24,
-    otherSizes: [40, 48],
-    fields: { size: f(0, 4), flags: f(4, 4), dev_id: f(8, 4), pt_id: f(12, 4), out_hwpt_id: f(16, 4), __reserved: f(20, 4) },
-  },
-  // Linux 6.6+ (32 bytes); 6.7 appended out_capabilities, which is what we read. 6.12 split the __u32 at 28
-  // into out_max_pasid_log2 and three reserved bytes: we never set or read it (C keeps data_len's buffer).
+  // Nesting and dirty tracking (Linux 6.7+): what the IOMMU behind a device can do (IOMMU_GET_HW_INFO's
+  // out_capabilities, out_data_type and vendor data), and page tables allocated for it: a nesting parent
+  // (docs/ioas.md) or one with dirty tracking (IOMMU_HWPT_ALLOC_DIRTY_TRACKING, docs/dirty-logging.md).
+  // 6.12 split iommu_hw_info's __u32 at 28 into out_max_pasid_log2 and three reserved bytes: nothing here
+  // sets or reads it.
   iommu_hw_info: {
     header: 'linux/iommufd.h',
     since: '6.7',
     size: 40,
-    otherSizes: [32],
-    fields: { size: f(0, 4), flags: f(4, 4), dev_id: f(8, 4), data_len: f(12, 4), data_uptr: f(16, 8), out_data_type: f(24, 4), out_capabilities: f(32, 8) },
+    fields: {
+      size: f(0, 4),
+      flags: f(4, 4),
+      dev_id: f(8, 4),
+      data_len: f(12, 4),
+      data_uptr: f(16, 8),
+      out_data_type: f(24, 4),
+      __reserved: f(28, 4),
+      out_capabilities: f(32, 8),
+    },
+  },
+  iommu_hw_info_vtd: {
+    header: 'linux/iommufd.h',
+    since: '6.7',
+    size: 24,
+    fields: { flags: f(0, 4), __reserved: f(4, 4), cap_reg: f(8, 8), ecap_reg: f(16, 8) },
+  },
+  iommu_hwpt_alloc: {
+    header: 'linux/iommufd.h',
+    since: '6.7',
+    size: 40,
+    // 6.11 appended fault_id and __reserved2 (48 bytes); zero-extended by the kernel when left out.
+    otherSizes: [24, 48],
+    fields: {
+      size: f(0, 4),
+      flags: f(4, 4),
+      dev_id: f(8, 4),
+      pt_id: f(12, 4),
+      out_hwpt_id: f(16, 4),
+      __reserved: f(20, 4),
+      data_type: f(24, 4),
+      data_len: f(28, 4),
+      data_uptr: f(32, 8),
+    },
   },
   iommu_hwpt_set_dirty_tracking: {
     header: 'linux/iommufd.h',
@@ -238,12 +264,15 @@ export const VFIO = {
   VFIO_MIGRATION_P2P: 1 << 1,
 } as const;
 
-/** include/uapi/linux/iommufd.h, enum iommufd_ioas_map_flags. */
+/** include/uapi/linux/iommufd.h: enum iommufd_ioas_map_flags, iommufd_hwpt_alloc_flags, iommu_hw_info_type. */
 export const IOMMUFD = {
   IOMMU_IOAS_MAP_FIXED_IOVA: 1 << 0,
   IOMMU_IOAS_MAP_WRITEABLE: 1 << 1,
   IOMMU_IOAS_MAP_READABLE: 1 << 2,
-  /** enum iommufd_hwpt_alloc_flags */
+  IOMMU_HWPT_ALLOC_NEST_PARENT: 1 << 0,
+  IOMMU_HW_INFO_TYPE_NONE: 0,
+  IOMMU_HW_INFO_TYPE_INTEL_VTD: 1,
+  IOMMU_HW_INFO_TYPE_ARM_SMMUV3: 2,
   IOMMU_HWPT_ALLOC_DIRTY_TRACKING: 1 << 1,
   /** enum iommufd_hw_capabilities */
   IOMMU_HW_CAP_DIRTY_TRACKING: 1 << 0,
@@ -252,6 +281,9 @@ export const IOMMUFD = {
   /** enum iommufd_hwpt_get_dirty_bitmap_flags */
   IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR: 1,
 } as const;
+
+/** VT-d's extended capability register (VT-d spec 11.4.3): nested translation support (ECAP.NEST). */
+export const VTD_ECAP_NEST = 1n << 26n;
 
 // --- request numbers ---------------------------------------------------------------------------------
 

@@ -16,16 +16,17 @@
  *     kernel's minimum for that request and at most the buffer's length, because the kernel writes up to
  *     that many bytes back (INFO ioctls fill capability chains up to argsz);
  *   - flag bits that would make the kernel follow a user pointer C has not validated are refused
- *     (VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP, VFIO_DEVICE_BIND_FLAG_TOKEN), and so are flags outside a
- *     request's allowed set (VFIO_DEVICE_FEATURE may only GET or PROBE the MIGRATION feature, never SET
- *     a device state): EINVAL;
+ *     (VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP, VFIO_DEVICE_BIND_FLAG_TOKEN, IOMMU_HWPT_FAULT_ID_VALID), and so
+ *     are flags outside a request's allowed set (VFIO_DEVICE_FEATURE may only GET or PROBE the MIGRATION
+ *     feature, never SET a device state): EINVAL;
  *   - a size word above the largest size C knows is refused where a later kernel appends pointer
  *     members (IOMMU_HWPT_ALLOC, IOMMU_GET_HW_INFO, the dirty-tracking structs): EINVAL;
- *   - the pointers the kernel writes through are filled in here with the address of a second buffer C
- *     checked is large enough: IOMMU_IOAS_IOVA_RANGES.allowed_iovas (num_iovas entries),
- *     IOMMU_GET_HW_INFO.data_uptr (data_len bytes), VFIO_IOMMU_DIRTY_PAGES' bitmap.data (bitmap.size
- *     bytes, only with FLAG_GET_BITMAP) and IOMMU_HWPT_GET_DIRTY_BITMAP.data (one bit per page_size of
- *     length, in 64-bit words; page_size must be a power of two).
+ *   - the pointers the kernel follows are filled in here with the address of a second buffer C checked
+ *     is large enough: IOMMU_IOAS_IOVA_RANGES.allowed_iovas (num_iovas entries, written),
+ *     IOMMU_GET_HW_INFO.data_uptr (data_len bytes, written), IOMMU_HWPT_ALLOC.data_uptr (data_len bytes,
+ *     read; only in a struct large enough to have it), VFIO_IOMMU_DIRTY_PAGES' bitmap.data (bitmap.size
+ *     bytes, written, only with FLAG_GET_BITMAP) and IOMMU_HWPT_GET_DIRTY_BITMAP.data (one bit per
+ *     page_size of length, in 64-bit words, written; page_size must be a power of two).
  *
  * The host virtual addresses inside VFIO_IOMMU_MAP_DMA.vaddr and IOMMU_IOAS_MAP.user_va are the caller's
  * to choose (they come from GuestMemory's mappings): the kernel pins and maps those pages of this process
@@ -72,11 +73,13 @@
 #define MMB_IOMMU_IOAS_IOVA_RANGES _IO(MMB_IOMMUFD_TYPE, 0x84)
 #define MMB_IOMMU_IOAS_MAP _IO(MMB_IOMMUFD_TYPE, 0x85)
 #define MMB_IOMMU_IOAS_UNMAP _IO(MMB_IOMMUFD_TYPE, 0x86)
+/* Linux 6.7+: HWPT allocation (a nesting parent, docs/ioas.md; dirty tracking), the IOMMU's capabilities. */
 #define MMB_IOMMU_HWPT_ALLOC _IO(MMB_IOMMUFD_TYPE, 0x89)
 #define MMB_IOMMU_GET_HW_INFO _IO(MMB_IOMMUFD_TYPE, 0x8a)
 #define MMB_IOMMU_HWPT_SET_DIRTY_TRACKING _IO(MMB_IOMMUFD_TYPE, 0x8b)
 #define MMB_IOMMU_HWPT_GET_DIRTY_BITMAP _IO(MMB_IOMMUFD_TYPE, 0x8c)
 /* enum iommufd_hwpt_alloc_flags, iommufd_hwpt_set_dirty_tracking_flags, iommufd_hwpt_get_dirty_bitmap_flags */
+#define MMB_IOMMU_HWPT_ALLOC_NEST_PARENT (1u << 0)
 #define MMB_IOMMU_HWPT_ALLOC_DIRTY_TRACKING (1u << 1)
 #define MMB_IOMMU_HWPT_DIRTY_TRACKING_ENABLE 1u
 #define MMB_IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR 1u
@@ -102,16 +105,19 @@ _Static_assert(MMB_IOMMU_IOAS_IOVA_RANGES == IOMMU_IOAS_IOVA_RANGES, "IOMMU_IOAS
 _Static_assert(MMB_IOMMU_IOAS_MAP == IOMMU_IOAS_MAP, "IOMMU_IOAS_MAP");
 _Static_assert(MMB_IOMMU_IOAS_UNMAP == IOMMU_IOAS_UNMAP, "IOMMU_IOAS_UNMAP");
 #ifdef IOMMU_HWPT_GET_DIRTY_BITMAP
-_Static_assert(MMB_IOMMU_HWPT_ALLOC == IOMMU_HWPT_ALLOC, "IOMMU_HWPT_ALLOC");
-_Static_assert(MMB_IOMMU_GET_HW_INFO == IOMMU_GET_HW_INFO, "IOMMU_GET_HW_INFO");
 _Static_assert(MMB_IOMMU_HWPT_SET_DIRTY_TRACKING == IOMMU_HWPT_SET_DIRTY_TRACKING, "IOMMU_HWPT_SET_DIRTY_TRACKING");
 _Static_assert(MMB_IOMMU_HWPT_GET_DIRTY_BITMAP == IOMMU_HWPT_GET_DIRTY_BITMAP, "IOMMU_HWPT_GET_DIRTY_BITMAP");
 _Static_assert(offsetof(struct iommu_hwpt_get_dirty_bitmap, data) == 40, "iommu_hwpt_get_dirty_bitmap.data");
-_Static_assert(offsetof(struct iommu_hw_info, data_uptr) == 16, "iommu_hw_info.data_uptr");
 #endif
 _Static_assert(offsetof(struct iommu_ioas_iova_ranges, allowed_iovas) == 16, "allowed_iovas");
 _Static_assert(offsetof(struct iommu_ioas_iova_ranges, num_iovas) == 8, "num_iovas");
 _Static_assert(sizeof(struct iommu_iova_range) == 16, "iommu_iova_range");
+#ifdef IOMMU_GET_HW_INFO
+_Static_assert(MMB_IOMMU_HWPT_ALLOC == IOMMU_HWPT_ALLOC, "IOMMU_HWPT_ALLOC");
+_Static_assert(MMB_IOMMU_GET_HW_INFO == IOMMU_GET_HW_INFO, "IOMMU_GET_HW_INFO");
+_Static_assert(offsetof(struct iommu_hw_info, data_uptr) == 16, "iommu_hw_info.data_uptr");
+_Static_assert(offsetof(struct iommu_hwpt_alloc, data_uptr) == 32, "iommu_hwpt_alloc.data_uptr");
+#endif
 #endif
 #ifdef VFIO_DEVICE_BIND_IOMMUFD
 _Static_assert(MMB_VFIO_DEVICE_BIND_IOMMUFD == VFIO_DEVICE_BIND_IOMMUFD, "VFIO_DEVICE_BIND_IOMMUFD");
@@ -155,7 +161,8 @@ struct request {
   bool async;         /* may run on a worker thread (vfioIoctlAsync) */
   int ptr_off;        /* a __u64 pointer field C fills with the data buffer's address, or -1 */
   uint32_t ptr_flag;  /* the pointer is used only when flags has this bit (0: always) */
-  uint32_t ptr_minsz; /* ...and then the size word must be at least this (the pointer's struct is appended) */
+  uint32_t ptr_minsz; /* ...and only in a struct this large (a smaller one has no pointer field: the kernel
+                         follows nothing; a GET_BITMAP that short is the kernel's EINVAL) */
   enum bound_rule bound;
   int count_off;      /* BOUND_COUNT: its element count */
   int count_size;     /* 4 or 8 */
@@ -196,8 +203,11 @@ static const struct request requests[] = {
     {"IOMMU_IOAS_IOVA_RANGES", MMB_IOMMU_IOAS_IOVA_RANGES, FD_IOMMUFD, ARG_STRUCT, 32, 0, -1, 0, 0, false, 16, 0, 0, BOUND_COUNT, 8, 4, 16},
     {"IOMMU_IOAS_MAP", MMB_IOMMU_IOAS_MAP, FD_IOMMUFD, ARG_STRUCT, 40, 0, -1, 0, 0, true, NOPTR},
     {"IOMMU_IOAS_UNMAP", MMB_IOMMU_IOAS_UNMAP, FD_IOMMUFD, ARG_STRUCT, 24, 0, -1, 0, 0, true, NOPTR},
-    /* Up to __reserved (24 bytes): data_type / data_len / data_uptr (a pointer) and fault_id come after. */
-    {"IOMMU_HWPT_ALLOC", MMB_IOMMU_HWPT_ALLOC, FD_IOMMUFD, ARG_STRUCT, 24, 24, 4, 0, MMB_IOMMU_HWPT_ALLOC_DIRTY_TRACKING, false, NOPTR},
+    /* A nesting parent or dirty tracking; the kernel reads data_len bytes of driver data through data_uptr
+     * (at 32, in a struct of 40 bytes or more): C points it at a checked buffer. fault_id (48 bytes, read
+     * only with FAULT_ID_VALID) is refused. */
+    {"IOMMU_HWPT_ALLOC", MMB_IOMMU_HWPT_ALLOC, FD_IOMMUFD, ARG_STRUCT, 24, 40, 4, 0, MMB_IOMMU_HWPT_ALLOC_NEST_PARENT | MMB_IOMMU_HWPT_ALLOC_DIRTY_TRACKING, false,
+     32, 0, 40, BOUND_COUNT, 28, 4, 1},
     /* flags must be 0; data_uptr (at 16) gets `data`, data_len (at 12) bytes of it. Up to out_capabilities. */
     {"IOMMU_GET_HW_INFO", MMB_IOMMU_GET_HW_INFO, FD_IOMMUFD, ARG_STRUCT, 32, 40, 4, UINT32_MAX, 0, false, 16, 0, 0, BOUND_COUNT, 12, 4, 1},
     {"IOMMU_HWPT_SET_DIRTY_TRACKING", MMB_IOMMU_HWPT_SET_DIRTY_TRACKING, FD_IOMMUFD, ARG_STRUCT, 16, 16, 4, 0, MMB_IOMMU_HWPT_DIRTY_TRACKING_ENABLE, false, NOPTR},
@@ -320,20 +330,16 @@ static const struct request *entry_for_arg(const struct request *r, int fd, cons
 
 /* Whether the request's pointer field is used by this call (see struct request.ptr_flag). */
 static bool uses_pointer(const struct request *r, const uint8_t *arg) {
-  if (r->bound == BOUND_NONE) return false;
+  if (r->bound == BOUND_NONE || get_u32(arg, 0) < r->ptr_minsz) return false;
   return r->ptr_flag == 0 || (get_u32(arg, r->flags_off) & r->ptr_flag) != 0;
 }
 
 /*
- * The bytes the kernel may write through the pointer of `arg` (set *bytes), or false with errno set:
- * EINVAL when the fields make no sense (a struct too short for the pointer, a page size that is not a
- * power of two, an empty range). runs on the main thread
+ * The bytes the kernel may follow the pointer of `arg` for (set *bytes), or false with errno set: EINVAL
+ * when the fields make no sense (a page size that is not a power of two, an empty range), ERANGE on
+ * overflow. runs on the main thread
  */
 static bool pointer_bytes(const struct request *r, const uint8_t *arg, uint64_t *bytes) {
-  if (get_u32(arg, 0) < r->ptr_minsz) {
-    errno = EINVAL;
-    return false;
-  }
   if (r->bound == BOUND_COUNT) {
     uint64_t count = r->count_size == 8 ? get_u64(arg, r->count_off) : get_u32(arg, r->count_off);
     if (count > UINT64_MAX / r->elem_size) {
