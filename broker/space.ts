@@ -730,7 +730,14 @@ export class AddressSpace {
       const h = this.evict(s, this.refusal(s.ref(), r.error, generation));
       if (h) unfinished.push(h);
     }
-    return this.fences.settle([...unfinished, ...holders()], this.limits.ackTimeoutMs);
+    // The change is committed: a holder that reconnects now is synced at once, to the map as committed (it
+    // is no target of the finish round, which went out before it came back), and its reconcile fences it.
+    this.fenceWindow = true;
+    try {
+      return await this.fences.settle([...unfinished, ...holders()], this.limits.ackTimeoutMs);
+    } finally {
+      this.fenceWindow = false;
+    }
   }
 
   /** The owner's error when a committed transaction left holders that could not be fenced. */
