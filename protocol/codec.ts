@@ -4,7 +4,9 @@
 //
 // Received bodies are checked to be plain msgpack before they are decoded: no floats, no bin, no
 // extensions, strings valid UTF-8 (msgpackr would turn a timestamp extension into a Date and invalid
-// UTF-8 into U+FFFD; a strict C peer refuses both, and so do we).
+// UTF-8 into U+FFFD; a strict C peer refuses both, and so do we). The one exception is a bin in a field of
+// a feature-gated extension that defines one (EV_SYNC.columns, feature COMPACT_SYNC): the scan reports bins
+// apart, and validate.ts refuses them everywhere else.
 //
 // One fix-up: msgpackr writes a JS number that is an integer beyond 32 bits as float64 (0xcb). GPAs,
 // sizes and offsets are such integers, and a C peer must read them as integers, so after packing we walk
@@ -27,6 +29,9 @@ const unpackr = new Unpackr({
   mapsAsObjects: true,
   // u64 beyond 2^53 decodes as an inexact number, which every range check then refuses.
   int64AsType: 'number',
+  // A bin is copied out: the bytes it would otherwise view are the frame decoder's buffer, reused for the
+  // next frames.
+  copyBuffers: true,
 });
 
 const TWO_32 = 2 ** 32;
@@ -114,27 +119,47 @@ function utf8At(b: Uint8Array, start: number, length: number): boolean {
   return true;
 }
 
-/** The visitor of plainProblem(): throws at the first token the protocol does not use. */
-function refuseNonPlain(c: number, i: number, dv: DataView, b: Uint8Array): void {
-  if (c === 0xca || c === 0xcb) throw new Error('floats are not used by the protocol');
-  if ((c >= 0xc4 && c <= 0xc9) || (c >= 0xd4 && c <= 0xd8)) {
-    throw new Error(`msgpack type 0x${c.toString(16)} (bin or extension) is not used by the protocol`);
+/** What the protocol says of a bin where no extension defines one. */
+export const BIN_PROBLEM = 'msgpack type bin is not used by the protocol';
+
+/** The visitor of scanBody(): throws at the first token the protocol does not use; counts bins. */
+function visitor(seen: { bins: number }): (c: number, i: number, dv: DataView, b: Uint8Array) => void {
+  return (c, i, dv, b) => {
+    if (c === 0xca || c === 0xcb) throw new Error('floats are not used by the protocol');
+    if (c >= 0xc4 && c <= 0xc6) {
+      seen.bins++;
+      return;
+    }
+    if ((c >= 0xc7 && c <= 0xc9) || (c >= 0xd4 && c <= 0xd8)) {
+      throw new Error(`msgpack type 0x${c.toString(16)} (extension) is not used by the protocol`);
+    }
+    const s = strPayload(c, i, dv);
+    if (s && s[1] > 0 && !utf8At(b, s[0], s[1])) throw new Error('a string is not valid UTF-8');
+  };
+}
+
+/**
+ * Scans a body: `problem` says what makes it not plain msgpack (floats 0xca-0xcb, extension types
+ * 0xc7-0xc9 and 0xd4-0xd8, strings that are not valid UTF-8); `bin` whether it holds bin values
+ * (0xc4-0xc6), which only a feature-gated field may (validate.ts decides).
+ */
+export function scanBody(b: Uint8Array): { problem: string | undefined; bin: boolean } {
+  const seen = { bins: 0 };
+  try {
+    walk(b, visitor(seen));
+    return { problem: undefined, bin: seen.bins > 0 };
+  } catch (err) {
+    return { problem: (err as Error).message, bin: seen.bins > 0 };
   }
-  const s = strPayload(c, i, dv);
-  if (s && s[1] > 0 && !utf8At(b, s[0], s[1])) throw new Error('a string is not valid UTF-8');
 }
 
 /**
  * What makes a body not plain msgpack, or undefined: floats (0xca, 0xcb), bin (0xc4-0xc6) and extension
- * types (0xc7-0xc9, 0xd4-0xd8) are not part of the protocol, and strings must be valid UTF-8.
+ * types (0xc7-0xc9, 0xd4-0xd8) are not part of the base protocol, and strings must be valid UTF-8.
  */
 export function plainProblem(b: Uint8Array): string | undefined {
-  try {
-    walk(b, refuseNonPlain);
-    return undefined;
-  } catch (err) {
-    return (err as Error).message;
-  }
+  const s = scanBody(b);
+  return s.problem ?? (s.bin ? BIN_PROBLEM : undefined);
 }
 
 /** Encodes one message body. The returned bytes are only valid until the next call: copy them. */

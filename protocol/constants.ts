@@ -80,9 +80,12 @@ export const Feature = {
   /** BACKING_ADD.unsealed: the owner registers a file it vouches for (QEMU's memory-backend-file on tmpfs or
    *  hugetlbfs), which cannot be sealed against shrinking; the reply and STATUS say page size and sealing. */
   TRUSTED_FILE: 1 << 10,
+  /** EV_SYNC.columns: a sync part's regions as columns of fixed-width integers in one msgpack bin
+   *  (protocol/columns.ts), for large maps; without the bit a client gets the plain `regions` array. */
+  COMPACT_SYNC: 1 << 13,
 } as const;
 export const ALL_FEATURES =
-  Feature.RESUME | Feature.REPORT | Feature.PLACE | Feature.COALESCE | Feature.PIN | Feature.DIRTY | Feature.AUTH | Feature.PUBLISH | Feature.TWO_PHASE | Feature.FENCE | Feature.TRUSTED_FILE;
+  Feature.RESUME | Feature.REPORT | Feature.PLACE | Feature.COALESCE | Feature.PIN | Feature.DIRTY | Feature.AUTH | Feature.PUBLISH | Feature.TWO_PHASE | Feature.FENCE | Feature.TRUSTED_FILE | Feature.COMPACT_SYNC;
 
 /** Bytes of guest memory one dirty-bitmap bit stands for. */
 export const DIRTY_PAGE_SIZE = 4096;
