@@ -40,7 +40,7 @@ import {
   applyOps,
   applyOpsTo,
   changeFromOps,
-  diff,
+  diffRegions,
   inverse,
   isEmpty,
   splitChange,
@@ -633,8 +633,7 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
 
   /** The change that makes what is established equal `target` (O(map)). */
   private fullChange(target: ReadonlyMap<number, Region>, generation: number, cause: Change['cause']): Change {
-    const views = [...target.values()].map((r) => toView(r, this.backings));
-    return diff(this.actual, views, generation, cause);
+    return diffRegions(this.actual, target.values(), this.backings, generation, cause);
   }
 
   /**
