@@ -2,16 +2,23 @@
 // The writer dirties at a rate of 1% of guest memory per round-0 time (about what a round 0 takes to
 // copy): rounds shorten as the dirty set shrinks, as with a real guest, until one leaves at most 1 MiB.
 // No peer: the figures are the migration's own (rounds, bytes sent against memory size, pause time).
+//
+//   npm run bench:migration -- [--mib N] [--json]   (BENCH_ITERATIONS sets the runs, 3 by default; --mib the
+//   guest memory, 1024 by default: less is for a short run)
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import { parseArgs } from 'node:util';
 import { Broker } from '../broker/index.js';
 import { MappingSubscriber, OwnerClient } from '../clients/index.js';
 import { FileDestination, Migration, type MigrationResult } from '../clients/migration/index.js';
 import { constants, native } from '../native/index.js';
 import { iterations, report, runMain, summarize, type Measurement } from './lib.js';
 
-const GIB = 2 ** 30;
+const { values } = parseArgs({ options: { mib: { type: 'string', default: '1024' }, json: { type: 'boolean', default: false } } });
+/** The guest memory migrated. */
+const GIB = Number(values.mib) * 2 ** 20;
+const SIZE_NAME = GIB >= 2 ** 30 ? `${GIB / 2 ** 30} GiB` : `${GIB / 2 ** 20} MiB`;
 const PAGES = GIB / 4096;
 const RUNS = iterations(3);
 
@@ -69,9 +76,9 @@ async function main(): Promise<void> {
       m('bytes sent / guest memory', 'x', runs.map((r) => r.totalBytes / r.memoryBytes)),
       m('bytes sent', 'MiB', runs.map((r) => r.totalBytes / 2 ** 20)),
       m('downtime (pause to last page copied)', 'ms', runs.map((r) => r.downtimeMs)),
-      m('writers paused, with verification of 1 GiB', 'ms', runs.map((r) => r.pausedMs)),
+      m(`writers paused, with verification of ${SIZE_NAME}`, 'ms', runs.map((r) => r.pausedMs)),
       m('whole migration', 'ms', runs.map((r) => r.ms)),
-      m('round 0 (1 GiB)', 'ms', runs.map((r) => r.rounds[0]?.ms ?? 0)),
+      m(`round 0 (${SIZE_NAME})`, 'ms', runs.map((r) => r.rounds[0]?.ms ?? 0)),
     ],
     { guestBytes: GIB, dirtyRate: '1% of guest memory per round-0 time', stopBytes: 1 << 20, verified: runs.every((r) => r.verified === true) },
   );

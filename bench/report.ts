@@ -6,6 +6,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import type { Measurement } from './lib.js';
 import { rootDir } from './lib.js';
+import { BENCHES } from './list.js';
 import { barChart, lineChart, type Series } from './svg.js';
 
 interface Result {
@@ -26,7 +27,7 @@ const resultsDir = process.env.MMB_BENCH_RESULTS ?? path.join(root, 'bench', 're
 const docs = process.env.MMB_BENCH_OUT ?? path.join(root, 'docs');
 const readme = process.env.MMB_BENCH_OUT ? undefined : path.join(root, 'README.md');
 
-const ORDER = ['fanout', 'throughput', 'translate', 'scale', 'pinning', 'dirty-sync', 'migration', 'vhost-user'];
+const ORDER: readonly string[] = BENCHES;
 const SCRIPT: Record<string, { file: string; npm: string; title: string }> = {
   fanout: { file: 'bench/fanout.ts', npm: 'npm run bench:fanout', title: '1. Fan-out: one change to every subscriber' },
   throughput: { file: 'bench/throughput.ts', npm: 'npm run bench:throughput', title: '2. Throughput: transactions per second, 4 subscribers' },
@@ -291,9 +292,12 @@ function headline(all: Map<string, Result>): string[] {
   }
   const pin = m('pinning', (x) => x.unit === 'GiB/s' && x.goal !== undefined);
   const delay = m('pinning', (x) => x.unit === 'ms' && x.goal !== undefined);
-  if (pin) out.push(`Pinning 4 GiB (soft backend): ${fmt(pin.median, pin.unit)} (C mlock of the same memfd: ${fmt(pin.peer?.median ?? NaN, pin.unit)})${mark(pin)}${delay ? `, broker event loop delayed at most ${fmt(Math.max(delay.p99, delay.median), 'ms')}${mark(delay)}` : ''}`);
+  const pinSize = all.get('pinning')?.size;
+  if (pin) out.push(`Pinning ${typeof pinSize === 'number' ? `${+(pinSize / 2 ** 30).toPrecision(3)} GiB` : '4 GiB'} (soft backend): ${fmt(pin.median, pin.unit)} (C mlock of the same memfd: ${fmt(pin.peer?.median ?? NaN, pin.unit)})${mark(pin)}${delay ? `, broker event loop delayed at most ${fmt(Math.max(delay.p99, delay.median), 'ms')}${mark(delay)}` : ''}`);
   const dirty = m('dirty-sync', (x) => x.name.startsWith('flip + take') && x.name.includes('100%'));
-  if (dirty) out.push(`Dirty sync of a 32 MiB bitmap (1 TiB of guest memory): ${fmt(dirty.median, dirty.unit)} (memcpy of it: ${fmt(dirty.peer?.median ?? NaN, dirty.unit)})${mark(dirty)}`);
+  const bitmapBytes = all.get('dirty-sync')?.bitmapBytes;
+  const bitmap = typeof bitmapBytes === 'number' ? `${bitmapBytes / 2 ** 20} MiB bitmap (${fmt((bitmapBytes * 8 * 4096) / 2 ** 40, 'TiB')} of guest memory)` : '32 MiB bitmap (1 TiB of guest memory)';
+  if (dirty) out.push(`Dirty sync of a ${bitmap}: ${fmt(dirty.median, dirty.unit)} (memcpy of it: ${fmt(dirty.peer?.median ?? NaN, dirty.unit)})${mark(dirty)}`);
   return out;
 }
 
