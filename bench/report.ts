@@ -37,6 +37,7 @@ const SCRIPT: Record<string, { file: string; npm: string; title: string }> = {
   'dirty-sync': { file: 'bench/dirty-sync.ts', npm: 'npm run bench:dirty-sync', title: '6. Dirty sync: collecting a 32 MiB bitmap' },
   migration: { file: 'bench/migration.ts', npm: 'npm run bench:migration', title: 'Migration of 1 GiB (no peer, no goal)' },
   'vhost-user': { file: 'bench/vhost-user.ts', npm: 'npm run bench:vhost-user', title: 'The vhost-user bridge against qemu-storage-daemon (the goals of the vhost-user issue, see docs/vhost-user.md)' },
+  'qemu-hotplug': { file: 'bench/qemu-hotplug.ts', npm: 'npm run bench:qemu-hotplug', title: '7. QEMU as the peer: a DIMM hot-added to N vhost-user back-ends' },
 };
 
 const COLORS = { ours: '#1f6fb2', ours2: '#2ca02c', ours3: '#9467bd', peer: '#444444', peer2: '#999999', goal: '#c0392b' };
@@ -150,6 +151,19 @@ function translateChart(r: Result): string | undefined {
   );
 }
 
+function qemuChart(r: Result): string | undefined {
+  const ms = r.results;
+  const s: Series[] = [
+    { name: 'QEMU: device_add of a pc-dimm, until its reply (every back-end REPLY_ACKed, one after the other)', points: byX(ms, 'QEMU device_add'), color: COLORS.peer, dashed: true },
+    { name: 'broker: the same add through one vhost-user bridge per back-end, until the commit', points: byX(ms, 'broker add'), color: COLORS.ours },
+  ].filter((x) => x.points.length > 0);
+  if (s.length === 0) return undefined;
+  return writeSvg(
+    'performance-qemu-hotplug.svg',
+    lineChart({ title: 'Hot-adding a DIMM against the number of vhost-user back-ends (median, lower is better)', xLabel: 'qemu-storage-daemon back-ends', yLabel: 'microseconds', series: s }),
+  );
+}
+
 function pinningChart(r: Result): string | undefined {
   const ms = r.results.filter((m) => m.unit === 'GiB/s');
   if (ms.length === 0) return undefined;
@@ -253,8 +267,19 @@ function whyMissed(all: Map<string, Result>): string[] {
         `allocation-bound work of a few hundred nanoseconds per region. The CPU time in the note shows how much of the wall time was the subscriber's own on this machine.`,
     );
   }
+  const qh = all.get('qemu-hotplug');
+  const qslope = find(qh, (m) => m.name === 'broker: per back-end');
+  if (qslope && qslope.met === false) {
+    out.push(
+      `**QEMU as the peer, per back-end** (${fmt(qslope.median, 'us')} through the broker, QEMU ${fmt(qslope.peer?.median ?? NaN, 'us')}). ` +
+        `QEMU's memory listener updates its back-ends one after the other, each waiting for the REPLY_ACK; the broker sends the transaction to ` +
+        `every bridge at once, and each bridge sends its ADD_MEM_REG without waiting for the others. Its slope is what each more bridge costs ` +
+        `the broker's process (the transaction's bookkeeping per subscriber, encoding, the bridge's own work) plus what the back-ends' ` +
+        `replies cost when they cannot run at once on this machine's ${qh?.machine?.cpus ?? 2} CPUs.`,
+    );
+  }
   for (const [bench, r] of all) {
-    if (['fanout', 'throughput', 'translate', 'scale', 'vhost-user'].includes(bench)) continue;
+    if (['fanout', 'throughput', 'translate', 'scale', 'vhost-user', 'qemu-hotplug'].includes(bench)) continue;
     for (const m of r.results.filter((x) => x.met === false && !x.note?.includes('not what a sync does'))) {
       out.push(`**${SCRIPT[bench]?.title ?? bench}: ${m.name}** (${fmt(m.median, m.unit)}, goal ${m.goal}): see the benchmark's own notes and its document.`);
     }
@@ -294,6 +319,14 @@ function headline(all: Map<string, Result>): string[] {
   const delay = m('pinning', (x) => x.unit === 'ms' && x.goal !== undefined);
   const pinSize = all.get('pinning')?.size;
   if (pin) out.push(`Pinning ${typeof pinSize === 'number' ? `${+(pinSize / 2 ** 30).toPrecision(3)} GiB` : '4 GiB'} (soft backend): ${fmt(pin.median, pin.unit)} (C mlock of the same memfd: ${fmt(pin.peer?.median ?? NaN, pin.unit)})${mark(pin)}${delay ? `, broker event loop delayed at most ${fmt(Math.max(delay.p99, delay.median), 'ms')}${mark(delay)}` : ''}`);
+  const slope = m('qemu-hotplug', (x) => x.name === 'broker: per back-end');
+  const model = m('qemu-hotplug', (x) => x.series === 'device model');
+  if (slope) {
+    out.push(
+      `QEMU as the peer, a DIMM hot-added to N vhost-user back-ends: per back-end ${fmt(slope.median, slope.unit)} through the broker's bridges, ${fmt(slope.peer?.median ?? NaN, slope.unit)} in QEMU (${ratio(slope.ratio ?? NaN)}x)${mark(slope)}` +
+        `${model ? `; QEMU's device-model cost without back-ends ${fmt(model.median, model.unit)}` : ''}`,
+    );
+  }
   const dirty = m('dirty-sync', (x) => x.name.startsWith('flip + take') && x.name.includes('100%'));
   const bitmapBytes = all.get('dirty-sync')?.bitmapBytes;
   const bitmap = typeof bitmapBytes === 'number' ? `${bitmapBytes / 2 ** 20} MiB bitmap (${fmt((bitmapBytes * 8 * 4096) / 2 ** 40, 'TiB')} of guest memory)` : '32 MiB bitmap (1 TiB of guest memory)';
@@ -337,6 +370,7 @@ function main(): void {
     ['throughput', all.get('throughput') && throughputChart(all.get('throughput') as Result)],
     ['translate', all.get('translate') && translateChart(all.get('translate') as Result)],
     ['pinning', all.get('pinning') && pinningChart(all.get('pinning') as Result)],
+    ['qemu-hotplug', all.get('qemu-hotplug') && qemuChart(all.get('qemu-hotplug') as Result)],
   ]);
   // The goals of the benchmark issue; vhost-user.ts keeps the goals of its own issue, shown in its section.
   const goals = [...all.values()]

@@ -75,6 +75,8 @@ const SHORT: Record<(typeof BENCHES)[number], { args: string[]; tools: string[] 
   'dirty-sync': { args: ['--mib', '1'], tools: [] },
   migration: { args: ['--mib', '64'], tools: [] },
   'vhost-user': { args: ['--iterations', '20', '--rounds', '1', '--warmup', '10', '--fanout', '1,4'], tools: ['cc', QSD] },
+  // Three guest boots under TCG (no back-end, one, two): the longest of the short runs.
+  'qemu-hotplug': { args: ['--backends', '0,1,2', '--iterations', '3', '--warmup', '1', '--rounds', '1'], tools: ['qemu-system-x86_64', QSD, 'busybox'] },
 };
 
 /** The JSON of every short run, for the report rendered from all of them. */
