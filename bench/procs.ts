@@ -32,10 +32,15 @@ export class Child {
       });
   }
 
-  /** Runs dist/bench/fixtures/FIXTURE.js with `args`; under taskset when `cpus` is given. */
+  /**
+   * Runs dist/bench/fixtures/FIXTURE.js with `args`; under taskset when `cpus` is given. MMB_BENCH_NODE_ARGS
+   * (space-separated) is passed to every such node, for profiling: node refuses --cpu-prof in NODE_OPTIONS,
+   * so `MMB_BENCH_NODE_ARGS='--cpu-prof --cpu-prof-dir=DIR'` is how a benchmark's helper processes get it.
+   */
   static spawn(fixture: string, args: readonly string[], opts: { cpus?: string; name?: string; nodeArgs?: readonly string[]; extraFds?: readonly number[] } = {}): Child {
     const script = new URL(`./fixtures/${fixture}.js`, import.meta.url).pathname;
-    const argv = [process.execPath, ...(opts.nodeArgs ?? []), script, ...args];
+    const fromEnv = (process.env.MMB_BENCH_NODE_ARGS ?? '').split(' ').filter(Boolean);
+    const argv = [process.execPath, ...fromEnv, ...(opts.nodeArgs ?? []), script, ...args];
     const full = opts.cpus !== undefined ? ['taskset', '-c', opts.cpus, ...argv] : argv;
     const proc = spawn(full[0] as string, full.slice(1), { stdio: ['pipe', 'pipe', 'pipe', ...(opts.extraFds ?? [])] });
     return new Child(opts.name ?? fixture, proc);
