@@ -12,6 +12,7 @@
         "native/src/kvm.c",
         "native/src/mapping.c",
         "native/src/memfd.c",
+        "native/src/notify.c",
         "native/src/poll.c",
         "native/src/scm.c",
         "native/src/socket.c",

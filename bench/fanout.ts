@@ -32,8 +32,9 @@ import { parseArgs } from 'node:util';
 import { Broker } from '../broker/index.js';
 import { allCpus, ccVersion, iterations, pinSelf, report, runMain, summarize, type Measurement } from './lib.js';
 import { REGION, latencyLoop, ownerGone, withOwner } from './owner-loop.js';
-import { Child, cpuNsOf, spawnSubscribers, statsOf, stopAll } from './procs.js';
-import { memfdMaps } from '../cli/procfs.js';
+import type { JsonProc } from '../testkit/jsonproc.js';
+import { cpuNsOf, spawnFixture, spawnSubscribers, statsOf, stopAll } from './procs.js';
+import { memfdMaps } from '../testkit/procfs.js';
 import { CFrontEnd, addTrips, backendImage, noTrips, qsdVersion, startBackends, stopBackends, type RoundTrips } from './vhu-peer.js';
 
 const { values } = parseArgs({
@@ -84,15 +85,15 @@ async function embeddedOwner(b: Broker, o: { iterations: number; warmup: number 
 }
 
 /** The same loop run by the owner process (bench/fixtures/owner.ts), which stays up across rounds. */
-async function processOwner(b: Broker, child: Child, o: { iterations: number; warmup: number }): Promise<RoundTrips> {
-  child.send(JSON.stringify({ mode: 'latency', ...o }));
-  const out = await child.next<RoundTrips>();
+async function processOwner(b: Broker, child: JsonProc, o: { iterations: number; warmup: number }): Promise<RoundTrips> {
+  child.send({ mode: 'latency', ...o });
+  const out = await child.next<RoundTrips>(undefined, () => true, 3_600_000);
   await ownerGone(b, SPACE);
   return out;
 }
 
 /** Every subscriber acked the space's generation and saw `commits` more commits since `before`. */
-async function verify(b: Broker, subs: readonly Child[], before: number[], commits: number): Promise<number[]> {
+async function verify(b: Broker, subs: readonly JsonProc[], before: number[], commits: number): Promise<number[]> {
   const st = b.status(SPACE).spaces[0]!;
   const lagging = st.clients.filter((c) => c.role === 'subscriber' && c.ackedGeneration !== st.generation);
   if (lagging.length > 0) throw new Error(`subscribers ${lagging.map((c) => c.name).join(', ')} did not ack generation ${st.generation}`);
@@ -105,7 +106,7 @@ async function verify(b: Broker, subs: readonly Child[], before: number[], commi
 }
 
 /** The kernel's view: after an add every subscriber maps the region, after the remove none does. */
-async function verifyMaps(b: Broker, subs: readonly Child[]): Promise<void> {
+async function verifyMaps(b: Broker, subs: readonly JsonProc[]): Promise<void> {
   try {
     await withOwner(b, SPACE, BACKING_NAME, async (owner, backing) => {
       await owner.addRegion({ ...REGION, backing });
@@ -147,7 +148,7 @@ async function main(): Promise<void> {
       log(`${n} subscriber process(es)${cpus !== undefined ? ', every process pinned to CPU 0' : ', not pinned'}; ${ROUNDS} rounds x ${ITER} iterations (+${WARMUP} warm-up)`);
       const qsds = await startBackends(dir, image, n, `qsd${n}`, cpus);
       const subs = await spawnSubscribers(n, socket, SPACE, 'map', cpus);
-      const ownerChild = Child.spawn('owner', [socket, SPACE], { name: 'owner process', ...(cpus !== undefined ? { cpus } : {}) });
+      const ownerChild = spawnFixture('owner', [socket, SPACE], { name: 'owner process', ...(cpus !== undefined ? { cpus } : {}) });
       const all = { c: noTrips(), embedded: noTrips(), process: noTrips() };
       const per = { c: [] as RoundTrips[], embedded: [] as RoundTrips[], process: [] as RoundTrips[] };
       const sockets = qsds.map((q) => q.socket);
@@ -199,8 +200,7 @@ async function main(): Promise<void> {
         }
         checks.push(`${n}: each of the ${n} subscriber processes counted all ${commits} commits itself and the broker's status showed each one acked the last generation; /proc/PID/maps showed the region in all ${n} after an add and in none after its removal`);
       } finally {
-        await ownerChild.stop();
-        await stopAll(subs);
+        await stopAll([ownerChild, ...subs]);
         await stopBackends(qsds);
       }
       for (const who of ['c', 'embedded', 'process'] as const) {

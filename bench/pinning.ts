@@ -26,7 +26,7 @@ import { Broker } from '../broker/index.js';
 import { OwnerClient, VfioSubscriber } from '../clients/index.js';
 import { native } from '../native/index.js';
 import { buildC, C_FLAGS, ccVersion, iterations, report, runMain, summarize, type Measurement } from './lib.js';
-import { vmLckKiB } from '../cli/procfs.js';
+import { vmLckKiB } from '../testkit/procfs.js';
 
 const { values } = parseArgs({
   options: {

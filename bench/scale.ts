@@ -39,7 +39,7 @@ import { DEFAULT_PROTOCOL_LIMITS, encodeFrame, Msg, type CommitOp } from '../pro
 import { compactSyncPart, splitSync } from '../broker/sync.js';
 import { native } from '../native/index.js';
 import { iterations, report, runMain, summarize, type Measurement } from './lib.js';
-import { Child, spawnSubscribers, statsOf, stopAll } from './procs.js';
+import { spawnFixture, spawnSubscribers, statsOf, stopAll } from './procs.js';
 
 // The heap figure needs gc(): re-run this script under node --expose-gc when it was started without.
 const gc = (globalThis as { gc?: () => void }).gc;
@@ -120,17 +120,16 @@ async function snapshots(socket: string, mode: 'map' | 'record', n: number, form
   const out = { compact: { ms: [] as number[], cpuMs: [] as number[], gcMs: [] as number[] }, plain: { ms: [] as number[], cpuMs: [] as number[], gcMs: [] as number[] } };
   for (let i = 0; i < n; i++) {
     for (const form of forms) {
-      const child = Child.spawn('subscriber', [socket, BIG, `snapshot-${mode}-${form}-${i}`, mode, ...formArgs(form)], { name: `${mode} subscriber (${form})` });
+      const child = spawnFixture('subscriber', [socket, BIG, `snapshot-${mode}-${form}-${i}`, mode, ...formArgs(form)], { name: `${mode} subscriber (${form})` });
       try {
-        const ready = await child.next<{ attachMs: number; cpuMs: number; gcMs: number }>();
-        child.send('stats');
-        const st = await child.next<{ regions: number }>();
-        if (st.regions !== REGIONS) throw new Error(`the new subscriber holds ${st.regions} regions, not ${REGIONS}`);
+        const ready = await child.next<{ attachMs: number; cpuMs: number; gcMs: number }>('ready', () => true, 3_600_000);
+        const [st] = await statsOf([child]);
+        if (st?.regions !== REGIONS) throw new Error(`the new subscriber holds ${st?.regions} regions, not ${REGIONS}`);
         out[form].ms.push(ready.attachMs);
         out[form].cpuMs.push(ready.cpuMs);
         out[form].gcMs.push(ready.gcMs);
       } finally {
-        await child.stop();
+        await stopAll([child]);
       }
     }
   }
@@ -156,27 +155,26 @@ async function restartResync(
   fd: number,
   form: Form,
 ): Promise<{ ms: number; cpuMs: number }> {
-  const child = Child.spawn('subscriber', [socket, BIG, `resync-${form}`, 'record', ...formArgs(form), 'reconnect'], { name: `resync subscriber (${form})` });
+  const child = spawnFixture('subscriber', [socket, BIG, `resync-${form}`, 'record', ...formArgs(form), 'reconnect'], { name: `resync subscriber (${form})` });
   try {
-    await child.next<{ ready: boolean }>();
+    await child.next('ready', () => true, 600_000);
     state.owner.close();
     await state.broker.close();
     state.broker = newBroker(socket, [BIG], false);
-    const waiting = await child.next<{ waiting?: boolean }>();
-    if (!waiting.waiting) throw new Error(`the subscriber did not wait for the restarted broker: ${JSON.stringify(waiting)}`);
+    await child.next('waiting', () => true, 60_000);
     state.owner = await OwnerClient.attach(state.broker, { space: BIG, requestTimeoutMs: 120_000 });
     const b = await state.owner.addBacking(fd, 'bench-scale');
     await fill(state.owner, b.backing, 0, REGIONS);
     const t0 = process.hrtime.bigint();
     await state.owner.publish();
-    const synced = await child.next<{ synced?: boolean; at: string; cpuMs: number; mode: string; regions: number }>();
-    if (!synced.synced || synced.mode !== 'snapshot' || synced.regions !== REGIONS) throw new Error(`unexpected resync: ${JSON.stringify(synced)}`);
+    const synced = await child.next<{ at: string; cpuMs: number; mode: string; regions: number }>('synced', () => true, 600_000);
+    if (synced.mode !== 'snapshot' || synced.regions !== REGIONS) throw new Error(`unexpected resync: ${JSON.stringify(synced)}`);
     const st = state.broker.status(BIG).spaces[0]!;
     const client = st.clients.find((c) => c.name === `resync-${form}`);
     if (client?.ackedGeneration !== st.generation) throw new Error(`the resynced subscriber acked generation ${client?.ackedGeneration}, not ${st.generation}`);
     return { ms: Number(BigInt(synced.at) - t0) / 1e6, cpuMs: synced.cpuMs };
   } finally {
-    await child.stop();
+    await stopAll([child]);
   }
 }
 

@@ -24,7 +24,7 @@ import { parseArgs } from 'node:util';
 import { Broker } from '../broker/index.js';
 import { ccVersion, iterations, report, runMain, summarize, type Measurement } from './lib.js';
 import { REGION, ownerGone, pipelinedLoop, withOwner, type PipelineOptions } from './owner-loop.js';
-import { Child, spawnSubscribers, statsOf, stopAll } from './procs.js';
+import { spawnFixture, spawnSubscribers, statsOf, stopAll } from './procs.js';
 import { CFrontEnd, backendImage, qsdVersion, startBackends, stopBackends } from './vhu-peer.js';
 
 const { values } = parseArgs({
@@ -65,7 +65,7 @@ async function main(): Promise<void> {
   broker.listen(socket);
   const qsds = await startBackends(dir, image, SUBSCRIBERS, 'qsd');
   const subs = await spawnSubscribers(SUBSCRIBERS, socket, SPACE, 'map');
-  const ownerChild = Child.spawn('owner', [socket, SPACE], { name: 'owner process' });
+  const ownerChild = spawnFixture('owner', [socket, SPACE], { name: 'owner process' });
   const rates = { embedded: [] as number[], process: [] as number[], serial: [] as number[], c: [] as number[] };
   let commits = 0;
   try {
@@ -84,8 +84,8 @@ async function main(): Promise<void> {
       }
       commits += (rounds + warmupRounds) * TXNS;
       if (who === 'process') {
-        ownerChild.send(JSON.stringify({ mode: 'pipelined', ...one(WINDOW, rounds, warmupRounds) }));
-        const out = (await ownerChild.next<{ rates: number[] }>()).rates;
+        ownerChild.send({ mode: 'pipelined', ...one(WINDOW, rounds, warmupRounds) });
+        const out = (await ownerChild.next<{ rates: number[] }>(undefined, () => true, 3_600_000)).rates;
         await ownerGone(broker, SPACE);
         return out;
       }
@@ -109,8 +109,7 @@ async function main(): Promise<void> {
       if (s.committed - (before[i] as number) !== commits) throw new Error(`subscriber ${i} counted ${s.committed - (before[i] as number)} commits, not ${commits}`);
     });
   } finally {
-    await ownerChild.stop();
-    await stopAll(subs);
+    await stopAll([ownerChild, ...subs]);
     await stopBackends(qsds);
     await broker.close();
     fs.rmSync(dir, { recursive: true, force: true });

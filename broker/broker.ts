@@ -35,12 +35,14 @@ import {
   type StatusResult,
   type ToBroker,
 } from '../protocol/index.js';
-import { InProcessTransport, SocketListener, closeAll, type ListenOptions, type Transport } from '../transport/index.js';
+import { InProcessTransport, PassedListener, SocketListener, closeAll, type ListenOptions, type Transport } from '../transport/index.js';
 import { Access, type AccessPolicy } from './access.js';
 import { Admission } from './admission.js';
 import { DEFAULT_FENCE_OPTIONS, checkPidfds, type FenceOptions } from './fence.js';
 import { Session } from './session.js';
 import { AddressSpace } from './space.js';
+import { BROKER_VERSION } from './version.js';
+import { wantsWatch } from './watch.js';
 
 export interface BrokerOptions {
   /** Shown to clients in the HELLO reply and in logs. */
@@ -84,7 +86,7 @@ export class Broker implements InProcessConnector {
   private readonly accessBySpace = new Map<string, Access>();
   private readonly spacesByName = new Map<string, AddressSpace>();
   private readonly sessions = new Set<Session>();
-  private readonly listeners: SocketListener[] = [];
+  private readonly listeners: (SocketListener | PassedListener)[] = [];
   private readonly admission: Admission;
   private nextSessionId = 1;
   private closing = false;
@@ -136,14 +138,29 @@ export class Broker implements InProcessConnector {
 
   /** Serves clients on a Unix socket as well (any number of sockets, alongside in-process clients). */
   listen(socketPath: string, opts: ListenOptions = {}): SocketListener {
-    const listener = new SocketListener(socketPath, {
+    return this.serveOn(new SocketListener(socketPath, this.listenOptions(opts)));
+  }
+
+  /**
+   * Serves clients on a listening socket bound by someone else and handed to this process (socket
+   * activation: transport/activation.ts listenFds). Takes ownership of `fd`; never removes the socket file.
+   */
+  listenOn(fd: number, opts: ListenOptions = {}): PassedListener {
+    return this.serveOn(new PassedListener(fd, this.listenOptions(opts)));
+  }
+
+  private listenOptions(opts: ListenOptions): ListenOptions {
+    return {
       maxFrameBytes: this.protocolLimits.maxFrameBytes,
       maxFdsPerFrame: this.protocolLimits.maxFdsPerFrame,
       maxPendingFds: this.connectionLimits.maxPendingFds,
       maxOutboundBytes: this.connectionLimits.maxOutboundBytes,
       farewell: (reason) => ({ t: Msg.EV_GOODBYE, error: reason.toWire() }),
       ...opts,
-    });
+    };
+  }
+
+  private serveOn<L extends SocketListener | PassedListener>(listener: L): L {
     for (const w of listener.setupWarnings) this.log.warn({ socket: listener.path }, w);
     listener.on('connection', (t) => this.accept(t));
     listener.on('warning', (message, err) => this.log.warn({ socket: listener.path, err }, message));
@@ -287,7 +304,13 @@ export class Broker implements InProcessConnector {
       session.features = msg.features & ALL_FEATURES;
       session.name = msg.name ?? `pid${session.pid}`;
       session.state = 'ready';
-      return { version: PROTOCOL_VERSION, features: session.features, broker: this.name, limits: { ...this.protocolLimits } };
+      return {
+        version: PROTOCOL_VERSION,
+        features: session.features,
+        broker: this.name,
+        limits: { ...this.protocolLimits },
+        ...((session.features & Feature.WATCH) !== 0 ? { brokerVersion: BROKER_VERSION } : {}),
+      };
     }
     if (session.state === 'new') throw new StateError('the first message on a connection must be HELLO');
     switch (msg.t) {
@@ -322,6 +345,15 @@ export class Broker implements InProcessConnector {
       case Msg.DELEGATE:
         checkPidfds(fds);
         return this.attachedSpace(session).delegate(session, msg.names, fds);
+      case Msg.HISTORY:
+        // Whoever may see a space's status may read its history (statusFor throws otherwise).
+        this.statusFor(session, msg.space);
+        return (this.spacesByName.get(msg.space) as AddressSpace).events.history(msg);
+      case Msg.IOAS:
+        if (msg.op === 'commit' && msg.ops.length > this.protocolLimits.maxOpsPerCommit) {
+          throw new BadMessageError(`IOAS.ops: ${msg.ops.length} ops exceed this broker's limit of ${this.protocolLimits.maxOpsPerCommit}`);
+        }
+        return this.attachedSpace(session).ioas.request(session, msg);
     }
   }
 
@@ -337,6 +369,7 @@ export class Broker implements InProcessConnector {
     }
     if (msg.token !== undefined && (session.features & Feature.AUTH) === 0) throw new FeatureError('ATTACH.token needs the AUTH feature');
     if (msg.resume?.client !== undefined && (session.features & Feature.FENCE) === 0) throw new FeatureError('ATTACH.resume.client needs the FENCE feature');
+    const watch = wantsWatch(session.features, msg);
     (this.accessBySpace.get(msg.space) as Access).check(msg.space, msg.role, session.transport.peer, msg.token);
     session.kind = msg.kind;
     if (msg.role === 'owner') {
@@ -345,7 +378,9 @@ export class Broker implements InProcessConnector {
     }
     if (msg.role === 'observer') {
       if (msg.resume || msg.limits || msg.pin) throw new StateError('an observer attaches without resume, limits or pin');
-      return space.attachObserver(session);
+      const attached = space.attachObserver(session);
+      if (watch) space.events.watch(session);
+      return attached;
     }
     return space.attachSubscriber(session, msg.id, msg).then(() => undefined);
   }

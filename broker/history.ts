@@ -2,7 +2,7 @@
 // reconnects with generation g gets, instead of a snapshot, the current record of every region touched
 // by generations g+1..now, and the ids of touched regions that no longer exist; it reconciles its view
 // against that and leaves everything else (its mappings, its pins) alone.
-import type { Region } from '../protocol/index.js';
+import { encodeBody, type HistoryEntry, type Region } from '../protocol/index.js';
 
 interface Entry {
   generation: number;
@@ -58,5 +58,52 @@ export class History {
     }
     upserts.sort((a, b) => a.gpa - b.gpa);
     return { upserts, removed };
+  }
+}
+
+/**
+ * The last N transactions of an address space as an operator sees them (HISTORY, feature WATCH): every
+ * commit that ran, with its outcome (committed, rolled back, refused), owner, diff and duration. Unlike
+ * History above it keeps refusals too; entries are numbered by `seq`, since a refusal has no generation
+ * of its own.
+ */
+export class TransactionLog {
+  private readonly ring: HistoryEntry[] = [];
+  private head = 0;
+  private nextSeq = 1;
+
+  constructor(private readonly capacity: number) {}
+
+  record(entry: Omit<HistoryEntry, 'seq'>): HistoryEntry {
+    const e: HistoryEntry = { seq: this.nextSeq++, ...entry };
+    if (this.capacity <= 0) return e;
+    if (this.ring.length < this.capacity) this.ring.push(e);
+    else {
+      this.ring[this.head] = e;
+      this.head = (this.head + 1) % this.capacity;
+    }
+    return e;
+  }
+
+  /** Every entry kept, oldest first. */
+  all(): HistoryEntry[] {
+    return [...this.ring.slice(this.head), ...this.ring.slice(0, this.head)];
+  }
+
+  /**
+   * The newest entries with a seq below `before` (default: all), oldest first: at most `limit`, and only as
+   * many as fit `budget` bytes once encoded (a reply must fit one frame). `more`: older entries remain.
+   */
+  page(before: number | undefined, limit: number, budget: number): { entries: HistoryEntry[]; more: boolean } {
+    const candidates = this.all().filter((e) => before === undefined || e.seq < before);
+    const entries: HistoryEntry[] = [];
+    let bytes = 0;
+    for (let i = candidates.length - 1; i >= 0 && entries.length < limit; i--) {
+      const e = candidates[i] as HistoryEntry;
+      bytes += encodeBody(e).length + 8;
+      if (bytes > budget && entries.length > 0) break;
+      entries.push(e);
+    }
+    return { entries: entries.reverse(), more: entries.length < candidates.length };
   }
 }

@@ -72,7 +72,9 @@ import { findFree } from './placement.js';
 import { checkSubscribers } from './policy.js';
 import { Logging } from './logging.js';
 import { DEFAULT_FENCE_OPTIONS, Fences, type FenceOptions, type Holder, type HolderReason } from './fence.js';
+import { IoSpaces } from './ioas.js';
 import { PAGE_SIZE } from '../native/index.js';
+import { SpaceEvents } from './watch.js';
 
 const sum = (rs: readonly Region[]) => rs.reduce((n, r) => n + r.size, 0);
 
@@ -153,6 +155,8 @@ export class AddressSpace {
   private readonly waiting = new Map<Session, { requestId: number; msg: Attach; replied: boolean }>();
   /** Clients whose connection ended while they may still reach memory (broker/fence.ts). */
   readonly fences: Fences;
+  /** The I/O address spaces beside the map (feature IOAS, broker/ioas.ts): they share this queue and fences. */
+  readonly ioas: IoSpaces;
   /** Holders of subscribers that sent DETACH, fenced when their connection closes. */
   private readonly leaving = new Map<Session, Holder>();
   /**
@@ -160,6 +164,8 @@ export class AddressSpace {
    * synced at once instead of queueing behind that commit (its reconcile is what the commit waits for).
    */
   private fenceWindow = false;
+  /** What happens here, as it happens: for watchers, HISTORY and metrics (broker/watch.ts, broker/metrics.ts). */
+  readonly events: SpaceEvents;
 
   constructor(
     readonly name: string,
@@ -172,7 +178,8 @@ export class AddressSpace {
     this.history = new History(opts.limits.historyLength);
     this.log = opts.log.child({ space: name });
     this._published = opts.published ?? true;
-    this.fences = new Fences(opts.fence ?? DEFAULT_FENCE_OPTIONS, this.log, (h) => this.releaseUnused(h.backings));
+    this.events = new SpaceEvents(this, opts.limits.historyLength, this.maxFrameBytes);
+    this.fences = new Fences(opts.fence ?? DEFAULT_FENCE_OPTIONS, this.log, (h) => (this.events.emit('fenced', h), this.releaseUnused(h.backings)));
     // eslint-disable-next-line @typescript-eslint/no-this-alias
     const space = this;
     this.logging = new Logging({
@@ -187,6 +194,27 @@ export class AddressSpace {
         return space._generation;
       },
     });
+    this.ioas = new IoSpaces({
+      name,
+      log: this.log,
+      limits: this.limits,
+      maxFrameBytes: this.maxFrameBytes,
+      fences: this.fences,
+      regions: () => this.map.regions(),
+      isSubscriber: (s) => this.subscribers.has(s),
+      isOwner: (s) => this.owner === s,
+      admitCommit: () => this.admitCommit(),
+      enqueue: (work, counted) => this.enqueue(work, counted),
+      get fencing() {
+        return space.fenceWindow;
+      },
+      fenceHolders: (holders, generation) => this.fenceHolders(holders, generation),
+      runVote: (...args) => this.runVote(...args),
+      finish: (...args) => this.finish(...args),
+      committedUnfenced: (...args) => this.committedUnfenced(...args),
+      evict: (s, err) => this.evict(s, err),
+      refusal: (client, cause, generation) => this.refusal(client, cause, generation),
+    });
   }
 
   get generation(): number {
@@ -199,6 +227,11 @@ export class AddressSpace {
 
   get published(): boolean {
     return this._published;
+  }
+
+  /** Work waiting or running on the serial queue: commits, and all items (attaches, publishes, syncs). */
+  get queue(): { commits: number; work: number } {
+    return { commits: this.queued, work: this.pendingWork };
   }
 
   // --- attach / detach ------------------------------------------------------------------------------
@@ -218,6 +251,7 @@ export class AddressSpace {
     session.state = 'owner';
     session.spaceName = this.name;
     this.log.info({ client: session.ref() }, 'owner attached');
+    this.events.emit('joined', session.ref(), 'owner');
     // An owner that cannot publish (no PUBLISH feature) publishes by attaching, as before the feature.
     const publishes = !this._published && (session.features & Feature.PUBLISH) === 0;
     const reply = (): AttachResult => ({
@@ -247,6 +281,7 @@ export class AddressSpace {
     if (this._published) return;
     this._published = true;
     this.log.info({ generation: this._generation, regions: this.map.size, waiting: this.waiting.size }, 'published');
+    this.events.emit('published', this._generation);
     for (const [s, w] of this.waiting) {
       s.waiting = false;
       if (!s.closed) void this.enqueue(() => this.runAttach(s, w.requestId, w.msg, w.replied), false);
@@ -288,6 +323,7 @@ export class AddressSpace {
     session.state = 'observer';
     session.spaceName = this.name;
     this.logging.observers.add(session);
+    this.events.emit('joined', session.ref(), 'observer');
     return { client: session.id, epoch: this.epoch, generation: this._generation, sync: 'none' };
   }
 
@@ -296,6 +332,7 @@ export class AddressSpace {
    * holder until it is fenced (broker/fence.ts): `reason` says why its connection ended.
    */
   detach(session: Session, reason: HolderReason = 'disconnected'): void {
+    this.events.left(session, reason);
     this.logging.observers.delete(session);
     this.waiting.delete(session);
     if (this.owner === session) {
@@ -319,6 +356,7 @@ export class AddressSpace {
   /** Removes a subscriber that broke its contract, telling it why; it is fenced (killed, under the kill policy). */
   evict(session: Session, err: MmbError): Holder | undefined {
     this.log.warn({ client: session.ref(), code: err.code, err: err.message }, 'evicting client');
+    this.events.emit('evicted', session.ref(), err);
     const before = new Set(this.fences.all());
     this.detach(session, 'evicted');
     session.goodbye(err);
@@ -331,6 +369,7 @@ export class AddressSpace {
    */
   leave(session: Session): object {
     if (!this.subscribers.has(session)) throw new StateError('only an attached subscriber detaches');
+    this.events.left(session, 'leaving');
     this.subscribers.delete(session);
     this.logging.observers.delete(session);
     session.state = 'leaving';
@@ -351,11 +390,17 @@ export class AddressSpace {
   }
 
   private hold(session: Session, reason: HolderReason): Holder | undefined {
-    if (session.sentBackings.size === 0) return undefined;
+    if (session.sentBackings.size === 0) {
+      this.ioas.released(session, undefined);
+      return undefined;
+    }
     // A subscriber in the owner's own process (a VMM's own device model on the socket) is never signalled:
     // killing it would kill the VMM, and the guest with it. Like an in-process one, only its reconcile fences it.
     const ownersProcess = this.owner !== undefined && !this.owner.closed && this.owner.pid === session.pid;
-    return this.fences.add(session.ref(), reason, new Set(session.sentBackings.keys()), session.local || ownersProcess, session.takePidfds());
+    const holder = this.events.held(this.fences.add(session.ref(), reason, new Set(session.sentBackings.keys()), session.local || ownersProcess, session.takePidfds()));
+    // Through its host IOMMU it may also reach what its IOASes map.
+    this.ioas.released(session, holder);
+    return holder;
   }
 
   // --- owner requests -------------------------------------------------------------------------------
@@ -377,10 +422,15 @@ export class AddressSpace {
 
   commit(session: Session, ops: readonly CommitOp[], expect: number | undefined): Promise<CommitResult> {
     this.requireOwner(session);
+    this.admitCommit();
+    return this.enqueue(() => this.events.commit(session.ref(), ops, this._generation, () => this.runCommit(session, ops, expect)), true);
+  }
+
+  /** Refuses one more transaction when the queue is full (map commits and IOAS commits alike). */
+  private admitCommit(): void {
     if (this.queued >= this.limits.maxQueuedCommits) {
       throw new TooBusyError(`${this.queued} transactions are already queued on ${JSON.stringify(this.name)}`);
     }
-    return this.enqueue(() => this.runCommit(session, ops, expect), true);
   }
 
   /** A subscriber's REPORT: what its IOMMU or pinning looks like now. */
@@ -392,6 +442,7 @@ export class AddressSpace {
     if (msg.coherent !== undefined) session.coherent = msg.coherent;
     if (msg.backend !== undefined) session.backend = msg.backend;
     if (msg.devices) session.devices = [...msg.devices];
+    this.events.reported(session, msg.pinned, this.map.bytes);
     if (msg.reserved) {
       const clash = this.map.regions().filter((r) => session.reserved.some((x) => r.gpa <= x.last && x.start < r.gpa + r.size));
       if (clash.length > 0) this.log.warn({ client: session.ref(), regions: clash.map((r) => r.name) }, 'existing regions cover ranges this client reports as reserved');
@@ -427,7 +478,7 @@ export class AddressSpace {
    */
   dirtySync(session: Session, refs: readonly (number | string)[] | undefined, fd: number): Promise<DirtySyncResult> {
     this.requireOwner(session);
-    return this.enqueue(() => this.logging.sync(refs, fd), false);
+    return this.enqueue(() => this.events.dirtySync(() => this.logging.sync(refs, fd)), false);
   }
 
   /** PAUSE (owner only): every writer stops, or resumes, writing guest memory. */
@@ -482,6 +533,7 @@ export class AddressSpace {
       backings: [...this.backings.all()].map((b) => ({ backing: b.id, name: b.name, size: b.size, regions: b.refs, held: b.held, pageSize: b.pageSize, sealed: b.sealed })),
       clients,
       holders: this.fences.status(),
+      ...(this.ioas.size > 0 ? { ioas: this.ioas.status() } : {}),
     };
   }
 
@@ -579,6 +631,7 @@ export class AddressSpace {
     }
     session.syncing = true;
     this.subscribers.add(session);
+    this.events.emit('joined', session.ref(), 'subscriber');
     this.log.info({ client: session.ref(), mode, generation, regions: regions.length, removed: removed.length }, 'subscriber attached');
 
     const timer = setTimeout(() => session.settle(seq, { kind: 'timeout' }), this.limits.ackTimeoutMs);
@@ -588,7 +641,8 @@ export class AddressSpace {
       if (r.kind === 'ack') {
         session.ackedGeneration = Math.max(session.ackedGeneration, generation);
         // It holds exactly the current map now: what it held through its previous connection is let go.
-        if (session.resumes !== undefined) this.fences.reconciled(session.resumes, session.pid);
+        // (Unless the connection it resumes was attached to IOASes: then also once it re-synced those.)
+        if (session.resumes !== undefined) this.ioas.reconciled(session, undefined);
       } else if (r.kind === 'nack') {
         this.evict(session, this.refusal(session.ref(), r.error, generation));
       } else if (r.kind === 'timeout') {
@@ -604,6 +658,7 @@ export class AddressSpace {
     }
     const plan = this.map.plan(ops, this.backings, this.limits.maxRegions);
     if (plan.ops.length === 0) return { generation: this._generation, added: [], unreferenced: [] };
+    this.ioas.checkCommit(plan);
     const generation = this._generation + 1;
     const started = performance.now();
     // Backings the transaction needs, and whether a writable region needs them.
@@ -616,10 +671,12 @@ export class AddressSpace {
       // A client whose connection dropped during the vote may hold what this takes away and come back at
       // once: the vote (which disturbed nothing, for two-phase clients) is rolled back and run again after
       // it reconciled. Twice at most: the second time, a holder that is not fenced fails the transaction.
+      const holders = () => (taken.size > 0 ? this.fences.holding(taken) : []);
       let vote: Vote;
       for (let attempt = 1; ; attempt++) {
-        await this.fenceHolders(taken, generation);
-        vote = await this.vote(plan, generation, access, bitmaps, taken, attempt === 1);
+        await this.fenceHolders(holders, generation);
+        this.events.emit('vote', generation, owner.ref(), plan, attempt);
+        vote = await this.vote(plan, generation, access, bitmaps, holders, attempt === 1);
         if (vote.retry === undefined) break;
       }
       const { results, views } = vote;
@@ -633,26 +690,12 @@ export class AddressSpace {
       // Two-phase subscribers remove and reshape now, and ack that; the others did it in the vote.
       const twoPhase = [...this.subscribers].filter((s) => (s.features & Feature.TWO_PHASE) !== 0);
       for (const s of this.subscribers) if ((s.features & Feature.TWO_PHASE) === 0) s.send({ t: Msg.EV_COMMITTED, generation });
-      const finished = await this.fanOut(twoPhase, (s, seq) => s.send({ t: Msg.EV_COMMITTED, generation, seq }), generation);
-      const unfinished = [...finished.timedOut];
-      for (const [s, r] of finished.results) {
-        if (r.kind !== 'nack') continue;
-        const h = this.evict(s, this.refusal(s.ref(), r.error, generation));
-        if (h) unfinished.push(h);
-      }
-      // Whoever did not finish (nack, deadline) may still reach what was removed; so may any other holder.
-      const unfenced = await this.fences.settle([...unfinished, ...(taken.size > 0 ? this.fences.holding(taken) : [])], this.limits.ackTimeoutMs);
+      const unfenced = await this.finish(twoPhase, (s, seq) => s.send({ t: Msg.EV_COMMITTED, generation, seq }), generation, holders);
       this.log.info(
         { generation, removes: plan.removes.length, sets: plan.sets.length, adds: plan.adds.length, clients: results.size, ms: +(performance.now() - started).toFixed(3) },
         'transaction committed',
       );
-      if (unfenced.length > 0) {
-        const h = unfenced[0] as Holder;
-        throw new CommittedUnfencedError(
-          `generation ${generation} is committed, but ${describeHolders(unfenced)} did not finish it and could not be fenced (fence policy ${this.fences.policy}): the backings it may reach stay held until it is`,
-          { client: h.ref, generation },
-        );
-      }
+      if (unfenced.length > 0) throw this.committedUnfenced(unfenced, generation, 'the backings it may reach stay held until it is');
       const touched = new Set(plan.removes.map((r) => r.backing));
       return {
         generation,
@@ -670,16 +713,43 @@ export class AddressSpace {
   }
 
   /**
-   * Before anything is sent: every client whose connection ended and that may still reach `taken` is
-   * fenced (broker/fence.ts). One that reconnects meanwhile is synced at once (nothing of this transaction
-   * was sent yet, so that is syncing between two transactions): its reconcile is what fences it.
+   * After the commit (shared with broker/ioas.ts): `send` asks `targets` to finish it (remove what the vote
+   * left) and every answer is awaited; who nacks is evicted. Who did not finish (nack, deadline) may still
+   * reach what was taken away, and so may any of `holders()`: all of them are fenced. Returns those that
+   * could not be.
    */
-  private async fenceHolders(taken: ReadonlySet<number>, generation: number): Promise<void> {
-    if (taken.size === 0 || this.fences.holding(taken).length === 0) return;
+  private async finish(targets: readonly Session[], send: (s: Session, seq: number) => void, generation: number, holders: () => Holder[]): Promise<Holder[]> {
+    const finished = await this.fanOut(targets, send, generation);
+    const unfinished = [...finished.timedOut];
+    for (const [s, r] of finished.results) {
+      if (r.kind !== 'nack') continue;
+      const h = this.evict(s, this.refusal(s.ref(), r.error, generation));
+      if (h) unfinished.push(h);
+    }
+    return this.fences.settle([...unfinished, ...holders()], this.limits.ackTimeoutMs);
+  }
+
+  /** The owner's error when a committed transaction left holders that could not be fenced. */
+  private committedUnfenced(unfenced: readonly Holder[], generation: number, held: string): MmbError {
+    const h = unfenced[0] as Holder;
+    return new CommittedUnfencedError(
+      `generation ${generation} is committed, but ${describeHolders(unfenced)} did not finish it and could not be fenced (fence policy ${this.fences.policy}): ${held}`,
+      { client: h.ref, generation },
+    );
+  }
+
+  /**
+   * Before anything is sent (shared with broker/ioas.ts): every client whose connection ended and that may
+   * still reach what the transaction takes away (`holders()`) is fenced (broker/fence.ts). One that
+   * reconnects meanwhile is synced at once (nothing of this transaction was sent yet, so that is syncing
+   * between two transactions): its reconcile is what fences it.
+   */
+  private async fenceHolders(holders: () => Holder[], generation: number): Promise<void> {
+    if (holders().length === 0) return;
     this.fenceWindow = true;
     let unfenced: Holder[];
     try {
-      unfenced = await this.fences.settle(this.fences.holding(taken), this.limits.ackTimeoutMs);
+      unfenced = await this.fences.settle(holders(), this.limits.ackTimeoutMs);
     } finally {
       this.fenceWindow = false;
     }
@@ -700,7 +770,7 @@ export class AddressSpace {
     generation: number,
     access: ReadonlyMap<number, boolean>,
     bitmaps: ReturnType<Logging['create']>,
-    taken: ReadonlySet<number>,
+    holders: () => Holder[],
     mayRetry: boolean,
   ): Promise<Vote> {
     let regionsAfter: Region[] | undefined;
@@ -714,39 +784,59 @@ export class AddressSpace {
       this.subscribers,
       this.limits.pinBudgetBytes,
     );
-    let rollback: Promise<FanOutResult> | undefined;
-    const refused: [ClientRef, MmbError][] = [];
-    const targets = [...this.subscribers];
-    const rollBack = (except: Session | undefined) => {
-      const others = targets.filter((t) => t !== except && !t.closed && this.subscribers.has(t));
-      rollback = this.fanOut(others, (t, seq) => t.send({ t: Msg.EV_ROLLBACK, seq, generation }), generation);
-    };
-    const { results } = await this.fanOut(
-      targets,
+    const { results, retry } = await this.runVote(
+      [...this.subscribers],
       (s, seq) => {
         this.sendBackings(s, access);
         this.logging.send(s, bitmaps);
         const view = views.get(s);
         s.send({ t: Msg.EV_TXN, seq, generation, ops: view ? viewOps(s.view, view) : plan.ops });
       },
+      (s, seq) => s.send({ t: Msg.EV_ROLLBACK, seq, generation }),
       generation,
-      (s, r) => {
-        if (r.kind !== 'nack') return;
-        refused.push([s.ref(), r.error]);
-        if (!rollback) rollBack(s);
-      },
+      holders,
+      mayRetry,
     );
+    return { results, views, ...(retry ? { retry } : {}) };
+  }
+
+  /**
+   * The vote of a transaction, whatever it changes (shared with broker/ioas.ts): `send` goes to every one
+   * of `targets` at once and every answer is collected. At the first nack it is void: everyone else gets
+   * `rollback` at once, so a client still busy applying it (pinning gigabytes) can stop instead of
+   * finishing work that is undone. Throws the owner's error for a refusal; returns `retry` when it was
+   * rolled back only because a client dropped holding what it takes away (`holders()`).
+   */
+  private async runVote(
+    targets: readonly Session[],
+    send: (s: Session, seq: number) => void,
+    rollbackOf: (s: Session, seq: number) => void,
+    generation: number,
+    holders: () => Holder[],
+    mayRetry: boolean,
+  ): Promise<{ results: Map<Session, AckResult>; retry?: true }> {
+    let rollback: Promise<FanOutResult> | undefined;
+    const refused: [ClientRef, MmbError][] = [];
+    const rollBack = (except: Session | undefined) => {
+      const others = targets.filter((t) => t !== except && !t.closed && this.subscribers.has(t));
+      rollback = this.fanOut(others, rollbackOf, generation);
+    };
+    const { results } = await this.fanOut(targets, send, generation, (s, r) => {
+      if (r.kind !== 'nack') return;
+      refused.push([s.ref(), r.error]);
+      if (!rollback) rollBack(s);
+    });
     let retry = false;
-    if (!rollback && taken.size > 0) {
+    const holding = rollback ? [] : holders();
+    if (holding.length > 0) {
       // Clients whose connection ended during the vote (missed its deadline, dropped) and that may still
       // reach what this transaction takes away: nothing is taken away until they are fenced. A dropped one
       // may be back in a moment: then vote again once it reconciled.
-      const holders = this.fences.holding(taken);
-      if (mayRetry && holders.some((h) => h.state !== 'fenced' && h.reason === 'disconnected')) {
+      if (mayRetry && holding.some((h) => h.state !== 'fenced' && h.reason === 'disconnected')) {
         retry = true;
         rollBack(undefined);
       } else {
-        const unfenced = await this.fences.settle(holders, this.limits.ackTimeoutMs);
+        const unfenced = await this.fences.settle(holding, this.limits.ackTimeoutMs);
         if (unfenced.length > 0) {
           const h = unfenced[0] as Holder;
           refused.push([h.ref, new NotFencedError(`it may still reach memory this transaction takes away and could not be fenced (fence policy ${this.fences.policy}): ${describeHolders(unfenced)}`, { client: h.ref, generation })]);
@@ -754,7 +844,7 @@ export class AddressSpace {
         }
       }
     }
-    if (!rollback) return { results, views };
+    if (!rollback) return { results };
     const undone = await rollback;
     // Who failed to undo it (or missed the rollback's deadline) may still map what was undone: fence it.
     const failed = [...undone.timedOut];
@@ -766,7 +856,7 @@ export class AddressSpace {
     const unfenced = await this.fences.settle(failed, this.limits.ackTimeoutMs);
     if (retry && unfenced.length === 0) {
       this.log.info({ generation }, 'vote rolled back: a client that may still reach what it takes away dropped; voting again once it is fenced');
-      return { results, views, retry: true };
+      return { results, retry: true };
     }
     // A client that stopped because of the rollback is not the cause: report the first real refusal.
     const real = refused.filter(([, e]) => e.code !== 'MMB_ERR_CANCELLED');

@@ -1,53 +1,19 @@
-// Argument helpers shared by the commands: sizes ("4096", "128M", "4G"), addresses (decimal or 0x hex),
-// and a parseArgs wrapper that turns usage mistakes into MMB_ERR_INVALID_ARG with the command's help.
-import { GPA_LIMIT, InvalidArgError } from '../protocol/index.js';
+// Argument helpers shared by the commands: sizes and addresses in QEMU's syntax (4096, 128m, 1.5G, 2MiB,
+// 0x100000000, 4G), one unit style for output (IEC: 4 KiB, 128 MiB, 1.5 GiB), the socket default, and a
+// parseArgs wrapper that turns usage mistakes into MMB_ERR_INVALID_ARG (the CLI prints them as one line and
+// a hint to --help, and exits 2).
+import { InvalidArgError } from '../protocol/index.js';
+export { formatBytes, formatSize, hex, parseAddress, parseSize } from '../protocol/index.js';
 import fs from 'node:fs';
 import { parseArgs, type ParseArgsConfig } from 'node:util';
 
-const UNITS: Record<string, number> = { '': 1, K: 2 ** 10, M: 2 ** 20, G: 2 ** 30, T: 2 ** 40 };
-
-/** "4096", "128M", "4G", "2MiB", "1T" -> bytes. */
-export function parseSize(text: string, what = 'size'): number {
-  const m = /^(\d+)\s*([KMGT]?)(i?B)?$/i.exec(text.trim());
-  if (!m) throw new InvalidArgError(`${what} ${JSON.stringify(text)} is not a size (examples: 4096, 128M, 4G)`);
-  const n = Number(m[1]) * (UNITS[(m[2] ?? '').toUpperCase()] as number);
-  if (!Number.isSafeInteger(n) || n > GPA_LIMIT) throw new InvalidArgError(`${what} ${text} is too large`);
-  return n;
-}
-
-/** Decimal or 0x-prefixed hex -> number. */
-export function parseAddress(text: string, what = 'address'): number {
-  const t = text.trim().replace(/_/g, '');
-  const n = /^0x[0-9a-f]+$/i.test(t) ? Number.parseInt(t.slice(2), 16) : /^\d+$/.test(t) ? Number(t) : NaN;
-  if (!Number.isSafeInteger(n) || n >= GPA_LIMIT) throw new InvalidArgError(`${what} ${JSON.stringify(text)} is not an address below 2^52 (decimal or 0x hex)`);
-  return n;
-}
+/** Where the broker listens when neither --socket nor MMBROKER_SOCKET says (contrib/systemd's socket unit). */
+export const DEFAULT_SOCKET = '/run/memmap-broker/broker.sock';
 
 export function parseCount(text: string, what: string): number {
   if (!/^\d+$/.test(text.trim())) throw new InvalidArgError(`${what} ${JSON.stringify(text)} is not a whole number`);
   return Number(text);
 }
-
-export function formatSize(bytes: number): string {
-  for (const [unit, scale] of [['T', 2 ** 40], ['G', 2 ** 30], ['M', 2 ** 20], ['K', 2 ** 10]] as const) {
-    if (bytes >= scale && bytes % scale === 0) return `${bytes / scale}${unit}`;
-  }
-  return String(bytes);
-}
-
-/** Any byte count, rounded for people: 812 B, 213.7 KiB, 12.5 MiB. */
-export function formatBytes(bytes: number): string {
-  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
-  let v = bytes;
-  let u = 0;
-  while (v >= 1024 && u < units.length - 1) {
-    v /= 1024;
-    u++;
-  }
-  return u === 0 ? `${Math.round(v)} B` : `${v.toFixed(v >= 100 ? 0 : 1)} ${units[u]}`;
-}
-
-export const hex = (n: number): string => `0x${n.toString(16)}`;
 
 export interface Command {
   name: string;
@@ -80,6 +46,10 @@ export function parseCommand<const O extends OptionSpec>(argv: string[], options
   if ((values as { help?: boolean }).help) {
     console.log(usage);
     return undefined;
+  }
+  // --socket defaults to $MMBROKER_SOCKET, then to where the shipped systemd units put it.
+  if ('socket' in options && (values as { socket?: string }).socket === undefined) {
+    (values as { socket?: string }).socket = process.env.MMBROKER_SOCKET || DEFAULT_SOCKET;
   }
   return values as CommandValues<O>;
 }

@@ -3,6 +3,9 @@ export { Subscriber, type SubscriberOptions, type SubscriberEvents, type ChangeE
 export { MappingSubscriber } from './plain.js';
 export { GuestMemory, CHUNK_BYTES, type MappedRegion, type Chunk, type GuestPointer } from './memory.js';
 export { OwnerClient, fetchStatus, bitmapBytes, type OwnerOptions, type RegionSpec, type CreatedBacking, type DirtySnapshot } from './owner.js';
+export { IoasOwner, type IovaMapSpec } from './ioas-owner.js';
+export { IovaTables, IovaTranslation } from './ioas-table.js';
+export type { IoasApplier, IoasChange } from './ioas-view.js';
 export { DirtyLog } from './dirty.js';
 export { DirtyObserver, type DirtyEvent } from './observer.js';
 export { createSealedMemfd, type SealedMemfdOptions } from './memfd.js';
@@ -25,5 +28,21 @@ export {
   type BackendName,
 } from './kvm/index.js';
 export { VfioSubscriber, X86_MSI_WINDOW, type VfioSubscriberOptions, type VfioDomainInfo, type PinProgress } from './vfio/index.js';
-export { Migration, FileDestination, SpaceDestination, type MigrationOptions, type MigrationProgress, type MigrationResult, type Destination } from './migration/index.js';
+export {
+  Migration,
+  FileDestination,
+  SpaceDestination,
+  TcpDestination,
+  MigrationBlockedError,
+  migrateTo,
+  receive,
+  Receiver,
+  type MigrationOptions,
+  type MigrationProgress,
+  type MigrationResult,
+  type Destination,
+  type ReceiveOptions,
+  type ReceiveResult,
+} from './migration/index.js';
 export { VhostUserSubscriber, VhostUserFrontend, Virtqueue, VirtioBlk, VirtioNet, BLK_FEATURES, NET_FEATURES, NET_HDR_BYTES, type VhostUserOptions, type Negotiated, type BlkOptions, type NetOptions, type TableEntry } from './vhost-user/index.js';
+export { Watcher, fetchHistory, type WatcherEvents, type WatcherOptions } from './watcher.js';

@@ -217,6 +217,11 @@ export class GuestMemory implements Applier {
     return this.sorted;
   }
 
+  /** The mapped region containing `gpa` (its host mapping: what an IOVA mapping into it is made from). */
+  regionAt(gpa: number): MappedRegion | undefined {
+    return this.find(gpa);
+  }
+
   /**
    * The bytes of guest memory at [gpa, gpa + length), as a view into the mapping (no copy). The range must
    * lie inside one region (MMB_ERR_NO_REGION otherwise: a hole, or a range running into one) and inside
@@ -386,31 +391,17 @@ export class GuestMemory implements Applier {
 
   /** Index in `sorted` of the region containing gpa, or -1: last hit first, then binary search. */
   private indexOf(gpa: number): number {
-    const hit = this.lastHit;
-    if (hit < this.sorted.length && gpa >= (this.starts[hit] as number) && gpa < (this.ends[hit] as number)) return hit;
-    return this.search(gpa);
+    const i = findRange(this.starts, this.ends, this.sorted.length, this.lastHit, gpa);
+    if (i >= 0) this.lastHit = i;
+    return i;
   }
 
-  /** The binary search of indexOf(), which remembers what it found as the last hit. */
+  /** indexOf() without its last hit (resolve() just tried that region): the search alone, remembered. */
   private search(gpa: number): number {
-    const starts = this.starts;
     const count = this.sorted.length;
-    if (count === 0) return -1;
-    // The last region starting at or below gpa, without a branch on the comparison: every step halves the
-    // candidates and adds 0 or half arithmetically. A search that branches mispredicts about every other
-    // step on addresses it cannot predict, which costs more than the search itself.
-    let base = 0;
-    let n = count;
-    while (n > 1) {
-      const half = n >>> 1;
-      base += half * +((starts[base + half] as number) <= gpa);
-      n -= half;
-    }
-    if (gpa >= (starts[base] as number) && gpa < (this.ends[base] as number)) {
-      this.lastHit = base;
-      return base;
-    }
-    return -1;
+    const i = findRange(this.starts, this.ends, count, count, gpa);
+    if (i >= 0) this.lastHit = i;
+    return i;
   }
 
   private map(r: ViewRegion, backings: ReadonlyMap<number, LocalBacking>): MappedRegion {
@@ -442,6 +433,28 @@ export class GuestMemory implements Applier {
       });
     }
   }
+}
+
+/**
+ * The lookup of every translation hot path (GPA -> region here, IOVA -> mapping in clients/ioas-table.ts):
+ * the index of the range containing `x` among the first `count` of `starts` / `ends` (sorted, disjoint,
+ * `ends` exclusive), or -1. Tries `hint` (the last hit; `count` for none) first, then a binary search over
+ * the two flat arrays; touches no object and allocates nothing.
+ */
+export function findRange(starts: Float64Array, ends: Float64Array, count: number, hint: number, x: number): number {
+  if (hint < count && x >= (starts[hint] as number) && x < (ends[hint] as number)) return hint;
+  if (count === 0) return -1;
+  // The last range starting at or below x, without a branch on the comparison: every step halves the
+  // candidates and adds 0 or half arithmetically. A search that branches mispredicts about every other step
+  // on addresses it cannot predict (random lookups), which costs more than the search itself.
+  let base = 0;
+  let n = count;
+  while (n > 1) {
+    const half = n >>> 1;
+    base += half * +((starts[base + half] as number) <= x);
+    n -= half;
+  }
+  return x >= (starts[base] as number) && x < (ends[base] as number) ? base : -1;
 }
 
 function unmapAll(m: MappedRegion): void {

@@ -22,12 +22,14 @@ import {
   CancelledError,
   DisconnectedError,
   Feature,
+  InvalidArgError,
   MmbError,
   Msg,
   isMmbError,
   toMmbError,
   type AttachResult,
   type EvSync,
+  type IovaMapping,
   type Report,
   type Region,
   type ToClient,
@@ -36,6 +38,8 @@ import {
 import { closeAll } from '../transport/index.js';
 import { Connection, type BrokerTarget, type ConnectionOptions } from './connection.js';
 import { DirtyLog } from './dirty.js';
+import { IoasFollower, type IoasEvent } from './ioas.js';
+import type { IoasApplier, IoasChange } from './ioas-view.js';
 import {
   applyOps,
   applyOpsTo,
@@ -103,6 +107,8 @@ export interface SubscriberEvents {
   reconnected: [result: AttachResult];
   goodbye: [reason: MmbError];
   error: [err: MmbError];
+  /** An IOAS change was established (feature IOAS; kinds that follow IOASes). */
+  ioas: [change: IoasChange];
 }
 
 type Event = Exclude<ToClient, { t: typeof Msg.REPLY }>;
@@ -185,6 +191,8 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
   private starting = false;
   /** Processes named with delegate(): pidfds this subscriber owns, sent again on every connection. */
   private readonly delegates: { name: string; pidfd: number }[] = [];
+  /** The I/O address spaces this client's devices are attached to (feature IOAS), when its kind follows them. */
+  private ioasFollower: IoasFollower | undefined;
 
   protected constructor(
     private readonly target: BrokerTarget,
@@ -283,6 +291,44 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
     await conn.request({ t: Msg.DELEGATE, names: delegates.map((d) => d.name) }, delegates.map((d) => d.pidfd));
   }
 
+  /** Kinds whose applier follows I/O address spaces (feature IOAS) call this before start(). */
+  protected followIoas(applier: IoasApplier): void {
+    this.ioasFollower = new IoasFollower(applier, (c) => this.emit('ioas', c));
+  }
+
+  /**
+   * Attaches devices to an I/O address space (feature IOAS, docs/ioas.md); resolves with its generation
+   * once what it maps is established here. A client follows each IOAS its devices are in.
+   */
+  attachIoas(ioas: string, devices: readonly string[]): Promise<number> {
+    return this.ioasFollowing().attach(this.attachedConnection(), ioas, devices);
+  }
+
+  /** Detaches devices from an IOAS; after the last one nothing of it is established here. */
+  detachIoas(ioas: string, devices: readonly string[]): Promise<void> {
+    return this.ioasFollowing().detach(this.attachedConnection(), ioas, devices);
+  }
+
+  /** The IOASes followed, with their devices. */
+  ioasAttachments(): ReturnType<IoasFollower['attachments']> {
+    return this.ioasFollower?.attachments() ?? [];
+  }
+
+  /** The IOVA mappings of `ioas` established here, sorted by IOVA. */
+  ioasMappings(ioas: string): IovaMapping[] {
+    return this.ioasFollower?.mappings(ioas) ?? [];
+  }
+
+  private ioasFollowing(): IoasFollower {
+    if (!this.ioasFollower) throw new InvalidArgError(`a ${this.kind} subscriber does not follow I/O address spaces`);
+    return this.ioasFollower;
+  }
+
+  private attachedConnection(): Connection {
+    if (!this.conn || this.conn.closed) throw new DisconnectedError('the subscriber is not connected');
+    return this.conn;
+  }
+
   /** Drops the connection without unmapping anything (as a crash of the link would); it reconnects if enabled. */
   dropConnection(): void {
     this.conn?.transport.destroy();
@@ -305,6 +351,7 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
     else conn?.close();
     await this.chain;
     await this.applier.close?.();
+    this.ioasFollower?.close();
     this.actual.clear();
     this.keyById.clear();
     closeAll([...this.backings.values()].map((b) => b.fd));
@@ -375,6 +422,16 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
       throw err;
     }
     await synced;
+    try {
+      // Its IOASes too, after the map their mappings point into.
+      await this.ioasFollower?.reattach(conn);
+    } catch (err) {
+      if (!isMmbError(err, 'MMB_ERR_NO_IOAS')) {
+        conn.close();
+        throw err;
+      }
+      this.emit('error', toMmbError(err));
+    }
     if (resume) this.emit('reconnected', result);
   }
 
@@ -491,6 +548,15 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
         return;
       case Msg.EV_DIRTY:
         return;
+      case Msg.EV_IOAS_SYNC:
+      case Msg.EV_IOAS_TXN:
+      case Msg.EV_IOAS_COMMITTED:
+      case Msg.EV_IOAS_ROLLBACK: {
+        const follower = this.ioasFollower;
+        if (follower) this.enqueue(() => follower.handle(conn, msg as IoasEvent));
+        else if ('seq' in msg && msg.seq !== undefined) this.nack(conn, msg.seq, new InvalidArgError(`a ${this.kind} subscriber does not follow I/O address spaces`));
+        return;
+      }
       case Msg.EV_GOODBYE:
         this.emit('goodbye', MmbError.fromWire(msg.error));
         return;
@@ -592,7 +658,7 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
       commit = phases.commit;
       return phases.vote;
       // One 'change' event per part that does something, and one for a transaction that does nothing.
-    }, () => commit !== undefined && !isEmpty(commit));
+    }, () => commit !== undefined && !isEmpty(commit), () => commit);
     if (change) this.pending = { generation, ops, ...(commit ? { commit } : {}) };
   }
 
@@ -640,8 +706,11 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
    * Establishes the change `compute` returns and acks `seq`; on failure (computing or applying) leaves
    * everything as it was and nacks. Returns the change on success.
    */
-  /** `quiet()`: true when an empty change should not be announced (another part of the transaction will be). */
-  private async establish(conn: Connection, seq: number, compute: () => Change, quiet?: () => boolean): Promise<Change | undefined> {
+  /**
+   * `quiet()`: true when an empty change should not be announced (another part of the transaction will be).
+   * `later()`: for a two-phase vote, the commit's part, which the applier checks now (Applier.check).
+   */
+  private async establish(conn: Connection, seq: number, compute: () => Change, quiet?: () => boolean, later?: () => Change | undefined): Promise<Change | undefined> {
     let change: Change;
     const abort = new LazyAbort();
     const cancelledKeys = new Set<string>();
@@ -654,11 +723,20 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
         },
         cancelled: (key) => cancelledKeys.has(key),
       };
+      // IOVA mappings into memory going away go first (only after a re-sync: the broker refuses that otherwise).
+      if (this.ioasFollower && change.removed.length > 0) await this.ioasFollower.letGo(change.removed);
       if (!isEmpty(change)) await this.applier.apply(change, this.backings, ctx);
-      if (change.staged?.length && this.applier.stage) {
+      const commit = later?.();
+      if ((change.staged?.length && this.applier.stage) || (commit && !isEmpty(commit) && this.applier.check)) {
+        let staged = false;
         try {
-          await this.applier.stage(change.staged, this.backings, ctx);
+          if (change.staged?.length && this.applier.stage) {
+            await this.applier.stage(change.staged, this.backings, ctx);
+            staged = true;
+          }
+          if (commit && !isEmpty(commit)) await this.applier.check?.(commit, this.backings);
         } catch (err) {
+          if (staged) await this.applier.unstage?.(change.staged ?? []);
           if (!isEmpty(change)) await this.applier.apply(inverse(change), this.backings, NO_CANCEL);
           throw err;
         }

@@ -84,6 +84,13 @@ export interface Applier {
    * nothing staged) to refuse the transaction. Optional: without it, that work happens at the commit.
    */
   stage?(regions: readonly ViewRegion[], backings: ReadonlyMap<number, LocalBacking>, ctx: ApplyContext): void | Promise<void>;
+  /**
+   * Two-phase votes: refuses now (throws) what the commit would fail on, so that the commit, which cannot
+   * be refused, does not fail: a removal the client cannot make (the memory of a running vring), a
+   * reshape that would not fit. `change` is the commit's part, checked against what is established after
+   * the vote. Must change nothing.
+   */
+  check?(change: Change, backings: ReadonlyMap<number, LocalBacking>): void | Promise<void>;
   /** Drops what stage() prepared for `regions` (the transaction was rolled back). */
   unstage?(regions: readonly ViewRegion[]): void | Promise<void>;
   /** Releases everything it established, and anything staged (the subscriber is closing). */

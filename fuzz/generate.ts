@@ -5,29 +5,7 @@
 import fs from 'node:fs';
 import { constants, native } from '../native/index.js';
 import { HEADER_SIZE, Msg, encodeBody } from '../protocol/index.js';
-
-export class Rng {
-  constructor(private s: number) {
-    if (this.s === 0) this.s = 0x9e3779b9;
-  }
-  next(): number {
-    let x = this.s;
-    x ^= x << 13;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    this.s = x >>> 0;
-    return this.s;
-  }
-  int(n: number): number {
-    return this.next() % n;
-  }
-  pick<T>(list: readonly T[]): T {
-    return list[this.int(list.length)] as T;
-  }
-  chance(p: number): boolean {
-    return this.next() / 2 ** 32 < p;
-  }
-}
+import type { Rng } from '../testkit/rng.js';
 
 export type FdKind = 'sealed-memfd' | 'unsealed-memfd' | 'small-memfd' | 'readonly-memfd' | 'pipe' | 'socket' | 'devnull' | 'file';
 const FD_KINDS: FdKind[] = ['sealed-memfd', 'unsealed-memfd', 'small-memfd', 'readonly-memfd', 'pipe', 'socket', 'devnull', 'file'];
@@ -78,18 +56,18 @@ function frame(body: unknown, nfds: number, opts: { lieLength?: number; flags?: 
 /** Values that break things: wrong types, huge and negative numbers, long strings, nesting. */
 function nasty(r: Rng): unknown {
   const choices: (() => unknown)[] = [
-    () => -r.int(1 << 30),
-    () => 2 ** 53 + r.int(1000),
+    () => -r.below(1 << 30),
+    () => 2 ** 53 + r.below(1000),
     () => 2 ** 64,
-    () => 0.5 + r.int(10),
-    () => 'x'.repeat(r.int(300)),
+    () => 0.5 + r.below(10),
+    () => 'x'.repeat(r.below(300)),
     () => '\u0000bad\u0007',
     () => null,
     () => true,
     () => [],
     () => [1, [2, [3, [4]]]],
-    () => ({ nested: { deep: { deeper: r.int(10) } } }),
-    () => r.int(2 ** 32),
+    () => ({ nested: { deep: { deeper: r.below(10) } } }),
+    () => r.below(2 ** 32),
     () => 0,
     () => '',
     () => 'vm0',
@@ -100,32 +78,32 @@ function nasty(r: Rng): unknown {
 /** A valid-looking message of each client-to-broker kind, to mutate. */
 function template(r: Rng, id: number): Record<string, unknown> {
   const t = r.pick([Msg.HELLO, Msg.STATUS, Msg.ATTACH, Msg.BACKING_ADD, Msg.BACKING_DROP, Msg.COMMIT, Msg.REPORT, Msg.FIND_FREE, Msg.DIRTY_SYNC, Msg.PAUSE, Msg.ACK, Msg.NACK]);
-  const gpa = r.int(64) * 0x10_0000;
+  const gpa = r.below(64) * 0x10_0000;
   switch (t) {
     case Msg.HELLO:
-      return { t, id, version: r.chance(0.8) ? 1 : r.int(5), features: r.int(128) };
+      return { t, id, version: r.chance(0.8) ? 1 : r.below(5), features: r.below(128) };
     case Msg.STATUS:
       return { t, id, space: r.pick(['vm0', 'nope', 'x'.repeat(70)]) };
     case Msg.ATTACH:
-      return { t, id, space: 'vm0', role: r.pick(['owner', 'subscriber', 'observer', 'king']), kind: 'fuzz', ...(r.chance(0.3) ? { limits: { maxRegions: r.int(4), coalesce: r.chance(0.5) } } : {}), ...(r.chance(0.2) ? { resume: { epoch: 'e', generation: r.int(100), backings: [r.int(10)] } } : {}) };
+      return { t, id, space: 'vm0', role: r.pick(['owner', 'subscriber', 'observer', 'king']), kind: 'fuzz', ...(r.chance(0.3) ? { limits: { maxRegions: r.below(4), coalesce: r.chance(0.5) } } : {}), ...(r.chance(0.2) ? { resume: { epoch: 'e', generation: r.below(100), backings: [r.below(10)] } } : {}) };
     case Msg.BACKING_ADD:
       return { t, id, name: 'fuzz' };
     case Msg.BACKING_DROP:
-      return { t, id, backing: r.int(10) };
+      return { t, id, backing: r.below(10) };
     case Msg.COMMIT:
       return {
         t,
         id,
-        ops: Array.from({ length: 1 + r.int(3) }, () =>
+        ops: Array.from({ length: 1 + r.below(3) }, () =>
           r.pick([
-            { op: 'add', name: `f${r.int(20)}`, gpa, size: r.pick([0, 4096, 0x10_0000, 3]), backing: r.int(5), offset: r.pick([0, 4096, 1 << 40]), readonly: r.chance(0.3), logDirty: r.chance(0.3) },
-            { op: 'remove', region: r.chance(0.5) ? r.int(10) : `f${r.int(20)}` },
-            { op: 'set', region: r.int(10), logDirty: r.chance(0.5) },
+            { op: 'add', name: `f${r.below(20)}`, gpa, size: r.pick([0, 4096, 0x10_0000, 3]), backing: r.below(5), offset: r.pick([0, 4096, 1 << 40]), readonly: r.chance(0.3), logDirty: r.chance(0.3) },
+            { op: 'remove', region: r.chance(0.5) ? r.below(10) : `f${r.below(20)}` },
+            { op: 'set', region: r.below(10), logDirty: r.chance(0.5) },
           ]),
         ),
       };
     case Msg.REPORT:
-      return { t, id, reserved: [{ start: gpa, last: gpa + r.int(1 << 20) }], dmaAvailable: r.int(10), pinned: r.int(1 << 20) };
+      return { t, id, reserved: [{ start: gpa, last: gpa + r.below(1 << 20) }], dmaAvailable: r.below(10), pinned: r.below(1 << 20) };
     case Msg.FIND_FREE:
       return { t, id, size: r.pick([0, 4096, 3, 2 ** 52]), align: r.pick([4096, 3, 0, 2 ** 21]) };
     case Msg.DIRTY_SYNC:
@@ -133,9 +111,9 @@ function template(r: Rng, id: number): Record<string, unknown> {
     case Msg.PAUSE:
       return { t, id, paused: r.chance(0.5) };
     case Msg.ACK:
-      return { t, seq: r.int(20) };
+      return { t, seq: r.below(20) };
     default:
-      return { t, seq: r.int(20), error: { code: 'MMB_ERR_CLIENT_REFUSED', errno: 'EIO', message: 'fuzz' } };
+      return { t, seq: r.below(20), error: { code: 'MMB_ERR_CLIENT_REFUSED', errno: 'EIO', message: 'fuzz' } };
   }
 }
 
@@ -147,14 +125,14 @@ export function session(r: Rng, frames: number): Chunk[] {
   const out: Chunk[] = [];
   let id = 1;
   if (r.chance(0.85)) {
-    out.push({ bytes: frame({ t: Msg.HELLO, id: id++, version: 1, features: r.chance(0.7) ? 0x7f : r.int(128) }, 0), fds: [] });
+    out.push({ bytes: frame({ t: Msg.HELLO, id: id++, version: 1, features: r.chance(0.7) ? 0x7f : r.below(128) }, 0), fds: [] });
     if (r.chance(0.8)) out.push({ bytes: frame({ t: Msg.ATTACH, id: id++, space: 'vm0', role: r.pick(['owner', 'subscriber', 'subscriber', 'observer']), kind: 'fuzz' }, 0), fds: [] });
   }
   for (let i = 0; i < frames; i++) {
     const m = template(r, id++);
     // Most frames are valid-looking, so a session lives long enough to reach deep states; the stream
     // breakers (lying headers, random bytes, truncation) end a session, so they come less often.
-    const kind = r.int(20);
+    const kind = r.below(20);
     if (kind < 13) {
       // A valid-looking message, perhaps with one field made nasty, with the fds it takes (of any kind).
       if (r.chance(0.6)) {
@@ -162,20 +140,20 @@ export function session(r: Rng, frames: number): Chunk[] {
         if (keys.length > 0) m[r.pick(keys)] = nasty(r);
         else m.extra = nasty(r);
       }
-      const n = takesFd(m) ? (r.chance(0.85) ? 1 : r.int(3)) : r.chance(0.1) ? 1 + r.int(3) : 0;
+      const n = takesFd(m) ? (r.chance(0.85) ? 1 : r.below(3)) : r.chance(0.1) ? 1 + r.below(3) : 0;
       out.push({ bytes: frame(m, n), fds: Array.from({ length: n }, () => r.pick(FD_KINDS)) });
     } else if (kind < 15) {
       // A header that lies about the fds it carries.
-      const declared = r.int(4);
-      const sent = r.int(4);
+      const declared = r.below(4);
+      const sent = r.below(4);
       out.push({ bytes: frame(m, declared), fds: Array.from({ length: sent }, () => r.pick(FD_KINDS)) });
     } else if (kind < 16) {
       // A header that lies about its length or sets reserved flags.
-      out.push({ bytes: frame(m, 0, r.chance(0.5) ? { lieLength: r.pick([-3, 5, 1 << 24]) } : { flags: 1 + r.int(0xffff) }), fds: [] });
+      out.push({ bytes: frame(m, 0, r.chance(0.5) ? { lieLength: r.pick([-3, 5, 1 << 24]) } : { flags: 1 + r.below(0xffff) }), fds: [] });
     } else if (kind < 17) {
       // Random bytes.
-      const b = Buffer.alloc(1 + r.int(200));
-      for (let j = 0; j < b.length; j++) b[j] = r.int(256);
+      const b = Buffer.alloc(1 + r.below(200));
+      for (let j = 0; j < b.length; j++) b[j] = r.below(256);
       out.push({ bytes: b, fds: r.chance(0.2) ? [r.pick(FD_KINDS)] : [] });
     } else if (kind < 19) {
       // A valid frame of a message id nobody knows, or one sent the wrong way.
@@ -183,7 +161,7 @@ export function session(r: Rng, frames: number): Chunk[] {
     } else {
       // A truncated frame: the connection ends in the middle of it.
       const f = frame(m, 0);
-      out.push({ bytes: f.subarray(0, 1 + r.int(f.length - 1)), fds: [] });
+      out.push({ bytes: f.subarray(0, 1 + r.below(f.length - 1)), fds: [] });
       break;
     }
   }

@@ -1,24 +1,25 @@
 // The socket fuzzer: hostile sessions (fuzz/generate.ts) against a real broker in its own process, over
 // its real socket. After each batch a legitimate owner and subscriber must still complete a hotplug, and
-// the broker's /proc/PID/fd count and memfd mappings must return to the baseline. The broker logs at
-// level error, so any line it logs is an unexpected exception; its exit would be a crash.
+// the broker's /proc/PID/fd count and memfd mappings must return to the baseline. Any line the broker
+// logs at level error or above is an unexpected exception; its exit would be a crash.
 //
 //   npm run fuzz -- --frames 100000 [--seed N] [--json]
-import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { fileURLToPath, pathToFileURL } from 'node:url';
+import { pathToFileURL } from 'node:url';
 import { parseArgs } from 'node:util';
 import { MappingSubscriber, OwnerClient } from '../clients/index.js';
 import { constants, isNativeError, native } from '../native/index.js';
 import { closeAll } from '../transport/fds.js';
 import { FrameDecoder, isMmbError } from '../protocol/index.js';
-import { Rng, makeFd, session } from './generate.js';
+import { makeFd, session } from './generate.js';
 import { FLOOD_UID, startFlood, type Flood, type FloodTotals } from './flood.js';
+import { Rng } from '../testkit/rng.js';
 import { parseCount } from '../cli/args.js';
-import { waitFor } from '../cli/child.js';
-import { fdCount } from '../cli/procfs.js';
+import { fdCount, memfdMappings } from '../testkit/procfs.js';
+import { BrokerProc, levelOf } from '../testkit/broker.js';
+import { waitFor } from '../testkit/wait.js';
 
 export interface FuzzOptions {
   /** Hostile frames to send in all. */
@@ -59,29 +60,33 @@ export interface FuzzResult {
   flood: FloodTotals | 'skipped: needs root and setpriv' | 'off';
 }
 
-// The compiled CLI, whether this file runs compiled (dist/fuzz/run.js) or from source under vitest.
-const here = path.dirname(fileURLToPath(import.meta.url));
-const cli = path.join(here, path.basename(path.dirname(here)) === 'dist' ? '..' : '../dist', 'cli/mmbroker.js');
-
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 /** Every memfd mapping of a process, whatever its name. */
-const memfdMaps = (pid: number) => fs.readFileSync(`/proc/${pid}/maps`, 'utf8').split('\n').filter((l) => l.includes('/memfd:')).length;
+const memfdMappingCount = (pid: number) => memfdMappings(pid).length;
 
-async function startBroker(socket: string): Promise<{ child: ChildProcess; errors: string[] }> {
-  const child = spawn(process.execPath, [cli, 'serve', '--socket', socket, '--space', 'vm0', '--ack-timeout', '1000', '--log-level', process.env.FUZZ_BROKER_LOG ?? 'error'], { stdio: ['ignore', 'pipe', 'pipe'] });
+/**
+ * The broker, ready once it logged "listening". It logs at level info (the launcher needs that line);
+ * a line at level error or above, or anything that is not a log line (a stack trace), is an exception it
+ * did not expect. FUZZ_BROKER_LOG=debug FUZZ_BROKER_LOG_FILE=path keeps every line, e.g. to count the
+ * refusals by code.
+ */
+async function startBroker(socket: string): Promise<{ broker: BrokerProc; errors: string[] }> {
   const errors: string[] = [];
-  // FUZZ_BROKER_LOG=debug FUZZ_BROKER_LOG_FILE=path keeps every line, e.g. to count the refusals by code.
   const tee = process.env.FUZZ_BROKER_LOG_FILE ? fs.createWriteStream(process.env.FUZZ_BROKER_LOG_FILE) : undefined;
-  const take = (d: string) => {
-    tee?.write(d);
-    errors.push(...d.split('\n').filter(Boolean));
-  };
-  child.stdout?.setEncoding('utf8').on('data', take);
-  child.stderr?.setEncoding('utf8').on('data', take);
-  await waitFor('the broker to listen', () => fs.existsSync(socket), 10_000).catch(() => {
-    throw new Error(`the broker did not start: ${errors.join('\n')}`);
+  const level = process.env.FUZZ_BROKER_LOG === 'debug' || process.env.FUZZ_BROKER_LOG === 'trace' ? process.env.FUZZ_BROKER_LOG : 'info';
+  const broker = await BrokerProc.start({
+    socket,
+    spaces: ['vm0'],
+    args: ['--ack-timeout', '1000'],
+    logLevel: level,
+    keepLines: 100,
+    onLine: (l) => {
+      tee?.write(JSON.stringify(l) + '\n');
+      if (levelOf(l) >= 50 || l.event === 'text') errors.push(JSON.stringify(l));
+    },
   });
-  return { child, errors };
+  broker.child.stderr?.on('data', (d: string) => errors.push(...d.split('\n').filter(Boolean)));
+  return { broker, errors };
 }
 
 function connect(socket: string): number | undefined {
@@ -198,8 +203,9 @@ export async function runFuzz(opts: FuzzOptions): Promise<FuzzResult> {
   const socket = path.join(dir, 'broker.sock');
   const tmpFile = path.join(dir, 'plain-file');
   fs.writeFileSync(tmpFile, Buffer.alloc(1 << 20));
-  const { child, errors } = await startBroker(socket);
-  const pid = child.pid as number;
+  const { broker, errors } = await startBroker(socket);
+  const child = broker.child;
+  const pid = broker.pid;
   // The flood's uid (on no owner list) must be able to connect at all: the allow-lists then decide.
   let flood: Flood | undefined;
   if (opts.flood !== false) {
@@ -235,7 +241,7 @@ export async function runFuzz(opts: FuzzOptions): Promise<FuzzResult> {
     if (first) result.legitFailures.push(first);
     await new Promise((r) => setTimeout(r, 100));
     const baseFds = fdCount(pid);
-    const baseMaps = memfdMaps(pid);
+    const baseMaps = memfdMappingCount(pid);
     while (result.frames < opts.frames && child.exitCode === null) {
       for (let i = 0; i < batch && result.frames < opts.frames; i++) {
         const chunks = session(rng, per);
@@ -258,9 +264,9 @@ export async function runFuzz(opts: FuzzOptions): Promise<FuzzResult> {
       result.legitChecks++;
       if (failure) result.legitFailures.push(failure);
       // Released by now, or the leak figures below say how much was not.
-      await waitFor('the broker to release the session', () => fdCount(pid) <= baseFds && memfdMaps(pid) <= baseMaps, 5000).catch(() => undefined);
+      await waitFor('the broker to release the session', () => fdCount(pid) <= baseFds && memfdMappingCount(pid) <= baseMaps, 5000).catch(() => undefined);
       result.fdLeak = Math.max(result.fdLeak, fdCount(pid) - baseFds);
-      result.mappingLeak = Math.max(result.mappingLeak, memfdMaps(pid) - baseMaps);
+      result.mappingLeak = Math.max(result.mappingLeak, memfdMappingCount(pid) - baseMaps);
       result.seconds = +((performance.now() - started) / 1000).toFixed(2);
       opts.onBatch?.(result.frames, result);
     }
@@ -271,11 +277,7 @@ export async function runFuzz(opts: FuzzOptions): Promise<FuzzResult> {
     result.exceptionSamples = errors.slice(0, 5);
     result.seconds = +((performance.now() - started) / 1000).toFixed(2);
     result.framesPerSecond = Math.round(result.frames / Math.max(result.seconds, 1e-3));
-    if (child.exitCode === null) {
-      const exited = new Promise((r) => child.once('exit', r));
-      child.kill('SIGTERM');
-      await exited;
-    }
+    await broker.stop('SIGTERM');
     fs.rmSync(dir, { recursive: true, force: true });
   }
   return result;

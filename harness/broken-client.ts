@@ -7,13 +7,15 @@
 //                      mlocked, as a client pinning per device instead of per domain would): "pins" must
 //                      catch it in VmLck.
 //
-// It speaks the same control protocol as `mmbroker attach --json --control` (read, write, regions, domain).
+// Otherwise it is the testkit's scripted client (testkit/scripted.ts): the same control protocol, the
+// same ready line, the same clean exit on SIGTERM.
 import { parseArgs } from 'node:util';
 import { MappingSubscriber, GuestMemory, type SubscriberOptions } from '../clients/index.js';
 import type { Change, LocalBacking } from '../clients/view.js';
 import { VfioSubscriber } from '../clients/vfio/index.js';
 import { constants, native, type Mapping } from '../native/index.js';
-import { control } from '../cli/commands/attach.js';
+import { vfioCommands } from '../testkit/commands.js';
+import { runScripted } from '../testkit/scripted.js';
 
 /** Acks removals but leaves a mapping of each removed region behind: the planted bug. */
 class LeakyMemory extends GuestMemory {
@@ -67,27 +69,17 @@ const { values } = parseArgs({
     device: { type: 'string', multiple: true },
   },
 });
-const out = (ev: Record<string, unknown>) => process.stdout.write(JSON.stringify(ev) + '\n');
 const opts = { space: values.space ?? 'default', name: values.name ?? `broken-${process.pid}` };
-let sub: MappingSubscriber | VfioSubscriber;
-if (values.mode === 'skip-unmap') {
-  sub = await SkipUnmapSubscriber.attachBroken(values.socket ?? '', opts);
-} else if (values.mode === 'pin-twice') {
-  const v = await VfioSubscriber.attach(values.socket ?? '', { ...opts, backend: 'soft', devices: values.device ?? ['dev0'] });
-  pinTwice(v);
-  sub = v;
-} else {
+const socket = values.socket ?? '';
+await runScripted({ kind: values.mode === 'pin-twice' ? 'vfio' : 'plain' }, async () => {
+  if (values.mode === 'skip-unmap') {
+    const sub = await SkipUnmapSubscriber.attachBroken(socket, opts);
+    return { sub, memory: sub.memory, ready: () => ({ broken: values.mode }) };
+  }
+  if (values.mode === 'pin-twice') {
+    const v = await VfioSubscriber.attach(socket, { ...opts, backend: 'soft', devices: values.device ?? ['dev0'] });
+    pinTwice(v);
+    return { sub: v, memory: v.memory, commands: vfioCommands(v), ready: () => ({ broken: values.mode }) };
+  }
   throw new Error(`--mode ${values.mode}: skip-unmap or pin-twice`);
-}
-const s = sub;
-control(s, s.memory, (event, _text, data = {}) => out({ event, ...data }), {
-  domain: () => ({ event: 'domain', ...(s instanceof VfioSubscriber ? s.domain : {}) }),
 });
-out({ event: 'attached', pid: process.pid, broken: values.mode, client: s.id, generation: s.generation });
-await new Promise<void>((resolve) => {
-  process.once('SIGTERM', resolve);
-  process.once('SIGINT', resolve);
-});
-await s.close();
-out({ event: 'detached' });
-process.exit(0);

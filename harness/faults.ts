@@ -2,7 +2,7 @@
 // is simply gone (the others commit); a client that stops acking is evicted at the deadline and resumes
 // when it runs again; a nack rolls the change back everywhere; a restarted broker is repopulated by the
 // owner and its clients resume; a slow reader is cut off; an owner that disconnects loses only its holds.
-import { waitFor } from '../cli/child.js';
+import { waitFor } from '../testkit/wait.js';
 import { native } from '../native/index.js';
 import { Msg, encodeFrame, isMmbError } from '../protocol/index.js';
 import type { CommitOp } from '../protocol/index.js';

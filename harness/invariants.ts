@@ -7,7 +7,7 @@ import { covers, within, type Model, type ModelRegion, type Range } from './mode
 import type { ClientSnapshot, Snapshot } from './observe.js';
 import type { StepResult } from './operations.js';
 import type { ClientProc } from './procs.js';
-import { Rng } from './rng.js';
+import { Rng } from '../testkit/rng.js';
 import type { World } from './world.js';
 
 export const INVARIANTS = ['convergence', 'no-stale-mapping', 'pins', 'data', 'leaks', 'all-or-nothing', 'outcome'] as const;

@@ -1,7 +1,7 @@
 // What the map should be, as the harness (the owner) knows it from its own commits: the regions, the
 // broker's backings and the memfds behind them. Invariants compare every process's kernel view with it.
 import { X86_MSI_WINDOW } from '../clients/vfio/soft.js';
-import type { Rng } from './rng.js';
+import type { Rng } from '../testkit/rng.js';
 
 export const PAGE = 4096;
 export const HUGE = 2 * 2 ** 20;

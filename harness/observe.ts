@@ -2,7 +2,7 @@
 // used only to know when the change has settled (every client acked) and to compare its map with the
 // owner's model; every other judgement reads /proc.
 import type { StatusSpace } from '../protocol/index.js';
-import { waitFor } from '../cli/child.js';
+import { waitFor } from '../testkit/wait.js';
 import { fdCensus, lockedBytes, memfdMappings, type FdCensus, type FileMapping } from './kernel.js';
 import type { ClientProc, Line } from './procs.js';
 import { SPACE, type World } from './world.js';

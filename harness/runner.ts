@@ -10,7 +10,7 @@ import { runOperation, type StepResult } from './operations.js';
 import { runFault } from './faults.js';
 import { checkOptions, DEFAULT_OPTIONS, type ClientKind, type HarnessOptions } from './options.js';
 import { replayCommand, type Report } from './report.js';
-import { Rng } from './rng.js';
+import { Rng } from '../testkit/rng.js';
 import { World } from './world.js';
 
 async function checkStep(w: World, t: Tally, res: StepResult): Promise<void> {

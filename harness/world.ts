@@ -6,11 +6,11 @@ import path from 'node:path';
 import { OwnerClient, createSealedMemfd } from '../clients/index.js';
 import { native } from '../native/index.js';
 import { isMmbError, toMmbError, type CommitOp, type CommitResult, type MmbError } from '../protocol/index.js';
-import { waitFor } from '../cli/child.js';
+import { waitFor } from '../testkit/wait.js';
 import { Model, type BrokerBacking, type Memfd } from './model.js';
 import { BrokerProc, spawnClient, type ClientProc } from './procs.js';
 import { CLIENT_KINDS, type ClientKind, type HarnessOptions } from './options.js';
-import type { Rng } from './rng.js';
+import type { Rng } from '../testkit/rng.js';
 
 export const SPACE = 'vm0';
 

@@ -250,6 +250,14 @@ export interface Native {
   pollRef(handle: PollHandle, ref: boolean): void;
   /** Stop watching and release the handle (uv_close). Idempotent. Does not close the fd. */
   pollClose(handle: PollHandle): void;
+
+  // --- service manager ----------------------------------------------------------------------------
+  /**
+   * sd_notify(3)'s datagram: sends `message` ("READY=1", ...; at most 4095 bytes) to the AF_UNIX datagram
+   * socket `socketPath` (a path, or an abstract address written "@name", as in $NOTIFY_SOCKET), without
+   * blocking. Throws errno-style (ENOENT, ECONNREFUSED: nobody listens; EAGAIN: its buffer is full).
+   */
+  notifySend(socketPath: string, message: string): void;
 }
 
 const here = path.dirname(fileURLToPath(import.meta.url));

@@ -7,10 +7,19 @@
 //   - a descriptor that is not of the kind the request is for: container /dev/vfio/vfio, group
 //     /dev/vfio/N, device (VFIO_GROUP_GET_DEVICE_FD's anon inode, or /dev/vfio/devices/vfioN), iommufd
 //     /dev/iommu (ENOTTY);
-//   - a struct whose leading size word (argsz / size) is below the kernel's minimum for the request or
-//     above the buffer's length, or whose flags would make the kernel follow an unchecked pointer (EINVAL);
-//   - for IOMMU_IOAS_IOVA_RANGES, a `data` buffer too small for num_iovas entries (ERANGE). C points the
-//     struct's allowed_iovas at `data` for the call and zeroes it again afterwards.
+//   - a struct whose leading size word (argsz / size) is below the kernel's minimum for the request, above
+//     the buffer's length, or above the largest size C knows where later kernels append pointers; or
+//     whose flags would make the kernel follow an unchecked pointer, or are outside the request's allowed
+//     set (VFIO_DEVICE_FEATURE: GET / PROBE of MIGRATION only) (EINVAL);
+//   - for the requests with a pointer the kernel follows, a `data` buffer too small for it (ERANGE):
+//     IOMMU_IOAS_IOVA_RANGES (num_iovas entries), IOMMU_GET_HW_INFO (data_len bytes, written),
+//     IOMMU_HWPT_ALLOC (data_len bytes the kernel reads, in a struct of 40 bytes or more; used to ask
+//     whether the IOMMU offers nesting, docs/ioas.md),
+//     VFIO_IOMMU_DIRTY_PAGES with GET_BITMAP (bitmap.size bytes), IOMMU_HWPT_GET_DIRTY_BITMAP (a bit per
+//     page_size of length, in 64-bit words; page_size a power of two, else EINVAL). C points the field at
+//     `data` for the call and zeroes it again afterwards.
+// The lookup is by request number and descriptor kind: VFIO_BASE + 17 is VFIO_IOMMU_DIRTY_PAGES on a
+// container and VFIO_DEVICE_FEATURE on a device.
 // Failures carry `code` (errno name), `errno` (negative) and `syscall` = the request's name
 // ('VFIO_IOMMU_MAP_DMA'), so a message says which ioctl failed.
 import { native } from './index.js';
@@ -23,6 +32,8 @@ export interface VfioRequests {
   readonly VFIO_IOMMU_GET_INFO: number;
   readonly VFIO_IOMMU_MAP_DMA: number;
   readonly VFIO_IOMMU_UNMAP_DMA: number;
+  readonly VFIO_IOMMU_DIRTY_PAGES: number;
+  readonly VFIO_DEVICE_FEATURE: number;
   readonly VFIO_GROUP_GET_STATUS: number;
   readonly VFIO_GROUP_SET_CONTAINER: number;
   readonly VFIO_GROUP_UNSET_CONTAINER: number;
@@ -39,6 +50,10 @@ export interface VfioRequests {
   readonly IOMMU_IOAS_IOVA_RANGES: number;
   readonly IOMMU_IOAS_MAP: number;
   readonly IOMMU_IOAS_UNMAP: number;
+  readonly IOMMU_HWPT_ALLOC: number;
+  readonly IOMMU_GET_HW_INFO: number;
+  readonly IOMMU_HWPT_SET_DIRTY_TRACKING: number;
+  readonly IOMMU_HWPT_GET_DIRTY_BITMAP: number;
 }
 
 export interface VfioNative {
@@ -56,7 +71,10 @@ export interface VfioNative {
   vfioIoctlInt(fd: number, request: number, value: number): number;
   /**
    * An ioctl on a packed struct (argsz / size first); the kernel's results are written back into `arg`.
-   * `data` only for IOMMU_IOAS_IOVA_RANGES (the allowed_iovas array; may be left out when num_iovas is 0).
+   * `data` only for the requests with a pointer (IOMMU_IOAS_IOVA_RANGES' allowed_iovas, the data_uptr of
+   * IOMMU_GET_HW_INFO and IOMMU_HWPT_ALLOC, the dirty bitmaps of VFIO_IOMMU_DIRTY_PAGES / GET_BITMAP and
+   * IOMMU_HWPT_GET_DIRTY_BITMAP); it may be left out when the kernel would follow nothing (num_iovas or
+   * data_len 0).
    * Returns the ioctl's return value. Runs on the main thread: for quick ioctls only.
    */
   vfioIoctl(fd: number, request: number, arg: Uint8Array, data?: Uint8Array): number;

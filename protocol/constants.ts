@@ -22,6 +22,8 @@ export const Msg = {
   PUBLISH: 11,
   DETACH: 12,
   DELEGATE: 13,
+  HISTORY: 14,
+  IOAS: 15,
 
   ACK: 16,
   NACK: 17,
@@ -40,6 +42,11 @@ export const Msg = {
   EV_DIRTY_FLUSH: 43,
   EV_PAUSE: 44,
   EV_DIRTY: 45,
+  EV_WATCH: 46,
+  EV_IOAS_SYNC: 47,
+  EV_IOAS_TXN: 48,
+  EV_IOAS_COMMITTED: 49,
+  EV_IOAS_ROLLBACK: 50,
 } as const;
 export type MsgId = (typeof Msg)[keyof typeof Msg];
 
@@ -80,12 +87,32 @@ export const Feature = {
   /** BACKING_ADD.unsealed: the owner registers a file it vouches for (QEMU's memory-backend-file on tmpfs or
    *  hugetlbfs), which cannot be sealed against shrinking; the reply and STATUS say page size and sealing. */
   TRUSTED_FILE: 1 << 10,
+  /** For operators: HISTORY (the recent transactions and their outcomes), ATTACH.watch (an observer that
+   *  receives EV_WATCH, a live stream of what happens in the space), and the HELLO reply's `brokerVersion`. */
+  WATCH: 1 << 11,
+  /** I/O address spaces (docs/ioas.md): IOAS (create, destroy, commit IOVA maps and unmaps, attach and
+   *  detach devices) and EV_IOAS_SYNC / EV_IOAS_TXN / EV_IOAS_COMMITTED / EV_IOAS_ROLLBACK; needs TWO_PHASE
+   *  for attaching. A guest IOMMU's mappings beside the guest-physical map, with the same guarantees. */
+  IOAS: 1 << 12,
   /** EV_SYNC.columns: a sync part's regions as columns of fixed-width integers in one msgpack bin
    *  (protocol/columns.ts), for large maps; without the bit a client gets the plain `regions` array. */
   COMPACT_SYNC: 1 << 13,
 } as const;
 export const ALL_FEATURES =
-  Feature.RESUME | Feature.REPORT | Feature.PLACE | Feature.COALESCE | Feature.PIN | Feature.DIRTY | Feature.AUTH | Feature.PUBLISH | Feature.TWO_PHASE | Feature.FENCE | Feature.TRUSTED_FILE | Feature.COMPACT_SYNC;
+  Feature.RESUME |
+  Feature.REPORT |
+  Feature.PLACE |
+  Feature.COALESCE |
+  Feature.PIN |
+  Feature.DIRTY |
+  Feature.AUTH |
+  Feature.PUBLISH |
+  Feature.TWO_PHASE |
+  Feature.FENCE |
+  Feature.TRUSTED_FILE |
+  Feature.WATCH |
+  Feature.IOAS |
+  Feature.COMPACT_SYNC;
 
 /** Bytes of guest memory one dirty-bitmap bit stands for. */
 export const DIRTY_PAGE_SIZE = 4096;

@@ -25,6 +25,7 @@ export type Errno =
   | 'ENOMEM'
   | 'ECANCELED'
   | 'EAGAIN'
+  | 'EADDRINUSE'
   | 'EIO';
 
 interface ErrorSpec {
@@ -60,14 +61,14 @@ export const ERROR_TABLE = {
   MMB_ERR_BACKING_UNSEALED: { errno: 'EINVAL', summary: 'A backing memfd is not sealed against shrinking (F_SEAL_SHRINK).' },
   MMB_ERR_BACKING_TOO_SMALL: { errno: 'EINVAL', summary: 'A region reaches past the end of its backing.' },
   MMB_ERR_NO_BACKING: { errno: 'ENOENT', summary: 'No backing has that id in this address space.' },
-  MMB_ERR_UNALIGNED: { errno: 'EINVAL', summary: 'A GPA, size or backing offset is not page aligned.' },
+  MMB_ERR_UNALIGNED: { errno: 'EINVAL', summary: 'A GPA, IOVA, size or backing offset is not page aligned.' },
   MMB_ERR_OUT_OF_RANGE: { errno: 'EINVAL', summary: 'A region is empty, or reaches beyond the 52-bit guest-physical limit.' },
   MMB_ERR_OVERLAP: { errno: 'EEXIST', summary: 'A region would overlap another region of the same address space.' },
   MMB_ERR_NO_REGION: { errno: 'ENOENT', summary: 'No region has that id or name in this address space.' },
   MMB_ERR_REGION_EXISTS: { errno: 'EEXIST', summary: 'A region with that name already exists in this address space.' },
   MMB_ERR_SPACE_LIMIT: { errno: 'ENOSPC', summary: 'The address space would exceed its region or backing limit.' },
   MMB_ERR_CLIENT_LIMIT: { errno: 'ENOSPC', summary: 'A subscriber\'s declared limit (max regions) would be exceeded; nothing was changed.' },
-  MMB_ERR_RESERVED_RANGE: { errno: 'EINVAL', summary: 'A region would cover an IOVA range a subscriber reported as reserved (MSI window, PCI hole); nothing was changed.' },
+  MMB_ERR_RESERVED_RANGE: { errno: 'EINVAL', summary: 'A region (or an IOVA mapping) would cover an IOVA range a subscriber reported as reserved (MSI window, PCI hole); nothing was changed.' },
   MMB_ERR_PIN_BUDGET: { errno: 'ENOSPC', summary: 'Pinning the memory would exceed a subscriber\'s pin limit or the address space\'s pin budget; nothing was changed.' },
   MMB_ERR_NO_FREE_RANGE: { errno: 'ENOSPC', summary: 'No free GPA range of that size and alignment avoids every region and reserved range.' },
   MMB_ERR_NOT_LOGGING: { errno: 'ENOENT', summary: 'A dirty sync names a region whose dirty logging is off.' },
@@ -91,6 +92,15 @@ export const ERROR_TABLE = {
   MMB_ERR_NOT_FENCED: { errno: 'EBUSY', summary: 'A client that may still reach memory this change removes or write-protects could not be fenced in time (it neither exited nor reconciled, or could not be signalled); nothing was changed.' },
   MMB_ERR_COMMITTED_UNFENCED: { errno: 'EBUSY', summary: 'The change was committed (the generation advanced), but a client failed to finish it and could not be fenced: the memory it removed stays held until that client is fenced.' },
 
+  // --- I/O address spaces (feature IOAS, docs/ioas.md) ---
+  MMB_ERR_NO_IOAS: { errno: 'ENOENT', summary: 'No I/O address space has that name in this address space.' },
+  MMB_ERR_IOAS_EXISTS: { errno: 'EEXIST', summary: 'An I/O address space with that name already exists in this address space.' },
+  MMB_ERR_IOAS_BUSY: { errno: 'EBUSY', summary: 'The I/O address space still has devices attached or a client that may reach its mappings, or the device is already attached to another one.' },
+  MMB_ERR_IOVA_OVERLAP: { errno: 'EEXIST', summary: 'An IOVA mapping would overlap another mapping of the same I/O address space; nothing was changed.' },
+  MMB_ERR_IOVA_PARTIAL: { errno: 'EINVAL', summary: 'An unmap covers only part of an IOVA mapping; unmaps remove whole mappings (as VFIO and iommufd do); nothing was changed.' },
+  MMB_ERR_NOT_RAM: { errno: 'EINVAL', summary: 'An IOVA mapping would point at guest-physical addresses that are not RAM of the map (no region, across two regions, or writable into a read-only one); nothing was changed.' },
+  MMB_ERR_RAM_MAPPED: { errno: 'EBUSY', summary: 'A transaction would remove RAM, or change its access, while an IOVA mapping points at it: unmap it first; nothing was changed.' },
+
   // --- lifecycle (mostly raised on the client side) ---
   MMB_ERR_CONNECT: { errno: 'ECONNRESET', summary: 'The broker socket could not be reached (the errno of connect(2) is carried).' },
   MMB_ERR_DISCONNECTED: { errno: 'ECONNRESET', summary: 'The connection closed while a request or transaction was outstanding.' },
@@ -98,6 +108,7 @@ export const ERROR_TABLE = {
   MMB_ERR_SHUTDOWN: { errno: 'ESHUTDOWN', summary: 'The broker is shutting down.' },
   MMB_ERR_PROTOCOL: { errno: 'EPROTO', summary: 'The broker sent a message this client cannot accept; the connection was closed.' },
   MMB_ERR_INVALID_ARG: { errno: 'EINVAL', summary: 'A library or command-line argument is invalid.' },
+  MMB_ERR_ADDRESS_IN_USE: { errno: 'EADDRINUSE', summary: 'Another broker already listens on that socket path (or another server on the metrics address); nothing was started.' },
   MMB_ERR_INTERNAL: { errno: 'EIO', summary: 'An unexpected internal failure; the message names it. Please report it.' },
 } as const satisfies Record<string, ErrorSpec>;
 
@@ -282,12 +293,20 @@ export const ClientTimeoutError = define('MMB_ERR_CLIENT_TIMEOUT');
 export const SlowReaderError = define('MMB_ERR_SLOW_READER');
 export const NotFencedError = define('MMB_ERR_NOT_FENCED');
 export const CommittedUnfencedError = define('MMB_ERR_COMMITTED_UNFENCED');
+export const NoIoasError = define('MMB_ERR_NO_IOAS');
+export const IoasExistsError = define('MMB_ERR_IOAS_EXISTS');
+export const IoasBusyError = define('MMB_ERR_IOAS_BUSY');
+export const IovaOverlapError = define('MMB_ERR_IOVA_OVERLAP');
+export const IovaPartialError = define('MMB_ERR_IOVA_PARTIAL');
+export const NotRamError = define('MMB_ERR_NOT_RAM');
+export const RamMappedError = define('MMB_ERR_RAM_MAPPED');
 export const ConnectError = define('MMB_ERR_CONNECT');
 export const DisconnectedError = define('MMB_ERR_DISCONNECTED');
 export const TimeoutError = define('MMB_ERR_TIMEOUT');
 export const ShutdownError = define('MMB_ERR_SHUTDOWN');
 export const ProtocolError = define('MMB_ERR_PROTOCOL');
 export const InvalidArgError = define('MMB_ERR_INVALID_ARG');
+export const AddressInUseError = define('MMB_ERR_ADDRESS_IN_USE');
 export const InternalError = define('MMB_ERR_INTERNAL');
 
 /** Wraps anything thrown into an MmbError, keeping MmbErrors as they are. */

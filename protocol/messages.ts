@@ -88,6 +88,8 @@ export const attach = object({
   token: optional(str(256)),
   /** Feature DIRTY: false declares that this subscriber never writes guest memory (default true). */
   writes: optional(bool()),
+  /** Feature WATCH (observers): also receive EV_WATCH, the space's live event stream. */
+  watch: optional(bool()),
   /** Feature RESUME: what the client already holds from an earlier connection. */
   resume: optional(
     object({
@@ -183,6 +185,29 @@ export const detach = object({ t: t(Msg.DETACH), id: u32() });
 /** Feature FENCE (subscriber): pidfds of processes it handed memory to (one fd per entry of `names`). */
 export const delegate = object({ t: t(Msg.DELEGATE), id: u32(), names: array(name(), 16) });
 
+/** Feature WATCH: the recent transactions of a space, newest last; `before` pages back (an entry's seq). */
+export const history = object({ t: t(Msg.HISTORY), id: u32(), space: name(), before: optional(uint()), limit: optional(u32()) });
+/** Feature IOAS: one request for everything about an I/O address space, told apart by `op` (docs/ioas.md). */
+export const ioasOp = tagged('op', {
+  map: object({ op: literal('map'), iova: addr(), gpa: addr(), size: addr(), readonly: optional(bool()) }),
+  unmap: object({ op: literal('unmap'), iova: addr(), size: addr() }),
+});
+export type IoasOp = Infer<typeof ioasOp>;
+
+const ioasDevices = () => array(name(), 256);
+export const ioas = tagged('op', {
+  /** Owner: a new, empty IOAS. */
+  create: object({ t: t(Msg.IOAS), id: u32(), op: literal('create'), ioas: name() }),
+  /** Owner: an IOAS no device is attached to (and no holder may reach) goes away with its mappings. */
+  destroy: object({ t: t(Msg.IOAS), id: u32(), op: literal('destroy'), ioas: name() }),
+  /** Owner: one transaction of IOVA maps and unmaps (every unmap, then every map). */
+  commit: object({ t: t(Msg.IOAS), id: u32(), op: literal('commit'), ioas: name(), ops: array(ioasOp, L.maxOpsPerCommit), expect: optional(uint()) }),
+  /** Subscriber (feature TWO_PHASE too): devices join the IOAS; the first one brings an EV_IOAS_SYNC. */
+  attach: object({ t: t(Msg.IOAS), id: u32(), op: literal('attach'), ioas: name(), devices: ioasDevices() }),
+  /** Subscriber: devices leave the IOAS; with the last one the client unmaps everything (EV_IOAS_SYNC, empty). */
+  detach: object({ t: t(Msg.IOAS), id: u32(), op: literal('detach'), ioas: name(), devices: ioasDevices() }),
+});
+
 // --- client -> broker, no reply ------------------------------------------------------------------
 
 export const ack = object({ t: t(Msg.ACK), seq: uint() });
@@ -237,7 +262,106 @@ export const evDirty = object({
   last: bool(),
   ranges: array(dirtyRange, 1 << 20),
 });
+/** An IOVA range mapped to guest-physical memory (feature IOAS): [iova, iova + size) -> [gpa, gpa + size). */
+export const iovaMapping = object({ iova: addr(), gpa: addr(), size: addr(), readonly: bool() });
+export type IovaMapping = Infer<typeof iovaMapping>;
+export const ioasTxnOp = tagged('op', {
+  map: object({ op: literal('map'), iova: addr(), gpa: addr(), size: addr(), readonly: bool() }),
+  unmap: object({ op: literal('unmap'), iova: addr(), size: addr() }),
+});
+export type IoasTxnOp = Infer<typeof ioasTxnOp>;
+/** The IOAS as it is, in parts that fit frames (parts share `seq`); an empty one (a detach) unmaps everything. */
+export const evIoasSync = object({
+  t: t(Msg.EV_IOAS_SYNC),
+  seq: uint(),
+  ioas: name(),
+  generation: uint(),
+  part: u32(),
+  last: bool(),
+  mappings: array(iovaMapping, 1 << 20),
+});
+/** A vote (maps only), or with `final` a committed transaction that only unmaps: apply it all, then ack. */
+export const evIoasTxn = object({
+  t: t(Msg.EV_IOAS_TXN),
+  seq: uint(),
+  ioas: name(),
+  generation: uint(),
+  ops: array(ioasTxnOp, L.maxOpsPerCommit),
+  final: optional(bool()),
+});
+/** `seq` when the transaction unmaps something: ack it once the host IOMMU no longer maps it. */
+export const evIoasCommitted = object({ t: t(Msg.EV_IOAS_COMMITTED), ioas: name(), generation: uint(), seq: optional(uint()) });
+export const evIoasRollback = object({ t: t(Msg.EV_IOAS_ROLLBACK), seq: uint(), ioas: name(), generation: uint() });
 export const evGoodbye = object({ t: t(Msg.EV_GOODBYE), error: errorBody });
+
+// --- feature WATCH: what operators see -------------------------------------------------------------
+
+/** Most ops of one transaction a watch event or history entry lists (`opsTotal` says how many it had). */
+export const WATCH_MAX_OPS = 64;
+
+/** One change of a transaction, with the whole region (as it was for a remove, as it becomes otherwise). */
+export const changeOp = tagged('op', {
+  add: object({ op: literal('add'), region }),
+  remove: object({ op: literal('remove'), region }),
+  set: object({ op: literal('set'), region }),
+});
+export type ChangeOp = Infer<typeof changeOp>;
+
+/**
+ * One transaction as the operator sees it. `generation` is the one it became, or would have become.
+ * `outcome`: committed; rolled-back (sent to subscribers, refused by one, undone everywhere); refused
+ * (nothing was sent to anyone: a check before the vote failed). `us`: from the start of its run to its
+ * outcome, in microseconds. `error`: why it did not commit (for a committed one: a client that could not
+ * be fenced, MMB_ERR_COMMITTED_UNFENCED). `request`: for a refused one, the ops as the owner sent them.
+ */
+export const historyEntry = object({
+  seq: uint(),
+  generation: uint(),
+  /** Milliseconds since the Unix epoch, when it started to run. */
+  time: uint(),
+  owner: clientRef,
+  outcome: literal('committed', 'rolled-back', 'refused'),
+  us: uint(),
+  ops: array(changeOp, WATCH_MAX_OPS),
+  opsTotal: u32(),
+  request: optional(array(commitOp, WATCH_MAX_OPS)),
+  error: optional(errorBody),
+});
+export type HistoryEntry = Infer<typeof historyEntry>;
+
+const clientRole = literal('owner', 'subscriber', 'observer');
+
+/** What a watcher is told, one event per EV_WATCH. */
+export const watchEvent = tagged('kind', {
+  /** A transaction is sent to the subscribers for their vote (again, with a higher attempt, after a retry). */
+  txn: object({ kind: literal('txn'), generation: uint(), owner: clientRef, ops: array(changeOp, WATCH_MAX_OPS), opsTotal: u32(), attempt: u32() }),
+  /** A transaction's outcome, as HISTORY lists it. */
+  outcome: object({ kind: literal('outcome'), entry: historyEntry }),
+  joined: object({ kind: literal('joined'), client: clientRef, role: clientRole }),
+  left: object({ kind: literal('left'), client: clientRef, role: clientRole, reason: literal('evicted', 'disconnected', 'leaving') }),
+  /** A subscriber broke its contract (missed a deadline, failed to apply or undo) and was removed. */
+  evicted: object({ kind: literal('evicted'), client: clientRef, error: errorBody }),
+  /** A client whose connection ended may still reach memory: a holder until it is fenced. */
+  holder: object({
+    kind: literal('holder'),
+    client: clientRef,
+    reason: literal('evicted', 'disconnected', 'leaving'),
+    state: literal('holding', 'signalled', 'fenced'),
+    backings: array(u32(), 1 << 16),
+    alive: array(str(256), 32),
+  }),
+  /** A holder let go: every process behind it exited, it reconciled, or it detached cleanly. */
+  fenced: object({ kind: literal('fenced'), client: clientRef, how: literal('exited', 'reconciled', 'detached'), ms: uint() }),
+  /** A dirty sync completed: regions collected, dirty pages, bytes of bitmap, duration. */
+  'dirty-sync': object({ kind: literal('dirty-sync'), regions: u32(), dirty: uint(), bytes: uint(), us: uint() }),
+  published: object({ kind: literal('published'), generation: uint() }),
+  /** A pinning client reported its pinned bytes (REPORT.pinned), during a long pin too. */
+  pinned: object({ kind: literal('pinned'), client: clientRef, pinned: uint(), predicted: uint() }),
+});
+export type WatchEvent = Infer<typeof watchEvent>;
+
+/** Feature WATCH, to observers that attached with `watch`: `seq` counts this space's events, `time` is ms since the epoch. */
+export const evWatch = object({ t: t(Msg.EV_WATCH), space: name(), seq: uint(), time: uint(), event: watchEvent });
 export const evError = object({ t: t(Msg.EV_ERROR), error: errorBody });
 
 // --- reply results (validated by the client that made the request) -------------------------------
@@ -247,6 +371,8 @@ export const helloResult = object({
   features: u32(),
   broker: name(),
   limits: object({ maxFrameBytes: u32(), maxFdsPerFrame: u32(), maxOpsPerCommit: u32(), maxNameBytes: u32() }),
+  /** Feature WATCH: the broker's software release ("0.1.0"). */
+  brokerVersion: optional(str(64, { minBytes: 1, printable: true })),
 });
 
 export const attachResult = object({
@@ -280,6 +406,10 @@ export const publishResult = object({ generation: uint() });
 export const detachResult = object({});
 export const delegateResult = object({});
 export const backingDropResult = object({ released: bool() });
+/** `entries`: oldest first; `more`: older entries exist (ask again with `before` = the first entry's seq). */
+export const historyResult = object({ space: name(), epoch: str(64, { minBytes: 1, printable: true }), generation: uint(), entries: array(historyEntry, 1 << 16), more: bool() });
+/** Feature IOAS: the IOAS's generation after the request; a commit also says how many bytes it mapped and unmapped. */
+export const ioasResult = object({ generation: uint(), mapped: optional(addr()), unmapped: optional(addr()) });
 export const commitResult = object({
   generation: uint(),
   added: array(object({ id: u32(), name: name() }), L.maxOpsPerCommit),
@@ -333,6 +463,26 @@ export const statusSpace = object(
     clients: array(statusClient, 1 << 20),
     /** Feature PUBLISH: whether the owner published the map (a restarted broker's spaces start unpublished). */
     published: optional(bool()),
+    /** Feature IOAS: the space's I/O address spaces, who is attached to each, and who may still reach them. */
+    ioas: optional(
+      array(
+        object(
+          {
+            name: name(),
+            generation: uint(),
+            /** How many IOVA mappings it has, and their bytes (what a shadowing vfio client pins). */
+            mappings: u32(),
+            bytes: addr(),
+            /** `pinned`: what the client last reported pinned (REPORT), across its IOASes. */
+            attached: array(object({ client: clientRef, devices: array(name(), 256), pinned: optional(addr()) }, { open: true }), 1 << 16),
+            /** Clients whose connection ended while attached: they may still reach its mappings until fenced. */
+            holders: array(u32(), 1 << 16),
+          },
+          { open: true },
+        ),
+        1 << 16,
+      ),
+    ),
     /** Clients whose connection ended while they may still reach memory, until they are fenced. */
     holders: optional(
       array(
@@ -405,6 +555,8 @@ export const MESSAGES: ReadonlyMap<number, MessageSpec> = new Map(
     spec(Msg.PUBLISH, 'PUBLISH', 'request', publish, { result: publishResult, feature: Feature.PUBLISH }),
     spec(Msg.DETACH, 'DETACH', 'request', detach, { result: detachResult, feature: Feature.FENCE }),
     spec(Msg.DELEGATE, 'DELEGATE', 'request', delegate, { fds: { kind: 'per-item', field: 'names' }, result: delegateResult, feature: Feature.FENCE }),
+    spec(Msg.HISTORY, 'HISTORY', 'request', history, { result: historyResult, feature: Feature.WATCH }),
+    spec(Msg.IOAS, 'IOAS', 'request', ioas, { result: ioasResult, feature: Feature.IOAS }),
     spec(Msg.ACK, 'ACK', 'to-broker', ack),
     spec(Msg.NACK, 'NACK', 'to-broker', nack),
     spec(Msg.REPLY, 'REPLY', 'to-client', reply),
@@ -421,6 +573,11 @@ export const MESSAGES: ReadonlyMap<number, MessageSpec> = new Map(
     spec(Msg.EV_DIRTY_FLUSH, 'EV_DIRTY_FLUSH', 'to-client', evDirtyFlush, { feature: Feature.DIRTY }),
     spec(Msg.EV_PAUSE, 'EV_PAUSE', 'to-client', evPause, { feature: Feature.DIRTY }),
     spec(Msg.EV_DIRTY, 'EV_DIRTY', 'to-client', evDirty, { feature: Feature.DIRTY }),
+    spec(Msg.EV_WATCH, 'EV_WATCH', 'to-client', evWatch, { feature: Feature.WATCH }),
+    spec(Msg.EV_IOAS_SYNC, 'EV_IOAS_SYNC', 'to-client', evIoasSync, { feature: Feature.IOAS }),
+    spec(Msg.EV_IOAS_TXN, 'EV_IOAS_TXN', 'to-client', evIoasTxn, { feature: Feature.IOAS }),
+    spec(Msg.EV_IOAS_COMMITTED, 'EV_IOAS_COMMITTED', 'to-client', evIoasCommitted, { feature: Feature.IOAS }),
+    spec(Msg.EV_IOAS_ROLLBACK, 'EV_IOAS_ROLLBACK', 'to-client', evIoasRollback, { feature: Feature.IOAS }),
   ].map((s) => [s.id, s]),
 );
 
@@ -437,6 +594,8 @@ export type FindFree = Infer<typeof findFree>;
 export type Publish = Infer<typeof publish>;
 export type Detach = Infer<typeof detach>;
 export type Delegate = Infer<typeof delegate>;
+export type HistoryRequest = Infer<typeof history>;
+export type Ioas = Infer<typeof ioas>;
 export type Ack = Infer<typeof ack>;
 export type Nack = Infer<typeof nack>;
 export type Reply = Infer<typeof reply>;
@@ -453,6 +612,11 @@ export type EvBitmapsGone = Infer<typeof evBitmapsGone>;
 export type EvDirtyFlush = Infer<typeof evDirtyFlush>;
 export type EvPause = Infer<typeof evPause>;
 export type EvDirty = Infer<typeof evDirty>;
+export type EvWatch = Infer<typeof evWatch>;
+export type EvIoasSync = Infer<typeof evIoasSync>;
+export type EvIoasTxn = Infer<typeof evIoasTxn>;
+export type EvIoasCommitted = Infer<typeof evIoasCommitted>;
+export type EvIoasRollback = Infer<typeof evIoasRollback>;
 
 export type HelloResult = Infer<typeof helloResult>;
 export type AttachResult = Infer<typeof attachResult>;
@@ -464,7 +628,9 @@ export type ReportResult = Infer<typeof reportResult>;
 export type DirtySyncResult = Infer<typeof dirtySyncResult>;
 export type PauseResult = Infer<typeof pauseResult>;
 export type PublishResult = Infer<typeof publishResult>;
+export type IoasResult = Infer<typeof ioasResult>;
 export type StatusResult = Infer<typeof statusResult>;
+export type HistoryResult = Infer<typeof historyResult>;
 export type StatusSpace = Infer<typeof statusSpace>;
 
 /** Messages a broker accepts. */
@@ -482,6 +648,8 @@ export type ToBroker =
   | Publish
   | Detach
   | Delegate
+  | HistoryRequest
+  | Ioas
   | Ack
   | Nack;
 /** Messages a client accepts. */
@@ -499,4 +667,9 @@ export type ToClient =
   | EvBitmapsGone
   | EvDirtyFlush
   | EvPause
-  | EvDirty;
+  | EvDirty
+  | EvWatch
+  | EvIoasSync
+  | EvIoasTxn
+  | EvIoasCommitted
+  | EvIoasRollback;

@@ -2,19 +2,18 @@
 // through setpriv, from a copy of what it needs in a directory it may read (test/helpers/other-uid.ts), so
 // this file passes from a checkout under a 0700 directory. The kernel is the judge: what the attacker
 // could open, map and write, the broker's /proc/PID/fd, and what a legitimate owner gets done meanwhile.
-import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
+import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import type { Broker, BrokerOptions } from '../broker/index.js';
-import { Connection } from '../clients/connection.js';
 import { OwnerClient } from '../clients/index.js';
 import { constants, isNativeError, native } from '../native/index.js';
 import type { SocketTransport } from '../transport/index.js';
 import { IN_CI } from './helpers/ci.js';
 import { defer, embeddedBroker, ownerOf, runCleanups, subscriberOf } from './helpers/embedded.js';
 import { NOBODY, canRunAsNobody, runAsNobody, stageForOtherUid } from './helpers/other-uid.js';
-import { CLI, fdCount, runCli, stopProcess, tempDir, waitFor } from './helpers/procs.js';
+import { BrokerProc, fdCount, runCli, tempDir, waitFor } from './helpers/procs.js';
 
 /** The pid a pidfd names (-1 once it exited), from the kernel's fdinfo. */
 const pidOfPidfd = (fd: number): number => Number(/^Pid:\s*(-?\d+)$/m.exec(fs.readFileSync(`/proc/self/fdinfo/${fd}`, 'utf8'))?.[1]);
@@ -103,16 +102,11 @@ describe.runIf(run)('local attackers (uid 65534)', () => {
       const dir = openDir();
       const socket = path.join(dir, 'b.sock');
       // The broker in its own process with a small RLIMIT_NOFILE, so the flood would exhaust it quickly.
-      const broker = spawn('prlimit', ['--nofile=1024:1024', '--', process.execPath, CLI, 'serve', '--socket', socket, '--space', 'vm0', '--socket-mode', '666', '--log-level', 'warn'], { stdio: ['ignore', 'pipe', 'pipe'] });
       const logs: string[] = [];
-      broker.stdout.setEncoding('utf8').on('data', (d: string) => logs.push(d));
-      broker.stderr.setEncoding('utf8').on('data', (d: string) => logs.push(d));
-      defer(async () => void (await stopProcess(broker as ChildProcess)));
-      await waitFor('the broker to accept', () => {
-        if (broker.exitCode !== null) throw new Error(`the broker exited: ${logs.join('')}`);
-        return Connection.open(socket).then((c) => (c.close(), true), () => false);
-      });
-      const baseline = fdCount(broker.pid!);
+      const broker = await BrokerProc.start({ socket, spaces: ['vm0'], args: ['--socket-mode', '666'], prefix: ['prlimit', '--nofile=1024:1024', '--'], onLine: (l) => logs.push(JSON.stringify(l)) });
+      broker.child.stderr?.on('data', (d: string) => logs.push(d));
+      defer(async () => void (await broker.stop('SIGTERM')));
+      const baseline = fdCount(broker.pid);
 
       const flood = attack(['flood', socket, '76', '2000']);
       const owner = await OwnerClient.attach(socket, { space: 'vm0' });
@@ -135,9 +129,9 @@ describe.runIf(run)('local attackers (uid 65534)', () => {
       expect(Object.keys(f.codes).filter((c) => !['MMB_ERR_FDS_TRUNCATED', 'MMB_ERR_CONNECTION_LIMIT', 'ECONNRESET', 'EPIPE'].includes(c))).toEqual([]);
       expect(f.codes.MMB_ERR_FDS_TRUNCATED).toBeGreaterThan(0);
       // The broker never came near its limit and never failed an accept.
-      expect(fdCount(broker.pid!)).toBeLessThan(baseline + 40);
+      expect(fdCount(broker.pid)).toBeLessThan(baseline + 40);
       expect(logs.join('')).not.toContain('accept failed');
-      expect(broker.exitCode).toBeNull();
+      expect(broker.child.exitCode).toBeNull();
     });
 
     it('connections that do not say HELLO, or do not attach, are closed at their deadline; per uid only a few may wait; an owner still connects', async () => {

@@ -73,7 +73,8 @@ const SHORT: Record<(typeof BENCHES)[number], { args: string[]; tools: string[] 
   scale: { args: ['--regions', '4096', '--snapshots', '1', '--restarts', '1', '--iterations', '6', '--warmup', '20'], tools: [] },
   pinning: { args: ['--gib', '0.25', '--rounds', '1'], tools: ['cc'] },
   'dirty-sync': { args: ['--mib', '1'], tools: [] },
-  migration: { args: ['--mib', '64'], tools: [] },
+  ioas: { args: ['--rounds', '1', '--pairs', '100', '--txns', '4', '--batch', '32', '--warmup', '50'], tools: ['cc'] },
+  migration: { args: ['--mib', '64', '--runs', '1'], tools: ['cc'] },
   'vhost-user': { args: ['--iterations', '20', '--rounds', '1', '--warmup', '10', '--fanout', '1,4'], tools: ['cc', QSD] },
   // Three guest boots under TCG (no back-end, one, two): the longest of the short runs.
   'qemu-hotplug': { args: ['--backends', '0,1,2', '--iterations', '3', '--warmup', '1', '--rounds', '1'], tools: ['qemu-system-x86_64', QSD, 'busybox'] },

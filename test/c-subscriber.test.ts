@@ -25,6 +25,7 @@ import {
 import { SAMPLES } from './fixtures/samples.js';
 import { IN_CI } from './helpers/ci.js';
 import { LineProc, buildCExample, missingCToolchain } from './helpers/examples.js';
+import { fdTargets, holdsMemfd, memfdMappings } from '../testkit/procfs.js';
 
 const ROOT = fileURLToPath(new URL('..', import.meta.url));
 const DIR = path.join(ROOT, 'examples/c-subscriber');
@@ -59,40 +60,11 @@ async function until<T>(what: string, fn: () => T | undefined | false, timeoutMs
 }
 
 /** The ranges of `pid`'s address space that map the memfd called `name` (as /proc/PID/maps shows it). */
-function memfdMappings(pid: number, name: string): { start: number; size: number; perms: string }[] {
-  const out = [];
-  for (const line of fs.readFileSync(`/proc/${pid}/maps`, 'utf8').split('\n')) {
-    const m = /^([0-9a-f]+)-([0-9a-f]+) (\S+) \S+ \S+ \S+\s+(.*)$/.exec(line);
-    if (m && (m[4] === `/memfd:${name}` || m[4] === `/memfd:${name} (deleted)`)) {
-      out.push({ start: parseInt(m[1] as string, 16), size: parseInt(m[2] as string, 16) - parseInt(m[1] as string, 16), perms: m[3] as string });
-    }
-  }
-  return out;
-}
-
-/** Whether `pid` holds an fd on the memfd called `name`. */
-function holdsMemfd(pid: number, name: string): boolean {
-  return fs.readdirSync(`/proc/${pid}/fd`).some((fd) => {
-    try {
-      return fs.readlinkSync(`/proc/${pid}/fd/${fd}`).startsWith(`/memfd:${name} `);
-    } catch {
-      return false;
-    }
-  });
-}
+const memfdRanges = (pid: number, name: string): { start: number; size: number; perms: string }[] =>
+  memfdMappings(pid).filter((m) => m.memfd === name).map((m) => ({ start: m.start, size: m.end - m.start, perms: m.perms }));
 
 /** This process's open fds, by number, with what they point at. */
-function openFds(): Map<string, string> {
-  const out = new Map<string, string>();
-  for (const fd of fs.readdirSync('/proc/self/fd')) {
-    try {
-      out.set(fd, fs.readlinkSync(`/proc/self/fd/${fd}`));
-    } catch {
-      // the directory fd of readdir itself
-    }
-  }
-  return out;
-}
+const openFds = (): Map<string, string> => fdTargets('self');
 
 /** Waits until this process holds exactly the fds of `baseline` again (the broker closes a peer's socket
  *  once it notices the EOF). */
@@ -225,7 +197,7 @@ describe.skipIf(skip)(`C subscriber${skip ? ` (skipped: ${missing}; apt-get inst
       // The owner reads what the C process wrote, through its own mapping of the same memfd.
       expect(hex(guest.subarray(0x5000, 0x5000 + 32))).toBe(hex(WRITE));
       // The kernel's view: one 16 MiB read-write shared mapping of the ram memfd, where it said.
-      expect(memfdMappings(c.pid, 'ram')).toEqual([{ start: parseInt(mapped[1] as string, 16), size: 16 * MiB, perms: 'rw-s' }]);
+      expect(memfdRanges(c.pid, 'ram')).toEqual([{ start: parseInt(mapped[1] as string, 16), size: 16 * MiB, perms: 'rw-s' }]);
       const client = await until('the C client acked its sync', () => (clientOf(c)?.ackedGeneration === 1 ? clientOf(c) : undefined));
       expect(client).toMatchObject({ role: 'subscriber', kind: 'c-subscriber', name: 'c-reader', transport: 'socket', state: 'ready' });
 
@@ -272,14 +244,14 @@ describe.skipIf(skip)(`C subscriber${skip ? ` (skipped: ${missing}; apt-get inst
 
       const dimm = await backing(2 * MiB, 'dimm0');
       dimm.bytes.fill(0xff, 0x1008, 0x1010);
-      expect(memfdMappings(c.pid, 'dimm0')).toEqual([]);
+      expect(memfdRanges(c.pid, 'dimm0')).toEqual([]);
       expect(holdsMemfd(c.pid, 'dimm0')).toBe(false);
 
       const r = await owner.addRegion({ name: 'dimm0', gpa: GPA, size: 2 * MiB, backing: dimm.backing });
       expect(r.generation).toBe(2);
       // The commit resolved, so the C client acked generation 2, so it has the memory mapped: right now.
       expect(clientOf(c)?.ackedGeneration).toBe(2);
-      expect(memfdMappings(c.pid, 'dimm0')).toEqual([expect.objectContaining({ size: 2 * MiB, perms: 'rw-s' })]);
+      expect(memfdRanges(c.pid, 'dimm0')).toEqual([expect.objectContaining({ size: 2 * MiB, perms: 'rw-s' })]);
       expect(holdsMemfd(c.pid, 'dimm0')).toBe(true);
       await c.waitFor(/^committed gen=2$/);
       await c.waitFor(/^pattern ok gpa=0x40001000 len=16$/);
@@ -293,8 +265,8 @@ describe.skipIf(skip)(`C subscriber${skip ? ` (skipped: ${missing}; apt-get inst
       const removed = await owner.removeRegion('dimm0');
       expect(removed).toMatchObject({ generation: 3, unreferenced: [dimm.backing] });
       expect(clientOf(c)?.ackedGeneration).toBe(3);
-      expect(memfdMappings(c.pid, 'dimm0')).toEqual([]); // unmapped before it acked
-      expect(memfdMappings(c.pid, 'ram')).toHaveLength(1);
+      expect(memfdRanges(c.pid, 'dimm0')).toEqual([]); // unmapped before it acked
+      expect(memfdRanges(c.pid, 'ram')).toHaveLength(1);
       await c.waitFor(/^unmapped name=dimm0 id=\d+$/);
       expect(holdsMemfd(c.pid, 'dimm0')).toBe(true); // the owner still holds the backing
 
@@ -334,9 +306,9 @@ describe.skipIf(skip)(`C subscriber${skip ? ` (skipped: ${missing}; apt-get inst
       expect(space?.generation).toBe(1);
       expect(space?.regions.map((r) => r.name)).toEqual(['ram']);
       for (const p of [a, b]) {
-        expect(memfdMappings(p.pid, 'bad')).toEqual([]);
-        expect(memfdMappings(p.pid, 'dimm1')).toEqual([]);
-        expect(memfdMappings(p.pid, 'ram')).toHaveLength(1);
+        expect(memfdRanges(p.pid, 'bad')).toEqual([]);
+        expect(memfdRanges(p.pid, 'dimm1')).toEqual([]);
+        expect(memfdRanges(p.pid, 'ram')).toHaveLength(1);
       }
       // (Their stdout may still be in the pipe when the commit rejects: wait for the lines.)
       // The refusing client had mapped dimm1 (the first add) and undid it before it nacked...
@@ -350,7 +322,7 @@ describe.skipIf(skip)(`C subscriber${skip ? ` (skipped: ${missing}; apt-get inst
       expect((await owner.addRegion({ name: 'dimm1', gpa: 1 << 30, size: 2 * MiB, backing: dimm1.backing })).generation).toBe(2);
       for (const p of [a, b]) {
         expect(clientOf(p)?.ackedGeneration).toBe(2);
-        expect(memfdMappings(p.pid, 'dimm1')).toHaveLength(1);
+        expect(memfdRanges(p.pid, 'dimm1')).toHaveLength(1);
       }
       await b.waitFor(/^committed gen=2$/);
       expect(b.has(/^rolledback/)).toBe(false); // the broker does not roll back the client that refused
@@ -364,16 +336,16 @@ describe.skipIf(skip)(`C subscriber${skip ? ` (skipped: ${missing}; apt-get inst
       const rom = await backing(2 * MiB, 'rom');
       const GPA = 1 << 30;
       await owner.addRegion({ name: 'rom', gpa: GPA, size: 2 * MiB, backing: rom.backing, readonly: true });
-      expect(memfdMappings(c.pid, 'rom')).toEqual([expect.objectContaining({ perms: 'r--s' })]);
+      expect(memfdRanges(c.pid, 'rom')).toEqual([expect.objectContaining({ perms: 'r--s' })]);
       await owner.commit([{ op: 'set', region: 'rom', readonly: false, logDirty: true }]);
-      expect(memfdMappings(c.pid, 'rom')).toEqual([expect.objectContaining({ perms: 'rw-s' })]);
+      expect(memfdRanges(c.pid, 'rom')).toEqual([expect.objectContaining({ perms: 'rw-s' })]);
       // Replace rom by a slice of ram's backing at the same GPA: remove and add in one transaction.
       await owner.commit([
         { op: 'remove', region: 'rom' },
         { op: 'add', name: 'alias', gpa: GPA, size: 2 * MiB, backing: ram.backing, offset: 0 },
       ]);
-      expect(memfdMappings(c.pid, 'rom')).toEqual([]);
-      expect(memfdMappings(c.pid, 'ram').map((m) => m.size).sort((x, y) => x - y)).toEqual([2 * MiB, 16 * MiB]);
+      expect(memfdRanges(c.pid, 'rom')).toEqual([]);
+      expect(memfdRanges(c.pid, 'ram').map((m) => m.size).sort((x, y) => x - y)).toEqual([2 * MiB, 16 * MiB]);
       await c.waitFor(/^committed gen=4$/);
       expect(await c.stop()).toEqual({ code: 0, signal: null });
     });

@@ -1,15 +1,15 @@
 // The client kinds as the command line runs them: `mmbroker attach kvm|vhost|vfio`, each in its own
 // process, checked against the kernel's view of that process.
-import { spawn, type ChildProcess } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { IN_CI } from './helpers/ci.js';
-import { CLI, JsonProc, memfdMaps, runCli, spawnBroker, stopProcess, tempDir, vmLckKiB, waitFor } from './helpers/procs.js';
+import { CLI, JsonProc, memfdMaps, runCli, spawnBroker, stopProcess, tempDir, vmLckKiB, waitFor, type BrokerProc } from './helpers/procs.js';
 
 const MiB = 1 << 20;
 let socket: string;
-let broker: ChildProcess & { logs: string[] };
+let broker: BrokerProc;
 const procs: JsonProc[] = [];
 let space = 0;
 
@@ -88,7 +88,7 @@ describe('mmbroker attach kvm', () => {
     const sp = `s${++space}`;
     expect((await runCli(['map', 'add', '--socket', socket, '--space', sp, '--gpa', '0', '--size', '2M', '--name', 'kvm-ram'])).code).toBe(0);
     const kvm = await attach('kvm', ['--space', sp, '--name', 'vm-cpu']);
-    expect(kvm.events.find((e) => e.event === 'backend')?.backend).toBe('kvm');
+    expect(kvm.lines.find((e) => e.event === 'backend')?.backend).toBe('kvm');
     const vhost = await attach('vhost', ['--space', sp]);
     expect((await runCli(['map', 'add', '--socket', socket, '--space', sp, '--gpa', '0x40000000', '--size', '2M', '--name', 'kvm-dimm'])).code).toBe(0);
     await waitFor('the kvm client to have a slot for the hotplug', async () => {

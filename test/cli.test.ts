@@ -1,13 +1,13 @@
 // The CLI flow of the foundation issue, with /proc as the judge: `serve`, two `attach` processes,
 // `map add`, `status --json`, `map remove`.
-import { spawn, type ChildProcess } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { parseAddress, parseSize } from '../cli/args.js';
-import { CLI, JsonProc, fdCount, memfdMaps, runCli, spawnBroker, stopProcess, tempDir, waitFor } from './helpers/procs.js';
+import { CLI, JsonProc, fdCount, memfdMaps, runCli, spawnBroker, stopProcess, tempDir, waitFor, type BrokerProc } from './helpers/procs.js';
 
 let socket: string;
-let broker: ChildProcess & { logs: string[] };
+let broker: BrokerProc;
 const attached: JsonProc[] = [];
 
 interface StatusJson {
@@ -92,7 +92,7 @@ describe('mmbroker CLI', () => {
     expect(nobroker.code).toBe(1);
     expect(nobroker.stderr).toContain('MMB_ERR_CONNECT (ENOENT)');
     const badsize = await runCli(['map', 'add', '--socket', socket, '--space', 'vm1', '--gpa', '0', '--size', '12X']);
-    expect(badsize.code).toBe(1);
+    expect(badsize.code).toBe(2); // a usage mistake
     expect(badsize.stderr).toContain('MMB_ERR_INVALID_ARG');
   });
 

@@ -1,17 +1,16 @@
 // The broker, the owner and the subscribers in separate OS processes, over the real socket with real
 // fds. Every claim is checked through memory or through the kernel's view (/proc/PID/maps, /proc/PID/fd),
 // not through the broker's own counters.
-import type { ChildProcess } from 'node:child_process';
 import path from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { OwnerClient, fetchStatus } from '../clients/index.js';
 import { constants, native, type Mapping } from '../native/index.js';
-import { fdCount, memfdMaps, memfdStarts, spawnBroker, spawnSubscriber, stopProcess, tempDir, waitFor, type JsonProc } from './helpers/procs.js';
+import { fdCount, memfdMaps, memfdStarts, spawnBroker, spawnSubscriber, stopProcess, tempDir, waitFor, type JsonProc, type BrokerProc } from './helpers/procs.js';
 
 const MiB = 1 << 20;
 let dir: string;
 let socket: string;
-let broker: ChildProcess & { logs: string[] };
+let broker: BrokerProc;
 let owner: OwnerClient;
 const procs: JsonProc[] = [];
 const cleanup: (() => void)[] = [];

@@ -7,7 +7,7 @@ import path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { MappingSubscriber, OwnerClient, createSealedMemfd } from '../clients/index.js';
 import { native } from '../native/index.js';
-import { fdCensus } from '../harness/kernel.js';
+import { fdCensus } from '../testkit/procfs.js';
 import { spawnBroker, stopProcess, tempDir, waitFor } from './helpers/procs.js';
 import { defer, runCleanups } from './helpers/embedded.js';
 
@@ -15,7 +15,7 @@ const MiB = 1 << 20;
 afterEach(runCleanups);
 
 /** `dirty:` memfds this process holds open, per the kernel. */
-const bitmapFds = () => fdCensus(process.pid).bitmaps;
+const bitmapFds = () => fdCensus(process.pid, '').bitmaps;
 
 async function serve(socket: string) {
   // The shipped default: spaces start unpublished, so a restart never hands a subscriber an empty map.

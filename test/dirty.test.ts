@@ -1,7 +1,7 @@
 // Dirty logging (feature DIRTY): Invariant 5, no lost dirty bit, with writers in several processes; the
 // KVM client's dirty log; a writer that cannot track; observers; logging started and stopped while
 // hotplugging; and pre-copy migration of a space while a writer keeps dirtying it.
-import { spawn, type ChildProcess } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
@@ -9,13 +9,13 @@ import { createSealedMemfd, DirtyObserver, FileDestination, KvmSubscriber, Mappi
 import { constants, native } from '../native/index.js';
 import { Msg } from '../protocol/index.js';
 import { IN_CI } from './helpers/ci.js';
-import { fdCount, JsonProc, runCli, spawnBroker, stopProcess, tempDir, waitFor } from './helpers/procs.js';
+import { fdCount, JsonProc, runCli, spawnBroker, stopProcess, tempDir, waitFor, type BrokerProc } from './helpers/procs.js';
 import { dataExtents, unionExtents } from '../clients/migration/extents.js';
 
 const MiB = 1 << 20;
 const PAGE = 4096;
 let socket: string;
-let broker: ChildProcess & { logs: string[] };
+let broker: BrokerProc;
 let dir: string;
 let spaceNo = 0;
 const cleanups: (() => unknown)[] = [];
@@ -288,7 +288,9 @@ describe('pre-copy migration', () => {
       keepPaused: true,
       stopBytes: 8 * MiB, // what may be left for the paused round
       maxRounds: 20,
-      onProgress: (p) => rounds.push(`${p.round}:${p.phase}:${p.pages}`),
+      onProgress: (p) => {
+        rounds.push(`${p.round}:${p.phase}:${p.pages}`);
+      },
     });
     try {
       expect(result.verified).toBe(true);
@@ -338,7 +340,12 @@ describe('pre-copy migration', () => {
     const image = path.join(dir, `${space}-cli.img`);
     const r = await runCli(['migrate', '--socket', socket, '--space', space, '--to', image, '--keep-paused', '--json'], 60_000);
     expect(r.code, r.stderr).toBe(0);
-    const result = JSON.parse(r.stdout) as { verified: boolean; rounds: unknown[]; memoryBytes: number };
+    // JSON lines: start, a line per round (and 'sending' while bytes flow), then the result.
+    const lines = r.stdout.trim().split('\n').map((l) => JSON.parse(l) as { event: string });
+    expect(lines[0]?.event).toBe('start');
+    expect(lines.filter((l) => l.event === 'round').length).toBeGreaterThanOrEqual(2);
+    const result = lines.at(-1) as unknown as { event: string; verified: boolean; rounds: unknown[]; memoryBytes: number };
+    expect(result.event).toBe('result');
     expect(result.verified).toBe(true);
     expect(result.memoryBytes).toBe(64 * MiB);
     // The writer is still paused: compare what it wrote, read back from the image, with its own view.

@@ -39,9 +39,9 @@ describe('mmbroker harness', () => {
     expect(r.code).toBe(0);
   }, 150_000);
 
-  it('bad arguments are typed errors', async () => {
+  it('bad arguments are typed errors: one line, exit 2 (a usage error)', async () => {
     const r = await runCli(['harness', '--clients', 'kvm:1,gpu:2']);
-    expect(r.code).toBe(1);
+    expect(r.code).toBe(2);
     expect(r.stderr).toMatch(/MMB_ERR_INVALID_ARG.*unknown kind "gpu"/);
     const f = await runCli(['harness', '--faults', '1.5']);
     expect(f.stderr).toMatch(/MMB_ERR_INVALID_ARG/);

@@ -1,16 +1,16 @@
 // Invariant 6: hostile input is survivable. Raw bytes over the real socket to a broker in its own
 // process: each attack gets a typed error or a disconnect, the broker keeps serving a legitimate owner
 // and subscriber, and its /proc/PID/fd count returns to the baseline (no leaked fd).
-import { spawn, type ChildProcess } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { OwnerClient, createSealedMemfd, fetchStatus } from '../clients/index.js';
 import { native } from '../native/index.js';
 import { FrameDecoder, Msg, encodeBody, encodeFrame, type Frame } from '../protocol/index.js';
-import { JsonProc, ROOT, fdCount, spawnBroker, spawnSubscriber, stopProcess, tempDir, waitFor } from './helpers/procs.js';
+import { JsonProc, ROOT, fdCount, spawnBroker, spawnSubscriber, stopProcess, tempDir, waitFor, type BrokerProc } from './helpers/procs.js';
 
 let socket: string;
-let broker: ChildProcess & { logs: string[] };
+let broker: BrokerProc;
 let baseline: number;
 
 /** A client that writes whatever bytes it is given and reads frames back, without any of our checks. */

@@ -31,6 +31,7 @@ import { ALL_FEATURES, Feature, isMmbError, type MmbError } from '../protocol/in
 import { codeOf, defer, embeddedBroker, ownerOf, runCleanups } from './helpers/embedded.js';
 import { memfdMaps, spawnBroker, spawnSubscriber, stopProcess, tempDir, type JsonProc } from './helpers/procs.js';
 import { IN_CI } from './helpers/ci.js';
+import { fdTargets, mapsAt as procMapsAt } from '../testkit/procfs.js';
 
 const MiB = 1 << 20;
 const HAVE_KVM = fs.existsSync('/dev/kvm');
@@ -68,33 +69,11 @@ async function backing(owner: OwnerClient, size: number, name: string) {
 
 const hexAddr = (n: number) => `0x${n.toString(16)}`;
 
-/**
- * Lines of /proc/self/maps whose range holds `hva` (the kernel may merge a mapping with a neighbour of the
- * same file and contiguous offsets, so the line need not start there).
- */
-function mapsAt(hva: number): string[] {
-  return fs
-    .readFileSync('/proc/self/maps', 'utf8')
-    .split('\n')
-    .filter((l) => {
-      const m = /^([0-9a-f]+)-([0-9a-f]+) /.exec(l);
-      return m !== null && parseInt(m[1]!, 16) <= hva && hva < parseInt(m[2]!, 16);
-    });
-}
+/** Lines of /proc/self/maps whose range holds `hva`. */
+const mapsAt = (hva: number): string[] => procMapsAt('self', hva);
 
 /** /proc/self/fd links to the KVM anon inodes. */
-function kvmFds(): string[] {
-  const out: string[] = [];
-  for (const fd of fs.readdirSync('/proc/self/fd')) {
-    try {
-      const link = fs.readlinkSync(`/proc/self/fd/${fd}`);
-      if (link.startsWith('anon_inode:kvm') || link === '/dev/kvm') out.push(link);
-    } catch {
-      // closed meanwhile (the readdir fd itself)
-    }
-  }
-  return out.sort();
-}
+const kvmFds = (): string[] => [...fdTargets('self').values()].filter((l) => l.startsWith('anon_inode:kvm') || l === '/dev/kvm').sort();
 
 /** The slot table must mirror the broker's map: one slot per region, flags from the region, hva = our mapping. */
 function expectSlotsMirror(sub: KvmSubscriber, regions: { name: string; gpa: number; size: number; readonly: boolean; logDirty: boolean }[]): void {

@@ -11,6 +11,7 @@ import vm from 'node:vm';
 import { fileURLToPath } from 'node:url';
 import { Worker } from 'node:worker_threads';
 import { constants as C, isNativeError, native, PAGE_SIZE, pidOfPidfd, type Mapping, type NativeError } from '../native/index.js';
+import { fdCount as procFdCount, fdFlags as procFdFlags, mapsLines, vmLckKiB as procVmLckKiB } from '../testkit/procfs.js';
 
 const ADDON = fileURLToPath(new URL('../build/Release/mmb_native.node', import.meta.url));
 const O_NONBLOCK = 0o4000;
@@ -60,26 +61,11 @@ afterEach(() => {
   openFds.clear();
 });
 
-function fdCount(): number {
-  return fs.readdirSync('/proc/self/fd').length;
-}
-function fdFlags(fd: number): number {
-  const line = fs.readFileSync(`/proc/self/fdinfo/${fd}`, 'utf8').split('\n').find((l) => l.startsWith('flags:'));
-  if (line === undefined) throw new Error(`no flags line for fd ${fd}`);
-  return parseInt(line.split(/\s+/)[1] ?? '', 8);
-}
-function mapsLine(address: number): string | undefined {
-  const start = address.toString(16);
-  return fs
-    .readFileSync('/proc/self/maps', 'utf8')
-    .split('\n')
-    .find((l) => l.startsWith(`${start}-`));
-}
-function vmLckKiB(): number {
-  const m = /^VmLck:\s+(\d+) kB$/m.exec(fs.readFileSync('/proc/self/status', 'utf8'));
-  if (m === null) throw new Error('no VmLck in /proc/self/status');
-  return Number(m[1]);
-}
+const fdCount = (): number => procFdCount('self');
+const fdFlags = (fd: number): number => procFdFlags('self', fd);
+/** The /proc/self/maps line of the mapping that starts at `address`. */
+const mapsLine = (address: number): string | undefined => mapsLines('self').find((l) => l.startsWith(`${address.toString(16)}-`));
+const vmLckKiB = (): number => procVmLckKiB('self');
 function catchError(fn: () => unknown): NativeError {
   try {
     fn();

@@ -76,11 +76,11 @@ describe('the package, packed and installed into a new project without a compile
     if (tmp) fs.rmSync(tmp, { recursive: true, force: true });
   });
 
-  it('ships the product only: library, CLI, harness, prebuilt addons, the addon sources, docs', () => {
+  it('ships the product only: library, CLI, harness (and the testkit it runs on), prebuilt addons, the addon sources, docs', () => {
     const forbidden = files.filter((f) => /^(test|bench|fuzz|vm|\.ci|examples|dist\/(test|bench|fuzz|examples))\//.test(f) || /tsconfig|\.tsbuildinfo|\.map$|\.test\.|(^|\/)\.git/.test(f));
     expect(forbidden).toEqual([]);
     for (const f of ['package.json', 'README.md', 'LICENSE', 'CHANGELOG.md', 'dist/index.js', 'dist/index.d.ts', 'dist/cli/mmbroker.js', 'dist/cli/commands/demo.js',
-      'dist/harness/index.js', 'dist/native/index.js', 'binding.gyp', 'native/src/addon.c', 'docs/protocol.md', 'prebuilds/linux-x64/memmap-broker.glibc.node']) {
+      'dist/harness/index.js', 'dist/testkit/client.js', 'dist/native/index.js', 'binding.gyp', 'native/src/addon.c', 'docs/protocol.md', 'prebuilds/linux-x64/memmap-broker.glibc.node']) {
       expect(files, f).toContain(f);
     }
     // Every source binding.gyp compiles is shipped, so the fallback build has what it needs.

@@ -4,7 +4,7 @@
 // Python owner talks to the broker through a relay in this test, which reads the subscriber's
 // /proc/PID/maps when the broker's reply to the owner's COMMIT passes, before the owner can see it.
 // Needs python3 with msgpack (Debian: python3-msgpack); under CI a missing one fails.
-import { spawnSync, type ChildProcess } from 'node:child_process';
+import { spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
@@ -15,7 +15,7 @@ import { Msg, type Frame } from '../protocol/index.js';
 import { SocketTransport, closeAll, connectSocket } from '../transport/index.js';
 import { IN_CI } from './helpers/ci.js';
 import { LineProc } from './helpers/examples.js';
-import { ROOT, memfdMaps, spawnBroker, stopProcess, tempDir } from './helpers/procs.js';
+import { ROOT, memfdMaps, spawnBroker, stopProcess, tempDir, waitFor, type BrokerProc } from './helpers/procs.js';
 
 const DIR = path.join(ROOT, 'examples/python');
 const GPA = 0x4000_0000;
@@ -104,7 +104,7 @@ function ownerRelay(brokerPath: string, relayPath: string, watch: () => number[]
 describe.skipIf(skip)(`Python clients${skip ? ` (skipped: ${missing}; apt-get install python3-msgpack)` : ''}`, () => {
   let dir: string;
   let socket: string;
-  let broker: ChildProcess;
+  let broker: BrokerProc;
   let relay: ReturnType<typeof ownerRelay>;
   let procs: LineProc[];
   let subscribers: LineProc[];
@@ -163,7 +163,8 @@ describe.skipIf(skip)(`Python clients${skip ? ` (skipped: ${missing}; apt-get in
     const atRemove = relay.moments[1] as Moment;
     expect(atRemove.request).toMatchObject({ ops: [{ op: 'remove', region: 'dimm0' }] });
     expect(atRemove.maps.get(sub.pid)?.get('dimm0')).toEqual([]); // unmapped before the broker could answer
-    expect(sub.lines.join('\n')).toMatch(/\nunmapped name=dimm0 id=\d+\nacked seq=\d+\n/);
+    // Its own account, in order (its stdout may trail the broker's answer): it unmapped, then acked.
+    await waitFor('the subscriber to log its ack', () => /\nunmapped name=dimm0 id=\d+\nacked seq=\d+(\n|$)/.test(sub.lines.join('\n')));
 
     // The owner drops the memfd; the subscriber closes its descriptor of it when told it is gone.
     await own.waitFor(/^dropped backing=\d+ released=true$/);

@@ -7,7 +7,7 @@
 //     republished, then reconcile without remapping;
 //   - a vote disturbs nobody: while a transaction is voted on, no client removes anything, and a refusal
 //     leaves every client exactly as it was.
-import { spawn, type ChildProcess } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
@@ -16,10 +16,10 @@ import { native } from '../native/index.js';
 import { isMmbError, type MmbError, type StatusSpace } from '../protocol/index.js';
 import { have, makeImage, startQsd, QSD } from '../bench/vhost-user-backends.js';
 import { IN_CI } from './helpers/ci.js';
-import { CLI, JsonProc, ROOT, memfdStarts, spawnBroker, spawnSubscriber, stopProcess, tempDir, waitFor } from './helpers/procs.js';
+import { spawnClient } from '../testkit/clients.js';
+import { CLI, JsonProc, memfdStarts, spawnBroker, spawnSubscriber, stopProcess, tempDir, waitFor, type BrokerProc } from './helpers/procs.js';
 
 const MiB = 2 ** 20;
-const VFIO = path.join(ROOT, 'test/fixtures/vfio-proc.mjs');
 // Without /dev/kvm the memslot cases cannot run; under CI that is a failure, not a skip.
 const HAVE_KVM = fs.existsSync('/dev/kvm') || IN_CI;
 const HAVE_QSD = have(QSD) || IN_CI;
@@ -42,7 +42,7 @@ function reach(pid: number, name: string): { alive: boolean; mappings: number; l
 }
 
 /** `mmbroker serve` on a new socket, or on `at` (a restart in place of a broker that died). */
-async function broker(args: string[], opts: { published?: boolean; at?: string } = {}): Promise<{ socket: string; proc: ChildProcess & { logs: string[] } }> {
+async function broker(args: string[], opts: { published?: boolean; at?: string } = {}): Promise<{ socket: string; proc: BrokerProc }> {
   let socket = opts.at;
   if (socket === undefined) {
     const dir = tempDir('mmb-safety-');
@@ -67,10 +67,9 @@ async function backing(o: OwnerClient, size: number, name: string): Promise<{ ba
   return b;
 }
 
-/** The vfio-like client with the soft backend (real mlock pinning), in its own process. */
+/** The vfio-like client with the soft backend (real mlock pinning), in its own process (the testkit's scripted client). */
 async function vfio(socket: string, name: string): Promise<JsonProc> {
-  const child = spawn(process.execPath, [VFIO, '--socket', socket, '--space', 'vm0', '--name', name, '--devices', 'dev0', '--reconnect'], { stdio: ['pipe', 'pipe', 'pipe'] });
-  const p = new JsonProc(child);
+  const p = spawnClient({ socket, space: 'vm0', kind: 'vfio', args: ['--name', name, '--device', 'dev0'] });
   cleanups.push(() => p.stop());
   await p.next('ready', () => true, 30_000);
   return p;
@@ -209,7 +208,7 @@ describe('Invariant 1: eviction is not fencing', () => {
     const adding = rejection(o.addRegion({ name: 'new', gpa: 0x2_0000_0000, size: 16 * MiB, backing: extra.backing }));
     await refuser.next('refusing');
     // The voter applied (pinned) the add and voted; stopped now, it cannot undo it when the refusal comes.
-    await waitFor('the voter to vote', () => reach(voter.pid, 'safety-rb').lockedKiB >= 16 * 1024 && voter.events.some((e) => e.event === 'change' && (e.added as string[]).includes('new')));
+    await waitFor('the voter to vote', () => reach(voter.pid, 'safety-rb').lockedKiB >= 16 * 1024 && voter.lines.some((e) => e.event === 'change' && (e.added as string[]).includes('new')));
     voter.child.kill('SIGSTOP');
     const err = await adding;
     const at = reach(voter.pid, 'safety-rb');

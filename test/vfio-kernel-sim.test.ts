@@ -2,23 +2,29 @@
 // later issue runs them for real in a QEMU guest). The simulation keeps the kernel's rules that matter to
 // the client: type1 drops the container's IOMMU and every mapping with its last group, GET_INFO asks for
 // more argsz when capabilities do not fit, IOAS_IOVA_RANGES answers EMSGSIZE with the count, mappings may
-// not overlap or leave the usable ranges, dma_entry_limit. The struct bytes it reads and writes go through
-// the layouts checked against the kernel headers in vfio-structs.test.ts.
+// not overlap or leave the usable ranges, dma_entry_limit; and dirty tracking as the kernel does it: type1
+// reports every page of every mapping a GET_BITMAP range covers (no vendor driver pins pages) and refuses
+// a range that bisects a mapping; iommufd tracks only on a HWPT allocated with DIRTY_TRACKING on an IOMMU
+// that has the capability, answers EOPNOTSUPP otherwise, and reports exactly the IOPTEs written. The
+// struct bytes it reads and writes go through the layouts checked against the kernel headers in
+// vfio-structs.test.ts.
 import { afterEach, describe, expect, it } from 'vitest';
 import { createSealedMemfd } from '../clients/memfd.js';
 import { toView, type ApplyContext, type Change, type LocalBacking, type ViewRegion } from '../clients/view.js';
-import { VfioApplier } from '../clients/vfio/applier.js';
+import { DirtyLog } from '../clients/dirty.js';
+import { VfioApplier, type VfioApplierOptions } from '../clients/vfio/applier.js';
+import { reportedBackend } from '../clients/vfio/subscriber.js';
 import { Domain } from '../clients/vfio/domain.js';
 import { IommufdBackend } from '../clients/vfio/iommufd.js';
 import { LAYOUTS, REQUEST, VFIO, IOMMUFD, get, unpack, type StructName } from '../clients/vfio/structs.js';
 import type { VfioSys } from '../clients/vfio/sys.js';
 import { Type1Backend } from '../clients/vfio/type1.js';
-import { native } from '../native/index.js';
-import { isMmbError, type Region } from '../protocol/index.js';
+import { constants, native } from '../native/index.js';
+import { bitmapLayout, forEachBitRun, isMmbError, type Region } from '../protocol/index.js';
 
 const MiB = 2 ** 20;
 const NAMES = new Map(Object.entries(REQUEST).map(([k, v]) => [v, k]));
-const ERRNO: Record<string, number> = { EINVAL: 22, EEXIST: 17, ENOSPC: 28, EBUSY: 16, EPERM: 1, ENOENT: 2, EMSGSIZE: 90, EBADF: 9 };
+const ERRNO: Record<string, number> = { EACCES: 13, EINVAL: 22, EEXIST: 17, ENOSPC: 28, EBUSY: 16, EPERM: 1, ENOENT: 2, EMSGSIZE: 90, EBADF: 9, EOPNOTSUPP: 95, ENOTTY: 25 };
 
 function fail(code: string, syscall: string): never {
   throw Object.assign(new Error(`${syscall} failed: (${code})`), { code, errno: -(ERRNO[code] ?? 5), syscall });
@@ -29,7 +35,7 @@ type File =
   | { kind: 'group'; id: string; inContainer: boolean }
   | { kind: 'device'; bdf: string }
   | { kind: 'iommufd' }
-  | { kind: 'cdev'; bdf: string; devid?: number; ioas?: number };
+  | { kind: 'cdev'; bdf: string; devid?: number; ioas?: number; hwpt?: number };
 
 interface Mapping {
   iova: bigint;
@@ -68,6 +74,24 @@ class SimKernel implements VfioSys {
   // iommufd
   private nextId = 1;
   readonly ioas = new Map<number, Map<bigint, Mapping>>();
+  // dirty tracking
+  /** type1: GET_INFO carries the MIGRATION capability (dirty-page tracking at 4 KiB). */
+  migrationCap = false;
+  /** type1: VFIO_IOMMU_DIRTY_PAGES started. */
+  dirtyPages = false;
+  /** iommufd: the IOMMU behind every device has IOMMU_HW_CAP_DIRTY_TRACKING. */
+  dirtyCapable = false;
+  /** iommufd: HWPTs allocated with IOMMU_HWPT_ALLOC (all with DIRTY_TRACKING here), by id. */
+  readonly hwpts = new Map<number, { ioas: number; tracking: boolean }>();
+  /** iommufd: IOVAs of 4 KiB pages a device wrote whose IOPTE dirty bit is set. */
+  readonly written = new Set<bigint>();
+  /** Devices whose driver implements VFIO migration (VFIO_DEVICE_FEATURE_MIGRATION: STOP_COPY). */
+  readonly migratable = new Set<string>();
+
+  /** A device writes the page at `iova` (iommufd sets the IOPTE's dirty bit where tracking is on). */
+  dmaWrite(iova: bigint): void {
+    if ([...this.hwpts.values()].some((h) => h.tracking)) this.written.add(iova & ~0xfffn);
+  }
 
   open(path: string): number {
     this.calls.push(`open ${path}`);
@@ -142,7 +166,8 @@ class SimKernel implements VfioSys {
   }
 
   ioctl(fd: number, req: number, arg: Uint8Array, data?: Uint8Array): number {
-    const name = NAMES.get(req)!;
+    // VFIO_BASE + 17 is VFIO_IOMMU_DIRTY_PAGES on a container, VFIO_DEVICE_FEATURE on a device.
+    const name = req === REQUEST.VFIO_IOMMU_DIRTY_PAGES ? (this.files.get(fd)?.kind === 'container' ? 'VFIO_IOMMU_DIRTY_PAGES' : 'VFIO_DEVICE_FEATURE') : NAMES.get(req)!;
     const argsz = dv(arg).getUint32(0, le);
     this.calls.push(`${name}[${argsz}]`);
     if (argsz > arg.length) fail('EINVAL', name);
@@ -157,7 +182,8 @@ class SimKernel implements VfioSys {
         if (!this.iommu) fail('EINVAL', name);
         const base = LAYOUTS.vfio_iommu_type1_info.size;
         const rangeCap = align8(LAYOUTS.vfio_iommu_type1_info_cap_iova_range.size + this.usable.length * LAYOUTS.vfio_iova_range.size);
-        const needed = base + rangeCap + align8(LAYOUTS.vfio_iommu_type1_info_dma_avail.size);
+        const availCap = align8(LAYOUTS.vfio_iommu_type1_info_dma_avail.size);
+        const needed = base + rangeCap + availCap + (this.migrationCap ? LAYOUTS.vfio_iommu_type1_info_cap_migration.size : 0);
         put(arg, 'vfio_iommu_type1_info', 'flags', VFIO.VFIO_IOMMU_INFO_PGSIZES | VFIO.VFIO_IOMMU_INFO_CAPS);
         put(arg, 'vfio_iommu_type1_info', 'iova_pgsizes', 0x4020_1000n);
         if (argsz < needed) {
@@ -178,6 +204,44 @@ class SimKernel implements VfioSys {
         put(arg, 'vfio_info_cap_header', 'id', VFIO.VFIO_IOMMU_TYPE1_INFO_DMA_AVAIL, base + rangeCap);
         put(arg, 'vfio_info_cap_header', 'version', 1, base + rangeCap);
         put(arg, 'vfio_iommu_type1_info_dma_avail', 'avail', this.dmaLimit - this.dma.size, base + rangeCap);
+        if (this.migrationCap) {
+          const at = base + rangeCap + availCap;
+          put(arg, 'vfio_info_cap_header', 'next', at, base + rangeCap);
+          put(arg, 'vfio_info_cap_header', 'id', VFIO.VFIO_IOMMU_TYPE1_INFO_CAP_MIGRATION, at);
+          put(arg, 'vfio_info_cap_header', 'version', 1, at);
+          put(arg, 'vfio_iommu_type1_info_cap_migration', 'pgsize_bitmap', 0x4020_1000n, at);
+          put(arg, 'vfio_iommu_type1_info_cap_migration', 'max_dirty_bitmap_size', 256n * BigInt(MiB), at);
+        }
+        return 0;
+      }
+      case REQUEST.VFIO_IOMMU_DIRTY_PAGES: {
+        // The same number is VFIO_DEVICE_FEATURE on a device fd.
+        if (this.files.get(fd)?.kind === 'device' || this.files.get(fd)?.kind === 'cdev') {
+          const bdf = (this.files.get(fd) as { bdf: string }).bdf;
+          const flags = get('vfio_device_feature', arg, 'flags');
+          if ((flags & VFIO.VFIO_DEVICE_FEATURE_MASK) !== VFIO.VFIO_DEVICE_FEATURE_MIGRATION || !this.migratable.has(bdf)) fail('ENOTTY', 'VFIO_DEVICE_FEATURE');
+          put(arg, 'vfio_device_feature_migration', 'flags', VFIO.VFIO_MIGRATION_STOP_COPY | VFIO.VFIO_MIGRATION_P2P, LAYOUTS.vfio_device_feature.size);
+          return 0;
+        }
+        this.file(fd, 'container', req);
+        if (!this.iommu) fail('EACCES', name);
+        const flags = get('vfio_iommu_type1_dirty_bitmap', arg, 'flags');
+        if (flags === VFIO.VFIO_IOMMU_DIRTY_PAGES_FLAG_START) this.dirtyPages = true;
+        else if (flags === VFIO.VFIO_IOMMU_DIRTY_PAGES_FLAG_STOP) this.dirtyPages = false;
+        else if (flags === VFIO.VFIO_IOMMU_DIRTY_PAGES_FLAG_GET_BITMAP) {
+          const g = unpack('vfio_iommu_type1_dirty_bitmap_get', arg, LAYOUTS.vfio_iommu_type1_dirty_bitmap.size);
+          if (!this.dirtyPages || g.bitmap_pgsize !== 4096n || !data || BigInt(data.length) < g.bitmap_size) fail('EINVAL', name);
+          const end = g.iova + g.size;
+          for (const m of this.dma.values()) {
+            // The range must not bisect a mapping.
+            if ((m.iova < g.iova && m.iova + m.size > g.iova) || (m.iova < end && m.iova + m.size > end)) fail('EINVAL', name);
+          }
+          // No vendor driver pins pages: every page of every mapping in the range is reported dirty.
+          for (const m of this.dma.values()) {
+            if (m.iova < g.iova || m.iova + m.size > end) continue;
+            for (let p = (m.iova - g.iova) / 4096n; p < (m.iova + m.size - g.iova) / 4096n; p++) data[Number(p >> 3n)]! |= 1 << Number(p & 7n);
+          }
+        } else fail('EINVAL', name);
         return 0;
       }
       case REQUEST.VFIO_DEVICE_GET_INFO:
@@ -219,9 +283,53 @@ class SimKernel implements VfioSys {
       case REQUEST.VFIO_DEVICE_ATTACH_IOMMUFD_PT: {
         const c = this.file(fd, 'cdev', req) as File & { kind: 'cdev' };
         const pt = get('vfio_device_attach_iommufd_pt', arg, 'pt_id');
-        if (c.devid === undefined || !this.ioas.has(pt)) fail('EINVAL', name);
-        c.ioas = pt;
-        put(arg, 'vfio_device_attach_iommufd_pt', 'pt_id', 1000 + pt);
+        const hwpt = this.hwpts.get(pt);
+        if (c.devid === undefined || (!this.ioas.has(pt) && !hwpt)) fail('EINVAL', name);
+        // An IOAS gets the kernel's auto-created domain (id 1000 + ioas here); a HWPT is used as it is.
+        c.ioas = hwpt ? hwpt.ioas : pt;
+        c.hwpt = hwpt ? pt : 1000 + pt;
+        put(arg, 'vfio_device_attach_iommufd_pt', 'pt_id', c.hwpt);
+        return 0;
+      }
+      case REQUEST.IOMMU_GET_HW_INFO: {
+        this.file(fd, 'iommufd', req);
+        const devid = get('iommu_hw_info', arg, 'dev_id');
+        if (![...this.files.values()].some((f) => f.kind === 'cdev' && f.devid === devid)) fail('ENOENT', name);
+        if (get('iommu_hw_info', arg, 'data_len') !== 0 || data) fail('EINVAL', name); // the client asks for no vendor data
+        put(arg, 'iommu_hw_info', 'out_capabilities', this.dirtyCapable ? IOMMUFD.IOMMU_HW_CAP_DIRTY_TRACKING : 0);
+        return 0;
+      }
+      case REQUEST.IOMMU_HWPT_ALLOC: {
+        this.file(fd, 'iommufd', req);
+        const ioas = get('iommu_hwpt_alloc', arg, 'pt_id');
+        if (!this.ioas.has(ioas)) fail('ENOENT', name);
+        // Like intel-iommu without second-level access/dirty support.
+        if (get('iommu_hwpt_alloc', arg, 'flags') & IOMMUFD.IOMMU_HWPT_ALLOC_DIRTY_TRACKING && !this.dirtyCapable) fail('EOPNOTSUPP', name);
+        const id = this.nextId++;
+        this.hwpts.set(id, { ioas, tracking: false });
+        put(arg, 'iommu_hwpt_alloc', 'out_hwpt_id', id);
+        return 0;
+      }
+      case REQUEST.IOMMU_HWPT_SET_DIRTY_TRACKING: {
+        this.file(fd, 'iommufd', req);
+        const hwpt = this.hwpts.get(get('iommu_hwpt_set_dirty_tracking', arg, 'hwpt_id'));
+        if (!hwpt) fail('EOPNOTSUPP', name); // an auto-created domain has no dirty ops
+        const enable = (get('iommu_hwpt_set_dirty_tracking', arg, 'flags') & IOMMUFD.IOMMU_HWPT_DIRTY_TRACKING_ENABLE) !== 0;
+        if (enable && !hwpt.tracking) this.written.clear(); // a clean snapshot
+        hwpt.tracking = enable;
+        return 0;
+      }
+      case REQUEST.IOMMU_HWPT_GET_DIRTY_BITMAP: {
+        this.file(fd, 'iommufd', req);
+        const g = unpack('iommu_hwpt_get_dirty_bitmap', arg);
+        if (!this.hwpts.has(Number(g.hwpt_id))) fail('EOPNOTSUPP', name);
+        if (g.page_size !== 4096n || !data || BigInt(data.length) * 8n < g.length / 4096n) fail('EINVAL', name);
+        for (const iova of [...this.written]) {
+          if (iova < g.iova || iova >= g.iova + g.length) continue;
+          const p = (iova - g.iova) / 4096n;
+          data[Number(p >> 3n)]! |= 1 << Number(p & 7n);
+          this.written.delete(iova); // read and cleared
+        }
         return 0;
       }
       case REQUEST.VFIO_DEVICE_DETACH_IOMMUFD_PT: {
@@ -240,6 +348,12 @@ class SimKernel implements VfioSys {
       case REQUEST.IOMMU_DESTROY: {
         this.file(fd, 'iommufd', req);
         const id = get('iommu_destroy', arg, 'id');
+        if (this.hwpts.has(id)) {
+          if ([...this.files.values()].some((f) => f.kind === 'cdev' && f.hwpt === id && f.ioas !== undefined)) fail('EBUSY', name);
+          this.hwpts.delete(id);
+          return 0;
+        }
+        if ([...this.hwpts.values()].some((h) => h.ioas === id)) fail('EBUSY', name);
         if (!this.ioas.has(id)) fail('ENOENT', name);
         if ([...this.files.values()].some((f) => f.kind === 'cdev' && f.ioas === id)) fail('EBUSY', name);
         this.ioas.delete(id);
@@ -376,9 +490,9 @@ afterEach(async () => {
   for (const c of cleanups.splice(0)) await c();
 });
 
-function harness(backend: Type1Backend | IommufdBackend, chunk = 4 * MiB) {
+function harness(backend: Type1Backend | IommufdBackend, chunk = 4 * MiB, opts: VfioApplierOptions = {}) {
   const domain = new Domain(backend, { chunkBytes: chunk });
-  const applier = new VfioApplier(domain);
+  const applier = new VfioApplier(domain, opts);
   const backings = new Map<number, LocalBacking>();
   const fds: number[] = [];
   cleanups.push(async () => {
@@ -390,14 +504,20 @@ function harness(backend: Type1Backend | IommufdBackend, chunk = 4 * MiB) {
     domain,
     applier,
     backings,
-    region(name: string, gpa: number, size: number, readonly = false): ViewRegion {
+    region(name: string, gpa: number, size: number, readonly = false, logDirty = false): ViewRegion {
       const fd = createSealedMemfd(name, size);
       fds.push(fd);
       const st = native.fstat(fd);
       const n = id++;
       backings.set(n, { id: n, name, size, fd, dev: st.dev, ino: st.ino });
-      const r: Region = { id: n, name, gpa, size, backing: n, offset: 0, readonly, logDirty: false };
+      const r: Region = { id: n, name, gpa, size, backing: n, offset: 0, readonly, logDirty };
       return toView(r, backings);
+    },
+    /** Turns a region's logging on or off (a metadata update); returns the region as it is now. */
+    async log(r: ViewRegion, logDirty: boolean): Promise<ViewRegion> {
+      const after = toView({ ...r, logDirty }, backings);
+      await applier.apply(change({ updated: [{ before: r, after }] }), backings, ctx);
+      return after;
     },
     add(...added: ViewRegion[]) {
       return applier.apply(change({ added }), backings, ctx);
@@ -581,10 +701,13 @@ describe('iommufd against a simulated kernel', () => {
       'open /dev/iommu',
       'open /dev/vfio/devices/vfio0',
       `VFIO_DEVICE_BIND_IOMMUFD[${LAYOUTS.vfio_device_bind_iommufd.size}]`,
+      // Can this device's IOMMU track dirty pages? (Not in this simulation: the IOAS's own domain.)
+      `IOMMU_GET_HW_INFO[${LAYOUTS.iommu_hw_info.size}]`,
       `IOMMU_IOAS_ALLOC[${LAYOUTS.iommu_ioas_alloc.size}]`,
       `VFIO_DEVICE_ATTACH_IOMMUFD_PT[${LAYOUTS.vfio_device_attach_iommufd_pt.size}]`,
       'open /dev/vfio/devices/vfio2',
       `VFIO_DEVICE_BIND_IOMMUFD[${LAYOUTS.vfio_device_bind_iommufd.size}]`,
+      `IOMMU_GET_HW_INFO[${LAYOUTS.iommu_hw_info.size}]`,
       `VFIO_DEVICE_ATTACH_IOMMUFD_PT[${LAYOUTS.vfio_device_attach_iommufd_pt.size}]`,
     ]);
     expect(k.ioas.size).toBe(1);
@@ -653,5 +776,167 @@ describe('iommufd against a simulated kernel', () => {
     const e = await error(() => IommufdBackend.open(k));
     expect(e.code).toBe('MMB_ERR_UNSUPPORTED');
     expect(e.message).toContain('/dev/iommu');
+  });
+});
+
+/** A subscriber's dirty log with one bitmap per region (as the broker would send them), and its bits. */
+function testLog(regions: readonly ViewRegion[]) {
+  const log = new DirtyLog();
+  const infos = regions.map((r, i) => ({ bitmap: i + 1, region: r.id, gpa: r.gpa, pages: r.size / 4096 }));
+  const fds = infos.map((i) => createSealedMemfd('bitmap', bitmapLayout(i.pages).size));
+  const mine = fds.map((fd) => native.dup(fd));
+  log.add(infos, fds);
+  cleanups.push(() => {
+    log.close();
+    for (const fd of mine) native.close(fd);
+  });
+  return {
+    log,
+    /** Guest pages (gpa / 4096) marked in the active half since the last call, which clears them. */
+    take(): number[] {
+      const out: number[] = [];
+      infos.forEach((info, i) => {
+        const layout = bitmapLayout(info.pages);
+        const m = native.mmap(mine[i]!, 0, layout.size, constants.PROT_READ | constants.PROT_WRITE, constants.MAP_SHARED);
+        const half = new Uint8Array(m.buffer, layout.offset(0), layout.bytes);
+        forEachBitRun(half, info.pages, (first, count) => {
+          for (let p = first; p < first + count; p++) out.push(info.gpa / 4096 + p);
+        });
+        half.fill(0);
+        native.munmap(m);
+      });
+      return out.sort((a, b) => a - b);
+    },
+  };
+}
+const pagesOf = (gpa: number, size: number) => Array.from({ length: size / 4096 }, (_, i) => gpa / 4096 + i);
+
+describe('dirty tracking against a simulated kernel', () => {
+  it('type1: DIRTY_PAGES starts with the first logging region, GET_BITMAP per region reports every mapped page, STOP with the last', async () => {
+    const k = new SimKernel();
+    k.migrationCap = true;
+    let log: ReturnType<typeof testLog> | undefined;
+    const t = harness(Type1Backend.open(k), 4 * MiB, { dirtyLog: () => log?.log });
+    await t.applier.attachDevice('0000:00:01.0');
+    let ram = t.region('ram', 0x1_0000_0000, 8 * MiB, false, true);
+    const rom = t.region('rom', 0x2_0000_0000, 4 * MiB, true, true);
+    const plain = t.region('plain', 0x3_0000_0000, 4 * MiB);
+    log = testLog([ram, rom]);
+    k.calls.length = 0;
+    await t.add(ram, rom, plain);
+    expect(k.calls.filter((c) => c.startsWith('VFIO_IOMMU_DIRTY_PAGES'))).toEqual(['VFIO_IOMMU_DIRTY_PAGES[8]']); // START
+    expect(k.dirtyPages).toBe(true);
+    expect(t.applier.dirtyTracking).toEqual({ mode: 'type1' });
+    expect(reportedBackend('type1', t.applier.dirtyTracking)).toBe('type1 (dirty: VFIO_IOMMU_DIRTY_PAGES)');
+
+    // One GET_BITMAP for the writable logging region (its two MAP_DMA pieces in one range), none for the
+    // read-only or the non-logging one. Without a vendor driver type1 reports every page it maps.
+    k.calls.length = 0;
+    await t.applier.flushDirty(log.log);
+    expect(k.calls).toEqual([`VFIO_IOMMU_DIRTY_PAGES[${LAYOUTS.vfio_iommu_type1_dirty_bitmap.size + LAYOUTS.vfio_iommu_type1_dirty_bitmap_get.size}]`]);
+    expect(log.take()).toEqual(pagesOf(0x1_0000_0000, 8 * MiB));
+
+    // A read the kernel refuses counts the whole region: never a lost bit.
+    k.dirtyPages = false;
+    await t.applier.flushDirty(log.log);
+    expect(log.take()).toEqual(pagesOf(0x1_0000_0000, 8 * MiB));
+    k.dirtyPages = true;
+
+    // The last device goes and comes back: the container's IOMMU (and its log) was re-created, so START again.
+    await t.applier.detachDevice('0000:00:01.0');
+    expect(t.applier.dirtyTracking).toBeUndefined();
+    log.take();
+    k.dirtyPages = false;
+    await t.applier.attachDevice('0000:00:02.0');
+    expect(k.dirtyPages).toBe(true);
+
+    // Logging off everywhere: STOP.
+    ram = await t.log(ram, false);
+    await t.log(rom, false);
+    expect(k.dirtyPages).toBe(false);
+    expect(t.applier.dirtyTracking).toBeUndefined();
+    expect(reportedBackend('type1', t.applier.dirtyTracking)).toBe('type1');
+  });
+
+  it('type1 without the MIGRATION capability: no tracking, every writable page counts at every flush', async () => {
+    const k = new SimKernel();
+    let log: ReturnType<typeof testLog> | undefined;
+    const t = harness(Type1Backend.open(k), 4 * MiB, { dirtyLog: () => log?.log });
+    await t.applier.attachDevice('0000:00:01.0');
+    const ram = t.region('ram', 0x1_0000_0000, 4 * MiB, false, true);
+    log = testLog([ram]);
+    await t.add(ram);
+    expect(t.applier.dirtyTracking).toMatchObject({ mode: 'none', reason: expect.stringMatching(/no MIGRATION capability/) });
+    expect(reportedBackend('type1', t.applier.dirtyTracking)).toBe('type1 (dirty: all)');
+    expect(k.calls.some((c) => c.startsWith('VFIO_IOMMU_DIRTY_PAGES'))).toBe(false);
+    await t.applier.flushDirty(log.log);
+    expect(log.take()).toEqual(pagesOf(0x1_0000_0000, 4 * MiB));
+  });
+
+  it('iommufd on an IOMMU without dirty tracking: no DIRTY_TRACKING HWPT, SET_DIRTY_TRACKING answers EOPNOTSUPP once, every writable page counts', async () => {
+    const k = new SimKernel();
+    let log: ReturnType<typeof testLog> | undefined;
+    const t = harness(IommufdBackend.open(k), 4 * MiB, { dirtyLog: () => log?.log });
+    await t.applier.attachDevice('0000:00:01.0');
+    expect(k.calls.some((c) => c.startsWith('IOMMU_HWPT_ALLOC'))).toBe(false); // the capability is missing
+    const ram = t.region('ram', 0x1_0000_0000, 4 * MiB, false, true);
+    log = testLog([ram]);
+    k.calls.length = 0;
+    await t.add(ram);
+    expect(k.calls.filter((c) => c.startsWith('IOMMU_HWPT_SET_DIRTY_TRACKING'))).toEqual(['IOMMU_HWPT_SET_DIRTY_TRACKING[16]']);
+    expect(t.applier.dirtyTracking).toMatchObject({ mode: 'none', reason: expect.stringMatching(/EOPNOTSUPP.*no IOMMU_HW_CAP_DIRTY_TRACKING/) });
+    expect(reportedBackend('iommufd', t.applier.dirtyTracking)).toBe('iommufd (dirty: all)');
+    k.calls.length = 0;
+    await t.add(t.region('more', 0x2_0000_0000, 4 * MiB, false, true));
+    expect(k.calls.some((c) => c.startsWith('IOMMU_HWPT_SET_DIRTY_TRACKING'))).toBe(false); // not asked again
+    await t.applier.flushDirty(log.log);
+    expect(log.take()).toEqual(pagesOf(0x1_0000_0000, 4 * MiB));
+  });
+
+  it('iommufd on an IOMMU with dirty tracking: devices share a DIRTY_TRACKING HWPT, and a flush reports exactly the pages written', async () => {
+    const k = new SimKernel();
+    k.dirtyCapable = true;
+    let log: ReturnType<typeof testLog> | undefined;
+    const t = harness(IommufdBackend.open(k), 4 * MiB, { dirtyLog: () => log?.log });
+    await t.applier.attachDevice('0000:00:01.0');
+    await t.applier.attachDevice('0000:00:03.0');
+    expect(k.calls.filter((c) => c.startsWith('IOMMU_HWPT_ALLOC'))).toEqual([`IOMMU_HWPT_ALLOC[${LAYOUTS.iommu_hwpt_alloc.size}]`]);
+    const b = t.domain.backend as IommufdBackend;
+    const hwpt = [...k.hwpts.keys()][0]!;
+    expect([b.binding('0000:00:01.0')?.hwpt, b.binding('0000:00:03.0')?.hwpt]).toEqual([hwpt, hwpt]);
+
+    let ram = t.region('ram', 0x1_0000_0000, 8 * MiB, false, true);
+    log = testLog([ram]);
+    await t.add(ram);
+    expect(t.applier.dirtyTracking).toEqual({ mode: 'iommufd' });
+    expect(k.hwpts.get(hwpt)?.tracking).toBe(true);
+    expect(reportedBackend('iommufd', t.applier.dirtyTracking)).toBe('iommufd (dirty: IOMMU_HWPT_GET_DIRTY_BITMAP)');
+    k.dmaWrite(0x1_0000_0000n + 5n * 4096n);
+    k.dmaWrite(0x1_0000_0000n + BigInt(4 * MiB) + 100n);
+    await t.applier.flushDirty(log.log);
+    expect(log.take()).toEqual([0x1_0000_0000 / 4096 + 5, (0x1_0000_0000 + 4 * MiB) / 4096]);
+    await t.applier.flushDirty(log.log);
+    expect(log.take()).toEqual([]); // read and cleared
+
+    // Removing the region counts it whole (DMA to it stops; a read before the unmap could miss a write).
+    k.dmaWrite(0x1_0000_0000n);
+    ram = await t.log(ram, true);
+    await t.remove(ram);
+    expect(log.take()).toEqual(pagesOf(0x1_0000_0000, 8 * MiB));
+    expect(k.hwpts.get(hwpt)?.tracking).toBe(false); // nothing logs any more
+    await t.applier.detachDevice('0000:00:01.0');
+    await t.applier.detachDevice('0000:00:03.0');
+    expect(k.hwpts.size).toBe(0);
+    expect(k.ioas.size).toBe(0);
+  });
+
+  it('VFIO_DEVICE_FEATURE(GET, MIGRATION): ENOTTY without a migration driver, STOP_COPY where there is one', async () => {
+    const k = new SimKernel();
+    k.migratable.add('0000:00:03.0');
+    const t = harness(Type1Backend.open(k));
+    await t.applier.attachDevice('0000:00:01.0');
+    await t.applier.attachDevice('0000:00:03.0');
+    expect(t.domain.backend.device('0000:00:01.0')?.migration?.()).toMatchObject({ supported: false, stopCopy: false, reason: expect.stringMatching(/ENOTTY/) });
+    expect(t.domain.backend.device('0000:00:03.0')?.migration?.()).toMatchObject({ supported: true, stopCopy: true, p2p: true });
   });
 });

@@ -1,29 +1,27 @@
 // The vfio-like client with the soft backend (this machine has no IOMMU), in its own process against a
 // broker in another, checked with the kernel's view: VmLck in /proc/PID/status (mlock'ed bytes) and
 // /proc/PID/maps, not the client's own counters.
-import { spawn, type ChildProcess } from 'node:child_process';
 import path from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { MappingSubscriber, OwnerClient, fetchStatus } from '../clients/index.js';
 import { native } from '../native/index.js';
 import { isMmbError, type MmbError } from '../protocol/index.js';
-import { JsonProc, ROOT, memfdMaps, spawnBroker, spawnSubscriber, stopProcess, tempDir, vmLckKiB, waitFor, type Event } from './helpers/procs.js';
+import { spawnClient } from '../testkit/clients.js';
+import { JsonProc, memfdMaps, spawnBroker, spawnSubscriber, stopProcess, tempDir, vmLckKiB, waitFor, type Event, type BrokerProc } from './helpers/procs.js';
 
 const MiB = 2 ** 20;
 const KiB = 1024;
-const DRIVER = path.join(ROOT, 'test/fixtures/vfio-proc.mjs');
 let dir: string;
 let socket: string;
-let broker: ChildProcess & { logs: string[] };
+let broker: BrokerProc;
 let owner: OwnerClient;
 const procs: JsonProc[] = [];
 const cleanup: (() => void | Promise<void>)[] = [];
 const backings: number[] = [];
 
-/** Starts the vfio driver; resolves once it printed `ready` (or `attachFailed`). */
+/** Starts a scripted vfio client (testkit/client.ts) that prints its library's log lines as `log` events. */
 function startVfio(name: string, extra: string[] = []): JsonProc {
-  const child = spawn(process.execPath, [DRIVER, '--socket', socket, '--space', 'vm0', '--name', name, ...extra], { stdio: ['pipe', 'pipe', 'pipe'] });
-  const p = new JsonProc(child);
+  const p = spawnClient({ socket, space: 'vm0', kind: 'vfio', args: ['--name', name, '--no-reconnect', '--log', ...extra] });
   procs.push(p);
   return p;
 }
@@ -76,7 +74,7 @@ afterAll(async () => {
 
 describe('soft backend: real pinning, checked in /proc/PID/status', () => {
   it('following a 128 MiB region raises the client\'s VmLck by at least 128 MiB; the removal drops it back', async () => {
-    const p = await vfio('vfio-a', ['--devices', 'dev0']);
+    const p = await vfio('vfio-a', ['--device', 'dev0']);
     const base = lockedMiB(p.pid);
     const ram = await backing(128 * MiB, 'pin128');
     await owner.addRegion({ name: 'pin128', gpa: 0x1_0000_0000, size: 128 * MiB, backing: ram });
@@ -92,7 +90,7 @@ describe('soft backend: real pinning, checked in /proc/PID/status', () => {
     expect(c).toMatchObject({ kind: 'vfio', backend: 'soft', devices: ['dev0'], coherent: true, pin: { predicted: 128 * MiB, actual: 128 * MiB } });
 
     // Every log line names the backend as the software stand-in.
-    const logs = p.events.filter((e) => e.event === 'log');
+    const logs = p.lines.filter((e) => e.event === 'log');
     expect(logs.length).toBeGreaterThanOrEqual(2);
     for (const l of logs) expect(l).toMatchObject({ backend: 'soft', software: true, kind: 'vfio' });
     expect(logs[0]!.msg).toMatch(/soft backend \(software stand-in, no IOMMU\)/);
@@ -105,7 +103,7 @@ describe('soft backend: real pinning, checked in /proc/PID/status', () => {
   });
 
   it('two devices share one domain: the memory is pinned once; hot-add and hot-remove while mapped', async () => {
-    const p = await vfio('vfio-two', ['--devices', 'dev0,dev1']);
+    const p = await vfio('vfio-two', ['--device', 'dev0', '--device', 'dev1']);
     const base = lockedMiB(p.pid);
     const ram = await backing(128 * MiB, 'shared');
     await owner.addRegion({ name: 'shared', gpa: 0x2_0000_0000, size: 128 * MiB, backing: ram });
@@ -118,14 +116,14 @@ describe('soft backend: real pinning, checked in /proc/PID/status', () => {
     expect(d.mappings).toEqual([expect.objectContaining({ region: 'shared', gpa: 0x2_0000_0000, iova: 0x2_0000_0000, size: 128 * MiB })]);
 
     // A third device joins the same domain: nothing more is pinned.
-    await p.request({ cmd: 'attachDevice', name: 'dev2' }, 'attached');
+    await p.request({ cmd: 'attach-device', device: 'dev2' }, 'domain');
     expect(lockedMiB(p.pid) - base).toBeCloseTo(once, 0);
     await waitFor('three devices reported', async () => (await client('vfio-two'))?.devices?.length === 3);
 
     // The domain dies with its last device: everything is unpinned (but still mapped).
-    for (const dev of ['dev0', 'dev1']) await p.request({ cmd: 'detachDevice', name: dev }, 'detached');
+    for (const dev of ['dev0', 'dev1']) await p.request({ cmd: 'detach-device', device: dev }, 'domain');
     expect(lockedMiB(p.pid) - base).toBeCloseTo(once, 0);
-    d = (await p.request({ cmd: 'detachDevice', name: 'dev2' }, 'detached')).domain as typeof d;
+    d = (await p.request({ cmd: 'detach-device', device: 'dev2' }, 'domain')) as typeof d;
     expect(d).toMatchObject({ active: false, devices: [], pinnedBytes: 0, mappedBytes: 128 * MiB });
     expect(lockedMiB(p.pid) - base).toBeLessThan(1);
     expect(memfdMaps(p.pid, 'shared')).toHaveLength(1);
@@ -135,14 +133,14 @@ describe('soft backend: real pinning, checked in /proc/PID/status', () => {
     });
 
     // A new first device creates the domain again and pins what is mapped.
-    d = (await p.request({ cmd: 'attachDevice', name: 'dev9' }, 'attached')).domain as typeof d;
+    d = (await p.request({ cmd: 'attach-device', device: 'dev9' }, 'domain')) as typeof d;
     expect(d).toMatchObject({ active: true, devices: ['dev9'], pinnedBytes: 128 * MiB });
     expect(lockedMiB(p.pid) - base).toBeGreaterThanOrEqual(128);
     await waitFor('128 MiB pinned reported again', async () => (await client('vfio-two'))?.pin?.actual === 128 * MiB);
   });
 
   it('pinLimit below a new region: the owner\'s add fails with MMB_ERR_PIN_BUDGET naming the client, nobody maps it, the generation stays', async () => {
-    const p = await vfio('vfio-small', ['--devices', 'dev0', '--pin-limit', String(64 * MiB)]);
+    const p = await vfio('vfio-small', ['--device', 'dev0', '--pin-limit', String(64 * MiB)]);
     const plain = await spawnSubscriber(socket, 'vm0', ['--name', 'plain-watcher']);
     procs.push(plain);
     const c = await client('vfio-small');
@@ -157,8 +155,8 @@ describe('soft backend: real pinning, checked in /proc/PID/status', () => {
     expect(memfdMaps(plain.pid, 'toolarge')).toEqual([]);
     // Refused before anything changed: no subscriber was even sent the transaction.
     await plain.request({ cmd: 'regions' }, 'regions');
-    expect(plain.events.filter((e) => e.event === 'change' && (e.added as string[]).includes('toolarge'))).toEqual([]);
-    expect(p.events.filter((e) => e.event === 'pinProgress' && e.region === 'toolarge')).toEqual([]);
+    expect(plain.lines.filter((e) => e.event === 'change' && (e.added as string[]).includes('toolarge'))).toEqual([]);
+    expect(p.lines.filter((e) => e.event === 'pinProgress' && e.region === 'toolarge')).toEqual([]);
     expect(lockedMiB(p.pid)).toBeLessThan(1);
 
     // Within the limit it goes through.
@@ -168,10 +166,10 @@ describe('soft backend: real pinning, checked in /proc/PID/status', () => {
   });
 
   it('pins a region in chunks with progress events (done rising to total)', async () => {
-    const p = await vfio('vfio-progress', ['--devices', 'dev0', '--chunk', String(32 * MiB)]);
+    const p = await vfio('vfio-progress', ['--device', 'dev0', '--pin-chunk', String(32 * MiB)]);
     const ram = await backing(160 * MiB, 'chunky');
     await owner.addRegion({ name: 'chunky', gpa: 0x4_0000_0000, size: 160 * MiB, backing: ram });
-    const events = p.events.filter((e) => e.event === 'pinProgress' && e.region === 'chunky');
+    const events = p.lines.filter((e) => e.event === 'pinProgress' && e.region === 'chunky');
     expect(events.map((e) => e.done)).toEqual([32, 64, 96, 128, 160].map((n) => n * MiB));
     expect(new Set(events.map((e) => e.total))).toEqual(new Set([160 * MiB]));
     expect(events.every((e) => e.backend === 'soft' && e.gpa === 0x4_0000_0000)).toBe(true);
@@ -185,11 +183,11 @@ describe('soft backend: cancellation undoes what was pinned', () => {
   it('a region removed while the initial sync is still pinning it: pinning stops, nothing stays pinned or mapped', async () => {
     const ram = await backing(BIG, 'big-sync');
     await owner.addRegion({ name: 'big-sync', gpa: 0x10_0000_0000, size: BIG, backing: ram });
-    const p = startVfio('vfio-cancel', ['--devices', 'dev0', '--chunk', CHUNK]);
+    const p = startVfio('vfio-cancel', ['--device', 'dev0', '--pin-chunk', CHUNK]);
     await p.next('pinProgress', (e) => e.region === 'big-sync', 30_000);
     await owner.removeRegion('big-sync');
     await p.next('ready', () => true, 30_000);
-    const progress = p.events.filter((e) => e.event === 'pinProgress' && e.region === 'big-sync');
+    const progress = p.lines.filter((e) => e.event === 'pinProgress' && e.region === 'big-sync');
     const last = progress[progress.length - 1]!;
     expect(last.done as number).toBeLessThan(BIG); // it stopped before the end
     expect(lockedMiB(p.pid)).toBeLessThan(1);
@@ -200,7 +198,7 @@ describe('soft backend: cancellation undoes what was pinned', () => {
   });
 
   it('an add rolled back (another client refused) while it is being pinned: pinning stops, back to baseline', async () => {
-    const p = await vfio('vfio-rollback', ['--devices', 'dev0', '--chunk', CHUNK]);
+    const p = await vfio('vfio-rollback', ['--device', 'dev0', '--pin-chunk', CHUNK]);
     const base = lockedMiB(p.pid);
     // A subscriber in this process refuses the add, but only once the vfio client is pinning it.
     const nacker = await MappingSubscriber.attach(socket, { space: 'vm0', name: 'nacker', reconnect: false });
@@ -221,7 +219,7 @@ describe('soft backend: cancellation undoes what was pinned', () => {
     // The vfio client acked the rollback only after undoing: its pins are gone now.
     expect(lockedMiB(p.pid) - base).toBeLessThan(1);
     expect(memfdMaps(p.pid, 'big-rb')).toEqual([]);
-    const progress = p.events.filter((e) => e.event === 'pinProgress' && e.region === 'big-rb');
+    const progress = p.lines.filter((e) => e.event === 'pinProgress' && e.region === 'big-rb');
     expect(progress.length).toBeGreaterThan(0);
     expect(progress[progress.length - 1]!.done as number).toBeLessThan(BIG);
     const d = await p.request({ cmd: 'domain' }, 'domain');
@@ -231,7 +229,7 @@ describe('soft backend: cancellation undoes what was pinned', () => {
 
 describe('reserved IOVA ranges', () => {
   it('soft reports the x86 MSI window by default: visible in status, enforced by the broker, avoided by findFree', async () => {
-    await vfio('vfio-msi', ['--devices', 'dev0']);
+    await vfio('vfio-msi', ['--device', 'dev0']);
     const c = await client('vfio-msi');
     expect(c?.reserved).toEqual([{ start: 0xfee0_0000, last: 0xfeef_ffff }]);
     expect(c?.dmaAvailable).toBe(65_535);
@@ -248,7 +246,7 @@ describe('reserved IOVA ranges', () => {
   });
 
   it('the reserved list can be set: the MSI window is then allowed and the given range refused', async () => {
-    await vfio('vfio-custom', ['--devices', 'dev0', '--reserved', '0x40000000-0x7fffffff']);
+    await vfio('vfio-custom', ['--device', 'dev0', '--reserved', '0x40000000-0x7fffffff']);
     expect((await client('vfio-custom'))?.reserved).toEqual([{ start: 0x4000_0000, last: 0x7fff_ffff }]);
     const ram = await backing(2 * MiB, 'custom');
     const err = await rejection(owner.addRegion({ name: 'custom', gpa: 0x5000_0000, size: 2 * MiB, backing: ram }));
@@ -263,7 +261,7 @@ describe('hardware backends on a machine without an IOMMU', () => {
       ['type1', '/dev/vfio/vfio'],
       ['iommufd', '/dev/iommu'],
     ] as const) {
-      const p = startVfio(`vfio-${backend}`, ['--backend', backend, '--devices', '0000:00:01.0']);
+      const p = startVfio(`vfio-${backend}`, ['--backend', backend, '--device', '0000:00:01.0']);
       const e = await p.next('attachFailed');
       expect(e.code, backend).toBe('MMB_ERR_UNSUPPORTED');
       expect(e.message).toContain(node);

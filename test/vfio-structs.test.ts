@@ -62,6 +62,22 @@ const UPSTREAM: Record<string, { size: number; fields: Record<string, [number, n
     fields: { size: [0, 4], flags: [4, 4], ioas_id: [8, 4], __reserved: [12, 4], user_va: [16, 8], length: [24, 8], iova: [32, 8] },
   },
   iommu_ioas_unmap: { size: 24, fields: { size: [0, 4], ioas_id: [4, 4], iova: [8, 8], length: [16, 8] } },
+  // Nesting queries (6.7+), as of Linux 6.12, the VM test's kernel (later ones split iommu_hw_info's
+  // __reserved into out_max_pasid_log2 and __reserved[3], at the same place).
+  iommu_hw_info: {
+    size: 40,
+    fields: { size: [0, 4], flags: [4, 4], dev_id: [8, 4], data_len: [12, 4], data_uptr: [16, 8], out_data_type: [24, 4], __reserved: [28, 4], out_capabilities: [32, 8] },
+  },
+  iommu_hw_info_vtd: { size: 24, fields: { flags: [0, 4], __reserved: [4, 4], cap_reg: [8, 8], ecap_reg: [16, 8] } },
+  iommu_hwpt_alloc: {
+    size: 48,
+    fields: { size: [0, 4], flags: [4, 4], dev_id: [8, 4], pt_id: [12, 4], out_hwpt_id: [16, 4], __reserved: [20, 4], data_type: [24, 4], data_len: [28, 4], data_uptr: [32, 8], fault_id: [40, 4], __reserved2: [44, 4] },
+  },
+  iommu_hwpt_set_dirty_tracking: { size: 16, fields: { size: [0, 4], flags: [4, 4], hwpt_id: [8, 4], __reserved: [12, 4] } },
+  iommu_hwpt_get_dirty_bitmap: {
+    size: 48,
+    fields: { size: [0, 4], hwpt_id: [4, 4], flags: [8, 4], __reserved: [12, 4], iova: [16, 8], length: [24, 8], page_size: [32, 8], data: [40, 8] },
+  },
 };
 /** include/uapi/linux/iommufd.h: IOMMUFD_TYPE ';', IOMMUFD_CMD_BASE 0x80; vfio.h: VFIO_BASE + 18..20. */
 const UPSTREAM_REQUESTS: Record<string, number> = {
@@ -73,8 +89,24 @@ const UPSTREAM_REQUESTS: Record<string, number> = {
   IOMMU_IOAS_IOVA_RANGES: 0x3b84,
   IOMMU_IOAS_MAP: 0x3b85,
   IOMMU_IOAS_UNMAP: 0x3b86,
+  IOMMU_HWPT_ALLOC: 0x3b89,
+  IOMMU_GET_HW_INFO: 0x3b8a,
+  IOMMU_HWPT_SET_DIRTY_TRACKING: 0x3b8b,
+  IOMMU_HWPT_GET_DIRTY_BITMAP: 0x3b8c,
 };
-const UPSTREAM_CONSTANTS: Record<string, number> = { IOMMU_IOAS_MAP_FIXED_IOVA: 1, IOMMU_IOAS_MAP_WRITEABLE: 2, IOMMU_IOAS_MAP_READABLE: 4 };
+const UPSTREAM_CONSTANTS: Record<string, number> = {
+  IOMMU_IOAS_MAP_FIXED_IOVA: 1,
+  IOMMU_IOAS_MAP_WRITEABLE: 2,
+  IOMMU_IOAS_MAP_READABLE: 4,
+  IOMMU_HWPT_ALLOC_NEST_PARENT: 1,
+  IOMMU_HW_INFO_TYPE_NONE: 0,
+  IOMMU_HW_INFO_TYPE_INTEL_VTD: 1,
+  IOMMU_HW_INFO_TYPE_ARM_SMMUV3: 2,
+  IOMMU_HWPT_ALLOC_DIRTY_TRACKING: 2,
+  IOMMU_HW_CAP_DIRTY_TRACKING: 1,
+  IOMMU_HWPT_DIRTY_TRACKING_ENABLE: 1,
+  IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR: 1,
+};
 
 const names = Object.keys(LAYOUTS) as StructName[];
 

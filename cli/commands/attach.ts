@@ -4,8 +4,10 @@ import { KvmSubscriber } from '../../clients/kvm/index.js';
 import { VfioSubscriber } from '../../clients/vfio/index.js';
 import { VhostUserSubscriber } from '../../clients/vhost-user/index.js';
 import pino from 'pino';
-import { ClientRefusedError, InvalidArgError, type MmbError } from '../../protocol/index.js';
-import { serveCommands, type CommandHandler } from '../control.js';
+import { InvalidArgError, type MmbError } from '../../protocol/index.js';
+import { kvmCommands, memoryCommands, vfioCommands, type Commands } from '../../testkit/commands.js';
+import { serveCommands } from '../../testkit/control.js';
+import { stopRequested } from '../../testkit/signals.js';
 import { formatSize, hex, parseCommand, parseCount, parseSize, readToken, required, type Command } from '../args.js';
 
 const KINDS = ['plain', 'vhost', 'vhost-user', 'kvm', 'vfio'] as const;
@@ -48,6 +50,9 @@ Options:
   --pin-limit SIZE    (vfio) most bytes this client may pin; declared to the broker, which refuses
                       hotplug beyond it before anything changes
   --pin-chunk SIZE    (vfio) bytes per pinning call (default 128M)
+  --ioas ID           (vfio) shadow mode: the devices sit behind a guest IOMMU and are attached to this
+                      I/O address space of the space (mmbroker ioas create); the client pins and maps
+                      only what it maps (IOVA -> guest memory), not all RAM
   --backend-socket PATH
                       (vhost-user) the back-end's vhost-user socket (it listens, we connect)
   --no-coalesce       (vhost-user) follow the map region by region instead of a coalesced view
@@ -59,10 +64,7 @@ Options:
                       kvm also: {"cmd":"slots"} and {"cmd":"run","codeGpa":N,"writes":[{"gpa":N,"hex":"..."}]}
                       (a vCPU writes the bytes and halts); vfio also: {"cmd":"domain"},
                       {"cmd":"attach-device","device":"..."}, {"cmd":"detach-device","device":"..."};
-                      fault injection (mmbroker harness): {"cmd":"nack-next"} refuses the next
-                      transaction that adds memory (MMB_ERR_CLIENT_REFUSED, after applying it: the
-                      change is undone), {"cmd":"hold-next"} applies the next one and never acks it
-                      (logs a "holding" event), until the broker gives up on this client
+                      vhost-user also: {"cmd":"table"}
   -h, --help          show this help`;
 
 export const attach: Command = {
@@ -87,6 +89,7 @@ export const attach: Command = {
         device: { type: 'string', multiple: true },
         'pin-limit': { type: 'string' },
         'pin-chunk': { type: 'string' },
+        ioas: { type: 'string' },
         'backend-socket': { type: 'string' },
         'no-coalesce': { type: 'boolean' },
         'backend-timeout': { type: 'string' },
@@ -96,6 +99,9 @@ export const attach: Command = {
       usage,
     );
     if (!values) return 0;
+    if (values.ioas !== undefined && kind !== 'vfio') throw new InvalidArgError('--ioas is an option of the vfio kind');
+    // From here on SIGTERM / SIGINT end the client cleanly, also while it is still attaching.
+    const stop = stopRequested();
     const json = values.json ?? false;
     const log = (event: string, text: string, data: Record<string, unknown> = {}) =>
       console.log(json ? JSON.stringify({ time: Date.now(), pid: process.pid, kind, event, ...data }) : `[${kind} ${process.pid}] ${text}`);
@@ -118,15 +124,7 @@ export const attach: Command = {
         backend: kvm.backend, maxSlots: kvm.maxSlots, ...(kvm.backendReason ? { reason: kvm.backendReason } : {}),
       });
       kvm.on('change', () => log('slots', `${kvm.slots().length} slot(s): ${kvm.slots().map((x) => `${x.slot}@${hex(x.gpa)}`).join(' ')}`, { slots: kvm.slots() }));
-      const extra: ControlCommands = {
-        slots: () => ({ event: 'slots', backend: kvm.backend, slots: kvm.slots() }),
-        run: async (c) => {
-          const writes = ((c.writes ?? []) as { gpa: number; hex: string }[]).map((w) => ({ gpa: Number(w.gpa), bytes: Buffer.from(String(w.hex), 'hex') }));
-          const r = await kvm.runProgram({ codeGpa: Number(c.codeGpa), writes });
-          return { event: 'ran', ...r };
-        },
-      };
-      await follow(kvm, kvm.memory.regions.bind(kvm.memory), log, values.control ? { memory: kvm.memory, extra } : undefined);
+      await follow(kvm, kvm.memory.regions.bind(kvm.memory), log, stop, values.control ? { ...memoryCommands(kvm, kvm.memory), ...kvmCommands(kvm) } : undefined);
       return 0;
     }
     if (kind === 'vhost-user') {
@@ -150,8 +148,8 @@ export const attach: Command = {
       let backendGone = false;
       const gone = new Promise<void>((resolve) => vu.frontend.once('close', () => { backendGone = true; resolve(); }));
       const mapped = () => (values.control ? vu.memory.regions() : []);
-      const extra: ControlCommands = { table: () => ({ event: 'table', memMode: vu.memMode, maxSlots: vu.maxSlots, table: vu.backendTable().map(({ name, gpa, size, mmapOffset }) => ({ name, gpa, size, mmapOffset })) }) };
-      await follow(vu, mapped, log, values.control ? { memory: vu.memory, extra } : undefined, gone);
+      const table = () => ({ event: 'table', memMode: vu.memMode, maxSlots: vu.maxSlots, table: vu.backendTable().map(({ name, gpa, size, mmapOffset }) => ({ name, gpa, size, mmapOffset })) });
+      await follow(vu, mapped, log, Promise.race([stop, gone]), values.control ? { ...memoryCommands(vu, vu.memory), table } : undefined);
       if (!backendGone) return 0;
       // The device is gone: stop reading control commands too, so that the process ends.
       process.stdin.destroy();
@@ -161,98 +159,61 @@ export const attach: Command = {
       const backend = values.backend ?? 'soft';
       if (backend !== 'soft' && backend !== 'type1' && backend !== 'iommufd') throw new InvalidArgError(`--backend ${backend}: soft, type1 or iommufd`);
       let lastProgress = 0;
+      let relayed = 0;
+      const attached: { sub?: VfioSubscriber } = {};
       const vfio = await VfioSubscriber.attach(socket, {
         ...opts,
         backend,
         devices: values.device ?? (backend === 'soft' ? ['dev0'] : []),
         ...(values['pin-limit'] ? { pinLimit: parseSize(values['pin-limit'], '--pin-limit') } : {}),
         ...(values['pin-chunk'] ? { pinChunkBytes: parseSize(values['pin-chunk'], '--pin-chunk') } : {}),
+        ...(values.ioas !== undefined ? { ioas: values.ioas } : {}),
         onPinProgress: (p) => {
           const now = Date.now();
+          // Relayed to the broker too (REPORT.pinned), which passes it on to watchers (`map add` on a TTY
+          // shows it), a few times a second at most.
+          const sub = attached.sub;
+          if (p.done < p.total && now - relayed >= 250 && sub) {
+            relayed = now;
+            sub.report({ pinned: sub.domain.pinnedBytes + p.done }).catch(() => undefined);
+          }
           if (p.done < p.total && now - lastProgress < 200) return;
           lastProgress = now;
           log('pinning', `pinning ${p.region}: ${formatSize(p.done)} of ${formatSize(p.total)}`, { ...p });
         },
       });
+      attached.sub = vfio;
       const d = vfio.domain;
       log('backend', `${d.description}; devices ${d.devices.join(', ') || '(none)'}; pinned ${formatSize(d.pinnedBytes)}`, { ...d });
-      vfio.on('change', () => {
+      vfio.on(vfio.shadowing ? 'ioas' : 'change', () => {
         const dd = vfio.domain;
-        log('pinned', `${dd.backend}: pinned ${formatSize(dd.pinnedBytes)} once for ${dd.devices.length} device(s)`, { backend: dd.backend, pinned: dd.pinnedBytes, devices: dd.devices });
+        log('pinned', `${dd.backend}: pinned ${formatSize(dd.pinnedBytes)} once for ${dd.devices.length} device(s)${vfio.shadowing ? ` (shadow mode: ${dd.mappings.length} IOVA mapping(s))` : ''}`, { backend: dd.backend, pinned: dd.pinnedBytes, devices: dd.devices, ...(vfio.shadowing ? { mappings: dd.mappings.length } : {}) });
       });
-      const extra: ControlCommands = {
-        domain: () => ({ event: 'domain', ...vfio.domain }),
-        'attach-device': async (c) => {
-          await vfio.attachDevice(String(c.device));
-          return { event: 'domain', ...vfio.domain };
-        },
-        'detach-device': async (c) => {
-          await vfio.detachDevice(String(c.device));
-          return { event: 'domain', ...vfio.domain };
-        },
-      };
-      await follow(vfio, vfio.memory.regions.bind(vfio.memory), log, values.control ? { memory: vfio.memory, extra } : undefined);
+      await follow(vfio, vfio.memory.regions.bind(vfio.memory), log, stop, values.control ? { ...memoryCommands(vfio, vfio.memory), ...vfioCommands(vfio) } : undefined);
       return 0;
     }
     const sub = kind === 'vhost' ? await VhostSubscriber.attach(socket, opts) : await MappingSubscriber.attach(socket, opts);
-    await follow(sub, sub.memory.regions.bind(sub.memory), log, values.control ? { memory: sub.memory } : undefined);
+    await follow(sub, sub.memory.regions.bind(sub.memory), log, stop, values.control ? memoryCommands(sub, sub.memory) : undefined);
     return 0;
   },
 };
 
-export type Log = (event: string, text: string, data?: Record<string, unknown>) => void;
+type Log = (event: string, text: string, data?: Record<string, unknown>) => void;
 
-export interface GuestAccess {
-  read(gpa: number, length: number): Uint8Array;
-  write(gpa: number, data: Uint8Array): void;
-}
-
-/** Extra control commands a kind offers: each returns the reply to print. */
-export type ControlCommands = Record<string, CommandHandler>;
-
-/** The commands every kind answers under --control: read, write, regions; plus the kind's own. */
-export function control(sub: Subscriber, memory: GuestAccess, log: Log, extra: ControlCommands = {}): void {
-  let armed: 'nack' | 'hold' | undefined;
-  sub.on('change', (ev) => {
-    if (armed === undefined || ev.change.cause !== 'txn' || ev.change.added.length === 0) return;
-    const what = armed;
-    armed = undefined;
-    if (what === 'nack') {
-      ev.waitUntil(Promise.reject(new ClientRefusedError(`refusing generation ${ev.change.generation} on request (fault injection)`)));
-      return;
-    }
-    log('holding', `holding generation ${ev.change.generation} without acking (fault injection)`, { generation: ev.change.generation });
-    // Settles only when the change becomes void (rolled back, connection closed): the subscriber races it
-    // against its own closing, so close() still works.
-    ev.waitUntil(new Promise((resolve) => ev.signal.addEventListener('abort', resolve, { once: true })));
-  });
-  const arm = (what: 'nack' | 'hold') => () => {
-    armed = what;
-    return { event: 'armed', fault: what };
-  };
-  serveCommands({
-    'nack-next': arm('nack'),
-    'hold-next': arm('hold'),
-    read: (c) => ({ event: 'read', gpa: c.gpa, hex: Buffer.from(memory.read(Number(c.gpa), Number(c.len))).toString('hex') }),
-    write: (c) => {
-      memory.write(Number(c.gpa), Buffer.from(String(c.hex), 'hex'));
-      return { event: 'wrote', gpa: c.gpa };
-    },
-    regions: () => ({ event: 'regions', generation: sub.generation, regions: sub.regions().map(({ name, gpa, size, readonly }) => ({ name, gpa, size, readonly })) }),
-    ...extra,
-  });
-}
-
-/** Logs a subscriber's events until SIGTERM / SIGINT (or stdin's end under --control), then closes it. */
-export async function follow(
+/**
+ * Logs a subscriber's events until `stop` settles (SIGTERM / SIGINT, the device behind it gone), then
+ * closes it. The "attached" line is printed once the initial map is applied and acked; the caller
+ * installed its signal handlers before attaching, so a signal at any moment from then on detaches cleanly.
+ */
+async function follow(
   sub: Subscriber,
   mapped: () => readonly { region: { key: string }; address: number }[],
   log: Log,
-  access?: { memory: GuestAccess; extra?: ControlCommands },
-  /** Also stop when this settles (the device behind the subscriber went away). */
-  until?: Promise<void>,
+  stop: Promise<unknown>,
+  /** Under --control: the commands it answers on stdin. */
+  commands?: Commands,
 ): Promise<void> {
-  if (access) control(sub, access.memory, log, access.extra);
+  if (commands) serveCommands(commands);
   const addressOf = (key: string) => mapped().find((m) => m.region.key === key)?.address;
   sub.on('change', ({ change }) => {
     for (const r of change.removed) log('unmapped', `unmapped ${JSON.stringify(r.name)} gpa ${hex(r.gpa)} size ${formatSize(r.size)}`, { region: r.name, gpa: r.gpa, size: r.size });
@@ -274,14 +235,10 @@ export async function follow(
     generation: sub.generation,
     regions: sub.regions().map((r) => ({ name: r.name, gpa: r.gpa, size: r.size, address: addressOf(r.key), readonly: r.readonly })),
   });
-  await new Promise<void>((resolve) => {
-    process.once('SIGTERM', resolve);
-    process.once('SIGINT', resolve);
-    void until?.then(resolve);
-  });
+  await stop;
   await sub.close();
   log('detached', 'detached');
   // Under --control, stdin would keep the process alive after it detached.
-  if (access) process.stdin.destroy();
+  if (commands) process.stdin.destroy();
 }
 

@@ -10,17 +10,20 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { Broker } from '../../broker/index.js';
 import { FileDestination, KvmSubscriber, MappingSubscriber, Migration, OwnerClient } from '../../clients/index.js';
+import { IoasOwner } from '../../clients/ioas-owner.js';
 import { constants, native } from '../../native/index.js';
 import { isMmbError, type MmbError } from '../../protocol/index.js';
 import { formatBytes, formatSize, hex, parseCommand, type Command } from '../args.js';
-import { JsonProc } from '../child.js';
-import { memfdMappedBytes, vmLckKiB } from '../procfs.js';
+import { JsonProc } from '../../testkit/jsonproc.js';
+import { memfdMappedBytes, vmLckKiB } from '../../testkit/procfs.js';
+import { draw } from '../picture.js';
 
 const usage = `Usage: mmbroker demo [--json]
 
 Runs a broker with an embedded owner and three kinds of clients: kvm-like (in this process, a real KVM VM
 where /dev/kvm works), vhost-like and vfio-like (soft backend) as separate processes. Hotplugs and unplugs
-memory, shows refused hotplugs rolled back, migrates the space live to a sparse image, and prints what
+memory, shows refused hotplugs rolled back, migrates the space live to a sparse image, then puts a second
+vfio-like client behind a guest IOMMU (shadow mode: it pins only what the IOMMU maps), and prints what
 each client did, checked against /proc. Finishes on its own in well under a minute.
 
 Options:
@@ -112,8 +115,8 @@ export const demo: Command = {
       const ram = await memfd('ram', 4 * MiB);
       await step('base RAM', async () => {
         const r = await o.addRegion({ name: 'ram', gpa: 0, size: 4 * MiB, backing: ram.backing });
-        say('owner', `base RAM 4M at 0x0 (memfd "ram"): generation ${r.generation}`);
-        return '4M at 0x0';
+        say('owner', `base RAM 4 MiB at 0x0 (memfd "ram"): generation ${r.generation}`);
+        return '4 MiB at 0x0';
       });
 
       // The three kinds of clients.
@@ -142,10 +145,10 @@ export const demo: Command = {
         dimmGpa = await o.findFree(2 * MiB, { align: 2 * MiB, min: 0xfee0_0000, max: 2 ** 32 });
         const r = await o.addRegion({ name: 'dimm0', gpa: dimmGpa, size: 2 * MiB, backing: dimm.backing });
         const slot = k.slots().find((x) => x.name === 'dimm0');
-        say('owner', `hotplugged dimm0 2M at ${hex(dimmGpa)} (placed by FIND_FREE past the reserved MSI window): generation ${r.generation}, acked by all three`);
+        say('owner', `hotplugged dimm0 2 MiB at ${hex(dimmGpa)} (placed by FIND_FREE past the reserved MSI window): generation ${r.generation}, acked by all three`);
         say('kernel', `kvm slot ${slot?.slot} accepted by KVM_SET_USER_MEMORY_REGION; vhost maps dimm0 (${formatSize(memfdMappedBytes(vhost.pid, 'dimm0'))}); vfio VmLck ${formatSize(pinned())}`);
         if (pinned() < 6 * MiB || memfdMappedBytes(vhost.pid, 'dimm0') !== 2 * MiB || !slot) throw new Error('the kernel does not show dimm0 where it should be');
-        return `2M at ${hex(dimmGpa)}; vfio VmLck ${formatSize(pinned())}`;
+        return `2 MiB at ${hex(dimmGpa)}; vfio VmLck ${formatSize(pinned())}`;
       });
 
       // A vCPU writes into the hotplugged memory; the vhost-like process reads it through its own mapping.
@@ -244,6 +247,26 @@ export const demo: Command = {
         }
       });
 
+      // A device behind the guest's IOMMU (docs/ioas.md): in shadow mode a vfio-like client pins only what
+      // the guest's IOMMU maps for it, next to the one above that pins all guest RAM.
+      await step('shadow mode: pins only what the IOMMU maps', async () => {
+        const io = await IoasOwner.create(o, 'nic-iommu');
+        const shadow = await attach('vfio', ['--name', 'vfio-shadow', '--backend', 'soft', '--ioas', 'nic-iommu', '--device', 'nic1']);
+        const shadowPinned = () => vmLckKiB(shadow.pid) * 1024;
+        const attachedPins = shadowPinned();
+        // The guest's driver maps 16 buffers of 4 KiB for its device's DMA, at IOVAs of the guest's choosing.
+        await io.commit(Array.from({ length: 16 }, (_, i) => ({ op: 'map' as const, iova: 0x8000_0000 + i * 4096, gpa: 0x10_0000 + i * 4096, size: 4096 })));
+        const mapped = shadowPinned();
+        const ram = broker.status('vm0').spaces[0]?.bytes ?? 0;
+        say('vfio', `pid ${vfio.pid} pins all ${formatSize(ram)} of guest RAM: VmLck ${formatSize(pinned())}`);
+        say('vfio', `pid ${shadow.pid}, shadow mode (IOAS "nic-iommu"): VmLck ${formatBytes(attachedPins)} when attached, ${formatBytes(mapped)} once the guest's IOMMU mapped 16 pages`);
+        await io.unmap(0x8000_0000, 16 * 4096);
+        const after = shadowPinned();
+        say('owner', `the guest's invalidation of those 16 pages returned once the shadow client let go: its VmLck ${formatBytes(after)}`);
+        if (attachedPins !== 0 || mapped !== 16 * 4096 || after !== 0) throw new Error('the shadow client did not pin exactly what the IOAS mapped');
+        return `whole-map vfio VmLck ${formatSize(pinned())}; shadow VmLck 0, ${formatBytes(mapped)} mapped, 0 after the unmap`;
+      });
+
       const st = broker.status('vm0').spaces[0];
       const summary = {
         space: 'vm0',
@@ -261,9 +284,13 @@ export const demo: Command = {
         for (const s of steps) console.log(`  ${s.ok ? 'ok  ' : 'FAIL'} ${s.step.padEnd(42)} gen ${String(s.generation).padStart(2)} ${String(s.ms).padStart(8)} ms  ${s.detail.slice(0, 100)}`);
         console.log('\n  clients at the end:');
         for (const c of summary.clients ?? []) {
-          console.log(`    ${c.kind.padEnd(6)} ${c.name.padEnd(10)} pid ${String(c.pid).padEnd(7)} acked gen ${c.ackedGeneration}  ${c.backend ?? ''}${c.pin ? `  pinned ${formatSize(c.pin.actual ?? 0)} (predicted ${formatSize(c.pin.predicted)})` : ''}`);
+          console.log(`    ${c.kind.padEnd(6)} ${c.name.padEnd(12)} pid ${String(c.pid).padEnd(7)} acked gen ${c.ackedGeneration}  ${c.backend ?? ''}${c.pin ? `  pinned ${formatSize(c.pin.actual ?? 0)} (predicted ${formatSize(c.pin.predicted)})` : ''}`);
         }
         console.log(`\n  ${summary.ok ? 'all steps ok' : 'SOME STEPS FAILED'} in ${summary.seconds} s`);
+        // The map as it ends, as `mmbroker status` draws it (the reserved MSI window the vfio client reported,
+        // who maps and pins what).
+        console.log(`\nThe map at the end (mmbroker status --socket ${socket}):\n`);
+        console.log(draw(broker.status('vm0')));
       }
       return summary.ok ? 0 : 1;
     } finally {

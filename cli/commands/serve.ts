@@ -1,20 +1,32 @@
 import fs from 'node:fs';
 import pino from 'pino';
-import { Broker, DEFAULT_FENCE_OPTIONS } from '../../broker/index.js';
-import { DEFAULT_CONNECTION_LIMITS, DEFAULT_SPACE_LIMITS, InvalidArgError, UnsafePathError, type ConnectionLimits } from '../../protocol/index.js';
+import { Broker, BrokerMetrics, BROKER_VERSION, DEFAULT_FENCE_OPTIONS } from '../../broker/index.js';
+import { isNativeError } from '../../native/index.js';
+import { DEFAULT_CONNECTION_LIMITS, DEFAULT_SPACE_LIMITS, InvalidArgError, PROTOCOL_VERSION, UnsafePathError, isMmbError, type ConnectionLimits } from '../../protocol/index.js';
+import { listenFds } from '../../transport/index.js';
 import { parseCommand, parseCount, parseSize, readToken, required, type Command } from '../args.js';
+import { createLog, parseLogFormat, parseLogLevel } from '../logger.js';
+import { parseMetricsAddress, serveMetrics } from '../metrics-http.js';
+import { notifier } from '../sd-notify.js';
+import { stopRequested } from '../../testkit/signals.js';
 
-const usage = `Usage: mmbroker serve --socket PATH [--space NAME]... [options]
+const usage = `Usage: mmbroker serve [--socket PATH] [--space NAME]... [options]
 
 Serves address spaces on a Unix socket until SIGTERM or SIGINT, then says goodbye to every client and
-exits 0. Logs are JSON lines (pino) on stdout.
+exits 0. Logs go to stdout: readable lines on a terminal, JSON lines (pino) otherwise; the first one
+names the release. SIGHUP reopens --log-file (after logrotate); SIGUSR1 does nothing.
+
+Under systemd (contrib/systemd/, docs/operating.md): a socket passed by socket activation (LISTEN_FDS,
+LISTEN_PID) is served instead of binding --socket; with NOTIFY_SOCKET set the broker sends READY=1 once
+it serves, STOPPING=1 when it stops, and WATCHDOG=1 every WATCHDOG_USEC / 2.
 
 Spaces start unpublished: subscribers that attach (or reconnect after a restart of this broker) keep
 everything they hold and wait until the space's owner publishes its map (or \`mmbroker publish\`).
 A restart of the broker therefore never tears memory out of running clients.
 
 Options:
-  --socket PATH        socket to listen on (created 0600; its directory 0700 if it has to be created)
+  --socket PATH        socket to listen on (created 0600; its directory 0700 if it has to be created;
+                       default: $MMBROKER_SOCKET, else /run/memmap-broker/broker.sock)
   --space NAME         an address space to serve (repeatable; default: "default")
   --ack-timeout MS     how long a subscriber may take to ack a change before it is evicted
                        (default ${DEFAULT_SPACE_LIMITS.ackTimeoutMs})
@@ -51,7 +63,12 @@ Options:
   --socket-mode MODE   permission bits of the socket, octal (default 600): the allow-lists above only
                        matter for peers that can connect at all
   See docs/security.md for who may do what.
-  --log-level LEVEL    fatal, error, warn, info, debug, trace or silent (default info)
+  --log-level LEVEL    fatal, error, warn, info, debug, trace or silent (default: $LOG_LEVEL, else info)
+  --log-format F       auto (default: readable on a terminal, JSON otherwise), pretty or json
+  --log-file PATH      append JSON lines to PATH instead of stdout; SIGHUP reopens it
+  --metrics HOST:PORT  serve Prometheus metrics at http://HOST:PORT/metrics (loopback addresses only:
+                       127.0.0.1:9464, [::1]:9464, or a bare port; docs/operating.md lists the metrics)
+  --metrics-public     allow --metrics on a non-loopback address (the endpoint has no authentication)
   -h, --help           show this help`;
 
 export const serve: Command = {
@@ -81,8 +98,17 @@ export const serve: Command = {
       'fence-timeout': { type: 'string' },
       published: { type: 'boolean' },
       'socket-mode': { type: 'string' },
-      'log-level': { type: 'string' } }, usage);
+      'log-level': { type: 'string' },
+      'log-format': { type: 'string' },
+      'log-file': { type: 'string' },
+      metrics: { type: 'string' },
+      'metrics-public': { type: 'boolean' } }, usage);
     if (!values) return 0;
+    const level = values['log-level'] !== undefined ? parseLogLevel(values['log-level'], '--log-level') : parseLogLevel(process.env.LOG_LEVEL || 'info', 'LOG_LEVEL');
+    const format = parseLogFormat(values['log-format'] ?? 'auto');
+    const metricsAt = values.metrics !== undefined ? parseMetricsAddress(values.metrics, values['metrics-public'] ?? false) : undefined;
+    if (values['metrics-public'] && metricsAt === undefined) throw new InvalidArgError('--metrics-public goes with --metrics HOST:PORT');
+    const passed = listenFds();
     const socket = required(values, 'socket');
     const ids = (list: string[] | undefined, what: string) => list?.map((u) => parseCount(u, what));
     const allow = (uids: number[] | undefined, gids: number[] | undefined) => (uids || gids ? { uids: uids ?? [process.getuid?.() ?? 0], gids: gids ?? [] } : undefined);
@@ -92,7 +118,9 @@ export const serve: Command = {
     const mode = values['socket-mode'] !== undefined ? parseMode(values['socket-mode']) : undefined;
     const fencePolicy = values.fence ?? DEFAULT_FENCE_OPTIONS.policy;
     if (fencePolicy !== 'kill' && fencePolicy !== 'wait') throw new InvalidArgError(`--fence ${JSON.stringify(fencePolicy)} is not kill or wait`);
-    const logger = pino({ level: values['log-level'] ?? 'info', base: { pid: process.pid } });
+    const log = createLog({ level, format, ...(values['log-file'] !== undefined ? { file: values['log-file'] } : {}) });
+    const logger = log.logger;
+    logger.info({ version: BROKER_VERSION, protocol: PROTOCOL_VERSION, node: process.version, logs: log.target }, `memmap-broker ${BROKER_VERSION} starting`);
     const broker = new Broker({
       spaces: values.space?.length ? values.space : ['default'],
       logger,
@@ -120,16 +148,41 @@ export const serve: Command = {
         ...(values['max-outbound'] ? { maxOutboundBytes: parseSize(values['max-outbound'], '--max-outbound') } : {}),
       },
     });
-    broker.listen(socket, mode !== undefined ? { mode } : {});
-    await new Promise<void>((resolve) => {
-      const stop = (signal: string) => {
-        logger.info({ signal }, 'shutting down');
-        resolve();
-      };
-      process.once('SIGTERM', () => stop('SIGTERM'));
-      process.once('SIGINT', () => stop('SIGINT'));
-    });
+    const sd = notifier((message, err) => logger.warn({ err: (err as Error).message }, message));
+    // Handled before "listening" is logged: whoever starts the broker may stop it the moment it reads that line.
+    const stop = stopRequested();
+    let metricsServer: import('node:http').Server | undefined;
+    try {
+      if (passed.length > 0) {
+        // Socket activation: the service manager bound the socket (and keeps it across our restarts).
+        if (argv.some((a) => a === '--socket' || a.startsWith('--socket='))) logger.warn({ socket }, 'a socket was passed by the service manager: --socket is not bound');
+        for (const p of passed) broker.listenOn(p.fd, mode !== undefined ? { mode } : {});
+      } else {
+        listenAt(broker, socket, mode);
+      }
+      if (metricsAt) {
+        const m = await serveMetrics(new BrokerMetrics(broker), metricsAt);
+        metricsServer = m.server;
+        logger.info({ host: m.address.host, port: m.address.port, url: `http://${m.address.host.includes(':') ? `[${m.address.host}]` : m.address.host}:${m.address.port}/metrics` }, 'metrics served');
+      }
+    } catch (err) {
+      await broker.close();
+      throw err;
+    }
+    sd?.ready(`serving ${broker.status().spaces.length} address space(s)`);
+    const watchdogMs = sd?.startWatchdog();
+    if (watchdogMs !== undefined) logger.info({ everyMs: watchdogMs }, 'watchdog pings to the service manager');
+    const reopen = () => {
+      const reopened = log.reopen();
+      logger.info({ signal: 'SIGHUP' }, reopened ? `log file ${log.target} reopened` : 'SIGHUP: logs go to stdout, nothing to reopen');
+    };
+    process.on('SIGHUP', reopen);
+    logger.info({ signal: await stop }, 'shutting down');
+    sd?.stopping();
+    process.off('SIGHUP', reopen);
+    metricsServer?.close();
     await broker.close();
+    sd?.close();
     logger.flush?.();
     return 0;
   },
@@ -173,6 +226,17 @@ function readSecret(file: string): string {
     }
   } finally {
     fs.closeSync(fd);
+  }
+}
+
+/** broker.listen, with a system error about the path (EACCES, ENOTDIR, ...) said as one about --socket. */
+function listenAt(broker: Broker, socket: string, mode: number | undefined): void {
+  try {
+    broker.listen(socket, mode !== undefined ? { mode } : {});
+  } catch (err) {
+    if (isMmbError(err)) throw err;
+    const code = isNativeError(err) || (err as NodeJS.ErrnoException).code ? (err as NodeJS.ErrnoException).code : undefined;
+    throw new InvalidArgError(`--socket ${socket}: cannot listen there (${code ?? (err as Error).message})${code === 'EACCES' ? ': its directory is not writable by this user' : ''}`, { cause: err });
   }
 }
 

@@ -4,6 +4,6 @@ export { KvmApplier, replacesInPlace, type SlotInfo, type ProgramOptions, type A
 export { planSlots, applyPlan, tableAfter, indexByKey, flagsOf, opArgs, undoArgs, describeSlot, type Slot, type SlotTable, type SlotOp, type SlotPlan, type SlotChange, type PlanOptions } from './slots.js';
 export { KvmVm, kvmError, type KvmCapabilities, type KvmVmOptions } from './vm.js';
 export { SoftwareMemslots, type SoftwareMemslotsOptions } from './software.js';
-export { KvmVcpu, assembleProgram, assembleCounterLoop, type GuestWrite, type Program, type RunResult, type GuestRun, type GuestRunResult, type ExitRecord } from './vcpu.js';
+export { KvmVcpu, assembleProgram, assembleCounterLoop, type GuestWrite, type Program, type RunResult, type GuestRun, type GuestRunResult, type ExitRecord, type VcpuState } from './vcpu.js';
 export type { MemslotBackend, BackendName } from './backend.js';
 export * as kvmAbi from './abi.js';

@@ -155,6 +155,18 @@ export interface GuestRun {
   stop(): Promise<GuestRunResult>;
 }
 
+/**
+ * The architectural state of a vCPU that a migration carries, as the kernel's own structs: `regs` is
+ * struct kvm_regs (KVM_GET_REGS, 144 bytes), `sregs` struct kvm_sregs (KVM_GET_SREGS, 312 bytes), byte for
+ * byte, so no 64-bit value passes through a JS number. Enough for the guests this client runs (no FPU use,
+ * no interrupt controller); a VMM running a real OS also carries XSAVE, XCRS, MSRs, LAPIC, vCPU events and
+ * debug registers (KVM_GET_XSAVE, ...), which the addon does not whitelist.
+ */
+export interface VcpuState {
+  regs: Uint8Array;
+  sregs: Uint8Array;
+}
+
 export interface RunResult {
   /** Exits to user space before the halt (KVM_EXIT_INTR included). */
   exits: number;
@@ -346,6 +358,40 @@ export class KvmVcpu {
     this.ioctl(KVM_SET_REGS, packRegs(r), 'KVM_SET_REGS');
   }
 
+  /**
+   * The vCPU's registers (VcpuState), for a migration. The vCPU must be out of KVM_RUN (parked, stopped,
+   * or never run): the kernel serializes vCPU ioctls, so a KVM_GET_REGS issued while a run is in progress
+   * would block this thread until the guest exits. MMB_ERR_KVM (EBUSY) otherwise.
+   */
+  saveState(): VcpuState {
+    this.assertOutOfRun('saving the registers of');
+    const regs = new Uint8Array(REGS.size);
+    const sregs = new Uint8Array(SREGS.size);
+    this.ioctl(KVM_GET_REGS, regs, 'KVM_GET_REGS');
+    this.ioctl(KVM_GET_SREGS, sregs, 'KVM_GET_SREGS');
+    return { regs, sregs };
+  }
+
+  /**
+   * Loads registers saved by saveState() (on another vCPU, another VM, another host of the same
+   * architecture): KVM_SET_SREGS, then KVM_SET_REGS. Then runGuest() without a rip resumes the guest
+   * where it was. The vCPU must be out of KVM_RUN (MMB_ERR_KVM, EBUSY); sizes are checked
+   * (MMB_ERR_INVALID_ARG).
+   */
+  restoreState(state: VcpuState): void {
+    for (const [what, buf, size] of [['regs', state.regs, REGS.size], ['sregs', state.sregs, SREGS.size]] as const) {
+      if (!(buf instanceof Uint8Array) || buf.length !== size) throw new InvalidArgError(`vCPU state: ${what} must be ${size} bytes (struct kvm_${what}), got ${buf instanceof Uint8Array ? buf.length : typeof buf}`);
+    }
+    this.assertOutOfRun('restoring the registers of');
+    // Copies: the ioctl wants a buffer it may own for the call, and the caller's may be a view of anything.
+    this.ioctl(KVM_SET_SREGS, Uint8Array.from(state.sregs), 'KVM_SET_SREGS');
+    this.ioctl(KVM_SET_REGS, Uint8Array.from(state.regs), 'KVM_SET_REGS');
+  }
+
+  private assertOutOfRun(what: string): void {
+    if (this.inRun) throw new KvmError(`[kvm] ${what} vCPU ${this.id}: it is in KVM_RUN (park or stop it first)`, { errno: 'EBUSY' });
+  }
+
   /** The parts of kvm_sregs this client sets: segments, CR0, CR4, EFER. */
   getSregs(): { cr0: number; cr4: number; efer: number; cs: Segment; ds: Segment; es: Segment; ss: Segment } {
     const buf = new Uint8Array(SREGS.size);
@@ -437,16 +483,17 @@ export class KvmVcpu {
    * Runs a guest from `rip` until it halts or stop() is called, on its own (changes may be applied
    * meanwhile: park() holds it out of KVM_RUN). MMIO and port I/O exits are recorded and the guest goes
    * on (an MMIO read gets zeros); KVM_EXIT_DIRTY_RING_FULL is handled; any other exit ends the run with
-   * MMB_ERR_KVM.
+   * MMB_ERR_KVM. Without `rip` the guest goes on from the registers as they are (after restoreState(), or
+   * after a previous run was stopped); with it, RIP is set and the general registers are cleared.
    */
-  runGuest(rip: number): GuestRun {
+  runGuest(rip?: number): GuestRun {
     // Refused here, not through `done`: the caller learns at once that nothing runs.
     if (this.closed) throw new KvmError(`[kvm] vCPU ${this.id} is closed`, { errno: 'EBADF' });
     if (this.running) throw new KvmError(`[kvm] vCPU ${this.id} is already running`, { errno: 'EBUSY' });
     const exits: ExitRecord[] = [];
     let ended = false;
     const done = this.exclusive(async (): Promise<GuestRunResult> => {
-      this.setRegs({ rip, rflags: 2 });
+      if (rip !== undefined) this.setRegs({ rip, rflags: 2 });
       try {
         for (;;) {
           if (!(await this.enter())) return { halted: false, rip: this.getRegs().rip, exits };

@@ -1,30 +1,53 @@
-// Iterative pre-copy migration of an address space (the classic live-migration loop):
-//   1. turn dirty logging on for every region, and clear what the bitmaps hold;
-//   2. round 0 copies everything;
-//   3. each further round syncs (get-and-clear of every writer's dirty bits) and copies what got dirty,
-//      until what is left is small (stopBytes), the dirty set stops shrinking (a writer dirtying as fast
-//      as we copy, or one that reports everything, like VFIO without dirty tracking), or the round limit
-//      is hit;
-//   4. the writers are paused (PAUSE: every writing subscriber stops and acks), a last sync is copied,
-//      and the destination is verified byte for byte against the source;
-//   5. the writers resume (unless asked to stay paused), logging goes back to how it was.
-// The map must not change meanwhile: a transaction during the migration aborts it (MMB_ERR_STALE_GENERATION).
-import { DIRTY_PAGE_SIZE, InternalError, StaleGenerationError, forEachBitRun, type Region } from '../../protocol/index.js';
+// Iterative pre-copy migration of an address space (the classic live-migration loop), while the guest
+// keeps writing and its map keeps changing:
+//   1. device clients that would make the copy wrong block it (blockers.ts) unless the owner accepts the
+//      risk; logging is turned on for every region, and one sync starts from a clean slate;
+//   2. round 0 copies every region whole (only where its backing holds data);
+//   3. each further round syncs (get-and-clear of every writer's dirty bits), then reads the map: regions
+//      added since are logged and copied whole, removed ones are dropped at the destination, flag changes
+//      are carried; the destination is told the map at every round; then the dirty pages are copied. It
+//      goes on until what is left is small (stopBytes), the dirty set stops shrinking, or the round limit;
+//   4. once the destination holds everything sent so far, the writers are paused (PAUSE: every writing
+//      subscriber stops and acks), the last dirty pages (and
+//      any region still to copy) are copied, until the map is the same before and after the copy; the
+//      destination confirms it holds every byte (the downtime ends there), is verified against the source,
+//      and commits (a space is published);
+//   5. the writers resume (unless asked to stay paused); logging goes back to how it was.
+// Transactions are never refused because a migration runs. A failure anywhere (a broken connection to a
+// remote destination included) aborts the destination (nothing half-copied is published) and resumes the
+// writers: the source goes on as if nothing happened.
+//
+// Correctness rests on one order: a region's logging is on (its transaction acked by every writer)
+// before its whole copy starts, so every write after the copy read a page is in a later sync. Bytes are
+// read with pread(2) from the reader's fd of the region's own backing, looked up for every chunk: a region
+// being replaced at the same address is never read through the other one's memory, and reading a hole
+// allocates nothing in the source.
+import { DIRTY_PAGE_SIZE, InternalError, InvalidArgError, forEachBitRun, isMmbError, type Region, type StatusResult } from '../../protocol/index.js';
 import type { MappingSubscriber } from '../plain.js';
 import type { OwnerClient } from '../owner.js';
-import type { Destination } from './destination.js';
-import { dataExtents, unionExtents } from './extents.js';
+import { migrationBlockers, MigrationBlockedError, type MigrationBlocker } from './blockers.js';
+import { mapChanges, type Destination, type MigrationMap } from './destination.js';
+import { dataExtents } from './extents.js';
+import type { StreamRegion } from './stream.js';
+import { preadFull, type MemoryImage, type VerifyResult } from './verify.js';
 
 export interface MigrationOptions {
   /** Most dirty rounds after the first full copy. Default 30. */
   maxRounds?: number;
   /** Stop iterating once a round leaves at most this many dirty bytes. Default 1 MiB. */
   stopBytes?: number;
-  /** Leave the writers paused at the end (the source stops for good). Default false: they resume. */
+  /** Leave the writers paused at the end of a successful migration (the source stops for good). Default false. */
   keepPaused?: boolean;
   /** Compare the destination with the source while paused. Default true. */
   verify?: boolean;
-  onProgress?: (p: MigrationProgress) => void;
+  /** Migrate although device clients block it (blockers.ts): their DMA or state may be lost. Default false. */
+  acceptDeviceRisk?: boolean;
+  /** Guest bytes per write to the destination. Default 1 MiB. */
+  chunkBytes?: number;
+  /** Each round's figures; a returned promise is awaited before the next round. */
+  onProgress?: (p: MigrationProgress) => void | Promise<void>;
+  /** Aborting it aborts the migration (the destination is aborted, the writers resume). */
+  signal?: AbortSignal;
 }
 
 export interface MigrationProgress {
@@ -37,58 +60,105 @@ export interface MigrationProgress {
   /** Bytes that got dirty per second since the previous round. */
   dirtyRate: number;
   ms: number;
+  /** The source's generation this round's map is from, and its regions. */
+  generation: number;
+  regions: number;
+  /** Map changes since the previous round (region names). */
+  added: string[];
+  removed: string[];
+  changed: string[];
 }
 
 export interface MigrationResult {
   rounds: MigrationProgress[];
   /** Bytes sent in all rounds. */
   totalBytes: number;
-  /** Bytes of guest memory migrated. */
+  /** Bytes of guest memory in the final map. */
   memoryBytes: number;
   /** How long the writers were paused (verification included). */
   pausedMs: number;
-  /** Downtime: from the pause until the last dirty page was copied (before verification). */
+  /** Downtime: from the pause until the destination confirmed the last byte (verification excluded). */
   downtimeMs: number;
   verified: boolean | undefined;
+  /** What verification found (the first difference, if any). */
+  verification?: VerifyResult;
   converged: boolean;
   /** Why iteration stopped: little left, no more progress, or the round limit. */
   stopReason: 'converged' | 'not-shrinking' | 'round-limit';
+  /** The map the destination holds at the end, and the source generation it is from. */
+  finalMap: StreamRegion[];
+  finalGeneration: number;
+  /** Device clients migrated although they block migration (acceptDeviceRisk). */
+  acceptedRisks: MigrationBlocker[];
   ms: number;
 }
 
 const PAGE = DIRTY_PAGE_SIZE;
-const COPY_CHUNK = 1 << 20;
-
 const ZERO_PAGE = Buffer.alloc(PAGE);
+/** Rounds of the paused phase before giving up on a map that keeps changing. */
+const MAX_FINAL_PASSES = 20;
+
+interface Tracked {
+  region: Region;
+  /** Copied whole since its logging was last turned on (or found on). */
+  sent: boolean;
+  /** Ever copied: the destination's region holds its bytes (a fresh one reads zero). */
+  everSent: boolean;
+}
+
+const toStream = (r: Region): StreamRegion => ({ id: r.id, name: r.name, gpa: r.gpa, size: r.size, readonly: r.readonly });
 
 export class Migration {
+  private readonly tracked = new Map<number, Tracked>();
+  /** Regions whose logging this migration turned on (and turns off at the end). */
+  private readonly turnedOn = new Set<number>();
+  private lastMap: StreamRegion[] = [];
+  private chunk = 1 << 20;
+  private scratch = Buffer.alloc(0);
+  private signal: AbortSignal | undefined;
+  private started = false;
+
   constructor(
     private readonly owner: OwnerClient,
     /** Reads the source: a subscriber attached with writes: false. */
     private readonly reader: MappingSubscriber,
-    private readonly dest: Destination & { skipsZeroPages?: boolean },
+    private readonly dest: Destination,
   ) {}
 
+  /** Runs the migration; once per Migration (it keeps the state of the rounds). */
   async run(opts: MigrationOptions = {}): Promise<MigrationResult> {
+    if (this.started) throw new InvalidArgError('a Migration runs once: make a new one (and a new destination) to migrate again');
+    this.started = true;
     const maxRounds = opts.maxRounds ?? 30;
     const stopBytes = opts.stopBytes ?? 1 << 20;
+    this.chunk = opts.chunkBytes ?? 1 << 20;
+    this.signal = opts.signal;
     const started = performance.now();
-    const st = (await this.owner.status(this.owner.space)).spaces[0];
-    if (!st) throw new InternalError(`no status for ${this.owner.space}`);
-    const regions: Region[] = st.regions.map((r) => ({ ...r }));
-    const generation0 = st.generation;
-    const wasLogging = new Set(regions.filter((r) => r.logDirty).map((r) => r.id));
-    const result: MigrationResult = { rounds: [], totalBytes: 0, memoryBytes: regions.reduce((n, r) => n + r.size, 0), pausedMs: 0, downtimeMs: 0, verified: undefined, converged: false, stopReason: 'round-limit', ms: 0 };
-    const toLog = regions.filter((r) => !wasLogging.has(r.id));
-    let generation = generation0;
-    if (toLog.length > 0) generation = (await this.owner.commit(toLog.map((r) => ({ op: 'set' as const, region: r.id, logDirty: true })))).generation;
-    await this.waitFor(generation);
+    const st = await this.space();
+    const blockers = migrationBlockers(st.clients);
+    if (blockers.length > 0 && !opts.acceptDeviceRisk) throw new MigrationBlockedError(blockers);
+    const result: MigrationResult = {
+      rounds: [],
+      totalBytes: 0,
+      memoryBytes: 0,
+      pausedMs: 0,
+      downtimeMs: 0,
+      verified: undefined,
+      converged: false,
+      stopReason: 'round-limit',
+      finalMap: [],
+      finalGeneration: st.generation,
+      acceptedRisks: blockers,
+      ms: 0,
+    };
     let paused = false;
+    let succeeded = false;
+    let opened = false;
     try {
-      (await this.owner.dirtySync()).release(); // start from a clean slate: what follows is dirtier than round 0
-      await this.dest.prepare(regions);
+      await this.dest.open({ space: this.owner.space, epoch: st.epoch, memoryBytes: st.regions.reduce((n, r) => n + r.size, 0) });
+      opened = true;
       let last = performance.now();
-      const record = (round: number, phase: MigrationProgress['phase'], pages: number, dirtyBytes: number) => {
+      const record = async (round: number, phase: MigrationProgress['phase'], pages: number, dirtyPages: number, map: MigrationMap, changes: ReturnType<typeof mapChanges>) => {
         const now = performance.now();
         const p: MigrationProgress = {
           round,
@@ -96,133 +166,312 @@ export class Migration {
           pages,
           bytes: pages * PAGE,
           totalBytes: (result.totalBytes += pages * PAGE),
-          dirtyRate: phase === 'full' ? 0 : Math.round(dirtyBytes / Math.max(1e-3, (now - last) / 1000)),
+          dirtyRate: phase === 'full' ? 0 : Math.round((dirtyPages * PAGE) / Math.max(1e-3, (now - last) / 1000)),
           ms: +(now - last).toFixed(1),
+          generation: map.generation,
+          regions: map.regions.length,
+          added: changes.added.map((r) => r.name),
+          removed: changes.removed.map((r) => r.name),
+          changed: changes.flags.map((r) => r.name),
         };
         last = now;
         result.rounds.push(p);
-        opts.onProgress?.(p);
+        await opts.onProgress?.(p);
         return p;
       };
 
-      // Round 0: everything, reading only where the backing holds data (holes are zero, and faulting
-      // them in through a shared mapping would allocate them in the source).
-      let pages = 0;
-      for (const r of regions) {
-        for (const [from, to] of this.sourceExtents(r)) pages += this.copy(from, to - from, this.dest.skipsZeroPages === true);
-      }
-      record(0, 'full', pages, 0);
+      // Round 0: logging on everywhere (refresh), a clean slate, everything whole.
+      let { map, changes } = await this.refresh(0, 'full', false);
+      (await this.owner.dirtySync()).release();
+      this.checkAborted();
+      let pages = await this.copyUnsent();
+      await record(0, 'full', pages, 0, map, changes);
 
       // Dirty rounds.
       let previous = Number.POSITIVE_INFINITY;
       for (let round = 1; round <= maxRounds; round++) {
-        const copied = await this.copyDirty(generation);
-        record(round, 'dirty', copied, copied * PAGE);
-        if (copied * PAGE <= stopBytes) {
+        const r = await this.dirtyRound(round, 'dirty', false);
+        await record(round, 'dirty', r.pages, r.dirty, r.map, r.changes);
+        if (r.pages * PAGE <= stopBytes) {
           result.converged = true;
           result.stopReason = 'converged';
           break;
         }
-        if (round >= 3 && copied >= 0.9 * previous) {
+        if (round >= 3 && r.pages >= 0.9 * previous) {
           result.stopReason = 'not-shrinking';
           break;
         }
-        previous = copied;
+        previous = r.pages;
       }
 
-      // Stop the writers, copy the rest, verify.
+      // Everything sent so far in place first (a remote receiver may be behind by what the socket holds),
+      // so that the downtime covers only what the last round sends.
+      await this.dest.flush();
+      // Stop the writers; copy what is left until the map holds still; the destination confirms.
       const pauseStart = performance.now();
       await this.owner.pause();
       paused = true;
-      const copied = await this.copyDirty(generation);
-      record(result.rounds.length, 'final', copied, copied * PAGE);
+      pages = 0;
+      let dirty = 0;
+      const all: ReturnType<typeof mapChanges> = { added: [], removed: [], flags: [] };
+      for (let pass = 0; ; pass++) {
+        if (pass >= MAX_FINAL_PASSES) throw new InternalError(`the map kept changing while the writers were paused (${MAX_FINAL_PASSES} passes)`);
+        const r = await this.dirtyRound(result.rounds.length, 'final', true);
+        pages += r.pages;
+        dirty += r.dirty;
+        all.added.push(...r.changes.added);
+        all.removed.push(...r.changes.removed);
+        all.flags.push(...r.changes.flags);
+        map = r.map;
+        const now = (await this.space()).generation;
+        if (now === map.generation && [...this.tracked.values()].every((t) => t.sent)) break;
+      }
+      await this.dest.flush();
       result.downtimeMs = +(performance.now() - pauseStart).toFixed(1);
-      if (opts.verify !== false) result.verified = this.verify(regions);
-      if (!opts.keepPaused) {
+      await record(result.rounds.length, 'final', pages, dirty, map, all);
+      result.finalMap = map.regions;
+      result.finalGeneration = map.generation;
+      result.memoryBytes = map.regions.reduce((n, r) => n + r.size, 0);
+      if (opts.verify !== false) {
+        result.verification = await this.dest.verify(this.sourceImage(), map);
+        result.verified = result.verification.identical;
+      }
+      if (result.verified === false) {
+        await this.dest.abort(new InternalError(`verification failed: ${result.verification?.difference ?? ''}`));
+      } else {
+        await this.dest.commit();
+        succeeded = true;
+      }
+      if (!(succeeded && opts.keepPaused)) {
         await this.owner.resume();
         paused = false;
       }
       result.pausedMs = +(performance.now() - pauseStart).toFixed(1);
+    } catch (err) {
+      if (opened) await this.dest.abort(err).catch(() => undefined);
+      throw err;
     } finally {
-      if (paused && !opts.keepPaused) await this.owner.resume().catch(() => undefined);
-      if (toLog.length > 0) await this.owner.commit(toLog.map((r) => ({ op: 'set' as const, region: r.id, logDirty: false }))).catch(() => undefined);
-      await this.dest.finish();
+      // Whatever happened, the source goes on: writers resumed (unless a successful migration keeps them
+      // paused), logging back to how it was.
+      if (paused && !(succeeded && opts.keepPaused)) await this.owner.resume().catch(() => undefined);
+      await this.restoreLogging();
+      await this.dest.close().catch(() => undefined);
     }
     result.ms = +(performance.now() - started).toFixed(1);
     return result;
   }
 
-  /** Waits until the reader follows `generation`. */
-  private async waitFor(generation: number): Promise<void> {
-    while (this.reader.generation < generation) await new Promise((r) => setTimeout(r, 1));
+  private async space(): Promise<StatusResult['spaces'][number]> {
+    const st = (await this.owner.status(this.owner.space)).spaces[0];
+    if (!st) throw new InternalError(`no status for ${this.owner.space}`);
+    return st;
   }
 
-  /** One sync, then the dirty pages copied; returns how many. */
-  private async copyDirty(generation: number): Promise<number> {
+  private checkAborted(): void {
+    if (this.signal?.aborted) throw isMmbError(this.signal.reason) ? this.signal.reason : new InternalError(`the migration was aborted: ${String(this.signal.reason)}`);
+  }
+
+  /** One sync, the map read after it, what is new copied whole and the dirty pages of the rest. */
+  private async dirtyRound(round: number, phase: MigrationProgress['phase'], paused: boolean) {
+    this.checkAborted();
     const snap = await this.owner.dirtySync();
     try {
-      const now = (await this.owner.status(this.owner.space)).spaces[0]?.generation;
-      if (now !== generation) throw new StaleGenerationError(`the map changed during the migration (generation ${generation} -> ${now})`);
-      let pages = 0;
+      const { map, changes } = await this.refresh(round, phase, paused);
+      await this.waitReader(map.generation);
+      // Dirty pages of regions copied whole before (one copied whole now needs none).
+      const sentBefore = new Set([...this.tracked.values()].filter((t) => t.sent).map((t) => t.region.id));
+      let pages = await this.copyUnsent();
+      let dirty = 0;
       for (const r of snap.regions) {
+        if (!sentBefore.has(r.region)) continue;
+        const runs: [number, number][] = [];
         forEachBitRun(r.bits, r.pages, (first, count) => {
-          pages += this.copy(r.gpa + first * PAGE, count * PAGE, false);
+          runs.push([first, count]);
         });
+        for (const [first, count] of runs) {
+          dirty += count;
+          const n = await this.copy(r.region, first * PAGE, count * PAGE, false);
+          if (n < 0) break; // the reader does not hold it now: the region is copied whole at the next pass
+          pages += n;
+        }
       }
-      return pages;
+      return { map, changes, pages, dirty };
     } finally {
       snap.release();
     }
   }
 
-  /** GPA extents of region `r` where its backing holds data. */
-  private sourceExtents(r: Region): [number, number][] {
-    const b = this.reader.backing(r.backing);
-    if (!b) return [[r.gpa, r.gpa + r.size]];
-    return dataExtents(b.fd, r.offset, r.offset + r.size).map(([a, z]) => [a - r.offset + r.gpa, z - r.offset + r.gpa]);
+  /**
+   * Reads the source's map: regions not logging have logging turned on (not while paused: nothing
+   * writes) and are copied whole; removed ones are forgotten; the destination is told the map.
+   */
+  private async refresh(round: number, phase: MigrationProgress['phase'], paused: boolean): Promise<{ map: MigrationMap; changes: ReturnType<typeof mapChanges> }> {
+    let st = await this.space();
+    if (!paused) {
+      const off = st.regions.filter((r) => !r.logDirty);
+      if (off.length > 0) {
+        await this.enableLogging(off);
+        st = await this.space();
+      }
+    }
+    const now = new Map(st.regions.map((r) => [r.id, r]));
+    for (const id of [...this.tracked.keys()]) if (!now.has(id)) this.tracked.delete(id);
+    for (const r of st.regions) {
+      const t = this.tracked.get(r.id);
+      if (!t) this.tracked.set(r.id, { region: r, sent: false, everSent: false });
+      else {
+        // Logging turned off behind our back: what was written meanwhile is unknown, copy it whole again.
+        if (!r.logDirty && !paused) t.sent = false;
+        t.region = r;
+      }
+    }
+    const map: MigrationMap = { round, phase, generation: st.generation, regions: st.regions.map(toStream) };
+    const changes = mapChanges(this.lastMap, map.regions);
+    await this.dest.setMap(map);
+    this.lastMap = map.regions;
+    return { map, changes };
   }
 
-  /** Copies [gpa, gpa + size) to the destination, page aligned; returns the pages sent. */
-  private copy(gpa: number, size: number, skipZero: boolean): number {
+  /** Turns logging on for `regions`, one commit; a region removed meanwhile is skipped. */
+  private async enableLogging(regions: readonly Region[]): Promise<void> {
+    const on = async (rs: readonly Region[]) => {
+      await this.owner.commit(rs.map((r) => ({ op: 'set' as const, region: r.id, logDirty: true })));
+      for (const r of rs) this.turnedOn.add(r.id);
+    };
+    try {
+      await on(regions);
+    } catch (err) {
+      if (!isMmbError(err, 'MMB_ERR_NO_REGION')) throw err;
+      // One of them went away meanwhile: one by one, skipping the ones gone.
+      for (const r of regions) await on([r]).catch((e: unknown) => (isMmbError(e, 'MMB_ERR_NO_REGION') ? undefined : Promise.reject(e)));
+    }
+  }
+
+  /** Turns off the logging this migration turned on, for the regions still there. */
+  private async restoreLogging(): Promise<void> {
+    const ids = [...this.turnedOn];
+    this.turnedOn.clear();
+    if (ids.length === 0) return;
+    const present = new Set((await this.space().catch(() => undefined))?.regions.map((r) => r.id) ?? []);
+    const ops = ids.filter((id) => present.has(id)).map((id) => ({ op: 'set' as const, region: id, logDirty: false }));
+    if (ops.length === 0) return;
+    await this.owner.commit(ops).catch(async () => {
+      for (const op of ops) await this.owner.commit([op]).catch(() => undefined);
+    });
+  }
+
+  /** Waits until the reader has applied generation `g` (it acked it before the broker committed it). */
+  private async waitReader(g: number): Promise<void> {
+    while (this.reader.generation < g) {
+      this.checkAborted();
+      await new Promise((r) => setTimeout(r, 1));
+    }
+  }
+
+  /** Copies every tracked region not yet copied whole; returns the pages sent. */
+  private async copyUnsent(): Promise<number> {
     let pages = 0;
-    const first = Math.floor(gpa / PAGE) * PAGE;
-    const end = Math.ceil((gpa + size) / PAGE) * PAGE;
-    for (let at = first; at < end; at += COPY_CHUNK) {
-      let pos = at;
-      for (const view of this.reader.memory.segments(at, Math.min(COPY_CHUNK, end - at))) {
-        if (!skipZero) {
-          this.dest.write(pos, view);
-          pages += view.length / PAGE;
-        } else {
-          for (let p = 0; p < view.length; p += PAGE) {
-            const page = view.subarray(p, p + PAGE);
-            if (ZERO_PAGE.compare(page) === 0) continue;
-            this.dest.write(pos + p, page);
-            pages++;
-          }
+    for (const t of [...this.tracked.values()].sort((a, b) => a.region.gpa - b.region.gpa)) {
+      if (t.sent) continue;
+      const b = this.reader.backing(t.region.backing);
+      // Only where the backing holds data: holes read zero, and faulting them in through a shared mapping
+      // would allocate them in the source. A region the destination never had reads zero there too.
+      const extents = b ? dataExtents(b.fd, t.region.offset, t.region.offset + t.region.size).map(([a, z]) => [a - t.region.offset, z - t.region.offset] as const) : [[0, t.region.size] as const];
+      let complete = true;
+      for (const [from, to] of extents) {
+        const n = await this.copy(t.region.id, from, to - from, this.dest.zeroFilled && !t.everSent);
+        if (n < 0) {
+          complete = false;
+          break;
         }
-        pos += view.length;
+        pages += n;
+      }
+      // A region the reader does not map (yet) is copied at the next pass.
+      if (complete && this.tracked.get(t.region.id) === t) {
+        t.sent = true;
+        t.everSent = true;
       }
     }
     return pages;
   }
 
-  /** True when every byte of every region reads the same at the source and the destination. */
-  private verify(regions: readonly Region[]): boolean {
-    for (const r of regions) {
-      // Outside the data of both sides, both read zero.
-      for (const [from, to] of unionExtents(this.sourceExtents(r), this.dest.dataExtents(r.gpa, r.size))) {
-        for (let at = from; at < to; at += COPY_CHUNK) {
-          const n = Math.min(COPY_CHUNK, to - at);
-          let pos = at;
-          for (const view of this.reader.memory.segments(at, n)) {
-            const theirs = this.dest.read(pos, view.length);
-            if (Buffer.from(view.buffer, view.byteOffset, view.byteLength).compare(theirs) !== 0) return false;
-            pos += view.length;
-          }
+  /** The reader's fd of region `t`'s backing and the region's offset in it, if the reader holds it now. */
+  private source(t: Tracked): { fd: number; offset: number } | undefined {
+    if (this.tracked.get(t.region.id) !== t) return undefined;
+    const b = this.reader.backing(t.region.backing);
+    if (!b) {
+      t.sent = false;
+      return undefined;
+    }
+    return { fd: b.fd, offset: t.region.offset };
+  }
+
+  /**
+   * Copies region `id`'s bytes [offset, offset + size) (page aligned) to the destination, in chunks, each
+   * read with pread(2) from the reader's fd of the region's backing, looked up again for every chunk (a
+   * transaction may change the map while a write waits; a region's backing never changes, and pread of a
+   * hole returns zeros without allocating anything in the source). `skipZero`: pages that read all zero
+   * are not sent. Returns the pages sent, or -1 when the reader does not hold the backing (the region is
+   * gone, or its transaction not applied yet): the caller copies it again later.
+   */
+  private async copy(id: number, offset: number, size: number, skipZero: boolean): Promise<number> {
+    let pages = 0;
+    const first = Math.floor(offset / PAGE) * PAGE;
+    const end = Math.ceil((offset + size) / PAGE) * PAGE;
+    for (let at = first, n = 0; at < end; at += n) {
+      n = Math.min(this.chunk, end - at);
+      const t = this.tracked.get(id);
+      if (!t) return pages; // removed: the destination drops it
+      const src = this.source(t);
+      if (!src) return -1;
+      const gpa = t.region.gpa + at;
+      if (!skipZero && this.dest.writeFrom) {
+        // Straight from the page cache into the destination's buffer.
+        await this.dest.writeFrom(gpa, n, (into) => preadFull(src.fd, into, src.offset + at));
+        pages += n / PAGE;
+        continue;
+      }
+      // The engine's own buffer holds the chunk until it is written (nothing else uses it meanwhile).
+      if (this.scratch.length < n) this.scratch = Buffer.allocUnsafe(n);
+      const view = this.scratch.subarray(0, n);
+      preadFull(src.fd, view, src.offset + at);
+      if (!skipZero) {
+        await this.dest.write(gpa, view);
+        pages += n / PAGE;
+        continue;
+      }
+      // Runs of pages that are not all zero, each written at once.
+      let run = -1;
+      for (let p = 0; p <= n; p += PAGE) {
+        const zero = p === n || ZERO_PAGE.compare(view, p, p + PAGE) === 0;
+        if (!zero && run < 0) run = p;
+        if (zero && run >= 0) {
+          await this.dest.write(gpa + run, view.subarray(run, p));
+          pages += (p - run) / PAGE;
+          run = -1;
         }
       }
     }
-    return true;
+    return pages;
+  }
+
+  /** The source as a verifier reads it: the reader's backing fds, with pread (holes stay holes). */
+  private sourceImage(): MemoryImage {
+    const region = (r: StreamRegion) => {
+      const t = this.tracked.get(r.id);
+      const b = t && this.reader.backing(t.region.backing);
+      if (!t || !b) throw new InternalError(`region ${r.name} (#${r.id}): the reader holds no backing for it`);
+      return { region: t.region, fd: b.fd };
+    };
+    return {
+      extents: (r) => {
+        const { region: x, fd } = region(r);
+        return dataExtents(fd, x.offset, x.offset + x.size).map(([a, b]) => [a - x.offset, b - x.offset]);
+      },
+      read: (r, offset, into) => {
+        const { region: x, fd } = region(r);
+        preadFull(fd, into, x.offset + offset);
+      },
+    };
   }
 }

@@ -14,15 +14,20 @@
 //   4. removed regions are unmapped from the process; metadata updates are recorded.
 // Then the owner of the applier is told (onChanged), to report the pinned bytes and DMA budget.
 //
-// Dirty logging: none of the backends reads IOMMU dirty tracking, so a device is assumed to have written
-// every page it could reach by DMA, as QEMU assumes for VFIO devices without dirty tracking: each sync
-// (flushDirty) marks every writable region mapped into an active domain dirty, and so does the moment
-// DMA to a region stops (unpinned by a change, the last device detached, the client closing), so that
-// what a device wrote just before is in the next sync.
+// Dirty logging: while a region logs, the domain's kernel tracking is on where the kernel has one (type1
+// VFIO_IOMMU_DIRTY_PAGES; iommufd IOMMU_HWPT_SET_DIRTY_TRACKING on a dirty-capable page table) and each
+// sync (flushDirty) copies what it reports into the logging regions' bitmaps. Where there is none (soft,
+// an IOMMU without dirty bits), a device is assumed to have written every page it could reach by DMA, as
+// QEMU assumes for VFIO devices without dirty tracking: every writable region mapped into an active
+// domain is marked. Either way, the moment DMA to a region stops (unpinned by a change, the last device
+// detached, the client closing) marks it whole, so that what a device wrote just before is in the next
+// sync. Tracking starts with the first logging region (and is extended to devices attached later) and
+// stops with the last.
 import { CancelledError, ClientLimitError, PinBudgetError, toMmbError } from '../../protocol/index.js';
 import { CHUNK_BYTES, GuestMemory, type MappedRegion } from '../memory.js';
 import type { DirtyLog } from '../dirty.js';
 import type { Applier, ApplyContext, Change, LocalBacking, ViewRegion } from '../view.js';
+import type { DirtyTracking } from './backend.js';
 import type { Domain } from './domain.js';
 
 const fmt = (bytes: number) => (bytes >= 2 ** 20 ? `${+(bytes / 2 ** 20).toFixed(1)} MiB` : `${bytes} bytes`);
@@ -77,6 +82,7 @@ export class VfioApplier implements Applier {
       try {
         await this.domain.attachDevice(name, this.memory.regions(), signal ? { signal } : {});
       } finally {
+        this.updateDirtyTracking();
         this.opts.onChanged?.();
       }
     });
@@ -90,14 +96,32 @@ export class VfioApplier implements Applier {
     return this.exclusive(async () => this.markReachable(log));
   }
 
-  /** Marks what devices can write by DMA (all of each writable region, or only `keys`) dirty in `log`. */
-  private markReachable(log: DirtyLog | undefined, keys?: ReadonlySet<string>): void {
-    if (!log || !this.domain.active) return;
-    for (const m of this.memory.regions()) {
-      const r = m.region;
-      if (r.readonly || !this.domain.isPinned(r.key) || (keys && !keys.has(r.key))) continue;
-      log.mark(r.gpa, r.size);
-    }
+  /**
+   * Marks what devices wrote (or may have written) by DMA dirty in `log`: what the kernel's tracking
+   * reports, or every writable pinned region; `whole` / `keys` (only those regions) count them whole.
+   */
+  private markReachable(log: DirtyLog | undefined, opts: { keys?: ReadonlySet<string>; whole?: boolean } = {}): void {
+    if (!log) return;
+    this.domain.collectDirty(
+      (gpa, size) => log.mark(gpa, size),
+      (gpa, bits, pages) => log.markBits(gpa, bits, pages),
+      opts,
+    );
+  }
+
+  /**
+   * Turns the kernel's dirty tracking on while a pinned region logs (and for devices that joined since),
+   * off once none does. Called after every change and device change.
+   */
+  private updateDirtyTracking(): void {
+    const logging = this.memory.regions().some((m) => m.region.logDirty && !m.region.readonly && this.domain.isPinned(m.region.key));
+    if (logging && this.domain.active) this.domain.startDirty();
+    else this.domain.stopDirty();
+  }
+
+  /** The kernel's dirty tracker in use (undefined while no region logs). */
+  get dirtyTracking(): DirtyTracking | undefined {
+    return this.domain.dirtyTracking;
   }
 
   /** Detaches a device; the last one unpins everything and destroys the domain. */
@@ -105,10 +129,11 @@ export class VfioApplier implements Applier {
     return this.exclusive(async () => {
       this.assertOpen();
       // The last device: DMA stops, so what it may have written goes into the next sync now.
-      if (this.domain.devices.length === 1 && this.domain.devices[0] === name) this.markReachable(this.opts.dirtyLog?.());
+      if (this.domain.devices.length === 1 && this.domain.devices[0] === name) this.markReachable(this.opts.dirtyLog?.(), { whole: true });
       try {
         await this.domain.detachDevice(name);
       } finally {
+        this.updateDirtyTracking();
         this.opts.onChanged?.();
       }
     });
@@ -127,7 +152,7 @@ export class VfioApplier implements Applier {
     return this.exclusive(async () => {
       if (this.closed) return;
       this.closed = true;
-      this.markReachable(this.opts.dirtyLog?.());
+      this.markReachable(this.opts.dirtyLog?.(), { whole: true });
       try {
         await this.domain.close();
       } finally {
@@ -174,7 +199,7 @@ export class VfioApplier implements Applier {
 
     // 2. Unpin what goes (keeping it mapped, to restore it if the rest fails). What a device wrote there is
     // marked first: a region replaced at the same GPA (a read-only toggle, a move) keeps its dirty pages.
-    this.markReachable(this.opts.dirtyLog?.(), new Set(removed.map((r) => r.key)));
+    this.markReachable(this.opts.dirtyLog?.(), { keys: new Set(removed.map((r) => r.key)) });
     const unpinned: MappedRegion[] = [];
     try {
       for (const r of removed) {
@@ -211,6 +236,7 @@ export class VfioApplier implements Applier {
       for (const key of pinned.reverse()) await this.domain.unpin(key).catch((e: unknown) => this.opts.onError?.(e));
       if (memoryMapped) this.memory.apply({ ...change, removed: added, added: [], updated: [] }, backings);
       await this.restore(unpinned);
+      this.updateDirtyTracking();
       this.opts.onChanged?.();
       throw err;
     }
@@ -222,6 +248,7 @@ export class VfioApplier implements Applier {
     for (const key of gone) this.unestablished.delete(key);
     for (const r of revived) this.unestablished.delete(r.key);
     for (const r of cancelled) this.unestablished.set(r.key, r);
+    this.updateDirtyTracking();
     this.opts.onChanged?.();
   }
 

@@ -50,6 +50,44 @@ export interface VfioDevice {
   info(): DeviceInfo;
   /** VFIO_DEVICE_GET_REGION_INFO of region `index` (BAR0 = 0, config space = 7); MMB_ERR_UNSUPPORTED for soft. */
   regionInfo(index: number): RegionInfo;
+  /** VFIO_DEVICE_FEATURE(GET, MIGRATION); absent for soft devices (names, with no state to migrate). */
+  migration?(): DeviceMigration;
+}
+
+/** Which of the kernel's dirty-page trackers the domain uses while dirty logging is on. */
+export type DirtyTrackingMode = 'type1' | 'iommufd' | 'none';
+
+export interface DirtyTracking {
+  /**
+   * `type1`: VFIO_IOMMU_DIRTY_PAGES on the container (START, GET_BITMAP per region, STOP); `iommufd`:
+   * IOMMU_HWPT_SET_DIRTY_TRACKING and IOMMU_HWPT_GET_DIRTY_BITMAP on the domain's hardware page tables;
+   * `none`: no tracking, every writable page a device can reach counts as dirty at every sync.
+   */
+  mode: DirtyTrackingMode;
+  /** Why `none` (the backend has none, the IOMMU lacks it, the kernel's errno). */
+  reason?: string;
+}
+
+/** How status names a tracker (in the REPORT `backend` while the client logs). */
+export const DIRTY_TRACKER_NAMES: Record<DirtyTrackingMode, string> = {
+  type1: 'VFIO_IOMMU_DIRTY_PAGES',
+  iommufd: 'IOMMU_HWPT_GET_DIRTY_BITMAP',
+  none: 'all',
+};
+
+/**
+ * What the kernel says about a device's migration support (VFIO_DEVICE_FEATURE_MIGRATION, VFIO migration
+ * protocol v2): `stopCopy` means the device can be stopped (no more DMA) and its state read out and
+ * restored. Devices without a migration driver (vfio-pci alone, e.g. QEMU's edu) answer ENOTTY.
+ */
+export interface DeviceMigration {
+  supported: boolean;
+  stopCopy: boolean;
+  p2p: boolean;
+  /** The raw feature flags, when supported. */
+  flags?: number;
+  /** Why not (the errno the kernel gave, or "soft device"). */
+  reason?: string;
 }
 
 export interface DeviceInfo {
@@ -95,6 +133,12 @@ export interface IommuBackend {
   /** Unmaps and unpins one piece. */
   unmap(piece: Piece): Promise<void>;
   /**
+   * Optional batch forms, for a guest IOMMU's many small mappings (shadow mode, clients/vfio/ioas-domain.ts):
+   * mapMany is all or nothing; unmapMany tries every piece and throws the first failure.
+   */
+  mapMany?(pieces: readonly Piece[]): Promise<void>;
+  unmapMany?(pieces: readonly Piece[]): Promise<void>;
+  /**
    * Before a region's pieces are mapped: checks that the domain can take it and claims what it needs (soft:
    * its IOVA-table entry, refused on overlap or when the table is full; type1: enough DMA mappings left).
    */
@@ -103,6 +147,21 @@ export interface IommuBackend {
   release(iova: number, size: number): void;
   /** What the domain allows now (re-read from the kernel). */
   limits(): DomainLimits;
+  /**
+   * Starts the kernel's tracking of what devices write, for the whole domain (idempotent); says which
+   * tracker is in use, `none` when the kernel offers none (the caller then counts every writable page as
+   * dirty). Absent for soft, which has no device to track.
+   */
+  startDirty?(): DirtyTracking;
+  /** Stops it (the domain may already be gone). */
+  stopDirty?(): void;
+  /**
+   * What devices wrote in [iova, iova + size) since the last read (or the start), as a bitmap: bit i = the
+   * 4 KiB page at iova + i * 4096, whole little-endian 64-bit words. Clears the kernel's record. The range
+   * must start and end at mapping boundaries (a whole region). Throws if the kernel refuses: the caller
+   * then counts the whole range as dirty.
+   */
+  readDirty?(iova: number, size: number): Uint8Array;
   /** Detaches every device and closes every fd. */
   close(): void;
 }

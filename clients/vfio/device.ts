@@ -3,8 +3,8 @@
 // with pread / pwrite / mmap (native.mmap(fd, region.offset, ...)).
 import { isNativeError } from '../../native/index.js';
 import { IommuError, type MmbError } from '../../protocol/index.js';
-import type { DeviceInfo, VfioDevice } from './backend.js';
-import { LAYOUTS, REQUEST, VFIO, get, pack, parseRegionInfo, type RegionInfo } from './structs.js';
+import type { DeviceInfo, DeviceMigration, VfioDevice } from './backend.js';
+import { LAYOUTS, REQUEST, VFIO, get, pack, packInto, parseRegionInfo, unpack, type RegionInfo } from './structs.js';
 import type { VfioSys } from './sys.js';
 
 /** Largest INFO buffer we grow to when the kernel asks for more (capability chains are small). */
@@ -55,6 +55,25 @@ export class HwDevice implements VfioDevice {
       }
       size = info.argsz;
     }
+  }
+
+  /**
+   * VFIO_DEVICE_FEATURE(GET | MIGRATION): whether the device's driver implements VFIO migration v2 (it can
+   * stop the device, STOP_COPY its state out and RESUME it elsewhere). vfio-pci without a variant driver
+   * has no migration ops and answers ENOTTY (seen with QEMU's edu in the VM test).
+   */
+  migration(): DeviceMigration {
+    const header = LAYOUTS.vfio_device_feature.size;
+    const buf = pack('vfio_device_feature', { flags: VFIO.VFIO_DEVICE_FEATURE_MIGRATION | VFIO.VFIO_DEVICE_FEATURE_GET }, header + LAYOUTS.vfio_device_feature_migration.size);
+    packInto('vfio_device_feature_migration', buf, header, { flags: 0 });
+    try {
+      this.sys.ioctl(this.fd, REQUEST.VFIO_DEVICE_FEATURE, buf);
+    } catch (err) {
+      const errno = isNativeError(err) ? err.code : String(err);
+      return { supported: false, stopCopy: false, p2p: false, reason: `VFIO_DEVICE_FEATURE(GET, MIGRATION) on ${this.name}: ${errno}${errno === 'ENOTTY' ? ' (its driver has no VFIO migration support)' : ''}` };
+    }
+    const flags = Number(unpack('vfio_device_feature_migration', buf, header).flags);
+    return { supported: true, stopCopy: (flags & VFIO.VFIO_MIGRATION_STOP_COPY) !== 0, p2p: (flags & VFIO.VFIO_MIGRATION_P2P) !== 0, flags };
   }
 
   close(): void {

@@ -7,7 +7,7 @@
 import { NoDeviceError, ReservedRangeError, type IovaRange } from '../../protocol/index.js';
 import type { MappedRegion } from '../memory.js';
 import type { ViewRegion } from '../view.js';
-import { clash, mergeRanges, type BackendName, type DomainLimits, type IommuBackend, type Piece } from './backend.js';
+import { clash, mergeRanges, type BackendName, type DirtyTracking, type DomainLimits, type IommuBackend, type Piece } from './backend.js';
 import { pieces, pinPieces, unpinPieces, type PinControl } from './pinning.js';
 
 /** A `pinProgress` event: `done` of `total` bytes of region `region` are pinned and mapped. */
@@ -30,6 +30,8 @@ export interface DomainMapping {
   readonly: boolean;
   /** Pieces it was pinned and mapped in. */
   pieces: number;
+  /** Shadow mode: the IOAS of this IOVA mapping (its `iova` then differs from `gpa`). */
+  ioas?: string;
 }
 
 export interface DomainOptions {
@@ -50,6 +52,8 @@ const hex = (n: number) => `0x${n.toString(16)}`;
 export class Domain {
   private readonly entries = new Map<string, Entry>();
   private bytes = 0;
+  /** The kernel's dirty tracking, while started; and the devices it was started for. */
+  private tracking: { state: DirtyTracking; devices: string } | undefined;
 
   constructor(
     readonly backend: IommuBackend,
@@ -88,6 +92,66 @@ export class Domain {
   limits(): DomainLimits & { reserved: IovaRange[] } {
     const l = this.backend.limits();
     return { ...l, reserved: mergeRanges([...(l.reserved ?? []), ...(this.opts.extraReserved ?? [])]) };
+  }
+
+  /** The dirty tracker in use while dirty logging is on (undefined while it is off). */
+  get dirtyTracking(): DirtyTracking | undefined {
+    return this.tracking?.state;
+  }
+
+  /**
+   * Starts (or extends to new devices) the kernel's tracking of device writes. A backend without one
+   * (soft) and a kernel that refuses leave `none`: every writable page then counts as dirty. Asked again
+   * only when the set of devices changed, so a refusal is not retried at every change.
+   */
+  startDirty(): DirtyTracking {
+    const devices = [...this.backend.devices].sort().join(',');
+    if (this.tracking && this.tracking.devices === devices) return this.tracking.state;
+    let state: DirtyTracking;
+    if (!this.backend.active) state = { mode: 'none', reason: 'no device in the domain' };
+    else if (!this.backend.startDirty) state = { mode: 'none', reason: `${this.backend.name}: ${this.backend.software ? 'a software stand-in, nothing tracks what its devices write' : 'no dirty tracking'}` };
+    else state = this.backend.startDirty();
+    this.tracking = { state, devices };
+    return state;
+  }
+
+  stopDirty(): void {
+    if (!this.tracking) return;
+    this.tracking = undefined;
+    this.backend.stopDirty?.();
+  }
+
+  /**
+   * Pinned regions a device may have written since the last call, for a dirty flush: with the kernel's
+   * tracking, what it reports for each logging region (a failed read counts the whole region); without,
+   * every writable pinned region whole. `whole` (the default with `keys`, regions about to be unpinned)
+   * counts the regions whole even with tracking: DMA to them stops, and a read before the unmap could miss
+   * what a device writes in between. `mark(gpa, size)` / `markBits(gpa, bits, pages)` receive them.
+   */
+  collectDirty(
+    mark: (gpa: number, size: number) => void,
+    markBits: (gpa: number, bits: Uint8Array, pages: number) => void,
+    opts: { keys?: ReadonlySet<string>; whole?: boolean } = {},
+  ): void {
+    if (!this.backend.active) return;
+    const { keys, whole = keys !== undefined } = opts;
+    const tracked = this.tracking !== undefined && this.tracking.state.mode !== 'none' && this.backend.readDirty !== undefined;
+    for (const { region: r } of this.entries.values()) {
+      if (r.readonly || (keys && !keys.has(r.key))) continue;
+      if (!tracked || whole) {
+        mark(r.gpa, r.size);
+        continue;
+      }
+      if (!r.logDirty) continue; // no bitmap to put it in; the kernel keeps its bits until logging resumes
+      let bits: Uint8Array;
+      try {
+        bits = (this.backend.readDirty as (iova: number, size: number) => Uint8Array)(r.gpa, r.size);
+      } catch {
+        mark(r.gpa, r.size); // never a lost bit: what could not be read counts as written
+        continue;
+      }
+      markBits(r.gpa, bits, r.size / 4096);
+    }
   }
 
   /** Refuses a region that covers a reserved range (MMB_ERR_RESERVED_RANGE). */
@@ -189,9 +253,10 @@ export class Domain {
     }
     const { destroyed, stillOpen } = this.backend.detach(name);
     if (destroyed) {
-      // Anything still in the table went with the domain.
+      // Anything still in the table went with the domain, and so did its dirty tracking.
       this.entries.clear();
       this.bytes = 0;
+      this.tracking = undefined;
     }
     if (unpinError !== undefined) throw unpinError;
     // Detached on our side; the kernel finishes when the caller lets go of the device (see detach()).
@@ -216,6 +281,7 @@ export class Domain {
   /** Unpins everything and closes the backend (devices, container / iommufd). */
   async close(): Promise<void> {
     try {
+      this.stopDirty();
       await this.unpinAll();
     } finally {
       this.entries.clear();

@@ -1,15 +1,28 @@
 // The vfio-like client: VfioSubscriber and its parts (see README.md).
-export { VfioSubscriber, openBackend, type VfioSubscriberOptions, type VfioDomainInfo, type VfioSubscriberEvents, type VfioLogger } from './subscriber.js';
+export {
+  VfioSubscriber,
+  openBackend,
+  reportedBackend,
+  type VfioSubscriberOptions,
+  type VfioDomainInfo,
+  type VfioSubscriberEvents,
+  type VfioLogger,
+  type VfioMigrationSupport,
+} from './subscriber.js';
 export { VfioApplier, pieceCount, type VfioApplierOptions } from './applier.js';
 export { Domain, type DomainOptions, type DomainMapping, type PinProgress } from './domain.js';
 export { pieces, pinPieces, unpinPieces, DEFAULT_PIN_CHUNK_BYTES, type PinControl } from './pinning.js';
 export {
   GPA_LAST,
+  DIRTY_TRACKER_NAMES,
   mergeRanges,
   reservedFromUsable,
   type BackendName,
   type Detached,
   type DeviceInfo,
+  type DeviceMigration,
+  type DirtyTracking,
+  type DirtyTrackingMode,
   type DomainLimits,
   type IommuBackend,
   type Piece,

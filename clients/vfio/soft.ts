@@ -20,6 +20,8 @@
 import { native } from '../../native/index.js';
 import { ClientLimitError, IommuError, InvalidArgError, NoDeviceError, UnsupportedError, type IovaRange } from '../../protocol/index.js';
 import { checkName, mapError, mergeRanges, unmapError, type DeviceInfo, type DomainLimits, type IommuBackend, type Piece, type VfioDevice } from './backend.js';
+import type { PageLocks } from './page-locks.js';
+import { pinPieces, unpinPieces } from './pinning.js';
 
 /** The x86 MSI doorbell window, which VFIO reports as a reserved IOVA range on x86 hosts. */
 export const X86_MSI_WINDOW: IovaRange = Object.freeze({ start: 0xfee0_0000, last: 0xfeef_ffff });
@@ -31,6 +33,11 @@ export interface SoftOptions {
   reserved?: readonly IovaRange[];
   /** IOVA-table entries (one per mapped region). Default 65535, as type1's dma_entry_limit. */
   dmaEntryLimit?: number;
+  /**
+   * Shadow mode (one backend per IOAS, clients/vfio/shadow.ts): pin through these reference-counted page
+   * locks, shared by the client's IOASes, since IOVA mappings may alias the same pages.
+   */
+  locks?: PageLocks;
 }
 
 const hex = (n: number) => `0x${n.toString(16)}`;
@@ -55,8 +62,10 @@ export class SoftBackend implements IommuBackend {
   private table: [number, number][] = [];
   private readonly reserved: IovaRange[];
   private readonly entryLimit: number;
+  private readonly locks: PageLocks | undefined;
 
   constructor(opts: SoftOptions = {}) {
+    this.locks = opts.locks;
     for (const r of opts.reserved ?? []) {
       if (!Number.isSafeInteger(r.start) || !Number.isSafeInteger(r.last) || r.start < 0 || r.last < r.start) {
         throw new InvalidArgError(`reserved range ${JSON.stringify(r)} must be {start, last} with 0 <= start <= last`);
@@ -131,6 +140,7 @@ export class SoftBackend implements IommuBackend {
   }
 
   async map(piece: Piece): Promise<void> {
+    if (this.locks) return this.mapMany([piece]);
     try {
       await native.mlock(piece.mapping, piece.offset, piece.size);
     } catch (err) {
@@ -141,10 +151,37 @@ export class SoftBackend implements IommuBackend {
   }
 
   async unmap(piece: Piece): Promise<void> {
+    if (this.locks) return this.unmapMany([piece]);
     try {
       await native.munlock(piece.mapping, piece.offset, piece.size);
     } catch (err) {
       throw unmapError(err, 'soft', piece);
+    }
+  }
+
+  /** Shadow mode: locks the pages of every piece that no other mapping locks yet, all or nothing. */
+  async mapMany(pieces: readonly Piece[]): Promise<void> {
+    if (!this.locks) {
+      await pinPieces(this, pieces);
+      return;
+    }
+    try {
+      await this.locks.lock(pieces);
+    } catch (err) {
+      throw mapError(err, 'soft', pieces[0] as Piece);
+    }
+  }
+
+  /** Shadow mode: unlocks the pages of every piece that no other mapping still locks. */
+  async unmapMany(pieces: readonly Piece[]): Promise<void> {
+    if (!this.locks) {
+      await unpinPieces(this, pieces);
+      return;
+    }
+    try {
+      await this.locks.unlock(pieces);
+    } catch (err) {
+      throw unmapError(err, 'soft', pieces[0] as Piece);
     }
   }
 

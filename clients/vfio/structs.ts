@@ -4,9 +4,10 @@
 //
 // Sources, field by field:
 //   - linux/vfio.h as installed here (Debian bookworm's linux-libc-dev 6.1): the container, group,
-//     type1 and device structures. test/vfio-structs.test.ts compiles test/fixtures/vfio-offsets.c against
+//     type1 (dirty-page log included) and device structures (device features included). test/vfio-structs.test.ts compiles test/fixtures/vfio-offsets.c against
 //     the installed headers and compares every offset, size and constant below with what gcc says.
-//   - Linux include/uapi/linux/iommufd.h (Linux 6.2+; not installed on bookworm) for iommu_*, and
+//   - Linux include/uapi/linux/iommufd.h (Linux 6.2+; not installed on bookworm) for iommu_* (the HWPT
+//     and dirty-tracking ones from 6.6 / 6.7, checked against linux-source-6.12's header), and
 //     include/uapi/linux/vfio.h (Linux 6.6+) for the VFIO cdev structs vfio_device_bind_iommufd,
 //     vfio_device_attach_iommufd_pt and vfio_device_detach_iommufd_pt. Their offsets are hard-coded here
 //     from those headers (torvalds/linux master); the probe checks them too on a machine whose headers
@@ -70,6 +71,16 @@ export const LAYOUTS = {
     size: 24,
     fields: { argsz: f(0, 4), flags: f(4, 4), iova: f(8, 8), size: f(16, 8) /* data[] at 24 */ },
   },
+  // VFIO_IOMMU_DIRTY_PAGES: the 8-byte header alone for START / STOP; with GET_BITMAP it is followed by
+  // vfio_iommu_type1_dirty_bitmap_get (iova, size, and a vfio_bitmap: pgsize, size, data pointer).
+  vfio_iommu_type1_dirty_bitmap: { header: 'linux/vfio.h', size: 8, fields: { argsz: f(0, 4), flags: f(4, 4) /* data[] at 8 */ } },
+  // The embedded struct vfio_bitmap {pgsize, size, data} is spelled out as bitmap_pgsize, bitmap_size and
+  // bitmap_data (the probe prints offsetof(..., bitmap.pgsize) and so on). C fills bitmap_data.
+  vfio_iommu_type1_dirty_bitmap_get: {
+    header: 'linux/vfio.h',
+    size: 40,
+    fields: { iova: f(0, 8), size: f(8, 8), bitmap_pgsize: f(16, 8), bitmap_size: f(24, 8), bitmap_data: f(32, 8) },
+  },
   // --- group --------------------------------------------------------------------------------------
   vfio_group_status: { header: 'linux/vfio.h', size: 8, fields: { argsz: f(0, 4), flags: f(4, 4) } },
   // --- device -------------------------------------------------------------------------------------
@@ -86,6 +97,10 @@ export const LAYOUTS = {
     size: 32,
     fields: { argsz: f(0, 4), flags: f(4, 4), index: f(8, 4), cap_offset: f(12, 4), size: f(16, 8), offset: f(24, 8) },
   },
+  // VFIO_DEVICE_FEATURE: flags = feature index | GET / SET / PROBE, then the feature's data[]; for
+  // VFIO_DEVICE_FEATURE_MIGRATION that is vfio_device_feature_migration (a __u64 of flags).
+  vfio_device_feature: { header: 'linux/vfio.h', size: 8, fields: { argsz: f(0, 4), flags: f(4, 4) /* data[] at 8 */ } },
+  vfio_device_feature_migration: { header: 'linux/vfio.h', size: 8, fields: { flags: f(0, 8) } },
   // Linux 6.6+ include/uapi/linux/vfio.h; later kernels appended `__aligned_u64 token_uuid_ptr` (read
   // only with VFIO_DEVICE_BIND_FLAG_TOKEN, which C refuses).
   vfio_device_bind_iommufd: {
@@ -153,6 +168,62 @@ export const LAYOUTS = {
     size: 24,
     fields: { size: f(0, 4), ioas_id: f(4, 4), iova: f(8, 8), length: f(16, 8) },
   },
+  // Nesting and dirty tracking (Linux 6.7+): what the IOMMU behind a device can do (IOMMU_GET_HW_INFO's
+  // out_capabilities, out_data_type and vendor data), and page tables allocated for it: a nesting parent
+  // (docs/ioas.md) or one with dirty tracking (IOMMU_HWPT_ALLOC_DIRTY_TRACKING, docs/dirty-logging.md).
+  // 6.12 split iommu_hw_info's __u32 at 28 into out_max_pasid_log2 and three reserved bytes: nothing here
+  // sets or reads it.
+  iommu_hw_info: {
+    header: 'linux/iommufd.h',
+    since: '6.7',
+    size: 40,
+    fields: {
+      size: f(0, 4),
+      flags: f(4, 4),
+      dev_id: f(8, 4),
+      data_len: f(12, 4),
+      data_uptr: f(16, 8),
+      out_data_type: f(24, 4),
+      __reserved: f(28, 4),
+      out_capabilities: f(32, 8),
+    },
+  },
+  iommu_hw_info_vtd: {
+    header: 'linux/iommufd.h',
+    since: '6.7',
+    size: 24,
+    fields: { flags: f(0, 4), __reserved: f(4, 4), cap_reg: f(8, 8), ecap_reg: f(16, 8) },
+  },
+  iommu_hwpt_alloc: {
+    header: 'linux/iommufd.h',
+    since: '6.7',
+    size: 40,
+    // 6.11 appended fault_id and __reserved2 (48 bytes); zero-extended by the kernel when left out.
+    otherSizes: [24, 48],
+    fields: {
+      size: f(0, 4),
+      flags: f(4, 4),
+      dev_id: f(8, 4),
+      pt_id: f(12, 4),
+      out_hwpt_id: f(16, 4),
+      __reserved: f(20, 4),
+      data_type: f(24, 4),
+      data_len: f(28, 4),
+      data_uptr: f(32, 8),
+    },
+  },
+  iommu_hwpt_set_dirty_tracking: {
+    header: 'linux/iommufd.h',
+    since: '6.7',
+    size: 16,
+    fields: { size: f(0, 4), flags: f(4, 4), hwpt_id: f(8, 4), __reserved: f(12, 4) },
+  },
+  iommu_hwpt_get_dirty_bitmap: {
+    header: 'linux/iommufd.h',
+    since: '6.7',
+    size: 48,
+    fields: { size: f(0, 4), hwpt_id: f(4, 4), flags: f(8, 4), __reserved: f(12, 4), iova: f(16, 8), length: f(24, 8), page_size: f(32, 8), data: f(40, 8) },
+  },
 } as const satisfies Record<string, Layout>;
 
 export type StructName = keyof typeof LAYOUTS;
@@ -181,14 +252,38 @@ export const VFIO = {
   VFIO_REGION_INFO_FLAG_CAPS: 1 << 3,
   VFIO_PCI_BAR0_REGION_INDEX: 0,
   VFIO_PCI_CONFIG_REGION_INDEX: 7,
+  VFIO_IOMMU_DIRTY_PAGES_FLAG_START: 1 << 0,
+  VFIO_IOMMU_DIRTY_PAGES_FLAG_STOP: 1 << 1,
+  VFIO_IOMMU_DIRTY_PAGES_FLAG_GET_BITMAP: 1 << 2,
+  VFIO_DEVICE_FEATURE_MASK: 0xffff,
+  VFIO_DEVICE_FEATURE_GET: 1 << 16,
+  VFIO_DEVICE_FEATURE_SET: 1 << 17,
+  VFIO_DEVICE_FEATURE_PROBE: 1 << 18,
+  VFIO_DEVICE_FEATURE_MIGRATION: 1,
+  VFIO_MIGRATION_STOP_COPY: 1 << 0,
+  VFIO_MIGRATION_P2P: 1 << 1,
 } as const;
 
-/** include/uapi/linux/iommufd.h, enum iommufd_ioas_map_flags. */
+/** include/uapi/linux/iommufd.h: enum iommufd_ioas_map_flags, iommufd_hwpt_alloc_flags, iommu_hw_info_type. */
 export const IOMMUFD = {
   IOMMU_IOAS_MAP_FIXED_IOVA: 1 << 0,
   IOMMU_IOAS_MAP_WRITEABLE: 1 << 1,
   IOMMU_IOAS_MAP_READABLE: 1 << 2,
+  IOMMU_HWPT_ALLOC_NEST_PARENT: 1 << 0,
+  IOMMU_HW_INFO_TYPE_NONE: 0,
+  IOMMU_HW_INFO_TYPE_INTEL_VTD: 1,
+  IOMMU_HW_INFO_TYPE_ARM_SMMUV3: 2,
+  IOMMU_HWPT_ALLOC_DIRTY_TRACKING: 1 << 1,
+  /** enum iommufd_hw_capabilities */
+  IOMMU_HW_CAP_DIRTY_TRACKING: 1 << 0,
+  /** enum iommufd_hwpt_set_dirty_tracking_flags */
+  IOMMU_HWPT_DIRTY_TRACKING_ENABLE: 1,
+  /** enum iommufd_hwpt_get_dirty_bitmap_flags */
+  IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR: 1,
 } as const;
+
+/** VT-d's extended capability register (VT-d spec 11.4.3): nested translation support (ECAP.NEST). */
+export const VTD_ECAP_NEST = 1n << 26n;
 
 // --- request numbers ---------------------------------------------------------------------------------
 
@@ -211,6 +306,10 @@ export const REQUEST = {
   VFIO_IOMMU_GET_INFO: _IO(';', VFIO_BASE + 12),
   VFIO_IOMMU_MAP_DMA: _IO(';', VFIO_BASE + 13),
   VFIO_IOMMU_UNMAP_DMA: _IO(';', VFIO_BASE + 14),
+  /** On a container; the same number on a device fd is VFIO_DEVICE_FEATURE. */
+  VFIO_IOMMU_DIRTY_PAGES: _IO(';', VFIO_BASE + 17),
+  /** On a device fd; the same number on a container is VFIO_IOMMU_DIRTY_PAGES. */
+  VFIO_DEVICE_FEATURE: _IO(';', VFIO_BASE + 17),
   VFIO_DEVICE_BIND_IOMMUFD: _IO(';', VFIO_BASE + 18),
   VFIO_DEVICE_ATTACH_IOMMUFD_PT: _IO(';', VFIO_BASE + 19),
   VFIO_DEVICE_DETACH_IOMMUFD_PT: _IO(';', VFIO_BASE + 20),
@@ -219,6 +318,10 @@ export const REQUEST = {
   IOMMU_IOAS_IOVA_RANGES: _IO(';', 0x84),
   IOMMU_IOAS_MAP: _IO(';', 0x85),
   IOMMU_IOAS_UNMAP: _IO(';', 0x86),
+  IOMMU_HWPT_ALLOC: _IO(';', 0x89),
+  IOMMU_GET_HW_INFO: _IO(';', 0x8a),
+  IOMMU_HWPT_SET_DIRTY_TRACKING: _IO(';', 0x8b),
+  IOMMU_HWPT_GET_DIRTY_BITMAP: _IO(';', 0x8c),
 } as const;
 
 // --- packing --------------------------------------------------------------------------------------
@@ -244,6 +347,18 @@ export function pack<S extends StructName>(name: S, values: Values<S>, total: nu
     write(buf, at, value, `${name}.${field}`);
   }
   return buf;
+}
+
+/** Sets fields of `name` placed at `offset` of `buf` (a struct that follows another one, as VFIO's data[]). */
+export function packInto<S extends StructName>(name: S, buf: Uint8Array, offset: number, values: Values<S>): void {
+  const layout: Layout = LAYOUTS[name];
+  if (offset < 0 || offset + layout.size > buf.length) throw new RangeError(`${name} at ${offset} runs past the ${buf.length}-byte buffer`);
+  for (const [field, value] of Object.entries(values as Record<string, number | bigint | undefined>)) {
+    if (value === undefined) continue;
+    const at = layout.fields[field];
+    if (!at) throw new RangeError(`${name} has no field ${field}`);
+    write(buf, { offset: offset + at.offset, size: at.size }, value, `${name}.${field}`);
+  }
 }
 
 /** Reads every field of `name` at `offset` of `buf` (64-bit fields as bigint). */

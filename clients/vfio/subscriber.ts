@@ -9,18 +9,31 @@
 // before anything changes; it enforces the limit locally too. It reports (REPORT) its reserved IOVA
 // ranges, remaining DMA mappings, bytes actually pinned, coherency, backend and devices: first before it
 // acks its initial sync, then after every change and device change.
-import { isMmbError, InvalidArgError, toMmbError, type IovaRange } from '../../protocol/index.js';
+//
+// Shadow mode (option `ioas`, feature IOAS, docs/ioas.md): the devices sit behind a guest IOMMU. The client
+// then pins nothing for the map (it only maps guest memory into this process) and declares no pinning;
+// each IOAS its devices are attached to gets a host IOMMU domain that maps exactly what the guest's IOMMU
+// maps (shadow.ts): pinned bytes = mapped bytes, and an unmap is acked once the host IOMMU no longer maps
+// it. Reports are then sent at most every REPORT_INTERVAL_MS (a guest's DMA mappings change thousands of
+// times a second).
+import { isMmbError, InvalidArgError, NoDeviceError, toMmbError, type IovaRange } from '../../protocol/index.js';
 import { PAGE_SIZE } from '../../native/index.js';
 import type { BrokerTarget } from '../connection.js';
 import type { GuestMemory } from '../memory.js';
 import { Subscriber, type ClientReport, type SubscriberEvents, type SubscriberOptions } from '../subscriber.js';
 import { VfioApplier } from './applier.js';
-import { checkName, mergeRanges, type BackendName, type IommuBackend, type VfioDevice } from './backend.js';
+import { DIRTY_TRACKER_NAMES, checkName, mergeRanges, type BackendName, type DeviceMigration, type DirtyTracking, type IommuBackend, type VfioDevice } from './backend.js';
 import { Domain, type DomainMapping, type PinProgress } from './domain.js';
 import { IommufdBackend } from './iommufd.js';
 import { DEFAULT_PIN_CHUNK_BYTES } from './pinning.js';
 import { SoftBackend } from './soft.js';
 import { Type1Backend } from './type1.js';
+import { ShadowApplier } from './shadow.js';
+import type { PageLocks } from './page-locks.js';
+import type { IoasDomain } from './ioas-domain.js';
+
+/** Shadow mode: at most one REPORT per this many ms (trailing), so that IOVA churn cannot flood the broker. */
+export const REPORT_INTERVAL_MS = 20;
 
 /** A pino-compatible logger (only what this client uses). */
 export interface VfioLogger {
@@ -46,6 +59,12 @@ export interface VfioSubscriberOptions extends SubscriberOptions {
   dmaEntryLimit?: number;
   /** Progress of pinning, also during the initial sync (before attach() resolves). */
   onPinProgress?: (p: PinProgress) => void;
+  /**
+   * Shadow mode (feature IOAS): the devices are attached to this I/O address space of the broker (it must
+   * exist), and the client maps and pins only what it maps. attachDevice(name, { ioas }) puts a device in
+   * another one.
+   */
+  ioas?: string;
   logger?: VfioLogger;
 }
 
@@ -59,25 +78,49 @@ export interface VfioDomainInfo {
   devices: string[];
   /** Bytes pinned now, once per domain. */
   pinnedBytes: number;
-  /** Bytes mapped in this process (pinned as long as the domain exists). */
+  /** Bytes mapped in this process (pinned as long as the domain exists; in shadow mode, never pinned). */
   mappedBytes: number;
+  /** Shadow mode: the IOASes, each with its host domain's devices and the bytes it maps. */
+  ioas?: { ioas: string; devices: string[]; mappings: number; bytes: number }[];
   pinLimit: number | undefined;
   mappings: DomainMapping[];
   /** Whether DMA is cache-coherent in the domain (undefined: unknown, or no domain yet). */
   coherent: boolean | undefined;
   reserved: IovaRange[];
   dmaAvailable: number | undefined;
+  /**
+   * While a region logs: the kernel's dirty tracker in use (`type1`, `iommufd`), or `none` (every writable
+   * page counts as dirty at every sync) with the reason. Undefined while nothing logs.
+   */
+  dirtyTracking?: DirtyTracking | undefined;
+}
+
+/**
+ * What a migration needs from this client's devices: to stop their DMA when paused, and to carry their
+ * state. Neither is something this client does today (it drives no VFIO migration states), so a client
+ * with a device is a migration blocker (clients/migration/blockers.ts); `devices` says what the kernel
+ * would allow for each (VFIO_DEVICE_FEATURE_MIGRATION), for a VMM that migrates device state itself.
+ */
+export interface VfioMigrationSupport {
+  /** The client stops its devices' DMA before it acks a pause. */
+  quiesce: boolean;
+  /** The devices' state is migrated (by this client or its VMM). */
+  deviceState: boolean;
+  devices: (DeviceMigration & { name: string })[];
 }
 
 export interface VfioSubscriberEvents extends SubscriberEvents {
   pinProgress: [progress: PinProgress];
 }
 
-/** Opens the backend; for type1 / iommufd MMB_ERR_UNSUPPORTED names what this machine lacks. */
-export function openBackend(opts: Pick<VfioSubscriberOptions, 'backend' | 'reserved' | 'dmaEntryLimit'>): IommuBackend {
+/**
+ * Opens the backend; for type1 / iommufd MMB_ERR_UNSUPPORTED names what this machine lacks. `locks`: shadow
+ * mode's counted page locks, for soft.
+ */
+export function openBackend(opts: Pick<VfioSubscriberOptions, 'backend' | 'reserved' | 'dmaEntryLimit'>, locks?: PageLocks): IommuBackend {
   switch (opts.backend) {
     case 'soft':
-      return new SoftBackend({ ...(opts.reserved ? { reserved: opts.reserved } : {}), ...(opts.dmaEntryLimit !== undefined ? { dmaEntryLimit: opts.dmaEntryLimit } : {}) });
+      return new SoftBackend({ ...(opts.reserved ? { reserved: opts.reserved } : {}), ...(opts.dmaEntryLimit !== undefined ? { dmaEntryLimit: opts.dmaEntryLimit } : {}), ...(locks ? { locks } : {}) });
     case 'type1':
       return Type1Backend.open();
     case 'iommufd':
@@ -106,16 +149,33 @@ function validate(opts: VfioSubscriberOptions): void {
   }
 }
 
+/**
+ * REPORT's `backend`: the backend's name, and while the client logs, the dirty tracker in use:
+ * "type1 (dirty: VFIO_IOMMU_DIRTY_PAGES)", "iommufd (dirty: IOMMU_HWPT_GET_DIRTY_BITMAP)", "soft (dirty: all)"
+ * (every writable page counts). REPORT has no field of its own for it (see docs/dirty-logging.md).
+ */
+export function reportedBackend(backend: BackendName, tracking: DirtyTracking | undefined): string {
+  return tracking ? `${backend} (dirty: ${DIRTY_TRACKER_NAMES[tracking.mode]})` : backend;
+}
+
 export class VfioSubscriber extends Subscriber {
-  private readonly vfio: VfioApplier;
+  private readonly vfio: VfioApplier | undefined;
+  /** Shadow mode: the applier of the map and of the IOASes. */
+  private readonly shadow: ShadowApplier | undefined;
   private readonly log: VfioLogger | undefined;
   private readonly pinLimit: number | undefined;
+  private readonly vfioOpts: VfioSubscriberOptions;
+  private reporting: { inFlight: boolean; again: boolean; timer: NodeJS.Timeout | undefined; last: number } = { inFlight: false, again: false, timer: undefined, last: 0 };
 
-  private constructor(target: BrokerTarget, applier: VfioApplier, opts: VfioSubscriberOptions) {
+  private constructor(target: BrokerTarget, applier: VfioApplier | ShadowApplier, opts: VfioSubscriberOptions) {
     super(target, applier, opts);
-    this.vfio = applier;
+    if (applier instanceof ShadowApplier) {
+      this.shadow = applier;
+      this.followIoas(applier);
+    } else this.vfio = applier;
     this.log = opts.logger;
     this.pinLimit = opts.pinLimit;
+    this.vfioOpts = opts;
   }
 
   /**
@@ -125,6 +185,7 @@ export class VfioSubscriber extends Subscriber {
    */
   static async attach(target: BrokerTarget, opts: VfioSubscriberOptions): Promise<VfioSubscriber> {
     validate(opts);
+    if (opts.ioas !== undefined) return VfioSubscriber.attachShadow(target, opts);
     const backend = openBackend(opts);
     let sub: VfioSubscriber | undefined;
     const domain = new Domain(backend, {
@@ -162,18 +223,66 @@ export class VfioSubscriber extends Subscriber {
     }
   }
 
-  /** Guest memory as mapped in this process. */
-  get memory(): GuestMemory {
-    return this.vfio.memory;
+  /**
+   * Shadow mode: the backend is opened for each IOAS (its own container / IOAS / table) when its first
+   * device attaches; the devices attach to it before the client attaches to the broker, and to the broker's
+   * IOAS once the map is established. The client declares no pinning: it pins only what the IOASes map.
+   */
+  private static async attachShadow(target: BrokerTarget, opts: VfioSubscriberOptions): Promise<VfioSubscriber> {
+    checkName(opts.ioas as string, 'IOAS');
+    // Fails here, before connecting, if this machine lacks the backend.
+    openBackend(opts).close();
+    let sub: VfioSubscriber | undefined;
+    const applier = new ShadowApplier({
+      chunkBytes: opts.pinChunkBytes ?? DEFAULT_PIN_CHUNK_BYTES,
+      ...(opts.backend !== 'soft' && opts.reserved ? { extraReserved: opts.reserved } : {}),
+      ...(opts.pinLimit !== undefined ? { pinLimit: opts.pinLimit } : {}),
+      open: (locks) => openBackend(opts, locks),
+      onChanged: () => sub?.sendReport(),
+      dirtyLog: () => sub?.dirty,
+    });
+    try {
+      for (const d of opts.devices ?? []) await applier.attachDevice(d, opts.ioas as string);
+      sub = new VfioSubscriber(target, applier, { ...opts, kind: 'vfio' });
+      await sub.report(sub.currentReport());
+      sub.log?.info({ ...sub.logFields(), ioas: opts.ioas }, `vfio client attaching in shadow mode (${opts.backend}): it pins only what IOAS ${JSON.stringify(opts.ioas)} maps`);
+      await sub.start();
+      if ((opts.devices ?? []).length > 0) await sub.attachIoas(opts.ioas as string, opts.devices ?? []);
+      return sub;
+    } catch (err) {
+      if (sub) await sub.close().catch(() => undefined);
+      else await applier.close().catch(() => undefined);
+      throw err;
+    }
   }
 
+  /** Shadow mode: whether this client shadows guest IOMMUs (option `ioas`). */
+  get shadowing(): boolean {
+    return this.shadow !== undefined;
+  }
+
+  /** Shadow mode: the host IOMMU domain of each IOAS this client's devices are attached to. */
+  ioasDomains(): IoasDomain[] {
+    return this.shadow?.ioasDomains() ?? [];
+  }
+
+  /** Guest memory as mapped in this process. */
+  get memory(): GuestMemory {
+    return (this.vfio ?? (this.shadow as ShadowApplier)).memory;
+  }
+
+  /** The backend (in shadow mode: of the first IOAS's domain, or of `ioas`'s). */
   get backend(): IommuBackend {
-    return this.vfio.domain.backend;
+    if (this.vfio) return this.vfio.domain.backend;
+    const d = this.ioasDomains()[0];
+    if (!d) throw new InvalidArgError('this shadow-mode vfio client has no device attached, hence no IOMMU domain');
+    return d.backend;
   }
 
   /** The IOMMU domain: backend, devices, pinned bytes, mappings, coherency, reserved ranges. */
   get domain(): VfioDomainInfo {
-    const d = this.vfio.domain;
+    if (this.shadow) return this.shadowDomain(this.shadow);
+    const d = (this.vfio as VfioApplier).domain;
     const limits = d.limits();
     return {
       backend: d.backend.name,
@@ -182,35 +291,109 @@ export class VfioSubscriber extends Subscriber {
       active: d.active,
       devices: [...d.devices],
       pinnedBytes: d.pinnedBytes,
-      mappedBytes: this.vfio.mappedBytes,
+      mappedBytes: (this.vfio as VfioApplier).mappedBytes,
       pinLimit: this.pinLimit,
       mappings: d.mappings(),
       coherent: d.active ? limits.coherent : undefined,
       reserved: limits.reserved,
       dmaAvailable: d.active ? limits.dmaAvailable : undefined,
+      dirtyTracking: (this.vfio as VfioApplier).dirtyTracking,
+    };
+  }
+
+  /**
+   * The devices' migration support as the kernel reports it (soft devices are names: none). No device
+   * here is quiesced or has its state migrated by this client: VFIO migration v2 (device states STOP,
+   * STOP_COPY, RESUMING) is not driven, and QEMU's edu, the device of the VM test, has no migration driver
+   * at all (ENOTTY). See docs/migration.md, "Devices".
+   */
+  migrationSupport(): VfioMigrationSupport {
+    const d = this.domain;
+    const devices = d.devices.map((name) => {
+      const dev = this.device(name);
+      const m: DeviceMigration = dev?.migration ? dev.migration() : { supported: false, stopCopy: false, p2p: false, reason: `${name} is a ${d.backend} device: a name, with no device state` };
+      return { name, ...m };
+    });
+    return { quiesce: false, deviceState: false, devices };
+  }
+
+  /** Shadow mode: what `domain` says, across the IOASes. */
+  private shadowDomain(shadow: ShadowApplier): VfioDomainInfo {
+    const domains = shadow.ioasDomains();
+    const limits = domains.map((d) => d.limits());
+    const first = domains[0]?.backend;
+    const avail = limits.map((l) => l.dmaAvailable).filter((n): n is number => n !== undefined);
+    const coherent = limits.map((l) => l.coherent);
+    return {
+      backend: this.vfioOpts.backend,
+      software: this.vfioOpts.backend === 'soft',
+      description: `${first?.description ?? this.vfioOpts.backend}; shadow mode: one domain per IOAS, pinning only what the guest's IOMMU maps`,
+      active: domains.some((d) => d.active),
+      devices: domains.flatMap((d) => [...d.devices]),
+      pinnedBytes: shadow.pinnedBytes,
+      mappedBytes: shadow.memory.regions().reduce((n, m) => n + m.region.size, 0),
+      pinLimit: this.pinLimit,
+      mappings: domains.flatMap((d) =>
+        d.mappings().map((m) => {
+          const r = shadow.memory.regionAt(m.gpa)?.region;
+          return { region: r?.name ?? '?', id: r?.id ?? 0, gpa: m.gpa, size: m.size, iova: m.iova, readonly: m.readonly, pieces: 0, ioas: d.ioas };
+        }),
+      ),
+      coherent: coherent.length > 0 && coherent.every((c) => c !== undefined) ? coherent.every(Boolean) : undefined,
+      reserved: mergeRanges(limits.flatMap((l) => l.reserved)),
+      dmaAvailable: avail.length > 0 ? Math.min(...avail) : undefined,
+      ioas: domains.map((d) => ({ ioas: d.ioas, devices: [...d.devices], mappings: d.mappings().length, bytes: d.mappedBytes })),
     };
   }
 
   /** A device behind this client (its VFIO fd and region info, for type1 / iommufd). */
   device(name: string): VfioDevice | undefined {
-    return this.vfio.domain.backend.device(name);
+    if (this.vfio) return this.vfio.domain.backend.device(name);
+    const ioas = this.shadow?.ioasOf(name);
+    return this.ioasDomains().find((d) => d.ioas === ioas)?.backend.device(name);
   }
 
   /**
    * Hot-adds a device. The first one creates the domain and pins everything mapped into it (with
    * progress); later ones join the same domain and pin nothing more. Waits for a change in progress.
+   * Shadow mode: the device joins `ioas` (default: the client's `ioas` option), whose host domain is made
+   * with its first device, and the client follows that IOAS from then on.
    */
-  async attachDevice(name: string, opts: { signal?: AbortSignal } = {}): Promise<void> {
+  async attachDevice(name: string, opts: { signal?: AbortSignal; ioas?: string } = {}): Promise<void> {
     checkName(name, 'device');
-    const created = !this.vfio.domain.active;
-    await this.vfio.attachDevice(name, opts.signal);
+    if (this.shadow) {
+      const ioas = opts.ioas ?? (this.vfioOpts.ioas as string);
+      checkName(ioas, 'IOAS');
+      await this.shadow.attachDevice(name, ioas);
+      try {
+        await this.attachIoas(ioas, [name]);
+      } catch (err) {
+        await this.shadow.detachDevice(name).catch(() => undefined);
+        throw err;
+      }
+      this.log?.info({ ...this.logFields(), device: name, ioas }, 'vfio device attached (shadow mode)');
+      return;
+    }
+    const vfio = this.vfio as VfioApplier;
+    const created = !vfio.domain.active;
+    await vfio.attachDevice(name, opts.signal);
     this.log?.info({ ...this.logFields(), device: name, domainCreated: created }, 'vfio device attached');
   }
 
   /** Hot-removes a device; the last one unpins everything and destroys the domain. */
   async detachDevice(name: string): Promise<void> {
-    await this.vfio.detachDevice(name);
-    this.log?.info({ ...this.logFields(), device: name, domainDestroyed: !this.vfio.domain.active }, 'vfio device detached');
+    if (this.shadow) {
+      const ioas = this.shadow.ioasOf(name);
+      if (ioas === undefined) throw new NoDeviceError(`${JSON.stringify(name)} is not attached to this vfio client`);
+      // The broker's IOAS first: with the last device there, this client unmaps everything before it is out.
+      await this.detachIoas(ioas, [name]);
+      await this.shadow.detachDevice(name);
+      this.log?.info({ ...this.logFields(), device: name, ioas }, 'vfio device detached (shadow mode)');
+      return;
+    }
+    const vfio = this.vfio as VfioApplier;
+    await vfio.detachDevice(name);
+    this.log?.info({ ...this.logFields(), device: name, domainDestroyed: !vfio.domain.active }, 'vfio device detached');
   }
 
   override on<T extends keyof VfioSubscriberEvents>(event: T, fn: (...args: VfioSubscriberEvents[T]) => void, context?: unknown): this {
@@ -233,12 +416,44 @@ export class VfioSubscriber extends Subscriber {
       ...(d.dmaAvailable !== undefined ? { dmaAvailable: Math.min(d.dmaAvailable, 0xffff_ffff) } : {}),
       pinned: d.pinnedBytes,
       ...(d.coherent !== undefined ? { coherent: d.coherent } : {}),
-      backend: d.backend,
+      backend: reportedBackend(d.backend, d.dirtyTracking),
       devices: d.devices,
     };
   }
 
   private sendReport(): void {
+    if (!this.shadow) return this.reportNow();
+    // Shadow mode: one in flight at a time, at most one every REPORT_INTERVAL_MS, the last state always sent.
+    const st = this.reporting;
+    if (st.inFlight || st.timer) {
+      st.again = true;
+      return;
+    }
+    const wait = st.last + REPORT_INTERVAL_MS - Date.now();
+    if (wait > 0) {
+      st.timer = setTimeout(() => {
+        st.timer = undefined;
+        this.sendReport();
+      }, wait);
+      st.timer.unref();
+      return;
+    }
+    st.inFlight = true;
+    st.last = Date.now();
+    st.again = false;
+    this.reportNow(() => {
+      st.inFlight = false;
+      if (st.again) this.sendReport();
+    });
+  }
+
+  override async close(): Promise<void> {
+    clearTimeout(this.reporting.timer);
+    this.reporting.timer = undefined;
+    await super.close();
+  }
+
+  private reportNow(done?: () => void): void {
     let r: ClientReport;
     try {
       r = this.currentReport();
@@ -246,13 +461,15 @@ export class VfioSubscriber extends Subscriber {
       this.emit('error', toMmbError(err));
       return;
     }
-    this.report(r).catch((err: unknown) => {
-      if (!isMmbError(err, 'MMB_ERR_DISCONNECTED') && !isMmbError(err, 'MMB_ERR_TIMEOUT')) this.emit('error', toMmbError(err));
-    });
+    this.report(r)
+      .catch((err: unknown) => {
+        if (!isMmbError(err, 'MMB_ERR_DISCONNECTED') && !isMmbError(err, 'MMB_ERR_TIMEOUT')) this.emit('error', toMmbError(err));
+      })
+      .finally(done);
   }
 
   private logFields(): Record<string, unknown> {
-    const b = this.vfio.domain.backend;
-    return { kind: 'vfio', backend: b.name, software: b.software, devices: [...b.devices], pinned: this.vfio.domain.pinnedBytes };
+    const d = this.domain;
+    return { kind: 'vfio', backend: d.backend, software: d.software, devices: d.devices, pinned: d.pinnedBytes, ...(this.shadow ? { shadow: true } : {}), ...(d.dirtyTracking ? { dirtyTracking: d.dirtyTracking } : {}) };
   }
 }

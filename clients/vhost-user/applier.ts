@@ -199,6 +199,14 @@ export class VhostUserApplier implements Applier {
     }
   }
 
+  /**
+   * Two-phase votes: what the commit would refuse (the memory of a running vring taken away, a table the
+   * slots cannot hold) is refused now, by planning the commit's part against the table after the vote.
+   */
+  check(change: Change): void {
+    planMemTable(this.table, change, this.mode, this.maxSlots, { rings: this.rings.ranges(), deferred: this.deferred });
+  }
+
   /** Two-phase votes: maps now what the commit adds in place of what it removes (Applier.stage). */
   stage(regions: readonly ViewRegion[], backings: ReadonlyMap<number, LocalBacking>): void {
     this.memory?.stage(regions, backings);

@@ -6,7 +6,13 @@
 // Descriptor buffers of a virtqueue are (gpa, len) pairs: translate() turns one into an iovec of views,
 // which may span adjacent regions but never a hole; resolve() is the allocation-free form for the common
 // case of a buffer inside one region.
+//
+// Behind a guest IOMMU (VIRTIO_F_ACCESS_PLATFORM) the addresses are IOVAs: the device is attached to an
+// I/O address space (attachIoas, feature IOAS) and translates through it with the same allocation-free
+// search (iova(ioas).resolve(), clients/ioas-table.ts). An unmap is acked once the table no longer has
+// the mapping: from then on a lookup of that IOVA fails, as the device's access would fault.
 import { GuestMemory, type GuestPointer } from '../memory.js';
+import { IovaTables, type IovaTranslation } from '../ioas-table.js';
 import { MappingSubscriber } from '../plain.js';
 import type { SubscriberOptions } from '../subscriber.js';
 import type { BrokerTarget } from '../connection.js';
@@ -17,6 +23,14 @@ export interface VhostOptions extends SubscriberOptions {
 }
 
 export class VhostSubscriber extends MappingSubscriber {
+  private readonly iovas: IovaTables;
+
+  protected constructor(target: BrokerTarget, memory: GuestMemory, opts: VhostOptions) {
+    super(target, memory, opts);
+    this.iovas = new IovaTables(memory);
+    this.followIoas(this.iovas);
+  }
+
   static override async attach(target: BrokerTarget, opts: VhostOptions): Promise<VhostSubscriber> {
     const sub = new VhostSubscriber(target, new GuestMemory(), { kind: 'vhost', ...opts });
     await sub.start();
@@ -36,6 +50,14 @@ export class VhostSubscriber extends MappingSubscriber {
    */
   resolve(gpa: number, length: number, out: GuestPointer): boolean {
     return this.memory.resolve(gpa, length, out);
+  }
+
+  /**
+   * The IOVA translation table of an I/O address space this back-end's device is attached to
+   * (attachIoas). Keep it: its resolve(iova, length, out, write?) is the hot-path lookup, allocation-free.
+   */
+  iova(ioas: string): IovaTranslation {
+    return this.iovas.table(ioas);
   }
 
   /** Copies guest memory out. */

@@ -18,7 +18,8 @@ static napi_value init(napi_env env, napi_value exports) {
   if (!mmb_init_constants(env, exports) || !mmb_init_memfd(env, exports) ||
       !mmb_init_mapping(env, exports) || !mmb_init_eventfd(env, exports) ||
       !mmb_init_socket(env, exports) || !mmb_init_scm(env, exports) || !mmb_init_poll(env, exports) ||
-      !mmb_init_kvm(env, exports) || !mmb_init_vfio(env, exports) || !mmb_init_bitmap(env, exports))
+      !mmb_init_kvm(env, exports) || !mmb_init_vfio(env, exports) || !mmb_init_bitmap(env, exports) ||
+      !mmb_init_notify(env, exports))
     return NULL;
   return exports;
 }

@@ -26,6 +26,7 @@ bool mmb_init_poll(napi_env env, napi_value exports);      /* poll.c: uv_poll ha
 bool mmb_init_kvm(napi_env env, napi_value exports);       /* kvm.c: /dev/kvm, memslots, vCPUs */
 bool mmb_init_vfio(napi_env env, napi_value exports);      /* vfio.c: VFIO type1 and iommufd ioctls */
 bool mmb_init_bitmap(napi_env env, napi_value exports);    /* bitmap.c: atomic dirty bitmaps in shared memory */
+bool mmb_init_notify(napi_env env, napi_value exports);    /* notify.c: sd_notify datagrams */
 
 #define MMB_COUNT(a) (sizeof(a) / sizeof((a)[0]))
 

@@ -16,9 +16,17 @@
  *     kernel's minimum for that request and at most the buffer's length, because the kernel writes up to
  *     that many bytes back (INFO ioctls fill capability chains up to argsz);
  *   - flag bits that would make the kernel follow a user pointer C has not validated are refused
- *     (VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP, VFIO_DEVICE_BIND_FLAG_TOKEN): EINVAL;
- *   - the one pointer the kernel writes through, IOMMU_IOAS_IOVA_RANGES.allowed_iovas, is filled in here
- *     with the address of a second buffer that C checked holds num_iovas entries.
+ *     (VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP, VFIO_DEVICE_BIND_FLAG_TOKEN, IOMMU_HWPT_FAULT_ID_VALID), and so
+ *     are flags outside a request's allowed set (VFIO_DEVICE_FEATURE may only GET or PROBE the MIGRATION
+ *     feature, never SET a device state): EINVAL;
+ *   - a size word above the largest size C knows is refused where a later kernel appends pointer
+ *     members (IOMMU_HWPT_ALLOC, IOMMU_GET_HW_INFO, the dirty-tracking structs): EINVAL;
+ *   - the pointers the kernel follows are filled in here with the address of a second buffer C checked
+ *     is large enough: IOMMU_IOAS_IOVA_RANGES.allowed_iovas (num_iovas entries, written),
+ *     IOMMU_GET_HW_INFO.data_uptr (data_len bytes, written), IOMMU_HWPT_ALLOC.data_uptr (data_len bytes,
+ *     read; only in a struct large enough to have it), VFIO_IOMMU_DIRTY_PAGES' bitmap.data (bitmap.size
+ *     bytes, written, only with FLAG_GET_BITMAP) and IOMMU_HWPT_GET_DIRTY_BITMAP.data (one bit per
+ *     page_size of length, in 64-bit words, written; page_size must be a power of two).
  *
  * The host virtual addresses inside VFIO_IOMMU_MAP_DMA.vaddr and IOMMU_IOAS_MAP.user_va are the caller's
  * to choose (they come from GuestMemory's mappings): the kernel pins and maps those pages of this process
@@ -31,6 +39,9 @@
  * missing from Debian bookworm's linux-libc-dev 6.1. Their numbers are defined here from Linux's
  * include/uapi/linux/iommufd.h and include/uapi/linux/vfio.h (IOMMUFD_TYPE ';', IOMMUFD_CMD_BASE 0x80;
  * VFIO_BASE + 18, 19, 20), and checked against the system headers at compile time when those have them.
+ *
+ * One number, two requests: VFIO_BASE + 17 is VFIO_IOMMU_DIRTY_PAGES on a container and
+ * VFIO_DEVICE_FEATURE on a device. The whitelist is therefore looked up by number *and* descriptor kind.
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -62,11 +73,30 @@
 #define MMB_IOMMU_IOAS_IOVA_RANGES _IO(MMB_IOMMUFD_TYPE, 0x84)
 #define MMB_IOMMU_IOAS_MAP _IO(MMB_IOMMUFD_TYPE, 0x85)
 #define MMB_IOMMU_IOAS_UNMAP _IO(MMB_IOMMUFD_TYPE, 0x86)
+/* Linux 6.7+: HWPT allocation (a nesting parent, docs/ioas.md; dirty tracking), the IOMMU's capabilities. */
+#define MMB_IOMMU_HWPT_ALLOC _IO(MMB_IOMMUFD_TYPE, 0x89)
+#define MMB_IOMMU_GET_HW_INFO _IO(MMB_IOMMUFD_TYPE, 0x8a)
+#define MMB_IOMMU_HWPT_SET_DIRTY_TRACKING _IO(MMB_IOMMUFD_TYPE, 0x8b)
+#define MMB_IOMMU_HWPT_GET_DIRTY_BITMAP _IO(MMB_IOMMUFD_TYPE, 0x8c)
+/* enum iommufd_hwpt_alloc_flags, iommufd_hwpt_set_dirty_tracking_flags, iommufd_hwpt_get_dirty_bitmap_flags */
+#define MMB_IOMMU_HWPT_ALLOC_NEST_PARENT (1u << 0)
+#define MMB_IOMMU_HWPT_ALLOC_DIRTY_TRACKING (1u << 1)
+#define MMB_IOMMU_HWPT_DIRTY_TRACKING_ENABLE 1u
+#define MMB_IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR 1u
 /* include/uapi/linux/vfio.h (Linux 6.6+): the VFIO device cdev ioctls. */
 #define MMB_VFIO_DEVICE_BIND_IOMMUFD _IO(VFIO_TYPE, VFIO_BASE + 18)
 #define MMB_VFIO_DEVICE_ATTACH_IOMMUFD_PT _IO(VFIO_TYPE, VFIO_BASE + 19)
 #define MMB_VFIO_DEVICE_DETACH_IOMMUFD_PT _IO(VFIO_TYPE, VFIO_BASE + 20)
 #define MMB_VFIO_DEVICE_BIND_FLAG_TOKEN (1u << 0)
+
+/* linux/vfio.h (bookworm's 6.1 has both): the dirty-page log of a type1 container, and device features. */
+_Static_assert(offsetof(struct vfio_iommu_type1_dirty_bitmap_get, bitmap) == 16, "dirty_bitmap_get.bitmap");
+_Static_assert(sizeof(struct vfio_iommu_type1_dirty_bitmap) + sizeof(struct vfio_iommu_type1_dirty_bitmap_get) == 48, "dirty bitmap");
+_Static_assert(offsetof(struct vfio_bitmap, data) == 16, "vfio_bitmap.data");
+#define MMB_DIRTY_PAGES_FLAGS \
+  (VFIO_IOMMU_DIRTY_PAGES_FLAG_START | VFIO_IOMMU_DIRTY_PAGES_FLAG_STOP | VFIO_IOMMU_DIRTY_PAGES_FLAG_GET_BITMAP)
+/* GET or PROBE of VFIO_DEVICE_FEATURE_MIGRATION (feature index 1): never SET (a device state change). */
+#define MMB_FEATURE_MIGRATION_FLAGS (VFIO_DEVICE_FEATURE_MIGRATION | VFIO_DEVICE_FEATURE_GET | VFIO_DEVICE_FEATURE_PROBE)
 
 #ifdef MMB_HAVE_IOMMUFD_H
 _Static_assert(MMB_IOMMU_DESTROY == IOMMU_DESTROY, "IOMMU_DESTROY");
@@ -74,9 +104,20 @@ _Static_assert(MMB_IOMMU_IOAS_ALLOC == IOMMU_IOAS_ALLOC, "IOMMU_IOAS_ALLOC");
 _Static_assert(MMB_IOMMU_IOAS_IOVA_RANGES == IOMMU_IOAS_IOVA_RANGES, "IOMMU_IOAS_IOVA_RANGES");
 _Static_assert(MMB_IOMMU_IOAS_MAP == IOMMU_IOAS_MAP, "IOMMU_IOAS_MAP");
 _Static_assert(MMB_IOMMU_IOAS_UNMAP == IOMMU_IOAS_UNMAP, "IOMMU_IOAS_UNMAP");
+#ifdef IOMMU_HWPT_GET_DIRTY_BITMAP
+_Static_assert(MMB_IOMMU_HWPT_SET_DIRTY_TRACKING == IOMMU_HWPT_SET_DIRTY_TRACKING, "IOMMU_HWPT_SET_DIRTY_TRACKING");
+_Static_assert(MMB_IOMMU_HWPT_GET_DIRTY_BITMAP == IOMMU_HWPT_GET_DIRTY_BITMAP, "IOMMU_HWPT_GET_DIRTY_BITMAP");
+_Static_assert(offsetof(struct iommu_hwpt_get_dirty_bitmap, data) == 40, "iommu_hwpt_get_dirty_bitmap.data");
+#endif
 _Static_assert(offsetof(struct iommu_ioas_iova_ranges, allowed_iovas) == 16, "allowed_iovas");
 _Static_assert(offsetof(struct iommu_ioas_iova_ranges, num_iovas) == 8, "num_iovas");
 _Static_assert(sizeof(struct iommu_iova_range) == 16, "iommu_iova_range");
+#ifdef IOMMU_GET_HW_INFO
+_Static_assert(MMB_IOMMU_HWPT_ALLOC == IOMMU_HWPT_ALLOC, "IOMMU_HWPT_ALLOC");
+_Static_assert(MMB_IOMMU_GET_HW_INFO == IOMMU_GET_HW_INFO, "IOMMU_GET_HW_INFO");
+_Static_assert(offsetof(struct iommu_hw_info, data_uptr) == 16, "iommu_hw_info.data_uptr");
+_Static_assert(offsetof(struct iommu_hwpt_alloc, data_uptr) == 32, "iommu_hwpt_alloc.data_uptr");
+#endif
 #endif
 #ifdef VFIO_DEVICE_BIND_IOMMUFD
 _Static_assert(MMB_VFIO_DEVICE_BIND_IOMMUFD == VFIO_DEVICE_BIND_IOMMUFD, "VFIO_DEVICE_BIND_IOMMUFD");
@@ -100,53 +141,93 @@ enum fd_kind {
   FD_IOMMUFD = 1 << 3,   /* /dev/iommu */
 };
 
+/* How C sizes the buffer behind a pointer it fills in (struct request.bound). */
+enum bound_rule {
+  BOUND_NONE,   /* no pointer */
+  BOUND_COUNT,  /* count (a __u32 or __u64 at count_off) * elem_size bytes */
+  BOUND_BITMAP, /* IOMMU_HWPT_GET_DIRTY_BITMAP: one bit per page_size (u64 at 32) of length (u64 at 24), whole u64 words */
+};
+
 struct request {
   const char *name;
   unsigned long nr;
   unsigned fds; /* enum fd_kind bits */
   enum arg_kind kind;
   uint32_t minsz;     /* ARG_STRUCT: the kernel's minimum size for the request */
+  uint32_t maxsz;     /* ARG_STRUCT: the largest size word accepted (0: up to the buffer) */
   int flags_off;      /* ARG_STRUCT: offset of a __u32 flags word to check, or -1 */
   uint32_t forbidden; /* flag bits that make the kernel follow a pointer C did not validate */
+  uint32_t allowed;   /* if not 0: the only flag bits accepted */
   bool async;         /* may run on a worker thread (vfioIoctlAsync) */
   int ptr_off;        /* a __u64 pointer field C fills with the data buffer's address, or -1 */
-  int count_off;      /* its __u32 element count */
+  uint32_t ptr_flag;  /* the pointer is used only when flags has this bit (0: always) */
+  uint32_t ptr_minsz; /* ...and only in a struct this large (a smaller one has no pointer field: the kernel
+                         follows nothing; a GET_BITMAP that short is the kernel's EINVAL) */
+  enum bound_rule bound;
+  int count_off;      /* BOUND_COUNT: its element count */
+  int count_size;     /* 4 or 8 */
   uint32_t elem_size; /* bytes per element */
 };
+
+#define NOPTR -1, 0, 0, BOUND_NONE, 0, 0, 0
 
 /* Minimum sizes are the kernel's `minsz` (offsetofend of the last field it always reads). */
 static const struct request requests[] = {
     /* container (/dev/vfio/vfio) */
-    {"VFIO_GET_API_VERSION", VFIO_GET_API_VERSION, FD_CONTAINER, ARG_VALUE, 0, -1, 0, false, -1, 0, 0},
-    {"VFIO_CHECK_EXTENSION", VFIO_CHECK_EXTENSION, FD_CONTAINER, ARG_VALUE, 0, -1, 0, false, -1, 0, 0},
-    {"VFIO_SET_IOMMU", VFIO_SET_IOMMU, FD_CONTAINER, ARG_VALUE, 0, -1, 0, false, -1, 0, 0},
-    {"VFIO_IOMMU_GET_INFO", VFIO_IOMMU_GET_INFO, FD_CONTAINER, ARG_STRUCT, 16, -1, 0, false, -1, 0, 0},
-    {"VFIO_IOMMU_MAP_DMA", VFIO_IOMMU_MAP_DMA, FD_CONTAINER, ARG_STRUCT, 32, -1, 0, true, -1, 0, 0},
-    {"VFIO_IOMMU_UNMAP_DMA", VFIO_IOMMU_UNMAP_DMA, FD_CONTAINER, ARG_STRUCT, 24, 4, VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP, true, -1, 0, 0},
+    {"VFIO_GET_API_VERSION", VFIO_GET_API_VERSION, FD_CONTAINER, ARG_VALUE, 0, 0, -1, 0, 0, false, NOPTR},
+    {"VFIO_CHECK_EXTENSION", VFIO_CHECK_EXTENSION, FD_CONTAINER, ARG_VALUE, 0, 0, -1, 0, 0, false, NOPTR},
+    {"VFIO_SET_IOMMU", VFIO_SET_IOMMU, FD_CONTAINER, ARG_VALUE, 0, 0, -1, 0, 0, false, NOPTR},
+    {"VFIO_IOMMU_GET_INFO", VFIO_IOMMU_GET_INFO, FD_CONTAINER, ARG_STRUCT, 16, 0, -1, 0, 0, false, NOPTR},
+    {"VFIO_IOMMU_MAP_DMA", VFIO_IOMMU_MAP_DMA, FD_CONTAINER, ARG_STRUCT, 32, 0, -1, 0, 0, true, NOPTR},
+    {"VFIO_IOMMU_UNMAP_DMA", VFIO_IOMMU_UNMAP_DMA, FD_CONTAINER, ARG_STRUCT, 24, 0, 4, VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP, 0, true, NOPTR},
+    /* START / STOP: the 8-byte header; GET_BITMAP: header + vfio_iommu_type1_dirty_bitmap_get, whose
+     * bitmap.data (at 40) C points at `data` after checking bitmap.size (at 32) fits in it. */
+    {"VFIO_IOMMU_DIRTY_PAGES", VFIO_IOMMU_DIRTY_PAGES, FD_CONTAINER, ARG_STRUCT, 8, 48, 4, 0, MMB_DIRTY_PAGES_FLAGS, false,
+     40, VFIO_IOMMU_DIRTY_PAGES_FLAG_GET_BITMAP, 48, BOUND_COUNT, 32, 8, 1},
     /* group (/dev/vfio/N) */
-    {"VFIO_GROUP_GET_STATUS", VFIO_GROUP_GET_STATUS, FD_GROUP, ARG_STRUCT, 8, -1, 0, false, -1, 0, 0},
-    {"VFIO_GROUP_SET_CONTAINER", VFIO_GROUP_SET_CONTAINER, FD_GROUP, ARG_S32_PTR, 0, -1, 0, false, -1, 0, 0},
-    {"VFIO_GROUP_UNSET_CONTAINER", VFIO_GROUP_UNSET_CONTAINER, FD_GROUP, ARG_VALUE, 0, -1, 0, false, -1, 0, 0},
+    {"VFIO_GROUP_GET_STATUS", VFIO_GROUP_GET_STATUS, FD_GROUP, ARG_STRUCT, 8, 0, -1, 0, 0, false, NOPTR},
+    {"VFIO_GROUP_SET_CONTAINER", VFIO_GROUP_SET_CONTAINER, FD_GROUP, ARG_S32_PTR, 0, 0, -1, 0, 0, false, NOPTR},
+    {"VFIO_GROUP_UNSET_CONTAINER", VFIO_GROUP_UNSET_CONTAINER, FD_GROUP, ARG_VALUE, 0, 0, -1, 0, 0, false, NOPTR},
     /* device (from VFIO_GROUP_GET_DEVICE_FD, or /dev/vfio/devices/vfioN) */
-    {"VFIO_DEVICE_GET_INFO", VFIO_DEVICE_GET_INFO, FD_DEVICE, ARG_STRUCT, 16, -1, 0, false, -1, 0, 0},
-    {"VFIO_DEVICE_GET_REGION_INFO", VFIO_DEVICE_GET_REGION_INFO, FD_DEVICE, ARG_STRUCT, 32, -1, 0, false, -1, 0, 0},
-    {"VFIO_DEVICE_RESET", VFIO_DEVICE_RESET, FD_DEVICE, ARG_VALUE, 0, -1, 0, false, -1, 0, 0},
-    {"VFIO_DEVICE_BIND_IOMMUFD", MMB_VFIO_DEVICE_BIND_IOMMUFD, FD_DEVICE, ARG_STRUCT, 16, 4, MMB_VFIO_DEVICE_BIND_FLAG_TOKEN, false, -1, 0, 0},
-    {"VFIO_DEVICE_ATTACH_IOMMUFD_PT", MMB_VFIO_DEVICE_ATTACH_IOMMUFD_PT, FD_DEVICE, ARG_STRUCT, 12, -1, 0, false, -1, 0, 0},
-    {"VFIO_DEVICE_DETACH_IOMMUFD_PT", MMB_VFIO_DEVICE_DETACH_IOMMUFD_PT, FD_DEVICE, ARG_STRUCT, 8, -1, 0, false, -1, 0, 0},
+    {"VFIO_DEVICE_GET_INFO", VFIO_DEVICE_GET_INFO, FD_DEVICE, ARG_STRUCT, 16, 0, -1, 0, 0, false, NOPTR},
+    {"VFIO_DEVICE_GET_REGION_INFO", VFIO_DEVICE_GET_REGION_INFO, FD_DEVICE, ARG_STRUCT, 32, 0, -1, 0, 0, false, NOPTR},
+    {"VFIO_DEVICE_RESET", VFIO_DEVICE_RESET, FD_DEVICE, ARG_VALUE, 0, 0, -1, 0, 0, false, NOPTR},
+    /* GET / PROBE of the MIGRATION feature only (a __u64 of flags in data[]); SET would change the device's state. */
+    {"VFIO_DEVICE_FEATURE", VFIO_DEVICE_FEATURE, FD_DEVICE, ARG_STRUCT, 8, 16, 4, 0, MMB_FEATURE_MIGRATION_FLAGS, false, NOPTR},
+    {"VFIO_DEVICE_BIND_IOMMUFD", MMB_VFIO_DEVICE_BIND_IOMMUFD, FD_DEVICE, ARG_STRUCT, 16, 0, 4, MMB_VFIO_DEVICE_BIND_FLAG_TOKEN, 0, false, NOPTR},
+    {"VFIO_DEVICE_ATTACH_IOMMUFD_PT", MMB_VFIO_DEVICE_ATTACH_IOMMUFD_PT, FD_DEVICE, ARG_STRUCT, 12, 0, -1, 0, 0, false, NOPTR},
+    {"VFIO_DEVICE_DETACH_IOMMUFD_PT", MMB_VFIO_DEVICE_DETACH_IOMMUFD_PT, FD_DEVICE, ARG_STRUCT, 8, 0, -1, 0, 0, false, NOPTR},
     /* iommufd (/dev/iommu) */
-    {"IOMMU_DESTROY", MMB_IOMMU_DESTROY, FD_IOMMUFD, ARG_STRUCT, 8, -1, 0, false, -1, 0, 0},
-    {"IOMMU_IOAS_ALLOC", MMB_IOMMU_IOAS_ALLOC, FD_IOMMUFD, ARG_STRUCT, 12, -1, 0, false, -1, 0, 0},
-    {"IOMMU_IOAS_IOVA_RANGES", MMB_IOMMU_IOAS_IOVA_RANGES, FD_IOMMUFD, ARG_STRUCT, 32, -1, 0, false, 16, 8, 16},
-    {"IOMMU_IOAS_MAP", MMB_IOMMU_IOAS_MAP, FD_IOMMUFD, ARG_STRUCT, 40, -1, 0, true, -1, 0, 0},
-    {"IOMMU_IOAS_UNMAP", MMB_IOMMU_IOAS_UNMAP, FD_IOMMUFD, ARG_STRUCT, 24, -1, 0, true, -1, 0, 0},
+    {"IOMMU_DESTROY", MMB_IOMMU_DESTROY, FD_IOMMUFD, ARG_STRUCT, 8, 0, -1, 0, 0, false, NOPTR},
+    {"IOMMU_IOAS_ALLOC", MMB_IOMMU_IOAS_ALLOC, FD_IOMMUFD, ARG_STRUCT, 12, 0, -1, 0, 0, false, NOPTR},
+    {"IOMMU_IOAS_IOVA_RANGES", MMB_IOMMU_IOAS_IOVA_RANGES, FD_IOMMUFD, ARG_STRUCT, 32, 0, -1, 0, 0, false, 16, 0, 0, BOUND_COUNT, 8, 4, 16},
+    {"IOMMU_IOAS_MAP", MMB_IOMMU_IOAS_MAP, FD_IOMMUFD, ARG_STRUCT, 40, 0, -1, 0, 0, true, NOPTR},
+    {"IOMMU_IOAS_UNMAP", MMB_IOMMU_IOAS_UNMAP, FD_IOMMUFD, ARG_STRUCT, 24, 0, -1, 0, 0, true, NOPTR},
+    /* A nesting parent or dirty tracking; the kernel reads data_len bytes of driver data through data_uptr
+     * (at 32, in a struct of 40 bytes or more): C points it at a checked buffer. fault_id (48 bytes, read
+     * only with FAULT_ID_VALID) is refused. */
+    {"IOMMU_HWPT_ALLOC", MMB_IOMMU_HWPT_ALLOC, FD_IOMMUFD, ARG_STRUCT, 24, 40, 4, 0, MMB_IOMMU_HWPT_ALLOC_NEST_PARENT | MMB_IOMMU_HWPT_ALLOC_DIRTY_TRACKING, false,
+     32, 0, 40, BOUND_COUNT, 28, 4, 1},
+    /* flags must be 0; data_uptr (at 16) gets `data`, data_len (at 12) bytes of it. Up to out_capabilities. */
+    {"IOMMU_GET_HW_INFO", MMB_IOMMU_GET_HW_INFO, FD_IOMMUFD, ARG_STRUCT, 32, 40, 4, UINT32_MAX, 0, false, 16, 0, 0, BOUND_COUNT, 12, 4, 1},
+    {"IOMMU_HWPT_SET_DIRTY_TRACKING", MMB_IOMMU_HWPT_SET_DIRTY_TRACKING, FD_IOMMUFD, ARG_STRUCT, 16, 16, 4, 0, MMB_IOMMU_HWPT_DIRTY_TRACKING_ENABLE, false, NOPTR},
+    {"IOMMU_HWPT_GET_DIRTY_BITMAP", MMB_IOMMU_HWPT_GET_DIRTY_BITMAP, FD_IOMMUFD, ARG_STRUCT, 48, 48, 8, 0, MMB_IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR, false,
+     40, 0, 0, BOUND_BITMAP, 0, 0, 0},
 };
 
-/* runs on any thread */
-static const struct request *find_request(unsigned long nr) {
-  for (size_t i = 0; i < MMB_COUNT(requests); i++)
-    if (requests[i].nr == nr) return &requests[i];
-  return NULL;
+/*
+ * The whitelist entry for request `nr` on a descriptor of kind `kind` (0: unknown): the one meant for that
+ * kind when there is one (a number may mean different requests on different kinds), else the first with
+ * that number, whose descriptor check then fails with ENOTTY. runs on any thread
+ */
+static const struct request *find_request(unsigned long nr, unsigned kind) {
+  const struct request *first = NULL;
+  for (size_t i = 0; i < MMB_COUNT(requests); i++) {
+    if (requests[i].nr != nr) continue;
+    if ((requests[i].fds & kind) != 0) return &requests[i];
+    if (first == NULL) first = &requests[i];
+  }
+  return first;
 }
 
 /* A non-empty string of decimal digits. runs on any thread */
@@ -179,11 +260,14 @@ static unsigned fd_kind(int fd) {
   return 0;
 }
 
-/* Reads the request argument and finds its whitelist entry; EPERM if it is not there. runs on the main thread */
-static const struct request *arg_request(napi_env env, napi_value v, enum arg_kind kind) {
+/*
+ * Reads the request argument and finds its whitelist entry for descriptor `fd`; EPERM if it is not
+ * there. runs on the main thread
+ */
+static const struct request *arg_request(napi_env env, napi_value v, int fd, enum arg_kind kind) {
   int64_t nr;
   if (!mmb_arg_int64(env, v, 0, UINT32_MAX, "request", &nr)) return NULL;
-  const struct request *r = find_request((unsigned long)nr);
+  const struct request *r = find_request((unsigned long)nr, fd_kind(fd));
   if (r == NULL) {
     mmb_throw_errno(env, EPERM, "ioctl");
     return NULL;
@@ -203,24 +287,76 @@ static uint32_t get_u32(const uint8_t *p, int off) {
   return v;
 }
 
+/* Reads a native-endian __u64 at `off` (unaligned-safe). runs on any thread */
+static uint64_t get_u64(const uint8_t *p, int off) {
+  uint64_t v;
+  memcpy(&v, p + off, sizeof v);
+  return v;
+}
+
 /*
- * Checks a struct argument against its entry: length, leading size word, forbidden flags.
- * runs on the main thread
+ * What is wrong with a struct argument for its entry (an errno), or 0: length, leading size word (minimum,
+ * maximum), forbidden and allowed flags. runs on any thread
  */
-static bool check_struct(napi_env env, const struct request *r, const uint8_t *arg, size_t len) {
-  if (len < r->minsz || len > UINT32_MAX) {
-    mmb_throw_errno(env, EINVAL, r->name);
-    return false;
-  }
+static int struct_error(const struct request *r, const uint8_t *arg, size_t len) {
+  if (len < r->minsz || len > UINT32_MAX) return EINVAL;
   uint32_t size = get_u32(arg, 0);
-  if (size < r->minsz || size > len) {
-    mmb_throw_errno(env, EINVAL, r->name);
+  if (size < r->minsz || size > len || (r->maxsz != 0 && size > r->maxsz)) return EINVAL;
+  if (r->flags_off >= 0) {
+    uint32_t flags = get_u32(arg, r->flags_off);
+    if ((flags & r->forbidden) != 0 || (r->allowed != 0 && (flags & ~r->allowed) != 0)) return EINVAL;
+  }
+  return 0;
+}
+
+/* Checks a struct argument against its entry, throwing EINVAL. runs on the main thread */
+static bool check_struct(napi_env env, const struct request *r, const uint8_t *arg, size_t len) {
+  if (struct_error(r, arg, len) == 0) return true;
+  mmb_throw_errno(env, EINVAL, r->name);
+  return false;
+}
+
+/*
+ * For a descriptor of none of the kinds a shared number is meant for, the entry whose checks `arg`
+ * passes (the call then ends in ENOTTY), else `r`: the answer does not depend on which request the
+ * caller meant. runs on the main thread
+ */
+static const struct request *entry_for_arg(const struct request *r, int fd, const uint8_t *arg, size_t len) {
+  if ((fd_kind(fd) & r->fds) != 0) return r;
+  for (size_t i = 0; i < MMB_COUNT(requests); i++)
+    if (requests[i].nr == r->nr && requests[i].kind == ARG_STRUCT && struct_error(&requests[i], arg, len) == 0) return &requests[i];
+  return r;
+}
+
+/* Whether the request's pointer field is used by this call (see struct request.ptr_flag). */
+static bool uses_pointer(const struct request *r, const uint8_t *arg) {
+  if (r->bound == BOUND_NONE || get_u32(arg, 0) < r->ptr_minsz) return false;
+  return r->ptr_flag == 0 || (get_u32(arg, r->flags_off) & r->ptr_flag) != 0;
+}
+
+/*
+ * The bytes the kernel may follow the pointer of `arg` for (set *bytes), or false with errno set: EINVAL
+ * when the fields make no sense (a page size that is not a power of two, an empty range), ERANGE on
+ * overflow. runs on the main thread
+ */
+static bool pointer_bytes(const struct request *r, const uint8_t *arg, uint64_t *bytes) {
+  if (r->bound == BOUND_COUNT) {
+    uint64_t count = r->count_size == 8 ? get_u64(arg, r->count_off) : get_u32(arg, r->count_off);
+    if (count > UINT64_MAX / r->elem_size) {
+      errno = ERANGE;
+      return false;
+    }
+    *bytes = count * r->elem_size;
+    return true;
+  }
+  /* BOUND_BITMAP: iommu_hwpt_get_dirty_bitmap {.., length at 24, page_size at 32, data at 40}. */
+  uint64_t length = get_u64(arg, 24), page_size = get_u64(arg, 32);
+  if (length == 0 || page_size == 0 || (page_size & (page_size - 1)) != 0) {
+    errno = EINVAL;
     return false;
   }
-  if (r->flags_off >= 0 && (get_u32(arg, r->flags_off) & r->forbidden) != 0) {
-    mmb_throw_errno(env, EINVAL, r->name);
-    return false;
-  }
+  uint64_t pages = (length - 1) / page_size + 1;
+  *bytes = ((pages - 1) / 64 + 1) * 8;
   return true;
 }
 
@@ -262,7 +398,7 @@ static napi_value ioctl_int_js(napi_env env, napi_callback_info info) {
   int fd;
   int64_t value;
   if (!mmb_args(env, info, 3, argv) || !mmb_arg_fd(env, argv[0], &fd)) return NULL;
-  const struct request *r = arg_request(env, argv[1], ARG_VALUE);
+  const struct request *r = arg_request(env, argv[1], fd, ARG_VALUE);
   if (r == NULL || !mmb_arg_int64(env, argv[2], INT32_MIN, INT32_MAX, "value", &value)) return NULL;
   if ((fd_kind(fd) & r->fds) == 0) return mmb_throw_errno(env, ENOTTY, r->name);
   int32_t s32 = (int32_t)value;
@@ -276,8 +412,9 @@ static napi_value ioctl_int_js(napi_env env, napi_callback_info info) {
 /*
  * vfioIoctl(fd, request, arg, data?) -> the ioctl's return value. `arg` (a Uint8Array) is the packed
  * struct; the kernel reads it and writes its results back into it. `data` is only for requests with a
- * pointer field (IOMMU_IOAS_IOVA_RANGES): C points the field at `data` after checking it holds the
- * struct's element count, and zeroes it again afterwards. runs on the main thread
+ * pointer field (IOMMU_IOAS_IOVA_RANGES, IOMMU_GET_HW_INFO, VFIO_IOMMU_DIRTY_PAGES with GET_BITMAP,
+ * IOMMU_HWPT_GET_DIRTY_BITMAP): C points the field at `data` after checking it holds what the kernel may
+ * write there, and zeroes the field again afterwards. runs on the main thread
  */
 static napi_value ioctl_js(napi_env env, napi_callback_info info) {
   napi_value argv[4];
@@ -285,28 +422,31 @@ static napi_value ioctl_js(napi_env env, napi_callback_info info) {
   uint8_t *arg, *data = NULL;
   size_t len, data_len = 0;
   if (!mmb_args(env, info, 4, argv) || !mmb_arg_fd(env, argv[0], &fd)) return NULL;
-  const struct request *r = arg_request(env, argv[1], ARG_STRUCT);
+  const struct request *r = arg_request(env, argv[1], fd, ARG_STRUCT);
   if (r == NULL || !mmb_arg_bytes(env, argv[2], "arg", &arg, &len)) return NULL;
+  r = entry_for_arg(r, fd, arg, len);
   if (!check_struct(env, r, arg, len)) return NULL;
 
   napi_valuetype data_type;
   CHECK(napi_typeof(env, argv[3], &data_type));
   bool has_data = data_type != napi_undefined;
   if (has_data && !mmb_arg_bytes(env, argv[3], "data", &data, &data_len)) return NULL;
-  if (has_data && r->ptr_off < 0) return mmb_throw_errno(env, EINVAL, r->name);
-  /* data may be left out only when the count is 0 (the "how many?" call). */
-  uint64_t count = r->ptr_off >= 0 ? get_u32(arg, r->count_off) : 0;
-  if (count * r->elem_size > data_len) return mmb_throw_errno(env, ERANGE, r->name);
+  bool pointer = uses_pointer(r, arg);
+  if (has_data && !pointer) return mmb_throw_errno(env, EINVAL, r->name);
+  /* data may be left out only when the kernel writes nothing through the pointer (a "how many?" call). */
+  uint64_t bytes = 0;
+  if (pointer && !pointer_bytes(r, arg, &bytes)) return mmb_throw_errno(env, errno, r->name);
+  if (bytes > data_len) return mmb_throw_errno(env, ERANGE, r->name);
   if ((fd_kind(fd) & r->fds) == 0) return mmb_throw_errno(env, ENOTTY, r->name);
-  if (r->ptr_off >= 0) {
-    uint64_t ptr = count > 0 ? (uint64_t)(uintptr_t)data : 0;
+  if (pointer) {
+    uint64_t ptr = bytes > 0 ? (uint64_t)(uintptr_t)data : 0;
     memcpy(arg + r->ptr_off, &ptr, sizeof ptr);
   }
   int rc;
   do rc = ioctl(fd, r->nr, arg);
   while (rc < 0 && errno == EINTR);
   int err = errno;
-  if (r->ptr_off >= 0) memset(arg + r->ptr_off, 0, sizeof(uint64_t));
+  if (pointer) memset(arg + r->ptr_off, 0, sizeof(uint64_t));
   if (rc < 0) return mmb_throw_errno(env, err, r->name);
   return make_int(env, rc);
 }
@@ -420,7 +560,7 @@ static napi_value ioctl_async_js(napi_env env, napi_callback_info info) {
   size_t len;
   const struct request *r = NULL;
   if (!mmb_args(env, info, 3, argv) || !mmb_arg_fd(env, argv[0], &fd) ||
-      (r = arg_request(env, argv[1], ARG_STRUCT)) == NULL || !mmb_arg_bytes(env, argv[2], "arg", &arg, &len) ||
+      (r = arg_request(env, argv[1], fd, ARG_STRUCT)) == NULL || !mmb_arg_bytes(env, argv[2], "arg", &arg, &len) ||
       !check_struct(env, r, arg, len)) {
     reject_pending(env, deferred);
     return promise;

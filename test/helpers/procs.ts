@@ -1,50 +1,45 @@
-// Helpers for tests that use real processes and check the kernel's view of them.
+// The tests' entry to the testkit (testkit/README.md): the broker launcher, the scripted client, the
+// JSON-lines process class and the /proc judge, plus what only tests need (a temporary directory, a CLI
+// run to completion).
 import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
-import { JsonProc, waitFor } from '../../cli/child.js';
 import os from 'node:os';
 import path from 'node:path';
-import { fileURLToPath } from 'node:url';
+import { BrokerProc } from '../../testkit/broker.js';
+import { startClient } from '../../testkit/clients.js';
+import type { JsonProc } from '../../testkit/jsonproc.js';
+import { CLI } from '../../testkit/paths.js';
 
-export const ROOT = fileURLToPath(new URL('../..', import.meta.url));
-export const CLI = path.join(ROOT, 'dist/cli/mmbroker.js');
-const SUBSCRIBER = path.join(ROOT, 'test/helpers/subscriber-proc.mjs');
+export { CLI, ROOT } from '../../testkit/paths.js';
+export { waitFor } from '../../testkit/wait.js';
+export { JsonProc, type Event, type Line } from '../../testkit/jsonproc.js';
+export { BrokerProc } from '../../testkit/broker.js';
+export { memfdMaps, memfdStarts, memfdMappedBytes, fdCount, vmLckKiB } from '../../testkit/procfs.js';
 
 export function tempDir(prefix = 'mmb-test-'): string {
   return fs.mkdtempSync(path.join(os.tmpdir(), prefix));
 }
 
-export { waitFor, JsonProc, type Event } from '../../cli/child.js';
-export { memfdMaps, memfdStarts, memfdMappedBytes, fdCount, vmLckKiB } from '../../cli/procfs.js';
-
-export async function spawnSubscriber(socket: string, space: string, extra: string[] = []): Promise<JsonProc> {
-  const child = spawn(process.execPath, [SUBSCRIBER, '--socket', socket, '--space', space, ...extra], { stdio: ['pipe', 'pipe', 'pipe'] });
-  const p = new JsonProc(child);
-  await p.next('ready');
-  return p;
+/** A scripted plain client (testkit/client.ts) with `extra` options, once it is ready. */
+export function spawnSubscriber(socket: string, space: string, extra: string[] = []): Promise<JsonProc> {
+  return startClient({ socket, space, args: extra });
 }
 
 /**
- * Runs `mmbroker serve` in its own process; resolves once its socket accepts connections. Its spaces start
- * published (`--published`), as tests of anything but restarts want; `published: false` gives the
- * shipped default (unpublished until an owner publishes).
+ * `mmbroker serve --socket SOCKET ARGS...`, once it logged "listening". Its spaces start published
+ * (`--published`), as tests of anything but restarts want; `published: false` gives the shipped default
+ * (unpublished until an owner publishes).
  */
-export async function spawnBroker(socket: string, args: string[] = [], opts: { published?: boolean } = {}): Promise<ChildProcess & { logs: string[] }> {
-  const publish = opts.published === false ? [] : ['--published'];
-  const child = spawn(process.execPath, [CLI, 'serve', '--socket', socket, '--log-level', 'info', ...publish, ...args], { stdio: ['ignore', 'pipe', 'pipe'] }) as ChildProcess & { logs: string[] };
-  child.logs = [];
-  child.stdout?.setEncoding('utf8');
-  child.stdout?.on('data', (d: string) => child.logs.push(d));
-  child.stderr?.setEncoding('utf8');
-  child.stderr?.on('data', (d: string) => child.logs.push(d));
-  await waitFor('the broker to listen', () => child.logs.join('').includes('"listening"') || (child.exitCode !== null ? (() => { throw new Error(child.logs.join('')); })() : false));
-  return child;
+export function spawnBroker(socket: string, args: string[] = [], opts: { published?: boolean } = {}): Promise<BrokerProc> {
+  return BrokerProc.start({ socket, args: [...(opts.published === false ? [] : ['--published']), ...args] });
 }
 
-export async function stopProcess(child: ChildProcess, signal: NodeJS.Signals = 'SIGTERM'): Promise<number | null> {
-  if (child.exitCode !== null || child.signalCode !== null) return child.exitCode;
-  const exited = new Promise<number | null>((r) => child.once('exit', (code) => r(code)));
-  child.kill(signal);
+/** Stops a process with `signal` (SIGKILL 10 s later) and resolves with its exit code. */
+export async function stopProcess(p: JsonProc | ChildProcess, signal: NodeJS.Signals = 'SIGTERM'): Promise<number | null> {
+  if ('request' in p) return p.stop(signal);
+  if (p.exitCode !== null || p.signalCode !== null) return p.exitCode;
+  const exited = new Promise<number | null>((r) => p.once('exit', (code) => r(code)));
+  p.kill(signal);
   return exited;
 }
 

@@ -15,8 +15,10 @@ import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import readline from 'node:readline';
 import { parseArgs } from 'node:util';
-import { Broker, MappingSubscriber, OwnerClient, VfioSubscriber, native, constants, isMmbError } from '/mmb/dist/index.js';
+import { Broker, MappingSubscriber, Migration, MigrationBlockedError, OwnerClient, SpaceDestination, VfioSubscriber, native, constants, isMmbError } from '/mmb/dist/index.js';
 import { realSys, structs } from '/mmb/dist/clients/vfio/index.js';
+import { IoasOwner } from '/mmb/dist/clients/ioas-owner.js';
+import { Rng } from '/mmb/dist/testkit/rng.js';
 import { Edu, EDU_MAX_DMA } from './edu.mjs';
 
 const { values } = parseArgs({ options: { backend: { type: 'string' }, devices: { type: 'string' }, timeout: { type: 'string' } } });
@@ -36,6 +38,10 @@ const GPA_RAM = 0x0400_0000; // 64 MiB
 const GPA_BASE = 0x0800_0000; // 128 MiB
 const GPA_BIG = 0x0900_0000; // 144 MiB
 const GPA_SMALL = 0x0a00_0000; // 160 MiB
+// Shadow mode (docs/ioas.md): RAM the guest's IOMMU maps at IOVAs unrelated to its GPAs.
+const GPA_IOMMU = 0x0c00_0000; // 192 MiB, 8 MiB of it
+const IOVA_SRC = 0x0200_0000; // -> GPA_IOMMU + 0x10000, 64 KiB, read-only
+const IOVA_DST = 0x0300_0000; // -> GPA_IOMMU + 0x200000, 64 KiB
 const MSI_WINDOW = { start: 0xfee0_0000, last: 0xfeef_ffff };
 const PIECE = 1 * MiB; // the vfio client's pinChunkBytes
 
@@ -126,17 +132,7 @@ async function newKernelLines(before, re, ms = 3000) {
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
 // --- memory helpers --------------------------------------------------------------------------------------
-function pattern(length, seed) {
-  const b = new Uint8Array(length);
-  let x = seed >>> 0 || 1;
-  for (let i = 0; i < length; i++) {
-    x ^= x << 13;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    b[i] = x & 0xff;
-  }
-  return b;
-}
+const pattern = (length, seed) => new Uint8Array(new Rng(seed).bytes(length));
 const equal = (a, b) => a.length === b.length && a.every((v, i) => v === b[i]);
 const firstDiff = (a, b) => a.findIndex((v, i) => v !== b[i]);
 
@@ -218,10 +214,13 @@ class Child {
 // failure the client swallows (a detach, an unset-container) cannot go unnoticed.
 const calls = [];
 const REQUEST_NAMES = new Map(Object.entries(structs.REQUEST).map(([name, nr]) => [nr, name]));
+// One number, two requests: VFIO_IOMMU_DIRTY_PAGES on the container, VFIO_DEVICE_FEATURE on a device.
+const requestName = (fd, nr) =>
+  nr === structs.REQUEST.VFIO_IOMMU_DIRTY_PAGES ? (fs.readlinkSync(`/proc/self/fd/${fd}`) === '/dev/vfio/vfio' ? 'VFIO_IOMMU_DIRTY_PAGES' : 'VFIO_DEVICE_FEATURE') : (REQUEST_NAMES.get(nr) ?? `request ${nr}`);
 for (const fn of ['open', 'ioctlInt', 'ioctl', 'ioctlAsync', 'groupGetDeviceFd']) {
   const orig = realSys[fn];
   realSys[fn] = (...args) => {
-    const what = fn === 'open' ? `open ${args[0]}` : fn === 'groupGetDeviceFd' ? 'VFIO_GROUP_GET_DEVICE_FD' : (REQUEST_NAMES.get(args[1]) ?? `request ${args[1]}`);
+    const what = fn === 'open' ? `open ${args[0]}` : fn === 'groupGetDeviceFd' ? 'VFIO_GROUP_GET_DEVICE_FD' : requestName(args[0], args[1]);
     const record = (errno) => calls.push({ step: current, what, errno });
     try {
       const r = orig(...args);
@@ -237,8 +236,13 @@ for (const fn of ['open', 'ioctlInt', 'ioctl', 'ioctlAsync', 'groupGetDeviceFd']
 /** Failures the scenario provokes on purpose, by step: anything else failing is a finding. */
 const EXPECTED_FAILURES = [
   { what: 'IOMMU_IOAS_IOVA_RANGES', errno: 'EMSGSIZE' }, // the "how many ranges?" call
+  // edu has no VFIO migration driver; the emulated intel-iommu has no dirty tracking (iommufd).
+  { what: 'VFIO_DEVICE_FEATURE', errno: 'ENOTTY' },
+  { what: 'IOMMU_HWPT_SET_DIRTY_TRACKING', errno: 'EOPNOTSUPP' }, // asked each time logging starts
+  { step: 'dirty-tracking', what: 'IOMMU_HWPT_ALLOC', errno: 'EOPNOTSUPP' },
   { step: 'msi-window-refused', what: /MAP/, errno: 'EINVAL' },
   { step: 'detach-while-bar-mapped', what: 'VFIO_GROUP_UNSET_CONTAINER', errno: 'EBUSY' }, // the device is still open
+  // (the nesting step adds the errno with which the kernel refuses a nesting parent, if it does)
 ];
 
 // --- the scenario ----------------------------------------------------------------------------------------
@@ -318,6 +322,86 @@ try {
       copies.push({ from: hex(GPA_RAM + src), to: hex(GPA_RAM + dst), bytes: EDU_MAX_DMA, ms: Date.now() - t0 });
     }
     return { gpa: hex(GPA_RAM), size: ram.size, pieces: m.pieces, copies, kernelPinnedDelta: k1 - k0, dmaAvailable: [avail0 ?? null, avail1 ?? null] };
+  });
+
+  await step('dirty-tracking', async () => {
+    // The kernel's dirty tracking, read by the client while the region logs. type1: VFIO_IOMMU_DIRTY_PAGES
+    // (without a vendor driver, every mapped page of a GET_BITMAP range is reported); iommufd: the emulated
+    // intel-iommu has no dirty bits, so SET_DIRTY_TRACKING answers EOPNOTSUPP and every page counts.
+    const migration = vfio.migrationSupport();
+    check(migration.devices.length === 1 && !migration.devices[0].supported && /ENOTTY/.test(migration.devices[0].reason), 'edu has no VFIO migration support (VFIO_DEVICE_FEATURE: ENOTTY)', migration);
+    const callsBefore = calls.length;
+    await owner.commit([{ op: 'set', region: 'dma-ram', logDirty: true }]);
+    const tracking = vfio.domain.dirtyTracking;
+    const st = (await owner.status()).spaces[0].clients.find((c) => c.name === 'vfio-edu');
+    if (backend === 'type1') check(tracking?.mode === 'type1', 'type1 tracks dirty pages (VFIO_IOMMU_DIRTY_PAGES)', tracking);
+    else check(tracking?.mode === 'none' && /EOPNOTSUPP/.test(tracking.reason ?? ''), 'iommufd: no dirty tracking on this IOMMU (EOPNOTSUPP)', tracking);
+    const extra = {};
+    if (backend === 'iommufd') {
+      // What the kernel says directly: no dirty capability, and a DIRTY_TRACKING page table is refused.
+      const b = vfio.backend.binding(dev0);
+      const info = structs.pack('iommu_hw_info', { dev_id: b.devid, data_len: 0 });
+      realSys.ioctl(vfio.backend.iommufd, structs.REQUEST.IOMMU_GET_HW_INFO, info);
+      extra.hwCapabilities = Number(structs.unpack('iommu_hw_info', info).out_capabilities);
+      const alloc = structs.pack('iommu_hwpt_alloc', { flags: structs.IOMMUFD.IOMMU_HWPT_ALLOC_DIRTY_TRACKING, dev_id: b.devid, pt_id: vfio.backend.ioasId });
+      const e = await rejection(Promise.resolve().then(() => realSys.ioctl(vfio.backend.iommufd, structs.REQUEST.IOMMU_HWPT_ALLOC, alloc)));
+      extra.hwptAllocDirty = e ? e.code : 'accepted';
+      check(extra.hwCapabilities === 0 && extra.hwptAllocDirty === 'EOPNOTSUPP', 'the emulated IOMMU offers no dirty tracking', extra);
+    }
+    // A device write after a clean sync is in the next one (with every other page the kernel reports).
+    (await owner.dirtySync()).release();
+    const data = pattern(EDU_MAX_DMA, 0xd1d);
+    ram.bytes.set(data, 0x3000);
+    await edus.get(dev0).copy(GPA_RAM + 0x3000, GPA_RAM + 0x9000, EDU_MAX_DMA);
+    check(equal(ram.bytes.slice(0x9000, 0x9000 + EDU_MAX_DMA), data), 'the DMA landed');
+    const snap = await owner.dirtySync();
+    const r = snap.regions.find((x) => x.name === 'dma-ram');
+    const bit = (p) => (r.bits[p >> 3] >> (p & 7)) & 1;
+    const pages = ram.size / 4096;
+    check(r && bit(9) === 1 && r.dirty === pages, `the written page (and, as the kernel reports, all ${pages} pages) is dirty`, { dirty: r?.dirty });
+    snap.release();
+    if (backend === 'type1') {
+      // The kernel's own bitmap for the region: every mapped page, though the device wrote one.
+      const bits = vfio.backend.readDirty(GPA_RAM, ram.size);
+      extra.kernelBitmapPages = bits.reduce((n, b) => n + ((b.toString(2).match(/1/g) ?? []).length), 0);
+      check(extra.kernelBitmapPages === pages, 'type1 reports every mapped page (no vendor driver pins pages)', extra);
+    }
+    await owner.commit([{ op: 'set', region: 'dma-ram', logDirty: false }]);
+    check(vfio.domain.dirtyTracking === undefined, 'tracking stops with the last logging region');
+    const stAfter = (await owner.status()).spaces[0].clients.find((c) => c.name === 'vfio-edu');
+    const dirtyCalls = calls.slice(callsBefore).filter((c) => /DIRTY/.test(c.what)).map((c) => `${c.what}${c.errno ? ` ${c.errno}` : ''}`);
+    return { tracking, backendWhileLogging: st?.backend, backendAfter: stAfter?.backend, dirtyPages: r.dirty, deviceMigration: migration.devices[0], dirtyCalls, ...extra };
+  });
+
+  await step('migrate-with-dma', async () => {
+    // A migration of vm0 into another space while edu DMAs into it: blocked (edu cannot be quiesced and
+    // has no migratable state) until the risk is accepted; then the device's write after the first copy
+    // is at the destination, carried by the kernel's report (type1) or the all-dirty rule (iommufd).
+    broker.createSpace('vm1');
+    const reader = await MappingSubscriber.attach(broker, { space: 'vm0', name: 'migration-reader', writes: false, reconnect: false });
+    const blocked = await rejection(new Migration(owner, reader, new SpaceDestination(broker, 'vm1')).run());
+    check(blocked instanceof MigrationBlockedError && blocked.client?.name === 'vfio-edu', 'the migration is blocked by the vfio client', { code: blocked?.code, client: blocked?.client, message: blocked?.message });
+    const data = pattern(EDU_MAX_DMA, 0x1a7e);
+    ram.bytes.set(data, 0x5000);
+    ram.bytes.fill(0, 0xa000, 0xa000 + EDU_MAX_DMA);
+    let dmaAfterFirstCopy = false;
+    const result = await new Migration(owner, reader, new SpaceDestination(broker, 'vm1')).run({
+      acceptDeviceRisk: true,
+      keepPaused: true,
+      onProgress: async (p) => {
+        if (p.round !== 0) return;
+        await edus.get(dev0).copy(GPA_RAM + 0x5000, GPA_RAM + 0xa000, EDU_MAX_DMA);
+        dmaAfterFirstCopy = equal(ram.bytes.slice(0xa000, 0xa000 + EDU_MAX_DMA), data);
+      },
+    });
+    const copy = await MappingSubscriber.attach(broker, { space: 'vm1', name: 'copy', writes: false, reconnect: false });
+    const there = copy.memory.read(GPA_RAM + 0xa000, EDU_MAX_DMA);
+    await owner.resume();
+    await copy.close();
+    await reader.close();
+    check(dmaAfterFirstCopy && result.verified === true, 'migrated and verified after a DMA write following the first copy', { verified: result.verified, dmaAfterFirstCopy });
+    check(equal(there, data), 'the bytes the device wrote after the first copy are at the destination');
+    return { blocked: { code: blocked.code, client: blocked.client.name }, verified: result.verified, rounds: result.rounds.map((r) => `${r.phase}:${r.pages}`), acceptedRisks: result.acceptedRisks.map((b) => b.client.name), dmaAfterFirstCopy };
   });
 
   await step('readonly-toggle', async () => {
@@ -591,6 +675,138 @@ try {
       await e.copy(GPA_RAM + 0x1000, GPA_RAM + 0x48000, EDU_MAX_DMA);
       check(equal(ram.bytes.slice(0x48000, 0x48000 + EDU_MAX_DMA), data), 'after unmapping the BAR the device attaches again and DMAs');
       return { message: err.message };
+    });
+  }
+
+  if (dev1) {
+    // Shadow mode: a second vfio client, its device (the second edu) behind the guest's IOMMU, follows an
+    // I/O address space of the broker; the kernel pins only what the IOAS maps.
+    const shadowState = {};
+    await step('shadow-dma', async () => {
+      const io = await IoasOwner.create(owner, 'edu-iommu');
+      const mem = await ownerBacking(owner, 8 * MiB, 'iommu-ram');
+      await owner.addRegion({ name: 'iommu-ram', gpa: GPA_IOMMU, size: mem.size, backing: mem.id });
+      // (The whole-map client of the first edu pinned the new region too; from here on only the IOAS moves.)
+      const ramBytes = (await owner.status()).spaces[0].bytes;
+      const k0 = pinnedByKernel();
+      const shadow = await VfioSubscriber.attach(SOCKET, { space: 'vm0', name: 'vfio-shadow', backend, ioas: 'edu-iommu', devices: [dev1], reconnect: false, pinChunkBytes: PIECE });
+      const k1 = pinnedByKernel();
+      check(shadow.shadowing && shadow.domain.devices.includes(dev1), 'the shadow-mode client has the second edu in its domain', shadow.domain);
+      check(k1 === k0, `attaching in shadow mode pinned nothing (the IOAS is empty), though the space has ${ramBytes} bytes of RAM`, { k0, k1 });
+      const edu = new Edu(shadow.device(dev1));
+      Object.assign(shadowState, { io, mem, shadow, edu, k1 });
+
+      // The guest's IOMMU maps two buffers, at IOVAs that are not their GPAs; one read-only.
+      await io.commit([
+        { op: 'map', iova: IOVA_SRC, gpa: GPA_IOMMU + 0x10000, size: 0x10000, readonly: true },
+        { op: 'map', iova: IOVA_DST, gpa: GPA_IOMMU + 0x200000, size: 0x10000 },
+      ]);
+      const k2 = pinnedByKernel();
+      check(k2 - k1 === 0x20000, `the kernel pins exactly the mapped bytes (128 KiB), not the ${mem.size} bytes of the region`, { k1, k2 });
+      shadowState.k2 = k2;
+
+      const data = pattern(EDU_MAX_DMA, 0x10a5);
+      mem.bytes.set(data, 0x11000);
+      mem.bytes.fill(0, 0x200000, 0x200000 + 2 * EDU_MAX_DMA);
+      await edu.copy(IOVA_SRC + 0x1000, IOVA_DST, EDU_MAX_DMA);
+      const got = mem.bytes.slice(0x200000, 0x200000 + EDU_MAX_DMA);
+      check(equal(got, data), `DMA from IOVA ${hex(IOVA_SRC + 0x1000)} to IOVA ${hex(IOVA_DST)} moved the bytes between the guest-physical pages they map (${hex(GPA_IOMMU + 0x11000)} -> ${hex(GPA_IOMMU + 0x200000)}; first difference at byte ${firstDiff(got, data)})`);
+
+      // Read-only for the device: its write faults and lands nowhere.
+      const before = dmesg();
+      mem.bytes.fill(0x77, 0x12000, 0x12000 + 64);
+      await edu.dma({ src: 0x40000, dst: IOVA_SRC + 0x2000, count: 64, toRam: true });
+      check(mem.bytes.slice(0x12000, 0x12000 + 64).every((b) => b === 0x77), 'a DMA write to the read-only IOVA did not land');
+      const roFaults = await newKernelLines(before, /DMAR:.*DMA Write/);
+      check(roFaults.some((l) => l.includes(`fault addr ${hex(IOVA_SRC + 0x2000)}`)), 'the guest kernel logged the write fault at the IOVA', roFaults);
+
+      // RAM an IOAS maps cannot be unplugged (the guest's own offlining would fail too).
+      const refused = await rejection(owner.removeRegion('iommu-ram'));
+      check(isMmbError(refused) && refused.code === 'MMB_ERR_RAM_MAPPED', 'removing RAM the IOAS maps is refused', { code: refused?.code, message: refused?.message });
+      const st = (await owner.status()).spaces[0].ioas?.find((x) => x.name === 'edu-iommu');
+      return {
+        ramBytes,
+        kernelPinned: { beforeAttach: k0, afterAttach: k1, afterMap: k2 },
+        mappedBytes: 0x20000,
+        copy: { from: hex(IOVA_SRC + 0x1000), to: hex(IOVA_DST), gpaFrom: hex(GPA_IOMMU + 0x11000), gpaTo: hex(GPA_IOMMU + 0x200000) },
+        dmarWriteReadOnly: roFaults.map((l) => l.replace(/^\[[^\]]*\]\s*/, '')),
+        removeRefused: refused.code,
+        status: st,
+      };
+    });
+
+    await step('nesting', async () => {
+      // Whether the (emulated) IOMMU offers iommufd's nested translation, asked of the kernel.
+      if (backend !== 'iommufd') {
+        // type1's only nesting type enabled nesting on ARM SMMUs alone (iommu_enable_nesting); what this kernel says of it:
+        const b = shadowState.shadow.ioasDomains()[0].backend;
+        const ext = realSys.ioctlInt(b.container, structs.REQUEST.VFIO_CHECK_EXTENSION, 6 /* VFIO_TYPE1_NESTING_IOMMU */);
+        return { backend, checkExtensionType1Nesting: ext, nesting: 'not applicable: nested translation for a guest is iommufd HWPT nesting; type1 has none on Intel' };
+      }
+      const b = shadowState.shadow.ioasDomains()[0].backend;
+      const { devid } = b.binding(dev1);
+      const info = structs.pack('iommu_hw_info', { dev_id: devid, data_len: structs.LAYOUTS.iommu_hw_info_vtd.size });
+      const data = new Uint8Array(structs.LAYOUTS.iommu_hw_info_vtd.size);
+      realSys.ioctl(b.iommufd, structs.REQUEST.IOMMU_GET_HW_INFO, info, data);
+      const type = structs.get('iommu_hw_info', info, 'out_data_type');
+      const vtd = structs.unpack('iommu_hw_info_vtd', data);
+      const ecap = BigInt(vtd.ecap_reg);
+      const ecapNest = (ecap & structs.VTD_ECAP_NEST) !== 0n;
+      let parent;
+      try {
+        const arg = structs.pack('iommu_hwpt_alloc', { flags: structs.IOMMUFD.IOMMU_HWPT_ALLOC_NEST_PARENT, dev_id: devid, pt_id: b.ioasId, data_type: 0, data_len: 0 });
+        realSys.ioctl(b.iommufd, structs.REQUEST.IOMMU_HWPT_ALLOC, arg);
+        const id = structs.get('iommu_hwpt_alloc', arg, 'out_hwpt_id');
+        realSys.ioctl(b.iommufd, structs.REQUEST.IOMMU_DESTROY, structs.pack('iommu_destroy', { id }));
+        parent = { allocated: true, hwpt: id };
+      } catch (err) {
+        parent = { allocated: false, errno: err?.code ?? String(err), message: err?.message };
+        EXPECTED_FAILURES.push({ step: 'nesting', what: 'IOMMU_HWPT_ALLOC', errno: parent.errno });
+      }
+      return {
+        backend,
+        hwInfoType: type === structs.IOMMUFD.IOMMU_HW_INFO_TYPE_INTEL_VTD ? 'intel-vtd' : type,
+        capReg: `0x${BigInt(vtd.cap_reg).toString(16)}`,
+        ecapReg: `0x${ecap.toString(16)}`,
+        ecapNest,
+        nestParent: parent,
+        nesting: ecapNest && parent.allocated ? 'offered' : 'not offered',
+      };
+    });
+
+    await step('shadow-unmap-faults', async () => {
+      const { io, mem, shadow, edu, k1, k2 } = shadowState;
+      // The guest's invalidation of the destination: done only once the host IOMMU no longer maps it.
+      const order = [];
+      const onIoas = (c) => c.unmapped.length > 0 && order.push({ what: 'client-unmapped', kernelPinned: pinnedByKernel() });
+      shadow.on('ioas', onIoas);
+      const r = await io.unmap(IOVA_DST, 0x10000);
+      order.push({ what: 'unmap-complete', kernelPinned: pinnedByKernel() });
+      shadow.off('ioas', onIoas);
+      check(order.map((o) => o.what).join() === 'client-unmapped,unmap-complete', 'the unmap completed only after the client had unmapped', order);
+      check(order[0].kernelPinned === k2 - 0x10000, 'when the client acked, the kernel had already unpinned the 64 KiB', { k2, order });
+
+      // The device can no longer reach the page: its write faults and does not land.
+      mem.bytes.fill(0x5a, 0x200000, 0x200000 + EDU_MAX_DMA + 1);
+      const before = dmesg();
+      await edu.dma({ src: 0x40000, dst: IOVA_DST, count: EDU_MAX_DMA, toRam: true });
+      check(mem.bytes.slice(0x200000, 0x200000 + EDU_MAX_DMA).every((b) => b === 0x5a), 'a DMA write to the unmapped IOVA did not reach the page it used to map');
+      const faults = await newKernelLines(before, /DMAR:.*DMA Write/);
+      check(faults.some((l) => l.includes(`fault addr ${hex(IOVA_DST)}`)), `the guest kernel logged a DMAR write fault at IOVA ${hex(IOVA_DST)}`, faults);
+
+      // Everything unmapped: the kernel's counter is back; the device leaves; the RAM can go now.
+      await io.unmap(0, 0x1000_0000);
+      const k3 = pinnedByKernel();
+      check(k3 === k1, 'with the IOAS empty, the client pins nothing', { k1, k3 });
+      edu.close();
+      await shadow.detachDevice(dev1);
+      await shadow.close();
+      await io.destroy();
+      await owner.removeRegion('iommu-ram');
+      native.munmap(mem.map);
+      native.close(mem.fd);
+      await owner.dropBacking(mem.id).catch(() => undefined);
+      return { unmapped: r.unmapped, order, dmarWrite: faults.map((l) => l.replace(/^\[[^\]]*\]\s*/, '')), kernelPinnedAfter: k3 };
     });
   }
 

@@ -1,5 +1,5 @@
-// The harness's only source of choices: a seeded generator (mulberry32), so that one seed gives one
-// sequence of operations and faults. Nothing else in the harness may pick at random.
+// The one seeded generator (mulberry32) of the harness, the fuzzer and the test fixtures: one seed gives
+// one sequence, so a run is replayed from its seed. Nothing that must replay may pick with Math.random.
 
 export class Rng {
   private state: number;
@@ -19,6 +19,11 @@ export class Rng {
   /** An integer in [lo, hi] (inclusive). */
   int(lo: number, hi: number): number {
     return lo + Math.floor(this.next() * (hi - lo + 1));
+  }
+
+  /** An integer in [0, n): n at most 2^32. */
+  below(n: number): number {
+    return Math.floor(this.next() * n);
   }
 
   chance(p: number): boolean {

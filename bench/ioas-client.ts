@@ -1,0 +1,45 @@
+// A client process of bench/ioas.ts: follows one I/O address space of a broker until its stdin closes.
+// Lean on purpose: nothing on its event loop but the subscriber.
+//
+//   node dist/bench/ioas-client.js SOCKET SPACE NAME vfio|vhost IOAS
+//     vfio   a VfioSubscriber in shadow mode, soft backend (counted mlock of exactly the mapped pages)
+//     vhost  a VhostSubscriber whose device translates IOVAs through the IOAS (its table)
+//
+// The control protocol (testkit/README.md): {"event":"ready","pid":N} once attached to the IOAS; then for
+// each {"cmd":"stats"} on stdin {"event":"stats","changes":N,"mappings":N,"pinned":N,"vmLck":N} (vmLck: the
+// kernel's VmLck, bytes). Exits 0 when stdin closes, 1 if the broker drops it.
+import fs from 'node:fs';
+import { out, serveCommands } from '../testkit/control.js';
+import { VfioSubscriber } from '../clients/vfio/index.js';
+import { VhostSubscriber } from '../clients/vhost/index.js';
+import type { Subscriber } from '../clients/subscriber.js';
+
+const [socket, space, name, kind, ioas] = process.argv.slice(2);
+if (socket === undefined || space === undefined || name === undefined || ioas === undefined || (kind !== 'vfio' && kind !== 'vhost')) {
+  console.error('usage: ioas-client.js SOCKET SPACE NAME vfio|vhost IOAS');
+  process.exit(2);
+}
+const common = { space, name, reconnect: false, requestTimeoutMs: 120_000 };
+let sub: Subscriber;
+let pinned = () => 0;
+if (kind === 'vfio') {
+  const v = await VfioSubscriber.attach(socket, { ...common, backend: 'soft', ioas, devices: [`${name}-dev`] });
+  pinned = () => v.domain.pinnedBytes;
+  sub = v;
+} else {
+  const v = await VhostSubscriber.attach(socket, common);
+  await v.attachIoas(ioas, [`${name}-dev`]);
+  sub = v;
+}
+let changes = 0;
+sub.on('ioas', () => changes++);
+sub.on('disconnected', (reason) => {
+  console.error(`${name}: disconnected${reason ? `: ${reason.code} ${reason.message}` : ''}`);
+  process.exit(1);
+});
+const vmLck = () => Number(/^VmLck:\s+(\d+) kB$/m.exec(fs.readFileSync('/proc/self/status', 'utf8'))?.[1] ?? NaN) * 1024;
+out({ event: 'ready', pid: process.pid });
+serveCommands(
+  { stats: () => ({ event: 'stats', changes, mappings: sub.ioasMappings(ioas).length, pinned: pinned(), vmLck: vmLck() }) },
+  { onEnd: () => void sub.close().then(() => process.exit(0)) },
+);
