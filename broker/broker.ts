@@ -329,6 +329,9 @@ export class Broker implements InProcessConnector {
         }
         return this.ownedSpace(session).commit(session, msg.ops, msg.expect);
       case Msg.REPORT:
+        if ((msg.migration !== undefined || msg.dirtyTracking !== undefined) && (session.features & Feature.MIGRATION) === 0) {
+          throw new FeatureError('REPORT.migration and REPORT.dirtyTracking need the MIGRATION feature');
+        }
         return this.attachedSpace(session).report(session, msg);
       case Msg.FIND_FREE: {
         const { t: _t, id: _id, ...req } = msg;

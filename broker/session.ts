@@ -59,6 +59,9 @@ export class Session {
   pinnedActual: number | undefined;
   coherent: boolean | undefined;
   backend: string | undefined;
+  /** Feature MIGRATION: how its writes reach the dirty log; what it says about migrating its devices. */
+  dirtyTracking: string | undefined;
+  migration: { quiesce: boolean; deviceState: boolean } | undefined;
   devices: string[] = [];
   private seq = 0;
   private readonly waiters = new Map<number, (r: AckResult) => void>();

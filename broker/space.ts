@@ -441,6 +441,8 @@ export class AddressSpace {
     if (msg.pinned !== undefined) session.pinnedActual = msg.pinned;
     if (msg.coherent !== undefined) session.coherent = msg.coherent;
     if (msg.backend !== undefined) session.backend = msg.backend;
+    if (msg.dirtyTracking !== undefined) session.dirtyTracking = msg.dirtyTracking;
+    if (msg.migration !== undefined) session.migration = { ...msg.migration };
     if (msg.devices) session.devices = [...msg.devices];
     this.events.reported(session, msg.pinned, this.map.bytes);
     if (msg.reserved) {
@@ -550,6 +552,8 @@ export class AddressSpace {
       ...(s.dmaAvailable !== undefined ? { dmaAvailable: s.dmaAvailable } : {}),
       ...(s.coherent !== undefined ? { coherent: s.coherent } : {}),
       ...(s.backend !== undefined ? { backend: s.backend } : {}),
+      ...(s.dirtyTracking !== undefined ? { dirtyTracking: s.dirtyTracking } : {}),
+      ...(s.migration !== undefined ? { migration: s.migration } : {}),
       ...(s.devices.length > 0 ? { devices: s.devices } : {}),
     };
   }

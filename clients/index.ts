@@ -33,7 +33,7 @@ export {
   FileDestination,
   SpaceDestination,
   TcpDestination,
-  MigrationBlockedError,
+  // MigrationBlockedError (with its `blockers`) is protocol's MigrationBlockedError: that one is exported.
   migrateTo,
   receive,
   Receiver,

@@ -115,6 +115,13 @@ type Event = Exclude<ToClient, { t: typeof Msg.REPLY }>;
 
 export type ClientReport = Omit<Report, 't' | 'id'>;
 
+/** `r` without the fields the connection did not negotiate (an older broker refuses them). */
+function reportFor(conn: Connection, r: ClientReport): ClientReport {
+  if ((conn.features & Feature.MIGRATION) !== 0) return r;
+  const { migration: _m, dirtyTracking: _d, ...rest } = r;
+  return rest;
+}
+
 /** A promise that rejects with the signal's reason once it is aborted. */
 function aborted(signal: AbortSignal): Promise<never> {
   return new Promise((_, reject) => {
@@ -271,7 +278,7 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
    */
   async report(r: ClientReport): Promise<void> {
     this.lastReport = { ...this.lastReport, ...r };
-    if (this.conn && !this.conn.closed) await this.conn.request({ t: Msg.REPORT, ...r });
+    if (this.conn && !this.conn.closed) await this.conn.request({ t: Msg.REPORT, ...reportFor(this.conn, r) });
   }
 
   /**
@@ -413,7 +420,7 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
     if (result.sync === 'wait') this.emit('waiting', { epoch: result.epoch });
     try {
       // Before the sync is acked, so the broker knows this client's constraints from the first transaction on.
-      if (this.lastReport) await conn.request({ t: Msg.REPORT, ...this.lastReport });
+      if (this.lastReport) await conn.request({ t: Msg.REPORT, ...reportFor(conn, this.lastReport) });
       await this.sendDelegates(conn, this.delegates);
     } catch (err) {
       // No connection outlives a failed attach (the reconnect loop opens the next one).

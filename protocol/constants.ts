@@ -97,6 +97,9 @@ export const Feature = {
   /** EV_SYNC.columns: a sync part's regions as columns of fixed-width integers in one msgpack bin
    *  (protocol/columns.ts), for large maps; without the bit a client gets the plain `regions` array. */
   COMPACT_SYNC: 1 << 13,
+  /** REPORT.migration ({quiesce, deviceState}: whether the client stops its devices' DMA at a pause and
+   *  their state is migrated) and REPORT.dirtyTracking (how its writes reach the dirty log); both in STATUS. */
+  MIGRATION: 1 << 14,
 } as const;
 export const ALL_FEATURES =
   Feature.RESUME |
@@ -112,7 +115,8 @@ export const ALL_FEATURES =
   Feature.TRUSTED_FILE |
   Feature.WATCH |
   Feature.IOAS |
-  Feature.COMPACT_SYNC;
+  Feature.COMPACT_SYNC |
+  Feature.MIGRATION;
 
 /** Bytes of guest memory one dirty-bitmap bit stands for. */
 export const DIRTY_PAGE_SIZE = 4096;

@@ -86,6 +86,7 @@ export const ERROR_TABLE = {
   MMB_ERR_CANCELLED: { errno: 'ECANCELED', summary: 'Work in progress (pinning a large region) was cancelled, e.g. because the region was removed.' },
   MMB_ERR_NO_DEVICE: { errno: 'ENOENT', summary: 'No such device, or it is not bound to vfio-pci, or its IOMMU group is not viable.' },
   MMB_ERR_PAUSED: { errno: 'EBUSY', summary: 'Guest memory may not be written while the address space is paused for migration.' },
+  MMB_ERR_MIGRATION_BLOCKED: { errno: 'EOPNOTSUPP', summary: 'A migration was refused: a client has devices that cannot be quiesced or whose state cannot be migrated (it names them); accept the risk explicitly to migrate anyway.' },
   MMB_ERR_UNSUPPORTED: { errno: 'EOPNOTSUPP', summary: 'This machine lacks what the operation needs (no /dev/kvm, no /dev/vfio, no iommufd); the message says which.' },
   MMB_ERR_CLIENT_TIMEOUT: { errno: 'ETIMEDOUT', summary: 'A subscriber did not ack within the deadline and was evicted.' },
   MMB_ERR_SLOW_READER: { errno: 'ENOBUFS', summary: 'A peer let too many bytes queue up unread and was disconnected.' },
@@ -289,6 +290,7 @@ export const CancelledError = define('MMB_ERR_CANCELLED');
 export const NoDeviceError = define('MMB_ERR_NO_DEVICE');
 export const PausedError = define('MMB_ERR_PAUSED');
 export const UnsupportedError = define('MMB_ERR_UNSUPPORTED');
+export const MigrationBlockedError = define('MMB_ERR_MIGRATION_BLOCKED');
 export const ClientTimeoutError = define('MMB_ERR_CLIENT_TIMEOUT');
 export const SlowReaderError = define('MMB_ERR_SLOW_READER');
 export const NotFencedError = define('MMB_ERR_NOT_FENCED');

@@ -139,6 +139,9 @@ export const commit = object({
 export const iovaRange = object({ start: addr(), last: addr() });
 export type IovaRange = Infer<typeof iovaRange>;
 
+/** What a client with devices says about migrating them (feature MIGRATION). */
+export const migrationDeclaration = object({ quiesce: bool(), deviceState: bool() });
+
 export const report = object({
   t: t(Msg.REPORT),
   id: u32(),
@@ -154,6 +157,10 @@ export const report = object({
   backend: optional(name()),
   /** Devices behind the client (PCI addresses). */
   devices: optional(array(name(), 256)),
+  /** Feature MIGRATION: how this client's writes reach the dirty log ("VFIO_IOMMU_DIRTY_PAGES", "all", ...). */
+  dirtyTracking: optional(name()),
+  /** Feature MIGRATION: whether it stops its devices' DMA before it acks a pause, and their state migrates. */
+  migration: optional(migrationDeclaration),
 });
 
 export const findFree = object({
@@ -442,6 +449,8 @@ const statusClient = object(
     coherent: optional(bool()),
     backend: optional(name()),
     devices: optional(array(name(), 256)),
+    dirtyTracking: optional(name()),
+    migration: optional(migrationDeclaration),
   },
   { open: true },
 );

@@ -205,7 +205,7 @@ describe('vfio-like clients in a migration', () => {
     const dst1 = `m${++spaceNo}`;
     const err = await new Migration(o, reader, new SpaceDestination(socket, dst1)).run().catch((e: unknown) => e);
     expect(err).toBeInstanceOf(MigrationBlockedError);
-    expect(err).toMatchObject({ code: 'MMB_ERR_UNSUPPORTED', client: { name: 'nic-vfio', kind: 'vfio' } });
+    expect(err).toMatchObject({ code: 'MMB_ERR_MIGRATION_BLOCKED', client: { name: 'nic-vfio', kind: 'vfio' } });
     expect((err as MigrationBlockedError).blockers.map((b) => [b.client.name, b.devices])).toEqual([['nic-vfio', ['dev0']]]);
     expect((err as Error).message).toMatch(/cannot be quiesced.*no migratable state.*--accept-device-risk/);
     const st = (await o.status(space)).spaces[0];
@@ -222,7 +222,8 @@ describe('vfio-like clients in a migration', () => {
       maxRounds: 4,
       onProgress: async (p) => {
         if (p.round === 0) await dev.request({ cmd: 'mark' }, 'marked');
-        backends.push((await o.status(space)).spaces[0]?.clients.find((c) => c.name === 'nic-vfio')?.backend ?? '');
+        const c = (await o.status(space)).spaces[0]?.clients.find((x) => x.name === 'nic-vfio');
+        backends.push(`${c?.backend} (dirty: ${c?.dirtyTracking})`); // 'none' once logging stopped
       },
     });
     try {
@@ -259,10 +260,10 @@ describe('vfio-like clients in a migration', () => {
     const image = path.join(dir, `${space}-vfio.img`);
     const refused = await runCli(['migrate', '--socket', socket, '--space', space, '--to', image, '--json'], 60_000);
     expect(refused.code).toBe(1);
-    expect(refused.stderr).toMatch(/MMB_ERR_UNSUPPORTED .*migration blocked: vfio client "gpu-vfio"/);
+    expect(refused.stderr).toMatch(/MMB_ERR_MIGRATION_BLOCKED .*migration blocked: vfio client "gpu-vfio"/);
     expect(refused.stderr).toMatch(/refused by: vfio client "gpu-vfio"/);
     const error = refused.stdout.trim().split('\n').map((l) => JSON.parse(l) as { event: string; blockers?: { client: { name: string } }[] }).at(-1);
-    expect(error).toMatchObject({ event: 'error', code: 'MMB_ERR_UNSUPPORTED', blockers: [{ client: { name: 'gpu-vfio' } }] });
+    expect(error).toMatchObject({ event: 'error', code: 'MMB_ERR_MIGRATION_BLOCKED', blockers: [{ client: { name: 'gpu-vfio' } }] });
     expect(fs.existsSync(image)).toBe(false);
 
     const ok = await runCli(['migrate', '--socket', socket, '--space', space, '--to', image, '--accept-device-risk', '--json'], 60_000);

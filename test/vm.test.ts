@@ -141,7 +141,7 @@ function checkScenario(steps: Map<string, Step>, backend: 'type1' | 'iommufd'): 
     expect(dt.backendWhileLogging).toBe('iommufd (dirty: all)');
     expect(dt).toMatchObject({ hwCapabilities: 0, hwptAllocDirty: 'EOPNOTSUPP' });
   }
-  expect(steps.get('migrate-with-dma')).toMatchObject({ blocked: { code: 'MMB_ERR_UNSUPPORTED', client: 'vfio-edu' }, verified: true, acceptedRisks: ['vfio-edu'], dmaAfterFirstCopy: true });
+  expect(steps.get('migrate-with-dma')).toMatchObject({ blocked: { code: 'MMB_ERR_MIGRATION_BLOCKED', client: 'vfio-edu' }, verified: true, acceptedRisks: ['vfio-edu'], dmaAfterFirstCopy: true });
 
   const ro = steps.get('readonly-toggle') as Step & { dmarWrite: string[] };
   expect(ro.dmarWrite.join('\n')).toMatch(/DMAR: \[DMA Write.*fault addr 0x4070000 \[fault reason 0x05\] PTE Write access is not set/);

@@ -7,11 +7,10 @@
 //
 // The rule: a subscriber of kind "vfio" with at least one device attached (STATUS `devices`) blocks,
 // unless it declares both that it stops its devices' DMA before it acks a pause (`quiesce`) and that
-// their state is migrated (`deviceState`). The declaration is a `migration: {quiesce, deviceState}` key of
-// its STATUS entry, which the wire does not carry yet (docs/migration.md, "Devices": a REPORT field
-// proposed for the protocol); until it does, every vfio client with a device blocks. A vfio client with
-// no device attached reaches no memory by DMA and does not block.
-import { UnsupportedError, type ClientRef, type StatusResult } from '../../protocol/index.js';
+// their state is migrated (`deviceState`): REPORT.migration (feature MIGRATION), shown in its STATUS
+// entry. A vfio client with devices that declares nothing blocks. A vfio client with no device attached
+// reaches no memory by DMA and does not block.
+import { MigrationBlockedError as BlockedError, type ClientRef, type StatusResult } from '../../protocol/index.js';
 
 type StatusClient = StatusResult['spaces'][number]['clients'][number];
 
@@ -32,12 +31,7 @@ export interface MigrationBlocker {
   reason: string;
 }
 
-function declaration(c: StatusClient): MigrationDeclaration | undefined {
-  const m = (c as { migration?: unknown }).migration;
-  if (typeof m !== 'object' || m === null) return undefined;
-  const { quiesce, deviceState } = m as Record<string, unknown>;
-  return { quiesce: quiesce === true, deviceState: deviceState === true };
-}
+const declaration = (c: StatusClient): MigrationDeclaration | undefined => c.migration;
 
 /** The clients of a space (a STATUS entry's `clients`) that block a migration, with why. */
 export function migrationBlockers(clients: readonly StatusClient[]): MigrationBlocker[] {
@@ -60,16 +54,15 @@ export function migrationBlockers(clients: readonly StatusClient[]): MigrationBl
 }
 
 /**
- * A migration refused because of device clients (MMB_ERR_UNSUPPORTED): `client` names the first of them,
- * `blockers` lists all. Pass acceptDeviceRisk (--accept-device-risk) to migrate anyway.
+ * A migration refused because of device clients (MMB_ERR_MIGRATION_BLOCKED): `client` names the first of
+ * them, `blockers` lists all. Pass acceptDeviceRisk (--accept-device-risk) to migrate anyway.
  */
-export class MigrationBlockedError extends UnsupportedError {
+export class MigrationBlockedError extends BlockedError {
   constructor(readonly blockers: readonly MigrationBlocker[]) {
     super(
       `migration blocked: ${blockers.map((b) => b.reason).join('; ')}. A device that keeps writing after the pause, ` +
         `or whose state stays behind, makes the copy wrong; accept the risk explicitly to migrate anyway (--accept-device-risk, MigrationOptions.acceptDeviceRisk)`,
       { client: (blockers[0] as MigrationBlocker).client },
     );
-    this.name = 'MigrationBlockedError';
   }
 }

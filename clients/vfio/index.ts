@@ -2,7 +2,7 @@
 export {
   VfioSubscriber,
   openBackend,
-  reportedBackend,
+  reportedDirtyTracking,
   type VfioSubscriberOptions,
   type VfioDomainInfo,
   type VfioSubscriberEvents,

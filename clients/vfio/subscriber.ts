@@ -150,12 +150,11 @@ function validate(opts: VfioSubscriberOptions): void {
 }
 
 /**
- * REPORT's `backend`: the backend's name, and while the client logs, the dirty tracker in use:
- * "type1 (dirty: VFIO_IOMMU_DIRTY_PAGES)", "iommufd (dirty: IOMMU_HWPT_GET_DIRTY_BITMAP)", "soft (dirty: all)"
- * (every writable page counts). REPORT has no field of its own for it (see docs/dirty-logging.md).
+ * REPORT's `dirtyTracking` (feature MIGRATION), while the client logs: the dirty tracker in use,
+ * "VFIO_IOMMU_DIRTY_PAGES", "IOMMU_HWPT_GET_DIRTY_BITMAP", or "all" (every writable page counts).
  */
-export function reportedBackend(backend: BackendName, tracking: DirtyTracking | undefined): string {
-  return tracking ? `${backend} (dirty: ${DIRTY_TRACKER_NAMES[tracking.mode]})` : backend;
+export function reportedDirtyTracking(tracking: DirtyTracking | undefined): string | undefined {
+  return tracking ? DIRTY_TRACKER_NAMES[tracking.mode] : undefined;
 }
 
 export class VfioSubscriber extends Subscriber {
@@ -416,8 +415,13 @@ export class VfioSubscriber extends Subscriber {
       ...(d.dmaAvailable !== undefined ? { dmaAvailable: Math.min(d.dmaAvailable, 0xffff_ffff) } : {}),
       pinned: d.pinnedBytes,
       ...(d.coherent !== undefined ? { coherent: d.coherent } : {}),
-      backend: reportedBackend(d.backend, d.dirtyTracking),
+      backend: d.backend,
       devices: d.devices,
+      // REPORT replaces only what it names: 'none' says that logging stopped.
+      dirtyTracking: reportedDirtyTracking(d.dirtyTracking) ?? 'none',
+      // No device here stops its DMA at a pause on its own or has its state migrated by this client (VFIO
+      // migration v2 needs a device and a VMM that move it): said plainly, so a migration blocks on it.
+      ...(d.devices.length > 0 ? { migration: { quiesce: false, deviceState: false } } : {}),
     };
   }
 

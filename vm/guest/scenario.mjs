@@ -370,7 +370,9 @@ try {
     check(vfio.domain.dirtyTracking === undefined, 'tracking stops with the last logging region');
     const stAfter = (await owner.status()).spaces[0].clients.find((c) => c.name === 'vfio-edu');
     const dirtyCalls = calls.slice(callsBefore).filter((c) => /DIRTY/.test(c.what)).map((c) => `${c.what}${c.errno ? ` ${c.errno}` : ''}`);
-    return { tracking, backendWhileLogging: st?.backend, backendAfter: stAfter?.backend, dirtyPages: r.dirty, deviceMigration: migration.devices[0], dirtyCalls, ...extra };
+    // The backend's name, and while it logs, the tracker in use (REPORT.dirtyTracking, feature MIGRATION).
+    const said = (c) => (c?.dirtyTracking && c.dirtyTracking !== 'none' ? `${c.backend} (dirty: ${c.dirtyTracking})` : c?.backend);
+    return { tracking, backendWhileLogging: said(st), backendAfter: said(stAfter), dirtyPages: r.dirty, deviceMigration: migration.devices[0], dirtyCalls, ...extra };
   });
 
   await step('migrate-with-dma', async () => {
