@@ -9,9 +9,8 @@ import { spawnSync } from 'node:child_process';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { BENCHES } from './list.js';
 
-/** In the order they run: the quick and the long ones mixed, so a glance at the output shows progress. */
-export const BENCHES = ['fanout', 'throughput', 'translate', 'scale', 'pinning', 'dirty-sync', 'ioas', 'migration', 'vhost-user'] as const;
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 const wanted = process.argv.slice(2).filter((a) => !a.startsWith('-'));

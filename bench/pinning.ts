@@ -14,7 +14,8 @@
 // tables and locks, and none allocates. Rounds alternate C and ours. The kernel's view checks both: VmLck
 // of this process after each add (and after each removal), and of the C process while it held the lock.
 //
-//   npm run bench:pinning -- [--rounds N] [--json]   (BENCH_ITERATIONS sets the default of --rounds)
+//   npm run bench:pinning -- [--rounds N] [--gib N] [--json]   (BENCH_ITERATIONS sets the default of --rounds;
+//   --gib, 4 by default, the size pinned: a fraction such as 0.25 is for a short run)
 import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
@@ -30,12 +31,14 @@ import { vmLckKiB } from '../testkit/procfs.js';
 const { values } = parseArgs({
   options: {
     rounds: { type: 'string', default: String(iterations(5)) },
+    gib: { type: 'string', default: '4' },
     json: { type: 'boolean', default: false },
   },
 });
 const ROUNDS = Number(values.rounds);
 const GiB = 2 ** 30;
-const SIZE = 4 * GiB;
+const SIZE = Number(values.gib) * GiB;
+const SIZE_NAME = `${Number(values.gib)} GiB`;
 const GPA = 4 * GiB;
 const RATE_GOAL = 0.8;
 const DELAY_GOAL_MS = 20;
@@ -61,12 +64,12 @@ async function main(): Promise<void> {
   const samples = { cPin: [] as number[], cUnpin: [] as number[], pin: [] as number[], unpin: [] as number[], delayMax: [] as number[], delayP99: [] as number[] };
   const checks: string[] = [];
   try {
-    log(`allocating the 4 GiB memfd's pages (an untimed C pass)`);
+    log(`allocating the ${SIZE_NAME} memfd's pages (an untimed C pass)`);
     runC(bin, b.fd, 1);
     const baseLck = vmLckKiB();
     for (let r = 0; r < ROUNDS; r++) {
       const c = runC(bin, b.fd, 1);
-      if (c.vmlck_kb < SIZE / 1024) throw new Error(`the C program's VmLck was ${c.vmlck_kb} kB while it held 4 GiB locked`);
+      if (c.vmlck_kb < SIZE / 1024) throw new Error(`the C program's VmLck was ${c.vmlck_kb} kB while it held ${SIZE_NAME} locked`);
       samples.cPin.push(...c.pin_ns);
       samples.cUnpin.push(...c.unpin_ns);
 
@@ -77,7 +80,7 @@ async function main(): Promise<void> {
       const t1 = process.hrtime.bigint();
       h.disable();
       const locked = vmLckKiB() - baseLck;
-      if (locked < SIZE / 1024) throw new Error(`VmLck grew by ${locked} kB after pinning 4 GiB`);
+      if (locked < SIZE / 1024) throw new Error(`VmLck grew by ${locked} kB after pinning ${SIZE_NAME}`);
       if (vfio.domain.pinnedBytes !== SIZE) throw new Error(`the vfio client says it pinned ${vfio.domain.pinnedBytes} bytes`);
       const t2 = process.hrtime.bigint();
       await owner.removeRegion('pinned');
@@ -89,7 +92,7 @@ async function main(): Promise<void> {
       samples.delayP99.push(h.percentile(99) / 1e6);
       log(`  round ${r + 1}: C ${gibps(c.pin_ns[0] as number).toFixed(2)} GiB/s, ours ${gibps(Number(t1 - t0)).toFixed(2)} GiB/s, event-loop delay max ${(h.max / 1e6).toFixed(1)} ms`);
     }
-    checks.push('VmLck of this process grew by at least 4 GiB after each add and fell back after each removal; the C program read VmLck >= 4 GiB while it held the lock; the client reported 4 GiB pinned');
+    checks.push(`VmLck of this process grew by at least ${SIZE_NAME} after each add and fell back after each removal; the C program read VmLck >= ${SIZE_NAME} while it held the lock; the client reported ${SIZE_NAME} pinned`);
   } finally {
     await vfio.close();
     owner.close();
@@ -106,7 +109,7 @@ async function main(): Promise<void> {
   const delay = summarize(samples.delayMax);
   const results: Measurement[] = [
     {
-      name: 'pin 4 GiB: vfio-like client (soft backend), add to commit',
+      name: `pin ${SIZE_NAME}: vfio-like client (soft backend), add to commit`,
       series: 'vfio-like client (soft)',
       unit: 'GiB/s',
       higherIsBetter: true,
@@ -116,11 +119,11 @@ async function main(): Promise<void> {
       ratio: ours.median / cRate.median,
       goal: `>= ${RATE_GOAL} of C`,
       met: ours.median / cRate.median >= RATE_GOAL,
-      note: `${((SIZE / GiB / ours.median) * 1000).toFixed(0)} ms per 4 GiB (C: ${((SIZE / GiB / cRate.median) * 1000).toFixed(0)} ms); mlock in 128 MiB pieces on worker threads, plus the transaction`,
+      note: `${((SIZE / GiB / ours.median) * 1000).toFixed(0)} ms per ${SIZE_NAME} (C: ${((SIZE / GiB / cRate.median) * 1000).toFixed(0)} ms); mlock in 128 MiB pieces on worker threads, plus the transaction`,
     },
-    { name: 'pin 4 GiB: peer, C mmap + mlock', series: 'C (peer)', unit: 'GiB/s', higherIsBetter: true, ...cRate, iterations: samples.cPin.length },
+    { name: `pin ${SIZE_NAME}: peer, C mmap + mlock`, series: 'C (peer)', unit: 'GiB/s', higherIsBetter: true, ...cRate, iterations: samples.cPin.length },
     {
-      name: 'unpin 4 GiB: vfio-like client, remove to commit',
+      name: `unpin ${SIZE_NAME}: vfio-like client, remove to commit`,
       unit: 'GiB/s',
       higherIsBetter: true,
       ...un,
@@ -128,8 +131,9 @@ async function main(): Promise<void> {
       peer: { name: 'C: munlock + munmap', median: cUn.median },
       ratio: un.median / cUn.median,
     },
+    { name: `unpin ${SIZE_NAME}: peer, C munlock + munmap`, series: 'C (peer), unpin', unit: 'GiB/s', higherIsBetter: true, ...cUn, iterations: samples.cUnpin.length },
     {
-      name: "broker's event loop: largest delay while pinning 4 GiB",
+      name: `broker's event loop: largest delay while pinning ${SIZE_NAME}`,
       unit: 'ms',
       ...delay,
       iterations: samples.delayMax.length,
@@ -142,7 +146,7 @@ async function main(): Promise<void> {
     size: SIZE,
     rounds: ROUNDS,
     backend: 'soft (mlock on libuv worker threads, 128 MiB pieces)',
-    peer: `bench/c/mlock.c: mmap(MAP_SHARED) of the same memfd and one mlock() of 4 GiB; ${ccVersion()} ${C_FLAGS.join(' ')}`,
+    peer: `bench/c/mlock.c: mmap(MAP_SHARED) of the same memfd and one mlock() of ${SIZE_NAME}; ${ccVersion()} ${C_FLAGS.join(' ')}`,
     pages: "allocated once before the timed passes (an untimed C pass): the timed passes populate page tables and lock",
     layout: 'broker, owner and vfio-like client in one process (embedded mode): pinning shares the broker event loop',
     rlimitMemlock: spawnSync('sh', ['-c', 'ulimit -l'], { encoding: 'utf8' }).stdout.trim(),

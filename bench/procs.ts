@@ -4,9 +4,15 @@
 import { JsonProc, type SpawnOptions } from '../testkit/jsonproc.js';
 import { cpuNs } from '../testkit/procfs.js';
 
-/** Runs dist/bench/fixtures/FIXTURE.js with `args` (under taskset when `cpus` is given). */
+/**
+ * Runs dist/bench/fixtures/FIXTURE.js with `args` (under taskset when `cpus` is given). MMB_BENCH_NODE_ARGS
+ * (space-separated) goes to every such node, for profiling: node refuses --cpu-prof in NODE_OPTIONS, so
+ * `MMB_BENCH_NODE_ARGS='--cpu-prof --cpu-prof-dir=DIR'` is how a benchmark's helper processes get it.
+ */
 export function spawnFixture(fixture: string, args: readonly string[], opts: SpawnOptions = {}): JsonProc {
-  return JsonProc.spawn(new URL(`./fixtures/${fixture}.js`, import.meta.url).pathname, args, { name: fixture, ...opts });
+  const fromEnv = (process.env.MMB_BENCH_NODE_ARGS ?? '').split(' ').filter(Boolean);
+  const nodeArgs = [...fromEnv, ...(opts.nodeArgs ?? [])];
+  return JsonProc.spawn(new URL(`./fixtures/${fixture}.js`, import.meta.url).pathname, args, { name: fixture, ...opts, ...(nodeArgs.length > 0 ? { nodeArgs } : {}) });
 }
 
 /** `n` subscriber processes (fixtures/subscriber.ts) attached and synced (each printed `ready`); they answer `stats`. */

@@ -10,7 +10,8 @@
 // SUBSCRIBER, and only for an event the broker is waiting on.
 import { native } from '../native/index.js';
 import type { Transport } from '../transport/index.js';
-import { Msg, type ClientRef, type IovaRange, type MmbError, type Region } from '../protocol/index.js';
+import { Feature, Msg, type ClientRef, type IovaRange, type MmbError, type Region } from '../protocol/index.js';
+import { compactSyncPart } from './sync.js';
 
 export type AckResult =
   | { kind: 'ack' }
@@ -131,6 +132,11 @@ export class Session {
   }
 
   send(message: object, fds?: readonly number[]): void {
+    // Feature COMPACT_SYNC: every EV_SYNC part goes out through here (space.ts builds them in the plain
+    // form), as columns to a client that negotiated it.
+    if ((this.features & Feature.COMPACT_SYNC) !== 0 && (message as { t?: unknown }).t === Msg.EV_SYNC) {
+      message = compactSyncPart(message as { regions: readonly Region[] });
+    }
     this.transport.send(message, fds);
   }
 

@@ -1,6 +1,6 @@
 // Splitting a subscriber's initial sync (EV_SYNC) into parts that each fit one frame. All parts share one
 // seq; the client applies the whole sync when it has the part marked `last`, then acks that seq once.
-import type { Region } from '../protocol/index.js';
+import { encodeRegionColumns, type Region } from '../protocol/index.js';
 
 /** Upper bound of one region's msgpack encoding: eight keys, a 64-byte name, 64-bit integers. */
 export const REGION_WIRE_MAX_BYTES = 200;
@@ -41,4 +41,14 @@ export function splitSync(regions: readonly Region[], removed: readonly number[]
   current.last = true;
   parts.push(current);
   return parts;
+}
+
+/**
+ * An EV_SYNC part as a client that negotiated COMPACT_SYNC gets it: its regions as columns in one bin
+ * (protocol/columns.ts), `regions` empty. The same regions in about a fifth of the bytes, which the client
+ * reads without decoding a map per region. A part without regions stays as it is.
+ */
+export function compactSyncPart<M extends { regions: readonly Region[] }>(message: M): M | (Omit<M, 'regions'> & { regions: []; columns: Uint8Array }) {
+  if (message.regions.length === 0) return message;
+  return { ...message, regions: [], columns: encodeRegionColumns(message.regions) };
 }

@@ -84,6 +84,14 @@ export class GuestMemory implements Applier {
   private firstBytes: Uint8Array[] = [];
   /** Index of the last region a lookup hit: device queues mostly hit the same region again. */
   private lastHit = 0;
+  /**
+   * resolve()'s own cache of its last hit, as plain fields: the region's start, how far from it a range
+   * may reach and still lie in its first chunk (min(size, CHUNK_BYTES); -1 when there is no hit, which no
+   * range fits), and that chunk's bytes. A hit then costs two subtractions, four compares and two stores.
+   */
+  private hitStart = 0;
+  private hitSpan = -1;
+  private hitBytes: Uint8Array = new Uint8Array(0);
 
   apply(change: Change, backings: ReadonlyMap<number, LocalBacking>, _ctx?: ApplyContext): void {
     const made: MappedRegion[] = [];
@@ -112,7 +120,14 @@ export class GuestMemory implements Applier {
       this.byKey.set(m.region.key, m);
       this.insertAt(this.position(m.region.gpa), m);
     }
+    this.forgetHits();
+  }
+
+  /** After a map change: indexes moved, views may be detached. */
+  private forgetHits(): void {
     this.lastHit = 0;
+    this.hitSpan = -1;
+    this.hitBytes = new Uint8Array(0);
   }
 
   /**
@@ -194,7 +209,7 @@ export class GuestMemory implements Applier {
     this.staged.clear();
     this.sorted = [];
     this.firstBytes = [];
-    this.lastHit = 0;
+    this.forgetHits();
   }
 
   /** Mapped regions, sorted by gpa. */
@@ -233,12 +248,39 @@ export class GuestMemory implements Applier {
    * detached when its region is unmapped (a later removal): look up again after every map change.
    */
   resolve(gpa: number, length: number, out: GuestPointer): boolean {
-    if (!Number.isSafeInteger(gpa) || !Number.isSafeInteger(length) || gpa < 0 || length < 0) return false;
-    const i = this.indexOf(gpa);
-    if (i < 0 || gpa + length > (this.ends[i] as number)) return false;
-    const off = gpa - (this.starts[i] as number);
-    if (off + length > CHUNK_BYTES) return false;
-    out.bytes = this.firstBytes[i] as Uint8Array;
+    // The last hit's region again (a descriptor chain's buffers, a queue's ring): x >>> 0 === x says x is
+    // an integer in [0, 2^32), so these three compares say that [gpa, gpa + length) is a whole range inside
+    // that region's first chunk. Anything else, NaN included, takes the full path, which checks everything.
+    const off = gpa - this.hitStart;
+    if (off >>> 0 === off && length >>> 0 === length && off + length <= this.hitSpan) {
+      const bytes = this.hitBytes;
+      // Mostly the same view as the last lookup's: a compare is cheaper than a store of an object.
+      if (out.bytes !== bytes) out.bytes = bytes;
+      out.offset = off;
+      return true;
+    }
+    return this.resolveSearch(gpa, length, out);
+  }
+
+  /**
+   * resolve() past its last hit: searches the table (NaN and non-integers find nothing or fail below),
+   * remembers the region found, then checks the range as resolve() does: an integer offset below 2^32
+   * from the region's (integer) start makes gpa an integer, and the range must end inside the region's
+   * first chunk.
+   */
+  private resolveSearch(gpa: number, length: number, out: GuestPointer): boolean {
+    // Not indexOf(): its last hit is the region resolve() just tried.
+    const i = this.search(gpa);
+    if (i < 0) return false;
+    const start = this.starts[i] as number;
+    const span = Math.min((this.ends[i] as number) - start, CHUNK_BYTES);
+    const bytes = this.firstBytes[i] as Uint8Array;
+    this.hitStart = start;
+    this.hitSpan = span;
+    this.hitBytes = bytes;
+    const off = gpa - start;
+    if (off >>> 0 !== off || length >>> 0 !== length || off + length > span) return false;
+    out.bytes = bytes;
     out.offset = off;
     return true;
   }
@@ -354,6 +396,14 @@ export class GuestMemory implements Applier {
     return i;
   }
 
+  /** indexOf() without its last hit (resolve() just tried that region): the search alone, remembered. */
+  private search(gpa: number): number {
+    const count = this.sorted.length;
+    const i = findRange(this.starts, this.ends, count, count, gpa);
+    if (i >= 0) this.lastHit = i;
+    return i;
+  }
+
   private map(r: ViewRegion, backings: ReadonlyMap<number, LocalBacking>): MappedRegion {
     const b = backings.get(r.backing);
     if (!b) throw new NoRegionError(`region ${JSON.stringify(r.name)} has no backing here`);
@@ -388,20 +438,23 @@ export class GuestMemory implements Applier {
 /**
  * The lookup of every translation hot path (GPA -> region here, IOVA -> mapping in clients/ioas-table.ts):
  * the index of the range containing `x` among the first `count` of `starts` / `ends` (sorted, disjoint,
- * `ends` exclusive), or -1. Tries `hint` (the last hit) first, then a binary search over the two flat
- * arrays; touches no object and allocates nothing.
+ * `ends` exclusive), or -1. Tries `hint` (the last hit; `count` for none) first, then a binary search over
+ * the two flat arrays; touches no object and allocates nothing.
  */
 export function findRange(starts: Float64Array, ends: Float64Array, count: number, hint: number, x: number): number {
   if (hint < count && x >= (starts[hint] as number) && x < (ends[hint] as number)) return hint;
-  let lo = 0;
-  let hi = count - 1;
-  while (lo <= hi) {
-    const mid = (lo + hi) >>> 1;
-    if (x < (starts[mid] as number)) hi = mid - 1;
-    else if (x >= (ends[mid] as number)) lo = mid + 1;
-    else return mid;
+  if (count === 0) return -1;
+  // The last range starting at or below x, without a branch on the comparison: every step halves the
+  // candidates and adds 0 or half arithmetically. A search that branches mispredicts about every other step
+  // on addresses it cannot predict (random lookups), which costs more than the search itself.
+  let base = 0;
+  let n = count;
+  while (n > 1) {
+    const half = n >>> 1;
+    base += half * +((starts[base + half] as number) <= x);
+    n -= half;
   }
-  return -1;
+  return x >= (starts[base] as number) && x < (ends[base] as number) ? base : -1;
 }
 
 function unmapAll(m: MappedRegion): void {

@@ -44,7 +44,7 @@ import {
   applyOps,
   applyOpsTo,
   changeFromOps,
-  diff,
+  diffRegions,
   inverse,
   isEmpty,
   splitChange,
@@ -631,7 +631,11 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
       target = new Map(this.committed);
       for (const p of parts) for (const id of p.removed) target.delete(id);
     }
-    for (const p of parts) for (const r of p.regions) target.set(r.id, r);
+    for (const p of parts) {
+      for (const r of p.regions) target.set(r.id, r);
+      // Feature COMPACT_SYNC: the part's regions came as columns (decoded and checked by the protocol layer).
+      if (p.columns) for (const r of p.columns) target.set(r.id, r);
+    }
     const change = await this.establish(conn, seq, () => this.fullChange(target, generation, 'sync'));
     if (!change) return;
     // The broker sent every current bitmap before this sync; any other is from an earlier connection
@@ -702,8 +706,7 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
 
   /** The change that makes what is established equal `target` (O(map)). */
   private fullChange(target: ReadonlyMap<number, Region>, generation: number, cause: Change['cause']): Change {
-    const views = [...target.values()].map((r) => toView(r, this.backings));
-    return diff(this.actual, views, generation, cause);
+    return diffRegions(this.actual, target.values(), this.backings, generation, cause);
   }
 
   /**

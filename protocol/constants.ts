@@ -94,7 +94,9 @@ export const Feature = {
    *  detach devices) and EV_IOAS_SYNC / EV_IOAS_TXN / EV_IOAS_COMMITTED / EV_IOAS_ROLLBACK; needs TWO_PHASE
    *  for attaching. A guest IOMMU's mappings beside the guest-physical map, with the same guarantees. */
   IOAS: 1 << 12,
-  // Bit 13 is reserved (an extension in progress): never reuse it for something else.
+  /** EV_SYNC.columns: a sync part's regions as columns of fixed-width integers in one msgpack bin
+   *  (protocol/columns.ts), for large maps; without the bit a client gets the plain `regions` array. */
+  COMPACT_SYNC: 1 << 13,
   /** REPORT.migration ({quiesce, deviceState}: whether the client stops its devices' DMA at a pause and
    *  their state is migrated) and REPORT.dirtyTracking (how its writes reach the dirty log); both in STATUS. */
   MIGRATION: 1 << 14,
@@ -113,6 +115,7 @@ export const ALL_FEATURES =
   Feature.TRUSTED_FILE |
   Feature.WATCH |
   Feature.IOAS |
+  Feature.COMPACT_SYNC |
   Feature.MIGRATION;
 
 /** Bytes of guest memory one dirty-bitmap bit stands for. */

@@ -8,7 +8,7 @@
 // the frame's first byte. A batch nobody can claim any more, a frame whose batch is missing or has the
 // wrong count, is a protocol error (MMB_ERR_FD_MISMATCH): the fds are closed and the connection dropped.
 import { HEADER_SIZE, MSG_NAMES } from './constants.js';
-import { decodeBody, encodeBody, plainProblem } from './codec.js';
+import { decodeBody, decodeSmallMap, encodeBody, scanBody } from './codec.js';
 import {
   BadFrameError,
   BadMessageError,
@@ -51,6 +51,9 @@ export interface Frame {
   /** Set when the body decoded but is not plain msgpack (a float, an extension, bad UTF-8): the frame
    *  boundary is intact, so the message is refused (MMB_ERR_BAD_MESSAGE) without dropping the stream. */
   invalid?: MmbError;
+  /** The body holds bin values: refused (MMB_ERR_BAD_MESSAGE) unless its message defines a bin field under
+   *  a negotiated feature (validate.ts). */
+  bin?: boolean;
 }
 
 interface FdBatch {
@@ -146,9 +149,12 @@ export class FrameDecoder {
           const fds = this.frameFds > 0 ? (this.batches.shift() as FdBatch).fds : [];
           this.pendingFds -= fds.length;
           this.state = State.Header;
+          // The messages of every transaction (ACK, EV_COMMITTED, ...) are small flat maps: decoded without
+          // msgpackr, and plain msgpack by construction.
+          const small = decodeSmallMap(bodyBytes);
           let body: unknown;
           try {
-            body = decodeBody(bodyBytes);
+            body = small ?? decodeBody(bodyBytes);
             if (!isPlainMap(body)) throw new BadFrameError('frame body is not a msgpack map');
             if (typeof body.t !== 'number' || !Number.isInteger(body.t) || body.t < 0) {
               throw new BadFrameError('frame body lacks an integer message id "t"');
@@ -160,9 +166,11 @@ export class FrameDecoder {
             this.fail(err as MmbError);
           }
           const map = body as Record<string, unknown>;
-          const problem = plainProblem(bodyBytes);
           const frame: Frame = { type: map.t as number, body: map, fds, size: total };
-          if (problem) frame.invalid = new BadMessageError(problem);
+          if (small) return frame;
+          const scan = scanBody(bodyBytes);
+          if (scan.problem) frame.invalid = new BadMessageError(scan.problem);
+          if (scan.bin) frame.bin = true;
           return frame;
         }
       }

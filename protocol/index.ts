@@ -4,6 +4,7 @@ export * from './errors.js';
 export * from './schema.js';
 export * from './messages.js';
 export * from './codec.js';
+export * from './columns.js';
 export * from './frame.js';
 export * from './validate.js';
 export * from './units.js';

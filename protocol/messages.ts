@@ -3,8 +3,10 @@
 // test/protocol-docs.test.ts checks that every message here is documented there.
 import { Feature, Msg } from './constants.js';
 import { PROTOCOL_MAXIMA as L } from './limits.js';
+import { decodeRegionColumns } from './columns.js';
 import {
   array,
+  bin,
   bool,
   either,
   literal,
@@ -236,6 +238,9 @@ export const evSync = object({
   regions: array(region, 1 << 20),
   /** Delta mode: ids of regions the client holds that no longer exist (or changed and are re-listed). */
   removed: array(u32(), 1 << 20),
+  /** Feature COMPACT_SYNC: more of this part's regions (after `regions`, which is then empty) as columns in
+   *  one bin (protocol/columns.ts); decoded and checked here, so the parsed message holds the regions. */
+  columns: optional(bin('regions as columns', decodeRegionColumns)),
 });
 
 export const txnOp = tagged('op', {
@@ -527,6 +532,12 @@ export interface MessageSpec {
   feature: number;
   /** For requests: the schema of the REPLY's result. */
   result?: Schema<unknown>;
+  /**
+   * The feature under which this message may hold msgpack bin values (in the fields whose schema takes
+   * one). Without it, or when it was not negotiated, a body holding a bin is refused, as the base protocol
+   * refuses every bin.
+   */
+  binFeature?: number;
 }
 
 const none: FdRule = { kind: 'none' };
@@ -560,7 +571,7 @@ export const MESSAGES: ReadonlyMap<number, MessageSpec> = new Map(
     spec(Msg.REPLY, 'REPLY', 'to-client', reply),
     spec(Msg.EV_BACKINGS, 'EV_BACKINGS', 'to-client', evBackings, { fds: { kind: 'per-item', field: 'backings' } }),
     spec(Msg.EV_BACKINGS_GONE, 'EV_BACKINGS_GONE', 'to-client', evBackingsGone),
-    spec(Msg.EV_SYNC, 'EV_SYNC', 'to-client', evSync),
+    spec(Msg.EV_SYNC, 'EV_SYNC', 'to-client', evSync, { binFeature: Feature.COMPACT_SYNC }),
     spec(Msg.EV_TXN, 'EV_TXN', 'to-client', evTxn),
     spec(Msg.EV_ROLLBACK, 'EV_ROLLBACK', 'to-client', evRollback),
     spec(Msg.EV_COMMITTED, 'EV_COMMITTED', 'to-client', evCommitted),

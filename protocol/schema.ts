@@ -231,6 +231,21 @@ export function tagged<const Tag extends string, M extends Record<string, Object
   };
 }
 
+/**
+ * A msgpack bin, handed to `decode` (which throws a BadMessageError naming the path, or returns what the
+ * bytes say). Only fields of feature-gated extensions take one: validate.ts refuses a body holding a bin
+ * unless its message allows bin under a negotiated feature (MessageSpec.binFeature).
+ */
+export function bin<T>(describe: string, decode: (bytes: Uint8Array, path: string) => T): Schema<T> {
+  return {
+    describe: `bin (${describe})`,
+    parse(v, path) {
+      if (!(v instanceof Uint8Array)) fail(path, `expected bin, got ${typeName(v)}`);
+      return decode(v, path);
+    },
+  };
+}
+
 /** Any value; used only where a later, specific schema takes over (a REPLY's result). */
 export function unknownValue(): Schema<unknown> {
   return { describe: 'any', parse: (v) => v };

@@ -2,7 +2,8 @@
 // this direction, feature negotiated, shape (schema), then the descriptors the message must carry.
 // On any failure the caller still owns frame.fds and must close them.
 import { MSG_NAMES } from './constants.js';
-import { FdMismatchError, FeatureError, UnknownMessageError } from './errors.js';
+import { BIN_PROBLEM } from './codec.js';
+import { BadMessageError, FdMismatchError, FeatureError, UnknownMessageError } from './errors.js';
 import type { Frame } from './frame.js';
 import { MESSAGES, type MessageSpec, type ToBroker, type ToClient } from './messages.js';
 
@@ -16,6 +17,12 @@ function check(frame: Frame, side: Side, features: number): { spec: MessageSpec;
   if (!inbound) throw new UnknownMessageError(`${spec.name} (${spec.id}) is not accepted by a ${side}`);
   if (spec.feature !== 0 && (features & spec.feature) === 0) {
     throw new FeatureError(`${spec.name} needs feature bit 0x${spec.feature.toString(16)}, which was not negotiated`);
+  }
+  if (frame.bin) {
+    if (spec.binFeature === undefined) throw new BadMessageError(BIN_PROBLEM);
+    if ((features & spec.binFeature) === 0) {
+      throw new FeatureError(`a bin in ${spec.name} needs feature bit 0x${spec.binFeature.toString(16)}, which was not negotiated`);
+    }
   }
   const message = spec.schema.parse(frame.body, spec.name) as Record<string, unknown>;
   const want =

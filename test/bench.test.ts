@@ -1,16 +1,21 @@
-// The benchmark pipeline runs on this machine: a short translation benchmark against its C peer (built
-// here with cc), its JSON, and the report rendered from it and from the committed results, checked against
-// the JSON it came from. The figures themselves are not asserted: speed is the benchmarks' business.
+// The benchmark pipeline runs on this machine, so none of the benchmarks rots: a short run of every one of
+// them (seconds each, against its peer where it has one), its JSON's shape, every figure that names a peer
+// standing beside that peer's own row of the same run, and the report rendered from all of them; the
+// translation benchmark's rows in detail; and the committed docs/performance.md is what bench:report makes
+// of the committed results. The figures themselves are not asserted: speed is the benchmarks' business.
 import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { afterEach, describe, expect, it } from 'vitest';
+import { afterAll, afterEach, describe, expect, it } from 'vitest';
+import { have, QSD } from '../bench/vhost-user-backends.js';
+import { BENCHES } from '../bench/list.js';
 import { defer, runCleanups } from './helpers/embedded.js';
+import { IN_CI } from './helpers/ci.js';
 
 const root = path.resolve(import.meta.dirname, '..');
 const node = (script: string, args: string[], env: Record<string, string> = {}) =>
-  execFileSync(process.execPath, [path.join(root, 'dist', 'bench', script), ...args], { cwd: root, encoding: 'utf8', env: { ...process.env, ...env }, timeout: 120_000 });
+  execFileSync(process.execPath, [path.join(root, 'dist', 'bench', script), ...args], { cwd: root, encoding: 'utf8', env: { ...process.env, ...env }, timeout: 240_000, maxBuffer: 1 << 26 });
 
 interface Measurement {
   name: string;
@@ -18,13 +23,16 @@ interface Measurement {
   p99: number;
   iterations: number;
   unit: string;
+  series?: string;
   peer?: { name: string; median: number };
   ratio?: number;
   goal?: string;
   met?: boolean;
+  note?: string;
 }
 interface Result {
   bench: string;
+  date: string;
   machine: { cpus: number };
   results: Measurement[];
 }
@@ -54,7 +62,96 @@ const goalRows = (md: string) =>
     .filter((l) => l.startsWith('| ') && !l.startsWith('| benchmark'))
     .map((l) => l.split(' | ').map((c) => c.replace(/^\| |\|$/g, '').trim()));
 
-describe('benchmarks', () => {
+/**
+ * A short run of each benchmark: the arguments that make it take seconds, and the tools it drives (a
+ * missing one skips it, except under CI=true, where it fails).
+ */
+const SHORT: Record<(typeof BENCHES)[number], { args: string[]; tools: string[] }> = {
+  fanout: { args: ['--clients', '1,4', '--iterations', '20', '--rounds', '1', '--warmup', '20'], tools: ['cc', QSD] },
+  throughput: { args: ['--rounds', '1', '--transactions', '100'], tools: ['cc', QSD] },
+  translate: { args: ['--regions', '8,512', '--rounds', '1', '--passes', '1'], tools: ['cc'] },
+  scale: { args: ['--regions', '4096', '--snapshots', '1', '--restarts', '1', '--iterations', '6', '--warmup', '20'], tools: [] },
+  pinning: { args: ['--gib', '0.25', '--rounds', '1'], tools: ['cc'] },
+  'dirty-sync': { args: ['--mib', '1'], tools: [] },
+  ioas: { args: ['--rounds', '1', '--pairs', '100', '--txns', '4', '--batch', '32', '--warmup', '50'], tools: ['cc'] },
+  migration: { args: ['--mib', '64', '--runs', '1'], tools: ['cc'] },
+  'vhost-user': { args: ['--iterations', '20', '--rounds', '1', '--warmup', '10', '--fanout', '1,4'], tools: ['cc', QSD] },
+  // Three guest boots under TCG (no back-end, one, two): the longest of the short runs.
+  'qemu-hotplug': { args: ['--backends', '0,1,2', '--iterations', '3', '--warmup', '1', '--rounds', '1'], tools: ['qemu-system-x86_64', QSD, 'busybox'] },
+};
+
+/** The JSON of every short run, for the report rendered from all of them. */
+const shortRuns = fs.mkdtempSync(path.join(os.tmpdir(), 'mmb-bench-short-'));
+afterAll(() => fs.rmSync(shortRuns, { recursive: true, force: true }));
+
+/**
+ * What every benchmark's JSON must be: its name, when and where, rows with a name (each once), a unit and
+ * finite figures over at least one iteration; a goal with its verdict; and every figure that names a peer
+ * standing beside that peer's own row of the same run (the same median) with the ratio of the two.
+ */
+function checkShape(r: Result, bench: string): void {
+  expect(r.bench).toBe(bench);
+  expect(Number.isNaN(Date.parse(r.date))).toBe(false);
+  expect(r.machine.cpus).toBe(os.cpus().length);
+  expect(r.results.length).toBeGreaterThan(0);
+  const names = new Set<string>();
+  for (const m of r.results) {
+    expect(typeof m.name, JSON.stringify(m)).toBe('string');
+    expect(names.has(m.name), `${bench}: two rows named ${m.name}`).toBe(false);
+    names.add(m.name);
+    expect(typeof m.unit, m.name).toBe('string');
+    expect(Number.isFinite(m.median), `${m.name}: median ${m.median}`).toBe(true);
+    expect(Number.isFinite(m.p99), `${m.name}: p99 ${m.p99}`).toBe(true);
+    expect(m.iterations, m.name).toBeGreaterThanOrEqual(1);
+    if (m.goal !== undefined) expect(typeof m.met, `${m.name}: the goal's verdict`).toBe('boolean');
+    if (!m.peer) continue;
+    const peer = r.results.find((x) => x !== m && x.median === m.peer!.median);
+    expect(peer, `${bench}: ${m.name} names a peer (${m.peer.name}) that is no row of the same run`).toBeDefined();
+    if (m.ratio !== undefined) {
+      const ratios = [m.median / m.peer.median, m.peer.median / m.median];
+      // (Within 1%: a benchmark may round its figures for display and compute the ratio from the unrounded.)
+      expect(ratios.some((x) => Math.abs(x - m.ratio!) <= 0.01 * x), `${m.name}: ratio ${m.ratio} of ${m.median} and ${m.peer.median}`).toBe(true);
+    }
+  }
+}
+
+describe('a short run of every benchmark', () => {
+  it('covers every benchmark npm run bench runs', () => {
+    expect(Object.keys(SHORT).sort()).toEqual([...BENCHES].sort());
+  });
+
+  for (const bench of BENCHES) {
+    const { args, tools } = SHORT[bench];
+    const missing = tools.filter((t) => !have(t));
+    if (missing.length > 0 && !IN_CI) console.warn(`bench ${bench}: short run skipped, ${missing.join(', ')} not installed (CI=true makes this a failure)`);
+    it.skipIf(missing.length > 0 && !IN_CI)(`${bench}: its JSON has the shape the report reads, each peer of the same run beside`, { timeout: 300_000 }, () => {
+      expect(missing, `tools the ${bench} benchmark drives`).toEqual([]);
+      const out = node(`${bench}.js`, [...args, '--json'], { BENCH_ITERATIONS: '1' });
+      const r = JSON.parse(out) as Result;
+      checkShape(r, bench);
+      fs.writeFileSync(path.join(shortRuns, `${bench}.json`), out);
+    });
+  }
+
+  it('the report renders every short run: a section each, every goal in the table with its verdict', { timeout: 60_000 }, () => {
+    const runs = fs.readdirSync(shortRuns).filter((f) => f.endsWith('.json'));
+    expect(runs.length, 'short runs').toBeGreaterThan(0);
+    const { md } = render(shortRuns);
+    const results = runs.map((f) => JSON.parse(fs.readFileSync(path.join(shortRuns, f), 'utf8')) as Result);
+    for (const r of results) expect(md, `the section of ${r.bench}`).toContain(`\`bench/${r.bench}.ts\`, \`npm run bench:${r.bench}\`.`);
+    const goals = results.filter((r) => r.bench !== 'vhost-user').flatMap((r) => r.results.filter((m) => m.goal && !m.note?.includes('not what a sync does')));
+    const table = goalRows(md);
+    expect(table.length).toBe(goals.length);
+    expect(new Set(table.map((row) => row[1]))).toEqual(new Set(goals.map((m) => m.name)));
+    const met = goals.filter((m) => m.met).length;
+    expect(md).toContain(`**${met} of ${goals.length} goals met.**`);
+    const why = md.split('## Why the missed goals were missed\n\n')[1]!;
+    if (met < goals.length) expect(why.startsWith('- **')).toBe(true);
+    else expect(why.startsWith('Every goal was met')).toBe(true);
+  });
+});
+
+describe('the translation benchmark and the committed report', () => {
   it('translate: every lookup side by side with the C peer of the same run, and a report made of exactly that JSON', () => {
     const out = node('translate.js', ['--regions', '8,512', '--rounds', '1', '--passes', '1', '--json'], { BENCH_ITERATIONS: '1' });
     const r = JSON.parse(out) as Result;

@@ -67,7 +67,7 @@ describe('Invariant 3: converge', () => {
     const parts: { part: number; last: boolean; n: number }[] = [];
     conn.on('event', (m, fds) => {
       for (const fd of fds) native.close(fd);
-      if (m.t === Msg.EV_SYNC) parts.push({ part: m.part, last: m.last, n: m.regions.length });
+      if (m.t === Msg.EV_SYNC) parts.push({ part: m.part, last: m.last, n: m.regions.length + (m.columns?.length ?? 0) });
     });
     await conn.request({ t: Msg.ATTACH, space: 'vm0', role: 'subscriber', kind: 'test' });
     await waitFor('the last part', () => parts.at(-1)?.last);

@@ -17,7 +17,7 @@ import { cacheDir } from './kernel.mjs';
 
 const RECIPE = 1; // bump when the base archive's layout changes
 
-class Cpio {
+export class Cpio {
   constructor() {
     this.chunks = [];
     this.ino = 1;

@@ -141,6 +141,58 @@ export function debianKernel({ log = () => {} } = {}) {
 }
 
 /**
+ * The load order (dependencies first) of the Debian kernel's modules `wanted` and their dependencies, as
+ * .ko files in the kit's directory: those the kit lacks (it was made for the VM test, with the VFIO
+ * modules) are extracted from the cached .deb, one file at a time (written aside and renamed, so another
+ * process reading the kit never sees half a module). The kit's own list (kit.json) is left as it is.
+ */
+export function kitModules(kit, wanted, { log = () => {} } = {}) {
+  const have = (name) => fs.existsSync(path.join(kit.dir, `${name}.ko`));
+  const order = [];
+  let tree;
+  let index;
+  const debDir = path.join(cacheDir(), 'debian-kernel', 'debs');
+  try {
+    const ensure = (name) => {
+      if (have(name)) return path.join(kit.dir, `${name}.ko`);
+      if (!tree) {
+        const deb = fs.existsSync(debDir) ? fs.readdirSync(debDir).find((f) => f.startsWith(`${kit.package}_`) && f.includes(String(kit.version).replace(/:/g, '%3a'))) : undefined;
+        if (!deb) throw new Error(`module ${name} is not in the kit and ${kit.package} ${kit.version} is not cached in ${debDir}`);
+        log(`extracting modules from ${deb}`);
+        tree = fs.mkdtempSync(path.join(os.tmpdir(), 'mmb-kmod-'));
+        execFileSync('sh', ['-c', `dpkg-deb --fsys-tarfile "$1" | tar -x -C "$2" --wildcards './lib/modules/*/kernel/*'`, 'sh', path.join(debDir, deb), tree], { stdio: ['ignore', 'ignore', 'inherit'] });
+        index = new Map();
+        const walk = (dir) => {
+          for (const e of fs.readdirSync(dir, { withFileTypes: true })) {
+            const p = path.join(dir, e.name);
+            if (e.isDirectory()) walk(p);
+            else if (/\.ko(\.xz|\.zst)?$/.test(e.name)) index.set(norm(e.name.replace(/\.ko(\.xz|\.zst)?$/, '')), p);
+          }
+        };
+        walk(path.join(tree, 'lib/modules', kit.release, 'kernel'));
+      }
+      const file = index.get(name);
+      if (!file) throw new Error(`module ${name} is not in ${kit.package} ${kit.version}`);
+      const data = file.endsWith('.xz') ? execFileSync('xz', ['-dc', file], { maxBuffer: 1 << 28 }) : file.endsWith('.zst') ? execFileSync('zstd', ['-dc', file], { maxBuffer: 1 << 28 }) : fs.readFileSync(file);
+      const out = path.join(kit.dir, `${name}.ko`);
+      fs.writeFileSync(`${out}.${process.pid}.tmp`, data);
+      fs.renameSync(`${out}.${process.pid}.tmp`, out);
+      return out;
+    };
+    const visit = (name, trail) => {
+      if (order.includes(name)) return;
+      if (trail.includes(name)) throw new Error(`module dependency loop: ${[...trail, name].join(' -> ')}`);
+      for (const d of moduleDepends(ensure(name))) visit(d, [...trail, name]);
+      order.push(name);
+    };
+    for (const m of wanted) visit(norm(m), []);
+  } finally {
+    if (tree) fs.rmSync(tree, { recursive: true, force: true });
+  }
+  return order.map((m) => `${m}.ko`);
+}
+
+/**
  * The custom iommufd kernel's bzImage path. `build`: build it when not cached (about 8 minutes on 2
  * cores); otherwise resolves undefined when not cached. Build output goes to `log`.
  */
