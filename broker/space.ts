@@ -118,6 +118,8 @@ function takenBackings(plan: Plan): Set<number> {
 interface Vote {
   results: Map<Session, AckResult>;
   views: Map<Session, Region[]>;
+  /** The subscribers whose ops only added: their vote established everything, no finish round for them. */
+  addOnly: Set<Session>;
   /** Rolled back because a client dropped holding what the transaction takes away: vote again. */
   retry?: true;
 }
@@ -683,7 +685,7 @@ export class AddressSpace {
         vote = await this.vote(plan, generation, access, bitmaps, holders, attempt === 1);
         if (vote.retry === undefined) break;
       }
-      const { results, views } = vote;
+      const { results, views, addOnly } = vote;
 
       // --- commit ---
       this.apply(plan, generation);
@@ -692,8 +694,9 @@ export class AddressSpace {
       for (const [s, r] of results) if (r.kind === 'ack') s.ackedGeneration = generation;
       for (const [s, view] of views) s.view = view;
       // Two-phase subscribers remove and reshape now, and ack that; the others did it in the vote.
-      const twoPhase = [...this.subscribers].filter((s) => (s.features & Feature.TWO_PHASE) !== 0);
-      for (const s of this.subscribers) if ((s.features & Feature.TWO_PHASE) === 0) s.send({ t: Msg.EV_COMMITTED, generation });
+      // A subscriber whose ops only added established all of it in its vote: nothing to finish, no round.
+      const twoPhase = [...this.subscribers].filter((s) => (s.features & Feature.TWO_PHASE) !== 0 && !addOnly.has(s));
+      for (const s of this.subscribers) if ((s.features & Feature.TWO_PHASE) === 0 || addOnly.has(s)) s.send({ t: Msg.EV_COMMITTED, generation });
       const unfenced = await this.finish(twoPhase, (s, seq) => s.send({ t: Msg.EV_COMMITTED, generation, seq }), generation, holders);
       this.log.info(
         { generation, removes: plan.removes.length, sets: plan.sets.length, adds: plan.adds.length, clients: results.size, ms: +(performance.now() - started).toFixed(3) },
@@ -795,20 +798,23 @@ export class AddressSpace {
       this.subscribers,
       this.limits.pinBudgetBytes,
     );
+    const addOnly = new Set<Session>();
     const { results, retry } = await this.runVote(
       [...this.subscribers],
       (s, seq) => {
         this.sendBackings(s, access);
         this.logging.send(s, bitmaps);
         const view = views.get(s);
-        s.send({ t: Msg.EV_TXN, seq, generation, ops: view ? viewOps(s.view, view) : plan.ops });
+        const ops = view ? viewOps(s.view, view) : plan.ops;
+        if (ops.every((op) => op.op === 'add')) addOnly.add(s);
+        s.send({ t: Msg.EV_TXN, seq, generation, ops });
       },
       (s, seq) => s.send({ t: Msg.EV_ROLLBACK, seq, generation }),
       generation,
       holders,
       mayRetry,
     );
-    return { results, views, ...(retry ? { retry } : {}) };
+    return { results, views, addOnly, ...(retry ? { retry } : {}) };
   }
 
   /**

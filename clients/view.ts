@@ -281,7 +281,9 @@ export function splitChange(c: Change, room = Number.POSITIVE_INFINITY): { vote:
   const clashes = (a: ViewRegion) => removed.some((r) => a.gpa < r.gpa + r.size && r.gpa < a.gpa + a.size);
   const now: ViewRegion[] = [];
   const later: ViewRegion[] = [];
-  for (const a of c.added) (now.length >= room || (removed.length > 0 && clashes(a)) ? later : now).push(a);
+  // Without removals nothing frees room later: every add goes in the vote (the broker checked the limits),
+  // so a transaction that only adds leaves its commit nothing to do (and the broker asks no finish round).
+  for (const a of c.added) (removed.length > 0 && (now.length >= room || clashes(a)) ? later : now).push(a);
   return {
     vote: { generation: c.generation, cause: c.cause, removed: [], updated: [], added: now, staged: later },
     commit: { generation: c.generation, cause: 'commit', removed: c.removed, updated: c.updated, added: later },
