@@ -138,10 +138,11 @@ export function startQsd(dir: string, image: string, opts: StartOptions & { name
 /**
  * dpdk-testpmd with a net_vhost vdev on DIR/NAME.sock, forwarding in io mode: what arrives on the
  * front-end's TX queue goes back out on its RX queue. No huge pages, no PCI, its own file prefix.
+ * `iommu`: the vdev supports a guest IOMMU (iommu-support=1: IOMMU_PLATFORM, the IOTLB).
  * Lines of stderr that say error / fail / invalid / cannot / panic (or come from VHOST_CONFIG, which logs
  * at error level only here) count as errors.
  */
-export function startTestpmd(dir: string, opts: StartOptions & { name?: string; lcores?: string } = {}): Promise<Backend> {
+export function startTestpmd(dir: string, opts: StartOptions & { name?: string; lcores?: string; iommu?: boolean } = {}): Promise<Backend> {
   const name = opts.name ?? 'testpmd';
   const socket = path.join(dir, `${name}.sock`);
   fs.rmSync(socket, { force: true });
@@ -152,7 +153,9 @@ export function startTestpmd(dir: string, opts: StartOptions & { name?: string; 
     [
       '-l', opts.lcores ?? '0-1', '--no-huge', '-m', '1024', '--no-pci', '--file-prefix', prefix,
       '--log-level', 'lib.vhost.config:error',
-      '--vdev', `net_vhost0,iface=${socket},queues=1`,
+      // iommu-support=1: the vdev offers VIRTIO_F_IOMMU_PLATFORM and translates through its IOTLB when
+      // the front-end negotiates it (a guest IOMMU; docs/vhost-user.md).
+      '--vdev', `net_vhost0,iface=${socket},queues=1${opts.iommu ? ',iommu-support=1' : ''}`,
       '--', '--nb-cores=1', '--forward-mode=io', '--total-num-mbufs=8192', '--stats-period', '3600',
     ],
     socket,
