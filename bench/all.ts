@@ -11,7 +11,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 /** In the order they run: the quick and the long ones mixed, so a glance at the output shows progress. */
-export const BENCHES = ['fanout', 'throughput', 'translate', 'scale', 'pinning', 'dirty-sync', 'ioas', 'migration', 'vhost-user'] as const;
+export const BENCHES = ['fanout', 'throughput', 'translate', 'scale', 'pinning', 'dirty-sync', 'ioas', 'ioas-vhost-user', 'migration', 'vhost-user'] as const;
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 const wanted = process.argv.slice(2).filter((a) => !a.startsWith('-'));

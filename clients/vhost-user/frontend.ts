@@ -45,7 +45,7 @@ import {
   configPayload,
   decodeHeader,
   encode,
-  iotlbPayload,
+  iotlbMessages,
   logPayload,
   memReg,
   memTable,
@@ -117,7 +117,8 @@ interface Waiter {
   request: number;
   resolve: (payload: Buffer) => void;
   reject: (err: MmbError) => void;
-  timer: NodeJS.Timeout;
+  /** The deadline; a batch (iotlb()) has one, on its last message (replies come in order). */
+  timer: NodeJS.Timeout | undefined;
 }
 
 interface Outbound {
@@ -297,10 +298,33 @@ export class VhostUserFrontend extends EventEmitter<FrontendEvents> {
     if (this._closed) return Promise.reject(new DisconnectedError(`the vhost-user back-end at ${this.path} is disconnected`));
     if (!this._negotiated?.iommu) return Promise.reject(new InvalidArgError('IOTLB messages need a back-end negotiated with iommu'));
     const flags = Flag.VERSION | Flag.NEED_REPLY;
-    const acks = msgs.map(() => this.checkAck(Req.IOTLB_MSG, this.wait(Req.IOTLB_MSG)));
+    // One deadline and one promise for the batch (a guest's batch is hundreds of messages): every reply
+    // is awaited, also after a refusal, so that the stream stays in step.
+    const done = new Promise<void>((resolve, reject) => {
+      let left = msgs.length;
+      let refused: MmbError | undefined;
+      const timer = setTimeout(() => {
+        this.fail(new TimeoutError(`the vhost-user back-end at ${this.path} did not answer ${msgs.length} IOTLB message(s) within ${this.timeoutMs} ms`));
+      }, this.timeoutMs);
+      const onReply = (reply: Buffer) => {
+        let status: bigint;
+        try {
+          status = readU64(reply, 'IOTLB_MSG reply-ack');
+        } catch (err) {
+          status = 1n;
+          refused ??= toMmbError(err);
+        }
+        if (status !== 0n) refused ??= new ClientRefusedError(`the vhost-user back-end refused an IOTLB message (reply-ack ${status})`);
+        if (--left === 0) {
+          if (refused) reject(refused);
+          else resolve();
+        }
+      };
+      msgs.forEach((_, i) => this.waiters.push({ request: Req.IOTLB_MSG, resolve: onReply, reject, timer: i === msgs.length - 1 ? timer : undefined }));
+    });
     this.stats.sent += msgs.length - 1; // send() counts the write as one message
-    this.send(Buffer.concat(msgs.map((m) => encode(Req.IOTLB_MSG, flags, iotlbPayload(m)))), []);
-    return Promise.all(acks).then(() => undefined);
+    this.send(iotlbMessages(msgs, flags), []);
+    return done;
   }
 
   // --- memory table ---------------------------------------------------------------------------------

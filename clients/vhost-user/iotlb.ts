@@ -96,7 +96,8 @@ export class IotlbApplier extends EventEmitter<IotlbEvents> implements IoasAppli
       throw new ClientRefusedError(`this vhost-user back-end's device is in IOAS ${JSON.stringify(this.ioas)}: it has one IOTLB and cannot follow ${JSON.stringify(change.ioas)} too`);
     }
     // Everything a refusal depends on is checked before anything is sent or changed.
-    const updates = change.mapped.map((m) => this.updatesFor(m));
+    const entries = change.mapped.length > 0 ? this.table() : [];
+    const updates = change.mapped.map((m) => this.updatesFor(m, entries));
     const gone = change.unmapped.filter((m) => this.mappings.has(m.iova));
     for (const m of gone) this.mappings.delete(m.iova);
     if (gone.length > 0) await this.invalidate(gone);
@@ -132,8 +133,7 @@ export class IotlbApplier extends EventEmitter<IotlbEvents> implements IoasAppli
    * The updates that give the back-end `m`: one per region of its memory table the mapping's GPAs fall
    * in, uaddr in that table's coordinates. Refuses a mapping into memory the back-end was not given.
    */
-  private updatesFor(m: IovaMapping): IotlbMsg[] {
-    const entries = this.table();
+  private updatesFor(m: IovaMapping, entries: readonly TableEntry[]): IotlbMsg[] {
     const out: IotlbMsg[] = [];
     const perm = m.readonly ? IotlbPerm.RO : IotlbPerm.RW;
     let gpa = m.gpa;
@@ -180,7 +180,7 @@ export class IotlbApplier extends EventEmitter<IotlbEvents> implements IoasAppli
       this.emit('miss', { type: 'miss', iova: msg.iova, perm: msg.perm, answered: undefined });
       return 1n;
     }
-    const updates = this.updatesFor(m);
+    const updates = this.updatesFor(m, this.table());
     this.stats.updates += updates.length;
     await this.frontend.iotlb(updates);
     this.stats.missesAnswered++;

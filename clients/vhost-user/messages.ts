@@ -305,13 +305,30 @@ export interface IotlbMsg {
   type: number;
 }
 
+function writeIotlb(b: Buffer, at: number, m: IotlbMsg): void {
+  b.writeBigUInt64LE(u64(m.iova, 'iova'), at);
+  b.writeBigUInt64LE(u64(m.size, 'size'), at + 8);
+  b.writeBigUInt64LE(u64(m.uaddr, 'uaddr'), at + 16);
+  b.writeUInt8(m.perm, at + 24);
+  b.writeUInt8(m.type, at + 25);
+}
+
 export function iotlbPayload(m: IotlbMsg): Buffer {
   const b = Buffer.alloc(IOTLB_MSG_BYTES);
-  b.writeBigUInt64LE(u64(m.iova, 'iova'), 0);
-  b.writeBigUInt64LE(u64(m.size, 'size'), 8);
-  b.writeBigUInt64LE(u64(m.uaddr, 'uaddr'), 16);
-  b.writeUInt8(m.perm, 24);
-  b.writeUInt8(m.type, 25);
+  writeIotlb(b, 0, m);
+  return b;
+}
+
+/** VHOST_USER_IOTLB_MSG for each of `msgs`, header and payload, back to back in one buffer (one write). */
+export function iotlbMessages(msgs: readonly IotlbMsg[], flags: number): Buffer {
+  const one = HEADER_BYTES + IOTLB_MSG_BYTES;
+  const b = Buffer.alloc(one * msgs.length);
+  msgs.forEach((m, i) => {
+    b.writeUInt32LE(Req.IOTLB_MSG, i * one);
+    b.writeUInt32LE(flags, i * one + 4);
+    b.writeUInt32LE(IOTLB_MSG_BYTES, i * one + 8);
+    writeIotlb(b, i * one + HEADER_BYTES, m);
+  });
   return b;
 }
 
