@@ -10,7 +10,10 @@
 //     nowhere in guest memory; once the owner maps the IOVA again (to another page), the same descriptor
 //     takes the next frame there;
 //   - the same for transmit: a frame posted at an unmapped IOVA stays untaken (testpmd misses, no entry)
-//     until the IOVA is mapped again, and what goes out then is the new page's content, never the old.
+//     until the IOVA is mapped again, and what goes out then is the new page's content, never the old;
+//   - a memory hotplug remaps testpmd's whole table (SET_MEM_TABLE, the rings stopped around it), which
+//     empties its IOTLB: the rings restart and frames move again, the entries refilled through misses
+//     (the first frame after it is dropped by testpmd while it asks for the receive buffer's entry).
 //
 // A fresh testpmd per test (its own --file-prefix), stopped by PID; every wait has a deadline; error lines
 // on its stderr fail the test. Without dpdk-testpmd the tests are skipped, except under CI=true.
@@ -181,5 +184,46 @@ describeDpdk('vhost-user bridge behind a guest IOMMU: dpdk-testpmd (net_vhost, i
     await sent;
     expect(await received).toBe(fresh.length);
     expect(has(RX_GPA + NET_HDR_BYTES, fresh)).toBe(true);
+  });
+
+  it('a hotplug empties testpmd\'s IOTLB (SET_MEM_TABLE): the restarted rings and the frames get their entries again through misses', async () => {
+    const { sub, owner, io, net, ramBytes, has, findAll } = await setup();
+    await io.commit([
+      { op: 'map', iova: TX_IOVA, gpa: TX_GPA, size: PAGE, readonly: true },
+      { op: 'map', iova: RX_IOVA, gpa: RX_GPA, size: PAGE },
+    ]);
+    const one = frame('mmb-iova-before-hotplug');
+    ramBytes.set(one, TX_GPA);
+    const first = net.receive(RX_IOVA, 2048);
+    await net.transmit(TX_IOVA, one.length);
+    expect(await first).toBe(one.length);
+    const misses: string[] = [];
+    sub.iotlb!.on('miss', (r) => misses.push(`${r.iova.toString(16)}:${r.perm}:${r.answered ? 'answered' : 'no entry'}`));
+    // A region hotplugged elsewhere: DPDK takes a whole new table (a reshape: rings stopped, GET_VRING_BASE
+    // and SET_MEM_TABLE both drop its IOTLB entries), then the rings are set up again at their IOVAs.
+    const more = await owner.createBacking(2 * MiB, 'more');
+    defer(() => native.close(more.fd));
+    await owner.addRegion({ name: 'more', gpa: 0x4000_0000, size: 2 * MiB, backing: more.backing });
+    expect(sub.rings.stats.reshapeStops).toBe(1);
+    // The next frame: testpmd asks for the transmit buffer's entry (and waits for it), takes the frame,
+    // then asks for the receive buffer's entry; io forwarding does not wait for that one and drops the
+    // frame, as a NIC drops a frame it cannot place.
+    const rxMiss = missFor(sub, RX_IOVA);
+    const second = net.receive(RX_IOVA, 2048);
+    const two = frame('mmb-iova-after-hotplug');
+    ramBytes.set(two, TX_GPA);
+    await net.transmit(TX_IOVA, two.length);
+    expect((await rxMiss).answered).toEqual({ iova: RX_IOVA, gpa: RX_GPA, size: PAGE, readonly: false });
+    // Entries refilled: the next frame lands in the buffer still posted.
+    const three = frame('mmb-iova-refilled');
+    ramBytes.set(three, TX_GPA);
+    await net.transmit(TX_IOVA, three.length);
+    expect(await second).toBe(three.length);
+    expect(has(RX_GPA + NET_HDR_BYTES, three)).toBe(true);
+    // `two` was overwritten at TX_GPA by `three`: it is nowhere in guest memory, it was dropped.
+    expect(findAll(two)).toEqual([]);
+    // The rings' area (read and written by the device), the transmit buffer (read), the receive buffer.
+    expect(misses).toEqual(expect.arrayContaining([`${AREA_IOVA.toString(16)}:3:answered`, `${TX_IOVA.toString(16)}:1:answered`, `${RX_IOVA.toString(16)}:3:answered`]));
+    expect(sub.iotlb!.stats.missesRefused).toBe(0);
   });
 });
