@@ -13,7 +13,10 @@
 //     until the IOVA is mapped again, and what goes out then is the new page's content, never the old;
 //   - a memory hotplug remaps testpmd's whole table (SET_MEM_TABLE, the rings stopped around it), which
 //     empties its IOTLB: the rings restart and frames move again, the entries refilled through misses
-//     (the first frame after it is dropped by testpmd while it asks for the receive buffer's entry).
+//     (the first frame after it is dropped by testpmd while it asks for the receive buffer's entry);
+//   - testpmd stopped (SIGSTOP) during an unmap: the invalidation is never confirmed, the bridge drops it
+//     and leaves, and the owner is told the unmap is committed but not fenced: testpmd is still a holder
+//     of the IOAS until it is gone (SIGKILL).
 //
 // A fresh testpmd per test (its own --file-prefix), stopped by PID; every wait has a deadline; error lines
 // on its stderr fail the test. Without dpdk-testpmd the tests are skipped, except under CI=true.
@@ -22,6 +25,7 @@ import { describe, expect, it } from 'vitest';
 import { Feature, IotlbPerm, NET_FEATURES, NET_HDR_BYTES, VhostUserSubscriber, VirtioNet, bit, type IotlbReport } from '../clients/vhost-user/index.js';
 import { IoasOwner } from '../clients/ioas-owner.js';
 import { constants, native } from '../native/index.js';
+import { isMmbError } from '../protocol/index.js';
 import { have, startTestpmd, TESTPMD } from '../bench/vhost-user-backends.js';
 import { defer, embeddedBroker, ownerOf } from './helpers/embedded.js';
 import { tempDir, waitFor } from './helpers/procs.js';
@@ -58,7 +62,7 @@ const TX_IOVA = 0x2_0000_0000;
 const RX_GPA = 0x20000;
 const RX_IOVA = 0x3_0000_0000;
 
-async function setup() {
+async function setup(backendTimeoutMs = 5000) {
   const dir = tempDir('mmb-vhu-iotlb-');
   defer(() => fs.rmSync(dir, { recursive: true, force: true }));
   const pmd = await startTestpmd(dir, { iommu: true });
@@ -80,7 +84,7 @@ async function setup() {
     virtioFeatures: NET_FEATURES,
     ioas: 'net0',
     reconnect: false,
-    backendTimeoutMs: 5000,
+    backendTimeoutMs,
     connectTimeoutMs: 10_000,
   });
   defer(() => sub.close());
@@ -225,5 +229,25 @@ describeDpdk('vhost-user bridge behind a guest IOMMU: dpdk-testpmd (net_vhost, i
     // The rings' area (read and written by the device), the transmit buffer (read), the receive buffer.
     expect(misses).toEqual(expect.arrayContaining([`${AREA_IOVA.toString(16)}:3:answered`, `${TX_IOVA.toString(16)}:1:answered`, `${RX_IOVA.toString(16)}:3:answered`]));
     expect(sub.iotlb!.stats.missesRefused).toBe(0);
+  });
+
+  it('testpmd stopped during an unmap: never "done"; the owner hears committed-unfenced and testpmd holds the IOAS until it is killed', async () => {
+    const { pmd, broker, owner, io, sub } = await setup(1000);
+    await io.map({ iova: RX_IOVA, gpa: RX_GPA, size: PAGE });
+    process.kill(pmd.pid, 'SIGSTOP');
+    let stopped = true;
+    defer(() => {
+      if (stopped) process.kill(pmd.pid, 'SIGCONT');
+    });
+    const err = await io.unmap(RX_IOVA, PAGE).catch((e: unknown) => e);
+    expect(isMmbError(err, 'MMB_ERR_COMMITTED_UNFENCED')).toBe(true);
+    await waitFor('the bridge to leave', () => !broker.status('vm0').spaces[0]!.clients.some((c) => c.name === 'vhost-user-net0'), 5000);
+    expect(sub.connected).toBe(false);
+    const ioas = async () => (await owner.status()).spaces[0]!.ioas!.find((x) => x.name === 'net0')!;
+    expect((await ioas()).holders.length).toBe(1);
+    // testpmd gone: nothing can translate the IOVA any more, and the hold ends.
+    process.kill(pmd.pid, 'SIGKILL');
+    stopped = false;
+    await waitFor('the hold to end', async () => (await ioas()).holders.length === 0, 10_000);
   });
 });

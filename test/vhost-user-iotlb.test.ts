@@ -304,3 +304,24 @@ describe('vhost-user bridge behind a guest IOMMU (scripted back-end)', () => {
     }
   });
 });
+
+describe('vhost-user bridge behind a guest IOMMU: a back-end that stops answering', () => {
+  it('an invalidation never confirmed: the bridge drops the back-end and leaves; the owner is told the unmap is committed but not fenced, the back-end still a holder', async () => {
+    const b = fake();
+    const { broker, owner, io, sub } = await setup(b, { backendTimeoutMs: 300 });
+    await io.map({ iova: 0x1_0000_0000, gpa: 0x10_0000, size: PAGE });
+    b.override = (m) => m.request === Req.IOTLB_MSG && m.payload[25] === IotlbType.INVALIDATE;
+    const errors: string[] = [];
+    sub.on('error', (e) => errors.push(e.code));
+    const err = await io.unmap(0x1_0000_0000, PAGE).catch((e: unknown) => e);
+    // Never "done": the back-end (named to the broker as this client's delegate, here this very process)
+    // may still translate the IOVA, so the memory behind it stays held.
+    expect(isMmbError(err, 'MMB_ERR_COMMITTED_UNFENCED')).toBe(true);
+    expect(errors).toEqual(['MMB_ERR_TIMEOUT']);
+    await waitFor('the bridge to close the back-end connection', () => b.peerClosed, 3000);
+    await waitFor('the client to leave', () => !broker.status('vm0').spaces[0]!.clients.some((c) => c.name === 'vu-iommu'), 3000);
+    const st = (await owner.status()).spaces[0]!.ioas!.find((x) => x.name === 'dma0')!;
+    expect([st.mappings, st.attached]).toEqual([0, []]);
+    expect(st.holders.length).toBe(1);
+  });
+});
