@@ -15,6 +15,8 @@ export interface Backend {
   readonly pid: number;
   /** The vhost-user socket (the back-end listens, the front-end connects). */
   readonly socket: string;
+  /** Every vhost-user socket it serves (`socket` first): one per device. */
+  readonly sockets: readonly string[];
   readonly proc: ChildProcess;
   /** Everything it printed on stderr so far, by line. */
   readonly stderr: string[];
@@ -31,7 +33,8 @@ interface StartOptions {
   timeoutMs?: number;
 }
 
-function launch(name: string, cmd: string, args: string[], socket: string, isError: (line: string) => boolean, opts: StartOptions): Promise<Backend> {
+function launch(name: string, cmd: string, args: string[], sockets: readonly string[], isError: (line: string) => boolean, opts: StartOptions): Promise<Backend> {
+  const socket = sockets[0] as string;
   const argv = opts.cpus !== undefined ? ['taskset', '-c', opts.cpus, cmd, ...args] : [cmd, ...args];
   // stdin stays an open pipe: dpdk-testpmd exits when its stdin reaches EOF.
   const proc = spawn(argv[0] as string, argv.slice(1), { stdio: ['pipe', 'pipe', 'pipe'] });
@@ -54,6 +57,7 @@ function launch(name: string, cmd: string, args: string[], socket: string, isErr
       return proc.pid as number;
     },
     socket,
+    sockets,
     proc,
     stderr,
     errors: () => [...stderr, ...(partial.trim() ? [partial] : [])].filter(isError),
@@ -82,7 +86,7 @@ function launch(name: string, cmd: string, args: string[], socket: string, isErr
         reject(new Error(`${name} exited (${proc.exitCode ?? proc.signalCode}) before listening: ${stderr.join('\n')} ${stdout.join('')}`));
         return;
       }
-      if (fs.existsSync(socket)) {
+      if (sockets.every((x) => fs.existsSync(x))) {
         resolve(b);
         return;
       }
@@ -129,7 +133,7 @@ export function startQsd(dir: string, image: string, opts: StartOptions & { name
       '--blockdev', `driver=file,node-name=disk0,filename=${image}`,
       '--export', `type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path=${socket},writable=on,num-queues=1`,
     ],
-    socket,
+    [socket],
     () => true,
     opts,
   );
@@ -138,13 +142,16 @@ export function startQsd(dir: string, image: string, opts: StartOptions & { name
 /**
  * dpdk-testpmd with a net_vhost vdev on DIR/NAME.sock, forwarding in io mode: what arrives on the
  * front-end's TX queue goes back out on its RX queue. No huge pages, no PCI, its own file prefix.
+ * `iommu`: the vdev supports a guest IOMMU (iommu-support=1: IOMMU_PLATFORM, the IOTLB). `devices`: that
+ * many vdevs (ports) in the one process, each on its own socket (`sockets`), forwarded to each other.
  * Lines of stderr that say error / fail / invalid / cannot / panic (or come from VHOST_CONFIG, which logs
  * at error level only here) count as errors.
  */
-export function startTestpmd(dir: string, opts: StartOptions & { name?: string; lcores?: string } = {}): Promise<Backend> {
+export function startTestpmd(dir: string, opts: StartOptions & { name?: string; lcores?: string; iommu?: boolean; devices?: number } = {}): Promise<Backend> {
   const name = opts.name ?? 'testpmd';
-  const socket = path.join(dir, `${name}.sock`);
-  fs.rmSync(socket, { force: true });
+  // One net_vhost vdev per device: DIR/NAME.sock, then DIR/NAME-1.sock, ...
+  const sockets = Array.from({ length: opts.devices ?? 1 }, (_, i) => path.join(dir, i === 0 ? `${name}.sock` : `${name}-${i}.sock`));
+  for (const s of sockets) fs.rmSync(s, { force: true });
   const prefix = `mmb-${process.pid}-${name}-${Date.now().toString(36)}`;
   return launch(
     'dpdk-testpmd',
@@ -152,10 +159,12 @@ export function startTestpmd(dir: string, opts: StartOptions & { name?: string; 
     [
       '-l', opts.lcores ?? '0-1', '--no-huge', '-m', '1024', '--no-pci', '--file-prefix', prefix,
       '--log-level', 'lib.vhost.config:error',
-      '--vdev', `net_vhost0,iface=${socket},queues=1`,
+      // iommu-support=1: the vdev offers VIRTIO_F_IOMMU_PLATFORM and translates through its IOTLB when
+      // the front-end negotiates it (a guest IOMMU; docs/vhost-user.md).
+      ...sockets.flatMap((s, i) => ['--vdev', `net_vhost${i},iface=${s},queues=1${opts.iommu ? ',iommu-support=1' : ''}`]),
       '--', '--nb-cores=1', '--forward-mode=io', '--total-num-mbufs=8192', '--stats-period', '3600',
     ],
-    socket,
+    sockets,
     (line) => /VHOST_CONFIG|error|fail|invalid|cannot|panic/i.test(line),
     opts,
   );

@@ -8,7 +8,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { afterAll, afterEach, describe, expect, it } from 'vitest';
-import { have, QSD } from '../bench/vhost-user-backends.js';
+import { have, QSD, TESTPMD } from '../bench/vhost-user-backends.js';
 import { BENCHES } from '../bench/list.js';
 import { defer, runCleanups } from './helpers/embedded.js';
 import { IN_CI } from './helpers/ci.js';
@@ -74,6 +74,7 @@ const SHORT: Record<(typeof BENCHES)[number], { args: string[]; tools: string[] 
   pinning: { args: ['--gib', '0.25', '--rounds', '1'], tools: ['cc'] },
   'dirty-sync': { args: ['--mib', '1'], tools: [] },
   ioas: { args: ['--rounds', '1', '--pairs', '100', '--txns', '4', '--batch', '32', '--warmup', '50'], tools: ['cc'] },
+  'ioas-vhost-user': { args: ['--rounds', '1', '--pairs', '50', '--txns', '4', '--batch', '16', '--warmup', '50'], tools: ['cc', TESTPMD] },
   migration: { args: ['--mib', '64', '--runs', '1'], tools: ['cc'] },
   'vhost-user': { args: ['--iterations', '20', '--rounds', '1', '--warmup', '10', '--fanout', '1,4'], tools: ['cc', QSD] },
   // Three guest boots under TCG (no back-end, one, two): the longest of the short runs.

@@ -1,12 +1,15 @@
 // `mmbroker attach vhost-user` as its own process between a broker process and a real
 // qemu-storage-daemon: hotplug with `mmbroker map add` lands in the back-end's /proc/PID/maps before the
 // command returns, `map remove` takes it out before it returns, and the bridge exits 1 when the back-end
-// goes away. Under --control it also maps guest memory and answers read / write / table.
+// goes away. Under --control it also maps guest memory and answers read / write / table. With --ioas the
+// back-end's device follows an I/O address space as its IOTLB: dpdk-testpmd (iommu-support=1) gets the
+// `ioas map` before it returns and the invalidation of `ioas unmap` before that returns;
+// qemu-storage-daemon, which cannot translate IOVAs, is refused with MMB_ERR_UNSUPPORTED.
 import { spawn, spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { have, makeImage, startQsd, QSD } from '../bench/vhost-user-backends.js';
+import { have, makeImage, startQsd, startTestpmd, QSD, TESTPMD } from '../bench/vhost-user-backends.js';
 import { CLI, JsonProc, memfdMaps, runCli, spawnBroker, stopProcess, tempDir, waitFor } from './helpers/procs.js';
 import { defer } from './helpers/embedded.js';
 import { IN_CI, trackBackends } from './helpers/ci.js';
@@ -18,6 +21,9 @@ const CLI_HAS_KIND = spawnSync(process.execPath, [CLI, 'attach', '--help'], { en
 if (!CLI_HAS_KIND && !IN_CI) console.warn('mmbroker attach vhost-user tests skipped: the CLI does not list the vhost-user kind yet');
 if (!HAVE_QSD && !IN_CI) console.warn(`mmbroker attach vhost-user tests skipped: ${QSD} is not installed`);
 const describeQsd = describe.skipIf((!HAVE_QSD || !CLI_HAS_KIND) && !IN_CI);
+const HAVE_TESTPMD = have(TESTPMD);
+if (!HAVE_TESTPMD && !IN_CI) console.warn(`mmbroker attach vhost-user --ioas tests skipped: ${TESTPMD} is not installed`);
+const describeDpdk = describe.skipIf((!HAVE_TESTPMD || !CLI_HAS_KIND) && !IN_CI);
 
 const backends = trackBackends();
 
@@ -64,5 +70,66 @@ describeQsd('mmbroker attach vhost-user', () => {
     await qsd.stop();
     const code = await Promise.race([exited, waitFor('the bridge to exit', () => false, 10_000).catch(() => 'timeout' as const)]);
     expect(code).toBe(1);
+  });
+});
+
+describeQsd('mmbroker attach vhost-user --ioas: a back-end that cannot translate', () => {
+  it('qemu-storage-daemon in an IOAS: exit 1 with MMB_ERR_UNSUPPORTED naming VIRTIO_F_ACCESS_PLATFORM; nothing attached', async () => {
+    const dir = tempDir('mmb-vhu-cli-');
+    defer(() => fs.rmSync(dir, { recursive: true, force: true }));
+    const socket = path.join(dir, 'broker.sock');
+    const broker = await spawnBroker(socket, ['--space', 'vm0']);
+    defer(() => stopProcess(broker));
+    const image = path.join(dir, 'disk.img');
+    makeImage(image, 2048);
+    const qsd = await startQsd(dir, image);
+    backends.push(qsd);
+    expect((await runCli(['ioas', 'create', '--socket', socket, '--space', 'vm0', '--ioas', 'dma0'])).code).toBe(0);
+    const r = await runCli(['attach', 'vhost-user', '--socket', socket, '--space', 'vm0', '--backend-socket', qsd.socket, '--ioas', 'dma0', '--name', 'blk0']);
+    expect(r.code).toBe(1);
+    expect(r.stderr).toMatch(/MMB_ERR_UNSUPPORTED/);
+    expect(r.stderr).toMatch(/does not offer VIRTIO_F_ACCESS_PLATFORM/);
+    expect(r.stderr).not.toMatch(/^\s+at /m);
+    const st = JSON.parse((await runCli(['status', '--socket', socket, '--space', 'vm0', '--json'])).stdout) as { spaces: { clients: { name: string }[]; ioas?: { name: string; attached: unknown[] }[] }[] };
+    expect(st.spaces[0]!.clients.map((c) => c.name)).not.toContain('blk0');
+    expect(st.spaces[0]!.ioas).toMatchObject([{ name: 'dma0', attached: [] }]);
+  });
+});
+
+describeDpdk('mmbroker attach vhost-user --ioas: dpdk-testpmd', () => {
+  it('the IOAS is the back-end\'s IOTLB: ioas map is in it when the command returns, ioas unmap returns once it was invalidated', async () => {
+    const dir = tempDir('mmb-vhu-cli-');
+    defer(() => fs.rmSync(dir, { recursive: true, force: true }));
+    const socket = path.join(dir, 'broker.sock');
+    const broker = await spawnBroker(socket, ['--space', 'vm0']);
+    defer(() => stopProcess(broker));
+    const pmd = await startTestpmd(dir, { iommu: true });
+    backends.push(pmd);
+    const args = ['--socket', socket, '--space', 'vm0'];
+    expect((await runCli(['map', 'add', ...args, '--gpa', '0', '--size', '16M', '--name', 'ram'])).code).toBe(0);
+    expect((await runCli(['ioas', 'create', ...args, '--ioas', 'net0'])).code).toBe(0);
+    const child = spawn(process.execPath, [CLI, 'attach', 'vhost-user', ...args, '--backend-socket', pmd.socket, '--ioas', 'net0', '--name', 'net0-dev', '--json', '--control'], {
+      stdio: ['pipe', 'pipe', 'pipe'],
+    });
+    const bridge = new JsonProc(child);
+    defer(() => bridge.stop());
+    const backend = await bridge.next('backend', () => true, 20_000);
+    expect(backend).toMatchObject({ memMode: 'table', ioas: 'net0' });
+    await bridge.next('attached');
+    const st = JSON.parse((await runCli(['status', ...args, '--json'])).stdout) as { spaces: { ioas?: { name: string; attached: { client: { name: string }; devices: string[] }[] }[] }[] };
+    expect(st.spaces[0]!.ioas).toMatchObject([{ name: 'net0', attached: [{ client: { name: 'net0-dev' }, devices: ['net0-dev'] }] }]);
+
+    const mapped = await runCli(['ioas', 'map', ...args, '--ioas', 'net0', '--iova', '0x80000000', '--gpa', '0x200000', '--size', '64K']);
+    expect(mapped.code, mapped.stderr).toBe(0);
+    type Table = { iotlb: { mappings: { iova: number; gpa: number; size: number }[]; stats: { updates: number; invalidates: number } } };
+    const t1 = (await bridge.request({ cmd: 'table' }, 'table')) as unknown as Table;
+    expect(t1.iotlb.mappings).toMatchObject([{ iova: 0x8000_0000, gpa: 0x20_0000, size: 64 << 10 }]);
+    expect(t1.iotlb.stats.updates).toBe(1);
+
+    const unmapped = await runCli(['ioas', 'unmap', ...args, '--ioas', 'net0', '--iova', '0x80000000', '--size', '64K']);
+    expect(unmapped.code, unmapped.stderr).toBe(0);
+    const t2 = (await bridge.request({ cmd: 'table' }, 'table')) as unknown as Table;
+    expect(t2.iotlb.mappings).toEqual([]);
+    expect(t2.iotlb.stats.invalidates).toBe(1);
   });
 });

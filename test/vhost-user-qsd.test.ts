@@ -11,6 +11,7 @@ import { describe, expect, it } from 'vitest';
 import { VhostUserSubscriber, VirtioBlk, BLK_FEATURES, type VhostUserOptions } from '../clients/vhost-user/index.js';
 import { constants, native } from '../native/index.js';
 import { isMmbError } from '../protocol/index.js';
+import { IoasOwner } from '../clients/ioas-owner.js';
 import { have, makeImage, patternSector, startQsd, QSD, type Backend } from '../bench/vhost-user-backends.js';
 import { defer, embeddedBroker, ownerOf } from './helpers/embedded.js';
 import { memfdMaps, tempDir, waitFor } from './helpers/procs.js';
@@ -103,6 +104,23 @@ describeQsd('vhost-user front-end: qemu-storage-daemon (vhost-user-blk)', () => 
     expect(Buffer.from(bytes.subarray(0x30000, 0x30000 + 5 * 512)).equals(sectors(200, 5))).toBe(true);
     // GET_VRING_BASE stops the ring: the back-end took all 8 requests.
     expect(await blk.stop()).toBe(8);
+  });
+
+  it('in an I/O address space it is refused (MMB_ERR_UNSUPPORTED: qsd 7.2 offers no VIRTIO_F_ACCESS_PLATFORM) before anything is attached; without one it works', async () => {
+    const { qsd, broker, owner, bytes } = await setup();
+    await IoasOwner.create(owner, 'dma0');
+    const err = await frontend(broker, qsd, { ioas: 'dma0' }).catch((e: unknown) => e);
+    expect(isMmbError(err, 'MMB_ERR_UNSUPPORTED')).toBe(true);
+    expect((err as Error).message).toMatch(/does not offer VIRTIO_F_ACCESS_PLATFORM/);
+    expect((err as Error).message).toMatch(/attach it without an IOAS/);
+    const st = broker.status('vm0').spaces[0]!;
+    expect(st.clients.filter((c) => c.kind === 'vhost-user')).toEqual([]);
+    expect(st.ioas!.find((x) => x.name === 'dma0')!.attached).toEqual([]);
+    // qsd serves the next front-end (the refused one closed its connection): READ into broker memory.
+    const sub = await frontend(broker, qsd);
+    const blk = await blkOf(sub);
+    await blk.read(7, 0x10000, 512);
+    expect(Buffer.from(bytes.subarray(0x10000, 0x10000 + 512)).equals(sectors(7, 1))).toBe(true);
   });
 
   it('hotplug through the broker: the back-end maps the region before the add completes, does I/O into it, and no longer maps it once the removal completed', async () => {

@@ -27,7 +27,9 @@ Kinds:
           --backend-socket (qemu-storage-daemon, DPDK net_vhost, virtiofsd) as SET_MEM_TABLE /
           ADD_MEM_REG / REM_MEM_REG, acking each change once the back-end confirmed it; declares the
           back-end's slots (GET_MAX_MEM_SLOTS, or 8) and follows a coalesced view; exits 1 when the
-          back-end goes away
+          back-end goes away. With --ioas the back-end's device sits behind a guest IOMMU: the IOAS
+          becomes its device IOTLB (VHOST_USER_IOTLB_MSG; the back-end must offer
+          VIRTIO_F_ACCESS_PLATFORM, e.g. dpdk-testpmd with iommu-support=1)
   kvm     keeps the map as KVM memslots of a real VM (/dev/kvm), the kernel judging every slot; without
           /dev/kvm (or with --software) the same table in software, reported as backend "software"
   vfio    pins every region and maps it into an IOMMU domain shared by its devices: --backend type1 (VFIO
@@ -52,7 +54,9 @@ Options:
   --pin-chunk SIZE    (vfio) bytes per pinning call (default 128M)
   --ioas ID           (vfio) shadow mode: the devices sit behind a guest IOMMU and are attached to this
                       I/O address space of the space (mmbroker ioas create); the client pins and maps
-                      only what it maps (IOVA -> guest memory), not all RAM
+                      only what it maps (IOVA -> guest memory), not all RAM;
+                      (vhost-user) the back-end's device (named --name) is attached to this IOAS, which
+                      becomes its IOTLB: an unmap returns once the back-end dropped the entry
   --backend-socket PATH
                       (vhost-user) the back-end's vhost-user socket (it listens, we connect)
   --no-coalesce       (vhost-user) follow the map region by region instead of a coalesced view
@@ -64,7 +68,7 @@ Options:
                       kvm also: {"cmd":"slots"} and {"cmd":"run","codeGpa":N,"writes":[{"gpa":N,"hex":"..."}]}
                       (a vCPU writes the bytes and halts); vfio also: {"cmd":"domain"},
                       {"cmd":"attach-device","device":"..."}, {"cmd":"detach-device","device":"..."};
-                      vhost-user also: {"cmd":"table"}
+                      vhost-user also: {"cmd":"table"} (with --ioas: the IOTLB's mappings and counters)
   -h, --help          show this help`;
 
 export const attach: Command = {
@@ -99,7 +103,7 @@ export const attach: Command = {
       usage,
     );
     if (!values) return 0;
-    if (values.ioas !== undefined && kind !== 'vfio') throw new InvalidArgError('--ioas is an option of the vfio kind');
+    if (values.ioas !== undefined && kind !== 'vfio' && kind !== 'vhost-user') throw new InvalidArgError('--ioas is an option of the vfio kind and of vhost-user');
     // From here on SIGTERM / SIGINT end the client cleanly, also while it is still attaching.
     const stop = stopRequested();
     const json = values.json ?? false;
@@ -134,6 +138,7 @@ export const attach: Command = {
         ...(values['max-slots'] ? { maxSlots: parseCount(values['max-slots'], '--max-slots') } : {}),
         ...(values['no-coalesce'] ? { coalesce: false } : {}),
         ...(values['backend-timeout'] ? { backendTimeoutMs: parseCount(values['backend-timeout'], '--backend-timeout') } : {}),
+        ...(values.ioas !== undefined ? { ioas: values.ioas } : {}),
         // A pure bridge needs no mapping of its own; --control (read/write) does.
         mapMemory: values.control ?? false,
         logger: pino({ level: 'warn' }, pino.destination(2)),
@@ -141,14 +146,17 @@ export const attach: Command = {
       const n = vu.negotiated;
       log('backend', `vhost-user back-end ${vu.frontend.path}: ${n.memMode === 'slots' ? `${vu.maxSlots} slots (ADD_MEM_REG / REM_MEM_REG)` : `SET_MEM_TABLE only, ${vu.maxSlots} regions`}`, {
         backend: vu.frontend.path, memMode: n.memMode, maxSlots: vu.maxSlots, features: `0x${n.features.toString(16)}`, protocolFeatures: `0x${n.protocolFeatures.toString(16)}`,
+        ...(vu.iotlb ? { ioas: vu.iotlb.ioas } : {}),
       });
+      const iotlb = () => (vu.iotlb ? { iotlb: { ioas: vu.iotlb.ioas, mappings: vu.iotlb.established(), stats: vu.iotlb.stats } } : {});
+      vu.on('ioas', () => log('iotlb', `IOTLB of IOAS ${vu.iotlb?.ioas}: ${vu.iotlb?.established().length} mapping(s)`, iotlb()));
       vu.on('change', () => log('table', `back-end table: ${vu.backendTable().map((e) => `${e.name}@${hex(e.gpa)}+${formatSize(e.size)}`).join(' ') || '(empty)'}`, {
         table: vu.backendTable().map(({ name, gpa, size, mmapOffset }) => ({ name, gpa, size, mmapOffset })),
       }));
       let backendGone = false;
       const gone = new Promise<void>((resolve) => vu.frontend.once('close', () => { backendGone = true; resolve(); }));
       const mapped = () => (values.control ? vu.memory.regions() : []);
-      const table = () => ({ event: 'table', memMode: vu.memMode, maxSlots: vu.maxSlots, table: vu.backendTable().map(({ name, gpa, size, mmapOffset }) => ({ name, gpa, size, mmapOffset })) });
+      const table = () => ({ event: 'table', memMode: vu.memMode, maxSlots: vu.maxSlots, table: vu.backendTable().map(({ name, gpa, size, mmapOffset }) => ({ name, gpa, size, mmapOffset })), ...iotlb() });
       await follow(vu, mapped, log, Promise.race([stop, gone]), values.control ? { ...memoryCommands(vu, vu.memory), table } : undefined);
       if (!backendGone) return 0;
       // The device is gone: stop reading control commands too, so that the process ends.

@@ -84,12 +84,12 @@ export class VirtioBlk {
 
   /** Reads `len` bytes (a multiple of 512) from `sector` into guest memory at `gpa`. */
   read(sector: number, gpa: number, len: number): Promise<void> {
-    return this.request(VIRTIO_BLK_T_IN, sector, { gpa, len, write: true });
+    return this.request(VIRTIO_BLK_T_IN, sector, { addr: gpa, len, write: true });
   }
 
   /** Writes `len` bytes (a multiple of 512) of guest memory at `gpa` to `sector`. */
   write(sector: number, gpa: number, len: number): Promise<void> {
-    return this.request(VIRTIO_BLK_T_OUT, sector, { gpa, len, write: false });
+    return this.request(VIRTIO_BLK_T_OUT, sector, { addr: gpa, len, write: false });
   }
 
   /** Asks the device to make every completed write durable. */
@@ -97,7 +97,7 @@ export class VirtioBlk {
     return this.request(VIRTIO_BLK_T_FLUSH, 0, undefined);
   }
 
-  private async request(type: number, sector: number, data: { gpa: number; len: number; write: boolean } | undefined): Promise<void> {
+  private async request(type: number, sector: number, data: { addr: number; len: number; write: boolean } | undefined): Promise<void> {
     if (data && (data.len <= 0 || data.len % SECTOR_BYTES !== 0)) throw new InvalidArgError(`a virtio-blk transfer is a positive multiple of ${SECTOR_BYTES} bytes, got ${data.len}`);
     if (!Number.isSafeInteger(sector) || sector < 0) throw new InvalidArgError(`bad sector ${sector}`);
     const slot = this.slots.pop();
@@ -116,7 +116,7 @@ export class VirtioBlk {
       this.access.memory.dirty?.mark(hdrGpa, 17);
     };
     try {
-      const chain = [{ gpa: hdrGpa, len: 16 }, ...(data ? [data] : []), { gpa: statusGpa, len: 1, write: true }];
+      const chain = [{ addr: hdrGpa, len: 16 }, ...(data ? [data] : []), { addr: statusGpa, len: 1, write: true }];
       try {
         await this.queue.submit(chain, prepare);
       } catch (err) {

@@ -11,6 +11,10 @@
 //     after having processed everything before it.
 // A reply of 0 means "processed", not "worked": libvhost-user 7.2 acks an ADD_MEM_REG beyond its slots and
 // then stops working. Limits are enforced by the caller (memtable.ts), never discovered by trial.
+//
+// Behind a guest IOMMU (negotiate's `iommu`): VIRTIO_F_ACCESS_PLATFORM, BACKEND_REQ and REPLY_ACK are
+// required, the back-end gets its request channel (SET_BACKEND_REQ_FD; backend-channel.ts), and iotlb()
+// sends IOTLB updates and invalidations, each confirmed.
 import { EventEmitter } from 'eventemitter3';
 import { constants, isNativeError, native, type PollHandle } from '../../native/index.js';
 import {
@@ -20,14 +24,17 @@ import {
   InvalidArgError,
   ProtocolError,
   TimeoutError,
+  UnsupportedError,
   toMmbError,
   type MmbError,
 } from '../../protocol/index.js';
 import { closeAll } from '../../transport/index.js';
+import { BackendChannel } from './backend-channel.js';
 import {
   Feature,
   Flag,
   HEADER_BYTES,
+  IOTLB_PROTOCOL_FEATURES,
   MAX_PAYLOAD_BYTES,
   MAX_RAM_SLOTS,
   MEM_TABLE_MAX_REGIONS,
@@ -38,6 +45,7 @@ import {
   configPayload,
   decodeHeader,
   encode,
+  iotlbMessages,
   logPayload,
   memReg,
   memTable,
@@ -47,6 +55,7 @@ import {
   vringAddr,
   vringFdPayload,
   vringState,
+  type IotlbMsg,
   type MemRegion,
 } from './messages.js';
 
@@ -83,6 +92,19 @@ export interface Negotiated {
   maxMemSlots: number;
   /** 'slots': ADD_MEM_REG / REM_MEM_REG (CONFIGURE_MEM_SLOTS); 'table': SET_MEM_TABLE only, at most 8 regions. */
   memMode: 'slots' | 'table';
+  /**
+   * VIRTIO_F_ACCESS_PLATFORM was negotiated: the back-end translates every ring and buffer address through
+   * its IOTLB (IOVAs), and has a request channel for its misses.
+   */
+  iommu: boolean;
+}
+
+export interface NegotiateOptions {
+  /**
+   * Put the device behind a guest IOMMU: VIRTIO_F_ACCESS_PLATFORM, BACKEND_REQ and REPLY_ACK must be
+   * offered (else MMB_ERR_UNSUPPORTED, before anything is set), and the back-end gets its request channel.
+   */
+  iommu?: boolean;
 }
 
 /**
@@ -95,7 +117,8 @@ interface Waiter {
   request: number;
   resolve: (payload: Buffer) => void;
   reject: (err: MmbError) => void;
-  timer: NodeJS.Timeout;
+  /** The deadline; a batch (iotlb()) has one, on its last message (replies come in order). */
+  timer: NodeJS.Timeout | undefined;
 }
 
 interface Outbound {
@@ -126,6 +149,7 @@ export class VhostUserFrontend extends EventEmitter<FrontendEvents> {
   private pollEvents = 0;
   private _closed = false;
   private _negotiated: Negotiated | undefined;
+  private channel: BackendChannel | undefined;
   readonly stats: FrontendStats = { sent: 0, replies: 0, barriers: 0 };
 
   /** The back-end's pidfd (SO_PEERPIDFD on our socket; -1 where the kernel has none), owned by the caller. */
@@ -172,6 +196,11 @@ export class VhostUserFrontend extends EventEmitter<FrontendEvents> {
     return this._negotiated;
   }
 
+  /** The back-end's request channel (negotiated with `iommu`), where its IOTLB misses arrive. */
+  get backendChannel(): BackendChannel | undefined {
+    return this.channel;
+  }
+
   hasProtocolFeature(n: number): boolean {
     return this._negotiated !== undefined && (this._negotiated.protocolFeatures & bit(n)) !== 0n;
   }
@@ -181,14 +210,21 @@ export class VhostUserFrontend extends EventEmitter<FrontendEvents> {
    * LOG_SHMFD where offered; never STATUS), GET_QUEUE_NUM, GET_MAX_MEM_SLOTS, SET_OWNER, SET_FEATURES with
    * `want` (masked by what is offered; VHOST_USER_F_PROTOCOL_FEATURES added when offered; VHOST_F_LOG_ALL
    * never here: setLogAll() turns it on while dirty logging is wanted, as QEMU does at migration).
+   * With `iommu`: also VIRTIO_F_ACCESS_PLATFORM and BACKEND_REQ, and SET_BACKEND_REQ_FD before SET_OWNER
+   * (QEMU's vhost_user_backend_init sets the channel up there too).
    */
-  async negotiate(want: bigint): Promise<Negotiated> {
+  async negotiate(want: bigint, opts: NegotiateOptions = {}): Promise<Negotiated> {
+    const iommu = opts.iommu === true;
+    if (iommu) want |= bit(Feature.ACCESS_PLATFORM);
     const offered = readU64(await this.request(Req.GET_FEATURES, undefined, [], 'reply'), 'GET_FEATURES');
     let offeredPf = 0n;
     let pf = 0n;
     if (offered & bit(Feature.PROTOCOL_FEATURES)) {
       offeredPf = readU64(await this.request(Req.GET_PROTOCOL_FEATURES, undefined, [], 'reply'), 'GET_PROTOCOL_FEATURES');
-      pf = offeredPf & WANTED_PROTOCOL_FEATURES;
+      pf = offeredPf & (WANTED_PROTOCOL_FEATURES | (iommu ? IOTLB_PROTOCOL_FEATURES : 0n));
+    }
+    if (iommu) this.checkIommu(offered, pf);
+    if (offered & bit(Feature.PROTOCOL_FEATURES)) {
       // Not acked: REPLY_ACK is not in force until this message has been processed.
       await this.request(Req.SET_PROTOCOL_FEATURES, u64Payload(pf), [], 'none');
     }
@@ -200,6 +236,7 @@ export class VhostUserFrontend extends EventEmitter<FrontendEvents> {
       queueNum: undefined,
       maxMemSlots: MEM_TABLE_MAX_REGIONS,
       memMode: 'table',
+      iommu,
       canLog: (offered & bit(Feature.LOG_ALL)) !== 0n && (pf & bit(ProtocolFeature.LOG_SHMFD)) !== 0n,
     };
     this._negotiated = n;
@@ -212,11 +249,82 @@ export class VhostUserFrontend extends EventEmitter<FrontendEvents> {
       n.maxMemSlots = Math.min(slots, MAX_RAM_SLOTS);
       n.memMode = 'slots';
     }
+    if (iommu) await this.openBackendChannel();
     await this.request(Req.SET_OWNER, undefined, [], 'ack');
     const features = (want & offered & ~bit(Feature.LOG_ALL)) | (offered & bit(Feature.PROTOCOL_FEATURES));
     await this.request(Req.SET_FEATURES, u64Payload(features), [], 'ack');
     n.features = features;
     return n;
+  }
+
+  /** Refuses a back-end that cannot translate IOVAs, naming what it lacks. */
+  private checkIommu(offered: bigint, pf: bigint): void {
+    const lacks: string[] = [];
+    if (!(offered & bit(Feature.ACCESS_PLATFORM))) lacks.push('VIRTIO_F_ACCESS_PLATFORM (IOMMU_PLATFORM, bit 33)');
+    if (!(pf & bit(ProtocolFeature.BACKEND_REQ))) lacks.push('the protocol feature BACKEND_REQ (its request channel, for IOTLB misses)');
+    if (!(pf & bit(ProtocolFeature.REPLY_ACK))) lacks.push('the protocol feature REPLY_ACK (confirmed invalidations)');
+    if (lacks.length === 0) return;
+    throw new UnsupportedError(
+      `the vhost-user back-end at ${this.path} cannot follow an I/O address space: it does not offer ${lacks.join(', nor ')}. ` +
+        'It can only be given all of guest memory: attach it without an IOAS (qemu-storage-daemon 7.2 is such a back-end; dpdk-testpmd offers it with iommu-support=1)',
+    );
+  }
+
+  /** SET_BACKEND_REQ_FD with one end of a new socketpair; the other end becomes the request channel. */
+  private async openBackendChannel(): Promise<void> {
+    const [ours, theirs] = native.socketPair();
+    const channel = new BackendChannel(ours, (reason) => this.fail(reason));
+    try {
+      await this.request(Req.SET_BACKEND_REQ_FD, undefined, [theirs], 'ack');
+    } catch (err) {
+      channel.close();
+      throw err;
+    } finally {
+      native.close(theirs);
+    }
+    this.channel = channel;
+  }
+
+  // --- device IOTLB ---------------------------------------------------------------------------------
+
+  /**
+   * VHOST_USER_IOTLB_MSG for each of `msgs` (updates and invalidations), written in one sendmsg, each with
+   * NEED_REPLY; resolves once the back-end confirmed every one (DPDK inserts or drops the entries, and
+   * re-translates or invalidates a ring they cover, before it replies). A non-zero reply-ack fails it
+   * (MMB_ERR_CLIENT_REFUSED). Needs `iommu` (REPLY_ACK is then in force).
+   */
+  iotlb(msgs: readonly IotlbMsg[]): Promise<void> {
+    if (msgs.length === 0) return Promise.resolve();
+    if (this._closed) return Promise.reject(new DisconnectedError(`the vhost-user back-end at ${this.path} is disconnected`));
+    if (!this._negotiated?.iommu) return Promise.reject(new InvalidArgError('IOTLB messages need a back-end negotiated with iommu'));
+    const flags = Flag.VERSION | Flag.NEED_REPLY;
+    // One deadline and one promise for the batch (a guest's batch is hundreds of messages): every reply
+    // is awaited, also after a refusal, so that the stream stays in step.
+    const done = new Promise<void>((resolve, reject) => {
+      let left = msgs.length;
+      let refused: MmbError | undefined;
+      const timer = setTimeout(() => {
+        this.fail(new TimeoutError(`the vhost-user back-end at ${this.path} did not answer ${msgs.length} IOTLB message(s) within ${this.timeoutMs} ms`));
+      }, this.timeoutMs);
+      const onReply = (reply: Buffer) => {
+        let status: bigint;
+        try {
+          status = readU64(reply, 'IOTLB_MSG reply-ack');
+        } catch (err) {
+          status = 1n;
+          refused ??= toMmbError(err);
+        }
+        if (status !== 0n) refused ??= new ClientRefusedError(`the vhost-user back-end refused an IOTLB message (reply-ack ${status})`);
+        if (--left === 0) {
+          if (refused) reject(refused);
+          else resolve();
+        }
+      };
+      msgs.forEach((_, i) => this.waiters.push({ request: Req.IOTLB_MSG, resolve: onReply, reject, timer: i === msgs.length - 1 ? timer : undefined }));
+    });
+    this.stats.sent += msgs.length - 1; // send() counts the write as one message
+    this.send(iotlbMessages(msgs, flags), []);
+    return done;
   }
 
   // --- memory table ---------------------------------------------------------------------------------
@@ -472,6 +580,7 @@ export class VhostUserFrontend extends EventEmitter<FrontendEvents> {
   private shutdown(reason: MmbError | undefined): void {
     if (this._closed) return;
     this._closed = true;
+    this.channel?.close();
     if (this.poll) native.pollClose(this.poll);
     this.poll = undefined;
     for (const o of this.outq) closeAll(o.fds);

@@ -4,7 +4,8 @@
 //
 // Only what a front-end following a memory map and driving a few virtqueues needs is here: feature
 // negotiation, the memory table (SET_MEM_TABLE, ADD_MEM_REG, REM_MEM_REG, GET_MAX_MEM_SLOTS), vring setup,
-// GET_CONFIG, the shared dirty log (SET_LOG_BASE). u64 fields that hold feature bits are bigints (bits 32 and up are used); addresses and sizes
+// GET_CONFIG, the shared dirty log (SET_LOG_BASE), the device IOTLB behind a guest IOMMU (IOTLB_MSG, and
+// the back-end's request channel, SET_BACKEND_REQ_FD, on which it reports misses). u64 fields that hold feature bits are bigints (bits 32 and up are used); addresses and sizes
 // are numbers (GPAs fit 52 bits), written as u64.
 import { InvalidArgError } from '../../protocol/index.js';
 
@@ -28,6 +29,10 @@ export const Req = {
   SET_PROTOCOL_FEATURES: 16,
   GET_QUEUE_NUM: 17,
   SET_VRING_ENABLE: 18,
+  /** The back-end's request channel: one end of a socketpair, as the message's one fd (BACKEND_REQ). */
+  SET_BACKEND_REQ_FD: 21,
+  /** struct vhost_iotlb_msg: an IOTLB update or invalidation (VIRTIO_F_ACCESS_PLATFORM). */
+  IOTLB_MSG: 22,
   GET_CONFIG: 24,
   SET_CONFIG: 25,
   RESET_DEVICE: 34,
@@ -46,6 +51,14 @@ const REQ_NAMES = new Map<number, string>(Object.entries(Req).map(([k, v]) => [v
 export function reqName(id: number): string {
   return REQ_NAMES.get(id) ?? String(id);
 }
+
+/** Back-end request ids, on the back-end's request channel (VHOST_USER_BACKEND_*). */
+export const BackendReq = {
+  /** struct vhost_iotlb_msg: an IOTLB miss or an access failure. */
+  IOTLB_MSG: 1,
+  CONFIG_CHANGE_MSG: 2,
+  VRING_HOST_NOTIFIER_MSG: 3,
+} as const;
 
 /** Header flags. */
 export const Flag = {
@@ -95,6 +108,12 @@ export const Feature = {
   VERSION_1: 32,
   RING_INDIRECT_DESC: 28,
   RING_EVENT_IDX: 29,
+  /**
+   * VIRTIO_F_ACCESS_PLATFORM (called VIRTIO_F_IOMMU_PLATFORM by QEMU and DPDK): the device reaches guest
+   * memory through the platform's IOMMU. For vhost-user: ring and buffer addresses are IOVAs, translated
+   * by the back-end's IOTLB, which the front-end fills (IOTLB_MSG) and the back-end asks for on a miss.
+   */
+  ACCESS_PLATFORM: 33,
   /** virtio-blk */
   BLK_SIZE_MAX: 1,
   BLK_SEG_MAX: 2,
@@ -115,6 +134,14 @@ export const WANTED_PROTOCOL_FEATURES =
   bit(ProtocolFeature.CONFIG) |
   bit(ProtocolFeature.CONFIGURE_MEM_SLOTS) |
   bit(ProtocolFeature.LOG_SHMFD);
+
+/**
+ * What a device IOTLB needs besides VIRTIO_F_ACCESS_PLATFORM. There is no IOMMU protocol feature: the IOTLB
+ * messages come with the virtio feature, and QEMU refuses an IOMMU back-end without both of these
+ * ("IOMMU support requires reply-ack and backend-req protocol features"): BACKEND_REQ for the channel on
+ * which misses come, REPLY_ACK so that an invalidation is confirmed.
+ */
+export const IOTLB_PROTOCOL_FEATURES = bit(ProtocolFeature.BACKEND_REQ) | bit(ProtocolFeature.REPLY_ACK);
 
 /** struct vhost_vring_addr flags: VHOST_VRING_F_LOG, the back-end logs its writes to the used ring. */
 export const VRING_F_LOG = 0x1;
@@ -246,4 +273,73 @@ export function configPayload(offset: number, size: number, flags = 0, data?: Ui
   b.writeUInt32LE(flags, 8);
   if (data) b.set(data.subarray(0, size), 12);
   return b;
+}
+
+/** struct vhost_iotlb_msg's `type`. */
+export const IotlbType = {
+  /** Back-end to front-end: no entry for `iova` with `perm`. */
+  MISS: 1,
+  /** Front-end to back-end: [iova, iova + size) translates to [uaddr, uaddr + size) with `perm`. */
+  UPDATE: 2,
+  /** Front-end to back-end: drop every entry overlapping [iova, iova + size). */
+  INVALIDATE: 3,
+  /** Back-end to front-end: an access to `iova` with `perm` was refused. */
+  ACCESS_FAIL: 4,
+} as const;
+
+/** struct vhost_iotlb_msg's `perm` (VHOST_ACCESS_*). */
+export const IotlbPerm = { RO: 1, WO: 2, RW: 3 } as const;
+
+/**
+ * struct vhost_iotlb_msg { u64 iova; u64 size; u64 uaddr; u8 perm; u8 type; } padded to 32 bytes, as the
+ * kernel header lays it out and as QEMU and DPDK send it (msg.size = sizeof, 32).
+ */
+export const IOTLB_MSG_BYTES = 32;
+
+export interface IotlbMsg {
+  iova: number;
+  size: number;
+  /** The front-end's user address (memory table coordinates); 0 where the type has none. */
+  uaddr: bigint;
+  perm: number;
+  type: number;
+}
+
+function writeIotlb(b: Buffer, at: number, m: IotlbMsg): void {
+  b.writeBigUInt64LE(u64(m.iova, 'iova'), at);
+  b.writeBigUInt64LE(u64(m.size, 'size'), at + 8);
+  b.writeBigUInt64LE(u64(m.uaddr, 'uaddr'), at + 16);
+  b.writeUInt8(m.perm, at + 24);
+  b.writeUInt8(m.type, at + 25);
+}
+
+export function iotlbPayload(m: IotlbMsg): Buffer {
+  const b = Buffer.alloc(IOTLB_MSG_BYTES);
+  writeIotlb(b, 0, m);
+  return b;
+}
+
+/** VHOST_USER_IOTLB_MSG for each of `msgs`, header and payload, back to back in one buffer (one write). */
+export function iotlbMessages(msgs: readonly IotlbMsg[], flags: number): Buffer {
+  const one = HEADER_BYTES + IOTLB_MSG_BYTES;
+  const b = Buffer.alloc(one * msgs.length);
+  msgs.forEach((m, i) => {
+    b.writeUInt32LE(Req.IOTLB_MSG, i * one);
+    b.writeUInt32LE(flags, i * one + 4);
+    b.writeUInt32LE(IOTLB_MSG_BYTES, i * one + 8);
+    writeIotlb(b, i * one + HEADER_BYTES, m);
+  });
+  return b;
+}
+
+/** Decodes a struct vhost_iotlb_msg; addresses beyond 2^53 are refused (no IOVA we map is that high). */
+export function decodeIotlb(payload: Uint8Array): IotlbMsg {
+  if (payload.length < 26) throw new InvalidArgError(`an IOTLB message of ${payload.length} bytes, expected ${IOTLB_MSG_BYTES}`);
+  const v = Buffer.from(payload.buffer, payload.byteOffset, payload.length);
+  const num = (at: number, what: string) => {
+    const n = v.readBigUInt64LE(at);
+    if (n > BigInt(Number.MAX_SAFE_INTEGER)) throw new InvalidArgError(`IOTLB message: ${what} 0x${n.toString(16)} is beyond 2^53`);
+    return Number(n);
+  };
+  return { iova: num(0, 'iova'), size: num(8, 'size'), uaddr: v.readBigUInt64LE(16), perm: v.readUInt8(24), type: v.readUInt8(25) };
 }

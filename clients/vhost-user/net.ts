@@ -1,6 +1,11 @@
 // A minimal virtio-net driver (virtio 1.x, section 5.1): queue 0 receives, queue 1 transmits, one queue
 // pair, no offloads, no mergeable buffers. With VERSION_1 every packet is preceded by the 12-byte
 // struct virtio_net_hdr (num_buffers included); this driver sends an all-zero header.
+//
+// Behind a guest IOMMU (the bridge follows an IOAS, VIRTIO_F_ACCESS_PLATFORM negotiated) the driver does
+// what a guest's driver does after dma_map: every address it gives the device is an IOVA. The driver's
+// area (rings and transmit headers) is at `gpa` for this process and at `iova` for the device (the IOAS
+// must map one to the other); the frames' addresses given to receive() and transmit() are IOVAs.
 import { InvalidArgError } from '../../protocol/index.js';
 import type { DeviceAccess } from './blk.js';
 import { Feature, bit } from './messages.js';
@@ -13,6 +18,11 @@ const HDR_SLOT_BYTES = 16;
 export interface NetOptions {
   /** Guest-physical address of the driver's area (VirtioNet.areaBytes(queueSize) bytes, writable). */
   gpa: number;
+  /**
+   * The area's IOVA: required when the device translates through an IOAS (VIRTIO_F_ACCESS_PLATFORM), which
+   * must map [iova, iova + areaBytes) to [gpa, ...), writable.
+   */
+  iova?: number;
   /** Descriptors per queue. Default 16. */
   queueSize?: number;
   /** Deadline of each transmit, in ms (receives wait as long as asked). Default 5000. */
@@ -21,6 +31,8 @@ export interface NetOptions {
 
 export class VirtioNet {
   private readonly hdrBase: number;
+  /** Where the device sees the headers: their IOVA behind an IOMMU, else their GPA. */
+  private readonly hdrDevice: number;
   private readonly hdrSlots: number[];
 
   private constructor(
@@ -29,6 +41,7 @@ export class VirtioNet {
     readonly tx: Virtqueue,
   ) {
     this.hdrBase = tx.gpa + Virtqueue.ringBytes(tx.size);
+    this.hdrDevice = (tx.iova ?? tx.gpa) + Virtqueue.ringBytes(tx.size);
     this.hdrSlots = Array.from({ length: Math.floor(tx.size / 2) }, (_, i) => i);
   }
 
@@ -41,9 +54,11 @@ export class VirtioNet {
     const size = opts.queueSize ?? 16;
     const t = opts.timeoutMs ? { timeoutMs: opts.timeoutMs } : {};
     const r = access.rings ? { rings: access.rings } : {};
+    const ring = Virtqueue.ringBytes(size);
+    const iova = (off: number) => (opts.iova !== undefined ? { iova: opts.iova + off } : {});
     // Receive buffers wait for frames as long as it takes: they stay posted across a ring stop.
-    const rx = new Virtqueue(access.frontend, access.memory, { index: 0, size, gpa: opts.gpa, drain: false, ...t, ...r });
-    const tx = new Virtqueue(access.frontend, access.memory, { index: 1, size, gpa: opts.gpa + Virtqueue.ringBytes(size), ...t, ...r });
+    const rx = new Virtqueue(access.frontend, access.memory, { index: 0, size, gpa: opts.gpa, ...iova(0), drain: false, ...t, ...r });
+    const tx = new Virtqueue(access.frontend, access.memory, { index: 1, size, gpa: opts.gpa + ring, ...iova(ring), ...t, ...r });
     try {
       await rx.start();
       await tx.start();
@@ -56,17 +71,20 @@ export class VirtioNet {
   }
 
   /**
-   * Posts a receive buffer of `len` bytes at `gpa` (device-writable). Resolves with the frame's length once
-   * the device filled it: the frame is at gpa + NET_HDR_BYTES.
+   * Posts a receive buffer of `len` bytes at `addr` (its GPA, or its IOVA behind an IOMMU; device-writable).
+   * Resolves with the frame's length once the device filled it: the frame is at addr + NET_HDR_BYTES.
    */
-  async receive(gpa: number, len: number): Promise<number> {
+  async receive(addr: number, len: number): Promise<number> {
     if (len < NET_HDR_BYTES + 14) throw new InvalidArgError(`a receive buffer needs at least ${NET_HDR_BYTES + 14} bytes`);
-    const used = await this.rx.submit([{ gpa, len, write: true }]);
+    const used = await this.rx.submit([{ addr, len, write: true }]);
     return used - NET_HDR_BYTES;
   }
 
-  /** Transmits the Ethernet frame of `len` bytes at `gpa` (a zero virtio_net_hdr goes in front). */
-  async transmit(gpa: number, len: number): Promise<void> {
+  /**
+   * Transmits the Ethernet frame of `len` bytes at `addr` (its GPA, or its IOVA behind an IOMMU); a zero
+   * virtio_net_hdr goes in front.
+   */
+  async transmit(addr: number, len: number): Promise<void> {
     const slot = this.hdrSlots.pop();
     if (slot === undefined) throw new InvalidArgError('too many transmits in flight');
     const hdrGpa = this.hdrBase + slot * HDR_SLOT_BYTES;
@@ -77,7 +95,7 @@ export class VirtioNet {
     };
     try {
       try {
-        await this.tx.submit([{ gpa: hdrGpa, len: NET_HDR_BYTES }, { gpa, len }], prepare);
+        await this.tx.submit([{ addr: this.hdrDevice + slot * HDR_SLOT_BYTES, len: NET_HDR_BYTES }, { addr, len }], prepare);
       } catch (err) {
         keep = true;
         throw err;

@@ -20,6 +20,12 @@
 // every dirty sync (the back-end's shared log, or everything it maps when the back-end cannot log) and to
 // pause for the last round: the rings stop (in-flight requests complete first, then GET_VRING_BASE) and
 // requests made meanwhile wait in this process; resume restarts them (SET_VRING_BASE, kick).
+//
+// Behind a guest IOMMU (`ioas`): the back-end must offer VIRTIO_F_ACCESS_PLATFORM, BACKEND_REQ and
+// REPLY_ACK (else MMB_ERR_UNSUPPORTED before anything is attached: qemu-storage-daemon 7.2 offers no
+// ACCESS_PLATFORM); the device is attached to that IOAS (feature IOAS) and the IOAS becomes the back-end's
+// device IOTLB (iotlb.ts): updates in the vote, confirmed invalidations before an unmap is acked, misses
+// answered on the back-end's request channel. The drivers then give the device IOVAs only.
 import type { Logger } from 'pino';
 import { InvalidArgError, toMmbError } from '../../protocol/index.js';
 import type { BrokerTarget } from '../connection.js';
@@ -27,6 +33,7 @@ import type { GuestMemory } from '../memory.js';
 import { Subscriber, type SubscriberOptions } from '../subscriber.js';
 import { VhostUserApplier, type MemTableStats } from './applier.js';
 import { VhostUserFrontend, type Negotiated } from './frontend.js';
+import { IotlbApplier } from './iotlb.js';
 import type { TableEntry } from './memtable.js';
 import { Feature, bit } from './messages.js';
 import type { Rings } from './rings.js';
@@ -50,6 +57,15 @@ export interface VhostUserOptions extends SubscriberOptions {
   connectTimeoutMs?: number;
   /** A pino logger for memory-table messages and failures. Default: none. */
   logger?: Logger;
+  /**
+   * Put the back-end's device behind a guest IOMMU: attach it to this I/O address space (feature IOAS) and
+   * make the IOAS its device IOTLB. The back-end must offer VIRTIO_F_ACCESS_PLATFORM, BACKEND_REQ and
+   * REPLY_ACK (dpdk-testpmd with iommu-support=1 does; qemu-storage-daemon 7.2 does not): otherwise
+   * MMB_ERR_UNSUPPORTED before anything is attached.
+   */
+  ioas?: string;
+  /** The device's name in the IOAS. Default: the subscriber's name, else 'vhost-user'. */
+  device?: string;
 }
 
 export class VhostUserSubscriber extends Subscriber {
@@ -59,8 +75,11 @@ export class VhostUserSubscriber extends Subscriber {
     opts: SubscriberOptions,
     /** What was negotiated with the back-end. */
     readonly negotiated: Negotiated,
+    /** The device IOTLB, when the device is behind a guest IOMMU (`ioas`). */
+    readonly iotlb: IotlbApplier | undefined,
   ) {
     super(target, vu, opts);
+    if (iotlb) this.followIoas(iotlb);
   }
 
   /**
@@ -69,21 +88,23 @@ export class VhostUserSubscriber extends Subscriber {
    * the initial map is in the back-end's memory table, confirmed.
    */
   static async attach(target: BrokerTarget, opts: VhostUserOptions): Promise<VhostUserSubscriber> {
-    const { backendSocket, virtioFeatures, maxSlots, mapMemory, backendTimeoutMs, connectTimeoutMs, logger, ...subOpts } = opts;
+    const { backendSocket, virtioFeatures, maxSlots, mapMemory, backendTimeoutMs, connectTimeoutMs, logger, ioas, device, ...subOpts } = opts;
+    if (ioas !== undefined && (typeof ioas !== 'string' || ioas.length === 0)) throw new InvalidArgError(`ioas must be an IOAS name, got ${JSON.stringify(ioas)}`);
     for (const [what, v] of [['maxSlots', maxSlots], ['maxRegions', subOpts.maxRegions]] as const) {
       if (v !== undefined && (!Number.isSafeInteger(v) || v < 1)) throw new InvalidArgError(`${what} must be a positive integer, got ${v}`);
     }
     const fe = await VhostUserFrontend.connect(backendSocket, { timeoutMs: backendTimeoutMs ?? 5000, connectTimeoutMs: connectTimeoutMs ?? 5000 });
     let negotiated: Negotiated;
     try {
-      negotiated = await fe.negotiate(virtioFeatures ?? bit(Feature.VERSION_1));
+      negotiated = await fe.negotiate(virtioFeatures ?? bit(Feature.VERSION_1), { iommu: ioas !== undefined });
     } catch (err) {
       fe.close();
       throw err;
     }
     const limit = Math.min(negotiated.maxMemSlots, maxSlots ?? Infinity, subOpts.maxRegions ?? Infinity);
     const applier = new VhostUserApplier(fe, negotiated.memMode, limit, { mapMemory: mapMemory ?? true, ...(logger ? { logger } : {}) });
-    const sub = new VhostUserSubscriber(target, applier, { kind: 'vhost-user', coalesce: true, ...subOpts, maxRegions: limit }, negotiated);
+    const iotlb = ioas !== undefined ? new IotlbApplier(fe, ioas, () => applier.entries(), logger) : undefined;
+    const sub = new VhostUserSubscriber(target, applier, { kind: 'vhost-user', coalesce: true, ...subOpts, maxRegions: limit }, negotiated, iotlb);
     // The driver's own writes to guest memory (rings, request headers) count as dirty too.
     if (applier.memory) applier.memory.dirty = sub.dirty;
     sub.on('pause', (e) => {
@@ -114,11 +135,13 @@ export class VhostUserSubscriber extends Subscriber {
       const pidfd = fe.backendPidfd();
       if (pidfd >= 0) await sub.delegate([{ name: `vhost-user back-end at ${backendSocket}`.slice(0, 64), pidfd }]);
       await sub.start();
+      // The device's IOTLB starts with the IOAS's mappings (updates sent, confirmed) before this resolves.
+      if (ioas !== undefined) await sub.attachIoas(ioas, [device ?? subOpts.name ?? 'vhost-user']);
     } catch (err) {
       await sub.close().catch(() => undefined);
       throw err;
     }
-    logger?.info({ backend: backendSocket, memMode: negotiated.memMode, maxSlots: limit, space: sub.space, client: sub.id }, 'vhost-user front-end attached');
+    logger?.info({ backend: backendSocket, memMode: negotiated.memMode, maxSlots: limit, space: sub.space, client: sub.id, ioas }, 'vhost-user front-end attached');
     return sub;
   }
 

@@ -2,6 +2,9 @@
 // into broker-managed guest memory: descriptor table, available and used rings live in guest memory (a
 // writable region the back-end was given), written through this process's own mappings; buffers are
 // guest-physical addresses; a kick eventfd tells the back-end, a call eventfd (on uv_poll) tells us.
+// Behind a guest IOMMU (VIRTIO_F_ACCESS_PLATFORM negotiated) the device sees only IOVAs: the rings are
+// given to it at their IOVA (`iova`, which the IOAS must map to `gpa`), and buffers carry IOVAs too; the
+// back-end translates both through its IOTLB (iotlb.ts). This process still writes the rings by GPA.
 //
 // No indirect descriptors, no event index, no packed ring: those features are not negotiated. Every
 // request has a deadline (a back-end that dies on a bad address never answers).
@@ -34,7 +37,11 @@ export interface QueueMemory {
 
 /** One buffer of a descriptor chain. `write`: the device writes it (device-writable). */
 export interface QueueBuffer {
-  gpa: number;
+  /**
+   * The buffer's address as the device sees it: its guest-physical address, or its IOVA when the device
+   * translates through an IOAS (VIRTIO_F_ACCESS_PLATFORM).
+   */
+  addr: number;
   len: number;
   write?: boolean;
 }
@@ -46,6 +53,13 @@ export interface VirtqueueOptions {
   size?: number;
   /** Guest-physical address of the rings (Virtqueue.ringBytes(size) bytes, 16-byte aligned). */
   gpa: number;
+  /**
+   * The rings' IOVA, required when VIRTIO_F_ACCESS_PLATFORM was negotiated (the device then translates
+   * every address through its IOTLB): the IOAS must map [iova, iova + ringBytes) to the rings' GPAs,
+   * writable. SET_VRING_ADDR then carries IOVAs, as QEMU sends them (vhost_memory_map is the identity
+   * behind an IOMMU), and so does the used ring's log address (DPDK translates it to a GPA itself).
+   */
+  iova?: number;
   /** Deadline of each request, in ms. Default 5000. */
   timeoutMs?: number;
   /**
@@ -95,6 +109,8 @@ export class Virtqueue implements RingQueue {
   readonly index: number;
   readonly size: number;
   readonly gpa: number;
+  /** The rings' IOVA when the device translates through an IOAS; undefined otherwise. */
+  readonly iova: number | undefined;
   private readonly timeoutMs: number;
   private readonly layout: ReturnType<typeof ringLayout>;
   private readonly drain: boolean;
@@ -128,6 +144,11 @@ export class Virtqueue implements RingQueue {
     const size = opts.size ?? 16;
     if (!Number.isInteger(size) || size < 1 || size > 32768 || (size & (size - 1)) !== 0) throw new InvalidArgError(`queue size ${size} is not a power of two <= 32768`);
     if (opts.gpa % 16 !== 0) throw new InvalidArgError(`ring address 0x${opts.gpa.toString(16)} is not 16-byte aligned`);
+    if (frontend.negotiated.iommu) {
+      if (opts.iova === undefined) throw new InvalidArgError(`virtqueue ${opts.index}: the device translates through an IOAS (VIRTIO_F_ACCESS_PLATFORM): give the rings' IOVA`);
+      if (!Number.isSafeInteger(opts.iova) || opts.iova < 0 || opts.iova % 16 !== 0) throw new InvalidArgError(`ring IOVA ${opts.iova} is not a 16-byte aligned address`);
+    }
+    this.iova = frontend.negotiated.iommu ? opts.iova : undefined;
     this.index = opts.index;
     this.size = size;
     this.gpa = opts.gpa;
@@ -189,14 +210,10 @@ export class Virtqueue implements RingQueue {
 
   private setAddr(logging: boolean): Promise<void> {
     const l = this.layout;
-    return this.frontend.setVringAddr(
-      this.index,
-      uaddrOf(this.gpa + l.desc),
-      uaddrOf(this.gpa + l.used),
-      uaddrOf(this.gpa + l.avail),
-      logging ? VRING_F_LOG : 0,
-      BigInt(this.gpa + l.used),
-    );
+    // Behind an IOMMU every ring address is an IOVA; otherwise a user address of the memory table.
+    const at = (off: number) => (this.iova !== undefined ? BigInt(this.iova + off) : uaddrOf(this.gpa + off));
+    const log = this.iova !== undefined ? this.iova + l.used : this.gpa + l.used;
+    return this.frontend.setVringAddr(this.index, at(l.desc), at(l.used), at(l.avail), logging ? VRING_F_LOG : 0, BigInt(log));
   }
 
   /** Turns the back-end's logging of used-ring writes on or off (SET_VRING_ADDR), if the ring runs. */
@@ -220,8 +237,8 @@ export class Virtqueue implements RingQueue {
     if (bufs.length === 0) return Promise.reject(new InvalidArgError('an empty descriptor chain'));
     if (bufs.length > this.size) return Promise.reject(new InvalidArgError(`virtqueue ${this.index}: ${bufs.length} descriptors needed, the queue has ${this.size}`));
     for (const b of bufs) {
-      if (!Number.isSafeInteger(b.gpa) || b.gpa < 0 || !Number.isInteger(b.len) || b.len < 0 || b.len > 0xffff_ffff) {
-        return Promise.reject(new InvalidArgError(`bad buffer ${b.gpa}+${b.len}`));
+      if (!Number.isSafeInteger(b.addr) || b.addr < 0 || !Number.isInteger(b.len) || b.len < 0 || b.len > 0xffff_ffff) {
+        return Promise.reject(new InvalidArgError(`bad buffer ${b.addr}+${b.len}`));
       }
     }
     if (this.state === 'running' && this.held.length === 0) {
@@ -245,7 +262,7 @@ export class Virtqueue implements RingQueue {
     const ids = bufs.map(() => this.free.pop() as number);
     bufs.forEach((b, i) => {
       const at = (ids[i] as number) * DESC_BYTES;
-      desc.setBigUint64(at, BigInt(b.gpa), true);
+      desc.setBigUint64(at, BigInt(b.addr), true);
       desc.setUint32(at + 8, b.len, true);
       const last = i === bufs.length - 1;
       desc.setUint16(at + 12, (last ? 0 : VIRTQ_DESC_F_NEXT) | (b.write ? VIRTQ_DESC_F_WRITE : 0), true);
