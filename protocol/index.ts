@@ -7,3 +7,4 @@ export * from './codec.js';
 export * from './frame.js';
 export * from './validate.js';
 export * from './units.js';
+export * from './dma-rules.js';

@@ -23,7 +23,7 @@
 // detached, the client closing) marks it whole, so that what a device wrote just before is in the next
 // sync. Tracking starts with the first logging region (and is extended to devices attached later) and
 // stops with the last.
-import { CancelledError, ClientLimitError, PinBudgetError, toMmbError } from '../../protocol/index.js';
+import { CancelledError, ClientLimitError, PinBudgetError, dmaMappingCount, toMmbError } from '../../protocol/index.js';
 import { CHUNK_BYTES, GuestMemory, type MappedRegion } from '../memory.js';
 import type { DirtyLog } from '../dirty.js';
 import type { Applier, ApplyContext, Change, LocalBacking, ViewRegion } from '../view.js';
@@ -32,11 +32,12 @@ import type { Domain } from './domain.js';
 
 const fmt = (bytes: number) => (bytes >= 2 ** 20 ? `${+(bytes / 2 ** 20).toFixed(1)} MiB` : `${bytes} bytes`);
 
-/** Pieces a region of `size` bytes is pinned in (GuestMemory chunks of 1 GiB, then `chunkBytes`). */
+/**
+ * Pieces a region of `size` bytes is pinned in (GuestMemory chunks of 1 GiB, then `chunkBytes`): counted
+ * as the broker predicts it from this client's REPORT.dma (protocol/dma-rules.ts).
+ */
 export function pieceCount(size: number, chunkBytes: number): number {
-  const full = Math.floor(size / CHUNK_BYTES);
-  const rest = size - full * CHUNK_BYTES;
-  return full * Math.ceil(CHUNK_BYTES / chunkBytes) + Math.ceil(rest / chunkBytes);
+  return dmaMappingCount(size, { chunkBytes: CHUNK_BYTES, pieceBytes: chunkBytes });
 }
 
 export interface VfioApplierOptions {
@@ -187,8 +188,10 @@ export class VfioApplier implements Applier {
       }
       const limits = this.domain.limits();
       for (const r of added) this.domain.checkReserved(r, limits.reserved);
+      for (const r of added) this.domain.checkAligned(r, limits.align);
       if (this.domain.active && limits.dmaAvailable !== undefined) {
-        const entries = (rs: readonly ViewRegion[]) => rs.reduce((n, r) => n + this.domain.backend.entriesFor(pieceCount(r.size, this.domain.chunkBytes)), 0);
+        const piece = this.domain.pieceBytes(limits.align);
+        const entries = (rs: readonly ViewRegion[]) => rs.reduce((n, r) => n + this.domain.backend.entriesFor(pieceCount(r.size, piece)), 0);
         const needed = entries(added) - entries(removed.filter((r) => this.domain.isPinned(r.key)));
         if (needed > limits.dmaAvailable) {
           throw new ClientLimitError(`the ${this.domain.backend.name} domain accepts ${limits.dmaAvailable} more DMA mappings; this change needs ${needed}`);
@@ -208,6 +211,10 @@ export class VfioApplier implements Applier {
         unpinned.push(mapped.get(r.key) as MappedRegion);
       }
     } catch (err) {
+      // The domain kept what the kernel would not unmap (Domain.unpin); the change fails, and loudly: a
+      // device may still reach memory the broker is about to take away. With two-phase transactions this
+      // happens at the commit, where the nack gets this client fenced.
+      this.opts.onError?.(err);
       await this.restore(unpinned);
       throw err;
     }
