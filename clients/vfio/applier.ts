@@ -3,9 +3,11 @@
 //
 // A change, in this order (one at a time; device hot-add / hot-remove wait their turn):
 //   1. refusals that need no work: the client's pin limit (bytes of the whole map after the change,
-//      counted once however many devices), reserved IOVA ranges, the domain's remaining DMA mappings;
+//      counted once however many devices), reserved IOVA ranges, the IOMMU's alignment, the domain's
+//      remaining DMA mappings (counted as the broker predicts them from REPORT.dma);
 //   2. removed regions are unpinned and IOMMU-unmapped (still mapped in the process): their IOVAs may be
-//      reused by the added ones at once (a region replaced at the same GPA);
+//      reused by the added ones at once (a region replaced at the same GPA). One the kernel will not unmap
+//      stays pinned and in the domain's table (Domain.unpin), and the change fails loudly (onError);
 //   3. added regions are mapped in the process, then pinned and IOMMU-mapped piece by piece, off the event
 //      loop, with progress. A region a queued transaction removes (ctx.cancelled) is undone and skipped
 //      (and established later after all, should that removal not happen);
@@ -45,7 +47,7 @@ export interface VfioApplierOptions {
   pinLimit?: number;
   /** Called after every change and device change, when the state to report may have changed. */
   onChanged?: () => void;
-  /** Called when an undo failed after a failure (the state may be inconsistent). */
+  /** Called when an undo failed after a failure, or an unmap failed (a device may still reach that memory). */
   onError?: (err: unknown) => void;
   /** The subscriber's dirty log (feature DIRTY), where pages devices may have written are marked. */
   dirtyLog?: () => DirtyLog | undefined;

@@ -10,6 +10,8 @@
 // What it does model, the way VFIO type1 behaves:
 //   - an IOVA table with one entry per mapped region, refusing overlaps (EEXIST) and, like type1's
 //     dma_entry_limit module parameter (default 65535), limited in entries (`dmaEntryLimit`);
+//   - an IOVA alignment (`iovaAlignment`, default 4 KiB), as an IOMMU whose smallest page is larger than
+//     the CPU's imposes on every mapping (EINVAL off it);
 //   - reserved IOVA ranges that cannot be mapped. By default the x86 MSI doorbell window
 //     0xfee00000-0xfeefffff, which VFIO reports as reserved on every x86 host (an MSI write from a device
 //     must reach the interrupt controller, so it can never be DMA-mapped RAM). `reserved` replaces the list
