@@ -240,7 +240,7 @@ export class VfioSubscriber extends Subscriber {
       ...(opts.pinLimit !== undefined ? { pinLimit: opts.pinLimit } : {}),
       onChanged: () => sub?.sendReport(),
       onError: (err) => {
-        sub?.log?.warn({ ...sub.logFields(), err: toMmbError(err).toWire() }, 'vfio client failed to let go of memory');
+        sub?.log?.warn({ ...sub.logFields(), err: toMmbError(err).toWire() }, 'vfio client: an unmap or an undo failed; what it keeps pinned is what the kernel still maps');
         sub?.emit('error', toMmbError(err));
       },
       dirtyLog: () => sub?.dirty,
