@@ -24,6 +24,7 @@ import {
   StateError,
   VersionError,
   MmbError,
+  checkDmaRules,
   parseToBroker,
   requestIdOf,
   toMmbError,
@@ -39,6 +40,7 @@ import { InProcessTransport, PassedListener, SocketListener, closeAll, type List
 import { Access, type AccessPolicy } from './access.js';
 import { Admission } from './admission.js';
 import { DEFAULT_FENCE_OPTIONS, checkPidfds, type FenceOptions } from './fence.js';
+import { recordDmaRules } from './policy.js';
 import { Session } from './session.js';
 import { AddressSpace } from './space.js';
 import { BROKER_VERSION } from './version.js';
@@ -332,7 +334,11 @@ export class Broker implements InProcessConnector {
         if ((msg.migration !== undefined || msg.dirtyTracking !== undefined) && (session.features & Feature.MIGRATION) === 0) {
           throw new FeatureError('REPORT.migration and REPORT.dirtyTracking need the MIGRATION feature');
         }
-        return this.attachedSpace(session).report(session, msg);
+        if (msg.dma !== undefined) {
+          if ((session.features & Feature.DMA_RULES) === 0) throw new FeatureError('REPORT.dma needs the DMA_RULES feature');
+          checkDmaRules(msg.dma); // before anything of the report is taken: a refused REPORT changes nothing
+        }
+        return recordDmaRules(session, msg.dma, this.attachedSpace(session).report(session, msg));
       case Msg.FIND_FREE: {
         const { t: _t, id: _id, ...req } = msg;
         return this.attachedSpace(session).findFree(req);

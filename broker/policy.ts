@@ -1,10 +1,25 @@
 // What every subscriber declared (region limit, coalescing, pinning and its limit) and reported
-// (reserved IOVA ranges, remaining DMA mappings), and the space's pin budget, checked against a planned
-// transaction before anything is sent to anyone. The first violation is a typed error naming the client.
+// (reserved IOVA ranges, remaining DMA mappings, how it cuts regions into DMA mappings and their
+// alignment), and the space's pin budget, checked against a planned transaction before anything is sent
+// to anyone. The first violation is a typed error naming the client.
+//
+// DMA mappings are predicted the way the client will make them (feature DMA_RULES: REPORT.dma, counted by
+// protocol/dma-rules.ts, which the vfio-like client counts with too): per region it establishes or lets go
+// of, in its own terms (its coalesced view; a read-only toggle is an unmap and a map, a remove and an add
+// of the same establishment cancel out), and, for a two-phase client, at both of its steps: the vote
+// establishes the adds that overlap nothing removed before anything is let go (clients/view.ts
+// splitChange), the commit lets go and establishes the rest. A client that reported no rules takes one
+// mapping per region.
 import {
   ClientLimitError,
+  Feature,
   PinBudgetError,
   ReservedRangeError,
+  UnalignedError,
+  dmaMappingCount,
+  dmaMisalignment,
+  formatSize,
+  type DmaRules,
   type Region,
 } from '../protocol/index.js';
 import { nextView, viewOps } from './coalesce.js';
@@ -48,11 +63,24 @@ export function checkSubscribers(plan: Plan, after: MapAfter, subscribers: Itera
         );
       }
     }
-    if (s.dmaAvailable !== undefined) {
-      const ops = view ? viewOps(s.view, view) : plan.ops;
-      const needed = ops.filter((o) => o.op === 'add').length - ops.filter((o) => o.op === 'remove').length;
-      if (needed > s.dmaAvailable) {
-        throw new ClientLimitError(`${s.describe()} has room for ${s.dmaAvailable} more DMA mappings; the transaction needs ${needed}`, { client: s.ref() });
+    if (s.dma?.align !== undefined || s.dmaAvailable !== undefined) {
+      const change = establishments(s, plan, view);
+      if (s.dma?.align !== undefined) {
+        for (const r of change.added) {
+          const why = dmaMisalignment(r.gpa, r.size, s.dma);
+          if (why) {
+            throw new UnalignedError(
+              `region ${JSON.stringify(r.name)} [${hex(r.gpa)}, ${hex(r.gpa + r.size)}) cannot be DMA-mapped by ${s.describe()}, whose IOMMU needs IOVAs and sizes aligned to ${formatSize(s.dma.align)}: ${why}`,
+              { client: s.ref() },
+            );
+          }
+        }
+      }
+      if (s.dmaAvailable !== undefined) {
+        const needed = dmaMappingsNeeded(s, change, count - change.added.length + change.removed.length);
+        if (needed.mappings > s.dmaAvailable) {
+          throw new ClientLimitError(`${s.describe()} has room for ${s.dmaAvailable} more DMA mappings; the transaction needs ${needed.mappings}${needed.why}`, { client: s.ref() });
+        }
       }
     }
     if (s.pins && plan.adds.length > 0) {
@@ -68,3 +96,86 @@ export function checkSubscribers(plan: Plan, after: MapAfter, subscribers: Itera
   }
   return views;
 }
+
+/**
+ * Takes a subscriber's REPORT.dma (validated before anything of the report was taken, protocol/dma-rules.ts
+ * checkDmaRules) once the rest of its report was: the rules replace what it reported before. Returns `result`.
+ */
+export function recordDmaRules<T>(session: Session, rules: DmaRules | undefined, result: T): T {
+  if (rules !== undefined) session.dma = { ...rules };
+  return result;
+}
+
+/** A client's regions as it establishes them: what it will establish and let go of in a transaction. */
+interface Establishments {
+  removed: Region[];
+  added: Region[];
+}
+
+/**
+ * What `s` establishes and lets go of in `plan`, in its own terms: its coalesced view's runs, or the
+ * transaction's regions with a read-only toggle as a removal and an addition (the access is part of what
+ * is established); a removal and an addition of the same establishment (gpa, size, backing, offset,
+ * access) cancel out, as the client's reconciliation (clients/view.ts changeFromOps) has it.
+ */
+function establishments(s: Session, plan: Plan, view: readonly Region[] | undefined): Establishments {
+  let removed: Region[];
+  let added: Region[];
+  if (view) {
+    const before = new Map(s.view.map((r) => [r.id, r]));
+    const ops = viewOps(s.view, view);
+    removed = ops.flatMap((o) => (o.op === 'remove' ? [before.get(o.region) as Region] : []));
+    added = ops.flatMap((o) => (o.op === 'add' ? [o.region] : []));
+  } else {
+    const toggled = plan.sets.filter((x) => x.before.readonly !== x.after.readonly);
+    removed = [...plan.removes, ...toggled.map((x) => x.before)];
+    added = [...toggled.map((x) => x.after), ...plan.adds];
+  }
+  const key = (r: Region) => `${r.gpa}/${r.size}/${r.backing}/${r.offset}/${r.readonly}`;
+  const kept = new Map<string, number>();
+  for (const r of removed) kept.set(key(r), (kept.get(key(r)) ?? 0) + 1);
+  const stays = new Set<string>();
+  added = added.filter((r) => {
+    const n = kept.get(key(r)) ?? 0;
+    if (n === 0) return true;
+    kept.set(key(r), n - 1);
+    stays.add(key(r));
+    return false;
+  });
+  removed = removed.filter((r) => !stays.delete(key(r)));
+  return { removed, added };
+}
+
+/**
+ * The most DMA mappings `s` needs at once for `change`, `current` being how many regions it follows now.
+ * Single-phase: everything it adds minus everything it lets go of. Two-phase: also what its vote adds
+ * before anything is let go: the adds overlapping nothing removed, as many as its region limit leaves
+ * room for (clients/view.ts splitChange).
+ */
+function dmaMappingsNeeded(s: Session, change: Establishments, current: number): { mappings: number; why: string } {
+  const rules: DmaRules | undefined = s.dma;
+  const per = (r: Region) => dmaMappingCount(r.size, rules);
+  const total = change.added.reduce((n, r) => n + per(r), 0) - change.removed.reduce((n, r) => n + per(r), 0);
+  let vote = 0;
+  if ((s.features & Feature.TWO_PHASE) !== 0) {
+    const room = s.maxRegions - current;
+    let now = 0;
+    for (const a of change.added) {
+      if (now >= room || change.removed.some((r) => a.gpa < r.gpa + r.size && r.gpa < a.gpa + a.size)) continue;
+      now++;
+      vote += per(a);
+    }
+  }
+  const mappings = Math.max(vote, total);
+  const biggest = change.added.reduce<Region | undefined>((m, r) => (m && per(m) >= per(r) ? m : r), undefined);
+  const why =
+    rules && biggest && per(biggest) > 1
+      ? ` (region ${JSON.stringify(biggest.name)} alone takes ${per(biggest)}: ${describeRules(rules)})`
+      : vote > total
+        ? ' (before its vote lets go of anything)'
+        : '';
+  return { mappings, why };
+}
+
+const describeRules = (r: DmaRules) =>
+  [r.chunkBytes !== undefined ? `chunks of ${formatSize(r.chunkBytes)}` : '', r.pieceBytes !== undefined ? `mappings of at most ${formatSize(r.pieceBytes)}` : ''].filter(Boolean).join(', ');

@@ -10,7 +10,7 @@
 // SUBSCRIBER, and only for an event the broker is waiting on.
 import { native } from '../native/index.js';
 import type { Transport } from '../transport/index.js';
-import { Feature, Msg, type ClientRef, type IovaRange, type MmbError, type Region } from '../protocol/index.js';
+import { Feature, Msg, type ClientRef, type DmaRules, type IovaRange, type MmbError, type Region } from '../protocol/index.js';
 import { compactSyncPart } from './sync.js';
 
 export type AckResult =
@@ -63,6 +63,8 @@ export class Session {
   dirtyTracking: string | undefined;
   migration: { quiesce: boolean; deviceState: boolean } | undefined;
   devices: string[] = [];
+  /** Feature DMA_RULES: how it cuts regions into DMA mappings and their IOVA alignment (broker/policy.ts). */
+  dma: DmaRules | undefined;
   private seq = 0;
   private readonly waiters = new Map<number, (r: AckResult) => void>();
   // The request rate limit: a token bucket (acks and nacks do not draw from it).

@@ -555,6 +555,7 @@ export class AddressSpace {
       ...(s.coherent !== undefined ? { coherent: s.coherent } : {}),
       ...(s.backend !== undefined ? { backend: s.backend } : {}),
       ...(s.dirtyTracking !== undefined ? { dirtyTracking: s.dirtyTracking } : {}),
+      ...(s.dma !== undefined ? { dma: s.dma } : {}),
       ...(s.migration !== undefined ? { migration: s.migration } : {}),
       ...(s.devices.length > 0 ? { devices: s.devices } : {}),
     };

@@ -117,9 +117,16 @@ export type ClientReport = Omit<Report, 't' | 'id'>;
 
 /** `r` without the fields the connection did not negotiate (an older broker refuses them). */
 function reportFor(conn: Connection, r: ClientReport): ClientReport {
-  if ((conn.features & Feature.MIGRATION) !== 0) return r;
-  const { migration: _m, dirtyTracking: _d, ...rest } = r;
-  return rest;
+  let out = r;
+  if ((conn.features & Feature.MIGRATION) === 0) {
+    const { migration: _m, dirtyTracking: _d, ...rest } = out;
+    out = rest;
+  }
+  if ((conn.features & Feature.DMA_RULES) === 0) {
+    const { dma: _dma, ...rest } = out;
+    out = rest;
+  }
+  return out;
 }
 
 /** A promise that rejects with the signal's reason once it is aborted. */

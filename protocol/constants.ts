@@ -100,6 +100,10 @@ export const Feature = {
   /** REPORT.migration ({quiesce, deviceState}: whether the client stops its devices' DMA at a pause and
    *  their state is migrated) and REPORT.dirtyTracking (how its writes reach the dirty log); both in STATUS. */
   MIGRATION: 1 << 14,
+  /** REPORT.dma: how a pinning client cuts each region into DMA mappings (chunk and piece sizes) and the
+   *  alignment its IOMMU needs for every mapping's IOVA and size, so that the broker counts the client's
+   *  DMA mappings and checks that alignment exactly as the client will, before anything is sent. */
+  DMA_RULES: 1 << 15,
 } as const;
 export const ALL_FEATURES =
   Feature.RESUME |
@@ -116,7 +120,8 @@ export const ALL_FEATURES =
   Feature.WATCH |
   Feature.IOAS |
   Feature.COMPACT_SYNC |
-  Feature.MIGRATION;
+  Feature.MIGRATION |
+  Feature.DMA_RULES;
 
 /** Bytes of guest memory one dirty-bitmap bit stands for. */
 export const DIRTY_PAGE_SIZE = 4096;

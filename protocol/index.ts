@@ -8,3 +8,4 @@ export * from './columns.js';
 export * from './frame.js';
 export * from './validate.js';
 export * from './units.js';
+export * from './dma-rules.js';

@@ -142,6 +142,16 @@ export type IovaRange = Infer<typeof iovaRange>;
 /** What a client with devices says about migrating them (feature MIGRATION). */
 export const migrationDeclaration = object({ quiesce: bool(), deviceState: bool() });
 
+/**
+ * Feature DMA_RULES: how a client cuts a region into DMA mappings, from the region's start: chunks of
+ * `chunkBytes` (the last one shorter; absent: the whole region), each cut into mappings of `pieceBytes`
+ * (the last one shorter; absent: one per chunk); no field: one mapping per region. `align`: every
+ * mapping's IOVA and size must be a multiple of it (a power of two; chunk and piece sizes are multiples).
+ * protocol/dma-rules.ts computes both.
+ */
+export const dmaRules = object({ chunkBytes: optional(addr()), pieceBytes: optional(addr()), align: optional(addr()) });
+export type DmaRules = Infer<typeof dmaRules>;
+
 export const report = object({
   t: t(Msg.REPORT),
   id: u32(),
@@ -161,6 +171,8 @@ export const report = object({
   dirtyTracking: optional(name()),
   /** Feature MIGRATION: whether it stops its devices' DMA before it acks a pause, and their state migrates. */
   migration: optional(migrationDeclaration),
+  /** Feature DMA_RULES: how this client cuts regions into DMA mappings, and their IOVA alignment. */
+  dma: optional(dmaRules),
 });
 
 export const findFree = object({
@@ -451,6 +463,8 @@ const statusClient = object(
     devices: optional(array(name(), 256)),
     dirtyTracking: optional(name()),
     migration: optional(migrationDeclaration),
+    /** Feature DMA_RULES: how it cuts regions into DMA mappings, as it reported them. */
+    dma: optional(dmaRules),
   },
   { open: true },
 );

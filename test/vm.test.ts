@@ -91,7 +91,9 @@ function passed(s: Summary): Map<string, Step> {
 const STEPS = [
   'attach',
   'edu',
+  'reserved-before-open',
   'hotplug-dma',
+  'hugetlb-2m',
   'dirty-tracking',
   'migrate-with-dma',
   'readonly-toggle',
@@ -105,6 +107,7 @@ const STEPS = [
   'shadow-dma',
   'nesting',
   'shadow-unmap-faults',
+  'hugetlb-1g',
   'close',
 ];
 
@@ -120,6 +123,24 @@ function checkScenario(steps: Map<string, Step>, backend: 'type1' | 'iommufd'): 
   expect(dma).toMatchObject({ pieces: 2, kernelPinnedDelta: 2 * MiB });
   expect(dma.copies).toHaveLength(2);
   if (backend === 'type1') expect(dma.dmaAvailable).toEqual([65535, 65533]);
+
+  // A device's reserved regions from sysfs, reported by a client that has not opened it (issue 17).
+  const early = steps.get('reserved-before-open') as Step & { sysfs: string[]; opened: string[]; reported: string[]; findFree: string; refused: unknown };
+  expect(early.sysfs).toContain('0x00000000fee00000 0x00000000feefffff msi');
+  expect(early.opened).toEqual([backend === 'type1' ? '/dev/vfio/vfio' : '/dev/iommu']);
+  expect(early.reported).toContain('0xfee00000-0xfeefffff');
+  expect(early).toMatchObject({ findFree: '0xff000000', refused: { code: 'MMB_ERR_RESERVED_RANGE', client: 'vfio-early' } });
+
+  // Hugetlb memory pinned and IOMMU-mapped, reached by edu's DMA: 2 MiB pages, and a 1 GiB page of which
+  // edu reaches the first 256 MiB (its 28-bit DMA mask).
+  const h2 = steps.get('hugetlb-2m') as Step & { smaps: { kernelPageSizeKiB: number; hugetlbKiB: number }; dmaAvailable: (number | null)[]; copies: unknown[] };
+  expect(h2).toMatchObject({ unaligned: 'MMB_ERR_UNALIGNED', pieces: 4, kernelPinnedDelta: 4 * MiB, smaps: { kernelPageSizeKiB: 2048, hugetlbKiB: 4096 } });
+  expect(h2.copies).toHaveLength(2);
+  if (backend === 'type1') expect((h2.dmaAvailable[0] as number) - (h2.dmaAvailable[1] as number)).toBe(4);
+  const h1 = steps.get('hugetlb-1g') as Step & { dmaAvailable: (number | null)[]; copies: unknown[] };
+  expect(h1).toMatchObject({ pages: 1, pieces: 1024, kernelPinnedDelta: 1024 * MiB, smaps: { kernelPageSizeKiB: 1024 * 1024, hugetlbKiB: 1024 * 1024 } });
+  expect(h1.copies).toHaveLength(2);
+  if (backend === 'type1') expect((h1.dmaAvailable[0] as number) - (h1.dmaAvailable[1] as number)).toBe(1024);
 
   // Dirty tracking: type1 asks the kernel (VFIO_IOMMU_DIRTY_PAGES), which reports every mapped page
   // without a vendor driver; the emulated intel-iommu gives iommufd no dirty tracking (EOPNOTSUPP). edu

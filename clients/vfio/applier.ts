@@ -3,9 +3,11 @@
 //
 // A change, in this order (one at a time; device hot-add / hot-remove wait their turn):
 //   1. refusals that need no work: the client's pin limit (bytes of the whole map after the change,
-//      counted once however many devices), reserved IOVA ranges, the domain's remaining DMA mappings;
+//      counted once however many devices), reserved IOVA ranges, the IOMMU's alignment, the domain's
+//      remaining DMA mappings (counted as the broker predicts them from REPORT.dma);
 //   2. removed regions are unpinned and IOMMU-unmapped (still mapped in the process): their IOVAs may be
-//      reused by the added ones at once (a region replaced at the same GPA);
+//      reused by the added ones at once (a region replaced at the same GPA). One the kernel will not unmap
+//      stays pinned and in the domain's table (Domain.unpin), and the change fails loudly (onError);
 //   3. added regions are mapped in the process, then pinned and IOMMU-mapped piece by piece, off the event
 //      loop, with progress. A region a queued transaction removes (ctx.cancelled) is undone and skipped
 //      (and established later after all, should that removal not happen);
@@ -23,7 +25,7 @@
 // detached, the client closing) marks it whole, so that what a device wrote just before is in the next
 // sync. Tracking starts with the first logging region (and is extended to devices attached later) and
 // stops with the last.
-import { CancelledError, ClientLimitError, PinBudgetError, toMmbError } from '../../protocol/index.js';
+import { CancelledError, ClientLimitError, PinBudgetError, dmaMappingCount, toMmbError } from '../../protocol/index.js';
 import { CHUNK_BYTES, GuestMemory, type MappedRegion } from '../memory.js';
 import type { DirtyLog } from '../dirty.js';
 import type { Applier, ApplyContext, Change, LocalBacking, ViewRegion } from '../view.js';
@@ -32,11 +34,12 @@ import type { Domain } from './domain.js';
 
 const fmt = (bytes: number) => (bytes >= 2 ** 20 ? `${+(bytes / 2 ** 20).toFixed(1)} MiB` : `${bytes} bytes`);
 
-/** Pieces a region of `size` bytes is pinned in (GuestMemory chunks of 1 GiB, then `chunkBytes`). */
+/**
+ * Pieces a region of `size` bytes is pinned in (GuestMemory chunks of 1 GiB, then `chunkBytes`): counted
+ * as the broker predicts it from this client's REPORT.dma (protocol/dma-rules.ts).
+ */
 export function pieceCount(size: number, chunkBytes: number): number {
-  const full = Math.floor(size / CHUNK_BYTES);
-  const rest = size - full * CHUNK_BYTES;
-  return full * Math.ceil(CHUNK_BYTES / chunkBytes) + Math.ceil(rest / chunkBytes);
+  return dmaMappingCount(size, { chunkBytes: CHUNK_BYTES, pieceBytes: chunkBytes });
 }
 
 export interface VfioApplierOptions {
@@ -44,7 +47,7 @@ export interface VfioApplierOptions {
   pinLimit?: number;
   /** Called after every change and device change, when the state to report may have changed. */
   onChanged?: () => void;
-  /** Called when an undo failed after a failure (the state may be inconsistent). */
+  /** Called when an undo failed after a failure, or an unmap failed (a device may still reach that memory). */
   onError?: (err: unknown) => void;
   /** The subscriber's dirty log (feature DIRTY), where pages devices may have written are marked. */
   dirtyLog?: () => DirtyLog | undefined;
@@ -187,8 +190,10 @@ export class VfioApplier implements Applier {
       }
       const limits = this.domain.limits();
       for (const r of added) this.domain.checkReserved(r, limits.reserved);
+      for (const r of added) this.domain.checkAligned(r, limits.align);
       if (this.domain.active && limits.dmaAvailable !== undefined) {
-        const entries = (rs: readonly ViewRegion[]) => rs.reduce((n, r) => n + this.domain.backend.entriesFor(pieceCount(r.size, this.domain.chunkBytes)), 0);
+        const piece = this.domain.pieceBytes(limits.align);
+        const entries = (rs: readonly ViewRegion[]) => rs.reduce((n, r) => n + this.domain.backend.entriesFor(pieceCount(r.size, piece)), 0);
         const needed = entries(added) - entries(removed.filter((r) => this.domain.isPinned(r.key)));
         if (needed > limits.dmaAvailable) {
           throw new ClientLimitError(`the ${this.domain.backend.name} domain accepts ${limits.dmaAvailable} more DMA mappings; this change needs ${needed}`);
@@ -208,6 +213,10 @@ export class VfioApplier implements Applier {
         unpinned.push(mapped.get(r.key) as MappedRegion);
       }
     } catch (err) {
+      // The domain kept what the kernel would not unmap (Domain.unpin); the change fails, and loudly: a
+      // device may still reach memory the broker is about to take away. With two-phase transactions this
+      // happens at the commit, where the nack gets this client fenced.
+      this.opts.onError?.(err);
       await this.restore(unpinned);
       throw err;
     }

@@ -38,6 +38,12 @@ export interface DomainLimits {
   dmaAvailable: number | undefined;
   /** Whether DMA is cache-coherent for the domain; undefined if the backend cannot tell. */
   coherent: boolean | undefined;
+  /**
+   * What every DMA mapping's IOVA, size and host address must be a multiple of (type1: the smallest page
+   * size of VFIO_IOMMU_GET_INFO's iova_pgsizes; iommufd: IOMMU_IOAS_IOVA_RANGES' out_iova_alignment; soft:
+   * its configured alignment); the last one known while there is no domain, undefined before any.
+   */
+  align?: number;
 }
 
 /** A device behind the client. For hardware backends, what a driver needs to program the device. */
@@ -128,6 +134,11 @@ export interface IommuBackend {
   device(name: string): VfioDevice | undefined;
   /** How many DMA mappings (entries of the IOMMU's table) a region made of `pieces` pieces takes. */
   entriesFor(pieces: number): number;
+  /**
+   * Each piece is a DMA mapping of its own (type1, iommufd: one MAP_DMA / IOAS_MAP per piece); false: one
+   * per region (soft's IOVA table). Says how REPORT.dma describes the client's mappings.
+   */
+  readonly mappingPerPiece: boolean;
   /** Pins and maps one piece at its IOVA (on a worker thread). */
   map(piece: Piece): Promise<void>;
   /** Unmaps and unpins one piece. */
@@ -213,9 +224,12 @@ export function checkName(name: string, what: string): void {
   }
 }
 
+/** Whether `name` is a PCI address as sysfs spells them: domain:bus:device.function, lower-case hex. */
+export const isBdf = (name: string): boolean => /^[0-9a-f]{4}:[0-9a-f]{2}:[0-1][0-9a-f]\.[0-7]$/.test(name);
+
 /** PCI addresses as sysfs spells them: domain:bus:device.function, lower-case hex. */
 export function checkBdf(bdf: string): void {
-  if (!/^[0-9a-f]{4}:[0-9a-f]{2}:[0-1][0-9a-f]\.[0-7]$/.test(bdf)) {
+  if (!isBdf(bdf)) {
     throw new InvalidArgError(`${JSON.stringify(bdf)} is not a PCI address like 0000:00:01.0`);
   }
 }

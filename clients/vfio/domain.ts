@@ -4,11 +4,11 @@
 // already mapped in the process is pinned into it), the last one destroys it (everything is unpinned).
 //
 // The pin table is keyed by a region's key (clients/view.ts): what its establishment depends on.
-import { NoDeviceError, ReservedRangeError, type IovaRange } from '../../protocol/index.js';
-import type { MappedRegion } from '../memory.js';
+import { IommuError, NoDeviceError, isMmbError, ReservedRangeError, UnalignedError, dmaMisalignment, formatSize, type DmaRules, type IovaRange } from '../../protocol/index.js';
+import { CHUNK_BYTES, type MappedRegion } from '../memory.js';
 import type { ViewRegion } from '../view.js';
 import { clash, mergeRanges, type BackendName, type DirtyTracking, type DomainLimits, type IommuBackend, type Piece } from './backend.js';
-import { pieces, pinPieces, unpinPieces, type PinControl } from './pinning.js';
+import { pieces, pinPieces, type PinControl } from './pinning.js';
 
 /** A `pinProgress` event: `done` of `total` bytes of region `region` are pinned and mapped. */
 export interface PinProgress {
@@ -52,6 +52,8 @@ const hex = (n: number) => `0x${n.toString(16)}`;
 export class Domain {
   private readonly entries = new Map<string, Entry>();
   private bytes = 0;
+  /** Reserved ranges added since (reserve(): a device's sysfs reserved_regions, read before it is opened). */
+  private reservedExtra: IovaRange[] = [];
   /** The kernel's dirty tracking, while started; and the devices it was started for. */
   private tracking: { state: DirtyTracking; devices: string } | undefined;
 
@@ -78,6 +80,40 @@ export class Domain {
     return this.opts.chunkBytes;
   }
 
+  /**
+   * Bytes per DMA mapping: the pin chunk, rounded up to the IOMMU's alignment (a piece off it would be
+   * refused by the kernel whatever the region's own alignment). `align`: limits().align, if known.
+   */
+  pieceBytes(align = this.limits().align): number {
+    const a = align ?? 1;
+    return Math.ceil(this.opts.chunkBytes / a) * a;
+  }
+
+  /**
+   * How this client cuts regions into DMA mappings and the alignment they need (REPORT.dma, feature
+   * DMA_RULES): GuestMemory's 1 GiB chunks in pieces of pieceBytes() for type1 and iommufd; one mapping
+   * per region for soft. The broker predicts with it what this client counts (protocol/dma-rules.ts).
+   */
+  dmaRules(): DmaRules {
+    const align = this.limits().align;
+    const a = align !== undefined ? { align } : {};
+    if (!this.backend.mappingPerPiece) return a;
+    return { chunkBytes: CHUNK_BYTES, pieceBytes: this.pieceBytes(align), ...a };
+  }
+
+  /** Adds reserved ranges (a device's sysfs reserved_regions) to what limits() reports, for good. */
+  reserve(ranges: readonly IovaRange[]): void {
+    this.reservedExtra = mergeRanges([...this.reservedExtra, ...ranges]);
+  }
+
+  /** Refuses a region whose DMA mappings would be off the IOMMU's alignment (MMB_ERR_UNALIGNED). */
+  checkAligned(region: ViewRegion, align: number | undefined): void {
+    const why = dmaMisalignment(region.gpa, region.size, align !== undefined ? { align } : undefined);
+    if (why) {
+      throw new UnalignedError(`region ${JSON.stringify(region.name)} [${hex(region.gpa)}, ${hex(region.gpa + region.size)}): the ${this.backend.name} IOMMU maps at multiples of ${formatSize(align as number)}: ${why}`);
+    }
+  }
+
   isPinned(key: string): boolean {
     return this.entries.has(key);
   }
@@ -91,7 +127,7 @@ export class Domain {
   /** The backend's limits, with the configured extra reserved ranges merged into `reserved`. */
   limits(): DomainLimits & { reserved: IovaRange[] } {
     const l = this.backend.limits();
-    return { ...l, reserved: mergeRanges([...(l.reserved ?? []), ...(this.opts.extraReserved ?? [])]) };
+    return { ...l, reserved: mergeRanges([...(l.reserved ?? []), ...(this.opts.extraReserved ?? []), ...this.reservedExtra]) };
   }
 
   /** The dirty tracker in use while dirty logging is on (undefined while it is off). */
@@ -172,8 +208,14 @@ export class Domain {
     const r = m.region;
     if (!this.backend.active) return 'inactive';
     if (this.entries.has(r.key)) return 'pinned';
-    this.checkReserved(r, this.limits().reserved);
-    const list = pieces(m, this.opts.chunkBytes);
+    const limits = this.limits();
+    this.checkReserved(r, limits.reserved);
+    this.checkAligned(r, limits.align);
+    if (limits.align !== undefined && m.address % limits.align !== 0) {
+      // GuestMemory maps on a 4 KiB, 2 MiB or huge page boundary; an IOMMU needing more refuses the vaddr.
+      throw new UnalignedError(`region ${JSON.stringify(r.name)} is mapped at host address ${hex(m.address)} here, not a multiple of the ${formatSize(limits.align)} the ${this.backend.name} IOMMU maps at`);
+    }
+    const list = pieces(m, this.pieceBytes(limits.align));
     this.backend.claim(r.gpa, r.size, list.length);
     let outcome: 'done' | 'cancelled';
     try {
@@ -197,18 +239,55 @@ export class Domain {
     return 'pinned';
   }
 
-  /** Unmaps and unpins a region; a no-op for one that is not pinned. */
+  /**
+   * Unmaps and unpins a region; a no-op for one that is not pinned. Every piece is tried (last first). If
+   * one fails, the pieces unmapped meanwhile are mapped again, so the region stays whole in the IOMMU and
+   * in this table, and the failure is thrown (MMB_ERR_IOMMU naming what stays mapped): the device may
+   * still reach that memory, so the caller must not say it let go of it. Should mapping them again fail
+   * too, the table keeps exactly the pieces still mapped (and their bytes): it never forgets a mapping the
+   * kernel may still have.
+   */
   async unpin(key: string): Promise<void> {
     const e = this.entries.get(key);
     if (!e) return;
-    // Whatever happens, the entry goes: a failed unmap leaves nothing we could retry meaningfully.
-    this.entries.delete(key);
-    this.bytes -= e.region.size;
-    try {
-      await unpinPieces(this.backend, e.pieces);
-    } finally {
-      this.backend.release(e.region.gpa, e.region.size);
+    const stuck: Piece[] = [];
+    let first: unknown;
+    for (let i = e.pieces.length - 1; i >= 0; i--) {
+      const p = e.pieces[i] as Piece;
+      try {
+        await this.backend.unmap(p);
+      } catch (err) {
+        first ??= err;
+        stuck.unshift(p);
+      }
     }
+    if (first === undefined) {
+      this.entries.delete(key);
+      this.bytes -= e.region.size;
+      this.backend.release(e.region.gpa, e.region.size);
+      return;
+    }
+    const unmapped = e.pieces.filter((p) => !stuck.includes(p));
+    const remapped: Piece[] = [];
+    for (const p of unmapped) {
+      try {
+        await this.backend.map(p);
+        remapped.push(p);
+      } catch {
+        // Stays unmapped: the table below keeps only what is mapped.
+      }
+    }
+    const still = e.pieces.filter((p) => stuck.includes(p) || remapped.includes(p));
+    const lost = e.pieces.filter((p) => !still.includes(p)).reduce((n, p) => n + p.size, 0);
+    e.pieces = still;
+    this.bytes -= lost;
+    const r = e.region;
+    throw new IommuError(
+      `${this.backend.name}: region ${JSON.stringify(r.name)} [${hex(r.gpa)}, ${hex(r.gpa + r.size)}) could not be unmapped (${stuck.length} of ${stuck.length + unmapped.length} DMA mappings refused): ` +
+        (lost === 0 ? 'it stays mapped and pinned, and this client keeps it' : `${still.length} mappings stay and this client keeps them; ${formatSize(lost)} could not be mapped again`) +
+        `: ${first instanceof Error ? first.message : String(first)}`,
+      { cause: first, ...(isMmbError(first) ? { errno: first.errno } : {}) },
+    );
   }
 
   /** A region's metadata changed (name, id, logDirty), not what is pinned. */

@@ -25,7 +25,7 @@
 //
 // Cache coherency: iommufd enforces it by itself when every attached device's IOMMU can (the kernel's
 // enforce_cache_coherency on the hw pagetable) and offers no query for it, so `coherent` stays unknown.
-import { isNativeError } from '../../native/index.js';
+import { PAGE_SIZE, isNativeError } from '../../native/index.js';
 import { IommuError, InvalidArgError, NoDeviceError, UnsupportedError, type IovaRange } from '../../protocol/index.js';
 import { checkBdf, mapError, reservedFromUsable, unmapError, type Detached, type DirtyTracking, type DomainLimits, type IommuBackend, type Piece, type VfioDevice } from './backend.js';
 import { HwDevice, ioctlError } from './device.js';
@@ -48,6 +48,8 @@ export class IommufdBackend implements IommuBackend {
   /** HWPTs whose dirty tracking is on. */
   private tracking: number[] = [];
   private lastReserved: IovaRange[] | undefined;
+  /** out_iova_alignment last reported (kept like lastReserved). */
+  private lastAlign: number | undefined;
   private closed = false;
   /** How many IOVA ranges the kernel reported last time (room for them saves the EMSGSIZE round). */
   private rangeRoom = 0;
@@ -271,6 +273,8 @@ export class IommufdBackend implements IommuBackend {
     return bits;
   }
 
+  readonly mappingPerPiece = true;
+
   /** iommufd has no per-mapping limit like type1's dma_entry_limit. */
   entriesFor(): number {
     return 0;
@@ -335,10 +339,13 @@ export class IommufdBackend implements IommuBackend {
   }
 
   limits(): DomainLimits {
-    if (this.ioas === undefined) return { reserved: this.lastReserved, dmaAvailable: undefined, coherent: undefined };
-    const { ranges } = this.ranges();
+    if (this.ioas === undefined) return { reserved: this.lastReserved, dmaAvailable: undefined, coherent: undefined, ...(this.lastAlign !== undefined ? { align: this.lastAlign } : {}) };
+    const { ranges, alignment } = this.ranges();
     this.lastReserved = reservedFromUsable(ranges);
-    return { reserved: this.lastReserved, usable: ranges, dmaAvailable: undefined, coherent: undefined };
+    // IOMMU_IOAS_MAP refuses an IOVA off it (iopt_check_iova: EINVAL), and the domain's pages need the
+    // length and host address on it too. The kernel says 1 before a domain has set it: the page size then.
+    this.lastAlign = Math.max(PAGE_SIZE, alignment);
+    return { reserved: this.lastReserved, usable: ranges, dmaAvailable: undefined, coherent: undefined, align: this.lastAlign };
   }
 
   close(): void {

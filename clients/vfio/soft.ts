@@ -10,6 +10,8 @@
 // What it does model, the way VFIO type1 behaves:
 //   - an IOVA table with one entry per mapped region, refusing overlaps (EEXIST) and, like type1's
 //     dma_entry_limit module parameter (default 65535), limited in entries (`dmaEntryLimit`);
+//   - an IOVA alignment (`iovaAlignment`, default 4 KiB), as an IOMMU whose smallest page is larger than
+//     the CPU's imposes on every mapping (EINVAL off it);
 //   - reserved IOVA ranges that cannot be mapped. By default the x86 MSI doorbell window
 //     0xfee00000-0xfeefffff, which VFIO reports as reserved on every x86 host (an MSI write from a device
 //     must reach the interrupt controller, so it can never be DMA-mapped RAM). `reserved` replaces the list
@@ -17,7 +19,7 @@
 //   - devices as names: the domain (the pin table) exists while at least one is attached and dies with
 //     the last one, which unpins everything;
 //   - cache coherency: DMA here is the CPU's own access, so the domain is coherent.
-import { native } from '../../native/index.js';
+import { PAGE_SIZE, native } from '../../native/index.js';
 import { ClientLimitError, IommuError, InvalidArgError, NoDeviceError, UnsupportedError, type IovaRange } from '../../protocol/index.js';
 import { checkName, mapError, mergeRanges, unmapError, type DeviceInfo, type DomainLimits, type IommuBackend, type Piece, type VfioDevice } from './backend.js';
 import type { PageLocks } from './page-locks.js';
@@ -33,6 +35,11 @@ export interface SoftOptions {
   reserved?: readonly IovaRange[];
   /** IOVA-table entries (one per mapped region). Default 65535, as type1's dma_entry_limit. */
   dmaEntryLimit?: number;
+  /**
+   * What every mapping's IOVA and size must be a multiple of, as an IOMMU whose smallest page is larger
+   * than the CPU's would need (type1's iova_pgsizes, iommufd's out_iova_alignment). Default 4 KiB.
+   */
+  iovaAlignment?: number;
   /**
    * Shadow mode (one backend per IOAS, clients/vfio/shadow.ts): pin through these reference-counted page
    * locks, shared by the client's IOASes, since IOVA mappings may alias the same pages.
@@ -62,6 +69,7 @@ export class SoftBackend implements IommuBackend {
   private table: [number, number][] = [];
   private readonly reserved: IovaRange[];
   private readonly entryLimit: number;
+  private readonly align: number;
   private readonly locks: PageLocks | undefined;
 
   constructor(opts: SoftOptions = {}) {
@@ -73,6 +81,10 @@ export class SoftBackend implements IommuBackend {
     }
     this.reserved = mergeRanges(opts.reserved ?? [X86_MSI_WINDOW]);
     this.entryLimit = opts.dmaEntryLimit ?? DEFAULT_DMA_ENTRY_LIMIT;
+    this.align = opts.iovaAlignment ?? PAGE_SIZE;
+    if (!Number.isSafeInteger(this.align) || this.align < PAGE_SIZE || 2 ** Math.round(Math.log2(this.align)) !== this.align || this.align > 2 ** 30) {
+      throw new InvalidArgError(`iovaAlignment must be a power of two from 4 KiB to 1 GiB, got ${opts.iovaAlignment}`);
+    }
     if (!Number.isSafeInteger(this.entryLimit) || this.entryLimit < 0 || this.entryLimit > 0xffff_ffff) {
       throw new InvalidArgError(`dmaEntryLimit must be an integer in [0, 2^32)`);
     }
@@ -105,11 +117,17 @@ export class SoftBackend implements IommuBackend {
     return this.devs.get(name);
   }
 
+  readonly mappingPerPiece = false;
+
   entriesFor(): number {
     return 1;
   }
 
   claim(iova: number, size: number): void {
+    if (iova % this.align !== 0 || size % this.align !== 0) {
+      // As type1's MAP_DMA answers a mapping off its smallest IOMMU page.
+      throw new IommuError(`soft: IOVA [${hex(iova)}, ${hex(iova + size)}) is not aligned to ${hex(this.align)}`, { errno: 'EINVAL' });
+    }
     const at = this.lowerBound(iova);
     for (const e of [this.table[at - 1], this.table[at]]) {
       if (e && iova < e[0] + e[1] && e[0] < iova + size) {
@@ -186,7 +204,7 @@ export class SoftBackend implements IommuBackend {
   }
 
   limits(): DomainLimits {
-    return { reserved: this.reserved.map((r) => ({ ...r })), dmaAvailable: Math.max(0, this.entryLimit - this.table.length), coherent: true };
+    return { reserved: this.reserved.map((r) => ({ ...r })), dmaAvailable: Math.max(0, this.entryLimit - this.table.length), coherent: true, align: this.align };
   }
 
   close(): void {

@@ -16,13 +16,13 @@
 // maps (shadow.ts): pinned bytes = mapped bytes, and an unmap is acked once the host IOMMU no longer maps
 // it. Reports are then sent at most every REPORT_INTERVAL_MS (a guest's DMA mappings change thousands of
 // times a second).
-import { isMmbError, InvalidArgError, NoDeviceError, toMmbError, type IovaRange } from '../../protocol/index.js';
+import { isMmbError, InvalidArgError, NoDeviceError, ReservedRangeError, toMmbError, type DmaRules, type IovaRange } from '../../protocol/index.js';
 import { PAGE_SIZE } from '../../native/index.js';
 import type { BrokerTarget } from '../connection.js';
 import type { GuestMemory } from '../memory.js';
 import { Subscriber, type ClientReport, type SubscriberEvents, type SubscriberOptions } from '../subscriber.js';
 import { VfioApplier } from './applier.js';
-import { DIRTY_TRACKER_NAMES, checkName, mergeRanges, type BackendName, type DeviceMigration, type DirtyTracking, type IommuBackend, type VfioDevice } from './backend.js';
+import { DIRTY_TRACKER_NAMES, checkBdf, checkName, clash, isBdf, mergeRanges, type BackendName, type DeviceMigration, type DirtyTracking, type IommuBackend, type VfioDevice } from './backend.js';
 import { Domain, type DomainMapping, type PinProgress } from './domain.js';
 import { IommufdBackend } from './iommufd.js';
 import { DEFAULT_PIN_CHUNK_BYTES } from './pinning.js';
@@ -31,6 +31,8 @@ import { Type1Backend } from './type1.js';
 import { ShadowApplier } from './shadow.js';
 import type { PageLocks } from './page-locks.js';
 import type { IoasDomain } from './ioas-domain.js';
+import { readReservedRegions, reservedRegionsPath } from './sysfs-reserved.js';
+import { realSys, type VfioSys } from './sys.js';
 
 /** Shadow mode: at most one REPORT per this many ms (trailing), so that IOVA churn cannot flood the broker. */
 export const REPORT_INTERVAL_MS = 20;
@@ -57,6 +59,21 @@ export interface VfioSubscriberOptions extends SubscriberOptions {
   reserved?: readonly IovaRange[];
   /** soft: entries of its IOVA table (one per region). Default 65535, type1's dma_entry_limit. */
   dmaEntryLimit?: number;
+  /**
+   * soft: what every mapping's IOVA and size must be a multiple of, as an IOMMU whose smallest page is
+   * larger than 4 KiB needs (type1 and iommufd read theirs from the kernel). Default 4 KiB.
+   */
+  iovaAlignment?: number;
+  /**
+   * PCI addresses of devices this client may attach later: the reserved regions of their IOMMU groups
+   * (sysfs reserved_regions) are read at attach, before any of them is opened, and reported from the first
+   * REPORT on, so that the broker places no RAM where they could not map it. Every backend; a device
+   * without them is MMB_ERR_NO_DEVICE. (type1 / iommufd also read them for every device they attach, before
+   * opening it.)
+   */
+  reserveFor?: readonly string[];
+  /** What the hardware backends and the sysfs reads go through (default the real system; tests simulate it). */
+  sys?: VfioSys;
   /** Progress of pinning, also during the initial sync (before attach() resolves). */
   onPinProgress?: (p: PinProgress) => void;
   /**
@@ -88,6 +105,8 @@ export interface VfioDomainInfo {
   coherent: boolean | undefined;
   reserved: IovaRange[];
   dmaAvailable: number | undefined;
+  /** How regions are cut into DMA mappings and their IOVA alignment (REPORT.dma); none in shadow mode. */
+  dma?: DmaRules;
   /**
    * While a region logs: the kernel's dirty tracker in use (`type1`, `iommufd`), or `none` (every writable
    * page counts as dirty at every sync) with the reason. Undefined while nothing logs.
@@ -117,17 +136,37 @@ export interface VfioSubscriberEvents extends SubscriberEvents {
  * Opens the backend; for type1 / iommufd MMB_ERR_UNSUPPORTED names what this machine lacks. `locks`: shadow
  * mode's counted page locks, for soft.
  */
-export function openBackend(opts: Pick<VfioSubscriberOptions, 'backend' | 'reserved' | 'dmaEntryLimit'>, locks?: PageLocks): IommuBackend {
+export function openBackend(opts: Pick<VfioSubscriberOptions, 'backend' | 'reserved' | 'dmaEntryLimit' | 'iovaAlignment' | 'sys'>, locks?: PageLocks): IommuBackend {
   switch (opts.backend) {
     case 'soft':
-      return new SoftBackend({ ...(opts.reserved ? { reserved: opts.reserved } : {}), ...(opts.dmaEntryLimit !== undefined ? { dmaEntryLimit: opts.dmaEntryLimit } : {}), ...(locks ? { locks } : {}) });
+      return new SoftBackend({
+        ...(opts.reserved ? { reserved: opts.reserved } : {}),
+        ...(opts.dmaEntryLimit !== undefined ? { dmaEntryLimit: opts.dmaEntryLimit } : {}),
+        ...(opts.iovaAlignment !== undefined ? { iovaAlignment: opts.iovaAlignment } : {}),
+        ...(locks ? { locks } : {}),
+      });
     case 'type1':
-      return Type1Backend.open();
+      return Type1Backend.open(opts.sys);
     case 'iommufd':
-      return IommufdBackend.open();
+      return IommufdBackend.open(opts.sys);
     default:
       throw new InvalidArgError(`unknown vfio backend ${JSON.stringify(opts.backend)}: use 'soft', 'type1' or 'iommufd'`);
   }
+}
+
+/**
+ * What sysfs says the IOMMU groups of `devices` reserve (sysfs-reserved.ts), merged. `required`: a device
+ * without a reserved_regions file is MMB_ERR_NO_DEVICE; else it is skipped (attaching it will say why).
+ */
+function sysfsReserved(opts: VfioSubscriberOptions, devices: readonly string[], required: boolean): IovaRange[] {
+  const out: IovaRange[] = [];
+  for (const bdf of devices) {
+    if (!isBdf(bdf)) continue; // not a PCI address: the backend refuses it by name
+    const ranges = readReservedRegions(opts.sys ?? realSys, bdf);
+    if (ranges === undefined && required) throw new NoDeviceError(`${bdf} has no ${reservedRegionsPath(bdf)}: no such PCI device, or it is in no IOMMU group`);
+    out.push(...(ranges ?? []));
+  }
+  return mergeRanges(out);
 }
 
 function validate(opts: VfioSubscriberOptions): void {
@@ -142,6 +181,8 @@ function validate(opts: VfioSubscriberOptions): void {
   for (const d of devices) checkName(d, 'device');
   if (new Set(devices).size !== devices.length) throw new InvalidArgError(`devices ${JSON.stringify(devices)} lists a device twice`);
   if (devices.length > 256) throw new InvalidArgError('at most 256 devices');
+  for (const d of opts.reserveFor ?? []) checkBdf(d);
+  if (opts.reserveFor?.length && opts.ioas !== undefined) throw new InvalidArgError('reserveFor reserves GPAs (IOVA = GPA); a shadow-mode client (ioas) maps IOVAs of its IOAS instead');
   for (const r of opts.reserved ?? []) {
     if (!Number.isSafeInteger(r.start) || !Number.isSafeInteger(r.last) || r.start < 0 || r.last < r.start) {
       throw new InvalidArgError(`reserved range ${JSON.stringify(r)} must be {start, last} with 0 <= start <= last`);
@@ -198,10 +239,16 @@ export class VfioSubscriber extends Subscriber {
     const applier = new VfioApplier(domain, {
       ...(opts.pinLimit !== undefined ? { pinLimit: opts.pinLimit } : {}),
       onChanged: () => sub?.sendReport(),
-      onError: (err) => sub?.emit('error', toMmbError(err)),
+      onError: (err) => {
+        sub?.log?.warn({ ...sub.logFields(), err: toMmbError(err).toWire() }, 'vfio client: an unmap or an undo failed; what it keeps pinned is what the kernel still maps');
+        sub?.emit('error', toMmbError(err));
+      },
       dirtyLog: () => sub?.dirty,
     });
     try {
+      // Before any device is opened: what sysfs says their IOMMU groups reserve, reported with the first REPORT.
+      domain.reserve(sysfsReserved(opts, opts.reserveFor ?? [], true));
+      if (!backend.software) domain.reserve(sysfsReserved(opts, opts.devices ?? [], false));
       for (const d of opts.devices ?? []) await applier.attachDevice(d);
       sub = new VfioSubscriber(target, applier, { ...opts, kind: 'vfio', pin: opts.pinLimit !== undefined ? { limit: opts.pinLimit } : {} });
       // Remembered now and sent right after ATTACH, before the initial sync is acked.
@@ -297,6 +344,7 @@ export class VfioSubscriber extends Subscriber {
       reserved: limits.reserved,
       dmaAvailable: d.active ? limits.dmaAvailable : undefined,
       dirtyTracking: (this.vfio as VfioApplier).dirtyTracking,
+      dma: d.dmaRules(),
     };
   }
 
@@ -374,6 +422,7 @@ export class VfioSubscriber extends Subscriber {
       return;
     }
     const vfio = this.vfio as VfioApplier;
+    if (!vfio.domain.backend.software) await this.reserveBeforeOpening(name);
     const created = !vfio.domain.active;
     await vfio.attachDevice(name, opts.signal);
     this.log?.info({ ...this.logFields(), device: name, domainCreated: created }, 'vfio device attached');
@@ -393,6 +442,31 @@ export class VfioSubscriber extends Subscriber {
     const vfio = this.vfio as VfioApplier;
     await vfio.detachDevice(name);
     this.log?.info({ ...this.logFields(), device: name, domainDestroyed: !vfio.domain.active }, 'vfio device detached');
+  }
+
+  /**
+   * A device about to be hot-added: what sysfs says its IOMMU group reserves is reported (and awaited)
+   * before the device is opened, and memory this client maps there refuses the attach before anything is
+   * opened (MMB_ERR_RESERVED_RANGE naming the region): the kernel would refuse the device's group then.
+   */
+  private async reserveBeforeOpening(name: string): Promise<void> {
+    const ranges = sysfsReserved(this.vfioOpts, [name], false);
+    if (ranges.length === 0) return;
+    const vfio = this.vfio as VfioApplier;
+    const known = vfio.domain.limits().reserved;
+    const isNew = ranges.some((x) => !known.some((k) => k.start <= x.start && x.last <= k.last));
+    if (isNew) {
+      vfio.domain.reserve(ranges);
+      await this.report(this.currentReport());
+    }
+    for (const m of vfio.memory.regions()) {
+      const x = clash(ranges, m.region.gpa, m.region.size);
+      if (x) {
+        throw new ReservedRangeError(
+          `${name} cannot join this vfio client: region ${JSON.stringify(m.region.name)} [0x${m.region.gpa.toString(16)}, 0x${(m.region.gpa + m.region.size).toString(16)}) covers [0x${x.start.toString(16)}, 0x${x.last.toString(16)}], which ${reservedRegionsPath(name)} reserves`,
+        );
+      }
+    }
   }
 
   override on<T extends keyof VfioSubscriberEvents>(event: T, fn: (...args: VfioSubscriberEvents[T]) => void, context?: unknown): this {
@@ -422,6 +496,8 @@ export class VfioSubscriber extends Subscriber {
       // No device here stops its DMA at a pause on its own or has its state migrated by this client (VFIO
       // migration v2 needs a device and a VMM that move it): said plainly, so a migration blocks on it.
       ...(d.devices.length > 0 ? { migration: { quiesce: false, deviceState: false } } : {}),
+      // Feature DMA_RULES: so the broker counts this client's DMA mappings and checks their alignment as it will.
+      ...(d.dma ? { dma: d.dma } : {}),
     };
   }
 

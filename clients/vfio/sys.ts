@@ -19,6 +19,8 @@ export interface VfioSys {
   readdir(path: string): string[];
   /** Whether this process maps (a region of) the file at `path` now: /proc/self/maps names it. */
   mapsFile(path: string): boolean;
+  /** A sysfs file's text (reserved_regions of an IOMMU group). */
+  readFile(path: string): string;
 }
 
 export const realSys: VfioSys = {
@@ -31,5 +33,6 @@ export const realSys: VfioSys = {
   exists: (path) => fs.existsSync(path),
   readlink: (path) => fs.readlinkSync(path),
   readdir: (path) => fs.readdirSync(path),
+  readFile: (path) => fs.readFileSync(path, 'utf8'),
   mapsFile: (path) => fs.readFileSync('/proc/self/maps', 'utf8').split('\n').some((l) => l.endsWith(` ${path}`) || l.endsWith(` ${path} (deleted)`)),
 };

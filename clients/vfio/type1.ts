@@ -21,9 +21,9 @@
 // last group leaves, the kernel releases the container's IOMMU with every mapping; the next device must
 // VFIO_SET_IOMMU again, and the caller (Domain) maps everything again.
 import path from 'node:path';
-import { isNativeError } from '../../native/index.js';
+import { PAGE_SIZE, isNativeError } from '../../native/index.js';
 import { ClientLimitError, IommuError, InvalidArgError, NoDeviceError, UnsupportedError, type IovaRange, type MmbError } from '../../protocol/index.js';
-import { checkBdf, mapError, reservedFromUsable, unmapError, type Detached, type DirtyTracking, type DomainLimits, type IommuBackend, type Piece, type VfioDevice } from './backend.js';
+import { GPA_LAST, checkBdf, mapError, reservedFromUsable, unmapError, type Detached, type DirtyTracking, type DomainLimits, type IommuBackend, type Piece, type VfioDevice } from './backend.js';
 import { HwDevice, MAX_INFO_BYTES, ioctlError } from './device.js';
 import { LAYOUTS, REQUEST, VFIO, get, pack, packInto, parseType1Info, type Type1Info } from './structs.js';
 import { realSys, type VfioSys } from './sys.js';
@@ -47,6 +47,8 @@ export class Type1Backend implements IommuBackend {
   private dirtyOn = false;
   /** Reserved ranges last reported by the kernel: kept while no device is attached, for placement. */
   private lastReserved: IovaRange[] | undefined;
+  /** The smallest IOMMU page size last reported (kept like lastReserved). */
+  private lastAlign: number | undefined;
   private closed = false;
   /** argsz GET_INFO needed last time (capability chains rarely change size): saves the retry. */
   private infoSize: number = LAYOUTS.vfio_iommu_type1_info.size;
@@ -186,6 +188,8 @@ export class Type1Backend implements IommuBackend {
     return this.devs.get(name)?.dev;
   }
 
+  readonly mappingPerPiece = true;
+
   /** type1 keeps one vfio_dma per VFIO_IOMMU_MAP_DMA: each piece takes one of dma_entry_limit. */
   entriesFor(pieces: number): number {
     return pieces;
@@ -244,10 +248,12 @@ export class Type1Backend implements IommuBackend {
 
   limits(): DomainLimits {
     const info = this.info();
-    if (!info) return { reserved: this.lastReserved, dmaAvailable: undefined, coherent: undefined };
+    const last = this.lastAlign !== undefined ? { align: this.lastAlign } : {};
+    if (!info) return { reserved: this.lastReserved, dmaAvailable: undefined, coherent: undefined, ...last };
     if (info.ranges) this.lastReserved = reservedFromUsable(info.ranges);
+    this.lastAlign = smallestPageSize(info.iovaPageSizes);
     const coherent = this.call(() => this.sys.ioctlInt(this.container, REQUEST.VFIO_CHECK_EXTENSION, VFIO.VFIO_DMA_CC_IOMMU), 'VFIO_CHECK_EXTENSION(VFIO_DMA_CC_IOMMU)') === 1;
-    return { reserved: this.lastReserved, ...(info.ranges ? { usable: info.ranges } : {}), dmaAvailable: info.dmaAvailable, coherent };
+    return { reserved: this.lastReserved, ...(info.ranges ? { usable: info.ranges } : {}), dmaAvailable: info.dmaAvailable, coherent, align: this.lastAlign };
   }
 
   /**
@@ -308,4 +314,15 @@ export class Type1Backend implements IommuBackend {
       throw ioctlError(err, what);
     }
   }
+}
+
+/**
+ * What VFIO_IOMMU_MAP_DMA needs every IOVA, size and vaddr aligned to: the smallest page size of the
+ * container's iova_pgsizes (vfio_iommu_type1.c: `(size | iova | vaddr) & (pgsize - 1)` is EINVAL, pgsize
+ * being 1 << __ffs(pgsize_bitmap)); the CPU's page size when the kernel did not say.
+ */
+export function smallestPageSize(pageSizes: bigint | undefined): number {
+  if (pageSizes === undefined || pageSizes <= 0n) return PAGE_SIZE;
+  const lowest = pageSizes & -pageSizes;
+  return lowest > BigInt(GPA_LAST) ? PAGE_SIZE : Math.max(PAGE_SIZE, Number(lowest));
 }

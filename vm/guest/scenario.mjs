@@ -42,6 +42,11 @@ const GPA_SMALL = 0x0a00_0000; // 160 MiB
 const GPA_IOMMU = 0x0c00_0000; // 192 MiB, 8 MiB of it
 const IOVA_SRC = 0x0200_0000; // -> GPA_IOMMU + 0x10000, 64 KiB, read-only
 const IOVA_DST = 0x0300_0000; // -> GPA_IOMMU + 0x200000, 64 KiB
+// Hugetlb memory: 2 MiB pages reserved by the scenario, a 1 GiB page by the kernel at boot (vm/run.mjs:
+// hugepagesz=1G hugepages=1 with 4 GiB of guest RAM). A 1 GiB region must sit on a 1 GiB boundary and edu
+// reaches only [0, 256 MiB): it goes at GPA 0, once nothing else is below 1 GiB.
+const GPA_HUGE = 0x0e00_0000; // 224 MiB, two 2 MiB pages
+const GiB = 2 ** 30;
 const MSI_WINDOW = { start: 0xfee0_0000, last: 0xfeef_ffff };
 const PIECE = 1 * MiB; // the vfio client's pinChunkBytes
 
@@ -131,14 +136,28 @@ async function newKernelLines(before, re, ms = 3000) {
 }
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
+/** What /proc/self/smaps says of the mapping of this process that starts at `address`. */
+function smapsAt(address) {
+  const block = fs
+    .readFileSync('/proc/self/smaps', 'utf8')
+    .split(/\n(?=[0-9a-f]+-[0-9a-f]+ )/)
+    .find((b) => b.startsWith(`${address.toString(16)}-`));
+  if (!block) return undefined;
+  const kb = (f) => Number(new RegExp(`^${f}:\\s+(\\d+) kB$`, 'm').exec(block)?.[1] ?? NaN);
+  return { line: block.split('\n')[0], kernelPageSizeKiB: kb('KernelPageSize'), hugetlbKiB: kb('Shared_Hugetlb') + kb('Private_Hugetlb') };
+}
+/** A hugetlb pool's page count (its nr_hugepages), in pages of `size` bytes. */
+const hugePool = (size) => `/sys/kernel/mm/hugepages/hugepages-${size / KiB}kB/nr_hugepages`;
+const poolPages = (size) => Number(fs.readFileSync(hugePool(size), 'utf8'));
+
 // --- memory helpers --------------------------------------------------------------------------------------
 const pattern = (length, seed) => new Uint8Array(new Rng(seed).bytes(length));
 const equal = (a, b) => a.length === b.length && a.every((v, i) => v === b[i]);
 const firstDiff = (a, b) => a.findIndex((v, i) => v !== b[i]);
 
 /** A backing the owner creates, registers and maps itself: the owner's view of guest memory. */
-async function ownerBacking(owner, size, name) {
-  const b = await owner.createBacking(size, name);
+async function ownerBacking(owner, size, name, opts = {}) {
+  const b = await owner.createBacking(size, name, opts);
   const map = native.mmap(b.fd, 0, size, constants.PROT_READ | constants.PROT_WRITE, constants.MAP_SHARED);
   return { id: b.backing, fd: b.fd, map, bytes: new Uint8Array(map.buffer), size };
 }
@@ -295,6 +314,34 @@ try {
     return { device: dev0, id: hex(e.id), bar0: { offset: hex(e.bar.offset), size: hex(e.bar.size) }, pciCommand: hex(e.command) };
   });
 
+  await step('reserved-before-open', async () => {
+    // A client that will attach a device later reports the reserved regions sysfs shows for the device's
+    // IOMMU group before anything of it is opened (VfioSubscriber reserveFor), in a space of its own so that
+    // only its report counts: placement avoids them and RAM over them is refused from the start.
+    const dev = dev1 ?? dev0;
+    const file = `/sys/bus/pci/devices/${dev}/iommu_group/reserved_regions`;
+    const sysfs = fs.readFileSync(file, 'utf8').trim().split('\n');
+    broker.createSpace('vm-early');
+    const early = await OwnerClient.attach(broker, { space: 'vm-early' });
+    const callsBefore = calls.length;
+    const sub = await VfioSubscriber.attach(SOCKET, { space: 'vm-early', name: 'vfio-early', backend, devices: [], reserveFor: [dev], reconnect: false });
+    const opened = calls.slice(callsBefore).filter((c) => c.what.startsWith('open ')).map((c) => c.what.slice('open '.length));
+    check(sub.domain.devices.length === 0 && !sub.domain.active, 'the client has no device', sub.domain);
+    check(opened.every((p) => p === '/dev/vfio/vfio' || p === '/dev/iommu'), 'it opened no group or device node, only the container / iommufd', opened);
+    const st = broker.status('vm-early').spaces[0].clients.find((c) => c.name === 'vfio-early');
+    const reported = (st?.reserved ?? []).map((r) => `${hex(r.start)}-${hex(r.last)}`);
+    check(reported.includes(`${hex(MSI_WINDOW.start)}-${hex(MSI_WINDOW.last)}`), 'the broker has the MSI window sysfs shows, from the first REPORT', { sysfs, reported });
+    const placed = await early.findFree(4 * MiB, { align: 2 * MiB, min: 0xfec0_0000 });
+    check(placed === 0xff00_0000, 'FIND_FREE steps over the window', hex(placed));
+    const b = await early.createBacking(2 * MiB, 'early-ram');
+    const err = await rejection(early.addRegion({ name: 'over-msi', gpa: MSI_WINDOW.start, size: 2 * MiB, backing: b.backing }));
+    check(isMmbError(err) && err.code === 'MMB_ERR_RESERVED_RANGE' && err.client?.name === 'vfio-early', 'RAM over the window is refused, naming the client that has no device yet', { code: err?.code, client: err?.client });
+    await sub.close();
+    native.close(b.fd);
+    early.close();
+    return { device: dev, sysfs, opened, reported, findFree: hex(placed), refused: { code: err.code, client: err.client.name } };
+  });
+
   await step('hotplug-dma', async () => {
     ram = await ownerBacking(owner, 2 * MiB, 'dma-ram');
     const k0 = pinnedByKernel();
@@ -322,6 +369,49 @@ try {
       copies.push({ from: hex(GPA_RAM + src), to: hex(GPA_RAM + dst), bytes: EDU_MAX_DMA, ms: Date.now() - t0 });
     }
     return { gpa: hex(GPA_RAM), size: ram.size, pieces: m.pieces, copies, kernelPinnedDelta: k1 - k0, dmaAvailable: [avail0 ?? null, avail1 ?? null] };
+  });
+
+  await step('hugetlb-2m', async () => {
+    // Memory of 2 MiB pages (a hugetlb memfd), pinned and IOMMU-mapped by the client and reached by edu.
+    const HUGE = 2 * MiB;
+    const nr0 = poolPages(HUGE);
+    fs.writeFileSync(hugePool(HUGE), String(nr0 + 2));
+    check(poolPages(HUGE) === nr0 + 2, 'the guest reserved two 2 MiB pages', { nr0, nr1: poolPages(HUGE) });
+    const size = 2 * HUGE;
+    const huge = await ownerBacking(owner, size, 'huge-2m', { hugetlb: HUGE });
+    // Off a huge page boundary: refused at planning.
+    const off = await rejection(owner.addRegion({ name: 'huge-off', gpa: GPA_HUGE + 4 * KiB, size: HUGE, backing: huge.id }));
+    check(isMmbError(off) && off.code === 'MMB_ERR_UNALIGNED', 'a region off the 2 MiB boundary is refused before anything is sent', { code: off?.code });
+    const k0 = pinnedByKernel();
+    const avail0 = vfio.domain.dmaAvailable;
+    await owner.addRegion({ name: 'huge-2m', gpa: GPA_HUGE, size, backing: huge.id });
+    const m = region(vfio, 'huge-2m');
+    check(m && m.iova === GPA_HUGE && m.pieces === size / PIECE, `mapped at IOVA = GPA in ${size / PIECE} pieces`, vfio.domain.mappings);
+    const local = vfio.memory.regions().find((x) => x.region.name === 'huge-2m');
+    const sm = smapsAt(local.address);
+    check(local.address % HUGE === 0 && sm?.kernelPageSizeKiB === HUGE / KiB, 'the client maps it on a 2 MiB boundary, with 2 MiB pages', { address: hex(local.address), sm });
+    check(sm.hugetlbKiB === size / KiB, 'pinning faulted both huge pages in', sm);
+    const k1 = pinnedByKernel();
+    check(k1 - k0 === size, `the kernel counts ${size} more bytes pinned`, { k0, k1 });
+    const avail1 = vfio.domain.dmaAvailable;
+    if (backend === 'type1') check(avail0 - avail1 === m.pieces, 'type1 DMA_AVAIL went down by one per piece', { avail0, avail1 });
+    const copies = [];
+    // Inside the first page, and from the end of the first page into the second.
+    for (const [src, dst, seed] of [[0x1000, HUGE + 0x1000, 0x2b16], [HUGE - 0x800, HUGE + 0x80000, 0x2b17]]) {
+      const data = pattern(EDU_MAX_DMA, seed);
+      huge.bytes.set(data, src);
+      huge.bytes.fill(0, dst, dst + EDU_MAX_DMA);
+      await edus.get(dev0).copy(GPA_HUGE + src, GPA_HUGE + dst, EDU_MAX_DMA);
+      check(equal(huge.bytes.slice(dst, dst + EDU_MAX_DMA), data), `the DMA copy from ${hex(GPA_HUGE + src)} arrived at ${hex(GPA_HUGE + dst)}`);
+      copies.push({ from: hex(GPA_HUGE + src), to: hex(GPA_HUGE + dst) });
+    }
+    await owner.removeRegion('huge-2m');
+    check(pinnedByKernel() === k0 && !region(vfio, 'huge-2m'), 'removed: unpinned in the kernel', { k0, now: pinnedByKernel() });
+    native.munmap(huge.map);
+    native.close(huge.fd);
+    await owner.dropBacking(huge.id);
+    fs.writeFileSync(hugePool(HUGE), String(nr0));
+    return { pages: 2, unaligned: off.code, hostAddress: hex(local.address), smaps: sm, pieces: m.pieces, kernelPinnedDelta: k1 - k0, dmaAvailable: [avail0 ?? null, avail1 ?? null], copies };
   });
 
   await step('dirty-tracking', async () => {
@@ -811,6 +901,46 @@ try {
       return { unmapped: r.unmapped, order, dmarWrite: faults.map((l) => l.replace(/^\[[^\]]*\]\s*/, '')), kernelPinnedAfter: k3 };
     });
   }
+
+  await step('hugetlb-1g', async () => {
+    // A 1 GiB page (reserved at boot: vm/run.mjs), pinned and mapped whole by the client. edu reaches
+    // [0, 256 MiB) of it: DMA covers that quarter; the pinning and the mapping cover all of it.
+    const pages = poolPages(GiB);
+    check(pages >= 1, 'the guest has a 1 GiB page (hugepagesz=1G hugepages=1 on its command line)', { pages });
+    if (region(vfio, 'shared')) await owner.removeRegion('shared');
+    check(vfio.domain.mappings.every((x) => x.gpa >= GiB), 'nothing else is mapped below 1 GiB', vfio.domain.mappings);
+    const huge = await ownerBacking(owner, GiB, 'huge-1g', { hugetlb: GiB });
+    const k0 = pinnedByKernel();
+    const avail0 = vfio.domain.dmaAvailable;
+    const t0 = Date.now();
+    await owner.addRegion({ name: 'huge-1g', gpa: 0, size: GiB, backing: huge.id });
+    const addMs = Date.now() - t0;
+    const m = region(vfio, 'huge-1g');
+    check(m && m.iova === 0 && m.pieces === GiB / PIECE, `mapped at IOVA 0 in ${GiB / PIECE} pieces`, m);
+    const local = vfio.memory.regions().find((x) => x.region.name === 'huge-1g');
+    const sm = smapsAt(local.address);
+    check(local.address % GiB === 0 && sm?.kernelPageSizeKiB === GiB / KiB && sm.hugetlbKiB === GiB / KiB, 'the client maps it on a 1 GiB boundary with its 1 GiB page, faulted in', { address: hex(local.address), sm });
+    const k1 = pinnedByKernel();
+    check(k1 - k0 === GiB, 'the kernel counts 1 GiB more pinned', { k0, k1 });
+    const avail1 = vfio.domain.dmaAvailable;
+    const st = (await owner.status()).spaces[0].clients.find((c) => c.name === 'vfio-edu');
+    if (backend === 'type1') check(avail0 - avail1 === m.pieces && st?.dmaAvailable === avail1, 'type1 DMA_AVAIL went down by one per piece, and the broker knows', { avail0, avail1, broker: st?.dmaAvailable });
+    const copies = [];
+    for (const [src, dst, seed] of [[0x1000, 0x0800_0000, 0x1a1], [0x0ff0_0000, 0x2000, 0x1a2]]) {
+      const data = pattern(EDU_MAX_DMA, seed);
+      huge.bytes.set(data, src);
+      huge.bytes.fill(0, dst, dst + EDU_MAX_DMA);
+      await edus.get(dev0).copy(src, dst, EDU_MAX_DMA);
+      check(equal(huge.bytes.slice(dst, dst + EDU_MAX_DMA), data), `the DMA copy from ${hex(src)} arrived at ${hex(dst)}`);
+      copies.push({ from: hex(src), to: hex(dst) });
+    }
+    await owner.removeRegion('huge-1g');
+    check(pinnedByKernel() === k0, 'removed: unpinned in the kernel', { k0, now: pinnedByKernel() });
+    native.munmap(huge.map);
+    native.close(huge.fd);
+    await owner.dropBacking(huge.id);
+    return { pages, hostAddress: hex(local.address), smaps: sm, pieces: m.pieces, kernelPinnedDelta: k1 - k0, dmaAvailable: [avail0 ?? null, avail1 ?? null], addMs, copies };
+  });
 
   await step('close', async () => {
     for (const e of edus.values()) e.close();
