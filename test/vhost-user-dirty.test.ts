@@ -15,7 +15,7 @@ import { VhostUserSubscriber, VirtioBlk, VirtioNet, BLK_FEATURES, NET_FEATURES, 
 import { constants, native } from '../native/index.js';
 import { DIRTY_PAGE_SIZE } from '../protocol/index.js';
 import { have, makeImage, patternSector, startQsd, startTestpmd, QSD, TESTPMD, type Backend } from '../bench/vhost-user-backends.js';
-import type { DirtySnapshot } from '../clients/index.js';
+import { FileDestination, MappingSubscriber, Migration, type DirtySnapshot } from '../clients/index.js';
 import { defer, embeddedBroker, ownerOf } from './helpers/embedded.js';
 import { tempDir, waitFor } from './helpers/procs.js';
 import { FakeBackend } from './helpers/vhost-user-fake.js';
@@ -119,6 +119,44 @@ describeQsd('vhost-user dirty logging: qemu-storage-daemon', () => {
     // Logging off: the back-end is told (SET_FEATURES without LOG_ALL).
     await owner.commit([{ op: 'set', region: 'ram0', logDirty: false }]);
     expect(sub.logging).toBe(false);
+  });
+
+  it('pre-copy migration while qemu-storage-daemon writes guest memory: every sector it READ after the first copy is at the destination, byte for byte', async () => {
+    const { broker, owner, blk, bytes } = await setup();
+    // The migration's reader: maps everything, writes nothing.
+    const reader = await MappingSubscriber.attach(broker, { space: 'vm0', kind: 'migration', writes: false, reconnect: false });
+    defer(() => reader.close());
+    const dir = tempDir('mmb-vhu-migrate-');
+    defer(() => fs.rmSync(dir, { recursive: true, force: true }));
+    const image = path.join(dir, 'vm0.img');
+    // Only the back-end writes these pages, each round after the first copy: nothing but its log can tell.
+    const reads: { gpa: number; first: number; count: number }[] = [];
+    const result = await new Migration(owner, reader, new FileDestination(image)).run({
+      keepPaused: true,
+      stopBytes: 0,
+      maxRounds: 3,
+      onProgress: async (p) => {
+        if (p.phase === 'final') return;
+        const at = { gpa: 0x20_0000 + p.round * 0x4_0000, first: 100 + p.round * 64, count: 32 };
+        await blk.read(at.first, at.gpa, at.count * 512);
+        reads.push(at);
+      },
+    });
+    try {
+      expect(result.verified).toBe(true);
+      expect(reads.length).toBeGreaterThanOrEqual(2);
+      const fd = fs.openSync(image, 'r');
+      defer(() => fs.closeSync(fd));
+      for (const r of reads) {
+        const want = sectors(r.first, r.count);
+        expect(Buffer.from(bytes.subarray(r.gpa, r.gpa + want.length)).equals(want)).toBe(true);
+        const got = Buffer.alloc(want.length);
+        fs.readSync(fd, got, 0, want.length, r.gpa);
+        expect(got.equals(want), `the sectors READ at 0x${r.gpa.toString(16)}`).toBe(true);
+      }
+    } finally {
+      await owner.resume();
+    }
   });
 
   it('the log grows with hotplug: a READ into a region added at 1 GiB while logging is on is in the next sync', async () => {
