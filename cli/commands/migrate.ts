@@ -44,7 +44,7 @@ Options:
 
 /** Progress output: a line rewritten in place on a terminal, JSON lines otherwise. */
 export class ProgressOutput {
-  private lastLine = 0;
+  private lastLine = Number.NEGATIVE_INFINITY; // the first status is always shown (performance.now() starts near 0)
   private pending = '';
   constructor(readonly json: boolean) {}
 
