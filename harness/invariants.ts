@@ -10,13 +10,30 @@ import type { ClientProc } from './procs.js';
 import { Rng } from '../testkit/rng.js';
 import type { World } from './world.js';
 
-export const INVARIANTS = ['convergence', 'no-stale-mapping', 'pins', 'data', 'leaks', 'all-or-nothing', 'outcome'] as const;
+export const INVARIANTS = [
+  'convergence',
+  'no-stale-mapping',
+  'pins',
+  'data',
+  'leaks',
+  'all-or-nothing',
+  'done-means-done',
+  'restart-keeps-memory',
+  'vote-disturbs-nobody',
+  'outcome',
+] as const;
 export type InvariantName = (typeof INVARIANTS)[number];
 
 export interface Violation {
   step: number;
   invariant: InvariantName;
   detail: string;
+}
+
+/** A check made during a step (at a held reply, in a restart window, while a vote is held), counted after it. */
+export interface Judged {
+  invariant: InvariantName;
+  problems: string[];
 }
 
 export class Tally {
@@ -58,20 +75,27 @@ function coverageProblems(w: World, s: ClientSnapshot): string[] {
   return out;
 }
 
-/** No mapping of a harness memfd outside what current regions slice (writable only where a region is). */
-function staleProblems(w: World, who: string, maps: readonly FileMapping[]): string[] {
+/** The file ranges of a memfd a map slices (`writable`: only its writable regions'). */
+export type SlicedBy = (memfd: string, writable: boolean) => Range[];
+
+/** No mapping of a harness memfd outside what the map (`sliced`) slices, writable only where a writable region is. */
+export function staleAgainst(sliced: SlicedBy, who: string, maps: readonly FileMapping[], what = 'current'): string[] {
   const out: string[] = [];
   const ranges = new Map<string, [Range[], Range[]]>();
   for (const m of maps) {
     if (!m.memfd.startsWith(MEMFD_PREFIX)) continue;
     let r = ranges.get(m.memfd);
-    if (!r) ranges.set(m.memfd, (r = [w.model.fileRanges(m.memfd), w.model.fileRanges(m.memfd, true)]));
+    if (!r) ranges.set(m.memfd, (r = [sliced(m.memfd, false), sliced(m.memfd, true)]));
     const end = m.offset + m.end - m.start;
     if (!within(m.writable ? r[1] : r[0], m.offset, end)) {
-      out.push(`${who} maps ${m.memfd} [${hex(m.offset)}, ${hex(end)})${m.writable ? ' writable' : ''} at ${hex(m.start)}, which no current ${m.writable ? 'writable ' : ''}region slices`);
+      out.push(`${who} maps ${m.memfd} [${hex(m.offset)}, ${hex(end)})${m.writable ? ' writable' : ''} at ${hex(m.start)}, which no ${what} ${m.writable ? 'writable ' : ''}region slices`);
     }
   }
   return out;
+}
+
+function staleProblems(w: World, who: string, maps: readonly FileMapping[]): string[] {
+  return staleAgainst((memfd, writable) => w.model.fileRanges(memfd, writable), who, maps);
 }
 
 /** kvm: its memslots are the map, and each slot's host address maps the region's memory (per /proc). */

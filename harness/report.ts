@@ -1,6 +1,7 @@
 // A run's figures, for people and as JSON: steps, faults by kind, checks per invariant, violations with
 // the seed that replays them.
 import type { InvariantName, Violation } from './invariants.js';
+import { BROKEN_MODES, type BrokenMode } from './procs.js';
 
 export interface Report {
   seed: number;
@@ -46,3 +47,13 @@ export function formatReport(r: Report): string {
 export function jsonReport(r: Report): object {
   return { steps: r.steps, faults: r.faults, checks: r.checks, violations: r.violations, seed: r.seed, faultsByKind: r.faultsByKind, operations: r.operations, durationMs: r.durationMs, selfTest: r.selfTest };
 }
+
+/** --self-test: the broken clients no violation of the invariant that must catch them named ("mode: invariant"). */
+export function missedPlanted(r: Report): string[] {
+  return (Object.entries(BROKEN_MODES) as [BrokenMode, (typeof BROKEN_MODES)[BrokenMode]][])
+    .filter(([mode, { caughtBy }]) => !r.violations.some((v) => v.invariant === caughtBy && v.detail.includes(`broken (${mode})`)))
+    .map(([mode, { caughtBy }]) => `${mode}: ${caughtBy}`);
+}
+
+/** --self-test: each broken client and the invariant that must catch it ("mode: invariant"). */
+export const PLANTED: readonly string[] = Object.entries(BROKEN_MODES).map(([mode, { caughtBy }]) => `${mode}: ${caughtBy}`);
