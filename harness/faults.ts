@@ -38,8 +38,8 @@ async function killMidTxn(w: World): Promise<StepResult | undefined> {
   await victim.event('holding');
   await w.leave(victim, 'SIGKILL');
   const r = await commit;
-  const replacement = await w.join(victim.kind);
-  return result('kill-mid-txn', `${victim.describe()} killed holding ${a.name}; ${r.ok ? `committed at ${r.result.generation}` : r.err.code}; ${replacement.describe()} joined`,
+  const replacement = await w.tryJoin(victim.kind);
+  return result('kill-mid-txn', `${victim.describe()} killed holding ${a.name}; ${r.ok ? `committed at ${r.result.generation}` : r.err.code}; ${replacement?.describe() ?? 'no replacement'} joined`,
     r.ok ? [] : [`the commit of ${a.name} failed after ${victim.describe()} was killed: ${r.err.code} ${r.err.message}`]);
 }
 
@@ -57,13 +57,13 @@ async function stall(w: World): Promise<StepResult | undefined> {
   const evicted = await evictionLogged(w, mark, victim.pid);
   const signal = await victim.exitSignal(5000);
   w.clients = w.clients.filter((x) => x !== victim);
-  const replacement = await w.join(victim.kind);
+  const replacement = await w.tryJoin(victim.kind);
   const surprises = [
     ...(r.ok ? [] : [`the commit of ${a.name} failed while ${victim.describe()} was stopped: ${r.err.code} ${r.err.message}`]),
     ...(evicted ? [] : [`the broker did not evict ${victim.describe()} (MMB_ERR_CLIENT_TIMEOUT) although it never acked`]),
     ...(signal === 'SIGKILL' ? [] : [`the broker did not fence ${victim.describe()} after evicting it: it ${signal === undefined ? 'is still alive' : `ended with ${signal}`} (expected SIGKILL through its pidfd)`]),
   ];
-  return result('stall', `${victim.describe()} stopped during ${a.name}; ${r.ok ? `committed at ${r.result.generation}` : r.err.code}; evicted ${evicted}, ended by ${signal ?? 'nothing'}; ${replacement.describe()} joined`, surprises);
+  return result('stall', `${victim.describe()} stopped during ${a.name}; ${r.ok ? `committed at ${r.result.generation}` : r.err.code}; evicted ${evicted}, ended by ${signal ?? 'nothing'}; ${replacement?.describe() ?? 'no replacement'} joined`, surprises);
 }
 
 /** A client refuses a change after applying it: the owner gets its error, everyone rolls back. */
@@ -131,14 +131,14 @@ async function stopAcrossRemoval(w: World): Promise<StepResult | undefined> {
     surprises.push(`pid ${d.pid}, which ${victim.describe()} handed ${r.name} to, outlived its fencing`);
     process.kill(d.pid, 'SIGKILL');
   }
-  const replacement = await w.join(victim.kind);
+  const replacement = await w.tryJoin(victim.kind);
   surprises.push(
     ...(res.ok ? [] : [`the removal of ${r.name} failed while ${victim.describe()} was stopped: ${res.err.code} ${res.err.message}`]),
     ...(evicted ? [] : [`the broker did not evict ${victim.describe()} (MMB_ERR_CLIENT_TIMEOUT) although it never acked`]),
     ...(signal === 'SIGKILL' ? [] : [`the broker did not fence ${victim.describe()} after evicting it: it ${signal === undefined ? 'is still alive' : `ended with ${signal}`} (expected SIGKILL through its pidfd)`]),
   );
   const handed = victim.delegates.length > 0 ? ` after handing it to pid ${victim.delegates.map((d) => d.pid).join(', ')}` : '';
-  return result('stop-across-removal', `${victim.describe()} stopped holding ${r.name}${handed}; ${res.ok ? `removed at ${res.result.generation}` : res.err.code}; evicted ${evicted}, ended by ${signal ?? 'nothing'}; ${replacement.describe()} joined`, surprises);
+  return result('stop-across-removal', `${victim.describe()} stopped holding ${r.name}${handed}; ${res.ok ? `removed at ${res.result.generation}` : res.err.code}; evicted ${evicted}, ended by ${signal ?? 'nothing'}; ${replacement?.describe() ?? 'no replacement'} joined`, surprises);
 }
 
 /** Mappings (and locked bytes) a process had in `before` and no longer has. */

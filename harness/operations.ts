@@ -184,8 +184,9 @@ async function device(w: World): Promise<StepResult> {
 
 async function join(w: World): Promise<StepResult> {
   if (w.clients.length >= 12) return leave(w);
-  const c = await w.join(w.pickKind());
-  return { op: 'join', detail: c.describe(), risky: false, surprises: [] };
+  const kind = w.pickKind();
+  const c = await w.tryJoin(kind);
+  return { op: 'join', detail: c?.describe() ?? `a ${kind} client (evicted and killed while it joined)`, risky: false, surprises: [] };
 }
 
 async function leave(w: World): Promise<StepResult> {

@@ -101,13 +101,21 @@ export interface ClientSpawn {
   broken?: BrokenMode;
 }
 
-/** Starts a client process and resolves once it is ready (its initial map established and acked). */
+/**
+ * Starts a client process and resolves once it is ready (its initial map established and acked). If it
+ * ends first, the error carries the process (`proc`), so the caller can tell why (an eviction?).
+ */
 export async function spawnClient(s: ClientSpawn): Promise<ClientProc> {
   const common = ['--socket', s.socket, '--space', s.space, '--name', s.name];
   const devs = s.devices.flatMap((d) => ['--device', d]);
   const args = s.broken ? ['--mode', s.broken, ...common, ...devs] : [s.kind, ...common, ...(s.kind === 'vfio' ? ['--backend', 'soft', ...devs] : [])];
   const p = new ClientProc(args, s.kind, s.name, s.devices, s.broken);
-  await ready(p, 60_000);
+  try {
+    await ready(p, 60_000);
+  } catch (err) {
+    await p.exited;
+    throw Object.assign(err as Error, { proc: p });
+  }
   p.baseline = fdCensus(p.pid);
   return p;
 }

@@ -78,13 +78,41 @@ export class World {
     return this.clients.filter((c) => !c.broken);
   }
 
-  /** Starts a client process of `kind` and waits until it attached and acked its initial map. */
+  /**
+   * Starts a client process of `kind` and waits until it attached and acked its initial map. One that the
+   * broker evicted and killed while it established that map (pinning gigabytes past the ack deadline on a
+   * loaded machine: documented) is noted and tried again, three times at most.
+   */
   async join(kind: ClientKind): Promise<ClientProc> {
     const n = this.nextClient++;
     const devices = kind === 'vfio' ? Array.from({ length: this.rng.int(1, 2) }, (_, i) => `c${n}d${i}`) : [];
-    const c = await spawnClient({ socket: this.socket, space: SPACE, kind, name: `${kind}-${n}`, devices });
-    this.clients.push(c);
-    return c;
+    for (let attempt = 1; ; attempt++) {
+      try {
+        const c = await spawnClient({ socket: this.socket, space: SPACE, kind, name: `${kind}-${n}${attempt > 1 ? `.${attempt}` : ''}`, devices });
+        this.clients.push(c);
+        return c;
+      } catch (err) {
+        const p = (err as { proc?: ClientProc }).proc;
+        if (!p || !this.evictedAndKilled(p) || attempt >= 3) throw err;
+        this.notes.push(`${p.describe()} was evicted and killed by the broker while it joined (${p.child.signalCode}), as documented; trying again`);
+      }
+    }
+  }
+
+  /**
+   * join(), for a replacement or an operation: when every attempt was evicted and killed as documented (the
+   * machine cannot pin the map within the ack deadline just now), the world goes on without it (noted);
+   * undefined then. Any other failure throws.
+   */
+  async tryJoin(kind: ClientKind): Promise<ClientProc | undefined> {
+    try {
+      return await this.join(kind);
+    } catch (err) {
+      const p = (err as { proc?: ClientProc }).proc;
+      if (!p || !this.evictedAndKilled(p)) throw err;
+      this.notes.push(`${p.describe()} was evicted and killed again while it joined: the run goes on without a ${kind} client in its place`);
+      return undefined;
+    }
   }
 
   /** Starts a deliberately broken client (--self-test). */
@@ -109,7 +137,8 @@ export class World {
       const how = c.child.signalCode ?? `exit ${c.child.exitCode}`;
       if (this.evictedAndKilled(c)) this.notes.push(`${c.describe()} was evicted and killed by the broker (${how}), as documented`);
       else this.surprises.push(`${c.describe()} died (${how}) without an eviction and a SIGKILL logged by the broker: ${c.stderr.join('').slice(-400)}`);
-      if (!c.broken) this.notes.push(`${(await this.join(c.kind)).describe()} joined in its place`);
+      const replacement = c.broken ? undefined : await this.tryJoin(c.kind);
+      if (replacement) this.notes.push(`${replacement.describe()} joined in its place`);
     }
     return true;
   }
