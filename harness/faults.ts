@@ -28,6 +28,21 @@ function evictionLogged(w: World, mark: number, pid: number): Promise<boolean> {
   return waitFor('the eviction to be logged', () => w.broker.warned('evicting client', pid, { since: mark, code: 'MMB_ERR_CLIENT_TIMEOUT' }), 5000).catch(() => false);
 }
 
+/**
+ * Waits until `c`, armed with hold-next, holds the change. Undefined once it does; else why not: a client
+ * that applying took past the ack deadline (pinning under load) is evicted and killed before it can hold,
+ * which is documented when the broker logged it (then 'evicted').
+ */
+async function holding(w: World, c: ClientProc): Promise<string | undefined> {
+  try {
+    await c.event('holding', 60_000);
+    return undefined;
+  } catch (err) {
+    await c.exitSignal(5000);
+    return c.gone && w.evictedAndKilled(c) ? 'evicted' : `${c.describe()} never held the change: ${(err as Error).message}`;
+  }
+}
+
 /** kill -9 a client that has applied a change and not acked it yet; the others commit without it. */
 async function killMidTxn(w: World): Promise<StepResult | undefined> {
   const a = await planAdd(w);
@@ -35,12 +50,15 @@ async function killMidTxn(w: World): Promise<StepResult | undefined> {
   const victim = w.rng.pick(w.healthy());
   await victim.request({ cmd: 'hold-next' }, 'armed');
   const commit = w.commit([a]);
-  await victim.event('holding');
+  const held = await holding(w, victim);
   await w.leave(victim, 'SIGKILL');
   const r = await commit;
   const replacement = await w.tryJoin(victim.kind);
-  return result('kill-mid-txn', `${victim.describe()} killed holding ${a.name}; ${r.ok ? `committed at ${r.result.generation}` : r.err.code}; ${replacement?.describe() ?? 'no replacement'} joined`,
-    r.ok ? [] : [`the commit of ${a.name} failed after ${victim.describe()} was killed: ${r.err.code} ${r.err.message}`]);
+  const how = held === 'evicted' ? 'evicted and killed by the broker before it held' : 'killed holding';
+  return result('kill-mid-txn', `${victim.describe()} ${how} ${a.name}; ${r.ok ? `committed at ${r.result.generation}` : r.err.code}; ${replacement?.describe() ?? 'no replacement'} joined`, [
+    ...(r.ok ? [] : [`the commit of ${a.name} failed after ${victim.describe()} was killed: ${r.err.code} ${r.err.message}`]),
+    ...(held && held !== 'evicted' ? [held] : []),
+  ]);
 }
 
 /**
@@ -141,10 +159,10 @@ async function stopAcrossRemoval(w: World): Promise<StepResult | undefined> {
   return result('stop-across-removal', `${victim.describe()} stopped holding ${r.name}${handed}; ${res.ok ? `removed at ${res.result.generation}` : res.err.code}; evicted ${evicted}, ended by ${signal ?? 'nothing'}; ${replacement?.describe() ?? 'no replacement'} joined`, surprises);
 }
 
-/** Mappings (and locked bytes) a process had in `before` and no longer has. */
+/** Mappings (and locked bytes) a process had in `before` and no longer has; nothing once it died (its death is accounted for). */
 function takenAway(c: ClientProc, before: ReturnType<ClientProc['view']>): string[] {
   const now = c.view();
-  if (!now.alive) return [`${c.describe()} died`];
+  if (!now.alive) return [];
   const is = new Set(layout(now));
   const gone = layout(before).filter((l) => !is.has(l));
   return [
@@ -186,7 +204,8 @@ async function nackWhilePrepared(w: World): Promise<StepResult | undefined> {
   let r: Awaited<ReturnType<World['commit']>>;
   try {
     const committing = w.commit([...(removed ? [{ op: 'remove', region: removed.name } as CommitOp] : []), a]);
-    await holder.event('holding');
+    const held = await holding(w, holder);
+    if (held && held !== 'evicted') surprises.push(held);
     // Every client but these two acked its vote (STATUS: no longer applying).
     let pending = '';
     await waitFor('the others to vote', async () => {
@@ -196,7 +215,7 @@ async function nackWhilePrepared(w: World): Promise<StepResult | undefined> {
     }, w.opts.ackTimeoutMs / 2).catch(() => surprises.push(`with ${holder.describe()} holding, not every other client voted on ${a.name} in time: ${pending}`));
     for (const c of w.clients) {
       const b = before.get(c);
-      if (c === refuser || !b?.alive) continue;
+      if (c === refuser || !b?.alive || c.gone) continue;
       w.judged.push({ invariant: 'vote-disturbs-nobody', problems: takenAway(c, b).map((p) => `while ${holder.describe()} held the vote${removed ? ` on removing ${removed.name}` : ''}, ${p}`) });
     }
     resume();

@@ -80,7 +80,7 @@ async function allWaiting(w: World): Promise<string> {
       // A status connection per look: not more often than this.
       await sleep(50);
       return false;
-    }, 20_000);
+    }, 30_000);
   } catch {
     // `missing` says who.
   }
