@@ -10,9 +10,10 @@
 //                      a plain subscriber that, in the vote of a transaction removing a region it maps,
 //                      keeps a mapping of that region of its own and drops its connection; it reconnects
 //                      with resume.client and acks its sync, so the broker counts it reconciled (fenced),
-//                      and it never lets go of that mapping: the one way of ignoring the broker that the
-//                      broker cannot see. "done-means-done" must catch it at the moment the removal is
-//                      reported done (the owner's answer held until /proc was read).
+//                      while it still maps that region: the one way of ignoring the broker that the broker
+//                      cannot see. It lets go lazily, when it is next asked anything, so by the time the
+//                      space settles the mapping is gone: only "done-means-done", at the moment the
+//                      removal is reported done (the owner's answer held until /proc was read), sees it.
 //   --mode teardown-on-wait
 //                      a plain subscriber that, when it reattaches to a restarted broker's unpublished space
 //                      (the 'waiting' event), unmaps everything, as a client taking the empty snapshot of a
@@ -46,9 +47,14 @@ class LeakyMemory extends GuestMemory {
  * vote is never acked). Once per region: when the transaction is voted again after it reconnected, it votes.
  */
 class EvictionIgnoringMemory extends GuestMemory {
-  readonly kept: Mapping[] = [];
+  private readonly kept: Mapping[] = [];
   private readonly tried = new Set<string>();
   drop: () => void = () => undefined;
+
+  /** Lets go of what it kept (lazily, too late). */
+  release(): void {
+    for (const m of this.kept.splice(0)) native.munmap(m);
+  }
 
   check(change: Change, backings: ReadonlyMap<number, LocalBacking>): void {
     const fresh = change.removed.filter((r) => !this.tried.has(r.key));
@@ -142,6 +148,8 @@ await runScripted({ kind: values.mode === 'pin-twice' ? 'vfio' : 'plain' }, asyn
     // It comes back after a second: by then the transaction it left waits for it to be fenced.
     const sub = await BrokenSubscriber.attachWith(socket, memory, { ...opts, reconnectDelayMs: 1000 });
     memory.drop = () => sub.dropConnection();
+    // Lazily: when it is next asked anything, before it answers.
+    process.stdin.on('data', () => memory.release());
     return { sub, memory, ready: () => ({ broken: values.mode }) };
   }
   if (values.mode === 'teardown-on-wait') {

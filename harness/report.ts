@@ -28,7 +28,7 @@ export function formatReport(r: Report): string {
     'operations:',
     ...Object.entries(r.operations).sort().map(([k, n]) => `  ${k.padEnd(18)} ${n}`),
     'checks (per invariant):',
-    ...Object.entries(r.checks).map(([k, n]) => `  ${k.padEnd(18)} ${String(n).padStart(7)}  ${r.violations.filter((v) => v.invariant === k).length} violated`),
+    ...Object.entries(r.checks).map(([k, n]) => `  ${k.padEnd(22)} ${String(n).padStart(7)}  ${r.violations.filter((v) => v.invariant === k).length} violated`),
     '',
   ];
   if (r.violations.length === 0) lines.push('no violations');
@@ -38,6 +38,14 @@ export function formatReport(r: Report): string {
       const mine = r.violations.filter((v) => v.invariant === name);
       const first = mine[0] as Report['violations'][number];
       lines.push(`  ${name}: ${mine.length} violation(s), first at step ${first.step}`, `    ${first.detail.slice(0, 600)}`, `    replay: ${first.replay}`);
+    }
+  }
+  if (r.selfTest) {
+    lines.push('', 'broken clients, each where the invariant that must catch it first named it:');
+    for (const [mode, { caughtBy }] of Object.entries(BROKEN_MODES)) {
+      const v = r.violations.find((x) => x.invariant === caughtBy && x.detail.includes(`broken (${mode})`));
+      const mine = v?.detail.split('; ').find((d) => d.includes(`broken (${mode})`));
+      lines.push(v ? `  ${mode}: ${caughtBy} at step ${v.step}: ${mine?.slice(0, 400)}` : `  ${mode}: NOT caught by ${caughtBy}`);
     }
   }
   return lines.join('\n');
