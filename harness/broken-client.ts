@@ -6,12 +6,25 @@
 //   --mode pin-twice   a soft vfio-like subscriber that pins every region a second time (one more mapping,
 //                      mlocked, as a client pinning per device instead of per domain would): "pins" must
 //                      catch it in VmLck.
+//   --mode ignore-eviction
+//                      a plain subscriber that, in the vote of a transaction removing a region it maps,
+//                      keeps a mapping of that region of its own and drops its connection; it reconnects
+//                      with resume.client and acks its sync, so the broker counts it reconciled (fenced),
+//                      while it still maps that region: the one way of ignoring the broker that the broker
+//                      cannot see. It lets go lazily, when it is next asked anything, so by the time the
+//                      space settles the mapping is gone: only "done-means-done", at the moment the
+//                      removal is reported done (the owner's answer held until /proc was read), sees it.
+//   --mode teardown-on-wait
+//                      a plain subscriber that, when it reattaches to a restarted broker's unpublished space
+//                      (the 'waiting' event), unmaps everything, as a client taking the empty snapshot of a
+//                      space nobody republished yet for the map would; it maps it all again once the map is
+//                      published. "restart-keeps-memory" must catch it in the restart window.
 //
 // Otherwise it is the testkit's scripted client (testkit/scripted.ts): the same control protocol, the
 // same ready line, the same clean exit on SIGTERM.
 import { parseArgs } from 'node:util';
 import { MappingSubscriber, GuestMemory, type SubscriberOptions } from '../clients/index.js';
-import type { Change, LocalBacking } from '../clients/view.js';
+import type { ApplyContext, Change, LocalBacking, ViewRegion } from '../clients/view.js';
 import { VfioSubscriber } from '../clients/vfio/index.js';
 import { constants, native, type Mapping } from '../native/index.js';
 import { vfioCommands } from '../testkit/commands.js';
@@ -29,9 +42,63 @@ class LeakyMemory extends GuestMemory {
   }
 }
 
-class SkipUnmapSubscriber extends MappingSubscriber {
-  static async attachBroken(socket: string, opts: SubscriberOptions): Promise<SkipUnmapSubscriber> {
-    const sub = new SkipUnmapSubscriber(socket, new LeakyMemory(), { kind: 'plain', ...opts });
+/**
+ * In a vote whose commit removes regions it maps: keeps a mapping of each, and drops the connection (so the
+ * vote is never acked). Once per region: when the transaction is voted again after it reconnected, it votes.
+ */
+class EvictionIgnoringMemory extends GuestMemory {
+  private readonly kept: Mapping[] = [];
+  private readonly tried = new Set<string>();
+  drop: () => void = () => undefined;
+
+  /** Lets go of what it kept (lazily, too late). */
+  release(): void {
+    for (const m of this.kept.splice(0)) native.munmap(m);
+  }
+
+  check(change: Change, backings: ReadonlyMap<number, LocalBacking>): void {
+    const fresh = change.removed.filter((r) => !this.tried.has(r.key));
+    if (fresh.length === 0) return;
+    for (const r of fresh) {
+      this.tried.add(r.key);
+      const b = backings.get(r.backing);
+      if (b) this.kept.push(native.mmap(b.fd, r.offset, r.size, constants.PROT_READ, constants.MAP_SHARED));
+    }
+    this.drop();
+  }
+}
+
+/** Unmaps everything on tearDown() (keeping a descriptor of each backing) and maps it all again at the next change. */
+class TearDownMemory extends GuestMemory {
+  private torn: { regions: ViewRegion[]; backings: Map<number, LocalBacking> } | undefined;
+
+  tearDown(backing: (id: number) => LocalBacking | undefined): void {
+    if (this.torn) return;
+    const regions = this.regions().map((m) => m.region);
+    const backings = new Map<number, LocalBacking>();
+    for (const r of regions) {
+      const b = backing(r.backing);
+      if (b && !backings.has(r.backing)) backings.set(r.backing, { ...b, fd: native.dup(b.fd) });
+    }
+    super.apply({ generation: 0, cause: 'sync', removed: regions, updated: [], added: [] }, backings);
+    this.torn = { regions, backings };
+  }
+
+  override apply(change: Change, backings: ReadonlyMap<number, LocalBacking>, ctx?: ApplyContext): void {
+    const torn = this.torn;
+    if (torn) {
+      this.torn = undefined;
+      super.apply({ generation: change.generation, cause: 'sync', removed: [], updated: [], added: torn.regions }, torn.backings);
+      for (const b of torn.backings.values()) native.close(b.fd);
+    }
+    super.apply(change, backings, ctx);
+  }
+}
+
+/** A plain subscriber around one of the broken memories above. */
+class BrokenSubscriber extends MappingSubscriber {
+  static async attachWith(socket: string, memory: GuestMemory, opts: SubscriberOptions): Promise<BrokenSubscriber> {
+    const sub = new BrokenSubscriber(socket, memory, { kind: 'plain', ...opts });
     await sub.start();
     return sub;
   }
@@ -73,13 +140,28 @@ const opts = { space: values.space ?? 'default', name: values.name ?? `broken-${
 const socket = values.socket ?? '';
 await runScripted({ kind: values.mode === 'pin-twice' ? 'vfio' : 'plain' }, async () => {
   if (values.mode === 'skip-unmap') {
-    const sub = await SkipUnmapSubscriber.attachBroken(socket, opts);
+    const sub = await BrokenSubscriber.attachWith(socket, new LeakyMemory(), opts);
     return { sub, memory: sub.memory, ready: () => ({ broken: values.mode }) };
+  }
+  if (values.mode === 'ignore-eviction') {
+    const memory = new EvictionIgnoringMemory();
+    // It comes back after a second: by then the transaction it left waits for it to be fenced.
+    const sub = await BrokenSubscriber.attachWith(socket, memory, { ...opts, reconnectDelayMs: 1000 });
+    memory.drop = () => sub.dropConnection();
+    // Lazily: when it is next asked anything, before it answers.
+    process.stdin.on('data', () => memory.release());
+    return { sub, memory, ready: () => ({ broken: values.mode }) };
+  }
+  if (values.mode === 'teardown-on-wait') {
+    const memory = new TearDownMemory();
+    const sub = await BrokenSubscriber.attachWith(socket, memory, opts);
+    sub.on('waiting', () => memory.tearDown((id) => sub.backing(id)));
+    return { sub, memory, ready: () => ({ broken: values.mode }) };
   }
   if (values.mode === 'pin-twice') {
     const v = await VfioSubscriber.attach(socket, { ...opts, backend: 'soft', devices: values.device ?? ['dev0'] });
     pinTwice(v);
     return { sub: v, memory: v.memory, commands: vfioCommands(v), ready: () => ({ broken: values.mode }) };
   }
-  throw new Error(`--mode ${values.mode}: skip-unmap or pin-twice`);
+  throw new Error(`--mode ${values.mode}: skip-unmap, pin-twice, ignore-eviction or teardown-on-wait`);
 });

@@ -1,13 +1,18 @@
-// Faults a step may inject, each with the outcome the design promises: a client killed mid-transaction
-// is simply gone (the others commit); a client that stops acking is evicted at the deadline and resumes
-// when it runs again; a nack rolls the change back everywhere; a restarted broker is repopulated by the
-// owner and its clients resume; a slow reader is cut off; an owner that disconnects loses only its holds.
+// Faults a step may inject, each with the outcome the design promises (docs/harness.md): a client killed
+// mid-transaction is simply gone (the others commit); a client that stops acking is evicted at the
+// deadline and killed through its pidfd, before a removal it holds is done; a nack rolls the change back
+// everywhere, and while others hold it voted they took nothing away; a restarted broker is repopulated by
+// the owner (at once, or after seconds away) while its clients keep everything; a slow reader is cut off;
+// an owner that disconnects loses only its holds.
 import { waitFor } from '../testkit/wait.js';
 import { native } from '../native/index.js';
 import { Msg, encodeFrame, isMmbError } from '../protocol/index.js';
 import type { CommitOp } from '../protocol/index.js';
+import { startTime } from './kernel.js';
+import { layout } from './moment.js';
 import { planAdd, runOperation, type StepResult } from './operations.js';
-import { BrokerProc } from './procs.js';
+import { delegateView, type ClientProc } from './procs.js';
+import { restartBroker } from './restart.js';
 import { SPACE, type World } from './world.js';
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
@@ -20,7 +25,22 @@ function result(fault: string, detail: string, surprises: string[], risky = true
 /** Whether the broker logged evicting `pid` (MMB_ERR_CLIENT_TIMEOUT) since warning `mark`. */
 function evictionLogged(w: World, mark: number, pid: number): Promise<boolean> {
   // The broker's log line may trail the commit's reply by a few milliseconds.
-  return waitFor('the eviction to be logged', () => w.broker.warnings.slice(mark).some((l) => l.includes('MMB_ERR_CLIENT_TIMEOUT') && l.includes(`"pid":${pid}`)), 5000).catch(() => false);
+  return waitFor('the eviction to be logged', () => w.broker.warned('evicting client', pid, { since: mark, code: 'MMB_ERR_CLIENT_TIMEOUT' }), 5000).catch(() => false);
+}
+
+/**
+ * Waits until `c`, armed with hold-next, holds the change. Undefined once it does; else why not: a client
+ * that applying took past the ack deadline (pinning under load) is evicted and killed before it can hold,
+ * which is documented when the broker logged it (then 'evicted').
+ */
+async function holding(w: World, c: ClientProc): Promise<string | undefined> {
+  try {
+    await c.event('holding', 60_000);
+    return undefined;
+  } catch (err) {
+    await c.exitSignal(5000);
+    return c.gone && w.evictedAndKilled(c) ? 'evicted' : `${c.describe()} never held the change: ${(err as Error).message}`;
+  }
 }
 
 /** kill -9 a client that has applied a change and not acked it yet; the others commit without it. */
@@ -30,12 +50,15 @@ async function killMidTxn(w: World): Promise<StepResult | undefined> {
   const victim = w.rng.pick(w.healthy());
   await victim.request({ cmd: 'hold-next' }, 'armed');
   const commit = w.commit([a]);
-  await victim.event('holding');
+  const held = await holding(w, victim);
   await w.leave(victim, 'SIGKILL');
   const r = await commit;
-  const replacement = await w.join(victim.kind);
-  return result('kill-mid-txn', `${victim.describe()} killed holding ${a.name}; ${r.ok ? `committed at ${r.result.generation}` : r.err.code}; ${replacement.describe()} joined`,
-    r.ok ? [] : [`the commit of ${a.name} failed after ${victim.describe()} was killed: ${r.err.code} ${r.err.message}`]);
+  const replacement = await w.tryJoin(victim.kind);
+  const how = held === 'evicted' ? 'evicted and killed by the broker before it held' : 'killed holding';
+  return result('kill-mid-txn', `${victim.describe()} ${how} ${a.name}; ${r.ok ? `committed at ${r.result.generation}` : r.err.code}; ${replacement?.describe() ?? 'no replacement'} joined`, [
+    ...(r.ok ? [] : [`the commit of ${a.name} failed after ${victim.describe()} was killed: ${r.err.code} ${r.err.message}`]),
+    ...(held && held !== 'evicted' ? [held] : []),
+  ]);
 }
 
 /**
@@ -52,13 +75,13 @@ async function stall(w: World): Promise<StepResult | undefined> {
   const evicted = await evictionLogged(w, mark, victim.pid);
   const signal = await victim.exitSignal(5000);
   w.clients = w.clients.filter((x) => x !== victim);
-  const replacement = await w.join(victim.kind);
+  const replacement = await w.tryJoin(victim.kind);
   const surprises = [
     ...(r.ok ? [] : [`the commit of ${a.name} failed while ${victim.describe()} was stopped: ${r.err.code} ${r.err.message}`]),
     ...(evicted ? [] : [`the broker did not evict ${victim.describe()} (MMB_ERR_CLIENT_TIMEOUT) although it never acked`]),
     ...(signal === 'SIGKILL' ? [] : [`the broker did not fence ${victim.describe()} after evicting it: it ${signal === undefined ? 'is still alive' : `ended with ${signal}`} (expected SIGKILL through its pidfd)`]),
   ];
-  return result('stall', `${victim.describe()} stopped during ${a.name}; ${r.ok ? `committed at ${r.result.generation}` : r.err.code}; evicted ${evicted}, ended by ${signal ?? 'nothing'}; ${replacement.describe()} joined`, surprises);
+  return result('stall', `${victim.describe()} stopped during ${a.name}; ${r.ok ? `committed at ${r.result.generation}` : r.err.code}; evicted ${evicted}, ended by ${signal ?? 'nothing'}; ${replacement?.describe() ?? 'no replacement'} joined`, surprises);
 }
 
 /** A client refuses a change after applying it: the owner gets its error, everyone rolls back. */
@@ -77,41 +100,136 @@ async function nack(w: World): Promise<StepResult | undefined> {
     refused || evicted ? [] : [`expected MMB_ERR_CLIENT_REFUSED naming pid ${victim.pid} for ${a.name}, got ${r.ok ? 'a commit' : `${r.err.code} naming ${JSON.stringify(r.err.client)}`}; the client's last events: ${JSON.stringify(victim.kept.slice(-5)).slice(0, 600)}`]);
 }
 
-/** The broker crashes (kill -9) and restarts; the owner republishes its backings and regions. */
+/** The broker crashes (kill -9) and restarts; the owner reattaches at once and republishes its backings and regions. */
 async function brokerRestart(w: World): Promise<StepResult> {
-  const m = w.model;
-  await w.broker.stop('SIGKILL');
-  w.owner.close();
-  w.broker = await BrokerProc.start(w.socket, SPACE, w.opts.ackTimeoutMs, w.broker.baseline);
-  await w.reattachOwner();
-  const old = [...m.backings.values()];
-  m.backings.clear();
-  const ids = new Map<number, number>();
-  for (const b of old) ids.set(b.id, (await w.register(b.memfd)).id);
-  const regions = m.list();
-  m.regions.clear();
-  m.generation = 0;
-  const ops: CommitOp[] = regions.map((r) => ({ op: 'add', name: r.name, gpa: r.gpa, size: r.size, backing: ids.get(r.backing) as number, offset: r.offset, readonly: r.readonly, logDirty: r.logDirty }));
+  const r = await restartBroker(w, 0);
+  return result('broker-restart', r.detail, r.surprises);
+}
+
+/**
+ * The same, with the owner away for 2 to 3 ack deadlines: the clients wait on an unpublished space that
+ * nobody publishes, and keep everything they had all along (the restart window is looked at throughout).
+ */
+async function restartOwnerAway(w: World): Promise<StepResult> {
+  const r = await restartBroker(w, w.rng.int(2 * w.opts.ackTimeoutMs, 3 * w.opts.ackTimeoutMs));
+  return result('restart-owner-away', r.detail, r.surprises);
+}
+
+/**
+ * A client stops (SIGSTOP) while it maps a region the owner then removes, sometimes after handing that
+ * region's memory to a process of its own (hand-on, named to the broker with DELEGATE). The broker evicts
+ * it at the ack deadline and, under the default fence policy (kill), kills it and its delegate through
+ * their pidfds; the removal is done only after both exited. At the moment of "done" (the answer held by
+ * the relay) both are dead and nothing maps the removed memory (moment.ts checks the latter for every
+ * process; this checks that the stopped ones are among the dead). A replacement joins.
+ */
+async function stopAcrossRemoval(w: World): Promise<StepResult | undefined> {
+  const list = w.model.list();
+  const healthy = w.healthy();
+  if (list.length === 0 || healthy.length < 3) return undefined;
+  const r = w.rng.pick(list);
+  const victim = w.rng.pick(healthy);
   const surprises: string[] = [];
-  if (!w.owner.published) {
-    // Unpublished until now: clients that reconnected kept everything and waited; the map is rebuilt
-    // first and published whole, so they reconcile against it and never see a half map.
-    if (ops.length > 0) {
-      const r = await w.commit(ops);
-      if (!r.ok) surprises.push(`republishing ${ops.length} regions into the restarted broker failed: ${r.err.code} ${r.err.message}`);
-    }
-    m.generation = await w.owner.publish();
-  } else surprises.push('the restarted broker\'s space was already published before its owner republished it');
-  // Holds as before the crash: what the owner had dropped it drops again (regions still use them).
-  for (const b of old) {
-    if (b.held) continue;
-    const id = ids.get(b.id) as number;
-    await w.owner.dropBacking(id);
-    const nb = m.backings.get(id);
-    if (nb) nb.held = false;
+  if (w.rng.chance(0.5)) {
+    const reply = await victim.request({ cmd: 'hand-on', region: r.name }, 'delegated', 30_000);
+    if (reply.event === 'delegated') victim.delegates.push({ pid: Number(reply.pid), start: startTime(Number(reply.pid)) });
+    else surprises.push(`${victim.describe()} could not hand ${r.name} on: ${String(reply.message)}`);
   }
-  w.releaseUnused();
-  return result('broker-restart', `broker killed and restarted as pid ${w.broker.pid}; ${old.length} backings and ${regions.length} regions republished`, surprises);
+  const mark = w.broker.warnings.length;
+  victim.signal('SIGSTOP');
+  const res = await w.commit([{ op: 'remove', region: r.name }]);
+  const at = res.ok ? w.moments.at(-1) : undefined;
+  const evicted = await evictionLogged(w, mark, victim.pid);
+  const signal = await victim.exitSignal(5000);
+  w.clients = w.clients.filter((x) => x !== victim);
+  const stopped = [victim.pid, ...victim.delegates.map((d) => d.pid)];
+  if (at) w.judged.push({ invariant: 'done-means-done', problems: stopped.filter((pid) => !at.dead.includes(pid)).map((pid) => `at done (${at.outcome}) pid ${pid} (${pid === victim.pid ? victim.describe() : `which ${victim.describe()} handed ${r.name} to`}), stopped across the removal, was alive`) });
+  for (const d of victim.delegates) {
+    if (!delegateView(d).alive) continue;
+    surprises.push(`pid ${d.pid}, which ${victim.describe()} handed ${r.name} to, outlived its fencing`);
+    process.kill(d.pid, 'SIGKILL');
+  }
+  const replacement = await w.tryJoin(victim.kind);
+  surprises.push(
+    ...(res.ok ? [] : [`the removal of ${r.name} failed while ${victim.describe()} was stopped: ${res.err.code} ${res.err.message}`]),
+    ...(evicted ? [] : [`the broker did not evict ${victim.describe()} (MMB_ERR_CLIENT_TIMEOUT) although it never acked`]),
+    ...(signal === 'SIGKILL' ? [] : [`the broker did not fence ${victim.describe()} after evicting it: it ${signal === undefined ? 'is still alive' : `ended with ${signal}`} (expected SIGKILL through its pidfd)`]),
+  );
+  const handed = victim.delegates.length > 0 ? ` after handing it to pid ${victim.delegates.map((d) => d.pid).join(', ')}` : '';
+  return result('stop-across-removal', `${victim.describe()} stopped holding ${r.name}${handed}; ${res.ok ? `removed at ${res.result.generation}` : res.err.code}; evicted ${evicted}, ended by ${signal ?? 'nothing'}; ${replacement?.describe() ?? 'no replacement'} joined`, surprises);
+}
+
+/** Mappings (and locked bytes) a process had in `before` and no longer has; nothing once it died (its death is accounted for). */
+function takenAway(c: ClientProc, before: ReturnType<ClientProc['view']>): string[] {
+  const now = c.view();
+  if (!now.alive) return [];
+  const is = new Set(layout(now));
+  const gone = layout(before).filter((l) => !is.has(l));
+  return [
+    ...(gone.length > 0 ? [`${c.describe()} no longer maps ${gone.slice(0, 4).join(', ')}${gone.length > 4 ? ` and ${gone.length - 4} more` : ''}`] : []),
+    ...(now.lockedBytes < before.lockedBytes ? [`${c.describe()} has ${now.lockedBytes} bytes locked, ${before.lockedBytes} before the vote`] : []),
+  ];
+}
+
+/**
+ * A nack while others hold the change prepared. One client holds its vote (hold-next: applied, never
+ * acked), another is armed to refuse (nack-next) and stopped before the transaction reaches it; the owner
+ * commits a removal together with an add. While the hold lasts every other client has voted, and two
+ * phases promise a vote only adds: every client still maps, at the same addresses, everything it mapped
+ * before, and locks at least as much (vote-disturbs-nobody). Then the refuser runs on and nacks: the owner
+ * gets MMB_ERR_CLIENT_REFUSED naming it, and at that moment every process is exactly as before (moment.ts).
+ * Also documented: the hold outlasted the ack deadline on a loaded machine, and the broker evicted and
+ * killed the holder (or the refuser) and committed without it (the evictions must be in its log).
+ */
+async function nackWhilePrepared(w: World): Promise<StepResult | undefined> {
+  const healthy = w.healthy();
+  if (healthy.length < 3) return undefined;
+  const a = await planAdd(w);
+  if (!a) return undefined;
+  const list = w.model.list();
+  const removed = list.length > 0 ? w.rng.pick(list) : undefined;
+  const holder = w.rng.pick(healthy);
+  const refuser = w.rng.pick(healthy.filter((c) => c !== holder));
+  await holder.request({ cmd: 'hold-next' }, 'armed');
+  await refuser.request({ cmd: 'nack-next' }, 'armed');
+  const before = new Map(w.clients.map((c) => [c, c.view()]));
+  const mark = w.broker.warnings.length;
+  const surprises: string[] = [];
+  let stopped = true;
+  const resume = () => {
+    if (stopped) refuser.signal('SIGCONT');
+    stopped = false;
+  };
+  refuser.signal('SIGSTOP');
+  let r: Awaited<ReturnType<World['commit']>>;
+  try {
+    const committing = w.commit([...(removed ? [{ op: 'remove', region: removed.name } as CommitOp] : []), a]);
+    const held = await holding(w, holder);
+    if (held && held !== 'evicted') surprises.push(held);
+    // Every client but these two acked its vote (STATUS: no longer applying).
+    let pending = '';
+    await waitFor('the others to vote', async () => {
+      const st = (await w.owner.status(SPACE)).spaces[0];
+      pending = (st?.clients ?? []).filter((c) => c.role === 'subscriber' && c.state === 'applying' && c.pid !== holder.pid && c.pid !== refuser.pid).map((c) => `${c.name} (pid ${c.pid})`).join(', ');
+      return pending === '';
+    }, w.opts.ackTimeoutMs / 2).catch(() => surprises.push(`with ${holder.describe()} holding, not every other client voted on ${a.name} in time: ${pending}`));
+    for (const c of w.clients) {
+      const b = before.get(c);
+      if (c === refuser || !b?.alive || c.gone) continue;
+      w.judged.push({ invariant: 'vote-disturbs-nobody', problems: takenAway(c, b).map((p) => `while ${holder.describe()} held the vote${removed ? ` on removing ${removed.name}` : ''}, ${p}`) });
+    }
+    resume();
+    r = await committing;
+  } finally {
+    resume();
+  }
+  const refused = !r.ok && r.err.code === 'MMB_ERR_CLIENT_REFUSED' && r.err.client?.pid === refuser.pid;
+  const evicted = !refused && r.ok && ((await evictionLogged(w, mark, holder.pid)) || (await evictionLogged(w, mark, refuser.pid)));
+  if (!refused && !evicted) {
+    surprises.push(`expected MMB_ERR_CLIENT_REFUSED naming pid ${refuser.pid} for ${a.name}, got ${r.ok ? 'a commit' : `${r.err.code} naming ${JSON.stringify(r.err.client)}`}; the refuser's last events: ${JSON.stringify(refuser.kept.slice(-5)).slice(0, 600)}`);
+  }
+  const what = `${removed ? `remove ${removed.name} + ` : ''}add ${a.name}`;
+  return result('nack-while-prepared', `${holder.describe()} held its vote on ${what}, ${refuser.describe()} refused it: ${r.ok ? `committed${evicted ? ' (the broker evicted first)' : ''}` : `${r.err.code} by pid ${r.err.client?.pid}`}`, surprises);
 }
 
 /** A peer asks for status over and over and never reads a reply: the broker must cut it off. */
@@ -170,16 +288,22 @@ async function ownerDisconnect(w: World): Promise<StepResult> {
 export const FAULTS = {
   'kill-mid-txn': { weight: 2, run: killMidTxn },
   stall: { weight: 1, run: stall },
+  'stop-across-removal': { weight: 1, run: stopAcrossRemoval },
   nack: { weight: 2, run: nack },
+  'nack-while-prepared': { weight: 2, run: nackWhilePrepared },
   'broker-restart': { weight: 1, run: brokerRestart },
+  'restart-owner-away': { weight: 1, run: restartOwnerAway },
   'slow-reader': { weight: 1, run: slowReader },
   'owner-disconnect': { weight: 1, run: ownerDisconnect },
 } as const;
 
 export type FaultName = keyof typeof FAULTS;
 
-/** Runs one fault chosen by the generator; undefined when it could not be carried (no room for an add). */
-export function runFault(w: World): Promise<StepResult | undefined> {
-  const name = w.rng.weighted(Object.fromEntries(Object.entries(FAULTS).map(([k, v]) => [k, v.weight])) as Record<FaultName, number>);
+/**
+ * Runs one fault chosen by the generator (or `forced`); undefined when it could not be carried (no room
+ * for an add, no region to remove, too few clients): the step runs an operation instead.
+ */
+export function runFault(w: World, forced?: FaultName): Promise<StepResult | undefined> {
+  const name = forced ?? w.rng.weighted(Object.fromEntries(Object.entries(FAULTS).map(([k, v]) => [k, v.weight])) as Record<FaultName, number>);
   return FAULTS[name].run(w);
 }

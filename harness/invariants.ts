@@ -6,17 +6,34 @@ import { MEMFD_PREFIX, type FileMapping } from './kernel.js';
 import { covers, within, type Model, type ModelRegion, type Range } from './model.js';
 import type { ClientSnapshot, Snapshot } from './observe.js';
 import type { StepResult } from './operations.js';
-import type { ClientProc } from './procs.js';
+import type { ClientProc, Line } from './procs.js';
 import { Rng } from '../testkit/rng.js';
 import type { World } from './world.js';
 
-export const INVARIANTS = ['convergence', 'no-stale-mapping', 'pins', 'data', 'leaks', 'all-or-nothing', 'outcome'] as const;
+export const INVARIANTS = [
+  'convergence',
+  'no-stale-mapping',
+  'pins',
+  'data',
+  'leaks',
+  'all-or-nothing',
+  'done-means-done',
+  'restart-keeps-memory',
+  'vote-disturbs-nobody',
+  'outcome',
+] as const;
 export type InvariantName = (typeof INVARIANTS)[number];
 
 export interface Violation {
   step: number;
   invariant: InvariantName;
   detail: string;
+}
+
+/** A check made during a step (at a held reply, in a restart window, while a vote is held), counted after it. */
+export interface Judged {
+  invariant: InvariantName;
+  problems: string[];
 }
 
 export class Tally {
@@ -58,20 +75,27 @@ function coverageProblems(w: World, s: ClientSnapshot): string[] {
   return out;
 }
 
-/** No mapping of a harness memfd outside what current regions slice (writable only where a region is). */
-function staleProblems(w: World, who: string, maps: readonly FileMapping[]): string[] {
+/** The file ranges of a memfd a map slices (`writable`: only its writable regions'). */
+export type SlicedBy = (memfd: string, writable: boolean) => Range[];
+
+/** No mapping of a harness memfd outside what the map (`sliced`) slices, writable only where a writable region is. */
+export function staleAgainst(sliced: SlicedBy, who: string, maps: readonly FileMapping[], what = 'current'): string[] {
   const out: string[] = [];
   const ranges = new Map<string, [Range[], Range[]]>();
   for (const m of maps) {
     if (!m.memfd.startsWith(MEMFD_PREFIX)) continue;
     let r = ranges.get(m.memfd);
-    if (!r) ranges.set(m.memfd, (r = [w.model.fileRanges(m.memfd), w.model.fileRanges(m.memfd, true)]));
+    if (!r) ranges.set(m.memfd, (r = [sliced(m.memfd, false), sliced(m.memfd, true)]));
     const end = m.offset + m.end - m.start;
     if (!within(m.writable ? r[1] : r[0], m.offset, end)) {
-      out.push(`${who} maps ${m.memfd} [${hex(m.offset)}, ${hex(end)})${m.writable ? ' writable' : ''} at ${hex(m.start)}, which no current ${m.writable ? 'writable ' : ''}region slices`);
+      out.push(`${who} maps ${m.memfd} [${hex(m.offset)}, ${hex(end)})${m.writable ? ' writable' : ''} at ${hex(m.start)}, which no ${what} ${m.writable ? 'writable ' : ''}region slices`);
     }
   }
   return out;
+}
+
+function staleProblems(w: World, who: string, maps: readonly FileMapping[]): string[] {
+  return staleAgainst((memfd, writable) => w.model.fileRanges(memfd, writable), who, maps);
 }
 
 /** kvm: its memslots are the map, and each slot's host address maps the region's memory (per /proc). */
@@ -190,10 +214,13 @@ export function leftClean(c: ClientProc, code: number | null, t: Tally): void {
   t.check('leaks', code === 0 ? [] : [`${c.describe()} ${code === null ? 'did not exit on SIGTERM and was killed' : `exited ${code}`} when it left`]);
 }
 
-/** Bytes written by one client at a GPA are read back by every other client and by the owner. */
+/**
+ * Bytes written by one client at a GPA are read back by every other client and by the owner. A client that
+ * dies meanwhile (evicted and killed) is left out: its death is accounted for by the next step.
+ */
 export async function data(w: World, snap: Snapshot, t: Tally): Promise<void> {
   const regions = w.model.list();
-  const healthy = snap.clients.filter((s) => typeof s.view !== 'string');
+  const healthy = snap.clients.filter((s) => typeof s.view !== 'string' && !s.client.gone);
   if (regions.length === 0 || healthy.length < 2) return;
   const rng = new Rng((w.opts.seed ^ Math.imul(t.step + 1, 0x9e3779b1)) >>> 0);
   const r: ModelRegion = rng.pick(regions);
@@ -203,26 +230,28 @@ export async function data(w: World, snap: Snapshot, t: Tally): Promise<void> {
   const memfd = w.model.memfdOf(r);
   const writer = r.readonly || rng.chance(0.15) ? undefined : rng.pick(healthy).client;
   const problems: string[] = [];
+  const ask = (c: ClientProc, cmd: Record<string, unknown> & { cmd: string }, reply: string) =>
+    c.request(cmd, reply).catch((err: Error): Line | undefined => (c.gone ? undefined : { event: 'failed', message: err.message }));
   if (writer) {
-    const reply = await writer.request({ cmd: 'write', gpa, hex: bytes.toString('hex') }, 'wrote');
+    const reply = await ask(writer, { cmd: 'write', gpa, hex: bytes.toString('hex') }, 'wrote');
+    if (reply === undefined) return;
     if (reply.event !== 'wrote') problems.push(`${writer.describe()} could not write ${hex(gpa)} in ${r.name}: ${String(reply.message)}`);
   } else {
     fs.writeSync(memfd.fd, bytes, 0, 16, r.offset + at);
     if (r.readonly) {
       // A client may not write a read-only region: refused, and nothing changes.
       const c = rng.pick(healthy).client;
-      const reply = await c.request({ cmd: 'write', gpa, hex: Buffer.alloc(16, 0xee).toString('hex') }, 'wrote');
-      if (reply.event !== 'failed') problems.push(`${c.describe()} wrote read-only ${r.name} at ${hex(gpa)}`);
+      const reply = await ask(c, { cmd: 'write', gpa, hex: Buffer.alloc(16, 0xee).toString('hex') }, 'wrote');
+      if (reply && reply.event !== 'failed') problems.push(`${c.describe()} wrote read-only ${r.name} at ${hex(gpa)}`);
     }
   }
   for (const s of healthy) {
     if (s.client === writer) continue;
-    const reply = await s.client.request({ cmd: 'read', gpa, len: 16 }, 'read');
-    if (reply.hex !== bytes.toString('hex')) problems.push(`${s.client.describe()} reads ${String(reply.hex ?? reply.message)} at ${hex(gpa)} (${r.name}), ${writer ? writer.describe() : 'the owner'} wrote ${bytes.toString('hex')}`);
+    const reply = await ask(s.client, { cmd: 'read', gpa, len: 16 }, 'read');
+    if (reply && reply.hex !== bytes.toString('hex')) problems.push(`${s.client.describe()} reads ${String(reply.hex ?? reply.message)} at ${hex(gpa)} (${r.name}), ${writer ? writer.describe() : 'the owner'} wrote ${bytes.toString('hex')}`);
   }
   const mine = Buffer.alloc(16);
   fs.readSync(memfd.fd, mine, 0, 16, r.offset + at);
   if (!mine.equals(bytes)) problems.push(`the owner reads ${mine.toString('hex')} in ${memfd.name} at ${hex(r.offset + at)} (${r.name}), ${writer?.describe()} wrote ${bytes.toString('hex')}`);
   t.check('data', problems);
 }
-

@@ -1,6 +1,7 @@
 // What the map should be, as the harness (the owner) knows it from its own commits: the regions, the
 // broker's backings and the memfds behind them. Invariants compare every process's kernel view with it.
 import { X86_MSI_WINDOW } from '../clients/vfio/soft.js';
+import type { CommitOp } from '../protocol/index.js';
 import type { Rng } from '../testkit/rng.js';
 
 export const PAGE = 4096;
@@ -86,12 +87,34 @@ export class Model {
 
   /** The file ranges of `memfd` that current regions slice, merged; `writable` only those of writable regions. */
   fileRanges(memfd: string, writable = false): Range[] {
+    return this.fileRangesIn(this.regions.values(), memfd, writable);
+  }
+
+  /** The same for another set of regions (the map a commit leads to); regions of unknown backings slice nothing. */
+  fileRangesIn(regions: Iterable<ModelRegion>, memfd: string, writable = false): Range[] {
     const ranges: Range[] = [];
-    for (const r of this.regions.values()) {
+    for (const r of regions) {
       if (writable && r.readonly) continue;
-      if (this.memfdOf(r).name === memfd) ranges.push([r.offset, r.offset + r.size]);
+      if (this.backings.get(r.backing)?.memfd.name === memfd) ranges.push([r.offset, r.offset + r.size]);
     }
     return merge(ranges);
+  }
+
+  /** The regions once `ops` are applied to the current ones (removes, then sets, then adds, as the broker does). */
+  regionsAfter(ops: readonly CommitOp[]): Map<string, ModelRegion> {
+    const out = new Map([...this.regions].map(([k, r]) => [k, { ...r }]));
+    for (const op of ops) if (op.op === 'remove') out.delete(String(op.region));
+    for (const op of ops) {
+      if (op.op !== 'set') continue;
+      const r = out.get(String(op.region));
+      if (!r) continue;
+      if (op.readonly !== undefined) r.readonly = op.readonly;
+      if (op.logDirty !== undefined) r.logDirty = op.logDirty;
+    }
+    for (const op of ops) {
+      if (op.op === 'add') out.set(op.name, { name: op.name, gpa: op.gpa, size: op.size, backing: op.backing, offset: op.offset, readonly: op.readonly ?? false, logDirty: op.logDirty ?? false });
+    }
+    return out;
   }
 
   overlaps(gpa: number, size: number, except?: string): ModelRegion | undefined {

@@ -3,7 +3,7 @@
 // owner's model; every other judgement reads /proc.
 import type { StatusSpace } from '../protocol/index.js';
 import { waitFor } from '../testkit/wait.js';
-import { fdCensus, lockedBytes, memfdMappings, type FdCensus, type FileMapping } from './kernel.js';
+import type { FdCensus, FileMapping } from './kernel.js';
 import type { ClientProc, Line } from './procs.js';
 import { SPACE, type World } from './world.js';
 
@@ -38,6 +38,8 @@ export interface Snapshot {
 
 /** Why the space has not settled: the owner's generation not reached, a client missing or behind. */
 function unsettled(w: World, st: StatusSpace | undefined): string {
+  const dead = w.clients.filter((c) => c.gone);
+  if (dead.length > 0) return `${dead.map((c) => c.describe()).join(', ')} died`;
   if (!st) return 'no status for the space';
   if (st.generation !== w.model.generation) return `broker at generation ${st.generation}, the owner's last commit was ${w.model.generation}`;
   const subs = st.clients.filter((c) => c.role === 'subscriber');
@@ -51,13 +53,15 @@ function unsettled(w: World, st: StatusSpace | undefined): string {
   return '';
 }
 
+/** Waits until every client acked the space's generation (at most `timeoutMs`), or until a client died. */
 export async function settle(w: World, timeoutMs: number): Promise<{ status: StatusSpace | undefined; unsettled: string }> {
   let last: { status: StatusSpace | undefined; unsettled: string } = { status: undefined, unsettled: 'not asked' };
   try {
     await waitFor('the space to settle', async () => {
       const status = (await w.owner.status(SPACE)).spaces[0];
       last = { status, unsettled: unsettled(w, status) };
-      return last.unsettled === '';
+      // A death is not waited out: the caller accounts for it (World.replaceDead) and settles again.
+      return last.unsettled === '' || w.clients.some((c) => c.gone);
     }, timeoutMs);
   } catch {
     // `last` says what did not settle.
@@ -65,10 +69,13 @@ export async function settle(w: World, timeoutMs: number): Promise<{ status: Sta
   return last;
 }
 
-async function snapshotClient(c: ClientProc): Promise<ClientSnapshot> {
+/** Its answers and kernel view; undefined when it died (a dead client maps nothing: its death is accounted by World.replaceDead). */
+async function snapshotClient(c: ClientProc): Promise<ClientSnapshot | undefined> {
   const r = await c.request({ cmd: 'regions' }, 'regions').catch((err: Error) => ({ event: 'failed', message: err.message }) as Line);
   const view: ClientSnapshot['view'] = r.event === 'regions' ? { generation: Number(r.generation), regions: r.regions as ViewRegion[] } : `regions failed: ${String(r.message)}`;
-  const snap: ClientSnapshot = { client: c, view, maps: memfdMappings(c.pid), census: fdCensus(c.pid), locked: lockedBytes(c.pid) };
+  const k = c.view();
+  if (!k.alive) return undefined;
+  const snap: ClientSnapshot = { client: c, view, maps: k.maps, census: k.census, locked: k.lockedBytes };
   // A kvm client that cannot list its memslots, or a vfio client its domain, fails convergence (it does
   // not skip the check).
   if (c.kind === 'kvm') {
@@ -81,7 +88,22 @@ async function snapshotClient(c: ClientProc): Promise<ClientSnapshot> {
     if (d.event === 'domain') snap.devices = d.devices as string[];
     else snap.failed = `domain failed: ${String(d.message)}`;
   }
-  return snap;
+  // It died while it answered: nothing it said counts.
+  return c.view().alive ? snap : undefined;
+}
+
+async function snapshotClients(clients: readonly ClientProc[]): Promise<ClientSnapshot[]> {
+  const out: ClientSnapshot[] = [];
+  for (const c of clients) {
+    const s = await snapshotClient(c);
+    if (s) out.push(s);
+  }
+  return out;
+}
+
+function brokerView(w: World): Snapshot['broker'] {
+  const v = w.broker.view();
+  return { maps: v.maps, census: v.census };
 }
 
 /**
@@ -95,14 +117,17 @@ export async function observeNow(w: World): Promise<Snapshot> {
   const ready = new Set(
     (status?.clients ?? []).filter((c) => c.role === 'subscriber' && c.state === 'ready' && c.ackedGeneration === status?.generation).map((c) => c.pid),
   );
-  const clients: ClientSnapshot[] = [];
-  for (const c of w.clients) if (ready.has(c.pid)) clients.push(await snapshotClient(c));
-  return { status, unsettled: '', broker: { maps: memfdMappings(w.broker.pid), census: fdCensus(w.broker.pid) }, clients };
+  const clients = await snapshotClients(w.clients.filter((c) => ready.has(c.pid)));
+  return { status, unsettled: '', broker: brokerView(w), clients };
 }
 
+/**
+ * Waits until the space settled, then gathers every process's answers and kernel view. A client that died
+ * meanwhile is accounted for and replaced (World.replaceDead), and the space settles again with its
+ * replacement; a client that dies while it is read is left out (it maps nothing) and accounted next time.
+ */
 export async function observe(w: World, settleMs: number): Promise<Snapshot> {
-  const s = await settle(w, settleMs);
-  const clients: ClientSnapshot[] = [];
-  for (const c of w.clients) clients.push(await snapshotClient(c));
-  return { ...s, broker: { maps: memfdMappings(w.broker.pid), census: fdCensus(w.broker.pid) }, clients };
+  let s = await settle(w, settleMs);
+  for (let i = 0; i < 5 && (await w.replaceDead()); i++) s = await settle(w, settleMs);
+  return { ...s, broker: brokerView(w), clients: await snapshotClients(w.clients) };
 }

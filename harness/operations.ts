@@ -4,6 +4,8 @@
 import type { CommitOp } from '../protocol/index.js';
 import { X86_MSI_WINDOW } from '../clients/vfio/soft.js';
 import { GIB, HUGE, PAGE, type ModelRegion } from './model.js';
+import type { Judged } from './invariants.js';
+import type { Moment } from './moment.js';
 import type { World, CommitOutcome } from './world.js';
 
 export type AddOp = Extract<CommitOp, { op: 'add' }>;
@@ -16,6 +18,10 @@ export interface StepResult {
   risky: boolean;
   /** Where the system answered otherwise than documented (the 'outcome' check). */
   surprises: string[];
+  /** Checks made during the step: at held answers, in restart windows, while a vote was held. */
+  judged?: Judged[];
+  /** What each held answer showed (moment.ts). */
+  moments?: Moment[];
 }
 
 const hex = (n: number) => `0x${n.toString(16)}`;
@@ -178,8 +184,9 @@ async function device(w: World): Promise<StepResult> {
 
 async function join(w: World): Promise<StepResult> {
   if (w.clients.length >= 12) return leave(w);
-  const c = await w.join(w.pickKind());
-  return { op: 'join', detail: c.describe(), risky: false, surprises: [] };
+  const kind = w.pickKind();
+  const c = await w.tryJoin(kind);
+  return { op: 'join', detail: c?.describe() ?? `a ${kind} client (evicted and killed while it joined)`, risky: false, surprises: [] };
 }
 
 async function leave(w: World): Promise<StepResult> {

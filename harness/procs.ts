@@ -6,12 +6,40 @@ import { BrokerProc as Broker, levelOf } from '../testkit/broker.js';
 import { SCRIPTED_CLIENT, ready } from '../testkit/clients.js';
 import { JsonProc, spawnNode, type Line } from '../testkit/jsonproc.js';
 import { DIST } from '../testkit/paths.js';
+import type { InvariantName } from './invariants.js';
 import type { ClientKind } from './options.js';
-import { fdCensus, type FdCensus } from './kernel.js';
+import { fdCensus, startTime, viewOf, type FdCensus, type ProcessView } from './kernel.js';
 
 export const BROKEN_CLIENT = `${DIST}/harness/broken-client.js`;
 
+/**
+ * The deliberately broken clients of --self-test (harness/broken-client.ts): the kind each plays, and the
+ * invariant that must catch it, by name (its violations name it `broken (MODE)`).
+ */
+export const BROKEN_MODES = {
+  'skip-unmap': { kind: 'plain', caughtBy: 'no-stale-mapping' },
+  'pin-twice': { kind: 'vfio', caughtBy: 'pins' },
+  'ignore-eviction': { kind: 'plain', caughtBy: 'done-means-done' },
+  'teardown-on-wait': { kind: 'plain', caughtBy: 'restart-keeps-memory' },
+} as const satisfies Record<string, { kind: ClientKind; caughtBy: InvariantName }>;
+export type BrokenMode = keyof typeof BROKEN_MODES;
+
 export type { Line };
+
+/** What the kernel shows of a process that is gone: nothing mapped, locked or open. */
+export const GONE: ProcessView = Object.freeze({ alive: false, maps: [], lockedBytes: 0, census: { memfds: new Map(), bitmaps: 0, sockets: 0, pidfds: 0, other: 0, total: 0 } });
+
+/** A process a client handed memory to (`hand-on`, named to the broker with DELEGATE): not our child. */
+export interface Delegate {
+  pid: number;
+  /** Its start time, read when it was made: a pid alone may name another process once this one is reaped. */
+  start: string | undefined;
+}
+
+/** What the kernel shows of a delegate now; nothing once it exited (or its pid is another process's). */
+export function delegateView(d: Delegate): ProcessView {
+  return d.start !== undefined && startTime(d.pid) === d.start ? viewOf(d.pid) : GONE;
+}
 
 /** Events a client prints that the harness waits for or reports; the rest (change, committed, ...) are dropped. */
 const KEPT = new Set(['ready', 'holding', 'reconnected', 'disconnected', 'error', 'detached']);
@@ -21,6 +49,8 @@ export class ClientProc extends JsonProc {
   devices: string[];
   /** Its descriptors right after it was ready: the leaks check's baseline. */
   baseline: FdCensus | undefined;
+  /** Processes it handed memory to. */
+  readonly delegates: Delegate[] = [];
 
   constructor(
     args: string[],
@@ -52,6 +82,11 @@ export class ClientProc extends JsonProc {
     return ended ? this.child.signalCode : undefined;
   }
 
+  /** What the kernel shows of it now; nothing once it exited (its pid is not read then: it may be another's). */
+  view(): ProcessView {
+    return this.gone ? GONE : viewOf(this.pid);
+  }
+
   override describe(): string {
     return `${this.broken ? `broken (${this.broken}) ` : ''}${this.kind} client ${this.name} (pid ${this.pid})`;
   }
@@ -63,17 +98,26 @@ export interface ClientSpawn {
   kind: ClientKind;
   name: string;
   devices: string[];
-  broken?: 'skip-unmap' | 'pin-twice';
+  broken?: BrokenMode;
 }
 
-/** Starts a client process and resolves once it is ready (its initial map established and acked). */
+/**
+ * Starts a client process and resolves once it is ready (its initial map established and acked). If it
+ * ends first, the error carries the process (`proc`), so the caller can tell why (an eviction?).
+ */
 export async function spawnClient(s: ClientSpawn): Promise<ClientProc> {
   const common = ['--socket', s.socket, '--space', s.space, '--name', s.name];
   const devs = s.devices.flatMap((d) => ['--device', d]);
   const args = s.broken ? ['--mode', s.broken, ...common, ...devs] : [s.kind, ...common, ...(s.kind === 'vfio' ? ['--backend', 'soft', ...devs] : [])];
   const p = new ClientProc(args, s.kind, s.name, s.devices, s.broken);
-  await ready(p, 60_000);
-  p.baseline = fdCensus(p.pid);
+  try {
+    await ready(p, 60_000);
+  } catch (err) {
+    await p.exited;
+    throw Object.assign(err as Error, { proc: p });
+  }
+  // Read so that a death right after `ready` is no error (it maps and holds nothing; it is accounted later).
+  p.baseline = p.view().census;
   return p;
 }
 
@@ -89,6 +133,22 @@ export class BrokerProc {
 
   get pid(): number {
     return this.proc.pid;
+  }
+
+  /** What the kernel shows of it now (nothing once it exited). */
+  view(): ProcessView {
+    return this.proc.gone ? GONE : viewOf(this.proc.pid);
+  }
+
+  /**
+   * Whether it logged, at warning level or above since warning number `since`, `msg` about the client of
+   * process `pid` (its `client` field), and with `code` when given.
+   */
+  warned(msg: string, pid: number, opts: { since?: number; code?: string } = {}): boolean {
+    return this.warnings.slice(opts.since ?? 0).some((text) => {
+      const l = JSON.parse(text) as { msg?: string; code?: string; client?: { pid?: number } };
+      return l.msg === msg && l.client?.pid === pid && (opts.code === undefined || l.code === opts.code);
+    });
   }
 
   /**

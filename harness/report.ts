@@ -1,6 +1,7 @@
 // A run's figures, for people and as JSON: steps, faults by kind, checks per invariant, violations with
 // the seed that replays them.
 import type { InvariantName, Violation } from './invariants.js';
+import { BROKEN_MODES, type BrokenMode } from './procs.js';
 
 export interface Report {
   seed: number;
@@ -27,7 +28,7 @@ export function formatReport(r: Report): string {
     'operations:',
     ...Object.entries(r.operations).sort().map(([k, n]) => `  ${k.padEnd(18)} ${n}`),
     'checks (per invariant):',
-    ...Object.entries(r.checks).map(([k, n]) => `  ${k.padEnd(18)} ${String(n).padStart(7)}  ${r.violations.filter((v) => v.invariant === k).length} violated`),
+    ...Object.entries(r.checks).map(([k, n]) => `  ${k.padEnd(22)} ${String(n).padStart(7)}  ${r.violations.filter((v) => v.invariant === k).length} violated`),
     '',
   ];
   if (r.violations.length === 0) lines.push('no violations');
@@ -39,6 +40,14 @@ export function formatReport(r: Report): string {
       lines.push(`  ${name}: ${mine.length} violation(s), first at step ${first.step}`, `    ${first.detail.slice(0, 600)}`, `    replay: ${first.replay}`);
     }
   }
+  if (r.selfTest) {
+    lines.push('', 'broken clients, each where the invariant that must catch it first named it:');
+    for (const [mode, { caughtBy }] of Object.entries(BROKEN_MODES)) {
+      const v = r.violations.find((x) => x.invariant === caughtBy && x.detail.includes(`broken (${mode})`));
+      const mine = v?.detail.split('; ').find((d) => d.includes(`broken (${mode})`));
+      lines.push(v ? `  ${mode}: ${caughtBy} at step ${v.step}: ${mine?.slice(0, 400)}` : `  ${mode}: NOT caught by ${caughtBy}`);
+    }
+  }
   return lines.join('\n');
 }
 
@@ -46,3 +55,13 @@ export function formatReport(r: Report): string {
 export function jsonReport(r: Report): object {
   return { steps: r.steps, faults: r.faults, checks: r.checks, violations: r.violations, seed: r.seed, faultsByKind: r.faultsByKind, operations: r.operations, durationMs: r.durationMs, selfTest: r.selfTest };
 }
+
+/** --self-test: the broken clients no violation of the invariant that must catch them named ("mode: invariant"). */
+export function missedPlanted(r: Report): string[] {
+  return (Object.entries(BROKEN_MODES) as [BrokenMode, (typeof BROKEN_MODES)[BrokenMode]][])
+    .filter(([mode, { caughtBy }]) => !r.violations.some((v) => v.invariant === caughtBy && v.detail.includes(`broken (${mode})`)))
+    .map(([mode, { caughtBy }]) => `${mode}: ${caughtBy}`);
+}
+
+/** --self-test: each broken client and the invariant that must catch it ("mode: invariant"). */
+export const PLANTED: readonly string[] = Object.entries(BROKEN_MODES).map(([mode, { caughtBy }]) => `${mode}: ${caughtBy}`);

@@ -1,46 +1,67 @@
-// The harness loop: start a broker process, the owner (this process) and the client processes; then, for
-// each step, one operation or fault chosen by the seeded generator, and every invariant checked against
-// the kernel; finally every client leaves (checked too) and the owner takes the map down.
+// The harness loop: start a broker process, the owner (this process, through the relay that holds every
+// commit's answer until the judge looked) and the client processes; then, for each step, one operation or
+// fault chosen by the seeded generator, and every invariant checked against the kernel, at the moment of
+// each answer and after the step settled; finally every client leaves (checked too) and the owner takes
+// the map down.
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { allOrNothing, convergence, data, leaks, leftClean, noStaleMapping, outcome, pins, Tally } from './invariants.js';
 import { observe, observeNow } from './observe.js';
 import { runOperation, type StepResult } from './operations.js';
-import { runFault } from './faults.js';
+import { runFault, type FaultName } from './faults.js';
 import { checkOptions, DEFAULT_OPTIONS, type ClientKind, type HarnessOptions } from './options.js';
+import { BROKEN_MODES, type BrokenMode } from './procs.js';
 import { replayCommand, type Report } from './report.js';
 import { Rng } from '../testkit/rng.js';
 import { World } from './world.js';
 
+/** --self-test: a broker restart every this many steps, whatever --faults says (a broken client only shows in its window). */
+export const SELF_TEST_RESTART_EVERY = 15;
+
+/** Counts what the world recorded meanwhile (checks at held answers, in restart windows) and returns the rest. */
+function tallyDrained(w: World, t: Tally): ReturnType<World['drain']> {
+  const d = w.drain();
+  for (const j of d.judged) t.check(j.invariant, j.problems);
+  return d;
+}
+
+/** Every check of a step: those made during it (at held answers, in restart windows, while a vote was held), then after it. */
 async function checkStep(w: World, t: Tally, res: StepResult): Promise<void> {
+  for (const j of res.judged ?? []) t.check(j.invariant, j.problems);
   if (res.risky) allOrNothing(w, await observeNow(w), t);
   // Long enough for an evicted client to come back and for every client to find a restarted broker.
   const snap = await observe(w, 2 * w.opts.ackTimeoutMs + 15_000);
+  // Deaths found while settling (accounted for, the client replaced) belong to this step's outcome.
+  const late = tallyDrained(w, t);
   convergence(w, snap, t);
   noStaleMapping(w, snap, t);
   pins(w, snap, t);
   leaks(w, snap, t);
-  outcome(res, t);
+  outcome({ ...res, surprises: [...res.surprises, ...late.surprises] }, t);
   await data(w, snap, t);
+  if (late.notes.length > 0) w.opts.onStep?.(`step ${t.step}: then ${late.notes.join('; ')}`);
 }
 
-/** Client processes that died without the harness asking: reported, and forgotten. */
-function reapDead(w: World): string[] {
-  const dead = w.clients.filter((c) => c.gone);
-  w.clients = w.clients.filter((c) => !c.gone);
-  return dead.map((c) => `${c.describe()} died (${c.child.exitCode ?? c.child.signalCode}): ${c.stderr.join('').slice(-400)}`);
-}
-
-async function step(w: World): Promise<{ res: StepResult; fault: boolean }> {
-  const fault = w.rng.chance(w.opts.faultRate);
+/** Runs the step's operation or fault; what the world recorded meanwhile (held answers, deaths) joins its result. */
+async function step(w: World, forced?: FaultName): Promise<{ res: StepResult; fault: boolean }> {
+  const fault = forced !== undefined || w.rng.chance(w.opts.faultRate);
+  let res: StepResult;
+  let f: StepResult | undefined;
   try {
-    const f = fault ? await runFault(w) : undefined;
-    const res = f ?? (await runOperation(w));
-    return { res: { ...res, surprises: [...res.surprises, ...reapDead(w)] }, fault: f !== undefined };
+    f = fault ? await runFault(w, forced) : undefined;
+    res = f ?? (await runOperation(w));
   } catch (err) {
-    return { res: { op: 'error', detail: (err as Error).message, risky: true, surprises: [`the step failed: ${(err as Error).stack ?? String(err)}`, ...reapDead(w)] }, fault };
+    res = { op: 'error', detail: (err as Error).message, risky: true, surprises: [`the step failed: ${(err as Error).stack ?? String(err)}`] };
   }
+  try {
+    await w.replaceDead();
+  } catch (err) {
+    w.surprises.push(`replacing a dead client failed: ${(err as Error).message}`);
+  }
+  const d = w.drain();
+  const detail = d.notes.length > 0 ? `${res.detail}; ${d.notes.join('; ')}` : res.detail;
+  return { res: { ...res, detail, surprises: [...res.surprises, ...d.surprises], judged: [...(res.judged ?? []), ...d.judged], moments: d.moments }, fault: f !== undefined };
 }
 
 /** Takes everything down through the front door, checking after each client leaves. */
@@ -50,6 +71,7 @@ async function teardown(w: World, t: Tally): Promise<void> {
     const code = await w.leave(c);
     leftClean(c, code, t);
     const snap = await observe(w, 15_000);
+    t.check('outcome', tallyDrained(w, t).surprises);
     convergence(w, snap, t);
     leaks(w, snap, t);
   }
@@ -66,6 +88,7 @@ async function teardown(w: World, t: Tally): Promise<void> {
   w.releaseUnused();
   // Nothing left: the broker is back to its own baseline (plus the owner's connection).
   leaks(w, await observe(w, 15_000), t);
+  tallyDrained(w, t);
 }
 
 export async function runHarness(input: Partial<HarnessOptions> = {}, replayArgs = ''): Promise<Report> {
@@ -82,14 +105,12 @@ export async function runHarness(input: Partial<HarnessOptions> = {}, replayArgs
   try {
     await w.start();
     for (const [kind, n] of Object.entries(opts.clients) as [ClientKind, number][]) for (let i = 0; i < n; i++) await w.join(kind);
-    if (opts.selfTest) {
-      await w.join('plain', 'skip-unmap');
-      await w.join('vfio', 'pin-twice');
-    }
+    if (opts.selfTest) for (const mode of Object.keys(BROKEN_MODES) as BrokenMode[]) await w.joinBroken(mode);
+    w.drain();
     let failedInARow = 0;
     for (let i = 1; i <= opts.steps; i++) {
       t.step = i;
-      const { res, fault } = await step(w);
+      const { res, fault } = await step(w, opts.selfTest && i % SELF_TEST_RESTART_EVERY === 0 ? 'broker-restart' : undefined);
       steps = i;
       if (fault) {
         faults++;
@@ -101,7 +122,9 @@ export async function runHarness(input: Partial<HarnessOptions> = {}, replayArgs
         await checkStep(w, t, res);
       } catch (err) {
         // A process that stopped answering while it was being checked: reported, and the run goes on.
-        t.check('outcome', [`checking step ${i} failed: ${(err as Error).message}`, ...reapDead(w)]);
+        t.check('outcome', [`checking step ${i} failed: ${(err as Error).message}`]);
+        await w.replaceDead().catch(() => false);
+        tallyDrained(w, t);
       }
       // A long soak shows a violation when it happens, not only in the summary at the end.
       for (const v of t.violations.slice(seen)) opts.onStep?.(`step ${i}: VIOLATION ${v.invariant}: ${v.detail}`);

@@ -6,9 +6,13 @@ import path from 'node:path';
 import { OwnerClient, createSealedMemfd } from '../clients/index.js';
 import { native } from '../native/index.js';
 import { isMmbError, toMmbError, type CommitOp, type CommitResult, type MmbError } from '../protocol/index.js';
+import { OwnerRelay } from '../testkit/relay.js';
 import { waitFor } from '../testkit/wait.js';
+import type { Judged } from './invariants.js';
 import { Model, type BrokerBacking, type Memfd } from './model.js';
-import { BrokerProc, spawnClient, type ClientProc } from './procs.js';
+import { MomentJudge, type Moment } from './moment.js';
+import { BROKEN_MODES, BrokerProc, spawnClient, type BrokenMode, type ClientProc } from './procs.js';
+import type { RestartWindow } from './restart.js';
 import { CLIENT_KINDS, type ClientKind, type HarnessOptions } from './options.js';
 import type { Rng } from '../testkit/rng.js';
 
@@ -22,6 +26,20 @@ export class World {
   broker!: BrokerProc;
   owner!: OwnerClient;
   readonly socket: string;
+  /** The owner connects here: the relay holds the broker's answer to each commit until the judge looked. */
+  readonly ownerSocket: string;
+  relay!: OwnerRelay;
+  /** Set while a restarted broker's space is unpublished: commits then only rebuild the map. */
+  restart: RestartWindow | undefined;
+  // What the current step found besides its operation's own answer (drained into its result):
+  /** Checks made during the step (at a held answer, in a restart window, while a vote is held). */
+  judged: Judged[] = [];
+  /** What each held answer showed. */
+  moments: Moment[] = [];
+  /** Lines for the step's detail. */
+  notes: string[] = [];
+  /** Where the system answered otherwise than documented (the outcome check). */
+  surprises: string[] = [];
   private nextClient = 0;
 
   constructor(
@@ -30,12 +48,24 @@ export class World {
     readonly dir: string,
   ) {
     this.socket = path.join(dir, 'broker.sock');
+    this.ownerSocket = path.join(dir, 'owner.sock');
   }
 
   async start(): Promise<void> {
     this.broker = await BrokerProc.start(this.socket, SPACE, this.opts.ackTimeoutMs);
+    this.relay = OwnerRelay.start(this.socket, this.ownerSocket, new MomentJudge(this).hooks);
     // `mmbroker serve` starts its spaces unpublished; the (empty) map is authoritative from here on.
-    this.owner = await OwnerClient.attach(this.socket, { space: SPACE, name: 'harness-owner', publish: true });
+    this.owner = await OwnerClient.attach(this.ownerSocket, { space: SPACE, name: 'harness-owner', publish: true });
+  }
+
+  /** What the step found besides its operation's answer; empties the records for the next step. */
+  drain(): { judged: Judged[]; moments: Moment[]; notes: string[]; surprises: string[] } {
+    const out = { judged: this.judged, moments: this.moments, notes: this.notes, surprises: this.surprises };
+    this.judged = [];
+    this.moments = [];
+    this.notes = [];
+    this.surprises = [...this.relay.errors.splice(0).map((e) => `the judge failed at a held answer: ${e.stack ?? e.message}`)];
+    return out;
   }
 
   /** Live clients of a kind (the deliberately broken ones excluded unless asked for). */
@@ -48,13 +78,74 @@ export class World {
     return this.clients.filter((c) => !c.broken);
   }
 
-  /** Starts a client process of `kind` and waits until it attached and acked its initial map. */
-  async join(kind: ClientKind, broken?: 'skip-unmap' | 'pin-twice'): Promise<ClientProc> {
+  /**
+   * Starts a client process of `kind` and waits until it attached and acked its initial map. One that the
+   * broker evicted and killed while it established that map (pinning gigabytes past the ack deadline on a
+   * loaded machine: documented) is noted and tried again, three times at most.
+   */
+  async join(kind: ClientKind): Promise<ClientProc> {
     const n = this.nextClient++;
-    const devices = kind === 'vfio' ? (broken ? ['dev0', 'dev1'] : Array.from({ length: this.rng.int(1, 2) }, (_, i) => `c${n}d${i}`)) : [];
-    const c = await spawnClient({ socket: this.socket, space: SPACE, kind, name: `${broken ?? kind}-${n}`, devices, ...(broken ? { broken } : {}) });
+    const devices = kind === 'vfio' ? Array.from({ length: this.rng.int(1, 2) }, (_, i) => `c${n}d${i}`) : [];
+    for (let attempt = 1; ; attempt++) {
+      try {
+        const c = await spawnClient({ socket: this.socket, space: SPACE, kind, name: `${kind}-${n}${attempt > 1 ? `.${attempt}` : ''}`, devices });
+        this.clients.push(c);
+        return c;
+      } catch (err) {
+        const p = (err as { proc?: ClientProc }).proc;
+        if (!p || !this.evictedAndKilled(p) || attempt >= 3) throw err;
+        this.notes.push(`${p.describe()} was evicted and killed by the broker while it joined (${p.child.signalCode}), as documented; trying again`);
+      }
+    }
+  }
+
+  /**
+   * join(), for a replacement or an operation: when every attempt was evicted and killed as documented (the
+   * machine cannot pin the map within the ack deadline just now), the world goes on without it (noted);
+   * undefined then. Any other failure throws.
+   */
+  async tryJoin(kind: ClientKind): Promise<ClientProc | undefined> {
+    try {
+      return await this.join(kind);
+    } catch (err) {
+      const p = (err as { proc?: ClientProc }).proc;
+      if (!p || !this.evictedAndKilled(p)) throw err;
+      this.notes.push(`${p.describe()} was evicted and killed again while it joined: the run goes on without a ${kind} client in its place`);
+      return undefined;
+    }
+  }
+
+  /** Starts a deliberately broken client (--self-test). */
+  async joinBroken(broken: BrokenMode): Promise<ClientProc> {
+    const kind = BROKEN_MODES[broken].kind;
+    const c = await spawnClient({ socket: this.socket, space: SPACE, kind, name: `${broken}-${this.nextClient++}`, devices: kind === 'vfio' ? ['dev0', 'dev1'] : [], broken });
     this.clients.push(c);
     return c;
+  }
+
+  /**
+   * Client processes that died without the harness asking are taken out of the world and replaced by one of
+   * the same kind. A death is documented when the broker evicted the client and killed it through its
+   * pidfd (fence policy kill: a client that missed its ack deadline, e.g. pinning a gigabyte under load):
+   * then it is noted; any other death is a surprise. Returns whether any client died.
+   */
+  async replaceDead(): Promise<boolean> {
+    const dead = this.clients.filter((c) => c.gone);
+    if (dead.length === 0) return false;
+    this.clients = this.clients.filter((c) => !c.gone);
+    for (const c of dead) {
+      const how = c.child.signalCode ?? `exit ${c.child.exitCode}`;
+      if (this.evictedAndKilled(c)) this.notes.push(`${c.describe()} was evicted and killed by the broker (${how}), as documented`);
+      else this.surprises.push(`${c.describe()} died (${how}) without an eviction and a SIGKILL logged by the broker: ${c.stderr.join('').slice(-400)}`);
+      const replacement = c.broken ? undefined : await this.tryJoin(c.kind);
+      if (replacement) this.notes.push(`${replacement.describe()} joined in its place`);
+    }
+    return true;
+  }
+
+  /** The broker logged evicting `c` and sending SIGKILL through its pidfds, and SIGKILL is what ended it. */
+  evictedAndKilled(c: ClientProc): boolean {
+    return c.child.signalCode === 'SIGKILL' && this.broker.warned('evicting client', c.pid) && this.broker.warned('fencing: sent SIGKILL through pidfds', c.pid);
   }
 
   /** Detaches a client (SIGTERM: it unmaps, unpins, closes); resolves with its exit code. */
@@ -102,19 +193,8 @@ export class World {
   }
 
   applyToModel(ops: readonly CommitOp[], generation: number): void {
-    const m = this.model;
-    for (const op of ops) if (op.op === 'remove') m.regions.delete(String(op.region));
-    for (const op of ops) {
-      if (op.op !== 'set') continue;
-      const r = m.regions.get(String(op.region));
-      if (!r) continue;
-      if (op.readonly !== undefined) r.readonly = op.readonly;
-      if (op.logDirty !== undefined) r.logDirty = op.logDirty;
-    }
-    for (const op of ops) {
-      if (op.op === 'add') m.regions.set(op.name, { name: op.name, gpa: op.gpa, size: op.size, backing: op.backing, offset: op.offset, readonly: op.readonly ?? false, logDirty: op.logDirty ?? false });
-    }
-    m.generation = generation;
+    this.model.regions = this.model.regionsAfter(ops);
+    this.model.generation = generation;
     this.releaseUnused();
   }
 
@@ -131,9 +211,10 @@ export class World {
   async reattachOwner(): Promise<void> {
     this.owner = await waitFor('the owner to reattach', async () => {
       try {
-        return await OwnerClient.attach(this.socket, { space: SPACE, name: 'harness-owner' });
+        return await OwnerClient.attach(this.ownerSocket, { space: SPACE, name: 'harness-owner' });
       } catch (err) {
-        if (isMmbError(err, 'MMB_ERR_OWNER_EXISTS') || isMmbError(err, 'MMB_ERR_CONNECT')) return undefined;
+        // The relay drops the connection when the broker does not take it (MMB_ERR_DISCONNECTED).
+        if (isMmbError(err, 'MMB_ERR_OWNER_EXISTS') || isMmbError(err, 'MMB_ERR_CONNECT') || isMmbError(err, 'MMB_ERR_DISCONNECTED')) return undefined;
         throw err;
       }
     }, 20_000);
@@ -143,6 +224,7 @@ export class World {
     for (const c of this.clients) await c.stop('SIGTERM');
     this.clients = [];
     this.owner?.close();
+    this.relay?.close();
     await this.broker?.stop('SIGTERM');
     for (const m of this.model.memfds.values()) native.close(m.fd);
     this.model.memfds.clear();

@@ -1,8 +1,9 @@
 // The Python clients (examples/python: the standard library's send_fds/recv_fds and the msgpack package)
 // against a broker process (`mmbroker serve`). The subscriber maps the owner's bytes at their GPA and acks;
 // a removal resolves only once the Python subscriber has unmapped it. That is judged at the moment: the
-// Python owner talks to the broker through a relay in this test, which reads the subscriber's
-// /proc/PID/maps when the broker's reply to the owner's COMMIT passes, before the owner can see it.
+// Python owner talks to the broker through the testkit's relay (testkit/relay.ts), which reads the
+// subscriber's /proc/PID/maps when the broker's reply to the owner's COMMIT passes, before the owner can
+// see it.
 // Needs python3 with msgpack (Debian: python3-msgpack); under CI a missing one fails.
 import { spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
@@ -10,9 +11,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { fetchStatus } from '../clients/index.js';
-import { constants, native } from '../native/index.js';
-import { Msg, type Frame } from '../protocol/index.js';
-import { SocketTransport, closeAll, connectSocket } from '../transport/index.js';
+import { OwnerRelay, type CommitReply, type CommitRequest } from '../testkit/relay.js';
 import { IN_CI } from './helpers/ci.js';
 import { LineProc } from './helpers/examples.js';
 import { ROOT, memfdMaps, spawnBroker, stopProcess, tempDir, waitFor, type BrokerProc } from './helpers/procs.js';
@@ -41,71 +40,19 @@ const shape = (line: string) => {
 
 interface Moment {
   /** The owner's COMMIT, as it went to the broker. */
-  request: Record<string, unknown>;
+  request: CommitRequest;
   /** The broker's REPLY to it, before the owner had it. */
-  reply: Record<string, unknown>;
-  /** Each watched process's mappings of memfds, by memfd name, read at that moment. */
+  reply: CommitReply;
+  /** Each subscriber's mappings of memfds, by memfd name, read at that moment. */
   maps: Map<number, Map<string, string[]>>;
-}
-
-/**
- * A relay between one owner and the broker: forwards every frame both ways (descriptors included). When
- * the broker's REPLY to a COMMIT passes, it reads /proc/PID/maps of `watch()`'s processes for `names`,
- * then forwards the reply: what the owner is told and what the kernel shows are judged at one moment.
- */
-function ownerRelay(brokerPath: string, relayPath: string, watch: () => number[], names: string[]) {
-  const moments: Moment[] = [];
-  const commits = new Map<number, Record<string, unknown>>();
-  const transports: SocketTransport[] = [];
-  const forward = (to: SocketTransport, f: Frame) => {
-    to.send(f.body, f.fds);
-    closeAll(f.fds);
-  };
-  const lfd = native.socketListen(relayPath, 4, 0o600);
-  const poll = native.pollStart(lfd, constants.POLL_READABLE, () => {
-    for (let a = native.socketAccept(lfd); a; a = native.socketAccept(lfd)) {
-      const owner = new SocketTransport(a.fd, a);
-      transports.push(owner);
-      let broker: SocketTransport | undefined;
-      const early: Frame[] = [];
-      owner.on('frame', (f) => {
-        if (f.body.t === Msg.COMMIT) commits.set(f.body.id as number, f.body);
-        if (broker) forward(broker, f);
-        else early.push(f);
-      });
-      owner.on('close', () => broker?.end());
-      void connectSocket(brokerPath).then((up) => {
-        broker = up;
-        transports.push(up);
-        for (const f of early.splice(0)) forward(up, f);
-        up.on('frame', (f) => {
-          const request = f.body.t === Msg.REPLY ? commits.get(f.body.id as number) : undefined;
-          if (request) {
-            const maps = new Map(watch().map((pid) => [pid, new Map(names.map((n) => [n, memfdMaps(pid, n)]))]));
-            moments.push({ request, reply: f.body, maps });
-          }
-          forward(owner, f);
-        });
-        up.on('close', () => owner.end());
-        if (owner.closed) up.end();
-      });
-    }
-  });
-  return {
-    moments,
-    close(): void {
-      native.pollClose(poll);
-      native.close(lfd);
-      for (const t of transports) t.destroy();
-    },
-  };
 }
 
 describe.skipIf(skip)(`Python clients${skip ? ` (skipped: ${missing}; apt-get install python3-msgpack)` : ''}`, () => {
   let dir: string;
   let socket: string;
   let broker: BrokerProc;
-  let relay: ReturnType<typeof ownerRelay>;
+  let relay: OwnerRelay;
+  let moments: Moment[];
   let procs: LineProc[];
   let subscribers: LineProc[];
 
@@ -129,12 +76,21 @@ describe.skipIf(skip)(`Python clients${skip ? ` (skipped: ${missing}; apt-get in
     dir = tempDir('mmb-python-');
     socket = path.join(dir, 'broker.sock');
     broker = await spawnBroker(socket, ['--space', 'vm0']);
-    relay = ownerRelay(socket, path.join(dir, 'relay.sock'), () => subscribers.map((s) => s.pid), ['dimm0', 'bad']);
+    moments = [];
+    // The Python owner talks to the broker through the testkit's relay: as the broker's reply to a COMMIT
+    // passes, the subscribers' /proc/PID/maps are read, and only then is the reply forwarded.
+    relay = OwnerRelay.start(socket, path.join(dir, 'relay.sock'), {
+      onCommitReply: (request, reply) => {
+        const maps = new Map(subscribers.map((s) => [s.pid, new Map(['dimm0', 'bad'].map((n) => [n, memfdMaps(s.pid, n)]))]));
+        moments.push({ request, reply, maps });
+      },
+    });
   });
 
   afterEach(async () => {
     for (const p of procs) await p.stop();
     relay.close();
+    expect(relay.errors).toEqual([]);
     await stopProcess(broker);
     fs.rmSync(dir, { recursive: true, force: true });
   });
@@ -150,7 +106,7 @@ describe.skipIf(skip)(`Python clients${skip ? ` (skipped: ${missing}; apt-get in
     const added = await own.waitFor(/^added name=dimm0 id=\d+ gpa=0x40000000 size=0x200000 backing=\d+ generation=(\d+)$/);
     const generation = Number(added[1]);
     // When the owner was told "added", the Python process had the 2 MiB memfd mapped shared, read-write...
-    const atAdd = relay.moments[0] as Moment;
+    const atAdd = moments[0] as Moment;
     expect(atAdd.reply).toMatchObject({ result: { generation } });
     expect((atAdd.maps.get(sub.pid)?.get('dimm0') ?? []).map(shape)).toEqual([{ size: 2 * MiB, perms: 'rw-s' }]);
     // ...its ack is the broker's record, and it reads the owner's bytes at their guest-physical address.
@@ -160,7 +116,7 @@ describe.skipIf(skip)(`Python clients${skip ? ` (skipped: ${missing}; apt-get in
     own.send('remove dimm0');
     const removed = await own.waitFor(/^removed name=dimm0 generation=(\d+)$/);
     expect(Number(removed[1])).toBe(generation + 1);
-    const atRemove = relay.moments[1] as Moment;
+    const atRemove = moments[1] as Moment;
     expect(atRemove.request).toMatchObject({ ops: [{ op: 'remove', region: 'dimm0' }] });
     expect(atRemove.maps.get(sub.pid)?.get('dimm0')).toEqual([]); // unmapped before the broker could answer
     // Its own account, in order (its stdout may trail the broker's answer): it unmapped, then acked.
@@ -189,7 +145,7 @@ describe.skipIf(skip)(`Python clients${skip ? ` (skipped: ${missing}; apt-get in
     own.send(`add bad 0x${(GPA + 2 * MiB).toString(16)} 2M`);
     await own.waitFor(/^error code=MMB_ERR_CLIENT_REFUSED message=/);
     // At the moment the refusal reached the owner, neither process mapped "bad"; both still map dimm0.
-    const at = relay.moments.at(-1) as Moment;
+    const at = moments.at(-1) as Moment;
     expect(at.reply).toMatchObject({ error: { code: 'MMB_ERR_CLIENT_REFUSED', client: { kind: 'python', name: 'py-refuses', pid: refuses.pid } } });
     for (const p of [applies, refuses]) {
       expect(at.maps.get(p.pid)?.get('bad'), p.lines.join('\n')).toEqual([]);

@@ -138,6 +138,66 @@ export function fdCensus(pid: number | 'self', memfdPrefix: string): FdCensus {
   return census;
 }
 
+/** What the kernel shows of a process at one moment: a process that is gone (or a zombie) maps, pins and holds nothing. */
+export interface ProcessView {
+  /** False once the process exited (reaped or not): then everything below is empty. */
+  alive: boolean;
+  maps: FileMapping[];
+  lockedBytes: number;
+  census: FdCensus;
+}
+
+const isGone = (err: unknown) => ['ENOENT', 'ESRCH'].includes((err as { code?: string }).code ?? '');
+const exited = (status: string) => /^State:\s+[ZX]/m.test(status);
+
+/**
+ * The process's memfd mappings, locked bytes and descriptors (memfds named `memfdPrefix`... by name), read
+ * so that its death at any moment is an answer, not an error: a process that exited before or while it was
+ * read is reported `alive: false` with nothing mapped, locked or open (the kernel tore all of it down).
+ * Only for a pid that cannot have been reused meanwhile (a child not yet reaped, or checked with
+ * `startTime`).
+ */
+export function processView(pid: number, memfdPrefix: string): ProcessView {
+  const dead: ProcessView = { alive: false, maps: [], lockedBytes: 0, census: { memfds: new Map(), bitmaps: 0, sockets: 0, pidfds: 0, other: 0, total: 0 } };
+  try {
+    const status = fs.readFileSync(`/proc/${pid}/status`, 'utf8');
+    if (exited(status)) return dead;
+    const maps = memfdMappings(pid);
+    const census = fdCensus(pid, memfdPrefix);
+    const after = fs.readFileSync(`/proc/${pid}/status`, 'utf8');
+    // It died while we read: what we read may be half torn down; dead is the true answer now.
+    if (exited(after)) return dead;
+    const locked = Number(/^VmLck:\s+(\d+) kB$/m.exec(after)?.[1] ?? 0) * 1024;
+    return { alive: true, maps, lockedBytes: locked, census };
+  } catch (err) {
+    // A read that failed because the process died under it (a zombie's fd table is not readable).
+    if (isGone(err) || !alive(pid)) return dead;
+    throw err;
+  }
+}
+
+function alive(pid: number): boolean {
+  try {
+    return !exited(fs.readFileSync(`/proc/${pid}/status`, 'utf8'));
+  } catch {
+    return false;
+  }
+}
+
+/**
+ * When the process started (clock ticks after boot, /proc/PID/stat field 22), or undefined once it is
+ * gone: with the pid, it names one process (a pid alone may be reused by another once the first is reaped).
+ */
+export function startTime(pid: number): string | undefined {
+  let stat: string;
+  try {
+    stat = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+  } catch {
+    return undefined;
+  }
+  return stat.slice(stat.lastIndexOf(')') + 2).split(' ')[19];
+}
+
 /** The process's state letter from /proc/PID/stat (R, S, D, T stopped, Z, ...), or undefined once it is gone. */
 export function processState(pid: number): string | undefined {
   let stat: string;
