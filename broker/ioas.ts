@@ -51,6 +51,7 @@ import {
   type MmbError,
   type Region,
   type SpaceLimits,
+  hex,
 } from '../protocol/index.js';
 import type { Fences, Holder } from './fence.js';
 import { IovaMap, bytesOf, splitMappings, type IovaPlan } from './iova-map.js';
@@ -60,7 +61,6 @@ import type { AckResult, Session } from './session.js';
 /** At most this many IOASes per address space. */
 export const MAX_IOAS = 1024;
 
-const hex = (n: number) => `0x${n.toString(16)}`;
 const span = (iova: number, size: number) => `[${hex(iova)}, ${hex(iova + size)})`;
 
 /** What an IOAS borrows from its address space (broker/space.ts): its queue, fan-out, vote and fences. */

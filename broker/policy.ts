@@ -21,12 +21,12 @@ import {
   formatSize,
   type DmaRules,
   type Region,
+  hex,
 } from '../protocol/index.js';
 import { nextView, viewOps } from './coalesce.js';
 import type { Plan } from './map.js';
 import type { Session } from './session.js';
 
-const hex = (n: number) => `0x${n.toString(16)}`;
 const fmt = (bytes: number) => (bytes >= 2 ** 20 ? `${+(bytes / 2 ** 20).toFixed(1)} MiB` : `${bytes} bytes`);
 
 export interface MapAfter {

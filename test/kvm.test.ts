@@ -27,7 +27,7 @@ import {
 import * as abi from '../clients/kvm/abi.js';
 import { constants, native } from '../native/index.js';
 import { kvm, type KvmConstants } from '../native/kvm.js';
-import { ALL_FEATURES, Feature, isMmbError, type MmbError } from '../protocol/index.js';
+import { ALL_FEATURES, Feature, hex, isMmbError, type MmbError } from '../protocol/index.js';
 import { codeOf, defer, embeddedBroker, ownerOf, runCleanups } from './helpers/embedded.js';
 import { memfdMaps, spawnBroker, spawnSubscriber, stopProcess, tempDir, type JsonProc } from './helpers/procs.js';
 import { IN_CI } from './helpers/ci.js';
@@ -67,7 +67,6 @@ async function backing(owner: OwnerClient, size: number, name: string) {
   return b;
 }
 
-const hexAddr = (n: number) => `0x${n.toString(16)}`;
 
 /** Lines of /proc/self/maps whose range holds `hva`. */
 const mapsAt = (hva: number): string[] => procMapsAt('self', hva);
@@ -84,7 +83,7 @@ function expectSlotsMirror(sub: KvmSubscriber, regions: { name: string; gpa: num
   for (const s of slots) {
     expect(s.hva).toBe(mapped.get(s.gpa));
     const [line] = mapsAt(s.hva);
-    expect(line, `a mapping at ${hexAddr(s.hva)} for slot ${s.slot}`).toBeDefined();
+    expect(line, `a mapping at ${hex(s.hva)} for slot ${s.slot}`).toBeDefined();
     expect(line!.split(' ')[1]).toBe(s.readonly ? 'r--s' : 'rw-s');
   }
   // Ids are unique and below the limit.

@@ -145,7 +145,7 @@ export const attach: Command = {
       });
       const n = vu.negotiated;
       log('backend', `vhost-user back-end ${vu.frontend.path}: ${n.memMode === 'slots' ? `${vu.maxSlots} slots (ADD_MEM_REG / REM_MEM_REG)` : `SET_MEM_TABLE only, ${vu.maxSlots} regions`}`, {
-        backend: vu.frontend.path, memMode: n.memMode, maxSlots: vu.maxSlots, features: `0x${n.features.toString(16)}`, protocolFeatures: `0x${n.protocolFeatures.toString(16)}`,
+        backend: vu.frontend.path, memMode: n.memMode, maxSlots: vu.maxSlots, features: hex(n.features), protocolFeatures: hex(n.protocolFeatures),
         ...(vu.iotlb ? { ioas: vu.iotlb.ioas } : {}),
       });
       const iotlb = () => (vu.iotlb ? { iotlb: { ioas: vu.iotlb.ioas, mappings: vu.iotlb.established(), stats: vu.iotlb.stats } } : {});

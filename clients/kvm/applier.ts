@@ -14,7 +14,7 @@
 // throws one typed error: MMB_ERR_KVM with the ioctl's errno, MMB_ERR_CLIENT_LIMIT, MMB_ERR_MAP_FAILED
 // or MMB_ERR_CANCELLED. The subscriber then nacks and the broker rolls the transaction back everywhere.
 import type { Logger } from 'pino';
-import { CancelledError, InternalError, KvmError, UnsupportedError, toMmbError, type MmbError } from '../../protocol/index.js';
+import { CancelledError, InternalError, KvmError, UnsupportedError, toMmbError, type MmbError, hex } from '../../protocol/index.js';
 import { GuestMemory, type MappedRegion } from '../memory.js';
 import type { DirtyLog } from '../dirty.js';
 import type { Applier, ApplyContext, Change, LocalBacking, ViewRegion } from '../view.js';
@@ -27,7 +27,6 @@ import { KvmVm } from './vm.js';
 /** Slot operations between two looks at the abort signal (and a turn of the event loop). */
 const OPS_PER_TURN = 512;
 
-const hex = (n: number) => `0x${n.toString(16)}`;
 
 export interface SlotInfo {
   slot: number;

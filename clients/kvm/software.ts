@@ -12,7 +12,7 @@
 //   change of an existing slot's size, hva or READONLY                     EINVAL
 //   create or move onto a range another slot covers                        EEXIST
 // The same call twice is a no-op, as in KVM; a gpa change of an existing slot is a move.
-import { KvmError } from '../../protocol/index.js';
+import { KvmError, hex } from '../../protocol/index.js';
 import { KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_MAX_NR_PAGES, KVM_MEM_READONLY, KVM_X86_USER_MEM_SLOTS, type MemoryRegionArgs } from './abi.js';
 import type { MemslotBackend } from './backend.js';
 
@@ -51,7 +51,7 @@ export class SoftwareMemslots implements MemslotBackend {
   setUserMemoryRegion(r: MemoryRegionArgs): void {
     const fail = (errno: string, why: string): never => {
       throw new KvmError(
-        `[software] KVM_SET_USER_MEMORY_REGION slot ${r.slot} (gpa 0x${r.gpa.toString(16)}, 0x${r.size.toString(16)} bytes, flags ${r.flags}): ${ERRNO_TEXT[errno] ?? errno} (${errno}): ${why}`,
+        `[software] KVM_SET_USER_MEMORY_REGION slot ${r.slot} (gpa ${hex(r.gpa)}, ${hex(r.size)} bytes, flags ${r.flags}): ${ERRNO_TEXT[errno] ?? errno} (${errno}): ${why}`,
         { errno },
       );
     };

@@ -3,7 +3,7 @@
 // (vcpu.ts); no irqchip, no devices: this VM exists to hold memslots and run tiny test programs.
 import { isNativeError, native } from '../../native/index.js';
 import { isKvmIoctlError, kvm } from '../../native/kvm.js';
-import { InvalidArgError, KvmError, UnsupportedError, type MmbError } from '../../protocol/index.js';
+import { InvalidArgError, KvmError, UnsupportedError, type MmbError, hex } from '../../protocol/index.js';
 import {
   DIRTY_GFN,
   KVM_API_VERSION,
@@ -25,7 +25,6 @@ import {
 } from './abi.js';
 import type { MemslotBackend } from './backend.js';
 
-const hex = (n: number) => `0x${n.toString(16)}`;
 
 /** Wraps an addon error from a KVM ioctl into MMB_ERR_KVM carrying its errno. */
 export function kvmError(what: string, err: unknown): MmbError {

@@ -5,7 +5,7 @@
 // creates the IOMMU domain, the last one destroys it: with type1 the kernel drops the container's IOMMU
 // and every DMA mapping with its last group), maps and unmaps pieces of pinned memory at an IOVA, and
 // says what the domain allows (usable IOVA ranges, remaining DMA mappings, cache coherency).
-import { GPA_LIMIT, IommuError, InvalidArgError, PinFailedError, type IovaRange, type MmbError } from '../../protocol/index.js';
+import { GPA_LIMIT, IommuError, InvalidArgError, PinFailedError, type IovaRange, type MmbError, hex } from '../../protocol/index.js';
 import { isNativeError, type Mapping } from '../../native/index.js';
 import type { RawIovaRange, RegionInfo } from './structs.js';
 
@@ -234,7 +234,6 @@ export function checkBdf(bdf: string): void {
   }
 }
 
-const hex = (n: number) => `0x${n.toString(16)}`;
 
 /**
  * The broker error for a failed map: ENOMEM (pinning beyond RLIMIT_MEMLOCK, or out of memory) and

@@ -16,7 +16,7 @@
 // maps (shadow.ts): pinned bytes = mapped bytes, and an unmap is acked once the host IOMMU no longer maps
 // it. Reports are then sent at most every REPORT_INTERVAL_MS (a guest's DMA mappings change thousands of
 // times a second).
-import { isMmbError, InvalidArgError, NoDeviceError, ReservedRangeError, toMmbError, type DmaRules, type IovaRange } from '../../protocol/index.js';
+import { isMmbError, InvalidArgError, NoDeviceError, ReservedRangeError, toMmbError, type DmaRules, type IovaRange, hex } from '../../protocol/index.js';
 import { PAGE_SIZE } from '../../native/index.js';
 import type { BrokerTarget } from '../connection.js';
 import type { GuestMemory } from '../memory.js';
@@ -463,7 +463,7 @@ export class VfioSubscriber extends Subscriber {
       const x = clash(ranges, m.region.gpa, m.region.size);
       if (x) {
         throw new ReservedRangeError(
-          `${name} cannot join this vfio client: region ${JSON.stringify(m.region.name)} [0x${m.region.gpa.toString(16)}, 0x${(m.region.gpa + m.region.size).toString(16)}) covers [0x${x.start.toString(16)}, 0x${x.last.toString(16)}], which ${reservedRegionsPath(name)} reserves`,
+          `${name} cannot join this vfio client: region ${JSON.stringify(m.region.name)} [${hex(m.region.gpa)}, ${hex(m.region.gpa + m.region.size)}) covers [${hex(x.start)}, ${hex(x.last)}], which ${reservedRegionsPath(name)} reserves`,
         );
       }
     }
