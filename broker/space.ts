@@ -70,7 +70,7 @@ import { splitSync } from './sync.js';
 import { coalesce, viewOps } from './coalesce.js';
 import { findFree } from './placement.js';
 import { checkSubscribers } from './policy.js';
-import { Logging } from './logging.js';
+import { DirtyLogging } from './dirty-log.js';
 import { DEFAULT_FENCE_OPTIONS, Fences, type FenceOptions, type Holder, type HolderReason } from './fence.js';
 import { IoSpaces } from './ioas.js';
 import { PAGE_SIZE } from '../native/index.js';
@@ -151,7 +151,7 @@ export class AddressSpace {
   private readonly maxFrameBytes: number;
   private readonly maxFdsPerFrame: number;
   private closed = false;
-  private readonly logging: Logging;
+  private readonly dirtyLog: DirtyLogging;
   private _published: boolean;
   /** Subscribers attached to the space while it is unpublished, with their ATTACH, waiting for PUBLISH. */
   private readonly waiting = new Map<Session, { requestId: number; msg: Attach; replied: boolean }>();
@@ -184,7 +184,7 @@ export class AddressSpace {
     this.fences = new Fences(opts.fence ?? DEFAULT_FENCE_OPTIONS, this.log, (h) => (this.events.emit('fenced', h), this.releaseUnused(h.backings)));
     // eslint-disable-next-line @typescript-eslint/no-this-alias
     const space = this;
-    this.logging = new Logging({
+    this.dirtyLog = new DirtyLogging({
       log: this.log,
       maxFrameBytes: this.maxFrameBytes,
       maxFdsPerFrame: this.maxFdsPerFrame,
@@ -324,7 +324,7 @@ export class AddressSpace {
   attachObserver(session: Session): AttachResult {
     session.state = 'observer';
     session.spaceName = this.name;
-    this.logging.observers.add(session);
+    this.dirtyLog.observers.add(session);
     this.events.emit('joined', session.ref(), 'observer');
     return { client: session.id, epoch: this.epoch, generation: this._generation, sync: 'none' };
   }
@@ -335,7 +335,7 @@ export class AddressSpace {
    */
   detach(session: Session, reason: HolderReason = 'disconnected'): void {
     this.events.left(session, reason);
-    this.logging.observers.delete(session);
+    this.dirtyLog.observers.delete(session);
     this.waiting.delete(session);
     if (this.owner === session) {
       this.owner = undefined;
@@ -373,7 +373,7 @@ export class AddressSpace {
     if (!this.subscribers.has(session)) throw new StateError('only an attached subscriber detaches');
     this.events.left(session, 'leaving');
     this.subscribers.delete(session);
-    this.logging.observers.delete(session);
+    this.dirtyLog.observers.delete(session);
     session.state = 'leaving';
     // Acks it owes resolve as 'gone': a transaction in flight goes on without it (and fences it if needed).
     session.abandon();
@@ -482,13 +482,13 @@ export class AddressSpace {
    */
   dirtySync(session: Session, refs: readonly (number | string)[] | undefined, fd: number): Promise<DirtySyncResult> {
     this.requireOwner(session);
-    return this.enqueue(() => this.events.dirtySync(() => this.logging.sync(refs, fd)), false);
+    return this.enqueue(() => this.events.dirtySync(() => this.dirtyLog.sync(refs, fd)), false);
   }
 
   /** PAUSE (owner only): every writer stops, or resumes, writing guest memory. */
   pause(session: Session, paused: boolean): Promise<PauseResult> {
     this.requireOwner(session);
-    return this.enqueue(() => this.logging.pause(paused).then(() => ({})), false);
+    return this.enqueue(() => this.dirtyLog.pause(paused).then(() => ({})), false);
   }
 
   // --- acks -----------------------------------------------------------------------------------------
@@ -506,7 +506,7 @@ export class AddressSpace {
       ...this.subscribers,
       ...this.waiting.keys(),
       ...this.leaving.keys(),
-      ...this.logging.observers,
+      ...this.dirtyLog.observers,
     ].map((s) => ({
       id: s.id,
       role: s === this.owner ? ('owner' as const) : s.state === 'observer' ? ('observer' as const) : ('subscriber' as const),
@@ -526,8 +526,8 @@ export class AddressSpace {
       generation: this._generation,
       published: this._published,
       bytes: this.map.bytes,
-      paused: this.logging.paused,
-      logging: this.logging.bitmaps.size,
+      paused: this.dirtyLog.paused,
+      logging: this.dirtyLog.bitmaps.size,
       pinBudget: {
         ...(Number.isFinite(this.limits.pinBudgetBytes) ? { limit: this.limits.pinBudgetBytes } : {}),
         predicted: pinners.length * this.map.bytes,
@@ -569,7 +569,7 @@ export class AddressSpace {
       s.goodbye(err);
     }
     this.backings.closeAll();
-    this.logging.close();
+    this.dirtyLog.close();
     this.fences.close();
   }
 
@@ -629,7 +629,7 @@ export class AddressSpace {
     if (!replied) session.reply(requestId, { client: session.id, epoch: this.epoch, generation: this._generation, sync: mode });
     if (gone.length > 0) session.send({ t: Msg.EV_BACKINGS_GONE, backings: gone });
     this.sendBackings(session, accessOf(regions));
-    this.logging.send(session, this.logging.bitmaps.all());
+    this.dirtyLog.send(session, this.dirtyLog.bitmaps.all());
 
     const { seq, done } = session.expectAck();
     const generation = this._generation;
@@ -671,7 +671,7 @@ export class AddressSpace {
     // Backings the transaction needs, and whether a writable region needs them.
     const access = accessOf([...plan.adds, ...plan.sets.filter((x) => !x.after.readonly).map((x) => x.after)]);
     const taken = takenBackings(plan);
-    const bitmaps = this.logging.create(plan);
+    const bitmaps = this.dirtyLog.create(plan);
     let committed = false;
     for (const r of plan.adds) (this.backings.get(r.backing) as Backing).inflight++;
     try {
@@ -690,7 +690,7 @@ export class AddressSpace {
 
       // --- commit ---
       this.apply(plan, generation);
-      this.logging.commit(plan, bitmaps);
+      this.dirtyLog.commit(plan, bitmaps);
       committed = true;
       for (const [s, r] of results) if (r.kind === 'ack') s.ackedGeneration = generation;
       for (const [s, view] of views) s.view = view;
@@ -711,7 +711,7 @@ export class AddressSpace {
         unreferenced: [...touched].filter((id) => this.backings.get(id)?.refs === 0 && !this.fences.holds(id)),
       };
     } finally {
-      if (!committed) this.logging.discard(bitmaps);
+      if (!committed) this.dirtyLog.discard(bitmaps);
       for (const r of plan.adds) {
         const b = this.backings.get(r.backing);
         if (b) b.inflight--;
@@ -784,7 +784,7 @@ export class AddressSpace {
     plan: Plan,
     generation: number,
     access: ReadonlyMap<number, boolean>,
-    bitmaps: ReturnType<Logging['create']>,
+    bitmaps: ReturnType<DirtyLogging['create']>,
     holders: () => Holder[],
     mayRetry: boolean,
   ): Promise<Vote> {
@@ -804,7 +804,7 @@ export class AddressSpace {
       [...this.subscribers],
       (s, seq) => {
         this.sendBackings(s, access);
-        this.logging.send(s, bitmaps);
+        this.dirtyLog.send(s, bitmaps);
         const view = views.get(s);
         const ops = view ? viewOps(s.view, view) : plan.ops;
         if (ops.every((op) => op.op === 'add')) addOnly.add(s);

@@ -1,5 +1,5 @@
 import { MappingSubscriber, type Subscriber } from '../../clients/index.js';
-import { VhostSubscriber } from '../../clients/vhost/index.js';
+import { DeviceSubscriber } from '../../clients/device/index.js';
 import { KvmSubscriber } from '../../clients/kvm/index.js';
 import { VfioSubscriber } from '../../clients/vfio/index.js';
 import { VhostUserSubscriber } from '../../clients/vhost-user/index.js';
@@ -200,7 +200,7 @@ export const attach: Command = {
       await follow(vfio, vfio.memory.regions.bind(vfio.memory), log, stop, values.control ? { ...memoryCommands(vfio, vfio.memory), ...vfioCommands(vfio) } : undefined);
       return 0;
     }
-    const sub = kind === 'vhost' ? await VhostSubscriber.attach(socket, opts) : await MappingSubscriber.attach(socket, opts);
+    const sub = kind === 'vhost' ? await DeviceSubscriber.attach(socket, opts) : await MappingSubscriber.attach(socket, opts);
     await follow(sub, sub.memory.regions.bind(sub.memory), log, stop, values.control ? memoryCommands(sub, sub.memory) : undefined);
     return 0;
   },

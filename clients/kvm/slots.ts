@@ -64,8 +64,8 @@ export interface PlanOptions {
   maxSlots: number;
   /** Host address of an added region's mapping. */
   hva: (region: ViewRegion) => number;
-  /** Prefix for messages: "kvm" or "software". */
-  backend?: string;
+  /** Prefix for messages: "kvm" or "software" (Memslots.hypervisor). */
+  hypervisor?: string;
   /** `table` indexed by region key, if the caller keeps one (else it is built: O(slots)). */
   byKey?: ReadonlyMap<string, Slot>;
 }
@@ -105,7 +105,7 @@ export function describeSlot(s: Slot): string {
  * scans plus O(k log k) for k added regions; nothing is copied.
  */
 export function planSlots(table: SlotTable, change: SlotChange, opts: PlanOptions): SlotPlan {
-  const who = opts.backend ?? 'kvm';
+  const who = opts.hypervisor ?? 'kvm';
   const byKey = opts.byKey ?? indexByKey(table);
   const changes = new Map<number, Slot | undefined>();
   const current = (id: number): Slot | undefined => (changes.has(id) ? changes.get(id) : table.get(id));

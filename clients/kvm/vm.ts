@@ -23,7 +23,7 @@ import {
   packMemoryRegion,
   type MemoryRegionArgs,
 } from './abi.js';
-import type { MemslotBackend } from './backend.js';
+import type { Memslots } from './memslots.js';
 
 
 /** Wraps an addon error from a KVM ioctl into MMB_ERR_KVM carrying its errno. */
@@ -57,8 +57,8 @@ export interface KvmVmOptions {
   dirtyRing?: number;
 }
 
-export class KvmVm implements MemslotBackend {
-  readonly backend = 'kvm' as const;
+export class KvmVm implements Memslots {
+  readonly hypervisor = 'kvm' as const;
   readonly maxSlots: number;
   private closed = false;
 

@@ -7,7 +7,7 @@
 import { IommuError, NoDeviceError, isMmbError, ReservedRangeError, UnalignedError, dmaMisalignment, formatSize, type DmaRules, type IovaRange, hex } from '../../protocol/index.js';
 import { CHUNK_BYTES, type MappedRegion } from '../memory.js';
 import type { ViewRegion } from '../view.js';
-import { clash, mergeRanges, type BackendName, type DirtyTracking, type DomainLimits, type IommuBackend, type Piece } from './backend.js';
+import { clash, mergeRanges, type IommuBackendName, type DirtyTracking, type DomainLimits, type IommuBackend, type Piece } from './iommu-backend.js';
 import { pieces, pinPieces, type PinControl } from './pinning.js';
 
 /** A `pinProgress` event: `done` of `total` bytes of region `region` are pinned and mapped. */
@@ -17,7 +17,7 @@ export interface PinProgress {
   gpa: number;
   done: number;
   total: number;
-  backend: BackendName;
+  backend: IommuBackendName;
 }
 
 export interface DomainMapping {

@@ -14,7 +14,7 @@
 import { NoRegionError, ReservedRangeError, type IovaMapping, type IovaRange, hex } from '../../protocol/index.js';
 import { CHUNK_BYTES, type GuestMemory } from '../memory.js';
 import type { IoasChange } from '../ioas-view.js';
-import { clash, mergeRanges, type DomainLimits, type IommuBackend, type Piece } from './backend.js';
+import { clash, mergeRanges, type DomainLimits, type IommuBackend, type Piece } from './iommu-backend.js';
 import { pinPieces, unpinPieces } from './pinning.js';
 
 

@@ -27,7 +27,7 @@
 // enforce_cache_coherency on the hw pagetable) and offers no query for it, so `coherent` stays unknown.
 import { PAGE_SIZE, isNativeError } from '../../native/index.js';
 import { IommuError, InvalidArgError, NoDeviceError, UnsupportedError, type IovaRange, hex } from '../../protocol/index.js';
-import { checkBdf, mapError, reservedFromUsable, unmapError, type Detached, type DirtyTracking, type DomainLimits, type IommuBackend, type Piece, type VfioDevice } from './backend.js';
+import { checkBdf, mapError, reservedFromUsable, unmapError, type Detached, type DirtyTracking, type DomainLimits, type IommuBackend, type Piece, type VfioDevice } from './iommu-backend.js';
 import { HwDevice, ioctlError } from './device.js';
 import { IOMMUFD, LAYOUTS, REQUEST, get, pack, parseIommuRanges, unpack, type RawIovaRange } from './structs.js';
 import { realSys, type VfioSys } from './sys.js';

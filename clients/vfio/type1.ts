@@ -23,7 +23,7 @@
 import path from 'node:path';
 import { PAGE_SIZE, isNativeError } from '../../native/index.js';
 import { ClientLimitError, IommuError, InvalidArgError, NoDeviceError, UnsupportedError, type IovaRange, type MmbError, hex } from '../../protocol/index.js';
-import { GPA_LAST, checkBdf, mapError, reservedFromUsable, unmapError, type Detached, type DirtyTracking, type DomainLimits, type IommuBackend, type Piece, type VfioDevice } from './backend.js';
+import { GPA_LAST, checkBdf, mapError, reservedFromUsable, unmapError, type Detached, type DirtyTracking, type DomainLimits, type IommuBackend, type Piece, type VfioDevice } from './iommu-backend.js';
 import { HwDevice, MAX_INFO_BYTES, ioctlError } from './device.js';
 import { LAYOUTS, REQUEST, VFIO, get, pack, packInto, parseType1Info, type Type1Info } from './structs.js';
 import { realSys, type VfioSys } from './sys.js';

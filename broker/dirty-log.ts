@@ -1,6 +1,7 @@
-// Dirty logging of one address space: which regions log (their bitmaps), who gets the bitmaps, syncs
-// (flush every writer, then get-and-clear into the requester's buffer), pausing the writers for the last
-// round of a migration, and the observers that receive dirty ranges.
+// Dirty-page logging of one address space (for migration; not the broker's log output, which is pino's
+// `log`): which regions log (their bitmaps), who gets the bitmaps, syncs (flush every writer, then
+// get-and-clear into the requester's buffer), pausing the writers for the last round of a migration, and
+// the observers that receive dirty ranges.
 //
 // Who writes, and how their writes reach the bitmaps:
 //   - a subscriber that negotiated DIRTY and writes (ATTACH.writes, default true) gets every bitmap
@@ -31,8 +32,8 @@ import { DirtyBitmaps, dirtyRanges, type Bitmap } from './dirty.js';
 import type { Plan } from './map.js';
 import type { AckResult, Session } from './session.js';
 
-/** What logging needs from its address space. */
-export interface LoggingHost {
+/** What dirty logging needs from its address space. */
+export interface DirtyLogHost {
   readonly log: Logger;
   readonly maxFrameBytes: number;
   readonly maxFdsPerFrame: number;
@@ -49,13 +50,13 @@ const tracksDirt = (s: Session): boolean => s.writes && (s.features & Feature.DI
 /** A subscriber that writes but cannot say where. */
 const blindWriter = (s: Session): boolean => s.writes && (s.features & Feature.DIRTY) === 0;
 
-export class Logging {
+export class DirtyLogging {
   readonly bitmaps = new DirtyBitmaps();
   readonly observers = new Set<Session>();
   private _paused = false;
   private syncs = 0;
 
-  constructor(private readonly host: LoggingHost) {}
+  constructor(private readonly host: DirtyLogHost) {}
 
   get paused(): boolean {
     return this._paused;
