@@ -30,25 +30,25 @@ import {
 import { inspectMemoryFd } from './backings.js';
 import { DirtyBitmaps, dirtyRanges, type Bitmap } from './dirty.js';
 import type { Plan } from './map.js';
-import type { AckResult, Session } from './session.js';
+import type { AckResult, Session, SubscriberSession } from './session.js';
 
 /** What dirty logging needs from its address space. */
 export interface DirtyLogHost {
   readonly log: Logger;
   readonly maxFrameBytes: number;
   readonly maxFdsPerFrame: number;
-  subscribers(): Iterable<Session>;
+  subscribers(): Iterable<SubscriberSession>;
   lookup(ref: number | string): Region | undefined;
   /** Sends an ackable event to `targets`, waits (evicting who misses the deadline), reports answers. */
-  fanOut(targets: readonly Session[], send: (s: Session, seq: number) => void, generation: number): Promise<Map<Session, AckResult>>;
+  fanOut(targets: readonly SubscriberSession[], send: (s: SubscriberSession, seq: number) => void, generation: number): Promise<Map<SubscriberSession, AckResult>>;
   evict(s: Session, err: MmbError): void;
   readonly generation: number;
 }
 
 /** A subscriber that negotiated DIRTY and writes: it holds bitmaps and flushes. */
-const tracksDirt = (s: Session): boolean => s.writes && (s.features & Feature.DIRTY) !== 0;
+const tracksDirt = (s: SubscriberSession): boolean => s.subscriber.writes && (s.features & Feature.DIRTY) !== 0;
 /** A subscriber that writes but cannot say where. */
-const blindWriter = (s: Session): boolean => s.writes && (s.features & Feature.DIRTY) === 0;
+const blindWriter = (s: SubscriberSession): boolean => s.subscriber.writes && (s.features & Feature.DIRTY) === 0;
 
 export class DirtyLogging {
   readonly bitmaps = new DirtyBitmaps();
@@ -79,7 +79,7 @@ export class DirtyLogging {
 
   /** Sends `s` the bitmaps among `list` it lacks, if it tracks dirt (before the event that needs them). */
   send(s: Session, list: Iterable<Bitmap>): void {
-    if (!tracksDirt(s)) return;
+    if (!s.isSubscriber() || !tracksDirt(s)) return;
     const missing = [...list].filter((b) => !s.sentBitmaps.has(b.id));
     for (let i = 0; i < missing.length; i += this.host.maxFdsPerFrame) {
       const chunk = missing.slice(i, i + this.host.maxFdsPerFrame);
@@ -207,7 +207,7 @@ export class DirtyLogging {
     }
     const writers = subscribers.filter(tracksDirt);
     const results = await this.host.fanOut(writers, (s, seq) => s.send({ t: Msg.EV_PAUSE, seq, paused }), this.host.generation);
-    const refused = [...results].find(([, r]) => r.kind === 'nack') as [Session, { kind: 'nack'; error: MmbError }] | undefined;
+    const refused = [...results].find(([, r]) => r.kind === 'nack') as [SubscriberSession, { kind: 'nack'; error: MmbError }] | undefined;
     if (refused) {
       // All or nothing: those that already switched switch back.
       const switched = [...results].filter(([t, r]) => r.kind === 'ack' && !t.closed).map(([t]) => t);
