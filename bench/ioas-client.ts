@@ -3,7 +3,7 @@
 //
 //   node dist/bench/ioas-client.js SOCKET SPACE NAME vfio|vhost|vhost-user IOAS [BACKEND_SOCKET]
 //     vfio        a VfioSubscriber in shadow mode, soft backend (counted mlock of exactly the mapped pages)
-//     vhost       a VhostSubscriber whose device translates IOVAs through the IOAS (its table)
+//     vhost       a DeviceSubscriber whose device translates IOVAs through the IOAS (its table)
 //     vhost-user  a VhostUserSubscriber (the bridge) whose back-end at BACKEND_SOCKET (dpdk-testpmd,
 //                 iommu-support=1) has the IOAS as its device IOTLB; no mapping of guest memory here (a
 //                 pure bridge), and the back-end's two virtio-net queues allocated (SET_VRING_NUM), so
@@ -16,7 +16,7 @@
 import fs from 'node:fs';
 import { out, serveCommands } from '../testkit/control.js';
 import { VfioSubscriber } from '../clients/vfio/index.js';
-import { VhostSubscriber } from '../clients/vhost/index.js';
+import { DeviceSubscriber } from '../clients/device/index.js';
 import { VhostUserSubscriber, NET_FEATURES, type IotlbStats } from '../clients/vhost-user/index.js';
 import type { Subscriber } from '../clients/subscriber.js';
 
@@ -50,7 +50,7 @@ if (kind === 'vhost-user') {
   pinned = () => v.domain.pinnedBytes;
   sub = v;
 } else {
-  const v = await VhostSubscriber.attach(socket, common);
+  const v = await DeviceSubscriber.attach(socket, common);
   await v.attachIoas(ioas, [`${name}-dev`]);
   sub = v;
 }

@@ -5,7 +5,7 @@
 //   - ours: a Broker in this process serving a Unix socket, the owner in-process (a VMM's emulated IOMMU,
 //     IoasOwner), and two client processes attached to one IOAS (bench/ioas-client.ts): a vfio-like
 //     client in shadow mode with the soft backend (counted mlock of exactly the pages mapped) and a
-//     vhost-like client (an IOVA translation table). Pages cycle through an 8 MiB window of a 16 MiB
+//     device client (an IOVA translation table). Pages cycle through an 8 MiB window of a 16 MiB
 //     region, each mapped at its own IOVA.
 //       - batched: one transaction per step unmaps the previous step's BATCH pages and maps the next
 //         BATCH (a vote, then the commit round in which the unmaps complete): BATCH pairs per transaction;

@@ -146,9 +146,9 @@ function translateChart(r: Result): string | undefined {
   const ms = r.results;
   const s: Series[] = [
     { name: 'C lookup (peer), random regions', points: byX(ms, 'C (peer), random'), color: COLORS.peer, dashed: true },
-    { name: 'VhostSubscriber.resolve(), random regions', points: byX(ms, 'resolve(), random'), color: COLORS.ours },
+    { name: 'DeviceSubscriber.resolve(), random regions', points: byX(ms, 'resolve(), random'), color: COLORS.ours },
     { name: 'C lookup (peer), 16 in a row per region', points: byX(ms, 'C (peer), local'), color: COLORS.peer2, dashed: true },
-    { name: 'VhostSubscriber.resolve(), 16 in a row per region', points: byX(ms, 'resolve(), local'), color: COLORS.ours2 },
+    { name: 'DeviceSubscriber.resolve(), 16 in a row per region', points: byX(ms, 'resolve(), local'), color: COLORS.ours2 },
   ].filter((x) => x.points.length > 0);
   if (s.length === 0) return undefined;
   return writeSvg(

@@ -1,4 +1,4 @@
-// Translation: how many guest-physical-address lookups per second a vhost-like client does with 8, 512
+// Translation: how many guest-physical-address lookups per second a device client does with 8, 512
 // and 32,764 regions (32,764: KVM's slot limit), against the same lookup in C, built here with the system
 // cc and run in the same run on the same CPU (bench/c/translate.c). Goal: within 3x of C.
 //
@@ -9,16 +9,16 @@
 //   - random: each lookup in a random region (the last-hit cache rarely helps);
 //   - local: 16 lookups in a row in one region (the buffers of one descriptor chain), then another.
 // What each side returns:
-//   - TypeScript, VhostSubscriber.resolve(gpa, 256, out): the hot-path lookup, allocation-free: it points a
+//   - TypeScript, DeviceSubscriber.resolve(gpa, 256, out): the hot-path lookup, allocation-free: it points a
 //     reused object at the region's mapping and the offset of gpa in it, the JavaScript form of a host
 //     pointer. The goal is judged on it: it is the same lookup as C's;
-//   - TypeScript, VhostSubscriber.translate(gpa, 256): an iovec (an array of Uint8Array views into its own
+//   - TypeScript, DeviceSubscriber.translate(gpa, 256): an iovec (an array of Uint8Array views into its own
 //     MAP_SHARED mappings), which may span regions: what allocating the views costs on top, shown beside;
 //   - TypeScript, GuestMemory.slice(gpa, 256): one new view, for a range known to lie in one region;
 //   - C: a pointer (host address of gpa), from a computed table: nothing is mapped on the C side, and
 //     neither side touches guest memory, so this measures the lookup, not the memory.
 // The TypeScript regions are real: an embedded broker, an owner that adds the regions (64 KiB each, one
-// every 128 KiB from 4 GiB, slices of one memfd) and a VhostSubscriber in this process that mapped them.
+// every 128 KiB from 4 GiB, slices of one memfd) and a DeviceSubscriber in this process that mapped them.
 //
 // Each table size and pattern is measured in a fresh Node process, as the C peer runs each in a fresh
 // process: V8 compiles the lookup loop for the pattern it has seen (profile-guided), and code compiled for
@@ -39,7 +39,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { parseArgs } from 'node:util';
 import { Broker } from '../broker/index.js';
-import { OwnerClient, VhostSubscriber, type GuestPointer } from '../clients/index.js';
+import { OwnerClient, DeviceSubscriber, type GuestPointer } from '../clients/index.js';
 import { native } from '../native/index.js';
 import { allCpus, buildC, C_FLAGS, ccVersion, iterations, pinSelf, report, runMain, summarize, type Measurement } from './lib.js';
 
@@ -125,16 +125,16 @@ function pass(gpas: Float64Array, loop: (gpas: Float64Array) => number): { ns: n
 interface Space {
   broker: Broker;
   owner: OwnerClient;
-  vhost: VhostSubscriber;
+  vhost: DeviceSubscriber;
   fd: number;
 }
 
-/** An embedded broker whose owner added `count` regions, and a VhostSubscriber that mapped them. */
+/** An embedded broker whose owner added `count` regions, and a DeviceSubscriber that mapped them. */
 async function space(count: number): Promise<Space> {
   const broker = new Broker({ spaces: ['vm0'], limits: { ackTimeoutMs: 120_000 } });
   const owner = await OwnerClient.attach(broker, { space: 'vm0', requestTimeoutMs: 120_000 });
   const b = await owner.createBacking(count * SIZE, 'bench-translate');
-  const vhost = await VhostSubscriber.attach(broker, { space: 'vm0', name: 'vhost', requestTimeoutMs: 120_000 });
+  const vhost = await DeviceSubscriber.attach(broker, { space: 'vm0', name: 'vhost', requestTimeoutMs: 120_000 });
   for (let i = 0; i < count; i += 4096) {
     const ops = [];
     for (let j = i; j < Math.min(count, i + 4096); j++) ops.push({ op: 'add' as const, name: `r${j}`, gpa: BASE + j * STRIDE, size: SIZE, backing: b.backing, offset: j * SIZE });
@@ -208,8 +208,8 @@ async function measure(bin: string, count: number, pattern: Pattern): Promise<Me
       iterations: samples.c.length,
     });
     const LABEL = {
-      resolve: 'VhostSubscriber.resolve() (no allocation)',
-      translate: 'VhostSubscriber.translate() (iovec)',
+      resolve: 'DeviceSubscriber.resolve() (no allocation)',
+      translate: 'DeviceSubscriber.translate() (iovec)',
       slice: 'GuestMemory.slice() (one view)',
     } as const;
     for (const name of ['resolve', 'translate', 'slice'] as const) {

@@ -18,6 +18,7 @@ import {
   NoBackingError,
   SpaceLimitError,
   type BackingInfo,
+  hex,
 } from '../protocol/index.js';
 
 export interface Backing {
@@ -113,7 +114,7 @@ export function inspectMemoryFd(fd: number, invalid: ErrorClass, unsealed: Error
   if (!sealed) {
     if (!opts.allowUnsealed) throw new unsealed('memfd is not sealed against shrinking: add F_SEAL_SHRINK before passing it');
     if (!sharedMemory) {
-      throw new invalid(`an unsealed backing must be a file on tmpfs (/dev/shm) or hugetlbfs; this one is on a filesystem of type 0x${fsType.toString(16)}`);
+      throw new invalid(`an unsealed backing must be a file on tmpfs (/dev/shm) or hugetlbfs; this one is on a filesystem of type ${hex(fsType)}`);
     }
   }
   // The kernel's view of the open mode: writable regions (and dirty-sync buffers) are mapped shared and writable.

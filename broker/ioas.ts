@@ -51,16 +51,16 @@ import {
   type MmbError,
   type Region,
   type SpaceLimits,
+  hex,
 } from '../protocol/index.js';
 import type { Fences, Holder } from './fence.js';
 import { IovaMap, bytesOf, splitMappings, type IovaPlan } from './iova-map.js';
 import type { Plan } from './map.js';
-import type { AckResult, Session } from './session.js';
+import type { AckResult, Session, SubscriberSession } from './session.js';
 
 /** At most this many IOASes per address space. */
 export const MAX_IOAS = 1024;
 
-const hex = (n: number) => `0x${n.toString(16)}`;
 const span = (iova: number, size: number) => `[${hex(iova)}, ${hex(iova + size)})`;
 
 /** What an IOAS borrows from its address space (broker/space.ts): its queue, fan-out, vote and fences. */
@@ -72,7 +72,7 @@ export interface IoasHost {
   readonly fences: Fences;
   /** The committed guest-physical map, sorted by gpa. */
   regions(): readonly Region[];
-  isSubscriber(s: Session): boolean;
+  isSubscriber(s: Session): s is SubscriberSession;
   isOwner(s: Session): boolean;
   /** Throws MMB_ERR_TOO_BUSY when the queue is full of transactions. */
   admitCommit(): void;
@@ -82,14 +82,14 @@ export interface IoasHost {
   readonly fencing: boolean;
   fenceHolders(holders: () => Holder[], generation: number): Promise<void>;
   runVote(
-    targets: readonly Session[],
-    send: (s: Session, seq: number) => void,
-    rollback: (s: Session, seq: number) => void,
+    targets: readonly SubscriberSession[],
+    send: (s: SubscriberSession, seq: number) => void,
+    rollback: (s: SubscriberSession, seq: number) => void,
     generation: number,
     holders: () => Holder[],
     mayRetry: boolean,
-  ): Promise<{ results: Map<Session, AckResult>; retry?: true }>;
-  finish(targets: readonly Session[], send: (s: Session, seq: number) => void, generation: number, holders: () => Holder[]): Promise<Holder[]>;
+  ): Promise<{ results: Map<SubscriberSession, AckResult>; retry?: true }>;
+  finish(targets: readonly SubscriberSession[], send: (s: SubscriberSession, seq: number) => void, generation: number, holders: () => Holder[]): Promise<Holder[]>;
   committedUnfenced(unfenced: readonly Holder[], generation: number, held: string): MmbError;
   evict(s: Session, err: MmbError): Holder | undefined;
   refusal(client: ClientRef, cause: MmbError, generation: number): MmbError;
@@ -156,7 +156,8 @@ export class IoSpaces {
         const run = () => (msg.op === 'attach' ? this.attach(session, msg.ioas, msg.devices) : this.detach(session, msg.ioas, msg.devices));
         // A client resuming a connection that a transaction waits to fence re-syncs at once: nothing of that
         // transaction was sent yet, and its reconcile is what the transaction waits for (AddressSpace.fencing).
-        if (this.host.fencing && session.resumes !== undefined && this.host.fences.awaiting(session.resumes, session.pid)) return run();
+        const resumes = session.subscriber.resumes;
+        if (this.host.fencing && resumes !== undefined && this.host.fences.awaiting(resumes, session.pid)) return run();
         return this.host.enqueue(run, false);
       }
     }
@@ -207,7 +208,7 @@ export class IoSpaces {
    * were unmapped meanwhile.
    */
   reconciled(session: Session, ioas: string | undefined): void {
-    const client = session.resumes;
+    const client = session.subscriber?.resumes;
     if (client === undefined) return;
     for (const h of this.host.fences.all()) {
       if (h.ref.id !== client || h.ref.pid !== session.pid || h.reason === 'leaving' || h.state === 'fenced') continue;
@@ -232,7 +233,7 @@ export class IoSpaces {
       generation: io.generation,
       mappings: io.map.size,
       bytes: io.map.bytes,
-      attached: [...io.attached].map(([s, devices]) => ({ client: s.ref(), devices: [...devices], ...(s.pinnedActual !== undefined ? { pinned: s.pinnedActual } : {}) })),
+      attached: [...io.attached].map(([s, devices]) => ({ client: s.ref(), devices: [...devices], ...(s.subscriber?.reported.pinned !== undefined ? { pinned: s.subscriber.reported.pinned } : {}) })),
       holders: this.holdersOf(io.name).map((h) => h.ref.id),
     }));
   }
@@ -334,16 +335,17 @@ export class IoSpaces {
   }
 
   /** Who follows `io` now: attached clients that are still subscribers of the space. */
-  private targets(io: Ioas): Session[] {
-    return [...io.attached.keys()].filter((s) => !s.closed && this.host.isSubscriber(s));
+  private targets(io: Ioas): SubscriberSession[] {
+    return [...io.attached.keys()].filter((s): s is SubscriberSession => !s.closed && this.host.isSubscriber(s));
   }
 
   /** What each attached client reported (REPORT): its reserved IOVA ranges and remaining DMA mappings. */
-  private checkTargets(io: Ioas, plan: IovaPlan, targets: readonly Session[]): void {
+  private checkTargets(io: Ioas, plan: IovaPlan, targets: readonly SubscriberSession[]): void {
     for (const s of targets) {
-      if (s.reserved.length > 0) {
+      const { reserved, dmaAvailable } = s.subscriber.reported;
+      if (reserved.length > 0) {
         for (const m of plan.maps) {
-          const x = s.reserved.find((r) => m.iova <= r.last && r.start < m.iova + m.size);
+          const x = reserved.find((r) => m.iova <= r.last && r.start < m.iova + m.size);
           if (x) {
             throw new ReservedRangeError(
               `IOAS ${JSON.stringify(io.name)}: IOVA ${span(m.iova, m.size)} covers [${hex(x.start)}, ${hex(x.last)}], which ${s.describe()} reported as reserved`,
@@ -353,8 +355,8 @@ export class IoSpaces {
         }
       }
       const needed = plan.maps.length - plan.unmaps.length;
-      if (s.dmaAvailable !== undefined && needed > s.dmaAvailable) {
-        throw new ClientLimitError(`${s.describe()} has room for ${s.dmaAvailable} more DMA mappings; this IOAS transaction needs ${needed}`, { client: s.ref() });
+      if (dmaAvailable !== undefined && needed > dmaAvailable) {
+        throw new ClientLimitError(`${s.describe()} has room for ${dmaAvailable} more DMA mappings; this IOAS transaction needs ${needed}`, { client: s.ref() });
       }
     }
   }

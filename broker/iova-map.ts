@@ -25,6 +25,7 @@ import {
   type IoasTxnOp,
   type IovaMapping,
   type Region,
+  hex,
 } from '../protocol/index.js';
 
 /** A validated IOAS transaction, ready to fan out. */
@@ -37,7 +38,6 @@ export interface IovaPlan {
   ops: IoasTxnOp[];
 }
 
-const hex = (n: number) => `0x${n.toString(16)}`;
 const span = (iova: number, size: number) => `[${hex(iova)}, ${hex(iova + size)})`;
 
 /** Index of the first entry of `list` (sorted by `key`) whose key is >= `x`. */

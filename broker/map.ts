@@ -18,6 +18,7 @@ import {
   type CommitOp,
   type Region,
   type TxnOp,
+  hex,
 } from '../protocol/index.js';
 
 export interface BackingSizeLookup {
@@ -44,7 +45,6 @@ export interface Plan {
   backings: Set<number>;
 }
 
-const hex = (n: number) => `0x${n.toString(16)}`;
 const span = (r: { gpa: number; size: number }) => `[${hex(r.gpa)}, ${hex(r.gpa + r.size)})`;
 
 export class MemoryMap {

@@ -1,9 +1,7 @@
 // Placing hotplugged memory: the lowest GPA range of a given size and alignment that overlaps no region
 // and no IOVA range a subscriber reported as reserved (for a passthrough VM, IOVA = GPA, so RAM over the
 // MSI doorbell window or a PCI hole could never be DMA-mapped).
-import { GPA_LIMIT, InvalidArgError, NoFreeRangeError, type FindFree, type IovaRange, type Region } from '../protocol/index.js';
-
-const hex = (n: number) => `0x${n.toString(16)}`;
+import { GPA_LIMIT, InvalidArgError, NoFreeRangeError, type FindFree, type IovaRange, type Region, hex } from '../protocol/index.js';
 
 export function findFree(req: Omit<FindFree, 't' | 'id'>, regions: readonly Region[], reserved: readonly IovaRange[], pageSize: number): number {
   const align = req.align ?? pageSize;

@@ -21,12 +21,12 @@ import {
   formatSize,
   type DmaRules,
   type Region,
+  hex,
 } from '../protocol/index.js';
 import { nextView, viewOps } from './coalesce.js';
 import type { Plan } from './map.js';
-import type { Session } from './session.js';
+import type { Session, SubscriberSession } from './session.js';
 
-const hex = (n: number) => `0x${n.toString(16)}`;
 const fmt = (bytes: number) => (bytes >= 2 ** 20 ? `${+(bytes / 2 ** 20).toFixed(1)} MiB` : `${bytes} bytes`);
 
 export interface MapAfter {
@@ -43,52 +43,54 @@ export interface MapAfter {
  * coalescing subscriber will have after it: its current runs kept, only memory new to it coalesced, and
  * a reshape (the fully coalesced map) only where its region limit forces one (coalesce.ts, nextView).
  */
-export function checkSubscribers(plan: Plan, after: MapAfter, subscribers: Iterable<Session>, pinBudget: number): Map<Session, Region[]> {
-  const views = new Map<Session, Region[]>();
+export function checkSubscribers(plan: Plan, after: MapAfter, subscribers: Iterable<SubscriberSession>, pinBudget: number): Map<SubscriberSession, Region[]> {
+  const views = new Map<SubscriberSession, Region[]>();
   let pinned = 0;
   let firstPinner: Session | undefined;
-  for (const s of subscribers) {
+  for (const session of subscribers) {
+    const s = session.subscriber;
+    const reported = s.reported;
     const view = s.coalesce ? nextView(s.view, after.regions(), s.maxRegions).view : undefined;
-    if (view) views.set(s, view);
+    if (view) views.set(session, view);
     const count = view ? view.length : after.count;
     if (count > s.maxRegions) {
-      throw new ClientLimitError(`${s.describe()} can follow at most ${s.maxRegions} regions; the transaction would leave it ${count}`, { client: s.ref() });
+      throw new ClientLimitError(`${session.describe()} can follow at most ${s.maxRegions} regions; the transaction would leave it ${count}`, { client: session.ref() });
     }
     for (const r of plan.adds) {
-      const clash = s.reserved.find((x) => r.gpa <= x.last && x.start < r.gpa + r.size);
+      const clash = reported.reserved.find((x) => r.gpa <= x.last && x.start < r.gpa + r.size);
       if (clash) {
         throw new ReservedRangeError(
-          `region ${JSON.stringify(r.name)} [${hex(r.gpa)}, ${hex(r.gpa + r.size)}) covers [${hex(clash.start)}, ${hex(clash.last)}], which ${s.describe()} reported as reserved`,
-          { client: s.ref() },
+          `region ${JSON.stringify(r.name)} [${hex(r.gpa)}, ${hex(r.gpa + r.size)}) covers [${hex(clash.start)}, ${hex(clash.last)}], which ${session.describe()} reported as reserved`,
+          { client: session.ref() },
         );
       }
     }
-    if (s.dma?.align !== undefined || s.dmaAvailable !== undefined) {
-      const change = establishments(s, plan, view);
-      if (s.dma?.align !== undefined) {
+    if (reported.dma?.align !== undefined || reported.dmaAvailable !== undefined) {
+      const change = establishments(session, plan, view);
+      if (reported.dma?.align !== undefined) {
         for (const r of change.added) {
-          const why = dmaMisalignment(r.gpa, r.size, s.dma);
+          const why = dmaMisalignment(r.gpa, r.size, reported.dma);
           if (why) {
             throw new UnalignedError(
-              `region ${JSON.stringify(r.name)} [${hex(r.gpa)}, ${hex(r.gpa + r.size)}) cannot be DMA-mapped by ${s.describe()}, whose IOMMU needs IOVAs and sizes aligned to ${formatSize(s.dma.align)}: ${why}`,
-              { client: s.ref() },
+              `region ${JSON.stringify(r.name)} [${hex(r.gpa)}, ${hex(r.gpa + r.size)}) cannot be DMA-mapped by ${session.describe()}, whose IOMMU needs IOVAs and sizes aligned to ${formatSize(reported.dma.align)}: ${why}`,
+              { client: session.ref() },
             );
           }
         }
       }
-      if (s.dmaAvailable !== undefined) {
-        const needed = dmaMappingsNeeded(s, change, count - change.added.length + change.removed.length);
-        if (needed.mappings > s.dmaAvailable) {
-          throw new ClientLimitError(`${s.describe()} has room for ${s.dmaAvailable} more DMA mappings; the transaction needs ${needed.mappings}${needed.why}`, { client: s.ref() });
+      if (reported.dmaAvailable !== undefined) {
+        const needed = dmaMappingsNeeded(session, change, count - change.added.length + change.removed.length);
+        if (needed.mappings > reported.dmaAvailable) {
+          throw new ClientLimitError(`${session.describe()} has room for ${reported.dmaAvailable} more DMA mappings; the transaction needs ${needed.mappings}${needed.why}`, { client: session.ref() });
         }
       }
     }
     if (s.pins && plan.adds.length > 0) {
       if (after.bytes > s.pinLimit) {
-        throw new PinBudgetError(`${s.describe()} would have to pin ${fmt(after.bytes)}; its limit is ${fmt(s.pinLimit)}`, { client: s.ref() });
+        throw new PinBudgetError(`${session.describe()} would have to pin ${fmt(after.bytes)}; its limit is ${fmt(s.pinLimit)}`, { client: session.ref() });
       }
       pinned += after.bytes;
-      firstPinner ??= s;
+      firstPinner ??= session;
     }
   }
   if (pinned > pinBudget && firstPinner) {
@@ -102,7 +104,7 @@ export function checkSubscribers(plan: Plan, after: MapAfter, subscribers: Itera
  * checkDmaRules) once the rest of its report was: the rules replace what it reported before. Returns `result`.
  */
 export function recordDmaRules<T>(session: Session, rules: DmaRules | undefined, result: T): T {
-  if (rules !== undefined) session.dma = { ...rules };
+  if (rules !== undefined && session.subscriber) session.subscriber.reported.dma = { ...rules };
   return result;
 }
 
@@ -118,7 +120,7 @@ interface Establishments {
  * is established); a removal and an addition of the same establishment (gpa, size, backing, offset,
  * access) cancel out, as the client's reconciliation (clients/view.ts changeFromOps) has it.
  */
-function establishments(s: Session, plan: Plan, view: readonly Region[] | undefined): Establishments {
+function establishments({ subscriber: s }: SubscriberSession, plan: Plan, view: readonly Region[] | undefined): Establishments {
   let removed: Region[];
   let added: Region[];
   if (view) {
@@ -152,13 +154,13 @@ function establishments(s: Session, plan: Plan, view: readonly Region[] | undefi
  * before anything is let go: the adds overlapping nothing removed, as many as its region limit leaves
  * room for (clients/view.ts splitChange).
  */
-function dmaMappingsNeeded(s: Session, change: Establishments, current: number): { mappings: number; why: string } {
-  const rules: DmaRules | undefined = s.dma;
+function dmaMappingsNeeded(s: SubscriberSession, change: Establishments, current: number): { mappings: number; why: string } {
+  const rules: DmaRules | undefined = s.subscriber.reported.dma;
   const per = (r: Region) => dmaMappingCount(r.size, rules);
   const total = change.added.reduce((n, r) => n + per(r), 0) - change.removed.reduce((n, r) => n + per(r), 0);
   let vote = 0;
   if ((s.features & Feature.TWO_PHASE) !== 0) {
-    const room = s.maxRegions - current;
+    const room = s.subscriber.maxRegions - current;
     let now = 0;
     for (const a of change.added) {
       if (now >= room || change.removed.some((r) => a.gpa < r.gpa + r.size && r.gpa < a.gpa + a.size)) continue;

@@ -10,7 +10,7 @@
 // SUBSCRIBER, and only for an event the broker is waiting on.
 import { native } from '../native/index.js';
 import type { Transport } from '../transport/index.js';
-import { Feature, Msg, type ClientRef, type DmaRules, type IovaRange, type MmbError, type Region } from '../protocol/index.js';
+import { Feature, Msg, type Attach, type ClientRef, type DmaRules, type IovaRange, type MmbError, type Region } from '../protocol/index.js';
 import { compactSyncPart } from './sync.js';
 
 export type AckResult =
@@ -21,50 +21,83 @@ export type AckResult =
 
 export type SessionState = 'new' | 'ready' | 'owner' | 'subscriber' | 'observer' | 'leaving' | 'closed';
 
+/** What a subscriber last said with REPORT (feature REPORT); each REPORT replaces only what it names. */
+export interface Reported {
+  /** IOVA ranges it cannot map (inclusive `last`, as the kernel's uAPIs and the wire have them). */
+  reserved: IovaRange[];
+  dmaAvailable?: number;
+  /** Bytes it says it has pinned now. */
+  pinned?: number;
+  coherent?: boolean;
+  /** The wire's REPORT.backend: what holds its memory, in its kind's word (docs/protocol.md, REPORT). */
+  backend?: string;
+  /** Feature MIGRATION: how its writes reach the dirty log; what it says about migrating its devices. */
+  dirtyTracking?: string;
+  migration?: { quiesce: boolean; deviceState: boolean };
+  devices: string[];
+  /** Feature DMA_RULES: how it cuts regions into DMA mappings and their IOVA alignment (broker/policy.ts). */
+  dma?: DmaRules;
+}
+
+/**
+ * What only a subscriber session has: what it declared at ATTACH (fixed for the connection), where it
+ * stands in the space's transactions, the view it follows, and what it reported. Made at ATTACH as a
+ * subscriber; owners and observers have none.
+ */
+export class SubscriberState {
+  /** The most regions it can follow (ATTACH.limits.maxRegions). */
+  readonly maxRegions: number;
+  /** Follows a coalesced view (feature COALESCE); `view` is that view as last committed to it. */
+  readonly coalesce: boolean;
+  /** Pins every region it maps (feature PIN), at most `pinLimit` bytes. */
+  readonly pins: boolean;
+  readonly pinLimit: number;
+  /** Whether it writes guest memory (ATTACH.writes, default true). */
+  readonly writes: boolean;
+  /** The connection it resumes (ATTACH.resume.client, feature FENCE). */
+  readonly resumes: number | undefined;
+  /** Generation it is known to have applied (its sync, or the last commit it acked). */
+  ackedGeneration = 0;
+  /** It has not acked its initial sync yet. */
+  syncing = false;
+  /** It is applying a transaction right now. */
+  applying = false;
+  /** Attached to an unpublished space, waiting for its sync (feature PUBLISH). */
+  waiting = false;
+  view: Region[] = [];
+  readonly reported: Reported = { reserved: [], devices: [] };
+
+  constructor(msg: Attach) {
+    this.maxRegions = msg.limits?.maxRegions ?? Number.POSITIVE_INFINITY;
+    this.coalesce = msg.limits?.coalesce ?? false;
+    this.pins = msg.pin !== undefined;
+    this.pinLimit = msg.pin?.limit ?? Number.POSITIVE_INFINITY;
+    this.writes = msg.writes ?? true;
+    this.resumes = msg.resume?.client;
+  }
+}
+
+/** A session attached as a subscriber: it has its SubscriberState. */
+export type SubscriberSession = Session & { readonly subscriber: SubscriberState };
+
+/**
+ * One connection: its transport, state, what it negotiated, the descriptors it was sent, the acks it owes
+ * and the request rate. What only subscribers have is in `subscriber`.
+ */
 export class Session {
   state: SessionState = 'new';
   features = 0;
   name = 'anonymous';
   kind = 'unknown';
   spaceName: string | undefined;
-  /** Generation this subscriber is known to have applied (its sync, or the last commit it acked). */
-  ackedGeneration = 0;
-  /** A subscriber that has not acked its initial sync yet. */
-  syncing = false;
-  /** A subscriber that is applying a transaction right now. */
-  applying = false;
-  /** A subscriber attached to an unpublished space, waiting for its sync (feature PUBLISH). */
-  waiting = false;
-  /** The connection this one resumes (ATTACH.resume.client, feature FENCE). */
-  resumes: number | undefined;
+  /** Set by ATTACH as a subscriber (becomeSubscriber); undefined for every other role. */
+  subscriber: SubscriberState | undefined;
   /** Processes this client handed memory to (DELEGATE, feature FENCE): pidfds this session owns. */
   readonly delegates: { name: string; pidfd: number }[] = [];
   /** Backings this connection was sent an fd for (and has not been told are gone): true if read-write. */
   readonly sentBackings = new Map<number, boolean>();
   /** Dirty bitmaps this connection was sent (feature DIRTY). */
   readonly sentBitmaps = new Set<number>();
-  /** Whether this subscriber writes guest memory (ATTACH.writes, default true). */
-  writes = true;
-  /** The most regions this subscriber can follow (declared at ATTACH). */
-  maxRegions = Number.POSITIVE_INFINITY;
-  /** Follows a coalesced view (feature COALESCE); `view` is that view as last committed to it. */
-  coalesce = false;
-  view: Region[] = [];
-  /** Pins every region it maps (feature PIN), at most `pinLimit` bytes. */
-  pins = false;
-  pinLimit = Number.POSITIVE_INFINITY;
-  // What the client reported (feature REPORT).
-  reserved: IovaRange[] = [];
-  dmaAvailable: number | undefined;
-  pinnedActual: number | undefined;
-  coherent: boolean | undefined;
-  backend: string | undefined;
-  /** Feature MIGRATION: how its writes reach the dirty log; what it says about migrating its devices. */
-  dirtyTracking: string | undefined;
-  migration: { quiesce: boolean; deviceState: boolean } | undefined;
-  devices: string[] = [];
-  /** Feature DMA_RULES: how it cuts regions into DMA mappings and their IOVA alignment (broker/policy.ts). */
-  dma: DmaRules | undefined;
   private seq = 0;
   private readonly waiters = new Map<number, (r: AckResult) => void>();
   // The request rate limit: a token bucket (acks and nacks do not draw from it).
@@ -87,6 +120,24 @@ export class Session {
     if (this.tokens < 1) return false;
     this.tokens -= 1;
     return true;
+  }
+
+  /** ATTACH as a subscriber: the session takes the role and a fresh SubscriberState from `msg`. */
+  becomeSubscriber(msg: Attach): SubscriberSession {
+    this.state = 'subscriber';
+    this.subscriber = new SubscriberState(msg);
+    return this as SubscriberSession;
+  }
+
+  /** An ATTACH that was refused after the role was taken: back to READY, with no role state left. */
+  unattach(): void {
+    this.state = 'ready';
+    this.spaceName = undefined;
+    this.subscriber = undefined;
+  }
+
+  isSubscriber(): this is SubscriberSession {
+    return this.subscriber !== undefined;
   }
 
   get pid(): number {

@@ -65,12 +65,12 @@ import {
 import { BackingTable, type Backing } from './backings.js';
 import { History } from './history.js';
 import { MemoryMap, type Plan } from './map.js';
-import type { AckResult, Session } from './session.js';
+import type { AckResult, Session, SubscriberSession } from './session.js';
 import { splitSync } from './sync.js';
 import { coalesce, viewOps } from './coalesce.js';
 import { findFree } from './placement.js';
 import { checkSubscribers } from './policy.js';
-import { Logging } from './logging.js';
+import { DirtyLogging } from './dirty-log.js';
 import { DEFAULT_FENCE_OPTIONS, Fences, type FenceOptions, type Holder, type HolderReason } from './fence.js';
 import { IoSpaces } from './ioas.js';
 import { PAGE_SIZE } from '../native/index.js';
@@ -116,16 +116,16 @@ function takenBackings(plan: Plan): Set<number> {
 }
 
 interface Vote {
-  results: Map<Session, AckResult>;
-  views: Map<Session, Region[]>;
+  results: Map<SubscriberSession, AckResult>;
+  views: Map<SubscriberSession, Region[]>;
   /** The subscribers whose ops only added: their vote established everything, no finish round for them. */
-  addOnly: Set<Session>;
+  addOnly: Set<SubscriberSession>;
   /** Rolled back because a client dropped holding what the transaction takes away: vote again. */
   retry?: true;
 }
 
 interface FanOutResult {
-  results: Map<Session, AckResult>;
+  results: Map<SubscriberSession, AckResult>;
   /** Holders of the subscribers evicted for missing the deadline. */
   timedOut: Holder[];
 }
@@ -141,7 +141,7 @@ export class AddressSpace {
   readonly backings: BackingTable;
   private readonly history: History;
   private owner: Session | undefined;
-  private readonly subscribers = new Set<Session>();
+  private readonly subscribers = new Set<SubscriberSession>();
   private tail: Promise<unknown> = Promise.resolve();
   private queued = 0;
   /** Work items (commits, attaches) queued or running. */
@@ -151,16 +151,16 @@ export class AddressSpace {
   private readonly maxFrameBytes: number;
   private readonly maxFdsPerFrame: number;
   private closed = false;
-  private readonly logging: Logging;
+  private readonly dirtyLog: DirtyLogging;
   private _published: boolean;
   /** Subscribers attached to the space while it is unpublished, with their ATTACH, waiting for PUBLISH. */
-  private readonly waiting = new Map<Session, { requestId: number; msg: Attach; replied: boolean }>();
+  private readonly waiting = new Map<SubscriberSession, { requestId: number; msg: Attach; replied: boolean }>();
   /** Clients whose connection ended while they may still reach memory (broker/fence.ts). */
   readonly fences: Fences;
   /** The I/O address spaces beside the map (feature IOAS, broker/ioas.ts): they share this queue and fences. */
   readonly ioas: IoSpaces;
   /** Holders of subscribers that sent DETACH, fenced when their connection closes. */
-  private readonly leaving = new Map<Session, Holder>();
+  private readonly leaving = new Map<SubscriberSession, Holder>();
   /**
    * Set while a commit waits, before its vote, for holders to be fenced: a holder that reconnects then is
    * synced at once instead of queueing behind that commit (its reconcile is what the commit waits for).
@@ -184,7 +184,7 @@ export class AddressSpace {
     this.fences = new Fences(opts.fence ?? DEFAULT_FENCE_OPTIONS, this.log, (h) => (this.events.emit('fenced', h), this.releaseUnused(h.backings)));
     // eslint-disable-next-line @typescript-eslint/no-this-alias
     const space = this;
-    this.logging = new Logging({
+    this.dirtyLog = new DirtyLogging({
       log: this.log,
       maxFrameBytes: this.maxFrameBytes,
       maxFdsPerFrame: this.maxFdsPerFrame,
@@ -203,7 +203,7 @@ export class AddressSpace {
       maxFrameBytes: this.maxFrameBytes,
       fences: this.fences,
       regions: () => this.map.regions(),
-      isSubscriber: (s) => this.subscribers.has(s),
+      isSubscriber: (s) => this.isAttached(s, false),
       isOwner: (s) => this.owner === s,
       admitCommit: () => this.admitCommit(),
       enqueue: (work, counted) => this.enqueue(work, counted),
@@ -285,7 +285,7 @@ export class AddressSpace {
     this.log.info({ generation: this._generation, regions: this.map.size, waiting: this.waiting.size }, 'published');
     this.events.emit('published', this._generation);
     for (const [s, w] of this.waiting) {
-      s.waiting = false;
+      s.subscriber.waiting = false;
       if (!s.closed) void this.enqueue(() => this.runAttach(s, w.requestId, w.msg, w.replied), false);
     }
     this.waiting.clear();
@@ -295,25 +295,19 @@ export class AddressSpace {
    * Queues a subscriber's attach: between transactions it gets the ATTACH reply, then the backings and
    * the map (a snapshot, or a delta when it resumes), and from then on every transaction.
    */
-  attachSubscriber(session: Session, requestId: number, msg: Attach): Promise<void> {
-    session.state = 'subscriber';
+  attachSubscriber(joining: Session, requestId: number, msg: Attach): Promise<void> {
+    const session = joining.becomeSubscriber(msg);
     session.spaceName = this.name;
-    session.maxRegions = msg.limits?.maxRegions ?? Number.POSITIVE_INFINITY;
-    session.coalesce = msg.limits?.coalesce ?? false;
-    session.pins = msg.pin !== undefined;
-    session.pinLimit = msg.pin?.limit ?? Number.POSITIVE_INFINITY;
-    session.writes = msg.writes ?? true;
-    session.resumes = msg.resume?.client;
     if (!this._published) {
       // It keeps what it holds until the owner republished: a map still being rebuilt is never applied.
       const replied = (session.features & Feature.PUBLISH) !== 0;
       if (replied) session.reply(requestId, { client: session.id, epoch: this.epoch, generation: this._generation, sync: 'wait' });
-      session.waiting = true;
+      session.subscriber.waiting = true;
       this.waiting.set(session, { requestId, msg, replied });
       this.log.info({ client: session.ref() }, 'subscriber waits for the space to be published');
       return Promise.resolve();
     }
-    if (this.fenceWindow && session.resumes !== undefined && this.fences.awaiting(session.resumes, session.pid)) {
+    if (this.fenceWindow && session.subscriber.resumes !== undefined && this.fences.awaiting(session.subscriber.resumes, session.pid)) {
       // Nothing was sent for the commit that waits: syncing now is syncing between two transactions.
       return this.runAttach(session, requestId, msg, false);
     }
@@ -324,7 +318,7 @@ export class AddressSpace {
   attachObserver(session: Session): AttachResult {
     session.state = 'observer';
     session.spaceName = this.name;
-    this.logging.observers.add(session);
+    this.dirtyLog.observers.add(session);
     this.events.emit('joined', session.ref(), 'observer');
     return { client: session.id, epoch: this.epoch, generation: this._generation, sync: 'none' };
   }
@@ -335,20 +329,20 @@ export class AddressSpace {
    */
   detach(session: Session, reason: HolderReason = 'disconnected'): void {
     this.events.left(session, reason);
-    this.logging.observers.delete(session);
-    this.waiting.delete(session);
+    this.dirtyLog.observers.delete(session);
+    if (session.isSubscriber()) this.waiting.delete(session);
     if (this.owner === session) {
       this.owner = undefined;
       for (const b of this.backings.all()) b.held = false;
       this.releaseUnused([...this.backings.all()].map((b) => b.id));
       this.log.info({ client: session.ref() }, 'owner detached');
     }
-    const leaver = this.leaving.get(session);
-    if (leaver) {
+    const leaver = session.isSubscriber() ? this.leaving.get(session) : undefined;
+    if (leaver && session.isSubscriber()) {
       // It sent DETACH and released everything before closing: a clean leave.
       this.leaving.delete(session);
       leaver.fence('detached');
-    } else if (this.subscribers.delete(session)) {
+    } else if (session.isSubscriber() && this.subscribers.delete(session)) {
       this.log.info({ client: session.ref(), reason }, 'subscriber detached');
       this.hold(session, reason);
     }
@@ -370,10 +364,10 @@ export class AddressSpace {
    * closes it holds nothing (it releases everything first). Until then it counts as holding what it had.
    */
   leave(session: Session): object {
-    if (!this.subscribers.has(session)) throw new StateError('only an attached subscriber detaches');
+    if (!this.isAttached(session, false)) throw new StateError('only an attached subscriber detaches');
     this.events.left(session, 'leaving');
     this.subscribers.delete(session);
-    this.logging.observers.delete(session);
+    this.dirtyLog.observers.delete(session);
     session.state = 'leaving';
     // Acks it owes resolve as 'gone': a transaction in flight goes on without it (and fences it if needed).
     session.abandon();
@@ -385,7 +379,7 @@ export class AddressSpace {
 
   /** DELEGATE (feature FENCE): processes a subscriber handed memory to; fenced with it. */
   delegate(session: Session, names: readonly string[], pidfds: number[]): object {
-    if (!this.subscribers.has(session) && !this.waiting.has(session)) throw new StateError('only an attached subscriber names delegates');
+    if (!this.isAttached(session, true)) throw new StateError('only an attached subscriber names delegates');
     session.delegates.push(...names.map((name, i) => ({ name, pidfd: pidfds[i] as number })));
     this.log.info({ client: session.ref(), delegates: names }, 'delegates named');
     return {};
@@ -437,18 +431,19 @@ export class AddressSpace {
 
   /** A subscriber's REPORT: what its IOMMU or pinning looks like now. */
   report(session: Session, msg: Report): ReportResult {
-    if (!this.subscribers.has(session) && !this.waiting.has(session)) throw new StateError('only an attached subscriber reports');
-    if (msg.reserved) session.reserved = msg.reserved.map(({ start, last }) => ({ start, last }));
-    if (msg.dmaAvailable !== undefined) session.dmaAvailable = msg.dmaAvailable;
-    if (msg.pinned !== undefined) session.pinnedActual = msg.pinned;
-    if (msg.coherent !== undefined) session.coherent = msg.coherent;
-    if (msg.backend !== undefined) session.backend = msg.backend;
-    if (msg.dirtyTracking !== undefined) session.dirtyTracking = msg.dirtyTracking;
-    if (msg.migration !== undefined) session.migration = { ...msg.migration };
-    if (msg.devices) session.devices = [...msg.devices];
+    if (!this.isAttached(session, true)) throw new StateError('only an attached subscriber reports');
+    const reported = session.subscriber.reported;
+    if (msg.reserved) reported.reserved = msg.reserved.map(({ start, last }) => ({ start, last }));
+    if (msg.dmaAvailable !== undefined) reported.dmaAvailable = msg.dmaAvailable;
+    if (msg.pinned !== undefined) reported.pinned = msg.pinned;
+    if (msg.coherent !== undefined) reported.coherent = msg.coherent;
+    if (msg.backend !== undefined) reported.backend = msg.backend;
+    if (msg.dirtyTracking !== undefined) reported.dirtyTracking = msg.dirtyTracking;
+    if (msg.migration !== undefined) reported.migration = { ...msg.migration };
+    if (msg.devices) reported.devices = [...msg.devices];
     this.events.reported(session, msg.pinned, this.map.bytes);
     if (msg.reserved) {
-      const clash = this.map.regions().filter((r) => session.reserved.some((x) => r.gpa <= x.last && x.start < r.gpa + r.size));
+      const clash = this.map.regions().filter((r) => reported.reserved.some((x) => r.gpa <= x.last && x.start < r.gpa + r.size));
       if (clash.length > 0) this.log.warn({ client: session.ref(), regions: clash.map((r) => r.name) }, 'existing regions cover ranges this client reports as reserved');
     }
     return {};
@@ -456,20 +451,21 @@ export class AddressSpace {
 
   /** The lowest free GPA range of that size and alignment, avoiding every region and reserved range. */
   findFree(msg: Omit<FindFree, 't' | 'id'>): FindFreeResult {
-    const reserved = [...this.subscribers].flatMap((s) => s.reserved);
+    const reserved = [...this.subscribers].flatMap((s) => s.subscriber.reported.reserved);
     return { gpa: findFree(msg, this.map.regions(), reserved, PAGE_SIZE) };
   }
 
   /** Why a subscriber cannot attach to the map as it is (its region limit, its pin limit, the budget). */
-  private attachRefusal(s: Session, count: number): MmbError | undefined {
-    if (count > s.maxRegions) {
-      return new ClientLimitError(`the map has ${count} regions; ${s.describe()} declared a limit of ${s.maxRegions}`, { client: s.ref() });
+  private attachRefusal(s: SubscriberSession, count: number): MmbError | undefined {
+    const { maxRegions, pins, pinLimit } = s.subscriber;
+    if (count > maxRegions) {
+      return new ClientLimitError(`the map has ${count} regions; ${s.describe()} declared a limit of ${maxRegions}`, { client: s.ref() });
     }
-    if (!s.pins) return undefined;
-    if (this.map.bytes > s.pinLimit) {
-      return new PinBudgetError(`${s.describe()} would have to pin ${this.map.bytes} bytes; its limit is ${s.pinLimit}`, { client: s.ref() });
+    if (!pins) return undefined;
+    if (this.map.bytes > pinLimit) {
+      return new PinBudgetError(`${s.describe()} would have to pin ${this.map.bytes} bytes; its limit is ${pinLimit}`, { client: s.ref() });
     }
-    const pinners = [...this.subscribers].filter((x) => x.pins).length + 1;
+    const pinners = [...this.subscribers].filter((x) => x.subscriber.pins).length + 1;
     if (pinners * this.map.bytes > this.limits.pinBudgetBytes) {
       return new PinBudgetError(`one more pinning client would pin ${pinners * this.map.bytes} bytes in all; the pin budget is ${this.limits.pinBudgetBytes}`, { client: s.ref() });
     }
@@ -482,13 +478,13 @@ export class AddressSpace {
    */
   dirtySync(session: Session, refs: readonly (number | string)[] | undefined, fd: number): Promise<DirtySyncResult> {
     this.requireOwner(session);
-    return this.enqueue(() => this.events.dirtySync(() => this.logging.sync(refs, fd)), false);
+    return this.enqueue(() => this.events.dirtySync(() => this.dirtyLog.sync(refs, fd)), false);
   }
 
   /** PAUSE (owner only): every writer stops, or resumes, writing guest memory. */
   pause(session: Session, paused: boolean): Promise<PauseResult> {
     this.requireOwner(session);
-    return this.enqueue(() => this.logging.pause(paused).then(() => ({})), false);
+    return this.enqueue(() => this.dirtyLog.pause(paused).then(() => ({})), false);
   }
 
   // --- acks -----------------------------------------------------------------------------------------
@@ -506,7 +502,7 @@ export class AddressSpace {
       ...this.subscribers,
       ...this.waiting.keys(),
       ...this.leaving.keys(),
-      ...this.logging.observers,
+      ...this.dirtyLog.observers,
     ].map((s) => ({
       id: s.id,
       role: s === this.owner ? ('owner' as const) : s.state === 'observer' ? ('observer' as const) : ('subscriber' as const),
@@ -515,23 +511,23 @@ export class AddressSpace {
       pid: s.pid,
       uid: s.uid,
       transport: s.transport.kind,
-      ackedGeneration: s === this.owner ? this._generation : s.ackedGeneration,
-      state: s.state === 'leaving' ? ('leaving' as const) : s.waiting ? ('waiting' as const) : s.syncing ? ('syncing' as const) : s.applying ? ('applying' as const) : ('ready' as const),
-      ...(s === this.owner || s.state === 'observer' ? {} : this.subscriberStatus(s)),
+      ackedGeneration: s === this.owner ? this._generation : (s.subscriber?.ackedGeneration ?? 0),
+      state: s.state === 'leaving' ? ('leaving' as const) : s.subscriber?.waiting ? ('waiting' as const) : s.subscriber?.syncing ? ('syncing' as const) : s.subscriber?.applying ? ('applying' as const) : ('ready' as const),
+      ...(s !== this.owner && s.isSubscriber() ? this.subscriberStatus(s) : {}),
     }));
-    const pinners = [...this.subscribers].filter((s) => s.pins);
+    const pinners = [...this.subscribers].filter((s) => s.subscriber.pins);
     return {
       name: this.name,
       epoch: this.epoch,
       generation: this._generation,
       published: this._published,
       bytes: this.map.bytes,
-      paused: this.logging.paused,
-      logging: this.logging.bitmaps.size,
+      paused: this.dirtyLog.paused,
+      logging: this.dirtyLog.bitmaps.size,
       pinBudget: {
         ...(Number.isFinite(this.limits.pinBudgetBytes) ? { limit: this.limits.pinBudgetBytes } : {}),
         predicted: pinners.length * this.map.bytes,
-        actual: pinners.reduce((n, s) => n + (s.pinnedActual ?? 0), 0),
+        actual: pinners.reduce((n, s) => n + (s.subscriber.reported.pinned ?? 0), 0),
       },
       regions: this.map.regions().map((r) => ({ ...r })),
       backings: [...this.backings.all()].map((b) => ({ backing: b.id, name: b.name, size: b.size, regions: b.refs, held: b.held, pageSize: b.pageSize, sealed: b.sealed })),
@@ -541,24 +537,30 @@ export class AddressSpace {
     };
   }
 
-  private subscriberStatus(s: Session): Record<string, unknown> {
+  private subscriberStatus({ subscriber: s }: SubscriberSession): Record<string, unknown> {
+    const r = s.reported;
     return {
       regions: s.coalesce ? s.view.length : this.map.size,
       ...(Number.isFinite(s.maxRegions) ? { maxRegions: s.maxRegions } : {}),
       coalesce: s.coalesce,
       writes: s.writes,
       ...(s.pins
-        ? { pin: { ...(Number.isFinite(s.pinLimit) ? { limit: s.pinLimit } : {}), predicted: this.map.bytes, ...(s.pinnedActual !== undefined ? { actual: s.pinnedActual } : {}) } }
+        ? { pin: { ...(Number.isFinite(s.pinLimit) ? { limit: s.pinLimit } : {}), predicted: this.map.bytes, ...(r.pinned !== undefined ? { actual: r.pinned } : {}) } }
         : {}),
-      ...(s.reserved.length > 0 ? { reserved: s.reserved } : {}),
-      ...(s.dmaAvailable !== undefined ? { dmaAvailable: s.dmaAvailable } : {}),
-      ...(s.coherent !== undefined ? { coherent: s.coherent } : {}),
-      ...(s.backend !== undefined ? { backend: s.backend } : {}),
-      ...(s.dirtyTracking !== undefined ? { dirtyTracking: s.dirtyTracking } : {}),
-      ...(s.dma !== undefined ? { dma: s.dma } : {}),
-      ...(s.migration !== undefined ? { migration: s.migration } : {}),
-      ...(s.devices.length > 0 ? { devices: s.devices } : {}),
+      ...(r.reserved.length > 0 ? { reserved: r.reserved } : {}),
+      ...(r.dmaAvailable !== undefined ? { dmaAvailable: r.dmaAvailable } : {}),
+      ...(r.coherent !== undefined ? { coherent: r.coherent } : {}),
+      ...(r.backend !== undefined ? { backend: r.backend } : {}),
+      ...(r.dirtyTracking !== undefined ? { dirtyTracking: r.dirtyTracking } : {}),
+      ...(r.dma !== undefined ? { dma: r.dma } : {}),
+      ...(r.migration !== undefined ? { migration: r.migration } : {}),
+      ...(r.devices.length > 0 ? { devices: r.devices } : {}),
     };
+  }
+
+  /** Whether `session` is one of this space's subscribers (or, with `waiting`, waits to be one). */
+  private isAttached(session: Session, waiting: boolean): session is SubscriberSession {
+    return session.isSubscriber() && (this.subscribers.has(session) || (waiting && this.waiting.has(session)));
   }
 
   close(err: MmbError): void {
@@ -569,7 +571,7 @@ export class AddressSpace {
       s.goodbye(err);
     }
     this.backings.closeAll();
-    this.logging.close();
+    this.dirtyLog.close();
     this.fences.close();
   }
 
@@ -591,9 +593,9 @@ export class AddressSpace {
   }
 
   /** `replied`: the ATTACH was already answered (`sync: "wait"`), this is the sync after PUBLISH. */
-  private async runAttach(session: Session, requestId: number, msg: Attach, replied: boolean): Promise<void> {
+  private async runAttach(session: SubscriberSession, requestId: number, msg: Attach, replied: boolean): Promise<void> {
     if (session.closed || this.closed) return;
-    const view = session.coalesce ? coalesce(this.map.regions()) : undefined;
+    const view = session.subscriber.coalesce ? coalesce(this.map.regions()) : undefined;
     const refusal = this.attachRefusal(session, view?.length ?? this.map.size);
     if (refusal) {
       if (replied) {
@@ -601,8 +603,7 @@ export class AddressSpace {
         session.goodbye(refusal);
         return;
       }
-      session.state = 'ready';
-      session.spaceName = undefined;
+      session.unattach();
       session.replyError(requestId, refusal);
       return;
     }
@@ -615,7 +616,7 @@ export class AddressSpace {
     const mode = delta ? 'delta' : 'snapshot';
     const regions = view ?? (delta ? delta.upserts : this.map.regions());
     const removed = delta ? delta.removed : [];
-    if (view) session.view = view;
+    if (view) session.subscriber.view = view;
 
     // Backings the client still holds from its earlier connection stay valid within one epoch.
     const gone: number[] = [];
@@ -629,14 +630,14 @@ export class AddressSpace {
     if (!replied) session.reply(requestId, { client: session.id, epoch: this.epoch, generation: this._generation, sync: mode });
     if (gone.length > 0) session.send({ t: Msg.EV_BACKINGS_GONE, backings: gone });
     this.sendBackings(session, accessOf(regions));
-    this.logging.send(session, this.logging.bitmaps.all());
+    this.dirtyLog.send(session, this.dirtyLog.bitmaps.all());
 
     const { seq, done } = session.expectAck();
     const generation = this._generation;
     for (const part of splitSync(regions, removed, this.maxFrameBytes)) {
       session.send({ t: Msg.EV_SYNC, seq, epoch: this.epoch, generation, mode, ...part });
     }
-    session.syncing = true;
+    session.subscriber.syncing = true;
     this.subscribers.add(session);
     this.events.emit('joined', session.ref(), 'subscriber');
     this.log.info({ client: session.ref(), mode, generation, regions: regions.length, removed: removed.length }, 'subscriber attached');
@@ -644,12 +645,12 @@ export class AddressSpace {
     const timer = setTimeout(() => session.settle(seq, { kind: 'timeout' }), this.limits.ackTimeoutMs);
     void done.then((r) => {
       clearTimeout(timer);
-      session.syncing = false;
+      session.subscriber.syncing = false;
       if (r.kind === 'ack') {
-        session.ackedGeneration = Math.max(session.ackedGeneration, generation);
+        session.subscriber.ackedGeneration = Math.max(session.subscriber.ackedGeneration, generation);
         // It holds exactly the current map now: what it held through its previous connection is let go.
         // (Unless the connection it resumes was attached to IOASes: then also once it re-synced those.)
-        if (session.resumes !== undefined) this.ioas.reconciled(session, undefined);
+        if (session.subscriber.resumes !== undefined) this.ioas.reconciled(session, undefined);
       } else if (r.kind === 'nack') {
         this.evict(session, this.refusal(session.ref(), r.error, generation));
       } else if (r.kind === 'timeout') {
@@ -671,7 +672,7 @@ export class AddressSpace {
     // Backings the transaction needs, and whether a writable region needs them.
     const access = accessOf([...plan.adds, ...plan.sets.filter((x) => !x.after.readonly).map((x) => x.after)]);
     const taken = takenBackings(plan);
-    const bitmaps = this.logging.create(plan);
+    const bitmaps = this.dirtyLog.create(plan);
     let committed = false;
     for (const r of plan.adds) (this.backings.get(r.backing) as Backing).inflight++;
     try {
@@ -690,10 +691,10 @@ export class AddressSpace {
 
       // --- commit ---
       this.apply(plan, generation);
-      this.logging.commit(plan, bitmaps);
+      this.dirtyLog.commit(plan, bitmaps);
       committed = true;
-      for (const [s, r] of results) if (r.kind === 'ack') s.ackedGeneration = generation;
-      for (const [s, view] of views) s.view = view;
+      for (const [s, r] of results) if (r.kind === 'ack') s.subscriber.ackedGeneration = generation;
+      for (const [s, view] of views) s.subscriber.view = view;
       // Two-phase subscribers remove and reshape now, and ack that; the others did it in the vote.
       // A subscriber whose ops only added established all of it in its vote: nothing to finish, no round.
       const twoPhase = [...this.subscribers].filter((s) => (s.features & Feature.TWO_PHASE) !== 0 && !addOnly.has(s));
@@ -711,7 +712,7 @@ export class AddressSpace {
         unreferenced: [...touched].filter((id) => this.backings.get(id)?.refs === 0 && !this.fences.holds(id)),
       };
     } finally {
-      if (!committed) this.logging.discard(bitmaps);
+      if (!committed) this.dirtyLog.discard(bitmaps);
       for (const r of plan.adds) {
         const b = this.backings.get(r.backing);
         if (b) b.inflight--;
@@ -726,7 +727,7 @@ export class AddressSpace {
    * reach what was taken away, and so may any of `holders()`: all of them are fenced. Returns those that
    * could not be.
    */
-  private async finish(targets: readonly Session[], send: (s: Session, seq: number) => void, generation: number, holders: () => Holder[]): Promise<Holder[]> {
+  private async finish(targets: readonly SubscriberSession[], send: (s: SubscriberSession, seq: number) => void, generation: number, holders: () => Holder[]): Promise<Holder[]> {
     const finished = await this.fanOut(targets, send, generation);
     const unfinished = [...finished.timedOut];
     for (const [s, r] of finished.results) {
@@ -784,7 +785,7 @@ export class AddressSpace {
     plan: Plan,
     generation: number,
     access: ReadonlyMap<number, boolean>,
-    bitmaps: ReturnType<Logging['create']>,
+    bitmaps: ReturnType<DirtyLogging['create']>,
     holders: () => Holder[],
     mayRetry: boolean,
   ): Promise<Vote> {
@@ -799,14 +800,14 @@ export class AddressSpace {
       this.subscribers,
       this.limits.pinBudgetBytes,
     );
-    const addOnly = new Set<Session>();
+    const addOnly = new Set<SubscriberSession>();
     const { results, retry } = await this.runVote(
       [...this.subscribers],
       (s, seq) => {
         this.sendBackings(s, access);
-        this.logging.send(s, bitmaps);
+        this.dirtyLog.send(s, bitmaps);
         const view = views.get(s);
-        const ops = view ? viewOps(s.view, view) : plan.ops;
+        const ops = view ? viewOps(s.subscriber.view, view) : plan.ops;
         if (ops.every((op) => op.op === 'add')) addOnly.add(s);
         s.send({ t: Msg.EV_TXN, seq, generation, ops });
       },
@@ -826,16 +827,16 @@ export class AddressSpace {
    * rolled back only because a client dropped holding what it takes away (`holders()`).
    */
   private async runVote(
-    targets: readonly Session[],
-    send: (s: Session, seq: number) => void,
-    rollbackOf: (s: Session, seq: number) => void,
+    targets: readonly SubscriberSession[],
+    send: (s: SubscriberSession, seq: number) => void,
+    rollbackOf: (s: SubscriberSession, seq: number) => void,
     generation: number,
     holders: () => Holder[],
     mayRetry: boolean,
-  ): Promise<{ results: Map<Session, AckResult>; retry?: true }> {
+  ): Promise<{ results: Map<SubscriberSession, AckResult>; retry?: true }> {
     let rollback: Promise<FanOutResult> | undefined;
     const refused: [ClientRef, MmbError][] = [];
-    const rollBack = (except: Session | undefined) => {
+    const rollBack = (except: SubscriberSession | undefined) => {
       const others = targets.filter((t) => t !== except && !t.closed && this.subscribers.has(t));
       rollback = this.fanOut(others, rollbackOf, generation);
     };
@@ -891,24 +892,24 @@ export class AddressSpace {
    * say how each one answered.
    */
   private async fanOut(
-    targets: readonly Session[],
-    send: (s: Session, seq: number) => void,
+    targets: readonly SubscriberSession[],
+    send: (s: SubscriberSession, seq: number) => void,
     generation: number,
-    onResult?: (s: Session, r: AckResult) => void,
+    onResult?: (s: SubscriberSession, r: AckResult) => void,
   ): Promise<FanOutResult> {
-    const results = new Map<Session, AckResult>();
-    const pending = new Map<Session, number>();
+    const results = new Map<SubscriberSession, AckResult>();
+    const pending = new Map<SubscriberSession, number>();
     const waits = targets.map((s) => {
       const { seq, done } = s.expectAck();
       pending.set(s, seq);
-      s.applying = true;
+      s.subscriber.applying = true;
       try {
         send(s, seq);
       } catch (err) {
         s.settle(seq, { kind: 'nack', error: err as MmbError });
       }
       return done.then((r) => {
-        s.applying = false;
+        s.subscriber.applying = false;
         pending.delete(s);
         results.set(s, r);
         onResult?.(s, r);

@@ -113,7 +113,7 @@ export class SpaceEvents extends EventEmitter<SpaceEventMap> {
   left(session: Session, reason: HolderReason): void {
     const role = ROLES[session.state];
     // A subscriber still waiting for PUBLISH never joined; a leaving one was reported when it sent DETACH.
-    if (role === undefined || session.waiting) return;
+    if (role === undefined || session.subscriber?.waiting) return;
     this.emit('left', session.ref(), role, reason);
   }
 
@@ -125,7 +125,7 @@ export class SpaceEvents extends EventEmitter<SpaceEventMap> {
 
   /** A subscriber's REPORT: pinning clients' pinned bytes are relayed (long pins report as they go). */
   reported(session: Session, pinned: number | undefined, predicted: number): void {
-    if (pinned !== undefined && session.pins) this.emit('pinned', session.ref(), pinned, predicted);
+    if (pinned !== undefined && session.subscriber?.pins) this.emit('pinned', session.ref(), pinned, predicted);
   }
 
   /**

@@ -10,7 +10,9 @@ export { DirtyLog } from './dirty.js';
 export { DirtyObserver, type DirtyEvent } from './observer.js';
 export { createSealedMemfd, type SealedMemfdOptions } from './memfd.js';
 export { diff, inverse, applyOps, toView, type Applier, type ApplyContext, type Change, type LocalBacking, type ViewRegion } from './view.js';
-export { VhostSubscriber, type VhostOptions } from './vhost/index.js';
+export { DeviceSubscriber, type DeviceOptions } from './device/index.js';
+/** @deprecated the device client's old name (it never was Linux vhost): use DeviceSubscriber. */
+export { DeviceSubscriber as VhostSubscriber, type DeviceOptions as VhostOptions } from './device/index.js';
 export {
   KvmSubscriber,
   KvmApplier,

@@ -9,11 +9,10 @@
 // guest memory an IOAS maps, so a view stays valid for as long as its mapping is in the table. A lookup
 // for writing fails on a read-only mapping: the device must not write where the guest's IOMMU says it
 // may only read.
-import { InvalidArgError, NoRegionError, type IovaMapping } from '../protocol/index.js';
+import { InvalidArgError, NoRegionError, type IovaMapping, hex } from '../protocol/index.js';
 import { findRange, type GuestMemory, type GuestPointer } from './memory.js';
 import type { IoasApplier, IoasChange } from './ioas-view.js';
 
-const hex = (n: number) => `0x${n.toString(16)}`;
 
 interface Entry {
   start: number;

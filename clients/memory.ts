@@ -21,7 +21,7 @@
 // way to the memory is a cache and TLB miss: the common case (a range inside a region's first 1 GiB)
 // touches the two arrays and that one view, not the region's record, its chunk list and its chunk.
 import { constants, filePageSize, isNativeError, native, PAGE_SIZE, pageSizeName, type Mapping } from '../native/index.js';
-import { InvalidArgError, MapFailedError, NoRegionError, UnalignedError } from '../protocol/index.js';
+import { InvalidArgError, MapFailedError, NoRegionError, UnalignedError, hex } from '../protocol/index.js';
 import type { DirtyLog } from './dirty.js';
 import type { Applier, ApplyContext, Change, LocalBacking, ViewRegion } from './view.js';
 
@@ -67,7 +67,6 @@ export interface MappedRegion {
   address: number;
 }
 
-const hex = (n: number) => `0x${n.toString(16)}`;
 
 export class GuestMemory implements Applier {
   private readonly byKey = new Map<string, MappedRegion>();

@@ -4,9 +4,9 @@
 import { GPA_LIMIT } from './constants.js';
 import { InvalidArgError } from './errors.js';
 import type { DmaRules } from './messages.js';
+import { hex } from './units.js';
 
 const PAGE = 4096;
-const hex = (n: number) => `0x${n.toString(16)}`;
 const isPowerOfTwo = (n: number) => Number.isSafeInteger(n) && n >= 1 && 2 ** Math.round(Math.log2(n)) === n;
 
 /** Refuses rules a client cannot mean (MMB_ERR_INVALID_ARG): sizes not page multiples, a bad alignment. */

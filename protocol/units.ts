@@ -60,4 +60,5 @@ export function formatBytes(bytes: number): string {
   return u === 0 ? `${Math.round(v)} B` : `${v.toFixed(v >= 100 ? 0 : 1)} ${units[u]}`;
 }
 
-export const hex = (n: number): string => `0x${n.toString(16)}`;
+/** The one way addresses, sizes and flag words are printed: 0x and lower-case hex digits, no padding. */
+export const hex = (n: number | bigint): string => `0x${n.toString(16)}`;

@@ -1,14 +1,14 @@
 // I/O address spaces (feature IOAS, docs/ioas.md) across real processes: an embedded broker on a socket,
 // the owner in-process (a VMM's emulated IOMMU), a shadow-mode vfio-like client (soft backend) in its own
 // process, whose pins the kernel's VmLck judges at the moment the broker says a change is done, and a
-// vhost-like client translating IOVAs. Then refusals, rollback, fencing of clients whose connection ended,
+// device client translating IOVAs. Then refusals, rollback, fencing of clients whose connection ended,
 // and the protocol's gates.
 import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { Broker, type BrokerOptions } from '../broker/index.js';
-import { Connection, GuestMemory, MappingSubscriber, OwnerClient, VhostSubscriber, type SubscriberOptions } from '../clients/index.js';
+import { Connection, GuestMemory, MappingSubscriber, OwnerClient, DeviceSubscriber, type SubscriberOptions } from '../clients/index.js';
 import { IoasOwner } from '../clients/ioas-owner.js';
 import type { IoasChange } from '../clients/ioas-view.js';
 import type { BrokerTarget } from '../clients/connection.js';
@@ -54,8 +54,8 @@ async function vfioProc(ioas: string, extra: string[] = []): Promise<JsonProc> {
   return p;
 }
 
-async function vhost(name = 'vhost0'): Promise<VhostSubscriber> {
-  const v = await VhostSubscriber.attach(socket, { space: 'vm0', name, reconnect: false });
+async function vhost(name = 'vhost0'): Promise<DeviceSubscriber> {
+  const v = await DeviceSubscriber.attach(socket, { space: 'vm0', name, reconnect: false });
   closers.push(() => v.close());
   return v;
 }
@@ -93,7 +93,7 @@ class Follower extends MappingSubscriber {
 }
 
 describe('I/O address spaces', () => {
-  it('a shadow-mode vfio client pins exactly what the IOAS maps, and an unmap returns only once its process unlocked the pages; a vhost-like client translates the same IOVAs', async () => {
+  it('a shadow-mode vfio client pins exactly what the IOAS maps, and an unmap returns only once its process unlocked the pages; a device client translates the same IOVAs', async () => {
     await setup();
     const io = await IoasOwner.create(owner, 'gpu0');
     const vf = await vfioProc('gpu0', ['--name', 'vfio-gpu']);
@@ -107,7 +107,7 @@ describe('I/O address spaces', () => {
     expect(r).toEqual({ generation: 1, mapped: 8 * PAGE, unmapped: 0 });
     expect(vmLckKiB(vf.pid) * 1024).toBe(8 * PAGE);
 
-    // The vhost-like client reaches guest memory through an IOVA, allocation-free, and only where mapped.
+    // The device client reaches guest memory through an IOVA, allocation-free, and only where mapped.
     const table = vh.iova('gpu0');
     const ptr = { bytes: new Uint8Array(0), offset: 0 };
     vh.write(0x10_0000 + 3 * PAGE + 5, new Uint8Array([0xab, 0xcd]));

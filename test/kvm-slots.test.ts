@@ -26,7 +26,7 @@ const change = (c: Partial<SlotChange>): SlotChange => ({ removed: [], updated: 
 
 /** The plan, and the table after it (a new map: `table` is left alone). */
 function plan(table: SlotTable, c: Partial<SlotChange>, maxSlots = 32764) {
-  const p = planSlots(table, change(c), { maxSlots, hva: hvaOf, backend: 'software' });
+  const p = planSlots(table, change(c), { maxSlots, hva: hvaOf, hypervisor: 'software' });
   return { ...p, table: tableAfter(table, p) };
 }
 

@@ -21,13 +21,13 @@ import {
   SoftwareMemslots,
   assembleProgram,
   type KvmSubscriberOptions,
-  type MemslotBackend,
+  type Memslots,
   type SlotInfo,
 } from '../clients/kvm/index.js';
 import * as abi from '../clients/kvm/abi.js';
 import { constants, native } from '../native/index.js';
 import { kvm, type KvmConstants } from '../native/kvm.js';
-import { ALL_FEATURES, Feature, isMmbError, type MmbError } from '../protocol/index.js';
+import { ALL_FEATURES, Feature, hex, isMmbError, type MmbError } from '../protocol/index.js';
 import { codeOf, defer, embeddedBroker, ownerOf, runCleanups } from './helpers/embedded.js';
 import { memfdMaps, spawnBroker, spawnSubscriber, stopProcess, tempDir, type JsonProc } from './helpers/procs.js';
 import { IN_CI } from './helpers/ci.js';
@@ -67,7 +67,6 @@ async function backing(owner: OwnerClient, size: number, name: string) {
   return b;
 }
 
-const hexAddr = (n: number) => `0x${n.toString(16)}`;
 
 /** Lines of /proc/self/maps whose range holds `hva`. */
 const mapsAt = (hva: number): string[] => procMapsAt('self', hva);
@@ -84,7 +83,7 @@ function expectSlotsMirror(sub: KvmSubscriber, regions: { name: string; gpa: num
   for (const s of slots) {
     expect(s.hva).toBe(mapped.get(s.gpa));
     const [line] = mapsAt(s.hva);
-    expect(line, `a mapping at ${hexAddr(s.hva)} for slot ${s.slot}`).toBeDefined();
+    expect(line, `a mapping at ${hex(s.hva)} for slot ${s.slot}`).toBeDefined();
     expect(line!.split(' ')[1]).toBe(s.readonly ? 'r--s' : 'rw-s');
   }
   // Ids are unique and below the limit.
@@ -278,7 +277,7 @@ describeKvm('the software stand-in gives the verdicts the kernel gives', () => {
       { slot: 5, flags: 0, gpa: 0x18_0000, size: MiB, hva }, // still overlaps slot 1: EEXIST
       { slot: 5, flags: 0, gpa: 0x10_0000, size: MiB, hva }, // slot 0's old range is free
     ];
-    const verdict = (vm: MemslotBackend, c: abi.MemoryRegionArgs) => {
+    const verdict = (vm: Memslots, c: abi.MemoryRegionArgs) => {
       try {
         vm.setUserMemoryRegion(c);
         return 'ok';
@@ -306,7 +305,7 @@ describeKvm('a real VM follows the map as memslots (embedded broker)', () => {
     const rom = await backing(owner, 2 * MiB, 'kvm-rom');
     await owner.addRegion({ name: 'low', gpa: 0, size: 64 * MiB, backing: ram.backing });
     const sub = await kvmSub(broker, { software: false });
-    expect(sub.backend).toBe('kvm');
+    expect(sub.hypervisor).toBe('kvm');
     const map = () => broker.status('vm0').spaces[0]!.regions;
     expectSlotsMirror(sub, map());
 
@@ -373,7 +372,7 @@ describeKvm('a real VM follows the map as memslots (embedded broker)', () => {
     const ram = await backing(owner, 16 * MiB, 'kvm-judge');
     await owner.addRegion({ name: 'ram', gpa: 0x4000_0000, size: 16 * MiB, backing: ram.backing });
     const sub = await kvmSub(broker);
-    expect(sub.backend).toBe('kvm');
+    expect(sub.hypervisor).toBe('kvm');
     const [slot] = sub.slots();
     const err = await errorOf(() => sub.vm.setUserMemoryRegion({ slot: 900, flags: 0, gpa: 0x4080_0000, size: 16 * MiB, hva: slot!.hva }));
     expect([err.code, err.errno]).toEqual(['MMB_ERR_KVM', 'EEXIST']);
@@ -479,8 +478,8 @@ describeKvm('a real VM follows the map as memslots (embedded broker)', () => {
 // --- the applier's contract, directly ---------------------------------------------------------------
 
 describe('KvmApplier: all or nothing, locally', () => {
-  const backends: [string, () => MemslotBackend][] = [['software', () => new SoftwareMemslots()]];
-  if (HAVE_KVM) backends.unshift(['kvm', () => KvmVm.open()]);
+  const hypervisors: [string, () => Memslots][] = [['software', () => new SoftwareMemslots()]];
+  if (HAVE_KVM) hypervisors.unshift(['kvm', () => KvmVm.open()]);
 
   function local(name: string, size: number) {
     const fd = native.memfdCreate(name, constants.MFD_CLOEXEC);
@@ -495,7 +494,7 @@ describe('KvmApplier: all or nothing, locally', () => {
   const ctx = { signal: new AbortController().signal, cancelled: () => false };
   const change = (c: Partial<Change>): Change => ({ generation: 1, cause: 'txn', removed: [], updated: [], added: [], ...c });
 
-  for (const [name, open] of backends) {
+  for (const [name, open] of hypervisors) {
     it(`${name}: refuses beyond its own limit (MMB_ERR_CLIENT_LIMIT) with nothing mapped or slotted`, async () => {
       const bk = local(`applier-limit-${name}`, 16 * MiB);
       const a = new KvmApplier(open(), 1);
@@ -531,20 +530,20 @@ describe('KvmApplier: all or nothing, locally', () => {
 
 // --- rollback -------------------------------------------------------------------------------------
 
-for (const backendName of ['kvm', 'software'] as const) {
-  const d = backendName === 'kvm' ? describeKvm : describe;
-  d(`rollback (${backendName}): a refused slot undoes the whole transaction`, () => {
+for (const hypervisor of ['kvm', 'software'] as const) {
+  const d = hypervisor === 'kvm' ? describeKvm : describe;
+  d(`rollback (${hypervisor}): a refused slot undoes the whole transaction`, () => {
     it('deleted slots come back at their old host address, flags are restored, created slots and new mappings are gone', async () => {
       const broker = embeddedBroker();
       const owner = await ownerOf(broker);
-      const names = ['a', 'b', 'c', 'd'].map((n) => `rb-${backendName}-${n}`);
+      const names = ['a', 'b', 'c', 'd'].map((n) => `rb-${hypervisor}-${n}`);
       const [A, B, C, D] = await Promise.all(names.map((n) => backing(owner, 4 * MiB, n)));
       await owner.addRegion({ name: 'A', gpa: 0x1000_0000, size: 4 * MiB, backing: A!.backing });
       await owner.addRegion({ name: 'B', gpa: 0x2000_0000, size: 4 * MiB, backing: B!.backing });
       // Single-phase (no TWO_PHASE), so the vote itself deletes and changes slots and the applier's undo of
       // those is what is tested; two-phase clients delete nothing before the commit (test/safety.test.ts).
-      const sub = await kvmSub(broker, { software: backendName === 'software', features: ALL_FEATURES & ~Feature.TWO_PHASE });
-      expect(sub.backend).toBe(backendName);
+      const sub = await kvmSub(broker, { software: hypervisor === 'software', features: ALL_FEATURES & ~Feature.TWO_PHASE });
+      expect(sub.hypervisor).toBe(hypervisor);
       const slotsBefore = sub.slots();
       const mapsBefore = names.map((n) => memfdMaps(process.pid, n));
       expect(mapsBefore.map((m) => m.length)).toEqual([1, 1, 0, 0]);
@@ -565,7 +564,7 @@ for (const backendName of ['kvm', 'software'] as const) {
         ]),
       );
       expect([err.code, err.errno, err.client?.kind, err.client?.id]).toEqual(['MMB_ERR_KVM', 'EEXIST', 'kvm', sub.id]);
-      expect(err.message).toContain(`[${backendName}]`);
+      expect(err.message).toContain(`[${hypervisor}]`);
       // 4 operations ran (delete A, flags B, create D, create C refused) and 3 were undone.
       expect(sub.stats.calls - calls).toBe(3 + 3);
       expect(sub.stats.undone).toBe(1);
@@ -575,7 +574,7 @@ for (const backendName of ['kvm', 'software'] as const) {
       expect(names.map((n) => memfdMaps(process.pid, n))).toEqual(mapsBefore);
       expect(broker.status('vm0').spaces[0]!.generation).toBe(generation);
 
-      if (backendName === 'kvm') {
+      if (hypervisor === 'kvm') {
         const vm = sub.vm as KvmVm;
         // The kernel holds A's slot again: an overlapping slot is refused...
         expect((await errorOf(() => vm.setUserMemoryRegion({ slot: 501, flags: 0, gpa: 0x1000_0000, size: 4096, hva: hvaA }))).errno).toBe('EEXIST');
@@ -620,8 +619,8 @@ describe('software mode', () => {
     const lines: Record<string, unknown>[] = [];
     const logger = pino({ level: 'debug' }, { write: (l: string) => void lines.push(JSON.parse(l) as Record<string, unknown>) });
     const sub = await kvmSub(broker, { software: true, logger });
-    expect(sub.backend).toBe('software');
-    expect(sub.backendReason).toMatch(/software: true/);
+    expect(sub.hypervisor).toBe('software');
+    expect(sub.softwareReason).toMatch(/software: true/);
     expect(kvmFds()).toEqual(fds); // no /dev/kvm opened
     expect(sub.maxSlots).toBe(abi.KVM_X86_USER_MEM_SLOTS);
     const me = broker.status('vm0').spaces[0]!.clients.find((c) => c.id === sub.id)!;
@@ -651,15 +650,15 @@ describe('software mode', () => {
   });
 });
 
-describe('choosing the backend', () => {
+describe('choosing the hypervisor (real KVM or the software stand-in)', () => {
   it('by default a real VM where /dev/kvm works, else software with the reason; software: false insists on KVM', async () => {
     const broker = embeddedBroker();
     const sub = await kvmSub(broker);
-    expect(sub.backend).toBe(HAVE_KVM ? 'kvm' : 'software');
-    if (HAVE_KVM) expect(sub.backendReason).toBeUndefined();
-    else expect(sub.backendReason).toMatch(/cannot open \/dev\/kvm \(ENOENT\)/);
+    expect(sub.hypervisor).toBe(HAVE_KVM ? 'kvm' : 'software');
+    if (HAVE_KVM) expect(sub.softwareReason).toBeUndefined();
+    else expect(sub.softwareReason).toMatch(/cannot open \/dev\/kvm \(ENOENT\)/);
     const me = broker.status('vm0').spaces[0]!.clients.find((c) => c.id === sub.id)!;
-    expect(me.backend).toBe(sub.backend);
+    expect(me.backend).toBe(sub.hypervisor);
     if (!HAVE_KVM) expect(await codeOf(KvmSubscriber.attach(broker, { space: 'vm0', software: false }))).toBe('MMB_ERR_UNSUPPORTED');
   });
 });

@@ -1,5 +1,5 @@
 import { MappingSubscriber, type Subscriber } from '../../clients/index.js';
-import { VhostSubscriber } from '../../clients/vhost/index.js';
+import { DeviceSubscriber } from '../../clients/device/index.js';
 import { KvmSubscriber } from '../../clients/kvm/index.js';
 import { VfioSubscriber } from '../../clients/vfio/index.js';
 import { VhostUserSubscriber } from '../../clients/vhost-user/index.js';
@@ -145,7 +145,7 @@ export const attach: Command = {
       });
       const n = vu.negotiated;
       log('backend', `vhost-user back-end ${vu.frontend.path}: ${n.memMode === 'slots' ? `${vu.maxSlots} slots (ADD_MEM_REG / REM_MEM_REG)` : `SET_MEM_TABLE only, ${vu.maxSlots} regions`}`, {
-        backend: vu.frontend.path, memMode: n.memMode, maxSlots: vu.maxSlots, features: `0x${n.features.toString(16)}`, protocolFeatures: `0x${n.protocolFeatures.toString(16)}`,
+        backend: vu.frontend.path, memMode: n.memMode, maxSlots: vu.maxSlots, features: hex(n.features), protocolFeatures: hex(n.protocolFeatures),
         ...(vu.iotlb ? { ioas: vu.iotlb.ioas } : {}),
       });
       const iotlb = () => (vu.iotlb ? { iotlb: { ioas: vu.iotlb.ioas, mappings: vu.iotlb.established(), stats: vu.iotlb.stats } } : {});
@@ -200,7 +200,7 @@ export const attach: Command = {
       await follow(vfio, vfio.memory.regions.bind(vfio.memory), log, stop, values.control ? { ...memoryCommands(vfio, vfio.memory), ...vfioCommands(vfio) } : undefined);
       return 0;
     }
-    const sub = kind === 'vhost' ? await VhostSubscriber.attach(socket, opts) : await MappingSubscriber.attach(socket, opts);
+    const sub = kind === 'vhost' ? await DeviceSubscriber.attach(socket, opts) : await MappingSubscriber.attach(socket, opts);
     await follow(sub, sub.memory.regions.bind(sub.memory), log, stop, values.control ? memoryCommands(sub, sub.memory) : undefined);
     return 0;
   },

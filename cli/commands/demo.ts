@@ -1,5 +1,5 @@
 // `mmbroker demo` (= npm start): the main job on an embedded default. A broker and its owner (the VMM)
-// run in this process with a kvm-like client (a real KVM VM and vCPU where /dev/kvm works); a vhost-like
+// run in this process with a kvm-like client (a real KVM VM and vCPU where /dev/kvm works); a device
 // and a vfio-like (soft) client run as separate processes (`mmbroker attach ... --json --control`).
 // Memory is hotplugged and unplugged, refusals are shown to leave no trace, and every claim is checked
 // against the kernel's own view (/proc/PID/maps, VmLck) rather than the broker's counters.
@@ -21,7 +21,7 @@ import { draw } from '../picture.js';
 const usage = `Usage: mmbroker demo [--json]
 
 Runs a broker with an embedded owner and three kinds of clients: kvm-like (in this process, a real KVM VM
-where /dev/kvm works), vhost-like and vfio-like (soft backend) as separate processes. Hotplugs and unplugs
+where /dev/kvm works), device (kind vhost) and vfio-like (soft backend) as separate processes. Hotplugs and unplugs
 memory, shows refused hotplugs rolled back, migrates the space live to a sparse image, then puts a second
 vfio-like client behind a guest IOMMU (shadow mode: it pins only what the IOMMU maps), and prints what
 each client did, checked against /proc. Finishes on its own in well under a minute.
@@ -122,7 +122,7 @@ export const demo: Command = {
       // The three kinds of clients.
       kvm = await KvmSubscriber.attach(broker, { space: 'vm0', name: 'kvm' });
       const k = kvm;
-      say('kvm', `in this process: ${k.backend === 'kvm' ? `a real KVM VM (/dev/kvm), ${k.maxSlots} slots` : `memslots in software (${k.backendReason})`}; slot ${k.slots()[0]?.slot} = ram`);
+      say('kvm', `in this process: ${k.hypervisor === 'kvm' ? `a real KVM VM (/dev/kvm), ${k.maxSlots} slots` : `memslots in software (${k.softwareReason})`}; slot ${k.slots()[0]?.slot} = ram`);
       const vhost = await attach('vhost', ['--name', 'vhost-blk', '--max-regions', '32']);
       say('vhost', `pid ${vhost.pid}: a device back-end's view, 32 slots, maps ram (${formatSize(memfdMappedBytes(vhost.pid, 'ram'))}), never pins (VmLck ${vmLckKiB(vhost.pid)} KiB)`);
       const limited = canLimitMemlock(memlockLimit);
@@ -151,10 +151,10 @@ export const demo: Command = {
         return `2 MiB at ${hex(dimmGpa)}; vfio VmLck ${formatSize(pinned())}`;
       });
 
-      // A vCPU writes into the hotplugged memory; the vhost-like process reads it through its own mapping.
+      // A vCPU writes into the hotplugged memory; the device process reads it through its own mapping.
       await step('vCPU write, read by another process', async () => {
         const message = Buffer.from(`written by a vCPU at ${hex(dimmGpa + 0x100)}`);
-        if (k.backend === 'kvm') {
+        if (k.hypervisor === 'kvm') {
           await k.runProgram({ codeGpa: 0x1000, writes: [{ gpa: dimmGpa + 0x100, bytes: message }] });
           say('kvm', `a real vCPU (32-bit protected mode) wrote ${JSON.stringify(message.toString())} and halted`);
         } else {

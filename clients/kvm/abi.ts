@@ -1,6 +1,6 @@
 // The KVM uAPI as the kvm-like client uses it: request numbers, capabilities, flags, exit reasons and
 // the byte layout of every struct it passes, from linux/kvm.h and asm/kvm.h (x86-64). Pure data and
-// DataView code, no native import: the software backend and the planner use it too.
+// DataView code, no native import: the software stand-in and the planner use it too.
 //
 // test/kvm.test.ts compiles a C program against the installed headers and compares every offset, size
 // and number here with what gcc says, and compares the request numbers with the addon's own.

@@ -14,12 +14,12 @@
 // throws one typed error: MMB_ERR_KVM with the ioctl's errno, MMB_ERR_CLIENT_LIMIT, MMB_ERR_MAP_FAILED
 // or MMB_ERR_CANCELLED. The subscriber then nacks and the broker rolls the transaction back everywhere.
 import type { Logger } from 'pino';
-import { CancelledError, InternalError, KvmError, UnsupportedError, toMmbError, type MmbError } from '../../protocol/index.js';
+import { CancelledError, InternalError, KvmError, UnsupportedError, toMmbError, type MmbError, hex } from '../../protocol/index.js';
 import { GuestMemory, type MappedRegion } from '../memory.js';
 import type { DirtyLog } from '../dirty.js';
 import type { Applier, ApplyContext, Change, LocalBacking, ViewRegion } from '../view.js';
 import { KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY } from './abi.js';
-import type { BackendName, MemslotBackend } from './backend.js';
+import type { Hypervisor, Memslots } from './memslots.js';
 import { applyPlan, describeSlot, opArgs, planSlots, undoArgs, type Slot, type SlotOp, type SlotPlan } from './slots.js';
 import { assembleProgram, KvmVcpu, type GuestRun, type GuestWrite, type RunResult } from './vcpu.js';
 import { KvmVm } from './vm.js';
@@ -27,7 +27,6 @@ import { KvmVm } from './vm.js';
 /** Slot operations between two looks at the abort signal (and a turn of the event loop). */
 const OPS_PER_TURN = 512;
 
-const hex = (n: number) => `0x${n.toString(16)}`;
 
 export interface SlotInfo {
   slot: number;
@@ -105,15 +104,15 @@ export class KvmApplier implements Applier {
   private ringLost = false;
 
   constructor(
-    readonly vm: MemslotBackend,
+    readonly vm: Memslots,
     /** The most slots this client uses (the VM's limit, or fewer by choice). */
     readonly maxSlots: number,
     private readonly log?: Logger,
     private readonly opts: KvmApplierOptions = {},
   ) {}
 
-  get backend(): BackendName {
-    return this.vm.backend;
+  get hypervisor(): Hypervisor {
+    return this.vm.hypervisor;
   }
 
   /** The memslot table, by slot id. */
@@ -144,7 +143,7 @@ export class KvmApplier implements Applier {
   }
 
   private async applyNow(change: Change, backings: ReadonlyMap<number, LocalBacking>, ctx: ApplyContext): Promise<void> {
-    if (this.closed) throw new CancelledError(`[${this.backend}] the kvm client is closed`);
+    if (this.closed) throw new CancelledError(`[${this.hypervisor}] the kvm client is closed`);
     if (ctx.signal.aborted) throw cancelled(ctx.signal);
     const started = process.hrtime.bigint();
 
@@ -160,7 +159,7 @@ export class KvmApplier implements Applier {
     try {
       plan = planSlots(this.table, change, {
         maxSlots: this.maxSlots,
-        backend: this.backend,
+        hypervisor: this.hypervisor,
         byKey: this.byKey,
         hva: (r: ViewRegion) => this.addressOf(r),
       });
@@ -187,10 +186,10 @@ export class KvmApplier implements Applier {
       try {
         if (change.added.length > 0) unmapAdded();
       } catch (unmapErr) {
-        this.log?.error({ backend: this.backend, err: unmapErr }, 'kvm client: unmapping after a failed change failed');
+        this.log?.error({ backend: this.hypervisor, err: unmapErr }, 'kvm client: unmapping after a failed change failed');
       }
       this.stats.undone++;
-      this.log?.warn({ backend: this.backend, generation: change.generation, cause: change.cause, code: e.code, errno: e.errno, err: e.message }, 'kvm client: change refused and undone');
+      this.log?.warn({ backend: this.hypervisor, generation: change.generation, cause: change.cause, code: e.code, errno: e.errno, err: e.message }, 'kvm client: change refused and undone');
       throw e;
     } finally {
       this.creating.clear();
@@ -204,7 +203,7 @@ export class KvmApplier implements Applier {
     this.stats.applied++;
     this.log?.debug(
       {
-        backend: this.backend,
+        backend: this.hypervisor,
         generation: change.generation,
         cause: change.cause,
         ops: plan.ops.length,
@@ -234,7 +233,7 @@ export class KvmApplier implements Applier {
       try {
         await resumeVmm?.();
       } catch (err) {
-        this.log?.error({ backend: this.backend, err }, 'kvm client: resuming the parked vCPUs failed');
+        this.log?.error({ backend: this.hypervisor, err }, 'kvm client: resuming the parked vCPUs failed');
       }
       vcpu?.unpark();
     };
@@ -260,7 +259,7 @@ export class KvmApplier implements Applier {
         break;
       }
     }
-    throw new InternalError(`[${this.backend}] region ${JSON.stringify(r.name)} was not mapped`);
+    throw new InternalError(`[${this.hypervisor}] region ${JSON.stringify(r.name)} was not mapped`);
   }
 
   private exec(op: SlotOp): void {
@@ -281,7 +280,7 @@ export class KvmApplier implements Applier {
         this.vm.setUserMemoryRegion(undoArgs(op));
         this.stats.calls++;
       } catch (err) {
-        this.log?.error({ backend: this.backend, op: op.op, slot: op.slot.slot, err }, 'kvm client: undoing a slot operation failed');
+        this.log?.error({ backend: this.hypervisor, op: op.op, slot: op.slot.slot, err }, 'kvm client: undoing a slot operation failed');
         cause.message += `; undoing ${op.op} of ${describeSlot(op.slot)} failed too: ${err instanceof Error ? err.message : String(err)}`;
         stuck.unshift(op);
       }
@@ -308,7 +307,7 @@ export class KvmApplier implements Applier {
 
   private async runProgramNow(opts: ProgramOptions): Promise<RunResult> {
     if (!(this.vm instanceof KvmVm)) {
-      throw new UnsupportedError(`[${this.backend}] running a guest program needs a real KVM vCPU; this client keeps its memslots in software (no /dev/kvm, or software: true)`);
+      throw new UnsupportedError(`[${this.hypervisor}] running a guest program needs a real KVM vCPU; this client keeps its memslots in software (no /dev/kvm, or software: true)`);
     }
     if (this.closed) throw new CancelledError('[kvm] the kvm client is closed');
     const program = assembleProgram(opts.codeGpa, opts.writes);
@@ -353,7 +352,7 @@ export class KvmApplier implements Applier {
    */
   async runGuest(opts: GuestOptions): Promise<GuestRun> {
     return this.exclusive(async () => {
-      if (!(this.vm instanceof KvmVm)) throw new UnsupportedError(`[${this.backend}] running a guest needs a real KVM vCPU`);
+      if (!(this.vm instanceof KvmVm)) throw new UnsupportedError(`[${this.hypervisor}] running a guest needs a real KVM vCPU`);
       if (this.closed) throw new CancelledError('[kvm] the kvm client is closed');
       const end = opts.codeGpa + opts.image.length;
       const slot = [...this.table.values()].find((s) => s.gpa <= opts.codeGpa && end <= s.gpa + s.size);
@@ -389,7 +388,7 @@ export class KvmApplier implements Applier {
    * sync. Real KVM only.
    */
   dirtyPages(gpa: number, pageSize = 4096): number[] {
-    if (!(this.vm instanceof KvmVm)) throw new UnsupportedError(`[${this.backend}] the dirty log needs a real KVM VM`);
+    if (!(this.vm instanceof KvmVm)) throw new UnsupportedError(`[${this.hypervisor}] the dirty log needs a real KVM VM`);
     const slot = [...this.table.values()].find((s) => s.gpa <= gpa && gpa < s.gpa + s.size);
     if (!slot) throw new KvmError(`[kvm] no memslot covers gpa ${hex(gpa)}`, { errno: 'ENOENT' });
     const out: number[] = [];
@@ -453,7 +452,7 @@ export class KvmApplier implements Applier {
     if (vcpu.ringOverflowed) {
       // Some entries were overwritten: which pages they named is unknown. From now on every logging slot
       // counts as entirely dirty at every collection, as a writer that cannot track does: never a lost bit.
-      if (!this.ringLost) this.log?.error({ backend: this.backend, entries: this.vm.dirtyRing }, 'kvm client: the dirty ring overflowed; logging slots are reported entirely dirty from now on');
+      if (!this.ringLost) this.log?.error({ backend: this.hypervisor, entries: this.vm.dirtyRing }, 'kvm client: the dirty ring overflowed; logging slots are reported entirely dirty from now on');
       this.ringLost = true;
     }
     if (this.ringLost) for (const slot of [...this.table.values(), ...this.creating.values()]) if (slot.flags & KVM_MEM_LOG_DIRTY_PAGES) log?.mark(slot.gpa, slot.size);

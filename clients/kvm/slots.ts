@@ -14,7 +14,7 @@
 //   - slot ids are small integers below the VM's limit (KVM_CAP_NR_MEMSLOTS); a new slot takes the
 //     lowest id free after this transaction's deletes, so ids are reused and stay dense.
 // Order of the plan: deletes, then flag changes, then creates.
-import { ClientLimitError, InternalError, KvmError } from '../../protocol/index.js';
+import { ClientLimitError, InternalError, KvmError, hex } from '../../protocol/index.js';
 import type { ViewRegion } from '../view.js';
 import { KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, type MemoryRegionArgs } from './abi.js';
 
@@ -64,8 +64,8 @@ export interface PlanOptions {
   maxSlots: number;
   /** Host address of an added region's mapping. */
   hva: (region: ViewRegion) => number;
-  /** Prefix for messages: "kvm" or "software". */
-  backend?: string;
+  /** Prefix for messages: "kvm" or "software" (Memslots.hypervisor). */
+  hypervisor?: string;
   /** `table` indexed by region key, if the caller keeps one (else it is built: O(slots)). */
   byKey?: ReadonlyMap<string, Slot>;
 }
@@ -92,7 +92,6 @@ export function undoArgs(op: SlotOp): MemoryRegionArgs {
   }
 }
 
-const hex = (n: number) => `0x${n.toString(16)}`;
 
 export function describeSlot(s: Slot): string {
   return `slot ${s.slot} (region ${JSON.stringify(s.name)}, gpa ${hex(s.gpa)}, ${hex(s.size)} bytes, flags ${s.flags})`;
@@ -106,7 +105,7 @@ export function describeSlot(s: Slot): string {
  * scans plus O(k log k) for k added regions; nothing is copied.
  */
 export function planSlots(table: SlotTable, change: SlotChange, opts: PlanOptions): SlotPlan {
-  const who = opts.backend ?? 'kvm';
+  const who = opts.hypervisor ?? 'kvm';
   const byKey = opts.byKey ?? indexByKey(table);
   const changes = new Map<number, Slot | undefined>();
   const current = (id: number): Slot | undefined => (changes.has(id) ? changes.get(id) : table.get(id));

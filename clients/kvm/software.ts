@@ -12,9 +12,9 @@
 //   change of an existing slot's size, hva or READONLY                     EINVAL
 //   create or move onto a range another slot covers                        EEXIST
 // The same call twice is a no-op, as in KVM; a gpa change of an existing slot is a move.
-import { KvmError } from '../../protocol/index.js';
+import { KvmError, hex } from '../../protocol/index.js';
 import { KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_MAX_NR_PAGES, KVM_MEM_READONLY, KVM_X86_USER_MEM_SLOTS, type MemoryRegionArgs } from './abi.js';
-import type { MemslotBackend } from './backend.js';
+import type { Memslots } from './memslots.js';
 
 export interface SoftwareMemslotsOptions {
   /** User memslots offered. Default 32764, what x86-64 KVM reports. */
@@ -30,8 +30,8 @@ const USER_ADDR_END = 2 ** 47 - 4096;
 
 const ERRNO_TEXT: Record<string, string> = { EINVAL: 'Invalid argument', EEXIST: 'File exists', EBADF: 'Bad file descriptor' };
 
-export class SoftwareMemslots implements MemslotBackend {
-  readonly backend = 'software' as const;
+export class SoftwareMemslots implements Memslots {
+  readonly hypervisor = 'software' as const;
   readonly maxSlots: number;
   private readonly gpaLimit: number;
   private readonly page: number;
@@ -51,7 +51,7 @@ export class SoftwareMemslots implements MemslotBackend {
   setUserMemoryRegion(r: MemoryRegionArgs): void {
     const fail = (errno: string, why: string): never => {
       throw new KvmError(
-        `[software] KVM_SET_USER_MEMORY_REGION slot ${r.slot} (gpa 0x${r.gpa.toString(16)}, 0x${r.size.toString(16)} bytes, flags ${r.flags}): ${ERRNO_TEXT[errno] ?? errno} (${errno}): ${why}`,
+        `[software] KVM_SET_USER_MEMORY_REGION slot ${r.slot} (gpa ${hex(r.gpa)}, ${hex(r.size)} bytes, flags ${r.flags}): ${ERRNO_TEXT[errno] ?? errno} (${errno}): ${why}`,
         { errno },
       );
     };

@@ -7,7 +7,7 @@ import type { BrokerTarget } from '../connection.js';
 import type { GuestMemory } from '../memory.js';
 import { Subscriber, type SubscriberOptions } from '../subscriber.js';
 import { KvmApplier, type GuestOptions, type ParkVcpus, type ProgramOptions, type SlotInfo } from './applier.js';
-import type { BackendName, MemslotBackend } from './backend.js';
+import type { Hypervisor, Memslots } from './memslots.js';
 import { SoftwareMemslots } from './software.js';
 import type { GuestRun, KvmVcpu, RunResult } from './vcpu.js';
 import { KvmVm } from './vm.js';
@@ -37,8 +37,8 @@ export interface KvmSubscriberOptions extends SubscriberOptions {
   dirtyRing?: number;
 }
 
-/** Opens the backend the options ask for; `reason` says why it is software when it is. */
-export function openBackend(software: boolean | undefined, log?: Logger, dirtyRing?: number): { vm: MemslotBackend; reason?: string } {
+/** Opens the memslots the options ask for (a real VM or the stand-in); `reason` says why it is software when it is. */
+export function openMemslots(software: boolean | undefined, log?: Logger, dirtyRing?: number): { vm: Memslots; reason?: string } {
   if (software === true) {
     if (dirtyRing) throw new InvalidArgError('dirtyRing needs a real KVM VM; software: true keeps no dirty log');
     return { vm: new SoftwareMemslots(), reason: 'asked for (software: true)' };
@@ -58,8 +58,8 @@ export class KvmSubscriber extends Subscriber {
     target: BrokerTarget,
     private readonly kvm: KvmApplier,
     opts: SubscriberOptions,
-    /** Why the backend is software, when it is. */
-    readonly backendReason: string | undefined,
+    /** Why the memslots are kept in software, when they are. */
+    readonly softwareReason: string | undefined,
   ) {
     super(target, kvm, opts);
     // The client's own writes (loading a vCPU program) mark pages dirty too; the vCPU's go to KVM's log.
@@ -79,25 +79,35 @@ export class KvmSubscriber extends Subscriber {
       if (v !== undefined && (!Number.isSafeInteger(v) || v < 1)) throw new InvalidArgError(`${what} must be a positive integer, got ${v}`);
     }
     if (parkVcpus !== undefined && typeof parkVcpus !== 'function') throw new InvalidArgError('parkVcpus must be a function');
-    const { vm, reason } = openBackend(software, logger, dirtyRing);
+    const { vm, reason } = openMemslots(software, logger, dirtyRing);
     const limit = Math.min(vm.maxSlots, maxSlots ?? Infinity, subOpts.maxRegions ?? Infinity);
     const applier = new KvmApplier(vm, limit, logger, { ...(parkVcpus ? { parkVcpus } : {}) });
     const sub = new KvmSubscriber(target, applier, { kind: 'kvm', ...subOpts, maxRegions: limit }, reason);
     try {
       // Not connected yet: remembered, and sent right after ATTACH, before the initial sync is acked.
-      await sub.report({ backend: vm.backend });
+      await sub.report({ backend: vm.hypervisor });
       await sub.start();
     } catch (err) {
       await sub.close().catch(() => undefined);
       throw err;
     }
-    logger?.info({ backend: vm.backend, maxSlots: limit, dirtyLog: vm instanceof KvmVm ? vm.dirtyLog : 'none', space: sub.space, client: sub.id, ...(reason ? { reason } : {}) }, 'kvm client attached');
+    logger?.info({ backend: vm.hypervisor, maxSlots: limit, dirtyLog: vm instanceof KvmVm ? vm.dirtyLog : 'none', space: sub.space, client: sub.id, ...(reason ? { reason } : {}) }, 'kvm client attached');
     return sub;
   }
 
   /** 'kvm' (a real VM judged by the kernel) or 'software' (the stand-in table). */
-  get backend(): BackendName {
-    return this.kvm.backend;
+  get hypervisor(): Hypervisor {
+    return this.kvm.hypervisor;
+  }
+
+  /** @deprecated the old name of `hypervisor`. */
+  get backend(): Hypervisor {
+    return this.hypervisor;
+  }
+
+  /** @deprecated the old name of `softwareReason`. */
+  get backendReason(): string | undefined {
+    return this.softwareReason;
   }
 
   /** The most slots this client uses: what it declared to the broker as maxRegions. */
@@ -111,7 +121,7 @@ export class KvmSubscriber extends Subscriber {
   }
 
   /** The VM (real or software) behind the slots, for inspection and tests. */
-  get vm(): MemslotBackend {
+  get vm(): Memslots {
     return this.kvm.vm;
   }
 

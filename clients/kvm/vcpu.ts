@@ -19,7 +19,7 @@
 // vCPU's ring is mapped here and harvested by harvestDirtyRing().
 import { constants, native, type Mapping } from '../../native/index.js';
 import { kvm } from '../../native/kvm.js';
-import { InvalidArgError, KvmError } from '../../protocol/index.js';
+import { InvalidArgError, KvmError, hex } from '../../protocol/index.js';
 import {
   CR0_PE,
   DIRTY_GFN,
@@ -52,7 +52,6 @@ import {
 } from './abi.js';
 import { kvmError, type KvmVm } from './vm.js';
 
-const hex = (n: number) => `0x${n.toString(16)}`;
 const FOUR_GIB = 2 ** 32;
 
 export interface GuestWrite {

@@ -3,7 +3,7 @@
 // (vcpu.ts); no irqchip, no devices: this VM exists to hold memslots and run tiny test programs.
 import { isNativeError, native } from '../../native/index.js';
 import { isKvmIoctlError, kvm } from '../../native/kvm.js';
-import { InvalidArgError, KvmError, UnsupportedError, type MmbError } from '../../protocol/index.js';
+import { InvalidArgError, KvmError, UnsupportedError, type MmbError, hex } from '../../protocol/index.js';
 import {
   DIRTY_GFN,
   KVM_API_VERSION,
@@ -23,9 +23,8 @@ import {
   packMemoryRegion,
   type MemoryRegionArgs,
 } from './abi.js';
-import type { MemslotBackend } from './backend.js';
+import type { Memslots } from './memslots.js';
 
-const hex = (n: number) => `0x${n.toString(16)}`;
 
 /** Wraps an addon error from a KVM ioctl into MMB_ERR_KVM carrying its errno. */
 export function kvmError(what: string, err: unknown): MmbError {
@@ -58,8 +57,8 @@ export interface KvmVmOptions {
   dirtyRing?: number;
 }
 
-export class KvmVm implements MemslotBackend {
-  readonly backend = 'kvm' as const;
+export class KvmVm implements Memslots {
+  readonly hypervisor = 'kvm' as const;
   readonly maxSlots: number;
   private closed = false;
 

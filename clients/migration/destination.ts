@@ -7,7 +7,7 @@
 // throw it away (abort).
 import fs from 'node:fs';
 import { native } from '../../native/index.js';
-import { InvalidArgError, type CommitOp } from '../../protocol/index.js';
+import { InvalidArgError, type CommitOp, hex } from '../../protocol/index.js';
 import type { BrokerTarget } from '../connection.js';
 import { OwnerClient } from '../owner.js';
 import { dataExtents } from './extents.js';
@@ -138,7 +138,7 @@ export class FileDestination implements Destination {
         const n = Math.min(buf.length, to - at);
         if (map.regions.some((r) => at < r.gpa + r.size && r.gpa < at + n)) continue; // compared above
         preadFull(fd, buf.subarray(0, n), at);
-        if (buf.subarray(0, n).some((b) => b !== 0)) return { identical: false, checkedBytes: result.checkedBytes, difference: `the image holds data at 0x${at.toString(16)}, outside every region` };
+        if (buf.subarray(0, n).some((b) => b !== 0)) return { identical: false, checkedBytes: result.checkedBytes, difference: `the image holds data at ${hex(at)}, outside every region` };
       }
     }
     return result;
@@ -290,7 +290,7 @@ export class SpaceDestination implements Destination {
       else hi = mid;
     }
     const d = this.sorted[lo - 1];
-    if (!d || gpa + length > d.region.gpa + d.region.size) throw new InvalidArgError(`[0x${gpa.toString(16)}, +${length}) is not inside one region of the destination's map`);
+    if (!d || gpa + length > d.region.gpa + d.region.size) throw new InvalidArgError(`[${hex(gpa)}, +${length}) is not inside one region of the destination's map`);
     return d;
   }
 

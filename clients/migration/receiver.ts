@@ -10,7 +10,7 @@
 // One migration per Receiver: connections that fail to authenticate are closed and listening goes on;
 // once a sender is authenticated, other connections are turned away, and the receiver ends with it.
 import net from 'node:net';
-import { BadMessageError, CancelledError, InvalidArgError, PermissionError, StateError, TimeoutError, VersionError, toMmbError, type MmbError } from '../../protocol/index.js';
+import { BadMessageError, CancelledError, InvalidArgError, PermissionError, StateError, TimeoutError, VersionError, toMmbError, type MmbError, hex } from '../../protocol/index.js';
 import type { BrokerTarget } from '../connection.js';
 import type { OwnerClient } from '../owner.js';
 import { DEFAULT_LISTEN_HOST, formatAddress, parseListen, type TcpAddress } from './address.js';
@@ -231,7 +231,7 @@ export class Receiver {
         },
         dataStart: (gpa, length) => {
           if (!authed) throw new BadMessageError('DATA before AUTH');
-          if (!this.dest.holds(gpa, length)) throw new BadMessageError(`DATA [0x${gpa.toString(16)}, +0x${length.toString(16)}) is not inside one region of the last MAP`);
+          if (!this.dest.holds(gpa, length)) throw new BadMessageError(`DATA [${hex(gpa)}, +${hex(length)}) is not inside one region of the last MAP`);
         },
         data: (gpa, bytes) => this.dest.write(gpa, bytes),
         dataEnd: () => {

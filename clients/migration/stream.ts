@@ -9,7 +9,7 @@
 // of the body (the GPA) only and the bytes are left to TCP's checksum and the end-to-end verification.
 // Control records carry one JSON object (UTF-8); DATA carries a u64 GPA and the guest bytes.
 import zlib from 'node:zlib';
-import { BadFrameError, BadMessageError } from '../../protocol/index.js';
+import { BadFrameError, BadMessageError, hex } from '../../protocol/index.js';
 
 export const STREAM_VERSION = 1;
 export const MAGIC = 'mmb-migration';
@@ -232,7 +232,7 @@ export class RecordReader {
         this.remaining = this.length - DATA_PREFIX_BYTES;
         this.offset = 0;
         if (this.gpa % DATA_ALIGN !== 0 || this.remaining % DATA_ALIGN !== 0 || !Number.isSafeInteger(this.gpa) || this.remaining === 0) {
-          throw new BadFrameError(`DATA record at 0x${this.gpa.toString(16)} of ${this.remaining} bytes: both must be multiples of ${DATA_ALIGN}, and it must not be empty`);
+          throw new BadFrameError(`DATA record at ${hex(this.gpa)} of ${this.remaining} bytes: both must be multiples of ${DATA_ALIGN}, and it must not be empty`);
         }
         this.sink.dataStart(this.gpa, this.remaining);
         continue;
@@ -266,7 +266,7 @@ export class RecordReader {
     this.crc = h.readUInt32LE(8);
     if (h.readUInt32LE(12) !== 0) throw new BadFrameError('a record header with its reserved word set');
     if (!RECORD_NAMES.has(this.type)) throw new BadFrameError(`unknown record type ${this.type}`);
-    if ((this.flags & ~RecordFlag.DATA_CRC) !== 0 || (this.flags !== 0 && this.type !== RecordType.DATA)) throw new BadFrameError(`record flags 0x${this.flags.toString(16)} on ${RECORD_NAMES.get(this.type)}`);
+    if ((this.flags & ~RecordFlag.DATA_CRC) !== 0 || (this.flags !== 0 && this.type !== RecordType.DATA)) throw new BadFrameError(`record flags ${hex(this.flags)} on ${RECORD_NAMES.get(this.type)}`);
     const max = this.type === RecordType.DATA ? DATA_PREFIX_BYTES + MAX_DATA_BYTES : MAX_CONTROL_BYTES;
     if (this.length > Math.min(max, this.limit)) throw new BadFrameError(`a ${RECORD_NAMES.get(this.type)} record of ${this.length} bytes is larger than allowed here (${Math.min(max, this.limit)})`);
     if (this.type === RecordType.DATA && this.length <= DATA_PREFIX_BYTES) throw new BadFrameError('a DATA record without bytes');

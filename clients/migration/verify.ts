@@ -5,6 +5,7 @@
 // digests of 1 MiB blocks instead (the receiver computes its own, docs/migration.md "VERIFY").
 import crypto from 'node:crypto';
 import fs from 'node:fs';
+import { hex } from '../../protocol/index.js';
 import type { StreamRegion } from './stream.js';
 import { unionExtents } from './extents.js';
 
@@ -40,7 +41,7 @@ export function preadFull(fd: number, into: Uint8Array, position: number): void 
   }
 }
 
-const key = (r: StreamRegion) => `${r.name}@0x${r.gpa.toString(16)}+0x${r.size.toString(16)}${r.readonly ? ' ro' : ''}`;
+const key = (r: StreamRegion) => `${r.name}@${hex(r.gpa)}+${hex(r.size)}${r.readonly ? ' ro' : ''}`;
 
 /** Where two maps differ (by name, gpa, size and access; ids are the source's and may differ), or undefined. */
 export function mapDifference(source: readonly StreamRegion[], copy: readonly StreamRegion[]): string | undefined {
@@ -68,7 +69,7 @@ export function compareImages(source: MemoryImage, copy: MemoryImage, regions: r
         if (x.compare(y) !== 0) {
           let i = 0;
           while (x[i] === y[i]) i++;
-          return { identical: false, checkedBytes: checked + i, difference: `region ${r.name}: byte 0x${(at + i).toString(16)} (GPA 0x${(r.gpa + at + i).toString(16)}) differs` };
+          return { identical: false, checkedBytes: checked + i, difference: `region ${r.name}: byte ${hex(at + i)} (GPA ${hex(r.gpa + at + i)}) differs` };
         }
         checked += n;
       }
@@ -123,7 +124,7 @@ export function compareDigests(source: MemoryImage, regions: readonly StreamRegi
       const n = Math.min(block, r.size - i * block);
       const mine = blockDigest(source, r, i, buf, block);
       if (mine !== (theirs.get(i) ?? zeroDigest(n))) {
-        return { identical: false, checkedBytes: checked, difference: `region ${r.name}: the 1 MiB block at 0x${(i * block).toString(16)} (GPA 0x${(r.gpa + i * block).toString(16)}) differs` };
+        return { identical: false, checkedBytes: checked, difference: `region ${r.name}: the 1 MiB block at ${hex(i * block)} (GPA ${hex(r.gpa + i * block)}) differs` };
       }
       checked += n;
     }

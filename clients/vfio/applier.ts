@@ -29,7 +29,7 @@ import { CancelledError, ClientLimitError, PinBudgetError, dmaMappingCount, toMm
 import { CHUNK_BYTES, GuestMemory, type MappedRegion } from '../memory.js';
 import type { DirtyLog } from '../dirty.js';
 import type { Applier, ApplyContext, Change, LocalBacking, ViewRegion } from '../view.js';
-import type { DirtyTracking } from './backend.js';
+import type { DirtyTracking } from './iommu-backend.js';
 import type { Domain } from './domain.js';
 
 const fmt = (bytes: number) => (bytes >= 2 ** 20 ? `${+(bytes / 2 ** 20).toFixed(1)} MiB` : `${bytes} bytes`);

@@ -3,7 +3,7 @@
 // with pread / pwrite / mmap (native.mmap(fd, region.offset, ...)).
 import { isNativeError } from '../../native/index.js';
 import { IommuError, type MmbError } from '../../protocol/index.js';
-import type { DeviceInfo, DeviceMigration, VfioDevice } from './backend.js';
+import type { DeviceInfo, DeviceMigration, VfioDevice } from './iommu-backend.js';
 import { LAYOUTS, REQUEST, VFIO, get, pack, packInto, parseRegionInfo, unpack, type RegionInfo } from './structs.js';
 import type { VfioSys } from './sys.js';
 

@@ -4,10 +4,10 @@
 // already mapped in the process is pinned into it), the last one destroys it (everything is unpinned).
 //
 // The pin table is keyed by a region's key (clients/view.ts): what its establishment depends on.
-import { IommuError, NoDeviceError, isMmbError, ReservedRangeError, UnalignedError, dmaMisalignment, formatSize, type DmaRules, type IovaRange } from '../../protocol/index.js';
+import { IommuError, NoDeviceError, isMmbError, ReservedRangeError, UnalignedError, dmaMisalignment, formatSize, type DmaRules, type IovaRange, hex } from '../../protocol/index.js';
 import { CHUNK_BYTES, type MappedRegion } from '../memory.js';
 import type { ViewRegion } from '../view.js';
-import { clash, mergeRanges, type BackendName, type DirtyTracking, type DomainLimits, type IommuBackend, type Piece } from './backend.js';
+import { clash, mergeRanges, type IommuBackendName, type DirtyTracking, type DomainLimits, type IommuBackend, type Piece } from './iommu-backend.js';
 import { pieces, pinPieces, type PinControl } from './pinning.js';
 
 /** A `pinProgress` event: `done` of `total` bytes of region `region` are pinned and mapped. */
@@ -17,7 +17,7 @@ export interface PinProgress {
   gpa: number;
   done: number;
   total: number;
-  backend: BackendName;
+  backend: IommuBackendName;
 }
 
 export interface DomainMapping {
@@ -47,7 +47,6 @@ interface Entry {
   pieces: Piece[];
 }
 
-const hex = (n: number) => `0x${n.toString(16)}`;
 
 export class Domain {
   private readonly entries = new Map<string, Entry>();

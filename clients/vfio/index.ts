@@ -1,7 +1,7 @@
 // The vfio-like client: VfioSubscriber and its parts (see README.md).
 export {
   VfioSubscriber,
-  openBackend,
+  openIommuBackend,
   reportedDirtyTracking,
   type VfioSubscriberOptions,
   type VfioDomainInfo,
@@ -17,7 +17,7 @@ export {
   DIRTY_TRACKER_NAMES,
   mergeRanges,
   reservedFromUsable,
-  type BackendName,
+  type IommuBackendName,
   type Detached,
   type DeviceInfo,
   type DeviceMigration,
@@ -27,7 +27,7 @@ export {
   type IommuBackend,
   type Piece,
   type VfioDevice,
-} from './backend.js';
+} from './iommu-backend.js';
 export { SoftBackend, X86_MSI_WINDOW, DEFAULT_DMA_ENTRY_LIMIT, type SoftOptions } from './soft.js';
 export { Type1Backend, VFIO_CONTAINER } from './type1.js';
 export { IommufdBackend, IOMMUFD_NODE } from './iommufd.js';

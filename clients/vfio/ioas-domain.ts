@@ -11,13 +11,12 @@
 //   3. mapped mappings are claimed (IOVA table, DMA budget), then pinned and mapped, in one batch where the
 //      backend can (soft: one mlock per run of pages); a failure undoes them, maps the unmapped ones again
 //      (a re-sync that failed halfway), and is thrown, leaving the domain as it was.
-import { NoRegionError, ReservedRangeError, type IovaMapping, type IovaRange } from '../../protocol/index.js';
+import { NoRegionError, ReservedRangeError, type IovaMapping, type IovaRange, hex } from '../../protocol/index.js';
 import { CHUNK_BYTES, type GuestMemory } from '../memory.js';
 import type { IoasChange } from '../ioas-view.js';
-import { clash, mergeRanges, type DomainLimits, type IommuBackend, type Piece } from './backend.js';
+import { clash, mergeRanges, type DomainLimits, type IommuBackend, type Piece } from './iommu-backend.js';
 import { pinPieces, unpinPieces } from './pinning.js';
 
-const hex = (n: number) => `0x${n.toString(16)}`;
 
 interface Entry {
   m: IovaMapping;

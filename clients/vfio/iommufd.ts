@@ -26,8 +26,8 @@
 // Cache coherency: iommufd enforces it by itself when every attached device's IOMMU can (the kernel's
 // enforce_cache_coherency on the hw pagetable) and offers no query for it, so `coherent` stays unknown.
 import { PAGE_SIZE, isNativeError } from '../../native/index.js';
-import { IommuError, InvalidArgError, NoDeviceError, UnsupportedError, type IovaRange } from '../../protocol/index.js';
-import { checkBdf, mapError, reservedFromUsable, unmapError, type Detached, type DirtyTracking, type DomainLimits, type IommuBackend, type Piece, type VfioDevice } from './backend.js';
+import { IommuError, InvalidArgError, NoDeviceError, UnsupportedError, type IovaRange, hex } from '../../protocol/index.js';
+import { checkBdf, mapError, reservedFromUsable, unmapError, type Detached, type DirtyTracking, type DomainLimits, type IommuBackend, type Piece, type VfioDevice } from './iommu-backend.js';
 import { HwDevice, ioctlError } from './device.js';
 import { IOMMUFD, LAYOUTS, REQUEST, get, pack, parseIommuRanges, unpack, type RawIovaRange } from './structs.js';
 import { realSys, type VfioSys } from './sys.js';
@@ -267,7 +267,7 @@ export class IommufdBackend implements IommuBackend {
     for (const hwpt of this.tracking) {
       one.fill(0);
       const arg = pack('iommu_hwpt_get_dirty_bitmap', { hwpt_id: hwpt, flags: 0, iova, length: size, page_size: 4096 });
-      this.call(() => this.sys.ioctl(this.iommufd, REQUEST.IOMMU_HWPT_GET_DIRTY_BITMAP, arg, one), `IOMMU_HWPT_GET_DIRTY_BITMAP(HWPT ${hwpt}, 0x${iova.toString(16)}, 0x${size.toString(16)})`);
+      this.call(() => this.sys.ioctl(this.iommufd, REQUEST.IOMMU_HWPT_GET_DIRTY_BITMAP, arg, one), `IOMMU_HWPT_GET_DIRTY_BITMAP(HWPT ${hwpt}, ${hex(iova)}, ${hex(size)})`);
       if (one !== bits) for (let i = 0; i < bits.length; i++) bits[i] = (bits[i] as number) | (one[i] as number);
     }
     return bits;

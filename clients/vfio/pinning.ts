@@ -10,7 +10,7 @@
 import { CancelledError, toMmbError } from '../../protocol/index.js';
 import { PAGE_SIZE } from '../../native/index.js';
 import type { MappedRegion } from '../memory.js';
-import type { IommuBackend, Piece } from './backend.js';
+import type { IommuBackend, Piece } from './iommu-backend.js';
 
 /** Default bytes per piece: 128 MiB (a pinning call of ~30-60 ms on 4 KiB pages). */
 export const DEFAULT_PIN_CHUNK_BYTES = 128 * 2 ** 20;

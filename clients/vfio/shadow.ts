@@ -14,7 +14,7 @@ import type { DirtyLog } from '../dirty.js';
 import type { IoasApplier, IoasChange } from '../ioas-view.js';
 import { GuestMemory } from '../memory.js';
 import type { Applier, ApplyContext, Change, LocalBacking, ViewRegion } from '../view.js';
-import type { IommuBackend } from './backend.js';
+import type { IommuBackend } from './iommu-backend.js';
 import { IoasDomain, type IoasDomainOptions } from './ioas-domain.js';
 import { PageLocks } from './page-locks.js';
 

@@ -20,8 +20,8 @@
 //     the last one, which unpins everything;
 //   - cache coherency: DMA here is the CPU's own access, so the domain is coherent.
 import { PAGE_SIZE, native } from '../../native/index.js';
-import { ClientLimitError, IommuError, InvalidArgError, NoDeviceError, UnsupportedError, type IovaRange } from '../../protocol/index.js';
-import { checkName, mapError, mergeRanges, unmapError, type DeviceInfo, type DomainLimits, type IommuBackend, type Piece, type VfioDevice } from './backend.js';
+import { ClientLimitError, IommuError, InvalidArgError, NoDeviceError, UnsupportedError, type IovaRange, hex } from '../../protocol/index.js';
+import { checkName, mapError, mergeRanges, unmapError, type DeviceInfo, type DomainLimits, type IommuBackend, type Piece, type VfioDevice } from './iommu-backend.js';
 import type { PageLocks } from './page-locks.js';
 import { pinPieces, unpinPieces } from './pinning.js';
 
@@ -47,7 +47,6 @@ export interface SoftOptions {
   locks?: PageLocks;
 }
 
-const hex = (n: number) => `0x${n.toString(16)}`;
 
 class SoftDevice implements VfioDevice {
   readonly fd = undefined;

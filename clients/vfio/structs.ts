@@ -17,6 +17,7 @@
 // members that are ignored unless a flag asks for them (the kernel's `minsz` / offsetofend rule): then one
 // packing works on every kernel that has the ioctl. Such structs list their other sizes in `otherSizes`.
 import os from 'node:os';
+import { hex } from '../../protocol/index.js';
 
 const LE = os.endianness() === 'LE';
 
@@ -381,7 +382,7 @@ export function get<S extends StructName>(name: S, buf: Uint8Array, field: keyof
 }
 
 export function toNumber(v: bigint, what: string): number {
-  if (v > BigInt(Number.MAX_SAFE_INTEGER)) throw new RangeError(`${what} = 0x${v.toString(16)} does not fit a JS number`);
+  if (v > BigInt(Number.MAX_SAFE_INTEGER)) throw new RangeError(`${what} = ${hex(v)} does not fit a JS number`);
   return Number(v);
 }
 

@@ -16,13 +16,13 @@
 // maps (shadow.ts): pinned bytes = mapped bytes, and an unmap is acked once the host IOMMU no longer maps
 // it. Reports are then sent at most every REPORT_INTERVAL_MS (a guest's DMA mappings change thousands of
 // times a second).
-import { isMmbError, InvalidArgError, NoDeviceError, ReservedRangeError, toMmbError, type DmaRules, type IovaRange } from '../../protocol/index.js';
+import { isMmbError, InvalidArgError, NoDeviceError, ReservedRangeError, toMmbError, type DmaRules, type IovaRange, hex } from '../../protocol/index.js';
 import { PAGE_SIZE } from '../../native/index.js';
 import type { BrokerTarget } from '../connection.js';
 import type { GuestMemory } from '../memory.js';
 import { Subscriber, type ClientReport, type SubscriberEvents, type SubscriberOptions } from '../subscriber.js';
 import { VfioApplier } from './applier.js';
-import { DIRTY_TRACKER_NAMES, checkBdf, checkName, clash, isBdf, mergeRanges, type BackendName, type DeviceMigration, type DirtyTracking, type IommuBackend, type VfioDevice } from './backend.js';
+import { DIRTY_TRACKER_NAMES, checkBdf, checkName, clash, isBdf, mergeRanges, type IommuBackendName, type DeviceMigration, type DirtyTracking, type IommuBackend, type VfioDevice } from './iommu-backend.js';
 import { Domain, type DomainMapping, type PinProgress } from './domain.js';
 import { IommufdBackend } from './iommufd.js';
 import { DEFAULT_PIN_CHUNK_BYTES } from './pinning.js';
@@ -45,7 +45,7 @@ export interface VfioLogger {
 
 export interface VfioSubscriberOptions extends SubscriberOptions {
   /** How memory reaches the devices: 'type1', 'iommufd', or the software stand-in 'soft'. */
-  backend: BackendName;
+  backend: IommuBackendName;
   /** Devices to attach at once: PCI addresses for type1 / iommufd ("0000:00:01.0"), names for soft. */
   devices?: readonly string[];
   /** Most bytes this client may pin (the whole map, counted once). Declared to the broker and enforced here. */
@@ -86,7 +86,7 @@ export interface VfioSubscriberOptions extends SubscriberOptions {
 }
 
 export interface VfioDomainInfo {
-  backend: BackendName;
+  backend: IommuBackendName;
   /** True for the software stand-in. */
   software: boolean;
   description: string;
@@ -136,7 +136,7 @@ export interface VfioSubscriberEvents extends SubscriberEvents {
  * Opens the backend; for type1 / iommufd MMB_ERR_UNSUPPORTED names what this machine lacks. `locks`: shadow
  * mode's counted page locks, for soft.
  */
-export function openBackend(opts: Pick<VfioSubscriberOptions, 'backend' | 'reserved' | 'dmaEntryLimit' | 'iovaAlignment' | 'sys'>, locks?: PageLocks): IommuBackend {
+export function openIommuBackend(opts: Pick<VfioSubscriberOptions, 'backend' | 'reserved' | 'dmaEntryLimit' | 'iovaAlignment' | 'sys'>, locks?: PageLocks): IommuBackend {
   switch (opts.backend) {
     case 'soft':
       return new SoftBackend({
@@ -226,7 +226,7 @@ export class VfioSubscriber extends Subscriber {
   static async attach(target: BrokerTarget, opts: VfioSubscriberOptions): Promise<VfioSubscriber> {
     validate(opts);
     if (opts.ioas !== undefined) return VfioSubscriber.attachShadow(target, opts);
-    const backend = openBackend(opts);
+    const backend = openIommuBackend(opts);
     let sub: VfioSubscriber | undefined;
     const domain = new Domain(backend, {
       chunkBytes: opts.pinChunkBytes ?? DEFAULT_PIN_CHUNK_BYTES,
@@ -277,13 +277,13 @@ export class VfioSubscriber extends Subscriber {
   private static async attachShadow(target: BrokerTarget, opts: VfioSubscriberOptions): Promise<VfioSubscriber> {
     checkName(opts.ioas as string, 'IOAS');
     // Fails here, before connecting, if this machine lacks the backend.
-    openBackend(opts).close();
+    openIommuBackend(opts).close();
     let sub: VfioSubscriber | undefined;
     const applier = new ShadowApplier({
       chunkBytes: opts.pinChunkBytes ?? DEFAULT_PIN_CHUNK_BYTES,
       ...(opts.backend !== 'soft' && opts.reserved ? { extraReserved: opts.reserved } : {}),
       ...(opts.pinLimit !== undefined ? { pinLimit: opts.pinLimit } : {}),
-      open: (locks) => openBackend(opts, locks),
+      open: (locks) => openIommuBackend(opts, locks),
       onChanged: () => sub?.sendReport(),
       dirtyLog: () => sub?.dirty,
     });
@@ -463,7 +463,7 @@ export class VfioSubscriber extends Subscriber {
       const x = clash(ranges, m.region.gpa, m.region.size);
       if (x) {
         throw new ReservedRangeError(
-          `${name} cannot join this vfio client: region ${JSON.stringify(m.region.name)} [0x${m.region.gpa.toString(16)}, 0x${(m.region.gpa + m.region.size).toString(16)}) covers [0x${x.start.toString(16)}, 0x${x.last.toString(16)}], which ${reservedRegionsPath(name)} reserves`,
+          `${name} cannot join this vfio client: region ${JSON.stringify(m.region.name)} [${hex(m.region.gpa)}, ${hex(m.region.gpa + m.region.size)}) covers [${hex(x.start)}, ${hex(x.last)}], which ${reservedRegionsPath(name)} reserves`,
         );
       }
     }

@@ -6,7 +6,7 @@
 // the broker then places no RAM there before the device is even opened (FIND_FREE, COMMIT).
 import { isNativeError } from '../../native/index.js';
 import { IommuError, type IovaRange } from '../../protocol/index.js';
-import { GPA_LAST, mergeRanges } from './backend.js';
+import { GPA_LAST, mergeRanges } from './iommu-backend.js';
 import type { VfioSys } from './sys.js';
 
 /** The sysfs file listing the reserved regions of `bdf`'s IOMMU group. */

@@ -22,8 +22,8 @@
 // VFIO_SET_IOMMU again, and the caller (Domain) maps everything again.
 import path from 'node:path';
 import { PAGE_SIZE, isNativeError } from '../../native/index.js';
-import { ClientLimitError, IommuError, InvalidArgError, NoDeviceError, UnsupportedError, type IovaRange, type MmbError } from '../../protocol/index.js';
-import { GPA_LAST, checkBdf, mapError, reservedFromUsable, unmapError, type Detached, type DirtyTracking, type DomainLimits, type IommuBackend, type Piece, type VfioDevice } from './backend.js';
+import { ClientLimitError, IommuError, InvalidArgError, NoDeviceError, UnsupportedError, type IovaRange, type MmbError, hex } from '../../protocol/index.js';
+import { GPA_LAST, checkBdf, mapError, reservedFromUsable, unmapError, type Detached, type DirtyTracking, type DomainLimits, type IommuBackend, type Piece, type VfioDevice } from './iommu-backend.js';
 import { HwDevice, MAX_INFO_BYTES, ioctlError } from './device.js';
 import { LAYOUTS, REQUEST, VFIO, get, pack, packInto, parseType1Info, type Type1Info } from './structs.js';
 import { realSys, type VfioSys } from './sys.js';
@@ -267,7 +267,7 @@ export class Type1Backend implements IommuBackend {
     if (!info) return { mode: 'none', reason: 'type1: no IOMMU set on the container (no device)' };
     if (!info.migration) return { mode: 'none', reason: 'type1: VFIO_IOMMU_GET_INFO has no MIGRATION capability (no dirty-page tracking)' };
     if ((info.migration.pageSizes & 4096n) === 0n) {
-      return { mode: 'none', reason: `type1: dirty pages are tracked at page sizes 0x${info.migration.pageSizes.toString(16)}, not 4 KiB` };
+      return { mode: 'none', reason: `type1: dirty pages are tracked at page sizes ${hex(info.migration.pageSizes)}, not 4 KiB` };
     }
     try {
       this.sys.ioctl(this.container, REQUEST.VFIO_IOMMU_DIRTY_PAGES, pack('vfio_iommu_type1_dirty_bitmap', { flags: VFIO.VFIO_IOMMU_DIRTY_PAGES_FLAG_START }));
@@ -295,7 +295,7 @@ export class Type1Backend implements IommuBackend {
     const header = LAYOUTS.vfio_iommu_type1_dirty_bitmap.size;
     const arg = pack('vfio_iommu_type1_dirty_bitmap', { flags: VFIO.VFIO_IOMMU_DIRTY_PAGES_FLAG_GET_BITMAP }, header + LAYOUTS.vfio_iommu_type1_dirty_bitmap_get.size);
     packInto('vfio_iommu_type1_dirty_bitmap_get', arg, header, { iova, size, bitmap_pgsize: 4096, bitmap_size: bits.length });
-    this.call(() => this.sys.ioctl(this.container, REQUEST.VFIO_IOMMU_DIRTY_PAGES, arg, bits), `VFIO_IOMMU_DIRTY_PAGES(GET_BITMAP, 0x${iova.toString(16)}, 0x${size.toString(16)})`);
+    this.call(() => this.sys.ioctl(this.container, REQUEST.VFIO_IOMMU_DIRTY_PAGES, arg, bits), `VFIO_IOMMU_DIRTY_PAGES(GET_BITMAP, ${hex(iova)}, ${hex(size)})`);
     return bits;
   }
 

@@ -22,7 +22,7 @@
 // with an atomic get-and-clear (log.ts). A back-end that cannot log (no VHOST_F_LOG_ALL or no LOG_SHMFD)
 // makes every page it has count as dirty at every sync, never as clean.
 import type { Logger } from 'pino';
-import { CancelledError, DisconnectedError, NoBackingError, toMmbError } from '../../protocol/index.js';
+import { CancelledError, DisconnectedError, NoBackingError, toMmbError, hex } from '../../protocol/index.js';
 import type { DirtyLog } from '../dirty.js';
 import { GuestMemory } from '../memory.js';
 import type { Applier, ApplyContext, Change, LocalBacking, ViewRegion } from '../view.js';
@@ -48,7 +48,6 @@ export interface MemTableStats {
   allDirtyFlushes: number;
 }
 
-const hex = (n: number) => `0x${n.toString(16)}`;
 const endOf = (entries: Iterable<TableEntry>) => {
   let end = 0;
   for (const e of entries) end = Math.max(end, e.gpa + e.size);

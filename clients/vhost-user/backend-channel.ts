@@ -8,7 +8,7 @@
 // answered with a non-zero reply; a malformed stream closes the channel and reports it (`onBroken`): the
 // back-end can no longer be answered, which the front-end treats as a dead back-end.
 import { constants, native, type PollHandle } from '../../native/index.js';
-import { DisconnectedError, ProtocolError, toMmbError, type MmbError } from '../../protocol/index.js';
+import { DisconnectedError, ProtocolError, toMmbError, type MmbError, hex } from '../../protocol/index.js';
 import { closeAll } from '../../transport/index.js';
 import { Flag, HEADER_BYTES, MAX_PAYLOAD_BYTES, decodeHeader, encode, u64Payload } from './messages.js';
 
@@ -84,7 +84,7 @@ export class BackendChannel {
       const { request, flags, size } = decodeHeader(this.inbuf, at);
       if (size > MAX_PAYLOAD_BYTES) throw new ProtocolError(`the vhost-user back-end sent a ${size}-byte request ${request} on its request channel`);
       if ((flags & 0x3) !== Flag.VERSION || flags & Flag.REPLY) {
-        throw new ProtocolError(`the vhost-user back-end sent request ${request} with flags 0x${flags.toString(16)} on its request channel`);
+        throw new ProtocolError(`the vhost-user back-end sent request ${request} with flags ${hex(flags)} on its request channel`);
       }
       if (this.inbuf.length - at < HEADER_BYTES + size) break;
       const payload = Buffer.from(this.inbuf.subarray(at + HEADER_BYTES, at + HEADER_BYTES + size));

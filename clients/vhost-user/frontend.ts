@@ -27,6 +27,7 @@ import {
   UnsupportedError,
   toMmbError,
   type MmbError,
+  hex,
 } from '../../protocol/index.js';
 import { closeAll } from '../../transport/index.js';
 import { BackendChannel } from './backend-channel.js';
@@ -557,7 +558,7 @@ export class VhostUserFrontend extends EventEmitter<FrontendEvents> {
       if (!w) throw new ProtocolError(`the vhost-user back-end sent ${reqName(request)} that nobody asked for`);
       if ((flags & Flag.REPLY) === 0 || (flags & 0x3) !== Flag.VERSION || request !== w.request) {
         this.waiters.unshift(w);
-        throw new ProtocolError(`expected the reply to ${reqName(w.request)}, got ${reqName(request)} with flags 0x${flags.toString(16)}`);
+        throw new ProtocolError(`expected the reply to ${reqName(w.request)}, got ${reqName(request)} with flags ${hex(flags)}`);
       }
       clearTimeout(w.timer);
       this.stats.replies++;

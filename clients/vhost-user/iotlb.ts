@@ -28,7 +28,7 @@
 // failure is reported.
 import { EventEmitter } from 'eventemitter3';
 import type { Logger } from 'pino';
-import { ClientRefusedError, InvalidArgError, toMmbError, type IovaMapping } from '../../protocol/index.js';
+import { ClientRefusedError, InvalidArgError, toMmbError, type IovaMapping, hex } from '../../protocol/index.js';
 import type { IoasApplier, IoasChange } from '../ioas-view.js';
 import type { VhostUserFrontend } from './frontend.js';
 import type { TableEntry } from './memtable.js';
@@ -65,7 +65,6 @@ export interface IotlbEvents {
   'access-fail': [IotlbReport];
 }
 
-const hex = (n: number) => `0x${n.toString(16)}`;
 
 export class IotlbApplier extends EventEmitter<IotlbEvents> implements IoasApplier {
   /** The mappings the back-end may have and is answered from, by IOVA. */

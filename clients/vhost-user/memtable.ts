@@ -28,7 +28,7 @@
 // the table is rebuilt: one SET_MEM_TABLE with the regions holding rings and up to 8 in all, then
 // ADD_MEM_REG for the rest (every version remaps its stopped rings at SET_MEM_TABLE). Removing the memory
 // of a running vring without giving it back is refused (MMB_ERR_CLIENT_REFUSED): stop the device first.
-import { ClientLimitError, ClientRefusedError } from '../../protocol/index.js';
+import { ClientLimitError, ClientRefusedError, hex } from '../../protocol/index.js';
 import type { Change, ViewRegion } from '../view.js';
 import { MEM_TABLE_MAX_REGIONS, type MemRegion } from './messages.js';
 
@@ -87,7 +87,6 @@ export function entryOf(r: ViewRegion): TableEntry {
 
 const byGpa = (a: TableEntry, b: TableEntry) => a.gpa - b.gpa;
 const overlaps = (a: { gpa: number; size: number }, gpa: number, bytes: number) => a.gpa < gpa + bytes && gpa < a.gpa + a.size;
-const hex = (n: number) => `0x${n.toString(16)}`;
 
 /**
  * The steps that make the back-end's table (`current`, by key) follow `change`. Throws

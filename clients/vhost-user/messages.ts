@@ -7,7 +7,7 @@
 // GET_CONFIG, the shared dirty log (SET_LOG_BASE), the device IOTLB behind a guest IOMMU (IOTLB_MSG, and
 // the back-end's request channel, SET_BACKEND_REQ_FD, on which it reports misses). u64 fields that hold feature bits are bigints (bits 32 and up are used); addresses and sizes
 // are numbers (GPAs fit 52 bits), written as u64.
-import { InvalidArgError } from '../../protocol/index.js';
+import { InvalidArgError, hex } from '../../protocol/index.js';
 
 /** Front-end request ids (the `request` field). */
 export const Req = {
@@ -338,7 +338,7 @@ export function decodeIotlb(payload: Uint8Array): IotlbMsg {
   const v = Buffer.from(payload.buffer, payload.byteOffset, payload.length);
   const num = (at: number, what: string) => {
     const n = v.readBigUInt64LE(at);
-    if (n > BigInt(Number.MAX_SAFE_INTEGER)) throw new InvalidArgError(`IOTLB message: ${what} 0x${n.toString(16)} is beyond 2^53`);
+    if (n > BigInt(Number.MAX_SAFE_INTEGER)) throw new InvalidArgError(`IOTLB message: ${what} ${hex(n)} is beyond 2^53`);
     return Number(n);
   };
   return { iova: num(0, 'iova'), size: num(8, 'size'), uaddr: v.readBigUInt64LE(16), perm: v.readUInt8(24), type: v.readUInt8(25) };

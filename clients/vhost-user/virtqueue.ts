@@ -19,7 +19,7 @@
 // SET_VRING_CALL, SET_VRING_ENABLE) and posts what was held. Nothing is lost, and a held request's
 // deadline starts when it is posted.
 import { constants, native, type PollHandle } from '../../native/index.js';
-import { DisconnectedError, InvalidArgError, TimeoutError, toMmbError, type MmbError } from '../../protocol/index.js';
+import { DisconnectedError, InvalidArgError, TimeoutError, toMmbError, type MmbError, hex } from '../../protocol/index.js';
 import type { VhostUserFrontend } from './frontend.js';
 import { uaddrOf } from './memtable.js';
 import { Feature, VRING_F_LOG, bit } from './messages.js';
@@ -143,7 +143,7 @@ export class Virtqueue implements RingQueue {
   ) {
     const size = opts.size ?? 16;
     if (!Number.isInteger(size) || size < 1 || size > 32768 || (size & (size - 1)) !== 0) throw new InvalidArgError(`queue size ${size} is not a power of two <= 32768`);
-    if (opts.gpa % 16 !== 0) throw new InvalidArgError(`ring address 0x${opts.gpa.toString(16)} is not 16-byte aligned`);
+    if (opts.gpa % 16 !== 0) throw new InvalidArgError(`ring address ${hex(opts.gpa)} is not 16-byte aligned`);
     if (frontend.negotiated.iommu) {
       if (opts.iova === undefined) throw new InvalidArgError(`virtqueue ${opts.index}: the device translates through an IOAS (VIRTIO_F_ACCESS_PLATFORM): give the rings' IOVA`);
       if (!Number.isSafeInteger(opts.iova) || opts.iova < 0 || opts.iova % 16 !== 0) throw new InvalidArgError(`ring IOVA ${opts.iova} is not a 16-byte aligned address`);

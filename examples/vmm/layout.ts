@@ -42,4 +42,5 @@ export const DIMM_ALIGN = 2 * MiB;
 /** The guest writes one word in each of the first 256 pages of the DIMM it uses. */
 export const MIN_DIMM = 2 * MiB;
 
-export const hex = (n: number): string => `0x${n.toString(16)}`;
+/** The library's address formatter, re-exported for the files of this example. */
+export { hex } from '../../index.js';

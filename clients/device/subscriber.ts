@@ -1,4 +1,5 @@
-// The vhost-like client: what a device back-end needs of guest memory. It maps every region shared
+// The device client: what a device implemented in software (a device model, or a device back-end process
+// such as a virtio device served outside the VMM) needs of guest memory. It maps every region shared
 // (read-only regions PROT_READ), never pins, translates guest-physical addresses to its own mappings fast
 // (GuestMemory's table with a last-hit cache), reads and writes guest memory with bounds checks that
 // refuse a range crossing a hole, and unmaps before it acks a removal.
@@ -17,22 +18,26 @@ import { MappingSubscriber } from '../plain.js';
 import type { SubscriberOptions } from '../subscriber.js';
 import type { BrokerTarget } from '../connection.js';
 
-export interface VhostOptions extends SubscriberOptions {
+export interface DeviceOptions extends SubscriberOptions {
   /** How many memory regions the back-end can hold (vhost-user: 8 baseline, 32 or 509 with slots). */
   maxRegions?: number;
 }
 
-export class VhostSubscriber extends MappingSubscriber {
+/**
+ * Attaches with ATTACH.kind 'vhost' (the wire name this kind has always had: kept so that brokers, STATUS
+ * readers and `mmbroker attach vhost` see no change).
+ */
+export class DeviceSubscriber extends MappingSubscriber {
   private readonly iovas: IovaTables;
 
-  protected constructor(target: BrokerTarget, memory: GuestMemory, opts: VhostOptions) {
+  protected constructor(target: BrokerTarget, memory: GuestMemory, opts: DeviceOptions) {
     super(target, memory, opts);
     this.iovas = new IovaTables(memory);
     this.followIoas(this.iovas);
   }
 
-  static override async attach(target: BrokerTarget, opts: VhostOptions): Promise<VhostSubscriber> {
-    const sub = new VhostSubscriber(target, new GuestMemory(), { kind: 'vhost', ...opts });
+  static override async attach(target: BrokerTarget, opts: DeviceOptions): Promise<DeviceSubscriber> {
+    const sub = new DeviceSubscriber(target, new GuestMemory(), { kind: 'vhost', ...opts });
     await sub.start();
     await sub.report({ backend: 'mmap', pinned: 0 }).catch(() => undefined);
     return sub;

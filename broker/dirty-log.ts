@@ -1,6 +1,7 @@
-// Dirty logging of one address space: which regions log (their bitmaps), who gets the bitmaps, syncs
-// (flush every writer, then get-and-clear into the requester's buffer), pausing the writers for the last
-// round of a migration, and the observers that receive dirty ranges.
+// Dirty-page logging of one address space (for migration; not the broker's log output, which is pino's
+// `log`): which regions log (their bitmaps), who gets the bitmaps, syncs (flush every writer, then
+// get-and-clear into the requester's buffer), pausing the writers for the last round of a migration, and
+// the observers that receive dirty ranges.
 //
 // Who writes, and how their writes reach the bitmaps:
 //   - a subscriber that negotiated DIRTY and writes (ATTACH.writes, default true) gets every bitmap
@@ -29,33 +30,33 @@ import {
 import { inspectMemoryFd } from './backings.js';
 import { DirtyBitmaps, dirtyRanges, type Bitmap } from './dirty.js';
 import type { Plan } from './map.js';
-import type { AckResult, Session } from './session.js';
+import type { AckResult, Session, SubscriberSession } from './session.js';
 
-/** What logging needs from its address space. */
-export interface LoggingHost {
+/** What dirty logging needs from its address space. */
+export interface DirtyLogHost {
   readonly log: Logger;
   readonly maxFrameBytes: number;
   readonly maxFdsPerFrame: number;
-  subscribers(): Iterable<Session>;
+  subscribers(): Iterable<SubscriberSession>;
   lookup(ref: number | string): Region | undefined;
   /** Sends an ackable event to `targets`, waits (evicting who misses the deadline), reports answers. */
-  fanOut(targets: readonly Session[], send: (s: Session, seq: number) => void, generation: number): Promise<Map<Session, AckResult>>;
+  fanOut(targets: readonly SubscriberSession[], send: (s: SubscriberSession, seq: number) => void, generation: number): Promise<Map<SubscriberSession, AckResult>>;
   evict(s: Session, err: MmbError): void;
   readonly generation: number;
 }
 
 /** A subscriber that negotiated DIRTY and writes: it holds bitmaps and flushes. */
-const tracksDirt = (s: Session): boolean => s.writes && (s.features & Feature.DIRTY) !== 0;
+const tracksDirt = (s: SubscriberSession): boolean => s.subscriber.writes && (s.features & Feature.DIRTY) !== 0;
 /** A subscriber that writes but cannot say where. */
-const blindWriter = (s: Session): boolean => s.writes && (s.features & Feature.DIRTY) === 0;
+const blindWriter = (s: SubscriberSession): boolean => s.subscriber.writes && (s.features & Feature.DIRTY) === 0;
 
-export class Logging {
+export class DirtyLogging {
   readonly bitmaps = new DirtyBitmaps();
   readonly observers = new Set<Session>();
   private _paused = false;
   private syncs = 0;
 
-  constructor(private readonly host: LoggingHost) {}
+  constructor(private readonly host: DirtyLogHost) {}
 
   get paused(): boolean {
     return this._paused;
@@ -78,7 +79,7 @@ export class Logging {
 
   /** Sends `s` the bitmaps among `list` it lacks, if it tracks dirt (before the event that needs them). */
   send(s: Session, list: Iterable<Bitmap>): void {
-    if (!tracksDirt(s)) return;
+    if (!s.isSubscriber() || !tracksDirt(s)) return;
     const missing = [...list].filter((b) => !s.sentBitmaps.has(b.id));
     for (let i = 0; i < missing.length; i += this.host.maxFdsPerFrame) {
       const chunk = missing.slice(i, i + this.host.maxFdsPerFrame);
@@ -206,7 +207,7 @@ export class Logging {
     }
     const writers = subscribers.filter(tracksDirt);
     const results = await this.host.fanOut(writers, (s, seq) => s.send({ t: Msg.EV_PAUSE, seq, paused }), this.host.generation);
-    const refused = [...results].find(([, r]) => r.kind === 'nack') as [Session, { kind: 'nack'; error: MmbError }] | undefined;
+    const refused = [...results].find(([, r]) => r.kind === 'nack') as [SubscriberSession, { kind: 'nack'; error: MmbError }] | undefined;
     if (refused) {
       // All or nothing: those that already switched switch back.
       const switched = [...results].filter(([t, r]) => r.kind === 'ack' && !t.closed).map(([t]) => t);

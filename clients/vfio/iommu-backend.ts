@@ -1,15 +1,17 @@
 // The one interface the three IOMMU backends implement (soft.ts, type1.ts, iommufd.ts), and what they
-// share: IOVA range arithmetic and the mapping of syscall failures to the broker's error codes.
+// share: IOVA range arithmetic and the mapping of syscall failures to the broker's error codes. "IOMMU
+// backend" is VFIO's own term (a container's type1 driver, an iommufd IOAS); the client REPORTs its name
+// as `backend`.
 //
 // A backend knows nothing of regions or transactions. It attaches and detaches devices (the first one
 // creates the IOMMU domain, the last one destroys it: with type1 the kernel drops the container's IOMMU
 // and every DMA mapping with its last group), maps and unmaps pieces of pinned memory at an IOVA, and
 // says what the domain allows (usable IOVA ranges, remaining DMA mappings, cache coherency).
-import { GPA_LIMIT, IommuError, InvalidArgError, PinFailedError, type IovaRange, type MmbError } from '../../protocol/index.js';
+import { GPA_LIMIT, IommuError, InvalidArgError, PinFailedError, type IovaRange, type MmbError, hex } from '../../protocol/index.js';
 import { isNativeError, type Mapping } from '../../native/index.js';
 import type { RawIovaRange, RegionInfo } from './structs.js';
 
-export type BackendName = 'soft' | 'type1' | 'iommufd';
+export type IommuBackendName = 'soft' | 'type1' | 'iommufd';
 
 /** A piece of a region, pinned and mapped with one call (one mlock, one MAP_DMA, one IOAS_MAP). */
 export interface Piece {
@@ -111,7 +113,7 @@ export interface Detached {
 }
 
 export interface IommuBackend {
-  readonly name: BackendName;
+  readonly name: IommuBackendName;
   /** True for the software stand-in (no IOMMU, mlock pinning). */
   readonly software: boolean;
   /** One line for logs and status ("soft: software stand-in, no IOMMU; pins with mlock"). */
@@ -234,13 +236,12 @@ export function checkBdf(bdf: string): void {
   }
 }
 
-const hex = (n: number) => `0x${n.toString(16)}`;
 
 /**
  * The broker error for a failed map: ENOMEM (pinning beyond RLIMIT_MEMLOCK, or out of memory) and
  * EAGAIN are pinning failures, anything else an IOMMU failure; the errno rides along.
  */
-export function mapError(err: unknown, backend: BackendName, piece: Piece): MmbError {
+export function mapError(err: unknown, backend: IommuBackendName, piece: Piece): MmbError {
   const what = `${backend}: cannot pin and map ${hex(piece.size)} bytes at IOVA ${hex(piece.iova)}`;
   if (isNativeError(err)) {
     const opts = { cause: err, errno: err.code };
@@ -250,7 +251,7 @@ export function mapError(err: unknown, backend: BackendName, piece: Piece): MmbE
   return new IommuError(`${what}: ${err instanceof Error ? err.message : String(err)}`, { cause: err });
 }
 
-export function unmapError(err: unknown, backend: BackendName, piece: Piece): MmbError {
+export function unmapError(err: unknown, backend: IommuBackendName, piece: Piece): MmbError {
   const what = `${backend}: cannot unmap ${hex(piece.size)} bytes at IOVA ${hex(piece.iova)}`;
   return new IommuError(`${what}: ${err instanceof Error ? err.message : String(err)}`, { cause: err, ...(isNativeError(err) ? { errno: err.code } : {}) });
 }

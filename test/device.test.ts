@@ -1,8 +1,8 @@
-// The vhost-like client: translation, bounds checks against holes, read-only regions, never pinning.
+// The device client: translation, bounds checks against holes, read-only regions, never pinning.
 import { afterEach, describe, expect, it } from 'vitest';
 import { Broker } from '../broker/index.js';
 import { OwnerClient, type GuestPointer } from '../clients/index.js';
-import { VhostSubscriber } from '../clients/vhost/index.js';
+import { DeviceSubscriber } from '../clients/device/index.js';
 import { constants, native } from '../native/index.js';
 import { isMmbError } from '../protocol/index.js';
 import { memfdMaps, vmLckKiB } from './helpers/procs.js';
@@ -20,7 +20,7 @@ async function setup() {
   defer(() => native.close(ram.fd));
   const view = native.mmap(ram.fd, 0, 256 * MiB, constants.PROT_READ | constants.PROT_WRITE, constants.MAP_SHARED);
   defer(() => native.munmap(view));
-  const vhost = await VhostSubscriber.attach(broker, { space: 'vm0', name: 'blk0' });
+  const vhost = await DeviceSubscriber.attach(broker, { space: 'vm0', name: 'blk0' });
   defer(() => vhost.close());
   return { broker, owner, ram, bytes: new Uint8Array(view.buffer), vhost };
 }
@@ -34,7 +34,7 @@ const codeOf = (fn: () => unknown) => {
   return undefined;
 };
 
-describe('vhost-like client', () => {
+describe('device client', () => {
   it('translates every GPA of 512 regions exactly as a brute-force reference does', async () => {
     const { owner, ram, bytes, vhost } = await setup();
     // 512 regions of 64 KiB with holes between some of them, each filled with its index.

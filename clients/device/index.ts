@@ -1,0 +1,1 @@
+export { DeviceSubscriber, type DeviceOptions } from './subscriber.js';
