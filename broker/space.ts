@@ -162,10 +162,13 @@ export class AddressSpace {
   /** Holders of subscribers that sent DETACH, fenced when their connection closes. */
   private readonly leaving = new Map<SubscriberSession, Holder>();
   /**
-   * Set while a commit waits, before its vote, for holders to be fenced: a holder that reconnects then is
-   * synced at once instead of queueing behind that commit (its reconcile is what the commit waits for).
+   * Set while a commit waits for holders to be fenced (before its vote, and after its finish round): a
+   * holder that reconnects then is synced at once instead of queueing behind that commit (its reconcile is
+   * what the commit waits for). See resumeHolder().
    */
   private fenceWindow = false;
+  /** Syncs of resuming holders that arrived while a transaction ran outside its fence window (resumeHolder()). */
+  private readonly resumers = new Set<() => Promise<unknown>>();
   /** What happens here, as it happens: for watchers, HISTORY and metrics (broker/watch.ts, broker/metrics.ts). */
   readonly events: SpaceEvents;
 
@@ -207,9 +210,7 @@ export class AddressSpace {
       isOwner: (s) => this.owner === s,
       admitCommit: () => this.admitCommit(),
       enqueue: (work, counted) => this.enqueue(work, counted),
-      get fencing() {
-        return space.fenceWindow;
-      },
+      resumeHolder: (session, run) => this.resumeHolder(session, run),
       fenceHolders: (holders, generation) => this.fenceHolders(holders, generation),
       runVote: (...args) => this.runVote(...args),
       finish: (...args) => this.finish(...args),
@@ -307,11 +308,35 @@ export class AddressSpace {
       this.log.info({ client: session.ref() }, 'subscriber waits for the space to be published');
       return Promise.resolve();
     }
-    if (this.fenceWindow && session.subscriber.resumes !== undefined && this.fences.awaiting(session.subscriber.resumes, session.pid)) {
-      // Nothing was sent for the commit that waits: syncing now is syncing between two transactions.
-      return this.runAttach(session, requestId, msg, false);
-    }
-    return this.enqueue(() => this.runAttach(session, requestId, msg, false), false);
+    return this.resumeHolder(session, () => this.runAttach(session, requestId, msg, false));
+  }
+
+  /**
+   * Runs `run` (a sync of `session`) between transactions. A session resuming a connection that is still
+   * a holder (its reconcile is what a running transaction may wait for: the reconnect grace of
+   * docs/protocol.md "Guarantees") is synced as soon as that transaction opens its fence window (before
+   * its vote, or after its finish round: nothing of it is in flight then, so that is syncing between two
+   * transactions), or after it ended if it opens none; waiting in the queue behind it, its reconcile could
+   * never come within the grace and it would be killed although it came back in time.
+   */
+  private resumeHolder<T>(session: SubscriberSession, run: () => Promise<T>): Promise<T> {
+    const resumes = session.subscriber.resumes;
+    if (resumes === undefined || !this.fences.awaiting(resumes, session.pid)) return this.enqueue(run, false);
+    if (this.fenceWindow) return run();
+    let started: Promise<T> | undefined;
+    const once = () => (started ??= run());
+    this.resumers.add(once);
+    this.log.info({ client: session.ref(), resumes }, 'a holder came back while a transaction runs: it is synced as soon as that transaction waits for fencing');
+    return this.enqueue(() => (this.resumers.delete(once), once()), false);
+  }
+
+  /** Opens the fence window: resuming holders parked by resumeHolder() are synced now. */
+  private openFenceWindow(): void {
+    this.fenceWindow = true;
+    const parked = [...this.resumers];
+    this.resumers.clear();
+    // Its caller (the queued fallback in resumeHolder) gets the outcome; here it is only started.
+    for (const sync of parked) void sync().catch(() => undefined);
   }
 
   /** An observer (feature DIRTY): receives EV_DIRTY after each sync; maps nothing, acks nothing. */
@@ -737,7 +762,7 @@ export class AddressSpace {
     }
     // The change is committed: a holder that reconnects now is synced at once, to the map as committed (it
     // is no target of the finish round, which went out before it came back), and its reconcile fences it.
-    this.fenceWindow = true;
+    this.openFenceWindow();
     try {
       return await this.fences.settle([...unfinished, ...holders()], this.limits.ackTimeoutMs);
     } finally {
@@ -762,7 +787,7 @@ export class AddressSpace {
    */
   private async fenceHolders(holders: () => Holder[], generation: number): Promise<void> {
     if (holders().length === 0) return;
-    this.fenceWindow = true;
+    this.openFenceWindow();
     let unfenced: Holder[];
     try {
       unfenced = await this.fences.settle(holders(), this.limits.ackTimeoutMs);

@@ -455,6 +455,10 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
     for (const w of this.syncWaiters) w.reject(new DisconnectedError('the connection closed before the sync completed', reason ? { cause: reason } : {}));
     this.syncWaiters = [];
     if (this.closing) return;
+    // A change of that connection still being applied is void: nobody can hear its ack, and the broker
+    // rolls it back or re-syncs us. Undone now, so the resync after the reconnect is not queued behind it
+    // (a listener holding it would keep the resync, and the reconcile the broker waits for, from coming).
+    this.inflight?.abort.abort(new DisconnectedError('the connection closed while the change was being applied', reason ? { cause: reason } : {}));
     this.emit('disconnected', reason);
     // During the first attach, start() decides whether to try again.
     if (this.opts.reconnect === false || this.starting) return;
