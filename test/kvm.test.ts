@@ -150,6 +150,16 @@ describe.skipIf(!HEADERS && !IN_CI)('the KVM ABI in clients/kvm/abi.ts matches l
     expect(abi.unpackMemoryRegion(buf)).toEqual(r);
     const regs = abi.unpackRegs(abi.packRegs({ rip: 0x10_1000, rflags: 2, rcx: 2 ** 40 + 7 }));
     expect([regs.rip, regs.rflags, regs.rcx, regs.rax]).toEqual([0x10_1000, 2, 2 ** 40 + 7, 0]);
+    // A segment inside kvm_sregs, through the same layouts: every member back, nothing else touched.
+    const sregs = new Uint8Array(abi.SREGS.size).fill(0xee);
+    const dv = new DataView(sregs.buffer);
+    const cs = abi.flatSegment(0x08, true);
+    abi.writeSegment(dv, abi.SREGS.cs, cs);
+    expect(abi.readSegment(dv, abi.SREGS.cs)).toEqual(cs);
+    expect(Buffer.from(sregs.subarray(abi.SREGS.cs, abi.SREGS.cs + abi.SEGMENT.size)).toString('hex')).toBe(
+      '0000000000000000' + 'ffffffff' + '0800' + '0b' + '01' + '00' + '01' + '01' + '00' + '01' + '00' + '00' + '00',
+    );
+    expect([sregs[abi.SREGS.ds], sregs[abi.SREGS.cs + abi.SEGMENT.size]]).toEqual([0xee, 0xee]);
   });
 });
 

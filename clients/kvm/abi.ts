@@ -6,7 +6,7 @@
 // and vhost-user; the offset objects below (MEMORY_REGION, REGS, ...) are read from them. test/kvm.test.ts
 // compiles every member with gcc against the installed headers (test/helpers/layout-probe.ts) and compares
 // offsets and sizes, and every number here, and compares the request numbers with the addon's own.
-import { f, layoutCodec, offsets, type Layout } from '../abi/layout.js';
+import { f, layoutCodec, offsets, toNumber, type Layout } from '../abi/layout.js';
 
 // --- ioctl numbers (asm-generic/ioctl.h) ----------------------------------------------------------
 
@@ -246,37 +246,19 @@ export interface Segment {
   unusable: number;
 }
 
+const bytesOf = (dv: DataView): Uint8Array => new Uint8Array(dv.buffer, dv.byteOffset, dv.byteLength);
+
+/** The kvm_segment at `at` of a kvm_sregs buffer (throws if its base does not fit a JS number). */
 export function readSegment(dv: DataView, at: number): Segment {
-  return {
-    base: getU64(dv, at + SEGMENT.base),
-    limit: dv.getUint32(at + SEGMENT.limit, true),
-    selector: dv.getUint16(at + SEGMENT.selector, true),
-    type: dv.getUint8(at + SEGMENT.type),
-    present: dv.getUint8(at + SEGMENT.present),
-    dpl: dv.getUint8(at + SEGMENT.dpl),
-    db: dv.getUint8(at + SEGMENT.db),
-    s: dv.getUint8(at + SEGMENT.s),
-    l: dv.getUint8(at + SEGMENT.l),
-    g: dv.getUint8(at + SEGMENT.g),
-    avl: dv.getUint8(at + SEGMENT.avl),
-    unusable: dv.getUint8(at + SEGMENT.unusable),
-  };
+  const s = kvmCodec.unpack('kvm_segment', bytesOf(dv), at);
+  const { base, padding: _padding, ...small } = s;
+  const out = Object.fromEntries(Object.entries(small).map(([k, v]) => [k, Number(v)])) as Omit<Segment, 'base'>;
+  return { base: toNumber(base, 'kvm_segment.base'), ...out };
 }
 
+/** Writes `s` as the kvm_segment at `at` of a kvm_sregs buffer, its padding byte zero. */
 export function writeSegment(dv: DataView, at: number, s: Segment): void {
-  setU64(dv, at + SEGMENT.base, s.base);
-  dv.setUint32(at + SEGMENT.limit, s.limit, true);
-  dv.setUint16(at + SEGMENT.selector, s.selector, true);
-  dv.setUint8(at + SEGMENT.type, s.type);
-  dv.setUint8(at + SEGMENT.present, s.present);
-  dv.setUint8(at + SEGMENT.dpl, s.dpl);
-  dv.setUint8(at + SEGMENT.db, s.db);
-  dv.setUint8(at + SEGMENT.s, s.s);
-  dv.setUint8(at + SEGMENT.l, s.l);
-  dv.setUint8(at + SEGMENT.g, s.g);
-  dv.setUint8(at + SEGMENT.avl, s.avl);
-  dv.setUint8(at + SEGMENT.unusable, s.unusable);
-  dv.setUint8(at + SEGMENT.unusable + 1, 0);
+  kvmCodec.packInto('kvm_segment', bytesOf(dv), at, { ...s, padding: 0 });
 }
 
 /** A flat 4 GiB segment for 32-bit protected mode: base 0, limit 0xfffff pages (g=1), db=1. */

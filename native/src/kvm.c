@@ -13,7 +13,7 @@
  *   - fills the one struct that holds a pointer (kvm_dirty_log) itself,
  *   - enables the dirty ring (KVM_ENABLE_CAP of exactly the two ring capabilities: other capabilities'
  *     arguments can be pointers) and harvests a ring's entries with the memory ordering the ring needs.
- * Anything else is refused with EPERM before any syscall: the addon is not a generic ioctl gate.
+ * Anything else is refused with EPERM before any syscall: the gate passes nothing outside its tables.
  *
  * Errors have the gate's shape (code, errno, syscall = "ioctl", request = the request's name,
  * "KVM_SET_USER_MEMORY_REGION"), and the message names it.
