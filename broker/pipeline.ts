@@ -150,7 +150,9 @@ export class Pipeline {
     const { host } = this;
     const { plan, generation } = entry;
     try {
-      await entry.voted;
+      const { results } = await entry.voted;
+      const before = this.window[this.window.indexOf(entry) - 1];
+      if (before) await before.settled;
       // Clients whose connection ended during the vote (missed its deadline, dropped) and that may still
       // reach what this transaction takes away: nothing is taken away until they are fenced.
       const holding = entry.void || entry.taken.size === 0 ? [] : host.fences.holding(entry.taken);
@@ -162,14 +164,11 @@ export class Pipeline {
           this.abort(entry);
         }
       }
-      const before = this.window[this.window.indexOf(entry) - 1];
-      if (before) await before.settled;
       if (entry.void) throw await this.voidError(entry, previous);
 
-      // --- commit: N-1 is committed, every target voted yes ---
+      // --- commit: the one before is committed, every target voted yes, every holder is fenced ---
       this.window.shift();
       host.committed(plan, generation);
-      const { results } = await entry.voted;
       for (const [s, r] of results) if (r.kind === 'ack') s.subscriber.ackedGeneration = generation;
       // A two-phase subscriber acks every commit of a window: its vote may have left adds for the commit
       // (they replace memory an earlier transaction of the window removes at its own commit).

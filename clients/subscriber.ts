@@ -535,7 +535,9 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
         }
         return;
       case Msg.EV_TXN:
-        this.cancelRemoved(msg.ops);
+        // Not with PIPELINE: a transaction of a window may still be rolled back, and a region it removes
+        // must then be fully established (pinned) after all.
+        if ((conn.features & Feature.PIPELINE) === 0) this.cancelRemoved(msg.ops);
         this.enqueue(() => this.onTxn(conn, msg.seq, msg.generation, msg.ops));
         return;
       case Msg.EV_ROLLBACK:

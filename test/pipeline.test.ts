@@ -250,6 +250,7 @@ describe('pipelined transactions (feature PIPELINE)', () => {
     const seq = c.lines.filter((l) => /^(txn|committed|rolledback) gen=/.test(l)).map((l) => l.split(' ').slice(0, 2).join(' '));
     expect(seq).toEqual(txns.flatMap((_, i) => [`txn gen=${g0 + 1 + i}`, `committed gen=${g0 + 1 + i}`]));
     // And the Node client, which negotiated PIPELINE, got them one at a time too while the C client was there.
+    await waitFor('the Node client\'s last committed event', () => gens(node.events, 'committed').includes(g0 + 4));
     expect(overlapped(node.events, g0)).toBe(false);
     expect(gens(node.events, 'committed').filter((g) => g > g0)).toEqual([g0 + 1, g0 + 2, g0 + 3, g0 + 4]);
 
@@ -259,6 +260,7 @@ describe('pipelined transactions (feature PIPELINE)', () => {
     await waitFor('the C client gone', () => !s.broker.status('vm0').spaces[0]?.clients.some((x) => x.name === 'c'), 10_000);
     const more = await Promise.all([[remove('r1')], [remove('r2')], [add('r0', bs[0]!, 0)], [add('r1', bs[1]!, 1)]].map((ops) => s.owner.commit(ops as CommitOp[])));
     expect(more.map((r) => r.generation)).toEqual([g0 + 5, g0 + 6, g0 + 7, g0 + 8]);
+    await waitFor('the Node client\'s last committed event', () => gens(node.events, 'committed').includes(g0 + 8));
     expect(overlapped(node.events, g0 + 4)).toBe(true);
     expect(mapped(node.p.pid)).toEqual(['c0', 'c1']);
   });
