@@ -14,10 +14,11 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterEach, describe, expect, it } from 'vitest';
 import { Broker } from '../broker/index.js';
-import { Connection, OwnerClient, type CreatedBacking } from '../clients/index.js';
+import { Connection, MappingSubscriber, OwnerClient, type CreatedBacking } from '../clients/index.js';
 import { native } from '../native/index.js';
-import { Feature, isMmbError, type CommitOp, type CommitResult, type MmbError } from '../protocol/index.js';
+import { ALL_FEATURES, ClientRefusedError, Feature, isMmbError, type CommitOp, type CommitResult, type MmbError } from '../protocol/index.js';
 import { startClient } from '../testkit/clients.js';
+import { Rng } from '../testkit/rng.js';
 import type { JsonProc, Line } from '../testkit/jsonproc.js';
 import { memfdMappings, processState } from '../testkit/procfs.js';
 import { IN_CI } from './helpers/ci.js';
@@ -263,6 +264,53 @@ describe('pipelined transactions (feature PIPELINE)', () => {
     await waitFor('the Node client\'s last committed event', () => gens(node.events, 'committed').includes(g0 + 8));
     expect(overlapped(node.events, g0 + 4)).toBe(true);
     expect(mapped(node.p.pid)).toEqual(['c0', 'c1']);
+  });
+
+  it('converges under random bursts of commits with refusals, two-phase and one-phase subscribers alike', async () => {
+    // In-process subscribers (their mappings are real; what varies is the interleaving): one refuses every
+    // region named x*, the others ack at random moments; after each burst every one holds the broker's map.
+    const s = await space({ pipeline: 8 });
+    const rng = new Rng(18);
+    const SLOTS = 12;
+    const ram = await s.owner.createBacking(SLOTS * 2 * MiB, 'ram');
+    cleanups.push(() => native.close(ram.fd));
+    const subs: MappingSubscriber[] = [];
+    for (const [i, features] of [ALL_FEATURES, ALL_FEATURES, ALL_FEATURES & ~Feature.TWO_PHASE].entries()) {
+      const sub = await MappingSubscriber.attach(s.broker, { space: 'vm0', name: `m${i}`, features });
+      cleanups.push(() => sub.close());
+      sub.on('change', (ev) => {
+        const refuses = i === 1 && ev.change.cause === 'txn' && [...ev.change.added, ...(ev.change.staged ?? [])].some((r) => r.name.startsWith('x'));
+        if (refuses) ev.waitUntil(Promise.reject(new ClientRefusedError('x is refused')));
+        else if (rng.chance(0.5)) ev.waitUntil(new Promise((r) => setTimeout(r, rng.below(4))));
+      });
+      subs.push(sub);
+    }
+    const outcomes = new Map<string, number>();
+    let n = 0;
+    for (let round = 0; round < 60; round++) {
+      const st = s.broker.status('vm0').spaces[0]!;
+      const bySlot = new Map(st.regions.map((r) => [(r.gpa - GPA) / (2 * MiB), r.name]));
+      const burst = Array.from({ length: 1 + rng.below(8) }, () => {
+        const slot = rng.below(SLOTS);
+        const name = `${rng.chance(0.08) ? 'x' : 'r'}${n++}`;
+        const a: CommitOp = { op: 'add', name, gpa: GPA + slot * 2 * MiB, size: 2 * MiB, backing: ram.backing, offset: slot * 2 * MiB };
+        const there = bySlot.get(slot);
+        const ops: CommitOp[] = there === undefined ? [a] : rng.chance(0.5) ? [remove(there)] : [remove(there), a];
+        if (ops.at(-1)?.op === 'add') bySlot.set(slot, name);
+        else bySlot.delete(slot);
+        return s.owner.commit(ops).then(
+          () => 'ok',
+          (e: MmbError) => e.code,
+        );
+      });
+      for (const o of await Promise.all(burst)) outcomes.set(o, (outcomes.get(o) ?? 0) + 1);
+      const want = s.broker.status('vm0').spaces[0]!.regions.map((r) => `${r.name}@${r.gpa}`).sort();
+      for (const sub of subs) expect(sub.regions().map((r) => `${r.name}@${r.gpa}`).sort(), `round ${round}, ${sub.id}`).toEqual(want);
+    }
+    // Every outcome is a commit, the refusal, a cancellation behind it, or a plan that no longer fits.
+    expect([...outcomes.keys()].every((k) => ['ok', 'MMB_ERR_CLIENT_REFUSED', 'MMB_ERR_CANCELLED', 'MMB_ERR_NO_REGION', 'MMB_ERR_OVERLAP'].includes(k)), JSON.stringify([...outcomes])).toBe(true);
+    expect(outcomes.get('MMB_ERR_CLIENT_REFUSED')).toBeGreaterThan(0);
+    expect(outcomes.get('MMB_ERR_CANCELLED')).toBeGreaterThan(0);
   });
 
   it('is offered only by a broker with a window above 1', async () => {
