@@ -37,8 +37,10 @@ export interface PipelineHost {
   subscribers(): Iterable<SubscriberSession>;
   isSubscribed(s: SubscriberSession): boolean;
   fanOut(targets: readonly SubscriberSession[], send: (s: SubscriberSession, seq: number) => void, generation: number, onResult?: (s: SubscriberSession, r: AckResult) => void): Promise<FanOutResult>;
-  /** EV_BACKINGS for what `plan` needs and `s` lacks. */
-  sendBackings(s: SubscriberSession, plan: Plan): void;
+  /** The backings `plan` needs, each with whether a writable region needs it (made once per transaction). */
+  access(plan: Plan): ReadonlyMap<number, boolean>;
+  /** EV_BACKINGS for those of `access` that `s` lacks. */
+  sendBackings(s: SubscriberSession, access: ReadonlyMap<number, boolean>): void;
   evict(s: SubscriberSession, err: MmbError): Holder | undefined;
   refusal(client: ClientRef, cause: MmbError, generation: number, count?: number, unfenced?: readonly Holder[]): MmbError;
   committedUnfenced(unfenced: readonly Holder[], generation: number, held: string): MmbError;
@@ -127,10 +129,11 @@ export class Pipeline {
     const targets = [...this.host.subscribers()];
     const entry: Entry = { generation, plan, targets, taken: this.host.taken(plan), voted: undefined as unknown as Promise<FanOutResult>, refused: [], settled, settle };
     this.window.push(entry);
+    const access = this.host.access(plan);
     entry.voted = this.host.fanOut(
       targets,
       (s, seq) => {
-        this.host.sendBackings(s, plan);
+        this.host.sendBackings(s, access);
         s.send({ t: Msg.EV_TXN, seq, generation, ops: plan.ops });
       },
       generation,
