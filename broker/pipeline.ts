@@ -78,6 +78,8 @@ export class Pipeline {
   private lastReply: Promise<unknown> = Promise.resolve();
   /** Rollbacks of a void run still out: no transaction joins the window until they are acked. */
   private aborting: Promise<unknown> | undefined;
+  /** Pipelined transactions whose owner was not answered yet. */
+  private unanswered = 0;
 
   constructor(
     private readonly host: PipelineHost,
@@ -102,6 +104,11 @@ export class Pipeline {
       else if (this.window.length >= this.size) await (this.window[0] as Entry).settled;
       else return;
     }
+  }
+
+  /** Nothing pipelined is in flight or unanswered (then drained() has nothing to wait for). */
+  get idle(): boolean {
+    return this.unanswered === 0 && this.window.length === 0 && this.aborting === undefined;
   }
 
   /** Resolves once every pipelined transaction was answered: the map is then the committed map. */
@@ -144,8 +151,9 @@ export class Pipeline {
       },
     );
     const previous = this.lastReply;
+    this.unanswered++;
     const answer = this.run(entry, previous);
-    this.lastReply = answer.catch(() => undefined);
+    this.lastReply = answer.catch(() => undefined).finally(() => this.unanswered--);
     return answer;
   }
 

@@ -444,7 +444,7 @@ export class AddressSpace {
   commit(session: Session, ops: readonly CommitOp[], expect: number | undefined): Promise<CommitResult> {
     this.requireOwner(session);
     this.admitCommit();
-    return this.enqueue((release) => this.events.commit(session.ref(), ops, this._generation, () => this.runCommit(session, ops, expect, release)), true, true);
+    return this.enqueue((release) => this.events.commit(session.ref(), ops, this._generation, () => this.runCommit(session, ops, expect, release)), true, this.pipeline.size > 1);
   }
 
   /** Refuses one more transaction when the queue is full (map commits and IOAS commits alike). */
@@ -617,17 +617,17 @@ export class AddressSpace {
   private enqueue<T>(work: (release: () => void) => Promise<T>, counted: boolean, pipelined = false): Promise<T> {
     if (counted) this.queued++;
     this.pendingWork++;
-    let release!: () => void;
-    const released = new Promise<void>((r) => (release = r));
+    let release = () => {};
+    const released = pipelined ? new Promise<void>((r) => (release = r)) : undefined;
     const run = this.tail.then(async () => {
-      if (!pipelined) await this.pipeline.drained();
+      if (!pipelined && !this.pipeline.idle) await this.pipeline.drained();
       return work(release);
     });
     const done = run.catch(() => undefined).finally(() => {
       if (counted) this.queued--;
       this.pendingWork--;
     });
-    this.tail = Promise.race([released, done]);
+    this.tail = released ? Promise.race([released, done]) : done;
     return run;
   }
 
@@ -706,7 +706,7 @@ export class AddressSpace {
         return sent.answer;
       }
       // Not for the window: it runs alone, on the committed map.
-      await this.pipeline.drained();
+      if (!this.pipeline.idle) await this.pipeline.drained();
     }
     if (owner.closed || this.owner !== owner) throw new DisconnectedError('the owner disconnected before its commit ran');
     if (expect !== undefined && expect !== this._generation) {
