@@ -73,6 +73,7 @@ import { checkSubscribers } from './policy.js';
 import { DirtyLogging } from './dirty-log.js';
 import { DEFAULT_FENCE_OPTIONS, Fences, type FenceOptions, type Holder, type HolderReason } from './fence.js';
 import { IoSpaces } from './ioas.js';
+import { Pipeline, type FanOutResult } from './pipeline.js';
 import { PAGE_SIZE } from '../native/index.js';
 import { SpaceEvents } from './watch.js';
 
@@ -106,6 +107,11 @@ export interface SpaceOptions {
    * owner). A broker process that can restart under running clients starts unpublished: see PUBLISH.
    */
   published?: boolean;
+  /**
+   * The most transactions in flight at once (feature PIPELINE, broker/pipeline.ts). 1 (the default): one at
+   * a time, and the feature is not offered.
+   */
+  pipeline?: number;
 }
 
 /** The backings whose memory a transaction takes away: removed regions', and regions made read-only. */
@@ -122,12 +128,6 @@ interface Vote {
   addOnly: Set<SubscriberSession>;
   /** Rolled back because a client dropped holding what the transaction takes away: vote again. */
   retry?: true;
-}
-
-interface FanOutResult {
-  results: Map<SubscriberSession, AckResult>;
-  /** Holders of the subscribers evicted for missing the deadline. */
-  timedOut: Holder[];
 }
 
 const describeHolders = (hs: readonly Holder[]) =>
@@ -171,6 +171,8 @@ export class AddressSpace {
   private readonly resumers = new Set<() => Promise<unknown>>();
   /** What happens here, as it happens: for watchers, HISTORY and metrics (broker/watch.ts, broker/metrics.ts). */
   readonly events: SpaceEvents;
+  /** Pipelined transactions in flight (feature PIPELINE): the map holds their plans until they commit or are void. */
+  private readonly pipeline: Pipeline;
 
   constructor(
     readonly name: string,
@@ -218,14 +220,37 @@ export class AddressSpace {
       evict: (s, err) => this.evict(s, err),
       refusal: (client, cause, generation) => this.refusal(client, cause, generation),
     });
+    this.pipeline = new Pipeline(
+      {
+        log: this.log,
+        ackTimeoutMs: this.limits.ackTimeoutMs,
+        map: this.map,
+        fences: this.fences,
+        subscribers: () => this.subscribers,
+        isSubscribed: (s) => this.subscribers.has(s),
+        fanOut: (...args) => this.fanOut(...args),
+        access: (plan) => accessOf(plan.adds),
+        sendBackings: (s, access) => this.sendBackings(s, access),
+        evict: (s, err) => this.evict(s, err),
+        refusal: (...args) => this.refusal(...args),
+        committedUnfenced: (...args) => this.committedUnfenced(...args),
+        describeHolders,
+        committed: (plan, generation) => this.apply(plan, generation, false),
+        ended: (plan) => this.ended(plan),
+        unreferenced: (plan) => this.unreferenced(plan),
+        taken: takenBackings,
+      },
+      Math.max(1, opts.pipeline ?? 1),
+    );
   }
 
   get generation(): number {
     return this._generation;
   }
 
+  /** The committed map's regions (pipelined transactions in flight are not in it yet). */
   regions(): readonly Region[] {
-    return this.map.regions();
+    return this.pipeline.length === 0 ? this.map.regions() : this.map.regionsBefore(this.pipeline.plans());
   }
 
   get published(): boolean {
@@ -444,7 +469,7 @@ export class AddressSpace {
   commit(session: Session, ops: readonly CommitOp[], expect: number | undefined): Promise<CommitResult> {
     this.requireOwner(session);
     this.admitCommit();
-    return this.enqueue(() => this.events.commit(session.ref(), ops, this._generation, () => this.runCommit(session, ops, expect)), true);
+    return this.enqueue((release) => this.events.commit(session.ref(), ops, this._generation, () => this.runCommit(session, ops, expect, release)), true, this.pipeline.size > 1);
   }
 
   /** Refuses one more transaction when the queue is full (map commits and IOAS commits alike). */
@@ -522,6 +547,9 @@ export class AddressSpace {
   // --- status / shutdown ----------------------------------------------------------------------------
 
   status(): StatusSpace {
+    // The committed map: transactions of a pipeline window show only once committed.
+    const regions = this.regions();
+    const bytes = sum(regions);
     const clients = [
       ...(this.owner && !this.owner.closed ? [this.owner] : []),
       ...this.subscribers,
@@ -538,7 +566,7 @@ export class AddressSpace {
       transport: s.transport.kind,
       ackedGeneration: s === this.owner ? this._generation : (s.subscriber?.ackedGeneration ?? 0),
       state: s.state === 'leaving' ? ('leaving' as const) : s.subscriber?.waiting ? ('waiting' as const) : s.subscriber?.syncing ? ('syncing' as const) : s.subscriber?.applying ? ('applying' as const) : ('ready' as const),
-      ...(s !== this.owner && s.isSubscriber() ? this.subscriberStatus(s) : {}),
+      ...(s !== this.owner && s.isSubscriber() ? this.subscriberStatus(s, regions.length, bytes) : {}),
     }));
     const pinners = [...this.subscribers].filter((s) => s.subscriber.pins);
     return {
@@ -546,15 +574,15 @@ export class AddressSpace {
       epoch: this.epoch,
       generation: this._generation,
       published: this._published,
-      bytes: this.map.bytes,
+      bytes,
       paused: this.dirtyLog.paused,
       logging: this.dirtyLog.bitmaps.size,
       pinBudget: {
         ...(Number.isFinite(this.limits.pinBudgetBytes) ? { limit: this.limits.pinBudgetBytes } : {}),
-        predicted: pinners.length * this.map.bytes,
+        predicted: pinners.length * bytes,
         actual: pinners.reduce((n, s) => n + (s.subscriber.reported.pinned ?? 0), 0),
       },
-      regions: this.map.regions().map((r) => ({ ...r })),
+      regions: regions.map((r) => ({ ...r })),
       backings: [...this.backings.all()].map((b) => ({ backing: b.id, name: b.name, size: b.size, regions: b.refs, held: b.held, pageSize: b.pageSize, sealed: b.sealed })),
       clients,
       holders: this.fences.status(),
@@ -562,15 +590,15 @@ export class AddressSpace {
     };
   }
 
-  private subscriberStatus({ subscriber: s }: SubscriberSession): Record<string, unknown> {
+  private subscriberStatus({ subscriber: s }: SubscriberSession, count: number, bytes: number): Record<string, unknown> {
     const r = s.reported;
     return {
-      regions: s.coalesce ? s.view.length : this.map.size,
+      regions: s.coalesce ? s.view.length : count,
       ...(Number.isFinite(s.maxRegions) ? { maxRegions: s.maxRegions } : {}),
       coalesce: s.coalesce,
       writes: s.writes,
       ...(s.pins
-        ? { pin: { ...(Number.isFinite(s.pinLimit) ? { limit: s.pinLimit } : {}), predicted: this.map.bytes, ...(r.pinned !== undefined ? { actual: r.pinned } : {}) } }
+        ? { pin: { ...(Number.isFinite(s.pinLimit) ? { limit: s.pinLimit } : {}), predicted: bytes, ...(r.pinned !== undefined ? { actual: r.pinned } : {}) } }
         : {}),
       ...(r.reserved.length > 0 ? { reserved: r.reserved } : {}),
       ...(r.dmaAvailable !== undefined ? { dmaAvailable: r.dmaAvailable } : {}),
@@ -606,14 +634,25 @@ export class AddressSpace {
     if (this.owner !== session) throw new NotOwnerError(`only the owner of ${JSON.stringify(this.name)} may change it`);
   }
 
-  private enqueue<T>(work: () => Promise<T>, counted: boolean): Promise<T> {
+  /**
+   * Runs `work` after the work queued before it. Work that is not `pipelined` also waits until every
+   * pipelined transaction was answered; pipelined work lets the queue go on when it calls `release` (it
+   * sent its transaction), and counts as queued until it is done.
+   */
+  private enqueue<T>(work: (release: () => void) => Promise<T>, counted: boolean, pipelined = false): Promise<T> {
     if (counted) this.queued++;
     this.pendingWork++;
-    const run = this.tail.then(work);
-    this.tail = run.catch(() => undefined).finally(() => {
+    let release = () => {};
+    const released = pipelined ? new Promise<void>((r) => (release = r)) : undefined;
+    const run = this.tail.then(async () => {
+      if (!pipelined && !this.pipeline.idle) await this.pipeline.drained();
+      return work(release);
+    });
+    const done = run.catch(() => undefined).finally(() => {
       if (counted) this.queued--;
       this.pendingWork--;
     });
+    this.tail = released ? Promise.race([released, done]) : done;
     return run;
   }
 
@@ -684,7 +723,16 @@ export class AddressSpace {
     });
   }
 
-  private async runCommit(owner: Session, ops: readonly CommitOp[], expect: number | undefined): Promise<CommitResult> {
+  private async runCommit(owner: Session, ops: readonly CommitOp[], expect: number | undefined, release: () => void): Promise<CommitResult> {
+    if (this.pipeline.size > 1) {
+      const sent = await this.pipelined(owner, ops, expect);
+      if (sent) {
+        release();
+        return sent.answer;
+      }
+      // Not for the window: it runs alone, on the committed map.
+      if (!this.pipeline.idle) await this.pipeline.drained();
+    }
     if (owner.closed || this.owner !== owner) throw new DisconnectedError('the owner disconnected before its commit ran');
     if (expect !== undefined && expect !== this._generation) {
       throw new StaleGenerationError(`expected generation ${expect}, the space is at ${this._generation}`, { generation: this._generation });
@@ -954,8 +1002,64 @@ export class AddressSpace {
     return { results, timedOut };
   }
 
-  private apply(plan: Plan, generation: number): void {
+  /**
+   * A commit as the next transaction of the pipeline window (feature PIPELINE), when it may join it: planned
+   * against the map the window leaves, committed to it speculatively, and sent. Undefined when it may not
+   * (it then runs alone once the window drained); throws the typed error of a plan that fails.
+   */
+  private async pipelined(owner: Session, ops: readonly CommitOp[], expect: number | undefined): Promise<{ answer: Promise<CommitResult> } | undefined> {
+    await this.pipeline.room();
+    if (owner.closed || this.owner !== owner) throw new DisconnectedError('the owner disconnected before its commit ran');
+    const projected = this._generation + this.pipeline.length;
+    if (expect !== undefined && expect !== projected) {
+      throw new StaleGenerationError(`expected generation ${expect}, the space is at ${projected}${projected !== this._generation ? ` once the ${this.pipeline.length} transactions in flight commit` : ''}`, { generation: projected });
+    }
+    const plan = this.map.plan(ops, this.backings, this.limits.maxRegions);
+    if (plan.ops.length === 0 || !this.pipelineable(plan)) return undefined;
+    checkSubscribers(
+      plan,
+      { count: this.map.size - plan.removes.length + plan.adds.length, bytes: this.map.bytes - sum(plan.removes) + sum(plan.adds), regions: () => this.map.regionsAfter(plan) },
+      this.subscribers,
+      this.limits.pinBudgetBytes,
+    );
+    const generation = projected + 1;
     this.map.commit(plan);
+    for (const r of plan.adds) (this.backings.get(r.backing) as Backing).inflight++;
+    this.events.emit('vote', generation, owner.ref(), plan, 1);
+    return { answer: this.pipeline.send(plan, generation) };
+  }
+
+  /**
+   * Whether a planned transaction may join the pipeline window. Kept to what the window's guarantees were
+   * made for: every subscriber negotiated PIPELINE and follows the map itself (no coalesced view); no dirty
+   * logging and no flag changes (the bitmaps follow the committed map); no IOAS (its mappings are checked
+   * against the committed map); and nobody whose connection ended holds what it takes away (the fence
+   * before the vote, with its retry, is the one-at-a-time path's).
+   */
+  private pipelineable(plan: Plan): boolean {
+    if (plan.sets.length > 0 || plan.adds.some((r) => r.logDirty) || this.dirtyLog.bitmaps.size > 0 || this.ioas.size > 0) return false;
+    for (const s of this.subscribers) if ((s.features & Feature.PIPELINE) === 0 || s.subscriber.coalesce) return false;
+    const taken = takenBackings(plan);
+    return taken.size === 0 || this.fences.holding(taken).length === 0;
+  }
+
+  /** A pipelined transaction ended, committed or not: what it held in flight may be released. */
+  private ended(plan: Plan): void {
+    for (const r of plan.adds) {
+      const b = this.backings.get(r.backing);
+      if (b) b.inflight--;
+    }
+    this.releaseUnused([...plan.backings, ...plan.removes.map((r) => r.backing)]);
+  }
+
+  private unreferenced(plan: Plan): number[] {
+    const touched = new Set(plan.removes.map((r) => r.backing));
+    return [...touched].filter((id) => this.backings.get(id)?.refs === 0 && !this.fences.holds(id));
+  }
+
+  /** `map`: false when the map holds the plan already (a pipelined transaction's). */
+  private apply(plan: Plan, generation: number, map = true): void {
+    if (map) this.map.commit(plan);
     for (const r of plan.removes) (this.backings.get(r.backing) as Backing).refs--;
     for (const r of plan.adds) (this.backings.get(r.backing) as Backing).refs++;
     this._generation = generation;

@@ -18,6 +18,8 @@ export interface HarnessOptions {
   maxMapBytes: number;
   /** The broker's ack deadline (`serve --ack-timeout`): how long a stalled client holds up a change. */
   ackTimeoutMs: number;
+  /** The broker's pipeline window (`serve --pipeline`, feature PIPELINE); absent: one transaction at a time. */
+  pipeline?: number;
   /** Plant deliberately broken clients (one skips its unmap, one pins twice): the checks must fail. */
   selfTest: boolean;
   /** Called after every step with its one-line description, and with a line for each violation it found (replay logs, --trace). */

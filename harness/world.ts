@@ -52,7 +52,7 @@ export class World {
   }
 
   async start(): Promise<void> {
-    this.broker = await BrokerProc.start(this.socket, SPACE, this.opts.ackTimeoutMs);
+    this.broker = await BrokerProc.start(this.socket, SPACE, this.opts.ackTimeoutMs, undefined, this.opts.pipeline);
     this.relay = OwnerRelay.start(this.socket, this.ownerSocket, new MomentJudge(this).hooks);
     // `mmbroker serve` starts its spaces unpublished; the (empty) map is authoritative from here on.
     this.owner = await OwnerClient.attach(this.ownerSocket, { space: SPACE, name: 'harness-owner', publish: true });
