@@ -16,12 +16,12 @@
 // failed DIRTY_SYNC. (A writer can still clear bits outright: writers are trusted with the bitmaps'
 // contents, as KVM and vhost back-ends are; see docs/security.md.)
 import { constants, native, type Mapping } from '../native/index.js';
-import { DIRTY_PAGE_SIZE, bitmapLayout, forEachBitRun, type BitmapInfo, type Region } from '../protocol/index.js';
+import { DIRTY_PAGE_SIZE, bitmapLayout, forEachBitRun, type BitmapInfo, type Gpa, type Region } from '../protocol/index.js';
 
 export interface Bitmap {
   id: number;
   region: number;
-  gpa: number;
+  gpa: Gpa;
   pages: number;
   layout: ReturnType<typeof bitmapLayout>;
   fd: number;

@@ -52,6 +52,7 @@ import {
   type Region,
   type SpaceLimits,
   hex,
+  rangesOverlap,
 } from '../protocol/index.js';
 import type { Fences, Holder } from './fence.js';
 import { IovaMap, bytesOf, splitMappings, type IovaPlan } from './iova-map.js';
@@ -345,10 +346,10 @@ export class IoSpaces {
       const { reserved, dmaAvailable } = s.subscriber.reported;
       if (reserved.length > 0) {
         for (const m of plan.maps) {
-          const x = reserved.find((r) => m.iova <= r.last && r.start < m.iova + m.size);
+          const x = reserved.find((r) => rangesOverlap(m.iova, m.size, r.start, r.size));
           if (x) {
             throw new ReservedRangeError(
-              `IOAS ${JSON.stringify(io.name)}: IOVA ${span(m.iova, m.size)} covers [${hex(x.start)}, ${hex(x.last)}], which ${s.describe()} reported as reserved`,
+              `IOAS ${JSON.stringify(io.name)}: IOVA ${span(m.iova, m.size)} covers [${hex(x.start)}, ${hex(x.start + x.size - 1)}], which ${s.describe()} reported as reserved`,
               { client: s.ref() },
             );
           }

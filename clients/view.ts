@@ -7,7 +7,7 @@
 // backing's inode and the offset) and how (read-only or not). Two regions with the same key can share one
 // mapping, even across broker restarts (new epoch, new ids, same memfd). logDirty, id and name are
 // metadata: changing only those is an `updated` entry, not a remap.
-import { NoBackingError, NoRegionError, type Region, type TxnOp } from '../protocol/index.js';
+import { NoBackingError, NoRegionError, type Region, type TxnOp, rangesOverlap } from '../protocol/index.js';
 import type { DirtyLog } from './dirty.js';
 
 /** A backing as a client holds it: the broker's id, our own fd, and the file's identity. */
@@ -278,7 +278,7 @@ export function inverse(c: Change): Change {
  */
 export function splitChange(c: Change, room = Number.POSITIVE_INFINITY): { vote: Change; commit: Change } {
   const removed = c.removed;
-  const clashes = (a: ViewRegion) => removed.some((r) => a.gpa < r.gpa + r.size && r.gpa < a.gpa + a.size);
+  const clashes = (a: ViewRegion) => removed.some((r) => rangesOverlap(a.gpa, a.size, r.gpa, r.size));
   const now: ViewRegion[] = [];
   const later: ViewRegion[] = [];
   // Without removals nothing frees room later: every add goes in the vote (the broker checked the limits),

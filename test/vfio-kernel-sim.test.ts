@@ -15,7 +15,7 @@ import { IommufdBackend } from '../clients/vfio/iommufd.js';
 import { IOMMUFD, LAYOUTS, VFIO } from '../clients/vfio/structs.js';
 import { Type1Backend } from '../clients/vfio/type1.js';
 import { constants, native } from '../native/index.js';
-import { bitmapLayout, forEachBitRun, isMmbError, type Region } from '../protocol/index.js';
+import { asGpa, asOffset, bitmapLayout, forEachBitRun, isMmbError, type Region } from '../protocol/index.js';
 import { SimKernel } from './helpers/vfio-sim.js';
 
 const MiB = 2 ** 20;
@@ -47,7 +47,7 @@ function harness(backend: Type1Backend | IommufdBackend, chunk = 4 * MiB, opts: 
       const st = native.fstat(fd);
       const n = id++;
       backings.set(n, { id: n, name, size, fd, dev: st.dev, ino: st.ino });
-      const r: Region = { id: n, name, gpa, size, backing: n, offset: 0, readonly, logDirty };
+      const r: Region = { id: n, name, gpa: asGpa(gpa), size, backing: n, offset: asOffset(0), readonly, logDirty };
       return toView(r, backings);
     },
     /** Turns a region's logging on or off (a metadata update); returns the region as it is now. */

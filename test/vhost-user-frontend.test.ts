@@ -21,7 +21,7 @@ import {
 } from '../clients/vhost-user/index.js';
 import { toView, type Change, type LocalBacking, type ViewRegion } from '../clients/view.js';
 import { native } from '../native/index.js';
-import { isMmbError, type Region } from '../protocol/index.js';
+import { asGpa, asOffset, isMmbError, type Region } from '../protocol/index.js';
 import { defer, embeddedBroker, ownerOf, runCleanups, subscriberOf } from './helpers/embedded.js';
 import { FakeBackend, u64, type Message } from './helpers/vhost-user-fake.js';
 import { memfdMaps, tempDir, waitFor } from './helpers/procs.js';
@@ -338,7 +338,7 @@ describe('vhost-user front-end: wire format and acks (scripted back-end)', () =>
 const backings = new Map<number, LocalBacking>([[1, { id: 1, name: 'm', size: 1 << 30, fd: -1, dev: 1, ino: 42 }]]);
 let nextId = 1;
 const view = (gpa: number, size: number, extra: Partial<Region> = {}): ViewRegion =>
-  toView({ id: nextId++, name: `r${gpa.toString(16)}`, gpa, size, backing: 1, offset: gpa % (1 << 29), readonly: false, logDirty: false, ...extra }, backings);
+  toView({ id: nextId++, name: `r${gpa.toString(16)}`, gpa: asGpa(gpa), size, backing: 1, offset: asOffset(gpa % (1 << 29)), readonly: false, logDirty: false, ...extra }, backings);
 const change = (removed: ViewRegion[], added: ViewRegion[], updated: Change['updated'] = []): Change => ({ generation: 1, cause: 'txn', removed, updated, added });
 const tableOf = (rs: ViewRegion[]) => new Map<string, TableEntry>(rs.map((r) => [r.key, entryOf(r)]));
 

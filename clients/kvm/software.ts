@@ -12,7 +12,7 @@
 //   change of an existing slot's size, hva or READONLY                     EINVAL
 //   create or move onto a range another slot covers                        EEXIST
 // The same call twice is a no-op, as in KVM; a gpa change of an existing slot is a move.
-import { KvmError, hex } from '../../protocol/index.js';
+import { KvmError, hex, rangesOverlap } from '../../protocol/index.js';
 import { KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_MAX_NR_PAGES, KVM_MEM_READONLY, KVM_X86_USER_MEM_SLOTS, type MemoryRegionArgs } from './abi.js';
 import type { Memslots } from './memslots.js';
 
@@ -106,7 +106,7 @@ export class SoftwareMemslots implements Memslots {
   private overlapping(gpa: number, size: number, id: number): MemoryRegionArgs | undefined {
     const i = this.lowerBound(gpa);
     for (const s of [this.sorted[i - 1], this.sorted[i], this.sorted[i + 1]]) {
-      if (s && s.slot !== id && gpa < s.gpa + s.size && s.gpa < gpa + size) return s;
+      if (s && s.slot !== id && rangesOverlap(gpa, size, s.gpa, s.size)) return s;
     }
     return undefined;
   }

@@ -11,7 +11,7 @@
 //   3. mapped mappings are claimed (IOVA table, DMA budget), then pinned and mapped, in one batch where the
 //      backend can (soft: one mlock per run of pages); a failure undoes them, maps the unmapped ones again
 //      (a re-sync that failed halfway), and is thrown, leaving the domain as it was.
-import { NoRegionError, ReservedRangeError, type IovaMapping, type IovaRange, hex } from '../../protocol/index.js';
+import { NoRegionError, ReservedRangeError, type IovaMapping, type IovaRange, hex, rangeContains } from '../../protocol/index.js';
 import { CHUNK_BYTES, type GuestMemory } from '../memory.js';
 import type { IoasChange } from '../ioas-view.js';
 import { clash, mergeRanges, type DomainLimits, type IommuBackend, type Piece } from './iommu-backend.js';
@@ -90,7 +90,7 @@ export class IoasDomain {
    */
   private pieces(m: IovaMapping, memory: GuestMemory): Piece[] {
     const r = memory.regionAt(m.gpa);
-    if (!r || m.gpa + m.size > r.region.gpa + r.region.size) {
+    if (!r || !rangeContains(r.region.gpa, r.region.size, m.gpa, m.size)) {
       throw new NoRegionError(`IOAS ${JSON.stringify(this.ioas)}: IOVA ${hex(m.iova)} points at gpa [${hex(m.gpa)}, ${hex(m.gpa + m.size)}), which this client has not mapped`);
     }
     const out: Piece[] = [];

@@ -7,7 +7,7 @@
 // creates the IOMMU domain, the last one destroys it: with type1 the kernel drops the container's IOMMU
 // and every DMA mapping with its last group), maps and unmaps pieces of pinned memory at an IOVA, and
 // says what the domain allows (usable IOVA ranges, remaining DMA mappings, cache coherency).
-import { GPA_LIMIT, IommuError, InvalidArgError, PinFailedError, type IovaRange, type MmbError, hex } from '../../protocol/index.js';
+import { GPA_LIMIT, IommuError, InvalidArgError, PinFailedError, type IovaRange, type MmbError, fromInclusive, hex, rangesOverlap } from '../../protocol/index.js';
 import { isNativeError, type Mapping } from '../../native/index.js';
 import type { RawIovaRange, RegionInfo } from './structs.js';
 
@@ -214,9 +214,12 @@ export function reservedFromUsable(usable: readonly RawIovaRange[]): IovaRange[]
   return mergeRanges(out);
 }
 
-/** The first reserved range [gpa, gpa + size) touches, if any. */
+/** The first reserved range [gpa, gpa + size) touches, if any (reserved ranges are inclusive: REPORT's form). */
 export function clash(reserved: readonly IovaRange[], gpa: number, size: number): IovaRange | undefined {
-  return reserved.find((x) => gpa <= x.last && x.start < gpa + size);
+  return reserved.find((x) => {
+    const r = fromInclusive(x);
+    return rangesOverlap(gpa, size, r.start, r.size);
+  });
 }
 
 /** A valid device or region name for the protocol: 1 to 64 bytes of UTF-8, no control characters. */

@@ -16,7 +16,7 @@
 // maps (shadow.ts): pinned bytes = mapped bytes, and an unmap is acked once the host IOMMU no longer maps
 // it. Reports are then sent at most every REPORT_INTERVAL_MS (a guest's DMA mappings change thousands of
 // times a second).
-import { isMmbError, InvalidArgError, NoDeviceError, ReservedRangeError, toMmbError, type DmaRules, type IovaRange, hex } from '../../protocol/index.js';
+import { isMmbError, InvalidArgError, NoDeviceError, ReservedRangeError, toMmbError, type DmaRules, type IovaRange, fromInclusive, hex, rangeContains } from '../../protocol/index.js';
 import { PAGE_SIZE } from '../../native/index.js';
 import type { BrokerTarget } from '../connection.js';
 import type { GuestMemory } from '../memory.js';
@@ -454,7 +454,7 @@ export class VfioSubscriber extends Subscriber {
     if (ranges.length === 0) return;
     const vfio = this.vfio as VfioApplier;
     const known = vfio.domain.limits().reserved;
-    const isNew = ranges.some((x) => !known.some((k) => k.start <= x.start && x.last <= k.last));
+    const isNew = ranges.map(fromInclusive).some((x) => !known.map(fromInclusive).some((k) => rangeContains(k.start, k.size, x.start, x.size)));
     if (isNew) {
       vfio.domain.reserve(ranges);
       await this.report(this.currentReport());
