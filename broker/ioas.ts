@@ -52,6 +52,7 @@ import {
   type Region,
   type SpaceLimits,
   hex,
+  inclusiveText,
   rangesOverlap,
 } from '../protocol/index.js';
 import type { Fences, Holder } from './fence.js';
@@ -349,7 +350,7 @@ export class IoSpaces {
           const x = reserved.find((r) => rangesOverlap(m.iova, m.size, r.start, r.size));
           if (x) {
             throw new ReservedRangeError(
-              `IOAS ${JSON.stringify(io.name)}: IOVA ${span(m.iova, m.size)} covers [${hex(x.start)}, ${hex(x.start + x.size - 1)}], which ${s.describe()} reported as reserved`,
+              `IOAS ${JSON.stringify(io.name)}: IOVA ${span(m.iova, m.size)} covers ${inclusiveText(x.start, x.size)}, which ${s.describe()} reported as reserved`,
               { client: s.ref() },
             );
           }

@@ -22,6 +22,8 @@ import {
   type DmaRules,
   type Region,
   hex,
+  inclusiveText,
+  iovaOfGpa,
   rangesOverlap,
 } from '../protocol/index.js';
 import { nextView, viewOps } from './coalesce.js';
@@ -58,10 +60,10 @@ export function checkSubscribers(plan: Plan, after: MapAfter, subscribers: Itera
       throw new ClientLimitError(`${session.describe()} can follow at most ${s.maxRegions} regions; the transaction would leave it ${count}`, { client: session.ref() });
     }
     for (const r of plan.adds) {
-      const clash = reported.reserved.find((x) => rangesOverlap(r.gpa, r.size, x.start, x.size));
+      const clash = reported.reserved.find((x) => rangesOverlap(iovaOfGpa(r.gpa), r.size, x.start, x.size));
       if (clash) {
         throw new ReservedRangeError(
-          `region ${JSON.stringify(r.name)} [${hex(r.gpa)}, ${hex(r.gpa + r.size)}) covers [${hex(clash.start)}, ${hex(clash.start + clash.size - 1)}], which ${session.describe()} reported as reserved`,
+          `region ${JSON.stringify(r.name)} [${hex(r.gpa)}, ${hex(r.gpa + r.size)}) covers ${inclusiveText(clash.start, clash.size)}, which ${session.describe()} reported as reserved`,
           { client: session.ref() },
         );
       }

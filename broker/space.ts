@@ -61,7 +61,9 @@ import {
   type Region,
   type SpaceLimits,
   type StatusSpace,
+  type Iova,
   fromInclusive,
+  iovaOfGpa,
   rangesOverlap,
   toInclusive,
 } from '../protocol/index.js';
@@ -436,7 +438,7 @@ export class AddressSpace {
   report(session: Session, msg: Report): ReportResult {
     if (!this.isAttached(session, true)) throw new StateError('only an attached subscriber reports');
     const reported = session.subscriber.reported;
-    if (msg.reserved) reported.reserved = msg.reserved.map(fromInclusive);
+    if (msg.reserved) reported.reserved = msg.reserved.map(fromInclusive<Iova>);
     if (msg.dmaAvailable !== undefined) reported.dmaAvailable = msg.dmaAvailable;
     if (msg.pinned !== undefined) reported.pinned = msg.pinned;
     if (msg.coherent !== undefined) reported.coherent = msg.coherent;
@@ -446,7 +448,7 @@ export class AddressSpace {
     if (msg.devices) reported.devices = [...msg.devices];
     this.events.reported(session, msg.pinned, this.map.bytes);
     if (msg.reserved) {
-      const clash = this.map.regions().filter((r) => reported.reserved.some((x) => rangesOverlap(r.gpa, r.size, x.start, x.size)));
+      const clash = this.map.regions().filter((r) => reported.reserved.some((x) => rangesOverlap(iovaOfGpa(r.gpa), r.size, x.start, x.size)));
       if (clash.length > 0) this.log.warn({ client: session.ref(), regions: clash.map((r) => r.name) }, 'existing regions cover ranges this client reports as reserved');
     }
     return {};

@@ -21,7 +21,7 @@
 // way to the memory is a cache and TLB miss: the common case (a range inside a region's first 1 GiB)
 // touches the two arrays and that one view, not the region's record, its chunk list and its chunk.
 import { constants, filePageSize, isNativeError, native, PAGE_SIZE, pageSizeName, type Mapping } from '../native/index.js';
-import { InvalidArgError, MapFailedError, NoRegionError, UnalignedError, hex } from '../protocol/index.js';
+import { InvalidArgError, MapFailedError, NoRegionError, UnalignedError, asHva, hex, rangeEnd, type Hva } from '../protocol/index.js';
 import type { DirtyLog } from './dirty.js';
 import type { Applier, ApplyContext, Change, LocalBacking, ViewRegion } from './view.js';
 
@@ -64,7 +64,7 @@ export interface MappedRegion {
   /** chunks[i] maps [gpa + i * CHUNK_BYTES, ...) of the region. */
   chunks: Chunk[];
   /** Host address of the region's first byte; the chunks follow contiguously (as in /proc/PID/maps). */
-  address: number;
+  address: Hva;
 }
 
 
@@ -178,7 +178,7 @@ export class GuestMemory implements Applier {
     this.starts.copyWithin(i + 1, i, n);
     this.ends.copyWithin(i + 1, i, n);
     this.starts[i] = m.region.gpa;
-    this.ends[i] = m.region.gpa + m.region.size;
+    this.ends[i] = rangeEnd(m.region.gpa, m.region.size);
   }
 
   private removeAt(i: number): void {
@@ -424,7 +424,7 @@ export class GuestMemory implements Applier {
     try {
       // One contiguous range of addresses, so the region can be handed to KVM or an IOMMU as a whole.
       const chunks = native.mmapChunked(b.fd, r.offset, r.size, prot, constants.MAP_SHARED, CHUNK_BYTES, align).map((mapping) => ({ mapping, bytes: new Uint8Array(mapping.buffer) }));
-      return { region: r, chunks, address: (chunks[0] as Chunk).mapping.address };
+      return { region: r, chunks, address: asHva((chunks[0] as Chunk).mapping.address) };
     } catch (err) {
       throw new MapFailedError(`cannot map region ${JSON.stringify(r.name)} (${hex(r.size)} bytes of ${b.name} at ${hex(r.offset)})`, {
         cause: err,

@@ -48,6 +48,14 @@ export const asIova = (n: number): Iova => n as Iova;
 /** Brands a number the caller knows to be an offset inside a backing. */
 export const asOffset = (n: number): Offset => n as Offset;
 
+/**
+ * The one place two kinds meet: a passthrough device without a guest IOMMU uses the GPA as its IOVA (the
+ * vfio-like client maps each region at IOVA = GPA, and a reserved IOVA is a GPA RAM must not take).
+ */
+export const iovaOfGpa = (gpa: Gpa): Iova => gpa as number as Iova;
+/** See iovaOfGpa. */
+export const gpaOfIova = (iova: Iova): Gpa => iova as number as Gpa;
+
 /** The half-open range [start, start + size) of addresses of one kind. */
 export interface Range<A extends number = number> {
   readonly start: A;
@@ -94,6 +102,9 @@ export function fromInclusive<A extends number = number>(r: IovaRange): Range<A>
 export function toInclusive(r: Range): IovaRange {
   return { start: r.start, last: r.start + r.size - 1 };
 }
+
+/** `[0x…, 0x…]`: a non-empty range as the kernel and sysfs print reserved regions (first and last byte). */
+export const inclusiveText = (start: number, size: number): string => `[${hex(start)}, ${hex(start + size - 1)}]`;
 
 /** `[0x…, 0x…)`: a half-open range as messages print it. */
 export const rangeText = (start: number, size: number): string => `[${hex(start)}, ${hex(start + size)})`;

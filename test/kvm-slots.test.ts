@@ -7,7 +7,7 @@ import { describe, expect, it } from 'vitest';
 import { planSlots, tableAfter, SoftwareMemslots, opArgs, type SlotChange, type SlotOp, type SlotTable } from '../clients/kvm/index.js';
 import { KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY } from '../clients/kvm/abi.js';
 import { toView, type LocalBacking, type ViewRegion } from '../clients/view.js';
-import { asGpa, asOffset, isMmbError, type Region } from '../protocol/index.js';
+import { asGpa, asHva, asOffset, isMmbError, type Region } from '../protocol/index.js';
 
 const MiB = 1 << 20;
 const backings = new Map<number, LocalBacking>([
@@ -20,7 +20,7 @@ function region(id: number, name: string, gpa: number, size: number, more: Parti
 }
 
 /** A fake host address per region key, as GuestMemory would hand out (distinct, page aligned). */
-const hvaOf = (r: ViewRegion) => 0x7f00_0000_0000 + r.offset + (r.readonly ? 0x10_0000_0000 : 0) + r.size * 0;
+const hvaOf = (r: ViewRegion) => asHva(0x7f00_0000_0000 + r.offset + (r.readonly ? 0x10_0000_0000 : 0) + r.size * 0);
 
 const change = (c: Partial<SlotChange>): SlotChange => ({ removed: [], updated: [], added: [], ...c });
 

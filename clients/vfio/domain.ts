@@ -4,7 +4,7 @@
 // already mapped in the process is pinned into it), the last one destroys it (everything is unpinned).
 //
 // The pin table is keyed by a region's key (clients/view.ts): what its establishment depends on.
-import { IommuError, NoDeviceError, isMmbError, ReservedRangeError, UnalignedError, dmaMisalignment, formatSize, type DmaRules, type IovaRange, hex } from '../../protocol/index.js';
+import { IommuError, NoDeviceError, isMmbError, ReservedRangeError, UnalignedError, dmaMisalignment, formatSize, type DmaRules, type Iova, type Range, hex, inclusiveText, iovaOfGpa } from '../../protocol/index.js';
 import { CHUNK_BYTES, type MappedRegion } from '../memory.js';
 import type { ViewRegion } from '../view.js';
 import { clash, mergeRanges, type IommuBackendName, type DirtyTracking, type DomainLimits, type IommuBackend, type Piece } from './iommu-backend.js';
@@ -38,7 +38,7 @@ export interface DomainOptions {
   /** Bytes per pinning call. */
   chunkBytes: number;
   /** Reserved ranges to add to what the backend reports (hardware backends). */
-  extraReserved?: readonly IovaRange[];
+  extraReserved?: readonly Range<Iova>[];
   onProgress?: (p: PinProgress) => void;
 }
 
@@ -52,7 +52,7 @@ export class Domain {
   private readonly entries = new Map<string, Entry>();
   private bytes = 0;
   /** Reserved ranges added since (reserve(): a device's sysfs reserved_regions, read before it is opened). */
-  private reservedExtra: IovaRange[] = [];
+  private reservedExtra: Range<Iova>[] = [];
   /** The kernel's dirty tracking, while started; and the devices it was started for. */
   private tracking: { state: DirtyTracking; devices: string } | undefined;
 
@@ -101,7 +101,7 @@ export class Domain {
   }
 
   /** Adds reserved ranges (a device's sysfs reserved_regions) to what limits() reports, for good. */
-  reserve(ranges: readonly IovaRange[]): void {
+  reserve(ranges: readonly Range<Iova>[]): void {
     this.reservedExtra = mergeRanges([...this.reservedExtra, ...ranges]);
   }
 
@@ -124,7 +124,7 @@ export class Domain {
   }
 
   /** The backend's limits, with the configured extra reserved ranges merged into `reserved`. */
-  limits(): DomainLimits & { reserved: IovaRange[] } {
+  limits(): DomainLimits & { reserved: Range<Iova>[] } {
     const l = this.backend.limits();
     return { ...l, reserved: mergeRanges([...(l.reserved ?? []), ...(this.opts.extraReserved ?? []), ...this.reservedExtra]) };
   }
@@ -190,11 +190,11 @@ export class Domain {
   }
 
   /** Refuses a region that covers a reserved range (MMB_ERR_RESERVED_RANGE). */
-  checkReserved(region: ViewRegion, reserved: readonly IovaRange[]): void {
-    const x = clash(reserved, region.gpa, region.size);
+  checkReserved(region: ViewRegion, reserved: readonly Range<Iova>[]): void {
+    const x = clash(reserved, iovaOfGpa(region.gpa), region.size);
     if (x) {
       throw new ReservedRangeError(
-        `region ${JSON.stringify(region.name)} [${hex(region.gpa)}, ${hex(region.gpa + region.size)}) covers [${hex(x.start)}, ${hex(x.last)}], reserved in the ${this.backend.name} IOMMU domain`,
+        `region ${JSON.stringify(region.name)} [${hex(region.gpa)}, ${hex(region.gpa + region.size)}) covers ${inclusiveText(x.start, x.size)}, reserved in the ${this.backend.name} IOMMU domain`,
       );
     }
   }

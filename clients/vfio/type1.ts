@@ -22,7 +22,7 @@
 // VFIO_SET_IOMMU again, and the caller (Domain) maps everything again.
 import path from 'node:path';
 import { PAGE_SIZE, isNativeError } from '../../native/index.js';
-import { ClientLimitError, IommuError, InvalidArgError, NoDeviceError, UnsupportedError, type IovaRange, type MmbError, hex } from '../../protocol/index.js';
+import { ClientLimitError, IommuError, InvalidArgError, NoDeviceError, UnsupportedError, type Iova, type Range, type MmbError, hex } from '../../protocol/index.js';
 import { GPA_LAST, checkBdf, mapError, reservedFromUsable, unmapError, type Detached, type DirtyTracking, type DomainLimits, type IommuBackend, type Piece, type VfioDevice } from './iommu-backend.js';
 import { HwDevice, MAX_INFO_BYTES, ioctlError } from './device.js';
 import { LAYOUTS, REQUEST, VFIO, get, pack, packInto, parseType1Info, type Type1Info } from './structs.js';
@@ -46,7 +46,7 @@ export class Type1Backend implements IommuBackend {
   /** VFIO_IOMMU_DIRTY_PAGES started on the container (the kernel forgets it with the container's IOMMU). */
   private dirtyOn = false;
   /** Reserved ranges last reported by the kernel: kept while no device is attached, for placement. */
-  private lastReserved: IovaRange[] | undefined;
+  private lastReserved: Range<Iova>[] | undefined;
   /** The smallest IOMMU page size last reported (kept like lastReserved). */
   private lastAlign: number | undefined;
   private closed = false;

@@ -7,7 +7,7 @@
 // GET_CONFIG, the shared dirty log (SET_LOG_BASE), the device IOTLB behind a guest IOMMU (IOTLB_MSG, and
 // the back-end's request channel, SET_BACKEND_REQ_FD, on which it reports misses). u64 fields that hold feature bits are bigints (bits 32 and up are used); addresses and sizes
 // are numbers (GPAs fit 52 bits), written as u64.
-import { InvalidArgError, hex } from '../../protocol/index.js';
+import { InvalidArgError, hex, type Gpa, type Offset } from '../../protocol/index.js';
 
 /** Front-end request ids (the `request` field). */
 export const Req = {
@@ -163,12 +163,12 @@ export interface Header {
 /** One memory region as the back-end is told about it. */
 export interface MemRegion {
   /** Guest-physical address of the first byte. */
-  gpa: number;
+  gpa: Gpa;
   size: number;
   /** The "user address" the back-end translates ring addresses with (any unique, consistent value). */
   uaddr: bigint;
   /** Offset of the region inside its fd; the back-end maps the fd from 0 over size + mmapOffset. */
-  mmapOffset: number;
+  mmapOffset: Offset;
 }
 
 export const MEM_REGION_BYTES = 32;
