@@ -106,7 +106,7 @@ describe('SpaceDestination', () => {
     const broker = embeddedBroker({ spaces: ['vm0', 'dst'] });
     const dest = new SpaceDestination(broker, 'dst');
     const GiB = 2 ** 30;
-    const big = { id: 1, name: 'ram', gpa: 0x1_0000_0000, size: 5 * GiB, readonly: false };
+    const big = { id: 1, name: 'ram', gpa: asGpa(0x1_0000_0000), size: 5 * GiB, readonly: false };
     const read = (gpa: number, n: number) => {
       const out = Buffer.alloc(n);
       dest.image().read(big, gpa - big.gpa, out);
