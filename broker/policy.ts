@@ -24,6 +24,7 @@ import {
   hex,
   inclusiveText,
   iovaOfGpa,
+  rangeText,
   rangesOverlap,
 } from '../protocol/index.js';
 import { nextView, viewOps } from './coalesce.js';
@@ -63,7 +64,7 @@ export function checkSubscribers(plan: Plan, after: MapAfter, subscribers: Itera
       const clash = reported.reserved.find((x) => rangesOverlap(iovaOfGpa(r.gpa), r.size, x.start, x.size));
       if (clash) {
         throw new ReservedRangeError(
-          `region ${JSON.stringify(r.name)} [${hex(r.gpa)}, ${hex(r.gpa + r.size)}) covers ${inclusiveText(clash.start, clash.size)}, which ${session.describe()} reported as reserved`,
+          `region ${JSON.stringify(r.name)} ${rangeText(r.gpa, r.size)} covers ${inclusiveText(clash.start, clash.size)}, which ${session.describe()} reported as reserved`,
           { client: session.ref() },
         );
       }
@@ -75,7 +76,7 @@ export function checkSubscribers(plan: Plan, after: MapAfter, subscribers: Itera
           const why = dmaMisalignment(r.gpa, r.size, reported.dma);
           if (why) {
             throw new UnalignedError(
-              `region ${JSON.stringify(r.name)} [${hex(r.gpa)}, ${hex(r.gpa + r.size)}) cannot be DMA-mapped by ${session.describe()}, whose IOMMU needs IOVAs and sizes aligned to ${formatSize(reported.dma.align)}: ${why}`,
+              `region ${JSON.stringify(r.name)} ${rangeText(r.gpa, r.size)} cannot be DMA-mapped by ${session.describe()}, whose IOMMU needs IOVAs and sizes aligned to ${formatSize(reported.dma.align)}: ${why}`,
               { client: session.ref() },
             );
           }

@@ -34,7 +34,6 @@ export interface IoasApplier {
 
 export const sameMapping = (a: IovaMapping, b: IovaMapping): boolean => a.iova === b.iova && a.size === b.size && a.gpa === b.gpa && a.readonly === b.readonly;
 
-
 /** The change that makes `established` (by IOVA) equal `target`: what differs is dropped and made again. */
 export function diffMappings(established: ReadonlyMap<number, IovaMapping>, target: readonly IovaMapping[], ioas: string, generation: number): IoasChange {
   const change: IoasChange = { ioas, generation, cause: 'sync', unmapped: [], mapped: [] };

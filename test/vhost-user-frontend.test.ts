@@ -412,7 +412,7 @@ describe('vhost-user memory-table planner', () => {
     expect(planMemTable(before, change([other], []), 'slots', 32).reshape).toBe(false);
     // The grown run holds the vrings: never REM + ADD of it (libvhost-user 7.2 panics); one SET_MEM_TABLE
     // with the whole table, the ring's region first when more than 8 regions must be rebuilt.
-    const rings = [{ gpa: 0x1000, bytes: 0x200 }];
+    const rings = [{ gpa: asGpa(0x1000), bytes: 0x200 }];
     const ringPlan = planMemTable(before, change([small], [grown]), 'slots', 32, { rings });
     expect(ringPlan.reshape).toBe(true);
     expect(ringPlan.steps.map((s) => (s.op === 'table' ? s.entries.map((e) => [e.gpa, e.size]) : s.op))).toEqual([[[0, 4 * MiB], [64 * MiB, MiB]]]);

@@ -4,7 +4,7 @@
 // already mapped in the process is pinned into it), the last one destroys it (everything is unpinned).
 //
 // The pin table is keyed by a region's key (clients/view.ts): what its establishment depends on.
-import { IommuError, NoDeviceError, isMmbError, ReservedRangeError, UnalignedError, dmaMisalignment, formatSize, type DmaRules, type Iova, type Range, hex, inclusiveText, iovaOfGpa } from '../../protocol/index.js';
+import { IommuError, NoDeviceError, isMmbError, ReservedRangeError, UnalignedError, dmaMisalignment, formatSize, type DmaRules, type Iova, type Range, hex, inclusiveText, iovaOfGpa, rangeText } from '../../protocol/index.js';
 import { CHUNK_BYTES, type MappedRegion } from '../memory.js';
 import type { ViewRegion } from '../view.js';
 import { clash, mergeRanges, type IommuBackendName, type DirtyTracking, type DomainLimits, type IommuBackend, type Piece } from './iommu-backend.js';
@@ -109,7 +109,7 @@ export class Domain {
   checkAligned(region: ViewRegion, align: number | undefined): void {
     const why = dmaMisalignment(region.gpa, region.size, align !== undefined ? { align } : undefined);
     if (why) {
-      throw new UnalignedError(`region ${JSON.stringify(region.name)} [${hex(region.gpa)}, ${hex(region.gpa + region.size)}): the ${this.backend.name} IOMMU maps at multiples of ${formatSize(align as number)}: ${why}`);
+      throw new UnalignedError(`region ${JSON.stringify(region.name)} ${rangeText(region.gpa, region.size)}: the ${this.backend.name} IOMMU maps at multiples of ${formatSize(align as number)}: ${why}`);
     }
   }
 
@@ -180,7 +180,7 @@ export class Domain {
       if (!r.logDirty) continue; // no bitmap to put it in; the kernel keeps its bits until logging resumes
       let bits: Uint8Array;
       try {
-        bits = (this.backend.readDirty as (iova: number, size: number) => Uint8Array)(r.gpa, r.size);
+        bits = (this.backend.readDirty as (iova: Iova, size: number) => Uint8Array)(iovaOfGpa(r.gpa), r.size);
       } catch {
         mark(r.gpa, r.size); // never a lost bit: what could not be read counts as written
         continue;
@@ -194,7 +194,7 @@ export class Domain {
     const x = clash(reserved, iovaOfGpa(region.gpa), region.size);
     if (x) {
       throw new ReservedRangeError(
-        `region ${JSON.stringify(region.name)} [${hex(region.gpa)}, ${hex(region.gpa + region.size)}) covers ${inclusiveText(x.start, x.size)}, reserved in the ${this.backend.name} IOMMU domain`,
+        `region ${JSON.stringify(region.name)} ${rangeText(region.gpa, region.size)} covers ${inclusiveText(x.start, x.size)}, reserved in the ${this.backend.name} IOMMU domain`,
       );
     }
   }
@@ -215,7 +215,7 @@ export class Domain {
       throw new UnalignedError(`region ${JSON.stringify(r.name)} is mapped at host address ${hex(m.address)} here, not a multiple of the ${formatSize(limits.align)} the ${this.backend.name} IOMMU maps at`);
     }
     const list = pieces(m, this.pieceBytes(limits.align));
-    this.backend.claim(r.gpa, r.size, list.length);
+    this.backend.claim(iovaOfGpa(r.gpa), r.size, list.length);
     let outcome: 'done' | 'cancelled';
     try {
       outcome = await pinPieces(this.backend, list, {
@@ -226,11 +226,11 @@ export class Domain {
         },
       });
     } catch (err) {
-      this.backend.release(r.gpa, r.size);
+      this.backend.release(iovaOfGpa(r.gpa), r.size);
       throw err;
     }
     if (outcome === 'cancelled') {
-      this.backend.release(r.gpa, r.size);
+      this.backend.release(iovaOfGpa(r.gpa), r.size);
       return 'cancelled';
     }
     this.entries.set(r.key, { region: r, pieces: list });
@@ -263,7 +263,7 @@ export class Domain {
     if (first === undefined) {
       this.entries.delete(key);
       this.bytes -= e.region.size;
-      this.backend.release(e.region.gpa, e.region.size);
+      this.backend.release(iovaOfGpa(e.region.gpa), e.region.size);
       return;
     }
     const unmapped = e.pieces.filter((p) => !stuck.includes(p));
@@ -282,7 +282,7 @@ export class Domain {
     this.bytes -= lost;
     const r = e.region;
     throw new IommuError(
-      `${this.backend.name}: region ${JSON.stringify(r.name)} [${hex(r.gpa)}, ${hex(r.gpa + r.size)}) could not be unmapped (${stuck.length} of ${stuck.length + unmapped.length} DMA mappings refused): ` +
+      `${this.backend.name}: region ${JSON.stringify(r.name)} ${rangeText(r.gpa, r.size)} could not be unmapped (${stuck.length} of ${stuck.length + unmapped.length} DMA mappings refused): ` +
         (lost === 0 ? 'it stays mapped and pinned, and this client keeps it' : `${still.length} mappings stay and this client keeps them; ${formatSize(lost)} could not be mapped again`) +
         `: ${first instanceof Error ? first.message : String(first)}`,
       { cause: first, ...(isMmbError(first) ? { errno: first.errno } : {}) },

@@ -91,7 +91,7 @@ export class IoasDomain {
   private pieces(m: IovaMapping, memory: GuestMemory): Piece[] {
     const r = memory.regionAt(m.gpa);
     if (!r || !rangeContains(r.region.gpa, r.region.size, m.gpa, m.size)) {
-      throw new NoRegionError(`IOAS ${JSON.stringify(this.ioas)}: IOVA ${hex(m.iova)} points at gpa [${hex(m.gpa)}, ${hex(m.gpa + m.size)}), which this client has not mapped`);
+      throw new NoRegionError(`IOAS ${JSON.stringify(this.ioas)}: IOVA ${hex(m.iova)} points at gpa ${rangeText(m.gpa, m.size)}, which this client has not mapped`);
     }
     const out: Piece[] = [];
     let off = m.gpa - r.region.gpa;

@@ -156,9 +156,9 @@ export interface IommuBackend {
    * Before a region's pieces are mapped: checks that the domain can take it and claims what it needs (soft:
    * its IOVA-table entry, refused on overlap or when the table is full; type1: enough DMA mappings left).
    */
-  claim(iova: number, size: number, pieces: number): void;
+  claim(iova: Iova, size: number, pieces: number): void;
   /** After a region's pieces were unmapped (or its mapping failed): gives back what claim() took. */
-  release(iova: number, size: number): void;
+  release(iova: Iova, size: number): void;
   /** What the domain allows now (re-read from the kernel). */
   limits(): DomainLimits;
   /**
@@ -175,7 +175,7 @@ export interface IommuBackend {
    * must start and end at mapping boundaries (a whole region). Throws if the kernel refuses: the caller
    * then counts the whole range as dirty.
    */
-  readDirty?(iova: number, size: number): Uint8Array;
+  readDirty?(iova: Iova, size: number): Uint8Array;
   /** Detaches every device and closes every fd. */
   close(): void;
 }

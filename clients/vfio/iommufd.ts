@@ -260,7 +260,7 @@ export class IommufdBackend implements IommuBackend {
   }
 
   /** IOMMU_HWPT_GET_DIRTY_BITMAP over [iova, iova + size) of every tracking HWPT, ORed; clears the IOPTEs' bits. */
-  readDirty(iova: number, size: number): Uint8Array {
+  readDirty(iova: Iova, size: number): Uint8Array {
     const bits = new Uint8Array(Math.ceil(Math.ceil(size / 4096) / 64) * 8);
     if (this.tracking.length === 0) throw new IommuError('iommufd: dirty tracking is not on');
     const one = this.tracking.length > 1 ? new Uint8Array(bits.length) : bits;

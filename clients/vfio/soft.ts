@@ -122,7 +122,7 @@ export class SoftBackend implements IommuBackend {
     return 1;
   }
 
-  claim(iova: number, size: number): void {
+  claim(iova: Iova, size: number): void {
     if (iova % this.align !== 0 || size % this.align !== 0) {
       // As type1's MAP_DMA answers a mapping off its smallest IOMMU page.
       throw new IommuError(`soft: IOVA ${rangeText(iova, size)} is not aligned to ${hex(this.align)}`, { errno: 'EINVAL' });
@@ -139,7 +139,7 @@ export class SoftBackend implements IommuBackend {
     this.table.splice(at, 0, [iova, size]);
   }
 
-  release(iova: number): void {
+  release(iova: Iova): void {
     const at = this.lowerBound(iova);
     if (this.table[at]?.[0] === iova) this.table.splice(at, 1);
   }

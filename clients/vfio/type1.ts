@@ -195,7 +195,7 @@ export class Type1Backend implements IommuBackend {
     return pieces;
   }
 
-  claim(_iova: number, _size: number, pieces: number): void {
+  claim(_iova: Iova, _size: number, pieces: number): void {
     const avail = this.info()?.dmaAvailable;
     if (avail !== undefined && avail < pieces) {
       throw new ClientLimitError(`type1: the container accepts ${avail} more DMA mappings (DMA_AVAIL); this region needs ${pieces}`);
@@ -289,7 +289,7 @@ export class Type1Backend implements IommuBackend {
   }
 
   /** VFIO_IOMMU_DIRTY_PAGES {GET_BITMAP} over [iova, iova + size): one bit per 4 KiB page, cleared in the kernel. */
-  readDirty(iova: number, size: number): Uint8Array {
+  readDirty(iova: Iova, size: number): Uint8Array {
     const pages = Math.ceil(size / 4096);
     const bits = new Uint8Array(Math.ceil(pages / 64) * 8);
     const header = LAYOUTS.vfio_iommu_type1_dirty_bitmap.size;

@@ -28,7 +28,7 @@
 // the table is rebuilt: one SET_MEM_TABLE with the regions holding rings and up to 8 in all, then
 // ADD_MEM_REG for the rest (every version remaps its stopped rings at SET_MEM_TABLE). Removing the memory
 // of a running vring without giving it back is refused (MMB_ERR_CLIENT_REFUSED): stop the device first.
-import { ClientLimitError, ClientRefusedError, hex, rangeContains, rangesOverlap } from '../../protocol/index.js';
+import { ClientLimitError, ClientRefusedError, hex, rangeContains, rangeText, rangesOverlap, type Gpa } from '../../protocol/index.js';
 import type { Change, ViewRegion } from '../view.js';
 import { MEM_TABLE_MAX_REGIONS, type MemRegion } from './messages.js';
 
@@ -60,7 +60,7 @@ export type MemMode = 'slots' | 'table';
 
 /** A guest-physical range, [gpa, gpa + bytes). */
 export interface GuestRange {
-  gpa: number;
+  gpa: Gpa;
   bytes: number;
 }
 
@@ -139,7 +139,7 @@ export function planMemTable(current: ReadonlyMap<string, TableEntry>, change: C
   const lost = orphaned.find((g) => !added.some((a) => rangeContains(a.gpa, a.size, g.gpa, g.bytes)));
   if (lost) {
     throw new ClientRefusedError(
-      `the vhost-user back-end runs a vring at [${hex(lost.gpa)}, ${hex(lost.gpa + lost.bytes)}), whose memory the change removes: stop the device first`,
+      `the vhost-user back-end runs a vring at ${rangeText(lost.gpa, lost.bytes)}, whose memory the change removes: stop the device first`,
     );
   }
   if (mode === 'table') steps.push(table());
