@@ -25,8 +25,9 @@
 //
 // The operations take numbers, not range objects, so that any record with a start and a size (a
 // Region's gpa and size, an IovaMapping's iova and size, a memory-table entry) is checked without
-// allocating: they are used in translation lookups. Addresses and sizes are integers below 2^53 whose
-// sums stay exact (the protocol keeps addresses below GPA_LIMIT = 2^52).
+// allocating, in lookups too. (The per-buffer translation of clients/memory.ts and clients/ioas-table.ts
+// searches flat tables of starts and ends, [start, end), with its own branch-free code.) Addresses and
+// sizes are integers below 2^53 whose sums stay exact (the protocol keeps addresses below GPA_LIMIT = 2^52).
 import type { IovaRange } from './messages.js';
 import { hex } from './units.js';
 

@@ -4,7 +4,7 @@
 // already mapped in the process is pinned into it), the last one destroys it (everything is unpinned).
 //
 // The pin table is keyed by a region's key (clients/view.ts): what its establishment depends on.
-import { IommuError, NoDeviceError, isMmbError, ReservedRangeError, UnalignedError, dmaMisalignment, formatSize, type DmaRules, type Iova, type Range, hex, inclusiveText, iovaOfGpa, rangeText } from '../../protocol/index.js';
+import { IommuError, NoDeviceError, isMmbError, ReservedRangeError, UnalignedError, dmaMisalignment, formatSize, type DmaRules, type Gpa, type Iova, type Range, hex, inclusiveText, iovaOfGpa, rangeText } from '../../protocol/index.js';
 import { CHUNK_BYTES, type MappedRegion } from '../memory.js';
 import type { ViewRegion } from '../view.js';
 import { clash, mergeRanges, type IommuBackendName, type DirtyTracking, type DomainLimits, type IommuBackend, type Piece } from './iommu-backend.js';
@@ -23,10 +23,10 @@ export interface PinProgress {
 export interface DomainMapping {
   region: string;
   id: number;
-  gpa: number;
+  gpa: Gpa;
   size: number;
   /** IOVA = GPA. */
-  iova: number;
+  iova: Iova;
   readonly: boolean;
   /** Pieces it was pinned and mapped in. */
   pieces: number;
@@ -119,7 +119,7 @@ export class Domain {
 
   mappings(): DomainMapping[] {
     return [...this.entries.values()]
-      .map(({ region: r, pieces: p }) => ({ region: r.name, id: r.id, gpa: r.gpa, size: r.size, iova: r.gpa, readonly: r.readonly, pieces: p.length }))
+      .map(({ region: r, pieces: p }) => ({ region: r.name, id: r.id, gpa: r.gpa, size: r.size, iova: iovaOfGpa(r.gpa), readonly: r.readonly, pieces: p.length }))
       .sort((a, b) => a.gpa - b.gpa);
   }
 
