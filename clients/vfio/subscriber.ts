@@ -53,8 +53,9 @@ export interface VfioSubscriberOptions extends SubscriberOptions {
   /** Bytes per pinning call (mlock / MAP_DMA / IOAS_MAP), a page multiple. Default 128 MiB. */
   pinChunkBytes?: number;
   /**
-   * Reserved IOVA ranges. soft: replaces its list (default: the x86 MSI window 0xfee00000-0xfeefffff);
-   * type1 / iommufd: added to what the kernel reports.
+   * Reserved IOVA ranges, inclusive {start, last} as sysfs and the kernel write them (held half-open
+   * inside). soft: replaces its list (default: the x86 MSI window 0xfee00000-0xfeefffff); type1 /
+   * iommufd: added to what the kernel reports.
    */
   reserved?: readonly IovaRange[];
   /** soft: entries of its IOVA table (one per region). Default 65535, type1's dma_entry_limit. */
