@@ -29,6 +29,7 @@ import { Broker } from '../broker/index.js';
 import { OwnerClient, createSealedMemfd } from '../clients/index.js';
 import { VhostUserFrontend, VhostUserSubscriber, BLK_FEATURES, uaddrOf } from '../clients/vhost-user/index.js';
 import { native } from '../native/index.js';
+import { asGpa, asOffset } from '../protocol/index.js';
 import { allCpus, ccVersion, iterations, median, pinSelf, report, runMain, summarize, type Measurement } from './lib.js';
 import { startQsd, type Backend } from './vhost-user-backends.js';
 import { CFrontEnd, addTrips, backendImage, noTrips, qsdVersion, startBackends, stopBackends, type RoundTrips } from './vhu-peer.js';
@@ -75,7 +76,7 @@ async function runFrontend(sockets: string[]): Promise<Samples> {
     fes.push(fe);
   }
   const fd = createSealedMemfd('bench-fe', 2 * MiB);
-  const r = { gpa: GPA, size: 2 * MiB, uaddr: uaddrOf(GPA), mmapOffset: 0 };
+  const r = { gpa: asGpa(GPA), size: 2 * MiB, uaddr: uaddrOf(GPA), mmapOffset: asOffset(0) };
   const out = empty();
   try {
     for (let i = -WARMUP; i < ITER; i++) {

@@ -17,7 +17,7 @@
 // runs, forced by the slot budget, which the client must apply safely (the vhost-user bridge stops its
 // rings around it, see docs/vhost-user.md); if even the fully coalesced map exceeds the limit, the
 // broker refuses the transaction before anything is sent (policy.ts).
-import type { Region, TxnOp } from '../protocol/index.js';
+import { rangeEnd, type Region, type TxnOp } from '../protocol/index.js';
 
 const MAX_NAME = 64;
 
@@ -29,9 +29,9 @@ function runName(first: Region, last: Region, count: number): string {
 
 /** Whether `r` continues the run that starts with `first` and has `last` as its last member so far. */
 const continues = (first: Region, last: Region, r: Region) =>
-  r.gpa === last.gpa + last.size &&
+  r.gpa === rangeEnd(last.gpa, last.size) &&
   r.backing === first.backing &&
-  r.offset === last.offset + last.size &&
+  r.offset === rangeEnd(last.offset, last.size) &&
   r.readonly === first.readonly &&
   r.logDirty === first.logDirty;
 
@@ -42,7 +42,7 @@ function runOf(members: readonly Region[]): Region {
   const last = members[members.length - 1] as Region;
   let id = first.id;
   for (const m of members) if (m.id < id) id = m.id;
-  return { ...first, id, name: runName(first, last, members.length), size: last.gpa + last.size - first.gpa };
+  return { ...first, id, name: runName(first, last, members.length), size: rangeEnd(last.gpa, last.size) - first.gpa };
 }
 
 /** Merges runs of `sorted` (by gpa, non-overlapping). Returns new objects only where a run has > 1 member. */
@@ -81,16 +81,16 @@ function intact(run: Region, sorted: readonly Region[]): [number, number] | unde
   const start = lowerBound(sorted, run.gpa);
   const first = sorted[start];
   if (!first || first.gpa !== run.gpa || first.backing !== run.backing || first.offset !== run.offset || first.readonly !== run.readonly) return undefined;
-  const end = run.gpa + run.size;
+  const end = rangeEnd(run.gpa, run.size);
   let last = first;
   let j = start + 1;
-  while (last.gpa + last.size < end) {
+  while (rangeEnd(last.gpa, last.size) < end) {
     const r = sorted[j];
     if (!r || !continues(first, last, r)) return undefined;
     last = r;
     j++;
   }
-  return last.gpa + last.size === end ? [start, j] : undefined;
+  return rangeEnd(last.gpa, last.size) === end ? [start, j] : undefined;
 }
 
 /**

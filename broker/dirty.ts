@@ -16,12 +16,12 @@
 // failed DIRTY_SYNC. (A writer can still clear bits outright: writers are trusted with the bitmaps'
 // contents, as KVM and vhost back-ends are; see docs/security.md.)
 import { constants, native, type Mapping } from '../native/index.js';
-import { DIRTY_PAGE_SIZE, bitmapLayout, forEachBitRun, type BitmapInfo, type Region } from '../protocol/index.js';
+import { DIRTY_PAGE_SIZE, bitmapLayout, forEachBitRun, type BitmapInfo, type Gpa, type Region, rangeEnd } from '../protocol/index.js';
 
 export interface Bitmap {
   id: number;
   region: number;
-  gpa: number;
+  gpa: Gpa;
   pages: number;
   layout: ReturnType<typeof bitmapLayout>;
   fd: number;
@@ -135,8 +135,8 @@ function popcount(bits: Uint8Array): number {
 }
 
 /** Runs of set bits of a bitmap, as guest-physical ranges (for observers). */
-export function dirtyRanges(bits: Uint8Array, gpa: number, pages: number): { gpa: number; size: number }[] {
-  const out: { gpa: number; size: number }[] = [];
-  forEachBitRun(bits, pages, (first, count) => out.push({ gpa: gpa + first * DIRTY_PAGE_SIZE, size: count * DIRTY_PAGE_SIZE }));
+export function dirtyRanges(bits: Uint8Array, gpa: Gpa, pages: number): { gpa: Gpa; size: number }[] {
+  const out: { gpa: Gpa; size: number }[] = [];
+  forEachBitRun(bits, pages, (first, count) => out.push({ gpa: rangeEnd(gpa, first * DIRTY_PAGE_SIZE), size: count * DIRTY_PAGE_SIZE }));
   return out;
 }

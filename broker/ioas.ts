@@ -52,6 +52,9 @@ import {
   type Region,
   type SpaceLimits,
   hex,
+  inclusiveText,
+  rangeText,
+  rangesOverlap,
 } from '../protocol/index.js';
 import type { Fences, Holder } from './fence.js';
 import { IovaMap, bytesOf, splitMappings, type IovaPlan } from './iova-map.js';
@@ -60,8 +63,6 @@ import type { AckResult, Session, SubscriberSession } from './session.js';
 
 /** At most this many IOASes per address space. */
 export const MAX_IOAS = 1024;
-
-const span = (iova: number, size: number) => `[${hex(iova)}, ${hex(iova + size)})`;
 
 /** What an IOAS borrows from its address space (broker/space.ts): its queue, fan-out, vote and fences. */
 export interface IoasHost {
@@ -176,7 +177,7 @@ export class IoSpaces {
         const what = plan.removes.includes(r) ? 'remove' : 'change the access of';
         const more = into.length > 1 ? ` and ${into.length - 1} more mapping(s) into it` : '';
         throw new RamMappedError(
-          `cannot ${what} region ${JSON.stringify(r.name)} ${span(r.gpa, r.size)}: IOAS ${JSON.stringify(io.name)} maps IOVA ${span(m.iova, m.size)} to gpa ${hex(m.gpa)}${more}; unmap first`,
+          `cannot ${what} region ${JSON.stringify(r.name)} ${rangeText(r.gpa, r.size)}: IOAS ${JSON.stringify(io.name)} maps IOVA ${rangeText(m.iova, m.size)} to gpa ${hex(m.gpa)}${more}; unmap first`,
         );
       }
     }
@@ -343,10 +344,10 @@ export class IoSpaces {
       const { reserved, dmaAvailable } = s.subscriber.reported;
       if (reserved.length > 0) {
         for (const m of plan.maps) {
-          const x = reserved.find((r) => m.iova <= r.last && r.start < m.iova + m.size);
+          const x = reserved.find((r) => rangesOverlap(m.iova, m.size, r.start, r.size));
           if (x) {
             throw new ReservedRangeError(
-              `IOAS ${JSON.stringify(io.name)}: IOVA ${span(m.iova, m.size)} covers [${hex(x.start)}, ${hex(x.last)}], which ${s.describe()} reported as reserved`,
+              `IOAS ${JSON.stringify(io.name)}: IOVA ${rangeText(m.iova, m.size)} covers ${inclusiveText(x.start, x.size)}, which ${s.describe()} reported as reserved`,
               { client: s.ref() },
             );
           }

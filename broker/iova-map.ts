@@ -25,7 +25,14 @@ import {
   type IoasTxnOp,
   type IovaMapping,
   type Region,
+  asGpa,
+  asIova,
   hex,
+  rangeContains,
+  rangeEnd,
+  rangeHas,
+  rangeText as span,
+  rangesOverlap,
 } from '../protocol/index.js';
 
 /** A validated IOAS transaction, ready to fan out. */
@@ -37,8 +44,6 @@ export interface IovaPlan {
   /** As clients receive them: the unmaps (each one whole mapping), then the maps. */
   ops: IoasTxnOp[];
 }
-
-const span = (iova: number, size: number) => `[${hex(iova)}, ${hex(iova + size)})`;
 
 /** Index of the first entry of `list` (sorted by `key`) whose key is >= `x`. */
 function lowerBound<T>(list: readonly T[], x: number, key: (t: T) => number): number {
@@ -57,7 +62,7 @@ const byGpa = (r: Region) => r.gpa;
 /** The region of `regions` (sorted by gpa, never overlapping) that contains `gpa`. */
 export function regionAt(regions: readonly Region[], gpa: number): Region | undefined {
   const r = regions[lowerBound(regions, gpa + 1, byGpa) - 1];
-  return r && gpa < r.gpa + r.size ? r : undefined;
+  return r && rangeHas(r.gpa, r.size, gpa) ? r : undefined;
 }
 
 /** A plan's total bytes. */
@@ -86,7 +91,7 @@ export class IovaMap {
 
   /** The committed mappings that point into guest-physical [gpa, gpa + size). */
   into(gpa: number, size: number): IovaMapping[] {
-    return this.sorted.filter((m) => m.gpa < gpa + size && gpa < m.gpa + m.size);
+    return this.sorted.filter((m) => rangesOverlap(m.gpa, m.size, gpa, size));
   }
 
   /**
@@ -103,19 +108,18 @@ export class IovaMap {
         throw new UnalignedError(`${at(i, op)}: iova ${hex(op.iova)}, ${op.op === 'map' ? `gpa ${hex(gpa)}, ` : ''}size ${hex(op.size)} must be multiples of ${PAGE_SIZE}`);
       }
       if (op.size === 0) throw new OutOfRangeError(`${at(i, op)}: an IOVA range cannot be empty`);
-      if (op.iova + op.size > GPA_LIMIT || gpa + op.size > GPA_LIMIT) throw new OutOfRangeError(`${at(i, op)}: reaches beyond the 52-bit limit`);
+      if (rangeEnd(op.iova, op.size) > GPA_LIMIT || rangeEnd(gpa, op.size) > GPA_LIMIT) throw new OutOfRangeError(`${at(i, op)}: reaches beyond the 52-bit limit`);
     };
 
     ops.forEach((op, i) => {
       if (op.op !== 'unmap') return;
       aligned(i, op);
-      const end = op.iova + op.size;
       // A mapping starting before `iova` may reach into the range: start one before.
       for (let k = Math.max(0, lowerBound(this.sorted, op.iova, byIova) - 1); k < this.sorted.length; k++) {
         const m = this.sorted[k] as IovaMapping;
-        if (m.iova >= end) break;
-        if (m.iova + m.size <= op.iova) continue;
-        if (m.iova < op.iova || m.iova + m.size > end) {
+        if (m.iova >= rangeEnd(op.iova, op.size)) break;
+        if (!rangesOverlap(m.iova, m.size, op.iova, op.size)) continue;
+        if (!rangeContains(op.iova, op.size, m.iova, m.size)) {
           throw new IovaPartialError(`${at(i, op)}: would cut the mapping ${span(m.iova, m.size)} -> gpa ${hex(m.gpa)}; unmap whole mappings`);
         }
         if (!removed.has(m)) {
@@ -130,7 +134,7 @@ export class IovaMap {
       if (op.op !== 'map') return;
       aligned(i, op);
       const r = regionAt(regions, op.gpa);
-      if (!r || op.gpa + op.size > r.gpa + r.size) {
+      if (!r || !rangeContains(r.gpa, r.size, op.gpa, op.size)) {
         throw new NotRamError(
           r
             ? `${at(i, op)}: gpa ${span(op.gpa, op.size)} runs past the end of region ${JSON.stringify(r.name)} ${span(r.gpa, r.size)}; map each region's part on its own`
@@ -141,14 +145,14 @@ export class IovaMap {
       if (!readonly && r.readonly) throw new NotRamError(`${at(i, op)}: region ${JSON.stringify(r.name)} is read-only; map it read-only`);
       const clash = this.findOverlap(op.iova, op.size, removed);
       if (clash) throw new IovaOverlapError(`${at(i, op)}: overlaps the mapping ${span(clash.iova, clash.size)} -> gpa ${hex(clash.gpa)}`);
-      maps.push({ m: { iova: op.iova, gpa: op.gpa, size: op.size, readonly }, i });
+      maps.push({ m: { iova: asIova(op.iova), gpa: asGpa(op.gpa), size: op.size, readonly }, i });
     });
     // The new mappings against each other: sorted, each must end before the next begins.
     maps.sort((a, b) => a.m.iova - b.m.iova);
     for (let k = 1; k < maps.length; k++) {
       const prev = maps[k - 1] as { m: IovaMapping; i: number };
       const cur = maps[k] as { m: IovaMapping; i: number };
-      if (prev.m.iova + prev.m.size > cur.m.iova) {
+      if (rangesOverlap(prev.m.iova, prev.m.size, cur.m.iova, cur.m.size)) {
         const later = prev.i > cur.i ? prev : cur;
         const other = later === prev ? cur : prev;
         throw new IovaOverlapError(`${at(later.i, ops[later.i] as IoasOp)}: overlaps ops[${other.i}] ${span(other.m.iova, other.m.size)}`);
@@ -189,9 +193,9 @@ export class IovaMap {
 
   /** The first committed mapping overlapping [iova, iova + size) that is not being removed. */
   private findOverlap(iova: number, size: number, removed: ReadonlySet<IovaMapping>): IovaMapping | undefined {
-    for (let k = lowerBound(this.sorted, iova + size, byIova) - 1; k >= 0; k--) {
+    for (let k = lowerBound(this.sorted, rangeEnd(iova, size), byIova) - 1; k >= 0; k--) {
       const m = this.sorted[k] as IovaMapping;
-      if (m.iova + m.size <= iova) return undefined;
+      if (rangeEnd(m.iova, m.size) <= iova) return undefined;
       if (!removed.has(m)) return m;
     }
     return undefined;

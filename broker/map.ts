@@ -18,7 +18,12 @@ import {
   type CommitOp,
   type Region,
   type TxnOp,
+  asGpa,
+  asOffset,
   hex,
+  rangeEnd,
+  rangeText,
+  rangesOverlap,
 } from '../protocol/index.js';
 
 export interface BackingSizeLookup {
@@ -45,7 +50,7 @@ export interface Plan {
   backings: Set<number>;
 }
 
-const span = (r: { gpa: number; size: number }) => `[${hex(r.gpa)}, ${hex(r.gpa + r.size)})`;
+const span = (r: { gpa: number; size: number }) => rangeText(r.gpa, r.size);
 
 export class MemoryMap {
   private readonly byId = new Map<number, Region>();
@@ -127,7 +132,7 @@ export class MemoryMap {
         throw new UnalignedError(`${where}: gpa ${hex(op.gpa)}, size ${hex(op.size)} and offset ${hex(op.offset)} must be multiples of ${PAGE_SIZE}`);
       }
       if (op.size === 0) throw new OutOfRangeError(`${where}: a region cannot be empty`);
-      if (op.gpa + op.size > GPA_LIMIT) {
+      if (rangeEnd(op.gpa, op.size) > GPA_LIMIT) {
         throw new OutOfRangeError(`${where}: ${span(op)} reaches beyond the 52-bit guest-physical limit`);
       }
       const backingSize = backings.backingSize(op.backing);
@@ -141,7 +146,7 @@ export class MemoryMap {
           `${where}: backing ${op.backing} is hugetlb memory with ${huge} pages: gpa ${hex(op.gpa)}, size ${hex(op.size)} and offset ${hex(op.offset)} must be multiples of ${huge}`,
         );
       }
-      if (op.offset + op.size > backingSize) {
+      if (rangeEnd(op.offset, op.size) > backingSize) {
         throw new BackingTooSmallError(
           `${where}: offset ${hex(op.offset)} + size ${hex(op.size)} reaches past the end of backing ${op.backing} (${hex(backingSize)} bytes)`,
         );
@@ -152,10 +157,10 @@ export class MemoryMap {
       const region: Region = {
         id: nextId++,
         name: op.name,
-        gpa: op.gpa,
+        gpa: asGpa(op.gpa),
         size: op.size,
         backing: op.backing,
-        offset: op.offset,
+        offset: asOffset(op.offset),
         readonly: op.readonly ?? false,
         logDirty: op.logDirty ?? false,
       };
@@ -235,10 +240,10 @@ export class MemoryMap {
   /** The first committed region overlapping [gpa, gpa+size) that is not being removed. */
   private findOverlap(gpa: number, size: number, removed: Set<number>): Region | undefined {
     // Candidates: the last region starting before gpa + size, walking back while they end after gpa.
-    let i = lowerBound(this.sorted, gpa + size) - 1;
+    let i = lowerBound(this.sorted, rangeEnd(gpa, size)) - 1;
     for (; i >= 0; i--) {
       const r = this.sorted[i] as Region;
-      if (r.gpa + r.size <= gpa) return undefined;
+      if (rangeEnd(r.gpa, r.size) <= gpa) return undefined;
       if (!removed.has(r.id)) return r;
     }
     return undefined;
@@ -262,7 +267,6 @@ function insertSorted(list: Region[], r: Region): void {
 }
 
 function findIn(list: readonly Region[], gpa: number, size: number): Region | undefined {
-  const i = lowerBound(list, gpa + size) - 1;
-  const r = list[i];
-  return r && r.gpa + r.size > gpa ? r : undefined;
+  const r = list[lowerBound(list, rangeEnd(gpa, size)) - 1];
+  return r && rangesOverlap(r.gpa, r.size, gpa, size) ? r : undefined;
 }

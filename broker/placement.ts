@@ -1,9 +1,9 @@
 // Placing hotplugged memory: the lowest GPA range of a given size and alignment that overlaps no region
 // and no IOVA range a subscriber reported as reserved (for a passthrough VM, IOVA = GPA, so RAM over the
 // MSI doorbell window or a PCI hole could never be DMA-mapped).
-import { GPA_LIMIT, InvalidArgError, NoFreeRangeError, type FindFree, type IovaRange, type Region, hex } from '../protocol/index.js';
+import { GPA_LIMIT, InvalidArgError, NoFreeRangeError, type FindFree, type Gpa, type Iova, type Range, type Region, asGpa, gpaOfIova, hex, rangeEnd, rangeText, rangesOverlap } from '../protocol/index.js';
 
-export function findFree(req: Omit<FindFree, 't' | 'id'>, regions: readonly Region[], reserved: readonly IovaRange[], pageSize: number): number {
+export function findFree(req: Omit<FindFree, 't' | 'id'>, regions: readonly Region[], reserved: readonly Range<Iova>[], pageSize: number): Gpa {
   const align = req.align ?? pageSize;
   const min = req.min ?? 0;
   const max = Math.min(req.max ?? GPA_LIMIT, GPA_LIMIT);
@@ -11,19 +11,17 @@ export function findFree(req: Omit<FindFree, 't' | 'id'>, regions: readonly Regi
     throw new InvalidArgError(`alignment ${hex(align)} must be a power of two of at least ${hex(pageSize)}`);
   }
   if (req.size === 0 || req.size % pageSize !== 0) throw new InvalidArgError(`size ${hex(req.size)} must be a non-zero multiple of ${hex(pageSize)}`);
-  // Busy intervals, half-open, sorted by start.
-  const busy: [number, number][] = [
-    ...regions.map((r): [number, number] => [r.gpa, r.gpa + r.size]),
-    ...reserved.map((r): [number, number] => [r.start, r.last + 1]),
-  ].sort((a, b) => a[0] - b[0]);
-  const up = (n: number) => Math.ceil(n / align) * align;
+  // Busy ranges, sorted by start; a reserved IOVA is the GPA a passthrough device would use for it.
+  const busy: Range<Gpa>[] = [...regions.map((r): Range<Gpa> => ({ start: r.gpa, size: r.size })), ...reserved.map((r): Range<Gpa> => ({ start: gpaOfIova(r.start), size: r.size }))];
+  busy.sort((a, b) => a.start - b.start);
+  const up = (n: number) => asGpa(Math.ceil(n / align) * align);
   let candidate = up(min);
-  for (const [start, end] of busy) {
-    if (candidate + req.size <= start) break;
-    if (end > candidate) candidate = up(end);
+  for (const b of busy) {
+    if (rangeEnd(candidate, req.size) <= b.start) break;
+    if (rangesOverlap(candidate, req.size, b.start, b.size)) candidate = up(rangeEnd(b.start, b.size));
   }
-  if (candidate + req.size > max) {
-    throw new NoFreeRangeError(`no ${hex(req.size)}-byte range aligned to ${hex(align)} is free in [${hex(min)}, ${hex(max)})`);
+  if (rangeEnd(candidate, req.size) > max) {
+    throw new NoFreeRangeError(`no ${hex(req.size)}-byte range aligned to ${hex(align)} is free in ${rangeText(min, max - min)}`);
   }
   return candidate;
 }

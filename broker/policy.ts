@@ -22,6 +22,10 @@ import {
   type DmaRules,
   type Region,
   hex,
+  inclusiveText,
+  iovaOfGpa,
+  rangeText,
+  rangesOverlap,
 } from '../protocol/index.js';
 import { nextView, viewOps } from './coalesce.js';
 import type { Plan } from './map.js';
@@ -57,10 +61,10 @@ export function checkSubscribers(plan: Plan, after: MapAfter, subscribers: Itera
       throw new ClientLimitError(`${session.describe()} can follow at most ${s.maxRegions} regions; the transaction would leave it ${count}`, { client: session.ref() });
     }
     for (const r of plan.adds) {
-      const clash = reported.reserved.find((x) => r.gpa <= x.last && x.start < r.gpa + r.size);
+      const clash = reported.reserved.find((x) => rangesOverlap(iovaOfGpa(r.gpa), r.size, x.start, x.size));
       if (clash) {
         throw new ReservedRangeError(
-          `region ${JSON.stringify(r.name)} [${hex(r.gpa)}, ${hex(r.gpa + r.size)}) covers [${hex(clash.start)}, ${hex(clash.last)}], which ${session.describe()} reported as reserved`,
+          `region ${JSON.stringify(r.name)} ${rangeText(r.gpa, r.size)} covers ${inclusiveText(clash.start, clash.size)}, which ${session.describe()} reported as reserved`,
           { client: session.ref() },
         );
       }
@@ -72,7 +76,7 @@ export function checkSubscribers(plan: Plan, after: MapAfter, subscribers: Itera
           const why = dmaMisalignment(r.gpa, r.size, reported.dma);
           if (why) {
             throw new UnalignedError(
-              `region ${JSON.stringify(r.name)} [${hex(r.gpa)}, ${hex(r.gpa + r.size)}) cannot be DMA-mapped by ${session.describe()}, whose IOMMU needs IOVAs and sizes aligned to ${formatSize(reported.dma.align)}: ${why}`,
+              `region ${JSON.stringify(r.name)} ${rangeText(r.gpa, r.size)} cannot be DMA-mapped by ${session.describe()}, whose IOMMU needs IOVAs and sizes aligned to ${formatSize(reported.dma.align)}: ${why}`,
               { client: session.ref() },
             );
           }
@@ -163,7 +167,7 @@ function dmaMappingsNeeded(s: SubscriberSession, change: Establishments, current
     const room = s.subscriber.maxRegions - current;
     let now = 0;
     for (const a of change.added) {
-      if (now >= room || change.removed.some((r) => a.gpa < r.gpa + r.size && r.gpa < a.gpa + a.size)) continue;
+      if (now >= room || change.removed.some((r) => rangesOverlap(a.gpa, a.size, r.gpa, r.size))) continue;
       now++;
       vote += per(a);
     }

@@ -10,7 +10,7 @@
 // SUBSCRIBER, and only for an event the broker is waiting on.
 import { native } from '../native/index.js';
 import type { Transport } from '../transport/index.js';
-import { Feature, Msg, type Attach, type ClientRef, type DmaRules, type IovaRange, type MmbError, type Region } from '../protocol/index.js';
+import { Feature, Msg, type Attach, type ClientRef, type DmaRules, type Iova, type MmbError, type Range, type Region } from '../protocol/index.js';
 import { compactSyncPart } from './sync.js';
 
 export type AckResult =
@@ -23,8 +23,8 @@ export type SessionState = 'new' | 'ready' | 'owner' | 'subscriber' | 'observer'
 
 /** What a subscriber last said with REPORT (feature REPORT); each REPORT replaces only what it names. */
 export interface Reported {
-  /** IOVA ranges it cannot map (inclusive `last`, as the kernel's uAPIs and the wire have them). */
-  reserved: IovaRange[];
+  /** IOVA ranges it cannot map, half-open (the wire's inclusive REPORT.reserved, converted as it arrives). */
+  reserved: Range<Iova>[];
   dmaAvailable?: number;
   /** Bytes it says it has pinned now. */
   pinned?: number;

@@ -61,6 +61,11 @@ import {
   type Region,
   type SpaceLimits,
   type StatusSpace,
+  type Iova,
+  fromInclusive,
+  iovaOfGpa,
+  rangesOverlap,
+  toInclusive,
 } from '../protocol/index.js';
 import { BackingTable, type Backing } from './backings.js';
 import { History } from './history.js';
@@ -483,7 +488,7 @@ export class AddressSpace {
   report(session: Session, msg: Report): ReportResult {
     if (!this.isAttached(session, true)) throw new StateError('only an attached subscriber reports');
     const reported = session.subscriber.reported;
-    if (msg.reserved) reported.reserved = msg.reserved.map(({ start, last }) => ({ start, last }));
+    if (msg.reserved) reported.reserved = msg.reserved.map(fromInclusive<Iova>);
     if (msg.dmaAvailable !== undefined) reported.dmaAvailable = msg.dmaAvailable;
     if (msg.pinned !== undefined) reported.pinned = msg.pinned;
     if (msg.coherent !== undefined) reported.coherent = msg.coherent;
@@ -493,7 +498,7 @@ export class AddressSpace {
     if (msg.devices) reported.devices = [...msg.devices];
     this.events.reported(session, msg.pinned, this.map.bytes);
     if (msg.reserved) {
-      const clash = this.map.regions().filter((r) => reported.reserved.some((x) => r.gpa <= x.last && x.start < r.gpa + r.size));
+      const clash = this.map.regions().filter((r) => reported.reserved.some((x) => rangesOverlap(iovaOfGpa(r.gpa), r.size, x.start, x.size)));
       if (clash.length > 0) this.log.warn({ client: session.ref(), regions: clash.map((r) => r.name) }, 'existing regions cover ranges this client reports as reserved');
     }
     return {};
@@ -600,7 +605,7 @@ export class AddressSpace {
       ...(s.pins
         ? { pin: { ...(Number.isFinite(s.pinLimit) ? { limit: s.pinLimit } : {}), predicted: bytes, ...(r.pinned !== undefined ? { actual: r.pinned } : {}) } }
         : {}),
-      ...(r.reserved.length > 0 ? { reserved: r.reserved } : {}),
+      ...(r.reserved.length > 0 ? { reserved: r.reserved.map(toInclusive) } : {}),
       ...(r.dmaAvailable !== undefined ? { dmaAvailable: r.dmaAvailable } : {}),
       ...(r.coherent !== undefined ? { coherent: r.coherent } : {}),
       ...(r.backend !== undefined ? { backend: r.backend } : {}),

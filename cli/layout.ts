@@ -2,7 +2,7 @@
 // terminal, cli/svg.ts as an SVG): the map cut into consecutive segments (regions, holes between them,
 // ranges subscribers reported reserved), what each subscriber holds of every region, and the totals.
 // Pure: from a STATUS reply to data, so that what is drawn can be checked against the map.
-import type { StatusSpace } from '../protocol/index.js';
+import { fromInclusive, rangesOverlap, type StatusSpace } from '../protocol/index.js';
 
 type Region = StatusSpace['regions'][number];
 type Client = StatusSpace['clients'][number];
@@ -90,7 +90,7 @@ function cut(regions: readonly Region[], reserved: readonly Reserved[]): { segme
   let at = 0;
   for (const r of sorted) {
     if (r.gpa > at) gap(at, r.gpa);
-    const covers = reserved.filter((x) => x.start < r.gpa + r.size && r.gpa < x.end).flatMap((x) => x.clients);
+    const covers = reserved.filter((x) => rangesOverlap(x.start, x.end - x.start, r.gpa, r.size)).flatMap((x) => x.clients);
     segments.push({ kind: 'region', start: r.gpa, end: r.gpa + r.size, region: r, reserved: [...new Set(covers)] });
     at = r.gpa + r.size;
   }
@@ -108,7 +108,7 @@ export function layout(space: StatusSpace, labelWidth = 10): Layout {
     const coverage = new Map<number, Coverage>();
     const current = c.ackedGeneration >= space.generation && c.state !== 'waiting' && c.state !== 'syncing';
     for (const r of space.regions) {
-      const clash = (c.reserved ?? []).some((x) => x.start <= r.gpa + r.size - 1 && r.gpa <= x.last);
+      const clash = (c.reserved ?? []).map((x) => fromInclusive(x)).some((x) => rangesOverlap(r.gpa, r.size, x.start, x.size));
       coverage.set(r.id, clash ? 'refused' : !current ? 'pending' : c.pin ? 'pinned' : 'mapped');
     }
     return { client: c, label: labelOf(c, labelWidth), coverage };

@@ -9,14 +9,15 @@
 // guest memory an IOAS maps, so a view stays valid for as long as its mapping is in the table. A lookup
 // for writing fails on a read-only mapping: the device must not write where the guest's IOMMU says it
 // may only read.
-import { InvalidArgError, NoRegionError, type IovaMapping, hex } from '../protocol/index.js';
+import { InvalidArgError, NoRegionError, type Iova, type IovaMapping, hex, rangeEnd } from '../protocol/index.js';
 import { findRange, type GuestMemory, type GuestPointer } from './memory.js';
 import type { IoasApplier, IoasChange } from './ioas-view.js';
 
 
+/** IOVA [start, end) -> view. */
 interface Entry {
-  start: number;
-  end: number;
+  start: Iova;
+  end: Iova;
   view: Uint8Array;
   writable: boolean;
 }
@@ -84,7 +85,7 @@ export class IovaTranslation {
       // An entry belongs to the mapping whose IOVA range holds it: every entry inside an unmapped one goes.
       const gone = new Set<Entry>();
       for (const m of unmapped) {
-        for (let i = this.lowerBound(m.iova); i < this.entries.length && (this.entries[i] as Entry).start < m.iova + m.size; i++) gone.add(this.entries[i] as Entry);
+        for (let i = this.lowerBound(m.iova); i < this.entries.length && (this.entries[i] as Entry).start < rangeEnd(m.iova, m.size); i++) gone.add(this.entries[i] as Entry);
       }
       const kept = gone.size === 0 ? this.entries : this.entries.filter((e) => !gone.has(e));
       this.entries = made.length === 0 ? kept : [...kept, ...made].sort((a, b) => a.start - b.start);
@@ -92,7 +93,7 @@ export class IovaTranslation {
     } else {
       for (const m of unmapped) {
         const i = this.lowerBound(m.iova);
-        while (i < this.entries.length && (this.entries[i] as Entry).start < m.iova + m.size) this.removeAt(i);
+        while (i < this.entries.length && (this.entries[i] as Entry).start < rangeEnd(m.iova, m.size)) this.removeAt(i);
       }
       for (const e of made) this.insertAt(this.lowerBound(e.start), e);
     }
@@ -179,8 +180,8 @@ export class IovaTables implements IoasApplier {
     for (const m of change.mapped) {
       let at = m.iova;
       for (const view of this.memory.segments(m.gpa, m.size)) {
-        made.push({ start: at, end: at + view.length, view, writable: !m.readonly });
-        at += view.length;
+        made.push({ start: at, end: rangeEnd(at, view.length), view, writable: !m.readonly });
+        at = rangeEnd(at, view.length);
       }
     }
     this.table(change.ioas).update(change.unmapped, made);

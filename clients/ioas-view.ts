@@ -5,7 +5,7 @@
 // A mapping is identified by its IOVA (mappings of one IOAS never overlap) and established as a whole:
 // the broker's unmaps name whole mappings. Two mappings with the same iova, size, gpa and access are the
 // same establishment (a re-sync keeps it).
-import type { IoasTxnOp, IovaMapping } from '../protocol/index.js';
+import { rangesOverlap, type IoasTxnOp, type IovaMapping } from '../protocol/index.js';
 
 /**
  * What an IOAS applier must do, in this order: drop `unmapped` (mappings it established), then establish
@@ -33,8 +33,6 @@ export interface IoasApplier {
 }
 
 export const sameMapping = (a: IovaMapping, b: IovaMapping): boolean => a.iova === b.iova && a.size === b.size && a.gpa === b.gpa && a.readonly === b.readonly;
-
-const overlaps = (a: { iova: number; size: number }, b: { iova: number; size: number }) => a.iova < b.iova + b.size && b.iova < a.iova + a.size;
 
 /** The change that makes `established` (by IOVA) equal `target`: what differs is dropped and made again. */
 export function diffMappings(established: ReadonlyMap<number, IovaMapping>, target: readonly IovaMapping[], ioas: string, generation: number): IoasChange {
@@ -66,7 +64,7 @@ export function splitTxn(ops: readonly IoasTxnOp[], established: ReadonlyMap<num
   for (const op of ops) {
     if (op.op !== 'map') continue;
     const m: IovaMapping = { iova: op.iova, gpa: op.gpa, size: op.size, readonly: op.readonly };
-    (commit.unmapped.length > 0 && commit.unmapped.some((u) => overlaps(u, m)) ? commit.mapped : vote.mapped).push(m);
+    (commit.unmapped.length > 0 && commit.unmapped.some((u) => rangesOverlap(u.iova, u.size, m.iova, m.size)) ? commit.mapped : vote.mapped).push(m);
   }
   return { vote, commit };
 }

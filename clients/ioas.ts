@@ -23,6 +23,7 @@ import {
   type IoasResult,
   type IoasTxnOp,
   type IovaMapping,
+  rangesOverlap,
 } from '../protocol/index.js';
 import type { Connection } from './connection.js';
 import type { ViewRegion } from './view.js';
@@ -122,7 +123,7 @@ export class IoasFollower {
    */
   async letGo(regions: readonly ViewRegion[]): Promise<void> {
     for (const f of this.followed.values()) {
-      const into = [...f.established.values()].filter((m) => regions.some((r) => m.gpa < r.gpa + r.size && r.gpa < m.gpa + m.size));
+      const into = [...f.established.values()].filter((m) => regions.some((r) => rangesOverlap(m.gpa, m.size, r.gpa, r.size)));
       if (into.length === 0) continue;
       await this.establish({ ioas: f.name, generation: f.generation, cause: 'unplug', unmapped: into, mapped: [] }, f);
       for (const m of into) f.committed.delete(m.iova);

@@ -21,7 +21,7 @@
 // way to the memory is a cache and TLB miss: the common case (a range inside a region's first 1 GiB)
 // touches the two arrays and that one view, not the region's record, its chunk list and its chunk.
 import { constants, filePageSize, isNativeError, native, PAGE_SIZE, pageSizeName, type Mapping } from '../native/index.js';
-import { InvalidArgError, MapFailedError, NoRegionError, UnalignedError, hex } from '../protocol/index.js';
+import { InvalidArgError, MapFailedError, NoRegionError, UnalignedError, asHva, hex, rangeEnd, rangeText, type Hva } from '../protocol/index.js';
 import type { DirtyLog } from './dirty.js';
 import type { Applier, ApplyContext, Change, LocalBacking, ViewRegion } from './view.js';
 
@@ -64,7 +64,7 @@ export interface MappedRegion {
   /** chunks[i] maps [gpa + i * CHUNK_BYTES, ...) of the region. */
   chunks: Chunk[];
   /** Host address of the region's first byte; the chunks follow contiguously (as in /proc/PID/maps). */
-  address: number;
+  address: Hva;
 }
 
 
@@ -178,7 +178,7 @@ export class GuestMemory implements Applier {
     this.starts.copyWithin(i + 1, i, n);
     this.ends.copyWithin(i + 1, i, n);
     this.starts[i] = m.region.gpa;
-    this.ends[i] = m.region.gpa + m.region.size;
+    this.ends[i] = rangeEnd(m.region.gpa, m.region.size);
   }
 
   private removeAt(i: number): void {
@@ -233,7 +233,7 @@ export class GuestMemory implements Applier {
     const chunk = Math.floor(off / CHUNK_BYTES);
     const at = off - chunk * CHUNK_BYTES;
     if (at + length > CHUNK_BYTES) {
-      throw new InvalidArgError(`[${hex(gpa)}, ${hex(gpa + length)}) crosses a ${CHUNK_BYTES >>> 20} MiB mapping boundary; use read() or write()`);
+      throw new InvalidArgError(`${rangeText(gpa, length)} crosses a ${CHUNK_BYTES >>> 20} MiB mapping boundary; use read() or write()`);
     }
     return (m.chunks[chunk] as Chunk).bytes.subarray(at, at + length);
   }
@@ -337,7 +337,7 @@ export class GuestMemory implements Applier {
       if (end >= gpa + length) break;
       i++;
       if (i >= this.sorted.length || this.starts[i] !== end) {
-        throw new NoRegionError(`[${hex(gpa)}, ${hex(gpa + length)}) runs into a hole at ${hex(end)}`);
+        throw new NoRegionError(`${rangeText(gpa, length)} runs into a hole at ${hex(end)}`);
       }
       end = this.ends[i] as number;
     }
@@ -378,7 +378,7 @@ export class GuestMemory implements Applier {
     if (!m) throw new NoRegionError(`no region maps gpa ${hex(gpa)}`);
     const off = gpa - m.region.gpa;
     if (off + length > m.region.size) {
-      throw new NoRegionError(`[${hex(gpa)}, ${hex(gpa + length)}) runs past the end of region ${JSON.stringify(m.region.name)}`);
+      throw new NoRegionError(`${rangeText(gpa, length)} runs past the end of region ${JSON.stringify(m.region.name)}`);
     }
     return { m, off };
   }
@@ -424,7 +424,7 @@ export class GuestMemory implements Applier {
     try {
       // One contiguous range of addresses, so the region can be handed to KVM or an IOMMU as a whole.
       const chunks = native.mmapChunked(b.fd, r.offset, r.size, prot, constants.MAP_SHARED, CHUNK_BYTES, align).map((mapping) => ({ mapping, bytes: new Uint8Array(mapping.buffer) }));
-      return { region: r, chunks, address: (chunks[0] as Chunk).mapping.address };
+      return { region: r, chunks, address: asHva((chunks[0] as Chunk).mapping.address) };
     } catch (err) {
       throw new MapFailedError(`cannot map region ${JSON.stringify(r.name)} (${hex(r.size)} bytes of ${b.name} at ${hex(r.offset)})`, {
         cause: err,

@@ -7,7 +7,7 @@
 // backing's inode and the offset) and how (read-only or not). Two regions with the same key can share one
 // mapping, even across broker restarts (new epoch, new ids, same memfd). logDirty, id and name are
 // metadata: changing only those is an `updated` entry, not a remap.
-import { NoBackingError, NoRegionError, type Region, type TxnOp } from '../protocol/index.js';
+import { NoBackingError, NoRegionError, type Gpa, type Offset, type Region, type TxnOp, rangesOverlap } from '../protocol/index.js';
 import type { DirtyLog } from './dirty.js';
 
 /** A backing as a client holds it: the broker's id, our own fd, and the file's identity. */
@@ -132,7 +132,7 @@ function identityOf(b: LocalBacking): FileIdentity {
  * number-to-string conversion per field and a cons string that every Map lookup flattened: for a
  * 65,536-region snapshot about 60 ms to build and as much again in the maps.
  */
-function regionKey(gpa: number, size: number, offset: number, f: FileIdentity, readonly: boolean): string {
+function regionKey(gpa: Gpa, size: number, offset: Offset, f: FileIdentity, readonly: boolean): string {
   const gl = gpa >>> 0;
   const gh = (gpa - gl) / 0x1_0000_0000;
   const sl = size >>> 0;
@@ -280,7 +280,7 @@ export function splitChange(c: Change, room = Number.POSITIVE_INFINITY, removing
   // `removing` (feature PIPELINE): what earlier transactions, voted on and not committed yet, remove at their
   // commit. An add at addresses they free waits for this transaction's commit, which comes after theirs.
   const removed = removing.length === 0 ? c.removed : [...c.removed, ...removing];
-  const clashes = (a: ViewRegion) => removed.some((r) => a.gpa < r.gpa + r.size && r.gpa < a.gpa + a.size);
+  const clashes = (a: ViewRegion) => removed.some((r) => rangesOverlap(a.gpa, a.size, r.gpa, r.size));
   const now: ViewRegion[] = [];
   const later: ViewRegion[] = [];
   // Without removals nothing frees room later: every add goes in the vote (the broker checked the limits),

@@ -13,6 +13,7 @@
 // characters; what breaks a rule is MMB_ERR_BAD_MESSAGE.
 import { isUtf8 } from 'node:buffer';
 import { BadMessageError } from './errors.js';
+import type { Gpa, Offset } from './address.js';
 import type { Region } from './messages.js';
 
 /** count and a reserved u32. */
@@ -147,10 +148,10 @@ export function decodeRegionColumns(bin: Uint8Array, path = 'columns'): Region[]
     regions[i] = {
       id: w[idAt + i] as number,
       name,
-      gpa: gh * TWO_32 + (w[gpaAt + 2 * i] as number),
+      gpa: (gh * TWO_32 + (w[gpaAt + 2 * i] as number)) as Gpa,
       size: sh * TWO_32 + (w[sizeAt + 2 * i] as number),
       backing: w[backingAt + i] as number,
-      offset: oh * TWO_32 + (w[offsetAt + 2 * i] as number),
+      offset: (oh * TWO_32 + (w[offsetAt + 2 * i] as number)) as Offset,
       readonly: (flags & READONLY) !== 0,
       logDirty: (flags & LOG_DIRTY) !== 0,
     };

@@ -8,4 +8,5 @@ export * from './columns.js';
 export * from './frame.js';
 export * from './validate.js';
 export * from './units.js';
+export * from './address.js';
 export * from './dma-rules.js';

@@ -20,10 +20,15 @@ import {
   type Infer,
   type Schema,
 } from './schema.js';
+import type { Gpa, Iova, Offset } from './address.js';
 
 const name = () => str(L.maxNameBytes, { minBytes: 1, printable: true });
 /** GPAs, sizes and backing offsets: exact integers; the broker checks the 52-bit limit with its own code. */
 const addr = () => uint();
+/** The same integers, typed by what they address (protocol/address.ts): what the broker publishes carries them. */
+const gpa = addr as () => Schema<Gpa>;
+const iova = addr as () => Schema<Iova>;
+const offset = addr as () => Schema<Offset>;
 const t = <N extends number>(id: N) => literal(id);
 
 // --- shared pieces ------------------------------------------------------------------------------
@@ -44,10 +49,10 @@ export type ErrorBodyWire = Infer<typeof errorBody>;
 export const region = object({
   id: u32(),
   name: name(),
-  gpa: addr(),
+  gpa: gpa(),
   size: addr(),
   backing: u32(),
-  offset: addr(),
+  offset: offset(),
   readonly: bool(),
   logDirty: bool(),
 });
@@ -266,13 +271,13 @@ export const evTxn = object({ t: t(Msg.EV_TXN), seq: uint(), generation: uint(),
 export const evRollback = object({ t: t(Msg.EV_ROLLBACK), seq: uint(), generation: uint() });
 /** `seq` (feature TWO_PHASE only): ack it once the transaction's removals and reshapes are applied. */
 export const evCommitted = object({ t: t(Msg.EV_COMMITTED), generation: uint(), seq: optional(uint()) });
-export const bitmapInfo = object({ bitmap: u32(), region: u32(), gpa: addr(), pages: addr() });
+export const bitmapInfo = object({ bitmap: u32(), region: u32(), gpa: gpa(), pages: addr() });
 export type BitmapInfo = Infer<typeof bitmapInfo>;
 export const evBitmaps = object({ t: t(Msg.EV_BITMAPS), bitmaps: array(bitmapInfo, L.maxFdsPerFrame) });
 export const evBitmapsGone = object({ t: t(Msg.EV_BITMAPS_GONE), bitmaps: array(u32(), 65_536) });
 export const evDirtyFlush = object({ t: t(Msg.EV_DIRTY_FLUSH), seq: uint() });
 export const evPause = object({ t: t(Msg.EV_PAUSE), seq: uint(), paused: bool() });
-export const dirtyRange = object({ gpa: addr(), size: addr() });
+export const dirtyRange = object({ gpa: gpa(), size: addr() });
 export const evDirty = object({
   t: t(Msg.EV_DIRTY),
   /** Which sync this is (a counter per address space), shared by its parts. */
@@ -282,11 +287,11 @@ export const evDirty = object({
   ranges: array(dirtyRange, 1 << 20),
 });
 /** An IOVA range mapped to guest-physical memory (feature IOAS): [iova, iova + size) -> [gpa, gpa + size). */
-export const iovaMapping = object({ iova: addr(), gpa: addr(), size: addr(), readonly: bool() });
+export const iovaMapping = object({ iova: iova(), gpa: gpa(), size: addr(), readonly: bool() });
 export type IovaMapping = Infer<typeof iovaMapping>;
 export const ioasTxnOp = tagged('op', {
-  map: object({ op: literal('map'), iova: addr(), gpa: addr(), size: addr(), readonly: bool() }),
-  unmap: object({ op: literal('unmap'), iova: addr(), size: addr() }),
+  map: object({ op: literal('map'), iova: iova(), gpa: gpa(), size: addr(), readonly: bool() }),
+  unmap: object({ op: literal('unmap'), iova: iova(), size: addr() }),
 });
 export type IoasTxnOp = Infer<typeof ioasTxnOp>;
 /** The IOAS as it is, in parts that fit frames (parts share `seq`); an empty one (a detach) unmaps everything. */

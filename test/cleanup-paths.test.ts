@@ -4,7 +4,7 @@ import fs from 'node:fs';
 import { afterEach, describe, expect, it } from 'vitest';
 import { CHUNK_BYTES, DirtyLog, SpaceDestination } from '../clients/index.js';
 import { constants, native, type Mapping } from '../native/index.js';
-import { DIRTY_PAGE_SIZE, bitmapLayout, forEachBitRun, type BitmapInfo } from '../protocol/index.js';
+import { DIRTY_PAGE_SIZE, asGpa, bitmapLayout, forEachBitRun, type BitmapInfo } from '../protocol/index.js';
 import { embeddedBroker, runCleanups } from './helpers/embedded.js';
 import { fdCount } from '../testkit/procfs.js';
 
@@ -37,9 +37,9 @@ describe('DirtyLog.add', () => {
   it('closes every remaining fd when one bitmap cannot be mapped, and keeps the ones before it', () => {
     const before = fdCount();
     const log = new DirtyLog();
-    const a: BitmapInfo = { bitmap: 1, region: 1, gpa: 0, pages: 16 };
-    const bad: BitmapInfo = { bitmap: 2, region: 2, gpa: 16 * DIRTY_PAGE_SIZE, pages: 16 };
-    const c: BitmapInfo = { bitmap: 3, region: 3, gpa: 32 * DIRTY_PAGE_SIZE, pages: 16 };
+    const a: BitmapInfo = { bitmap: 1, region: 1, gpa: asGpa(0), pages: 16 };
+    const bad: BitmapInfo = { bitmap: 2, region: 2, gpa: asGpa(16 * DIRTY_PAGE_SIZE), pages: 16 };
+    const c: BitmapInfo = { bitmap: 3, region: 3, gpa: asGpa(32 * DIRTY_PAGE_SIZE), pages: 16 };
     const ma = bitmapFd(a);
     const mc = bitmapFd(c);
     views.push(ma.view, mc.view);
@@ -63,10 +63,10 @@ describe('DirtyLog.mark', () => {
     const log = new DirtyLog();
     // Out of order, with a gap, and one large bitmap spanning small ones' neighbourhood.
     const infos: BitmapInfo[] = [
-      { bitmap: 5, region: 5, gpa: 1000 * DIRTY_PAGE_SIZE, pages: 8 },
-      { bitmap: 1, region: 1, gpa: 0, pages: 100 },
-      { bitmap: 2, region: 2, gpa: 100 * DIRTY_PAGE_SIZE, pages: 10 },
-      { bitmap: 3, region: 3, gpa: 200 * DIRTY_PAGE_SIZE, pages: 64 },
+      { bitmap: 5, region: 5, gpa: asGpa(1000 * DIRTY_PAGE_SIZE), pages: 8 },
+      { bitmap: 1, region: 1, gpa: asGpa(0), pages: 100 },
+      { bitmap: 2, region: 2, gpa: asGpa(100 * DIRTY_PAGE_SIZE), pages: 10 },
+      { bitmap: 3, region: 3, gpa: asGpa(200 * DIRTY_PAGE_SIZE), pages: 64 },
     ];
     const maps = infos.map(bitmapFd);
     views.push(...maps.map((m) => m.view));
@@ -106,7 +106,7 @@ describe('SpaceDestination', () => {
     const broker = embeddedBroker({ spaces: ['vm0', 'dst'] });
     const dest = new SpaceDestination(broker, 'dst');
     const GiB = 2 ** 30;
-    const big = { id: 1, name: 'ram', gpa: 0x1_0000_0000, size: 5 * GiB, readonly: false };
+    const big = { id: 1, name: 'ram', gpa: asGpa(0x1_0000_0000), size: 5 * GiB, readonly: false };
     const read = (gpa: number, n: number) => {
       const out = Buffer.alloc(n);
       dest.image().read(big, gpa - big.gpa, out);

@@ -118,6 +118,29 @@ describe('reported constraints', () => {
     expect(await codeOf(owner.findFree(8 * MiB, { min: 0, max: 0x40_0000 }))).toBe('MMB_ERR_NO_FREE_RANGE');
   });
 
+  it('the wire\'s inclusive last is converted exactly: regions touching a reserved page from either side are accepted, its last byte is refused', async () => {
+    const { broker, owner } = await setup();
+    const ram = await owner.createBacking(16 * MiB, 'ram');
+    native.close(ram.fd);
+    const s = await sub(broker, { name: 'one-page' });
+    // A page, and a single byte (the last one of the page at 0x102000).
+    await s.report({ reserved: [{ start: 0x10_0000, last: 0x10_0fff }, { start: 0x10_2fff, last: 0x10_2fff }] });
+    // The first free page at or above the reserved one is the page right after its last byte.
+    expect(await owner.findFree(0x1000, { min: 0x10_0000 })).toBe(0x10_1000);
+    expect(await owner.findFree(0x1000, { min: 0xf_f000 })).toBe(0xf_f000);
+    await owner.addRegion({ name: 'below', gpa: 0xf_f000, size: 0x1000, backing: ram.backing });
+    await owner.addRegion({ name: 'above', gpa: 0x10_1000, size: 0x1000, backing: ram.backing, offset: 0x1000 });
+    const err = await owner.addRegion({ name: 'over', gpa: 0x10_0000, size: 0x1000, backing: ram.backing, offset: 0x2000 }).catch((e) => e);
+    expect(err.code).toBe('MMB_ERR_RESERVED_RANGE');
+    expect(err.message).toContain('covers [0x100000, 0x100fff]');
+    expect(await codeOf(owner.addRegion({ name: 'byte', gpa: 0x10_2000, size: 0x1000, backing: ram.backing, offset: 0x2000 }))).toBe('MMB_ERR_RESERVED_RANGE');
+    expect(await owner.findFree(0x1000, { min: 0x10_2000 })).toBe(0x10_3000);
+    expect(broker.status('vm0').spaces[0]!.clients.find((c) => c.name === 'one-page')!.reserved).toEqual([
+      { start: 0x10_0000, last: 0x10_0fff },
+      { start: 0x10_2fff, last: 0x10_2fff },
+    ]);
+  });
+
   it('a client out of DMA mappings refuses the next add before anything changes', async () => {
     const { broker, owner } = await setup();
     const ram = await owner.createBacking(16 * MiB, 'ram');

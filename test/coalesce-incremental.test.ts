@@ -5,7 +5,7 @@
 import { afterEach, describe, expect, it } from 'vitest';
 import { coalesce, nextView, viewOps } from '../broker/coalesce.js';
 import type { Change } from '../clients/view.js';
-import type { Region } from '../protocol/index.js';
+import { asGpa, asOffset, type Region } from '../protocol/index.js';
 import { defer, embeddedBroker, ownerOf, runCleanups, subscriberOf } from './helpers/embedded.js';
 import { native } from '../native/index.js';
 
@@ -16,15 +16,15 @@ let nextId = 1;
 const block = (i: number, extra: Partial<Region> = {}): Region => ({
   id: nextId++,
   name: `b${i}`,
-  gpa: i * 2 * MiB,
+  gpa: asGpa(i * 2 * MiB),
   size: 2 * MiB,
   backing: 1,
-  offset: i * 2 * MiB,
+  offset: asOffset(i * 2 * MiB),
   readonly: false,
   logDirty: false,
   ...extra,
 });
-const other: Region = { id: 1000, name: 'other', gpa: 0x4000_0000, size: 2 * MiB, backing: 2, offset: 0, readonly: false, logDirty: false };
+const other: Region = { id: 1000, name: 'other', gpa: asGpa(0x4000_0000), size: 2 * MiB, backing: 2, offset: asOffset(0), readonly: false, logDirty: false };
 const shape = (v: readonly Region[]) => v.map((r) => [r.name, r.gpa / MiB, r.size / MiB]);
 const sorted = (rs: Region[]) => [...rs].sort((a, b) => a.gpa - b.gpa);
 

@@ -18,6 +18,8 @@ import {
   Feature,
   FrameDecoder,
   Msg,
+  asGpa,
+  asOffset,
   decodeRegionColumns,
   encodeFrame,
   encodeRegionColumns,
@@ -37,10 +39,10 @@ const limits = { maxFrameBytes: 1 << 20, maxFdsPerFrame: 64, maxPendingFds: 256 
 const region = (i: number, more: Partial<Region> = {}): Region => ({
   id: i + 1,
   name: `r${i}`,
-  gpa: 0x1_0000_0000 + i * 0x2000,
+  gpa: asGpa(0x1_0000_0000 + i * 0x2000),
   size: 0x1000,
   backing: 1,
-  offset: i * 0x1000,
+  offset: asOffset(i * 0x1000),
   readonly: false,
   logDirty: false,
   ...more,
@@ -69,10 +71,10 @@ describe('EV_SYNC.columns (protocol/columns.ts)', () => {
   const arbRegion = fc.record({
     id: fc.integer({ min: 0, max: 0xffff_ffff }),
     name: fc.string({ unit: 'grapheme', minLength: 1, maxLength: 16 }).filter((s) => !/[\u0000-\u001f\u007f]/.test(s) && Buffer.byteLength(s) <= 64),
-    gpa: fc.integer({ min: 0, max: Number.MAX_SAFE_INTEGER }),
+    gpa: fc.integer({ min: 0, max: Number.MAX_SAFE_INTEGER }).map(asGpa),
     size: fc.integer({ min: 0, max: Number.MAX_SAFE_INTEGER }),
     backing: fc.integer({ min: 0, max: 0xffff_ffff }),
-    offset: fc.integer({ min: 0, max: Number.MAX_SAFE_INTEGER }),
+    offset: fc.integer({ min: 0, max: Number.MAX_SAFE_INTEGER }).map(asOffset),
     readonly: fc.boolean(),
     logDirty: fc.boolean(),
   });
@@ -245,7 +247,7 @@ describe('region keys (clients/view.ts)', () => {
     return JSON.stringify([r.gpa, r.size, r.offset, b.dev, b.ino, r.readonly]);
   };
   const view = (r: { gpa: number; size: number; offset: number; backing: number; readonly: boolean }, id = 1, logDirty = false) =>
-    toView({ id, name: `n${id}`, logDirty, ...r }, backings);
+    toView({ id, name: `n${id}`, logDirty, ...r, gpa: asGpa(r.gpa), offset: asOffset(r.offset) }, backings);
 
   it('are equal exactly when gpa, size, offset, backing inode and access are', () => {
     fc.assert(

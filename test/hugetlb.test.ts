@@ -17,7 +17,7 @@ import { KvmSubscriber } from '../clients/kvm/index.js';
 import { GuestMemory } from '../clients/memory.js';
 import type { LocalBacking, ViewRegion } from '../clients/view.js';
 import { constants, filePageSize, native, PAGE_SIZE } from '../native/index.js';
-import { isMmbError } from '../protocol/index.js';
+import { asGpa, asOffset, isMmbError } from '../protocol/index.js';
 import { IN_CI } from './helpers/ci.js';
 import { defer, embeddedBroker, ownerOf, runCleanups } from './helpers/embedded.js';
 import { GiB, MiB, hugeMemfd, reserveHugePages, smapsAt } from './helpers/hugepages.js';
@@ -147,7 +147,7 @@ with2M('2 MiB pages', () => {
     defer(() => native.close(fd));
     const st = native.fstat(fd);
     const backing: LocalBacking = { id: 1, name: 'ram2m', size: 4 * MiB, fd, dev: st.dev, ino: st.ino };
-    const region: ViewRegion = { id: 1, name: 'cut', gpa: 0, size: 2 * MiB, backing: 1, offset: 4096, readonly: false, logDirty: false, file: `${st.dev}:${st.ino}`, key: 'k' };
+    const region: ViewRegion = { id: 1, name: 'cut', gpa: asGpa(0), size: 2 * MiB, backing: 1, offset: asOffset(4096), readonly: false, logDirty: false, file: `${st.dev}:${st.ino}`, key: 'k' };
     const mem = new GuestMemory();
     let err: unknown;
     try {

@@ -14,7 +14,7 @@ import { VfioSubscriber, type VfioSubscriberOptions } from '../clients/vfio/subs
 import { parseReservedRegions, reservedRegionsPath } from '../clients/vfio/sysfs-reserved.js';
 import { realSys } from '../clients/vfio/sys.js';
 import { native } from '../native/index.js';
-import { ALL_FEATURES, Feature, Msg, isMmbError, type MmbError } from '../protocol/index.js';
+import { ALL_FEATURES, Feature, Msg, isMmbError, toInclusive, type MmbError } from '../protocol/index.js';
 import { defer, embeddedBroker, ownerOf, runCleanups, subscriberOf } from './helpers/embedded.js';
 import { tempDir } from './helpers/procs.js';
 import { SimKernel } from './helpers/vfio-sim.js';
@@ -163,7 +163,7 @@ describe('DMA mappings and their alignment, predicted at planning (REPORT.dma)',
 
 describe('reserved IOVA ranges from sysfs, reported before the device is opened', () => {
   it('reserved_regions as the kernel writes it: msi, direct and reserved refuse DMA, direct-relaxable does not; clipped to 52 bits', () => {
-    expect(parseReservedRegions(fs.readFileSync(FIXTURE, 'utf8'), FIXTURE)).toEqual([
+    expect(parseReservedRegions(fs.readFileSync(FIXTURE, 'utf8'), FIXTURE).map(toInclusive)).toEqual([
       { start: 0xbd00_0000, last: 0xbd0f_ffff },
       { start: 0xfee0_0000, last: 0xfeef_ffff },
       { start: 0x4_0000_0000, last: 0x4_000f_ffff },
@@ -179,7 +179,7 @@ describe('reserved IOVA ranges from sysfs, reported before the device is opened'
     const sys = { ...realSys, readFile: (p: string) => (p === reservedRegionsPath(bdf) ? fs.readFileSync(FIXTURE, 'utf8') : realSys.readFile(p)) };
     // reserved: [] drops soft's own MSI window: everything reserved here comes from the file.
     await VfioSubscriber.attach(t.broker, { space: 'vm0', name: 'vfio-later', backend: 'soft', reserved: [], reserveFor: [bdf], sys, reconnect: false }).then((s) => defer(() => s.close()));
-    expect(t.client('vfio-later')?.reserved).toEqual(parseReservedRegions(fs.readFileSync(FIXTURE, 'utf8'), FIXTURE));
+    expect(t.client('vfio-later')?.reserved).toEqual(parseReservedRegions(fs.readFileSync(FIXTURE, 'utf8'), FIXTURE).map(toInclusive));
     // Placement steps over the RMRR and the MSI window; the relaxable RMRR stays usable.
     expect(await t.owner.findFree(2 * MiB, { align: 2 * MiB, min: 0xbc00_0000 })).toBe(0xbc00_0000);
     expect(await t.owner.findFree(32 * MiB, { align: 2 * MiB, min: 0xbc00_0000 })).toBe(0xbd20_0000);

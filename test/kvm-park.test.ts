@@ -13,7 +13,7 @@ import { KvmSubscriber, assembleCounterLoop, assembleProgram, replacesInPlace, p
 import type { OwnerClient } from '../clients/index.js';
 import type { ViewRegion } from '../clients/view.js';
 import { native } from '../native/index.js';
-import { ALL_FEATURES, Feature } from '../protocol/index.js';
+import { ALL_FEATURES, Feature, asGpa, asHva } from '../protocol/index.js';
 import { IN_CI } from './helpers/ci.js';
 import { defer, embeddedBroker, ownerOf, runCleanups } from './helpers/embedded.js';
 
@@ -187,12 +187,12 @@ describeKvm('changes that delete and re-create a slot run with the vCPUs parked'
 });
 
 describe('which plans need parking (pure)', () => {
-  const slot = (id: number, gpa: number, size: number): Slot => ({ slot: id, gpa, size, hva: 0x7f00_0000_0000 + gpa, flags: 0, key: `${gpa}+${size}`, region: id, name: `r${id}` });
+  const slot = (id: number, gpa: number, size: number): Slot => ({ slot: id, gpa: asGpa(gpa), size, hva: asHva(0x7f00_0000_0000 + gpa), flags: 0, key: `${gpa}+${size}`, region: id, name: `r${id}` });
   const region = (gpa: number, size: number, key = `${gpa}+${size}:new`): ViewRegion =>
     ({ id: 99, name: 'n', gpa, size, backing: 1, offset: 0, readonly: false, logDirty: false, file: '1:1', key }) as ViewRegion;
   const table = new Map([[0, slot(0, 0, 4 * MiB)], [1, slot(1, 8 * MiB, 4 * MiB)]]);
   const removed = (s: Slot) => ({ ...region(s.gpa, s.size, s.key) });
-  const plan = (rm: Slot[], add: ViewRegion[]) => planSlots(table, { removed: rm.map(removed), updated: [], added: add }, { maxSlots: 16, hva: (r) => 0x7f00_0000_0000 + r.gpa });
+  const plan = (rm: Slot[], add: ViewRegion[]) => planSlots(table, { removed: rm.map(removed), updated: [], added: add }, { maxSlots: 16, hva: (r) => asHva(0x7f00_0000_0000 + r.gpa) });
   it('parks only where a deleted range overlaps a created one', () => {
     expect(replacesInPlace(plan([], [region(16 * MiB, MiB)]))).toBe(false);
     expect(replacesInPlace(plan([table.get(0)!], []))).toBe(false);

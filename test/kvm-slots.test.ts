@@ -7,7 +7,7 @@ import { describe, expect, it } from 'vitest';
 import { planSlots, tableAfter, SoftwareMemslots, opArgs, type SlotChange, type SlotOp, type SlotTable } from '../clients/kvm/index.js';
 import { KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY } from '../clients/kvm/abi.js';
 import { toView, type LocalBacking, type ViewRegion } from '../clients/view.js';
-import { isMmbError, type Region } from '../protocol/index.js';
+import { asGpa, asHva, asOffset, isMmbError, type Region } from '../protocol/index.js';
 
 const MiB = 1 << 20;
 const backings = new Map<number, LocalBacking>([
@@ -16,11 +16,11 @@ const backings = new Map<number, LocalBacking>([
 ]);
 
 function region(id: number, name: string, gpa: number, size: number, more: Partial<Region> = {}): ViewRegion {
-  return toView({ id, name, gpa, size, backing: 1, offset: gpa, readonly: false, logDirty: false, ...more }, backings);
+  return toView({ id, name, gpa: asGpa(gpa), size, backing: 1, offset: asOffset(gpa), readonly: false, logDirty: false, ...more }, backings);
 }
 
 /** A fake host address per region key, as GuestMemory would hand out (distinct, page aligned). */
-const hvaOf = (r: ViewRegion) => 0x7f00_0000_0000 + r.offset + (r.readonly ? 0x10_0000_0000 : 0) + r.size * 0;
+const hvaOf = (r: ViewRegion) => asHva(0x7f00_0000_0000 + r.offset + (r.readonly ? 0x10_0000_0000 : 0) + r.size * 0);
 
 const change = (c: Partial<SlotChange>): SlotChange => ({ removed: [], updated: [], added: [], ...c });
 
@@ -164,8 +164,8 @@ describe("KVM's rules", () => {
     const c = region(3, 'c', 0x3000_0000, 16 * MiB);
     const vm = vmWith(a, b, c);
     // One transaction: remove a and c, replace a's range by two halves (one from another file), dirty-log b.
-    const a1 = region(4, 'a1', 0x1000_0000, 8 * MiB, { offset: 0x5000_0000 });
-    const a2 = toView({ id: 5, name: 'a2', gpa: 0x1080_0000, size: 8 * MiB, backing: 2, offset: 0, readonly: true, logDirty: false }, backings);
+    const a1 = region(4, 'a1', 0x1000_0000, 8 * MiB, { offset: asOffset(0x5000_0000) });
+    const a2 = toView({ id: 5, name: 'a2', gpa: asGpa(0x1080_0000), size: 8 * MiB, backing: 2, offset: asOffset(0), readonly: true, logDirty: false }, backings);
     const bDirty = region(2, 'b', 0x2000_0000, 16 * MiB, { logDirty: true });
     // Listed in the worst order on purpose.
     const p = vm.apply({ added: [a2, a1], updated: [{ before: b, after: bDirty }], removed: [c, a] });
@@ -188,7 +188,7 @@ describe("KVM's rules", () => {
       return vm;
     };
     // Replace a by a region in the same range from another file, and move b up.
-    const a1 = region(3, 'a1', 0x1000_0000, 8 * MiB, { offset: 0x5000_0000 });
+    const a1 = region(3, 'a1', 0x1000_0000, 8 * MiB, { offset: asOffset(0x5000_0000) });
     const b1 = region(2, 'b', 0x3000_0000, 16 * MiB, { offset: b.offset });
     const p = plan(p0.table, { removed: [a, b], added: [a1, b1] });
     expect(brief(p.ops)).toEqual(['delete 0', 'delete 1', 'create 0', 'create 1']);
@@ -206,7 +206,7 @@ describe("KVM's rules", () => {
   it('refuses a final table with overlapping slots (EEXIST), without side effects', () => {
     const vm = vmWith(region(1, 'a', 0, 16 * MiB));
     const before = new Map(vm.table());
-    const clash = region(2, 'b', 8 * MiB, 16 * MiB, { offset: 0x4000_0000 });
+    const clash = region(2, 'b', 8 * MiB, 16 * MiB, { offset: asOffset(0x4000_0000) });
     let err: unknown;
     try {
       plan(vm.table(), { added: [clash] });
@@ -221,7 +221,7 @@ describe("KVM's rules", () => {
 describe('overlap, checked on what is created', () => {
   it('two created slots that overlap each other are refused (EEXIST)', () => {
     const a = region(1, 'a', 0x1000_0000, 16 * MiB);
-    const b = region(2, 'b', 0x1080_0000, 16 * MiB, { offset: 0x4000_0000 });
+    const b = region(2, 'b', 0x1080_0000, 16 * MiB, { offset: asOffset(0x4000_0000) });
     expect(() => plan(new Map(), { added: [b, a] })).toThrow(/would overlap/);
   });
 
@@ -229,7 +229,7 @@ describe('overlap, checked on what is created', () => {
     const table = plan(new Map(), {
       added: [region(1, 'a', 0x1000_0000, 16 * MiB), region(2, 'b', 0x2000_0000, 16 * MiB), region(3, 'c', 0x3000_0000, 16 * MiB)],
     }).table;
-    const at = (gpa: number, size: number) => () => plan(table, { added: [region(9, 'x', gpa, size, { offset: 0x5000_0000 })] });
+    const at = (gpa: number, size: number) => () => plan(table, { added: [region(9, 'x', gpa, size, { offset: asOffset(0x5000_0000) })] });
     expect(at(0x2040_0000, MiB)).toThrow(/EEXIST|overlap/); // inside b
     expect(at(0x1f00_0000, 32 * MiB)).toThrow(/overlap/); // across b's start
     expect(at(0x0f00_0000, 0x3000_0000)).toThrow(/overlap/); // around a, b and c

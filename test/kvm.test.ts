@@ -27,7 +27,7 @@ import {
 import * as abi from '../clients/kvm/abi.js';
 import { constants, native } from '../native/index.js';
 import { kvm, type KvmConstants } from '../native/kvm.js';
-import { ALL_FEATURES, Feature, hex, isMmbError, type MmbError } from '../protocol/index.js';
+import { ALL_FEATURES, Feature, asGpa, asOffset, hex, isMmbError, type MmbError } from '../protocol/index.js';
 import { codeOf, defer, embeddedBroker, ownerOf, runCleanups } from './helpers/embedded.js';
 import { memfdMaps, spawnBroker, spawnSubscriber, stopProcess, tempDir, type JsonProc } from './helpers/procs.js';
 import { IN_CI } from './helpers/ci.js';
@@ -80,7 +80,7 @@ function expectSlotsMirror(sub: KvmSubscriber, regions: { name: string; gpa: num
   const slots = [...sub.slots()].sort((a, b) => a.gpa - b.gpa);
   const want = [...regions].sort((a, b) => a.gpa - b.gpa);
   expect(slots.map((s) => [s.name, s.gpa, s.size, s.readonly, s.logDirty])).toEqual(want.map((r) => [r.name, r.gpa, r.size, r.readonly, r.logDirty]));
-  const mapped = new Map(sub.memory.regions().map((m) => [m.region.gpa, m.address]));
+  const mapped = new Map<number, number>(sub.memory.regions().map((m) => [m.region.gpa, m.address]));
   for (const s of slots) {
     expect(s.hva).toBe(mapped.get(s.gpa));
     const [line] = mapsAt(s.hva);
@@ -465,7 +465,7 @@ describe('KvmApplier: all or nothing, locally', () => {
     return new Map([[1, b]]);
   }
   const view = (bk: Map<number, LocalBacking>, id: number, gpa: number, size: number, offset = 0): ViewRegion =>
-    toView({ id, name: `r${id}`, gpa, size, backing: 1, offset, readonly: false, logDirty: false }, bk);
+    toView({ id, name: `r${id}`, gpa: asGpa(gpa), size, backing: 1, offset: asOffset(offset), readonly: false, logDirty: false }, bk);
   const ctx = { signal: new AbortController().signal, cancelled: () => false };
   const change = (c: Partial<Change>): Change => ({ generation: 1, cause: 'txn', removed: [], updated: [], added: [], ...c });
 

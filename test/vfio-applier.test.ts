@@ -8,7 +8,7 @@ import { VfioApplier } from '../clients/vfio/applier.js';
 import { Domain, type PinProgress } from '../clients/vfio/domain.js';
 import { SoftBackend } from '../clients/vfio/soft.js';
 import { native } from '../native/index.js';
-import { CancelledError, isMmbError, type Region } from '../protocol/index.js';
+import { CancelledError, asGpa, asOffset, isMmbError, type Region } from '../protocol/index.js';
 import { vmLckKiB } from './helpers/procs.js';
 
 const MiB = 2 ** 20;
@@ -52,7 +52,7 @@ function setup(opts: { pinLimit?: number; devices?: string[]; chunk?: number; dm
       const st = native.fstat(fd);
       const id = nextId++;
       backings.set(id, { id, name, size, fd, dev: st.dev, ino: st.ino });
-      const r: Region = { id, name, gpa, size, backing: id, offset: 0, readonly: false, logDirty: false };
+      const r: Region = { id, name, gpa: asGpa(gpa), size, backing: id, offset: asOffset(0), readonly: false, logDirty: false };
       return toView(r, backings);
     },
   };

@@ -15,7 +15,7 @@ import { IommufdBackend } from '../clients/vfio/iommufd.js';
 import { IOMMUFD, LAYOUTS, VFIO } from '../clients/vfio/structs.js';
 import { Type1Backend } from '../clients/vfio/type1.js';
 import { constants, native } from '../native/index.js';
-import { bitmapLayout, forEachBitRun, isMmbError, type Region } from '../protocol/index.js';
+import { asGpa, asOffset, bitmapLayout, toInclusive, forEachBitRun, isMmbError, type Region } from '../protocol/index.js';
 import { SimKernel } from './helpers/vfio-sim.js';
 
 const MiB = 2 ** 20;
@@ -47,7 +47,7 @@ function harness(backend: Type1Backend | IommufdBackend, chunk = 4 * MiB, opts: 
       const st = native.fstat(fd);
       const n = id++;
       backings.set(n, { id: n, name, size, fd, dev: st.dev, ino: st.ino });
-      const r: Region = { id: n, name, gpa, size, backing: n, offset: 0, readonly, logDirty };
+      const r: Region = { id: n, name, gpa: asGpa(gpa), size, backing: n, offset: asOffset(0), readonly, logDirty };
       return toView(r, backings);
     },
     /** Turns a region's logging on or off (a metadata update); returns the region as it is now. */
@@ -131,7 +131,7 @@ describe('type1 against a simulated kernel', () => {
     const grown = Number(/\[(\d+)\]/.exec(infos[1]!)![1]);
     expect(grown).toBeGreaterThan(LAYOUTS.vfio_iommu_type1_info.size);
     expect(infos.slice(1)).toEqual(infos.slice(1).map(() => `VFIO_IOMMU_GET_INFO[${grown}]`));
-    expect(l.reserved).toEqual([
+    expect(l.reserved?.map(toInclusive)).toEqual([
       { start: 0xfee0_0000, last: 0xfeef_ffff },
       { start: 0x80_0000_0000, last: 2 ** 52 - 1 },
     ]);
@@ -253,7 +253,7 @@ describe('iommufd against a simulated kernel', () => {
     expect(k.calls.filter((c) => c.startsWith('IOMMU_IOAS_IOVA_RANGES')).slice(0, 2)).toEqual([`IOMMU_IOAS_IOVA_RANGES[32]`, `IOMMU_IOAS_IOVA_RANGES[32]`]);
     expect(b.ranges()).toEqual({ ranges: k.usable.map(([start, last]) => ({ start, last })), alignment: 4096 });
     k.calls.length = 0;
-    expect(t.domain.limits().reserved).toEqual([
+    expect(t.domain.limits().reserved.map(toInclusive)).toEqual([
       { start: 0xfee0_0000, last: 0xfeef_ffff },
       { start: 0x80_0000_0000, last: 2 ** 52 - 1 },
     ]);

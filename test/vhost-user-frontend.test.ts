@@ -21,7 +21,7 @@ import {
 } from '../clients/vhost-user/index.js';
 import { toView, type Change, type LocalBacking, type ViewRegion } from '../clients/view.js';
 import { native } from '../native/index.js';
-import { isMmbError, type Region } from '../protocol/index.js';
+import { asGpa, asOffset, isMmbError, type Region } from '../protocol/index.js';
 import { defer, embeddedBroker, ownerOf, runCleanups, subscriberOf } from './helpers/embedded.js';
 import { FakeBackend, u64, type Message } from './helpers/vhost-user-fake.js';
 import { memfdMaps, tempDir, waitFor } from './helpers/procs.js';
@@ -338,7 +338,7 @@ describe('vhost-user front-end: wire format and acks (scripted back-end)', () =>
 const backings = new Map<number, LocalBacking>([[1, { id: 1, name: 'm', size: 1 << 30, fd: -1, dev: 1, ino: 42 }]]);
 let nextId = 1;
 const view = (gpa: number, size: number, extra: Partial<Region> = {}): ViewRegion =>
-  toView({ id: nextId++, name: `r${gpa.toString(16)}`, gpa, size, backing: 1, offset: gpa % (1 << 29), readonly: false, logDirty: false, ...extra }, backings);
+  toView({ id: nextId++, name: `r${gpa.toString(16)}`, gpa: asGpa(gpa), size, backing: 1, offset: asOffset(gpa % (1 << 29)), readonly: false, logDirty: false, ...extra }, backings);
 const change = (removed: ViewRegion[], added: ViewRegion[], updated: Change['updated'] = []): Change => ({ generation: 1, cause: 'txn', removed, updated, added });
 const tableOf = (rs: ViewRegion[]) => new Map<string, TableEntry>(rs.map((r) => [r.key, entryOf(r)]));
 
@@ -412,7 +412,7 @@ describe('vhost-user memory-table planner', () => {
     expect(planMemTable(before, change([other], []), 'slots', 32).reshape).toBe(false);
     // The grown run holds the vrings: never REM + ADD of it (libvhost-user 7.2 panics); one SET_MEM_TABLE
     // with the whole table, the ring's region first when more than 8 regions must be rebuilt.
-    const rings = [{ gpa: 0x1000, bytes: 0x200 }];
+    const rings = [{ gpa: asGpa(0x1000), bytes: 0x200 }];
     const ringPlan = planMemTable(before, change([small], [grown]), 'slots', 32, { rings });
     expect(ringPlan.reshape).toBe(true);
     expect(ringPlan.steps.map((s) => (s.op === 'table' ? s.entries.map((e) => [e.gpa, e.size]) : s.op))).toEqual([[[0, 4 * MiB], [64 * MiB, MiB]]]);

@@ -4,6 +4,7 @@
 // descriptions transcribed as C structs (test/fixtures/vhost-user-structs.h). The spec's sizes are also
 // written out below, so a wrong transcription and a wrong table would have to agree to pass.
 import { beforeAll, describe, expect, it } from 'vitest';
+import { asGpa, asOffset } from '../protocol/index.js';
 import {
   Flag,
   Req,
@@ -66,8 +67,8 @@ describe('the bodies packed through the layouts', () => {
   });
 
   it('memory tables: nregions then the regions; ADD_MEM_REG: padding then the region', () => {
-    const r = { gpa: 0x10_0000, size: 0x20_0000, uaddr: 0x7f00_0000_0000n, mmapOffset: 0x1000 };
-    const table = memTable([r, { ...r, gpa: 0x40_0000 }]);
+    const r = { gpa: asGpa(0x10_0000), size: 0x20_0000, uaddr: 0x7f00_0000_0000n, mmapOffset: asOffset(0x1000) };
+    const table = memTable([r, { ...r, gpa: asGpa(0x40_0000) }]);
     expect(table.length).toBe(8 + 2 * 32);
     expect([table.readUInt32LE(0), table.readBigUInt64LE(8 + 32)]).toEqual([2, 0x40_0000n]);
     const one = memReg(r);

@@ -14,7 +14,7 @@
 // throws one typed error: MMB_ERR_KVM with the ioctl's errno, MMB_ERR_CLIENT_LIMIT, MMB_ERR_MAP_FAILED
 // or MMB_ERR_CANCELLED. The subscriber then nacks and the broker rolls the transaction back everywhere.
 import type { Logger } from 'pino';
-import { CancelledError, InternalError, KvmError, UnsupportedError, toMmbError, type MmbError, hex } from '../../protocol/index.js';
+import { CancelledError, InternalError, KvmError, UnsupportedError, toMmbError, type Hva, type MmbError, hex, rangeContains, rangeEnd, rangeHas, rangeText, rangesOverlap } from '../../protocol/index.js';
 import { GuestMemory, type MappedRegion } from '../memory.js';
 import type { DirtyLog } from '../dirty.js';
 import type { Applier, ApplyContext, Change, LocalBacking, ViewRegion } from '../view.js';
@@ -240,7 +240,7 @@ export class KvmApplier implements Applier {
   }
 
   /** Host address of the mapping of `r` (binary search over the mappings, sorted by gpa). */
-  private addressOf(r: ViewRegion): number {
+  private addressOf(r: ViewRegion): Hva {
     const mapped = this.memory.regions();
     let lo = 0;
     let hi = mapped.length - 1;
@@ -311,9 +311,8 @@ export class KvmApplier implements Applier {
     }
     if (this.closed) throw new CancelledError('[kvm] the kvm client is closed');
     const program = assembleProgram(opts.codeGpa, opts.writes);
-    const end = opts.codeGpa + program.image.length;
-    const slot = [...this.table.values()].find((s) => s.gpa <= opts.codeGpa && end <= s.gpa + s.size);
-    if (!slot) throw new KvmError(`[kvm] no memslot covers the program at [${hex(opts.codeGpa)}, ${hex(end)})`, { errno: 'EFAULT' });
+    const slot = [...this.table.values()].find((s) => rangeContains(s.gpa, s.size, opts.codeGpa, program.image.length));
+    if (!slot) throw new KvmError(`[kvm] no memslot covers the program at ${rangeText(opts.codeGpa, program.image.length)}`, { errno: 'EFAULT' });
     if (slot.flags & KVM_MEM_READONLY) throw new KvmError(`[kvm] the program at ${hex(opts.codeGpa)} would go into read-only ${describeSlot(slot)}`, { errno: 'EFAULT' });
     this.memory.write(opts.codeGpa, program.image);
     const vcpu = await this.ensureVcpu();
@@ -354,9 +353,8 @@ export class KvmApplier implements Applier {
     return this.exclusive(async () => {
       if (!(this.vm instanceof KvmVm)) throw new UnsupportedError(`[${this.hypervisor}] running a guest needs a real KVM vCPU`);
       if (this.closed) throw new CancelledError('[kvm] the kvm client is closed');
-      const end = opts.codeGpa + opts.image.length;
-      const slot = [...this.table.values()].find((s) => s.gpa <= opts.codeGpa && end <= s.gpa + s.size);
-      if (!slot || slot.flags & KVM_MEM_READONLY) throw new KvmError(`[kvm] no writable memslot holds the guest code at [${hex(opts.codeGpa)}, ${hex(end)})`, { errno: 'EFAULT' });
+      const slot = [...this.table.values()].find((s) => rangeContains(s.gpa, s.size, opts.codeGpa, opts.image.length));
+      if (!slot || slot.flags & KVM_MEM_READONLY) throw new KvmError(`[kvm] no writable memslot holds the guest code at ${rangeText(opts.codeGpa, opts.image.length)}`, { errno: 'EFAULT' });
       this.memory.write(opts.codeGpa, opts.image);
       const run = (await this.ensureVcpu()).runGuest(opts.codeGpa);
       this.guest = run;
@@ -389,7 +387,7 @@ export class KvmApplier implements Applier {
    */
   dirtyPages(gpa: number, pageSize = 4096): number[] {
     if (!(this.vm instanceof KvmVm)) throw new UnsupportedError(`[${this.hypervisor}] the dirty log needs a real KVM VM`);
-    const slot = [...this.table.values()].find((s) => s.gpa <= gpa && gpa < s.gpa + s.size);
+    const slot = [...this.table.values()].find((s) => rangeHas(s.gpa, s.size, gpa));
     if (!slot) throw new KvmError(`[kvm] no memslot covers gpa ${hex(gpa)}`, { errno: 'ENOENT' });
     const out: number[] = [];
     if (this.vm.dirtyRing > 0) {
@@ -504,11 +502,11 @@ export function replacesInPlace(plan: SlotPlan): boolean {
     let hi = deleted.length;
     while (lo < hi) {
       const mid = (lo + hi) >>> 1;
-      if ((deleted[mid] as Slot).gpa < c.gpa + c.size) lo = mid + 1;
+      if ((deleted[mid] as Slot).gpa < rangeEnd(c.gpa, c.size)) lo = mid + 1;
       else hi = mid;
     }
     const d = deleted[lo - 1];
-    if (d && d.gpa + d.size > c.gpa) return true;
+    if (d && rangesOverlap(d.gpa, d.size, c.gpa, c.size)) return true;
   }
   return false;
 }

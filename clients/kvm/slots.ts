@@ -14,7 +14,7 @@
 //   - slot ids are small integers below the VM's limit (KVM_CAP_NR_MEMSLOTS); a new slot takes the
 //     lowest id free after this transaction's deletes, so ids are reused and stay dense.
 // Order of the plan: deletes, then flag changes, then creates.
-import { ClientLimitError, InternalError, KvmError, hex } from '../../protocol/index.js';
+import { ClientLimitError, InternalError, KvmError, hex, rangeEnd, rangesOverlap, type Gpa, type Hva } from '../../protocol/index.js';
 import type { ViewRegion } from '../view.js';
 import { KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, type MemoryRegionArgs } from './abi.js';
 
@@ -22,10 +22,10 @@ import { KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, type MemoryRegionArgs } from
 export interface Slot {
   /** KVM slot id (address space 0). */
   readonly slot: number;
-  readonly gpa: number;
+  readonly gpa: Gpa;
   readonly size: number;
   /** Host virtual address of the slot's first byte (the region's mapping in this process). */
-  readonly hva: number;
+  readonly hva: Hva;
   /** KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_READONLY. */
   readonly flags: number;
   /** The region's key in the view (what the slot's establishment depends on). */
@@ -63,7 +63,7 @@ export interface PlanOptions {
   /** The most slots the VM may hold (KVM_CAP_NR_MEMSLOTS, or fewer by choice). */
   maxSlots: number;
   /** Host address of an added region's mapping. */
-  hva: (region: ViewRegion) => number;
+  hva: (region: ViewRegion) => Hva;
   /** Prefix for messages: "kvm" or "software" (Memslots.hypervisor). */
   hypervisor?: string;
   /** `table` indexed by region key, if the caller keeps one (else it is built: O(slots)). */
@@ -168,7 +168,7 @@ export function planSlots(table: SlotTable, change: SlotChange, opts: PlanOption
     for (let i = 1; i < created.length; i++) {
       const prev = created[i - 1] as Slot;
       const cur = created[i] as Slot;
-      if (cur.gpa < prev.gpa + prev.size) throw overlap(who, cur, prev);
+      if (rangesOverlap(cur.gpa, cur.size, prev.gpa, prev.size)) throw overlap(who, cur, prev);
     }
     const isNew = new Set(created);
     for (const id of table.keys()) {
@@ -180,11 +180,11 @@ export function planSlots(table: SlotTable, change: SlotChange, opts: PlanOption
       while (lo < hi) {
         const mid = (lo + hi) >>> 1;
         const c = created[mid] as Slot;
-        if (c.gpa + c.size <= s.gpa) lo = mid + 1;
+        if (rangeEnd(c.gpa, c.size) <= s.gpa) lo = mid + 1;
         else hi = mid;
       }
       const c = created[lo];
-      if (c && c.gpa < s.gpa + s.size) throw overlap(who, c, s);
+      if (c && rangesOverlap(c.gpa, c.size, s.gpa, s.size)) throw overlap(who, c, s);
     }
   }
 

@@ -12,7 +12,7 @@
 //   change of an existing slot's size, hva or READONLY                     EINVAL
 //   create or move onto a range another slot covers                        EEXIST
 // The same call twice is a no-op, as in KVM; a gpa change of an existing slot is a move.
-import { KvmError, hex } from '../../protocol/index.js';
+import { KvmError, hex, rangeEnd, rangesOverlap } from '../../protocol/index.js';
 import { KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_MAX_NR_PAGES, KVM_MEM_READONLY, KVM_X86_USER_MEM_SLOTS, type MemoryRegionArgs } from './abi.js';
 import type { Memslots } from './memslots.js';
 
@@ -62,7 +62,7 @@ export class SoftwareMemslots implements Memslots {
     if (asId !== 0) fail('EINVAL', 'only address space 0 exists');
     if (id >= this.maxSlots) fail('EINVAL', `slot ids go up to ${this.maxSlots - 1}`);
     if (r.size % this.page !== 0 || r.gpa % this.page !== 0 || r.hva % this.page !== 0) fail('EINVAL', 'not page aligned');
-    if (r.size > 0 && r.hva + r.size > USER_ADDR_END) fail('EINVAL', 'the host range is not a user address range');
+    if (r.size > 0 && rangeEnd(r.hva, r.size) > USER_ADDR_END) fail('EINVAL', 'the host range is not a user address range');
     if (r.size / this.page > KVM_MEM_MAX_NR_PAGES) fail('EINVAL', 'larger than KVM_MEM_MAX_NR_PAGES');
 
     const old = this.slots.get(id);
@@ -72,7 +72,7 @@ export class SoftwareMemslots implements Memslots {
       this.calls++;
       return;
     }
-    if (r.gpa + r.size > this.gpaLimit) fail('EINVAL', 'beyond the guest-physical address limit');
+    if (rangeEnd(r.gpa, r.size) > this.gpaLimit) fail('EINVAL', 'beyond the guest-physical address limit');
     if (old) {
       if (old.size !== r.size || old.hva !== r.hva || ((old.flags ^ r.flags) & KVM_MEM_READONLY) !== 0) {
         fail('EINVAL', 'a slot cannot change size, host address or KVM_MEM_READONLY in place');
@@ -106,7 +106,7 @@ export class SoftwareMemslots implements Memslots {
   private overlapping(gpa: number, size: number, id: number): MemoryRegionArgs | undefined {
     const i = this.lowerBound(gpa);
     for (const s of [this.sorted[i - 1], this.sorted[i], this.sorted[i + 1]]) {
-      if (s && s.slot !== id && gpa < s.gpa + s.size && s.gpa < gpa + size) return s;
+      if (s && s.slot !== id && rangesOverlap(gpa, size, s.gpa, s.size)) return s;
     }
     return undefined;
   }

@@ -19,7 +19,7 @@
 // vCPU's ring is mapped here and harvested by harvestDirtyRing().
 import { constants, native, type Mapping } from '../../native/index.js';
 import { kvm } from '../../native/kvm.js';
-import { InvalidArgError, KvmError, hex } from '../../protocol/index.js';
+import { InvalidArgError, KvmError, hex, rangeContains } from '../../protocol/index.js';
 import {
   CR0_PE,
   DIRTY_GFN,
@@ -83,7 +83,7 @@ export function assembleProgram(codeGpa: number, writes: readonly GuestWrite[]):
   image[pc++] = 0xfc; // cld
   for (const w of writes) {
     if (!(w.bytes instanceof Uint8Array) || w.bytes.length === 0) throw new InvalidArgError('each write needs a non-empty Uint8Array');
-    if (!Number.isSafeInteger(w.gpa) || w.gpa < 0 || w.gpa + w.bytes.length > FOUR_GIB) {
+    if (!Number.isSafeInteger(w.gpa) || w.gpa < 0 || !rangeContains(0, FOUR_GIB, w.gpa, w.bytes.length)) {
       throw new InvalidArgError(`write target ${hex(w.gpa)} + ${w.bytes.length} bytes is not below 4 GiB`);
     }
     image[pc++] = 0xbe; // mov esi, imm32

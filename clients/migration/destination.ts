@@ -7,7 +7,7 @@
 // throw it away (abort).
 import fs from 'node:fs';
 import { native } from '../../native/index.js';
-import { InvalidArgError, type CommitOp, hex } from '../../protocol/index.js';
+import { InvalidArgError, type CommitOp, hex, rangeContains, rangeEnd, rangesOverlap } from '../../protocol/index.js';
 import type { BrokerTarget } from '../connection.js';
 import { OwnerClient } from '../owner.js';
 import { dataExtents } from './extents.js';
@@ -102,11 +102,11 @@ export class FileDestination implements Destination {
     const { removed } = mapChanges(this.regions, map.regions);
     const zeros = Buffer.alloc(1 << 20);
     for (const r of removed) {
-      for (const [from, to] of dataExtents(fd, r.gpa, r.gpa + r.size)) {
+      for (const [from, to] of dataExtents(fd, r.gpa, rangeEnd(r.gpa, r.size))) {
         for (let at = from; at < to; at += zeros.length) this.write(at, zeros.subarray(0, Math.min(zeros.length, to - at)));
       }
     }
-    const end = map.regions.reduce((n, r) => Math.max(n, r.gpa + r.size), 0);
+    const end = map.regions.reduce((n, r) => Math.max(n, rangeEnd(r.gpa, r.size)), 0);
     if (end > fs.fstatSync(fd).size) fs.ftruncateSync(fd, end);
     this.regions = map.regions;
     this.rounds.push(map);
@@ -125,7 +125,7 @@ export class FileDestination implements Destination {
   async verify(source: MemoryImage, map: MigrationMap): Promise<VerifyResult> {
     const fd = this.fd as number;
     const image: MemoryImage = {
-      extents: (r) => dataExtents(fd, r.gpa, r.gpa + r.size).map(([a, b]) => [a - r.gpa, b - r.gpa]),
+      extents: (r) => dataExtents(fd, r.gpa, rangeEnd(r.gpa, r.size)).map(([a, b]) => [a - r.gpa, b - r.gpa]),
       read: (r, offset, into) => preadFull(fd, into, r.gpa + offset),
     };
     const result = compareImages(source, image, map.regions);
@@ -136,7 +136,7 @@ export class FileDestination implements Destination {
     for (const [from, to] of dataExtents(fd, 0, size)) {
       for (let at = from; at < to; at += buf.length) {
         const n = Math.min(buf.length, to - at);
-        if (map.regions.some((r) => at < r.gpa + r.size && r.gpa < at + n)) continue; // compared above
+        if (map.regions.some((r) => rangesOverlap(at, n, r.gpa, r.size))) continue; // compared above
         preadFull(fd, buf.subarray(0, n), at);
         if (buf.subarray(0, n).some((b) => b !== 0)) return { identical: false, checkedBytes: result.checkedBytes, difference: `the image holds data at ${hex(at)}, outside every region` };
       }
@@ -290,7 +290,7 @@ export class SpaceDestination implements Destination {
       else hi = mid;
     }
     const d = this.sorted[lo - 1];
-    if (!d || gpa + length > d.region.gpa + d.region.size) throw new InvalidArgError(`[${hex(gpa)}, +${length}) is not inside one region of the destination's map`);
+    if (!d || !rangeContains(d.region.gpa, d.region.size, gpa, length)) throw new InvalidArgError(`[${hex(gpa)}, +${length}) is not inside one region of the destination's map`);
     return d;
   }
 

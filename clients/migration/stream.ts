@@ -9,7 +9,7 @@
 // of the body (the GPA) only and the bytes are left to TCP's checksum and the end-to-end verification.
 // Control records carry one JSON object (UTF-8); DATA carries a u64 GPA and the guest bytes.
 import zlib from 'node:zlib';
-import { BadFrameError, BadMessageError, hex } from '../../protocol/index.js';
+import { BadFrameError, BadMessageError, GPA_LIMIT, asGpa, hex, rangeEnd, rangesOverlap, type Gpa } from '../../protocol/index.js';
 
 export const STREAM_VERSION = 1;
 export const MAGIC = 'mmb-migration';
@@ -55,7 +55,7 @@ export const RecordFlag = {
 export interface StreamRegion {
   id: number;
   name: string;
-  gpa: number;
+  gpa: Gpa;
   size: number;
   readonly: boolean;
 }
@@ -319,8 +319,8 @@ function checkRegion(r: unknown, type: string): StreamRegion {
   if (typeof r !== 'object' || r === null) fail(type, 'a region that is not an object');
   const x = r as Record<string, unknown>;
   if (!isUint(x.id) || !isName(x.name) || !isUint(x.gpa) || !isUint(x.size) || typeof x.readonly !== 'boolean') fail(type, `region ${JSON.stringify(r)}: needs id, name, gpa, size, readonly`);
-  if (x.gpa % DATA_ALIGN !== 0 || x.size % DATA_ALIGN !== 0 || x.size === 0 || x.gpa + x.size > 2 ** 52) fail(type, `region ${x.name}: gpa and size must be page aligned, size > 0, below 2^52`);
-  return { id: x.id, name: x.name, gpa: x.gpa, size: x.size, readonly: x.readonly };
+  if (x.gpa % DATA_ALIGN !== 0 || x.size % DATA_ALIGN !== 0 || x.size === 0 || rangeEnd(x.gpa, x.size) > GPA_LIMIT) fail(type, `region ${x.name}: gpa and size must be page aligned, size > 0, below 2^52`);
+  return { id: x.id, name: x.name, gpa: asGpa(x.gpa), size: x.size, readonly: x.readonly };
 }
 
 /** Checks a list of regions: ids and names unique, no overlaps. */
@@ -331,7 +331,7 @@ export function checkRegions(list: unknown, type: string): StreamRegion[] {
   for (let i = 1; i < sorted.length; i++) {
     const p = sorted[i - 1] as StreamRegion;
     const c = sorted[i] as StreamRegion;
-    if (p.gpa + p.size > c.gpa) fail(type, `regions ${p.name} and ${c.name} overlap`);
+    if (rangesOverlap(p.gpa, p.size, c.gpa, c.size)) fail(type, `regions ${p.name} and ${c.name} overlap`);
   }
   if (new Set(regions.map((r) => r.id)).size !== regions.length || new Set(regions.map((r) => r.name)).size !== regions.length) fail(type, 'region ids and names must be unique');
   return regions;

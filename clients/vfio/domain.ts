@@ -4,7 +4,7 @@
 // already mapped in the process is pinned into it), the last one destroys it (everything is unpinned).
 //
 // The pin table is keyed by a region's key (clients/view.ts): what its establishment depends on.
-import { IommuError, NoDeviceError, isMmbError, ReservedRangeError, UnalignedError, dmaMisalignment, formatSize, type DmaRules, type IovaRange, hex } from '../../protocol/index.js';
+import { IommuError, NoDeviceError, isMmbError, ReservedRangeError, UnalignedError, dmaMisalignment, formatSize, type DmaRules, type Gpa, type Iova, type Range, hex, inclusiveText, iovaOfGpa, rangeText } from '../../protocol/index.js';
 import { CHUNK_BYTES, type MappedRegion } from '../memory.js';
 import type { ViewRegion } from '../view.js';
 import { clash, mergeRanges, type IommuBackendName, type DirtyTracking, type DomainLimits, type IommuBackend, type Piece } from './iommu-backend.js';
@@ -23,10 +23,10 @@ export interface PinProgress {
 export interface DomainMapping {
   region: string;
   id: number;
-  gpa: number;
+  gpa: Gpa;
   size: number;
   /** IOVA = GPA. */
-  iova: number;
+  iova: Iova;
   readonly: boolean;
   /** Pieces it was pinned and mapped in. */
   pieces: number;
@@ -38,7 +38,7 @@ export interface DomainOptions {
   /** Bytes per pinning call. */
   chunkBytes: number;
   /** Reserved ranges to add to what the backend reports (hardware backends). */
-  extraReserved?: readonly IovaRange[];
+  extraReserved?: readonly Range<Iova>[];
   onProgress?: (p: PinProgress) => void;
 }
 
@@ -52,7 +52,7 @@ export class Domain {
   private readonly entries = new Map<string, Entry>();
   private bytes = 0;
   /** Reserved ranges added since (reserve(): a device's sysfs reserved_regions, read before it is opened). */
-  private reservedExtra: IovaRange[] = [];
+  private reservedExtra: Range<Iova>[] = [];
   /** The kernel's dirty tracking, while started; and the devices it was started for. */
   private tracking: { state: DirtyTracking; devices: string } | undefined;
 
@@ -101,7 +101,7 @@ export class Domain {
   }
 
   /** Adds reserved ranges (a device's sysfs reserved_regions) to what limits() reports, for good. */
-  reserve(ranges: readonly IovaRange[]): void {
+  reserve(ranges: readonly Range<Iova>[]): void {
     this.reservedExtra = mergeRanges([...this.reservedExtra, ...ranges]);
   }
 
@@ -109,7 +109,7 @@ export class Domain {
   checkAligned(region: ViewRegion, align: number | undefined): void {
     const why = dmaMisalignment(region.gpa, region.size, align !== undefined ? { align } : undefined);
     if (why) {
-      throw new UnalignedError(`region ${JSON.stringify(region.name)} [${hex(region.gpa)}, ${hex(region.gpa + region.size)}): the ${this.backend.name} IOMMU maps at multiples of ${formatSize(align as number)}: ${why}`);
+      throw new UnalignedError(`region ${JSON.stringify(region.name)} ${rangeText(region.gpa, region.size)}: the ${this.backend.name} IOMMU maps at multiples of ${formatSize(align as number)}: ${why}`);
     }
   }
 
@@ -119,12 +119,12 @@ export class Domain {
 
   mappings(): DomainMapping[] {
     return [...this.entries.values()]
-      .map(({ region: r, pieces: p }) => ({ region: r.name, id: r.id, gpa: r.gpa, size: r.size, iova: r.gpa, readonly: r.readonly, pieces: p.length }))
+      .map(({ region: r, pieces: p }) => ({ region: r.name, id: r.id, gpa: r.gpa, size: r.size, iova: iovaOfGpa(r.gpa), readonly: r.readonly, pieces: p.length }))
       .sort((a, b) => a.gpa - b.gpa);
   }
 
   /** The backend's limits, with the configured extra reserved ranges merged into `reserved`. */
-  limits(): DomainLimits & { reserved: IovaRange[] } {
+  limits(): DomainLimits & { reserved: Range<Iova>[] } {
     const l = this.backend.limits();
     return { ...l, reserved: mergeRanges([...(l.reserved ?? []), ...(this.opts.extraReserved ?? []), ...this.reservedExtra]) };
   }
@@ -180,7 +180,7 @@ export class Domain {
       if (!r.logDirty) continue; // no bitmap to put it in; the kernel keeps its bits until logging resumes
       let bits: Uint8Array;
       try {
-        bits = (this.backend.readDirty as (iova: number, size: number) => Uint8Array)(r.gpa, r.size);
+        bits = (this.backend.readDirty as (iova: Iova, size: number) => Uint8Array)(iovaOfGpa(r.gpa), r.size);
       } catch {
         mark(r.gpa, r.size); // never a lost bit: what could not be read counts as written
         continue;
@@ -190,11 +190,11 @@ export class Domain {
   }
 
   /** Refuses a region that covers a reserved range (MMB_ERR_RESERVED_RANGE). */
-  checkReserved(region: ViewRegion, reserved: readonly IovaRange[]): void {
-    const x = clash(reserved, region.gpa, region.size);
+  checkReserved(region: ViewRegion, reserved: readonly Range<Iova>[]): void {
+    const x = clash(reserved, iovaOfGpa(region.gpa), region.size);
     if (x) {
       throw new ReservedRangeError(
-        `region ${JSON.stringify(region.name)} [${hex(region.gpa)}, ${hex(region.gpa + region.size)}) covers [${hex(x.start)}, ${hex(x.last)}], reserved in the ${this.backend.name} IOMMU domain`,
+        `region ${JSON.stringify(region.name)} ${rangeText(region.gpa, region.size)} covers ${inclusiveText(x.start, x.size)}, reserved in the ${this.backend.name} IOMMU domain`,
       );
     }
   }
@@ -215,7 +215,7 @@ export class Domain {
       throw new UnalignedError(`region ${JSON.stringify(r.name)} is mapped at host address ${hex(m.address)} here, not a multiple of the ${formatSize(limits.align)} the ${this.backend.name} IOMMU maps at`);
     }
     const list = pieces(m, this.pieceBytes(limits.align));
-    this.backend.claim(r.gpa, r.size, list.length);
+    this.backend.claim(iovaOfGpa(r.gpa), r.size, list.length);
     let outcome: 'done' | 'cancelled';
     try {
       outcome = await pinPieces(this.backend, list, {
@@ -226,11 +226,11 @@ export class Domain {
         },
       });
     } catch (err) {
-      this.backend.release(r.gpa, r.size);
+      this.backend.release(iovaOfGpa(r.gpa), r.size);
       throw err;
     }
     if (outcome === 'cancelled') {
-      this.backend.release(r.gpa, r.size);
+      this.backend.release(iovaOfGpa(r.gpa), r.size);
       return 'cancelled';
     }
     this.entries.set(r.key, { region: r, pieces: list });
@@ -263,7 +263,7 @@ export class Domain {
     if (first === undefined) {
       this.entries.delete(key);
       this.bytes -= e.region.size;
-      this.backend.release(e.region.gpa, e.region.size);
+      this.backend.release(iovaOfGpa(e.region.gpa), e.region.size);
       return;
     }
     const unmapped = e.pieces.filter((p) => !stuck.includes(p));
@@ -282,7 +282,7 @@ export class Domain {
     this.bytes -= lost;
     const r = e.region;
     throw new IommuError(
-      `${this.backend.name}: region ${JSON.stringify(r.name)} [${hex(r.gpa)}, ${hex(r.gpa + r.size)}) could not be unmapped (${stuck.length} of ${stuck.length + unmapped.length} DMA mappings refused): ` +
+      `${this.backend.name}: region ${JSON.stringify(r.name)} ${rangeText(r.gpa, r.size)} could not be unmapped (${stuck.length} of ${stuck.length + unmapped.length} DMA mappings refused): ` +
         (lost === 0 ? 'it stays mapped and pinned, and this client keeps it' : `${still.length} mappings stay and this client keeps them; ${formatSize(lost)} could not be mapped again`) +
         `: ${first instanceof Error ? first.message : String(first)}`,
       { cause: first, ...(isMmbError(first) ? { errno: first.errno } : {}) },

@@ -11,7 +11,7 @@
 //   3. mapped mappings are claimed (IOVA table, DMA budget), then pinned and mapped, in one batch where the
 //      backend can (soft: one mlock per run of pages); a failure undoes them, maps the unmapped ones again
 //      (a re-sync that failed halfway), and is thrown, leaving the domain as it was.
-import { NoRegionError, ReservedRangeError, type IovaMapping, type IovaRange, hex } from '../../protocol/index.js';
+import { NoRegionError, ReservedRangeError, type Iova, type IovaMapping, type Range, asHva, hex, inclusiveText, rangeContains, rangeEnd, rangeText } from '../../protocol/index.js';
 import { CHUNK_BYTES, type GuestMemory } from '../memory.js';
 import type { IoasChange } from '../ioas-view.js';
 import { clash, mergeRanges, type DomainLimits, type IommuBackend, type Piece } from './iommu-backend.js';
@@ -27,7 +27,7 @@ export interface IoasDomainOptions {
   /** Bytes per pinning call, at most. */
   chunkBytes: number;
   /** Reserved ranges to add to what the backend reports (hardware backends). */
-  extraReserved?: readonly IovaRange[];
+  extraReserved?: readonly Range<Iova>[];
 }
 
 export class IoasDomain {
@@ -57,7 +57,7 @@ export class IoasDomain {
     return [...this.table.values()].map((e) => e.m).sort((a, b) => a.iova - b.iova);
   }
 
-  limits(): DomainLimits & { reserved: IovaRange[] } {
+  limits(): DomainLimits & { reserved: Range<Iova>[] } {
     const l = this.backend.limits();
     return { ...l, reserved: mergeRanges([...(l.reserved ?? []), ...(this.opts.extraReserved ?? [])]) };
   }
@@ -66,7 +66,7 @@ export class IoasDomain {
     const reserved = change.mapped.length > 0 ? this.limits().reserved : [];
     const made = change.mapped.map((m): Entry => {
       const x = clash(reserved, m.iova, m.size);
-      if (x) throw new ReservedRangeError(`IOAS ${JSON.stringify(this.ioas)}: IOVA [${hex(m.iova)}, ${hex(m.iova + m.size)}) covers [${hex(x.start)}, ${hex(x.last)}], reserved in the ${this.backend.name} IOMMU domain`);
+      if (x) throw new ReservedRangeError(`IOAS ${JSON.stringify(this.ioas)}: IOVA ${rangeText(m.iova, m.size)} covers ${inclusiveText(x.start, x.size)}, reserved in the ${this.backend.name} IOMMU domain`);
       return { m, pieces: this.pieces(m, memory) };
     });
     const gone = change.unmapped.map((m) => this.table.get(m.iova)).filter((e): e is Entry => e !== undefined);
@@ -90,8 +90,8 @@ export class IoasDomain {
    */
   private pieces(m: IovaMapping, memory: GuestMemory): Piece[] {
     const r = memory.regionAt(m.gpa);
-    if (!r || m.gpa + m.size > r.region.gpa + r.region.size) {
-      throw new NoRegionError(`IOAS ${JSON.stringify(this.ioas)}: IOVA ${hex(m.iova)} points at gpa [${hex(m.gpa)}, ${hex(m.gpa + m.size)}), which this client has not mapped`);
+    if (!r || !rangeContains(r.region.gpa, r.region.size, m.gpa, m.size)) {
+      throw new NoRegionError(`IOAS ${JSON.stringify(this.ioas)}: IOVA ${hex(m.iova)} points at gpa ${rangeText(m.gpa, m.size)}, which this client has not mapped`);
     }
     const out: Piece[] = [];
     let off = m.gpa - r.region.gpa;
@@ -101,7 +101,7 @@ export class IoasDomain {
       const chunk = r.chunks[k];
       if (!chunk) throw new NoRegionError(`IOAS ${JSON.stringify(this.ioas)}: gpa ${hex(m.gpa + done)} is not mapped here`);
       const n = Math.min(m.size - done, CHUNK_BYTES - at, this.opts.chunkBytes);
-      out.push({ iova: m.iova + done, size: n, vaddr: chunk.mapping.address + at, mapping: chunk.mapping, offset: at, readonly: m.readonly });
+      out.push({ iova: rangeEnd(m.iova, done), size: n, vaddr: asHva(chunk.mapping.address + at), mapping: chunk.mapping, offset: at, readonly: m.readonly });
       done += n;
       off += n;
     }

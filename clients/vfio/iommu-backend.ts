@@ -7,7 +7,7 @@
 // creates the IOMMU domain, the last one destroys it: with type1 the kernel drops the container's IOMMU
 // and every DMA mapping with its last group), maps and unmaps pieces of pinned memory at an IOVA, and
 // says what the domain allows (usable IOVA ranges, remaining DMA mappings, cache coherency).
-import { GPA_LIMIT, IommuError, InvalidArgError, PinFailedError, type IovaRange, type MmbError, hex } from '../../protocol/index.js';
+import { GPA_LIMIT, IommuError, InvalidArgError, PinFailedError, type Hva, type Iova, type MmbError, type Range, asIova, hex, rangeEnd, rangesOverlap } from '../../protocol/index.js';
 import { isNativeError, type Mapping } from '../../native/index.js';
 import type { RawIovaRange, RegionInfo } from './structs.js';
 
@@ -16,10 +16,10 @@ export type IommuBackendName = 'soft' | 'type1' | 'iommufd';
 /** A piece of a region, pinned and mapped with one call (one mlock, one MAP_DMA, one IOAS_MAP). */
 export interface Piece {
   /** IOVA of the first byte (IOVA = GPA for a passthrough VM). */
-  iova: number;
+  iova: Iova;
   size: number;
   /** Host virtual address of the first byte (inside GuestMemory's contiguous mapping of the region). */
-  vaddr: number;
+  vaddr: Hva;
   /** The GuestMemory chunk that holds the piece, and the piece's offset in it. */
   mapping: Mapping;
   offset: number;
@@ -30,10 +30,11 @@ export interface Piece {
 /** What the domain allows now. */
 export interface DomainLimits {
   /**
-   * IOVA ranges that cannot be mapped, within [0, 2^52 - 1] (the complement of the IOMMU's usable ranges,
-   * or soft's configured list); undefined while unknown (a hardware backend before its first device).
+   * IOVA ranges that cannot be mapped, within [0, 2^52) (the complement of the IOMMU's usable ranges, or
+   * soft's configured list), sorted and merged; undefined while unknown (a hardware backend before its
+   * first device).
    */
-  reserved: IovaRange[] | undefined;
+  reserved: Range<Iova>[] | undefined;
   /** The usable ranges as the kernel reported them (64-bit), if it did. */
   usable?: RawIovaRange[];
   /** More DMA mappings the IOMMU accepts (type1's DMA_AVAIL, soft's table); undefined if unlimited. */
@@ -155,9 +156,9 @@ export interface IommuBackend {
    * Before a region's pieces are mapped: checks that the domain can take it and claims what it needs (soft:
    * its IOVA-table entry, refused on overlap or when the table is full; type1: enough DMA mappings left).
    */
-  claim(iova: number, size: number, pieces: number): void;
+  claim(iova: Iova, size: number, pieces: number): void;
   /** After a region's pieces were unmapped (or its mapping failed): gives back what claim() took. */
-  release(iova: number, size: number): void;
+  release(iova: Iova, size: number): void;
   /** What the domain allows now (re-read from the kernel). */
   limits(): DomainLimits;
   /**
@@ -174,7 +175,7 @@ export interface IommuBackend {
    * must start and end at mapping boundaries (a whole region). Throws if the kernel refuses: the caller
    * then counts the whole range as dirty.
    */
-  readDirty?(iova: number, size: number): Uint8Array;
+  readDirty?(iova: Iova, size: number): Uint8Array;
   /** Detaches every device and closes every fd. */
   close(): void;
 }
@@ -184,39 +185,40 @@ export interface IommuBackend {
 /** The last usable GPA: ranges are clipped to the protocol's 52-bit guest-physical space. */
 export const GPA_LAST = GPA_LIMIT - 1;
 
-/** Sorted, merged copy of inclusive ranges. */
-export function mergeRanges(ranges: readonly IovaRange[]): IovaRange[] {
-  const sorted = [...ranges].sort((a, b) => a.start - b.start);
-  const out: IovaRange[] = [];
+/** Sorted, merged copy of ranges: ranges that overlap or touch become one; empty ones go. */
+export function mergeRanges(ranges: readonly Range<Iova>[]): Range<Iova>[] {
+  const sorted = ranges.filter((r) => r.size > 0).sort((a, b) => a.start - b.start);
+  const out: { start: Iova; size: number }[] = [];
   for (const r of sorted) {
     const last = out[out.length - 1];
-    if (last && r.start <= last.last + 1) last.last = Math.max(last.last, r.last);
-    else out.push({ start: r.start, last: r.last });
+    if (last && r.start <= rangeEnd(last.start, last.size)) last.size = Math.max(rangeEnd(last.start, last.size), rangeEnd(r.start, r.size)) - last.start;
+    else out.push({ start: r.start, size: r.size });
   }
   return out;
 }
 
 /**
- * The reserved ranges (the complement of the usable ones) within [0, 2^52 - 1], as numbers. The kernel's
- * ranges are 64-bit; everything at or above 2^52 lies outside any guest-physical address anyway.
+ * The reserved ranges (the complement of the usable ones) within [0, 2^52), as numbers. The kernel's
+ * ranges are 64-bit and inclusive (this is where that form arrives); everything at or above 2^52 lies
+ * outside any guest-physical address anyway.
  */
-export function reservedFromUsable(usable: readonly RawIovaRange[]): IovaRange[] {
-  const limit = BigInt(GPA_LAST);
+export function reservedFromUsable(usable: readonly RawIovaRange[]): Range<Iova>[] {
+  const limit = BigInt(GPA_LIMIT);
   const sorted = [...usable].filter((r) => r.start <= r.last).sort((a, b) => (a.start < b.start ? -1 : a.start > b.start ? 1 : 0));
-  const out: IovaRange[] = [];
+  const out: Range<Iova>[] = [];
   let next = 0n; // first address not yet known to be usable
   for (const r of sorted) {
-    if (next > limit) break;
-    if (r.start > next) out.push({ start: Number(next), last: Number(r.start - 1n > limit ? limit : r.start - 1n) });
+    if (next >= limit) break;
+    if (r.start > next) out.push({ start: asIova(Number(next)), size: Number((r.start < limit ? r.start : limit) - next) });
     if (r.last + 1n > next) next = r.last + 1n;
   }
-  if (next <= limit) out.push({ start: Number(next), last: GPA_LAST });
+  if (next < limit) out.push({ start: asIova(Number(next)), size: Number(limit - next) });
   return mergeRanges(out);
 }
 
-/** The first reserved range [gpa, gpa + size) touches, if any. */
-export function clash(reserved: readonly IovaRange[], gpa: number, size: number): IovaRange | undefined {
-  return reserved.find((x) => gpa <= x.last && x.start < gpa + size);
+/** The first reserved range [iova, iova + size) touches, if any. */
+export function clash(reserved: readonly Range<Iova>[], iova: Iova, size: number): Range<Iova> | undefined {
+  return reserved.find((x) => rangesOverlap(iova, size, x.start, x.size));
 }
 
 /** A valid device or region name for the protocol: 1 to 64 bytes of UTF-8, no control characters. */

@@ -26,7 +26,7 @@
 // Cache coherency: iommufd enforces it by itself when every attached device's IOMMU can (the kernel's
 // enforce_cache_coherency on the hw pagetable) and offers no query for it, so `coherent` stays unknown.
 import { PAGE_SIZE, isNativeError } from '../../native/index.js';
-import { IommuError, InvalidArgError, NoDeviceError, UnsupportedError, type IovaRange, hex } from '../../protocol/index.js';
+import { IommuError, InvalidArgError, NoDeviceError, UnsupportedError, type Iova, type Range, hex } from '../../protocol/index.js';
 import { checkBdf, mapError, reservedFromUsable, unmapError, type Detached, type DirtyTracking, type DomainLimits, type IommuBackend, type Piece, type VfioDevice } from './iommu-backend.js';
 import { HwDevice, ioctlError } from './device.js';
 import { IOMMUFD, LAYOUTS, REQUEST, get, pack, parseIommuRanges, unpack, type RawIovaRange } from './structs.js';
@@ -47,7 +47,7 @@ export class IommufdBackend implements IommuBackend {
   private dirtyHwptReason: string | undefined;
   /** HWPTs whose dirty tracking is on. */
   private tracking: number[] = [];
-  private lastReserved: IovaRange[] | undefined;
+  private lastReserved: Range<Iova>[] | undefined;
   /** out_iova_alignment last reported (kept like lastReserved). */
   private lastAlign: number | undefined;
   private closed = false;
@@ -260,7 +260,7 @@ export class IommufdBackend implements IommuBackend {
   }
 
   /** IOMMU_HWPT_GET_DIRTY_BITMAP over [iova, iova + size) of every tracking HWPT, ORed; clears the IOPTEs' bits. */
-  readDirty(iova: number, size: number): Uint8Array {
+  readDirty(iova: Iova, size: number): Uint8Array {
     const bits = new Uint8Array(Math.ceil(Math.ceil(size / 4096) / 64) * 8);
     if (this.tracking.length === 0) throw new IommuError('iommufd: dirty tracking is not on');
     const one = this.tracking.length > 1 ? new Uint8Array(bits.length) : bits;

@@ -7,7 +7,7 @@
 //     'cancelled' and let the caller carry on with the rest of the change;
 //   - a piece fails: undo the pieces done, throw that failure.
 // "Undo" unmaps the pieces in reverse order; nothing of the region stays pinned.
-import { CancelledError, toMmbError } from '../../protocol/index.js';
+import { CancelledError, asHva, iovaOfGpa, rangeEnd, toMmbError } from '../../protocol/index.js';
 import { PAGE_SIZE } from '../../native/index.js';
 import type { MappedRegion } from '../memory.js';
 import type { IommuBackend, Piece } from './iommu-backend.js';
@@ -30,9 +30,9 @@ export function pieces(m: MappedRegion, chunkBytes: number): Piece[] {
     for (let off = 0; off < length; off += chunkBytes) {
       const size = Math.min(chunkBytes, length - off);
       out.push({
-        iova: m.region.gpa + regionOffset + off,
+        iova: iovaOfGpa(rangeEnd(m.region.gpa, regionOffset + off)),
         size,
-        vaddr: c.mapping.address + off,
+        vaddr: asHva(c.mapping.address + off),
         mapping: c.mapping,
         offset: off,
         readonly: m.region.readonly,

@@ -20,7 +20,7 @@
 //     the last one, which unpins everything;
 //   - cache coherency: DMA here is the CPU's own access, so the domain is coherent.
 import { PAGE_SIZE, native } from '../../native/index.js';
-import { ClientLimitError, IommuError, InvalidArgError, NoDeviceError, UnsupportedError, type IovaRange, hex } from '../../protocol/index.js';
+import { ClientLimitError, IommuError, InvalidArgError, NoDeviceError, UnsupportedError, type Iova, type IovaRange, type Range, fromInclusive, hex, rangeText, rangesOverlap } from '../../protocol/index.js';
 import { checkName, mapError, mergeRanges, unmapError, type DeviceInfo, type DomainLimits, type IommuBackend, type Piece, type VfioDevice } from './iommu-backend.js';
 import type { PageLocks } from './page-locks.js';
 import { pinPieces, unpinPieces } from './pinning.js';
@@ -66,7 +66,7 @@ export class SoftBackend implements IommuBackend {
   private readonly devs = new Map<string, SoftDevice>();
   /** The IOVA table: one entry per mapped region, [iova, size], sorted by IOVA. */
   private table: [number, number][] = [];
-  private readonly reserved: IovaRange[];
+  private readonly reserved: Range<Iova>[];
   private readonly entryLimit: number;
   private readonly align: number;
   private readonly locks: PageLocks | undefined;
@@ -78,7 +78,7 @@ export class SoftBackend implements IommuBackend {
         throw new InvalidArgError(`reserved range ${JSON.stringify(r)} must be {start, last} with 0 <= start <= last`);
       }
     }
-    this.reserved = mergeRanges(opts.reserved ?? [X86_MSI_WINDOW]);
+    this.reserved = mergeRanges((opts.reserved ?? [X86_MSI_WINDOW]).map(fromInclusive<Iova>));
     this.entryLimit = opts.dmaEntryLimit ?? DEFAULT_DMA_ENTRY_LIMIT;
     this.align = opts.iovaAlignment ?? PAGE_SIZE;
     if (!Number.isSafeInteger(this.align) || this.align < PAGE_SIZE || 2 ** Math.round(Math.log2(this.align)) !== this.align || this.align > 2 ** 30) {
@@ -122,15 +122,15 @@ export class SoftBackend implements IommuBackend {
     return 1;
   }
 
-  claim(iova: number, size: number): void {
+  claim(iova: Iova, size: number): void {
     if (iova % this.align !== 0 || size % this.align !== 0) {
       // As type1's MAP_DMA answers a mapping off its smallest IOMMU page.
-      throw new IommuError(`soft: IOVA [${hex(iova)}, ${hex(iova + size)}) is not aligned to ${hex(this.align)}`, { errno: 'EINVAL' });
+      throw new IommuError(`soft: IOVA ${rangeText(iova, size)} is not aligned to ${hex(this.align)}`, { errno: 'EINVAL' });
     }
     const at = this.lowerBound(iova);
     for (const e of [this.table[at - 1], this.table[at]]) {
-      if (e && iova < e[0] + e[1] && e[0] < iova + size) {
-        throw new IommuError(`soft: IOVA [${hex(iova)}, ${hex(iova + size)}) overlaps the mapping at [${hex(e[0])}, ${hex(e[0] + e[1])})`, { errno: 'EEXIST' });
+      if (e && rangesOverlap(iova, size, e[0], e[1])) {
+        throw new IommuError(`soft: IOVA ${rangeText(iova, size)} overlaps the mapping at ${rangeText(e[0], e[1])}`, { errno: 'EEXIST' });
       }
     }
     if (this.table.length >= this.entryLimit) {
@@ -139,7 +139,7 @@ export class SoftBackend implements IommuBackend {
     this.table.splice(at, 0, [iova, size]);
   }
 
-  release(iova: number): void {
+  release(iova: Iova): void {
     const at = this.lowerBound(iova);
     if (this.table[at]?.[0] === iova) this.table.splice(at, 1);
   }

@@ -16,7 +16,7 @@
 // maps (shadow.ts): pinned bytes = mapped bytes, and an unmap is acked once the host IOMMU no longer maps
 // it. Reports are then sent at most every REPORT_INTERVAL_MS (a guest's DMA mappings change thousands of
 // times a second).
-import { isMmbError, InvalidArgError, NoDeviceError, ReservedRangeError, toMmbError, type DmaRules, type IovaRange, hex } from '../../protocol/index.js';
+import { isMmbError, InvalidArgError, NoDeviceError, ReservedRangeError, toMmbError, type DmaRules, type Iova, type IovaRange, type Range, fromInclusive, inclusiveText, iovaOfGpa, rangeContains, rangeText, toInclusive } from '../../protocol/index.js';
 import { PAGE_SIZE } from '../../native/index.js';
 import type { BrokerTarget } from '../connection.js';
 import type { GuestMemory } from '../memory.js';
@@ -53,8 +53,9 @@ export interface VfioSubscriberOptions extends SubscriberOptions {
   /** Bytes per pinning call (mlock / MAP_DMA / IOAS_MAP), a page multiple. Default 128 MiB. */
   pinChunkBytes?: number;
   /**
-   * Reserved IOVA ranges. soft: replaces its list (default: the x86 MSI window 0xfee00000-0xfeefffff);
-   * type1 / iommufd: added to what the kernel reports.
+   * Reserved IOVA ranges, inclusive {start, last} as sysfs and the kernel write them (held half-open
+   * inside). soft: replaces its list (default: the x86 MSI window 0xfee00000-0xfeefffff); type1 /
+   * iommufd: added to what the kernel reports.
    */
   reserved?: readonly IovaRange[];
   /** soft: entries of its IOVA table (one per region). Default 65535, type1's dma_entry_limit. */
@@ -103,7 +104,8 @@ export interface VfioDomainInfo {
   mappings: DomainMapping[];
   /** Whether DMA is cache-coherent in the domain (undefined: unknown, or no domain yet). */
   coherent: boolean | undefined;
-  reserved: IovaRange[];
+  /** Half-open; REPORT sends them in the wire's inclusive form. */
+  reserved: Range<Iova>[];
   dmaAvailable: number | undefined;
   /** How regions are cut into DMA mappings and their IOVA alignment (REPORT.dma); none in shadow mode. */
   dma?: DmaRules;
@@ -158,8 +160,8 @@ export function openIommuBackend(opts: Pick<VfioSubscriberOptions, 'backend' | '
  * What sysfs says the IOMMU groups of `devices` reserve (sysfs-reserved.ts), merged. `required`: a device
  * without a reserved_regions file is MMB_ERR_NO_DEVICE; else it is skipped (attaching it will say why).
  */
-function sysfsReserved(opts: VfioSubscriberOptions, devices: readonly string[], required: boolean): IovaRange[] {
-  const out: IovaRange[] = [];
+function sysfsReserved(opts: VfioSubscriberOptions, devices: readonly string[], required: boolean): Range<Iova>[] {
+  const out: Range<Iova>[] = [];
   for (const bdf of devices) {
     if (!isBdf(bdf)) continue; // not a PCI address: the backend refuses it by name
     const ranges = readReservedRegions(opts.sys ?? realSys, bdf);
@@ -230,7 +232,7 @@ export class VfioSubscriber extends Subscriber {
     let sub: VfioSubscriber | undefined;
     const domain = new Domain(backend, {
       chunkBytes: opts.pinChunkBytes ?? DEFAULT_PIN_CHUNK_BYTES,
-      ...(backend.software ? {} : opts.reserved ? { extraReserved: opts.reserved } : {}),
+      ...(backend.software ? {} : opts.reserved ? { extraReserved: opts.reserved.map(fromInclusive<Iova>) } : {}),
       onProgress: (p) => {
         opts.onPinProgress?.(p);
         sub?.emit('pinProgress' as keyof SubscriberEvents, p as never);
@@ -281,7 +283,7 @@ export class VfioSubscriber extends Subscriber {
     let sub: VfioSubscriber | undefined;
     const applier = new ShadowApplier({
       chunkBytes: opts.pinChunkBytes ?? DEFAULT_PIN_CHUNK_BYTES,
-      ...(opts.backend !== 'soft' && opts.reserved ? { extraReserved: opts.reserved } : {}),
+      ...(opts.backend !== 'soft' && opts.reserved ? { extraReserved: opts.reserved.map(fromInclusive<Iova>) } : {}),
       ...(opts.pinLimit !== undefined ? { pinLimit: opts.pinLimit } : {}),
       open: (locks) => openIommuBackend(opts, locks),
       onChanged: () => sub?.sendReport(),
@@ -454,16 +456,16 @@ export class VfioSubscriber extends Subscriber {
     if (ranges.length === 0) return;
     const vfio = this.vfio as VfioApplier;
     const known = vfio.domain.limits().reserved;
-    const isNew = ranges.some((x) => !known.some((k) => k.start <= x.start && x.last <= k.last));
+    const isNew = ranges.some((x) => !known.some((k) => rangeContains(k.start, k.size, x.start, x.size)));
     if (isNew) {
       vfio.domain.reserve(ranges);
       await this.report(this.currentReport());
     }
     for (const m of vfio.memory.regions()) {
-      const x = clash(ranges, m.region.gpa, m.region.size);
+      const x = clash(ranges, iovaOfGpa(m.region.gpa), m.region.size);
       if (x) {
         throw new ReservedRangeError(
-          `${name} cannot join this vfio client: region ${JSON.stringify(m.region.name)} [${hex(m.region.gpa)}, ${hex(m.region.gpa + m.region.size)}) covers [${hex(x.start)}, ${hex(x.last)}], which ${reservedRegionsPath(name)} reserves`,
+          `${name} cannot join this vfio client: region ${JSON.stringify(m.region.name)} ${rangeText(m.region.gpa, m.region.size)} covers ${inclusiveText(x.start, x.size)}, which ${reservedRegionsPath(name)} reserves`,
         );
       }
     }
@@ -485,7 +487,7 @@ export class VfioSubscriber extends Subscriber {
   currentReport(): ClientReport {
     const d = this.domain;
     return {
-      reserved: mergeRanges(d.reserved).slice(0, 1024),
+      reserved: mergeRanges(d.reserved).slice(0, 1024).map(toInclusive),
       ...(d.dmaAvailable !== undefined ? { dmaAvailable: Math.min(d.dmaAvailable, 0xffff_ffff) } : {}),
       pinned: d.pinnedBytes,
       ...(d.coherent !== undefined ? { coherent: d.coherent } : {}),

@@ -5,7 +5,7 @@
 // iopt_table_enforce_dev_resv_regions skip only that one), so those are the ranges the client reports:
 // the broker then places no RAM there before the device is even opened (FIND_FREE, COMMIT).
 import { isNativeError } from '../../native/index.js';
-import { IommuError, type IovaRange } from '../../protocol/index.js';
+import { IommuError, type Iova, type Range, asIova } from '../../protocol/index.js';
 import { GPA_LAST, mergeRanges } from './iommu-backend.js';
 import type { VfioSys } from './sys.js';
 
@@ -19,8 +19,8 @@ const MAPPABLE = new Set(['direct-relaxable']);
  * Parses a reserved_regions file: the ranges no DMA mapping may cover, clipped to the 52-bit
  * guest-physical space, sorted and merged. `source` names the file in errors (MMB_ERR_IOMMU).
  */
-export function parseReservedRegions(text: string, source: string): IovaRange[] {
-  const out: IovaRange[] = [];
+export function parseReservedRegions(text: string, source: string): Range<Iova>[] {
+  const out: Range<Iova>[] = [];
   for (const [i, line] of text.split('\n').entries()) {
     if (line.trim() === '') continue;
     const m = /^0x([0-9a-f]{1,16}) 0x([0-9a-f]{1,16}) ([a-z-]+)$/i.exec(line.trim());
@@ -29,7 +29,7 @@ export function parseReservedRegions(text: string, source: string): IovaRange[] 
     const end = BigInt(`0x${m[2]}`);
     if (end < start) throw new IommuError(`${source}, line ${i + 1}: the region ends before it starts`);
     if (MAPPABLE.has(m[3] as string) || start > BigInt(GPA_LAST)) continue;
-    out.push({ start: Number(start), last: end > BigInt(GPA_LAST) ? GPA_LAST : Number(end) });
+    out.push({ start: asIova(Number(start)), size: (end > BigInt(GPA_LAST) ? GPA_LAST : Number(end)) - Number(start) + 1 });
   }
   return mergeRanges(out);
 }
@@ -38,7 +38,7 @@ export function parseReservedRegions(text: string, source: string): IovaRange[] 
  * The reserved ranges of `bdf`'s IOMMU group, or undefined when sysfs has none to say (no such device, no
  * IOMMU group: the device cannot be used through VFIO anyway, and attaching it says why).
  */
-export function readReservedRegions(sys: VfioSys, bdf: string): IovaRange[] | undefined {
+export function readReservedRegions(sys: VfioSys, bdf: string): Range<Iova>[] | undefined {
   const file = reservedRegionsPath(bdf);
   let text: string;
   try {

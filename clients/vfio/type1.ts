@@ -22,7 +22,7 @@
 // VFIO_SET_IOMMU again, and the caller (Domain) maps everything again.
 import path from 'node:path';
 import { PAGE_SIZE, isNativeError } from '../../native/index.js';
-import { ClientLimitError, IommuError, InvalidArgError, NoDeviceError, UnsupportedError, type IovaRange, type MmbError, hex } from '../../protocol/index.js';
+import { ClientLimitError, IommuError, InvalidArgError, NoDeviceError, UnsupportedError, type Iova, type Range, type MmbError, hex } from '../../protocol/index.js';
 import { GPA_LAST, checkBdf, mapError, reservedFromUsable, unmapError, type Detached, type DirtyTracking, type DomainLimits, type IommuBackend, type Piece, type VfioDevice } from './iommu-backend.js';
 import { HwDevice, MAX_INFO_BYTES, ioctlError } from './device.js';
 import { LAYOUTS, REQUEST, VFIO, get, pack, packInto, parseType1Info, type Type1Info } from './structs.js';
@@ -46,7 +46,7 @@ export class Type1Backend implements IommuBackend {
   /** VFIO_IOMMU_DIRTY_PAGES started on the container (the kernel forgets it with the container's IOMMU). */
   private dirtyOn = false;
   /** Reserved ranges last reported by the kernel: kept while no device is attached, for placement. */
-  private lastReserved: IovaRange[] | undefined;
+  private lastReserved: Range<Iova>[] | undefined;
   /** The smallest IOMMU page size last reported (kept like lastReserved). */
   private lastAlign: number | undefined;
   private closed = false;
@@ -195,7 +195,7 @@ export class Type1Backend implements IommuBackend {
     return pieces;
   }
 
-  claim(_iova: number, _size: number, pieces: number): void {
+  claim(_iova: Iova, _size: number, pieces: number): void {
     const avail = this.info()?.dmaAvailable;
     if (avail !== undefined && avail < pieces) {
       throw new ClientLimitError(`type1: the container accepts ${avail} more DMA mappings (DMA_AVAIL); this region needs ${pieces}`);
@@ -289,7 +289,7 @@ export class Type1Backend implements IommuBackend {
   }
 
   /** VFIO_IOMMU_DIRTY_PAGES {GET_BITMAP} over [iova, iova + size): one bit per 4 KiB page, cleared in the kernel. */
-  readDirty(iova: number, size: number): Uint8Array {
+  readDirty(iova: Iova, size: number): Uint8Array {
     const pages = Math.ceil(size / 4096);
     const bits = new Uint8Array(Math.ceil(pages / 64) * 8);
     const header = LAYOUTS.vfio_iommu_type1_dirty_bitmap.size;

@@ -22,7 +22,7 @@
 // with an atomic get-and-clear (log.ts). A back-end that cannot log (no VHOST_F_LOG_ALL or no LOG_SHMFD)
 // makes every page it has count as dirty at every sync, never as clean.
 import type { Logger } from 'pino';
-import { CancelledError, DisconnectedError, NoBackingError, toMmbError, hex } from '../../protocol/index.js';
+import { CancelledError, DisconnectedError, NoBackingError, toMmbError, hex, rangeEnd } from '../../protocol/index.js';
 import type { DirtyLog } from '../dirty.js';
 import { GuestMemory } from '../memory.js';
 import type { Applier, ApplyContext, Change, LocalBacking, ViewRegion } from '../view.js';
@@ -50,7 +50,7 @@ export interface MemTableStats {
 
 const endOf = (entries: Iterable<TableEntry>) => {
   let end = 0;
-  for (const e of entries) end = Math.max(end, e.gpa + e.size);
+  for (const e of entries) end = Math.max(end, rangeEnd(e.gpa, e.size));
   return end;
 };
 

@@ -28,7 +28,7 @@
 // failure is reported.
 import { EventEmitter } from 'eventemitter3';
 import type { Logger } from 'pino';
-import { ClientRefusedError, InvalidArgError, toMmbError, type IovaMapping, hex } from '../../protocol/index.js';
+import { ClientRefusedError, InvalidArgError, toMmbError, type IovaMapping, asGpa, hex, rangeEnd, rangeHas } from '../../protocol/index.js';
 import type { IoasApplier, IoasChange } from '../ioas-view.js';
 import type { VhostUserFrontend } from './frontend.js';
 import type { TableEntry } from './memtable.js';
@@ -135,24 +135,23 @@ export class IotlbApplier extends EventEmitter<IotlbEvents> implements IoasAppli
   private updatesFor(m: IovaMapping, entries: readonly TableEntry[]): IotlbMsg[] {
     const out: IotlbMsg[] = [];
     const perm = m.readonly ? IotlbPerm.RO : IotlbPerm.RW;
-    let gpa = m.gpa;
-    const end = m.gpa + m.size;
-    while (gpa < end) {
-      const e = entries.find((x) => x.gpa <= gpa && gpa < x.gpa + x.size);
+    const end = rangeEnd(m.gpa, m.size);
+    for (let gpa = m.gpa; gpa < end; ) {
+      const e = entries.find((x) => rangeHas(x.gpa, x.size, gpa));
       if (!e) {
         throw new ClientRefusedError(
           `IOVA ${hex(m.iova)} would map GPA ${hex(gpa)}, which this vhost-user back-end was not given (read-only memory is never given to one): it could not translate it`,
         );
       }
-      const size = Math.min(end, e.gpa + e.size) - gpa;
+      const size = Math.min(end, rangeEnd(e.gpa, e.size)) - gpa;
       out.push({ iova: m.iova + (gpa - m.gpa), size, uaddr: e.uaddr + BigInt(gpa - e.gpa), perm, type: IotlbType.UPDATE });
-      gpa += size;
+      gpa = asGpa(gpa + size);
     }
     return out;
   }
 
   private find(iova: number): IovaMapping | undefined {
-    for (const m of this.mappings.values()) if (m.iova <= iova && iova < m.iova + m.size) return m;
+    for (const m of this.mappings.values()) if (rangeHas(m.iova, m.size, iova)) return m;
     return undefined;
   }
 

@@ -28,7 +28,7 @@
 // the table is rebuilt: one SET_MEM_TABLE with the regions holding rings and up to 8 in all, then
 // ADD_MEM_REG for the rest (every version remaps its stopped rings at SET_MEM_TABLE). Removing the memory
 // of a running vring without giving it back is refused (MMB_ERR_CLIENT_REFUSED): stop the device first.
-import { ClientLimitError, ClientRefusedError, hex } from '../../protocol/index.js';
+import { ClientLimitError, ClientRefusedError, hex, rangeContains, rangeText, rangesOverlap, type Gpa } from '../../protocol/index.js';
 import type { Change, ViewRegion } from '../view.js';
 import { MEM_TABLE_MAX_REGIONS, type MemRegion } from './messages.js';
 
@@ -60,7 +60,7 @@ export type MemMode = 'slots' | 'table';
 
 /** A guest-physical range, [gpa, gpa + bytes). */
 export interface GuestRange {
-  gpa: number;
+  gpa: Gpa;
   bytes: number;
 }
 
@@ -86,7 +86,6 @@ export function entryOf(r: ViewRegion): TableEntry {
 }
 
 const byGpa = (a: TableEntry, b: TableEntry) => a.gpa - b.gpa;
-const overlaps = (a: { gpa: number; size: number }, gpa: number, bytes: number) => a.gpa < gpa + bytes && gpa < a.gpa + a.size;
 
 /**
  * The steps that make the back-end's table (`current`, by key) follow `change`. Throws
@@ -132,15 +131,15 @@ export function planMemTable(current: ReadonlyMap<string, TableEntry>, change: C
   }
   const steps: Step[] = [];
   if (removed.length === 0 && added.length === 0) return { steps, after, deferred, reshape: false };
-  const keeps = (e: TableEntry) => added.some((a) => overlaps(a, e.gpa, e.size));
+  const keeps = (e: TableEntry) => added.some((a) => rangesOverlap(a.gpa, a.size, e.gpa, e.size));
   let reshape = mode === 'table' ? current.size > 0 : removed.some(keeps);
   const table = (): Step => ({ op: 'table', entries: [...after.values()].sort(byGpa) });
   // The running vrings whose region this plan removes: it must give their memory back in one region.
-  const orphaned = rings.filter((g) => removed.some((e) => overlaps(e, g.gpa, g.bytes)));
-  const lost = orphaned.find((g) => !added.some((a) => a.gpa <= g.gpa && g.gpa + g.bytes <= a.gpa + a.size));
+  const orphaned = rings.filter((g) => removed.some((e) => rangesOverlap(e.gpa, e.size, g.gpa, g.bytes)));
+  const lost = orphaned.find((g) => !added.some((a) => rangeContains(a.gpa, a.size, g.gpa, g.bytes)));
   if (lost) {
     throw new ClientRefusedError(
-      `the vhost-user back-end runs a vring at [${hex(lost.gpa)}, ${hex(lost.gpa + lost.bytes)}), whose memory the change removes: stop the device first`,
+      `the vhost-user back-end runs a vring at ${rangeText(lost.gpa, lost.bytes)}, whose memory the change removes: stop the device first`,
     );
   }
   if (mode === 'table') steps.push(table());
@@ -162,7 +161,7 @@ export function planMemTable(current: ReadonlyMap<string, TableEntry>, change: C
  * then one ADD_MEM_REG per remaining region. The rings must be stopped.
  */
 export function rebuild(entries: readonly TableEntry[], rings: readonly GuestRange[]): Step[] {
-  const holds = (e: TableEntry) => rings.some((g) => overlaps(e, g.gpa, g.bytes));
+  const holds = (e: TableEntry) => rings.some((g) => rangesOverlap(e.gpa, e.size, g.gpa, g.bytes));
   const order = [...entries].sort((a, b) => Number(holds(b)) - Number(holds(a)) || a.gpa - b.gpa);
   const first = order.slice(0, MEM_TABLE_MAX_REGIONS).sort(byGpa);
   return [{ op: 'table', entries: first }, ...order.slice(MEM_TABLE_MAX_REGIONS).sort(byGpa).map((entry): Step => ({ op: 'add', entry }))];
@@ -177,7 +176,7 @@ export function undoSteps(before: ReadonlyMap<string, TableEntry>, done: readonl
   if (done.length === 0) return [];
   const prior = [...before.values()].sort(byGpa);
   if (mode === 'table') return [{ op: 'table', entries: prior }];
-  const ringLost = done.some((s) => s.op === 'rem' && rings.some((g) => overlaps(s.entry, g.gpa, g.bytes)));
+  const ringLost = done.some((s) => s.op === 'rem' && rings.some((g) => rangesOverlap(s.entry.gpa, s.entry.size, g.gpa, g.bytes)));
   if (ringLost || done.some((s) => s.op === 'table')) {
     if (prior.length <= MEM_TABLE_MAX_REGIONS || ringLost || rings.length > 0) return rebuild(prior, rings);
     // No rings: remove what the prefix left, then add the old table back.

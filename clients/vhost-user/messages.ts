@@ -12,7 +12,7 @@
 // shared with KVM and VFIO. test/vhost-user-layout.test.ts compiles the same members with gcc: the structs
 // the kernel's linux/vhost_types.h defines (vring state and address, the IOTLB message) from that header,
 // the vhost-user-only ones from C structs transcribed from the spec (test/fixtures/vhost-user-structs.h).
-import { InvalidArgError, hex } from '../../protocol/index.js';
+import { InvalidArgError, hex, type Gpa, type Offset } from '../../protocol/index.js';
 import { f, layoutCodec, type Layout } from '../abi/layout.js';
 
 /** The message header and bodies, by the names QEMU's hw/virtio/vhost-user.c and linux/vhost_types.h give them. */
@@ -211,12 +211,12 @@ export interface Header {
 /** One memory region as the back-end is told about it. */
 export interface MemRegion {
   /** Guest-physical address of the first byte. */
-  gpa: number;
+  gpa: Gpa;
   size: number;
   /** The "user address" the back-end translates ring addresses with (any unique, consistent value). */
   uaddr: bigint;
   /** Offset of the region inside its fd; the back-end maps the fd from 0 over size + mmapOffset. */
-  mmapOffset: number;
+  mmapOffset: Offset;
 }
 
 export const MEM_REGION_BYTES = VHOST_USER_LAYOUTS.vhost_user_memory_region.size;

@@ -10,12 +10,13 @@
 // The queues are this process's own virtio drivers (VirtioBlk, VirtioNet): the bridge is the back-end's
 // only front-end, so these are all the rings the back-end runs.
 import { toMmbError } from '../../protocol/index.js';
+import type { GuestRange } from './memtable.js';
 
 /** What a queue offers: virtqueue.ts. */
 export interface RingQueue {
   readonly index: number;
   /** Guest-physical range of the descriptor table, available and used ring. */
-  readonly ringRange: { gpa: number; bytes: number };
+  readonly ringRange: GuestRange;
   halt(): Promise<void>;
   resume(logging: boolean): Promise<void>;
   setLogging(on: boolean): Promise<void>;
@@ -45,7 +46,7 @@ export class Rings {
   }
 
   /** Where the rings are in guest-physical memory. */
-  ranges(): { gpa: number; bytes: number }[] {
+  ranges(): GuestRange[] {
     return [...this.queues].map((q) => q.ringRange);
   }
 

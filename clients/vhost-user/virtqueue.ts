@@ -19,9 +19,9 @@
 // SET_VRING_CALL, SET_VRING_ENABLE) and posts what was held. Nothing is lost, and a held request's
 // deadline starts when it is posted.
 import { constants, native, type PollHandle } from '../../native/index.js';
-import { DisconnectedError, InvalidArgError, TimeoutError, toMmbError, type MmbError, hex } from '../../protocol/index.js';
+import { DisconnectedError, InvalidArgError, TimeoutError, toMmbError, type MmbError, asGpa, hex } from '../../protocol/index.js';
 import type { VhostUserFrontend } from './frontend.js';
-import { uaddrOf } from './memtable.js';
+import { uaddrOf, type GuestRange } from './memtable.js';
 import { Feature, VRING_F_LOG, bit } from './messages.js';
 import type { RingQueue, Rings } from './rings.js';
 
@@ -162,8 +162,8 @@ export class Virtqueue implements RingQueue {
   }
 
   /** Guest-physical range of the rings (descriptor table, available and used ring). */
-  get ringRange(): { gpa: number; bytes: number } {
-    return { gpa: this.gpa, bytes: this.layout.bytes };
+  get ringRange(): GuestRange {
+    return { gpa: asGpa(this.gpa), bytes: this.layout.bytes };
   }
 
   /** Whether requests go to the ring now (not held by a stop). */

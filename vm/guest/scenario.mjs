@@ -15,7 +15,7 @@ import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import readline from 'node:readline';
 import { parseArgs } from 'node:util';
-import { Broker, MappingSubscriber, Migration, MigrationBlockedError, OwnerClient, SpaceDestination, VfioSubscriber, native, constants, isMmbError } from '/mmb/dist/index.js';
+import { Broker, MappingSubscriber, Migration, MigrationBlockedError, OwnerClient, SpaceDestination, VfioSubscriber, native, constants, isMmbError, fromInclusive, rangeContains, toInclusive } from '/mmb/dist/index.js';
 import { realSys, structs } from '/mmb/dist/clients/vfio/index.js';
 import { IoasOwner } from '/mmb/dist/clients/ioas-owner.js';
 import { Rng } from '/mmb/dist/testkit/rng.js';
@@ -48,6 +48,9 @@ const IOVA_DST = 0x0300_0000; // -> GPA_IOMMU + 0x200000, 64 KiB
 const GPA_HUGE = 0x0e00_0000; // 224 MiB, two 2 MiB pages
 const GiB = 2 ** 30;
 const MSI_WINDOW = { start: 0xfee0_0000, last: 0xfeef_ffff };
+const MSI = fromInclusive(MSI_WINDOW);
+/** Whether one of `ranges` (half-open, as the client holds them) covers the MSI window. */
+const coversMsi = (ranges) => ranges.some((r) => rangeContains(r.start, r.size, MSI.start, MSI.size));
 const PIECE = 1 * MiB; // the vfio client's pinChunkBytes
 
 // --- reporting --------------------------------------------------------------------------------------
@@ -289,18 +292,18 @@ try {
     const d = vfio.domain;
     check(d.backend === backend && d.active && !d.software, 'the client has an active hardware domain', d);
     check(
-      d.reserved.some((r) => r.start <= MSI_WINDOW.start && r.last >= MSI_WINDOW.last),
+      coversMsi(d.reserved),
       `the kernel's usable IOVA ranges exclude the MSI window ${hex(MSI_WINDOW.start)}-${hex(MSI_WINDOW.last)}`,
       d.reserved,
     );
     const limits = vfio.backend.limits();
     const st = (await owner.status()).spaces[0].clients.find((c) => c.name === 'vfio-edu');
-    check(st?.backend === backend && (st.reserved ?? []).some((r) => r.start <= MSI_WINDOW.start && r.last >= MSI_WINDOW.last), 'the broker has the reported reserved ranges', st);
+    check(st?.backend === backend && coversMsi((st.reserved ?? []).map((r) => fromInclusive(r))), 'the broker has the reported reserved ranges', st);
     const info = vfio.device(dev0).info();
     return {
       device: dev0,
       usable: (limits.usable ?? []).map((r) => `${hex(Number(r.start))}-0x${r.last.toString(16)}`),
-      reserved: d.reserved.map((r) => `${hex(r.start)}-${hex(r.last)}`),
+      reserved: d.reserved.map((r) => toInclusive(r)).map((r) => `${hex(r.start)}-${hex(r.last)}`),
       coherent: d.coherent ?? null,
       dmaAvailable: d.dmaAvailable ?? null,
       deviceInfo: info,
