@@ -13,6 +13,8 @@ export interface Report {
   violations: (Violation & { replay: string })[];
   durationMs: number;
   selfTest: boolean;
+  /** --hugetlb: the pages the run added to the kernel's pool (and gave back at its end). */
+  hugePages?: { size: number; added: number; missing?: string };
 }
 
 export function replayCommand(seed: number, steps: number, args: string): string {
@@ -22,6 +24,7 @@ export function replayCommand(seed: number, steps: number, args: string): string
 export function formatReport(r: Report): string {
   const lines = [
     `mmbroker harness${r.selfTest ? ' --self-test' : ''}: seed ${r.seed}, ${r.steps} steps, ${r.faults} faults, ${(r.durationMs / 1000).toFixed(1)} s`,
+    ...(r.hugePages ? [`hugetlb: ${r.hugePages.added} pages of ${r.hugePages.size / 2 ** 20} MiB reserved for the run and given back${r.hugePages.missing ? ` (${r.hugePages.missing})` : ''}`] : []),
     '',
     'faults:',
     ...Object.entries(r.faultsByKind).sort().map(([k, n]) => `  ${k.padEnd(18)} ${n}`),
@@ -53,7 +56,7 @@ export function formatReport(r: Report): string {
 
 /** The --json form: the issue's fields first, then the detail. */
 export function jsonReport(r: Report): object {
-  return { steps: r.steps, faults: r.faults, checks: r.checks, violations: r.violations, seed: r.seed, faultsByKind: r.faultsByKind, operations: r.operations, durationMs: r.durationMs, selfTest: r.selfTest };
+  return { steps: r.steps, faults: r.faults, checks: r.checks, violations: r.violations, seed: r.seed, faultsByKind: r.faultsByKind, operations: r.operations, durationMs: r.durationMs, selfTest: r.selfTest, ...(r.hugePages ? { hugePages: r.hugePages } : {}) };
 }
 
 /** --self-test: the broken clients no violation of the invariant that must catch them named ("mode: invariant"). */
