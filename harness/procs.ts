@@ -22,8 +22,15 @@ export const BROKEN_MODES = {
   'pin-twice': { kind: 'vfio', caughtBy: 'pins' },
   'ignore-eviction': { kind: 'plain', caughtBy: 'done-means-done' },
   'teardown-on-wait': { kind: 'plain', caughtBy: 'restart-keeps-memory' },
+  /** With --ioas only: a shadow-mode client that keeps a pin of what an IOAS unmap took away. */
+  'keep-pin-after-unmap': { kind: 'shadow', caughtBy: 'iova-pins' },
 } as const satisfies Record<string, { kind: ClientKind; caughtBy: InvariantName }>;
 export type BrokenMode = keyof typeof BROKEN_MODES;
+
+/** The broken clients a self-test with these options plants (the shadow one needs --ioas). */
+export function plantedModes(opts: { ioas: boolean }): BrokenMode[] {
+  return (Object.keys(BROKEN_MODES) as BrokenMode[]).filter((m) => opts.ioas || BROKEN_MODES[m].kind !== 'shadow');
+}
 
 export type { Line };
 
@@ -139,7 +146,7 @@ function clientArgs(s: ClientSpawn, common: string[], devs: string[]): string[] 
 export async function spawnClient(s: ClientSpawn): Promise<ClientProc> {
   const common = ['--socket', s.socket, '--space', s.space, '--name', s.name];
   const devs = s.devices.flatMap((d) => ['--device', d]);
-  const args = s.broken ? ['--mode', s.broken, ...common, ...devs] : clientArgs(s, common, devs);
+  const args = s.broken ? ['--mode', s.broken, ...common, ...devs, ...(s.ioas !== undefined ? ['--ioas', s.ioas] : [])] : clientArgs(s, common, devs);
   const p = new ClientProc(args, s.kind, s.name, s.devices, s.broken);
   p.backend = s.backend;
   if (s.kind === 'shadow') for (const d of s.devices) p.deviceIoas.set(d, String(s.ioas));

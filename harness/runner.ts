@@ -11,7 +11,7 @@ import { observe, observeNow } from './observe.js';
 import { runOperation, type StepResult } from './operations.js';
 import { runFault, type FaultName } from './faults.js';
 import { checkOptions, DEFAULT_OPTIONS, type ClientKind, type HarnessOptions } from './options.js';
-import { BROKEN_MODES, type BrokenMode } from './procs.js';
+import { plantedModes } from './procs.js';
 import { replayCommand, type Report } from './report.js';
 import { Rng } from '../testkit/rng.js';
 import { World } from './world.js';
@@ -115,7 +115,7 @@ export async function runHarness(input: Partial<HarnessOptions> = {}, replayArgs
     await w.start();
     hugePages = w.hugePages;
     for (const [kind, n] of Object.entries(opts.clients) as [ClientKind, number][]) for (let i = 0; i < n; i++) await w.join(kind);
-    if (opts.selfTest) for (const mode of Object.keys(BROKEN_MODES) as BrokenMode[]) await w.joinBroken(mode);
+    if (opts.selfTest) for (const mode of plantedModes(opts)) await w.joinBroken(mode);
     w.drain();
     let failedInARow = 0;
     for (let i = 1; i <= opts.steps; i++) {
@@ -160,6 +160,7 @@ export async function runHarness(input: Partial<HarnessOptions> = {}, replayArgs
     violations: t.violations.map((v) => ({ ...v, replay: replay(Math.min(v.step, steps)) })),
     durationMs: Math.round(performance.now() - started),
     selfTest: opts.selfTest,
+    planted: opts.selfTest ? plantedModes(opts) : [],
     ...(hugePages ? { hugePages } : {}),
   };
 }

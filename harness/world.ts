@@ -184,7 +184,8 @@ export class World {
   /** Starts a deliberately broken client (--self-test). */
   async joinBroken(broken: BrokenMode): Promise<ClientProc> {
     const kind = BROKEN_MODES[broken].kind;
-    const c = await spawnClient({ socket: this.socket, space: SPACE, kind, name: `${broken}-${this.nextClient++}`, devices: kind === 'vfio' ? ['dev0', 'dev1'] : [], broken });
+    const ioas = kind === 'shadow' ? { ioas: FIRST_IOAS } : {};
+    const c = await spawnClient({ socket: this.socket, space: SPACE, kind, name: `${broken}-${this.nextClient++}`, devices: kind === 'vfio' || kind === 'shadow' ? ['dev0', 'dev1'] : [], broken, ...ioas });
     this.clients.push(c);
     return c;
   }

@@ -1,5 +1,5 @@
 import { InvalidArgError } from '../../protocol/index.js';
-import { DEFAULT_OPTIONS, FAULTS, INVARIANTS, PLANTED, formatReport, jsonReport, missedPlanted, parseClients, runHarness, type HarnessOptions } from '../../harness/index.js';
+import { DEFAULT_OPTIONS, FAULTS, INVARIANTS, formatReport, planted, jsonReport, missedPlanted, parseClients, runHarness, type HarnessOptions } from '../../harness/index.js';
 import { parseCommand, parseCount, parseSize, type Command } from '../args.js';
 
 const d = DEFAULT_OPTIONS;
@@ -32,8 +32,9 @@ Options:
   --max-map SIZE    most guest memory mapped at once (default ${d.maxMapBytes / 2 ** 30}G)
   --ack-timeout MS  the broker's ack deadline, what a stalled client costs (default ${d.ackTimeoutMs})
   --self-test       also run clients broken on purpose (skip-unmap, pin-twice, ignore-eviction,
-                    teardown-on-wait) and restart the broker every 15th step: each must be caught
-                    by name by the invariant it breaks; exits 0 only if every one is
+                    teardown-on-wait; with --ioas keep-pin-after-unmap) and restart the broker every
+                    15th step: each must be caught by name by the invariant it breaks; exits 0 only
+                    if every one is
   --trace           print every step as it runs (to stderr)
   --json            print the summary as JSON: {steps, faults, checks, violations, ...}
   -h, --help        show this help
@@ -93,7 +94,7 @@ export const harness: Command = {
     console.log(values.json ? JSON.stringify(jsonReport(report), null, 2) : formatReport(report));
     if (report.selfTest) {
       const missed = missedPlanted(report);
-      if (!values.json) console.log(`\nself-test: broken clients ${missed.length === 0 ? 'all caught by name' : `MISSED: ${missed.join(', ')}`} (${PLANTED.join(', ')})`);
+      if (!values.json) console.log(`\nself-test: broken clients ${missed.length === 0 ? 'all caught by name' : `MISSED: ${missed.join(', ')}`} (${planted(report).join(', ')})`);
       return missed.length === 0 ? 0 : 1;
     }
     return report.violations.length === 0 ? 0 : 1;
