@@ -31,6 +31,7 @@ export interface Seen {
   view: ProcessView;
   /** Reads it again (a client's pid is never read once it exited; a delegate's is checked by start time). */
   look: () => ProcessView;
+  /** The client it is, or whose delegate or back-end it is. */
   client?: ClientProc;
   /** A vhost-user back-end (it maps each region's memfd from offset 0: invariants.ts, EndsBy). */
   backend?: boolean;
@@ -42,9 +43,9 @@ export function scan(w: World): Seen[] {
   const out: Seen[] = [{ who: `the broker (pid ${broker.pid})`, pid: broker.pid, view: broker.view(), look: () => broker.view() }];
   for (const c of w.clients) {
     out.push({ who: c.describe(), pid: c.pid, view: c.view(), look: () => c.view(), client: c });
-    for (const d of c.delegates) out.push({ who: `pid ${d.pid}, which ${c.describe()} handed memory to`, pid: d.pid, view: delegateView(d), look: () => delegateView(d) });
+    for (const d of c.delegates) out.push({ who: `pid ${d.pid}, which ${c.describe()} handed memory to`, pid: d.pid, view: delegateView(d), look: () => delegateView(d), client: c });
     const b = c.backend;
-    if (b) out.push({ who: `${b.name} (pid ${b.pid}), the back-end of ${c.describe()}`, pid: b.pid, view: c.backendView(), look: () => c.backendView(), backend: true });
+    if (b) out.push({ who: `${b.name} (pid ${b.pid}), the back-end of ${c.describe()}`, pid: b.pid, view: c.backendView(), look: () => c.backendView(), client: c, backend: true });
   }
   return out;
 }
@@ -181,13 +182,17 @@ export class MomentJudge {
       w.restart.checkKeeps('at the answer to a commit rebuilding the unpublished map');
       return;
     }
-    const refused = reply.error !== undefined;
-    const outcome = refused ? String(reply.error?.code) : `generation ${String(reply.result?.generation)}`;
+    // Committed, with clients the broker evicted and could not fence in time: they may still reach what the
+    // change took away (documented), so they are left out of done-means-done; the rest is judged as done.
+    const unfenced = reply.error?.code === 'MMB_ERR_COMMITTED_UNFENCED';
+    const refused = reply.error !== undefined && !unfenced;
+    const outcome = refused ? String(reply.error?.code) : `generation ${String(reply.result?.generation ?? reply.error?.generation)}${unfenced ? ' (committed unfenced)' : ''}`;
     if (refused) {
       this.refusal(before, outcome);
       return;
     }
-    const now = this.now(before);
+    const evicted = (s: Seen) => unfenced && s.client !== undefined && w.broker.warned('evicting client', s.client.pid);
+    const now = this.now(before).filter((s) => !evicted(s));
     const after = w.model.regionsAfter((request.ops ?? []) as CommitOp[]);
     const bytes = w.model.lockableBytes(after.values());
     const sliced = (memfd: string, writable: boolean) => w.model.fileRangesIn(after.values(), memfd, writable);

@@ -259,7 +259,16 @@ export class World {
       this.applyToModel(ops, result.generation);
       return { ok: true, result };
     } catch (err) {
-      return { ok: false, err: toMmbError(err) };
+      const e = toMmbError(err);
+      if (e.code === 'MMB_ERR_COMMITTED_UNFENCED' && e.generation !== undefined) {
+        // Committed: a client evicted while finishing it (past its deadline on a loaded machine) was not
+        // dead within the broker's fence wait. Documented when the broker evicted it and SIGKILL ended it,
+        // which the accounting of dead clients checks (replaceDead: anything else is a surprise).
+        this.applyToModel(ops, e.generation);
+        this.notes.push(`committed unfenced (generation ${e.generation}): ${e.message}`);
+        return { ok: true, result: { generation: e.generation } as CommitResult };
+      }
+      return { ok: false, err: e };
     }
   }
 
