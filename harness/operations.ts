@@ -100,6 +100,8 @@ async function add(w: World): Promise<StepResult> {
 
 async function remove(w: World): Promise<StepResult> {
   const list = unmappedRegions(w);
+  // Every region mapped by an IOAS: the guest's invalidation comes first.
+  if (list.length === 0 && w.model.regions.size > 0 && w.opts.ioas) return ioasUnmap(w);
   if (list.length === 0) return add(w);
   const r = w.rng.pick(list);
   return expectOk('remove', r.name, await w.commit([{ op: 'remove', region: r.name }]));
@@ -275,7 +277,7 @@ async function ioasMap(w: World): Promise<StepResult> {
   if (names.length === 0) return ioasCreate(w);
   const name = w.rng.pick(names);
   const m = planIovaMap(w, name);
-  if (!m) return ioasUnmap(w);
+  if (!m) return [...w.model.ioas.values()].some((x) => x.length > 0) ? ioasUnmap(w) : add(w);
   const maps = w.model.ioas.get(name) ?? [];
   const also = maps.length > 0 && w.rng.chance(0.3) ? w.rng.pick(maps) : undefined;
   const ops: IoasOp[] = [...(also ? [{ op: 'unmap' as const, iova: also.iova, size: also.size }] : []), m];
