@@ -82,5 +82,11 @@ describe('mmbroker harness', () => {
     expect(r.stderr).toMatch(/MMB_ERR_INVALID_ARG.*unknown kind "gpu"/);
     const f = await runCli(['harness', '--faults', '1.5']);
     expect(f.stderr).toMatch(/MMB_ERR_INVALID_ARG/);
+    const h = await runCli(['harness', '--hugetlb', '3M']);
+    expect(h.code).toBe(2);
+    expect(h.stderr).toMatch(/MMB_ERR_INVALID_ARG.*2M or 1G/);
+    const sh = await runCli(['harness', '--clients', 'kvm:1,shadow:2']);
+    expect(sh.code).toBe(2);
+    expect(sh.stderr).toMatch(/MMB_ERR_INVALID_ARG.*needs --ioas/);
   });
 });
