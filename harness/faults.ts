@@ -75,6 +75,7 @@ async function stall(w: World): Promise<StepResult | undefined> {
   const evicted = await evictionLogged(w, mark, victim.pid);
   const signal = await victim.exitSignal(5000);
   w.clients = w.clients.filter((x) => x !== victim);
+  await w.stopBackend(victim);
   const replacement = await w.tryJoin(victim.kind);
   const surprises = [
     ...(r.ok ? [] : [`the commit of ${a.name} failed while ${victim.describe()} was stopped: ${r.err.code} ${r.err.message}`]),
@@ -142,8 +143,12 @@ async function stopAcrossRemoval(w: World): Promise<StepResult | undefined> {
   const evicted = await evictionLogged(w, mark, victim.pid);
   const signal = await victim.exitSignal(5000);
   w.clients = w.clients.filter((x) => x !== victim);
-  const stopped = [victim.pid, ...victim.delegates.map((d) => d.pid)];
-  if (at) w.judged.push({ invariant: 'done-means-done', problems: stopped.filter((pid) => !at.dead.includes(pid)).map((pid) => `at done (${at.outcome}) pid ${pid} (${pid === victim.pid ? victim.describe() : `which ${victim.describe()} handed ${r.name} to`}), stopped across the removal, was alive`) });
+  // A bridge named its back-end to the broker (DELEGATE): it is fenced with the bridge.
+  const backend = victim.backend?.pid;
+  const stopped = [victim.pid, ...victim.delegates.map((d) => d.pid), ...(backend !== undefined ? [backend] : [])];
+  const whom = (pid: number) => (pid === victim.pid ? victim.describe() : pid === backend ? `the back-end of ${victim.describe()}` : `which ${victim.describe()} handed ${r.name} to`);
+  if (at) w.judged.push({ invariant: 'done-means-done', problems: stopped.filter((pid) => !at.dead.includes(pid)).map((pid) => `at done (${at.outcome}) pid ${pid} (${whom(pid)}), stopped across the removal, was alive`) });
+  await w.stopBackend(victim);
   for (const d of victim.delegates) {
     if (!delegateView(d).alive) continue;
     surprises.push(`pid ${d.pid}, which ${victim.describe()} handed ${r.name} to, outlived its fencing`);
