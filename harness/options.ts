@@ -82,6 +82,7 @@ export function checkOptions(o: HarnessOptions): void {
   for (const [v, what] of [[o.faultRate, 'faultRate'], [o.gigRate, 'gigRate']] as const) {
     if (!(v >= 0 && v <= 1)) throw new InvalidArgError(`${what} must be in [0, 1], got ${v}`);
   }
+  for (const [kind, n] of Object.entries(o.clients)) int(n, `clients of kind ${kind}`, 0, 16);
   if (o.hugetlb !== 0 && !(HUGETLB_SIZES as readonly number[]).includes(o.hugetlb)) throw new InvalidArgError(`hugetlb must be 2M or 1G (the kernel's hugetlb page sizes here), got ${o.hugetlb}`);
   if ((o.clients.shadow ?? 0) > 0 && !o.ioas) throw new InvalidArgError('--clients shadow:N needs --ioas (shadow-mode vfio clients attach their devices to I/O address spaces)');
 }
