@@ -4,11 +4,13 @@
       "target_name": "mmb_native",
       "sources": [
         "native/src/addon.c",
+        "native/src/async_work.c",
         "native/src/bitmap.c",
         "native/src/constants.c",
         "native/src/convert.c",
         "native/src/errors.c",
         "native/src/eventfd.c",
+        "native/src/ioctl_gate.c",
         "native/src/kvm.c",
         "native/src/mapping.c",
         "native/src/memfd.c",

@@ -69,6 +69,11 @@ export interface BrokerOptions {
    * that reconnect meanwhile keep everything they hold (docs/protocol.md, "Guarantees").
    */
   published?: boolean;
+  /**
+   * Pipelined transactions (feature PIPELINE, docs/protocol.md): the most transactions of one space in
+   * flight at once. 1 (the default): one at a time, and the feature is not offered to clients.
+   */
+  pipeline?: number;
 }
 
 /** Anything that can hand out in-process connections: a Broker, to the client library. */
@@ -85,6 +90,9 @@ export class Broker implements InProcessConnector {
   private readonly access: AccessPolicy;
   private readonly fence: FenceOptions;
   private readonly published: boolean;
+  private readonly pipeline: number;
+  /** The feature bits this broker grants (all but PIPELINE unless it pipelines). */
+  private readonly features: number;
   private readonly accessBySpace = new Map<string, Access>();
   private readonly spacesByName = new Map<string, AddressSpace>();
   private readonly sessions = new Set<Session>();
@@ -110,6 +118,11 @@ export class Broker implements InProcessConnector {
     if (this.fence.policy !== 'kill' && this.fence.policy !== 'wait') throw new InvalidArgError(`fence policy must be kill or wait, not ${String(this.fence.policy)}`);
     if (!Number.isSafeInteger(this.fence.timeoutMs) || this.fence.timeoutMs < 0) throw new InvalidArgError(`fence timeout must be a whole number of milliseconds, not ${this.fence.timeoutMs}`);
     this.published = opts.published ?? true;
+    this.pipeline = opts.pipeline ?? 1;
+    if (!Number.isSafeInteger(this.pipeline) || this.pipeline < 1 || this.pipeline > this.spaceLimits.maxQueuedCommits) {
+      throw new InvalidArgError(`the pipeline window must be 1..${this.spaceLimits.maxQueuedCommits} transactions, not ${this.pipeline}`);
+    }
+    this.features = this.pipeline > 1 ? ALL_FEATURES : ALL_FEATURES & ~Feature.PIPELINE;
     this.access = { ...opts.access, ...(opts.ownerUids ? { owners: { uids: [...opts.ownerUids], gids: [...(opts.access?.owners?.gids ?? [])] } } : {}) };
     this.admission = new Admission(this.connectionLimits, this.protocolLimits, {
       mayOwn: (peer) => [...this.accessBySpace.values()].some((a) => a.mayOwn(peer)),
@@ -129,6 +142,7 @@ export class Broker implements InProcessConnector {
       log: this.log,
       fence: this.fence,
       published: opts.published ?? this.published,
+      pipeline: this.pipeline,
     });
     this.spacesByName.set(name, space);
     return space;
@@ -303,7 +317,7 @@ export class Broker implements InProcessConnector {
         session.goodbye(err);
         return undefined;
       }
-      session.features = msg.features & ALL_FEATURES;
+      session.features = msg.features & this.features;
       session.name = msg.name ?? `pid${session.pid}`;
       session.state = 'ready';
       return {

@@ -78,8 +78,8 @@ export interface IoasHost {
   admitCommit(): void;
   /** Runs `work` in the space's queue, after everything queued before it. */
   enqueue<T>(work: () => Promise<T>, counted: boolean): Promise<T>;
-  /** Whether a transaction waits, before its vote, for holders to be fenced (AddressSpace.fencing). */
-  readonly fencing: boolean;
+  /** Runs a resuming subscriber's `run` between transactions, or at once in a fence window (AddressSpace.resumeHolder). */
+  resumeHolder<T>(session: SubscriberSession, run: () => Promise<T>): Promise<T>;
   fenceHolders(holders: () => Holder[], generation: number): Promise<void>;
   runVote(
     targets: readonly SubscriberSession[],
@@ -154,11 +154,9 @@ export class IoSpaces {
         if (msg.devices.length === 0) throw new InvalidArgError(`${msg.op} names no device`);
         if (new Set(msg.devices).size !== msg.devices.length) throw new InvalidArgError(`${msg.op} names a device twice: ${JSON.stringify(msg.devices)}`);
         const run = () => (msg.op === 'attach' ? this.attach(session, msg.ioas, msg.devices) : this.detach(session, msg.ioas, msg.devices));
-        // A client resuming a connection that a transaction waits to fence re-syncs at once: nothing of that
-        // transaction was sent yet, and its reconcile is what the transaction waits for (AddressSpace.fencing).
-        const resumes = session.subscriber.resumes;
-        if (this.host.fencing && resumes !== undefined && this.host.fences.awaiting(resumes, session.pid)) return run();
-        return this.host.enqueue(run, false);
+        // A client resuming a connection that a transaction waits to fence re-syncs in that transaction's
+        // fence window: its reconcile is what the transaction waits for (AddressSpace.resumeHolder).
+        return this.host.resumeHolder(session, run);
       }
     }
   }

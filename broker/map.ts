@@ -189,6 +189,33 @@ export class MemoryMap {
     if (last) this.nextRegionId = last.id + 1;
   }
 
+  /**
+   * Undoes `plan`, the last one committed to this map (feature PIPELINE: the broker plans each transaction
+   * of a window against the map the earlier ones leave, and takes them back newest first if one is refused).
+   */
+  revert(plan: Plan): void {
+    for (const r of plan.adds) this.delete(r);
+    for (const { before, after } of plan.sets) {
+      this.delete(after);
+      this.insert(before);
+    }
+    for (const r of plan.removes) this.insert(r);
+    const first = plan.adds[0];
+    if (first) this.nextRegionId = first.id;
+  }
+
+  /** The regions as they were before `plans` (the last ones committed, oldest first), sorted by gpa. */
+  regionsBefore(plans: readonly Plan[]): Region[] {
+    let out = [...this.sorted];
+    for (let i = plans.length - 1; i >= 0; i--) {
+      const plan = plans[i] as Plan;
+      const added = new Set([...plan.adds, ...plan.sets.map((x) => x.after)]);
+      out = out.filter((r) => !added.has(r));
+      for (const r of [...plan.removes, ...plan.sets.map((x) => x.before)]) insertSorted(out, r);
+    }
+    return out;
+  }
+
   private insert(r: Region): void {
     this._bytes += r.size;
     this.byId.set(r.id, r);

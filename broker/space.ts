@@ -73,6 +73,7 @@ import { checkSubscribers } from './policy.js';
 import { DirtyLogging } from './dirty-log.js';
 import { DEFAULT_FENCE_OPTIONS, Fences, type FenceOptions, type Holder, type HolderReason } from './fence.js';
 import { IoSpaces } from './ioas.js';
+import { Pipeline, type FanOutResult } from './pipeline.js';
 import { PAGE_SIZE } from '../native/index.js';
 import { SpaceEvents } from './watch.js';
 
@@ -106,6 +107,11 @@ export interface SpaceOptions {
    * owner). A broker process that can restart under running clients starts unpublished: see PUBLISH.
    */
   published?: boolean;
+  /**
+   * The most transactions in flight at once (feature PIPELINE, broker/pipeline.ts). 1 (the default): one at
+   * a time, and the feature is not offered.
+   */
+  pipeline?: number;
 }
 
 /** The backings whose memory a transaction takes away: removed regions', and regions made read-only. */
@@ -122,12 +128,6 @@ interface Vote {
   addOnly: Set<SubscriberSession>;
   /** Rolled back because a client dropped holding what the transaction takes away: vote again. */
   retry?: true;
-}
-
-interface FanOutResult {
-  results: Map<SubscriberSession, AckResult>;
-  /** Holders of the subscribers evicted for missing the deadline. */
-  timedOut: Holder[];
 }
 
 const describeHolders = (hs: readonly Holder[]) =>
@@ -162,12 +162,17 @@ export class AddressSpace {
   /** Holders of subscribers that sent DETACH, fenced when their connection closes. */
   private readonly leaving = new Map<SubscriberSession, Holder>();
   /**
-   * Set while a commit waits, before its vote, for holders to be fenced: a holder that reconnects then is
-   * synced at once instead of queueing behind that commit (its reconcile is what the commit waits for).
+   * Set while a commit waits for holders to be fenced (before its vote, and after its finish round): a
+   * holder that reconnects then is synced at once instead of queueing behind that commit (its reconcile is
+   * what the commit waits for). See resumeHolder().
    */
   private fenceWindow = false;
+  /** Syncs of resuming holders that arrived while a transaction ran outside its fence window (resumeHolder()). */
+  private readonly resumers = new Set<() => Promise<unknown>>();
   /** What happens here, as it happens: for watchers, HISTORY and metrics (broker/watch.ts, broker/metrics.ts). */
   readonly events: SpaceEvents;
+  /** Pipelined transactions in flight (feature PIPELINE): the map holds their plans until they commit or are void. */
+  private readonly pipeline: Pipeline;
 
   constructor(
     readonly name: string,
@@ -207,9 +212,7 @@ export class AddressSpace {
       isOwner: (s) => this.owner === s,
       admitCommit: () => this.admitCommit(),
       enqueue: (work, counted) => this.enqueue(work, counted),
-      get fencing() {
-        return space.fenceWindow;
-      },
+      resumeHolder: (session, run) => this.resumeHolder(session, run),
       fenceHolders: (holders, generation) => this.fenceHolders(holders, generation),
       runVote: (...args) => this.runVote(...args),
       finish: (...args) => this.finish(...args),
@@ -217,14 +220,37 @@ export class AddressSpace {
       evict: (s, err) => this.evict(s, err),
       refusal: (client, cause, generation) => this.refusal(client, cause, generation),
     });
+    this.pipeline = new Pipeline(
+      {
+        log: this.log,
+        ackTimeoutMs: this.limits.ackTimeoutMs,
+        map: this.map,
+        fences: this.fences,
+        subscribers: () => this.subscribers,
+        isSubscribed: (s) => this.subscribers.has(s),
+        fanOut: (...args) => this.fanOut(...args),
+        access: (plan) => accessOf(plan.adds),
+        sendBackings: (s, access) => this.sendBackings(s, access),
+        evict: (s, err) => this.evict(s, err),
+        refusal: (...args) => this.refusal(...args),
+        committedUnfenced: (...args) => this.committedUnfenced(...args),
+        describeHolders,
+        committed: (plan, generation) => this.apply(plan, generation, false),
+        ended: (plan) => this.ended(plan),
+        unreferenced: (plan) => this.unreferenced(plan),
+        taken: takenBackings,
+      },
+      Math.max(1, opts.pipeline ?? 1),
+    );
   }
 
   get generation(): number {
     return this._generation;
   }
 
+  /** The committed map's regions (pipelined transactions in flight are not in it yet). */
   regions(): readonly Region[] {
-    return this.map.regions();
+    return this.pipeline.length === 0 ? this.map.regions() : this.map.regionsBefore(this.pipeline.plans());
   }
 
   get published(): boolean {
@@ -307,11 +333,35 @@ export class AddressSpace {
       this.log.info({ client: session.ref() }, 'subscriber waits for the space to be published');
       return Promise.resolve();
     }
-    if (this.fenceWindow && session.subscriber.resumes !== undefined && this.fences.awaiting(session.subscriber.resumes, session.pid)) {
-      // Nothing was sent for the commit that waits: syncing now is syncing between two transactions.
-      return this.runAttach(session, requestId, msg, false);
-    }
-    return this.enqueue(() => this.runAttach(session, requestId, msg, false), false);
+    return this.resumeHolder(session, () => this.runAttach(session, requestId, msg, false));
+  }
+
+  /**
+   * Runs `run` (a sync of `session`) between transactions. A session resuming a connection that is still
+   * a holder (its reconcile is what a running transaction may wait for: the reconnect grace of
+   * docs/protocol.md "Guarantees") is synced as soon as that transaction opens its fence window (before
+   * its vote, or after its finish round: nothing of it is in flight then, so that is syncing between two
+   * transactions), or after it ended if it opens none; waiting in the queue behind it, its reconcile could
+   * never come within the grace and it would be killed although it came back in time.
+   */
+  private resumeHolder<T>(session: SubscriberSession, run: () => Promise<T>): Promise<T> {
+    const resumes = session.subscriber.resumes;
+    if (resumes === undefined || !this.fences.awaiting(resumes, session.pid)) return this.enqueue(run, false);
+    if (this.fenceWindow) return run();
+    let started: Promise<T> | undefined;
+    const once = () => (started ??= run());
+    this.resumers.add(once);
+    this.log.info({ client: session.ref(), resumes }, 'a holder came back while a transaction runs: it is synced as soon as that transaction waits for fencing');
+    return this.enqueue(() => (this.resumers.delete(once), once()), false);
+  }
+
+  /** Opens the fence window: resuming holders parked by resumeHolder() are synced now. */
+  private openFenceWindow(): void {
+    this.fenceWindow = true;
+    const parked = [...this.resumers];
+    this.resumers.clear();
+    // Its caller (the queued fallback in resumeHolder) gets the outcome; here it is only started.
+    for (const sync of parked) void sync().catch(() => undefined);
   }
 
   /** An observer (feature DIRTY): receives EV_DIRTY after each sync; maps nothing, acks nothing. */
@@ -419,7 +469,7 @@ export class AddressSpace {
   commit(session: Session, ops: readonly CommitOp[], expect: number | undefined): Promise<CommitResult> {
     this.requireOwner(session);
     this.admitCommit();
-    return this.enqueue(() => this.events.commit(session.ref(), ops, this._generation, () => this.runCommit(session, ops, expect)), true);
+    return this.enqueue((release) => this.events.commit(session.ref(), ops, this._generation, () => this.runCommit(session, ops, expect, release)), true, this.pipeline.size > 1);
   }
 
   /** Refuses one more transaction when the queue is full (map commits and IOAS commits alike). */
@@ -497,6 +547,9 @@ export class AddressSpace {
   // --- status / shutdown ----------------------------------------------------------------------------
 
   status(): StatusSpace {
+    // The committed map: transactions of a pipeline window show only once committed.
+    const regions = this.regions();
+    const bytes = sum(regions);
     const clients = [
       ...(this.owner && !this.owner.closed ? [this.owner] : []),
       ...this.subscribers,
@@ -513,7 +566,7 @@ export class AddressSpace {
       transport: s.transport.kind,
       ackedGeneration: s === this.owner ? this._generation : (s.subscriber?.ackedGeneration ?? 0),
       state: s.state === 'leaving' ? ('leaving' as const) : s.subscriber?.waiting ? ('waiting' as const) : s.subscriber?.syncing ? ('syncing' as const) : s.subscriber?.applying ? ('applying' as const) : ('ready' as const),
-      ...(s !== this.owner && s.isSubscriber() ? this.subscriberStatus(s) : {}),
+      ...(s !== this.owner && s.isSubscriber() ? this.subscriberStatus(s, regions.length, bytes) : {}),
     }));
     const pinners = [...this.subscribers].filter((s) => s.subscriber.pins);
     return {
@@ -521,15 +574,15 @@ export class AddressSpace {
       epoch: this.epoch,
       generation: this._generation,
       published: this._published,
-      bytes: this.map.bytes,
+      bytes,
       paused: this.dirtyLog.paused,
       logging: this.dirtyLog.bitmaps.size,
       pinBudget: {
         ...(Number.isFinite(this.limits.pinBudgetBytes) ? { limit: this.limits.pinBudgetBytes } : {}),
-        predicted: pinners.length * this.map.bytes,
+        predicted: pinners.length * bytes,
         actual: pinners.reduce((n, s) => n + (s.subscriber.reported.pinned ?? 0), 0),
       },
-      regions: this.map.regions().map((r) => ({ ...r })),
+      regions: regions.map((r) => ({ ...r })),
       backings: [...this.backings.all()].map((b) => ({ backing: b.id, name: b.name, size: b.size, regions: b.refs, held: b.held, pageSize: b.pageSize, sealed: b.sealed })),
       clients,
       holders: this.fences.status(),
@@ -537,15 +590,15 @@ export class AddressSpace {
     };
   }
 
-  private subscriberStatus({ subscriber: s }: SubscriberSession): Record<string, unknown> {
+  private subscriberStatus({ subscriber: s }: SubscriberSession, count: number, bytes: number): Record<string, unknown> {
     const r = s.reported;
     return {
-      regions: s.coalesce ? s.view.length : this.map.size,
+      regions: s.coalesce ? s.view.length : count,
       ...(Number.isFinite(s.maxRegions) ? { maxRegions: s.maxRegions } : {}),
       coalesce: s.coalesce,
       writes: s.writes,
       ...(s.pins
-        ? { pin: { ...(Number.isFinite(s.pinLimit) ? { limit: s.pinLimit } : {}), predicted: this.map.bytes, ...(r.pinned !== undefined ? { actual: r.pinned } : {}) } }
+        ? { pin: { ...(Number.isFinite(s.pinLimit) ? { limit: s.pinLimit } : {}), predicted: bytes, ...(r.pinned !== undefined ? { actual: r.pinned } : {}) } }
         : {}),
       ...(r.reserved.length > 0 ? { reserved: r.reserved } : {}),
       ...(r.dmaAvailable !== undefined ? { dmaAvailable: r.dmaAvailable } : {}),
@@ -581,14 +634,25 @@ export class AddressSpace {
     if (this.owner !== session) throw new NotOwnerError(`only the owner of ${JSON.stringify(this.name)} may change it`);
   }
 
-  private enqueue<T>(work: () => Promise<T>, counted: boolean): Promise<T> {
+  /**
+   * Runs `work` after the work queued before it. Work that is not `pipelined` also waits until every
+   * pipelined transaction was answered; pipelined work lets the queue go on when it calls `release` (it
+   * sent its transaction), and counts as queued until it is done.
+   */
+  private enqueue<T>(work: (release: () => void) => Promise<T>, counted: boolean, pipelined = false): Promise<T> {
     if (counted) this.queued++;
     this.pendingWork++;
-    const run = this.tail.then(work);
-    this.tail = run.catch(() => undefined).finally(() => {
+    let release = () => {};
+    const released = pipelined ? new Promise<void>((r) => (release = r)) : undefined;
+    const run = this.tail.then(async () => {
+      if (!pipelined && !this.pipeline.idle) await this.pipeline.drained();
+      return work(release);
+    });
+    const done = run.catch(() => undefined).finally(() => {
       if (counted) this.queued--;
       this.pendingWork--;
     });
+    this.tail = released ? Promise.race([released, done]) : done;
     return run;
   }
 
@@ -659,7 +723,16 @@ export class AddressSpace {
     });
   }
 
-  private async runCommit(owner: Session, ops: readonly CommitOp[], expect: number | undefined): Promise<CommitResult> {
+  private async runCommit(owner: Session, ops: readonly CommitOp[], expect: number | undefined, release: () => void): Promise<CommitResult> {
+    if (this.pipeline.size > 1) {
+      const sent = await this.pipelined(owner, ops, expect);
+      if (sent) {
+        release();
+        return sent.answer;
+      }
+      // Not for the window: it runs alone, on the committed map.
+      if (!this.pipeline.idle) await this.pipeline.drained();
+    }
     if (owner.closed || this.owner !== owner) throw new DisconnectedError('the owner disconnected before its commit ran');
     if (expect !== undefined && expect !== this._generation) {
       throw new StaleGenerationError(`expected generation ${expect}, the space is at ${this._generation}`, { generation: this._generation });
@@ -737,7 +810,7 @@ export class AddressSpace {
     }
     // The change is committed: a holder that reconnects now is synced at once, to the map as committed (it
     // is no target of the finish round, which went out before it came back), and its reconcile fences it.
-    this.fenceWindow = true;
+    this.openFenceWindow();
     try {
       return await this.fences.settle([...unfinished, ...holders()], this.limits.ackTimeoutMs);
     } finally {
@@ -762,7 +835,7 @@ export class AddressSpace {
    */
   private async fenceHolders(holders: () => Holder[], generation: number): Promise<void> {
     if (holders().length === 0) return;
-    this.fenceWindow = true;
+    this.openFenceWindow();
     let unfenced: Holder[];
     try {
       unfenced = await this.fences.settle(holders(), this.limits.ackTimeoutMs);
@@ -929,8 +1002,64 @@ export class AddressSpace {
     return { results, timedOut };
   }
 
-  private apply(plan: Plan, generation: number): void {
+  /**
+   * A commit as the next transaction of the pipeline window (feature PIPELINE), when it may join it: planned
+   * against the map the window leaves, committed to it speculatively, and sent. Undefined when it may not
+   * (it then runs alone once the window drained); throws the typed error of a plan that fails.
+   */
+  private async pipelined(owner: Session, ops: readonly CommitOp[], expect: number | undefined): Promise<{ answer: Promise<CommitResult> } | undefined> {
+    await this.pipeline.room();
+    if (owner.closed || this.owner !== owner) throw new DisconnectedError('the owner disconnected before its commit ran');
+    const projected = this._generation + this.pipeline.length;
+    if (expect !== undefined && expect !== projected) {
+      throw new StaleGenerationError(`expected generation ${expect}, the space is at ${projected}${projected !== this._generation ? ` once the ${this.pipeline.length} transactions in flight commit` : ''}`, { generation: projected });
+    }
+    const plan = this.map.plan(ops, this.backings, this.limits.maxRegions);
+    if (plan.ops.length === 0 || !this.pipelineable(plan)) return undefined;
+    checkSubscribers(
+      plan,
+      { count: this.map.size - plan.removes.length + plan.adds.length, bytes: this.map.bytes - sum(plan.removes) + sum(plan.adds), regions: () => this.map.regionsAfter(plan) },
+      this.subscribers,
+      this.limits.pinBudgetBytes,
+    );
+    const generation = projected + 1;
     this.map.commit(plan);
+    for (const r of plan.adds) (this.backings.get(r.backing) as Backing).inflight++;
+    this.events.emit('vote', generation, owner.ref(), plan, 1);
+    return { answer: this.pipeline.send(plan, generation) };
+  }
+
+  /**
+   * Whether a planned transaction may join the pipeline window. Kept to what the window's guarantees were
+   * made for: every subscriber negotiated PIPELINE and follows the map itself (no coalesced view); no dirty
+   * logging and no flag changes (the bitmaps follow the committed map); no IOAS (its mappings are checked
+   * against the committed map); and nobody whose connection ended holds what it takes away (the fence
+   * before the vote, with its retry, is the one-at-a-time path's).
+   */
+  private pipelineable(plan: Plan): boolean {
+    if (plan.sets.length > 0 || plan.adds.some((r) => r.logDirty) || this.dirtyLog.bitmaps.size > 0 || this.ioas.size > 0) return false;
+    for (const s of this.subscribers) if ((s.features & Feature.PIPELINE) === 0 || s.subscriber.coalesce) return false;
+    const taken = takenBackings(plan);
+    return taken.size === 0 || this.fences.holding(taken).length === 0;
+  }
+
+  /** A pipelined transaction ended, committed or not: what it held in flight may be released. */
+  private ended(plan: Plan): void {
+    for (const r of plan.adds) {
+      const b = this.backings.get(r.backing);
+      if (b) b.inflight--;
+    }
+    this.releaseUnused([...plan.backings, ...plan.removes.map((r) => r.backing)]);
+  }
+
+  private unreferenced(plan: Plan): number[] {
+    const touched = new Set(plan.removes.map((r) => r.backing));
+    return [...touched].filter((id) => this.backings.get(id)?.refs === 0 && !this.fences.holds(id));
+  }
+
+  /** `map`: false when the map holds the plan already (a pipelined transaction's). */
+  private apply(plan: Plan, generation: number, map = true): void {
+    if (map) this.map.commit(plan);
     for (const r of plan.removes) (this.backings.get(r.backing) as Backing).refs--;
     for (const r of plan.adds) (this.backings.get(r.backing) as Backing).refs++;
     this._generation = generation;

@@ -43,12 +43,15 @@ import type { IoasApplier, IoasChange } from './ioas-view.js';
 import {
   applyOps,
   applyOpsTo,
+  changeAfter,
   changeFromOps,
+  diff,
   diffRegions,
   inverse,
   isEmpty,
   splitChange,
   toView,
+  undoneViews,
   type Applier,
   type ApplyContext,
   type Change,
@@ -179,10 +182,17 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
   /** Region id -> key of what is established (what a transaction's ops name). */
   private readonly keyById = new Map<number, string>();
   /**
-   * A transaction applied and acked but not yet committed or rolled back; for a two-phase transaction,
-   * `commit` is what is left to establish once it is committed.
+   * Transactions applied (voted on) and acked but not yet committed or rolled back, oldest first: at most
+   * one, unless the broker pipelines (feature PIPELINE). For a two-phase transaction, `commit` is what is
+   * left to establish once it is committed; `vote` what its vote established; `after` the map once it is
+   * committed (made when a later transaction needs it).
    */
-  private pending: { generation: number; ops: readonly TxnOp[]; commit?: Change } | undefined;
+  private pending: { generation: number; ops: readonly TxnOp[]; vote: Change; commit?: Change; after?: Map<number, Region> }[] = [];
+  /**
+   * Feature PIPELINE: the generation this client refused; later ones are refused too, until it is rolled back
+   * or a transaction reuses its number.
+   */
+  private refused: number | undefined;
   private readonly backings = new Map<number, LocalBacking>();
   /** Dirty bitmaps and the paused state (feature DIRTY). */
   readonly dirty = new DirtyLog();
@@ -455,6 +465,10 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
     for (const w of this.syncWaiters) w.reject(new DisconnectedError('the connection closed before the sync completed', reason ? { cause: reason } : {}));
     this.syncWaiters = [];
     if (this.closing) return;
+    // A change of that connection still being applied is void: nobody can hear its ack, and the broker
+    // rolls it back or re-syncs us. Undone now, so the resync after the reconnect is not queued behind it
+    // (a listener holding it would keep the resync, and the reconcile the broker waits for, from coming).
+    this.inflight?.abort.abort(new DisconnectedError('the connection closed while the change was being applied', reason ? { cause: reason } : {}));
     this.emit('disconnected', reason);
     // During the first attach, start() decides whether to try again.
     if (this.opts.reconnect === false || this.starting) return;
@@ -525,7 +539,9 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
         }
         return;
       case Msg.EV_TXN:
-        this.cancelRemoved(msg.ops);
+        // Not with PIPELINE: a transaction of a window may still be rolled back, and a region it removes
+        // must then be fully established (pinned) after all.
+        if ((conn.features & Feature.PIPELINE) === 0) this.cancelRemoved(msg.ops);
         this.enqueue(() => this.onTxn(conn, msg.seq, msg.generation, msg.ops));
         return;
       case Msg.EV_ROLLBACK:
@@ -650,7 +666,8 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
     this.dirty.retain(this.bitmapsSinceAttach);
     this.committed = target;
     this._generation = generation;
-    this.pending = undefined;
+    this.pending = [];
+    this.refused = undefined;
     this.epoch = epoch;
     this.emit('synced', { generation, mode, epoch, change });
     const w = this.syncWaiters.shift();
@@ -659,21 +676,49 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
 
   private async onTxn(conn: Connection, seq: number, generation: number, ops: readonly TxnOp[]): Promise<void> {
     const twoPhase = (conn.features & Feature.TWO_PHASE) !== 0;
+    const pipelined = (conn.features & Feature.PIPELINE) !== 0;
+    if (this.refused !== undefined && generation > this.refused) {
+      // It follows one we refused: the broker rolls both back. Nothing is done for it.
+      this.nack(conn, seq, new CancelledError(`generation ${generation} follows generation ${this.refused}, which this client refused`));
+      return;
+    }
+    // A transaction that reuses the refused number: that one is over (a refusal the broker ran alone, not
+    // in a window, gets its refuser no EV_ROLLBACK).
+    this.refused = undefined;
+    const ahead = pipelined && this.pending.length > 0;
+    // Pipelined behind transactions not committed yet: the change is made against the map they leave, and
+    // (two-phase) adds where their commits remove something wait for this one's commit.
+    const base = ahead ? this.mapAfter(this.pending.length - 1) : undefined;
+    const removing = ahead && twoPhase ? this.pending.flatMap((p) => p.commit?.removed ?? []) : [];
     let commit: Change | undefined;
     // The common case costs O(ops): what is established is the committed map, so the change follows from
     // the ops alone. Anything unusual (a transaction still pending) falls back to a full diff.
     const change = await this.establish(conn, seq, () => {
-      const full =
-        this.pending === undefined
+      const full = base
+        ? changeAfter(ops, base, this.backings, generation)
+        : this.pending.length === 0
           ? changeFromOps(ops, this.committed, this.actual, this.keyById, this.backings, generation)
           : this.fullChange(applyOps(this.committed, ops), generation, 'txn');
       if (!twoPhase) return full;
-      const phases = splitChange(full, (this.opts.maxRegions ?? Number.POSITIVE_INFINITY) - this.actual.size);
+      const phases = splitChange(full, (this.opts.maxRegions ?? Number.POSITIVE_INFINITY) - this.actual.size, removing);
       commit = phases.commit;
       return phases.vote;
       // One 'change' event per part that does something, and one for a transaction that does nothing.
     }, () => commit !== undefined && !isEmpty(commit), () => commit);
-    if (change) this.pending = { generation, ops, ...(commit ? { commit } : {}) };
+    if (!change) {
+      if (pipelined) this.refused = generation;
+      return;
+    }
+    const entry = { generation, ops, vote: change, ...(commit ? { commit } : {}) };
+    if (ahead) this.pending.push(entry);
+    else this.pending = [entry];
+  }
+
+  /** Feature PIPELINE: the map once pending transaction `i` and those before it are committed. */
+  private mapAfter(i: number): Map<number, Region> {
+    const p = this.pending[i] as (typeof this.pending)[number];
+    p.after ??= applyOps(i === 0 ? this.committed : this.mapAfter(i - 1), p.ops);
+    return p.after;
   }
 
   /**
@@ -682,7 +727,8 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
    * this client, since it may still reach what it failed to remove.
    */
   private async onCommitted(conn: Connection, generation: number, seq: number | undefined): Promise<void> {
-    const pending = this.pending?.generation === generation ? this.pending : undefined;
+    // Commits come in order: it is the oldest pending transaction.
+    const pending = this.pending[0]?.generation === generation ? this.pending[0] : undefined;
     if (seq !== undefined) {
       if (pending?.commit && !isEmpty(pending.commit)) {
         const rest = pending.commit;
@@ -692,22 +738,29 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
     if (!pending) return;
     applyOpsTo(this.committed, pending.ops);
     this._generation = generation;
-    this.pending = undefined;
+    this.pending.shift();
     this.emit('committed', generation);
   }
 
   private async onRollback(conn: Connection, seq: number, generation: number): Promise<void> {
-    if (this.pending?.generation !== generation) {
+    if (this.refused !== undefined && generation <= this.refused) this.refused = undefined;
+    const i = this.pending.findIndex((p) => p.generation === generation);
+    if (i < 0) {
       // Nothing of that transaction is established here: acking is truthful.
       this.ack(conn, seq);
       return;
     }
-    const staged = this.pending.commit?.added ?? [];
-    const change = await this.establish(conn, seq, () => this.fullChange(this.committed, generation, 'rollback'));
+    // Feature PIPELINE: rollbacks come newest first, so this one is the newest pending; were newer ones still
+    // pending, they would be void too (they were voted on against the map this one leaves).
+    const undone = this.pending.slice(i).reverse();
+    const staged = undone.flatMap((p) => p.commit?.added ?? []);
+    const change = await this.establish(conn, seq, () =>
+      this.pending.length === 1 ? this.fullChange(this.committed, generation, 'rollback') : diff(this.actual, undoneViews(this.actual, undone.map((p) => p.vote)), generation, 'rollback'),
+    );
     if (change) {
       if (staged.length > 0) await this.applier.unstage?.(staged);
-      this.pending = undefined;
-      this.emit('rolledBack', generation);
+      this.pending.splice(i);
+      for (const p of undone) this.emit('rolledBack', p.generation);
     }
   }
 

@@ -276,8 +276,10 @@ export function inverse(c: Change): Change {
  * what is established): the vote holds old and new side by side, so adds beyond it wait for the commit,
  * after the removals made room.
  */
-export function splitChange(c: Change, room = Number.POSITIVE_INFINITY): { vote: Change; commit: Change } {
-  const removed = c.removed;
+export function splitChange(c: Change, room = Number.POSITIVE_INFINITY, removing: readonly ViewRegion[] = []): { vote: Change; commit: Change } {
+  // `removing` (feature PIPELINE): what earlier transactions, voted on and not committed yet, remove at their
+  // commit. An add at addresses they free waits for this transaction's commit, which comes after theirs.
+  const removed = removing.length === 0 ? c.removed : [...c.removed, ...removing];
   const clashes = (a: ViewRegion) => removed.some((r) => a.gpa < r.gpa + r.size && r.gpa < a.gpa + a.size);
   const now: ViewRegion[] = [];
   const later: ViewRegion[] = [];
@@ -292,6 +294,43 @@ export function splitChange(c: Change, room = Number.POSITIVE_INFINITY): { vote:
 
 export function isEmpty(c: Change): boolean {
   return c.removed.length === 0 && c.updated.length === 0 && c.added.length === 0;
+}
+
+/**
+ * Feature PIPELINE: the change a transaction's ops make to `base`, the map the transactions before it leave
+ * once committed (what is established may still lag behind it: their commits are to come), from the ops
+ * alone. The views of what it removes or changes are made from `base`; their keys are those of the
+ * establishments they name.
+ */
+export function changeAfter(ops: readonly TxnOp[], base: ReadonlyMap<number, Region>, backings: ReadonlyMap<number, LocalBacking>, generation: number): Change {
+  const named = new Map<string, ViewRegion>();
+  const keyById = new Map<number, string>();
+  for (const op of ops) {
+    if (op.op === 'add') continue;
+    const r = base.get(op.region);
+    if (!r) continue;
+    const v = toView(r, backings);
+    named.set(v.key, v);
+    keyById.set(r.id, v.key);
+  }
+  return changeFromOps(ops, base, named, keyById, backings, generation);
+}
+
+/**
+ * What is established once each change of `undone` (newest first) is taken back from `actual`: the views the
+ * rollback of a run of pipelined votes must leave.
+ */
+export function undoneViews(actual: ReadonlyMap<string, ViewRegion>, undone: readonly Change[]): ViewRegion[] {
+  const out = new Map(actual);
+  for (const c of undone) {
+    for (const a of c.added) out.delete(a.key);
+    for (const { before, after } of c.updated) {
+      out.delete(after.key);
+      out.set(before.key, before);
+    }
+    for (const r of c.removed) out.set(r.key, r);
+  }
+  return [...out.values()];
 }
 
 /** Applies a transaction's ops (removes, sets, adds) to `map`, in place. */

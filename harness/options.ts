@@ -35,6 +35,8 @@ export interface HarnessOptions {
   hugetlb: number;
   /** I/O address spaces: IOAS operations and faults, and the `shadow` clients attached to them. */
   ioas: boolean;
+  /** The broker's pipeline window (`serve --pipeline`, feature PIPELINE); absent: one transaction at a time. */
+  pipeline?: number;
   /** Plant deliberately broken clients (one skips its unmap, one pins twice): the checks must fail. */
   selfTest: boolean;
   /** Called after every step with its one-line description, and with a line for each violation it found (replay logs, --trace). */

@@ -196,13 +196,13 @@ export class BrokerProc {
    * existed. A restarted broker is measured against it: clients reconnect the moment it listens, so its
    * own census at that moment may already count their connections.
    */
-  static async start(socket: string, space: string, ackTimeoutMs: number, baseline?: FdCensus): Promise<BrokerProc> {
+  static async start(socket: string, space: string, ackTimeoutMs: number, baseline?: FdCensus, pipeline?: number): Promise<BrokerProc> {
     const warnings: string[] = [];
     const proc = await Broker.start({
       socket,
       spaces: [space],
       // Small enough that a slow reader is cut off after a short flood, large for every real message.
-      args: ['--ack-timeout', String(ackTimeoutMs), '--max-outbound', '1M'],
+      args: ['--ack-timeout', String(ackTimeoutMs), '--max-outbound', '1M', ...(pipeline !== undefined ? ['--pipeline', String(pipeline)] : [])],
       keepLines: 1,
       onLine: (l) => {
         if (levelOf(l) < 40) return;

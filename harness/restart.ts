@@ -107,7 +107,7 @@ export async function restartBroker(w: World, ownerAwayMs: number): Promise<{ de
   const surprises: string[] = [];
   let looks = 0;
   try {
-    w.broker = await BrokerProc.start(w.socket, SPACE, w.opts.ackTimeoutMs, w.broker.baseline);
+    w.broker = await BrokerProc.start(w.socket, SPACE, w.opts.ackTimeoutMs, w.broker.baseline, w.opts.pipeline);
     const missing = await allWaiting(w);
     if (missing) w.judged.push({ invariant: 'restart-keeps-memory', problems: [`clients did not reattach and wait on the restarted, unpublished space: ${missing}`] });
     await window.checkKeepsWithSlots('with every client waiting on the unpublished space');

@@ -75,7 +75,7 @@ export class World {
         throw new UnsupportedError(`--hugetlb ${size / 2 ** 20}M: no page could be reserved: ${this.huge.missing ?? 'unknown'} (run as root on a machine with free contiguous memory)`);
       }
     }
-    this.broker = await BrokerProc.start(this.socket, SPACE, this.opts.ackTimeoutMs);
+    this.broker = await BrokerProc.start(this.socket, SPACE, this.opts.ackTimeoutMs, undefined, this.opts.pipeline);
     this.relay = OwnerRelay.start(this.socket, this.ownerSocket, new MomentJudge(this).hooks);
     // `mmbroker serve` starts its spaces unpublished; the (empty) map is authoritative from here on.
     this.owner = await OwnerClient.attach(this.ownerSocket, { space: SPACE, name: 'harness-owner', publish: true });

@@ -24,6 +24,16 @@ export interface NativeError extends Error {
 }
 
 /**
+ * A failed or refused ioctl (KVM, VFIO, iommufd: every one goes through native/src/ioctl_gate.c): a
+ * NativeError with `syscall: 'ioctl'` that also names the request ('VFIO_IOMMU_MAP_DMA'; '0x5413 (not
+ * allowed)' for a number outside the whitelist). The message reads 'ioctl NAME failed: ... (CODE)'.
+ */
+export interface IoctlError extends NativeError {
+  syscall: 'ioctl';
+  request: string;
+}
+
+/**
  * A live mmap of (part of) a file. `buffer` is an external ArrayBuffer over the mapping; munmap()
  * detaches it, so views created from it read as empty afterwards instead of touching unmapped memory.
  * If a Mapping is garbage-collected while still mapped, its finalizer unmaps it.
@@ -332,6 +342,11 @@ export function filePageSize(fd: number): number {
 export function pageSizeName(bytes: number): string {
   for (const [unit, n] of [['GiB', 2 ** 30], ['MiB', 2 ** 20], ['KiB', 2 ** 10]] as const) if (bytes >= n && bytes % n === 0) return `${bytes / n} ${unit}`;
   return `${bytes} bytes`;
+}
+
+/** True if `err` is an ioctl error of the addon (see IoctlError), with the given errno name if one is given. */
+export function isIoctlError(err: unknown, code?: string): err is IoctlError {
+  return isNativeError(err, code) && err.syscall === 'ioctl' && typeof (err as IoctlError).request === 'string';
 }
 
 /** True if `err` is an error raised by the addon with the given errno name. */

@@ -1,12 +1,13 @@
 // The typed face of native/src/kvm.c: the KVM ioctls of the kvm-like client (clients/kvm/).
 //
 // Thin on purpose: TypeScript packs and unpacks the structs (clients/kvm/abi.ts) and decides everything;
-// C checks that a request is one of the few the client uses (anything else throws EPERM before any
-// syscall) and that a struct buffer is exactly the size the request number encodes (RangeError
-// otherwise), then performs the ioctl. Failures are NativeErrors with `syscall: 'ioctl'` and `request`
-// naming the request ('KVM_SET_USER_MEMORY_REGION'); EINTR is retried inside the call, except by
-// KVM_RUN, where it means "kicked" (kvmKick) and is handed back to the caller.
-import { native, type Mapping, type NativeError } from './index.js';
+// C checks, through the addon's one ioctl gate, that a request is one of the few the client uses
+// (anything else throws EPERM before any syscall; a known one through the wrong entry point EINVAL) and
+// that a struct buffer is exactly the size the request number encodes (RangeError otherwise), then
+// performs the ioctl. Failures are IoctlErrors (`syscall: 'ioctl'`, `request` naming the request,
+// 'KVM_SET_USER_MEMORY_REGION'); EINTR is retried inside the call, except by KVM_RUN, where it means
+// "kicked" (kvmKick) and is handed back to the caller.
+import { isIoctlError, native, type IoctlError, type Mapping } from './index.js';
 
 /** Values from linux/kvm.h as this build saw them (the client checks its own table against them). */
 export interface KvmConstants {
@@ -55,10 +56,8 @@ export interface KvmConstants {
   offsetof_kvm_run_immediate_exit: number;
 }
 
-/** A failed KVM ioctl: a NativeError (`syscall: 'ioctl'`) that also names the request. */
-export interface KvmIoctlError extends NativeError {
-  request: string;
-}
+/** A failed KVM ioctl: the addon's one ioctl error shape. */
+export type KvmIoctlError = IoctlError;
 
 export interface KvmNative {
   kvmConstants: KvmConstants;
@@ -112,5 +111,5 @@ export interface KvmNative {
 export const kvm = native as unknown as KvmNative;
 
 export function isKvmIoctlError(err: unknown): err is KvmIoctlError {
-  return err instanceof Error && typeof (err as KvmIoctlError).request === 'string' && typeof (err as KvmIoctlError).code === 'string';
+  return isIoctlError(err);
 }

@@ -2,8 +2,8 @@
 //
 // C issues ioctls and nothing else; clients/vfio/structs.ts packs every structure, per the kernel uAPI
 // headers. C refuses (see vfio.c):
-//   - a request number that is not in its whitelist (EPERM, syscall 'ioctl'), or one used through the
-//     wrong entry point (EINVAL);
+//   - a request number that is not in its whitelist (EPERM), or one used through the wrong entry point
+//     (EINVAL);
 //   - a descriptor that is not of the kind the request is for: container /dev/vfio/vfio, group
 //     /dev/vfio/N, device (VFIO_GROUP_GET_DEVICE_FD's anon inode, or /dev/vfio/devices/vfioN), iommufd
 //     /dev/iommu (ENOTTY);
@@ -20,8 +20,9 @@
 //     `data` for the call and zeroes it again afterwards.
 // The lookup is by request number and descriptor kind: VFIO_BASE + 17 is VFIO_IOMMU_DIRTY_PAGES on a
 // container and VFIO_DEVICE_FEATURE on a device.
-// Failures carry `code` (errno name), `errno` (negative) and `syscall` = the request's name
-// ('VFIO_IOMMU_MAP_DMA'), so a message says which ioctl failed.
+// Failures, refusals included, are the addon's one ioctl error shape (IoctlError in ./index.ts): `code`
+// (errno name), `errno` (negative), `syscall` 'ioctl' and `request` = the request's name
+// ('VFIO_IOMMU_MAP_DMA'), so a message says which ioctl failed. vfioOpen's errors have syscall 'open'.
 import { native } from './index.js';
 
 /** Request numbers C accepts, by their kernel names (as compiled against the system's headers). */

@@ -104,6 +104,11 @@ export const Feature = {
    *  alignment its IOMMU needs for every mapping's IOVA and size, so that the broker counts the client's
    *  DMA mappings and checks that alignment exactly as the client will, before anything is sent. */
   DMA_RULES: 1 << 15,
+  /** Pipelined transactions: EV_TXN of a later transaction may arrive before the earlier ones are committed
+   *  or rolled back; the subscriber applies them in order, votes on each against the map the earlier ones
+   *  leave, gets EV_ROLLBACKs of a refused run newest first, and (with TWO_PHASE) acks every EV_COMMITTED,
+   *  which then always carries a `seq`. A broker offers it only when configured with a window above 1. */
+  PIPELINE: 1 << 16,
 } as const;
 export const ALL_FEATURES =
   Feature.RESUME |
@@ -121,7 +126,8 @@ export const ALL_FEATURES =
   Feature.IOAS |
   Feature.COMPACT_SYNC |
   Feature.MIGRATION |
-  Feature.DMA_RULES;
+  Feature.DMA_RULES |
+  Feature.PIPELINE;
 
 /** Bytes of guest memory one dirty-bitmap bit stands for. */
 export const DIRTY_PAGE_SIZE = 4096;

@@ -130,6 +130,14 @@ describe('error shape', () => {
     expect(() => native.fstat(-1)).toThrow(RangeError);
     expect(native.fstat(fd).size).toBe(PAGE_SIZE);
   });
+
+  it('one ioctl gate and one async-work helper: no other source calls ioctl(2) or queues napi work itself', () => {
+    const src = fileURLToPath(new URL('../native/src/', import.meta.url));
+    const calling = (pattern: RegExp) =>
+      fs.readdirSync(src).filter((f) => f.endsWith('.c') && pattern.test(fs.readFileSync(path.join(src, f), 'utf8').replace(/\/\*[\s\S]*?\*\//g, '')));
+    expect(calling(/\bioctl\s*\(/)).toEqual(['ioctl_gate.c']);
+    expect(calling(/\bnapi_(create|queue)_async_work\b/)).toEqual(['async_work.c']);
+  });
 });
 
 describe('constants', () => {

@@ -220,6 +220,73 @@ describe('Invariant 1: eviction is not fencing', () => {
   });
 });
 
+describe('Invariant 1: a holder that comes back within the grace is reconciled, not killed', () => {
+  it('a client that drops its connection while it holds its vote and reconnects at once is synced in the fence window: alive, and at the moment of done it maps and pins nothing removed', async () => {
+    const { socket } = await broker(['--ack-timeout', '3000']);
+    const o = await owner(socket);
+    const old = await backing(o, 16 * MiB, 'safety-resume-old');
+    const neu = await backing(o, 16 * MiB, 'safety-resume-new');
+    await o.addRegion({ name: 'old', gpa: 0x1_0000_0000, size: 16 * MiB, backing: old.backing });
+    const c = await vfio(socket, 'dropper');
+    expect(reach(c.pid, 'safety-resume-old').mappings).toBeGreaterThan(0);
+    await c.request({ cmd: 'hold-next' }, 'armed');
+    const committing = o.commit([
+      { op: 'remove', region: 'old' },
+      { op: 'add', name: 'new', gpa: 0x2_0000_0000, size: 16 * MiB, backing: neu.backing, offset: 0 },
+    ]);
+    // It applied the add and holds its vote; its connection drops and it reconnects at once (resume.client),
+    // while the broker rolls that vote back: before the fix it waited in the queue behind the transaction,
+    // which waited the grace for its reconcile and then killed it.
+    await c.next('holding');
+    await c.request({ cmd: 'drop' }, 'dropped');
+    const r = await committing;
+    const at = reach(c.pid, 'safety-resume-old');
+    expect(at.alive).toBe(true);
+    expect(at.mappings).toBe(0);
+    expect(reach(c.pid, 'safety-resume-new').mappings).toBeGreaterThan(0);
+    expect(at.lockedKiB).toBeGreaterThanOrEqual(16 * 1024);
+    expect(at.lockedKiB).toBeLessThan(32 * 1024);
+    expect(r.unreferenced).toEqual([old.backing]);
+    const st = await space(socket);
+    expect(st.holders ?? []).toEqual([]);
+    expect(st.clients.filter((x) => x.name === 'dropper').map((x) => x.ackedGeneration)).toEqual([r.generation]);
+    expect(c.child.exitCode).toBeNull();
+  });
+
+  it('a holder that reconnects while the broker rolls the vote back (another client is slow to ack the rollback) is synced in the retry\'s fence window, not queued behind the transaction and killed', async () => {
+    const { socket, proc } = await broker(['--ack-timeout', '3000']);
+    const o = await owner(socket);
+    const old = await backing(o, 16 * MiB, 'safety-resume2-old');
+    const neu = await backing(o, 16 * MiB, 'safety-resume2-new');
+    await o.addRegion({ name: 'old', gpa: 0x1_0000_0000, size: 16 * MiB, backing: old.backing });
+    const c = await vfio(socket, 'dropper');
+    const slow = spawnClient({ socket, space: 'vm0', kind: 'vhost', args: ['--name', 'slow'] });
+    cleanups.push(() => (slow.signal('SIGCONT'), slow.stop()));
+    await slow.next('ready', () => true, 30_000);
+    await c.request({ cmd: 'hold-next' }, 'armed');
+    const committing = o.commit([
+      { op: 'remove', region: 'old' },
+      { op: 'add', name: 'new', gpa: 0x2_0000_0000, size: 16 * MiB, backing: neu.backing, offset: 0 },
+    ]);
+    await Promise.all([c.next('holding'), slow.next('change', (e) => (e.added as string[]).includes('new'))]);
+    // The other client voted; stopped, it answers the rollback only when continued, so the dropper's
+    // reconnect certainly arrives while the broker rolls the first vote back.
+    slow.signal('SIGSTOP');
+    await c.request({ cmd: 'drop' }, 'dropped');
+    await waitFor('the broker to hold the returning dropper', () => proc.lines.some((l) => typeof l.msg === 'string' && l.msg.startsWith('a holder came back while a transaction runs')));
+    slow.signal('SIGCONT');
+    const r = await committing;
+    const at = reach(c.pid, 'safety-resume2-old');
+    expect(at.alive).toBe(true);
+    expect(at.mappings).toBe(0);
+    expect(reach(c.pid, 'safety-resume2-new').mappings).toBeGreaterThan(0);
+    expect(memfdStarts(slow.pid, 'safety-resume2-old')).toEqual([]);
+    expect(r.unreferenced).toEqual([old.backing]);
+    expect((await space(socket)).holders ?? []).toEqual([]);
+    expect(c.child.exitCode).toBeNull();
+  });
+});
+
 describe('Invariant 3: a broker restart tears no memory out of running clients', () => {
   it.runIf(HAVE_KVM)('SIGKILL the broker, start another: the vfio client keeps its pins and the kvm client its memslots until the owner republished, then nothing is remapped', async () => {
     const first = await broker([], { published: false });

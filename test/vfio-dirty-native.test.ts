@@ -12,7 +12,7 @@ import { vfio } from '../native/vfio.js';
 const memfd = createSealedMemfd('mmb-vfio-dirty-native', 4096);
 afterAll(() => native.close(memfd));
 
-function thrown(fn: () => unknown): NodeJS.ErrnoException & { syscall?: string } {
+function thrown(fn: () => unknown): NodeJS.ErrnoException & { syscall?: string; request?: string } {
   try {
     fn();
   } catch (err) {
@@ -57,7 +57,7 @@ describe('VFIO_IOMMU_DIRTY_PAGES (container) and VFIO_DEVICE_FEATURE (device) sh
     const start = pack('vfio_iommu_type1_dirty_bitmap', { flags: VFIO.VFIO_IOMMU_DIRTY_PAGES_FLAG_START });
     expect(thrown(() => vfio.vfioIoctl(memfd, REQUEST.VFIO_IOMMU_DIRTY_PAGES, start, new Uint8Array(8)))).toMatchObject({ code: 'EINVAL' });
     // Everything right: the descriptor check is what stops it here.
-    expect(thrown(() => vfio.vfioIoctl(memfd, REQUEST.VFIO_IOMMU_DIRTY_PAGES, getBitmap(8 << 20, 256), new Uint8Array(256)))).toMatchObject({ code: 'ENOTTY', syscall: 'VFIO_IOMMU_DIRTY_PAGES' });
+    expect(thrown(() => vfio.vfioIoctl(memfd, REQUEST.VFIO_IOMMU_DIRTY_PAGES, getBitmap(8 << 20, 256), new Uint8Array(256)))).toMatchObject({ code: 'ENOTTY', syscall: 'ioctl', request: 'VFIO_IOMMU_DIRTY_PAGES' });
   });
 
   it('DEVICE_FEATURE: only GET or PROBE of MIGRATION (a SET would change the device state)', () => {
@@ -76,7 +76,7 @@ describe('VFIO_IOMMU_DIRTY_PAGES (container) and VFIO_DEVICE_FEATURE (device) sh
 describe('iommufd dirty tracking', () => {
   it('IOMMU_HWPT_ALLOC: DIRTY_TRACKING or NEST_PARENT, data_len bytes behind data_uptr, nothing beyond 40 bytes (fault_id)', () => {
     const ok = pack('iommu_hwpt_alloc', { flags: IOMMUFD.IOMMU_HWPT_ALLOC_DIRTY_TRACKING, dev_id: 1, pt_id: 2 });
-    expect(thrown(() => vfio.vfioIoctl(memfd, REQUEST.IOMMU_HWPT_ALLOC, ok))).toMatchObject({ code: 'ENOTTY', syscall: 'IOMMU_HWPT_ALLOC' });
+    expect(thrown(() => vfio.vfioIoctl(memfd, REQUEST.IOMMU_HWPT_ALLOC, ok))).toMatchObject({ code: 'ENOTTY', syscall: 'ioctl', request: 'IOMMU_HWPT_ALLOC' });
     expect(thrown(() => vfio.vfioIoctl(memfd, REQUEST.IOMMU_HWPT_ALLOC, pack('iommu_hwpt_alloc', { flags: 1 << 2 /* FAULT_ID_VALID */ })))).toMatchObject({ code: 'EINVAL' });
     expect(thrown(() => vfio.vfioIoctl(memfd, REQUEST.IOMMU_HWPT_ALLOC, pack('iommu_hwpt_alloc', {}, 48)))).toMatchObject({ code: 'EINVAL' });
     // The kernel reads data_len bytes through data_uptr: a smaller buffer is ERANGE; the 6.6 size has no pointer.

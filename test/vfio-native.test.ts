@@ -16,7 +16,7 @@ import { ROOT } from './helpers/procs.js';
 const memfd = createSealedMemfd('mmb-vfio-native', 4096);
 afterAll(() => native.close(memfd));
 
-function thrown(fn: () => unknown): NodeJS.ErrnoException & { syscall?: string } {
+function thrown(fn: () => unknown): NodeJS.ErrnoException & { syscall?: string; request?: string } {
   try {
     fn();
   } catch (err) {
@@ -42,7 +42,14 @@ describe('vfioOpen', () => {
 describe('the ioctl whitelist', () => {
   it('refuses request numbers outside the whitelist with EPERM, whatever the entry point', async () => {
     const TIOCGWINSZ = 0x5413;
-    expect(thrown(() => vfio.vfioIoctl(memfd, TIOCGWINSZ, new Uint8Array(64)))).toMatchObject({ code: 'EPERM', syscall: 'ioctl' });
+    // The gate's one error shape (native/src/ioctl_gate.h), the same as KVM's.
+    expect(thrown(() => vfio.vfioIoctl(memfd, TIOCGWINSZ, new Uint8Array(64)))).toMatchObject({
+      code: 'EPERM',
+      errno: -1,
+      syscall: 'ioctl',
+      request: '0x5413 (not allowed)',
+      message: 'ioctl 0x5413 (not allowed) failed: Operation not permitted (EPERM)',
+    });
     expect(thrown(() => vfio.vfioIoctlInt(memfd, TIOCGWINSZ, 0))).toMatchObject({ code: 'EPERM' });
     await expect(vfio.vfioIoctlAsync(memfd, TIOCGWINSZ, new Uint8Array(64))).rejects.toMatchObject({ code: 'EPERM' });
     // VFIO_GROUP_GET_DEVICE_FD only through its own function (it takes a string).
@@ -52,8 +59,8 @@ describe('the ioctl whitelist', () => {
   });
 
   it('refuses a request through the wrong entry point with EINVAL', async () => {
-    expect(thrown(() => vfio.vfioIoctlInt(memfd, REQUEST.VFIO_IOMMU_MAP_DMA, 0))).toMatchObject({ code: 'EINVAL', syscall: 'VFIO_IOMMU_MAP_DMA' });
-    expect(thrown(() => vfio.vfioIoctl(memfd, REQUEST.VFIO_SET_IOMMU, new Uint8Array(8)))).toMatchObject({ code: 'EINVAL', syscall: 'VFIO_SET_IOMMU' });
+    expect(thrown(() => vfio.vfioIoctlInt(memfd, REQUEST.VFIO_IOMMU_MAP_DMA, 0))).toMatchObject({ code: 'EINVAL', syscall: 'ioctl', request: 'VFIO_IOMMU_MAP_DMA' });
+    expect(thrown(() => vfio.vfioIoctl(memfd, REQUEST.VFIO_SET_IOMMU, new Uint8Array(8)))).toMatchObject({ code: 'EINVAL', syscall: 'ioctl', request: 'VFIO_SET_IOMMU' });
     // Only the pinning calls may go to a worker thread.
     await expect(vfio.vfioIoctlAsync(memfd, REQUEST.VFIO_IOMMU_GET_INFO, pack('vfio_iommu_type1_info', {}))).rejects.toMatchObject({ code: 'EINVAL' });
   });
@@ -89,10 +96,13 @@ describe('the ioctl whitelist', () => {
 
   it('issues nothing on a descriptor that is not of the request\'s kind (ENOTTY)', async () => {
     const map = pack('vfio_iommu_type1_dma_map', { flags: 3, vaddr: 0x1000, iova: 0, size: 4096 });
-    expect(thrown(() => vfio.vfioIoctl(memfd, REQUEST.VFIO_IOMMU_GET_INFO, pack('vfio_iommu_type1_info', {})))).toMatchObject({ code: 'ENOTTY', syscall: 'VFIO_IOMMU_GET_INFO' });
+    expect(thrown(() => vfio.vfioIoctl(memfd, REQUEST.VFIO_IOMMU_GET_INFO, pack('vfio_iommu_type1_info', {})))).toMatchObject({ code: 'ENOTTY', syscall: 'ioctl', request: 'VFIO_IOMMU_GET_INFO' });
     expect(thrown(() => vfio.vfioIoctlInt(0, REQUEST.VFIO_GET_API_VERSION, 0))).toMatchObject({ code: 'ENOTTY' });
-    expect(thrown(() => vfio.vfioGroupGetDeviceFd(memfd, '0000:00:01.0'))).toMatchObject({ code: 'ENOTTY', syscall: 'VFIO_GROUP_GET_DEVICE_FD' });
-    await expect(vfio.vfioIoctlAsync(memfd, REQUEST.VFIO_IOMMU_MAP_DMA, map)).rejects.toMatchObject({ code: 'ENOTTY', syscall: 'VFIO_IOMMU_MAP_DMA' });
+    expect(thrown(() => vfio.vfioGroupGetDeviceFd(memfd, '0000:00:01.0'))).toMatchObject({ code: 'ENOTTY', syscall: 'ioctl', request: 'VFIO_GROUP_GET_DEVICE_FD' });
+    // A name the kernel would refuse is its ENAMETOOLONG in the same shape; a non-string a TypeError.
+    expect(thrown(() => vfio.vfioGroupGetDeviceFd(memfd, 'x'.repeat(300)))).toMatchObject({ code: 'ENAMETOOLONG', syscall: 'ioctl', request: 'VFIO_GROUP_GET_DEVICE_FD' });
+    expect(() => vfio.vfioGroupGetDeviceFd(memfd, 5 as unknown as string)).toThrow(TypeError);
+    await expect(vfio.vfioIoctlAsync(memfd, REQUEST.VFIO_IOMMU_MAP_DMA, map)).rejects.toMatchObject({ code: 'ENOTTY', syscall: 'ioctl', request: 'VFIO_IOMMU_MAP_DMA' });
     await expect(vfio.vfioIoctlAsync(memfd, REQUEST.IOMMU_IOAS_MAP, pack('iommu_ioas_map', {}))).rejects.toMatchObject({ code: 'ENOTTY' });
   });
 

@@ -1,11 +1,9 @@
 // The VFIO / iommufd structures clients/vfio/structs.ts packs, against the kernel's own headers: a C
 // probe (test/fixtures/vfio-offsets.c) compiled here with gcc prints sizeof / offsetof / member sizes from
-// the installed linux/vfio.h (and linux/iommufd.h where installed). Structures missing from the installed
+// the installed linux/vfio.h (and linux/iommufd.h where installed), through the layout probe every struct
+// table is checked with (test/helpers/layout-probe.ts; KVM and vhost-user use it too). Structures missing from the installed
 // headers are checked against the layouts of Linux's include/uapi headers, transcribed below.
-import { execFileSync } from 'node:child_process';
-import fs from 'node:fs';
 import os from 'node:os';
-import path from 'node:path';
 import { beforeAll, describe, expect, it } from 'vitest';
 import { vfio } from '../native/vfio.js';
 import {
@@ -23,22 +21,12 @@ import {
   type Layout,
   type StructName,
 } from '../clients/vfio/structs.js';
-import { ROOT } from './helpers/procs.js';
-
-interface Probe {
-  structs: Record<string, { size: number; fields: Record<string, [number, number]> }>;
-  constants: Record<string, number>;
-  requests: Record<string, number>;
-}
+import { expectLayout, runFixtureProbe, type Probe } from './helpers/layout-probe.js';
 
 let probe: Probe;
 
 beforeAll(() => {
-  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'mmb-vfio-probe-'));
-  const exe = path.join(dir, 'vfio-offsets');
-  execFileSync('gcc', ['-std=gnu11', '-Wall', '-Wextra', '-Werror', '-o', exe, path.join(ROOT, 'test/fixtures/vfio-offsets.c')]);
-  probe = JSON.parse(execFileSync(exe, { encoding: 'utf8' })) as Probe;
-  fs.rmSync(dir, { recursive: true });
+  probe = runFixtureProbe('vfio-offsets.c');
 });
 
 /**
@@ -117,19 +105,9 @@ describe('struct layouts against the kernel headers', () => {
   });
 
   it.each(names)('%s: every member at the header\'s offset and size, and the header\'s size', (name) => {
-    const layout: Layout = LAYOUTS[name];
-    const ref = probe.structs[name] ?? UPSTREAM[name];
-    expect(ref, `${name}: neither the installed headers nor the upstream table have it`).toBeDefined();
-    if (!ref) return;
-    for (const [field, at] of Object.entries(layout.fields)) {
-      expect([at.offset, at.size], `${name}.${field}`).toEqual(ref.fields[field]);
-    }
-    // Every member the header has before the end of what we pack is packed too (no member forgotten).
-    for (const [field, [offset, size]] of Object.entries(ref.fields)) {
-      if (offset + size <= layout.size && size > 0) expect(layout.fields, `${name}.${field} is in the header`).toHaveProperty(field);
-    }
-    const sizes = [layout.size, ...(layout.otherSizes ?? [])];
-    expect(sizes, `${name}: sizeof ${ref.size}`).toContain(ref.size);
+    // The installed headers, else the upstream transcription; every member the header has before the end
+    // of what we pack is packed too (no member forgotten).
+    expectLayout(name, LAYOUTS[name], probe.structs[name] ?? UPSTREAM[name]);
   });
 
   it('structs missing from the installed headers are the ones structs.ts says are newer', () => {

@@ -31,6 +31,7 @@ Options:
   --gig-rate RATE   probability that an added region is 1 GiB (default ${d.gigRate})
   --max-map SIZE    most guest memory mapped at once (default ${d.maxMapBytes / 2 ** 30}G)
   --ack-timeout MS  the broker's ack deadline, what a stalled client costs (default ${d.ackTimeoutMs})
+  --pipeline N      the broker pipelines up to N transactions (serve --pipeline; default: one at a time)
   --self-test       also run clients broken on purpose (skip-unmap, pin-twice, ignore-eviction,
                     teardown-on-wait; with --ioas keep-pin-after-unmap) and restart the broker every
                     15th step: each must be caught by name by the invariant it breaks; exits 0 only
@@ -65,6 +66,7 @@ export const harness: Command = {
         hugetlb: { type: 'string' },
         bridge: { type: 'string' },
         ioas: { type: 'boolean' },
+        pipeline: { type: 'string' },
         'self-test': { type: 'boolean' },
         trace: { type: 'boolean' },
         json: { type: 'boolean' }
@@ -85,6 +87,7 @@ export const harness: Command = {
       ...(values['gig-rate'] !== undefined ? { gigRate: rate(values['gig-rate'], '--gig-rate') } : {}),
       ...(values['max-map'] !== undefined ? { maxMapBytes: parseSize(values['max-map'], '--max-map') } : {}),
       ...(values['ack-timeout'] !== undefined ? { ackTimeoutMs: parseCount(values['ack-timeout'], '--ack-timeout') } : {}),
+      ...(values.pipeline !== undefined ? { pipeline: parseCount(values.pipeline, '--pipeline') } : {}),
       ...(values['self-test'] ? { selfTest: true } : {}),
       ...(values.trace ? { onStep: (line: string) => console.error(line) } : {}),
     };

@@ -58,6 +58,8 @@ Options:
   --fence-timeout MS   how long a change waits for such a client to be fenced before it fails with
                        MMB_ERR_NOT_FENCED (default ${DEFAULT_FENCE_OPTIONS.timeoutMs})
   --published          start spaces published (only where no client can outlive a restart of this broker)
+  --pipeline N         pipelined transactions (feature PIPELINE): up to N transactions of a space in flight
+                       at once, to subscribers that negotiated it (default 1: one at a time)
   --pin-budget SIZE    most bytes all pinning (vfio-like) subscribers of a space may pin together;
                        hotplug beyond it is refused before anything changes (default: no budget)
   --socket-mode MODE   permission bits of the socket, octal (default 600): the allow-lists above only
@@ -97,6 +99,7 @@ export const serve: Command = {
       fence: { type: 'string' },
       'fence-timeout': { type: 'string' },
       published: { type: 'boolean' },
+      pipeline: { type: 'string' },
       'socket-mode': { type: 'string' },
       'log-level': { type: 'string' },
       'log-format': { type: 'string' },
@@ -125,6 +128,7 @@ export const serve: Command = {
       spaces: values.space?.length ? values.space : ['default'],
       logger,
       published: values.published ?? false,
+      ...(values.pipeline !== undefined ? { pipeline: parseCount(values.pipeline, '--pipeline') } : {}),
       fence: {
         policy: fencePolicy,
         ...(values['fence-timeout'] ? { timeoutMs: parseCount(values['fence-timeout'], '--fence-timeout') } : {}),

@@ -2,8 +2,11 @@
 // the byte layout of every struct it passes, from linux/kvm.h and asm/kvm.h (x86-64). Pure data and
 // DataView code, no native import: the software stand-in and the planner use it too.
 //
-// test/kvm.test.ts compiles a C program against the installed headers and compares every offset, size
-// and number here with what gcc says, and compares the request numbers with the addon's own.
+// The structs are tables in the one layout format of clients/abi/layout.ts (KVM_LAYOUTS), shared with VFIO
+// and vhost-user; the offset objects below (MEMORY_REGION, REGS, ...) are read from them. test/kvm.test.ts
+// compiles every member with gcc against the installed headers (test/helpers/layout-probe.ts) and compares
+// offsets and sizes, and every number here, and compares the request numbers with the addon's own.
+import { f, layoutCodec, offsets, toNumber, type Layout } from '../abi/layout.js';
 
 // --- ioctl numbers (asm-generic/ioctl.h) ----------------------------------------------------------
 
@@ -13,67 +16,103 @@ const IOC_READ = 2;
 const ioc = (dir: number, type: number, nr: number, size: number): number => ((dir << 30) | (size << 16) | (type << 8) | nr) >>> 0;
 export const KVMIO = 0xae;
 
-// --- struct layouts (byte offsets) ----------------------------------------------------------------
+// --- struct layouts -----------------------------------------------------------------------------
 
-/** struct kvm_userspace_memory_region */
-export const MEMORY_REGION = { size: 32, slot: 0, flags: 4, guest_phys_addr: 8, memory_size: 16, userspace_addr: 24 } as const;
+const u64s = (names: readonly string[], from = 0): Record<string, ReturnType<typeof f>> => Object.fromEntries(names.map((n, i) => [n, f(from + 8 * i, 8)]));
+const seg = (offset: number) => ({ offset, size: 24, struct: 'kvm_segment' });
+const dtab = (offset: number) => ({ offset, size: 16, struct: 'kvm_dtable' });
 
-/** struct kvm_regs (x86-64): 18 u64 */
-export const REGS = {
-  size: 144,
-  rax: 0, rbx: 8, rcx: 16, rdx: 24, rsi: 32, rdi: 40, rsp: 48, rbp: 56,
-  r8: 64, r9: 72, r10: 80, r11: 88, r12: 96, r13: 104, r14: 112, r15: 120,
-  rip: 128, rflags: 136,
-} as const;
+/** Every KVM struct the client passes, by its kernel name (linux/kvm.h; x86-64's asm/kvm.h for the registers). */
+export const KVM_LAYOUTS = {
+  kvm_userspace_memory_region: {
+    header: 'linux/kvm.h',
+    size: 32,
+    fields: { slot: f(0, 4), flags: f(4, 4), guest_phys_addr: f(8, 8), memory_size: f(16, 8), userspace_addr: f(24, 8) },
+  },
+  /** x86-64: 18 u64 */
+  kvm_regs: {
+    header: 'asm/kvm.h',
+    size: 144,
+    fields: {
+      rax: f(0, 8), rbx: f(8, 8), rcx: f(16, 8), rdx: f(24, 8), rsi: f(32, 8), rdi: f(40, 8), rsp: f(48, 8), rbp: f(56, 8),
+      r8: f(64, 8), r9: f(72, 8), r10: f(80, 8), r11: f(88, 8), r12: f(96, 8), r13: f(104, 8), r14: f(112, 8), r15: f(120, 8),
+      rip: f(128, 8), rflags: f(136, 8),
+    },
+  },
+  kvm_segment: {
+    header: 'asm/kvm.h',
+    size: 24,
+    fields: {
+      base: f(0, 8), limit: f(8, 4), selector: f(12, 2), type: f(14, 1), present: f(15, 1), dpl: f(16, 1), db: f(17, 1), s: f(18, 1),
+      l: f(19, 1), g: f(20, 1), avl: f(21, 1), unusable: f(22, 1), padding: f(23, 1),
+    },
+  },
+  kvm_dtable: { header: 'asm/kvm.h', size: 16, fields: { base: f(0, 8), limit: f(8, 2), padding: { offset: 10, size: 6, count: 3 } } },
+  kvm_sregs: {
+    header: 'asm/kvm.h',
+    size: 312,
+    fields: {
+      cs: seg(0), ds: seg(24), es: seg(48), fs: seg(72), gs: seg(96), ss: seg(120), tr: seg(144), ldt: seg(168),
+      gdt: dtab(192), idt: dtab(208),
+      ...(u64s(['cr0', 'cr2', 'cr3', 'cr4', 'cr8', 'efer', 'apic_base'], 224) as Record<'cr0' | 'cr2' | 'cr3' | 'cr4' | 'cr8' | 'efer' | 'apic_base', ReturnType<typeof f>>),
+      interrupt_bitmap: { offset: 280, size: 32, count: 4 },
+    },
+  },
+  /** dirty_bitmap is a pointer C fills in (kvmGetDirtyLog), in a union with a u64 of padding. */
+  kvm_dirty_log: { header: 'linux/kvm.h', size: 16, fields: { slot: f(0, 4), dirty_bitmap: f(8, 8) } },
+  /** One entry of a vCPU's dirty ring (slot = address space id << 16 | slot id). */
+  kvm_dirty_gfn: { header: 'linux/kvm.h', size: 16, fields: { flags: f(0, 4), slot: f(4, 4), offset: f(8, 8) } },
+  /** The header and the exit payloads the client reads (the union starts at 32). */
+  kvm_run: {
+    header: 'linux/kvm.h',
+    size: 2352,
+    partial: true,
+    fields: {
+      request_interrupt_window: f(0, 1),
+      immediate_exit: f(1, 1),
+      exit_reason: f(8, 4),
+      ready_for_interrupt_injection: f(12, 1),
+      if_flag: f(13, 1),
+      flags: f(14, 2),
+      cr8: f(16, 8),
+      apic_base: f(24, 8),
+      hw_hardware_exit_reason: f(32, 8, 'hw.hardware_exit_reason'),
+      fail_entry_hardware_entry_failure_reason: f(32, 8, 'fail_entry.hardware_entry_failure_reason'),
+      fail_entry_cpu: f(40, 4, 'fail_entry.cpu'),
+      io_direction: f(32, 1, 'io.direction'),
+      io_size: f(33, 1, 'io.size'),
+      io_port: f(34, 2, 'io.port'),
+      io_count: f(36, 4, 'io.count'),
+      io_data_offset: f(40, 8, 'io.data_offset'),
+      mmio_phys_addr: f(32, 8, 'mmio.phys_addr'),
+      mmio_data: { offset: 40, size: 8, count: 8, c: 'mmio.data' },
+      mmio_len: f(48, 4, 'mmio.len'),
+      mmio_is_write: f(52, 1, 'mmio.is_write'),
+      internal_suberror: f(32, 4, 'internal.suberror'),
+      internal_ndata: f(36, 4, 'internal.ndata'),
+      internal_data: { offset: 40, size: 128, count: 16, c: 'internal.data' },
+    },
+  },
+} as const satisfies Record<string, Layout>;
 
+const kvmCodec = layoutCodec(KVM_LAYOUTS);
+
+/** struct kvm_userspace_memory_region: offsets by member, and size */
+export const MEMORY_REGION = offsets(KVM_LAYOUTS.kvm_userspace_memory_region);
+/** struct kvm_regs (x86-64) */
+export const REGS = offsets(KVM_LAYOUTS.kvm_regs);
 /** struct kvm_segment */
-export const SEGMENT = {
-  size: 24, base: 0, limit: 8, selector: 12, type: 14, present: 15, dpl: 16, db: 17, s: 18, l: 19, g: 20, avl: 21, unusable: 22,
-} as const;
-
+export const SEGMENT = offsets(KVM_LAYOUTS.kvm_segment);
 /** struct kvm_dtable */
-export const DTABLE = { size: 16, base: 0, limit: 8 } as const;
-
+export const DTABLE = offsets(KVM_LAYOUTS.kvm_dtable);
 /** struct kvm_sregs (x86-64) */
-export const SREGS = {
-  size: 312,
-  cs: 0, ds: 24, es: 48, fs: 72, gs: 96, ss: 120, tr: 144, ldt: 168,
-  gdt: 192, idt: 208,
-  cr0: 224, cr2: 232, cr3: 240, cr4: 248, cr8: 256, efer: 264, apic_base: 272, interrupt_bitmap: 280,
-} as const;
-
+export const SREGS = offsets(KVM_LAYOUTS.kvm_sregs);
 /** struct kvm_dirty_log */
-export const DIRTY_LOG = { size: 16, slot: 0, dirty_bitmap: 8 } as const;
-
-/** struct kvm_dirty_gfn: one entry of a vCPU's dirty ring (slot = address space id << 16 | slot id). */
-export const DIRTY_GFN = { size: 16, flags: 0, slot: 4, offset: 8 } as const;
-
-/** struct kvm_run: the header and the exit payloads the client reads (the union starts at 32). */
-export const RUN = {
-  request_interrupt_window: 0,
-  immediate_exit: 1,
-  exit_reason: 8,
-  ready_for_interrupt_injection: 12,
-  if_flag: 13,
-  flags: 14,
-  cr8: 16,
-  apic_base: 24,
-  hw_hardware_exit_reason: 32,
-  fail_entry_hardware_entry_failure_reason: 32,
-  fail_entry_cpu: 40,
-  io_direction: 32,
-  io_size: 33,
-  io_port: 34,
-  io_count: 36,
-  io_data_offset: 40,
-  mmio_phys_addr: 32,
-  mmio_data: 40,
-  mmio_len: 48,
-  mmio_is_write: 52,
-  internal_suberror: 32,
-  internal_ndata: 36,
-  internal_data: 40,
-} as const;
+export const DIRTY_LOG = offsets(KVM_LAYOUTS.kvm_dirty_log);
+/** struct kvm_dirty_gfn */
+export const DIRTY_GFN = offsets(KVM_LAYOUTS.kvm_dirty_gfn);
+/** struct kvm_run: the header and the exit payloads the client reads */
+export const RUN = offsets(KVM_LAYOUTS.kvm_run);
 
 // --- numbers --------------------------------------------------------------------------------------
 
@@ -172,44 +211,24 @@ export interface MemoryRegionArgs {
 }
 
 export function packMemoryRegion(r: MemoryRegionArgs): Uint8Array {
-  const buf = new Uint8Array(MEMORY_REGION.size);
-  const dv = new DataView(buf.buffer);
-  dv.setUint32(MEMORY_REGION.slot, r.slot, true);
-  dv.setUint32(MEMORY_REGION.flags, r.flags, true);
-  setU64(dv, MEMORY_REGION.guest_phys_addr, r.gpa);
-  setU64(dv, MEMORY_REGION.memory_size, r.size);
-  setU64(dv, MEMORY_REGION.userspace_addr, r.hva);
-  return buf;
+  return kvmCodec.pack('kvm_userspace_memory_region', { slot: r.slot, flags: r.flags, guest_phys_addr: r.gpa, memory_size: r.size, userspace_addr: r.hva });
 }
 
 export function unpackMemoryRegion(buf: Uint8Array): MemoryRegionArgs {
-  const dv = new DataView(buf.buffer, buf.byteOffset, buf.byteLength);
-  return {
-    slot: dv.getUint32(MEMORY_REGION.slot, true),
-    flags: dv.getUint32(MEMORY_REGION.flags, true),
-    gpa: getU64(dv, MEMORY_REGION.guest_phys_addr),
-    size: getU64(dv, MEMORY_REGION.memory_size),
-    hva: getU64(dv, MEMORY_REGION.userspace_addr),
-  };
+  const get = (field: 'slot' | 'flags' | 'guest_phys_addr' | 'memory_size' | 'userspace_addr') => kvmCodec.get('kvm_userspace_memory_region', buf, field);
+  return { slot: get('slot'), flags: get('flags'), gpa: get('guest_phys_addr'), size: get('memory_size'), hva: get('userspace_addr') };
 }
 
-export type RegName = Exclude<keyof typeof REGS, 'size'>;
+export type RegName = keyof typeof KVM_LAYOUTS.kvm_regs.fields;
 export type Regs = Record<RegName, number>;
-const REG_NAMES = Object.keys(REGS).filter((k) => k !== 'size') as RegName[];
 
 export function packRegs(r: Partial<Regs>): Uint8Array {
-  const buf = new Uint8Array(REGS.size);
-  const dv = new DataView(buf.buffer);
-  for (const name of REG_NAMES) setU64(dv, REGS[name], r[name] ?? 0);
-  return buf;
+  return kvmCodec.pack('kvm_regs', r);
 }
 
 export function unpackRegs(buf: Uint8Array): Regs {
-  const dv = new DataView(buf.buffer, buf.byteOffset, buf.byteLength);
-  const out = {} as Regs;
   // A register may hold any 64-bit value: above 2^53 the number is the nearest double.
-  for (const name of REG_NAMES) out[name] = dv.getUint32(REGS[name] + 4, true) * 2 ** 32 + dv.getUint32(REGS[name], true);
-  return out;
+  return Object.fromEntries(Object.entries(kvmCodec.unpack('kvm_regs', buf)).map(([k, v]) => [k, Number(v)])) as Regs;
 }
 
 export interface Segment {
@@ -227,37 +246,19 @@ export interface Segment {
   unusable: number;
 }
 
+const bytesOf = (dv: DataView): Uint8Array => new Uint8Array(dv.buffer, dv.byteOffset, dv.byteLength);
+
+/** The kvm_segment at `at` of a kvm_sregs buffer (throws if its base does not fit a JS number). */
 export function readSegment(dv: DataView, at: number): Segment {
-  return {
-    base: getU64(dv, at + SEGMENT.base),
-    limit: dv.getUint32(at + SEGMENT.limit, true),
-    selector: dv.getUint16(at + SEGMENT.selector, true),
-    type: dv.getUint8(at + SEGMENT.type),
-    present: dv.getUint8(at + SEGMENT.present),
-    dpl: dv.getUint8(at + SEGMENT.dpl),
-    db: dv.getUint8(at + SEGMENT.db),
-    s: dv.getUint8(at + SEGMENT.s),
-    l: dv.getUint8(at + SEGMENT.l),
-    g: dv.getUint8(at + SEGMENT.g),
-    avl: dv.getUint8(at + SEGMENT.avl),
-    unusable: dv.getUint8(at + SEGMENT.unusable),
-  };
+  const s = kvmCodec.unpack('kvm_segment', bytesOf(dv), at);
+  const { base, padding: _padding, ...small } = s;
+  const out = Object.fromEntries(Object.entries(small).map(([k, v]) => [k, Number(v)])) as Omit<Segment, 'base'>;
+  return { base: toNumber(base, 'kvm_segment.base'), ...out };
 }
 
+/** Writes `s` as the kvm_segment at `at` of a kvm_sregs buffer, its padding byte zero. */
 export function writeSegment(dv: DataView, at: number, s: Segment): void {
-  setU64(dv, at + SEGMENT.base, s.base);
-  dv.setUint32(at + SEGMENT.limit, s.limit, true);
-  dv.setUint16(at + SEGMENT.selector, s.selector, true);
-  dv.setUint8(at + SEGMENT.type, s.type);
-  dv.setUint8(at + SEGMENT.present, s.present);
-  dv.setUint8(at + SEGMENT.dpl, s.dpl);
-  dv.setUint8(at + SEGMENT.db, s.db);
-  dv.setUint8(at + SEGMENT.s, s.s);
-  dv.setUint8(at + SEGMENT.l, s.l);
-  dv.setUint8(at + SEGMENT.g, s.g);
-  dv.setUint8(at + SEGMENT.avl, s.avl);
-  dv.setUint8(at + SEGMENT.unusable, s.unusable);
-  dv.setUint8(at + SEGMENT.unusable + 1, 0);
+  kvmCodec.packInto('kvm_segment', bytesOf(dv), at, { ...s, padding: 0 });
 }
 
 /** A flat 4 GiB segment for 32-bit protected mode: base 0, limit 0xfffff pages (g=1), db=1. */

@@ -16,29 +16,10 @@
 // Sizes: we pack the size a structure had when it was introduced, whenever later kernels only appended
 // members that are ignored unless a flag asks for them (the kernel's `minsz` / offsetofend rule): then one
 // packing works on every kernel that has the ioctl. Such structs list their other sizes in `otherSizes`.
-import os from 'node:os';
-import { hex } from '../../protocol/index.js';
+// The layout format, packing and parsing are clients/abi/layout.ts's, shared with KVM and vhost-user.
+import { f, layoutCodec, toNumber, type Layout } from '../abi/layout.js';
 
-const LE = os.endianness() === 'LE';
-
-export interface Field {
-  offset: number;
-  size: 1 | 2 | 4 | 8;
-}
-
-export interface Layout {
-  /** Bytes we pack (see `otherSizes`). Flexible array members are not counted, as in C's sizeof. */
-  size: number;
-  fields: Readonly<Record<string, Field>>;
-  /** Which uAPI header defines it. */
-  header: 'linux/vfio.h' | 'linux/iommufd.h';
-  /** Sizes the struct has in other kernel versions (members appended later, which we do not use). */
-  otherSizes?: readonly number[];
-  /** Kernel release that introduced the struct, when it is newer than bookworm's 6.1 headers. */
-  since?: string;
-}
-
-const f = (offset: number, size: Field['size']): Field => ({ offset, size });
+export { toNumber, type Field, type Layout, type U64 } from '../abi/layout.js';
 
 /** Every structure this client packs or parses, by its kernel name. */
 export const LAYOUTS = {
@@ -327,108 +308,11 @@ export const REQUEST = {
 
 // --- packing --------------------------------------------------------------------------------------
 
-/** A JS number or a bigint for 64-bit fields (IOVA ranges reach 2^64 - 1). */
-export type U64 = number | bigint;
-type Values<S extends StructName> = { [K in keyof (typeof LAYOUTS)[S]['fields']]?: number | bigint };
-
 /**
- * A zeroed buffer of `total` bytes (default the struct's size) with the struct's fields set. The leading
- * size word (argsz / size) is set to `total` unless given: reserved fields and padding stay zero.
+ * pack(name, values, total?): a zeroed buffer of `total` bytes (default the struct's size) with the struct's
+ * fields set, argsz / size set to `total` unless given. packInto, unpack and get as in clients/abi/layout.ts.
  */
-export function pack<S extends StructName>(name: S, values: Values<S>, total: number = LAYOUTS[name].size): Uint8Array {
-  const layout: Layout = LAYOUTS[name];
-  if (total < layout.size) throw new RangeError(`${name}: ${total} bytes is less than its ${layout.size}`);
-  const buf = new Uint8Array(total);
-  const sizeField = 'argsz' in layout.fields ? 'argsz' : 'size' in layout.fields && layout.fields.size?.offset === 0 ? 'size' : undefined;
-  const all: Record<string, number | bigint | undefined> = { ...(sizeField ? { [sizeField]: total } : {}), ...(values as Record<string, number | bigint | undefined>) };
-  for (const [field, value] of Object.entries(all)) {
-    if (value === undefined) continue;
-    const at = layout.fields[field];
-    if (!at) throw new RangeError(`${name} has no field ${field}`);
-    write(buf, at, value, `${name}.${field}`);
-  }
-  return buf;
-}
-
-/** Sets fields of `name` placed at `offset` of `buf` (a struct that follows another one, as VFIO's data[]). */
-export function packInto<S extends StructName>(name: S, buf: Uint8Array, offset: number, values: Values<S>): void {
-  const layout: Layout = LAYOUTS[name];
-  if (offset < 0 || offset + layout.size > buf.length) throw new RangeError(`${name} at ${offset} runs past the ${buf.length}-byte buffer`);
-  for (const [field, value] of Object.entries(values as Record<string, number | bigint | undefined>)) {
-    if (value === undefined) continue;
-    const at = layout.fields[field];
-    if (!at) throw new RangeError(`${name} has no field ${field}`);
-    write(buf, { offset: offset + at.offset, size: at.size }, value, `${name}.${field}`);
-  }
-}
-
-/** Reads every field of `name` at `offset` of `buf` (64-bit fields as bigint). */
-export function unpack<S extends StructName>(name: S, buf: Uint8Array, offset = 0): { [K in keyof (typeof LAYOUTS)[S]['fields']]: bigint } {
-  const layout: Layout = LAYOUTS[name];
-  if (offset < 0 || offset + layout.size > buf.length) {
-    // Some structs are read with only their leading part present (a cap header, a short reply).
-    const end = Math.max(...Object.values(layout.fields).map((x) => x.offset + x.size));
-    if (offset < 0 || offset + end > buf.length) throw new RangeError(`${name} at ${offset} runs past the ${buf.length}-byte buffer`);
-  }
-  const out: Record<string, bigint> = {};
-  for (const [field, at] of Object.entries(layout.fields)) out[field] = read(buf, offset + at.offset, at.size);
-  return out as { [K in keyof (typeof LAYOUTS)[S]['fields']]: bigint };
-}
-
-/** One field, as a number (throws if it is not exactly representable). */
-export function get<S extends StructName>(name: S, buf: Uint8Array, field: keyof (typeof LAYOUTS)[S]['fields'] & string, offset = 0): number {
-  const at = (LAYOUTS[name] as Layout).fields[field] as Field;
-  return toNumber(read(buf, offset + at.offset, at.size), `${name}.${field}`);
-}
-
-export function toNumber(v: bigint, what: string): number {
-  if (v > BigInt(Number.MAX_SAFE_INTEGER)) throw new RangeError(`${what} = ${hex(v)} does not fit a JS number`);
-  return Number(v);
-}
-
-function view(buf: Uint8Array): DataView {
-  return new DataView(buf.buffer, buf.byteOffset, buf.byteLength);
-}
-
-function write(buf: Uint8Array, at: Field, value: number | bigint, what: string): void {
-  const dv = view(buf);
-  const max = at.size === 8 ? 2n ** 64n - 1n : 2n ** BigInt(at.size * 8) - 1n;
-  let v: bigint;
-  if (typeof value === 'bigint') v = value;
-  else {
-    if (!Number.isSafeInteger(value)) throw new RangeError(`${what}: ${value} is not a safe integer`);
-    // Signed 32-bit fields (an fd of -1) are written as their two's complement.
-    v = value < 0 && at.size === 4 && value >= -(2 ** 31) ? BigInt(value >>> 0) : BigInt(value);
-  }
-  if (v < 0n || v > max) throw new RangeError(`${what}: ${value} does not fit ${at.size} bytes`);
-  switch (at.size) {
-    case 1:
-      dv.setUint8(at.offset, Number(v));
-      return;
-    case 2:
-      dv.setUint16(at.offset, Number(v), LE);
-      return;
-    case 4:
-      dv.setUint32(at.offset, Number(v), LE);
-      return;
-    case 8:
-      dv.setBigUint64(at.offset, v, LE);
-  }
-}
-
-function read(buf: Uint8Array, offset: number, size: Field['size']): bigint {
-  const dv = view(buf);
-  switch (size) {
-    case 1:
-      return BigInt(dv.getUint8(offset));
-    case 2:
-      return BigInt(dv.getUint16(offset, LE));
-    case 4:
-      return BigInt(dv.getUint32(offset, LE));
-    case 8:
-      return dv.getBigUint64(offset, LE);
-  }
-}
+export const { pack, packInto, unpack, get } = layoutCodec(LAYOUTS);
 
 // --- capability chains (VFIO INFO ioctls) -------------------------------------------------------------
 

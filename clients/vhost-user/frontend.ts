@@ -34,6 +34,7 @@ import { BackendChannel } from './backend-channel.js';
 import {
   Feature,
   Flag,
+  CONFIG_HEADER_BYTES,
   HEADER_BYTES,
   IOTLB_PROTOCOL_FEATURES,
   MAX_PAYLOAD_BYTES,
@@ -45,6 +46,7 @@ import {
   bit,
   configPayload,
   decodeHeader,
+  readVringState,
   encode,
   iotlbMessages,
   logPayload,
@@ -412,7 +414,7 @@ export class VhostUserFrontend extends EventEmitter<FrontendEvents> {
   async getVringBase(index: number): Promise<number> {
     const p = await this.request(Req.GET_VRING_BASE, vringState(index, 0), [], 'reply');
     if (p.length < 8) throw this.fail(new ProtocolError(`GET_VRING_BASE: reply of ${p.length} bytes`));
-    return p.readUInt32LE(4);
+    return readVringState(p).num;
   }
 
   /** GET_CONFIG (CONFIG protocol feature): `size` bytes of the device's config space at `offset`. */
@@ -420,8 +422,8 @@ export class VhostUserFrontend extends EventEmitter<FrontendEvents> {
     if (!this.hasProtocolFeature(ProtocolFeature.CONFIG)) throw new InvalidArgError('the back-end did not negotiate VHOST_USER_PROTOCOL_F_CONFIG');
     const p = await this.request(Req.GET_CONFIG, configPayload(offset, size), [], 'reply');
     // A back-end signals an error with an empty payload.
-    if (p.length !== 12 + size) throw new ClientRefusedError(`the vhost-user back-end refused GET_CONFIG (reply of ${p.length} bytes)`);
-    return p.subarray(12);
+    if (p.length !== CONFIG_HEADER_BYTES + size) throw new ClientRefusedError(`the vhost-user back-end refused GET_CONFIG (reply of ${p.length} bytes)`);
+    return p.subarray(CONFIG_HEADER_BYTES);
   }
 
   // --- the request machinery ------------------------------------------------------------------------

@@ -7,7 +7,55 @@
 // GET_CONFIG, the shared dirty log (SET_LOG_BASE), the device IOTLB behind a guest IOMMU (IOTLB_MSG, and
 // the back-end's request channel, SET_BACKEND_REQ_FD, on which it reports misses). u64 fields that hold feature bits are bigints (bits 32 and up are used); addresses and sizes
 // are numbers (GPAs fit 52 bits), written as u64.
+//
+// Every message body is a table in the one layout format of clients/abi/layout.ts (VHOST_USER_LAYOUTS),
+// shared with KVM and VFIO. test/vhost-user-layout.test.ts compiles the same members with gcc: the structs
+// the kernel's linux/vhost_types.h defines (vring state and address, the IOTLB message) from that header,
+// the vhost-user-only ones from C structs transcribed from the spec (test/fixtures/vhost-user-structs.h).
 import { InvalidArgError, hex } from '../../protocol/index.js';
+import { f, layoutCodec, type Layout } from '../abi/layout.js';
+
+/** The message header and bodies, by the names QEMU's hw/virtio/vhost-user.c and linux/vhost_types.h give them. */
+export const VHOST_USER_LAYOUTS = {
+  /** VhostUserHeader (packed): every message starts with it. */
+  vhost_user_header: { header: 'vhost-user.rst', size: 12, fields: { request: f(0, 4), flags: f(4, 4), size: f(8, 4) } },
+  /** "A vring state description": SET_VRING_NUM, SET_VRING_BASE, GET_VRING_BASE, SET_VRING_ENABLE. */
+  vhost_vring_state: { header: 'linux/vhost_types.h', size: 8, fields: { index: f(0, 4), num: f(4, 4) } },
+  /** "A vring address description": SET_VRING_ADDR (used comes before avail). */
+  vhost_vring_addr: {
+    header: 'linux/vhost_types.h',
+    size: 40,
+    fields: { index: f(0, 4), flags: f(4, 4), desc_user_addr: f(8, 8), used_user_addr: f(16, 8), avail_user_addr: f(24, 8), log_guest_addr: f(32, 8) },
+  },
+  /** VhostUserMemoryRegion: "memory region description". */
+  vhost_user_memory_region: {
+    header: 'vhost-user.rst',
+    size: 32,
+    fields: { guest_phys_addr: f(0, 8), memory_size: f(8, 8), userspace_addr: f(16, 8), mmap_offset: f(24, 8) },
+  },
+  /** VhostUserMemory: SET_MEM_TABLE's "multiple memory regions description"; regions[] at 8, nregions of them sent. */
+  vhost_user_memory: { header: 'vhost-user.rst', size: 8, fields: { nregions: f(0, 4), padding: f(4, 4) } },
+  /** VhostUserMemRegMsg: ADD_MEM_REG / REM_MEM_REG's "single memory region description". */
+  vhost_user_mem_reg_msg: {
+    header: 'vhost-user.rst',
+    size: 40,
+    fields: { padding: f(0, 8), region: { offset: 8, size: 32, struct: 'vhost_user_memory_region' } },
+  },
+  /** VhostUserLog: SET_LOG_BASE's "log description" (the log's fd rides along). */
+  vhost_user_log: { header: 'vhost-user.rst', size: 16, fields: { mmap_size: f(0, 8), mmap_offset: f(8, 8) } },
+  /** VhostUserConfig: GET_CONFIG / SET_CONFIG's "device config space"; region[] (size bytes) at 12. */
+  vhost_user_config: { header: 'vhost-user.rst', size: 12, fields: { offset: f(0, 4), size: f(4, 4), flags: f(8, 4) } },
+  /** struct vhost_iotlb_msg: IOTLB_MSG both ways (padded to 32 bytes, as QEMU and DPDK send it). */
+  vhost_iotlb_msg: {
+    header: 'linux/vhost_types.h',
+    size: 32,
+    fields: { iova: f(0, 8), size: f(8, 8), uaddr: f(16, 8), perm: f(24, 1), type: f(25, 1) },
+  },
+} as const satisfies Record<string, Layout>;
+
+const codec = layoutCodec(VHOST_USER_LAYOUTS);
+/** The packed bytes as a Buffer (no copy): what sendmsg and the callers take. */
+const asBuffer = (u: Uint8Array): Buffer => Buffer.from(u.buffer, u.byteOffset, u.byteLength);
 
 /** Front-end request ids (the `request` field). */
 export const Req = {
@@ -70,7 +118,7 @@ export const Flag = {
   NEED_REPLY: 0x8,
 } as const;
 
-export const HEADER_BYTES = 12;
+export const HEADER_BYTES = VHOST_USER_LAYOUTS.vhost_user_header.size;
 /** The most payload we accept in a reply (the largest reply we ask for is GET_CONFIG's 256 + 12 bytes). */
 export const MAX_PAYLOAD_BYTES = 4096;
 /** SET_MEM_TABLE carries at most this many regions (VHOST_MEMORY_BASELINE_NREGIONS): one fd each. */
@@ -171,7 +219,7 @@ export interface MemRegion {
   mmapOffset: number;
 }
 
-export const MEM_REGION_BYTES = 32;
+export const MEM_REGION_BYTES = VHOST_USER_LAYOUTS.vhost_user_memory_region.size;
 
 function u64(n: number | bigint, what: string): bigint {
   const v = typeof n === 'bigint' ? n : BigInt(n);
@@ -182,16 +230,14 @@ function u64(n: number | bigint, what: string): bigint {
 /** A whole message: header and payload, ready for sendmsg. */
 export function encode(request: number, flags: number, payload: Uint8Array = new Uint8Array(0)): Buffer {
   const b = Buffer.allocUnsafe(HEADER_BYTES + payload.length);
-  b.writeUInt32LE(request, 0);
-  b.writeUInt32LE(flags, 4);
-  b.writeUInt32LE(payload.length, 8);
+  codec.packInto('vhost_user_header', b, 0, { request, flags, size: payload.length });
   b.set(payload, HEADER_BYTES);
   return b;
 }
 
 export function decodeHeader(b: Uint8Array, at = 0): Header {
-  const v = Buffer.from(b.buffer, b.byteOffset + at, HEADER_BYTES);
-  return { request: v.readUInt32LE(0), flags: v.readUInt32LE(4), size: v.readUInt32LE(8) };
+  const h = codec.unpack('vhost_user_header', b.subarray(at, at + HEADER_BYTES));
+  return { request: Number(h.request), flags: Number(h.flags), size: Number(h.size) };
 }
 
 export function u64Payload(n: number | bigint): Buffer {
@@ -207,22 +253,21 @@ export function readU64(payload: Uint8Array, what: string): bigint {
 
 /** struct vhost_vring_state { u32 index; u32 num; } */
 export function vringState(index: number, num: number): Buffer {
-  const b = Buffer.alloc(8);
-  b.writeUInt32LE(index, 0);
-  b.writeUInt32LE(num, 4);
-  return b;
+  return asBuffer(codec.pack('vhost_vring_state', { index, num }));
 }
+
+/** A struct vhost_vring_state reply (GET_VRING_BASE); the caller checks it is long enough. */
+export function readVringState(payload: Uint8Array): { index: number; num: number } {
+  const v = codec.unpack('vhost_vring_state', payload);
+  return { index: Number(v.index), num: Number(v.num) };
+}
+
+/** GET_CONFIG / SET_CONFIG's header bytes before the config space itself. */
+export const CONFIG_HEADER_BYTES = VHOST_USER_LAYOUTS.vhost_user_config.size;
 
 /** struct vhost_vring_addr { u32 index, flags; u64 desc, used, avail, log } (used comes before avail). */
 export function vringAddr(index: number, desc: bigint, used: bigint, avail: bigint, flags = 0, log = 0n): Buffer {
-  const b = Buffer.alloc(40);
-  b.writeUInt32LE(index, 0);
-  b.writeUInt32LE(flags, 4);
-  b.writeBigUInt64LE(desc, 8);
-  b.writeBigUInt64LE(used, 16);
-  b.writeBigUInt64LE(avail, 24);
-  b.writeBigUInt64LE(log, 32);
-  return b;
+  return asBuffer(codec.pack('vhost_vring_addr', { index, flags, desc_user_addr: desc, used_user_addr: used, avail_user_addr: avail, log_guest_addr: log }));
 }
 
 /** The u64 of SET_VRING_KICK / SET_VRING_CALL: the ring index (bits 0-7), bit 8 set when no fd is sent. */
@@ -232,10 +277,12 @@ export function vringFdPayload(index: number, noFd = false): Buffer {
 }
 
 function writeRegion(b: Buffer, at: number, r: MemRegion): void {
-  b.writeBigUInt64LE(u64(r.gpa, 'gpa'), at);
-  b.writeBigUInt64LE(u64(r.size, 'size'), at + 8);
-  b.writeBigUInt64LE(u64(r.uaddr, 'userspace_addr'), at + 16);
-  b.writeBigUInt64LE(u64(r.mmapOffset, 'mmap_offset'), at + 24);
+  codec.packInto('vhost_user_memory_region', b, at, {
+    guest_phys_addr: u64(r.gpa, 'gpa'),
+    memory_size: u64(r.size, 'size'),
+    userspace_addr: u64(r.uaddr, 'userspace_addr'),
+    mmap_offset: u64(r.mmapOffset, 'mmap_offset'),
+  });
 }
 
 /** SET_MEM_TABLE's payload: { u32 nregions, u32 padding, regions[nregions] }; one fd per region, same order. */
@@ -244,34 +291,31 @@ export function memTable(regions: readonly MemRegion[]): Buffer {
     throw new InvalidArgError(`SET_MEM_TABLE carries at most ${MEM_TABLE_MAX_REGIONS} regions, got ${regions.length}`);
   }
   // As QEMU does: nregions entries, not the whole 8-entry array.
-  const b = Buffer.alloc(8 + regions.length * MEM_REGION_BYTES);
-  b.writeUInt32LE(regions.length, 0);
-  regions.forEach((r, i) => writeRegion(b, 8 + i * MEM_REGION_BYTES, r));
+  const head = VHOST_USER_LAYOUTS.vhost_user_memory.size;
+  const b = Buffer.alloc(head + regions.length * MEM_REGION_BYTES);
+  codec.packInto('vhost_user_memory', b, 0, { nregions: regions.length });
+  regions.forEach((r, i) => writeRegion(b, head + i * MEM_REGION_BYTES, r));
   return b;
 }
 
 /** ADD_MEM_REG / REM_MEM_REG payload: { u64 padding, region }. */
 export function memReg(r: MemRegion): Buffer {
-  const b = Buffer.alloc(8 + MEM_REGION_BYTES);
-  writeRegion(b, 8, r);
+  const msg = VHOST_USER_LAYOUTS.vhost_user_mem_reg_msg;
+  const b = Buffer.alloc(msg.size);
+  writeRegion(b, msg.fields.region.offset, r);
   return b;
 }
 
 /** SET_LOG_BASE payload with LOG_SHMFD: { u64 mmap_size, u64 mmap_offset }; the log's fd rides along. */
 export function logPayload(size: number, offset = 0): Buffer {
-  const b = Buffer.alloc(16);
-  b.writeBigUInt64LE(u64(size, 'log mmap_size'), 0);
-  b.writeBigUInt64LE(u64(offset, 'log mmap_offset'), 8);
-  return b;
+  return asBuffer(codec.pack('vhost_user_log', { mmap_size: u64(size, 'log mmap_size'), mmap_offset: u64(offset, 'log mmap_offset') }));
 }
 
 /** GET_CONFIG / SET_CONFIG payload: { u32 offset, u32 size, u32 flags, u8 payload[size] }. */
 export function configPayload(offset: number, size: number, flags = 0, data?: Uint8Array): Buffer {
-  const b = Buffer.alloc(12 + size);
-  b.writeUInt32LE(offset, 0);
-  b.writeUInt32LE(size, 4);
-  b.writeUInt32LE(flags, 8);
-  if (data) b.set(data.subarray(0, size), 12);
+  const b = Buffer.alloc(CONFIG_HEADER_BYTES + size);
+  codec.packInto('vhost_user_config', b, 0, { offset, size, flags });
+  if (data) b.set(data.subarray(0, size), CONFIG_HEADER_BYTES);
   return b;
 }
 
@@ -294,7 +338,7 @@ export const IotlbPerm = { RO: 1, WO: 2, RW: 3 } as const;
  * struct vhost_iotlb_msg { u64 iova; u64 size; u64 uaddr; u8 perm; u8 type; } padded to 32 bytes, as the
  * kernel header lays it out and as QEMU and DPDK send it (msg.size = sizeof, 32).
  */
-export const IOTLB_MSG_BYTES = 32;
+export const IOTLB_MSG_BYTES = VHOST_USER_LAYOUTS.vhost_iotlb_msg.size;
 
 export interface IotlbMsg {
   iova: number;
@@ -306,11 +350,7 @@ export interface IotlbMsg {
 }
 
 function writeIotlb(b: Buffer, at: number, m: IotlbMsg): void {
-  b.writeBigUInt64LE(u64(m.iova, 'iova'), at);
-  b.writeBigUInt64LE(u64(m.size, 'size'), at + 8);
-  b.writeBigUInt64LE(u64(m.uaddr, 'uaddr'), at + 16);
-  b.writeUInt8(m.perm, at + 24);
-  b.writeUInt8(m.type, at + 25);
+  codec.packInto('vhost_iotlb_msg', b, at, { iova: u64(m.iova, 'iova'), size: u64(m.size, 'size'), uaddr: u64(m.uaddr, 'uaddr'), perm: m.perm, type: m.type });
 }
 
 export function iotlbPayload(m: IotlbMsg): Buffer {
@@ -324,9 +364,7 @@ export function iotlbMessages(msgs: readonly IotlbMsg[], flags: number): Buffer 
   const one = HEADER_BYTES + IOTLB_MSG_BYTES;
   const b = Buffer.alloc(one * msgs.length);
   msgs.forEach((m, i) => {
-    b.writeUInt32LE(Req.IOTLB_MSG, i * one);
-    b.writeUInt32LE(flags, i * one + 4);
-    b.writeUInt32LE(IOTLB_MSG_BYTES, i * one + 8);
+    codec.packInto('vhost_user_header', b, i * one, { request: Req.IOTLB_MSG, flags, size: IOTLB_MSG_BYTES });
     writeIotlb(b, i * one + HEADER_BYTES, m);
   });
   return b;
@@ -334,12 +372,12 @@ export function iotlbMessages(msgs: readonly IotlbMsg[], flags: number): Buffer 
 
 /** Decodes a struct vhost_iotlb_msg; addresses beyond 2^53 are refused (no IOVA we map is that high). */
 export function decodeIotlb(payload: Uint8Array): IotlbMsg {
+  // The members end at 26 (perm, type); the rest is padding a sender may leave out.
   if (payload.length < 26) throw new InvalidArgError(`an IOTLB message of ${payload.length} bytes, expected ${IOTLB_MSG_BYTES}`);
-  const v = Buffer.from(payload.buffer, payload.byteOffset, payload.length);
-  const num = (at: number, what: string) => {
-    const n = v.readBigUInt64LE(at);
+  const m = codec.unpack('vhost_iotlb_msg', payload);
+  const num = (n: bigint, what: string) => {
     if (n > BigInt(Number.MAX_SAFE_INTEGER)) throw new InvalidArgError(`IOTLB message: ${what} ${hex(n)} is beyond 2^53`);
     return Number(n);
   };
-  return { iova: num(0, 'iova'), size: num(8, 'size'), uaddr: v.readBigUInt64LE(16), perm: v.readUInt8(24), type: v.readUInt8(25) };
+  return { iova: num(m.iova, 'iova'), size: num(m.size, 'size'), uaddr: m.uaddr, perm: Number(m.perm), type: Number(m.type) };
 }

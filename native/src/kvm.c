@@ -4,18 +4,19 @@
  * Deliberately thin. TypeScript packs and unpacks the structs (clients/kvm/abi.ts; test/kvm.test.ts
  * compares its offsets with these headers through gcc) and makes every decision. C only
  *   - opens /dev/kvm,
- *   - performs an ioctl from a short whitelist (`requests` below: the ones the client uses), checking
- *     that the argument is of the kind the request takes and that a struct buffer is exactly
- *     _IOC_SIZE(request) bytes, so the kernel never reads or writes past it,
+ *   - performs an ioctl from a short whitelist (`requests` below: the ones the client uses) through the
+ *     addon's ioctl gate (ioctl_gate.h: EPERM outside the table, EINVAL through the wrong entry point),
+ *     checking that a struct buffer is exactly _IOC_SIZE(request) bytes, so the kernel never reads or
+ *     writes past it,
  *   - runs KVM_RUN on a libuv worker thread (it blocks until the guest exits) and kicks it out with a
  *     signal (kvmKick),
  *   - fills the one struct that holds a pointer (kvm_dirty_log) itself,
  *   - enables the dirty ring (KVM_ENABLE_CAP of exactly the two ring capabilities: other capabilities'
  *     arguments can be pointers) and harvests a ring's entries with the memory ordering the ring needs.
- * Anything else is refused with EPERM before any syscall: the addon is not a generic ioctl gate.
+ * Anything else is refused with EPERM before any syscall: the gate passes nothing outside its tables.
  *
- * Errors have the addon's usual shape (code, errno, syscall = "ioctl") plus `request` = the request's
- * name ("KVM_SET_USER_MEMORY_REGION"), and the message names it.
+ * Errors have the gate's shape (code, errno, syscall = "ioctl", request = the request's name,
+ * "KVM_SET_USER_MEMORY_REGION"), and the message names it.
  *
  * File descriptors: /dev/kvm is opened O_CLOEXEC; the kernel creates VM and vCPU fds O_CLOEXEC.
  */
@@ -28,84 +29,41 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/ioctl.h>
 #include <unistd.h>
 
 #include "addon.h"
+#include "async_work.h"
 #include "convert.h"
 #include "errors.h"
+#include "ioctl_gate.h"
 #include "mapping.h"
 
-enum arg_kind {
-  ARG_INT, /* the argument is an integer (or 0) */
-  ARG_FD,  /* the argument is an integer; the result is a new fd */
-  ARG_BUF, /* the argument points to a struct of `size` bytes */
+#define REQ(nr, kind, size) {#nr, nr, MMB_IOCTL_##kind, 0, size, false}
+
+/* The whitelist. KVM_RUN, KVM_GET_DIRTY_LOG and KVM_ENABLE_CAP have their own functions below. */
+static const struct mmb_ioctl requests[] = {
+    REQ(KVM_GET_API_VERSION, VALUE, 0),
+    REQ(KVM_CHECK_EXTENSION, VALUE, 0),
+    REQ(KVM_GET_VCPU_MMAP_SIZE, VALUE, 0),
+    REQ(KVM_CREATE_VM, NEW_FD, 0),
+    REQ(KVM_CREATE_VCPU, NEW_FD, 0),
+    REQ(KVM_SET_USER_MEMORY_REGION, EXACT, sizeof(struct kvm_userspace_memory_region)),
+    REQ(KVM_GET_REGS, EXACT, sizeof(struct kvm_regs)),
+    REQ(KVM_SET_REGS, EXACT, sizeof(struct kvm_regs)),
+    REQ(KVM_GET_SREGS, EXACT, sizeof(struct kvm_sregs)),
+    REQ(KVM_SET_SREGS, EXACT, sizeof(struct kvm_sregs)),
+    REQ(KVM_RESET_DIRTY_RINGS, VALUE, 0),
+    REQ(KVM_GET_DIRTY_LOG, OWN, 0),
+    REQ(KVM_ENABLE_CAP, OWN, 0),
+    /* EINTR is the kick: returned, never retried. */
+    {"KVM_RUN", KVM_RUN, MMB_IOCTL_OWN, 0, 0, true},
 };
 
-struct request {
-  unsigned long nr;
-  const char *name;
-  enum arg_kind kind;
-  size_t size;
-};
+/* KVM does not tell its descriptors apart: a number means one request on /dev/kvm, VM and vCPU fds. */
+static const struct mmb_ioctl_family kvm_family = {"KVM", requests, MMB_COUNT(requests), sizeof requests[0], NULL};
 
-#define REQ(nr, kind, size) {nr, #nr, kind, size}
-
-/* The whitelist. KVM_RUN and KVM_GET_DIRTY_LOG have their own functions below. */
-static const struct request requests[] = {
-    REQ(KVM_GET_API_VERSION, ARG_INT, 0),
-    REQ(KVM_CHECK_EXTENSION, ARG_INT, 0),
-    REQ(KVM_GET_VCPU_MMAP_SIZE, ARG_INT, 0),
-    REQ(KVM_CREATE_VM, ARG_FD, 0),
-    REQ(KVM_CREATE_VCPU, ARG_FD, 0),
-    REQ(KVM_SET_USER_MEMORY_REGION, ARG_BUF, sizeof(struct kvm_userspace_memory_region)),
-    REQ(KVM_GET_REGS, ARG_BUF, sizeof(struct kvm_regs)),
-    REQ(KVM_SET_REGS, ARG_BUF, sizeof(struct kvm_regs)),
-    REQ(KVM_GET_SREGS, ARG_BUF, sizeof(struct kvm_sregs)),
-    REQ(KVM_SET_SREGS, ARG_BUF, sizeof(struct kvm_sregs)),
-    REQ(KVM_RESET_DIRTY_RINGS, ARG_INT, 0),
-};
-
-/* runs on the main thread */
-static const struct request *find_request(int64_t nr) {
-  for (size_t i = 0; i < MMB_COUNT(requests); i++)
-    if ((int64_t)requests[i].nr == nr) return &requests[i];
-  return NULL;
-}
-
-/* Builds the errno error for a failed ioctl `name`. Returns NULL if N-API fails. runs on the main thread */
-static napi_value ioctl_error(napi_env env, int err, const char *name) {
-  napi_value error = mmb_errno_error(env, err, "ioctl");
-  if (error == NULL) return NULL;
-  const char *code = strerrorname_np(err);
-  const char *desc = strerrordesc_np(err);
-  char msg[256];
-  snprintf(msg, sizeof msg, "ioctl %s failed: %s (%s)", name, desc ? desc : "Unknown error", code ? code : "UNKNOWN");
-  napi_value js_msg, js_name;
-  if (napi_create_string_utf8(env, msg, NAPI_AUTO_LENGTH, &js_msg) != napi_ok ||
-      napi_create_string_utf8(env, name, NAPI_AUTO_LENGTH, &js_name) != napi_ok ||
-      napi_set_named_property(env, error, "message", js_msg) != napi_ok ||
-      napi_set_named_property(env, error, "request", js_name) != napi_ok)
-    return NULL;
-  return error;
-}
-
-/* Throws the error built by ioctl_error. Always returns NULL. runs on the main thread */
-static napi_value throw_ioctl(napi_env env, int err, const char *name) {
-  napi_value error = ioctl_error(env, err, name);
-  if (error == NULL)
-    mmb_throw_napi(env, napi_generic_failure, "creating an ioctl error");
-  else
-    napi_throw(env, error);
-  return NULL;
-}
-
-/* Refuses a request that is not whitelisted (or used with the wrong argument kind). runs on the main thread */
-static napi_value refuse(napi_env env, int64_t nr) {
-  char name[64];
-  snprintf(name, sizeof name, "0x%llx (not allowed)", (unsigned long long)nr);
-  return throw_ioctl(env, EPERM, name);
-}
+/* The entry of a request C issues itself (in the table above). runs on any thread */
+static const struct mmb_ioctl *own(unsigned long nr) { return mmb_ioctl_find(&kvm_family, nr, -1); }
 
 /* kvmOpen() -> fd of /dev/kvm, O_RDWR | O_CLOEXEC. runs on the main thread */
 static napi_value kvm_open_js(napi_env env, napi_callback_info info) {
@@ -124,18 +82,13 @@ static napi_value kvm_open_js(napi_env env, napi_callback_info info) {
 static napi_value kvm_ioctl_int_js(napi_env env, napi_callback_info info) {
   napi_value argv[3];
   int fd;
-  int64_t nr, arg;
-  if (!mmb_args(env, info, 3, argv) || !mmb_arg_fd(env, argv[0], &fd) ||
-      !mmb_arg_int64(env, argv[1], 0, UINT32_MAX, "request", &nr) ||
-      !mmb_arg_int64(env, argv[2], 0, UINT32_MAX, "arg", &arg))
-    return NULL;
-  const struct request *req = find_request(nr);
-  if (req == NULL || req->kind == ARG_BUF) return refuse(env, nr);
-  int rc;
-  do rc = ioctl(fd, req->nr, (unsigned long)arg);
-  while (rc < 0 && errno == EINTR);
-  if (rc < 0) return throw_ioctl(env, errno, req->name);
-  if (req->kind == ARG_FD) return mmb_new_fd(env, rc);
+  int64_t arg;
+  if (!mmb_args(env, info, 3, argv) || !mmb_arg_fd(env, argv[0], &fd)) return NULL;
+  const struct mmb_ioctl *req = mmb_ioctl_lookup(env, &kvm_family, argv[1], fd, MMB_ENTRY_INT);
+  if (req == NULL || !mmb_arg_int64(env, argv[2], 0, UINT32_MAX, "arg", &arg)) return NULL;
+  int rc = mmb_ioctl_call(&kvm_family, req, fd, (unsigned long)arg);
+  if (rc < 0) return mmb_throw_ioctl(env, -rc, req->name);
+  if (req->arg == MMB_IOCTL_NEW_FD) return mmb_new_fd(env, rc);
   napi_value result;
   CHECK(napi_create_int32(env, rc, &result));
   return result;
@@ -148,24 +101,18 @@ static napi_value kvm_ioctl_int_js(napi_env env, napi_callback_info info) {
 static napi_value kvm_ioctl_js(napi_env env, napi_callback_info info) {
   napi_value argv[3];
   int fd;
-  int64_t nr;
   uint8_t *data;
   size_t len;
-  if (!mmb_args(env, info, 3, argv) || !mmb_arg_fd(env, argv[0], &fd) ||
-      !mmb_arg_int64(env, argv[1], 0, UINT32_MAX, "request", &nr) ||
-      !mmb_arg_bytes(env, argv[2], "buf", &data, &len))
-    return NULL;
-  const struct request *req = find_request(nr);
-  if (req == NULL || req->kind != ARG_BUF) return refuse(env, nr);
+  if (!mmb_args(env, info, 3, argv) || !mmb_arg_fd(env, argv[0], &fd)) return NULL;
+  const struct mmb_ioctl *req = mmb_ioctl_lookup(env, &kvm_family, argv[1], fd, MMB_ENTRY_STRUCT);
+  if (req == NULL || !mmb_arg_bytes(env, argv[2], "buf", &data, &len)) return NULL;
   if (len != req->size || data == NULL) {
     char msg[128];
     snprintf(msg, sizeof msg, "%s takes a buffer of exactly %zu bytes, got %zu", req->name, req->size, len);
     return mmb_throw_range(env, msg);
   }
-  int rc;
-  do rc = ioctl(fd, req->nr, data);
-  while (rc < 0 && errno == EINTR);
-  if (rc < 0) return throw_ioctl(env, errno, req->name);
+  int rc = mmb_ioctl_call(&kvm_family, req, fd, (unsigned long)(uintptr_t)data);
+  if (rc < 0) return mmb_throw_ioctl(env, -rc, req->name);
   napi_value result;
   CHECK(napi_create_int32(env, rc, &result));
   return result;
@@ -199,10 +146,8 @@ static napi_value kvm_get_dirty_log_js(napi_env env, napi_callback_info info) {
   memset(&log, 0, sizeof log);
   log.slot = (uint32_t)slot;
   log.dirty_bitmap = data;
-  int rc;
-  do rc = ioctl(fd, KVM_GET_DIRTY_LOG, &log);
-  while (rc < 0 && errno == EINTR);
-  if (rc < 0) return throw_ioctl(env, errno, "KVM_GET_DIRTY_LOG");
+  int rc = mmb_ioctl_call(&kvm_family, own(KVM_GET_DIRTY_LOG), fd, (unsigned long)(uintptr_t)&log);
+  if (rc < 0) return mmb_throw_ioctl(env, -rc, "KVM_GET_DIRTY_LOG");
   return NULL;
 }
 
@@ -222,15 +167,13 @@ static napi_value kvm_enable_dirty_ring_js(napi_env env, napi_callback_info info
       !mmb_arg_int64(env, argv[1], 0, UINT32_MAX, "cap", &cap) ||
       !mmb_arg_int64(env, argv[2], 0, UINT32_MAX, "bytes", &bytes))
     return NULL;
-  if (cap != KVM_CAP_DIRTY_LOG_RING && cap != KVM_CAP_DIRTY_LOG_RING_ACQ_REL) return refuse(env, KVM_ENABLE_CAP);
+  if (cap != KVM_CAP_DIRTY_LOG_RING && cap != KVM_CAP_DIRTY_LOG_RING_ACQ_REL) return mmb_ioctl_refuse(env, KVM_ENABLE_CAP);
   struct kvm_enable_cap ec;
   memset(&ec, 0, sizeof ec);
   ec.cap = (uint32_t)cap;
   ec.args[0] = (uint64_t)bytes;
-  int rc;
-  do rc = ioctl(fd, KVM_ENABLE_CAP, &ec);
-  while (rc < 0 && errno == EINTR);
-  if (rc < 0) return throw_ioctl(env, errno, "KVM_ENABLE_CAP");
+  int rc = mmb_ioctl_call(&kvm_family, own(KVM_ENABLE_CAP), fd, (unsigned long)(uintptr_t)&ec);
+  if (rc < 0) return mmb_throw_ioctl(env, -rc, "KVM_ENABLE_CAP");
   return NULL;
 }
 
@@ -284,13 +227,11 @@ static napi_value kvm_dirty_ring_harvest_js(napi_env env, napi_callback_info inf
 #define MMB_SIG_KICK (SIGRTMIN + 6)
 
 struct run_work {
-  int key;          /* the caller's vCPU fd, which kvmKick names */
-  int fd;           /* our own dup of the vCPU fd: the vCPU stays alive and addressed even if JS closes its fd */
-  int err;          /* errno of KVM_RUN, 0 when the guest exited to user space */
-  pthread_t thread; /* valid while linked in `runs` */
+  struct mmb_async base; /* first; base.err: errno of KVM_RUN, 0 when the guest exited to user space */
+  int key;               /* the caller's vCPU fd, which kvmKick names */
+  int fd;                /* our own dup of the vCPU fd: the vCPU stays alive and addressed even if JS closes its fd */
+  pthread_t thread;      /* valid while linked in `runs` */
   struct run_work *next;
-  napi_deferred deferred;
-  napi_async_work work;
 };
 
 /* Works whose thread is inside (or about to enter) KVM_RUN. */
@@ -314,9 +255,8 @@ static int install_kick_handler(void) {
 }
 
 /* runs on a worker thread, no JS access */
-static void run_execute(napi_env env, void *data) {
-  (void)env;
-  struct run_work *w = data;
+static void run_execute(struct mmb_async *a) {
+  struct run_work *w = (struct run_work *)a;
   sigset_t kick;
   sigemptyset(&kick);
   sigaddset(&kick, MMB_SIG_KICK);
@@ -329,7 +269,8 @@ static void run_execute(napi_env env, void *data) {
   pthread_mutex_unlock(&runs_lock);
 
   /* EINTR is not retried: a kick (or any signal) hands control back to JS, which decides. */
-  w->err = ioctl(w->fd, KVM_RUN, 0) == 0 ? 0 : errno;
+  int rc = mmb_ioctl_call(&kvm_family, own(KVM_RUN), w->fd, 0);
+  a->err = rc < 0 ? -rc : 0;
 
   /* Unlinked under the lock: once this returns no kick can target this thread (a kick sent before it
    * has been delivered by now: a pending unblocked signal is handled before any syscall returns). */
@@ -343,17 +284,20 @@ static void run_execute(napi_env env, void *data) {
 }
 
 /* runs on the main thread, after run_execute */
-static void run_complete(napi_env env, napi_status status, void *data) {
-  struct run_work *w = data;
-  int err = status == napi_cancelled ? ECANCELED : w->err;
+static napi_value run_settle(napi_env env, struct mmb_async *a, bool *reject) {
   napi_value value = NULL;
-  if (err == 0 || err == EINTR) {
-    if (napi_get_boolean(env, err == 0, &value) == napi_ok) napi_resolve_deferred(env, w->deferred, value);
-  } else {
-    value = ioctl_error(env, err, "KVM_RUN");
-    if (value != NULL) napi_reject_deferred(env, w->deferred, value);
-  }
-  napi_delete_async_work(env, w->work);
+  *reject = a->err != 0 && a->err != EINTR;
+  if (*reject)
+    value = mmb_ioctl_error(env, a->err, "KVM_RUN");
+  else
+    napi_get_boolean(env, a->err == 0, &value);
+  return value;
+}
+
+/* runs on the main thread, last */
+static void run_release(napi_env env, struct mmb_async *a) {
+  (void)env;
+  struct run_work *w = (struct run_work *)a;
   close(w->fd);
   free(w);
 }
@@ -396,37 +340,23 @@ static napi_value kvm_run_js(napi_env env, napi_callback_info info) {
   CHECK(napi_create_promise(env, &deferred, &promise));
   int fd;
   if (!mmb_args(env, info, 1, argv) || !mmb_arg_fd(env, argv[0], &fd)) {
-    napi_value error;
-    if (napi_get_and_clear_last_exception(env, &error) == napi_ok) napi_reject_deferred(env, deferred, error);
+    mmb_async_reject_pending(env, deferred);
     return promise;
   }
   int handler_err = install_kick_handler();
-  int own = handler_err != 0 ? -1 : fcntl(fd, F_DUPFD_CLOEXEC, 0);
-  struct run_work *w = own < 0 ? NULL : calloc(1, sizeof *w);
+  int own_fd = handler_err != 0 ? -1 : fcntl(fd, F_DUPFD_CLOEXEC, 0);
+  struct run_work *w = own_fd < 0 ? NULL : calloc(1, sizeof *w);
   if (w == NULL) {
-    int err = handler_err != 0 ? handler_err : own < 0 ? errno : ENOMEM;
-    if (own >= 0) close(own);
-    napi_value error = ioctl_error(env, err, "KVM_RUN");
+    int err = handler_err != 0 ? handler_err : own_fd < 0 ? errno : ENOMEM;
+    if (own_fd >= 0) close(own_fd);
+    napi_value error = mmb_ioctl_error(env, err, "KVM_RUN");
     if (error != NULL) napi_reject_deferred(env, deferred, error);
     return promise;
   }
+  w->base = (struct mmb_async){.execute = run_execute, .settle = run_settle, .release = run_release, .deferred = deferred};
   w->key = fd;
-  w->fd = own;
-  w->deferred = deferred;
-  napi_value name;
-  napi_status status = napi_create_string_utf8(env, "KVM_RUN", NAPI_AUTO_LENGTH, &name);
-  if (status == napi_ok) status = napi_create_async_work(env, NULL, name, run_execute, run_complete, w, &w->work);
-  if (status == napi_ok) {
-    status = napi_queue_async_work(env, w->work);
-    if (status != napi_ok) napi_delete_async_work(env, w->work);
-  }
-  if (status != napi_ok) {
-    close(w->fd);
-    free(w);
-    mmb_throw_napi(env, status, "queueing KVM_RUN");
-    napi_value error;
-    if (napi_get_and_clear_last_exception(env, &error) == napi_ok) napi_reject_deferred(env, deferred, error);
-  }
+  w->fd = own_fd;
+  mmb_async_queue(env, &w->base, "KVM_RUN");
   return promise;
 }
 

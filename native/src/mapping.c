@@ -22,6 +22,7 @@
 #include <unistd.h>
 
 #include "addon.h"
+#include "async_work.h"
 #include "convert.h"
 #include "errors.h"
 #include "mapping.h"
@@ -305,49 +306,42 @@ static napi_value munmap_js(napi_env env, napi_callback_info info) {
 /* ---- mlock / munlock ------------------------------------------------------------------------ */
 
 struct lock_work {
+  struct mmb_async base; /* first: the record is freed through it */
   struct mapping *m;
   size_t offset;
   size_t length;
   bool lock; /* mlock, else munlock */
-  int err;   /* errno from the worker, 0 on success */
-  napi_deferred deferred;
-  napi_async_work work;
 };
 
 /* runs on a worker thread, no JS access */
-static void lock_execute(napi_env env, void *data) {
-  (void)env;
-  struct lock_work *w = data;
+static void lock_execute(struct mmb_async *a) {
+  struct lock_work *w = (struct lock_work *)a;
   uint8_t *start = w->m->addr + w->offset;
   int rc = w->lock ? mlock(start, w->length) : munlock(start, w->length);
-  w->err = rc < 0 ? errno : 0;
+  a->err = rc < 0 ? errno : 0;
 }
 
 /* runs on the main thread, after lock_execute */
-static void lock_complete(napi_env env, napi_status status, void *data) {
-  struct lock_work *w = data;
-  const char *syscall = w->lock ? "mlock" : "munlock";
-  w->m->busy--;
-
-  int err = status == napi_cancelled ? ECANCELED : w->err;
+static napi_value lock_settle(napi_env env, struct mmb_async *a, bool *reject) {
+  struct lock_work *w = (struct lock_work *)a;
   napi_value value = NULL;
-  if (err == 0) {
-    if (napi_get_undefined(env, &value) == napi_ok) napi_resolve_deferred(env, w->deferred, value);
-  } else {
-    value = mmb_errno_error(env, err, syscall);
-    if (value != NULL) napi_reject_deferred(env, w->deferred, value);
-  }
-  /* If N-API failed above the promise stays pending; there is no JS caller to throw to here. */
-
-  napi_delete_async_work(env, w->work);
-  mapping_release(w->m);
-  free(w);
+  *reject = a->err != 0;
+  if (a->err == 0)
+    napi_get_undefined(env, &value);
+  else
+    value = mmb_errno_error(env, a->err, w->lock ? "mlock" : "munlock");
+  return value;
 }
 
-/* Rejects `deferred` with the pending exception. runs on the main thread */
-static void reject_with_pending(napi_env env, napi_deferred deferred) {
-  napi_value error;
-  if (napi_get_and_clear_last_exception(env, &error) == napi_ok) napi_reject_deferred(env, deferred, error);
+/* runs on the main thread, last */
+static void lock_release(napi_env env, struct mmb_async *a) {
+  (void)env;
+  struct lock_work *w = (struct lock_work *)a;
+  if (w->m != NULL) {
+    w->m->busy--;
+    mapping_release(w->m);
+  }
+  free(w);
 }
 
 /*
@@ -365,7 +359,7 @@ static napi_value lock_js(napi_env env, napi_callback_info info, bool lock) {
   struct mapping *m = NULL;
   if (!mmb_args(env, info, 3, argv) || (m = unwrap_mapping(env, argv[0])) == NULL ||
       !mmb_arg_size(env, argv[1], "offset", &offset) || !mmb_arg_size(env, argv[2], "length", &length)) {
-    reject_with_pending(env, deferred);
+    mmb_async_reject_pending(env, deferred);
     return promise;
   }
   /* The one check C needs for memory safety: the range must lie inside this live mapping. */
@@ -376,38 +370,25 @@ static napi_value lock_js(napi_env env, napi_callback_info info, bool lock) {
     err = ERANGE;
   if (err != 0) {
     mmb_throw_errno(env, err, syscall);
-    reject_with_pending(env, deferred);
+    mmb_async_reject_pending(env, deferred);
     return promise;
   }
 
   struct lock_work *w = calloc(1, sizeof *w);
   if (w == NULL) {
     mmb_throw_errno(env, ENOMEM, syscall);
-    reject_with_pending(env, deferred);
+    mmb_async_reject_pending(env, deferred);
     return promise;
   }
-  w->m = m;
+  w->base = (struct mmb_async){.execute = lock_execute, .settle = lock_settle, .release = lock_release, .deferred = deferred};
   w->offset = offset;
   w->length = length;
   w->lock = lock;
-  w->deferred = deferred;
-
-  napi_value name;
-  napi_status status = napi_create_string_utf8(env, syscall, NAPI_AUTO_LENGTH, &name);
-  if (status == napi_ok)
-    status = napi_create_async_work(env, NULL, name, lock_execute, lock_complete, w, &w->work);
-  if (status == napi_ok) {
-    status = napi_queue_async_work(env, w->work);
-    if (status != napi_ok) napi_delete_async_work(env, w->work);
-  }
-  if (status != napi_ok) {
-    free(w);
-    mmb_throw_napi(env, status, "queueing mlock/munlock");
-    reject_with_pending(env, deferred);
-    return promise;
-  }
+  /* The work holds the mapping (a reference, and `busy` keeps munmap away) until it is released. */
+  w->m = m;
   m->busy++;
   m->refs++;
+  mmb_async_queue(env, &w->base, syscall);
   return promise;
 }
 

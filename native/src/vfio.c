@@ -32,8 +32,9 @@
  * to choose (they come from GuestMemory's mappings): the kernel pins and maps those pages of this process
  * for a device, which is the purpose of the call, and it never writes through them on our behalf.
  *
- * Errors follow the addon's convention (code, errno, syscall) with `syscall` set to the request's name
- * ("VFIO_IOMMU_MAP_DMA"), so a failure says which ioctl failed.
+ * Every ioctl goes through the addon's ioctl gate (ioctl_gate.h), and so do its errors: code, errno,
+ * syscall = "ioctl" and request = the request's name ("VFIO_IOMMU_MAP_DMA"), so a failure says which
+ * ioctl failed; a refusal by the checks above has the same shape.
  *
  * The iommufd header (<linux/iommufd.h>) and the VFIO cdev ioctls (VFIO_DEVICE_BIND_IOMMUFD, ...) are
  * missing from Debian bookworm's linux-libc-dev 6.1. Their numbers are defined here from Linux's
@@ -50,12 +51,13 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/ioctl.h>
 #include <unistd.h>
 
 #include "addon.h"
+#include "async_work.h"
 #include "convert.h"
 #include "errors.h"
+#include "ioctl_gate.h"
 
 #if defined(__has_include)
 #if __has_include(<linux/iommufd.h>)
@@ -127,13 +129,11 @@ _Static_assert(MMB_VFIO_DEVICE_DETACH_IOMMUFD_PT == VFIO_DEVICE_DETACH_IOMMUFD_P
 
 /* ---- the whitelist ------------------------------------------------------------------------------ */
 
-enum arg_kind {
-  ARG_VALUE,   /* vfioIoctlInt: the int is the argument itself */
-  ARG_S32_PTR, /* vfioIoctlInt: the argument is a pointer to the int (an __s32 fd) */
-  ARG_STRUCT,  /* vfioIoctl / vfioIoctlAsync: a struct whose first __u32 is its size (argsz / size) */
-};
-
-/* What kind of descriptor a request is meant for (bits). */
+/*
+ * What kind of descriptor a request is meant for (bits of mmb_ioctl.fds). Argument kinds: MMB_IOCTL_VALUE
+ * and MMB_IOCTL_S32_PTR (an __s32 fd) through vfioIoctlInt, MMB_IOCTL_SIZED (argsz / size first) through
+ * vfioIoctl and vfioIoctlAsync, MMB_IOCTL_OWN (a device name string) through vfioGroupGetDeviceFd.
+ */
 enum fd_kind {
   FD_CONTAINER = 1 << 0, /* /dev/vfio/vfio */
   FD_GROUP = 1 << 1,     /* /dev/vfio/N */
@@ -149,13 +149,10 @@ enum bound_rule {
 };
 
 struct request {
-  const char *name;
-  unsigned long nr;
-  unsigned fds; /* enum fd_kind bits */
-  enum arg_kind kind;
-  uint32_t minsz;     /* ARG_STRUCT: the kernel's minimum size for the request */
-  uint32_t maxsz;     /* ARG_STRUCT: the largest size word accepted (0: up to the buffer) */
-  int flags_off;      /* ARG_STRUCT: offset of a __u32 flags word to check, or -1 */
+  struct mmb_ioctl io; /* first: the gate's view (name, number, argument kind, enum fd_kind bits) */
+  uint32_t minsz;     /* MMB_IOCTL_SIZED: the kernel's minimum size for the request */
+  uint32_t maxsz;     /* MMB_IOCTL_SIZED: the largest size word accepted (0: up to the buffer) */
+  int flags_off;      /* MMB_IOCTL_SIZED: offset of a __u32 flags word to check, or -1 */
   uint32_t forbidden; /* flag bits that make the kernel follow a pointer C did not validate */
   uint32_t allowed;   /* if not 0: the only flag bits accepted */
   bool async;         /* may run on a worker thread (vfioIoctlAsync) */
@@ -174,61 +171,47 @@ struct request {
 /* Minimum sizes are the kernel's `minsz` (offsetofend of the last field it always reads). */
 static const struct request requests[] = {
     /* container (/dev/vfio/vfio) */
-    {"VFIO_GET_API_VERSION", VFIO_GET_API_VERSION, FD_CONTAINER, ARG_VALUE, 0, 0, -1, 0, 0, false, NOPTR},
-    {"VFIO_CHECK_EXTENSION", VFIO_CHECK_EXTENSION, FD_CONTAINER, ARG_VALUE, 0, 0, -1, 0, 0, false, NOPTR},
-    {"VFIO_SET_IOMMU", VFIO_SET_IOMMU, FD_CONTAINER, ARG_VALUE, 0, 0, -1, 0, 0, false, NOPTR},
-    {"VFIO_IOMMU_GET_INFO", VFIO_IOMMU_GET_INFO, FD_CONTAINER, ARG_STRUCT, 16, 0, -1, 0, 0, false, NOPTR},
-    {"VFIO_IOMMU_MAP_DMA", VFIO_IOMMU_MAP_DMA, FD_CONTAINER, ARG_STRUCT, 32, 0, -1, 0, 0, true, NOPTR},
-    {"VFIO_IOMMU_UNMAP_DMA", VFIO_IOMMU_UNMAP_DMA, FD_CONTAINER, ARG_STRUCT, 24, 0, 4, VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP, 0, true, NOPTR},
+    {{"VFIO_GET_API_VERSION", VFIO_GET_API_VERSION, MMB_IOCTL_VALUE, FD_CONTAINER, 0, false}, 0, 0, -1, 0, 0, false, NOPTR},
+    {{"VFIO_CHECK_EXTENSION", VFIO_CHECK_EXTENSION, MMB_IOCTL_VALUE, FD_CONTAINER, 0, false}, 0, 0, -1, 0, 0, false, NOPTR},
+    {{"VFIO_SET_IOMMU", VFIO_SET_IOMMU, MMB_IOCTL_VALUE, FD_CONTAINER, 0, false}, 0, 0, -1, 0, 0, false, NOPTR},
+    {{"VFIO_IOMMU_GET_INFO", VFIO_IOMMU_GET_INFO, MMB_IOCTL_SIZED, FD_CONTAINER, 0, false}, 16, 0, -1, 0, 0, false, NOPTR},
+    {{"VFIO_IOMMU_MAP_DMA", VFIO_IOMMU_MAP_DMA, MMB_IOCTL_SIZED, FD_CONTAINER, 0, false}, 32, 0, -1, 0, 0, true, NOPTR},
+    {{"VFIO_IOMMU_UNMAP_DMA", VFIO_IOMMU_UNMAP_DMA, MMB_IOCTL_SIZED, FD_CONTAINER, 0, false}, 24, 0, 4, VFIO_DMA_UNMAP_FLAG_GET_DIRTY_BITMAP, 0, true, NOPTR},
     /* START / STOP: the 8-byte header; GET_BITMAP: header + vfio_iommu_type1_dirty_bitmap_get, whose
      * bitmap.data (at 40) C points at `data` after checking bitmap.size (at 32) fits in it. */
-    {"VFIO_IOMMU_DIRTY_PAGES", VFIO_IOMMU_DIRTY_PAGES, FD_CONTAINER, ARG_STRUCT, 8, 48, 4, 0, MMB_DIRTY_PAGES_FLAGS, false,
+    {{"VFIO_IOMMU_DIRTY_PAGES", VFIO_IOMMU_DIRTY_PAGES, MMB_IOCTL_SIZED, FD_CONTAINER, 0, false}, 8, 48, 4, 0, MMB_DIRTY_PAGES_FLAGS, false,
      40, VFIO_IOMMU_DIRTY_PAGES_FLAG_GET_BITMAP, 48, BOUND_COUNT, 32, 8, 1},
     /* group (/dev/vfio/N) */
-    {"VFIO_GROUP_GET_STATUS", VFIO_GROUP_GET_STATUS, FD_GROUP, ARG_STRUCT, 8, 0, -1, 0, 0, false, NOPTR},
-    {"VFIO_GROUP_SET_CONTAINER", VFIO_GROUP_SET_CONTAINER, FD_GROUP, ARG_S32_PTR, 0, 0, -1, 0, 0, false, NOPTR},
-    {"VFIO_GROUP_UNSET_CONTAINER", VFIO_GROUP_UNSET_CONTAINER, FD_GROUP, ARG_VALUE, 0, 0, -1, 0, 0, false, NOPTR},
+    {{"VFIO_GROUP_GET_STATUS", VFIO_GROUP_GET_STATUS, MMB_IOCTL_SIZED, FD_GROUP, 0, false}, 8, 0, -1, 0, 0, false, NOPTR},
+    {{"VFIO_GROUP_SET_CONTAINER", VFIO_GROUP_SET_CONTAINER, MMB_IOCTL_S32_PTR, FD_GROUP, 0, false}, 0, 0, -1, 0, 0, false, NOPTR},
+    {{"VFIO_GROUP_GET_DEVICE_FD", VFIO_GROUP_GET_DEVICE_FD, MMB_IOCTL_OWN, FD_GROUP, 0, false}, 0, 0, -1, 0, 0, false, NOPTR},
+    {{"VFIO_GROUP_UNSET_CONTAINER", VFIO_GROUP_UNSET_CONTAINER, MMB_IOCTL_VALUE, FD_GROUP, 0, false}, 0, 0, -1, 0, 0, false, NOPTR},
     /* device (from VFIO_GROUP_GET_DEVICE_FD, or /dev/vfio/devices/vfioN) */
-    {"VFIO_DEVICE_GET_INFO", VFIO_DEVICE_GET_INFO, FD_DEVICE, ARG_STRUCT, 16, 0, -1, 0, 0, false, NOPTR},
-    {"VFIO_DEVICE_GET_REGION_INFO", VFIO_DEVICE_GET_REGION_INFO, FD_DEVICE, ARG_STRUCT, 32, 0, -1, 0, 0, false, NOPTR},
-    {"VFIO_DEVICE_RESET", VFIO_DEVICE_RESET, FD_DEVICE, ARG_VALUE, 0, 0, -1, 0, 0, false, NOPTR},
+    {{"VFIO_DEVICE_GET_INFO", VFIO_DEVICE_GET_INFO, MMB_IOCTL_SIZED, FD_DEVICE, 0, false}, 16, 0, -1, 0, 0, false, NOPTR},
+    {{"VFIO_DEVICE_GET_REGION_INFO", VFIO_DEVICE_GET_REGION_INFO, MMB_IOCTL_SIZED, FD_DEVICE, 0, false}, 32, 0, -1, 0, 0, false, NOPTR},
+    {{"VFIO_DEVICE_RESET", VFIO_DEVICE_RESET, MMB_IOCTL_VALUE, FD_DEVICE, 0, false}, 0, 0, -1, 0, 0, false, NOPTR},
     /* GET / PROBE of the MIGRATION feature only (a __u64 of flags in data[]); SET would change the device's state. */
-    {"VFIO_DEVICE_FEATURE", VFIO_DEVICE_FEATURE, FD_DEVICE, ARG_STRUCT, 8, 16, 4, 0, MMB_FEATURE_MIGRATION_FLAGS, false, NOPTR},
-    {"VFIO_DEVICE_BIND_IOMMUFD", MMB_VFIO_DEVICE_BIND_IOMMUFD, FD_DEVICE, ARG_STRUCT, 16, 0, 4, MMB_VFIO_DEVICE_BIND_FLAG_TOKEN, 0, false, NOPTR},
-    {"VFIO_DEVICE_ATTACH_IOMMUFD_PT", MMB_VFIO_DEVICE_ATTACH_IOMMUFD_PT, FD_DEVICE, ARG_STRUCT, 12, 0, -1, 0, 0, false, NOPTR},
-    {"VFIO_DEVICE_DETACH_IOMMUFD_PT", MMB_VFIO_DEVICE_DETACH_IOMMUFD_PT, FD_DEVICE, ARG_STRUCT, 8, 0, -1, 0, 0, false, NOPTR},
+    {{"VFIO_DEVICE_FEATURE", VFIO_DEVICE_FEATURE, MMB_IOCTL_SIZED, FD_DEVICE, 0, false}, 8, 16, 4, 0, MMB_FEATURE_MIGRATION_FLAGS, false, NOPTR},
+    {{"VFIO_DEVICE_BIND_IOMMUFD", MMB_VFIO_DEVICE_BIND_IOMMUFD, MMB_IOCTL_SIZED, FD_DEVICE, 0, false}, 16, 0, 4, MMB_VFIO_DEVICE_BIND_FLAG_TOKEN, 0, false, NOPTR},
+    {{"VFIO_DEVICE_ATTACH_IOMMUFD_PT", MMB_VFIO_DEVICE_ATTACH_IOMMUFD_PT, MMB_IOCTL_SIZED, FD_DEVICE, 0, false}, 12, 0, -1, 0, 0, false, NOPTR},
+    {{"VFIO_DEVICE_DETACH_IOMMUFD_PT", MMB_VFIO_DEVICE_DETACH_IOMMUFD_PT, MMB_IOCTL_SIZED, FD_DEVICE, 0, false}, 8, 0, -1, 0, 0, false, NOPTR},
     /* iommufd (/dev/iommu) */
-    {"IOMMU_DESTROY", MMB_IOMMU_DESTROY, FD_IOMMUFD, ARG_STRUCT, 8, 0, -1, 0, 0, false, NOPTR},
-    {"IOMMU_IOAS_ALLOC", MMB_IOMMU_IOAS_ALLOC, FD_IOMMUFD, ARG_STRUCT, 12, 0, -1, 0, 0, false, NOPTR},
-    {"IOMMU_IOAS_IOVA_RANGES", MMB_IOMMU_IOAS_IOVA_RANGES, FD_IOMMUFD, ARG_STRUCT, 32, 0, -1, 0, 0, false, 16, 0, 0, BOUND_COUNT, 8, 4, 16},
-    {"IOMMU_IOAS_MAP", MMB_IOMMU_IOAS_MAP, FD_IOMMUFD, ARG_STRUCT, 40, 0, -1, 0, 0, true, NOPTR},
-    {"IOMMU_IOAS_UNMAP", MMB_IOMMU_IOAS_UNMAP, FD_IOMMUFD, ARG_STRUCT, 24, 0, -1, 0, 0, true, NOPTR},
+    {{"IOMMU_DESTROY", MMB_IOMMU_DESTROY, MMB_IOCTL_SIZED, FD_IOMMUFD, 0, false}, 8, 0, -1, 0, 0, false, NOPTR},
+    {{"IOMMU_IOAS_ALLOC", MMB_IOMMU_IOAS_ALLOC, MMB_IOCTL_SIZED, FD_IOMMUFD, 0, false}, 12, 0, -1, 0, 0, false, NOPTR},
+    {{"IOMMU_IOAS_IOVA_RANGES", MMB_IOMMU_IOAS_IOVA_RANGES, MMB_IOCTL_SIZED, FD_IOMMUFD, 0, false}, 32, 0, -1, 0, 0, false, 16, 0, 0, BOUND_COUNT, 8, 4, 16},
+    {{"IOMMU_IOAS_MAP", MMB_IOMMU_IOAS_MAP, MMB_IOCTL_SIZED, FD_IOMMUFD, 0, false}, 40, 0, -1, 0, 0, true, NOPTR},
+    {{"IOMMU_IOAS_UNMAP", MMB_IOMMU_IOAS_UNMAP, MMB_IOCTL_SIZED, FD_IOMMUFD, 0, false}, 24, 0, -1, 0, 0, true, NOPTR},
     /* A nesting parent or dirty tracking; the kernel reads data_len bytes of driver data through data_uptr
      * (at 32, in a struct of 40 bytes or more): C points it at a checked buffer. fault_id (48 bytes, read
      * only with FAULT_ID_VALID) is refused. */
-    {"IOMMU_HWPT_ALLOC", MMB_IOMMU_HWPT_ALLOC, FD_IOMMUFD, ARG_STRUCT, 24, 40, 4, 0, MMB_IOMMU_HWPT_ALLOC_NEST_PARENT | MMB_IOMMU_HWPT_ALLOC_DIRTY_TRACKING, false,
+    {{"IOMMU_HWPT_ALLOC", MMB_IOMMU_HWPT_ALLOC, MMB_IOCTL_SIZED, FD_IOMMUFD, 0, false}, 24, 40, 4, 0, MMB_IOMMU_HWPT_ALLOC_NEST_PARENT | MMB_IOMMU_HWPT_ALLOC_DIRTY_TRACKING, false,
      32, 0, 40, BOUND_COUNT, 28, 4, 1},
     /* flags must be 0; data_uptr (at 16) gets `data`, data_len (at 12) bytes of it. Up to out_capabilities. */
-    {"IOMMU_GET_HW_INFO", MMB_IOMMU_GET_HW_INFO, FD_IOMMUFD, ARG_STRUCT, 32, 40, 4, UINT32_MAX, 0, false, 16, 0, 0, BOUND_COUNT, 12, 4, 1},
-    {"IOMMU_HWPT_SET_DIRTY_TRACKING", MMB_IOMMU_HWPT_SET_DIRTY_TRACKING, FD_IOMMUFD, ARG_STRUCT, 16, 16, 4, 0, MMB_IOMMU_HWPT_DIRTY_TRACKING_ENABLE, false, NOPTR},
-    {"IOMMU_HWPT_GET_DIRTY_BITMAP", MMB_IOMMU_HWPT_GET_DIRTY_BITMAP, FD_IOMMUFD, ARG_STRUCT, 48, 48, 8, 0, MMB_IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR, false,
+    {{"IOMMU_GET_HW_INFO", MMB_IOMMU_GET_HW_INFO, MMB_IOCTL_SIZED, FD_IOMMUFD, 0, false}, 32, 40, 4, UINT32_MAX, 0, false, 16, 0, 0, BOUND_COUNT, 12, 4, 1},
+    {{"IOMMU_HWPT_SET_DIRTY_TRACKING", MMB_IOMMU_HWPT_SET_DIRTY_TRACKING, MMB_IOCTL_SIZED, FD_IOMMUFD, 0, false}, 16, 16, 4, 0, MMB_IOMMU_HWPT_DIRTY_TRACKING_ENABLE, false, NOPTR},
+    {{"IOMMU_HWPT_GET_DIRTY_BITMAP", MMB_IOMMU_HWPT_GET_DIRTY_BITMAP, MMB_IOCTL_SIZED, FD_IOMMUFD, 0, false}, 48, 48, 8, 0, MMB_IOMMU_HWPT_GET_DIRTY_BITMAP_NO_CLEAR, false,
      40, 0, 0, BOUND_BITMAP, 0, 0, 0},
 };
-
-/*
- * The whitelist entry for request `nr` on a descriptor of kind `kind` (0: unknown): the one meant for that
- * kind when there is one (a number may mean different requests on different kinds), else the first with
- * that number, whose descriptor check then fails with ENOTTY. runs on any thread
- */
-static const struct request *find_request(unsigned long nr, unsigned kind) {
-  const struct request *first = NULL;
-  for (size_t i = 0; i < MMB_COUNT(requests); i++) {
-    if (requests[i].nr != nr) continue;
-    if ((requests[i].fds & kind) != 0) return &requests[i];
-    if (first == NULL) first = &requests[i];
-  }
-  return first;
-}
 
 /* A non-empty string of decimal digits. runs on any thread */
 static bool is_number(const char *p) {
@@ -260,24 +243,13 @@ static unsigned fd_kind(int fd) {
   return 0;
 }
 
-/*
- * Reads the request argument and finds its whitelist entry for descriptor `fd`; EPERM if it is not
- * there. runs on the main thread
- */
-static const struct request *arg_request(napi_env env, napi_value v, int fd, enum arg_kind kind) {
-  int64_t nr;
-  if (!mmb_arg_int64(env, v, 0, UINT32_MAX, "request", &nr)) return NULL;
-  const struct request *r = find_request((unsigned long)nr, fd_kind(fd));
-  if (r == NULL) {
-    mmb_throw_errno(env, EPERM, "ioctl");
-    return NULL;
-  }
-  bool kind_ok = kind == ARG_STRUCT ? r->kind == ARG_STRUCT : r->kind != ARG_STRUCT;
-  if (!kind_ok) {
-    mmb_throw_errno(env, EINVAL, r->name);
-    return NULL;
-  }
-  return r;
+static unsigned fd_kind(int fd);
+
+static const struct mmb_ioctl_family vfio_family = {"VFIO", requests, MMB_COUNT(requests), sizeof requests[0], fd_kind};
+
+/* The gate's lookup (EPERM outside the whitelist, EINVAL through the wrong entry point), as a VFIO entry. runs on the main thread */
+static const struct request *arg_request(napi_env env, napi_value v, int fd, enum mmb_ioctl_entry entry) {
+  return (const struct request *)mmb_ioctl_lookup(env, &vfio_family, v, fd, entry);
 }
 
 /* Reads a native-endian __u32 at `off` (unaligned-safe). runs on any thread */
@@ -312,7 +284,7 @@ static int struct_error(const struct request *r, const uint8_t *arg, size_t len)
 /* Checks a struct argument against its entry, throwing EINVAL. runs on the main thread */
 static bool check_struct(napi_env env, const struct request *r, const uint8_t *arg, size_t len) {
   if (struct_error(r, arg, len) == 0) return true;
-  mmb_throw_errno(env, EINVAL, r->name);
+  mmb_throw_ioctl(env, EINVAL, r->io.name);
   return false;
 }
 
@@ -322,9 +294,9 @@ static bool check_struct(napi_env env, const struct request *r, const uint8_t *a
  * caller meant. runs on the main thread
  */
 static const struct request *entry_for_arg(const struct request *r, int fd, const uint8_t *arg, size_t len) {
-  if ((fd_kind(fd) & r->fds) != 0) return r;
+  if (mmb_ioctl_fd_ok(&vfio_family, &r->io, fd)) return r;
   for (size_t i = 0; i < MMB_COUNT(requests); i++)
-    if (requests[i].nr == r->nr && requests[i].kind == ARG_STRUCT && struct_error(&requests[i], arg, len) == 0) return &requests[i];
+    if (requests[i].io.nr == r->io.nr && requests[i].io.arg == MMB_IOCTL_SIZED && struct_error(&requests[i], arg, len) == 0) return &requests[i];
   return r;
 }
 
@@ -398,14 +370,12 @@ static napi_value ioctl_int_js(napi_env env, napi_callback_info info) {
   int fd;
   int64_t value;
   if (!mmb_args(env, info, 3, argv) || !mmb_arg_fd(env, argv[0], &fd)) return NULL;
-  const struct request *r = arg_request(env, argv[1], fd, ARG_VALUE);
+  const struct request *r = arg_request(env, argv[1], fd, MMB_ENTRY_INT);
   if (r == NULL || !mmb_arg_int64(env, argv[2], INT32_MIN, INT32_MAX, "value", &value)) return NULL;
-  if ((fd_kind(fd) & r->fds) == 0) return mmb_throw_errno(env, ENOTTY, r->name);
   int32_t s32 = (int32_t)value;
-  int rc;
-  do rc = r->kind == ARG_S32_PTR ? ioctl(fd, r->nr, &s32) : ioctl(fd, r->nr, (unsigned long)(uint32_t)s32);
-  while (rc < 0 && errno == EINTR);
-  if (rc < 0) return mmb_throw_errno(env, errno, r->name);
+  unsigned long arg = r->io.arg == MMB_IOCTL_S32_PTR ? (unsigned long)(uintptr_t)&s32 : (unsigned long)(uint32_t)s32;
+  int rc = mmb_ioctl_call(&vfio_family, &r->io, fd, arg);
+  if (rc < 0) return mmb_throw_ioctl(env, -rc, r->io.name);
   return make_int(env, rc);
 }
 
@@ -422,7 +392,7 @@ static napi_value ioctl_js(napi_env env, napi_callback_info info) {
   uint8_t *arg, *data = NULL;
   size_t len, data_len = 0;
   if (!mmb_args(env, info, 4, argv) || !mmb_arg_fd(env, argv[0], &fd)) return NULL;
-  const struct request *r = arg_request(env, argv[1], fd, ARG_STRUCT);
+  const struct request *r = arg_request(env, argv[1], fd, MMB_ENTRY_STRUCT);
   if (r == NULL || !mmb_arg_bytes(env, argv[2], "arg", &arg, &len)) return NULL;
   r = entry_for_arg(r, fd, arg, len);
   if (!check_struct(env, r, arg, len)) return NULL;
@@ -432,22 +402,20 @@ static napi_value ioctl_js(napi_env env, napi_callback_info info) {
   bool has_data = data_type != napi_undefined;
   if (has_data && !mmb_arg_bytes(env, argv[3], "data", &data, &data_len)) return NULL;
   bool pointer = uses_pointer(r, arg);
-  if (has_data && !pointer) return mmb_throw_errno(env, EINVAL, r->name);
+  if (has_data && !pointer) return mmb_throw_ioctl(env, EINVAL, r->io.name);
   /* data may be left out only when the kernel writes nothing through the pointer (a "how many?" call). */
   uint64_t bytes = 0;
-  if (pointer && !pointer_bytes(r, arg, &bytes)) return mmb_throw_errno(env, errno, r->name);
-  if (bytes > data_len) return mmb_throw_errno(env, ERANGE, r->name);
-  if ((fd_kind(fd) & r->fds) == 0) return mmb_throw_errno(env, ENOTTY, r->name);
+  if (pointer && !pointer_bytes(r, arg, &bytes)) return mmb_throw_ioctl(env, errno, r->io.name);
+  if (bytes > data_len) return mmb_throw_ioctl(env, ERANGE, r->io.name);
+  /* Checked before the pointer is written, so a refused call leaves none in the caller's buffer. */
+  if (!mmb_ioctl_fd_ok(&vfio_family, &r->io, fd)) return mmb_throw_ioctl(env, ENOTTY, r->io.name);
   if (pointer) {
     uint64_t ptr = bytes > 0 ? (uint64_t)(uintptr_t)data : 0;
     memcpy(arg + r->ptr_off, &ptr, sizeof ptr);
   }
-  int rc;
-  do rc = ioctl(fd, r->nr, arg);
-  while (rc < 0 && errno == EINTR);
-  int err = errno;
+  int rc = mmb_ioctl_call(&vfio_family, &r->io, fd, (unsigned long)(uintptr_t)arg);
   if (pointer) memset(arg + r->ptr_off, 0, sizeof(uint64_t));
-  if (rc < 0) return mmb_throw_errno(env, err, r->name);
+  if (rc < 0) return mmb_throw_ioctl(env, -rc, r->io.name);
   return make_int(env, rc);
 }
 
@@ -459,15 +427,22 @@ static napi_value group_get_device_fd_js(napi_env env, napi_callback_info info) 
   napi_value argv[2];
   int fd;
   char name[256];
-  const char *syscall = "VFIO_GROUP_GET_DEVICE_FD";
-  if (!mmb_args(env, info, 2, argv) || !mmb_arg_fd(env, argv[0], &fd) ||
-      !mmb_arg_cstring(env, argv[1], "name", name, sizeof name, ENAMETOOLONG, syscall))
+  const struct mmb_ioctl *r = mmb_ioctl_find(&vfio_family, VFIO_GROUP_GET_DEVICE_FD, -1);
+  if (!mmb_args(env, info, 2, argv) || !mmb_arg_fd(env, argv[0], &fd)) return NULL;
+  if (!mmb_arg_cstring(env, argv[1], "name", name, sizeof name, ENAMETOOLONG, "ioctl")) {
+    /* A name too long is the kernel's ENAMETOOLONG, in the gate's shape; a non-string stays a TypeError. */
+    napi_value error, code;
+    bool is_errno = false;
+    if (napi_get_and_clear_last_exception(env, &error) == napi_ok && napi_get_named_property(env, error, "syscall", &code) == napi_ok) {
+      napi_valuetype type;
+      is_errno = napi_typeof(env, code, &type) == napi_ok && type == napi_string;
+    }
+    if (is_errno) return mmb_throw_ioctl(env, ENAMETOOLONG, r->name);
+    napi_throw(env, error);
     return NULL;
-  if (fd_kind(fd) != FD_GROUP) return mmb_throw_errno(env, ENOTTY, syscall);
-  int dev;
-  do dev = ioctl(fd, VFIO_GROUP_GET_DEVICE_FD, name);
-  while (dev < 0 && errno == EINTR);
-  if (dev < 0) return mmb_throw_errno(env, errno, syscall);
+  }
+  int dev = mmb_ioctl_call(&vfio_family, r, fd, (unsigned long)(uintptr_t)name);
+  if (dev < 0) return mmb_throw_ioctl(env, -dev, r->name);
   /* The kernel creates it O_CLOEXEC (get_unused_fd_flags(O_CLOEXEC)); make sure of it whatever the version. */
   int fl = fcntl(dev, F_GETFD);
   if (fl < 0 || fcntl(dev, F_SETFD, fl | FD_CLOEXEC) < 0) {
@@ -481,31 +456,21 @@ static napi_value group_get_device_fd_js(napi_env env, napi_callback_info info) 
 /* ---- the async variant ------------------------------------------------------------------------ */
 
 struct ioctl_work {
+  struct mmb_async base; /* first: the record is freed through it */
   const struct request *r;
   int fd;
   uint8_t *copy; /* our own copy of the struct: the JS buffer may be detached meanwhile */
   size_t len;
   int rc;
-  int err;
   napi_ref arg_ref; /* the caller's Uint8Array, to copy the results back into */
-  napi_deferred deferred;
-  napi_async_work work;
 };
 
 /* runs on a worker thread, no JS access */
-static void ioctl_execute(napi_env env, void *data) {
-  (void)env;
-  struct ioctl_work *w = data;
-  if ((fd_kind(w->fd) & w->r->fds) == 0) {
-    w->rc = -1;
-    w->err = ENOTTY;
-    return;
-  }
-  int rc;
-  do rc = ioctl(w->fd, w->r->nr, w->copy);
-  while (rc < 0 && errno == EINTR);
+static void ioctl_execute(struct mmb_async *a) {
+  struct ioctl_work *w = (struct ioctl_work *)a;
+  int rc = mmb_ioctl_call(&vfio_family, &w->r->io, w->fd, (unsigned long)(uintptr_t)w->copy);
   w->rc = rc;
-  w->err = rc < 0 ? errno : 0;
+  a->err = rc < 0 ? -rc : 0;
 }
 
 /* Copies the kernel's results back into the caller's buffer if it is still there. runs on the main thread */
@@ -520,27 +485,22 @@ static void copy_back(napi_env env, struct ioctl_work *w) {
 }
 
 /* runs on the main thread, after ioctl_execute */
-static void ioctl_complete(napi_env env, napi_status status, void *data) {
-  struct ioctl_work *w = data;
-  int err = status == napi_cancelled ? ECANCELED : w->err;
-  if (err == 0) copy_back(env, w);
+static napi_value ioctl_settle(napi_env env, struct mmb_async *a, bool *reject) {
+  struct ioctl_work *w = (struct ioctl_work *)a;
   napi_value value = NULL;
-  if (err == 0) {
-    if (napi_create_int32(env, w->rc, &value) == napi_ok) napi_resolve_deferred(env, w->deferred, value);
-  } else {
-    value = mmb_errno_error(env, err, w->r->name);
-    if (value != NULL) napi_reject_deferred(env, w->deferred, value);
-  }
-  napi_delete_reference(env, w->arg_ref);
-  napi_delete_async_work(env, w->work);
-  free(w->copy);
-  free(w);
+  *reject = a->err != 0;
+  if (*reject) return mmb_ioctl_error(env, a->err, w->r->io.name);
+  copy_back(env, w);
+  napi_create_int32(env, w->rc, &value);
+  return value;
 }
 
-/* Rejects `deferred` with the pending exception. runs on the main thread */
-static void reject_pending(napi_env env, napi_deferred deferred) {
-  napi_value error;
-  if (napi_get_and_clear_last_exception(env, &error) == napi_ok) napi_reject_deferred(env, deferred, error);
+/* runs on the main thread, last */
+static void ioctl_release(napi_env env, struct mmb_async *a) {
+  struct ioctl_work *w = (struct ioctl_work *)a;
+  if (w->arg_ref != NULL) napi_delete_reference(env, w->arg_ref);
+  free(w->copy);
+  free(w);
 }
 
 /*
@@ -560,14 +520,14 @@ static napi_value ioctl_async_js(napi_env env, napi_callback_info info) {
   size_t len;
   const struct request *r = NULL;
   if (!mmb_args(env, info, 3, argv) || !mmb_arg_fd(env, argv[0], &fd) ||
-      (r = arg_request(env, argv[1], fd, ARG_STRUCT)) == NULL || !mmb_arg_bytes(env, argv[2], "arg", &arg, &len) ||
+      (r = arg_request(env, argv[1], fd, MMB_ENTRY_STRUCT)) == NULL || !mmb_arg_bytes(env, argv[2], "arg", &arg, &len) ||
       !check_struct(env, r, arg, len)) {
-    reject_pending(env, deferred);
+    mmb_async_reject_pending(env, deferred);
     return promise;
   }
   if (!r->async) {
-    mmb_throw_errno(env, EINVAL, r->name);
-    reject_pending(env, deferred);
+    mmb_throw_ioctl(env, EINVAL, r->io.name);
+    mmb_async_reject_pending(env, deferred);
     return promise;
   }
   struct ioctl_work *w = calloc(1, sizeof *w);
@@ -575,32 +535,24 @@ static napi_value ioctl_async_js(napi_env env, napi_callback_info info) {
   if (w == NULL || copy == NULL) {
     free(w);
     free(copy);
-    mmb_throw_errno(env, ENOMEM, r->name);
-    reject_pending(env, deferred);
+    mmb_throw_ioctl(env, ENOMEM, r->io.name);
+    mmb_async_reject_pending(env, deferred);
     return promise;
   }
   memcpy(copy, arg, len);
+  w->base = (struct mmb_async){.execute = ioctl_execute, .settle = ioctl_settle, .release = ioctl_release, .deferred = deferred};
   w->r = r;
   w->fd = fd;
   w->copy = copy;
   w->len = len;
-  w->deferred = deferred;
-
-  napi_value name;
   napi_status status = napi_create_reference(env, argv[2], 1, &w->arg_ref);
-  if (status == napi_ok) status = napi_create_string_utf8(env, r->name, NAPI_AUTO_LENGTH, &name);
-  if (status == napi_ok) status = napi_create_async_work(env, NULL, name, ioctl_execute, ioctl_complete, w, &w->work);
-  if (status == napi_ok) {
-    status = napi_queue_async_work(env, w->work);
-    if (status != napi_ok) napi_delete_async_work(env, w->work);
-  }
   if (status != napi_ok) {
-    if (w->arg_ref != NULL) napi_delete_reference(env, w->arg_ref);
-    free(copy);
-    free(w);
-    mmb_throw_napi(env, status, "queueing an ioctl");
-    reject_pending(env, deferred);
+    ioctl_release(env, &w->base);
+    mmb_throw_napi(env, status, "napi_create_reference");
+    mmb_async_reject_pending(env, deferred);
+    return promise;
   }
+  mmb_async_queue(env, &w->base, r->io.name);
   return promise;
 }
 
@@ -609,8 +561,7 @@ static bool export_requests(napi_env env, napi_value exports) {
   napi_value obj;
   CHECK_BOOL(napi_create_object(env, &obj));
   for (size_t i = 0; i < MMB_COUNT(requests); i++)
-    if (!mmb_set_number(env, obj, requests[i].name, (double)requests[i].nr)) return false;
-  if (!mmb_set_number(env, obj, "VFIO_GROUP_GET_DEVICE_FD", (double)VFIO_GROUP_GET_DEVICE_FD)) return false;
+    if (!mmb_set_number(env, obj, requests[i].io.name, (double)requests[i].io.nr)) return false;
   CHECK_BOOL(napi_object_freeze(env, obj));
   CHECK_BOOL(napi_set_named_property(env, exports, "vfioRequests", obj));
   return true;

@@ -14,8 +14,13 @@ const MiB = 2 ** 20;
 const NAMES = new Map(Object.entries(REQUEST).map(([k, v]) => [v, k]));
 const ERRNO: Record<string, number> = { EACCES: 13, EINVAL: 22, EEXIST: 17, ENOSPC: 28, EBUSY: 16, EPERM: 1, ENOENT: 2, EMSGSIZE: 90, EBADF: 9, EOPNOTSUPP: 95, ENOTTY: 25 };
 
-function fail(code: string, syscall: string): never {
-  throw Object.assign(new Error(`${syscall} failed: (${code})`), { code, errno: -(ERRNO[code] ?? 5), syscall });
+/** A failure in the addon's shape: an ioctl error (native/src/ioctl_gate.h) for a request name, else a syscall's. */
+const SYSCALLS = new Set(['open', 'close', 'readlink', 'readdir']);
+function fail(code: string, name: string): never {
+  const errno = -(ERRNO[code] ?? 5);
+  if (SYSCALLS.has(name)) throw Object.assign(new Error(`${name} failed: (${code})`), { code, errno, syscall: name });
+  const request = name === 'ioctl' ? 'not allowed' : name;
+  throw Object.assign(new Error(`ioctl ${request} failed: (${code})`), { code, errno, syscall: 'ioctl', request });
 }
 
 type File =
