@@ -7,6 +7,9 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { have } from '../testkit/backends.js';
+
+export { have };
 
 export interface Measurement {
   name: string;
@@ -57,11 +60,6 @@ export function rootDir(): string {
   let d = path.dirname(fileURLToPath(import.meta.url));
   while (!fs.existsSync(path.join(d, 'package.json'))) d = path.dirname(d);
   return d;
-}
-
-/** True if `cmd` is on PATH. */
-export function have(cmd: string): boolean {
-  return spawnSync('sh', ['-c', `command -v ${cmd}`], { stdio: 'ignore' }).status === 0;
 }
 
 /** Pins every thread of this process to `cpus` (a taskset list: "0", "0-1"). */

@@ -19,12 +19,17 @@
 //                      (the 'waiting' event), unmaps everything, as a client taking the empty snapshot of a
 //                      space nobody republished yet for the map would; it maps it all again once the map is
 //                      published. "restart-keeps-memory" must catch it in the restart window.
+//   --mode keep-pin-after-unmap
+//                      a soft vfio-like subscriber in shadow mode (--ioas ID) that, whenever an IOAS change
+//                      unmaps IOVAs, maps and mlocks the guest pages they pointed at once more and keeps
+//                      them (as a client that forgot its unpin would): "iova-pins" must catch it in VmLck.
 //
 // Otherwise it is the testkit's scripted client (testkit/scripted.ts): the same control protocol, the
 // same ready line, the same clean exit on SIGTERM.
 import { parseArgs } from 'node:util';
 import { MappingSubscriber, GuestMemory, type SubscriberOptions } from '../clients/index.js';
 import type { ApplyContext, Change, LocalBacking, ViewRegion } from '../clients/view.js';
+import type { IoasChange } from '../clients/ioas-view.js';
 import { VfioSubscriber } from '../clients/vfio/index.js';
 import { constants, native, type Mapping } from '../native/index.js';
 import { vfioCommands } from '../testkit/commands.js';
@@ -104,6 +109,21 @@ class BrokenSubscriber extends MappingSubscriber {
   }
 }
 
+/** After every IOAS unmap, pins the unmapped guest pages again and keeps them: the planted bug. */
+function keepPinAfterUnmap(sub: VfioSubscriber): void {
+  const kept: Mapping[] = [];
+  sub.on('ioas', (c: IoasChange) => {
+    for (const m of c.unmapped) {
+      const r = sub.regions().find((x) => x.gpa <= m.gpa && m.gpa + m.size <= x.gpa + x.size);
+      const b = r && sub.backing(r.backing);
+      if (!r || !b) continue;
+      const map = native.mmap(b.fd, r.offset + (m.gpa - r.gpa), m.size, constants.PROT_READ, constants.MAP_SHARED);
+      kept.push(map);
+      void native.mlock(map, 0, m.size);
+    }
+  });
+}
+
 /** Pins every region a second time, whatever the devices: the planted bug. */
 function pinTwice(sub: VfioSubscriber): void {
   const extra = new Map<string, Mapping>();
@@ -134,11 +154,12 @@ const { values } = parseArgs({
     space: { type: 'string' },
     name: { type: 'string' },
     device: { type: 'string', multiple: true },
+    ioas: { type: 'string' },
   },
 });
 const opts = { space: values.space ?? 'default', name: values.name ?? `broken-${process.pid}` };
 const socket = values.socket ?? '';
-await runScripted({ kind: values.mode === 'pin-twice' ? 'vfio' : 'plain' }, async () => {
+await runScripted({ kind: values.mode === 'pin-twice' || values.mode === 'keep-pin-after-unmap' ? 'vfio' : 'plain' }, async () => {
   if (values.mode === 'skip-unmap') {
     const sub = await BrokenSubscriber.attachWith(socket, new LeakyMemory(), opts);
     return { sub, memory: sub.memory, ready: () => ({ broken: values.mode }) };
@@ -163,5 +184,10 @@ await runScripted({ kind: values.mode === 'pin-twice' ? 'vfio' : 'plain' }, asyn
     pinTwice(v);
     return { sub: v, memory: v.memory, commands: vfioCommands(v), ready: () => ({ broken: values.mode }) };
   }
-  throw new Error(`--mode ${values.mode}: skip-unmap, pin-twice, ignore-eviction or teardown-on-wait`);
+  if (values.mode === 'keep-pin-after-unmap') {
+    const v = await VfioSubscriber.attach(socket, { ...opts, backend: 'soft', ioas: values.ioas ?? 'io0', devices: values.device ?? ['dev0'] });
+    keepPinAfterUnmap(v);
+    return { sub: v, memory: v.memory, commands: vfioCommands(v), ready: () => ({ broken: values.mode }) };
+  }
+  throw new Error(`--mode ${values.mode}: skip-unmap, pin-twice, ignore-eviction, teardown-on-wait or keep-pin-after-unmap`);
 });

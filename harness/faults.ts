@@ -10,7 +10,7 @@ import { Msg, encodeFrame, isMmbError } from '../protocol/index.js';
 import type { CommitOp } from '../protocol/index.js';
 import { startTime } from './kernel.js';
 import { layout } from './moment.js';
-import { planAdd, runOperation, type StepResult } from './operations.js';
+import { planAdd, planIovaMap, runOperation, unmappedRegions, type StepResult } from './operations.js';
 import { delegateView, type ClientProc } from './procs.js';
 import { restartBroker } from './restart.js';
 import { SPACE, type World } from './world.js';
@@ -75,6 +75,7 @@ async function stall(w: World): Promise<StepResult | undefined> {
   const evicted = await evictionLogged(w, mark, victim.pid);
   const signal = await victim.exitSignal(5000);
   w.clients = w.clients.filter((x) => x !== victim);
+  await w.stopBackend(victim);
   const replacement = await w.tryJoin(victim.kind);
   const surprises = [
     ...(r.ok ? [] : [`the commit of ${a.name} failed while ${victim.describe()} was stopped: ${r.err.code} ${r.err.message}`]),
@@ -124,7 +125,7 @@ async function restartOwnerAway(w: World): Promise<StepResult> {
  * process; this checks that the stopped ones are among the dead). A replacement joins.
  */
 async function stopAcrossRemoval(w: World): Promise<StepResult | undefined> {
-  const list = w.model.list();
+  const list = unmappedRegions(w);
   const healthy = w.healthy();
   if (list.length === 0 || healthy.length < 3) return undefined;
   const r = w.rng.pick(list);
@@ -142,8 +143,12 @@ async function stopAcrossRemoval(w: World): Promise<StepResult | undefined> {
   const evicted = await evictionLogged(w, mark, victim.pid);
   const signal = await victim.exitSignal(5000);
   w.clients = w.clients.filter((x) => x !== victim);
-  const stopped = [victim.pid, ...victim.delegates.map((d) => d.pid)];
-  if (at) w.judged.push({ invariant: 'done-means-done', problems: stopped.filter((pid) => !at.dead.includes(pid)).map((pid) => `at done (${at.outcome}) pid ${pid} (${pid === victim.pid ? victim.describe() : `which ${victim.describe()} handed ${r.name} to`}), stopped across the removal, was alive`) });
+  // A bridge named its back-end to the broker (DELEGATE): it is fenced with the bridge.
+  const backend = victim.backend?.pid;
+  const stopped = [victim.pid, ...victim.delegates.map((d) => d.pid), ...(backend !== undefined ? [backend] : [])];
+  const whom = (pid: number) => (pid === victim.pid ? victim.describe() : pid === backend ? `the back-end of ${victim.describe()}` : `which ${victim.describe()} handed ${r.name} to`);
+  if (at) w.judged.push({ invariant: 'done-means-done', problems: stopped.filter((pid) => !at.dead.includes(pid)).map((pid) => `at done (${at.outcome}) pid ${pid} (${whom(pid)}), stopped across the removal, was alive`) });
+  await w.stopBackend(victim);
   for (const d of victim.delegates) {
     if (!delegateView(d).alive) continue;
     surprises.push(`pid ${d.pid}, which ${victim.describe()} handed ${r.name} to, outlived its fencing`);
@@ -186,7 +191,7 @@ async function nackWhilePrepared(w: World): Promise<StepResult | undefined> {
   if (healthy.length < 3) return undefined;
   const a = await planAdd(w);
   if (!a) return undefined;
-  const list = w.model.list();
+  const list = unmappedRegions(w);
   const removed = list.length > 0 ? w.rng.pick(list) : undefined;
   const holder = w.rng.pick(healthy);
   const refuser = w.rng.pick(healthy.filter((c) => c !== holder));
@@ -212,7 +217,10 @@ async function nackWhilePrepared(w: World): Promise<StepResult | undefined> {
       const st = (await w.owner.status(SPACE)).spaces[0];
       pending = (st?.clients ?? []).filter((c) => c.role === 'subscriber' && c.state === 'applying' && c.pid !== holder.pid && c.pid !== refuser.pid).map((c) => `${c.name} (pid ${c.pid})`).join(', ');
       return pending === '';
-    }, w.opts.ackTimeoutMs / 2).catch(() => surprises.push(`with ${holder.describe()} holding, not every other client voted on ${a.name} in time: ${pending}`));
+      // Bounded by half the ack deadline, so that the hold does not outlast it. A client still applying
+      // then (pinning a large region on a loaded machine) is no failure of anyone's: it is noted, and
+      // judged below like the others (while it applies it may not take anything away either).
+    }, w.opts.ackTimeoutMs / 2).catch(() => w.notes.push(`with ${holder.describe()} holding, ${pending} had not voted on ${a.name} yet after ${w.opts.ackTimeoutMs / 2} ms`));
     for (const c of w.clients) {
       const b = before.get(c);
       if (c === refuser || !b?.alive || c.gone) continue;
@@ -285,6 +293,93 @@ async function ownerDisconnect(w: World): Promise<StepResult> {
   return result('owner-disconnect', `owner disconnected ${a ? `after sending ${a.name} (it heard ${answer})` : 'while idle'}; ${outcome}`, surprises, a !== undefined);
 }
 
+/**
+ * A shadow-mode client stops (SIGSTOP) while its device is in an IOAS whose mapping the owner then unmaps
+ * (the guest's invalidation). The broker evicts it at the ack deadline and kills it through its pidfd; the
+ * unmap is done only after it exited: at the moment of "done" (the held answer) it is among the dead, and
+ * every other shadow client pins and maps exactly what the IOASes still map (iova-pins). A replacement joins.
+ */
+async function stopAcrossUnmap(w: World): Promise<StepResult | undefined> {
+  const candidates = w.of('shadow').filter((c) => [...c.deviceIoas.values()].some((io) => (w.model.ioas.get(io) ?? []).length > 0));
+  if (candidates.length === 0) return undefined;
+  const victim = w.rng.pick(candidates);
+  const name = w.rng.pick([...new Set(victim.deviceIoas.values())].filter((io) => (w.model.ioas.get(io) ?? []).length > 0).sort());
+  const m = w.rng.pick(w.model.ioas.get(name) ?? []);
+  const mark = w.broker.warnings.length;
+  victim.signal('SIGSTOP');
+  const res = await w.ioasCommit(name, [{ op: 'unmap', iova: m.iova, size: m.size }]);
+  const at = res.ok ? w.moments.at(-1) : undefined;
+  const evicted = await evictionLogged(w, mark, victim.pid);
+  const signal = await victim.exitSignal(5000);
+  w.clients = w.clients.filter((x) => x !== victim);
+  if (at) w.judged.push({ invariant: 'iova-pins', problems: at.dead.includes(victim.pid) ? [] : [`at done (${at.outcome}) ${victim.describe()}, stopped across the unmap, was alive`] });
+  const replacement = await w.tryJoin('shadow');
+  const surprises = [
+    ...(res.ok ? [] : [`the unmap of ${m.iova.toString(16)} in ${name} failed while ${victim.describe()} was stopped: ${res.err.code} ${res.err.message}`]),
+    ...(evicted ? [] : [`the broker did not evict ${victim.describe()} (MMB_ERR_CLIENT_TIMEOUT) although it never acked the unmap`]),
+    ...(signal === 'SIGKILL' ? [] : [`the broker did not fence ${victim.describe()} after evicting it: it ${signal === undefined ? 'is still alive' : `ended with ${signal}`} (expected SIGKILL through its pidfd)`]),
+  ];
+  return result('stop-across-unmap', `${victim.describe()} stopped in ${name} while 0x${m.iova.toString(16)}+0x${m.size.toString(16)} was unmapped; ${res.ok ? `done at generation ${res.result.generation}` : res.err.code}; evicted ${evicted}, ended by ${signal ?? 'nothing'}; ${replacement?.describe() ?? 'no replacement'} joined`, surprises);
+}
+
+/**
+ * A nack of an IOAS map. A new IOAS; a shadow client already running attaches a device to it, and a new
+ * shadow client joins it with a pin budget of one byte; the owner maps a range there: the first pins it
+ * and votes, the second refuses (MMB_ERR_PIN_BUDGET, naming it) and everyone rolls back: at the moment of
+ * the refusal every process is exactly as it was when the request went out (all-or-nothing). Then the
+ * refuser leaves, the voter's device is detached and the IOAS destroyed: it exists only for the fault (so
+ * the fault can be drawn whatever number of IOASes the operations keep).
+ */
+async function ioasNack(w: World): Promise<StepResult | undefined> {
+  const voters = w.of('shadow').filter((c) => c.deviceIoas.size < 3);
+  if (voters.length === 0) return undefined;
+  let i = 0;
+  while (w.model.ioas.has(`io${i}`)) i++;
+  const name = `io${i}`;
+  const created = await w.ioasCreate(name);
+  if (!created.ok) return result('ioas-nack', `create ${name}: ${created.err.code}`, [`creating ${name}: ${created.err.code} ${created.err.message}`]);
+  const surprises: string[] = [];
+  const voter = w.rng.pick(voters);
+  const dev = `${voter.name}-d${w.rng.int(0, 999)}`;
+  const att = await voter.request({ cmd: 'attach-device', device: dev, ioas: name }, 'domain', 60_000);
+  if (att.event === 'domain') {
+    voter.deviceIoas.set(dev, name);
+    voter.devices = [...voter.deviceIoas.keys()];
+  } else surprises.push(`attaching ${dev} to ${name} on ${voter.describe()}: ${String(att.message)}`);
+  const refuser = await w.tryJoin('shadow', { ioas: name, pinLimit: 1 });
+  const m = planIovaMap(w, name);
+  if (!refuser || !m) {
+    if (refuser) await w.leave(refuser);
+    await dropIoas(w, name, voter, dev, surprises);
+    return result('ioas-nack', `${name}: ${refuser ? 'no range to map' : 'the refuser could not join'}`, surprises, false);
+  }
+  const mark = w.broker.warnings.length;
+  const r = await w.ioasCommit(name, [m]);
+  const refused = !r.ok && r.err.code === 'MMB_ERR_PIN_BUDGET' && r.err.client?.pid === refuser.pid;
+  // Also as documented: the voter pinned past the ack deadline on a loaded machine and was evicted first.
+  const evicted = !refused && r.ok && (await evictionLogged(w, mark, refuser.pid));
+  if (!refused && !evicted) surprises.push(`expected MMB_ERR_PIN_BUDGET naming pid ${refuser.pid} for the map in ${name}, got ${r.ok ? 'a commit' : `${r.err.code} naming ${JSON.stringify(r.err.client)}`}`);
+  const code = await w.leave(refuser);
+  if (code !== 0) surprises.push(`${refuser.describe()} exited ${code ?? refuser.child.signalCode} after SIGTERM (expected a clean detach, 0)`);
+  await dropIoas(w, name, voter, dev, surprises);
+  return result('ioas-nack', `${voter.describe()} voted on 0x${m.iova.toString(16)}+0x${m.size.toString(16)} in ${name}, ${refuser.describe()} (pin budget 1 byte) refused it: ${r.ok ? 'committed' : `${r.err.code} by pid ${r.err.client?.pid}`}`, surprises);
+}
+
+/** The fault's IOAS goes: the voter's device detached, then the IOAS destroyed (unmapped first if the map went through). */
+async function dropIoas(w: World, name: string, voter: ClientProc, dev: string, surprises: string[]): Promise<void> {
+  if (!voter.gone && voter.deviceIoas.get(dev) === name) {
+    const d = await voter.request({ cmd: 'detach-device', device: dev }, 'domain', 60_000);
+    if (d.event === 'domain') {
+      voter.deviceIoas.delete(dev);
+      voter.devices = [...voter.deviceIoas.keys()];
+    } else surprises.push(`detaching ${dev} from ${name} on ${voter.describe()}: ${String(d.message)}`);
+  }
+  const maps = w.model.ioas.get(name) ?? [];
+  if (maps.length > 0) await w.ioasCommit(name, maps.map((x) => ({ op: 'unmap', iova: x.iova, size: x.size })));
+  const r = await w.ioasDestroy(name);
+  if (!r.ok) surprises.push(`destroying ${name} after the fault: ${r.err.code} ${r.err.message}`);
+}
+
 export const FAULTS = {
   'kill-mid-txn': { weight: 2, run: killMidTxn },
   stall: { weight: 1, run: stall },
@@ -297,13 +392,20 @@ export const FAULTS = {
   'owner-disconnect': { weight: 1, run: ownerDisconnect },
 } as const;
 
-export type FaultName = keyof typeof FAULTS;
+/** With --ioas only (a run without it draws exactly what it drew before they existed). */
+export const IOAS_FAULTS = {
+  'stop-across-unmap': { weight: 2, run: stopAcrossUnmap },
+  'ioas-nack': { weight: 2, run: ioasNack },
+} as const;
+
+export type FaultName = keyof typeof FAULTS | keyof typeof IOAS_FAULTS;
 
 /**
  * Runs one fault chosen by the generator (or `forced`); undefined when it could not be carried (no room
  * for an add, no region to remove, too few clients): the step runs an operation instead.
  */
 export function runFault(w: World, forced?: FaultName): Promise<StepResult | undefined> {
-  const name = forced ?? w.rng.weighted(Object.fromEntries(Object.entries(FAULTS).map(([k, v]) => [k, v.weight])) as Record<FaultName, number>);
-  return FAULTS[name].run(w);
+  const faults: Record<string, { weight: number; run: (w: World) => Promise<StepResult | undefined> }> = { ...FAULTS, ...(w.opts.ioas ? IOAS_FAULTS : {}) };
+  const name = forced ?? w.rng.weighted(Object.fromEntries(Object.entries(faults).map(([k, v]) => [k, v.weight])));
+  return faults[name]!.run(w);
 }

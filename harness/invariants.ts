@@ -2,10 +2,12 @@
 // process (/proc/PID/maps, /proc/PID/fd, VmLck) or a process's own answer with the owner's model; the
 // broker's counters are never the judge.
 import fs from 'node:fs';
+import { constants, native } from '../native/index.js';
 import { MEMFD_PREFIX, type FileMapping } from './kernel.js';
-import { covers, within, type Model, type ModelRegion, type Range } from './model.js';
+import { covers, within, PAGE, type Memfd, type Model, type ModelRegion, type Range } from './model.js';
+import { shadowProblems } from './moment.js';
 import type { ClientSnapshot, Snapshot } from './observe.js';
-import type { StepResult } from './operations.js';
+import { modelDevices, type StepResult } from './operations.js';
 import type { ClientProc, Line } from './procs.js';
 import { Rng } from '../testkit/rng.js';
 import type { World } from './world.js';
@@ -20,6 +22,7 @@ export const INVARIANTS = [
   'done-means-done',
   'restart-keeps-memory',
   'vote-disturbs-nobody',
+  'iova-pins',
   'outcome',
 ] as const;
 export type InvariantName = (typeof INVARIANTS)[number];
@@ -64,22 +67,42 @@ function viewProblems(w: World, s: ClientSnapshot, generation: number | undefine
   return out;
 }
 
-/** Every region's memory is mapped in the process (per /proc/PID/maps), writable where the region is. */
-function coverageProblems(w: World, s: ClientSnapshot): string[] {
+/**
+ * Every region's memory is mapped in the process (per /proc/PID/maps), writable where the region is; a
+ * bridge's back-end maps every writable region (read-only memory is never given to a vhost-user back-end:
+ * the protocol has no read-only flag).
+ */
+function coverageProblems(w: World, who: string, maps: readonly FileMapping[], backend = false): string[] {
   const out: string[] = [];
   for (const r of w.model.regions.values()) {
+    if (backend && r.readonly) continue;
     const memfd = w.model.memfdOf(r).name;
-    const ranges: Range[] = s.maps.filter((m) => m.memfd === memfd && (r.readonly || m.writable)).map((m) => [m.offset, m.offset + m.end - m.start]);
-    if (!covers(ranges, r.offset, r.offset + r.size)) out.push(`${s.client.describe()} does not map ${r.name} (${memfd} [${hex(r.offset)}, ${hex(r.offset + r.size)})${r.readonly ? '' : ' writable'})`);
+    const ranges: Range[] = maps.filter((m) => m.memfd === memfd && (r.readonly || m.writable)).map((m) => [m.offset, m.offset + m.end - m.start]);
+    if (!covers(ranges, r.offset, r.offset + r.size)) out.push(`${who} does not map ${r.name} (${memfd} [${hex(r.offset)}, ${hex(r.offset + r.size)})${r.readonly ? '' : ' writable'})`);
   }
   return out;
+}
+
+/** A bridge's back-end, judged like a client: it maps every writable region and nothing else (no-stale-mapping separately). */
+function backendCoverage(w: World, s: ClientSnapshot): string[] {
+  return s.backend ? coverageProblems(w, s.backend.who, s.backend.maps, true) : [];
 }
 
 /** The file ranges of a memfd a map slices (`writable`: only its writable regions'). */
 export type SlicedBy = (memfd: string, writable: boolean) => Range[];
 
+/**
+ * A vhost-user back-end is handed each region as (fd, mmap_offset, size) and maps the fd from offset 0
+ * over mmap_offset + size (libvhost-user, DPDK and QEMU all do: docs/vhost-user.md), so its mapping of a
+ * region reaches the memfd's bytes before the region too. For a back-end (`ends` given: the end offsets
+ * of the map's writable regions of a memfd) a writable mapping from offset 0 is what the map gave it when it
+ * ends where a writable region ends; every other mapping is judged like anyone's. What that prefix can
+ * reach is an open finding of the harness (docs/harness.md, "Open").
+ */
+export type EndsBy = (memfd: string) => number[];
+
 /** No mapping of a harness memfd outside what the map (`sliced`) slices, writable only where a writable region is. */
-export function staleAgainst(sliced: SlicedBy, who: string, maps: readonly FileMapping[], what = 'current'): string[] {
+export function staleAgainst(sliced: SlicedBy, who: string, maps: readonly FileMapping[], what = 'current', ends?: EndsBy): string[] {
   const out: string[] = [];
   const ranges = new Map<string, [Range[], Range[]]>();
   for (const m of maps) {
@@ -87,15 +110,16 @@ export function staleAgainst(sliced: SlicedBy, who: string, maps: readonly FileM
     let r = ranges.get(m.memfd);
     if (!r) ranges.set(m.memfd, (r = [sliced(m.memfd, false), sliced(m.memfd, true)]));
     const end = m.offset + m.end - m.start;
+    if (ends && m.writable && m.offset === 0 && ends(m.memfd).includes(end)) continue;
     if (!within(m.writable ? r[1] : r[0], m.offset, end)) {
-      out.push(`${who} maps ${m.memfd} [${hex(m.offset)}, ${hex(end)})${m.writable ? ' writable' : ''} at ${hex(m.start)}, which no ${what} ${m.writable ? 'writable ' : ''}region slices`);
+      out.push(`${who} maps ${m.memfd} [${hex(m.offset)}, ${hex(end)})${m.writable ? ' writable' : ''} at ${hex(m.start)}, which no ${what} ${m.writable ? 'writable ' : ''}region slices${ends ? ' (nor ends a writable region, mapped from offset 0 as vhost-user back-ends map)' : ''}`);
     }
   }
   return out;
 }
 
-function staleProblems(w: World, who: string, maps: readonly FileMapping[]): string[] {
-  return staleAgainst((memfd, writable) => w.model.fileRanges(memfd, writable), who, maps);
+function staleProblems(w: World, who: string, maps: readonly FileMapping[], backend = false): string[] {
+  return staleAgainst((memfd, writable) => w.model.fileRanges(memfd, writable), who, maps, 'current', backend ? (memfd) => w.model.writableEnds(w.model.regions.values(), memfd) : undefined);
 }
 
 /** kvm: its memslots are the map, and each slot's host address maps the region's memory (per /proc). */
@@ -116,9 +140,9 @@ function slotProblems(w: World, s: ClientSnapshot): string[] {
   return out;
 }
 
-/** What a vfio-like process must have locked: the whole map once while its domain has a device. */
+/** What a vfio-like process must have locked: the whole map (its ordinary memory: hugetlb is never in VmLck) once while its domain has a device. */
 function pinProblems(w: World, s: ClientSnapshot): string[] {
-  const want = s.client.devices.length > 0 ? w.model.bytes() : 0;
+  const want = s.client.devices.length > 0 ? w.model.lockableBytes() : 0;
   return s.locked === want ? [] : [`${s.client.describe()} has VmLck ${s.locked} bytes, its domain (${s.client.devices.length} device(s)) should pin ${want} once`];
 }
 
@@ -134,17 +158,29 @@ export function convergence(w: World, snap: Snapshot, t: Tally): void {
   for (const s of snap.clients) {
     const devices = s.devices !== undefined && JSON.stringify(s.devices) !== JSON.stringify(s.client.devices) ? [`${s.client.describe()} reports devices ${JSON.stringify(s.devices)}, the harness attached ${JSON.stringify(s.client.devices)}`] : [];
     const failed = s.failed ? [`${s.client.describe()}: ${s.failed}`] : [];
-    t.check('convergence', [...viewProblems(w, s, snap.status?.generation), ...coverageProblems(w, s), ...slotProblems(w, s), ...devices, ...failed]);
+    const ioasDevices = s.ioasDevices !== undefined && JSON.stringify(s.ioasDevices) !== JSON.stringify(modelDevices(s.client)) ? [`${s.client.describe()} reports devices ${JSON.stringify(s.ioasDevices)}, the harness attached ${JSON.stringify(modelDevices(s.client))}`] : [];
+    t.check('convergence', [...viewProblems(w, s, snap.status?.generation), ...coverageProblems(w, s.client.describe(), s.maps), ...backendCoverage(w, s), ...slotProblems(w, s), ...devices, ...ioasDevices, ...failed]);
   }
 }
 
 export function noStaleMapping(w: World, snap: Snapshot, t: Tally): void {
   t.check('no-stale-mapping', staleProblems(w, `the broker (pid ${w.broker.pid})`, snap.broker.maps));
-  for (const s of snap.clients) t.check('no-stale-mapping', staleProblems(w, s.client.describe(), s.maps));
+  for (const s of snap.clients) {
+    t.check('no-stale-mapping', staleProblems(w, s.client.describe(), s.maps));
+    if (s.backend) t.check('no-stale-mapping', staleProblems(w, s.backend.who, s.backend.maps, true));
+  }
 }
 
 export function pins(w: World, snap: Snapshot, t: Tally): void {
   for (const s of snap.clients) if (s.client.kind === 'vfio') t.check('pins', pinProblems(w, s));
+}
+
+/** Shadow-mode clients, settled: VmLck = the distinct pages their IOASes map, and their domains map exactly those IOVAs. */
+export async function iovaPins(w: World, snap: Snapshot, t: Tally): Promise<void> {
+  for (const s of snap.clients) {
+    if (s.client.kind !== 'shadow' || s.client.gone) continue;
+    t.check('iova-pins', await shadowProblems(w, s.client, w.model.ioas, 'settled:', s.locked));
+  }
 }
 
 /**
@@ -156,7 +192,14 @@ export function pins(w: World, snap: Snapshot, t: Tally): void {
 export function allOrNothing(w: World, snap: Snapshot, t: Tally): void {
   t.check('all-or-nothing', statusProblems(w, snap));
   for (const s of snap.clients) {
-    t.check('all-or-nothing', [...viewProblems(w, s, undefined), ...coverageProblems(w, s), ...staleProblems(w, s.client.describe(), s.maps), ...(s.client.kind === 'vfio' ? pinProblems(w, s) : [])]);
+    t.check('all-or-nothing', [
+      ...viewProblems(w, s, undefined),
+      ...coverageProblems(w, s.client.describe(), s.maps),
+      ...backendCoverage(w, s),
+      ...staleProblems(w, s.client.describe(), s.maps),
+      ...(s.backend ? staleProblems(w, s.backend.who, s.backend.maps, true) : []),
+      ...(s.client.kind === 'vfio' ? pinProblems(w, s) : []),
+    ]);
   }
 }
 
@@ -184,12 +227,14 @@ export function leaks(w: World, snap: Snapshot, t: Tally): void {
     if (held < n || held > 2 * n) problems.push(`the broker holds ${held} fd(s) of ${name}, ${n} live backing(s) use it`);
   }
   const conns = 1 + w.clients.length;
+  // A bridge names its back-end to the broker (DELEGATE of its pidfd): one pidfd more each.
+  const delegated = w.clients.filter((c) => c.backend && c.backendView().alive).length;
   if (b.sockets !== base.sockets + conns) problems.push(`the broker holds ${b.sockets} sockets, expected ${base.sockets} + ${conns} connections`);
-  if (b.pidfds > base.pidfds + conns) problems.push(`the broker holds ${b.pidfds} pidfds, more than ${base.pidfds} + ${conns} connections`);
+  if (b.pidfds > base.pidfds + conns + delegated) problems.push(`the broker holds ${b.pidfds} pidfds, more than ${base.pidfds} + ${conns} connections + ${delegated} bridge back-ends`);
   if (b.bitmaps !== logging) problems.push(`the broker holds ${b.bitmaps} dirty bitmaps for ${logging} logging region(s)`);
   // One pidfd per socket connection (SO_PEERPIDFD), and one per process a client being fenced reaches.
   const fencing = (snap.status?.holders ?? []).reduce((n, h) => n + h.alive.length, 0);
-  if (b.pidfds !== base.pidfds + conns + fencing) problems.push(`the broker holds ${b.pidfds} pidfds, expected ${base.pidfds} + ${conns} connections + ${fencing} of clients being fenced`);
+  if (b.pidfds !== base.pidfds + conns + delegated + fencing) problems.push(`the broker holds ${b.pidfds} pidfds, expected ${base.pidfds} + ${conns} connections + ${delegated} bridge back-ends + ${fencing} of clients being fenced`);
   if (b.other !== base.other) problems.push(`the broker holds ${b.other} other fds, ${base.other} at start`);
   t.check('leaks', problems);
   for (const s of snap.clients) {
@@ -201,8 +246,16 @@ export function leaks(w: World, snap: Snapshot, t: Tally): void {
     // Its stdio pipes are sockets too (libuv socketpairs): compared with what it held once attached.
     const cb = s.client.baseline;
     if (cb && c.sockets !== cb.sockets) p.push(`holds ${c.sockets} sockets, ${cb.sockets} after it attached (stdio and its one connection)`);
-    if (cb && c.other !== cb.other) p.push(`holds ${c.other} other fds, ${cb.other} after it attached`);
+    // A bridge shares its dirty log with its back-end (one `vhost-log` memfd) while any region logs.
+    const log = s.client.backend && logging > 0 ? 1 : 0;
+    if (cb && (c.other < cb.other || c.other > cb.other + log)) p.push(`holds ${c.other} other fds, ${cb.other} after it attached${log ? ' (and its vhost-user dirty log)' : ''}`);
     t.check('leaks', p.map((x) => `${s.client.describe()} ${x}`));
+    // A bridge's back-end holds no descriptor of memory no live backing uses.
+    if (s.backend) {
+      const bp: string[] = [];
+      for (const [name, n] of s.backend.census.memfds) if (n > 0 && !live.has(name)) bp.push(`${s.backend.who} holds ${n} fd(s) of ${name}, which no live backing uses`);
+      t.check('leaks', bp);
+    }
   }
 }
 
@@ -237,7 +290,7 @@ export async function data(w: World, snap: Snapshot, t: Tally): Promise<void> {
     if (reply === undefined) return;
     if (reply.event !== 'wrote') problems.push(`${writer.describe()} could not write ${hex(gpa)} in ${r.name}: ${String(reply.message)}`);
   } else {
-    fs.writeSync(memfd.fd, bytes, 0, 16, r.offset + at);
+    ownerWrite(memfd, r.offset + at, bytes);
     if (r.readonly) {
       // A client may not write a read-only region: refused, and nothing changes.
       const c = rng.pick(healthy).client;
@@ -254,4 +307,20 @@ export async function data(w: World, snap: Snapshot, t: Tally): Promise<void> {
   fs.readSync(memfd.fd, mine, 0, 16, r.offset + at);
   if (!mine.equals(bytes)) problems.push(`the owner reads ${mine.toString('hex')} in ${memfd.name} at ${hex(r.offset + at)} (${r.name}), ${writer?.describe()} wrote ${bytes.toString('hex')}`);
   t.check('data', problems);
+}
+
+/** The owner writes guest memory through its memfd: pwrite, or for hugetlb (no write(2) on hugetlbfs) a mapping of the page. */
+function ownerWrite(memfd: Memfd, offset: number, bytes: Buffer): void {
+  if (memfd.pageSize === PAGE) {
+    fs.writeSync(memfd.fd, bytes, 0, bytes.length, offset);
+    return;
+  }
+  const page = Math.floor(offset / memfd.pageSize) * memfd.pageSize;
+  const len = Math.ceil((offset + bytes.length - page) / memfd.pageSize) * memfd.pageSize;
+  const view = native.mmap(memfd.fd, page, len, constants.PROT_READ | constants.PROT_WRITE, constants.MAP_SHARED);
+  try {
+    new Uint8Array(view.buffer).set(bytes, offset - page);
+  } finally {
+    native.munmap(view);
+  }
 }

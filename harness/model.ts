@@ -15,6 +15,16 @@ export interface Memfd {
   name: string;
   fd: number;
   size: number;
+  /** Its page size: PAGE, or a hugetlb page size (an MFD_HUGETLB memfd: every region of it aligned to it). */
+  pageSize: number;
+}
+
+/** One IOVA mapping of an I/O address space: [iova, iova + size) -> [gpa, gpa + size). */
+export interface IovaMapping {
+  iova: number;
+  gpa: number;
+  size: number;
+  readonly: boolean;
 }
 
 /** A backing as the broker numbers it: one registration of a memfd. */
@@ -42,6 +52,8 @@ export class Model {
   readonly memfds = new Map<string, Memfd>();
   readonly backings = new Map<number, BrokerBacking>();
   regions = new Map<string, ModelRegion>();
+  /** I/O address spaces (--ioas) by name, with their mappings, as the owner's answered IOAS commits left them. */
+  readonly ioas = new Map<string, IovaMapping[]>();
   private nextRegion = 0;
   private nextMemfd = 0;
 
@@ -67,6 +79,61 @@ export class Model {
     const b = this.backings.get(r.backing);
     if (!b) throw new Error(`model: region ${r.name} references backing ${r.backing}, which is not live`);
     return b.memfd;
+  }
+
+  /** The region's page size: its memfd's (a hugetlb region is aligned to it). */
+  pageOf(r: ModelRegion): number {
+    return this.memfdOf(r).pageSize;
+  }
+
+  /**
+   * Bytes a process that pins the whole map has in VmLck: the regions on ordinary memfds. mlock(2) neither
+   * marks nor counts hugetlb mappings (their pages are never swapped out), so hugetlb regions add nothing.
+   */
+  lockableBytes(regions: Iterable<ModelRegion> = this.regions.values()): number {
+    let n = 0;
+    for (const r of regions) if (this.backings.get(r.backing)?.memfd.pageSize === PAGE) n += r.size;
+    return n;
+  }
+
+  /** The region an IOVA mapping of [gpa, gpa + size) points into, if any. */
+  regionAt(gpa: number, size = 1): ModelRegion | undefined {
+    for (const r of this.regions.values()) if (r.gpa <= gpa && gpa + size <= r.gpa + r.size) return r;
+    return undefined;
+  }
+
+  /** Whether an IOVA mapping of any IOAS points into the region (the broker refuses to remove it or change its access: MMB_ERR_RAM_MAPPED). */
+  ramMapped(r: ModelRegion): boolean {
+    for (const maps of this.ioas.values()) for (const m of maps) if (m.gpa < r.gpa + r.size && r.gpa < m.gpa + m.size) return true;
+    return false;
+  }
+
+  /**
+   * What a shadow-mode vfio client (soft) whose devices are in `ioases` has in VmLck: the distinct pages
+   * of ordinary memory those IOASes map (a page mapped at two IOVAs is locked once; hugetlb pages are
+   * never counted, as above).
+   */
+  shadowLocked(ioases: Iterable<string>, maps: ReadonlyMap<string, readonly IovaMapping[]> = this.ioas): number {
+    const ranges: Range[] = [];
+    for (const name of new Set(ioases)) {
+      for (const m of maps.get(name) ?? []) {
+        const r = this.regionAt(m.gpa, m.size);
+        if (r && this.pageOf(r) === PAGE) ranges.push([m.gpa, m.gpa + m.size]);
+      }
+    }
+    return merge(ranges).reduce((n, [s, e]) => n + e - s, 0);
+  }
+
+  /** A free `align`ed IOVA range of `size` bytes in `ioas`, away from its mappings and the MSI window, or undefined. */
+  freeIova(rng: Rng, ioas: string, size: number, align: number): number | undefined {
+    const maps = this.ioas.get(ioas) ?? [];
+    const slots = Math.floor((GPA_SPACE - size) / align);
+    for (let i = 0; i < 24; i++) {
+      const iova = rng.int(0, slots) * align;
+      const msi = iova <= X86_MSI_WINDOW.last && X86_MSI_WINDOW.start < iova + size;
+      if (!msi && !maps.some((m) => iova < m.iova + m.size && m.iova < iova + size)) return iova;
+    }
+    return undefined;
   }
 
   referenced(backing: number): boolean {
@@ -98,6 +165,13 @@ export class Model {
       if (this.backings.get(r.backing)?.memfd.name === memfd) ranges.push([r.offset, r.offset + r.size]);
     }
     return merge(ranges);
+  }
+
+  /** The end offsets in `memfd` of the writable regions among `regions` (where a vhost-user back-end's mapping from offset 0 ends). */
+  writableEnds(regions: Iterable<ModelRegion>, memfd: string): number[] {
+    const out: number[] = [];
+    for (const r of regions) if (!r.readonly && this.backings.get(r.backing)?.memfd.name === memfd) out.push(r.offset + r.size);
+    return out;
   }
 
   /** The regions once `ops` are applied to the current ones (removes, then sets, then adds, as the broker does). */

@@ -4,6 +4,7 @@
 import type { StatusSpace } from '../protocol/index.js';
 import { waitFor } from '../testkit/wait.js';
 import type { FdCensus, FileMapping } from './kernel.js';
+import { domainDevices } from './operations.js';
 import type { ClientProc, Line } from './procs.js';
 import { SPACE, type World } from './world.js';
 
@@ -21,6 +22,10 @@ export interface ClientSnapshot {
   /** kvm: its memslots; vfio: its domain's devices. */
   slots?: { gpa: number; size: number; hva: number; readonly: boolean; logDirty: boolean; name: string }[];
   devices?: string[];
+  /** shadow: its devices as "device@ioas", sorted, as its domain lists them. */
+  ioasDevices?: string[];
+  /** bridge: what the kernel shows of its back-end (qemu-storage-daemon), if it is alive. */
+  backend?: { who: string; maps: FileMapping[]; census: FdCensus };
   /** Why its slots (kvm) or domain (vfio) could not be read. */
   failed?: string;
   maps: FileMapping[];
@@ -47,6 +52,13 @@ function unsettled(w: World, st: StatusSpace | undefined): string {
     const s = subs.find((x) => x.pid === c.pid);
     if (!s) return `${c.describe()} is not attached`;
     if (s.ackedGeneration !== st.generation || s.state !== 'ready') return `${c.describe()} acked ${s.ackedGeneration} (${s.state}), space at ${st.generation}`;
+  }
+  // Shadow clients: every device attached to its IOAS (after a restart they re-attach after the publish).
+  for (const c of w.clients) {
+    for (const [dev, io] of c.deviceIoas) {
+      const att = st.ioas?.find((x) => x.name === io)?.attached.find((a) => a.client.pid === c.pid);
+      if (!att?.devices.includes(dev)) return `${c.describe()}'s device ${dev} is not attached to ${io}`;
+    }
   }
   const extra = subs.filter((s) => !w.clients.some((c) => c.pid === s.pid));
   if (extra.length > 0) return `subscribers the harness does not run: ${extra.map((s) => `${s.name} pid ${s.pid}`).join(', ')}`;
@@ -83,10 +95,16 @@ async function snapshotClient(c: ClientProc): Promise<ClientSnapshot | undefined
     if (s.event === 'slots') snap.slots = s.slots as ClientSnapshot['slots'];
     else snap.failed = `slots failed: ${String(s.message)}`;
   }
-  if (c.kind === 'vfio') {
+  if (c.kind === 'vfio' || c.kind === 'shadow') {
     const d = await c.request({ cmd: 'domain' }, 'domain').catch((err: Error) => ({ event: 'failed', message: err.message }) as Line);
-    if (d.event === 'domain') snap.devices = d.devices as string[];
+    if (d.event === 'domain' && c.kind === 'shadow') snap.ioasDevices = domainDevices(d);
+    else if (d.event === 'domain') snap.devices = d.devices as string[];
     else snap.failed = `domain failed: ${String(d.message)}`;
+  }
+  if (c.backend) {
+    const b = c.backendView();
+    if (b.alive) snap.backend = { who: `${c.backend.name} (pid ${c.backend.pid}), the back-end of ${c.describe()}`, maps: b.maps, census: b.census };
+    else snap.failed = `its back-end ${c.backend.name} (pid ${c.backend.pid}) is gone`;
   }
   // It died while it answered: nothing it said counts.
   return c.view().alive ? snap : undefined;

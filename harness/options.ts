@@ -2,8 +2,17 @@
 // same operations and faults.
 import { InvalidArgError } from '../protocol/index.js';
 
-export const CLIENT_KINDS = ['kvm', 'vhost', 'vfio', 'plain'] as const;
+/**
+ * `bridge`: the vhost-user bridge (testkit's scripted `vhost-user` client) driving a real
+ * qemu-storage-daemon of its own (--bridge N); `shadow`: a vfio client (soft) in shadow mode, its devices in
+ * the harness's I/O address spaces, pinning only what they map (--ioas).
+ */
+export const CLIENT_KINDS = ['kvm', 'vhost', 'vfio', 'plain', 'bridge', 'shadow'] as const;
 export type ClientKind = (typeof CLIENT_KINDS)[number];
+
+export const MIB = 2 ** 20;
+/** Hugetlb page sizes --hugetlb takes. */
+export const HUGETLB_SIZES = [2 * MIB, 2 ** 30] as const;
 
 export interface HarnessOptions {
   seed: number;
@@ -18,6 +27,14 @@ export interface HarnessOptions {
   maxMapBytes: number;
   /** The broker's ack deadline (`serve --ack-timeout`): how long a stalled client holds up a change. */
   ackTimeoutMs: number;
+  /**
+   * Hugetlb page size (2 MiB or 1 GiB; 0: none). Regions of that alignment class are backed by
+   * MFD_HUGETLB memfds of it (the others stay ordinary memfds); the pages are reserved in the kernel's
+   * pool for the run and given back after it.
+   */
+  hugetlb: number;
+  /** I/O address spaces: IOAS operations and faults, and the `shadow` clients attached to them. */
+  ioas: boolean;
   /** The broker's pipeline window (`serve --pipeline`, feature PIPELINE); absent: one transaction at a time. */
   pipeline?: number;
   /** Plant deliberately broken clients (one skips its unmap, one pins twice): the checks must fail. */
@@ -34,6 +51,8 @@ export const DEFAULT_OPTIONS: Readonly<Omit<HarnessOptions, 'onStep'>> = Object.
   gigRate: 0.005,
   maxMapBytes: 3 * 2 ** 30,
   ackTimeoutMs: 3000,
+  hugetlb: 0,
+  ioas: false,
   selfTest: false,
 });
 
@@ -65,4 +84,7 @@ export function checkOptions(o: HarnessOptions): void {
   for (const [v, what] of [[o.faultRate, 'faultRate'], [o.gigRate, 'gigRate']] as const) {
     if (!(v >= 0 && v <= 1)) throw new InvalidArgError(`${what} must be in [0, 1], got ${v}`);
   }
+  for (const [kind, n] of Object.entries(o.clients)) int(n, `clients of kind ${kind}`, 0, 16);
+  if (o.hugetlb !== 0 && !(HUGETLB_SIZES as readonly number[]).includes(o.hugetlb)) throw new InvalidArgError(`hugetlb must be 2M or 1G (the kernel's hugetlb page sizes here), got ${o.hugetlb}`);
+  if ((o.clients.shadow ?? 0) > 0 && !o.ioas) throw new InvalidArgError('--clients shadow:N needs --ioas (shadow-mode vfio clients attach their devices to I/O address spaces)');
 }

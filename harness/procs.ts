@@ -4,6 +4,7 @@
 // whoever asked, and only the events the harness waits for or reports are kept, the last hundred.
 import { BrokerProc as Broker, levelOf } from '../testkit/broker.js';
 import { SCRIPTED_CLIENT, ready } from '../testkit/clients.js';
+import type { Backend } from '../testkit/backends.js';
 import { JsonProc, spawnNode, type Line } from '../testkit/jsonproc.js';
 import { DIST } from '../testkit/paths.js';
 import type { InvariantName } from './invariants.js';
@@ -21,8 +22,15 @@ export const BROKEN_MODES = {
   'pin-twice': { kind: 'vfio', caughtBy: 'pins' },
   'ignore-eviction': { kind: 'plain', caughtBy: 'done-means-done' },
   'teardown-on-wait': { kind: 'plain', caughtBy: 'restart-keeps-memory' },
+  /** With --ioas only: a shadow-mode client that keeps a pin of what an IOAS unmap took away. */
+  'keep-pin-after-unmap': { kind: 'shadow', caughtBy: 'iova-pins' },
 } as const satisfies Record<string, { kind: ClientKind; caughtBy: InvariantName }>;
 export type BrokenMode = keyof typeof BROKEN_MODES;
+
+/** The broken clients a self-test with these options plants (the shadow one needs --ioas). */
+export function plantedModes(opts: { ioas: boolean }): BrokenMode[] {
+  return (Object.keys(BROKEN_MODES) as BrokenMode[]).filter((m) => opts.ioas || BROKEN_MODES[m].kind !== 'shadow');
+}
 
 export type { Line };
 
@@ -51,6 +59,10 @@ export class ClientProc extends JsonProc {
   baseline: FdCensus | undefined;
   /** Processes it handed memory to. */
   readonly delegates: Delegate[] = [];
+  /** shadow: the IOAS each of its devices is attached to. */
+  readonly deviceIoas = new Map<string, string>();
+  /** bridge: its vhost-user back-end (qemu-storage-daemon), which maps what the bridge gives it. */
+  backend: Backend | undefined;
 
   constructor(
     args: string[],
@@ -87,6 +99,12 @@ export class ClientProc extends JsonProc {
     return this.gone ? GONE : viewOf(this.pid);
   }
 
+  /** bridge: what the kernel shows of its back-end now; nothing once it exited (a child of ours, not reaped before). */
+  backendView(): ProcessView {
+    const b = this.backend;
+    return !b || b.proc.exitCode !== null || b.proc.signalCode !== null ? GONE : viewOf(b.pid);
+  }
+
   override describe(): string {
     return `${this.broken ? `broken (${this.broken}) ` : ''}${this.kind} client ${this.name} (pid ${this.pid})`;
   }
@@ -99,6 +117,26 @@ export interface ClientSpawn {
   name: string;
   devices: string[];
   broken?: BrokenMode;
+  /** bridge: the back-end it drives (started by the caller, stopped with the client). */
+  backend?: Backend;
+  /** shadow: the IOAS its devices join. */
+  ioas?: string;
+  /** shadow: its pin budget (it refuses an IOAS change past it: MMB_ERR_PIN_BUDGET). */
+  pinLimit?: number;
+}
+
+/** The scripted client's argv for a client of the harness's kind. */
+function clientArgs(s: ClientSpawn, common: string[], devs: string[]): string[] {
+  switch (s.kind) {
+    case 'vfio':
+      return ['vfio', ...common, '--backend', 'soft', ...devs];
+    case 'shadow':
+      return ['vfio', ...common, '--backend', 'soft', '--ioas', String(s.ioas), ...devs, ...(s.pinLimit !== undefined ? ['--pin-limit', String(s.pinLimit)] : [])];
+    case 'bridge':
+      return ['vhost-user', ...common, '--backend-socket', String(s.backend?.socket)];
+    default:
+      return [s.kind, ...common];
+  }
 }
 
 /**
@@ -108,8 +146,10 @@ export interface ClientSpawn {
 export async function spawnClient(s: ClientSpawn): Promise<ClientProc> {
   const common = ['--socket', s.socket, '--space', s.space, '--name', s.name];
   const devs = s.devices.flatMap((d) => ['--device', d]);
-  const args = s.broken ? ['--mode', s.broken, ...common, ...devs] : [s.kind, ...common, ...(s.kind === 'vfio' ? ['--backend', 'soft', ...devs] : [])];
+  const args = s.broken ? ['--mode', s.broken, ...common, ...devs, ...(s.ioas !== undefined ? ['--ioas', s.ioas] : [])] : clientArgs(s, common, devs);
   const p = new ClientProc(args, s.kind, s.name, s.devices, s.broken);
+  p.backend = s.backend;
+  if (s.kind === 'shadow') for (const d of s.devices) p.deviceIoas.set(d, String(s.ioas));
   try {
     await ready(p, 60_000);
   } catch (err) {

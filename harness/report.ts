@@ -13,6 +13,10 @@ export interface Report {
   violations: (Violation & { replay: string })[];
   durationMs: number;
   selfTest: boolean;
+  /** --self-test: the broken clients it planted. */
+  planted: BrokenMode[];
+  /** --hugetlb: the pages the run added to the kernel's pool (and gave back at its end). */
+  hugePages?: { size: number; added: number; missing?: string };
 }
 
 export function replayCommand(seed: number, steps: number, args: string): string {
@@ -22,6 +26,7 @@ export function replayCommand(seed: number, steps: number, args: string): string
 export function formatReport(r: Report): string {
   const lines = [
     `mmbroker harness${r.selfTest ? ' --self-test' : ''}: seed ${r.seed}, ${r.steps} steps, ${r.faults} faults, ${(r.durationMs / 1000).toFixed(1)} s`,
+    ...(r.hugePages ? [`hugetlb: ${r.hugePages.added} pages of ${r.hugePages.size / 2 ** 20} MiB reserved for the run and given back${r.hugePages.missing ? ` (${r.hugePages.missing})` : ''}`] : []),
     '',
     'faults:',
     ...Object.entries(r.faultsByKind).sort().map(([k, n]) => `  ${k.padEnd(18)} ${n}`),
@@ -42,7 +47,8 @@ export function formatReport(r: Report): string {
   }
   if (r.selfTest) {
     lines.push('', 'broken clients, each where the invariant that must catch it first named it:');
-    for (const [mode, { caughtBy }] of Object.entries(BROKEN_MODES)) {
+    for (const mode of r.planted) {
+      const { caughtBy } = BROKEN_MODES[mode];
       const v = r.violations.find((x) => x.invariant === caughtBy && x.detail.includes(`broken (${mode})`));
       const mine = v?.detail.split('; ').find((d) => d.includes(`broken (${mode})`));
       lines.push(v ? `  ${mode}: ${caughtBy} at step ${v.step}: ${mine?.slice(0, 400)}` : `  ${mode}: NOT caught by ${caughtBy}`);
@@ -53,15 +59,15 @@ export function formatReport(r: Report): string {
 
 /** The --json form: the issue's fields first, then the detail. */
 export function jsonReport(r: Report): object {
-  return { steps: r.steps, faults: r.faults, checks: r.checks, violations: r.violations, seed: r.seed, faultsByKind: r.faultsByKind, operations: r.operations, durationMs: r.durationMs, selfTest: r.selfTest };
+  return { steps: r.steps, faults: r.faults, checks: r.checks, violations: r.violations, seed: r.seed, faultsByKind: r.faultsByKind, operations: r.operations, durationMs: r.durationMs, selfTest: r.selfTest, ...(r.selfTest ? { planted: r.planted } : {}), ...(r.hugePages ? { hugePages: r.hugePages } : {}) };
 }
 
 /** --self-test: the broken clients no violation of the invariant that must catch them named ("mode: invariant"). */
 export function missedPlanted(r: Report): string[] {
-  return (Object.entries(BROKEN_MODES) as [BrokenMode, (typeof BROKEN_MODES)[BrokenMode]][])
-    .filter(([mode, { caughtBy }]) => !r.violations.some((v) => v.invariant === caughtBy && v.detail.includes(`broken (${mode})`)))
-    .map(([mode, { caughtBy }]) => `${mode}: ${caughtBy}`);
+  return r.planted.filter((mode) => !r.violations.some((v) => v.invariant === BROKEN_MODES[mode].caughtBy && v.detail.includes(`broken (${mode})`))).map((mode) => `${mode}: ${BROKEN_MODES[mode].caughtBy}`);
 }
 
-/** --self-test: each broken client and the invariant that must catch it ("mode: invariant"). */
-export const PLANTED: readonly string[] = Object.entries(BROKEN_MODES).map(([mode, { caughtBy }]) => `${mode}: ${caughtBy}`);
+/** --self-test: each broken client it planted and the invariant that must catch it ("mode: invariant"). */
+export function planted(r: Report): string[] {
+  return r.planted.map((mode) => `${mode}: ${BROKEN_MODES[mode].caughtBy}`);
+}

@@ -19,6 +19,9 @@ const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 interface Kept {
   client: ClientProc;
+  /** Who this is: the client, or (a bridge's) its back-end. */
+  who: string;
+  look: () => ProcessView;
   view: ProcessView;
   /** kvm: its memslots (gpa, size, host address, flags), as it lists them. */
   slots?: string;
@@ -43,7 +46,10 @@ export class RestartWindow {
     const kept: Kept[] = [];
     for (const c of w.clients) {
       const slots = await slotsOf(c);
-      kept.push({ client: c, view: c.view(), ...(slots !== undefined ? { slots } : {}) });
+      kept.push({ client: c, who: c.describe(), look: () => c.view(), view: c.view(), ...(slots !== undefined ? { slots } : {}) });
+      // A bridge's back-end keeps its memory table while the bridge waits: the bridge sends it nothing.
+      const b = c.backend;
+      if (b) kept.push({ client: c, who: `${b.name} (pid ${b.pid}), the back-end of ${c.describe()}`, look: () => c.backendView(), view: c.backendView() });
     }
     return new RestartWindow(w, kept);
   }
@@ -51,8 +57,8 @@ export class RestartWindow {
   /** One check per client: it maps and locks exactly what it did before the restart (per /proc). */
   checkKeeps(when: string): void {
     for (const k of this.kept) {
-      const now = k.client.view();
-      const problems = !now.alive ? [`${k.client.describe()} is gone ${when}`] : layoutChanges(k.view, now).map((p) => `${when}, ${k.client.describe()} ${p}; before the restart it did not`);
+      const now = k.look();
+      const problems = !now.alive ? [`${k.who} is gone ${when}`] : layoutChanges(k.view, now).map((p) => `${when}, ${k.who} ${p}; before the restart it did not`);
       this.w.judged.push({ invariant: 'restart-keeps-memory', problems });
     }
   }
@@ -129,6 +135,15 @@ export async function restartBroker(w: World, ownerAwayMs: number): Promise<{ de
         const r = await w.commit(ops);
         if (!r.ok) surprises.push(`republishing ${ops.length} regions into the restarted broker failed: ${r.err.code} ${r.err.message}`);
       }
+      // Neither does a restarted broker keep I/O address spaces: the owner creates them again and commits
+      // their mappings before it publishes (protocol.md, Guarantees 14).
+      const saved = new Map(m.ioas);
+      m.ioas.clear();
+      for (const [name, maps] of [...saved].sort(([a], [b]) => a.localeCompare(b))) {
+        const c = await w.ioasCreate(name);
+        const r = c.ok && maps.length > 0 ? await w.ioasCommit(name, maps.map((x) => ({ op: 'map', iova: x.iova, gpa: x.gpa, size: x.size, readonly: x.readonly }))) : c;
+        if (!r.ok) surprises.push(`recreating IOAS ${name} (${maps.length} mappings) in the restarted broker failed: ${r.err.code} ${r.err.message}`);
+      }
       window.checkKeeps('with the map rebuilt, before it is published');
       w.restart = undefined;
       m.generation = await w.owner.publish();
@@ -147,7 +162,7 @@ export async function restartBroker(w: World, ownerAwayMs: number): Promise<{ de
     const s = await settle(w, 2 * w.opts.ackTimeoutMs + 15_000);
     if (s.unsettled) surprises.push(`after the publish the clients did not reconcile: ${s.unsettled}`);
     else await window.checkKeepsWithSlots('after the publish, every client reconciled');
-    return { detail: `broker killed and restarted as pid ${w.broker.pid}${ownerAwayMs > 0 ? `, the owner away ${ownerAwayMs} ms` : ''}; ${old.length} backings and ${regions.length} regions republished; the window looked at ${looks} times and after the publish`, surprises };
+    return { detail: `broker killed and restarted as pid ${w.broker.pid}${ownerAwayMs > 0 ? `, the owner away ${ownerAwayMs} ms` : ''}; ${old.length} backings, ${regions.length} regions${m.ioas.size > 0 ? ` and ${m.ioas.size} IOAS(es)` : ''} republished; the window looked at ${looks} times and after the publish`, surprises };
   } finally {
     w.restart = undefined;
   }

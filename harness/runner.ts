@@ -6,12 +6,12 @@
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { allOrNothing, convergence, data, leaks, leftClean, noStaleMapping, outcome, pins, Tally } from './invariants.js';
+import { allOrNothing, convergence, data, iovaPins, leaks, leftClean, noStaleMapping, outcome, pins, Tally } from './invariants.js';
 import { observe, observeNow } from './observe.js';
 import { runOperation, type StepResult } from './operations.js';
 import { runFault, type FaultName } from './faults.js';
 import { checkOptions, DEFAULT_OPTIONS, type ClientKind, type HarnessOptions } from './options.js';
-import { BROKEN_MODES, type BrokenMode } from './procs.js';
+import { plantedModes } from './procs.js';
 import { replayCommand, type Report } from './report.js';
 import { Rng } from '../testkit/rng.js';
 import { World } from './world.js';
@@ -37,6 +37,7 @@ async function checkStep(w: World, t: Tally, res: StepResult): Promise<void> {
   convergence(w, snap, t);
   noStaleMapping(w, snap, t);
   pins(w, snap, t);
+  await iovaPins(w, snap, t);
   leaks(w, snap, t);
   outcome({ ...res, surprises: [...res.surprises, ...late.surprises] }, t);
   await data(w, snap, t);
@@ -75,6 +76,13 @@ async function teardown(w: World, t: Tally): Promise<void> {
     convergence(w, snap, t);
     leaks(w, snap, t);
   }
+  // The IOASes go first: RAM an IOVA mapping points into cannot be removed (MMB_ERR_RAM_MAPPED).
+  for (const [name, maps] of [...w.model.ioas]) {
+    const u = maps.length > 0 ? await w.ioasCommit(name, maps.map((m) => ({ op: 'unmap', iova: m.iova, size: m.size }))) : undefined;
+    const d = await w.ioasDestroy(name);
+    const failed = [...(u && !u.ok ? [`unmapping everything in ${name} failed: ${u.err.code} ${u.err.message}`] : []), ...(d.ok ? [] : [`destroying ${name} failed: ${d.err.code} ${d.err.message}`])];
+    outcome({ op: 'teardown', detail: '', risky: false, surprises: failed }, t);
+  }
   const names = w.model.list().map((r) => r.name);
   if (names.length > 0) {
     const r = await w.commit(names.map((region) => ({ op: 'remove', region })));
@@ -102,10 +110,12 @@ export async function runHarness(input: Partial<HarnessOptions> = {}, replayArgs
   const started = performance.now();
   let faults = 0;
   let steps = 0;
+  let hugePages: Report['hugePages'];
   try {
     await w.start();
+    hugePages = w.hugePages;
     for (const [kind, n] of Object.entries(opts.clients) as [ClientKind, number][]) for (let i = 0; i < n; i++) await w.join(kind);
-    if (opts.selfTest) for (const mode of Object.keys(BROKEN_MODES) as BrokenMode[]) await w.joinBroken(mode);
+    if (opts.selfTest) for (const mode of plantedModes(opts)) await w.joinBroken(mode);
     w.drain();
     let failedInARow = 0;
     for (let i = 1; i <= opts.steps; i++) {
@@ -150,5 +160,7 @@ export async function runHarness(input: Partial<HarnessOptions> = {}, replayArgs
     violations: t.violations.map((v) => ({ ...v, replay: replay(Math.min(v.step, steps)) })),
     durationMs: Math.round(performance.now() - started),
     selfTest: opts.selfTest,
+    planted: opts.selfTest ? plantedModes(opts) : [],
+    ...(hugePages ? { hugePages } : {}),
   };
 }

@@ -2,13 +2,14 @@
 // (README.md, "The scripted client"). Tests and the harness run it; it is not the shipped `mmbroker
 // attach`, which answers the same inspection commands but no faults.
 //
-//   node dist/testkit/client.js [plain|vhost|kvm|vfio] --socket PATH --space NAME [options]
+//   node dist/testkit/client.js [plain|vhost|kvm|vfio|vhost-user] --socket PATH --space NAME [options]
 import { parseArgs } from 'node:util';
 import pino from 'pino';
 import { MappingSubscriber, type SubscriberOptions } from '../clients/index.js';
 import { KvmSubscriber } from '../clients/kvm/index.js';
 import { VfioSubscriber } from '../clients/vfio/index.js';
 import { VhostSubscriber } from '../clients/vhost/index.js';
+import { BLK_FEATURES, VhostUserSubscriber } from '../clients/vhost-user/index.js';
 import { CLIENT_KINDS, type ClientKind } from './clients.js';
 import { kvmCommands, vfioCommands } from './commands.js';
 import { out } from './control.js';
@@ -39,6 +40,8 @@ const { values } = parseArgs({
     'pin-limit': { type: 'string' },
     'pin-chunk': { type: 'string' },
     reserved: { type: 'string' },
+    ioas: { type: 'string' },
+    'backend-socket': { type: 'string' },
   },
 });
 const num = (v: string | undefined) => (v === undefined ? undefined : Number(v));
@@ -73,6 +76,8 @@ async function attach(): Promise<Attached> {
       devices: values.device ?? (backend === 'soft' ? ['dev0'] : []),
       ...(pinLimit !== undefined ? { pinLimit } : {}),
       ...(pinChunkBytes !== undefined ? { pinChunkBytes } : {}),
+      // Shadow mode: the devices join this I/O address space, and only what it maps is pinned.
+      ...(values.ioas !== undefined ? { ioas: values.ioas } : {}),
       ...(values.reserved !== undefined
         ? { reserved: values.reserved.split(',').filter(Boolean).map((r) => ({ start: Number(r.split('-')[0]), last: Number(r.split('-')[1]) })) }
         : {}),
@@ -80,6 +85,12 @@ async function attach(): Promise<Attached> {
       logger,
     });
     return { sub: vfio, memory: vfio.memory, commands: vfioCommands(vfio), ready: () => ({ domain: vfio.domain }), state: () => ({ pinned: vfio.domain.pinnedBytes }) };
+  }
+  if (kind === 'vhost-user') {
+    if (values['backend-socket'] === undefined) throw new Error('vhost-user: --backend-socket PATH (a vhost-user-blk back-end) is needed');
+    // The bridge maps guest memory itself too (read, write, hand-on), as `mmbroker attach vhost-user --control` does.
+    const vu = await VhostUserSubscriber.attach(socket, { ...base, backendSocket: values['backend-socket'], virtioFeatures: BLK_FEATURES, mapMemory: true, backendTimeoutMs: 5000 });
+    return { sub: vu, memory: vu.memory, ready: () => ({ memMode: vu.memMode, maxSlots: vu.maxSlots }) };
   }
   const sub = kind === 'vhost' ? await VhostSubscriber.attach(socket, base) : await MappingSubscriber.attach(socket, base);
   return { sub, memory: sub.memory };

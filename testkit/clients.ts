@@ -3,7 +3,7 @@
 import { JsonProc, type SpawnOptions } from './jsonproc.js';
 import { testkitFile } from './paths.js';
 
-export const CLIENT_KINDS = ['plain', 'vhost', 'kvm', 'vfio'] as const;
+export const CLIENT_KINDS = ['plain', 'vhost', 'kvm', 'vfio', 'vhost-user'] as const;
 export type ClientKind = (typeof CLIENT_KINDS)[number];
 
 /** The scripted client, compiled. */

@@ -1,7 +1,8 @@
 // A relay between an owner and the broker, to judge a promise at the moment it is made: the owner
 // connects to the relay's socket instead of the broker's, and every frame is forwarded both ways in
 // order, descriptors included. When the owner's COMMIT passes, `onCommit` runs before it goes on; when the
-// broker's reply to it passes, the reply is held until `onCommitReply` has returned. Whatever the hook
+// broker's reply to it passes, the reply is held until `onCommitReply` has returned. An IOAS request
+// (create, commit, destroy: feature IOAS) is held the same way, by `onIoas` and `onIoasReply`. Whatever the hook
 // reads then (a process's /proc/PID/maps, VmLck, fd table) is what the kernel showed while the owner had
 // not been told yet: nothing can change between the answer and the look, and nothing can slip in after.
 //
@@ -20,6 +21,10 @@ export interface RelayHooks {
   onCommit?: (request: CommitRequest) => void | Promise<void>;
   /** The broker answered that COMMIT; the answer (and the broker's later frames) waits for this. */
   onCommitReply?: (request: CommitRequest, reply: CommitReply) => void | Promise<void>;
+  /** The owner's IOAS request (`op`: create, commit, destroy; `ioas`; `ops`) is about to go to the broker. */
+  onIoas?: (request: CommitRequest) => void | Promise<void>;
+  /** The broker answered that IOAS request; the answer (and the broker's later frames) waits for this. */
+  onIoasReply?: (request: CommitRequest, reply: CommitReply) => void | Promise<void>;
 }
 
 export class OwnerRelay {
@@ -55,6 +60,7 @@ export class OwnerRelay {
   private relay(owner: SocketTransport): void {
     this.transports.add(owner);
     const commits = new Map<number, CommitRequest>();
+    const ioasRequests = new Map<number, CommitRequest>();
     const upstream = connectSocket(this.brokerPath).then(
       (up) => {
         this.transports.add(up);
@@ -81,16 +87,22 @@ export class OwnerRelay {
     const fromBroker = (f: Frame) => {
       const request = f.body.t === Msg.REPLY ? commits.get(f.body.id as number) : undefined;
       if (request) commits.delete(f.body.id as number);
+      const ioas = f.body.t === Msg.REPLY ? ioasRequests.get(f.body.id as number) : undefined;
+      if (ioas) ioasRequests.delete(f.body.id as number);
       toOwner = toOwner.then(async () => {
         if (request && this.hooks.onCommitReply) await this.hook(() => this.hooks.onCommitReply?.(request, f.body as CommitReply));
+        if (ioas && this.hooks.onIoasReply) await this.hook(() => this.hooks.onIoasReply?.(ioas, f.body as CommitReply));
         forward(owner, f);
       });
     };
     owner.on('frame', (f) => {
       const commit = f.body.t === Msg.COMMIT ? (f.body as CommitRequest) : undefined;
       if (commit) commits.set(commit.id as number, commit);
+      const ioas = f.body.t === Msg.IOAS ? (f.body as CommitRequest) : undefined;
+      if (ioas) ioasRequests.set(ioas.id as number, ioas);
       toBroker = toBroker.then(async () => {
         if (commit && this.hooks.onCommit) await this.hook(() => this.hooks.onCommit?.(commit));
+        if (ioas && this.hooks.onIoas) await this.hook(() => this.hooks.onIoas?.(ioas));
         forward(await upstream, f);
       });
     });
