@@ -197,7 +197,7 @@ export class Pipeline {
         const h = host.evict(s, host.refusal(s.ref(), r.error, generation));
         if (h) unfinished.push(h);
       }
-      const unfenced = await host.fences.settle([...unfinished, ...(entry.taken.size > 0 ? host.fences.holding(entry.taken) : [])], host.ackTimeoutMs);
+      const unfenced = await host.fences.settle([...new Set([...unfinished, ...(entry.taken.size > 0 ? host.fences.holding(entry.taken) : [])])], host.ackTimeoutMs);
       await previous;
       if (unfenced.length > 0) throw host.committedUnfenced(unfenced, generation, 'the backings it may reach stay held until it is');
       return { generation, added: plan.adds.map((r) => ({ id: r.id, name: r.name })), unreferenced: host.unreferenced(plan) };

@@ -817,7 +817,8 @@ export class AddressSpace {
     // is no target of the finish round, which went out before it came back), and its reconcile fences it.
     this.openFenceWindow();
     try {
-      return await this.fences.settle([...unfinished, ...holders()], this.limits.ackTimeoutMs);
+      // (A client that did not finish is usually also a holder of what was taken: each is named once.)
+      return await this.fences.settle([...new Set([...unfinished, ...holders()])], this.limits.ackTimeoutMs);
     } finally {
       this.fenceWindow = false;
     }
