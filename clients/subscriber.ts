@@ -302,7 +302,10 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
 
   private async sendDelegates(conn: Connection | undefined, delegates: readonly { name: string; pidfd: number }[]): Promise<void> {
     if (!conn || conn.closed || (conn.features & Feature.FENCE) === 0 || delegates.length === 0) return;
-    await conn.request({ t: Msg.DELEGATE, names: delegates.map((d) => d.name) }, delegates.map((d) => d.pidfd));
+    await conn.request(
+      { t: Msg.DELEGATE, names: delegates.map((d) => d.name) },
+      delegates.map((d) => d.pidfd),
+    );
   }
 
   /** Kinds whose applier follows I/O address spaces (feature IOAS) call this before start(). */
@@ -402,7 +405,12 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
         kind: this.kind,
         ...(this.opts.token !== undefined ? { token: this.opts.token } : {}),
         ...(this.opts.maxRegions !== undefined || this.opts.coalesce
-          ? { limits: { ...(this.opts.maxRegions !== undefined ? { maxRegions: this.opts.maxRegions } : {}), ...(this.opts.coalesce ? { coalesce: true } : {}) } }
+          ? {
+              limits: {
+                ...(this.opts.maxRegions !== undefined ? { maxRegions: this.opts.maxRegions } : {}),
+                ...(this.opts.coalesce ? { coalesce: true } : {}),
+              },
+            }
           : {}),
         ...(this.opts.pin ? { pin: this.opts.pin.limit !== undefined ? { limit: this.opts.pin.limit } : {} } : {}),
         ...(this.opts.writes === false && (conn.features & Feature.DIRTY) !== 0 ? { writes: false } : {}),
@@ -568,7 +576,8 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
       case Msg.EV_IOAS_ROLLBACK: {
         const follower = this.ioasFollower;
         if (follower) this.enqueue(() => follower.handle(conn, msg as IoasEvent));
-        else if ('seq' in msg && msg.seq !== undefined) this.nack(conn, msg.seq, new InvalidArgError(`a ${this.kind} subscriber does not follow I/O address spaces`));
+        else if ('seq' in msg && msg.seq !== undefined)
+          this.nack(conn, msg.seq, new InvalidArgError(`a ${this.kind} subscriber does not follow I/O address spaces`));
         return;
       }
       case Msg.EV_GOODBYE:
@@ -662,17 +671,23 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
     let commit: Change | undefined;
     // The common case costs O(ops): what is established is the committed map, so the change follows from
     // the ops alone. Anything unusual (a transaction still pending) falls back to a full diff.
-    const change = await this.establish(conn, seq, () => {
-      const full =
-        this.pending === undefined
-          ? changeFromOps(ops, this.committed, this.actual, this.keyById, this.backings, generation)
-          : this.fullChange(applyOps(this.committed, ops), generation, 'txn');
-      if (!twoPhase) return full;
-      const phases = splitChange(full, (this.opts.maxRegions ?? Number.POSITIVE_INFINITY) - this.actual.size);
-      commit = phases.commit;
-      return phases.vote;
-      // One 'change' event per part that does something, and one for a transaction that does nothing.
-    }, () => commit !== undefined && !isEmpty(commit), () => commit);
+    const change = await this.establish(
+      conn,
+      seq,
+      () => {
+        const full =
+          this.pending === undefined
+            ? changeFromOps(ops, this.committed, this.actual, this.keyById, this.backings, generation)
+            : this.fullChange(applyOps(this.committed, ops), generation, 'txn');
+        if (!twoPhase) return full;
+        const phases = splitChange(full, (this.opts.maxRegions ?? Number.POSITIVE_INFINITY) - this.actual.size);
+        commit = phases.commit;
+        return phases.vote;
+        // One 'change' event per part that does something, and one for a transaction that does nothing.
+      },
+      () => commit !== undefined && !isEmpty(commit),
+      () => commit,
+    );
     if (change) this.pending = { generation, ops, ...(commit ? { commit } : {}) };
   }
 
@@ -724,7 +739,13 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
    * `quiet()`: true when an empty change should not be announced (another part of the transaction will be).
    * `later()`: for a two-phase vote, the commit's part, which the applier checks now (Applier.check).
    */
-  private async establish(conn: Connection, seq: number, compute: () => Change, quiet?: () => boolean, later?: () => Change | undefined): Promise<Change | undefined> {
+  private async establish(
+    conn: Connection,
+    seq: number,
+    compute: () => Change,
+    quiet?: () => boolean,
+    later?: () => Change | undefined,
+  ): Promise<Change | undefined> {
     let change: Change;
     const abort = new LazyAbort();
     const cancelledKeys = new Set<string>();
@@ -761,13 +782,14 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
       return undefined;
     }
     const waits: Promise<unknown>[] = [];
-    if (!(isEmpty(change) && !change.staged?.length && quiet?.())) this.emit('change', {
-      change,
-      get signal() {
-        return abort.signal;
-      },
-      waitUntil: (p) => void waits.push(p),
-    });
+    if (!(isEmpty(change) && !change.staged?.length && quiet?.()))
+      this.emit('change', {
+        change,
+        get signal() {
+          return abort.signal;
+        },
+        waitUntil: (p) => void waits.push(p),
+      });
     try {
       // A listener's promise that never settles must not keep close() or a rollback waiting forever.
       if (waits.length > 0) await Promise.race([Promise.all(waits), this.closed, aborted(abort.signal)]);

@@ -58,7 +58,8 @@ function viewOf(m: Model): string {
 function viewProblems(w: World, s: ClientSnapshot, generation: number | undefined): string[] {
   if (typeof s.view === 'string') return [`${s.client.describe()}: ${s.view}`];
   const out: string[] = [];
-  if (generation !== undefined && s.view.generation !== generation) out.push(`${s.client.describe()} is at generation ${s.view.generation}, the space at ${generation}`);
+  if (generation !== undefined && s.view.generation !== generation)
+    out.push(`${s.client.describe()} is at generation ${s.view.generation}, the space at ${generation}`);
   const mine = JSON.stringify([...s.view.regions].sort((a, b) => a.gpa - b.gpa).map(({ name, gpa, size, readonly }) => ({ name, gpa, size, readonly })));
   if (mine !== viewOf(w.model)) out.push(`${s.client.describe()}'s view differs from the map: ${mine.slice(0, 300)} vs ${viewOf(w.model).slice(0, 300)}`);
   return out;
@@ -70,7 +71,8 @@ function coverageProblems(w: World, s: ClientSnapshot): string[] {
   for (const r of w.model.regions.values()) {
     const memfd = w.model.memfdOf(r).name;
     const ranges: Range[] = s.maps.filter((m) => m.memfd === memfd && (r.readonly || m.writable)).map((m) => [m.offset, m.offset + m.end - m.start]);
-    if (!covers(ranges, r.offset, r.offset + r.size)) out.push(`${s.client.describe()} does not map ${r.name} (${memfd} [${hex(r.offset)}, ${hex(r.offset + r.size)})${r.readonly ? '' : ' writable'})`);
+    if (!covers(ranges, r.offset, r.offset + r.size))
+      out.push(`${s.client.describe()} does not map ${r.name} (${memfd} [${hex(r.offset)}, ${hex(r.offset + r.size)})${r.readonly ? '' : ' writable'})`);
   }
   return out;
 }
@@ -88,7 +90,9 @@ export function staleAgainst(sliced: SlicedBy, who: string, maps: readonly FileM
     if (!r) ranges.set(m.memfd, (r = [sliced(m.memfd, false), sliced(m.memfd, true)]));
     const end = m.offset + m.end - m.start;
     if (!within(m.writable ? r[1] : r[0], m.offset, end)) {
-      out.push(`${who} maps ${m.memfd} [${hex(m.offset)}, ${hex(end)})${m.writable ? ' writable' : ''} at ${hex(m.start)}, which no ${what} ${m.writable ? 'writable ' : ''}region slices`);
+      out.push(
+        `${who} maps ${m.memfd} [${hex(m.offset)}, ${hex(end)})${m.writable ? ' writable' : ''} at ${hex(m.start)}, which no ${what} ${m.writable ? 'writable ' : ''}region slices`,
+      );
     }
   }
   return out;
@@ -110,7 +114,9 @@ function slotProblems(w: World, s: ClientSnapshot): string[] {
     if (!r) continue;
     const m = s.maps.find((x) => x.start <= slot.hva && slot.hva < x.end);
     if (!m || m.memfd !== w.model.memfdOf(r).name || m.offset + (slot.hva - m.start) !== r.offset) {
-      out.push(`${s.client.describe()}'s slot at ${hex(slot.gpa)} points at ${hex(slot.hva)}, which maps ${m ? `${m.memfd}+${hex(m.offset + slot.hva - m.start)}` : 'nothing'}, not ${r.name}'s memory`);
+      out.push(
+        `${s.client.describe()}'s slot at ${hex(slot.gpa)} points at ${hex(slot.hva)}, which maps ${m ? `${m.memfd}+${hex(m.offset + slot.hva - m.start)}` : 'nothing'}, not ${r.name}'s memory`,
+      );
     }
   }
   return out;
@@ -119,7 +125,9 @@ function slotProblems(w: World, s: ClientSnapshot): string[] {
 /** What a vfio-like process must have locked: the whole map once while its domain has a device. */
 function pinProblems(w: World, s: ClientSnapshot): string[] {
   const want = s.client.devices.length > 0 ? w.model.bytes() : 0;
-  return s.locked === want ? [] : [`${s.client.describe()} has VmLck ${s.locked} bytes, its domain (${s.client.devices.length} device(s)) should pin ${want} once`];
+  return s.locked === want
+    ? []
+    : [`${s.client.describe()} has VmLck ${s.locked} bytes, its domain (${s.client.devices.length} device(s)) should pin ${want} once`];
 }
 
 function statusProblems(w: World, snap: Snapshot): string[] {
@@ -132,7 +140,10 @@ function statusProblems(w: World, snap: Snapshot): string[] {
 export function convergence(w: World, snap: Snapshot, t: Tally): void {
   t.check('convergence', [...(snap.unsettled ? [`not settled: ${snap.unsettled}`] : []), ...statusProblems(w, snap)]);
   for (const s of snap.clients) {
-    const devices = s.devices !== undefined && JSON.stringify(s.devices) !== JSON.stringify(s.client.devices) ? [`${s.client.describe()} reports devices ${JSON.stringify(s.devices)}, the harness attached ${JSON.stringify(s.client.devices)}`] : [];
+    const devices =
+      s.devices !== undefined && JSON.stringify(s.devices) !== JSON.stringify(s.client.devices)
+        ? [`${s.client.describe()} reports devices ${JSON.stringify(s.devices)}, the harness attached ${JSON.stringify(s.client.devices)}`]
+        : [];
     const failed = s.failed ? [`${s.client.describe()}: ${s.failed}`] : [];
     t.check('convergence', [...viewProblems(w, s, snap.status?.generation), ...coverageProblems(w, s), ...slotProblems(w, s), ...devices, ...failed]);
   }
@@ -156,7 +167,12 @@ export function pins(w: World, snap: Snapshot, t: Tally): void {
 export function allOrNothing(w: World, snap: Snapshot, t: Tally): void {
   t.check('all-or-nothing', statusProblems(w, snap));
   for (const s of snap.clients) {
-    t.check('all-or-nothing', [...viewProblems(w, s, undefined), ...coverageProblems(w, s), ...staleProblems(w, s.client.describe(), s.maps), ...(s.client.kind === 'vfio' ? pinProblems(w, s) : [])]);
+    t.check('all-or-nothing', [
+      ...viewProblems(w, s, undefined),
+      ...coverageProblems(w, s),
+      ...staleProblems(w, s.client.describe(), s.maps),
+      ...(s.client.kind === 'vfio' ? pinProblems(w, s) : []),
+    ]);
   }
 }
 
@@ -189,20 +205,25 @@ export function leaks(w: World, snap: Snapshot, t: Tally): void {
   if (b.bitmaps !== logging) problems.push(`the broker holds ${b.bitmaps} dirty bitmaps for ${logging} logging region(s)`);
   // One pidfd per socket connection (SO_PEERPIDFD), and one per process a client being fenced reaches.
   const fencing = (snap.status?.holders ?? []).reduce((n, h) => n + h.alive.length, 0);
-  if (b.pidfds !== base.pidfds + conns + fencing) problems.push(`the broker holds ${b.pidfds} pidfds, expected ${base.pidfds} + ${conns} connections + ${fencing} of clients being fenced`);
+  if (b.pidfds !== base.pidfds + conns + fencing)
+    problems.push(`the broker holds ${b.pidfds} pidfds, expected ${base.pidfds} + ${conns} connections + ${fencing} of clients being fenced`);
   if (b.other !== base.other) problems.push(`the broker holds ${b.other} other fds, ${base.other} at start`);
   t.check('leaks', problems);
   for (const s of snap.clients) {
     const c = s.census;
     const p: string[] = [];
     for (const [name, n] of c.memfds) if (n > (live.get(name) ?? 0)) p.push(`holds ${n} fd(s) of ${name}, ${live.get(name) ?? 0} live backing(s) use it`);
-    for (const r of w.model.regions.values()) if (!c.memfds.has(w.model.memfdOf(r).name)) p.push(`holds no fd of ${w.model.memfdOf(r).name}, which ${r.name} uses`);
+    for (const r of w.model.regions.values())
+      if (!c.memfds.has(w.model.memfdOf(r).name)) p.push(`holds no fd of ${w.model.memfdOf(r).name}, which ${r.name} uses`);
     if (c.bitmaps > logging) p.push(`holds ${c.bitmaps} dirty bitmaps for ${logging} logging region(s)`);
     // Its stdio pipes are sockets too (libuv socketpairs): compared with what it held once attached.
     const cb = s.client.baseline;
     if (cb && c.sockets !== cb.sockets) p.push(`holds ${c.sockets} sockets, ${cb.sockets} after it attached (stdio and its one connection)`);
     if (cb && c.other !== cb.other) p.push(`holds ${c.other} other fds, ${cb.other} after it attached`);
-    t.check('leaks', p.map((x) => `${s.client.describe()} ${x}`));
+    t.check(
+      'leaks',
+      p.map((x) => `${s.client.describe()} ${x}`),
+    );
   }
 }
 
@@ -248,10 +269,16 @@ export async function data(w: World, snap: Snapshot, t: Tally): Promise<void> {
   for (const s of healthy) {
     if (s.client === writer) continue;
     const reply = await ask(s.client, { cmd: 'read', gpa, len: 16 }, 'read');
-    if (reply && reply.hex !== bytes.toString('hex')) problems.push(`${s.client.describe()} reads ${String(reply.hex ?? reply.message)} at ${hex(gpa)} (${r.name}), ${writer ? writer.describe() : 'the owner'} wrote ${bytes.toString('hex')}`);
+    if (reply && reply.hex !== bytes.toString('hex'))
+      problems.push(
+        `${s.client.describe()} reads ${String(reply.hex ?? reply.message)} at ${hex(gpa)} (${r.name}), ${writer ? writer.describe() : 'the owner'} wrote ${bytes.toString('hex')}`,
+      );
   }
   const mine = Buffer.alloc(16);
   fs.readSync(memfd.fd, mine, 0, 16, r.offset + at);
-  if (!mine.equals(bytes)) problems.push(`the owner reads ${mine.toString('hex')} in ${memfd.name} at ${hex(r.offset + at)} (${r.name}), ${writer?.describe()} wrote ${bytes.toString('hex')}`);
+  if (!mine.equals(bytes))
+    problems.push(
+      `the owner reads ${mine.toString('hex')} in ${memfd.name} at ${hex(r.offset + at)} (${r.name}), ${writer?.describe()} wrote ${bytes.toString('hex')}`,
+    );
   t.check('data', problems);
 }

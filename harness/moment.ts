@@ -35,7 +35,8 @@ export function scan(w: World): Seen[] {
   const out: Seen[] = [{ who: `the broker (pid ${broker.pid})`, pid: broker.pid, view: broker.view(), look: () => broker.view() }];
   for (const c of w.clients) {
     out.push({ who: c.describe(), pid: c.pid, view: c.view(), look: () => c.view(), client: c });
-    for (const d of c.delegates) out.push({ who: `pid ${d.pid}, which ${c.describe()} handed memory to`, pid: d.pid, view: delegateView(d), look: () => delegateView(d) });
+    for (const d of c.delegates)
+      out.push({ who: `pid ${d.pid}, which ${c.describe()} handed memory to`, pid: d.pid, view: delegateView(d), look: () => delegateView(d) });
   }
   return out;
 }
@@ -105,7 +106,10 @@ export class MomentJudge {
         const b = before?.find((x) => x.pid === s.pid);
         // Dead, or not there when the COMMIT went out: nothing to compare (a death is accounted after the step).
         if (!s.view.alive || !b?.view.alive) continue;
-        judged('all-or-nothing', layoutChanges(b.view, s.view).map((p) => `at the refusal (${outcome}) ${s.who} ${p}, as the COMMIT went out it did not`));
+        judged(
+          'all-or-nothing',
+          layoutChanges(b.view, s.view).map((p) => `at the refusal (${outcome}) ${s.who} ${p}, as the COMMIT went out it did not`),
+        );
       }
     } else {
       const after = w.model.regionsAfter((request.ops ?? []) as CommitOp[]);
@@ -116,7 +120,9 @@ export class MomentJudge {
         if (!s.view.alive) continue;
         judged('done-means-done', [
           ...staleAgainst(sliced, `at done (${outcome}) ${s.who}`, s.view.maps, 'committed'),
-          ...(s.view.lockedBytes > bytes ? [`at done (${outcome}) ${s.who} has ${s.view.lockedBytes} bytes locked, more than the committed map's ${bytes}`] : []),
+          ...(s.view.lockedBytes > bytes
+            ? [`at done (${outcome}) ${s.who} has ${s.view.lockedBytes} bytes locked, more than the committed map's ${bytes}`]
+            : []),
         ]);
       }
     }

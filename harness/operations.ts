@@ -90,7 +90,10 @@ async function move(w: World): Promise<StepResult> {
   const align = r.gpa % HUGE === 0 && r.size % HUGE === 0 ? HUGE : PAGE;
   const gpa = w.model.freeGpa(w.rng, r.size, align, r.name);
   if (gpa === undefined) return remove(w);
-  const ops: CommitOp[] = [{ op: 'remove', region: r.name }, { op: 'add', name: r.name, gpa, size: r.size, backing: r.backing, offset: r.offset, readonly: r.readonly, logDirty: r.logDirty }];
+  const ops: CommitOp[] = [
+    { op: 'remove', region: r.name },
+    { op: 'add', name: r.name, gpa, size: r.size, backing: r.backing, offset: r.offset, readonly: r.readonly, logDirty: r.logDirty },
+  ];
   return expectOk('move', `${r.name} ${hex(r.gpa)} -> ${hex(gpa)}`, await w.commit(ops));
 }
 
@@ -145,7 +148,12 @@ async function refused(w: World): Promise<StepResult> {
   }
   const r = await w.commit([op]);
   const got = r.ok ? 'accepted' : r.err.code;
-  return { op: `refused:${kind}`, detail: `${desc(op)} -> ${got}`, risky: true, surprises: got === expect ? [] : [`${kind} add ${desc(op)}: expected ${expect}, got ${got}`] };
+  return {
+    op: `refused:${kind}`,
+    detail: `${desc(op)} -> ${got}`,
+    risky: true,
+    surprises: got === expect ? [] : [`${kind} add ${desc(op)}: expected ${expect}, got ${got}`],
+  };
 }
 
 /** The owner lets go of a backing; the broker closes it once no region uses it. */
@@ -178,7 +186,8 @@ async function device(w: World): Promise<StepResult> {
     op: attach ? 'device-attach' : 'device-detach',
     detail: `${dev} on ${c.name}: devices ${got}`,
     risky: false,
-    surprises: ok && JSON.stringify(reply.devices) === JSON.stringify(c.devices) ? [] : [`${attach ? 'attach' : 'detach'} of ${dev} on ${c.describe()}: ${got}`],
+    surprises:
+      ok && JSON.stringify(reply.devices) === JSON.stringify(c.devices) ? [] : [`${attach ? 'attach' : 'detach'} of ${dev} on ${c.describe()}: ${got}`],
   };
 }
 
@@ -195,7 +204,12 @@ async function leave(w: World): Promise<StepResult> {
   const c = w.rng.pick(healthy);
   const code = await w.leave(c);
   const how = code ?? c.child.signalCode;
-  return { op: 'leave', detail: `${c.describe()} exited ${how}`, risky: false, surprises: code === 0 ? [] : [`${c.describe()} exited ${how} after SIGTERM (expected a clean detach, 0): ${c.stderr.join('').slice(-600)}`] };
+  return {
+    op: 'leave',
+    detail: `${c.describe()} exited ${how}`,
+    risky: false,
+    surprises: code === 0 ? [] : [`${c.describe()} exited ${how} after SIGTERM (expected a clean detach, 0): ${c.stderr.join('').slice(-600)}`],
+  };
 }
 
 export const OPERATIONS = {

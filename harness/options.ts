@@ -38,7 +38,10 @@ export const DEFAULT_OPTIONS: Readonly<Omit<HarnessOptions, 'onStep'>> = Object.
 /** "kvm:1,vhost:2,vfio:2" -> { kvm: 1, vhost: 2, vfio: 2 }. */
 export function parseClients(text: string): Partial<Record<ClientKind, number>> {
   const out: Partial<Record<ClientKind, number>> = {};
-  for (const part of text.split(',').map((p) => p.trim()).filter(Boolean)) {
+  for (const part of text
+    .split(',')
+    .map((p) => p.trim())
+    .filter(Boolean)) {
     const m = /^([a-z]+):(\d+)$/.exec(part);
     if (!m) throw new InvalidArgError(`--clients ${JSON.stringify(text)}: expected KIND:COUNT[,KIND:COUNT...] (kinds: ${CLIENT_KINDS.join(', ')})`);
     const kind = m[1] as ClientKind;
@@ -60,7 +63,10 @@ export function checkOptions(o: HarnessOptions): void {
   int(o.steps, 'steps', 0, 10_000_000);
   int(o.ackTimeoutMs, 'ackTimeoutMs', 200, 600_000);
   int(o.maxMapBytes, 'maxMapBytes', 2 ** 20, 2 ** 40);
-  for (const [v, what] of [[o.faultRate, 'faultRate'], [o.gigRate, 'gigRate']] as const) {
+  for (const [v, what] of [
+    [o.faultRate, 'faultRate'],
+    [o.gigRate, 'gigRate'],
+  ] as const) {
     if (!(v >= 0 && v <= 1)) throw new InvalidArgError(`${what} must be in [0, 1], got ${v}`);
   }
 }

@@ -27,7 +27,12 @@ export type BrokenMode = keyof typeof BROKEN_MODES;
 export type { Line };
 
 /** What the kernel shows of a process that is gone: nothing mapped, locked or open. */
-export const GONE: ProcessView = Object.freeze({ alive: false, maps: [], lockedBytes: 0, census: { memfds: new Map(), bitmaps: 0, sockets: 0, pidfds: 0, other: 0, total: 0 } });
+export const GONE: ProcessView = Object.freeze({
+  alive: false,
+  maps: [],
+  lockedBytes: 0,
+  census: { memfds: new Map(), bitmaps: 0, sockets: 0, pidfds: 0, other: 0, total: 0 },
+});
 
 /** A process a client handed memory to (`hand-on`, named to the broker with DELEGATE): not our child. */
 export interface Delegate {

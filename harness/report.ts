@@ -24,9 +24,13 @@ export function formatReport(r: Report): string {
     `mmbroker harness${r.selfTest ? ' --self-test' : ''}: seed ${r.seed}, ${r.steps} steps, ${r.faults} faults, ${(r.durationMs / 1000).toFixed(1)} s`,
     '',
     'faults:',
-    ...Object.entries(r.faultsByKind).sort().map(([k, n]) => `  ${k.padEnd(18)} ${n}`),
+    ...Object.entries(r.faultsByKind)
+      .sort()
+      .map(([k, n]) => `  ${k.padEnd(18)} ${n}`),
     'operations:',
-    ...Object.entries(r.operations).sort().map(([k, n]) => `  ${k.padEnd(18)} ${n}`),
+    ...Object.entries(r.operations)
+      .sort()
+      .map(([k, n]) => `  ${k.padEnd(18)} ${n}`),
     'checks (per invariant):',
     ...Object.entries(r.checks).map(([k, n]) => `  ${k.padEnd(22)} ${String(n).padStart(7)}  ${r.violations.filter((v) => v.invariant === k).length} violated`),
     '',
@@ -53,7 +57,17 @@ export function formatReport(r: Report): string {
 
 /** The --json form: the issue's fields first, then the detail. */
 export function jsonReport(r: Report): object {
-  return { steps: r.steps, faults: r.faults, checks: r.checks, violations: r.violations, seed: r.seed, faultsByKind: r.faultsByKind, operations: r.operations, durationMs: r.durationMs, selfTest: r.selfTest };
+  return {
+    steps: r.steps,
+    faults: r.faults,
+    checks: r.checks,
+    violations: r.violations,
+    seed: r.seed,
+    faultsByKind: r.faultsByKind,
+    operations: r.operations,
+    durationMs: r.durationMs,
+    selfTest: r.selfTest,
+  };
 }
 
 /** --self-test: the broken clients no violation of the invariant that must catch them named ("mode: invariant"). */

@@ -61,7 +61,10 @@ async function step(w: World, forced?: FaultName): Promise<{ res: StepResult; fa
   }
   const d = w.drain();
   const detail = d.notes.length > 0 ? `${res.detail}; ${d.notes.join('; ')}` : res.detail;
-  return { res: { ...res, detail, surprises: [...res.surprises, ...d.surprises], judged: [...(res.judged ?? []), ...d.judged], moments: d.moments }, fault: f !== undefined };
+  return {
+    res: { ...res, detail, surprises: [...res.surprises, ...d.surprises], judged: [...(res.judged ?? []), ...d.judged], moments: d.moments },
+    fault: f !== undefined,
+  };
 }
 
 /** Takes everything down through the front door, checking after each client leaves. */

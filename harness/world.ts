@@ -118,7 +118,14 @@ export class World {
   /** Starts a deliberately broken client (--self-test). */
   async joinBroken(broken: BrokenMode): Promise<ClientProc> {
     const kind = BROKEN_MODES[broken].kind;
-    const c = await spawnClient({ socket: this.socket, space: SPACE, kind, name: `${broken}-${this.nextClient++}`, devices: kind === 'vfio' ? ['dev0', 'dev1'] : [], broken });
+    const c = await spawnClient({
+      socket: this.socket,
+      space: SPACE,
+      kind,
+      name: `${broken}-${this.nextClient++}`,
+      devices: kind === 'vfio' ? ['dev0', 'dev1'] : [],
+      broken,
+    });
     this.clients.push(c);
     return c;
   }
@@ -145,7 +152,9 @@ export class World {
 
   /** The broker logged evicting `c` and sending SIGKILL through its pidfds, and SIGKILL is what ended it. */
   evictedAndKilled(c: ClientProc): boolean {
-    return c.child.signalCode === 'SIGKILL' && this.broker.warned('evicting client', c.pid) && this.broker.warned('fencing: sent SIGKILL through pidfds', c.pid);
+    return (
+      c.child.signalCode === 'SIGKILL' && this.broker.warned('evicting client', c.pid) && this.broker.warned('fencing: sent SIGKILL through pidfds', c.pid)
+    );
   }
 
   /** Detaches a client (SIGTERM: it unmaps, unpins, closes); resolves with its exit code. */
@@ -156,10 +165,12 @@ export class World {
 
   /** A kind to add, favouring kinds below their configured count. */
   pickKind(): ClientKind {
-    const weights = Object.fromEntries(CLIENT_KINDS.map((k) => {
-      const want = this.opts.clients[k] ?? 0;
-      return [k, want === 0 ? 0 : Math.max(0.2, want - this.of(k).length + 1)];
-    })) as Record<ClientKind, number>;
+    const weights = Object.fromEntries(
+      CLIENT_KINDS.map((k) => {
+        const want = this.opts.clients[k] ?? 0;
+        return [k, want === 0 ? 0 : Math.max(0.2, want - this.of(k).length + 1)];
+      }),
+    ) as Record<ClientKind, number>;
     return this.rng.weighted(weights);
   }
 
@@ -209,15 +220,19 @@ export class World {
 
   /** Attaches a new owner connection (after a disconnect or a broker restart), retrying while the old one lingers. */
   async reattachOwner(): Promise<void> {
-    this.owner = await waitFor('the owner to reattach', async () => {
-      try {
-        return await OwnerClient.attach(this.ownerSocket, { space: SPACE, name: 'harness-owner' });
-      } catch (err) {
-        // The relay drops the connection when the broker does not take it (MMB_ERR_DISCONNECTED).
-        if (isMmbError(err, 'MMB_ERR_OWNER_EXISTS') || isMmbError(err, 'MMB_ERR_CONNECT') || isMmbError(err, 'MMB_ERR_DISCONNECTED')) return undefined;
-        throw err;
-      }
-    }, 20_000);
+    this.owner = await waitFor(
+      'the owner to reattach',
+      async () => {
+        try {
+          return await OwnerClient.attach(this.ownerSocket, { space: SPACE, name: 'harness-owner' });
+        } catch (err) {
+          // The relay drops the connection when the broker does not take it (MMB_ERR_DISCONNECTED).
+          if (isMmbError(err, 'MMB_ERR_OWNER_EXISTS') || isMmbError(err, 'MMB_ERR_CONNECT') || isMmbError(err, 'MMB_ERR_DISCONNECTED')) return undefined;
+          throw err;
+        }
+      },
+      20_000,
+    );
   }
 
   async close(): Promise<void> {

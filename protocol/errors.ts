@@ -203,12 +203,7 @@ export class MmbError extends Error {
 }
 
 export function isMmbError(err: unknown, code?: ErrorCode): err is MmbError {
-  return (
-    typeof err === 'object' &&
-    err !== null &&
-    (err as Record<symbol, unknown>)[BRAND] === true &&
-    (code === undefined || (err as MmbError).code === code)
-  );
+  return typeof err === 'object' && err !== null && (err as Record<symbol, unknown>)[BRAND] === true && (code === undefined || (err as MmbError).code === code);
 }
 
 type MmbErrorClass = new (message: string, options?: MmbErrorOptions) => MmbError;

@@ -46,7 +46,15 @@ describe('coalesced views', () => {
     // The kernel's view: 8 mappings in that process, 400 MiB in all, the first one 386 MiB.
     const maps = memfdMaps(small.pid, 'blocks');
     expect(maps).toHaveLength(8);
-    const sizes = maps.map((m) => m.split(' ')[0]!.split('-').map((h) => parseInt(h, 16)) as [number, number]).map(([lo, hi]) => hi - lo);
+    const sizes = maps
+      .map(
+        (m) =>
+          m
+            .split(' ')[0]!
+            .split('-')
+            .map((h) => parseInt(h, 16)) as [number, number],
+      )
+      .map(([lo, hi]) => hi - lo);
     expect(sizes.reduce((a, b) => a + b, 0)).toBe(400 * MiB);
     expect(Math.max(...sizes)).toBe(193 * 2 * MiB);
     // And memory is where the GPAs say: the owner writes block 150, the client reads it.
@@ -129,7 +137,10 @@ describe('reported constraints', () => {
     const err = await owner.addRegion({ name: 'b', gpa: 8 * MiB, size: 4 * MiB, backing: ram.backing }).catch((e) => e);
     expect(err.code).toBe('MMB_ERR_CLIENT_LIMIT');
     // Moving memory needs no extra mapping: remove + add in one transaction is still fine.
-    await owner.commit([{ op: 'remove', region: 'a' }, { op: 'add', name: 'a2', gpa: 0, size: 4 * MiB, backing: ram.backing, offset: 4 * MiB }]);
+    await owner.commit([
+      { op: 'remove', region: 'a' },
+      { op: 'add', name: 'a2', gpa: 0, size: 4 * MiB, backing: ram.backing, offset: 4 * MiB },
+    ]);
   });
 
   it('pin limit and the space pin budget are checked before anything changes, naming the client', async () => {

@@ -5,7 +5,6 @@ import { describe, expect, it } from 'vitest';
 import { INVARIANTS } from '../harness/index.js';
 import { runCli } from './helpers/procs.js';
 
-
 interface Summary {
   steps: number;
   faults: number;

@@ -312,4 +312,3 @@ describe('the software stand-in judges calls like kvm_set_memory_region()', () =
     expect(vm.table()).toEqual([]);
   });
 });
-

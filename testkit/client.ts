@@ -54,7 +54,10 @@ const base: SubscriberOptions = {
 };
 // --log: the client library's own log lines as `log` events; else its warnings on stderr.
 const logger = values.log
-  ? { info: (obj: object, msg: string) => out({ event: 'log', level: 'info', msg, ...obj }), warn: (obj: object, msg: string) => out({ event: 'log', level: 'warn', msg, ...obj }) }
+  ? {
+      info: (obj: object, msg: string) => out({ event: 'log', level: 'info', msg, ...obj }),
+      warn: (obj: object, msg: string) => out({ event: 'log', level: 'warn', msg, ...obj }),
+    }
   : pino({ level: 'warn' }, pino.destination(2));
 
 async function attach(): Promise<Attached> {
@@ -74,12 +77,23 @@ async function attach(): Promise<Attached> {
       ...(pinLimit !== undefined ? { pinLimit } : {}),
       ...(pinChunkBytes !== undefined ? { pinChunkBytes } : {}),
       ...(values.reserved !== undefined
-        ? { reserved: values.reserved.split(',').filter(Boolean).map((r) => ({ start: Number(r.split('-')[0]), last: Number(r.split('-')[1]) })) }
+        ? {
+            reserved: values.reserved
+              .split(',')
+              .filter(Boolean)
+              .map((r) => ({ start: Number(r.split('-')[0]), last: Number(r.split('-')[1]) })),
+          }
         : {}),
       onPinProgress: (p) => out({ event: 'pinProgress', ...p }),
       logger,
     });
-    return { sub: vfio, memory: vfio.memory, commands: vfioCommands(vfio), ready: () => ({ domain: vfio.domain }), state: () => ({ pinned: vfio.domain.pinnedBytes }) };
+    return {
+      sub: vfio,
+      memory: vfio.memory,
+      commands: vfioCommands(vfio),
+      ready: () => ({ domain: vfio.domain }),
+      state: () => ({ pinned: vfio.domain.pinnedBytes }),
+    };
   }
   const sub = kind === 'vhost' ? await VhostSubscriber.attach(socket, base) : await MappingSubscriber.attach(socket, base);
   return { sub, memory: sub.memory };

@@ -1,5 +1,16 @@
 import { InvalidArgError } from '../../protocol/index.js';
-import { DEFAULT_OPTIONS, FAULTS, INVARIANTS, PLANTED, formatReport, jsonReport, missedPlanted, parseClients, runHarness, type HarnessOptions } from '../../harness/index.js';
+import {
+  DEFAULT_OPTIONS,
+  FAULTS,
+  INVARIANTS,
+  PLANTED,
+  formatReport,
+  jsonReport,
+  missedPlanted,
+  parseClients,
+  runHarness,
+  type HarnessOptions,
+} from '../../harness/index.js';
 import { parseCommand, parseCount, parseSize, type Command } from '../args.js';
 
 const d = DEFAULT_OPTIONS;
@@ -18,7 +29,9 @@ Options:
   --seed N          the generator's seed (default ${d.seed})
   --steps N         steps to run (default ${d.steps})
   --clients LIST    client processes by kind: kvm, vhost, vfio (soft backend), plain
-                    (default ${Object.entries(d.clients).map(([k, n]) => `${k}:${n}`).join(',')})
+                    (default ${Object.entries(d.clients)
+                      .map(([k, n]) => `${k}:${n}`)
+                      .join(',')})
   --faults RATE     probability that a step is a fault, 0 to 1 (default ${d.faultRate})
   --gig-rate RATE   probability that an added region is 1 GiB (default ${d.gigRate})
   --max-map SIZE    most guest memory mapped at once (default ${d.maxMapBytes / 2 ** 30}G)
@@ -55,7 +68,7 @@ export const harness: Command = {
         'ack-timeout': { type: 'string' },
         'self-test': { type: 'boolean' },
         trace: { type: 'boolean' },
-        json: { type: 'boolean' }
+        json: { type: 'boolean' },
       },
       usage,
     );
@@ -72,12 +85,15 @@ export const harness: Command = {
       ...(values.trace ? { onStep: (line: string) => console.error(line) } : {}),
     };
     // The options other than seed and steps, as given: a violation's replay command repeats them.
-    const replay = argv.filter((a, i) => !['--seed', '--steps', '--json', '--trace'].includes(a) && !['--seed', '--steps'].includes(argv[i - 1] ?? '')).join(' ');
+    const replay = argv
+      .filter((a, i) => !['--seed', '--steps', '--json', '--trace'].includes(a) && !['--seed', '--steps'].includes(argv[i - 1] ?? ''))
+      .join(' ');
     const report = await runHarness(opts, replay);
     console.log(values.json ? JSON.stringify(jsonReport(report), null, 2) : formatReport(report));
     if (report.selfTest) {
       const missed = missedPlanted(report);
-      if (!values.json) console.log(`\nself-test: broken clients ${missed.length === 0 ? 'all caught by name' : `MISSED: ${missed.join(', ')}`} (${PLANTED.join(', ')})`);
+      if (!values.json)
+        console.log(`\nself-test: broken clients ${missed.length === 0 ? 'all caught by name' : `MISSED: ${missed.join(', ')}`} (${PLANTED.join(', ')})`);
       return missed.length === 0 ? 0 : 1;
     }
     return report.violations.length === 0 ? 0 : 1;

@@ -21,14 +21,41 @@ export const MEMORY_REGION = { size: 32, slot: 0, flags: 4, guest_phys_addr: 8, 
 /** struct kvm_regs (x86-64): 18 u64 */
 export const REGS = {
   size: 144,
-  rax: 0, rbx: 8, rcx: 16, rdx: 24, rsi: 32, rdi: 40, rsp: 48, rbp: 56,
-  r8: 64, r9: 72, r10: 80, r11: 88, r12: 96, r13: 104, r14: 112, r15: 120,
-  rip: 128, rflags: 136,
+  rax: 0,
+  rbx: 8,
+  rcx: 16,
+  rdx: 24,
+  rsi: 32,
+  rdi: 40,
+  rsp: 48,
+  rbp: 56,
+  r8: 64,
+  r9: 72,
+  r10: 80,
+  r11: 88,
+  r12: 96,
+  r13: 104,
+  r14: 112,
+  r15: 120,
+  rip: 128,
+  rflags: 136,
 } as const;
 
 /** struct kvm_segment */
 export const SEGMENT = {
-  size: 24, base: 0, limit: 8, selector: 12, type: 14, present: 15, dpl: 16, db: 17, s: 18, l: 19, g: 20, avl: 21, unusable: 22,
+  size: 24,
+  base: 0,
+  limit: 8,
+  selector: 12,
+  type: 14,
+  present: 15,
+  dpl: 16,
+  db: 17,
+  s: 18,
+  l: 19,
+  g: 20,
+  avl: 21,
+  unusable: 22,
 } as const;
 
 /** struct kvm_dtable */
@@ -37,9 +64,24 @@ export const DTABLE = { size: 16, base: 0, limit: 8 } as const;
 /** struct kvm_sregs (x86-64) */
 export const SREGS = {
   size: 312,
-  cs: 0, ds: 24, es: 48, fs: 72, gs: 96, ss: 120, tr: 144, ldt: 168,
-  gdt: 192, idt: 208,
-  cr0: 224, cr2: 232, cr3: 240, cr4: 248, cr8: 256, efer: 264, apic_base: 272, interrupt_bitmap: 280,
+  cs: 0,
+  ds: 24,
+  es: 48,
+  fs: 72,
+  gs: 96,
+  ss: 120,
+  tr: 144,
+  ldt: 168,
+  gdt: 192,
+  idt: 208,
+  cr0: 224,
+  cr2: 232,
+  cr3: 240,
+  cr4: 248,
+  cr8: 256,
+  efer: 264,
+  apic_base: 272,
+  interrupt_bitmap: 280,
 } as const;
 
 /** struct kvm_dirty_log */

@@ -17,7 +17,6 @@ import type { IoasChange } from '../ioas-view.js';
 import { clash, mergeRanges, type DomainLimits, type IommuBackend, type Piece } from './iommu-backend.js';
 import { pinPieces, unpinPieces } from './pinning.js';
 
-
 interface Entry {
   m: IovaMapping;
   pieces: Piece[];
@@ -66,7 +65,10 @@ export class IoasDomain {
     const reserved = change.mapped.length > 0 ? this.limits().reserved : [];
     const made = change.mapped.map((m): Entry => {
       const x = clash(reserved, m.iova, m.size);
-      if (x) throw new ReservedRangeError(`IOAS ${JSON.stringify(this.ioas)}: IOVA [${hex(m.iova)}, ${hex(m.iova + m.size)}) covers [${hex(x.start)}, ${hex(x.last)}], reserved in the ${this.backend.name} IOMMU domain`);
+      if (x)
+        throw new ReservedRangeError(
+          `IOAS ${JSON.stringify(this.ioas)}: IOVA [${hex(m.iova)}, ${hex(m.iova + m.size)}) covers [${hex(x.start)}, ${hex(x.last)}], reserved in the ${this.backend.name} IOMMU domain`,
+        );
       return { m, pieces: this.pieces(m, memory) };
     });
     const gone = change.unmapped.map((m) => this.table.get(m.iova)).filter((e): e is Entry => e !== undefined);
@@ -91,11 +93,13 @@ export class IoasDomain {
   private pieces(m: IovaMapping, memory: GuestMemory): Piece[] {
     const r = memory.regionAt(m.gpa);
     if (!r || m.gpa + m.size > r.region.gpa + r.region.size) {
-      throw new NoRegionError(`IOAS ${JSON.stringify(this.ioas)}: IOVA ${hex(m.iova)} points at gpa [${hex(m.gpa)}, ${hex(m.gpa + m.size)}), which this client has not mapped`);
+      throw new NoRegionError(
+        `IOAS ${JSON.stringify(this.ioas)}: IOVA ${hex(m.iova)} points at gpa [${hex(m.gpa)}, ${hex(m.gpa + m.size)}), which this client has not mapped`,
+      );
     }
     const out: Piece[] = [];
     let off = m.gpa - r.region.gpa;
-    for (let done = 0; done < m.size; ) {
+    for (let done = 0; done < m.size;) {
       const k = Math.floor(off / CHUNK_BYTES);
       const at = off - k * CHUNK_BYTES;
       const chunk = r.chunks[k];

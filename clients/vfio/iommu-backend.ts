@@ -236,7 +236,6 @@ export function checkBdf(bdf: string): void {
   }
 }
 
-
 /**
  * The broker error for a failed map: ENOMEM (pinning beyond RLIMIT_MEMLOCK, or out of memory) and
  * EAGAIN are pinning failures, anything else an IOMMU failure; the errno rides along.

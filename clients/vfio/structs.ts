@@ -340,7 +340,10 @@ export function pack<S extends StructName>(name: S, values: Values<S>, total: nu
   if (total < layout.size) throw new RangeError(`${name}: ${total} bytes is less than its ${layout.size}`);
   const buf = new Uint8Array(total);
   const sizeField = 'argsz' in layout.fields ? 'argsz' : 'size' in layout.fields && layout.fields.size?.offset === 0 ? 'size' : undefined;
-  const all: Record<string, number | bigint | undefined> = { ...(sizeField ? { [sizeField]: total } : {}), ...(values as Record<string, number | bigint | undefined>) };
+  const all: Record<string, number | bigint | undefined> = {
+    ...(sizeField ? { [sizeField]: total } : {}),
+    ...(values as Record<string, number | bigint | undefined>),
+  };
   for (const [field, value] of Object.entries(all)) {
     if (value === undefined) continue;
     const at = layout.fields[field];

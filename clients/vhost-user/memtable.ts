@@ -51,10 +51,7 @@ export interface TableEntry extends MemRegion {
   logDirty: boolean;
 }
 
-export type Step =
-  | { op: 'table'; entries: TableEntry[] }
-  | { op: 'add'; entry: TableEntry }
-  | { op: 'rem'; entry: TableEntry };
+export type Step = { op: 'table'; entries: TableEntry[] } | { op: 'add'; entry: TableEntry } | { op: 'rem'; entry: TableEntry };
 
 export type MemMode = 'slots' | 'table';
 
@@ -165,7 +162,13 @@ export function rebuild(entries: readonly TableEntry[], rings: readonly GuestRan
   const holds = (e: TableEntry) => rings.some((g) => overlaps(e, g.gpa, g.bytes));
   const order = [...entries].sort((a, b) => Number(holds(b)) - Number(holds(a)) || a.gpa - b.gpa);
   const first = order.slice(0, MEM_TABLE_MAX_REGIONS).sort(byGpa);
-  return [{ op: 'table', entries: first }, ...order.slice(MEM_TABLE_MAX_REGIONS).sort(byGpa).map((entry): Step => ({ op: 'add', entry }))];
+  return [
+    { op: 'table', entries: first },
+    ...order
+      .slice(MEM_TABLE_MAX_REGIONS)
+      .sort(byGpa)
+      .map((entry): Step => ({ op: 'add', entry })),
+  ];
 }
 
 /**
