@@ -124,7 +124,7 @@ async function runBroker(sockets: string[], mapMemory: boolean): Promise<Samples
     for (const s of subs) if (s.stats.addMemReg < ITER) throw new Error(`subscriber ${s.id} sent ${s.stats.addMemReg} ADD_MEM_REG`);
   } finally {
     for (const s of subs) await s.close();
-    await owner.close();
+    owner.close();
     await broker.close();
   }
   return out;

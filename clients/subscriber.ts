@@ -48,7 +48,6 @@ import {
   inverse,
   isEmpty,
   splitChange,
-  toView,
   type Applier,
   type ApplyContext,
   type Change,

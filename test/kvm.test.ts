@@ -11,7 +11,6 @@ import path from 'node:path';
 import pino from 'pino';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { OwnerClient, fetchStatus } from '../clients/index.js';
-import { GuestMemory } from '../clients/memory.js';
 import { toView, type Change, type LocalBacking, type ViewRegion } from '../clients/view.js';
 import {
   KvmApplier,

@@ -2,7 +2,7 @@
 // subscriber holds it), and after: transactions by outcome, the commit latency histogram, evictions and
 // holders, queue depth, per-client acked generation and lag, pinned bytes (a soft vfio client), dirty-sync
 // timings. A non-loopback address is refused unless --metrics-public.
-import { spawn, type ChildProcess } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import http from 'node:http';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';

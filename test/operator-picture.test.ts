@@ -1,7 +1,7 @@
 // `mmbroker status` draws the map: the terminal picture checked row by row against the broker's own map
 // (status --json), and `status --svg` rendered by a real headless Chromium: a DOM without parse error and
 // a screenshot that is not blank. Through the real CLI, against `mmbroker serve` with real subscribers.
-import { spawn, type ChildProcess } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';

@@ -11,7 +11,7 @@ import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
-import { OwnerClient, createSealedMemfd, fetchStatus } from '../clients/index.js';
+import { OwnerClient, fetchStatus } from '../clients/index.js';
 import { native } from '../native/index.js';
 import { isMmbError, type MmbError, type StatusSpace } from '../protocol/index.js';
 import { have, makeImage, startQsd, QSD } from '../bench/vhost-user-backends.js';
@@ -304,7 +304,7 @@ describe('Invariant 3: a broker restart tears no memory out of running clients',
 
   it('an operator publishes a space whose owner never came back: `mmbroker publish`', async () => {
     const { socket } = await broker([], { published: false });
-    const sub = await spawn(process.execPath, [CLI, 'attach', '--socket', socket, '--space', 'vm0', '--json'], { stdio: ['ignore', 'pipe', 'pipe'] });
+    const sub = spawn(process.execPath, [CLI, 'attach', '--socket', socket, '--space', 'vm0', '--json'], { stdio: ['ignore', 'pipe', 'pipe'] });
     const p = new JsonProc(sub);
     cleanups.push(() => p.stop());
     await waitFor('the subscriber to wait', async () => (await space(socket)).clients.some((c) => c.state === 'waiting'));

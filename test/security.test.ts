@@ -113,7 +113,7 @@ describe('who may connect, who may own, who may subscribe', () => {
     expect(await codeOf(conn.request({ t: Msg.ATTACH, space: 'vm0', role: 'observer', kind: 'x', token: 'short' }))).toBe('MMB_ERR_PERMISSION');
     await conn.request({ t: Msg.ATTACH, space: 'vm0', role: 'subscriber', kind: 'x', token: 's3cret-token' });
     // The clients pass it through their options, and keep it for their reconnects.
-    const sub = await subscriberOf(b, { token: 's3cret-token', reconnect: false });
+    await subscriberOf(b, { token: 's3cret-token', reconnect: false });
     expect(await codeOf(MappingSubscriber.attach(b, { space: 'vm0', token: 'wrong-token!', reconnect: false }))).toBe('MMB_ERR_PERMISSION');
     const obs = await DirtyObserver.attach(b, { space: 'vm0', token: 's3cret-token' });
     obs.close();
@@ -124,7 +124,7 @@ describe('who may connect, who may own, who may subscribe', () => {
 
   it('a subscriber may not change the map (EPERM class), whatever it sends', async () => {
     const { b } = broker({});
-    const s = await subscriberOf(b, { reconnect: false });
+    await subscriberOf(b, { reconnect: false });
     const conn = await Connection.open(b);
     defer(() => conn.close());
     await conn.request({ t: Msg.ATTACH, space: 'vm0', role: 'subscriber', kind: 'x' });

@@ -92,14 +92,6 @@ function libraries(binary) {
   return [...libs];
 }
 
-function which(cmd) {
-  for (const dir of (process.env.PATH ?? '/usr/bin:/bin').split(':')) {
-    const p = path.join(dir, cmd);
-    if (fs.existsSync(p)) return p;
-  }
-  return undefined;
-}
-
 /** Where busybox-static's binary is (the dynamic busybox package would need its libraries). */
 export function findBusybox() {
   for (const p of ['/bin/busybox', '/usr/bin/busybox']) {

@@ -1,5 +1,4 @@
 import fs from 'node:fs';
-import pino from 'pino';
 import { Broker, BrokerMetrics, BROKER_VERSION, DEFAULT_FENCE_OPTIONS } from '../../broker/index.js';
 import { isNativeError } from '../../native/index.js';
 import {

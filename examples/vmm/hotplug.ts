@@ -17,7 +17,7 @@ import type { Disk } from './disk.js';
 import { VmmError } from './errors.js';
 import { readMailbox } from './guest.js';
 import { ACK_GPA, OFFER_GPA, hex } from './layout.js';
-import type { Action, Block, MachineMemory, Prepared } from './memory.js';
+import type { Action, Block, MachineMemory } from './memory.js';
 import type { Vcpu } from './vcpu.js';
 
 /** How long the guest gets to let go of a DIMM, or to start using one. */
