@@ -152,7 +152,7 @@ export interface ObjectSchema<F extends Fields> extends Schema<ObjectOf<F>> {
 
 export function isPlainMap(v: unknown): v is Record<string, unknown> {
   if (typeof v !== 'object' || v === null || Array.isArray(v)) return false;
-  const proto = Object.getPrototypeOf(v);
+  const proto: unknown = Object.getPrototypeOf(v);
   return proto === Object.prototype || proto === null;
 }
 

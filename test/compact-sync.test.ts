@@ -79,6 +79,7 @@ const sync = (more: object) => ({
 describe('EV_SYNC.columns (protocol/columns.ts)', () => {
   const arbRegion = fc.record({
     id: fc.integer({ min: 0, max: 0xffff_ffff }),
+    // eslint-disable-next-line no-control-regex -- control characters are what it looks for
     name: fc.string({ unit: 'grapheme', minLength: 1, maxLength: 16 }).filter((s) => !/[\u0000-\u001f\u007f]/.test(s) && Buffer.byteLength(s) <= 64),
     gpa: fc.integer({ min: 0, max: Number.MAX_SAFE_INTEGER }),
     size: fc.integer({ min: 0, max: Number.MAX_SAFE_INTEGER }),

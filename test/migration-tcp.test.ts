@@ -400,7 +400,7 @@ describe('migration to another host over TCP', () => {
     const r = spawnSync('script', ['-q', '-e', '-c', cmd, '/dev/null'], { encoding: 'utf8', timeout: 60_000 });
     expect(r.status, r.stderr).toBe(0);
     expect(r.stdout).toMatch(/^migrating "s\d+" to sparse image/);
-    expect(r.stdout).toMatch(/round  0 full/);
+    expect(r.stdout).toMatch(/round {2}0 full/);
     expect(r.stdout).toMatch(/done: 64 MiB of guest memory/);
     expect(r.stdout).not.toMatch(/^\{/m); // no JSON on a terminal
   }, 60_000);

@@ -877,6 +877,7 @@ describe('poll', () => {
       signal = resolve;
     });
     const handle = native.pollStart(a, C.POLL_READABLE, function (this: unknown, status, events) {
+      // eslint-disable-next-line @typescript-eslint/no-this-alias -- the test records the callback's this
       self = this;
       calls.push([status, events]);
       native.recvmsg(a, new Uint8Array(8), 0); // drain, or it stays readable

@@ -315,6 +315,7 @@ export class RecordReader {
 // --- checking bodies -----------------------------------------------------------------------------
 
 const isUint = (v: unknown): v is number => typeof v === 'number' && Number.isSafeInteger(v) && v >= 0;
+// eslint-disable-next-line no-control-regex -- control characters are what it looks for
 const isName = (v: unknown): v is string => typeof v === 'string' && v.length > 0 && Buffer.byteLength(v) <= 64 && !/[\u0000-\u001f\u007f]/.test(v);
 
 function fail(type: string, what: string): never {

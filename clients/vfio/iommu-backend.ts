@@ -221,6 +221,7 @@ export function clash(reserved: readonly IovaRange[], gpa: number, size: number)
 
 /** A valid device or region name for the protocol: 1 to 64 bytes of UTF-8, no control characters. */
 export function checkName(name: string, what: string): void {
+  // eslint-disable-next-line no-control-regex -- control characters are what it looks for
   if (typeof name !== 'string' || name.length === 0 || Buffer.byteLength(name) > 64 || /[\u0000-\u001f\u007f]/.test(name)) {
     throw new InvalidArgError(`${what} ${JSON.stringify(name)} must be 1 to 64 bytes without control characters`);
   }
