@@ -11,7 +11,6 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { BENCHES } from './list.js';
 
-
 const here = path.dirname(fileURLToPath(import.meta.url));
 const wanted = process.argv.slice(2).filter((a) => !a.startsWith('-'));
 const unknown = wanted.filter((w) => !(BENCHES as readonly string[]).includes(w));
@@ -21,7 +20,12 @@ if (unknown.length > 0) {
 }
 const list = wanted.length > 0 ? wanted : [...BENCHES];
 const load = os.loadavg()[0] as number;
-console.log(`npm run bench: ${list.join(', ')}; load average ${os.loadavg().map((l) => l.toFixed(2)).join(' ')} on ${os.cpus().length} CPUs`);
+console.log(
+  `npm run bench: ${list.join(', ')}; load average ${os
+    .loadavg()
+    .map((l) => l.toFixed(2))
+    .join(' ')} on ${os.cpus().length} CPUs`,
+);
 if (load > 0.5) console.log(`  (the machine is busy: timings will be noisier than on a quiet one)`);
 const started = Date.now();
 const failed: string[] = [];

@@ -27,7 +27,9 @@ const LAYOUT = bitmapLayout(BYTES * 8);
 
 async function writers(fd: number, density: number) {
   const procs = Array.from({ length: WRITERS }, (_, k) =>
-    spawn(process.execPath, [filler, String(k), String(WRITERS), String(BYTES), String(density), String(LAYOUT.size)], { stdio: ['pipe', 'pipe', 'inherit', fd] }),
+    spawn(process.execPath, [filler, String(k), String(WRITERS), String(BYTES), String(density), String(LAYOUT.size)], {
+      stdio: ['pipe', 'pipe', 'inherit', fd],
+    }),
   );
   const lines = procs.map((p) => readline.createInterface({ input: p.stdout! }));
   const fill = () =>
@@ -53,7 +55,13 @@ async function main(): Promise<void> {
   // For each density: after each fill by the four writers, either copy the same 32 MiB of freshly written
   // bitmap (the peer: a plain memory copy of the same bytes, in the same cache state) or run the sync's
   // collection; the two alternate, so they see the same conditions.
-  for (const [variant, density] of [['flip + take', 0.01], ['flip + take', 0.1], ['flip + take', 1], ['atomic swap', 0.01], ['atomic swap', 1]] as const) {
+  for (const [variant, density] of [
+    ['flip + take', 0.01],
+    ['flip + take', 0.1],
+    ['flip + take', 1],
+    ['atomic swap', 0.01],
+    ['atomic swap', 1],
+  ] as const) {
     const w = await writers(fd, density);
     const samples: number[] = [];
     const copies: number[] = [];
@@ -94,7 +102,13 @@ async function main(): Promise<void> {
       met: ratio >= 0.5,
       note: `${bits} bits per sync, ${Math.round(mbps(s.median))} MiB/s; memcpy ${Math.round(mbps(c.median))} MiB/s${variant === 'atomic swap' ? ' (the alternative, not what a sync does)' : ''}`,
     });
-    results.push({ name: `${variant} ${SIZE_NAME}, ${density * 100}% dirty: peer, memcpy of the same ${SIZE_NAME}`, series: 'memcpy (peer)', unit: 'ms', ...c, iterations: copies.length });
+    results.push({
+      name: `${variant} ${SIZE_NAME}, ${density * 100}% dirty: peer, memcpy of the same ${SIZE_NAME}`,
+      series: 'memcpy (peer)',
+      unit: 'ms',
+      ...c,
+      iterations: copies.length,
+    });
   }
   native.munmap(bitmap);
   native.close(fd);

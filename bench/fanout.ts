@@ -145,7 +145,9 @@ async function main(): Promise<void> {
     for (const n of CLIENTS) {
       const cpus = n === 1 ? '0' : undefined;
       pinSelf(cpus ?? allCpus());
-      log(`${n} subscriber process(es)${cpus !== undefined ? ', every process pinned to CPU 0' : ', not pinned'}; ${ROUNDS} rounds x ${ITER} iterations (+${WARMUP} warm-up)`);
+      log(
+        `${n} subscriber process(es)${cpus !== undefined ? ', every process pinned to CPU 0' : ', not pinned'}; ${ROUNDS} rounds x ${ITER} iterations (+${WARMUP} warm-up)`,
+      );
       const qsds = await startBackends(dir, image, n, `qsd${n}`, cpus);
       const subs = await spawnSubscribers(n, socket, SPACE, 'map', cpus);
       const ownerChild = spawnFixture('owner', [socket, SPACE], { name: 'owner process', ...(cpus !== undefined ? { cpus } : {}) });
@@ -160,7 +162,12 @@ async function main(): Promise<void> {
         who === 'c'
           ? peer.run(n === 1 ? 'rt' : 'serial', sockets, { ...o, ...(cpus !== undefined ? { cpus } : {}) })
           : who === 'embedded'
-            ? embeddedOwner(broker, o, subs.map((x) => x.pid), (c) => (loopCpu = c))
+            ? embeddedOwner(
+                broker,
+                o,
+                subs.map((x) => x.pid),
+                (c) => (loopCpu = c),
+              )
             : processOwner(broker, ownerChild, o);
       try {
         let seen = (await statsOf(subs)).map((s) => s.committed);
@@ -198,7 +205,9 @@ async function main(): Promise<void> {
             log(`  round ${r + 1} ${who.padEnd(8)} add ${us(summarize(s.add).median).toFixed(1)} us  remove ${us(summarize(s.rem).median).toFixed(1)} us`);
           }
         }
-        checks.push(`${n}: each of the ${n} subscriber processes counted all ${commits} commits itself and the broker's status showed each one acked the last generation; /proc/PID/maps showed the region in all ${n} after an add and in none after its removal`);
+        checks.push(
+          `${n}: each of the ${n} subscriber processes counted all ${commits} commits itself and the broker's status showed each one acked the last generation; /proc/PID/maps showed the region in all ${n} after an add and in none after its removal`,
+        );
       } finally {
         await stopAll([ownerChild, ...subs]);
         await stopBackends(qsds);
@@ -246,7 +255,8 @@ async function main(): Promise<void> {
       return { name: `${r.n} sub: peer, ${cName}, ${VHU[r.op]}`, series: `C vhost-user front-end (peer), ${VHU[r.op]}`, ...base };
     }
     const ratio = s.median / pm;
-    const goal = r.who !== 'embedded' ? {} : r.n === 1 ? { goal: '<= 3x C round trip', met: ratio <= 3 } : r.n === 16 ? { goal: '< C serial loop', met: ratio < 1 } : {};
+    const goal =
+      r.who !== 'embedded' ? {} : r.n === 1 ? { goal: '<= 3x C round trip', met: ratio <= 3 } : r.n === 16 ? { goal: '< C serial loop', met: ratio < 1 } : {};
     const owner = r.who === 'embedded' ? 'embedded owner' : 'owner process';
     return {
       name: `${r.n} sub: broker, ${owner}, ${OP[r.op]}`,

@@ -22,8 +22,12 @@ import type { Subscriber } from '../clients/subscriber.js';
 
 const [socket, space, name, kind, ioas, backendSocket] = process.argv.slice(2);
 if (
-  socket === undefined || space === undefined || name === undefined || ioas === undefined ||
-  (kind !== 'vfio' && kind !== 'vhost' && kind !== 'vhost-user') || (kind === 'vhost-user' && backendSocket === undefined)
+  socket === undefined ||
+  space === undefined ||
+  name === undefined ||
+  ioas === undefined ||
+  (kind !== 'vfio' && kind !== 'vhost' && kind !== 'vhost-user') ||
+  (kind === 'vhost-user' && backendSocket === undefined)
 ) {
   console.error('usage: ioas-client.js SOCKET SPACE NAME vfio|vhost|vhost-user IOAS [BACKEND_SOCKET]');
   process.exit(2);
@@ -63,6 +67,15 @@ sub.on('disconnected', (reason) => {
 const vmLck = () => Number(/^VmLck:\s+(\d+) kB$/m.exec(fs.readFileSync('/proc/self/status', 'utf8'))?.[1] ?? NaN) * 1024;
 out({ event: 'ready', pid: process.pid });
 serveCommands(
-  { stats: () => ({ event: 'stats', changes, mappings: sub.ioasMappings(ioas).length, pinned: pinned(), vmLck: vmLck(), ...(iotlb() ? { iotlb: iotlb() } : {}) }) },
+  {
+    stats: () => ({
+      event: 'stats',
+      changes,
+      mappings: sub.ioasMappings(ioas).length,
+      pinned: pinned(),
+      vmLck: vmLck(),
+      ...(iotlb() ? { iotlb: iotlb() } : {}),
+    }),
+  },
   { onEnd: () => void sub.close().then(() => process.exit(0)) },
 );

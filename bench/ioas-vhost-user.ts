@@ -88,7 +88,20 @@ const unmap = (p: number): IoasOp => ({ op: 'unmap', iova: IOVA_BASE + p * PAGE,
 
 /** The C peer: ns per pair, one sample per pair (batch 1) or per batch. */
 function runC(bin: string, socket: string, args: { pairs: number; batch: number; warmup: number }, cpus: string | undefined): number[] {
-  const argv = [bin, 'iotlb', '--socket', socket, '--pairs', String(args.pairs), '--batch', String(args.batch), '--window', String(WINDOW), '--warmup', String(args.warmup)];
+  const argv = [
+    bin,
+    'iotlb',
+    '--socket',
+    socket,
+    '--pairs',
+    String(args.pairs),
+    '--batch',
+    String(args.batch),
+    '--window',
+    String(WINDOW),
+    '--warmup',
+    String(args.warmup),
+  ];
   const cmd = cpus !== undefined ? ['taskset', '-c', cpus, ...argv] : argv;
   const r = spawnSync(cmd[0] as string, cmd.slice(1), { encoding: 'utf8', maxBuffer: 64 << 20 });
   if (r.status !== 0) throw new Error(`vhu-front iotlb failed: ${r.stderr}`);
@@ -126,7 +139,9 @@ async function main(): Promise<void> {
     ramFd = ram.fd;
     await owner.addRegion({ name: 'ram', gpa: 0, size: RAM, backing: ram.backing });
     const io = await IoasOwner.create(owner, 'bench');
-    const bridge = JsonProc.spawn(new URL('./ioas-client.js', import.meta.url).pathname, [socket, 'vm0', 'vhost-user', 'vhost-user', 'bench', pmd.socket], { name: 'vhost-user bridge' });
+    const bridge = JsonProc.spawn(new URL('./ioas-client.js', import.meta.url).pathname, [socket, 'vm0', 'vhost-user', 'vhost-user', 'bench', pmd.socket], {
+      name: 'vhost-user bridge',
+    });
     clients.push(bridge);
 
     let step = 0;
@@ -157,7 +172,9 @@ async function main(): Promise<void> {
       const s = await stats(bridge);
       const st = broker.status('vm0').spaces[0]?.ioas?.find((x) => x.name === 'bench');
       if (s.mappings !== pages || st?.mappings !== pages || s.iotlb.updates !== s.iotlb.invalidates + pages || s.iotlb.misses !== 0) {
-        throw new Error(`${what}: expected ${pages} pages mapped; bridge ${s.mappings} (updates ${s.iotlb.updates}, invalidates ${s.iotlb.invalidates}, misses ${s.iotlb.misses}), broker ${st?.mappings}`);
+        throw new Error(
+          `${what}: expected ${pages} pages mapped; bridge ${s.mappings} (updates ${s.iotlb.updates}, invalidates ${s.iotlb.invalidates}, misses ${s.iotlb.misses}), broker ${st?.mappings}`,
+        );
       }
       const errors = pmd?.errors() ?? [];
       if (errors.length > 0) throw new Error(`${what}: testpmd printed errors: ${errors.join('\n')}`);
@@ -240,7 +257,14 @@ async function main(): Promise<void> {
         `one transaction = a vote (${BATCH} updates in one write, each confirmed) and a commit round (${BATCH} invalidations); CPU per pair: broker + owner ${perPair(cpu.broker).toFixed(2)} us, bridge ${perPair(cpu.bridge).toFixed(2)} us. ` +
         `The C peer sending the same messages directly reaches ${Math.round(cBat.median).toLocaleString('en-US')} pairs/s: testpmd's own work bounds both (DPDK 22.11 keeps each queue's IOTLB cache as a list sorted by IOVA, searched linearly on every insert and removal, for both queues)`,
     },
-    { name: 'batched: peer, C VHOST_USER_IOTLB_MSG directly', series: 'C (peer)', unit: 'pairs/s', higherIsBetter: true, ...cBat, iterations: samples.cBatched.length },
+    {
+      name: 'batched: peer, C VHOST_USER_IOTLB_MSG directly',
+      series: 'C (peer)',
+      unit: 'pairs/s',
+      higherIsBetter: true,
+      ...cBat,
+      iterations: samples.cBatched.length,
+    },
     {
       name: 'unbatched: a map transaction and an unmap transaction per pair, the vhost-user bridge to dpdk-testpmd',
       series: 'ours',

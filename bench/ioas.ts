@@ -100,7 +100,8 @@ async function main(): Promise<void> {
   const ram = await owner.createBacking(RAM, 'bench-ioas');
   await owner.addRegion({ name: 'ram', gpa: 0, size: RAM, backing: ram.backing });
   const io = await IoasOwner.create(owner, 'bench');
-  const client = (kind: 'vfio' | 'vhost') => JsonProc.spawn(new URL('./ioas-client.js', import.meta.url).pathname, [socket, 'vm0', kind, kind, 'bench'], { name: `${kind}-like client` });
+  const client = (kind: 'vfio' | 'vhost') =>
+    JsonProc.spawn(new URL('./ioas-client.js', import.meta.url).pathname, [socket, 'vm0', kind, kind, 'bench'], { name: `${kind}-like client` });
   const clients = [client('vfio'), client('vhost')];
   const [vfio, vhost] = clients as [JsonProc, JsonProc];
   const samples = { batched: [] as number[], unbatched: [] as number[], direct: [] as number[], floor: [] as number[] };
@@ -201,7 +202,10 @@ async function main(): Promise<void> {
   const unb = summarize(us(samples.unbatched));
   const floor = summarize(us(samples.floor));
   const bat = summarize(samples.batched, true);
-  const direct = summarize(samples.direct.map((ns) => 1e9 / ns), true);
+  const direct = summarize(
+    samples.direct.map((ns) => 1e9 / ns),
+    true,
+  );
   const perPair = (xs: number[]) => summarize(xs).median / 1000;
   const results: Measurement[] = [
     {
@@ -217,7 +221,14 @@ async function main(): Promise<void> {
       met: bat.median >= BATCHED_GOAL,
       note: `one transaction = a vote (the maps) and a commit round (the unmaps); CPU per pair: broker + owner ${perPair(cpu.broker).toFixed(2)} us, vfio-like ${perPair(cpu.vfio).toFixed(2)} us, vhost-like ${perPair(cpu.vhost).toFixed(2)} us; the soft client locks each run of contiguous pages with one mlock (the batch's pages are contiguous), C locks page by page`,
     },
-    { name: 'batched: peer, C mlock + munlock per page', series: 'C (peer)', unit: 'pairs/s', higherIsBetter: true, ...direct, iterations: samples.direct.length },
+    {
+      name: 'batched: peer, C mlock + munlock per page',
+      series: 'C (peer)',
+      unit: 'pairs/s',
+      higherIsBetter: true,
+      ...direct,
+      iterations: samples.direct.length,
+    },
     {
       name: 'unbatched: a map transaction and an unmap transaction per pair',
       series: 'ours',
@@ -238,7 +249,8 @@ async function main(): Promise<void> {
     transactionsBatched: TXNS,
     batch: BATCH,
     windowPages: WINDOW,
-    layout: 'broker and owner in this process (the owner in-process), the vfio-like (soft, shadow mode) and vhost-like clients each in its own process over the socket',
+    layout:
+      'broker and owner in this process (the owner in-process), the vfio-like (soft, shadow mode) and vhost-like clients each in its own process over the socket',
     broker: 'as shipped, except the per-connection request rate limit raised (the unbatched loop exceeds 5,000 requests per second)',
     peer: `bench/c/ioas-floor.c on the same memfd and pages; ${ccVersion()} ${C_FLAGS.join(' ')}`,
     pinning: 'unbatched and its floor: every process on CPU 0 (taskset); batched and C direct: unpinned',

@@ -45,7 +45,6 @@ export function summarize(samples: readonly number[], higherIsBetter = false): {
 
 export const median = (samples: readonly number[]): number => summarize(samples).median;
 
-
 /** BENCH_ITERATIONS, or the script's default. */
 export function iterations(fallback: number): number {
   const v = process.env.BENCH_ITERATIONS;

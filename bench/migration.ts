@@ -39,7 +39,9 @@ import { constants, native } from '../native/index.js';
 import { spawnFixture } from './procs.js';
 import { buildC, C_FLAGS, ccVersion, iterations, report, rootDir, runMain, summarize, type Measurement } from './lib.js';
 
-const { values } = parseArgs({ options: { runs: { type: 'string', default: String(iterations(3)) }, mib: { type: 'string', default: '4096' }, json: { type: 'boolean', default: false } } });
+const { values } = parseArgs({
+  options: { runs: { type: 'string', default: String(iterations(3)) }, mib: { type: 'string', default: '4096' }, json: { type: 'boolean', default: false } },
+});
 const RUNS = Number(values.runs);
 const GiB = 2 ** 30;
 const SIZE = Number(values.mib) * 2 ** 20;
@@ -70,10 +72,12 @@ function proc(argv: string[], opts: { fds?: number[] } = {}) {
     lines.push(v);
     for (const w of waiters.splice(0)) w();
   });
-  const exited = new Promise<number | null>((r) => p.once('exit', (code) => {
-    for (const w of waiters.splice(0)) w();
-    r(code);
-  }));
+  const exited = new Promise<number | null>((r) =>
+    p.once('exit', (code) => {
+      for (const w of waiters.splice(0)) w();
+      r(code);
+    }),
+  );
   return {
     p,
     exited,
@@ -135,7 +139,13 @@ async function main(): Promise<void> {
   log(`filling ${SIZE_NAME} of guest memory`);
   fill(ram.fd);
   await owner.addRegion({ name: 'ram', gpa: 0, size: SIZE, backing: ram.backing });
-  const reader = await MappingSubscriber.attach(broker, { space: 'vm0', name: 'migration-reader', kind: 'migration', writes: false, requestTimeoutMs: 600_000 });
+  const reader = await MappingSubscriber.attach(broker, {
+    space: 'vm0',
+    name: 'migration-reader',
+    kind: 'migration',
+    writes: false,
+    requestTimeoutMs: 600_000,
+  });
   const guest = spawnFixture('dirtier', [socket, 'vm0']);
   await guest.next('ready');
   const runs: Run[] = [];
@@ -158,7 +168,20 @@ async function main(): Promise<void> {
       const dstSock = path.join(dir, `dst${run}.sock`);
       const serve = proc([process.execPath, CLI, 'serve', '--socket', dstSock, '--space', 'vm1', '--ack-timeout', '120000', '--log-level', 'info']);
       await serve.line((v) => typeof v === 'object' && v !== null && (v as { msg?: string }).msg === 'listening');
-      const recv = proc([process.execPath, CLI, 'receive', '--listen', '127.0.0.1:0', '--space', 'vm1', '--socket', dstSock, '--token-file', tokenFile, '--json']);
+      const recv = proc([
+        process.execPath,
+        CLI,
+        'receive',
+        '--listen',
+        '127.0.0.1:0',
+        '--space',
+        'vm1',
+        '--socket',
+        dstSock,
+        '--token-file',
+        tokenFile,
+        '--json',
+      ]);
       const { port } = await recv.line<{ port: number }>((v) => (v as { event?: string }).event === 'listening');
       log(`run ${run + 1}/${RUNS}: migration of ${SIZE_NAME} to mmbroker receive on port ${port}, the guest dirtying ${ratePages} pages/s`);
       const result = await migrateTo(`tcp://127.0.0.1:${port}`, {
@@ -179,7 +202,9 @@ async function main(): Promise<void> {
       if (rawNs === 0) await peers();
       const r0 = result.rounds[0];
       runs.push({ result, rawNs, discardNs, dirtied, round0GiBps: (r0?.bytes ?? 0) / GiB / ((r0?.ms ?? 1) / 1000) });
-      log(`  ${result.rounds.length} rounds, ${(result.totalBytes / SIZE).toFixed(3)}x memory sent, downtime ${result.downtimeMs} ms, round 0 ${runs.at(-1)?.round0GiBps.toFixed(2)} GiB/s, raw copy ${(SIZE / GiB / (rawNs / 1e9)).toFixed(2)} GiB/s`);
+      log(
+        `  ${result.rounds.length} rounds, ${(result.totalBytes / SIZE).toFixed(3)}x memory sent, downtime ${result.downtimeMs} ms, round 0 ${runs.at(-1)?.round0GiBps.toFixed(2)} GiB/s, raw copy ${(SIZE / GiB / (rawNs / 1e9)).toFixed(2)} GiB/s`,
+      );
     }
   } finally {
     await guest.stop('end-stdin');
@@ -190,7 +215,13 @@ async function main(): Promise<void> {
     fs.rmSync(dir, { recursive: true, force: true });
   }
 
-  const m = (name: string, unit: string, samples: number[], extra: Partial<Measurement> = {}): Measurement => ({ name, unit, ...summarize(samples, extra.higherIsBetter ?? false), iterations: samples.length, ...extra });
+  const m = (name: string, unit: string, samples: number[], extra: Partial<Measurement> = {}): Measurement => ({
+    name,
+    unit,
+    ...summarize(samples, extra.higherIsBetter ?? false),
+    iterations: samples.length,
+    ...extra,
+  });
   const bytesX = runs.map((r) => r.result.totalBytes / SIZE);
   const downtime = runs.map((r) => r.result.downtimeMs);
   const ours = runs.map((r) => r.round0GiBps);
@@ -203,7 +234,11 @@ async function main(): Promise<void> {
   report(
     'migration',
     [
-      m(`bytes sent / guest memory (${SIZE_NAME})`, 'x', bytesX, { goal: `<= ${GOALS.bytes}x`, met: bytesMedian <= GOALS.bytes, note: `rounds per run (incl. round 0 and the paused one): ${runs.map((r) => r.result.rounds.length).join(', ')}; stopped: ${stops.join(', ')}` }),
+      m(`bytes sent / guest memory (${SIZE_NAME})`, 'x', bytesX, {
+        goal: `<= ${GOALS.bytes}x`,
+        met: bytesMedian <= GOALS.bytes,
+        note: `rounds per run (incl. round 0 and the paused one): ${runs.map((r) => r.result.rounds.length).join(', ')}; stopped: ${stops.join(', ')}`,
+      }),
       m('downtime: PAUSE until the receiver acknowledged the last byte', 'ms', downtime, {
         goal: `< ${GOALS.downtimeMs} ms`,
         met: downMedian < GOALS.downtimeMs,
@@ -218,13 +253,36 @@ async function main(): Promise<void> {
         note: `per run, ours / raw: ${runs.map((r, i) => `${r.round0GiBps.toFixed(2)} / ${raw[i]?.toFixed(2)}`).join('; ')}`,
       }),
       m('raw copy (peer): C write() to a C read() into a memfd, same loopback', 'GiB/s', raw, { higherIsBetter: true, series: 'raw copy (peer)' }),
-      m('raw copy with a listener that discards (the transport alone)', 'GiB/s', runs.map((r) => SIZE / GiB / (r.discardNs / 1e9)), {
-        higherIsBetter: true,
-        note: `not a goal: the bytes end up nowhere; ours against it: ${(oursMedian / summarize(runs.map((r) => SIZE / GiB / (r.discardNs / 1e9)), true).median).toFixed(2)}`,
-      }),
-      m('whole migration', 'ms', runs.map((r) => r.result.ms)),
-      m('writers paused (verification included in the first run)', 'ms', runs.map((r) => r.result.pausedMs)),
-      m('pages the guest dirtied during the migration', 'pages', runs.map((r) => r.dirtied)),
+      m(
+        'raw copy with a listener that discards (the transport alone)',
+        'GiB/s',
+        runs.map((r) => SIZE / GiB / (r.discardNs / 1e9)),
+        {
+          higherIsBetter: true,
+          note: `not a goal: the bytes end up nowhere; ours against it: ${(
+            oursMedian /
+            summarize(
+              runs.map((r) => SIZE / GiB / (r.discardNs / 1e9)),
+              true,
+            ).median
+          ).toFixed(2)}`,
+        },
+      ),
+      m(
+        'whole migration',
+        'ms',
+        runs.map((r) => r.result.ms),
+      ),
+      m(
+        'writers paused (verification included in the first run)',
+        'ms',
+        runs.map((r) => r.result.pausedMs),
+      ),
+      m(
+        'pages the guest dirtied during the migration',
+        'pages',
+        runs.map((r) => r.dirtied),
+      ),
     ],
     {
       guestBytes: SIZE,
@@ -238,4 +296,3 @@ async function main(): Promise<void> {
 }
 
 runMain(main);
-

@@ -47,7 +47,6 @@ const log = (s: string) => {
 };
 const gibps = (ns: number) => SIZE / GiB / (ns / 1e9);
 
-
 function runC(bin: string, fd: number, passes: number): { pin_ns: number[]; unpin_ns: number[]; vmlck_kb: number } {
   const r = spawnSync(bin, [String(SIZE), String(passes)], { stdio: ['ignore', 'pipe', 'pipe', fd], encoding: 'utf8' });
   if (r.status !== 0) throw new Error(`mlock (C) failed: ${r.stderr}`);
@@ -61,7 +60,14 @@ async function main(): Promise<void> {
   const owner = await OwnerClient.attach(broker, { space: 'vm0', requestTimeoutMs: 120_000 });
   const b = await owner.createBacking(SIZE, 'bench-pin');
   const vfio = await VfioSubscriber.attach(broker, { space: 'vm0', name: 'vfio', backend: 'soft', devices: ['dev0'], requestTimeoutMs: 120_000 });
-  const samples = { cPin: [] as number[], cUnpin: [] as number[], pin: [] as number[], unpin: [] as number[], delayMax: [] as number[], delayP99: [] as number[] };
+  const samples = {
+    cPin: [] as number[],
+    cUnpin: [] as number[],
+    pin: [] as number[],
+    unpin: [] as number[],
+    delayMax: [] as number[],
+    delayP99: [] as number[],
+  };
   const checks: string[] = [];
   try {
     log(`allocating the ${SIZE_NAME} memfd's pages (an untimed C pass)`);
@@ -90,9 +96,13 @@ async function main(): Promise<void> {
       samples.unpin.push(Number(t3 - t2));
       samples.delayMax.push(h.max / 1e6);
       samples.delayP99.push(h.percentile(99) / 1e6);
-      log(`  round ${r + 1}: C ${gibps(c.pin_ns[0] as number).toFixed(2)} GiB/s, ours ${gibps(Number(t1 - t0)).toFixed(2)} GiB/s, event-loop delay max ${(h.max / 1e6).toFixed(1)} ms`);
+      log(
+        `  round ${r + 1}: C ${gibps(c.pin_ns[0] as number).toFixed(2)} GiB/s, ours ${gibps(Number(t1 - t0)).toFixed(2)} GiB/s, event-loop delay max ${(h.max / 1e6).toFixed(1)} ms`,
+      );
     }
-    checks.push(`VmLck of this process grew by at least ${SIZE_NAME} after each add and fell back after each removal; the C program read VmLck >= ${SIZE_NAME} while it held the lock; the client reported ${SIZE_NAME} pinned`);
+    checks.push(
+      `VmLck of this process grew by at least ${SIZE_NAME} after each add and fell back after each removal; the C program read VmLck >= ${SIZE_NAME} while it held the lock; the client reported ${SIZE_NAME} pinned`,
+    );
   } finally {
     await vfio.close();
     owner.close();
@@ -131,7 +141,14 @@ async function main(): Promise<void> {
       peer: { name: 'C: munlock + munmap', median: cUn.median },
       ratio: un.median / cUn.median,
     },
-    { name: `unpin ${SIZE_NAME}: peer, C munlock + munmap`, series: 'C (peer), unpin', unit: 'GiB/s', higherIsBetter: true, ...cUn, iterations: samples.cUnpin.length },
+    {
+      name: `unpin ${SIZE_NAME}: peer, C munlock + munmap`,
+      series: 'C (peer), unpin',
+      unit: 'GiB/s',
+      higherIsBetter: true,
+      ...cUn,
+      iterations: samples.cUnpin.length,
+    },
     {
       name: `broker's event loop: largest delay while pinning ${SIZE_NAME}`,
       unit: 'ms',
@@ -147,7 +164,7 @@ async function main(): Promise<void> {
     rounds: ROUNDS,
     backend: 'soft (mlock on libuv worker threads, 128 MiB pieces)',
     peer: `bench/c/mlock.c: mmap(MAP_SHARED) of the same memfd and one mlock() of ${SIZE_NAME}; ${ccVersion()} ${C_FLAGS.join(' ')}`,
-    pages: "allocated once before the timed passes (an untimed C pass): the timed passes populate page tables and lock",
+    pages: 'allocated once before the timed passes (an untimed C pass): the timed passes populate page tables and lock',
     layout: 'broker, owner and vfio-like client in one process (embedded mode): pinning shares the broker event loop',
     rlimitMemlock: spawnSync('sh', ['-c', 'ulimit -l'], { encoding: 'utf8' }).stdout.trim(),
     checks,

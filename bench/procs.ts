@@ -12,12 +12,18 @@ import { cpuNs } from '../testkit/procfs.js';
 export function spawnFixture(fixture: string, args: readonly string[], opts: SpawnOptions = {}): JsonProc {
   const fromEnv = (process.env.MMB_BENCH_NODE_ARGS ?? '').split(' ').filter(Boolean);
   const nodeArgs = [...fromEnv, ...(opts.nodeArgs ?? [])];
-  return JsonProc.spawn(new URL(`./fixtures/${fixture}.js`, import.meta.url).pathname, args, { name: fixture, ...opts, ...(nodeArgs.length > 0 ? { nodeArgs } : {}) });
+  return JsonProc.spawn(new URL(`./fixtures/${fixture}.js`, import.meta.url).pathname, args, {
+    name: fixture,
+    ...opts,
+    ...(nodeArgs.length > 0 ? { nodeArgs } : {}),
+  });
 }
 
 /** `n` subscriber processes (fixtures/subscriber.ts) attached and synced (each printed `ready`); they answer `stats`. */
 export async function spawnSubscribers(n: number, socket: string, space: string, mode: 'map' | 'record', cpus?: string): Promise<JsonProc[]> {
-  const subs = Array.from({ length: n }, (_, i) => spawnFixture('subscriber', [socket, space, `sub${i}`, mode], { name: `subscriber ${i}`, ...(cpus !== undefined ? { cpus } : {}) }));
+  const subs = Array.from({ length: n }, (_, i) =>
+    spawnFixture('subscriber', [socket, space, `sub${i}`, mode], { name: `subscriber ${i}`, ...(cpus !== undefined ? { cpus } : {}) }),
+  );
   try {
     await Promise.all(subs.map((s) => s.next('ready', () => true, 600_000)));
   } catch (err) {

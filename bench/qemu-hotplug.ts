@@ -73,7 +73,9 @@ interface Guest {
 
 /** The guest's kernel and initramfs (vm/hotplug-guest.mjs, plain JavaScript run as it is). */
 async function guest(): Promise<Guest> {
-  const mod = (await import(pathToFileURL(path.join(rootDir(), 'vm', 'hotplug-guest.mjs')).href)) as { hotplugGuest: (o: { log: (s: string) => void }) => Guest };
+  const mod = (await import(pathToFileURL(path.join(rootDir(), 'vm', 'hotplug-guest.mjs')).href)) as {
+    hotplugGuest: (o: { log: (s: string) => void }) => Guest;
+  };
   return mod.hotplugGuest({ log });
 }
 
@@ -103,7 +105,8 @@ function maps(pid: number, ino: number): boolean {
 /** Throws unless every back-end maps `ino` (or, `present` false, none does). */
 function checkBackends(backends: readonly Backend[], ino: number, present: boolean, what: string): void {
   const wrong = backends.filter((b) => maps(b.pid, ino) !== present);
-  if (wrong.length > 0) throw new Error(`${what}: ${wrong.length} of ${backends.length} qemu-storage-daemons ${present ? 'do not map' : 'still map'} the memfd (inode ${ino})`);
+  if (wrong.length > 0)
+    throw new Error(`${what}: ${wrong.length} of ${backends.length} qemu-storage-daemons ${present ? 'do not map' : 'still map'} the memfd (inode ${ino})`);
 }
 
 class Vm {
@@ -126,15 +129,34 @@ class Vm {
     const qmpSocket = path.join(dir, `${name}.qmp`);
     fs.rmSync(qmpSocket, { force: true });
     const args = [
-      '-machine', 'q35,accel=tcg', '-cpu', 'max', '-smp', '1',
-      '-m', `${GUEST_RAM_MIB}M,slots=4,maxmem=${GUEST_RAM_MIB + 4 * (DIMM >> 20)}M`,
+      '-machine',
+      'q35,accel=tcg',
+      '-cpu',
+      'max',
+      '-smp',
+      '1',
+      '-m',
+      `${GUEST_RAM_MIB}M,slots=4,maxmem=${GUEST_RAM_MIB + 4 * (DIMM >> 20)}M`,
       // vhost-user needs guest memory the back-ends can map: a shared memfd, as the DIMMs are.
-      '-object', `memory-backend-memfd,id=ram,size=${GUEST_RAM_MIB}M,share=on`, '-machine', 'memory-backend=ram',
-      '-nodefaults', '-display', 'none', '-no-reboot', '-serial', 'stdio',
-      '-qmp', `unix:${qmpSocket},server=on,wait=off`,
+      '-object',
+      `memory-backend-memfd,id=ram,size=${GUEST_RAM_MIB}M,share=on`,
+      '-machine',
+      'memory-backend=ram',
+      '-nodefaults',
+      '-display',
+      'none',
+      '-no-reboot',
+      '-serial',
+      'stdio',
+      '-qmp',
+      `unix:${qmpSocket},server=on,wait=off`,
       ...backends.flatMap((b, i) => ['-chardev', `socket,id=vu${i},path=${b.socket}`, '-device', `vhost-user-blk-pci,chardev=vu${i},num-queues=1`]),
-      '-kernel', g.kernel, '-initrd', g.initrd,
-      '-append', `console=ttyS0 panic=-1 loglevel=3 mmb.disks=${backends.length}`,
+      '-kernel',
+      g.kernel,
+      '-initrd',
+      g.initrd,
+      '-append',
+      `console=ttyS0 panic=-1 loglevel=3 mmb.disks=${backends.length}`,
     ];
     const proc = spawn(QEMU, args, { stdio: ['ignore', 'pipe', 'pipe'] });
     let out = '';
@@ -147,7 +169,9 @@ class Vm {
       if (m?.[1] === 'READY') break;
       if (m || proc.exitCode !== null || proc.signalCode !== null || Date.now() - t0 > BOOT_TIMEOUT_MS) {
         proc.kill('SIGKILL');
-        throw new Error(`the guest with ${backends.length} vhost-user-blk devices did not come up: ${m ? m[0] : `QEMU ${proc.exitCode ?? proc.signalCode ?? 'still booting'}`}\n${err.slice(-2000)}\n${out.slice(-2000)}`);
+        throw new Error(
+          `the guest with ${backends.length} vhost-user-blk devices did not come up: ${m ? m[0] : `QEMU ${proc.exitCode ?? proc.signalCode ?? 'still booting'}`}\n${err.slice(-2000)}\n${out.slice(-2000)}`,
+        );
       }
       await new Promise((r) => setTimeout(r, 50));
     }
@@ -192,7 +216,14 @@ async function qemuRound(dir: string, g: Guest, backends: readonly Backend[], n:
       // that arrives while it still handles the insertion can be lost. It grants the unplug (its memory
       // block was never onlined); QEMU then removes the region from every back-end (REM_MEM_REG) before it
       // says DEVICE_DELETED.
-      await vm.qmp.event((e) => e.event === 'ACPI_DEVICE_OST' && (e.data?.info as { device?: string; source?: number } | undefined)?.device === id && (e.data?.info as { source?: number }).source === 1, `the guest's _OST of ${id}'s insertion`, 30_000);
+      await vm.qmp.event(
+        (e) =>
+          e.event === 'ACPI_DEVICE_OST' &&
+          (e.data?.info as { device?: string; source?: number } | undefined)?.device === id &&
+          (e.data?.info as { source?: number }).source === 1,
+        `the guest's _OST of ${id}'s insertion`,
+        30_000,
+      );
       await vm.qmp.execute('device_del', { id });
       await vm.qmp.event((e) => e.event === 'DEVICE_DELETED' && e.data?.device === id, `DEVICE_DELETED of ${id}`, 30_000);
       checkBackends(backends, ino, false, `after DEVICE_DELETED of ${id}`);
@@ -220,7 +251,16 @@ async function brokerRound(backends: readonly Backend[], n: number): Promise<{ a
     fd = b.fd;
     const ino = native.fstat(fd).ino;
     for (const [i, be] of backends.entries()) {
-      subs.push(await VhostUserSubscriber.attach(broker, { space: 'vm0', name: `vu${i}`, backendSocket: be.socket, virtioFeatures: BLK_FEATURES, mapMemory: false, reconnect: false }));
+      subs.push(
+        await VhostUserSubscriber.attach(broker, {
+          space: 'vm0',
+          name: `vu${i}`,
+          backendSocket: be.socket,
+          virtioFeatures: BLK_FEATURES,
+          mapMemory: false,
+          reconnect: false,
+        }),
+      );
     }
     for (let i = -WARMUP; i < n; i++) {
       const t0 = process.hrtime.bigint();
@@ -308,7 +348,10 @@ async function main(): Promise<void> {
       unit: 'us',
       ...(q.get(n) as { median: number; p99: number }),
       iterations: (qemu.get(n) as number[]).length,
-      note: n === 0 ? "QEMU's device-model cost: the same hot-add into a guest without vhost-user devices" : 'QMP device_add until its reply; the memfd was made by object-add before',
+      note:
+        n === 0
+          ? "QEMU's device-model cost: the same hot-add into a guest without vhost-user devices"
+          : 'QMP device_add until its reply; the memfd was made by object-add before',
     });
   }
   for (const n of withBackends) {
@@ -325,7 +368,14 @@ async function main(): Promise<void> {
       ratio: m.median / peer.median,
       note: 'owner.addRegion() on the embedded broker until its reply: one transaction, sent to every bridge at once, each acked after its ADD_MEM_REG was REPLY_ACKed',
     });
-    results.push({ name: `broker: remove, ${n} back-end(s) through the bridge`, series: 'broker remove', x: n, unit: 'us', ...summarize(ours.get(n)!.rem), iterations: ours.get(n)!.rem.length });
+    results.push({
+      name: `broker: remove, ${n} back-end(s) through the bridge`,
+      series: 'broker remove',
+      x: n,
+      unit: 'us',
+      ...summarize(ours.get(n)!.rem),
+      iterations: ours.get(n)!.rem.length,
+    });
   }
   const qf = fit(withBackends.map((n) => [n, (q.get(n) as { median: number }).median]));
   const of = fit(withBackends.map((n) => [n, (o.get(n) as { median: number }).median]));
@@ -357,7 +407,7 @@ async function main(): Promise<void> {
   if (q.has(0)) {
     const dm = q.get(0) as { median: number; p99: number };
     results.push({
-      name: "QEMU: device-model cost (without back-ends)",
+      name: 'QEMU: device-model cost (without back-ends)',
       series: 'device model',
       unit: 'us',
       ...dm,
@@ -370,7 +420,8 @@ async function main(): Promise<void> {
     qsd: qsdVersion(),
     guest: `Debian kernel ${g.release} under TCG (-machine q35,accel=tcg -cpu max -smp 1, ${GUEST_RAM_MIB} MiB in a shared memfd), virtio-blk modules ${g.modules.join(' ')} from a busybox initramfs (vm/hotplug-guest.mjs)`,
     dimm: `${DIMM / 2 ** 20} MiB memory-backend-memfd,share=on; device_add pc-dimm (timed), device_del after DEVICE_DELETED (the guest grants the unplug), object-del`,
-    broker: 'embedded Broker, OwnerClient in the same process, one VhostUserSubscriber per back-end (mapMemory: false: a pure bridge, as QEMU maps nothing new on device_add either), the region added from a memfd registered before the timing',
+    broker:
+      'embedded Broker, OwnerClient in the same process, one VhostUserSubscriber per back-end (mapMemory: false: a pure bridge, as QEMU maps nothing new on device_add either), the region added from a memfd registered before the timing',
     backends: COUNTS.join(', '),
     iterations: ITER,
     warmup: WARMUP,

@@ -35,15 +35,27 @@ const SCRIPT: Record<string, { file: string; npm: string; title: string }> = {
   scale: { file: 'bench/scale.ts', npm: 'npm run bench:scale', title: '4. Scale: 65,536 regions' },
   pinning: { file: 'bench/pinning.ts', npm: 'npm run bench:pinning', title: '5. Pinning 4 GiB' },
   'dirty-sync': { file: 'bench/dirty-sync.ts', npm: 'npm run bench:dirty-sync', title: '6. Dirty sync: collecting a 32 MiB bitmap' },
-  ioas: { file: 'bench/ioas.ts', npm: 'npm run bench:ioas', title: '7. Guest IOMMU: IOVA map + unmap pairs per second (the goals of issue 19, see docs/ioas.md)' },
+  ioas: {
+    file: 'bench/ioas.ts',
+    npm: 'npm run bench:ioas',
+    title: '7. Guest IOMMU: IOVA map + unmap pairs per second (the goals of issue 19, see docs/ioas.md)',
+  },
   'ioas-vhost-user': {
     file: 'bench/ioas-vhost-user.ts',
     npm: 'npm run bench:ioas-vhost-user',
-    title: '8. Guest IOMMU through the vhost-user bridge: IOVA map + unmap pairs to dpdk-testpmd\'s IOTLB (issue 19, see docs/ioas.md)',
+    title: "8. Guest IOMMU through the vhost-user bridge: IOVA map + unmap pairs to dpdk-testpmd's IOTLB (issue 19, see docs/ioas.md)",
   },
   migration: { file: 'bench/migration.ts', npm: 'npm run bench:migration', title: '9. Migration of 4 GiB to another broker over TCP, while the guest writes' },
-  'vhost-user': { file: 'bench/vhost-user.ts', npm: 'npm run bench:vhost-user', title: 'The vhost-user bridge against qemu-storage-daemon (the goals of the vhost-user issue, see docs/vhost-user.md)' },
-  'qemu-hotplug': { file: 'bench/qemu-hotplug.ts', npm: 'npm run bench:qemu-hotplug', title: '7. QEMU as the peer: a DIMM hot-added to N vhost-user back-ends' },
+  'vhost-user': {
+    file: 'bench/vhost-user.ts',
+    npm: 'npm run bench:vhost-user',
+    title: 'The vhost-user bridge against qemu-storage-daemon (the goals of the vhost-user issue, see docs/vhost-user.md)',
+  },
+  'qemu-hotplug': {
+    file: 'bench/qemu-hotplug.ts',
+    npm: 'npm run bench:qemu-hotplug',
+    title: '7. QEMU as the peer: a DIMM hot-added to N vhost-user back-ends',
+  },
 };
 
 const COLORS = { ours: '#1f6fb2', ours2: '#2ca02c', ours3: '#9467bd', peer: '#444444', peer2: '#999999', goal: '#c0392b' };
@@ -51,7 +63,10 @@ const COLORS = { ours: '#1f6fb2', ours2: '#2ca02c', ours3: '#9467bd', peer: '#44
 function load(): Map<string, Result> {
   const out = new Map<string, Result>();
   if (!fs.existsSync(resultsDir)) return out;
-  for (const f of fs.readdirSync(resultsDir).filter((x) => x.endsWith('.json')).sort()) {
+  for (const f of fs
+    .readdirSync(resultsDir)
+    .filter((x) => x.endsWith('.json'))
+    .sort()) {
     const r = JSON.parse(fs.readFileSync(path.join(resultsDir, f), 'utf8')) as Result;
     out.set(r.bench, r);
   }
@@ -115,12 +130,24 @@ function fanoutChart(r: Result): string | undefined {
   const s: Series[] = [
     { name: 'broker, embedded owner: add, until every subscriber acked', points: byX(ms, 'broker, embedded owner, add'), color: COLORS.ours },
     { name: 'broker, owner in its own process: add', points: byX(ms, 'broker, owner process, add'), color: COLORS.ours3 },
-    { name: 'peer: C vhost-user front-end, ADD_MEM_REG to N qemu-storage-daemons one after the other', points: byX(ms, 'C vhost-user front-end (peer), ADD_MEM_REG'), color: COLORS.peer, dashed: true },
+    {
+      name: 'peer: C vhost-user front-end, ADD_MEM_REG to N qemu-storage-daemons one after the other',
+      points: byX(ms, 'C vhost-user front-end (peer), ADD_MEM_REG'),
+      color: COLORS.peer,
+      dashed: true,
+    },
   ].filter((x) => x.points.length > 0);
   if (s.length === 0) return undefined;
   return writeSvg(
     'performance-fanout.svg',
-    lineChart({ title: 'Fan-out latency against the number of subscribers (median, lower is better)', xLabel: 'subscriber processes (peer: back-ends)', yLabel: 'microseconds, log scale', series: s, xLog: true, yLog: true }),
+    lineChart({
+      title: 'Fan-out latency against the number of subscribers (median, lower is better)',
+      xLabel: 'subscriber processes (peer: back-ends)',
+      yLabel: 'microseconds, log scale',
+      series: s,
+      xLog: true,
+      yLog: true,
+    }),
   );
 }
 
@@ -132,7 +159,11 @@ function throughputChart(r: Result): string | undefined {
     barChart({
       title: 'Transactions per second with 4 subscriber processes (median, higher is better)',
       yLabel: 'transactions per second',
-      bars: ms.map((m) => ({ label: (m.series ?? m.name).replace(/^broker, /, ''), value: m.median, color: m.series?.startsWith('C ') ? COLORS.peer : COLORS.ours })),
+      bars: ms.map((m) => ({
+        label: (m.series ?? m.name).replace(/^broker, /, ''),
+        value: m.median,
+        color: m.series?.startsWith('C ') ? COLORS.peer : COLORS.ours,
+      })),
       goals: [{ y: 20_000, label: 'goal: 20,000 per second' }],
       legend: [
         { name: 'this broker (4 plain subscriber processes, each mapping every region)', color: COLORS.ours },
@@ -153,20 +184,37 @@ function translateChart(r: Result): string | undefined {
   if (s.length === 0) return undefined;
   return writeSvg(
     'performance-translate.svg',
-    lineChart({ title: 'GPA lookups per second against the number of regions (median, higher is better)', xLabel: 'regions', yLabel: 'lookups per second, log scale', series: s, xLog: true, yLog: true }),
+    lineChart({
+      title: 'GPA lookups per second against the number of regions (median, higher is better)',
+      xLabel: 'regions',
+      yLabel: 'lookups per second, log scale',
+      series: s,
+      xLog: true,
+      yLog: true,
+    }),
   );
 }
 
 function qemuChart(r: Result): string | undefined {
   const ms = r.results;
   const s: Series[] = [
-    { name: 'QEMU: device_add of a pc-dimm, until its reply (every back-end REPLY_ACKed, one after the other)', points: byX(ms, 'QEMU device_add'), color: COLORS.peer, dashed: true },
+    {
+      name: 'QEMU: device_add of a pc-dimm, until its reply (every back-end REPLY_ACKed, one after the other)',
+      points: byX(ms, 'QEMU device_add'),
+      color: COLORS.peer,
+      dashed: true,
+    },
     { name: 'broker: the same add through one vhost-user bridge per back-end, until the commit', points: byX(ms, 'broker add'), color: COLORS.ours },
   ].filter((x) => x.points.length > 0);
   if (s.length === 0) return undefined;
   return writeSvg(
     'performance-qemu-hotplug.svg',
-    lineChart({ title: 'Hot-adding a DIMM against the number of vhost-user back-ends (median, lower is better)', xLabel: 'qemu-storage-daemon back-ends', yLabel: 'microseconds', series: s }),
+    lineChart({
+      title: 'Hot-adding a DIMM against the number of vhost-user back-ends (median, lower is better)',
+      xLabel: 'qemu-storage-daemon back-ends',
+      yLabel: 'microseconds',
+      series: s,
+    }),
   );
 }
 
@@ -354,7 +402,9 @@ function whyMissed(all: Map<string, Result>): string[] {
     );
   }
   if (vuBat && vuBat.met === false) {
-    out.push(`**Guest IOMMU through the vhost-user bridge, batched** (${fmt(vuBat.median, vuBat.unit)}, goal 100,000; ${ratio(vuBat.ratio ?? NaN)}x the C peer's ${fmt(vuBat.peer?.median ?? NaN, vuBat.unit)}): ${vuBat.note ?? ''}`);
+    out.push(
+      `**Guest IOMMU through the vhost-user bridge, batched** (${fmt(vuBat.median, vuBat.unit)}, goal 100,000; ${ratio(vuBat.ratio ?? NaN)}x the C peer's ${fmt(vuBat.peer?.median ?? NaN, vuBat.unit)}): ${vuBat.note ?? ''}`,
+    );
   }
   const mig = all.get('migration');
   const migCopy = find(mig, (x) => x.name.startsWith('first copy'));
@@ -370,7 +420,10 @@ function whyMissed(all: Map<string, Result>): string[] {
   for (const [bench, r] of all) {
     if (['fanout', 'throughput', 'translate', 'scale', 'vhost-user', 'ioas', 'ioas-vhost-user', 'qemu-hotplug'].includes(bench)) continue;
     if (bench === 'migration' && migCopy?.met === false) {
-      for (const x of r.results.filter((y) => y.met === false && y !== migCopy)) out.push(`**${SCRIPT[bench]?.title ?? bench}: ${x.name}** (${fmt(x.median, x.unit)}, goal ${x.goal}): see the benchmark's own notes and docs/migration.md.`);
+      for (const x of r.results.filter((y) => y.met === false && y !== migCopy))
+        out.push(
+          `**${SCRIPT[bench]?.title ?? bench}: ${x.name}** (${fmt(x.median, x.unit)}, goal ${x.goal}): see the benchmark's own notes and docs/migration.md.`,
+        );
       continue;
     }
     for (const m of r.results.filter((x) => x.met === false && !x.note?.includes('not what a sync does'))) {
@@ -386,18 +439,25 @@ function whyMissed(all: Map<string, Result>): string[] {
 function headline(all: Map<string, Result>): string[] {
   const out: string[] = [];
   const m = (bench: string, pred: (x: Measurement) => boolean) => find(all.get(bench), pred);
-  const vs = (x: Measurement | undefined) => (x?.peer ? ` (${x.peer.name.replace(/, (ADD|REM)_MEM_REG$/, '')}: ${fmt(x.peer.median, x.unit)}, ${ratio(x.ratio ?? NaN)}x)` : '');
+  const vs = (x: Measurement | undefined) =>
+    x?.peer ? ` (${x.peer.name.replace(/, (ADD|REM)_MEM_REG$/, '')}: ${fmt(x.peer.median, x.unit)}, ${ratio(x.ratio ?? NaN)}x)` : '';
   const mark = (x: Measurement | undefined) => (x?.goal === undefined ? '' : x.met ? '' : ' **goal missed**');
   const f1 = m('fanout', (x) => x.series === 'broker, embedded owner, add' && x.x === 1);
   const f16 = m('fanout', (x) => x.series === 'broker, embedded owner, add' && x.x === 16);
   const r1 = m('fanout', (x) => x.series === 'broker, embedded owner, remove' && x.x === 1);
-  if (f1) out.push(`Fan-out, one subscriber process, until acked: add ${fmt(f1.median, f1.unit)}${vs(f1)}${mark(f1)}${r1 ? `, remove ${fmt(r1.median, r1.unit)} (REM_MEM_REG: ${fmt(r1.peer?.median ?? NaN, r1.unit)}, ${ratio(r1.ratio ?? NaN)}x)${mark(r1)}` : ''}`);
+  if (f1)
+    out.push(
+      `Fan-out, one subscriber process, until acked: add ${fmt(f1.median, f1.unit)}${vs(f1)}${mark(f1)}${r1 ? `, remove ${fmt(r1.median, r1.unit)} (REM_MEM_REG: ${fmt(r1.peer?.median ?? NaN, r1.unit)}, ${ratio(r1.ratio ?? NaN)}x)${mark(r1)}` : ''}`,
+    );
   if (f16) out.push(`Fan-out, 16 subscriber processes: ${fmt(f16.median, f16.unit)}${vs(f16)}${mark(f16)}`);
   const tp = m('throughput', (x) => x.series === 'broker, embedded owner, pipelined');
   if (tp) out.push(`Throughput, 4 subscriber processes: ${fmt(tp.median, tp.unit)} (goal 20,000)${mark(tp)}`);
   const tr = m('translate', (x) => x.goal !== undefined && x.x === 512 && x.name.includes('random'));
   const trIov = m('translate', (x) => x.series === 'translate(), random' && x.x === 512);
-  if (tr) out.push(`Translation, 512 regions, random: resolve() ${(tr.median / 1e6).toFixed(1)} M lookups/s (the same search in C: ${((tr.peer?.median ?? NaN) / 1e6).toFixed(1)} M, ${ratio(tr.ratio ?? NaN)}x)${mark(tr)}${trIov ? `; translate(), which allocates an iovec, ${(trIov.median / 1e6).toFixed(1)} M` : ''}`);
+  if (tr)
+    out.push(
+      `Translation, 512 regions, random: resolve() ${(tr.median / 1e6).toFixed(1)} M lookups/s (the same search in C: ${((tr.peer?.median ?? NaN) / 1e6).toFixed(1)} M, ${ratio(tr.ratio ?? NaN)}x)${mark(tr)}${trIov ? `; translate(), which allocates an iovec, ${(trIov.median / 1e6).toFixed(1)} M` : ''}`,
+    );
   const snap = m('scale', isSnapshot);
   const resync = m('scale', (x) => x.series === 'resync');
   const more = m('scale', (x) => x.goal?.startsWith('< 2x') === true);
@@ -411,7 +471,10 @@ function headline(all: Map<string, Result>): string[] {
   const pin = m('pinning', (x) => x.unit === 'GiB/s' && x.goal !== undefined);
   const delay = m('pinning', (x) => x.unit === 'ms' && x.goal !== undefined);
   const pinSize = all.get('pinning')?.size;
-  if (pin) out.push(`Pinning ${typeof pinSize === 'number' ? `${+(pinSize / 2 ** 30).toPrecision(3)} GiB` : '4 GiB'} (soft backend): ${fmt(pin.median, pin.unit)} (C mlock of the same memfd: ${fmt(pin.peer?.median ?? NaN, pin.unit)})${mark(pin)}${delay ? `, broker event loop delayed at most ${fmt(Math.max(delay.p99, delay.median), 'ms')}${mark(delay)}` : ''}`);
+  if (pin)
+    out.push(
+      `Pinning ${typeof pinSize === 'number' ? `${+(pinSize / 2 ** 30).toPrecision(3)} GiB` : '4 GiB'} (soft backend): ${fmt(pin.median, pin.unit)} (C mlock of the same memfd: ${fmt(pin.peer?.median ?? NaN, pin.unit)})${mark(pin)}${delay ? `, broker event loop delayed at most ${fmt(Math.max(delay.p99, delay.median), 'ms')}${mark(delay)}` : ''}`,
+    );
   const slope = m('qemu-hotplug', (x) => x.name === 'broker: per back-end');
   const model = m('qemu-hotplug', (x) => x.series === 'device model');
   if (slope) {
@@ -422,8 +485,12 @@ function headline(all: Map<string, Result>): string[] {
   }
   const dirty = m('dirty-sync', (x) => x.name.startsWith('flip + take') && x.name.includes('100%'));
   const bitmapBytes = all.get('dirty-sync')?.bitmapBytes;
-  const bitmap = typeof bitmapBytes === 'number' ? `${bitmapBytes / 2 ** 20} MiB bitmap (${fmt((bitmapBytes * 8 * 4096) / 2 ** 40, 'TiB')} of guest memory)` : '32 MiB bitmap (1 TiB of guest memory)';
-  if (dirty) out.push(`Dirty sync of a ${bitmap}: ${fmt(dirty.median, dirty.unit)} (memcpy of it: ${fmt(dirty.peer?.median ?? NaN, dirty.unit)})${mark(dirty)}`);
+  const bitmap =
+    typeof bitmapBytes === 'number'
+      ? `${bitmapBytes / 2 ** 20} MiB bitmap (${fmt((bitmapBytes * 8 * 4096) / 2 ** 40, 'TiB')} of guest memory)`
+      : '32 MiB bitmap (1 TiB of guest memory)';
+  if (dirty)
+    out.push(`Dirty sync of a ${bitmap}: ${fmt(dirty.median, dirty.unit)} (memcpy of it: ${fmt(dirty.peer?.median ?? NaN, dirty.unit)})${mark(dirty)}`);
   const migBytes = m('migration', (x) => x.name.startsWith('bytes sent'));
   const migDown = m('migration', (x) => x.name.startsWith('downtime'));
   const migCopy = m('migration', (x) => x.name.startsWith('first copy'));
@@ -508,9 +575,13 @@ function main(): void {
   );
   out.push('');
   out.push(`- Machine: ${m ? `${m.cpu}, ${m.cpus} CPUs, ${m.memoryGiB} GiB, ${m.kernel}, Node ${m.node}` : 'unknown'}`);
-  out.push(`- Measured: ${dates[0]?.slice(0, 16).replace('T', ' ')} to ${dates[dates.length - 1]?.slice(0, 16).replace('T', ' ')} UTC (each benchmark's section says when, and how busy the machine was).`);
+  out.push(
+    `- Measured: ${dates[0]?.slice(0, 16).replace('T', ' ')} to ${dates[dates.length - 1]?.slice(0, 16).replace('T', ' ')} UTC (each benchmark's section says when, and how busy the machine was).`,
+  );
   out.push(`- Command: \`npm run bench\` (all, then this report), or one benchmark: \`npm run bench:<name>\`; \`BENCH_ITERATIONS\` changes the repetitions.`);
-  out.push(`- Round trips are measured with every process on one CPU (taskset) where the benchmark says so: on a 2-CPU VM, cross-CPU wake-ups otherwise decide the result.`);
+  out.push(
+    `- Round trips are measured with every process on one CPU (taskset) where the benchmark says so: on a 2-CPU VM, cross-CPU wake-ups otherwise decide the result.`,
+  );
   out.push('');
   const head = headline(all);
   if (head.length > 0) {
@@ -524,7 +595,9 @@ function main(): void {
   out.push('| benchmark | measurement | median | peer (same run) | ratio | goal | status |');
   out.push('|---|---|---|---|---|---|---|');
   for (const { bench, m: x } of goals) {
-    out.push(`| ${bench} | ${x.name} | ${fmt(x.median, x.unit)} | ${x.peer ? fmt(x.peer.median, x.unit) : ''} | ${x.ratio !== undefined ? ratio(x.ratio) : ''} | ${x.goal} | ${x.met ? 'met' : '**MISSED**'} |`);
+    out.push(
+      `| ${bench} | ${x.name} | ${fmt(x.median, x.unit)} | ${x.peer ? fmt(x.peer.median, x.unit) : ''} | ${x.ratio !== undefined ? ratio(x.ratio) : ''} | ${x.goal} | ${x.met ? 'met' : '**MISSED**'} |`,
+    );
   }
   out.push('');
   for (const name of [...ORDER, ...[...all.keys()].filter((k) => !ORDER.includes(k))]) {
@@ -556,7 +629,9 @@ function main(): void {
   out.push('');
   fs.writeFileSync(path.join(docs, 'performance.md'), out.join('\n'));
   updateReadme(head, `${met} of ${goals.length} goals met`, dates[dates.length - 1]?.slice(0, 10) ?? '?', m ? `${m.cpus} CPUs, ${m.cpu}` : 'unknown machine');
-  console.log(`wrote ${path.relative(root, path.join(docs, 'performance.md'))} (${goals.length} goals, ${met} met) and ${[...charts.values()].filter(Boolean).join(', ')}`);
+  console.log(
+    `wrote ${path.relative(root, path.join(docs, 'performance.md'))} (${goals.length} goals, ${met} met) and ${[...charts.values()].filter(Boolean).join(', ')}`,
+  );
   for (const h of head) console.log(`  ${h.replace(/\*\*/g, '')}`);
 }
 

@@ -116,11 +116,21 @@ const formArgs = (form: Form) => (form === 'plain' ? ['plain'] : []);
  * Fresh subscriber processes attaching one after the other, the two forms alternating: each one's
  * connect-to-synced time, its CPU time meanwhile, and its GC share.
  */
-async function snapshots(socket: string, mode: 'map' | 'record', n: number, forms: readonly Form[] = FORMS): Promise<Record<Form, { ms: number[]; cpuMs: number[]; gcMs: number[] }>> {
-  const out = { compact: { ms: [] as number[], cpuMs: [] as number[], gcMs: [] as number[] }, plain: { ms: [] as number[], cpuMs: [] as number[], gcMs: [] as number[] } };
+async function snapshots(
+  socket: string,
+  mode: 'map' | 'record',
+  n: number,
+  forms: readonly Form[] = FORMS,
+): Promise<Record<Form, { ms: number[]; cpuMs: number[]; gcMs: number[] }>> {
+  const out = {
+    compact: { ms: [] as number[], cpuMs: [] as number[], gcMs: [] as number[] },
+    plain: { ms: [] as number[], cpuMs: [] as number[], gcMs: [] as number[] },
+  };
   for (let i = 0; i < n; i++) {
     for (const form of forms) {
-      const child = spawnFixture('subscriber', [socket, BIG, `snapshot-${mode}-${form}-${i}`, mode, ...formArgs(form)], { name: `${mode} subscriber (${form})` });
+      const child = spawnFixture('subscriber', [socket, BIG, `snapshot-${mode}-${form}-${i}`, mode, ...formArgs(form)], {
+        name: `${mode} subscriber (${form})`,
+      });
       try {
         const ready = await child.next<{ attachMs: number; cpuMs: number; gcMs: number }>('ready', () => true, 3_600_000);
         const [st] = await statsOf([child]);
@@ -149,12 +159,7 @@ function newBroker(socket: string, spaces: string[], published = true): Broker {
  * resync applied and acked, and the subscriber's CPU time from being told to wait to then. Returns the
  * restarted broker and its owner.
  */
-async function restartResync(
-  socket: string,
-  state: { broker: Broker; owner: OwnerClient },
-  fd: number,
-  form: Form,
-): Promise<{ ms: number; cpuMs: number }> {
+async function restartResync(socket: string, state: { broker: Broker; owner: OwnerClient }, fd: number, form: Form): Promise<{ ms: number; cpuMs: number }> {
   const child = spawnFixture('subscriber', [socket, BIG, `resync-${form}`, 'record', ...formArgs(form), 'reconnect'], { name: `resync subscriber (${form})` });
   try {
     await child.next('ready', () => true, 600_000);
@@ -219,7 +224,10 @@ async function main(): Promise<void> {
     const at16 = { add: [] as number[], rem: [] as number[] };
     const at64k = { add: [] as number[], rem: [] as number[] };
     for (let r = 0; r < ROUNDS; r++) {
-      for (const [owner, backing, index, into] of [[small, sb.backing, SMALL - 1, at16], [big, bb.backing, REGIONS - 1, at64k]] as const) {
+      for (const [owner, backing, index, into] of [
+        [small, sb.backing, SMALL - 1, at16],
+        [big, bb.backing, REGIONS - 1, at64k],
+      ] as const) {
         const o = await oneMore(owner, backing, index, Math.ceil(ITER / ROUNDS), 20);
         into.add.push(...o.add);
         into.rem.push(...o.rem);
@@ -230,11 +238,14 @@ async function main(): Promise<void> {
     const st = state.broker.status(BIG).spaces[0]!;
     if (st.regions.length !== REGIONS) throw new Error(`the broker holds ${st.regions.length} regions, not ${REGIONS}`);
     const [sub] = await statsOf(subs);
-    if (sub!.regions !== REGIONS || sub!.generation !== st.generation) throw new Error(`the subscriber holds ${sub!.regions} regions at generation ${sub!.generation}`);
+    if (sub!.regions !== REGIONS || sub!.generation !== st.generation)
+      throw new Error(`the subscriber holds ${sub!.regions} regions at generation ${sub!.generation}`);
 
     // What a new subscriber receives: the broker's own split of this map into EV_SYNC frames, encoded.
     wire = syncWire(state.broker, BIG);
-    log(`snapshot of ${REGIONS} regions to ${SNAPSHOTS} new subscriber processes of each form (${wire.frames} EV_SYNC frames: ${wire.compactBytes} bytes as columns, ${wire.bytes} plain)`);
+    log(
+      `snapshot of ${REGIONS} regions to ${SNAPSHOTS} new subscriber processes of each form (${wire.frames} EV_SYNC frames: ${wire.compactBytes} bytes as columns, ${wire.bytes} plain)`,
+    );
     const snap = await snapshots(socket, 'record', SNAPSHOTS);
     const snapMap = maxMapCount > REGIONS + 1000 ? await snapshots(socket, 'map', Math.min(3, SNAPSHOTS), ['compact']) : undefined;
     await stopAll(subs.splice(0));
@@ -283,7 +294,15 @@ async function main(): Promise<void> {
         note: `the same, the ${wire.frames} frames holding one msgpack map per region (${(wire.bytes / 2 ** 20).toFixed(2)} MiB); CPU time: median ${summarize(snap.plain.cpuMs).median.toFixed(1)} ms`,
       },
       ...(snapMap
-        ? [{ name: `snapshot of ${REGIONS} regions to a new mapping subscriber process`, unit: 'ms', ...summarize(snapMap.compact.ms), iterations: snapMap.compact.ms.length, note: 'the same, and every region mmap()ed' }]
+        ? [
+            {
+              name: `snapshot of ${REGIONS} regions to a new mapping subscriber process`,
+              unit: 'ms',
+              ...summarize(snapMap.compact.ms),
+              iterations: snapMap.compact.ms.length,
+              note: 'the same, and every region mmap()ed',
+            },
+          ]
         : []),
       {
         name: 'of which garbage collection in the new subscriber',
@@ -376,10 +395,12 @@ async function main(): Promise<void> {
     syncCompactBytes: wire.compactBytes,
     restarts: RESTARTS,
     regionLayout: `${PAGE} bytes each, one every ${STRIDE} bytes from 0x${BASE.toString(16)}, slices of one memfd`,
-    subscribers: "bench/fixtures/subscriber.ts in 'record' mode: follows the map and acks, maps nothing; one per space; for the snapshot and the resync, processes asking for COMPACT_SYNC (the default) alternate with processes that do not ('plain')",
+    subscribers:
+      "bench/fixtures/subscriber.ts in 'record' mode: follows the map and acks, maps nothing; one per space; for the snapshot and the resync, processes asking for COMPACT_SYNC (the default) alternate with processes that do not ('plain')",
     vmMaxMapCount: maxMapCount,
     mappingSnapshot: maxMapCount > REGIONS + 1000 ? 'measured' : `not measured: vm.max_map_count is ${maxMapCount}, below ${REGIONS} mappings`,
-    memoryMethod: 'V8 used_heap_size after three gc() calls (node --expose-gc), and process RSS, before and after adding the regions; this process holds the embedded broker and two owners that keep nothing per region',
+    memoryMethod:
+      'V8 used_heap_size after three gc() calls (node --expose-gc), and process RSS, before and after adding the regions; this process holds the embedded broker and two owners that keep nothing per region',
     iterations: ITER,
     rounds: ROUNDS,
     warmup: WARMUP,

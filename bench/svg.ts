@@ -153,7 +153,10 @@ export function lineChart(c: LineChart): string {
     const pts = [...s.points].sort((a, b) => a[0] - b[0]);
     const d = pts.map((p, i) => `${i === 0 ? 'M' : 'L'}${X(p[0]).toFixed(1)},${Y(p[1]).toFixed(1)}`).join(' ');
     out.push(`<path d="${d}" fill="none" stroke="${s.color}" stroke-width="2.5"${s.dashed ? ' stroke-dasharray="6 4"' : ''}/>`);
-    for (const p of pts) out.push(`<circle cx="${X(p[0]).toFixed(1)}" cy="${Y(p[1]).toFixed(1)}" r="3.5" fill="${s.color}"><title>${esc(`${s.name}: ${short(p[1])} at ${short(p[0])}`)}</title></circle>`);
+    for (const p of pts)
+      out.push(
+        `<circle cx="${X(p[0]).toFixed(1)}" cy="${Y(p[1]).toFixed(1)}" r="3.5" fill="${s.color}"><title>${esc(`${s.name}: ${short(p[1])} at ${short(p[0])}`)}</title></circle>`,
+      );
   }
   out.push(legend(c.series, left + 10, bottom + 66));
   return frame(H, c.title, out.join('\n'));
@@ -189,7 +192,9 @@ export function barChart(c: BarChart): string {
   c.bars.forEach((b, i) => {
     const x = left + slot * i + (slot - bw) / 2;
     const y = Y(b.value);
-    out.push(`<rect x="${x.toFixed(1)}" y="${y.toFixed(1)}" width="${bw.toFixed(1)}" height="${(bottom - y).toFixed(1)}" fill="${b.color}"><title>${esc(`${b.label}: ${short(b.value)}`)}</title></rect>`);
+    out.push(
+      `<rect x="${x.toFixed(1)}" y="${y.toFixed(1)}" width="${bw.toFixed(1)}" height="${(bottom - y).toFixed(1)}" fill="${b.color}"><title>${esc(`${b.label}: ${short(b.value)}`)}</title></rect>`,
+    );
     out.push(`<text x="${(x + bw / 2).toFixed(1)}" y="${(y - 5).toFixed(1)}" font-size="12" text-anchor="middle">${short(b.value)}</text>`);
     const words = b.label.split(' ');
     const lines: string[] = [];
@@ -198,9 +203,18 @@ export function barChart(c: BarChart): string {
       if (last !== undefined && (last + ' ' + w).length <= Math.max(12, Math.floor(slot / 7))) lines[lines.length - 1] = `${last} ${w}`;
       else lines.push(w);
     }
-    lines.forEach((l, k) => out.push(`<text x="${(x + bw / 2).toFixed(1)}" y="${bottom + 16 + k * 14}" font-size="11.5" text-anchor="middle">${esc(l)}</text>`));
+    lines.forEach((l, k) =>
+      out.push(`<text x="${(x + bw / 2).toFixed(1)}" y="${bottom + 16 + k * 14}" font-size="11.5" text-anchor="middle">${esc(l)}</text>`),
+    );
   });
   out.push(axes(left, right, top, bottom, c.yLabel));
-  if (c.legend) out.push(legend(c.legend.map((l) => ({ ...l, bar: true })), left + 10, bottom + 70));
+  if (c.legend)
+    out.push(
+      legend(
+        c.legend.map((l) => ({ ...l, bar: true })),
+        left + 10,
+        bottom + 70,
+      ),
+    );
   return frame(H, c.title, out.join('\n'));
 }

@@ -137,7 +137,8 @@ async function space(count: number): Promise<Space> {
   const vhost = await DeviceSubscriber.attach(broker, { space: 'vm0', name: 'vhost', requestTimeoutMs: 120_000 });
   for (let i = 0; i < count; i += 4096) {
     const ops = [];
-    for (let j = i; j < Math.min(count, i + 4096); j++) ops.push({ op: 'add' as const, name: `r${j}`, gpa: BASE + j * STRIDE, size: SIZE, backing: b.backing, offset: j * SIZE });
+    for (let j = i; j < Math.min(count, i + 4096); j++)
+      ops.push({ op: 'add' as const, name: `r${j}`, gpa: BASE + j * STRIDE, size: SIZE, backing: b.backing, offset: j * SIZE });
     await owner.commit(ops);
   }
   if (vhost.memory.regions().length !== count) throw new Error(`the vhost client mapped ${vhost.memory.regions().length} regions, not ${count}`);
@@ -240,11 +241,15 @@ async function measure(bin: string, count: number, pattern: Pattern): Promise<Me
 
 /** `measure()` in a fresh Node process (this script with --one). */
 function measureApart(bin: string, count: number, pattern: Pattern): Measurement[] {
-  const r = spawnSync(process.execPath, [process.argv[1] as string, '--one', `${count}:${pattern}`, '--c-bin', bin, '--rounds', String(ROUNDS), '--passes', String(PASSES)], {
-    encoding: 'utf8',
-    stdio: ['ignore', 'pipe', 'inherit'],
-    maxBuffer: 1 << 24,
-  });
+  const r = spawnSync(
+    process.execPath,
+    [process.argv[1] as string, '--one', `${count}:${pattern}`, '--c-bin', bin, '--rounds', String(ROUNDS), '--passes', String(PASSES)],
+    {
+      encoding: 'utf8',
+      stdio: ['ignore', 'pipe', 'inherit'],
+      maxBuffer: 1 << 24,
+    },
+  );
   if (r.status !== 0) throw new Error(`measuring ${count} regions, ${pattern} failed (${r.status ?? r.signal})`);
   return JSON.parse(r.stdout) as Measurement[];
 }
@@ -263,7 +268,9 @@ async function main(): Promise<void> {
       for (const pattern of ['random', 'local'] as const) {
         const got = measureApart(bin, count, pattern);
         const M = (name: string) => `${((got.find((m) => m.series === name)?.median ?? NaN) / 1e6).toFixed(1)}M`;
-        log(`${count} regions, ${pattern}: C ${M(`C (peer), ${pattern}`)}/s, resolve() ${M(`resolve(), ${pattern}`)}/s, translate() ${M(`translate(), ${pattern}`)}/s, slice() ${M(`slice(), ${pattern}`)}/s`);
+        log(
+          `${count} regions, ${pattern}: C ${M(`C (peer), ${pattern}`)}/s, resolve() ${M(`resolve(), ${pattern}`)}/s, translate() ${M(`translate(), ${pattern}`)}/s, slice() ${M(`slice(), ${pattern}`)}/s`,
+        );
         rows.push(...got);
       }
     }
@@ -277,11 +284,13 @@ async function main(): Promise<void> {
     regionLayout: `${SIZE >> 10} KiB regions, one every ${STRIDE >> 10} KiB from 0x${BASE.toString(16)}, slices of one memfd`,
     lookupLength: LEN,
     pinning: `every process on CPU ${CPU} (taskset)`,
-    processes: 'each table size and pattern in a fresh Node process (the C peer: a fresh process per pass set), so V8 compiles the loop for the pattern it measures',
+    processes:
+      'each table size and pattern in a fresh Node process (the C peer: a fresh process per pass set), so V8 compiles the loop for the pattern it measures',
     clock: 'CPU time of each pass (C: CLOCK_THREAD_CPUTIME_ID; TypeScript: getrusage of its process, nothing else running in it during a pass)',
     ratio: 'C lookups per second / ours (the goal: at most 3)',
     cSide: 'bench/c/translate.c: the same last-hit + binary search over flat start/end arrays, returning a pointer; nothing mapped or dereferenced',
-    goalJudgedOn: 'resolve(): the same lookup as C, returning where the bytes are (view + offset) without allocating; translate() (an iovec of new views) and slice() (one new view) are shown beside it',
+    goalJudgedOn:
+      'resolve(): the same lookup as C, returning where the bytes are (view + offset) without allocating; translate() (an iovec of new views) and slice() (one new view) are shown beside it',
     cc: `${ccVersion()} ${C_FLAGS.join(' ')}`,
   });
 }

@@ -107,7 +107,9 @@ async function runBroker(sockets: string[], mapMemory: boolean): Promise<Samples
     const b = await owner.createBacking(2 * MiB, 'bench-bridge');
     native.close(b.fd);
     for (const [i, s] of sockets.entries()) {
-      subs.push(await VhostUserSubscriber.attach(broker, { space: 'vm0', name: `vu${i}`, backendSocket: s, virtioFeatures: BLK_FEATURES, mapMemory, reconnect: false }));
+      subs.push(
+        await VhostUserSubscriber.attach(broker, { space: 'vm0', name: `vu${i}`, backendSocket: s, virtioFeatures: BLK_FEATURES, mapMemory, reconnect: false }),
+      );
     }
     for (let i = -WARMUP; i < ITER; i++) {
       const t0 = now();
@@ -123,7 +125,7 @@ async function runBroker(sockets: string[], mapMemory: boolean): Promise<Samples
     for (const s of subs) if (s.stats.addMemReg < ITER) throw new Error(`subscriber ${s.id} sent ${s.stats.addMemReg} ADD_MEM_REG`);
   } finally {
     for (const s of subs) await s.close();
-    await owner.close();
+    owner.close();
     await broker.close();
   }
   return out;
@@ -179,7 +181,12 @@ async function main(): Promise<void> {
       for (const who of ['c', 'fe', 'bridge', 'bridgeNoMap'] as const) {
         const qsd = await startQsd(dir, image, { cpus: '0', name: `one-${who}-${r}` });
         backends.push(qsd);
-        const s = who === 'c' ? peer.run('rt', [qsd.socket], { iterations: ITER, warmup: WARMUP, cpus: '0' }) : who === 'fe' ? await runFrontend([qsd.socket]) : await runBroker([qsd.socket], who === 'bridge');
+        const s =
+          who === 'c'
+            ? peer.run('rt', [qsd.socket], { iterations: ITER, warmup: WARMUP, cpus: '0' })
+            : who === 'fe'
+              ? await runFrontend([qsd.socket])
+              : await runBroker([qsd.socket], who === 'bridge');
         await stopBackends([qsd]);
         merge(all[who], s);
         per[who].push(s);
@@ -203,7 +210,12 @@ async function main(): Promise<void> {
       for (let r = 0; r < ROUNDS; r++) {
         for (const who of ['c', 'ts', 'broker'] as const) {
           // qemu-storage-daemon serves one front-end at a time and starts fresh for the next one.
-          const s = who === 'c' ? peer.run('serial', sockets, { iterations: ITER, warmup: WARMUP }) : who === 'ts' ? await runFrontend(sockets) : await runBroker(sockets, false);
+          const s =
+            who === 'c'
+              ? peer.run('serial', sockets, { iterations: ITER, warmup: WARMUP })
+              : who === 'ts'
+                ? await runFrontend(sockets)
+                : await runBroker(sockets, false);
           merge(fall[who], s);
           fper[who].push(s);
           log(`  round ${r + 1} ${who.padEnd(6)} ADD ${us(median(s.add)).toFixed(1)} us  REM ${us(median(s.rem)).toFixed(1)} us`);
@@ -224,7 +236,9 @@ async function main(): Promise<void> {
     frontend_within_3x_of_c: (['ADD_MEM_REG', 'REM_MEM_REG'] as const).every((op) => (find(1, 'VhostUserFrontend', op)?.ratio ?? Infinity) <= 3),
     bridge_within_3x_of_c: (['ADD_MEM_REG', 'REM_MEM_REG'] as const).every((op) => (find(1, 'bridge: broker txn + subscriber', op)?.ratio ?? Infinity) <= 3),
     bridge_unmapped_within_3x_of_c: (['ADD_MEM_REG', 'REM_MEM_REG'] as const).every((op) => (find(1, 'bridge, mapMemory: false', op)?.ratio ?? Infinity) <= 3),
-    fanout_faster_than_serial_from_4: FANOUT.filter((n) => n >= 4).every((n) => (['ADD_MEM_REG', 'REM_MEM_REG'] as const).every((op) => (find(n, 'broker fan-out', op)?.ratio ?? Infinity) < 1)),
+    fanout_faster_than_serial_from_4: FANOUT.filter((n) => n >= 4).every((n) =>
+      (['ADD_MEM_REG', 'REM_MEM_REG'] as const).every((op) => (find(n, 'broker fan-out', op)?.ratio ?? Infinity) < 1),
+    ),
   };
   const results: Measurement[] = out.map((r) => {
     const goal =

@@ -29,14 +29,7 @@
 // register backings while others flood the socket. Nothing here defends against a uid on the owner list.
 import fs from 'node:fs';
 import type { Logger } from 'pino';
-import {
-  ConnectionLimitError,
-  HandshakeTimeoutError,
-  Msg,
-  type ConnectionLimits,
-  type MmbError,
-  type ProtocolLimits,
-} from '../protocol/index.js';
+import { ConnectionLimitError, HandshakeTimeoutError, Msg, type ConnectionLimits, type MmbError, type ProtocolLimits } from '../protocol/index.js';
 import type { Credentials, Transport } from '../transport/index.js';
 
 export interface AdmissionHost {
@@ -116,7 +109,12 @@ export class Admission {
     this.bump(this.connectionsByUid, peer.uid, 1);
     this.setUnattached(ticket, true);
     if (!owner) {
-      transport.setInboundLimits({ maxFdsPerFrame: 0, maxPendingFds: 0, maxFrameBytes: this.limits.maxUnattachedFrameBytes, reason: 'descriptors are accepted only after ATTACH' });
+      transport.setInboundLimits({
+        maxFdsPerFrame: 0,
+        maxPendingFds: 0,
+        maxFrameBytes: this.limits.maxUnattachedFrameBytes,
+        reason: 'descriptors are accepted only after ATTACH',
+      });
     }
     if (socket) this.arm(ticket, this.limits.helloTimeoutMs, 'no HELLO');
     return undefined;
@@ -136,7 +134,16 @@ export class Admission {
   update(session: AdmittedSession): void {
     const t = this.tickets.get(session.transport);
     if (!t) return;
-    const stage: Stage = session.state === 'new' ? 'new' : session.state === 'ready' ? 'ready' : session.state === 'owner' ? 'owner' : session.state === 'closed' ? t.stage : 'attached';
+    const stage: Stage =
+      session.state === 'new'
+        ? 'new'
+        : session.state === 'ready'
+          ? 'ready'
+          : session.state === 'owner'
+            ? 'owner'
+            : session.state === 'closed'
+              ? t.stage
+              : 'attached';
     if (stage === t.stage) return;
     t.stage = stage;
     if (stage === 'ready') {
@@ -184,7 +191,8 @@ export class Admission {
     const l = this.limits;
     const total = this.tickets.size;
     if (owner) {
-      if (total >= l.maxConnections + l.ownerReserve) return `the broker serves ${total} connections, its limit (${l.maxConnections} + ${l.ownerReserve} kept for owners)`;
+      if (total >= l.maxConnections + l.ownerReserve)
+        return `the broker serves ${total} connections, its limit (${l.maxConnections} + ${l.ownerReserve} kept for owners)`;
       const room = this.fdRoom();
       if (cost > room) return `no descriptors left for another connection (RLIMIT_NOFILE ${this.fdLimit}, headroom ${l.fdHeadroom})`;
       return undefined;

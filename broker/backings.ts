@@ -12,14 +12,7 @@
 // through any new mapping or write(), root included: the broker hands out only its read-only reopen.
 import fs from 'node:fs';
 import { constants, HUGETLBFS_MAGIC, native, PAGE_SIZE, TMPFS_MAGIC } from '../native/index.js';
-import {
-  BackingInvalidError,
-  BackingUnsealedError,
-  NoBackingError,
-  SpaceLimitError,
-  type BackingInfo,
-  hex,
-} from '../protocol/index.js';
+import { BackingInvalidError, BackingUnsealedError, NoBackingError, SpaceLimitError, type BackingInfo, hex } from '../protocol/index.js';
 
 export interface Backing {
   id: number;

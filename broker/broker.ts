@@ -115,8 +115,10 @@ export class Broker implements InProcessConnector {
     }
     this.connectionLimits = { ...DEFAULT_CONNECTION_LIMITS, ...opts.connection };
     this.fence = { ...DEFAULT_FENCE_OPTIONS, ...opts.fence };
-    if (this.fence.policy !== 'kill' && this.fence.policy !== 'wait') throw new InvalidArgError(`fence policy must be kill or wait, not ${String(this.fence.policy)}`);
-    if (!Number.isSafeInteger(this.fence.timeoutMs) || this.fence.timeoutMs < 0) throw new InvalidArgError(`fence timeout must be a whole number of milliseconds, not ${this.fence.timeoutMs}`);
+    if (this.fence.policy !== 'kill' && this.fence.policy !== 'wait')
+      throw new InvalidArgError(`fence policy must be kill or wait, not ${String(this.fence.policy)}`);
+    if (!Number.isSafeInteger(this.fence.timeoutMs) || this.fence.timeoutMs < 0)
+      throw new InvalidArgError(`fence timeout must be a whole number of milliseconds, not ${this.fence.timeoutMs}`);
     this.published = opts.published ?? true;
     this.pipeline = opts.pipeline ?? 1;
     if (!Number.isSafeInteger(this.pipeline) || this.pipeline < 1 || this.pipeline > this.spaceLimits.maxQueuedCommits) {
@@ -203,7 +205,11 @@ export class Broker implements InProcessConnector {
 
   /** STATUS over a connection: only the spaces the peer may see (see Access.maySee). */
   private statusFor(session: Session, spaceName: string | undefined): StatusResult {
-    const visible = (name: string) => (this.accessBySpace.get(name) as Access).maySee(session.transport.peer, session.spaceName === name && ['owner', 'subscriber', 'observer'].includes(session.state));
+    const visible = (name: string) =>
+      (this.accessBySpace.get(name) as Access).maySee(
+        session.transport.peer,
+        session.spaceName === name && ['owner', 'subscriber', 'observer'].includes(session.state),
+      );
     if (spaceName !== undefined && this.spacesByName.has(spaceName) && !visible(spaceName)) {
       throw new PermissionError(`uid ${session.transport.peer.uid} may not see the status of ${JSON.stringify(spaceName)}`);
     }
@@ -335,7 +341,8 @@ export class Broker implements InProcessConnector {
       case Msg.ATTACH:
         return this.attach(session, msg);
       case Msg.BACKING_ADD:
-        if (msg.unsealed !== undefined && (session.features & Feature.TRUSTED_FILE) === 0) throw new FeatureError('BACKING_ADD.unsealed needs the TRUSTED_FILE feature');
+        if (msg.unsealed !== undefined && (session.features & Feature.TRUSTED_FILE) === 0)
+          throw new FeatureError('BACKING_ADD.unsealed needs the TRUSTED_FILE feature');
         return this.ownedSpace(session).addBacking(session, fds[0] as number, msg.name, msg.unsealed ?? false);
       case Msg.BACKING_DROP:
         return this.ownedSpace(session).dropBacking(session, msg.backing);

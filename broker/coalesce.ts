@@ -131,7 +131,13 @@ export function nextView(current: readonly Region[], sorted: readonly Region[], 
 }
 
 const same = (a: Region, b: Region) =>
-  a.gpa === b.gpa && a.size === b.size && a.backing === b.backing && a.offset === b.offset && a.readonly === b.readonly && a.logDirty === b.logDirty && a.name === b.name;
+  a.gpa === b.gpa &&
+  a.size === b.size &&
+  a.backing === b.backing &&
+  a.offset === b.offset &&
+  a.readonly === b.readonly &&
+  a.logDirty === b.logDirty &&
+  a.name === b.name;
 
 /**
  * The ops that turn a coalescing client's view `before` into `after` (both as nextView / coalesce return

@@ -40,7 +40,11 @@ export interface DirtyLogHost {
   subscribers(): Iterable<SubscriberSession>;
   lookup(ref: number | string): Region | undefined;
   /** Sends an ackable event to `targets`, waits (evicting who misses the deadline), reports answers. */
-  fanOut(targets: readonly SubscriberSession[], send: (s: SubscriberSession, seq: number) => void, generation: number): Promise<Map<SubscriberSession, AckResult>>;
+  fanOut(
+    targets: readonly SubscriberSession[],
+    send: (s: SubscriberSession, seq: number) => void,
+    generation: number,
+  ): Promise<Map<SubscriberSession, AckResult>>;
   evict(s: Session, err: MmbError): void;
   readonly generation: number;
 }
@@ -83,7 +87,10 @@ export class DirtyLogging {
     const missing = [...list].filter((b) => !s.sentBitmaps.has(b.id));
     for (let i = 0; i < missing.length; i += this.host.maxFdsPerFrame) {
       const chunk = missing.slice(i, i + this.host.maxFdsPerFrame);
-      s.send({ t: Msg.EV_BITMAPS, bitmaps: chunk.map((b) => this.bitmaps.info(b)) }, chunk.map((b) => b.fd));
+      s.send(
+        { t: Msg.EV_BITMAPS, bitmaps: chunk.map((b) => this.bitmaps.info(b)) },
+        chunk.map((b) => b.fd),
+      );
       for (const b of chunk) s.sentBitmaps.add(b.id);
     }
   }

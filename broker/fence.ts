@@ -230,10 +230,18 @@ export class Fences {
   async settle(holders: readonly Holder[], graceMs: number): Promise<Holder[]> {
     const open = () => holders.filter((h) => h.state !== 'fenced');
     const patient = open().filter((h) => h.reason !== 'evicted');
-    if (patient.length > 0) await within(graceMs, patient.map((h) => h.fenced));
+    if (patient.length > 0)
+      await within(
+        graceMs,
+        patient.map((h) => h.fenced),
+      );
     if (this.opts.policy === 'kill') for (const h of open()) if (h.reason !== 'leaving') this.signal(h);
     const waitable = open().filter((h) => h.signallable);
-    if (waitable.length > 0) await within(this.opts.timeoutMs, waitable.map((h) => h.fenced));
+    if (waitable.length > 0)
+      await within(
+        this.opts.timeoutMs,
+        waitable.map((h) => h.fenced),
+      );
     return open();
   }
 

@@ -90,7 +90,12 @@ export interface IoasHost {
     holders: () => Holder[],
     mayRetry: boolean,
   ): Promise<{ results: Map<SubscriberSession, AckResult>; retry?: true }>;
-  finish(targets: readonly SubscriberSession[], send: (s: SubscriberSession, seq: number) => void, generation: number, holders: () => Holder[]): Promise<Holder[]>;
+  finish(
+    targets: readonly SubscriberSession[],
+    send: (s: SubscriberSession, seq: number) => void,
+    generation: number,
+    holders: () => Holder[],
+  ): Promise<Holder[]>;
   committedUnfenced(unfenced: readonly Holder[], generation: number, held: string): MmbError;
   evict(s: Session, err: MmbError): Holder | undefined;
   refusal(client: ClientRef, cause: MmbError, generation: number): MmbError;
@@ -232,7 +237,11 @@ export class IoSpaces {
       generation: io.generation,
       mappings: io.map.size,
       bytes: io.map.bytes,
-      attached: [...io.attached].map(([s, devices]) => ({ client: s.ref(), devices: [...devices], ...(s.subscriber?.reported.pinned !== undefined ? { pinned: s.subscriber.reported.pinned } : {}) })),
+      attached: [...io.attached].map(([s, devices]) => ({
+        client: s.ref(),
+        devices: [...devices],
+        ...(s.subscriber?.reported.pinned !== undefined ? { pinned: s.subscriber.reported.pinned } : {}),
+      })),
       holders: this.holdersOf(io.name).map((h) => h.ref.id),
     }));
   }
@@ -251,7 +260,10 @@ export class IoSpaces {
     const io = this.require(name);
     const holders = this.holdersOf(name);
     if (io.attached.size > 0 || io.syncing.size > 0 || holders.length > 0) {
-      const who = [...[...io.attached.keys(), ...io.syncing].map((s) => s.describe()), ...holders.map((h) => `${h.ref.kind} client ${JSON.stringify(h.ref.name)} (#${h.ref.id}, connection ended, not fenced yet)`)];
+      const who = [
+        ...[...io.attached.keys(), ...io.syncing].map((s) => s.describe()),
+        ...holders.map((h) => `${h.ref.kind} client ${JSON.stringify(h.ref.name)} (#${h.ref.id}, connection ended, not fenced yet)`),
+      ];
       throw new IoasBusyError(`IOAS ${JSON.stringify(name)} cannot be destroyed while ${who.join(', ')} may reach it`);
     }
     this.all.delete(name);
@@ -263,7 +275,9 @@ export class IoSpaces {
     if (owner.closed || !this.host.isOwner(owner)) throw new DisconnectedError('the owner disconnected before its IOAS commit ran');
     const io = this.require(name);
     if (expect !== undefined && expect !== io.generation) {
-      throw new StaleGenerationError(`expected generation ${expect} of IOAS ${JSON.stringify(io.name)}, it is at ${io.generation}`, { generation: io.generation });
+      throw new StaleGenerationError(`expected generation ${expect} of IOAS ${JSON.stringify(io.name)}, it is at ${io.generation}`, {
+        generation: io.generation,
+      });
     }
     const plan = io.map.plan(ops, this.host.regions());
     if (plan.ops.length === 0) return { generation: io.generation, mapped: 0, unmapped: 0 };
@@ -280,7 +294,12 @@ export class IoSpaces {
       await this.host.fenceHolders(holders, generation);
       this.apply(io, plan, generation);
       const unfenced = await this.finishing(io, () =>
-        this.host.finish(this.targets(io), (s, seq) => s.send({ t: Msg.EV_IOAS_TXN, seq, ioas: io.name, generation, ops: plan.ops, final: true }), generation, holders),
+        this.host.finish(
+          this.targets(io),
+          (s, seq) => s.send({ t: Msg.EV_IOAS_TXN, seq, ioas: io.name, generation, ops: plan.ops, final: true }),
+          generation,
+          holders,
+        ),
       );
       this.logCommit(io, plan, started);
       if (unfenced.length > 0) throw this.host.committedUnfenced(unfenced, generation, held);
@@ -308,7 +327,9 @@ export class IoSpaces {
       this.logCommit(io, plan, started);
       return result;
     }
-    const unfenced = await this.finishing(io, () => this.host.finish(this.targets(io), (s, seq) => s.send({ t: Msg.EV_IOAS_COMMITTED, ioas: io.name, generation, seq }), generation, holders));
+    const unfenced = await this.finishing(io, () =>
+      this.host.finish(this.targets(io), (s, seq) => s.send({ t: Msg.EV_IOAS_COMMITTED, ioas: io.name, generation, seq }), generation, holders),
+    );
     this.logCommit(io, plan, started);
     if (unfenced.length > 0) throw this.host.committedUnfenced(unfenced, generation, held);
     return result;
@@ -330,7 +351,10 @@ export class IoSpaces {
   }
 
   private logCommit(io: Ioas, plan: IovaPlan, started: number): void {
-    this.host.log.debug({ ioas: io.name, generation: io.generation, maps: plan.maps.length, unmaps: plan.unmaps.length, ms: +(performance.now() - started).toFixed(3) }, 'IOAS transaction committed');
+    this.host.log.debug(
+      { ioas: io.name, generation: io.generation, maps: plan.maps.length, unmaps: plan.unmaps.length, ms: +(performance.now() - started).toFixed(3) },
+      'IOAS transaction committed',
+    );
   }
 
   /** Who follows `io` now: attached clients that are still subscribers of the space. */
@@ -355,7 +379,9 @@ export class IoSpaces {
       }
       const needed = plan.maps.length - plan.unmaps.length;
       if (dmaAvailable !== undefined && needed > dmaAvailable) {
-        throw new ClientLimitError(`${s.describe()} has room for ${dmaAvailable} more DMA mappings; this IOAS transaction needs ${needed}`, { client: s.ref() });
+        throw new ClientLimitError(`${s.describe()} has room for ${dmaAvailable} more DMA mappings; this IOAS transaction needs ${needed}`, {
+          client: s.ref(),
+        });
       }
     }
   }
@@ -368,7 +394,10 @@ export class IoSpaces {
     const io = this.require(name);
     for (const other of this.all.values()) {
       const taken = other !== io ? devices.find((d) => other.attached.get(session)?.has(d)) : undefined;
-      if (taken !== undefined) throw new IoasBusyError(`device ${JSON.stringify(taken)} of ${session.describe()} is attached to IOAS ${JSON.stringify(other.name)}; detach it there first`);
+      if (taken !== undefined)
+        throw new IoasBusyError(
+          `device ${JSON.stringify(taken)} of ${session.describe()} is attached to IOAS ${JSON.stringify(other.name)}; detach it there first`,
+        );
     }
     const have = io.attached.get(session);
     if (have) {
@@ -396,7 +425,8 @@ export class IoSpaces {
     const io = this.require(name);
     const have = io.attached.get(session);
     const missing = devices.find((d) => !have?.has(d));
-    if (!have || missing !== undefined) throw new NoDeviceError(`device ${JSON.stringify(missing ?? devices[0])} of ${session.describe()} is not attached to IOAS ${JSON.stringify(name)}`);
+    if (!have || missing !== undefined)
+      throw new NoDeviceError(`device ${JSON.stringify(missing ?? devices[0])} of ${session.describe()} is not attached to IOAS ${JSON.stringify(name)}`);
     if (devices.length < have.size) {
       for (const d of devices) have.delete(d);
       return { generation: io.generation };
@@ -428,7 +458,9 @@ export class IoSpaces {
   private syncFailed(session: Session, io: Ioas, r: AckResult, what: string): MmbError {
     if (r.kind === 'nack') return this.host.refusal(session.ref(), r.error, io.generation);
     if (r.kind === 'timeout') {
-      const err = new ClientTimeoutError(`${session.describe()} did not ack IOAS ${JSON.stringify(io.name)} within ${this.host.limits.ackTimeoutMs} ms`, { client: session.ref() });
+      const err = new ClientTimeoutError(`${session.describe()} did not ack IOAS ${JSON.stringify(io.name)} within ${this.host.limits.ackTimeoutMs} ms`, {
+        client: session.ref(),
+      });
       this.host.evict(session, err);
       return err;
     }
@@ -459,11 +491,14 @@ export class IoSpaces {
 
   private requireOwner(session: Session): void {
     if (!this.host.isOwner(session)) {
-      throw session.state === 'subscriber' ? new NotOwnerError('only the owner changes an IOAS; subscribers attach and detach devices') : new StateError('attach as owner before changing an IOAS');
+      throw session.state === 'subscriber'
+        ? new NotOwnerError('only the owner changes an IOAS; subscribers attach and detach devices')
+        : new StateError('attach as owner before changing an IOAS');
     }
   }
 
   private requireFollower(session: Session): void {
-    if (session.closed || !this.host.isSubscriber(session)) throw new DisconnectedError(`${session.describe()} left the address space before its IOAS request ran`);
+    if (session.closed || !this.host.isSubscriber(session))
+      throw new DisconnectedError(`${session.describe()} left the address space before its IOAS request ran`);
   }
 }

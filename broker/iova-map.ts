@@ -105,10 +105,13 @@ export class IovaMap {
     const aligned = (i: number, op: IoasOp) => {
       const gpa = op.op === 'map' ? op.gpa : 0;
       if (op.iova % PAGE_SIZE || op.size % PAGE_SIZE || gpa % PAGE_SIZE) {
-        throw new UnalignedError(`${at(i, op)}: iova ${hex(op.iova)}, ${op.op === 'map' ? `gpa ${hex(gpa)}, ` : ''}size ${hex(op.size)} must be multiples of ${PAGE_SIZE}`);
+        throw new UnalignedError(
+          `${at(i, op)}: iova ${hex(op.iova)}, ${op.op === 'map' ? `gpa ${hex(gpa)}, ` : ''}size ${hex(op.size)} must be multiples of ${PAGE_SIZE}`,
+        );
       }
       if (op.size === 0) throw new OutOfRangeError(`${at(i, op)}: an IOVA range cannot be empty`);
-      if (rangeEnd(op.iova, op.size) > GPA_LIMIT || rangeEnd(gpa, op.size) > GPA_LIMIT) throw new OutOfRangeError(`${at(i, op)}: reaches beyond the 52-bit limit`);
+      if (rangeEnd(op.iova, op.size) > GPA_LIMIT || rangeEnd(gpa, op.size) > GPA_LIMIT)
+        throw new OutOfRangeError(`${at(i, op)}: reaches beyond the 52-bit limit`);
     };
 
     ops.forEach((op, i) => {

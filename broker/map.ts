@@ -101,8 +101,7 @@ export class MemoryMap {
     const adds: Region[] = [];
     const names = new Set<string>();
     const usedBackings = new Set<number>();
-    const at = (i: number, op: CommitOp) =>
-      `ops[${i}] (${op.op} ${op.op === 'add' ? JSON.stringify(op.name) : JSON.stringify(op.region)})`;
+    const at = (i: number, op: CommitOp) => `ops[${i}] (${op.op} ${op.op === 'add' ? JSON.stringify(op.name) : JSON.stringify(op.region)})`;
 
     ops.forEach((op, i) => {
       if (op.op !== 'remove') return;

@@ -23,13 +23,43 @@ export class BrokerMetrics {
   ) {
     const r = [this.registry];
     if (opts.processMetrics ?? true) collectDefaultMetrics({ register: this.registry, prefix: 'mmb_' });
-    new Gauge({ name: 'mmb_build_info', help: 'The broker release (label version); always 1.', labelNames: ['version'], registers: r }).set({ version: BROKER_VERSION }, 1);
+    new Gauge({ name: 'mmb_build_info', help: 'The broker release (label version); always 1.', labelNames: ['version'], registers: r }).set(
+      { version: BROKER_VERSION },
+      1,
+    );
 
-    const transactions = new Counter({ name: 'mmb_transactions_total', help: 'Transactions that ran, by outcome: committed, rolled-back (voted on, refused, undone everywhere), refused (failed a check before anything was sent).', labelNames: ['space', 'outcome'], registers: r });
-    const commitSeconds = new Histogram({ name: 'mmb_commit_duration_seconds', help: 'From the start of a transaction\'s run to its outcome, by outcome.', labelNames: ['space', 'outcome'], buckets: SECONDS, registers: r });
-    const evictions = new Counter({ name: 'mmb_evictions_total', help: 'Subscribers evicted for breaking their contract (a missed deadline, a failed apply or undo).', labelNames: ['space'], registers: r });
-    const holders = new Counter({ name: 'mmb_holders_total', help: 'Clients whose connection ended while they may still reach memory: created (became holders), fenced (provably let go), failed (could not be fenced in time: a change failed or committed unfenced).', labelNames: ['space', 'event'], registers: r });
-    const dirtySeconds = new Histogram({ name: 'mmb_dirty_sync_duration_seconds', help: 'Duration of dirty syncs (flush every writer, collect the bitmaps).', labelNames: ['space'], buckets: SECONDS, registers: r });
+    const transactions = new Counter({
+      name: 'mmb_transactions_total',
+      help: 'Transactions that ran, by outcome: committed, rolled-back (voted on, refused, undone everywhere), refused (failed a check before anything was sent).',
+      labelNames: ['space', 'outcome'],
+      registers: r,
+    });
+    const commitSeconds = new Histogram({
+      name: 'mmb_commit_duration_seconds',
+      help: "From the start of a transaction's run to its outcome, by outcome.",
+      labelNames: ['space', 'outcome'],
+      buckets: SECONDS,
+      registers: r,
+    });
+    const evictions = new Counter({
+      name: 'mmb_evictions_total',
+      help: 'Subscribers evicted for breaking their contract (a missed deadline, a failed apply or undo).',
+      labelNames: ['space'],
+      registers: r,
+    });
+    const holders = new Counter({
+      name: 'mmb_holders_total',
+      help: 'Clients whose connection ended while they may still reach memory: created (became holders), fenced (provably let go), failed (could not be fenced in time: a change failed or committed unfenced).',
+      labelNames: ['space', 'event'],
+      registers: r,
+    });
+    const dirtySeconds = new Histogram({
+      name: 'mmb_dirty_sync_duration_seconds',
+      help: 'Duration of dirty syncs (flush every writer, collect the bitmaps).',
+      labelNames: ['space'],
+      buckets: SECONDS,
+      registers: r,
+    });
     const dirtyPages = new Counter({ name: 'mmb_dirty_pages_total', help: 'Dirty 4 KiB pages reported by dirty syncs.', labelNames: ['space'], registers: r });
     const joins = new Counter({ name: 'mmb_client_joins_total', help: 'Clients that attached, by role.', labelNames: ['space', 'role'], registers: r });
 
@@ -46,7 +76,10 @@ export class BrokerMetrics {
       events.on('fenced', () => holders.inc({ space: name, event: 'fenced' }));
       events.on('dirty-sync', (res, us) => {
         dirtySeconds.observe({ space: name }, us / 1e6);
-        dirtyPages.inc({ space: name }, res.regions.reduce((n, x) => n + x.dirty, 0));
+        dirtyPages.inc(
+          { space: name },
+          res.regions.reduce((n, x) => n + x.dirty, 0),
+        );
       });
       events.on('joined', (_c, role) => joins.inc({ space: name, role }));
       // Zero series exist from the start, so rates and alerts work before the first event.
@@ -62,7 +95,8 @@ export class BrokerMetrics {
   private gauges(r: Registry[]): void {
     const broker = this.broker;
     const spaces = () => broker.status().spaces;
-    const each = <T>(fn: (space: ReturnType<typeof spaces>[number], live: AddressSpace) => T) => spaces().map((s) => fn(s, broker.space(s.name) as AddressSpace));
+    const each = <T>(fn: (space: ReturnType<typeof spaces>[number], live: AddressSpace) => T) =>
+      spaces().map((s) => fn(s, broker.space(s.name) as AddressSpace));
     new Gauge({
       name: 'mmb_generation',
       help: 'The generation of each address space (committed transactions).',
@@ -80,7 +114,12 @@ export class BrokerMetrics {
       registers: r,
       collect() {
         this.reset();
-        each((s) => this.set({ space: s.name }, s.regions.reduce((n, x) => n + x.size, 0)));
+        each((s) =>
+          this.set(
+            { space: s.name },
+            s.regions.reduce((n, x) => n + x.size, 0),
+          ),
+        );
       },
     });
     new Gauge({
@@ -108,7 +147,7 @@ export class BrokerMetrics {
     });
     new Gauge({
       name: 'mmb_pin_budget_bytes',
-      help: 'The space\'s pin budget (absent: none).',
+      help: "The space's pin budget (absent: none).",
       labelNames: ['space'],
       registers: r,
       collect() {
@@ -126,7 +165,11 @@ export class BrokerMetrics {
       registers: r,
       collect() {
         this.reset();
-        each((s) => s.clients.filter((c) => c.role === 'subscriber').forEach((c) => this.set({ space: s.name, client: String(c.id), kind: c.kind, name: c.name }, c.ackedGeneration)));
+        each((s) =>
+          s.clients
+            .filter((c) => c.role === 'subscriber')
+            .forEach((c) => this.set({ space: s.name, client: String(c.id), kind: c.kind, name: c.name }, c.ackedGeneration)),
+        );
       },
     });
     new Gauge({
@@ -136,7 +179,11 @@ export class BrokerMetrics {
       registers: r,
       collect() {
         this.reset();
-        each((s) => s.clients.filter((c) => c.role === 'subscriber').forEach((c) => this.set({ space: s.name, client: String(c.id), kind: c.kind, name: c.name }, Math.max(0, s.generation - c.ackedGeneration))));
+        each((s) =>
+          s.clients
+            .filter((c) => c.role === 'subscriber')
+            .forEach((c) => this.set({ space: s.name, client: String(c.id), kind: c.kind, name: c.name }, Math.max(0, s.generation - c.ackedGeneration))),
+        );
       },
     });
     new Gauge({
@@ -180,7 +227,7 @@ export class BrokerMetrics {
     });
     new Gauge({
       name: 'mmb_queue_depth',
-      help: 'Work queued or running on each space\'s serial queue: commits, and all items (commits, attaches, publishes, dirty syncs).',
+      help: "Work queued or running on each space's serial queue: commits, and all items (commits, attaches, publishes, dirty syncs).",
       labelNames: ['space', 'what'],
       registers: r,
       collect() {

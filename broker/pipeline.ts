@@ -36,7 +36,12 @@ export interface PipelineHost {
   readonly fences: Fences;
   subscribers(): Iterable<SubscriberSession>;
   isSubscribed(s: SubscriberSession): boolean;
-  fanOut(targets: readonly SubscriberSession[], send: (s: SubscriberSession, seq: number) => void, generation: number, onResult?: (s: SubscriberSession, r: AckResult) => void): Promise<FanOutResult>;
+  fanOut(
+    targets: readonly SubscriberSession[],
+    send: (s: SubscriberSession, seq: number) => void,
+    generation: number,
+    onResult?: (s: SubscriberSession, r: AckResult) => void,
+  ): Promise<FanOutResult>;
   /** The backings `plan` needs, each with whether a writable region needs it (made once per transaction). */
   access(plan: Plan): ReadonlyMap<number, boolean>;
   /** EV_BACKINGS for those of `access` that `s` lacks. */
@@ -134,7 +139,16 @@ export class Pipeline {
     let settle!: () => void;
     const settled = new Promise<void>((r) => (settle = r));
     const targets = [...this.host.subscribers()];
-    const entry: Entry = { generation, plan, targets, taken: this.host.taken(plan), voted: undefined as unknown as Promise<FanOutResult>, refused: [], settled, settle };
+    const entry: Entry = {
+      generation,
+      plan,
+      targets,
+      taken: this.host.taken(plan),
+      voted: undefined as unknown as Promise<FanOutResult>,
+      refused: [],
+      settled,
+      settle,
+    };
     this.window.push(entry);
     const access = this.host.access(plan);
     entry.voted = this.host.fanOut(
@@ -171,7 +185,13 @@ export class Pipeline {
         const unfenced = await host.fences.settle(holding, host.ackTimeoutMs);
         const h = unfenced[0];
         if (h && !entry.void) {
-          entry.refused.push([h.ref, new NotFencedError(`it may still reach memory this transaction takes away and could not be fenced (fence policy ${host.fences.policy}): ${host.describeHolders(unfenced)}`, { client: h.ref, generation })]);
+          entry.refused.push([
+            h.ref,
+            new NotFencedError(
+              `it may still reach memory this transaction takes away and could not be fenced (fence policy ${host.fences.policy}): ${host.describeHolders(unfenced)}`,
+              { client: h.ref, generation },
+            ),
+          ]);
           this.abort(entry);
         }
       }
@@ -197,7 +217,10 @@ export class Pipeline {
         const h = host.evict(s, host.refusal(s.ref(), r.error, generation));
         if (h) unfinished.push(h);
       }
-      const unfenced = await host.fences.settle([...new Set([...unfinished, ...(entry.taken.size > 0 ? host.fences.holding(entry.taken) : [])])], host.ackTimeoutMs);
+      const unfenced = await host.fences.settle(
+        [...new Set([...unfinished, ...(entry.taken.size > 0 ? host.fences.holding(entry.taken) : [])])],
+        host.ackTimeoutMs,
+      );
       await previous;
       if (unfenced.length > 0) throw host.committedUnfenced(unfenced, generation, 'the backings it may reach stay held until it is');
       return { generation, added: plan.adds.map((r) => ({ id: r.id, name: r.name })), unreferenced: host.unreferenced(plan) };
@@ -263,12 +286,18 @@ export class Pipeline {
     const refusal = who && error ? this.host.refusal(who, error, first.generation, real.length || 1, unfenced) : undefined;
     if (entry === first) {
       if (!refusal) throw new Error('a void transaction without a refusal');
-      this.host.log.warn({ generation: entry.generation, client: refusal.client, code: refusal.code, cause: error?.message }, 'transaction refused and rolled back');
+      this.host.log.warn(
+        { generation: entry.generation, client: refusal.client, code: refusal.code, cause: error?.message },
+        'transaction refused and rolled back',
+      );
       return refusal;
     }
-    return new CancelledError(`generation ${entry.generation} was rolled back: it followed generation ${first.generation} in the pipeline${refusal ? `, which was refused (${refusal.code})` : ''}`, {
-      generation: entry.generation,
-      ...(refusal ? { cause: refusal, client: refusal.client } : {}),
-    });
+    return new CancelledError(
+      `generation ${entry.generation} was rolled back: it followed generation ${first.generation} in the pipeline${refusal ? `, which was refused (${refusal.code})` : ''}`,
+      {
+        generation: entry.generation,
+        ...(refusal ? { cause: refusal, client: refusal.client } : {}),
+      },
+    );
   }
 }

@@ -1,7 +1,22 @@
 // Placing hotplugged memory: the lowest GPA range of a given size and alignment that overlaps no region
 // and no IOVA range a subscriber reported as reserved (for a passthrough VM, IOVA = GPA, so RAM over the
 // MSI doorbell window or a PCI hole could never be DMA-mapped).
-import { GPA_LIMIT, InvalidArgError, NoFreeRangeError, type FindFree, type Gpa, type Iova, type Range, type Region, asGpa, gpaOfIova, hex, rangeEnd, rangeText, rangesOverlap } from '../protocol/index.js';
+import {
+  GPA_LIMIT,
+  InvalidArgError,
+  NoFreeRangeError,
+  type FindFree,
+  type Gpa,
+  type Iova,
+  type Range,
+  type Region,
+  asGpa,
+  gpaOfIova,
+  hex,
+  rangeEnd,
+  rangeText,
+  rangesOverlap,
+} from '../protocol/index.js';
 
 export function findFree(req: Omit<FindFree, 't' | 'id'>, regions: readonly Region[], reserved: readonly Range<Iova>[], pageSize: number): Gpa {
   const align = req.align ?? pageSize;
@@ -12,7 +27,10 @@ export function findFree(req: Omit<FindFree, 't' | 'id'>, regions: readonly Regi
   }
   if (req.size === 0 || req.size % pageSize !== 0) throw new InvalidArgError(`size ${hex(req.size)} must be a non-zero multiple of ${hex(pageSize)}`);
   // Busy ranges, sorted by start; a reserved IOVA is the GPA a passthrough device would use for it.
-  const busy: Range<Gpa>[] = [...regions.map((r): Range<Gpa> => ({ start: r.gpa, size: r.size })), ...reserved.map((r): Range<Gpa> => ({ start: gpaOfIova(r.start), size: r.size }))];
+  const busy: Range<Gpa>[] = [
+    ...regions.map((r): Range<Gpa> => ({ start: r.gpa, size: r.size })),
+    ...reserved.map((r): Range<Gpa> => ({ start: gpaOfIova(r.start), size: r.size })),
+  ];
   busy.sort((a, b) => a.start - b.start);
   const up = (n: number) => asGpa(Math.ceil(n / align) * align);
   let candidate = up(min);

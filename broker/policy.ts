@@ -21,7 +21,6 @@ import {
   formatSize,
   type DmaRules,
   type Region,
-  hex,
   inclusiveText,
   iovaOfGpa,
   rangeText,
@@ -58,7 +57,9 @@ export function checkSubscribers(plan: Plan, after: MapAfter, subscribers: Itera
     if (view) views.set(session, view);
     const count = view ? view.length : after.count;
     if (count > s.maxRegions) {
-      throw new ClientLimitError(`${session.describe()} can follow at most ${s.maxRegions} regions; the transaction would leave it ${count}`, { client: session.ref() });
+      throw new ClientLimitError(`${session.describe()} can follow at most ${s.maxRegions} regions; the transaction would leave it ${count}`, {
+        client: session.ref(),
+      });
     }
     for (const r of plan.adds) {
       const clash = reported.reserved.find((x) => rangesOverlap(iovaOfGpa(r.gpa), r.size, x.start, x.size));
@@ -85,7 +86,10 @@ export function checkSubscribers(plan: Plan, after: MapAfter, subscribers: Itera
       if (reported.dmaAvailable !== undefined) {
         const needed = dmaMappingsNeeded(session, change, count - change.added.length + change.removed.length);
         if (needed.mappings > reported.dmaAvailable) {
-          throw new ClientLimitError(`${session.describe()} has room for ${reported.dmaAvailable} more DMA mappings; the transaction needs ${needed.mappings}${needed.why}`, { client: session.ref() });
+          throw new ClientLimitError(
+            `${session.describe()} has room for ${reported.dmaAvailable} more DMA mappings; the transaction needs ${needed.mappings}${needed.why}`,
+            { client: session.ref() },
+          );
         }
       }
     }
@@ -98,7 +102,9 @@ export function checkSubscribers(plan: Plan, after: MapAfter, subscribers: Itera
     }
   }
   if (pinned > pinBudget && firstPinner) {
-    throw new PinBudgetError(`pinning clients would pin ${fmt(pinned)} in all; the address space's pin budget is ${fmt(pinBudget)}`, { client: firstPinner.ref() });
+    throw new PinBudgetError(`pinning clients would pin ${fmt(pinned)} in all; the address space's pin budget is ${fmt(pinBudget)}`, {
+      client: firstPinner.ref(),
+    });
   }
   return views;
 }
@@ -184,4 +190,9 @@ function dmaMappingsNeeded(s: SubscriberSession, change: Establishments, current
 }
 
 const describeRules = (r: DmaRules) =>
-  [r.chunkBytes !== undefined ? `chunks of ${formatSize(r.chunkBytes)}` : '', r.pieceBytes !== undefined ? `mappings of at most ${formatSize(r.pieceBytes)}` : ''].filter(Boolean).join(', ');
+  [
+    r.chunkBytes !== undefined ? `chunks of ${formatSize(r.chunkBytes)}` : '',
+    r.pieceBytes !== undefined ? `mappings of at most ${formatSize(r.pieceBytes)}` : '',
+  ]
+    .filter(Boolean)
+    .join(', ');

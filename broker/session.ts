@@ -13,11 +13,7 @@ import type { Transport } from '../transport/index.js';
 import { Feature, Msg, type Attach, type ClientRef, type DmaRules, type Iova, type MmbError, type Range, type Region } from '../protocol/index.js';
 import { compactSyncPart } from './sync.js';
 
-export type AckResult =
-  | { kind: 'ack' }
-  | { kind: 'nack'; error: MmbError }
-  | { kind: 'timeout' }
-  | { kind: 'gone' };
+export type AckResult = { kind: 'ack' } | { kind: 'nack'; error: MmbError } | { kind: 'timeout' } | { kind: 'gone' };
 
 export type SessionState = 'new' | 'ready' | 'owner' | 'subscriber' | 'observer' | 'leaving' | 'closed';
 

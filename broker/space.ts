@@ -136,7 +136,11 @@ interface Vote {
 }
 
 const describeHolders = (hs: readonly Holder[]) =>
-  hs.map((h) => `${h.ref.kind} client ${JSON.stringify(h.ref.name)} (#${h.ref.id}, pid ${h.ref.pid}${h.alive.length > 0 ? `; alive: ${h.alive.join(', ')}` : ''})`).join(', ');
+  hs
+    .map(
+      (h) => `${h.ref.kind} client ${JSON.stringify(h.ref.name)} (#${h.ref.id}, pid ${h.ref.pid}${h.alive.length > 0 ? `; alive: ${h.alive.join(', ')}` : ''})`,
+    )
+    .join(', ');
 
 export class AddressSpace {
   /** Changes whenever the space is (re)created: generations are only comparable within one epoch. */
@@ -356,7 +360,10 @@ export class AddressSpace {
     let started: Promise<T> | undefined;
     const once = () => (started ??= run());
     this.resumers.add(once);
-    this.log.info({ client: session.ref(), resumes }, 'a holder came back while a transaction runs: it is synced as soon as that transaction waits for fencing');
+    this.log.info(
+      { client: session.ref(), resumes },
+      'a holder came back while a transaction runs: it is synced as soon as that transaction waits for fencing',
+    );
     return this.enqueue(() => (this.resumers.delete(once), once()), false);
   }
 
@@ -448,7 +455,9 @@ export class AddressSpace {
     // A subscriber in the owner's own process (a VMM's own device model on the socket) is never signalled:
     // killing it would kill the VMM, and the guest with it. Like an in-process one, only its reconcile fences it.
     const ownersProcess = this.owner !== undefined && !this.owner.closed && this.owner.pid === session.pid;
-    const holder = this.events.held(this.fences.add(session.ref(), reason, new Set(session.sentBackings.keys()), session.local || ownersProcess, session.takePidfds()));
+    const holder = this.events.held(
+      this.fences.add(session.ref(), reason, new Set(session.sentBackings.keys()), session.local || ownersProcess, session.takePidfds()),
+    );
     // Through its host IOMMU it may also reach what its IOASes map.
     this.ioas.released(session, holder);
     return holder;
@@ -474,7 +483,11 @@ export class AddressSpace {
   commit(session: Session, ops: readonly CommitOp[], expect: number | undefined): Promise<CommitResult> {
     this.requireOwner(session);
     this.admitCommit();
-    return this.enqueue((release) => this.events.commit(session.ref(), ops, this._generation, () => this.runCommit(session, ops, expect, release)), true, this.pipeline.size > 1);
+    return this.enqueue(
+      (release) => this.events.commit(session.ref(), ops, this._generation, () => this.runCommit(session, ops, expect, release)),
+      true,
+      this.pipeline.size > 1,
+    );
   }
 
   /** Refuses one more transaction when the queue is full (map commits and IOAS commits alike). */
@@ -499,7 +512,8 @@ export class AddressSpace {
     this.events.reported(session, msg.pinned, this.map.bytes);
     if (msg.reserved) {
       const clash = this.map.regions().filter((r) => reported.reserved.some((x) => rangesOverlap(iovaOfGpa(r.gpa), r.size, x.start, x.size)));
-      if (clash.length > 0) this.log.warn({ client: session.ref(), regions: clash.map((r) => r.name) }, 'existing regions cover ranges this client reports as reserved');
+      if (clash.length > 0)
+        this.log.warn({ client: session.ref(), regions: clash.map((r) => r.name) }, 'existing regions cover ranges this client reports as reserved');
     }
     return {};
   }
@@ -522,7 +536,9 @@ export class AddressSpace {
     }
     const pinners = [...this.subscribers].filter((x) => x.subscriber.pins).length + 1;
     if (pinners * this.map.bytes > this.limits.pinBudgetBytes) {
-      return new PinBudgetError(`one more pinning client would pin ${pinners * this.map.bytes} bytes in all; the pin budget is ${this.limits.pinBudgetBytes}`, { client: s.ref() });
+      return new PinBudgetError(`one more pinning client would pin ${pinners * this.map.bytes} bytes in all; the pin budget is ${this.limits.pinBudgetBytes}`, {
+        client: s.ref(),
+      });
     }
     return undefined;
   }
@@ -570,7 +586,16 @@ export class AddressSpace {
       uid: s.uid,
       transport: s.transport.kind,
       ackedGeneration: s === this.owner ? this._generation : (s.subscriber?.ackedGeneration ?? 0),
-      state: s.state === 'leaving' ? ('leaving' as const) : s.subscriber?.waiting ? ('waiting' as const) : s.subscriber?.syncing ? ('syncing' as const) : s.subscriber?.applying ? ('applying' as const) : ('ready' as const),
+      state:
+        s.state === 'leaving'
+          ? ('leaving' as const)
+          : s.subscriber?.waiting
+            ? ('waiting' as const)
+            : s.subscriber?.syncing
+              ? ('syncing' as const)
+              : s.subscriber?.applying
+                ? ('applying' as const)
+                : ('ready' as const),
       ...(s !== this.owner && s.isSubscriber() ? this.subscriberStatus(s, regions.length, bytes) : {}),
     }));
     const pinners = [...this.subscribers].filter((s) => s.subscriber.pins);
@@ -588,7 +613,15 @@ export class AddressSpace {
         actual: pinners.reduce((n, s) => n + (s.subscriber.reported.pinned ?? 0), 0),
       },
       regions: regions.map((r) => ({ ...r })),
-      backings: [...this.backings.all()].map((b) => ({ backing: b.id, name: b.name, size: b.size, regions: b.refs, held: b.held, pageSize: b.pageSize, sealed: b.sealed })),
+      backings: [...this.backings.all()].map((b) => ({
+        backing: b.id,
+        name: b.name,
+        size: b.size,
+        regions: b.refs,
+        held: b.held,
+        pageSize: b.pageSize,
+        sealed: b.sealed,
+      })),
       clients,
       holders: this.fences.status(),
       ...(this.ioas.size > 0 ? { ioas: this.ioas.status() } : {}),
@@ -653,10 +686,12 @@ export class AddressSpace {
       if (!pipelined && !this.pipeline.idle) await this.pipeline.drained();
       return work(release);
     });
-    const done = run.catch(() => undefined).finally(() => {
-      if (counted) this.queued--;
-      this.pendingWork--;
-    });
+    const done = run
+      .catch(() => undefined)
+      .finally(() => {
+        if (counted) this.queued--;
+        this.pendingWork--;
+      });
     this.tail = released ? Promise.race([released, done]) : done;
     return run;
   }
@@ -679,9 +714,7 @@ export class AddressSpace {
     const resume = msg.resume;
     // A coalescing client always gets a snapshot of its view; its reconciliation keeps what is unchanged.
     const delta =
-      resume && resume.epoch === this.epoch && !view
-        ? this.history.delta(resume.generation, this._generation, (id) => this.map.get(id))
-        : undefined;
+      resume && resume.epoch === this.epoch && !view ? this.history.delta(resume.generation, this._generation, (id) => this.map.get(id)) : undefined;
     const mode = delta ? 'delta' : 'snapshot';
     const regions = view ?? (delta ? delta.upserts : this.map.regions());
     const removed = delta ? delta.removed : [];
@@ -723,7 +756,10 @@ export class AddressSpace {
       } else if (r.kind === 'nack') {
         this.evict(session, this.refusal(session.ref(), r.error, generation));
       } else if (r.kind === 'timeout') {
-        this.evict(session, new ClientTimeoutError(`${session.describe()} did not ack its sync within ${this.limits.ackTimeoutMs} ms`, { client: session.ref(), generation }));
+        this.evict(
+          session,
+          new ClientTimeoutError(`${session.describe()} did not ack its sync within ${this.limits.ackTimeoutMs} ms`, { client: session.ref(), generation }),
+        );
       }
     });
   }
@@ -779,7 +815,14 @@ export class AddressSpace {
       for (const s of this.subscribers) if ((s.features & Feature.TWO_PHASE) === 0 || addOnly.has(s)) s.send({ t: Msg.EV_COMMITTED, generation });
       const unfenced = await this.finish(twoPhase, (s, seq) => s.send({ t: Msg.EV_COMMITTED, generation, seq }), generation, holders);
       this.log.info(
-        { generation, removes: plan.removes.length, sets: plan.sets.length, adds: plan.adds.length, clients: results.size, ms: +(performance.now() - started).toFixed(3) },
+        {
+          generation,
+          removes: plan.removes.length,
+          sets: plan.sets.length,
+          adds: plan.adds.length,
+          clients: results.size,
+          ms: +(performance.now() - started).toFixed(3),
+        },
         'transaction committed',
       );
       if (unfenced.length > 0) throw this.committedUnfenced(unfenced, generation, 'the backings it may reach stay held until it is');
@@ -805,7 +848,12 @@ export class AddressSpace {
    * reach what was taken away, and so may any of `holders()`: all of them are fenced. Returns those that
    * could not be.
    */
-  private async finish(targets: readonly SubscriberSession[], send: (s: SubscriberSession, seq: number) => void, generation: number, holders: () => Holder[]): Promise<Holder[]> {
+  private async finish(
+    targets: readonly SubscriberSession[],
+    send: (s: SubscriberSession, seq: number) => void,
+    generation: number,
+    holders: () => Holder[],
+  ): Promise<Holder[]> {
     const finished = await this.fanOut(targets, send, generation);
     const unfinished = [...finished.timedOut];
     for (const [s, r] of finished.results) {
@@ -850,7 +898,10 @@ export class AddressSpace {
     }
     if (unfenced.length > 0) {
       const h = unfenced[0] as Holder;
-      throw new NotFencedError(`${describeHolders(unfenced)} may still reach memory this transaction takes away and could not be fenced (fence policy ${this.fences.policy})`, { client: h.ref, generation });
+      throw new NotFencedError(
+        `${describeHolders(unfenced)} may still reach memory this transaction takes away and could not be fenced (fence policy ${this.fences.policy})`,
+        { client: h.ref, generation },
+      );
     }
   }
 
@@ -937,7 +988,13 @@ export class AddressSpace {
         const unfenced = await this.fences.settle(holding, this.limits.ackTimeoutMs);
         if (unfenced.length > 0) {
           const h = unfenced[0] as Holder;
-          refused.push([h.ref, new NotFencedError(`it may still reach memory this transaction takes away and could not be fenced (fence policy ${this.fences.policy}): ${describeHolders(unfenced)}`, { client: h.ref, generation })]);
+          refused.push([
+            h.ref,
+            new NotFencedError(
+              `it may still reach memory this transaction takes away and could not be fenced (fence policy ${this.fences.policy}): ${describeHolders(unfenced)}`,
+              { client: h.ref, generation },
+            ),
+          ]);
           rollBack(undefined);
         }
       }
@@ -958,8 +1015,8 @@ export class AddressSpace {
     }
     // A client that stopped because of the rollback is not the cause: report the first real refusal.
     const real = refused.filter(([, e]) => e.code !== 'MMB_ERR_CANCELLED');
-    const [who, error] =
-      real[0] ?? refused[0] ?? [unfenced[0]?.ref as ClientRef, new NotFencedError('it dropped during the vote and could not be fenced', { generation })];
+    const [who, error] = real[0] ??
+      refused[0] ?? [unfenced[0]?.ref as ClientRef, new NotFencedError('it dropped during the vote and could not be fenced', { generation })];
     const err = this.refusal(who, error, generation, real.length || 1, unfenced);
     this.log.warn({ generation, client: err.client, code: err.code, cause: error.message }, 'transaction refused and rolled back');
     throw err;
@@ -1002,7 +1059,10 @@ export class AddressSpace {
     const timedOut: Holder[] = [];
     for (const [s, r] of results) {
       if (r.kind !== 'timeout') continue;
-      const h = this.evict(s, new ClientTimeoutError(`${s.describe()} did not ack generation ${generation} within ${this.limits.ackTimeoutMs} ms`, { client: s.ref(), generation }));
+      const h = this.evict(
+        s,
+        new ClientTimeoutError(`${s.describe()} did not ack generation ${generation} within ${this.limits.ackTimeoutMs} ms`, { client: s.ref(), generation }),
+      );
       if (h) timedOut.push(h);
     }
     return { results, timedOut };
@@ -1018,13 +1078,20 @@ export class AddressSpace {
     if (owner.closed || this.owner !== owner) throw new DisconnectedError('the owner disconnected before its commit ran');
     const projected = this._generation + this.pipeline.length;
     if (expect !== undefined && expect !== projected) {
-      throw new StaleGenerationError(`expected generation ${expect}, the space is at ${projected}${projected !== this._generation ? ` once the ${this.pipeline.length} transactions in flight commit` : ''}`, { generation: projected });
+      throw new StaleGenerationError(
+        `expected generation ${expect}, the space is at ${projected}${projected !== this._generation ? ` once the ${this.pipeline.length} transactions in flight commit` : ''}`,
+        { generation: projected },
+      );
     }
     const plan = this.map.plan(ops, this.backings, this.limits.maxRegions);
     if (plan.ops.length === 0 || !this.pipelineable(plan)) return undefined;
     checkSubscribers(
       plan,
-      { count: this.map.size - plan.removes.length + plan.adds.length, bytes: this.map.bytes - sum(plan.removes) + sum(plan.adds), regions: () => this.map.regionsAfter(plan) },
+      {
+        count: this.map.size - plan.removes.length + plan.adds.length,
+        bytes: this.map.bytes - sum(plan.removes) + sum(plan.adds),
+        regions: () => this.map.regionsAfter(plan),
+      },
       this.subscribers,
       this.limits.pinBudgetBytes,
     );
@@ -1087,7 +1154,10 @@ export class AddressSpace {
     }
     for (let i = 0; i < missing.length; i += this.maxFdsPerFrame) {
       const chunk = missing.slice(i, i + this.maxFdsPerFrame);
-      s.send({ t: Msg.EV_BACKINGS, backings: chunk.map(([b]) => this.backings.info(b)) }, chunk.map(([b, w]) => this.backings.fdFor(b, w)));
+      s.send(
+        { t: Msg.EV_BACKINGS, backings: chunk.map(([b]) => this.backings.info(b)) },
+        chunk.map(([b, w]) => this.backings.fdFor(b, w)),
+      );
       for (const [b, w] of chunk) s.sentBackings.set(b.id, w);
     }
   }
@@ -1114,11 +1184,15 @@ export class AddressSpace {
     const code: ErrorCode = isErrorCode(cause.code) && !LOCAL_ONLY.has(cause.code) ? cause.code : 'MMB_ERR_CLIENT_REFUSED';
     const others = count > 1 ? ` (and ${count - 1} other client${count > 2 ? 's' : ''})` : '';
     const held = unfenced.length > 0 ? `; ${describeHolders(unfenced)} failed to undo it and could not be fenced: the backings it may reach stay held` : '';
-    return createError(code, `${client.kind} client ${JSON.stringify(client.name)} (#${client.id}, pid ${client.pid})${others} refused generation ${generation}: ${cause.message}${held}`, {
-      client,
-      generation,
-      cause,
-      errno: cause.errno,
-    });
+    return createError(
+      code,
+      `${client.kind} client ${JSON.stringify(client.name)} (#${client.id}, pid ${client.pid})${others} refused generation ${generation}: ${cause.message}${held}`,
+      {
+        client,
+        generation,
+        cause,
+        errno: cause.errno,
+      },
+    );
   }
 }

@@ -100,11 +100,22 @@ export class SpaceEvents extends EventEmitter<SpaceEventMap> {
     this.on('joined', (client, role) => this.broadcast({ kind: 'joined', client, role }));
     this.on('left', (client, role, reason) => this.broadcast({ kind: 'left', client, role, reason }));
     this.on('evicted', (client, error) => this.broadcast({ kind: 'evicted', client, error: error.toWire() }));
-    this.on('holder', (h) => this.broadcast({ kind: 'holder', client: h.ref, reason: h.reason, state: h.state, backings: [...h.backings].slice(0, 1 << 16), alive: h.alive.slice(0, 32) }));
+    this.on('holder', (h) =>
+      this.broadcast({
+        kind: 'holder',
+        client: h.ref,
+        reason: h.reason,
+        state: h.state,
+        backings: [...h.backings].slice(0, 1 << 16),
+        alive: h.alive.slice(0, 32),
+      }),
+    );
     this.on('fenced', (h) => this.broadcast({ kind: 'fenced', client: h.ref, how: h.how ?? 'exited', ms: Math.max(0, Date.now() - h.since) }));
     this.on('published', (generation) => this.broadcast({ kind: 'published', generation }));
     this.on('pinned', (client, pinned, predicted) => this.broadcast({ kind: 'pinned', client, pinned, predicted }));
-    this.on('dirty-sync', (r, us) => this.broadcast({ kind: 'dirty-sync', regions: r.regions.length, dirty: r.regions.reduce((n, x) => n + x.dirty, 0), bytes: r.bytes, us }));
+    this.on('dirty-sync', (r, us) =>
+      this.broadcast({ kind: 'dirty-sync', regions: r.regions.length, dirty: r.regions.reduce((n, x) => n + x.dirty, 0), bytes: r.bytes, us }),
+    );
   }
 
   // --- hooks the space calls ------------------------------------------------------------------------

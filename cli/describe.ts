@@ -46,11 +46,17 @@ export function describeEvent(m: EvWatch): { kind: string; text: string } {
   const e = m.event;
   switch (e.kind) {
     case 'txn':
-      return { kind: 'txn', text: `generation ${e.generation} to the vote${e.attempt > 1 ? ` (attempt ${e.attempt})` : ''}, from ${who(e.owner)}: ${describeChanges(e.ops, e.opsTotal)}` };
+      return {
+        kind: 'txn',
+        text: `generation ${e.generation} to the vote${e.attempt > 1 ? ` (attempt ${e.attempt})` : ''}, from ${who(e.owner)}: ${describeChanges(e.ops, e.opsTotal)}`,
+      };
     case 'outcome': {
       const x = e.entry;
       const err = x.error ? `: ${describeError(x.error)}` : '';
-      return { kind: outcomeWord(x.outcome), text: `generation ${x.generation} ${outcomeWord(x.outcome)} in ${duration(x.us)}${x.outcome === 'refused' ? ` (${entryChanges(x)})` : ''}${err}` };
+      return {
+        kind: outcomeWord(x.outcome),
+        text: `generation ${x.generation} ${outcomeWord(x.outcome)} in ${duration(x.us)}${x.outcome === 'refused' ? ` (${entryChanges(x)})` : ''}${err}`,
+      };
     }
     case 'joined':
       return { kind: 'joined', text: `${who(e.client)} joined as ${e.role}` };
@@ -59,11 +65,17 @@ export function describeEvent(m: EvWatch): { kind: string; text: string } {
     case 'evicted':
       return { kind: 'evicted', text: `${who(e.client)} evicted: ${describeError(e.error)}` };
     case 'holder':
-      return { kind: 'holder', text: `${who(e.client)} may still reach backings ${e.backings.join(', ')} (${e.reason}, ${e.state}${e.alive.length > 0 ? `; alive: ${e.alive.join(', ')}` : ''}): a holder until fenced` };
+      return {
+        kind: 'holder',
+        text: `${who(e.client)} may still reach backings ${e.backings.join(', ')} (${e.reason}, ${e.state}${e.alive.length > 0 ? `; alive: ${e.alive.join(', ')}` : ''}): a holder until fenced`,
+      };
     case 'fenced':
       return { kind: 'fenced', text: `${who(e.client)} fenced (${e.how}) ${e.ms} ms after its connection ended` };
     case 'dirty-sync':
-      return { kind: 'dirty-sync', text: `${e.regions} region(s), ${e.dirty} dirty page(s) (${formatSize(e.dirty * 4096)}), ${formatSize(e.bytes)} of bitmap, in ${duration(e.us)}` };
+      return {
+        kind: 'dirty-sync',
+        text: `${e.regions} region(s), ${e.dirty} dirty page(s) (${formatSize(e.dirty * 4096)}), ${formatSize(e.bytes)} of bitmap, in ${duration(e.us)}`,
+      };
     case 'published':
       return { kind: 'published', text: `published at generation ${e.generation}` };
     case 'pinned':

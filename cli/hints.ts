@@ -12,12 +12,13 @@ export function hintFor(err: MmbError, command: string, socket: string | undefin
       if (err.errno === 'ENOENT' || err.errno === 'ECONNREFUSED') {
         return `is \`mmbroker serve\` running${at}? Give its socket with --socket PATH or MMBROKER_SOCKET.`;
       }
-      if (err.errno === 'EACCES' || err.errno === 'EPERM') return `the socket${at} is not open to you: run as the broker's user, or see --socket-mode in \`mmbroker serve --help\`.`;
+      if (err.errno === 'EACCES' || err.errno === 'EPERM')
+        return `the socket${at} is not open to you: run as the broker's user, or see --socket-mode in \`mmbroker serve --help\`.`;
       return undefined;
     case 'MMB_ERR_ADDRESS_IN_USE':
       return 'stop the other broker first (or give this one another --socket); `mmbroker status` talks to the running one.';
     case 'MMB_ERR_PERMISSION':
-      return 'the broker decides by your uid and gid (SO_PEERCRED) and, when it has one, the space\'s token (--token-file): see docs/security.md.';
+      return "the broker decides by your uid and gid (SO_PEERCRED) and, when it has one, the space's token (--token-file): see docs/security.md.";
     case 'MMB_ERR_OWNER_EXISTS':
       return 'another owner (the VMM, or another mmbroker command) holds this space; it alone may change the map while attached.';
     case 'MMB_ERR_NO_SPACE':

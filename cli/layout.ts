@@ -143,7 +143,7 @@ export function strip(l: Layout, width: number): (Segment | undefined)[] {
   if (end === 0) return [];
   const cell = end / width;
   const rank = (s: Segment) => (s.kind === 'region' ? 2 : s.kind === 'reserved' ? 1 : 0);
-  const out: (Segment | undefined)[] = new Array(width).fill(undefined);
+  const out = new Array<Segment | undefined>(width).fill(undefined);
   for (const s of l.segments) {
     const first = Math.min(width - 1, Math.floor(s.start / cell));
     const last = Math.min(width - 1, Math.max(first, Math.ceil(s.end / cell) - 1));

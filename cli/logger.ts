@@ -11,7 +11,8 @@ export type LogLevel = (typeof LOG_LEVELS)[number];
 export type LogFormat = 'auto' | 'pretty' | 'json';
 
 export function parseLogLevel(text: string, what: string): LogLevel {
-  if (!(LOG_LEVELS as readonly string[]).includes(text)) throw new InvalidArgError(`${what} ${JSON.stringify(text)} is not a log level: ${LOG_LEVELS.join(', ')}`);
+  if (!(LOG_LEVELS as readonly string[]).includes(text))
+    throw new InvalidArgError(`${what} ${JSON.stringify(text)} is not a log level: ${LOG_LEVELS.join(', ')}`);
   return text as LogLevel;
 }
 
@@ -61,7 +62,9 @@ export function createLog(opts: { level: LogLevel; format: LogFormat; file?: str
     try {
       dest = pino.destination({ dest: file, sync: true, append: true, mkdir: false });
     } catch (err) {
-      throw new InvalidArgError(`--log-file ${file}: cannot open it for appending (${(err as NodeJS.ErrnoException).code ?? (err as Error).message}); its directory must exist and be writable`);
+      throw new InvalidArgError(
+        `--log-file ${file}: cannot open it for appending (${(err as NodeJS.ErrnoException).code ?? (err as Error).message}); its directory must exist and be writable`,
+      );
     }
     return { logger: pino(base, dest), target: file, reopen: () => (dest.reopen(), true) };
   }

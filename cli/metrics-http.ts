@@ -22,7 +22,9 @@ export function parseMetricsAddress(text: string, allowPublic: boolean): Metrics
   }
   const host = m[1] || m[2] || '127.0.0.1';
   if (!isLoopback(host) && !allowPublic) {
-    throw new InvalidArgError(`--metrics ${text}: ${host} is not a loopback address; the metrics have no authentication, so serving them beyond this machine needs --metrics-public`);
+    throw new InvalidArgError(
+      `--metrics ${text}: ${host} is not a loopback address; the metrics have no authentication, so serving them beyond this machine needs --metrics-public`,
+    );
   }
   return { host, port };
 }

@@ -73,7 +73,11 @@ async function main(argv: string[]): Promise<number> {
     if (!e) {
       const x = toMmbError(err);
       console.error(`mmbroker ${label}: internal error: ${x.message}`);
-      console.error(process.env.MMBROKER_DEBUG ? String((err as Error).stack) : '  hint: this is a bug; please report it with MMBROKER_DEBUG=1 set, which prints where it happened.');
+      console.error(
+        process.env.MMBROKER_DEBUG
+          ? String((err as Error).stack)
+          : '  hint: this is a bug; please report it with MMBROKER_DEBUG=1 set, which prints where it happened.',
+      );
       return 1;
     }
     console.error(`mmbroker ${label}: ${e.code} (${e.errno}): ${e.message}`);

@@ -6,7 +6,15 @@ import path from 'node:path';
 import { InvalidArgError } from '../protocol/index.js';
 
 /** statfs f_type of filesystems that are views of the kernel, not storage. */
-const KERNEL_FILESYSTEMS: Readonly<Record<number, string>> = { 0x9fa0: 'procfs', 0x62656572: 'sysfs', 0x1cd1: 'devpts', 0x64626720: 'debugfs', 0x74726163: 'tracefs', 0x27e0eb: 'cgroupfs', 0x63677270: 'cgroup2' };
+const KERNEL_FILESYSTEMS: Readonly<Record<number, string>> = {
+  0x9fa0: 'procfs',
+  0x62656572: 'sysfs',
+  0x1cd1: 'devpts',
+  0x64626720: 'debugfs',
+  0x74726163: 'tracefs',
+  0x27e0eb: 'cgroupfs',
+  0x63677270: 'cgroup2',
+};
 
 /** A file the command will create or overwrite with data (a migration image): checked, or throws. */
 export function checkOutputFile(file: string, what: string): void {
@@ -27,7 +35,8 @@ export function checkOutputFile(file: string, what: string): void {
   } catch {
     // It does not exist yet: it will be created.
   }
-  if (target && !target.isFile()) throw new InvalidArgError(`${what} ${file} exists and is not a regular file (a ${target.isDirectory() ? 'directory' : 'device, socket or pipe'})`);
+  if (target && !target.isFile())
+    throw new InvalidArgError(`${what} ${file} exists and is not a regular file (a ${target.isDirectory() ? 'directory' : 'device, socket or pipe'})`);
   try {
     fs.accessSync(target ? full : dir, fs.constants.W_OK);
   } catch {

@@ -20,7 +20,14 @@ export function cellOf(s: Segment | undefined): string {
 
 function table(rows: string[][]): string[] {
   const widths = rows[0]?.map((_, i) => Math.max(...rows.map((r) => (r[i] ?? '').length))) ?? [];
-  return rows.map((r) => '  ' + r.map((c, i) => c.padEnd(widths[i] ?? 0)).join('  ').trimEnd());
+  return rows.map(
+    (r) =>
+      '  ' +
+      r
+        .map((c, i) => c.padEnd(widths[i] ?? 0))
+        .join('  ')
+        .trimEnd(),
+  );
 }
 
 const flagsOf = (r: { readonly: boolean; logDirty: boolean }) => [r.readonly ? 'ro' : 'rw', r.logDirty ? 'log' : ''].filter(Boolean).join(',');
@@ -37,7 +44,8 @@ function segmentRows(l: Layout, maxRows: number): string[] {
   }
   const out = table(rows);
   if (l.segments.length > maxRows) out.push(`  ... ${l.segments.length - maxRows} more segments (mmbroker status --json lists every region)`);
-  for (const b of l.beyond) out.push(`  beyond the last region: ${hex(b.start)}-${hex(b.end)} (${formatSize(b.end - b.start)}) reserved by ${b.clients.join(', ')}`);
+  for (const b of l.beyond)
+    out.push(`  beyond the last region: ${hex(b.start)}-${hex(b.end)} (${formatSize(b.end - b.start)}) reserved by ${b.clients.join(', ')}`);
   return out;
 }
 
@@ -56,7 +64,9 @@ function clientRows(s: StatusSpace): string[] {
       c.transport,
       c.backend ?? '',
       c.regions === undefined ? '' : `${c.regions}${c.maxRegions !== undefined ? ` of ${c.maxRegions}` : ''}${c.coalesce ? ' coalesced' : ''}`,
-      c.pin ? `${formatSize(c.pin.predicted)} / ${c.pin.actual === undefined ? '?' : formatSize(c.pin.actual)}${c.pin.limit !== undefined ? ` (limit ${formatSize(c.pin.limit)})` : ''}` : '',
+      c.pin
+        ? `${formatSize(c.pin.predicted)} / ${c.pin.actual === undefined ? '?' : formatSize(c.pin.actual)}${c.pin.limit !== undefined ? ` (limit ${formatSize(c.pin.limit)})` : ''}`
+        : '',
     ]),
   ]);
 }
@@ -78,7 +88,9 @@ export function drawSpace(s: StatusSpace, opts: { maxRows?: number } = {}): stri
     const cells = strip(l, STRIP_WIDTH);
     out.push(`  ${hex(0).padEnd(STRIP_WIDTH - hex(t.end).length + 2)}${hex(t.end)}`);
     out.push(`  [${cells.map(cellOf).join('')}]`);
-    out.push(`   ${MARKS.rw} read-write  ${MARKS.ro} read-only  ${MARKS.reserved} reserved  ${MARKS.hole} hole  (one cell: ${formatBytes(t.end / STRIP_WIDTH)})`);
+    out.push(
+      `   ${MARKS.rw} read-write  ${MARKS.ro} read-only  ${MARKS.reserved} reserved  ${MARKS.hole} hole  (one cell: ${formatBytes(t.end / STRIP_WIDTH)})`,
+    );
     out.push('');
     out.push(...segmentRows(l, opts.maxRows ?? 500));
   }
@@ -90,7 +102,9 @@ export function drawSpace(s: StatusSpace, opts: { maxRows?: number } = {}): stri
   );
   const pb = s.pinBudget;
   if (pb && (pb.limit !== undefined || pb.predicted > 0)) {
-    out.push(`  pinned in all: predicted ${formatSize(pb.predicted)}, actual ${formatSize(pb.actual)}${pb.limit !== undefined ? `, budget ${formatSize(pb.limit)}` : ''}`);
+    out.push(
+      `  pinned in all: predicted ${formatSize(pb.predicted)}, actual ${formatSize(pb.actual)}${pb.limit !== undefined ? `, budget ${formatSize(pb.limit)}` : ''}`,
+    );
   }
   out.push('');
   out.push(...clientRows(s));
@@ -98,7 +112,9 @@ export function drawSpace(s: StatusSpace, opts: { maxRows?: number } = {}): stri
   out.push('');
   out.push(holders.length === 0 ? '  holders: none (no ended connection may still reach memory)' : '  holders (may still reach memory, until fenced):');
   for (const h of holders) {
-    out.push(`    ${h.client.kind} client ${JSON.stringify(h.client.name)} (#${h.client.id}, pid ${h.client.pid}): ${h.reason} ${(h.ms / 1000).toFixed(1)} s ago, ${h.state}; backings ${h.backings.join(', ')}${h.alive.length > 0 ? `; alive: ${h.alive.join(', ')}` : ''}`);
+    out.push(
+      `    ${h.client.kind} client ${JSON.stringify(h.client.name)} (#${h.client.id}, pid ${h.client.pid}): ${h.reason} ${(h.ms / 1000).toFixed(1)} s ago, ${h.state}; backings ${h.backings.join(', ')}${h.alive.length > 0 ? `; alive: ${h.alive.join(', ')}` : ''}`,
+    );
   }
   return out.join('\n');
 }

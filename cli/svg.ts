@@ -75,7 +75,14 @@ function spaceDiagram(s: StatusSpace, top: number, width: number): { svg: string
   let y = top;
   const status = s.published === false ? 'UNPUBLISHED: subscribers wait until the owner publishes' : 'published';
   parts.push(`<text x="20" y="${y + 20}" ${FONT} font-size="18" font-weight="bold" fill="${COLORS.text}">${esc(`space ${s.name}`)}</text>`);
-  parts.push(text(20, y + 40, `generation ${s.generation}, ${status}${s.paused ? ', PAUSED for migration' : ''}, epoch ${s.epoch}`, s.published === false ? `fill="${COLORS.refused}"` : ''));
+  parts.push(
+    text(
+      20,
+      y + 40,
+      `generation ${s.generation}, ${status}${s.paused ? ', PAUSED for migration' : ''}, epoch ${s.epoch}`,
+      s.published === false ? `fill="${COLORS.refused}"` : '',
+    ),
+  );
   y += 60;
   const mapX = 20 + ADDR_W;
   parts.push(text(mapX, y, 'guest-physical address space (low addresses first)', `fill="${COLORS.muted}"`));
@@ -91,7 +98,9 @@ function spaceDiagram(s: StatusSpace, top: number, width: number): { svg: string
     parts.push(text(20, y + 12, hex(seg.start), `fill="${COLORS.muted}"`));
     parts.push(block(seg, mapX, y, h));
     if (seg.kind === 'region') {
-      l.columns.forEach((c, i) => parts.push(coverageCell(c.coverage.get(seg.region.id) ?? 'pending', mapX + MAP_W + 10 + i * COL_W, y, h, c.client.name, seg.region.name)));
+      l.columns.forEach((c, i) =>
+        parts.push(coverageCell(c.coverage.get(seg.region.id) ?? 'pending', mapX + MAP_W + 10 + i * COL_W, y, h, c.client.name, seg.region.name)),
+      );
     }
     y += h;
   }
@@ -111,12 +120,19 @@ function spaceDiagram(s: StatusSpace, top: number, width: number): { svg: string
   const lines = [
     `totals: ${t.regions} regions, ${formatSize(t.bytes)} of guest memory (${formatSize(t.readonly)} read-only, ${formatSize(t.logging)} logging); ${t.holes} holes, ${formatSize(t.holeBytes)}; ${t.reserved} reserved ranges`,
     ...(s.pinBudget && (s.pinBudget.limit !== undefined || s.pinBudget.predicted > 0)
-      ? [`pinned in all: predicted ${formatSize(s.pinBudget.predicted)}, actual ${formatSize(s.pinBudget.actual)}${s.pinBudget.limit !== undefined ? `, budget ${formatSize(s.pinBudget.limit)}` : ''}`]
+      ? [
+          `pinned in all: predicted ${formatSize(s.pinBudget.predicted)}, actual ${formatSize(s.pinBudget.actual)}${s.pinBudget.limit !== undefined ? `, budget ${formatSize(s.pinBudget.limit)}` : ''}`,
+        ]
       : []),
     'clients:',
-    ...s.clients.map((c) => `  #${c.id} ${c.role} ${c.kind} "${c.name}" pid ${c.pid}, ${c.state}${c.role === 'subscriber' ? `, acked generation ${c.ackedGeneration}` : ''}${c.pin ? `, pinned ${formatSize(c.pin.predicted)} predicted / ${c.pin.actual === undefined ? '?' : formatSize(c.pin.actual)} actual` : ''}`),
+    ...s.clients.map(
+      (c) =>
+        `  #${c.id} ${c.role} ${c.kind} "${c.name}" pid ${c.pid}, ${c.state}${c.role === 'subscriber' ? `, acked generation ${c.ackedGeneration}` : ''}${c.pin ? `, pinned ${formatSize(c.pin.predicted)} predicted / ${c.pin.actual === undefined ? '?' : formatSize(c.pin.actual)} actual` : ''}`,
+    ),
     (s.holders ?? []).length === 0 ? 'holders: none' : 'holders (may still reach memory, until fenced):',
-    ...(s.holders ?? []).map((h) => `  ${h.client.kind} "${h.client.name}" (#${h.client.id}, pid ${h.client.pid}): ${h.reason}, ${h.state}, backings ${h.backings.join(', ')}`),
+    ...(s.holders ?? []).map(
+      (h) => `  ${h.client.kind} "${h.client.name}" (#${h.client.id}, pid ${h.client.pid}): ${h.reason}, ${h.state}, backings ${h.backings.join(', ')}`,
+    ),
   ];
   for (const line of lines) {
     parts.push(text(20, y, line));
@@ -138,7 +154,12 @@ function legend(y: number): string {
     [COLORS.pending, 'not yet acked'],
     [COLORS.refused, 'cannot map (reserved)'],
   ];
-  return items.map(([fill, label], i) => `<rect x="${20 + (i % 5) * 190}" y="${y + Math.floor(i / 5) * 22}" width="14" height="14" fill="${fill}" stroke="#999999"/>${text(40 + (i % 5) * 190, y + 12 + Math.floor(i / 5) * 22, label)}`).join('\n');
+  return items
+    .map(
+      ([fill, label], i) =>
+        `<rect x="${20 + (i % 5) * 190}" y="${y + Math.floor(i / 5) * 22}" width="14" height="14" fill="${fill}" stroke="#999999"/>${text(40 + (i % 5) * 190, y + 12 + Math.floor(i / 5) * 22, label)}`,
+    )
+    .join('\n');
 }
 
 /** The whole status as one SVG document. */

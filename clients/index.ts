@@ -46,5 +46,19 @@ export {
   type ReceiveOptions,
   type ReceiveResult,
 } from './migration/index.js';
-export { VhostUserSubscriber, VhostUserFrontend, Virtqueue, VirtioBlk, VirtioNet, BLK_FEATURES, NET_FEATURES, NET_HDR_BYTES, type VhostUserOptions, type Negotiated, type BlkOptions, type NetOptions, type TableEntry } from './vhost-user/index.js';
+export {
+  VhostUserSubscriber,
+  VhostUserFrontend,
+  Virtqueue,
+  VirtioBlk,
+  VirtioNet,
+  BLK_FEATURES,
+  NET_FEATURES,
+  NET_HDR_BYTES,
+  type VhostUserOptions,
+  type Negotiated,
+  type BlkOptions,
+  type NetOptions,
+  type TableEntry,
+} from './vhost-user/index.js';
 export { Watcher, fetchHistory, type WatcherEvents, type WatcherOptions } from './watcher.js';

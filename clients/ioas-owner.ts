@@ -32,7 +32,13 @@ export class IoasOwner {
 
   /** One transaction: every unmap, then every map. Resolves once every attached client applied it. */
   commit(ops: readonly IoasOp[], opts: { expect?: number } = {}): Promise<IoasResult> {
-    return this.owner.connection.request({ t: Msg.IOAS, op: 'commit', ioas: this.ioas, ops: [...ops], ...(opts.expect !== undefined ? { expect: opts.expect } : {}) }) as Promise<IoasResult>;
+    return this.owner.connection.request({
+      t: Msg.IOAS,
+      op: 'commit',
+      ioas: this.ioas,
+      ops: [...ops],
+      ...(opts.expect !== undefined ? { expect: opts.expect } : {}),
+    }) as Promise<IoasResult>;
   }
 
   map(spec: IovaMapSpec): Promise<IoasResult> {

@@ -13,7 +13,6 @@ import { InvalidArgError, NoRegionError, type Iova, type IovaMapping, hex, range
 import { findRange, type GuestMemory, type GuestPointer } from './memory.js';
 import type { IoasApplier, IoasChange } from './ioas-view.js';
 
-
 /** IOVA [start, end) -> view. */
 interface Entry {
   start: Iova;
@@ -63,7 +62,8 @@ export class IovaTranslation {
    * MMB_ERR_NO_REGION (the device's access would fault), a read-only part with `write` MMB_ERR_INVALID_ARG.
    */
   translate(iova: number, length: number, write = false): Uint8Array[] {
-    if (!Number.isSafeInteger(iova) || !Number.isSafeInteger(length) || iova < 0 || length < 0) throw new InvalidArgError(`invalid IOVA range ${iova}+${length}`);
+    if (!Number.isSafeInteger(iova) || !Number.isSafeInteger(length) || iova < 0 || length < 0)
+      throw new InvalidArgError(`invalid IOVA range ${iova}+${length}`);
     const out: Uint8Array[] = [];
     let at = iova;
     const end = iova + length;
@@ -85,7 +85,8 @@ export class IovaTranslation {
       // An entry belongs to the mapping whose IOVA range holds it: every entry inside an unmapped one goes.
       const gone = new Set<Entry>();
       for (const m of unmapped) {
-        for (let i = this.lowerBound(m.iova); i < this.entries.length && (this.entries[i] as Entry).start < rangeEnd(m.iova, m.size); i++) gone.add(this.entries[i] as Entry);
+        for (let i = this.lowerBound(m.iova); i < this.entries.length && (this.entries[i] as Entry).start < rangeEnd(m.iova, m.size); i++)
+          gone.add(this.entries[i] as Entry);
       }
       const kept = gone.size === 0 ? this.entries : this.entries.filter((e) => !gone.has(e));
       this.entries = made.length === 0 ? kept : [...kept, ...made].sort((a, b) => a.start - b.start);

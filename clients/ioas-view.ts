@@ -52,7 +52,12 @@ export function diffMappings(established: ReadonlyMap<number, IovaMapping>, targ
  * its two phases: the vote maps only what overlaps nothing being unmapped; the commit unmaps, then maps
  * what needed the room. A final transaction (only unmaps) is all commit.
  */
-export function splitTxn(ops: readonly IoasTxnOp[], established: ReadonlyMap<number, IovaMapping>, ioas: string, generation: number): { vote: IoasChange; commit: IoasChange } {
+export function splitTxn(
+  ops: readonly IoasTxnOp[],
+  established: ReadonlyMap<number, IovaMapping>,
+  ioas: string,
+  generation: number,
+): { vote: IoasChange; commit: IoasChange } {
   const vote: IoasChange = { ioas, generation, cause: 'txn', unmapped: [], mapped: [] };
   const commit: IoasChange = { ioas, generation, cause: 'commit', unmapped: [], mapped: [] };
   for (const op of ops) {

@@ -27,16 +27,7 @@ import {
 } from '../protocol/index.js';
 import type { Connection } from './connection.js';
 import type { ViewRegion } from './view.js';
-import {
-  applyIoasOps,
-  diffMappings,
-  inverseIoas,
-  isEmptyIoasChange,
-  recordIoas,
-  splitTxn,
-  type IoasApplier,
-  type IoasChange,
-} from './ioas-view.js';
+import { applyIoasOps, diffMappings, inverseIoas, isEmptyIoasChange, recordIoas, splitTxn, type IoasApplier, type IoasChange } from './ioas-view.js';
 
 export type IoasEvent = EvIoasSync | EvIoasTxn | EvIoasCommitted | EvIoasRollback;
 
@@ -112,7 +103,9 @@ export class IoasFollower {
         if (!isMmbError(err, 'MMB_ERR_NO_IOAS')) throw err;
         await this.establish({ ioas: f.name, generation: f.generation, cause: 'sync', unmapped: [...f.established.values()], mapped: [] }, f);
         this.followed.delete(f.name);
-        throw new NoIoasError(`IOAS ${JSON.stringify(f.name)} is gone from the broker: its mappings were unmapped, its devices stay attached here`, { cause: err });
+        throw new NoIoasError(`IOAS ${JSON.stringify(f.name)} is gone from the broker: its mappings were unmapped, its devices stay attached here`, {
+          cause: err,
+        });
       }
     }
   }

@@ -67,7 +67,6 @@ export interface MappedRegion {
   address: Hva;
 }
 
-
 export class GuestMemory implements Applier {
   private readonly byKey = new Map<string, MappedRegion>();
   /** Mapped by stage() for a two-phase commit and not installed yet, by key: apply() takes them. */
@@ -411,7 +410,10 @@ export class GuestMemory implements Applier {
     try {
       page = backingPageSize(b);
     } catch (err) {
-      throw new MapFailedError(`cannot inspect backing ${b.name} of region ${JSON.stringify(r.name)}`, { cause: err, ...(isNativeError(err) ? { errno: err.code } : {}) });
+      throw new MapFailedError(`cannot inspect backing ${b.name} of region ${JSON.stringify(r.name)}`, {
+        cause: err,
+        ...(isNativeError(err) ? { errno: err.code } : {}),
+      });
     }
     if (r.gpa % page || r.size % page || r.offset % page) {
       // The broker refuses these at planning; a region from a broker that does not know page sizes is
@@ -423,7 +425,9 @@ export class GuestMemory implements Applier {
     const align = page > PAGE_SIZE ? page : r.size >= HUGE_2M && r.gpa % HUGE_2M === 0 && r.offset % HUGE_2M === 0 ? HUGE_2M : PAGE_SIZE;
     try {
       // One contiguous range of addresses, so the region can be handed to KVM or an IOMMU as a whole.
-      const chunks = native.mmapChunked(b.fd, r.offset, r.size, prot, constants.MAP_SHARED, CHUNK_BYTES, align).map((mapping) => ({ mapping, bytes: new Uint8Array(mapping.buffer) }));
+      const chunks = native
+        .mmapChunked(b.fd, r.offset, r.size, prot, constants.MAP_SHARED, CHUNK_BYTES, align)
+        .map((mapping) => ({ mapping, bytes: new Uint8Array(mapping.buffer) }));
       return { region: r, chunks, address: asHva((chunks[0] as Chunk).mapping.address) };
     } catch (err) {
       throw new MapFailedError(`cannot map region ${JSON.stringify(r.name)} (${hex(r.size)} bytes of ${b.name} at ${hex(r.offset)})`, {

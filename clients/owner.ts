@@ -114,7 +114,9 @@ export class OwnerClient {
    * that controls the file may (docs/security.md, trusted-owner backings).
    */
   addBacking(fd: number, name?: string, opts: { unsealed?: boolean } = {}): Promise<BackingAddResult> {
-    return this.conn.request({ t: Msg.BACKING_ADD, ...(name ? { name } : {}), ...(opts.unsealed ? { unsealed: true } : {}) }, [fd]) as Promise<BackingAddResult>;
+    return this.conn.request({ t: Msg.BACKING_ADD, ...(name ? { name } : {}), ...(opts.unsealed ? { unsealed: true } : {}) }, [
+      fd,
+    ]) as Promise<BackingAddResult>;
   }
 
   /** Creates a sealed memfd of `size` bytes and registers it. */

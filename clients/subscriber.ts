@@ -50,7 +50,6 @@ import {
   inverse,
   isEmpty,
   splitChange,
-  toView,
   undoneViews,
   type Applier,
   type ApplyContext,
@@ -312,7 +311,10 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
 
   private async sendDelegates(conn: Connection | undefined, delegates: readonly { name: string; pidfd: number }[]): Promise<void> {
     if (!conn || conn.closed || (conn.features & Feature.FENCE) === 0 || delegates.length === 0) return;
-    await conn.request({ t: Msg.DELEGATE, names: delegates.map((d) => d.name) }, delegates.map((d) => d.pidfd));
+    await conn.request(
+      { t: Msg.DELEGATE, names: delegates.map((d) => d.name) },
+      delegates.map((d) => d.pidfd),
+    );
   }
 
   /** Kinds whose applier follows I/O address spaces (feature IOAS) call this before start(). */
@@ -412,7 +414,12 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
         kind: this.kind,
         ...(this.opts.token !== undefined ? { token: this.opts.token } : {}),
         ...(this.opts.maxRegions !== undefined || this.opts.coalesce
-          ? { limits: { ...(this.opts.maxRegions !== undefined ? { maxRegions: this.opts.maxRegions } : {}), ...(this.opts.coalesce ? { coalesce: true } : {}) } }
+          ? {
+              limits: {
+                ...(this.opts.maxRegions !== undefined ? { maxRegions: this.opts.maxRegions } : {}),
+                ...(this.opts.coalesce ? { coalesce: true } : {}),
+              },
+            }
           : {}),
         ...(this.opts.pin ? { pin: this.opts.pin.limit !== undefined ? { limit: this.opts.pin.limit } : {} } : {}),
         ...(this.opts.writes === false && (conn.features & Feature.DIRTY) !== 0 ? { writes: false } : {}),
@@ -584,7 +591,8 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
       case Msg.EV_IOAS_ROLLBACK: {
         const follower = this.ioasFollower;
         if (follower) this.enqueue(() => follower.handle(conn, msg as IoasEvent));
-        else if ('seq' in msg && msg.seq !== undefined) this.nack(conn, msg.seq, new InvalidArgError(`a ${this.kind} subscriber does not follow I/O address spaces`));
+        else if ('seq' in msg && msg.seq !== undefined)
+          this.nack(conn, msg.seq, new InvalidArgError(`a ${this.kind} subscriber does not follow I/O address spaces`));
         return;
       }
       case Msg.EV_GOODBYE:
@@ -693,18 +701,24 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
     let commit: Change | undefined;
     // The common case costs O(ops): what is established is the committed map, so the change follows from
     // the ops alone. Anything unusual (a transaction still pending) falls back to a full diff.
-    const change = await this.establish(conn, seq, () => {
-      const full = base
-        ? changeAfter(ops, base, this.backings, generation)
-        : this.pending.length === 0
-          ? changeFromOps(ops, this.committed, this.actual, this.keyById, this.backings, generation)
-          : this.fullChange(applyOps(this.committed, ops), generation, 'txn');
-      if (!twoPhase) return full;
-      const phases = splitChange(full, (this.opts.maxRegions ?? Number.POSITIVE_INFINITY) - this.actual.size, removing);
-      commit = phases.commit;
-      return phases.vote;
-      // One 'change' event per part that does something, and one for a transaction that does nothing.
-    }, () => commit !== undefined && !isEmpty(commit), () => commit);
+    const change = await this.establish(
+      conn,
+      seq,
+      () => {
+        const full = base
+          ? changeAfter(ops, base, this.backings, generation)
+          : this.pending.length === 0
+            ? changeFromOps(ops, this.committed, this.actual, this.keyById, this.backings, generation)
+            : this.fullChange(applyOps(this.committed, ops), generation, 'txn');
+        if (!twoPhase) return full;
+        const phases = splitChange(full, (this.opts.maxRegions ?? Number.POSITIVE_INFINITY) - this.actual.size, removing);
+        commit = phases.commit;
+        return phases.vote;
+        // One 'change' event per part that does something, and one for a transaction that does nothing.
+      },
+      () => commit !== undefined && !isEmpty(commit),
+      () => commit,
+    );
     if (!change) {
       if (pipelined) this.refused = generation;
       return;
@@ -755,7 +769,17 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
     const undone = this.pending.slice(i).reverse();
     const staged = undone.flatMap((p) => p.commit?.added ?? []);
     const change = await this.establish(conn, seq, () =>
-      this.pending.length === 1 ? this.fullChange(this.committed, generation, 'rollback') : diff(this.actual, undoneViews(this.actual, undone.map((p) => p.vote)), generation, 'rollback'),
+      this.pending.length === 1
+        ? this.fullChange(this.committed, generation, 'rollback')
+        : diff(
+            this.actual,
+            undoneViews(
+              this.actual,
+              undone.map((p) => p.vote),
+            ),
+            generation,
+            'rollback',
+          ),
     );
     if (change) {
       if (staged.length > 0) await this.applier.unstage?.(staged);
@@ -777,7 +801,13 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
    * `quiet()`: true when an empty change should not be announced (another part of the transaction will be).
    * `later()`: for a two-phase vote, the commit's part, which the applier checks now (Applier.check).
    */
-  private async establish(conn: Connection, seq: number, compute: () => Change, quiet?: () => boolean, later?: () => Change | undefined): Promise<Change | undefined> {
+  private async establish(
+    conn: Connection,
+    seq: number,
+    compute: () => Change,
+    quiet?: () => boolean,
+    later?: () => Change | undefined,
+  ): Promise<Change | undefined> {
     let change: Change;
     const abort = new LazyAbort();
     const cancelledKeys = new Set<string>();
@@ -814,13 +844,14 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
       return undefined;
     }
     const waits: Promise<unknown>[] = [];
-    if (!(isEmpty(change) && !change.staged?.length && quiet?.())) this.emit('change', {
-      change,
-      get signal() {
-        return abort.signal;
-      },
-      waitUntil: (p) => void waits.push(p),
-    });
+    if (!(isEmpty(change) && !change.staged?.length && quiet?.()))
+      this.emit('change', {
+        change,
+        get signal() {
+          return abort.signal;
+        },
+        waitUntil: (p) => void waits.push(p),
+      });
     try {
       // A listener's promise that never settles must not keep close() or a rollback waiting forever.
       if (waits.length > 0) await Promise.race([Promise.all(waits), this.closed, aborted(abort.signal)]);

@@ -141,11 +141,41 @@ function regionKey(gpa: Gpa, size: number, offset: Offset, f: FileIdentity, read
   const oh = (offset - ol) / 0x1_0000_0000;
   const d = f.d;
   return String.fromCharCode(
-    gl & 255, (gl >>> 8) & 255, (gl >>> 16) & 255, gl >>> 24, gh & 255, (gh >>> 8) & 255, gh >>> 16,
-    sl & 255, (sl >>> 8) & 255, (sl >>> 16) & 255, sl >>> 24, sh & 255, (sh >>> 8) & 255, sh >>> 16,
-    ol & 255, (ol >>> 8) & 255, (ol >>> 16) & 255, ol >>> 24, oh & 255, (oh >>> 8) & 255, oh >>> 16,
-    d[0] as number, d[1] as number, d[2] as number, d[3] as number, d[4] as number, d[5] as number, d[6] as number,
-    d[7] as number, d[8] as number, d[9] as number, d[10] as number, d[11] as number, d[12] as number, d[13] as number,
+    gl & 255,
+    (gl >>> 8) & 255,
+    (gl >>> 16) & 255,
+    gl >>> 24,
+    gh & 255,
+    (gh >>> 8) & 255,
+    gh >>> 16,
+    sl & 255,
+    (sl >>> 8) & 255,
+    (sl >>> 16) & 255,
+    sl >>> 24,
+    sh & 255,
+    (sh >>> 8) & 255,
+    sh >>> 16,
+    ol & 255,
+    (ol >>> 8) & 255,
+    (ol >>> 16) & 255,
+    ol >>> 24,
+    oh & 255,
+    (oh >>> 8) & 255,
+    oh >>> 16,
+    d[0] as number,
+    d[1] as number,
+    d[2] as number,
+    d[3] as number,
+    d[4] as number,
+    d[5] as number,
+    d[6] as number,
+    d[7] as number,
+    d[8] as number,
+    d[9] as number,
+    d[10] as number,
+    d[11] as number,
+    d[12] as number,
+    d[13] as number,
     readonly ? 1 : 0,
   );
 }
@@ -226,12 +256,7 @@ export function diffRegions(
  * The difference between what is established and a target map. `target` holds the views of one map's
  * regions, whose keys are distinct (regions of a map never overlap, so no two share gpa and size).
  */
-export function diff(
-  actual: ReadonlyMap<string, ViewRegion>,
-  target: readonly ViewRegion[],
-  generation: number,
-  cause: Change['cause'],
-): Change {
+export function diff(actual: ReadonlyMap<string, ViewRegion>, target: readonly ViewRegion[], generation: number, cause: Change['cause']): Change {
   const change: Change = { generation, cause, removed: [], updated: [], added: [] };
   // Nothing established yet (a first sync): everything is added, and no set of keys to keep is needed.
   if (actual.size === 0) {

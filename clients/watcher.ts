@@ -3,15 +3,7 @@
 // publishes, pinning progress). It maps nothing and acks nothing: the broker never waits for it, and cuts
 // it off (MMB_ERR_SLOW_READER) if it stops reading. Also: fetchHistory, the space's recent transactions.
 import { EventEmitter } from 'eventemitter3';
-import {
-  Feature,
-  Msg,
-  UnsupportedError,
-  type EvWatch,
-  type HistoryEntry,
-  type HistoryResult,
-  type MmbError,
-} from '../protocol/index.js';
+import { Feature, Msg, UnsupportedError, type EvWatch, type HistoryEntry, type HistoryResult, type MmbError } from '../protocol/index.js';
 import { closeAll } from '../transport/index.js';
 import { Connection, type BrokerTarget, type ConnectionOptions } from './connection.js';
 
@@ -54,7 +46,14 @@ export class Watcher extends EventEmitter<WatcherEvents> {
   static async attach(target: BrokerTarget, opts: WatcherOptions): Promise<Watcher> {
     const conn = await open(target, { name: 'watch', ...opts });
     try {
-      const r = (await conn.request({ t: Msg.ATTACH, space: opts.space, role: 'observer', kind: 'watch', watch: true, ...(opts.token !== undefined ? { token: opts.token } : {}) })) as { generation: number };
+      const r = (await conn.request({
+        t: Msg.ATTACH,
+        space: opts.space,
+        role: 'observer',
+        kind: 'watch',
+        watch: true,
+        ...(opts.token !== undefined ? { token: opts.token } : {}),
+      })) as { generation: number };
       return new Watcher(conn, opts.space, r.generation);
     } catch (err) {
       conn.close();

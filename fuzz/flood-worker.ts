@@ -96,7 +96,7 @@ async function flood(): Promise<void> {
   }
   // What the broker answered: read until it closed every connection or a second passed (a broker that
   // keeps them is what the caller looks for; the connections stay open meanwhile).
-  for (const until = Date.now() + 1000; Date.now() < until; ) {
+  for (const until = Date.now() + 1000; Date.now() < until;) {
     for (const c of held) if (!c.closed) drain(c);
     if (held.every((c) => c.closed)) break;
     await new Promise((r) => setTimeout(r, 10));

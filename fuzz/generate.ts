@@ -77,7 +77,20 @@ function nasty(r: Rng): unknown {
 
 /** A valid-looking message of each client-to-broker kind, to mutate. */
 function template(r: Rng, id: number): Record<string, unknown> {
-  const t = r.pick([Msg.HELLO, Msg.STATUS, Msg.ATTACH, Msg.BACKING_ADD, Msg.BACKING_DROP, Msg.COMMIT, Msg.REPORT, Msg.FIND_FREE, Msg.DIRTY_SYNC, Msg.PAUSE, Msg.ACK, Msg.NACK]);
+  const t = r.pick([
+    Msg.HELLO,
+    Msg.STATUS,
+    Msg.ATTACH,
+    Msg.BACKING_ADD,
+    Msg.BACKING_DROP,
+    Msg.COMMIT,
+    Msg.REPORT,
+    Msg.FIND_FREE,
+    Msg.DIRTY_SYNC,
+    Msg.PAUSE,
+    Msg.ACK,
+    Msg.NACK,
+  ]);
   const gpa = r.below(64) * 0x10_0000;
   switch (t) {
     case Msg.HELLO:
@@ -85,7 +98,15 @@ function template(r: Rng, id: number): Record<string, unknown> {
     case Msg.STATUS:
       return { t, id, space: r.pick(['vm0', 'nope', 'x'.repeat(70)]) };
     case Msg.ATTACH:
-      return { t, id, space: 'vm0', role: r.pick(['owner', 'subscriber', 'observer', 'king']), kind: 'fuzz', ...(r.chance(0.3) ? { limits: { maxRegions: r.below(4), coalesce: r.chance(0.5) } } : {}), ...(r.chance(0.2) ? { resume: { epoch: 'e', generation: r.below(100), backings: [r.below(10)] } } : {}) };
+      return {
+        t,
+        id,
+        space: 'vm0',
+        role: r.pick(['owner', 'subscriber', 'observer', 'king']),
+        kind: 'fuzz',
+        ...(r.chance(0.3) ? { limits: { maxRegions: r.below(4), coalesce: r.chance(0.5) } } : {}),
+        ...(r.chance(0.2) ? { resume: { epoch: 'e', generation: r.below(100), backings: [r.below(10)] } } : {}),
+      };
     case Msg.BACKING_ADD:
       return { t, id, name: 'fuzz' };
     case Msg.BACKING_DROP:
@@ -96,7 +117,16 @@ function template(r: Rng, id: number): Record<string, unknown> {
         id,
         ops: Array.from({ length: 1 + r.below(3) }, () =>
           r.pick([
-            { op: 'add', name: `f${r.below(20)}`, gpa, size: r.pick([0, 4096, 0x10_0000, 3]), backing: r.below(5), offset: r.pick([0, 4096, 1 << 40]), readonly: r.chance(0.3), logDirty: r.chance(0.3) },
+            {
+              op: 'add',
+              name: `f${r.below(20)}`,
+              gpa,
+              size: r.pick([0, 4096, 0x10_0000, 3]),
+              backing: r.below(5),
+              offset: r.pick([0, 4096, 1 << 40]),
+              readonly: r.chance(0.3),
+              logDirty: r.chance(0.3),
+            },
             { op: 'remove', region: r.chance(0.5) ? r.below(10) : `f${r.below(20)}` },
             { op: 'set', region: r.below(10), logDirty: r.chance(0.5) },
           ]),
@@ -126,7 +156,11 @@ export function session(r: Rng, frames: number): Chunk[] {
   let id = 1;
   if (r.chance(0.85)) {
     out.push({ bytes: frame({ t: Msg.HELLO, id: id++, version: 1, features: r.chance(0.7) ? 0x7f : r.below(128) }, 0), fds: [] });
-    if (r.chance(0.8)) out.push({ bytes: frame({ t: Msg.ATTACH, id: id++, space: 'vm0', role: r.pick(['owner', 'subscriber', 'subscriber', 'observer']), kind: 'fuzz' }, 0), fds: [] });
+    if (r.chance(0.8))
+      out.push({
+        bytes: frame({ t: Msg.ATTACH, id: id++, space: 'vm0', role: r.pick(['owner', 'subscriber', 'subscriber', 'observer']), kind: 'fuzz' }, 0),
+        fds: [],
+      });
   }
   for (let i = 0; i < frames; i++) {
     const m = template(r, id++);

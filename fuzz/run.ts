@@ -141,7 +141,11 @@ async function runSession(socket: string, chunks: ReturnType<typeof session>, tm
       try {
         let r: number | null = null;
         for (let tries = 0; tries < 50; tries++) {
-          r = native.sendmsg(fd, c.bytes, made.map((m) => m.fd));
+          r = native.sendmsg(
+            fd,
+            c.bytes,
+            made.map((m) => m.fd),
+          );
           if (r !== null) break;
           read();
           await sleep(2);
@@ -153,7 +157,7 @@ async function runSession(socket: string, chunks: ReturnType<typeof session>, tm
       }
     }
     native.shutdown(fd, constants.SHUT_WR);
-    for (const end = Date.now() + 2000; read() && Date.now() < end; ) await sleep(1);
+    for (const end = Date.now() + 2000; read() && Date.now() < end;) await sleep(1);
   } catch (err) {
     // The broker hung up on us (EPIPE, ECONNRESET) or sent what we cannot decode after a fatal error:
     // both are allowed answers to hostile input.
@@ -307,7 +311,10 @@ async function main(): Promise<void> {
     const f = result.flood;
     if (typeof f === 'string') console.log(`pre-HELLO flood: ${f}`);
     else {
-      const codes = Object.entries(f.codes).sort((a, b) => b[1] - a[1]).map(([c, n]) => `${c.replace('MMB_ERR_', '')} ${n}`).join(', ');
+      const codes = Object.entries(f.codes)
+        .sort((a, b) => b[1] - a[1])
+        .map(([c, n]) => `${c.replace('MMB_ERR_', '')} ${n}`)
+        .join(', ');
       console.log(
         `pre-HELLO flood as uid ${FLOOD_UID}: ${f.rounds} rounds, ${f.attempted} connections tried, ${f.connected} connected, ${f.fdsSent} descriptors sent; ` +
           `the broker closed ${f.closedByBroker} (${codes}); connect failures: ${JSON.stringify(f.connectFailed)}; broker fds at most ${f.brokerFdsMax} while flooded`,

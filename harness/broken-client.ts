@@ -128,22 +128,24 @@ function keepPinAfterUnmap(sub: VfioSubscriber): void {
 function pinTwice(sub: VfioSubscriber): void {
   const extra = new Map<string, Mapping>();
   sub.on('change', (ev) => {
-    ev.waitUntil((async () => {
-      for (const r of ev.change.removed) {
-        const m = extra.get(r.key);
-        if (!m) continue;
-        extra.delete(r.key);
-        await native.munlock(m, 0, r.size);
-        native.munmap(m);
-      }
-      for (const r of ev.change.added) {
-        const b = sub.backing(r.backing);
-        if (!b) continue;
-        const m = native.mmap(b.fd, r.offset, r.size, constants.PROT_READ, constants.MAP_SHARED);
-        await native.mlock(m, 0, r.size);
-        extra.set(r.key, m);
-      }
-    })());
+    ev.waitUntil(
+      (async () => {
+        for (const r of ev.change.removed) {
+          const m = extra.get(r.key);
+          if (!m) continue;
+          extra.delete(r.key);
+          await native.munlock(m, 0, r.size);
+          native.munmap(m);
+        }
+        for (const r of ev.change.added) {
+          const b = sub.backing(r.backing);
+          if (!b) continue;
+          const m = native.mmap(b.fd, r.offset, r.size, constants.PROT_READ, constants.MAP_SHARED);
+          await native.mlock(m, 0, r.size);
+          extra.set(r.key, m);
+        }
+      })(),
+    );
   });
 }
 

@@ -17,7 +17,6 @@ import { SPACE, type World } from './world.js';
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
-
 function result(fault: string, detail: string, surprises: string[], risky = true): StepResult {
   return { op: `fault:${fault}`, detail, risky, surprises };
 }
@@ -25,7 +24,9 @@ function result(fault: string, detail: string, surprises: string[], risky = true
 /** Whether the broker logged evicting `pid` (MMB_ERR_CLIENT_TIMEOUT) since warning `mark`. */
 function evictionLogged(w: World, mark: number, pid: number): Promise<boolean> {
   // The broker's log line may trail the commit's reply by a few milliseconds.
-  return waitFor('the eviction to be logged', () => w.broker.warned('evicting client', pid, { since: mark, code: 'MMB_ERR_CLIENT_TIMEOUT' }), 5000).catch(() => false);
+  return waitFor('the eviction to be logged', () => w.broker.warned('evicting client', pid, { since: mark, code: 'MMB_ERR_CLIENT_TIMEOUT' }), 5000).catch(
+    () => false,
+  );
 }
 
 /**
@@ -55,10 +56,14 @@ async function killMidTxn(w: World): Promise<StepResult | undefined> {
   const r = await commit;
   const replacement = await w.tryJoin(victim.kind);
   const how = held === 'evicted' ? 'evicted and killed by the broker before it held' : 'killed holding';
-  return result('kill-mid-txn', `${victim.describe()} ${how} ${a.name}; ${r.ok ? `committed at ${r.result.generation}` : r.err.code}; ${replacement?.describe() ?? 'no replacement'} joined`, [
-    ...(r.ok ? [] : [`the commit of ${a.name} failed after ${victim.describe()} was killed: ${r.err.code} ${r.err.message}`]),
-    ...(held && held !== 'evicted' ? [held] : []),
-  ]);
+  return result(
+    'kill-mid-txn',
+    `${victim.describe()} ${how} ${a.name}; ${r.ok ? `committed at ${r.result.generation}` : r.err.code}; ${replacement?.describe() ?? 'no replacement'} joined`,
+    [
+      ...(r.ok ? [] : [`the commit of ${a.name} failed after ${victim.describe()} was killed: ${r.err.code} ${r.err.message}`]),
+      ...(held && held !== 'evicted' ? [held] : []),
+    ],
+  );
 }
 
 /**
@@ -80,9 +85,17 @@ async function stall(w: World): Promise<StepResult | undefined> {
   const surprises = [
     ...(r.ok ? [] : [`the commit of ${a.name} failed while ${victim.describe()} was stopped: ${r.err.code} ${r.err.message}`]),
     ...(evicted ? [] : [`the broker did not evict ${victim.describe()} (MMB_ERR_CLIENT_TIMEOUT) although it never acked`]),
-    ...(signal === 'SIGKILL' ? [] : [`the broker did not fence ${victim.describe()} after evicting it: it ${signal === undefined ? 'is still alive' : `ended with ${signal}`} (expected SIGKILL through its pidfd)`]),
+    ...(signal === 'SIGKILL'
+      ? []
+      : [
+          `the broker did not fence ${victim.describe()} after evicting it: it ${signal === undefined ? 'is still alive' : `ended with ${signal}`} (expected SIGKILL through its pidfd)`,
+        ]),
   ];
-  return result('stall', `${victim.describe()} stopped during ${a.name}; ${r.ok ? `committed at ${r.result.generation}` : r.err.code}; evicted ${evicted}, ended by ${signal ?? 'nothing'}; ${replacement?.describe() ?? 'no replacement'} joined`, surprises);
+  return result(
+    'stall',
+    `${victim.describe()} stopped during ${a.name}; ${r.ok ? `committed at ${r.result.generation}` : r.err.code}; evicted ${evicted}, ended by ${signal ?? 'nothing'}; ${replacement?.describe() ?? 'no replacement'} joined`,
+    surprises,
+  );
 }
 
 /** A client refuses a change after applying it: the owner gets its error, everyone rolls back. */
@@ -97,8 +110,15 @@ async function nack(w: World): Promise<StepResult | undefined> {
   // Also as documented: applying the change (pinning a large region on a loaded machine) took the victim
   // past the deadline, so the broker evicted it and committed without it before its nack could count.
   const evicted = !refused && r.ok && (await evictionLogged(w, mark, victim.pid));
-  return result('nack', `${victim.describe()} refused ${a.name}: ${r.ok ? `committed${evicted ? ' (it was evicted first)' : ''}` : `${r.err.code} by pid ${r.err.client?.pid}`}`,
-    refused || evicted ? [] : [`expected MMB_ERR_CLIENT_REFUSED naming pid ${victim.pid} for ${a.name}, got ${r.ok ? 'a commit' : `${r.err.code} naming ${JSON.stringify(r.err.client)}`}; the client's last events: ${JSON.stringify(victim.kept.slice(-5)).slice(0, 600)}`]);
+  return result(
+    'nack',
+    `${victim.describe()} refused ${a.name}: ${r.ok ? `committed${evicted ? ' (it was evicted first)' : ''}` : `${r.err.code} by pid ${r.err.client?.pid}`}`,
+    refused || evicted
+      ? []
+      : [
+          `expected MMB_ERR_CLIENT_REFUSED naming pid ${victim.pid} for ${a.name}, got ${r.ok ? 'a commit' : `${r.err.code} naming ${JSON.stringify(r.err.client)}`}; the client's last events: ${JSON.stringify(victim.kept.slice(-5)).slice(0, 600)}`,
+        ],
+  );
 }
 
 /** The broker crashes (kill -9) and restarts; the owner reattaches at once and republishes its backings and regions. */
@@ -146,8 +166,15 @@ async function stopAcrossRemoval(w: World): Promise<StepResult | undefined> {
   // A bridge named its back-end to the broker (DELEGATE): it is fenced with the bridge.
   const backend = victim.backend?.pid;
   const stopped = [victim.pid, ...victim.delegates.map((d) => d.pid), ...(backend !== undefined ? [backend] : [])];
-  const whom = (pid: number) => (pid === victim.pid ? victim.describe() : pid === backend ? `the back-end of ${victim.describe()}` : `which ${victim.describe()} handed ${r.name} to`);
-  if (at) w.judged.push({ invariant: 'done-means-done', problems: stopped.filter((pid) => !at.dead.includes(pid)).map((pid) => `at done (${at.outcome}) pid ${pid} (${whom(pid)}), stopped across the removal, was alive`) });
+  const whom = (pid: number) =>
+    pid === victim.pid ? victim.describe() : pid === backend ? `the back-end of ${victim.describe()}` : `which ${victim.describe()} handed ${r.name} to`;
+  if (at)
+    w.judged.push({
+      invariant: 'done-means-done',
+      problems: stopped
+        .filter((pid) => !at.dead.includes(pid))
+        .map((pid) => `at done (${at.outcome}) pid ${pid} (${whom(pid)}), stopped across the removal, was alive`),
+    });
   await w.stopBackend(victim);
   for (const d of victim.delegates) {
     if (!delegateView(d).alive) continue;
@@ -158,10 +185,18 @@ async function stopAcrossRemoval(w: World): Promise<StepResult | undefined> {
   surprises.push(
     ...(res.ok ? [] : [`the removal of ${r.name} failed while ${victim.describe()} was stopped: ${res.err.code} ${res.err.message}`]),
     ...(evicted ? [] : [`the broker did not evict ${victim.describe()} (MMB_ERR_CLIENT_TIMEOUT) although it never acked`]),
-    ...(signal === 'SIGKILL' ? [] : [`the broker did not fence ${victim.describe()} after evicting it: it ${signal === undefined ? 'is still alive' : `ended with ${signal}`} (expected SIGKILL through its pidfd)`]),
+    ...(signal === 'SIGKILL'
+      ? []
+      : [
+          `the broker did not fence ${victim.describe()} after evicting it: it ${signal === undefined ? 'is still alive' : `ended with ${signal}`} (expected SIGKILL through its pidfd)`,
+        ]),
   );
   const handed = victim.delegates.length > 0 ? ` after handing it to pid ${victim.delegates.map((d) => d.pid).join(', ')}` : '';
-  return result('stop-across-removal', `${victim.describe()} stopped holding ${r.name}${handed}; ${res.ok ? `removed at ${res.result.generation}` : res.err.code}; evicted ${evicted}, ended by ${signal ?? 'nothing'}; ${replacement?.describe() ?? 'no replacement'} joined`, surprises);
+  return result(
+    'stop-across-removal',
+    `${victim.describe()} stopped holding ${r.name}${handed}; ${res.ok ? `removed at ${res.result.generation}` : res.err.code}; evicted ${evicted}, ended by ${signal ?? 'nothing'}; ${replacement?.describe() ?? 'no replacement'} joined`,
+    surprises,
+  );
 }
 
 /** Mappings (and locked bytes) a process had in `before` and no longer has; nothing once it died (its death is accounted for). */
@@ -213,18 +248,28 @@ async function nackWhilePrepared(w: World): Promise<StepResult | undefined> {
     if (held && held !== 'evicted') surprises.push(held);
     // Every client but these two acked its vote (STATUS: no longer applying).
     let pending = '';
-    await waitFor('the others to vote', async () => {
-      const st = (await w.owner.status(SPACE)).spaces[0];
-      pending = (st?.clients ?? []).filter((c) => c.role === 'subscriber' && c.state === 'applying' && c.pid !== holder.pid && c.pid !== refuser.pid).map((c) => `${c.name} (pid ${c.pid})`).join(', ');
-      return pending === '';
-      // Bounded by half the ack deadline, so that the hold does not outlast it. A client still applying
-      // then (pinning a large region on a loaded machine) is no failure of anyone's: it is noted, and
-      // judged below like the others (while it applies it may not take anything away either).
-    }, w.opts.ackTimeoutMs / 2).catch(() => w.notes.push(`with ${holder.describe()} holding, ${pending} had not voted on ${a.name} yet after ${w.opts.ackTimeoutMs / 2} ms`));
+    await waitFor(
+      'the others to vote',
+      async () => {
+        const st = (await w.owner.status(SPACE)).spaces[0];
+        pending = (st?.clients ?? [])
+          .filter((c) => c.role === 'subscriber' && c.state === 'applying' && c.pid !== holder.pid && c.pid !== refuser.pid)
+          .map((c) => `${c.name} (pid ${c.pid})`)
+          .join(', ');
+        return pending === '';
+        // Bounded by half the ack deadline, so that the hold does not outlast it. A client still applying
+        // then (pinning a large region on a loaded machine) is no failure of anyone's: it is noted, and
+        // judged below like the others (while it applies it may not take anything away either).
+      },
+      w.opts.ackTimeoutMs / 2,
+    ).catch(() => w.notes.push(`with ${holder.describe()} holding, ${pending} had not voted on ${a.name} yet after ${w.opts.ackTimeoutMs / 2} ms`));
     for (const c of w.clients) {
       const b = before.get(c);
       if (c === refuser || !b?.alive || c.gone) continue;
-      w.judged.push({ invariant: 'vote-disturbs-nobody', problems: takenAway(c, b).map((p) => `while ${holder.describe()} held the vote${removed ? ` on removing ${removed.name}` : ''}, ${p}`) });
+      w.judged.push({
+        invariant: 'vote-disturbs-nobody',
+        problems: takenAway(c, b).map((p) => `while ${holder.describe()} held the vote${removed ? ` on removing ${removed.name}` : ''}, ${p}`),
+      });
     }
     resume();
     r = await committing;
@@ -234,10 +279,16 @@ async function nackWhilePrepared(w: World): Promise<StepResult | undefined> {
   const refused = !r.ok && r.err.code === 'MMB_ERR_CLIENT_REFUSED' && r.err.client?.pid === refuser.pid;
   const evicted = !refused && r.ok && ((await evictionLogged(w, mark, holder.pid)) || (await evictionLogged(w, mark, refuser.pid)));
   if (!refused && !evicted) {
-    surprises.push(`expected MMB_ERR_CLIENT_REFUSED naming pid ${refuser.pid} for ${a.name}, got ${r.ok ? 'a commit' : `${r.err.code} naming ${JSON.stringify(r.err.client)}`}; the refuser's last events: ${JSON.stringify(refuser.kept.slice(-5)).slice(0, 600)}`);
+    surprises.push(
+      `expected MMB_ERR_CLIENT_REFUSED naming pid ${refuser.pid} for ${a.name}, got ${r.ok ? 'a commit' : `${r.err.code} naming ${JSON.stringify(r.err.client)}`}; the refuser's last events: ${JSON.stringify(refuser.kept.slice(-5)).slice(0, 600)}`,
+    );
   }
   const what = `${removed ? `remove ${removed.name} + ` : ''}add ${a.name}`;
-  return result('nack-while-prepared', `${holder.describe()} held its vote on ${what}, ${refuser.describe()} refused it: ${r.ok ? `committed${evicted ? ' (the broker evicted first)' : ''}` : `${r.err.code} by pid ${r.err.client?.pid}`}`, surprises);
+  return result(
+    'nack-while-prepared',
+    `${holder.describe()} held its vote on ${what}, ${refuser.describe()} refused it: ${r.ok ? `committed${evicted ? ' (the broker evicted first)' : ''}` : `${r.err.code} by pid ${r.err.client?.pid}`}`,
+    surprises,
+  );
 }
 
 /** A peer asks for status over and over and never reads a reply: the broker must cut it off. */
@@ -261,11 +312,23 @@ async function slowReader(w: World): Promise<StepResult> {
     native.close(fd);
   }
   // The broker's log line may trail the hang-up by a few milliseconds.
-  const logged = await waitFor('the slow reader to be logged', () => w.broker.warnings.slice(mark).some((l) => l.includes('MMB_ERR_SLOW_READER')), 5000).catch(() => false);
+  const logged = await waitFor('the slow reader to be logged', () => w.broker.warnings.slice(mark).some((l) => l.includes('MMB_ERR_SLOW_READER')), 5000).catch(
+    () => false,
+  );
   const warned = w.broker.warnings.slice(mark);
-  const surprises = cut && logged ? [] : [`a peer that never read ${sent} status replies was ${cut ? `cut (${cut})` : 'not cut off'}, ${logged ? '' : 'and no '}MMB_ERR_SLOW_READER logged (the broker warned: ${warned.join(' ').slice(0, 600)})`];
+  const surprises =
+    cut && logged
+      ? []
+      : [
+          `a peer that never read ${sent} status replies was ${cut ? `cut (${cut})` : 'not cut off'}, ${logged ? '' : 'and no '}MMB_ERR_SLOW_READER logged (the broker warned: ${warned.join(' ').slice(0, 600)})`,
+        ];
   const after = await runOperation(w);
-  return { op: 'fault:slow-reader', detail: `cut off after ${sent} unread requests (${cut}); then ${after.op}: ${after.detail}`, risky: after.risky, surprises: [...surprises, ...after.surprises] };
+  return {
+    op: 'fault:slow-reader',
+    detail: `cut off after ${sent} unread requests (${cut}); then ${after.op}: ${after.detail}`,
+    risky: after.risky,
+    surprises: [...surprises, ...after.surprises],
+  };
 }
 
 /** The owner disconnects, idle or right after sending a commit; it reattaches and reads the outcome back. */
@@ -273,7 +336,12 @@ async function ownerDisconnect(w: World): Promise<StepResult> {
   const m = w.model;
   const a = w.rng.chance(0.5) ? await planAdd(w) : undefined;
   const before = m.generation;
-  const sent = a ? w.owner.commit([a]).then(() => 'committed', (err: unknown) => (isMmbError(err) ? err.code : String(err))) : Promise.resolve('idle');
+  const sent = a
+    ? w.owner.commit([a]).then(
+        () => 'committed',
+        (err: unknown) => (isMmbError(err) ? err.code : String(err)),
+      )
+    : Promise.resolve('idle');
   w.owner.close();
   const answer = await sent;
   await w.reattachOwner();
@@ -290,7 +358,12 @@ async function ownerDisconnect(w: World): Promise<StepResult> {
   }
   for (const b of m.backings.values()) b.held = false;
   w.releaseUnused();
-  return result('owner-disconnect', `owner disconnected ${a ? `after sending ${a.name} (it heard ${answer})` : 'while idle'}; ${outcome}`, surprises, a !== undefined);
+  return result(
+    'owner-disconnect',
+    `owner disconnected ${a ? `after sending ${a.name} (it heard ${answer})` : 'while idle'}; ${outcome}`,
+    surprises,
+    a !== undefined,
+  );
 }
 
 /**
@@ -312,14 +385,26 @@ async function stopAcrossUnmap(w: World): Promise<StepResult | undefined> {
   const evicted = await evictionLogged(w, mark, victim.pid);
   const signal = await victim.exitSignal(5000);
   w.clients = w.clients.filter((x) => x !== victim);
-  if (at) w.judged.push({ invariant: 'iova-pins', problems: at.dead.includes(victim.pid) ? [] : [`at done (${at.outcome}) ${victim.describe()}, stopped across the unmap, was alive`] });
+  if (at)
+    w.judged.push({
+      invariant: 'iova-pins',
+      problems: at.dead.includes(victim.pid) ? [] : [`at done (${at.outcome}) ${victim.describe()}, stopped across the unmap, was alive`],
+    });
   const replacement = await w.tryJoin('shadow');
   const surprises = [
     ...(res.ok ? [] : [`the unmap of ${m.iova.toString(16)} in ${name} failed while ${victim.describe()} was stopped: ${res.err.code} ${res.err.message}`]),
     ...(evicted ? [] : [`the broker did not evict ${victim.describe()} (MMB_ERR_CLIENT_TIMEOUT) although it never acked the unmap`]),
-    ...(signal === 'SIGKILL' ? [] : [`the broker did not fence ${victim.describe()} after evicting it: it ${signal === undefined ? 'is still alive' : `ended with ${signal}`} (expected SIGKILL through its pidfd)`]),
+    ...(signal === 'SIGKILL'
+      ? []
+      : [
+          `the broker did not fence ${victim.describe()} after evicting it: it ${signal === undefined ? 'is still alive' : `ended with ${signal}`} (expected SIGKILL through its pidfd)`,
+        ]),
   ];
-  return result('stop-across-unmap', `${victim.describe()} stopped in ${name} while 0x${m.iova.toString(16)}+0x${m.size.toString(16)} was unmapped; ${res.ok ? `done at generation ${res.result.generation}` : res.err.code}; evicted ${evicted}, ended by ${signal ?? 'nothing'}; ${replacement?.describe() ?? 'no replacement'} joined`, surprises);
+  return result(
+    'stop-across-unmap',
+    `${victim.describe()} stopped in ${name} while 0x${m.iova.toString(16)}+0x${m.size.toString(16)} was unmapped; ${res.ok ? `done at generation ${res.result.generation}` : res.err.code}; evicted ${evicted}, ended by ${signal ?? 'nothing'}; ${replacement?.describe() ?? 'no replacement'} joined`,
+    surprises,
+  );
 }
 
 /**
@@ -358,11 +443,18 @@ async function ioasNack(w: World): Promise<StepResult | undefined> {
   const refused = !r.ok && r.err.code === 'MMB_ERR_PIN_BUDGET' && r.err.client?.pid === refuser.pid;
   // Also as documented: the voter pinned past the ack deadline on a loaded machine and was evicted first.
   const evicted = !refused && r.ok && (await evictionLogged(w, mark, refuser.pid));
-  if (!refused && !evicted) surprises.push(`expected MMB_ERR_PIN_BUDGET naming pid ${refuser.pid} for the map in ${name}, got ${r.ok ? 'a commit' : `${r.err.code} naming ${JSON.stringify(r.err.client)}`}`);
+  if (!refused && !evicted)
+    surprises.push(
+      `expected MMB_ERR_PIN_BUDGET naming pid ${refuser.pid} for the map in ${name}, got ${r.ok ? 'a commit' : `${r.err.code} naming ${JSON.stringify(r.err.client)}`}`,
+    );
   const code = await w.leave(refuser);
   if (code !== 0) surprises.push(`${refuser.describe()} exited ${code ?? refuser.child.signalCode} after SIGTERM (expected a clean detach, 0)`);
   await dropIoas(w, name, voter, dev, surprises);
-  return result('ioas-nack', `${voter.describe()} voted on 0x${m.iova.toString(16)}+0x${m.size.toString(16)} in ${name}, ${refuser.describe()} (pin budget 1 byte) refused it: ${r.ok ? 'committed' : `${r.err.code} by pid ${r.err.client?.pid}`}`, surprises);
+  return result(
+    'ioas-nack',
+    `${voter.describe()} voted on 0x${m.iova.toString(16)}+0x${m.size.toString(16)} in ${name}, ${refuser.describe()} (pin budget 1 byte) refused it: ${r.ok ? 'committed' : `${r.err.code} by pid ${r.err.client?.pid}`}`,
+    surprises,
+  );
 }
 
 /** The fault's IOAS goes: the voter's device detached, then the IOAS destroyed (unmapped first if the map went through). */
@@ -375,7 +467,11 @@ async function dropIoas(w: World, name: string, voter: ClientProc, dev: string, 
     } else surprises.push(`detaching ${dev} from ${name} on ${voter.describe()}: ${String(d.message)}`);
   }
   const maps = w.model.ioas.get(name) ?? [];
-  if (maps.length > 0) await w.ioasCommit(name, maps.map((x) => ({ op: 'unmap', iova: x.iova, size: x.size })));
+  if (maps.length > 0)
+    await w.ioasCommit(
+      name,
+      maps.map((x) => ({ op: 'unmap', iova: x.iova, size: x.size })),
+    );
   const r = await w.ioasDestroy(name);
   if (!r.ok) surprises.push(`destroying ${name} after the fault: ${r.err.code} ${r.err.message}`);
 }

@@ -61,7 +61,8 @@ function viewOf(m: Model): string {
 function viewProblems(w: World, s: ClientSnapshot, generation: number | undefined): string[] {
   if (typeof s.view === 'string') return [`${s.client.describe()}: ${s.view}`];
   const out: string[] = [];
-  if (generation !== undefined && s.view.generation !== generation) out.push(`${s.client.describe()} is at generation ${s.view.generation}, the space at ${generation}`);
+  if (generation !== undefined && s.view.generation !== generation)
+    out.push(`${s.client.describe()} is at generation ${s.view.generation}, the space at ${generation}`);
   const mine = JSON.stringify([...s.view.regions].sort((a, b) => a.gpa - b.gpa).map(({ name, gpa, size, readonly }) => ({ name, gpa, size, readonly })));
   if (mine !== viewOf(w.model)) out.push(`${s.client.describe()}'s view differs from the map: ${mine.slice(0, 300)} vs ${viewOf(w.model).slice(0, 300)}`);
   return out;
@@ -78,7 +79,8 @@ function coverageProblems(w: World, who: string, maps: readonly FileMapping[], b
     if (backend && r.readonly) continue;
     const memfd = w.model.memfdOf(r).name;
     const ranges: Range[] = maps.filter((m) => m.memfd === memfd && (r.readonly || m.writable)).map((m) => [m.offset, m.offset + m.end - m.start]);
-    if (!covers(ranges, r.offset, r.offset + r.size)) out.push(`${who} does not map ${r.name} (${memfd} [${hex(r.offset)}, ${hex(r.offset + r.size)})${r.readonly ? '' : ' writable'})`);
+    if (!covers(ranges, r.offset, r.offset + r.size))
+      out.push(`${who} does not map ${r.name} (${memfd} [${hex(r.offset)}, ${hex(r.offset + r.size)})${r.readonly ? '' : ' writable'})`);
   }
   return out;
 }
@@ -112,14 +114,22 @@ export function staleAgainst(sliced: SlicedBy, who: string, maps: readonly FileM
     const end = m.offset + m.end - m.start;
     if (ends && m.writable && m.offset === 0 && ends(m.memfd).includes(end)) continue;
     if (!within(m.writable ? r[1] : r[0], m.offset, end)) {
-      out.push(`${who} maps ${m.memfd} [${hex(m.offset)}, ${hex(end)})${m.writable ? ' writable' : ''} at ${hex(m.start)}, which no ${what} ${m.writable ? 'writable ' : ''}region slices${ends ? ' (nor ends a writable region, mapped from offset 0 as vhost-user back-ends map)' : ''}`);
+      out.push(
+        `${who} maps ${m.memfd} [${hex(m.offset)}, ${hex(end)})${m.writable ? ' writable' : ''} at ${hex(m.start)}, which no ${what} ${m.writable ? 'writable ' : ''}region slices${ends ? ' (nor ends a writable region, mapped from offset 0 as vhost-user back-ends map)' : ''}`,
+      );
     }
   }
   return out;
 }
 
 function staleProblems(w: World, who: string, maps: readonly FileMapping[], backend = false): string[] {
-  return staleAgainst((memfd, writable) => w.model.fileRanges(memfd, writable), who, maps, 'current', backend ? (memfd) => w.model.writableEnds(w.model.regions.values(), memfd) : undefined);
+  return staleAgainst(
+    (memfd, writable) => w.model.fileRanges(memfd, writable),
+    who,
+    maps,
+    'current',
+    backend ? (memfd) => w.model.writableEnds(w.model.regions.values(), memfd) : undefined,
+  );
 }
 
 /** kvm: its memslots are the map, and each slot's host address maps the region's memory (per /proc). */
@@ -134,7 +144,9 @@ function slotProblems(w: World, s: ClientSnapshot): string[] {
     if (!r) continue;
     const m = s.maps.find((x) => x.start <= slot.hva && slot.hva < x.end);
     if (!m || m.memfd !== w.model.memfdOf(r).name || m.offset + (slot.hva - m.start) !== r.offset) {
-      out.push(`${s.client.describe()}'s slot at ${hex(slot.gpa)} points at ${hex(slot.hva)}, which maps ${m ? `${m.memfd}+${hex(m.offset + slot.hva - m.start)}` : 'nothing'}, not ${r.name}'s memory`);
+      out.push(
+        `${s.client.describe()}'s slot at ${hex(slot.gpa)} points at ${hex(slot.hva)}, which maps ${m ? `${m.memfd}+${hex(m.offset + slot.hva - m.start)}` : 'nothing'}, not ${r.name}'s memory`,
+      );
     }
   }
   return out;
@@ -143,7 +155,9 @@ function slotProblems(w: World, s: ClientSnapshot): string[] {
 /** What a vfio-like process must have locked: the whole map (its ordinary memory: hugetlb is never in VmLck) once while its domain has a device. */
 function pinProblems(w: World, s: ClientSnapshot): string[] {
   const want = s.client.devices.length > 0 ? w.model.lockableBytes() : 0;
-  return s.locked === want ? [] : [`${s.client.describe()} has VmLck ${s.locked} bytes, its domain (${s.client.devices.length} device(s)) should pin ${want} once`];
+  return s.locked === want
+    ? []
+    : [`${s.client.describe()} has VmLck ${s.locked} bytes, its domain (${s.client.devices.length} device(s)) should pin ${want} once`];
 }
 
 function statusProblems(w: World, snap: Snapshot): string[] {
@@ -156,10 +170,24 @@ function statusProblems(w: World, snap: Snapshot): string[] {
 export function convergence(w: World, snap: Snapshot, t: Tally): void {
   t.check('convergence', [...(snap.unsettled ? [`not settled: ${snap.unsettled}`] : []), ...statusProblems(w, snap)]);
   for (const s of snap.clients) {
-    const devices = s.devices !== undefined && JSON.stringify(s.devices) !== JSON.stringify(s.client.devices) ? [`${s.client.describe()} reports devices ${JSON.stringify(s.devices)}, the harness attached ${JSON.stringify(s.client.devices)}`] : [];
+    const devices =
+      s.devices !== undefined && JSON.stringify(s.devices) !== JSON.stringify(s.client.devices)
+        ? [`${s.client.describe()} reports devices ${JSON.stringify(s.devices)}, the harness attached ${JSON.stringify(s.client.devices)}`]
+        : [];
     const failed = s.failed ? [`${s.client.describe()}: ${s.failed}`] : [];
-    const ioasDevices = s.ioasDevices !== undefined && JSON.stringify(s.ioasDevices) !== JSON.stringify(modelDevices(s.client)) ? [`${s.client.describe()} reports devices ${JSON.stringify(s.ioasDevices)}, the harness attached ${JSON.stringify(modelDevices(s.client))}`] : [];
-    t.check('convergence', [...viewProblems(w, s, snap.status?.generation), ...coverageProblems(w, s.client.describe(), s.maps), ...backendCoverage(w, s), ...slotProblems(w, s), ...devices, ...ioasDevices, ...failed]);
+    const ioasDevices =
+      s.ioasDevices !== undefined && JSON.stringify(s.ioasDevices) !== JSON.stringify(modelDevices(s.client))
+        ? [`${s.client.describe()} reports devices ${JSON.stringify(s.ioasDevices)}, the harness attached ${JSON.stringify(modelDevices(s.client))}`]
+        : [];
+    t.check('convergence', [
+      ...viewProblems(w, s, snap.status?.generation),
+      ...coverageProblems(w, s.client.describe(), s.maps),
+      ...backendCoverage(w, s),
+      ...slotProblems(w, s),
+      ...devices,
+      ...ioasDevices,
+      ...failed,
+    ]);
   }
 }
 
@@ -230,30 +258,40 @@ export function leaks(w: World, snap: Snapshot, t: Tally): void {
   // A bridge names its back-end to the broker (DELEGATE of its pidfd): one pidfd more each.
   const delegated = w.clients.filter((c) => c.backend && c.backendView().alive).length;
   if (b.sockets !== base.sockets + conns) problems.push(`the broker holds ${b.sockets} sockets, expected ${base.sockets} + ${conns} connections`);
-  if (b.pidfds > base.pidfds + conns + delegated) problems.push(`the broker holds ${b.pidfds} pidfds, more than ${base.pidfds} + ${conns} connections + ${delegated} bridge back-ends`);
+  if (b.pidfds > base.pidfds + conns + delegated)
+    problems.push(`the broker holds ${b.pidfds} pidfds, more than ${base.pidfds} + ${conns} connections + ${delegated} bridge back-ends`);
   if (b.bitmaps !== logging) problems.push(`the broker holds ${b.bitmaps} dirty bitmaps for ${logging} logging region(s)`);
   // One pidfd per socket connection (SO_PEERPIDFD), and one per process a client being fenced reaches.
   const fencing = (snap.status?.holders ?? []).reduce((n, h) => n + h.alive.length, 0);
-  if (b.pidfds !== base.pidfds + conns + delegated + fencing) problems.push(`the broker holds ${b.pidfds} pidfds, expected ${base.pidfds} + ${conns} connections + ${delegated} bridge back-ends + ${fencing} of clients being fenced`);
+  if (b.pidfds !== base.pidfds + conns + delegated + fencing)
+    problems.push(
+      `the broker holds ${b.pidfds} pidfds, expected ${base.pidfds} + ${conns} connections + ${delegated} bridge back-ends + ${fencing} of clients being fenced`,
+    );
   if (b.other !== base.other) problems.push(`the broker holds ${b.other} other fds, ${base.other} at start`);
   t.check('leaks', problems);
   for (const s of snap.clients) {
     const c = s.census;
     const p: string[] = [];
     for (const [name, n] of c.memfds) if (n > (live.get(name) ?? 0)) p.push(`holds ${n} fd(s) of ${name}, ${live.get(name) ?? 0} live backing(s) use it`);
-    for (const r of w.model.regions.values()) if (!c.memfds.has(w.model.memfdOf(r).name)) p.push(`holds no fd of ${w.model.memfdOf(r).name}, which ${r.name} uses`);
+    for (const r of w.model.regions.values())
+      if (!c.memfds.has(w.model.memfdOf(r).name)) p.push(`holds no fd of ${w.model.memfdOf(r).name}, which ${r.name} uses`);
     if (c.bitmaps > logging) p.push(`holds ${c.bitmaps} dirty bitmaps for ${logging} logging region(s)`);
     // Its stdio pipes are sockets too (libuv socketpairs): compared with what it held once attached.
     const cb = s.client.baseline;
     if (cb && c.sockets !== cb.sockets) p.push(`holds ${c.sockets} sockets, ${cb.sockets} after it attached (stdio and its one connection)`);
     // A bridge shares its dirty log with its back-end (one `vhost-log` memfd) while any region logs.
     const log = s.client.backend && logging > 0 ? 1 : 0;
-    if (cb && (c.other < cb.other || c.other > cb.other + log)) p.push(`holds ${c.other} other fds, ${cb.other} after it attached${log ? ' (and its vhost-user dirty log)' : ''}`);
-    t.check('leaks', p.map((x) => `${s.client.describe()} ${x}`));
+    if (cb && (c.other < cb.other || c.other > cb.other + log))
+      p.push(`holds ${c.other} other fds, ${cb.other} after it attached${log ? ' (and its vhost-user dirty log)' : ''}`);
+    t.check(
+      'leaks',
+      p.map((x) => `${s.client.describe()} ${x}`),
+    );
     // A bridge's back-end holds no descriptor of memory no live backing uses.
     if (s.backend) {
       const bp: string[] = [];
-      for (const [name, n] of s.backend.census.memfds) if (n > 0 && !live.has(name)) bp.push(`${s.backend.who} holds ${n} fd(s) of ${name}, which no live backing uses`);
+      for (const [name, n] of s.backend.census.memfds)
+        if (n > 0 && !live.has(name)) bp.push(`${s.backend.who} holds ${n} fd(s) of ${name}, which no live backing uses`);
       t.check('leaks', bp);
     }
   }
@@ -301,11 +339,17 @@ export async function data(w: World, snap: Snapshot, t: Tally): Promise<void> {
   for (const s of healthy) {
     if (s.client === writer) continue;
     const reply = await ask(s.client, { cmd: 'read', gpa, len: 16 }, 'read');
-    if (reply && reply.hex !== bytes.toString('hex')) problems.push(`${s.client.describe()} reads ${String(reply.hex ?? reply.message)} at ${hex(gpa)} (${r.name}), ${writer ? writer.describe() : 'the owner'} wrote ${bytes.toString('hex')}`);
+    if (reply && reply.hex !== bytes.toString('hex'))
+      problems.push(
+        `${s.client.describe()} reads ${String(reply.hex ?? reply.message)} at ${hex(gpa)} (${r.name}), ${writer ? writer.describe() : 'the owner'} wrote ${bytes.toString('hex')}`,
+      );
   }
   const mine = Buffer.alloc(16);
   fs.readSync(memfd.fd, mine, 0, 16, r.offset + at);
-  if (!mine.equals(bytes)) problems.push(`the owner reads ${mine.toString('hex')} in ${memfd.name} at ${hex(r.offset + at)} (${r.name}), ${writer?.describe()} wrote ${bytes.toString('hex')}`);
+  if (!mine.equals(bytes))
+    problems.push(
+      `the owner reads ${mine.toString('hex')} in ${memfd.name} at ${hex(r.offset + at)} (${r.name}), ${writer?.describe()} wrote ${bytes.toString('hex')}`,
+    );
   t.check('data', problems);
 }
 

@@ -186,7 +186,16 @@ export class Model {
       if (op.logDirty !== undefined) r.logDirty = op.logDirty;
     }
     for (const op of ops) {
-      if (op.op === 'add') out.set(op.name, { name: op.name, gpa: op.gpa, size: op.size, backing: op.backing, offset: op.offset, readonly: op.readonly ?? false, logDirty: op.logDirty ?? false });
+      if (op.op === 'add')
+        out.set(op.name, {
+          name: op.name,
+          gpa: op.gpa,
+          size: op.size,
+          backing: op.backing,
+          offset: op.offset,
+          readonly: op.readonly ?? false,
+          logDirty: op.logDirty ?? false,
+        });
     }
     return out;
   }

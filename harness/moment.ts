@@ -17,7 +17,7 @@
 import type { CommitOp, IoasOp } from '../protocol/index.js';
 import type { CommitReply, CommitRequest, RelayHooks } from '../testkit/relay.js';
 import { MEMFD_PREFIX, type ProcessView } from './kernel.js';
-import { staleAgainst, type InvariantName } from './invariants.js';
+import { staleAgainst } from './invariants.js';
 import { delegateView, type ClientProc, type Line } from './procs.js';
 import type { IovaMapping } from './model.js';
 import { ioasAfter, type World } from './world.js';
@@ -43,21 +43,37 @@ export function scan(w: World): Seen[] {
   const out: Seen[] = [{ who: `the broker (pid ${broker.pid})`, pid: broker.pid, view: broker.view(), look: () => broker.view() }];
   for (const c of w.clients) {
     out.push({ who: c.describe(), pid: c.pid, view: c.view(), look: () => c.view(), client: c });
-    for (const d of c.delegates) out.push({ who: `pid ${d.pid}, which ${c.describe()} handed memory to`, pid: d.pid, view: delegateView(d), look: () => delegateView(d), client: c });
+    for (const d of c.delegates)
+      out.push({ who: `pid ${d.pid}, which ${c.describe()} handed memory to`, pid: d.pid, view: delegateView(d), look: () => delegateView(d), client: c });
     const b = c.backend;
-    if (b) out.push({ who: `${b.name} (pid ${b.pid}), the back-end of ${c.describe()}`, pid: b.pid, view: c.backendView(), look: () => c.backendView(), client: c, backend: true });
+    if (b)
+      out.push({
+        who: `${b.name} (pid ${b.pid}), the back-end of ${c.describe()}`,
+        pid: b.pid,
+        view: c.backendView(),
+        look: () => c.backendView(),
+        client: c,
+        backend: true,
+      });
   }
   return out;
 }
 
-const mappingKey = (m: { iova: number; gpa: number; size: number; readonly: boolean }) => `${hex(m.iova)}+${hex(m.size)}->${hex(m.gpa)}${m.readonly ? ' ro' : ''}`;
+const mappingKey = (m: { iova: number; gpa: number; size: number; readonly: boolean }) =>
+  `${hex(m.iova)}+${hex(m.size)}->${hex(m.gpa)}${m.readonly ? ' ro' : ''}`;
 
 /**
  * A shadow-mode client against IOAS mappings `maps` (what the IOASes map, by name): its VmLck is the distinct
  * ordinary pages its devices' IOASes map, and its host domains (asked with `domain`) map exactly those
  * IOVAs. `when` starts each problem. A client that died meanwhile has nothing (accounted elsewhere).
  */
-export async function shadowProblems(w: World, c: ClientProc, maps: ReadonlyMap<string, readonly IovaMapping[]>, when: string, locked: number): Promise<string[]> {
+export async function shadowProblems(
+  w: World,
+  c: ClientProc,
+  maps: ReadonlyMap<string, readonly IovaMapping[]>,
+  when: string,
+  locked: number,
+): Promise<string[]> {
   const ioases = new Set(c.deviceIoas.values());
   const want = w.model.shadowLocked(ioases, maps);
   const out: string[] = [];
@@ -65,13 +81,17 @@ export async function shadowProblems(w: World, c: ClientProc, maps: ReadonlyMap<
   const d = await c.request({ cmd: 'domain' }, 'domain', 10_000).catch((err: Error): Line => ({ event: 'failed', message: err.message }));
   if (c.gone) return [];
   if (d.event !== 'domain') return [...out, `${when} ${c.describe()} could not list its domain: ${String(d.message)}`];
-  const got = ((d.mappings ?? []) as { iova: number; gpa: number; size: number; readonly: boolean; ioas?: string }[]);
+  const got = (d.mappings ?? []) as { iova: number; gpa: number; size: number; readonly: boolean; ioas?: string }[];
   for (const name of ioases) {
-    const have = got.filter((m) => m.ioas === name).map(mappingKey).sort();
+    const have = got
+      .filter((m) => m.ioas === name)
+      .map(mappingKey)
+      .sort();
     const should = (maps.get(name) ?? []).map(mappingKey).sort();
     const stale = have.filter((k) => !should.includes(k));
     const missing = should.filter((k) => !have.includes(k));
-    if (stale.length > 0) out.push(`${when} ${c.describe()} still maps ${stale.slice(0, 4).join(', ')} in its domain of ${name}, which the IOAS no longer maps`);
+    if (stale.length > 0)
+      out.push(`${when} ${c.describe()} still maps ${stale.slice(0, 4).join(', ')} in its domain of ${name}, which the IOAS no longer maps`);
     if (missing.length > 0) out.push(`${when} ${c.describe()} does not map ${missing.slice(0, 4).join(', ')} of ${name}`);
   }
   const foreign = got.filter((m) => m.ioas === undefined || !ioases.has(m.ioas));
@@ -168,7 +188,10 @@ export class MomentJudge {
       const b = before?.find((x) => x.pid === s.pid);
       // Dead, or not there when the request went out: nothing to compare (a death is accounted after the step).
       if (!s.view.alive || !b?.view.alive) continue;
-      this.w.judged.push({ invariant: 'all-or-nothing', problems: layoutChanges(b.view, s.view).map((p) => `at the refusal (${outcome}) ${s.who} ${p}, as the request went out it did not`) });
+      this.w.judged.push({
+        invariant: 'all-or-nothing',
+        problems: layoutChanges(b.view, s.view).map((p) => `at the refusal (${outcome}) ${s.who} ${p}, as the request went out it did not`),
+      });
     }
     this.record(now, 'the refusal', outcome);
   }
@@ -186,7 +209,9 @@ export class MomentJudge {
     // change took away (documented), so they are left out of done-means-done; the rest is judged as done.
     const unfenced = reply.error?.code === 'MMB_ERR_COMMITTED_UNFENCED';
     const refused = reply.error !== undefined && !unfenced;
-    const outcome = refused ? String(reply.error?.code) : `generation ${String(reply.result?.generation ?? reply.error?.generation)}${unfenced ? ' (committed unfenced)' : ''}`;
+    const outcome = refused
+      ? String(reply.error?.code)
+      : `generation ${String(reply.result?.generation ?? reply.error?.generation)}${unfenced ? ' (committed unfenced)' : ''}`;
     if (refused) {
       this.refusal(before, outcome);
       return;
@@ -201,8 +226,16 @@ export class MomentJudge {
       w.judged.push({
         invariant: 'done-means-done',
         problems: [
-          ...staleAgainst(sliced, `at done (${outcome}) ${s.who}`, s.view.maps, 'committed', s.backend ? (memfd) => w.model.writableEnds(after.values(), memfd) : undefined),
-          ...(s.view.lockedBytes > bytes ? [`at done (${outcome}) ${s.who} has ${s.view.lockedBytes} bytes locked, more than the committed map's ${bytes} of ordinary memory`] : []),
+          ...staleAgainst(
+            sliced,
+            `at done (${outcome}) ${s.who}`,
+            s.view.maps,
+            'committed',
+            s.backend ? (memfd) => w.model.writableEnds(after.values(), memfd) : undefined,
+          ),
+          ...(s.view.lockedBytes > bytes
+            ? [`at done (${outcome}) ${s.who} has ${s.view.lockedBytes} bytes locked, more than the committed map's ${bytes} of ordinary memory`]
+            : []),
         ],
       });
     }

@@ -69,12 +69,16 @@ function unsettled(w: World, st: StatusSpace | undefined): string {
 export async function settle(w: World, timeoutMs: number): Promise<{ status: StatusSpace | undefined; unsettled: string }> {
   let last: { status: StatusSpace | undefined; unsettled: string } = { status: undefined, unsettled: 'not asked' };
   try {
-    await waitFor('the space to settle', async () => {
-      const status = (await w.owner.status(SPACE)).spaces[0];
-      last = { status, unsettled: unsettled(w, status) };
-      // A death is not waited out: the caller accounts for it (World.replaceDead) and settles again.
-      return last.unsettled === '' || w.clients.some((c) => c.gone);
-    }, timeoutMs);
+    await waitFor(
+      'the space to settle',
+      async () => {
+        const status = (await w.owner.status(SPACE)).spaces[0];
+        last = { status, unsettled: unsettled(w, status) };
+        // A death is not waited out: the caller accounts for it (World.replaceDead) and settles again.
+        return last.unsettled === '' || w.clients.some((c) => c.gone);
+      },
+      timeoutMs,
+    );
   } catch {
     // `last` says what did not settle.
   }
@@ -84,7 +88,8 @@ export async function settle(w: World, timeoutMs: number): Promise<{ status: Sta
 /** Its answers and kernel view; undefined when it died (a dead client maps nothing: its death is accounted by World.replaceDead). */
 async function snapshotClient(c: ClientProc): Promise<ClientSnapshot | undefined> {
   const r = await c.request({ cmd: 'regions' }, 'regions').catch((err: Error) => ({ event: 'failed', message: err.message }) as Line);
-  const view: ClientSnapshot['view'] = r.event === 'regions' ? { generation: Number(r.generation), regions: r.regions as ViewRegion[] } : `regions failed: ${String(r.message)}`;
+  const view: ClientSnapshot['view'] =
+    r.event === 'regions' ? { generation: Number(r.generation), regions: r.regions as ViewRegion[] } : `regions failed: ${String(r.message)}`;
   const k = c.view();
   if (!k.alive) return undefined;
   const snap: ClientSnapshot = { client: c, view, maps: k.maps, census: k.census, locked: k.lockedBytes };

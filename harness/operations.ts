@@ -115,7 +115,10 @@ async function move(w: World): Promise<StepResult> {
   const align = Math.max(w.model.pageOf(r), r.gpa % HUGE === 0 && r.size % HUGE === 0 ? HUGE : PAGE);
   const gpa = w.model.freeGpa(w.rng, r.size, align, r.name);
   if (gpa === undefined) return remove(w);
-  const ops: CommitOp[] = [{ op: 'remove', region: r.name }, { op: 'add', name: r.name, gpa, size: r.size, backing: r.backing, offset: r.offset, readonly: r.readonly, logDirty: r.logDirty }];
+  const ops: CommitOp[] = [
+    { op: 'remove', region: r.name },
+    { op: 'add', name: r.name, gpa, size: r.size, backing: r.backing, offset: r.offset, readonly: r.readonly, logDirty: r.logDirty },
+  ];
   return expectOk('move', `${r.name} ${hex(r.gpa)} -> ${hex(gpa)}`, await w.commit(ops));
 }
 
@@ -152,7 +155,14 @@ async function refused(w: World): Promise<StepResult> {
   const vfio = w.of('vfio', true).length > 0 || w.of('shadow').length > 0;
   const hugeHeld = held.filter((x) => x.memfd.pageSize > PAGE);
   const mapped = list.filter((r) => model.ramMapped(r));
-  const kinds = ['too-small', 'unaligned', ...(list.length > 0 ? ['overlap'] : []), ...(vfio ? ['reserved'] : []), ...(hugeHeld.length > 0 ? ['huge-unaligned'] : []), ...(mapped.length > 0 ? ['ram-mapped'] : [])];
+  const kinds = [
+    'too-small',
+    'unaligned',
+    ...(list.length > 0 ? ['overlap'] : []),
+    ...(vfio ? ['reserved'] : []),
+    ...(hugeHeld.length > 0 ? ['huge-unaligned'] : []),
+    ...(mapped.length > 0 ? ['ram-mapped'] : []),
+  ];
   const kind = rng.pick(kinds);
   let op: AddOp;
   let expect: string;
@@ -161,7 +171,12 @@ async function refused(w: World): Promise<StepResult> {
     const r = rng.pick(mapped);
     const res = await w.commit([{ op: 'remove', region: r.name }]);
     const got = res.ok ? 'accepted' : res.err.code;
-    return { op: 'refused:ram-mapped', detail: `remove ${r.name} -> ${got}`, risky: true, surprises: got === 'MMB_ERR_RAM_MAPPED' ? [] : [`removing ${r.name}, which an IOAS maps: expected MMB_ERR_RAM_MAPPED, got ${got}`] };
+    return {
+      op: 'refused:ram-mapped',
+      detail: `remove ${r.name} -> ${got}`,
+      risky: true,
+      surprises: got === 'MMB_ERR_RAM_MAPPED' ? [] : [`removing ${r.name}, which an IOAS maps: expected MMB_ERR_RAM_MAPPED, got ${got}`],
+    };
   }
   const hp = w.opts.hugetlb || HUGE;
   const f = kind === 'huge-unaligned' ? model.freeGpa(rng, 2 * hp, hp) : undefined;
@@ -188,7 +203,12 @@ async function refused(w: World): Promise<StepResult> {
   }
   const r = await w.commit([op]);
   const got = r.ok ? 'accepted' : r.err.code;
-  return { op: `refused:${kind}`, detail: `${desc(op)} -> ${got}`, risky: true, surprises: got === expect ? [] : [`${kind} add ${desc(op)}: expected ${expect}, got ${got}`] };
+  return {
+    op: `refused:${kind}`,
+    detail: `${desc(op)} -> ${got}`,
+    risky: true,
+    surprises: got === expect ? [] : [`${kind} add ${desc(op)}: expected ${expect}, got ${got}`],
+  };
 }
 
 /** The owner lets go of a backing; the broker closes it once no region uses it. */
@@ -221,7 +241,8 @@ async function device(w: World): Promise<StepResult> {
     op: attach ? 'device-attach' : 'device-detach',
     detail: `${dev} on ${c.name}: devices ${got}`,
     risky: false,
-    surprises: ok && JSON.stringify(reply.devices) === JSON.stringify(c.devices) ? [] : [`${attach ? 'attach' : 'detach'} of ${dev} on ${c.describe()}: ${got}`],
+    surprises:
+      ok && JSON.stringify(reply.devices) === JSON.stringify(c.devices) ? [] : [`${attach ? 'attach' : 'detach'} of ${dev} on ${c.describe()}: ${got}`],
   };
 }
 
@@ -252,7 +273,8 @@ export const IOAS_MAX = 3;
 
 const ioasNames = (w: World) => [...w.model.ioas.keys()].sort();
 const ioasBytes = (w: World, name: string) => (w.model.ioas.get(name) ?? []).reduce((n, m) => n + m.size, 0);
-const descMap = (m: { iova: number; gpa: number; size: number; readonly?: boolean }) => `${hex(m.iova)}+${hex(m.size)}->${hex(m.gpa)}${m.readonly ? ' ro' : ''}`;
+const descMap = (m: { iova: number; gpa: number; size: number; readonly?: boolean }) =>
+  `${hex(m.iova)}+${hex(m.size)}->${hex(m.gpa)}${m.readonly ? ' ro' : ''}`;
 
 /** A valid IOAS map: page-aligned (hugetlb-page-aligned in a hugetlb region) pages of one region at a free IOVA. */
 export function planIovaMap(w: World, name: string): Extract<IoasOp, { op: 'map' }> | undefined {
@@ -312,9 +334,19 @@ async function ioasDestroy(w: World): Promise<StepResult> {
   const r = await w.ioasDestroy(name);
   const got = r.ok ? 'destroyed' : r.err.code;
   if (users.length > 0) {
-    return { op: 'refused:ioas-busy', detail: `destroy ${name} (devices of ${users.map((c) => c.name).join(', ')} in it) -> ${got}`, risky: true, surprises: got === 'MMB_ERR_IOAS_BUSY' ? [] : [`destroying ${name} with devices attached: expected MMB_ERR_IOAS_BUSY, got ${got}`] };
+    return {
+      op: 'refused:ioas-busy',
+      detail: `destroy ${name} (devices of ${users.map((c) => c.name).join(', ')} in it) -> ${got}`,
+      risky: true,
+      surprises: got === 'MMB_ERR_IOAS_BUSY' ? [] : [`destroying ${name} with devices attached: expected MMB_ERR_IOAS_BUSY, got ${got}`],
+    };
   }
-  return { op: 'ioas-destroy', detail: `${name} -> ${got}`, risky: !r.ok, surprises: r.ok ? [] : [`destroying ${name}, which no device is in: ${got} ${r.err.message}`] };
+  return {
+    op: 'ioas-destroy',
+    detail: `${name} -> ${got}`,
+    risky: !r.ok,
+    surprises: r.ok ? [] : [`destroying ${name}, which no device is in: ${got} ${r.err.message}`],
+  };
 }
 
 /** A device of a shadow client hot-added to an IOAS, hot-removed, or moved to another IOAS (detach, then attach). */
@@ -338,7 +370,8 @@ async function shadowDevice(w: World): Promise<StepResult> {
     c.devices = [...c.deviceIoas.keys()];
     steps.push(`${cmd} ${dev}${ioas ? ` -> ${ioas}` : ''}`);
     const got = domainDevices(reply);
-    if (JSON.stringify(got) !== JSON.stringify(modelDevices(c))) surprises.push(`after ${cmd} ${dev} ${c.describe()} lists ${JSON.stringify(got)}, the harness attached ${JSON.stringify(modelDevices(c))}`);
+    if (JSON.stringify(got) !== JSON.stringify(modelDevices(c)))
+      surprises.push(`after ${cmd} ${dev} ${c.describe()} lists ${JSON.stringify(got)}, the harness attached ${JSON.stringify(modelDevices(c))}`);
   };
   if (what === 'attach') await run('attach-device', `${c.name}-d${w.rng.int(0, 999)}`, w.rng.pick(names));
   else {
@@ -363,7 +396,12 @@ async function leave(w: World): Promise<StepResult> {
   const c = w.rng.pick(healthy);
   const code = await w.leave(c);
   const how = code ?? c.child.signalCode;
-  return { op: 'leave', detail: `${c.describe()} exited ${how}`, risky: false, surprises: code === 0 ? [] : [`${c.describe()} exited ${how} after SIGTERM (expected a clean detach, 0): ${c.stderr.join('').slice(-600)}`] };
+  return {
+    op: 'leave',
+    detail: `${c.describe()} exited ${how}`,
+    risky: false,
+    surprises: code === 0 ? [] : [`${c.describe()} exited ${how} after SIGTERM (expected a clean detach, 0): ${c.stderr.join('').slice(-600)}`],
+  };
 }
 
 export const OPERATIONS = {

@@ -59,7 +59,10 @@ export const DEFAULT_OPTIONS: Readonly<Omit<HarnessOptions, 'onStep'>> = Object.
 /** "kvm:1,vhost:2,vfio:2" -> { kvm: 1, vhost: 2, vfio: 2 }. */
 export function parseClients(text: string): Partial<Record<ClientKind, number>> {
   const out: Partial<Record<ClientKind, number>> = {};
-  for (const part of text.split(',').map((p) => p.trim()).filter(Boolean)) {
+  for (const part of text
+    .split(',')
+    .map((p) => p.trim())
+    .filter(Boolean)) {
     const m = /^([a-z]+):(\d+)$/.exec(part);
     if (!m) throw new InvalidArgError(`--clients ${JSON.stringify(text)}: expected KIND:COUNT[,KIND:COUNT...] (kinds: ${CLIENT_KINDS.join(', ')})`);
     const kind = m[1] as ClientKind;
@@ -81,10 +84,15 @@ export function checkOptions(o: HarnessOptions): void {
   int(o.steps, 'steps', 0, 10_000_000);
   int(o.ackTimeoutMs, 'ackTimeoutMs', 200, 600_000);
   int(o.maxMapBytes, 'maxMapBytes', 2 ** 20, 2 ** 40);
-  for (const [v, what] of [[o.faultRate, 'faultRate'], [o.gigRate, 'gigRate']] as const) {
+  for (const [v, what] of [
+    [o.faultRate, 'faultRate'],
+    [o.gigRate, 'gigRate'],
+  ] as const) {
     if (!(v >= 0 && v <= 1)) throw new InvalidArgError(`${what} must be in [0, 1], got ${v}`);
   }
   for (const [kind, n] of Object.entries(o.clients)) int(n, `clients of kind ${kind}`, 0, 16);
-  if (o.hugetlb !== 0 && !(HUGETLB_SIZES as readonly number[]).includes(o.hugetlb)) throw new InvalidArgError(`hugetlb must be 2M or 1G (the kernel's hugetlb page sizes here), got ${o.hugetlb}`);
-  if ((o.clients.shadow ?? 0) > 0 && !o.ioas) throw new InvalidArgError('--clients shadow:N needs --ioas (shadow-mode vfio clients attach their devices to I/O address spaces)');
+  if (o.hugetlb !== 0 && !(HUGETLB_SIZES as readonly number[]).includes(o.hugetlb))
+    throw new InvalidArgError(`hugetlb must be 2M or 1G (the kernel's hugetlb page sizes here), got ${o.hugetlb}`);
+  if ((o.clients.shadow ?? 0) > 0 && !o.ioas)
+    throw new InvalidArgError('--clients shadow:N needs --ioas (shadow-mode vfio clients attach their devices to I/O address spaces)');
 }

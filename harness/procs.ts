@@ -35,7 +35,12 @@ export function plantedModes(opts: { ioas: boolean }): BrokenMode[] {
 export type { Line };
 
 /** What the kernel shows of a process that is gone: nothing mapped, locked or open. */
-export const GONE: ProcessView = Object.freeze({ alive: false, maps: [], lockedBytes: 0, census: { memfds: new Map(), bitmaps: 0, sockets: 0, pidfds: 0, other: 0, total: 0 } });
+export const GONE: ProcessView = Object.freeze({
+  alive: false,
+  maps: [],
+  lockedBytes: 0,
+  census: { memfds: new Map(), bitmaps: 0, sockets: 0, pidfds: 0, other: 0, total: 0 },
+});
 
 /** A process a client handed memory to (`hand-on`, named to the broker with DELEGATE): not our child. */
 export interface Delegate {
@@ -131,7 +136,16 @@ function clientArgs(s: ClientSpawn, common: string[], devs: string[]): string[] 
     case 'vfio':
       return ['vfio', ...common, '--backend', 'soft', ...devs];
     case 'shadow':
-      return ['vfio', ...common, '--backend', 'soft', '--ioas', String(s.ioas), ...devs, ...(s.pinLimit !== undefined ? ['--pin-limit', String(s.pinLimit)] : [])];
+      return [
+        'vfio',
+        ...common,
+        '--backend',
+        'soft',
+        '--ioas',
+        String(s.ioas),
+        ...devs,
+        ...(s.pinLimit !== undefined ? ['--pin-limit', String(s.pinLimit)] : []),
+      ];
     case 'bridge':
       return ['vhost-user', ...common, '--backend-socket', String(s.backend?.socket)];
     default:

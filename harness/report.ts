@@ -26,12 +26,20 @@ export function replayCommand(seed: number, steps: number, args: string): string
 export function formatReport(r: Report): string {
   const lines = [
     `mmbroker harness${r.selfTest ? ' --self-test' : ''}: seed ${r.seed}, ${r.steps} steps, ${r.faults} faults, ${(r.durationMs / 1000).toFixed(1)} s`,
-    ...(r.hugePages ? [`hugetlb: ${r.hugePages.added} pages of ${r.hugePages.size / 2 ** 20} MiB reserved for the run and given back${r.hugePages.missing ? ` (${r.hugePages.missing})` : ''}`] : []),
+    ...(r.hugePages
+      ? [
+          `hugetlb: ${r.hugePages.added} pages of ${r.hugePages.size / 2 ** 20} MiB reserved for the run and given back${r.hugePages.missing ? ` (${r.hugePages.missing})` : ''}`,
+        ]
+      : []),
     '',
     'faults:',
-    ...Object.entries(r.faultsByKind).sort().map(([k, n]) => `  ${k.padEnd(18)} ${n}`),
+    ...Object.entries(r.faultsByKind)
+      .sort()
+      .map(([k, n]) => `  ${k.padEnd(18)} ${n}`),
     'operations:',
-    ...Object.entries(r.operations).sort().map(([k, n]) => `  ${k.padEnd(18)} ${n}`),
+    ...Object.entries(r.operations)
+      .sort()
+      .map(([k, n]) => `  ${k.padEnd(18)} ${n}`),
     'checks (per invariant):',
     ...Object.entries(r.checks).map(([k, n]) => `  ${k.padEnd(22)} ${String(n).padStart(7)}  ${r.violations.filter((v) => v.invariant === k).length} violated`),
     '',
@@ -59,12 +67,26 @@ export function formatReport(r: Report): string {
 
 /** The --json form: the issue's fields first, then the detail. */
 export function jsonReport(r: Report): object {
-  return { steps: r.steps, faults: r.faults, checks: r.checks, violations: r.violations, seed: r.seed, faultsByKind: r.faultsByKind, operations: r.operations, durationMs: r.durationMs, selfTest: r.selfTest, ...(r.selfTest ? { planted: r.planted } : {}), ...(r.hugePages ? { hugePages: r.hugePages } : {}) };
+  return {
+    steps: r.steps,
+    faults: r.faults,
+    checks: r.checks,
+    violations: r.violations,
+    seed: r.seed,
+    faultsByKind: r.faultsByKind,
+    operations: r.operations,
+    durationMs: r.durationMs,
+    selfTest: r.selfTest,
+    ...(r.selfTest ? { planted: r.planted } : {}),
+    ...(r.hugePages ? { hugePages: r.hugePages } : {}),
+  };
 }
 
 /** --self-test: the broken clients no violation of the invariant that must catch them named ("mode: invariant"). */
 export function missedPlanted(r: Report): string[] {
-  return r.planted.filter((mode) => !r.violations.some((v) => v.invariant === BROKEN_MODES[mode].caughtBy && v.detail.includes(`broken (${mode})`))).map((mode) => `${mode}: ${BROKEN_MODES[mode].caughtBy}`);
+  return r.planted
+    .filter((mode) => !r.violations.some((v) => v.invariant === BROKEN_MODES[mode].caughtBy && v.detail.includes(`broken (${mode})`)))
+    .map((mode) => `${mode}: ${BROKEN_MODES[mode].caughtBy}`);
 }
 
 /** --self-test: each broken client it planted and the invariant that must catch it ("mode: invariant"). */

@@ -58,7 +58,9 @@ export class RestartWindow {
   checkKeeps(when: string): void {
     for (const k of this.kept) {
       const now = k.look();
-      const problems = !now.alive ? [`${k.who} is gone ${when}`] : layoutChanges(k.view, now).map((p) => `${when}, ${k.who} ${p}; before the restart it did not`);
+      const problems = !now.alive
+        ? [`${k.who} is gone ${when}`]
+        : layoutChanges(k.view, now).map((p) => `${when}, ${k.who} ${p}; before the restart it did not`);
       this.w.judged.push({ invariant: 'restart-keeps-memory', problems });
     }
   }
@@ -69,7 +71,10 @@ export class RestartWindow {
     for (const k of this.kept) {
       if (k.slots === undefined || k.client.gone) continue;
       const now = await slotsOf(k.client);
-      this.w.judged.push({ invariant: 'restart-keeps-memory', problems: now === k.slots ? [] : [`${when}, ${k.client.describe()}'s memslots are ${now?.slice(0, 300)}, before the restart ${k.slots.slice(0, 300)}`] });
+      this.w.judged.push({
+        invariant: 'restart-keeps-memory',
+        problems: now === k.slots ? [] : [`${when}, ${k.client.describe()}'s memslots are ${now?.slice(0, 300)}, before the restart ${k.slots.slice(0, 300)}`],
+      });
     }
   }
 }
@@ -78,15 +83,25 @@ export class RestartWindow {
 async function allWaiting(w: World): Promise<string> {
   let missing = '';
   try {
-    await waitFor('every client to wait on the restarted broker', async () => {
-      const st = (await fetchStatus(w.socket, SPACE).catch(() => undefined))?.spaces[0];
-      const waiting = new Set((st?.clients ?? []).filter((c) => c.role === 'subscriber' && c.state === 'waiting').map((c) => c.pid));
-      missing = st?.published !== false ? 'the space is published' : w.clients.filter((c) => !waiting.has(c.pid)).map((c) => c.describe()).join(', ');
-      if (missing === '') return true;
-      // A status connection per look: not more often than this.
-      await sleep(50);
-      return false;
-    }, 30_000);
+    await waitFor(
+      'every client to wait on the restarted broker',
+      async () => {
+        const st = (await fetchStatus(w.socket, SPACE).catch(() => undefined))?.spaces[0];
+        const waiting = new Set((st?.clients ?? []).filter((c) => c.role === 'subscriber' && c.state === 'waiting').map((c) => c.pid));
+        missing =
+          st?.published !== false
+            ? 'the space is published'
+            : w.clients
+                .filter((c) => !waiting.has(c.pid))
+                .map((c) => c.describe())
+                .join(', ');
+        if (missing === '') return true;
+        // A status connection per look: not more often than this.
+        await sleep(50);
+        return false;
+      },
+      30_000,
+    );
   } catch {
     // `missing` says who.
   }
@@ -109,7 +124,8 @@ export async function restartBroker(w: World, ownerAwayMs: number): Promise<{ de
   try {
     w.broker = await BrokerProc.start(w.socket, SPACE, w.opts.ackTimeoutMs, w.broker.baseline, w.opts.pipeline);
     const missing = await allWaiting(w);
-    if (missing) w.judged.push({ invariant: 'restart-keeps-memory', problems: [`clients did not reattach and wait on the restarted, unpublished space: ${missing}`] });
+    if (missing)
+      w.judged.push({ invariant: 'restart-keeps-memory', problems: [`clients did not reattach and wait on the restarted, unpublished space: ${missing}`] });
     await window.checkKeepsWithSlots('with every client waiting on the unpublished space');
     looks++;
     // The owner away: the clients wait on a space nobody publishes; nothing may be taken from them meanwhile.
@@ -127,7 +143,16 @@ export async function restartBroker(w: World, ownerAwayMs: number): Promise<{ de
     const regions = m.list();
     m.regions.clear();
     m.generation = 0;
-    const ops: CommitOp[] = regions.map((r) => ({ op: 'add', name: r.name, gpa: r.gpa, size: r.size, backing: ids.get(r.backing) as number, offset: r.offset, readonly: r.readonly, logDirty: r.logDirty }));
+    const ops: CommitOp[] = regions.map((r) => ({
+      op: 'add',
+      name: r.name,
+      gpa: r.gpa,
+      size: r.size,
+      backing: ids.get(r.backing) as number,
+      offset: r.offset,
+      readonly: r.readonly,
+      logDirty: r.logDirty,
+    }));
     if (!w.owner.published) {
       // Unpublished until now: the map is rebuilt first and published whole, so the clients reconcile
       // against it and never see a half map.
@@ -141,7 +166,13 @@ export async function restartBroker(w: World, ownerAwayMs: number): Promise<{ de
       m.ioas.clear();
       for (const [name, maps] of [...saved].sort(([a], [b]) => a.localeCompare(b))) {
         const c = await w.ioasCreate(name);
-        const r = c.ok && maps.length > 0 ? await w.ioasCommit(name, maps.map((x) => ({ op: 'map', iova: x.iova, gpa: x.gpa, size: x.size, readonly: x.readonly }))) : c;
+        const r =
+          c.ok && maps.length > 0
+            ? await w.ioasCommit(
+                name,
+                maps.map((x) => ({ op: 'map', iova: x.iova, gpa: x.gpa, size: x.size, readonly: x.readonly })),
+              )
+            : c;
         if (!r.ok) surprises.push(`recreating IOAS ${name} (${maps.length} mappings) in the restarted broker failed: ${r.err.code} ${r.err.message}`);
       }
       window.checkKeeps('with the map rebuilt, before it is published');
@@ -162,7 +193,10 @@ export async function restartBroker(w: World, ownerAwayMs: number): Promise<{ de
     const s = await settle(w, 2 * w.opts.ackTimeoutMs + 15_000);
     if (s.unsettled) surprises.push(`after the publish the clients did not reconcile: ${s.unsettled}`);
     else await window.checkKeepsWithSlots('after the publish, every client reconciled');
-    return { detail: `broker killed and restarted as pid ${w.broker.pid}${ownerAwayMs > 0 ? `, the owner away ${ownerAwayMs} ms` : ''}; ${old.length} backings, ${regions.length} regions${m.ioas.size > 0 ? ` and ${m.ioas.size} IOAS(es)` : ''} republished; the window looked at ${looks} times and after the publish`, surprises };
+    return {
+      detail: `broker killed and restarted as pid ${w.broker.pid}${ownerAwayMs > 0 ? `, the owner away ${ownerAwayMs} ms` : ''}; ${old.length} backings, ${regions.length} regions${m.ioas.size > 0 ? ` and ${m.ioas.size} IOAS(es)` : ''} republished; the window looked at ${looks} times and after the publish`,
+      surprises,
+    };
   } finally {
     w.restart = undefined;
   }

@@ -62,7 +62,10 @@ async function step(w: World, forced?: FaultName): Promise<{ res: StepResult; fa
   }
   const d = w.drain();
   const detail = d.notes.length > 0 ? `${res.detail}; ${d.notes.join('; ')}` : res.detail;
-  return { res: { ...res, detail, surprises: [...res.surprises, ...d.surprises], judged: [...(res.judged ?? []), ...d.judged], moments: d.moments }, fault: f !== undefined };
+  return {
+    res: { ...res, detail, surprises: [...res.surprises, ...d.surprises], judged: [...(res.judged ?? []), ...d.judged], moments: d.moments },
+    fault: f !== undefined,
+  };
 }
 
 /** Takes everything down through the front door, checking after each client leaves. */
@@ -78,9 +81,18 @@ async function teardown(w: World, t: Tally): Promise<void> {
   }
   // The IOASes go first: RAM an IOVA mapping points into cannot be removed (MMB_ERR_RAM_MAPPED).
   for (const [name, maps] of [...w.model.ioas]) {
-    const u = maps.length > 0 ? await w.ioasCommit(name, maps.map((m) => ({ op: 'unmap', iova: m.iova, size: m.size }))) : undefined;
+    const u =
+      maps.length > 0
+        ? await w.ioasCommit(
+            name,
+            maps.map((m) => ({ op: 'unmap', iova: m.iova, size: m.size })),
+          )
+        : undefined;
     const d = await w.ioasDestroy(name);
-    const failed = [...(u && !u.ok ? [`unmapping everything in ${name} failed: ${u.err.code} ${u.err.message}`] : []), ...(d.ok ? [] : [`destroying ${name} failed: ${d.err.code} ${d.err.message}`])];
+    const failed = [
+      ...(u && !u.ok ? [`unmapping everything in ${name} failed: ${u.err.code} ${u.err.message}`] : []),
+      ...(d.ok ? [] : [`destroying ${name} failed: ${d.err.code} ${d.err.message}`]),
+    ];
     outcome({ op: 'teardown', detail: '', risky: false, surprises: failed }, t);
   }
   const names = w.model.list().map((r) => r.name);

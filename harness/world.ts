@@ -72,7 +72,9 @@ export class World {
       const pages = Math.max(2, Math.ceil(Math.min(this.opts.maxMapBytes, 2 ** 30) / size) + (size >= 2 ** 30 ? 1 : 0));
       this.huge = reserveHugePages(size, pages);
       if (this.huge.added === 0) {
-        throw new UnsupportedError(`--hugetlb ${size / 2 ** 20}M: no page could be reserved: ${this.huge.missing ?? 'unknown'} (run as root on a machine with free contiguous memory)`);
+        throw new UnsupportedError(
+          `--hugetlb ${size / 2 ** 20}M: no page could be reserved: ${this.huge.missing ?? 'unknown'} (run as root on a machine with free contiguous memory)`,
+        );
       }
     }
     this.broker = await BrokerProc.start(this.socket, SPACE, this.opts.ackTimeoutMs, undefined, this.opts.pipeline);
@@ -131,7 +133,16 @@ export class World {
       const name = `${kind}-${n}${attempt > 1 ? `.${attempt}` : ''}`;
       const backend = kind === 'bridge' ? await this.startBackend(name) : undefined;
       try {
-        const c = await spawnClient({ socket: this.socket, space: SPACE, kind, name, devices, ...(backend ? { backend } : {}), ...(ioas !== undefined ? { ioas } : {}), ...(opts.pinLimit !== undefined ? { pinLimit: opts.pinLimit } : {}) });
+        const c = await spawnClient({
+          socket: this.socket,
+          space: SPACE,
+          kind,
+          name,
+          devices,
+          ...(backend ? { backend } : {}),
+          ...(ioas !== undefined ? { ioas } : {}),
+          ...(opts.pinLimit !== undefined ? { pinLimit: opts.pinLimit } : {}),
+        });
         this.clients.push(c);
         return c;
       } catch (err) {
@@ -185,7 +196,15 @@ export class World {
   async joinBroken(broken: BrokenMode): Promise<ClientProc> {
     const kind = BROKEN_MODES[broken].kind;
     const ioas = kind === 'shadow' ? { ioas: FIRST_IOAS } : {};
-    const c = await spawnClient({ socket: this.socket, space: SPACE, kind, name: `${broken}-${this.nextClient++}`, devices: kind === 'vfio' || kind === 'shadow' ? ['dev0', 'dev1'] : [], broken, ...ioas });
+    const c = await spawnClient({
+      socket: this.socket,
+      space: SPACE,
+      kind,
+      name: `${broken}-${this.nextClient++}`,
+      devices: kind === 'vfio' || kind === 'shadow' ? ['dev0', 'dev1'] : [],
+      broken,
+      ...ioas,
+    });
     this.clients.push(c);
     return c;
   }
@@ -213,7 +232,9 @@ export class World {
 
   /** The broker logged evicting `c` and sending SIGKILL through its pidfds, and SIGKILL is what ended it. */
   evictedAndKilled(c: ClientProc): boolean {
-    return c.child.signalCode === 'SIGKILL' && this.broker.warned('evicting client', c.pid) && this.broker.warned('fencing: sent SIGKILL through pidfds', c.pid);
+    return (
+      c.child.signalCode === 'SIGKILL' && this.broker.warned('evicting client', c.pid) && this.broker.warned('fencing: sent SIGKILL through pidfds', c.pid)
+    );
   }
 
   /** Detaches a client (SIGTERM: it unmaps, unpins, closes); resolves with its exit code. */
@@ -226,10 +247,12 @@ export class World {
 
   /** A kind to add, favouring kinds below their configured count. */
   pickKind(): ClientKind {
-    const weights = Object.fromEntries(CLIENT_KINDS.map((k) => {
-      const want = this.opts.clients[k] ?? 0;
-      return [k, want === 0 ? 0 : Math.max(0.2, want - this.of(k).length + 1)];
-    })) as Record<ClientKind, number>;
+    const weights = Object.fromEntries(
+      CLIENT_KINDS.map((k) => {
+        const want = this.opts.clients[k] ?? 0;
+        return [k, want === 0 ? 0 : Math.max(0.2, want - this.of(k).length + 1)];
+      }),
+    ) as Record<ClientKind, number>;
     return this.rng.weighted(weights);
   }
 
@@ -324,15 +347,19 @@ export class World {
 
   /** Attaches a new owner connection (after a disconnect or a broker restart), retrying while the old one lingers. */
   async reattachOwner(): Promise<void> {
-    this.owner = await waitFor('the owner to reattach', async () => {
-      try {
-        return await OwnerClient.attach(this.ownerSocket, { space: SPACE, name: 'harness-owner' });
-      } catch (err) {
-        // The relay drops the connection when the broker does not take it (MMB_ERR_DISCONNECTED).
-        if (isMmbError(err, 'MMB_ERR_OWNER_EXISTS') || isMmbError(err, 'MMB_ERR_CONNECT') || isMmbError(err, 'MMB_ERR_DISCONNECTED')) return undefined;
-        throw err;
-      }
-    }, 20_000);
+    this.owner = await waitFor(
+      'the owner to reattach',
+      async () => {
+        try {
+          return await OwnerClient.attach(this.ownerSocket, { space: SPACE, name: 'harness-owner' });
+        } catch (err) {
+          // The relay drops the connection when the broker does not take it (MMB_ERR_DISCONNECTED).
+          if (isMmbError(err, 'MMB_ERR_OWNER_EXISTS') || isMmbError(err, 'MMB_ERR_CONNECT') || isMmbError(err, 'MMB_ERR_DISCONNECTED')) return undefined;
+          throw err;
+        }
+      },
+      20_000,
+    );
   }
 
   async close(): Promise<void> {

@@ -296,10 +296,14 @@ function load(): Native {
     } catch {
       // none shipped (a checkout before `npm run prebuilds`)
     }
-    const prebuilt = shipped.length > 0 ? `the package's prebuilt ones are for ${shipped.sort().join(' and ')} (glibc 2.33 or later)` : 'the package has no prebuilt one';
-    throw new Error(`memmap-broker: no native addon for ${platform}: ${prebuilt} and none was compiled here (no ${path.join(root, 'build/Release')}); ${rebuild}`, {
-      cause: err,
-    });
+    const prebuilt =
+      shipped.length > 0 ? `the package's prebuilt ones are for ${shipped.sort().join(' and ')} (glibc 2.33 or later)` : 'the package has no prebuilt one';
+    throw new Error(
+      `memmap-broker: no native addon for ${platform}: ${prebuilt} and none was compiled here (no ${path.join(root, 'build/Release')}); ${rebuild}`,
+      {
+        cause: err,
+      },
+    );
   }
   try {
     return require(file) as Native;
@@ -340,7 +344,12 @@ export function filePageSize(fd: number): number {
 
 /** A page size for messages: "4 KiB", "2 MiB", "1 GiB". */
 export function pageSizeName(bytes: number): string {
-  for (const [unit, n] of [['GiB', 2 ** 30], ['MiB', 2 ** 20], ['KiB', 2 ** 10]] as const) if (bytes >= n && bytes % n === 0) return `${bytes / n} ${unit}`;
+  for (const [unit, n] of [
+    ['GiB', 2 ** 30],
+    ['MiB', 2 ** 20],
+    ['KiB', 2 ** 10],
+  ] as const)
+    if (bytes >= n && bytes % n === 0) return `${bytes / n} ${unit}`;
   return `${bytes} bytes`;
 }
 

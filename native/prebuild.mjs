@@ -68,7 +68,19 @@ async function build(arch, target) {
     fs.cpSync(path.join(ROOT, 'native/src'), path.join(stage, 'native/src'), { recursive: true });
     await new Promise((resolve, reject) =>
       prebuildify(
-        { cwd: stage, out: ROOT, name: NAME, napi: true, targets: [{ runtime: 'node', target: process.versions.node }], strip: true, stripBin: target.strip, tagLibc: true, arch, platform: 'linux', nodeGyp: NODE_GYP },
+        {
+          cwd: stage,
+          out: ROOT,
+          name: NAME,
+          napi: true,
+          targets: [{ runtime: 'node', target: process.versions.node }],
+          strip: true,
+          stripBin: target.strip,
+          tagLibc: true,
+          arch,
+          platform: 'linux',
+          nodeGyp: NODE_GYP,
+        },
         (err) => (err ? reject(err) : resolve()),
       ),
     );
@@ -83,7 +95,9 @@ async function build(arch, target) {
 
 async function main() {
   if (os.platform() !== 'linux') throw new Error('prebuilds are made on Linux (the package is Linux-only)');
-  const missing = Object.entries(TARGETS).filter(([, t]) => !has(t.cc)).map(([arch, t]) => `linux-${arch} needs ${t.cc} (Debian: ${t.apt})`);
+  const missing = Object.entries(TARGETS)
+    .filter(([, t]) => !has(t.cc))
+    .map(([arch, t]) => `linux-${arch} needs ${t.cc} (Debian: ${t.apt})`);
   if (process.argv.includes('--check-all')) {
     if (missing.length > 0) throw new Error(`a release ships every prebuild: ${missing.join('; ')}`);
     return;

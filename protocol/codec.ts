@@ -52,6 +52,8 @@ function walk(b: Uint8Array, visit: (code: number, at: number, dv: DataView, b: 
     const c = b[i] as number;
     visit(c, i, dv, b);
     remaining--;
+    // One msgpack type byte (or range) per line, read as a table: not reflowed by Prettier.
+    // prettier-ignore
     if (c <= 0x7f || c >= 0xe0 || c === 0xc0 || c === 0xc2 || c === 0xc3) i += 1;
     else if (c <= 0x8f) (remaining += 2 * (c & 0x0f)), (i += 1);
     else if (c <= 0x9f) (remaining += c & 0x0f), (i += 1);

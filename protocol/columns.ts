@@ -123,7 +123,7 @@ export function decodeRegionColumns(bin: Uint8Array, path = 'columns'): Region[]
   // name itself when it is ASCII. A name with other bytes is decoded on its own, after checking its UTF-8.
   const buf = Buffer.from(bin.buffer, bin.byteOffset, bin.byteLength);
   const all = buf.toString('latin1', namesAt);
-  const regions: Region[] = new Array(n);
+  const regions = new Array<Region>(n);
   let at = namesAt;
   for (let i = 0; i < n; i++) {
     const len = bin[lengthAt + i] as number;

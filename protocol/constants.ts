@@ -50,9 +50,7 @@ export const Msg = {
 } as const;
 export type MsgId = (typeof Msg)[keyof typeof Msg];
 
-export const MSG_NAMES: Readonly<Record<number, string>> = Object.fromEntries(
-  Object.entries(Msg).map(([name, id]) => [id, name]),
-);
+export const MSG_NAMES: Readonly<Record<number, string>> = Object.fromEntries(Object.entries(Msg).map(([name, id]) => [id, name]));
 
 /** Feature bits, negotiated in HELLO: the broker answers with the intersection of both sides' bits. */
 export const Feature = {

@@ -14,7 +14,8 @@ export function checkDmaRules(rules: DmaRules): void {
   for (const key of ['chunkBytes', 'pieceBytes'] as const) {
     const v = rules[key];
     if (v === undefined) continue;
-    if (v < PAGE || v % PAGE !== 0 || v > GPA_LIMIT) throw new InvalidArgError(`REPORT.dma.${key} ${hex(v)} must be a positive multiple of 4 KiB, at most 2^52`);
+    if (v < PAGE || v % PAGE !== 0 || v > GPA_LIMIT)
+      throw new InvalidArgError(`REPORT.dma.${key} ${hex(v)} must be a positive multiple of 4 KiB, at most 2^52`);
   }
   const a = rules.align;
   if (a === undefined) return;

@@ -33,6 +33,8 @@ interface ErrorSpec {
   readonly summary: string;
 }
 
+// One line per code, read as a table (docs/errors.md lists the same rows): not reflowed by Prettier.
+// prettier-ignore
 export const ERROR_TABLE = {
   // --- framing and message shape ---
   MMB_ERR_FRAME_TOO_LARGE: { errno: 'E2BIG', summary: 'A frame body is longer than the negotiated maximum frame size.' },
@@ -201,12 +203,7 @@ export class MmbError extends Error {
 }
 
 export function isMmbError(err: unknown, code?: ErrorCode): err is MmbError {
-  return (
-    typeof err === 'object' &&
-    err !== null &&
-    (err as Record<symbol, unknown>)[BRAND] === true &&
-    (code === undefined || (err as MmbError).code === code)
-  );
+  return typeof err === 'object' && err !== null && (err as Record<symbol, unknown>)[BRAND] === true && (code === undefined || (err as MmbError).code === code);
 }
 
 type MmbErrorClass = new (message: string, options?: MmbErrorOptions) => MmbError;

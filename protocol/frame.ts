@@ -9,14 +9,7 @@
 // wrong count, is a protocol error (MMB_ERR_FD_MISMATCH): the fds are closed and the connection dropped.
 import { HEADER_SIZE, MSG_NAMES } from './constants.js';
 import { decodeBody, decodeSmallMap, encodeBody, scanBody } from './codec.js';
-import {
-  BadFrameError,
-  BadMessageError,
-  FdMismatchError,
-  FrameTooLargeError,
-  TooManyFdsError,
-  type MmbError,
-} from './errors.js';
+import { BadFrameError, BadMessageError, FdMismatchError, FrameTooLargeError, TooManyFdsError, type MmbError } from './errors.js';
 import { isPlainMap } from './schema.js';
 
 export interface FrameLimits {

@@ -4,22 +4,7 @@
 import { Feature, Msg } from './constants.js';
 import { PROTOCOL_MAXIMA as L } from './limits.js';
 import { decodeRegionColumns } from './columns.js';
-import {
-  array,
-  bin,
-  bool,
-  either,
-  literal,
-  object,
-  optional,
-  str,
-  tagged,
-  u32,
-  uint,
-  unknownValue,
-  type Infer,
-  type Schema,
-} from './schema.js';
+import { array, bin, bool, either, literal, object, optional, str, tagged, u32, uint, unknownValue, type Infer, type Schema } from './schema.js';
 import type { Gpa, Iova, Offset } from './address.js';
 
 const name = () => str(L.maxNameBytes, { minBytes: 1, printable: true });
@@ -431,7 +416,13 @@ export const detachResult = object({});
 export const delegateResult = object({});
 export const backingDropResult = object({ released: bool() });
 /** `entries`: oldest first; `more`: older entries exist (ask again with `before` = the first entry's seq). */
-export const historyResult = object({ space: name(), epoch: str(64, { minBytes: 1, printable: true }), generation: uint(), entries: array(historyEntry, 1 << 16), more: bool() });
+export const historyResult = object({
+  space: name(),
+  epoch: str(64, { minBytes: 1, printable: true }),
+  generation: uint(),
+  entries: array(historyEntry, 1 << 16),
+  more: bool(),
+});
 /** Feature IOAS: the IOAS's generation after the request; a commit also says how many bytes it mapped and unmapped. */
 export const ioasResult = object({ generation: uint(), mapped: optional(addr()), unmapped: optional(addr()) });
 export const commitResult = object({
@@ -560,13 +551,15 @@ export interface MessageSpec {
 }
 
 const none: FdRule = { kind: 'none' };
-const spec = (
-  id: number,
-  name: string,
-  direction: Direction,
-  schema: Schema<unknown>,
-  extra: Partial<MessageSpec> = {},
-): MessageSpec => ({ id, name, direction, schema, fds: none, feature: 0, ...extra });
+const spec = (id: number, name: string, direction: Direction, schema: Schema<unknown>, extra: Partial<MessageSpec> = {}): MessageSpec => ({
+  id,
+  name,
+  direction,
+  schema,
+  fds: none,
+  feature: 0,
+  ...extra,
+});
 
 export const MESSAGES: ReadonlyMap<number, MessageSpec> = new Map(
   [

@@ -144,9 +144,7 @@ type Fields = Record<string, Schema<unknown>>;
 type OptionalKeys<F extends Fields> = { [K in keyof F]: F[K] extends OptionalSchema<unknown> ? K : never }[keyof F];
 type RequiredKeys<F extends Fields> = Exclude<keyof F, OptionalKeys<F>>;
 type Simplify<T> = { [K in keyof T]: T[K] } & {};
-export type ObjectOf<F extends Fields> = Simplify<
-  { [K in RequiredKeys<F>]: Infer<F[K]> } & { [K in OptionalKeys<F>]?: Exclude<Infer<F[K]>, undefined> }
->;
+export type ObjectOf<F extends Fields> = Simplify<{ [K in RequiredKeys<F>]: Infer<F[K]> } & { [K in OptionalKeys<F>]?: Exclude<Infer<F[K]>, undefined> }>;
 
 export interface ObjectSchema<F extends Fields> extends Schema<ObjectOf<F>> {
   readonly fields: F;
@@ -154,7 +152,7 @@ export interface ObjectSchema<F extends Fields> extends Schema<ObjectOf<F>> {
 
 export function isPlainMap(v: unknown): v is Record<string, unknown> {
   if (typeof v !== 'object' || v === null || Array.isArray(v)) return false;
-  const proto = Object.getPrototypeOf(v);
+  const proto: unknown = Object.getPrototypeOf(v);
   return proto === Object.prototype || proto === null;
 }
 

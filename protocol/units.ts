@@ -35,14 +35,19 @@ export function parseAddress(text: string, what = 'address'): number {
       n = NaN;
     }
   }
-  if (!Number.isSafeInteger(n) || n >= GPA_LIMIT) throw new InvalidArgError(`${what} ${JSON.stringify(text)} is not an address below 2^52 (0x100000000, 4294967296 or 4G)`);
+  if (!Number.isSafeInteger(n) || n >= GPA_LIMIT)
+    throw new InvalidArgError(`${what} ${JSON.stringify(text)} is not an address below 2^52 (0x100000000, 4294967296 or 4G)`);
   return n;
 }
 
-
 /** An exact size in the largest IEC unit it is a whole multiple of: "128 MiB", "2 GiB", "12 KiB", "812 B". */
 export function formatSize(bytes: number): string {
-  for (const [unit, scale] of [['TiB', 2 ** 40], ['GiB', 2 ** 30], ['MiB', 2 ** 20], ['KiB', 2 ** 10]] as const) {
+  for (const [unit, scale] of [
+    ['TiB', 2 ** 40],
+    ['GiB', 2 ** 30],
+    ['MiB', 2 ** 20],
+    ['KiB', 2 ** 10],
+  ] as const) {
     if (bytes >= scale && bytes % scale === 0) return `${bytes / scale} ${unit}`;
   }
   return bytes >= 2 ** 10 ? formatBytes(bytes) : `${bytes} B`;

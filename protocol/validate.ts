@@ -25,8 +25,7 @@ function check(frame: Frame, side: Side, features: number): { spec: MessageSpec;
     }
   }
   const message = spec.schema.parse(frame.body, spec.name) as Record<string, unknown>;
-  const want =
-    spec.fds.kind === 'none' ? 0 : spec.fds.kind === 'one' ? 1 : (message[spec.fds.field] as unknown[]).length;
+  const want = spec.fds.kind === 'none' ? 0 : spec.fds.kind === 'one' ? 1 : (message[spec.fds.field] as unknown[]).length;
   if (frame.fds.length !== want) {
     throw new FdMismatchError(`${spec.name} takes ${want} descriptor(s), ${frame.fds.length} arrived`);
   }

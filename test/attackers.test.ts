@@ -72,7 +72,7 @@ describe.runIf(run)('local attackers (uid 65534)', () => {
       native.munmap(view);
     });
 
-    it('what holds against which uid: the memfd\'s own uid can chmod it back (documented); root keeps CAP_DAC_OVERRIDE; a write-sealed backing holds against root too', async () => {
+    it("what holds against which uid: the memfd's own uid can chmod it back (documented); root keeps CAP_DAC_OVERRIDE; a write-sealed backing holds against root too", async () => {
       const { b, socket } = openBroker({ access: { subscribers: { uids: [0, NOBODY] } } });
       const owner = await ownerOf(b);
       const rom = await owner.createBacking(4 * MiB, 'rom');
@@ -80,7 +80,10 @@ describe.runIf(run)('local attackers (uid 65534)', () => {
       await owner.addRegion({ name: 'rom', gpa: 0, size: 4 * MiB, backing: rom.backing, readonly: true });
       // uid 0 without capabilities is the inode's owner (this process, root, created the memfd): mode 0
       // stops its reopen, but it may change the mode back. Nothing protects a memfd from its creator's uid.
-      const noCaps = await attack(['ro', socket, 'vm0'], ['--reuid', '0', '--regid', '0', '--clear-groups', '--inh-caps', '-all', '--bounding-set', '-all']).line((l) => l.done === 'ro');
+      const noCaps = await attack(
+        ['ro', socket, 'vm0'],
+        ['--reuid', '0', '--regid', '0', '--clear-groups', '--inh-caps', '-all', '--bounding-set', '-all'],
+      ).line((l) => l.done === 'ro');
       expect(noCaps).toMatchObject({ uid: 0, reopen: 'EACCES', chmod: 'ok', reopenAfterChmod: 'ok', wrote: true });
       // Memory the owner sealed against writes stays unwritten even by root with every capability.
       const sealed = await owner.createBacking(4 * MiB, 'sealed-rom', { contents: Buffer.from('boot'), sealWrites: true });
@@ -103,7 +106,13 @@ describe.runIf(run)('local attackers (uid 65534)', () => {
       const socket = path.join(dir, 'b.sock');
       // The broker in its own process with a small RLIMIT_NOFILE, so the flood would exhaust it quickly.
       const logs: string[] = [];
-      const broker = await BrokerProc.start({ socket, spaces: ['vm0'], args: ['--socket-mode', '666'], prefix: ['prlimit', '--nofile=1024:1024', '--'], onLine: (l) => logs.push(JSON.stringify(l)) });
+      const broker = await BrokerProc.start({
+        socket,
+        spaces: ['vm0'],
+        args: ['--socket-mode', '666'],
+        prefix: ['prlimit', '--nofile=1024:1024', '--'],
+        onLine: (l) => logs.push(JSON.stringify(l)),
+      });
       broker.child.stderr?.on('data', (d: string) => logs.push(d));
       defer(async () => void (await broker.stop('SIGTERM')));
       const baseline = fdCount(broker.pid);
@@ -137,14 +146,27 @@ describe.runIf(run)('local attackers (uid 65534)', () => {
     it('connections that do not say HELLO, or do not attach, are closed at their deadline; per uid only a few may wait; an owner still connects', async () => {
       const { b, socket } = openBroker({ connection: { helloTimeoutMs: 300, unattachedIdleMs: 300, maxUnattachedPerUid: 4 } });
       const silent = attack(['hold', socket, '6']);
-      const closed = (p: typeof silent, n: number) => waitFor(`${n} connections closed`, () => p.lines.filter((l) => (l as { closed?: number }).closed !== undefined).length >= n);
+      const closed = (p: typeof silent, n: number) =>
+        waitFor(`${n} connections closed`, () => p.lines.filter((l) => (l as { closed?: number }).closed !== undefined).length >= n);
       await silent.line((l) => l.held === 6);
       await closed(silent, 6);
       const codes = silent.lines.flatMap((l) => (l as { codes?: string[] }).codes ?? []).sort();
-      expect(codes).toEqual(['MMB_ERR_CONNECTION_LIMIT', 'MMB_ERR_CONNECTION_LIMIT', 'MMB_ERR_HANDSHAKE_TIMEOUT', 'MMB_ERR_HANDSHAKE_TIMEOUT', 'MMB_ERR_HANDSHAKE_TIMEOUT', 'MMB_ERR_HANDSHAKE_TIMEOUT']);
+      expect(codes).toEqual([
+        'MMB_ERR_CONNECTION_LIMIT',
+        'MMB_ERR_CONNECTION_LIMIT',
+        'MMB_ERR_HANDSHAKE_TIMEOUT',
+        'MMB_ERR_HANDSHAKE_TIMEOUT',
+        'MMB_ERR_HANDSHAKE_TIMEOUT',
+        'MMB_ERR_HANDSHAKE_TIMEOUT',
+      ]);
       const idle = attack(['hold', socket, '2', 'hello']);
       await closed(idle, 2);
-      expect(idle.lines.flatMap((l) => (l as { codes?: string[] }).codes ?? [])).toEqual(['reply', 'MMB_ERR_HANDSHAKE_TIMEOUT', 'reply', 'MMB_ERR_HANDSHAKE_TIMEOUT']);
+      expect(idle.lines.flatMap((l) => (l as { codes?: string[] }).codes ?? [])).toEqual([
+        'reply',
+        'MMB_ERR_HANDSHAKE_TIMEOUT',
+        'reply',
+        'MMB_ERR_HANDSHAKE_TIMEOUT',
+      ]);
       // While four wait (the most one uid may), the owner connects and works.
       const waiting = attack(['hold', socket, '4']);
       await waiting.line((l) => l.held === 4);
@@ -204,7 +226,7 @@ describe.runIf(run)('local attackers (uid 65534)', () => {
       expect(r.stderr).toContain('chmod 600');
     });
 
-    it('a writer that scribbles on a dirty bitmap\'s header word neither breaks DIRTY_SYNC nor loses a bit', async () => {
+    it("a writer that scribbles on a dirty bitmap's header word neither breaks DIRTY_SYNC nor loses a bit", async () => {
       const { b, socket } = openBroker(subscribersToo);
       const owner = await ownerOf(b);
       const ram = await owner.createBacking(4 * MiB, 'ram');
@@ -220,7 +242,10 @@ describe.runIf(run)('local attackers (uid 65534)', () => {
       };
       // Garbage, then a valid but wrong half (two syncs later the broker's active half is 0 again, so 1 is
       // wrong): honest writes after each must all be reported.
-      for (const [value, written] of [['3735928559', [3, 77, 1000]], ['1', [5, 600]]] as const) {
+      for (const [value, written] of [
+        ['3735928559', [3, 77, 1000]],
+        ['1', [5, 600]],
+      ] as const) {
         const scribbler = attack(['dirty', socket, 'vm0', value]);
         expect(await scribbler.line((l) => l.done === 'dirty')).toMatchObject({ scribbled: 1 });
         for (const p of written) honest.memory.write(p * PAGE, Buffer.from('x'));
@@ -256,5 +281,7 @@ describe.runIf(run)('local attackers (uid 65534)', () => {
 
 /** A shell command run as uid 65534 (for planting files), to completion. */
 function asNobodyShell(cmd: string[]): ReturnType<typeof spawnSync> & { stdout: string } {
-  return spawnSync('setpriv', ['--reuid', String(NOBODY), '--regid', String(NOBODY), '--clear-groups', '--', ...cmd], { encoding: 'utf8' }) as ReturnType<typeof spawnSync> & { stdout: string };
+  return spawnSync('setpriv', ['--reuid', String(NOBODY), '--regid', String(NOBODY), '--clear-groups', '--', ...cmd], { encoding: 'utf8' }) as ReturnType<
+    typeof spawnSync
+  > & { stdout: string };
 }

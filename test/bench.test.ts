@@ -15,7 +15,13 @@ import { IN_CI } from './helpers/ci.js';
 
 const root = path.resolve(import.meta.dirname, '..');
 const node = (script: string, args: string[], env: Record<string, string> = {}) =>
-  execFileSync(process.execPath, [path.join(root, 'dist', 'bench', script), ...args], { cwd: root, encoding: 'utf8', env: { ...process.env, ...env }, timeout: 240_000, maxBuffer: 1 << 26 });
+  execFileSync(process.execPath, [path.join(root, 'dist', 'bench', script), ...args], {
+    cwd: root,
+    encoding: 'utf8',
+    env: { ...process.env, ...env },
+    timeout: 240_000,
+    maxBuffer: 1 << 26,
+  });
 
 interface Measurement {
   name: string;
@@ -112,7 +118,10 @@ function checkShape(r: Result, bench: string): void {
       const ratios = [m.median / m.peer.median, m.peer.median / m.median];
       // (Within 1%: a benchmark may round its figures for display and compute the ratio from the unrounded.)
       // (A short run under load can fit a negative slope: the tolerance is on the magnitude.)
-      expect(ratios.some((x) => Math.abs(x - m.ratio!) <= 0.01 * Math.abs(x)), `${m.name}: ratio ${m.ratio} of ${m.median} and ${m.peer.median}`).toBe(true);
+      expect(
+        ratios.some((x) => Math.abs(x - m.ratio!) <= 0.01 * Math.abs(x)),
+        `${m.name}: ratio ${m.ratio} of ${m.median} and ${m.peer.median}`,
+      ).toBe(true);
     }
   }
 }
@@ -203,9 +212,17 @@ describe('the translation benchmark and the committed report', () => {
     const { dir, md } = render(path.join(root, 'bench', 'results'));
     expect(md).toBe(fs.readFileSync(path.join(root, 'docs', 'performance.md'), 'utf8'));
     // The same charts (docs/performance-*.svg are the report's), then the same contents.
-    const svgs = fs.readdirSync(dir).filter((x) => x.endsWith('.svg')).sort();
+    const svgs = fs
+      .readdirSync(dir)
+      .filter((x) => x.endsWith('.svg'))
+      .sort();
     expect(svgs.length).toBeGreaterThan(0);
-    expect(svgs).toEqual(fs.readdirSync(path.join(root, 'docs')).filter((x) => x.startsWith('performance-') && x.endsWith('.svg')).sort());
+    expect(svgs).toEqual(
+      fs
+        .readdirSync(path.join(root, 'docs'))
+        .filter((x) => x.startsWith('performance-') && x.endsWith('.svg'))
+        .sort(),
+    );
     for (const f of svgs) {
       expect(fs.readFileSync(path.join(dir, f), 'utf8'), f).toBe(fs.readFileSync(path.join(root, 'docs', f), 'utf8'));
     }

@@ -129,10 +129,12 @@ describe('refusals before anything changes', () => {
   it('two adds in one transaction that overlap each other', async () => {
     const { owner, ram } = await setup();
     expect(
-      await codeOf(owner.commit([
-        { op: 'add', name: 'a', gpa: 0, size: 8 * MiB, backing: ram.backing, offset: 0 },
-        { op: 'add', name: 'b', gpa: 4 * MiB, size: 8 * MiB, backing: ram.backing, offset: 0 },
-      ])),
+      await codeOf(
+        owner.commit([
+          { op: 'add', name: 'a', gpa: 0, size: 8 * MiB, backing: ram.backing, offset: 0 },
+          { op: 'add', name: 'b', gpa: 4 * MiB, size: 8 * MiB, backing: ram.backing, offset: 0 },
+        ]),
+      ),
     ).toBe('MMB_ERR_OVERLAP');
   });
 
@@ -265,7 +267,12 @@ describe('rollback and eviction (in-process: same semantics as over the socket)'
     expect(slow.regions()).toHaveLength(0);
     expect(memfdMaps(process.pid, 'ram')).toHaveLength(0);
     // Nobody was evicted: stopping early is not a failure.
-    expect(broker.status('vm0').spaces[0]!.clients.map((c) => c.name).sort()).toEqual(['owner', 'picky', 'slow']);
+    expect(
+      broker
+        .status('vm0')
+        .spaces[0]!.clients.map((c) => c.name)
+        .sort(),
+    ).toEqual(['owner', 'picky', 'slow']);
   });
 
   it('the next transaction after a rollback reuses the generation number', async () => {

@@ -13,15 +13,7 @@ import { afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { Broker } from '../broker/index.js';
 import { OwnerClient, type CreatedBacking } from '../clients/index.js';
 import { constants, native, type Mapping } from '../native/index.js';
-import {
-  FrameDecoder,
-  MESSAGES,
-  encodeFrame,
-  isMmbError,
-  parseToBroker,
-  parseToClient,
-  type Frame,
-} from '../protocol/index.js';
+import { FrameDecoder, MESSAGES, encodeFrame, isMmbError, parseToBroker, parseToClient, type Frame } from '../protocol/index.js';
 import { SAMPLES } from './fixtures/samples.js';
 import { IN_CI } from './helpers/ci.js';
 import { LineProc, buildCExample, missingCToolchain } from './helpers/examples.js';
@@ -61,7 +53,9 @@ async function until<T>(what: string, fn: () => T | undefined | false, timeoutMs
 
 /** The ranges of `pid`'s address space that map the memfd called `name` (as /proc/PID/maps shows it). */
 const memfdRanges = (pid: number, name: string): { start: number; size: number; perms: string }[] =>
-  memfdMappings(pid).filter((m) => m.memfd === name).map((m) => ({ start: m.start, size: m.end - m.start, perms: m.perms }));
+  memfdMappings(pid)
+    .filter((m) => m.memfd === name)
+    .map((m) => ({ start: m.start, size: m.end - m.start, perms: m.perms }));
 
 /** This process's open fds, by number, with what they point at. */
 const openFds = (): Map<string, string> => fdTargets('self');
@@ -69,7 +63,11 @@ const openFds = (): Map<string, string> => fdTargets('self');
 /** Waits until this process holds exactly the fds of `baseline` again (the broker closes a peer's socket
  *  once it notices the EOF). */
 async function expectFdsBack(baseline: Map<string, string>): Promise<void> {
-  const describe = (m: Map<string, string>) => [...m].map(([k, v]) => `${k}->${v}`).sort().join(', ');
+  const describe = (m: Map<string, string>) =>
+    [...m]
+      .map(([k, v]) => `${k}->${v}`)
+      .sort()
+      .join(', ');
   const want = describe(baseline);
   try {
     await until('fds back to baseline', () => describe(openFds()) === want, 5000);
@@ -84,7 +82,10 @@ const hex = (b: Uint8Array) => Buffer.from(b).toString('hex');
 function tsDecode(bytes: Buffer, nfds: number): { nfds: number; message: unknown } | { error: string } {
   const d = new FrameDecoder(LIMITS);
   try {
-    d.push(bytes, Array.from({ length: nfds }, (_, i) => 1000 + i)); // carried, never touched
+    d.push(
+      bytes,
+      Array.from({ length: nfds }, (_, i) => 1000 + i),
+    ); // carried, never touched
     const frame = d.next();
     if (!frame) return { error: 'incomplete' };
     return { nfds: frame.fds.length, message: parseToClient(frame, 0xffff_ffff) };
@@ -181,14 +182,23 @@ describe.skipIf(skip)(`C subscriber${skip ? ` (skipped: ${missing}; apt-get inst
       fs.rmSync(dir, { recursive: true, force: true });
     });
 
-    it('reads the owner\'s pattern through its own mapping and writes bytes the owner sees', async () => {
+    it("reads the owner's pattern through its own mapping and writes bytes the owner sees", async () => {
       const WRITE = randomBytes(32);
       const guest = new Uint8Array(ramMap.buffer);
       expect(guest.subarray(0x5000, 0x5000 + 32).every((b) => b === 0)).toBe(true);
       const c = start([
-        '--name', 'c-reader',
-        '--expect-gpa', '0x2000', '--expect-len', '64', '--expect-hex', hex(PATTERN),
-        '--write-gpa', '0x5000', '--write-hex', hex(WRITE),
+        '--name',
+        'c-reader',
+        '--expect-gpa',
+        '0x2000',
+        '--expect-len',
+        '64',
+        '--expect-hex',
+        hex(PATTERN),
+        '--write-gpa',
+        '0x5000',
+        '--write-hex',
+        hex(WRITE),
       ]);
       const mapped = await c.waitFor(/^mapped name=ram id=\d+ gpa=0x0 size=0x1000000 backing=\d+ offset=0x0 prot=rw addr=0x([0-9a-f]+)$/);
       await c.waitFor(/^pattern ok gpa=0x2000 len=64$/);
@@ -214,7 +224,7 @@ describe.skipIf(skip)(`C subscriber${skip ? ` (skipped: ${missing}; apt-get inst
       await expectFdsBack(baseline);
     });
 
-    it('presents a space\'s token from --token-file (feature AUTH); a wrong token is refused with MMB_ERR_PERMISSION', async () => {
+    it("presents a space's token from --token-file (feature AUTH); a wrong token is refused with MMB_ERR_PERMISSION", async () => {
       broker.createSpace('sealed', { access: { token: 'c-token-0123456789abcdef' } });
       const good = path.join(dir, 'good-token');
       const bad = path.join(dir, 'bad-token');
@@ -235,8 +245,20 @@ describe.skipIf(skip)(`C subscriber${skip ? ` (skipped: ${missing}; apt-get inst
 
     it('maps a hotplugged backing before acking, unmaps it on removal and closes it when it is gone', async () => {
       const GPA = 1 << 30;
-      const c = start(['--name', 'c-hotplug', '--expect-gpa', `${GPA + 0x1000}`, '--expect-len', '16', '--expect-hex', '00'.repeat(8) + 'ff'.repeat(8),
-        '--write-gpa', `${GPA + 0x3000}`, '--write-hex', 'c0ffee']);
+      const c = start([
+        '--name',
+        'c-hotplug',
+        '--expect-gpa',
+        `${GPA + 0x1000}`,
+        '--expect-len',
+        '16',
+        '--expect-hex',
+        '00'.repeat(8) + 'ff'.repeat(8),
+        '--write-gpa',
+        `${GPA + 0x3000}`,
+        '--write-hex',
+        'c0ffee',
+      ]);
       const once = start(['--name', 'c-once', '--exit-after-gen', '2']);
       await c.waitFor(/^synced gen=1 regions=1$/);
       await once.waitFor(/^synced gen=1 regions=1$/);
@@ -345,7 +367,11 @@ describe.skipIf(skip)(`C subscriber${skip ? ` (skipped: ${missing}; apt-get inst
         { op: 'add', name: 'alias', gpa: GPA, size: 2 * MiB, backing: ram.backing, offset: 0 },
       ]);
       expect(memfdRanges(c.pid, 'rom')).toEqual([]);
-      expect(memfdRanges(c.pid, 'ram').map((m) => m.size).sort((x, y) => x - y)).toEqual([2 * MiB, 16 * MiB]);
+      expect(
+        memfdRanges(c.pid, 'ram')
+          .map((m) => m.size)
+          .sort((x, y) => x - y),
+      ).toEqual([2 * MiB, 16 * MiB]);
       await c.waitFor(/^committed gen=4$/);
       expect(await c.stop()).toEqual({ code: 0, signal: null });
     });
@@ -371,7 +397,19 @@ describe.skipIf(skip)(`C subscriber${skip ? ` (skipped: ${missing}; apt-get inst
           for (let f = d.next(); f; f = d.next()) {
             received.push(f);
             const msg = parseToBroker(f, 0);
-            if (msg.t === 1) s.write(frameOf({ t: 32, id: msg.id, result: { version: 1, features: 0, broker: 'fake', limits: { maxFrameBytes: 1 << 20, maxFdsPerFrame: 64, maxOpsPerCommit: 4096, maxNameBytes: 64 } } }));
+            if (msg.t === 1)
+              s.write(
+                frameOf({
+                  t: 32,
+                  id: msg.id,
+                  result: {
+                    version: 1,
+                    features: 0,
+                    broker: 'fake',
+                    limits: { maxFrameBytes: 1 << 20, maxFdsPerFrame: 64, maxOpsPerCommit: 4096, maxNameBytes: 64 },
+                  },
+                }),
+              );
             if (msg.t === 3) {
               s.write(frameOf({ t: 32, id: msg.id, result: { client: 1, epoch: 'e1', generation: 0, sync: 'snapshot' } }));
               s.write(frameOf({ t: 35, seq: 1, epoch: 'e1', generation: 0, mode: 'snapshot', part: 0, last: true, regions: [], removed: [], color: 'red' }));
@@ -448,7 +486,11 @@ describe.skipIf(skip)(`C subscriber${skip ? ` (skipped: ${missing}; apt-get inst
       ['key of another op', frameOf({ t: 36, seq: 1, generation: 2, ops: [{ op: 'remove', region: 1, readonly: true }] }), 'MMB_ERR_BAD_MESSAGE'],
       ['control character in a name', frameOf({ t: 33, backings: [{ backing: 1, size: 4096, name: 'a\nb' }] }, 1), 'MMB_ERR_BAD_MESSAGE'],
       ['empty name', frameOf({ t: 33, backings: [{ backing: 1, size: 4096, name: '' }] }, 1), 'MMB_ERR_BAD_MESSAGE'],
-      ['bin where a string belongs', rawFrame(`82${str('t')}28${str('error')}83${str('code')}c4024142${str('errno')}${str('E')}${str('message')}a0`), 'MMB_ERR_BAD_MESSAGE'],
+      [
+        'bin where a string belongs',
+        rawFrame(`82${str('t')}28${str('error')}83${str('code')}c4024142${str('errno')}${str('E')}${str('message')}a0`),
+        'MMB_ERR_BAD_MESSAGE',
+      ],
       ['unknown message id', frameOf({ t: 63 }), 'MMB_ERR_UNKNOWN_MESSAGE'],
       ['body is an array', rawFrame('9101'), 'MMB_ERR_BAD_FRAME'],
       ['no integer t', frameOf({ t: 'x' }), 'MMB_ERR_BAD_FRAME'],

@@ -70,7 +70,10 @@ describe('DirtyLog.mark', () => {
     ];
     const maps = infos.map(bitmapFd);
     views.push(...maps.map((m) => m.view));
-    log.add(infos, maps.map((m) => m.fd));
+    log.add(
+      infos,
+      maps.map((m) => m.fd),
+    );
     const [m5, m1, m2, m3] = maps.map((m) => m.view) as [Mapping, Mapping, Mapping, Mapping];
 
     log.mark(95 * DIRTY_PAGE_SIZE + 17, 10 * DIRTY_PAGE_SIZE); // pages 95..105: end of 1, start of 2
@@ -88,7 +91,10 @@ describe('DirtyLog.mark', () => {
     expect(runs(m3, 64, 1)).toEqual([[0, 2]]);
     expect(runs(m3, 64, 0)).toEqual([[63, 1]]);
     await log.flush(() => log.mark(210 * DIRTY_PAGE_SIZE, DIRTY_PAGE_SIZE));
-    expect(runs(m3, 64, 0)).toEqual([[10, 1], [63, 1]]);
+    expect(runs(m3, 64, 0)).toEqual([
+      [10, 1],
+      [63, 1],
+    ]);
 
     // markBits: a bitmap not matching a region exactly goes through the runs.
     const bits = new Uint8Array(2);

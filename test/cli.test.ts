@@ -11,7 +11,12 @@ let broker: BrokerProc;
 const attached: JsonProc[] = [];
 
 interface StatusJson {
-  spaces: { name: string; generation: number; regions: { name: string; gpa: number; size: number; readonly: boolean }[]; clients: { kind: string; role: string; pid: number; ackedGeneration: number; name: string }[] }[];
+  spaces: {
+    name: string;
+    generation: number;
+    regions: { name: string; gpa: number; size: number; readonly: boolean }[];
+    clients: { kind: string; role: string; pid: number; ackedGeneration: number; name: string }[];
+  }[];
 }
 
 async function statusJson(): Promise<StatusJson> {
@@ -24,7 +29,9 @@ beforeAll(async () => {
   socket = path.join(tempDir(), 'run', 'mmb.sock');
   broker = await spawnBroker(socket, ['--space', 'vm0', '--space', 'vm1']);
   for (const name of ['attach-a', 'attach-b']) {
-    const child = spawn(process.execPath, [CLI, 'attach', '--socket', socket, '--space', 'vm0', '--name', name, '--json'], { stdio: ['ignore', 'pipe', 'pipe'] });
+    const child = spawn(process.execPath, [CLI, 'attach', '--socket', socket, '--space', 'vm0', '--name', name, '--json'], {
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
     const p = new JsonProc(child);
     await p.next('attached');
     attached.push(p);
@@ -61,7 +68,10 @@ describe('mmbroker CLI', () => {
       expect(c.ackedGeneration).toBe(1);
       const maps = memfdMaps(c.pid, 'dimm0');
       expect(maps).toHaveLength(1);
-      const [start, end] = (maps[0] as string).split(' ')[0]!.split('-').map((h) => parseInt(h, 16)) as [number, number];
+      const [start, end] = (maps[0] as string)
+        .split(' ')[0]!
+        .split('-')
+        .map((h) => parseInt(h, 16)) as [number, number];
       expect(end - start).toBe(128 << 20);
     }
     expect(fdCount(broker.pid!)).toBe(baseFds + 1); // its one backing fd

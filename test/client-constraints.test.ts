@@ -46,7 +46,15 @@ describe('coalesced views', () => {
     // The kernel's view: 8 mappings in that process, 400 MiB in all, the first one 386 MiB.
     const maps = memfdMaps(small.pid, 'blocks');
     expect(maps).toHaveLength(8);
-    const sizes = maps.map((m) => m.split(' ')[0]!.split('-').map((h) => parseInt(h, 16)) as [number, number]).map(([lo, hi]) => hi - lo);
+    const sizes = maps
+      .map(
+        (m) =>
+          m
+            .split(' ')[0]!
+            .split('-')
+            .map((h) => parseInt(h, 16)) as [number, number],
+      )
+      .map(([lo, hi]) => hi - lo);
     expect(sizes.reduce((a, b) => a + b, 0)).toBe(400 * MiB);
     expect(Math.max(...sizes)).toBe(193 * 2 * MiB);
     // And memory is where the GPAs say: the owner writes block 150, the client reads it.
@@ -118,13 +126,18 @@ describe('reported constraints', () => {
     expect(await codeOf(owner.findFree(8 * MiB, { min: 0, max: 0x40_0000 }))).toBe('MMB_ERR_NO_FREE_RANGE');
   });
 
-  it('the wire\'s inclusive last is converted exactly: regions touching a reserved page from either side are accepted, its last byte is refused', async () => {
+  it("the wire's inclusive last is converted exactly: regions touching a reserved page from either side are accepted, its last byte is refused", async () => {
     const { broker, owner } = await setup();
     const ram = await owner.createBacking(16 * MiB, 'ram');
     native.close(ram.fd);
     const s = await sub(broker, { name: 'one-page' });
     // A page, and a single byte (the last one of the page at 0x102000).
-    await s.report({ reserved: [{ start: 0x10_0000, last: 0x10_0fff }, { start: 0x10_2fff, last: 0x10_2fff }] });
+    await s.report({
+      reserved: [
+        { start: 0x10_0000, last: 0x10_0fff },
+        { start: 0x10_2fff, last: 0x10_2fff },
+      ],
+    });
     // The first free page at or above the reserved one is the page right after its last byte.
     expect(await owner.findFree(0x1000, { min: 0x10_0000 })).toBe(0x10_1000);
     expect(await owner.findFree(0x1000, { min: 0xf_f000 })).toBe(0xf_f000);
@@ -152,7 +165,10 @@ describe('reported constraints', () => {
     const err = await owner.addRegion({ name: 'b', gpa: 8 * MiB, size: 4 * MiB, backing: ram.backing }).catch((e) => e);
     expect(err.code).toBe('MMB_ERR_CLIENT_LIMIT');
     // Moving memory needs no extra mapping: remove + add in one transaction is still fine.
-    await owner.commit([{ op: 'remove', region: 'a' }, { op: 'add', name: 'a2', gpa: 0, size: 4 * MiB, backing: ram.backing, offset: 4 * MiB }]);
+    await owner.commit([
+      { op: 'remove', region: 'a' },
+      { op: 'add', name: 'a2', gpa: 0, size: 4 * MiB, backing: ram.backing, offset: 4 * MiB },
+    ]);
   });
 
   it('pin limit and the space pin budget are checked before anything changes, naming the client', async () => {

@@ -82,7 +82,12 @@ describe.each(Object.keys(KINDS))('%s', (kind) => {
     for (const m of moments) {
       const p = spawnClient(kind, `${tag(kind)}-${m.replace(':', '')}`, stopAt(m));
       const end = await signalWhenStopped(p, 'SIGTERM');
-      const detached = await p.next('detached', () => true, 5_000).then(() => true, () => false);
+      const detached = await p
+        .next('detached', () => true, 5_000)
+        .then(
+          () => true,
+          () => false,
+        );
       await waitFor(`the broker to drop ${p.describe()}`, async () => !(await listed(p.pid)), 10_000).catch(() => undefined);
       outcomes.push(`${m}: ${end.signal ?? `exit ${end.code}`}${detached ? ', detached' : ''}${(await listed(p.pid)) ? ', still listed' : ''}`);
     }

@@ -34,12 +34,21 @@ describe('nextView: only new memory is merged', () => {
     const current = coalesce(sorted([b[0]!, other]));
     const one = nextView(current, sorted([b[0]!, b[1]!, other]), 32);
     expect(one.reshaped).toBe(false);
-    expect(shape(one.view)).toEqual([['b0', 0, 2], ['b1', 2, 2], ['other', 1024, 2]]);
+    expect(shape(one.view)).toEqual([
+      ['b0', 0, 2],
+      ['b1', 2, 2],
+      ['other', 1024, 2],
+    ]);
     // The run b0 is untouched: the client is sent only the add of b1.
     expect(viewOps(current, one.view)).toEqual([{ op: 'add', region: b[1] }]);
     // Several new blocks in one transaction are new memory together: one run.
     const two = nextView(one.view, sorted([b[0]!, b[1]!, b[2]!, b[3]!, b[4]!, other]), 32);
-    expect(shape(two.view)).toEqual([['b0', 0, 2], ['b1', 2, 2], ['b2..b4', 4, 6], ['other', 1024, 2]]);
+    expect(shape(two.view)).toEqual([
+      ['b0', 0, 2],
+      ['b1', 2, 2],
+      ['b2..b4', 4, 6],
+      ['other', 1024, 2],
+    ]);
   });
 
   it('when the limit forces it, the view is the fully coalesced map (a reshape); beyond that the broker refuses', () => {
@@ -47,9 +56,17 @@ describe('nextView: only new memory is merged', () => {
     const current = [b[0]!, b[1]!, b[2]!, other];
     const next = nextView(current, sorted([...b, other]), 4);
     expect(next.reshaped).toBe(true);
-    expect(shape(next.view)).toEqual([['b0..b3', 0, 8], ['other', 1024, 2]]);
+    expect(shape(next.view)).toEqual([
+      ['b0..b3', 0, 8],
+      ['other', 1024, 2],
+    ]);
     const ops = viewOps(current, next.view);
-    expect(ops.filter((o) => o.op === 'remove').map((o) => (o as { region: number }).region).sort()).toEqual([b[0]!.id, b[1]!.id, b[2]!.id].sort());
+    expect(
+      ops
+        .filter((o) => o.op === 'remove')
+        .map((o) => (o as { region: number }).region)
+        .sort(),
+    ).toEqual([b[0]!.id, b[1]!.id, b[2]!.id].sort());
     expect(ops.filter((o) => o.op === 'add')).toHaveLength(1);
   });
 
@@ -64,9 +81,16 @@ describe('nextView: only new memory is merged', () => {
     // viewOps: the same id removed and added with the new flag (the client makes that a metadata update).
     expect(viewOps(current, flagged.view).map((o) => o.op)).toEqual(['remove', 'add']);
     const part = nextView(current, [b[0]!, { ...b[1]!, logDirty: true }, b[2]!, b[3]!], 32);
-    expect(shape(part.view)).toEqual([['b0', 0, 2], ['b1', 2, 2], ['b2..b3', 4, 4]]);
+    expect(shape(part.view)).toEqual([
+      ['b0', 0, 2],
+      ['b1', 2, 2],
+      ['b2..b3', 4, 4],
+    ]);
     const hole = nextView(current, [b[0]!, b[1]!, b[3]!], 32);
-    expect(shape(hole.view)).toEqual([['b0..b1', 0, 4], ['b3', 6, 2]]);
+    expect(shape(hole.view)).toEqual([
+      ['b0..b1', 0, 4],
+      ['b3', 6, 2],
+    ]);
     // Memory replaced by a region of the same backing at the same offset is the same memory: kept.
     const same = nextView(current, [b[0]!, { ...b[1]!, id: 999, name: 'again' }, b[2]!, b[3]!], 32);
     expect(same.view.map((r) => [r.gpa, r.size])).toEqual([[0, 8 * MiB]]);

@@ -65,11 +65,23 @@ function frameOf(message: object): Frame {
   return d.next() as Frame;
 }
 
-const sync = (more: object) => ({ t: Msg.EV_SYNC, seq: 1, epoch: 'e1', generation: 3, mode: 'snapshot', part: 0, last: true, regions: [], removed: [], ...more });
+const sync = (more: object) => ({
+  t: Msg.EV_SYNC,
+  seq: 1,
+  epoch: 'e1',
+  generation: 3,
+  mode: 'snapshot',
+  part: 0,
+  last: true,
+  regions: [],
+  removed: [],
+  ...more,
+});
 
 describe('EV_SYNC.columns (protocol/columns.ts)', () => {
   const arbRegion = fc.record({
     id: fc.integer({ min: 0, max: 0xffff_ffff }),
+    // eslint-disable-next-line no-control-regex -- control characters are what it looks for
     name: fc.string({ unit: 'grapheme', minLength: 1, maxLength: 16 }).filter((s) => !/[\u0000-\u001f\u007f]/.test(s) && Buffer.byteLength(s) <= 64),
     gpa: fc.integer({ min: 0, max: Number.MAX_SAFE_INTEGER }).map(asGpa),
     size: fc.integer({ min: 0, max: Number.MAX_SAFE_INTEGER }),
@@ -128,12 +140,16 @@ describe('EV_SYNC.columns (protocol/columns.ts)', () => {
   it('random damage to a valid bin decodes or fails typed, never otherwise', () => {
     const good = encodeRegionColumns([region(0), region(1, { name: 'ünï' }), region(2, { readonly: true, logDirty: true })]);
     fc.assert(
-      fc.property(fc.array(fc.tuple(fc.nat(good.length - 1), fc.integer({ min: 0, max: 255 })), { minLength: 1, maxLength: 4 }), fc.nat(good.length), (edits, cut) => {
-        const b = Buffer.from(good).subarray(0, Math.max(cut, 1));
-        for (const [at, v] of edits) if (at < b.length) b[at] = v;
-        const code = codeOf(() => decodeRegionColumns(b));
-        expect(code === undefined || code === 'MMB_ERR_BAD_MESSAGE').toBe(true);
-      }),
+      fc.property(
+        fc.array(fc.tuple(fc.nat(good.length - 1), fc.integer({ min: 0, max: 255 })), { minLength: 1, maxLength: 4 }),
+        fc.nat(good.length),
+        (edits, cut) => {
+          const b = Buffer.from(good).subarray(0, Math.max(cut, 1));
+          for (const [at, v] of edits) if (at < b.length) b[at] = v;
+          const code = codeOf(() => decodeRegionColumns(b));
+          expect(code === undefined || code === 'MMB_ERR_BAD_MESSAGE').toBe(true);
+        },
+      ),
       { numRuns: 3000 },
     );
   });
@@ -169,7 +185,16 @@ describe('a snapshot and a resync with and without COMPACT_SYNC', () => {
     defer(() => native.close(ram.fd));
     // 3,000 regions: several parts at a 256 KiB frame limit, names of one and of two bytes per character.
     const N = 3000;
-    const ops = Array.from({ length: N }, (_, i) => ({ op: 'add' as const, name: i % 7 === 0 ? `rom-é${i}` : `r${i}`, gpa: 0x1_0000_0000 + i * 0x2000, size: 0x1000, backing: ram.backing, offset: i * 0x1000, readonly: i % 5 === 0, logDirty: i % 3 === 0 }));
+    const ops = Array.from({ length: N }, (_, i) => ({
+      op: 'add' as const,
+      name: i % 7 === 0 ? `rom-é${i}` : `r${i}`,
+      gpa: 0x1_0000_0000 + i * 0x2000,
+      size: 0x1000,
+      backing: ram.backing,
+      offset: i * 0x1000,
+      readonly: i % 5 === 0,
+      logDirty: i % 3 === 0,
+    }));
     for (let i = 0; i < N; i += 1000) await owner.commit(ops.slice(i, i + 1000));
 
     // Raw clients: what arrives on the wire.
@@ -196,12 +221,19 @@ describe('a snapshot and a resync with and without COMPACT_SYNC', () => {
     const record = { apply() {} };
     const subs = await Promise.all(
       [true, false].map((compact) =>
-        Subscriber.create(socket, record, { space: 'vm0', name: compact ? 'compact' : 'plain', reconnect: true, reconnectDelayMs: 10, ...(compact ? {} : { features: ALL_FEATURES & ~Feature.COMPACT_SYNC }) }),
+        Subscriber.create(socket, record, {
+          space: 'vm0',
+          name: compact ? 'compact' : 'plain',
+          reconnect: true,
+          reconnectDelayMs: 10,
+          ...(compact ? {} : { features: ALL_FEATURES & ~Feature.COMPACT_SYNC }),
+        }),
       ),
     );
     defer(() => Promise.all(subs.map((s) => s.close())));
     const want = broker.status('vm0').spaces[0]!.regions;
-    const strip = (rs: readonly Region[]) => rs.map(({ id, name, gpa, size, backing, offset, readonly, logDirty }) => ({ id, name, gpa, size, backing, offset, readonly, logDirty }));
+    const strip = (rs: readonly Region[]) =>
+      rs.map(({ id, name, gpa, size, backing, offset, readonly, logDirty }) => ({ id, name, gpa, size, backing, offset, readonly, logDirty }));
     for (const s of subs) expect(strip(s.regions())).toEqual(strip(want));
     const keys = subs[0]!.regions().map((r) => r.key);
     expect(subs[1]!.regions().map((r) => r.key)).toEqual(keys);
@@ -263,7 +295,16 @@ describe('region keys (clients/view.ts)', () => {
   it('differ in every single field that is part of the identity', () => {
     const base = { gpa: 0x1_0000_0000, size: 0x20_0000, offset: 0x1000, backing: 1, readonly: false };
     const k = view(base).key;
-    for (const change of [{ gpa: base.gpa + 1 }, { gpa: base.gpa + 2 ** 40 }, { size: base.size * 2 }, { offset: 0 }, { backing: 3 }, { backing: 4 }, { backing: 5 }, { readonly: true }]) {
+    for (const change of [
+      { gpa: base.gpa + 1 },
+      { gpa: base.gpa + 2 ** 40 },
+      { size: base.size * 2 },
+      { offset: 0 },
+      { backing: 3 },
+      { backing: 4 },
+      { backing: 5 },
+      { readonly: true },
+    ]) {
       expect(view({ ...base, ...change }).key, JSON.stringify(change)).not.toBe(k);
     }
     expect(view({ ...base, backing: 2 }).key).toBe(k);

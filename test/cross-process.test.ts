@@ -5,7 +5,18 @@ import path from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { OwnerClient, fetchStatus } from '../clients/index.js';
 import { constants, native, type Mapping } from '../native/index.js';
-import { fdCount, memfdMaps, memfdStarts, spawnBroker, spawnSubscriber, stopProcess, tempDir, waitFor, type JsonProc, type BrokerProc } from './helpers/procs.js';
+import {
+  fdCount,
+  memfdMaps,
+  memfdStarts,
+  spawnBroker,
+  spawnSubscriber,
+  stopProcess,
+  tempDir,
+  waitFor,
+  type JsonProc,
+  type BrokerProc,
+} from './helpers/procs.js';
 
 const MiB = 1 << 20;
 let dir: string;

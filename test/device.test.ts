@@ -113,7 +113,9 @@ describe('device client', () => {
     // The kernel's view of the subscriber's own two mappings (this process also maps `ram` for the test).
     const perms = (name: string) => {
       const m = vhost.memory.regions().find((x) => x.region.name === name)!;
-      return memfdMaps(process.pid, 'ram').find((l) => parseInt(l.split('-')[0]!, 16) === m.address)?.split(' ')[1];
+      return memfdMaps(process.pid, 'ram')
+        .find((l) => parseInt(l.split('-')[0]!, 16) === m.address)
+        ?.split(' ')[1];
     };
     expect(perms('rw')).toBe('rw-s');
     expect(perms('rom')).toBe('r--s');

@@ -35,7 +35,9 @@ describe('dirty bitmaps across reconnects', () => {
     const publish = async (regions: number) => {
       const owner = await OwnerClient.attach(socket, { space: 'vm0' });
       const { backing } = await owner.addBacking(fd, 'ram');
-      await owner.commit(Array.from({ length: regions }, (_, i) => ({ op: 'add' as const, name: `r${i}`, gpa: i * MiB, size: MiB, backing, offset: i * MiB, logDirty: true })));
+      await owner.commit(
+        Array.from({ length: regions }, (_, i) => ({ op: 'add' as const, name: `r${i}`, gpa: i * MiB, size: MiB, backing, offset: i * MiB, logDirty: true })),
+      );
       await owner.publish();
       return owner;
     };

@@ -5,7 +5,17 @@ import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { createSealedMemfd, DirtyObserver, FileDestination, KvmSubscriber, MappingSubscriber, Migration, OwnerClient, SpaceDestination, VfioSubscriber } from '../clients/index.js';
+import {
+  createSealedMemfd,
+  DirtyObserver,
+  FileDestination,
+  KvmSubscriber,
+  MappingSubscriber,
+  Migration,
+  OwnerClient,
+  SpaceDestination,
+  VfioSubscriber,
+} from '../clients/index.js';
 import { constants, native } from '../native/index.js';
 import { Msg } from '../protocol/index.js';
 import { IN_CI } from './helpers/ci.js';
@@ -40,7 +50,9 @@ async function owner(space: string): Promise<OwnerClient> {
 }
 
 async function writer(space: string, extra: string[] = []): Promise<JsonProc> {
-  const child = spawn(process.execPath, [new URL('./fixtures/dirty-writer.mjs', import.meta.url).pathname, '--socket', socket, '--space', space, ...extra], { stdio: ['pipe', 'pipe', 'pipe'] });
+  const child = spawn(process.execPath, [new URL('./fixtures/dirty-writer.mjs', import.meta.url).pathname, '--socket', socket, '--space', space, ...extra], {
+    stdio: ['pipe', 'pipe', 'pipe'],
+  });
   const p = new JsonProc(child);
   cleanups.push(() => p.stop());
   await p.next('ready');
@@ -79,7 +91,10 @@ describe('Invariant 5: no lost dirty bit', () => {
       { op: 'add', name: 'ram', gpa: 0, size: 64 * MiB, backing: ram.backing, offset: 0, logDirty: true },
       { op: 'add', name: 'hi', gpa: 0x1_0000_0000, size: 16 * MiB, backing: hi.backing, offset: 0, logDirty: true },
     ]);
-    const regions = [{ gpa: 0, size: 64 * MiB }, { gpa: 0x1_0000_0000, size: 16 * MiB }];
+    const regions = [
+      { gpa: 0, size: 64 * MiB },
+      { gpa: 0x1_0000_0000, size: 16 * MiB },
+    ];
     const writers = await Promise.all([1, 2, 3].map(() => writer(space)));
     writers.forEach((w, i) => w.send({ cmd: 'start', seed: 17 + i, regions, burst: 8 }));
     const union = new Set<number>();
@@ -125,7 +140,11 @@ describe('Invariant 5: no lost dirty bit', () => {
     cleanups.push(() => sub.close());
     const subConn = (sub as unknown as { conn: { request(m: object, fds: number[]): Promise<unknown> } }).conn;
     const good = createSealedMemfd('stolen', 4096);
-    const code = (p: Promise<unknown>) => p.then(() => 'ok', (e: { code: string }) => e.code);
+    const code = (p: Promise<unknown>) =>
+      p.then(
+        () => 'ok',
+        (e: { code: string }) => e.code,
+      );
     expect(await code(subConn.request({ t: Msg.DIRTY_SYNC }, [good]))).toBe('MMB_ERR_NOT_OWNER');
     // Buffers the broker refuses before moving a bit: a pipe, an unsealed memfd, a read-only reopen.
     const ownerConn = (o as unknown as { conn: { request(m: object, fds: number[]): Promise<unknown> } }).conn;
@@ -190,7 +209,13 @@ describe('Invariant 5: no lost dirty bit', () => {
     const kvm = await KvmSubscriber.attach(socket, { space, name: 'vcpu', software: false, reconnect: false });
     cleanups.push(() => kvm.close());
     (await o.dirtySync()).release();
-    await kvm.runProgram({ codeGpa: 0x1000, writes: [{ gpa: 0x30_0000, bytes: Buffer.from('vcpu') }, { gpa: 0x50_0ffe, bytes: Buffer.from('xyz') }] });
+    await kvm.runProgram({
+      codeGpa: 0x1000,
+      writes: [
+        { gpa: 0x30_0000, bytes: Buffer.from('vcpu') },
+        { gpa: 0x50_0ffe, bytes: Buffer.from('xyz') },
+      ],
+    });
     const snap = await o.dirtySync();
     const pages = pagesOf(snap);
     snap.release();
@@ -228,7 +253,12 @@ describe('dirty logging follows the map', () => {
     const now = await st();
     expect(now.logging).toBe(now.regions.filter((r) => r.logDirty).length);
     const snap = await o.dirtySync();
-    expect(snap.regions.map((r) => r.name).sort()).toEqual(now.regions.filter((r) => r.logDirty).map((r) => r.name).sort());
+    expect(snap.regions.map((r) => r.name).sort()).toEqual(
+      now.regions
+        .filter((r) => r.logDirty)
+        .map((r) => r.name)
+        .sort(),
+    );
     snap.release();
     // Logging off everywhere and every region gone: the broker's fds are back to the baseline.
     await o.commit(now.regions.map((r) => ({ op: 'remove' as const, region: r.id })));
@@ -278,7 +308,16 @@ describe('pre-copy migration', () => {
     native.munmap(view);
     const w = await writer(space);
     // About 16,000 pages a second (64 MiB/s) all over the 1 GiB: a guest that keeps writing.
-    w.send({ cmd: 'start', seed: 99, regions: [{ gpa: 0, size: 768 * MiB }, { gpa: 0x1_0000_0000, size: 256 * MiB }], burst: 32, intervalMs: 2 });
+    w.send({
+      cmd: 'start',
+      seed: 99,
+      regions: [
+        { gpa: 0, size: 768 * MiB },
+        { gpa: 0x1_0000_0000, size: 256 * MiB },
+      ],
+      burst: 32,
+      intervalMs: 2,
+    });
     await w.next('started');
     const reader = await MappingSubscriber.attach(socket, { space, kind: 'migration', writes: false, reconnect: false });
     cleanups.push(() => reader.close());
@@ -302,10 +341,16 @@ describe('pre-copy migration', () => {
       // owner's own mappings. Where neither the memfd nor the image holds data both read zero, so the
       // union of their data extents is compared (reading the holes would allocate them).
       const fd = fs.openSync(image, 'r');
-      for (const [r, memfd] of [[{ gpa: 0, size: 768 * MiB }, ram.fd], [{ gpa: 0x1_0000_0000, size: 256 * MiB }, high.fd]] as const) {
+      for (const [r, memfd] of [
+        [{ gpa: 0, size: 768 * MiB }, ram.fd],
+        [{ gpa: 0x1_0000_0000, size: 256 * MiB }, high.fd],
+      ] as const) {
         const src = native.mmap(memfd, 0, r.size, constants.PROT_READ, constants.MAP_SHARED);
         const bytes = new Uint8Array(src.buffer);
-        const extents = unionExtents(dataExtents(memfd, 0, r.size), dataExtents(fd, r.gpa, r.gpa + r.size).map(([a, b]) => [a - r.gpa, b - r.gpa]));
+        const extents = unionExtents(
+          dataExtents(memfd, 0, r.size),
+          dataExtents(fd, r.gpa, r.gpa + r.size).map(([a, b]) => [a - r.gpa, b - r.gpa]),
+        );
         let compared = 0;
         for (const [from, to] of extents) {
           const img = Buffer.alloc(to - from);
@@ -341,7 +386,10 @@ describe('pre-copy migration', () => {
     const r = await runCli(['migrate', '--socket', socket, '--space', space, '--to', image, '--keep-paused', '--json'], 60_000);
     expect(r.code, r.stderr).toBe(0);
     // JSON lines: start, a line per round (and 'sending' while bytes flow), then the result.
-    const lines = r.stdout.trim().split('\n').map((l) => JSON.parse(l) as { event: string });
+    const lines = r.stdout
+      .trim()
+      .split('\n')
+      .map((l) => JSON.parse(l) as { event: string });
     expect(lines[0]?.event).toBe('start');
     expect(lines.filter((l) => l.event === 'round').length).toBeGreaterThanOrEqual(2);
     const result = lines.at(-1) as unknown as { event: string; verified: boolean; rounds: unknown[]; memoryBytes: number };

@@ -46,7 +46,12 @@ describe('error table and docs/errors.md', () => {
 
   it('carries client, generation and one level of cause across the wire', () => {
     const inner = createError('MMB_ERR_MAP_FAILED', 'mmap failed', { errno: 'ENOMEM' });
-    const e = createError('MMB_ERR_MAP_FAILED', 'refused', { client: { id: 3, kind: 'vhost', name: 'b', pid: 9 }, generation: 5, cause: inner, errno: 'ENOMEM' });
+    const e = createError('MMB_ERR_MAP_FAILED', 'refused', {
+      client: { id: 3, kind: 'vhost', name: 'b', pid: 9 },
+      generation: 5,
+      cause: inner,
+      errno: 'ENOMEM',
+    });
     const back = MmbError.fromWire(e.toWire());
     expect(back.client).toEqual({ id: 3, kind: 'vhost', name: 'b', pid: 9 });
     expect(back.generation).toBe(5);

@@ -88,7 +88,10 @@ describe('a file on /dev/shm (tmpfs)', () => {
     const owner = await OwnerClient.attach(broker, { space: 'vm0' });
     const sub = await MappingSubscriber.attach(broker, { space: 'vm0' });
     try {
-      const refused = await owner.addBacking(fd, 'shm').then(() => undefined, (e: unknown) => e);
+      const refused = await owner.addBacking(fd, 'shm').then(
+        () => undefined,
+        (e: unknown) => e,
+      );
       expect(isMmbError(refused) && refused.code).toBe('MMB_ERR_BACKING_UNSEALED');
       const b = await owner.addBacking(fd, 'shm', { unsealed: true });
       expect(b).toMatchObject({ size: 4 * MiB, pageSize: PAGE_SIZE, sealed: false });
@@ -161,7 +164,12 @@ withHugetlbfs('a file on hugetlbfs (QEMU memory-backend-file,mem-path=/dev/hugep
         expect(m.address % (2 * MiB)).toBe(0);
         mem.write(0x4000_0000 + 3 * MiB, Buffer.from('file'));
         expect(smapsAt(m.address)).toMatchObject({ KernelPageSize: 2048 });
-        expect(fs.readFileSync(`/proc/self/fd/${fd}`).subarray(5 * MiB, 5 * MiB + 4).toString()).toBe('file');
+        expect(
+          fs
+            .readFileSync(`/proc/self/fd/${fd}`)
+            .subarray(5 * MiB, 5 * MiB + 4)
+            .toString(),
+        ).toBe('file');
       } finally {
         mem.close();
       }

@@ -14,7 +14,6 @@ const ROOT = process.getuid?.() === 0;
 const WHY = `${HAVE_QSD ? '' : `${QSD} is not installed (package qemu-system-common)`}${!HAVE_QSD && !ROOT ? '; ' : ''}${ROOT ? '' : 'not root (hugetlb pages cannot be reserved)'}; CI=true makes this a failure`;
 if ((!HAVE_QSD || !ROOT) && !IN_CI) console.warn(`harness run with --hugetlb --bridge skipped: ${WHY}`);
 
-
 interface Summary {
   steps: number;
   faults: number;
@@ -37,21 +36,44 @@ describe('mmbroker harness', () => {
     for (const name of INVARIANTS) if (name !== 'iova-pins') expect(s.checks[name], name).toBeGreaterThan(0);
   }, 540_000);
 
-  it.skipIf((!HAVE_QSD || !ROOT) && !IN_CI)('hugetlb backings, a vhost-user bridge to qemu-storage-daemon and I/O address spaces, with faults: no violation, every invariant checked', async () => {
-    // Short, for npm test: the recorded runs (docs/harness.md) are longer. Under CI=true a missing
-    // qemu-storage-daemon or hugetlb pool makes the CLI exit 2 with MMB_ERR_UNSUPPORTED: a failure here.
-    const r = await runCli(['harness', '--seed', '11', '--steps', '40', '--faults', '0.2', '--hugetlb', '2M', '--bridge', '1', '--ioas', '--clients', 'kvm:1,vhost:1,vfio:1', '--json'], 300_000);
-    expect(r.stderr.split('\n').filter((l) => l.includes('MMB_ERR_'))).toEqual([]);
-    const s = JSON.parse(r.stdout) as Summary & { hugePages?: { added: number }; operations: Record<string, number> };
-    expect(s.violations.map((v) => `step ${v.step} ${v.invariant}: ${v.detail.slice(0, 400)}`)).toEqual([]);
-    expect(r.code).toBe(0);
-    expect(s.steps).toBe(40);
-    expect(s.hugePages?.added).toBeGreaterThan(0);
-    // The bridge's back-end and the shadow clients were judged: every invariant counted at least once
-    // (restart-keeps-memory and vote-disturbs-nobody only when those faults were drawn).
-    for (const name of INVARIANTS) if (name !== 'restart-keeps-memory' && name !== 'vote-disturbs-nobody') expect(s.checks[name], name).toBeGreaterThan(0);
-    expect(Object.keys(s.operations).some((op) => op.startsWith('ioas-'))).toBe(true);
-  }, 330_000);
+  it.skipIf((!HAVE_QSD || !ROOT) && !IN_CI)(
+    'hugetlb backings, a vhost-user bridge to qemu-storage-daemon and I/O address spaces, with faults: no violation, every invariant checked',
+    async () => {
+      // Short, for npm test: the recorded runs (docs/harness.md) are longer. Under CI=true a missing
+      // qemu-storage-daemon or hugetlb pool makes the CLI exit 2 with MMB_ERR_UNSUPPORTED: a failure here.
+      const r = await runCli(
+        [
+          'harness',
+          '--seed',
+          '11',
+          '--steps',
+          '40',
+          '--faults',
+          '0.2',
+          '--hugetlb',
+          '2M',
+          '--bridge',
+          '1',
+          '--ioas',
+          '--clients',
+          'kvm:1,vhost:1,vfio:1',
+          '--json',
+        ],
+        300_000,
+      );
+      expect(r.stderr.split('\n').filter((l) => l.includes('MMB_ERR_'))).toEqual([]);
+      const s = JSON.parse(r.stdout) as Summary & { hugePages?: { added: number }; operations: Record<string, number> };
+      expect(s.violations.map((v) => `step ${v.step} ${v.invariant}: ${v.detail.slice(0, 400)}`)).toEqual([]);
+      expect(r.code).toBe(0);
+      expect(s.steps).toBe(40);
+      expect(s.hugePages?.added).toBeGreaterThan(0);
+      // The bridge's back-end and the shadow clients were judged: every invariant counted at least once
+      // (restart-keeps-memory and vote-disturbs-nobody only when those faults were drawn).
+      for (const name of INVARIANTS) if (name !== 'restart-keeps-memory' && name !== 'vote-disturbs-nobody') expect(s.checks[name], name).toBeGreaterThan(0);
+      expect(Object.keys(s.operations).some((op) => op.startsWith('ioas-'))).toBe(true);
+    },
+    330_000,
+  );
 
   it('--self-test: the planted bugs are reported as the invariants they break', async () => {
     const r = await runCli(['harness', '--self-test', '--ioas', '--seed', '3', '--steps', '40', '--faults', '0', '--json'], 120_000);

@@ -48,16 +48,20 @@ class Raw {
       if (f) for (const fd of f.fds) native.close(fd);
       return f ?? undefined;
     };
-    return waitFor('a frame from the broker', () => {
-      const f = take(this.decoder.next());
-      if (f) return f;
-      if (this.eof) return { eof: true } as never;
-      const r = native.recvmsg(this.fd, buf, 64);
-      if (r === null) return undefined;
-      if (r.bytes === 0) this.eof = true;
-      else this.decoder.push(buf.subarray(0, r.bytes), r.fds);
-      return take(this.decoder.next());
-    }, timeoutMs).then((f) => ((f as { eof?: boolean }).eof ? undefined : f));
+    return waitFor(
+      'a frame from the broker',
+      () => {
+        const f = take(this.decoder.next());
+        if (f) return f;
+        if (this.eof) return { eof: true } as never;
+        const r = native.recvmsg(this.fd, buf, 64);
+        if (r === null) return undefined;
+        if (r.bytes === 0) this.eof = true;
+        else this.decoder.push(buf.subarray(0, r.bytes), r.fds);
+        return take(this.decoder.next());
+      },
+      timeoutMs,
+    ).then((f) => ((f as { eof?: boolean }).eof ? undefined : f));
   }
 
   async hello(): Promise<void> {
@@ -226,7 +230,9 @@ describe('Invariant 6: hostile input is survivable', () => {
     const raws: Raw[] = [];
     for (let i = 0; i < 200; i++) raws.push(await Raw.connect());
     // A subscriber process attaches and then never reads while the map changes under it.
-    const lazy = new JsonProc(spawn(process.execPath, [path.join(ROOT, 'test/fixtures/lazy-subscriber.mjs'), socket, 'vm0'], { stdio: ['ignore', 'pipe', 'pipe'] }));
+    const lazy = new JsonProc(
+      spawn(process.execPath, [path.join(ROOT, 'test/fixtures/lazy-subscriber.mjs'), socket, 'vm0'], { stdio: ['ignore', 'pipe', 'pipe'] }),
+    );
     const ended = new Promise<NodeJS.Signals | null>((r) => lazy.child.once('exit', (_c, sig) => r(sig)));
     await lazy.next('attaching');
     await waitFor('the lazy subscriber to be attached', async () => (await fetchStatus(socket, 'vm0')).spaces[0]?.clients.some((c) => c.kind === 'lazy'));

@@ -100,17 +100,26 @@ describe('mmapChunked starts the range on a huge page boundary', () => {
     }
   });
 
-  it.skipIf(!!mib2.missing && !IN_CI)("always for hugetlbfs, whose offset, length and chunk must be whole huge pages (the kernel would round a MAP_FIXED length past the reservation)", () => {
-    const fd = hugeMemfd('chunks', 2 * MiB, 4 * MiB);
-    defer(() => native.close(fd));
-    const chunks = native.mmapChunked(fd, 0, 4 * MiB, constants.PROT_READ | constants.PROT_WRITE, constants.MAP_SHARED, 2 * MiB);
-    expect(chunks[0]!.address % (2 * MiB)).toBe(0);
-    expect(chunks[1]!.address).toBe(chunks[0]!.address + 2 * MiB);
-    for (const c of chunks) native.munmap(c);
-    for (const [offset, length, chunk] of [[4096, 2 * MiB, 2 * MiB], [0, 3 * MiB, 2 * MiB], [0, 4 * MiB, MiB]] as const) {
-      expect(() => native.mmapChunked(fd, offset, length, constants.PROT_READ, constants.MAP_SHARED, chunk), `${offset} ${length} ${chunk}`).toThrow(/EINVAL/);
-    }
-  });
+  it.skipIf(!!mib2.missing && !IN_CI)(
+    'always for hugetlbfs, whose offset, length and chunk must be whole huge pages (the kernel would round a MAP_FIXED length past the reservation)',
+    () => {
+      const fd = hugeMemfd('chunks', 2 * MiB, 4 * MiB);
+      defer(() => native.close(fd));
+      const chunks = native.mmapChunked(fd, 0, 4 * MiB, constants.PROT_READ | constants.PROT_WRITE, constants.MAP_SHARED, 2 * MiB);
+      expect(chunks[0]!.address % (2 * MiB)).toBe(0);
+      expect(chunks[1]!.address).toBe(chunks[0]!.address + 2 * MiB);
+      for (const c of chunks) native.munmap(c);
+      for (const [offset, length, chunk] of [
+        [4096, 2 * MiB, 2 * MiB],
+        [0, 3 * MiB, 2 * MiB],
+        [0, 4 * MiB, MiB],
+      ] as const) {
+        expect(() => native.mmapChunked(fd, offset, length, constants.PROT_READ, constants.MAP_SHARED, chunk), `${offset} ${length} ${chunk}`).toThrow(
+          /EINVAL/,
+        );
+      }
+    },
+  );
 });
 
 with2M('2 MiB pages', () => {
@@ -147,7 +156,18 @@ with2M('2 MiB pages', () => {
     defer(() => native.close(fd));
     const st = native.fstat(fd);
     const backing: LocalBacking = { id: 1, name: 'ram2m', size: 4 * MiB, fd, dev: st.dev, ino: st.ino };
-    const region: ViewRegion = { id: 1, name: 'cut', gpa: asGpa(0), size: 2 * MiB, backing: 1, offset: asOffset(4096), readonly: false, logDirty: false, file: `${st.dev}:${st.ino}`, key: 'k' };
+    const region: ViewRegion = {
+      id: 1,
+      name: 'cut',
+      gpa: asGpa(0),
+      size: 2 * MiB,
+      backing: 1,
+      offset: asOffset(4096),
+      readonly: false,
+      logDirty: false,
+      file: `${st.dev}:${st.ino}`,
+      key: 'k',
+    };
     const mem = new GuestMemory();
     let err: unknown;
     try {
@@ -179,7 +199,12 @@ with2M('2 MiB pages', () => {
     await kvm.runProgram({ codeGpa: 0x20_0000, writes: [{ gpa: 0x4000_0000 + 3 * MiB + 5, bytes: Buffer.from('huge') }] });
     expect(Buffer.from(plain.memory.read(0x4000_0000 + 3 * MiB + 5, 4)).toString()).toBe('huge');
     // A region moved to a gpa that is not 2 MiB aligned is refused; the slots stay.
-    const e = await errorOf(owner.commit([{ op: 'remove', region: 'high' }, { op: 'add', name: 'high2', gpa: 0x4010_0000, size: 4 * MiB, backing: b, offset: 4 * MiB }]));
+    const e = await errorOf(
+      owner.commit([
+        { op: 'remove', region: 'high' },
+        { op: 'add', name: 'high2', gpa: 0x4010_0000, size: 4 * MiB, backing: b, offset: 4 * MiB },
+      ]),
+    );
     expect(e?.code).toBe('MMB_ERR_UNALIGNED');
     expect(kvm.slots().map((s) => s.name)).toEqual(['low', 'high']);
   });
@@ -235,7 +260,13 @@ with1G('1 GiB pages', () => {
       const slot = kvm.slots().find((s) => s.name === 'giant')!;
       expect(slot).toMatchObject({ gpa: GiB, size: GiB });
       expect(slot.hva % GiB).toBe(0);
-      await kvm.runProgram({ codeGpa: 0x10_0000, writes: [{ gpa: GiB + GiB - 4, bytes: Buffer.from('1GiB') }, { gpa: GiB + 12345, bytes: Buffer.from('x') }] });
+      await kvm.runProgram({
+        codeGpa: 0x10_0000,
+        writes: [
+          { gpa: GiB + GiB - 4, bytes: Buffer.from('1GiB') },
+          { gpa: GiB + 12345, bytes: Buffer.from('x') },
+        ],
+      });
       expect(Buffer.from(plain.memory.read(2 * GiB - 4, 4)).toString()).toBe('1GiB');
       expect(Buffer.from(vfio.memory.read(GiB + 12345, 1)).toString()).toBe('x');
     }

@@ -29,7 +29,11 @@ describe('mmbroker ioas', () => {
     expect(created.code, created.stderr).toBe(0);
     expect(created.stdout).toMatch(/created IOAS "nic0"/);
 
-    const child = spawn(process.execPath, [CLI, 'attach', 'vfio', ...args(), '--name', 'shadow', '--backend', 'soft', '--ioas', 'nic0', '--device', 'nic-dev', '--json'], { stdio: ['ignore', 'pipe', 'pipe'] });
+    const child = spawn(
+      process.execPath,
+      [CLI, 'attach', 'vfio', ...args(), '--name', 'shadow', '--backend', 'soft', '--ioas', 'nic0', '--device', 'nic-dev', '--json'],
+      { stdio: ['ignore', 'pipe', 'pipe'] },
+    );
     vfio = new JsonProc(child);
     await vfio.next('attached', () => true, 20_000);
     // 16 MiB of RAM in the space, none of it pinned: the IOAS maps nothing yet.
@@ -44,7 +48,9 @@ describe('mmbroker ioas', () => {
     expect(st.code, st.stderr).toBe(0);
     expect(st.stdout).toMatch(/ioas nic0 {2}generation 1 {2}1 mapping\(s\), 64\.0 KiB/);
     expect(st.stdout).toMatch(/vfio client "shadow" \(#\d+, pid \d+\): nic-dev; soft/);
-    const json = JSON.parse((await runCli(['status', ...args(), '--json'])).stdout) as { spaces: { ioas?: { name: string; mappings: number; attached: { client: { name: string }; devices: string[] }[] }[] }[] };
+    const json = JSON.parse((await runCli(['status', ...args(), '--json'])).stdout) as {
+      spaces: { ioas?: { name: string; mappings: number; attached: { client: { name: string }; devices: string[] }[] }[] }[];
+    };
     expect(json.spaces[0]?.ioas).toMatchObject([{ name: 'nic0', mappings: 1, attached: [{ client: { name: 'shadow' }, devices: ['nic-dev'] }] }]);
 
     // RAM under the mapping cannot be removed; the IOAS cannot be destroyed while the device is attached.

@@ -144,7 +144,10 @@ describe('I/O address spaces', () => {
       ['vhost0', ['virtio-net0']],
     ]);
     // The vfio client reports what it pins (throttled to one report per 20 ms): the broker shows it.
-    await waitFor('the vfio client to report its pins', async () => (await ioasStatus('gpu0'))?.attached.find((a) => a.client.name === 'vfio-gpu')?.pinned === 5 * PAGE);
+    await waitFor(
+      'the vfio client to report its pins',
+      async () => (await ioasStatus('gpu0'))?.attached.find((a) => a.client.name === 'vfio-gpu')?.pinned === 5 * PAGE,
+    );
     // It declared no whole-map pinning: the broker predicts nothing for it.
     expect((await owner.status('vm0')).spaces[0]?.clients.find((c) => c.name === 'vfio-gpu')?.pin).toBeUndefined();
   });
@@ -269,7 +272,6 @@ describe('I/O address spaces', () => {
     await stray.stop();
     await waitFor('the holder to be fenced', async () => (await ioasStatus('gpu0'))?.holders.length === 0);
     expect(await io.unmap(0x10_0000, PAGE)).toMatchObject({ generation: 2, unmapped: PAGE });
-
   });
 
   it('an unmap issued while an attached client is away waits for it to come back: it is fenced only once it re-synced the map and re-attached to the IOAS, and then it unmaps too, alive', async () => {

@@ -49,7 +49,16 @@ async function setup() {
 }
 
 async function vfioSim(broker: Broker | string, k: SimKernel, opts: Partial<VfioSubscriberOptions> = {}): Promise<VfioSubscriber> {
-  const s = await VfioSubscriber.attach(broker as never, { space: 'vm0', name: 'vfio-sim', backend: 'type1', devices: ['0000:00:01.0'], pinChunkBytes: 4 * MiB, sys: k, reconnect: false, ...opts });
+  const s = await VfioSubscriber.attach(broker as never, {
+    space: 'vm0',
+    name: 'vfio-sim',
+    backend: 'type1',
+    devices: ['0000:00:01.0'],
+    pinChunkBytes: 4 * MiB,
+    sys: k,
+    reconnect: false,
+    ...opts,
+  });
   defer(() => s.close());
   return s;
 }
@@ -71,7 +80,9 @@ describe('DMA mappings and their alignment, predicted at planning (REPORT.dma)',
     // 16 MiB is 4 pieces: one region, but 4 DMA mappings, and only 2 are left.
     const err = await rejection(t.add('b', 0x2000_0000, 16 * MiB, 32 * MiB));
     expect([err.code, err.client?.name]).toEqual(['MMB_ERR_CLIENT_LIMIT', 'vfio-sim']);
-    expect(err.message).toMatch(/room for 2 more DMA mappings; the transaction needs 4 \(region "b" alone takes 4: chunks of 1 GiB, mappings of at most 4 MiB\)/);
+    expect(err.message).toMatch(
+      /room for 2 more DMA mappings; the transaction needs 4 \(region "b" alone takes 4: chunks of 1 GiB, mappings of at most 4 MiB\)/,
+    );
     // Nothing was sent to anyone: no vote, no kernel call.
     expect({ gen: t.generation(), witness: t.seen.changes, vfio: vfioChanges, calls: k.calls.length }).toEqual(before);
     // What fits goes through: 8 MiB is 2 pieces.
@@ -90,12 +101,20 @@ describe('DMA mappings and their alignment, predicted at planning (REPORT.dma)',
     // still holds its 2.
     const gen = t.generation();
     const changes = t.seen.changes;
-    const err = await rejection(t.owner.commit([{ op: 'remove', region: 'a' }, { op: 'add', name: 'b', gpa: 0x2000_0000, size: 12 * MiB, backing: t.ram.backing, offset: 8 * MiB }]));
+    const err = await rejection(
+      t.owner.commit([
+        { op: 'remove', region: 'a' },
+        { op: 'add', name: 'b', gpa: 0x2000_0000, size: 12 * MiB, backing: t.ram.backing, offset: 8 * MiB },
+      ]),
+    );
     expect([err.code, err.client?.name]).toEqual(['MMB_ERR_CLIENT_LIMIT', 'vfio-sim']);
     expect(err.message).toMatch(/needs 3/);
     expect([t.generation(), t.seen.changes]).toEqual([gen, changes]);
     // The same memory replacing a at its own GPA waits for the commit, after a is unmapped: it fits.
-    await t.owner.commit([{ op: 'remove', region: 'a' }, { op: 'add', name: 'b', gpa: 0x1000_0000, size: 12 * MiB, backing: t.ram.backing, offset: 8 * MiB }]);
+    await t.owner.commit([
+      { op: 'remove', region: 'a' },
+      { op: 'add', name: 'b', gpa: 0x1000_0000, size: 12 * MiB, backing: t.ram.backing, offset: 8 * MiB },
+    ]);
     expect([k.dma.size, t.client('vfio-sim')?.dmaAvailable]).toEqual([3, 1]);
     // A read-only toggle unmaps and maps again (3 and 3): nothing more needed.
     await t.owner.commit([{ op: 'set', region: 'b', readonly: true }]);
@@ -178,7 +197,9 @@ describe('reserved IOVA ranges from sysfs, reported before the device is opened'
     const bdf = '0000:00:05.0';
     const sys = { ...realSys, readFile: (p: string) => (p === reservedRegionsPath(bdf) ? fs.readFileSync(FIXTURE, 'utf8') : realSys.readFile(p)) };
     // reserved: [] drops soft's own MSI window: everything reserved here comes from the file.
-    await VfioSubscriber.attach(t.broker, { space: 'vm0', name: 'vfio-later', backend: 'soft', reserved: [], reserveFor: [bdf], sys, reconnect: false }).then((s) => defer(() => s.close()));
+    await VfioSubscriber.attach(t.broker, { space: 'vm0', name: 'vfio-later', backend: 'soft', reserved: [], reserveFor: [bdf], sys, reconnect: false }).then(
+      (s) => defer(() => s.close()),
+    );
     expect(t.client('vfio-later')?.reserved).toEqual(parseReservedRegions(fs.readFileSync(FIXTURE, 'utf8'), FIXTURE).map(toInclusive));
     // Placement steps over the RMRR and the MSI window; the relaxable RMRR stays usable.
     expect(await t.owner.findFree(2 * MiB, { align: 2 * MiB, min: 0xbc00_0000 })).toBe(0xbc00_0000);
@@ -189,11 +210,13 @@ describe('reserved IOVA ranges from sysfs, reported before the device is opened'
     const err = await rejection(t.add('msi', 0xfee0_0000, 2 * MiB));
     expect([err.code, err.client?.name]).toEqual(['MMB_ERR_RESERVED_RANGE', 'vfio-later']);
     // A device sysfs knows nothing of: refused by name, before connecting.
-    const none = await rejection(VfioSubscriber.attach(t.broker, { space: 'vm0', name: 'x', backend: 'soft', reserveFor: ['0000:00:06.0'], sys, reconnect: false }));
+    const none = await rejection(
+      VfioSubscriber.attach(t.broker, { space: 'vm0', name: 'x', backend: 'soft', reserveFor: ['0000:00:06.0'], sys, reconnect: false }),
+    );
     expect(none.code).toBe('MMB_ERR_NO_DEVICE');
   });
 
-  it('type1: a hot-added device\'s reserved regions reach the broker before its group is opened; mapped memory over one refuses the device unopened', async () => {
+  it("type1: a hot-added device's reserved regions reach the broker before its group is opened; mapped memory over one refuses the device unopened", async () => {
     const t = await setup();
     const k = new SimKernel();
     k.reservedRegions['6'] = `${k.reservedRegions['6']}0x0000000030000000 0x00000000300fffff reserved\n`;

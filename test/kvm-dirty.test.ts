@@ -57,11 +57,13 @@ async function guestWrites(kvm: KvmSubscriber, gpas: number[]): Promise<void> {
 const written = [16 * MiB + 3 * PAGE, 16 * MiB + 700 * PAGE];
 
 /** The largest dirty ring this kernel offers, in entries (0: none; KVM_CAP_DIRTY_LOG_RING is Linux 5.11+). */
-const RING_MAX = HAVE_KVM ? (() => {
-  const vm = KvmVm.open();
-  vm.close();
-  return vm.caps.dirtyRingMaxBytes / 16;
-})() : 0;
+const RING_MAX = HAVE_KVM
+  ? (() => {
+      const vm = KvmVm.open();
+      vm.close();
+      return vm.caps.dirtyRingMaxBytes / 16;
+    })()
+  : 0;
 // A kernel capability, not a tool CI could install: without it the ring cases are skipped, and say so.
 if (HAVE_KVM && RING_MAX < 1024) console.warn(`dirty ring cases skipped: this kernel offers a ring of ${RING_MAX} entries (1024 needed)`);
 const describeRing = describe.skipIf(!HAVE_KVM || RING_MAX < 1024);
@@ -91,16 +93,31 @@ describeKvm.each(MODES)('KVM loses no dirty bit when a logging slot is deleted, 
     // 4 slots: "code", "log" and two for the run. A run the client has is kept while all its memory is
     // there (broker/coalesce.ts: no reshape under a running guest); the slot budget forces the merges.
     const { owner, kvm, backing } = await setup({ coalesce: true, maxSlots: 4 });
-    const block = (i: number) => ({ op: 'add' as const, name: `b${i}`, gpa: 32 * MiB + i * 2 * MiB, size: 2 * MiB, backing, offset: 16 * MiB + i * 2 * MiB, logDirty: true });
+    const block = (i: number) => ({
+      op: 'add' as const,
+      name: `b${i}`,
+      gpa: 32 * MiB + i * 2 * MiB,
+      size: 2 * MiB,
+      backing,
+      offset: 16 * MiB + i * 2 * MiB,
+      logDirty: true,
+    });
     await owner.commit([block(0), block(1)]);
-    const run = () => kvm.slots().filter((s) => s.gpa >= 32 * MiB).map((s) => [s.gpa, s.size]);
+    const run = () =>
+      kvm
+        .slots()
+        .filter((s) => s.gpa >= 32 * MiB)
+        .map((s) => [s.gpa, s.size]);
     expect(run()).toEqual([[32 * MiB, 4 * MiB]]);
     const page = (i: number, p: number) => 32 * MiB + i * 2 * MiB + p * PAGE;
     // b2 beside the run gets a slot of its own; b3 would be a fifth slot, so the broker merges the whole
     // run: KVM deletes the 4 MiB and 2 MiB slots and creates one of 8 MiB.
     await guestWrites(kvm, [page(0, 1), page(1, 511)]);
     await owner.commit([block(2)]);
-    expect(run()).toEqual([[32 * MiB, 4 * MiB], [36 * MiB, 2 * MiB]]);
+    expect(run()).toEqual([
+      [32 * MiB, 4 * MiB],
+      [36 * MiB, 2 * MiB],
+    ]);
     await guestWrites(kvm, [page(2, 3)]);
     await owner.commit([block(3)]);
     expect(run()).toEqual([[32 * MiB, 8 * MiB]]);
@@ -108,12 +125,18 @@ describeKvm.each(MODES)('KVM loses no dirty bit when a logging slot is deleted, 
     // A removal inside the run: the 8 MiB slot goes, b0 and b2..b3 get slots of their own.
     await guestWrites(kvm, [page(0, 2), page(2, 0), page(3, 5)]);
     await owner.commit([{ op: 'remove', region: 'b1' }]);
-    expect(run()).toEqual([[32 * MiB, 2 * MiB], [36 * MiB, 4 * MiB]]);
+    expect(run()).toEqual([
+      [32 * MiB, 2 * MiB],
+      [36 * MiB, 4 * MiB],
+    ]);
     expect(pagesOf(await owner.dirtySync())).toEqual([page(0, 2), page(2, 0), page(3, 5)]);
     // A move of a run's start: b2 gone, the slot of what remains starts 2 MiB higher.
     await guestWrites(kvm, [page(2, 9), page(3, 7)]);
     await owner.commit([{ op: 'remove', region: 'b2' }]);
-    expect(run()).toEqual([[32 * MiB, 2 * MiB], [38 * MiB, 2 * MiB]]);
+    expect(run()).toEqual([
+      [32 * MiB, 2 * MiB],
+      [38 * MiB, 2 * MiB],
+    ]);
     expect(pagesOf(await owner.dirtySync())).toEqual([page(3, 7)]);
     expect(pagesOf(await owner.dirtySync())).toEqual([]);
   });

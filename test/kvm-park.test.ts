@@ -9,7 +9,16 @@
 // Without /dev/kvm these tests are skipped, except under CI=true, where that is a failure.
 import fs from 'node:fs';
 import { afterEach, describe, expect, it } from 'vitest';
-import { KvmSubscriber, assembleCounterLoop, assembleProgram, replacesInPlace, planSlots, type KvmSubscriberOptions, type GuestRun, type Slot } from '../clients/kvm/index.js';
+import {
+  KvmSubscriber,
+  assembleCounterLoop,
+  assembleProgram,
+  replacesInPlace,
+  planSlots,
+  type KvmSubscriberOptions,
+  type GuestRun,
+  type Slot,
+} from '../clients/kvm/index.js';
 import type { OwnerClient } from '../clients/index.js';
 import type { ViewRegion } from '../clients/view.js';
 import { native } from '../native/index.js';
@@ -100,7 +109,10 @@ describeKvm('guest runs and programs share the vCPU', () => {
     expect(busy?.errno).toBe('EBUSY');
     await run.stop();
     // A guest that halts on its own; stop() after that changes nothing.
-    const halting = await kvm.runGuest({ codeGpa: CODE + 0x1000, image: assembleProgram(CODE + 0x1000, [{ gpa: COUNTER + 8, bytes: Buffer.from('hlt') }]).image });
+    const halting = await kvm.runGuest({
+      codeGpa: CODE + 0x1000,
+      image: assembleProgram(CODE + 0x1000, [{ gpa: COUNTER + 8, bytes: Buffer.from('hlt') }]).image,
+    });
     expect(await halting.done).toMatchObject({ halted: true, exits: [] });
     await halting.stop();
     await kvm.runProgram({ codeGpa: CODE + 0x2000, writes: [{ gpa: COUNTER + 16, bytes: Buffer.from('after') }] });
@@ -148,10 +160,16 @@ describeKvm('changes that delete and re-create a slot run with the vCPUs parked'
     const parks: number[] = [];
     const { owner, kvm, backing } = await setup({ parkVcpus: async () => (parks.push(kvm.stats.applied), () => undefined) });
     await owner.commit([{ op: 'add', name: 'hot', gpa: 64 * MiB, size: 2 * MiB, backing, offset: 16 * MiB }]);
-    await owner.commit([{ op: 'remove', region: 'hot' }, { op: 'add', name: 'hot2', gpa: 128 * MiB, size: 2 * MiB, backing, offset: 16 * MiB }]);
+    await owner.commit([
+      { op: 'remove', region: 'hot' },
+      { op: 'add', name: 'hot2', gpa: 128 * MiB, size: 2 * MiB, backing, offset: 16 * MiB },
+    ]);
     await owner.commit([{ op: 'remove', region: 'hot2' }]);
     expect(parks).toEqual([]);
-    await owner.commit([{ op: 'remove', region: 'data' }, { op: 'add', name: 'data2', gpa: DATA, size: 2 * MiB, backing, offset: 18 * MiB }]);
+    await owner.commit([
+      { op: 'remove', region: 'data' },
+      { op: 'add', name: 'data2', gpa: DATA, size: 2 * MiB, backing, offset: 18 * MiB },
+    ]);
     expect(parks).toHaveLength(1);
   });
 
@@ -187,12 +205,25 @@ describeKvm('changes that delete and re-create a slot run with the vCPUs parked'
 });
 
 describe('which plans need parking (pure)', () => {
-  const slot = (id: number, gpa: number, size: number): Slot => ({ slot: id, gpa: asGpa(gpa), size, hva: asHva(0x7f00_0000_0000 + gpa), flags: 0, key: `${gpa}+${size}`, region: id, name: `r${id}` });
+  const slot = (id: number, gpa: number, size: number): Slot => ({
+    slot: id,
+    gpa: asGpa(gpa),
+    size,
+    hva: asHva(0x7f00_0000_0000 + gpa),
+    flags: 0,
+    key: `${gpa}+${size}`,
+    region: id,
+    name: `r${id}`,
+  });
   const region = (gpa: number, size: number, key = `${gpa}+${size}:new`): ViewRegion =>
     ({ id: 99, name: 'n', gpa, size, backing: 1, offset: 0, readonly: false, logDirty: false, file: '1:1', key }) as ViewRegion;
-  const table = new Map([[0, slot(0, 0, 4 * MiB)], [1, slot(1, 8 * MiB, 4 * MiB)]]);
+  const table = new Map([
+    [0, slot(0, 0, 4 * MiB)],
+    [1, slot(1, 8 * MiB, 4 * MiB)],
+  ]);
   const removed = (s: Slot) => ({ ...region(s.gpa, s.size, s.key) });
-  const plan = (rm: Slot[], add: ViewRegion[]) => planSlots(table, { removed: rm.map(removed), updated: [], added: add }, { maxSlots: 16, hva: (r) => asHva(0x7f00_0000_0000 + r.gpa) });
+  const plan = (rm: Slot[], add: ViewRegion[]) =>
+    planSlots(table, { removed: rm.map(removed), updated: [], added: add }, { maxSlots: 16, hva: (r) => asHva(0x7f00_0000_0000 + r.gpa) });
   it('parks only where a deleted range overlaps a created one', () => {
     expect(replacesInPlace(plan([], [region(16 * MiB, MiB)]))).toBe(false);
     expect(replacesInPlace(plan([table.get(0)!], []))).toBe(false);

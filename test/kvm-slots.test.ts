@@ -165,7 +165,10 @@ describe("KVM's rules", () => {
     const vm = vmWith(a, b, c);
     // One transaction: remove a and c, replace a's range by two halves (one from another file), dirty-log b.
     const a1 = region(4, 'a1', 0x1000_0000, 8 * MiB, { offset: asOffset(0x5000_0000) });
-    const a2 = toView({ id: 5, name: 'a2', gpa: asGpa(0x1080_0000), size: 8 * MiB, backing: 2, offset: asOffset(0), readonly: true, logDirty: false }, backings);
+    const a2 = toView(
+      { id: 5, name: 'a2', gpa: asGpa(0x1080_0000), size: 8 * MiB, backing: 2, offset: asOffset(0), readonly: true, logDirty: false },
+      backings,
+    );
     const bDirty = region(2, 'b', 0x2000_0000, 16 * MiB, { logDirty: true });
     // Listed in the worst order on purpose.
     const p = vm.apply({ added: [a2, a1], updated: [{ before: b, after: bDirty }], removed: [c, a] });
@@ -312,4 +315,3 @@ describe('the software stand-in judges calls like kvm_set_memory_region()', () =
     expect(vm.table()).toEqual([]);
   });
 });
-

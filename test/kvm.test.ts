@@ -5,13 +5,11 @@
 // the kernel's verdicts.
 //
 // Without /dev/kvm the real-KVM parts are skipped, except under CI=true, where that is a failure.
-import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import pino from 'pino';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { OwnerClient, fetchStatus } from '../clients/index.js';
-import { GuestMemory } from '../clients/memory.js';
 import { toView, type Change, type LocalBacking, type ViewRegion } from '../clients/view.js';
 import {
   KvmApplier,
@@ -68,7 +66,6 @@ async function backing(owner: OwnerClient, size: number, name: string) {
   return b;
 }
 
-
 /** Lines of /proc/self/maps whose range holds `hva`. */
 const mapsAt = (hva: number): string[] => procMapsAt('self', hva);
 
@@ -113,10 +110,16 @@ describe.skipIf(!HEADERS && !IN_CI)('the KVM ABI in clients/kvm/abi.ts matches l
 
   beforeAll(() => {
     // The layout probe every struct table is checked with, generated from KVM_LAYOUTS; the numbers as constants.
-    probe = runProbe(probeSource(['<linux/kvm.h>'], abi.KVM_LAYOUTS, numbers.map(([name]) => name)));
+    probe = runProbe(
+      probeSource(
+        ['<linux/kvm.h>'],
+        abi.KVM_LAYOUTS,
+        numbers.map(([name]) => name),
+      ),
+    );
   });
 
-  it.each(Object.keys(abi.KVM_LAYOUTS))('%s: every member at the header\'s offset and size, and the header\'s size', (name) => {
+  it.each(Object.keys(abi.KVM_LAYOUTS))("%s: every member at the header's offset and size, and the header's size", (name) => {
     expectLayout(name, abi.KVM_LAYOUTS[name as keyof typeof abi.KVM_LAYOUTS], probe.structs[name]);
   });
 
@@ -144,9 +147,7 @@ describe.skipIf(!HEADERS && !IN_CI)('the KVM ABI in clients/kvm/abi.ts matches l
   it('packs kvm_userspace_memory_region and kvm_regs as the kernel reads them', () => {
     const r = { slot: 0x1_0005, flags: 3, gpa: 0xf_ffff_f000, size: 0x4000_0000, hva: 0x7fab_cdef_0000 };
     const buf = abi.packMemoryRegion(r);
-    expect(Buffer.from(buf).toString('hex')).toBe(
-      '05000100' + '03000000' + '00f0ffff0f000000' + '0000004000000000' + '0000efcdab7f0000',
-    );
+    expect(Buffer.from(buf).toString('hex')).toBe('05000100' + '03000000' + '00f0ffff0f000000' + '0000004000000000' + '0000efcdab7f0000');
     expect(abi.unpackMemoryRegion(buf)).toEqual(r);
     const regs = abi.unpackRegs(abi.packRegs({ rip: 0x10_1000, rflags: 2, rcx: 2 ** 40 + 7 }));
     expect([regs.rip, regs.rflags, regs.rcx, regs.rax]).toEqual([0x10_1000, 2, 2 ** 40 + 7, 0]);
@@ -311,8 +312,8 @@ describeKvm('a real VM follows the map as memslots (embedded broker)', () => {
     expect(sub.stats.calls).toBe(calls + 1);
     // The kernel agrees the slot now logs: KVM_GET_DIRTY_LOG works on it (ENOENT on a slot that does not log).
     const vm = sub.vm as KvmVm;
-    expect(vm.getDirtyLog(low.slot, 64 * MiB / 4096).length).toBe(64 * MiB / 4096 / 8);
-    expect((await errorOf(() => vm.getDirtyLog(sub.slots().find((s) => s.name === 'dimm2')!.slot, 16 * MiB / 4096))).errno).toBe('ENOENT');
+    expect(vm.getDirtyLog(low.slot, (64 * MiB) / 4096).length).toBe((64 * MiB) / 4096 / 8);
+    expect((await errorOf(() => vm.getDirtyLog(sub.slots().find((s) => s.name === 'dimm2')!.slot, (16 * MiB) / 4096))).errno).toBe('ENOENT');
 
     // READONLY toggle: delete + create, same id.
     const romSlot = sub.slots().find((s) => s.name === 'rom')!;
@@ -376,8 +377,16 @@ describeKvm('a real VM follows the map as memslots (embedded broker)', () => {
     expect(sub.stats.calls).toBe(calls);
     expect(sub.slots()).toEqual(before);
     // A replacement within the limit is fine.
-    await owner.commit([{ op: 'remove', region: 'a' }, { op: 'add', name: 'c', gpa: 0x200_0000, size: 4 * MiB, backing: ram.backing, offset: 8 * MiB }]);
-    expect(sub.slots().map((s) => s.name).sort()).toEqual(['b', 'c']);
+    await owner.commit([
+      { op: 'remove', region: 'a' },
+      { op: 'add', name: 'c', gpa: 0x200_0000, size: 4 * MiB, backing: ram.backing, offset: 8 * MiB },
+    ]);
+    expect(
+      sub
+        .slots()
+        .map((s) => s.name)
+        .sort(),
+    ).toEqual(['b', 'c']);
   });
 
   it('an attach to a map larger than the limit fails and leaves no VM fd behind', async () => {
@@ -421,7 +430,16 @@ describeKvm('a real VM follows the map as memslots (embedded broker)', () => {
     const ram = await backing(owner, 64 * MiB, 'kvm-coalesce');
     const sub = await kvmSub(broker, { coalesce: true, maxSlots: 2 });
     // Eight 8 MiB virtio-mem-like blocks, back to back in the backing: one slot.
-    await owner.commit(Array.from({ length: 8 }, (_, i) => ({ op: 'add' as const, name: `blk${i}`, gpa: 0x1_0000_0000 + i * 8 * MiB, size: 8 * MiB, backing: ram.backing, offset: i * 8 * MiB })));
+    await owner.commit(
+      Array.from({ length: 8 }, (_, i) => ({
+        op: 'add' as const,
+        name: `blk${i}`,
+        gpa: 0x1_0000_0000 + i * 8 * MiB,
+        size: 8 * MiB,
+        backing: ram.backing,
+        offset: i * 8 * MiB,
+      })),
+    );
     expect(sub.slots().map((s) => [s.gpa, s.size])).toEqual([[0x1_0000_0000, 64 * MiB]]);
     // Unplugging a block in the middle splits it: two slots, within the limit of 2.
     await owner.removeRegion('blk3');
@@ -648,9 +666,23 @@ describe('the guest program', () => {
     ]);
     expect(Buffer.from(p.image).toString('hex')).toBe(
       'fc' +
-        'be' + '24101000' + 'bf' + '00000040' + 'b9' + '02000000' + 'f3a4' +
-        'be' + '26101000' + 'bf' + '10000000' + 'b9' + '01000000' + 'f3a4' +
-        'f4' + '4142' + '43',
+        'be' +
+        '24101000' +
+        'bf' +
+        '00000040' +
+        'b9' +
+        '02000000' +
+        'f3a4' +
+        'be' +
+        '26101000' +
+        'bf' +
+        '10000000' +
+        'b9' +
+        '01000000' +
+        'f3a4' +
+        'f4' +
+        '4142' +
+        '43',
     );
     expect(p.hltOffset).toBe(35);
     expect(() => assembleProgram(0, [{ gpa: 2 ** 32 - 1, bytes: Buffer.from('xy') }])).toThrow(/4 GiB/);
@@ -775,7 +807,13 @@ describeKvm('cross-process: a vCPU writes a hotplugged region and another proces
     const read = async (gpa: number, len: number) => Buffer.from((await reader.request({ cmd: 'read', gpa, len }, 'read')).hex as string, 'hex');
     expect(await read(at, pattern.length)).toEqual(Buffer.alloc(pattern.length));
 
-    const result = await sub.runProgram({ codeGpa: 0x10_0000 + 0x1000, writes: [{ gpa: at, bytes: pattern }, { gpa: tailAt, bytes: tail }] });
+    const result = await sub.runProgram({
+      codeGpa: 0x10_0000 + 0x1000,
+      writes: [
+        { gpa: at, bytes: pattern },
+        { gpa: tailAt, bytes: tail },
+      ],
+    });
     expect(result.rip).toBeGreaterThan(0x10_1000);
 
     // Another process, through its own mapping of the same memfd, reads exactly what the guest wrote.

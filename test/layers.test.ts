@@ -60,7 +60,7 @@ describe('layers', () => {
     expect(bad.map((i) => `${i.from} imports ${i.spec} (${i.to}/)`)).toEqual([]);
   });
 
-  it('the product never loads the testkit\'s preloads, and harness/ imports nothing from cli/', () => {
+  it("the product never loads the testkit's preloads, and harness/ imports nothing from cli/", () => {
     const all = imports();
     expect(all.filter((i) => /preload\//.test(i.spec)).map((i) => i.from)).toEqual([]);
     expect(all.filter((i) => topOf(i.from) === 'harness' && i.to === 'cli').map((i) => i.from)).toEqual([]);

@@ -54,7 +54,11 @@ async function backing(o: OwnerClient, name: string, size: number, filled: numbe
 }
 
 async function writer(space: string, extra: string[] = []): Promise<JsonProc> {
-  const child = spawn(process.execPath, [new URL('./fixtures/migration-writer.mjs', import.meta.url).pathname, '--socket', socket, '--space', space, ...extra], { stdio: ['pipe', 'pipe', 'pipe'] });
+  const child = spawn(
+    process.execPath,
+    [new URL('./fixtures/migration-writer.mjs', import.meta.url).pathname, '--socket', socket, '--space', space, ...extra],
+    { stdio: ['pipe', 'pipe', 'pipe'] },
+  );
   const p = new JsonProc(child);
   cleanups.push(() => p.stop());
   await p.next('ready');
@@ -74,7 +78,8 @@ function bytesOf(fd: number, offset: number, size: number): Buffer {
 }
 
 type Space = StatusResult['spaces'][number];
-const mapOf = (st: Space | undefined) => (st?.regions ?? []).map((r) => ({ name: r.name, gpa: r.gpa, size: r.size, readonly: r.readonly })).sort((a, b) => a.gpa - b.gpa);
+const mapOf = (st: Space | undefined) =>
+  (st?.regions ?? []).map((r) => ({ name: r.name, gpa: r.gpa, size: r.size, readonly: r.readonly })).sort((a, b) => a.gpa - b.gpa);
 
 describe('migration across map changes', () => {
   it.each(['space', 'file'] as const)(
@@ -170,7 +175,12 @@ describe('migration across map changes', () => {
           const rounds = (JSON.parse(fs.readFileSync(`${image}.map.json`, 'utf8')) as { rounds: { round: number; regions: { name: string }[] }[] }).rounds;
           expect(rounds.length).toBeGreaterThanOrEqual(result.rounds.length);
           expect(rounds[0]?.regions.map((r) => r.name).sort()).toEqual(['dimm0', 'ram', 'toggle']);
-          expect(rounds.at(-1)?.regions.map((r) => r.name).sort()).toEqual(['dimm1', 'ram', 'toggle']);
+          expect(
+            rounds
+              .at(-1)
+              ?.regions.map((r) => r.name)
+              .sort(),
+          ).toEqual(['dimm1', 'ram', 'toggle']);
         }
         // Logging is back to how it was: off everywhere (the migration turned it on).
         expect((await o.status(space)).spaces[0]?.regions.every((r) => !r.logDirty)).toBe(true);
@@ -262,23 +272,48 @@ describe('vfio-like clients in a migration', () => {
     expect(refused.code).toBe(1);
     expect(refused.stderr).toMatch(/MMB_ERR_MIGRATION_BLOCKED .*migration blocked: vfio client "gpu-vfio"/);
     expect(refused.stderr).toMatch(/refused by: vfio client "gpu-vfio"/);
-    const error = refused.stdout.trim().split('\n').map((l) => JSON.parse(l) as { event: string; blockers?: { client: { name: string } }[] }).at(-1);
+    const error = refused.stdout
+      .trim()
+      .split('\n')
+      .map((l) => JSON.parse(l) as { event: string; blockers?: { client: { name: string } }[] })
+      .at(-1);
     expect(error).toMatchObject({ event: 'error', code: 'MMB_ERR_MIGRATION_BLOCKED', blockers: [{ client: { name: 'gpu-vfio' } }] });
     expect(fs.existsSync(image)).toBe(false);
 
     const ok = await runCli(['migrate', '--socket', socket, '--space', space, '--to', image, '--accept-device-risk', '--json'], 60_000);
     expect(ok.code, ok.stderr).toBe(0);
-    const result = ok.stdout.trim().split('\n').map((l) => JSON.parse(l) as { event: string; verified?: boolean; acceptedRisks?: { client: { name: string } }[] }).at(-1);
+    const result = ok.stdout
+      .trim()
+      .split('\n')
+      .map((l) => JSON.parse(l) as { event: string; verified?: boolean; acceptedRisks?: { client: { name: string } }[] })
+      .at(-1);
     expect(result).toMatchObject({ event: 'result', verified: true, acceptedRisks: [{ client: { name: 'gpu-vfio' } }] });
   }, 60_000);
 });
 
 describe('the blocker rule', () => {
   const client = (over: Record<string, unknown>) =>
-    ({ id: 7, role: 'subscriber', kind: 'vfio', name: 'v', pid: 1, uid: 0, transport: 'socket', ackedGeneration: 0, state: 'ready', devices: ['0000:00:01.0'], backend: 'type1', ...over }) as unknown as Space['clients'][number];
+    ({
+      id: 7,
+      role: 'subscriber',
+      kind: 'vfio',
+      name: 'v',
+      pid: 1,
+      uid: 0,
+      transport: 'socket',
+      ackedGeneration: 0,
+      state: 'ready',
+      devices: ['0000:00:01.0'],
+      backend: 'type1',
+      ...over,
+    }) as unknown as Space['clients'][number];
   it('a vfio subscriber with a device blocks unless it declares quiesce and device state; without a device, or another kind, it does not', () => {
-    expect(migrationBlockers([client({})]).map((b) => b.reason)).toEqual(['vfio client "v" (type1, devices 0000:00:01.0) cannot be quiesced (nothing stops its DMA at the pause) and has no migratable state']);
-    expect(migrationBlockers([client({ migration: { quiesce: true, deviceState: false } })]).map((b) => b.reason)).toEqual(['vfio client "v" (type1, devices 0000:00:01.0) has no migratable state']);
+    expect(migrationBlockers([client({})]).map((b) => b.reason)).toEqual([
+      'vfio client "v" (type1, devices 0000:00:01.0) cannot be quiesced (nothing stops its DMA at the pause) and has no migratable state',
+    ]);
+    expect(migrationBlockers([client({ migration: { quiesce: true, deviceState: false } })]).map((b) => b.reason)).toEqual([
+      'vfio client "v" (type1, devices 0000:00:01.0) has no migratable state',
+    ]);
     expect(migrationBlockers([client({ migration: { quiesce: true, deviceState: true } })])).toEqual([]);
     expect(migrationBlockers([client({ devices: [] }), client({ kind: 'plain' }), client({ role: 'observer' })])).toEqual([]);
   });

@@ -143,10 +143,31 @@ describe('error shape', () => {
 describe('constants', () => {
   it('has every NativeConstants name as an integer, with the known Linux values', () => {
     const names = [
-      'MFD_CLOEXEC', 'MFD_ALLOW_SEALING', 'MFD_HUGETLB', 'F_SEAL_SEAL', 'F_SEAL_SHRINK', 'F_SEAL_GROW',
-      'F_SEAL_WRITE', 'F_SEAL_FUTURE_WRITE', 'PROT_NONE', 'PROT_READ', 'PROT_WRITE', 'MAP_SHARED',
-      'MAP_PRIVATE', 'MAP_NORESERVE', 'MAP_POPULATE', 'EFD_CLOEXEC', 'EFD_NONBLOCK', 'EFD_SEMAPHORE',
-      'POLL_READABLE', 'POLL_WRITABLE', 'POLL_DISCONNECT', 'SHUT_RD', 'SHUT_WR', 'SHUT_RDWR', 'pageSize',
+      'MFD_CLOEXEC',
+      'MFD_ALLOW_SEALING',
+      'MFD_HUGETLB',
+      'F_SEAL_SEAL',
+      'F_SEAL_SHRINK',
+      'F_SEAL_GROW',
+      'F_SEAL_WRITE',
+      'F_SEAL_FUTURE_WRITE',
+      'PROT_NONE',
+      'PROT_READ',
+      'PROT_WRITE',
+      'MAP_SHARED',
+      'MAP_PRIVATE',
+      'MAP_NORESERVE',
+      'MAP_POPULATE',
+      'EFD_CLOEXEC',
+      'EFD_NONBLOCK',
+      'EFD_SEMAPHORE',
+      'POLL_READABLE',
+      'POLL_WRITABLE',
+      'POLL_DISCONNECT',
+      'SHUT_RD',
+      'SHUT_WR',
+      'SHUT_RDWR',
+      'pageSize',
       'SCM_MAX_FD',
     ];
     expect(Object.keys(C).sort()).toEqual([...names].sort());
@@ -180,19 +201,35 @@ describe('memfd', () => {
     expect(native.getSeals(fd)).toBe(0);
     native.addSeals(fd, C.F_SEAL_SHRINK);
     expect(native.getSeals(fd)).toBe(C.F_SEAL_SHRINK);
-    expectNative(catchError(() => native.ftruncate(fd, PAGE_SIZE)), 'EPERM', 'ftruncate');
+    expectNative(
+      catchError(() => native.ftruncate(fd, PAGE_SIZE)),
+      'EPERM',
+      'ftruncate',
+    );
     expect(native.fstat(fd).size).toBe(4 * PAGE_SIZE);
     native.ftruncate(fd, 8 * PAGE_SIZE); // growing is still allowed
     native.addSeals(fd, C.F_SEAL_GROW | C.F_SEAL_SEAL);
     expect(native.getSeals(fd)).toBe(C.F_SEAL_SHRINK | C.F_SEAL_GROW | C.F_SEAL_SEAL);
-    expectNative(catchError(() => native.ftruncate(fd, 9 * PAGE_SIZE)), 'EPERM', 'ftruncate');
-    expectNative(catchError(() => native.addSeals(fd, C.F_SEAL_WRITE)), 'EPERM', 'fcntl');
+    expectNative(
+      catchError(() => native.ftruncate(fd, 9 * PAGE_SIZE)),
+      'EPERM',
+      'ftruncate',
+    );
+    expectNative(
+      catchError(() => native.addSeals(fd, C.F_SEAL_WRITE)),
+      'EPERM',
+      'fcntl',
+    );
   });
 
   it('a memfd created without MFD_ALLOW_SEALING is born sealed with F_SEAL_SEAL', () => {
     const fd = memfd('mmb-nosealing', PAGE_SIZE, 0);
     expect(native.getSeals(fd)).toBe(C.F_SEAL_SEAL);
-    expectNative(catchError(() => native.addSeals(fd, C.F_SEAL_SHRINK)), 'EPERM', 'fcntl');
+    expectNative(
+      catchError(() => native.addSeals(fd, C.F_SEAL_SHRINK)),
+      'EPERM',
+      'fcntl',
+    );
   });
 
   it('getSeals fails with EINVAL on files that cannot be sealed', () => {
@@ -201,13 +238,21 @@ describe('memfd', () => {
     fs.writeFileSync(file, 'x');
     const fileFd = fs.openSync(file, 'r');
     try {
-      expectNative(catchError(() => native.getSeals(fileFd)), 'EINVAL', 'fcntl');
+      expectNative(
+        catchError(() => native.getSeals(fileFd)),
+        'EINVAL',
+        'fcntl',
+      );
     } finally {
       fs.closeSync(fileFd);
       fs.rmSync(dir, { recursive: true });
     }
     const [a] = pair();
-    expectNative(catchError(() => native.getSeals(a)), 'EINVAL', 'fcntl');
+    expectNative(
+      catchError(() => native.getSeals(a)),
+      'EINVAL',
+      'fcntl',
+    );
   });
 
   it('dup gives a close-on-exec copy of the same file; close releases it', () => {
@@ -218,11 +263,19 @@ describe('memfd', () => {
     expect(fdFlags(copy) & O_CLOEXEC).toBe(O_CLOEXEC);
     native.close(copy);
     expect(fs.existsSync(`/proc/self/fd/${copy}`)).toBe(false);
-    expectNative(catchError(() => native.close(copy)), 'EBADF', 'close');
+    expectNative(
+      catchError(() => native.close(copy)),
+      'EBADF',
+      'close',
+    );
   });
 
   it('refuses names the kernel refuses', () => {
-    expectNative(catchError(() => native.memfdCreate('x'.repeat(250), 0)), 'EINVAL', 'memfd_create');
+    expectNative(
+      catchError(() => native.memfdCreate('x'.repeat(250), 0)),
+      'EINVAL',
+      'memfd_create',
+    );
     expect(() => native.memfdCreate('a\0b', 0)).toThrow(TypeError);
   });
 });
@@ -280,7 +333,11 @@ describe('mmap', () => {
     expect(view.length).toBe(0);
     expect(view[0]).toBeUndefined();
     expect(mapsLine(m.address)).toBeUndefined();
-    expectNative(catchError(() => native.munmap(m)), 'EINVAL', 'munmap');
+    expectNative(
+      catchError(() => native.munmap(m)),
+      'EINVAL',
+      'munmap',
+    );
   });
 
   it('the Mapping object cannot be tampered with', () => {
@@ -296,9 +353,21 @@ describe('mmap', () => {
 
   it('reports mmap failures from the kernel', () => {
     const fd = memfd('mmb-mmapfail', PAGE_SIZE);
-    expectNative(catchError(() => native.mmap(fd, 0, 0, C.PROT_READ, C.MAP_SHARED)), 'EINVAL', 'mmap');
-    expectNative(catchError(() => native.mmap(fd, 1, PAGE_SIZE, C.PROT_READ, C.MAP_SHARED)), 'EINVAL', 'mmap');
-    expectNative(catchError(() => native.mmap(2 ** 30, 0, PAGE_SIZE, C.PROT_READ, C.MAP_SHARED)), 'EBADF', 'mmap');
+    expectNative(
+      catchError(() => native.mmap(fd, 0, 0, C.PROT_READ, C.MAP_SHARED)),
+      'EINVAL',
+      'mmap',
+    );
+    expectNative(
+      catchError(() => native.mmap(fd, 1, PAGE_SIZE, C.PROT_READ, C.MAP_SHARED)),
+      'EINVAL',
+      'mmap',
+    );
+    expectNative(
+      catchError(() => native.mmap(2 ** 30, 0, PAGE_SIZE, C.PROT_READ, C.MAP_SHARED)),
+      'EBADF',
+      'mmap',
+    );
   });
 
   it('a mapping longer than the largest ArrayBuffer fails cleanly and leaves nothing mapped', () => {
@@ -378,11 +447,19 @@ describe('mlock', () => {
     const fd = memfd('mmb-busy', size);
     const m = map(fd, 0, size, C.PROT_READ | C.PROT_WRITE);
     const pending = native.mlock(m, 0, size);
-    expectNative(catchError(() => native.munmap(m)), 'EBUSY', 'munmap');
+    expectNative(
+      catchError(() => native.munmap(m)),
+      'EBUSY',
+      'munmap',
+    );
     expect(m.buffer.byteLength).toBe(size);
     await pending;
     const unlocking = native.munlock(m, 0, size);
-    expectNative(catchError(() => native.munmap(m)), 'EBUSY', 'munmap');
+    expectNative(
+      catchError(() => native.munmap(m)),
+      'EBUSY',
+      'munmap',
+    );
     await unlocking;
     unmap(m);
     expect(mapsLine(m.address)).toBeUndefined();
@@ -500,8 +577,16 @@ describe('sockets', () => {
     const [a, b] = pair();
     const fd = memfd('mmb-e2big', PAGE_SIZE);
     const tooMany = new Array<number>(C.SCM_MAX_FD + 1).fill(fd);
-    expectNative(catchError(() => native.sendmsg(a, Uint8Array.of(1), tooMany)), 'E2BIG', 'sendmsg');
-    expectNative(catchError(() => native.sendmsg(a, new Uint8Array(0), [fd])), 'EINVAL', 'sendmsg');
+    expectNative(
+      catchError(() => native.sendmsg(a, Uint8Array.of(1), tooMany)),
+      'E2BIG',
+      'sendmsg',
+    );
+    expectNative(
+      catchError(() => native.sendmsg(a, new Uint8Array(0), [fd])),
+      'EINVAL',
+      'sendmsg',
+    );
     expect(native.recvmsg(b, new Uint8Array(8), C.SCM_MAX_FD)).toBeNull();
     // exactly SCM_MAX_FD is fine
     expect(native.sendmsg(a, Uint8Array.of(1), tooMany.slice(1))).toBe(1);
@@ -512,7 +597,11 @@ describe('sockets', () => {
 
   it('sending a bad fd fails with EBADF and sends nothing', () => {
     const [a, b] = pair();
-    expectNative(catchError(() => native.sendmsg(a, Uint8Array.of(1), [2 ** 30])), 'EBADF', 'sendmsg');
+    expectNative(
+      catchError(() => native.sendmsg(a, Uint8Array.of(1), [2 ** 30])),
+      'EBADF',
+      'sendmsg',
+    );
     expect(native.recvmsg(b, new Uint8Array(8), 4)).toBeNull();
   });
 
@@ -545,7 +634,11 @@ describe('sockets', () => {
     expect(native.recvmsg(b, new Uint8Array(4), 4)).toEqual({ bytes: 0, fds: [], ctrunc: false });
     closeFd(a);
     expect(native.recvmsg(b, new Uint8Array(4), 4)).toEqual({ bytes: 0, fds: [], ctrunc: false });
-    expectNative(catchError(() => native.sendmsg(b, Uint8Array.of(1), [])), 'EPIPE', 'sendmsg');
+    expectNative(
+      catchError(() => native.sendmsg(b, Uint8Array.of(1), [])),
+      'EPIPE',
+      'sendmsg',
+    );
     expect(() => native.recvmsg(b, new Uint8Array(0), 0)).toThrow(RangeError);
   });
 
@@ -575,7 +668,11 @@ describe('sockets', () => {
       expect(native.recvmsg(accepted.fd, buf, 0)?.bytes).toBe(5);
       expect(Buffer.from(buf.subarray(0, 5)).toString()).toBe('hello');
 
-      expectNative(catchError(() => native.socketListen(file, 8, 0o600)), 'EADDRINUSE', 'bind');
+      expectNative(
+        catchError(() => native.socketListen(file, 8, 0o600)),
+        'EADDRINUSE',
+        'bind',
+      );
     } finally {
       fs.rmSync(dir, { recursive: true });
     }
@@ -609,9 +706,22 @@ describe('sockets', () => {
       expect(st.isSocket()).toBe(true);
       expect(st.mode & 0o7777).toBe(0o660); // the umask (077) took nothing away
       expect(fs.existsSync(path.join(dir, 'at.sock'))).toBe(false);
-      expectNative(catchError(() => native.socketListenAt(dirFd, 'at.sock', 1, 0o600)), 'EADDRINUSE', 'bind');
-      for (const bad of ['a/b', '.', '..']) expectNative(catchError(() => native.socketListenAt(dirFd, bad, 1, 0o600)), 'EINVAL', 'bind');
-      expectNative(catchError(() => native.socketListenAt(dirFd, 'x'.repeat(100), 1, 0o600)), 'ENAMETOOLONG', 'bind');
+      expectNative(
+        catchError(() => native.socketListenAt(dirFd, 'at.sock', 1, 0o600)),
+        'EADDRINUSE',
+        'bind',
+      );
+      for (const bad of ['a/b', '.', '..'])
+        expectNative(
+          catchError(() => native.socketListenAt(dirFd, bad, 1, 0o600)),
+          'EINVAL',
+          'bind',
+        );
+      expectNative(
+        catchError(() => native.socketListenAt(dirFd, 'x'.repeat(100), 1, 0o600)),
+        'ENAMETOOLONG',
+        'bind',
+      );
       expect(fdCount()).toBe(before + 1); // failures closed their sockets
     } finally {
       fs.closeSync(dirFd);
@@ -624,13 +734,25 @@ describe('sockets', () => {
     const dir = tmpDir();
     try {
       const file = path.join(dir, 'dead.sock');
-      expectNative(catchError(() => native.socketConnect(file)), 'ENOENT', 'connect');
+      expectNative(
+        catchError(() => native.socketConnect(file)),
+        'ENOENT',
+        'connect',
+      );
       native.close(native.socketListen(file, 1, 0o600)); // the file stays, nobody listens
-      expectNative(catchError(() => native.socketConnect(file)), 'ECONNREFUSED', 'connect');
+      expectNative(
+        catchError(() => native.socketConnect(file)),
+        'ECONNREFUSED',
+        'connect',
+      );
       const before = fdCount();
       catchError(() => native.socketConnect(file));
       expect(fdCount()).toBe(before); // the failed socket was closed
-      expectNative(catchError(() => native.socketConnect(path.join(dir, 'x'.repeat(120)))), 'ENAMETOOLONG', 'connect');
+      expectNative(
+        catchError(() => native.socketConnect(path.join(dir, 'x'.repeat(120)))),
+        'ENAMETOOLONG',
+        'connect',
+      );
     } finally {
       fs.rmSync(dir, { recursive: true });
     }
@@ -652,7 +774,10 @@ const hasPeerPidfd = (() => {
   }
 })();
 const kernelAtLeast = (major: number, minor: number): boolean => {
-  const [ma = 0, mi = 0] = os.release().split('.').map((x) => parseInt(x, 10));
+  const [ma = 0, mi = 0] = os
+    .release()
+    .split('.')
+    .map((x) => parseInt(x, 10));
   return ma > major || (ma === major && mi >= minor);
 };
 
@@ -676,13 +801,17 @@ describe('pidfds', () => {
     expect(pidOfPidfd(track(stale))).toBe(process.pid);
   });
 
-  it.runIf(hasPeerPidfd)('accept gives the connecting process\'s pidfd: it signals that process, polls readable when it exits, then ESRCH', async () => {
+  it.runIf(hasPeerPidfd)("accept gives the connecting process's pidfd: it signals that process, polls readable when it exits, then ESRCH", async () => {
     const dir = tmpDir();
     try {
       const file = path.join(dir, 'p.sock');
       const listener = track(native.socketListen(file, 8, 0o600));
       // A child that connects with Node's own net module, says so, and waits to be killed.
-      const child = spawn(process.execPath, ['-e', `require('net').connect(${JSON.stringify(file)}, () => process.stdout.write('connected\\n')); setInterval(() => {}, 1000);`], { stdio: ['ignore', 'pipe', 'inherit'] });
+      const child = spawn(
+        process.execPath,
+        ['-e', `require('net').connect(${JSON.stringify(file)}, () => process.stdout.write('connected\\n')); setInterval(() => {}, 1000);`],
+        { stdio: ['ignore', 'pipe', 'inherit'] },
+      );
       await new Promise<void>((resolve, reject) => {
         child.stdout.once('data', () => resolve());
         child.once('exit', (code) => reject(new Error(`child exited ${code}`)));
@@ -705,7 +834,11 @@ describe('pidfds', () => {
       expect(await exited).toBe(C.POLL_READABLE);
       expect(await exit).toBe('SIGKILL');
       expect(pidOfPidfd(pidfd)).toBe(-1);
-      expectNative(catchError(() => native.pidfdSendSignal(pidfd, os.constants.signals.SIGKILL)), 'ESRCH', 'pidfd_send_signal');
+      expectNative(
+        catchError(() => native.pidfdSendSignal(pidfd, os.constants.signals.SIGKILL)),
+        'ESRCH',
+        'pidfd_send_signal',
+      );
     } finally {
       fs.rmSync(dir, { recursive: true });
     }
@@ -719,12 +852,24 @@ describe('pidfds', () => {
     expect(fdFlags(pidfd) & O_CLOEXEC).toBe(O_CLOEXEC);
     native.pidfdSendSignal(pidfd, os.constants.signals.SIGTERM);
     expect(await exit).toBe('SIGTERM');
-    expectNative(catchError(() => native.pidfdSendSignal(pidfd, 0)), 'ESRCH', 'pidfd_send_signal');
-    expectNative(catchError(() => native.pidfdSendSignal(0, 0)), 'EBADF', 'pidfd_send_signal');
+    expectNative(
+      catchError(() => native.pidfdSendSignal(pidfd, 0)),
+      'ESRCH',
+      'pidfd_send_signal',
+    );
+    expectNative(
+      catchError(() => native.pidfdSendSignal(0, 0)),
+      'EBADF',
+      'pidfd_send_signal',
+    );
     expect(() => native.pidfdSendSignal(pidfd, 65)).toThrow(RangeError);
     expect(() => native.pidfdOpen(0)).toThrow(RangeError);
     const efd = track(native.eventfd(0, C.EFD_CLOEXEC));
-    expectNative(catchError(() => native.peerPidfd(efd)), 'ENOTSOCK', 'getsockopt');
+    expectNative(
+      catchError(() => native.peerPidfd(efd)),
+      'ENOTSOCK',
+      'getsockopt',
+    );
   });
 });
 
@@ -740,6 +885,7 @@ describe('poll', () => {
       signal = resolve;
     });
     const handle = native.pollStart(a, C.POLL_READABLE, function (this: unknown, status, events) {
+      // eslint-disable-next-line @typescript-eslint/no-this-alias -- the test records the callback's this
       self = this;
       calls.push([status, events]);
       native.recvmsg(a, new Uint8Array(8), 0); // drain, or it stays readable
@@ -854,7 +1000,7 @@ describe('poll', () => {
     }
   });
 
-  it('does not keep the loop alive after pollRef(false) or pollClose; does while ref\'d', () => {
+  it("does not keep the loop alive after pollRef(false) or pollClose; does while ref'd", () => {
     const setup = 'const [a, b] = n.socketPair(); const h = n.pollStart(a, C.POLL_READABLE, () => {});';
     const unref = runChild(`${setup} n.pollRef(h, false);`, 10_000);
     expect(unref.error).toBeUndefined();
@@ -897,10 +1043,9 @@ describe('poll', () => {
       expect(exitCode).toBe(0);
     }
     // the same with an abrupt terminate() while a ref'd handle keeps the worker busy
-    const busy = new Worker(
-      `${code}; n.pollStart(b, C.POLL_READABLE, () => {}); require('node:worker_threads').parentPort.postMessage('ready');`,
-      { eval: true },
-    );
+    const busy = new Worker(`${code}; n.pollStart(b, C.POLL_READABLE, () => {}); require('node:worker_threads').parentPort.postMessage('ready');`, {
+      eval: true,
+    });
     await new Promise((resolve) => busy.once('message', resolve));
     expect(await busy.terminate()).toBe(1);
   });
@@ -908,7 +1053,10 @@ describe('poll', () => {
 
 describe('mmapChunked', () => {
   const mapsOf = (name: string) =>
-    fs.readFileSync('/proc/self/maps', 'utf8').split('\n').filter((l) => l.includes(`/memfd:${name}`));
+    fs
+      .readFileSync('/proc/self/maps', 'utf8')
+      .split('\n')
+      .filter((l) => l.includes(`/memfd:${name}`));
 
   it('maps one contiguous range as consecutive Mappings, each unmapped on its own', () => {
     const fd = memfd('chunked', 10 * PAGE_SIZE);
@@ -922,7 +1070,13 @@ describe('mmapChunked', () => {
     // Offsets follow the chunks: byte 7*PAGE+5 of the file is chunk 1, byte 2*PAGE+5.
     expect(new Uint8Array(chunks[1]!.buffer)[2 * PAGE_SIZE + 5]).toBe(0x5a);
     // The kernel sees the whole range mapped from the memfd, with no reservation left in between.
-    const ours = mapsOf('chunked').map((l) => l.split(' ')[0]!.split('-').map((h) => parseInt(h, 16)) as [number, number]);
+    const ours = mapsOf('chunked').map(
+      (l) =>
+        l
+          .split(' ')[0]!
+          .split('-')
+          .map((h) => parseInt(h, 16)) as [number, number],
+    );
     const inRange = ours.filter(([lo]) => lo >= base && lo < base + 9 * PAGE_SIZE);
     expect(inRange.reduce((n, [lo, hi]) => n + hi - lo, 0)).toBe(9 * PAGE_SIZE);
     for (const m of chunks) unmap(m);
@@ -933,13 +1087,21 @@ describe('mmapChunked', () => {
   it('leaves nothing mapped when a chunk cannot be mapped', () => {
     const before = fs.readFileSync('/proc/self/maps', 'utf8').split('\n').length;
     const [r, w] = pair();
-    expectNative(catchError(() => native.mmapChunked(r, 0, 8 * PAGE_SIZE, C.PROT_READ, C.MAP_SHARED, 4 * PAGE_SIZE)), 'ENODEV', 'mmap');
+    expectNative(
+      catchError(() => native.mmapChunked(r, 0, 8 * PAGE_SIZE, C.PROT_READ, C.MAP_SHARED, 4 * PAGE_SIZE)),
+      'ENODEV',
+      'mmap',
+    );
     void w;
     expect(fs.readFileSync('/proc/self/maps', 'utf8').split('\n').length).toBe(before);
   });
 
   it('refuses a chunk size that is not a page multiple and MAP_FIXED', () => {
     const fd = memfd('chunked-bad', 4 * PAGE_SIZE);
-    expectNative(catchError(() => native.mmapChunked(fd, 0, 4 * PAGE_SIZE, C.PROT_READ, C.MAP_SHARED, 100)), 'EINVAL', 'mmap');
+    expectNative(
+      catchError(() => native.mmapChunked(fd, 0, 4 * PAGE_SIZE, C.PROT_READ, C.MAP_SHARED, 100)),
+      'EINVAL',
+      'mmap',
+    );
   });
 });

@@ -63,7 +63,10 @@ describe.skipIf(missing !== undefined)('docs/operating.md walkthrough', () => {
     const port = String(await freePort());
     const all = blocks();
     expect(all.map((b) => b.kind)).toEqual(['env', 'background', 'background', 'background', 'run', 'run', 'run']);
-    const env = all.filter((b) => b.kind === 'env').map((b) => b.script).join('\n');
+    const env = all
+      .filter((b) => b.kind === 'env')
+      .map((b) => b.script)
+      .join('\n');
     const { MMBROKER_SOCKET: _ignored, ...inherited } = process.env;
     const shellEnv = { ...inherited, PATH: `${bin}:${process.env.PATH}` };
     const outputs: string[] = [];
@@ -75,10 +78,14 @@ describe.skipIf(missing !== undefined)('docs/operating.md walkthrough', () => {
         child.stdout?.setEncoding('utf8').on('data', (d: string) => out.push(d));
         child.stderr?.setEncoding('utf8').on('data', (d: string) => out.push(d));
         running.push({ child, out });
-        await waitFor(`"${b.ready}" from: ${b.script.trim()}`, () => {
-          if (child.exitCode !== null) throw new Error(`${b.script.trim()} exited ${child.exitCode}: ${out.join('')}`);
-          return out.join('').includes(b.ready as string);
-        }, 20_000);
+        await waitFor(
+          `"${b.ready}" from: ${b.script.trim()}`,
+          () => {
+            if (child.exitCode !== null) throw new Error(`${b.script.trim()} exited ${child.exitCode}: ${out.join('')}`);
+            return out.join('').includes(b.ready as string);
+          },
+          20_000,
+        );
       } else {
         const r = spawnSync('bash', ['-c', script], { cwd: work, env: shellEnv, encoding: 'utf8', timeout: 30_000 });
         expect(r.status, `${b.script}\n${r.stdout}\n${r.stderr}`).toBe(0);

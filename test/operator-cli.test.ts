@@ -58,7 +58,10 @@ describe('mmbroker conventions', () => {
       [['map', 'add', '--socket', socket, '--space', 'c', '--gpa', '0', '--size', '12X'], /--size "12X" is not a size/],
       [['status', '--bogus'], /Unknown option '--bogus'/],
       [['serve', '--log-level', 'verbose'], /--log-level "verbose" is not a log level: fatal, error, warn, info, debug, trace, silent/],
-      [['map', 'add', '--socket', socket, '--space', 'c', '--gpa', '0x10000000000000', '--size', '4k'], /--gpa "0x10000000000000" is not an address below 2\^52/],
+      [
+        ['map', 'add', '--socket', socket, '--space', 'c', '--gpa', '0x10000000000000', '--size', '4k'],
+        /--gpa "0x10000000000000" is not an address below 2\^52/,
+      ],
       [['migrate', '--socket', socket, '--space', 'c', '--to', '/nonexistent/x.img'], /--to \/nonexistent\/x\.img: the directory \/nonexistent does not exist/],
       [['migrate', '--socket', socket, '--space', 'c', '--to', '/proc/version'], /--to \/proc\/version is on procfs/],
       [['status', '--svg', '/nonexistent/pic.svg'], /--svg \/nonexistent\/pic\.svg: the directory \/nonexistent does not exist/],
@@ -129,7 +132,10 @@ describe('mmbroker conventions', () => {
     const dir = tempDir('mmb-logs-');
     const log = path.join(dir, 'broker.log');
     const sock = path.join(dir, 'run', 'b.sock');
-    const child = spawn(process.execPath, [CLI, 'serve', '--socket', sock, '--space', 'l', '--log-file', log], { stdio: ['ignore', 'pipe', 'pipe'], env: { ...process.env, LOG_LEVEL: 'debug' } });
+    const child = spawn(process.execPath, [CLI, 'serve', '--socket', sock, '--space', 'l', '--log-file', log], {
+      stdio: ['ignore', 'pipe', 'pipe'],
+      env: { ...process.env, LOG_LEVEL: 'debug' },
+    });
     children.push(child);
     const stderr: string[] = [];
     child.stderr?.setEncoding('utf8').on('data', (d: string) => stderr.push(d));
@@ -165,7 +171,9 @@ describe('mmbroker conventions', () => {
     const held = await startClient({ socket, space: 'c', args: ['--name', 'slowpoke'] });
     children.push(held.child);
     await held.request({ cmd: 'hold-next' }, 'armed');
-    const add = spawn(process.execPath, [CLI, 'map', 'add', '--socket', socket, '--space', 'c', '--gpa', '8G', '--size', '2m', '--name', 'ctrlc'], { stdio: ['ignore', 'pipe', 'pipe'] });
+    const add = spawn(process.execPath, [CLI, 'map', 'add', '--socket', socket, '--space', 'c', '--gpa', '8G', '--size', '2m', '--name', 'ctrlc'], {
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
     children.push(add);
     let out = '';
     let err = '';
@@ -183,7 +191,13 @@ describe('mmbroker conventions', () => {
   });
 
   it.skipIf(!haveScript)('a long map add shows pinning progress on a terminal', async () => {
-    const vfio = new JsonProc(spawn(process.execPath, [CLI, 'attach', 'vfio', '--backend', 'soft', '--socket', socket, '--space', 'c', '--name', 'pinner', '--json', '--pin-chunk', '4m'], { stdio: ['pipe', 'pipe', 'pipe'] }));
+    const vfio = new JsonProc(
+      spawn(
+        process.execPath,
+        [CLI, 'attach', 'vfio', '--backend', 'soft', '--socket', socket, '--space', 'c', '--name', 'pinner', '--json', '--pin-chunk', '4m'],
+        { stdio: ['pipe', 'pipe', 'pipe'] },
+      ),
+    );
     children.push(vfio.child);
     await vfio.next('attached');
     const tty = underTty(['map', 'add', '--socket', socket, '--space', 'c', '--gpa', '16G', '--size', '256m', '--name', 'big']);

@@ -2,7 +2,7 @@
 // subscriber holds it), and after: transactions by outcome, the commit latency histogram, evictions and
 // holders, queue depth, per-client acked generation and lag, pinned bytes (a soft vfio client), dirty-sync
 // timings. A non-loopback address is refused unless --metrics-public.
-import { spawn, type ChildProcess } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import http from 'node:http';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -18,11 +18,13 @@ const procs: JsonProc[] = [];
 
 function scrape(): Promise<{ status: number; type: string; body: string }> {
   return new Promise((resolve, reject) => {
-    http.get(url, (res) => {
-      let body = '';
-      res.setEncoding('utf8').on('data', (d: string) => (body += d));
-      res.on('end', () => resolve({ status: res.statusCode ?? 0, type: String(res.headers['content-type']), body }));
-    }).on('error', reject);
+    http
+      .get(url, (res) => {
+        let body = '';
+        res.setEncoding('utf8').on('data', (d: string) => (body += d));
+        res.on('end', () => resolve({ status: res.statusCode ?? 0, type: String(res.headers['content-type']), body }));
+      })
+      .on('error', reject);
   });
 }
 
@@ -33,7 +35,11 @@ function sample(body: string, name: string, labels: string): number | undefined 
 }
 
 async function attach(kind: string, name: string, extra: string[] = []): Promise<JsonProc> {
-  const p = new JsonProc(spawn(process.execPath, [CLI, 'attach', kind, '--socket', socket, '--space', 'm', '--name', name, '--json', '--control', ...extra], { stdio: ['pipe', 'pipe', 'pipe'] }));
+  const p = new JsonProc(
+    spawn(process.execPath, [CLI, 'attach', kind, '--socket', socket, '--space', 'm', '--name', name, '--json', '--control', ...extra], {
+      stdio: ['pipe', 'pipe', 'pipe'],
+    }),
+  );
   procs.push(p);
   await p.next('attached');
   return p;
@@ -88,7 +94,10 @@ describe('mmbroker serve --metrics', () => {
     expect(sample(after, 'mmb_queue_depth', 'space="m",what="commits"')).toBe(0);
     expect(sample(after, 'mmb_generation', 'space="m"')).toBe(2);
     expect(sample(after, 'mmb_pinned_bytes', 'space="m",kind="predicted"')).toBe(6 * 2 ** 20);
-    await waitFor('the vfio client to report what it pinned', async () => sample((await scrape()).body, 'mmb_pinned_bytes', 'space="m",kind="actual"') === 6 * 2 ** 20);
+    await waitFor(
+      'the vfio client to report what it pinned',
+      async () => sample((await scrape()).body, 'mmb_pinned_bytes', 'space="m",kind="actual"') === 6 * 2 ** 20,
+    );
     await waitFor('the evicted holder to be fenced', async () => sample((await scrape()).body, 'mmb_holders_total', 'space="m",event="fenced"') === 1);
     void vfio;
 

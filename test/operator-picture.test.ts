@@ -1,7 +1,7 @@
 // `mmbroker status` draws the map: the terminal picture checked row by row against the broker's own map
 // (status --json), and `status --svg` rendered by a real headless Chromium: a DOM without parse error and
 // a screenshot that is not blank. Through the real CLI, against `mmbroker serve` with real subscribers.
-import { spawn, type ChildProcess } from 'node:child_process';
+import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -12,7 +12,7 @@ import { IN_CI } from './helpers/ci.js';
 import { CLI, JsonProc, runCli, spawnBroker, stopProcess, tempDir } from './helpers/procs.js';
 import type { BrokerProc } from '../testkit/broker.js';
 
-if (!CHROMIUM && IN_CI) throw new Error('the SVG test needs Debian\'s chromium (.ci/run installs it)');
+if (!CHROMIUM && IN_CI) throw new Error("the SVG test needs Debian's chromium (.ci/run installs it)");
 
 const MiB = 2 ** 20;
 let dir: string;
@@ -21,7 +21,9 @@ let broker: BrokerProc;
 const procs: JsonProc[] = [];
 
 async function attach(kind: string, name: string, extra: string[] = []): Promise<JsonProc> {
-  const child = spawn(process.execPath, [CLI, 'attach', kind, '--socket', socket, '--space', 'pic', '--name', name, '--json', ...extra], { stdio: ['pipe', 'pipe', 'pipe'] });
+  const child = spawn(process.execPath, [CLI, 'attach', kind, '--socket', socket, '--space', 'pic', '--name', name, '--json', ...extra], {
+    stdio: ['pipe', 'pipe', 'pipe'],
+  });
   const p = new JsonProc(child);
   procs.push(p);
   await p.next('attached');
@@ -69,7 +71,10 @@ describe('mmbroker status draws the map', () => {
     // Every region of the map, with its end, size and flags, and what each subscriber holds of it.
     for (const reg of st.regions) {
       const flags = [reg.readonly ? 'ro' : 'rw', reg.logDirty ? 'log' : ''].filter(Boolean).join(',');
-      const row = new RegExp(`^ {2}0x${reg.gpa.toString(16)} +0x${(reg.gpa + reg.size).toString(16)} +\\S+ \\S+ +${reg.name} \\(#${reg.id}, backing ${reg.backing}\\) +${flags} +mapped +pinned$`, 'm');
+      const row = new RegExp(
+        `^ {2}0x${reg.gpa.toString(16)} +0x${(reg.gpa + reg.size).toString(16)} +\\S+ \\S+ +${reg.name} \\(#${reg.id}, backing ${reg.backing}\\) +${flags} +mapped +pinned$`,
+        'm',
+      );
       expect(out, reg.name).toMatch(row);
     }
     // The holes between them, and the MSI window the vfio client reported, cut out of the hole it lies in.
@@ -93,7 +98,7 @@ describe('mmbroker status draws the map', () => {
     expect(strip[20]).toBe('·');
 
     // Totals from the map, clients and holders.
-    expect(out).toContain(`totals: 3 regions, ${(64 + 128 + 2)} MiB of guest memory (128 MiB read-only, 2 MiB logging dirty pages)`);
+    expect(out).toContain(`totals: 3 regions, ${64 + 128 + 2} MiB of guest memory (128 MiB read-only, 2 MiB logging dirty pages)`);
     expect(out).toMatch(/^ {2}#\d+ +subscriber +vfio +nic0 .* soft /m);
     expect(out).toMatch(/pinned in all: predicted 194 MiB, actual 194 MiB/);
     expect(out).toContain('holders: none');

@@ -25,11 +25,25 @@ async function startWatch(args: string[]): Promise<{ child: ChildProcess; out: s
   const err: string[] = [];
   child.stdout?.setEncoding('utf8').on('data', (d: string) => out.push(d));
   child.stderr?.setEncoding('utf8').on('data', (d: string) => err.push(d));
-  await waitFor('the watcher to start', () => err.join('').includes('watching') || (child.exitCode !== null ? (() => { throw new Error(err.join('')); })() : false));
+  await waitFor(
+    'the watcher to start',
+    () =>
+      err.join('').includes('watching') ||
+      (child.exitCode !== null
+        ? (() => {
+            throw new Error(err.join(''));
+          })()
+        : false),
+  );
   return { child, out, err };
 }
 
-const events = (out: string[]) => out.join('').split('\n').filter(Boolean).map((l) => JSON.parse(l) as { space: string; seq: number; event: Record<string, unknown> & { kind: string } });
+const events = (out: string[]) =>
+  out
+    .join('')
+    .split('\n')
+    .filter(Boolean)
+    .map((l) => JSON.parse(l) as { space: string; seq: number; event: Record<string, unknown> & { kind: string } });
 
 beforeAll(async () => {
   socket = path.join(tempDir('mmb-watch-'), 'run', 'b.sock');
@@ -65,18 +79,31 @@ describe('mmbroker watch and history', () => {
     await held.request({ cmd: 'hold-next' }, 'armed');
     const r = await add(['--gpa', '1G', '--size', '2m', '--name', 'dimm0', '--json']);
     expect(r.code, r.stderr).toBe(0);
-    const result = JSON.parse(r.stdout) as { outcome: string; generation: number; evicted: { client: { name: string; pid: number }; error: { code: string } }[]; holders: { client: { name: string }; state: string }[]; fenced: { client: { name: string }; how: string }[] };
+    const result = JSON.parse(r.stdout) as {
+      outcome: string;
+      generation: number;
+      evicted: { client: { name: string; pid: number }; error: { code: string } }[];
+      holders: { client: { name: string }; state: string }[];
+      fenced: { client: { name: string }; how: string }[];
+    };
     expect(result.outcome, r.stdout).toBe('committed');
     expect(result.evicted, r.stdout).toHaveLength(1);
     expect(result.generation).toBe(2);
-    expect(result.evicted).toEqual([expect.objectContaining({ client: expect.objectContaining({ name: 'stuck', pid: held.pid }), error: expect.objectContaining({ code: 'MMB_ERR_CLIENT_TIMEOUT' }) })]);
+    expect(result.evicted).toEqual([
+      expect.objectContaining({
+        client: expect.objectContaining({ name: 'stuck', pid: held.pid }),
+        error: expect.objectContaining({ code: 'MMB_ERR_CLIENT_TIMEOUT' }),
+      }),
+    ]);
     expect(result.holders).toEqual([expect.objectContaining({ client: expect.objectContaining({ name: 'stuck' }), state: 'signalled' })]);
     // The kernel agrees: the evicted process is gone (killed through its pidfd).
     await waitFor('the stuck subscriber to be reaped', () => held.child.exitCode !== null || held.child.signalCode !== null);
 
     // A removal waits until every client that may still reach the memory is fenced: a stopped subscriber
     // is evicted at the deadline, killed, and the removal completes once it exited.
-    const stopped = new JsonProc(spawn(process.execPath, [CLI, 'attach', '--socket', socket, '--space', 'w', '--name', 'stopped', '--json'], { stdio: ['pipe', 'pipe', 'pipe'] }));
+    const stopped = new JsonProc(
+      spawn(process.execPath, [CLI, 'attach', '--socket', socket, '--space', 'w', '--name', 'stopped', '--json'], { stdio: ['pipe', 'pipe', 'pipe'] }),
+    );
     children.push(stopped.child);
     await stopped.next('attached');
     process.kill(stopped.pid, 'SIGSTOP');
@@ -84,26 +111,57 @@ describe('mmbroker watch and history', () => {
     expect(rm.code, rm.stderr).toBe(0);
     const removed = JSON.parse(rm.stdout) as typeof result;
     expect(removed).toMatchObject({ outcome: 'committed', generation: 3 });
-    expect(removed.evicted).toEqual([expect.objectContaining({ client: expect.objectContaining({ name: 'stopped', pid: stopped.pid }), error: expect.objectContaining({ code: 'MMB_ERR_CLIENT_TIMEOUT' }) })]);
+    expect(removed.evicted).toEqual([
+      expect.objectContaining({
+        client: expect.objectContaining({ name: 'stopped', pid: stopped.pid }),
+        error: expect.objectContaining({ code: 'MMB_ERR_CLIENT_TIMEOUT' }),
+      }),
+    ]);
     expect(removed.fenced).toEqual([expect.objectContaining({ client: expect.objectContaining({ name: 'stopped' }), how: 'exited' })]);
     expect(stopped.child.signalCode ?? (await new Promise((res) => stopped.child.once('exit', (_c, sig) => res(sig))))).toBe('SIGKILL');
 
     // The watcher saw the same, in order.
-    await waitFor('the watcher to see the last outcome', () => events(w.out).some((e) => e.event.kind === 'outcome' && (e.event.entry as { generation: number }).generation === 3));
+    await waitFor('the watcher to see the last outcome', () =>
+      events(w.out).some((e) => e.event.kind === 'outcome' && (e.event.entry as { generation: number }).generation === 3),
+    );
     const seen = events(w.out);
     expect(seen.every((e, i) => i === 0 || e.seq > (seen[i - 1] as { seq: number }).seq)).toBe(true);
     const kinds = seen.map((e) => (e.event.kind === 'outcome' ? `outcome:${(e.event.entry as { outcome: string }).outcome}` : e.event.kind));
-    const order = ['txn', 'outcome:committed', 'outcome:refused', 'joined', 'txn', 'evicted', 'left', 'holder', 'outcome:committed', 'joined', 'txn', 'evicted', 'holder', 'fenced', 'outcome:committed'];
+    const order = [
+      'txn',
+      'outcome:committed',
+      'outcome:refused',
+      'joined',
+      'txn',
+      'evicted',
+      'left',
+      'holder',
+      'outcome:committed',
+      'joined',
+      'txn',
+      'evicted',
+      'holder',
+      'fenced',
+      'outcome:committed',
+    ];
     let at = 0;
     for (const k of kinds) if (k === order[at]) at++;
     expect(kinds, 'these kinds, in this order').toSatisfy(() => at === order.length);
-    const txn = seen.find((e) => e.event.kind === 'txn')?.event as unknown as { generation: number; owner: { name: string }; ops: { op: string; region: { name: string; gpa: number; size: number } }[] };
+    const txn = seen.find((e) => e.event.kind === 'txn')?.event as unknown as {
+      generation: number;
+      owner: { name: string };
+      ops: { op: string; region: { name: string; gpa: number; size: number } }[];
+    };
     expect(txn).toMatchObject({ generation: 1, owner: { name: 'mmbroker map add' }, ops: [{ op: 'add', region: { name: 'ram', gpa: 0, size: 4 * MiB } }] });
 
     // History: the same three transactions with their outcomes, oldest first.
     const h = await runCli(['history', '--socket', socket, '--space', 'w', '--json']);
     expect(h.code, h.stderr).toBe(0);
-    const entries = (JSON.parse(h.stdout) as { entries: { seq: number; generation: number; outcome: string; owner: { name: string }; ops: unknown[]; request?: unknown[]; error?: { code: string } }[] }).entries;
+    const entries = (
+      JSON.parse(h.stdout) as {
+        entries: { seq: number; generation: number; outcome: string; owner: { name: string }; ops: unknown[]; request?: unknown[]; error?: { code: string } }[];
+      }
+    ).entries;
     expect(entries.map((e) => [e.generation, e.outcome, e.error?.code])).toEqual([
       [1, 'committed', undefined],
       [2, 'refused', 'MMB_ERR_OVERLAP'],

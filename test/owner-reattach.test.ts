@@ -13,7 +13,7 @@ const MiB = 1 << 20;
 afterEach(runCleanups);
 
 describe('owner reattach', () => {
-  it('a new owner attaching while the old owner\'s commit is in flight learns its outcome', async () => {
+  it("a new owner attaching while the old owner's commit is in flight learns its outcome", async () => {
     const b = embeddedBroker({ limits: { ackTimeoutMs: 10_000 } });
     const first = await OwnerClient.attach(b, { space: 'vm0' });
     const ram = await first.createBacking(2 * MiB, 'ram');
@@ -26,7 +26,10 @@ describe('owner reattach', () => {
       applied = true;
       e.waitUntil(gate);
     });
-    const heard = first.addRegion({ name: 'ram', gpa: 0, size: 2 * MiB, backing: ram.backing }).then(() => 'committed', (err: unknown) => (isMmbError(err) ? err.code : String(err)));
+    const heard = first.addRegion({ name: 'ram', gpa: 0, size: 2 * MiB, backing: ram.backing }).then(
+      () => 'committed',
+      (err: unknown) => (isMmbError(err) ? err.code : String(err)),
+    );
     await waitFor('the subscriber to apply the change', () => applied);
     const ownerId = () => b.status('vm0').spaces[0]?.clients.find((c) => c.role === 'owner')?.id;
     const firstId = ownerId();

@@ -58,7 +58,10 @@ describe('the package, packed and installed into a new project without a compile
     const tgz = fs.readdirSync(tmp).filter((f) => f.endsWith('.tgz'));
     expect(tgz).toHaveLength(1);
     tarball = path.join(tmp, tgz[0] as string);
-    files = spawnSync('tar', ['tzf', tarball], { encoding: 'utf8' }).stdout.trim().split('\n').map((f) => f.replace(/^package\//, ''));
+    files = spawnSync('tar', ['tzf', tarball], { encoding: 'utf8' })
+      .stdout.trim()
+      .split('\n')
+      .map((f) => f.replace(/^package\//, ''));
 
     const bin = path.join(tmp, 'bin');
     fs.mkdirSync(bin);
@@ -69,7 +72,14 @@ describe('the package, packed and installed into a new project without a compile
     fs.symlinkSync('/bin/sh', path.join(bin, 'sh'));
     // Nothing of the outer `npm test` (npm_config_*, npm_package_*) may steer the user's npm.
     userEnv = Object.fromEntries(Object.entries(process.env).filter(([k]) => !/^npm_/i.test(k) && k !== 'INIT_CWD' && k !== 'NODE_OPTIONS'));
-    Object.assign(userEnv, { PATH: bin, TMPDIR: tmp, npm_config_prefer_offline: 'true', npm_config_audit: 'false', npm_config_fund: 'false', npm_config_update_notifier: 'false' });
+    Object.assign(userEnv, {
+      PATH: bin,
+      TMPDIR: tmp,
+      npm_config_prefer_offline: 'true',
+      npm_config_audit: 'false',
+      npm_config_fund: 'false',
+      npm_config_update_notifier: 'false',
+    });
   }, 300_000);
 
   afterAll(() => {
@@ -77,10 +87,27 @@ describe('the package, packed and installed into a new project without a compile
   });
 
   it('ships the product only: library, CLI, harness (and the testkit it runs on), prebuilt addons, the addon sources, docs', () => {
-    const forbidden = files.filter((f) => /^(test|bench|fuzz|vm|\.ci|examples|dist\/(test|bench|fuzz|examples))\//.test(f) || /tsconfig|\.tsbuildinfo|\.map$|\.test\.|(^|\/)\.git/.test(f));
+    const forbidden = files.filter(
+      (f) => /^(test|bench|fuzz|vm|\.ci|examples|dist\/(test|bench|fuzz|examples))\//.test(f) || /tsconfig|\.tsbuildinfo|\.map$|\.test\.|(^|\/)\.git/.test(f),
+    );
     expect(forbidden).toEqual([]);
-    for (const f of ['package.json', 'README.md', 'LICENSE', 'CHANGELOG.md', 'dist/index.js', 'dist/index.d.ts', 'dist/cli/mmbroker.js', 'dist/cli/commands/demo.js',
-      'dist/harness/index.js', 'dist/testkit/client.js', 'dist/native/index.js', 'binding.gyp', 'native/src/addon.c', 'docs/protocol.md', 'prebuilds/linux-x64/memmap-broker.glibc.node']) {
+    for (const f of [
+      'package.json',
+      'README.md',
+      'LICENSE',
+      'CHANGELOG.md',
+      'dist/index.js',
+      'dist/index.d.ts',
+      'dist/cli/mmbroker.js',
+      'dist/cli/commands/demo.js',
+      'dist/harness/index.js',
+      'dist/testkit/client.js',
+      'dist/native/index.js',
+      'binding.gyp',
+      'native/src/addon.c',
+      'docs/protocol.md',
+      'prebuilds/linux-x64/memmap-broker.glibc.node',
+    ]) {
       expect(files, f).toContain(f);
     }
     // Every source binding.gyp compiles is shipped, so the fallback build has what it needs.
@@ -91,7 +118,13 @@ describe('the package, packed and installed into a new project without a compile
     expect(files.includes('prebuilds/linux-arm64/memmap-broker.glibc.node')).toBe(cross);
     expect(fs.readFileSync(path.join(ROOT, 'LICENSE'), 'utf8')).toMatch(/^MIT License\n\nCopyright \(c\) \d{4} the memmap-broker authors\n/);
     const pkg = JSON.parse(fs.readFileSync(path.join(ROOT, 'package.json'), 'utf8')) as Record<string, unknown>;
-    expect(pkg).toMatchObject({ type: 'module', license: 'MIT', os: ['linux'], engines: { node: '>=20' }, exports: { '.': { types: './dist/index.d.ts', default: './dist/index.js' } } });
+    expect(pkg).toMatchObject({
+      type: 'module',
+      license: 'MIT',
+      os: ['linux'],
+      engines: { node: '>=20' },
+      exports: { '.': { types: './dist/index.d.ts', default: './dist/index.js' } },
+    });
   });
 
   it('runs the README set-up and Ten-lines program as printed: it type-checks, prints and exits 0, compiling nothing', () => {

@@ -27,7 +27,7 @@ const target = (fd: number): string | undefined => {
 };
 
 describe('the peer pidfd of a transport', () => {
-  it.runIf(hasPeerPidfd)('an accepted socket carries the connecting process\'s pidfd until the transport closes', async () => {
+  it.runIf(hasPeerPidfd)("an accepted socket carries the connecting process's pidfd until the transport closes", async () => {
     const dir = tempDir('mmb-pidfd-');
     defer(() => fs.rmSync(dir, { recursive: true, force: true }));
     const listener = new SocketListener(path.join(dir, 'b.sock'));

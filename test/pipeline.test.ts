@@ -79,7 +79,14 @@ async function subscriber(s: Space, name: string, args: string[] = []): Promise<
 /** Names of the memfds `pid` maps, per the kernel. */
 const mapped = (pid: number): string[] => [...new Set(memfdMappings(pid).map((m) => m.memfd))].sort();
 
-const add = (name: string, b: CreatedBacking, slot: number): CommitOp => ({ op: 'add', name, gpa: GPA + slot * 2 * MiB, size: 2 * MiB, backing: b.backing, offset: 0 });
+const add = (name: string, b: CreatedBacking, slot: number): CommitOp => ({
+  op: 'add',
+  name,
+  gpa: GPA + slot * 2 * MiB,
+  size: 2 * MiB,
+  backing: b.backing,
+  offset: 0,
+});
 const remove = (name: string): CommitOp => ({ op: 'remove', region: name });
 
 /** The generations a process's lines show as `event` (`change` events: those with `cause`). */
@@ -158,7 +165,10 @@ describe('pipelined transactions (feature PIPELINE)', () => {
     expect(isMmbError(refused, 'MMB_ERR_CLIENT_REFUSED')).toBe(true);
     expect(refused?.client?.name).toBe('refuser');
     expect(refused?.generation).toBe(g0 + 3);
-    for (const [e, g] of [[after4, g0 + 4], [after5, g0 + 5]] as const) {
+    for (const [e, g] of [
+      [after4, g0 + 4],
+      [after5, g0 + 5],
+    ] as const) {
       expect(isMmbError(e, 'MMB_ERR_CANCELLED')).toBe(true);
       expect(e?.generation).toBe(g);
       expect(e?.message).toContain(`generation ${g0 + 3}`);
@@ -195,7 +205,13 @@ describe('pipelined transactions (feature PIPELINE)', () => {
       txns.map((ops, i) =>
         s.owner.commit(ops).then((result) => {
           const state = processState(stopped.p.pid);
-          looks.push({ i, stoppedState: state, stoppedMaps: state === undefined || state.startsWith('Z') ? [] : mapped(stopped.p.pid), otherMaps: mapped(other.p.pid), result });
+          looks.push({
+            i,
+            stoppedState: state,
+            stoppedMaps: state === undefined || state.startsWith('Z') ? [] : mapped(stopped.p.pid),
+            otherMaps: mapped(other.p.pid),
+            result,
+          });
         }),
       ),
     );
@@ -227,44 +243,49 @@ describe('pipelined transactions (feature PIPELINE)', () => {
     expect(s.broker.status('vm0').spaces[0]?.regions.map((r) => r.name)).toEqual(['t0', 't1', 't2']);
   });
 
-  it.runIf(cMissing === undefined || IN_CI)('gives a client that did not negotiate it (the C subscriber) transactions one at a time, and everyone while it is attached', async () => {
-    buildCExample(C_DIR);
-    const s = await space({ pipeline: 16 });
-    const node = await subscriber(s, 'node', ['--ack-delay', '25']);
-    const c = new LineProc(path.join(C_DIR, 'c-subscriber'), ['--socket', s.socket, '--space', 'vm0', '--name', 'c']);
-    cleanups.push(async () => {
-      if (!c.exit) c.child.kill('SIGKILL');
-      await c.closed;
-    });
-    await c.waitFor(/^synced gen=\d+ regions=0$/);
-    expect(c.lines.find((l) => l.startsWith('hello '))).toMatch(/features=0x0 /);
-    const cClient = s.broker.status('vm0').spaces[0]?.clients.find((x) => x.name === 'c');
-    expect(cClient).toBeDefined();
-    const bs = await Promise.all(['c0', 'c1', 'c2'].map((n) => s.backing(n)));
-    const g0 = s.broker.status('vm0').spaces[0]?.generation as number;
-    const txns: CommitOp[][] = [[add('r0', bs[0]!, 0)], [add('r1', bs[1]!, 1)], [remove('r0')], [add('r2', bs[2]!, 0)]];
-    const results = await Promise.all(txns.map((ops) => s.owner.commit(ops)));
-    expect(results.map((r) => r.generation)).toEqual([g0 + 1, g0 + 2, g0 + 3, g0 + 4]);
-    expect(mapped(c.pid)).toEqual(['c1', 'c2']);
-    // The C client's own account: each transaction committed before the next one arrived.
-    await c.waitFor(new RegExp(`^committed gen=${g0 + 4}$`));
-    const seq = c.lines.filter((l) => /^(txn|committed|rolledback) gen=/.test(l)).map((l) => l.split(' ').slice(0, 2).join(' '));
-    expect(seq).toEqual(txns.flatMap((_, i) => [`txn gen=${g0 + 1 + i}`, `committed gen=${g0 + 1 + i}`]));
-    // And the Node client, which negotiated PIPELINE, got them one at a time too while the C client was there.
-    await waitFor('the Node client\'s last committed event', () => gens(node.events, 'committed').includes(g0 + 4));
-    expect(overlapped(node.events, g0)).toBe(false);
-    expect(gens(node.events, 'committed').filter((g) => g > g0)).toEqual([g0 + 1, g0 + 2, g0 + 3, g0 + 4]);
+  it.runIf(cMissing === undefined || IN_CI)(
+    'gives a client that did not negotiate it (the C subscriber) transactions one at a time, and everyone while it is attached',
+    async () => {
+      buildCExample(C_DIR);
+      const s = await space({ pipeline: 16 });
+      const node = await subscriber(s, 'node', ['--ack-delay', '25']);
+      const c = new LineProc(path.join(C_DIR, 'c-subscriber'), ['--socket', s.socket, '--space', 'vm0', '--name', 'c']);
+      cleanups.push(async () => {
+        if (!c.exit) c.child.kill('SIGKILL');
+        await c.closed;
+      });
+      await c.waitFor(/^synced gen=\d+ regions=0$/);
+      expect(c.lines.find((l) => l.startsWith('hello '))).toMatch(/features=0x0 /);
+      const cClient = s.broker.status('vm0').spaces[0]?.clients.find((x) => x.name === 'c');
+      expect(cClient).toBeDefined();
+      const bs = await Promise.all(['c0', 'c1', 'c2'].map((n) => s.backing(n)));
+      const g0 = s.broker.status('vm0').spaces[0]?.generation as number;
+      const txns: CommitOp[][] = [[add('r0', bs[0]!, 0)], [add('r1', bs[1]!, 1)], [remove('r0')], [add('r2', bs[2]!, 0)]];
+      const results = await Promise.all(txns.map((ops) => s.owner.commit(ops)));
+      expect(results.map((r) => r.generation)).toEqual([g0 + 1, g0 + 2, g0 + 3, g0 + 4]);
+      expect(mapped(c.pid)).toEqual(['c1', 'c2']);
+      // The C client's own account: each transaction committed before the next one arrived.
+      await c.waitFor(new RegExp(`^committed gen=${g0 + 4}$`));
+      const seq = c.lines.filter((l) => /^(txn|committed|rolledback) gen=/.test(l)).map((l) => l.split(' ').slice(0, 2).join(' '));
+      expect(seq).toEqual(txns.flatMap((_, i) => [`txn gen=${g0 + 1 + i}`, `committed gen=${g0 + 1 + i}`]));
+      // And the Node client, which negotiated PIPELINE, got them one at a time too while the C client was there.
+      await waitFor("the Node client's last committed event", () => gens(node.events, 'committed').includes(g0 + 4));
+      expect(overlapped(node.events, g0)).toBe(false);
+      expect(gens(node.events, 'committed').filter((g) => g > g0)).toEqual([g0 + 1, g0 + 2, g0 + 3, g0 + 4]);
 
-    // Once the C client left, the space pipelines again.
-    c.child.kill('SIGTERM');
-    await c.closed;
-    await waitFor('the C client gone', () => !s.broker.status('vm0').spaces[0]?.clients.some((x) => x.name === 'c'), 10_000);
-    const more = await Promise.all([[remove('r1')], [remove('r2')], [add('r0', bs[0]!, 0)], [add('r1', bs[1]!, 1)]].map((ops) => s.owner.commit(ops as CommitOp[])));
-    expect(more.map((r) => r.generation)).toEqual([g0 + 5, g0 + 6, g0 + 7, g0 + 8]);
-    await waitFor('the Node client\'s last committed event', () => gens(node.events, 'committed').includes(g0 + 8));
-    expect(overlapped(node.events, g0 + 4)).toBe(true);
-    expect(mapped(node.p.pid)).toEqual(['c0', 'c1']);
-  });
+      // Once the C client left, the space pipelines again.
+      c.child.kill('SIGTERM');
+      await c.closed;
+      await waitFor('the C client gone', () => !s.broker.status('vm0').spaces[0]?.clients.some((x) => x.name === 'c'), 10_000);
+      const more = await Promise.all(
+        [[remove('r1')], [remove('r2')], [add('r0', bs[0]!, 0)], [add('r1', bs[1]!, 1)]].map((ops) => s.owner.commit(ops as CommitOp[])),
+      );
+      expect(more.map((r) => r.generation)).toEqual([g0 + 5, g0 + 6, g0 + 7, g0 + 8]);
+      await waitFor("the Node client's last committed event", () => gens(node.events, 'committed').includes(g0 + 8));
+      expect(overlapped(node.events, g0 + 4)).toBe(true);
+      expect(mapped(node.p.pid)).toEqual(['c0', 'c1']);
+    },
+  );
 
   it('converges under random bursts of commits with refusals, two-phase and one-phase subscribers alike', async () => {
     // In-process subscribers (their mappings are real; what varies is the interleaving): one refuses every
@@ -304,17 +325,33 @@ describe('pipelined transactions (feature PIPELINE)', () => {
         );
       });
       for (const o of await Promise.all(burst)) outcomes.set(o, (outcomes.get(o) ?? 0) + 1);
-      const want = s.broker.status('vm0').spaces[0]!.regions.map((r) => `${r.name}@${r.gpa}`).sort();
-      for (const sub of subs) expect(sub.regions().map((r) => `${r.name}@${r.gpa}`).sort(), `round ${round}, ${sub.id}`).toEqual(want);
+      const want = s.broker
+        .status('vm0')
+        .spaces[0]!.regions.map((r) => `${r.name}@${r.gpa}`)
+        .sort();
+      for (const sub of subs)
+        expect(
+          sub
+            .regions()
+            .map((r) => `${r.name}@${r.gpa}`)
+            .sort(),
+          `round ${round}, ${sub.id}`,
+        ).toEqual(want);
     }
     // Every outcome is a commit, the refusal, a cancellation behind it, or a plan that no longer fits.
-    expect([...outcomes.keys()].every((k) => ['ok', 'MMB_ERR_CLIENT_REFUSED', 'MMB_ERR_CANCELLED', 'MMB_ERR_NO_REGION', 'MMB_ERR_OVERLAP'].includes(k)), JSON.stringify([...outcomes])).toBe(true);
+    expect(
+      [...outcomes.keys()].every((k) => ['ok', 'MMB_ERR_CLIENT_REFUSED', 'MMB_ERR_CANCELLED', 'MMB_ERR_NO_REGION', 'MMB_ERR_OVERLAP'].includes(k)),
+      JSON.stringify([...outcomes]),
+    ).toBe(true);
     expect(outcomes.get('MMB_ERR_CLIENT_REFUSED')).toBeGreaterThan(0);
     expect(outcomes.get('MMB_ERR_CANCELLED')).toBeGreaterThan(0);
   });
 
   it('is offered only by a broker with a window above 1', async () => {
-    for (const [pipeline, offered] of [[1, false], [2, true]] as const) {
+    for (const [pipeline, offered] of [
+      [1, false],
+      [2, true],
+    ] as const) {
       const s = await space({ pipeline });
       const conn = await Connection.open(s.socket, { name: 'probe' });
       cleanups.push(() => conn.close());

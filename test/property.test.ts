@@ -3,17 +3,7 @@
 // every descriptor that arrives is handed back, in a frame or by dispose().
 import fc from 'fast-check';
 import { describe, expect, it } from 'vitest';
-import {
-  FrameDecoder,
-  HEADER_SIZE,
-  MESSAGES,
-  decodeBody,
-  encodeBody,
-  isMmbError,
-  parseToBroker,
-  parseToClient,
-  type Frame,
-} from '../protocol/index.js';
+import { FrameDecoder, HEADER_SIZE, MESSAGES, decodeBody, encodeBody, isMmbError, parseToBroker, parseToClient, type Frame } from '../protocol/index.js';
 import { SAMPLES } from './fixtures/samples.js';
 
 const limits = { maxFrameBytes: 1 << 16, maxFdsPerFrame: 8, maxPendingFds: 32 };
@@ -47,38 +37,46 @@ const frameBytes = fc
 describe('properties', () => {
   it('the frame decoder: any bytes in any chunks with any fds give frames or a typed error, and every fd comes back', () => {
     fc.assert(
-      fc.property(fc.array(fc.oneof(frameBytes, fc.record({ bytes: fc.uint8Array({ maxLength: 64 }), nfds: fc.integer({ min: 0, max: 3 }) })), { maxLength: 8 }), fc.integer({ min: 1, max: 97 }), (parts, chunk) => {
-        const d = new FrameDecoder(limits);
-        let nextFd = 1000;
-        const given: number[] = [];
-        const got: number[] = [];
-        const all = Buffer.concat(parts.map((p) => p.bytes));
-        const fdsAt = new Map<number, number[]>();
-        let pos = 0;
-        for (const p of parts) {
-          if (p.nfds > 0 && p.bytes.length > 0) fdsAt.set(pos, Array.from({ length: p.nfds }, () => nextFd++));
-          pos += p.bytes.length;
-        }
-        let failed = false;
-        for (let at = 0; at < all.length && !failed; at += chunk) {
-          const piece = all.subarray(at, at + chunk);
-          const fds: number[] = [];
-          for (const [p, list] of fdsAt) if (p >= at && p < at + piece.length) fds.push(...list);
-          given.push(...fds);
-          try {
-            d.push(piece, fds);
-            for (let f = d.next(); f; f = d.next()) {
-              got.push(...f.fds);
-              typedOrFine(() => parseToBroker(f, 0xffff_ffff));
-            }
-          } catch (err) {
-            if (!isMmbError(err)) throw err;
-            failed = true;
+      fc.property(
+        fc.array(fc.oneof(frameBytes, fc.record({ bytes: fc.uint8Array({ maxLength: 64 }), nfds: fc.integer({ min: 0, max: 3 }) })), { maxLength: 8 }),
+        fc.integer({ min: 1, max: 97 }),
+        (parts, chunk) => {
+          const d = new FrameDecoder(limits);
+          let nextFd = 1000;
+          const given: number[] = [];
+          const got: number[] = [];
+          const all = Buffer.concat(parts.map((p) => p.bytes));
+          const fdsAt = new Map<number, number[]>();
+          let pos = 0;
+          for (const p of parts) {
+            if (p.nfds > 0 && p.bytes.length > 0)
+              fdsAt.set(
+                pos,
+                Array.from({ length: p.nfds }, () => nextFd++),
+              );
+            pos += p.bytes.length;
           }
-        }
-        got.push(...d.dispose());
-        expect(got.sort()).toEqual(given.sort());
-      }),
+          let failed = false;
+          for (let at = 0; at < all.length && !failed; at += chunk) {
+            const piece = all.subarray(at, at + chunk);
+            const fds: number[] = [];
+            for (const [p, list] of fdsAt) if (p >= at && p < at + piece.length) fds.push(...list);
+            given.push(...fds);
+            try {
+              d.push(piece, fds);
+              for (let f = d.next(); f; f = d.next()) {
+                got.push(...f.fds);
+                typedOrFine(() => parseToBroker(f, 0xffff_ffff));
+              }
+            } catch (err) {
+              if (!isMmbError(err)) throw err;
+              failed = true;
+            }
+          }
+          got.push(...d.dispose());
+          expect(got.sort()).toEqual(given.sort());
+        },
+      ),
       { numRuns: 500 },
     );
   });
@@ -99,25 +97,50 @@ describe('properties', () => {
     })).v;
     const ids = [...MESSAGES.keys(), 0, 99, 1000];
     fc.assert(
-      fc.property(fc.constantFrom(...ids), fc.dictionary(fc.constantFrom('id', 'seq', 'space', 'ops', 'generation', 'regions', 'backings', 'error', 'role', 'kind', 'paused', 'x'), value, { maxKeys: 6 }), fc.integer({ min: 0, max: 2 }), (t, fields, nfds) => {
-        const bytes = encodeBody({ ...fields, t });
-        const frame: Frame = { type: t, body: decodeBody(bytes) as Record<string, unknown>, fds: Array.from({ length: nfds }, (_, i) => 3 + i), size: bytes.length };
-        typedOrFine(() => parseToBroker(frame, 0xffff_ffff));
-        typedOrFine(() => parseToClient(frame, 0xffff_ffff));
-      }),
+      fc.property(
+        fc.constantFrom(...ids),
+        fc.dictionary(fc.constantFrom('id', 'seq', 'space', 'ops', 'generation', 'regions', 'backings', 'error', 'role', 'kind', 'paused', 'x'), value, {
+          maxKeys: 6,
+        }),
+        fc.integer({ min: 0, max: 2 }),
+        (t, fields, nfds) => {
+          const bytes = encodeBody({ ...fields, t });
+          const frame: Frame = {
+            type: t,
+            body: decodeBody(bytes) as Record<string, unknown>,
+            fds: Array.from({ length: nfds }, (_, i) => 3 + i),
+            size: bytes.length,
+          };
+          typedOrFine(() => parseToBroker(frame, 0xffff_ffff));
+          typedOrFine(() => parseToClient(frame, 0xffff_ffff));
+        },
+      ),
       { numRuns: 2000 },
     );
   });
 
   it('valid messages with one field replaced by anything: still a message or a typed error', () => {
-    const anything = fc.oneof(fc.integer({ min: -(2 ** 53), max: 2 ** 53 }), fc.double(), fc.string(), fc.boolean(), fc.constant(null), fc.array(fc.integer(), { maxLength: 3 }), fc.object({ maxDepth: 2 }));
+    const anything = fc.oneof(
+      fc.integer({ min: -(2 ** 53), max: 2 ** 53 }),
+      fc.double(),
+      fc.string(),
+      fc.boolean(),
+      fc.constant(null),
+      fc.array(fc.integer(), { maxLength: 3 }),
+      fc.object({ maxDepth: 2 }),
+    );
     fc.assert(
       fc.property(fc.constantFrom(...SAMPLES), fc.nat(), anything, (sample, which, v) => {
         const keys = Object.keys(sample.message);
         const key = keys[which % keys.length] as string;
         const mutated = { ...sample.message, [key]: v };
         const bytes = encodeBody(mutated);
-        const frame: Frame = { type: sample.message.t as number, body: decodeBody(bytes) as Record<string, unknown>, fds: Array.from({ length: sample.fds }, (_, i) => 3 + i), size: bytes.length };
+        const frame: Frame = {
+          type: sample.message.t as number,
+          body: decodeBody(bytes) as Record<string, unknown>,
+          fds: Array.from({ length: sample.fds }, (_, i) => 3 + i),
+          size: bytes.length,
+        };
         typedOrFine(() => parseToBroker(frame, 0xffff_ffff));
         typedOrFine(() => parseToClient(frame, 0xffff_ffff));
       }),

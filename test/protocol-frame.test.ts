@@ -115,19 +115,20 @@ describe('malformed frames get typed errors', () => {
     h.writeUInt16LE(flags, 6);
     return h;
   };
-  const decode = (bytes: Buffer, fds: number[] = []) => () => {
-    const d = new FrameDecoder(limits);
-    d.push(bytes, fds);
-    return drain(d);
-  };
+  const decode =
+    (bytes: Buffer, fds: number[] = []) =>
+    () => {
+      const d = new FrameDecoder(limits);
+      d.push(bytes, fds);
+      return drain(d);
+    };
   const body = Buffer.from(encodeBody({ t: 16, seq: 1 }));
 
   it('reserved flags', () => expect(codeOf(decode(Buffer.concat([header(body.length, 0, 1), body])))).toBe('MMB_ERR_BAD_FRAME'));
   it('empty body', () => expect(codeOf(decode(header(0, 0, 0)))).toBe('MMB_ERR_BAD_FRAME'));
   it('oversized length', () => expect(codeOf(decode(header((1 << 20) + 1, 0, 0)))).toBe('MMB_ERR_FRAME_TOO_LARGE'));
   it('too many fds declared', () => expect(codeOf(decode(header(1, 65, 0)))).toBe('MMB_ERR_TOO_MANY_FDS'));
-  it('declared fds that did not arrive', () =>
-    expect(codeOf(decode(Buffer.concat([header(body.length, 1, 0), body])))).toBe('MMB_ERR_FD_MISMATCH'));
+  it('declared fds that did not arrive', () => expect(codeOf(decode(Buffer.concat([header(body.length, 1, 0), body])))).toBe('MMB_ERR_FD_MISMATCH'));
   it('fds that arrived with a frame declaring none', () =>
     expect(codeOf(decode(Buffer.concat([header(body.length, 0, 0), body]), [5]))).toBe('MMB_ERR_FD_MISMATCH'));
   it('wrong fd count', () => expect(codeOf(decode(Buffer.concat([header(body.length, 2, 0), body]), [5]))).toBe('MMB_ERR_FD_MISMATCH'));
@@ -161,10 +162,8 @@ describe('message validation', () => {
   });
   const code = (message: Record<string, unknown>, fds: number[] = []) => codeOf(() => parseToBroker(frame(message, fds), 1));
 
-  it('accepts a valid message and treats nil as an absent optional field', () =>
-    expect(code({ t: 2, id: 1, space: null })).toBeUndefined());
-  it('refuses unknown fields, as the kernel refuses unknown flags', () =>
-    expect(code({ t: 16, seq: 1, extra: 0 })).toBe('MMB_ERR_BAD_MESSAGE'));
+  it('accepts a valid message and treats nil as an absent optional field', () => expect(code({ t: 2, id: 1, space: null })).toBeUndefined());
+  it('refuses unknown fields, as the kernel refuses unknown flags', () => expect(code({ t: 16, seq: 1, extra: 0 })).toBe('MMB_ERR_BAD_MESSAGE'));
   it('refuses missing fields', () => expect(code({ t: 16 })).toBe('MMB_ERR_BAD_MESSAGE'));
   it('refuses non-integers, negatives and huge numbers', () => {
     expect(code({ t: 16, seq: 1.5 })).toBe('MMB_ERR_BAD_MESSAGE');

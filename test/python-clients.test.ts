@@ -95,7 +95,7 @@ describe.skipIf(skip)(`Python clients${skip ? ` (skipped: ${missing}; apt-get in
     fs.rmSync(dir, { recursive: true, force: true });
   });
 
-  it('the subscriber maps the owner\'s bytes at their GPA and acks; a removal resolves only after it unmapped (its /proc/PID/maps read as the reply passes)', async () => {
+  it("the subscriber maps the owner's bytes at their GPA and acks; a removal resolves only after it unmapped (its /proc/PID/maps read as the reply passes)", async () => {
     const PATTERN = randomBytes(16).toString('hex');
     const sub = subscriber('py-sub', ['--peek', `0x${(GPA + 0x1000).toString(16)}:16`]);
     const own = owner();

@@ -38,13 +38,21 @@ describe('reconnect', () => {
     await owner.addRegion({ name: 'ram', gpa: 0, size: 2 * MiB, backing: ram.backing });
     const subscribers = () => b.status('vm0').spaces[0]!.clients.filter((c) => c.role === 'subscriber');
     // Settled: every slow change is behind us, and a connection of the client acked generation 1.
-    await waitFor('the client to resync', () => slow < 0 && sub.generation === 1 && subscribers().some((c) => c.ackedGeneration === 1 && c.state === 'ready'), 15_000);
+    await waitFor(
+      'the client to resync',
+      () => slow < 0 && sub.generation === 1 && subscribers().some((c) => c.ackedGeneration === 1 && c.state === 'ready'),
+      15_000,
+    );
     // Any other reconnect attempt still under way has had time to attach: its backoff is at most 1 s.
     const seen = reconnects;
-    await waitFor('reconnect attempts to stop', async () => {
-      await new Promise((r) => setTimeout(r, 1500));
-      return reconnects === seen;
-    }, 15_000);
+    await waitFor(
+      'reconnect attempts to stop',
+      async () => {
+        await new Promise((r) => setTimeout(r, 1500));
+        return reconnects === seen;
+      },
+      15_000,
+    );
     expect(subscribers().map((c) => c.name)).toEqual(['slow']);
     expect(sub.connected).toBe(true);
   });

@@ -39,7 +39,14 @@ describe('Invariant 3: converge', () => {
         await owner.removeRegion(`r${slot}`);
         present.delete(slot);
       } else if (!present.has(slot)) {
-        await owner.addRegion({ name: `r${slot}`, gpa: slot * 4 * MiB, size: 4 * MiB, backing: ram.backing, offset: rnd(16) * 4 * MiB, readonly: rnd(2) === 1 });
+        await owner.addRegion({
+          name: `r${slot}`,
+          gpa: slot * 4 * MiB,
+          size: 4 * MiB,
+          backing: ram.backing,
+          offset: rnd(16) * 4 * MiB,
+          readonly: rnd(2) === 1,
+        });
         present.add(slot);
       } else {
         await owner.commit([{ op: 'set', region: `r${slot}`, logDirty: rnd(2) === 1 }]);
@@ -60,7 +67,16 @@ describe('Invariant 3: converge', () => {
     const ram = await owner.createBacking(64 * MiB, 'ram');
     defer(() => native.close(ram.fd));
     for (let i = 0; i < 10; i++) {
-      await owner.commit(Array.from({ length: 10 }, (_, j) => ({ op: 'add' as const, name: `r${i * 10 + j}`, gpa: (i * 10 + j) * 64 * 1024, size: 64 * 1024, backing: ram.backing, offset: 0 })));
+      await owner.commit(
+        Array.from({ length: 10 }, (_, j) => ({
+          op: 'add' as const,
+          name: `r${i * 10 + j}`,
+          gpa: (i * 10 + j) * 64 * 1024,
+          size: 64 * 1024,
+          backing: ram.backing,
+          offset: 0,
+        })),
+      );
     }
     const conn = await Connection.open(b);
     defer(() => conn.close());
@@ -103,13 +119,23 @@ describe('Invariant 3: converge', () => {
     const removing = owner.removeRegion('gone').then(() => (removed = true));
     const sync = await synced;
     expect(removed).toBe(false);
-    expect(s.regions().map((r) => r.name).sort()).toEqual(['gone', 'keep', 'n0', 'n1', 'n2', 'n3']);
+    expect(
+      s
+        .regions()
+        .map((r) => r.name)
+        .sort(),
+    ).toEqual(['gone', 'keep', 'n0', 'n1', 'n2', 'n3']);
     await removing;
     expect(sync.mode).toBe('snapshot');
     expect(sync.change.added).toHaveLength(4);
     expect(sync.change.removed).toEqual([]);
     expect(addresses(s).keep).toBe(before.keep);
-    expect(s.regions().map((r) => r.name).sort()).toEqual(['keep', 'n0', 'n1', 'n2', 'n3']);
+    expect(
+      s
+        .regions()
+        .map((r) => r.name)
+        .sort(),
+    ).toEqual(['keep', 'n0', 'n1', 'n2', 'n3']);
   });
 
   it('a restarted broker (new epoch) with the same memfd republished: the subscriber keeps its mapping', async () => {
@@ -137,7 +163,9 @@ describe('Invariant 3: converge', () => {
     const second = broker();
     second.listen(socket);
     await publish(second, true);
-    const synced = await new Promise<{ mode: string; epoch: string; change: { added: unknown[]; removed: unknown[]; updated: unknown[] } }>((r) => s.once('synced', r));
+    const synced = await new Promise<{ mode: string; epoch: string; change: { added: unknown[]; removed: unknown[]; updated: unknown[] } }>((r) =>
+      s.once('synced', r),
+    );
     expect(synced.epoch).not.toBe(epochBefore);
     expect(synced.mode).toBe('snapshot');
     expect(synced.change.added).toHaveLength(0);
@@ -160,7 +188,12 @@ describe('large regions', () => {
     const s = await MappingSubscriber.attach(b, { space: 'vm0' });
     defer(() => s.close());
     const total = memfdMaps(process.pid, 'big')
-      .map((l) => l.split(' ')[0]!.split('-').map((h) => parseInt(h, 16)))
+      .map((l) =>
+        l
+          .split(' ')[0]!
+          .split('-')
+          .map((h) => parseInt(h, 16)),
+      )
       .reduce((n, [lo, hi]) => n + ((hi as number) - (lo as number)), 0);
     expect(total).toBe(size);
     const across = 2 ** 32 + 5 * CHUNK_BYTES - 3;

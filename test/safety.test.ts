@@ -11,7 +11,7 @@ import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
-import { OwnerClient, createSealedMemfd, fetchStatus } from '../clients/index.js';
+import { OwnerClient, fetchStatus } from '../clients/index.js';
 import { native } from '../native/index.js';
 import { isMmbError, type MmbError, type StatusSpace } from '../protocol/index.js';
 import { have, makeImage, startQsd, QSD } from '../bench/vhost-user-backends.js';
@@ -37,7 +37,10 @@ function reach(pid: number, name: string): { alive: boolean; mappings: number; l
     return { alive: false, mappings: 0, lockedKiB: 0 };
   }
   if (/^State:\s+Z/m.test(status)) return { alive: false, mappings: 0, lockedKiB: 0 };
-  const maps = fs.readFileSync(`/proc/${pid}/maps`, 'utf8').split('\n').filter((l) => / \/memfd:(.*?)(?: \(deleted\))?$/.exec(l)?.[1] === name);
+  const maps = fs
+    .readFileSync(`/proc/${pid}/maps`, 'utf8')
+    .split('\n')
+    .filter((l) => / \/memfd:(.*?)(?: \(deleted\))?$/.exec(l)?.[1] === name);
   return { alive: true, mappings: maps.length, lockedKiB: Number(/^VmLck:\s+(\d+) kB$/m.exec(status)?.[1] ?? 0) };
 }
 
@@ -77,7 +80,9 @@ async function vfio(socket: string, name: string): Promise<JsonProc> {
 
 /** A kvm-like client (a real KVM VM's memslots) in its own process. */
 async function kvm(socket: string, name: string): Promise<JsonProc> {
-  const child = spawn(process.execPath, [CLI, 'attach', 'kvm', '--socket', socket, '--space', 'vm0', '--name', name, '--json', '--control'], { stdio: ['pipe', 'pipe', 'pipe'] });
+  const child = spawn(process.execPath, [CLI, 'attach', 'kvm', '--socket', socket, '--space', 'vm0', '--name', name, '--json', '--control'], {
+    stdio: ['pipe', 'pipe', 'pipe'],
+  });
   const p = new JsonProc(child);
   cleanups.push(() => p.stop());
   await p.next('attached', () => true, 30_000);
@@ -90,12 +95,23 @@ async function plain(socket: string, extra: string[]): Promise<JsonProc> {
   return p;
 }
 
-const slots = async (p: JsonProc) => ((await p.request({ cmd: 'slots' }, 'slots')).slots as { gpa: number; size: number; hva: number; name: string }[]).map(({ gpa, size, hva }) => ({ gpa, size, hva }));
+const slots = async (p: JsonProc) =>
+  ((await p.request({ cmd: 'slots' }, 'slots')).slots as { gpa: number; size: number; hva: number; name: string }[]).map(({ gpa, size, hva }) => ({
+    gpa,
+    size,
+    hva,
+  }));
 const space = async (socket: string): Promise<StatusSpace> => (await fetchStatus(socket, 'vm0')).spaces[0] as StatusSpace;
-const exited = (p: JsonProc) => new Promise<NodeJS.Signals | null>((r) => (p.child.exitCode !== null || p.child.signalCode !== null ? r(p.child.signalCode) : p.child.once('exit', (_c, sig) => r(sig))));
+const exited = (p: JsonProc) =>
+  new Promise<NodeJS.Signals | null>((r) =>
+    p.child.exitCode !== null || p.child.signalCode !== null ? r(p.child.signalCode) : p.child.once('exit', (_c, sig) => r(sig)),
+  );
 
 async function rejection(p: Promise<unknown>): Promise<MmbError> {
-  const err = await p.then(() => undefined, (e: unknown) => e);
+  const err = await p.then(
+    () => undefined,
+    (e: unknown) => e,
+  );
   if (!isMmbError(err)) throw new Error(`expected an MmbError, got ${String(err)}`);
   return err;
 }
@@ -147,28 +163,35 @@ describe('Invariant 1: eviction is not fencing', () => {
     expect(reach(helper, 'safety-delegate')).toEqual({ alive: false, mappings: 0, lockedKiB: 0 });
   });
 
-  it.runIf(HAVE_QSD)('a vhost-user bridge names its back-end (DELEGATE of its SO_PEERPIDFD): stopped, the bridge and qemu-storage-daemon are both dead before the removal is done', async () => {
-    const { socket } = await broker(['--ack-timeout', '500']);
-    const o = await owner(socket);
-    const dir = tempDir('mmb-safety-qsd-');
-    cleanups.push(() => fs.rmSync(dir, { recursive: true, force: true }));
-    const image = path.join(dir, 'disk.img');
-    makeImage(image, 2048);
-    const qsd = await startQsd(dir, image);
-    cleanups.push(() => qsd.stop());
-    const child = spawn(process.execPath, [CLI, 'attach', 'vhost-user', '--socket', socket, '--space', 'vm0', '--backend-socket', qsd.socket, '--name', 'blk0', '--json'], { stdio: ['ignore', 'pipe', 'pipe'] });
-    const bridge = new JsonProc(child);
-    cleanups.push(() => bridge.stop());
-    await bridge.next('attached', () => true, 20_000);
-    const dimm = await backing(o, 16 * MiB, 'safety-qsd');
-    await o.addRegion({ name: 'dimm', gpa: 0x1_0000_0000, size: 16 * MiB, backing: dimm.backing });
-    expect(reach(qsd.pid, 'safety-qsd').mappings).toBe(1);
-    bridge.child.kill('SIGSTOP');
+  it.runIf(HAVE_QSD)(
+    'a vhost-user bridge names its back-end (DELEGATE of its SO_PEERPIDFD): stopped, the bridge and qemu-storage-daemon are both dead before the removal is done',
+    async () => {
+      const { socket } = await broker(['--ack-timeout', '500']);
+      const o = await owner(socket);
+      const dir = tempDir('mmb-safety-qsd-');
+      cleanups.push(() => fs.rmSync(dir, { recursive: true, force: true }));
+      const image = path.join(dir, 'disk.img');
+      makeImage(image, 2048);
+      const qsd = await startQsd(dir, image);
+      cleanups.push(() => qsd.stop());
+      const child = spawn(
+        process.execPath,
+        [CLI, 'attach', 'vhost-user', '--socket', socket, '--space', 'vm0', '--backend-socket', qsd.socket, '--name', 'blk0', '--json'],
+        { stdio: ['ignore', 'pipe', 'pipe'] },
+      );
+      const bridge = new JsonProc(child);
+      cleanups.push(() => bridge.stop());
+      await bridge.next('attached', () => true, 20_000);
+      const dimm = await backing(o, 16 * MiB, 'safety-qsd');
+      await o.addRegion({ name: 'dimm', gpa: 0x1_0000_0000, size: 16 * MiB, backing: dimm.backing });
+      expect(reach(qsd.pid, 'safety-qsd').mappings).toBe(1);
+      bridge.child.kill('SIGSTOP');
 
-    await o.removeRegion('dimm');
-    expect(reach(bridge.pid, 'safety-qsd')).toEqual({ alive: false, mappings: 0, lockedKiB: 0 });
-    expect(reach(qsd.pid, 'safety-qsd')).toEqual({ alive: false, mappings: 0, lockedKiB: 0 });
-  });
+      await o.removeRegion('dimm');
+      expect(reach(bridge.pid, 'safety-qsd')).toEqual({ alive: false, mappings: 0, lockedKiB: 0 });
+      expect(reach(qsd.pid, 'safety-qsd')).toEqual({ alive: false, mappings: 0, lockedKiB: 0 });
+    },
+  );
 
   it('with --fence wait, a stopped client makes the removal fail (MMB_ERR_NOT_FENCED, naming it) and the memory stays; once it exits the removal goes through', async () => {
     const { socket } = await broker(['--ack-timeout', '500', '--fence', 'wait', '--fence-timeout', '800']);
@@ -208,7 +231,10 @@ describe('Invariant 1: eviction is not fencing', () => {
     const adding = rejection(o.addRegion({ name: 'new', gpa: 0x2_0000_0000, size: 16 * MiB, backing: extra.backing }));
     await refuser.next('refusing');
     // The voter applied (pinned) the add and voted; stopped now, it cannot undo it when the refusal comes.
-    await waitFor('the voter to vote', () => reach(voter.pid, 'safety-rb').lockedKiB >= 16 * 1024 && voter.lines.some((e) => e.event === 'change' && (e.added as string[]).includes('new')));
+    await waitFor(
+      'the voter to vote',
+      () => reach(voter.pid, 'safety-rb').lockedKiB >= 16 * 1024 && voter.lines.some((e) => e.event === 'change' && (e.added as string[]).includes('new')),
+    );
     voter.child.kill('SIGSTOP');
     const err = await adding;
     const at = reach(voter.pid, 'safety-rb');
@@ -253,7 +279,7 @@ describe('Invariant 1: a holder that comes back within the grace is reconciled, 
     expect(c.child.exitCode).toBeNull();
   });
 
-  it('a holder that reconnects while the broker rolls the vote back (another client is slow to ack the rollback) is synced in the retry\'s fence window, not queued behind the transaction and killed', async () => {
+  it("a holder that reconnects while the broker rolls the vote back (another client is slow to ack the rollback) is synced in the retry's fence window, not queued behind the transaction and killed", async () => {
     const { socket, proc } = await broker(['--ack-timeout', '3000']);
     const o = await owner(socket);
     const old = await backing(o, 16 * MiB, 'safety-resume2-old');
@@ -273,7 +299,9 @@ describe('Invariant 1: a holder that comes back within the grace is reconciled, 
     // reconnect certainly arrives while the broker rolls the first vote back.
     slow.signal('SIGSTOP');
     await c.request({ cmd: 'drop' }, 'dropped');
-    await waitFor('the broker to hold the returning dropper', () => proc.lines.some((l) => typeof l.msg === 'string' && l.msg.startsWith('a holder came back while a transaction runs')));
+    await waitFor('the broker to hold the returning dropper', () =>
+      proc.lines.some((l) => typeof l.msg === 'string' && l.msg.startsWith('a holder came back while a transaction runs')),
+    );
     slow.signal('SIGCONT');
     const r = await committing;
     const at = reach(c.pid, 'safety-resume2-old');
@@ -288,52 +316,64 @@ describe('Invariant 1: a holder that comes back within the grace is reconciled, 
 });
 
 describe('Invariant 3: a broker restart tears no memory out of running clients', () => {
-  it.runIf(HAVE_KVM)('SIGKILL the broker, start another: the vfio client keeps its pins and the kvm client its memslots until the owner republished, then nothing is remapped', async () => {
-    const first = await broker([], { published: false });
-    const o1 = await OwnerClient.attach(first.socket, { space: 'vm0', name: 'vmm' });
-    expect(o1.published).toBe(false);
-    const ram = await o1.createBacking(64 * MiB, 'safety-restart');
-    cleanups.push(() => native.close(ram.fd));
-    await o1.addRegion({ name: 'ram', gpa: 0x1_0000_0000, size: 64 * MiB, backing: ram.backing });
-    await o1.publish();
-    const pinner = await vfio(first.socket, 'pinner');
-    const slotter = await kvm(first.socket, 'slotter');
-    const pinned = reach(pinner.pid, 'safety-restart');
-    const mapsBefore = memfdStarts(pinner.pid, 'safety-restart');
-    const slotsBefore = await slots(slotter);
-    expect(pinned.lockedKiB).toBeGreaterThanOrEqual(64 * 1024);
-    expect(slotsBefore).toHaveLength(1);
+  it.runIf(HAVE_KVM)(
+    'SIGKILL the broker, start another: the vfio client keeps its pins and the kvm client its memslots until the owner republished, then nothing is remapped',
+    async () => {
+      const first = await broker([], { published: false });
+      const o1 = await OwnerClient.attach(first.socket, { space: 'vm0', name: 'vmm' });
+      expect(o1.published).toBe(false);
+      const ram = await o1.createBacking(64 * MiB, 'safety-restart');
+      cleanups.push(() => native.close(ram.fd));
+      await o1.addRegion({ name: 'ram', gpa: 0x1_0000_0000, size: 64 * MiB, backing: ram.backing });
+      await o1.publish();
+      const pinner = await vfio(first.socket, 'pinner');
+      const slotter = await kvm(first.socket, 'slotter');
+      const pinned = reach(pinner.pid, 'safety-restart');
+      const mapsBefore = memfdStarts(pinner.pid, 'safety-restart');
+      const slotsBefore = await slots(slotter);
+      expect(pinned.lockedKiB).toBeGreaterThanOrEqual(64 * 1024);
+      expect(slotsBefore).toHaveLength(1);
 
-    await stopProcess(first.proc, 'SIGKILL');
-    o1.close();
-    const second = await broker([], { published: false, at: first.socket });
-    // Both reattach to the restarted, unpublished space and wait; nothing is taken from them meanwhile.
-    await waitFor('both clients to wait on the restarted broker', async () => {
-      const st = await space(second.socket);
-      return st.published === false && st.clients.filter((c) => c.state === 'waiting').length === 2;
-    }, 20_000);
-    expect(reach(pinner.pid, 'safety-restart').lockedKiB).toBe(pinned.lockedKiB);
-    expect(memfdStarts(pinner.pid, 'safety-restart')).toEqual(mapsBefore);
-    expect(await slots(slotter)).toEqual(slotsBefore);
+      await stopProcess(first.proc, 'SIGKILL');
+      o1.close();
+      const second = await broker([], { published: false, at: first.socket });
+      // Both reattach to the restarted, unpublished space and wait; nothing is taken from them meanwhile.
+      await waitFor(
+        'both clients to wait on the restarted broker',
+        async () => {
+          const st = await space(second.socket);
+          return st.published === false && st.clients.filter((c) => c.state === 'waiting').length === 2;
+        },
+        20_000,
+      );
+      expect(reach(pinner.pid, 'safety-restart').lockedKiB).toBe(pinned.lockedKiB);
+      expect(memfdStarts(pinner.pid, 'safety-restart')).toEqual(mapsBefore);
+      expect(await slots(slotter)).toEqual(slotsBefore);
 
-    // The owner comes back, rebuilds the map from the same memfd (a new backing id), and publishes it.
-    const o2 = await owner(second.socket, false);
-    expect(o2.published).toBe(false);
-    const { backing } = await o2.addBacking(ram.fd, 'safety-restart');
-    await o2.addRegion({ name: 'ram', gpa: 0x1_0000_0000, size: 64 * MiB, backing });
-    // Still unpublished: a map being rebuilt is never applied.
-    expect((await space(second.socket)).clients.filter((c) => c.state === 'waiting')).toHaveLength(2);
-    const generation = await o2.publish();
-    await waitFor('both clients to reconcile', async () => (await space(second.socket)).clients.filter((c) => c.role === 'subscriber' && c.state === 'ready' && c.ackedGeneration === generation).length === 2, 20_000);
-    // Reconciled by key: the same mapping, the same pins, the same memslot.
-    expect(reach(pinner.pid, 'safety-restart').lockedKiB).toBe(pinned.lockedKiB);
-    expect(memfdStarts(pinner.pid, 'safety-restart')).toEqual(mapsBefore);
-    expect(await slots(slotter)).toEqual(slotsBefore);
-  });
+      // The owner comes back, rebuilds the map from the same memfd (a new backing id), and publishes it.
+      const o2 = await owner(second.socket, false);
+      expect(o2.published).toBe(false);
+      const { backing } = await o2.addBacking(ram.fd, 'safety-restart');
+      await o2.addRegion({ name: 'ram', gpa: 0x1_0000_0000, size: 64 * MiB, backing });
+      // Still unpublished: a map being rebuilt is never applied.
+      expect((await space(second.socket)).clients.filter((c) => c.state === 'waiting')).toHaveLength(2);
+      const generation = await o2.publish();
+      await waitFor(
+        'both clients to reconcile',
+        async () =>
+          (await space(second.socket)).clients.filter((c) => c.role === 'subscriber' && c.state === 'ready' && c.ackedGeneration === generation).length === 2,
+        20_000,
+      );
+      // Reconciled by key: the same mapping, the same pins, the same memslot.
+      expect(reach(pinner.pid, 'safety-restart').lockedKiB).toBe(pinned.lockedKiB);
+      expect(memfdStarts(pinner.pid, 'safety-restart')).toEqual(mapsBefore);
+      expect(await slots(slotter)).toEqual(slotsBefore);
+    },
+  );
 
   it('an operator publishes a space whose owner never came back: `mmbroker publish`', async () => {
     const { socket } = await broker([], { published: false });
-    const sub = await spawn(process.execPath, [CLI, 'attach', '--socket', socket, '--space', 'vm0', '--json'], { stdio: ['ignore', 'pipe', 'pipe'] });
+    const sub = spawn(process.execPath, [CLI, 'attach', '--socket', socket, '--space', 'vm0', '--json'], { stdio: ['ignore', 'pipe', 'pipe'] });
     const p = new JsonProc(sub);
     cleanups.push(() => p.stop());
     await waitFor('the subscriber to wait', async () => (await space(socket)).clients.some((c) => c.state === 'waiting'));
@@ -351,44 +391,62 @@ describe('Invariant 3: a broker restart tears no memory out of running clients',
 });
 
 describe('Invariant 2: a vote disturbs nobody', () => {
-  it.runIf(HAVE_KVM)('while a replacement is voted on, every client that voted still maps, pins and slots the memory it replaces; the refusal leaves them exactly as they were', async () => {
-    const { socket } = await broker(['--ack-timeout', '5000']);
-    const o = await owner(socket);
-    const a = await backing(o, 8 * MiB, 'safety-vote-a');
-    const b = await backing(o, 8 * MiB, 'safety-vote-b');
-    await o.addRegion({ name: 'a', gpa: 0x1_0000_0000, size: 8 * MiB, backing: a.backing });
-    const pinner = await vfio(socket, 'pinner');
-    const slotter = await kvm(socket, 'slotter');
-    const mapper = await plain(socket, ['--name', 'mapper']);
-    const refuser = await plain(socket, ['--name', 'refuser', '--nack', 'new', '--nack-delay', '1500']);
-    const before = {
-      pinner: [memfdStarts(pinner.pid, 'safety-vote-a'), reach(pinner.pid, 'safety-vote-a').lockedKiB],
-      slotter: await slots(slotter),
-      mapper: memfdStarts(mapper.pid, 'safety-vote-a'),
-    };
+  it.runIf(HAVE_KVM)(
+    'while a replacement is voted on, every client that voted still maps, pins and slots the memory it replaces; the refusal leaves them exactly as they were',
+    async () => {
+      const { socket } = await broker(['--ack-timeout', '5000']);
+      const o = await owner(socket);
+      const a = await backing(o, 8 * MiB, 'safety-vote-a');
+      const b = await backing(o, 8 * MiB, 'safety-vote-b');
+      await o.addRegion({ name: 'a', gpa: 0x1_0000_0000, size: 8 * MiB, backing: a.backing });
+      const pinner = await vfio(socket, 'pinner');
+      const slotter = await kvm(socket, 'slotter');
+      const mapper = await plain(socket, ['--name', 'mapper']);
+      const refuser = await plain(socket, ['--name', 'refuser', '--nack', 'new', '--nack-delay', '1500']);
+      const before = {
+        pinner: [memfdStarts(pinner.pid, 'safety-vote-a'), reach(pinner.pid, 'safety-vote-a').lockedKiB],
+        slotter: await slots(slotter),
+        mapper: memfdStarts(mapper.pid, 'safety-vote-a'),
+      };
 
-    // Replace a by new at the same GPA, from another memfd: KVM needs a's slot deleted before new's.
-    const replacing = rejection(o.commit([{ op: 'remove', region: 'a' }, { op: 'add', name: 'new', gpa: 0x1_0000_0000, size: 8 * MiB, backing: b.backing, offset: 0 }]));
-    await refuser.next('refusing');
-    await waitFor('the others to vote', async () => (await space(socket)).clients.filter((c) => c.role === 'subscriber' && c.state === 'applying').map((c) => c.name).join() === 'refuser');
-    // The vote is in: nothing of `a` was taken from anyone.
-    expect([memfdStarts(pinner.pid, 'safety-vote-a'), reach(pinner.pid, 'safety-vote-a').lockedKiB]).toEqual(before.pinner);
-    expect(await slots(slotter)).toEqual(before.slotter);
-    expect(memfdStarts(mapper.pid, 'safety-vote-a')).toEqual(before.mapper);
+      // Replace a by new at the same GPA, from another memfd: KVM needs a's slot deleted before new's.
+      const replacing = rejection(
+        o.commit([
+          { op: 'remove', region: 'a' },
+          { op: 'add', name: 'new', gpa: 0x1_0000_0000, size: 8 * MiB, backing: b.backing, offset: 0 },
+        ]),
+      );
+      await refuser.next('refusing');
+      await waitFor(
+        'the others to vote',
+        async () =>
+          (await space(socket)).clients
+            .filter((c) => c.role === 'subscriber' && c.state === 'applying')
+            .map((c) => c.name)
+            .join() === 'refuser',
+      );
+      // The vote is in: nothing of `a` was taken from anyone.
+      expect([memfdStarts(pinner.pid, 'safety-vote-a'), reach(pinner.pid, 'safety-vote-a').lockedKiB]).toEqual(before.pinner);
+      expect(await slots(slotter)).toEqual(before.slotter);
+      expect(memfdStarts(mapper.pid, 'safety-vote-a')).toEqual(before.mapper);
 
-    const err = await replacing;
-    expect(err.code).toBe('MMB_ERR_CLIENT_REFUSED');
-    expect(err.client?.name).toBe('refuser');
-    expect([memfdStarts(pinner.pid, 'safety-vote-a'), reach(pinner.pid, 'safety-vote-a').lockedKiB]).toEqual(before.pinner);
-    expect(await slots(slotter)).toEqual(before.slotter);
-    expect(memfdStarts(mapper.pid, 'safety-vote-a')).toEqual(before.mapper);
-    for (const p of [pinner, mapper]) expect(memfdStarts(p.pid, 'safety-vote-b')).toEqual([]);
+      const err = await replacing;
+      expect(err.code).toBe('MMB_ERR_CLIENT_REFUSED');
+      expect(err.client?.name).toBe('refuser');
+      expect([memfdStarts(pinner.pid, 'safety-vote-a'), reach(pinner.pid, 'safety-vote-a').lockedKiB]).toEqual(before.pinner);
+      expect(await slots(slotter)).toEqual(before.slotter);
+      expect(memfdStarts(mapper.pid, 'safety-vote-a')).toEqual(before.mapper);
+      for (const p of [pinner, mapper]) expect(memfdStarts(p.pid, 'safety-vote-b')).toEqual([]);
 
-    // And the same replacement, accepted, goes through (the commit phase switches it).
-    await refuser.stop();
-    await o.commit([{ op: 'remove', region: 'a' }, { op: 'add', name: 'next', gpa: 0x1_0000_0000, size: 8 * MiB, backing: b.backing, offset: 0 }]);
-    expect(memfdStarts(mapper.pid, 'safety-vote-a')).toEqual([]);
-    expect(memfdStarts(mapper.pid, 'safety-vote-b')).toHaveLength(1);
-    expect((await slots(slotter)).map((s) => s.gpa)).toEqual([0x1_0000_0000]);
-  });
+      // And the same replacement, accepted, goes through (the commit phase switches it).
+      await refuser.stop();
+      await o.commit([
+        { op: 'remove', region: 'a' },
+        { op: 'add', name: 'next', gpa: 0x1_0000_0000, size: 8 * MiB, backing: b.backing, offset: 0 },
+      ]);
+      expect(memfdStarts(mapper.pid, 'safety-vote-a')).toEqual([]);
+      expect(memfdStarts(mapper.pid, 'safety-vote-b')).toHaveLength(1);
+      expect((await slots(slotter)).map((s) => s.gpa)).toEqual([0x1_0000_0000]);
+    },
+  );
 });

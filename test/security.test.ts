@@ -45,17 +45,17 @@ function broker(opts: BrokerOptions, listen?: { mode?: number; dirMode?: number 
 }
 
 /** Eventfds this process holds (the broker under test is embedded: its descriptors are ours too). */
-const eventfdsOpen = () => fs.readdirSync('/proc/self/fd').filter((f) => {
-  try {
-    return fs.readlinkSync(`/proc/self/fd/${f}`) === 'anon_inode:[eventfd]';
-  } catch {
-    return false;
-  }
-}).length;
-
+const eventfdsOpen = () =>
+  fs.readdirSync('/proc/self/fd').filter((f) => {
+    try {
+      return fs.readlinkSync(`/proc/self/fd/${f}`) === 'anon_inode:[eventfd]';
+    } catch {
+      return false;
+    }
+  }).length;
 
 describe('who may connect, who may own, who may subscribe', () => {
-  it.skipIf(!canSetpriv && !IN_CI)('by default only the broker\'s uid can even connect: the socket is 0600 in a 0700 directory', async () => {
+  it.skipIf(!canSetpriv && !IN_CI)("by default only the broker's uid can even connect: the socket is 0600 in a 0700 directory", async () => {
     const { socket } = broker({}, { dirMode: 0o700 });
     expect(fs.statSync(socket).mode & 0o777).toBe(0o600);
     expect(fs.statSync(path.dirname(socket)).mode & 0o777).toBe(0o700);
@@ -113,7 +113,7 @@ describe('who may connect, who may own, who may subscribe', () => {
     expect(await codeOf(conn.request({ t: Msg.ATTACH, space: 'vm0', role: 'observer', kind: 'x', token: 'short' }))).toBe('MMB_ERR_PERMISSION');
     await conn.request({ t: Msg.ATTACH, space: 'vm0', role: 'subscriber', kind: 'x', token: 's3cret-token' });
     // The clients pass it through their options, and keep it for their reconnects.
-    const sub = await subscriberOf(b, { token: 's3cret-token', reconnect: false });
+    await subscriberOf(b, { token: 's3cret-token', reconnect: false });
     expect(await codeOf(MappingSubscriber.attach(b, { space: 'vm0', token: 'wrong-token!', reconnect: false }))).toBe('MMB_ERR_PERMISSION');
     const obs = await DirtyObserver.attach(b, { space: 'vm0', token: 's3cret-token' });
     obs.close();
@@ -124,11 +124,15 @@ describe('who may connect, who may own, who may subscribe', () => {
 
   it('a subscriber may not change the map (EPERM class), whatever it sends', async () => {
     const { b } = broker({});
-    const s = await subscriberOf(b, { reconnect: false });
+    await subscriberOf(b, { reconnect: false });
     const conn = await Connection.open(b);
     defer(() => conn.close());
     await conn.request({ t: Msg.ATTACH, space: 'vm0', role: 'subscriber', kind: 'x' });
-    for (const req of [{ t: Msg.COMMIT, ops: [] }, { t: Msg.BACKING_DROP, backing: 1 }, { t: Msg.PAUSE, paused: true }]) {
+    for (const req of [
+      { t: Msg.COMMIT, ops: [] },
+      { t: Msg.BACKING_DROP, backing: 1 },
+      { t: Msg.PAUSE, paused: true },
+    ]) {
       const err = (await conn.request(req).catch((e: unknown) => e)) as { errno?: string };
       expect(err.errno, JSON.stringify(req)).toBe('EPERM');
     }
@@ -217,7 +221,12 @@ describe('limits', () => {
     expect(await codeOf(owner.addRegion({ name: 'r2', gpa: 2 * MiB, size: MiB, backing: ram.backing, offset: 2 * MiB }))).toBe('MMB_ERR_TOO_BUSY');
     release();
     await Promise.all([first, second]);
-    expect(slow.regions().map((r) => r.name).sort()).toEqual(['r0', 'r1']);
+    expect(
+      slow
+        .regions()
+        .map((r) => r.name)
+        .sort(),
+    ).toEqual(['r0', 'r1']);
   });
 
   it('more descriptors than the broker allows: a header declaring 65 is MMB_ERR_TOO_MANY_FDS, 65 in one message MMB_ERR_FDS_TRUNCATED; all closed', async () => {
@@ -274,7 +283,12 @@ describe('limits', () => {
     expect(err.code).toBe('MMB_ERR_DISCONNECTED');
     expect(isMmbError(err.cause, 'MMB_ERR_CONNECTION_LIMIT')).toBe(true);
     conns[0]!.close();
-    await waitFor('room for one more', async () => Connection.open(socket).then((c) => (c.close(), true), () => false));
+    await waitFor('room for one more', async () =>
+      Connection.open(socket).then(
+        (c) => (c.close(), true),
+        () => false,
+      ),
+    );
     void b;
   });
 

@@ -46,7 +46,10 @@ describe.skipIf(missing !== undefined)('systemd', () => {
       const text = fs.readFileSync(path.join(ROOT, 'contrib/systemd', unit), 'utf8');
       fs.writeFileSync(path.join(dir, unit), text.replaceAll('/usr/local/bin/mmbroker', bin));
     }
-    const r = spawnSync('systemd-analyze', ['verify', path.join(dir, 'memmap-broker.socket'), path.join(dir, 'memmap-broker.service')], { encoding: 'utf8', cwd: dir });
+    const r = spawnSync('systemd-analyze', ['verify', path.join(dir, 'memmap-broker.socket'), path.join(dir, 'memmap-broker.service')], {
+      encoding: 'utf8',
+      cwd: dir,
+    });
     expect(`${r.stdout}${r.stderr}`.trim()).toBe('');
     expect(r.status).toBe(0);
     const service = fs.readFileSync(path.join(ROOT, 'contrib/systemd/memmap-broker.service'), 'utf8');
@@ -63,8 +66,23 @@ describe.skipIf(missing !== undefined)('systemd', () => {
     await waitFor('the notify socket', () => notify.messages.includes('bound'));
     const activator = spawn(
       'systemd-socket-activate',
-      ['--listen', socket, '--fdname=memmap-broker', '-E', `NOTIFY_SOCKET=${path.join(dir, 'notify.sock')}`, '-E', 'WATCHDOG_USEC=400000',
-        process.execPath, CLI, 'serve', '--space', 'vm0', '--published', '--log-format', 'json'],
+      [
+        '--listen',
+        socket,
+        '--fdname=memmap-broker',
+        '-E',
+        `NOTIFY_SOCKET=${path.join(dir, 'notify.sock')}`,
+        '-E',
+        'WATCHDOG_USEC=400000',
+        process.execPath,
+        CLI,
+        'serve',
+        '--space',
+        'vm0',
+        '--published',
+        '--log-format',
+        'json',
+      ],
       { stdio: ['ignore', 'pipe', 'pipe'] },
     );
     children.push(activator);
@@ -99,7 +117,12 @@ describe.skipIf(missing !== undefined)('systemd', () => {
     // Descriptor 3 is not ours to take: closed, or one Node itself opened (never a socket).
     expect(none.stderr).toMatch(/MMB_ERR_INVALID_ARG .*descriptor 3 (is not open|passed by the service manager is not a socket)/);
     const file = fs.openSync(path.join(tempDir('mmb-sd-bad-'), 'plain-file'), 'w');
-    const notSocket = spawnSync(process.execPath, [CLI, 'serve', '--space', 'vm0'], { encoding: 'utf8', env, timeout: 20_000, stdio: ['ignore', 'pipe', 'pipe', file] });
+    const notSocket = spawnSync(process.execPath, [CLI, 'serve', '--space', 'vm0'], {
+      encoding: 'utf8',
+      env,
+      timeout: 20_000,
+      stdio: ['ignore', 'pipe', 'pipe', file],
+    });
     fs.closeSync(file);
     expect(notSocket.status).toBe(2);
     expect(notSocket.stderr).toMatch(/MMB_ERR_INVALID_ARG .*descriptor 3 passed by the service manager is not a socket/);

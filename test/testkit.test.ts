@@ -30,7 +30,11 @@ describe('JsonProc', () => {
     expect((await q.next('a')).n).toBe(1);
     expect((await q.next('a')).n).toBe(3);
     expect(await q.next('text')).toEqual({ event: 'text', text: 'not json' });
-    const [e1, e2, f] = await Promise.all([q.request({ cmd: 'echo', v: 1 }, 'echo'), q.request({ cmd: 'echo', v: 2 }, 'echo'), q.request({ cmd: 'boom' }, 'never')]);
+    const [e1, e2, f] = await Promise.all([
+      q.request({ cmd: 'echo', v: 1 }, 'echo'),
+      q.request({ cmd: 'echo', v: 2 }, 'echo'),
+      q.request({ cmd: 'boom' }, 'never'),
+    ]);
     expect([e1.v, e2.v]).toEqual([1, 2]);
     expect(f).toMatchObject({ event: 'failed', cmd: 'boom', code: 'MMB_ERR_X', message: 'no' });
     expect(await q.stop('end-stdin')).toBe(0);

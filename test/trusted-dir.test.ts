@@ -63,24 +63,27 @@ describe('the socket directory', () => {
     expect(fs.existsSync(path.join(open, 'below'))).toBe(false); // refused before anything was made
   });
 
-  it.skipIf(!isRoot && !IN_CI)('a directory or symlink owned by another uid is refused, also on the way; a symlink of ours in a directory of ours is followed', () => {
-    const base = scratch();
-    fs.chmodSync(base, 0o755);
-    const theirs = path.join(base, 'theirs');
-    fs.mkdirSync(theirs, { mode: 0o755 });
-    fs.chownSync(theirs, 65534, 65534);
-    expect(outcome(() => openTrustedDir(theirs))).toBe('MMB_ERR_UNSAFE_PATH');
-    const ours = path.join(base, 'ours');
-    fs.mkdirSync(ours, { mode: 0o700 });
-    fs.symlinkSync(ours, path.join(base, 'link'));
-    const l = new SocketListener(path.join(base, 'link/b.sock'));
-    expect(fs.lstatSync(path.join(ours, 'b.sock')).isSocket()).toBe(true);
-    l.close();
-    expect(fs.existsSync(path.join(ours, 'b.sock'))).toBe(false);
-    fs.symlinkSync(ours, path.join(base, 'their-link'));
-    fs.lchownSync(path.join(base, 'their-link'), 65534, 65534);
-    expect(outcome(() => openTrustedDir(path.join(base, 'their-link')))).toBe('MMB_ERR_UNSAFE_PATH');
-  });
+  it.skipIf(!isRoot && !IN_CI)(
+    'a directory or symlink owned by another uid is refused, also on the way; a symlink of ours in a directory of ours is followed',
+    () => {
+      const base = scratch();
+      fs.chmodSync(base, 0o755);
+      const theirs = path.join(base, 'theirs');
+      fs.mkdirSync(theirs, { mode: 0o755 });
+      fs.chownSync(theirs, 65534, 65534);
+      expect(outcome(() => openTrustedDir(theirs))).toBe('MMB_ERR_UNSAFE_PATH');
+      const ours = path.join(base, 'ours');
+      fs.mkdirSync(ours, { mode: 0o700 });
+      fs.symlinkSync(ours, path.join(base, 'link'));
+      const l = new SocketListener(path.join(base, 'link/b.sock'));
+      expect(fs.lstatSync(path.join(ours, 'b.sock')).isSocket()).toBe(true);
+      l.close();
+      expect(fs.existsSync(path.join(ours, 'b.sock'))).toBe(false);
+      fs.symlinkSync(ours, path.join(base, 'their-link'));
+      fs.lchownSync(path.join(base, 'their-link'), 65534, 65534);
+      expect(outcome(() => openTrustedDir(path.join(base, 'their-link')))).toBe('MMB_ERR_UNSAFE_PATH');
+    },
+  );
 
   it('close() removes the socket it bound and nothing that replaced it', () => {
     const dir = scratch();

@@ -214,7 +214,10 @@ describe('type1 against a simulated kernel', () => {
     expect(dev.info()).toEqual({ flags: 3, numRegions: 9, numIrqs: 5, pci: true, resettable: true });
     k.calls.length = 0;
     const bar0 = dev.regionInfo(0);
-    expect(k.calls).toEqual([`VFIO_DEVICE_GET_REGION_INFO[${LAYOUTS.vfio_region_info.size}]`, `VFIO_DEVICE_GET_REGION_INFO[${LAYOUTS.vfio_region_info.size + 32}]`]);
+    expect(k.calls).toEqual([
+      `VFIO_DEVICE_GET_REGION_INFO[${LAYOUTS.vfio_region_info.size}]`,
+      `VFIO_DEVICE_GET_REGION_INFO[${LAYOUTS.vfio_region_info.size + 32}]`,
+    ]);
     expect(bar0).toMatchObject({ index: 0, size: 4096, offset: 0, mmappable: true, caps: [{ id: 1, version: 0, offset: 32 }] });
     expect(dev.regionInfo(7)).toMatchObject({ index: 7, size: 256, offset: 7 * 2 ** 40, mmappable: false });
   });
@@ -473,7 +476,11 @@ describe('dirty tracking against a simulated kernel', () => {
     const t = harness(Type1Backend.open(k));
     await t.applier.attachDevice('0000:00:01.0');
     await t.applier.attachDevice('0000:00:03.0');
-    expect(t.domain.backend.device('0000:00:01.0')?.migration?.()).toMatchObject({ supported: false, stopCopy: false, reason: expect.stringMatching(/ENOTTY/) });
+    expect(t.domain.backend.device('0000:00:01.0')?.migration?.()).toMatchObject({
+      supported: false,
+      stopCopy: false,
+      reason: expect.stringMatching(/ENOTTY/),
+    });
     expect(t.domain.backend.device('0000:00:03.0')?.migration?.()).toMatchObject({ supported: true, stopCopy: true, p2p: true });
   });
 });

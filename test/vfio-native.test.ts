@@ -59,13 +59,21 @@ describe('the ioctl whitelist', () => {
   });
 
   it('refuses a request through the wrong entry point with EINVAL', async () => {
-    expect(thrown(() => vfio.vfioIoctlInt(memfd, REQUEST.VFIO_IOMMU_MAP_DMA, 0))).toMatchObject({ code: 'EINVAL', syscall: 'ioctl', request: 'VFIO_IOMMU_MAP_DMA' });
-    expect(thrown(() => vfio.vfioIoctl(memfd, REQUEST.VFIO_SET_IOMMU, new Uint8Array(8)))).toMatchObject({ code: 'EINVAL', syscall: 'ioctl', request: 'VFIO_SET_IOMMU' });
+    expect(thrown(() => vfio.vfioIoctlInt(memfd, REQUEST.VFIO_IOMMU_MAP_DMA, 0))).toMatchObject({
+      code: 'EINVAL',
+      syscall: 'ioctl',
+      request: 'VFIO_IOMMU_MAP_DMA',
+    });
+    expect(thrown(() => vfio.vfioIoctl(memfd, REQUEST.VFIO_SET_IOMMU, new Uint8Array(8)))).toMatchObject({
+      code: 'EINVAL',
+      syscall: 'ioctl',
+      request: 'VFIO_SET_IOMMU',
+    });
     // Only the pinning calls may go to a worker thread.
     await expect(vfio.vfioIoctlAsync(memfd, REQUEST.VFIO_IOMMU_GET_INFO, pack('vfio_iommu_type1_info', {}))).rejects.toMatchObject({ code: 'EINVAL' });
   });
 
-  it('checks the size word: at least the kernel\'s minimum, at most the buffer (the kernel writes up to it)', () => {
+  it("checks the size word: at least the kernel's minimum, at most the buffer (the kernel writes up to it)", () => {
     const short = new Uint8Array(16);
     expect(thrown(() => vfio.vfioIoctl(memfd, REQUEST.VFIO_IOMMU_MAP_DMA, short))).toMatchObject({ code: 'EINVAL' });
     const lying = pack('vfio_iommu_type1_info', {});
@@ -94,15 +102,31 @@ describe('the ioctl whitelist', () => {
     expect(new DataView(arg.buffer).getBigUint64(LAYOUTS.iommu_ioas_iova_ranges.fields.allowed_iovas.offset, true)).toBe(0n);
   });
 
-  it('issues nothing on a descriptor that is not of the request\'s kind (ENOTTY)', async () => {
+  it("issues nothing on a descriptor that is not of the request's kind (ENOTTY)", async () => {
     const map = pack('vfio_iommu_type1_dma_map', { flags: 3, vaddr: 0x1000, iova: 0, size: 4096 });
-    expect(thrown(() => vfio.vfioIoctl(memfd, REQUEST.VFIO_IOMMU_GET_INFO, pack('vfio_iommu_type1_info', {})))).toMatchObject({ code: 'ENOTTY', syscall: 'ioctl', request: 'VFIO_IOMMU_GET_INFO' });
+    expect(thrown(() => vfio.vfioIoctl(memfd, REQUEST.VFIO_IOMMU_GET_INFO, pack('vfio_iommu_type1_info', {})))).toMatchObject({
+      code: 'ENOTTY',
+      syscall: 'ioctl',
+      request: 'VFIO_IOMMU_GET_INFO',
+    });
     expect(thrown(() => vfio.vfioIoctlInt(0, REQUEST.VFIO_GET_API_VERSION, 0))).toMatchObject({ code: 'ENOTTY' });
-    expect(thrown(() => vfio.vfioGroupGetDeviceFd(memfd, '0000:00:01.0'))).toMatchObject({ code: 'ENOTTY', syscall: 'ioctl', request: 'VFIO_GROUP_GET_DEVICE_FD' });
+    expect(thrown(() => vfio.vfioGroupGetDeviceFd(memfd, '0000:00:01.0'))).toMatchObject({
+      code: 'ENOTTY',
+      syscall: 'ioctl',
+      request: 'VFIO_GROUP_GET_DEVICE_FD',
+    });
     // A name the kernel would refuse is its ENAMETOOLONG in the same shape; a non-string a TypeError.
-    expect(thrown(() => vfio.vfioGroupGetDeviceFd(memfd, 'x'.repeat(300)))).toMatchObject({ code: 'ENAMETOOLONG', syscall: 'ioctl', request: 'VFIO_GROUP_GET_DEVICE_FD' });
+    expect(thrown(() => vfio.vfioGroupGetDeviceFd(memfd, 'x'.repeat(300)))).toMatchObject({
+      code: 'ENAMETOOLONG',
+      syscall: 'ioctl',
+      request: 'VFIO_GROUP_GET_DEVICE_FD',
+    });
     expect(() => vfio.vfioGroupGetDeviceFd(memfd, 5 as unknown as string)).toThrow(TypeError);
-    await expect(vfio.vfioIoctlAsync(memfd, REQUEST.VFIO_IOMMU_MAP_DMA, map)).rejects.toMatchObject({ code: 'ENOTTY', syscall: 'ioctl', request: 'VFIO_IOMMU_MAP_DMA' });
+    await expect(vfio.vfioIoctlAsync(memfd, REQUEST.VFIO_IOMMU_MAP_DMA, map)).rejects.toMatchObject({
+      code: 'ENOTTY',
+      syscall: 'ioctl',
+      request: 'VFIO_IOMMU_MAP_DMA',
+    });
     await expect(vfio.vfioIoctlAsync(memfd, REQUEST.IOMMU_IOAS_MAP, pack('iommu_ioas_map', {}))).rejects.toMatchObject({ code: 'ENOTTY' });
   });
 
@@ -162,7 +186,10 @@ console.log(JSON.stringify(codes));
     expect(run.status, `${run.stdout}\n${run.stderr}`).toBe(0);
     expect(JSON.parse(run.stdout), run.stderr).toEqual(['ENOTTY', 'ENOTTY', 'EPERM', 'ENOTTY', 'ENOTTY', 'ENOTTY', 'ENOTTY', 'ENOTTY', 'ENOTTY']);
     const traced = fs.readFileSync(log, 'utf8').split('\n');
-    expect(traced.filter((l) => VFIO_IOCTL.test(l)), traced.join('\n')).toEqual([]);
+    expect(
+      traced.filter((l) => VFIO_IOCTL.test(l)),
+      traced.join('\n'),
+    ).toEqual([]);
     expect(traced.some((l) => l.includes('ioctl('))).toBe(true); // strace did see the process's other ioctls
     fs.rmSync(dir, { recursive: true });
   });
@@ -174,7 +201,12 @@ console.log(JSON.stringify(codes));
     const log = path.join(dir, 'strace.out');
     const py = "import fcntl, os\nfd = os.memfd_create('x')\ntry: fcntl.ioctl(fd, 0x3b71, bytes(32))\nexcept OSError: pass";
     spawnSync('strace', ['-f', '-qq', '-e', 'trace=ioctl', '-o', log, 'python3', '-c', py]);
-    expect(fs.readFileSync(log, 'utf8').split('\n').filter((l) => VFIO_IOCTL.test(l))).toHaveLength(1);
+    expect(
+      fs
+        .readFileSync(log, 'utf8')
+        .split('\n')
+        .filter((l) => VFIO_IOCTL.test(l)),
+    ).toHaveLength(1);
     fs.rmSync(dir, { recursive: true });
   });
 });

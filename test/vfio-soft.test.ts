@@ -73,7 +73,7 @@ afterAll(async () => {
 });
 
 describe('soft backend: real pinning, checked in /proc/PID/status', () => {
-  it('following a 128 MiB region raises the client\'s VmLck by at least 128 MiB; the removal drops it back', async () => {
+  it("following a 128 MiB region raises the client's VmLck by at least 128 MiB; the removal drops it back", async () => {
     const p = await vfio('vfio-a', ['--device', 'dev0']);
     const base = lockedMiB(p.pid);
     const ram = await backing(128 * MiB, 'pin128');
@@ -139,7 +139,7 @@ describe('soft backend: real pinning, checked in /proc/PID/status', () => {
     await waitFor('128 MiB pinned reported again', async () => (await client('vfio-two'))?.pin?.actual === 128 * MiB);
   });
 
-  it('pinLimit below a new region: the owner\'s add fails with MMB_ERR_PIN_BUDGET naming the client, nobody maps it, the generation stays', async () => {
+  it("pinLimit below a new region: the owner's add fails with MMB_ERR_PIN_BUDGET naming the client, nobody maps it, the generation stays", async () => {
     const p = await vfio('vfio-small', ['--device', 'dev0', '--pin-limit', String(64 * MiB)]);
     const plain = await spawnSubscriber(socket, 'vm0', ['--name', 'plain-watcher']);
     procs.push(plain);
@@ -206,9 +206,11 @@ describe('soft backend: cancellation undoes what was pinned', () => {
     nacker.on('change', (ev) => {
       if (!ev.change.added.some((r) => r.name === 'big-rb')) return;
       ev.waitUntil(
-        p.next('pinProgress', (e) => e.region === 'big-rb', 30_000).then(() => {
-          throw new Error('nacker refuses big-rb');
-        }),
+        p
+          .next('pinProgress', (e) => e.region === 'big-rb', 30_000)
+          .then(() => {
+            throw new Error('nacker refuses big-rb');
+          }),
       );
     });
     const before = (await status()).generation;

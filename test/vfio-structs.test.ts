@@ -54,12 +54,33 @@ const UPSTREAM: Record<string, { size: number; fields: Record<string, [number, n
   // __reserved into out_max_pasid_log2 and __reserved[3], at the same place).
   iommu_hw_info: {
     size: 40,
-    fields: { size: [0, 4], flags: [4, 4], dev_id: [8, 4], data_len: [12, 4], data_uptr: [16, 8], out_data_type: [24, 4], __reserved: [28, 4], out_capabilities: [32, 8] },
+    fields: {
+      size: [0, 4],
+      flags: [4, 4],
+      dev_id: [8, 4],
+      data_len: [12, 4],
+      data_uptr: [16, 8],
+      out_data_type: [24, 4],
+      __reserved: [28, 4],
+      out_capabilities: [32, 8],
+    },
   },
   iommu_hw_info_vtd: { size: 24, fields: { flags: [0, 4], __reserved: [4, 4], cap_reg: [8, 8], ecap_reg: [16, 8] } },
   iommu_hwpt_alloc: {
     size: 48,
-    fields: { size: [0, 4], flags: [4, 4], dev_id: [8, 4], pt_id: [12, 4], out_hwpt_id: [16, 4], __reserved: [20, 4], data_type: [24, 4], data_len: [28, 4], data_uptr: [32, 8], fault_id: [40, 4], __reserved2: [44, 4] },
+    fields: {
+      size: [0, 4],
+      flags: [4, 4],
+      dev_id: [8, 4],
+      pt_id: [12, 4],
+      out_hwpt_id: [16, 4],
+      __reserved: [20, 4],
+      data_type: [24, 4],
+      data_len: [28, 4],
+      data_uptr: [32, 8],
+      fault_id: [40, 4],
+      __reserved2: [44, 4],
+    },
   },
   iommu_hwpt_set_dirty_tracking: { size: 16, fields: { size: [0, 4], flags: [4, 4], hwpt_id: [8, 4], __reserved: [12, 4] } },
   iommu_hwpt_get_dirty_bitmap: {
@@ -104,7 +125,7 @@ describe('struct layouts against the kernel headers', () => {
     expect(Object.keys(probe.structs).length).toBeGreaterThanOrEqual(11);
   });
 
-  it.each(names)('%s: every member at the header\'s offset and size, and the header\'s size', (name) => {
+  it.each(names)("%s: every member at the header's offset and size, and the header's size", (name) => {
     // The installed headers, else the upstream transcription; every member the header has before the end
     // of what we pack is packed too (no member forgotten).
     expectLayout(name, LAYOUTS[name], probe.structs[name] ?? UPSTREAM[name]);
@@ -133,7 +154,7 @@ describe('struct layouts against the kernel headers', () => {
     }
   });
 
-  it('constants equal the headers\' (upstream ones where not installed)', () => {
+  it("constants equal the headers' (upstream ones where not installed)", () => {
     for (const [k, v] of Object.entries(VFIO)) expect(v, k).toBe(probe.constants[k]);
     for (const [k, v] of Object.entries(IOMMUFD)) expect(v, k).toBe(probe.constants[k] ?? UPSTREAM_CONSTANTS[k]);
   });
@@ -246,9 +267,15 @@ describe('parsing what the kernel writes back', () => {
   }
 
   it('VFIO_IOMMU_GET_INFO: IOVA ranges and DMA_AVAIL from the capability chain', () => {
-    const ranges: [bigint, bigint][] = [[0n, 0xfedfffffn], [0xfef00000n, 0x7fffffffffn]];
+    const ranges: [bigint, bigint][] = [
+      [0n, 0xfedfffffn],
+      [0xfef00000n, 0x7fffffffffn],
+    ];
     const info = parseType1Info(type1Reply(256, ranges, 65_000));
-    expect(info.ranges).toEqual([{ start: 0n, last: 0xfedfffffn }, { start: 0xfef00000n, last: 0x7fffffffffn }]);
+    expect(info.ranges).toEqual([
+      { start: 0n, last: 0xfedfffffn },
+      { start: 0xfef00000n, last: 0x7fffffffffn },
+    ]);
     expect(info.dmaAvailable).toBe(65_000);
     expect(info.iovaPageSizes).toBe(0x40201000n);
     expect(info.argsz).toBeLessThanOrEqual(256);
@@ -274,7 +301,10 @@ describe('parsing what the kernel writes back', () => {
     cwrite(data, 'iommu_iova_range', 'last', 0xfedfffffn, 0);
     cwrite(data, 'iommu_iova_range', 'start', 0xfef00000n, 16);
     cwrite(data, 'iommu_iova_range', 'last', 2n ** 64n - 1n, 16);
-    expect(parseIommuRanges(data, 2)).toEqual([{ start: 0x1000n, last: 0xfedfffffn }, { start: 0xfef00000n, last: 2n ** 64n - 1n }]);
+    expect(parseIommuRanges(data, 2)).toEqual([
+      { start: 0x1000n, last: 0xfedfffffn },
+      { start: 0xfef00000n, last: 2n ** 64n - 1n },
+    ]);
 
     const r = pack('vfio_region_info', { index: 7 });
     cwrite(r, 'vfio_region_info', 'flags', 3n);

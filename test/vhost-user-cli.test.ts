@@ -39,9 +39,13 @@ describeQsd('mmbroker attach vhost-user', () => {
     const qsd = await startQsd(dir, image);
     backends.push(qsd);
 
-    const child = spawn(process.execPath, [CLI, 'attach', 'vhost-user', '--socket', socket, '--space', 'vm0', '--backend-socket', qsd.socket, '--name', 'blk0', '--json', '--control'], {
-      stdio: ['pipe', 'pipe', 'pipe'],
-    });
+    const child = spawn(
+      process.execPath,
+      [CLI, 'attach', 'vhost-user', '--socket', socket, '--space', 'vm0', '--backend-socket', qsd.socket, '--name', 'blk0', '--json', '--control'],
+      {
+        stdio: ['pipe', 'pipe', 'pipe'],
+      },
+    );
     const bridge = new JsonProc(child);
     defer(() => bridge.stop());
     const backend = await bridge.next('backend', () => true, 20_000);
@@ -90,14 +94,16 @@ describeQsd('mmbroker attach vhost-user --ioas: a back-end that cannot translate
     expect(r.stderr).toMatch(/MMB_ERR_UNSUPPORTED/);
     expect(r.stderr).toMatch(/does not offer VIRTIO_F_ACCESS_PLATFORM/);
     expect(r.stderr).not.toMatch(/^\s+at /m);
-    const st = JSON.parse((await runCli(['status', '--socket', socket, '--space', 'vm0', '--json'])).stdout) as { spaces: { clients: { name: string }[]; ioas?: { name: string; attached: unknown[] }[] }[] };
+    const st = JSON.parse((await runCli(['status', '--socket', socket, '--space', 'vm0', '--json'])).stdout) as {
+      spaces: { clients: { name: string }[]; ioas?: { name: string; attached: unknown[] }[] }[];
+    };
     expect(st.spaces[0]!.clients.map((c) => c.name)).not.toContain('blk0');
     expect(st.spaces[0]!.ioas).toMatchObject([{ name: 'dma0', attached: [] }]);
   });
 });
 
 describeDpdk('mmbroker attach vhost-user --ioas: dpdk-testpmd', () => {
-  it('the IOAS is the back-end\'s IOTLB: ioas map is in it when the command returns, ioas unmap returns once it was invalidated', async () => {
+  it("the IOAS is the back-end's IOTLB: ioas map is in it when the command returns, ioas unmap returns once it was invalidated", async () => {
     const dir = tempDir('mmb-vhu-cli-');
     defer(() => fs.rmSync(dir, { recursive: true, force: true }));
     const socket = path.join(dir, 'broker.sock');
@@ -108,15 +114,21 @@ describeDpdk('mmbroker attach vhost-user --ioas: dpdk-testpmd', () => {
     const args = ['--socket', socket, '--space', 'vm0'];
     expect((await runCli(['map', 'add', ...args, '--gpa', '0', '--size', '16M', '--name', 'ram'])).code).toBe(0);
     expect((await runCli(['ioas', 'create', ...args, '--ioas', 'net0'])).code).toBe(0);
-    const child = spawn(process.execPath, [CLI, 'attach', 'vhost-user', ...args, '--backend-socket', pmd.socket, '--ioas', 'net0', '--name', 'net0-dev', '--json', '--control'], {
-      stdio: ['pipe', 'pipe', 'pipe'],
-    });
+    const child = spawn(
+      process.execPath,
+      [CLI, 'attach', 'vhost-user', ...args, '--backend-socket', pmd.socket, '--ioas', 'net0', '--name', 'net0-dev', '--json', '--control'],
+      {
+        stdio: ['pipe', 'pipe', 'pipe'],
+      },
+    );
     const bridge = new JsonProc(child);
     defer(() => bridge.stop());
     const backend = await bridge.next('backend', () => true, 20_000);
     expect(backend).toMatchObject({ memMode: 'table', ioas: 'net0' });
     await bridge.next('attached');
-    const st = JSON.parse((await runCli(['status', ...args, '--json'])).stdout) as { spaces: { ioas?: { name: string; attached: { client: { name: string }; devices: string[] }[] }[] }[] };
+    const st = JSON.parse((await runCli(['status', ...args, '--json'])).stdout) as {
+      spaces: { ioas?: { name: string; attached: { client: { name: string }; devices: string[] }[] }[] }[];
+    };
     expect(st.spaces[0]!.ioas).toMatchObject([{ name: 'net0', attached: [{ client: { name: 'net0-dev' }, devices: ['net0-dev'] }] }]);
 
     const mapped = await runCli(['ioas', 'map', ...args, '--ioas', 'net0', '--iova', '0x80000000', '--gpa', '0x200000', '--size', '64K']);

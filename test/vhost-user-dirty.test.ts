@@ -11,7 +11,19 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { VhostUserSubscriber, VirtioBlk, VirtioNet, BLK_FEATURES, NET_FEATURES, NET_HDR_BYTES, Feature, ProtocolFeature, Req, bit, type VhostUserOptions } from '../clients/vhost-user/index.js';
+import {
+  VhostUserSubscriber,
+  VirtioBlk,
+  VirtioNet,
+  BLK_FEATURES,
+  NET_FEATURES,
+  NET_HDR_BYTES,
+  Feature,
+  ProtocolFeature,
+  Req,
+  bit,
+  type VhostUserOptions,
+} from '../clients/vhost-user/index.js';
 import { constants, native } from '../native/index.js';
 import { DIRTY_PAGE_SIZE } from '../protocol/index.js';
 import { have, makeImage, patternSector, startQsd, startTestpmd, QSD, TESTPMD, type Backend } from '../bench/vhost-user-backends.js';
@@ -93,7 +105,7 @@ async function attach(broker: Parameters<typeof VhostUserSubscriber.attach>[0], 
 const sectors = (first: number, count: number) => Buffer.concat(Array.from({ length: count }, (_, i) => patternSector(first + i)));
 
 describeQsd('vhost-user dirty logging: qemu-storage-daemon', () => {
-  it('a virtio-blk READ into guest memory at GPA 0x10000 with logging on is in the owner\'s next dirty sync', async () => {
+  it("a virtio-blk READ into guest memory at GPA 0x10000 with logging on is in the owner's next dirty sync", async () => {
     const { owner, sub, blk, bytes } = await setup();
     expect(sub.negotiated.canLog).toBe(true);
     expect(sub.negotiated.protocolFeatures & bit(ProtocolFeature.LOG_SHMFD)).toBe(bit(ProtocolFeature.LOG_SHMFD));

@@ -81,7 +81,10 @@ describeDpdk('vhost-user front-end: dpdk-testpmd (net_vhost)', () => {
     // A table after the first remaps what DPDK has: the rings were stopped around it and restarted.
     expect(sub.rings.stats.reshapeStops).toBe(1);
     expect([net.rx.stats.restarts, net.tx.stats.restarts]).toEqual([1, 1]);
-    expect(sub.backendTable().map((e) => [e.name, e.mmapOffset])).toEqual([['ram0', 0], ['rx0', 1 * MiB]]);
+    expect(sub.backendTable().map((e) => [e.name, e.mmapOffset])).toEqual([
+      ['ram0', 0],
+      ['rx0', 1 * MiB],
+    ]);
     expect(memfdMaps(pmd.pid, 'rxmem')).toHaveLength(1);
 
     for (const [i, marker] of ['mmb-frame-one', 'mmb-frame-two'].entries()) {
@@ -112,8 +115,11 @@ describeDpdk('vhost-user front-end: dpdk-testpmd (net_vhost)', () => {
     // A 9th region would not fit SET_MEM_TABLE: refused by the broker before anything changes.
     const more = await owner.createBacking(16 * MiB, 'more');
     native.close(more.fd);
-    for (let i = 0; i < 7; i++) await owner.addRegion({ name: `m${i}`, gpa: 0x8000_0000 + i * 4 * MiB, size: 2 * MiB, backing: more.backing, offset: i * 2 * MiB });
-    const err = await owner.addRegion({ name: 'm7', gpa: 0x8000_0000 + 7 * 4 * MiB, size: 2 * MiB, backing: more.backing, offset: 7 * 2 * MiB }).catch((e: unknown) => e);
+    for (let i = 0; i < 7; i++)
+      await owner.addRegion({ name: `m${i}`, gpa: 0x8000_0000 + i * 4 * MiB, size: 2 * MiB, backing: more.backing, offset: i * 2 * MiB });
+    const err = await owner
+      .addRegion({ name: 'm7', gpa: 0x8000_0000 + 7 * 4 * MiB, size: 2 * MiB, backing: more.backing, offset: 7 * 2 * MiB })
+      .catch((e: unknown) => e);
     expect(isMmbError(err) && err.code).toBe('MMB_ERR_CLIENT_LIMIT');
     expect(sub.backendTable()).toHaveLength(8);
   });

@@ -46,7 +46,14 @@ async function setup(b: FakeBackend, opts: Partial<VhostUserOptions> = {}) {
   const owner = await ownerOf(broker);
   const ram = await owner.createBacking(64 * MiB, 'fakeram');
   defer(() => native.close(ram.fd));
-  const sub = await VhostUserSubscriber.attach(broker, { space: 'vm0', name: 'vu-fake', backendSocket: b.socket, reconnect: false, backendTimeoutMs: 1000, ...opts });
+  const sub = await VhostUserSubscriber.attach(broker, {
+    space: 'vm0',
+    name: 'vu-fake',
+    backendSocket: b.socket,
+    reconnect: false,
+    backendTimeoutMs: 1000,
+    ...opts,
+  });
   defer(() => sub.close());
   return { broker, owner, ram, sub };
 }
@@ -59,10 +66,18 @@ const region = (p: Buffer, at = 8) => ({
 });
 
 describe('vhost-user front-end: wire format and acks (scripted back-end)', () => {
-  it('negotiates in QEMU\'s order: SET_PROTOCOL_FEATURES without NEED_REPLY, never STATUS; then NEED_REPLY on every message', async () => {
+  it("negotiates in QEMU's order: SET_PROTOCOL_FEATURES without NEED_REPLY, never STATUS; then NEED_REPLY on every message", async () => {
     const b = fake();
     const { owner, ram, sub } = await setup(b, { virtioFeatures: bit(Feature.VERSION_1) | bit(Feature.BLK_FLUSH) });
-    expect(b.names()).toEqual(['GET_FEATURES', 'GET_PROTOCOL_FEATURES', 'SET_PROTOCOL_FEATURES', 'GET_QUEUE_NUM', 'GET_MAX_MEM_SLOTS', 'SET_OWNER', 'SET_FEATURES']);
+    expect(b.names()).toEqual([
+      'GET_FEATURES',
+      'GET_PROTOCOL_FEATURES',
+      'SET_PROTOCOL_FEATURES',
+      'GET_QUEUE_NUM',
+      'GET_MAX_MEM_SLOTS',
+      'SET_OWNER',
+      'SET_FEATURES',
+    ]);
     const [, , setPf, , , owner_, setF] = b.messages as Message[];
     expect(setPf!.flags).toBe(Flag.VERSION);
     expect(setPf!.payload.readBigUInt64LE(0)).toBe(bit(ProtocolFeature.MQ) | bit(ProtocolFeature.REPLY_ACK) | bit(ProtocolFeature.CONFIGURE_MEM_SLOTS));
@@ -98,7 +113,9 @@ describe('vhost-user front-end: wire format and acks (scripted back-end)', () =>
     const owner = await ownerOf(broker);
     const ram = await owner.createBacking(64 * MiB, 'fakeram');
     native.close(ram.fd);
-    await owner.commit([0, 1, 2].map((i) => ({ op: 'add' as const, name: `r${i}`, gpa: i * 8 * MiB, size: 2 * MiB, backing: ram.backing, offset: i * 2 * MiB })));
+    await owner.commit(
+      [0, 1, 2].map((i) => ({ op: 'add' as const, name: `r${i}`, gpa: i * 8 * MiB, size: 2 * MiB, backing: ram.backing, offset: i * 2 * MiB })),
+    );
     const sub = await VhostUserSubscriber.attach(broker, { space: 'vm0', backendSocket: b.socket, reconnect: false, coalesce: false });
     defer(() => sub.close());
     const table = b.messages.find((m) => m.request === Req.SET_MEM_TABLE)!;
@@ -125,7 +142,16 @@ describe('vhost-user front-end: wire format and acks (scripted back-end)', () =>
     const { owner, ram, sub } = await setup(b);
     expect(sub.memMode).toBe('table');
     expect(sub.maxSlots).toBe(8);
-    expect(b.names()).toEqual(['GET_FEATURES', 'GET_PROTOCOL_FEATURES', 'SET_PROTOCOL_FEATURES', 'GET_QUEUE_NUM', 'SET_OWNER', 'GET_FEATURES', 'SET_FEATURES', 'GET_FEATURES']);
+    expect(b.names()).toEqual([
+      'GET_FEATURES',
+      'GET_PROTOCOL_FEATURES',
+      'SET_PROTOCOL_FEATURES',
+      'GET_QUEUE_NUM',
+      'SET_OWNER',
+      'GET_FEATURES',
+      'SET_FEATURES',
+      'GET_FEATURES',
+    ]);
     expect(b.messages.every((m) => (m.flags & Flag.NEED_REPLY) === 0)).toBe(true);
     const from = b.messages.length;
     hold = true;
@@ -231,7 +257,15 @@ describe('vhost-user front-end: wire format and acks (scripted back-end)', () =>
     sub.dropConnection();
     await owner.removeRegion('b');
     await owner.addRegion({ name: 'c', gpa: 0x2000_0000, size: 2 * MiB, backing: ram.backing, offset: 4 * MiB });
-    await waitFor('the resumed client to follow', () => sub.backendTable().map((e) => e.name).join() === 'a,c', 3000);
+    await waitFor(
+      'the resumed client to follow',
+      () =>
+        sub
+          .backendTable()
+          .map((e) => e.name)
+          .join() === 'a,c',
+      3000,
+    );
     expect(b.names(from)).toEqual(['REM_MEM_REG', 'GET_FEATURES', 'ADD_MEM_REG', 'GET_FEATURES']);
     expect(sub.backendTable().map((e) => e.name)).toEqual(['a', 'c']);
   });
@@ -338,8 +372,27 @@ describe('vhost-user front-end: wire format and acks (scripted back-end)', () =>
 const backings = new Map<number, LocalBacking>([[1, { id: 1, name: 'm', size: 1 << 30, fd: -1, dev: 1, ino: 42 }]]);
 let nextId = 1;
 const view = (gpa: number, size: number, extra: Partial<Region> = {}): ViewRegion =>
-  toView({ id: nextId++, name: `r${gpa.toString(16)}`, gpa: asGpa(gpa), size, backing: 1, offset: asOffset(gpa % (1 << 29)), readonly: false, logDirty: false, ...extra }, backings);
-const change = (removed: ViewRegion[], added: ViewRegion[], updated: Change['updated'] = []): Change => ({ generation: 1, cause: 'txn', removed, updated, added });
+  toView(
+    {
+      id: nextId++,
+      name: `r${gpa.toString(16)}`,
+      gpa: asGpa(gpa),
+      size,
+      backing: 1,
+      offset: asOffset(gpa % (1 << 29)),
+      readonly: false,
+      logDirty: false,
+      ...extra,
+    },
+    backings,
+  );
+const change = (removed: ViewRegion[], added: ViewRegion[], updated: Change['updated'] = []): Change => ({
+  generation: 1,
+  cause: 'txn',
+  removed,
+  updated,
+  added,
+});
 const tableOf = (rs: ViewRegion[]) => new Map<string, TableEntry>(rs.map((r) => [r.key, entryOf(r)]));
 
 describe('vhost-user memory-table planner', () => {
@@ -348,7 +401,10 @@ describe('vhost-user memory-table planner', () => {
     const b = view(4 * MiB, MiB);
     const c = view(8 * MiB, MiB);
     const p = planMemTable(tableOf([a, b]), change([b], [c]), 'slots', 32);
-    expect(p.steps.map((s) => [s.op, s.op === 'table' ? s.entries.length : s.entry.gpa])).toEqual([['rem', 4 * MiB], ['add', 8 * MiB]]);
+    expect(p.steps.map((s) => [s.op, s.op === 'table' ? s.entries.length : s.entry.gpa])).toEqual([
+      ['rem', 4 * MiB],
+      ['add', 8 * MiB],
+    ]);
     expect([...p.after.values()].map((e) => e.gpa).sort((x, y) => x - y)).toEqual([0, 8 * MiB]);
   });
 
@@ -372,8 +428,12 @@ describe('vhost-user memory-table planner', () => {
 
   it('refuses, before any step, a table beyond the slots (and beyond 8 in table mode)', () => {
     const rs = Array.from({ length: 10 }, (_, i) => view(i * 4 * MiB, MiB));
-    expect(() => planMemTable(tableOf(rs.slice(0, 4)), change([rs[0]!], [rs[4]!, rs[5]!]), 'slots', 4)).toThrow(expect.objectContaining({ code: 'MMB_ERR_CLIENT_LIMIT' }));
-    expect(() => planMemTable(tableOf(rs.slice(0, 8)), change([rs[0]!], [rs[8]!, rs[9]!]), 'table', 32)).toThrow(expect.objectContaining({ code: 'MMB_ERR_CLIENT_LIMIT' }));
+    expect(() => planMemTable(tableOf(rs.slice(0, 4)), change([rs[0]!], [rs[4]!, rs[5]!]), 'slots', 4)).toThrow(
+      expect.objectContaining({ code: 'MMB_ERR_CLIENT_LIMIT' }),
+    );
+    expect(() => planMemTable(tableOf(rs.slice(0, 8)), change([rs[0]!], [rs[8]!, rs[9]!]), 'table', 32)).toThrow(
+      expect.objectContaining({ code: 'MMB_ERR_CLIENT_LIMIT' }),
+    );
     // A replacement at the limit fits: the removal goes first.
     expect(planMemTable(tableOf(rs.slice(0, 4)), change([rs[0]!], [rs[4]!]), 'slots', 4).steps.map((s) => s.op)).toEqual(['rem', 'add']);
   });
@@ -386,18 +446,21 @@ describe('vhost-user memory-table planner', () => {
     expect(vote.after.size).toBe(5);
     // The switch: removals first, then what was deferred; the slot count never exceeds 5.
     const swap = planMemTable(vote.after, change([rs[0]!], []), 'slots', 5, { deferred: vote.deferred });
-    expect(swap.steps.map((s) => [s.op, s.op === 'table' ? -1 : s.entry.gpa])).toEqual([['rem', rs[0]!.gpa], ['add', rs[5]!.gpa]]);
+    expect(swap.steps.map((s) => [s.op, s.op === 'table' ? -1 : s.entry.gpa])).toEqual([
+      ['rem', rs[0]!.gpa],
+      ['add', rs[5]!.gpa],
+    ]);
     expect(swap.deferred.size).toBe(0);
     // A rollback of the vote drops the deferred region without a message.
     const undo = planMemTable(vote.after, change([rs[4]!, rs[5]!], []), 'slots', 5, { deferred: vote.deferred });
     expect(undo.steps.map((s) => s.op === 'rem' && s.entry.gpa)).toEqual([rs[4]!.gpa]);
     // Still no room after the next change: refused, nothing sent.
-    expect(() => planMemTable(vote.after, change([], [], [{ before: rs[1]!, after: { ...rs[1]!, name: 'x' } }]), 'slots', 5, { deferred: vote.deferred })).toThrow(
-      expect.objectContaining({ code: 'MMB_ERR_CLIENT_LIMIT' }),
-    );
+    expect(() =>
+      planMemTable(vote.after, change([], [], [{ before: rs[1]!, after: { ...rs[1]!, name: 'x' } }]), 'slots', 5, { deferred: vote.deferred }),
+    ).toThrow(expect.objectContaining({ code: 'MMB_ERR_CLIENT_LIMIT' }));
   });
 
-  it('a reshape of memory the back-end keeps is flagged; one that takes a running vring\'s region is a rebuilt table', () => {
+  it("a reshape of memory the back-end keeps is flagged; one that takes a running vring's region is a rebuilt table", () => {
     const small = view(0, 2 * MiB);
     const other = view(64 * MiB, MiB);
     const grown = view(0, 4 * MiB);
@@ -415,7 +478,12 @@ describe('vhost-user memory-table planner', () => {
     const rings = [{ gpa: asGpa(0x1000), bytes: 0x200 }];
     const ringPlan = planMemTable(before, change([small], [grown]), 'slots', 32, { rings });
     expect(ringPlan.reshape).toBe(true);
-    expect(ringPlan.steps.map((s) => (s.op === 'table' ? s.entries.map((e) => [e.gpa, e.size]) : s.op))).toEqual([[[0, 4 * MiB], [64 * MiB, MiB]]]);
+    expect(ringPlan.steps.map((s) => (s.op === 'table' ? s.entries.map((e) => [e.gpa, e.size]) : s.op))).toEqual([
+      [
+        [0, 4 * MiB],
+        [64 * MiB, MiB],
+      ],
+    ]);
     const many = Array.from({ length: 12 }, (_, i) => view(256 * MiB + i * 4 * MiB, MiB));
     const big = planMemTable(tableOf([small, ...many]), change([small], [grown]), 'slots', 32, { rings });
     expect(big.steps.map((s) => s.op)).toEqual(['table', ...Array(5).fill('add')]);
@@ -455,6 +523,9 @@ describe('vhost-user memory-table planner', () => {
     const big = Array.from({ length: 10 }, (_, i) => view(64 * MiB + i * 4 * MiB, MiB));
     const before2 = tableOf([a, ...big]);
     const q = planMemTable(before2, change([a], [b]), 'slots', 32);
-    expect(undoSteps(before2, q.steps, 'slots').map((s) => [s.op, s.op === 'table' ? -1 : s.entry.gpa])).toEqual([['rem', 4 * MiB], ['add', 0]]);
+    expect(undoSteps(before2, q.steps, 'slots').map((s) => [s.op, s.op === 'table' ? -1 : s.entry.gpa])).toEqual([
+      ['rem', 4 * MiB],
+      ['add', 0],
+    ]);
   });
 });

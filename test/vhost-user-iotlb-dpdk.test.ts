@@ -125,7 +125,7 @@ describeDpdk('vhost-user bridge behind a guest IOMMU: dpdk-testpmd (net_vhost, i
     expect(sub.negotiated.features & bit(Feature.ACCESS_PLATFORM)).not.toBe(0n);
     // The rings were given as IOVAs; testpmd asked for their translation (its IOTLB was empty: the
     // attach's update came before its queues existed) and the bridge answered.
-    await waitFor('testpmd to ask for the rings\' translation', () => sub.iotlb!.stats.missesAnswered > 0, 10_000);
+    await waitFor("testpmd to ask for the rings' translation", () => sub.iotlb!.stats.missesAnswered > 0, 10_000);
 
     // The device only reads what it transmits: a read-only mapping is enough.
     await io.commit([
@@ -200,7 +200,7 @@ describeDpdk('vhost-user bridge behind a guest IOMMU: dpdk-testpmd (net_vhost, i
     expect(has(RX_GPA + NET_HDR_BYTES, fresh)).toBe(true);
   });
 
-  it('a hotplug empties testpmd\'s IOTLB (SET_MEM_TABLE): the restarted rings and the frames get their entries again through misses', async () => {
+  it("a hotplug empties testpmd's IOTLB (SET_MEM_TABLE): the restarted rings and the frames get their entries again through misses", async () => {
     const { sub, owner, io, net, ramBytes, has, findAll } = await setup();
     await io.commit([
       { op: 'map', iova: TX_IOVA, gpa: TX_GPA, size: PAGE, readonly: true },
@@ -243,7 +243,9 @@ describeDpdk('vhost-user bridge behind a guest IOMMU: dpdk-testpmd (net_vhost, i
     // A frame dropped for want of its entry is nowhere in guest memory (`two` was overwritten at TX_GPA).
     if (delivered === three) expect(findAll(two)).toEqual([]);
     // The rings' area (read and written by the device), the transmit buffer (read), the receive buffer.
-    expect(misses).toEqual(expect.arrayContaining([`${AREA_IOVA.toString(16)}:3:answered`, `${TX_IOVA.toString(16)}:1:answered`, `${RX_IOVA.toString(16)}:3:answered`]));
+    expect(misses).toEqual(
+      expect.arrayContaining([`${AREA_IOVA.toString(16)}:3:answered`, `${TX_IOVA.toString(16)}:1:answered`, `${RX_IOVA.toString(16)}:3:answered`]),
+    );
     expect(sub.iotlb!.stats.missesRefused).toBe(0);
   });
 

@@ -53,7 +53,15 @@ async function setup(b: FakeBackend, opts: Partial<VhostUserOptions> = {}) {
   defer(() => native.close(ram.fd));
   await owner.addRegion({ name: 'ram', gpa: 0, size: 32 * MiB, backing: ram.backing });
   const io = await IoasOwner.create(owner, 'dma0');
-  const sub = await VhostUserSubscriber.attach(broker, { space: 'vm0', name: 'vu-iommu', backendSocket: b.socket, reconnect: false, backendTimeoutMs: 2000, ioas: 'dma0', ...opts });
+  const sub = await VhostUserSubscriber.attach(broker, {
+    space: 'vm0',
+    name: 'vu-iommu',
+    backendSocket: b.socket,
+    reconnect: false,
+    backendTimeoutMs: 2000,
+    ioas: 'dma0',
+    ...opts,
+  });
   defer(() => sub.close());
   return { broker, owner, ram, io, sub };
 }
@@ -72,16 +80,33 @@ function iotlbBytes(iova: number, size: number, uaddr: bigint, perm: number, typ
 }
 
 function miss(b: FakeBackend, iova: number, perm: number, needReply = true): void {
-  b.sendBackendRequest(BackendReq.IOTLB_MSG, iotlbPayload({ iova, size: 0, uaddr: 0n, perm, type: IotlbType.MISS }), Flag.VERSION | (needReply ? Flag.NEED_REPLY : 0));
+  b.sendBackendRequest(
+    BackendReq.IOTLB_MSG,
+    iotlbPayload({ iova, size: 0, uaddr: 0n, perm, type: IotlbType.MISS }),
+    Flag.VERSION | (needReply ? Flag.NEED_REPLY : 0),
+  );
 }
 
 describe('vhost-user bridge behind a guest IOMMU (scripted back-end)', () => {
   it('negotiates ACCESS_PLATFORM and BACKEND_REQ, hands over the request channel before SET_OWNER, and attaches its device to the IOAS', async () => {
     const b = fake();
     const { broker, sub } = await setup(b);
-    expect(b.names()).toEqual(['GET_FEATURES', 'GET_PROTOCOL_FEATURES', 'SET_PROTOCOL_FEATURES', 'GET_QUEUE_NUM', 'GET_MAX_MEM_SLOTS', 'SET_BACKEND_REQ_FD', 'SET_OWNER', 'SET_FEATURES', 'ADD_MEM_REG', 'GET_FEATURES']);
+    expect(b.names()).toEqual([
+      'GET_FEATURES',
+      'GET_PROTOCOL_FEATURES',
+      'SET_PROTOCOL_FEATURES',
+      'GET_QUEUE_NUM',
+      'GET_MAX_MEM_SLOTS',
+      'SET_BACKEND_REQ_FD',
+      'SET_OWNER',
+      'SET_FEATURES',
+      'ADD_MEM_REG',
+      'GET_FEATURES',
+    ]);
     const [, , setPf, , , reqFd, , setF] = b.messages as Message[];
-    expect(setPf!.payload.readBigUInt64LE(0)).toBe(bit(ProtocolFeature.MQ) | bit(ProtocolFeature.REPLY_ACK) | bit(ProtocolFeature.BACKEND_REQ) | bit(ProtocolFeature.CONFIGURE_MEM_SLOTS));
+    expect(setPf!.payload.readBigUInt64LE(0)).toBe(
+      bit(ProtocolFeature.MQ) | bit(ProtocolFeature.REPLY_ACK) | bit(ProtocolFeature.BACKEND_REQ) | bit(ProtocolFeature.CONFIGURE_MEM_SLOTS),
+    );
     // SET_BACKEND_REQ_FD: no payload, one fd (our socketpair's other end), confirmed.
     expect(reqFd!.flags).toBe(Flag.VERSION | Flag.NEED_REPLY);
     expect(reqFd!.payload.length).toBe(0);
@@ -93,7 +118,7 @@ describe('vhost-user bridge behind a guest IOMMU (scripted back-end)', () => {
     expect(st.attached.map((a) => a.client.name)).toEqual(['vu-iommu']);
   });
 
-  it('a map sends VHOST_IOTLB_UPDATE (uaddr in the memory table\'s coordinates, RW or RO) confirmed before the owner is told; an unmap sends INVALIDATE', async () => {
+  it("a map sends VHOST_IOTLB_UPDATE (uaddr in the memory table's coordinates, RW or RO) confirmed before the owner is told; an unmap sends INVALIDATE", async () => {
     const b = fake();
     const { io, sub } = await setup(b);
     const from = b.messages.length;
@@ -210,11 +235,18 @@ describe('vhost-user bridge behind a guest IOMMU (scripted back-end)', () => {
     const b = fake();
     const { sub } = await setup(b);
     const reported = new Promise<IotlbReport>((r) => sub.iotlb!.once('access-fail', r));
-    b.sendBackendRequest(BackendReq.IOTLB_MSG, iotlbPayload({ iova: 0x5000, size: 0, uaddr: 0n, perm: IotlbPerm.WO, type: IotlbType.ACCESS_FAIL }), Flag.VERSION | Flag.NEED_REPLY);
+    b.sendBackendRequest(
+      BackendReq.IOTLB_MSG,
+      iotlbPayload({ iova: 0x5000, size: 0, uaddr: 0n, perm: IotlbPerm.WO, type: IotlbType.ACCESS_FAIL }),
+      Flag.VERSION | Flag.NEED_REPLY,
+    );
     b.sendBackendRequest(BackendReq.CONFIG_CHANGE_MSG, Buffer.alloc(0), Flag.VERSION | Flag.NEED_REPLY);
     await waitFor('two replies', () => b.channelMessages.length === 2, 3000);
-    expect((await reported)).toMatchObject({ type: 'access-fail', iova: 0x5000, perm: IotlbPerm.WO });
-    expect(b.channelMessages.map((m) => [m.request, m.payload.readBigUInt64LE(0)])).toEqual([[BackendReq.IOTLB_MSG, 0n], [BackendReq.CONFIG_CHANGE_MSG, 1n]]);
+    expect(await reported).toMatchObject({ type: 'access-fail', iova: 0x5000, perm: IotlbPerm.WO });
+    expect(b.channelMessages.map((m) => [m.request, m.payload.readBigUInt64LE(0)])).toEqual([
+      [BackendReq.IOTLB_MSG, 0n],
+      [BackendReq.CONFIG_CHANGE_MSG, 1n],
+    ]);
     expect(sub.iotlb!.stats.accessFails).toBe(1);
   });
 
@@ -258,7 +290,7 @@ describe('vhost-user bridge behind a guest IOMMU (scripted back-end)', () => {
     expect(iotlbs(b, from)).toEqual([]);
   });
 
-  it('the virtio-net driver gives the device IOVAs: SET_VRING_ADDR carries the rings\' IOVAs, descriptors the buffers\'', async () => {
+  it("the virtio-net driver gives the device IOVAs: SET_VRING_ADDR carries the rings' IOVAs, descriptors the buffers'", async () => {
     const b = fake();
     const { io, sub } = await setup(b, { virtioFeatures: bit(Feature.VERSION_1) });
     const area = 0x10_0000;
@@ -290,7 +322,9 @@ describe('vhost-user bridge behind a guest IOMMU (scripted back-end)', () => {
       await ownerOf(broker);
       const fds = fdCount(process.pid);
       const conns = b.connections;
-      const err = await VhostUserSubscriber.attach(broker, { space: 'vm0', name: 'vu-iommu', backendSocket: b.socket, reconnect: false, ioas: 'dma0' }).catch((e: unknown) => e);
+      const err = await VhostUserSubscriber.attach(broker, { space: 'vm0', name: 'vu-iommu', backendSocket: b.socket, reconnect: false, ioas: 'dma0' }).catch(
+        (e: unknown) => e,
+      );
       expect(isMmbError(err, 'MMB_ERR_UNSUPPORTED')).toBe(true);
       expect((err as Error).message).toMatch(lack === 'feature' ? /VIRTIO_F_ACCESS_PLATFORM/ : /BACKEND_REQ/);
       expect((err as Error).message).toMatch(/without an IOAS/);

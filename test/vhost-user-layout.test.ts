@@ -44,11 +44,11 @@ beforeAll(() => {
 });
 
 describe('vhost-user message layouts against C (gcc)', () => {
-  it.each(Object.keys(VHOST_USER_LAYOUTS))('%s: every member at C\'s offset and size, and C\'s size', (name) => {
+  it.each(Object.keys(VHOST_USER_LAYOUTS))("%s: every member at C's offset and size, and C's size", (name) => {
     expectLayout(name, VHOST_USER_LAYOUTS[name as keyof typeof VHOST_USER_LAYOUTS], probe.structs[name]);
   });
 
-  it('the sizes are the spec\'s', () => {
+  it("the sizes are the spec's", () => {
     for (const [name, layout] of Object.entries(VHOST_USER_LAYOUTS)) expect(layout.size, name).toBe(SPEC_SIZES[name as keyof typeof SPEC_SIZES]);
   });
 });
@@ -61,7 +61,11 @@ describe('the bodies packed through the layouts', () => {
     expect(readVringState(vringState(3, 77))).toEqual({ index: 3, num: 77 });
     const addr = vringAddr(2, 0x1000n, 0x3000n, 0x2000n, 1, 0x4000n);
     const fields = VHOST_USER_LAYOUTS.vhost_vring_addr.fields;
-    expect([addr.length, addr.readBigUInt64LE(fields.used_user_addr.offset), addr.readBigUInt64LE(fields.avail_user_addr.offset)]).toEqual([40, 0x3000n, 0x2000n]);
+    expect([addr.length, addr.readBigUInt64LE(fields.used_user_addr.offset), addr.readBigUInt64LE(fields.avail_user_addr.offset)]).toEqual([
+      40,
+      0x3000n,
+      0x2000n,
+    ]);
     expect(logPayload(0x10000, 0x200).toString('hex')).toBe('0000010000000000' + '0002000000000000');
     expect(configPayload(4, 2, 0, Uint8Array.of(9, 8)).toString('hex')).toBe('04000000' + '02000000' + '00000000' + '0908');
   });

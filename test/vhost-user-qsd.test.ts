@@ -72,7 +72,7 @@ async function blkOf(sub: VhostUserSubscriber, gpa = 0x1000) {
 const sectors = (first: number, count: number) => Buffer.concat(Array.from({ length: count }, (_, i) => patternSector(first + i)));
 
 describeQsd('vhost-user front-end: qemu-storage-daemon (vhost-user-blk)', () => {
-  it('negotiates REPLY_ACK and CONFIGURE_MEM_SLOTS, declares the back-end\'s 32 slots, and does READ / WRITE / FLUSH in broker memory', async () => {
+  it("negotiates REPLY_ACK and CONFIGURE_MEM_SLOTS, declares the back-end's 32 slots, and does READ / WRITE / FLUSH in broker memory", async () => {
     const { image, qsd, broker, bytes } = await setup();
     const sub = await frontend(broker, qsd);
     expect(sub.memMode).toBe('slots');
@@ -146,7 +146,12 @@ describeQsd('vhost-user front-end: qemu-storage-daemon (vhost-user-blk)', () => 
     hotBytes.fill(0xa5, 0x8000, 0x8000 + 1024);
     await blk.write(300, gpa + 0x8000, 1024);
     await blk.flush();
-    expect(fs.readFileSync(image).subarray(300 * 512, 302 * 512).every((b) => b === 0xa5)).toBe(true);
+    expect(
+      fs
+        .readFileSync(image)
+        .subarray(300 * 512, 302 * 512)
+        .every((b) => b === 0xa5),
+    ).toBe(true);
 
     const rems = sub.stats.remMemReg;
     await owner.removeRegion('hot0');
@@ -172,13 +177,16 @@ describeQsd('vhost-user front-end: qemu-storage-daemon (vhost-user-blk)', () => 
       { op: 'remove', region: 'mv' },
       { op: 'add', name: 'mv2', gpa: 0x3000_0000, size: 2 * MiB, backing: hot.backing, offset: 0 },
     ]);
-    expect(sub.backendTable().map((e) => [e.name, e.gpa])).toEqual([['ram0', 0], ['mv2', 0x3000_0000]]);
+    expect(sub.backendTable().map((e) => [e.name, e.gpa])).toEqual([
+      ['ram0', 0],
+      ['mv2', 0x3000_0000],
+    ]);
     expect(memfdMaps(qsd.pid, 'mv')).toHaveLength(1);
     await blk.read(9, 0x3000_0000 + 512, 512);
     expect(Buffer.from(new Uint8Array(view.buffer, 512, 512)).equals(patternSector(9))).toBe(true);
   });
 
-  it('the slot limit is the front-end\'s: a 33rd region is refused before anything is sent, and the back-end keeps working', async () => {
+  it("the slot limit is the front-end's: a 33rd region is refused before anything is sent, and the back-end keeps working", async () => {
     const { qsd, broker, owner } = await setup(4 * MiB);
     const sub = await frontend(broker, qsd);
     const blk = await blkOf(sub);
@@ -192,7 +200,9 @@ describeQsd('vhost-user front-end: qemu-storage-daemon (vhost-user-blk)', () => 
     }
     expect(sub.backendTable()).toHaveLength(32);
     const sent = sub.frontend.stats.sent;
-    const err = await owner.addRegion({ name: 's31', gpa: 0x1_0000_0000 + 31 * 4 * MiB, size: 2 * MiB, backing: blocks.backing, offset: 31 * 2 * MiB }).catch((e: unknown) => e);
+    const err = await owner
+      .addRegion({ name: 's31', gpa: 0x1_0000_0000 + 31 * 4 * MiB, size: 2 * MiB, backing: blocks.backing, offset: 31 * 2 * MiB })
+      .catch((e: unknown) => e);
     expect(isMmbError(err) && err.code).toBe('MMB_ERR_CLIENT_LIMIT');
     expect(isMmbError(err) && err.client?.name).toBe('vhost-user-blk0');
     expect(sub.frontend.stats.sent).toBe(sent); // nothing went to the back-end
@@ -243,7 +253,16 @@ describeQsd('vhost-user front-end: qemu-storage-daemon (vhost-user-blk)', () => 
     expect(Buffer.from(new Uint8Array(view.buffer, 199 * 2 * MiB, 512)).equals(sectors(78, 1))).toBe(true);
     // Unplugging a block in the middle of the run splits it: two regions, two mappings, I/O on both sides.
     await owner.removeRegion('blk100');
-    expect(sub.backendTable().slice(0, 3).map((e) => [e.gpa - base, e.size / MiB])).toEqual([[-base, 4], [0, 200], [101 * 2 * MiB, 172]]);
+    expect(
+      sub
+        .backendTable()
+        .slice(0, 3)
+        .map((e) => [e.gpa - base, e.size / MiB]),
+    ).toEqual([
+      [-base, 4],
+      [0, 200],
+      [101 * 2 * MiB, 172],
+    ]);
     expect(memfdMaps(qsd.pid, 'blocks')).toHaveLength(15);
     await blk.read(1, base + 99 * 2 * MiB, 512);
     await blk.read(2, base + 101 * 2 * MiB, 512);

@@ -84,7 +84,10 @@ function backgroundIo(blk: VirtioBlk, bytes: Uint8Array) {
       const gpa = 0x10000 + l * 0x4000;
       await blk.read(sector, gpa, 2048);
       for (let s = 0; s < 4; s++) {
-        if (!Buffer.from(bytes.subarray(gpa + s * 512, gpa + (s + 1) * 512)).equals(patternSector(sector + s < SECTORS ? sector + s : 0)) && sector + s < SECTORS) {
+        if (
+          !Buffer.from(bytes.subarray(gpa + s * 512, gpa + (s + 1) * 512)).equals(patternSector(sector + s < SECTORS ? sector + s : 0)) &&
+          sector + s < SECTORS
+        ) {
           throw new Error(`lane ${l}: sector ${sector + s} read wrong data`);
         }
       }
@@ -173,7 +176,10 @@ describeQsd('vhost-user: no reshaping under I/O (qemu-storage-daemon)', () => {
     sub.dropConnection();
     await new Promise<void>((r) => sub.once('reconnected', () => r()));
     await waitFor('the resync to be applied', () => sub.backendTable().length === 2, 10_000);
-    expect(sub.backendTable().map((e) => [e.gpa, e.size / MiB])).toEqual([[0, 6], [0x4000_0000, 2]]);
+    expect(sub.backendTable().map((e) => [e.gpa, e.size / MiB])).toEqual([
+      [0, 6],
+      [0x4000_0000, 2],
+    ]);
     expect(sub.rings.stats.reshapeStops).toBe(stops + 1);
     expect(await io.stop()).toBeGreaterThan(0);
     await blk.read(9, 2 * 2 * MiB + 0x400, 512);

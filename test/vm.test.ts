@@ -145,8 +145,21 @@ function checkScenario(steps: Map<string, Step>, backend: 'type1' | 'iommufd'): 
   // Dirty tracking: type1 asks the kernel (VFIO_IOMMU_DIRTY_PAGES), which reports every mapped page
   // without a vendor driver; the emulated intel-iommu gives iommufd no dirty tracking (EOPNOTSUPP). edu
   // has no VFIO migration driver (ENOTTY).
-  const dt = steps.get('dirty-tracking') as Step & { tracking: { mode: string; reason?: string }; backendWhileLogging: string; backendAfter: string; dirtyPages: number; deviceMigration: { supported: boolean; reason: string }; dirtyCalls: string[]; kernelBitmapPages?: number; hwCapabilities?: number; hwptAllocDirty?: string };
-  expect(dt.deviceMigration).toMatchObject({ supported: false, reason: expect.stringMatching(/VFIO_DEVICE_FEATURE\(GET, MIGRATION\) on 0000:00:01\.0: ENOTTY/) });
+  const dt = steps.get('dirty-tracking') as Step & {
+    tracking: { mode: string; reason?: string };
+    backendWhileLogging: string;
+    backendAfter: string;
+    dirtyPages: number;
+    deviceMigration: { supported: boolean; reason: string };
+    dirtyCalls: string[];
+    kernelBitmapPages?: number;
+    hwCapabilities?: number;
+    hwptAllocDirty?: string;
+  };
+  expect(dt.deviceMigration).toMatchObject({
+    supported: false,
+    reason: expect.stringMatching(/VFIO_DEVICE_FEATURE\(GET, MIGRATION\) on 0000:00:01\.0: ENOTTY/),
+  });
   expect(dt.dirtyPages).toBe(512);
   expect(dt.backendAfter).toBe(backend);
   if (backend === 'type1') {
@@ -156,13 +169,23 @@ function checkScenario(steps: Map<string, Step>, backend: 'type1' | 'iommufd'): 
     // START with the logging transaction, GET_BITMAP at each of the two syncs' flushes, the direct read, STOP.
     expect(dt.dirtyCalls).toEqual(Array(5).fill('VFIO_IOMMU_DIRTY_PAGES'));
     // Every round of the migration resends the whole region: type1 reports all of it each time.
-    expect((steps.get('migrate-with-dma') as Step & { rounds: string[] }).rounds.filter((r) => r.startsWith('dirty:')).every((r) => r === 'dirty:512')).toBe(true);
+    expect((steps.get('migrate-with-dma') as Step & { rounds: string[] }).rounds.filter((r) => r.startsWith('dirty:')).every((r) => r === 'dirty:512')).toBe(
+      true,
+    );
   } else {
-    expect(dt.tracking).toMatchObject({ mode: 'none', reason: expect.stringMatching(/IOMMU_HWPT_SET_DIRTY_TRACKING\(HWPT \d+\): EOPNOTSUPP.*no IOMMU_HW_CAP_DIRTY_TRACKING/) });
+    expect(dt.tracking).toMatchObject({
+      mode: 'none',
+      reason: expect.stringMatching(/IOMMU_HWPT_SET_DIRTY_TRACKING\(HWPT \d+\): EOPNOTSUPP.*no IOMMU_HW_CAP_DIRTY_TRACKING/),
+    });
     expect(dt.backendWhileLogging).toBe('iommufd (dirty: all)');
     expect(dt).toMatchObject({ hwCapabilities: 0, hwptAllocDirty: 'EOPNOTSUPP' });
   }
-  expect(steps.get('migrate-with-dma')).toMatchObject({ blocked: { code: 'MMB_ERR_MIGRATION_BLOCKED', client: 'vfio-edu' }, verified: true, acceptedRisks: ['vfio-edu'], dmaAfterFirstCopy: true });
+  expect(steps.get('migrate-with-dma')).toMatchObject({
+    blocked: { code: 'MMB_ERR_MIGRATION_BLOCKED', client: 'vfio-edu' },
+    verified: true,
+    acceptedRisks: ['vfio-edu'],
+    dmaAfterFirstCopy: true,
+  });
 
   const ro = steps.get('readonly-toggle') as Step & { dmarWrite: string[] };
   expect(ro.dmarWrite.join('\n')).toMatch(/DMAR: \[DMA Write.*fault addr 0x4070000 \[fault reason 0x05\] PTE Write access is not set/);
@@ -173,7 +196,9 @@ function checkScenario(steps: Map<string, Step>, backend: 'type1' | 'iommufd'): 
 
   const rm = steps.get('remove-then-dma-faults') as Step & { order: { what: string }[]; dmarWrite: string[]; dmarRead: string[] };
   expect(rm.order.map((o) => o.what)).toEqual(['client-unmapped', 'removal-complete']);
-  expect(rm.dmarWrite.join('\n')).toMatch(/DMAR: \[DMA Write.*Request device \[00:01\.0\] fault addr 0x4020000 \[fault reason 0x05\] PTE Write access is not set/);
+  expect(rm.dmarWrite.join('\n')).toMatch(
+    /DMAR: \[DMA Write.*Request device \[00:01\.0\] fault addr 0x4020000 \[fault reason 0x05\] PTE Write access is not set/,
+  );
   expect(rm.dmarRead.join('\n')).toMatch(/DMAR: \[DMA Read.*fault addr 0x4001000 \[fault reason 0x06\] PTE Read access is not set/);
 
   expect(steps.get('msi-window-refused')).toMatchObject({ code: 'MMB_ERR_RESERVED_RANGE', client: 'vfio-edu', kernelRefusal: expect.stringMatching(/EINVAL/) });
@@ -191,13 +216,19 @@ function checkScenario(steps: Map<string, Step>, backend: 'type1' | 'iommufd'): 
   expect((steps.get('detach-while-bar-mapped') as Step & { message: string }).message).toMatch(/still holds it open/);
 
   // Shadow mode (docs/ioas.md): the second edu behind the guest's IOMMU, following an IOAS of the broker.
-  const sh = steps.get('shadow-dma') as Step & { ramBytes: number; kernelPinned: { beforeAttach: number; afterAttach: number; afterMap: number }; dmarWriteReadOnly: string[] };
+  const sh = steps.get('shadow-dma') as Step & {
+    ramBytes: number;
+    kernelPinned: { beforeAttach: number; afterAttach: number; afterMap: number };
+    dmarWriteReadOnly: string[];
+  };
   // Attaching pinned nothing although the space has megabytes of RAM; mapping 128 KiB pinned 128 KiB.
   expect(sh.kernelPinned.afterAttach).toBe(sh.kernelPinned.beforeAttach);
   expect(sh.kernelPinned.afterMap - sh.kernelPinned.afterAttach).toBe(128 * 1024);
   expect(sh.ramBytes).toBeGreaterThan(8 * MiB);
   expect(sh).toMatchObject({ removeRefused: 'MMB_ERR_RAM_MAPPED', copy: { from: '0x2001000', to: '0x3000000', gpaFrom: '0xc011000', gpaTo: '0xc200000' } });
-  expect(sh.dmarWriteReadOnly.join('\n')).toMatch(/DMAR: \[DMA Write.*Request device \[00:02\.0\] fault addr 0x2002000 \[fault reason 0x05\] PTE Write access is not set/);
+  expect(sh.dmarWriteReadOnly.join('\n')).toMatch(
+    /DMAR: \[DMA Write.*Request device \[00:02\.0\] fault addr 0x2002000 \[fault reason 0x05\] PTE Write access is not set/,
+  );
   const un = steps.get('shadow-unmap-faults') as Step & { order: { what: string; kernelPinned: number }[]; dmarWrite: string[] };
   expect(un.order.map((o) => o.what)).toEqual(['client-unmapped', 'unmap-complete']);
   expect(un.order[0]?.kernelPinned).toBe(sh.kernelPinned.afterMap - 64 * 1024);
@@ -219,9 +250,13 @@ describe.skipIf(skipVm)('real VFIO in a QEMU guest (intel-iommu, two edu devices
     expect(s.kernel).toBe('debian');
   }, 400_000);
 
-  it.skipIf(skipIommufd)('iommufd on a 6.12 kernel with CONFIG_IOMMUFD: the same scenario', async () => {
-    const s = await runVm(['--backend', 'iommufd', ...(BUILD_KERNEL ? ['--build-kernel'] : [])], KERNEL_CACHED ? 360_000 : 1_800_000);
-    checkScenario(passed(s), 'iommufd');
-    expect(s.kernel).toBe('custom');
-  }, 1_900_000);
+  it.skipIf(skipIommufd)(
+    'iommufd on a 6.12 kernel with CONFIG_IOMMUFD: the same scenario',
+    async () => {
+      const s = await runVm(['--backend', 'iommufd', ...(BUILD_KERNEL ? ['--build-kernel'] : [])], KERNEL_CACHED ? 360_000 : 1_800_000);
+      checkScenario(passed(s), 'iommufd');
+      expect(s.kernel).toBe('custom');
+    },
+    1_900_000,
+  );
 });

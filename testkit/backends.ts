@@ -37,7 +37,14 @@ interface StartOptions {
   timeoutMs?: number;
 }
 
-function launch(name: string, cmd: string, args: string[], sockets: readonly string[], isError: (line: string) => boolean, opts: StartOptions): Promise<Backend> {
+function launch(
+  name: string,
+  cmd: string,
+  args: string[],
+  sockets: readonly string[],
+  isError: (line: string) => boolean,
+  opts: StartOptions,
+): Promise<Backend> {
   const socket = sockets[0] as string;
   const argv = opts.cpus !== undefined ? ['taskset', '-c', opts.cpus, cmd, ...args] : [cmd, ...args];
   // stdin stays an open pipe: dpdk-testpmd exits when its stdin reaches EOF.
@@ -134,8 +141,10 @@ export function startQsd(dir: string, image: string, opts: StartOptions & { name
     'qemu-storage-daemon',
     QSD,
     [
-      '--blockdev', `driver=file,node-name=disk0,filename=${image}`,
-      '--export', `type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path=${socket},writable=on,num-queues=1`,
+      '--blockdev',
+      `driver=file,node-name=disk0,filename=${image}`,
+      '--export',
+      `type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path=${socket},writable=on,num-queues=1`,
     ],
     [socket],
     () => true,
@@ -161,12 +170,25 @@ export function startTestpmd(dir: string, opts: StartOptions & { name?: string; 
     'dpdk-testpmd',
     TESTPMD,
     [
-      '-l', opts.lcores ?? '0-1', '--no-huge', '-m', '1024', '--no-pci', '--file-prefix', prefix,
-      '--log-level', 'lib.vhost.config:error',
+      '-l',
+      opts.lcores ?? '0-1',
+      '--no-huge',
+      '-m',
+      '1024',
+      '--no-pci',
+      '--file-prefix',
+      prefix,
+      '--log-level',
+      'lib.vhost.config:error',
       // iommu-support=1: the vdev offers VIRTIO_F_IOMMU_PLATFORM and translates through its IOTLB when
       // the front-end negotiates it (a guest IOMMU; docs/vhost-user.md).
       ...sockets.flatMap((s, i) => ['--vdev', `net_vhost${i},iface=${s},queues=1${opts.iommu ? ',iommu-support=1' : ''}`]),
-      '--', '--nb-cores=1', '--forward-mode=io', '--total-num-mbufs=8192', '--stats-period', '3600',
+      '--',
+      '--nb-cores=1',
+      '--forward-mode=io',
+      '--total-num-mbufs=8192',
+      '--stats-period',
+      '3600',
     ],
     sockets,
     (line) => /VHOST_CONFIG|error|fail|invalid|cannot|panic/i.test(line),

@@ -57,7 +57,10 @@ const base: SubscriberOptions = {
 };
 // --log: the client library's own log lines as `log` events; else its warnings on stderr.
 const logger = values.log
-  ? { info: (obj: object, msg: string) => out({ event: 'log', level: 'info', msg, ...obj }), warn: (obj: object, msg: string) => out({ event: 'log', level: 'warn', msg, ...obj }) }
+  ? {
+      info: (obj: object, msg: string) => out({ event: 'log', level: 'info', msg, ...obj }),
+      warn: (obj: object, msg: string) => out({ event: 'log', level: 'warn', msg, ...obj }),
+    }
   : pino({ level: 'warn' }, pino.destination(2));
 
 async function attach(): Promise<Attached> {
@@ -79,17 +82,34 @@ async function attach(): Promise<Attached> {
       // Shadow mode: the devices join this I/O address space, and only what it maps is pinned.
       ...(values.ioas !== undefined ? { ioas: values.ioas } : {}),
       ...(values.reserved !== undefined
-        ? { reserved: values.reserved.split(',').filter(Boolean).map((r) => ({ start: Number(r.split('-')[0]), last: Number(r.split('-')[1]) })) }
+        ? {
+            reserved: values.reserved
+              .split(',')
+              .filter(Boolean)
+              .map((r) => ({ start: Number(r.split('-')[0]), last: Number(r.split('-')[1]) })),
+          }
         : {}),
       onPinProgress: (p) => out({ event: 'pinProgress', ...p }),
       logger,
     });
-    return { sub: vfio, memory: vfio.memory, commands: vfioCommands(vfio), ready: () => ({ domain: vfio.domain }), state: () => ({ pinned: vfio.domain.pinnedBytes }) };
+    return {
+      sub: vfio,
+      memory: vfio.memory,
+      commands: vfioCommands(vfio),
+      ready: () => ({ domain: vfio.domain }),
+      state: () => ({ pinned: vfio.domain.pinnedBytes }),
+    };
   }
   if (kind === 'vhost-user') {
     if (values['backend-socket'] === undefined) throw new Error('vhost-user: --backend-socket PATH (a vhost-user-blk back-end) is needed');
     // The bridge maps guest memory itself too (read, write, hand-on), as `mmbroker attach vhost-user --control` does.
-    const vu = await VhostUserSubscriber.attach(socket, { ...base, backendSocket: values['backend-socket'], virtioFeatures: BLK_FEATURES, mapMemory: true, backendTimeoutMs: 5000 });
+    const vu = await VhostUserSubscriber.attach(socket, {
+      ...base,
+      backendSocket: values['backend-socket'],
+      virtioFeatures: BLK_FEATURES,
+      mapMemory: true,
+      backendTimeoutMs: 5000,
+    });
     return { sub: vu, memory: vu.memory, ready: () => ({ memMode: vu.memMode, maxSlots: vu.maxSlots }) };
   }
   const sub = kind === 'vhost' ? await VhostSubscriber.attach(socket, base) : await MappingSubscriber.attach(socket, base);

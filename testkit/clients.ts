@@ -43,4 +43,3 @@ export async function ready(p: JsonProc, timeoutMs = 30_000): Promise<void> {
     throw err;
   }
 }
-

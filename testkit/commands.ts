@@ -13,7 +13,9 @@ export type Commands = Record<string, CommandHandler>;
 /** The regions of the subscriber's view, with the address each is mapped at in this process (if it is). */
 export function regionsOf(sub: Subscriber, memory: GuestMemory): Record<string, unknown>[] {
   const mapped = memory.regions();
-  return sub.regions().map((r) => ({ id: r.id, name: r.name, gpa: r.gpa, size: r.size, readonly: r.readonly, address: mapped.find((m) => m.region.key === r.key)?.address }));
+  return sub
+    .regions()
+    .map((r) => ({ id: r.id, name: r.name, gpa: r.gpa, size: r.size, readonly: r.readonly, address: mapped.find((m) => m.region.key === r.key)?.address }));
 }
 
 /** read, write, regions. */

@@ -13,6 +13,7 @@ export function out(line: Record<string, unknown>): void {
 
 export function serveCommands(handlers: Record<string, CommandHandler>, opts: { onEnd?: () => void } = {}): void {
   const rl = readline.createInterface({ input: process.stdin });
+  // eslint-disable-next-line @typescript-eslint/no-misused-promises -- the handler catches every failure and answers it
   rl.on('line', async (line) => {
     let reply: Record<string, unknown>;
     let cmd: unknown;

@@ -59,7 +59,8 @@ export function reserveHugePages(size: number, pages: number): HugeReservation {
       const { before, after } = adjustPool(nr, pages - added);
       added += Math.max(0, after - before);
     }
-    if (added < pages) missing = `the kernel could add only ${added} of ${pages} pages of ${size / MiB} MiB to ${nr} (fragmented memory: even after compact_memory)`;
+    if (added < pages)
+      missing = `the kernel could add only ${added} of ${pages} pages of ${size / MiB} MiB to ${nr} (fragmented memory: even after compact_memory)`;
   } catch (err) {
     missing = `cannot reserve ${size / MiB} MiB pages in ${nr}: ${(err as Error).message} (root is needed)`;
   }

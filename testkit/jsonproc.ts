@@ -76,7 +76,8 @@ export class JsonProc {
     readonly child: ChildProcess,
     private readonly opts: JsonProcOptions = {},
   ) {
-    this.exited = child.exitCode !== null || child.signalCode !== null ? Promise.resolve(child.exitCode) : new Promise((r) => child.once('exit', (code) => r(code)));
+    this.exited =
+      child.exitCode !== null || child.signalCode !== null ? Promise.resolve(child.exitCode) : new Promise((r) => child.once('exit', (code) => r(code)));
     if (child.stdout) {
       readline
         .createInterface({ input: child.stdout })

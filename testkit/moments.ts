@@ -23,11 +23,19 @@ export function stopAt(moment: Moment, base: SpawnOptions = {}): SpawnOptions {
  * Waits until the kernel shows `proc` stopped (state T), sends `signal`, lets it continue, and resolves
  * with how it ended: its exit code, or the signal that ended it.
  */
-export async function signalWhenStopped(proc: JsonProc, signal: NodeJS.Signals, timeoutMs = 30_000): Promise<{ code: number | null; signal: NodeJS.Signals | null }> {
-  await waitFor(`${proc.describe()} to stop at its moment`, () => {
-    if (proc.gone) throw new Error(`${proc.describe()} exited (${proc.child.exitCode ?? proc.child.signalCode}) before its moment: ${proc.stderrTail(1000)}`);
-    return processState(proc.pid) === 'T';
-  }, timeoutMs);
+export async function signalWhenStopped(
+  proc: JsonProc,
+  signal: NodeJS.Signals,
+  timeoutMs = 30_000,
+): Promise<{ code: number | null; signal: NodeJS.Signals | null }> {
+  await waitFor(
+    `${proc.describe()} to stop at its moment`,
+    () => {
+      if (proc.gone) throw new Error(`${proc.describe()} exited (${proc.child.exitCode ?? proc.child.signalCode}) before its moment: ${proc.stderrTail(1000)}`);
+      return processState(proc.pid) === 'T';
+    },
+    timeoutMs,
+  );
   proc.child.kill(signal);
   proc.child.kill('SIGCONT');
   const timer = setTimeout(() => proc.signal('SIGKILL'), timeoutMs);

@@ -66,7 +66,8 @@ export async function runScripted(opts: ScriptedOptions, attach: () => Promise<A
   sub.on('change', (ev) => {
     const { nack } = opts;
     const c0 = ev.change;
-    const bad = nack !== undefined && (c0.cause === 'txn' || c0.cause === 'sync') ? [...c0.added, ...(c0.staged ?? [])].find((r) => r.name.startsWith(nack)) : undefined;
+    const bad =
+      nack !== undefined && (c0.cause === 'txn' || c0.cause === 'sync') ? [...c0.added, ...(c0.staged ?? [])].find((r) => r.name.startsWith(nack)) : undefined;
     const refusal = () => new ClientRefusedError(`refusing region ${bad?.name}`);
     if (bad && opts.nackDelayMs) {
       out({ event: 'refusing', region: bad.name, generation: c0.generation });
@@ -74,11 +75,21 @@ export async function runScripted(opts: ScriptedOptions, attach: () => Promise<A
     } else if (bad) ev.waitUntil(Promise.reject(refusal()));
     else if (opts.ackDelayMs) ev.waitUntil(new Promise((r) => setTimeout(r, opts.ackDelayMs)));
     const c = ev.change;
-    out({ event: 'change', cause: c.cause, generation: c.generation, added: c.added.map((r) => r.name), removed: c.removed.map((r) => r.name), updated: c.updated.map((u) => u.after.name), ...state() });
+    out({
+      event: 'change',
+      cause: c.cause,
+      generation: c.generation,
+      added: c.added.map((r) => r.name),
+      removed: c.removed.map((r) => r.name),
+      updated: c.updated.map((u) => u.after.name),
+      ...state(),
+    });
   });
   sub.on('committed', (generation) => out({ event: 'committed', generation, ...state() }));
   sub.on('rolledBack', (generation) => out({ event: 'rolledBack', generation, ...state() }));
-  sub.on('synced', (s) => out({ event: 'synced', generation: s.generation, mode: s.mode, added: s.change.added.map((r) => r.name), removed: s.change.removed.map((r) => r.name) }));
+  sub.on('synced', (s) =>
+    out({ event: 'synced', generation: s.generation, mode: s.mode, added: s.change.added.map((r) => r.name), removed: s.change.removed.map((r) => r.name) }),
+  );
   sub.on('disconnected', (reason?: MmbError) => out({ event: 'disconnected', ...(reason ? { code: reason.code, message: reason.message } : {}) }));
   sub.on('reconnected', (r) => out({ event: 'reconnected', ...r }));
   sub.on('goodbye', (e) => out({ event: 'goodbye', code: e.code }));
@@ -87,7 +98,15 @@ export async function runScripted(opts: ScriptedOptions, attach: () => Promise<A
 
   let finish!: () => void;
   const finished = new Promise<void>((resolve) => (finish = resolve));
-  out({ event: 'ready', pid: process.pid, kind: opts.kind, client: sub.id, generation: sub.generation, regions: regionsOf(sub, memory), ...(a.ready?.() ?? {}) });
+  out({
+    event: 'ready',
+    pid: process.pid,
+    kind: opts.kind,
+    client: sub.id,
+    generation: sub.generation,
+    regions: regionsOf(sub, memory),
+    ...(a.ready?.() ?? {}),
+  });
   serveCommands(
     {
       ...memoryCommands(sub, memory),

@@ -309,7 +309,11 @@ export class SocketTransport extends EventEmitter<TransportEvents> implements Tr
 
   /** A send failed (EPIPE, ECONNRESET): after the peer's EOF that is how it ends, else a disconnection. */
   private sendFailed(err: unknown): void {
-    this.destroy(this.answering || this.endReason !== undefined || this.ending ? this.endReason : new DisconnectedError(`send failed: ${(err as Error).message}`, { cause: err }));
+    this.destroy(
+      this.answering || this.endReason !== undefined || this.ending
+        ? this.endReason
+        : new DisconnectedError(`send failed: ${(err as Error).message}`, { cause: err }),
+    );
   }
 
   /** Reads whatever is still queued after the socket reported an error, until the error itself. */

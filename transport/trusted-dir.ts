@@ -98,7 +98,8 @@ export function openTrustedDir(dir: string, opts: TrustedDirOptions = {}): numbe
   }
 }
 
-const HINT = 'put the socket where only root or the broker\'s uid can change any directory on the way, e.g. /run/NAME/broker.sock (a missing directory is created 0700)';
+const HINT =
+  "put the socket where only root or the broker's uid can change any directory on the way, e.g. /run/NAME/broker.sock (a missing directory is created 0700)";
 
 function check(fd: number, shown: string, final: boolean): void {
   const why = looseness(fs.fstatSync(fd), shown, final);
@@ -152,7 +153,8 @@ export function checkPassedSocket(fd: number): string {
   if (!line) throw new UnsafePathError(`descriptor ${fd} is not a Unix socket`);
   const [, , , flags, type, , , where] = line;
   if ((parseInt(flags as string, 16) & 0x10000) === 0 || type !== '0001') throw new UnsafePathError(`descriptor ${fd} is not a listening Unix stream socket`);
-  if (!where || where.startsWith('@')) throw new UnsafePathError(`descriptor ${fd} is ${where ? 'an abstract' : 'an unbound'} socket: anyone in the network namespace may connect`);
+  if (!where || where.startsWith('@'))
+    throw new UnsafePathError(`descriptor ${fd} is ${where ? 'an abstract' : 'an unbound'} socket: anyone in the network namespace may connect`);
   const dirFd = openTrustedDir(path.dirname(where));
   try {
     const st = fs.lstatSync(under(dirFd, path.basename(where)));

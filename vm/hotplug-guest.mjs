@@ -27,14 +27,19 @@ export function hotplugGuest({ log = () => {} } = {}) {
     const st = fs.statSync(p);
     return `${p} ${st.size} ${st.mtimeMs}`;
   });
-  const key = createHash('sha256').update(`recipe ${RECIPE}\n${inputs.join('\n')}`).digest('hex').slice(0, 16);
+  const key = createHash('sha256')
+    .update(`recipe ${RECIPE}\n${inputs.join('\n')}`)
+    .digest('hex')
+    .slice(0, 16);
   const dir = path.join(cacheDir(), 'initramfs');
   const initrd = path.join(dir, `hotplug-${key}.cpio.gz`);
   if (!fs.existsSync(initrd)) {
     const c = new Cpio();
     for (const d of ['bin', 'dev', 'proc', 'sys', 'tmp', 'lib/modules/mmb']) c.dir(d);
     c.copy(busybox, 'bin/busybox');
-    const applets = execFileSync(busybox, ['--list'], { encoding: 'utf8' }).split('\n').filter((a) => a && a !== 'busybox');
+    const applets = execFileSync(busybox, ['--list'], { encoding: 'utf8' })
+      .split('\n')
+      .filter((a) => a && a !== 'busybox');
     for (const a of applets) c.symlink(`bin/${a}`, 'busybox');
     for (const m of modules) c.copy(path.join(kit.dir, m), `lib/modules/mmb/${m}`);
     c.file('lib/modules/mmb/order', Buffer.from(modules.join('\n') + '\n'));

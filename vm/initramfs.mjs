@@ -92,14 +92,6 @@ function libraries(binary) {
   return [...libs];
 }
 
-function which(cmd) {
-  for (const dir of (process.env.PATH ?? '/usr/bin:/bin').split(':')) {
-    const p = path.join(dir, cmd);
-    if (fs.existsSync(p)) return p;
-  }
-  return undefined;
-}
-
 /** Where busybox-static's binary is (the dynamic busybox package would need its libraries). */
 export function findBusybox() {
   for (const p of ['/bin/busybox', '/usr/bin/busybox']) {
@@ -127,7 +119,10 @@ export function baseArchive({ node = process.execPath, log = () => {} } = {}) {
     const st = fs.statSync(real);
     return `${p} ${real} ${st.size} ${st.mtimeMs}`;
   });
-  const key = createHash('sha256').update(`recipe ${RECIPE}\n${inputs.join('\n')}`).digest('hex').slice(0, 16);
+  const key = createHash('sha256')
+    .update(`recipe ${RECIPE}\n${inputs.join('\n')}`)
+    .digest('hex')
+    .slice(0, 16);
   const dir = path.join(cacheDir(), 'initramfs');
   const file = path.join(dir, `base-${key}.cpio.gz`);
   if (fs.existsSync(file)) return file;
@@ -136,7 +131,9 @@ export function baseArchive({ node = process.execPath, log = () => {} } = {}) {
   const c = new Cpio();
   for (const d of ['bin', 'dev', 'proc', 'sys', 'tmp', 'run', 'root', 'etc', 'usr/local/bin', 'lib/modules']) c.dir(d);
   c.copy(busybox, 'bin/busybox');
-  const applets = execFileSync(busybox, ['--list'], { encoding: 'utf8' }).split('\n').filter((a) => a && a !== 'busybox');
+  const applets = execFileSync(busybox, ['--list'], { encoding: 'utf8' })
+    .split('\n')
+    .filter((a) => a && a !== 'busybox');
   for (const a of applets) c.symlink(`bin/${a}`, 'busybox');
   c.copy(nodeReal, 'usr/local/bin/node');
   for (const lib of libs) c.copy(lib, lib); // same path in the guest (the loader's path is built into node)
@@ -146,7 +143,9 @@ export function baseArchive({ node = process.execPath, log = () => {} } = {}) {
   const data = c.gzip(1);
   fs.writeFileSync(`${file}.tmp`, data);
   fs.renameSync(`${file}.tmp`, file);
-  log(`base initramfs (busybox, node ${process.version}, ${libs.length} libraries): ${(data.length / 2 ** 20).toFixed(1)} MiB in ${((Date.now() - t0) / 1000).toFixed(1)} s`);
+  log(
+    `base initramfs (busybox, node ${process.version}, ${libs.length} libraries): ${(data.length / 2 ** 20).toFixed(1)} MiB in ${((Date.now() - t0) / 1000).toFixed(1)} s`,
+  );
   return file;
 }
 
@@ -164,7 +163,12 @@ export function modulesArchive(kit) {
 
 /** Production dependencies of the project (paths relative to `root`), as npm resolved them. */
 function productionModules(root) {
-  const out = execFileSync('npm', ['ls', '--omit=dev', '--all', '--parseable'], { cwd: root, encoding: 'utf8', stdio: ['ignore', 'pipe', 'ignore'], maxBuffer: 1 << 24 });
+  const out = execFileSync('npm', ['ls', '--omit=dev', '--all', '--parseable'], {
+    cwd: root,
+    encoding: 'utf8',
+    stdio: ['ignore', 'pipe', 'ignore'],
+    maxBuffer: 1 << 24,
+  });
   return out
     .split('\n')
     .map((p) => path.relative(root, p.trim()))
@@ -183,7 +187,11 @@ export function projectArchive(root) {
   c.copyTree(path.join(root, 'dist'), 'mmb/dist', (n, e) => e.isDirectory() || n.endsWith('.js') || n.endsWith('.json'));
   c.copyTree(path.join(root, 'vm/guest'), 'mmb/vm/guest');
   for (const m of productionModules(root)) {
-    c.copyTree(path.join(root, m), `mmb/${m}`, (n, e) => !(e.isDirectory() && e.name === 'node_modules') && !n.endsWith('.md') && !n.endsWith('.d.ts') && !/\/test\/|\/benchmarks?\//.test(`${n}/`));
+    c.copyTree(
+      path.join(root, m),
+      `mmb/${m}`,
+      (n, e) => !(e.isDirectory() && e.name === 'node_modules') && !n.endsWith('.md') && !n.endsWith('.d.ts') && !/\/test\/|\/benchmarks?\//.test(`${n}/`),
+    );
   }
   return c.gzip(6);
 }

@@ -66,7 +66,10 @@ export function debianKernel({ log = () => {} } = {}) {
   if (pkg) kitDir = path.join(root, `${pkg.name}_${pkg.version.replace(/[^A-Za-z0-9.+~-]/g, '_')}`);
   else {
     // apt does not know the package (no lists): use the newest cached kit.
-    const kits = fs.readdirSync(root).filter((d) => fs.existsSync(path.join(root, d, 'kit.json'))).sort();
+    const kits = fs
+      .readdirSync(root)
+      .filter((d) => fs.existsSync(path.join(root, d, 'kit.json')))
+      .sort();
     if (kits.length === 0) throw new Error('apt knows no linux-image-amd64 and no Debian kernel is cached: run apt-get update');
     kitDir = path.join(root, kits[kits.length - 1]);
   }
@@ -91,9 +94,13 @@ export function debianKernel({ log = () => {} } = {}) {
   log(`extracting ${deb}`);
   const tree = fs.mkdtempSync(path.join(os.tmpdir(), 'mmb-kernel-'));
   try {
-    execFileSync('sh', ['-c', `dpkg-deb --fsys-tarfile "$1" | tar -x -C "$2" --wildcards './boot/vmlinuz-*' './lib/modules/*/kernel/*'`, 'sh', path.join(debDir, deb), tree], {
-      stdio: ['ignore', 'ignore', 'inherit'],
-    });
+    execFileSync(
+      'sh',
+      ['-c', `dpkg-deb --fsys-tarfile "$1" | tar -x -C "$2" --wildcards './boot/vmlinuz-*' './lib/modules/*/kernel/*'`, 'sh', path.join(debDir, deb), tree],
+      {
+        stdio: ['ignore', 'ignore', 'inherit'],
+      },
+    );
     const vmlinuz = fs.readdirSync(path.join(tree, 'boot')).find((f) => f.startsWith('vmlinuz-'));
     const release = vmlinuz.slice('vmlinuz-'.length);
     // Every module by name, then the wanted ones with their dependencies, dependencies first.
@@ -156,11 +163,15 @@ export function kitModules(kit, wanted, { log = () => {} } = {}) {
     const ensure = (name) => {
       if (have(name)) return path.join(kit.dir, `${name}.ko`);
       if (!tree) {
-        const deb = fs.existsSync(debDir) ? fs.readdirSync(debDir).find((f) => f.startsWith(`${kit.package}_`) && f.includes(String(kit.version).replace(/:/g, '%3a'))) : undefined;
+        const deb = fs.existsSync(debDir)
+          ? fs.readdirSync(debDir).find((f) => f.startsWith(`${kit.package}_`) && f.includes(String(kit.version).replace(/:/g, '%3a')))
+          : undefined;
         if (!deb) throw new Error(`module ${name} is not in the kit and ${kit.package} ${kit.version} is not cached in ${debDir}`);
         log(`extracting modules from ${deb}`);
         tree = fs.mkdtempSync(path.join(os.tmpdir(), 'mmb-kmod-'));
-        execFileSync('sh', ['-c', `dpkg-deb --fsys-tarfile "$1" | tar -x -C "$2" --wildcards './lib/modules/*/kernel/*'`, 'sh', path.join(debDir, deb), tree], { stdio: ['ignore', 'ignore', 'inherit'] });
+        execFileSync('sh', ['-c', `dpkg-deb --fsys-tarfile "$1" | tar -x -C "$2" --wildcards './lib/modules/*/kernel/*'`, 'sh', path.join(debDir, deb), tree], {
+          stdio: ['ignore', 'ignore', 'inherit'],
+        });
         index = new Map();
         const walk = (dir) => {
           for (const e of fs.readdirSync(dir, { withFileTypes: true })) {
@@ -173,7 +184,11 @@ export function kitModules(kit, wanted, { log = () => {} } = {}) {
       }
       const file = index.get(name);
       if (!file) throw new Error(`module ${name} is not in ${kit.package} ${kit.version}`);
-      const data = file.endsWith('.xz') ? execFileSync('xz', ['-dc', file], { maxBuffer: 1 << 28 }) : file.endsWith('.zst') ? execFileSync('zstd', ['-dc', file], { maxBuffer: 1 << 28 }) : fs.readFileSync(file);
+      const data = file.endsWith('.xz')
+        ? execFileSync('xz', ['-dc', file], { maxBuffer: 1 << 28 })
+        : file.endsWith('.zst')
+          ? execFileSync('zstd', ['-dc', file], { maxBuffer: 1 << 28 })
+          : fs.readFileSync(file);
       const out = path.join(kit.dir, `${name}.ko`);
       fs.writeFileSync(`${out}.${process.pid}.tmp`, data);
       fs.renameSync(`${out}.${process.pid}.tmp`, out);

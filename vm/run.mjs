@@ -64,7 +64,8 @@ try {
     kernel = path.join(kit.dir, kit.kernel);
   } else {
     kernel = await customKernel({ build: values['build-kernel'], log });
-    if (!kernel) done(3, { ok: false, message: 'the custom iommufd kernel is not built: run vm/build-kernel.sh (about 8 minutes on 2 cores), or pass --build-kernel' });
+    if (!kernel)
+      done(3, { ok: false, message: 'the custom iommufd kernel is not built: run vm/build-kernel.sh (about 8 minutes on 2 cores), or pass --build-kernel' });
   }
 } catch (err) {
   done(2, { ok: false, message: `no guest kernel: ${err.message}` });
@@ -90,24 +91,36 @@ fs.mkdirSync(values.artifacts, { recursive: true });
 const logFile = path.join(values.artifacts, `vm-${backend}.log`);
 const guestTimeout = Math.max(30, timeoutS - 30);
 const args = [
-  '-machine', 'q35,accel=tcg',
-  '-cpu', 'max',
-  '-smp', '1',
+  '-machine',
+  'q35,accel=tcg',
+  '-cpu',
+  'max',
+  '-smp',
+  '1',
   // 4 GiB, of which the kernel takes one 1 GiB page at boot (hugepagesz=1G hugepages=1, below) for the
   // hugetlb-1g step: with 1 to 3 GiB there is no free, 1 GiB-aligned block left by then (QEMU loads the
   // initrd high in low memory, the kernel's memmap comes from the top of RAM). Guest RAM is allocated on
   // the host only as it is touched: the 1 GiB page when the step faults it in.
-  '-m', '4G',
-  '-device', 'intel-iommu,intremap=on,eim=off',
+  '-m',
+  '4G',
+  '-device',
+  'intel-iommu,intremap=on,eim=off',
   ...Array.from({ length: Number(values.edus) }, () => ['-device', 'edu']).flat(),
-  '-nodefaults', '-display', 'none', '-no-reboot',
-  '-serial', 'stdio',
-  '-kernel', kernel,
-  '-initrd', initrd,
+  '-nodefaults',
+  '-display',
+  'none',
+  '-no-reboot',
+  '-serial',
+  'stdio',
+  '-kernel',
+  kernel,
+  '-initrd',
+  initrd,
   // no_timer_check: under TCG on a loaded host the kernel's early check of the IO-APIC timer (through
   // interrupt remapping, with intel_iommu=on) can miss its ticks and panic ("timer doesn't work through
   // Interrupt-remapped IO-APIC"); the timer works, the check is what a slow emulated CPU fails.
-  '-append', `console=ttyS0 panic=-1 loglevel=3 intel_iommu=on no_timer_check hugepagesz=1G hugepages=1 mmb.backend=${backend} mmb.timeout=${guestTimeout} mmb.script=${values.script}`,
+  '-append',
+  `console=ttyS0 panic=-1 loglevel=3 intel_iommu=on no_timer_check hugepagesz=1G hugepages=1 mmb.backend=${backend} mmb.timeout=${guestTimeout} mmb.script=${values.script}`,
 ];
 log(`${QEMU} ${args.join(' ')}`);
 const out = fs.createWriteStream(logFile);
@@ -171,14 +184,29 @@ const result = json('MMB-VM-RESULT').pop();
 const guestExit = /^MMB-VM-EXIT (\d+)/m.exec(serial)?.[1];
 // The console's last lines before the guest's kernel-log dump (which stays in the log file).
 const dumpAt = lines.indexOf('MMB-VM-DMESG-BEGIN');
-const tail = (dumpAt >= 0 ? lines.slice(0, dumpAt) : lines).filter((l) => !l.startsWith('MMB-VM-STEP')).slice(-40).join('\n');
+const tail = (dumpAt >= 0 ? lines.slice(0, dumpAt) : lines)
+  .filter((l) => !l.startsWith('MMB-VM-STEP'))
+  .slice(-40)
+  .join('\n');
 const summary = { steps, result, qemuExit: exit, guestExit: guestExit === undefined ? null : Number(guestExit), log: logFile };
-if (timedOut) done(1, { ok: false, ...summary, message: `the VM did not finish within ${timeoutS} s (killed); last step: ${steps.at(-1)?.step ?? 'none'}`, tail });
+if (timedOut)
+  done(1, { ok: false, ...summary, message: `the VM did not finish within ${timeoutS} s (killed); last step: ${steps.at(-1)?.step ?? 'none'}`, tail });
 if (stuck) done(1, { ok: false, ...summary, message: stuck, tail });
 const failed = steps.find((s) => !s.ok);
 if (!result && !failed) done(1, { ok: false, ...summary, message: `the guest printed no result (QEMU exit ${exit.code ?? exit.signal})`, tail });
 if (failed || !result.ok) {
-  done(1, { ok: false, ...summary, message: `guest step ${failed?.step ?? result?.step ?? '?'} failed: ${failed?.message ?? result?.message ?? 'see the log'}`, tail });
+  done(1, {
+    ok: false,
+    ...summary,
+    message: `guest step ${failed?.step ?? result?.step ?? '?'} failed: ${failed?.message ?? result?.message ?? 'see the log'}`,
+    tail,
+  });
 }
-if (guestExit !== '0') done(1, { ok: false, ...summary, message: `the guest's scenario reported success but ${guestExit === undefined ? 'printed no exit status' : `exited with ${guestExit}`}`, tail });
+if (guestExit !== '0')
+  done(1, {
+    ok: false,
+    ...summary,
+    message: `the guest's scenario reported success but ${guestExit === undefined ? 'printed no exit status' : `exited with ${guestExit}`}`,
+    tail,
+  });
 done(0, { ok: true, ...summary });

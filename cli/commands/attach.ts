@@ -98,12 +98,13 @@ export const attach: Command = {
         'no-coalesce': { type: 'boolean' },
         'backend-timeout': { type: 'string' },
         json: { type: 'boolean' },
-        control: { type: 'boolean' }
+        control: { type: 'boolean' },
       },
       usage,
     );
     if (!values) return 0;
-    if (values.ioas !== undefined && kind !== 'vfio' && kind !== 'vhost-user') throw new InvalidArgError('--ioas is an option of the vfio kind and of vhost-user');
+    if (values.ioas !== undefined && kind !== 'vfio' && kind !== 'vhost-user')
+      throw new InvalidArgError('--ioas is an option of the vfio kind and of vhost-user');
     // From here on SIGTERM / SIGINT end the client cleanly, also while it is still attaching.
     const stop = stopRequested();
     const json = values.json ?? false;
@@ -124,11 +125,32 @@ export const attach: Command = {
         ...(values['max-slots'] ? { maxSlots: parseCount(values['max-slots'], '--max-slots') } : {}),
         logger: pino({ level: 'warn' }, pino.destination(2)),
       });
-      log('backend', `memslots kept by ${kvm.backend === 'kvm' ? 'a real KVM VM' : `software (${kvm.backendReason ?? 'no /dev/kvm'})`}, ${kvm.maxSlots} slots`, {
-        backend: kvm.backend, maxSlots: kvm.maxSlots, ...(kvm.backendReason ? { reason: kvm.backendReason } : {}),
-      });
-      kvm.on('change', () => log('slots', `${kvm.slots().length} slot(s): ${kvm.slots().map((x) => `${x.slot}@${hex(x.gpa)}`).join(' ')}`, { slots: kvm.slots() }));
-      await follow(kvm, kvm.memory.regions.bind(kvm.memory), log, stop, values.control ? { ...memoryCommands(kvm, kvm.memory), ...kvmCommands(kvm) } : undefined);
+      log(
+        'backend',
+        `memslots kept by ${kvm.backend === 'kvm' ? 'a real KVM VM' : `software (${kvm.backendReason ?? 'no /dev/kvm'})`}, ${kvm.maxSlots} slots`,
+        {
+          backend: kvm.backend,
+          maxSlots: kvm.maxSlots,
+          ...(kvm.backendReason ? { reason: kvm.backendReason } : {}),
+        },
+      );
+      kvm.on('change', () =>
+        log(
+          'slots',
+          `${kvm.slots().length} slot(s): ${kvm
+            .slots()
+            .map((x) => `${x.slot}@${hex(x.gpa)}`)
+            .join(' ')}`,
+          { slots: kvm.slots() },
+        ),
+      );
+      await follow(
+        kvm,
+        kvm.memory.regions.bind(kvm.memory),
+        log,
+        stop,
+        values.control ? { ...memoryCommands(kvm, kvm.memory), ...kvmCommands(kvm) } : undefined,
+      );
       return 0;
     }
     if (kind === 'vhost-user') {
@@ -144,19 +166,49 @@ export const attach: Command = {
         logger: pino({ level: 'warn' }, pino.destination(2)),
       });
       const n = vu.negotiated;
-      log('backend', `vhost-user back-end ${vu.frontend.path}: ${n.memMode === 'slots' ? `${vu.maxSlots} slots (ADD_MEM_REG / REM_MEM_REG)` : `SET_MEM_TABLE only, ${vu.maxSlots} regions`}`, {
-        backend: vu.frontend.path, memMode: n.memMode, maxSlots: vu.maxSlots, features: hex(n.features), protocolFeatures: hex(n.protocolFeatures),
-        ...(vu.iotlb ? { ioas: vu.iotlb.ioas } : {}),
-      });
+      log(
+        'backend',
+        `vhost-user back-end ${vu.frontend.path}: ${n.memMode === 'slots' ? `${vu.maxSlots} slots (ADD_MEM_REG / REM_MEM_REG)` : `SET_MEM_TABLE only, ${vu.maxSlots} regions`}`,
+        {
+          backend: vu.frontend.path,
+          memMode: n.memMode,
+          maxSlots: vu.maxSlots,
+          features: hex(n.features),
+          protocolFeatures: hex(n.protocolFeatures),
+          ...(vu.iotlb ? { ioas: vu.iotlb.ioas } : {}),
+        },
+      );
       const iotlb = () => (vu.iotlb ? { iotlb: { ioas: vu.iotlb.ioas, mappings: vu.iotlb.established(), stats: vu.iotlb.stats } } : {});
       vu.on('ioas', () => log('iotlb', `IOTLB of IOAS ${vu.iotlb?.ioas}: ${vu.iotlb?.established().length} mapping(s)`, iotlb()));
-      vu.on('change', () => log('table', `back-end table: ${vu.backendTable().map((e) => `${e.name}@${hex(e.gpa)}+${formatSize(e.size)}`).join(' ') || '(empty)'}`, {
-        table: vu.backendTable().map(({ name, gpa, size, mmapOffset }) => ({ name, gpa, size, mmapOffset })),
-      }));
+      vu.on('change', () =>
+        log(
+          'table',
+          `back-end table: ${
+            vu
+              .backendTable()
+              .map((e) => `${e.name}@${hex(e.gpa)}+${formatSize(e.size)}`)
+              .join(' ') || '(empty)'
+          }`,
+          {
+            table: vu.backendTable().map(({ name, gpa, size, mmapOffset }) => ({ name, gpa, size, mmapOffset })),
+          },
+        ),
+      );
       let backendGone = false;
-      const gone = new Promise<void>((resolve) => vu.frontend.once('close', () => { backendGone = true; resolve(); }));
+      const gone = new Promise<void>((resolve) =>
+        vu.frontend.once('close', () => {
+          backendGone = true;
+          resolve();
+        }),
+      );
       const mapped = () => (values.control ? vu.memory.regions() : []);
-      const table = () => ({ event: 'table', memMode: vu.memMode, maxSlots: vu.maxSlots, table: vu.backendTable().map(({ name, gpa, size, mmapOffset }) => ({ name, gpa, size, mmapOffset })), ...iotlb() });
+      const table = () => ({
+        event: 'table',
+        memMode: vu.memMode,
+        maxSlots: vu.maxSlots,
+        table: vu.backendTable().map(({ name, gpa, size, mmapOffset }) => ({ name, gpa, size, mmapOffset })),
+        ...iotlb(),
+      });
       await follow(vu, mapped, log, Promise.race([stop, gone]), values.control ? { ...memoryCommands(vu, vu.memory), table } : undefined);
       if (!backendGone) return 0;
       // The device is gone: stop reading control commands too, so that the process ends.
@@ -195,9 +247,19 @@ export const attach: Command = {
       log('backend', `${d.description}; devices ${d.devices.join(', ') || '(none)'}; pinned ${formatSize(d.pinnedBytes)}`, { ...d });
       vfio.on(vfio.shadowing ? 'ioas' : 'change', () => {
         const dd = vfio.domain;
-        log('pinned', `${dd.backend}: pinned ${formatSize(dd.pinnedBytes)} once for ${dd.devices.length} device(s)${vfio.shadowing ? ` (shadow mode: ${dd.mappings.length} IOVA mapping(s))` : ''}`, { backend: dd.backend, pinned: dd.pinnedBytes, devices: dd.devices, ...(vfio.shadowing ? { mappings: dd.mappings.length } : {}) });
+        log(
+          'pinned',
+          `${dd.backend}: pinned ${formatSize(dd.pinnedBytes)} once for ${dd.devices.length} device(s)${vfio.shadowing ? ` (shadow mode: ${dd.mappings.length} IOVA mapping(s))` : ''}`,
+          { backend: dd.backend, pinned: dd.pinnedBytes, devices: dd.devices, ...(vfio.shadowing ? { mappings: dd.mappings.length } : {}) },
+        );
       });
-      await follow(vfio, vfio.memory.regions.bind(vfio.memory), log, stop, values.control ? { ...memoryCommands(vfio, vfio.memory), ...vfioCommands(vfio) } : undefined);
+      await follow(
+        vfio,
+        vfio.memory.regions.bind(vfio.memory),
+        log,
+        stop,
+        values.control ? { ...memoryCommands(vfio, vfio.memory), ...vfioCommands(vfio) } : undefined,
+      );
       return 0;
     }
     const sub = kind === 'vhost' ? await DeviceSubscriber.attach(socket, opts) : await MappingSubscriber.attach(socket, opts);
@@ -224,18 +286,29 @@ async function follow(
   if (commands) serveCommands(commands);
   const addressOf = (key: string) => mapped().find((m) => m.region.key === key)?.address;
   sub.on('change', ({ change }) => {
-    for (const r of change.removed) log('unmapped', `unmapped ${JSON.stringify(r.name)} gpa ${hex(r.gpa)} size ${formatSize(r.size)}`, { region: r.name, gpa: r.gpa, size: r.size });
+    for (const r of change.removed)
+      log('unmapped', `unmapped ${JSON.stringify(r.name)} gpa ${hex(r.gpa)} size ${formatSize(r.size)}`, { region: r.name, gpa: r.gpa, size: r.size });
     for (const r of change.added) {
       const address = addressOf(r.key);
-      log('mapped', `mapped ${JSON.stringify(r.name)} gpa ${hex(r.gpa)} size ${formatSize(r.size)}${address !== undefined ? ` at ${hex(address)}` : ''}${r.readonly ? ' read-only' : ''}`, {
-        region: r.name, gpa: r.gpa, size: r.size, address, readonly: r.readonly,
-      });
+      log(
+        'mapped',
+        `mapped ${JSON.stringify(r.name)} gpa ${hex(r.gpa)} size ${formatSize(r.size)}${address !== undefined ? ` at ${hex(address)}` : ''}${r.readonly ? ' read-only' : ''}`,
+        {
+          region: r.name,
+          gpa: r.gpa,
+          size: r.size,
+          address,
+          readonly: r.readonly,
+        },
+      );
     }
     for (const { after } of change.updated) log('updated', `updated ${JSON.stringify(after.name)} (logDirty ${after.logDirty})`, { region: after.name });
   });
   sub.on('committed', (g) => log('committed', `generation ${g} committed`, { generation: g }));
   sub.on('rolledBack', (g) => log('rolledBack', `generation ${g} rolled back`, { generation: g }));
-  sub.on('disconnected', (reason?: MmbError) => log('disconnected', `disconnected${reason ? `: ${reason.code} ${reason.message}` : ''}`, reason ? { code: reason.code } : {}));
+  sub.on('disconnected', (reason?: MmbError) =>
+    log('disconnected', `disconnected${reason ? `: ${reason.code} ${reason.message}` : ''}`, reason ? { code: reason.code } : {}),
+  );
   sub.on('reconnected', (r) => log('reconnected', `reconnected as client ${r.client}, ${r.sync} at generation ${r.generation}`, { ...r }));
   sub.on('error', (e) => log('error', `${e.code}: ${e.message}`, { code: e.code, message: e.message }));
   log('attached', `attached to ${JSON.stringify(sub.space)} as client ${sub.id} at generation ${sub.generation}, ${sub.regions().length} region(s)`, {
@@ -249,4 +322,3 @@ async function follow(
   // Under --control, stdin would keep the process alive after it detached.
   if (commands) process.stdin.destroy();
 }
-

@@ -122,9 +122,15 @@ export const demo: Command = {
       // The three kinds of clients.
       kvm = await KvmSubscriber.attach(broker, { space: 'vm0', name: 'kvm' });
       const k = kvm;
-      say('kvm', `in this process: ${k.hypervisor === 'kvm' ? `a real KVM VM (/dev/kvm), ${k.maxSlots} slots` : `memslots in software (${k.softwareReason})`}; slot ${k.slots()[0]?.slot} = ram`);
+      say(
+        'kvm',
+        `in this process: ${k.hypervisor === 'kvm' ? `a real KVM VM (/dev/kvm), ${k.maxSlots} slots` : `memslots in software (${k.softwareReason})`}; slot ${k.slots()[0]?.slot} = ram`,
+      );
       const vhost = await attach('vhost', ['--name', 'vhost-blk', '--max-regions', '32']);
-      say('vhost', `pid ${vhost.pid}: a device back-end's view, 32 slots, maps ram (${formatSize(memfdMappedBytes(vhost.pid, 'ram'))}), never pins (VmLck ${vmLckKiB(vhost.pid)} KiB)`);
+      say(
+        'vhost',
+        `pid ${vhost.pid}: a device back-end's view, 32 slots, maps ram (${formatSize(memfdMappedBytes(vhost.pid, 'ram'))}), never pins (VmLck ${vmLckKiB(vhost.pid)} KiB)`,
+      );
       const limited = canLimitMemlock(memlockLimit);
       const vfio = await attach(
         'vfio',
@@ -132,9 +138,18 @@ export const demo: Command = {
         limited ? ['prlimit', `--memlock=${memlockLimit}:${memlockLimit}`, '--', 'setpriv', '--bounding-set=-ipc_lock', '--'] : [],
       );
       const pinned = () => vmLckKiB(vfio.pid) * 1024;
-      say('vfio', `pid ${vfio.pid}: soft backend (a software stand-in: no IOMMU on this machine), 2 devices in one domain; ` +
-        `pinned ${formatSize(pinned())} (VmLck)${limited ? `, running without CAP_IPC_LOCK under RLIMIT_MEMLOCK ${formatSize(memlockLimit)}` : ''}`);
-      steps.push({ step: 'clients attached', ok: pinned() >= 4 * MiB && memfdMappedBytes(vhost.pid, 'ram') === 4 * MiB, ms: 0, generation: generation(), detail: `vfio VmLck ${formatSize(pinned())}, vhost maps ram` });
+      say(
+        'vfio',
+        `pid ${vfio.pid}: soft backend (a software stand-in: no IOMMU on this machine), 2 devices in one domain; ` +
+          `pinned ${formatSize(pinned())} (VmLck)${limited ? `, running without CAP_IPC_LOCK under RLIMIT_MEMLOCK ${formatSize(memlockLimit)}` : ''}`,
+      );
+      steps.push({
+        step: 'clients attached',
+        ok: pinned() >= 4 * MiB && memfdMappedBytes(vhost.pid, 'ram') === 4 * MiB,
+        ms: 0,
+        generation: generation(),
+        detail: `vfio VmLck ${formatSize(pinned())}, vhost maps ram`,
+      });
 
       // Hotplug, placed by the broker below 4 GiB (the demo's vCPU runs in 32-bit mode) and away from
       // every reserved range (the vfio client reported the MSI window).
@@ -145,9 +160,16 @@ export const demo: Command = {
         dimmGpa = await o.findFree(2 * MiB, { align: 2 * MiB, min: 0xfee0_0000, max: 2 ** 32 });
         const r = await o.addRegion({ name: 'dimm0', gpa: dimmGpa, size: 2 * MiB, backing: dimm.backing });
         const slot = k.slots().find((x) => x.name === 'dimm0');
-        say('owner', `hotplugged dimm0 2 MiB at ${hex(dimmGpa)} (placed by FIND_FREE past the reserved MSI window): generation ${r.generation}, acked by all three`);
-        say('kernel', `kvm slot ${slot?.slot} accepted by KVM_SET_USER_MEMORY_REGION; vhost maps dimm0 (${formatSize(memfdMappedBytes(vhost.pid, 'dimm0'))}); vfio VmLck ${formatSize(pinned())}`);
-        if (pinned() < 6 * MiB || memfdMappedBytes(vhost.pid, 'dimm0') !== 2 * MiB || !slot) throw new Error('the kernel does not show dimm0 where it should be');
+        say(
+          'owner',
+          `hotplugged dimm0 2 MiB at ${hex(dimmGpa)} (placed by FIND_FREE past the reserved MSI window): generation ${r.generation}, acked by all three`,
+        );
+        say(
+          'kernel',
+          `kvm slot ${slot?.slot} accepted by KVM_SET_USER_MEMORY_REGION; vhost maps dimm0 (${formatSize(memfdMappedBytes(vhost.pid, 'dimm0'))}); vfio VmLck ${formatSize(pinned())}`,
+        );
+        if (pinned() < 6 * MiB || memfdMappedBytes(vhost.pid, 'dimm0') !== 2 * MiB || !slot)
+          throw new Error('the kernel does not show dimm0 where it should be');
         return `2 MiB at ${hex(dimmGpa)}; vfio VmLck ${formatSize(pinned())}`;
       });
 
@@ -171,10 +193,21 @@ export const demo: Command = {
       });
 
       // Refusals that change nothing: a reserved IOVA range, the pin budget.
-      await step('hotplug over the MSI window', () => o.addRegion({ name: 'msi', gpa: 0xfee0_0000, size: MiB, backing: dimm.backing }).then(() => ''), 'MMB_ERR_RESERVED_RANGE');
+      await step(
+        'hotplug over the MSI window',
+        () => o.addRegion({ name: 'msi', gpa: 0xfee0_0000, size: MiB, backing: dimm.backing }).then(() => ''),
+        'MMB_ERR_RESERVED_RANGE',
+      );
       const big = await memfd('big', 8 * MiB);
-      await step('hotplug beyond the pin budget', () => o.addRegion({ name: 'big', gpa: 2 ** 33, size: 8 * MiB, backing: big.backing }).then(() => ''), 'MMB_ERR_PIN_BUDGET');
-      say('kernel', `after both refusals: vhost maps "big" ${formatSize(memfdMappedBytes(vhost.pid, 'big'))}, vfio VmLck ${formatSize(pinned())}, kvm has ${k.slots().length} slots`);
+      await step(
+        'hotplug beyond the pin budget',
+        () => o.addRegion({ name: 'big', gpa: 2 ** 33, size: 8 * MiB, backing: big.backing }).then(() => ''),
+        'MMB_ERR_PIN_BUDGET',
+      );
+      say(
+        'kernel',
+        `after both refusals: vhost maps "big" ${formatSize(memfdMappedBytes(vhost.pid, 'big'))}, vfio VmLck ${formatSize(pinned())}, kvm has ${k.slots().length} slots`,
+      );
 
       // A refusal after the fact: the kernel will not let the vfio process pin more than its
       // RLIMIT_MEMLOCK, so it nacks, and the kvm and vhost clients that applied the hotplug roll it back.
@@ -182,11 +215,18 @@ export const demo: Command = {
         const dimm1 = await memfd('dimm1', 4 * MiB);
         const before = { slots: k.slots().length, vfio: pinned() };
         // Within the broker's budget (10M of 12M), beyond what the kernel lets the process lock (8M).
-        await step('hotplug refused by the kernel, rolled back', () => o.addRegion({ name: 'dimm1', gpa: 2 ** 32, size: 4 * MiB, backing: dimm1.backing }).then(() => ''), 'MMB_ERR_PIN_FAILED');
+        await step(
+          'hotplug refused by the kernel, rolled back',
+          () => o.addRegion({ name: 'dimm1', gpa: 2 ** 32, size: 4 * MiB, backing: dimm1.backing }).then(() => ''),
+          'MMB_ERR_PIN_FAILED',
+        );
         await vhost.next('rolledBack');
         say('vhost', `pid ${vhost.pid} had mapped dimm1 and rolled it back`);
         const after = { slots: k.slots().length, vfio: pinned(), vhost: memfdMappedBytes(vhost.pid, 'dimm1') };
-        say('kernel', `after the rollback: kvm ${after.slots} slots (was ${before.slots}), vhost maps dimm1 ${formatSize(after.vhost)}, vfio VmLck ${formatSize(after.vfio)} (was ${formatSize(before.vfio)})`);
+        say(
+          'kernel',
+          `after the rollback: kvm ${after.slots} slots (was ${before.slots}), vhost maps dimm1 ${formatSize(after.vhost)}, vfio VmLck ${formatSize(after.vfio)} (was ${formatSize(before.vfio)})`,
+        );
         steps.push({
           step: 'rollback left no trace',
           ok: after.slots === before.slots && after.vhost === 0 && after.vfio === before.vfio,
@@ -216,7 +256,9 @@ export const demo: Command = {
         let writes = 0;
         const guest = (async () => {
           while (writing) {
-            const reply = await vhost.request({ cmd: 'write', gpa: 0x2000 + (writes % 512) * 4096, hex: Buffer.from(`write ${writes}`).toString('hex') }, 'wrote').catch(() => undefined);
+            const reply = await vhost
+              .request({ cmd: 'write', gpa: 0x2000 + (writes % 512) * 4096, hex: Buffer.from(`write ${writes}`).toString('hex') }, 'wrote')
+              .catch(() => undefined);
             if (reply) writes++;
             await new Promise((r) => setTimeout(r, 2));
           }
@@ -225,7 +267,11 @@ export const demo: Command = {
           const r = await new Migration(o, reader, new FileDestination(image)).run({
             stopBytes: 64 * 1024,
             maxRounds: 10,
-            onProgress: (p) => say('migrate', `round ${p.round} ${p.phase}: ${formatBytes(p.bytes)} copied${p.phase === 'full' ? '' : `, dirty rate ${formatBytes(p.dirtyRate)}/s`}`),
+            onProgress: (p) =>
+              say(
+                'migrate',
+                `round ${p.round} ${p.phase}: ${formatBytes(p.bytes)} copied${p.phase === 'full' ? '' : `, dirty rate ${formatBytes(p.dirtyRate)}/s`}`,
+              ),
           });
           writing = false;
           await guest;
@@ -233,10 +279,16 @@ export const demo: Command = {
           const fd = fs.openSync(image, 'r');
           fs.readSync(fd, probe, 0, 16, 0x1000);
           fs.closeSync(fd);
-          say('migrate', `${r.rounds.length} rounds, ${formatBytes(r.totalBytes)} sent for ${formatSize(r.memoryBytes)}, downtime ${r.downtimeMs} ms, ${r.stopReason}, image ${r.verified ? 'verified identical to the paused source' : 'NOT identical'}`);
+          say(
+            'migrate',
+            `${r.rounds.length} rounds, ${formatBytes(r.totalBytes)} sent for ${formatSize(r.memoryBytes)}, downtime ${r.downtimeMs} ms, ${r.stopReason}, image ${r.verified ? 'verified identical to the paused source' : 'NOT identical'}`,
+          );
           say('migrate', `the guest kept writing meanwhile (${writes} writes by the vhost process)`);
           if (r.stopReason === 'not-shrinking') {
-            say('migrate', 'rounds did not shrink: the vfio client has no IOMMU dirty tracking, so every writable page its device can reach counts as dirty at each sync (as QEMU counts it for such devices)');
+            say(
+              'migrate',
+              'rounds did not shrink: the vfio client has no IOMMU dirty tracking, so every writable page its device can reach counts as dirty at each sync (as QEMU counts it for such devices)',
+            );
           }
           if (!r.verified) throw new Error('the image differs from the source');
           return `${r.rounds.length} rounds, ${formatBytes(r.totalBytes)} sent, downtime ${r.downtimeMs} ms, verified`;
@@ -259,7 +311,10 @@ export const demo: Command = {
         const mapped = shadowPinned();
         const ram = broker.status('vm0').spaces[0]?.bytes ?? 0;
         say('vfio', `pid ${vfio.pid} pins all ${formatSize(ram)} of guest RAM: VmLck ${formatSize(pinned())}`);
-        say('vfio', `pid ${shadow.pid}, shadow mode (IOAS "nic-iommu"): VmLck ${formatBytes(attachedPins)} when attached, ${formatBytes(mapped)} once the guest's IOMMU mapped 16 pages`);
+        say(
+          'vfio',
+          `pid ${shadow.pid}, shadow mode (IOAS "nic-iommu"): VmLck ${formatBytes(attachedPins)} when attached, ${formatBytes(mapped)} once the guest's IOMMU mapped 16 pages`,
+        );
         await io.unmap(0x8000_0000, 16 * 4096);
         const after = shadowPinned();
         say('owner', `the guest's invalidation of those 16 pages returned once the shadow client let go: its VmLck ${formatBytes(after)}`);
@@ -272,7 +327,15 @@ export const demo: Command = {
         space: 'vm0',
         generation: st?.generation,
         regions: st?.regions.map((r) => ({ name: r.name, gpa: r.gpa, size: r.size })),
-        clients: st?.clients.map((c) => ({ name: c.name, kind: c.kind, backend: c.backend, pid: c.pid, ackedGeneration: c.ackedGeneration, regions: c.regions, pin: c.pin })),
+        clients: st?.clients.map((c) => ({
+          name: c.name,
+          kind: c.kind,
+          backend: c.backend,
+          pid: c.pid,
+          ackedGeneration: c.ackedGeneration,
+          regions: c.regions,
+          pin: c.pin,
+        })),
         pinBudget: st?.pinBudget,
         steps,
         ok: steps.every((s) => s.ok),
@@ -281,10 +344,15 @@ export const demo: Command = {
       if (quiet) console.log(JSON.stringify(summary, null, 2));
       else {
         console.log('\nSummary');
-        for (const s of steps) console.log(`  ${s.ok ? 'ok  ' : 'FAIL'} ${s.step.padEnd(42)} gen ${String(s.generation).padStart(2)} ${String(s.ms).padStart(8)} ms  ${s.detail.slice(0, 100)}`);
+        for (const s of steps)
+          console.log(
+            `  ${s.ok ? 'ok  ' : 'FAIL'} ${s.step.padEnd(42)} gen ${String(s.generation).padStart(2)} ${String(s.ms).padStart(8)} ms  ${s.detail.slice(0, 100)}`,
+          );
         console.log('\n  clients at the end:');
         for (const c of summary.clients ?? []) {
-          console.log(`    ${c.kind.padEnd(6)} ${c.name.padEnd(12)} pid ${String(c.pid).padEnd(7)} acked gen ${c.ackedGeneration}  ${c.backend ?? ''}${c.pin ? `  pinned ${formatSize(c.pin.actual ?? 0)} (predicted ${formatSize(c.pin.predicted)})` : ''}`);
+          console.log(
+            `    ${c.kind.padEnd(6)} ${c.name.padEnd(12)} pid ${String(c.pid).padEnd(7)} acked gen ${c.ackedGeneration}  ${c.backend ?? ''}${c.pin ? `  pinned ${formatSize(c.pin.actual ?? 0)} (predicted ${formatSize(c.pin.predicted)})` : ''}`,
+          );
         }
         console.log(`\n  ${summary.ok ? 'all steps ok' : 'SOME STEPS FAILED'} in ${summary.seconds} s`);
         // The map as it ends, as `mmbroker status` draws it (the reserved MSI window the vfio client reported,

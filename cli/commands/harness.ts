@@ -1,5 +1,16 @@
 import { InvalidArgError } from '../../protocol/index.js';
-import { DEFAULT_OPTIONS, FAULTS, INVARIANTS, formatReport, planted, jsonReport, missedPlanted, parseClients, runHarness, type HarnessOptions } from '../../harness/index.js';
+import {
+  DEFAULT_OPTIONS,
+  FAULTS,
+  INVARIANTS,
+  formatReport,
+  planted,
+  jsonReport,
+  missedPlanted,
+  parseClients,
+  runHarness,
+  type HarnessOptions,
+} from '../../harness/index.js';
 import { parseCommand, parseCount, parseSize, type Command } from '../args.js';
 
 const d = DEFAULT_OPTIONS;
@@ -19,7 +30,9 @@ Options:
   --seed N          the generator's seed (default ${d.seed})
   --steps N         steps to run (default ${d.steps})
   --clients LIST    client processes by kind: kvm, vhost, vfio (soft backend), plain, bridge,
-                    shadow (default ${Object.entries(d.clients).map(([k, n]) => `${k}:${n}`).join(',')})
+                    shadow (default ${Object.entries(d.clients)
+                      .map(([k, n]) => `${k}:${n}`)
+                      .join(',')})
   --hugetlb SIZE    back the regions of that alignment class (2M: 2 MiB multiples at 2 MiB-aligned
                     GPAs; 1G: 1 GiB regions) with MFD_HUGETLB memfds of that page size; the pages
                     are reserved in the kernel's pool for the run (as root) and given back after it
@@ -69,7 +82,7 @@ export const harness: Command = {
         pipeline: { type: 'string' },
         'self-test': { type: 'boolean' },
         trace: { type: 'boolean' },
-        json: { type: 'boolean' }
+        json: { type: 'boolean' },
       },
       usage,
     );
@@ -92,12 +105,17 @@ export const harness: Command = {
       ...(values.trace ? { onStep: (line: string) => console.error(line) } : {}),
     };
     // The options other than seed and steps, as given: a violation's replay command repeats them.
-    const replay = argv.filter((a, i) => !['--seed', '--steps', '--json', '--trace'].includes(a) && !['--seed', '--steps'].includes(argv[i - 1] ?? '')).join(' ');
+    const replay = argv
+      .filter((a, i) => !['--seed', '--steps', '--json', '--trace'].includes(a) && !['--seed', '--steps'].includes(argv[i - 1] ?? ''))
+      .join(' ');
     const report = await runHarness(opts, replay);
     console.log(values.json ? JSON.stringify(jsonReport(report), null, 2) : formatReport(report));
     if (report.selfTest) {
       const missed = missedPlanted(report);
-      if (!values.json) console.log(`\nself-test: broken clients ${missed.length === 0 ? 'all caught by name' : `MISSED: ${missed.join(', ')}`} (${planted(report).join(', ')})`);
+      if (!values.json)
+        console.log(
+          `\nself-test: broken clients ${missed.length === 0 ? 'all caught by name' : `MISSED: ${missed.join(', ')}`} (${planted(report).join(', ')})`,
+        );
       return missed.length === 0 ? 0 : 1;
     }
     return report.violations.length === 0 ? 0 : 1;

@@ -24,7 +24,11 @@ export const history: Command = {
   summary: 'the recent transactions of a space and their outcomes',
   usage,
   async run(argv) {
-    const values = parseCommand(argv, { socket: { type: 'string' }, space: { type: 'string' }, limit: { type: 'string' }, all: { type: 'boolean' }, json: { type: 'boolean' } }, usage);
+    const values = parseCommand(
+      argv,
+      { socket: { type: 'string' }, space: { type: 'string' }, limit: { type: 'string' }, all: { type: 'boolean' }, json: { type: 'boolean' } },
+      usage,
+    );
     if (!values) return 0;
     if (values.all && values.limit !== undefined) throw new InvalidArgError('give at most one of --limit and --all');
     const socket = required(values, 'socket');
@@ -41,7 +45,9 @@ export const history: Command = {
       console.log(JSON.stringify(rest, null, 2));
       return 0;
     }
-    console.log(`space ${h.space}: generation ${h.generation}, epoch ${h.epoch}; ${h.entries.length} transaction(s)${limit !== undefined ? ` (the last ${limit} at most)` : ''}`);
+    console.log(
+      `space ${h.space}: generation ${h.generation}, epoch ${h.epoch}; ${h.entries.length} transaction(s)${limit !== undefined ? ` (the last ${limit} at most)` : ''}`,
+    );
     if (h.entries.length === 0) return 0;
     const rows = [['SEQ', 'GEN', 'STARTED', 'OWNER', 'OUTCOME', 'TOOK', 'CHANGES'], ...h.entries.map(row)];
     const widths = rows[0]!.map((_, i) => Math.max(...rows.map((r) => (r[i] ?? '').length)));
@@ -55,6 +61,13 @@ export const history: Command = {
 };
 
 function row(e: HistoryEntry): string[] {
-  return [String(e.seq), String(e.generation), stamp(e.time), `${e.owner.name} (#${e.owner.id})`, outcomeWord(e.outcome), duration(e.us), entryChanges(e) || '(nothing)'];
+  return [
+    String(e.seq),
+    String(e.generation),
+    stamp(e.time),
+    `${e.owner.name} (#${e.owner.id})`,
+    outcomeWord(e.outcome),
+    duration(e.us),
+    entryChanges(e) || '(nothing)',
+  ];
 }
-

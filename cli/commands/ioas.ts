@@ -42,8 +42,13 @@ export const ioas: Command = {
       console.log(usage);
       return sub === undefined ? 2 : 0;
     }
-    if (!['create', 'destroy', 'map', 'unmap'].includes(sub)) throw new InvalidArgError(`unknown ioas command ${JSON.stringify(sub)} (create, destroy, map or unmap)`);
-    const values = parseCommand(rest, { ...base, iova: { type: 'string' }, gpa: { type: 'string' }, size: { type: 'string' }, readonly: { type: 'boolean' } }, usage);
+    if (!['create', 'destroy', 'map', 'unmap'].includes(sub))
+      throw new InvalidArgError(`unknown ioas command ${JSON.stringify(sub)} (create, destroy, map or unmap)`);
+    const values = parseCommand(
+      rest,
+      { ...base, iova: { type: 'string' }, gpa: { type: 'string' }, size: { type: 'string' }, readonly: { type: 'boolean' } },
+      usage,
+    );
     if (!values) return 0;
     const name = required(values, 'ioas');
     const space = required(values, 'space');
@@ -61,12 +66,16 @@ export const ioas: Command = {
         const gpa = parseAddress(required(values, 'gpa'), '--gpa');
         const size = parseSize(required(values, 'size'), '--size');
         const r = await io.map({ iova, gpa, size, readonly: values.readonly ?? false });
-        console.log(`IOAS ${JSON.stringify(name)} generation ${r.generation}: mapped IOVA ${hex(iova)} -> gpa ${hex(gpa)}, ${formatSize(size)}${values.readonly ? ', read-only' : ''}`);
+        console.log(
+          `IOAS ${JSON.stringify(name)} generation ${r.generation}: mapped IOVA ${hex(iova)} -> gpa ${hex(gpa)}, ${formatSize(size)}${values.readonly ? ', read-only' : ''}`,
+        );
       } else {
         const iova = parseAddress(required(values, 'iova'), '--iova');
         const size = parseSize(required(values, 'size'), '--size');
         const r = await io.unmap(iova, size);
-        console.log(`IOAS ${JSON.stringify(name)} generation ${r.generation}: unmapped ${formatBytes(r.unmapped ?? 0)} in [${hex(iova)}, ${hex(iova + size)}); no attached client maps it any more`);
+        console.log(
+          `IOAS ${JSON.stringify(name)} generation ${r.generation}: unmapped ${formatBytes(r.unmapped ?? 0)} in [${hex(iova)}, ${hex(iova + size)}); no attached client maps it any more`,
+        );
       }
       return 0;
     } finally {
@@ -87,7 +96,9 @@ export function renderIoas(space: StatusSpace): string[] {
     for (const a of io.attached) {
       const c = space.clients.find((x) => x.id === a.client.id);
       const pinned = a.pinned;
-      out.push(`    ${a.client.kind} client ${JSON.stringify(a.client.name)} (#${a.client.id}, pid ${a.client.pid}): ${a.devices.join(', ')}${c?.backend ? `; ${c.backend}` : ''}${pinned !== undefined ? `; pinned ${formatBytes(pinned)}` : ''}`);
+      out.push(
+        `    ${a.client.kind} client ${JSON.stringify(a.client.name)} (#${a.client.id}, pid ${a.client.pid}): ${a.devices.join(', ')}${c?.backend ? `; ${c.backend}` : ''}${pinned !== undefined ? `; pinned ${formatBytes(pinned)}` : ''}`,
+      );
     }
     if (io.holders.length > 0) out.push(`    may still reach it until fenced: client(s) ${io.holders.map((h) => `#${h}`).join(', ')}`);
   }

@@ -54,31 +54,52 @@ export const map: Command = {
 };
 
 async function add(argv: string[]): Promise<number> {
-  const values = parseCommand(argv, { socket: { type: 'string' },
-    space: { type: 'string' },
-    gpa: { type: 'string' },
-    size: { type: 'string' },
-    name: { type: 'string' },
-    readonly: { type: 'boolean' },
-    publish: { type: 'boolean' },
-    json: { type: 'boolean' } }, usage);
+  const values = parseCommand(
+    argv,
+    {
+      socket: { type: 'string' },
+      space: { type: 'string' },
+      gpa: { type: 'string' },
+      size: { type: 'string' },
+      name: { type: 'string' },
+      readonly: { type: 'boolean' },
+      publish: { type: 'boolean' },
+      json: { type: 'boolean' },
+    },
+    usage,
+  );
   if (!values) return 0;
   const gpa = parseAddress(required(values, 'gpa'), '--gpa');
   const size = parseSize(required(values, 'size'), '--size');
   const name = values.name ?? `ram@${hex(gpa)}`;
   const readonly = values.readonly ?? false;
-  return transaction('map add', values, async (owner) => {
-    const backing = await owner.createBacking(size, name);
-    native.close(backing.fd);
-    return { ops: [{ op: 'add', name, gpa, size, backing: backing.backing, offset: 0, readonly }], size };
-  }, (r) => `generation ${r.generation}: added region ${JSON.stringify(name)} (id ${r.added[0]?.id}) at ${hex(gpa)}, ${formatSize(size)}${readonly ? ', read-only' : ''}`);
+  return transaction(
+    'map add',
+    values,
+    async (owner) => {
+      const backing = await owner.createBacking(size, name);
+      native.close(backing.fd);
+      return { ops: [{ op: 'add', name, gpa, size, backing: backing.backing, offset: 0, readonly }], size };
+    },
+    (r) =>
+      `generation ${r.generation}: added region ${JSON.stringify(name)} (id ${r.added[0]?.id}) at ${hex(gpa)}, ${formatSize(size)}${readonly ? ', read-only' : ''}`,
+  );
 }
 
 async function remove(argv: string[]): Promise<number> {
-  const values = parseCommand(argv, { socket: { type: 'string' }, space: { type: 'string' }, name: { type: 'string' }, publish: { type: 'boolean' }, json: { type: 'boolean' } }, usage);
+  const values = parseCommand(
+    argv,
+    { socket: { type: 'string' }, space: { type: 'string' }, name: { type: 'string' }, publish: { type: 'boolean' }, json: { type: 'boolean' } },
+    usage,
+  );
   if (!values) return 0;
   const name = required(values, 'name');
-  return transaction('map remove', values, async () => ({ ops: [{ op: 'remove', region: name }], size: 0 }), (r) => `generation ${r.generation}: removed region ${JSON.stringify(name)}`);
+  return transaction(
+    'map remove',
+    values,
+    async () => ({ ops: [{ op: 'remove', region: name }], size: 0 }),
+    (r) => `generation ${r.generation}: removed region ${JSON.stringify(name)}`,
+  );
 }
 
 /**
@@ -138,7 +159,10 @@ async function transaction(
   };
   process.on('SIGINT', interrupt);
   const report = (extra: Record<string, unknown>) => {
-    if (json) console.log(JSON.stringify({ ...extra, space, evicted: seen.evicted, holders: seen.holders, fenced: seen.fenced, watched: watch !== undefined }, null, 2));
+    if (json)
+      console.log(
+        JSON.stringify({ ...extra, space, evicted: seen.evicted, holders: seen.holders, fenced: seen.fenced, watched: watch !== undefined }, null, 2),
+      );
   };
   try {
     pending = await prepare(owner);

@@ -1,5 +1,15 @@
 import { MappingSubscriber, OwnerClient } from '../../clients/index.js';
-import { FileDestination, Migration, SpaceDestination, TcpDestination, MigrationBlockedError, readTokenFile, type Destination, type MigrationProgress, type MigrationResult } from '../../clients/migration/index.js';
+import {
+  FileDestination,
+  Migration,
+  SpaceDestination,
+  TcpDestination,
+  MigrationBlockedError,
+  readTokenFile,
+  type Destination,
+  type MigrationProgress,
+  type MigrationResult,
+} from '../../clients/migration/index.js';
 import { InvalidArgError, isMmbError } from '../../protocol/index.js';
 import { formatBytes, formatSize, parseCommand, parseCount, parseSize, required, type Command } from '../args.js';
 import { checkOutputFile } from '../paths.js';
@@ -130,9 +140,10 @@ export const migrate: Command = {
     if (!values) return 0;
     const socket = required(values, 'socket');
     const space = required(values, 'space');
-    if ((values.to === undefined) === (values['to-space'] === undefined)) throw new InvalidArgError('give exactly one of --to FILE, --to tcp://HOST:PORT and --to-space NAME');
+    if ((values.to === undefined) === (values['to-space'] === undefined))
+      throw new InvalidArgError('give exactly one of --to FILE, --to tcp://HOST:PORT and --to-space NAME');
     const tcp = values.to?.startsWith('tcp://') ?? false;
-    if (tcp && values['token-file'] === undefined) throw new InvalidArgError('--to tcp://... needs --token-file (the receiver\'s token)');
+    if (tcp && values['token-file'] === undefined) throw new InvalidArgError("--to tcp://... needs --token-file (the receiver's token)");
     if (!tcp && (values['token-file'] !== undefined || values.checksum)) throw new InvalidArgError('--token-file and --checksum are for --to tcp://HOST:PORT');
     if (values.to !== undefined && !tcp) checkOutputFile(values.to, '--to');
     const opts = {
@@ -180,7 +191,13 @@ export const migrate: Command = {
       } catch (err) {
         out.clear();
         if (out.json && isMmbError(err)) {
-          out.event({ event: 'error', code: err.code, message: err.message, ...(err.client ? { client: err.client } : {}), ...(err instanceof MigrationBlockedError ? { blockers: err.blockers } : {}) });
+          out.event({
+            event: 'error',
+            code: err.code,
+            message: err.message,
+            ...(err.client ? { client: err.client } : {}),
+            ...(err instanceof MigrationBlockedError ? { blockers: err.blockers } : {}),
+          });
         }
         throw err;
       }

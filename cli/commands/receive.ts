@@ -89,7 +89,10 @@ export const receive: Command = {
         signal: stop.signal,
         onEvent: (e) => {
           if (e.event === 'progress') {
-            out.status(e, `  round ${String(e.round).padStart(2)}: ${formatBytes(e.bytes)} received${e.memoryBytes > 0 ? ` (${Math.round((100 * e.bytes) / e.memoryBytes)}% of the memory)` : ''}`);
+            out.status(
+              e,
+              `  round ${String(e.round).padStart(2)}: ${formatBytes(e.bytes)} received${e.memoryBytes > 0 ? ` (${Math.round((100 * e.bytes) / e.memoryBytes)}% of the memory)` : ''}`,
+            );
             return;
           }
           out.event(e, describe(e));

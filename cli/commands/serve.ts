@@ -1,8 +1,15 @@
 import fs from 'node:fs';
-import pino from 'pino';
 import { Broker, BrokerMetrics, BROKER_VERSION, DEFAULT_FENCE_OPTIONS } from '../../broker/index.js';
 import { isNativeError } from '../../native/index.js';
-import { DEFAULT_CONNECTION_LIMITS, DEFAULT_SPACE_LIMITS, InvalidArgError, PROTOCOL_VERSION, UnsafePathError, isMmbError, type ConnectionLimits } from '../../protocol/index.js';
+import {
+  DEFAULT_CONNECTION_LIMITS,
+  DEFAULT_SPACE_LIMITS,
+  InvalidArgError,
+  PROTOCOL_VERSION,
+  UnsafePathError,
+  isMmbError,
+  type ConnectionLimits,
+} from '../../protocol/index.js';
 import { listenFds } from '../../transport/index.js';
 import { parseCommand, parseCount, parseSize, readToken, required, type Command } from '../args.js';
 import { createLog, parseLogFormat, parseLogLevel } from '../logger.js';
@@ -78,43 +85,51 @@ export const serve: Command = {
   summary: 'serve address spaces on a Unix socket',
   usage,
   async run(argv) {
-    const values = parseCommand(argv, { socket: { type: 'string' },
-      space: { type: 'string', multiple: true },
-      'ack-timeout': { type: 'string' },
-      'owner-uid': { type: 'string', multiple: true },
-      'owner-gid': { type: 'string', multiple: true },
-      'subscriber-uid': { type: 'string', multiple: true },
-      'subscriber-gid': { type: 'string', multiple: true },
-      'token-file': { type: 'string' },
-      'max-connections': { type: 'string' },
-      'owner-reserve': { type: 'string' },
-      'max-connections-per-uid': { type: 'string' },
-      'max-unattached': { type: 'string' },
-      'max-unattached-per-uid': { type: 'string' },
-      'hello-timeout': { type: 'string' },
-      'idle-timeout': { type: 'string' },
-      rate: { type: 'string' },
-      'max-outbound': { type: 'string' },
-      'pin-budget': { type: 'string' },
-      fence: { type: 'string' },
-      'fence-timeout': { type: 'string' },
-      published: { type: 'boolean' },
-      pipeline: { type: 'string' },
-      'socket-mode': { type: 'string' },
-      'log-level': { type: 'string' },
-      'log-format': { type: 'string' },
-      'log-file': { type: 'string' },
-      metrics: { type: 'string' },
-      'metrics-public': { type: 'boolean' } }, usage);
+    const values = parseCommand(
+      argv,
+      {
+        socket: { type: 'string' },
+        space: { type: 'string', multiple: true },
+        'ack-timeout': { type: 'string' },
+        'owner-uid': { type: 'string', multiple: true },
+        'owner-gid': { type: 'string', multiple: true },
+        'subscriber-uid': { type: 'string', multiple: true },
+        'subscriber-gid': { type: 'string', multiple: true },
+        'token-file': { type: 'string' },
+        'max-connections': { type: 'string' },
+        'owner-reserve': { type: 'string' },
+        'max-connections-per-uid': { type: 'string' },
+        'max-unattached': { type: 'string' },
+        'max-unattached-per-uid': { type: 'string' },
+        'hello-timeout': { type: 'string' },
+        'idle-timeout': { type: 'string' },
+        rate: { type: 'string' },
+        'max-outbound': { type: 'string' },
+        'pin-budget': { type: 'string' },
+        fence: { type: 'string' },
+        'fence-timeout': { type: 'string' },
+        published: { type: 'boolean' },
+        pipeline: { type: 'string' },
+        'socket-mode': { type: 'string' },
+        'log-level': { type: 'string' },
+        'log-format': { type: 'string' },
+        'log-file': { type: 'string' },
+        metrics: { type: 'string' },
+        'metrics-public': { type: 'boolean' },
+      },
+      usage,
+    );
     if (!values) return 0;
-    const level = values['log-level'] !== undefined ? parseLogLevel(values['log-level'], '--log-level') : parseLogLevel(process.env.LOG_LEVEL || 'info', 'LOG_LEVEL');
+    const level =
+      values['log-level'] !== undefined ? parseLogLevel(values['log-level'], '--log-level') : parseLogLevel(process.env.LOG_LEVEL || 'info', 'LOG_LEVEL');
     const format = parseLogFormat(values['log-format'] ?? 'auto');
     const metricsAt = values.metrics !== undefined ? parseMetricsAddress(values.metrics, values['metrics-public'] ?? false) : undefined;
     if (values['metrics-public'] && metricsAt === undefined) throw new InvalidArgError('--metrics-public goes with --metrics HOST:PORT');
     const passed = listenFds();
     const socket = required(values, 'socket');
     const ids = (list: string[] | undefined, what: string) => list?.map((u) => parseCount(u, what));
-    const allow = (uids: number[] | undefined, gids: number[] | undefined) => (uids || gids ? { uids: uids ?? [process.getuid?.() ?? 0], gids: gids ?? [] } : undefined);
+    const allow = (uids: number[] | undefined, gids: number[] | undefined) =>
+      uids || gids ? { uids: uids ?? [process.getuid?.() ?? 0], gids: gids ?? [] } : undefined;
     const owners = allow(ids(values['owner-uid'], '--owner-uid'), ids(values['owner-gid'], '--owner-gid'));
     const subscribers = allow(ids(values['subscriber-uid'], '--subscriber-uid'), ids(values['subscriber-gid'], '--subscriber-gid'));
     const token = values['token-file'] !== undefined ? readSecret(values['token-file']) : undefined;
@@ -159,7 +174,8 @@ export const serve: Command = {
     try {
       if (passed.length > 0) {
         // Socket activation: the service manager bound the socket (and keeps it across our restarts).
-        if (argv.some((a) => a === '--socket' || a.startsWith('--socket='))) logger.warn({ socket }, 'a socket was passed by the service manager: --socket is not bound');
+        if (argv.some((a) => a === '--socket' || a.startsWith('--socket=')))
+          logger.warn({ socket }, 'a socket was passed by the service manager: --socket is not bound');
         for (const p of passed) broker.listenOn(p.fd, mode !== undefined ? { mode } : {});
       } else {
         listenAt(broker, socket, mode);
@@ -167,7 +183,14 @@ export const serve: Command = {
       if (metricsAt) {
         const m = await serveMetrics(new BrokerMetrics(broker), metricsAt);
         metricsServer = m.server;
-        logger.info({ host: m.address.host, port: m.address.port, url: `http://${m.address.host.includes(':') ? `[${m.address.host}]` : m.address.host}:${m.address.port}/metrics` }, 'metrics served');
+        logger.info(
+          {
+            host: m.address.host,
+            port: m.address.port,
+            url: `http://${m.address.host.includes(':') ? `[${m.address.host}]` : m.address.host}:${m.address.port}/metrics`,
+          },
+          'metrics served',
+        );
       }
     } catch (err) {
       await broker.close();
@@ -218,9 +241,12 @@ function readSecret(file: string): string {
     const st = fs.fstatSync(fd);
     const me = process.geteuid?.() ?? 0;
     if (!st.isFile()) throw new UnsafePathError(`--token-file ${file} is not a regular file`);
-    if (st.uid !== 0 && st.uid !== me) throw new UnsafePathError(`--token-file ${file} belongs to uid ${st.uid}, who could change the token: give it to root or uid ${me} (chown)`);
+    if (st.uid !== 0 && st.uid !== me)
+      throw new UnsafePathError(`--token-file ${file} belongs to uid ${st.uid}, who could change the token: give it to root or uid ${me} (chown)`);
     if ((st.mode & 0o077) !== 0) {
-      throw new UnsafePathError(`--token-file ${file} is open to group or others (mode ${(st.mode & 0o777).toString(8).padStart(3, '0')}): chmod 600 ${file}, and choose a new token: the old one may have been read`);
+      throw new UnsafePathError(
+        `--token-file ${file} is open to group or others (mode ${(st.mode & 0o777).toString(8).padStart(3, '0')}): chmod 600 ${file}, and choose a new token: the old one may have been read`,
+      );
     }
     const proc = `/proc/self/fd/${fd}`;
     try {
@@ -240,7 +266,10 @@ function listenAt(broker: Broker, socket: string, mode: number | undefined): voi
   } catch (err) {
     if (isMmbError(err)) throw err;
     const code = isNativeError(err) || (err as NodeJS.ErrnoException).code ? (err as NodeJS.ErrnoException).code : undefined;
-    throw new InvalidArgError(`--socket ${socket}: cannot listen there (${code ?? (err as Error).message})${code === 'EACCES' ? ': its directory is not writable by this user' : ''}`, { cause: err });
+    throw new InvalidArgError(
+      `--socket ${socket}: cannot listen there (${code ?? (err as Error).message})${code === 'EACCES' ? ': its directory is not writable by this user' : ''}`,
+      { cause: err },
+    );
   }
 }
 

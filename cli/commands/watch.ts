@@ -30,7 +30,17 @@ export const watch: Command = {
   summary: 'follow transactions, evictions, fencing and joins live (never slows a change)',
   usage,
   async run(argv) {
-    const values = parseCommand(argv, { socket: { type: 'string' }, space: { type: 'string', multiple: true }, json: { type: 'boolean' }, count: { type: 'string' }, 'token-file': { type: 'string' } }, usage);
+    const values = parseCommand(
+      argv,
+      {
+        socket: { type: 'string' },
+        space: { type: 'string', multiple: true },
+        json: { type: 'boolean' },
+        count: { type: 'string' },
+        'token-file': { type: 'string' },
+      },
+      usage,
+    );
     if (!values) return 0;
     const socket = required(values, 'socket');
     const count = values.count !== undefined ? parseCount(values.count, '--count') : Number.POSITIVE_INFINITY;
@@ -50,7 +60,8 @@ export const watch: Command = {
     }
     const json = values.json ?? false;
     const version = watchers[0]?.brokerVersion;
-    for (const w of watchers) process.stderr.write(`watching ${JSON.stringify(w.space)} from generation ${w.generation}${version ? ` (broker ${version})` : ''}; Ctrl-C to stop\n`);
+    for (const w of watchers)
+      process.stderr.write(`watching ${JSON.stringify(w.space)} from generation ${w.generation}${version ? ` (broker ${version})` : ''}; Ctrl-C to stop\n`);
     let seen = 0;
     return new Promise<number>((resolve) => {
       let done = false;
@@ -74,7 +85,8 @@ export const watch: Command = {
       const ended = (w: Watcher, reason: MmbError | undefined) => {
         if (done) return;
         const why = reason ? `${reason.code}: ${reason.message}` : 'the connection closed';
-        const slow = reason?.code === 'MMB_ERR_SLOW_READER' ? ' (this watcher read too slowly and was cut off so that it would not hold anyone up; run it again)' : '';
+        const slow =
+          reason?.code === 'MMB_ERR_SLOW_READER' ? ' (this watcher read too slowly and was cut off so that it would not hold anyone up; run it again)' : '';
         process.stderr.write(`mmbroker watch: the broker ended the watch of ${JSON.stringify(w.space)}: ${why}${slow}\n`);
         finish(1);
       };

@@ -84,7 +84,10 @@ export function layoutCodec<T extends Record<string, Layout>>(table: T) {
     if (total < layout.size) throw new RangeError(`${name}: ${total} bytes is less than its ${layout.size}`);
     const buf = new Uint8Array(total);
     const sizeField = 'argsz' in layout.fields ? 'argsz' : layout.fields.size?.offset === 0 && layout.fields.size.size === 4 ? 'size' : undefined;
-    const all: Record<string, number | bigint | undefined> = { ...(sizeField ? { [sizeField]: total } : {}), ...(values as Record<string, number | bigint | undefined>) };
+    const all: Record<string, number | bigint | undefined> = {
+      ...(sizeField ? { [sizeField]: total } : {}),
+      ...(values as Record<string, number | bigint | undefined>),
+    };
     for (const [field, value] of Object.entries(all)) {
       if (value === undefined) continue;
       write(buf, fieldOf(name, layout, field), 0, value, `${name}.${field}`);

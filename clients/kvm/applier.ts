@@ -14,7 +14,21 @@
 // throws one typed error: MMB_ERR_KVM with the ioctl's errno, MMB_ERR_CLIENT_LIMIT, MMB_ERR_MAP_FAILED
 // or MMB_ERR_CANCELLED. The subscriber then nacks and the broker rolls the transaction back everywhere.
 import type { Logger } from 'pino';
-import { CancelledError, InternalError, KvmError, UnsupportedError, toMmbError, type Hva, type MmbError, hex, rangeContains, rangeEnd, rangeHas, rangeText, rangesOverlap } from '../../protocol/index.js';
+import {
+  CancelledError,
+  InternalError,
+  KvmError,
+  UnsupportedError,
+  toMmbError,
+  type Hva,
+  type MmbError,
+  hex,
+  rangeContains,
+  rangeEnd,
+  rangeHas,
+  rangeText,
+  rangesOverlap,
+} from '../../protocol/index.js';
 import { GuestMemory, type MappedRegion } from '../memory.js';
 import type { DirtyLog } from '../dirty.js';
 import type { Applier, ApplyContext, Change, LocalBacking, ViewRegion } from '../view.js';
@@ -26,7 +40,6 @@ import { KvmVm } from './vm.js';
 
 /** Slot operations between two looks at the abort signal (and a turn of the event loop). */
 const OPS_PER_TURN = 512;
-
 
 export interface SlotInfo {
   slot: number;
@@ -189,7 +202,10 @@ export class KvmApplier implements Applier {
         this.log?.error({ backend: this.hypervisor, err: unmapErr }, 'kvm client: unmapping after a failed change failed');
       }
       this.stats.undone++;
-      this.log?.warn({ backend: this.hypervisor, generation: change.generation, cause: change.cause, code: e.code, errno: e.errno, err: e.message }, 'kvm client: change refused and undone');
+      this.log?.warn(
+        { backend: this.hypervisor, generation: change.generation, cause: change.cause, code: e.code, errno: e.errno, err: e.message },
+        'kvm client: change refused and undone',
+      );
       throw e;
     } finally {
       this.creating.clear();
@@ -307,13 +323,16 @@ export class KvmApplier implements Applier {
 
   private async runProgramNow(opts: ProgramOptions): Promise<RunResult> {
     if (!(this.vm instanceof KvmVm)) {
-      throw new UnsupportedError(`[${this.hypervisor}] running a guest program needs a real KVM vCPU; this client keeps its memslots in software (no /dev/kvm, or software: true)`);
+      throw new UnsupportedError(
+        `[${this.hypervisor}] running a guest program needs a real KVM vCPU; this client keeps its memslots in software (no /dev/kvm, or software: true)`,
+      );
     }
     if (this.closed) throw new CancelledError('[kvm] the kvm client is closed');
     const program = assembleProgram(opts.codeGpa, opts.writes);
     const slot = [...this.table.values()].find((s) => rangeContains(s.gpa, s.size, opts.codeGpa, program.image.length));
     if (!slot) throw new KvmError(`[kvm] no memslot covers the program at ${rangeText(opts.codeGpa, program.image.length)}`, { errno: 'EFAULT' });
-    if (slot.flags & KVM_MEM_READONLY) throw new KvmError(`[kvm] the program at ${hex(opts.codeGpa)} would go into read-only ${describeSlot(slot)}`, { errno: 'EFAULT' });
+    if (slot.flags & KVM_MEM_READONLY)
+      throw new KvmError(`[kvm] the program at ${hex(opts.codeGpa)} would go into read-only ${describeSlot(slot)}`, { errno: 'EFAULT' });
     this.memory.write(opts.codeGpa, program.image);
     const vcpu = await this.ensureVcpu();
     // Registers are set afresh for every program, so a vCPU stopped by an error (an MMIO exit leaves an
@@ -354,13 +373,16 @@ export class KvmApplier implements Applier {
       if (!(this.vm instanceof KvmVm)) throw new UnsupportedError(`[${this.hypervisor}] running a guest needs a real KVM vCPU`);
       if (this.closed) throw new CancelledError('[kvm] the kvm client is closed');
       const slot = [...this.table.values()].find((s) => rangeContains(s.gpa, s.size, opts.codeGpa, opts.image.length));
-      if (!slot || slot.flags & KVM_MEM_READONLY) throw new KvmError(`[kvm] no writable memslot holds the guest code at ${rangeText(opts.codeGpa, opts.image.length)}`, { errno: 'EFAULT' });
+      if (!slot || slot.flags & KVM_MEM_READONLY)
+        throw new KvmError(`[kvm] no writable memslot holds the guest code at ${rangeText(opts.codeGpa, opts.image.length)}`, { errno: 'EFAULT' });
       this.memory.write(opts.codeGpa, opts.image);
       const run = (await this.ensureVcpu()).runGuest(opts.codeGpa);
       this.guest = run;
-      void run.done.finally(() => {
-        if (this.guest === run) this.guest = undefined;
-      }).catch(() => undefined);
+      void run.done
+        .finally(() => {
+          if (this.guest === run) this.guest = undefined;
+        })
+        .catch(() => undefined);
       return run;
     });
   }
@@ -450,10 +472,15 @@ export class KvmApplier implements Applier {
     if (vcpu.ringOverflowed) {
       // Some entries were overwritten: which pages they named is unknown. From now on every logging slot
       // counts as entirely dirty at every collection, as a writer that cannot track does: never a lost bit.
-      if (!this.ringLost) this.log?.error({ backend: this.hypervisor, entries: this.vm.dirtyRing }, 'kvm client: the dirty ring overflowed; logging slots are reported entirely dirty from now on');
+      if (!this.ringLost)
+        this.log?.error(
+          { backend: this.hypervisor, entries: this.vm.dirtyRing },
+          'kvm client: the dirty ring overflowed; logging slots are reported entirely dirty from now on',
+        );
       this.ringLost = true;
     }
-    if (this.ringLost) for (const slot of [...this.table.values(), ...this.creating.values()]) if (slot.flags & KVM_MEM_LOG_DIRTY_PAGES) log?.mark(slot.gpa, slot.size);
+    if (this.ringLost)
+      for (const slot of [...this.table.values(), ...this.creating.values()]) if (slot.flags & KVM_MEM_LOG_DIRTY_PAGES) log?.mark(slot.gpa, slot.size);
     return n;
   }
 
@@ -491,7 +518,10 @@ export class KvmApplier implements Applier {
  * would show too. O((d + c) log d).
  */
 export function replacesInPlace(plan: SlotPlan): boolean {
-  const deleted = plan.ops.filter((op) => op.op === 'delete').map((op) => op.slot).sort((a, b) => a.gpa - b.gpa);
+  const deleted = plan.ops
+    .filter((op) => op.op === 'delete')
+    .map((op) => op.slot)
+    .sort((a, b) => a.gpa - b.gpa);
   if (deleted.length === 0) return false;
   for (const op of plan.ops) {
     if (op.op !== 'create') continue;

@@ -92,7 +92,6 @@ export function undoArgs(op: SlotOp): MemoryRegionArgs {
   }
 }
 
-
 export function describeSlot(s: Slot): string {
   return `slot ${s.slot} (region ${JSON.stringify(s.name)}, gpa ${hex(s.gpa)}, ${hex(s.size)} bytes, flags ${s.flags})`;
 }

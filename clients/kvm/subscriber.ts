@@ -75,7 +75,10 @@ export class KvmSubscriber extends Subscriber {
    */
   static async attach(target: BrokerTarget, opts: KvmSubscriberOptions): Promise<KvmSubscriber> {
     const { software, maxSlots, logger, parkVcpus, dirtyRing, ...subOpts } = opts;
-    for (const [what, v] of [['maxSlots', maxSlots], ['maxRegions', subOpts.maxRegions]] as const) {
+    for (const [what, v] of [
+      ['maxSlots', maxSlots],
+      ['maxRegions', subOpts.maxRegions],
+    ] as const) {
       if (v !== undefined && (!Number.isSafeInteger(v) || v < 1)) throw new InvalidArgError(`${what} must be a positive integer, got ${v}`);
     }
     if (parkVcpus !== undefined && typeof parkVcpus !== 'function') throw new InvalidArgError('parkVcpus must be a function');
@@ -91,7 +94,17 @@ export class KvmSubscriber extends Subscriber {
       await sub.close().catch(() => undefined);
       throw err;
     }
-    logger?.info({ backend: vm.hypervisor, maxSlots: limit, dirtyLog: vm instanceof KvmVm ? vm.dirtyLog : 'none', space: sub.space, client: sub.id, ...(reason ? { reason } : {}) }, 'kvm client attached');
+    logger?.info(
+      {
+        backend: vm.hypervisor,
+        maxSlots: limit,
+        dirtyLog: vm instanceof KvmVm ? vm.dirtyLog : 'none',
+        space: sub.space,
+        client: sub.id,
+        ...(reason ? { reason } : {}),
+      },
+      'kvm client attached',
+    );
     return sub;
   }
 

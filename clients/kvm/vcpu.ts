@@ -112,7 +112,10 @@ export function assembleProgram(codeGpa: number, writes: readonly GuestWrite[]):
  * covers readGpa is a KVM_EXIT_MMIO read at that gpa.
  */
 export function assembleCounterLoop(readGpa: number, counterGpa: number): Uint8Array {
-  for (const [what, gpa] of [['readGpa', readGpa], ['counterGpa', counterGpa]] as const) {
+  for (const [what, gpa] of [
+    ['readGpa', readGpa],
+    ['counterGpa', counterGpa],
+  ] as const) {
     if (!Number.isSafeInteger(gpa) || gpa < 0 || gpa + 4 > FOUR_GIB) throw new InvalidArgError(`${what} ${gpa} is not below 4 GiB`);
   }
   const image = new Uint8Array(14);
@@ -224,7 +227,13 @@ export class KvmVcpu {
       m = native.mmap(fd, 0, vm.caps.vcpuMmapSize, constants.PROT_READ | constants.PROT_WRITE, constants.MAP_SHARED);
       const ring =
         vm.dirtyRing > 0
-          ? native.mmap(fd, KVM_DIRTY_LOG_PAGE_OFFSET * constants.pageSize, vm.dirtyRing * DIRTY_GFN.size, constants.PROT_READ | constants.PROT_WRITE, constants.MAP_SHARED)
+          ? native.mmap(
+              fd,
+              KVM_DIRTY_LOG_PAGE_OFFSET * constants.pageSize,
+              vm.dirtyRing * DIRTY_GFN.size,
+              constants.PROT_READ | constants.PROT_WRITE,
+              constants.MAP_SHARED,
+            )
           : undefined;
       return new KvmVcpu(vm, id, fd, m, ring);
     } catch (err) {
@@ -378,8 +387,12 @@ export class KvmVcpu {
    * (MMB_ERR_INVALID_ARG).
    */
   restoreState(state: VcpuState): void {
-    for (const [what, buf, size] of [['regs', state.regs, REGS.size], ['sregs', state.sregs, SREGS.size]] as const) {
-      if (!(buf instanceof Uint8Array) || buf.length !== size) throw new InvalidArgError(`vCPU state: ${what} must be ${size} bytes (struct kvm_${what}), got ${buf instanceof Uint8Array ? buf.length : typeof buf}`);
+    for (const [what, buf, size] of [
+      ['regs', state.regs, REGS.size],
+      ['sregs', state.sregs, SREGS.size],
+    ] as const) {
+      if (!(buf instanceof Uint8Array) || buf.length !== size)
+        throw new InvalidArgError(`vCPU state: ${what} must be ${size} bytes (struct kvm_${what}), got ${buf instanceof Uint8Array ? buf.length : typeof buf}`);
     }
     this.assertOutOfRun('restoring the registers of');
     // Copies: the ioctl wants a buffer it may own for the call, and the caller's may be a view of anything.
@@ -474,7 +487,10 @@ export class KvmVcpu {
     if (!this.onRingFull) throw new KvmError(`[kvm] vCPU ${this.id}: its dirty ring is full and nobody harvests it`, { errno: 'ENOSPC' });
     if (this.onRingFull() === 0) {
       this.ringOverflowed = true;
-      throw new KvmError(`[kvm] vCPU ${this.id}: its dirty ring is full but holds no entry at index ${this.fetch}: KVM ran it past its end and it cannot be harvested any more (its logging slots now count as entirely dirty)`, { errno: 'EOVERFLOW' });
+      throw new KvmError(
+        `[kvm] vCPU ${this.id}: its dirty ring is full but holds no entry at index ${this.fetch}: KVM ran it past its end and it cannot be harvested any more (its logging slots now count as entirely dirty)`,
+        { errno: 'EOVERFLOW' },
+      );
     }
   }
 
@@ -509,7 +525,9 @@ export class KvmVcpu {
           } else if (reason === KVM_EXIT_IO) {
             exits.push({ reason: 'KVM_EXIT_IO', port: this.run.getUint16(RUN.io_port, true) });
           } else {
-            throw new KvmError(`[kvm] vCPU ${this.id} stopped with ${this.describeExit(reason)} (RIP ${hex(this.getRegs().rip)})`, { errno: reason === KVM_EXIT_SHUTDOWN ? 'EIO' : 'EFAULT' });
+            throw new KvmError(`[kvm] vCPU ${this.id} stopped with ${this.describeExit(reason)} (RIP ${hex(this.getRegs().rip)})`, {
+              errno: reason === KVM_EXIT_SHUTDOWN ? 'EIO' : 'EFAULT',
+            });
           }
         }
       } finally {

@@ -25,7 +25,6 @@ import {
 } from './abi.js';
 import type { Memslots } from './memslots.js';
 
-
 /** Wraps an addon error from a KVM ioctl into MMB_ERR_KVM carrying its errno. */
 export function kvmError(what: string, err: unknown): MmbError {
   if (isNativeError(err)) {

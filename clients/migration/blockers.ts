@@ -42,7 +42,10 @@ export function migrationBlockers(clients: readonly StatusClient[]): MigrationBl
     if (devices.length === 0) continue;
     const d = declaration(c);
     if (d?.quiesce && d.deviceState) continue;
-    const missing = [...(d?.quiesce ? [] : ['cannot be quiesced (nothing stops its DMA at the pause)']), ...(d?.deviceState ? [] : ['has no migratable state'])];
+    const missing = [
+      ...(d?.quiesce ? [] : ['cannot be quiesced (nothing stops its DMA at the pause)']),
+      ...(d?.deviceState ? [] : ['has no migratable state']),
+    ];
     out.push({
       client: { id: c.id, kind: c.kind, name: c.name, pid: c.pid },
       devices: [...devices],

@@ -92,7 +92,11 @@ export class Channel {
         this.failure ??= new DisconnectedError(`the connection to ${this.peer} was closed`);
         return;
       }
-      this.fail(new DisconnectedError(`${this.peer} closed the connection${this.reader.midRecord ? ' in the middle of a record' : ''} (after ${this.reader.records} records)`));
+      this.fail(
+        new DisconnectedError(
+          `${this.peer} closed the connection${this.reader.midRecord ? ' in the middle of a record' : ''} (after ${this.reader.records} records)`,
+        ),
+      );
     });
   }
 

@@ -61,7 +61,10 @@ export interface Destination {
 }
 
 /** Regions that differ between two maps, by the source's ids. */
-export function mapChanges(before: readonly StreamRegion[], after: readonly StreamRegion[]): { added: StreamRegion[]; removed: StreamRegion[]; flags: StreamRegion[] } {
+export function mapChanges(
+  before: readonly StreamRegion[],
+  after: readonly StreamRegion[],
+): { added: StreamRegion[]; removed: StreamRegion[]; flags: StreamRegion[] } {
   const old = new Map(before.map((r) => [r.id, r]));
   const now = new Map(after.map((r) => [r.id, r]));
   return {
@@ -138,7 +141,8 @@ export class FileDestination implements Destination {
         const n = Math.min(buf.length, to - at);
         if (map.regions.some((r) => rangesOverlap(at, n, r.gpa, r.size))) continue; // compared above
         preadFull(fd, buf.subarray(0, n), at);
-        if (buf.subarray(0, n).some((b) => b !== 0)) return { identical: false, checkedBytes: result.checkedBytes, difference: `the image holds data at ${hex(at)}, outside every region` };
+        if (buf.subarray(0, n).some((b) => b !== 0))
+          return { identical: false, checkedBytes: result.checkedBytes, difference: `the image holds data at ${hex(at)}, outside every region` };
       }
     }
     return result;
@@ -252,7 +256,15 @@ export class SpaceDestination implements Destination {
       const ops: CommitOp[] = [
         ...removed.map((r) => ({ op: 'remove' as const, region: r.name })),
         ...flags.map((r) => ({ op: 'set' as const, region: r.name, readonly: r.readonly })),
-        ...made.map((d) => ({ op: 'add' as const, name: d.region.name, gpa: d.region.gpa, size: d.region.size, backing: d.backing, offset: 0, readonly: d.region.readonly })),
+        ...made.map((d) => ({
+          op: 'add' as const,
+          name: d.region.name,
+          gpa: d.region.gpa,
+          size: d.region.size,
+          backing: d.backing,
+          offset: 0,
+          readonly: d.region.readonly,
+        })),
       ];
       await owner.commit(ops);
     } catch (err) {
@@ -290,7 +302,8 @@ export class SpaceDestination implements Destination {
       else hi = mid;
     }
     const d = this.sorted[lo - 1];
-    if (!d || !rangeContains(d.region.gpa, d.region.size, gpa, length)) throw new InvalidArgError(`[${hex(gpa)}, +${length}) is not inside one region of the destination's map`);
+    if (!d || !rangeContains(d.region.gpa, d.region.size, gpa, length))
+      throw new InvalidArgError(`[${hex(gpa)}, +${length}) is not inside one region of the destination's map`);
     return d;
   }
 

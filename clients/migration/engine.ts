@@ -158,7 +158,14 @@ export class Migration {
       await this.dest.open({ space: this.owner.space, epoch: st.epoch, memoryBytes: st.regions.reduce((n, r) => n + r.size, 0) });
       opened = true;
       let last = performance.now();
-      const record = async (round: number, phase: MigrationProgress['phase'], pages: number, dirtyPages: number, map: MigrationMap, changes: ReturnType<typeof mapChanges>) => {
+      const record = async (
+        round: number,
+        phase: MigrationProgress['phase'],
+        pages: number,
+        dirtyPages: number,
+        map: MigrationMap,
+        changes: ReturnType<typeof mapChanges>,
+      ) => {
         const now = performance.now();
         const p: MigrationProgress = {
           round,
@@ -268,7 +275,8 @@ export class Migration {
   }
 
   private checkAborted(): void {
-    if (this.signal?.aborted) throw isMmbError(this.signal.reason) ? this.signal.reason : new InternalError(`the migration was aborted: ${String(this.signal.reason)}`);
+    if (this.signal?.aborted)
+      throw isMmbError(this.signal.reason) ? this.signal.reason : new InternalError(`the migration was aborted: ${String(this.signal.reason)}`);
   }
 
   /** One sync, the map read after it, what is new copied whole and the dirty pages of the rest. */
@@ -305,7 +313,11 @@ export class Migration {
    * Reads the source's map: regions not logging have logging turned on (not while paused: nothing
    * writes) and are copied whole; removed ones are forgotten; the destination is told the map.
    */
-  private async refresh(round: number, phase: MigrationProgress['phase'], paused: boolean): Promise<{ map: MigrationMap; changes: ReturnType<typeof mapChanges> }> {
+  private async refresh(
+    round: number,
+    phase: MigrationProgress['phase'],
+    paused: boolean,
+  ): Promise<{ map: MigrationMap; changes: ReturnType<typeof mapChanges> }> {
     let st = await this.space();
     if (!paused) {
       const off = st.regions.filter((r) => !r.logDirty);
@@ -376,7 +388,9 @@ export class Migration {
       const b = this.reader.backing(t.region.backing);
       // Only where the backing holds data: holes read zero, and faulting them in through a shared mapping
       // would allocate them in the source. A region the destination never had reads zero there too.
-      const extents = b ? dataExtents(b.fd, t.region.offset, t.region.offset + t.region.size).map(([a, z]) => [a - t.region.offset, z - t.region.offset] as const) : [[0, t.region.size] as const];
+      const extents = b
+        ? dataExtents(b.fd, t.region.offset, t.region.offset + t.region.size).map(([a, z]) => [a - t.region.offset, z - t.region.offset] as const)
+        : [[0, t.region.size] as const];
       let complete = true;
       for (const [from, to] of extents) {
         const n = await this.copy(t.region.id, from, to - from, this.dest.zeroFilled && !t.everSent);

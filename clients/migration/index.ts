@@ -1,5 +1,13 @@
 export { Migration, type MigrationOptions, type MigrationProgress, type MigrationResult } from './engine.js';
-export { FileDestination, SpaceDestination, mapChanges, type Destination, type MigrationMap, type SourceInfo, type SpaceDestinationOptions } from './destination.js';
+export {
+  FileDestination,
+  SpaceDestination,
+  mapChanges,
+  type Destination,
+  type MigrationMap,
+  type SourceInfo,
+  type SpaceDestinationOptions,
+} from './destination.js';
 export { migrationBlockers, MigrationBlockedError, type MigrationBlocker, type MigrationDeclaration } from './blockers.js';
 export { compareImages, compareDigests, imageDigests, mapDifference, VERIFY_BLOCK, type MemoryImage, type VerifyResult } from './verify.js';
 export { readTokenFile, authMac, checkMac, MIN_TOKEN_LENGTH } from './token.js';

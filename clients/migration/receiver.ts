@@ -10,13 +10,36 @@
 // One migration per Receiver: connections that fail to authenticate are closed and listening goes on;
 // once a sender is authenticated, other connections are turned away, and the receiver ends with it.
 import net from 'node:net';
-import { BadMessageError, CancelledError, InvalidArgError, PermissionError, StateError, TimeoutError, VersionError, toMmbError, type MmbError, hex } from '../../protocol/index.js';
+import {
+  BadMessageError,
+  CancelledError,
+  InvalidArgError,
+  PermissionError,
+  StateError,
+  TimeoutError,
+  VersionError,
+  toMmbError,
+  type MmbError,
+  hex,
+} from '../../protocol/index.js';
 import type { BrokerTarget } from '../connection.js';
 import type { OwnerClient } from '../owner.js';
 import { DEFAULT_LISTEN_HOST, formatAddress, parseListen, type TcpAddress } from './address.js';
 import { Channel, remoteError } from './channel.js';
 import { SpaceDestination } from './destination.js';
-import { MAGIC, MAX_CONTROL_BYTES, RecordType, RECORD_NAMES, STREAM_VERSION, checkAuth, checkMap, checkSeq, type Auth, type Digests, type MapBody } from './stream.js';
+import {
+  MAGIC,
+  MAX_CONTROL_BYTES,
+  RecordType,
+  RECORD_NAMES,
+  STREAM_VERSION,
+  checkAuth,
+  checkMap,
+  checkSeq,
+  type Auth,
+  type Digests,
+  type MapBody,
+} from './stream.js';
 import { checkMac, newNonce } from './token.js';
 import { imageDigests, VERIFY_BLOCK } from './verify.js';
 
@@ -96,7 +119,11 @@ export class Receiver {
   static async listen(opts: ReceiveOptions): Promise<Receiver> {
     const at = typeof opts.listen === 'string' ? parseListen(opts.listen) : opts.listen;
     if (!opts.token) throw new InvalidArgError('a receiver needs a token');
-    const dest = new SpaceDestination(opts.broker, opts.space, { name: opts.name ?? 'mmbroker receive', requireUnpublished: true, keepOwner: opts.keepOwner ?? false });
+    const dest = new SpaceDestination(opts.broker, opts.space, {
+      name: opts.name ?? 'mmbroker receive',
+      requireUnpublished: true,
+      keepOwner: opts.keepOwner ?? false,
+    });
     await dest.open();
     const r = new Receiver(opts, dest);
     try {
@@ -120,9 +147,17 @@ export class Receiver {
   private bind(at: TcpAddress): Promise<void> {
     const server = net.createServer((socket) => this.accept(socket));
     this.server = server;
-    this.opts.signal?.addEventListener('abort', () => void this.finish(new CancelledError(`the receiver was stopped: ${String(this.opts.signal?.reason ?? '')}`)), { once: true });
+    this.opts.signal?.addEventListener(
+      'abort',
+      () => void this.finish(new CancelledError(`the receiver was stopped: ${String(this.opts.signal?.reason ?? '')}`)),
+      { once: true },
+    );
     return new Promise((resolve, reject) => {
-      server.once('error', (err) => reject(new InvalidArgError(`cannot listen on ${formatAddress(at)}: ${err.message}`, { cause: err, errno: (err as NodeJS.ErrnoException).code ?? 'EIO' })));
+      server.once('error', (err) =>
+        reject(
+          new InvalidArgError(`cannot listen on ${formatAddress(at)}: ${err.message}`, { cause: err, errno: (err as NodeJS.ErrnoException).code ?? 'EIO' }),
+        ),
+      );
       server.listen({ host: at.host || DEFAULT_LISTEN_HOST, port: at.port, exclusive: true }, () => {
         const a = server.address() as net.AddressInfo;
         this.address_ = { host: a.address, port: a.port };
@@ -139,7 +174,11 @@ export class Receiver {
     this.emit({ event: 'connection', peer });
     if (this.session || this.done) {
       // One migration at a time: tell it why, then close.
-      const busy = new Channel(socket, { control: () => undefined, dataStart: () => undefined, data: () => undefined, dataEnd: () => undefined, failed: () => undefined }, `the sender at ${peer}`);
+      const busy = new Channel(
+        socket,
+        { control: () => undefined, dataStart: () => undefined, data: () => undefined, dataEnd: () => undefined, failed: () => undefined },
+        `the sender at ${peer}`,
+      );
       busy.sendError(new StateError(`this receiver is busy with another migration (space ${JSON.stringify(this.opts.space)})`));
       this.emit({ event: 'refused', peer, code: 'MMB_ERR_STATE', message: 'busy' });
       return;
@@ -166,8 +205,10 @@ export class Receiver {
           if (!authed) {
             if (type !== RecordType.AUTH) return refuse(new BadMessageError(`${RECORD_NAMES.get(type)} before AUTH`));
             const auth = checkAuth(body);
-            if (auth.version !== STREAM_VERSION) return refuse(new VersionError(`migration stream version ${auth.version}; this receiver speaks ${STREAM_VERSION}`));
-            if (!checkMac(this.opts.token, nonce, Buffer.from(auth.mac, 'hex'))) return refuse(new PermissionError('wrong token: the AUTH answer does not match'));
+            if (auth.version !== STREAM_VERSION)
+              return refuse(new VersionError(`migration stream version ${auth.version}; this receiver speaks ${STREAM_VERSION}`));
+            if (!checkMac(this.opts.token, nonce, Buffer.from(auth.mac, 'hex')))
+              return refuse(new PermissionError('wrong token: the AUTH answer does not match'));
             if (this.session || this.done) return refuse(new StateError('this receiver is busy with another migration'));
             clearTimeout(timer);
             authed = true;

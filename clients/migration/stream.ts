@@ -133,7 +133,8 @@ function header(type: number, flags: number, length: number): Buffer {
 /** A control record: `body` as JSON. */
 export function encodeControl(type: number, body: object): Buffer {
   const json = Buffer.from(JSON.stringify(body), 'utf8');
-  if (json.length > MAX_CONTROL_BYTES) throw new BadFrameError(`a ${RECORD_NAMES.get(type)} record of ${json.length} bytes is larger than ${MAX_CONTROL_BYTES}`);
+  if (json.length > MAX_CONTROL_BYTES)
+    throw new BadFrameError(`a ${RECORD_NAMES.get(type)} record of ${json.length} bytes is larger than ${MAX_CONTROL_BYTES}`);
   const h = header(type, 0, json.length);
   h.writeUInt32LE(zlib.crc32(json, zlib.crc32(h.subarray(0, 8))), 8);
   return Buffer.concat([h, json]);
@@ -232,7 +233,9 @@ export class RecordReader {
         this.remaining = this.length - DATA_PREFIX_BYTES;
         this.offset = 0;
         if (this.gpa % DATA_ALIGN !== 0 || this.remaining % DATA_ALIGN !== 0 || !Number.isSafeInteger(this.gpa) || this.remaining === 0) {
-          throw new BadFrameError(`DATA record at ${hex(this.gpa)} of ${this.remaining} bytes: both must be multiples of ${DATA_ALIGN}, and it must not be empty`);
+          throw new BadFrameError(
+            `DATA record at ${hex(this.gpa)} of ${this.remaining} bytes: both must be multiples of ${DATA_ALIGN}, and it must not be empty`,
+          );
         }
         this.sink.dataStart(this.gpa, this.remaining);
         continue;
@@ -266,9 +269,11 @@ export class RecordReader {
     this.crc = h.readUInt32LE(8);
     if (h.readUInt32LE(12) !== 0) throw new BadFrameError('a record header with its reserved word set');
     if (!RECORD_NAMES.has(this.type)) throw new BadFrameError(`unknown record type ${this.type}`);
-    if ((this.flags & ~RecordFlag.DATA_CRC) !== 0 || (this.flags !== 0 && this.type !== RecordType.DATA)) throw new BadFrameError(`record flags ${hex(this.flags)} on ${RECORD_NAMES.get(this.type)}`);
+    if ((this.flags & ~RecordFlag.DATA_CRC) !== 0 || (this.flags !== 0 && this.type !== RecordType.DATA))
+      throw new BadFrameError(`record flags ${hex(this.flags)} on ${RECORD_NAMES.get(this.type)}`);
     const max = this.type === RecordType.DATA ? DATA_PREFIX_BYTES + MAX_DATA_BYTES : MAX_CONTROL_BYTES;
-    if (this.length > Math.min(max, this.limit)) throw new BadFrameError(`a ${RECORD_NAMES.get(this.type)} record of ${this.length} bytes is larger than allowed here (${Math.min(max, this.limit)})`);
+    if (this.length > Math.min(max, this.limit))
+      throw new BadFrameError(`a ${RECORD_NAMES.get(this.type)} record of ${this.length} bytes is larger than allowed here (${Math.min(max, this.limit)})`);
     if (this.type === RecordType.DATA && this.length <= DATA_PREFIX_BYTES) throw new BadFrameError('a DATA record without bytes');
     this.running = zlib.crc32(h.subarray(0, 8));
   }
@@ -285,12 +290,13 @@ export class RecordReader {
     } catch {
       throw new BadMessageError(`a ${RECORD_NAMES.get(type)} record whose body is not JSON`);
     }
-    if (typeof parsed !== 'object' || parsed === null || Array.isArray(parsed)) throw new BadMessageError(`a ${RECORD_NAMES.get(type)} record whose body is not a JSON object`);
+    if (typeof parsed !== 'object' || parsed === null || Array.isArray(parsed))
+      throw new BadMessageError(`a ${RECORD_NAMES.get(type)} record whose body is not a JSON object`);
     return this.sink.control(type, parsed) === true;
   }
 
   private checkCrc(): void {
-    if ((this.running >>> 0) !== this.crc) throw new BadFrameError(`${RECORD_NAMES.get(this.type)} record ${this.records + 1}: CRC mismatch`);
+    if (this.running >>> 0 !== this.crc) throw new BadFrameError(`${RECORD_NAMES.get(this.type)} record ${this.records + 1}: CRC mismatch`);
   }
 
   private reset(): void {
@@ -309,6 +315,7 @@ export class RecordReader {
 // --- checking bodies -----------------------------------------------------------------------------
 
 const isUint = (v: unknown): v is number => typeof v === 'number' && Number.isSafeInteger(v) && v >= 0;
+// eslint-disable-next-line no-control-regex -- control characters are what it looks for
 const isName = (v: unknown): v is string => typeof v === 'string' && v.length > 0 && Buffer.byteLength(v) <= 64 && !/[\u0000-\u001f\u007f]/.test(v);
 
 function fail(type: string, what: string): never {
@@ -318,8 +325,10 @@ function fail(type: string, what: string): never {
 function checkRegion(r: unknown, type: string): StreamRegion {
   if (typeof r !== 'object' || r === null) fail(type, 'a region that is not an object');
   const x = r as Record<string, unknown>;
-  if (!isUint(x.id) || !isName(x.name) || !isUint(x.gpa) || !isUint(x.size) || typeof x.readonly !== 'boolean') fail(type, `region ${JSON.stringify(r)}: needs id, name, gpa, size, readonly`);
-  if (x.gpa % DATA_ALIGN !== 0 || x.size % DATA_ALIGN !== 0 || x.size === 0 || rangeEnd(x.gpa, x.size) > GPA_LIMIT) fail(type, `region ${x.name}: gpa and size must be page aligned, size > 0, below 2^52`);
+  if (!isUint(x.id) || !isName(x.name) || !isUint(x.gpa) || !isUint(x.size) || typeof x.readonly !== 'boolean')
+    fail(type, `region ${JSON.stringify(r)}: needs id, name, gpa, size, readonly`);
+  if (x.gpa % DATA_ALIGN !== 0 || x.size % DATA_ALIGN !== 0 || x.size === 0 || rangeEnd(x.gpa, x.size) > GPA_LIMIT)
+    fail(type, `region ${x.name}: gpa and size must be page aligned, size > 0, below 2^52`);
   return { id: x.id, name: x.name, gpa: asGpa(x.gpa), size: x.size, readonly: x.readonly };
 }
 
@@ -333,13 +342,15 @@ export function checkRegions(list: unknown, type: string): StreamRegion[] {
     const c = sorted[i] as StreamRegion;
     if (rangesOverlap(p.gpa, p.size, c.gpa, c.size)) fail(type, `regions ${p.name} and ${c.name} overlap`);
   }
-  if (new Set(regions.map((r) => r.id)).size !== regions.length || new Set(regions.map((r) => r.name)).size !== regions.length) fail(type, 'region ids and names must be unique');
+  if (new Set(regions.map((r) => r.id)).size !== regions.length || new Set(regions.map((r) => r.name)).size !== regions.length)
+    fail(type, 'region ids and names must be unique');
   return regions;
 }
 
 export function checkMap(body: unknown): MapBody {
   const b = body as Record<string, unknown>;
-  if (!isUint(b.round) || !isUint(b.generation) || (b.phase !== 'full' && b.phase !== 'dirty' && b.phase !== 'final')) fail('MAP', 'needs round, phase (full, dirty, final), generation');
+  if (!isUint(b.round) || !isUint(b.generation) || (b.phase !== 'full' && b.phase !== 'dirty' && b.phase !== 'final'))
+    fail('MAP', 'needs round, phase (full, dirty, final), generation');
   return { round: b.round, phase: b.phase, generation: b.generation, regions: checkRegions(b.regions, 'MAP') };
 }
 
@@ -354,8 +365,10 @@ export function checkHello(body: unknown): Hello {
 export function checkAuth(body: unknown): Auth {
   const b = body as Record<string, unknown>;
   const src = b.source as Record<string, unknown> | undefined;
-  if (!isUint(b.version) || typeof b.mac !== 'string' || !/^[0-9a-f]{64}$/.test(b.mac) || typeof b.dataCrc !== 'boolean' || !isUint(b.memoryBytes)) fail('AUTH', 'needs version, mac (64 hex digits), dataCrc, memoryBytes');
-  if (typeof src !== 'object' || src === null || !isName(src.space) || typeof src.epoch !== 'string' || src.epoch.length > 64) fail('AUTH', 'needs source {space, epoch}');
+  if (!isUint(b.version) || typeof b.mac !== 'string' || !/^[0-9a-f]{64}$/.test(b.mac) || typeof b.dataCrc !== 'boolean' || !isUint(b.memoryBytes))
+    fail('AUTH', 'needs version, mac (64 hex digits), dataCrc, memoryBytes');
+  if (typeof src !== 'object' || src === null || !isName(src.space) || typeof src.epoch !== 'string' || src.epoch.length > 64)
+    fail('AUTH', 'needs source {space, epoch}');
   return { version: b.version, mac: b.mac, source: { space: src.space, epoch: src.epoch }, dataCrc: b.dataCrc, memoryBytes: b.memoryBytes };
 }
 

@@ -13,7 +13,18 @@ import { formatAddress, parseTcpUrl, type TcpAddress } from './address.js';
 import { Channel, remoteError } from './channel.js';
 import type { Destination, MigrationMap, SourceInfo } from './destination.js';
 import { Migration, type MigrationOptions, type MigrationResult } from './engine.js';
-import { RecordType, RECORD_NAMES, STREAM_VERSION, checkDigests, checkHello, checkSeq, encodeData, encodeDataWith, type Committed, type Synced } from './stream.js';
+import {
+  RecordType,
+  RECORD_NAMES,
+  STREAM_VERSION,
+  checkDigests,
+  checkHello,
+  checkSeq,
+  encodeData,
+  encodeDataWith,
+  type Committed,
+  type Synced,
+} from './stream.js';
 import { authMac } from './token.js';
 import { compareDigests, mapDifference, VERIFY_BLOCK, type MemoryImage, type VerifyResult } from './verify.js';
 
@@ -77,7 +88,9 @@ export class TcpDestination implements Destination {
       });
       const onError = (err: Error) => {
         clearTimeout(timer);
-        reject(new DisconnectedError(`cannot connect to ${peer}: ${err.message}`, { cause: err, errno: (err as NodeJS.ErrnoException).code ?? 'ECONNREFUSED' }));
+        reject(
+          new DisconnectedError(`cannot connect to ${peer}: ${err.message}`, { cause: err, errno: (err as NodeJS.ErrnoException).code ?? 'ECONNREFUSED' }),
+        );
       };
       s.once('error', onError);
     });
@@ -228,7 +241,12 @@ export interface MigrateToResult extends MigrationResult {
  */
 export async function migrateTo(url: string, opts: MigrateToOptions): Promise<MigrateToResult> {
   const { owner, reader, token, dataCrc, connectTimeoutMs, replyTimeoutMs, ...run } = opts;
-  const dest = new TcpDestination(url, { token, ...(dataCrc !== undefined ? { dataCrc } : {}), ...(connectTimeoutMs !== undefined ? { connectTimeoutMs } : {}), ...(replyTimeoutMs !== undefined ? { replyTimeoutMs } : {}) });
+  const dest = new TcpDestination(url, {
+    token,
+    ...(dataCrc !== undefined ? { dataCrc } : {}),
+    ...(connectTimeoutMs !== undefined ? { connectTimeoutMs } : {}),
+    ...(replyTimeoutMs !== undefined ? { replyTimeoutMs } : {}),
+  });
   const result = await new Migration(owner, reader, dest).run(run);
   return { ...result, destination: dest.result };
 }

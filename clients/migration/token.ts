@@ -27,7 +27,9 @@ export function readTokenFile(file: string, what = '--token-file'): string {
     const st = fs.fstatSync(fd);
     if (!st.isFile()) throw new InvalidArgError(`${what} ${file}: not a regular file`);
     if ((st.mode & 0o077) !== 0) {
-      throw new InvalidArgError(`${what} ${file}: its mode is ${(st.mode & 0o777).toString(8).padStart(3, '0')}; a secret must not be accessible to group or others (chmod 600 ${file})`);
+      throw new InvalidArgError(
+        `${what} ${file}: its mode is ${(st.mode & 0o777).toString(8).padStart(3, '0')}; a secret must not be accessible to group or others (chmod 600 ${file})`,
+      );
     }
     const token = fs.readFileSync(fd, 'utf8').split('\n')[0]?.trim() ?? '';
     if (token.length < MIN_TOKEN_LENGTH) throw new InvalidArgError(`${what} ${file}: the token must be at least ${MIN_TOKEN_LENGTH} characters`);

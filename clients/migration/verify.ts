@@ -107,14 +107,22 @@ export function zeroDigest(n: number): string {
 /** Digests of every block where `image` holds data, per region: what a receiver answers to VERIFY. */
 export function imageDigests(image: MemoryImage, regions: readonly StreamRegion[], block = VERIFY_BLOCK): { id: number; blocks: [number, string][] }[] {
   const buf = Buffer.alloc(block);
-  return regions.map((r) => ({ id: r.id, blocks: blocksOf(image.extents(r), block).map((i) => [i, blockDigest(image, r, i, buf, block)] as [number, string]) }));
+  return regions.map((r) => ({
+    id: r.id,
+    blocks: blocksOf(image.extents(r), block).map((i) => [i, blockDigest(image, r, i, buf, block)] as [number, string]),
+  }));
 }
 
 /**
  * Compares the source with a remote copy's digests: every block where either side holds data is digested
  * here and compared with the copy's (a block the copy did not list is all zero there).
  */
-export function compareDigests(source: MemoryImage, regions: readonly StreamRegion[], remote: readonly { id: number; blocks: readonly [number, string][] }[], block = VERIFY_BLOCK): VerifyResult {
+export function compareDigests(
+  source: MemoryImage,
+  regions: readonly StreamRegion[],
+  remote: readonly { id: number; blocks: readonly [number, string][] }[],
+  block = VERIFY_BLOCK,
+): VerifyResult {
   const buf = Buffer.alloc(block);
   let checked = 0;
   for (const r of regions) {
@@ -124,7 +132,11 @@ export function compareDigests(source: MemoryImage, regions: readonly StreamRegi
       const n = Math.min(block, r.size - i * block);
       const mine = blockDigest(source, r, i, buf, block);
       if (mine !== (theirs.get(i) ?? zeroDigest(n))) {
-        return { identical: false, checkedBytes: checked, difference: `region ${r.name}: the 1 MiB block at ${hex(i * block)} (GPA ${hex(r.gpa + i * block)}) differs` };
+        return {
+          identical: false,
+          checkedBytes: checked,
+          difference: `region ${r.name}: the 1 MiB block at ${hex(i * block)} (GPA ${hex(r.gpa + i * block)}) differs`,
+        };
       }
       checked += n;
     }

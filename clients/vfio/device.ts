@@ -64,13 +64,22 @@ export class HwDevice implements VfioDevice {
    */
   migration(): DeviceMigration {
     const header = LAYOUTS.vfio_device_feature.size;
-    const buf = pack('vfio_device_feature', { flags: VFIO.VFIO_DEVICE_FEATURE_MIGRATION | VFIO.VFIO_DEVICE_FEATURE_GET }, header + LAYOUTS.vfio_device_feature_migration.size);
+    const buf = pack(
+      'vfio_device_feature',
+      { flags: VFIO.VFIO_DEVICE_FEATURE_MIGRATION | VFIO.VFIO_DEVICE_FEATURE_GET },
+      header + LAYOUTS.vfio_device_feature_migration.size,
+    );
     packInto('vfio_device_feature_migration', buf, header, { flags: 0 });
     try {
       this.sys.ioctl(this.fd, REQUEST.VFIO_DEVICE_FEATURE, buf);
     } catch (err) {
       const errno = isNativeError(err) ? err.code : String(err);
-      return { supported: false, stopCopy: false, p2p: false, reason: `VFIO_DEVICE_FEATURE(GET, MIGRATION) on ${this.name}: ${errno}${errno === 'ENOTTY' ? ' (its driver has no VFIO migration support)' : ''}` };
+      return {
+        supported: false,
+        stopCopy: false,
+        p2p: false,
+        reason: `VFIO_DEVICE_FEATURE(GET, MIGRATION) on ${this.name}: ${errno}${errno === 'ENOTTY' ? ' (its driver has no VFIO migration support)' : ''}`,
+      };
     }
     const flags = Number(unpack('vfio_device_feature_migration', buf, header).flags);
     return { supported: true, stopCopy: (flags & VFIO.VFIO_MIGRATION_STOP_COPY) !== 0, p2p: (flags & VFIO.VFIO_MIGRATION_P2P) !== 0, flags };

@@ -4,7 +4,23 @@
 // already mapped in the process is pinned into it), the last one destroys it (everything is unpinned).
 //
 // The pin table is keyed by a region's key (clients/view.ts): what its establishment depends on.
-import { IommuError, NoDeviceError, isMmbError, ReservedRangeError, UnalignedError, dmaMisalignment, formatSize, type DmaRules, type Gpa, type Iova, type Range, hex, inclusiveText, iovaOfGpa, rangeText } from '../../protocol/index.js';
+import {
+  IommuError,
+  NoDeviceError,
+  isMmbError,
+  ReservedRangeError,
+  UnalignedError,
+  dmaMisalignment,
+  formatSize,
+  type DmaRules,
+  type Gpa,
+  type Iova,
+  type Range,
+  hex,
+  inclusiveText,
+  iovaOfGpa,
+  rangeText,
+} from '../../protocol/index.js';
 import { CHUNK_BYTES, type MappedRegion } from '../memory.js';
 import type { ViewRegion } from '../view.js';
 import { clash, mergeRanges, type IommuBackendName, type DirtyTracking, type DomainLimits, type IommuBackend, type Piece } from './iommu-backend.js';
@@ -46,7 +62,6 @@ interface Entry {
   region: ViewRegion;
   pieces: Piece[];
 }
-
 
 export class Domain {
   private readonly entries = new Map<string, Entry>();
@@ -109,7 +124,9 @@ export class Domain {
   checkAligned(region: ViewRegion, align: number | undefined): void {
     const why = dmaMisalignment(region.gpa, region.size, align !== undefined ? { align } : undefined);
     if (why) {
-      throw new UnalignedError(`region ${JSON.stringify(region.name)} ${rangeText(region.gpa, region.size)}: the ${this.backend.name} IOMMU maps at multiples of ${formatSize(align as number)}: ${why}`);
+      throw new UnalignedError(
+        `region ${JSON.stringify(region.name)} ${rangeText(region.gpa, region.size)}: the ${this.backend.name} IOMMU maps at multiples of ${formatSize(align as number)}: ${why}`,
+      );
     }
   }
 
@@ -119,7 +136,15 @@ export class Domain {
 
   mappings(): DomainMapping[] {
     return [...this.entries.values()]
-      .map(({ region: r, pieces: p }) => ({ region: r.name, id: r.id, gpa: r.gpa, size: r.size, iova: iovaOfGpa(r.gpa), readonly: r.readonly, pieces: p.length }))
+      .map(({ region: r, pieces: p }) => ({
+        region: r.name,
+        id: r.id,
+        gpa: r.gpa,
+        size: r.size,
+        iova: iovaOfGpa(r.gpa),
+        readonly: r.readonly,
+        pieces: p.length,
+      }))
       .sort((a, b) => a.gpa - b.gpa);
   }
 
@@ -144,7 +169,11 @@ export class Domain {
     if (this.tracking && this.tracking.devices === devices) return this.tracking.state;
     let state: DirtyTracking;
     if (!this.backend.active) state = { mode: 'none', reason: 'no device in the domain' };
-    else if (!this.backend.startDirty) state = { mode: 'none', reason: `${this.backend.name}: ${this.backend.software ? 'a software stand-in, nothing tracks what its devices write' : 'no dirty tracking'}` };
+    else if (!this.backend.startDirty)
+      state = {
+        mode: 'none',
+        reason: `${this.backend.name}: ${this.backend.software ? 'a software stand-in, nothing tracks what its devices write' : 'no dirty tracking'}`,
+      };
     else state = this.backend.startDirty();
     this.tracking = { state, devices };
     return state;
@@ -212,7 +241,9 @@ export class Domain {
     this.checkAligned(r, limits.align);
     if (limits.align !== undefined && m.address % limits.align !== 0) {
       // GuestMemory maps on a 4 KiB, 2 MiB or huge page boundary; an IOMMU needing more refuses the vaddr.
-      throw new UnalignedError(`region ${JSON.stringify(r.name)} is mapped at host address ${hex(m.address)} here, not a multiple of the ${formatSize(limits.align)} the ${this.backend.name} IOMMU maps at`);
+      throw new UnalignedError(
+        `region ${JSON.stringify(r.name)} is mapped at host address ${hex(m.address)} here, not a multiple of the ${formatSize(limits.align)} the ${this.backend.name} IOMMU maps at`,
+      );
     }
     const list = pieces(m, this.pieceBytes(limits.align));
     this.backend.claim(iovaOfGpa(r.gpa), r.size, list.length);
@@ -283,7 +314,9 @@ export class Domain {
     const r = e.region;
     throw new IommuError(
       `${this.backend.name}: region ${JSON.stringify(r.name)} ${rangeText(r.gpa, r.size)} could not be unmapped (${stuck.length} of ${stuck.length + unmapped.length} DMA mappings refused): ` +
-        (lost === 0 ? 'it stays mapped and pinned, and this client keeps it' : `${still.length} mappings stay and this client keeps them; ${formatSize(lost)} could not be mapped again`) +
+        (lost === 0
+          ? 'it stays mapped and pinned, and this client keeps it'
+          : `${still.length} mappings stay and this client keeps them; ${formatSize(lost)} could not be mapped again`) +
         `: ${first instanceof Error ? first.message : String(first)}`,
       { cause: first, ...(isMmbError(first) ? { errno: first.errno } : {}) },
     );

@@ -11,12 +11,23 @@
 //   3. mapped mappings are claimed (IOVA table, DMA budget), then pinned and mapped, in one batch where the
 //      backend can (soft: one mlock per run of pages); a failure undoes them, maps the unmapped ones again
 //      (a re-sync that failed halfway), and is thrown, leaving the domain as it was.
-import { NoRegionError, ReservedRangeError, type Iova, type IovaMapping, type Range, asHva, hex, inclusiveText, rangeContains, rangeEnd, rangeText } from '../../protocol/index.js';
+import {
+  NoRegionError,
+  ReservedRangeError,
+  type Iova,
+  type IovaMapping,
+  type Range,
+  asHva,
+  hex,
+  inclusiveText,
+  rangeContains,
+  rangeEnd,
+  rangeText,
+} from '../../protocol/index.js';
 import { CHUNK_BYTES, type GuestMemory } from '../memory.js';
 import type { IoasChange } from '../ioas-view.js';
 import { clash, mergeRanges, type DomainLimits, type IommuBackend, type Piece } from './iommu-backend.js';
 import { pinPieces, unpinPieces } from './pinning.js';
-
 
 interface Entry {
   m: IovaMapping;
@@ -66,7 +77,10 @@ export class IoasDomain {
     const reserved = change.mapped.length > 0 ? this.limits().reserved : [];
     const made = change.mapped.map((m): Entry => {
       const x = clash(reserved, m.iova, m.size);
-      if (x) throw new ReservedRangeError(`IOAS ${JSON.stringify(this.ioas)}: IOVA ${rangeText(m.iova, m.size)} covers ${inclusiveText(x.start, x.size)}, reserved in the ${this.backend.name} IOMMU domain`);
+      if (x)
+        throw new ReservedRangeError(
+          `IOAS ${JSON.stringify(this.ioas)}: IOVA ${rangeText(m.iova, m.size)} covers ${inclusiveText(x.start, x.size)}, reserved in the ${this.backend.name} IOMMU domain`,
+        );
       return { m, pieces: this.pieces(m, memory) };
     });
     const gone = change.unmapped.map((m) => this.table.get(m.iova)).filter((e): e is Entry => e !== undefined);
@@ -91,11 +105,13 @@ export class IoasDomain {
   private pieces(m: IovaMapping, memory: GuestMemory): Piece[] {
     const r = memory.regionAt(m.gpa);
     if (!r || !rangeContains(r.region.gpa, r.region.size, m.gpa, m.size)) {
-      throw new NoRegionError(`IOAS ${JSON.stringify(this.ioas)}: IOVA ${hex(m.iova)} points at gpa ${rangeText(m.gpa, m.size)}, which this client has not mapped`);
+      throw new NoRegionError(
+        `IOAS ${JSON.stringify(this.ioas)}: IOVA ${hex(m.iova)} points at gpa ${rangeText(m.gpa, m.size)}, which this client has not mapped`,
+      );
     }
     const out: Piece[] = [];
     let off = m.gpa - r.region.gpa;
-    for (let done = 0; done < m.size; ) {
+    for (let done = 0; done < m.size;) {
       const k = Math.floor(off / CHUNK_BYTES);
       const at = off - k * CHUNK_BYTES;
       const chunk = r.chunks[k];

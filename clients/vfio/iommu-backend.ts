@@ -7,7 +7,20 @@
 // creates the IOMMU domain, the last one destroys it: with type1 the kernel drops the container's IOMMU
 // and every DMA mapping with its last group), maps and unmaps pieces of pinned memory at an IOVA, and
 // says what the domain allows (usable IOVA ranges, remaining DMA mappings, cache coherency).
-import { GPA_LIMIT, IommuError, InvalidArgError, PinFailedError, type Hva, type Iova, type MmbError, type Range, asIova, hex, rangeEnd, rangesOverlap } from '../../protocol/index.js';
+import {
+  GPA_LIMIT,
+  IommuError,
+  InvalidArgError,
+  PinFailedError,
+  type Hva,
+  type Iova,
+  type MmbError,
+  type Range,
+  asIova,
+  hex,
+  rangeEnd,
+  rangesOverlap,
+} from '../../protocol/index.js';
 import { isNativeError, type Mapping } from '../../native/index.js';
 import type { RawIovaRange, RegionInfo } from './structs.js';
 
@@ -223,6 +236,7 @@ export function clash(reserved: readonly Range<Iova>[], iova: Iova, size: number
 
 /** A valid device or region name for the protocol: 1 to 64 bytes of UTF-8, no control characters. */
 export function checkName(name: string, what: string): void {
+  // eslint-disable-next-line no-control-regex -- control characters are what it looks for
   if (typeof name !== 'string' || name.length === 0 || Buffer.byteLength(name) > 64 || /[\u0000-\u001f\u007f]/.test(name)) {
     throw new InvalidArgError(`${what} ${JSON.stringify(name)} must be 1 to 64 bytes without control characters`);
   }
@@ -237,7 +251,6 @@ export function checkBdf(bdf: string): void {
     throw new InvalidArgError(`${JSON.stringify(bdf)} is not a PCI address like 0000:00:01.0`);
   }
 }
-
 
 /**
  * The broker error for a failed map: ENOMEM (pinning beyond RLIMIT_MEMLOCK, or out of memory) and

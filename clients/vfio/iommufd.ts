@@ -27,7 +27,18 @@
 // enforce_cache_coherency on the hw pagetable) and offers no query for it, so `coherent` stays unknown.
 import { PAGE_SIZE, isNativeError } from '../../native/index.js';
 import { IommuError, InvalidArgError, NoDeviceError, UnsupportedError, type Iova, type Range, hex } from '../../protocol/index.js';
-import { checkBdf, mapError, reservedFromUsable, unmapError, type Detached, type DirtyTracking, type DomainLimits, type IommuBackend, type Piece, type VfioDevice } from './iommu-backend.js';
+import {
+  checkBdf,
+  mapError,
+  reservedFromUsable,
+  unmapError,
+  type Detached,
+  type DirtyTracking,
+  type DomainLimits,
+  type IommuBackend,
+  type Piece,
+  type VfioDevice,
+} from './iommu-backend.js';
 import { HwDevice, ioctlError } from './device.js';
 import { IOMMUFD, LAYOUTS, REQUEST, get, pack, parseIommuRanges, unpack, type RawIovaRange } from './structs.js';
 import { realSys, type VfioSys } from './sys.js';
@@ -236,7 +247,11 @@ export class IommufdBackend implements IommuBackend {
         continue;
       }
       try {
-        this.sys.ioctl(this.iommufd, REQUEST.IOMMU_HWPT_SET_DIRTY_TRACKING, pack('iommu_hwpt_set_dirty_tracking', { flags: IOMMUFD.IOMMU_HWPT_DIRTY_TRACKING_ENABLE, hwpt_id: hwpt }));
+        this.sys.ioctl(
+          this.iommufd,
+          REQUEST.IOMMU_HWPT_SET_DIRTY_TRACKING,
+          pack('iommu_hwpt_set_dirty_tracking', { flags: IOMMUFD.IOMMU_HWPT_DIRTY_TRACKING_ENABLE, hwpt_id: hwpt }),
+        );
         done.push(hwpt);
       } catch (err) {
         this.tracking = done;
@@ -267,7 +282,10 @@ export class IommufdBackend implements IommuBackend {
     for (const hwpt of this.tracking) {
       one.fill(0);
       const arg = pack('iommu_hwpt_get_dirty_bitmap', { hwpt_id: hwpt, flags: 0, iova, length: size, page_size: 4096 });
-      this.call(() => this.sys.ioctl(this.iommufd, REQUEST.IOMMU_HWPT_GET_DIRTY_BITMAP, arg, one), `IOMMU_HWPT_GET_DIRTY_BITMAP(HWPT ${hwpt}, ${hex(iova)}, ${hex(size)})`);
+      this.call(
+        () => this.sys.ioctl(this.iommufd, REQUEST.IOMMU_HWPT_GET_DIRTY_BITMAP, arg, one),
+        `IOMMU_HWPT_GET_DIRTY_BITMAP(HWPT ${hwpt}, ${hex(iova)}, ${hex(size)})`,
+      );
       if (one !== bits) for (let i = 0; i < bits.length; i++) bits[i] = (bits[i] as number) | (one[i] as number);
     }
     return bits;
@@ -339,7 +357,8 @@ export class IommufdBackend implements IommuBackend {
   }
 
   limits(): DomainLimits {
-    if (this.ioas === undefined) return { reserved: this.lastReserved, dmaAvailable: undefined, coherent: undefined, ...(this.lastAlign !== undefined ? { align: this.lastAlign } : {}) };
+    if (this.ioas === undefined)
+      return { reserved: this.lastReserved, dmaAvailable: undefined, coherent: undefined, ...(this.lastAlign !== undefined ? { align: this.lastAlign } : {}) };
     const { ranges, alignment } = this.ranges();
     this.lastReserved = reservedFromUsable(ranges);
     // IOMMU_IOAS_MAP refuses an IOVA off it (iopt_check_iova: EINVAL), and the domain's pages need the

@@ -20,8 +20,31 @@
 //     the last one, which unpins everything;
 //   - cache coherency: DMA here is the CPU's own access, so the domain is coherent.
 import { PAGE_SIZE, native } from '../../native/index.js';
-import { ClientLimitError, IommuError, InvalidArgError, NoDeviceError, UnsupportedError, type Iova, type IovaRange, type Range, fromInclusive, hex, rangeText, rangesOverlap } from '../../protocol/index.js';
-import { checkName, mapError, mergeRanges, unmapError, type DeviceInfo, type DomainLimits, type IommuBackend, type Piece, type VfioDevice } from './iommu-backend.js';
+import {
+  ClientLimitError,
+  IommuError,
+  InvalidArgError,
+  NoDeviceError,
+  UnsupportedError,
+  type Iova,
+  type IovaRange,
+  type Range,
+  fromInclusive,
+  hex,
+  rangeText,
+  rangesOverlap,
+} from '../../protocol/index.js';
+import {
+  checkName,
+  mapError,
+  mergeRanges,
+  unmapError,
+  type DeviceInfo,
+  type DomainLimits,
+  type IommuBackend,
+  type Piece,
+  type VfioDevice,
+} from './iommu-backend.js';
 import type { PageLocks } from './page-locks.js';
 import { pinPieces, unpinPieces } from './pinning.js';
 
@@ -46,7 +69,6 @@ export interface SoftOptions {
    */
   locks?: PageLocks;
 }
-
 
 class SoftDevice implements VfioDevice {
   readonly fd = undefined;
@@ -203,7 +225,12 @@ export class SoftBackend implements IommuBackend {
   }
 
   limits(): DomainLimits {
-    return { reserved: this.reserved.map((r) => ({ ...r })), dmaAvailable: Math.max(0, this.entryLimit - this.table.length), coherent: true, align: this.align };
+    return {
+      reserved: this.reserved.map((r) => ({ ...r })),
+      dmaAvailable: Math.max(0, this.entryLimit - this.table.length),
+      coherent: true,
+      align: this.align,
+    };
   }
 
   close(): void {

@@ -16,13 +16,41 @@
 // maps (shadow.ts): pinned bytes = mapped bytes, and an unmap is acked once the host IOMMU no longer maps
 // it. Reports are then sent at most every REPORT_INTERVAL_MS (a guest's DMA mappings change thousands of
 // times a second).
-import { isMmbError, InvalidArgError, NoDeviceError, ReservedRangeError, toMmbError, type DmaRules, type Iova, type IovaRange, type Range, fromInclusive, inclusiveText, iovaOfGpa, rangeContains, rangeText, toInclusive } from '../../protocol/index.js';
+import {
+  isMmbError,
+  InvalidArgError,
+  NoDeviceError,
+  ReservedRangeError,
+  toMmbError,
+  type DmaRules,
+  type Iova,
+  type IovaRange,
+  type Range,
+  fromInclusive,
+  inclusiveText,
+  iovaOfGpa,
+  rangeContains,
+  rangeText,
+  toInclusive,
+} from '../../protocol/index.js';
 import { PAGE_SIZE } from '../../native/index.js';
 import type { BrokerTarget } from '../connection.js';
 import type { GuestMemory } from '../memory.js';
 import { Subscriber, type ClientReport, type SubscriberEvents, type SubscriberOptions } from '../subscriber.js';
 import { VfioApplier } from './applier.js';
-import { DIRTY_TRACKER_NAMES, checkBdf, checkName, clash, isBdf, mergeRanges, type IommuBackendName, type DeviceMigration, type DirtyTracking, type IommuBackend, type VfioDevice } from './iommu-backend.js';
+import {
+  DIRTY_TRACKER_NAMES,
+  checkBdf,
+  checkName,
+  clash,
+  isBdf,
+  mergeRanges,
+  type IommuBackendName,
+  type DeviceMigration,
+  type DirtyTracking,
+  type IommuBackend,
+  type VfioDevice,
+} from './iommu-backend.js';
 import { Domain, type DomainMapping, type PinProgress } from './domain.js';
 import { IommufdBackend } from './iommufd.js';
 import { DEFAULT_PIN_CHUNK_BYTES } from './pinning.js';
@@ -138,7 +166,10 @@ export interface VfioSubscriberEvents extends SubscriberEvents {
  * Opens the backend; for type1 / iommufd MMB_ERR_UNSUPPORTED names what this machine lacks. `locks`: shadow
  * mode's counted page locks, for soft.
  */
-export function openIommuBackend(opts: Pick<VfioSubscriberOptions, 'backend' | 'reserved' | 'dmaEntryLimit' | 'iovaAlignment' | 'sys'>, locks?: PageLocks): IommuBackend {
+export function openIommuBackend(
+  opts: Pick<VfioSubscriberOptions, 'backend' | 'reserved' | 'dmaEntryLimit' | 'iovaAlignment' | 'sys'>,
+  locks?: PageLocks,
+): IommuBackend {
   switch (opts.backend) {
     case 'soft':
       return new SoftBackend({
@@ -184,7 +215,8 @@ function validate(opts: VfioSubscriberOptions): void {
   if (new Set(devices).size !== devices.length) throw new InvalidArgError(`devices ${JSON.stringify(devices)} lists a device twice`);
   if (devices.length > 256) throw new InvalidArgError('at most 256 devices');
   for (const d of opts.reserveFor ?? []) checkBdf(d);
-  if (opts.reserveFor?.length && opts.ioas !== undefined) throw new InvalidArgError('reserveFor reserves GPAs (IOVA = GPA); a shadow-mode client (ioas) maps IOVAs of its IOAS instead');
+  if (opts.reserveFor?.length && opts.ioas !== undefined)
+    throw new InvalidArgError('reserveFor reserves GPAs (IOVA = GPA); a shadow-mode client (ioas) maps IOVAs of its IOAS instead');
   for (const r of opts.reserved ?? []) {
     if (!Number.isSafeInteger(r.start) || !Number.isSafeInteger(r.last) || r.start < 0 || r.last < r.start) {
       throw new InvalidArgError(`reserved range ${JSON.stringify(r)} must be {start, last} with 0 <= start <= last`);
@@ -207,7 +239,12 @@ export class VfioSubscriber extends Subscriber {
   private readonly log: VfioLogger | undefined;
   private readonly pinLimit: number | undefined;
   private readonly vfioOpts: VfioSubscriberOptions;
-  private reporting: { inFlight: boolean; again: boolean; timer: NodeJS.Timeout | undefined; last: number } = { inFlight: false, again: false, timer: undefined, last: 0 };
+  private reporting: { inFlight: boolean; again: boolean; timer: NodeJS.Timeout | undefined; last: number } = {
+    inFlight: false,
+    again: false,
+    timer: undefined,
+    last: 0,
+  };
 
   private constructor(target: BrokerTarget, applier: VfioApplier | ShadowApplier, opts: VfioSubscriberOptions) {
     super(target, applier, opts);
@@ -242,7 +279,10 @@ export class VfioSubscriber extends Subscriber {
       ...(opts.pinLimit !== undefined ? { pinLimit: opts.pinLimit } : {}),
       onChanged: () => sub?.sendReport(),
       onError: (err) => {
-        sub?.log?.warn({ ...sub.logFields(), err: toMmbError(err).toWire() }, 'vfio client: an unmap or an undo failed; what it keeps pinned is what the kernel still maps');
+        sub?.log?.warn(
+          { ...sub.logFields(), err: toMmbError(err).toWire() },
+          'vfio client: an unmap or an undo failed; what it keeps pinned is what the kernel still maps',
+        );
         sub?.emit('error', toMmbError(err));
       },
       dirtyLog: () => sub?.dirty,
@@ -255,12 +295,20 @@ export class VfioSubscriber extends Subscriber {
       sub = new VfioSubscriber(target, applier, { ...opts, kind: 'vfio', pin: opts.pinLimit !== undefined ? { limit: opts.pinLimit } : {} });
       // Remembered now and sent right after ATTACH, before the initial sync is acked.
       await sub.report(sub.currentReport());
-      sub.log?.info({ ...sub.logFields(), reserved: sub.domain.reserved }, backend.software ? 'vfio client attaching with the soft backend (software stand-in, no IOMMU)' : `vfio client attaching with the ${backend.name} backend`);
+      sub.log?.info(
+        { ...sub.logFields(), reserved: sub.domain.reserved },
+        backend.software
+          ? 'vfio client attaching with the soft backend (software stand-in, no IOMMU)'
+          : `vfio client attaching with the ${backend.name} backend`,
+      );
       const log = sub.log;
       if (log) {
         const s = sub;
         s.on('change', ({ change: c }) =>
-          log.info({ ...s.logFields(), cause: c.cause, generation: c.generation, added: c.added.map((r) => r.name), removed: c.removed.map((r) => r.name) }, 'vfio change pinned and mapped'),
+          log.info(
+            { ...s.logFields(), cause: c.cause, generation: c.generation, added: c.added.map((r) => r.name), removed: c.removed.map((r) => r.name) },
+            'vfio change pinned and mapped',
+          ),
         );
       }
       await sub.start();
@@ -293,7 +341,10 @@ export class VfioSubscriber extends Subscriber {
       for (const d of opts.devices ?? []) await applier.attachDevice(d, opts.ioas as string);
       sub = new VfioSubscriber(target, applier, { ...opts, kind: 'vfio' });
       await sub.report(sub.currentReport());
-      sub.log?.info({ ...sub.logFields(), ioas: opts.ioas }, `vfio client attaching in shadow mode (${opts.backend}): it pins only what IOAS ${JSON.stringify(opts.ioas)} maps`);
+      sub.log?.info(
+        { ...sub.logFields(), ioas: opts.ioas },
+        `vfio client attaching in shadow mode (${opts.backend}): it pins only what IOAS ${JSON.stringify(opts.ioas)} maps`,
+      );
       await sub.start();
       if ((opts.devices ?? []).length > 0) await sub.attachIoas(opts.ioas as string, opts.devices ?? []);
       return sub;
@@ -360,7 +411,9 @@ export class VfioSubscriber extends Subscriber {
     const d = this.domain;
     const devices = d.devices.map((name) => {
       const dev = this.device(name);
-      const m: DeviceMigration = dev?.migration ? dev.migration() : { supported: false, stopCopy: false, p2p: false, reason: `${name} is a ${d.backend} device: a name, with no device state` };
+      const m: DeviceMigration = dev?.migration
+        ? dev.migration()
+        : { supported: false, stopCopy: false, p2p: false, reason: `${name} is a ${d.backend} device: a name, with no device state` };
       return { name, ...m };
     });
     return { quiesce: false, deviceState: false, devices };
@@ -399,7 +452,9 @@ export class VfioSubscriber extends Subscriber {
   device(name: string): VfioDevice | undefined {
     if (this.vfio) return this.vfio.domain.backend.device(name);
     const ioas = this.shadow?.ioasOf(name);
-    return this.ioasDomains().find((d) => d.ioas === ioas)?.backend.device(name);
+    return this.ioasDomains()
+      .find((d) => d.ioas === ioas)
+      ?.backend.device(name);
   }
 
   /**
@@ -552,6 +607,14 @@ export class VfioSubscriber extends Subscriber {
 
   private logFields(): Record<string, unknown> {
     const d = this.domain;
-    return { kind: 'vfio', backend: d.backend, software: d.software, devices: d.devices, pinned: d.pinnedBytes, ...(this.shadow ? { shadow: true } : {}), ...(d.dirtyTracking ? { dirtyTracking: d.dirtyTracking } : {}) };
+    return {
+      kind: 'vfio',
+      backend: d.backend,
+      software: d.software,
+      devices: d.devices,
+      pinned: d.pinnedBytes,
+      ...(this.shadow ? { shadow: true } : {}),
+      ...(d.dirtyTracking ? { dirtyTracking: d.dirtyTracking } : {}),
+    };
   }
 }

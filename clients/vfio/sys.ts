@@ -34,5 +34,9 @@ export const realSys: VfioSys = {
   readlink: (path) => fs.readlinkSync(path),
   readdir: (path) => fs.readdirSync(path),
   readFile: (path) => fs.readFileSync(path, 'utf8'),
-  mapsFile: (path) => fs.readFileSync('/proc/self/maps', 'utf8').split('\n').some((l) => l.endsWith(` ${path}`) || l.endsWith(` ${path} (deleted)`)),
+  mapsFile: (path) =>
+    fs
+      .readFileSync('/proc/self/maps', 'utf8')
+      .split('\n')
+      .some((l) => l.endsWith(` ${path}`) || l.endsWith(` ${path} (deleted)`)),
 };

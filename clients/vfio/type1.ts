@@ -22,8 +22,30 @@
 // VFIO_SET_IOMMU again, and the caller (Domain) maps everything again.
 import path from 'node:path';
 import { PAGE_SIZE, isNativeError } from '../../native/index.js';
-import { ClientLimitError, IommuError, InvalidArgError, NoDeviceError, UnsupportedError, type Iova, type Range, type MmbError, hex } from '../../protocol/index.js';
-import { GPA_LAST, checkBdf, mapError, reservedFromUsable, unmapError, type Detached, type DirtyTracking, type DomainLimits, type IommuBackend, type Piece, type VfioDevice } from './iommu-backend.js';
+import {
+  ClientLimitError,
+  IommuError,
+  InvalidArgError,
+  NoDeviceError,
+  UnsupportedError,
+  type Iova,
+  type Range,
+  type MmbError,
+  hex,
+} from '../../protocol/index.js';
+import {
+  GPA_LAST,
+  checkBdf,
+  mapError,
+  reservedFromUsable,
+  unmapError,
+  type Detached,
+  type DirtyTracking,
+  type DomainLimits,
+  type IommuBackend,
+  type Piece,
+  type VfioDevice,
+} from './iommu-backend.js';
 import { HwDevice, MAX_INFO_BYTES, ioctlError } from './device.js';
 import { LAYOUTS, REQUEST, VFIO, get, pack, packInto, parseType1Info, type Type1Info } from './structs.js';
 import { realSys, type VfioSys } from './sys.js';
@@ -119,7 +141,10 @@ export class Type1Backend implements IommuBackend {
         try {
           fd = this.sys.open(node);
         } catch (err) {
-          throw new NoDeviceError(`cannot open ${node} for ${bdf}: ${(err as Error).message}`, { cause: err, ...(isNativeError(err) ? { errno: err.code } : {}) });
+          throw new NoDeviceError(`cannot open ${node} for ${bdf}: ${(err as Error).message}`, {
+            cause: err,
+            ...(isNativeError(err) ? { errno: err.code } : {}),
+          });
         }
         group = newGroup = { id, fd, devices: new Set() };
         const status = pack('vfio_group_status', {});
@@ -252,7 +277,8 @@ export class Type1Backend implements IommuBackend {
     if (!info) return { reserved: this.lastReserved, dmaAvailable: undefined, coherent: undefined, ...last };
     if (info.ranges) this.lastReserved = reservedFromUsable(info.ranges);
     this.lastAlign = smallestPageSize(info.iovaPageSizes);
-    const coherent = this.call(() => this.sys.ioctlInt(this.container, REQUEST.VFIO_CHECK_EXTENSION, VFIO.VFIO_DMA_CC_IOMMU), 'VFIO_CHECK_EXTENSION(VFIO_DMA_CC_IOMMU)') === 1;
+    const coherent =
+      this.call(() => this.sys.ioctlInt(this.container, REQUEST.VFIO_CHECK_EXTENSION, VFIO.VFIO_DMA_CC_IOMMU), 'VFIO_CHECK_EXTENSION(VFIO_DMA_CC_IOMMU)') === 1;
     return { reserved: this.lastReserved, ...(info.ranges ? { usable: info.ranges } : {}), dmaAvailable: info.dmaAvailable, coherent, align: this.lastAlign };
   }
 
@@ -293,9 +319,16 @@ export class Type1Backend implements IommuBackend {
     const pages = Math.ceil(size / 4096);
     const bits = new Uint8Array(Math.ceil(pages / 64) * 8);
     const header = LAYOUTS.vfio_iommu_type1_dirty_bitmap.size;
-    const arg = pack('vfio_iommu_type1_dirty_bitmap', { flags: VFIO.VFIO_IOMMU_DIRTY_PAGES_FLAG_GET_BITMAP }, header + LAYOUTS.vfio_iommu_type1_dirty_bitmap_get.size);
+    const arg = pack(
+      'vfio_iommu_type1_dirty_bitmap',
+      { flags: VFIO.VFIO_IOMMU_DIRTY_PAGES_FLAG_GET_BITMAP },
+      header + LAYOUTS.vfio_iommu_type1_dirty_bitmap_get.size,
+    );
     packInto('vfio_iommu_type1_dirty_bitmap_get', arg, header, { iova, size, bitmap_pgsize: 4096, bitmap_size: bits.length });
-    this.call(() => this.sys.ioctl(this.container, REQUEST.VFIO_IOMMU_DIRTY_PAGES, arg, bits), `VFIO_IOMMU_DIRTY_PAGES(GET_BITMAP, ${hex(iova)}, ${hex(size)})`);
+    this.call(
+      () => this.sys.ioctl(this.container, REQUEST.VFIO_IOMMU_DIRTY_PAGES, arg, bits),
+      `VFIO_IOMMU_DIRTY_PAGES(GET_BITMAP, ${hex(iova)}, ${hex(size)})`,
+    );
     return bits;
   }
 

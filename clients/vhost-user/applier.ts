@@ -66,7 +66,17 @@ export class VhostUserApplier implements Applier {
   /** VHOST_F_LOG_ALL is on at the back-end. */
   private logging = false;
   private busy: Promise<unknown> | undefined;
-  readonly stats: MemTableStats = { applied: 0, setMemTable: 0, addMemReg: 0, remMemReg: 0, undone: 0, reshapes: 0, logBases: 0, logCollects: 0, allDirtyFlushes: 0 };
+  readonly stats: MemTableStats = {
+    applied: 0,
+    setMemTable: 0,
+    addMemReg: 0,
+    remMemReg: 0,
+    undone: 0,
+    reshapes: 0,
+    logBases: 0,
+    logCollects: 0,
+    allDirtyFlushes: 0,
+  };
 
   constructor(
     readonly frontend: VhostUserFrontend,
@@ -99,9 +109,11 @@ export class VhostUserApplier implements Applier {
   apply(change: Change, backings: ReadonlyMap<number, LocalBacking>, ctx: ApplyContext): Promise<void> {
     const run = this.run(change, backings, ctx);
     this.busy = run;
-    void run.finally(() => {
-      if (this.busy === run) this.busy = undefined;
-    }).catch(() => undefined);
+    void run
+      .finally(() => {
+        if (this.busy === run) this.busy = undefined;
+      })
+      .catch(() => undefined);
     return run;
   }
 
@@ -141,7 +153,10 @@ export class VhostUserApplier implements Applier {
     this.table = plan.after;
     this.deferred = plan.deferred;
     if (plan.deferred.size > 0) {
-      this.logger?.warn({ regions: [...plan.deferred.values()].map((e) => e.name) }, 'vhost-user: no free slot during the vote; the regions go to the back-end after the removals that follow');
+      this.logger?.warn(
+        { regions: [...plan.deferred.values()].map((e) => e.name) },
+        'vhost-user: no free slot during the vote; the regions go to the back-end after the removals that follow',
+      );
     }
     this.stats.applied++;
     try {
@@ -149,14 +164,22 @@ export class VhostUserApplier implements Applier {
       if (!wantLog && this.logging) await this.logOff();
     } catch (err) {
       // The table is applied; a back-end that fails to restart its rings is gone (the connection drops).
-      this.logger?.error({ err: toMmbError(err).message, backend: this.frontend.path }, 'vhost-user: restarting the rings failed, dropping the back-end connection');
+      this.logger?.error(
+        { err: toMmbError(err).message, backend: this.frontend.path },
+        'vhost-user: restarting the rings failed, dropping the back-end connection',
+      );
       this.frontend.close();
       throw toMmbError(err);
     }
     this.memory?.apply({ ...change, added: [] }, backings);
   }
 
-  private async undo(before: ReadonlyMap<string, TableEntry>, done: Step[], backings: ReadonlyMap<number, LocalBacking>, rings: ReturnType<Rings['ranges']>): Promise<void> {
+  private async undo(
+    before: ReadonlyMap<string, TableEntry>,
+    done: Step[],
+    backings: ReadonlyMap<number, LocalBacking>,
+    rings: ReturnType<Rings['ranges']>,
+  ): Promise<void> {
     if (done.length === 0) return;
     this.stats.undone++;
     for (const step of undoSteps(before, done, this.mode, rings)) {

@@ -98,7 +98,8 @@ export class VirtioBlk {
   }
 
   private async request(type: number, sector: number, data: { addr: number; len: number; write: boolean } | undefined): Promise<void> {
-    if (data && (data.len <= 0 || data.len % SECTOR_BYTES !== 0)) throw new InvalidArgError(`a virtio-blk transfer is a positive multiple of ${SECTOR_BYTES} bytes, got ${data.len}`);
+    if (data && (data.len <= 0 || data.len % SECTOR_BYTES !== 0))
+      throw new InvalidArgError(`a virtio-blk transfer is a positive multiple of ${SECTOR_BYTES} bytes, got ${data.len}`);
     if (!Number.isSafeInteger(sector) || sector < 0) throw new InvalidArgError(`bad sector ${sector}`);
     const slot = this.slots.pop();
     if (slot === undefined) throw new InvalidArgError('too many virtio-blk requests in flight');

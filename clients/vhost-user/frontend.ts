@@ -160,7 +160,11 @@ export class VhostUserFrontend extends EventEmitter<FrontendEvents> {
     return native.peerPidfd(this.fd);
   }
 
-  private constructor(fd: number, readonly path: string, opts: FrontendOptions) {
+  private constructor(
+    fd: number,
+    readonly path: string,
+    opts: FrontendOptions,
+  ) {
     super();
     this.fd = fd;
     this.timeoutMs = opts.timeoutMs ?? 5000;

@@ -3,7 +3,20 @@ export { VhostUserApplier, type MemTableStats } from './applier.js';
 export { VhostUserFrontend, type FrontendOptions, type FrontendEvents, type FrontendStats, type Negotiated, type NegotiateOptions } from './frontend.js';
 export { BackendChannel, type BackendRequestHandler, type BackendChannelStats } from './backend-channel.js';
 export { IotlbApplier, type IotlbStats, type IotlbReport, type IotlbEvents } from './iotlb.js';
-export { planMemTable, undoSteps, rebuild, entryOf, uaddrOf, UADDR_BASE, type TableEntry, type Step, type Plan, type PlanOptions, type MemMode, type GuestRange } from './memtable.js';
+export {
+  planMemTable,
+  undoSteps,
+  rebuild,
+  entryOf,
+  uaddrOf,
+  UADDR_BASE,
+  type TableEntry,
+  type Step,
+  type Plan,
+  type PlanOptions,
+  type MemMode,
+  type GuestRange,
+} from './memtable.js';
 export { Rings, type RingQueue, type HoldReason } from './rings.js';
 export { VhostLog, logBytesFor } from './log.js';
 export { Virtqueue, ringLayout, type QueueMemory, type QueueBuffer, type VirtqueueOptions } from './virtqueue.js';

@@ -65,7 +65,6 @@ export interface IotlbEvents {
   'access-fail': [IotlbReport];
 }
 
-
 export class IotlbApplier extends EventEmitter<IotlbEvents> implements IoasApplier {
   /** The mappings the back-end may have and is answered from, by IOVA. */
   private readonly mappings = new Map<number, IovaMapping>();
@@ -92,7 +91,9 @@ export class IotlbApplier extends EventEmitter<IotlbEvents> implements IoasAppli
 
   async applyIoas(change: IoasChange): Promise<void> {
     if (change.ioas !== this.ioas) {
-      throw new ClientRefusedError(`this vhost-user back-end's device is in IOAS ${JSON.stringify(this.ioas)}: it has one IOTLB and cannot follow ${JSON.stringify(change.ioas)} too`);
+      throw new ClientRefusedError(
+        `this vhost-user back-end's device is in IOAS ${JSON.stringify(this.ioas)}: it has one IOTLB and cannot follow ${JSON.stringify(change.ioas)} too`,
+      );
     }
     // Everything a refusal depends on is checked before anything is sent or changed.
     const entries = change.mapped.length > 0 ? this.table() : [];
@@ -122,7 +123,10 @@ export class IotlbApplier extends EventEmitter<IotlbEvents> implements IoasAppli
     try {
       await this.frontend.iotlb(ms.map((m) => ({ iova: m.iova, size: m.size, uaddr: 0n, perm: 0, type: IotlbType.INVALIDATE })));
     } catch (err) {
-      this.logger?.error({ err: toMmbError(err).message, backend: this.frontend.path }, 'vhost-user: an IOTLB invalidation failed, dropping the back-end connection');
+      this.logger?.error(
+        { err: toMmbError(err).message, backend: this.frontend.path },
+        'vhost-user: an IOTLB invalidation failed, dropping the back-end connection',
+      );
       this.frontend.close();
       throw toMmbError(err);
     }
@@ -136,7 +140,7 @@ export class IotlbApplier extends EventEmitter<IotlbEvents> implements IoasAppli
     const out: IotlbMsg[] = [];
     const perm = m.readonly ? IotlbPerm.RO : IotlbPerm.RW;
     const end = rangeEnd(m.gpa, m.size);
-    for (let gpa = m.gpa; gpa < end; ) {
+    for (let gpa = m.gpa; gpa < end;) {
       const e = entries.find((x) => rangeHas(x.gpa, x.size, gpa));
       if (!e) {
         throw new ClientRefusedError(

@@ -28,7 +28,7 @@
 // the table is rebuilt: one SET_MEM_TABLE with the regions holding rings and up to 8 in all, then
 // ADD_MEM_REG for the rest (every version remaps its stopped rings at SET_MEM_TABLE). Removing the memory
 // of a running vring without giving it back is refused (MMB_ERR_CLIENT_REFUSED): stop the device first.
-import { ClientLimitError, ClientRefusedError, hex, rangeContains, rangeText, rangesOverlap, type Gpa } from '../../protocol/index.js';
+import { ClientLimitError, ClientRefusedError, rangeContains, rangeText, rangesOverlap, type Gpa } from '../../protocol/index.js';
 import type { Change, ViewRegion } from '../view.js';
 import { MEM_TABLE_MAX_REGIONS, type MemRegion } from './messages.js';
 
@@ -51,10 +51,7 @@ export interface TableEntry extends MemRegion {
   logDirty: boolean;
 }
 
-export type Step =
-  | { op: 'table'; entries: TableEntry[] }
-  | { op: 'add'; entry: TableEntry }
-  | { op: 'rem'; entry: TableEntry };
+export type Step = { op: 'table'; entries: TableEntry[] } | { op: 'add'; entry: TableEntry } | { op: 'rem'; entry: TableEntry };
 
 export type MemMode = 'slots' | 'table';
 
@@ -164,7 +161,13 @@ export function rebuild(entries: readonly TableEntry[], rings: readonly GuestRan
   const holds = (e: TableEntry) => rings.some((g) => rangesOverlap(e.gpa, e.size, g.gpa, g.bytes));
   const order = [...entries].sort((a, b) => Number(holds(b)) - Number(holds(a)) || a.gpa - b.gpa);
   const first = order.slice(0, MEM_TABLE_MAX_REGIONS).sort(byGpa);
-  return [{ op: 'table', entries: first }, ...order.slice(MEM_TABLE_MAX_REGIONS).sort(byGpa).map((entry): Step => ({ op: 'add', entry }))];
+  return [
+    { op: 'table', entries: first },
+    ...order
+      .slice(MEM_TABLE_MAX_REGIONS)
+      .sort(byGpa)
+      .map((entry): Step => ({ op: 'add', entry })),
+  ];
 }
 
 /**

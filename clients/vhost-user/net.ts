@@ -95,7 +95,13 @@ export class VirtioNet {
     };
     try {
       try {
-        await this.tx.submit([{ addr: this.hdrDevice + slot * HDR_SLOT_BYTES, len: NET_HDR_BYTES }, { addr, len }], prepare);
+        await this.tx.submit(
+          [
+            { addr: this.hdrDevice + slot * HDR_SLOT_BYTES, len: NET_HDR_BYTES },
+            { addr, len },
+          ],
+          prepare,
+        );
       } catch (err) {
         keep = true;
         throw err;

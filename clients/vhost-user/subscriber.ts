@@ -89,8 +89,12 @@ export class VhostUserSubscriber extends Subscriber {
    */
   static async attach(target: BrokerTarget, opts: VhostUserOptions): Promise<VhostUserSubscriber> {
     const { backendSocket, virtioFeatures, maxSlots, mapMemory, backendTimeoutMs, connectTimeoutMs, logger, ioas, device, ...subOpts } = opts;
-    if (ioas !== undefined && (typeof ioas !== 'string' || ioas.length === 0)) throw new InvalidArgError(`ioas must be an IOAS name, got ${JSON.stringify(ioas)}`);
-    for (const [what, v] of [['maxSlots', maxSlots], ['maxRegions', subOpts.maxRegions]] as const) {
+    if (ioas !== undefined && (typeof ioas !== 'string' || ioas.length === 0))
+      throw new InvalidArgError(`ioas must be an IOAS name, got ${JSON.stringify(ioas)}`);
+    for (const [what, v] of [
+      ['maxSlots', maxSlots],
+      ['maxRegions', subOpts.maxRegions],
+    ] as const) {
       if (v !== undefined && (!Number.isSafeInteger(v) || v < 1)) throw new InvalidArgError(`${what} must be a positive integer, got ${v}`);
     }
     const fe = await VhostUserFrontend.connect(backendSocket, { timeoutMs: backendTimeoutMs ?? 5000, connectTimeoutMs: connectTimeoutMs ?? 5000 });
@@ -110,12 +114,13 @@ export class VhostUserSubscriber extends Subscriber {
     sub.on('pause', (e) => {
       if (e.paused && !applier.rings.holding('pause')) {
         // A pause that fails half way (a back-end that does not answer) lets go of what it stopped.
-        e.waitUntil(applier.rings.hold('pause').catch(async (err: unknown) => {
-          await applier.rings.release('pause').catch(() => undefined);
-          throw err;
-        }));
-      }
-      else if (!e.paused) e.waitUntil(applier.rings.release('pause'));
+        e.waitUntil(
+          applier.rings.hold('pause').catch(async (err: unknown) => {
+            await applier.rings.release('pause').catch(() => undefined);
+            throw err;
+          }),
+        );
+      } else if (!e.paused) e.waitUntil(applier.rings.release('pause'));
     });
     fe.on('close', (reason) => {
       if (reason) sub.emit('error', toMmbError(reason));
@@ -141,7 +146,10 @@ export class VhostUserSubscriber extends Subscriber {
       await sub.close().catch(() => undefined);
       throw err;
     }
-    logger?.info({ backend: backendSocket, memMode: negotiated.memMode, maxSlots: limit, space: sub.space, client: sub.id, ioas }, 'vhost-user front-end attached');
+    logger?.info(
+      { backend: backendSocket, memMode: negotiated.memMode, maxSlots: limit, space: sub.space, client: sub.id, ioas },
+      'vhost-user front-end attached',
+    );
     return sub;
   }
 

@@ -142,11 +142,14 @@ export class Virtqueue implements RingQueue {
     opts: VirtqueueOptions,
   ) {
     const size = opts.size ?? 16;
-    if (!Number.isInteger(size) || size < 1 || size > 32768 || (size & (size - 1)) !== 0) throw new InvalidArgError(`queue size ${size} is not a power of two <= 32768`);
+    if (!Number.isInteger(size) || size < 1 || size > 32768 || (size & (size - 1)) !== 0)
+      throw new InvalidArgError(`queue size ${size} is not a power of two <= 32768`);
     if (opts.gpa % 16 !== 0) throw new InvalidArgError(`ring address ${hex(opts.gpa)} is not 16-byte aligned`);
     if (frontend.negotiated.iommu) {
-      if (opts.iova === undefined) throw new InvalidArgError(`virtqueue ${opts.index}: the device translates through an IOAS (VIRTIO_F_ACCESS_PLATFORM): give the rings' IOVA`);
-      if (!Number.isSafeInteger(opts.iova) || opts.iova < 0 || opts.iova % 16 !== 0) throw new InvalidArgError(`ring IOVA ${opts.iova} is not a 16-byte aligned address`);
+      if (opts.iova === undefined)
+        throw new InvalidArgError(`virtqueue ${opts.index}: the device translates through an IOAS (VIRTIO_F_ACCESS_PLATFORM): give the rings' IOVA`);
+      if (!Number.isSafeInteger(opts.iova) || opts.iova < 0 || opts.iova % 16 !== 0)
+        throw new InvalidArgError(`ring IOVA ${opts.iova} is not a 16-byte aligned address`);
     }
     this.iova = frontend.negotiated.iommu ? opts.iova : undefined;
     this.index = opts.index;
@@ -235,14 +238,16 @@ export class Virtqueue implements RingQueue {
   submit(bufs: readonly QueueBuffer[], prepare?: () => void): Promise<number> {
     if (this._closed) return Promise.reject(new DisconnectedError(`virtqueue ${this.index} is closed`));
     if (bufs.length === 0) return Promise.reject(new InvalidArgError('an empty descriptor chain'));
-    if (bufs.length > this.size) return Promise.reject(new InvalidArgError(`virtqueue ${this.index}: ${bufs.length} descriptors needed, the queue has ${this.size}`));
+    if (bufs.length > this.size)
+      return Promise.reject(new InvalidArgError(`virtqueue ${this.index}: ${bufs.length} descriptors needed, the queue has ${this.size}`));
     for (const b of bufs) {
       if (!Number.isSafeInteger(b.addr) || b.addr < 0 || !Number.isInteger(b.len) || b.len < 0 || b.len > 0xffff_ffff) {
         return Promise.reject(new InvalidArgError(`bad buffer ${b.addr}+${b.len}`));
       }
     }
     if (this.state === 'running' && this.held.length === 0) {
-      if (bufs.length > this.free.length) return Promise.reject(new InvalidArgError(`virtqueue ${this.index}: ${bufs.length} descriptors needed, ${this.free.length} free`));
+      if (bufs.length > this.free.length)
+        return Promise.reject(new InvalidArgError(`virtqueue ${this.index}: ${bufs.length} descriptors needed, ${this.free.length} free`));
       return new Promise<number>((resolve, reject) => this.post({ bufs, prepare, resolve, reject }));
     }
     this.stats.held++;

@@ -66,7 +66,8 @@ async function answer(handlers: Readonly<Record<string, Handler>>, line: string)
     const req = JSON.parse(line) as { execute?: unknown; arguments?: unknown; id?: unknown };
     id = req.id;
     const cmd = req.execute;
-    if (typeof cmd !== 'string' || !Object.hasOwn(handlers, cmd)) throw new VmmError('VMM_ERR_REQUEST', `unknown command ${JSON.stringify(cmd)}; known: ${Object.keys(handlers).join(', ')}`);
+    if (typeof cmd !== 'string' || !Object.hasOwn(handlers, cmd))
+      throw new VmmError('VMM_ERR_REQUEST', `unknown command ${JSON.stringify(cmd)}; known: ${Object.keys(handlers).join(', ')}`);
     const args = req.arguments ?? {};
     if (typeof args !== 'object' || args === null || Array.isArray(args)) throw new VmmError('VMM_ERR_REQUEST', '"arguments" must be an object');
     const result = await (handlers[cmd] as Handler)(args as Record<string, unknown>);

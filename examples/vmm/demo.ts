@@ -18,7 +18,13 @@ type Status = {
   vcpu: { exits: { mmio: number }; hookParks: number; registers?: { rbx: number } };
   disk?: { completed: number; errors: number; mismatches: number };
 };
-type Hotplug = { generation: number; added: { id: string; gpa: string }[]; removed: string[]; hookParks: number; disk?: { inflightAtStart: number; inflightThroughout: number; completedDuring: number } };
+type Hotplug = {
+  generation: number;
+  added: { id: string; gpa: string }[];
+  removed: string[];
+  hookParks: number;
+  disk?: { inflightAtStart: number; inflightThroughout: number; completedDuring: number };
+};
 
 const say = (text: string) => console.log(text);
 const step = (text: string) => say(`\n==> ${text}`);
@@ -60,7 +66,9 @@ async function main(): Promise<void> {
     say(`    the guest acknowledged the offer: ack ${s.guest.ack === s.guest.offer}`);
 
     step('transaction: dimm2 and dimm3 (32 MiB each) in one transaction');
-    const two = await src.control.call<Hotplug>('transaction', { actions: ['dimm2', 'dimm3'].map((id) => ({ type: 'dimm-add', data: { id, size: 32 * MiB } })) });
+    const two = await src.control.call<Hotplug>('transaction', {
+      actions: ['dimm2', 'dimm3'].map((id) => ({ type: 'dimm-add', data: { id, size: 32 * MiB } })),
+    });
     say(`    generation ${add.generation} -> ${two.generation}; ${two.added.map((a) => `${a.id} at ${a.gpa}`).join(', ')}`);
     assert.equal(two.generation, add.generation + 1);
 
@@ -70,7 +78,9 @@ async function main(): Promise<void> {
       assert.fail('the broker accepted RAM over the MSI window');
     } catch (err) {
       const e = err as Error & { code: string; client?: { kind: string; name: string } };
-      say(`    ${e.code}, refused by ${e.client?.kind} client ${JSON.stringify(e.client?.name)}; nothing changed: generation ${(await status(src.control)).generation}`);
+      say(
+        `    ${e.code}, refused by ${e.client?.kind} client ${JSON.stringify(e.client?.name)}; nothing changed: generation ${(await status(src.control)).generation}`,
+      );
       assert.equal(e.code, 'MMB_ERR_RESERVED_RANGE');
     }
 
@@ -86,8 +96,12 @@ async function main(): Promise<void> {
       ],
     });
     const after = await src.control.call<{ sha256: string }>('query-memory', { gpa: gpa1, size: 64 * MiB });
-    say(`    generation ${swap.generation}; the kvm client parked the vCPU through the hook ${swap.hookParks} time(s); same bytes at ${add.added[0]?.gpa}: ${before.sha256 === after.sha256}`);
-    say(`    kernel: qemu-storage-daemon maps dimm1 ${memfdMaps(qsd.pid, 'dimm1').length}, dimm2 ${memfdMaps(qsd.pid, 'dimm2').length}, dimm4 ${memfdMaps(qsd.pid, 'dimm4').length} time(s)`);
+    say(
+      `    generation ${swap.generation}; the kvm client parked the vCPU through the hook ${swap.hookParks} time(s); same bytes at ${add.added[0]?.gpa}: ${before.sha256 === after.sha256}`,
+    );
+    say(
+      `    kernel: qemu-storage-daemon maps dimm1 ${memfdMaps(qsd.pid, 'dimm1').length}, dimm2 ${memfdMaps(qsd.pid, 'dimm2').length}, dimm4 ${memfdMaps(qsd.pid, 'dimm4').length} time(s)`,
+    );
     assert.equal(before.sha256, after.sha256);
     assert.equal(memfdMaps(qsd.pid, 'dimm1').length + memfdMaps(qsd.pid, 'dimm2').length, 0);
     await src.control.call('cont');
@@ -97,14 +111,21 @@ async function main(): Promise<void> {
     say(`    generation ${del.generation}; kernel: qemu-storage-daemon maps dimm3 ${memfdMaps(qsd.pid, 'dimm3').length} time(s) when the VMM answers`);
     assert.equal(memfdMaps(qsd.pid, 'dimm3').length, 0);
     s = await status(src.control);
-    say(`    guest exits to a missing memslot so far: ${s.vcpu.exits.mmio}; disk: ${s.disk?.completed} requests completed, ${s.disk?.errors} errors, ${s.disk?.mismatches} mismatches`);
+    say(
+      `    guest exits to a missing memslot so far: ${s.vcpu.exits.mmio}; disk: ${s.disk?.completed} requests completed, ${s.disk?.errors} errors, ${s.disk?.mismatches} mismatches`,
+    );
     assert.equal(s.vcpu.exits.mmio, 0);
 
     step('migration: an incoming VMM, then migrate (pre-copy of memory, then the vCPU registers)');
     const dst = await startVmm(path.join(dir, 'dst'), ['--incoming']);
     stops.push(() => dst.stop());
-    const m = await src.control.call<{ rounds: number; stopReason: string; downtimeMs: number; memoryBytes: number; totalBytes: number; verified: boolean }>('migrate', { uri: dst.controlSocket });
-    say(`    ${m.rounds} rounds (${m.stopReason}), ${m.totalBytes / MiB} MiB sent for ${m.memoryBytes / MiB} MiB of memory, downtime ${m.downtimeMs} ms, verified ${m.verified}`);
+    const m = await src.control.call<{ rounds: number; stopReason: string; downtimeMs: number; memoryBytes: number; totalBytes: number; verified: boolean }>(
+      'migrate',
+      { uri: dst.controlSocket },
+    );
+    say(
+      `    ${m.rounds} rounds (${m.stopReason}), ${m.totalBytes / MiB} MiB sent for ${m.memoryBytes / MiB} MiB of memory, downtime ${m.downtimeMs} ms, verified ${m.verified}`,
+    );
     const [a, b] = await Promise.all([src.control.call<{ blocks: unknown[] }>('query-memory'), dst.control.call<{ blocks: unknown[] }>('query-memory')]);
     assert.deepEqual(b, a);
     say(`    every block's sha256 equal on both sides (source paused, destination not started): ${(a.blocks as { id: string }[]).map((x) => x.id).join(', ')}`);

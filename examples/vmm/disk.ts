@@ -51,7 +51,13 @@ export class Disk {
    * table is confirmed by the daemon before this resolves) and starts the virtqueue in guest RAM.
    */
   static async attach(broker: Broker, backendSocket: string, logger?: Logger): Promise<Disk> {
-    const bridge = await VhostUserSubscriber.attach(broker, { space: SPACE, name: 'disk0', backendSocket, virtioFeatures: BLK_FEATURES, ...(logger ? { logger } : {}) });
+    const bridge = await VhostUserSubscriber.attach(broker, {
+      space: SPACE,
+      name: 'disk0',
+      backendSocket,
+      virtioFeatures: BLK_FEATURES,
+      ...(logger ? { logger } : {}),
+    });
     let blk: VirtioBlk;
     try {
       blk = await VirtioBlk.start(bridge, { gpa: DISK_AREA_GPA, queueSize: QUEUE_SIZE });

@@ -35,13 +35,17 @@ export function guestProgram(): Uint8Array {
     at += 4;
   };
   bytes(0x43); //                        inc ebx
-  bytes(0x89, 0x1d); u32(COUNTER_GPA); // mov [COUNTER], ebx
-  bytes(0x8b, 0x35); u32(OFFER_GPA); //   mov esi, [OFFER]
-  bytes(0x89, 0x35); u32(ACK_GPA); //     mov [ACK], esi
+  bytes(0x89, 0x1d);
+  u32(COUNTER_GPA); // mov [COUNTER], ebx
+  bytes(0x8b, 0x35);
+  u32(OFFER_GPA); //   mov esi, [OFFER]
+  bytes(0x89, 0x35);
+  u32(ACK_GPA); //     mov [ACK], esi
   bytes(0x85, 0xf6); //                  test esi, esi
   bytes(0x74, 0x100 - (at + 2)); //      jz loop (back to 0)
   bytes(0x89, 0xd8); //                  mov eax, ebx
-  bytes(0x25); u32(0xff); //             and eax, 0xff
+  bytes(0x25);
+  u32(0xff); //             and eax, 0xff
   bytes(0xc1, 0xe0, 0x0c); //            shl eax, 12
   bytes(0x89, 0x1c, 0x06); //            mov [esi + eax], ebx
   bytes(0xeb, 0x100 - (at + 2)); //      jmp loop

@@ -17,7 +17,7 @@ import type { Disk } from './disk.js';
 import { VmmError } from './errors.js';
 import { readMailbox } from './guest.js';
 import { ACK_GPA, OFFER_GPA, hex } from './layout.js';
-import type { Action, Block, MachineMemory, Prepared } from './memory.js';
+import type { Action, Block, MachineMemory } from './memory.js';
 import type { Vcpu } from './vcpu.js';
 
 /** How long the guest gets to let go of a DIMM, or to start using one. */
@@ -65,7 +65,11 @@ export async function applyActions(m: Machine, actions: readonly Action[]): Prom
     result = await m.memory.commit(prepared);
     if (m.disk && inflight) {
       const now = m.disk.inflight();
-      disk = { inflightAtStart: inflight.size, inflightThroughout: [...inflight].filter((id) => now.has(id)).length, completedDuring: m.disk.status().completed - completed };
+      disk = {
+        inflightAtStart: inflight.size,
+        inflightThroughout: [...inflight].filter((id) => now.has(id)).length,
+        completedDuring: m.disk.status().completed - completed,
+      };
     }
   } catch (err) {
     // Nothing changed (unless the change committed and only its clean-up failed): the new memfds go, and
@@ -123,7 +127,8 @@ async function offerAndWait(m: Machine, gpa: number, what: string): Promise<void
   memory.write(OFFER_GPA, u32(gpa));
   const deadline = Date.now() + GUEST_DEADLINE_MS;
   while (readMailbox((a, n) => memory.read(a, n)).ack !== gpa) {
-    if (Date.now() > deadline || !m.vcpu.running) throw new VmmError('VMM_ERR_GUEST_BUSY', `the guest did not ${what} within ${GUEST_DEADLINE_MS} ms (${m.vcpu.error ?? 'no answer'})`);
+    if (Date.now() > deadline || !m.vcpu.running)
+      throw new VmmError('VMM_ERR_GUEST_BUSY', `the guest did not ${what} within ${GUEST_DEADLINE_MS} ms (${m.vcpu.error ?? 'no answer'})`);
     // Guest memory is the only signal the guest gives; its vCPU thread needs the CPU to answer.
     await new Promise((r) => setTimeout(r, 1));
   }
@@ -135,7 +140,7 @@ function copyInto(kvm: KvmSubscriber, from: Block, to: Block): void {
   try {
     let done = 0;
     for (const view of kvm.memory.segments(from.gpa, from.size)) {
-      for (let at = 0; at < view.length; ) {
+      for (let at = 0; at < view.length;) {
         const chunk = Math.floor((done + at) / CHUNK_BYTES);
         const off = (done + at) % CHUNK_BYTES;
         const n = Math.min(view.length - at, CHUNK_BYTES - off);

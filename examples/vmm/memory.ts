@@ -14,7 +14,18 @@
 //     reports the error; the kernel frees the pages when the last holder lets go.
 //   - Memory a migration brought in was registered by the migration's owner connection, not by this VMM:
 //     it has no descriptor here (fd undefined); its broker holds it while regions use it.
-import { InternalError, InvalidArgError, NoRegionError, RegionExistsError, isMmbError, native, type CommitOp, type CommitResult, type OwnerClient, type Region } from '../../index.js';
+import {
+  InternalError,
+  InvalidArgError,
+  NoRegionError,
+  RegionExistsError,
+  isMmbError,
+  native,
+  type CommitOp,
+  type CommitResult,
+  type OwnerClient,
+  type Region,
+} from '../../index.js';
 import { DIMM_ALIGN, HOTPLUG_MAX, HOTPLUG_MIN, MIN_DIMM, RAM_GPA, hex } from './layout.js';
 
 /** A block of guest memory: RAM, or a DIMM. */
@@ -155,7 +166,8 @@ export class MachineMemory {
     const unreferenced = new Set(result.unreferenced);
     await this.release(p.dels.filter((d) => unreferenced.has(d.backing)));
     const held = p.dels.filter((d) => !unreferenced.has(d.backing));
-    if (held.length > 0) throw new InternalError(`removed DIMMs ${held.map((d) => d.id).join(', ')} were not reported unreferenced by generation ${result.generation}`);
+    if (held.length > 0)
+      throw new InternalError(`removed DIMMs ${held.map((d) => d.id).join(', ')} were not reported unreferenced by generation ${result.generation}`);
     return result;
   }
 

@@ -31,11 +31,17 @@ export function startStorageDaemon(dir: string, image: string, opts: { bytesPerS
   const throttle = opts.bytesPerSecond
     ? ['--object', `throttle-group,id=tg0,x-bps-total=${opts.bytesPerSecond}`, '--blockdev', 'driver=throttle,node-name=disk0,throttle-group=tg0,file=file0']
     : [];
-  const proc = spawn('qemu-storage-daemon', [
-    '--blockdev', `driver=file,node-name=${opts.bytesPerSecond ? 'file0' : 'disk0'},filename=${image}`,
-    ...throttle,
-    '--export', `type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path=${socket},writable=on,num-queues=1`,
-  ], { stdio: ['ignore', 'ignore', 'pipe'] });
+  const proc = spawn(
+    'qemu-storage-daemon',
+    [
+      '--blockdev',
+      `driver=file,node-name=${opts.bytesPerSecond ? 'file0' : 'disk0'},filename=${image}`,
+      ...throttle,
+      '--export',
+      `type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path=${socket},writable=on,num-queues=1`,
+    ],
+    { stdio: ['ignore', 'ignore', 'pipe'] },
+  );
   const stderr: string[] = [];
   proc.stderr?.setEncoding('utf8').on('data', (d: string) => stderr.push(...d.split('\n').filter((l) => l.trim() !== '')));
   // The VMM's vhost-user connect retries until the daemon listens: no readiness to wait for here.
@@ -76,7 +82,11 @@ export async function startVmm(dir: string, args: readonly string[] = [], timeou
  */
 export async function startDevice(brokerSocket: string, name = 'nic0'): Promise<JsonProc> {
   const proc = new JsonProc(
-    spawn(process.execPath, [MMBROKER, 'attach', 'vfio', '--backend', 'soft', '--device', name, '--name', name, '--socket', brokerSocket, '--space', 'vm0', '--json'], { stdio: ['ignore', 'pipe', 'pipe'] }),
+    spawn(
+      process.execPath,
+      [MMBROKER, 'attach', 'vfio', '--backend', 'soft', '--device', name, '--name', name, '--socket', brokerSocket, '--space', 'vm0', '--json'],
+      { stdio: ['ignore', 'pipe', 'pipe'] },
+    ),
   );
   await proc.next('attached', () => true, 30_000);
   return proc;

@@ -24,7 +24,8 @@ export class Vcpu {
 
   /** Creates vCPU 0 on the kvm client's VM, in 32-bit flat mode. Needs a real KVM VM. */
   static create(kvm: KvmSubscriber): Vcpu {
-    if (!(kvm.vm instanceof KvmVm)) throw new KvmError(`the kvm client keeps its memslots in software (${kvm.softwareReason ?? 'asked for'}): no vCPU can run`, { errno: 'ENODEV' });
+    if (!(kvm.vm instanceof KvmVm))
+      throw new KvmError(`the kvm client keeps its memslots in software (${kvm.softwareReason ?? 'asked for'}): no vCPU can run`, { errno: 'ENODEV' });
     const cpu = KvmVcpu.create(kvm.vm, 0);
     try {
       cpu.enterFlat32();

@@ -145,12 +145,17 @@ export class Vmm implements Machine {
   }
 
   private handlers(): Record<string, Handler> {
-    const m = (fn: Handler): Handler => (args) => this.exclusive(async () => fn(args));
+    const m =
+      (fn: Handler): Handler =>
+      (args) =>
+        this.exclusive(async () => fn(args));
     return {
       'query-status': () => this.status(),
       'query-memory': (a) => this.digests(a),
       'query-vcpu': () => this.vcpuState(),
-      'dimm-add': m((a) => this.hotplug([{ type: 'dimm-add', id: str(a, 'id'), size: num(a, 'size'), ...(a.gpa !== undefined ? { gpa: num(a, 'gpa') } : {}) }])),
+      'dimm-add': m((a) =>
+        this.hotplug([{ type: 'dimm-add', id: str(a, 'id'), size: num(a, 'size'), ...(a.gpa !== undefined ? { gpa: num(a, 'gpa') } : {}) }]),
+      ),
       'dimm-del': m((a) => this.hotplug([{ type: 'dimm-del', id: str(a, 'id') }])),
       transaction: m((a) => this.hotplug(actions(a))),
       stop: m(async () => {
@@ -198,7 +203,14 @@ export class Vmm implements Machine {
       const vcpu = encodeState((this.vcpu as Vcpu).save());
       await peer.call('migrate-finish', { vcpu, dimms: [...this.memory.dimms.keys()] } satisfies Handover);
       this.state = 'migrated';
-      this.migration = { rounds: result.rounds.length, stopReason: result.stopReason, totalBytes: result.totalBytes, memoryBytes: result.memoryBytes, downtimeMs: result.downtimeMs, verified: result.verified };
+      this.migration = {
+        rounds: result.rounds.length,
+        stopReason: result.stopReason,
+        totalBytes: result.totalBytes,
+        memoryBytes: result.memoryBytes,
+        downtimeMs: result.downtimeMs,
+        verified: result.verified,
+      };
       return { ...this.migration, vcpu };
     } catch (err) {
       this.state = this.holds.has('stop') ? 'stopped' : 'running';
@@ -290,7 +302,8 @@ function str(a: Record<string, unknown>, key: string): string {
 
 function num(a: Record<string, unknown>, key: string): number {
   const v = a[key];
-  if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < 0) throw new VmmError('VMM_ERR_REQUEST', `argument ${JSON.stringify(key)} must be a whole number of bytes`);
+  if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < 0)
+    throw new VmmError('VMM_ERR_REQUEST', `argument ${JSON.stringify(key)} must be a whole number of bytes`);
   return v;
 }
 
@@ -299,7 +312,8 @@ function actions(a: Record<string, unknown>): Action[] {
   if (!Array.isArray(a.actions)) throw new VmmError('VMM_ERR_REQUEST', 'argument "actions" must be a list of {type, data}');
   return a.actions.map((x: { type?: unknown; data?: Record<string, unknown> }) => {
     const data = x.data ?? {};
-    if (x.type === 'dimm-add') return { type: 'dimm-add', id: str(data, 'id'), size: num(data, 'size'), ...(data.gpa !== undefined ? { gpa: num(data, 'gpa') } : {}) };
+    if (x.type === 'dimm-add')
+      return { type: 'dimm-add', id: str(data, 'id'), size: num(data, 'size'), ...(data.gpa !== undefined ? { gpa: num(data, 'gpa') } : {}) };
     if (x.type === 'dimm-del') return { type: 'dimm-del', id: str(data, 'id') };
     throw new VmmError('VMM_ERR_REQUEST', `unknown action type ${JSON.stringify(x.type)} (dimm-add, dimm-del)`);
   });

@@ -12,7 +12,19 @@ import type { VfioSys } from '../../clients/vfio/sys.js';
 const MiB = 2 ** 20;
 
 const NAMES = new Map(Object.entries(REQUEST).map(([k, v]) => [v, k]));
-const ERRNO: Record<string, number> = { EACCES: 13, EINVAL: 22, EEXIST: 17, ENOSPC: 28, EBUSY: 16, EPERM: 1, ENOENT: 2, EMSGSIZE: 90, EBADF: 9, EOPNOTSUPP: 95, ENOTTY: 25 };
+const ERRNO: Record<string, number> = {
+  EACCES: 13,
+  EINVAL: 22,
+  EEXIST: 17,
+  ENOSPC: 28,
+  EBUSY: 16,
+  EPERM: 1,
+  ENOENT: 2,
+  EMSGSIZE: 90,
+  EBADF: 9,
+  EOPNOTSUPP: 95,
+  ENOTTY: 25,
+};
 
 /** A failure in the addon's shape: an ioctl error (native/src/ioctl_gate.h) for a request name, else a syscall's. */
 const SYSCALLS = new Set(['open', 'close', 'readlink', 'readdir']);
@@ -171,14 +183,20 @@ export class SimKernel implements VfioSys {
 
   ioctl(fd: number, req: number, arg: Uint8Array, data?: Uint8Array): number {
     // VFIO_BASE + 17 is VFIO_IOMMU_DIRTY_PAGES on a container, VFIO_DEVICE_FEATURE on a device.
-    const name = req === REQUEST.VFIO_IOMMU_DIRTY_PAGES ? (this.files.get(fd)?.kind === 'container' ? 'VFIO_IOMMU_DIRTY_PAGES' : 'VFIO_DEVICE_FEATURE') : NAMES.get(req)!;
+    const name =
+      req === REQUEST.VFIO_IOMMU_DIRTY_PAGES ? (this.files.get(fd)?.kind === 'container' ? 'VFIO_IOMMU_DIRTY_PAGES' : 'VFIO_DEVICE_FEATURE') : NAMES.get(req)!;
     const argsz = dv(arg).getUint32(0, le);
     this.calls.push(`${name}[${argsz}]`);
     if (argsz > arg.length) fail('EINVAL', name);
     switch (req) {
       case REQUEST.VFIO_GROUP_GET_STATUS: {
         const g = this.file(fd, 'group', req) as File & { kind: 'group' };
-        put(arg, 'vfio_group_status', 'flags', (this.viable.has(g.id) ? VFIO.VFIO_GROUP_FLAGS_VIABLE : 0) | (g.inContainer ? VFIO.VFIO_GROUP_FLAGS_CONTAINER_SET : 0));
+        put(
+          arg,
+          'vfio_group_status',
+          'flags',
+          (this.viable.has(g.id) ? VFIO.VFIO_GROUP_FLAGS_VIABLE : 0) | (g.inContainer ? VFIO.VFIO_GROUP_FLAGS_CONTAINER_SET : 0),
+        );
         return 0;
       }
       case REQUEST.VFIO_IOMMU_GET_INFO: {
@@ -223,7 +241,8 @@ export class SimKernel implements VfioSys {
         if (this.files.get(fd)?.kind === 'device' || this.files.get(fd)?.kind === 'cdev') {
           const bdf = (this.files.get(fd) as { bdf: string }).bdf;
           const flags = get('vfio_device_feature', arg, 'flags');
-          if ((flags & VFIO.VFIO_DEVICE_FEATURE_MASK) !== VFIO.VFIO_DEVICE_FEATURE_MIGRATION || !this.migratable.has(bdf)) fail('ENOTTY', 'VFIO_DEVICE_FEATURE');
+          if ((flags & VFIO.VFIO_DEVICE_FEATURE_MASK) !== VFIO.VFIO_DEVICE_FEATURE_MIGRATION || !this.migratable.has(bdf))
+            fail('ENOTTY', 'VFIO_DEVICE_FEATURE');
           put(arg, 'vfio_device_feature_migration', 'flags', VFIO.VFIO_MIGRATION_STOP_COPY | VFIO.VFIO_MIGRATION_P2P, LAYOUTS.vfio_device_feature.size);
           return 0;
         }
@@ -267,7 +286,12 @@ export class SimKernel implements VfioSys {
         // BAR0 with a sparse-mmap capability (one area): needs room beyond the struct.
         const needed = LAYOUTS.vfio_region_info.size + 16 + 16;
         put(arg, s, 'size', 4096);
-        put(arg, s, 'flags', VFIO.VFIO_REGION_INFO_FLAG_READ | VFIO.VFIO_REGION_INFO_FLAG_WRITE | VFIO.VFIO_REGION_INFO_FLAG_MMAP | VFIO.VFIO_REGION_INFO_FLAG_CAPS);
+        put(
+          arg,
+          s,
+          'flags',
+          VFIO.VFIO_REGION_INFO_FLAG_READ | VFIO.VFIO_REGION_INFO_FLAG_WRITE | VFIO.VFIO_REGION_INFO_FLAG_MMAP | VFIO.VFIO_REGION_INFO_FLAG_CAPS,
+        );
         if (argsz < needed) {
           put(arg, s, 'argsz', needed);
           return 0;
@@ -499,4 +523,3 @@ export class SimKernel implements VfioSys {
     return [...this.files.values()].map((f) => f.kind);
   }
 }
-

@@ -51,7 +51,7 @@ export class Edu {
     if ((this.id & 0xffff) !== 0x00ed) throw new Error(`${this.name}: edu id register reads ${hex(this.id)}, expected 0x..0000ed`);
     this.write(REG.live, 0x12345678);
     const live = this.read(REG.live);
-    if (live !== (~0x12345678 >>> 0)) throw new Error(`${this.name}: liveness register reads ${hex(live)}, expected ${hex(~0x12345678 >>> 0)}`);
+    if (live !== ~0x12345678 >>> 0) throw new Error(`${this.name}: liveness register reads ${hex(live)}, expected ${hex(~0x12345678 >>> 0)}`);
   }
 
   configRead16(off) {
@@ -81,8 +81,10 @@ export class Edu {
    */
   async dma({ src, dst, count, toRam }, timeoutMs = 5000) {
     const [bufAddr, ramAddr] = toRam ? [src, dst] : [dst, src];
-    if (count < 1 || count > EDU_MAX_DMA) throw new RangeError(`edu DMA of ${count} bytes: 1 to ${EDU_MAX_DMA} (QEMU 7.2 aborts on a transfer ending at the buffer's end)`);
-    if (bufAddr < EDU_BUFFER || bufAddr + count >= EDU_BUFFER + EDU_BUFFER_SIZE) throw new RangeError(`edu buffer range ${hex(bufAddr)}+${count} outside 0x40000-0x40ffe`);
+    if (count < 1 || count > EDU_MAX_DMA)
+      throw new RangeError(`edu DMA of ${count} bytes: 1 to ${EDU_MAX_DMA} (QEMU 7.2 aborts on a transfer ending at the buffer's end)`);
+    if (bufAddr < EDU_BUFFER || bufAddr + count >= EDU_BUFFER + EDU_BUFFER_SIZE)
+      throw new RangeError(`edu buffer range ${hex(bufAddr)}+${count} outside 0x40000-0x40ffe`);
     if (ramAddr + count - 1 > EDU_ADDR_MASK) throw new RangeError(`IOVA ${hex(ramAddr)} is beyond edu's 28-bit DMA mask`);
     if (this.read(REG.cmd) & CMD.start) throw new Error(`${this.name}: a DMA is still running`);
     this.write(REG.src, src);

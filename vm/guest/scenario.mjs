@@ -15,7 +15,21 @@ import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import readline from 'node:readline';
 import { parseArgs } from 'node:util';
-import { Broker, MappingSubscriber, Migration, MigrationBlockedError, OwnerClient, SpaceDestination, VfioSubscriber, native, constants, isMmbError, fromInclusive, rangeContains, toInclusive } from '/mmb/dist/index.js';
+import {
+  Broker,
+  MappingSubscriber,
+  Migration,
+  MigrationBlockedError,
+  OwnerClient,
+  SpaceDestination,
+  VfioSubscriber,
+  native,
+  constants,
+  isMmbError,
+  fromInclusive,
+  rangeContains,
+  toInclusive,
+} from '/mmb/dist/index.js';
 import { realSys, structs } from '/mmb/dist/clients/vfio/index.js';
 import { IoasOwner } from '/mmb/dist/clients/ioas-owner.js';
 import { Rng } from '/mmb/dist/testkit/rng.js';
@@ -238,7 +252,11 @@ const calls = [];
 const REQUEST_NAMES = new Map(Object.entries(structs.REQUEST).map(([name, nr]) => [nr, name]));
 // One number, two requests: VFIO_IOMMU_DIRTY_PAGES on the container, VFIO_DEVICE_FEATURE on a device.
 const requestName = (fd, nr) =>
-  nr === structs.REQUEST.VFIO_IOMMU_DIRTY_PAGES ? (fs.readlinkSync(`/proc/self/fd/${fd}`) === '/dev/vfio/vfio' ? 'VFIO_IOMMU_DIRTY_PAGES' : 'VFIO_DEVICE_FEATURE') : (REQUEST_NAMES.get(nr) ?? `request ${nr}`);
+  nr === structs.REQUEST.VFIO_IOMMU_DIRTY_PAGES
+    ? fs.readlinkSync(`/proc/self/fd/${fd}`) === '/dev/vfio/vfio'
+      ? 'VFIO_IOMMU_DIRTY_PAGES'
+      : 'VFIO_DEVICE_FEATURE'
+    : (REQUEST_NAMES.get(nr) ?? `request ${nr}`);
 for (const fn of ['open', 'ioctlInt', 'ioctl', 'ioctlAsync', 'groupGetDeviceFd']) {
   const orig = realSys[fn];
   realSys[fn] = (...args) => {
@@ -246,7 +264,11 @@ for (const fn of ['open', 'ioctlInt', 'ioctl', 'ioctlAsync', 'groupGetDeviceFd']
     const record = (errno) => calls.push({ step: current, what, errno });
     try {
       const r = orig(...args);
-      if (r instanceof Promise) return r.then((v) => (record(null), v), (e) => (record(e?.code ?? String(e)), Promise.reject(e)));
+      if (r instanceof Promise)
+        return r.then(
+          (v) => (record(null), v),
+          (e) => (record(e?.code ?? String(e)), Promise.reject(e)),
+        );
       record(null);
       return r;
     } catch (e) {
@@ -288,14 +310,17 @@ try {
     const before = vfioFds();
     // Pieces of 1 MiB: a 2 MiB region takes two MAP_DMA / IOAS_MAP calls, and a DMA can cross them.
     vfio = await VfioSubscriber.attach(SOCKET, { space: 'vm0', name: 'vfio-edu', backend, devices: [dev0], reconnect: false, pinChunkBytes: PIECE });
-    vfio.on('change', (ev) => changes.push({ at: Date.now(), generation: ev.change.generation, added: ev.change.added.map((r) => r.name), removed: ev.change.removed.map((r) => r.name) }));
+    vfio.on('change', (ev) =>
+      changes.push({
+        at: Date.now(),
+        generation: ev.change.generation,
+        added: ev.change.added.map((r) => r.name),
+        removed: ev.change.removed.map((r) => r.name),
+      }),
+    );
     const d = vfio.domain;
     check(d.backend === backend && d.active && !d.software, 'the client has an active hardware domain', d);
-    check(
-      coversMsi(d.reserved),
-      `the kernel's usable IOVA ranges exclude the MSI window ${hex(MSI_WINDOW.start)}-${hex(MSI_WINDOW.last)}`,
-      d.reserved,
-    );
+    check(coversMsi(d.reserved), `the kernel's usable IOVA ranges exclude the MSI window ${hex(MSI_WINDOW.start)}-${hex(MSI_WINDOW.last)}`, d.reserved);
     const limits = vfio.backend.limits();
     const st = (await owner.status()).spaces[0].clients.find((c) => c.name === 'vfio-edu');
     check(st?.backend === backend && coversMsi((st.reserved ?? []).map((r) => fromInclusive(r))), 'the broker has the reported reserved ranges', st);
@@ -328,17 +353,31 @@ try {
     const early = await OwnerClient.attach(broker, { space: 'vm-early' });
     const callsBefore = calls.length;
     const sub = await VfioSubscriber.attach(SOCKET, { space: 'vm-early', name: 'vfio-early', backend, devices: [], reserveFor: [dev], reconnect: false });
-    const opened = calls.slice(callsBefore).filter((c) => c.what.startsWith('open ')).map((c) => c.what.slice('open '.length));
+    const opened = calls
+      .slice(callsBefore)
+      .filter((c) => c.what.startsWith('open '))
+      .map((c) => c.what.slice('open '.length));
     check(sub.domain.devices.length === 0 && !sub.domain.active, 'the client has no device', sub.domain);
-    check(opened.every((p) => p === '/dev/vfio/vfio' || p === '/dev/iommu'), 'it opened no group or device node, only the container / iommufd', opened);
+    check(
+      opened.every((p) => p === '/dev/vfio/vfio' || p === '/dev/iommu'),
+      'it opened no group or device node, only the container / iommufd',
+      opened,
+    );
     const st = broker.status('vm-early').spaces[0].clients.find((c) => c.name === 'vfio-early');
     const reported = (st?.reserved ?? []).map((r) => `${hex(r.start)}-${hex(r.last)}`);
-    check(reported.includes(`${hex(MSI_WINDOW.start)}-${hex(MSI_WINDOW.last)}`), 'the broker has the MSI window sysfs shows, from the first REPORT', { sysfs, reported });
+    check(reported.includes(`${hex(MSI_WINDOW.start)}-${hex(MSI_WINDOW.last)}`), 'the broker has the MSI window sysfs shows, from the first REPORT', {
+      sysfs,
+      reported,
+    });
     const placed = await early.findFree(4 * MiB, { align: 2 * MiB, min: 0xfec0_0000 });
     check(placed === 0xff00_0000, 'FIND_FREE steps over the window', hex(placed));
     const b = await early.createBacking(2 * MiB, 'early-ram');
     const err = await rejection(early.addRegion({ name: 'over-msi', gpa: MSI_WINDOW.start, size: 2 * MiB, backing: b.backing }));
-    check(isMmbError(err) && err.code === 'MMB_ERR_RESERVED_RANGE' && err.client?.name === 'vfio-early', 'RAM over the window is refused, naming the client that has no device yet', { code: err?.code, client: err?.client });
+    check(
+      isMmbError(err) && err.code === 'MMB_ERR_RESERVED_RANGE' && err.client?.name === 'vfio-early',
+      'RAM over the window is refused, naming the client that has no device yet',
+      { code: err?.code, client: err?.client },
+    );
     await sub.close();
     native.close(b.fd);
     early.close();
@@ -351,7 +390,11 @@ try {
     const avail0 = vfio.domain.dmaAvailable;
     await owner.addRegion({ name: 'dma-ram', gpa: GPA_RAM, size: ram.size, backing: ram.id });
     const m = region(vfio, 'dma-ram');
-    check(m && m.iova === GPA_RAM && m.size === ram.size && m.pieces === ram.size / PIECE, `the client mapped the region at IOVA = GPA in ${ram.size / PIECE} pieces`, vfio.domain.mappings);
+    check(
+      m && m.iova === GPA_RAM && m.size === ram.size && m.pieces === ram.size / PIECE,
+      `the client mapped the region at IOVA = GPA in ${ram.size / PIECE} pieces`,
+      vfio.domain.mappings,
+    );
     const k1 = pinnedByKernel();
     check(k1 - k0 === ram.size, `the kernel counts ${ram.size} more bytes pinned (${backend === 'type1' ? 'VmLck' : 'VmPin'})`, { before: k0, after: k1 });
     const avail1 = vfio.domain.dmaAvailable;
@@ -360,14 +403,20 @@ try {
     const edu = edus.get(dev0);
     const copies = [];
     // One copy inside the first piece, one from across the boundary between the two pieces.
-    for (const [src, dst, seed] of [[0x1000, 0x10000, 0xc0ffee], [PIECE - 0x800, PIECE + 0x40000, 0x5eed]]) {
+    for (const [src, dst, seed] of [
+      [0x1000, 0x10000, 0xc0ffee],
+      [PIECE - 0x800, PIECE + 0x40000, 0x5eed],
+    ]) {
       const data = pattern(EDU_MAX_DMA, seed);
       ram.bytes.set(data, src);
       ram.bytes.fill(0, dst, dst + 2 * EDU_MAX_DMA);
       const t0 = Date.now();
       await edu.copy(GPA_RAM + src, GPA_RAM + dst, EDU_MAX_DMA);
       const got = ram.bytes.slice(dst, dst + EDU_MAX_DMA);
-      check(equal(got, data), `the DMA copy of ${EDU_MAX_DMA} bytes from ${hex(GPA_RAM + src)} arrived at ${hex(GPA_RAM + dst)} (first difference at byte ${firstDiff(got, data)})`);
+      check(
+        equal(got, data),
+        `the DMA copy of ${EDU_MAX_DMA} bytes from ${hex(GPA_RAM + src)} arrived at ${hex(GPA_RAM + dst)} (first difference at byte ${firstDiff(got, data)})`,
+      );
       check(ram.bytes[dst + EDU_MAX_DMA] === 0, 'nothing beyond the transfer was written');
       copies.push({ from: hex(GPA_RAM + src), to: hex(GPA_RAM + dst), bytes: EDU_MAX_DMA, ms: Date.now() - t0 });
     }
@@ -392,7 +441,10 @@ try {
     check(m && m.iova === GPA_HUGE && m.pieces === size / PIECE, `mapped at IOVA = GPA in ${size / PIECE} pieces`, vfio.domain.mappings);
     const local = vfio.memory.regions().find((x) => x.region.name === 'huge-2m');
     const sm = smapsAt(local.address);
-    check(local.address % HUGE === 0 && sm?.kernelPageSizeKiB === HUGE / KiB, 'the client maps it on a 2 MiB boundary, with 2 MiB pages', { address: hex(local.address), sm });
+    check(local.address % HUGE === 0 && sm?.kernelPageSizeKiB === HUGE / KiB, 'the client maps it on a 2 MiB boundary, with 2 MiB pages', {
+      address: hex(local.address),
+      sm,
+    });
     check(sm.hugetlbKiB === size / KiB, 'pinning faulted both huge pages in', sm);
     const k1 = pinnedByKernel();
     check(k1 - k0 === size, `the kernel counts ${size} more bytes pinned`, { k0, k1 });
@@ -400,7 +452,10 @@ try {
     if (backend === 'type1') check(avail0 - avail1 === m.pieces, 'type1 DMA_AVAIL went down by one per piece', { avail0, avail1 });
     const copies = [];
     // Inside the first page, and from the end of the first page into the second.
-    for (const [src, dst, seed] of [[0x1000, HUGE + 0x1000, 0x2b16], [HUGE - 0x800, HUGE + 0x80000, 0x2b17]]) {
+    for (const [src, dst, seed] of [
+      [0x1000, HUGE + 0x1000, 0x2b16],
+      [HUGE - 0x800, HUGE + 0x80000, 0x2b17],
+    ]) {
       const data = pattern(EDU_MAX_DMA, seed);
       huge.bytes.set(data, src);
       huge.bytes.fill(0, dst, dst + EDU_MAX_DMA);
@@ -414,7 +469,16 @@ try {
     native.close(huge.fd);
     await owner.dropBacking(huge.id);
     fs.writeFileSync(hugePool(HUGE), String(nr0));
-    return { pages: 2, unaligned: off.code, hostAddress: hex(local.address), smaps: sm, pieces: m.pieces, kernelPinnedDelta: k1 - k0, dmaAvailable: [avail0 ?? null, avail1 ?? null], copies };
+    return {
+      pages: 2,
+      unaligned: off.code,
+      hostAddress: hex(local.address),
+      smaps: sm,
+      pieces: m.pieces,
+      kernelPinnedDelta: k1 - k0,
+      dmaAvailable: [avail0 ?? null, avail1 ?? null],
+      copies,
+    };
   });
 
   await step('dirty-tracking', async () => {
@@ -422,7 +486,11 @@ try {
     // (without a vendor driver, every mapped page of a GET_BITMAP range is reported); iommufd: the emulated
     // intel-iommu has no dirty bits, so SET_DIRTY_TRACKING answers EOPNOTSUPP and every page counts.
     const migration = vfio.migrationSupport();
-    check(migration.devices.length === 1 && !migration.devices[0].supported && /ENOTTY/.test(migration.devices[0].reason), 'edu has no VFIO migration support (VFIO_DEVICE_FEATURE: ENOTTY)', migration);
+    check(
+      migration.devices.length === 1 && !migration.devices[0].supported && /ENOTTY/.test(migration.devices[0].reason),
+      'edu has no VFIO migration support (VFIO_DEVICE_FEATURE: ENOTTY)',
+      migration,
+    );
     const callsBefore = calls.length;
     await owner.commit([{ op: 'set', region: 'dma-ram', logDirty: true }]);
     const tracking = vfio.domain.dirtyTracking;
@@ -456,16 +524,27 @@ try {
     if (backend === 'type1') {
       // The kernel's own bitmap for the region: every mapped page, though the device wrote one.
       const bits = vfio.backend.readDirty(GPA_RAM, ram.size);
-      extra.kernelBitmapPages = bits.reduce((n, b) => n + ((b.toString(2).match(/1/g) ?? []).length), 0);
+      extra.kernelBitmapPages = bits.reduce((n, b) => n + (b.toString(2).match(/1/g) ?? []).length, 0);
       check(extra.kernelBitmapPages === pages, 'type1 reports every mapped page (no vendor driver pins pages)', extra);
     }
     await owner.commit([{ op: 'set', region: 'dma-ram', logDirty: false }]);
     check(vfio.domain.dirtyTracking === undefined, 'tracking stops with the last logging region');
     const stAfter = (await owner.status()).spaces[0].clients.find((c) => c.name === 'vfio-edu');
-    const dirtyCalls = calls.slice(callsBefore).filter((c) => /DIRTY/.test(c.what)).map((c) => `${c.what}${c.errno ? ` ${c.errno}` : ''}`);
+    const dirtyCalls = calls
+      .slice(callsBefore)
+      .filter((c) => /DIRTY/.test(c.what))
+      .map((c) => `${c.what}${c.errno ? ` ${c.errno}` : ''}`);
     // The backend's name, and while it logs, the tracker in use (REPORT.dirtyTracking, feature MIGRATION).
     const said = (c) => (c?.dirtyTracking && c.dirtyTracking !== 'none' ? `${c.backend} (dirty: ${c.dirtyTracking})` : c?.backend);
-    return { tracking, backendWhileLogging: said(st), backendAfter: said(stAfter), dirtyPages: r.dirty, deviceMigration: migration.devices[0], dirtyCalls, ...extra };
+    return {
+      tracking,
+      backendWhileLogging: said(st),
+      backendAfter: said(stAfter),
+      dirtyPages: r.dirty,
+      deviceMigration: migration.devices[0],
+      dirtyCalls,
+      ...extra,
+    };
   });
 
   await step('migrate-with-dma', async () => {
@@ -475,7 +554,11 @@ try {
     broker.createSpace('vm1');
     const reader = await MappingSubscriber.attach(broker, { space: 'vm0', name: 'migration-reader', writes: false, reconnect: false });
     const blocked = await rejection(new Migration(owner, reader, new SpaceDestination(broker, 'vm1')).run());
-    check(blocked instanceof MigrationBlockedError && blocked.client?.name === 'vfio-edu', 'the migration is blocked by the vfio client', { code: blocked?.code, client: blocked?.client, message: blocked?.message });
+    check(blocked instanceof MigrationBlockedError && blocked.client?.name === 'vfio-edu', 'the migration is blocked by the vfio client', {
+      code: blocked?.code,
+      client: blocked?.client,
+      message: blocked?.message,
+    });
     const data = pattern(EDU_MAX_DMA, 0x1a7e);
     ram.bytes.set(data, 0x5000);
     ram.bytes.fill(0, 0xa000, 0xa000 + EDU_MAX_DMA);
@@ -494,9 +577,18 @@ try {
     await owner.resume();
     await copy.close();
     await reader.close();
-    check(dmaAfterFirstCopy && result.verified === true, 'migrated and verified after a DMA write following the first copy', { verified: result.verified, dmaAfterFirstCopy });
+    check(dmaAfterFirstCopy && result.verified === true, 'migrated and verified after a DMA write following the first copy', {
+      verified: result.verified,
+      dmaAfterFirstCopy,
+    });
     check(equal(there, data), 'the bytes the device wrote after the first copy are at the destination');
-    return { blocked: { code: blocked.code, client: blocked.client.name }, verified: result.verified, rounds: result.rounds.map((r) => `${r.phase}:${r.pages}`), acceptedRisks: result.acceptedRisks.map((b) => b.client.name), dmaAfterFirstCopy };
+    return {
+      blocked: { code: blocked.code, client: blocked.client.name },
+      verified: result.verified,
+      rounds: result.rounds.map((r) => `${r.phase}:${r.pages}`),
+      acceptedRisks: result.acceptedRisks.map((b) => b.client.name),
+      dmaAfterFirstCopy,
+    };
   });
 
   await step('readonly-toggle', async () => {
@@ -514,9 +606,16 @@ try {
     const before = dmesg();
     await edu.dma({ src: GPA_RAM + src, dst: 0x40000, count: EDU_MAX_DMA, toRam: false });
     await edu.dma({ src: 0x40000, dst: GPA_RAM + dst, count: EDU_MAX_DMA, toRam: true });
-    check(ram.bytes.slice(dst, dst + EDU_MAX_DMA).every((b) => b === 0x33), 'a DMA write into the read-only region did not land');
+    check(
+      ram.bytes.slice(dst, dst + EDU_MAX_DMA).every((b) => b === 0x33),
+      'a DMA write into the read-only region did not land',
+    );
     const faults = await newKernelLines(before, /DMAR:.*DMA Write/);
-    check(faults.some((l) => l.includes(`fault addr ${hex(GPA_RAM + dst)}`)), 'the guest kernel logged the write fault', faults);
+    check(
+      faults.some((l) => l.includes(`fault addr ${hex(GPA_RAM + dst)}`)),
+      'the guest kernel logged the write fault',
+      faults,
+    );
     await owner.commit([{ op: 'set', region: 'dma-ram', readonly: false }]);
     check(region(vfio, 'dma-ram')?.readonly === false && pinnedByKernel() === k0, 'writable again, pinned once', region(vfio, 'dma-ram'));
     await edu.dma({ src: 0x40000, dst: GPA_RAM + dst, count: EDU_MAX_DMA, toRam: true });
@@ -533,14 +632,27 @@ try {
     ram.bytes.fill(0x44, 0x80000, 0x80000 + EDU_MAX_DMA);
     const g0 = (await owner.status()).spaces[0].generation;
     const k0 = pinnedByKernel();
-    await owner.commit([{ op: 'remove', region: 'dma-ram' }, { op: 'add', name: 'dma-ram-b', gpa: GPA_RAM, size: other.size, backing: other.id, offset: 0 }]);
+    await owner.commit([
+      { op: 'remove', region: 'dma-ram' },
+      { op: 'add', name: 'dma-ram-b', gpa: GPA_RAM, size: other.size, backing: other.id, offset: 0 },
+    ]);
     const g1 = (await owner.status()).spaces[0].generation;
-    check(g1 === g0 + 1 && region(vfio, 'dma-ram-b')?.gpa === GPA_RAM && !region(vfio, 'dma-ram'), 'one generation; the client maps the new backing at the same GPA', vfio.domain.mappings);
+    check(
+      g1 === g0 + 1 && region(vfio, 'dma-ram-b')?.gpa === GPA_RAM && !region(vfio, 'dma-ram'),
+      'one generation; the client maps the new backing at the same GPA',
+      vfio.domain.mappings,
+    );
     check(pinnedByKernel() === k0, 'the kernel pins the same amount (old unpinned, new pinned)', { k0, k1: pinnedByKernel() });
     await edus.get(dev0).copy(GPA_RAM + 0x1000, GPA_RAM + 0x80000, EDU_MAX_DMA);
     check(equal(other.bytes.slice(0x80000, 0x80000 + EDU_MAX_DMA), data), 'the DMA went to the new memory');
-    check(ram.bytes.slice(0x80000, 0x80000 + EDU_MAX_DMA).every((b) => b === 0x44), 'and not to the old one');
-    await owner.commit([{ op: 'remove', region: 'dma-ram-b' }, { op: 'add', name: 'dma-ram', gpa: GPA_RAM, size: ram.size, backing: ram.id, offset: 0 }]);
+    check(
+      ram.bytes.slice(0x80000, 0x80000 + EDU_MAX_DMA).every((b) => b === 0x44),
+      'and not to the old one',
+    );
+    await owner.commit([
+      { op: 'remove', region: 'dma-ram-b' },
+      { op: 'add', name: 'dma-ram', gpa: GPA_RAM, size: ram.size, backing: ram.id, offset: 0 },
+    ]);
     check(region(vfio, 'dma-ram') && pinnedByKernel() === k0, 'and back');
     native.munmap(other.map);
     native.close(other.fd);
@@ -586,7 +698,8 @@ try {
     const k0 = pinnedByKernel();
     const order = [];
     const onChange = (ev) => {
-      if (ev.change.removed.some((r) => r.name === 'dma-ram')) order.push({ what: 'client-unmapped', mapped: Boolean(region(vfio, 'dma-ram')), kernelPinned: pinnedByKernel() });
+      if (ev.change.removed.some((r) => r.name === 'dma-ram'))
+        order.push({ what: 'client-unmapped', mapped: Boolean(region(vfio, 'dma-ram')), kernelPinned: pinnedByKernel() });
     };
     vfio.on('change', onChange);
     await owner.removeRegion('dma-ram');
@@ -605,12 +718,20 @@ try {
     check(untouched, 'a DMA write to the removed GPA did not reach the old memory');
     const faults = await newKernelLines(before, /DMAR:.*DMA Write/);
     const want = `fault addr ${hex(GPA_RAM + dst)}`;
-    check(faults.some((l) => l.includes(want)), `the guest kernel logged a DMAR write fault at ${hex(GPA_RAM + dst)}`, faults);
+    check(
+      faults.some((l) => l.includes(want)),
+      `the guest kernel logged a DMAR write fault at ${hex(GPA_RAM + dst)}`,
+      faults,
+    );
     // A read from the removed GPA faults too (the device gets no data from the old memory).
     const before2 = dmesg();
     await edu.dma({ src: GPA_RAM + 0x1000, dst: 0x40000, count: 64, toRam: false });
     const readFaults = await newKernelLines(before2, /DMAR:.*DMA Read/);
-    check(readFaults.some((l) => l.includes(`fault addr ${hex(GPA_RAM + 0x1000)}`)), 'a DMA read from the removed GPA faulted too', readFaults);
+    check(
+      readFaults.some((l) => l.includes(`fault addr ${hex(GPA_RAM + 0x1000)}`)),
+      'a DMA read from the removed GPA faulted too',
+      readFaults,
+    );
     return { order, dmarWrite: faults.map((l) => l.replace(/^\[[^\]]*\]\s*/, '')), dmarRead: readFaults.map((l) => l.replace(/^\[[^\]]*\]\s*/, '')) };
   });
 
@@ -620,7 +741,11 @@ try {
     const seen = changes.length;
     const err = await rejection(owner.addRegion({ name: 'over-msi', gpa: MSI_WINDOW.start, size: over.size, backing: over.id }));
     check(isMmbError(err), 'hotplugging RAM over the MSI window is refused', String(err));
-    check(err.code === 'MMB_ERR_RESERVED_RANGE' && err.client?.name === 'vfio-edu', 'refused with MMB_ERR_RESERVED_RANGE naming the vfio client', { code: err.code, client: err.client, message: err.message });
+    check(err.code === 'MMB_ERR_RESERVED_RANGE' && err.client?.name === 'vfio-edu', 'refused with MMB_ERR_RESERVED_RANGE naming the vfio client', {
+      code: err.code,
+      client: err.client,
+      message: err.message,
+    });
     const s = (await owner.status()).spaces[0];
     check(s.generation === g0 && !s.regions.some((r) => r.name === 'over-msi'), 'nothing changed: same generation, no such region', { g0, g1: s.generation });
     check(changes.length === seen && !region(vfio, 'over-msi'), 'the vfio client never saw the change');
@@ -657,14 +782,25 @@ try {
       const k0 = pinnedByKernel();
       const before = dmesg();
       const err = await rejection(owner.addRegion({ name: 'big', gpa: GPA_BIG, size: big.size, backing: big.id }));
-      check(isMmbError(err), 'a 4 MiB hotplug beyond the client\'s RLIMIT_MEMLOCK is refused', String(err));
-      check(err.code === 'MMB_ERR_PIN_FAILED' && err.client?.name === 'vfio-unpriv', 'refused with MMB_ERR_PIN_FAILED naming the unprivileged client', { code: err.code, client: err.client, message: err.message });
+      check(isMmbError(err), "a 4 MiB hotplug beyond the client's RLIMIT_MEMLOCK is refused", String(err));
+      check(err.code === 'MMB_ERR_PIN_FAILED' && err.client?.name === 'vfio-unpriv', 'refused with MMB_ERR_PIN_FAILED naming the unprivileged client', {
+        code: err.code,
+        client: err.client,
+        message: err.message,
+      });
       const errno = isMmbError(err.cause) ? err.cause.errno : err.errno;
       const s = (await owner.status()).spaces[0];
       check(s.generation === g0 && !s.regions.some((r) => r.name === 'big'), 'rolled back: same generation, no such region', { g0, g1: s.generation });
-      check(!region(vfio, 'big') && pinnedByKernel() === k0, 'the other vfio client holds nothing of it (unmapped, unpinned in the kernel)', { k0, k1: pinnedByKernel() });
+      check(!region(vfio, 'big') && pinnedByKernel() === k0, 'the other vfio client holds nothing of it (unmapped, unpinned in the kernel)', {
+        k0,
+        k1: pinnedByKernel(),
+      });
       const d = await child.request({ cmd: 'domain' }, 'domain');
-      check(d.domain.pinnedBytes === base.size && d.domain.mappings.length === 1, 'the refusing client is alive, still with only the old region pinned', d.domain);
+      check(
+        d.domain.pinnedBytes === base.size && d.domain.mappings.length === 1,
+        'the refusing client is alive, still with only the old region pinned',
+        d.domain,
+      );
       const rlimitLog = await newKernelLines(before, /RLIMIT_MEMLOCK/, backend === 'type1' ? 3000 : 300);
       if (backend === 'type1') check(rlimitLog.length > 0, 'type1 logged the RLIMIT_MEMLOCK refusal', rlimitLog);
 
@@ -676,7 +812,10 @@ try {
       check(Boolean(region(vfio, 'small')), 'and by the other client');
       const childPins = { vmLckKiB: d2.vmLckKiB, vmPinKiB: d2.vmPinKiB };
 
-      await owner.commit([{ op: 'remove', region: 'small' }, { op: 'remove', region: 'base' }]);
+      await owner.commit([
+        { op: 'remove', region: 'small' },
+        { op: 'remove', region: 'base' },
+      ]);
       await child.request({ cmd: 'exit' }, 'closed');
       const exit = await child.exit;
       check(exit.code === 0, 'the unprivileged client exited cleanly', { exit, stderr: child.stderr.slice(-1000) });
@@ -702,7 +841,11 @@ try {
       await vfio.attachDevice(dev1);
       const d = vfio.domain;
       check(d.devices.length === 2 && d.devices.includes(dev1), 'both devices are in the domain', d.devices);
-      check(d.pinnedBytes === ram.size && pinnedByKernel() === k1, 'the second device pinned nothing more (client and kernel counters)', { pinnedBytes: d.pinnedBytes, k1, now: pinnedByKernel() });
+      check(d.pinnedBytes === ram.size && pinnedByKernel() === k1, 'the second device pinned nothing more (client and kernel counters)', {
+        pinnedBytes: d.pinnedBytes,
+        k1,
+        now: pinnedByKernel(),
+      });
       edus.set(dev1, new Edu(vfio.device(dev1)));
 
       const data = pattern(EDU_MAX_DMA, 0xbeef);
@@ -720,7 +863,11 @@ try {
       edus.get(dev0).close();
       edus.delete(dev0);
       await vfio.detachDevice(dev0);
-      check(vfio.domain.active && vfio.domain.pinnedBytes === ram.size && pinnedByKernel() === k1, 'after removing one device the domain and its pins stay', vfio.domain);
+      check(
+        vfio.domain.active && vfio.domain.pinnedBytes === ram.size && pinnedByKernel() === k1,
+        'after removing one device the domain and its pins stay',
+        vfio.domain,
+      );
       const dst = 0x38000;
       ram.bytes.fill(0, dst, dst + EDU_MAX_DMA);
       await edus.get(dev1).copy(GPA_RAM + 0x1000, GPA_RAM + dst, EDU_MAX_DMA);
@@ -735,7 +882,11 @@ try {
       const fdsNone = vfioFds();
       check(!released.active && released.pinnedBytes === 0 && released.devices.length === 0, 'the last device released the domain', released);
       check(k2 === k1 - ram.size, 'the kernel unpinned the region with the domain', { k1, k2 });
-      check(fdsNone.length < fdsOne.length && !fdsNone.some((f) => f === 'anon_inode:[vfio-device]' || /^\/dev\/vfio\/(\d+|devices\/)/.test(f)), 'no group or device descriptor is left open', fdsNone);
+      check(
+        fdsNone.length < fdsOne.length && !fdsNone.some((f) => f === 'anon_inode:[vfio-device]' || /^\/dev\/vfio\/(\d+|devices\/)/.test(f)),
+        'no group or device descriptor is left open',
+        fdsNone,
+      );
 
       // A new first device creates the domain again and pins what is mapped.
       await vfio.attachDevice(dev0);
@@ -755,7 +906,11 @@ try {
       // The BAR mapping outlives the detach: the kernel keeps the device open (type1: its group in the
       // container; iommufd: bound), so the client detaches it on its side and says so (EBUSY).
       const err = await rejection(vfio.detachDevice(dev0));
-      check(isMmbError(err) && err.code === 'MMB_ERR_IOMMU' && err.errno === 'EBUSY', 'detaching a device whose BAR is still mapped is reported', { code: err?.code, errno: err?.errno, message: err?.message });
+      check(isMmbError(err) && err.code === 'MMB_ERR_IOMMU' && err.errno === 'EBUSY', 'detaching a device whose BAR is still mapped is reported', {
+        code: err?.code,
+        errno: err?.errno,
+        message: err?.message,
+      });
       const d = vfio.domain;
       check(!d.active && d.devices.length === 0 && d.pinnedBytes === 0 && pinnedByKernel() === 0, 'the device is detached and everything unpinned', d);
       // Once the BAR is unmapped the kernel lets go: the device attaches again and DMA works.
@@ -784,7 +939,15 @@ try {
       // (The whole-map client of the first edu pinned the new region too; from here on only the IOAS moves.)
       const ramBytes = (await owner.status()).spaces[0].bytes;
       const k0 = pinnedByKernel();
-      const shadow = await VfioSubscriber.attach(SOCKET, { space: 'vm0', name: 'vfio-shadow', backend, ioas: 'edu-iommu', devices: [dev1], reconnect: false, pinChunkBytes: PIECE });
+      const shadow = await VfioSubscriber.attach(SOCKET, {
+        space: 'vm0',
+        name: 'vfio-shadow',
+        backend,
+        ioas: 'edu-iommu',
+        devices: [dev1],
+        reconnect: false,
+        pinChunkBytes: PIECE,
+      });
       const k1 = pinnedByKernel();
       check(shadow.shadowing && shadow.domain.devices.includes(dev1), 'the shadow-mode client has the second edu in its domain', shadow.domain);
       check(k1 === k0, `attaching in shadow mode pinned nothing (the IOAS is empty), though the space has ${ramBytes} bytes of RAM`, { k0, k1 });
@@ -805,19 +968,32 @@ try {
       mem.bytes.fill(0, 0x200000, 0x200000 + 2 * EDU_MAX_DMA);
       await edu.copy(IOVA_SRC + 0x1000, IOVA_DST, EDU_MAX_DMA);
       const got = mem.bytes.slice(0x200000, 0x200000 + EDU_MAX_DMA);
-      check(equal(got, data), `DMA from IOVA ${hex(IOVA_SRC + 0x1000)} to IOVA ${hex(IOVA_DST)} moved the bytes between the guest-physical pages they map (${hex(GPA_IOMMU + 0x11000)} -> ${hex(GPA_IOMMU + 0x200000)}; first difference at byte ${firstDiff(got, data)})`);
+      check(
+        equal(got, data),
+        `DMA from IOVA ${hex(IOVA_SRC + 0x1000)} to IOVA ${hex(IOVA_DST)} moved the bytes between the guest-physical pages they map (${hex(GPA_IOMMU + 0x11000)} -> ${hex(GPA_IOMMU + 0x200000)}; first difference at byte ${firstDiff(got, data)})`,
+      );
 
       // Read-only for the device: its write faults and lands nowhere.
       const before = dmesg();
       mem.bytes.fill(0x77, 0x12000, 0x12000 + 64);
       await edu.dma({ src: 0x40000, dst: IOVA_SRC + 0x2000, count: 64, toRam: true });
-      check(mem.bytes.slice(0x12000, 0x12000 + 64).every((b) => b === 0x77), 'a DMA write to the read-only IOVA did not land');
+      check(
+        mem.bytes.slice(0x12000, 0x12000 + 64).every((b) => b === 0x77),
+        'a DMA write to the read-only IOVA did not land',
+      );
       const roFaults = await newKernelLines(before, /DMAR:.*DMA Write/);
-      check(roFaults.some((l) => l.includes(`fault addr ${hex(IOVA_SRC + 0x2000)}`)), 'the guest kernel logged the write fault at the IOVA', roFaults);
+      check(
+        roFaults.some((l) => l.includes(`fault addr ${hex(IOVA_SRC + 0x2000)}`)),
+        'the guest kernel logged the write fault at the IOVA',
+        roFaults,
+      );
 
       // RAM an IOAS maps cannot be unplugged (the guest's own offlining would fail too).
       const refused = await rejection(owner.removeRegion('iommu-ram'));
-      check(isMmbError(refused) && refused.code === 'MMB_ERR_RAM_MAPPED', 'removing RAM the IOAS maps is refused', { code: refused?.code, message: refused?.message });
+      check(isMmbError(refused) && refused.code === 'MMB_ERR_RAM_MAPPED', 'removing RAM the IOAS maps is refused', {
+        code: refused?.code,
+        message: refused?.message,
+      });
       const st = (await owner.status()).spaces[0].ioas?.find((x) => x.name === 'edu-iommu');
       return {
         ramBytes,
@@ -836,7 +1012,11 @@ try {
         // type1's only nesting type enabled nesting on ARM SMMUs alone (iommu_enable_nesting); what this kernel says of it:
         const b = shadowState.shadow.ioasDomains()[0].backend;
         const ext = realSys.ioctlInt(b.container, structs.REQUEST.VFIO_CHECK_EXTENSION, 6 /* VFIO_TYPE1_NESTING_IOMMU */);
-        return { backend, checkExtensionType1Nesting: ext, nesting: 'not applicable: nested translation for a guest is iommufd HWPT nesting; type1 has none on Intel' };
+        return {
+          backend,
+          checkExtensionType1Nesting: ext,
+          nesting: 'not applicable: nested translation for a guest is iommufd HWPT nesting; type1 has none on Intel',
+        };
       }
       const b = shadowState.shadow.ioasDomains()[0].backend;
       const { devid } = b.binding(dev1);
@@ -849,7 +1029,13 @@ try {
       const ecapNest = (ecap & structs.VTD_ECAP_NEST) !== 0n;
       let parent;
       try {
-        const arg = structs.pack('iommu_hwpt_alloc', { flags: structs.IOMMUFD.IOMMU_HWPT_ALLOC_NEST_PARENT, dev_id: devid, pt_id: b.ioasId, data_type: 0, data_len: 0 });
+        const arg = structs.pack('iommu_hwpt_alloc', {
+          flags: structs.IOMMUFD.IOMMU_HWPT_ALLOC_NEST_PARENT,
+          dev_id: devid,
+          pt_id: b.ioasId,
+          data_type: 0,
+          data_len: 0,
+        });
         realSys.ioctl(b.iommufd, structs.REQUEST.IOMMU_HWPT_ALLOC, arg);
         const id = structs.get('iommu_hwpt_alloc', arg, 'out_hwpt_id');
         realSys.ioctl(b.iommufd, structs.REQUEST.IOMMU_DESTROY, structs.pack('iommu_destroy', { id }));
@@ -885,9 +1071,16 @@ try {
       mem.bytes.fill(0x5a, 0x200000, 0x200000 + EDU_MAX_DMA + 1);
       const before = dmesg();
       await edu.dma({ src: 0x40000, dst: IOVA_DST, count: EDU_MAX_DMA, toRam: true });
-      check(mem.bytes.slice(0x200000, 0x200000 + EDU_MAX_DMA).every((b) => b === 0x5a), 'a DMA write to the unmapped IOVA did not reach the page it used to map');
+      check(
+        mem.bytes.slice(0x200000, 0x200000 + EDU_MAX_DMA).every((b) => b === 0x5a),
+        'a DMA write to the unmapped IOVA did not reach the page it used to map',
+      );
       const faults = await newKernelLines(before, /DMAR:.*DMA Write/);
-      check(faults.some((l) => l.includes(`fault addr ${hex(IOVA_DST)}`)), `the guest kernel logged a DMAR write fault at IOVA ${hex(IOVA_DST)}`, faults);
+      check(
+        faults.some((l) => l.includes(`fault addr ${hex(IOVA_DST)}`)),
+        `the guest kernel logged a DMAR write fault at IOVA ${hex(IOVA_DST)}`,
+        faults,
+      );
 
       // Everything unmapped: the kernel's counter is back; the device leaves; the RAM can go now.
       await io.unmap(0, 0x1000_0000);
@@ -911,7 +1104,11 @@ try {
     const pages = poolPages(GiB);
     check(pages >= 1, 'the guest has a 1 GiB page (hugepagesz=1G hugepages=1 on its command line)', { pages });
     if (region(vfio, 'shared')) await owner.removeRegion('shared');
-    check(vfio.domain.mappings.every((x) => x.gpa >= GiB), 'nothing else is mapped below 1 GiB', vfio.domain.mappings);
+    check(
+      vfio.domain.mappings.every((x) => x.gpa >= GiB),
+      'nothing else is mapped below 1 GiB',
+      vfio.domain.mappings,
+    );
     const huge = await ownerBacking(owner, GiB, 'huge-1g', { hugetlb: GiB });
     const k0 = pinnedByKernel();
     const avail0 = vfio.domain.dmaAvailable;
@@ -922,14 +1119,26 @@ try {
     check(m && m.iova === 0 && m.pieces === GiB / PIECE, `mapped at IOVA 0 in ${GiB / PIECE} pieces`, m);
     const local = vfio.memory.regions().find((x) => x.region.name === 'huge-1g');
     const sm = smapsAt(local.address);
-    check(local.address % GiB === 0 && sm?.kernelPageSizeKiB === GiB / KiB && sm.hugetlbKiB === GiB / KiB, 'the client maps it on a 1 GiB boundary with its 1 GiB page, faulted in', { address: hex(local.address), sm });
+    check(
+      local.address % GiB === 0 && sm?.kernelPageSizeKiB === GiB / KiB && sm.hugetlbKiB === GiB / KiB,
+      'the client maps it on a 1 GiB boundary with its 1 GiB page, faulted in',
+      { address: hex(local.address), sm },
+    );
     const k1 = pinnedByKernel();
     check(k1 - k0 === GiB, 'the kernel counts 1 GiB more pinned', { k0, k1 });
     const avail1 = vfio.domain.dmaAvailable;
     const st = (await owner.status()).spaces[0].clients.find((c) => c.name === 'vfio-edu');
-    if (backend === 'type1') check(avail0 - avail1 === m.pieces && st?.dmaAvailable === avail1, 'type1 DMA_AVAIL went down by one per piece, and the broker knows', { avail0, avail1, broker: st?.dmaAvailable });
+    if (backend === 'type1')
+      check(avail0 - avail1 === m.pieces && st?.dmaAvailable === avail1, 'type1 DMA_AVAIL went down by one per piece, and the broker knows', {
+        avail0,
+        avail1,
+        broker: st?.dmaAvailable,
+      });
     const copies = [];
-    for (const [src, dst, seed] of [[0x1000, 0x0800_0000, 0x1a1], [0x0ff0_0000, 0x2000, 0x1a2]]) {
+    for (const [src, dst, seed] of [
+      [0x1000, 0x0800_0000, 0x1a1],
+      [0x0ff0_0000, 0x2000, 0x1a2],
+    ]) {
       const data = pattern(EDU_MAX_DMA, seed);
       huge.bytes.set(data, src);
       huge.bytes.fill(0, dst, dst + EDU_MAX_DMA);
@@ -942,7 +1151,16 @@ try {
     native.munmap(huge.map);
     native.close(huge.fd);
     await owner.dropBacking(huge.id);
-    return { pages, hostAddress: hex(local.address), smaps: sm, pieces: m.pieces, kernelPinnedDelta: k1 - k0, dmaAvailable: [avail0 ?? null, avail1 ?? null], addMs, copies };
+    return {
+      pages,
+      hostAddress: hex(local.address),
+      smaps: sm,
+      pieces: m.pieces,
+      kernelPinnedDelta: k1 - k0,
+      dmaAvailable: [avail0 ?? null, avail1 ?? null],
+      addMs,
+      copies,
+    };
   });
 
   await step('close', async () => {
@@ -957,7 +1175,12 @@ try {
     owner.close();
     await broker.close();
     const failures = calls.filter((c) => c.errno !== null);
-    const unexpected = failures.filter((c) => !EXPECTED_FAILURES.some((x) => (x.step === undefined || x.step === c.step) && (typeof x.what === 'string' ? x.what === c.what : x.what.test(c.what)) && x.errno === c.errno));
+    const unexpected = failures.filter(
+      (c) =>
+        !EXPECTED_FAILURES.some(
+          (x) => (x.step === undefined || x.step === c.step) && (typeof x.what === 'string' ? x.what === c.what : x.what.test(c.what)) && x.errno === c.errno,
+        ),
+    );
     check(unexpected.length === 0, 'no VFIO / iommufd call failed unexpectedly', unexpected);
     const counts = {};
     for (const c of calls) counts[c.what] = (counts[c.what] ?? 0) + 1;

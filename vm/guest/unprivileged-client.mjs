@@ -20,7 +20,11 @@ const out = (ev) => process.stdout.write(JSON.stringify(ev) + '\n');
 function self() {
   const status = fs.readFileSync('/proc/self/status', 'utf8');
   const field = (name) => /^(\S+):\s+(.*)$/m.exec(status.split('\n').find((l) => l.startsWith(`${name}:`)) ?? '')?.[2]?.trim();
-  const limits = fs.readFileSync('/proc/self/limits', 'utf8').split('\n').find((l) => l.startsWith('Max locked memory')) ?? '';
+  const limits =
+    fs
+      .readFileSync('/proc/self/limits', 'utf8')
+      .split('\n')
+      .find((l) => l.startsWith('Max locked memory')) ?? '';
   const capEff = BigInt(`0x${field('CapEff') ?? '0'}`);
   return {
     uid: process.getuid(),
@@ -34,7 +38,12 @@ function self() {
 
 const domain = (sub) => {
   const d = sub.domain;
-  return { active: d.active, devices: d.devices, pinnedBytes: d.pinnedBytes, mappings: d.mappings.map((m) => ({ region: m.region, gpa: m.gpa, size: m.size })) };
+  return {
+    active: d.active,
+    devices: d.devices,
+    pinnedBytes: d.pinnedBytes,
+    mappings: d.mappings.map((m) => ({ region: m.region, gpa: m.gpa, size: m.size })),
+  };
 };
 
 let sub;
@@ -50,7 +59,9 @@ try {
   out({ event: 'attachFailed', code: err.code, message: err.message, ...self() });
   process.exit(2);
 }
-sub.on('change', (ev) => out({ event: 'change', generation: ev.change.generation, added: ev.change.added.map((r) => r.name), removed: ev.change.removed.map((r) => r.name) }));
+sub.on('change', (ev) =>
+  out({ event: 'change', generation: ev.change.generation, added: ev.change.added.map((r) => r.name), removed: ev.change.removed.map((r) => r.name) }),
+);
 sub.on('committed', (generation) => out({ event: 'committed', generation }));
 sub.on('rolledBack', (generation) => out({ event: 'rolledBack', generation }));
 sub.on('error', (e) => out({ event: 'error', code: e.code, message: e.message }));
