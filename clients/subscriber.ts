@@ -202,7 +202,8 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
   private clientId = 0;
   private lastReport: ClientReport | undefined;
   /** The change the applier is working on right now, and how to stop it. */
-  private inflight: { change: Change; abort: LazyAbort; cancelledKeys: Set<string> } | undefined;
+  /** The change being established; `unheard()` ends the wait for its listeners (its connection closed). */
+  private inflight: { change: Change; abort: LazyAbort; cancelledKeys: Set<string>; unheard: () => void } | undefined;
   private markClosed!: (reason: MmbError) => void;
   /** Rejects when close() is called; aborts waits on listeners' promises. */
   private readonly closed = new Promise<never>((_, reject) => (this.markClosed = reject));
@@ -472,10 +473,11 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
     for (const w of this.syncWaiters) w.reject(new DisconnectedError('the connection closed before the sync completed', reason ? { cause: reason } : {}));
     this.syncWaiters = [];
     if (this.closing) return;
-    // A change of that connection still being applied is void: nobody can hear its ack, and the broker
-    // rolls it back or re-syncs us. Undone now, so the resync after the reconnect is not queued behind it
-    // (a listener holding it would keep the resync, and the reconcile the broker waits for, from coming).
-    this.inflight?.abort.abort(new DisconnectedError('the connection closed while the change was being applied', reason ? { cause: reason } : {}));
+    // Nobody can hear the ack of a change of that connection: its listeners are no longer waited for, so
+    // the resync after the reconnect is not queued behind a listener that holds it (the reconcile the
+    // broker waits for would never come). What it established stays: the resync reconciles it by key,
+    // keeping what the map still has and undoing the rest, as after any connection lost mid-change.
+    this.inflight?.unheard();
     this.emit('disconnected', reason);
     // During the first attach, start() decides whether to try again.
     if (this.opts.reconnect === false || this.starting) return;
@@ -811,9 +813,11 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
     let change: Change;
     const abort = new LazyAbort();
     const cancelledKeys = new Set<string>();
+    let unheard = () => {};
+    const connectionLost = new Promise<void>((resolve) => (unheard = resolve));
     try {
       change = compute();
-      this.inflight = { change, abort, cancelledKeys };
+      this.inflight = { change, abort, cancelledKeys, unheard };
       const ctx: ApplyContext = {
         get signal() {
           return abort.signal;
@@ -854,7 +858,7 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
       });
     try {
       // A listener's promise that never settles must not keep close() or a rollback waiting forever.
-      if (waits.length > 0) await Promise.race([Promise.all(waits), this.closed, aborted(abort.signal)]);
+      if (waits.length > 0) await Promise.race([Promise.all(waits), this.closed, aborted(abort.signal), connectionLost]);
     } catch (err) {
       try {
         if (!isEmpty(change)) await this.applier.apply(inverse(change), this.backings, NO_CANCEL);
