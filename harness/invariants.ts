@@ -3,6 +3,7 @@
 // broker's counters are never the judge.
 import fs from 'node:fs';
 import { constants, native } from '../native/index.js';
+import { hex } from '../protocol/index.js';
 import { MEMFD_PREFIX, type FileMapping } from './kernel.js';
 import { covers, within, PAGE, type Memfd, type Model, type ModelRegion, type Range } from './model.js';
 import { shadowProblems } from './moment.js';
@@ -50,8 +51,6 @@ export class Tally {
     if (problems.length > 0) this.violations.push({ step: this.step, invariant: name, detail: problems.join('; ') });
   }
 }
-
-const hex = (n: number) => `0x${n.toString(16)}`;
 
 function viewOf(m: Model): string {
   return JSON.stringify(m.list().map((r) => ({ name: r.name, gpa: r.gpa, size: r.size, readonly: r.readonly })));

@@ -1,7 +1,10 @@
 // What the map should be, as the harness (the owner) knows it from its own commits: the regions, the
 // broker's backings and the memfds behind them. Invariants compare every process's kernel view with it.
 import { X86_MSI_WINDOW } from '../clients/vfio/soft.js';
-import type { CommitOp } from '../protocol/index.js';
+
+/** The MSI doorbell window, half-open, as every range here is. */
+const MSI = fromInclusive(X86_MSI_WINDOW);
+import { fromInclusive, rangesOverlap, type CommitOp } from '../protocol/index.js';
 import type { Rng } from '../testkit/rng.js';
 
 export const PAGE = 4096;
@@ -130,8 +133,8 @@ export class Model {
     const slots = Math.floor((GPA_SPACE - size) / align);
     for (let i = 0; i < 24; i++) {
       const iova = rng.int(0, slots) * align;
-      const msi = iova <= X86_MSI_WINDOW.last && X86_MSI_WINDOW.start < iova + size;
-      if (!msi && !maps.some((m) => iova < m.iova + m.size && m.iova < iova + size)) return iova;
+      const msi = rangesOverlap(iova, size, MSI.start, MSI.size);
+      if (!msi && !maps.some((m) => rangesOverlap(iova, size, m.iova, m.size))) return iova;
     }
     return undefined;
   }
@@ -202,7 +205,7 @@ export class Model {
 
   overlaps(gpa: number, size: number, except?: string): ModelRegion | undefined {
     for (const r of this.regions.values()) {
-      if (r.name !== except && gpa < r.gpa + r.size && r.gpa < gpa + size) return r;
+      if (r.name !== except && rangesOverlap(gpa, size, r.gpa, r.size)) return r;
     }
     return undefined;
   }
@@ -212,7 +215,7 @@ export class Model {
     const slots = Math.floor((GPA_SPACE - size) / align);
     for (let i = 0; i < 24; i++) {
       const gpa = rng.int(0, slots) * align;
-      const msi = gpa <= X86_MSI_WINDOW.last && X86_MSI_WINDOW.start < gpa + size;
+      const msi = rangesOverlap(gpa, size, MSI.start, MSI.size);
       if (!msi && !this.overlaps(gpa, size, except)) return gpa;
     }
     return undefined;

@@ -14,15 +14,13 @@
 //     pinned or mapped by anyone. A refused IOAS transaction is judged by all-or-nothing, as a refused COMMIT.
 // While a restarted broker's space is unpublished (the owner rebuilding its map), a commit changes only
 // the map: nobody applies anything, so its answer is judged by the restart window instead (restart.ts).
-import type { CommitOp, IoasOp } from '../protocol/index.js';
+import { hex, type CommitOp, type IoasOp } from '../protocol/index.js';
 import type { CommitReply, CommitRequest, RelayHooks } from '../testkit/relay.js';
 import { MEMFD_PREFIX, type ProcessView } from './kernel.js';
 import { staleAgainst } from './invariants.js';
 import { delegateView, type ClientProc, type Line } from './procs.js';
 import type { IovaMapping } from './model.js';
 import { ioasAfter, type World } from './world.js';
-
-const hex = (n: number) => `0x${n.toString(16)}`;
 
 /** One process that may reach guest memory, as the kernel showed it. */
 export interface Seen {

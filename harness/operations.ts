@@ -1,7 +1,7 @@
 // The operations a step may run (no faults: see faults.ts): hotplug, unplug, moves, flag toggles, backing
 // reuse and release, refused transactions, vfio device hot-add / hot-remove, client join / leave. Each is
 // chosen and shaped by the seeded generator from the model alone, so one seed replays one sequence.
-import type { CommitOp, IoasOp } from '../protocol/index.js';
+import { hex, type CommitOp, type IoasOp } from '../protocol/index.js';
 import { X86_MSI_WINDOW } from '../clients/vfio/soft.js';
 import { GIB, HUGE, PAGE, type ModelRegion } from './model.js';
 import type { ClientProc } from './procs.js';
@@ -25,7 +25,6 @@ export interface StepResult {
   moments?: Moment[];
 }
 
-const hex = (n: number) => `0x${n.toString(16)}`;
 const desc = (a: AddOp) => `${a.name} ${hex(a.gpa)}+${hex(a.size)} b${a.backing}@${hex(a.offset)}${a.readonly ? ' ro' : ''}${a.logDirty ? ' log' : ''}`;
 
 /** A size class: 1 GiB (rare), hugepage multiples, or any page count from 4 KiB to 16 MiB. */

@@ -60,6 +60,19 @@ describe('layers', () => {
     expect(bad.map((i) => `${i.from} imports ${i.spec} (${i.to}/)`)).toEqual([]);
   });
 
+  it('every folder with a README names each source file directly in it, and every top-level folder has a README', () => {
+    const files = execFileSync('git', ['ls-files'], { cwd: ROOT, encoding: 'utf8' }).split('\n').filter(Boolean);
+    const readmes = new Set(files.filter((f) => path.basename(f) === 'README.md').map((f) => path.dirname(f)));
+    const tops = new Set(files.filter((f) => f.includes('/') && /\.(ts|mjs|c)$/.test(f)).map(topOf));
+    expect([...tops].filter((t) => !readmes.has(t))).toEqual([]);
+    const unnamed = files.filter((f) => {
+      const dir = path.dirname(f);
+      if (dir === '.' || !readmes.has(dir) || !/\.(ts|mjs|c|h|sh|py)$/.test(f)) return false;
+      return !fs.readFileSync(path.join(ROOT, dir, 'README.md'), 'utf8').includes(path.basename(f));
+    });
+    expect(unnamed).toEqual([]);
+  });
+
   it("the product never loads the testkit's preloads, and harness/ imports nothing from cli/", () => {
     const all = imports();
     expect(all.filter((i) => /preload\//.test(i.spec)).map((i) => i.from)).toEqual([]);
