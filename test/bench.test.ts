@@ -209,6 +209,11 @@ describe('the translation benchmark and the committed report', () => {
   });
 
   it('the committed docs/performance.md is what bench:report makes of the committed results', () => {
+    // Committed: bench/results/ is git-ignored, so a new benchmark's file must be added with -f, or a
+    // clean clone renders another report than this checkout.
+    const results = fs.readdirSync(path.join(root, 'bench', 'results')).filter((f) => f.endsWith('.json'));
+    const tracked = execFileSync('git', ['ls-files', 'bench/results'], { cwd: root, encoding: 'utf8' }).split('\n').filter(Boolean);
+    expect(results.map((f) => `bench/results/${f}`).filter((f) => !tracked.includes(f))).toEqual([]);
     const { dir, md } = render(path.join(root, 'bench', 'results'));
     expect(md).toBe(fs.readFileSync(path.join(root, 'docs', 'performance.md'), 'utf8'));
     // The same charts (docs/performance-*.svg are the report's), then the same contents.
