@@ -30,6 +30,7 @@ import {
 } from '../protocol/index.js';
 import { tempDir, waitFor } from './helpers/procs.js';
 import { defer, runCleanups } from './helpers/embedded.js';
+import { thrownCode as codeOf } from './helpers/throws.js';
 
 afterEach(runCleanups);
 
@@ -47,16 +48,6 @@ const region = (i: number, more: Partial<Region> = {}): Region => ({
   logDirty: false,
   ...more,
 });
-
-function codeOf(fn: () => unknown): string | undefined {
-  try {
-    fn();
-  } catch (err) {
-    if (isMmbError(err)) return err.code;
-    throw err;
-  }
-  return undefined;
-}
 
 /** The frame a client receives for `message`. */
 function frameOf(message: object): Frame {

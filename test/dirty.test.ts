@@ -1,10 +1,9 @@
 // Dirty logging (feature DIRTY): Invariant 5, no lost dirty bit, with writers in several processes; the
 // KVM client's dirty log; a writer that cannot track; observers; logging started and stopped while
 // hotplugging; and pre-copy migration of a space while a writer keeps dirtying it.
-import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
-import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import {
   createSealedMemfd,
   DirtyObserver,
@@ -12,56 +11,26 @@ import {
   KvmSubscriber,
   MappingSubscriber,
   Migration,
-  OwnerClient,
+  type OwnerClient,
   SpaceDestination,
   VfioSubscriber,
 } from '../clients/index.js';
 import { constants, native } from '../native/index.js';
 import { Msg } from '../protocol/index.js';
 import { IN_CI } from './helpers/ci.js';
-import { fdCount, JsonProc, runCli, spawnBroker, stopProcess, tempDir, waitFor, type BrokerProc } from './helpers/procs.js';
+import { fdCount, runCli, waitFor } from './helpers/procs.js';
+import { SharedBroker } from './helpers/shared-broker.js';
 import { dataExtents, unionExtents } from '../clients/migration/extents.js';
 
 const MiB = 1 << 20;
 const PAGE = 4096;
-let socket: string;
-let broker: BrokerProc;
-let dir: string;
-let spaceNo = 0;
-const cleanups: (() => unknown)[] = [];
 
-beforeAll(async () => {
-  dir = tempDir();
-  socket = path.join(dir, 'broker.sock');
-  const spaces = Array.from({ length: 16 }, (_, i) => ['--space', `d${i + 1}`]).flat();
-  broker = await spawnBroker(socket, [...spaces, '--ack-timeout', '20000']);
-});
-afterEach(async () => {
-  for (const c of cleanups.splice(0).reverse()) await c();
-});
-afterAll(async () => {
-  if (broker) expect(await stopProcess(broker)).toBe(0);
-});
-
-async function owner(space: string): Promise<OwnerClient> {
-  const o = await OwnerClient.attach(socket, { space });
-  cleanups.push(() => o.close());
-  return o;
-}
-
-async function writer(space: string, extra: string[] = []): Promise<JsonProc> {
-  const child = spawn(process.execPath, [new URL('./fixtures/dirty-writer.mjs', import.meta.url).pathname, '--socket', socket, '--space', space, ...extra], {
-    stdio: ['pipe', 'pipe', 'pipe'],
-  });
-  const p = new JsonProc(child);
-  cleanups.push(() => p.stop());
-  await p.next('ready');
-  return p;
-}
+const shared = new SharedBroker('d', 16, 'dirty-writer.mjs');
+const { cleanups, owner, writer } = shared;
 
 /** A new space with two logging regions of one backing: "rw" at 0 and "ro" (read-only) at 2 MiB. */
 async function rwAndRo(): Promise<{ space: string; o: OwnerClient }> {
-  const space = `d${++spaceNo}`;
+  const space = shared.nextSpace();
   const o = await owner(space);
   const ram = await o.createBacking(4 * MiB, 'ram');
   native.close(ram.fd);
@@ -81,7 +50,7 @@ function pagesOf(snap: Awaited<ReturnType<OwnerClient['dirtySync']>>): number[] 
 
 describe('Invariant 5: no lost dirty bit', () => {
   it('random writers in three processes: every page they wrote is in the union of the synced dirty sets', async () => {
-    const space = `d${++spaceNo}`;
+    const space = shared.nextSpace();
     const o = await owner(space);
     const ram = await o.createBacking(64 * MiB, 'ram');
     native.close(ram.fd);
@@ -126,7 +95,7 @@ describe('Invariant 5: no lost dirty bit', () => {
   });
 
   it('only the owner collects, into a sealed read-write memfd; a refused sync loses no bit and leaks nothing', async () => {
-    const space = `d${++spaceNo}`;
+    const space = shared.nextSpace();
     const o = await owner(space);
     const ram = await o.createBacking(4 * MiB, 'ram');
     native.close(ram.fd);
@@ -134,9 +103,9 @@ describe('Invariant 5: no lost dirty bit', () => {
     const w = await writer(space);
     (await o.dirtySync()).release();
     await w.request({ cmd: 'write', pages: [3, 700] }, 'wrote');
-    const fdsBefore = fdCount(broker.pid!);
+    const fdsBefore = fdCount(shared.broker.pid!);
     // A subscriber may not take the bits (collecting clears them).
-    const sub = await MappingSubscriber.attach(socket, { space, reconnect: false });
+    const sub = await MappingSubscriber.attach(shared.socket, { space, reconnect: false });
     cleanups.push(() => sub.close());
     const subConn = (sub as unknown as { conn: { request(m: object, fds: number[]): Promise<unknown> } }).conn;
     const good = createSealedMemfd('stolen', 4096);
@@ -159,7 +128,7 @@ describe('Invariant 5: no lost dirty bit', () => {
     expect(pagesOf(snap)).toEqual([3, 700]);
     snap.release();
     await sub.close();
-    await waitFor(`the broker's fd count to return to ${fdsBefore}`, () => fdCount(broker.pid!) === fdsBefore);
+    await waitFor(`the broker's fd count to return to ${fdsBefore}`, () => fdCount(shared.broker.pid!) === fdsBefore);
   });
 
   it('a writer that cannot track (no DIRTY feature) makes every writable logged page dirty at each sync', async () => {
@@ -177,7 +146,7 @@ describe('Invariant 5: no lost dirty bit', () => {
 
   it('a vfio-like client (no IOMMU dirty tracking) reports what its devices can write: at each sync, and when DMA stops', async () => {
     const { space, o } = await rwAndRo();
-    const v = await VfioSubscriber.attach(socket, { space, backend: 'soft', devices: ['dev0'], reconnect: false });
+    const v = await VfioSubscriber.attach(shared.socket, { space, backend: 'soft', devices: ['dev0'], reconnect: false });
     cleanups.push(() => v.close());
     const dirty = async () => {
       const snap = await o.dirtySync();
@@ -201,12 +170,12 @@ describe('Invariant 5: no lost dirty bit', () => {
   });
 
   it.skipIf(!fs.existsSync('/dev/kvm') && !IN_CI)('what a real vCPU writes is reported, through KVM_GET_DIRTY_LOG', async () => {
-    const space = `d${++spaceNo}`;
+    const space = shared.nextSpace();
     const o = await owner(space);
     const ram = await o.createBacking(8 * MiB, 'ram');
     native.close(ram.fd);
     await o.addRegion({ name: 'ram', gpa: 0, size: 8 * MiB, backing: ram.backing, logDirty: true });
-    const kvm = await KvmSubscriber.attach(socket, { space, name: 'vcpu', software: false, reconnect: false });
+    const kvm = await KvmSubscriber.attach(shared.socket, { space, name: 'vcpu', software: false, reconnect: false });
     cleanups.push(() => kvm.close());
     (await o.dirtySync()).release();
     await kvm.runProgram({
@@ -226,11 +195,11 @@ describe('Invariant 5: no lost dirty bit', () => {
 
 describe('dirty logging follows the map', () => {
   it('logging started and stopped while hotplugging: bitmaps come and go with the regions, nothing leaks', async () => {
-    const space = `d${++spaceNo}`;
+    const space = shared.nextSpace();
     const o = await owner(space);
     const w = await writer(space);
     void w;
-    const base = fdCount(broker.pid!);
+    const base = fdCount(shared.broker.pid!);
     const b = await o.createBacking(32 * MiB, 'blocks');
     native.close(b.fd);
     const st = async () => (await o.status(space)).spaces[0]!;
@@ -264,18 +233,18 @@ describe('dirty logging follows the map', () => {
     await o.commit(now.regions.map((r) => ({ op: 'remove' as const, region: r.id })));
     expect((await st()).logging).toBe(0);
     await o.dropBacking(b.backing);
-    expect(fdCount(broker.pid!)).toBe(base + 0); // the owner connection was counted in the baseline
+    expect(fdCount(shared.broker.pid!)).toBe(base + 0); // the owner connection was counted in the baseline
   });
 
   it('observers receive the dirty ranges of each sync without mapping anything', async () => {
-    const space = `d${++spaceNo}`;
+    const space = shared.nextSpace();
     const o = await owner(space);
     const ram = await o.createBacking(4 * MiB, 'ram');
     native.close(ram.fd);
     await o.addRegion({ name: 'ram', gpa: 0x10_0000, size: 4 * MiB, backing: ram.backing, logDirty: true });
-    const obs = await DirtyObserver.attach(socket, { space });
+    const obs = await DirtyObserver.attach(shared.socket, { space });
     cleanups.push(() => obs.close());
-    const sub = await MappingSubscriber.attach(socket, { space, reconnect: false });
+    const sub = await MappingSubscriber.attach(shared.socket, { space, reconnect: false });
     cleanups.push(() => sub.close());
     const got = new Promise<{ ranges: { gpa: number; size: number }[] }>((r) => obs.once('dirty', r));
     sub.memory.write(0x10_0000 + 3 * PAGE, Buffer.from('a'));
@@ -292,7 +261,7 @@ describe('dirty logging follows the map', () => {
 
 describe('pre-copy migration', () => {
   it('1 GiB while a writer keeps dirtying: the image equals the source at the pause point', async () => {
-    const space = `d${++spaceNo}`;
+    const space = shared.nextSpace();
     const o = await owner(space);
     const ram = await o.createBacking(768 * MiB, 'ram');
     const high = await o.createBacking(256 * MiB, 'high');
@@ -319,9 +288,9 @@ describe('pre-copy migration', () => {
       intervalMs: 2,
     });
     await w.next('started');
-    const reader = await MappingSubscriber.attach(socket, { space, kind: 'migration', writes: false, reconnect: false });
+    const reader = await MappingSubscriber.attach(shared.socket, { space, kind: 'migration', writes: false, reconnect: false });
     cleanups.push(() => reader.close());
-    const image = path.join(dir, `${space}.img`);
+    const image = path.join(shared.dir, `${space}.img`);
     const rounds: string[] = [];
     const result = await new Migration(o, reader, new FileDestination(image)).run({
       keepPaused: true,
@@ -377,13 +346,13 @@ describe('pre-copy migration', () => {
   }, 120_000);
 
   it('mmbroker migrate --to FILE on a served space with a writer', async () => {
-    const space = `d${++spaceNo}`;
-    const add = await runCli(['map', 'add', '--socket', socket, '--space', space, '--gpa', '0x100000', '--size', '64M', '--name', 'ram']);
+    const space = shared.nextSpace();
+    const add = await runCli(['map', 'add', '--socket', shared.socket, '--space', space, '--gpa', '0x100000', '--size', '64M', '--name', 'ram']);
     expect(add.code, add.stderr).toBe(0);
     const w = await writer(space);
     w.send({ cmd: 'start', seed: 3, regions: [{ gpa: 0x10_0000, size: 64 * MiB }], burst: 8, intervalMs: 2 });
-    const image = path.join(dir, `${space}-cli.img`);
-    const r = await runCli(['migrate', '--socket', socket, '--space', space, '--to', image, '--keep-paused', '--json'], 60_000);
+    const image = path.join(shared.dir, `${space}-cli.img`);
+    const r = await runCli(['migrate', '--socket', shared.socket, '--space', space, '--to', image, '--keep-paused', '--json'], 60_000);
     expect(r.code, r.stderr).toBe(0);
     // JSON lines: start, a line per round (and 'sending' while bytes flow), then the result.
     const lines = r.stdout
@@ -399,7 +368,7 @@ describe('pre-copy migration', () => {
     // The writer is still paused: compare what it wrote, read back from the image, with its own view.
     const pages = ((await w.request({ cmd: 'written' }, 'written')).pages as number[]).slice(0, 50);
     expect(pages.length).toBeGreaterThan(0);
-    const reader = await MappingSubscriber.attach(socket, { space, writes: false, reconnect: false });
+    const reader = await MappingSubscriber.attach(shared.socket, { space, writes: false, reconnect: false });
     cleanups.push(() => reader.close());
     const fd = fs.openSync(image, 'r');
     for (const p of pages) {
@@ -413,19 +382,19 @@ describe('pre-copy migration', () => {
   });
 
   it('into another address space of the same broker', async () => {
-    const src = `d${++spaceNo}`;
-    const dst = `d${++spaceNo}`;
+    const src = shared.nextSpace();
+    const dst = shared.nextSpace();
     const o = await owner(src);
     const ram = await o.createBacking(32 * MiB, 'ram');
     cleanups.push(() => native.close(ram.fd));
     await o.addRegion({ name: 'ram', gpa: 0x100_0000, size: 32 * MiB, backing: ram.backing });
     const w = await writer(src);
     w.send({ cmd: 'start', seed: 5, regions: [{ gpa: 0x100_0000, size: 32 * MiB }], burst: 8 });
-    const reader = await MappingSubscriber.attach(socket, { space: src, writes: false, reconnect: false });
+    const reader = await MappingSubscriber.attach(shared.socket, { space: src, writes: false, reconnect: false });
     cleanups.push(() => reader.close());
-    const result = await new Migration(o, reader, new SpaceDestination(socket, dst)).run({ keepPaused: true });
+    const result = await new Migration(o, reader, new SpaceDestination(shared.socket, dst)).run({ keepPaused: true });
     expect(result.verified).toBe(true);
-    const copy = await MappingSubscriber.attach(socket, { space: dst, writes: false, reconnect: false });
+    const copy = await MappingSubscriber.attach(shared.socket, { space: dst, writes: false, reconnect: false });
     cleanups.push(() => copy.close());
     expect(Buffer.compare(Buffer.from(copy.memory.read(0x100_0000, 32 * MiB)), Buffer.from(reader.memory.read(0x100_0000, 32 * MiB)))).toBe(0);
     await o.resume();

@@ -13,8 +13,9 @@ import { IoasOwner } from '../clients/ioas-owner.js';
 import type { IoasChange } from '../clients/ioas-view.js';
 import type { BrokerTarget } from '../clients/connection.js';
 import { native } from '../native/index.js';
-import { ALL_FEATURES, ClientRefusedError, Feature, Msg, isMmbError, type MmbError } from '../protocol/index.js';
+import { ALL_FEATURES, ClientRefusedError, Feature, Msg } from '../protocol/index.js';
 import { JsonProc, ROOT, tempDir, vmLckKiB, waitFor } from './helpers/procs.js';
+import { rejection } from './helpers/throws.js';
 
 const PAGE = 4096;
 const MiB = 2 ** 20;
@@ -58,15 +59,6 @@ async function vhost(name = 'vhost0'): Promise<DeviceSubscriber> {
   const v = await DeviceSubscriber.attach(socket, { space: 'vm0', name, reconnect: false });
   closers.push(() => v.close());
   return v;
-}
-
-async function rejection(p: Promise<unknown>): Promise<MmbError> {
-  const err = await p.then(
-    () => undefined,
-    (e: unknown) => e,
-  );
-  if (!isMmbError(err)) throw new Error(`expected an MmbError, got ${String(err)}`);
-  return err;
 }
 
 /** The kernel's state letter of a process (R, S, T, Z...), or 'gone'. */

@@ -14,24 +14,16 @@ import { VfioSubscriber, type VfioSubscriberOptions } from '../clients/vfio/subs
 import { parseReservedRegions, reservedRegionsPath } from '../clients/vfio/sysfs-reserved.js';
 import { realSys } from '../clients/vfio/sys.js';
 import { native } from '../native/index.js';
-import { ALL_FEATURES, Feature, Msg, isMmbError, toInclusive, type MmbError } from '../protocol/index.js';
+import { ALL_FEATURES, Feature, Msg, toInclusive, type MmbError } from '../protocol/index.js';
 import { defer, embeddedBroker, ownerOf, runCleanups, subscriberOf } from './helpers/embedded.js';
 import { tempDir } from './helpers/procs.js';
 import { SimKernel } from './helpers/vfio-sim.js';
+import { rejection } from './helpers/throws.js';
 
 const MiB = 2 ** 20;
 const GiB = 2 ** 30;
 const FIXTURE = fileURLToPath(new URL('./fixtures/sysfs/reserved_regions', import.meta.url));
 afterEach(runCleanups);
-
-async function rejection(p: Promise<unknown>): Promise<MmbError> {
-  const e = await p.then(
-    () => undefined,
-    (x: unknown) => x,
-  );
-  if (!isMmbError(e)) throw new Error(`expected an MmbError, got ${String(e)}`);
-  return e;
-}
 
 /** A broker, its owner with one 256 MiB backing, and a plain witness that counts what it is sent. */
 async function setup() {

@@ -3,42 +3,21 @@
 // pre-copy rounds; at the pause point the destination must equal the source byte for byte, map included.
 // Then the vfio-like client: its DMA is invisible to dirty logging (only its all-dirty flush makes those
 // pages count), and it blocks a migration unless the owner accepts the risk.
-import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
-import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { FileDestination, MappingSubscriber, Migration, OwnerClient, SpaceDestination } from '../clients/index.js';
+import { describe, expect, it } from 'vitest';
+import { FileDestination, MappingSubscriber, Migration, SpaceDestination, type OwnerClient } from '../clients/index.js';
 import { MigrationBlockedError, migrationBlockers, type MigrationProgress } from '../clients/migration/index.js';
 import { constants, native } from '../native/index.js';
 import type { StatusResult } from '../protocol/index.js';
-import { JsonProc, runCli, spawnBroker, stopProcess, tempDir, waitFor } from './helpers/procs.js';
+import { runCli, waitFor } from './helpers/procs.js';
+import { SharedBroker } from './helpers/shared-broker.js';
 
 const MiB = 1 << 20;
 const PAGE = 4096;
-let socket: string;
-let broker: Awaited<ReturnType<typeof spawnBroker>>;
-let dir: string;
-let spaceNo = 0;
-const cleanups: (() => unknown)[] = [];
 
-beforeAll(async () => {
-  dir = tempDir();
-  socket = path.join(dir, 'broker.sock');
-  const spaces = Array.from({ length: 12 }, (_, i) => ['--space', `m${i + 1}`]).flat();
-  broker = await spawnBroker(socket, [...spaces, '--ack-timeout', '20000']);
-});
-afterEach(async () => {
-  for (const c of cleanups.splice(0).reverse()) await c();
-});
-afterAll(async () => {
-  if (broker) expect(await stopProcess(broker)).toBe(0);
-});
-
-async function owner(space: string): Promise<OwnerClient> {
-  const o = await OwnerClient.attach(socket, { space });
-  cleanups.push(() => o.close());
-  return o;
-}
+const shared = new SharedBroker('m', 12, 'migration-writer.mjs');
+const { cleanups, owner, writer } = shared;
 
 /** A backing of `size` bytes filled with a pattern over its first `filled` bytes; the owner keeps its fd. */
 async function backing(o: OwnerClient, name: string, size: number, filled: number, seed: number): Promise<{ backing: number; fd: number }> {
@@ -51,18 +30,6 @@ async function backing(o: OwnerClient, name: string, size: number, filled: numbe
     native.munmap(m);
   }
   return { backing: b.backing, fd: b.fd };
-}
-
-async function writer(space: string, extra: string[] = []): Promise<JsonProc> {
-  const child = spawn(
-    process.execPath,
-    [new URL('./fixtures/migration-writer.mjs', import.meta.url).pathname, '--socket', socket, '--space', space, ...extra],
-    { stdio: ['pipe', 'pipe', 'pipe'] },
-  );
-  const p = new JsonProc(child);
-  cleanups.push(() => p.stop());
-  await p.next('ready');
-  return p;
 }
 
 /** A region's bytes as its backing holds them (pread: holes read zero, nothing is allocated). */
@@ -85,7 +52,7 @@ describe('migration across map changes', () => {
   it.each(['space', 'file'] as const)(
     'hotplug, unplug and a read-only toggle during pre-copy, a writer process throughout: the %s destination equals the source at the pause point',
     async (kind) => {
-      const space = `m${++spaceNo}`;
+      const space = shared.nextSpace();
       const o = await owner(space);
       const ram = await backing(o, 'ram', 32 * MiB, 8 * MiB, 1);
       const dimm0 = await backing(o, 'dimm0', 16 * MiB, 16 * MiB, 2);
@@ -96,11 +63,11 @@ describe('migration across map changes', () => {
         { op: 'add', name: 'toggle', gpa: 0x2000_0000, size: 8 * MiB, backing: toggle.backing, offset: 0 },
       ]);
       const w = await writer(space, ['--burst', '24', '--interval-ms', '1']);
-      const reader = await MappingSubscriber.attach(socket, { space, name: 'reader', kind: 'migration', writes: false, reconnect: false });
+      const reader = await MappingSubscriber.attach(shared.socket, { space, name: 'reader', kind: 'migration', writes: false, reconnect: false });
       cleanups.push(() => reader.close());
-      const image = path.join(dir, `${space}.img`);
-      const dstSpace = `m${++spaceNo}`;
-      const dest = kind === 'space' ? new SpaceDestination(socket, dstSpace) : new FileDestination(image);
+      const image = path.join(shared.dir, `${space}.img`);
+      const dstSpace = shared.nextSpace();
+      const dest = kind === 'space' ? new SpaceDestination(shared.socket, dstSpace) : new FileDestination(image);
 
       // The map changes while rounds are copied: each change starts in one round's report and is waited
       // for in the next one's, so it runs concurrently with that round's copy, and all are done before the
@@ -155,7 +122,7 @@ describe('migration across map changes', () => {
         expect(late.some((p) => p * PAGE >= 0x1_4000_0000)).toBe(true); // into the hotplugged region too
 
         if (kind === 'space') {
-          const copy = await MappingSubscriber.attach(socket, { space: dstSpace, writes: false, reconnect: false });
+          const copy = await MappingSubscriber.attach(shared.socket, { space: dstSpace, writes: false, reconnect: false });
           cleanups.push(() => copy.close());
           expect(mapOf((await o.status(dstSpace)).spaces[0])).toEqual(mapOf(src));
           for (const r of src?.regions ?? []) {
@@ -198,7 +165,7 @@ describe('migration across map changes', () => {
 
 describe('vfio-like clients in a migration', () => {
   it('a soft vfio client with a device blocks the migration (typed error naming it); accepted, its unmarked DMA writes all reach the destination', async () => {
-    const space = `m${++spaceNo}`;
+    const space = shared.nextSpace();
     const o = await owner(space);
     const ram = await backing(o, 'ram', 16 * MiB, 4 * MiB, 9);
     const dimm = await backing(o, 'dimm', 8 * MiB, 8 * MiB, 10);
@@ -208,12 +175,12 @@ describe('vfio-like clients in a migration', () => {
     ]);
     // The "device" writes through its mapping and tells nobody (DMA); it stops while paused.
     const dev = await writer(space, ['--vfio', '--name', 'nic-vfio', '--burst', '16']);
-    const reader = await MappingSubscriber.attach(socket, { space, name: 'reader', kind: 'migration', writes: false, reconnect: false });
+    const reader = await MappingSubscriber.attach(shared.socket, { space, name: 'reader', kind: 'migration', writes: false, reconnect: false });
     cleanups.push(() => reader.close());
 
     // Refused before anything changed, naming the client.
-    const dst1 = `m${++spaceNo}`;
-    const err = await new Migration(o, reader, new SpaceDestination(socket, dst1)).run().catch((e: unknown) => e);
+    const dst1 = shared.nextSpace();
+    const err = await new Migration(o, reader, new SpaceDestination(shared.socket, dst1)).run().catch((e: unknown) => e);
     expect(err).toBeInstanceOf(MigrationBlockedError);
     expect(err).toMatchObject({ code: 'MMB_ERR_MIGRATION_BLOCKED', client: { name: 'nic-vfio', kind: 'vfio' } });
     expect((err as MigrationBlockedError).blockers.map((b) => [b.client.name, b.devices])).toEqual([['nic-vfio', ['dev0']]]);
@@ -224,8 +191,8 @@ describe('vfio-like clients in a migration', () => {
 
     // Accepted: while logging, the client says in its report which tracker it uses (none: all dirty).
     const backends: string[] = [];
-    const dst2 = `m${++spaceNo}`;
-    const result = await new Migration(o, reader, new SpaceDestination(socket, dst2)).run({
+    const dst2 = shared.nextSpace();
+    const result = await new Migration(o, reader, new SpaceDestination(shared.socket, dst2)).run({
       acceptDeviceRisk: true,
       keepPaused: true,
       stopBytes: 0,
@@ -245,7 +212,7 @@ describe('vfio-like clients in a migration', () => {
       // Every page the device wrote after the first copy, unmarked, is at the destination as at the source.
       const late = (await dev.request({ cmd: 'written', since: 1 }, 'written')).pages as number[];
       expect(late.length).toBeGreaterThan(20);
-      const copy = await MappingSubscriber.attach(socket, { space: dst2, writes: false, reconnect: false });
+      const copy = await MappingSubscriber.attach(shared.socket, { space: dst2, writes: false, reconnect: false });
       cleanups.push(() => copy.close());
       for (const p of late) {
         const inRam = p * PAGE < 16 * MiB;
@@ -263,12 +230,12 @@ describe('vfio-like clients in a migration', () => {
   }, 120_000);
 
   it('mmbroker migrate refuses, naming the vfio client, and migrates with --accept-device-risk', async () => {
-    const space = `m${++spaceNo}`;
-    const add = await runCli(['map', 'add', '--socket', socket, '--space', space, '--gpa', '0x100000', '--size', '8M', '--name', 'ram']);
+    const space = shared.nextSpace();
+    const add = await runCli(['map', 'add', '--socket', shared.socket, '--space', space, '--gpa', '0x100000', '--size', '8M', '--name', 'ram']);
     expect(add.code, add.stderr).toBe(0);
     await writer(space, ['--vfio', '--name', 'gpu-vfio']);
-    const image = path.join(dir, `${space}-vfio.img`);
-    const refused = await runCli(['migrate', '--socket', socket, '--space', space, '--to', image, '--json'], 60_000);
+    const image = path.join(shared.dir, `${space}-vfio.img`);
+    const refused = await runCli(['migrate', '--socket', shared.socket, '--space', space, '--to', image, '--json'], 60_000);
     expect(refused.code).toBe(1);
     expect(refused.stderr).toMatch(/MMB_ERR_MIGRATION_BLOCKED .*migration blocked: vfio client "gpu-vfio"/);
     expect(refused.stderr).toMatch(/refused by: vfio client "gpu-vfio"/);
@@ -280,7 +247,7 @@ describe('vfio-like clients in a migration', () => {
     expect(error).toMatchObject({ event: 'error', code: 'MMB_ERR_MIGRATION_BLOCKED', blockers: [{ client: { name: 'gpu-vfio' } }] });
     expect(fs.existsSync(image)).toBe(false);
 
-    const ok = await runCli(['migrate', '--socket', socket, '--space', space, '--to', image, '--accept-device-risk', '--json'], 60_000);
+    const ok = await runCli(['migrate', '--socket', shared.socket, '--space', space, '--to', image, '--accept-device-risk', '--json'], 60_000);
     expect(ok.code, ok.stderr).toBe(0);
     const result = ok.stdout
       .trim()

@@ -2,20 +2,9 @@
 // "incomplete", byte-at-a-time feeding gives the same frames, and malformed frames get typed errors.
 import fs from 'node:fs';
 import { describe, expect, it } from 'vitest';
-import {
-  FrameDecoder,
-  MESSAGES,
-  decodeBody,
-  encodeBody,
-  encodeFrame,
-  integerizeFloats,
-  isMmbError,
-  parseToBroker,
-  parseToClient,
-  type ErrorCode,
-  type Frame,
-} from '../protocol/index.js';
+import { FrameDecoder, MESSAGES, decodeBody, encodeBody, encodeFrame, integerizeFloats, parseToBroker, parseToClient, type Frame } from '../protocol/index.js';
 import { SAMPLES } from './fixtures/samples.js';
+import { thrownCode as codeOf } from './helpers/throws.js';
 
 const FIXTURES = new URL('./fixtures/frames.json', import.meta.url);
 if (process.env.UPDATE_FIXTURES) {
@@ -32,16 +21,6 @@ function drain(d: FrameDecoder): Frame[] {
   const out: Frame[] = [];
   for (let f = d.next(); f; f = d.next()) out.push(f);
   return out;
-}
-
-function codeOf(fn: () => unknown): ErrorCode | undefined {
-  try {
-    fn();
-  } catch (err) {
-    if (isMmbError(err)) return err.code;
-    throw err;
-  }
-  return undefined;
 }
 
 describe('wire fixtures', () => {

@@ -13,11 +13,12 @@ import path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { OwnerClient, fetchStatus } from '../clients/index.js';
 import { native } from '../native/index.js';
-import { isMmbError, type MmbError, type StatusSpace } from '../protocol/index.js';
+import type { StatusSpace } from '../protocol/index.js';
 import { have, makeImage, startQsd, QSD } from '../bench/vhost-user-backends.js';
 import { IN_CI } from './helpers/ci.js';
 import { spawnClient } from '../testkit/clients.js';
 import { CLI, JsonProc, memfdStarts, spawnBroker, spawnSubscriber, stopProcess, tempDir, waitFor, type BrokerProc } from './helpers/procs.js';
+import { rejection } from './helpers/throws.js';
 
 const MiB = 2 ** 20;
 // Without /dev/kvm the memslot cases cannot run; under CI that is a failure, not a skip.
@@ -106,15 +107,6 @@ const exited = (p: JsonProc) =>
   new Promise<NodeJS.Signals | null>((r) =>
     p.child.exitCode !== null || p.child.signalCode !== null ? r(p.child.signalCode) : p.child.once('exit', (_c, sig) => r(sig)),
   );
-
-async function rejection(p: Promise<unknown>): Promise<MmbError> {
-  const err = await p.then(
-    () => undefined,
-    (e: unknown) => e,
-  );
-  if (!isMmbError(err)) throw new Error(`expected an MmbError, got ${String(err)}`);
-  return err;
-}
 
 describe('Invariant 1: eviction is not fencing', () => {
   it('a stopped vfio client that pins a region is killed through its pidfd before the removal is done; at that moment it maps and pins nothing', async () => {

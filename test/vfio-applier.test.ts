@@ -8,8 +8,9 @@ import { VfioApplier } from '../clients/vfio/applier.js';
 import { Domain, type PinProgress } from '../clients/vfio/domain.js';
 import { SoftBackend } from '../clients/vfio/soft.js';
 import { native } from '../native/index.js';
-import { CancelledError, asGpa, asOffset, isMmbError, type Region } from '../protocol/index.js';
+import { CancelledError, asGpa, asOffset, type Region } from '../protocol/index.js';
 import { vmLckKiB } from './helpers/procs.js';
+import { rejection as error } from './helpers/throws.js';
 
 const MiB = 2 ** 20;
 const open: { applier: VfioApplier; fds: number[] }[] = [];
@@ -61,15 +62,6 @@ function setup(opts: { pinLimit?: number; devices?: string[]; chunk?: number; dm
 const ctx = (over: Partial<ApplyContext> = {}): ApplyContext => ({ signal: new AbortController().signal, cancelled: () => false, ...over });
 const change = (c: Partial<Change>): Change => ({ generation: 1, cause: 'txn', removed: [], updated: [], added: [], ...c });
 const locked = () => vmLckKiB() * 1024;
-
-async function error(p: Promise<unknown>) {
-  const e = await p.then(
-    () => undefined,
-    (x: unknown) => x,
-  );
-  if (!isMmbError(e)) throw new Error(`expected an MmbError, got ${String(e)}`);
-  return e;
-}
 
 describe('checks the applier makes before any work', () => {
   it('its own pin limit (the broker checks it too, but a local limit must hold by itself)', async () => {

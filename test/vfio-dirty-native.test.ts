@@ -8,18 +8,10 @@ import { createSealedMemfd } from '../clients/memfd.js';
 import { IOMMUFD, LAYOUTS, REQUEST, VFIO, pack, packInto } from '../clients/vfio/structs.js';
 import { native } from '../native/index.js';
 import { vfio } from '../native/vfio.js';
+import { thrown } from './helpers/throws.js';
 
 const memfd = createSealedMemfd('mmb-vfio-dirty-native', 4096);
 afterAll(() => native.close(memfd));
-
-function thrown(fn: () => unknown): NodeJS.ErrnoException & { syscall?: string; request?: string } {
-  try {
-    fn();
-  } catch (err) {
-    return err as NodeJS.ErrnoException;
-  }
-  throw new Error('expected a throw');
-}
 
 const HEADER = LAYOUTS.vfio_iommu_type1_dirty_bitmap.size;
 

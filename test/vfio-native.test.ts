@@ -10,20 +10,12 @@ import { createSealedMemfd } from '../clients/memfd.js';
 import { LAYOUTS, REQUEST, pack } from '../clients/vfio/structs.js';
 import { native } from '../native/index.js';
 import { vfio } from '../native/vfio.js';
+import { thrown } from './helpers/throws.js';
 import { IN_CI } from './helpers/ci.js';
 import { ROOT } from './helpers/procs.js';
 
 const memfd = createSealedMemfd('mmb-vfio-native', 4096);
 afterAll(() => native.close(memfd));
-
-function thrown(fn: () => unknown): NodeJS.ErrnoException & { syscall?: string; request?: string } {
-  try {
-    fn();
-  } catch (err) {
-    return err as NodeJS.ErrnoException;
-  }
-  throw new Error('expected a throw');
-}
 
 describe('vfioOpen', () => {
   it('opens only VFIO and iommufd nodes', () => {

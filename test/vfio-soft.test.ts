@@ -5,9 +5,9 @@ import path from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { MappingSubscriber, OwnerClient, fetchStatus } from '../clients/index.js';
 import { native } from '../native/index.js';
-import { isMmbError, type MmbError } from '../protocol/index.js';
 import { spawnClient } from '../testkit/clients.js';
 import { JsonProc, memfdMaps, spawnBroker, spawnSubscriber, stopProcess, tempDir, vmLckKiB, waitFor, type Event, type BrokerProc } from './helpers/procs.js';
+import { rejection } from './helpers/throws.js';
 
 const MiB = 2 ** 20;
 const KiB = 1024;
@@ -42,15 +42,6 @@ async function backing(size: number, name: string): Promise<number> {
 const status = async () => (await fetchStatus(socket, 'vm0')).spaces[0]!;
 const client = async (name: string) => (await status()).clients.find((c) => c.name === name);
 const lockedMiB = (pid: number) => vmLckKiB(pid) / KiB;
-
-async function rejection(p: Promise<unknown>): Promise<MmbError> {
-  const err = await p.then(
-    () => undefined,
-    (e: unknown) => e,
-  );
-  if (!isMmbError(err)) throw new Error(`expected an MmbError, got ${String(err)}`);
-  return err;
-}
 
 beforeAll(async () => {
   dir = tempDir('mmb-vfio-');

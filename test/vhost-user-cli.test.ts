@@ -6,49 +6,46 @@
 // `ioas map` before it returns and the invalidation of `ioas unmap` before that returns;
 // qemu-storage-daemon, which cannot translate IOVAs, is refused with MMB_ERR_UNSUPPORTED.
 import { spawn, spawnSync } from 'node:child_process';
-import fs from 'node:fs';
 import path from 'node:path';
 import { describe, expect, it } from 'vitest';
-import { have, makeImage, startQsd, startTestpmd, QSD, TESTPMD } from '../bench/vhost-user-backends.js';
-import { CLI, JsonProc, memfdMaps, runCli, spawnBroker, stopProcess, tempDir, waitFor } from './helpers/procs.js';
+import { QSD, TESTPMD } from '../bench/vhost-user-backends.js';
+import { CLI, JsonProc, memfdMaps, runCli, spawnBroker, stopProcess, waitFor } from './helpers/procs.js';
 import { defer } from './helpers/embedded.js';
-import { IN_CI, trackBackends } from './helpers/ci.js';
+import { IN_CI } from './helpers/ci.js';
+import { realBackends, tool } from './helpers/vhost-user-real.js';
 
-const HAVE_QSD = have(QSD);
 // The kind is wired into cli/commands/attach.ts separately from clients/vhost-user/: until then this file
 // is skipped (and says so), except under CI=true, where that is a failure.
 const CLI_HAS_KIND = spawnSync(process.execPath, [CLI, 'attach', '--help'], { encoding: 'utf8' }).stdout.includes('vhost-user');
 if (!CLI_HAS_KIND && !IN_CI) console.warn('mmbroker attach vhost-user tests skipped: the CLI does not list the vhost-user kind yet');
-if (!HAVE_QSD && !IN_CI) console.warn(`mmbroker attach vhost-user tests skipped: ${QSD} is not installed`);
-const describeQsd = describe.skipIf((!HAVE_QSD || !CLI_HAS_KIND) && !IN_CI);
-const HAVE_TESTPMD = have(TESTPMD);
-if (!HAVE_TESTPMD && !IN_CI) console.warn(`mmbroker attach vhost-user --ioas tests skipped: ${TESTPMD} is not installed`);
-const describeDpdk = describe.skipIf((!HAVE_TESTPMD || !CLI_HAS_KIND) && !IN_CI);
+const describeQsd = describe.skipIf((!tool(QSD, 'mmbroker attach vhost-user tests').have || !CLI_HAS_KIND) && !IN_CI);
+const describeDpdk = describe.skipIf((!tool(TESTPMD, 'mmbroker attach vhost-user --ioas tests').have || !CLI_HAS_KIND) && !IN_CI);
 
-const backends = trackBackends();
+const backends = realBackends();
+
+/** A broker process serving space vm0 on DIR/broker.sock, stopped after the test. */
+async function brokerIn(dir: string): Promise<string> {
+  const socket = path.join(dir, 'broker.sock');
+  const broker = await spawnBroker(socket, ['--space', 'vm0']);
+  defer(() => stopProcess(broker));
+  return socket;
+}
+
+/** `mmbroker attach vhost-user ARGS --json --control` once it printed its back-end line; stopped after the test. */
+async function bridgeProcess(args: string[]) {
+  const child = spawn(process.execPath, [CLI, 'attach', 'vhost-user', ...args, '--json', '--control'], { stdio: ['pipe', 'pipe', 'pipe'] });
+  const bridge = new JsonProc(child);
+  defer(() => bridge.stop());
+  const backend = await bridge.next('backend', () => true, 20_000);
+  return { child, bridge, backend };
+}
 
 describeQsd('mmbroker attach vhost-user', () => {
   it('bridges a broker process to qemu-storage-daemon: map add / remove reach the back-end before they return; exits 1 when the back-end goes', async () => {
-    const dir = tempDir('mmb-vhu-cli-');
-    defer(() => fs.rmSync(dir, { recursive: true, force: true }));
-    const socket = path.join(dir, 'broker.sock');
-    const broker = await spawnBroker(socket, ['--space', 'vm0']);
-    defer(() => stopProcess(broker));
-    const image = path.join(dir, 'disk.img');
-    makeImage(image, 2048);
-    const qsd = await startQsd(dir, image);
-    backends.push(qsd);
+    const { dir, qsd } = await backends.qsd('mmb-vhu-cli-', 2048);
+    const socket = await brokerIn(dir);
 
-    const child = spawn(
-      process.execPath,
-      [CLI, 'attach', 'vhost-user', '--socket', socket, '--space', 'vm0', '--backend-socket', qsd.socket, '--name', 'blk0', '--json', '--control'],
-      {
-        stdio: ['pipe', 'pipe', 'pipe'],
-      },
-    );
-    const bridge = new JsonProc(child);
-    defer(() => bridge.stop());
-    const backend = await bridge.next('backend', () => true, 20_000);
+    const { child, bridge, backend } = await bridgeProcess(['--socket', socket, '--space', 'vm0', '--backend-socket', qsd.socket, '--name', 'blk0']);
     expect(backend.memMode).toBe('slots');
     expect(backend.maxSlots).toBe(32);
     await bridge.next('attached');
@@ -79,15 +76,8 @@ describeQsd('mmbroker attach vhost-user', () => {
 
 describeQsd('mmbroker attach vhost-user --ioas: a back-end that cannot translate', () => {
   it('qemu-storage-daemon in an IOAS: exit 1 with MMB_ERR_UNSUPPORTED naming VIRTIO_F_ACCESS_PLATFORM; nothing attached', async () => {
-    const dir = tempDir('mmb-vhu-cli-');
-    defer(() => fs.rmSync(dir, { recursive: true, force: true }));
-    const socket = path.join(dir, 'broker.sock');
-    const broker = await spawnBroker(socket, ['--space', 'vm0']);
-    defer(() => stopProcess(broker));
-    const image = path.join(dir, 'disk.img');
-    makeImage(image, 2048);
-    const qsd = await startQsd(dir, image);
-    backends.push(qsd);
+    const { dir, qsd } = await backends.qsd('mmb-vhu-cli-', 2048);
+    const socket = await brokerIn(dir);
     expect((await runCli(['ioas', 'create', '--socket', socket, '--space', 'vm0', '--ioas', 'dma0'])).code).toBe(0);
     const r = await runCli(['attach', 'vhost-user', '--socket', socket, '--space', 'vm0', '--backend-socket', qsd.socket, '--ioas', 'dma0', '--name', 'blk0']);
     expect(r.code).toBe(1);
@@ -104,26 +94,12 @@ describeQsd('mmbroker attach vhost-user --ioas: a back-end that cannot translate
 
 describeDpdk('mmbroker attach vhost-user --ioas: dpdk-testpmd', () => {
   it("the IOAS is the back-end's IOTLB: ioas map is in it when the command returns, ioas unmap returns once it was invalidated", async () => {
-    const dir = tempDir('mmb-vhu-cli-');
-    defer(() => fs.rmSync(dir, { recursive: true, force: true }));
-    const socket = path.join(dir, 'broker.sock');
-    const broker = await spawnBroker(socket, ['--space', 'vm0']);
-    defer(() => stopProcess(broker));
-    const pmd = await startTestpmd(dir, { iommu: true });
-    backends.push(pmd);
+    const { dir, pmd } = await backends.testpmd('mmb-vhu-cli-', { iommu: true });
+    const socket = await brokerIn(dir);
     const args = ['--socket', socket, '--space', 'vm0'];
     expect((await runCli(['map', 'add', ...args, '--gpa', '0', '--size', '16M', '--name', 'ram'])).code).toBe(0);
     expect((await runCli(['ioas', 'create', ...args, '--ioas', 'net0'])).code).toBe(0);
-    const child = spawn(
-      process.execPath,
-      [CLI, 'attach', 'vhost-user', ...args, '--backend-socket', pmd.socket, '--ioas', 'net0', '--name', 'net0-dev', '--json', '--control'],
-      {
-        stdio: ['pipe', 'pipe', 'pipe'],
-      },
-    );
-    const bridge = new JsonProc(child);
-    defer(() => bridge.stop());
-    const backend = await bridge.next('backend', () => true, 20_000);
+    const { bridge, backend } = await bridgeProcess([...args, '--backend-socket', pmd.socket, '--ioas', 'net0', '--name', 'net0-dev']);
     expect(backend).toMatchObject({ memMode: 'table', ioas: 'net0' });
     await bridge.next('attached');
     const st = JSON.parse((await runCli(['status', ...args, '--json'])).stdout) as {

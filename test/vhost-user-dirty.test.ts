@@ -15,8 +15,6 @@ import {
   VhostUserSubscriber,
   VirtioBlk,
   VirtioNet,
-  BLK_FEATURES,
-  NET_FEATURES,
   NET_HDR_BYTES,
   Feature,
   ProtocolFeature,
@@ -24,33 +22,25 @@ import {
   bit,
   type VhostUserOptions,
 } from '../clients/vhost-user/index.js';
-import { constants, native } from '../native/index.js';
+import { native } from '../native/index.js';
 import { DIRTY_PAGE_SIZE } from '../protocol/index.js';
-import { have, makeImage, patternSector, startQsd, startTestpmd, QSD, TESTPMD, type Backend } from '../bench/vhost-user-backends.js';
+import { QSD, TESTPMD } from '../bench/vhost-user-backends.js';
 import { FileDestination, MappingSubscriber, Migration, type DirtySnapshot } from '../clients/index.js';
-import { defer, embeddedBroker, ownerOf } from './helpers/embedded.js';
+import { defer, embeddedBroker, mappedBacking, ownerOf } from './helpers/embedded.js';
 import { tempDir, waitFor } from './helpers/procs.js';
 import { FakeBackend } from './helpers/vhost-user-fake.js';
-import { IN_CI, trackBackends } from './helpers/ci.js';
+import { bridgeTo as attach, ciRequires, ethFrame, NET_BRIDGE, patternSectors as sectors, realBackends, tool } from './helpers/vhost-user-real.js';
 
 const MiB = 1 << 20;
-const HAVE_QSD = have(QSD);
-const HAVE_TESTPMD = have(TESTPMD);
-const WHY = (tool: string, pkg: string) => `${tool} is not installed (package ${pkg}; CI=true makes this a failure)`;
-if (!HAVE_QSD && !IN_CI) console.warn(`vhost-user dirty-logging tests skipped: ${WHY(QSD, 'qemu-system-common')}`);
-if (!HAVE_TESTPMD && !IN_CI) console.warn(`vhost-user DPDK dirty-logging test skipped: ${WHY(TESTPMD, 'dpdk-dev')}`);
-const describeQsd = describe.skipIf(!HAVE_QSD && !IN_CI);
-const describeDpdk = describe.skipIf(!HAVE_TESTPMD && !IN_CI);
+const qsdTool = tool(QSD, 'vhost-user dirty-logging tests');
+const pmdTool = tool(TESTPMD, 'vhost-user DPDK dirty-logging test');
+const describeQsd = qsdTool.describe;
+const describeDpdk = pmdTool.describe;
 
 const SECTORS = 8192;
-const backends = trackBackends();
+const backends = realBackends();
 
-if (IN_CI) {
-  it('CI machines have qemu-storage-daemon and dpdk-testpmd', () => {
-    expect(HAVE_QSD, WHY(QSD, 'qemu-system-common')).toBe(true);
-    expect(HAVE_TESTPMD, WHY(TESTPMD, 'dpdk-dev')).toBe(true);
-  });
-}
+ciRequires('CI machines have qemu-storage-daemon and dpdk-testpmd', qsdTool, pmdTool);
 
 /** The dirty pages of region `name` in a sync, as guest-physical addresses. */
 function dirtyGpas(snap: DirtySnapshot, name: string): number[] {
@@ -69,40 +59,16 @@ async function sync(owner: Awaited<ReturnType<typeof ownerOf>>): Promise<(name: 
 
 /** A broker, its owner, 16 MiB of RAM at GPA 0 (mapped by the test too), a qsd, and the bridge with a disk. */
 async function setup(opts: Partial<VhostUserOptions> = {}) {
-  const dir = tempDir('mmb-vhu-dirty-');
-  defer(() => fs.rmSync(dir, { recursive: true, force: true }));
-  const image = path.join(dir, 'disk.img');
-  makeImage(image, SECTORS);
-  const qsd = await startQsd(dir, image);
-  backends.push(qsd);
+  const { qsd } = await backends.qsd('mmb-vhu-dirty-', SECTORS);
   const broker = embeddedBroker();
   const owner = await ownerOf(broker);
-  const ram = await owner.createBacking(16 * MiB, 'ram');
-  defer(() => native.close(ram.fd));
-  const view = native.mmap(ram.fd, 0, 16 * MiB, constants.PROT_READ | constants.PROT_WRITE, constants.MAP_SHARED);
-  defer(() => native.munmap(view));
+  const ram = await mappedBacking(owner, 16 * MiB, 'ram');
   await owner.addRegion({ name: 'ram0', gpa: 0, size: 16 * MiB, backing: ram.backing });
   const sub = await attach(broker, qsd, opts);
   const blk = await VirtioBlk.start(sub, { gpa: 0x1000, timeoutMs: 5000 });
   defer(() => blk.close());
-  return { qsd, broker, owner, sub, blk, bytes: new Uint8Array(view.buffer) };
+  return { qsd, broker, owner, sub, blk, bytes: ram.bytes };
 }
-
-async function attach(broker: Parameters<typeof VhostUserSubscriber.attach>[0], b: Backend, opts: Partial<VhostUserOptions> = {}) {
-  const sub = await VhostUserSubscriber.attach(broker, {
-    space: 'vm0',
-    name: 'vhost-user-blk0',
-    backendSocket: b.socket,
-    virtioFeatures: BLK_FEATURES,
-    reconnect: false,
-    backendTimeoutMs: 5000,
-    ...opts,
-  });
-  defer(() => sub.close());
-  return sub;
-}
-
-const sectors = (first: number, count: number) => Buffer.concat(Array.from({ length: count }, (_, i) => patternSector(first + i)));
 
 describeQsd('vhost-user dirty logging: qemu-storage-daemon', () => {
   it("a virtio-blk READ into guest memory at GPA 0x10000 with logging on is in the owner's next dirty sync", async () => {
@@ -259,29 +225,18 @@ describe('vhost-user dirty logging: a back-end that cannot log (scripted, no VHO
 
 describeDpdk('vhost-user dirty logging: dpdk-testpmd', () => {
   it('a frame DPDK writes into an RX buffer while logging is on is in the next sync, and pause / resume stops and restarts both queues', async () => {
-    const dir = tempDir('mmb-vhu-dpdk-dirty-');
-    defer(() => fs.rmSync(dir, { recursive: true, force: true }));
-    const pmd = await startTestpmd(dir);
-    backends.push(pmd);
+    const { pmd } = await backends.testpmd('mmb-vhu-dpdk-dirty-');
     const broker = embeddedBroker();
     const owner = await ownerOf(broker);
-    const ram = await owner.createBacking(4 * MiB, 'ram');
-    defer(() => native.close(ram.fd));
-    const view = native.mmap(ram.fd, 0, 4 * MiB, constants.PROT_READ | constants.PROT_WRITE, constants.MAP_SHARED);
-    defer(() => native.munmap(view));
-    const bytes = new Uint8Array(view.buffer);
-    await owner.addRegion({ name: 'ram0', gpa: 0, size: 4 * MiB, backing: ram.backing, logDirty: true });
-    const sub = await attach(broker, pmd, { name: 'vhost-user-net0', virtioFeatures: NET_FEATURES, connectTimeoutMs: 10_000 });
+    const { bytes, backing } = await mappedBacking(owner, 4 * MiB, 'ram');
+    await owner.addRegion({ name: 'ram0', gpa: 0, size: 4 * MiB, backing, logDirty: true });
+    const sub = await attach(broker, pmd, NET_BRIDGE);
     expect(sub.negotiated.canLog).toBe(true);
     expect(sub.logging).toBe(true);
     const net = await VirtioNet.start(sub, { gpa: 0x1000, timeoutMs: 5000 });
     defer(() => net.close());
     (await sync(owner))('ram0');
-    const frame = Buffer.alloc(60);
-    frame.fill(0xff, 0, 6);
-    Buffer.from([0x02, 0, 0, 0, 0, 1]).copy(frame, 6);
-    frame.writeUInt16BE(0x88b5, 12);
-    Buffer.from('logged by dpdk').copy(frame, 14);
+    const frame = ethFrame('logged by dpdk');
     bytes.set(frame, 0x20000);
     const rxGpa = 0x180000;
     const received = net.receive(rxGpa, 2048);

@@ -6,62 +6,32 @@
 //
 // A fresh testpmd per test (its own --file-prefix), stopped by PID; every wait has a deadline; error lines
 // on its stderr fail the test. Without dpdk-testpmd the tests are skipped, except under CI=true.
-import fs from 'node:fs';
-import { describe, expect, it } from 'vitest';
-import { VhostUserSubscriber, VirtioNet, NET_FEATURES, NET_HDR_BYTES } from '../clients/vhost-user/index.js';
+import { expect, it } from 'vitest';
+import { VirtioNet, NET_HDR_BYTES } from '../clients/vhost-user/index.js';
 import { constants, native } from '../native/index.js';
 import { isMmbError } from '../protocol/index.js';
-import { have, startTestpmd, TESTPMD } from '../bench/vhost-user-backends.js';
-import { defer, embeddedBroker, ownerOf } from './helpers/embedded.js';
-import { memfdMaps, tempDir } from './helpers/procs.js';
-import { IN_CI, trackBackends } from './helpers/ci.js';
+import { TESTPMD } from '../bench/vhost-user-backends.js';
+import { defer, embeddedBroker, mappedBacking, ownerOf } from './helpers/embedded.js';
+import { memfdMaps } from './helpers/procs.js';
+import { bridgeTo, ciRequires, ethFrame as frame, NET_BRIDGE, realBackends, tool } from './helpers/vhost-user-real.js';
 
 const MiB = 1 << 20;
-const HAVE_TESTPMD = have(TESTPMD);
-const WHY = `${TESTPMD} is not installed (package dpdk-dev; CI=true makes this a failure)`;
-if (!HAVE_TESTPMD && !IN_CI) console.warn(`vhost-user DPDK tests skipped: ${WHY}`);
-const describeDpdk = describe.skipIf(!HAVE_TESTPMD && !IN_CI);
+const pmdTool = tool(TESTPMD, 'vhost-user DPDK tests');
+const describeDpdk = pmdTool.describe;
 
-const backends = trackBackends();
+const backends = realBackends();
 
-if (IN_CI) {
-  it('CI machines have dpdk-testpmd', () => expect(HAVE_TESTPMD, WHY).toBe(true));
-}
-
-/** A 60-byte broadcast Ethernet frame carrying `marker`. */
-function frame(marker: string): Buffer {
-  const f = Buffer.alloc(60);
-  f.fill(0xff, 0, 6); // destination: broadcast
-  Buffer.from([0x02, 0x00, 0x00, 0x00, 0x00, 0x01]).copy(f, 6);
-  f.writeUInt16BE(0x88b5, 12); // IEEE local experimental EtherType
-  Buffer.from(marker).copy(f, 14);
-  return f;
-}
+ciRequires('CI machines have dpdk-testpmd', pmdTool);
 
 describeDpdk('vhost-user front-end: dpdk-testpmd (net_vhost)', () => {
   it('a frame sent on TX from one region comes back on RX into a second region hotplugged through the broker', async () => {
-    const dir = tempDir('mmb-vhu-dpdk-');
-    defer(() => fs.rmSync(dir, { recursive: true, force: true }));
-    const pmd = await startTestpmd(dir);
-    backends.push(pmd);
+    const { pmd } = await backends.testpmd('mmb-vhu-dpdk-');
     const broker = embeddedBroker();
     const owner = await ownerOf(broker);
-    const ram = await owner.createBacking(4 * MiB, 'ram');
-    defer(() => native.close(ram.fd));
-    const ramView = native.mmap(ram.fd, 0, 4 * MiB, constants.PROT_READ | constants.PROT_WRITE, constants.MAP_SHARED);
-    defer(() => native.munmap(ramView));
-    await owner.addRegion({ name: 'ram0', gpa: 0, size: 4 * MiB, backing: ram.backing });
+    const { view: ramView, backing } = await mappedBacking(owner, 4 * MiB, 'ram');
+    await owner.addRegion({ name: 'ram0', gpa: 0, size: 4 * MiB, backing });
 
-    const sub = await VhostUserSubscriber.attach(broker, {
-      space: 'vm0',
-      name: 'vhost-user-net0',
-      backendSocket: pmd.socket,
-      virtioFeatures: NET_FEATURES,
-      reconnect: false,
-      backendTimeoutMs: 5000,
-      connectTimeoutMs: 10_000,
-    });
-    defer(() => sub.close());
+    const sub = await bridgeTo(broker, pmd, NET_BRIDGE);
     // DPDK 22.11: no CONFIGURE_MEM_SLOTS, so SET_MEM_TABLE only, 8 regions, declared to the broker.
     expect(sub.memMode).toBe('table');
     expect(sub.maxSlots).toBe(8);
@@ -70,10 +40,8 @@ describeDpdk('vhost-user front-end: dpdk-testpmd (net_vhost)', () => {
     defer(() => net.close());
 
     // Hotplug the RX memory while the device runs: a 1 MiB region at offset 1 MiB of its memfd.
-    const rx = await owner.createBacking(4 * MiB, 'rxmem');
-    defer(() => native.close(rx.fd));
-    const rxView = native.mmap(rx.fd, 0, 4 * MiB, constants.PROT_READ, constants.MAP_SHARED);
-    defer(() => native.munmap(rxView));
+    const rx = await mappedBacking(owner, 4 * MiB, 'rxmem', constants.PROT_READ);
+    const rxView = rx.view;
     const tables = sub.stats.setMemTable;
     const rxGpa = 0x4000_0000;
     await owner.addRegion({ name: 'rx0', gpa: rxGpa, size: 1 * MiB, backing: rx.backing, offset: 1 * MiB });

@@ -21,38 +21,24 @@
 // A fresh testpmd per test (its own --file-prefix), stopped by PID; every wait has a deadline; error lines
 // on its stderr fail the test. Without dpdk-testpmd the tests are skipped, except under CI=true.
 import fs from 'node:fs';
-import { describe, expect, it } from 'vitest';
-import { Feature, IotlbPerm, NET_FEATURES, NET_HDR_BYTES, VhostUserSubscriber, VirtioNet, bit, type IotlbReport } from '../clients/vhost-user/index.js';
+import { expect, it } from 'vitest';
+import { Feature, IotlbPerm, NET_HDR_BYTES, VhostUserSubscriber, VirtioNet, bit, type IotlbReport } from '../clients/vhost-user/index.js';
 import { IoasOwner } from '../clients/ioas-owner.js';
-import { constants, native } from '../native/index.js';
+import { native } from '../native/index.js';
 import { isMmbError } from '../protocol/index.js';
-import { have, startTestpmd, TESTPMD } from '../bench/vhost-user-backends.js';
-import { defer, embeddedBroker, ownerOf } from './helpers/embedded.js';
-import { tempDir, waitFor } from './helpers/procs.js';
-import { IN_CI, trackBackends } from './helpers/ci.js';
+import { TESTPMD } from '../bench/vhost-user-backends.js';
+import { defer, embeddedBroker, mappedBacking, ownerOf } from './helpers/embedded.js';
+import { waitFor } from './helpers/procs.js';
+import { bridgeTo, ciRequires, ethFrame as frame, NET_BRIDGE, realBackends, tool } from './helpers/vhost-user-real.js';
 
 const MiB = 1 << 20;
 const PAGE = 4096;
-const HAVE_TESTPMD = have(TESTPMD);
-const WHY = `${TESTPMD} is not installed (package dpdk-dev; CI=true makes this a failure)`;
-if (!HAVE_TESTPMD && !IN_CI) console.warn(`vhost-user IOTLB DPDK tests skipped: ${WHY}`);
-const describeDpdk = describe.skipIf(!HAVE_TESTPMD && !IN_CI);
+const pmdTool = tool(TESTPMD, 'vhost-user IOTLB DPDK tests');
+const describeDpdk = pmdTool.describe;
 
-const backends = trackBackends();
+const backends = realBackends();
 
-if (IN_CI) {
-  it('CI machines have dpdk-testpmd', () => expect(HAVE_TESTPMD, WHY).toBe(true));
-}
-
-/** A 60-byte broadcast Ethernet frame carrying `marker`. */
-function frame(marker: string): Buffer {
-  const f = Buffer.alloc(60);
-  f.fill(0xff, 0, 6);
-  Buffer.from([0x02, 0x00, 0x00, 0x00, 0x00, 0x01]).copy(f, 6);
-  f.writeUInt16BE(0x88b5, 12);
-  Buffer.from(marker).copy(f, 14);
-  return f;
-}
+ciRequires('CI machines have dpdk-testpmd', pmdTool);
 
 // Guest-physical layout (one 4 MiB region at 0) and the IOVAs the "guest IOMMU" maps.
 const AREA = 0x1000; // rings and transmit headers
@@ -63,34 +49,18 @@ const RX_GPA = 0x20000;
 const RX_IOVA = 0x3_0000_0000;
 
 async function setup(backendTimeoutMs = 5000) {
-  const dir = tempDir('mmb-vhu-iotlb-');
-  defer(() => fs.rmSync(dir, { recursive: true, force: true }));
-  const pmd = await startTestpmd(dir, { iommu: true });
-  backends.push(pmd);
+  const { pmd } = await backends.testpmd('mmb-vhu-iotlb-', { iommu: true });
   const broker = embeddedBroker();
   const owner = await ownerOf(broker);
-  const ram = await owner.createBacking(4 * MiB, 'ram');
-  defer(() => native.close(ram.fd));
-  const view = native.mmap(ram.fd, 0, 4 * MiB, constants.PROT_READ | constants.PROT_WRITE, constants.MAP_SHARED);
-  defer(() => native.munmap(view));
+  const ram = await mappedBacking(owner, 4 * MiB, 'ram');
   await owner.addRegion({ name: 'ram0', gpa: 0, size: 4 * MiB, backing: ram.backing });
   const io = await IoasOwner.create(owner, 'net0');
   // What a guest's driver maps before it starts the device: its rings and headers.
   await io.map({ iova: AREA_IOVA, gpa: AREA, size: PAGE });
-  const sub = await VhostUserSubscriber.attach(broker, {
-    space: 'vm0',
-    name: 'vhost-user-net0',
-    backendSocket: pmd.socket,
-    virtioFeatures: NET_FEATURES,
-    ioas: 'net0',
-    reconnect: false,
-    backendTimeoutMs,
-    connectTimeoutMs: 10_000,
-  });
-  defer(() => sub.close());
+  const sub = await bridgeTo(broker, pmd, { ...NET_BRIDGE, ioas: 'net0', backendTimeoutMs });
   const net = await VirtioNet.start(sub, { gpa: AREA, iova: AREA_IOVA, timeoutMs: 10_000 });
   defer(() => net.close());
-  const ramBytes = new Uint8Array(view.buffer);
+  const ramBytes = ram.bytes;
   const has = (gpa: number, f: Buffer) => Buffer.from(ramBytes.subarray(gpa, gpa + f.length)).equals(f);
   /** Every offset of guest memory where `f` lies. */
   const findAll = (f: Buffer) => {
@@ -99,7 +69,22 @@ async function setup(backendTimeoutMs = 5000) {
     for (let i = all.indexOf(f); i >= 0; i = all.indexOf(f, i + 1)) at.push(i);
     return at;
   };
-  return { pmd, broker, owner, io, sub, net, ramBytes, has, findAll };
+  /** TX_IOVA mapped read-only to TX_GPA (the device only reads what it transmits), RX_IOVA to RX_GPA, in one transaction. */
+  const mapTxRx = () =>
+    io.commit([
+      { op: 'map', iova: TX_IOVA, gpa: TX_GPA, size: PAGE, readonly: true },
+      { op: 'map', iova: RX_IOVA, gpa: RX_GPA, size: PAGE },
+    ]);
+  /** The frame carrying `marker`, sent from TX_GPA through TX_IOVA: it comes back whole at RX_IOVA. */
+  const roundTrip = async (marker: string) => {
+    const f = frame(marker);
+    ramBytes.set(f, TX_GPA);
+    const received = net.receive(RX_IOVA, 2048);
+    await net.transmit(TX_IOVA, f.length);
+    expect(await received).toBe(f.length);
+    return f;
+  };
+  return { pmd, broker, owner, io, sub, net, ramBytes, has, findAll, mapTxRx, roundTrip };
 }
 
 /** The scheduler state (R, S, T, ...) of every thread of process `pid`, from /proc. */
@@ -119,7 +104,7 @@ const missFor = (sub: VhostUserSubscriber, iova: number) =>
 
 describeDpdk('vhost-user bridge behind a guest IOMMU: dpdk-testpmd (net_vhost, iommu-support=1)', () => {
   it('frames move through IOVAs only; after an unmap a receive buffer at that IOVA takes nothing until it is mapped again', async () => {
-    const { sub, io, net, ramBytes, has, findAll } = await setup();
+    const { sub, io, net, ramBytes, has, findAll, mapTxRx, roundTrip } = await setup();
     // testpmd offers IOMMU_PLATFORM with iommu-support=1: negotiated, with its request channel.
     expect(sub.negotiated.iommu).toBe(true);
     expect(sub.negotiated.features & bit(Feature.ACCESS_PLATFORM)).not.toBe(0n);
@@ -128,15 +113,8 @@ describeDpdk('vhost-user bridge behind a guest IOMMU: dpdk-testpmd (net_vhost, i
     await waitFor("testpmd to ask for the rings' translation", () => sub.iotlb!.stats.missesAnswered > 0, 10_000);
 
     // The device only reads what it transmits: a read-only mapping is enough.
-    await io.commit([
-      { op: 'map', iova: TX_IOVA, gpa: TX_GPA, size: PAGE, readonly: true },
-      { op: 'map', iova: RX_IOVA, gpa: RX_GPA, size: PAGE },
-    ]);
-    const one = frame('mmb-iova-one');
-    ramBytes.set(one, TX_GPA);
-    const received = net.receive(RX_IOVA, 2048);
-    await net.transmit(TX_IOVA, one.length);
-    expect(await received).toBe(one.length);
+    await mapTxRx();
+    const one = await roundTrip('mmb-iova-one');
     // Written by testpmd at RX_IOVA, which is the page at RX_GPA.
     expect(has(RX_GPA + NET_HDR_BYTES, one)).toBe(true);
 
@@ -171,15 +149,11 @@ describeDpdk('vhost-user bridge behind a guest IOMMU: dpdk-testpmd (net_vhost, i
   });
 
   it('a frame posted at an unmapped IOVA is not transmitted until the IOVA is mapped again, and then from the new page', async () => {
-    const { sub, io, net, ramBytes, has } = await setup();
+    const { sub, io, net, ramBytes, has, roundTrip } = await setup();
     await io.map({ iova: RX_IOVA, gpa: RX_GPA, size: PAGE });
     await io.map({ iova: TX_IOVA, gpa: TX_GPA, size: PAGE, readonly: true });
     // The device runs both ways: one frame through the IOVAs first.
-    const warm = frame('mmb-iova-warm');
-    ramBytes.set(warm, TX_GPA);
-    const first = net.receive(RX_IOVA, 2048);
-    await net.transmit(TX_IOVA, warm.length);
-    expect(await first).toBe(warm.length);
+    await roundTrip('mmb-iova-warm');
     const old = frame('mmb-iova-old-page');
     ramBytes.set(old, TX_GPA);
     await io.unmap(TX_IOVA, PAGE);
@@ -201,16 +175,9 @@ describeDpdk('vhost-user bridge behind a guest IOMMU: dpdk-testpmd (net_vhost, i
   });
 
   it("a hotplug empties testpmd's IOTLB (SET_MEM_TABLE): the restarted rings and the frames get their entries again through misses", async () => {
-    const { sub, owner, io, net, ramBytes, has, findAll } = await setup();
-    await io.commit([
-      { op: 'map', iova: TX_IOVA, gpa: TX_GPA, size: PAGE, readonly: true },
-      { op: 'map', iova: RX_IOVA, gpa: RX_GPA, size: PAGE },
-    ]);
-    const one = frame('mmb-iova-before-hotplug');
-    ramBytes.set(one, TX_GPA);
-    const first = net.receive(RX_IOVA, 2048);
-    await net.transmit(TX_IOVA, one.length);
-    expect(await first).toBe(one.length);
+    const { sub, owner, net, ramBytes, has, findAll, mapTxRx, roundTrip } = await setup();
+    await mapTxRx();
+    await roundTrip('mmb-iova-before-hotplug');
     const misses: string[] = [];
     sub.iotlb!.on('miss', (r) => misses.push(`${r.iova.toString(16)}:${r.perm}:${r.answered ? 'answered' : 'no entry'}`));
     // A region hotplugged elsewhere: DPDK takes a whole new table (a reshape: rings stopped, GET_VRING_BASE

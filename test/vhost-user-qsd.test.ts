@@ -6,61 +6,38 @@
 // A fresh back-end per test, stopped by PID; every wait has a deadline; any line on the back-end's stderr
 // fails the test. Without qemu-storage-daemon the tests are skipped, except under CI=true.
 import fs from 'node:fs';
-import path from 'node:path';
-import { describe, expect, it } from 'vitest';
+import { expect, it } from 'vitest';
 import { VhostUserSubscriber, VirtioBlk, BLK_FEATURES, type VhostUserOptions } from '../clients/vhost-user/index.js';
 import { constants, native } from '../native/index.js';
 import { isMmbError } from '../protocol/index.js';
 import { IoasOwner } from '../clients/ioas-owner.js';
-import { have, makeImage, patternSector, startQsd, QSD, type Backend } from '../bench/vhost-user-backends.js';
-import { defer, embeddedBroker, ownerOf } from './helpers/embedded.js';
-import { memfdMaps, tempDir, waitFor } from './helpers/procs.js';
-import { IN_CI, trackBackends } from './helpers/ci.js';
+import { patternSector, QSD, type Backend } from '../bench/vhost-user-backends.js';
+import { defer, embeddedBroker, mappedBacking, ownerOf } from './helpers/embedded.js';
+import { memfdMaps, waitFor } from './helpers/procs.js';
+import { bridgeTo, ciRequires, patternSectors as sectors, realBackends, tool } from './helpers/vhost-user-real.js';
 
 const MiB = 1 << 20;
-const HAVE_QSD = have(QSD);
-const WHY = `${QSD} is not installed (package qemu-system-common; CI=true makes this a failure)`;
-if (!HAVE_QSD && !IN_CI) console.warn(`vhost-user qemu-storage-daemon tests skipped: ${WHY}`);
-const describeQsd = describe.skipIf(!HAVE_QSD && !IN_CI);
+const qsdTool = tool(QSD, 'vhost-user qemu-storage-daemon tests');
+const describeQsd = qsdTool.describe;
 
 const SECTORS = 8192; // a 4 MiB image
 
-const backends = trackBackends();
+const backends = realBackends();
 
-if (IN_CI) {
-  it('CI machines have qemu-storage-daemon', () => expect(HAVE_QSD, WHY).toBe(true));
-}
+ciRequires('CI machines have qemu-storage-daemon', qsdTool);
 
 /** A broker, its owner, a RAM backing mapped by the test, and a qsd serving a patterned image. */
 async function setup(ramBytes = 16 * MiB) {
-  const dir = tempDir('mmb-vhu-');
-  defer(() => fs.rmSync(dir, { recursive: true, force: true }));
-  const image = path.join(dir, 'disk.img');
-  makeImage(image, SECTORS);
-  const qsd = await startQsd(dir, image);
-  backends.push(qsd);
+  const { dir, image, qsd } = await backends.qsd('mmb-vhu-', SECTORS);
   const broker = embeddedBroker();
   const owner = await ownerOf(broker);
-  const ram = await owner.createBacking(ramBytes, 'ram');
-  defer(() => native.close(ram.fd));
-  const view = native.mmap(ram.fd, 0, ramBytes, constants.PROT_READ | constants.PROT_WRITE, constants.MAP_SHARED);
-  defer(() => native.munmap(view));
+  const ram = await mappedBacking(owner, ramBytes, 'ram');
   await owner.addRegion({ name: 'ram0', gpa: 0, size: ramBytes, backing: ram.backing });
-  return { dir, image, qsd, broker, owner, ram, bytes: new Uint8Array(view.buffer) };
+  return { dir, image, qsd, broker, owner, ram, bytes: ram.bytes };
 }
 
-async function frontend(broker: Parameters<typeof VhostUserSubscriber.attach>[0], qsd: Backend, opts: Partial<VhostUserOptions> = {}) {
-  const sub = await VhostUserSubscriber.attach(broker, {
-    space: 'vm0',
-    name: 'vhost-user-blk0',
-    backendSocket: qsd.socket,
-    virtioFeatures: BLK_FEATURES,
-    reconnect: false,
-    backendTimeoutMs: 3000,
-    ...opts,
-  });
-  defer(() => sub.close());
-  return sub;
+function frontend(broker: Parameters<typeof VhostUserSubscriber.attach>[0], qsd: Backend, opts: Partial<VhostUserOptions> = {}) {
+  return bridgeTo(broker, qsd, { backendTimeoutMs: 3000, ...opts });
 }
 
 async function blkOf(sub: VhostUserSubscriber, gpa = 0x1000) {
@@ -68,8 +45,6 @@ async function blkOf(sub: VhostUserSubscriber, gpa = 0x1000) {
   defer(() => blk.close());
   return blk;
 }
-
-const sectors = (first: number, count: number) => Buffer.concat(Array.from({ length: count }, (_, i) => patternSector(first + i)));
 
 describeQsd('vhost-user front-end: qemu-storage-daemon (vhost-user-blk)', () => {
   it("negotiates REPLY_ACK and CONFIGURE_MEM_SLOTS, declares the back-end's 32 slots, and does READ / WRITE / FLUSH in broker memory", async () => {
@@ -127,11 +102,8 @@ describeQsd('vhost-user front-end: qemu-storage-daemon (vhost-user-blk)', () => 
     const { image, qsd, broker, owner } = await setup();
     const sub = await frontend(broker, qsd);
     const blk = await blkOf(sub);
-    const hot = await owner.createBacking(4 * MiB, 'hot');
-    defer(() => native.close(hot.fd));
-    const hotView = native.mmap(hot.fd, 0, 4 * MiB, constants.PROT_READ | constants.PROT_WRITE, constants.MAP_SHARED);
-    const hotBytes = new Uint8Array(hotView.buffer);
-    defer(() => native.munmap(hotView));
+    const hot = await mappedBacking(owner, 4 * MiB, 'hot');
+    const hotBytes = hot.bytes;
     expect(memfdMaps(qsd.pid, 'hot')).toEqual([]);
 
     const gpa = 0x1_0000_0000;
@@ -168,10 +140,8 @@ describeQsd('vhost-user front-end: qemu-storage-daemon (vhost-user-blk)', () => 
     const { qsd, broker, owner } = await setup();
     const sub = await frontend(broker, qsd);
     const blk = await blkOf(sub);
-    const hot = await owner.createBacking(2 * MiB, 'mv');
-    defer(() => native.close(hot.fd));
-    const view = native.mmap(hot.fd, 0, 2 * MiB, constants.PROT_READ, constants.MAP_SHARED);
-    defer(() => native.munmap(view));
+    const hot = await mappedBacking(owner, 2 * MiB, 'mv', constants.PROT_READ);
+    const { view } = hot;
     await owner.addRegion({ name: 'mv', gpa: 0x2000_0000, size: 2 * MiB, backing: hot.backing });
     await owner.commit([
       { op: 'remove', region: 'mv' },
@@ -190,10 +160,8 @@ describeQsd('vhost-user front-end: qemu-storage-daemon (vhost-user-blk)', () => 
     const { qsd, broker, owner } = await setup(4 * MiB);
     const sub = await frontend(broker, qsd);
     const blk = await blkOf(sub);
-    const blocks = await owner.createBacking(64 * MiB, 'slots');
-    defer(() => native.close(blocks.fd));
-    const view = native.mmap(blocks.fd, 0, 64 * MiB, constants.PROT_READ, constants.MAP_SHARED);
-    defer(() => native.munmap(view));
+    const blocks = await mappedBacking(owner, 64 * MiB, 'slots', constants.PROT_READ);
+    const { view } = blocks;
     // 31 more regions with holes between them (nothing to coalesce): 32 slots in use.
     for (let i = 0; i < 31; i++) {
       await owner.addRegion({ name: `s${i}`, gpa: 0x1_0000_0000 + i * 4 * MiB, size: 2 * MiB, backing: blocks.backing, offset: i * 2 * MiB });
@@ -221,10 +189,8 @@ describeQsd('vhost-user front-end: qemu-storage-daemon (vhost-user-blk)', () => 
     const { qsd, broker, owner } = await setup(4 * MiB);
     const sub = await frontend(broker, qsd);
     const blk = await blkOf(sub);
-    const blocks = await owner.createBacking(400 * MiB, 'blocks');
-    defer(() => native.close(blocks.fd));
-    const view = native.mmap(blocks.fd, 0, 400 * MiB, constants.PROT_READ | constants.PROT_WRITE, constants.MAP_SHARED);
-    defer(() => native.munmap(view));
+    const blocks = await mappedBacking(owner, 400 * MiB, 'blocks');
+    const { view } = blocks;
     const base = 0x1_0000_0000;
     let most = 0;
     for (let i = 0; i < 200; i++) {

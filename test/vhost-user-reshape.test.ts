@@ -6,66 +6,43 @@
 //
 // A fresh back-end per test, stopped by PID; every wait has a deadline; any line on the back-end's stderr
 // ("vu_panic: ...") fails the test. Without qemu-storage-daemon the tests are skipped, except under CI=true.
-import fs from 'node:fs';
-import path from 'node:path';
-import { describe, expect, it } from 'vitest';
-import { VhostUserSubscriber, VirtioBlk, BLK_FEATURES, type VhostUserOptions } from '../clients/vhost-user/index.js';
-import { constants, native } from '../native/index.js';
+import { expect, it } from 'vitest';
+import { VhostUserSubscriber, VirtioBlk, type VhostUserOptions } from '../clients/vhost-user/index.js';
+import { native } from '../native/index.js';
 import { isMmbError } from '../protocol/index.js';
-import { have, makeImage, patternSector, startQsd, QSD, type Backend } from '../bench/vhost-user-backends.js';
-import { defer, embeddedBroker, ownerOf } from './helpers/embedded.js';
-import { memfdMaps, tempDir, waitFor } from './helpers/procs.js';
-import { IN_CI, trackBackends } from './helpers/ci.js';
+import { patternSector, QSD, type Backend } from '../bench/vhost-user-backends.js';
+import { defer, embeddedBroker, mappedBacking, ownerOf } from './helpers/embedded.js';
+import { memfdMaps, waitFor } from './helpers/procs.js';
+import { bridgeTo, ciRequires, realBackends, tool } from './helpers/vhost-user-real.js';
 
 const MiB = 1 << 20;
-const HAVE_QSD = have(QSD);
-const WHY = `${QSD} is not installed (package qemu-system-common; CI=true makes this a failure)`;
-if (!HAVE_QSD && !IN_CI) console.warn(`vhost-user reshape tests skipped: ${WHY}`);
-const describeQsd = describe.skipIf(!HAVE_QSD && !IN_CI);
+const qsdTool = tool(QSD, 'vhost-user reshape tests');
+const describeQsd = qsdTool.describe;
 
 const SECTORS = 8192;
-const backends = trackBackends();
+const backends = realBackends();
 
-if (IN_CI) {
-  it('CI machines have qemu-storage-daemon', () => expect(HAVE_QSD, WHY).toBe(true));
-}
+ciRequires('CI machines have qemu-storage-daemon', qsdTool);
 
 /**
  * The issue's layout: blocks of 2 MiB cut from one memfd, b0 at GPA 0 (the vrings at 0x1000), and another
  * region elsewhere (its own memfd at 1 GiB). Returns the blocks' memfd as the owner maps it.
  */
 async function setup(blockCount: number) {
-  const dir = tempDir('mmb-vhu-reshape-');
-  defer(() => fs.rmSync(dir, { recursive: true, force: true }));
-  const image = path.join(dir, 'disk.img');
-  makeImage(image, SECTORS);
-  const qsd = await startQsd(dir, image);
-  backends.push(qsd);
+  const { qsd } = await backends.qsd('mmb-vhu-reshape-', SECTORS);
   const broker = embeddedBroker();
   const owner = await ownerOf(broker);
-  const blocks = await owner.createBacking(blockCount * 2 * MiB, 'blocks');
-  defer(() => native.close(blocks.fd));
-  const view = native.mmap(blocks.fd, 0, blockCount * 2 * MiB, constants.PROT_READ | constants.PROT_WRITE, constants.MAP_SHARED);
-  defer(() => native.munmap(view));
+  const blocks = await mappedBacking(owner, blockCount * 2 * MiB, 'blocks');
   const other = await owner.createBacking(2 * MiB, 'other');
   defer(() => native.close(other.fd));
   await owner.addRegion({ name: 'b0', gpa: 0, size: 2 * MiB, backing: blocks.backing, offset: 0 });
   await owner.addRegion({ name: 'other', gpa: 0x4000_0000, size: 2 * MiB, backing: other.backing });
   const addBlock = (i: number) => owner.addRegion({ name: `b${i}`, gpa: i * 2 * MiB, size: 2 * MiB, backing: blocks.backing, offset: i * 2 * MiB });
-  return { qsd, broker, owner, bytes: new Uint8Array(view.buffer), addBlock };
+  return { qsd, broker, owner, bytes: blocks.bytes, addBlock };
 }
 
 async function attach(broker: Parameters<typeof VhostUserSubscriber.attach>[0], qsd: Backend, opts: Partial<VhostUserOptions> = {}) {
-  const sub = await VhostUserSubscriber.attach(broker, {
-    space: 'vm0',
-    name: 'vhost-user-blk0',
-    backendSocket: qsd.socket,
-    virtioFeatures: BLK_FEATURES,
-    reconnect: false,
-    backendTimeoutMs: 5000,
-    ...opts,
-  });
-  defer(() => sub.close());
+  const sub = await bridgeTo(broker, qsd, opts);
   const blk = await VirtioBlk.start(sub, { gpa: 0x1000, timeoutMs: 5000 });
   defer(() => blk.close());
   return { sub, blk };

@@ -3,6 +3,7 @@
 // from afterEach.
 import { Broker, type BrokerOptions } from '../../broker/index.js';
 import { MappingSubscriber, OwnerClient, type SubscriberOptions } from '../../clients/index.js';
+import { constants, native } from '../../native/index.js';
 import { isMmbError, type ErrorCode } from '../../protocol/index.js';
 
 const cleanups: (() => unknown)[] = [];
@@ -33,6 +34,18 @@ export async function subscriberOf(target: Broker | string, opts: Partial<Subscr
   const s = await MappingSubscriber.attach(target, { space: 'vm0', ...opts });
   defer(() => s.close());
   return s;
+}
+
+/**
+ * A backing of `size` bytes created by `owner` and mapped by the test too (read-write unless `prot` says
+ * otherwise); unmapped and its fd closed after the test.
+ */
+export async function mappedBacking(owner: OwnerClient, size: number, name: string, prot = constants.PROT_READ | constants.PROT_WRITE) {
+  const b = await owner.createBacking(size, name);
+  defer(() => native.close(b.fd));
+  const view = native.mmap(b.fd, 0, size, prot, constants.MAP_SHARED);
+  defer(() => native.munmap(view));
+  return { ...b, view, bytes: new Uint8Array(view.buffer) };
 }
 
 /** The MMB_ERR_* code a promise rejects with, or undefined if it resolves; anything else is rethrown. */
