@@ -30,7 +30,7 @@
 //
 //   node dist/bench/ioas-vhost-user.js [--rounds R] [--pairs N] [--txns N] [--batch B] [--json]
 //   (or npm run bench -- ioas-vhost-user; BENCH_ITERATIONS sets the default of --pairs)
-import { execFileSync, spawnSync } from 'node:child_process';
+import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -40,10 +40,10 @@ import { OwnerClient } from '../clients/index.js';
 import { IoasOwner } from '../clients/ioas-owner.js';
 import type { IotlbStats } from '../clients/vhost-user/index.js';
 import { native } from '../native/index.js';
-import type { IoasOp } from '../protocol/index.js';
 import { JsonProc } from '../testkit/jsonproc.js';
 import { allCpus, buildC, C_FLAGS, ccVersion, have, iterations, pinSelf, report, runMain, summarize, type Measurement } from './lib.js';
 import { cpuNsOf, stopAll } from './procs.js';
+import { iovaPairs, pin, WINDOW } from './iova-pairs.js';
 import { startTestpmd, TESTPMD, type Backend } from './vhost-user-backends.js';
 
 const { values } = parseArgs({
@@ -61,11 +61,8 @@ const PAIRS = Number(values.pairs);
 const TXNS = Number(values.txns);
 const BATCH = Number(values.batch);
 const WARMUP = Number(values.warmup);
-const PAGE = 4096;
 const MiB = 2 ** 20;
 const RAM = 16 * MiB;
-const WINDOW = 2048; // pages: 8 MiB
-const IOVA_BASE = 0x1_0000_0000; // the C peer's too (vhu-front.c IOVA_BASE)
 const BATCHED_GOAL = 100_000;
 const UNBATCHED_GOAL = 3;
 const log = (s: string) => {
@@ -79,12 +76,6 @@ interface Stats {
 }
 
 const stats = (c: JsonProc): Promise<Stats> => c.request<Stats>({ cmd: 'stats' }, 'stats', 60_000);
-
-/** Pins every thread of process `pid` to `cpus`. */
-const pin = (pid: number, cpus: string) => execFileSync('taskset', ['-a', '-cp', cpus, String(pid)], { stdio: 'ignore' });
-
-const map = (p: number): IoasOp => ({ op: 'map', iova: IOVA_BASE + p * PAGE, gpa: p * PAGE, size: PAGE });
-const unmap = (p: number): IoasOp => ({ op: 'unmap', iova: IOVA_BASE + p * PAGE, size: PAGE });
 
 /** The C peer: ns per pair, one sample per pair (batch 1) or per batch. */
 function runC(bin: string, socket: string, args: { pairs: number; batch: number; warmup: number }, cpus: string | undefined): number[] {
@@ -144,29 +135,7 @@ async function main(): Promise<void> {
     });
     clients.push(bridge);
 
-    let step = 0;
-    const batchStep = async () => {
-      const first = (step * BATCH) % WINDOW;
-      const prev = ((step - 1) * BATCH + WINDOW) % WINDOW;
-      const ops: IoasOp[] = [];
-      if (step > 0) for (let i = 0; i < BATCH; i++) ops.push(unmap((prev + i) % WINDOW));
-      for (let i = 0; i < BATCH; i++) ops.push(map((first + i) % WINDOW));
-      step++;
-      await io.commit(ops);
-    };
-    const drain = async () => {
-      if (step === 0) return;
-      const prev = ((step - 1) * BATCH) % WINDOW;
-      await io.commit(Array.from({ length: BATCH }, (_, i) => unmap((prev + i) % WINDOW)));
-      step = 0;
-    };
-    let page = 0;
-    const pair = async () => {
-      const p = page;
-      page = (page + 1) % WINDOW;
-      await io.commit([map(p)]);
-      await io.commit([unmap(p)]);
-    };
+    const { batchStep, drain, pair } = iovaPairs(io, BATCH);
     /** The bridge's view and the broker's: exactly `pages` pages mapped; every pair one update and one invalidation. */
     const check = async (pages: number, what: string) => {
       const s = await stats(bridge);

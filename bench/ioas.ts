@@ -25,7 +25,7 @@
 //
 //   npm run bench:ioas -- [--rounds R] [--pairs N] [--txns N] [--batch B] [--json]
 //   (BENCH_ITERATIONS sets the default of --pairs)
-import { execFileSync, spawnSync } from 'node:child_process';
+import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
@@ -34,10 +34,10 @@ import { Broker } from '../broker/index.js';
 import { OwnerClient } from '../clients/index.js';
 import { IoasOwner } from '../clients/ioas-owner.js';
 import { native } from '../native/index.js';
-import type { IoasOp } from '../protocol/index.js';
 import { allCpus, buildC, C_FLAGS, ccVersion, iterations, pinSelf, report, runMain, summarize, type Measurement } from './lib.js';
 import { JsonProc } from '../testkit/jsonproc.js';
 import { cpuNsOf, stopAll } from './procs.js';
+import { iovaPairs, pin, PAGE, WINDOW } from './iova-pairs.js';
 
 const { values } = parseArgs({
   options: {
@@ -54,11 +54,8 @@ const PAIRS = Number(values.pairs);
 const TXNS = Number(values.txns);
 const BATCH = Number(values.batch);
 const WARMUP = Number(values.warmup);
-const PAGE = 4096;
 const MiB = 2 ** 20;
 const RAM = 16 * MiB;
-const WINDOW = 2048; // pages: 8 MiB
-const IOVA_BASE = 0x1_0000_0000;
 const BATCHED_GOAL = 100_000;
 const UNBATCHED_GOAL = 3;
 const log = (s: string) => {
@@ -83,12 +80,6 @@ function runC(bin: string, fd: number, args: string[], cpus: string | undefined)
   return (JSON.parse(r.stdout) as { samples_ns_per_pair: number[] }).samples_ns_per_pair;
 }
 
-/** Pins every thread of process `pid` to `cpus`. */
-const pin = (pid: number, cpus: string) => execFileSync('taskset', ['-a', '-cp', cpus, String(pid)], { stdio: 'ignore' });
-
-const map = (p: number): IoasOp => ({ op: 'map', iova: IOVA_BASE + p * PAGE, gpa: p * PAGE, size: PAGE });
-const unmap = (p: number): IoasOp => ({ op: 'unmap', iova: IOVA_BASE + p * PAGE, size: PAGE });
-
 async function main(): Promise<void> {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'mmb-bench-ioas-'));
   const socket = path.join(dir, 'broker.sock');
@@ -107,30 +98,7 @@ async function main(): Promise<void> {
   const samples = { batched: [] as number[], unbatched: [] as number[], direct: [] as number[], floor: [] as number[] };
   const cpu = { broker: [] as number[], vfio: [] as number[], vhost: [] as number[] };
   const checks: string[] = [];
-  let step = 0;
-  /** One batched transaction: the previous step's pages out, the next ones in. */
-  const batchStep = async () => {
-    const first = (step * BATCH) % WINDOW;
-    const prev = ((step - 1) * BATCH + WINDOW) % WINDOW;
-    const ops: IoasOp[] = [];
-    if (step > 0) for (let i = 0; i < BATCH; i++) ops.push(unmap((prev + i) % WINDOW));
-    for (let i = 0; i < BATCH; i++) ops.push(map((first + i) % WINDOW));
-    step++;
-    await io.commit(ops);
-  };
-  const drain = async () => {
-    if (step === 0) return;
-    const prev = ((step - 1) * BATCH) % WINDOW;
-    await io.commit(Array.from({ length: BATCH }, (_, i) => unmap((prev + i) % WINDOW)));
-    step = 0;
-  };
-  let page = 0;
-  const pair = async () => {
-    const p = page;
-    page = (page + 1) % WINDOW;
-    await io.commit([map(p)]);
-    await io.commit([unmap(p)]);
-  };
+  const { batchStep, drain, pair } = iovaPairs(io, BATCH);
   /** The kernel's view and both clients' against the broker's: exactly `pages` pages mapped. */
   const check = async (pages: number, what: string) => {
     const [v, h] = await Promise.all([stats(vfio), stats(vhost)]);
