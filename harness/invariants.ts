@@ -3,9 +3,9 @@
 // broker's counters are never the judge.
 import fs from 'node:fs';
 import { constants, native } from '../native/index.js';
-import { hex } from '../protocol/index.js';
+import { hex, rangesCover, type Range } from '../protocol/index.js';
 import { MEMFD_PREFIX, type FileMapping } from './kernel.js';
-import { covers, within, PAGE, type Memfd, type Model, type ModelRegion, type Range } from './model.js';
+import { covers, PAGE, type Memfd, type Model, type ModelRegion } from './model.js';
 import { shadowProblems } from './moment.js';
 import type { ClientSnapshot, Snapshot } from './observe.js';
 import { modelDevices, type StepResult } from './operations.js';
@@ -77,7 +77,7 @@ function coverageProblems(w: World, who: string, maps: readonly FileMapping[], b
   for (const r of w.model.regions.values()) {
     if (backend && r.readonly) continue;
     const memfd = w.model.memfdOf(r).name;
-    const ranges: Range[] = maps.filter((m) => m.memfd === memfd && (r.readonly || m.writable)).map((m) => [m.offset, m.offset + m.end - m.start]);
+    const ranges: Range[] = maps.filter((m) => m.memfd === memfd && (r.readonly || m.writable)).map((m) => ({ start: m.offset, size: m.end - m.start }));
     if (!covers(ranges, r.offset, r.offset + r.size))
       out.push(`${who} does not map ${r.name} (${memfd} [${hex(r.offset)}, ${hex(r.offset + r.size)})${r.readonly ? '' : ' writable'})`);
   }
@@ -112,7 +112,7 @@ export function staleAgainst(sliced: SlicedBy, who: string, maps: readonly FileM
     if (!r) ranges.set(m.memfd, (r = [sliced(m.memfd, false), sliced(m.memfd, true)]));
     const end = m.offset + m.end - m.start;
     if (ends && m.writable && m.offset === 0 && ends(m.memfd).includes(end)) continue;
-    if (!within(m.writable ? r[1] : r[0], m.offset, end)) {
+    if (!rangesCover(m.writable ? r[1] : r[0], m.offset, end - m.offset)) {
       out.push(
         `${who} maps ${m.memfd} [${hex(m.offset)}, ${hex(end)})${m.writable ? ' writable' : ''} at ${hex(m.start)}, which no ${what} ${m.writable ? 'writable ' : ''}region slices${ends ? ' (nor ends a writable region, mapped from offset 0 as vhost-user back-ends map)' : ''}`,
       );

@@ -4,7 +4,7 @@ import { X86_MSI_WINDOW } from '../clients/vfio/soft.js';
 
 /** The MSI doorbell window, half-open, as every range here is. */
 const MSI = fromInclusive(X86_MSI_WINDOW);
-import { fromInclusive, rangesOverlap, type CommitOp } from '../protocol/index.js';
+import { fromInclusive, mergeRanges, rangeContains, rangesCover, rangesOverlap, type CommitOp, type Range } from '../protocol/index.js';
 import type { Rng } from '../testkit/rng.js';
 
 export const PAGE = 4096;
@@ -47,8 +47,6 @@ export interface ModelRegion {
   readonly: boolean;
   logDirty: boolean;
 }
-
-export type Range = [start: number, end: number];
 
 export class Model {
   generation = 0;
@@ -101,13 +99,13 @@ export class Model {
 
   /** The region an IOVA mapping of [gpa, gpa + size) points into, if any. */
   regionAt(gpa: number, size = 1): ModelRegion | undefined {
-    for (const r of this.regions.values()) if (r.gpa <= gpa && gpa + size <= r.gpa + r.size) return r;
+    for (const r of this.regions.values()) if (rangeContains(r.gpa, r.size, gpa, size)) return r;
     return undefined;
   }
 
   /** Whether an IOVA mapping of any IOAS points into the region (the broker refuses to remove it or change its access: MMB_ERR_RAM_MAPPED). */
   ramMapped(r: ModelRegion): boolean {
-    for (const maps of this.ioas.values()) for (const m of maps) if (m.gpa < r.gpa + r.size && r.gpa < m.gpa + m.size) return true;
+    for (const maps of this.ioas.values()) for (const m of maps) if (rangesOverlap(m.gpa, m.size, r.gpa, r.size)) return true;
     return false;
   }
 
@@ -121,10 +119,10 @@ export class Model {
     for (const name of new Set(ioases)) {
       for (const m of maps.get(name) ?? []) {
         const r = this.regionAt(m.gpa, m.size);
-        if (r && this.pageOf(r) === PAGE) ranges.push([m.gpa, m.gpa + m.size]);
+        if (r && this.pageOf(r) === PAGE) ranges.push({ start: m.gpa, size: m.size });
       }
     }
-    return merge(ranges).reduce((n, [s, e]) => n + e - s, 0);
+    return mergeRanges(ranges).reduce((n, r) => n + r.size, 0);
   }
 
   /** A free `align`ed IOVA range of `size` bytes in `ioas`, away from its mappings and the MSI window, or undefined. */
@@ -165,9 +163,9 @@ export class Model {
     const ranges: Range[] = [];
     for (const r of regions) {
       if (writable && r.readonly) continue;
-      if (this.backings.get(r.backing)?.memfd.name === memfd) ranges.push([r.offset, r.offset + r.size]);
+      if (this.backings.get(r.backing)?.memfd.name === memfd) ranges.push({ start: r.offset, size: r.size });
     }
-    return merge(ranges);
+    return mergeRanges(ranges);
   }
 
   /** The end offsets in `memfd` of the writable regions among `regions` (where a vhost-user back-end's mapping from offset 0 ends). */
@@ -228,30 +226,11 @@ export class Model {
     if (slots < 0) return undefined;
     for (let i = 0; i < 8; i++) {
       const offset = rng.int(0, slots) * align;
-      if (!used.some(([s, e]) => offset < e && s < offset + size)) return offset;
+      if (!used.some((u) => rangesOverlap(offset, size, u.start, u.size))) return offset;
     }
     return undefined;
   }
 }
 
-/** Sorted, merged, adjacent ranges joined. */
-export function merge(ranges: Range[]): Range[] {
-  const sorted = [...ranges].sort((a, b) => a[0] - b[0]);
-  const out: Range[] = [];
-  for (const [s, e] of sorted) {
-    const last = out[out.length - 1];
-    if (last && s <= last[1]) last[1] = Math.max(last[1], e);
-    else out.push([s, e]);
-  }
-  return out;
-}
-
-/** Whether [s, e) lies inside the union of `ranges` (merged). */
-export function within(ranges: readonly Range[], s: number, e: number): boolean {
-  return ranges.some(([a, b]) => a <= s && e <= b);
-}
-
-/** Whether the union of `ranges` covers [s, e) (ranges merged first). */
-export function covers(ranges: Range[], s: number, e: number): boolean {
-  return within(merge(ranges), s, e);
-}
+/** Whether the union of `ranges` covers [s, e). */
+export const covers = (ranges: readonly Range[], s: number, e: number): boolean => rangesCover(mergeRanges(ranges), s, e - s);

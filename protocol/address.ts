@@ -94,6 +94,23 @@ export function rangeIntersection<A extends number>(aStart: A, aSize: number, bS
   return end > start ? { start: start as A, size: end - start } : undefined;
 }
 
+/** Sorted, merged copy of ranges: ranges that overlap or touch become one; empty ones go. */
+export function mergeRanges<A extends number>(ranges: readonly Range<A>[]): Range<A>[] {
+  const sorted = ranges.filter((r) => r.size > 0).sort((a, b) => a.start - b.start);
+  const out: { start: A; size: number }[] = [];
+  for (const r of sorted) {
+    const last = out[out.length - 1];
+    if (last && r.start <= rangeEnd(last.start, last.size)) last.size = Math.max(rangeEnd(last.start, last.size), rangeEnd(r.start, r.size)) - last.start;
+    else out.push({ start: r.start, size: r.size });
+  }
+  return out;
+}
+
+/** Whether [start, start + size) lies inside one of `merged` (mergeRanges' output: the union, so inside the union). */
+export function rangesCover<A extends number>(merged: readonly Range<A>[], start: A, size: number): boolean {
+  return merged.some((r) => rangeContains(r.start, r.size, start, size));
+}
+
 /** A range in the kernel's and the wire's inclusive form as a half-open one (where that form arrives). */
 export function fromInclusive<A extends number = number>(r: IovaRange): Range<A> {
   return { start: r.start as A, size: r.last - r.start + 1 };

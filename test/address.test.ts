@@ -8,7 +8,9 @@ import {
   asGpa,
   asIova,
   fromInclusive,
+  mergeRanges,
   rangeContains,
+  rangesCover,
   rangeEnd,
   rangeHas,
   rangeIntersection,
@@ -108,5 +110,16 @@ describe('address ranges', () => {
     // @ts-expect-error one range operation compares addresses of one kind only
     rangesOverlap(gpa, KiB4, iova, KiB4);
     expect(wrong).toBe(gpa);
+  });
+
+  it('mergeRanges joins overlapping and touching ranges, drops empty ones; rangesCover asks the union', () => {
+    const g = (start: number, size: number) => ({ start: asGpa(start), size });
+    const merged = mergeRanges([g(0x5000, 0x1000), g(0, 0x1000), g(0x1000, 0x1000), g(0x9000, 0), g(0x1800, 0x1000)]);
+    expect(merged).toEqual([g(0, 0x2800), g(0x5000, 0x1000)]);
+    expect(rangesCover(merged, asGpa(0x800), 0x2000)).toBe(true); // across what were three ranges
+    expect(rangesCover(merged, asGpa(0x2000), 0x1000)).toBe(false); // runs past the end of the first
+    expect(rangesCover(merged, asGpa(0x4000), 0x2000)).toBe(false); // the hole before the second
+    expect(rangesCover(merged, asGpa(0x5000), 0x1000)).toBe(true);
+    expect(mergeRanges([])).toEqual([]);
   });
 });

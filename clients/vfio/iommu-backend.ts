@@ -18,7 +18,7 @@ import {
   type Range,
   asIova,
   hex,
-  rangeEnd,
+  mergeRanges,
   rangesOverlap,
 } from '../../protocol/index.js';
 import { isNativeError, type Mapping } from '../../native/index.js';
@@ -198,17 +198,8 @@ export interface IommuBackend {
 /** The last usable GPA: ranges are clipped to the protocol's 52-bit guest-physical space. */
 export const GPA_LAST = GPA_LIMIT - 1;
 
-/** Sorted, merged copy of ranges: ranges that overlap or touch become one; empty ones go. */
-export function mergeRanges(ranges: readonly Range<Iova>[]): Range<Iova>[] {
-  const sorted = ranges.filter((r) => r.size > 0).sort((a, b) => a.start - b.start);
-  const out: { start: Iova; size: number }[] = [];
-  for (const r of sorted) {
-    const last = out[out.length - 1];
-    if (last && r.start <= rangeEnd(last.start, last.size)) last.size = Math.max(rangeEnd(last.start, last.size), rangeEnd(r.start, r.size)) - last.start;
-    else out.push({ start: r.start, size: r.size });
-  }
-  return out;
-}
+/** The one implementation is protocol/address.ts's (re-exported here, where the vfio client has always had it). */
+export { mergeRanges };
 
 /**
  * The reserved ranges (the complement of the usable ones) within [0, 2^52), as numbers. The kernel's
