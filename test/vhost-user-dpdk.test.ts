@@ -25,7 +25,7 @@ ciRequires('CI machines have dpdk-testpmd', pmdTool);
 
 describeDpdk('vhost-user front-end: dpdk-testpmd (net_vhost)', () => {
   it('a frame sent on TX from one region comes back on RX into a second region hotplugged through the broker', async () => {
-    const { pmd } = await backends.testpmd('mmb-vhu-dpdk-');
+    const { pmd, linkUp } = await backends.testpmd('mmb-vhu-dpdk-');
     const broker = embeddedBroker();
     const owner = await ownerOf(broker);
     const { view: ramView, backing } = await mappedBacking(owner, 4 * MiB, 'ram');
@@ -54,6 +54,7 @@ describeDpdk('vhost-user front-end: dpdk-testpmd (net_vhost)', () => {
       ['rx0', 1 * MiB],
     ]);
     expect(memfdMaps(pmd.pid, 'rxmem')).toHaveLength(1);
+    await linkUp(sub.rings.stats.restarts);
 
     for (const [i, marker] of ['mmb-frame-one', 'mmb-frame-two'].entries()) {
       const buf = rxGpa + 0x1000 + i * 0x1000;

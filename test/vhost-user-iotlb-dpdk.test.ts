@@ -49,7 +49,7 @@ const RX_GPA = 0x20000;
 const RX_IOVA = 0x3_0000_0000;
 
 async function setup(backendTimeoutMs = 5000) {
-  const { pmd } = await backends.testpmd('mmb-vhu-iotlb-', { iommu: true });
+  const { pmd, linkUp } = await backends.testpmd('mmb-vhu-iotlb-', { iommu: true });
   const broker = embeddedBroker();
   const owner = await ownerOf(broker);
   const ram = await mappedBacking(owner, 4 * MiB, 'ram');
@@ -84,7 +84,7 @@ async function setup(backendTimeoutMs = 5000) {
     expect(await received).toBe(f.length);
     return f;
   };
-  return { pmd, broker, owner, io, sub, net, ramBytes, has, findAll, mapTxRx, roundTrip };
+  return { pmd, linkUp, broker, owner, io, sub, net, ramBytes, has, findAll, mapTxRx, roundTrip };
 }
 
 /** The scheduler state (R, S, T, ...) of every thread of process `pid`, from /proc. */
@@ -175,7 +175,7 @@ describeDpdk('vhost-user bridge behind a guest IOMMU: dpdk-testpmd (net_vhost, i
   });
 
   it("a hotplug empties testpmd's IOTLB (SET_MEM_TABLE): the restarted rings and the frames get their entries again through misses", async () => {
-    const { sub, owner, net, ramBytes, has, findAll, mapTxRx, roundTrip } = await setup();
+    const { sub, owner, net, ramBytes, has, findAll, mapTxRx, roundTrip, linkUp } = await setup();
     await mapTxRx();
     await roundTrip('mmb-iova-before-hotplug');
     const misses: string[] = [];
@@ -186,6 +186,7 @@ describeDpdk('vhost-user bridge behind a guest IOMMU: dpdk-testpmd (net_vhost, i
     defer(() => native.close(more.fd));
     await owner.addRegion({ name: 'more', gpa: 0x4000_0000, size: 2 * MiB, backing: more.backing });
     expect(sub.rings.stats.reshapeStops).toBe(1);
+    await linkUp(sub.rings.stats.restarts);
     // The next frame: testpmd asks for the transmit buffer's entry (and waits for it), takes the frame,
     // then asks for the receive buffer's entry; io forwarding does not wait for that one and usually drops
     // the frame, as a NIC drops a frame it cannot place (when the miss is answered first, it lands).

@@ -10,7 +10,7 @@ import { VhostUserSubscriber, BLK_FEATURES, NET_FEATURES, type VhostUserOptions 
 import { have, makeImage, patternSector, startQsd, startTestpmd, QSD, TESTPMD, type Backend } from '../../testkit/backends.js';
 import { IN_CI, trackBackends } from './ci.js';
 import { defer } from './embedded.js';
-import { tempDir } from './procs.js';
+import { tempDir, waitFor } from './procs.js';
 
 const PACKAGE: Record<string, string> = { [QSD]: 'qemu-system-common', [TESTPMD]: 'dpdk-dev' };
 
@@ -61,12 +61,27 @@ export function realBackends() {
       tracked.push(qsd);
       return { dir, image, qsd };
     },
-    /** dpdk-testpmd (net_vhost, io forwarding) with its socket in a directory of its own. */
-    async testpmd(prefix: string, opts: Parameters<typeof startTestpmd>[1] = {}): Promise<{ dir: string; pmd: Backend }> {
+    /**
+     * dpdk-testpmd (net_vhost, io forwarding) with its socket in a directory of its own. `linkUp(restarts)`
+     * resolves once the device is up after that many ring restarts: net_vhost raises a link-state event
+     * when the device is created (the first time, and again after the rings were stopped around a
+     * reshape: one when it is destroyed, one when it is created), and raises the "up" one only after it
+     * allowed both queues. It allows them one after the other, so a frame sent before that can be taken
+     * from TX and dropped for want of an allowed RX queue: that is testpmd's behaviour, not a lost frame.
+     */
+    async testpmd(
+      prefix: string,
+      opts: Parameters<typeof startTestpmd>[1] = {},
+    ): Promise<{ dir: string; pmd: Backend; linkUp: (restarts: number) => Promise<void> }> {
       const dir = scratchDir(prefix);
       const pmd = await startTestpmd(dir, opts);
       tracked.push(pmd);
-      return { dir, pmd };
+      let out = '';
+      pmd.proc.stdout?.on('data', (d: string | Buffer) => (out += String(d)));
+      const events = () => out.match(/Port 0: link state change event/g)?.length ?? 0;
+      const linkUp = async (restarts: number): Promise<void> =>
+        void (await waitFor(`dpdk-testpmd's port up after ${restarts} ring restarts`, () => events() >= 1 + 2 * restarts, 20_000));
+      return { dir, pmd, linkUp };
     },
   };
 }
