@@ -9,8 +9,8 @@
 // back-end can no longer be answered, which the front-end treats as a dead back-end.
 import { constants, native, type PollHandle } from '../../native/index.js';
 import { DisconnectedError, ProtocolError, toMmbError, type MmbError, hex } from '../../protocol/index.js';
-import { closeAll } from '../../transport/index.js';
-import { Flag, HEADER_BYTES, MAX_PAYLOAD_BYTES, decodeHeader, encode, u64Payload } from './messages.js';
+import { Flag, encode, u64Payload } from './messages.js';
+import { MessageReader } from './reader.js';
 
 /**
  * Handles one back-end request: resolves with the reply's u64 (sent only when the back-end asked for a
@@ -26,11 +26,10 @@ export interface BackendChannelStats {
 
 export class BackendChannel {
   private poll: PollHandle | undefined;
-  private inbuf: Buffer = Buffer.alloc(0);
-  private readonly readBuf = Buffer.allocUnsafe(8 * 1024);
   /** Requests are answered in order: each waits for the one before. */
   private chain: Promise<void> = Promise.resolve();
   private _closed = false;
+  private readonly reader: MessageReader;
   private handler: BackendRequestHandler = () => 1n;
   readonly stats: BackendChannelStats = { requests: 0, replies: 0 };
 
@@ -39,6 +38,15 @@ export class BackendChannel {
     private readonly fd: number,
     private readonly onBroken: (reason: MmbError) => void,
   ) {
+    this.reader = new MessageReader(
+      fd,
+      {
+        who: 'the vhost-user back-end on its request channel',
+        eof: 'the vhost-user back-end closed its request channel',
+        tooBig: (request, size) => `the vhost-user back-end sent a ${size}-byte request ${request} on its request channel`,
+      },
+      8 * 1024,
+    );
     this.poll = native.pollStart(fd, constants.POLL_READABLE, (status, events) => this.onPoll(status, events));
     // The channel alone does not keep the process alive.
     native.pollRef(this.poll, false);
@@ -64,36 +72,18 @@ export class BackendChannel {
   }
 
   private read(): void {
-    for (;;) {
-      const r = native.recvmsg(this.fd, this.readBuf, 8);
-      if (r === null) return;
-      // No request we handle carries descriptors (a host notifier would): drop any.
-      closeAll(r.fds);
-      if (r.ctrunc) throw new ProtocolError('the vhost-user back-end sent descriptors on its request channel that were truncated');
-      if (r.bytes === 0) throw new DisconnectedError('the vhost-user back-end closed its request channel');
-      const chunk = this.readBuf.subarray(0, r.bytes);
-      this.inbuf = this.inbuf.length === 0 ? Buffer.from(chunk) : Buffer.concat([this.inbuf, chunk]);
-      this.parse();
-      if (this._closed) return;
-    }
-  }
-
-  private parse(): void {
-    let at = 0;
-    while (this.inbuf.length - at >= HEADER_BYTES) {
-      const { request, flags, size } = decodeHeader(this.inbuf, at);
-      if (size > MAX_PAYLOAD_BYTES) throw new ProtocolError(`the vhost-user back-end sent a ${size}-byte request ${request} on its request channel`);
-      if ((flags & 0x3) !== Flag.VERSION || flags & Flag.REPLY) {
-        throw new ProtocolError(`the vhost-user back-end sent request ${request} with flags ${hex(flags)} on its request channel`);
-      }
-      if (this.inbuf.length - at < HEADER_BYTES + size) break;
-      const payload = Buffer.from(this.inbuf.subarray(at + HEADER_BYTES, at + HEADER_BYTES + size));
-      at += HEADER_BYTES + size;
-      this.stats.requests++;
-      const needReply = (flags & Flag.NEED_REPLY) !== 0;
-      this.chain = this.chain.then(() => this.handle(request, payload, needReply));
-    }
-    this.inbuf = at === this.inbuf.length ? Buffer.alloc(0) : this.inbuf.subarray(at);
+    // No request we handle carries descriptors (a host notifier would): the reader drops any.
+    this.reader.read(
+      ({ request, flags, payload }) => {
+        if ((flags & 0x3) !== Flag.VERSION || flags & Flag.REPLY) {
+          throw new ProtocolError(`the vhost-user back-end sent request ${request} with flags ${hex(flags)} on its request channel`);
+        }
+        this.stats.requests++;
+        const needReply = (flags & Flag.NEED_REPLY) !== 0;
+        this.chain = this.chain.then(() => this.handle(request, payload, needReply));
+      },
+      () => this._closed,
+    );
   }
 
   private async handle(request: number, payload: Buffer, needReply: boolean): Promise<void> {

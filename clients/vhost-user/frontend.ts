@@ -31,13 +31,12 @@ import {
 } from '../../protocol/index.js';
 import { closeAll } from '../../transport/index.js';
 import { BackendChannel } from './backend-channel.js';
+import { MessageReader } from './reader.js';
 import {
   Feature,
   Flag,
   CONFIG_HEADER_BYTES,
-  HEADER_BYTES,
   IOTLB_PROTOCOL_FEATURES,
-  MAX_PAYLOAD_BYTES,
   MAX_RAM_SLOTS,
   MEM_TABLE_MAX_REGIONS,
   ProtocolFeature,
@@ -45,7 +44,6 @@ import {
   WANTED_PROTOCOL_FEATURES,
   bit,
   configPayload,
-  decodeHeader,
   readVringState,
   encode,
   iotlbMessages,
@@ -143,11 +141,10 @@ const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 export class VhostUserFrontend extends EventEmitter<FrontendEvents> {
   private readonly fd: number;
+  private readonly reader: MessageReader;
   private poll: PollHandle | undefined;
   private readonly timeoutMs: number;
   private readonly waiters: Waiter[] = [];
-  private inbuf: Buffer = Buffer.alloc(0);
-  private readonly readBuf = Buffer.allocUnsafe(64 * 1024);
   private readonly outq: Outbound[] = [];
   private pollEvents = 0;
   private _closed = false;
@@ -167,6 +164,15 @@ export class VhostUserFrontend extends EventEmitter<FrontendEvents> {
   ) {
     super();
     this.fd = fd;
+    this.reader = new MessageReader(
+      fd,
+      {
+        who: 'the vhost-user back-end',
+        eof: `the vhost-user back-end at ${path} closed the connection`,
+        tooBig: (request, size) => `the vhost-user back-end sent a ${size}-byte payload for ${reqName(request)}`,
+      },
+      64 * 1024,
+    );
     this.timeoutMs = opts.timeoutMs ?? 5000;
     this.pollEvents = constants.POLL_READABLE;
     this.poll = native.pollStart(fd, this.pollEvents, (status, events) => this.onPoll(status, events));
@@ -538,39 +544,21 @@ export class VhostUserFrontend extends EventEmitter<FrontendEvents> {
   }
 
   private read(): void {
-    for (;;) {
-      const r = native.recvmsg(this.fd, this.readBuf, 8);
-      if (r === null) return;
-      // Replies this front-end asks for never carry descriptors: drop any.
-      closeAll(r.fds);
-      if (r.ctrunc) throw new ProtocolError('the vhost-user back-end sent descriptors that were truncated');
-      if (r.bytes === 0) throw new DisconnectedError(`the vhost-user back-end at ${this.path} closed the connection`);
-      const chunk = this.readBuf.subarray(0, r.bytes);
-      this.inbuf = this.inbuf.length === 0 ? Buffer.from(chunk) : Buffer.concat([this.inbuf, chunk]);
-      this.parse();
-      if (this._closed) return;
-    }
-  }
-
-  private parse(): void {
-    let at = 0;
-    while (this.inbuf.length - at >= HEADER_BYTES) {
-      const { request, flags, size } = decodeHeader(this.inbuf, at);
-      if (size > MAX_PAYLOAD_BYTES) throw new ProtocolError(`the vhost-user back-end sent a ${size}-byte payload for ${reqName(request)}`);
-      if (this.inbuf.length - at < HEADER_BYTES + size) break;
-      const payload = Buffer.from(this.inbuf.subarray(at + HEADER_BYTES, at + HEADER_BYTES + size));
-      at += HEADER_BYTES + size;
-      const w = this.waiters.shift();
-      if (!w) throw new ProtocolError(`the vhost-user back-end sent ${reqName(request)} that nobody asked for`);
-      if ((flags & Flag.REPLY) === 0 || (flags & 0x3) !== Flag.VERSION || request !== w.request) {
-        this.waiters.unshift(w);
-        throw new ProtocolError(`expected the reply to ${reqName(w.request)}, got ${reqName(request)} with flags ${hex(flags)}`);
-      }
-      clearTimeout(w.timer);
-      this.stats.replies++;
-      w.resolve(payload);
-    }
-    this.inbuf = at === this.inbuf.length ? Buffer.alloc(0) : this.inbuf.subarray(at);
+    // Replies this front-end asks for never carry descriptors: the reader drops any.
+    this.reader.read(
+      ({ request, flags, payload }) => {
+        const w = this.waiters.shift();
+        if (!w) throw new ProtocolError(`the vhost-user back-end sent ${reqName(request)} that nobody asked for`);
+        if ((flags & Flag.REPLY) === 0 || (flags & 0x3) !== Flag.VERSION || request !== w.request) {
+          this.waiters.unshift(w);
+          throw new ProtocolError(`expected the reply to ${reqName(w.request)}, got ${reqName(request)} with flags ${hex(flags)}`);
+        }
+        clearTimeout(w.timer);
+        this.stats.replies++;
+        w.resolve(payload);
+      },
+      () => this._closed,
+    );
   }
 
   /** Closes the connection with `reason`, failing every pending request with it. Returns the reason. */
