@@ -393,6 +393,9 @@ export class Broker implements InProcessConnector {
     if (!space) throw new NoSpaceError(`no address space named ${JSON.stringify(msg.space)}`);
     if (msg.resume && (session.features & Feature.RESUME) === 0) throw new FeatureError('ATTACH.resume needs the RESUME feature');
     if (msg.limits?.coalesce && (session.features & Feature.COALESCE) === 0) throw new FeatureError('ATTACH.limits.coalesce needs the COALESCE feature');
+    if (msg.limits?.mapsFromZero && (session.features & Feature.MAPS_FROM_ZERO) === 0) {
+      throw new FeatureError('ATTACH.limits.mapsFromZero needs the MAPS_FROM_ZERO feature');
+    }
     if (msg.pin && (session.features & Feature.PIN) === 0) throw new FeatureError('ATTACH.pin needs the PIN feature');
     if ((msg.role === 'observer' || msg.writes !== undefined) && (session.features & Feature.DIRTY) === 0) {
       throw new FeatureError('the observer role and ATTACH.writes need the DIRTY feature');

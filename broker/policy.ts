@@ -3,6 +3,10 @@
 // alignment), and the space's pin budget, checked against a planned transaction before anything is sent
 // to anyone. The first violation is a typed error naming the client.
 //
+// A client that maps each region's backing from offset 0 (feature MAPS_FROM_ZERO: a vhost-user bridge's
+// back-end) reaches the backing's prefix before each region; the writable regions of every backing a
+// transaction touches must cover it from offset 0 without a gap (protocol/backing-prefix.ts).
+//
 // DMA mappings are predicted the way the client will make them (feature DMA_RULES: REPORT.dma, counted by
 // protocol/dma-rules.ts, which the vfio-like client counts with too): per region it establishes or lets go
 // of, in its own terms (its coalesced view; a read-only toggle is an unmap and a map, a remove and an add
@@ -11,6 +15,7 @@
 // splitChange), the commit lets go and establishes the rest. A client that reported no rules takes one
 // mapping per region.
 import {
+  BackingPrefixError,
   ClientLimitError,
   Feature,
   PinBudgetError,
@@ -18,8 +23,11 @@ import {
   UnalignedError,
   dmaMappingCount,
   dmaMisalignment,
+  exposedPrefix,
   formatSize,
+  hex,
   type DmaRules,
+  type PrefixExposure,
   type Region,
   inclusiveText,
   iovaOfGpa,
@@ -48,6 +56,7 @@ export interface MapAfter {
  */
 export function checkSubscribers(plan: Plan, after: MapAfter, subscribers: Iterable<SubscriberSession>, pinBudget: number): Map<SubscriberSession, Region[]> {
   const views = new Map<SubscriberSession, Region[]>();
+  let exposure: PrefixExposure | null | undefined; // null: computed, nothing exposed
   let pinned = 0;
   let firstPinner: Session | undefined;
   for (const session of subscribers) {
@@ -60,6 +69,10 @@ export function checkSubscribers(plan: Plan, after: MapAfter, subscribers: Itera
       throw new ClientLimitError(`${session.describe()} can follow at most ${s.maxRegions} regions; the transaction would leave it ${count}`, {
         client: session.ref(),
       });
+    }
+    if (s.mapsFromZero) {
+      exposure ??= exposedPrefix(after.regions(), touchedBackings(plan)) ?? null;
+      if (exposure) throw backingPrefixError(session, exposure, 'the transaction');
     }
     for (const r of plan.adds) {
       const clash = reported.reserved.find((x) => rangesOverlap(iovaOfGpa(r.gpa), r.size, x.start, x.size));
@@ -107,6 +120,28 @@ export function checkSubscribers(plan: Plan, after: MapAfter, subscribers: Itera
     });
   }
   return views;
+}
+
+/** The backings whose regions `plan` adds, removes or changes: the only ones whose prefixes can change. */
+function touchedBackings(plan: Plan): Set<number> {
+  const out = new Set<number>(plan.backings);
+  for (const r of plan.removes) out.add(r.backing);
+  for (const { after } of plan.sets) out.add(after.backing);
+  return out;
+}
+
+/**
+ * The refusal for a client that maps from offset 0 (`what` leaves it `e`): which region, which bytes of its
+ * backing, what lies there, and what the owner can do instead.
+ */
+export function backingPrefixError(session: Session, e: PrefixExposure, what: string): InstanceType<typeof BackingPrefixError> {
+  const there = e.readonlyThere !== undefined ? `the read-only region ${JSON.stringify(e.readonlyThere)}` : 'memory in no region';
+  return new BackingPrefixError(
+    `${what} would leave ${session.describe()} the region ${JSON.stringify(e.region)}, and it maps backing ${e.backing} from offset 0 (as vhost-user back-ends map): ` +
+      `[${hex(e.start)}, ${hex(e.end)}) of that backing is ${there}, which it would reach writable. ` +
+      'Give such a region a backing of its own at offset 0, or place it right behind writable regions of its backing; remove the regions behind a removed one in the same transaction',
+    { client: session.ref() },
+  );
 }
 
 /**

@@ -45,6 +45,8 @@ export class SubscriberState {
   readonly maxRegions: number;
   /** Follows a coalesced view (feature COALESCE); `view` is that view as last committed to it. */
   readonly coalesce: boolean;
+  /** Maps each region's backing from offset 0 (feature MAPS_FROM_ZERO): a vhost-user back-end's mmap. */
+  readonly mapsFromZero: boolean;
   /** Pins every region it maps (feature PIN), at most `pinLimit` bytes. */
   readonly pins: boolean;
   readonly pinLimit: number;
@@ -66,6 +68,7 @@ export class SubscriberState {
   constructor(msg: Attach) {
     this.maxRegions = msg.limits?.maxRegions ?? Number.POSITIVE_INFINITY;
     this.coalesce = msg.limits?.coalesce ?? false;
+    this.mapsFromZero = msg.limits?.mapsFromZero ?? false;
     this.pins = msg.pin !== undefined;
     this.pinLimit = msg.pin?.limit ?? Number.POSITIVE_INFINITY;
     this.writes = msg.writes ?? true;

@@ -41,6 +41,7 @@ import {
   StaleGenerationError,
   TooBusyError,
   createError,
+  exposedPrefix,
   isErrorCode,
   type Attach,
   type AttachResult,
@@ -74,7 +75,7 @@ import type { AckResult, Session, SubscriberSession } from './session.js';
 import { splitSync } from './sync.js';
 import { coalesce, viewOps } from './coalesce.js';
 import { findFree } from './placement.js';
-import { checkSubscribers } from './policy.js';
+import { backingPrefixError, checkSubscribers } from './policy.js';
 import { DirtyLogging } from './dirty-log.js';
 import { DEFAULT_FENCE_OPTIONS, Fences, type FenceOptions, type Holder, type HolderReason } from './fence.js';
 import { IoSpaces } from './ioas.js';
@@ -530,6 +531,10 @@ export class AddressSpace {
     if (count > maxRegions) {
       return new ClientLimitError(`the map has ${count} regions; ${s.describe()} declared a limit of ${maxRegions}`, { client: s.ref() });
     }
+    if (s.subscriber.mapsFromZero) {
+      const exposed = exposedPrefix(this.map.regions());
+      if (exposed) return backingPrefixError(s, exposed, 'the map');
+    }
     if (!pins) return undefined;
     if (this.map.bytes > pinLimit) {
       return new PinBudgetError(`${s.describe()} would have to pin ${this.map.bytes} bytes; its limit is ${pinLimit}`, { client: s.ref() });
@@ -634,6 +639,7 @@ export class AddressSpace {
       regions: s.coalesce ? s.view.length : count,
       ...(Number.isFinite(s.maxRegions) ? { maxRegions: s.maxRegions } : {}),
       coalesce: s.coalesce,
+      ...(s.mapsFromZero ? { mapsFromZero: true } : {}),
       writes: s.writes,
       ...(s.pins
         ? { pin: { ...(Number.isFinite(s.pinLimit) ? { limit: s.pinLimit } : {}), predicted: bytes, ...(r.pinned !== undefined ? { actual: r.pinned } : {}) } }

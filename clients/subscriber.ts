@@ -23,6 +23,7 @@ import {
   DisconnectedError,
   Feature,
   InvalidArgError,
+  UnsupportedError,
   MmbError,
   Msg,
   isMmbError,
@@ -69,6 +70,10 @@ export interface SubscriberOptions extends ConnectionOptions {
   maxRegions?: number;
   /** Follow a coalesced view: adjacent regions contiguous in one backing arrive merged (few slots). */
   coalesce?: boolean;
+  /** This client (or a process it hands memory to) maps each region's backing from offset 0 through the
+   *  region's end, as vhost-user back-ends do: the broker then gives it no region whose backing prefix
+   *  holds memory the map does not give it writable (feature MAPS_FROM_ZERO; an older broker is refused). */
+  mapsFromZero?: boolean;
   /** This client pins every region it maps; `limit` bytes at most (the broker refuses changes beyond). */
   pin?: { limit?: number };
   /** false: this client never writes guest memory (dirty logging then needs nothing from it). Default true. */
@@ -400,6 +405,12 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
       conn.close();
       throw new DisconnectedError('the subscriber was closed while connecting');
     }
+    if (this.opts.mapsFromZero && (conn.features & Feature.MAPS_FROM_ZERO) === 0) {
+      conn.close();
+      throw new UnsupportedError(
+        'the broker is older: it does not offer MAPS_FROM_ZERO, so it could give this client regions whose backing prefix (which it maps from offset 0) holds memory the map does not give it',
+      );
+    }
     this.conn = conn;
     conn.on('event', (msg, fds) => this.onEvent(conn, msg, fds));
     conn.on('close', (reason) => this.onClose(conn, reason));
@@ -414,11 +425,12 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
         role: 'subscriber',
         kind: this.kind,
         ...(this.opts.token !== undefined ? { token: this.opts.token } : {}),
-        ...(this.opts.maxRegions !== undefined || this.opts.coalesce
+        ...(this.opts.maxRegions !== undefined || this.opts.coalesce || this.opts.mapsFromZero
           ? {
               limits: {
                 ...(this.opts.maxRegions !== undefined ? { maxRegions: this.opts.maxRegions } : {}),
                 ...(this.opts.coalesce ? { coalesce: true } : {}),
+                ...(this.opts.mapsFromZero ? { mapsFromZero: true } : {}),
               },
             }
           : {}),

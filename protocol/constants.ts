@@ -107,6 +107,10 @@ export const Feature = {
    *  leave, gets EV_ROLLBACKs of a refused run newest first, and (with TWO_PHASE) acks every EV_COMMITTED,
    *  which then always carries a `seq`. A broker offers it only when configured with a window above 1. */
   PIPELINE: 1 << 16,
+  /** ATTACH.limits.mapsFromZero: the subscriber (or a process it hands memory to) maps each region's
+   *  backing from offset 0 through the region's end, writable, as vhost-user back-ends do; the broker
+   *  keeps every such prefix inside the map's writable regions (MMB_ERR_BACKING_PREFIX). */
+  MAPS_FROM_ZERO: 1 << 17,
 } as const;
 export const ALL_FEATURES =
   Feature.RESUME |
@@ -125,7 +129,8 @@ export const ALL_FEATURES =
   Feature.COMPACT_SYNC |
   Feature.MIGRATION |
   Feature.DMA_RULES |
-  Feature.PIPELINE;
+  Feature.PIPELINE |
+  Feature.MAPS_FROM_ZERO;
 
 /** Bytes of guest memory one dirty-bitmap bit stands for. */
 export const DIRTY_PAGE_SIZE = 4096;

@@ -70,6 +70,11 @@ export const ERROR_TABLE = {
   MMB_ERR_REGION_EXISTS: { errno: 'EEXIST', summary: 'A region with that name already exists in this address space.' },
   MMB_ERR_SPACE_LIMIT: { errno: 'ENOSPC', summary: 'The address space would exceed its region or backing limit.' },
   MMB_ERR_CLIENT_LIMIT: { errno: 'ENOSPC', summary: 'A subscriber\'s declared limit (max regions) would be exceeded; nothing was changed.' },
+  MMB_ERR_BACKING_PREFIX: {
+    errno: 'EPERM',
+    summary:
+      'A subscriber that maps each backing from offset 0 (a vhost-user back-end) would reach memory of that backing the map does not give it writable (a read-only region, or memory in no region); nothing was changed.',
+  },
   MMB_ERR_RESERVED_RANGE: { errno: 'EINVAL', summary: 'A region (or an IOVA mapping) would cover an IOVA range a subscriber reported as reserved (MSI window, PCI hole); nothing was changed.' },
   MMB_ERR_PIN_BUDGET: { errno: 'ENOSPC', summary: 'Pinning the memory would exceed a subscriber\'s pin limit or the address space\'s pin budget; nothing was changed.' },
   MMB_ERR_NO_FREE_RANGE: { errno: 'ENOSPC', summary: 'No free GPA range of that size and alignment avoids every region and reserved range.' },
@@ -271,6 +276,7 @@ export const RegionExistsError = define('MMB_ERR_REGION_EXISTS');
 export const SpaceLimitError = define('MMB_ERR_SPACE_LIMIT');
 export const ClientLimitError = define('MMB_ERR_CLIENT_LIMIT');
 export const ReservedRangeError = define('MMB_ERR_RESERVED_RANGE');
+export const BackingPrefixError = define('MMB_ERR_BACKING_PREFIX');
 export const PinBudgetError = define('MMB_ERR_PIN_BUDGET');
 export const NoFreeRangeError = define('MMB_ERR_NO_FREE_RANGE');
 export const NotLoggingError = define('MMB_ERR_NOT_LOGGING');

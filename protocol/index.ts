@@ -10,3 +10,4 @@ export * from './validate.js';
 export * from './units.js';
 export * from './address.js';
 export * from './dma-rules.js';
+export * from './backing-prefix.js';

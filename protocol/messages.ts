@@ -70,8 +70,9 @@ export const attach = object({
   /** What the client is ("plain", "kvm", "vhost", "vfio", "owner", ...): for status and logs. */
   kind: name(),
   /** maxRegions: the most regions (slots) the client can follow. coalesce (feature COALESCE): send this
-   *  client a view in which adjacent regions contiguous in one backing are merged. */
-  limits: optional(object({ maxRegions: optional(u32()), coalesce: optional(bool()) })),
+   *  client a view in which adjacent regions contiguous in one backing are merged. mapsFromZero (feature
+   *  MAPS_FROM_ZERO): the client maps each region's backing from offset 0 (protocol/backing-prefix.ts). */
+  limits: optional(object({ maxRegions: optional(u32()), coalesce: optional(bool()), mapsFromZero: optional(bool()) })),
   /** Feature PIN: the client pins every region it maps; `limit` is the most bytes it may pin. */
   pin: optional(object({ limit: optional(addr()) })),
   /** Feature AUTH: the address space's subscriber token, when it has one. */
@@ -449,6 +450,8 @@ const statusClient = object(
     regions: optional(u32()),
     maxRegions: optional(u32()),
     coalesce: optional(bool()),
+    /** Feature MAPS_FROM_ZERO: it maps each region's backing from offset 0. */
+    mapsFromZero: optional(bool()),
     writes: optional(bool()),
     /** Pinning clients: their limit (nil: none), the bytes the broker predicts they pin, and what they reported. */
     pin: optional(object({ limit: optional(addr()), predicted: addr(), actual: optional(addr()) }, { open: true })),

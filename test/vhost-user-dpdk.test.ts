@@ -39,12 +39,20 @@ describeDpdk('vhost-user front-end: dpdk-testpmd (net_vhost)', () => {
     const net = await VirtioNet.start(sub, { gpa: 0x1000, timeoutMs: 5000 });
     defer(() => net.close());
 
-    // Hotplug the RX memory while the device runs: a 1 MiB region at offset 1 MiB of its memfd.
+    // Hotplug the RX memory while the device runs: a 1 MiB region at offset 1 MiB of its memfd. DPDK maps
+    // the memfd from offset 0 through the region's end, so alone it would reach [0, 1 MiB), memory in no
+    // region: refused before anything is sent, naming the bridge. With the memfd's first MiB as a region
+    // of its own (at another GPA) it goes in.
     const rx = await mappedBacking(owner, 4 * MiB, 'rxmem', constants.PROT_READ);
     const rxView = rx.view;
     const tables = sub.stats.setMemTable;
     const rxGpa = 0x4000_0000;
-    await owner.addRegion({ name: 'rx0', gpa: rxGpa, size: 1 * MiB, backing: rx.backing, offset: 1 * MiB });
+    const rx0 = { op: 'add' as const, name: 'rx0', gpa: rxGpa, size: 1 * MiB, backing: rx.backing, offset: 1 * MiB };
+    const exposed = await owner.commit([rx0]).catch((e: unknown) => e);
+    expect(isMmbError(exposed) && [exposed.code, exposed.client?.name]).toEqual(['MMB_ERR_BACKING_PREFIX', NET_BRIDGE.name]);
+    expect(sub.stats.setMemTable).toBe(tables);
+    expect(memfdMaps(pmd.pid, 'rxmem')).toEqual([]);
+    await owner.commit([rx0, { op: 'add', name: 'rxlow', gpa: 0x5000_0000, size: 1 * MiB, backing: rx.backing, offset: 0 }]);
     expect(sub.stats.setMemTable).toBe(tables + 1);
     // A table after the first remaps what DPDK has: the rings were stopped around it and restarted.
     expect(sub.rings.stats.reshapeStops).toBe(1);
@@ -52,8 +60,9 @@ describeDpdk('vhost-user front-end: dpdk-testpmd (net_vhost)', () => {
     expect(sub.backendTable().map((e) => [e.name, e.mmapOffset])).toEqual([
       ['ram0', 0],
       ['rx0', 1 * MiB],
+      ['rxlow', 0],
     ]);
-    expect(memfdMaps(pmd.pid, 'rxmem')).toHaveLength(1);
+    expect(memfdMaps(pmd.pid, 'rxmem')).toHaveLength(2);
     await linkUp(sub.rings.stats.restarts);
 
     for (const [i, marker] of ['mmb-frame-one', 'mmb-frame-two'].entries()) {
@@ -69,8 +78,11 @@ describeDpdk('vhost-user front-end: dpdk-testpmd (net_vhost)', () => {
       expect(Buffer.from(new Uint8Array(rxView.buffer, off, f.length)).equals(f)).toBe(true);
     }
 
-    // Unplug: one SET_MEM_TABLE without the region, confirmed before the removal completes.
-    await owner.removeRegion('rx0');
+    // Unplug: one SET_MEM_TABLE without the regions, confirmed before the removal completes.
+    await owner.commit([
+      { op: 'remove', region: 'rx0' },
+      { op: 'remove', region: 'rxlow' },
+    ]);
     expect(sub.backendTable().map((e) => e.name)).toEqual(['ram0']);
     expect(memfdMaps(pmd.pid, 'rxmem')).toEqual([]);
     // Still working on what is left: a frame back into the first region.

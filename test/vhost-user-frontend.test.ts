@@ -87,7 +87,9 @@ describe('vhost-user front-end: wire format and acks (scripted back-end)', () =>
     expect(setF!.payload.readBigUInt64LE(0)).toBe(bit(Feature.VERSION_1) | bit(Feature.BLK_FLUSH) | bit(Feature.PROTOCOL_FEATURES));
     expect(sub.maxSlots).toBe(32);
 
-    // ADD_MEM_REG: { u64 padding, gpa, size, uaddr, mmap_offset } and exactly one fd.
+    // ADD_MEM_REG: { u64 padding, gpa, size, uaddr, mmap_offset } and exactly one fd. The region lies
+    // right behind another of its memfd, so the back-end's mapping from offset 0 reaches only the map.
+    await owner.addRegion({ name: 'low', gpa: 0, size: 6 * MiB, backing: ram.backing });
     const from = b.messages.length;
     await owner.addRegion({ name: 'r', gpa: 0x1_0000_0000, size: 2 * MiB, backing: ram.backing, offset: 6 * MiB });
     // The change's last message is followed by a round trip: a back-end that acked it and then broke
@@ -205,7 +207,7 @@ describe('vhost-user front-end: wire format and acks (scripted back-end)', () =>
     const { broker, owner, ram, sub } = await setup(b, { coalesce: false });
     const other = await subscriberOf(broker, { name: 'other', reconnect: false });
     await owner.addRegion({ name: 'a', gpa: 0, size: 2 * MiB, backing: ram.backing });
-    await owner.addRegion({ name: 'keep', gpa: 0x1000_0000, size: 2 * MiB, backing: ram.backing, offset: 8 * MiB });
+    await owner.addRegion({ name: 'gone', gpa: 0x1000_0000, size: 2 * MiB, backing: ram.backing, offset: 2 * MiB });
     script(b, (m, reply) => {
       if (m.request === Req.ADD_MEM_REG && region(m.payload).gpa === 0x20_0000 * 2) {
         reply(u64(1));
@@ -216,14 +218,14 @@ describe('vhost-user front-end: wire format and acks (scripted back-end)', () =>
     const from = b.messages.length;
     const err = await owner
       .commit([
-        { op: 'remove', region: 'a' },
+        { op: 'remove', region: 'gone' },
         { op: 'add', name: 'b', gpa: 0x20_0000, size: 2 * MiB, backing: ram.backing, offset: 2 * MiB },
         { op: 'add', name: 'c', gpa: 0x40_0000, size: 2 * MiB, backing: ram.backing, offset: 4 * MiB },
       ])
       .catch((e: unknown) => e);
     expect(isMmbError(err) && err.code).toBe('MMB_ERR_CLIENT_REFUSED');
     expect(isMmbError(err) && err.client?.name).toBe('vu-fake');
-    // The vote (two-phase) only adds: ADD b, ADD c (refused); then undo: REM b. Region a, which the
+    // The vote (two-phase) only adds: ADD b, ADD c (refused); then undo: REM b. Region gone, which the
     // transaction would have removed, was never taken from the back-end.
     const sent = b.messages.slice(from).filter((m) => m.request === Req.ADD_MEM_REG || m.request === Req.REM_MEM_REG);
     expect(sent.map((m) => [m.request === Req.ADD_MEM_REG ? 'ADD' : 'REM', region(m.payload).gpa])).toEqual([
@@ -231,14 +233,14 @@ describe('vhost-user front-end: wire format and acks (scripted back-end)', () =>
       ['ADD', 0x40_0000],
       ['REM', 0x20_0000],
     ]);
-    expect(sub.backendTable().map((e) => e.name)).toEqual(['a', 'keep']);
-    expect(sub.memory.regions().map((m) => m.region.name)).toEqual(['a', 'keep']);
-    expect(other.regions().map((r) => r.name)).toEqual(['a', 'keep']);
+    expect(sub.backendTable().map((e) => e.name)).toEqual(['a', 'gone']);
+    expect(sub.memory.regions().map((m) => m.region.name)).toEqual(['a', 'gone']);
+    expect(other.regions().map((r) => r.name)).toEqual(['a', 'gone']);
     expect(sub.stats.undone).toBe(1);
     // And the next change goes through.
     script(b, () => false);
     await owner.addRegion({ name: 'c', gpa: 0x40_0000, size: 2 * MiB, backing: ram.backing, offset: 4 * MiB });
-    expect(sub.backendTable().map((e) => e.name)).toEqual(['a', 'c', 'keep']);
+    expect(sub.backendTable().map((e) => e.name)).toEqual(['a', 'c', 'gone']);
   });
 
   it('after the broker connection drops and resumes, the back-end is sent only what changed meanwhile', async () => {
@@ -256,7 +258,7 @@ describe('vhost-user front-end: wire format and acks (scripted back-end)', () =>
     // out as a transaction of its own (its commit: REM and the round trip behind it), then the add of c.
     sub.dropConnection();
     await owner.removeRegion('b');
-    await owner.addRegion({ name: 'c', gpa: 0x2000_0000, size: 2 * MiB, backing: ram.backing, offset: 4 * MiB });
+    await owner.addRegion({ name: 'c', gpa: 0x2000_0000, size: 2 * MiB, backing: ram.backing, offset: 2 * MiB });
     await waitFor(
       'the resumed client to follow',
       () =>

@@ -154,7 +154,9 @@ describe('vhost-user bridge behind a guest IOMMU (scripted back-end)', () => {
   it('uaddr is in the coordinates of the table region the GPA is in, whatever its offset in its memfd', async () => {
     const b = fake();
     const { owner, ram, io } = await setup(b, { coalesce: false });
-    // A second region right after the first in GPA, from another offset of the memfd: its own table entry.
+    // A second region right after the first in GPA, from another offset of the memfd (behind a third, so
+    // that the back-end's mapping from offset 0 reaches only the map): its own table entry.
+    await owner.addRegion({ name: 'mid', gpa: 64 * MiB, size: 8 * MiB, backing: ram.backing, offset: 32 * MiB });
     await owner.addRegion({ name: 'hi', gpa: 32 * MiB, size: 2 * MiB, backing: ram.backing, offset: 40 * MiB });
     const from = b.messages.length;
     await io.map({ iova: 0x2_0000_0000, gpa: 32 * MiB + PAGE, size: PAGE });

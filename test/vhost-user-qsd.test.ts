@@ -177,12 +177,18 @@ describeQsd('vhost-user front-end: qemu-storage-daemon (vhost-user-blk)', () => 
     expect(sub.backendTable()).toHaveLength(32);
     // libvhost-user 7.2 would have acked a 33rd ADD_MEM_REG and stopped working: it still works.
     await blk.read(3, 0x10000, 512);
-    await owner.removeRegion('s0');
-    await owner.addRegion({ name: 's31', gpa: 0x1_0000_0000 + 31 * 4 * MiB, size: 2 * MiB, backing: blocks.backing, offset: 31 * 2 * MiB });
+    // The back-end maps each region's memfd from offset 0 (mmap_offset + size), so removing s0 while s1..s30
+    // stay would leave it s0's memory: refused before anything is sent, naming it.
+    const exposed = await owner.removeRegion('s0').catch((e: unknown) => e);
+    expect(isMmbError(exposed) && [exposed.code, exposed.client?.name]).toEqual(['MMB_ERR_BACKING_PREFIX', 'vhost-user-blk0']);
+    expect(sub.frontend.stats.sent).toBe(sent);
+    expect(memfdMaps(qsd.pid, 'slots')).toHaveLength(31);
+    await owner.removeRegion('s30');
+    await owner.addRegion({ name: 's31', gpa: 0x1_0000_0000 + 31 * 4 * MiB, size: 2 * MiB, backing: blocks.backing, offset: 30 * 2 * MiB });
     expect(sub.backendTable()).toHaveLength(32);
     // The data lands at the region's offset inside its memfd (mmap_offset), as the owner sees it.
     await blk.read(4, 0x1_0000_0000 + 31 * 4 * MiB + 0x200, 512);
-    expect(Buffer.from(new Uint8Array(view.buffer, 31 * 2 * MiB + 0x200, 512)).equals(patternSector(4))).toBe(true);
+    expect(Buffer.from(new Uint8Array(view.buffer, 30 * 2 * MiB + 0x200, 512)).equals(patternSector(4))).toBe(true);
   });
 
   it('200 contiguous 2 MiB blocks within 32 slots: new blocks stay separate until the slots run out, then the runs are merged with the rings stopped', async () => {
@@ -217,21 +223,22 @@ describeQsd('vhost-user front-end: qemu-storage-daemon (vhost-user-blk)', () => 
     expect(Buffer.from(new Uint8Array(view.buffer, 150 * 2 * MiB + 0x1000, 1024)).equals(sectors(77, 2))).toBe(true);
     await blk.read(78, base + 199 * 2 * MiB, 512);
     expect(Buffer.from(new Uint8Array(view.buffer, 199 * 2 * MiB, 512)).equals(sectors(78, 1))).toBe(true);
-    // Unplugging a block in the middle of the run splits it: two regions, two mappings, I/O on both sides.
-    await owner.removeRegion('blk100');
-    expect(
-      sub
-        .backendTable()
-        .slice(0, 3)
-        .map((e) => [e.gpa - base, e.size / MiB]),
-    ).toEqual([
+    // Unplugging a block in the middle of the memfd would leave the back-end that block's memory (it maps
+    // the memfd from offset 0 through the end of each region): refused, naming it, nothing sent. Blocks
+    // come out from the end of their memfd; the merged run stays as it is, I/O on both sides.
+    const sent = sub.frontend.stats.sent;
+    const exposed = await owner.removeRegion('blk100').catch((e: unknown) => e);
+    expect(isMmbError(exposed) && [exposed.code, exposed.client?.name]).toEqual(['MMB_ERR_BACKING_PREFIX', 'vhost-user-blk0']);
+    expect(sub.frontend.stats.sent).toBe(sent);
+    await owner.commit([198, 199].map((i) => ({ op: 'remove' as const, region: `blk${i}` })));
+    expect(sub.backendTable().map((e) => [e.gpa - base, e.size / MiB])).toEqual([
       [-base, 4],
-      [0, 200],
-      [101 * 2 * MiB, 172],
+      [0, 187 * 2],
+      ...Array.from({ length: 11 }, (_, k) => [(187 + k) * 2 * MiB, 2]),
     ]);
-    expect(memfdMaps(qsd.pid, 'blocks')).toHaveLength(15);
+    expect(memfdMaps(qsd.pid, 'blocks')).toHaveLength(12);
     await blk.read(1, base + 99 * 2 * MiB, 512);
-    await blk.read(2, base + 101 * 2 * MiB, 512);
+    await blk.read(2, base + 197 * 2 * MiB, 512);
   });
 
   it('when the back-end dies, the client detaches instead of blocking hotplug for everyone', async () => {

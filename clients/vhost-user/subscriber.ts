@@ -108,7 +108,13 @@ export class VhostUserSubscriber extends Subscriber {
     const limit = Math.min(negotiated.maxMemSlots, maxSlots ?? Infinity, subOpts.maxRegions ?? Infinity);
     const applier = new VhostUserApplier(fe, negotiated.memMode, limit, { mapMemory: mapMemory ?? true, ...(logger ? { logger } : {}) });
     const iotlb = ioas !== undefined ? new IotlbApplier(fe, ioas, () => applier.entries(), logger) : undefined;
-    const sub = new VhostUserSubscriber(target, applier, { kind: 'vhost-user', coalesce: true, ...subOpts, maxRegions: limit }, negotiated, iotlb);
+    const sub = new VhostUserSubscriber(
+      target,
+      applier,
+      { kind: 'vhost-user', coalesce: true, ...subOpts, maxRegions: limit, mapsFromZero: true },
+      negotiated,
+      iotlb,
+    );
     // The driver's own writes to guest memory (rings, request headers) count as dirty too.
     if (applier.memory) applier.memory.dirty = sub.dirty;
     sub.on('pause', (e) => {
