@@ -10,7 +10,7 @@ import { Msg, encodeFrame, isMmbError } from '../protocol/index.js';
 import type { CommitOp } from '../protocol/index.js';
 import { startTime } from './kernel.js';
 import { layout } from './moment.js';
-import { planAdd, planIovaMap, runOperation, unmappedRegions, type StepResult } from './operations.js';
+import { keepsPrefix, planAdd, planIovaMap, removableRegions, runOperation, type StepResult } from './operations.js';
 import { delegateView, type ClientProc } from './procs.js';
 import { restartBroker } from './restart.js';
 import { SPACE, type World } from './world.js';
@@ -145,7 +145,7 @@ async function restartOwnerAway(w: World): Promise<StepResult> {
  * process; this checks that the stopped ones are among the dead). A replacement joins.
  */
 async function stopAcrossRemoval(w: World): Promise<StepResult | undefined> {
-  const list = unmappedRegions(w);
+  const list = removableRegions(w);
   const healthy = w.healthy();
   if (list.length === 0 || healthy.length < 3) return undefined;
   const r = w.rng.pick(list);
@@ -226,8 +226,10 @@ async function nackWhilePrepared(w: World): Promise<StepResult | undefined> {
   if (healthy.length < 3) return undefined;
   const a = await planAdd(w);
   if (!a) return undefined;
-  const list = unmappedRegions(w);
-  const removed = list.length > 0 ? w.rng.pick(list) : undefined;
+  const list = removableRegions(w);
+  const pick = list.length > 0 ? w.rng.pick(list) : undefined;
+  // Removed in the same transaction as the add: the add may lie right behind it (keepsPrefix).
+  const removed = pick && keepsPrefix(w, [{ op: 'remove', region: pick.name }, a]) ? pick : undefined;
   const holder = w.rng.pick(healthy);
   const refuser = w.rng.pick(healthy.filter((c) => c !== holder));
   await holder.request({ cmd: 'hold-next' }, 'armed');

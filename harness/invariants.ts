@@ -93,17 +93,12 @@ function backendCoverage(w: World, s: ClientSnapshot): string[] {
 export type SlicedBy = (memfd: string, writable: boolean) => Range[];
 
 /**
- * A vhost-user back-end is handed each region as (fd, mmap_offset, size) and maps the fd from offset 0
- * over mmap_offset + size (libvhost-user, DPDK and QEMU all do: docs/vhost-user.md), so its mapping of a
- * region reaches the memfd's bytes before the region too. For a back-end (`ends` given: the end offsets
- * of the map's writable regions of a memfd) a writable mapping from offset 0 is what the map gave it when it
- * ends where a writable region ends; every other mapping is judged like anyone's. What that prefix can
- * reach is an open finding of the harness (docs/harness.md, "Open").
+ * No mapping of a harness memfd outside what the map (`sliced`) slices, writable only where a writable region
+ * is. A vhost-user back-end is judged the same: it maps each region's memfd from offset 0 over mmap_offset +
+ * size (libvhost-user, DPDK and QEMU all do), and the broker keeps that prefix inside the map's writable
+ * regions for it (feature MAPS_FROM_ZERO), so every byte it maps must be the map's.
  */
-export type EndsBy = (memfd: string) => number[];
-
-/** No mapping of a harness memfd outside what the map (`sliced`) slices, writable only where a writable region is. */
-export function staleAgainst(sliced: SlicedBy, who: string, maps: readonly FileMapping[], what = 'current', ends?: EndsBy): string[] {
+export function staleAgainst(sliced: SlicedBy, who: string, maps: readonly FileMapping[], what = 'current'): string[] {
   const out: string[] = [];
   const ranges = new Map<string, [Range[], Range[]]>();
   for (const m of maps) {
@@ -111,24 +106,17 @@ export function staleAgainst(sliced: SlicedBy, who: string, maps: readonly FileM
     let r = ranges.get(m.memfd);
     if (!r) ranges.set(m.memfd, (r = [sliced(m.memfd, false), sliced(m.memfd, true)]));
     const end = m.offset + m.end - m.start;
-    if (ends && m.writable && m.offset === 0 && ends(m.memfd).includes(end)) continue;
     if (!rangesCover(m.writable ? r[1] : r[0], m.offset, end - m.offset)) {
       out.push(
-        `${who} maps ${m.memfd} [${hex(m.offset)}, ${hex(end)})${m.writable ? ' writable' : ''} at ${hex(m.start)}, which no ${what} ${m.writable ? 'writable ' : ''}region slices${ends ? ' (nor ends a writable region, mapped from offset 0 as vhost-user back-ends map)' : ''}`,
+        `${who} maps ${m.memfd} [${hex(m.offset)}, ${hex(end)})${m.writable ? ' writable' : ''} at ${hex(m.start)}, which no ${what} ${m.writable ? 'writable ' : ''}region slices`,
       );
     }
   }
   return out;
 }
 
-function staleProblems(w: World, who: string, maps: readonly FileMapping[], backend = false): string[] {
-  return staleAgainst(
-    (memfd, writable) => w.model.fileRanges(memfd, writable),
-    who,
-    maps,
-    'current',
-    backend ? (memfd) => w.model.writableEnds(w.model.regions.values(), memfd) : undefined,
-  );
+function staleProblems(w: World, who: string, maps: readonly FileMapping[]): string[] {
+  return staleAgainst((memfd, writable) => w.model.fileRanges(memfd, writable), who, maps);
 }
 
 /** kvm: its memslots are the map, and each slot's host address maps the region's memory (per /proc). */
@@ -194,7 +182,7 @@ export function noStaleMapping(w: World, snap: Snapshot, t: Tally): void {
   t.check('no-stale-mapping', staleProblems(w, `the broker (pid ${w.broker.pid})`, snap.broker.maps));
   for (const s of snap.clients) {
     t.check('no-stale-mapping', staleProblems(w, s.client.describe(), s.maps));
-    if (s.backend) t.check('no-stale-mapping', staleProblems(w, s.backend.who, s.backend.maps, true));
+    if (s.backend) t.check('no-stale-mapping', staleProblems(w, s.backend.who, s.backend.maps));
   }
 }
 
@@ -224,7 +212,7 @@ export function allOrNothing(w: World, snap: Snapshot, t: Tally): void {
       ...coverageProblems(w, s.client.describe(), s.maps),
       ...backendCoverage(w, s),
       ...staleProblems(w, s.client.describe(), s.maps),
-      ...(s.backend ? staleProblems(w, s.backend.who, s.backend.maps, true) : []),
+      ...(s.backend ? staleProblems(w, s.backend.who, s.backend.maps) : []),
       ...(s.client.kind === 'vfio' ? pinProblems(w, s) : []),
     ]);
   }
@@ -244,6 +232,7 @@ function backingsPerMemfd(m: Model): Map<string, number> {
 export function leaks(w: World, snap: Snapshot, t: Tally): void {
   const live = backingsPerMemfd(w.model);
   const logging = [...w.model.regions.values()].filter((r) => r.logDirty).length;
+  const backendLogging = [...w.model.regions.values()].filter((r) => r.logDirty && !r.readonly).length;
   const b = snap.broker.census;
   const base = w.broker.baseline;
   const problems: string[] = [];
@@ -278,10 +267,11 @@ export function leaks(w: World, snap: Snapshot, t: Tally): void {
     // Its stdio pipes are sockets too (libuv socketpairs): compared with what it held once attached.
     const cb = s.client.baseline;
     if (cb && c.sockets !== cb.sockets) p.push(`holds ${c.sockets} sockets, ${cb.sockets} after it attached (stdio and its one connection)`);
-    // A bridge shares its dirty log with its back-end (one `vhost-log` memfd) while any region logs.
-    const log = s.client.backend && logging > 0 ? 1 : 0;
-    if (cb && (c.other < cb.other || c.other > cb.other + log))
-      p.push(`holds ${c.other} other fds, ${cb.other} after it attached${log ? ' (and its vhost-user dirty log)' : ''}`);
+    // A bridge shares its dirty log with its back-end (one `vhost-log` memfd) while a region it gives the
+    // back-end logs (read-only ones are never given), and only then.
+    const log = s.client.backend && backendLogging > 0 ? 1 : 0;
+    if (c.vhostLogs !== log) p.push(`holds ${c.vhostLogs} vhost-user dirty log(s) while ${backendLogging} writable region(s) log`);
+    if (cb && c.other !== cb.other) p.push(`holds ${c.other} other fds, ${cb.other} after it attached`);
     t.check(
       'leaks',
       p.map((x) => `${s.client.describe()} ${x}`),

@@ -2,7 +2,7 @@
 // /proc/PID/fd and VmLck. What is the harness's own is how it names its memfds.
 import { fdCensus as census, processView, type FdCensus, type ProcessView } from '../testkit/procfs.js';
 
-export { lockedBytes, memfdMappings, startTime, type FdCensus, type FileMapping, type ProcessView } from '../testkit/procfs.js';
+export { emptyCensus, lockedBytes, memfdMappings, startTime, type FdCensus, type FileMapping, type ProcessView } from '../testkit/procfs.js';
 
 /** Every memfd the harness creates is named with this prefix, so its mappings and fds can be told apart. */
 export const MEMFD_PREFIX = 'mmh-';

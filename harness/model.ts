@@ -4,7 +4,17 @@ import { X86_MSI_WINDOW } from '../clients/vfio/soft.js';
 
 /** The MSI doorbell window, half-open, as every range here is. */
 const MSI = fromInclusive(X86_MSI_WINDOW);
-import { fromInclusive, mergeRanges, rangeContains, rangesCover, rangesOverlap, type CommitOp, type Range } from '../protocol/index.js';
+import {
+  exposedPrefix,
+  fromInclusive,
+  mergeRanges,
+  rangeContains,
+  rangesCover,
+  rangesOverlap,
+  type CommitOp,
+  type PrefixExposure,
+  type Range,
+} from '../protocol/index.js';
 import type { Rng } from '../testkit/rng.js';
 
 export const PAGE = 4096;
@@ -168,11 +178,23 @@ export class Model {
     return mergeRanges(ranges);
   }
 
-  /** The end offsets in `memfd` of the writable regions among `regions` (where a vhost-user back-end's mapping from offset 0 ends). */
-  writableEnds(regions: Iterable<ModelRegion>, memfd: string): number[] {
-    const out: number[] = [];
-    for (const r of regions) if (!r.readonly && this.backings.get(r.backing)?.memfd.name === memfd) out.push(r.offset + r.size);
-    return out;
+  /**
+   * What `ops` would leave a client that maps each backing from offset 0 (a bridge's back-end) beyond the
+   * writable regions: the broker refuses such a transaction (MMB_ERR_BACKING_PREFIX) while one is attached.
+   */
+  exposes(ops: readonly CommitOp[]): PrefixExposure | undefined {
+    return exposedPrefix(this.regionsAfter(ops).values());
+  }
+
+  /**
+   * Where a writable region of `size` may go in `memfd` for such a client: right behind the writable regions
+   * that cover it from offset 0, if that range is in the memfd and in no region; else undefined.
+   */
+  prefixSlot(memfd: Memfd, size: number): number | undefined {
+    const first = mergeRanges(this.fileRanges(memfd.name, true))[0];
+    const at = first && first.start === 0 ? first.size : 0;
+    if (at + size > memfd.size) return undefined;
+    return this.fileRanges(memfd.name).some((u) => rangesOverlap(at, size, u.start, u.size)) ? undefined : at;
   }
 
   /** The regions once `ops` are applied to the current ones (removes, then sets, then adds, as the broker does). */

@@ -31,8 +31,6 @@ export interface Seen {
   look: () => ProcessView;
   /** The client it is, or whose delegate or back-end it is. */
   client?: ClientProc;
-  /** A vhost-user back-end (it maps each region's memfd from offset 0: invariants.ts, EndsBy). */
-  backend?: boolean;
 }
 
 /** Every process that may reach guest memory: the broker, each client, each process a client handed memory to. */
@@ -51,7 +49,6 @@ export function scan(w: World): Seen[] {
         view: c.backendView(),
         look: () => c.backendView(),
         client: c,
-        backend: true,
       });
   }
   return out;
@@ -224,13 +221,7 @@ export class MomentJudge {
       w.judged.push({
         invariant: 'done-means-done',
         problems: [
-          ...staleAgainst(
-            sliced,
-            `at done (${outcome}) ${s.who}`,
-            s.view.maps,
-            'committed',
-            s.backend ? (memfd) => w.model.writableEnds(after.values(), memfd) : undefined,
-          ),
+          ...staleAgainst(sliced, `at done (${outcome}) ${s.who}`, s.view.maps, 'committed'),
           ...(s.view.lockedBytes > bytes
             ? [`at done (${outcome}) ${s.who} has ${s.view.lockedBytes} bytes locked, more than the committed map's ${bytes} of ordinary memory`]
             : []),

@@ -47,6 +47,21 @@ export function unmappedRegions(w: World): ModelRegion[] {
 }
 
 /**
+ * With bridges (--bridge), whose back-ends map each backing from offset 0, the owner places and takes out
+ * memory so that the writable regions of a backing cover it from offset 0 (the broker refuses anything else
+ * with MMB_ERR_BACKING_PREFIX; `refused` tries that on purpose).
+ */
+export const fromZero = (w: World): boolean => (w.opts.clients.bridge ?? 0) > 0;
+
+/** Whether `ops` keep every backing's prefix inside the writable regions, where that matters (fromZero). */
+export const keepsPrefix = (w: World, ops: readonly CommitOp[]): boolean => !fromZero(w) || w.model.exposes(ops) === undefined;
+
+/** The regions the owner may remove now: unmapped (unmappedRegions), and none a bridge's back-end reaches behind it. */
+export function removableRegions(w: World): ModelRegion[] {
+  return unmappedRegions(w).filter((r) => keepsPrefix(w, [{ op: 'remove', region: r.name }]));
+}
+
+/**
  * A valid add: a free GPA, and either a slice of a held backing (reuse) or a new memfd. With --hugetlb, a
  * region of the hugetlb page's size class (aligned to it) lives on an MFD_HUGETLB memfd, new or held,
  * sliced at page-aligned offsets, while the reserved pages last; the other regions on ordinary memfds.
@@ -67,7 +82,7 @@ export async function planAdd(w: World, name = w.model.regionName(), fixed?: { g
     const held = [...model.backings.values()].filter((b) => b.held && b.memfd.size >= size && b.memfd.pageSize === pageSize);
     if (held.length > 0) {
       const b = rng.pick(held);
-      const at = model.freeOffset(rng, b.memfd, size, pageSize);
+      const at = fromZero(w) ? model.prefixSlot(b.memfd, size) : model.freeOffset(rng, b.memfd, size, pageSize);
       if (at !== undefined) [backing, offset] = [b.id, at];
     }
   }
@@ -77,7 +92,7 @@ export async function planAdd(w: World, name = w.model.regionName(), fixed?: { g
     // Out of reserved hugetlb pages: ordinary memory this time.
     const ps = huge && size <= w.hugeRoom() ? hp : PAGE;
     backing = (await w.newBacking(size + spare, ps)).id;
-    offset = spare > 0 ? rng.int(0, spare / ps) * ps : 0;
+    offset = spare > 0 && !fromZero(w) ? rng.int(0, spare / ps) * ps : 0;
   }
   return { op: 'add', name, gpa, size, backing, offset, readonly: rng.chance(0.15), logDirty: rng.chance(0.15) };
 }
@@ -98,7 +113,7 @@ async function add(w: World): Promise<StepResult> {
 }
 
 async function remove(w: World): Promise<StepResult> {
-  const list = unmappedRegions(w);
+  const list = removableRegions(w);
   // Every region mapped by an IOAS: the guest's invalidation comes first.
   if (list.length === 0 && w.model.regions.size > 0 && w.opts.ioas) return ioasUnmap(w);
   if (list.length === 0) return add(w);
@@ -128,12 +143,15 @@ async function replace(w: World): Promise<StepResult> {
   const r = w.rng.pick(list);
   const a = await planAdd(w, w.model.regionName(), { gpa: r.gpa, size: r.size });
   if (!a) return remove(w);
+  if (!keepsPrefix(w, [{ op: 'remove', region: r.name }, a])) return add(w);
   return expectOk('replace', `${r.name} by ${desc(a)}`, await w.commit([{ op: 'remove', region: r.name }, a]));
 }
 
 function toggle(flag: 'readonly' | 'logDirty') {
   return async (w: World): Promise<StepResult> => {
-    const list = flag === 'readonly' ? unmappedRegions(w) : w.model.list();
+    const list = (flag === 'readonly' ? unmappedRegions(w) : w.model.list()).filter(
+      (r) => flag !== 'readonly' || keepsPrefix(w, [{ op: 'set', region: r.name, readonly: !r.readonly }]),
+    );
     if (list.length === 0) return add(w);
     const r: ModelRegion = w.rng.pick(list);
     const value = !r[flag];
@@ -161,6 +179,7 @@ async function refused(w: World): Promise<StepResult> {
     ...(vfio ? ['reserved'] : []),
     ...(hugeHeld.length > 0 ? ['huge-unaligned'] : []),
     ...(mapped.length > 0 ? ['ram-mapped'] : []),
+    ...(w.of('bridge').length > 0 ? ['backing-prefix'] : []),
   ];
   const kind = rng.pick(kinds);
   let op: AddOp;
@@ -191,6 +210,12 @@ async function refused(w: World): Promise<StepResult> {
   } else if (kind === 'reserved') {
     op = { op: 'add', name, gpa: X86_MSI_WINDOW.start, size: Math.min(b.memfd.size, 2 ** 20), backing: b.id, offset: 0 };
     expect = 'MMB_ERR_RESERVED_RANGE';
+  } else if (kind === 'backing-prefix' && free !== undefined) {
+    // A writable region behind memory in no region of its memfd: a bridge's back-end, which maps the memfd
+    // from offset 0, would reach that memory too (feature MAPS_FROM_ZERO).
+    const fresh = await w.newBacking(2 * PAGE);
+    op = { op: 'add', name, gpa: free, size: PAGE, backing: fresh.id, offset: PAGE };
+    expect = 'MMB_ERR_BACKING_PREFIX';
   } else if (kind === 'unaligned' && free !== undefined) {
     op = { op: 'add', name, gpa: free + 512, size: PAGE, backing: b.id, offset: 0 };
     expect = 'MMB_ERR_UNALIGNED';

@@ -9,7 +9,7 @@ import { JsonProc, spawnNode, type Line } from '../testkit/jsonproc.js';
 import { DIST } from '../testkit/paths.js';
 import type { InvariantName } from './invariants.js';
 import type { ClientKind } from './options.js';
-import { fdCensus, startTime, viewOf, type FdCensus, type ProcessView } from './kernel.js';
+import { emptyCensus, fdCensus, startTime, viewOf, type FdCensus, type ProcessView } from './kernel.js';
 
 export const BROKEN_CLIENT = `${DIST}/harness/broken-client.js`;
 
@@ -39,7 +39,7 @@ export const GONE: ProcessView = Object.freeze({
   alive: false,
   maps: [],
   lockedBytes: 0,
-  census: { memfds: new Map(), bitmaps: 0, sockets: 0, pidfds: 0, other: 0, total: 0 },
+  census: emptyCensus(),
 });
 
 /** A process a client handed memory to (`hand-on`, named to the broker with DELEGATE): not our child. */

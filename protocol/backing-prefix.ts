@@ -9,10 +9,15 @@
 // a gap may hold a removed region's memory, which the back-end would keep mapped after "done".
 //
 // The broker checks this before anything is sent (broker/policy.ts), the harness predicts it.
-import type { Region } from './messages.js';
 
-/** The fields of a region the rule looks at. */
-export type PrefixRegion = Pick<Region, 'name' | 'backing' | 'offset' | 'size' | 'readonly'>;
+/** The fields of a region the rule looks at (a wire Region has them; offsets as plain numbers). */
+export interface PrefixRegion {
+  name: string;
+  backing: number;
+  offset: number;
+  size: number;
+  readonly: boolean;
+}
 
 /** A region whose backing prefix holds memory no writable region covers. */
 export interface PrefixExposure {

@@ -6,7 +6,7 @@
 import { afterEach, describe, expect, it } from 'vitest';
 import { Connection } from '../clients/index.js';
 import { native } from '../native/index.js';
-import { ALL_FEATURES, Feature, Msg, asOffset, exposedPrefix, isMmbError, type MmbError, type PrefixRegion } from '../protocol/index.js';
+import { ALL_FEATURES, Feature, Msg, exposedPrefix, isMmbError, type MmbError, type PrefixRegion } from '../protocol/index.js';
 import { codeOf, defer, embeddedBroker, ownerOf, runCleanups, subscriberOf } from './helpers/embedded.js';
 
 const MiB = 1 << 20;
@@ -15,7 +15,7 @@ afterEach(runCleanups);
 const r = (name: string, backing: number, offset: number, size: number, readonly = false): PrefixRegion => ({
   name,
   backing,
-  offset: asOffset(offset),
+  offset,
   size,
   readonly,
 });

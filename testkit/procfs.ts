@@ -2,6 +2,7 @@
 // open, what state it is in. The judge of every claim the tests, the harness, the fuzzer, the benchmarks
 // and the demo check: nothing here asks the broker or a client.
 import fs from 'node:fs';
+import { VHOST_LOG_NAME } from '../clients/vhost-user/log.js';
 
 export interface FileMapping {
   /** The memfd's name (without "/memfd:" and " (deleted)"). */
@@ -115,6 +116,8 @@ export interface FdCensus {
   memfds: Map<string, number>;
   /** Dirty bitmaps (broker-made memfds) held open. */
   bitmaps: number;
+  /** vhost-user dirty logs (a bridge's memfd shared with its back-end) held open. */
+  vhostLogs: number;
   sockets: number;
   /** pidfds (a broker holds one per socket connection, and those of clients it is fencing). */
   pidfds: number;
@@ -123,13 +126,17 @@ export interface FdCensus {
   total: number;
 }
 
+/** A census of nothing: what a process that is gone holds. */
+export const emptyCensus = (): FdCensus => ({ memfds: new Map(), bitmaps: 0, vhostLogs: 0, sockets: 0, pidfds: 0, other: 0, total: 0 });
+
 /** Classifies the process's open descriptors by what /proc/PID/fd links to; memfds named `memfdPrefix`... by name. */
 export function fdCensus(pid: number | 'self', memfdPrefix: string): FdCensus {
-  const census: FdCensus = { memfds: new Map(), bitmaps: 0, sockets: 0, pidfds: 0, other: 0, total: 0 };
+  const census = emptyCensus();
   for (const target of fdTargets(pid).values()) {
     census.total++;
     const memfd = MEMFD_LINK.exec(target)?.[1];
     if (memfd?.startsWith(BITMAP_PREFIX)) census.bitmaps++;
+    else if (memfd === VHOST_LOG_NAME) census.vhostLogs++;
     else if (memfd?.startsWith(memfdPrefix)) census.memfds.set(memfd, (census.memfds.get(memfd) ?? 0) + 1);
     else if (target.startsWith('socket:')) census.sockets++;
     else if (target === 'anon_inode:[pidfd]' || target.startsWith('pidfd:')) census.pidfds++;
@@ -158,7 +165,7 @@ const exited = (status: string) => /^State:\s+[ZX]/m.test(status);
  * `startTime`).
  */
 export function processView(pid: number, memfdPrefix: string): ProcessView {
-  const dead: ProcessView = { alive: false, maps: [], lockedBytes: 0, census: { memfds: new Map(), bitmaps: 0, sockets: 0, pidfds: 0, other: 0, total: 0 } };
+  const dead: ProcessView = { alive: false, maps: [], lockedBytes: 0, census: emptyCensus() };
   try {
     const status = fs.readFileSync(`/proc/${pid}/status`, 'utf8');
     if (exited(status)) return dead;

@@ -271,7 +271,11 @@ export class VhostUserApplier implements Applier {
     await this.rings.setLogging(false);
     await this.frontend.setLogAll(false);
     this.logging = false;
-    this.log?.clear();
+    // The back-end no longer logs (both confirmed): the log goes with it, so the client holds it only while
+    // something logs (a later logOn makes a new one and sends SET_LOG_BASE; the back-end's mapping of this
+    // one lasts until then, as in QEMU).
+    this.log?.close();
+    this.log = undefined;
     this.logger?.info({ backend: this.frontend.path }, 'vhost-user: dirty logging off');
   }
 

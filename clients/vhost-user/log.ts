@@ -21,6 +21,9 @@ export function logBytesFor(end: number): number {
   return Math.ceil((words * 8) / 4096) * 4096;
 }
 
+/** The name of the log's memfd (as /proc/PID/fd shows it: `/memfd:vhost-log`). */
+export const VHOST_LOG_NAME = 'vhost-log';
+
 export class VhostLog {
   readonly fd: number;
   private mapping: Mapping;
@@ -31,7 +34,7 @@ export class VhostLog {
 
   constructor(end: number) {
     this._size = logBytesFor(end);
-    this.fd = createSealedMemfd('vhost-log', this._size);
+    this.fd = createSealedMemfd(VHOST_LOG_NAME, this._size);
     try {
       this.mapping = native.mmap(this.fd, 0, this._size, constants.PROT_READ | constants.PROT_WRITE, constants.MAP_SHARED);
     } catch (err) {
