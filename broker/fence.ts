@@ -78,6 +78,8 @@ export class Holder {
   state: HolderState = 'holding';
   /** How it was fenced, once it is. */
   how: 'exited' | 'reconciled' | 'detached' | undefined;
+  /** It (or its back-end) maps each backing from offset 0 (ATTACH.limits.mapsFromZero): the rule still holds for it. */
+  mapsFromZero = false;
   readonly since = Date.now();
   readonly fenced: Promise<void>;
   private markFenced!: () => void;

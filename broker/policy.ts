@@ -26,6 +26,7 @@ import {
   exposedPrefix,
   formatSize,
   hex,
+  type ClientRef,
   type DmaRules,
   type PrefixExposure,
   type Region,
@@ -54,7 +55,19 @@ export interface MapAfter {
  * coalescing subscriber will have after it: its current runs kept, only memory new to it coalesced, and
  * a reshape (the fully coalesced map) only where its region limit forces one (coalesce.ts, nextView).
  */
-export function checkSubscribers(plan: Plan, after: MapAfter, subscribers: Iterable<SubscriberSession>, pinBudget: number): Map<SubscriberSession, Region[]> {
+/** A client that maps from offset 0 and may reach memory while not attached (waiting for a publish, or holding). */
+export interface AbsentFromZero {
+  who: string;
+  client: ClientRef;
+}
+
+export function checkSubscribers(
+  plan: Plan,
+  after: MapAfter,
+  subscribers: Iterable<SubscriberSession>,
+  pinBudget: number,
+  absent: readonly AbsentFromZero[] = [],
+): Map<SubscriberSession, Region[]> {
   const views = new Map<SubscriberSession, Region[]>();
   let exposure: PrefixExposure | null | undefined; // null: computed, nothing exposed
   let pinned = 0;
@@ -72,7 +85,7 @@ export function checkSubscribers(plan: Plan, after: MapAfter, subscribers: Itera
     }
     if (s.mapsFromZero) {
       exposure ??= exposedPrefix(after.regions(), touchedBackings(plan)) ?? null;
-      if (exposure) throw backingPrefixError(session, exposure, 'the transaction');
+      if (exposure) throw backingPrefixError(session.describe(), session.ref(), exposure, 'the transaction');
     }
     for (const r of plan.adds) {
       const clash = reported.reserved.find((x) => rangesOverlap(iovaOfGpa(r.gpa), r.size, x.start, x.size));
@@ -114,6 +127,13 @@ export function checkSubscribers(plan: Plan, after: MapAfter, subscribers: Itera
       firstPinner ??= session;
     }
   }
+  // The rule outlives a connection: a client waiting for a publish keeps its old table, a holder keeps
+  // mapping what it had until it is fenced, and either resumes against the map this leads to.
+  const first = absent[0];
+  if (first) {
+    exposure ??= exposedPrefix(after.regions(), touchedBackings(plan)) ?? null;
+    if (exposure) throw backingPrefixError(first.who, first.client, exposure, 'the transaction');
+  }
   if (pinned > pinBudget && firstPinner) {
     throw new PinBudgetError(`pinning clients would pin ${fmt(pinned)} in all; the address space's pin budget is ${fmt(pinBudget)}`, {
       client: firstPinner.ref(),
@@ -134,13 +154,14 @@ function touchedBackings(plan: Plan): Set<number> {
  * The refusal for a client that maps from offset 0 (`what` leaves it `e`): which region, which bytes of its
  * backing, what lies there, and what the owner can do instead.
  */
-export function backingPrefixError(session: Session, e: PrefixExposure, what: string): InstanceType<typeof BackingPrefixError> {
-  const there = e.readonlyThere !== undefined ? `the read-only region ${JSON.stringify(e.readonlyThere)}` : 'memory in no region';
+export function backingPrefixError(who: string, client: ClientRef, e: PrefixExposure, what: string): InstanceType<typeof BackingPrefixError> {
+  const there =
+    e.readonlyThere !== undefined ? `the read-only region ${JSON.stringify(e.readonlyThere)} (and maybe memory in no region)` : 'memory in no region';
   return new BackingPrefixError(
-    `${what} would leave ${session.describe()} the region ${JSON.stringify(e.region)}, and it maps backing ${e.backing} from offset 0 (as vhost-user back-ends map): ` +
+    `${what} would leave ${who} the region ${JSON.stringify(e.region)}, and it maps backing ${e.backing} from offset 0 (as vhost-user back-ends such as DPDK and libvhost-user before QEMU 9.0 map): ` +
       `[${hex(e.start)}, ${hex(e.end)}) of that backing is ${there}, which it would reach writable. ` +
-      'Give such a region a backing of its own at offset 0, or place it right behind writable regions of its backing; remove the regions behind a removed one in the same transaction',
-    { client: session.ref() },
+      'Give such a region a backing of its own at offset 0, or place it right behind writable regions of its backing; keep the regions before it writable, and remove the regions behind a removed one in the same transaction',
+    { client },
   );
 }
 

@@ -75,7 +75,7 @@ import type { AckResult, Session, SubscriberSession } from './session.js';
 import { splitSync } from './sync.js';
 import { coalesce, viewOps } from './coalesce.js';
 import { findFree } from './placement.js';
-import { backingPrefixError, checkSubscribers } from './policy.js';
+import { backingPrefixError, checkSubscribers, type AbsentFromZero } from './policy.js';
 import { DirtyLogging } from './dirty-log.js';
 import { DEFAULT_FENCE_OPTIONS, Fences, type FenceOptions, type Holder, type HolderReason } from './fence.js';
 import { IoSpaces } from './ioas.js';
@@ -335,6 +335,13 @@ export class AddressSpace {
     const session = joining.becomeSubscriber(msg);
     session.spaceName = this.name;
     if (!this._published) {
+      // A client that maps from offset 0 waits only on a map it may follow (later commits keep it so).
+      const exposed = session.subscriber.mapsFromZero ? exposedPrefix(this.map.regions()) : undefined;
+      if (exposed) {
+        session.unattach();
+        session.replyError(requestId, backingPrefixError(session.describe(), session.ref(), exposed, 'the map'));
+        return Promise.resolve();
+      }
       // It keeps what it holds until the owner republished: a map still being rebuilt is never applied.
       const replied = (session.features & Feature.PUBLISH) !== 0;
       if (replied) session.reply(requestId, { client: session.id, epoch: this.epoch, generation: this._generation, sync: 'wait' });
@@ -459,6 +466,7 @@ export class AddressSpace {
     const holder = this.events.held(
       this.fences.add(session.ref(), reason, new Set(session.sentBackings.keys()), session.local || ownersProcess, session.takePidfds()),
     );
+    holder.mapsFromZero = session.isSubscriber() && session.subscriber.mapsFromZero;
     // Through its host IOMMU it may also reach what its IOASes map.
     this.ioas.released(session, holder);
     return holder;
@@ -525,6 +533,20 @@ export class AddressSpace {
     return { gpa: findFree(msg, this.map.regions(), reserved, PAGE_SIZE) };
   }
 
+  /** Clients that map from offset 0 and may reach memory without being attached: waiting for a publish, or holding. */
+  private absentFromZero(): AbsentFromZero[] {
+    const out: AbsentFromZero[] = [];
+    for (const s of this.waiting.keys())
+      if (s.subscriber.mapsFromZero) out.push({ who: `${s.describe()}, waiting for the space to be published,`, client: s.ref() });
+    for (const h of this.fences.all()) {
+      if (h.mapsFromZero) {
+        const { kind, name, id, pid } = h.ref;
+        out.push({ who: `${kind} client ${JSON.stringify(name)} (#${id}, pid ${pid}), whose connection ended while it holds memory,`, client: h.ref });
+      }
+    }
+    return out;
+  }
+
   /** Why a subscriber cannot attach to the map as it is (its region limit, its pin limit, the budget). */
   private attachRefusal(s: SubscriberSession, count: number): MmbError | undefined {
     const { maxRegions, pins, pinLimit } = s.subscriber;
@@ -533,7 +555,7 @@ export class AddressSpace {
     }
     if (s.subscriber.mapsFromZero) {
       const exposed = exposedPrefix(this.map.regions());
-      if (exposed) return backingPrefixError(s, exposed, 'the map');
+      if (exposed) return backingPrefixError(s.describe(), s.ref(), exposed, 'the map');
     }
     if (!pins) return undefined;
     if (this.map.bytes > pinLimit) {
@@ -935,6 +957,7 @@ export class AddressSpace {
       },
       this.subscribers,
       this.limits.pinBudgetBytes,
+      this.absentFromZero(),
     );
     const addOnly = new Set<SubscriberSession>();
     const { results, retry } = await this.runVote(
@@ -1100,6 +1123,7 @@ export class AddressSpace {
       },
       this.subscribers,
       this.limits.pinBudgetBytes,
+      this.absentFromZero(),
     );
     const generation = projected + 1;
     this.map.commit(plan);

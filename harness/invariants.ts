@@ -95,7 +95,7 @@ export type SlicedBy = (memfd: string, writable: boolean) => Range[];
 /**
  * No mapping of a harness memfd outside what the map (`sliced`) slices, writable only where a writable region
  * is. A vhost-user back-end is judged the same: it maps each region's memfd from offset 0 over mmap_offset +
- * size (libvhost-user, DPDK and QEMU all do), and the broker keeps that prefix inside the map's writable
+ * size (DPDK and libvhost-user before QEMU 9.0 do), and the broker keeps that prefix inside the map's writable
  * regions for it (feature MAPS_FROM_ZERO), so every byte it maps must be the map's.
  */
 export function staleAgainst(sliced: SlicedBy, who: string, maps: readonly FileMapping[], what = 'current'): string[] {

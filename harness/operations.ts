@@ -56,6 +56,10 @@ export const fromZero = (w: World): boolean => (w.opts.clients.bridge ?? 0) > 0;
 /** Whether `ops` keep every backing's prefix inside the writable regions, where that matters (fromZero). */
 export const keepsPrefix = (w: World, ops: readonly CommitOp[]): boolean => !fromZero(w) || w.model.exposes(ops) === undefined;
 
+/** A removal of `r`, or `r` made read-only. */
+const prefixOp = (how: 'remove' | 'readonly', r: ModelRegion): CommitOp =>
+  how === 'remove' ? { op: 'remove', region: r.name } : { op: 'set', region: r.name, readonly: true };
+
 /** The regions the owner may remove now: unmapped (unmappedRegions), and none a bridge's back-end reaches behind it. */
 export function removableRegions(w: World): ModelRegion[] {
   return unmappedRegions(w).filter((r) => keepsPrefix(w, [{ op: 'remove', region: r.name }]));
@@ -172,6 +176,9 @@ async function refused(w: World): Promise<StepResult> {
   const vfio = w.of('vfio', true).length > 0 || w.of('shadow').length > 0;
   const hugeHeld = held.filter((x) => x.memfd.pageSize > PAGE);
   const mapped = list.filter((r) => model.ramMapped(r));
+  const bridged = fromZero(w) && w.of('bridge').length > 0;
+  const exposing = (how: 'remove' | 'readonly') =>
+    unmappedRegions(w).filter((r) => (how === 'remove' || !r.readonly) && model.exposes([prefixOp(how, r)]) !== undefined);
   const kinds = [
     'too-small',
     'unaligned',
@@ -179,9 +186,25 @@ async function refused(w: World): Promise<StepResult> {
     ...(vfio ? ['reserved'] : []),
     ...(hugeHeld.length > 0 ? ['huge-unaligned'] : []),
     ...(mapped.length > 0 ? ['ram-mapped'] : []),
-    ...(w.of('bridge').length > 0 ? ['backing-prefix'] : []),
+    ...(bridged ? ['backing-prefix'] : []),
+    ...(bridged && exposing('remove').length > 0 ? ['backing-prefix-remove'] : []),
+    ...(bridged && exposing('readonly').length > 0 ? ['backing-prefix-readonly'] : []),
   ];
   const kind = rng.pick(kinds);
+  if (kind === 'backing-prefix-remove' || kind === 'backing-prefix-readonly') {
+    // Taking a region out from under one behind it in the same memfd, or write-protecting it: a bridge's
+    // back-end, which maps the memfd from offset 0 through the later region, would keep reaching it.
+    const how = kind === 'backing-prefix-remove' ? 'remove' : 'readonly';
+    const r = rng.pick(exposing(how));
+    const res = await w.commit([prefixOp(how, r)]);
+    const got = res.ok ? 'accepted' : res.err.code;
+    return {
+      op: `refused:${kind}`,
+      detail: `${how} ${r.name} -> ${got}`,
+      risky: true,
+      surprises: got === 'MMB_ERR_BACKING_PREFIX' ? [] : [`${how} of ${r.name}, which a region behind it needs: expected MMB_ERR_BACKING_PREFIX, got ${got}`],
+    };
+  }
   let op: AddOp;
   let expect: string;
   if (kind === 'ram-mapped') {

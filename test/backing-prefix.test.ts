@@ -8,6 +8,7 @@ import { Connection } from '../clients/index.js';
 import { native } from '../native/index.js';
 import { ALL_FEATURES, Feature, Msg, exposedPrefix, isMmbError, type MmbError, type PrefixRegion } from '../protocol/index.js';
 import { codeOf, defer, embeddedBroker, ownerOf, runCleanups, subscriberOf } from './helpers/embedded.js';
+import { waitFor } from './helpers/procs.js';
 
 const MiB = 1 << 20;
 afterEach(runCleanups);
@@ -118,6 +119,22 @@ describe('the broker (ATTACH.limits.mapsFromZero)', () => {
     // And such a client cannot attach to that map.
     expect(await codeOf(subscriberOf(broker, { name: 'late', mapsFromZero: true, reconnect: false }))).toBe('MMB_ERR_BACKING_PREFIX');
     expect(st().clients.map((c) => c.name)).not.toContain('late');
+  });
+
+  it('holds for such a client whose connection ended while it holds memory, until it is fenced', async () => {
+    const { broker, owner, ram } = await setup();
+    await owner.addRegion({ name: 'a', gpa: 0, size: 2 * MiB, backing: ram.backing });
+    const zero = await subscriberOf(broker, { name: 'from-zero', mapsFromZero: true, reconnect: true, reconnectDelayMs: 60_000 });
+    zero.dropConnection();
+    const st = () => broker.status('vm0').spaces[0]!;
+    await waitFor('the dropped client to be a holder', () => (st().holders ?? []).some((h) => h.client.name === 'from-zero'), 10_000);
+    const err = await owner.addRegion({ name: 'b', gpa: 0x1000_0000, size: 2 * MiB, backing: ram.backing, offset: 4 * MiB }).catch((e: unknown) => e);
+    expect(isMmbError(err) && [err.code, err.client?.name]).toEqual(['MMB_ERR_BACKING_PREFIX', 'from-zero']);
+    expect(isMmbError(err) && err.message).toMatch(/connection ended while it holds memory/);
+    expect(st().regions.map((r) => r.name)).toEqual(['a']);
+    // What it may follow still goes in (an add only: it does not wait for the holder).
+    await owner.addRegion({ name: 'b', gpa: 0x1000_0000, size: 2 * MiB, backing: ram.backing, offset: 2 * MiB });
+    expect(st().regions.map((r) => r.name)).toEqual(['a', 'b']);
   });
 
   it('the field needs the feature; a client that wants it refuses a broker connection without it', async () => {
