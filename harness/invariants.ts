@@ -271,7 +271,10 @@ export function leaks(w: World, snap: Snapshot, t: Tally): void {
     // back-end logs (read-only ones are never given), and only then.
     const log = s.client.backend && backendLogging > 0 ? 1 : 0;
     if (c.vhostLogs !== log) p.push(`holds ${c.vhostLogs} vhost-user dirty log(s) while ${backendLogging} writable region(s) log`);
-    if (cb && c.other !== cb.other) p.push(`holds ${c.other} other fds, ${cb.other} after it attached`);
+    // The baseline is read right after the client said ready, when a descriptor of its start-up may still be
+    // open for a moment (a sysfs read on a loaded machine): fewer later lowers it; only more is a leak.
+    if (cb && c.other < cb.other) cb.other = c.other;
+    if (cb && c.other > cb.other) p.push(`holds ${c.other} other fds, ${cb.other} after it attached`);
     t.check(
       'leaks',
       p.map((x) => `${s.client.describe()} ${x}`),
