@@ -104,4 +104,42 @@ describeDpdk('vhost-user front-end: dpdk-testpmd (net_vhost)', () => {
     expect(isMmbError(err) && err.code).toBe('MMB_ERR_CLIENT_LIMIT');
     expect(sub.backendTable()).toHaveLength(8);
   });
+  it('other memory at the same GPA and size (a replace) is remapped by DPDK, which ignores a table that looks the same', async () => {
+    const { pmd, linkUp } = await backends.testpmd('mmb-vhu-dpdk-replace-');
+    const broker = embeddedBroker();
+    const owner = await ownerOf(broker);
+    const { view: ramView, backing } = await mappedBacking(owner, 4 * MiB, 'ram');
+    await owner.addRegion({ name: 'ram0', gpa: 0, size: 4 * MiB, backing });
+    const sub = await bridgeTo(broker, pmd, NET_BRIDGE);
+    const net = await VirtioNet.start(sub, { gpa: 0x1000, timeoutMs: 5000 });
+    defer(() => net.close());
+    const first = await mappedBacking(owner, 1 * MiB, 'rx-first');
+    const second = await mappedBacking(owner, 1 * MiB, 'rx-second', constants.PROT_READ);
+    const rxGpa = 0x4000_0000;
+    const loop = async (marker: string, into: Uint8Array) => {
+      await linkUp(sub.rings.stats.restarts);
+      const received = net.receive(rxGpa + 0x1000, 2048);
+      const f = frame(marker);
+      new Uint8Array(ramView.buffer).set(f, 0x10000);
+      await net.transmit(0x10000, f.length);
+      expect(await received).toBe(f.length);
+      expect(Buffer.from(into.subarray(0x1000 + NET_HDR_BYTES, 0x1000 + NET_HDR_BYTES + f.length)).equals(f)).toBe(true);
+    };
+    await owner.addRegion({ name: 'rx', gpa: rxGpa, size: 1 * MiB, backing: first.backing });
+    await loop('mmb-frame-first', new Uint8Array(first.view.buffer));
+    // The same GPA range, now the second memfd: one transaction. DPDK 22.11 compares tables by gpa, size
+    // and uaddr only, so the bridge sends an empty table before the new one, and testpmd remaps.
+    const tables = sub.stats.setMemTable;
+    await owner.commit([
+      { op: 'remove', region: 'rx' },
+      { op: 'add', name: 'rx-2', gpa: rxGpa, size: 1 * MiB, backing: second.backing, offset: 0 },
+    ]);
+    // At the moment the replace is done, testpmd maps the second memfd and no longer the first.
+    expect(memfdMaps(pmd.pid, 'rx-first')).toEqual([]);
+    expect(memfdMaps(pmd.pid, 'rx-second')).toHaveLength(1);
+    expect(sub.stats.setMemTable).toBe(tables + 2);
+    new Uint8Array(first.view.buffer).fill(0);
+    await loop('mmb-frame-second', new Uint8Array(second.view.buffer));
+    expect(new Uint8Array(first.view.buffer).every((b) => b === 0)).toBe(true);
+  });
 });

@@ -60,6 +60,8 @@ export class VhostUserApplier implements Applier {
   /** The vrings this process drives on the back-end (its virtio drivers register their queues here). */
   readonly rings = new Rings();
   private table = new Map<string, TableEntry>();
+  /** The last table sent with SET_MEM_TABLE (table mode), as the back-end holds it. */
+  private sentTable: readonly TableEntry[] | undefined;
   /** Accepted during a vote without a free slot; given to the back-end by the next change. */
   private deferred = new Map<string, TableEntry>();
   private log: VhostLog | undefined;
@@ -204,8 +206,17 @@ export class VhostUserApplier implements Applier {
     if (this.frontend.closed) throw new DisconnectedError(`the vhost-user back-end at ${this.frontend.path} is disconnected`);
     switch (step.op) {
       case 'table':
+        if (this.mode === 'table' && this.sentTable && onlyMemoryDiffers(this.sentTable, step.entries)) {
+          // DPDK (vhost_memory_changed) keeps its old mappings, and closes the new fds, when a table has the
+          // same regions by gpa, size and uaddr as the last one, whatever their fds and offsets: the same GPA
+          // range given other memory (a replace) would go unseen. An empty table first makes it remap.
+          this.stats.setMemTable++;
+          await this.frontend.setMemTable([], [], true);
+          this.sentTable = [];
+        }
         this.stats.setMemTable++;
         await this.frontend.setMemTable(step.entries, step.entries.map(fdOf), confirm);
+        if (this.mode === 'table') this.sentTable = step.entries;
         this.logger?.debug({ regions: step.entries.map((e) => `${e.name}@${hex(e.gpa)}+${hex(e.size)}`) }, 'vhost-user: SET_MEM_TABLE confirmed');
         return;
       case 'add':
@@ -303,4 +314,14 @@ export class VhostUserApplier implements Applier {
     this.log?.close();
     this.log = undefined;
   }
+}
+
+/** Two tables with the same regions by gpa, size and uaddr in order, where some region is other memory (another key). */
+function onlyMemoryDiffers(before: readonly TableEntry[], after: readonly TableEntry[]): boolean {
+  if (before.length !== after.length || after.length === 0) return false;
+  const same = before.every((b, i) => {
+    const a = after[i] as TableEntry;
+    return a.gpa === b.gpa && a.size === b.size && a.uaddr === b.uaddr;
+  });
+  return same && before.some((b, i) => b.key !== (after[i] as TableEntry).key);
 }
