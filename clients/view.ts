@@ -7,7 +7,7 @@
 // backing's inode and the offset) and how (read-only or not). Two regions with the same key can share one
 // mapping, even across broker restarts (new epoch, new ids, same memfd). logDirty, id and name are
 // metadata: changing only those is an `updated` entry, not a remap.
-import { NoBackingError, NoRegionError, type Gpa, type Offset, type Region, type TxnOp, rangesOverlap } from '../protocol/index.js';
+import { NoBackingError, NoRegionError, type Gpa, type Offset, type Region, type RegionColumns, type TxnOp, rangesOverlap } from '../protocol/index.js';
 import type { DirtyLog } from './dirty.js';
 
 /** A backing as a client holds it: the broker's id, our own fd, and the file's identity. */
@@ -181,7 +181,7 @@ function regionKey(gpa: Gpa, size: number, offset: Offset, f: FileIdentity, read
 }
 
 /** The backing of `r` among `backings`, or the error every view of a region without one is. */
-function backingOf(r: Region, backings: ReadonlyMap<number, LocalBacking>): LocalBacking {
+function backingOf(r: Pick<Region, 'name' | 'backing'>, backings: ReadonlyMap<number, LocalBacking>): LocalBacking {
   const b = backings.get(r.backing);
   if (!b) throw new NoBackingError(`region ${JSON.stringify(r.name)} references backing ${r.backing}, which this client was never sent`);
   return b;
@@ -250,6 +250,71 @@ export function diffRegions(
   const keep = new Set(keys);
   for (const [key, a] of actual) if (!keep.has(key)) change.removed.push(a);
   return change;
+}
+
+/** A part of a snapshot: regions as objects (the plain form), and more as columns (feature COMPACT_SYNC). */
+export interface SnapshotPart {
+  readonly regions: readonly Region[];
+  readonly columns?: RegionColumns | undefined;
+}
+
+/**
+ * A snapshot sync in one pass: the map it sends, by id, and the change that makes what is established
+ * (`actual`) equal it, as diffRegions() over that map would have it. Each region costs one key and, unless
+ * it is established already and unchanged, one view, which is also what the map holds for it: no Region
+ * object is made from columns, and a region established and unchanged (a broker restart) is held as its
+ * established view, which equals it field for field. undefined when two regions of the snapshot share an
+ * id (no broker sends that): the caller then takes the general path.
+ */
+export function diffSnapshot(
+  actual: ReadonlyMap<string, ViewRegion>,
+  parts: readonly SnapshotPart[],
+  backings: ReadonlyMap<number, LocalBacking>,
+  generation: number,
+): { target: Map<number, Region>; change: Change } | undefined {
+  const change: Change = { generation, cause: 'sync', removed: [], updated: [], added: [] };
+  const target = new Map<number, Region>();
+  const first = actual.size === 0;
+  const keys: string[] = [];
+  let count = 0;
+  let matched = 0;
+  let lastId = -1;
+  let f: FileIdentity | undefined;
+  // One region: its key, then the established view when nothing differs, else a new view.
+  const one = (id: number, name: string, gpa: Gpa, size: number, backing: number, offset: Offset, readonly: boolean, logDirty: boolean) => {
+    if (backing !== lastId) {
+      f = identityOf(backingOf({ name, backing }, backings));
+      lastId = backing;
+    }
+    const file = f as FileIdentity;
+    const key = regionKey(gpa, size, offset, file, readonly);
+    const a = first ? undefined : actual.get(key);
+    let v: ViewRegion;
+    if (a === undefined) change.added.push((v = { id, name, gpa, size, backing, offset, readonly, logDirty, file: file.file, key }));
+    else {
+      matched++;
+      if (a.logDirty !== logDirty || a.id !== id || a.name !== name || a.backing !== backing) {
+        v = { id, name, gpa, size, backing, offset, readonly, logDirty, file: file.file, key };
+        change.updated.push({ before: a, after: v });
+      } else v = a;
+    }
+    target.set(id, v);
+    if (!first) keys.push(key);
+  };
+  for (const p of parts) {
+    for (const r of p.regions) one(r.id, r.name, r.gpa, r.size, r.backing, r.offset, r.readonly, r.logDirty);
+    count += p.regions.length;
+    const c = p.columns;
+    if (c === undefined) continue;
+    for (let i = 0; i < c.length; i++) one(c.id(i), c.name(i), c.gpa(i), c.size(i), c.backing(i), c.offset(i), c.readonly(i), c.logDirty(i));
+    count += c.length;
+  }
+  if (target.size !== count) return undefined;
+  // As in diffRegions(): every established region matched, nothing to remove.
+  if (matched === actual.size) return { target, change };
+  const keep = new Set(keys);
+  for (const [key, a] of actual) if (!keep.has(key)) change.removed.push(a);
+  return { target, change };
 }
 
 /**
