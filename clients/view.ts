@@ -418,7 +418,9 @@ export function applyOpsTo(map: Map<number, Region>, ops: readonly TxnOp[]): Map
     else if (op.op === 'set') {
       const r = map.get(op.region);
       if (!r) throw new NoRegionError(`the transaction changes region ${op.region}, which this client does not have`);
-      map.set(r.id, { ...r, readonly: op.readonly, logDirty: op.logDirty });
+      // Spelled out: `r` may be a view (diffSnapshot's map holds them), whose key and file the new access
+      // would make wrong.
+      map.set(r.id, { id: r.id, name: r.name, gpa: r.gpa, size: r.size, backing: r.backing, offset: r.offset, readonly: op.readonly, logDirty: op.logDirty });
     } else map.set(op.region.id, op.region);
   }
   return map;
