@@ -98,6 +98,9 @@ function words(bin: Uint8Array, bytes: number): Uint32Array {
   return w;
 }
 
+/** Word index of the gpa column in RegionColumns' words (after the two header words). */
+const GPA_AT = 2;
+
 /**
  * A sync part's regions as they arrived: checked, and read in place rather than copied into one object per
  * region. A 65,536-region snapshot made of Region objects cost the new subscriber 65,536 objects (and a
@@ -178,9 +181,6 @@ export class RegionColumns implements Iterable<Region> {
     for (let i = 0; i < this.length; i++) yield this.region(i);
   }
 }
-
-/** Word index of the gpa column in RegionColumns' words (after the two header words). */
-const GPA_AT = 2;
 
 /**
  * The regions in `bin` (the client side), checked as the plain form is. Throws BadMessageError naming
