@@ -260,49 +260,76 @@ export function diffSnapshot(
   backings: ReadonlyMap<number, LocalBacking>,
   generation: number,
 ): { target: Map<number, Region>; change: Change } | undefined {
-  const change: Change = { generation, cause: 'sync', removed: [], updated: [], added: [] };
-  const target = new Map<number, Region>();
-  const first = actual.size === 0;
-  const keys: string[] = [];
+  const d = new SnapshotDiff(actual, backings, generation);
   let count = 0;
-  let matched = 0;
-  let lastId = -1;
-  let f: FileIdentity | undefined;
-  // One region: its key, then the established view when nothing differs, else a new view.
-  const one = (id: number, name: string, gpa: Gpa, size: number, backing: number, offset: Offset, readonly: boolean, logDirty: boolean) => {
-    if (backing !== lastId) {
-      f = identityOf(backingOf({ name, backing }, backings));
-      lastId = backing;
-    }
-    const file = f as FileIdentity;
-    const key = regionKey(gpa, size, offset, file, readonly);
-    const a = first ? undefined : actual.get(key);
-    let v: ViewRegion;
-    if (a === undefined) change.added.push((v = { id, name, gpa, size, backing, offset, readonly, logDirty, file: file.file, key }));
-    else {
-      matched++;
-      if (a.logDirty !== logDirty || a.id !== id || a.name !== name || a.backing !== backing) {
-        v = { id, name, gpa, size, backing, offset, readonly, logDirty, file: file.file, key };
-        change.updated.push({ before: a, after: v });
-      } else v = a;
-    }
-    target.set(id, v);
-    if (!first) keys.push(key);
-  };
+  // A call of a small function per part: after a deopt (V8 deciding to allocate the views in the old
+  // generation) the next part starts in freshly compiled code rather than waiting for the loop to be
+  // compiled on the stack again.
   for (const p of parts) {
-    for (const r of p.regions) one(r.id, r.name, r.gpa, r.size, r.backing, r.offset, r.readonly, r.logDirty);
+    addRegions(d, p.regions);
     count += p.regions.length;
-    const c = p.columns;
-    if (c === undefined) continue;
-    for (let i = 0; i < c.length; i++) one(c.id(i), c.name(i), c.gpa(i), c.size(i), c.backing(i), c.offset(i), c.readonly(i), c.logDirty(i));
-    count += c.length;
+    if (p.columns === undefined) continue;
+    addColumns(d, p.columns);
+    count += p.columns.length;
   }
+  const { target, change } = d;
   if (target.size !== count) return undefined;
   // As in diffRegions(): every established region matched, nothing to remove.
-  if (matched === actual.size) return { target, change };
-  const keep = new Set(keys);
+  if (d.matched === actual.size) return { target, change };
+  const keep = new Set(d.keys);
   for (const [key, a] of actual) if (!keep.has(key)) change.removed.push(a);
   return { target, change };
+}
+
+function addRegions(d: SnapshotDiff, regions: readonly Region[]): void {
+  for (const r of regions) d.add(r.id, r.name, r.gpa, r.size, r.backing, r.offset, r.readonly, r.logDirty);
+}
+
+function addColumns(d: SnapshotDiff, c: RegionColumns): void {
+  for (let i = 0; i < c.length; i++) d.add(c.id(i), c.name(i), c.gpa(i), c.size(i), c.backing(i), c.offset(i), c.readonly(i), c.logDirty(i));
+}
+
+/** diffSnapshot()'s state while it goes through the regions. */
+class SnapshotDiff {
+  readonly change: Change;
+  readonly target = new Map<number, Region>();
+  /** The snapshot's keys, when something is established (to find what it no longer has). */
+  readonly keys: string[] = [];
+  matched = 0;
+  private readonly first: boolean;
+  private lastBacking = -1;
+  private file: FileIdentity | undefined;
+
+  constructor(
+    private readonly actual: ReadonlyMap<string, ViewRegion>,
+    private readonly backings: ReadonlyMap<number, LocalBacking>,
+    generation: number,
+  ) {
+    this.change = { generation, cause: 'sync', removed: [], updated: [], added: [] };
+    this.first = actual.size === 0;
+  }
+
+  /** One region: its key, then the established view when nothing differs, else a new view. */
+  add(id: number, name: string, gpa: Gpa, size: number, backing: number, offset: Offset, readonly: boolean, logDirty: boolean): void {
+    if (backing !== this.lastBacking) {
+      this.file = identityOf(backingOf({ name, backing }, this.backings));
+      this.lastBacking = backing;
+    }
+    const f = this.file as FileIdentity;
+    const key = regionKey(gpa, size, offset, f, readonly);
+    const a = this.first ? undefined : this.actual.get(key);
+    let v: ViewRegion;
+    if (a === undefined) this.change.added.push((v = { id, name, gpa, size, backing, offset, readonly, logDirty, file: f.file, key }));
+    else {
+      this.matched++;
+      if (a.logDirty !== logDirty || a.id !== id || a.name !== name || a.backing !== backing) {
+        v = { id, name, gpa, size, backing, offset, readonly, logDirty, file: f.file, key };
+        this.change.updated.push({ before: a, after: v });
+      } else v = a;
+    }
+    this.target.set(id, v);
+    if (!this.first) this.keys.push(key);
+  }
 }
 
 /**
