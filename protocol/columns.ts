@@ -207,12 +207,41 @@ export function decodeRegionColumns(bin: Uint8Array, path = 'columns'): RegionCo
   }
 
   // One string for every name, cut per region: latin1 maps bytes to characters one to one, which is the
-  // name itself when it is ASCII. A name with other bytes is decoded on its own, after checking its UTF-8.
+  // name itself when it is ASCII. The common case is checked in bulk: the lengths add up to the bytes that
+  // arrived, and one scan of the string finds no control character and nothing beyond ASCII; then each
+  // name is a cut. Anything else takes the loop that checks name by name (and names what is wrong).
   const buf = Buffer.from(bin.buffer, bin.byteOffset, bin.byteLength);
   const all = buf.toString('latin1', namesAt);
   const names = new Array<string>(n);
-  let at = namesAt;
+  let total = 0;
+  let lengthsOk = true;
   for (let i = 0; i < n; i++) {
+    const len = bin[lengthAt + i] as number;
+    if (len < 1 || len > MAX_NAME_BYTES) lengthsOk = false;
+    total += len;
+  }
+  if (lengthsOk && total === all.length && !NOT_PLAIN_ASCII.test(all)) {
+    let at = 0;
+    for (let i = 0; i < n; i++) {
+      const stop = at + (bin[lengthAt + i] as number);
+      names[i] = all.slice(at, stop);
+      at = stop;
+    }
+  } else checkNames(bin, buf, all, names, namesAt, lengthAt, path);
+  return new RegionColumns(n, w, bin, names);
+}
+
+/** A control character or a byte beyond ASCII (in the latin1 string of the names' bytes). */
+// eslint-disable-next-line no-control-regex -- control characters are what it looks for
+const NOT_PLAIN_ASCII = /[\u0000-\u001f\u007f-\u00ff]/;
+
+/**
+ * The names one by one into `names`, each checked: its length, that it arrived, no control characters,
+ * valid UTF-8 when it has bytes beyond ASCII; nothing after the last. Throws naming the first one wrong.
+ */
+function checkNames(bin: Uint8Array, buf: Buffer, all: string, names: string[], namesAt: number, lengthAt: number, path: string): void {
+  let at = namesAt;
+  for (let i = 0; i < names.length; i++) {
     const len = bin[lengthAt + i] as number;
     if (len < 1 || len > MAX_NAME_BYTES) fail(path, `name[${i}] of ${len} bytes is outside 1..${MAX_NAME_BYTES}`);
     const stop = at + len;
@@ -227,7 +256,6 @@ export function decodeRegionColumns(bin: Uint8Array, path = 'columns'): RegionCo
     at = stop;
   }
   if (at !== bin.length) fail(path, `${bin.length - at} bytes after the last name`);
-  return new RegionColumns(n, w, bin, names);
 }
 
 /** The u64 columns in their order, for errors. */

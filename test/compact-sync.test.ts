@@ -96,6 +96,15 @@ describe('EV_SYNC.columns (protocol/columns.ts)', () => {
       }),
       { numRuns: 300 },
     );
+    // Names of printable ASCII only (what the decoder checks in bulk), as well.
+    const ascii = fc.string({ unit: fc.integer({ min: 0x20, max: 0x7e }).map((c) => String.fromCharCode(c)), minLength: 1, maxLength: 64 });
+    fc.assert(
+      fc.property(fc.array(arbRegion, { minLength: 1, maxLength: 40 }), fc.array(ascii, { minLength: 40, maxLength: 40 }), (rs, names) => {
+        const regions = rs.map((r, i) => ({ ...r, name: names[i]! }));
+        expect([...decodeRegionColumns(encodeRegionColumns(regions))]).toEqual(regions);
+      }),
+      { numRuns: 300 },
+    );
   });
 
   it('every broken rule is MMB_ERR_BAD_MESSAGE naming what is wrong', () => {
