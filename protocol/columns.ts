@@ -194,17 +194,12 @@ export function decodeRegionColumns(bin: Uint8Array, path = 'columns'): RegionCo
   const namesAt = COLUMNS_HEADER_BYTES + COLUMNS_BYTES_PER_REGION * n;
   if (namesAt > bin.length) fail(path, `${n} regions need at least ${namesAt} bytes, ${bin.length} arrived`);
   const w = words(bin, COLUMNS_HEADER_BYTES + 32 * n);
-  const highs = GPA_AT + 1;
   const flagsAt = COLUMNS_HEADER_BYTES + 32 * n;
   const lengthAt = flagsAt + n;
-  // The u64 columns are one run of 3n (low, high) word pairs: every high word must be below 2^21.
-  for (let k = 0; k < 3 * n; k++) {
-    if ((w[highs + 2 * k] as number) > MAX_HIGH) fail(path, `${U64_COLUMNS[Math.floor(k / n)]}[${k % n}] is 2^53 or more`);
-  }
-  for (let i = 0; i < n; i++) {
-    const flags = bin[flagsAt + i] as number;
-    if (flags > (READONLY | LOG_DIRTY)) fail(path, `flags[${i}] 0x${flags.toString(16)} has bits other than readonly (1) and logDirty (2)`);
-  }
+  // Every loop is a function of its own: V8 compiles a long loop while it runs (on-stack replacement),
+  // and code after it that had not run yet made that compiled code give up at the end of every call.
+  checkHighs(w, n, path);
+  checkFlags(bin, flagsAt, n, path);
 
   // One string for every name, cut per region: latin1 maps bytes to characters one to one, which is the
   // name itself when it is ASCII. The common case is checked in bulk: the lengths add up to the bytes that
@@ -213,22 +208,45 @@ export function decodeRegionColumns(bin: Uint8Array, path = 'columns'): RegionCo
   const buf = Buffer.from(bin.buffer, bin.byteOffset, bin.byteLength);
   const all = buf.toString('latin1', namesAt);
   const names = new Array<string>(n);
+  if (namesLength(bin, lengthAt, n) === all.length && !NOT_PLAIN_ASCII.test(all)) cutNames(bin, all, lengthAt, names);
+  else checkNames(bin, buf, all, names, namesAt, lengthAt, path);
+  return new RegionColumns(n, w, bin, names);
+}
+
+/** The u64 columns are one run of 3n (low, high) word pairs: every high word must be below 2^21. */
+function checkHighs(w: Uint32Array, n: number, path: string): void {
+  for (let k = 0; k < 3 * n; k++) {
+    if ((w[GPA_AT + 1 + 2 * k] as number) > MAX_HIGH) fail(path, `${U64_COLUMNS[Math.floor(k / n)]}[${k % n}] is 2^53 or more`);
+  }
+}
+
+function checkFlags(bin: Uint8Array, flagsAt: number, n: number, path: string): void {
+  for (let i = 0; i < n; i++) {
+    const flags = bin[flagsAt + i] as number;
+    if (flags > (READONLY | LOG_DIRTY)) fail(path, `flags[${i}] 0x${flags.toString(16)} has bits other than readonly (1) and logDirty (2)`);
+  }
+}
+
+/** The names' lengths added up, or -1 when one is outside 1..64. */
+function namesLength(bin: Uint8Array, lengthAt: number, n: number): number {
   let total = 0;
-  let lengthsOk = true;
+  let ok = true;
   for (let i = 0; i < n; i++) {
     const len = bin[lengthAt + i] as number;
-    if (len < 1 || len > MAX_NAME_BYTES) lengthsOk = false;
+    ok = ok && len >= 1 && len <= MAX_NAME_BYTES;
     total += len;
   }
-  if (lengthsOk && total === all.length && !NOT_PLAIN_ASCII.test(all)) {
-    let at = 0;
-    for (let i = 0; i < n; i++) {
-      const stop = at + (bin[lengthAt + i] as number);
-      names[i] = all.slice(at, stop);
-      at = stop;
-    }
-  } else checkNames(bin, buf, all, names, namesAt, lengthAt, path);
-  return new RegionColumns(n, w, bin, names);
+  return ok ? total : -1;
+}
+
+/** Each name cut from `all` (names checked in bulk). */
+function cutNames(bin: Uint8Array, all: string, lengthAt: number, names: string[]): void {
+  let at = 0;
+  for (let i = 0; i < names.length; i++) {
+    const stop = at + (bin[lengthAt + i] as number);
+    names[i] = all.slice(at, stop);
+    at = stop;
+  }
 }
 
 /** A control character or a byte beyond ASCII (in the latin1 string of the names' bytes). */
