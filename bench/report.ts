@@ -354,9 +354,10 @@ function whyMissed(all: Map<string, Result>): string[] {
       `**${snap.name}** (${fmt(snap.median, 'ms')}, goal ${snap.goal}${snap.peer ? `; the plain form in the same run: ${fmt(snap.peer.median, 'ms')}` : ''}). The broker's part is small: it sends the map as ` +
         `${typeof sc?.syncFrames === 'number' && typeof sc.syncCompactBytes === 'number' ? `${sc.syncFrames} EV_SYNC frames (${fmt(sc.syncCompactBytes / 2 ** 20, 'MiB')} as columns)` : 'EV_SYNC frames of at most the frame limit'} ` +
         `in a few milliseconds while the subscriber decodes the first ones. The time is the subscriber's, ${series === 'snapshot' ? 'a fresh Node process' : 'a Node process that holds every region already'}: ` +
-        `a Region object per region from the columns, its view (a key string and a view object), the target map and the maps of what is established keyed by key and by id, ` +
+        `the columns are read in place (no Region object is made from them), and each region costs a view object, its key string and its name, ` +
+        `entered in three maps (the committed map by id, which holds the views, and what is established by key and by id), ` +
         `and garbage collection${snapGc ? ` (${fmt(snapGc.median, 'ms')} in the snapshot, from perf_hooks in the same run)` : ''}: ` +
-        `allocation-bound work of a few hundred nanoseconds per region. The CPU time in the note shows how much of the wall time was the subscriber's own on this machine.`,
+        `allocation-bound work of a few hundred nanoseconds per region in a process whose code V8 has not compiled yet. The CPU time in the note shows how much of the wall time was the subscriber's own on this machine.`,
     );
   }
   const qh = all.get('qemu-hotplug');

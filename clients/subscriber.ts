@@ -48,6 +48,7 @@ import {
   changeFromOps,
   diff,
   diffRegions,
+  diffSnapshot,
   inverse,
   isEmpty,
   splitChange,
@@ -669,19 +670,25 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
         closeAll([b.fd]);
       }
     }
-    let target: Map<number, Region>;
-    if (mode === 'snapshot') {
-      target = new Map();
-    } else {
-      target = new Map(this.committed);
-      for (const p of parts) for (const id of p.removed) target.delete(id);
-    }
-    for (const p of parts) {
-      for (const r of p.regions) target.set(r.id, r);
-      // Feature COMPACT_SYNC: the part's regions came as columns (decoded and checked by the protocol layer).
-      if (p.columns) for (const r of p.columns) target.set(r.id, r);
-    }
-    const change = await this.establish(conn, seq, () => this.fullChange(target, generation, 'sync'));
+    let target = new Map<number, Region>();
+    const change = await this.establish(conn, seq, () => {
+      // A snapshot (the large syncs: a new subscriber, a broker restart) in one pass (view.ts diffSnapshot).
+      const snapshot = mode === 'snapshot' ? diffSnapshot(this.actual, parts, this.backings, generation) : undefined;
+      if (snapshot) {
+        target = snapshot.target;
+        return snapshot.change;
+      }
+      if (mode === 'delta') {
+        target = new Map(this.committed);
+        for (const p of parts) for (const id of p.removed) target.delete(id);
+      }
+      for (const p of parts) {
+        for (const r of p.regions) target.set(r.id, r);
+        // Feature COMPACT_SYNC: the part's regions came as columns (decoded and checked by the protocol layer).
+        if (p.columns) for (const r of p.columns) target.set(r.id, r);
+      }
+      return this.fullChange(target, generation, 'sync');
+    });
     if (!change) return;
     // The broker sent every current bitmap before this sync; any other is from an earlier connection
     // (a region that stopped logging meanwhile, or a broker that restarted) and nobody collects it.

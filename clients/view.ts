@@ -7,7 +7,7 @@
 // backing's inode and the offset) and how (read-only or not). Two regions with the same key can share one
 // mapping, even across broker restarts (new epoch, new ids, same memfd). logDirty, id and name are
 // metadata: changing only those is an `updated` entry, not a remap.
-import { NoBackingError, NoRegionError, type Gpa, type Offset, type Region, type TxnOp, rangesOverlap } from '../protocol/index.js';
+import { NoBackingError, NoRegionError, type Gpa, type Offset, type Region, type RegionColumns, type TxnOp, rangesOverlap } from '../protocol/index.js';
 import type { DirtyLog } from './dirty.js';
 
 /** A backing as a client holds it: the broker's id, our own fd, and the file's identity. */
@@ -101,36 +101,46 @@ export interface Applier {
 interface FileIdentity {
   /** "dev:ino". */
   readonly file: string;
-  // dev and ino as bytes, least significant first (see regionKey).
-  readonly d: readonly number[];
+  /** This process's number for the file (see regionKey). */
+  readonly index: number;
 }
 
 const identities = new WeakMap<LocalBacking, FileIdentity>();
 
-/** The 7 bytes of an integer below 2^53, least significant first. */
-function bytes7(x: number): number[] {
-  const lo = x >>> 0;
-  const hi = (x - lo) / 0x1_0000_0000;
-  return [lo & 255, (lo >>> 8) & 255, (lo >>> 16) & 255, lo >>> 24, hi & 255, (hi >>> 8) & 255, hi >>> 16];
-}
+/**
+ * A number per backing file ("dev:ino") this process has seen, in the order it saw them: keys are local to
+ * the process (nothing outside it reads one), and one number stands for the 14 bytes of dev and ino in
+ * every key. An entry per file for the life of the process: a few dozen bytes each.
+ */
+const fileIndexes = new Map<string, number>();
 
 function identityOf(b: LocalBacking): FileIdentity {
   let id = identities.get(b);
   if (id === undefined) {
-    id = { file: `${b.dev}:${b.ino}`, d: [...bytes7(b.dev), ...bytes7(b.ino)] };
+    const file = `${b.dev}:${b.ino}`;
+    let index = fileIndexes.get(file);
+    if (index === undefined) {
+      index = fileIndexes.size;
+      // Two 16-bit units hold it beside the access bit (below).
+      if (index >= 2 ** 31) throw new RangeError('more than 2^31 backing files in one process');
+      fileIndexes.set(file, index);
+    }
+    id = { file, index };
     identities.set(b, id);
   }
   return id;
 }
 
 /**
- * The key of an establishment: gpa, size, offset, the backing file's dev and ino, access. Every integer
- * (exact, below 2^53) is written as its 7 bytes, one character each, so equal tuples give equal strings and
- * different tuples different ones (fixed width, no separators needed), and every character is below 256,
- * which keeps it a one-byte string (half the memory, and V8 builds and hashes those faster). Opaque:
- * nothing parses it. The decimal template it replaces (`${gpa}+${size}@${dev}:${ino}+${offset}:rw`) cost a
- * number-to-string conversion per field and a cons string that every Map lookup flattened: for a
- * 65,536-region snapshot about 60 ms to build and as much again in the maps.
+ * The key of an establishment: gpa, size, offset, the backing file, access. Each integer below 2^53 is
+ * written as four 16-bit code units, least significant first, then the file's number in this process (see
+ * fileIndexes) and the access bit in two more: fixed width, so equal tuples give equal strings and
+ * different tuples different ones, without separators. 14 code units: what V8 builds in one call and hashes
+ * in 14 steps, 40 bytes of heap. Opaque: nothing parses it (code units need not be valid UTF-16). It
+ * replaced one byte per character with dev and ino spelled out (36 characters), and before that a decimal
+ * template (`${gpa}+${size}@${dev}:${ino}+${offset}:rw`) that cost a number-to-string conversion per field
+ * and a cons string every Map lookup flattened: for a 65,536-region snapshot about 60 ms to build and as
+ * much again in the maps.
  */
 function regionKey(gpa: Gpa, size: number, offset: Offset, f: FileIdentity, readonly: boolean): string {
   const gl = gpa >>> 0;
@@ -139,49 +149,27 @@ function regionKey(gpa: Gpa, size: number, offset: Offset, f: FileIdentity, read
   const sh = (size - sl) / 0x1_0000_0000;
   const ol = offset >>> 0;
   const oh = (offset - ol) / 0x1_0000_0000;
-  const d = f.d;
+  const fi = f.index;
   return String.fromCharCode(
-    gl & 255,
-    (gl >>> 8) & 255,
-    (gl >>> 16) & 255,
-    gl >>> 24,
-    gh & 255,
-    (gh >>> 8) & 255,
+    gl & 0xffff,
+    gl >>> 16,
+    gh & 0xffff,
     gh >>> 16,
-    sl & 255,
-    (sl >>> 8) & 255,
-    (sl >>> 16) & 255,
-    sl >>> 24,
-    sh & 255,
-    (sh >>> 8) & 255,
+    sl & 0xffff,
+    sl >>> 16,
+    sh & 0xffff,
     sh >>> 16,
-    ol & 255,
-    (ol >>> 8) & 255,
-    (ol >>> 16) & 255,
-    ol >>> 24,
-    oh & 255,
-    (oh >>> 8) & 255,
+    ol & 0xffff,
+    ol >>> 16,
+    oh & 0xffff,
     oh >>> 16,
-    d[0] as number,
-    d[1] as number,
-    d[2] as number,
-    d[3] as number,
-    d[4] as number,
-    d[5] as number,
-    d[6] as number,
-    d[7] as number,
-    d[8] as number,
-    d[9] as number,
-    d[10] as number,
-    d[11] as number,
-    d[12] as number,
-    d[13] as number,
-    readonly ? 1 : 0,
+    fi & 0xffff,
+    ((fi >>> 16) << 1) | (readonly ? 1 : 0),
   );
 }
 
 /** The backing of `r` among `backings`, or the error every view of a region without one is. */
-function backingOf(r: Region, backings: ReadonlyMap<number, LocalBacking>): LocalBacking {
+function backingOf(r: Pick<Region, 'name' | 'backing'>, backings: ReadonlyMap<number, LocalBacking>): LocalBacking {
   const b = backings.get(r.backing);
   if (!b) throw new NoBackingError(`region ${JSON.stringify(r.name)} references backing ${r.backing}, which this client was never sent`);
   return b;
@@ -250,6 +238,98 @@ export function diffRegions(
   const keep = new Set(keys);
   for (const [key, a] of actual) if (!keep.has(key)) change.removed.push(a);
   return change;
+}
+
+/** A part of a snapshot: regions as objects (the plain form), and more as columns (feature COMPACT_SYNC). */
+export interface SnapshotPart {
+  readonly regions: readonly Region[];
+  readonly columns?: RegionColumns | undefined;
+}
+
+/**
+ * A snapshot sync in one pass: the map it sends, by id, and the change that makes what is established
+ * (`actual`) equal it, as diffRegions() over that map would have it. Each region costs one key and, unless
+ * it is established already and unchanged, one view, which is also what the map holds for it: no Region
+ * object is made from columns, and a region established and unchanged (a broker restart) is held as its
+ * established view, which equals it field for field. undefined when two regions of the snapshot share an
+ * id (no broker sends that): the caller then takes the general path.
+ */
+export function diffSnapshot(
+  actual: ReadonlyMap<string, ViewRegion>,
+  parts: readonly SnapshotPart[],
+  backings: ReadonlyMap<number, LocalBacking>,
+  generation: number,
+): { target: Map<number, Region>; change: Change } | undefined {
+  const d = new SnapshotDiff(actual, backings, generation);
+  let count = 0;
+  // A call of a small function per part: after a deopt (V8 deciding to allocate the views in the old
+  // generation) the next part starts in freshly compiled code rather than waiting for the loop to be
+  // compiled on the stack again.
+  for (const p of parts) {
+    addRegions(d, p.regions);
+    count += p.regions.length;
+    if (p.columns === undefined) continue;
+    addColumns(d, p.columns);
+    count += p.columns.length;
+  }
+  const { target, change } = d;
+  if (target.size !== count) return undefined;
+  // As in diffRegions(): every established region matched, nothing to remove.
+  if (d.matched === actual.size) return { target, change };
+  const keep = new Set(d.keys);
+  for (const [key, a] of actual) if (!keep.has(key)) change.removed.push(a);
+  return { target, change };
+}
+
+function addRegions(d: SnapshotDiff, regions: readonly Region[]): void {
+  for (const r of regions) d.add(r.id, r.name, r.gpa, r.size, r.backing, r.offset, r.readonly, r.logDirty);
+}
+
+function addColumns(d: SnapshotDiff, c: RegionColumns): void {
+  for (let i = 0; i < c.length; i++) d.add(c.id(i), c.name(i), c.gpa(i), c.size(i), c.backing(i), c.offset(i), c.readonly(i), c.logDirty(i));
+}
+
+/** diffSnapshot()'s state while it goes through the regions. */
+class SnapshotDiff {
+  readonly change: Change;
+  readonly target = new Map<number, Region>();
+  /** The snapshot's keys, when something is established (to find what it no longer has). */
+  readonly keys: string[] = [];
+  matched = 0;
+  private readonly first: boolean;
+  private lastBacking = -1;
+  private file: FileIdentity | undefined;
+
+  constructor(
+    private readonly actual: ReadonlyMap<string, ViewRegion>,
+    private readonly backings: ReadonlyMap<number, LocalBacking>,
+    generation: number,
+  ) {
+    this.change = { generation, cause: 'sync', removed: [], updated: [], added: [] };
+    this.first = actual.size === 0;
+  }
+
+  /** One region: its key, then the established view when nothing differs, else a new view. */
+  add(id: number, name: string, gpa: Gpa, size: number, backing: number, offset: Offset, readonly: boolean, logDirty: boolean): void {
+    if (backing !== this.lastBacking) {
+      this.file = identityOf(backingOf({ name, backing }, this.backings));
+      this.lastBacking = backing;
+    }
+    const f = this.file as FileIdentity;
+    const key = regionKey(gpa, size, offset, f, readonly);
+    const a = this.first ? undefined : this.actual.get(key);
+    let v: ViewRegion;
+    if (a === undefined) this.change.added.push((v = { id, name, gpa, size, backing, offset, readonly, logDirty, file: f.file, key }));
+    else {
+      this.matched++;
+      if (a.logDirty !== logDirty || a.id !== id || a.name !== name || a.backing !== backing) {
+        v = { id, name, gpa, size, backing, offset, readonly, logDirty, file: f.file, key };
+        this.change.updated.push({ before: a, after: v });
+      } else v = a;
+    }
+    this.target.set(id, v);
+    if (!this.first) this.keys.push(key);
+  }
 }
 
 /**
@@ -365,7 +445,9 @@ export function applyOpsTo(map: Map<number, Region>, ops: readonly TxnOp[]): Map
     else if (op.op === 'set') {
       const r = map.get(op.region);
       if (!r) throw new NoRegionError(`the transaction changes region ${op.region}, which this client does not have`);
-      map.set(r.id, { ...r, readonly: op.readonly, logDirty: op.logDirty });
+      // Spelled out: `r` may be a view (diffSnapshot's map holds them), whose key and file the new access
+      // would make wrong.
+      map.set(r.id, { id: r.id, name: r.name, gpa: r.gpa, size: r.size, backing: r.backing, offset: r.offset, readonly: op.readonly, logDirty: op.logDirty });
     } else map.set(op.region.id, op.region);
   }
   return map;

@@ -98,34 +98,168 @@ function words(bin: Uint8Array, bytes: number): Uint32Array {
   return w;
 }
 
+/** Word index of the gpa column in RegionColumns' words (after the two header words). */
+const GPA_AT = 2;
+
+/**
+ * A sync part's regions as they arrived: checked, and read in place rather than copied into one object per
+ * region. A 65,536-region snapshot made of Region objects cost the new subscriber 65,536 objects (and a
+ * heap number each for gpa) that it only read once to build its own view of each region, and the garbage
+ * collector copied them all; a receiver reads the fields it needs by index instead (clients/view.ts
+ * diffSnapshot). Iterating it, or region(i), makes Region objects for code that wants them.
+ *
+ * It keeps views of the bytes it was decoded from (when they are 4-byte aligned on a little-endian host,
+ * as msgpack's copy of a bin always is): they must not change afterwards.
+ */
+export class RegionColumns implements Iterable<Region> {
+  /** How many regions. */
+  readonly length: number;
+  /** The header and the fixed-width columns but the u8 ones, as u32 words in host order. */
+  private readonly w: Uint32Array;
+  private readonly bytes: Uint8Array;
+  private readonly names: string[];
+  /** Word indexes of the u64 columns (low word first) and the u32 columns; byte offset of the flags. */
+  private readonly sizeAt: number;
+  private readonly offsetAt: number;
+  private readonly idAt: number;
+  private readonly backingAt: number;
+  private readonly flagsAt: number;
+
+  /** Only decodeRegionColumns() makes one: what it holds is checked there. */
+  constructor(n: number, w: Uint32Array, bytes: Uint8Array, names: string[]) {
+    this.length = n;
+    this.w = w;
+    this.bytes = bytes;
+    this.names = names;
+    this.sizeAt = GPA_AT + 2 * n;
+    this.offsetAt = this.sizeAt + 2 * n;
+    this.idAt = this.offsetAt + 2 * n;
+    this.backingAt = this.idAt + n;
+    this.flagsAt = COLUMNS_HEADER_BYTES + 32 * n;
+  }
+
+  id(i: number): number {
+    return this.w[this.idAt + i] as number;
+  }
+  name(i: number): string {
+    return this.names[i] as string;
+  }
+  gpa(i: number): Gpa {
+    return ((this.w[GPA_AT + 2 * i + 1] as number) * TWO_32 + (this.w[GPA_AT + 2 * i] as number)) as Gpa;
+  }
+  size(i: number): number {
+    return (this.w[this.sizeAt + 2 * i + 1] as number) * TWO_32 + (this.w[this.sizeAt + 2 * i] as number);
+  }
+  backing(i: number): number {
+    return this.w[this.backingAt + i] as number;
+  }
+  offset(i: number): Offset {
+    return ((this.w[this.offsetAt + 2 * i + 1] as number) * TWO_32 + (this.w[this.offsetAt + 2 * i] as number)) as Offset;
+  }
+  readonly(i: number): boolean {
+    return ((this.bytes[this.flagsAt + i] as number) & READONLY) !== 0;
+  }
+  logDirty(i: number): boolean {
+    return ((this.bytes[this.flagsAt + i] as number) & LOG_DIRTY) !== 0;
+  }
+
+  /** Region i as the plain form's object (its key order, so both give V8 the same shape). */
+  region(i: number): Region {
+    return {
+      id: this.id(i),
+      name: this.name(i),
+      gpa: this.gpa(i),
+      size: this.size(i),
+      backing: this.backing(i),
+      offset: this.offset(i),
+      readonly: this.readonly(i),
+      logDirty: this.logDirty(i),
+    };
+  }
+
+  *[Symbol.iterator](): Iterator<Region> {
+    for (let i = 0; i < this.length; i++) yield this.region(i);
+  }
+}
+
 /**
  * The regions in `bin` (the client side), checked as the plain form is. Throws BadMessageError naming
- * `path` and what is wrong.
+ * `path` and what is wrong. The result reads `bin` in place (see RegionColumns).
  */
-export function decodeRegionColumns(bin: Uint8Array, path = 'columns'): Region[] {
+export function decodeRegionColumns(bin: Uint8Array, path = 'columns'): RegionColumns {
   if (bin.length < COLUMNS_HEADER_BYTES) fail(path, `${bin.length} bytes, shorter than the ${COLUMNS_HEADER_BYTES}-byte header`);
   const head = words(bin, COLUMNS_HEADER_BYTES);
   const n = head[0] as number;
   if (head[1] !== 0) fail(path, 'the reserved header word is not 0');
   const namesAt = COLUMNS_HEADER_BYTES + COLUMNS_BYTES_PER_REGION * n;
   if (namesAt > bin.length) fail(path, `${n} regions need at least ${namesAt} bytes, ${bin.length} arrived`);
-  // Word indexes of the u64 columns (low word first) and the u32 columns; byte offsets of the u8 ones.
   const w = words(bin, COLUMNS_HEADER_BYTES + 32 * n);
-  const gpaAt = 2;
-  const sizeAt = gpaAt + 2 * n;
-  const offsetAt = sizeAt + 2 * n;
-  const idAt = offsetAt + 2 * n;
-  const backingAt = idAt + n;
   const flagsAt = COLUMNS_HEADER_BYTES + 32 * n;
   const lengthAt = flagsAt + n;
+  // Every loop is a function of its own: V8 compiles a long loop while it runs (on-stack replacement),
+  // and code after it that had not run yet made that compiled code give up at the end of every call.
+  checkHighs(w, n, path);
+  checkFlags(bin, flagsAt, n, path);
 
   // One string for every name, cut per region: latin1 maps bytes to characters one to one, which is the
-  // name itself when it is ASCII. A name with other bytes is decoded on its own, after checking its UTF-8.
+  // name itself when it is ASCII. The common case is checked in bulk: the lengths add up to the bytes that
+  // arrived, and one scan of the string finds no control character and nothing beyond ASCII; then each
+  // name is a cut. Anything else takes the loop that checks name by name (and names what is wrong).
   const buf = Buffer.from(bin.buffer, bin.byteOffset, bin.byteLength);
   const all = buf.toString('latin1', namesAt);
-  const regions = new Array<Region>(n);
-  let at = namesAt;
+  const names = new Array<string>(n);
+  if (namesLength(bin, lengthAt, n) === all.length && !NOT_PLAIN_ASCII.test(all)) cutNames(bin, all, lengthAt, names);
+  else checkNames(bin, buf, all, names, namesAt, lengthAt, path);
+  return new RegionColumns(n, w, bin, names);
+}
+
+/** The u64 columns are one run of 3n (low, high) word pairs: every high word must be below 2^21. */
+function checkHighs(w: Uint32Array, n: number, path: string): void {
+  for (let k = 0; k < 3 * n; k++) {
+    if ((w[GPA_AT + 1 + 2 * k] as number) > MAX_HIGH) fail(path, `${U64_COLUMNS[Math.floor(k / n)]}[${k % n}] is 2^53 or more`);
+  }
+}
+
+function checkFlags(bin: Uint8Array, flagsAt: number, n: number, path: string): void {
   for (let i = 0; i < n; i++) {
+    const flags = bin[flagsAt + i] as number;
+    if (flags > (READONLY | LOG_DIRTY)) fail(path, `flags[${i}] 0x${flags.toString(16)} has bits other than readonly (1) and logDirty (2)`);
+  }
+}
+
+/** The names' lengths added up, or -1 when one is outside 1..64. */
+function namesLength(bin: Uint8Array, lengthAt: number, n: number): number {
+  let total = 0;
+  let ok = true;
+  for (let i = 0; i < n; i++) {
+    const len = bin[lengthAt + i] as number;
+    ok = ok && len >= 1 && len <= MAX_NAME_BYTES;
+    total += len;
+  }
+  return ok ? total : -1;
+}
+
+/** Each name cut from `all` (names checked in bulk). */
+function cutNames(bin: Uint8Array, all: string, lengthAt: number, names: string[]): void {
+  let at = 0;
+  for (let i = 0; i < names.length; i++) {
+    const stop = at + (bin[lengthAt + i] as number);
+    names[i] = all.slice(at, stop);
+    at = stop;
+  }
+}
+
+/** A control character or a byte beyond ASCII (in the latin1 string of the names' bytes). */
+// eslint-disable-next-line no-control-regex -- control characters are what it looks for
+const NOT_PLAIN_ASCII = /[\u0000-\u001f\u007f-\u00ff]/;
+
+/**
+ * The names one by one into `names`, each checked: its length, that it arrived, no control characters,
+ * valid UTF-8 when it has bytes beyond ASCII; nothing after the last. Throws naming the first one wrong.
+ */
+function checkNames(bin: Uint8Array, buf: Buffer, all: string, names: string[], namesAt: number, lengthAt: number, path: string): void {
+  let at = namesAt;
+  for (let i = 0; i < names.length; i++) {
     const len = bin[lengthAt + i] as number;
     if (len < 1 || len > MAX_NAME_BYTES) fail(path, `name[${i}] of ${len} bytes is outside 1..${MAX_NAME_BYTES}`);
     const stop = at + len;
@@ -136,29 +270,14 @@ export function decodeRegionColumns(bin: Uint8Array, path = 'columns'): Region[]
       if (c < 0x20 || c === 0x7f) fail(path, `name[${i}]: control characters are not allowed`);
       if (c >= 0x80) high = true;
     }
-    const name = high ? utf8Name(bin, buf, at, len, path, i) : all.slice(at - namesAt, stop - namesAt);
+    names[i] = high ? utf8Name(bin, buf, at, len, path, i) : all.slice(at - namesAt, stop - namesAt);
     at = stop;
-    const gh = w[gpaAt + 2 * i + 1] as number;
-    const sh = w[sizeAt + 2 * i + 1] as number;
-    const oh = w[offsetAt + 2 * i + 1] as number;
-    if (gh > MAX_HIGH || sh > MAX_HIGH || oh > MAX_HIGH) fail(path, `gpa, size or offset [${i}] is 2^53 or more`);
-    const flags = bin[flagsAt + i] as number;
-    if (flags > (READONLY | LOG_DIRTY)) fail(path, `flags[${i}] 0x${flags.toString(16)} has bits other than readonly (1) and logDirty (2)`);
-    // The plain form's key order, so both give V8 the same object shape.
-    regions[i] = {
-      id: w[idAt + i] as number,
-      name,
-      gpa: (gh * TWO_32 + (w[gpaAt + 2 * i] as number)) as Gpa,
-      size: sh * TWO_32 + (w[sizeAt + 2 * i] as number),
-      backing: w[backingAt + i] as number,
-      offset: (oh * TWO_32 + (w[offsetAt + 2 * i] as number)) as Offset,
-      readonly: (flags & READONLY) !== 0,
-      logDirty: (flags & LOG_DIRTY) !== 0,
-    };
   }
   if (at !== bin.length) fail(path, `${bin.length - at} bytes after the last name`);
-  return regions;
 }
+
+/** The u64 columns in their order, for errors. */
+const U64_COLUMNS = ['gpa', 'size', 'offset'] as const;
 
 /** A name with bytes beyond ASCII: checked to be valid UTF-8, then decoded. */
 function utf8Name(bin: Uint8Array, buf: Buffer, at: number, len: number, path: string, i: number): string {

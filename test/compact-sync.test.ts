@@ -2,14 +2,15 @@
 // MMB_ERR_BAD_MESSAGE; a bin is accepted only there and only with the feature; a subscriber with the
 // feature and one without (and a raw socket client of each kind) hold the same map after a snapshot and
 // after a broker restart's resync. Region keys: equal exactly when gpa, size, offset, backing inode and
-// access are equal.
+// access are equal. A snapshot diffed in one pass (diffSnapshot, from objects and from columns) is the
+// general diff of the same map.
 import fs from 'node:fs';
 import fc from 'fast-check';
 import { afterEach, describe, expect, it } from 'vitest';
 import { Broker } from '../broker/index.js';
 import { Connection } from '../clients/connection.js';
 import { OwnerClient, Subscriber } from '../clients/index.js';
-import { toView, type LocalBacking } from '../clients/view.js';
+import { diffRegions, diffSnapshot, toView, type LocalBacking, type ViewRegion } from '../clients/view.js';
 import { native } from '../native/index.js';
 import {
   ALL_FEATURES,
@@ -87,11 +88,20 @@ describe('EV_SYNC.columns (protocol/columns.ts)', () => {
       fc.property(fc.array(arbRegion, { maxLength: 40 }), (regions) => {
         const bin = encodeRegionColumns(regions);
         expect(bin.length).toBe(COLUMNS_HEADER_BYTES + COLUMNS_BYTES_PER_REGION * regions.length + regions.reduce((n, r) => n + Buffer.byteLength(r.name), 0));
-        expect(decodeRegionColumns(bin)).toEqual(regions);
+        expect([...decodeRegionColumns(bin)]).toEqual(regions);
         // At any alignment of the bytes (a receiver's copy need not be aligned).
         const shifted = new Uint8Array(bin.length + 1).subarray(1);
         shifted.set(bin);
-        expect(decodeRegionColumns(shifted)).toEqual(regions);
+        expect([...decodeRegionColumns(shifted)]).toEqual(regions);
+      }),
+      { numRuns: 300 },
+    );
+    // Names of printable ASCII only (what the decoder checks in bulk), as well.
+    const ascii = fc.string({ unit: fc.integer({ min: 0x20, max: 0x7e }).map((c) => String.fromCharCode(c)), minLength: 1, maxLength: 64 });
+    fc.assert(
+      fc.property(fc.array(arbRegion, { minLength: 1, maxLength: 40 }), fc.array(ascii, { minLength: 40, maxLength: 40 }), (rs, names) => {
+        const regions = rs.map((r, i) => ({ ...r, name: names[i]! }));
+        expect([...decodeRegionColumns(encodeRegionColumns(regions))]).toEqual(regions);
       }),
       { numRuns: 300 },
     );
@@ -147,8 +157,8 @@ describe('EV_SYNC.columns (protocol/columns.ts)', () => {
 
   it('a bin is accepted only in EV_SYNC.columns, only with the feature', () => {
     const columns = encodeRegionColumns([region(0), region(1)]);
-    const ok = parseToClient(frameOf(sync({ columns })), Feature.COMPACT_SYNC) as { columns?: Region[]; regions: Region[] };
-    expect(ok.columns).toEqual([region(0), region(1)]);
+    const ok = parseToClient(frameOf(sync({ columns })), Feature.COMPACT_SYNC) as { columns?: Iterable<Region>; regions: Region[] };
+    expect([...(ok.columns ?? [])]).toEqual([region(0), region(1)]);
     expect(ok.regions).toEqual([]);
     expect(codeOf(() => parseToClient(frameOf(sync({ columns })), ALL_FEATURES & ~Feature.COMPACT_SYNC))).toBe('MMB_ERR_FEATURE');
     // A bin in another field of EV_SYNC, or in another message, is the base protocol's refusal.
@@ -299,5 +309,102 @@ describe('region keys (clients/view.ts)', () => {
       expect(view({ ...base, ...change }).key, JSON.stringify(change)).not.toBe(k);
     }
     expect(view({ ...base, backing: 2 }).key).toBe(k);
+  });
+});
+
+describe('a snapshot in one pass (clients/view.ts diffSnapshot)', () => {
+  const backings = new Map<number, LocalBacking>([
+    [1, { id: 1, name: 'b1', size: 1 << 30, fd: -1, dev: 45, ino: 1001 }],
+    [2, { id: 2, name: 'b2', size: 1 << 30, fd: -1, dev: 45, ino: 1002 }],
+    [3, { id: 3, name: 'b3', size: 1 << 30, fd: -1, dev: 45, ino: 1001 }], // b1's file under another id
+  ]);
+  // Slot i of a small address space; what is established and what the snapshot sends each pick slots and
+  // vary what a region's key and its metadata hold.
+  const arbAt = fc.record({
+    slot: fc.integer({ min: 0, max: 30 }),
+    size: fc.constantFrom(0x1000, 0x2000),
+    backing: fc.constantFrom(1, 1, 2, 3),
+    readonly: fc.boolean(),
+    logDirty: fc.boolean(),
+    id: fc.integer({ min: 0, max: 2 }),
+    name: fc.constantFrom('a', 'b', 'rom-é'),
+  });
+  type At = { slot: number; size: number; backing: number; readonly: boolean; logDirty: boolean; id: number; name: string };
+  // Ids follow the slot (distinct in a map); an established region may have another (id 0 moves it).
+  const regionAt = (a: At): Region => ({
+    id: a.slot * 3 + a.id,
+    name: a.name,
+    gpa: asGpa(0x1_0000_0000 + a.slot * 0x4000),
+    size: a.size,
+    backing: a.backing,
+    offset: asOffset(a.slot * 0x4000),
+    readonly: a.readonly,
+    logDirty: a.logDirty,
+  });
+  const strip = ({ id, name, gpa, size, backing, offset, readonly, logDirty }: Region): Region => ({
+    id,
+    name,
+    gpa,
+    size,
+    backing,
+    offset,
+    readonly,
+    logDirty,
+  });
+  const keysOf = (rs: readonly ViewRegion[]) => rs.map((r) => r.key).sort();
+  const sameChange = (a: ReturnType<typeof diffRegions>, b: ReturnType<typeof diffRegions>) => {
+    expect(keysOf(a.removed)).toEqual(keysOf(b.removed));
+    expect(a.added).toEqual(b.added);
+    expect(a.updated).toEqual(b.updated);
+  };
+
+  it('is the general diff of the map it sends, whether its parts hold objects or columns', () => {
+    fc.assert(
+      fc.property(
+        fc.uniqueArray(arbAt, { selector: (a) => a.slot, maxLength: 12 }),
+        fc.uniqueArray(arbAt, { selector: (a) => a.slot, maxLength: 12 }).map((rs) => rs.map((a) => ({ ...a, id: 1 }))),
+        fc.array(fc.boolean(), { minLength: 12, maxLength: 12 }),
+        fc.array(fc.boolean(), { minLength: 12, maxLength: 12 }),
+        (had, sent, asColumns, cut) => {
+          // Established: views of `had` (one per key), some of them what `sent` sends again.
+          const actual = new Map<string, ViewRegion>();
+          for (const a of had) {
+            const v = toView(regionAt(a), backings);
+            actual.set(v.key, v);
+          }
+          const regions = sent.map(regionAt);
+          const parts: { regions: Region[]; columns?: ReturnType<typeof decodeRegionColumns> }[] = [];
+          let part: Region[] = [];
+          const flush = (i: number) => {
+            parts.push(asColumns[i] ? { regions: [], columns: decodeRegionColumns(encodeRegionColumns(part)) } : { regions: part });
+            part = [];
+          };
+          regions.forEach((r, i) => {
+            part.push(r);
+            if (cut[i]) flush(i);
+          });
+          flush(11);
+          const got = diffSnapshot(actual, parts, backings, 9);
+          expect(got).toBeDefined();
+          const target = new Map(regions.map((r) => [r.id, r]));
+          sameChange(got!.change, diffRegions(actual, target.values(), backings, 9, 'sync'));
+          expect(got!.change).toMatchObject({ generation: 9, cause: 'sync' });
+          expect([...got!.target.keys()]).toEqual([...target.keys()]);
+          expect([...got!.target.values()].map(strip)).toEqual(regions);
+          // A region established and unchanged is held as its established view.
+          const kept = [...got!.target.values()].filter((v) => [...actual.values()].includes(v as ViewRegion));
+          expect(kept.length).toBe(actual.size - got!.change.removed.length - got!.change.updated.length);
+        },
+      ),
+      { numRuns: 500 },
+    );
+  });
+
+  it('leaves a snapshot that repeats an id to the general path; a backing it does not have is MMB_ERR_NO_BACKING, as there', () => {
+    const r = regionAt({ slot: 1, size: 0x1000, backing: 1, readonly: false, logDirty: false, id: 5, name: 'a' });
+    expect(
+      diffSnapshot(new Map(), [{ regions: [r] }, { regions: [], columns: decodeRegionColumns(encodeRegionColumns([{ ...r, gpa: asGpa(0) }])) }], backings, 1),
+    ).toBeUndefined();
+    expect(codeOf(() => diffSnapshot(new Map(), [{ regions: [{ ...r, backing: 9 }] }], backings, 1))).toBe('MMB_ERR_NO_BACKING');
   });
 });
