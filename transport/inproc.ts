@@ -64,6 +64,15 @@ export class InProcessTransport extends EventEmitter<TransportEvents> implements
     peer.deliver({ type: body.t as number, body, fds: fds.map((fd) => native.dup(fd)), size: HEADER_SIZE + bytes.length });
   }
 
+  sendFrame(frame: Uint8Array, fds: readonly number[] = []): void {
+    if (this._closed || this.closing) return;
+    const bytes = frame.subarray(HEADER_SIZE);
+    const body = decodeBody(bytes) as Record<string, unknown>;
+    const peer = this.other;
+    if (!peer || peer._closed) return;
+    peer.deliver({ type: body.t as number, body, fds: fds.map((fd) => native.dup(fd)), size: frame.length });
+  }
+
   end(last?: object): void {
     if (last) this.send(last);
     this.closing = true;
