@@ -282,7 +282,8 @@ export class SharedEvent {
   /** The event with `seq` (the ack `s` owes for it). */
   sendTo(s: Session, seq: number): void {
     if (this.seqFrame === null) this.seqFrame = encodeSeqFrame(this.message, this.maxFrameBytes);
-    if (this.seqFrame === undefined) s.send({ ...this.message, seq });
+    // (A seq beyond 32 bits, after 4 billion acks on one connection, does not fit the shared frame.)
+    if (this.seqFrame === undefined || seq > 0xffff_ffff) s.send({ ...this.message, seq });
     else s.sendFrame(setSeq(this.seqFrame, seq));
   }
 

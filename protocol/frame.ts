@@ -64,8 +64,14 @@ export function encodeSeqFrame(message: { t: number } & Record<string, unknown>,
 
 /** The frame of `f` for `seq`: the same buffer, patched (valid until the next setSeq on it). */
 export function setSeq(f: SeqFrame, seq: number): Buffer {
-  f.frame.writeUInt32BE(seq, f.at);
-  return f.frame;
+  if (seq >>> 0 !== seq) throw new RangeError(`seq ${seq} is not a uint32`);
+  // Byte by byte: Buffer.writeUInt32BE's argument checks showed in the broker's profile.
+  const b = f.frame;
+  b[f.at] = seq >>> 24;
+  b[f.at + 1] = (seq >>> 16) & 0xff;
+  b[f.at + 2] = (seq >>> 8) & 0xff;
+  b[f.at + 3] = seq & 0xff;
+  return b;
 }
 
 /** A complete frame: its message id, decoded body and the descriptors it carried (now owned by the caller). */

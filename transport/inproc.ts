@@ -18,6 +18,7 @@ import {
 } from '../protocol/index.js';
 import type { Credentials, InboundLimits, Transport, TransportEvents } from './transport.js';
 import { closeAll } from './fds.js';
+import { afterCorked } from './cork.js';
 
 const self: Credentials = {
   pid: process.pid,
@@ -99,6 +100,9 @@ export class InProcessTransport extends EventEmitter<TransportEvents> implements
     }
   }
 
+  /** Nothing is corked in-process: delivery is already in order with what was sent before. */
+  flush(): void {}
+
   setRef(_ref: boolean): void {
     // Nothing keeps the event loop alive here: there is no handle.
   }
@@ -116,7 +120,8 @@ export class InProcessTransport extends EventEmitter<TransportEvents> implements
     this.inbox.push(frame);
     if (this.scheduled) return;
     this.scheduled = true;
-    queueMicrotask(() => this.drain());
+    // Not before what this process corked on its sockets earlier (cork.ts): order is kept across transports.
+    if (!afterCorked(() => this.drain())) queueMicrotask(() => this.drain());
   }
 
   private drain(): void {

@@ -151,6 +151,10 @@ export class SocketTransport extends EventEmitter<TransportEvents> implements Tr
     this.corkedBytes = need;
   }
 
+  flush(): void {
+    this.uncork();
+  }
+
   /** Writes the corked frames in one sendmsg (cork.ts), queueing (a copy of) what the socket does not take. */
   uncork(): void {
     const n = this.corkedBytes;
@@ -276,14 +280,14 @@ export class SocketTransport extends EventEmitter<TransportEvents> implements Tr
         this.destroy(this.lastGoodbye ?? new DisconnectedError(`the connection failed (poll status ${status})`));
         return;
       }
-      if (events & constants.POLL_WRITABLE) this.flush();
+      if (events & constants.POLL_WRITABLE) this.writeQueued();
       if (!this._closed && events & (constants.POLL_READABLE | constants.POLL_DISCONNECT) && !this.ending) this.read();
     } catch (err) {
       this.destroy(toMmbError(err));
     }
   }
 
-  private flush(): void {
+  private writeQueued(): void {
     while (this.queue.length > 0 && !this._closed) {
       const p = this.queue[0] as Pending;
       const chunk = p.offset === 0 ? p.data : p.data.subarray(p.offset);

@@ -51,6 +51,11 @@ export interface Transport extends EventEmitter<TransportEvents> {
    * it returns (the caller may change them right after); does nothing once the transport is closed.
    */
   sendFrame(frame: Uint8Array, fds?: readonly number[]): void;
+  /**
+   * Writes now what send() corked (transport/cork.ts) instead of at the end of the event-loop turn: for a
+   * sender that must have a frame out before it does something else observable. No-op in-process.
+   */
+  flush(): void;
   /** Sends `last` if given, then closes once everything queued is flushed (or after a grace period). */
   end(last?: object): void;
   /** Closes now, closing every descriptor the transport still holds. */
