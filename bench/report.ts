@@ -337,7 +337,7 @@ function whyMissed(all: Map<string, Result>): string[] {
         `${serial ? `${ratio(tp.median / serial.median)}x over one at a time (${fmt(serial.median, 'txn/s')})` : 'a multiple of one at a time'}. ` +
         `Each event is encoded once for every subscriber, and frames sent in one turn of the event loop leave in one write per ` +
         `socket, so a subscriber takes the transactions of a wake-up together and acks them in one write (strace, 2,000 ` +
-        `pipelined transactions: the broker's sendmsg calls fell from 16,008 to 264, a subscriber's from 4,000 to 64; ` +
+        `pipelined transactions: the broker's sendmsg calls fell from 16,008 to 2,444, a subscriber's from 4,000 to 402; ` +
         `bench/README.md). What bounds it now is CPU on ${all.get('throughput')?.machine?.cpus ?? 2} CPUs shared by 5 ` +
         `processes: each subscriber still establishes every transaction itself (an mmap or munmap of the region with its ` +
         `address reservation, the change bookkeeping, the ack), and the broker plans, commits and records each one; a ` +

@@ -1,6 +1,7 @@
-// Corked writes: frames without descriptors that a socket transport sends during one event-loop turn leave
-// together, in one write per socket, once the turn's callbacks and their promise chains have run
-// (setImmediate: after the poll phase that delivered what they answer). A subscriber that applies several
+// Corked writes: frames without descriptors that a socket transport sends while handling one event, after
+// the first (which goes out at once, so a lone frame is never delayed), leave together in one write per
+// socket once that event's callback and the promise chains it set off have run (before the event loop looks
+// for the next event). A subscriber that applies several
 // transactions per wake-up thus acks them in one write, and the broker's fan-out wakes each peer once per
 // turn instead of once per frame. Frames are never reordered: a transport flushes its cork before anything
 // that bypasses it (a frame with fds, a large frame, a queued write), and before it ends or closes; an
@@ -47,12 +48,18 @@ export function afterCorked(fn: () => void): boolean {
   return true;
 }
 
-/** `t` has frames corked: they leave at the end of this turn at the latest. */
+/**
+ * `t` has frames corked: they leave once the callback that sent them and every promise it settled have run.
+ * A microtask queues a tick, and Node runs ticks queued by a microtask only after the whole microtask queue
+ * drained (the continuations queued meanwhile included), still before it goes back to the event loop.
+ */
 export function corkUntilTurnEnds(t: Corked): void {
   corked.add(t);
   if (scheduled) return;
   scheduled = true;
-  setImmediate(flushCorked);
+  queueMicrotask(flushAfterMicrotasks);
 }
+
+const flushAfterMicrotasks = (): void => process.nextTick(flushCorked);
 
 process.on('exit', flushCorked);

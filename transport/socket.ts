@@ -1,8 +1,8 @@
 // A framed message stream over a non-blocking Unix stream socket, driven by uv_poll on the event loop.
 // Reads: recvmsg into one reusable buffer, fds with MSG_CMSG_CLOEXEC, MSG_CTRUNC is fatal. Writes: a frame
 // with fds goes out in a sendmsg of its own, so its fds always travel with its first byte (see
-// protocol/frame.ts); small frames without fds are corked for the rest of the event-loop turn and leave in
-// one sendmsg per socket (cork.ts): a subscriber that applies several
+// protocol/frame.ts); of small frames without fds, the first of a turn goes out at once and those that
+// follow it in the same turn are corked and leave together in one sendmsg at its end (cork.ts): a subscriber that applies several
 // transactions per wake-up acks them in one write, a broker sends a window's EV_COMMITTED and the next
 // EV_TXN together. What does not fit is queued (with dup()ed fds) and flushed when the socket turns
 // writable; a peer that lets more than maxOutboundBytes pile up is disconnected (MMB_ERR_SLOW_READER)
@@ -62,6 +62,8 @@ export class SocketTransport extends EventEmitter<TransportEvents> implements Tr
   /** Frames without fds sent this turn, not written yet (cork.ts): corkBuf[0, corkedBytes). They go out before anything later. */
   private corkBuf = Buffer.allocUnsafe(CORK_INITIAL_BYTES);
   private corkedBytes = 0;
+  /** A frame went out uncorked in this turn: the next ones are corked until it ends. */
+  private wroteThisTurn = false;
   private ending = false;
   /** Why the connection closes once what is queued is out (set when the peer ended its stream). */
   private endReason: MmbError | undefined;
@@ -116,11 +118,19 @@ export class SocketTransport extends EventEmitter<TransportEvents> implements Tr
   /** `owned`: `frame` is ours to keep (else it is copied before it is held past this call). */
   private write(frame: Uint8Array, fds: readonly number[], owned: boolean): void {
     if (fds.length === 0 && this.queue.length === 0 && frame.length <= CORK_MAX_BYTES) {
-      this.cork(frame);
-      return;
+      if (this.corkedBytes > 0 || this.wroteThisTurn) {
+        this.cork(frame);
+        return;
+      }
+      // The first frame of a turn goes out at once: a lone frame (one transaction at a time) pays no
+      // delay, and on a shared CPU its receiver may run before this process sleeps. Only what follows it
+      // in the same turn is corked.
+      this.wroteThisTurn = true;
+      corkUntilTurnEnds(this);
+    } else {
+      this.uncork();
+      if (this._closed) return;
     }
-    this.uncork();
-    if (this._closed) return;
     if (this.queue.length === 0) {
       let sent: number | null;
       try {
@@ -157,6 +167,7 @@ export class SocketTransport extends EventEmitter<TransportEvents> implements Tr
 
   /** Writes the corked frames in one sendmsg (cork.ts), queueing (a copy of) what the socket does not take. */
   uncork(): void {
+    this.wroteThisTurn = false;
     const n = this.corkedBytes;
     if (n === 0) return;
     this.corkedBytes = 0;
