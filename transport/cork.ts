@@ -62,4 +62,8 @@ export function corkUntilTurnEnds(t: Corked): void {
 
 const flushAfterMicrotasks = (): void => process.nextTick(flushCorked);
 
-process.on('exit', flushCorked);
+// At exit only the sockets are written: nothing in-process is delivered any more.
+process.on('exit', () => {
+  for (const t of corked) t.uncork();
+  corked.clear();
+});
