@@ -20,7 +20,7 @@ import type { Logger } from 'pino';
 import { CancelledError, Feature, Msg, NotFencedError, type ClientRef, type CommitResult, type MmbError } from '../protocol/index.js';
 import type { Holder, Fences } from './fence.js';
 import type { MemoryMap, Plan } from './map.js';
-import type { AckResult, SubscriberSession } from './session.js';
+import { SharedEvent, type AckResult, type SubscriberSession } from './session.js';
 
 export interface FanOutResult {
   results: Map<SubscriberSession, AckResult>;
@@ -32,6 +32,8 @@ export interface FanOutResult {
 export interface PipelineHost {
   readonly log: Logger;
   readonly ackTimeoutMs: number;
+  /** The frame limit events are encoded against (each encoded once for every subscriber: SharedEvent). */
+  readonly maxFrameBytes: number;
   readonly map: MemoryMap;
   readonly fences: Fences;
   subscribers(): Iterable<SubscriberSession>;
@@ -151,11 +153,12 @@ export class Pipeline {
     };
     this.window.push(entry);
     const access = this.host.access(plan);
+    const txn = new SharedEvent({ t: Msg.EV_TXN, generation, ops: plan.ops }, this.host.maxFrameBytes);
     entry.voted = this.host.fanOut(
       targets,
       (s, seq) => {
         this.host.sendBackings(s, access);
-        s.send({ t: Msg.EV_TXN, seq, generation, ops: plan.ops });
+        txn.sendTo(s, seq);
       },
       generation,
       (s, r) => {
@@ -204,11 +207,11 @@ export class Pipeline {
       // A two-phase subscriber acks every commit of a window: its vote may have left adds for the commit
       // (they replace memory an earlier transaction of the window removes at its own commit).
       const twoPhase: SubscriberSession[] = [];
-      for (const s of host.subscribers()) {
-        if ((s.features & Feature.TWO_PHASE) !== 0) twoPhase.push(s);
-        else s.send({ t: Msg.EV_COMMITTED, generation });
-      }
-      const finishing = host.fanOut(twoPhase, (s, seq) => s.send({ t: Msg.EV_COMMITTED, generation, seq }), generation);
+      const onePhase: SubscriberSession[] = [];
+      for (const s of host.subscribers()) ((s.features & Feature.TWO_PHASE) !== 0 ? twoPhase : onePhase).push(s);
+      const notice = new SharedEvent({ t: Msg.EV_COMMITTED, generation }, host.maxFrameBytes);
+      notice.sendToAll(onePhase);
+      const finishing = host.fanOut(twoPhase, (s, seq) => notice.sendTo(s, seq), generation);
       entry.settle();
       const finished = await finishing;
       const unfinished = [...finished.timedOut];
@@ -241,13 +244,14 @@ export class Pipeline {
     const run = this.window.splice(i);
     const newestFirst = [...run].reverse();
     for (const e of newestFirst) this.host.map.revert(e.plan);
-    const rollbacks = newestFirst.map((e) =>
-      this.host.fanOut(
+    const rollbacks = newestFirst.map((e) => {
+      const rollback = new SharedEvent({ t: Msg.EV_ROLLBACK, generation: e.generation }, this.host.maxFrameBytes);
+      return this.host.fanOut(
         e.targets.filter((s) => !s.closed && this.host.isSubscribed(s)),
-        (s, seq) => s.send({ t: Msg.EV_ROLLBACK, seq, generation: e.generation }),
+        (s, seq) => rollback.sendTo(s, seq),
         e.generation,
-      ),
-    );
+      );
+    });
     const undone = (async () => {
       const failed: Holder[] = [];
       for (const [k, undo] of rollbacks.entries()) {

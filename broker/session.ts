@@ -10,7 +10,21 @@
 // SUBSCRIBER, and only for an event the broker is waiting on.
 import { native } from '../native/index.js';
 import type { Transport } from '../transport/index.js';
-import { Feature, Msg, type Attach, type ClientRef, type DmaRules, type Iova, type MmbError, type Range, type Region } from '../protocol/index.js';
+import {
+  Feature,
+  Msg,
+  encodeFrame,
+  encodeSeqFrame,
+  setSeq,
+  type SeqFrame,
+  type Attach,
+  type ClientRef,
+  type DmaRules,
+  type Iova,
+  type MmbError,
+  type Range,
+  type Region,
+} from '../protocol/index.js';
 import { compactSyncPart } from './sync.js';
 
 export type AckResult = { kind: 'ack' } | { kind: 'nack'; error: MmbError } | { kind: 'timeout' } | { kind: 'gone' };
@@ -202,10 +216,25 @@ export class Session {
 
   /** Allocates the sequence number of an event this session must ack, and returns the ack's promise. */
   expectAck(): { seq: number; done: Promise<AckResult> } {
-    const seq = ++this.seq;
-    if (this.closed) return { seq, done: Promise.resolve({ kind: 'gone' }) };
-    const done = new Promise<AckResult>((resolve) => this.waiters.set(seq, resolve));
+    let seq = 0;
+    const done = new Promise<AckResult>((resolve) => (seq = this.expect(resolve)));
     return { seq, done };
+  }
+
+  /**
+   * Allocates the sequence number of an event this session must ack; `answered` is called once with how it
+   * was answered (at once with 'gone' if the session is closed). No promise: a fan-out counts its answers.
+   */
+  expect(answered: (r: AckResult) => void): number {
+    const seq = ++this.seq;
+    if (this.closed) answered({ kind: 'gone' });
+    else this.waiters.set(seq, answered);
+    return seq;
+  }
+
+  /** Sends a frame encoded once for many sessions (SharedEvent). */
+  sendFrame(frame: Uint8Array): void {
+    this.transport.sendFrame(frame);
   }
 
   /** Resolves the wait for `seq`; false if nothing waited for it (a stale or duplicate ack). */
@@ -235,5 +264,37 @@ export class Session {
   /** Tells the client why (EV_GOODBYE) and closes the connection once that is flushed. */
   goodbye(err: MmbError): void {
     this.transport.end({ t: Msg.EV_GOODBYE, error: err.toWire() });
+  }
+}
+
+/**
+ * One event for many sessions, encoded once (issue 18: the fan-out's cost per subscriber): `sendTo` gives
+ * each its own seq by patching the shared frame (protocol/frame.ts SeqFrame), `sendToAll` sends the same
+ * bytes to each. A message that does not encode that way is encoded per session, as send() would; one
+ * over the frame limit throws FrameTooLargeError for each session, as send() would.
+ */
+export class SharedEvent {
+  private seqFrame: SeqFrame | undefined | null = null;
+  private plain: Buffer | undefined;
+
+  constructor(
+    private readonly message: { t: number } & Record<string, unknown>,
+    private readonly maxFrameBytes: number,
+  ) {}
+
+  /** The event with `seq` (the ack `s` owes for it). */
+  sendTo(s: Session, seq: number): void {
+    if (this.seqFrame === null) this.seqFrame = encodeSeqFrame(this.message, this.maxFrameBytes);
+    // (A seq beyond 32 bits, after 4 billion acks on one connection, does not fit the shared frame.)
+    if (this.seqFrame === undefined || seq > 0xffff_ffff) s.send({ ...this.message, seq });
+    else s.sendFrame(setSeq(this.seqFrame, seq));
+  }
+
+  /** The event as it is (nothing to ack). */
+  sendToAll(sessions: Iterable<Session>): void {
+    for (const s of sessions) {
+      this.plain ??= encodeFrame(this.message, 0, this.maxFrameBytes);
+      s.sendFrame(this.plain);
+    }
   }
 }

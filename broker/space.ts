@@ -71,7 +71,7 @@ import {
 import { BackingTable, type Backing } from './backings.js';
 import { History } from './history.js';
 import { MemoryMap, type Plan } from './map.js';
-import type { AckResult, Session, SubscriberSession } from './session.js';
+import { SharedEvent, type AckResult, type Session, type SubscriberSession } from './session.js';
 import { splitSync } from './sync.js';
 import { coalesce, viewOps } from './coalesce.js';
 import { findFree } from './placement.js';
@@ -239,6 +239,7 @@ export class AddressSpace {
         subscribers: () => this.subscribers,
         isSubscribed: (s) => this.subscribers.has(s),
         fanOut: (...args) => this.fanOut(...args),
+        maxFrameBytes: this.maxFrameBytes,
         access: (plan) => accessOf(plan.adds),
         sendBackings: (s, access) => this.sendBackings(s, access),
         evict: (s, err) => this.evict(s, err),
@@ -840,8 +841,10 @@ export class AddressSpace {
       // Two-phase subscribers remove and reshape now, and ack that; the others did it in the vote.
       // A subscriber whose ops only added established all of it in its vote: nothing to finish, no round.
       const twoPhase = [...this.subscribers].filter((s) => (s.features & Feature.TWO_PHASE) !== 0 && !addOnly.has(s));
-      for (const s of this.subscribers) if ((s.features & Feature.TWO_PHASE) === 0 || addOnly.has(s)) s.send({ t: Msg.EV_COMMITTED, generation });
-      const unfenced = await this.finish(twoPhase, (s, seq) => s.send({ t: Msg.EV_COMMITTED, generation, seq }), generation, holders);
+      // Each event encoded once for every subscriber (SharedEvent).
+      const notice = new SharedEvent({ t: Msg.EV_COMMITTED, generation }, this.maxFrameBytes);
+      notice.sendToAll([...this.subscribers].filter((s) => (s.features & Feature.TWO_PHASE) === 0 || addOnly.has(s)));
+      const unfenced = await this.finish(twoPhase, (s, seq) => notice.sendTo(s, seq), generation, holders);
       this.log.info(
         {
           generation,
@@ -960,17 +963,26 @@ export class AddressSpace {
       this.absentFromZero(),
     );
     const addOnly = new Set<SubscriberSession>();
+    // Everyone who follows the map itself gets the same EV_TXN, encoded once; a coalescing client its own.
+    const txn = new SharedEvent({ t: Msg.EV_TXN, generation, ops: plan.ops }, this.maxFrameBytes);
+    const planAddsOnly = plan.ops.every((op) => op.op === 'add');
+    const rollback = new SharedEvent({ t: Msg.EV_ROLLBACK, generation }, this.maxFrameBytes);
     const { results, retry } = await this.runVote(
       [...this.subscribers],
       (s, seq) => {
         this.sendBackings(s, access);
         this.dirtyLog.send(s, bitmaps);
         const view = views.get(s);
-        const ops = view ? viewOps(s.subscriber.view, view) : plan.ops;
-        if (ops.every((op) => op.op === 'add')) addOnly.add(s);
-        s.send({ t: Msg.EV_TXN, seq, generation, ops });
+        if (view) {
+          const ops = viewOps(s.subscriber.view, view);
+          if (ops.every((op) => op.op === 'add')) addOnly.add(s);
+          s.send({ t: Msg.EV_TXN, seq, generation, ops });
+          return;
+        }
+        if (planAddsOnly) addOnly.add(s);
+        txn.sendTo(s, seq);
       },
-      (s, seq) => s.send({ t: Msg.EV_ROLLBACK, seq, generation }),
+      (s, seq) => rollback.sendTo(s, seq),
       generation,
       holders,
       mayRetry,
@@ -1063,27 +1075,49 @@ export class AddressSpace {
     onResult?: (s: SubscriberSession, r: AckResult) => void,
   ): Promise<FanOutResult> {
     const results = new Map<SubscriberSession, AckResult>();
-    const pending = new Map<SubscriberSession, number>();
-    const waits = targets.map((s) => {
-      const { seq, done } = s.expectAck();
-      pending.set(s, seq);
-      s.subscriber.applying = true;
-      try {
-        send(s, seq);
-      } catch (err) {
-        s.settle(seq, { kind: 'nack', error: err as MmbError });
-      }
-      return done.then((r) => {
+    // One promise and one deadline timer per fan-out, none per subscriber: each answer is counted as it
+    // comes (Session.expect), and the last one resolves the fan-out.
+    const seqs: number[] = new Array<number>(targets.length);
+    let timer: NodeJS.Timeout | undefined;
+    await new Promise<void>((resolve) => {
+      let left = targets.length;
+      let sending = true;
+      // Answers known while the event is still being sent (a closed session, a send that failed) are
+      // handed on once it went to everyone: a refusal's rollback must not overtake the event itself.
+      const early: [SubscriberSession, AckResult][] = [];
+      const answered = (s: SubscriberSession, r: AckResult) => {
+        if (sending) {
+          early.push([s, r]);
+          return;
+        }
         s.subscriber.applying = false;
-        pending.delete(s);
         results.set(s, r);
         onResult?.(s, r);
-      });
+        if (--left === 0) resolve();
+      };
+      for (let i = 0; i < targets.length; i++) {
+        const s = targets[i] as SubscriberSession;
+        const seq = s.expect((r) => answered(s, r));
+        seqs[i] = seq;
+        s.subscriber.applying = true;
+        try {
+          send(s, seq);
+        } catch (err) {
+          s.settle(seq, { kind: 'nack', error: err as MmbError });
+        }
+      }
+      sending = false;
+      if (left === 0) {
+        resolve();
+        return;
+      }
+      timer = setTimeout(() => {
+        targets.forEach((s, i) => {
+          if (!results.has(s)) s.settle(seqs[i] as number, { kind: 'timeout' });
+        });
+      }, this.limits.ackTimeoutMs);
+      for (const [s, r] of early.splice(0)) answered(s, r);
     });
-    const timer = setTimeout(() => {
-      for (const [s, seq] of pending) s.settle(seq, { kind: 'timeout' });
-    }, this.limits.ackTimeoutMs);
-    await Promise.all(waits);
     clearTimeout(timer);
     const timedOut: Holder[] = [];
     for (const [s, r] of results) {

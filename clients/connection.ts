@@ -140,9 +140,14 @@ export class Connection extends EventEmitter<ConnectionEvents> {
     });
   }
 
-  /** Sends a message that has no reply (ACK, NACK). */
+  /** Sends a message that has no reply (ACK, NACK); it may be corked until the end of the turn (flush()). */
   send(message: object): void {
     this.transport.send(message);
+  }
+
+  /** Writes what send() corked now (transport/cork.ts). */
+  flush(): void {
+    this.transport.flush();
   }
 
   close(): void {

@@ -203,6 +203,8 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
   readonly dirty = new DirtyLog();
   private syncParts: EvSync[] = [];
   private chain: Promise<void> = Promise.resolve();
+  /** Events queued on `chain` and not yet handled, the one being handled included. */
+  private queued = 0;
   private closing = false;
   private syncWaiters: { resolve: () => void; reject: (e: MmbError) => void }[] = [];
   private clientId = 0;
@@ -526,9 +528,15 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
   // --- events ---------------------------------------------------------------------------------------
 
   private enqueue(work: () => void | Promise<void>): void {
-    this.chain = this.chain.then(work).catch((err) => {
-      this.emit('error', toMmbError(err));
-    });
+    this.queued++;
+    this.chain = this.chain
+      .then(work)
+      .catch((err) => {
+        this.emit('error', toMmbError(err));
+      })
+      .then(() => {
+        this.queued--;
+      });
   }
 
   private onEvent(conn: Connection, msg: Event, fds: number[]): void {
@@ -908,11 +916,25 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
   }
 
   private ack(conn: Connection, seq: number): void {
-    if (!conn.closed) conn.send({ t: Msg.ACK, seq });
+    if (conn.closed) return;
+    conn.send({ t: Msg.ACK, seq });
+    this.answered(conn);
   }
 
   private nack(conn: Connection, seq: number, err: unknown): void {
     const e = toMmbError(err);
-    if (!conn.closed) conn.send({ t: Msg.NACK, seq, error: e.toWire() });
+    if (conn.closed) return;
+    conn.send({ t: Msg.NACK, seq, error: e.toWire() });
+    this.answered(conn);
+  }
+
+  /**
+   * Answers are batched only while more events wait in the queue (transactions that arrived together, as a
+   * pipelined window's do: their acks leave in one write); the last one goes out at once, before this
+   * client emits anything about it ('synced', 'committed'), so whoever hears of it can count on the broker
+   * having the answer on its way.
+   */
+  private answered(conn: Connection): void {
+    if (this.queued <= 1) conn.flush();
   }
 }

@@ -34,6 +34,46 @@ export function encodeFrame(message: object, nfds: number, maxFrameBytes: number
   return frame;
 }
 
+/**
+ * A frame encoded once for every recipient of one event that differs between them only in `seq` (EV_TXN,
+ * EV_COMMITTED, EV_ROLLBACK: each session numbers its own acks). `frame` is the message with `seq` as its
+ * second key, always as a msgpack uint32 (0xce: valid for any decoder, only not the shortest form), so
+ * setSeq() patches those 4 bytes in place. Undefined when the message does not encode that way (its first
+ * key is not a one-byte `t`): the caller then encodes per recipient.
+ */
+export interface SeqFrame {
+  readonly frame: Buffer;
+  /** Offset of the seq's 4 big-endian bytes in `frame`. */
+  readonly at: number;
+}
+
+const SEQ_KEY = [0xa3, 0x73, 0x65, 0x71, 0xce];
+
+/** `message` (with `t` and without `seq`) as a SeqFrame; throws FrameTooLargeError like encodeFrame. */
+export function encodeSeqFrame(message: { t: number } & Record<string, unknown>, maxFrameBytes: number): SeqFrame | undefined {
+  const { t, ...rest } = message;
+  if (!Number.isInteger(t) || t < 0 || t > 0x7f || 'seq' in rest) return undefined;
+  const frame = encodeFrame({ t, seq: 0xffff_ffff, ...rest }, 0, maxFrameBytes);
+  // fixmap header, fixstr "t", its fixint value, then the seq key and its uint32 token.
+  const at = HEADER_SIZE + 1 + 2 + 1;
+  const h = frame[HEADER_SIZE] as number;
+  if (h < 0x80 || h > 0x8f || frame[HEADER_SIZE + 1] !== 0xa1 || frame[HEADER_SIZE + 2] !== 0x74 || frame[HEADER_SIZE + 3] !== t) return undefined;
+  for (let i = 0; i < SEQ_KEY.length; i++) if (frame[at + i] !== SEQ_KEY[i]) return undefined;
+  return { frame, at: at + SEQ_KEY.length };
+}
+
+/** The frame of `f` for `seq`: the same buffer, patched (valid until the next setSeq on it). */
+export function setSeq(f: SeqFrame, seq: number): Buffer {
+  if (seq >>> 0 !== seq) throw new RangeError(`seq ${seq} is not a uint32`);
+  // Byte by byte: Buffer.writeUInt32BE's argument checks showed in the broker's profile.
+  const b = f.frame;
+  b[f.at] = seq >>> 24;
+  b[f.at + 1] = (seq >>> 16) & 0xff;
+  b[f.at + 2] = (seq >>> 8) & 0xff;
+  b[f.at + 3] = seq & 0xff;
+  return b;
+}
+
 /** A complete frame: its message id, decoded body and the descriptors it carried (now owned by the caller). */
 export interface Frame {
   type: number;

@@ -2,7 +2,20 @@
 // "incomplete", byte-at-a-time feeding gives the same frames, and malformed frames get typed errors.
 import fs from 'node:fs';
 import { describe, expect, it } from 'vitest';
-import { FrameDecoder, MESSAGES, decodeBody, encodeBody, encodeFrame, integerizeFloats, parseToBroker, parseToClient, type Frame } from '../protocol/index.js';
+import {
+  FrameDecoder,
+  MESSAGES,
+  Msg,
+  decodeBody,
+  encodeBody,
+  encodeFrame,
+  encodeSeqFrame,
+  integerizeFloats,
+  parseToBroker,
+  parseToClient,
+  setSeq,
+  type Frame,
+} from '../protocol/index.js';
 import { SAMPLES } from './fixtures/samples.js';
 import { thrownCode as codeOf } from './helpers/throws.js';
 
@@ -83,6 +96,29 @@ describe('wire fixtures', () => {
     d.push(Buffer.concat([a.subarray(3), b]), [77]);
     const got = drain(d);
     expect(got.map((f) => f.fds)).toEqual([[], [77]]);
+  });
+});
+
+describe('events encoded once for many recipients (SeqFrame)', () => {
+  const txn = { t: Msg.EV_TXN, generation: 7, ops: [{ op: 'remove', region: 3 }] };
+  it('each seq patched in decodes, and validates, as that message encoded on its own', () => {
+    const shared = encodeSeqFrame(txn, 1 << 20);
+    expect(shared).toBeDefined();
+    for (const seq of [0, 1, 127, 128, 65_535, 65_536, 0xffff_ffff]) {
+      const d = new FrameDecoder(limits);
+      d.push(setSeq(shared!, seq));
+      const [f] = drain(d);
+      expect(f?.body).toEqual({ ...txn, seq });
+      expect(f?.invalid).toBeUndefined();
+      expect(parseToClient(f!, 0)).toEqual({ ...txn, seq });
+    }
+  });
+  it('a message that does not start with a one-byte t is not shared (the caller encodes it per recipient)', () => {
+    expect(encodeSeqFrame({ t: 200, generation: 1 }, 1 << 20)).toBeUndefined();
+    expect(encodeSeqFrame({ t: Msg.EV_COMMITTED, seq: 1 }, 1 << 20)).toBeUndefined();
+  });
+  it('over the frame limit it throws FRAME_TOO_LARGE, as encodeFrame does', () => {
+    expect(codeOf(() => encodeSeqFrame({ t: Msg.EV_TXN, generation: 1, ops: [] }, 4))).toBe('MMB_ERR_FRAME_TOO_LARGE');
   });
 });
 

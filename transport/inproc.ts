@@ -18,6 +18,7 @@ import {
 } from '../protocol/index.js';
 import type { Credentials, InboundLimits, Transport, TransportEvents } from './transport.js';
 import { closeAll } from './fds.js';
+import { afterCorked } from './cork.js';
 
 const self: Credentials = {
   pid: process.pid,
@@ -64,6 +65,15 @@ export class InProcessTransport extends EventEmitter<TransportEvents> implements
     peer.deliver({ type: body.t as number, body, fds: fds.map((fd) => native.dup(fd)), size: HEADER_SIZE + bytes.length });
   }
 
+  sendFrame(frame: Uint8Array, fds: readonly number[] = []): void {
+    if (this._closed || this.closing) return;
+    const bytes = frame.subarray(HEADER_SIZE);
+    const body = decodeBody(bytes) as Record<string, unknown>;
+    const peer = this.other;
+    if (!peer || peer._closed) return;
+    peer.deliver({ type: body.t as number, body, fds: fds.map((fd) => native.dup(fd)), size: frame.length });
+  }
+
   end(last?: object): void {
     if (last) this.send(last);
     this.closing = true;
@@ -90,6 +100,9 @@ export class InProcessTransport extends EventEmitter<TransportEvents> implements
     }
   }
 
+  /** Nothing is corked in-process: delivery is already in order with what was sent before. */
+  flush(): void {}
+
   setRef(_ref: boolean): void {
     // Nothing keeps the event loop alive here: there is no handle.
   }
@@ -107,7 +120,8 @@ export class InProcessTransport extends EventEmitter<TransportEvents> implements
     this.inbox.push(frame);
     if (this.scheduled) return;
     this.scheduled = true;
-    queueMicrotask(() => this.drain());
+    // Not before what this process corked on its sockets earlier (cork.ts): order is kept across transports.
+    if (!afterCorked(() => this.drain())) queueMicrotask(() => this.drain());
   }
 
   private drain(): void {

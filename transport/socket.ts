@@ -1,8 +1,12 @@
 // A framed message stream over a non-blocking Unix stream socket, driven by uv_poll on the event loop.
-// Reads: recvmsg into one reusable buffer, fds with MSG_CMSG_CLOEXEC, MSG_CTRUNC is fatal. Writes: one
-// sendmsg per frame so a frame's fds always travel with its first byte (see protocol/frame.ts); what does
-// not fit is queued (with dup()ed fds) and flushed when the socket turns writable; a peer that lets more
-// than maxOutboundBytes pile up is disconnected (MMB_ERR_SLOW_READER) instead of growing our memory.
+// Reads: recvmsg into one reusable buffer, fds with MSG_CMSG_CLOEXEC, MSG_CTRUNC is fatal. Writes: a frame
+// with fds goes out in a sendmsg of its own, so its fds always travel with its first byte (see
+// protocol/frame.ts); of small frames without fds, the first of a turn goes out at once and those that
+// follow it in the same turn are corked and leave together in one sendmsg at its end (cork.ts): a subscriber that applies several
+// transactions per wake-up acks them in one write, a broker sends a window's EV_COMMITTED and the next
+// EV_TXN together. What does not fit is queued (with dup()ed fds) and flushed when the socket turns
+// writable; a peer that lets more than maxOutboundBytes pile up is disconnected (MMB_ERR_SLOW_READER)
+// instead of growing our memory.
 import { EventEmitter } from 'eventemitter3';
 import { constants, native, type PollHandle } from '../native/index.js';
 import {
@@ -19,6 +23,7 @@ import {
 } from '../protocol/index.js';
 import type { Credentials, InboundLimits, Transport, TransportEvents } from './transport.js';
 import { closeAll } from './fds.js';
+import { corkUntilTurnEnds, type Corked } from './cork.js';
 
 export interface SocketTransportOptions {
   maxFrameBytes?: number;
@@ -40,9 +45,12 @@ const READ_BUFFER_BYTES = 256 * 1024;
 /** recvmsg calls per readable event before yielding to other connections. */
 const READS_PER_EVENT = 32;
 const END_GRACE_MS = 2000;
+/** Frames up to this size (most of a transaction's: EV_TXN, ACK, EV_COMMITTED, replies) are corked. */
+const CORK_MAX_BYTES = 16 * 1024;
+const CORK_INITIAL_BYTES = 1024;
 const EV_GOODBYE: number = Msg.EV_GOODBYE;
 
-export class SocketTransport extends EventEmitter<TransportEvents> implements Transport {
+export class SocketTransport extends EventEmitter<TransportEvents> implements Transport, Corked {
   readonly kind = 'socket' as const;
   readonly peer: Credentials;
   private readonly fd: number;
@@ -51,6 +59,11 @@ export class SocketTransport extends EventEmitter<TransportEvents> implements Tr
   private readonly readBuf = Buffer.allocUnsafe(READ_BUFFER_BYTES);
   private readonly queue: Pending[] = [];
   private queuedBytes = 0;
+  /** Frames without fds sent this turn, not written yet (cork.ts): corkBuf[0, corkedBytes). They go out before anything later. */
+  private corkBuf = Buffer.allocUnsafe(CORK_INITIAL_BYTES);
+  private corkedBytes = 0;
+  /** A frame went out uncorked in this turn: the next ones are corked until it ends. */
+  private wroteThisTurn = false;
   private ending = false;
   /** Why the connection closes once what is queued is out (set when the peer ended its stream). */
   private endReason: MmbError | undefined;
@@ -94,7 +107,30 @@ export class SocketTransport extends EventEmitter<TransportEvents> implements Tr
 
   send(message: object, fds: readonly number[] = []): void {
     if (this._closed) return;
-    const frame = encodeFrame(message, fds.length, this.maxFrameBytes);
+    this.write(encodeFrame(message, fds.length, this.maxFrameBytes), fds, true);
+  }
+
+  sendFrame(frame: Uint8Array, fds: readonly number[] = []): void {
+    if (this._closed) return;
+    this.write(frame, fds, false);
+  }
+
+  /** `owned`: `frame` is ours to keep (else it is copied before it is held past this call). */
+  private write(frame: Uint8Array, fds: readonly number[], owned: boolean): void {
+    if (fds.length === 0 && this.queue.length === 0 && frame.length <= CORK_MAX_BYTES) {
+      if (this.corkedBytes > 0 || this.wroteThisTurn) {
+        this.cork(frame);
+        return;
+      }
+      // The first frame of a turn goes out at once: a lone frame (one transaction at a time) pays no
+      // delay, and on a shared CPU its receiver may run before this process sleeps. Only what follows it
+      // in the same turn is corked.
+      this.wroteThisTurn = true;
+      corkUntilTurnEnds(this);
+    } else {
+      this.uncork();
+      if (this._closed) return;
+    }
     if (this.queue.length === 0) {
       let sent: number | null;
       try {
@@ -105,11 +141,50 @@ export class SocketTransport extends EventEmitter<TransportEvents> implements Tr
       }
       if (sent === frame.length) return;
       if (sent !== null && sent > 0) {
-        this.enqueue({ data: frame, offset: sent, fds: [] });
+        this.enqueue({ data: Buffer.from(frame.subarray(sent)), offset: 0, fds: [] });
         return;
       }
     }
-    this.enqueue({ data: frame, offset: 0, fds: fds.map((fd) => native.dup(fd)) });
+    this.enqueue({ data: owned ? (frame as Buffer) : Buffer.from(frame), offset: 0, fds: fds.map((fd) => native.dup(fd)) });
+  }
+
+  /** Copies `frame` into the cork buffer (grown as needed, kept between turns: no allocation per frame). */
+  private cork(frame: Uint8Array): void {
+    if (this.corkedBytes === 0) corkUntilTurnEnds(this);
+    const need = this.corkedBytes + frame.length;
+    if (need > this.corkBuf.length) {
+      const next = Buffer.allocUnsafe(Math.max(need, 2 * this.corkBuf.length));
+      this.corkBuf.copy(next, 0, 0, this.corkedBytes);
+      this.corkBuf = next;
+    }
+    this.corkBuf.set(frame, this.corkedBytes);
+    this.corkedBytes = need;
+  }
+
+  flush(): void {
+    this.uncork();
+  }
+
+  /** Writes the corked frames in one sendmsg (cork.ts), queueing (a copy of) what the socket does not take. */
+  uncork(): void {
+    this.wroteThisTurn = false;
+    const n = this.corkedBytes;
+    if (n === 0) return;
+    this.corkedBytes = 0;
+    if (this._closed) return;
+    const data = this.corkBuf.subarray(0, n);
+    if (this.queue.length > 0) {
+      this.enqueue({ data: Buffer.from(data), offset: 0, fds: [] });
+      return;
+    }
+    let sent: number | null;
+    try {
+      sent = native.sendmsg(this.fd, data, []);
+    } catch (err) {
+      this.sendFailed(err);
+      return;
+    }
+    if (sent !== n) this.enqueue({ data: Buffer.from(data.subarray(sent ?? 0)), offset: 0, fds: [] });
   }
 
   end(last?: object): void {
@@ -121,6 +196,8 @@ export class SocketTransport extends EventEmitter<TransportEvents> implements Tr
         // A farewell that cannot be encoded is not worth keeping the connection for.
       }
     }
+    this.uncork();
+    if (this._closed) return;
     this.ending = true;
     this.stopReading();
     if (this.queue.length === 0) {
@@ -134,6 +211,16 @@ export class SocketTransport extends EventEmitter<TransportEvents> implements Tr
 
   destroy(reason?: MmbError): void {
     if (this._closed) return;
+    // What was sent this turn goes out first, as it would have without the cork (best effort: a socket
+    // that does not take it now never will).
+    if (this.corkedBytes > 0) {
+      try {
+        native.sendmsg(this.fd, this.corkBuf.subarray(0, this.corkedBytes), []);
+      } catch {
+        // The peer is gone: nothing to tell it.
+      }
+      this.corkedBytes = 0;
+    }
     this._closed = true;
     if (this.endTimer) clearTimeout(this.endTimer);
     if (this.poll) native.pollClose(this.poll);
@@ -204,14 +291,14 @@ export class SocketTransport extends EventEmitter<TransportEvents> implements Tr
         this.destroy(this.lastGoodbye ?? new DisconnectedError(`the connection failed (poll status ${status})`));
         return;
       }
-      if (events & constants.POLL_WRITABLE) this.flush();
+      if (events & constants.POLL_WRITABLE) this.writeQueued();
       if (!this._closed && events & (constants.POLL_READABLE | constants.POLL_DISCONNECT) && !this.ending) this.read();
     } catch (err) {
       this.destroy(toMmbError(err));
     }
   }
 
-  private flush(): void {
+  private writeQueued(): void {
     while (this.queue.length > 0 && !this._closed) {
       const p = this.queue[0] as Pending;
       const chunk = p.offset === 0 ? p.data : p.data.subarray(p.offset);
@@ -297,6 +384,7 @@ export class SocketTransport extends EventEmitter<TransportEvents> implements Tr
     this.stopReading();
     setImmediate(() => {
       this.answering = false;
+      this.uncork();
       if (this._closed) return;
       if (this.queue.length === 0) {
         this.destroy(reason);

@@ -45,6 +45,17 @@ export interface Transport extends EventEmitter<TransportEvents> {
    * queued; does nothing once the transport is closed.
    */
   send(message: object, fds?: readonly number[]): void;
+  /**
+   * Sends a frame encoded already (protocol/frame.ts: header included, its fd count that of `fds`), as
+   * send() would: one message encoded once for many connections. The bytes are written or copied before
+   * it returns (the caller may change them right after); does nothing once the transport is closed.
+   */
+  sendFrame(frame: Uint8Array, fds?: readonly number[]): void;
+  /**
+   * Writes now what send() corked (transport/cork.ts) instead of at the end of the event-loop turn: for a
+   * sender that must have a frame out before it does something else observable. No-op in-process.
+   */
+  flush(): void;
   /** Sends `last` if given, then closes once everything queued is flushed (or after a grace period). */
   end(last?: object): void;
   /** Closes now, closing every descriptor the transport still holds. */
