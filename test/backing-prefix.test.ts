@@ -137,6 +137,35 @@ describe('the broker (ATTACH.limits.mapsFromZero)', () => {
     expect(st().regions.map((r) => r.name)).toEqual(['a', 'b']);
   });
 
+  it('holds for such a client waiting on an unpublished space; one is refused at once by a map it may not follow', async () => {
+    const broker = embeddedBroker({ published: false });
+    const owner = await ownerOf(broker);
+    const ram = await owner.createBacking(16 * MiB, 'ram');
+    defer(() => native.close(ram.fd));
+    const st = () => broker.status('vm0').spaces[0]!;
+    await owner.addRegion({ name: 'a', gpa: 0, size: 2 * MiB, backing: ram.backing });
+    // Attached while the space is unpublished: it waits (its attach completes at the publish).
+    const waiting = subscriberOf(broker, { name: 'from-zero', mapsFromZero: true, reconnect: false });
+    waiting.catch(() => undefined);
+    await waitFor('the client to wait', () => st().clients.some((c) => c.name === 'from-zero' && c.state === 'waiting'), 10_000);
+    const err = await owner.addRegion({ name: 'b', gpa: 0x1000_0000, size: 2 * MiB, backing: ram.backing, offset: 4 * MiB }).catch((e: unknown) => e);
+    expect(isMmbError(err) && [err.code, err.client?.name]).toEqual(['MMB_ERR_BACKING_PREFIX', 'from-zero']);
+    expect(isMmbError(err) && err.message).toMatch(/waiting for the space to be published/);
+    await owner.publish();
+    const zero = await waiting;
+    expect(zero.regions().map((r) => r.name)).toEqual(['a']);
+    await zero.close();
+
+    // With no such client, the unpublished map may expose a prefix; then such a client's attach is refused.
+    const other = embeddedBroker({ published: false });
+    const owner2 = await ownerOf(other);
+    const ram2 = await owner2.createBacking(16 * MiB, 'ram');
+    defer(() => native.close(ram2.fd));
+    await owner2.addRegion({ name: 'b', gpa: 0, size: 2 * MiB, backing: ram2.backing, offset: 4 * MiB });
+    expect(await codeOf(subscriberOf(other, { name: 'late', mapsFromZero: true, reconnect: false }))).toBe('MMB_ERR_BACKING_PREFIX');
+    expect(other.status('vm0').spaces[0]!.clients.map((c) => c.name)).not.toContain('late');
+  });
+
   it('the field needs the feature; a client that wants it refuses a broker connection without it', async () => {
     const { broker } = await setup();
     const old = await Connection.open(broker, { name: 'old', features: ALL_FEATURES & ~Feature.MAPS_FROM_ZERO });
