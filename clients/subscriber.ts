@@ -797,6 +797,9 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
     // pending, they would be void too (they were voted on against the map this one leaves).
     const undone = this.pending.slice(i).reverse();
     const staged = undone.flatMap((p) => p.commit?.added ?? []);
+    // What their votes staged (mapped, pinned) for the commits goes first: once the broker has this ack, the
+    // owner hears of the refusal, and nothing of the rolled-back transactions may be mapped or pinned here.
+    if (staged.length > 0) await this.applier.unstage?.(staged);
     const change = await this.establish(conn, seq, () =>
       this.pending.length === 1
         ? this.fullChange(this.committed, generation, 'rollback')
@@ -811,7 +814,6 @@ export class Subscriber extends EventEmitter<SubscriberEvents> {
           ),
     );
     if (change) {
-      if (staged.length > 0) await this.applier.unstage?.(staged);
       this.pending.splice(i);
       for (const p of undone) this.emit('rolledBack', p.generation);
     }
