@@ -50,26 +50,29 @@ export interface MapAfter {
   regions: () => readonly Region[];
 }
 
+/** A client that maps from offset 0 (feature MAPS_FROM_ZERO), as a refusal names it. */
+export interface FromZero {
+  who: string;
+  client: ClientRef;
+}
+
 /**
  * Checks `plan` for every subscriber and against the pin budget. Returns the coalesced view each
  * coalescing subscriber will have after it: its current runs kept, only memory new to it coalesced, and
  * a reshape (the fully coalesced map) only where its region limit forces one (coalesce.ts, nextView).
+ * `absent`: clients that map from offset 0 and may reach memory while not attached (waiting for a
+ * publish, or holding): the prefix rule holds for them as for attached ones.
  */
-/** A client that maps from offset 0 and may reach memory while not attached (waiting for a publish, or holding). */
-export interface AbsentFromZero {
-  who: string;
-  client: ClientRef;
-}
 
 export function checkSubscribers(
   plan: Plan,
   after: MapAfter,
   subscribers: Iterable<SubscriberSession>,
   pinBudget: number,
-  absent: readonly AbsentFromZero[] = [],
+  absent: readonly FromZero[] = [],
 ): Map<SubscriberSession, Region[]> {
   const views = new Map<SubscriberSession, Region[]>();
-  let exposure: PrefixExposure | null | undefined; // null: computed, nothing exposed
+  let fromZero: FromZero | undefined = absent[0];
   let pinned = 0;
   let firstPinner: Session | undefined;
   for (const session of subscribers) {
@@ -83,10 +86,7 @@ export function checkSubscribers(
         client: session.ref(),
       });
     }
-    if (s.mapsFromZero) {
-      exposure ??= exposedPrefix(after.regions(), touchedBackings(plan)) ?? null;
-      if (exposure) throw backingPrefixError(session.describe(), session.ref(), exposure, 'the transaction');
-    }
+    if (s.mapsFromZero && !fromZero) fromZero = { who: session.describe(), client: session.ref() };
     for (const r of plan.adds) {
       const clash = reported.reserved.find((x) => rangesOverlap(iovaOfGpa(r.gpa), r.size, x.start, x.size));
       if (clash) {
@@ -127,13 +127,11 @@ export function checkSubscribers(
       firstPinner ??= session;
     }
   }
-  // The rule outlives a connection: a client waiting for a publish keeps its old table, a holder keeps
-  // mapping what it had until it is fenced, and either resumes against the map this leads to.
-  const first = absent[0];
-  if (first) {
-    exposure ??= exposedPrefix(after.regions(), touchedBackings(plan)) ?? null;
-    if (exposure) throw backingPrefixError(first.who, first.client, exposure, 'the transaction');
-  }
+  // One check for every client that maps from offset 0, attached or not: the rule outlives a connection
+  // (a client waiting for a publish keeps its old table, a holder keeps mapping what it had until it is
+  // fenced, and either resumes against the map this leads to).
+  const exposure = fromZero && exposedPrefix(after.regions(), touchedBackings(plan));
+  if (fromZero && exposure) throw backingPrefixError(fromZero, exposure, 'the transaction');
   if (pinned > pinBudget && firstPinner) {
     throw new PinBudgetError(`pinning clients would pin ${fmt(pinned)} in all; the address space's pin budget is ${fmt(pinBudget)}`, {
       client: firstPinner.ref(),
@@ -154,7 +152,7 @@ function touchedBackings(plan: Plan): Set<number> {
  * The refusal for a client that maps from offset 0 (`what` leaves it `e`): which region, which bytes of its
  * backing, what lies there, and what the owner can do instead.
  */
-export function backingPrefixError(who: string, client: ClientRef, e: PrefixExposure, what: string): InstanceType<typeof BackingPrefixError> {
+export function backingPrefixError({ who, client }: FromZero, e: PrefixExposure, what: string): InstanceType<typeof BackingPrefixError> {
   const there =
     e.readonlyThere !== undefined ? `the read-only region ${JSON.stringify(e.readonlyThere)} (and maybe memory in no region)` : 'memory in no region';
   return new BackingPrefixError(

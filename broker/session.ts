@@ -93,6 +93,11 @@ export class SubscriberState {
 /** A session attached as a subscriber: it has its SubscriberState. */
 export type SubscriberSession = Session & { readonly subscriber: SubscriberState };
 
+/** A client as messages name it: "vhost client \"backend0\" (#4, pid 1234)". */
+export function describeClient(c: ClientRef): string {
+  return `${c.kind} client ${JSON.stringify(c.name)} (#${c.id}, pid ${c.pid})`;
+}
+
 /**
  * One connection: its transport, state, what it negotiated, the descriptors it was sent, the acks it owes
  * and the request rate. What only subscribers have is in `subscriber`.
@@ -194,7 +199,7 @@ export class Session {
 
   /** "vhost client 'backend0' (#4, pid 1234)" for messages. */
   describe(): string {
-    return `${this.kind} client ${JSON.stringify(this.name)} (#${this.id}, pid ${this.pid})`;
+    return describeClient(this.ref());
   }
 
   send(message: object, fds?: readonly number[]): void {

@@ -71,11 +71,11 @@ import {
 import { BackingTable, type Backing } from './backings.js';
 import { History } from './history.js';
 import { MemoryMap, type Plan } from './map.js';
-import { SharedEvent, type AckResult, type Session, type SubscriberSession } from './session.js';
+import { SharedEvent, describeClient, type AckResult, type Session, type SubscriberSession } from './session.js';
 import { splitSync } from './sync.js';
 import { coalesce, viewOps } from './coalesce.js';
 import { findFree } from './placement.js';
-import { backingPrefixError, checkSubscribers, type AbsentFromZero } from './policy.js';
+import { backingPrefixError, checkSubscribers, type FromZero } from './policy.js';
 import { DirtyLogging } from './dirty-log.js';
 import { DEFAULT_FENCE_OPTIONS, Fences, type FenceOptions, type Holder, type HolderReason } from './fence.js';
 import { IoSpaces } from './ioas.js';
@@ -337,10 +337,10 @@ export class AddressSpace {
     session.spaceName = this.name;
     if (!this._published) {
       // A client that maps from offset 0 waits only on a map it may follow (later commits keep it so).
-      const exposed = session.subscriber.mapsFromZero ? exposedPrefix(this.map.regions()) : undefined;
+      const exposed = this.prefixRefusal(session);
       if (exposed) {
         session.unattach();
-        session.replyError(requestId, backingPrefixError(session.describe(), session.ref(), exposed, 'the map'));
+        session.replyError(requestId, exposed);
         return Promise.resolve();
       }
       // It keeps what it holds until the owner republished: a map still being rebuilt is never applied.
@@ -535,17 +535,19 @@ export class AddressSpace {
   }
 
   /** Clients that map from offset 0 and may reach memory without being attached: waiting for a publish, or holding. */
-  private absentFromZero(): AbsentFromZero[] {
-    const out: AbsentFromZero[] = [];
+  private absentFromZero(): FromZero[] {
+    const out: FromZero[] = [];
     for (const s of this.waiting.keys())
       if (s.subscriber.mapsFromZero) out.push({ who: `${s.describe()}, waiting for the space to be published,`, client: s.ref() });
-    for (const h of this.fences.all()) {
-      if (h.mapsFromZero) {
-        const { kind, name, id, pid } = h.ref;
-        out.push({ who: `${kind} client ${JSON.stringify(name)} (#${id}, pid ${pid}), whose connection ended while it holds memory,`, client: h.ref });
-      }
-    }
+    for (const h of this.fences.all())
+      if (h.mapsFromZero) out.push({ who: `${describeClient(h.ref)}, whose connection ended while it holds memory,`, client: h.ref });
     return out;
+  }
+
+  /** Why `s`, which maps from offset 0 (if it does), cannot follow the map as it is. */
+  private prefixRefusal(s: SubscriberSession): MmbError | undefined {
+    const exposed = s.subscriber.mapsFromZero ? exposedPrefix(this.map.regions()) : undefined;
+    return exposed && backingPrefixError({ who: s.describe(), client: s.ref() }, exposed, 'the map');
   }
 
   /** Why a subscriber cannot attach to the map as it is (its region limit, its pin limit, the budget). */
@@ -554,10 +556,8 @@ export class AddressSpace {
     if (count > maxRegions) {
       return new ClientLimitError(`the map has ${count} regions; ${s.describe()} declared a limit of ${maxRegions}`, { client: s.ref() });
     }
-    if (s.subscriber.mapsFromZero) {
-      const exposed = exposedPrefix(this.map.regions());
-      if (exposed) return backingPrefixError(s.describe(), s.ref(), exposed, 'the map');
-    }
+    const exposed = this.prefixRefusal(s);
+    if (exposed) return exposed;
     if (!pins) return undefined;
     if (this.map.bytes > pinLimit) {
       return new PinBudgetError(`${s.describe()} would have to pin ${this.map.bytes} bytes; its limit is ${pinLimit}`, { client: s.ref() });
@@ -1248,15 +1248,11 @@ export class AddressSpace {
     const code: ErrorCode = isErrorCode(cause.code) && !LOCAL_ONLY.has(cause.code) ? cause.code : 'MMB_ERR_CLIENT_REFUSED';
     const others = count > 1 ? ` (and ${count - 1} other client${count > 2 ? 's' : ''})` : '';
     const held = unfenced.length > 0 ? `; ${describeHolders(unfenced)} failed to undo it and could not be fenced: the backings it may reach stay held` : '';
-    return createError(
-      code,
-      `${client.kind} client ${JSON.stringify(client.name)} (#${client.id}, pid ${client.pid})${others} refused generation ${generation}: ${cause.message}${held}`,
-      {
-        client,
-        generation,
-        cause,
-        errno: cause.errno,
-      },
-    );
+    return createError(code, `${describeClient(client)}${others} refused generation ${generation}: ${cause.message}${held}`, {
+      client,
+      generation,
+      cause,
+      errno: cause.errno,
+    });
   }
 }

@@ -177,8 +177,10 @@ async function refused(w: World): Promise<StepResult> {
   const hugeHeld = held.filter((x) => x.memfd.pageSize > PAGE);
   const mapped = list.filter((r) => model.ramMapped(r));
   const bridged = fromZero(w) && w.of('bridge').length > 0;
-  const exposing = (how: 'remove' | 'readonly') =>
-    unmappedRegions(w).filter((r) => (how === 'remove' || !r.readonly) && model.exposes([prefixOp(how, r)]) !== undefined);
+  // The regions whose removal, or write-protection, a bridge's back-end would see through (computed once).
+  const exposingBy = (how: 'remove' | 'readonly') =>
+    bridged ? unmappedRegions(w).filter((r) => (how === 'remove' || !r.readonly) && model.exposes([prefixOp(how, r)]) !== undefined) : [];
+  const exposing = { remove: exposingBy('remove'), readonly: exposingBy('readonly') };
   const kinds = [
     'too-small',
     'unaligned',
@@ -187,15 +189,15 @@ async function refused(w: World): Promise<StepResult> {
     ...(hugeHeld.length > 0 ? ['huge-unaligned'] : []),
     ...(mapped.length > 0 ? ['ram-mapped'] : []),
     ...(bridged ? ['backing-prefix'] : []),
-    ...(bridged && exposing('remove').length > 0 ? ['backing-prefix-remove'] : []),
-    ...(bridged && exposing('readonly').length > 0 ? ['backing-prefix-readonly'] : []),
+    ...(exposing.remove.length > 0 ? ['backing-prefix-remove'] : []),
+    ...(exposing.readonly.length > 0 ? ['backing-prefix-readonly'] : []),
   ];
   const kind = rng.pick(kinds);
   if (kind === 'backing-prefix-remove' || kind === 'backing-prefix-readonly') {
     // Taking a region out from under one behind it in the same memfd, or write-protecting it: a bridge's
     // back-end, which maps the memfd from offset 0 through the later region, would keep reaching it.
     const how = kind === 'backing-prefix-remove' ? 'remove' : 'readonly';
-    const r = rng.pick(exposing(how));
+    const r = rng.pick(exposing[how]);
     const res = await w.commit([prefixOp(how, r)]);
     const got = res.ok ? 'accepted' : res.err.code;
     return {

@@ -1,12 +1,13 @@
 // What a client that maps each region's backing from offset 0 may be given (feature MAPS_FROM_ZERO).
 //
-// A vhost-user back-end is handed a region as (fd, mmap_offset, size). DPDK (lib/vhost, every release so
-// far) and libvhost-user before QEMU 9.0 (qemu-storage-daemon 7.2, as Debian bookworm ships it) map the fd
-// from offset 0 over mmap_offset + size, writable, and no front-end can narrow that mapping; libvhost-user
-// since 9.0 and rust-vmm's vhost crate map only the region. So such a client reaches the backing's prefix
-// [0, offset) of every region it is given, not only the region. The broker keeps that prefix inside what the map gives it writable: the
-// writable regions of each backing (read-only regions are never given to such a client) must cover the
-// backing from offset 0 without a gap. A read-only region in the prefix would be writable to the back-end;
+// A vhost-user back-end is handed a region as (fd, mmap_offset, size). DPDK (lib/vhost's
+// vhost_user_mmap_region; 22.11 here) and libvhost-user before QEMU 9.0 (qemu-storage-daemon 7.2, as
+// Debian bookworm ships it) map the fd from offset 0 over mmap_offset + size, writable, and no front-end
+// can narrow that mapping; libvhost-user since 9.0 and rust-vmm's vhost crate map only the region. So such
+// a client reaches the backing's prefix [0, offset) of every region it is given, not only the region. The
+// broker keeps that prefix inside what the map gives it writable: the writable regions of each backing
+// (read-only regions are never given to such a client) must cover the backing from offset 0 without a
+// gap. A read-only region in the prefix would be writable to the back-end;
 // a gap may hold a removed region's memory, which the back-end would keep mapped after "done".
 //
 // The broker checks this before anything is sent (broker/policy.ts), the harness predicts it.
